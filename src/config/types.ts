@@ -1,0 +1,74 @@
+// The validated, normalised form of aeterna.yaml. Everything downstream of the
+// config loader works with this shape only: durations are milliseconds,
+// addresses are parsed, defaults are filled in.
+
+export type TcpAddress = { kind: 'tcp'; host: string; port: number; raw: string };
+export type UnixAddress = { kind: 'unix'; path: string; raw: string };
+export type ListenAddress = TcpAddress | UnixAddress;
+
+export interface ListenerConfig {
+  /** Unique, [A-Za-z0-9_.-]+; becomes the LISTEN_FDNAMES entry. */
+  name: string;
+  address: ListenAddress;
+  backlog: number;
+  /** File mode of a unix socket (e.g. 0o660); ignored for tcp. */
+  mode: number;
+}
+
+export type RestartPolicy = 'always' | 'on-failure' | 'never';
+export type Strategy = 'immediate' | 'canary';
+export type ReadinessMode = 'notify' | 'delay' | 'exec';
+export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
+
+export interface ServiceConfig {
+  name: string;
+  /** argv, no shell. Never empty. */
+  command: string[];
+  /** KEY=VALUE entries added to Aeterna's own environment. */
+  env: string[];
+  cwd?: string;
+  /** User/group the app runs as (name or numeric id), dropped in the child before exec. */
+  user?: string | number;
+  group?: string | number;
+  listeners: ListenerConfig[];
+  stopTimeoutMs: number;
+  restart: { policy: RestartPolicy; maxRestarts: number; windowMs: number };
+}
+
+export interface ReadinessConfig {
+  mode: ReadinessMode;
+  timeoutMs: number;
+  /** mode "delay": ready after this long if the process is still alive. */
+  delayMs: number;
+  /** mode "exec": probe argv, run until it exits 0. */
+  command: string[];
+  /** mode "exec": pause between probe runs. */
+  intervalMs: number;
+}
+
+export interface StateHandoffConfig {
+  enabled: boolean;
+  socketPath: string;
+  timeoutMs: number;
+  /** Largest SRP frame accepted, checked before allocating. */
+  maxFrameBytes: number;
+}
+
+export interface Config {
+  /** Absolute path of the file this config was read from. */
+  file: string;
+  version: 'v1';
+  service: ServiceConfig;
+  orchestration: {
+    strategy: Strategy;
+    soakTimeMs: number;
+    readiness: ReadinessConfig;
+    stateHandoff: StateHandoffConfig;
+  };
+  control: { socketPath: string };
+  observability: {
+    /** null when the endpoint is disabled ("" or absent). */
+    metrics: { host: string; port: number } | null;
+    logLevel: LogLevel;
+  };
+}

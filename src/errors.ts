@@ -1,0 +1,47 @@
+// Stable error codes, defined in one place. They appear in logs, in the CLI's
+// --json output and in a reload's reason, so scripts and alerts can match on them.
+// docs/operations.md lists them; a test checks that every code here is documented.
+
+export const ErrorCodes = {
+  E_CONFIG_INVALID: 'the configuration file is missing, malformed or invalid',
+  E_LISTEN_ADDR_IN_USE: 'a listener address is already in use by another socket',
+  E_LISTEN_FAILED: 'a listener could not be created (permission, bad path, unknown host)',
+  E_SPAWN_FAILED: 'the app could not be started (missing binary, not executable, bad cwd or user)',
+  E_CHILD_EXITED: 'the app exited',
+  E_CRASH_LOOP: 'the app crashed more often than service.restart allows',
+  E_READY_TIMEOUT: 'the new generation did not become ready in time',
+  E_RELAY_FAILED: 'the state relay between generations failed',
+  E_RELOAD_BUSY: 'a reload is already in progress',
+  E_ILLEGAL_TRANSITION: 'the request is not valid in the current state',
+  E_CONTROL_UNAVAILABLE: 'no daemon answers on the control socket',
+  E_CONTROL_FORBIDDEN: 'the peer is not allowed to use the control socket',
+  E_CONTROL_BAD_REQUEST: 'a control request was malformed or too large',
+  E_DAEMON_RUNNING: 'another Aeterna daemon already answers on the control socket',
+  E_METRICS_FAILED: 'the metrics endpoint could not be started',
+  E_OPERATOR_ROLLBACK: 'the operator rolled the reload back',
+  E_STOPPED: 'Aeterna was stopped while the operation was in progress',
+} as const;
+
+export type ErrorCode = keyof typeof ErrorCodes;
+
+/** An error that carries one of Aeterna's stable codes. */
+export class AeternaError extends Error {
+  readonly code: ErrorCode;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'AeternaError';
+    this.code = code;
+  }
+}
+
+/** Exit codes Aeterna itself uses (the app's own code is passed through otherwise). */
+export const ExitCodes = {
+  OK: 0,
+  FAILURE: 1,
+  /** sysexits.h EX_CONFIG */
+  CONFIG: 78,
+  /** sysexits.h EX_SOFTWARE: an internal failure or a refused start */
+  SOFTWARE: 70,
+  /** sysexits.h EX_UNAVAILABLE: a required resource (listener, metrics port) could not be had */
+  UNAVAILABLE: 69,
+} as const;
