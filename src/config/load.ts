@@ -1,0 +1,151 @@
+// Reads aeterna.yaml into a Config: bounded read, YAML parse, validation
+// against the schema (schema.ts), then the mapping to the camelCase Config
+// everything else uses. All problems are collected and thrown together as one
+// ConfigError, each with file:line:column and key path.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { AeternaError } from '../errors';
+import { configSchema, type ValidatedConfig } from './schema';
+import type { Config } from './types';
+import { validateTree, type Issue } from './validate';
+import { parseYamlTree } from './yaml-tree';
+
+export interface ConfigIssue {
+  /** The file as the caller named it. */
+  file: string;
+  /** 1-based; 0 when the issue concerns the file as a whole (cannot read it, too large). */
+  line: number;
+  column: number;
+  /** Key path, e.g. "service.listeners[1].name"; "" when there is none (YAML syntax, unreadable file). */
+  path: string;
+  message: string;
+}
+
+export class ConfigError extends AeternaError {
+  readonly issues: ConfigIssue[];
+  constructor(issues: ConfigIssue[]) {
+    super('E_CONFIG_INVALID', issues.map(formatIssue).join('\n'));
+    this.name = 'ConfigError';
+    this.issues = issues;
+  }
+}
+
+/** `file:line:column path: message`, leaving out what an issue does not have. */
+export function formatIssue(issue: ConfigIssue): string {
+  const where = issue.line > 0 ? `${issue.file}:${issue.line}:${issue.column}` : `${issue.file}:`;
+  return `${where} ${issue.path === '' ? '' : `${issue.path}: `}${issue.message}`;
+}
+
+/** Refused before parsing: a config is a page of YAML, and parsing is superlinear in the worst case. */
+export const MAX_CONFIG_BYTES = 1024 * 1024;
+const TOO_LARGE = `is larger than 1MiB (${MAX_CONFIG_BYTES} bytes); refusing to parse it`;
+
+/** Where the config is: -c/--config, else $AETERNA_CONFIG, else ./aeterna.yaml if it exists, else /etc/aeterna/aeterna.yaml. */
+export function resolveConfigPath(explicit?: string, env: NodeJS.ProcessEnv = process.env, cwd = process.cwd()): string {
+  if (explicit !== undefined && explicit !== '') return explicit;
+  const fromEnv = env['AETERNA_CONFIG'];
+  if (fromEnv !== undefined && fromEnv !== '') return fromEnv;
+  const local = path.join(cwd, 'aeterna.yaml');
+  return fs.existsSync(local) ? local : '/etc/aeterna/aeterna.yaml';
+}
+
+/** Reads and validates `file`. Throws ConfigError. */
+export function loadConfigFile(file: string): Config {
+  return parseConfig(readBounded(file), file);
+}
+
+/**
+ * Validates `source`, the text of `file`. `file` names the file in messages as
+ * given; relative paths in the config resolve against its (absolute) directory.
+ */
+export function parseConfig(source: string, file: string): Config {
+  if (Buffer.byteLength(source) > MAX_CONFIG_BYTES) {
+    throw new ConfigError([{ file, line: 0, column: 0, path: '', message: TOO_LARGE }]);
+  }
+  const issues: Issue[] = [];
+  const tree = parseYamlTree(source, (pos, keyPath, message) => issues.push({ pos, path: keyPath, message }));
+  let validated: ValidatedConfig | undefined;
+  if (tree === null) {
+    const message = 'the file is empty; expected a mapping with at least version and service';
+    issues.push({ pos: { line: 1, column: 1 }, path: '', message });
+  } else if (tree !== undefined) {
+    validated = validateTree(configSchema, tree, path.dirname(path.resolve(file)), issues);
+  }
+  if (validated === undefined || issues.length > 0) {
+    // In file order, as a reader fixes them; sort is stable for issues at the same spot.
+    issues.sort((a, b) => a.pos.line - b.pos.line || a.pos.column - b.pos.column);
+    throw new ConfigError(
+      issues.map(({ pos, path: keyPath, message }) => ({ file, line: pos.line, column: pos.column, path: keyPath, message })),
+    );
+  }
+  return toConfig(validated, path.resolve(file));
+}
+
+function toConfig(raw: ValidatedConfig, file: string): Config {
+  const { service, orchestration, control, observability } = raw;
+  const { readiness, state_handoff: stateHandoff } = orchestration;
+  return {
+    file,
+    version: raw.version,
+    service: {
+      name: service.name,
+      command: service.command,
+      env: service.env,
+      ...(service.cwd === undefined ? {} : { cwd: service.cwd }),
+      ...(service.user === undefined ? {} : { user: service.user }),
+      ...(service.group === undefined ? {} : { group: service.group }),
+      listeners: service.listeners.map((listener) => ({ ...listener })),
+      stopTimeoutMs: service.stop_timeout,
+      restart: { policy: service.restart.policy, maxRestarts: service.restart.max_restarts, windowMs: service.restart.window },
+    },
+    orchestration: {
+      strategy: orchestration.strategy,
+      soakTimeMs: orchestration.soak_time,
+      readiness: {
+        mode: readiness.mode,
+        timeoutMs: readiness.timeout,
+        delayMs: readiness.delay,
+        command: readiness.command ?? [],
+        intervalMs: readiness.interval,
+      },
+      stateHandoff: {
+        enabled: stateHandoff.enabled,
+        socketPath: stateHandoff.socket_path,
+        timeoutMs: stateHandoff.timeout,
+        maxFrameBytes: stateHandoff.max_frame,
+      },
+    },
+    control: { socketPath: control.socket_path },
+    observability: { metrics: observability.metrics_port ?? null, logLevel: observability.log_level },
+  };
+}
+
+/** Reads at most MAX_CONFIG_BYTES + 1 bytes, so even a FIFO or /dev/zero cannot make us read without bound. */
+function readBounded(file: string): string {
+  const fail = (message: string): never => {
+    throw new ConfigError([{ file, line: 0, column: 0, path: '', message }]);
+  };
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch (error) {
+    return fail(`cannot read: ${(error as Error).message}`);
+  }
+  try {
+    const buffer = Buffer.alloc(MAX_CONFIG_BYTES + 1);
+    let length = 0;
+    for (;;) {
+      const count = fs.readSync(fd, buffer, length, buffer.length - length, null);
+      if (count === 0) break;
+      length += count;
+      if (length > MAX_CONFIG_BYTES) fail(TOO_LARGE);
+    }
+    return buffer.toString('utf8', 0, length);
+  } catch (error) {
+    if (error instanceof ConfigError) throw error;
+    return fail(`cannot read: ${(error as Error).message}`);
+  } finally {
+    fs.closeSync(fd);
+  }
+}

@@ -1,0 +1,330 @@
+// The schema of aeterna.yaml, defined once, as data. The loader validates with
+// it, gen-schema.ts derives configs/aeterna.schema.json from it, and its types
+// are inferred from it. Rules JSON Schema cannot express are the `check`s
+// (checks.ts); each is also stated in the description of the key it governs.
+
+import {
+  checkConfig,
+  checkEnv,
+  checkListener,
+  checkListeners,
+  checkReadiness,
+  RESERVED_ENV,
+} from './checks';
+import {
+  account,
+  boolean,
+  directory,
+  duration,
+  fileMode,
+  hostPort,
+  integer,
+  list,
+  listenAddress,
+  object,
+  oneOf,
+  optional,
+  required,
+  size,
+  socketPath,
+  string,
+  withDefault,
+  type TypeOf,
+} from './spec';
+
+const RELATIVE = 'A relative path is taken relative to the directory of the config file.';
+
+/** One argv word: execve cannot take an empty or NUL-containing one. */
+const argvWord = string({ description: 'One argument, passed as is (no shell: no quoting, globbing or $VARS).' });
+
+const listener = object({
+  description:
+    'A socket Aeterna creates and owns. It stays open across reloads, so no connection is refused while the app is replaced. ' +
+    'Names and addresses must be unique among listeners.',
+  fields: {
+    name: required(
+      string({
+        description: 'Unique name of the listener, passed to the app in LISTEN_FDNAMES (sd_listen_fds_with_names).',
+        form: 'a name of letters, digits, "_", "." or "-"',
+        pattern: '^[A-Za-z0-9_.-]+$',
+        maxLength: 255,
+        example: 'http',
+      }),
+    ),
+    address: required(
+      listenAddress({
+        description:
+          'Where to listen: tcp://host:port, tcp://[v6]:port or unix:///path. host is a name, an IPv4 address or a ' +
+          'bracketed IPv6 address (0.0.0.0 or [::] for all interfaces); port is 1..65535 (0 is refused: clients need a ' +
+          'fixed port). A unix path may have at most 107 bytes (sun_path); unix://relative/path is taken relative to ' +
+          'the directory of the config file.',
+        example: 'tcp://0.0.0.0:8080',
+      }),
+    ),
+    backlog: withDefault(
+      integer({ description: 'Length of the queue of not yet accepted connections (listen(2) backlog).', minimum: 1, maximum: 65535 }),
+      1024,
+    ),
+    mode: withDefault(
+      fileMode({
+        description: 'File mode of a unix socket, as a quoted octal string. Only for unix:// addresses: an error on a tcp listener.',
+        example: '0660',
+      }),
+      '0660',
+    ),
+  },
+  check: checkListener,
+});
+
+const restart = object({
+  description: 'What to do when the app exits on its own.',
+  fields: {
+    policy: withDefault(
+      oneOf({
+        description: 'always: restart on any exit; on-failure: restart unless it exited with status 0; never: Aeterna exits with the app.',
+        values: ['always', 'on-failure', 'never'],
+      }),
+      'on-failure',
+    ),
+    max_restarts: withDefault(
+      integer({
+        description: 'Restarts allowed within `window`; one more and Aeterna gives up (E_CRASH_LOOP).',
+        minimum: 0,
+        maximum: 1000,
+      }),
+      5,
+    ),
+    window: withDefault(
+      duration({ description: 'The sliding window max_restarts is counted in.', minimum: '1ms', maximum: '24h' }),
+      '60s',
+    ),
+  },
+});
+
+const service = object({
+  description: 'The app Aeterna runs, and the sockets it serves on.',
+  fields: {
+    name: required(
+      string({
+        description: 'Name of the service, used in logs and metrics.',
+        form: 'a non-empty string without control characters',
+        pattern: '^[^\\u0000-\\u001f\\u007f]+$',
+        maxLength: 255,
+        example: 'llm-inference-agent',
+      }),
+    ),
+    command: required(
+      list({
+        description:
+          "The app's argv, run without a shell. argv[0] is kept as written; " +
+          'one without "/" is searched in PATH when the app is started.',
+        items: argvWord,
+        minItems: 1,
+        form: 'a non-empty list of strings',
+        example: ['/app/venv/bin/python', 'main.py'],
+      }),
+    ),
+    env: withDefault(
+      list({
+        description:
+          'KEY=VALUE entries added to the environment Aeterna passes to the app (its own environment). ' +
+          `Each KEY at most once; ${RESERVED_ENV.join(', ')} are set by Aeterna and cannot be set here.`,
+        items: string({
+          description: 'One KEY=VALUE entry.',
+          form: 'a KEY=VALUE string (KEY: letters, digits and "_", not starting with a digit)',
+          pattern: '^[A-Za-z_][A-Za-z0-9_]*=',
+          example: 'MODEL_PATH=/models/llama3',
+        }),
+        form: 'a list of KEY=VALUE strings',
+        example: ['MODEL_PATH=/models/llama3'],
+        check: checkEnv,
+      }),
+      [],
+    ),
+    cwd: optional(
+      directory({ description: `Working directory of the app; Aeterna's own when absent. ${RELATIVE}`, example: '/app' }),
+    ),
+    user: optional(
+      account({
+        description:
+          'User the app runs as: a name or a numeric uid (a digit string counts as an id). ' +
+          'Switching user needs Aeterna to run as root.',
+        example: 'app',
+      }),
+    ),
+    group: optional(
+      account({
+        description: 'Group the app runs as: a name or a numeric gid (a digit string counts as an id).',
+        example: 'app',
+      }),
+    ),
+    listeners: withDefault(
+      list({
+        description:
+          'Sockets Aeterna owns, passed to the app as fds 3, 4, ... in this order (LISTEN_FDS). ' +
+          'Names and addresses must be unique.',
+        items: listener,
+        form: 'a list of listeners (mappings with name and address)',
+        check: checkListeners,
+      }),
+      [],
+    ),
+    stop_timeout: withDefault(
+      duration({
+        description: 'How long the app has to exit after SIGTERM (when stopping or draining) before SIGKILL.',
+        minimum: '0s',
+        maximum: '24h',
+      }),
+      '30s',
+    ),
+    restart: withDefault(restart, {}),
+  },
+});
+
+const readiness = object({
+  description:
+    'How Aeterna learns that a new generation is ready. Keys for another mode are errors, not ignored: ' +
+    'command and interval only with mode exec (where command is required), ' +
+    'delay only with mode delay (where it must be shorter than timeout).',
+  fields: {
+    mode: withDefault(
+      oneOf({
+        description:
+          'notify: the app sends READY=1 on NOTIFY_SOCKET (sd_notify); delay: ready after `delay` if still running; ' +
+          'exec: ready when `command` exits with status 0.',
+        values: ['notify', 'delay', 'exec'],
+      }),
+      'notify',
+    ),
+    timeout: withDefault(
+      duration({
+        description: 'How long a new generation may take to become ready before the reload fails (E_READY_TIMEOUT).',
+        minimum: '1ms',
+        maximum: '24h',
+      }),
+      '30s',
+    ),
+    delay: withDefault(
+      duration({ description: 'mode delay only: how long the app must stay up to count as ready.', minimum: '0s', maximum: '24h' }),
+      '1s',
+    ),
+    command: optional(
+      list({
+        description: 'mode exec only (and required there): the probe argv, run without a shell until it exits with status 0.',
+        items: argvWord,
+        minItems: 1,
+        form: 'a non-empty list of strings',
+        example: ['curl', '-fsS', 'http://127.0.0.1:8080/health'],
+      }),
+    ),
+    interval: withDefault(
+      duration({
+        description: 'mode exec only: pause between probe runs (at least 10ms, so a probe cannot spin).',
+        minimum: '10ms',
+        maximum: '1h',
+      }),
+      '1s',
+    ),
+  },
+  check: checkReadiness,
+});
+
+const stateHandoff = object({
+  description: "Relay of the old generation's in-memory state to the new one over a unix socket, during a reload.",
+  fields: {
+    enabled: withDefault(boolean({ description: 'Whether the state relay runs during reloads.' }), false),
+    socket_path: withDefault(
+      socketPath({
+        description: `Unix socket of the state relay; must differ from control.socket_path and from listener paths. ${RELATIVE}`,
+      }),
+      '/var/run/aeterna-state.sock',
+    ),
+    timeout: withDefault(
+      duration({ description: 'How long the whole state transfer may take.', minimum: '1ms', maximum: '24h' }),
+      '10s',
+    ),
+    max_frame: withDefault(
+      size({
+        description:
+          'Largest state frame accepted, checked before allocating: a number of bytes, or a number with unit B, KiB, MiB or GiB.',
+        minimumBytes: 1024,
+        maximumBytes: 1024 ** 3,
+        example: '16MiB',
+      }),
+      '16MiB',
+    ),
+  },
+});
+
+const orchestration = object({
+  description: 'How a reload replaces the running generation.',
+  fields: {
+    strategy: withDefault(
+      oneOf({
+        description:
+          'immediate: switch to the new generation as soon as it is ready; ' +
+          'canary: keep the old one until the new one survived soak_time.',
+        values: ['immediate', 'canary'],
+      }),
+      'immediate',
+    ),
+    soak_time: withDefault(
+      duration({
+        description:
+          'strategy canary: how long the ready new generation must keep running before the old one is drained. ' +
+          'Ignored for immediate.',
+        minimum: '0s',
+        maximum: '24h',
+      }),
+      '60s',
+    ),
+    readiness: withDefault(readiness, {}),
+    state_handoff: withDefault(stateHandoff, {}),
+  },
+});
+
+const control = object({
+  description: 'The control socket the aeterna CLI talks to.',
+  fields: {
+    socket_path: withDefault(
+      socketPath({ description: `Unix socket of the control API; must differ from the other socket paths. ${RELATIVE}` }),
+      '/var/run/aeterna.sock',
+    ),
+  },
+});
+
+const observability = object({
+  description: 'Metrics and logs.',
+  fields: {
+    metrics_port: optional(
+      hostPort({
+        description:
+          'Where to serve Prometheus metrics: [host]:port (host defaults to 0.0.0.0; IPv6 in brackets). ' +
+          '"" or absent: no metrics endpoint.',
+        example: ':9091',
+      }),
+    ),
+    log_level: withDefault(
+      oneOf({
+        description: "Lowest level of Aeterna's own log lines.",
+        values: ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'],
+      }),
+      'info',
+    ),
+  },
+});
+
+export const configSchema = object({
+  description: 'Aeterna configuration (aeterna.yaml). Unknown keys are errors.',
+  fields: {
+    version: required(oneOf({ description: 'Version of this file format.', values: ['v1'] })),
+    service: required(service),
+    orchestration: withDefault(orchestration, {}),
+    control: withDefault(control, {}),
+    observability: withDefault(observability, {}),
+  },
+  check: checkConfig,
+});
+
+/** The validated file, keys as written (snake_case); load.ts maps it to Config. */
+export type ValidatedConfig = TypeOf<typeof configSchema>;
