@@ -12,7 +12,7 @@ import type { ListenAddress } from './types';
 /**
  * Environment variables Aeterna sets for the app itself (socket activation, readiness, state
  * relay, generation number): a value from service.env would be overwritten, so it is refused.
- * Keep in step with OWN_VARIABLES in src/supervisor/generation.ts.
+ * The supervisor strips inherited values of these from the app's environment too.
  */
 export const RESERVED_ENV = [
   'LISTEN_FDS',
