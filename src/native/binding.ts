@@ -1,0 +1,135 @@
+// The typed face of the C++ addon (native/aeterna.cc). The addon does only what
+// Node cannot: exact fd placement at fork/exec, subreaping, reaping without
+// racing libuv, SCM_RIGHTS, peer credentials, memfd. Every decision (policy,
+// timeouts, protocol) stays in TypeScript.
+//
+// Errors thrown by the addon are ordinary Error objects with `code` set to the
+// errno name (e.g. 'EADDRINUSE', 'ENOENT') and `syscall` set to the call that
+// failed (e.g. 'bind', 'execve', 'chdir'), like Node's own system errors.
+
+import path from 'node:path';
+// node-gyp-build picks a prebuilt binary from prebuilds/ when one matches this
+// platform and ABI, else the source build in build/Release.
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const load = require('node-gyp-build') as (dir: string) => unknown;
+
+/** How a reaped process ended: exactly one of code/signal is non-null. */
+export interface ExitInfo {
+  pid: number;
+  /** Exit status when the process exited normally. */
+  code: number | null;
+  /** Signal number when the process was killed by a signal. */
+  signal: number | null;
+}
+
+export interface SpawnOptions {
+  /** Full argv; argv[0] is the program. Without a '/', it is searched in the PATH of `env`. */
+  argv: string[];
+  /** The complete environment of the child, as KEY=VALUE strings. */
+  env: string[];
+  /** Working directory of the child; unset = Aeterna's own. */
+  cwd?: string;
+  /** fds placed at 3, 4, ... in this order. Every other fd >= 3 is closed at exec. */
+  fds: number[];
+  /** fds that become the child's 0, 1, 2; default: Aeterna's own 0, 1, 2. */
+  stdio?: [number, number, number];
+  /** Append LISTEN_PID=<the child's own pid> to env (filled in after fork). */
+  listenPid: boolean;
+  /** Drop to this uid/gid in the child before exec. Pass `groups` whenever `uid` is set: otherwise Aeterna's own supplementary groups stay. */
+  uid?: number;
+  gid?: number;
+  groups?: number[];
+}
+
+/** The result of one non-blocking recvmsg. */
+export interface Received {
+  /** Bytes read; length 0 means the peer closed (EOF). */
+  data: Buffer;
+  /** fds that arrived with SCM_RIGHTS (close-on-exec); the caller owns them. */
+  fds: number[];
+}
+
+/** Credentials of a Unix socket's peer (SO_PEERCRED) or of a datagram's sender (SCM_CREDENTIALS). */
+export interface Credentials {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+export interface Datagram extends Credentials {
+  data: Buffer;
+}
+
+/** Poll events, as bits. */
+export const READABLE = 1;
+export const WRITABLE = 2;
+
+/**
+ * Watches a raw fd on libuv's loop (uv_poll). The callback gets an errno (0 = ok) and the ready events.
+ * libuv sets O_NONBLOCK on the fd's open file description, which every process holding it shares:
+ * never put a Poller on a listener that the app inherits.
+ */
+export interface Poller {
+  start(events: number): void;
+  stop(): void;
+  /** Stops watching for good; does not close the fd. */
+  close(): void;
+}
+
+export interface Binding {
+  /** socket(AF_INET/AF_INET6, SOCK_STREAM|SOCK_CLOEXEC) + SO_REUSEADDR + bind + listen. Port 0 picks a free port. */
+  listenTcp(host: string, port: number, backlog: number): { fd: number; port: number };
+  /** socket(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC) + bind + chmod(mode) + listen. A stale socket file is not removed here. */
+  listenUnix(path: string, backlog: number, mode: number): number;
+
+  /** fork/exec with exact fd placement. Returns the child's pid; throws when exec (or cwd, setuid...) failed in the child. */
+  spawn(options: SpawnOptions): number;
+
+  /** prctl(PR_SET_CHILD_SUBREAPER, 1). */
+  setChildSubreaper(): void;
+  /** waitpid(-1, WNOHANG) until nothing is left to reap. Never blocks. */
+  reapAll(): ExitInfo[];
+  /** kill(pid, signal); a negative pid is a process group. Returns 0 or the errno (e.g. ESRCH = 3). */
+  kill(pid: number, signal: number): number;
+
+  /** socketpair(AF_UNIX, SOCK_STREAM), both ends close-on-exec and non-blocking. */
+  socketpair(): [number, number];
+  /** Non-blocking connect to a Unix stream socket; the fd is close-on-exec and non-blocking. */
+  connectUnix(path: string): number;
+  /** Non-blocking accept4(SOCK_CLOEXEC|SOCK_NONBLOCK); -1 when no connection is waiting. */
+  accept(fd: number): number;
+  /** Non-blocking sendmsg of data with fds attached (SCM_RIGHTS). Returns bytes sent, or -1 on EAGAIN. */
+  sendmsg(fd: number, data: Buffer, fds: number[]): number;
+  /** Non-blocking recvmsg of up to maxBytes and maxFds fds; null on EAGAIN. A truncated control message closes every fd that arrived and throws (code 'ECTRUNC'). */
+  recvmsg(fd: number, maxBytes: number, maxFds: number): Received | null;
+  /** SO_PEERCRED of a connected Unix socket. */
+  peerCred(fd: number): Credentials;
+
+  /** A Unix datagram socket bound at path with SO_PASSCRED (for sd_notify); close-on-exec and non-blocking. */
+  bindNotifySocket(path: string): number;
+  /** One datagram with its sender's credentials; null on EAGAIN. A datagram longer than maxBytes is cut: pass one byte more than the limit to notice. */
+  recvDatagram(fd: number, maxBytes: number): Datagram | null;
+
+  /** memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING). */
+  memfdCreate(name: string): number;
+  /** fcntl(F_ADD_SEALS): seal a memfd against shrink, grow and write. */
+  sealMemfd(fd: number): void;
+  /** fcntl(F_GET_SEALS). */
+  getSeals(fd: number): number;
+
+  /** Mark an fd close-on-exec (for sockets Aeterna inherited through LISTEN_FDS). */
+  setCloexec(fd: number): void;
+  /** Whether fd is a listening socket (SO_ACCEPTCONN). */
+  isListeningSocket(fd: number): boolean;
+  /** close(fd). */
+  close(fd: number): void;
+
+  /** getpwnam: uid, primary gid and supplementary groups of a user name; null when unknown. */
+  lookupUser(name: string): { uid: number; gid: number; groups: number[] } | null;
+  /** getgrnam: gid of a group name; null when unknown. */
+  lookupGroup(name: string): number | null;
+
+  Poller: new (fd: number, callback: (errno: number, events: number) => void) => Poller;
+}
+
+export const native = load(path.join(__dirname, '..', '..', '..')) as Binding;
