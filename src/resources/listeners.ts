@@ -1,0 +1,157 @@
+// The resource manager: Aeterna owns the listening sockets, the app does not.
+// Sockets are bound once and then only handed to each new generation as fds
+// 3, 4, ...; they are never closed or re-bound during a reload, so both
+// generations accept on the same kernel socket and no connection is refused.
+// Aeterna itself never accepts on them.
+import fs from 'node:fs';
+import { native } from '../native/binding';
+import { AeternaError } from '../errors';
+import type { ListenerConfig } from '../config/types';
+
+export interface Listener {
+  /** LISTEN_FDNAMES entry. */
+  name: string;
+  fd: number;
+  /** The address as written in the config, or "inherited" for sockets passed to Aeterna by its parent. */
+  address: string;
+  /** Handed to Aeterna by a socket activator (LISTEN_FDS); Aeterna did not bind it. */
+  inherited: boolean;
+  /** Unix socket file Aeterna created and removes when it closes the listener. */
+  unixPath?: string;
+}
+
+/** Sockets passed to Aeterna itself by systemd or another activator (sd_listen_fds semantics). */
+export function inheritedListeners(env: NodeJS.ProcessEnv, pid = process.pid): Listener[] {
+  if (env.LISTEN_PID === undefined || Number(env.LISTEN_PID) !== pid) return [];
+  const count = Number(env.LISTEN_FDS);
+  if (!Number.isInteger(count) || count <= 0 || count > 1024) return [];
+  const names = (env.LISTEN_FDNAMES ?? '').split(':');
+  const found: Listener[] = [];
+  for (let i = 0; i < count; i++) {
+    const fd = 3 + i;
+    // They arrive without close-on-exec; they must reach the app only where we place them.
+    native.setCloexec(fd);
+    found.push({ name: names[i] || `fd${fd}`, fd, address: 'inherited', inherited: true });
+  }
+  return found;
+}
+
+/** Whether a unix socket path is held by a live server. Only a refused connection means the file is stale. */
+function unixSocketIsLive(path: string): boolean {
+  try {
+    native.close(native.connectUnix(path));
+    return true;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    return code !== 'ECONNREFUSED' && code !== 'ENOENT'; // EAGAIN: a full backlog, so somebody is there
+  }
+}
+
+function bindListener(config: ListenerConfig): Listener {
+  const where = `listener "${config.name}" (${config.address.raw})`;
+  try {
+    if (config.address.kind === 'tcp') {
+      const { fd } = native.listenTcp(config.address.host, config.address.port, config.backlog);
+      return { name: config.name, fd, address: config.address.raw, inherited: false };
+    }
+    const path = config.address.path;
+    if (fs.existsSync(path)) {
+      if (!fs.lstatSync(path).isSocket()) {
+        throw new AeternaError('E_LISTEN_FAILED', `${where}: ${path} exists and is not a socket`);
+      }
+      if (unixSocketIsLive(path)) {
+        throw new AeternaError('E_LISTEN_ADDR_IN_USE', `${where}: address already in use (another process accepts on ${path})`);
+      }
+      fs.unlinkSync(path); // stale socket file left by a process that died
+    }
+    const fd = native.listenUnix(path, config.backlog, config.mode);
+    return { name: config.name, fd, address: config.address.raw, inherited: false, unixPath: path };
+  } catch (err) {
+    if (err instanceof AeternaError) throw err;
+    const e = err as NodeJS.ErrnoException;
+    if (e.code === 'EADDRINUSE') {
+      throw new AeternaError('E_LISTEN_ADDR_IN_USE', `${where}: address already in use`, { cause: err });
+    }
+    throw new AeternaError('E_LISTEN_FAILED', `${where}: ${e.message}`, { cause: err });
+  }
+}
+
+export class ListenerSet {
+  private listeners: Listener[] = [];
+  /** Dropped from the config but maybe still used by a generation that has not gone yet. */
+  private retired: Listener[] = [];
+
+  constructor(inherited: Listener[] = []) {
+    this.listeners = [...inherited];
+  }
+
+  /**
+   * Make the set match the config: a listener whose name and address are
+   * unchanged keeps its socket; a new one is bound; an inherited socket with a
+   * configured name stands in for that entry. Order: config order, then
+   * inherited sockets the config does not name. Nothing is closed here: a
+   * listener dropped from the config is retired and stays open until
+   * `releaseRetired` (once the generations that used it have gone), so a
+   * rollback to the old config finds it again. All-or-nothing: if one bind
+   * fails, the ones bound by this call are closed and the set is unchanged.
+   */
+  apply(configs: ListenerConfig[]): { added: Listener[]; dropped: Listener[] } {
+    const known = [...this.listeners, ...this.retired];
+    const next: Listener[] = [];
+    const added: Listener[] = [];
+    try {
+      for (const config of configs) {
+        const existing = known.find(
+          (l) => l.name === config.name && (l.inherited || l.address === config.address.raw),
+        );
+        if (existing) {
+          next.push(existing);
+        } else {
+          const bound = bindListener(config);
+          added.push(bound);
+          next.push(bound);
+        }
+      }
+    } catch (err) {
+      for (const l of added) closeListener(l);
+      throw err;
+    }
+    for (const l of known) {
+      if (l.inherited && !next.includes(l)) next.push(l);
+    }
+    const dropped = this.listeners.filter((l) => !next.includes(l));
+    this.retired = known.filter((l) => !next.includes(l));
+    this.listeners = next;
+    return { added, dropped };
+  }
+
+  /** Close the listeners no longer in the config (no generation uses them any more). */
+  releaseRetired(): Listener[] {
+    const released = this.retired;
+    for (const l of released) closeListener(l);
+    this.retired = [];
+    return released;
+  }
+
+  /** The listeners in fd order (the child's fd 3 is the first). */
+  list(): readonly Listener[] {
+    return this.listeners;
+  }
+
+  /** Close every listener (Aeterna is exiting). */
+  closeAll(): void {
+    for (const l of [...this.listeners, ...this.retired]) closeListener(l);
+    this.listeners = [];
+    this.retired = [];
+  }
+}
+
+/** Close a listener that no generation uses any more. */
+export function closeListener(l: Listener): void {
+  try {
+    native.close(l.fd);
+  } catch {
+    // already closed
+  }
+  if (l.unixPath) fs.rmSync(l.unixPath, { force: true });
+}

@@ -1,0 +1,22 @@
+// Short-lived helper commands Aeterna runs itself (the `exec` readiness probe).
+// They go through the addon like the app does: the supervisor never uses
+// child_process, whose children libuv would reap behind the reaper's back.
+import os from 'node:os';
+import { native, type ExitInfo } from '../native/binding';
+import type { Reaper } from './reaper';
+
+/** Run argv with extra environment; SIGKILL its process group after timeoutMs. Throws when it cannot start. */
+export async function runCommand(argv: string[], extraEnv: Record<string, string>, reaper: Reaper, timeoutMs: number): Promise<ExitInfo> {
+  const env = Object.entries({ ...process.env, ...extraEnv })
+    .filter(([, v]) => v !== undefined)
+    .map(([k, v]) => `${k}=${v}`);
+  const pid = native.spawn({ argv, env, fds: [], listenPid: false });
+  const exit = reaper.watch(pid);
+  reaper.sweep();
+  const timer = setTimeout(() => native.kill(-pid, os.constants.signals.SIGKILL), timeoutMs);
+  try {
+    return await exit;
+  } finally {
+    clearTimeout(timer);
+  }
+}

@@ -1,0 +1,36 @@
+// Which generation a process belongs to. A generation's root runs setsid(), so
+// its descendants share its session id unless they start a session of their
+// own; for those we also walk the parent chain. Used to attribute sd_notify
+// datagrams and SRP connections to a generation, by the pid the kernel reports.
+import fs from 'node:fs';
+
+interface ProcStat {
+  ppid: number;
+  sid: number;
+  state: string;
+}
+
+export function procStat(pid: number): ProcStat | null {
+  try {
+    const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
+    return { state: fields[0], ppid: Number(fields[1]), sid: Number(fields[3]) };
+  } catch {
+    return null;
+  }
+}
+
+/** Whether pid is root itself or one of its descendants (alive now). */
+export function belongsTo(pid: number, root: number): boolean {
+  if (pid === root) return true;
+  let stat = procStat(pid);
+  if (stat === null) return false;
+  if (stat.sid === root) return true;
+  for (let depth = 0; depth < 64 && stat !== null; depth++) {
+    if (stat.ppid === root) return true;
+    if (stat.ppid <= 1) return false;
+    stat = procStat(stat.ppid);
+  }
+  return false;
+}
