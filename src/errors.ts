@@ -10,6 +10,7 @@ export const ErrorCodes = {
   E_CHILD_EXITED: 'the app exited',
   E_CRASH_LOOP: 'the app crashed more often than service.restart allows',
   E_READY_TIMEOUT: 'the new generation did not become ready in time',
+  E_PROBE_FAILED: 'the exec readiness probe failed during a canary soak',
   E_RELAY_FAILED: 'the state relay between generations failed',
   E_RELOAD_BUSY: 'a reload is already in progress',
   E_ILLEGAL_TRANSITION: 'the request is not valid in the current state',
@@ -20,6 +21,7 @@ export const ErrorCodes = {
   E_METRICS_FAILED: 'the metrics endpoint could not be started',
   E_OPERATOR_ROLLBACK: 'the operator rolled the reload back',
   E_STOPPED: 'Aeterna was stopped while the operation was in progress',
+  E_INTERNAL: 'an internal error in Aeterna (a bug: please report it with the log)',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;

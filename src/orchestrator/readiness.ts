@@ -1,0 +1,114 @@
+// When is a generation ready? A readiness timeout is never "ready": the watch
+// rejects, and the orchestrator rolls the reload back. A health probe over the
+// shared listener is deliberately not offered: both generations accept on the
+// same socket, so such a probe cannot tell which one answered.
+import { AeternaError } from '../errors';
+import { formatDuration } from '../config/duration';
+import type { ReadinessConfig } from '../config/types';
+import type { Logger } from '../log';
+import type { Generation } from '../supervisor/generation';
+import type { Reaper } from '../supervisor/reaper';
+import { runCommand } from '../supervisor/command';
+import { belongsTo } from '../supervisor/proctree';
+import type { NotifyMessage, NotifySocket } from './notify';
+
+export interface ReadinessDeps {
+  notify: NotifySocket;
+  reaper: Reaper;
+  log: Logger;
+}
+
+/** Run the exec probe once for a generation: true when it exits 0. */
+export async function probeOnce(gen: Generation, cfg: ReadinessConfig, reaper: Reaper): Promise<boolean> {
+  const env = { AETERNA_PID: String(gen.pid), AETERNA_GENERATION: String(gen.number) };
+  const exit = await runCommand(cfg.command, env, reaper, Math.max(cfg.intervalMs, 1000) * 10);
+  return exit.code === 0;
+}
+
+/** Waits for one generation to become ready, by the configured mode. */
+export class ReadinessWatch {
+  /** Resolves when ready; rejects with E_READY_TIMEOUT (or E_SPAWN_FAILED when the probe cannot run). */
+  readonly ready: Promise<void>;
+  private settled = false;
+  private resolve!: () => void;
+  private reject!: (err: Error) => void;
+  private readonly timers: NodeJS.Timeout[] = [];
+  private readonly onNotify = (m: NotifyMessage): void => this.notified(m);
+
+  constructor(
+    private readonly gen: Generation,
+    private readonly cfg: ReadinessConfig,
+    private readonly deps: ReadinessDeps,
+  ) {
+    this.ready = new Promise((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    this.ready.catch(() => undefined); // the orchestrator handles it; never an unhandled rejection
+    this.timers.push(
+      setTimeout(
+        () => this.fail(new AeternaError('E_READY_TIMEOUT', `not ready within ${formatDuration(cfg.timeoutMs)}`)),
+        cfg.timeoutMs,
+      ),
+    );
+    // The relay's {"op":"ready"} counts in every mode; sd_notify's READY=1 is listened to in every mode too,
+    // so an app that says it is ready is never made to wait for a delay or a probe.
+    deps.notify.on('message', this.onNotify);
+    if (cfg.mode === 'delay') {
+      this.timers.push(setTimeout(() => gen.alive && this.markReady('delay elapsed'), cfg.delayMs));
+    } else if (cfg.mode === 'exec') {
+      void this.probeLoop();
+    }
+  }
+
+  /** The generation said it is ready by another channel (the state relay's ready op). */
+  markReady(source: string): void {
+    if (this.settled) return;
+    this.deps.log.info({ generation: this.gen.number, child: this.gen.pid, source }, 'generation ready');
+    this.settled = true;
+    this.cleanup();
+    this.resolve();
+  }
+
+  cancel(): void {
+    this.settled = true;
+    this.cleanup();
+  }
+
+  private fail(err: Error): void {
+    if (this.settled) return;
+    this.settled = true;
+    this.cleanup();
+    this.reject(err);
+  }
+
+  private notified(m: NotifyMessage): void {
+    if (!belongsTo(m.pid, this.gen.pid)) return; // another generation, or a stranger: ignored
+    const status = m.fields.get('STATUS');
+    if (status !== undefined) this.deps.log.info({ generation: this.gen.number, sender: m.pid, status }, 'app status');
+    if (m.fields.get('STOPPING') === '1') this.deps.log.info({ generation: this.gen.number, sender: m.pid }, 'app says it is stopping');
+    if (m.fields.get('READY') === '1') this.markReady(`sd_notify READY=1 from pid ${m.pid}`);
+  }
+
+  private async probeLoop(): Promise<void> {
+    while (!this.settled && this.gen.alive) {
+      let ok = false;
+      try {
+        ok = await probeOnce(this.gen, this.cfg, this.deps.reaper);
+      } catch (err) {
+        this.fail(new AeternaError('E_SPAWN_FAILED', `readiness probe: ${(err as Error).message}`, { cause: err }));
+        return;
+      }
+      if (ok) {
+        this.markReady(`probe ${JSON.stringify(this.cfg.command)} exited 0`);
+        return;
+      }
+      await new Promise((r) => this.timers.push(setTimeout(r, this.cfg.intervalMs)));
+    }
+  }
+
+  private cleanup(): void {
+    for (const t of this.timers) clearTimeout(t);
+    this.deps.notify.off('message', this.onNotify);
+  }
+}

@@ -1,0 +1,28 @@
+// Where the State Relay plugs into a reload. The orchestrator owns the timing
+// and the failure path (state_handoff.timeout, rollback on any failure); the
+// relay owns the protocol. Without state_handoff, no relay runs.
+import type { Generation } from '../supervisor/generation';
+
+export interface RelayProgress {
+  bytes: number;
+  total: number;
+}
+
+export interface StateRelay {
+  /** The value of LIVERELAY_STATE_SOCK for the app. */
+  readonly socketPath: string;
+  /**
+   * At Handover: ask `old` for its state and deliver it to `next`; resolves
+   * once `next` acknowledged it. Rejects (with a reason) on any failure. Must
+   * stop promptly when `signal` aborts (timeout, rollback, stop).
+   */
+  handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal): Promise<{ bytes: number }>;
+  /**
+   * At promotion, after SIGTERM to `old`: carry what changed since the first
+   * snapshot to `next`. Best effort: the promotion stands either way.
+   */
+  finalSync(old: Generation, next: Generation, signal: AbortSignal): Promise<{ bytes: number }>;
+  /** The new generation said {"op":"ready"}; the orchestrator subscribes. */
+  onReady(listener: (gen: Generation) => void): void;
+  close(): Promise<void>;
+}

@@ -1,0 +1,95 @@
+// What the orchestrator tells the outside world: reload records, progress
+// events and status. These shapes travel over the control socket as JSON, so
+// their field names are the wire format (snake_case) and stay stable.
+import type { ErrorCode } from '../errors';
+import type { State } from './fsm';
+import type { Strategy } from '../config/types';
+
+export type ReloadOutcome = 'in_progress' | 'promoted' | 'rolled_back' | 'failed';
+
+export type ReloadPhase =
+  | 'accepted' // the request was taken; nothing has changed yet
+  | 'config' // the config was re-read and validated
+  | 'spawned' // generation N+1 runs beside N
+  | 'relaying' // the state relay is under way
+  | 'relayed' // the new generation acknowledged the state
+  | 'ready' // the new generation is ready
+  | 'soaking' // canary: both generations serve for soak_time
+  | 'draining' // promotion: the old generation is being stopped
+  | 'rolling_back' // the new generation is being stopped; the old keeps serving
+  | 'done'; // the outcome is final
+
+export interface PhaseMark {
+  phase: ReloadPhase;
+  /** ISO time. */
+  at: string;
+  detail?: string;
+}
+
+export interface ReloadRecord {
+  /** e.g. "reload-3": the third reload since Aeterna started. */
+  id: string;
+  strategy: Strategy;
+  trigger: 'control' | 'sighup';
+  started_at: string;
+  phases: PhaseMark[];
+  outcome: ReloadOutcome;
+  /** Why it was rolled back or failed, e.g. "exited with code 3 during soak". */
+  reason: string | null;
+  code: ErrorCode | null;
+  duration_ms: number | null;
+  from_generation: number;
+  to_generation: number | null;
+  new_pid: number | null;
+}
+
+/** Streamed to `aeterna reload` while a reload runs. */
+export type ReloadEvent =
+  | { type: 'phase'; reload: string; phase: ReloadPhase; at: string; elapsed_ms: number; detail?: string }
+  | { type: 'soak'; reload: string; elapsed_ms: number; soak_ms: number; total_ms: number }
+  | { type: 'relay'; reload: string; bytes: number; total: number; rate_bps: number }
+  | { type: 'outcome'; reload: string; record: ReloadRecord };
+
+export interface GenerationInfo {
+  generation: number;
+  pid: number;
+  started_at: string;
+  ready: boolean;
+}
+
+export interface StatusReport {
+  state: State;
+  service: string;
+  strategy: Strategy;
+  /** The serving generation's number (0 before the first one started). */
+  generation: number;
+  /** The serving generation's root pid, or null when none runs. */
+  pid: number | null;
+  /** Aeterna's own pid (inside the container: 1). */
+  daemon_pid: number;
+  uptime_ms: number;
+  started_at: string;
+  listeners: Array<{ name: string; address: string; fd: number }>;
+  /** While a reload runs: the generation being replaced (the old one) ... */
+  previous: GenerationInfo | null;
+  /** ... and the one being started (the new one). */
+  candidate: GenerationInfo | null;
+  restarts: number;
+  last_reload: ReloadRecord | null;
+}
+
+/** What the control socket may ask of the daemon. */
+export interface ControlApi {
+  status(): StatusReport;
+  /**
+   * Start a reload. Throws AeternaError E_RELOAD_BUSY when one is in progress
+   * (or E_ILLEGAL_TRANSITION when the daemon is starting or stopping). Resolves
+   * with the final record; onEvent sees every progress event until then.
+   */
+  reload(trigger: 'control' | 'sighup', onEvent?: (event: ReloadEvent) => void): Promise<ReloadRecord>;
+  /** End a canary soak now, promoting / rolling back. Throws E_ILLEGAL_TRANSITION when no soak runs. */
+  promote(): void;
+  rollback(): void;
+  /** Graceful stop, as SIGTERM. */
+  stop(reason: string): void;
+}
