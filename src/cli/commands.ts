@@ -1,0 +1,175 @@
+// The operator's commands: reload, status, promote, rollback and stop talk to
+// the running daemon over its control socket; validate checks a config file.
+// Each action sets process.exitCode from CliExit and never throws.
+import type { Command } from 'commander';
+import { call } from '../control/client';
+import type { ControlRequest } from '../control/protocol';
+import { ConfigError, loadConfigFile, resolveConfigPath } from '../config/load';
+import type { ReloadRecord, StatusReport } from '../orchestrator/types';
+import { CliExit, exitCodeHelp } from './exit-codes';
+import { LiveLine, describeOutcome, formatStatus, plainEventLine } from './render';
+
+interface DaemonOptions {
+  config?: string;
+  socket?: string;
+  json?: boolean;
+}
+
+const CONFIG_HELP = 'config file, to find the control socket (default: $AETERNA_CONFIG, ./aeterna.yaml, /etc/aeterna/aeterna.yaml)';
+const SOCKET_HELP = 'control socket path (then no config is read)';
+/** A daemon that accepted the connection answers status/promote/rollback/stop at once; this only guards against a wedged one. */
+const QUICK_REPLY_TIMEOUT_MS = 30_000;
+
+export function registerControlCommands(program: Command): void {
+  daemonCommand(program, 'reload', 'reload the app: start a new generation beside the serving one, hand over, then promote or roll back')
+    .option('--no-wait', 'return as soon as the daemon has accepted the reload')
+    .addHelpText('after', exitCodeHelp())
+    .action((options: DaemonOptions & { wait: boolean }) => run(options, () => reload(options)));
+
+  daemonCommand(program, 'status', 'show the state, the serving generation, the listeners and the last reload').action((options: DaemonOptions) =>
+    run(options, () => status(options)),
+  );
+
+  daemonCommand(program, 'promote', "end a canary's soak now and promote the new generation").action((options: DaemonOptions) =>
+    run(options, () => simple(options, { cmd: 'promote' }, 'promotion requested')),
+  );
+
+  daemonCommand(program, 'rollback', "end a canary's soak now and roll back to the old generation").action((options: DaemonOptions) =>
+    run(options, () => simple(options, { cmd: 'rollback' }, 'rollback requested')),
+  );
+
+  daemonCommand(program, 'stop', 'stop the daemon and the app gracefully, as SIGTERM does').action((options: DaemonOptions) =>
+    run(options, () => simple(options, { cmd: 'stop' }, 'stop requested')),
+  );
+
+  program
+    .command('validate')
+    .description('check a config file without starting anything')
+    .option('-c, --config <file>', 'config file (default: $AETERNA_CONFIG, ./aeterna.yaml, /etc/aeterna/aeterna.yaml)')
+    .action((options: { config?: string }) => {
+      process.exitCode = validate(options);
+    });
+}
+
+function daemonCommand(program: Command, name: string, description: string): Command {
+  return program
+    .command(name)
+    .description(description)
+    .option('-c, --config <file>', CONFIG_HELP)
+    .option('-s, --socket <path>', SOCKET_HELP)
+    .option('--json', 'machine-readable output: one JSON object per line on stdout');
+}
+
+async function run(options: DaemonOptions, body: () => Promise<number>): Promise<void> {
+  try {
+    process.exitCode = await body();
+  } catch (err) {
+    process.exitCode = reportError(err, options.json === true);
+  }
+}
+
+/** The control socket: --socket, else control.socket_path of the config. */
+function controlSocket(options: DaemonOptions): string {
+  if (options.socket !== undefined && options.socket !== '') return options.socket;
+  return loadConfigFile(resolveConfigPath(options.config)).control.socketPath;
+}
+
+async function reload(options: DaemonOptions & { wait: boolean }): Promise<number> {
+  const socketPath = controlSocket(options);
+  const json = options.json === true;
+  const live = !json && process.stdout.isTTY ? new LiveLine(process.stdout) : null;
+  // Ctrl-C only detaches this client; the daemon carries on with the reload.
+  const onInterrupt = (): void => {
+    live?.end();
+    process.stderr.write('aeterna: detached; the reload goes on in the daemon (see aeterna status)\n');
+    process.exit(130);
+  };
+  process.once('SIGINT', onInterrupt);
+  let result;
+  try {
+    result = await call(socketPath, { cmd: 'reload', wait: options.wait }, (event) => {
+      if (json) writeJson(event);
+      else if (live) live.event(event);
+      else {
+        const line = plainEventLine(event);
+        if (line !== null) process.stdout.write(line + '\n');
+      }
+    });
+  } finally {
+    live?.end();
+    process.off('SIGINT', onInterrupt);
+  }
+  if ('accepted' in result) {
+    if (!json) process.stdout.write(`${result.accepted} accepted; follow it with aeterna status\n`);
+    return CliExit.OK;
+  }
+  if (!('record' in result)) throw new Error('the daemon answered the reload without a record');
+  return reportOutcome(result.record, json);
+}
+
+function reportOutcome(record: ReloadRecord, json: boolean): number {
+  const { ok, text } = describeOutcome(record);
+  if (json) writeJson(record);
+  if (ok) {
+    if (!json) process.stdout.write(text + '\n');
+    return CliExit.OK;
+  }
+  process.stderr.write(`aeterna: ${text}\n`);
+  return CliExit.FAILED;
+}
+
+async function status(options: DaemonOptions): Promise<number> {
+  const result = await call(controlSocket(options), { cmd: 'status' }, undefined, { idleTimeoutMs: QUICK_REPLY_TIMEOUT_MS });
+  if (!('status' in result)) throw new Error('the daemon answered status without a report');
+  const report: StatusReport = result.status;
+  process.stdout.write(options.json ? JSON.stringify(report) + '\n' : formatStatus(report));
+  return CliExit.OK;
+}
+
+async function simple(options: DaemonOptions, req: ControlRequest, done: string): Promise<number> {
+  await call(controlSocket(options), req, undefined, { idleTimeoutMs: QUICK_REPLY_TIMEOUT_MS });
+  if (options.json) writeJson({ ok: true });
+  else process.stdout.write(`${done}\n`);
+  return CliExit.OK;
+}
+
+function validate(options: { config?: string }): number {
+  const file = resolveConfigPath(options.config);
+  try {
+    loadConfigFile(file);
+  } catch (err) {
+    if (!(err instanceof ConfigError)) return reportError(err, false);
+    const count = err.issues.length;
+    process.stderr.write(`aeterna: ${file}: invalid configuration, ${count} issue${count === 1 ? '' : 's'} (E_CONFIG_INVALID)\n${err.message}\n`);
+    return CliExit.CONFIG_INVALID;
+  }
+  process.stdout.write(`${file}: ok\n`);
+  return CliExit.OK;
+}
+
+/** Print an error (`aeterna: <message> (<CODE>)`, plus a JSON object on stdout with --json) and pick the exit code. */
+function reportError(err: unknown, json: boolean): number {
+  const rawCode = (err as { code?: unknown } | null)?.code;
+  const code = typeof rawCode === 'string' && rawCode.startsWith('E_') ? rawCode : 'E_INTERNAL';
+  const message = err instanceof Error ? err.message : String(err);
+  if (json) writeJson({ error: { code, message } });
+  if (err instanceof ConfigError) {
+    process.stderr.write(`aeterna: invalid configuration (${code}); pass --socket PATH to reach the daemon without it\n${message}\n`);
+  } else {
+    process.stderr.write(`aeterna: ${message} (${code})\n`);
+  }
+  switch (code) {
+    case 'E_CONTROL_UNAVAILABLE':
+      return CliExit.NO_DAEMON;
+    case 'E_RELOAD_BUSY':
+      return CliExit.BUSY;
+    case 'E_CONFIG_INVALID':
+      return CliExit.USAGE;
+    default:
+      return CliExit.FAILED;
+  }
+}
+
+function writeJson(value: unknown): void {
+  process.stdout.write(JSON.stringify(value) + '\n');
+}

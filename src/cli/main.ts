@@ -1,0 +1,45 @@
+// The `aeterna` command line (commander).
+import fs from 'node:fs';
+import path from 'node:path';
+import { Command, CommanderError } from 'commander';
+import { runStart } from './start';
+import { registerControlCommands } from './commands';
+import { CliExit } from './exit-codes';
+
+function packageVersion(): string {
+  const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', '..', 'package.json'), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
+export function buildProgram(): Command {
+  const program = new Command('aeterna')
+    .description("Zero-downtime process supervisor: PID 1 that owns the sockets and relays the app's memory across reloads")
+    .version(packageVersion(), '-V, --version');
+  program
+    .command('start')
+    .description('run the configured app as generation 1 and supervise it (as PID 1 in a container)')
+    .option('-c, --config <file>', 'config file (default: $AETERNA_CONFIG, ./aeterna.yaml, /etc/aeterna/aeterna.yaml)')
+    .action(async (options: { config?: string }) => {
+      process.exitCode = await runStart(options);
+    });
+  registerControlCommands(program);
+  for (const command of [program, ...program.commands]) {
+    // Throw instead of exiting, so that main() maps usage errors to exit code 2.
+    command.exitOverride();
+    command.configureOutput({ outputError: (text, write) => write(`aeterna: ${text}`) });
+    command.showHelpAfterError(`(see aeterna ${command === program ? '' : `${command.name()} `}--help)`);
+  }
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  try {
+    await buildProgram().parseAsync(argv);
+  } catch (err) {
+    if (!(err instanceof CommanderError)) throw err;
+    // --help and --version end with 0; any other commander exit is a usage error.
+    process.exitCode = err.exitCode === 0 ? CliExit.OK : CliExit.USAGE;
+  }
+  // Exit explicitly: listeners and timers must not keep PID 1 alive after the app is gone.
+  process.exit(process.exitCode ?? 0);
+}

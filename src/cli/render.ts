@@ -1,0 +1,153 @@
+// How the CLI shows reloads and status to a person: plain lines for logs and
+// pipes, one live line on a terminal, JSON for scripts. Pure formatting plus
+// the small live-line writer; no socket I/O here.
+import type { ReloadEvent, ReloadPhase, ReloadRecord, StatusReport } from '../orchestrator/types';
+
+/** 0.05s, 12.3s, 4m05s, 3h04m, 2d03h. */
+export function formatDuration(ms: number): string {
+  const s = Math.max(0, ms) / 1000;
+  if (s < 10) return `${s.toFixed(2)}s`;
+  if (s < 60) return `${s.toFixed(1)}s`;
+  const pad = (n: number): string => String(Math.floor(n)).padStart(2, '0');
+  if (s < 3600) return `${Math.floor(s / 60)}m${pad(s % 60)}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h${pad((s % 3600) / 60)}m`;
+  return `${Math.floor(s / 86400)}d${pad((s % 86400) / 3600)}h`;
+}
+
+/** 512 B, 1.5 KiB, 12.0 MiB. */
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+}
+
+/** [#####.....] for done/total, clamped. */
+export function progressBar(done: number, total: number, width = 10): string {
+  const ratio = total > 0 ? Math.min(1, Math.max(0, done / total)) : 1;
+  const filled = Math.round(ratio * width);
+  return `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}]`;
+}
+
+/** One plain line per phase, e.g. "reload-3 spawned generation 4 (pid 1234) +0.05s"; null for other events. */
+export function plainEventLine(event: ReloadEvent): string | null {
+  if (event.type !== 'phase') return null;
+  return `${event.reload} ${event.phase}${event.detail ? ` ${event.detail}` : ''} +${formatDuration(event.elapsed_ms)}`;
+}
+
+/** The outcome of a finished reload for a person, and whether it succeeded. */
+export function describeOutcome(record: ReloadRecord): { ok: boolean; text: string } {
+  const took = record.duration_ms === null ? '' : ` in ${formatDuration(record.duration_ms)}`;
+  if (record.outcome === 'promoted') {
+    const gen = record.to_generation === null ? '' : `: generation ${record.to_generation}${record.new_pid === null ? '' : ` (pid ${record.new_pid})`} is serving`;
+    return { ok: true, text: `${record.id} promoted${took}${gen}` };
+  }
+  const what = record.outcome === 'rolled_back' ? 'rolled back' : record.outcome === 'failed' ? 'failed' : `ended ${record.outcome}`;
+  const reason = record.reason ?? 'no reason given';
+  return { ok: false, text: `${record.id} ${what}${took}: ${reason}${record.code ? ` (${record.code})` : ''}` };
+}
+
+/**
+ * The live line on a terminal: current phase, time since the reload started
+ * (ticking between events), a soak progress bar while soaking, and relay
+ * progress while relaying. Rewritten in place with \r.
+ */
+export class LiveLine {
+  private reload = '';
+  private phase: ReloadPhase | null = null;
+  private detail: string | undefined;
+  /** elapsed_ms of the latest event, and when it arrived here: the clock ticks on from there. */
+  private elapsedAt = { ms: 0, localMs: Date.now() };
+  private soak: { elapsed: number; total: number; localMs: number } | null = null;
+  private relay: { bytes: number; total: number; rate: number } | null = null;
+  private readonly ticker: NodeJS.Timeout;
+  private shown = false;
+
+  constructor(private readonly out: NodeJS.WriteStream) {
+    this.ticker = setInterval(() => this.draw(), 250);
+    this.ticker.unref();
+  }
+
+  event(event: ReloadEvent): void {
+    const now = Date.now();
+    this.reload = event.reload;
+    switch (event.type) {
+      case 'phase':
+        this.phase = event.phase;
+        this.detail = event.detail;
+        this.elapsedAt = { ms: event.elapsed_ms, localMs: now };
+        if (event.phase !== 'relaying') this.relay = null;
+        break;
+      case 'soak':
+        this.soak = { elapsed: event.elapsed_ms, total: event.soak_ms, localMs: now };
+        this.elapsedAt = { ms: event.total_ms, localMs: now };
+        break;
+      case 'relay':
+        this.relay = { bytes: event.bytes, total: event.total, rate: event.rate_bps };
+        break;
+      case 'outcome':
+        return;
+    }
+    this.draw();
+  }
+
+  /** Clear the line and stop ticking; output that follows starts on a clean line. */
+  end(): void {
+    clearInterval(this.ticker);
+    if (this.shown) this.out.write('\r\x1b[K');
+    this.shown = false;
+  }
+
+  private draw(): void {
+    if (this.phase === null) return;
+    const now = Date.now();
+    const elapsed = formatDuration(this.elapsedAt.ms + now - this.elapsedAt.localMs);
+    let text = `${this.reload} +${elapsed} ${this.phase}${this.detail ? `: ${this.detail}` : ''}`;
+    if (this.phase === 'soaking' && this.soak) {
+      const soaked = Math.min(this.soak.total, this.soak.elapsed + now - this.soak.localMs);
+      text += `  ${progressBar(soaked, this.soak.total)} ${Math.floor(soaked / 1000)}s/${Math.round(this.soak.total / 1000)}s`;
+    }
+    if (this.relay) {
+      const total = this.relay.total > 0 ? `/${formatBytes(this.relay.total)}` : '';
+      text += `  relay ${formatBytes(this.relay.bytes)}${total} at ${formatBytes(this.relay.rate)}/s`;
+    }
+    // Never wrap: a wrapped line cannot be rewritten with \r.
+    const width = Math.max(20, (this.out.columns || 80) - 1); // 0 when the terminal does not say
+    if (text.length > width) text = text.slice(0, width - 1) + '…';
+    this.out.write(`\r\x1b[K${text}`);
+    this.shown = true;
+  }
+}
+
+/** `aeterna status` for a person. */
+export function formatStatus(status: StatusReport): string {
+  const rows: Array<[string, string]> = [];
+  rows.push(['state', status.state]);
+  rows.push(['service', `${status.service} (strategy ${status.strategy})`]);
+  rows.push(['generation', status.pid === null ? `${status.generation} (not running)` : `${status.generation} (pid ${status.pid})`]);
+  rows.push(['uptime', `${formatDuration(status.uptime_ms)} (daemon pid ${status.daemon_pid}, since ${status.started_at})`]);
+  if (status.listeners.length === 0) rows.push(['listeners', 'none']);
+  status.listeners.forEach((l, i) => rows.push([i === 0 ? 'listeners' : '', `${l.name} ${l.address} (fd ${l.fd})`]));
+  if (status.previous) rows.push(['previous', describeGeneration(status.previous)]);
+  if (status.candidate) rows.push(['candidate', describeGeneration(status.candidate)]);
+  rows.push(['restarts', String(status.restarts)]);
+  rows.push(['last reload', status.last_reload === null ? 'none' : describeLastReload(status.last_reload)]);
+  const width = Math.max(...rows.map(([k]) => k.length)) + 2;
+  return rows.map(([k, v]) => `${k ? `${k}:` : ''}`.padEnd(width) + v).join('\n') + '\n';
+}
+
+function describeGeneration(g: { generation: number; pid: number; started_at: string; ready: boolean }): string {
+  return `generation ${g.generation} (pid ${g.pid}), ${g.ready ? 'ready' : 'not ready'}, started ${g.started_at}`;
+}
+
+function describeLastReload(r: ReloadRecord): string {
+  if (r.outcome === 'in_progress') {
+    const phase = r.phases.length > 0 ? r.phases[r.phases.length - 1].phase : 'accepted';
+    return `${r.id} in progress (${phase}), started ${r.started_at}`;
+  }
+  return `${describeOutcome(r).text} (${r.trigger}, started ${r.started_at})`;
+}

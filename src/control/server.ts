@@ -1,0 +1,361 @@
+// The daemon's control socket: a Unix stream socket (mode 0600) on which the
+// `aeterna` CLI asks for status, reloads, promotion, rollback and stop. The
+// wire format is in protocol.ts. Nothing a client sends (or fails to send) may
+// crash, stall or slow the daemon: requests are size- and time-limited, peers
+// are checked by their kernel credentials, and a client going away mid-reload
+// only stops the progress stream, never the reload.
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import type pino from 'pino';
+import { AeternaError } from '../errors';
+import { native, type Credentials } from '../native/binding';
+import type { ControlApi, ReloadRecord } from '../orchestrator/types';
+import {
+  LineDecoder,
+  MAX_REQUEST_BYTES,
+  encodeMessage,
+  errorMessage,
+  parseRequest,
+  type ControlRequest,
+  type ErrorMessage,
+  type ServerMessage,
+} from './protocol';
+
+export interface ControlServerOptions {
+  /** A connection must deliver its request line within this time (default 10 s). */
+  requestTimeoutMs?: number;
+  /** Connections served at once; one more gets an error and is closed (default 64). */
+  maxConnections?: number;
+  /** After the last reply, how long a client may keep its end open before it is cut (default 2 s). */
+  lingerMs?: number;
+}
+
+export interface ControlServer {
+  readonly socketPath: string;
+  /** Stop accepting, close every connection, remove the socket file. Idempotent. */
+  close(): Promise<void>;
+}
+
+const BACKLOG = 64;
+/** Progress lines queued for a client that does not read; beyond this it is cut off (the reload goes on). */
+const MAX_UNREAD_REPLY_BYTES = 1024 * 1024;
+/** On close(), how long connections get to flush their last lines. */
+const CLOSE_GRACE_MS = 500;
+
+export async function startControlServer(
+  socketPath: string,
+  api: ControlApi,
+  log: pino.Logger,
+  options: ControlServerOptions = {},
+): Promise<ControlServer> {
+  const requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+  const maxConnections = options.maxConnections ?? 64;
+  const lingerMs = options.lingerMs ?? 2_000;
+  const ownUid = process.getuid!();
+
+  clearSocketPath(socketPath, log);
+  let fd: number;
+  try {
+    // The addon creates the socket with its mode before listen(): no window in
+    // which another user could connect to a freshly bound, still world-accessible file.
+    fd = native.listenUnix(socketPath, BACKLOG, 0o600);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
+      // Another daemon bound the path between our probe and our bind.
+      throw new AeternaError('E_DAEMON_RUNNING', `another Aeterna daemon took the control socket ${socketPath} while this one started`, { cause: err });
+    }
+    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
+  }
+  const inode = fs.statSync(socketPath).ino;
+
+  // allowHalfOpen: a client may send its request and shut down its write side
+  // (printf ... | nc -U -N); it must still get the reply.
+  const server = net.createServer({ allowHalfOpen: true });
+  const connections = new Set<net.Socket>();
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ fd }, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+  } catch (err) {
+    server.close();
+    try {
+      native.close(fd);
+    } catch {
+      // Node may already own (and have closed) it
+    }
+    removeSocketFile(socketPath, inode);
+    throw new AeternaError('E_LISTEN_FAILED', `cannot serve the control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
+  }
+  server.on('error', (err) => log.error({ err }, 'control socket error'));
+
+  /** Send the last message and half-close; cut the connection if the client lingers. */
+  const finish = (socket: net.Socket, message: ServerMessage): void => {
+    if (socket.destroyed || socket.writableEnded) return;
+    socket.end(encodeMessage(message));
+    // Keep reading (and discarding) so the client's EOF is seen and the
+    // connection closes; unread data would also turn our close into a reset.
+    socket.resume();
+    const timer = setTimeout(() => socket.destroy(), lingerMs);
+    timer.unref();
+    socket.once('close', () => clearTimeout(timer));
+  };
+
+  const refuse = (socket: net.Socket, message: ErrorMessage, context: Record<string, unknown>): void => {
+    log.warn({ ...context, code: message.code }, `control request refused: ${message.message}`);
+    finish(socket, message);
+  };
+
+  const dispatch = (socket: net.Socket, request: ControlRequest, peer: Credentials): void => {
+    const context = { cmd: request.cmd, peer_uid: peer.uid, peer_pid: peer.pid };
+    log.debug(context, 'control request');
+    try {
+      switch (request.cmd) {
+        case 'status':
+          finish(socket, { type: 'result', ok: true, status: api.status() });
+          return;
+        case 'promote':
+          api.promote();
+          finish(socket, { type: 'result', ok: true });
+          return;
+        case 'rollback':
+          api.rollback();
+          finish(socket, { type: 'result', ok: true });
+          return;
+        case 'stop':
+          // Reply first: stopping may close this server (and this connection) at once.
+          finish(socket, { type: 'result', ok: true });
+          api.stop(`aeterna stop (control socket, uid ${peer.uid}, pid ${peer.pid})`);
+          return;
+        case 'reload':
+          reload(socket, request.wait, context);
+          return;
+      }
+    } catch (err) {
+      refuse(socket, errorMessage(err), context);
+    }
+  };
+
+  const reload = (socket: net.Socket, wait: boolean, context: Record<string, unknown>): void => {
+    // `answered` is set once the final line is sent; later events and the
+    // outcome only go to the daemon's log. The reload itself never depends on
+    // this connection.
+    let answered = false;
+    const send = (message: ServerMessage): void => {
+      if (socket.destroyed || socket.writableEnded) return;
+      if (socket.writableLength > MAX_UNREAD_REPLY_BYTES) {
+        log.warn(context, 'control client does not read its progress stream; disconnecting it (the reload goes on)');
+        socket.destroy();
+        return;
+      }
+      socket.write(encodeMessage(message));
+    };
+    const answer = (message: ServerMessage): void => {
+      if (answered) return;
+      answered = true;
+      if (message.type === 'error') refuse(socket, message, context);
+      else finish(socket, message);
+    };
+    let outcome: Promise<ReloadRecord>;
+    try {
+      outcome = api.reload('control', (event) => {
+        if (answered) return;
+        send({ type: 'event', event });
+        // --no-wait: the first event (the 'accepted' phase) means the daemon took the reload.
+        if (!wait) answer({ type: 'result', ok: true, accepted: event.reload });
+      });
+    } catch (err) {
+      answer(errorMessage(err));
+      return;
+    }
+    outcome.then(
+      (record) => answer({ type: 'result', ok: true, record }),
+      (err: unknown) => {
+        if (answered) log.debug({ ...context, err }, 'reload failed after its requester was answered');
+        answer(errorMessage(err));
+      },
+    );
+  };
+
+  server.on('connection', (socket: net.Socket) => {
+    connections.add(socket);
+    socket.once('close', () => connections.delete(socket));
+    socket.on('error', (err) => log.debug({ err }, 'control connection error'));
+
+    let peer: Credentials;
+    try {
+      peer = native.peerCred(socketFd(socket));
+    } catch (err) {
+      log.warn({ err }, 'control connection without peer credentials: closed');
+      socket.destroy();
+      return;
+    }
+    const context = { peer_uid: peer.uid, peer_pid: peer.pid };
+    if (peer.uid !== 0 && peer.uid !== ownUid) {
+      refuse(socket, forbidden(peer, ownUid), context);
+      return;
+    }
+    if (connections.size > maxConnections) {
+      refuse(socket, { type: 'error', code: 'E_CONTROL_UNAVAILABLE', message: `too many control connections (limit ${maxConnections}); try again` }, context);
+      return;
+    }
+    readRequest(socket, requestTimeoutMs, {
+      onRequest: (line) => {
+        let request: ControlRequest;
+        try {
+          request = parseRequest(line);
+        } catch (err) {
+          refuse(socket, errorMessage(err), context);
+          return;
+        }
+        dispatch(socket, request, peer);
+      },
+      onBad: (message) => refuse(socket, { type: 'error', code: 'E_CONTROL_BAD_REQUEST', message }, context),
+      onEmpty: () => socket.destroy(),
+    });
+  });
+
+  let closing: Promise<void> | null = null;
+  return {
+    socketPath,
+    close(): Promise<void> {
+      closing ??= (async () => {
+        const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+        removeSocketFile(socketPath, inode);
+        await Promise.all(
+          [...connections].map(
+            (socket) =>
+              new Promise<void>((resolve) => {
+                if (socket.destroyed) return resolve();
+                // Flush what is queued, then cut after a short grace.
+                const timer = setTimeout(() => socket.destroy(), CLOSE_GRACE_MS);
+                socket.once('close', () => {
+                  clearTimeout(timer);
+                  resolve();
+                });
+                socket.end();
+                socket.resume();
+              }),
+          ),
+        );
+        await closed;
+      })();
+      return closing;
+    },
+  };
+}
+
+/**
+ * Read the single request line. Exactly one of the callbacks is called:
+ * onRequest with the line (a last line without '\n' counts at EOF), onBad when
+ * it is too long or does not arrive in time, onEmpty when the client closed
+ * without sending anything. Bytes after the first line are read and ignored.
+ */
+function readRequest(
+  socket: net.Socket,
+  timeoutMs: number,
+  handlers: { onRequest: (line: Buffer) => void; onBad: (message: string) => void; onEmpty: () => void },
+): void {
+  const decoder = new LineDecoder(MAX_REQUEST_BYTES);
+  let done = false;
+  const settle = (): boolean => {
+    if (done) return false;
+    done = true;
+    clearTimeout(timer);
+    return true;
+  };
+  const timer = setTimeout(() => {
+    if (settle()) handlers.onBad(`no complete request line within ${timeoutMs} ms`);
+  }, timeoutMs);
+  timer.unref();
+  socket.once('close', () => settle());
+  socket.on('data', (chunk: Buffer) => {
+    if (done) return;
+    let lines: Buffer[];
+    try {
+      lines = decoder.push(chunk);
+    } catch (err) {
+      if (settle()) handlers.onBad(`request line: ${(err as Error).message}`);
+      return;
+    }
+    if (lines.length > 0 && settle()) handlers.onRequest(lines[0]);
+  });
+  socket.on('end', () => {
+    if (!settle()) return;
+    const rest = decoder.flush();
+    if (rest) handlers.onRequest(rest);
+    else handlers.onEmpty();
+  });
+}
+
+function forbidden(peer: Credentials, ownUid: number): ErrorMessage {
+  return {
+    type: 'error',
+    code: 'E_CONTROL_FORBIDDEN',
+    message: `uid ${peer.uid} is not allowed to use the control socket (only root and uid ${ownUid}, the daemon's own user)`,
+  };
+}
+
+function socketFd(socket: net.Socket): number {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) throw new Error('the connection has no file descriptor');
+  return fd;
+}
+
+/**
+ * Make socketPath free for a new socket: create its directory; remove a stale
+ * socket left by a crashed daemon; refuse when a daemon still answers there or
+ * when the path is something other than a socket.
+ */
+function clearSocketPath(socketPath: string, log: pino.Logger): void {
+  const dir = path.dirname(socketPath);
+  try {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
+  } catch (err) {
+    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket's directory ${dir}: ${(err as Error).message}`, { cause: err });
+  }
+  let stat: fs.Stats;
+  try {
+    stat = fs.lstatSync(socketPath);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw new AeternaError('E_LISTEN_FAILED', `cannot inspect the control socket path ${socketPath}: ${(err as Error).message}`, { cause: err });
+  }
+  if (!stat.isSocket()) {
+    throw new AeternaError('E_LISTEN_FAILED', `the control socket path ${socketPath} exists and is not a socket; refusing to replace it (remove it or set control.socket_path)`);
+  }
+  let probe: number;
+  try {
+    probe = native.connectUnix(socketPath);
+  } catch (err) {
+    const errno = (err as NodeJS.ErrnoException).code;
+    if (errno === 'ECONNREFUSED' || errno === 'ENOENT') {
+      // Nobody listens: the file outlived a daemon that crashed. Safe to take over.
+      log.warn({ socket: socketPath }, 'removing a stale control socket left by a previous daemon');
+      fs.rmSync(socketPath, { force: true });
+      return;
+    }
+    if (errno !== 'EAGAIN') {
+      throw new AeternaError('E_LISTEN_FAILED', `cannot probe the existing control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
+    }
+    probe = -1; // EAGAIN: its listen backlog is full, so something is listening
+  }
+  if (probe >= 0) native.close(probe);
+  throw new AeternaError(
+    'E_DAEMON_RUNNING',
+    `another Aeterna daemon answers on the control socket ${socketPath}; refusing to start (stop it first, or give this one another control.socket_path)`,
+  );
+}
+
+/** Remove the socket file, unless it is no longer ours (another daemon took the path). */
+function removeSocketFile(socketPath: string, inode: number): void {
+  try {
+    if (fs.lstatSync(socketPath).ino === inode) fs.unlinkSync(socketPath);
+  } catch {
+    // already gone
+  }
+}

@@ -1,0 +1,151 @@
+// `aeterna start`: the PID-1 daemon. It wires the pieces together: the reaper,
+// the listeners Aeterna owns, the sd_notify socket, the orchestrator, the
+// control socket, the metrics endpoint and the signal handlers; then it runs
+// until everything has stopped and returns Aeterna's exit code.
+import type http from 'node:http';
+import { AeternaError, ExitCodes } from './errors';
+import type { Config } from './config/types';
+import { loadConfigFile } from './config/load';
+import type { Logger } from './log';
+import { Metrics, startMetricsServer } from './monitor/metrics';
+import { Reaper } from './supervisor/reaper';
+import { ListenerSet, inheritedListeners } from './resources/listeners';
+import { NotifySocket } from './orchestrator/notify';
+import { Orchestrator } from './orchestrator/orchestrator';
+import type { ControlApi } from './orchestrator/types';
+import { startControlServer, type ControlServer } from './control/server';
+
+/** Signals passed on to the serving generation's root process as they are. */
+const FORWARDED_SIGNALS: NodeJS.Signals[] = ['SIGQUIT', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH'];
+const STOP_SIGNALS: NodeJS.Signals[] = ['SIGTERM', 'SIGINT'];
+
+/** Aeterna's exit code for a start that failed before the app ran. */
+function startFailureCode(err: unknown): number {
+  if (err instanceof AeternaError) {
+    if (err.code === 'E_DAEMON_RUNNING') return ExitCodes.SOFTWARE;
+    if (err.code === 'E_LISTEN_ADDR_IN_USE' || err.code === 'E_LISTEN_FAILED' || err.code === 'E_METRICS_FAILED') return ExitCodes.UNAVAILABLE;
+  }
+  return ExitCodes.SOFTWARE;
+}
+
+export class Daemon {
+  private readonly reaper = new Reaper();
+  private readonly metrics = new Metrics();
+  private readonly listeners = new ListenerSet(inheritedListeners(process.env));
+  private readonly handlers = new Map<NodeJS.Signals, () => void>();
+  private notify: NotifySocket | null = null;
+  private control: ControlServer | null = null;
+  private metricsServer: http.Server | null = null;
+  private orchestrator: Orchestrator | null = null;
+  /** A stop requested before the orchestrator existed. */
+  private pendingStop: string | null = null;
+
+  constructor(
+    private readonly config: Config,
+    private readonly log: Logger,
+  ) {}
+
+  /** Run until everything has stopped; resolves with Aeterna's exit code. */
+  async run(): Promise<number> {
+    this.reaper.install();
+    this.reaper.on('orphan', (info) => {
+      this.metrics.zombiesReaped.inc();
+      this.log.debug({ orphan: info.pid }, 'reaped orphan');
+    });
+    // Handlers first: PID 1 gets no default action from the kernel, and a
+    // SIGTERM that arrives while we set up must still stop us.
+    this.installSignalHandlers();
+    let code: number;
+    try {
+      // The control socket first: if another daemon answers there, refuse before binding anything.
+      this.control = await startControlServer(this.config.control.socketPath, this.api(), this.log);
+      this.listeners.apply(this.config.service.listeners);
+      for (const l of this.listeners.list()) {
+        this.log.info({ listener: l.name, address: l.address, fd: l.fd }, 'listener ready');
+      }
+      const metricsAddress = this.config.observability.metrics;
+      if (metricsAddress) {
+        this.metricsServer = await startMetricsServer(this.metrics, metricsAddress, () => this.orchestrator?.isReady() ?? false, this.log);
+        this.log.info({ metrics: `${metricsAddress.host}:${metricsAddress.port}` }, 'metrics endpoint ready');
+      }
+      this.notify = NotifySocket.open(this.log);
+    } catch (err) {
+      const e = err as AeternaError;
+      this.log.error({ err, code: e.code }, e.message);
+      await this.shutdown();
+      return startFailureCode(err);
+    }
+    this.orchestrator = new Orchestrator(this.config, {
+      log: this.log,
+      metrics: this.metrics,
+      reaper: this.reaper,
+      listeners: this.listeners,
+      notify: this.notify,
+      loadConfig: loadConfigFile,
+      relay: null,
+    });
+    if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
+    code = await this.orchestrator.run();
+    this.log.info({ exit_code: code }, 'aeterna exiting');
+    await this.shutdown();
+    return code;
+  }
+
+  /** The control socket's view of the daemon: the orchestrator, once it exists. */
+  private api(): ControlApi {
+    const need = (): Orchestrator => {
+      if (!this.orchestrator) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
+      return this.orchestrator;
+    };
+    return {
+      status: () => need().status(),
+      reload: (trigger, onEvent) => need().reload(trigger, onEvent),
+      promote: () => need().promote(),
+      rollback: () => need().rollback(),
+      stop: (reason) => this.stop(reason),
+    };
+  }
+
+  stop(reason: string): void {
+    if (this.orchestrator) this.orchestrator.stop(reason);
+    else this.pendingStop = reason;
+  }
+
+  private reloadFromSignal(): void {
+    const orchestrator = this.orchestrator;
+    if (!orchestrator) return;
+    try {
+      orchestrator.reload('sighup').then(
+        (record) => this.log.info({ reload: record.id, outcome: record.outcome, reason: record.reason }, `SIGHUP reload ${record.outcome}`),
+        (err: Error) => this.log.error({ err }, 'SIGHUP reload failed'),
+      );
+    } catch (err) {
+      const e = err as AeternaError;
+      this.log.warn({ code: e.code }, `SIGHUP ignored: ${e.message}`);
+    }
+  }
+
+  private installSignalHandlers(): void {
+    const on = (signal: NodeJS.Signals, handler: () => void): void => {
+      this.handlers.set(signal, handler);
+      process.on(signal, handler);
+    };
+    for (const signal of STOP_SIGNALS) on(signal, () => this.stop(signal));
+    for (const signal of FORWARDED_SIGNALS) {
+      on(signal, () => this.orchestrator?.forward(signal));
+    }
+    on('SIGHUP', () => this.reloadFromSignal());
+  }
+
+  private async shutdown(): Promise<void> {
+    for (const [signal, handler] of this.handlers) process.off(signal, handler);
+    this.handlers.clear();
+    await this.control?.close().catch(() => undefined);
+    this.metricsServer?.closeAllConnections();
+    this.metricsServer?.close();
+    this.notify?.close();
+    this.listeners.closeAll();
+    this.reaper.sweep();
+    this.reaper.uninstall();
+  }
+}

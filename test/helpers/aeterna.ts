@@ -1,0 +1,155 @@
+// Test harness: runs the real `aeterna` CLI as a child of the test, optionally
+// as PID 1 of a fresh PID namespace (unshare --pid --fork --mount-proc).
+// Tests may use child_process: the ban on it applies to the supervisor only.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+export const ROOT = path.resolve(__dirname, '..', '..', '..');
+export const CLI = path.join(ROOT, 'bin', 'aeterna.js');
+
+export function fixture(...parts: string[]): string {
+  return path.join(ROOT, 'test', 'fixtures', ...parts);
+}
+
+let unshareChecked: string | null | undefined;
+/** Why PID-namespace tests cannot run here, or null when they can. */
+export function pidNamespaceUnavailable(): string | null {
+  if (unshareChecked === undefined) {
+    const r = spawnSync('unshare', ['--pid', '--fork', '--mount-proc', 'true'], { stdio: 'ignore' });
+    unshareChecked = r.status === 0 ? null : `unshare --pid --fork --mount-proc is not possible here (${r.error?.message ?? `exit ${r.status}`}); needs root`;
+  }
+  return unshareChecked;
+}
+
+export function tempDir(prefix = 'aeterna-test-'): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+/** Write an aeterna.yaml into dir (control socket kept inside dir) and return its path. */
+export function writeConfig(dir: string, body: string): string {
+  const file = path.join(dir, 'aeterna.yaml');
+  fs.writeFileSync(file, body);
+  return file;
+}
+
+/** A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine). */
+export async function freePort(): Promise<number> {
+  const net = await import('node:net');
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export interface Exit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+export interface LogLine {
+  level: string;
+  msg: string;
+  [key: string]: unknown;
+}
+
+export class AeternaRun {
+  stdout = '';
+  stderr = '';
+  readonly exited: Promise<Exit>;
+  private readonly waiters: Array<() => void> = [];
+
+  constructor(readonly child: ChildProcess, readonly pid1: boolean) {
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => { this.stdout += d; this.notify(); });
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => { this.stderr += d; this.notify(); });
+    this.exited = new Promise((resolve) => child.on('exit', (code, signal) => { this.notify(); resolve({ code, signal }); }));
+  }
+
+  private notify(): void {
+    for (const w of this.waiters.splice(0)) w();
+  }
+
+  /** Wait until stdout+stderr match, or fail after timeoutMs (a guard against hangs, not a timing assertion). */
+  async waitFor(pattern: RegExp, timeoutMs = 20000): Promise<RegExpMatchArray> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = (this.stdout + '\n' + this.stderr).match(pattern);
+      if (m) return m;
+      if (this.child.exitCode !== null || this.child.signalCode !== null) {
+        throw new Error(`aeterna exited before ${pattern} appeared\nstdout:\n${this.stdout}\nstderr:\n${this.stderr}`);
+      }
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${pattern}\nstdout:\n${this.stdout}\nstderr:\n${this.stderr}`);
+      await new Promise<void>((r) => {
+        const t = setTimeout(r, 200);
+        this.waiters.push(() => { clearTimeout(t); r(); });
+      });
+    }
+  }
+
+  /** The first "RESULT <json>" line the app printed. */
+  async result<T = Record<string, unknown>>(): Promise<T> {
+    const m = await this.waitFor(/^RESULT (.*)$/m);
+    return JSON.parse(m[1]) as T;
+  }
+
+  /** Aeterna's own JSON log lines. */
+  logs(): LogLine[] {
+    return this.stderr
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => { try { return JSON.parse(l) as LogLine & { name?: string }; } catch { return null; } })
+      .filter((l): l is LogLine & { name?: string } => l !== null && l.name === 'aeterna');
+  }
+
+  /** The host pid of the Aeterna process (inside the namespace it is PID 1). */
+  async aeternaPid(): Promise<number> {
+    if (!this.pid1) return this.child.pid!;
+    const parent = this.child.pid!;
+    for (let i = 0; i < 200; i++) {
+      for (const entry of fs.readdirSync('/proc')) {
+        if (!/^\d+$/.test(entry)) continue;
+        try {
+          const stat = fs.readFileSync(`/proc/${entry}/stat`, 'utf8');
+          const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+          if (ppid === parent) return Number(entry);
+        } catch {
+          // raced with an exit
+        }
+      }
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    throw new Error('could not find the aeterna process under unshare');
+  }
+
+  async signal(signal: NodeJS.Signals): Promise<void> {
+    process.kill(await this.aeternaPid(), signal);
+  }
+
+  /** Wait for exit, killing everything if it takes longer than timeoutMs (a hang guard). */
+  async exit(timeoutMs = 30000): Promise<Exit> {
+    const t = setTimeout(() => this.child.kill('SIGKILL'), timeoutMs);
+    try {
+      return await this.exited;
+    } finally {
+      clearTimeout(t);
+    }
+  }
+}
+
+/** Run `aeterna <args>`; with pid1, as PID 1 of a new PID namespace. */
+export function runAeterna(args: string[], options: { pid1?: boolean; env?: NodeJS.ProcessEnv; cwd?: string; prefix?: string[] } = {}): AeternaRun {
+  const pid1 = options.pid1 ?? false;
+  const cmd = [...(options.prefix ?? []), process.execPath, CLI, ...args];
+  const argv = pid1 ? ['unshare', '--pid', '--fork', '--mount-proc', ...cmd] : cmd;
+  const child = spawn(argv[0], argv.slice(1), {
+    cwd: options.cwd ?? ROOT,
+    env: { ...process.env, ...options.env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  return new AeternaRun(child, pid1);
+}

@@ -1,0 +1,107 @@
+// A real Aeterna daemon for end-to-end tests, with its config in a temp dir
+// and the CLI run against it as a separate process.
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { CLI, ROOT, runAeterna, tempDir, type AeternaRun } from './aeterna';
+
+export interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run `aeterna <args>` to completion without blocking the test's event loop (load keeps flowing). */
+export function cli(args: string[], env: NodeJS.ProcessEnv = {}): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { cwd: ROOT, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+export interface ConfigOptions {
+  command: string[];
+  port?: number;
+  strategy?: 'immediate' | 'canary';
+  soak?: string;
+  readiness?: string;
+  env?: string[];
+  restart?: string;
+  stopTimeout?: string;
+  metricsPort?: number;
+  extraService?: string;
+}
+
+export function configYaml(dir: string, o: ConfigOptions): string {
+  return `version: "v1"
+service:
+  name: "e2e"
+  command: ${JSON.stringify(o.command)}
+  env: ${JSON.stringify(o.env ?? [])}
+${o.port ? `  listeners:\n    - name: "http"\n      address: "tcp://127.0.0.1:${o.port}"\n` : ''}  stop_timeout: "${o.stopTimeout ?? '10s'}"
+${o.restart ? `  restart: ${o.restart}\n` : ''}${o.extraService ?? ''}orchestration:
+  strategy: "${o.strategy ?? 'immediate'}"
+  soak_time: "${o.soak ?? '1s'}"
+  readiness: ${o.readiness ?? '{ mode: "delay", delay: "200ms", timeout: "10s" }'}
+control:
+  socket_path: "${path.join(dir, 'control.sock')}"
+observability:
+  log_level: "debug"
+${o.metricsPort ? `  metrics_port: "127.0.0.1:${o.metricsPort}"\n` : ''}`;
+}
+
+export class Daemon {
+  readonly dir = tempDir('aeterna-e2e-');
+  readonly configFile = path.join(this.dir, 'aeterna.yaml');
+  run!: AeternaRun;
+
+  constructor(public options: ConfigOptions) {
+    this.write(options);
+  }
+
+  /** Rewrite aeterna.yaml (the next reload reads it). */
+  write(options: ConfigOptions): void {
+    this.options = options;
+    fs.writeFileSync(this.configFile, configYaml(this.dir, options));
+  }
+
+  start(pid1 = false): this {
+    this.run = runAeterna(['start', '-c', this.configFile], { pid1 });
+    return this;
+  }
+
+  cli(...args: string[]): Promise<CliResult> {
+    return cli([...args, '-c', this.configFile]);
+  }
+
+  async status(): Promise<{ state: string; generation: number; pid: number | null; restarts: number; last_reload: { id: string; outcome: string; reason: string | null; code: string | null; trigger: string } | null }> {
+    const r = await this.cli('status', '--json');
+    if (r.code !== 0) throw new Error(`status failed (${r.code}): ${r.stderr}`);
+    return JSON.parse(r.stdout);
+  }
+
+  /** Poll status until predicate holds (a hang guard, not a timing assertion). */
+  async waitStatus(predicate: (s: Awaited<ReturnType<Daemon['status']>>) => boolean, timeoutMs = 20000): Promise<Awaited<ReturnType<Daemon['status']>>> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        const s = await this.status();
+        if (predicate(s)) return s;
+      } catch {
+        // the daemon may not answer yet
+      }
+      if (Date.now() > deadline) throw new Error(`status condition not met in time\n${this.run.stderr.slice(-4000)}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+
+  async stop(): Promise<number | null> {
+    if (this.run.child.exitCode === null) await this.run.signal('SIGTERM');
+    return (await this.run.exit()).code;
+  }
+}
