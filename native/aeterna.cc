@@ -409,12 +409,19 @@ bool CloexecFrom(int first) {
   // Handlers and ignored signals are Node's business, not the app's: SIG_IGN would
   // survive execve (Node ignores SIGPIPE). The parent blocked every signal around
   // fork, so no handler of Node's can run here before it is reset.
-  struct sigaction dfl;
-  memset(&dfl, 0, sizeof dfl);
-  dfl.sa_handler = SIG_DFL;
-  sigemptyset(&dfl.sa_mask);
-  for (int sig = 1; sig < NSIG; sig++) {
-    if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);  // EINVAL for libc-internal ones
+  //
+  // The raw rt_sigaction syscall, not libc's sigaction(): glibc refuses (EINVAL)
+  // to touch the signals it reserves for itself (32 and 33), yet an ignored one
+  // of those inherited by Aeterna would otherwise reach the app. A kernel
+  // sigaction with handler SIG_DFL needs no restorer and an empty mask.
+  struct {
+    void (*handler)(int);
+    unsigned long flags;
+    void (*restorer)(void);
+    uint64_t mask;
+  } dfl = {SIG_DFL, 0, nullptr, 0};
+  for (int sig = 1; sig <= 64; sig++) {
+    if (sig != SIGKILL && sig != SIGSTOP) syscall(SYS_rt_sigaction, sig, &dfl, nullptr, sizeof dfl.mask);
   }
   sigset_t none;
   sigemptyset(&none);
