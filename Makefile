@@ -5,7 +5,7 @@ NODE_MODULES := node_modules/.package-lock.json
 ADDON := build/Release/aeterna.node
 TESTS ?= dist/test/*.test.js
 
-.PHONY: all build demo test clean
+.PHONY: all build demo test bench soak clean
 
 all: build
 
@@ -24,6 +24,14 @@ demo: build
 
 test: build
 	node --test --test-concurrency=2 $(TESTS)
+
+# Benchmarks against the alternatives (bench/README.md); not part of `make test`.
+bench: build
+	node dist/bench/run.js $(BENCH_ARGS)
+
+# The long reliability run: 1,000 reloads under load (CI runs a short version in the tests).
+soak: build
+	node dist/bench/soak.js $(SOAK_ARGS)
 
 clean:
 	rm -rf dist build
