@@ -770,17 +770,11 @@ std::vector<int> ReceivedFds(msghdr* msg) {
   return fds;
 }
 
-Napi::Value RecvMsg(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int fd;
-  int64_t max_bytes, max_fds;
-  if (!GetFd(info[0], "fd", &fd) || !GetInt(info[1], "maxBytes", 1, kMaxMessageBytes, &max_bytes) ||
-      !GetInt(info[2], "maxFds", 0, kMaxFdsPerMessage, &max_fds))
-    return Napi::Value();
-
-  std::unique_ptr<uint8_t[]> data(new uint8_t[max_bytes]);
+// One non-blocking recvmsg into buf, shared by recvmsg and recvmsgInto. Returns
+// null on EAGAIN, an empty value after throwing, or {bytes, fds}.
+Napi::Value ReceiveInto(Napi::Env env, int fd, uint8_t* buf, size_t len, int64_t max_fds) {
   std::vector<char> control(CMSG_SPACE(sizeof(int) * max_fds));
-  iovec iov{data.get(), static_cast<size_t>(max_bytes)};
+  iovec iov{buf, len};
   msghdr msg{};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
@@ -805,9 +799,40 @@ Napi::Value RecvMsg(const Napi::CallbackInfo& info) {
                            "ECTRUNC", "recvmsg"));
   }
   Napi::Object result = Napi::Object::New(env);
-  result.Set("data", Napi::Buffer<uint8_t>::Copy(env, data.get(), static_cast<size_t>(n)));
+  result.Set("bytes", static_cast<double>(n));
   result.Set("fds", FdArray(env, fds));
   return result;
+}
+
+Napi::Value RecvMsg(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t max_bytes, max_fds;
+  if (!GetFd(info[0], "fd", &fd) || !GetInt(info[1], "maxBytes", 1, kMaxMessageBytes, &max_bytes) ||
+      !GetInt(info[2], "maxFds", 0, kMaxFdsPerMessage, &max_fds))
+    return Napi::Value();
+  std::unique_ptr<uint8_t[]> data(new uint8_t[max_bytes]);
+  Napi::Value got = ReceiveInto(env, fd, data.get(), static_cast<size_t>(max_bytes), max_fds);
+  if (!got.IsObject()) return got;
+  Napi::Object result = got.As<Napi::Object>();
+  size_t n = static_cast<size_t>(result.Get("bytes").As<Napi::Number>().Int64Value());
+  result.Set("data", Napi::Buffer<uint8_t>::Copy(env, data.get(), n));
+  result.Delete("bytes");
+  return result;
+}
+
+// recvmsg straight into the caller's Buffer: the relay's hot path, with no
+// intermediate allocation or copy.
+Napi::Value RecvMsgInto(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t max_fds;
+  if (!GetFd(info[0], "fd", &fd)) return Napi::Value();
+  if (!info[1].IsBuffer()) return Throw(Napi::TypeError::New(env, "buffer must be a Buffer"));
+  if (!GetInt(info[2], "maxFds", 0, kMaxFdsPerMessage, &max_fds)) return Napi::Value();
+  Napi::Buffer<uint8_t> buffer = info[1].As<Napi::Buffer<uint8_t>>();
+  if (buffer.Length() == 0) return Throw(Napi::RangeError::New(env, "buffer must not be empty"));
+  return ReceiveInto(env, fd, buffer.Data(), buffer.Length(), max_fds);
 }
 
 Napi::Object CredentialsObject(Napi::Env env, pid_t pid, uid_t uid, gid_t gid) {
@@ -1171,6 +1196,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"accept", Accept},
       {"sendmsg", SendMsg},
       {"recvmsg", RecvMsg},
+      {"recvmsgInto", RecvMsgInto},
       {"peerCred", PeerCred},
       {"bindNotifySocket", BindNotifySocket},
       {"recvDatagram", RecvDatagram},

@@ -14,6 +14,8 @@ import { NotifySocket } from './orchestrator/notify';
 import { Orchestrator } from './orchestrator/orchestrator';
 import type { ControlApi } from './orchestrator/types';
 import { startControlServer, type ControlServer } from './control/server';
+import { SrpCoordinator } from './srp/coordinator';
+import { resolveIdentity } from './supervisor/generation';
 
 /** Signals passed on to the serving generation's root process as they are. */
 const FORWARDED_SIGNALS: NodeJS.Signals[] = ['SIGQUIT', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH'];
@@ -36,6 +38,7 @@ export class Daemon {
   private notify: NotifySocket | null = null;
   private control: ControlServer | null = null;
   private metricsServer: http.Server | null = null;
+  private relay: SrpCoordinator | null = null;
   private orchestrator: Orchestrator | null = null;
   /** A stop requested before the orchestrator existed. */
   private pendingStop: string | null = null;
@@ -69,6 +72,12 @@ export class Daemon {
         this.log.info({ metrics: `${metricsAddress.host}:${metricsAddress.port}` }, 'metrics endpoint ready');
       }
       this.notify = NotifySocket.open(this.log);
+      const handoff = this.config.orchestration.stateHandoff;
+      if (handoff.enabled) {
+        const identity = resolveIdentity(this.config.service.user, this.config.service.group);
+        this.relay = SrpCoordinator.open(handoff, identity, this.log);
+        this.log.info({ socket: handoff.socketPath }, 'state relay ready');
+      }
     } catch (err) {
       const e = err as AeternaError;
       this.log.error({ err, code: e.code }, e.message);
@@ -82,7 +91,7 @@ export class Daemon {
       listeners: this.listeners,
       notify: this.notify,
       loadConfig: loadConfigFile,
-      relay: null,
+      relay: this.relay,
     });
     if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
     code = await this.orchestrator.run();
@@ -144,6 +153,7 @@ export class Daemon {
     this.metricsServer?.closeAllConnections();
     this.metricsServer?.close();
     this.notify?.close();
+    await this.relay?.close();
     this.listeners.closeAll();
     this.reaper.sweep();
     this.reaper.uninstall();

@@ -102,6 +102,8 @@ export interface Binding {
   sendmsg(fd: number, data: Buffer, fds: number[]): number;
   /** Non-blocking recvmsg of up to maxBytes and maxFds fds; null on EAGAIN. A truncated control message closes every fd that arrived and throws (code 'ECTRUNC'). */
   recvmsg(fd: number, maxBytes: number, maxFds: number): Received | null;
+  /** Like recvmsg, but into the caller's buffer (no allocation): bytes read (0 = EOF) and fds; null on EAGAIN. */
+  recvmsgInto(fd: number, buffer: Buffer, maxFds: number): { bytes: number; fds: number[] } | null;
   /** SO_PEERCRED of a connected Unix socket. */
   peerCred(fd: number): Credentials;
 

@@ -129,9 +129,10 @@ export class Orchestrator implements ControlApi {
     return env;
   }
 
-  private spawn(config: Config): Generation {
+  private spawn(config: Config, role: 'fresh' | 'candidate'): Generation {
     const number = ++this.generations;
     const gen = Generation.spawn(number, config.service, this.deps.listeners.list(), this.deps.reaper, this.extraEnv(number));
+    this.deps.relay?.attach(gen, role);
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');
     gen.exited.then((info) => this.onExit(gen, info));
     return gen;
@@ -142,7 +143,7 @@ export class Orchestrator implements ControlApi {
     this.restartTimer = null;
     let gen: Generation;
     try {
-      gen = this.spawn(this.config);
+      gen = this.spawn(this.config, 'fresh');
     } catch (err) {
       const e = err as AeternaError;
       const errno = (e.cause as NodeJS.ErrnoException | undefined)?.code;
@@ -291,7 +292,7 @@ export class Orchestrator implements ControlApi {
     this.fire('reload'); // Handover
     let next: Generation;
     try {
-      next = this.spawn(active.config);
+      next = this.spawn(active.config, 'candidate');
     } catch (err) {
       active.failure = { reason: (err as Error).message, code: 'E_SPAWN_FAILED', outcome: 'failed' };
       this.fire('exited'); // RollingBack, with nothing to stop
@@ -318,7 +319,7 @@ export class Orchestrator implements ControlApi {
       },
     );
     const relay = this.deps.relay;
-    if (relay && this.serving?.alive && active.config.orchestration.stateHandoff.enabled) {
+    if (relay && this.serving) {
       this.runRelay(active, relay, this.serving, next);
     } else {
       active.relayed = true;
@@ -429,7 +430,7 @@ export class Orchestrator implements ControlApi {
     if (old && old.alive) {
       void old.stop(active.previousConfig.service.stopTimeoutMs);
       const relay = this.deps.relay;
-      if (relay && active.config.orchestration.stateHandoff.enabled) {
+      if (relay) {
         const abort = new AbortController();
         const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), active.config.orchestration.stateHandoff.timeoutMs);
         relay.finalSync(old, this.candidate!, abort.signal).then(
@@ -474,8 +475,12 @@ export class Orchestrator implements ControlApi {
     active.relayAbort.abort(new Error(reason));
     this.phase('rolling_back', reason);
     const next = this.candidate;
-    if (next && next.alive) void next.stop(active.config.service.stopTimeoutMs);
-    else this.finishRollback();
+    if (next && next.alive) {
+      void next.stop(active.config.service.stopTimeoutMs);
+      this.deps.relay?.release(next);
+    } else {
+      this.finishRollback();
+    }
   }
 
   private finishRollback(): void {
@@ -559,7 +564,10 @@ export class Orchestrator implements ControlApi {
         active.relayAbort.abort(new Error('Aeterna is stopping'));
         this.finish('failed', `Aeterna was stopped during the reload (${reason})`, 'E_STOPPED');
       }
-      for (const gen of this.live()) void gen.stop(this.config.service.stopTimeoutMs);
+      for (const gen of this.live()) {
+        void gen.stop(this.config.service.stopTimeoutMs);
+        this.deps.relay?.release(gen);
+      }
     } else if (this.stopRequests > 1) {
       this.deps.log.warn({ reason }, 'second stop request: killing every generation now');
       this.fire('stop');

@@ -12,8 +12,16 @@ export interface StateRelay {
   /** The value of LIVERELAY_STATE_SOCK for the app. */
   readonly socketPath: string;
   /**
-   * At Handover: ask `old` for its state and deliver it to `next`; resolves
-   * once `next` acknowledged it. Rejects (with a reason) on any failure. Must
+   * A generation was spawned: its processes may connect. A `candidate` (a
+   * reload's new generation) waits for the old state; a `fresh` one (first
+   * start, restart) is told at once that there is none.
+   */
+  attach(gen: Generation, role: 'fresh' | 'candidate'): void;
+  /** The generation is being stopped with no one to hand its state to: close its connection. */
+  release(gen: Generation): void;
+  /**
+   * At Handover: ask `old` for its state and deliver it to `next` (no state
+   * when `old` has no relay connection); resolves once `next` acknowledged it. Rejects (with a reason) on any failure. Must
    * stop promptly when `signal` aborts (timeout, rollback, stop).
    */
   handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal): Promise<{ bytes: number }>;

@@ -35,6 +35,8 @@ export interface ConfigOptions {
   stopTimeout?: string;
   metricsPort?: number;
   extraService?: string;
+  /** Enable the state relay: true for defaults (socket in the temp dir, 10s), or the flow-map text of state_handoff. */
+  handoff?: boolean | string;
 }
 
 export function configYaml(dir: string, o: ConfigOptions): string {
@@ -48,7 +50,7 @@ ${o.restart ? `  restart: ${o.restart}\n` : ''}${o.extraService ?? ''}orchestrat
   strategy: "${o.strategy ?? 'immediate'}"
   soak_time: "${o.soak ?? '1s'}"
   readiness: ${o.readiness ?? '{ mode: "delay", delay: "200ms", timeout: "10s" }'}
-control:
+${o.handoff ? `  state_handoff: ${o.handoff === true ? `{ enabled: true, socket_path: "${path.join(dir, 'state.sock')}", timeout: "10s" }` : o.handoff}\n` : ''}control:
   socket_path: "${path.join(dir, 'control.sock')}"
 observability:
   log_level: "debug"

@@ -1,0 +1,138 @@
+// One SRP connection, either end: frames in, messages and data frames out. The
+// connection itself knows which frames are data (the `size` announced by the
+// last `state` or `load`), claims the fds a frame names, and answers any
+// protocol violation with an `error` frame and a close.
+import { EventEmitter } from 'node:events';
+import { FdStream } from './fd-stream';
+import { FrameDecoder, SrpError, closeQuietly, encodeFrame, frameHeader, type Frame, type SrpErrorCode } from './codec';
+import { encodeMessage, parseMessage, type Message } from './messages';
+
+export interface ConnectionEvents {
+  /** A control message, with the fds it named (in the order of its `fds` list). */
+  message: [message: Message, fds: number[]];
+  /** A data frame; `remaining` bytes of the announced state are still to come. */
+  data: [payload: Buffer, raw: Buffer, remaining: number];
+  /** The connection closed; `error` says why when it was not a clean end. */
+  close: [error: SrpError | Error | null];
+}
+
+export class SrpConnection extends EventEmitter<ConnectionEvents> {
+  readonly stream: FdStream;
+  private readonly decoder: FrameDecoder;
+  private dataRemaining = 0;
+  private paused = false;
+  private closing: SrpError | Error | null = null;
+  private closedEmitted = false;
+
+  constructor(fd: number, maxFrame: number) {
+    super();
+    this.decoder = new FrameDecoder(maxFrame);
+    this.stream = new FdStream(fd);
+    this.stream.on('data', (data, fds) => {
+      this.decoder.push(data, fds);
+      this.drainFrames();
+    });
+    this.stream.on('end', () => this.close(this.dataRemaining > 0 ? new Error(`connection closed with ${this.dataRemaining} bytes of state still announced`) : null));
+    this.stream.on('error', (err) => this.close(err));
+    this.stream.on('close', () => this.finish());
+  }
+
+  /** Bytes of announced state data not received yet. */
+  get pendingData(): number {
+    return this.dataRemaining;
+  }
+
+  get closed(): boolean {
+    return this.stream.isClosed;
+  }
+
+  send(message: Message, fds: number[] = [], options: { closeFds?: boolean } = {}): boolean {
+    return this.stream.write(encodeMessage(message), fds, options);
+  }
+
+  /** Send state bytes as data frames of at most `frameSize`. */
+  sendData(data: Buffer, frameSize: number): boolean {
+    let ok = true;
+    for (let off = 0; off < data.length; off += frameSize) {
+      const part = data.subarray(off, Math.min(data.length, off + frameSize));
+      ok = this.stream.write(part.length < 4096 ? encodeFrame(part) : frameHeader(part.length)) && ok;
+      if (part.length >= 4096) ok = this.stream.write(part) && ok;
+    }
+    return ok;
+  }
+
+  /** Pass a received frame on unchanged (header and payload). */
+  forward(raw: Buffer): boolean {
+    return this.stream.write(raw);
+  }
+
+  pause(): void {
+    this.paused = true;
+    this.stream.pause();
+  }
+
+  resume(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    this.drainFrames();
+    if (!this.paused) this.stream.resume();
+  }
+
+  /** Answer a protocol violation: an `error` frame, then close. */
+  fail(code: SrpErrorCode, message: string): void {
+    if (this.closed) return;
+    this.closing = new SrpError(code, message);
+    this.send({ op: 'error', code, message });
+    this.decoder.closeUnclaimed();
+    this.stream.pause();
+    this.stream.end();
+  }
+
+  close(error: SrpError | Error | null = null): void {
+    if (error && !this.closing) this.closing = error;
+    this.decoder.closeUnclaimed();
+    this.stream.close();
+  }
+
+  private finish(): void {
+    if (this.closedEmitted) return;
+    this.closedEmitted = true;
+    this.decoder.closeUnclaimed();
+    this.emit('close', this.closing);
+  }
+
+  private drainFrames(): void {
+    while (!this.paused && !this.closed && !this.closing) {
+      let frame: Frame | null;
+      try {
+        frame = this.decoder.next();
+        if (frame === null) return;
+        this.handle(frame);
+        this.decoder.checkUnclaimed(frame);
+      } catch (err) {
+        if (err instanceof SrpError) this.fail(err.code, err.message);
+        else this.close(err as Error);
+        return;
+      }
+    }
+  }
+
+  private handle(frame: Frame): void {
+    if (this.dataRemaining > 0) {
+      if (frame.payload.length > this.dataRemaining) {
+        throw new SrpError('bad_frame', `data frame of ${frame.payload.length} bytes where only ${this.dataRemaining} were announced`);
+      }
+      this.dataRemaining -= frame.payload.length;
+      this.emit('data', frame.payload, frame.raw, this.dataRemaining);
+      return;
+    }
+    const message = parseMessage(frame.payload);
+    const named = message.op === 'state' || message.op === 'load' ? (message.fds ?? []) : [];
+    const fds = this.decoder.claimFds(frame, named.length);
+    if ((message.op === 'state' || message.op === 'load') && message.transport !== 'memfd') {
+      this.dataRemaining = message.size;
+    }
+    if (this.listenerCount('message') === 0) fds.forEach(closeQuietly);
+    this.emit('message', message, fds);
+  }
+}

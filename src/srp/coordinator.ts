@@ -1,0 +1,380 @@
+// The SRP coordinator: Aeterna's end of the State Relay Protocol (docs/srp.md).
+// It owns the state socket, admits only processes of the generations Aeterna
+// runs (SO_PEERCRED), and relays a state from the old generation to the new
+// one chunk by chunk: reading from the old one stops while the new one's queue
+// is above a bounded window, so a multi-gigabyte state never sits in Aeterna's
+// memory, and the event loop is never blocked. It never parses the state.
+import fs from 'node:fs';
+import path from 'node:path';
+import { EventEmitter } from 'node:events';
+import { native, READABLE, type Poller } from '../native/binding';
+import type { StateHandoffConfig } from '../config/types';
+import type { Logger } from '../log';
+import type { Generation } from '../supervisor/generation';
+import { belongsTo } from '../supervisor/proctree';
+import type { RelayProgress, StateRelay } from '../orchestrator/relay';
+import { SrpError, closeQuietly } from './codec';
+import { SrpConnection } from './connection';
+import type { Message, StateHeader } from './messages';
+
+/** A client must say hello within this long. */
+export const HELLO_TIMEOUT_MS = 5000;
+/** Live relay connections at most (one per generation is the norm; the rest is abuse). */
+export const MAX_CONNECTIONS = 64;
+/** Report relay progress at most this often (bytes). */
+const PROGRESS_EVERY = 8 << 20;
+/** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a memfd state must be immutable. */
+const REQUIRED_SEALS = 0x2 | 0x4 | 0x8;
+
+type Phase =
+  | 'hello' // waiting for hello
+  | 'waiting' // a reload's new generation: welcomed, waiting for the old state to arrive
+  | 'load-sent' // we sent a load; waiting for its ack
+  | 'idle' // nothing in flight
+  | 'dump-requested' // we asked for a dump; waiting for `state`
+  | 'streaming'; // the state's data frames are coming in
+
+interface Session {
+  conn: SrpConnection;
+  gen: Generation | null;
+  phase: Phase;
+  initialAcked: boolean;
+  transfer: Transfer | null;
+  helloTimer: NodeJS.Timeout | null;
+}
+
+/** One relay of a state from `from` (the old generation, or none) to `to`. */
+interface Transfer {
+  from: Session | null;
+  to: Session;
+  final: boolean;
+  total: number;
+  sent: number;
+  reported: number;
+  /** Failed or abandoned: what still comes from `from` is read and dropped, never forwarded. */
+  aborted: boolean;
+  progress: (p: RelayProgress) => void;
+  resolve: (r: { bytes: number }) => void;
+  reject: (err: Error) => void;
+}
+
+export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> implements StateRelay {
+  private readonly sessions = new Set<Session>();
+  private readonly byGeneration = new Map<Generation, Session>();
+  /** Generations whose processes may connect; `candidate` ones wait for a handover's state. */
+  private readonly generations = new Map<Generation, { candidate: boolean }>();
+  private readonly waiters = new Map<Generation, Array<(s: Session) => void>>();
+  private readonly poller: Poller;
+
+  private constructor(
+    readonly socketPath: string,
+    private readonly fd: number,
+    private readonly maxFrame: number,
+    private readonly log: Logger,
+  ) {
+    super();
+    this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.acceptAll() : log.error({ errno }, 'state socket poll error')));
+    this.poller.start(READABLE);
+  }
+
+  /** Create the state socket (mode 0600, owned by the app's user) and start accepting. */
+  static open(config: StateHandoffConfig, owner: { uid: number; gid: number } | undefined, log: Logger): SrpCoordinator {
+    const socketPath = config.socketPath;
+    fs.mkdirSync(path.dirname(socketPath), { recursive: true, mode: 0o755 });
+    if (fs.existsSync(socketPath)) {
+      if (!fs.lstatSync(socketPath).isSocket()) throw new Error(`state socket ${socketPath} exists and is not a socket`);
+      fs.unlinkSync(socketPath); // left by a previous daemon: the control socket already proved none is alive
+    }
+    const fd = native.listenUnix(socketPath, 128, 0o600);
+    if (owner) fs.chownSync(socketPath, owner.uid, owner.gid);
+    return new SrpCoordinator(socketPath, fd, config.maxFrameBytes, log);
+  }
+
+  onReady(listener: (gen: Generation) => void): void {
+    this.on('ready', listener);
+  }
+
+  /** Let this generation's processes connect. A candidate (a reload's new generation) gets the old state; others get none. */
+  attach(gen: Generation, role: 'fresh' | 'candidate'): void {
+    this.generations.set(gen, { candidate: role === 'candidate' });
+    void gen.exited.then(() => {
+      this.generations.delete(gen);
+      this.waiters.delete(gen);
+      this.byGeneration.get(gen)?.conn.close();
+    });
+  }
+
+  /** No final dump will be asked of this generation: close its connection (the app sees end of file). */
+  release(gen: Generation): void {
+    const session = this.byGeneration.get(gen);
+    if (!session) return;
+    if (session.transfer) this.abort(session.transfer, new Error('generation released'));
+    session.conn.stream.end();
+  }
+
+  handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal): Promise<{ bytes: number }> {
+    return this.waitForSession(next, signal).then((to) => this.transfer(this.liveSession(old), to, false, progress, signal));
+  }
+
+  finalSync(old: Generation, next: Generation, signal: AbortSignal): Promise<{ bytes: number }> {
+    const to = this.liveSession(next);
+    if (!to) return Promise.reject(new Error(`generation ${next.number} has no relay connection`));
+    const from = this.liveSession(old);
+    if (!from) return Promise.reject(new Error(`generation ${old.number} has no relay connection`));
+    return this.transfer(from, to, true, () => undefined, signal);
+  }
+
+  async close(): Promise<void> {
+    this.poller.close();
+    closeQuietly(this.fd);
+    for (const s of this.sessions) s.conn.close();
+    fs.rmSync(this.socketPath, { force: true });
+  }
+
+  // ---- connections -------------------------------------------------------------------------
+
+  private acceptAll(): void {
+    for (;;) {
+      let fd: number;
+      try {
+        fd = native.accept(this.fd);
+      } catch (err) {
+        this.log.warn({ err }, 'state socket: accept failed');
+        return;
+      }
+      if (fd < 0) return;
+      this.admit(fd);
+    }
+  }
+
+  private admit(fd: number): void {
+    const conn = new SrpConnection(fd, this.maxFrame);
+    if (this.sessions.size >= MAX_CONNECTIONS) {
+      conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
+      return;
+    }
+    const session: Session = { conn, gen: null, phase: 'hello', initialAcked: false, transfer: null, helloTimer: null };
+    session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
+    this.sessions.add(session);
+    conn.on('message', (m, fds) => {
+      try {
+        this.onMessage(session, m, fds);
+      } catch (err) {
+        fds.forEach(closeQuietly);
+        if (err instanceof SrpError) conn.fail(err.code, err.message);
+        else throw err;
+      }
+    });
+    conn.on('data', (payload, raw, remaining) => this.onData(session, payload, raw, remaining));
+    conn.on('close', (error) => this.onClose(session, error));
+  }
+
+  private liveSession(gen: Generation): Session | null {
+    const s = this.byGeneration.get(gen);
+    return s && !s.conn.closed ? s : null;
+  }
+
+  private waitForSession(gen: Generation, signal: AbortSignal): Promise<Session> {
+    const existing = this.liveSession(gen);
+    if (existing && existing.phase === 'waiting') return Promise.resolve(existing);
+    return new Promise((resolve, reject) => {
+      const onAbort = (): void => reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
+      if (signal.aborted) return onAbort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      const list = this.waiters.get(gen) ?? [];
+      list.push((s) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(s);
+      });
+      this.waiters.set(gen, list);
+      void gen.exited.then((info) => reject(new Error(`generation ${gen.number} exited (code ${info.code ?? `signal ${info.signal}`}) before it connected to the relay`)));
+    });
+  }
+
+  private onMessage(s: Session, m: Message, fds: number[]): void {
+    if (s.phase === 'hello') return this.onHello(s, m);
+    if (m.op === 'error') {
+      this.log.warn({ generation: s.gen?.number, code: m.code, message: m.message }, 'relay peer reported an error');
+      s.conn.close(new Error(`peer error ${m.code}: ${m.message}`));
+      return;
+    }
+    if (m.op === 'ready') {
+      if (!s.initialAcked) throw new SrpError('unexpected_op', '"ready" before the initial load was acknowledged');
+      this.emit('ready', s.gen!);
+      return;
+    }
+    if (m.op === 'ack' && s.phase === 'load-sent') return this.onLoadAck(s, m.ok, m.error);
+    if (m.op === 'ack' && s.phase === 'dump-requested' && !m.ok) {
+      // The old generation declines to dump: the relay fails, its connection stays.
+      s.phase = 'idle';
+      const t = s.transfer!;
+      s.transfer = null;
+      this.fail(t, new Error(`generation ${s.gen!.number} could not dump its state: ${m.error ?? 'no reason given'}`));
+      return;
+    }
+    if (m.op === 'state' && s.phase === 'dump-requested') return this.onState(s, m, fds);
+    throw new SrpError('unexpected_op', `"${m.op}" is not valid now (${s.phase})`);
+  }
+
+  private onHello(s: Session, m: Message): void {
+    if (m.op !== 'hello') throw new SrpError('unexpected_op', `expected hello, got "${m.op}"`);
+    if (m.v !== 1) throw new SrpError('unsupported_version', `version ${m.v} is not supported; this Aeterna speaks 1`);
+    const peer = native.peerCred(s.conn.stream.fd);
+    const gen = [...this.generations.keys()].find((g) => g.alive && belongsTo(peer.pid, g.pid));
+    if (!gen) {
+      this.log.warn({ peer_pid: peer.pid, peer_uid: peer.uid }, 'relay connection refused: not a process of a managed generation');
+      throw new SrpError('forbidden', `pid ${peer.pid} is not a process of a generation Aeterna runs`);
+    }
+    if (this.liveSession(gen)) throw new SrpError('busy', `generation ${gen.number} already has a relay connection`);
+    clearTimeout(s.helloTimer!);
+    s.helloTimer = null;
+    s.gen = gen;
+    this.byGeneration.set(gen, s);
+    s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame });
+    this.log.debug({ generation: gen.number, peer_pid: peer.pid }, 'relay connection');
+    if (this.generations.get(gen)?.candidate) {
+      s.phase = 'waiting';
+      for (const w of this.waiters.get(gen) ?? []) w(s);
+      this.waiters.delete(gen);
+    } else {
+      s.phase = 'load-sent'; // no previous state for a generation started outside a reload
+      s.conn.send({ op: 'load', size: 0 });
+    }
+  }
+
+  // ---- transfers ---------------------------------------------------------------------------
+
+  private transfer(from: Session | null, to: Session, final: boolean, progress: (p: RelayProgress) => void, signal: AbortSignal): Promise<{ bytes: number }> {
+    return new Promise((resolve, reject) => {
+      if (from && from.phase !== 'idle') {
+        reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
+        return;
+      }
+      const t: Transfer = { from, to, final, total: 0, sent: 0, reported: 0, aborted: false, progress, resolve, reject };
+      const onAbort = (): void => this.abort(t, signal.reason instanceof Error ? signal.reason : new Error('aborted'));
+      if (signal.aborted) return onAbort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      const settle = (): void => signal.removeEventListener('abort', onAbort);
+      t.resolve = (r) => {
+        settle();
+        resolve(r);
+      };
+      t.reject = (err) => {
+        settle();
+        reject(err);
+      };
+      to.transfer = t;
+      if (!from) {
+        // The old generation never connected: there is nothing to relay.
+        this.log.warn({ generation: to.gen!.number }, 'relay: the old generation has no relay connection; the new one starts without state');
+        to.phase = 'load-sent';
+        to.conn.send({ op: 'load', size: 0, ...(final ? { final: true } : {}) });
+        return;
+      }
+      from.transfer = t;
+      from.phase = 'dump-requested';
+      from.conn.send({ op: 'dump', final });
+      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final }, 'relay: dump requested');
+    });
+  }
+
+  private onState(from: Session, m: StateHeader, fds: number[]): void {
+    const t = from.transfer!;
+    if (m.transport === 'memfd') {
+      const memfd = fds[(m.fds ?? []).indexOf('state')];
+      const seals = native.getSeals(memfd);
+      const size = fs.fstatSync(memfd).size;
+      if ((seals & REQUIRED_SEALS) !== REQUIRED_SEALS) throw new SrpError('bad_frame', 'memfd state is not sealed against write, shrink and grow');
+      if (size !== m.size) throw new SrpError('bad_frame', `memfd state has ${size} bytes, ${m.size} announced`);
+    }
+    t.total = m.size;
+    this.log.info({ from: from.gen!.number, to: t.to.gen!.number, size: m.size, transport: m.transport ?? 'stream', fds: (m.fds ?? []).length, final: t.final }, 'relay: state announced');
+    from.phase = m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
+    if (t.aborted) {
+      fds.forEach(closeQuietly);
+      return;
+    }
+    t.to.phase = 'load-sent';
+    const { op: _state, ...fields } = m as StateHeader & { op: string };
+    const header: Message = { ...fields, op: 'load', ...(t.final ? { final: true } : {}) };
+    // Our copies of the fds are closed once the kernel has them on the way to the new generation.
+    t.to.conn.send(header, fds, { closeFds: true });
+    if (from.phase === 'idle') this.report(t, true);
+  }
+
+  private onData(from: Session, payload: Buffer, raw: Buffer, remaining: number): void {
+    const t = from.transfer;
+    if (remaining === 0) from.phase = 'idle';
+    if (!t || t.aborted) {
+      if (remaining === 0) from.transfer = null; // the rest of an abandoned dump was read and dropped
+      return;
+    }
+    t.sent += payload.length;
+    if (!t.to.conn.forward(raw)) {
+      // The new generation reads slower than the old one writes: stop reading until its queue drains.
+      from.conn.pause();
+      t.to.conn.stream.once('drain', () => from.conn.resume());
+    }
+    this.report(t, remaining === 0);
+  }
+
+  private report(t: Transfer, done: boolean): void {
+    if (done || t.sent - t.reported >= PROGRESS_EVERY) {
+      t.reported = t.sent;
+      t.progress({ bytes: t.sent, total: t.total });
+    }
+  }
+
+  private onLoadAck(to: Session, ok: boolean, error: string | undefined): void {
+    to.phase = 'idle';
+    const first = !to.initialAcked;
+    to.initialAcked = true;
+    const t = to.transfer;
+    to.transfer = null;
+    if (!t) {
+      if (!ok) this.log.warn({ generation: to.gen!.number, error }, 'relay: the app refused an empty initial load');
+      else if (first) this.log.debug({ generation: to.gen!.number }, 'relay: initial load acknowledged');
+      return;
+    }
+    const from = t.from;
+    if (from) {
+      from.transfer = null;
+      if (!from.conn.closed) from.conn.send(ok ? { op: 'ack', ok: true } : { op: 'ack', ok: false, error: error ?? 'refused' });
+    }
+    if (ok) t.resolve({ bytes: t.total });
+    else t.reject(new Error(`generation ${to.gen!.number} refused the state: ${error ?? 'no reason given'}`));
+  }
+
+  private onClose(s: Session, error: Error | null): void {
+    if (s.helloTimer) clearTimeout(s.helloTimer);
+    this.sessions.delete(s);
+    if (s.gen && this.byGeneration.get(s.gen) === s) this.byGeneration.delete(s.gen);
+    if (error instanceof SrpError) this.log.warn({ generation: s.gen?.number, code: error.code }, `relay connection closed: ${error.message}`);
+    const t = s.transfer;
+    if (!t) return;
+    const who = t.from === s ? `generation ${s.gen?.number} (old) closed its relay connection` : `generation ${s.gen?.number} (new) closed its relay connection`;
+    this.fail(t, new Error(`${who}${t.from === s && s.phase !== 'idle' ? ' mid-dump' : ''}${error ? `: ${error.message}` : ''}`));
+  }
+
+  /** The relay failed: tell the orchestrator; keep the old generation's connection usable. */
+  private fail(t: Transfer, err: Error): void {
+    if (t.aborted) return;
+    this.abort(t, err);
+  }
+
+  private abort(t: Transfer, err: Error): void {
+    if (t.aborted) return;
+    t.aborted = true;
+    if (t.from) {
+      t.from.conn.resume();
+      if (t.from.phase === 'dump-requested' || t.from.phase === 'idle') t.from.transfer = null;
+      // While 'streaming', the rest of its data is read and dropped (onData), then it is idle again.
+    }
+    if (t.to.transfer === t) {
+      t.to.transfer = null;
+      // A load that had begun cannot be completed: close the new generation's connection rather than leave it desynchronised.
+      if (t.to.phase === 'load-sent' || t.to.phase === 'waiting') t.to.conn.close(new Error(`relay aborted: ${err.message}`));
+    }
+    t.reject(err);
+  }
+}

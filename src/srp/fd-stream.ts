@@ -1,0 +1,180 @@
+// A non-blocking Unix stream socket driven by the addon's Poller, carrying fds
+// (SCM_RIGHTS) with the bytes: node:net cannot pass fds on an ordinary socket.
+// Reads arrive as 'data' (bytes, fds); writes are queued, with a high-water
+// mark for backpressure ('drain'), and each write's fds ride on its first byte.
+import { EventEmitter } from 'node:events';
+import { native, READABLE, WRITABLE, type Poller } from '../native/binding';
+import { closeQuietly, MAX_FDS_PER_FRAME } from './codec';
+
+const READ_CHUNK = 1 << 20;
+/** Reads per poll callback, so one busy peer cannot starve the event loop. */
+const READS_PER_TURN = 16;
+
+interface Pending {
+  data: Buffer;
+  offset: number;
+  fds: number[];
+  /** Close these fds once they are sent (they were ours only to pass on). */
+  closeFds: boolean;
+}
+
+export interface FdStreamEvents {
+  data: [data: Buffer, fds: number[]];
+  end: [];
+  error: [err: Error];
+  drain: [];
+  close: [];
+}
+
+export class FdStream extends EventEmitter<FdStreamEvents> {
+  private readonly poller: Poller;
+  private queue: Pending[] = [];
+  private queued = 0;
+  private reading = true;
+  private closed = false;
+  private ending = false;
+  private chunk = Buffer.allocUnsafe(READ_CHUNK);
+  private watching = 0;
+  /** A write returned false: emit 'drain' once the queue is below the mark again. */
+  private needDrain = false;
+
+  constructor(
+    readonly fd: number,
+    private readonly highWaterMark = 8 << 20,
+  ) {
+    super();
+    this.poller = new native.Poller(fd, (errno, events) => this.onPoll(errno, events));
+    this.update();
+  }
+
+  /** Queue bytes (with fds on their first byte). False when the queue is above the high-water mark. */
+  write(data: Buffer, fds: number[] = [], options: { closeFds?: boolean } = {}): boolean {
+    if (this.closed) {
+      if (options.closeFds) fds.forEach(closeQuietly);
+      return false;
+    }
+    if (fds.length > MAX_FDS_PER_FRAME) throw new RangeError(`at most ${MAX_FDS_PER_FRAME} fds per write`);
+    this.queue.push({ data, offset: 0, fds, closeFds: options.closeFds ?? false });
+    this.queued += data.length;
+    this.flush();
+    if (this.queued < this.highWaterMark) return true;
+    this.needDrain = true;
+    return false;
+  }
+
+  get writableLength(): number {
+    return this.queued;
+  }
+
+  pause(): void {
+    this.reading = false;
+    this.update();
+  }
+
+  resume(): void {
+    if (this.closed || this.reading) return;
+    this.reading = true;
+    this.update();
+  }
+
+  /** Close once everything queued has been sent. */
+  end(): void {
+    this.ending = true;
+    if (this.queue.length === 0) this.close();
+  }
+
+  /** Close now; whatever is still queued is dropped. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.poller.close();
+    for (const p of this.queue) if (p.closeFds && p.offset === 0) p.fds.forEach(closeQuietly);
+    this.queue = [];
+    this.queued = 0;
+    closeQuietly(this.fd);
+    this.emit('close');
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  private update(): void {
+    if (this.closed) return;
+    const events = (this.reading ? READABLE : 0) | (this.queue.length > 0 ? WRITABLE : 0);
+    if (events === this.watching) return;
+    this.watching = events;
+    if (events === 0) this.poller.stop();
+    else this.poller.start(events);
+  }
+
+  private onPoll(errno: number, events: number): void {
+    if (this.closed) return;
+    if (errno !== 0) {
+      this.fail(Object.assign(new Error(`poll error on fd ${this.fd} (errno ${errno})`), { errno }));
+      return;
+    }
+    if (events & WRITABLE) this.flush();
+    if (events & READABLE && this.reading) this.readSome();
+  }
+
+  private readSome(): void {
+    for (let i = 0; i < READS_PER_TURN && this.reading && !this.closed; i++) {
+      let got;
+      try {
+        got = native.recvmsgInto(this.fd, this.chunk, MAX_FDS_PER_FRAME);
+      } catch (err) {
+        this.fail(err as Error);
+        return;
+      }
+      if (got === null) return;
+      if (got.bytes === 0) {
+        this.reading = false;
+        this.update();
+        this.emit('end');
+        return;
+      }
+      let data: Buffer;
+      if (got.bytes >= READ_CHUNK / 2) {
+        // Hand the chunk over and read into a fresh one: no copy for big reads.
+        data = this.chunk.subarray(0, got.bytes);
+        this.chunk = Buffer.allocUnsafe(READ_CHUNK);
+      } else {
+        data = Buffer.from(this.chunk.subarray(0, got.bytes)); // small: copy, keep the chunk
+      }
+      this.emit('data', data, got.fds);
+    }
+  }
+
+  private flush(): void {
+    while (this.queue.length > 0 && !this.closed) {
+      const p = this.queue[0];
+      let n: number;
+      try {
+        n = native.sendmsg(this.fd, p.offset === 0 ? p.data : p.data.subarray(p.offset), p.offset === 0 ? p.fds : []);
+      } catch (err) {
+        this.fail(err as Error);
+        return;
+      }
+      if (n < 0) break; // EAGAIN: wait for WRITABLE
+      if (p.offset === 0 && p.closeFds) p.fds.forEach(closeQuietly); // the kernel holds its own references now
+      p.offset += n;
+      this.queued -= n;
+      if (p.offset < p.data.length) break;
+      this.queue.shift();
+    }
+    this.update();
+    if (this.queue.length === 0 && this.ending) {
+      this.close();
+    } else if (this.needDrain && this.queued < this.highWaterMark) {
+      this.needDrain = false;
+      this.emit('drain');
+    }
+  }
+
+  private fail(err: Error): void {
+    if (this.closed) return;
+    this.emit('error', err);
+    this.close();
+  }
+}
