@@ -47,7 +47,7 @@ export type DumpResult =
   | undefined
   | Buffer
   | string
-  | { data: Buffer | string; encoding?: string; fds?: Record<string, number> }
+  | { data: Buffer | string; encoding?: string; fds?: Record<string, number>; sha256?: string }
   | { memfd: number; encoding?: string; fds?: Record<string, number> }
   | Record<string, unknown>
   | unknown[];
@@ -358,6 +358,7 @@ export class StateClient {
     let data: Buffer | null = null;
     let memfd: number | null = null;
     let extra: Record<string, number> = {};
+    let knownSha: string | undefined;
     if (Buffer.isBuffer(result)) {
       data = result;
     } else if (typeof result === 'string') {
@@ -369,8 +370,9 @@ export class StateClient {
       encoding = r.encoding ?? encoding;
       extra = r.fds ?? {};
     } else if (!Array.isArray(result) && (Buffer.isBuffer((result as { data?: unknown }).data) || typeof (result as { data?: unknown }).data === 'string')) {
-      const r = result as { data: Buffer | string; encoding?: string; fds?: Record<string, number> };
+      const r = result as { data: Buffer | string; encoding?: string; fds?: Record<string, number>; sha256?: string };
       data = Buffer.isBuffer(r.data) ? r.data : Buffer.from(r.data);
+      knownSha = r.sha256; // an app that already has the digest need not hash the state again
       encoding = r.encoding ?? (typeof r.data === 'string' ? 'utf8' : encoding);
       extra = r.fds ?? {};
     } else {
@@ -385,7 +387,7 @@ export class StateClient {
       return;
     }
     const bytes = data!;
-    const header: Message = { op: 'state', encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
+    const header: Message = { op: 'state', encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
     conn.send(header, fds);
     if (bytes.length > 0) conn.sendData(bytes, Math.min(1 << 20, this.maxFrame));
   }

@@ -1,0 +1,223 @@
+// The SRP codec and connection layer: framing across arbitrary read
+// boundaries, limits checked before allocation, fds tied to the frame that
+// names them, and a real socketpair round trip with fds and backpressure.
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import fc from 'fast-check';
+import { FrameDecoder, SrpError, encodeFrame, frameHeader } from '../src/srp/codec';
+import { parseMessage, type Message } from '../src/srp/messages';
+import { SrpConnection } from '../src/srp/connection';
+import { native } from '../src/native/binding';
+import { memfdState } from '../src/client';
+
+function decodeAll(decoder: FrameDecoder): Buffer[] {
+  const out: Buffer[] = [];
+  for (let f = decoder.next(); f !== null; f = decoder.next()) out.push(Buffer.from(f.payload));
+  return out;
+}
+
+function srpCode(fn: () => unknown): string {
+  try {
+    fn();
+  } catch (err) {
+    assert.ok(err instanceof SrpError, `expected an SrpError, got ${String(err)}`);
+    return err.code;
+  }
+  return 'no error';
+}
+
+const openFds = (): number => fs.readdirSync('/proc/self/fd').length;
+
+describe('SRP framing', () => {
+  it('decodes a frame fed one byte at a time', () => {
+    const d = new FrameDecoder(1024);
+    const wire = Buffer.concat([encodeFrame(Buffer.from('hello')), encodeFrame(Buffer.from('world!'))]);
+    const got: Buffer[] = [];
+    for (const byte of wire) {
+      d.push(Buffer.from([byte]));
+      got.push(...decodeAll(d));
+    }
+    assert.deepEqual(got.map(String), ['hello', 'world!']);
+  });
+
+  it('decodes many frames from one read', () => {
+    const d = new FrameDecoder(1024);
+    d.push(Buffer.concat(['a', 'bb', 'ccc'].map((s) => encodeFrame(Buffer.from(s)))));
+    assert.deepEqual(decodeAll(d).map(String), ['a', 'bb', 'ccc']);
+  });
+
+  it('accepts a frame of exactly the limit and refuses limit + 1 as soon as the header is in', () => {
+    const d = new FrameDecoder(16);
+    d.push(encodeFrame(Buffer.alloc(16, 7)));
+    assert.equal(decodeAll(d)[0].length, 16);
+    const big = new FrameDecoder(16 << 20);
+    big.push(frameHeader((16 << 20) + 1)); // no body: refused before a byte of it is buffered
+    assert.equal(srpCode(() => big.next()), 'too_large');
+  });
+
+  it('refuses a 4 GiB length header and a length of 0', () => {
+    const d = new FrameDecoder(16 << 20);
+    d.push(Buffer.from([0xff, 0xff, 0xff, 0xff]));
+    assert.equal(srpCode(() => d.next()), 'too_large');
+    const z = new FrameDecoder(16);
+    z.push(Buffer.from([0, 0, 0, 0]));
+    assert.equal(srpCode(() => z.next()), 'bad_frame');
+  });
+
+  it('property: any frames, split at any points, decode to the same payloads', () => {
+    fc.assert(
+      fc.property(
+        fc.array(fc.uint8Array({ minLength: 1, maxLength: 300 }), { maxLength: 20 }),
+        fc.array(fc.nat(400), { maxLength: 30 }),
+        (payloads, cuts) => {
+          const wire = Buffer.concat(payloads.map((p) => encodeFrame(Buffer.from(p))));
+          const points = [...new Set(cuts.map((c) => c % (wire.length + 1)))].sort((a, b) => a - b);
+          const d = new FrameDecoder(1024);
+          const got: Buffer[] = [];
+          let last = 0;
+          for (const p of [...points, wire.length]) {
+            d.push(wire.subarray(last, p));
+            got.push(...decodeAll(d));
+            last = p;
+          }
+          assert.deepEqual(got.map((b) => b.toString('hex')), payloads.map((p) => Buffer.from(p).toString('hex')));
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
+
+  it('property: random byte streams either decode or fail with an SrpError, never anything else', () => {
+    fc.assert(
+      fc.property(fc.uint8Array({ maxLength: 2000 }), fc.nat(50), (bytes, step) => {
+        const d = new FrameDecoder(512);
+        const wire = Buffer.from(bytes);
+        try {
+          for (let off = 0; off < wire.length; off += step + 1) {
+            d.push(wire.subarray(off, off + step + 1));
+            for (let f = d.next(); f !== null; f = d.next()) {
+              try {
+                parseMessage(f.payload);
+              } catch (err) {
+                if (!(err instanceof SrpError)) throw err;
+              }
+            }
+          }
+        } catch (err) {
+          if (!(err instanceof SrpError)) throw err;
+        }
+      }),
+      { numRuns: 500 },
+    );
+  });
+});
+
+describe('SRP messages', () => {
+  it('refuses invalid UTF-8, invalid JSON, non-objects and unknown ops with the right codes', () => {
+    assert.equal(srpCode(() => parseMessage(Buffer.from([0xff, 0xfe]))), 'bad_json');
+    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":'))), 'bad_json');
+    assert.equal(srpCode(() => parseMessage(Buffer.from('[1,2]'))), 'bad_json');
+    assert.equal(srpCode(() => parseMessage(Buffer.from('{"v":1}'))), 'bad_json');
+    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"teleport"}'))), 'unexpected_op');
+  });
+
+  it('checks state headers field by field', () => {
+    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"state","size":-1}'))), 'bad_json');
+    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"state","size":10,"encoding":"json"}'))), 'bad_json', 'sha256 required for a stream');
+    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"state","size":10,"transport":"memfd"}'))), 'bad_json', 'memfd needs an fd named state');
+    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"state","size":1,"sha256":"XYZ"}'))), 'bad_json');
+    const ok = parseMessage(Buffer.from(`{"op":"state","size":3,"encoding":"json","sha256":"${'a'.repeat(64)}","future_field":1}`));
+    assert.deepEqual(ok, { op: 'state', size: 3, encoding: 'json', sha256: 'a'.repeat(64) });
+  });
+});
+
+describe('SRP fds', () => {
+  it('a frame claims the fds that arrived where it starts; a count mismatch is bad_frame', () => {
+    const d = new FrameDecoder(1024);
+    const frame = encodeFrame(Buffer.from('x'));
+    d.push(frame, [100, 101]);
+    const f = d.next()!;
+    assert.equal(srpCode(() => d.claimFds(f, 1)), 'bad_frame');
+    assert.deepEqual(d.claimFds(f, 2), [100, 101]);
+  });
+
+  it('fds on a frame that names none are bad_frame once that frame is handled', () => {
+    const d = new FrameDecoder(1024);
+    const [a, b] = native.socketpair();
+    d.push(Buffer.concat([encodeFrame(Buffer.from('one')), encodeFrame(Buffer.from('two'))]), [a, b]);
+    const first = d.next()!;
+    d.checkUnclaimed(first); // the fds may still belong to the second frame, which starts in the same bytes
+    const second = d.next()!;
+    assert.equal(srpCode(() => d.checkUnclaimed(second)), 'bad_frame');
+    d.closeUnclaimed();
+  });
+});
+
+describe('SRP connection over a real socketpair', () => {
+  function pair(): [SrpConnection, SrpConnection] {
+    const [a, b] = native.socketpair();
+    return [new SrpConnection(a, 1 << 20), new SrpConnection(b, 1 << 20)];
+  }
+
+  it('carries a state with a sealed memfd and a socket fd, names intact', async () => {
+    const [x, y] = pair();
+    const content = Buffer.from('the state of generation 1');
+    const memfd = memfdState(content);
+    const [s1, s2] = native.socketpair();
+    const got = new Promise<{ m: Message; fds: number[] }>((resolve) => y.once('message', (m, fds) => resolve({ m, fds })));
+    x.send({ op: 'state', size: content.length, encoding: 'text', transport: 'memfd', fds: ['state', 'conn:1'] }, [memfd, s1], { closeFds: true });
+    const { m, fds } = await got;
+    assert.equal(m.op, 'state');
+    assert.equal(fds.length, 2);
+    assert.equal(fs.readFileSync(`/proc/self/fd/${fds[0]}`).toString(), content.toString());
+    fs.writeSync(fds[1], 'ping'); // the passed socket still reaches its peer
+    const peer = Buffer.alloc(4);
+    await new Promise((r) => setTimeout(r, 10));
+    assert.equal(fs.readSync(s2, peer), 4);
+    assert.equal(peer.toString(), 'ping');
+    for (const fd of [...fds, s2]) native.close(fd);
+    x.close();
+    y.close();
+  });
+
+  it('streams 32 MiB of data frames byte-exact with backpressure, and leaks no fd', async () => {
+    const before = openFds();
+    const [x, y] = pair();
+    const data = crypto.randomBytes(32 << 20);
+    const digest = crypto.createHash('sha256');
+    let received = 0;
+    const done = new Promise<void>((resolve) =>
+      y.on('data', (payload, _raw, remaining) => {
+        digest.update(payload);
+        received += payload.length;
+        if (remaining === 0) resolve();
+      }),
+    );
+    const sha = crypto.createHash('sha256').update(data).digest('hex');
+    x.send({ op: 'state', size: data.length, encoding: 'binary', sha256: sha });
+    x.sendData(data, 1 << 20);
+    await done;
+    assert.equal(received, data.length);
+    assert.equal(digest.digest('hex'), sha);
+    x.close();
+    y.close();
+    await new Promise((r) => setTimeout(r, 20));
+    assert.equal(openFds(), before);
+  });
+
+  it('answers garbage with an error frame and closes', async () => {
+    const [a, b] = native.socketpair();
+    const server = new SrpConnection(a, 1024);
+    const closed = new Promise<Error | null>((r) => server.on('close', r));
+    native.sendmsg(b, Buffer.from([0, 0, 0, 3, 0x7b, 0xff, 0x7d]), []);
+    const err = await closed;
+    assert.ok(err instanceof SrpError && err.code === 'bad_json');
+    const reply = Buffer.alloc(256);
+    const n = fs.readSync(b, reply);
+    assert.match(reply.subarray(4, n).toString(), /"op":"error","code":"bad_json"/);
+    native.close(b);
+  });
+});
+

@@ -1,0 +1,268 @@
+// The State Relay end to end: a real daemon, a real app using aeterna/client,
+// real reloads. The app's memory survives; every failure rolls back with the
+// old generation serving and its state intact.
+import { describe, it, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import { spawn } from 'node:child_process';
+import { fixture, freePort } from './helpers/aeterna';
+import { Daemon, type ConfigOptions } from './helpers/daemon';
+
+const APP = [process.execPath, fixture('apps', 'stateful_app.js')];
+const daemons: Daemon[] = [];
+after(() => {
+  for (const d of daemons) if (d.run.child.exitCode === null) d.run.child.kill('SIGKILL');
+});
+
+function request(port: number, method: string, path: string, body?: string, agent: http.Agent | false = false): Promise<{ pid: number; generation: string; history?: string[]; size?: number; sha256?: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port, method, path, agent }, (res) => {
+      let data = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (data += d));
+      res.on('end', () => resolve(JSON.parse(data)));
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+async function started(options: Partial<ConfigOptions> = {}): Promise<{ d: Daemon; port: number }> {
+  const port = options.port ?? (await freePort());
+  const d = new Daemon({ command: APP, port, handoff: true, readiness: '{ mode: "notify", timeout: "90s" }', stopTimeout: '5s', ...options });
+  if (options.handoff === 'LONG') d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "90s" }` });
+  d.start();
+  daemons.push(d);
+  await d.waitStatus((s) => s.state === 'Running');
+  return { d, port };
+}
+
+/** Aeterna's RSS and peak RSS in KiB. */
+function memory(pid: number): { rss: number; hwm: number } {
+  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status)![1]);
+  return { rss: kb('VmRSS'), hwm: kb('VmHWM') };
+}
+
+async function seed(port: number): Promise<string[]> {
+  const messages = ['hello', 'what is a subreaper?', 'and SCM_RIGHTS?'];
+  for (const m of messages) await request(port, 'POST', '/sessions/s1/messages', m);
+  return messages;
+}
+
+describe('state relay', { timeout: 180000 }, () => {
+  it('a JSON state survives an immediate reload byte-exact, served by the new pid', async () => {
+    const { d, port } = await started();
+    const messages = await seed(port);
+    const before = await request(port, 'GET', '/sessions/s1');
+    const r = await d.cli('reload');
+    assert.equal(r.code, 0, r.stderr);
+    const after = await request(port, 'GET', '/sessions/s1');
+    assert.notEqual(after.pid, before.pid);
+    assert.equal(after.generation, '2');
+    assert.deepEqual(after.history, messages);
+    const s = await d.status();
+    assert.ok(s.last_reload && (s.last_reload as unknown as { phases: Array<{ phase: string }> }).phases.some((p) => p.phase === 'relayed'));
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('a binary state of 4 MiB is relayed byte-exact', async () => {
+    const { d, port } = await started({ env: ['STATE_MODE=binary', `BLOB_BYTES=${4 << 20}`] });
+    const before = await request(port, 'GET', '/blob');
+    assert.equal(before.size, 4 << 20);
+    assert.equal((await d.cli('reload')).code, 0);
+    const after = await request(port, 'GET', '/blob');
+    assert.notEqual(after.pid, before.pid);
+    assert.equal(after.sha256, before.sha256);
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('a 256 MiB state streams through Aeterna with its memory bounded', async () => {
+    const { d, port } = await started({ env: ['STATE_MODE=binary', `BLOB_BYTES=${256 << 20}`] });
+    const aeterna = await d.run.aeternaPid();
+    const before = await request(port, 'GET', '/blob');
+    const mem0 = memory(aeterna);
+    const r = await d.cli('reload');
+    assert.equal(r.code, 0, r.stderr);
+    const after = await request(port, 'GET', '/blob');
+    assert.equal(after.sha256, before.sha256);
+    const mem1 = memory(aeterna);
+    const grewMiB = (mem1.hwm - Math.max(mem0.rss, 0)) / 1024;
+    assert.ok(grewMiB < 96, `Aeterna's peak RSS grew by ${grewMiB.toFixed(0)} MiB relaying 256 MiB (window-bounded, not the whole state)`);
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('a 1 GiB memfd state is handed over without passing through Aeterna', async () => {
+    // Generous relay timeout: the new generation reads and hashes the whole GiB before it acks.
+    const { d, port } = await started({ env: ['STATE_MODE=memfd', `BLOB_BYTES=${1 << 30}`], stopTimeout: '20s', handoff: 'LONG' });
+    const aeterna = await d.run.aeternaPid();
+    const before = await request(port, 'GET', '/blob');
+    assert.equal(before.size, 1 << 30);
+    const mem0 = memory(aeterna);
+    const r = await d.cli('reload');
+    assert.equal(r.code, 0, r.stderr);
+    const after = await request(port, 'GET', '/blob');
+    assert.equal(after.size, 1 << 30);
+    assert.equal(after.sha256, before.sha256);
+    assert.ok((memory(aeterna).hwm - mem0.rss) / 1024 < 64, 'the memfd was not read by Aeterna');
+    assert.ok(d.run.logs().some((l) => l.msg === 'relay: state announced' && l.transport === 'memfd' && l.size === 1 << 30));
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('a live TCP connection is handed from the old generation to the new one and still answers', async () => {
+    const { d, port } = await started({ env: ['HANDOFF_CONNS=1'] });
+    const socket = net.connect(port, '127.0.0.1');
+    await new Promise((r) => socket.once('connect', r));
+    const localPort = socket.localPort;
+    const ask = (): Promise<{ pid: number; generation: string }> =>
+      new Promise((resolve) => {
+        let buf = '';
+        const onData = (chunk: Buffer): void => {
+          buf += chunk.toString();
+          const end = buf.indexOf('\r\n\r\n');
+          if (end < 0) return;
+          const length = Number(/content-length: (\d+)/i.exec(buf)![1]);
+          if (buf.length < end + 4 + length) return;
+          socket.off('data', onData);
+          resolve(JSON.parse(buf.slice(end + 4, end + 4 + length)));
+        };
+        socket.on('data', onData);
+        socket.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+      });
+    const first = await ask();
+    assert.equal(first.generation, '1');
+    assert.equal((await d.cli('reload')).code, 0);
+    const second = await ask();
+    assert.equal(second.generation, '2', 'the same connection is now answered by the new generation');
+    assert.notEqual(second.pid, first.pid);
+    assert.equal(socket.localPort, localPort);
+    socket.destroy();
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('the final sync carries a change made after the first dump to the new generation', async () => {
+    const { d, port } = await started({ strategy: 'canary', soak: '10m' });
+    await seed(port);
+    // A keep-alive connection opened now is served by the old generation for as long as it lives.
+    const oldAgent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    const viaOld = await request(port, 'POST', '/sessions/s1/messages', 'before the reload', oldAgent);
+    const reload = d.cli('reload');
+    await d.waitStatus((s) => s.state === 'Soaking');
+    const late = await request(port, 'POST', '/sessions/s1/messages', 'during the soak, on the old generation', oldAgent);
+    assert.equal(late.pid, viaOld.pid, 'the change was made on the old generation, after its first dump');
+    oldAgent.destroy();
+    assert.equal((await d.cli('promote')).code, 0);
+    assert.equal((await reload).code, 0);
+    await d.run.waitFor(/"final":true,"msg":"relay: state announced"/);
+    await d.run.waitFor(/final state sync relayed/);
+    const after = await request(port, 'GET', '/sessions/s1');
+    assert.equal(after.generation, '2');
+    assert.ok(after.history!.includes('during the soak, on the old generation'), JSON.stringify(after.history));
+    assert.equal(await d.stop(), 0);
+  });
+});
+
+describe('state relay failures roll back; the old generation keeps serving with its state', { timeout: 180000 }, () => {
+  async function expectRollback(change: Partial<ConfigOptions>, reason: RegExp): Promise<Daemon> {
+    const { d, port } = await started();
+    if (typeof change.handoff === 'string') change = { ...change, handoff: change.handoff.replace('STATE_SOCK', `${d.dir}/state.sock`) };
+    const messages = await seed(port);
+    const before = await request(port, 'GET', '/sessions/s1');
+    const original = d.options;
+    d.write({ ...original, ...change });
+    const r = await d.cli('reload');
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, reason);
+    const after = await request(port, 'GET', '/sessions/s1');
+    assert.equal(after.pid, before.pid, 'the old generation still serves');
+    assert.deepEqual(after.history, messages, 'its state is intact');
+    const s = await d.status();
+    assert.equal(s.state, 'Running');
+    assert.equal(s.last_reload?.outcome, 'rolled_back');
+    // and the next reload, with a sane version, still relays the state: the old generation's relay connection survived
+    d.write(original);
+    assert.equal((await d.cli('reload')).code, 0);
+    assert.deepEqual((await request(port, 'GET', '/sessions/s1')).history, messages);
+    assert.equal(await d.stop(), 0);
+    return d;
+  }
+
+  it('nack: the new version refuses the state', async () => void await expectRollback({ env: ['NACK=1'] }, /state relay failed: generation 2 refused the state: the app could not load the state: this version refuses every state/));
+
+  it('checksum mismatch: the new generation detects it and refuses', async () => {
+    // The old generation announces a wrong sha256 (BAD_SHA applies to the generation that dumps).
+    const { d, port } = await started({ env: ['BAD_SHA=1'] });
+    const messages = await seed(port);
+    const before = await request(port, 'GET', '/sessions/s1');
+    const r = await d.cli('reload');
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /checksum_mismatch/);
+    const after = await request(port, 'GET', '/sessions/s1');
+    assert.equal(after.pid, before.pid);
+    assert.deepEqual(after.history, messages);
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('relay timeout: a new generation that hangs in its state load', async () =>
+    void await expectRollback({ env: ['HANG_LOAD=1'], handoff: `{ enabled: true, socket_path: "STATE_SOCK", timeout: "1s" }` }, /state relay failed: timed out after 1s/));
+
+  // The peer exits once Aeterna closes on it, so the rollback may be reported as its exit or as the relay failing.
+  const GONE = /state relay failed|exited with code 0 before becoming ready/;
+
+  it('garbage bytes from the new generation: error, closed, rolled back', async () => {
+    const d = await expectRollback({ command: [process.execPath, fixture('apps', 'srp_peer.js'), 'garbage'] }, GONE);
+    assert.ok(d.run.logs().some((l) => /^relay connection closed: /.test(l.msg) && ['bad_frame', 'too_large', 'bad_json'].includes(String(l.code))), 'the garbage was answered with a protocol error');
+  });
+
+  it('an oversized frame from the new generation: error, closed, rolled back', async () => {
+    const d = await expectRollback({ command: [process.execPath, fixture('apps', 'srp_peer.js'), 'oversized'] }, GONE);
+    assert.ok(d.run.logs().some((l) => l.code === 'too_large' && /above the limit of 16777216 bytes/.test(l.msg)));
+  });
+
+  it('the new process killed before its ack', async () => {
+    const { d, port } = await started();
+    const messages = await seed(port);
+    const before = await request(port, 'GET', '/sessions/s1');
+    d.write({ ...d.options, env: ['HANG_LOAD=1'] });
+    const reload = d.cli('reload');
+    const s = await d.waitStatus((st) => st.state === 'Handover' && (st as unknown as { candidate: { pid: number } | null }).candidate !== null);
+    process.kill((s as unknown as { candidate: { pid: number } }).candidate.pid, 'SIGKILL');
+    const r = await reload;
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /killed by SIGKILL before becoming ready|state relay failed/);
+    const after = await request(port, 'GET', '/sessions/s1');
+    assert.equal(after.pid, before.pid);
+    assert.deepEqual(after.history, messages);
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('the old process killed mid-dump: rolled back, never promoted; the app is restarted', async () => {
+    const { d, port } = await started({ env: ['HANG_DUMP=1'] });
+    await seed(port);
+    const before = await d.status();
+    d.write({ ...d.options, env: [] });
+    const reload = d.cli('reload');
+    await d.run.waitFor(/relay: dump requested/);
+    process.kill(before.pid!, 'SIGKILL');
+    const r = await reload;
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /state relay failed: generation 1 \(old\) closed its relay connection mid-dump/);
+    const s = await d.waitStatus((st) => st.state === 'Running' && st.pid !== null);
+    assert.notEqual(s.pid, before.pid);
+    assert.ok(!d.run.logs().some((l) => /promoted/.test(l.msg)));
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('a process that is not a managed generation is refused (forbidden)', async () => {
+    const { d } = await started();
+    const child = spawn(process.execPath, [fixture('apps', 'srp_peer.js'), 'stranger', `${d.dir}/state.sock`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.setEncoding('utf8').on('data', (c: string) => (out += c));
+    await new Promise((r) => child.on('exit', r));
+    assert.match(out, /GOT \{"op":"error","code":"forbidden","message":"pid \d+ is not a process of a generation Aeterna runs"\}/);
+    assert.equal((await d.status()).state, 'Running');
+    assert.equal(await d.stop(), 0);
+  });
+});
