@@ -1,0 +1,859 @@
+"""Aeterna's Python SDK: inherited listeners and the State Relay Protocol (SRP) v1.
+
+One stdlib-only file for Python 3.9+ on Linux. The protocol is described in
+docs/srp.md; this module is its client side:
+
+    import aeterna_client as aeterna
+
+    relay = aeterna.connect()              # a no-op client outside Aeterna
+    state = relay.load()                   # the previous generation's state, or None
+    sessions = state.json() if state else {}
+    relay.on_dump(lambda final: dict(sessions))          # JSON; called from a background thread
+    relay.on_load(lambda s: sessions.update(s.json()))   # the final sync, while serving
+    sock = aeterna.listeners()["http"]
+    ...serve on sock, then relay.ready()...
+    # on SIGTERM: stop accepting, finish in-flight requests, then
+    relay.shutdown()
+
+Threads: load() runs in the caller's thread. After the initial ack a daemon
+thread reads Aeterna's frames: it answers a non-final dump at once (your dump
+callback runs in that thread, so it must be safe to call while you serve) and
+applies the final sync (your load callback, same thread). A final dump
+(Aeterna's SIGTERM path) is left pending for shutdown(), which your SIGTERM
+handling must call once the app has drained: that is what makes the final sync
+include everything the in-flight requests changed. An app that never calls
+shutdown() never answers the final dump; Aeterna then logs the loss after
+state_handoff.timeout and the promotion stands.
+"""
+
+import array
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+__all__ = [
+    "listeners",
+    "connect",
+    "memfd_state",
+    "StateClient",
+    "State",
+    "DumpResult",
+    "RelayError",
+    "PROTOCOL_VERSION",
+]
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+DATA_CHUNK = 1024 * 1024
+MAX_FDS_PER_FRAME = 253
+_HEADER = struct.Struct(">I")
+
+# fcntl constants (Linux); the fcntl module has them since 3.8/3.9, numbers as a fallback.
+F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1024 + 9)
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1024 + 10)
+F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x0001)
+F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x0004)
+F_SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
+_REQUIRED_SEALS = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW
+MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 0x0001)
+MFD_ALLOW_SEALING = getattr(os, "MFD_ALLOW_SEALING", 0x0002)
+_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
+
+
+class RelayError(Exception):
+    """A relay failure. `code` is the protocol's error code when there is one
+    (forbidden, busy, bad_frame, too_large, bad_json, unexpected_op, ...)."""
+
+    def __init__(self, message: str, code: Optional[str] = None):
+        super().__init__(message)
+        self.code = code
+
+
+def _log(message: str) -> None:
+    try:
+        sys.stderr.write("aeterna_client: %s\n" % message)
+        sys.stderr.flush()
+    except Exception:  # stderr closed: nothing to do
+        pass
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- listeners
+
+_listeners_cache: Optional[Dict[str, socket.socket]] = None
+_listeners_lock = threading.Lock()
+
+
+def listeners() -> Dict[str, socket.socket]:
+    """The sockets Aeterna passed (systemd's LISTEN_FDS protocol), by name.
+
+    {} when LISTEN_FDS is absent or LISTEN_PID is not this process. Names come
+    from LISTEN_FDNAMES (":"-separated), "fd3", "fd4", ... where it is missing
+    or has too few entries. The fds are made close-on-exec, as sd_listen_fds
+    does. The result is cached: every call returns the same socket objects (two
+    socket objects on one fd would close it twice).
+    """
+    global _listeners_cache
+    with _listeners_lock:
+        if _listeners_cache is not None:
+            return dict(_listeners_cache)
+        result: Dict[str, socket.socket] = {}
+        pid = os.environ.get("LISTEN_PID")
+        count = os.environ.get("LISTEN_FDS")
+        try:
+            n = int(count) if count is not None else 0
+            mine = pid is not None and int(pid) == os.getpid()
+        except ValueError:
+            n, mine = 0, False
+        if not mine or n <= 0:
+            return {}
+        names = os.environ.get("LISTEN_FDNAMES")
+        name_list = names.split(":") if names else []
+        for i in range(n):
+            fd = 3 + i
+            name = name_list[i] if i < len(name_list) and name_list[i] else "fd%d" % fd
+            if name in result:
+                name = "fd%d" % fd
+            try:
+                os.set_inheritable(fd, False)
+                result[name] = socket.socket(fileno=fd)
+            except OSError as e:
+                _log("LISTEN_FDS: fd %d is not a usable socket: %s" % (fd, e))
+        _listeners_cache = result
+        return dict(result)
+
+
+# --------------------------------------------------------------------------- memfd
+
+
+def memfd_state(data: Union[bytes, bytearray, memoryview], name: str = "aeterna-state") -> int:
+    """A new memfd holding `data`, sealed with F_SEAL_WRITE, F_SEAL_SHRINK,
+    F_SEAL_GROW (and F_SEAL_SEAL). Returns the fd (close-on-exec); hand it to
+    DumpResult(memfd=fd), which closes it once sent."""
+    fd = os.memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data).cast("B")
+        off = 0
+        while off < len(view):
+            off += os.write(fd, view[off:off + 64 * 1024 * 1024])
+        fcntl.fcntl(fd, F_ADD_SEALS, _REQUIRED_SEALS | F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sha256_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    if size > 0:
+        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as m:
+            view = memoryview(m)
+            try:
+                for off in range(0, size, 16 * 1024 * 1024):
+                    h.update(view[off:off + 16 * 1024 * 1024])
+            finally:
+                view.release()
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- values
+
+
+class State:
+    """A state received from the previous generation.
+
+    encoding: the encoding the sender announced (None for an empty state)
+    data:     a bytearray (stream transport, as received: no copy), or a read-only
+              mmap of the memfd (memfd transport); b"" when empty
+    fds:      the other fds that came with it, by name (e.g. "conn:1"); they are
+              yours to use and close
+    final:    True for the final sync (the second load, delivered to on_load)
+    """
+
+    def __init__(self, encoding: Optional[str], data: Any, fds: Dict[str, int], final: bool, transport: str = "stream"):
+        self.encoding = encoding
+        self.data = data
+        self.fds = fds
+        self.final = final
+        self.transport = transport
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def bytes(self) -> bytes:
+        return bytes(self.data)
+
+    def text(self, encoding: str = "utf-8") -> str:
+        return bytes(self.data).decode(encoding)
+
+    def json(self) -> Any:
+        data = self.data if isinstance(self.data, (bytes, bytearray)) else bytes(self.data)
+        return json.loads(data.decode("utf-8"))
+
+    def close(self) -> None:
+        """Unmap a memfd state (the fds in .fds stay yours)."""
+        if isinstance(self.data, mmap.mmap):
+            self.data.close()
+            self.data = b""
+
+    def __repr__(self) -> str:
+        return "State(encoding=%r, size=%d, transport=%s, fds=%r, final=%r)" % (
+            self.encoding, self.size, self.transport, sorted(self.fds), self.final)
+
+
+class DumpResult:
+    """What a dump callback may return, for full control.
+
+    encoding: the state's encoding (the app's business; "json", "protobuf", ...)
+    data:     bytes-like, str (UTF-8) or a JSON-able value (dict/list)
+    fds:      {name: fd} sent along (e.g. {"conn:1": sock.fileno()}); not closed
+              by the SDK: close them yourself once the dump is answered
+    memfd:    an fd from memfd_state(): the memfd transport, no copy; the SDK
+              closes it once sent
+    transport:"memfd" with `data` makes the SDK put data in a memfd for you
+    sha256:   for memfd: None computes it (reads the memfd once), a hex string
+              is sent as is, False omits it (the doc makes it optional for memfd)
+    """
+
+    def __init__(self, encoding: Optional[str] = None, data: Any = None, fds: Optional[Dict[str, int]] = None,
+                 memfd: Optional[int] = None, transport: Optional[str] = None, sha256: Union[None, str, bool] = None):
+        self.encoding = encoding
+        self.data = data
+        self.fds = dict(fds or {})
+        self.memfd = memfd
+        self.transport = transport
+        self.sha256 = sha256
+
+
+def _to_bytes(value: Any, encoding: Optional[str]) -> Tuple[Any, str]:
+    """(bytes-like, encoding) for a dump callback's value."""
+    if isinstance(value, (bytes, bytearray, memoryview, mmap.mmap)):
+        return value, encoding or "binary"
+    if isinstance(value, str):
+        return value.encode("utf-8"), encoding or "text"
+    return json.dumps(value, separators=(",", ":")).encode("utf-8"), encoding or "json"
+
+
+# --------------------------------------------------------------------------- client
+
+
+class _ProtocolError(Exception):
+    """The peer broke the protocol: we send error `code` and close."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class StateClient:
+    """A relay connection (or a no-op stand-in outside Aeterna, when `enabled` is False)."""
+
+    def __init__(self, sock: Optional[socket.socket] = None, generation: Optional[int] = None,
+                 max_frame: int = DEFAULT_MAX_FRAME):
+        self._sock = sock
+        self.generation = generation
+        self.max_frame = max_frame
+        self._wlock = threading.Lock()
+        self._cond = threading.Condition()
+        self._dump_cb: Optional[Callable[[bool], Any]] = None
+        self._load_cb: Optional[Callable[[State], Any]] = None
+        self._loaded = sock is None
+        self._initial: Optional[State] = None
+        self._reader: Optional[threading.Thread] = None
+        self._final_pending = False
+        self._final_sent = False
+        self._final_ack: Optional[dict] = None
+        self._last_ack: Optional[dict] = None
+        self._eof = sock is None
+        self._closed = sock is None
+        self._ready_sent = False
+
+    @property
+    def enabled(self) -> bool:
+        """True when connected to Aeterna's relay."""
+        return self._sock is not None
+
+    @property
+    def last_ack(self) -> Optional[dict]:
+        """The last ack Aeterna relayed for our own state (the new generation's verdict)."""
+        return self._last_ack
+
+    # ------------------------------------------------------------------ public API
+
+    def on_dump(self, callback: Callable[[bool], Any]) -> None:
+        """callback(final) -> bytes | str | JSON-able | DumpResult | None (nothing to hand over).
+        Raising declines the dump (ack ok:false with the message: the reload rolls back).
+        A non-final dump calls it from the relay's thread while the app serves."""
+        self._dump_cb = callback
+
+    def on_load(self, callback: Callable[[State], Any]) -> None:
+        """callback(State) for later loads (the final sync, state.final True), from the
+        relay's thread while serving. Returning acks ok; raising acks ok:false with the message."""
+        self._load_cb = callback
+
+    def load(self, apply: Optional[Callable[[State], Any]] = None, timeout: Optional[float] = None) -> Optional[State]:
+        """Receive the initial load (exactly once, at start-up), verify it and ack it.
+
+        Returns None when there is no previous state (size 0 and no fds) or no relay.
+        With `apply`, apply(state) runs before the ack: if it raises, the state is
+        refused (ack ok:false with the message, the reload rolls back) and the
+        exception propagates. Without it the state is acked as soon as verified.
+        A state that fails verification (size, sha256, seals) is refused and
+        RelayError is raised. timeout=None waits as long as it takes (a reload's
+        state arrives as the old generation produces it).
+        """
+        if self._loaded:
+            return self._initial
+        sock = self._sock
+        assert sock is not None
+        sock.settimeout(timeout)
+        try:
+            try:
+                msg, fds = self._recv_control()
+            except socket.timeout:
+                raise RelayError("no initial load within %ss" % timeout, "timeout")
+            if msg.get("op") == "error":
+                self._eof = True
+                self.close()
+                raise RelayError("aeterna: %s: %s" % (msg.get("code"), msg.get("message")), msg.get("code"))
+            if msg.get("op") != "load":
+                _close_fds(fds)
+                raise _ProtocolError("unexpected_op", "expected the initial load, got %r" % msg.get("op"))
+            state, problem = self._receive_load(msg, fds)
+        except _ProtocolError as e:
+            self._fail(e)
+            raise RelayError(str(e), e.code)
+        except (OSError, EOFError) as e:
+            self._eof = True
+            self.close()
+            raise RelayError("relay connection lost: %s" % e)
+        finally:
+            if self._sock is not None:
+                try:
+                    sock.settimeout(None)
+                except OSError:
+                    pass
+        if problem is not None:
+            try:
+                self._send_control({"op": "ack", "ok": False, "error": problem})
+            except OSError:
+                pass
+            self._loaded = True
+            self._start_reader()
+            raise RelayError(problem, "checksum_mismatch" if problem.startswith("checksum mismatch") else None)
+        if apply is not None and state is not None:
+            try:
+                apply(state)
+            except BaseException as e:
+                try:
+                    self._send_control({"op": "ack", "ok": False, "error": _reason(e)})
+                except OSError:
+                    pass
+                self._loaded = True
+                self._start_reader()
+                raise
+        try:
+            self._send_control({"op": "ack", "ok": True})
+        except OSError as e:
+            self._eof = True
+            self.close()
+            raise RelayError("relay connection lost: %s" % e)
+        self._initial = state
+        self._loaded = True
+        self._start_reader()
+        return state
+
+    def ready(self) -> None:
+        """Tell Aeterna this generation serves ({"op":"ready"}; counts as READY=1).
+        Call it after load(). A no-op without a relay, and after the first call."""
+        if self._sock is None or self._ready_sent or self._closed:
+            return
+        if not self._loaded:
+            raise RuntimeError("aeterna_client: call load() before ready() (ready before the initial ack is a protocol error)")
+        self._ready_sent = True
+        try:
+            self._send_control({"op": "ready"})
+        except OSError as e:
+            _log("could not send ready: %s" % e)
+
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """The SIGTERM path, once the app has drained: answer the final dump if one is
+        pending or arrives before Aeterna closes the connection (calling the dump
+        callback now, in this thread), wait for Aeterna's ack or end of file (at most
+        `timeout` seconds in all), then close. Returns True when a final state was
+        handed over and acked ok, False otherwise. A no-op without a relay."""
+        if self._sock is None:
+            return False
+        if not self._loaded:  # nobody read the initial load: nothing can be asked of us
+            self.close()
+            return False
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (self._final_pending or self._eof or self._closed):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            answer = self._final_pending and not self._eof and not self._closed
+            self._final_pending = False
+        acked = False
+        if answer:
+            sent_state = self._answer_dump(True)
+            if sent_state:
+                with self._cond:
+                    while self._final_ack is None and not self._eof and not self._closed:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    acked = bool(self._final_ack and self._final_ack.get("ok") is True)
+                    if self._final_ack is None:
+                        _log("no ack for the final state before %s" % ("end of file" if self._eof else "the timeout"))
+        self.close()
+        return acked
+
+    def close(self) -> None:
+        """Close the relay connection (idempotent)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(5.0)
+        with self._wlock:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "StateClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ frames
+
+    def _recv_exact_into(self, view: memoryview, fds_out: Optional[List[int]]) -> None:
+        """Fill view from the socket. fds that arrive go to fds_out (None: not allowed)."""
+        sock = self._sock
+        assert sock is not None
+        got = 0
+        while got < len(view):
+            n, anc, flags, _ = sock.recvmsg_into([view[got:]], _ANC_SPACE, _MSG_CMSG_CLOEXEC)
+            received = _fds_from_ancillary(anc)
+            if received:
+                if fds_out is None:
+                    _close_fds(received)
+                    raise _ProtocolError("bad_frame", "file descriptors on bytes that are not the start of a frame")
+                fds_out.extend(received)
+            if flags & socket.MSG_CTRUNC:
+                raise _ProtocolError("bad_frame", "more file descriptors than %d on one frame" % MAX_FDS_PER_FRAME)
+            if n == 0:
+                raise EOFError("end of file")
+            got += n
+
+    def _recv_header(self, limit: Optional[int] = None) -> Tuple[int, List[int]]:
+        """Read one frame header; (length, fds that came with the frame's first bytes).
+        Reads exactly 4 bytes, so a frame's fds can only arrive here (Linux stops a
+        read after the message that carries them)."""
+        header = bytearray(4)
+        fds: List[int] = []
+        try:
+            self._recv_exact_into(memoryview(header), fds)
+        except BaseException:
+            _close_fds(fds)
+            raise
+        (length,) = _HEADER.unpack(header)
+        try:
+            if length == 0:
+                raise _ProtocolError("bad_frame", "a frame of length 0")
+            max_frame = self.max_frame if limit is None else limit
+            if length > max_frame:
+                raise _ProtocolError("too_large", "a frame of %d bytes, above max_frame %d" % (length, max_frame))
+        except _ProtocolError:
+            _close_fds(fds)
+            raise
+        return length, fds
+
+    def _recv_control(self) -> Tuple[dict, List[int]]:
+        length, fds = self._recv_header()
+        try:
+            body = bytearray(length)
+            self._recv_exact_into(memoryview(body), None)
+            try:
+                msg = json.loads(body.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                raise _ProtocolError("bad_json", "a control frame that is not UTF-8 JSON")
+            if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+                raise _ProtocolError("bad_json", "a control frame that is not a JSON object with an op")
+        except BaseException:
+            _close_fds(fds)
+            raise
+        return msg, fds
+
+    def _receive_load(self, msg: dict, fds: List[int]) -> Tuple[Optional[State], Optional[str]]:
+        """Read a load's data (or map its memfd) and verify it. Returns (state, None), or
+        (None, why) when the state must be refused with an ack ok:false. Raises
+        _ProtocolError for a malformed load (error + close)."""
+        names = msg.get("fds", [])
+        owned = list(fds)
+        try:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise _ProtocolError("bad_frame", "load: fds is not a list of names")
+            if len(names) != len(fds):
+                raise _ProtocolError("bad_frame", "load: %d fds named, %d received" % (len(names), len(fds)))
+            size = msg.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise _ProtocolError("bad_frame", "load: size is not a non-negative integer")
+            transport = msg.get("transport", "stream")
+            named = dict(zip(names, fds))
+            final = msg.get("final") is True
+            encoding = msg.get("encoding")
+            sha = msg.get("sha256")
+            if transport == "memfd":
+                if "state" not in named:
+                    raise _ProtocolError("bad_frame", "load: memfd transport without an fd named \"state\"")
+                memfd = named.pop("state")
+                try:
+                    data, problem = _map_memfd(memfd, size, sha)
+                finally:
+                    os.close(memfd)
+                    owned.remove(memfd)
+                if problem is not None:
+                    return None, problem
+            elif transport == "stream":
+                data = bytearray(size) if size else b""
+                if size:
+                    view = memoryview(data)
+                    got = 0
+                    while got < size:
+                        length, extra = self._recv_header()
+                        if extra:
+                            _close_fds(extra)
+                            raise _ProtocolError("bad_frame", "fds on a data frame")
+                        if length > size - got:
+                            raise _ProtocolError("bad_frame", "data frames exceed the announced size %d" % size)
+                        self._recv_exact_into(view[got:got + length], None)
+                        got += length
+                    view.release()
+                if size or sha is not None:
+                    if not isinstance(sha, str):
+                        return None, "checksum mismatch: no sha256 announced"
+                    actual = hashlib.sha256(data).hexdigest()
+                    if actual != sha.lower():
+                        return None, "checksum mismatch: announced sha256 %s, received %s (%d bytes)" % (sha, actual, size)
+                # bytearray as received (no copy of a large state)
+            else:
+                raise _ProtocolError("bad_frame", "load: unknown transport %r" % transport)
+            owned = []  # the named fds now belong to the State
+            if size == 0 and not named and transport == "stream":
+                return None, None
+            return State(encoding, data, named, final, transport), None
+        finally:
+            _close_fds(owned)
+
+    def _send_frames(self, first: bytes, fds: Optional[List[int]] = None, data: Any = None) -> None:
+        """Send one control frame (fds attached to its header, in a sendmsg of its own)
+        and then `data` as data frames, without another frame in between."""
+        sock = self._sock
+        if sock is None:
+            return
+        with self._wlock:
+            header = _HEADER.pack(len(first))
+            if fds:
+                sent = sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+                if sent < len(header):
+                    sock.sendall(header[sent:])
+                sock.sendall(first)
+            else:
+                sock.sendall(header + first)
+            if data is not None:
+                view = memoryview(data).cast("B")
+                chunk = max(1, min(DATA_CHUNK, self.max_frame))
+                for off in range(0, len(view), chunk):
+                    piece = view[off:off + chunk]
+                    sock.sendall(_HEADER.pack(len(piece)))
+                    sock.sendall(piece)
+
+    def _send_control(self, msg: dict, fds: Optional[List[int]] = None) -> None:
+        self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds)
+
+    def _fail(self, e: _ProtocolError) -> None:
+        _log("protocol error from aeterna (%s): %s" % (e.code, e))
+        try:
+            self._send_control({"op": "error", "code": e.code, "message": str(e)})
+        except OSError:
+            pass
+        self._eof = True
+        self.close()
+
+    # ------------------------------------------------------------------ dump
+
+    def _answer_dump(self, final: bool) -> bool:
+        """Call the dump callback and send its state (or the decline). True when a state was sent."""
+        cb = self._dump_cb
+        try:
+            value = cb(final) if cb is not None else None
+            msg, fds, data, memfd = _prepare_state(value)
+        except BaseException as e:
+            _log("no state to hand over, the dump is declined: %s" % _reason(e))
+            try:
+                self._send_control({"op": "ack", "ok": False, "error": _reason(e)})
+            except OSError as e2:
+                _log("could not decline the dump: %s" % e2)
+            return False
+        if final:
+            with self._cond:  # before sending: Aeterna's ack may come back before _send_frames returns
+                self._final_sent = True
+        try:
+            self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data)
+        except OSError as e:
+            _log("could not send the state: %s" % e)
+            return False
+        finally:
+            if memfd is not None:
+                os.close(memfd)
+        return True
+
+    # ------------------------------------------------------------------ reader thread
+
+    def _start_reader(self) -> None:
+        if self._reader is not None or self._closed:
+            return
+        self._reader = threading.Thread(target=self._read_loop, name="aeterna-relay", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self) -> None:
+        try:
+            while not self._closed:
+                msg, fds = self._recv_control()
+                op = msg.get("op")
+                if op == "dump":
+                    if fds:
+                        _close_fds(fds)
+                        raise _ProtocolError("bad_frame", "fds on a dump frame")
+                    if msg.get("final") is True:
+                        with self._cond:
+                            self._final_pending = True
+                            self._cond.notify_all()
+                    else:
+                        self._answer_dump(False)
+                elif op == "load":
+                    state, problem = self._receive_load(msg, fds)
+                    if problem is not None:
+                        _log("refused a load: %s" % problem)
+                        self._send_control({"op": "ack", "ok": False, "error": problem})
+                        continue
+                    self._deliver_load(state)
+                elif op == "ack":
+                    _close_fds(fds)
+                    if fds:
+                        raise _ProtocolError("bad_frame", "fds on an ack frame")
+                    with self._cond:
+                        self._last_ack = msg
+                        if self._final_sent:
+                            self._final_ack = msg
+                        self._cond.notify_all()
+                    if msg.get("ok") is not True:
+                        _log("the new generation refused our state: %s" % msg.get("error"))
+                elif op == "error":
+                    _close_fds(fds)
+                    _log("aeterna closed the relay: %s: %s" % (msg.get("code"), msg.get("message")))
+                    break
+                else:
+                    _close_fds(fds)
+                    raise _ProtocolError("unexpected_op", "unexpected op %r" % op)
+        except _ProtocolError as e:
+            if not self._closed:
+                self._fail(e)
+        except (OSError, EOFError, ValueError):
+            pass  # end of file, or close() shut the socket down
+        finally:
+            with self._cond:
+                self._eof = True
+                self._cond.notify_all()
+            if not self._closed:
+                # Aeterna closed: nothing more will be asked. Keep the object usable as a no-op.
+                self.close()
+
+    def _deliver_load(self, state: Optional[State]) -> None:
+        if state is None:
+            self._send_control({"op": "ack", "ok": True})
+            return
+        cb = self._load_cb
+        if cb is None:
+            _close_fds(state.fds.values())
+            state.close()
+            self._send_control({"op": "ack", "ok": False, "error": "no on_load callback registered for a later load"})
+            return
+        try:
+            cb(state)
+        except BaseException as e:
+            _log("the load callback failed: %s" % _reason(e))
+            self._send_control({"op": "ack", "ok": False, "error": _reason(e)})
+            return
+        self._send_control({"op": "ack", "ok": True})
+
+
+def _prepare_state(value: Any) -> Tuple[dict, List[int], Any, Optional[int]]:
+    """(state message, fds for its header, data for data frames or None, memfd to close
+    once sent) for a dump callback's value. Raises when the value cannot be sent."""
+    if value is None:
+        return {"op": "state", "size": 0}, [], None, None
+    if not isinstance(value, DumpResult):
+        value = DumpResult(data=value)
+    names = list(value.fds.keys())
+    fds = [value.fds[n] for n in names]
+    if "state" in names:
+        if value.memfd is not None:
+            os.close(value.memfd)
+        raise ValueError('the fd name "state" is reserved for the memfd transport')
+    memfd = value.memfd
+    encoding = value.encoding
+    if memfd is None and value.transport == "memfd":
+        data, encoding = _to_bytes(value.data if value.data is not None else b"", value.encoding)
+        memfd = memfd_state(data)
+    if memfd is not None:
+        try:
+            size = os.fstat(memfd).st_size
+            seals = fcntl.fcntl(memfd, F_GET_SEALS)
+            if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
+                raise ValueError("the memfd is not sealed with F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW (use memfd_state())")
+            if len(fds) + 1 > MAX_FDS_PER_FRAME:
+                raise ValueError("more than %d fds on one frame" % MAX_FDS_PER_FRAME)
+            msg: Dict[str, Any] = {"op": "state", "encoding": encoding or "binary", "size": size, "transport": "memfd"}
+            if value.sha256 is None:
+                msg["sha256"] = _sha256_fd(memfd, size)
+            elif isinstance(value.sha256, str):
+                msg["sha256"] = value.sha256.lower()
+            msg["fds"] = ["state"] + names
+        except BaseException:
+            os.close(memfd)  # the SDK owns a memfd handed to it, sent or not
+            raise
+        return msg, [memfd] + fds, None, memfd
+    data, encoding = _to_bytes(value.data if value.data is not None else b"", value.encoding)
+    if len(fds) > MAX_FDS_PER_FRAME:
+        raise ValueError("more than %d fds on one frame" % MAX_FDS_PER_FRAME)
+    view = memoryview(data).cast("B")
+    if len(view) == 0 and not fds:
+        return {"op": "state", "size": 0}, [], None, None
+    msg = {"op": "state", "encoding": encoding, "size": len(view), "sha256": hashlib.sha256(view).hexdigest()}
+    if names:
+        msg["fds"] = names
+    return msg, fds, (view if len(view) else None), None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    return "%s: %s" % (type(e).__name__, text) if text else type(e).__name__
+
+
+def _fds_from_ancillary(anc) -> List[int]:
+    fds: List[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[: len(data) - (len(data) % a.itemsize)])
+            fds.extend(a)
+    return fds
+
+
+def _map_memfd(fd: int, size: int, sha: Any) -> Tuple[Any, Optional[str]]:
+    """(read-only mapping or b"", None), or (None, why) when the memfd must be refused."""
+    try:
+        actual_size = os.fstat(fd).st_size
+        seals = fcntl.fcntl(fd, F_GET_SEALS)
+    except OSError as e:
+        return None, "bad memfd: %s" % e
+    if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
+        return None, "bad memfd: not sealed with F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW"
+    if actual_size != size:
+        return None, "size mismatch: the memfd holds %d bytes, %d announced" % (actual_size, size)
+    data: Any = b""
+    if size:
+        data = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    if sha is not None:
+        actual = hashlib.sha256(data).hexdigest() if size else hashlib.sha256(b"").hexdigest()
+        if not isinstance(sha, str) or actual != sha.lower():
+            if size:
+                data.close()
+            return None, "checksum mismatch: announced sha256 %s, memfd holds %s (%d bytes)" % (sha, actual, size)
+    return data, None
+
+
+def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
+    """Connect to Aeterna's state relay and do the handshake.
+
+    path defaults to $LIVERELAY_STATE_SOCK; without either, returns a no-op client
+    (load() -> None, everything else does nothing), so the app runs the same outside
+    Aeterna. Raises RelayError when the relay is configured but the handshake fails
+    (e.g. code "forbidden" or "busy"); `timeout` bounds the connect and handshake.
+    """
+    if path is None:
+        path = os.environ.get("LIVERELAY_STATE_SOCK") or None
+    if not path:
+        return StateClient(None)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = StateClient(sock)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        client._send_control({"op": "hello", "v": PROTOCOL_VERSION})
+        msg, fds = client._recv_control()
+        _close_fds(fds)
+        if fds:
+            raise _ProtocolError("bad_frame", "fds on a welcome frame")
+        if msg.get("op") == "error":
+            raise RelayError("aeterna refused the relay connection: %s: %s" % (msg.get("code"), msg.get("message")), msg.get("code"))
+        if msg.get("op") != "welcome":
+            raise _ProtocolError("unexpected_op", "expected welcome, got %r" % msg.get("op"))
+        if msg.get("v") != PROTOCOL_VERSION:
+            raise _ProtocolError("unsupported_version", "welcome with v=%r" % msg.get("v"))
+        generation = msg.get("generation")
+        max_frame = msg.get("max_frame")
+        client.generation = generation if isinstance(generation, int) else None
+        if isinstance(max_frame, int) and max_frame > 0:
+            client.max_frame = max_frame
+        sock.settimeout(None)
+        return client
+    except _ProtocolError as e:
+        client._fail(e)
+        raise RelayError(str(e), e.code)
+    except socket.timeout:
+        client.close()
+        raise RelayError("no welcome from %s within %ss" % (path, timeout), "timeout")
+    except (OSError, EOFError) as e:
+        client.close()
+        raise RelayError("cannot connect to the state relay at %s: %s" % (path, e))
+    except BaseException:
+        client.close()
+        raise

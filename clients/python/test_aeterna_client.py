@@ -1,0 +1,734 @@
+"""Unit tests of aeterna_client against a fake Aeterna that speaks docs/srp.md.
+
+Run from the repo root:  python3 -m unittest -v clients/python/test_aeterna_client.py
+(stdlib unittest only).
+"""
+
+import array
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import aeterna_client as aeterna  # noqa: E402
+
+SEALS = aeterna.F_SEAL_WRITE | aeterna.F_SEAL_SHRINK | aeterna.F_SEAL_GROW
+
+
+def sha(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+def make_memfd(data, seal=True):
+    fd = os.memfd_create("fake", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    if seal:
+        fcntl.fcntl(fd, aeterna.F_ADD_SEALS, SEALS)
+    return fd
+
+
+class Fake:
+    """One side of the relay, as Aeterna: a listening unix socket in a temp dir; the
+    scenario runs in a thread (fake.run(script)); fake.join() re-raises its failures."""
+
+    def __init__(self, max_frame=16 * 1024 * 1024, generation=2):
+        self.dir = tempfile.mkdtemp(prefix="aeterna-py-")
+        self.path = os.path.join(self.dir, "state.sock")
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(self.path)
+        self.srv.listen(4)
+        self.srv.settimeout(10)
+        self.max_frame = max_frame
+        self.generation = generation
+        self.conn = None
+        self.error = None
+        self.thread = None
+        self.events = []  # what the scenario saw, for the test to assert on
+
+    # -- wire
+    def send_raw(self, data, fds=None, bytewise=False):
+        if bytewise:
+            for i in range(len(data)):
+                if i == 0 and fds:
+                    self.conn.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+                else:
+                    self.conn.sendall(data[i:i + 1])
+                if i % 7 == 0:
+                    time.sleep(0.0005)
+            return
+        if fds:
+            self.conn.sendmsg([data[:4]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+            self.conn.sendall(data[4:])
+        else:
+            self.conn.sendall(data)
+
+    def send(self, msg, fds=None, bytewise=False):
+        body = msg if isinstance(msg, (bytes, bytearray)) else json.dumps(msg).encode()
+        self.send_raw(struct.pack(">I", len(body)) + body, fds, bytewise)
+
+    def _recv_exact(self, n, fds):
+        buf = b""
+        while len(buf) < n:
+            data, anc, flags, _ = self.conn.recvmsg(n - len(buf), socket.CMSG_SPACE(253 * 4))
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds.extend(a)
+            if not data:
+                raise EOFError("client closed")
+            buf += data
+        return buf
+
+    def recv_frame(self):
+        """(raw body, fds)."""
+        fds = []
+        (n,) = struct.unpack(">I", self._recv_exact(4, fds))
+        assert n > 0
+        late = []
+        body = self._recv_exact(n, late)
+        assert not late, "fds must ride on the frame's header (docs/srp.md), they came with its body"
+        return body, fds
+
+    def recv(self):
+        body, fds = self.recv_frame()
+        return json.loads(body), fds
+
+    def recv_json(self):
+        msg, fds = self.recv()
+        assert not fds, "unexpected fds on %r" % msg
+        return msg
+
+    def recv_state(self):
+        """A state frame and its data: (msg, data bytes, fds, number of data frames)."""
+        msg, fds = self.recv()
+        assert msg["op"] == "state", msg
+        data = b""
+        frames = 0
+        while len(data) < msg["size"] and msg.get("transport", "stream") == "stream":
+            chunk, extra = self.recv_frame()
+            assert not extra
+            assert len(chunk) <= self.max_frame
+            data += chunk
+            frames += 1
+        return msg, data, fds, frames
+
+    def send_load(self, data, encoding="json", bytewise=False, **extra):
+        msg = {"op": "load", "encoding": encoding, "size": len(data), "sha256": sha(data)}
+        msg.update(extra)
+        self.send(msg, bytewise=bytewise)
+        for off in range(0, len(data), 5):
+            self.send(data[off:off + 5], bytewise=bytewise)
+
+    def handshake(self, load=None, expect_ack=True):
+        self.conn, _ = self.srv.accept()
+        self.conn.settimeout(10)
+        hello = self._recv_exact(24, [])
+        self.events.append(("hello", hello))
+        self.send({"op": "welcome", "v": 1, "generation": self.generation, "max_frame": self.max_frame})
+        if load is None:
+            self.send({"op": "load", "size": 0})
+        else:
+            load()
+        if expect_ack:
+            ack = self.recv_json()
+            self.events.append(("ack", ack))
+            return ack
+
+    # -- scenario thread
+    def run(self, script):
+        def target():
+            try:
+                script(self)
+            except BaseException as e:  # reported by join()
+                self.error = e
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        return self
+
+    def join(self, timeout=15):
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise AssertionError("the fake Aeterna's scenario did not finish")
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        for s in (self.conn, self.srv):
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        try:
+            os.unlink(self.path)
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
+
+class RelayTest(unittest.TestCase):
+    def fake(self, **kw):
+        f = Fake(**kw)
+        self.addCleanup(f.close)
+        return f
+
+    def client(self, fake, **kw):
+        c = aeterna.connect(fake.path, **kw)
+        self.addCleanup(c.close)
+        return c
+
+    def test_handshake_bytes_and_empty_load(self):
+        f = self.fake(generation=7)
+
+        def script(f):
+            f.handshake()
+            f.events.append(("ready", f.recv_json()))
+            f.conn.close()  # end of file: no final dump will be asked
+
+        f.run(script)
+        c = self.client(f)
+        self.assertTrue(c.enabled)
+        self.assertEqual(c.generation, 7)
+        self.assertIsNone(c.load())
+        c.ready()
+        t0 = time.monotonic()
+        self.assertFalse(c.shutdown(timeout=10))
+        self.assertLess(time.monotonic() - t0, 5, "shutdown returns at end of file, not at its timeout")
+        f.join()
+        self.assertEqual(f.events[0], ("hello", b"\x00\x00\x00\x14" + b'{"op":"hello","v":1}'))
+        self.assertEqual(f.events[1], ("ack", {"op": "ack", "ok": True}))
+        self.assertEqual(f.events[2], ("ready", {"op": "ready"}))
+
+    def test_json_load_is_verified_and_acked(self):
+        f = self.fake()
+        data = b'{"sessions":[42]}'
+        f.run(lambda f: f.handshake(load=lambda: f.send_load(data)))
+        c = self.client(f)
+        s = c.load()
+        f.join()
+        self.assertEqual(f.events[-1], ("ack", {"op": "ack", "ok": True}))
+        self.assertEqual(s.encoding, "json")
+        self.assertEqual(s.json(), {"sessions": [42]})
+        self.assertEqual(s.transport, "stream")
+        self.assertFalse(s.final)
+        self.assertIs(c.load(), s, "load() is the initial load, once")
+
+    def test_wrong_sha256_is_refused_naming_the_mismatch(self):
+        f = self.fake()
+        data = b'{"a":1}'
+
+        def load():
+            f.send({"op": "load", "encoding": "json", "size": len(data), "sha256": sha(b"other")})
+            f.send(data)
+
+        f.run(lambda f: f.handshake(load=load))
+        c = self.client(f)
+        with self.assertRaises(aeterna.RelayError) as cm:
+            c.load()
+        f.join()
+        self.assertEqual(cm.exception.code, "checksum_mismatch")
+        ack = f.events[-1][1]
+        self.assertIs(ack["ok"], False)
+        self.assertTrue(ack["error"].startswith("checksum mismatch: "), ack)
+        self.assertIn(sha(b"other"), ack["error"])
+
+    def test_apply_that_raises_nacks_and_propagates(self):
+        f = self.fake()
+        f.run(lambda f: f.handshake(load=lambda: f.send_load(b'{"v":2}')))
+        c = self.client(f)
+
+        def apply(state):
+            raise ValueError("schema v2 not supported")
+
+        with self.assertRaises(ValueError):
+            c.load(apply=apply)
+        f.join()
+        self.assertEqual(f.events[-1][1], {"op": "ack", "ok": False, "error": "ValueError: schema v2 not supported"})
+
+    def test_memfd_load(self):
+        f = self.fake()
+        data = os.urandom(300000)
+
+        def load():
+            fd = make_memfd(data)
+            f.send({"op": "load", "encoding": "raw", "size": len(data), "sha256": sha(data), "transport": "memfd", "fds": ["state"]}, fds=[fd])
+            os.close(fd)
+
+        f.run(lambda f: f.handshake(load=load))
+        c = self.client(f)
+        s = c.load()
+        f.join()
+        self.assertEqual(f.events[-1][1], {"op": "ack", "ok": True})
+        self.assertEqual(s.transport, "memfd")
+        self.assertEqual(s.size, len(data))
+        self.assertEqual(bytes(s.data), data)
+        self.assertEqual(s.fds, {}, "the memfd is the data, not one of the app's fds")
+        s.close()
+
+    def test_memfd_load_unsealed_or_wrong_size_or_wrong_sha_is_refused(self):
+        data = b"x" * 1000
+        cases = [
+            (make_memfd, dict(seal=False), {}, "not sealed"),
+            (make_memfd, {}, {"size": 999}, "size mismatch"),
+            (make_memfd, {}, {"sha256": sha(b"y")}, "checksum mismatch: "),
+        ]
+        for mk, mkargs, override, needle in cases:
+            with self.subTest(needle=needle):
+                f = self.fake()
+
+                def load():
+                    fd = mk(data, **mkargs)
+                    msg = {"op": "load", "encoding": "raw", "size": len(data), "transport": "memfd", "fds": ["state"]}
+                    msg.update(override)
+                    f.send(msg, fds=[fd])
+                    os.close(fd)
+
+                f.run(lambda f: f.handshake(load=load))
+                c = self.client(f)
+                with self.assertRaises(aeterna.RelayError):
+                    c.load()
+                f.join()
+                ack = f.events[-1][1]
+                self.assertIs(ack["ok"], False)
+                self.assertIn(needle, ack["error"])
+
+    def test_dump_streams_data_frames_byte_exact(self):
+        f = self.fake(max_frame=4096)
+        payload = os.urandom(20000)
+
+        def script(f):
+            f.handshake()
+            f.send({"op": "dump", "final": False})
+            msg, data, fds, frames = f.recv_state()
+            f.events.append(("state", msg, data, fds, frames))
+            f.send({"op": "ack", "ok": True})
+            f.send({"op": "dump", "final": False})
+            f.events.append(("state2", f.recv_state()))
+            f.send({"op": "ack", "ok": False, "error": "nope"})
+            f.conn.close()
+
+        called = []
+        f.run(script)
+        c = self.client(f)
+        c.on_dump(lambda final: called.append((final, threading.current_thread().name)) or (payload if len(called) == 1 else {"k": [1, 2]}))
+        c.load()
+        f.join()
+        _, msg, data, fds, frames = f.events[2]
+        self.assertEqual(msg, {"op": "state", "encoding": "binary", "size": 20000, "sha256": sha(payload)})
+        self.assertEqual(data, payload)
+        self.assertEqual(fds, [])
+        self.assertGreaterEqual(frames, 5, "cut into frames no larger than max_frame")
+        msg2, data2, _, _ = f.events[3][1]
+        self.assertEqual(msg2["encoding"], "json")
+        self.assertEqual(json.loads(data2), {"k": [1, 2]})
+        self.assertEqual([x[0] for x in called], [False, False])
+        self.assertNotEqual(called[0][1], threading.current_thread().name, "a non-final dump is answered by the relay thread")
+        deadline = time.monotonic() + 5
+        while (c.last_ack or {}).get("ok") is not False and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(c.last_ack, {"op": "ack", "ok": False, "error": "nope"})
+
+    def test_dump_without_callback_or_with_none_is_size_0_and_raising_declines(self):
+        f = self.fake()
+
+        def script(f):
+            f.handshake()
+            f.send({"op": "dump", "final": False})
+            f.events.append(f.recv_json())
+            f.send({"op": "dump", "final": False})
+            f.events.append(f.recv_json())
+
+        f.run(script)
+        c = self.client(f)
+        calls = []
+
+        def cb(final):
+            calls.append(final)
+            if len(calls) == 2:
+                raise RuntimeError("busy")
+            return None
+
+        c.on_dump(cb)
+        c.load()
+        f.join()
+        self.assertEqual(f.events[2], {"op": "state", "size": 0})
+        self.assertEqual(f.events[3], {"op": "ack", "ok": False, "error": "RuntimeError: busy"})
+
+    def test_dump_answered_with_a_sealed_memfd(self):
+        f = self.fake()
+        payload = os.urandom(100000)
+
+        def script(f):
+            f.handshake()
+            f.send({"op": "dump", "final": False})
+            msg, fds = f.recv()
+            f.events.append((msg, fds))
+            fd = fds[0]
+            f.events.append((fcntl.fcntl(fd, aeterna.F_GET_SEALS), os.fstat(fd).st_size, os.pread(fd, len(payload) + 10, 0)))
+            os.close(fd)
+
+        f.run(script)
+        c = self.client(f)
+        c.on_dump(lambda final: aeterna.DumpResult(encoding="pickle", memfd=aeterna.memfd_state(payload)))
+        c.load()
+        f.join()
+        msg, fds = f.events[2]
+        self.assertEqual(len(fds), 1)
+        self.assertEqual(msg, {"op": "state", "encoding": "pickle", "size": len(payload), "transport": "memfd", "fds": ["state"], "sha256": sha(payload)})
+        seals, size, content = f.events[3]
+        self.assertEqual(seals & SEALS, SEALS)
+        self.assertEqual(size, len(payload))
+        self.assertEqual(content, payload)
+
+    def test_live_connection_fds_both_ways(self):
+        f = self.fake()
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        x, y = socket.socketpair()
+        self.addCleanup(y.close)
+
+        def script(f):
+            def load():
+                data = b'{"conns":["conn:9"]}'
+                f.send({"op": "load", "encoding": "json", "size": len(data), "sha256": sha(data), "fds": ["conn:9"]}, fds=[x.fileno()])
+                f.send(data)
+                x.close()
+            f.handshake(load=load)
+            f.send({"op": "dump", "final": False})
+            msg, data, fds, _ = f.recv_state()
+            f.events.append((msg, data, len(fds)))
+            with socket.socket(fileno=fds[0]) as conn:
+                conn.sendall(b"ping from the new generation")
+
+        f.run(script)
+        c = self.client(f)
+        c.on_dump(lambda final: aeterna.DumpResult(encoding="json", data={"conns": ["conn:1"]}, fds={"conn:1": a.fileno()}))
+        s = c.load()
+        self.assertEqual(list(s.fds), ["conn:9"])
+        with socket.socket(fileno=s.fds["conn:9"]) as conn:
+            conn.sendall(b"hi")
+            self.assertEqual(y.recv(10), b"hi")
+        f.join()
+        msg, data, nfds = f.events[2]
+        self.assertEqual(msg["fds"], ["conn:1"])
+        self.assertEqual(nfds, 1)
+        self.assertEqual(json.loads(data), {"conns": ["conn:1"]})
+        b.settimeout(5)
+        self.assertEqual(b.recv(100), b"ping from the new generation")
+
+    def test_frames_split_across_reads_byte_by_byte(self):
+        f = self.fake()
+        data = json.dumps({"k": "v" * 300}).encode()
+        x, y = socket.socketpair()
+        self.addCleanup(y.close)
+
+        def load():
+            f.send({"op": "load", "encoding": "json", "size": len(data), "sha256": sha(data), "fds": ["conn:1"]}, fds=[x.fileno()], bytewise=True)
+            x.close()
+            for off in range(0, len(data), 100):
+                f.send(data[off:off + 100], bytewise=True)
+
+        def script(f):
+            f.conn, _ = f.srv.accept()
+            f.conn.settimeout(10)
+            f.recv_json()
+            f.send({"op": "welcome", "v": 1, "generation": 3, "max_frame": f.max_frame}, bytewise=True)
+            load()
+            f.events.append(f.recv_json())
+
+        f.run(script)
+        c = self.client(f)
+        s = c.load()
+        f.join()
+        self.assertEqual(c.generation, 3)
+        self.assertEqual(f.events[0], {"op": "ack", "ok": True})
+        self.assertEqual(s.json(), {"k": "v" * 300})
+        with socket.socket(fileno=s.fds["conn:1"]) as conn:
+            conn.sendall(b"ok")
+        self.assertEqual(y.recv(2), b"ok")
+
+    def test_a_frame_above_max_frame_is_refused_before_allocating(self):
+        f = self.fake(max_frame=1024)
+
+        def script(f):
+            f.conn, _ = f.srv.accept()
+            f.conn.settimeout(10)
+            f.recv_json()
+            f.send({"op": "welcome", "v": 1, "generation": 2, "max_frame": 1024})
+            f.send_raw(struct.pack(">I", 512 * 1024 * 1024))  # a 512 MiB frame, header only
+            f.events.append(f.recv_json())
+
+        f.run(script)
+        c = self.client(f)
+        tracemalloc.start()
+        try:
+            with self.assertRaises(aeterna.RelayError) as cm:
+                c.load()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        f.join()
+        self.assertEqual(cm.exception.code, "too_large")
+        self.assertLess(peak, 1024 * 1024, "nothing the size of the frame was allocated")
+        self.assertEqual(f.events[0]["op"], "error")
+        self.assertEqual(f.events[0]["code"], "too_large")
+
+    def test_more_data_than_announced_and_fd_count_mismatch_are_bad_frame(self):
+        def over():
+            f.send({"op": "load", "encoding": "json", "size": 3, "sha256": sha(b"abc")})
+            f.send(b"abcd")
+
+        def fds_mismatch():
+            x, y = socket.socketpair()
+            f.send({"op": "load", "encoding": "json", "size": 2, "sha256": sha(b"{}"), "fds": ["conn:1", "conn:2"]}, fds=[x.fileno()])
+            f.send(b"{}")
+            x.close()
+            y.close()
+
+        def fds_unannounced():
+            x, y = socket.socketpair()
+            f.send({"op": "load", "size": 0}, fds=[x.fileno()])
+            x.close()
+            y.close()
+
+        def tolerant(case):
+            def load():
+                try:
+                    case()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up at the header, as it should
+            return load
+
+        for case in (over, fds_mismatch, fds_unannounced):
+            with self.subTest(case=case.__name__):
+                f = self.fake()
+                f.run(lambda f: f.handshake(load=tolerant(case)))
+                c = self.client(f)
+                with self.assertRaises(aeterna.RelayError) as cm:
+                    c.load()
+                f.join()
+                self.assertEqual(cm.exception.code, "bad_frame")
+                self.assertEqual(f.events[-1][1]["op"], "error")
+                self.assertEqual(f.events[-1][1]["code"], "bad_frame")
+
+    def test_handshake_refused(self):
+        f = self.fake()
+
+        def script(f):
+            f.conn, _ = f.srv.accept()
+            f.recv_json()
+            f.send({"op": "error", "code": "forbidden", "message": "pid 1234 is not a process of a generation"})
+
+        f.run(script)
+        with self.assertRaises(aeterna.RelayError) as cm:
+            aeterna.connect(f.path)
+        f.join()
+        self.assertEqual(cm.exception.code, "forbidden")
+
+    def test_final_sync_old_side_shutdown_answers_the_pending_final_dump(self):
+        for dump_first in (True, False):
+            with self.subTest(dump_first=dump_first):
+                f = self.fake()
+                go = threading.Event()
+
+                def script(f):
+                    f.handshake()
+                    f.recv_json()  # ready
+                    if not dump_first:
+                        go.wait(5)
+                        time.sleep(0.2)  # shutdown() is already waiting
+                    f.send({"op": "dump", "final": True})
+                    msg, data, _, _ = f.recv_state()
+                    f.events.append((msg, data))
+                    f.send({"op": "ack", "ok": True})
+                    time.sleep(0.1)
+                    f.conn.close()
+
+                f.run(script)
+                c = self.client(f)
+                sessions = {"s1": ["a"]}
+                calls = []
+                c.on_dump(lambda final: calls.append((final, threading.current_thread() is threading.main_thread())) or sessions)
+                c.load()
+                c.ready()
+                if dump_first:
+                    deadline = time.monotonic() + 5
+                    while not c._final_pending and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    self.assertEqual(calls, [], "a final dump waits for shutdown()")
+                sessions["s1"].append("b")  # changed while draining: included
+                go.set()
+                self.assertTrue(c.shutdown(timeout=10))
+                f.join()
+                self.assertEqual(calls, [(True, True)], "the final dump is answered by shutdown() in the caller's thread")
+                self.assertEqual(json.loads(f.events[-1][1]), {"s1": ["a", "b"]})
+
+    def test_final_sync_new_side_on_load(self):
+        f = self.fake()
+        data = b'{"s1":["a","b","c"]}'
+
+        def script(f):
+            f.handshake(load=lambda: f.send_load(b'{"s1":["a"]}'))
+            f.send_load(data, final=True)
+            f.events.append(("ack1", f.recv_json()))
+            f.send_load(data, final=True)
+            f.events.append(("ack2", f.recv_json()))
+
+        got = []
+        sessions = {}
+        f.run(script)
+        c = self.client(f)
+
+        def on_load(state):
+            got.append(state.final)
+            if len(got) == 2:
+                raise ValueError("cannot merge")
+            sessions.update(state.json())
+
+        c.on_load(on_load)
+        # apply= restores before the relay thread starts: a later load cannot race with it
+        c.load(apply=lambda s: sessions.update(s.json()))
+        f.join()
+        self.assertEqual(got, [True, True])
+        self.assertEqual(sessions, {"s1": ["a", "b", "c"]})
+        self.assertEqual(f.events[-2][1], {"op": "ack", "ok": True})
+        self.assertEqual(f.events[-1][1], {"op": "ack", "ok": False, "error": "ValueError: cannot merge"})
+
+    def test_error_from_aeterna_closes_and_unknown_op_is_unexpected(self):
+        f = self.fake()
+
+        def script(f):
+            f.handshake()
+            f.send({"op": "frobnicate"})
+            f.events.append(f.recv_json())
+
+        f.run(script)
+        c = self.client(f)
+        c.load()
+        f.join()
+        self.assertEqual(f.events[-1]["code"], "unexpected_op")
+        self.assertFalse(c.shutdown(timeout=5))
+
+    def test_ready_before_load_is_refused_locally(self):
+        f = self.fake()
+        f.run(lambda f: f.handshake())
+        c = self.client(f)
+        with self.assertRaises(RuntimeError):
+            c.ready()
+        c.load()
+        f.join()
+
+
+class NoRelayTest(unittest.TestCase):
+    def test_no_env_is_a_no_op_client(self):
+        saved = os.environ.pop("LIVERELAY_STATE_SOCK", None)
+        try:
+            c = aeterna.connect()
+            self.assertFalse(c.enabled)
+            self.assertIsNone(c.generation)
+            self.assertIsNone(c.load())
+            c.on_dump(lambda final: {"x": 1})
+            c.on_load(lambda s: None)
+            c.ready()
+            self.assertFalse(c.shutdown(timeout=1))
+            c.close()
+        finally:
+            if saved is not None:
+                os.environ["LIVERELAY_STATE_SOCK"] = saved
+
+    def test_memfd_state_is_sealed(self):
+        fd = aeterna.memfd_state(b"hello")
+        try:
+            self.assertEqual(fcntl.fcntl(fd, aeterna.F_GET_SEALS) & SEALS, SEALS)
+            self.assertEqual(os.pread(fd, 10, 0), b"hello")
+            with self.assertRaises(OSError):
+                os.pwrite(fd, b"x", 0)
+        finally:
+            os.close(fd)
+
+
+CHILD = r"""
+import json, os, sys
+sys.path.insert(0, %r)
+import aeterna_client as aeterna
+ls = aeterna.listeners()
+assert aeterna.listeners().keys() == ls.keys()
+out = {name: [s.fileno(), s.family == __import__('socket').AF_INET, s.type == __import__('socket').SOCK_STREAM] for name, s in ls.items()}
+print(json.dumps(out), flush=True)
+if 'http' in ls:
+    conn, _ = ls['http'].accept()
+    conn.sendall(b'served by the child')
+    conn.close()
+""" % HERE
+
+WRAPPER = r"""
+import os, sys
+fds = [int(x) for x in sys.argv[1].split(',')]
+high = [os.dup(fd) for fd in fds]
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+os.environ['LISTEN_FDS'] = str(len(fds))
+if sys.argv[2] == 'mine':
+    os.environ['LISTEN_PID'] = str(os.getpid())
+else:
+    os.environ['LISTEN_PID'] = '1'
+os.execv(sys.executable, [sys.executable, '-c', sys.argv[3]])
+"""
+
+
+class ListenersTest(unittest.TestCase):
+    def spawn(self, socks, pid="mine", names=None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        if names is not None:
+            env["LISTEN_FDNAMES"] = names
+        fds = [s.fileno() for s in socks]
+        return subprocess.Popen([sys.executable, "-c", WRAPPER, ",".join(map(str, fds)), pid, CHILD],
+                                pass_fds=fds, env=env, stdout=subprocess.PIPE)
+
+    def test_listeners_from_listen_fds(self):
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(8)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(tcp.close)
+        self.addCleanup(unix.close)
+        p = self.spawn([tcp, unix], names="http:admin")
+        line = p.stdout.readline()
+        got = json.loads(line)
+        self.assertEqual(got, {"http": [3, True, True], "admin": [4, False, True]})
+        with socket.create_connection(tcp.getsockname(), timeout=10) as c:
+            self.assertEqual(c.recv(100), b"served by the child")
+        self.assertEqual(p.wait(10), 0)
+        p.stdout.close()
+
+    def test_default_names_and_foreign_listen_pid(self):
+        a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        p = self.spawn([a, b])
+        self.assertEqual(json.loads(p.stdout.readline()), {"fd3": [3, False, True], "fd4": [4, False, True]})
+        self.assertEqual(p.wait(10), 0)
+        p.stdout.close()
+        p = self.spawn([a, b], pid="other", names="x:y")
+        self.assertEqual(json.loads(p.stdout.readline()), {})
+        self.assertEqual(p.wait(10), 0)
+        p.stdout.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
