@@ -1,0 +1,92 @@
+// Aeterna's demo: an "LLM agent" that keeps chat sessions in memory (history
+// and a context vector per session), served over HTTP on the socket Aeterna
+// owns. Its memory survives `aeterna reload` through the State Relay: the old
+// generation dumps the sessions, the new one loads them.
+//
+//   curl -s -X POST localhost:8080/sessions                       -> {"id":"..."}
+//   curl -s -X POST localhost:8080/sessions/<id>/messages -d 'hi' -> the reply
+//   curl -s localhost:8080/sessions/<id>                          -> history, pid, generation
+//
+// Outside Aeterna it runs too (binding 127.0.0.1:8080 itself, starting empty).
+'use strict';
+const crypto = require('node:crypto');
+const http = require('node:http');
+// In an app of your own: require('aeterna/client').
+const aeterna = require('../../dist/src/client/index.js');
+
+const generation = process.env.AETERNA_GENERATION ?? 'dev';
+/** id -> { created, history: [{ role, text, at }], context: number[] } */
+let sessions = {};
+
+function think(session, text) {
+  // A stand-in for a model: fold the message into the session's context vector and answer from memory.
+  const digest = crypto.createHash('sha256').update(text).digest();
+  session.context = session.context.map((v, i) => Math.round((0.9 * v + digest[i] / 255) * 1000) / 1000);
+  const turns = session.history.filter((m) => m.role === 'user').length;
+  return `I remember ${turns} message${turns === 1 ? '' : 's'} from you; the last was "${text}". (generation ${generation}, pid ${process.pid})`;
+}
+
+function reply(res, code, body) {
+  const text = JSON.stringify(body, null, 2) + '\n';
+  res.writeHead(code, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, 'http://agent');
+  const m = /^\/sessions(?:\/([\w-]+))?(\/messages)?$/.exec(url.pathname);
+  if (req.method === 'POST' && url.pathname === '/sessions') {
+    const id = crypto.randomUUID().slice(0, 8);
+    sessions[id] = { created: new Date().toISOString(), history: [], context: new Array(8).fill(0) };
+    return reply(res, 201, { id, pid: process.pid, generation });
+  }
+  if (m && m[1] && !sessions[m[1]]) return reply(res, 404, { error: `no session ${m[1]}` });
+  if (req.method === 'POST' && m && m[2]) {
+    let text = '';
+    req.setEncoding('utf8');
+    req.on('data', (d) => (text += d));
+    req.on('end', () => {
+      const session = sessions[m[1]];
+      session.history.push({ role: 'user', text, at: new Date().toISOString() });
+      const answer = think(session, text);
+      session.history.push({ role: 'agent', text: answer, at: new Date().toISOString() });
+      reply(res, 200, { reply: answer, pid: process.pid, generation });
+    });
+    return;
+  }
+  if (req.method === 'GET' && m && m[1]) return reply(res, 200, { id: m[1], pid: process.pid, generation, ...sessions[m[1]] });
+  if (req.method === 'GET' && url.pathname === '/') {
+    return reply(res, 200, { agent: 'aeterna demo', pid: process.pid, generation, sessions: Object.keys(sessions).length });
+  }
+  reply(res, 404, { error: 'not found' });
+});
+aeterna.trackConnections(server);
+
+async function main() {
+  const relay = await aeterna.connect(); // a no-op outside Aeterna
+  const previous = await relay.load((state) => state.json());
+  if (previous) sessions = previous;
+  console.log(`agent ${process.pid} (generation ${generation}) starts with ${Object.keys(sessions).length} session(s)`);
+  relay.onDump(({ final }) => {
+    console.log(`agent ${process.pid}: handing over ${Object.keys(sessions).length} session(s)${final ? ' (final sync)' : ''}`);
+    return { data: JSON.stringify(sessions), encoding: 'json' };
+  });
+  // The final sync: what the old generation learnt after its first dump.
+  relay.onLoad((state) => Object.assign(sessions, state.json()));
+
+  const fd = aeterna.listeners().get('http');
+  const ready = () => relay.ready();
+  if (fd !== undefined) server.listen({ fd }, ready);
+  else server.listen(8080, '127.0.0.1', ready);
+
+  process.on('SIGTERM', async () => {
+    await aeterna.drain(server); // finish in-flight requests, close keep-alive connections cleanly
+    await relay.shutdown(); // answer the final dump, if Aeterna asks for one
+    process.exit(0);
+  });
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});

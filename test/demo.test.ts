@@ -1,0 +1,58 @@
+// The README's tour, as a test: the demo agent's sessions survive a reload.
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { ROOT, freePort, runAeterna, tempDir } from './helpers/aeterna';
+import { cli } from './helpers/daemon';
+
+function call(port: number, method: string, url: string, body?: string): Promise<Record<string, unknown>> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port, method, path: url, agent: false }, (res) => {
+      let data = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (data += d));
+      res.on('end', () => resolve(JSON.parse(data)));
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+describe('the demo (examples/llm-agent)', { timeout: 60000 }, () => {
+  it('a chat session survives `aeterna reload`, served by the new pid', async () => {
+    const dir = tempDir('aeterna-demo-');
+    const port = await freePort();
+    const metrics = await freePort();
+    // The shipped config, with this test's own ports and socket paths.
+    const config = fs
+      .readFileSync(path.join(ROOT, 'examples', 'llm-agent', 'aeterna.yaml'), 'utf8')
+      .replace('cwd: "."', `cwd: "${path.join(ROOT, 'examples', 'llm-agent')}"`)
+      .replace('tcp://127.0.0.1:8080', `tcp://127.0.0.1:${port}`)
+      .replace('127.0.0.1:9091', `127.0.0.1:${metrics}`)
+      .replace('/tmp/aeterna-demo-state.sock', path.join(dir, 'state.sock'))
+      .replace('/tmp/aeterna-demo.sock', path.join(dir, 'control.sock'));
+    const file = path.join(dir, 'aeterna.yaml');
+    fs.writeFileSync(file, config);
+    const run = runAeterna(['start', '-c', file]);
+    try {
+      await run.waitFor(/state Starting -> Running/);
+      const { id } = (await call(port, 'POST', '/sessions')) as { id: string };
+      await call(port, 'POST', `/sessions/${id}/messages`, 'hello, agent');
+      await call(port, 'POST', `/sessions/${id}/messages`, 'do you remember me?');
+      const before = (await call(port, 'GET', `/sessions/${id}`)) as { pid: number; history: unknown[]; context: number[] };
+      const r = await cli(['reload', '-c', file]);
+      assert.equal(r.code, 0, r.stderr);
+      const after = (await call(port, 'GET', `/sessions/${id}`)) as { pid: number; generation: string; history: unknown[]; context: number[] };
+      assert.notEqual(after.pid, before.pid);
+      assert.equal(after.generation, '2');
+      assert.equal(after.history.length, 4);
+      assert.deepEqual(after.history, before.history);
+      assert.deepEqual(after.context, before.context);
+    } finally {
+      run.child.kill('SIGTERM');
+      assert.equal((await run.exit()).code, 0);
+    }
+  });
+});
