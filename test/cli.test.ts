@@ -3,17 +3,16 @@
 // Asserts exit codes, counts and what is printed; never timings.
 import { describe, it, before, after, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
+import { ROOT } from './helpers/aeterna';
+import { cli, type CliResult } from './helpers/daemon';
 import { AeternaError } from '../src/errors';
 import { startControlServer, type ControlServer } from '../src/control/server';
 import type { ControlApi, ReloadEvent, ReloadOutcome, ReloadPhase, ReloadRecord, StatusReport } from '../src/orchestrator/types';
 
-const ROOT = path.resolve(__dirname, '..', '..');
-const CLI = path.join(ROOT, 'bin', 'aeterna.js');
 const PHASES: ReloadPhase[] = ['accepted', 'config', 'spawned', 'ready', 'soaking', 'draining', 'done'];
 /** Every phase, one soak and one relay event, and the outcome event. */
 const EVENTS_PER_RELOAD = PHASES.length + 3;
@@ -100,23 +99,9 @@ class FakeApi implements ControlApi {
   }
 }
 
-interface CliResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Run the CLI asynchronously: the fake daemon lives in this process and must keep serving meanwhile. */
+/** Run the CLI asynchronously (the fake daemon lives in this process and must keep serving meanwhile), without $AETERNA_CONFIG. */
 function aeterna(args: string[], env: NodeJS.ProcessEnv = {}, cwd = ROOT): Promise<CliResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { cwd, env: { ...process.env, AETERNA_CONFIG: '', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
+  return cli(args, { AETERNA_CONFIG: '', ...env }, cwd);
 }
 
 function lines(text: string): string[] {

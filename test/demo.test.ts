@@ -2,23 +2,12 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { ROOT, freePort, runAeterna, tempDir } from './helpers/aeterna';
 import { cli } from './helpers/daemon';
+import { requestJson } from './helpers/load';
 
-function call(port: number, method: string, url: string, body?: string): Promise<Record<string, unknown>> {
-  return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port, method, path: url, agent: false }, (res) => {
-      let data = '';
-      res.setEncoding('utf8');
-      res.on('data', (d: string) => (data += d));
-      res.on('end', () => resolve(JSON.parse(data)));
-    });
-    req.on('error', reject);
-    req.end(body);
-  });
-}
+const call = (port: number, method: string, url: string, body?: string): Promise<Record<string, unknown>> => requestJson(port, method, url, body);
 
 describe('the demo (examples/llm-agent)', { timeout: 60000 }, () => {
   it('a chat session survives `aeterna reload`, served by the new pid', async () => {

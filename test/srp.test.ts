@@ -9,6 +9,7 @@ import net from 'node:net';
 import { spawn } from 'node:child_process';
 import { fixture, freePort } from './helpers/aeterna';
 import { Daemon, type ConfigOptions } from './helpers/daemon';
+import { requestJson } from './helpers/load';
 
 const APP = [process.execPath, fixture('apps', 'stateful_app.js')];
 const daemons: Daemon[] = [];
@@ -16,18 +17,8 @@ after(() => {
   for (const d of daemons) if (d.run.child.exitCode === null) d.run.child.kill('SIGKILL');
 });
 
-function request(port: number, method: string, path: string, body?: string, agent: http.Agent | false = false): Promise<{ pid: number; generation: string; history?: string[]; size?: number; sha256?: string }> {
-  return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port, method, path, agent }, (res) => {
-      let data = '';
-      res.setEncoding('utf8');
-      res.on('data', (d: string) => (data += d));
-      res.on('end', () => resolve(JSON.parse(data)));
-    });
-    req.on('error', reject);
-    req.end(body);
-  });
-}
+type Reply = { pid: number; generation: string; history?: string[]; size?: number; sha256?: string };
+const request = (port: number, method: string, path: string, body?: string, agent: http.Agent | false = false): Promise<Reply> => requestJson<Reply>(port, method, path, body, agent);
 
 async function started(options: Partial<ConfigOptions> = {}): Promise<{ d: Daemon; port: number }> {
   const port = options.port ?? (await freePort());

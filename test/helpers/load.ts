@@ -104,3 +104,23 @@ export function getText(port: number, path = '/', host = '127.0.0.1'): Promise<{
       .on('error', reject);
   });
 }
+
+/** One request with an optional body and agent; resolves with the parsed JSON body. */
+export function requestJson<T = Record<string, unknown>>(port: number, method: string, path: string, body?: string, agent: http.Agent | false = false): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port, method, path, agent }, (res) => {
+      let data = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (data += d));
+      res.on('end', () => {
+        try {
+          resolve(JSON.parse(data) as T);
+        } catch (err) {
+          reject(err);
+        }
+      });
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
