@@ -100,8 +100,10 @@ function makeState(h: StateHeader & { final?: boolean }, data: Buffer | null, fd
 interface Incoming {
   header: StateHeader & { final?: boolean };
   fds: Map<string, number>;
-  chunks: Buffer[];
+  /** The announced size, filled as data frames arrive, and hashed on the way (overlapping the transfer). */
+  buffer: Buffer;
   received: number;
+  hash: crypto.Hash;
 }
 
 export interface ConnectOptions {
@@ -262,7 +264,8 @@ export class StateClient {
     switch (m.op) {
       case 'load': {
         const named = new Map<string, number>((m.fds ?? []).map((name, i) => [name, fds[i]]));
-        this.incoming = { header: m, fds: named, chunks: [], received: 0 };
+        const streamed = m.transport === 'memfd' ? 0 : m.size;
+        this.incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: crypto.createHash('sha256') };
         if (m.transport === 'memfd' || m.size === 0) this.completeLoad();
         return;
       }
@@ -289,7 +292,8 @@ export class StateClient {
   private onData(payload: Buffer, remaining: number): void {
     const incoming = this.incoming;
     if (!incoming) return;
-    incoming.chunks.push(payload);
+    payload.copy(incoming.buffer, incoming.received);
+    incoming.hash.update(payload);
     incoming.received += payload.length;
     if (remaining === 0) this.completeLoad();
   }
@@ -309,10 +313,10 @@ export class StateClient {
       if (size !== h.size) problem = `memfd has ${size} bytes, ${h.size} announced`;
       else if (h.sha256 && sha256(state.data) !== h.sha256) problem = 'checksum_mismatch: the memfd content does not match the announced sha256';
     } else {
-      const data = incoming.chunks.length === 1 ? incoming.chunks[0] : Buffer.concat(incoming.chunks, incoming.received);
+      const data = incoming.buffer;
       state = makeState(h, data, incoming.fds, null);
-      if (data.length !== h.size) problem = `received ${data.length} bytes, ${h.size} announced`;
-      else if (h.size > 0 && sha256(data) !== h.sha256) problem = `checksum_mismatch: sha256 of the ${h.size} bytes received is not ${h.sha256}`;
+      if (incoming.received !== h.size) problem = `received ${incoming.received} bytes, ${h.size} announced`;
+      else if (h.size > 0 && incoming.hash.digest('hex') !== h.sha256) problem = `checksum_mismatch: sha256 of the ${h.size} bytes received is not ${h.sha256}`;
     }
     if (!this.initialArrived) {
       this.initialArrived = true;

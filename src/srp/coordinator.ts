@@ -51,6 +51,8 @@ interface Transfer {
   total: number;
   sent: number;
   reported: number;
+  /** The load header went to `to` and its bytes stream as data frames. */
+  streaming: boolean;
   /** Failed or abandoned: what still comes from `from` is read and dropped, never forwarded. */
   aborted: boolean;
   progress: (p: RelayProgress) => void;
@@ -244,13 +246,20 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
 
   // ---- transfers ---------------------------------------------------------------------------
 
+  /** Send `bytes` of zeros as data frames (one shared zero buffer: no memory per byte). */
+  private pad(to: Session, bytes: number): void {
+    const zeros = Buffer.alloc(Math.min(bytes, 1 << 20));
+    for (let left = bytes; left > 0; left -= zeros.length) to.conn.sendData(zeros.subarray(0, Math.min(left, zeros.length)), zeros.length);
+    this.log.warn({ generation: to.gen?.number, bytes }, 'relay: final sync cut short; the rest was padded so the serving generation refuses it and keeps its connection');
+  }
+
   private transfer(from: Session | null, to: Session, final: boolean, progress: (p: RelayProgress) => void, signal: AbortSignal): Promise<{ bytes: number }> {
     return new Promise((resolve, reject) => {
       if (from && from.phase !== 'idle') {
         reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
         return;
       }
-      const t: Transfer = { from, to, final, total: 0, sent: 0, reported: 0, aborted: false, progress, resolve, reject };
+      const t: Transfer = { from, to, final, total: 0, sent: 0, reported: 0, streaming: false, aborted: false, progress, resolve, reject };
       const onAbort = (): void => this.abort(t, signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       if (signal.aborted) return onAbort();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -295,6 +304,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       return;
     }
     t.to.phase = 'load-sent';
+    t.streaming = from.phase === 'streaming';
     const { op: _state, ...fields } = m as StateHeader & { op: string };
     const header: Message = { ...fields, op: 'load', ...(t.final ? { final: true } : {}) };
     // Our copies of the fds are closed once the kernel has them on the way to the new generation.
@@ -372,8 +382,14 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     }
     if (t.to.transfer === t) {
       t.to.transfer = null;
-      // A load that had begun cannot be completed: close the new generation's connection rather than leave it desynchronised.
-      if (t.to.phase === 'load-sent' || t.to.phase === 'waiting') t.to.conn.close(new Error(`relay aborted: ${err.message}`));
+      if (!t.final) {
+        // A reload's new generation is being stopped anyway.
+        if (t.to.phase === 'load-sent' || t.to.phase === 'waiting') t.to.conn.close(new Error(`relay aborted: ${err.message}`));
+      } else if (t.streaming && t.sent < t.total) {
+        // The serving generation must keep its connection: finish the announced bytes with zeros, so
+        // the framing stays in step; its checksum check then refuses the state, and nothing is applied.
+        this.pad(t.to, t.total - t.sent);
+      }
     }
     t.reject(err);
   }
