@@ -1,0 +1,549 @@
+// The Markdown report: machine, versions, the targets, each section's table
+// and the ratios against the peers, all from the same run.
+import { fmt, fmtInt } from './common';
+import type { ContenderResult, ReloadSection } from './sections/reloads';
+import type { OverheadSection } from './sections/overhead';
+import type { Measurement, RelaySection } from './sections/relay';
+import type { FootprintSection, Memory, Timing } from './sections/footprint';
+import type { ReapRow, ReapingSection } from './sections/reaping';
+
+export type SectionOutcome<T> = { value: T } | { error: string } | { notRun: string };
+
+export interface BenchMeta {
+  date: string;
+  startedAt: string;
+  finishedAt: string;
+  command: string;
+  quick: boolean;
+  machine: {
+    host: string;
+    cpu: string;
+    cores: number;
+    memoryGiB: number;
+    kernel: string;
+    distro: string;
+    loadavgAtStart: number[];
+    pid1: string;
+  };
+  versions: Record<'aeterna' | 'node' | 'autocannon' | 'pm2' | 'python' | 'tini' | 'wrk' | 'cc', string>;
+}
+
+export interface BenchResults {
+  meta: BenchMeta;
+  reloads: SectionOutcome<ReloadSection>;
+  overhead: SectionOutcome<OverheadSection>;
+  relay: SectionOutcome<RelaySection>;
+  footprint: SectionOutcome<FootprintSection>;
+  reaping: SectionOutcome<ReapingSection>;
+}
+
+/** The section headings, in order; the CI test checks each one is present. */
+export const HEADINGS = {
+  targets: '## Targets',
+  machine: '## Machine and versions',
+  reloads: '## 1. Failed requests across reloads',
+  overhead: '## 2. Reload overhead',
+  relay: '## 3. State relay throughput',
+  footprint: '## 4. Footprint',
+  reaping: '## 5. Zombie reaping',
+  notes: '## Method notes',
+} as const;
+
+const MiB = 1024 * 1024;
+
+function table(header: string[], rows: string[][]): string {
+  const line = (cells: string[]): string => `| ${cells.map((c) => c.replace(/\|/g, '\\|').replace(/\n/g, ' ')).join(' | ')} |`;
+  return [line(header), line(header.map(() => '---')), ...rows.map(line)].join('\n');
+}
+
+const ms = (v: number | null | undefined, digits = 1): string => (v === null || v === undefined || !Number.isFinite(v) ? 'n/a' : `${fmt(v, digits)} ms`);
+const mb = (kb: number): string => `${fmt(kb / 1024, 1)} MB`;
+const sizeLabel = (bytes: number): string => (bytes >= 1024 * MiB ? `${bytes / (1024 * MiB)} GiB` : `${bytes / MiB} MiB`);
+
+/** "3.2x" (a / b), or a word when b is zero. */
+function ratio(a: number, b: number, digits = 1): string {
+  if (!Number.isFinite(a) || !Number.isFinite(b)) return 'n/a';
+  if (b === 0) return a === 0 ? 'equal (both 0)' : 'infinitely more';
+  return `${fmt(a / b, digits)}x`;
+}
+
+function outcomeNote<T>(o: SectionOutcome<T>): string | null {
+  if ('error' in o) return `**This section failed**: ${o.error}`;
+  if ('notRun' in o) return `_Not run: ${o.notRun}._`;
+  return null;
+}
+
+// ---- targets ----------------------------------------------------------------------------------
+
+interface Target {
+  target: string;
+  measured: string;
+  verdict: 'met' | 'MISSED' | 'pending' | 'n/a';
+  context: string;
+}
+
+function find(r: BenchResults, id: string): ContenderResult | undefined {
+  return 'value' in r.reloads ? r.reloads.value.contenders.find((c) => c.id === id && c.error === null) : undefined;
+}
+
+function targets(r: BenchResults): Target[] {
+  const out: Target[] = [];
+  const imm = find(r, 'aeterna-immediate');
+  const can = find(r, 'aeterna-canary');
+  const k = 'value' in r.reloads ? r.reloads.value.params.reloads : 0;
+  if (imm && can) {
+    const zero = imm.failed === 0 && can.failed === 0;
+    out.push({
+      target: 'zero failed requests over 100 reloads at saturation, both strategies',
+      measured: `immediate ${fmtInt(imm.failed)}, canary ${fmtInt(can.failed)} failed over ${k} reloads each`,
+      verdict: zero ? 'met' : 'MISSED',
+      context: k < 100 ? `this run did ${k} reloads per contender; the target is stated for 100 (\`--reloads 100\`)` : '',
+    });
+    for (const c of [imm, can]) {
+      const q = c.during.p99 / c.steady.p99;
+      out.push({
+        target: `p99 latency during reloads <= 2x steady state (${c.label})`,
+        measured: `${ms(c.during.p99, 2)} vs ${ms(c.steady.p99, 2)} (${fmt(q, 2)}x)`,
+        verdict: Number.isFinite(q) ? (q <= 2 ? 'met' : 'MISSED') : 'n/a',
+        context: `load average at start ${r.meta.machine.loadavgAtStart.map((v) => v.toFixed(2)).join(' ')} on ${r.meta.machine.cores} cores`,
+      });
+    }
+  } else {
+    out.push({ target: 'zero failed requests over 100 reloads at saturation, both strategies', measured: 'not measured', verdict: 'n/a', context: 'section 1 did not complete for both strategies' });
+  }
+  if ('value' in r.overhead && 'overhead' in r.overhead.value) {
+    const o = r.overhead.value;
+    out.push({
+      target: "Aeterna's own reload overhead < 10 ms median",
+      measured: `median ${ms(o.overhead.median)}, p95 ${ms(o.overhead.p95)}`,
+      verdict: o.overhead.median < 10 ? 'met' : 'MISSED',
+      context: `before the app runs ${ms(o.beforeSpawn.median)}, after it is ready ${ms(o.afterReady.median)} (medians)`,
+    });
+  } else {
+    out.push({ target: "Aeterna's own reload overhead < 10 ms median", measured: 'not measured', verdict: 'n/a', context: skippedText(r.overhead) });
+  }
+  if ('value' in r.relay) {
+    const gib = r.relay.value.rows.find((row) => row.bytes === 1024 * MiB);
+    const limit = gib ? limitOf(gib.rawC, gib.rawNode) : null;
+    const stream = gib?.stream;
+    out.push({
+      target: 'streamed relay >= 1.5 GB/s for 1 GiB',
+      measured: stream && 'gbps' in stream ? `${fmt(stream.gbps, 2)} GB/s` : stream ? measurementText(stream) : 'no 1 GiB state in this run',
+      verdict: stream && 'gbps' in stream ? (stream.gbps >= 1.5 ? 'met' : 'MISSED') : stream && 'pending' in stream ? 'pending' : 'n/a',
+      context: [limit ? `one-hop unix socket on this machine: ${fmt(limit.gbps, 2)} GB/s (${limit.what})` : r.meta.quick ? 'quick mode: small states only' : '', r.relay.value.relayStatus === 'measured' ? '' : r.relay.value.relayStatus]
+        .filter((x) => x !== '')
+        .join('; '),
+    });
+    const memfds = r.relay.value.rows.map((row) => row.memfd);
+    const measuredMemfd = memfds.filter((m): m is Extract<Measurement, { median: number }> => 'median' in m);
+    const worst = measuredMemfd.length > 0 ? Math.max(...measuredMemfd.map((m) => m.median)) : NaN;
+    out.push({
+      target: 'memfd handoff < 5 ms whatever the size',
+      measured: measuredMemfd.length > 0 ? `at most ${ms(worst, 2)} (medians)` : measurementText(memfds[0] ?? { pending: 'no sizes' }),
+      verdict: measuredMemfd.length > 0 ? (worst < 5 ? 'met' : 'MISSED') : memfds.some((m) => 'pending' in m) ? 'pending' : 'n/a',
+      context: measuredMemfd.length > 0 ? `sizes ${r.relay.value.rows.map((row) => sizeLabel(row.bytes)).join(', ')}` : '',
+    });
+  }
+  if ('value' in r.footprint) {
+    const f = r.footprint.value;
+    const a = f.rss.aeterna;
+    out.push({
+      target: 'RSS < 60 MB supervising one app',
+      measured: 'rssKb' in a ? mb(a.rssKb) : `error: ${a.error}`,
+      verdict: 'rssKb' in a ? (a.rssKb / 1024 < 60 ? 'met' : 'MISSED') : 'n/a',
+      context: 'rssKb' in f.rss.nodeBaseline ? `an idle bare Node process: ${mb(f.rss.nodeBaseline.rssKb)}` : '',
+    });
+    const e = f.startToExec.aeterna;
+    out.push({
+      target: '`aeterna start` to the app\'s exec < 100 ms',
+      measured: 'median' in e ? `median ${ms(e.median)}, p95 ${ms(e.p95)}` : timingText(e),
+      verdict: 'median' in e ? (e.median < 100 ? 'met' : 'MISSED') : 'n/a',
+      context: 'median' in f.startToExec.nodeE0 ? `a bare \`node -e 0\` takes ${ms(f.startToExec.nodeE0.median)} from spawn to exit` : '',
+    });
+  }
+  return out;
+}
+
+function skippedText<T>(o: SectionOutcome<T>): string {
+  if ('error' in o) return `failed: ${o.error.slice(0, 200)}`;
+  if ('notRun' in o) return o.notRun;
+  const v = o.value as unknown as { skipped?: string };
+  return v.skipped ?? '';
+}
+
+// ---- section 1 --------------------------------------------------------------------------------
+
+function kinds(f: Record<string, number>): string {
+  const entries = Object.entries(f).sort((a, b) => b[1] - a[1]);
+  return entries.length === 0 ? 'none' : entries.map(([k, n]) => `${k} ${fmtInt(n)}`).join(', ');
+}
+
+function reloadsSection(r: BenchResults, chartFile: string): string[] {
+  const out: string[] = [HEADINGS.reloads, ''];
+  const note = outcomeNote(r.reloads);
+  if (note || !('value' in r.reloads)) return [...out, note ?? '', ''];
+  const { params: p, contenders } = r.reloads.value;
+  out.push(
+    `The same keep-alive HTTP app (\`bench/fixtures/http_app.js\`, which drains properly on SIGTERM/SIGINT with \`src/client/drain.ts\`), ` +
+      `saturated by autocannon (${p.connections} connections, in the bench process) and reloaded ${p.reloads} times per contender, ` +
+      `one contender after the other: ${fmt(p.steadyMs / 1000, 1)} s of steady state, then each reload waited for and followed by a ${fmt(p.gapMs / 1000, 1)} s pause, then ${fmt(p.tailMs / 1000, 1)} s more. ` +
+      `A failure is any request that did not get a 2xx response: refused, reset, timed out (10 s), or a non-2xx status. autocannon reconnects at once after a refused connection, ` +
+      `so while nothing accepts on the port each connection counts one failure per attempt. Under Aeterna the app is ready after a fixed delay of ${p.readinessDelay} ` +
+      `(a Node app cannot send sd_notify's datagram without an addon; the Python app of section 2 does). Drain: keep-alive connections idle for ${p.drainIdleMs} ms are closed.`,
+    '',
+  );
+  out.push(table(['contender', 'how it reloads'], contenders.map((c) => [c.label, c.how])), '');
+  out.push(`![requests/s and failures over time, reloads marked](${chartFile})`, '');
+  const rows = contenders.map((c) =>
+    c.error !== null
+      ? [c.label, 'did not run', '', '', '', '', `error: ${c.error.slice(0, 300)}`]
+      : [
+          c.label,
+          `${c.reloadsDone}${c.toolFailures.length > 0 ? ` (${c.toolFailures.length} failed)` : ''}`,
+          `**${fmtInt(c.failed)}**`,
+          fmtInt(c.ok + c.failed),
+          fmt(c.failed / Math.max(1, c.reloadsDone), 1),
+          fmtInt(c.rps),
+          kinds(c.failures),
+        ],
+  );
+  out.push('### Failures', '');
+  out.push(table(['contender', 'reloads', 'failed requests', 'total requests', 'failed per reload', 'req/s (2xx, whole run)', 'failures by kind'], rows), '');
+  const ok = contenders.filter((c) => c.error === null);
+  out.push('### Latency and throughput: steady state vs reload windows', '');
+  out.push(
+    'A reload window runs from the reload request to the moment the tool reports it done (Aeterna: the final record; naive: the new process listening; pm2: `pm2 reload` exiting); ' +
+      `for latency it is extended by ${p.settleMs} ms, so the new process's first moments (cold JIT) count as the reload's, not as steady state. ` +
+      'Latency is that of 2xx responses (autocannon: request written to response read). "reload req/s" is the 2xx rate inside the windows.',
+    '',
+  );
+  out.push(
+    table(
+      ['contender', 'steady req/s', 'steady p50', 'steady p99', 'reload req/s', 'reload p50', 'reload p99', 'p99 reload / steady', 'reload duration (median)'],
+      ok.map((c) => [
+        c.label,
+        fmtInt(c.steady.rps),
+        ms(c.steady.p50, 2),
+        ms(c.steady.p99, 2),
+        fmtInt(c.during.rps),
+        ms(c.during.p50, 2),
+        ms(c.during.p99, 2),
+        ratio(c.during.p99, c.steady.p99, 2),
+        ms(median(c.reloadMs), 0),
+      ]),
+    ),
+    '',
+  );
+  out.push(
+    '### Failures per reload',
+    '',
+    table(
+      ['contender', 'reloads with failures', 'max failed in one reload', 'failures before the first reload', 'failing span per reload (median, where any)'],
+      ok.map((c) => {
+        const spans = c.failureSpanMs.filter((_, i) => c.failuresPerReload[i] > 0);
+        return [c.label, `${c.failuresPerReload.filter((n) => n > 0).length} of ${c.failuresPerReload.length}`, fmtInt(Math.max(0, ...c.failuresPerReload)), fmtInt(c.failuresBefore), spans.length > 0 ? ms(median(spans), 0) : '-'];
+      }),
+    ),
+    '',
+  );
+  // Ratios against the peers.
+  const imm = ok.find((c) => c.id === 'aeterna-immediate');
+  const peers = ok.filter((c) => !c.id.startsWith('aeterna-'));
+  if (imm && peers.length > 0) {
+    out.push('### Against the peers (same run)', '');
+    const lines = peers.map((peer) => {
+      const f =
+        imm.failed === 0
+          ? peer.failed === 0
+            ? 'no failed requests either'
+            : `${fmtInt(peer.failed)} failed requests (${fmt(peer.failed / Math.max(1, peer.reloadsDone), 1)} per reload) where Aeterna immediate had none`
+          : `${ratio(peer.failed, imm.failed)} Aeterna immediate's failed requests (${fmtInt(peer.failed)} vs ${fmtInt(imm.failed)})`;
+      return `- **${peer.label}**: ${f}; p99 during reloads ${ratio(peer.during.p99, imm.during.p99)} Aeterna immediate's (${ms(peer.during.p99, 2)} vs ${ms(imm.during.p99, 2)}); reload duration ${ms(median(peer.reloadMs), 0)} vs ${ms(median(imm.reloadMs), 0)}.`;
+    });
+    out.push(...lines, '');
+  }
+  // wrk cross-check.
+  out.push('### Cross-check with wrk', '');
+  if (p.wrk) {
+    out.push(
+      `wrk (${p.connections} connections, 1 thread) against the same running contender, ${p.wrkReloads} more reloads, counting wrk's socket errors (connect, read, write, timeout) and non-2xx responses.`,
+      '',
+      table(
+        ['contender', 'reloads', 'failed', 'requests', 'req/s', 'p50', 'p99', 'failures by kind'],
+        contenders.map((c) => {
+          const w = c.wrk;
+          if ('skipped' in w) return [c.label, '', '', '', '', '', '', w.skipped];
+          if ('error' in w) return [c.label, '', '', '', '', '', '', `error: ${w.error}`];
+          return [c.label, `${w.reloads}${w.toolFailures > 0 ? ` (${w.toolFailures} failed)` : ''}`, `**${fmtInt(w.failed)}**`, fmtInt(w.requests), fmtInt(w.rps), ms(w.p50Ms, 2), ms(w.p99Ms, 2), kinds(w.failures)];
+        }),
+      ),
+      '',
+    );
+  } else {
+    out.push('wrk: not installed (or `--no-wrk`); autocannon alone measured this section.', '');
+  }
+  const failures = ok.flatMap((c) => c.toolFailures.map((f) => `- ${c.label}: ${f}`));
+  if (failures.length > 0) out.push('Reloads the tool itself reported as failed:', '', ...failures.slice(0, 20), '');
+  return out;
+}
+
+function median(values: number[]): number {
+  if (values.length === 0) return NaN;
+  const s = [...values].sort((a, b) => a - b);
+  return s[Math.ceil(s.length / 2) - 1];
+}
+
+// ---- section 2 --------------------------------------------------------------------------------
+
+function overheadSection(r: BenchResults): string[] {
+  const out: string[] = [HEADINGS.overhead, ''];
+  const note = outcomeNote(r.overhead);
+  if (note || !('value' in r.overhead)) return [...out, note ?? '', ''];
+  const o = r.overhead.value;
+  if ('skipped' in o) return [...out, `Skipped: ${o.skipped}.`, ''];
+  out.push(
+    `From the reload request to promotion, minus the app's own start-to-ready time, over ${o.samples.length} reloads of an sd_notify app ` +
+      '(`bench/fixtures/notify_app.py`, Python standard library, readiness `notify`, strategy immediate, no load). ' +
+      "The app stamps the wall-clock time at which it sends READY=1; its start is Aeterna's `spawned` mark (exec has succeeded), so the interpreter's " +
+      "start-up counts as the app's. Overhead = (draining - accepted) - (ready - spawned) = (spawned - accepted) + (draining - ready). " +
+      "The record's marks have 1 ms resolution: each sample is good to about +-1 ms.",
+    '',
+    table(
+      ['measure', 'median', 'p95'],
+      [
+        ['request to promotion (accepted -> draining)', ms(o.total.median), ms(o.total.p95)],
+        ["the app's own start to ready (spawned -> READY=1)", ms(o.app.median), ms(o.app.p95)],
+        ['**Aeterna overhead**', `**${ms(o.overhead.median)}**`, `**${ms(o.overhead.p95)}**`],
+        ['  of which: request to the app running (config, listeners, fork/exec)', ms(o.beforeSpawn.median), ms(o.beforeSpawn.p95)],
+        ['  of which: READY=1 to promotion', ms(o.afterReady.median), ms(o.afterReady.p95)],
+        ['(for scale) exec to the script\'s first line: interpreter start-up', ms(o.interpreter.median), ms(o.interpreter.p95)],
+      ],
+    ),
+    '',
+  );
+  if (o.failures.length > 0) out.push(`Reloads not counted: ${o.failures.join('; ')}`, '');
+  return out;
+}
+
+// ---- section 3 --------------------------------------------------------------------------------
+
+function measurementText(m: Measurement): string {
+  if ('gbps' in m) return `${fmt(m.gbps, 2)} GB/s`;
+  if ('pending' in m) return 'pending';
+  if ('skipped' in m) return `skipped: ${m.skipped}`;
+  return `error: ${m.error}`;
+}
+
+function limitOf(c: Measurement, node: Measurement): { gbps: number; what: string } | null {
+  if ('gbps' in c) return { gbps: c.gbps, what: 'C' };
+  if ('gbps' in node) return { gbps: node.gbps, what: 'Node' };
+  return null;
+}
+
+function relaySection(r: BenchResults): string[] {
+  const out: string[] = [HEADINGS.relay, ''];
+  const note = outcomeNote(r.relay);
+  if (note || !('value' in r.relay)) return [...out, note ?? '', ''];
+  const s = r.relay.value;
+  out.push(
+    "The limit, measured in the same run: one hop over a unix stream socket between two processes, one writing the state's size in 1 MiB writes, the other reading " +
+      '(in C: `bench/fixtures/helper.c`, what the kernel allows; in Node: `net.Socket`, what a Node process gets). ' +
+      "Streamed relay: MB/s end to end, from the old generation's dump to the new one's ack; memfd: the handoff time of the same state in a sealed memfd. " +
+      `Medians over the repetitions. Relay status: ${s.relayStatus}.`,
+    '',
+    table(
+      ['state', 'one hop, C', 'one hop, Node', 'streamed relay', 'fraction of the one-hop limit', 'memfd handoff'],
+      s.rows.map((row) => {
+        const limit = limitOf(row.rawC, row.rawNode);
+        const stream = row.stream;
+        return [
+          sizeLabel(row.bytes),
+          'gbps' in row.rawC ? `${fmt(row.rawC.gbps, 2)} GB/s (${ms(row.rawC.median, 2)})` : measurementText(row.rawC),
+          'gbps' in row.rawNode ? `${fmt(row.rawNode.gbps, 2)} GB/s (${ms(row.rawNode.median, 2)})` : measurementText(row.rawNode),
+          'gbps' in stream ? `${fmtInt(stream.gbps * 1000)} MB/s` : measurementText(stream),
+          'gbps' in stream && limit ? `${fmt((100 * stream.gbps) / limit.gbps, 0)}% of ${limit.what}` : 'pending' in stream ? 'pending' : 'n/a',
+          'median' in row.memfd ? ms(row.memfd.median, 2) : measurementText(row.memfd),
+        ];
+      }),
+    ),
+    '',
+  );
+  return out;
+}
+
+// ---- section 4 --------------------------------------------------------------------------------
+
+function memText(m: Memory | { skipped: string } | { error: string } | null): [string, string] {
+  if (m === null) return ['n/a', 'n/a'];
+  if ('rssKb' in m) return [mb(m.rssKb), mb(m.hwmKb)];
+  if ('skipped' in m) return [m.skipped, ''];
+  return [`error: ${m.error.slice(0, 200)}`, ''];
+}
+
+function timingText(t: Timing): string {
+  if ('median' in t) return ms(t.median);
+  if ('skipped' in t) return t.skipped;
+  return `error: ${t.error.slice(0, 200)}`;
+}
+
+function footprintSection(r: BenchResults): string[] {
+  const out: string[] = [HEADINGS.footprint, ''];
+  const note = outcomeNote(r.footprint);
+  if (note || !('value' in r.footprint)) return [...out, note ?? '', ''];
+  const f = r.footprint.value;
+  const imm = find(r, 'aeterna-immediate');
+  const pm2 = find(r, 'pm2');
+  const rows: string[][] = [
+    ['aeterna, supervising the bench HTTP app (idle)', ...memText(f.rss.aeterna)],
+    ...(imm?.supervisorMemory ? [[`aeterna after section 1 (${imm.reloadsDone} reloads under load)`, ...memText(imm.supervisorMemory)]] : []),
+    ['tini, supervising the same app', ...memText(f.rss.tini)],
+    ...(pm2?.supervisorMemory ? [[`pm2's daemon after section 1 (cluster mode, one app)`, ...memText(pm2.supervisorMemory)]] : []),
+    ['(for scale) an idle bare Node process', ...memText(f.rss.nodeBaseline)],
+    ['(for scale) the app itself, under Aeterna', ...memText(f.rss.app)],
+  ];
+  out.push('### Memory (the supervisor process alone)', '', table(['process', 'RSS', 'peak RSS (VmHWM)'], rows), '');
+  const a = f.startToExec.aeterna;
+  const vs = (t: Timing): string => ('median' in t && 'median' in a ? ratio(a.median, t.median) : 'n/a');
+  out.push(
+    '### Start to exec',
+    '',
+    `From spawning the supervisor to the app's exec; the app is \`date +%s%N\`, which prints the wall clock as it runs. ${f.reps} runs each; Aeterna here is not PID 1 (a subreaper), with the same config loading, listeners (none) and control socket as in production. Last column: Aeterna's time over this one (above 1: Aeterna is slower).`,
+    '',
+    table(
+      ['what', 'median', 'p95', 'Aeterna / this'],
+      [
+        ['the app spawned directly (floor)', ...timingCells(f.startToExec.direct), vs(f.startToExec.direct)],
+        ['`tini -s -- app`', ...timingCells(f.startToExec.tini), vs(f.startToExec.tini)],
+        ['bare `node -e 0`, spawn to exit', ...timingCells(f.startToExec.nodeE0), vs(f.startToExec.nodeE0)],
+        ['**`aeterna start`**', ...timingCells(a), '1x'],
+      ],
+    ),
+    '',
+  );
+  return out;
+}
+
+function timingCells(t: Timing): [string, string] {
+  if ('median' in t) return [ms(t.median), ms(t.p95)];
+  return [timingText(t), ''];
+}
+
+// ---- section 5 --------------------------------------------------------------------------------
+
+function reapCells(row: ReapRow, n: number): string[] {
+  if ('reapMs' in row) return [ms(row.reapMs), `${fmtInt(n / (row.reapMs / 1000))}/s`, row.left > 0 ? `${row.left} never reaped (timeout)` : ''];
+  if ('skipped' in row) return [row.skipped, '', ''];
+  return [`error: ${row.error.slice(0, 200)}`, '', ''];
+}
+
+function reapingSection(r: BenchResults): string[] {
+  const out: string[] = [HEADINGS.reaping, ''];
+  const note = outcomeNote(r.reaping);
+  if (note || !('value' in r.reaping)) return [...out, note ?? '', ''];
+  const s = r.reaping.value;
+  const a = s.aeterna;
+  const vs = (row: ReapRow): string => ('reapMs' in row && 'reapMs' in a ? ratio(a.reapMs, row.reapMs) : 'n/a');
+  out.push(
+    `${fmtInt(s.orphans)} orphans (double fork: \`bench/fixtures/helper.c\`) released at once; the time until the last one has been reaped. ` +
+      `The supervisor runs as ${s.mode}. The floor is the helper reaping its own orphans with blocking \`waitpid()\` as a subreaper. Last column: Aeterna's time over this one (above 1: Aeterna is slower).`,
+    '',
+    table(
+      ['reaper', 'time to reap all', 'rate', 'note', 'Aeterna / this'],
+      [
+        ['floor (waitpid loop)', ...reapCells(s.floor, s.orphans), vs(s.floor)],
+        ['tini', ...reapCells(s.tini, s.orphans), vs(s.tini)],
+        ['**Aeterna**', ...reapCells(a, s.orphans), '1x'],
+      ],
+    ),
+    '',
+  );
+  return out;
+}
+
+// ---- the report -------------------------------------------------------------------------------
+
+function headline(r: BenchResults): string[] {
+  const out: string[] = [];
+  if ('value' in r.reloads) {
+    const parts = r.reloads.value.contenders
+      .filter((c) => c.error === null)
+      .map((c) => `${c.label} **${fmtInt(c.failed)}**`);
+    out.push(`- Failed requests over ${r.reloads.value.params.reloads} reloads under load: ${parts.join(', ')}.`);
+  }
+  if ('value' in r.overhead && 'overhead' in r.overhead.value) out.push(`- Aeterna's own reload overhead: **${ms(r.overhead.value.overhead.median)}** median (${ms(r.overhead.value.overhead.p95)} p95).`);
+  if ('value' in r.footprint) {
+    const f = r.footprint.value;
+    const parts: string[] = [];
+    if ('rssKb' in f.rss.aeterna) parts.push(`RSS **${mb(f.rss.aeterna.rssKb)}** supervising one app`);
+    if ('median' in f.startToExec.aeterna) parts.push(`**${ms(f.startToExec.aeterna.median)}** from \`aeterna start\` to the app's exec`);
+    if (parts.length > 0) out.push(`- Footprint: ${parts.join('; ')}.`);
+  }
+  if ('value' in r.reaping && 'reapMs' in r.reaping.value.aeterna) {
+    const s = r.reaping.value;
+    const t = 'reapMs' in s.tini ? ` (tini: ${ms(s.tini.reapMs)})` : '';
+    out.push(`- ${fmtInt(s.orphans)} orphans reaped in **${ms((s.aeterna as { reapMs: number }).reapMs)}**${t}.`);
+  }
+  if ('value' in r.relay) out.push(`- State relay: ${r.relay.value.relayStatus}.`);
+  return out;
+}
+
+export function renderReport(r: BenchResults, chartFile: string): string {
+  const m = r.meta;
+  const out: string[] = [];
+  out.push(`# Aeterna benchmark: ${m.date} on ${m.machine.host}`, '');
+  out.push(
+    `${m.quick ? '**Quick mode** (what CI runs so the benchmark cannot rot: few reloads, small states; its numbers are not the reference). ' : ''}` +
+      `Run with \`${m.command}\` from ${m.startedAt} to ${m.finishedAt}. Every number below comes from this one run on this one machine; ratios compare contenders measured in it.`,
+    '',
+  );
+  out.push(...headline(r), '');
+  out.push(HEADINGS.targets, '');
+  const t = targets(r);
+  out.push(
+    table(
+      ['target', 'measured', 'verdict', 'context'],
+      t.map((x) => [x.target, x.measured, x.verdict === 'MISSED' ? '**MISSED**' : x.verdict, x.context]),
+    ),
+    '',
+  );
+  const missed = t.filter((x) => x.verdict === 'MISSED');
+  if (missed.length > 0) out.push(`Missed in this run: ${missed.map((x) => x.target).join('; ')}.`, '');
+  out.push(HEADINGS.machine, '');
+  out.push(
+    table(
+      ['', ''],
+      [
+        ['host', m.machine.host],
+        ['CPU', `${m.machine.cpu}, ${m.machine.cores} cores`],
+        ['memory', `${fmt(m.machine.memoryGiB, 1)} GiB`],
+        ['kernel', m.machine.kernel],
+        ['OS', m.machine.distro],
+        ['load average at start', m.machine.loadavgAtStart.map((v) => v.toFixed(2)).join(' ')],
+        ['PID namespaces', m.machine.pid1],
+        ['Aeterna', m.versions.aeterna],
+        ['Node', m.versions.node],
+        ['autocannon', m.versions.autocannon],
+        ['pm2', m.versions.pm2],
+        ['Python', m.versions.python],
+        ['tini', m.versions.tini],
+        ['wrk', m.versions.wrk],
+        ['C compiler', m.versions.cc],
+      ],
+    ),
+    '',
+  );
+  out.push(...reloadsSection(r, chartFile));
+  out.push(...overheadSection(r));
+  out.push(...relaySection(r));
+  out.push(...footprintSection(r));
+  out.push(...reapingSection(r));
+  out.push(
+    HEADINGS.notes,
+    '',
+    '- All contenders run on the same machine as the load generator, one after the other, never at the same time; the machine is not isolated, so compare within a run, not across runs.',
+    '- Aeterna runs the app from `bench/fixtures/` with the socket it owns at fd 3; the naive restart, tini and pm2 run the same file, which then binds the port itself.',
+    '- Raw data: the `.json` file beside this report (timelines, per-reload failures and reload times, every overhead sample).',
+    '',
+  );
+  return out.join('\n');
+}
