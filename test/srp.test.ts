@@ -155,6 +155,26 @@ describe('state relay', { timeout: 180000 }, () => {
   });
 });
 
+describe('a final sync cut short', { timeout: 120000 }, () => {
+  it('the serving generation refuses the rest and keeps its relay connection for the next reload', async () => {
+    const { d, port } = await started({ env: ['STATE_MODE=binary', `BLOB_BYTES=${64 << 20}`, 'FINAL_DIE_MID=1'] });
+    const original = await request(port, 'GET', '/blob');
+    d.write({ ...d.options, env: ['STATE_MODE=binary'] });
+    assert.equal((await d.cli('reload')).code, 0, 'the promotion stands');
+    await d.run.waitFor(/final sync cut short/);
+    await d.run.waitFor(/final state sync lost/);
+    const second = await request(port, 'GET', '/blob');
+    assert.equal(second.generation, '2');
+    assert.equal(second.sha256, original.sha256, 'the first dump arrived whole; the cut final one was refused, not applied');
+    // Generation 2's relay connection is still in step: the next reload carries its state.
+    assert.equal((await d.cli('reload')).code, 0);
+    const third = await request(port, 'GET', '/blob');
+    assert.equal(third.generation, '3');
+    assert.equal(third.sha256, original.sha256);
+    assert.equal(await d.stop(), 0);
+  });
+});
+
 describe('state relay failures roll back; the old generation keeps serving with its state', { timeout: 180000 }, () => {
   async function expectRollback(change: Partial<ConfigOptions>, reason: RegExp): Promise<Daemon> {
     const { d, port } = await started();
