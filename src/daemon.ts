@@ -32,7 +32,7 @@ function startFailureCode(err: unknown): number {
 
 export class Daemon {
   private readonly reaper = new Reaper();
-  private readonly metrics = new Metrics();
+  private readonly metrics: Metrics;
   private readonly listeners = new ListenerSet(inheritedListeners(process.env));
   private readonly handlers = new Map<NodeJS.Signals, () => void>();
   private notify: NotifySocket | null = null;
@@ -46,13 +46,15 @@ export class Daemon {
   constructor(
     private readonly config: Config,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.metrics = new Metrics(config.observability.metrics !== null);
+  }
 
   /** Run until everything has stopped; resolves with Aeterna's exit code. */
   async run(): Promise<number> {
     this.reaper.install();
     this.reaper.on('orphan', (info) => {
-      this.metrics.zombiesReaped.inc();
+      this.metrics.zombieReaped();
       this.log.debug({ orphan: info.pid }, 'reaped orphan');
     });
     // Handlers first: PID 1 gets no default action from the kernel, and a
@@ -94,7 +96,10 @@ export class Daemon {
       relay: this.relay,
     });
     if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
-    code = await this.orchestrator.run();
+    const stopped = this.orchestrator.run();
+    // The app has been spawned: now load the metrics library (kept off the start-to-exec path).
+    setImmediate(() => this.metrics.export());
+    code = await stopped;
     this.log.info({ exit_code: code }, 'aeterna exiting');
     await this.shutdown();
     return code;

@@ -2,66 +2,101 @@
 // the Kubernetes probes. Only counts, states and durations are exported: never
 // the environment, the command line or the app's state.
 import http from 'node:http';
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { AeternaError } from '../errors';
 import { STATES, type State } from '../orchestrator/fsm';
 import type { Logger } from '../log';
 
-export class Metrics {
-  readonly registry = new Registry();
-  readonly reloads = new Counter({
-    name: 'aeterna_reloads_total',
-    help: 'Reloads by strategy and result (promoted, rolled_back, failed)',
-    labelNames: ['strategy', 'result'] as const,
-    registers: [this.registry],
-  });
-  readonly reloadDuration = new Histogram({
-    name: 'aeterna_reload_duration_seconds',
-    help: 'Time from a reload request to its outcome',
-    buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
-    registers: [this.registry],
-  });
-  readonly generation = new Gauge({
-    name: 'aeterna_generation',
-    help: 'Number of the generation that serves',
-    registers: [this.registry],
-  });
-  readonly state = new Gauge({
-    name: 'aeterna_state',
-    help: 'The orchestrator state: 1 for the current one, 0 for the others',
-    labelNames: ['state'] as const,
-    registers: [this.registry],
-  });
-  readonly childRestarts = new Counter({
-    name: 'aeterna_child_restarts_total',
-    help: 'Restarts of the app outside a reload, by reason',
-    labelNames: ['reason'] as const,
-    registers: [this.registry],
-  });
-  readonly zombiesReaped = new Counter({
-    name: 'aeterna_zombies_reaped_total',
-    help: 'Orphaned processes reaped by Aeterna',
-    registers: [this.registry],
-  });
-  readonly handoffBytes = new Counter({
-    name: 'aeterna_state_handoff_bytes_total',
-    help: 'Bytes of app state relayed between generations',
-    registers: [this.registry],
-  });
-  readonly handoffDuration = new Histogram({
-    name: 'aeterna_state_handoff_duration_seconds',
-    help: 'Time from the dump request to the new generation acknowledging the state',
-    buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30],
-    registers: [this.registry],
-  });
+/** The prom-client side: created only when the endpoint is on, and after the app was spawned. */
+class Exported {
+  readonly registry: Registry;
+  readonly reloads: Counter<'strategy' | 'result'>;
+  readonly reloadDuration: Histogram;
+  readonly generation: Gauge;
+  readonly state: Gauge<'state'>;
+  readonly childRestarts: Counter<'reason'>;
+  readonly zombiesReaped: Counter;
+  readonly handoffBytes: Counter;
+  readonly handoffDuration: Histogram;
 
   constructor() {
-    collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
-    this.setState('Stopped');
+    // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
+    // `aeterna start` should exec the app first (start-to-exec is one of Aeterna's targets).
+    const prom = require('prom-client') as typeof import('prom-client');
+    const registers = [(this.registry = new prom.Registry())];
+    this.reloads = new prom.Counter({ name: 'aeterna_reloads_total', help: 'Reloads by strategy and result (promoted, rolled_back, failed)', labelNames: ['strategy', 'result'] as const, registers });
+    this.reloadDuration = new prom.Histogram({ name: 'aeterna_reload_duration_seconds', help: 'Time from a reload request to its outcome', buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300], registers });
+    this.generation = new prom.Gauge({ name: 'aeterna_generation', help: 'Number of the generation that serves', registers });
+    this.state = new prom.Gauge({ name: 'aeterna_state', help: 'The orchestrator state: 1 for the current one, 0 for the others', labelNames: ['state'] as const, registers });
+    this.childRestarts = new prom.Counter({ name: 'aeterna_child_restarts_total', help: 'Restarts of the app outside a reload, by reason', labelNames: ['reason'] as const, registers });
+    this.zombiesReaped = new prom.Counter({ name: 'aeterna_zombies_reaped_total', help: 'Orphaned processes reaped by Aeterna', registers });
+    this.handoffBytes = new prom.Counter({ name: 'aeterna_state_handoff_bytes_total', help: 'Bytes of app state relayed between generations', registers });
+    this.handoffDuration = new prom.Histogram({ name: 'aeterna_state_handoff_duration_seconds', help: 'Time from the dump request to the new generation acknowledging the state', buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30], registers });
+    prom.collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
+  }
+}
+
+/**
+ * What Aeterna counts, recorded as it happens. With the endpoint off nothing
+ * is kept; with it on, prom-client is loaded once the first generation has
+ * been spawned (`export()`), and what happened before is replayed into it.
+ */
+export class Metrics {
+  private exported: Exported | null = null;
+  private pending: Array<(e: Exported) => void> | null = [];
+  private currentState: State = 'Stopped';
+
+  constructor(enabled: boolean) {
+    if (!enabled) this.pending = null;
+  }
+
+  private record(apply: (e: Exported) => void): void {
+    if (this.exported) apply(this.exported);
+    else this.pending?.push(apply);
+  }
+
+  /** Load prom-client and start exporting (no-op when the endpoint is off or already exporting). */
+  export(): Exported | null {
+    if (this.exported || this.pending === null) return this.exported;
+    const e = new Exported();
+    for (const s of STATES) e.state.set({ state: s }, s === this.currentState ? 1 : 0);
+    for (const apply of this.pending) apply(e);
+    this.pending = [];
+    this.exported = e;
+    return e;
   }
 
   setState(current: State): void {
-    for (const s of STATES) this.state.set({ state: s }, s === current ? 1 : 0);
+    this.currentState = current;
+    this.record((e) => {
+      for (const s of STATES) e.state.set({ state: s }, s === current ? 1 : 0);
+    });
+  }
+
+  setGeneration(n: number): void {
+    this.record((e) => e.generation.set(n));
+  }
+
+  reloadFinished(strategy: string, result: string, seconds: number): void {
+    this.record((e) => {
+      e.reloads.inc({ strategy, result });
+      e.reloadDuration.observe(seconds);
+    });
+  }
+
+  childRestarted(reason: string): void {
+    this.record((e) => e.childRestarts.inc({ reason }));
+  }
+
+  zombieReaped(): void {
+    this.record((e) => e.zombiesReaped.inc());
+  }
+
+  stateRelayed(bytes: number, seconds?: number): void {
+    this.record((e) => {
+      e.handoffBytes.inc(bytes);
+      if (seconds !== undefined) e.handoffDuration.observe(seconds);
+    });
   }
 }
 
@@ -83,8 +118,9 @@ export function startMetricsServer(
       return;
     }
     if (url === '/metrics') {
-      metrics.registry.metrics().then(
-        (text) => res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text),
+      const registry = metrics.export()!.registry;
+      registry.metrics().then(
+        (text) => res.writeHead(200, { 'content-type': registry.contentType }).end(text),
         (err: Error) => {
           log.error({ err }, 'metrics collection failed');
           res.writeHead(500).end();

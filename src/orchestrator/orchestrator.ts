@@ -161,7 +161,7 @@ export class Orchestrator implements ControlApi {
       () => {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
         this.servingReady = true;
-        this.deps.metrics.generation.set(gen.number);
+        this.deps.metrics.setGeneration(gen.number);
         this.fire('ready');
       },
       (err: AeternaError) => {
@@ -182,7 +182,7 @@ export class Orchestrator implements ControlApi {
     if (decision.restart) {
       this.restarts++;
       const reason = this.fsm.state === 'Starting' ? 'start_failed' : info.code === 0 && info.signal === null ? 'exited' : 'crashed';
-      this.deps.metrics.childRestarts.inc({ reason });
+      this.deps.metrics.childRestarted(reason);
       this.deps.log.warn(
         { generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info), attempt: decision.attempt, backoff_ms: decision.delayMs },
         `app ${describeExit(info)}: restarting in ${formatDuration(decision.delayMs)}`,
@@ -339,8 +339,7 @@ export class Orchestrator implements ControlApi {
         ({ bytes }) => {
           clearTimeout(timer);
           if (this.active !== active || this.fsm.state !== 'Handover') return;
-          this.deps.metrics.handoffBytes.inc(bytes);
-          this.deps.metrics.handoffDuration.observe((performance.now() - began) / 1000);
+          this.deps.metrics.stateRelayed(bytes, (performance.now() - began) / 1000);
           active.relayed = true;
           this.fire('state-relayed');
           this.phase('relayed', `${bytes} bytes`);
@@ -426,7 +425,7 @@ export class Orchestrator implements ControlApi {
     const old = this.serving;
     // The new generation serves from now on; /readyz stays 200 through the drain.
     this.servingReady = true;
-    this.deps.metrics.generation.set(this.candidate!.number);
+    this.deps.metrics.setGeneration(this.candidate!.number);
     if (old && old.alive) {
       void old.stop(active.previousConfig.service.stopTimeoutMs);
       const relay = this.deps.relay;
@@ -436,7 +435,7 @@ export class Orchestrator implements ControlApi {
         relay.finalSync(old, this.candidate!, abort.signal).then(
           ({ bytes }) => {
             clearTimeout(timer);
-            this.deps.metrics.handoffBytes.inc(bytes);
+            this.deps.metrics.stateRelayed(bytes);
             this.deps.log.info({ reload: active.record.id, bytes }, 'final state sync relayed');
           },
           (err: Error) => {
@@ -536,8 +535,7 @@ export class Orchestrator implements ControlApi {
     record.code = code;
     record.duration_ms = Math.round(performance.now() - active.startedAt);
     this.phase('done', outcome);
-    this.deps.metrics.reloads.inc({ strategy: record.strategy, result: outcome });
-    this.deps.metrics.reloadDuration.observe(record.duration_ms / 1000);
+    this.deps.metrics.reloadFinished(record.strategy, outcome, record.duration_ms / 1000);
     const fields = { reload: record.id, outcome, reason, code, duration_ms: record.duration_ms, generation: this.serving?.number };
     if (outcome === 'promoted') this.deps.log.info(fields, `${record.id} promoted generation ${record.to_generation}`);
     else this.deps.log.warn(fields, `${record.id} ${outcome}: ${reason}`);
