@@ -64,6 +64,8 @@ export class Orchestrator implements ControlApi {
   private serving: Generation | null = null;
   private servingReady = false;
   private candidate: Generation | null = null;
+  /** Draining: the candidate was promoted and serves; the old one is being stopped. */
+  private promoted = false;
   private startupWatch: ReadinessWatch | null = null;
   private restartTimer: NodeJS.Timeout | null = null;
   private generations = 0;
@@ -424,6 +426,7 @@ export class Orchestrator implements ControlApi {
     this.phase('draining', this.serving ? `generation ${this.serving.number} (pid ${this.serving.pid})` : 'old generation already gone');
     const old = this.serving;
     // The new generation serves from now on; /readyz stays 200 through the drain.
+    this.promoted = true;
     this.servingReady = true;
     this.deps.metrics.setGeneration(this.candidate!.number);
     if (old && old.alive) {
@@ -455,6 +458,7 @@ export class Orchestrator implements ControlApi {
     const next = this.candidate!;
     this.serving = next;
     this.candidate = null;
+    this.promoted = false;
     this.config = active?.config ?? this.config;
     this.budget.update(this.config.service.restart);
     for (const l of this.deps.listeners.releaseRetired()) this.deps.log.info({ listener: l.name }, 'listener closed');
@@ -581,7 +585,9 @@ export class Orchestrator implements ControlApi {
   private checkStopped(): void {
     if (this.fsm.state !== 'Stopping' || this.live().length > 0) return;
     this.fire('drain-done'); // Stopped
-    const last = this.serving?.exitInfo ?? this.lastExit;
+    // Once the old generation is draining, the new one is the serving one, though `serving` moves only at drain-done.
+    const servingNow = this.promoted && this.candidate ? this.candidate : this.serving;
+    const last = servingNow?.exitInfo ?? this.lastExit;
     const code = this.exitCode ?? (last ? exitCodeOf(last) : 0);
     this.resolveStopped(code);
   }

@@ -1,8 +1,8 @@
 // One generation of the app: the process tree started from service.command,
 // with Aeterna's listeners at fds 3.. . A generation is a unit: it runs in its
 // own session and process group, is signalled as a group, and when its root
-// process exits any stragglers left in its group are killed, so no worker of a
-// dead generation keeps accepting on the shared sockets.
+// process exits any stragglers are killed (its group, and orphans that left
+// it), so no worker of a dead generation keeps accepting on the shared sockets.
 import os from 'node:os';
 import { EventEmitter } from 'node:events';
 import { native, type ExitInfo } from '../native/binding';
@@ -11,6 +11,7 @@ import type { ServiceConfig } from '../config/types';
 import { RESERVED_ENV } from '../config/checks';
 import type { Listener } from '../resources/listeners';
 import type { Reaper } from './reaper';
+import { descendantsWithEnv } from './proctree';
 
 
 export function signalNumber(signal: NodeJS.Signals | number): number {
@@ -110,10 +111,24 @@ export class Generation extends EventEmitter<GenerationEvents> {
     this.exited = exit.then((info) => {
       this.exitInfo = info;
       if (this.killTimer) clearTimeout(this.killTimer);
-      native.kill(-pid, os.constants.signals.SIGKILL); // stragglers of a generation that is gone
+      this.killStragglers();
       this.emit('exit', info);
       return info;
     });
+  }
+
+  /**
+   * The generation is gone with its root: kill what is left of it. Its process
+   * group first; then processes that left the group with setsid() (as
+   * daemonizing programs do) and came back to Aeterna as orphans: they are
+   * found by the AETERNA_GENERATION they inherited (best effort: a process
+   * that rewrote its environment is not found).
+   */
+  private killStragglers(): void {
+    native.kill(-this.pid, os.constants.signals.SIGKILL);
+    for (const pid of descendantsWithEnv(process.pid, 'AETERNA_GENERATION', String(this.number))) {
+      native.kill(pid, os.constants.signals.SIGKILL);
+    }
   }
 
   /** Start generation `number` of the service with the given listeners. Throws E_SPAWN_FAILED. */

@@ -34,3 +34,22 @@ export function belongsTo(pid: number, root: number): boolean {
   }
   return false;
 }
+
+/** Pids of live processes below `ancestor` whose environment has NAME=value (best effort: unreadable ones are skipped). */
+export function descendantsWithEnv(ancestor: number, name: string, value: string): number[] {
+  const wanted = `${name}=${value}`;
+  const found: number[] = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const pid = Number(entry);
+    if (pid === ancestor) continue;
+    let environ: string;
+    try {
+      environ = fs.readFileSync(`/proc/${pid}/environ`, 'latin1');
+    } catch {
+      continue;
+    }
+    if (environ.split('\0').includes(wanted) && belongsTo(pid, ancestor)) found.push(pid);
+  }
+  return found;
+}
