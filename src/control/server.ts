@@ -4,6 +4,13 @@
 // crash, stall or slow the daemon: requests are size- and time-limited, peers
 // are checked by their kernel credentials, and a client going away mid-reload
 // only stops the progress stream, never the reload.
+//
+// The socket file is watched: when it is deleted (a tmp cleaner, an operator's
+// rm) or replaced, the daemon would be unreachable (`aeterna reload` and
+// `aeterna stop` fail) while it still runs, and a second daemon could start on
+// the same path. A cheap periodic lstat() notices it and the socket is
+// re-created at the same path (with a warning); a path another daemon now
+// answers on, or that is no longer a socket, is left alone (with an error).
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -29,6 +36,8 @@ export interface ControlServerOptions {
   maxConnections?: number;
   /** After the last reply, how long a client may keep its end open before it is cut (default 2 s). */
   lingerMs?: number;
+  /** How often the socket file is checked (and re-created when deleted or replaced; default 2 s). */
+  watchIntervalMs?: number;
 }
 
 export interface ControlServer {
@@ -52,46 +61,12 @@ export async function startControlServer(
   const requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
   const maxConnections = options.maxConnections ?? 64;
   const lingerMs = options.lingerMs ?? 2_000;
+  const watchIntervalMs = options.watchIntervalMs ?? 2_000;
   const ownUid = process.getuid!();
+  const connections = new Set<net.Socket>();
 
   clearSocketPath(socketPath, log);
-  let fd: number;
-  try {
-    // The addon creates the socket with its mode before listen(): no window in
-    // which another user could connect to a freshly bound, still world-accessible file.
-    fd = native.listenUnix(socketPath, BACKLOG, 0o600);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
-      // Another daemon bound the path between our probe and our bind.
-      throw new AeternaError('E_DAEMON_RUNNING', `another Aeterna daemon took the control socket ${socketPath} while this one started`, { cause: err });
-    }
-    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
-  }
-  const inode = fs.statSync(socketPath).ino;
-
-  // allowHalfOpen: a client may send its request and shut down its write side
-  // (printf ... | nc -U -N); it must still get the reply.
-  const server = net.createServer({ allowHalfOpen: true });
-  const connections = new Set<net.Socket>();
-  try {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen({ fd }, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-  } catch (err) {
-    server.close();
-    try {
-      native.close(fd);
-    } catch {
-      // Node may already own (and have closed) it
-    }
-    removeSocketFile(socketPath, inode);
-    throw new AeternaError('E_LISTEN_FAILED', `cannot serve the control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
-  }
-  server.on('error', (err) => log.error({ err }, 'control socket error'));
+  let { server, file } = await bindAndServe(socketPath, (socket) => onConnection(socket), log);
 
   /** Send the last message and half-close; cut the connection if the client lingers. */
   const finish = (socket: net.Socket, message: ServerMessage): void => {
@@ -181,7 +156,7 @@ export async function startControlServer(
     );
   };
 
-  server.on('connection', (socket: net.Socket) => {
+  function onConnection(socket: net.Socket): void {
     connections.add(socket);
     socket.once('close', () => connections.delete(socket));
     socket.on('error', (err) => log.debug({ err }, 'control connection error'));
@@ -217,15 +192,58 @@ export async function startControlServer(
       onBad: (message) => refuse(socket, { type: 'error', code: 'E_CONTROL_BAD_REQUEST', message }, context),
       onEmpty: () => socket.destroy(),
     });
-  });
+  }
 
   let closing: Promise<void> | null = null;
+
+  // The socket file watch: re-create the socket when its file is gone or replaced.
+  let recreating = false;
+  let lastProblem: string | null = null;
+  const checkSocketFile = async (): Promise<void> => {
+    if (recreating || closing) return;
+    let now: fs.Stats | null = null;
+    try {
+      now = fs.lstatSync(socketPath);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') return; // cannot tell: look again next time
+    }
+    if (now !== null && sameFile(now, file)) {
+      lastProblem = null;
+      return;
+    }
+    recreating = true;
+    try {
+      clearSocketPath(socketPath, log); // refuses a path another daemon answers on, or that is not a socket
+      const next = await bindAndServe(socketPath, (socket) => onConnection(socket), log);
+      if (closing) {
+        next.server.close();
+        removeSocketFile(socketPath, next.file);
+        return;
+      }
+      const previous = server;
+      ({ server, file } = next);
+      // The old socket is unreachable by path: stop accepting on it (and free its fd); its connections go on.
+      previous.close();
+      lastProblem = null;
+      log.warn({ socket: socketPath }, `the control socket file ${socketPath} was ${now === null ? 'deleted' : 'replaced by a stale socket'} while the daemon ran; re-created it`);
+    } catch (err) {
+      const message = `the control socket file ${socketPath} was ${now === null ? 'deleted' : 'replaced'} and cannot be re-created: ${(err as Error).message}; \`aeterna\` commands cannot reach this daemon until it is`;
+      if (message !== lastProblem) log.error({ socket: socketPath, code: (err as AeternaError).code }, message);
+      lastProblem = message;
+    } finally {
+      recreating = false;
+    }
+  };
+  const watch = setInterval(() => void checkSocketFile(), watchIntervalMs);
+  watch.unref();
+
   return {
     socketPath,
     close(): Promise<void> {
       closing ??= (async () => {
+        clearInterval(watch);
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-        removeSocketFile(socketPath, inode);
+        removeSocketFile(socketPath, file);
         await Promise.all(
           [...connections].map(
             (socket) =>
@@ -292,6 +310,59 @@ function readRequest(
   });
 }
 
+/** The socket file as created: enough to tell it from a file created later at the same path. */
+interface SocketFile {
+  dev: number;
+  ino: number;
+}
+
+function sameFile(stat: fs.Stats, file: SocketFile): boolean {
+  return stat.isSocket() && stat.dev === file.dev && stat.ino === file.ino;
+}
+
+/** Create the listening socket at socketPath (mode 0600) and serve it; the path must be free. */
+async function bindAndServe(socketPath: string, onConnection: (socket: net.Socket) => void, log: pino.Logger): Promise<{ server: net.Server; file: SocketFile }> {
+  let fd: number;
+  try {
+    // The addon creates the socket with its mode before listen(): no window in
+    // which another user could connect to a freshly bound, still world-accessible file.
+    fd = native.listenUnix(socketPath, BACKLOG, 0o600);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
+      // Another daemon bound the path between our probe and our bind.
+      throw new AeternaError('E_DAEMON_RUNNING', `another Aeterna daemon took the control socket ${socketPath} while this one started`, { cause: err });
+    }
+    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
+  }
+  const { dev, ino } = fs.statSync(socketPath);
+  const file = { dev, ino };
+
+  // allowHalfOpen: a client may send its request and shut down its write side
+  // (printf ... | nc -U -N); it must still get the reply.
+  const server = net.createServer({ allowHalfOpen: true });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ fd }, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+  } catch (err) {
+    server.close();
+    try {
+      native.close(fd);
+    } catch {
+      // Node may already own (and have closed) it
+    }
+    removeSocketFile(socketPath, file);
+    throw new AeternaError('E_LISTEN_FAILED', `cannot serve the control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
+  }
+  server.on('error', (err) => log.error({ err }, 'control socket error'));
+  server.on('connection', onConnection);
+  return { server, file };
+}
+
 function forbidden(peer: Credentials, ownUid: number): ErrorMessage {
   return {
     type: 'error',
@@ -352,9 +423,9 @@ function clearSocketPath(socketPath: string, log: pino.Logger): void {
 }
 
 /** Remove the socket file, unless it is no longer ours (another daemon took the path). */
-function removeSocketFile(socketPath: string, inode: number): void {
+function removeSocketFile(socketPath: string, file: SocketFile): void {
   try {
-    if (fs.lstatSync(socketPath).ino === inode) fs.unlinkSync(socketPath);
+    if (sameFile(fs.lstatSync(socketPath), file)) fs.unlinkSync(socketPath);
   } catch {
     // already gone
   }

@@ -1,0 +1,388 @@
+// The long reliability run (`make soak`): N consecutive reloads of a real
+// daemon (as PID 1 of a fresh PID namespace when possible) under continuous
+// HTTP load, checking after the run that no request failed, that Aeterna's fd
+// count and RSS are flat, that no zombie is left and that every reload's
+// record is complete. test/soak.test.ts runs the same code with a small count
+// in CI; `make soak` runs 1,000 reloads and writes bench/results/soak-<date>.md.
+//
+//   node dist/bench/soak.js [--reloads 1000] [--concurrency 8] [--no-pid1] [--out bench/results]
+//
+// The /proc helpers below are shared with the fault and hostile-input tests.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { call } from '../src/control/client';
+import type { ReloadEvent, ReloadRecord } from '../src/orchestrator/types';
+import { ROOT, fixture, freePort, pidNamespaceUnavailable } from '../test/helpers/aeterna';
+import { Daemon } from '../test/helpers/daemon';
+import { getText, startLoad, type LoadStats } from '../test/helpers/load';
+
+// ---- /proc helpers ------------------------------------------------------------------------
+
+export interface ProcInfo {
+  pid: number;
+  state: string;
+  ppid: number;
+  pgrp: number;
+  sid: number;
+}
+
+/** /proc/<pid>/stat, or null when there is no such process (not even a zombie). */
+export function procInfo(pid: number): ProcInfo | null {
+  try {
+    const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
+    return { pid, state: f[0], ppid: Number(f[1]), pgrp: Number(f[2]), sid: Number(f[3]) };
+  } catch {
+    return null;
+  }
+}
+
+/** Every process on the host (as seen from here). */
+export function allProcesses(): ProcInfo[] {
+  const out: ProcInfo[] = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const info = procInfo(Number(entry));
+    if (info) out.push(info);
+  }
+  return out;
+}
+
+/** The processes of a generation: its root and everything in its session or process group. */
+export function generationProcesses(root: number): number[] {
+  return allProcesses()
+    .filter((p) => p.pid === root || p.sid === root || p.pgrp === root)
+    .map((p) => p.pid);
+}
+
+/** No /proc entry at all: exited and reaped. */
+export function isGone(pid: number): boolean {
+  return !fs.existsSync(`/proc/${pid}`);
+}
+
+export function fdCount(pid: number): number {
+  return fs.readdirSync(`/proc/${pid}/fd`).length;
+}
+
+/** VmRSS in KiB. */
+export function rssKiB(pid: number): number {
+  const m = fs.readFileSync(`/proc/${pid}/status`, 'utf8').match(/^VmRSS:\s+(\d+) kB$/m);
+  if (!m) throw new Error(`no VmRSS for ${pid}`);
+  return Number(m[1]);
+}
+
+function pidNamespace(pid: number): string | null {
+  try {
+    return fs.readlinkSync(`/proc/${pid}/ns/pid`);
+  } catch {
+    return null;
+  }
+}
+
+/** The pid as seen inside its own PID namespace (the last NSpid entry). */
+function innerPid(pid: number): number | null {
+  try {
+    const m = fs.readFileSync(`/proc/${pid}/status`, 'utf8').match(/^NSpid:\s+(.*)$/m);
+    if (!m) return null;
+    const pids = m[1].trim().split(/\s+/);
+    return Number(pids[pids.length - 1]);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The pids that exist right now among `pids`, which are numbers as Aeterna
+ * reports them (status, records): namespace pids when it runs as PID 1 there.
+ */
+export function stillPresent(pids: number[], aeternaPid: number, pid1: boolean): number[] {
+  if (!pid1) return pids.filter((pid) => !isGone(pid));
+  const ns = pidNamespace(aeternaPid);
+  const inner = new Set<number>();
+  for (const p of allProcesses()) if (pidNamespace(p.pid) === ns) inner.add(innerPid(p.pid) ?? -1);
+  return pids.filter((pid) => inner.has(pid));
+}
+
+/**
+ * Zombies Aeterna is responsible for: with pid1, every zombie in its PID
+ * namespace; otherwise its own zombie children (it is their subreaper).
+ */
+export function zombies(aeternaPid: number, pid1: boolean): number[] {
+  const ns = pid1 ? pidNamespace(aeternaPid) : null;
+  return allProcesses()
+    .filter((p) => p.state === 'Z' && (pid1 ? p.pid !== aeternaPid && pidNamespace(p.pid) === ns : p.ppid === aeternaPid))
+    .map((p) => p.pid);
+}
+
+/** Poll until `check` returns a value that `done` accepts, or return the last value after guardMs (a hang guard). */
+export async function settle<T>(check: () => T, done: (value: T) => boolean, guardMs = 5000, everyMs = 50): Promise<T> {
+  const deadline = Date.now() + guardMs;
+  for (;;) {
+    const value = check();
+    if (done(value) || Date.now() > deadline) return value;
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+// ---- the soak -----------------------------------------------------------------------------
+
+/** The phases every promoted immediate reload goes through, in order. */
+export const IMMEDIATE_PHASES = ['accepted', 'config', 'spawned', 'ready', 'draining', 'done'] as const;
+
+/** What is missing or wrong in a reload's record (empty when complete). */
+export function recordProblems(record: ReloadRecord, events: ReloadEvent[]): string[] {
+  const problems: string[] = [];
+  const phases = record.phases.map((p) => p.phase);
+  if (JSON.stringify(phases) !== JSON.stringify(IMMEDIATE_PHASES)) problems.push(`phases ${phases.join(',')}`);
+  if (record.outcome !== 'promoted') problems.push(`outcome ${record.outcome} (${record.code}: ${record.reason})`);
+  if (record.reason !== null || record.code !== null) problems.push('reason/code set on a promotion');
+  if (typeof record.duration_ms !== 'number' || record.duration_ms < 0) problems.push('no duration');
+  if (record.to_generation !== record.from_generation + 1) problems.push(`generation ${record.from_generation} -> ${record.to_generation}`);
+  if (typeof record.new_pid !== 'number' || record.new_pid <= 0) problems.push('no new pid');
+  if (Number.isNaN(Date.parse(record.started_at))) problems.push('no start time');
+  if (record.phases.some((p) => Number.isNaN(Date.parse(p.at)))) problems.push('a phase without a time');
+  const last = events[events.length - 1];
+  if (!last || last.type !== 'outcome' || last.record.id !== record.id) problems.push('the event stream did not end with the outcome');
+  const streamed = events.flatMap((e) => (e.type === 'phase' ? [e.phase] : []));
+  if (JSON.stringify(streamed) !== JSON.stringify(phases)) problems.push(`streamed phases ${streamed.join(',')}`);
+  return problems;
+}
+
+export interface SoakOptions {
+  reloads: number;
+  /** HTTP load loops (keep-alive). Default 8. */
+  concurrency?: number;
+  /** Run Aeterna as PID 1 of a new PID namespace (default: when possible). */
+  pid1?: boolean;
+  /** Reloads before the baseline is taken (V8 sizes its heap, lazy init settles). Default: min(50, reloads / 5). */
+  warmup?: number;
+  /** Progress lines (e.g. console.log); default silent. */
+  progress?: (line: string) => void;
+}
+
+export interface Sample {
+  reload: number;
+  fds: number;
+  rssKiB: number;
+  /** V8 heap in use and external memory (from Aeterna's /metrics), to tell a JS leak from RSS that V8 or malloc keeps. */
+  heapUsedKiB: number | null;
+  externalKiB: number | null;
+}
+
+/** One sample line of a Prometheus text exposition, in KiB. */
+function metricKiB(text: string, name: string): number | null {
+  const line = text.split('\n').find((l) => l.startsWith(name + ' '));
+  return line ? Math.round(Number(line.slice(name.length + 1)) / 1024) : null;
+}
+
+export interface SoakResult {
+  reloads: number;
+  promoted: number;
+  pid1: boolean;
+  concurrency: number;
+  warmup: number;
+  requests: LoadStats;
+  fds: { start: number; end: number };
+  rssKiB: { start: number; end: number; max: number };
+  samples: Sample[];
+  /** Zombies left at the end (after a short settle). */
+  zombiesAtEnd: number;
+  /** Processes of old generations still alive at the end. */
+  leftoverProcesses: number[];
+  /** The serving generation's root was found by the same check (so the leftover check can fail). */
+  servingSeen: boolean;
+  /** Reloads whose record or event stream was incomplete, with what was wrong. */
+  incomplete: Array<{ id: string; problems: string[] }>;
+  reloadMs: { min: number; median: number; p99: number; max: number };
+  durationMs: number;
+  daemonExitCode: number | null;
+}
+
+const APP = [process.execPath, fixture('apps', 'reload_app.js')];
+
+export async function runSoak(options: SoakOptions): Promise<SoakResult> {
+  const began = Date.now();
+  const pid1 = options.pid1 ?? pidNamespaceUnavailable() === null;
+  const concurrency = options.concurrency ?? 8;
+  const warmup = options.warmup ?? Math.min(50, Math.floor(options.reloads / 5));
+  const progress = options.progress ?? ((): void => undefined);
+  const port = await freePort();
+  const metricsPort = await freePort();
+  const d = new Daemon({ command: APP, port, metricsPort, readiness: '{ mode: "delay", delay: "100ms", timeout: "20s" }' });
+  // Debug logging of 1,000 reloads is a lot of text for the harness to buffer: info is enough here.
+  fs.writeFileSync(d.configFile, fs.readFileSync(d.configFile, 'utf8').replace('log_level: "debug"', 'log_level: "info"'));
+  d.start(pid1);
+  const socketPath = path.join(d.dir, 'control.sock');
+  try {
+    await d.waitStatus((s) => s.state === 'Running', 30000);
+    const aeterna = await d.run.aeternaPid();
+    const load = startLoad(port, { concurrency });
+    const samples: Sample[] = [];
+    const incomplete: SoakResult['incomplete'] = [];
+    const durations: number[] = [];
+    const oldRoots: number[] = [];
+    let promoted = 0;
+    let start: Sample | null = null;
+    const every = Math.max(1, Math.floor(options.reloads / 20));
+    const sample = async (reload: number): Promise<Sample> => {
+      // A control connection of the reload just answered may still be closing: let it.
+      const fds = await settle(() => fdCount(aeterna), (n) => start === null || n <= start.fds, 2000);
+      const rss = rssKiB(aeterna);
+      const metrics = (await getText(metricsPort, '/metrics')).body;
+      return {
+        reload,
+        fds,
+        rssKiB: rss,
+        heapUsedKiB: metricKiB(metrics, 'aeterna_nodejs_heap_size_used_bytes'),
+        externalKiB: metricKiB(metrics, 'aeterna_nodejs_external_memory_bytes'),
+      };
+    };
+    try {
+      for (let i = 1; i <= options.reloads; i++) {
+        const status = await call(socketPath, { cmd: 'status' });
+        if ('status' in status && status.status.pid !== null) oldRoots.push(status.status.pid);
+        const events: ReloadEvent[] = [];
+        const result = await call(socketPath, { cmd: 'reload', wait: true }, (e) => events.push(e));
+        if (!('record' in result)) throw new Error(`reload ${i}: no record in ${JSON.stringify(result)}`);
+        const record = result.record;
+        if (record.outcome === 'promoted') promoted++;
+        if (record.duration_ms !== null) durations.push(record.duration_ms);
+        const problems = recordProblems(record, events);
+        if (problems.length > 0) incomplete.push({ id: record.id, problems });
+        if (i === warmup || (warmup === 0 && i === 1)) {
+          start = await sample(i);
+          samples.push(start);
+        } else if (i % every === 0 || i === options.reloads) {
+          const s = await sample(i);
+          samples.push(s);
+          progress(`reload ${i}/${options.reloads}: fds ${s.fds}, rss ${(s.rssKiB / 1024).toFixed(1)} MiB, ok ${load.stats.ok}, failed ${load.stats.failed}`);
+        }
+      }
+    } finally {
+      await load.stop();
+    }
+    const requests = load.stats;
+    const end = samples[samples.length - 1];
+    const leftoverProcesses = await settle(() => stillPresent(oldRoots, aeterna, pid1), (l) => l.length === 0, 5000);
+    // A positive control for the leftover check: the serving generation must be seen as present.
+    const serving = await call(socketPath, { cmd: 'status' });
+    const servingSeen = 'status' in serving && serving.status.pid !== null && stillPresent([serving.status.pid], aeterna, pid1).length === 1;
+    const zombiesAtEnd = (await settle(() => zombies(aeterna, pid1), (z) => z.length === 0, 5000)).length;
+    const daemonExitCode = await d.stop();
+    durations.sort((a, b) => a - b);
+    const q = (f: number): number => durations[Math.min(durations.length - 1, Math.floor(f * durations.length))] ?? 0;
+    return {
+      reloads: options.reloads,
+      promoted,
+      pid1,
+      concurrency,
+      warmup,
+      requests,
+      fds: { start: start!.fds, end: end.fds },
+      rssKiB: { start: start!.rssKiB, end: end.rssKiB, max: Math.max(...samples.map((s) => s.rssKiB)) },
+      samples,
+      zombiesAtEnd,
+      leftoverProcesses,
+      servingSeen,
+      incomplete,
+      reloadMs: { min: durations[0] ?? 0, median: q(0.5), p99: q(0.99), max: durations[durations.length - 1] ?? 0 },
+      durationMs: Date.now() - began,
+      daemonExitCode,
+    };
+  } finally {
+    if (d.run.child.exitCode === null && d.run.child.signalCode === null) d.run.child.kill('SIGKILL');
+  }
+}
+
+/** The problems that fail a soak (empty when it passed). */
+export function soakFailures(r: SoakResult, rssBoundKiB = 20 * 1024): string[] {
+  const out: string[] = [];
+  if (r.promoted !== r.reloads) out.push(`${r.reloads - r.promoted} reloads not promoted`);
+  if (r.requests.failed !== 0) out.push(`${r.requests.failed} failed requests: ${JSON.stringify(r.requests.failures)}`);
+  if (r.requests.ok === 0) out.push('no request was served');
+  if (r.fds.end > r.fds.start) out.push(`fd count grew ${r.fds.start} -> ${r.fds.end}`);
+  if (r.rssKiB.end - r.rssKiB.start > rssBoundKiB) out.push(`RSS grew by ${r.rssKiB.end - r.rssKiB.start} KiB`);
+  if (r.zombiesAtEnd !== 0) out.push(`${r.zombiesAtEnd} zombies at the end`);
+  if (r.leftoverProcesses.length !== 0) out.push(`old generation processes still alive: ${r.leftoverProcesses.join(' ')}`);
+  if (!r.servingSeen) out.push('the serving generation was not found by the leftover check: the check is broken');
+  if (r.incomplete.length !== 0) out.push(`${r.incomplete.length} incomplete records, e.g. ${JSON.stringify(r.incomplete[0])}`);
+  if (r.daemonExitCode !== 0) out.push(`aeterna exited ${r.daemonExitCode}`);
+  return out;
+}
+
+export function formatReport(r: SoakResult, failures: string[], when = new Date()): string {
+  const mib = (kib: number): string => `${(kib / 1024).toFixed(1)} MiB`;
+  const lines = [
+    `# Soak run, ${when.toISOString().slice(0, 10)}`,
+    '',
+    `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/reload_app.js\``,
+    `under continuous keep-alive HTTP load (${r.concurrency} loops), Aeterna ${r.pid1 ? 'as PID 1 of a fresh PID namespace' : 'as a subreaper (not PID 1)'}.`,
+    `Baseline taken after ${r.warmup} warm-up reloads. Host: ${os.cpus().length} CPUs, ${os.type()} ${os.release()}, Node ${process.version}.`,
+    '',
+    `**Result: ${failures.length === 0 ? 'PASS' : 'FAIL'}**${failures.length ? `: ${failures.join('; ')}` : ''}`,
+    '',
+    '| measure | value |',
+    '| --- | --- |',
+    `| reloads promoted | ${r.promoted} / ${r.reloads} |`,
+    `| requests served / failed | ${r.requests.ok} / ${r.requests.failed}${r.requests.failed ? ` (${JSON.stringify(r.requests.failures)})` : ''} |`,
+    `| Aeterna fds, start → end | ${r.fds.start} → ${r.fds.end} |`,
+    `| Aeterna RSS, start → end (max) | ${mib(r.rssKiB.start)} → ${mib(r.rssKiB.end)} (${mib(r.rssKiB.max)}) |`,
+    `| zombies at the end | ${r.zombiesAtEnd} |`,
+    `| old-generation processes left | ${r.leftoverProcesses.length} |`,
+    `| incomplete reload records | ${r.incomplete.length} |`,
+    `| reload duration min / median / p99 / max | ${r.reloadMs.min} / ${r.reloadMs.median} / ${r.reloadMs.p99} / ${r.reloadMs.max} ms |`,
+    `| Aeterna exit code after SIGTERM | ${r.daemonExitCode} |`,
+    `| wall time | ${(r.durationMs / 1000).toFixed(0)} s |`,
+    '',
+    '## Samples',
+    '',
+    '| after reload | fds | RSS | V8 heap used | external |',
+    '| --- | --- | --- | --- | --- |',
+    ...r.samples.map((s) => `| ${s.reload} | ${s.fds} | ${mib(s.rssKiB)} | ${s.heapUsedKiB === null ? '?' : mib(s.heapUsedKiB)} | ${s.externalKiB === null ? '?' : mib(s.externalKiB)} |`),
+    '',
+  ];
+  return lines.join('\n');
+}
+
+function parseArgs(argv: string[]): SoakOptions & { out: string } {
+  const opts: SoakOptions & { out: string } = { reloads: 1000, out: path.join(ROOT, 'bench', 'results') };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const value = (): string => {
+      const v = argv[++i];
+      if (v === undefined) throw new Error(`${a} needs a value`);
+      return v;
+    };
+    if (a === '--reloads') opts.reloads = Number(value());
+    else if (a === '--concurrency') opts.concurrency = Number(value());
+    else if (a === '--warmup') opts.warmup = Number(value());
+    else if (a === '--no-pid1') opts.pid1 = false;
+    else if (a === '--out') opts.out = value();
+    else throw new Error(`unknown argument ${a} (known: --reloads N, --concurrency N, --warmup N, --no-pid1, --out DIR)`);
+  }
+  if (!Number.isInteger(opts.reloads) || opts.reloads < 1) throw new Error('--reloads must be a positive integer');
+  return opts;
+}
+
+async function main(): Promise<void> {
+  const opts = parseArgs(process.argv.slice(2));
+  console.log(`soak: ${opts.reloads} reloads under load...`);
+  const result = await runSoak({ ...opts, progress: (l) => console.log(l) });
+  const failures = soakFailures(result);
+  const when = new Date();
+  const report = formatReport(result, failures, when);
+  fs.mkdirSync(opts.out, { recursive: true });
+  const file = path.join(opts.out, `soak-${when.toISOString().slice(0, 10)}.md`);
+  fs.writeFileSync(file, report);
+  console.log(report);
+  console.log(`written to ${path.relative(process.cwd(), file)}`);
+  process.exit(failures.length === 0 ? 0 : 1);
+}
+
+if (require.main === module) {
+  main().catch((err: unknown) => {
+    console.error(err);
+    process.exit(2);
+  });
+}

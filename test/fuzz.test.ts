@@ -1,0 +1,467 @@
+// Property (fuzz) tests with fast-check: the config loader over random YAML
+// documents and random mutations of the valid example, `aeterna start` over
+// mutated configs (it exits 78 with a message, or starts: never an unhandled
+// exception), and the parsers of untrusted bytes: the control socket's line
+// codec and request parser, and the sd_notify datagram parser, over random
+// byte streams split at random points. (The State Relay's frame codec gets
+// its own property test when it lands.)
+//
+// fast-check prints the seed and the shrunk counterexample of a failure;
+// replay it with { seed, path } in the failing fc.assert call.
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import fc from 'fast-check';
+import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
+import { ConfigError, parseConfig } from '../src/config/load';
+import { AeternaError } from '../src/errors';
+import { COMMANDS, LineDecoder, LineTooLong, MAX_REQUEST_BYTES, encodeMessage, parseRequest, parseServerMessage, type ControlRequest } from '../src/control/protocol';
+import { parseNotify } from '../src/orchestrator/notify';
+import { ROOT, freePort, pidNamespaceUnavailable, runAeterna, tempDir } from './helpers/aeterna';
+
+const EXAMPLE_FILE = path.join(ROOT, 'configs', 'aeterna.yaml');
+const EXAMPLE = fs.readFileSync(EXAMPLE_FILE, 'utf8');
+
+/** The loader's contract: a Config, or a ConfigError whose every issue says where and what. Anything else is a bug. */
+function checkLoad(source: string, file = '/fuzz/aeterna.yaml'): 'ok' | 'invalid' {
+  try {
+    parseConfig(source, file);
+    return 'ok';
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw new Error(`parseConfig threw ${String(err)} (not a ConfigError) for:\n${source.slice(0, 2000)}`, { cause: err });
+    assert.equal(err.code, 'E_CONFIG_INVALID');
+    assert.ok(err.issues.length > 0, 'at least one issue');
+    const lines = source.split('\n').length;
+    for (const issue of err.issues) {
+      assert.ok(issue.message.length > 0, 'every issue has a message');
+      assert.equal(issue.file, file);
+      assert.ok(issue.line === 0 || (issue.line >= 1 && issue.line <= lines + 1), `issue line ${issue.line} is inside the file (${lines} lines)`);
+    }
+    assert.ok(err.message.includes(file), 'the message names the file');
+    return 'invalid';
+  }
+}
+
+// ---- random YAML ---------------------------------------------------------------------------
+
+/** Characters that make YAML interesting: indicators, quotes, anchors, tags, flow, block scalars. */
+const YAML_CHARS = [...'abcv1 :-?,[]{}#&*!|>\'"%@`\n\n\n  \t\\0.5e+~', 'version', 'service', 'command', 'listeners', ': ', '\n  ', '\n- ', '<<', '!!str', '!!binary', '&a ', '*a', '---', '...', '"\\u0000"', '\u00e9', '\ud83d\ude00', '\u0085', '\ufeff'];
+const yamlText = fc.array(fc.constantFrom(...YAML_CHARS), { maxLength: 200 }).map((parts) => parts.join(''));
+
+/**
+ * Plausible values of every type, including the ones validators trip over. Each value is a fresh copy:
+ * a mutation may write into it, and a shared constant would then change (even turn cyclic) for later runs.
+ */
+const weirdValue: fc.Arbitrary<unknown> = fc.oneof(
+  fc.constantFrom(null, true, false, 0, -1, 1, 65535, 65536, 2 ** 53, -0, 1.5, NaN, Infinity, '', ' ', '0', '0s', '1ms', '99999h', '1KiB', '2GiB', '0777', '0o777', 'tcp://127.0.0.1:0', 'tcp://[::1]:1', 'unix://', 'unix://rel/x.sock', 'x'.repeat(300), '\u0000', 'a\nb', '../..', '~', '${HOME}', 'KEY=VALUE', 'LISTEN_FDS=3', [], {}, [[]], [null], { a: 1 }),
+  fc.string({ maxLength: 20 }),
+  fc.integer(),
+  fc.double(),
+  fc.array(fc.string({ maxLength: 10 }), { maxLength: 4 }),
+).map((v) => structuredClone(v));
+
+/** Documents shaped like a config (the real keys at the real places) with random values. */
+const KEYS: Record<string, string[]> = {
+  '': ['version', 'service', 'orchestration', 'control', 'observability', 'bogus'],
+  service: ['name', 'command', 'env', 'cwd', 'user', 'group', 'listeners', 'stop_timeout', 'restart'],
+  'service.restart': ['policy', 'max_restarts', 'window'],
+  orchestration: ['strategy', 'soak_time', 'readiness', 'state_handoff'],
+  'orchestration.readiness': ['mode', 'timeout', 'delay', 'command', 'interval'],
+  'orchestration.state_handoff': ['enabled', 'socket_path', 'timeout', 'max_frame'],
+  control: ['socket_path'],
+  observability: ['metrics_port', 'log_level'],
+};
+function configShaped(prefix = ''): fc.Arbitrary<Record<string, unknown>> {
+  const keys = KEYS[prefix];
+  const entries: Record<string, fc.Arbitrary<unknown>> = {};
+  for (const key of keys) {
+    const full = prefix ? `${prefix}.${key}` : key;
+    entries[key] = KEYS[full] ? fc.oneof({ weight: 3, arbitrary: configShaped(full) }, { weight: 1, arbitrary: weirdValue }) : key === 'listeners' ? fc.array(fc.record({ name: weirdValue, address: weirdValue, backlog: weirdValue, mode: weirdValue }, { requiredKeys: [] }), { maxLength: 3 }) : weirdValue;
+  }
+  return fc.record(entries, { requiredKeys: [] });
+}
+
+// ---- mutations of a valid config -----------------------------------------------------------
+
+type TextMutation = { kind: 'delete-line' | 'duplicate-line' | 'swap-lines' | 'truncate' | 'insert' | 'replace-char' | 'indent' | 'dedent'; at: number; other: number; text: string };
+const textMutation: fc.Arbitrary<TextMutation> = fc.record({
+  kind: fc.constantFrom('delete-line', 'duplicate-line', 'swap-lines', 'truncate', 'insert', 'replace-char', 'indent', 'dedent'),
+  at: fc.nat(),
+  other: fc.nat(),
+  text: fc.constantFrom(...YAML_CHARS),
+});
+
+function applyText(source: string, m: TextMutation): string {
+  const lines = source.split('\n');
+  const i = m.at % lines.length;
+  const j = m.other % lines.length;
+  switch (m.kind) {
+    case 'delete-line':
+      lines.splice(i, 1);
+      return lines.join('\n');
+    case 'duplicate-line':
+      lines.splice(i, 0, lines[i]);
+      return lines.join('\n');
+    case 'swap-lines':
+      [lines[i], lines[j]] = [lines[j], lines[i]];
+      return lines.join('\n');
+    case 'indent':
+      lines[i] = '  ' + lines[i];
+      return lines.join('\n');
+    case 'dedent':
+      lines[i] = lines[i].replace(/^ {1,2}/, '');
+      return lines.join('\n');
+    case 'truncate':
+      return source.slice(0, m.at % (source.length + 1));
+    case 'insert': {
+      const at = m.at % (source.length + 1);
+      return source.slice(0, at) + m.text + source.slice(at);
+    }
+    case 'replace-char': {
+      const at = m.at % Math.max(1, source.length);
+      return source.slice(0, at) + m.text + source.slice(at + 1);
+    }
+  }
+}
+
+/** Every path to a value in a plain tree (maps and lists). */
+function valuePaths(value: unknown, prefix: Array<string | number> = []): Array<Array<string | number>> {
+  const out: Array<Array<string | number>> = [prefix];
+  if (Array.isArray(value)) value.forEach((v, i) => out.push(...valuePaths(v, [...prefix, i])));
+  else if (value !== null && typeof value === 'object') for (const [k, v] of Object.entries(value)) out.push(...valuePaths(v, [...prefix, k]));
+  return out;
+}
+
+type TreeMutation = { which: number; action: 'set' | 'delete'; value: unknown };
+const treeMutation: fc.Arbitrary<TreeMutation> = fc.record({ which: fc.nat(), action: fc.constantFrom('set', 'set', 'delete'), value: weirdValue });
+
+/** Replace (or delete) the value at one path of the parsed config; returns the new YAML text. */
+function applyTree(source: string, mutations: TreeMutation[]): string {
+  const tree = parseYaml(source) as Record<string, unknown>;
+  const root: unknown = tree;
+  for (const m of mutations) {
+    const paths = valuePaths(root).filter((p) => p.length > 0);
+    if (paths.length === 0) break;
+    const p = paths[m.which % paths.length];
+    let parent = root as Record<string | number, unknown>;
+    for (const k of p.slice(0, -1)) parent = parent[k] as Record<string | number, unknown>;
+    const last = p[p.length - 1];
+    if (m.action === 'delete') {
+      if (Array.isArray(parent)) parent.splice(last as number, 1);
+      else delete parent[last];
+    } else {
+      parent[last] = structuredClone(m.value);
+    }
+  }
+  return stringifyYaml(root);
+}
+
+describe('config loader under random input (property)', () => {
+  it('random YAML-ish text: a Config or a ConfigError with file:line, never another exception', () => {
+    fc.assert(fc.property(yamlText, (text) => void checkLoad(text)), { numRuns: 3000 });
+  });
+
+  it('random documents (any JSON value as YAML): a Config or a ConfigError, never another exception', () => {
+    fc.assert(fc.property(fc.jsonValue({ maxDepth: 4 }), (value) => void checkLoad(stringifyYaml(value))), { numRuns: 1000 });
+  });
+
+  it('random config-shaped documents (real keys, random values of every type): never another exception', () => {
+    fc.assert(
+      fc.property(configShaped(), (doc) => void checkLoad(stringifyYaml(doc))),
+      { numRuns: 2000 },
+    );
+  });
+
+  it('random text mutations of the valid example (configs/aeterna.yaml): never another exception', () => {
+    assert.equal(checkLoad(EXAMPLE, EXAMPLE_FILE), 'ok', 'the example itself is valid');
+    const counts = { ok: 0, invalid: 0 };
+    fc.assert(
+      fc.property(fc.array(textMutation, { minLength: 1, maxLength: 4 }), (ms) => {
+        counts[checkLoad(ms.reduce(applyText, EXAMPLE), EXAMPLE_FILE)]++;
+      }),
+      { numRuns: 2000 },
+    );
+    // Some mutations (a deleted comment line, say) leave it valid: the property saw both sides.
+    assert.ok(counts.ok > 0 && counts.invalid > 0, JSON.stringify(counts));
+  });
+
+  it('random value mutations of the valid example (set or delete any value): never another exception', () => {
+    const counts = { ok: 0, invalid: 0 };
+    fc.assert(
+      fc.property(fc.array(treeMutation, { minLength: 1, maxLength: 3 }), (ms) => {
+        counts[checkLoad(applyTree(EXAMPLE, ms), EXAMPLE_FILE)]++;
+      }),
+      { numRuns: 2000 },
+    );
+    assert.ok(counts.ok > 0 && counts.invalid > 0, JSON.stringify(counts));
+  });
+
+  it('an alias bomb ("billion laughs") is refused with a message, not expanded', () => {
+    const levels = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]'];
+    for (let i = 1; i < 9; i++) levels.push(`${String.fromCharCode(97 + i)}: &${String.fromCharCode(97 + i)} [${Array(10).fill(`*${String.fromCharCode(96 + i)}`).join(',')}]`);
+    const bomb = `version: "v1"\n${levels.join('\n')}\n`;
+    assert.throws(() => parseConfig(bomb, '/fuzz/bomb.yaml'), (err) => err instanceof ConfigError && /too many values/.test(err.message));
+  });
+});
+
+// ---- aeterna start over mutated configs ----------------------------------------------------
+
+const startSkip = pidNamespaceUnavailable();
+
+describe('`aeterna start` over mutated configs (property)', { timeout: 240000, skip: startSkip ? `needs a private mount namespace: ${startSkip}` : false }, () => {
+  it('exits 78 with the issues, or starts (and stops on SIGTERM); never an unhandled exception', async () => {
+    const port = await freePort();
+    const metrics = await freePort();
+    const seen = { invalid: 0, started: 0 };
+    await fc.assert(
+      // Deletions are weighted up here: most leave a valid config, so the daemon's own start path is fuzzed too.
+      fc.asyncProperty(fc.array(fc.record({ which: fc.nat(), action: fc.constantFrom<'set' | 'delete'>('set', 'delete', 'delete'), value: weirdValue }), { minLength: 1, maxLength: 2 }), async (ms) => {
+        const dir = tempDir('aeterna-fuzz-');
+        try {
+          // A valid config whose every path is inside dir: a mutation that deletes a path
+          // falls back to a default under /run, which is a private tmpfs in the namespace below.
+          const base = `version: "v1"
+service:
+  name: "fuzz"
+  command: ["sleep", "60"]
+  env: ["A=1"]
+  cwd: "${dir}"
+  listeners:
+    - name: "http"
+      address: "tcp://127.0.0.1:${port}"
+      backlog: 16
+  stop_timeout: "2s"
+  restart: { policy: "never", max_restarts: 1, window: "10s" }
+orchestration:
+  strategy: "canary"
+  soak_time: "1s"
+  readiness: { mode: "delay", delay: "10ms", timeout: "5s" }
+  state_handoff: { enabled: false, socket_path: "${dir}/state.sock", timeout: "1s", max_frame: "1MiB" }
+control:
+  socket_path: "${dir}/control.sock"
+observability:
+  metrics_port: "127.0.0.1:${metrics}"
+  log_level: "info"
+`;
+          const file = path.join(dir, 'aeterna.yaml');
+          fs.writeFileSync(file, applyTree(base, ms));
+          // As PID 1 of new PID and mount namespaces, with a private /run: nothing it does can reach the host's.
+          const run = runAeterna(['start', '-c', file], { pid1: true, prefix: ['sh', '-c', 'mount -t tmpfs tmpfs /run && exec "$@"', 'sh'] });
+          const first = await Promise.race([
+            run.exited.then(() => 'exited' as const),
+            run.waitFor(/"name":"aeterna"/, 30000).then(() => 'logged' as const, () => 'exited' as const),
+          ]);
+          if (first === 'logged') await run.signal('SIGTERM');
+          const exit = await run.exit(30000);
+          const detail = `exit ${exit.code}\nconfig:\n${fs.readFileSync(file, 'utf8')}\nstderr:\n${run.stderr.slice(0, 3000)}`;
+          assert.doesNotMatch(run.stderr, /internal error|Uncaught|UnhandledPromiseRejection|^\s+at /m, `an unhandled exception: ${detail}`);
+          if (exit.code === 78) {
+            assert.match(run.stderr, /^aeterna: invalid configuration\n/, detail);
+            assert.match(run.stderr, new RegExp(`${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}:(\\d+:\\d+)? `), `the issues name the file: ${detail}`);
+            seen.invalid++;
+          } else {
+            // It started, and ended on its own terms: "aeterna exiting" after the stop, or a start
+            // failure logged with its code (a listener or the metrics port it could not have).
+            const logs = run.logs();
+            assert.ok(logs.some((l) => l.msg === 'aeterna exiting' || (l.level === 'error' && typeof l.code === 'string' && l.code.startsWith('E_'))), `a clean end: ${detail}`);
+            assert.ok(exit.code !== null && exit.code !== 70, detail);
+            seen.started++;
+          }
+        } finally {
+          fs.rmSync(dir, { recursive: true, force: true });
+        }
+      }),
+      { numRuns: 20, endOnFailure: true, includeErrorInReport: true },
+    );
+    console.log(`# aeterna start over mutated configs: ${JSON.stringify(seen)}`);
+    assert.ok(seen.invalid > 0, 'some mutations were refused');
+  });
+});
+
+// ---- protocol parsers ----------------------------------------------------------------------
+
+/** Bytes with plenty of newlines and UTF-8 edge cases. */
+const streamBytes = fc.array(
+  fc.oneof(
+    { weight: 5, arbitrary: fc.integer({ min: 0, max: 255 }) },
+    { weight: 2, arbitrary: fc.constant(0x0a) },
+    { weight: 1, arbitrary: fc.constantFrom(0x7b, 0x7d, 0x22, 0x3a, 0xc3, 0xe2, 0xf0, 0x80, 0xbf, 0x0d, 0x00) },
+  ),
+  { maxLength: 600 },
+).map((bytes) => Buffer.from(bytes));
+
+/** Split a buffer at random points. */
+const chunked = (data: fc.Arbitrary<Buffer>): fc.Arbitrary<{ data: Buffer; chunks: Buffer[] }> =>
+  data.chain((buf) =>
+    fc.uniqueArray(fc.integer({ min: 0, max: buf.length }), { maxLength: 12 }).map((cuts) => {
+      const points = [0, ...cuts.sort((a, b) => a - b), buf.length];
+      const chunks: Buffer[] = [];
+      for (let i = 1; i < points.length; i++) chunks.push(buf.subarray(points[i - 1], points[i]));
+      return { data: buf, chunks };
+    }),
+  );
+
+/** What LineDecoder must do, computed on the whole stream: the lines each push returns, or the push that throws. */
+function modelDecode(chunks: Buffer[], max: number): { pushes: Array<string[] | 'throws'>; rest: string | null } {
+  const pushes: Array<string[] | 'throws'> = [];
+  let pending = Buffer.alloc(0);
+  for (const chunk of chunks) {
+    const all = Buffer.concat([pending, chunk]);
+    const parts: Buffer[] = [];
+    let start = 0;
+    let nl: number;
+    while ((nl = all.indexOf(0x0a, start)) !== -1) {
+      parts.push(all.subarray(start, nl));
+      start = nl + 1;
+    }
+    const tail = all.subarray(start);
+    if (parts.some((p) => p.length > max) || tail.length > max) {
+      pushes.push('throws');
+      return { pushes, rest: null };
+    }
+    pushes.push(parts.map((p) => p.toString('latin1')));
+    pending = Buffer.from(tail);
+  }
+  return { pushes, rest: pending.length > 0 ? pending.toString('latin1') : null };
+}
+
+const validRequest: fc.Arbitrary<ControlRequest> = fc.oneof(
+  fc.constantFrom<ControlRequest>({ cmd: 'status' }, { cmd: 'promote' }, { cmd: 'rollback' }, { cmd: 'stop' }),
+  fc.boolean().map((wait): ControlRequest => ({ cmd: 'reload', wait })),
+);
+
+/** Random request-like objects: real and fake commands, extra keys, values of every type. */
+const requestLike = fc
+  .record({ cmd: fc.oneof(fc.constantFrom(...COMMANDS), fc.string(), weirdValue), wait: fc.oneof(fc.boolean(), weirdValue), extra: weirdValue }, { requiredKeys: [] })
+  .map((o) => Buffer.from(JSON.stringify(o)));
+
+function checkParseRequest(line: Buffer): void {
+  let request: ControlRequest;
+  try {
+    request = parseRequest(line);
+  } catch (err) {
+    if (!(err instanceof AeternaError)) throw new Error(`parseRequest threw ${String(err)} for ${JSON.stringify(line.toString('latin1'))}`, { cause: err });
+    assert.equal(err.code, 'E_CONTROL_BAD_REQUEST');
+    assert.ok(err.message.length > 0);
+    return;
+  }
+  assert.ok((COMMANDS as readonly string[]).includes(request.cmd));
+  assert.deepEqual(Object.keys(request).sort(), request.cmd === 'reload' ? ['cmd', 'wait'] : ['cmd']);
+  if (request.cmd === 'reload') assert.equal(typeof request.wait, 'boolean');
+}
+
+describe('control protocol under random byte streams (property)', () => {
+  it('LineDecoder: any stream split at any points gives exactly the lines of the whole stream, and refuses an over-long line while buffering', () => {
+    fc.assert(
+      fc.property(chunked(streamBytes), fc.integer({ min: 1, max: 120 }), ({ chunks }, max) => {
+        const expected = modelDecode(chunks, max);
+        const decoder = new LineDecoder(max);
+        for (let i = 0; i < expected.pushes.length; i++) {
+          const want = expected.pushes[i];
+          if (want === 'throws') {
+            assert.throws(() => decoder.push(chunks[i]), LineTooLong);
+            return;
+          }
+          assert.deepEqual(decoder.push(chunks[i]).map((l) => l.toString('latin1')), want);
+        }
+        assert.equal(decoder.flush()?.toString('latin1') ?? null, expected.rest);
+      }),
+      { numRuns: 3000 },
+    );
+  });
+
+  it('LineDecoder: the same stream split two different ways gives the same lines', () => {
+    fc.assert(
+      fc.property(streamBytes.chain((b) => fc.tuple(chunked(fc.constant(b)), chunked(fc.constant(b)))), ([a, b]) => {
+        const run = (chunks: Buffer[]): string[] => {
+          const d = new LineDecoder(1 << 20);
+          const out = chunks.flatMap((c) => d.push(c).map((l) => l.toString('latin1')));
+          const rest = d.flush();
+          return rest ? [...out, rest.toString('latin1')] : out;
+        };
+        assert.deepEqual(run(a.chunks), run(b.chunks));
+      }),
+      { numRuns: 1000 },
+    );
+  });
+
+  it('parseRequest: random bytes, random JSON and request-like objects give a valid request or E_CONTROL_BAD_REQUEST, never another exception', () => {
+    fc.assert(fc.property(streamBytes, checkParseRequest), { numRuns: 3000 });
+    fc.assert(fc.property(fc.jsonValue({ maxDepth: 3 }), (v) => checkParseRequest(Buffer.from(JSON.stringify(v) ?? 'null'))), { numRuns: 1000 });
+    fc.assert(fc.property(requestLike, checkParseRequest), { numRuns: 2000 });
+  });
+
+  it('parseRequest: every valid request survives encode -> bytes split anywhere -> decode -> parse', () => {
+    fc.assert(
+      fc.property(fc.array(validRequest, { minLength: 1, maxLength: 5 }), fc.array(fc.nat(), { maxLength: 8 }), (requests, cuts) => {
+        const wire = Buffer.from(requests.map((r) => encodeMessage(r)).join(''));
+        const points = [...new Set(cuts.map((c) => c % (wire.length + 1)))].sort((a, b) => a - b);
+        const decoder = new LineDecoder(MAX_REQUEST_BYTES);
+        const lines: Buffer[] = [];
+        let prev = 0;
+        for (const p of [...points, wire.length]) {
+          lines.push(...decoder.push(wire.subarray(prev, p)));
+          prev = p;
+        }
+        assert.equal(decoder.flush(), null);
+        assert.deepEqual(lines.map(parseRequest), requests);
+      }),
+      { numRuns: 1000 },
+    );
+  });
+
+  it('a stream of valid requests and garbage, split anywhere: only LineTooLong or E_CONTROL_BAD_REQUEST, and the valid lines still parse', () => {
+    const piece = fc.oneof(validRequest.map((r) => Buffer.from(encodeMessage(r))), streamBytes, requestLike.map((b) => Buffer.concat([b, Buffer.from('\n')])));
+    fc.assert(
+      fc.property(chunked(fc.array(piece, { maxLength: 8 }).map((ps) => Buffer.concat(ps))), ({ chunks }) => {
+        const decoder = new LineDecoder(256);
+        for (const chunk of chunks) {
+          let lines: Buffer[];
+          try {
+            lines = decoder.push(chunk);
+          } catch (err) {
+            assert.ok(err instanceof LineTooLong, String(err));
+            return;
+          }
+          lines.forEach(checkParseRequest);
+        }
+      }),
+      { numRuns: 2000 },
+    );
+  });
+
+  it('parseServerMessage (the CLI side): random lines give a message or a plain Error, never anything else', () => {
+    const serverish = fc
+      .record({ type: fc.oneof(fc.constantFrom('event', 'result', 'error'), weirdValue), ok: weirdValue, code: weirdValue, message: weirdValue, event: weirdValue }, { requiredKeys: [] })
+      .map((o) => Buffer.from(JSON.stringify(o)));
+    fc.assert(
+      fc.property(fc.oneof(streamBytes, serverish), (line) => {
+        try {
+          const m = parseServerMessage(line);
+          assert.ok(['event', 'result', 'error'].includes(m.type));
+        } catch (err) {
+          assert.ok(err instanceof Error, String(err));
+        }
+      }),
+      { numRuns: 3000 },
+    );
+  });
+});
+
+describe('sd_notify datagram parser under random bytes (property)', () => {
+  it('parseNotify: null or KEY=VALUE fields, never an exception', () => {
+    const notifyish = fc.array(fc.oneof(fc.constantFrom('READY=1', 'STATUS=x', 'STOPPING=1', 'MAINPID=1', '=', 'READY', '\n', '\n\n'), fc.string({ maxLength: 8 })), { maxLength: 6 }).map((p) => Buffer.from(p.join('\n')));
+    fc.assert(
+      fc.property(fc.oneof(streamBytes, notifyish), (data) => {
+        const fields = parseNotify(data);
+        if (fields === null) return;
+        for (const [k, v] of fields) {
+          assert.ok(k.length > 0 && !k.includes('\n') && !k.includes('='), `key ${JSON.stringify(k)}`);
+          assert.ok(!v.includes('\n'));
+        }
+      }),
+      { numRuns: 3000 },
+    );
+  });
+});

@@ -1,0 +1,31 @@
+// The CI version of `make soak` (bench/soak.ts, the same code): consecutive
+// reloads of a real daemon under continuous HTTP load, then the state checks.
+// Counts and states only; the long run's numbers go to bench/results/.
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { runSoak, soakFailures } from '../bench/soak';
+
+const RELOADS = 25;
+
+describe('soak (short CI version of make soak)', { timeout: 300000 }, () => {
+  it(`${RELOADS} consecutive reloads under load: zero failed requests, fds and RSS flat, zero zombies, every record complete`, async () => {
+    const r = await runSoak({ reloads: RELOADS, concurrency: 4, warmup: 10 });
+    console.log(
+      `# soak: ${r.promoted}/${r.reloads} promoted, ${r.requests.ok} requests ok, ${r.requests.failed} failed; ` +
+        `fds ${r.fds.start} -> ${r.fds.end}; RSS ${r.rssKiB.start} -> ${r.rssKiB.end} KiB; zombies ${r.zombiesAtEnd}; pid1 ${r.pid1}`,
+    );
+    assert.equal(r.promoted, RELOADS);
+    assert.equal(r.requests.failed, 0, JSON.stringify(r.requests.failures));
+    assert.ok(r.requests.ok > RELOADS, `requests were served throughout (${r.requests.ok})`);
+    // Exactly equal: measured once the reload's own control connection has closed
+    // (a reload's connection still closing would be the only legitimate +1).
+    assert.equal(r.fds.end, r.fds.start, `fd count ${r.fds.start} -> ${r.fds.end}`);
+    assert.ok(r.rssKiB.end - r.rssKiB.start < 20 * 1024, `RSS grew ${r.rssKiB.end - r.rssKiB.start} KiB`);
+    assert.equal(r.zombiesAtEnd, 0);
+    assert.ok(r.servingSeen, 'the leftover-process check sees the serving generation (it can fail)');
+    assert.deepEqual(r.leftoverProcesses, [], 'every old generation is gone');
+    assert.deepEqual(r.incomplete, [], 'every reload record is complete');
+    assert.equal(r.daemonExitCode, 0);
+    assert.deepEqual(soakFailures(r), []);
+  });
+});
