@@ -155,6 +155,27 @@ describe('state relay', { timeout: 180000 }, () => {
   });
 });
 
+describe('state relay: what it exposes', { timeout: 60000 }, () => {
+  it('the state socket is mode 0600; the metrics count relayed bytes but never show the state', async () => {
+    const metricsPort = await freePort();
+    const { d, port } = await started({ metricsPort });
+    assert.equal(fs.statSync(`${d.dir}/state.sock`).mode & 0o777, 0o600);
+    await request(port, 'POST', '/sessions/s1/messages', 'top-secret-session-content');
+    assert.equal((await d.cli('reload')).code, 0);
+    const metrics = await new Promise<string>((resolve, reject) =>
+      http.get({ host: '127.0.0.1', port: metricsPort, path: '/metrics' }, (res) => {
+        let body = '';
+        res.on('data', (c: Buffer) => (body += c));
+        res.on('end', () => resolve(body));
+      }).on('error', reject),
+    );
+    assert.match(metrics, /^aeterna_state_handoff_bytes_total [1-9]\d*$/m);
+    assert.match(metrics, /^aeterna_state_handoff_duration_seconds_count 1$/m);
+    assert.doesNotMatch(metrics, /top-secret-session-content/);
+    assert.equal(await d.stop(), 0);
+  });
+});
+
 describe('a final sync cut short', { timeout: 120000 }, () => {
   it('the serving generation refuses the rest and keeps its relay connection for the next reload', async () => {
     const { d, port } = await started({ env: ['STATE_MODE=binary', `BLOB_BYTES=${64 << 20}`, 'FINAL_DIE_MID=1'] });

@@ -108,7 +108,6 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
         frame = this.decoder.next();
         if (frame === null) return;
         this.handle(frame);
-        this.decoder.checkUnclaimed(frame);
       } catch (err) {
         if (err instanceof SrpError) this.fail(err.code, err.message);
         else this.close(err as Error);
@@ -123,12 +122,14 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
         throw new SrpError('bad_frame', `data frame of ${frame.payload.length} bytes where only ${this.dataRemaining} were announced`);
       }
       this.dataRemaining -= frame.payload.length;
+      this.decoder.checkUnclaimed(frame); // data frames carry no fds
       this.emit('data', frame.payload, frame.raw, this.dataRemaining);
       return;
     }
     const message = parseMessage(frame.payload);
     const named = message.op === 'state' || message.op === 'load' ? (message.fds ?? []) : [];
     const fds = this.decoder.claimFds(frame, named.length);
+    this.decoder.checkUnclaimed(frame); // before acting on the message: stray fds make the frame itself invalid
     if ((message.op === 'state' || message.op === 'load') && message.transport !== 'memfd') {
       this.dataRemaining = message.size;
     }
