@@ -5,7 +5,7 @@ NODE_MODULES := node_modules/.package-lock.json
 ADDON := build/Release/aeterna.node
 TESTS ?= dist/test/*.test.js
 
-.PHONY: all build demo test bench soak clean
+.PHONY: all build demo test bench soak clean prebuild
 
 all: build
 
@@ -20,7 +20,7 @@ build: $(NODE_MODULES) $(ADDON)
 	npx tsc -p tsconfig.json
 
 demo: build
-	node bin/aeterna.js start -c examples/demo/aeterna.yaml
+	node bin/aeterna.js start -c examples/llm-agent/aeterna.yaml
 
 test: build
 	node --test --test-concurrency=2 $(TESTS)
@@ -32,6 +32,12 @@ bench: build
 # The long reliability run: 1,000 reloads under load (CI runs a short version in the tests).
 soak: build
 	node dist/bench/soak.js $(SOAK_ARGS)
+
+# The prebuilt addon for this platform (prebuilds/linux-x64/aeterna.glibc.node, prebuildify --napi), which the
+# npm tarball ships so that installs need no compiler. Run it right before `npm pack` / `npm publish`.
+# prebuildify builds in build/ and moves the result away: the next `make build` redoes the source build.
+prebuild: $(NODE_MODULES)
+	npm run build:prebuilds
 
 clean:
 	rm -rf dist build
