@@ -16,27 +16,13 @@ import type { ReloadEvent, ReloadRecord } from '../src/orchestrator/types';
 import { ROOT, fixture, freePort, pidNamespaceUnavailable } from '../test/helpers/aeterna';
 import { Daemon } from '../test/helpers/daemon';
 import { getText, startLoad, type LoadStats } from '../test/helpers/load';
+import { procStat, type ProcStat } from '../src/supervisor/proctree';
 
 // ---- /proc helpers ------------------------------------------------------------------------
 
-export interface ProcInfo {
-  pid: number;
-  state: string;
-  ppid: number;
-  pgrp: number;
-  sid: number;
-}
-
+export type ProcInfo = ProcStat;
 /** /proc/<pid>/stat, or null when there is no such process (not even a zombie). */
-export function procInfo(pid: number): ProcInfo | null {
-  try {
-    const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
-    return { pid, state: f[0], ppid: Number(f[1]), pgrp: Number(f[2]), sid: Number(f[3]) };
-  } catch {
-    return null;
-  }
-}
+export const procInfo = procStat;
 
 /** Every process on the host (as seen from here). */
 export function allProcesses(): ProcInfo[] {

@@ -11,11 +11,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { call } from '../src/control/client';
 import type { StatusReport } from '../src/orchestrator/types';
 import { allProcesses, fdCount, generationProcesses, isGone, settle, zombies } from '../bench/soak';
 import { fixture, freePort } from './helpers/aeterna';
-import { Daemon, cli, type ConfigOptions } from './helpers/daemon';
+import { Daemon, cli, type ConfigOptions, socketOf, statusOf } from './helpers/daemon';
 import { getJson, startLoad } from './helpers/load';
 
 const APP = [process.execPath, fixture('faults', 'app.js')];
@@ -35,17 +34,6 @@ function killGroup(pgrp: number): void {
   } catch {
     // already gone
   }
-}
-
-function socketOf(d: Daemon): string {
-  return path.join(d.dir, 'control.sock');
-}
-
-/** The full status report, straight from the control socket. */
-async function statusOf(d: Daemon): Promise<StatusReport> {
-  const r = await call(socketOf(d), { cmd: 'status' });
-  assert.ok('status' in r);
-  return r.status;
 }
 
 async function waitState(d: Daemon, state: string, timeoutMs = 20000): Promise<StatusReport> {

@@ -12,13 +12,10 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
-import path from 'node:path';
-import { call } from '../src/control/client';
 import { LineDecoder, type ServerMessage } from '../src/control/protocol';
-import type { StatusReport } from '../src/orchestrator/types';
 import { allProcesses, fdCount, rssKiB, settle } from '../bench/soak';
 import { fixture, freePort } from './helpers/aeterna';
-import { Daemon } from './helpers/daemon';
+import { Daemon, socketOf, statusOf } from './helpers/daemon';
 import { getJson } from './helpers/load';
 
 const APP = [process.execPath, fixture('faults', 'app.js')];
@@ -38,16 +35,6 @@ after(() => {
     d.run.child.kill('SIGKILL');
   }
 });
-
-function socketOf(d: Daemon): string {
-  return path.join(d.dir, 'control.sock');
-}
-
-async function statusOf(d: Daemon): Promise<StatusReport> {
-  const r = await call(socketOf(d), { cmd: 'status' });
-  assert.ok('status' in r);
-  return r.status;
-}
 
 interface Exchange {
   messages: ServerMessage[];

@@ -4,10 +4,12 @@
 // datagrams and SRP connections to a generation, by the pid the kernel reports.
 import fs from 'node:fs';
 
-interface ProcStat {
-  ppid: number;
-  sid: number;
+export interface ProcStat {
+  pid: number;
   state: string;
+  ppid: number;
+  pgrp: number;
+  sid: number;
 }
 
 export function procStat(pid: number): ProcStat | null {
@@ -15,7 +17,7 @@ export function procStat(pid: number): ProcStat | null {
     const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
     // The command name may contain spaces and parentheses: fields start after the last ')'.
     const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
-    return { state: fields[0], ppid: Number(fields[1]), sid: Number(fields[3]) };
+    return { pid, state: fields[0], ppid: Number(fields[1]), pgrp: Number(fields[2]), sid: Number(fields[3]) };
   } catch {
     return null;
   }

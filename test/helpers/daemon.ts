@@ -4,6 +4,8 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CLI, ROOT, runAeterna, tempDir, type AeternaRun } from './aeterna';
+import { call } from '../../src/control/client';
+import type { StatusReport } from '../../src/orchestrator/types';
 
 export interface CliResult {
   code: number | null;
@@ -106,4 +108,16 @@ export class Daemon {
     if (this.run.child.exitCode === null) await this.run.signal('SIGTERM');
     return (await this.run.exit()).code;
   }
+}
+
+/** The daemon's control socket. */
+export function socketOf(d: Daemon): string {
+  return path.join(d.dir, 'control.sock');
+}
+
+/** The full status report, straight from the control socket (no CLI process). */
+export async function statusOf(d: Daemon): Promise<StatusReport> {
+  const r = await call(socketOf(d), { cmd: 'status' });
+  if (!('status' in r)) throw new Error('status answered without a report');
+  return r.status;
 }
