@@ -73,22 +73,7 @@ export function startLoad(port: number, options: { concurrency?: number; timeout
 
 /** One GET; resolves with the parsed JSON body. */
 export function getJson<T = Record<string, unknown>>(port: number, path = '/'): Promise<T> {
-  return new Promise((resolve, reject) => {
-    http
-      .get({ host: '127.0.0.1', port, path, agent: false }, (res) => {
-        let body = '';
-        res.setEncoding('utf8');
-        res.on('data', (d: string) => (body += d));
-        res.on('end', () => {
-          try {
-            resolve(JSON.parse(body) as T);
-          } catch (err) {
-            reject(err);
-          }
-        });
-      })
-      .on('error', reject);
-  });
+  return requestJson<T>(port, 'GET', path);
 }
 
 /** One GET; resolves with status and text body. */
