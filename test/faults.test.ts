@@ -12,20 +12,16 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import type { StatusReport } from '../src/orchestrator/types';
-import { allProcesses, fdCount, generationProcesses, isGone, settle, zombies } from '../bench/soak';
+import { fdCount, generationProcesses, isGone, settle, zombies } from '../bench/soak';
 import { fixture, freePort } from './helpers/aeterna';
 import { Daemon, cli, type ConfigOptions, socketOf, statusOf } from './helpers/daemon';
 import { getJson, startLoad } from './helpers/load';
 
 const APP = [process.execPath, fixture('faults', 'app.js')];
 const daemons: Daemon[] = [];
-after(() => {
-  for (const d of daemons) {
-    if (d.run.child.exitCode !== null || d.run.child.signalCode !== null) continue;
-    // A daemon left by a failed test: kill its generations' process groups first, or they outlive it.
-    for (const p of allProcesses()) if (p.ppid === d.run.child.pid) killGroup(p.pgrp);
-    d.run.child.kill('SIGKILL');
-  }
+after(async () => {
+  // A daemon left by a failed test: kill it with every generation it started (see AeternaRun.killAll).
+  for (const d of daemons) await d.run.killAll();
 });
 
 function killGroup(pgrp: number): void {

@@ -13,7 +13,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import { LineDecoder, type ServerMessage } from '../src/control/protocol';
-import { allProcesses, fdCount, rssKiB, settle } from '../bench/soak';
+import { fdCount, rssKiB, settle } from '../bench/soak';
 import { fixture, freePort } from './helpers/aeterna';
 import { Daemon, socketOf, statusOf } from './helpers/daemon';
 import { getJson } from './helpers/load';
@@ -21,19 +21,9 @@ import { getJson } from './helpers/load';
 const APP = [process.execPath, fixture('faults', 'app.js')];
 const MiB = 1024;
 const daemons: Daemon[] = [];
-after(() => {
-  for (const d of daemons) {
-    if (d.run.child.exitCode !== null || d.run.child.signalCode !== null) continue;
-    for (const p of allProcesses()) {
-      if (p.ppid !== d.run.child.pid) continue;
-      try {
-        process.kill(-p.pgrp, 'SIGKILL');
-      } catch {
-        // gone
-      }
-    }
-    d.run.child.kill('SIGKILL');
-  }
+after(async () => {
+  // A daemon left by a failed test: kill it with every generation it started (see AeternaRun.killAll).
+  for (const d of daemons) await d.run.killAll();
 });
 
 interface Exchange {

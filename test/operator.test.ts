@@ -11,8 +11,8 @@ import { getText } from './helpers/load';
 
 const APP = [process.execPath, fixture('apps', 'reload_app.js')];
 const daemons: Daemon[] = [];
-after(() => {
-  for (const d of daemons) if (d.run.child.exitCode === null) d.run.child.kill('SIGKILL');
+after(async () => {
+  for (const d of daemons) await d.run.killAll();
 });
 
 /** The value of one Prometheus sample line, or null when absent. */

@@ -11,7 +11,7 @@ import { getJson, startLoad } from './helpers/load';
 const APP = [process.execPath, fixture('apps', 'reload_app.js')];
 const daemons: Daemon[] = [];
 after(async () => {
-  for (const d of daemons) if (d.run.child.exitCode === null) d.run.child.kill('SIGKILL');
+  for (const d of daemons) await d.run.killAll();
 });
 
 async function started(options: Omit<ConfigOptions, 'port'> & { port?: number }): Promise<{ d: Daemon; port: number }> {

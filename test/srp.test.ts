@@ -13,8 +13,8 @@ import { requestJson } from './helpers/load';
 
 const APP = [process.execPath, fixture('apps', 'stateful_app.js')];
 const daemons: Daemon[] = [];
-after(() => {
-  for (const d of daemons) if (d.run.child.exitCode === null) d.run.child.kill('SIGKILL');
+after(async () => {
+  for (const d of daemons) await d.run.killAll();
 });
 
 type Reply = { pid: number; generation: string; history?: string[]; size?: number; sha256?: string };

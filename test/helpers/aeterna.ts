@@ -126,6 +126,37 @@ export class AeternaRun {
     throw new Error('could not find the aeterna process under unshare');
   }
 
+  /**
+   * Cleanup after a failed test: SIGKILL the daemon and every app process it
+   * started (found by the daemon's pid in their NOTIFY_SOCKET), and stop reading
+   * its pipes, which orphaned apps would otherwise hold open (and keep the test
+   * file from ever exiting).
+   */
+  async killAll(): Promise<void> {
+    if (this.child.exitCode === null && this.child.signalCode === null) {
+      let pid: number | null = null;
+      try {
+        pid = await this.aeternaPid();
+      } catch {
+        // it is already gone
+      }
+      if (pid !== null) {
+        const marker = `NOTIFY_SOCKET=@aeterna-notify-${pid}-`;
+        for (const entry of fs.readdirSync('/proc')) {
+          if (!/^\d+$/.test(entry)) continue;
+          try {
+            if (fs.readFileSync(`/proc/${entry}/environ`, 'latin1').split('\0').some((v) => v.startsWith(marker))) process.kill(Number(entry), 'SIGKILL');
+          } catch {
+            // gone, or not ours to read
+          }
+        }
+      }
+      this.child.kill('SIGKILL');
+    }
+    this.child.stdout?.destroy();
+    this.child.stderr?.destroy();
+  }
+
   async signal(signal: NodeJS.Signals): Promise<void> {
     process.kill(await this.aeternaPid(), signal);
   }
