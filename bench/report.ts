@@ -303,7 +303,7 @@ function overheadSection(r: BenchResults): string[] {
   if ('skipped' in o) return [...out, `Skipped: ${o.skipped}.`, ''];
   out.push(
     `From the reload request to promotion, minus the app's own start-to-ready time, over ${o.samples.length} reloads of an sd_notify app ` +
-      '(`bench/fixtures/notify_app.py`, Python standard library, readiness `notify`, strategy immediate, no load). ' +
+      '(`test/fixtures/apps/notify_app.py`, Python standard library, readiness `notify`, strategy immediate, no load). ' +
       "The app stamps the wall-clock time at which it sends READY=1; its start is Aeterna's `spawned` mark (exec has succeeded), so the interpreter's " +
       "start-up counts as the app's. Overhead = (draining - accepted) - (ready - spawned) = (spawned - accepted) + (draining - ready). " +
       "The record's marks have 1 ms resolution: each sample is good to about +-1 ms.",

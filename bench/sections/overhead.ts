@@ -1,6 +1,6 @@
 // Section 2: what Aeterna itself adds to a reload.
 //
-// The app is bench/fixtures/notify_app.py (Python's standard library: a Node
+// The app is test/fixtures/apps/notify_app.py (Python's standard library: a Node
 // app cannot send sd_notify's unix datagram without an addon), readiness
 // "notify", strategy immediate, no load. Per reload:
 //   total    = draining - accepted        (the reload record: request to promotion)
@@ -15,7 +15,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BenchDaemon, phaseAt } from '../aeterna';
-import { fixture, freePort, percentile, progress, python, tempDir } from '../common';
+import { ROOT, freePort, percentile, progress, python, tempDir } from '../common';
 
 export interface OverheadSample {
   totalMs: number;
@@ -62,7 +62,7 @@ export async function overheadSection(reloads: number): Promise<OverheadSection>
   const dir = tempDir('aeterna-bench-overhead-');
   const stamps = path.join(dir, 'stamps.jsonl');
   const d = new BenchDaemon({
-    command: [py, fixture('notify_app.py')],
+    command: [py, path.join(ROOT, 'test', 'fixtures', 'apps', 'notify_app.py')], // the sd_notify test app, stamping with BENCH_STAMPS
     env: [`BENCH_STAMPS=${stamps}`],
     port: await freePort(),
     strategy: 'immediate',
