@@ -1055,6 +1055,15 @@ Napi::Value LookupGroup(const Napi::CallbackInfo& info) {
 // Poller: a uv_poll_t on Node's loop
 // ---------------------------------------------------------------------------
 
+// The error a POLLERR stands for: the socket's pending error (SO_ERROR, which
+// also clears it), EBADF if the fd is really gone, else EIO.
+int PendingSocketError(int fd) {
+  int err = 0;
+  socklen_t len = sizeof err;
+  if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0) return err != 0 ? err : EIO;
+  return errno == EBADF ? EBADF : EIO;
+}
+
 class Poller : public Napi::ObjectWrap<Poller> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -1124,9 +1133,12 @@ class Poller : public Napi::ObjectWrap<Poller> {
     return info.Env().Undefined();
   }
 
+  // Drops the callback too: a persistent reference is a GC root, and the callback's
+  // closure usually holds its owner (with its buffers), which would then live forever.
   Napi::Value Close(const Napi::CallbackInfo& info) {
     CloseHandle();
     Release();
+    callback_.Reset();
     return info.Env().Undefined();
   }
 
@@ -1154,9 +1166,13 @@ class Poller : public Napi::ObjectWrap<Poller> {
 
   static void OnPoll(uv_poll_t* handle, int status, int events) {
     auto* self = static_cast<Poller*>(handle->data);
-    if (self == nullptr) return;
+    if (self == nullptr || self->callback_.IsEmpty()) return;
     Napi::Env env = self->Env();
     Napi::HandleScope scope(env);
+    // libuv reports any POLLERR as UV_EBADF (and stops the handle). For a socket the
+    // real cause is its pending error (ECONNRESET when the peer died with unread
+    // data): report that, so that callers can say what happened.
+    if (status == UV_EBADF) status = -PendingSocketError(self->fd_);
     int ready = ((events & UV_READABLE) ? kReadable : 0) | ((events & UV_WRITABLE) ? kWritable : 0);
     // MakeCallback (not Call): runs process.nextTick and microtasks afterwards, as
     // for any I/O callback, and keeps async_hooks context.

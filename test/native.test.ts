@@ -13,7 +13,7 @@ import path from 'node:path';
 import v8 from 'node:v8';
 import vm from 'node:vm';
 import { native, READABLE, WRITABLE } from '../src/native/binding';
-import type { ExitInfo, SpawnOptions } from '../src/native/binding';
+import type { ExitInfo, Poller, SpawnOptions } from '../src/native/binding';
 
 const fixture = (name: string): string => path.resolve(__dirname, '../../test/fixtures/native', name);
 const { errno: E, signals } = os.constants;
@@ -565,6 +565,45 @@ describe('Poller', () => {
   test('an exception in the callback reaches process uncaughtException', async () => {
     const pid = spawn([process.execPath, fixture('poller-throws.js')]);
     assert.deepEqual(await waitExit(pid), { pid, code: 42, signal: null });
+  });
+
+  test('a closed poller lets go of its callback: what the callback holds is garbage-collected', async () => {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = vm.runInNewContext('gc') as () => void;
+    const N = 40;
+    let collected = 0;
+    const registry = new FinalizationRegistry(() => collected++);
+    for (let i = 0; i < N; i++) {
+      const [a, b] = native.socketpair();
+      // Like a relay connection's stream: the owner holds the poller and a read buffer, the callback holds the owner.
+      const owner: { poller: Poller | null; buffer: Buffer } = { poller: null, buffer: Buffer.alloc(1 << 20) };
+      registry.register(owner, i);
+      owner.poller = new native.Poller(a, () => void owner.buffer.length);
+      owner.poller.start(READABLE);
+      owner.poller.close();
+      native.close(a);
+      native.close(b);
+    }
+    for (let round = 0; round < 10 && collected < N; round++) {
+      gc();
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    assert.equal(collected, N, `${collected} of ${N} closed pollers' callbacks were collected`);
+  });
+
+  test('a socket error is reported as itself: ECONNRESET when the peer closes with unread data, not EBADF', async () => {
+    const [a, b] = native.socketpair();
+    native.sendmsg(a, Buffer.from('never read'), []);
+    const reported = new Promise<number>((resolve) => {
+      const poller = new native.Poller(a, (errno) => {
+        poller.close();
+        resolve(errno);
+      });
+      poller.start(READABLE);
+    });
+    native.close(b); // b dies with a byte in its queue: the kernel resets a
+    assert.equal(await reported, E.ECONNRESET);
+    native.close(a);
   });
 
   test('garbage collection of closed, stopped and never-started pollers is safe', async () => {

@@ -1,8 +1,9 @@
 // Hostile and malformed input on the state socket: each answered with a clear
 // error and a closed connection; the daemon keeps serving and its memory and
-// fds stay flat. The test process is not a managed generation, which is fine:
-// framing and JSON are checked before the peer check, and a valid hello from
-// it must be refused (forbidden).
+// fds stay flat. Connections are admitted by their peer's credentials before a
+// byte is read, so the malformed frames are sent from inside the generation (the
+// app fixture's /relay-probe); the test process itself is a stranger and is
+// refused (forbidden) whatever it sends.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -10,7 +11,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fixture, freePort } from './helpers/aeterna';
 import { Daemon } from './helpers/daemon';
-import { getJson } from './helpers/load';
+import { getJson, requestJson } from './helpers/load';
 import { native } from '../src/native/binding';
 import { encodeFrame } from '../src/srp/codec';
 
@@ -26,6 +27,12 @@ function exchange(socketPath: string, bytes: Buffer, fds: number[] = [], closeAf
     socket.on('error', reject);
     if (closeAfterSend) socket.end();
   });
+}
+
+/** The same exchange, made by the app (a process of the serving generation). */
+async function probe(port: number, bytes: Buffer, options: { fd?: boolean; end?: boolean } = {}): Promise<string> {
+  const body = JSON.stringify({ bytes: bytes.toString('base64'), fd: options.fd ?? false, end: options.end ?? false });
+  return (await requestJson<{ reply: string }>(port, 'POST', '/relay-probe', body)).reply;
 }
 
 const frame = (text: string): Buffer => encodeFrame(Buffer.from(text));
@@ -56,27 +63,19 @@ describe('state socket under hostile input', { timeout: 120000 }, () => {
   });
 
   const cases: Array<[string, () => Promise<string>, RegExp]> = [
-    ['a length header of 0', () => exchange(sock, header(0)), /"code":"bad_frame","message":"frame length 0"/],
-    ['a length header of 16 MiB + 1', () => exchange(sock, header((16 << 20) + 1)), /"code":"too_large","message":"frame length 16777217 is above the limit of 16777216 bytes"/],
-    ['a length header of 4 GiB', () => exchange(sock, header(0xffffffff)), /"code":"too_large"/],
-    ['invalid UTF-8', () => exchange(sock, encodeFrame(Buffer.from([0x7b, 0xc3, 0x28, 0x7d]))), /"code":"bad_json","message":"control frame is not valid UTF-8"/],
-    ['invalid JSON', () => exchange(sock, frame('{"op":"hello",')), /"code":"bad_json","message":"control frame is not JSON/],
-    ['an unknown op', () => exchange(sock, frame('{"op":"format_disk"}')), /"code":"unexpected_op","message":"unknown op \\"format_disk\\""/],
-    ['an op out of order (state before hello)', () => exchange(sock, frame('{"op":"state","size":0}')), /"code":"unexpected_op","message":"expected hello, got \\"state\\""/],
-    ['a hello of another version', () => exchange(sock, frame('{"op":"hello","v":2}')), /"code":"unsupported_version"/],
-    ['fds announced but none attached', () => exchange(sock, frame('{"op":"state","size":0,"fds":["conn:1"]}')), /"code":"bad_frame","message":"1 fds announced but none arrived with the frame"/],
-    [
-      'an fd attached where none is announced',
-      () => {
-        const [a, b] = native.socketpair();
-        const p = exchange(sock, frame('{"op":"hello","v":1}'), [a]);
-        native.close(a);
-        native.close(b);
-        return p;
-      },
-      /"code":"bad_frame","message":"1 fds arrived where none were announced"/,
-    ],
+    ['a length header of 0', () => probe(port, header(0)), /"code":"bad_frame","message":"frame length 0"/],
+    ['a length header of 16 MiB + 1', () => probe(port, header((16 << 20) + 1)), /"code":"too_large","message":"frame length 16777217 is above the limit of 16777216 bytes"/],
+    ['a length header of 4 GiB', () => probe(port, header(0xffffffff)), /"code":"too_large"/],
+    ['invalid UTF-8', () => probe(port, encodeFrame(Buffer.from([0x7b, 0xc3, 0x28, 0x7d]))), /"code":"bad_json","message":"control frame is not valid UTF-8"/],
+    ['invalid JSON', () => probe(port, frame('{"op":"hello",')), /"code":"bad_json","message":"control frame is not JSON/],
+    ['an unknown op', () => probe(port, frame('{"op":"format_disk"}')), /"code":"unexpected_op","message":"unknown op \\"format_disk\\""/],
+    ['an op out of order (state before hello)', () => probe(port, frame('{"op":"state","size":0}')), /"code":"unexpected_op","message":"expected hello, got \\"state\\""/],
+    ['a hello of another version', () => probe(port, frame('{"op":"hello","v":2}')), /"code":"unsupported_version"/],
+    ['fds announced but none attached', () => probe(port, frame('{"op":"state","size":0,"fds":["conn:1"]}')), /"code":"bad_frame","message":"1 fds announced but none arrived with the frame"/],
+    ['an fd attached where none is announced', () => probe(port, frame('{"op":"hello","v":1}'), { fd: true }), /"code":"bad_frame","message":"1 fds arrived where none were announced"/],
+    ['a second relay connection of a generation that has one', () => probe(port, frame('{"op":"hello","v":1}')), /"code":"busy","message":"generation 1 already has a relay connection"/],
     ['a valid hello from a process that is not a managed generation', () => exchange(sock, frame('{"op":"hello","v":1}')), /"code":"forbidden"/],
+    ['bytes of any kind from a process that is not a managed generation', () => exchange(sock, header(0xffffffff)), /"code":"forbidden"/],
   ];
   for (const [name, run, expected] of cases) {
     it(`${name}: a clear error, then closed`, async () => {
@@ -85,14 +84,14 @@ describe('state socket under hostile input', { timeout: 120000 }, () => {
   }
 
   it('a truncated frame (the peer closes mid-frame) leaves nothing behind', async () => {
-    assert.equal(await exchange(sock, Buffer.concat([header(100), Buffer.from('only ten..')]), [], true), '');
+    assert.equal(await probe(port, Buffer.concat([header(100), Buffer.from('only ten..')]), { end: true }), '');
   });
 
   it('a client that connects and sends nothing is cut after the hello timeout (timeout)', async () => {
-    assert.match(await exchange(sock, Buffer.alloc(0)), /"code":"timeout","message":"no hello within 5000 ms"/);
+    assert.match(await probe(port, Buffer.alloc(0)), /"code":"timeout","message":"no hello within 5000 ms"/);
   });
 
-  it('1,000 connections at once: each answered and closed (or refused by the kernel); memory and fds flat; the app still serves with its state', async () => {
+  it('1,000 connections of a stranger at once: each refused and closed (or refused by the kernel); memory and fds flat; the app still serves with its state', async () => {
     await getJson(port, '/sessions/x'); // warm
     const fdsBefore = fs.readdirSync(`/proc/${aeterna}/fd`).length;
     const rssBefore = rssKiB(aeterna);

@@ -241,7 +241,7 @@ describe('state relay failures roll back; the old generation keeps serving with 
     void await expectRollback({ env: ['HANG_LOAD=1'], handoff: `{ enabled: true, socket_path: "STATE_SOCK", timeout: "1s" }` }, /state relay failed: timed out after 1s/));
 
   // The peer exits once Aeterna closes on it, so the rollback may be reported as its exit or as the relay failing.
-  const GONE = /state relay failed|exited with code 0 before becoming ready/;
+  const GONE = /state relay failed|exited with code 0 (before becoming ready|during the state relay)|before it connected to the relay/;
 
   it('garbage bytes from the new generation: error, closed, rolled back', async () => {
     const d = await expectRollback({ command: [process.execPath, fixture('apps', 'srp_peer.js'), 'garbage'] }, GONE);
@@ -263,7 +263,7 @@ describe('state relay failures roll back; the old generation keeps serving with 
     process.kill((s as unknown as { candidate: { pid: number } }).candidate.pid, 'SIGKILL');
     const r = await reload;
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /killed by SIGKILL before becoming ready|state relay failed/);
+    assert.match(r.stderr, /killed by SIGKILL during the state relay|generation 2 \(new\) died during the relay \(killed by SIGKILL\)/);
     const after = await request(port, 'GET', '/sessions/s1');
     assert.equal(after.pid, before.pid);
     assert.deepEqual(after.history, messages);
@@ -280,10 +280,56 @@ describe('state relay failures roll back; the old generation keeps serving with 
     process.kill(before.pid!, 'SIGKILL');
     const r = await reload;
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /state relay failed: generation 1 \(old\) closed its relay connection mid-dump/);
+    assert.match(r.stderr, /state relay failed: generation 1 \(old\) died during the relay \(killed by SIGKILL\)/);
     const s = await d.waitStatus((st) => st.state === 'Running' && st.pid !== null);
     assert.notEqual(s.pid, before.pid);
     assert.ok(!d.run.logs().some((l) => /promoted/.test(l.msg)));
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('the new process killed while the state streams to it: the reason says it died during the relay', async () => {
+    // The new generation stops reading once welcomed, so the state waits unread in its socket when it dies:
+    // the kernel resets Aeterna's end (a POLLERR), which must be reported as the death it is.
+    const { d, port } = await started({ env: ['STATE_MODE=binary', `BLOB_BYTES=${16 << 20}`] });
+    const before = await request(port, 'GET', '/blob');
+    d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'stall'] });
+    const reload = d.cli('reload');
+    await d.run.waitFor(/relay: state announced/);
+    const s = await d.status();
+    process.kill((s as unknown as { candidate: { pid: number } }).candidate.pid, 'SIGKILL');
+    const r = await reload;
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /killed by SIGKILL during the state relay|generation 2 \(new\) died during the relay \(killed by SIGKILL\)/);
+    assert.doesNotMatch(r.stderr, /poll error|errno/);
+    const after = await request(port, 'GET', '/blob');
+    assert.equal(after.pid, before.pid);
+    assert.equal(after.sha256, before.sha256);
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('idle connections of strangers cannot block reloads: each is refused at accept, before any read', async () => {
+    const { d, port } = await started();
+    const messages = await seed(port);
+    // Far more than the relay's connection table holds, none of them ever says hello.
+    const idle = await Promise.all(
+      Array.from({ length: 100 }, () => new Promise<{ socket: net.Socket; answer: Promise<string> }>((resolve, reject) => {
+        const socket = net.connect(`${d.dir}/state.sock`);
+        socket.once('error', reject);
+        socket.once('connect', () => {
+          let got = '';
+          const answer = new Promise<string>((done) => {
+            socket.on('data', (c: Buffer) => (got += c.toString('latin1')));
+            socket.once('close', () => done(got));
+          });
+          resolve({ socket, answer });
+        });
+      })),
+    );
+    const answers = await Promise.all(idle.map((c) => c.answer));
+    assert.equal(answers.filter((a) => a.includes('"code":"forbidden"')).length, 100, 'every stranger got forbidden and was closed');
+    const r = await d.cli('reload');
+    assert.equal(r.code, 0, r.stderr);
+    assert.deepEqual((await request(port, 'GET', '/sessions/s1')).history, messages);
     assert.equal(await d.stop(), 0);
   });
 

@@ -221,7 +221,7 @@ export class Orchestrator implements ControlApi {
       if (state === 'Stopping') return this.checkStopped();
       if (state === 'RollingBack') return this.finishRollback();
       if (state === 'Handover' || state === 'Soaking') {
-        const when = state === 'Handover' ? 'before becoming ready' : 'during soak';
+        const when = state === 'Soaking' ? 'during soak' : this.deps.relay?.relaying(gen) ? 'during the state relay' : 'before becoming ready';
         return this.rollBack('exited', `${how} ${when}`, 'E_CHILD_EXITED');
       }
       // Draining: the new generation died while the old one drains; handled once the drain is done.

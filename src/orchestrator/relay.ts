@@ -30,6 +30,8 @@ export interface StateRelay {
    * snapshot to `next`. Best effort: the promotion stands either way.
    */
   finalSync(old: Generation, next: Generation, signal: AbortSignal): Promise<{ bytes: number }>;
+  /** Whether a state is on its way to or from this generation right now. */
+  relaying(gen: Generation): boolean;
   /** The new generation said {"op":"ready"}; the orchestrator subscribes. */
   onReady(listener: (gen: Generation) => void): void;
   close(): Promise<void>;

@@ -7,6 +7,13 @@ import { FdStream } from './fd-stream';
 import { FrameDecoder, SrpError, closeQuietly, encodeFrame, frameHeader, type Frame, type SrpErrorCode } from './codec';
 import { encodeMessage, parseMessage, type Message } from './messages';
 
+/**
+ * After an `error` frame, how long the connection stays open reading and dropping what the peer still
+ * sends: a peer that writes before it reads (a hello racing our refusal) then reads the error instead of
+ * failing on a closed socket.
+ */
+export const REFUSAL_LINGER_MS = 1000;
+
 export interface ConnectionEvents {
   /** A control message, with the fds it named (in the order of its `fds` list). */
   message: [message: Message, fds: number[]];
@@ -23,16 +30,22 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
   private paused = false;
   private closing: SrpError | Error | null = null;
   private closedEmitted = false;
+  /** Refused (an `error` frame went out): nothing more is parsed; the fd closes at the peer's end or after the linger. */
+  private refused = false;
 
   constructor(fd: number, maxFrame: number) {
     super();
     this.decoder = new FrameDecoder(maxFrame);
     this.stream = new FdStream(fd);
     this.stream.on('data', (data, fds) => {
+      if (this.refused) {
+        fds.forEach(closeQuietly); // lingering after a refusal: dropped, not buffered
+        return;
+      }
       this.decoder.push(data, fds);
       this.drainFrames();
     });
-    this.stream.on('end', () => this.close(this.dataRemaining > 0 ? new Error(`connection closed with ${this.dataRemaining} bytes of state still announced`) : null));
+    this.stream.on('end', () => this.close(this.refused || this.dataRemaining === 0 ? null : new Error(`connection closed with ${this.dataRemaining} bytes of state still announced`)));
     this.stream.on('error', (err) => this.close(err));
     this.stream.on('close', () => this.finish());
   }
@@ -42,8 +55,9 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     return this.dataRemaining;
   }
 
+  /** Closed, or refused and only lingering: either way it carries nothing more. */
   get closed(): boolean {
-    return this.stream.isClosed;
+    return this.refused || this.stream.isClosed;
   }
 
   send(message: Message, fds: number[] = [], options: { closeFds?: boolean } = {}): boolean {
@@ -78,18 +92,25 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     if (!this.paused) this.stream.resume();
   }
 
-  /** Answer a protocol violation: an `error` frame, then close. */
+  /**
+   * Answer a protocol violation: an `error` frame, and the connection is over ('close' is emitted now).
+   * The fd itself lingers a moment (REFUSAL_LINGER_MS), dropping what still arrives, so the peer can read why.
+   */
   fail(code: SrpErrorCode, message: string): void {
     if (this.closed) return;
     this.closing = new SrpError(code, message);
     this.send({ op: 'error', code, message });
+    this.refused = true;
     this.decoder.closeUnclaimed();
-    this.stream.pause();
-    this.stream.end();
+    this.dataRemaining = 0;
+    this.stream.resume();
+    const linger = setTimeout(() => this.stream.close(), REFUSAL_LINGER_MS);
+    this.stream.once('close', () => clearTimeout(linger));
+    this.finish();
   }
 
   close(error: SrpError | Error | null = null): void {
-    if (error && !this.closing) this.closing = error;
+    if (error && !this.closing && !this.refused) this.closing = error;
     this.decoder.closeUnclaimed();
     this.stream.close();
   }

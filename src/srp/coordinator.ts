@@ -10,17 +10,25 @@ import { EventEmitter } from 'node:events';
 import { native, READABLE, type Poller } from '../native/binding';
 import type { StateHandoffConfig } from '../config/types';
 import type { Logger } from '../log';
-import type { Generation } from '../supervisor/generation';
+import { describeExit, type Generation } from '../supervisor/generation';
 import { belongsTo } from '../supervisor/proctree';
 import type { RelayProgress, StateRelay } from '../orchestrator/relay';
 import { SrpError, closeQuietly } from './codec';
 import { SrpConnection } from './connection';
+import { isPeerGone } from './fd-stream';
 import type { Message, StateHeader } from './messages';
 
 /** A client must say hello within this long. */
 export const HELLO_TIMEOUT_MS = 5000;
 /** Live relay connections at most (one per generation is the norm; the rest is abuse). */
 export const MAX_CONNECTIONS = 64;
+/**
+ * Connections of one generation that have not said hello yet. A generation needs one (a few allow for a
+ * retry): its own stray processes cannot fill the table that the next generation needs.
+ */
+export const MAX_PENDING_PER_GENERATION = 4;
+/** After a peer's connection drops mid-relay, how long to wait for its exit to say that it died. */
+const EXIT_EXPLAIN_MS = 1000;
 /** Report relay progress at most this often (bytes). */
 const PROGRESS_EVERY = 8 << 20;
 /** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a memfd state must be immutable. */
@@ -36,6 +44,9 @@ type Phase =
 
 interface Session {
   conn: SrpConnection;
+  /** The generation of the connecting process, by its credentials at accept time. */
+  owner: Generation;
+  /** Set at hello: the generation this connection speaks for. */
   gen: Generation | null;
   phase: Phase;
   initialAcked: boolean;
@@ -66,6 +77,8 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
   /** Generations whose processes may connect; `candidate` ones wait for a handover's state. */
   private readonly generations = new Map<Generation, { candidate: boolean }>();
   private readonly waiters = new Map<Generation, Array<(s: Session) => void>>();
+  /** Transfers not settled yet (a session that closed mid-relay is gone from the tables, its transfer is not). */
+  private readonly transfers = new Set<Transfer>();
   private readonly poller: Poller;
 
   private constructor(
@@ -126,6 +139,11 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     return this.transfer(from, to, true, () => undefined, signal);
   }
 
+  relaying(gen: Generation): boolean {
+    for (const t of this.transfers) if (!t.aborted && (t.to.gen === gen || t.from?.gen === gen)) return true;
+    return false;
+  }
+
   async close(): Promise<void> {
     this.poller.close();
     closeQuietly(this.fd);
@@ -149,13 +167,36 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     }
   }
 
+  /**
+   * Admission by the kernel's word on who connected, before a byte is read: a process that is not in a
+   * current generation is refused at once and holds no slot, so strangers cannot use up what generations need.
+   */
   private admit(fd: number): void {
     const conn = new SrpConnection(fd, this.maxFrame);
+    let peer: { pid: number; uid: number };
+    try {
+      peer = native.peerCred(fd);
+    } catch (err) {
+      this.log.warn({ err }, 'relay connection dropped: no peer credentials');
+      conn.close();
+      return;
+    }
+    const owner = this.generationOf(peer.pid);
+    if (!owner) {
+      this.log.warn({ peer_pid: peer.pid, peer_uid: peer.uid }, 'relay connection refused: not a process of a managed generation');
+      conn.fail('forbidden', `pid ${peer.pid} is not a process of a generation Aeterna runs`);
+      return;
+    }
+    const pending = [...this.sessions].filter((s) => s.owner === owner && s.phase === 'hello').length;
+    if (pending >= MAX_PENDING_PER_GENERATION) {
+      conn.fail('busy', `generation ${owner.number} already has ${pending} relay connections waiting for their hello`);
+      return;
+    }
     if (this.sessions.size >= MAX_CONNECTIONS) {
       conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
       return;
     }
-    const session: Session = { conn, gen: null, phase: 'hello', initialAcked: false, transfer: null, helloTimer: null };
+    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, transfer: null, helloTimer: null };
     session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
     this.sessions.add(session);
     conn.on('message', (m, fds) => {
@@ -169,6 +210,10 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     });
     conn.on('data', (payload, raw, remaining) => this.onData(session, payload, raw, remaining));
     conn.on('close', (error) => this.onClose(session, error));
+  }
+
+  private generationOf(pid: number): Generation | null {
+    return [...this.generations.keys()].find((g) => g.alive && belongsTo(pid, g.pid)) ?? null;
   }
 
   private liveSession(gen: Generation): Session | null {
@@ -221,19 +266,15 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
   private onHello(s: Session, m: Message): void {
     if (m.op !== 'hello') throw new SrpError('unexpected_op', `expected hello, got "${m.op}"`);
     if (m.v !== 1) throw new SrpError('unsupported_version', `version ${m.v} is not supported; this Aeterna speaks 1`);
-    const peer = native.peerCred(s.conn.stream.fd);
-    const gen = [...this.generations.keys()].find((g) => g.alive && belongsTo(peer.pid, g.pid));
-    if (!gen) {
-      this.log.warn({ peer_pid: peer.pid, peer_uid: peer.uid }, 'relay connection refused: not a process of a managed generation');
-      throw new SrpError('forbidden', `pid ${peer.pid} is not a process of a generation Aeterna runs`);
-    }
+    const gen = s.owner;
+    if (!this.generations.has(gen) || !gen.alive) throw new SrpError('forbidden', `generation ${gen.number} has ended`);
     if (this.liveSession(gen)) throw new SrpError('busy', `generation ${gen.number} already has a relay connection`);
     clearTimeout(s.helloTimer!);
     s.helloTimer = null;
     s.gen = gen;
     this.byGeneration.set(gen, s);
     s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame });
-    this.log.debug({ generation: gen.number, peer_pid: peer.pid }, 'relay connection');
+    this.log.debug({ generation: gen.number }, 'relay connection');
     if (this.generations.get(gen)?.candidate) {
       s.phase = 'waiting';
       for (const w of this.waiters.get(gen) ?? []) w(s);
@@ -263,7 +304,11 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       const onAbort = (): void => this.abort(t, signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       if (signal.aborted) return onAbort();
       signal.addEventListener('abort', onAbort, { once: true });
-      const settle = (): void => signal.removeEventListener('abort', onAbort);
+      this.transfers.add(t);
+      const settle = (): void => {
+        signal.removeEventListener('abort', onAbort);
+        this.transfers.delete(t);
+      };
       t.resolve = (r) => {
         settle();
         resolve(r);
@@ -362,8 +407,30 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     if (error instanceof SrpError) this.log.warn({ generation: s.gen?.number, code: error.code }, `relay connection closed: ${error.message}`);
     const t = s.transfer;
     if (!t) return;
-    const who = t.from === s ? `generation ${s.gen?.number} (old) closed its relay connection` : `generation ${s.gen?.number} (new) closed its relay connection`;
-    this.fail(t, new Error(`${who}${t.from === s && s.phase !== 'idle' ? ' mid-dump' : ''}${error ? `: ${error.message}` : ''}`));
+    const who = `generation ${s.gen?.number} (${t.from === s ? 'old' : 'new'})`;
+    if (error instanceof SrpError) {
+      // Aeterna itself refused what this peer sent: say so, the peer did not just go away.
+      this.fail(t, new Error(`Aeterna refused a relay frame from ${who} (${error.code}): ${error.message}`));
+      return;
+    }
+    const during = t.from === s && s.phase !== 'idle' ? ' mid-dump' : '';
+    if (error !== null && !isPeerGone(error)) {
+      this.fail(t, new Error(`${who} relay connection failed${during}: ${error.message}`));
+      return;
+    }
+    // The peer's end closed or was reset: most often the process died, and its exit is reaped a moment
+    // later. Wait briefly for it, so that the reason says what happened rather than how the socket looked.
+    const gen = s.gen!;
+    const closed = `${who} closed its relay connection${during}${error ? ` (${error.message})` : ''}`;
+    let waited: NodeJS.Timeout | undefined;
+    const gone = new Promise<string>((resolve) => {
+      waited = setTimeout(() => resolve(closed), EXIT_EXPLAIN_MS);
+      void gen.exited.then((info) => resolve(`${who} died during the relay (${describeExit(info)})`));
+    });
+    void gone.then((reason) => {
+      clearTimeout(waited);
+      this.fail(t, new Error(reason));
+    });
   }
 
   /** The relay failed: tell the orchestrator; keep the old generation's connection usable. */

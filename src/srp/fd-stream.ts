@@ -3,12 +3,27 @@
 // Reads arrive as 'data' (bytes, fds); writes are queued, with a high-water
 // mark for backpressure ('drain'), and each write's fds ride on its first byte.
 import { EventEmitter } from 'node:events';
+import util from 'node:util';
 import { native, READABLE, WRITABLE, type Poller } from '../native/binding';
 import { closeQuietly, MAX_FDS_PER_FRAME } from './codec';
 
 const READ_CHUNK = 1 << 20;
+const EMPTY = Buffer.alloc(0);
 /** Reads per poll callback, so one busy peer cannot starve the event loop. */
 const READS_PER_TURN = 16;
+
+/** The peer is gone: it exited, or closed its end with bytes it never read. */
+export function isPeerGone(err: Error): boolean {
+  const code = (err as NodeJS.ErrnoException).code;
+  return code === 'ECONNRESET' || code === 'EPIPE';
+}
+
+/** A socket error reported by the poller (the socket's pending error, see the addon), as an ErrnoException. */
+function socketError(errno: number): NodeJS.ErrnoException {
+  const code = util.getSystemErrorName(-errno);
+  const what = code === 'ECONNRESET' ? 'connection reset by the peer' : code === 'EPIPE' ? 'the peer closed its end' : `socket error ${code}`;
+  return Object.assign(new Error(what), { errno, code });
+}
 
 interface Pending {
   data: Buffer;
@@ -33,7 +48,8 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
   private reading = true;
   private closed = false;
   private ending = false;
-  private chunk = Buffer.allocUnsafe(READ_CHUNK);
+  /** The read buffer, allocated at the first read (a connection refused before it reads never needs one). */
+  private chunk = EMPTY;
   private watching = 0;
   /** A write returned false: emit 'drain' once the queue is below the mark again. */
   private needDrain = false;
@@ -92,6 +108,7 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
     this.queue = [];
     this.queued = 0;
     closeQuietly(this.fd);
+    this.chunk = EMPTY; // the read buffer is 1 MiB: free it now, not when the last listener lets go of us
     this.emit('close');
   }
 
@@ -111,7 +128,7 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
   private onPoll(errno: number, events: number): void {
     if (this.closed) return;
     if (errno !== 0) {
-      this.fail(Object.assign(new Error(`poll error on fd ${this.fd} (errno ${errno})`), { errno }));
+      this.fail(socketError(errno));
       return;
     }
     if (events & WRITABLE) this.flush();
@@ -120,6 +137,7 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
 
   private readSome(): void {
     for (let i = 0; i < READS_PER_TURN && this.reading && !this.closed; i++) {
+      if (this.chunk.length === 0) this.chunk = Buffer.allocUnsafe(READ_CHUNK);
       let got;
       try {
         got = native.recvmsgInto(this.fd, this.chunk, MAX_FDS_PER_FRAME);
@@ -138,7 +156,7 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
       if (got.bytes >= READ_CHUNK / 2) {
         // Hand the chunk over and read into a fresh one: no copy for big reads.
         data = this.chunk.subarray(0, got.bytes);
-        this.chunk = Buffer.allocUnsafe(READ_CHUNK);
+        this.chunk = EMPTY;
       } else {
         data = Buffer.from(this.chunk.subarray(0, got.bytes)); // small: copy, keep the chunk
       }
