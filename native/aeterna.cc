@@ -982,6 +982,33 @@ Napi::Value IsListeningSocket(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, listening != 0);
 }
 
+// listen(2) again on a socket that stopped listening (an app's shutdown(2) puts a
+// TCP listener back to CLOSE; its bound address stays, so listen() revives it).
+Napi::Value Listen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t backlog;
+  if (!GetFd(info[0], "fd", &fd) || !GetInt(info[1], "backlog", 0, INT_MAX, &backlog)) return Napi::Value();
+  if (listen(fd, static_cast<int>(backlog)) < 0) return Throw(SysError(env, errno, "listen", FdName(fd)));
+  return env.Undefined();
+}
+
+// Whether a socket was shut down for reading: poll() reports POLLRDHUP or POLLHUP.
+// A unix listener shut down that way stays in LISTEN (SO_ACCEPTCONN is still 1) but
+// refuses every connect(). poll() neither accepts nor changes the socket.
+Napi::Value IsReadShutdown(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!GetFd(info[0], "fd", &fd)) return Napi::Value();
+  pollfd p{fd, POLLRDHUP, 0};
+  int rc;
+  do rc = poll(&p, 1, 0);
+  while (rc < 0 && errno == EINTR);
+  if (rc < 0) return Throw(SysError(env, errno, "poll", FdName(fd)));
+  if (p.revents & POLLNVAL) return Throw(SysError(env, EBADF, "poll", FdName(fd)));
+  return Napi::Boolean::New(env, (p.revents & (POLLRDHUP | POLLHUP)) != 0);
+}
+
 Napi::Value Close(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
@@ -1221,6 +1248,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"getSeals", GetSeals},
       {"setCloexec", SetCloexec},
       {"isListeningSocket", IsListeningSocket},
+      {"listen", Listen},
+      {"isReadShutdown", IsReadShutdown},
       {"close", Close},
       {"lookupUser", LookupUser},
       {"lookupGroup", LookupGroup},

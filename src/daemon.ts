@@ -10,6 +10,7 @@ import type { Logger } from './log';
 import { Metrics, startMetricsServer } from './monitor/metrics';
 import { Reaper } from './supervisor/reaper';
 import { ListenerSet, inheritedListeners } from './resources/listeners';
+import { ListenerWatch } from './resources/listener-watch';
 import { NotifySocket } from './orchestrator/notify';
 import { Orchestrator } from './orchestrator/orchestrator';
 import type { ControlApi } from './orchestrator/types';
@@ -34,6 +35,7 @@ export class Daemon {
   private readonly reaper = new Reaper();
   private readonly metrics: Metrics;
   private readonly listeners = new ListenerSet(inheritedListeners(process.env));
+  private readonly listenerWatch: ListenerWatch;
   private readonly handlers = new Map<NodeJS.Signals, () => void>();
   private notify: NotifySocket | null = null;
   private control: ControlServer | null = null;
@@ -48,6 +50,7 @@ export class Daemon {
     private readonly log: Logger,
   ) {
     this.metrics = new Metrics(config.observability.metrics !== null);
+    this.listenerWatch = new ListenerWatch(this.listeners, this.metrics, log);
   }
 
   /** Run until everything has stopped; resolves with Aeterna's exit code. */
@@ -70,7 +73,7 @@ export class Daemon {
       }
       const metricsAddress = this.config.observability.metrics;
       if (metricsAddress) {
-        this.metricsServer = await startMetricsServer(this.metrics, metricsAddress, () => this.orchestrator?.isReady() ?? false, this.log);
+        this.metricsServer = await startMetricsServer(this.metrics, metricsAddress, () => this.orchestrator?.isReady() ?? false, (probe) => this.listenerWatch.check(probe), this.log);
         this.log.info({ metrics: `${metricsAddress.host}:${metricsAddress.port}` }, 'metrics endpoint ready');
       }
       this.notify = NotifySocket.open(this.log);
@@ -91,12 +94,14 @@ export class Daemon {
       metrics: this.metrics,
       reaper: this.reaper,
       listeners: this.listeners,
+      listenerWatch: this.listenerWatch,
       notify: this.notify,
       loadConfig: loadConfigFile,
       relay: this.relay,
     });
     if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
     const stopped = this.orchestrator.run();
+    this.listenerWatch.start();
     // The app has been spawned: now load the metrics library (kept off the start-to-exec path).
     setImmediate(() => this.metrics.export());
     code = await stopped;
@@ -154,6 +159,7 @@ export class Daemon {
   private async shutdown(): Promise<void> {
     for (const [signal, handler] of this.handlers) process.off(signal, handler);
     this.handlers.clear();
+    this.listenerWatch.stop();
     await this.control?.close().catch(() => undefined);
     this.metricsServer?.closeAllConnections();
     this.metricsServer?.close();

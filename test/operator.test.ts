@@ -7,19 +7,13 @@ import net from 'node:net';
 import path from 'node:path';
 import { fixture, freePort, runAeterna } from './helpers/aeterna';
 import { Daemon } from './helpers/daemon';
-import { getText } from './helpers/load';
+import { getText, metricSample } from './helpers/load';
 
 const APP = [process.execPath, fixture('apps', 'reload_app.js')];
 const daemons: Daemon[] = [];
 after(async () => {
   for (const d of daemons) await d.run.killAll();
 });
-
-/** The value of one Prometheus sample line, or null when absent. */
-function sample(text: string, name: string): number | null {
-  const line = text.split('\n').find((l) => l.startsWith(name + ' '));
-  return line ? Number(line.slice(name.length + 1)) : null;
-}
 
 describe('operator interfaces', { timeout: 120000 }, () => {
   it('SIGHUP starts the same reload as `aeterna reload`, and its outcome is logged', async () => {
@@ -67,15 +61,15 @@ describe('operator interfaces', { timeout: 120000 }, () => {
     assert.equal((await getText(metricsPort, '/readyz')).status, 200);
     const { status, body } = await getText(metricsPort, '/metrics');
     assert.equal(status, 200);
-    assert.equal(sample(body, 'aeterna_reloads_total{strategy="immediate",result="promoted"}'), 1);
-    assert.equal(sample(body, 'aeterna_reloads_total{strategy="canary",result="rolled_back"}'), 1);
-    assert.equal(sample(body, 'aeterna_reload_duration_seconds_count'), 2);
-    assert.equal(sample(body, 'aeterna_generation'), 2);
-    assert.equal(sample(body, 'aeterna_state{state="Running"}'), 1);
-    assert.equal(sample(body, 'aeterna_state{state="Soaking"}'), 0);
-    assert.equal(sample(body, 'aeterna_child_restarts_total'), null, 'no restart yet, no series');
-    assert.ok(sample(body, 'aeterna_zombies_reaped_total') !== null);
-    assert.ok(sample(body, 'aeterna_process_resident_memory_bytes')! > 0, 'default process metrics carry the aeterna_ prefix');
+    assert.equal(metricSample(body, 'aeterna_reloads_total{strategy="immediate",result="promoted"}'), 1);
+    assert.equal(metricSample(body, 'aeterna_reloads_total{strategy="canary",result="rolled_back"}'), 1);
+    assert.equal(metricSample(body, 'aeterna_reload_duration_seconds_count'), 2);
+    assert.equal(metricSample(body, 'aeterna_generation'), 2);
+    assert.equal(metricSample(body, 'aeterna_state{state="Running"}'), 1);
+    assert.equal(metricSample(body, 'aeterna_state{state="Soaking"}'), 0);
+    assert.equal(metricSample(body, 'aeterna_child_restarts_total'), null, 'no restart yet, no series');
+    assert.ok(metricSample(body, 'aeterna_zombies_reaped_total') !== null);
+    assert.ok(metricSample(body, 'aeterna_process_resident_memory_bytes')! > 0, 'default process metrics carry the aeterna_ prefix');
     for (const name of ['aeterna_state_handoff_bytes_total', 'aeterna_state_handoff_duration_seconds_count']) assert.ok(body.includes(name), name);
     assert.doesNotMatch(body, /CRASH_AFTER_MS|reload_app\.js/, 'no environment or command line in the metrics');
     assert.equal((await getText(metricsPort, '/nope')).status, 404);

@@ -18,6 +18,7 @@ class Exported {
   readonly zombiesReaped: Counter;
   readonly handoffBytes: Counter;
   readonly handoffDuration: Histogram;
+  readonly listenerRepairs: Counter<'listener' | 'result'>;
 
   constructor() {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
@@ -32,6 +33,7 @@ class Exported {
     this.zombiesReaped = new prom.Counter({ name: 'aeterna_zombies_reaped_total', help: 'Orphaned processes reaped by Aeterna', registers });
     this.handoffBytes = new prom.Counter({ name: 'aeterna_state_handoff_bytes_total', help: 'Bytes of app state relayed between generations', registers });
     this.handoffDuration = new prom.Histogram({ name: 'aeterna_state_handoff_duration_seconds', help: 'Time from the dump request to the new generation acknowledging the state', buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30], registers });
+    this.listenerRepairs = new prom.Counter({ name: 'aeterna_listener_repairs_total', help: 'Listeners found broken (an app shut its socket down), by listener and what repairing did (relistened, rebound, failed)', labelNames: ['listener', 'result'] as const, registers });
     prom.collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
   }
 }
@@ -92,6 +94,10 @@ export class Metrics {
     this.record((e) => e.zombiesReaped.inc());
   }
 
+  listenerRepaired(listener: string, result: string): void {
+    this.record((e) => e.listenerRepairs.inc({ listener, result }));
+  }
+
   stateRelayed(bytes: number, seconds?: number): void {
     this.record((e) => {
       e.handoffBytes.inc(bytes);
@@ -101,14 +107,17 @@ export class Metrics {
 }
 
 /**
- * Serve GET /metrics, /healthz (the daemon is alive) and /readyz (a generation
- * serves and is ready: 200, else 503). Rejects with E_METRICS_FAILED naming the
- * address when it cannot listen (e.g. the port is taken).
+ * Serve GET /metrics, /healthz (the daemon is alive and its listeners listen)
+ * and /readyz (a generation serves and is ready, and the listeners listen: 200,
+ * else 503). `brokenListeners` checks (and repairs) the listeners and says what
+ * is still broken. Rejects with E_METRICS_FAILED naming the address when it
+ * cannot listen (e.g. the port is taken).
  */
 export function startMetricsServer(
   metrics: Metrics,
   address: { host: string; port: number },
   isReady: () => boolean,
+  brokenListeners: (probe: 'healthz' | 'readyz') => string[],
   log: Logger,
 ): Promise<http.Server> {
   const server = http.createServer((req, res) => {
@@ -127,10 +136,14 @@ export function startMetricsServer(
         },
       );
     } else if (url === '/healthz') {
-      res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
+      const broken = brokenListeners('healthz');
+      if (broken.length === 0) res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
+      else res.writeHead(503, { 'content-type': 'text/plain' }).end(`unhealthy\n${broken.join('\n')}\n`);
     } else if (url === '/readyz') {
       const ready = isReady();
-      res.writeHead(ready ? 200 : 503, { 'content-type': 'text/plain' }).end(ready ? 'ready\n' : 'not ready\n');
+      const broken = ready ? brokenListeners('readyz') : [];
+      if (ready && broken.length === 0) res.writeHead(200, { 'content-type': 'text/plain' }).end('ready\n');
+      else res.writeHead(503, { 'content-type': 'text/plain' }).end(`not ready\n${broken.map((b) => `${b}\n`).join('')}`);
     } else {
       res.writeHead(404, { 'content-type': 'text/plain' }).end('not found\n');
     }

@@ -123,6 +123,10 @@ export interface Binding {
   setCloexec(fd: number): void;
   /** Whether fd is a listening socket (SO_ACCEPTCONN). */
   isListeningSocket(fd: number): boolean;
+  /** listen(fd, backlog) on an existing socket (revives a TCP listener that an app's shutdown(2) put back to CLOSE). */
+  listen(fd: number, backlog: number): void;
+  /** Whether the socket was shut down for reading (poll reports POLLRDHUP or POLLHUP); never accepts. */
+  isReadShutdown(fd: number): boolean;
   /** close(fd). */
   close(fd: number): void;
 

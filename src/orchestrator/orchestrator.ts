@@ -17,6 +17,7 @@ import type { Logger } from '../log';
 import type { Metrics } from '../monitor/metrics';
 import type { ExitInfo } from '../native/binding';
 import type { ListenerSet } from '../resources/listeners';
+import type { ListenerWatch } from '../resources/listener-watch';
 import { Generation, describeExit, exitCodeOf } from '../supervisor/generation';
 import type { Reaper } from '../supervisor/reaper';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
@@ -31,6 +32,8 @@ export interface OrchestratorDeps {
   metrics: Metrics;
   reaper: Reaper;
   listeners: ListenerSet;
+  /** Repairs listeners an app broke; checked before every spawn. */
+  listenerWatch: ListenerWatch;
   notify: NotifySocket;
   /** Re-reads and validates the config file at each reload (throws ConfigError). */
   loadConfig: (file: string) => Config;
@@ -133,6 +136,7 @@ export class Orchestrator implements ControlApi {
 
   private spawn(config: Config, role: 'fresh' | 'candidate'): Generation {
     const number = ++this.generations;
+    this.deps.listenerWatch.check(`spawn of generation ${number}`, true); // the new generation gets listening sockets
     const gen = Generation.spawn(number, config.service, this.deps.listeners.list(), this.deps.reaper, this.extraEnv(number));
     this.deps.relay?.attach(gen, role);
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');

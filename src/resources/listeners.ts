@@ -2,7 +2,9 @@
 // Sockets are bound once and then only handed to each new generation as fds
 // 3, 4, ...; they are never closed or re-bound during a reload, so both
 // generations accept on the same kernel socket and no connection is refused.
-// Aeterna itself never accepts on them.
+// Aeterna itself never accepts on them. An app can still break one (shutdown(2)
+// on its inherited fd acts on the shared socket): `ListenerSet.repair` notices
+// that and repairs it.
 import fs from 'node:fs';
 import { native } from '../native/binding';
 import { AeternaError } from '../errors';
@@ -18,6 +20,29 @@ export interface Listener {
   inherited: boolean;
   /** Unix socket file Aeterna created and removes when it closes the listener. */
   unixPath?: string;
+  /** How Aeterna bound it, to bind it again; absent for inherited sockets. */
+  config?: ListenerConfig;
+  /** A listening socket, checked and repaired (a datagram socket an activator passed is not). */
+  watched: boolean;
+}
+
+/** listen(2) backlog when Aeterna revives an inherited socket, whose own backlog it cannot read (the kernel caps it at somaxconn). */
+const INHERITED_BACKLOG = 4096;
+
+/** What is wrong with a listener: `not-listening` (TCP after shutdown(2): back to CLOSE), `shut-down` (unix after shutdown(2): still LISTEN, but refuses every connection). */
+export type ListenerProblem = 'not-listening' | 'shut-down';
+
+/** What repairing a broken listener did. */
+export interface ListenerRepair {
+  listener: Listener;
+  problem: ListenerProblem;
+  /**
+   * relistened: listen() again on the same socket, so every generation, the serving one too, accepts on it again;
+   * rebound: a new socket at the same address, which the generations spawned from now on get;
+   * failed: still broken (`error` says why).
+   */
+  result: 'relistened' | 'rebound' | 'failed';
+  error?: string;
 }
 
 /** Sockets passed to Aeterna itself by systemd or another activator (sd_listen_fds semantics). */
@@ -31,7 +56,7 @@ export function inheritedListeners(env: NodeJS.ProcessEnv, pid = process.pid): L
     const fd = 3 + i;
     // They arrive without close-on-exec; they must reach the app only where we place them.
     native.setCloexec(fd);
-    found.push({ name: names[i] || `fd${fd}`, fd, address: 'inherited', inherited: true });
+    found.push({ name: names[i] || `fd${fd}`, fd, address: 'inherited', inherited: true, watched: native.isListeningSocket(fd) });
   }
   return found;
 }
@@ -52,7 +77,7 @@ function bindListener(config: ListenerConfig): Listener {
   try {
     if (config.address.kind === 'tcp') {
       const { fd } = native.listenTcp(config.address.host, config.address.port, config.backlog);
-      return { name: config.name, fd, address: config.address.raw, inherited: false };
+      return { name: config.name, fd, address: config.address.raw, inherited: false, config, watched: true };
     }
     const path = config.address.path;
     if (fs.existsSync(path)) {
@@ -65,7 +90,7 @@ function bindListener(config: ListenerConfig): Listener {
       fs.unlinkSync(path); // stale socket file left by a process that died
     }
     const fd = native.listenUnix(path, config.backlog, config.mode);
-    return { name: config.name, fd, address: config.address.raw, inherited: false, unixPath: path };
+    return { name: config.name, fd, address: config.address.raw, inherited: false, unixPath: path, config, watched: true };
   } catch (err) {
     if (err instanceof AeternaError) throw err;
     const e = err as NodeJS.ErrnoException;
@@ -138,11 +163,75 @@ export class ListenerSet {
     return this.listeners;
   }
 
+  /**
+   * Check every listener in the config and repair the broken ones (an app
+   * called shutdown(2) on its inherited socket). `rebind` allows a new socket
+   * where listen() cannot help: only when a generation is about to be spawned,
+   * since the serving one keeps the socket it has. Returns one entry per
+   * broken listener found; none when all listen.
+   */
+  repair(rebind: boolean): ListenerRepair[] {
+    const repairs: ListenerRepair[] = [];
+    for (const l of this.listeners) {
+      if (!l.watched) continue;
+      let problem: ListenerProblem | null;
+      try {
+        problem = problemOf(l);
+      } catch (err) {
+        repairs.push({ listener: l, problem: 'not-listening', result: 'failed', error: (err as Error).message });
+        continue;
+      }
+      if (problem) repairs.push(repairListener(l, problem, rebind));
+    }
+    return repairs;
+  }
+
   /** Close every listener (Aeterna is exiting). */
   closeAll(): void {
     for (const l of [...this.listeners, ...this.retired]) closeListener(l);
     this.listeners = [];
     this.retired = [];
+  }
+}
+
+/** What is wrong with a listener's socket, or null when it listens. Only looks: never accepts, never changes it. */
+function problemOf(l: Listener): ListenerProblem | null {
+  if (!native.isListeningSocket(l.fd)) return 'not-listening';
+  return native.isReadShutdown(l.fd) ? 'shut-down' : null;
+}
+
+/**
+ * Repair one broken listener. listen() again where that can work: only on a
+ * socket that is not listening, so no queued connection is ever touched (TCP
+ * keeps its bound port through shutdown(2), so the socket listens again where
+ * it was). Otherwise, with `rebind`, bind a new socket at the same address and
+ * close Aeterna's copy of the dead one; the generations keep their own copies.
+ */
+function repairListener(l: Listener, problem: ListenerProblem, rebind: boolean): ListenerRepair {
+  let error = 'listen() again cannot revive a unix socket that was shut down';
+  if (problem === 'not-listening') {
+    try {
+      native.listen(l.fd, l.config?.backlog ?? INHERITED_BACKLOG);
+      const left = problemOf(l);
+      if (left === null) return { listener: l, problem, result: 'relistened' };
+      error = `listen() again left it ${left}`;
+    } catch (err) {
+      error = (err as Error).message;
+    }
+  }
+  if (!rebind) return { listener: l, problem, result: 'failed', error: `${error}; a new socket is bound when the next generation is spawned` };
+  if (!l.config) return { listener: l, problem, result: 'failed', error: `${error}; an inherited socket cannot be bound again by Aeterna` };
+  try {
+    const fresh = bindListener(l.config);
+    try {
+      native.close(l.fd);
+    } catch {
+      // already closed
+    }
+    l.fd = fresh.fd;
+    return { listener: l, problem, result: 'rebound' };
+  } catch (err) {
+    return { listener: l, problem, result: 'failed', error: `${error}; binding a new socket failed: ${(err as Error).message}` };
   }
 }
 

@@ -71,6 +71,12 @@ export function startLoad(port: number, options: { concurrency?: number; timeout
   };
 }
 
+/** The value of one series (`name{labels}` as exposed) in a Prometheus text page, or null when it is absent. */
+export function metricSample(text: string, name: string): number | null {
+  const line = text.split('\n').find((l) => l.startsWith(name + ' '));
+  return line ? Number(line.slice(name.length + 1)) : null;
+}
+
 /** One GET; resolves with the parsed JSON body. */
 export function getJson<T = Record<string, unknown>>(port: number, path = '/'): Promise<T> {
   return requestJson<T>(port, 'GET', path);
