@@ -1,14 +1,17 @@
 // The long reliability run (`make soak`): N consecutive reloads of a real
 // daemon (as PID 1 of a fresh PID namespace when possible) under continuous
-// HTTP load, checking after the run that no request failed, that Aeterna's fd
+// HTTP load, with the state relay on (a 1 MiB state relayed at every reload)
+// and outsiders knocking on the state socket, checking after the run that no
+// request failed, that the state arrived intact every time, that Aeterna's fd
 // count and RSS are flat, that no zombie is left and that every reload's
 // record is complete. test/soak.test.ts runs the same code with a small count
 // in CI; `make soak` runs 1,000 reloads and writes bench/results/soak-<date>.md.
 //
-//   node dist/bench/soak.js [--reloads 1000] [--concurrency 8] [--no-pid1] [--out bench/results]
+//   node dist/bench/soak.js [--reloads 1000] [--concurrency 8] [--state-bytes N] [--outsiders N] [--no-pid1] [--out bench/results]
 //
 // The /proc helpers below are shared with the fault and hostile-input tests.
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { call } from '../src/control/client';
@@ -115,12 +118,14 @@ export async function settle<T>(check: () => T, done: (value: T) => boolean, gua
 
 /** The phases every promoted immediate reload goes through, in order. */
 export const IMMEDIATE_PHASES = ['accepted', 'config', 'spawned', 'ready', 'draining', 'done'] as const;
+/** The same with the state relay on: the state is relayed before the new generation counts as ready. */
+export const IMMEDIATE_RELAY_PHASES = ['accepted', 'config', 'spawned', 'relaying', 'relayed', 'ready', 'draining', 'done'] as const;
 
 /** What is missing or wrong in a reload's record (empty when complete). */
-export function recordProblems(record: ReloadRecord, events: ReloadEvent[]): string[] {
+export function recordProblems(record: ReloadRecord, events: ReloadEvent[], expected: readonly string[] = IMMEDIATE_PHASES): string[] {
   const problems: string[] = [];
   const phases = record.phases.map((p) => p.phase);
-  if (JSON.stringify(phases) !== JSON.stringify(IMMEDIATE_PHASES)) problems.push(`phases ${phases.join(',')}`);
+  if (JSON.stringify(phases) !== JSON.stringify(expected)) problems.push(`phases ${phases.join(',')}`);
   if (record.outcome !== 'promoted') problems.push(`outcome ${record.outcome} (${record.code}: ${record.reason})`);
   if (record.reason !== null || record.code !== null) problems.push('reason/code set on a promotion');
   if (typeof record.duration_ms !== 'number' || record.duration_ms < 0) problems.push('no duration');
@@ -143,8 +148,36 @@ export interface SoakOptions {
   pid1?: boolean;
   /** Reloads before the baseline is taken (V8 sizes its heap, lazy init settles). Default: min(50, reloads / 5). */
   warmup?: number;
+  /** Bytes of app state relayed at every reload (binary, streamed through Aeterna); 0 turns the relay off. Default 1 MiB. */
+  stateBytes?: number;
+  /** Stranger connections to the state socket per reload (one sends a 1 MiB frame, the others stay idle). Default 4. */
+  outsiders?: number;
   /** Progress lines (e.g. console.log); default silent. */
   progress?: (line: string) => void;
+}
+
+/**
+ * Processes that are not the app connecting to the state socket: each must be refused at once, and none may
+ * cost Aeterna memory or fds. Resolves with how many were answered `forbidden`.
+ */
+async function knock(socketPath: string, count: number): Promise<number> {
+  const one = (i: number): Promise<boolean> =>
+    new Promise((resolve) => {
+      const socket = net.connect(socketPath);
+      let got = '';
+      socket.on('data', (c: Buffer) => (got += c.toString('latin1')));
+      socket.on('error', () => undefined);
+      socket.on('close', () => resolve(got.includes('"code":"forbidden"')));
+      socket.on('connect', () => {
+        if (i === 0) {
+          const header = Buffer.alloc(4);
+          header.writeUInt32BE(1 << 20);
+          socket.write(Buffer.concat([header, Buffer.alloc(1 << 20, 0x20)]));
+        }
+      });
+    });
+  const answers = await Promise.all(Array.from({ length: count }, (_, i) => one(i)));
+  return answers.filter(Boolean).length;
 }
 
 export interface Sample {
@@ -169,6 +202,9 @@ export interface SoakResult {
   concurrency: number;
   warmup: number;
   requests: LoadStats;
+  /** The relayed state: its size, and whether it arrived intact (same sha256) after the last reload. */
+  state: { bytes: number; intact: boolean | null };
+  outsiders: { sent: number; refused: number };
   fds: { start: number; end: number };
   rssKiB: { start: number; end: number; max: number };
   samples: Sample[];
@@ -185,7 +221,9 @@ export interface SoakResult {
   daemonExitCode: number | null;
 }
 
-const APP = [process.execPath, fixture('apps', 'reload_app.js')];
+const PLAIN_APP = [process.execPath, fixture('apps', 'reload_app.js')];
+/** The state relay fixture: keeps a binary blob in memory and relays it with aeterna/client at every reload. */
+const STATEFUL_APP = [process.execPath, fixture('apps', 'stateful_app.js')];
 
 export async function runSoak(options: SoakOptions): Promise<SoakResult> {
   const began = Date.now();
@@ -193,9 +231,15 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
   const concurrency = options.concurrency ?? 8;
   const warmup = options.warmup ?? Math.min(50, Math.floor(options.reloads / 5));
   const progress = options.progress ?? ((): void => undefined);
+  const stateBytes = options.stateBytes ?? 1 << 20;
+  const outsiders = stateBytes > 0 ? (options.outsiders ?? 4) : 0;
   const port = await freePort();
   const metricsPort = await freePort();
-  const d = new Daemon({ command: APP, port, metricsPort, readiness: '{ mode: "delay", delay: "100ms", timeout: "20s" }' });
+  const d =
+    stateBytes > 0
+      ? new Daemon({ command: STATEFUL_APP, port, metricsPort, handoff: true, env: ['STATE_MODE=binary', `BLOB_BYTES=${stateBytes}`], readiness: '{ mode: "notify", timeout: "20s" }' })
+      : new Daemon({ command: PLAIN_APP, port, metricsPort, readiness: '{ mode: "delay", delay: "100ms", timeout: "20s" }' });
+  const expectedPhases = stateBytes > 0 ? IMMEDIATE_RELAY_PHASES : IMMEDIATE_PHASES;
   // Debug logging of 1,000 reloads is a lot of text for the harness to buffer: info is enough here.
   fs.writeFileSync(d.configFile, fs.readFileSync(d.configFile, 'utf8').replace('log_level: "debug"', 'log_level: "info"'));
   d.start(pid1);
@@ -203,6 +247,9 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
   try {
     await d.waitStatus((s) => s.state === 'Running', 30000);
     const aeterna = await d.run.aeternaPid();
+    const blob = async (): Promise<{ size: number; sha256: string | null }> => JSON.parse((await getText(port, '/blob')).body) as { size: number; sha256: string | null };
+    const firstBlob = stateBytes > 0 ? await blob() : null;
+    let outsidersRefused = 0;
     const load = startLoad(port, { concurrency });
     const samples: Sample[] = [];
     const incomplete: SoakResult['incomplete'] = [];
@@ -226,6 +273,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     };
     try {
       for (let i = 1; i <= options.reloads; i++) {
+        if (outsiders > 0) outsidersRefused += await knock(path.join(d.dir, 'state.sock'), outsiders);
         const status = await call(socketPath, { cmd: 'status' });
         if ('status' in status && status.status.pid !== null) oldRoots.push(status.status.pid);
         const events: ReloadEvent[] = [];
@@ -234,7 +282,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
         const record = result.record;
         if (record.outcome === 'promoted') promoted++;
         if (record.duration_ms !== null) durations.push(record.duration_ms);
-        const problems = recordProblems(record, events);
+        const problems = recordProblems(record, events, expectedPhases);
         if (problems.length > 0) incomplete.push({ id: record.id, problems });
         if (i === warmup || (warmup === 0 && i === 1)) {
           start = await sample(i);
@@ -250,6 +298,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     }
     const requests = load.stats;
     const end = samples[samples.length - 1];
+    const lastBlob = firstBlob ? await blob() : null;
     const leftoverProcesses = await settle(() => stillPresent(oldRoots, aeterna, pid1), (l) => l.length === 0, 5000);
     // A positive control for the leftover check: the serving generation must be seen as present.
     const serving = await call(socketPath, { cmd: 'status' });
@@ -265,6 +314,8 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       concurrency,
       warmup,
       requests,
+      state: { bytes: stateBytes, intact: firstBlob && lastBlob ? firstBlob.size === stateBytes && lastBlob.sha256 === firstBlob.sha256 : null },
+      outsiders: { sent: outsiders * options.reloads, refused: outsidersRefused },
       fds: { start: start!.fds, end: end.fds },
       rssKiB: { start: start!.rssKiB, end: end.rssKiB, max: Math.max(...samples.map((s) => s.rssKiB)) },
       samples,
@@ -287,6 +338,8 @@ export function soakFailures(r: SoakResult, rssBoundKiB = 20 * 1024): string[] {
   if (r.promoted !== r.reloads) out.push(`${r.reloads - r.promoted} reloads not promoted`);
   if (r.requests.failed !== 0) out.push(`${r.requests.failed} failed requests: ${JSON.stringify(r.requests.failures)}`);
   if (r.requests.ok === 0) out.push('no request was served');
+  if (r.state.intact === false) out.push(`the ${r.state.bytes}-byte state did not survive the reloads intact`);
+  if (r.outsiders.refused !== r.outsiders.sent) out.push(`${r.outsiders.sent - r.outsiders.refused} of ${r.outsiders.sent} outsider connections were not refused`);
   if (r.fds.end > r.fds.start) out.push(`fd count grew ${r.fds.start} -> ${r.fds.end}`);
   if (r.rssKiB.end - r.rssKiB.start > rssBoundKiB) out.push(`RSS grew by ${r.rssKiB.end - r.rssKiB.start} KiB`);
   if (r.zombiesAtEnd !== 0) out.push(`${r.zombiesAtEnd} zombies at the end`);
@@ -302,7 +355,9 @@ export function formatReport(r: SoakResult, failures: string[], when = new Date(
   const lines = [
     `# Soak run, ${when.toISOString().slice(0, 10)}`,
     '',
-    `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/reload_app.js\``,
+    r.state.bytes > 0
+      ? `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/stateful_app.js\` with the state relay on: a ${r.state.bytes}-byte binary state streamed through Aeterna at every reload, and ${r.outsiders.sent / r.reloads} stranger connections to the state socket before each (one sending a 1 MiB frame)`
+      : `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/reload_app.js\` (state relay off)`,
     `under continuous keep-alive HTTP load (${r.concurrency} loops), Aeterna ${r.pid1 ? 'as PID 1 of a fresh PID namespace' : 'as a subreaper (not PID 1)'}.`,
     `Baseline taken after ${r.warmup} warm-up reloads. Host: ${os.cpus().length} CPUs, ${os.type()} ${os.release()}, Node ${process.version}.`,
     '',
@@ -311,6 +366,8 @@ export function formatReport(r: SoakResult, failures: string[], when = new Date(
     '| measure | value |',
     '| --- | --- |',
     `| reloads promoted | ${r.promoted} / ${r.reloads} |`,
+    `| state relayed at every reload / intact at the end | ${r.state.bytes} bytes / ${r.state.intact === null ? 'n/a' : r.state.intact ? 'yes (same sha256)' : 'NO'} |`,
+    `| outsider connections refused | ${r.outsiders.refused} / ${r.outsiders.sent} |`,
     `| requests served / failed | ${r.requests.ok} / ${r.requests.failed}${r.requests.failed ? ` (${JSON.stringify(r.requests.failures)})` : ''} |`,
     `| Aeterna fds, start → end | ${r.fds.start} → ${r.fds.end} |`,
     `| Aeterna RSS, start → end (max) | ${mib(r.rssKiB.start)} → ${mib(r.rssKiB.end)} (${mib(r.rssKiB.max)}) |`,
@@ -343,9 +400,11 @@ function parseArgs(argv: string[]): SoakOptions & { out: string } {
     if (a === '--reloads') opts.reloads = Number(value());
     else if (a === '--concurrency') opts.concurrency = Number(value());
     else if (a === '--warmup') opts.warmup = Number(value());
+    else if (a === '--state-bytes') opts.stateBytes = Number(value());
+    else if (a === '--outsiders') opts.outsiders = Number(value());
     else if (a === '--no-pid1') opts.pid1 = false;
     else if (a === '--out') opts.out = value();
-    else throw new Error(`unknown argument ${a} (known: --reloads N, --concurrency N, --warmup N, --no-pid1, --out DIR)`);
+    else throw new Error(`unknown argument ${a} (known: --reloads N, --concurrency N, --warmup N, --state-bytes N, --outsiders N, --no-pid1, --out DIR)`);
   }
   if (!Number.isInteger(opts.reloads) || opts.reloads < 1) throw new Error('--reloads must be a positive integer');
   return opts;

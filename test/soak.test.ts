@@ -8,15 +8,18 @@ import { runSoak, soakFailures } from '../bench/soak';
 const RELOADS = 25;
 
 describe('soak (short CI version of make soak)', { timeout: 300000 }, () => {
-  it(`${RELOADS} consecutive reloads under load: zero failed requests, fds and RSS flat, zero zombies, every record complete`, async () => {
-    const r = await runSoak({ reloads: RELOADS, concurrency: 4, warmup: 10 });
+  it(`${RELOADS} consecutive reloads under load with a 1 MiB state relayed each time and strangers at the state socket: zero failed requests, the state intact, fds and RSS flat, zero zombies, every record complete`, async () => {
+    const r = await runSoak({ reloads: RELOADS, concurrency: 4, warmup: 10, stateBytes: 1 << 20, outsiders: 4 });
     console.log(
-      `# soak: ${r.promoted}/${r.reloads} promoted, ${r.requests.ok} requests ok, ${r.requests.failed} failed; ` +
+      `# soak: ${r.promoted}/${r.reloads} promoted, ${r.requests.ok} requests ok, ${r.requests.failed} failed; state ${r.state.bytes} bytes intact ${r.state.intact}; ` +
+        `outsiders refused ${r.outsiders.refused}/${r.outsiders.sent}; ` +
         `fds ${r.fds.start} -> ${r.fds.end}; RSS ${r.rssKiB.start} -> ${r.rssKiB.end} KiB; zombies ${r.zombiesAtEnd}; pid1 ${r.pid1}`,
     );
     assert.equal(r.promoted, RELOADS);
     assert.equal(r.requests.failed, 0, JSON.stringify(r.requests.failures));
     assert.ok(r.requests.ok > RELOADS, `requests were served throughout (${r.requests.ok})`);
+    assert.equal(r.state.intact, true, 'the 1 MiB state arrived intact after every reload');
+    assert.equal(r.outsiders.refused, r.outsiders.sent, 'every stranger was refused');
     // Exactly equal: measured once the reload's own control connection has closed
     // (a reload's connection still closing would be the only legitimate +1).
     assert.equal(r.fds.end, r.fds.start, `fd count ${r.fds.start} -> ${r.fds.end}`);
