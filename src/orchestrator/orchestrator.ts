@@ -1,8 +1,9 @@
 // The Brain: drives the state machine (fsm.ts) with real processes. It starts
-// and restarts the serving generation, runs reloads (Handover -> Soaking ->
-// Draining, or RollingBack), and stops everything on request. Every decision
-// about when a process may die is made here; the FSM only says which event is
-// legal when, and the table there is the authority on that.
+// and restarts the serving generation, runs reloads (Handover -> Draining for
+// immediate, Handover -> Soaking -> Draining for canary, or RollingBack), and
+// stops everything on request. Every decision about when a process may die is
+// made here; the FSM only says which event is legal when, and the table there
+// is the authority on that.
 //
 // Invariants:
 // - At most two generations live at once: `serving` and, during a reload, `candidate`.
@@ -168,7 +169,7 @@ export class Orchestrator implements ControlApi {
       },
       (err: AeternaError) => {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
-        this.deps.log.error({ generation: gen.number, child: gen.pid, code: err.code }, `generation ${gen.number} ${err.message}: killing it`);
+        this.deps.log.error({ generation: gen.number, child: gen.pid, code: err.code }, `stopping generation ${gen.number}, then service.restart decides: ${err.message}`);
         this.fire('ready-timeout');
         void gen.stop(this.config.service.stopTimeoutMs); // its exit goes through the restart policy
       },
@@ -355,15 +356,15 @@ export class Orchestrator implements ControlApi {
       );
   }
 
-  /** Ready and relayed: soak (canary) or promote at once (immediate: a soak of zero length). */
+  /** Ready and relayed: promote at once (immediate) or soak first (canary). */
   private maybeReady(): void {
     const active = this.active!;
     if (!active.ready || !active.relayed) return;
-    this.fire('ready'); // Soaking
-    this.phase('ready');
     const orchestration = active.config.orchestration;
-    if (orchestration.strategy === 'immediate') {
-      this.fire('soak-elapsed');
+    const immediate = orchestration.strategy === 'immediate';
+    this.fire(immediate ? 'ready-immediate' : 'ready'); // Draining, or Soaking
+    this.phase('ready');
+    if (immediate) {
       this.enterDraining();
       return;
     }
@@ -607,7 +608,7 @@ export class Orchestrator implements ControlApi {
     return {
       state: this.fsm.state,
       service: this.config.service.name,
-      strategy: this.config.orchestration.strategy,
+      strategy: this.active?.record.strategy ?? this.config.orchestration.strategy, // a reload runs with its own config's
       generation: this.serving?.number ?? 0,
       pid: this.serving?.alive ? this.serving.pid : null,
       daemon_pid: process.pid,
