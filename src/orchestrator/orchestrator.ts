@@ -337,7 +337,7 @@ export class Orchestrator implements ControlApi {
     active.timers.push(timer);
     const began = performance.now();
     relay
-      .handover(old, next, (p) => this.emit({ type: 'relay', reload: active.record.id, bytes: p.bytes, total: p.total, rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)) }), active.relayAbort.signal)
+      .handover(old, next, (p) => this.emit({ type: 'relay', reload: active.record.id, bytes: p.bytes, total: p.total, rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)) }), active.relayAbort.signal, timeoutMs)
       .then(
         ({ bytes }) => {
           clearTimeout(timer);
@@ -435,8 +435,9 @@ export class Orchestrator implements ControlApi {
       const relay = this.deps.relay;
       if (relay) {
         const abort = new AbortController();
-        const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), active.config.orchestration.stateHandoff.timeoutMs);
-        relay.finalSync(old, this.candidate!, abort.signal).then(
+        const timeoutMs = active.config.orchestration.stateHandoff.timeoutMs;
+        const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), timeoutMs);
+        relay.finalSync(old, this.candidate!, abort.signal, timeoutMs).then(
           ({ bytes }) => {
             clearTimeout(timer);
             this.deps.metrics.stateRelayed(bytes);
