@@ -70,26 +70,28 @@ function slowFinalSync(dump: Record<string, unknown>, ackAfterMs: number): { pat
 
 describe('aeterna/client shutdown()', { timeout: 30000 }, () => {
   const state = crypto.randomBytes(4 << 20);
-
-  it('a final sync that outlasts shutdown()\'s timeout waits as long as Aeterna said (the dump\'s timeout_ms) and gets its ack', async () => {
-    const fake = slowFinalSync({ timeout_ms: 30000 }, 1000);
-    const client = await connect({ path: fake.path });
-    await client.load();
-    client.onDump(() => state);
-    await client.shutdown(200);
-    await fake.closed;
-    fake.server.close();
-    assert.deepEqual(fake.events, [`state ${state.length} bytes`, 'ack sent', 'client closed']);
-  });
-
-  it('without timeout_ms (an older Aeterna), shutdown()\'s timeout bounds the whole wait', async () => {
-    const fake = slowFinalSync({}, 1000);
-    const client = await connect({ path: fake.path });
-    await client.load();
-    client.onDump(() => state);
-    await client.shutdown(200);
-    await fake.closed;
-    fake.server.close();
-    assert.deepEqual(fake.events, [`state ${state.length} bytes`, 'client closed']);
-  });
+  const cases = [
+    {
+      name: 'a final sync that outlasts shutdown()\'s timeout waits as long as Aeterna said (the dump\'s timeout_ms) and gets its ack',
+      dump: { timeout_ms: 30000 },
+      events: [`state ${state.length} bytes`, 'ack sent', 'client closed'],
+    },
+    {
+      name: 'without timeout_ms (an older Aeterna), shutdown()\'s timeout bounds the whole wait',
+      dump: {},
+      events: [`state ${state.length} bytes`, 'client closed'],
+    },
+  ];
+  for (const c of cases) {
+    it(c.name, async () => {
+      const fake = slowFinalSync(c.dump, 1000);
+      const client = await connect({ path: fake.path });
+      await client.load();
+      client.onDump(() => state);
+      await client.shutdown(200);
+      await fake.closed;
+      fake.server.close();
+      assert.deepEqual(fake.events, c.events);
+    });
+  }
 });
