@@ -5,7 +5,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fixture, freePort } from './helpers/aeterna';
-import { Daemon, cli, type ConfigOptions } from './helpers/daemon';
+import { Daemon, cli, statusOf, type ConfigOptions } from './helpers/daemon';
+import type { StatusReport } from '../src/orchestrator/types';
 import { getJson, startLoad } from './helpers/load';
 
 const APP = [process.execPath, fixture('apps', 'reload_app.js')];
@@ -74,6 +75,7 @@ describe('reloads', { timeout: 120000 }, () => {
     const r = await d.cli('reload');
     assert.equal(r.code, 1, r.stderr);
     assert.match(r.stderr, /not ready within 1s/);
+    assert.match(r.stderr, /set orchestration\.readiness\.mode/, 'the reason says what to do');
     const s = await d.status();
     assert.equal(s.pid, before.pid);
     assert.equal(s.generation, before.generation);
@@ -191,5 +193,51 @@ describe('crash restarts', { timeout: 120000 }, () => {
     assert.equal((await never.run.exit()).code, 5);
     assert.equal((await clean.run.exit()).code, 0);
     assert.equal(never.run.logs().filter((l) => /restarting/.test(l.msg)).length, 0);
+  });
+});
+
+describe('what logs and status say', { timeout: 120000 }, () => {
+  it('an app that never sends READY=1 under the default notify readiness: the timeout\'s log line names readiness.mode and READY=1', async () => {
+    const d = new Daemon({ command: APP, port: await freePort(), readiness: '{ mode: "notify", timeout: "500ms" }', restart: '{ policy: "always" }' }).start();
+    daemons.push(d);
+    await d.run.waitFor(/"code":"E_READY_TIMEOUT"/);
+    const line = d.run.logs().find((l) => l.code === 'E_READY_TIMEOUT');
+    assert.ok(line, d.run.stderr);
+    assert.match(line.msg, /not ready within 500ms/);
+    assert.match(line.msg, /READY=1/, 'names what the app did not send');
+    assert.match(line.msg, /set orchestration\.readiness\.mode to "delay" or "exec"/, 'names the key that fixes it');
+    assert.equal((await d.status()).state, 'Starting', 'never taken as ready');
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('an immediate reload goes Handover -> Draining: its log has no Soaking state and no soak-elapsed event', async () => {
+    const { d } = await started({ command: APP });
+    const r = await d.cli('reload');
+    assert.equal(r.code, 0, r.stderr);
+    const lines = d.run.stderr.split('\n').filter((l) => l.includes('"reload-1"'));
+    assert.ok(lines.length > 0, d.run.stderr);
+    assert.deepEqual(lines.filter((l) => /Soaking|soak-elapsed|soaking/.test(l)), []);
+    const transitions = d.run.logs().filter((l) => l.reload === 'reload-1' && typeof l.event === 'string').map((l) => `${l.from}>${l.to}:${l.event}`);
+    assert.deepEqual(transitions, ['Running>Handover:reload', 'Handover>Draining:ready-immediate', 'Draining>Running:drain-done']);
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('status during the canary soak of a reload whose config changed the strategy shows that reload\'s strategy, text and --json', async () => {
+    const { d } = await started({ command: APP }); // immediate
+    assert.equal((await statusOf(d)).strategy, 'immediate');
+    d.write({ ...d.options, strategy: 'canary', soak: '10m' });
+    const reload = d.cli('reload');
+    await d.waitStatus((s) => s.state === 'Soaking');
+    const json = JSON.parse((await d.cli('status', '--json')).stdout) as StatusReport;
+    assert.equal(json.strategy, 'canary');
+    assert.equal(json.last_reload?.strategy, 'canary');
+    const text = await d.cli('status');
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stdout, /\(strategy canary\)/);
+    assert.match(text.stdout, /reload-1 in progress \(canary, soaking\)/);
+    assert.equal((await d.cli('promote')).code, 0);
+    assert.equal((await reload).code, 0);
+    assert.equal((await statusOf(d)).strategy, 'canary', 'the promoted config runs now');
+    assert.equal(await d.stop(), 0);
   });
 });

@@ -148,6 +148,9 @@ describe('state relay', { timeout: 180000 }, () => {
     assert.equal((await reload).code, 0);
     await d.run.waitFor(/"final":true,"msg":"relay: state announced"/);
     await d.run.waitFor(/final state sync relayed/);
+    // Both dumps tell the old generation how long Aeterna waits (state_handoff.timeout): its SDK waits as long.
+    const dumps = d.run.logs().filter((l) => l.msg === 'relay: dump requested').map((l) => [l.final, l.timeout_ms]);
+    assert.deepEqual(dumps, [[false, 10000], [true, 10000]]);
     const after = await request(port, 'GET', '/sessions/s1');
     assert.equal(after.generation, '2');
     assert.ok(after.history!.includes('during the soak, on the old generation'), JSON.stringify(after.history));

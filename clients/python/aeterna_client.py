@@ -280,6 +280,8 @@ class StateClient:
         self._initial: Optional[State] = None
         self._reader: Optional[threading.Thread] = None
         self._final_pending = False
+        # When the final dump arrived (monotonic) and how long Aeterna waits for its answer (the dump's timeout_ms).
+        self._final_asked: Optional[Tuple[float, Optional[float]]] = None
         self._final_sent = False
         self._final_ack: Optional[dict] = None
         self._last_ack: Optional[dict] = None
@@ -398,9 +400,15 @@ class StateClient:
     def shutdown(self, timeout: float = 10.0) -> bool:
         """The SIGTERM path, once the app has drained: answer the final dump if one is
         pending or arrives before Aeterna closes the connection (calling the dump
-        callback now, in this thread), wait for Aeterna's ack or end of file (at most
-        `timeout` seconds in all), then close. Returns True when a final state was
-        handed over and acked ok, False otherwise. A no-op without a relay."""
+        callback now, in this thread), wait for Aeterna's ack or end of file, then
+        close. Returns True when a final state was handed over and acked ok, False
+        otherwise. A no-op without a relay.
+
+        `timeout` bounds the wait for the final dump (Aeterna sends it, or closes the
+        connection, right after its SIGTERM). Once it has arrived, sending the state
+        and waiting for the ack take as long as Aeterna said it waits (the dump's
+        timeout_ms, its state_handoff.timeout), however large the state: a 1 GiB
+        final sync is not cut at 10 s. Without timeout_ms, `timeout` bounds it all."""
         if self._sock is None:
             return False
         if not self._loaded:  # nobody read the initial load: nothing can be asked of us
@@ -415,6 +423,8 @@ class StateClient:
                 self._cond.wait(left)
             answer = self._final_pending and not self._eof and not self._closed
             self._final_pending = False
+            if answer and self._final_asked is not None and self._final_asked[1] is not None:
+                deadline = self._final_asked[0] + self._final_asked[1]  # as long as Aeterna waits for the answer
         acked = False
         if answer:
             sent_state = self._answer_dump(True)
@@ -662,7 +672,10 @@ class StateClient:
                         _close_fds(fds)
                         raise _ProtocolError("bad_frame", "fds on a dump frame")
                     if msg.get("final") is True:
+                        wait_ms = msg.get("timeout_ms")
+                        valid = isinstance(wait_ms, int) and not isinstance(wait_ms, bool) and wait_ms > 0
                         with self._cond:
+                            self._final_asked = (time.monotonic(), wait_ms / 1000.0 if valid else None)
                             self._final_pending = True
                             self._cond.notify_all()
                     else:

@@ -577,6 +577,44 @@ class RelayTest(unittest.TestCase):
                 self.assertEqual(calls, [(True, True)], "the final dump is answered by shutdown() in the caller's thread")
                 self.assertEqual(json.loads(f.events[-1][1]), {"s1": ["a", "b"]})
 
+    def test_final_sync_longer_than_shutdown_timeout_waits_as_long_as_aeterna_said(self):
+        # A large final state takes longer to hand over than shutdown()'s timeout: the wait after the
+        # final dump comes from Aeterna (the dump's timeout_ms, its state_handoff.timeout), not from
+        # that default. Without timeout_ms (an older Aeterna) the timeout still bounds it all.
+        payload = os.urandom(4 * 1024 * 1024)
+        for timeout_ms, acked in ((30000, True), (None, False)):
+            with self.subTest(timeout_ms=timeout_ms):
+                f = self.fake()
+                state_in = threading.Event()
+
+                def script(f):
+                    f.handshake()
+                    dump = {"op": "dump", "final": True}
+                    if timeout_ms is not None:
+                        dump["timeout_ms"] = timeout_ms
+                    f.send(dump)
+                    msg, data, _, _ = f.recv_state()
+                    f.events.append((msg, data))
+                    state_in.set()
+                    time.sleep(1.0)  # the relay and the new generation's load outlast shutdown(timeout=0.2)
+                    try:
+                        f.send({"op": "ack", "ok": True})
+                    except OSError:
+                        pass  # the client gave up and closed
+                    try:
+                        f.recv_frame()
+                    except (EOFError, OSError):
+                        pass
+
+                f.run(script)
+                c = self.client(f)
+                c.on_dump(lambda final: payload)
+                c.load()
+                self.assertEqual(c.shutdown(timeout=0.2), acked)
+                f.join()
+                self.assertTrue(state_in.is_set())
+                self.assertEqual(f.events[-1][1], payload, "the whole final state arrived")
+
     def test_final_sync_new_side_on_load(self):
         f = self.fake()
         data = b'{"s1":["a","b","c"]}'

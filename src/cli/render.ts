@@ -147,7 +147,7 @@ function describeGeneration(g: { generation: number; pid: number; started_at: st
 function describeLastReload(r: ReloadRecord): string {
   if (r.outcome === 'in_progress') {
     const phase = r.phases.length > 0 ? r.phases[r.phases.length - 1].phase : 'accepted';
-    return `${r.id} in progress (${phase}), started ${r.started_at}`;
+    return `${r.id} in progress (${r.strategy}, ${phase}), started ${r.started_at}`;
   }
   return `${describeOutcome(r).text} (${r.trigger}, started ${r.started_at})`;
 }

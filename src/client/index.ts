@@ -62,6 +62,14 @@ export function memfdState(data: Buffer, name = 'aeterna-state'): number {
   return fd;
 }
 
+/** Wait for `promise`, at most `ms` (not at all when ms <= 0). */
+async function within(promise: Promise<void>, ms: number): Promise<void> {
+  if (ms <= 0) return;
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([promise, new Promise<void>((r) => (timer = setTimeout(r, ms)))]);
+  clearTimeout(timer);
+}
+
 function sha256(data: Buffer): string {
   return crypto.createHash('sha256').update(data).digest('hex');
 }
@@ -135,6 +143,10 @@ export class StateClient {
   private dumpCallback: DumpCallback | null = null;
   private loadCallback: ((state: LoadedState) => void | Promise<void>) | null = null;
   private finalDumpPending = false;
+  /** When Aeterna asked for the final dump (performance.now()), and how long it waits for the answer (its timeout_ms). */
+  private finalAsked: { at: number; timeoutMs: number | null } | null = null;
+  private finalAskedSignal: () => void = () => undefined;
+  private readonly finalAskedOrFinished: Promise<void>;
   private shuttingDown = false;
   private finished: Promise<void>;
   private finish!: () => void;
@@ -149,6 +161,7 @@ export class StateClient {
     promise.catch(() => undefined);
     this.initial = { promise, resolve, reject };
     this.finished = new Promise((r) => (this.finish = r));
+    this.finalAskedOrFinished = Promise.race([this.finished, new Promise<void>((r) => (this.finalAskedSignal = r))]);
   }
 
   /** Whether this process talks to Aeterna's relay. */
@@ -236,14 +249,21 @@ export class StateClient {
    * For the SIGTERM handler, after draining: answer the final dump if Aeterna
    * asks for one (now, so it includes the last requests), and wait until it is
    * acknowledged or Aeterna closes the connection (no final dump wanted).
+   * `timeoutMs` bounds the wait for the final dump (Aeterna sends it, or closes,
+   * right after its SIGTERM). Once it has arrived, handing the state over takes
+   * as long as Aeterna said it waits (the dump's timeout_ms, its
+   * state_handoff.timeout), however large the state; without timeout_ms,
+   * `timeoutMs` bounds it all.
    */
   async shutdown(timeoutMs = 10_000): Promise<void> {
     if (!this.conn || this.conn.closed) return;
+    const began = performance.now();
     this.shuttingDown = true;
     if (this.finalDumpPending) void this.answerDump(true);
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([this.finished, new Promise<void>((r) => (timer = setTimeout(r, timeoutMs)))]);
-    clearTimeout(timer);
+    else await within(this.finalAskedOrFinished, timeoutMs);
+    const asked = this.finalAsked;
+    const until = asked?.timeoutMs != null ? asked.at + asked.timeoutMs : began + timeoutMs;
+    await within(this.finished, until - performance.now());
     this.close();
   }
 
@@ -271,6 +291,8 @@ export class StateClient {
       }
       case 'dump':
         if (m.final) {
+          this.finalAsked = { at: performance.now(), timeoutMs: m.timeout_ms ?? null };
+          this.finalAskedSignal();
           this.finalDumpPending = true;
           if (this.shuttingDown) void this.answerDump(true);
         } else {

@@ -12,7 +12,8 @@ export type State = (typeof STATES)[number];
 export const EVENTS = [
   'start', // begin supervising: spawn the first generation
   'reload', // an operator asked for a reload (CLI or SIGHUP)
-  'ready', // the generation being started or handed over to is ready
+  'ready', // the generation being started or handed over to is ready (during a reload: canary, the soak begins)
+  'ready-immediate', // during an `immediate` reload: the new generation is ready and relayed, promoted at once
   'ready-timeout', // it did not become ready in time
   'state-relayed', // the old generation's state reached the new one (acked)
   'relay-failed', // the state relay failed (timeout, nack, checksum, malformed frame, old died mid-dump)
@@ -32,6 +33,7 @@ const ILLEGAL: { readonly [E in Event]: null } = {
   start: null,
   reload: null,
   ready: null,
+  'ready-immediate': null,
   'ready-timeout': null,
   'state-relayed': null,
   'relay-failed': null,
@@ -64,7 +66,8 @@ export const TRANSITIONS: Table = {
   Handover: {
     ...ILLEGAL,
     'state-relayed': 'Handover',
-    ready: 'Soaking', // `immediate` is a soak of zero length: promoted at once
+    ready: 'Soaking', // canary: both generations serve for soak_time
+    'ready-immediate': 'Draining', // immediate: no soak, the old generation is drained at once
     'ready-timeout': 'RollingBack',
     'relay-failed': 'RollingBack',
     exited: 'RollingBack',

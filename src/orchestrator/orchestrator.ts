@@ -1,8 +1,9 @@
 // The Brain: drives the state machine (fsm.ts) with real processes. It starts
-// and restarts the serving generation, runs reloads (Handover -> Soaking ->
-// Draining, or RollingBack), and stops everything on request. Every decision
-// about when a process may die is made here; the FSM only says which event is
-// legal when, and the table there is the authority on that.
+// and restarts the serving generation, runs reloads (Handover -> Draining for
+// immediate, Handover -> Soaking -> Draining for canary, or RollingBack), and
+// stops everything on request. Every decision about when a process may die is
+// made here; the FSM only says which event is legal when, and the table there
+// is the authority on that.
 //
 // Invariants:
 // - At most two generations live at once: `serving` and, during a reload, `candidate`.
@@ -172,7 +173,7 @@ export class Orchestrator implements ControlApi {
       },
       (err: AeternaError) => {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
-        this.deps.log.error({ generation: gen.number, child: gen.pid, code: err.code }, `generation ${gen.number} ${err.message}: killing it`);
+        this.deps.log.error({ generation: gen.number, child: gen.pid, code: err.code }, `stopping generation ${gen.number}, then service.restart decides: ${err.message}`);
         this.fire('ready-timeout');
         void gen.stop(this.config.service.stopTimeoutMs); // its exit goes through the restart policy
       },
@@ -340,7 +341,7 @@ export class Orchestrator implements ControlApi {
     active.timers.push(timer);
     const began = performance.now();
     relay
-      .handover(old, next, (p) => this.emit({ type: 'relay', reload: active.record.id, bytes: p.bytes, total: p.total, rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)) }), active.relayAbort.signal)
+      .handover(old, next, (p) => this.emit({ type: 'relay', reload: active.record.id, bytes: p.bytes, total: p.total, rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)) }), active.relayAbort.signal, timeoutMs)
       .then(
         ({ bytes }) => {
           clearTimeout(timer);
@@ -359,15 +360,15 @@ export class Orchestrator implements ControlApi {
       );
   }
 
-  /** Ready and relayed: soak (canary) or promote at once (immediate: a soak of zero length). */
+  /** Ready and relayed: promote at once (immediate) or soak first (canary). */
   private maybeReady(): void {
     const active = this.active!;
     if (!active.ready || !active.relayed) return;
-    this.fire('ready'); // Soaking
-    this.phase('ready');
     const orchestration = active.config.orchestration;
-    if (orchestration.strategy === 'immediate') {
-      this.fire('soak-elapsed');
+    const immediate = orchestration.strategy === 'immediate';
+    this.fire(immediate ? 'ready-immediate' : 'ready'); // Draining, or Soaking
+    this.phase('ready');
+    if (immediate) {
       this.enterDraining();
       return;
     }
@@ -438,8 +439,9 @@ export class Orchestrator implements ControlApi {
       const relay = this.deps.relay;
       if (relay) {
         const abort = new AbortController();
-        const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), active.config.orchestration.stateHandoff.timeoutMs);
-        relay.finalSync(old, this.candidate!, abort.signal).then(
+        const timeoutMs = active.config.orchestration.stateHandoff.timeoutMs;
+        const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), timeoutMs);
+        relay.finalSync(old, this.candidate!, abort.signal, timeoutMs).then(
           ({ bytes }) => {
             clearTimeout(timer);
             this.deps.metrics.stateRelayed(bytes);
@@ -611,7 +613,7 @@ export class Orchestrator implements ControlApi {
     return {
       state: this.fsm.state,
       service: this.config.service.name,
-      strategy: this.config.orchestration.strategy,
+      strategy: this.active?.record.strategy ?? this.config.orchestration.strategy, // a reload runs with its own config's
       generation: this.serving?.number ?? 0,
       pid: this.serving?.alive ? this.serving.pid : null,
       daemon_pid: process.pid,

@@ -25,6 +25,20 @@ export async function probeOnce(gen: Generation, cfg: ReadinessConfig, reaper: R
   return exit.code === 0;
 }
 
+/** Why a generation was not found ready, and what the operator can change: the timeout's message says it. */
+function whatToDo(cfg: ReadinessConfig): string {
+  switch (cfg.mode) {
+    case 'notify':
+      // The default mode: an app that knows nothing of sd_notify lands here and would be killed every timeout.
+      return 'no READY=1 arrived (readiness.mode "notify", the default); have the app send READY=1 to $NOTIFY_SOCKET ' +
+        '(sd_notify, or ready() of an Aeterna SDK), or set orchestration.readiness.mode to "delay" or "exec"';
+    case 'exec':
+      return `the probe ${JSON.stringify(cfg.command)} never exited 0 (readiness.mode "exec"); fix the probe, or raise orchestration.readiness.timeout`;
+    case 'delay':
+      return `it did not stay up for ${formatDuration(cfg.delayMs)} (readiness.mode "delay"); raise orchestration.readiness.timeout above the delay`;
+  }
+}
+
 /** Waits for one generation to become ready, by the configured mode. */
 export class ReadinessWatch {
   /** Resolves when ready; rejects with E_READY_TIMEOUT (or E_SPAWN_FAILED when the probe cannot run). */
@@ -47,7 +61,7 @@ export class ReadinessWatch {
     this.ready.catch(() => undefined); // the orchestrator handles it; never an unhandled rejection
     this.timers.push(
       setTimeout(
-        () => this.fail(new AeternaError('E_READY_TIMEOUT', `not ready within ${formatDuration(cfg.timeoutMs)}`)),
+        () => this.fail(new AeternaError('E_READY_TIMEOUT', `not ready within ${formatDuration(cfg.timeoutMs)}: ${whatToDo(cfg)}`)),
         cfg.timeoutMs,
       ),
     );

@@ -22,14 +22,15 @@ export interface StateRelay {
   /**
    * At Handover: ask `old` for its state and deliver it to `next` (no state
    * when `old` has no relay connection); resolves once `next` acknowledged it. Rejects (with a reason) on any failure. Must
-   * stop promptly when `signal` aborts (timeout, rollback, stop).
+   * stop promptly when `signal` aborts (timeout, rollback, stop). `timeoutMs` is when the caller will abort: the
+   * dump request tells `old` (its SDK waits that long for the ack, whatever the size of its state).
    */
-  handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal): Promise<{ bytes: number }>;
+  handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }>;
   /**
    * At promotion, after SIGTERM to `old`: carry what changed since the first
    * snapshot to `next`. Best effort: the promotion stands either way.
    */
-  finalSync(old: Generation, next: Generation, signal: AbortSignal): Promise<{ bytes: number }>;
+  finalSync(old: Generation, next: Generation, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }>;
   /** Whether a state is on its way to or from this generation right now. */
   relaying(gen: Generation): boolean;
   /** The new generation said {"op":"ready"}; the orchestrator subscribes. */

@@ -60,6 +60,7 @@ export interface GenerationInfo {
 export interface StatusReport {
   state: State;
   service: string;
+  /** The strategy in effect: while a reload runs, that reload's (from the config it re-read), else the running config's. */
   strategy: Strategy;
   /** The serving generation's number (0 before the first one started). */
   generation: number;

@@ -127,16 +127,16 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     session.conn.stream.end();
   }
 
-  handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal): Promise<{ bytes: number }> {
-    return this.waitForSession(next, signal).then((to) => this.transfer(this.liveSession(old), to, false, progress, signal));
+  handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
+    return this.waitForSession(next, signal).then((to) => this.transfer(this.liveSession(old), to, false, progress, signal, timeoutMs));
   }
 
-  finalSync(old: Generation, next: Generation, signal: AbortSignal): Promise<{ bytes: number }> {
+  finalSync(old: Generation, next: Generation, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
     const to = this.liveSession(next);
     if (!to) return Promise.reject(new Error(`generation ${next.number} has no relay connection`));
     const from = this.liveSession(old);
     if (!from) return Promise.reject(new Error(`generation ${old.number} has no relay connection`));
-    return this.transfer(from, to, true, () => undefined, signal);
+    return this.transfer(from, to, true, () => undefined, signal, timeoutMs);
   }
 
   relaying(gen: Generation): boolean {
@@ -294,7 +294,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     this.log.warn({ generation: to.gen?.number, bytes }, 'relay: final sync cut short; the rest was padded so the serving generation refuses it and keeps its connection');
   }
 
-  private transfer(from: Session | null, to: Session, final: boolean, progress: (p: RelayProgress) => void, signal: AbortSignal): Promise<{ bytes: number }> {
+  private transfer(from: Session | null, to: Session, final: boolean, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
     return new Promise((resolve, reject) => {
       if (from && from.phase !== 'idle') {
         reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
@@ -327,8 +327,8 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       }
       from.transfer = t;
       from.phase = 'dump-requested';
-      from.conn.send({ op: 'dump', final });
-      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final }, 'relay: dump requested');
+      from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs }); // the app's SDK waits as long as we do
+      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final, timeout_ms: timeoutMs }, 'relay: dump requested');
     });
   }
 

@@ -17,7 +17,8 @@ export type Message =
   | ({ op: 'state' } & StateHeader)
   | { op: 'ack'; ok: boolean; error?: string }
   | { op: 'ready' }
-  | { op: 'dump'; final: boolean }
+  /** timeout_ms: how long Aeterna waits for the state and the new generation's ack (state_handoff.timeout). */
+  | { op: 'dump'; final: boolean; timeout_ms?: number }
   | { op: 'error'; code: string; message: string };
 
 export type Op = Message['op'];
@@ -100,7 +101,9 @@ export function parseMessage(payload: Buffer): Message {
     case 'ready':
       return { op: 'ready' };
     case 'dump':
-      return { op: 'dump', final: o.final === true };
+      return Number.isSafeInteger(o.timeout_ms) && (o.timeout_ms as number) > 0
+        ? { op: 'dump', final: o.final === true, timeout_ms: o.timeout_ms as number }
+        : { op: 'dump', final: o.final === true };
     case 'error':
       return { op: 'error', code: String(o.code ?? 'unknown').slice(0, 64), message: String(o.message ?? '').slice(0, 4096) };
   }
