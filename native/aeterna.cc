@@ -450,11 +450,13 @@ bool CloexecFrom(int first) {
   // succeeds, which is exactly close-on-exec.
   if (!CloexecFrom(n)) ChildFail(error_fd, kCloseRange, errno);
 
-  if (plan.has_cwd && chdir(plan.cwd.c_str()) < 0) ChildFail(error_fd, kChdir, errno);
   // Groups and gid first: after setuid we no longer have the right to change them.
   if (plan.has_groups && setgroups(plan.groups.size(), plan.groups.data()) < 0) ChildFail(error_fd, kSetgroups, errno);
   if (plan.has_gid && setgid(plan.gid) < 0) ChildFail(error_fd, kSetgid, errno);
   if (plan.has_uid && setuid(plan.uid) < 0) ChildFail(error_fd, kSetuid, errno);
+  // chdir as the app's user, not as root: a directory the app may not enter must
+  // fail here (EACCES, reported like an exec failure), not crash-loop the app later.
+  if (plan.has_cwd && chdir(plan.cwd.c_str()) < 0) ChildFail(error_fd, kChdir, errno);
 
   // execvp's search, without its allocations: a missing candidate moves on; a
   // candidate we may not execute is reported only if nothing later works.
