@@ -19,6 +19,7 @@ import type { ExitInfo } from '../native/binding';
 import type { ListenerSet } from '../resources/listeners';
 import { Generation, describeExit, exitCodeOf } from '../supervisor/generation';
 import type { Reaper } from '../supervisor/reaper';
+import type { Cgroups } from '../supervisor/cgroup';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
 import type { NotifySocket } from './notify';
 import { ReadinessWatch, probeOnce } from './readiness';
@@ -36,6 +37,8 @@ export interface OrchestratorDeps {
   loadConfig: (file: string) => Config;
   /** The state relay, when state_handoff is enabled. */
   relay: StateRelay | null;
+  /** One cgroup per generation, where the machine allows it (service.cgroups). */
+  cgroups: Cgroups | null;
 }
 
 /** A reload in flight: its record, its listeners and what it is waiting for. */
@@ -109,6 +112,11 @@ export class Orchestrator implements ControlApi {
     return this.stopped;
   }
 
+  /** The running config's service.stop_timeout: Aeterna's leftover processes get as long at exit. */
+  get stopTimeoutMs(): number {
+    return this.config.service.stopTimeoutMs;
+  }
+
   /** Whether a generation is serving and ready (GET /readyz). */
   isReady(): boolean {
     return SERVING_STATES.includes(this.fsm.state) && this.servingReady;
@@ -133,7 +141,7 @@ export class Orchestrator implements ControlApi {
 
   private spawn(config: Config, role: 'fresh' | 'candidate'): Generation {
     const number = ++this.generations;
-    const gen = Generation.spawn(number, config.service, this.deps.listeners.list(), this.deps.reaper, this.extraEnv(number));
+    const gen = Generation.spawn(number, config.service, this.deps.listeners.list(), this.deps.reaper, this.extraEnv(number), this.deps.cgroups);
     this.deps.relay?.attach(gen, role);
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');
     gen.exited.then((info) => this.onExit(gen, info));
