@@ -345,9 +345,9 @@ Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
 // ---------------------------------------------------------------------------
 
 // What went wrong in the child, sent back over the error pipe.
-enum Stage { kSigmask, kSetsid, kMoveFd, kDup2, kCloseRange, kChdir, kSetgroups, kSetgid, kSetuid, kExecve };
-const char* const kStageSyscall[] = {"sigprocmask", "setsid", "fcntl",  "dup2",   "close_range",
-                                     "chdir",       "setgroups", "setgid", "setuid", "execve"};
+enum Stage { kCgroup, kSigmask, kSetsid, kMoveFd, kDup2, kCloseRange, kChdir, kSetgroups, kSetgid, kSetuid, kExecve };
+const char* const kStageSyscall[] = {"write",  "sigprocmask", "setsid", "fcntl",  "dup2",  "close_range",
+                                     "chdir",  "setgroups",   "setgid", "setuid", "execve"};
 struct ChildError {
   int stage;
   int err;
@@ -365,6 +365,7 @@ struct SpawnPlan {
   bool has_cwd = false;
   std::vector<int> sources;  // the child's fd i is sources[i]: stdio, then fds
   std::vector<int> moved;    // scratch space for the child
+  int cgroup_procs = -1;  // an open cgroup.procs the child joins first, or -1
   bool has_uid = false, has_gid = false, has_groups = false;
   uid_t uid = 0;
   gid_t gid = 0;
@@ -406,6 +407,16 @@ bool CloexecFrom(int first) {
 
 // Runs in the forked child. Only async-signal-safe calls from here on.
 [[noreturn]] void RunChild(SpawnPlan& plan, int error_fd) {
+  // Into the generation's cgroup before anything else (and while still root):
+  // writing "0" to cgroup.procs moves the writer. From here on every process the
+  // app starts is born in that cgroup and cannot leave it without the right to
+  // write to another cgroup's cgroup.procs.
+  if (plan.cgroup_procs >= 0) {
+    ssize_t n;
+    do n = write(plan.cgroup_procs, "0", 1);
+    while (n < 0 && errno == EINTR);
+    if (n != 1) ChildFail(error_fd, kCgroup, n < 0 ? errno : EIO);
+  }
   // Handlers and ignored signals are Node's business, not the app's: SIG_IGN would
   // survive execve (Node ignores SIGPIPE). The parent blocked every signal around
   // fork, so no handler of Node's can run here before it is reset.
@@ -450,11 +461,13 @@ bool CloexecFrom(int first) {
   // succeeds, which is exactly close-on-exec.
   if (!CloexecFrom(n)) ChildFail(error_fd, kCloseRange, errno);
 
-  if (plan.has_cwd && chdir(plan.cwd.c_str()) < 0) ChildFail(error_fd, kChdir, errno);
   // Groups and gid first: after setuid we no longer have the right to change them.
   if (plan.has_groups && setgroups(plan.groups.size(), plan.groups.data()) < 0) ChildFail(error_fd, kSetgroups, errno);
   if (plan.has_gid && setgid(plan.gid) < 0) ChildFail(error_fd, kSetgid, errno);
   if (plan.has_uid && setuid(plan.uid) < 0) ChildFail(error_fd, kSetuid, errno);
+  // chdir as the app's user, not as root: a directory the app may not enter must
+  // fail here (EACCES, reported like an exec failure), not crash-loop the app later.
+  if (plan.has_cwd && chdir(plan.cwd.c_str()) < 0) ChildFail(error_fd, kChdir, errno);
 
   // execvp's search, without its allocations: a missing candidate moves on; a
   // candidate we may not execute is reported only if nothing later works.
@@ -541,6 +554,9 @@ bool BuildSpawnPlan(const Napi::Object& options, SpawnPlan* plan) {
   if (!GetFdList(options.Get("fds"), "fds", 65536, &plan->sources)) return false;
   plan->moved.resize(plan->sources.size());
 
+  Napi::Value cgroup = options.Get("cgroupProcsFd");
+  if (!IsAbsent(cgroup) && !GetFd(cgroup, "cgroupProcsFd", &plan->cgroup_procs)) return false;
+
   int64_t id;
   Napi::Value uid = options.Get("uid"), gid = options.Get("gid"), groups = options.Get("groups");
   if (!IsAbsent(uid)) {
@@ -610,8 +626,9 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
   int status;
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
-  if (report.stage < 0 || report.stage > kExecve) report.stage = kExecve;
+  if (report.stage < kCgroup || report.stage > kExecve) report.stage = kExecve;
   switch (report.stage) {
+    case kCgroup: what += " (joining its cgroup)"; break;
     case kChdir: what += " (cwd \"" + plan.cwd + "\")"; break;
     case kSetuid: what += " (uid " + std::to_string(plan.uid) + ")"; break;
     case kSetgid: what += " (gid " + std::to_string(plan.gid) + ")"; break;

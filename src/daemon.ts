@@ -9,6 +9,8 @@ import { loadConfigFile } from './config/load';
 import type { Logger } from './log';
 import { Metrics, startMetricsServer } from './monitor/metrics';
 import { Reaper } from './supervisor/reaper';
+import { Cgroups } from './supervisor/cgroup';
+import { endLeftovers, killLeftovers } from './supervisor/leftovers';
 import { ListenerSet, inheritedListeners } from './resources/listeners';
 import { ListenerWatch } from './resources/listener-watch';
 import { NotifySocket } from './orchestrator/notify';
@@ -42,8 +44,11 @@ export class Daemon {
   private metricsServer: http.Server | null = null;
   private relay: SrpCoordinator | null = null;
   private orchestrator: Orchestrator | null = null;
+  private cgroups: Cgroups | null = null;
   /** A stop requested before the orchestrator existed. */
   private pendingStop: string | null = null;
+  /** Aborted by a second stop request while leftover processes are being ended: SIGKILL them now. */
+  private readonly hurry = new AbortController();
 
   constructor(
     private readonly config: Config,
@@ -89,6 +94,7 @@ export class Daemon {
       await this.shutdown();
       return startFailureCode(err);
     }
+    this.cgroups = this.openCgroups();
     this.orchestrator = new Orchestrator(this.config, {
       log: this.log,
       metrics: this.metrics,
@@ -98,6 +104,7 @@ export class Daemon {
       notify: this.notify,
       loadConfig: loadConfigFile,
       relay: this.relay,
+      cgroups: this.cgroups,
     });
     if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
     const stopped = this.orchestrator.run();
@@ -105,6 +112,9 @@ export class Daemon {
     // The app has been spawned: now load the metrics library (kept off the start-to-exec path).
     setImmediate(() => this.metrics.export());
     code = await stopped;
+    // The generations are gone; whatever is still Aeterna's child escaped them (see leftovers.ts).
+    const ended = await endLeftovers(this.reaper, this.orchestrator.stopTimeoutMs, this.hurry.signal);
+    if (ended.length > 0) this.log.warn({ pids: ended }, `ended ${ended.length} leftover process(es) that outlived their generations`);
     this.log.info({ exit_code: code }, 'aeterna exiting');
     await this.shutdown();
     return code;
@@ -126,8 +136,32 @@ export class Daemon {
   }
 
   stop(reason: string): void {
+    if (this.orchestrator?.fsm.state === 'Stopped') this.hurry.abort();
     if (this.orchestrator) this.orchestrator.stop(reason);
     else this.pendingStop = reason;
+  }
+
+  /** One cgroup per generation where possible; says once which attribution is in use. */
+  private openCgroups(): Cgroups | null {
+    const fallback = 'process attribution: process group, session and AETERNA_GENERATION (a daemon that leaves all three survives reloads until Aeterna exits)';
+    if (!this.config.service.cgroups) {
+      this.log.info({ cgroups: false }, `${fallback}: service.cgroups is false`);
+      return null;
+    }
+    try {
+      const cgroups = Cgroups.open((reason) => this.log.warn({ cgroups: false }, `${fallback} from now on: ${reason}`));
+      this.log.info({ cgroups: true, cgroup: cgroups.group }, `process attribution: one cgroup per generation below ${cgroups.dir}`);
+      return cgroups;
+    } catch (err) {
+      this.log.warn({ cgroups: false }, `${fallback}: cgroups unavailable: ${(err as Error).message}`);
+      return null;
+    }
+  }
+
+  /** Aeterna is dying of an internal error: take every process of the app with it, without waiting. */
+  killEverything(): void {
+    this.cgroups?.killAll();
+    killLeftovers();
   }
 
   private reloadFromSignal(): void {
@@ -166,6 +200,7 @@ export class Daemon {
     this.notify?.close();
     await this.relay?.close();
     this.listeners.closeAll();
+    await this.cgroups?.close();
     this.reaper.sweep();
     this.reaper.uninstall();
   }

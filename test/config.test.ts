@@ -101,7 +101,7 @@ describe('errors name file:line:column, key path, expected form and what was fou
     const lines = configError(() => parseConfig(minimalYaml('  soak_time: 10s\n  frobnicate: 1\n'), 'x.yaml')).message.split('\n');
     assert.deepEqual(lines, [
       'x.yaml:5:3 service.soak_time: unknown key "soak_time" here; it belongs in orchestration',
-      'x.yaml:6:3 service.frobnicate: unknown key "frobnicate"; expected one of name, command, env, cwd, user, group, listeners, stop_timeout, restart',
+      'x.yaml:6:3 service.frobnicate: unknown key "frobnicate"; expected one of name, command, env, cwd, user, group, listeners, stop_timeout, restart, cgroups',
     ]);
   });
 
@@ -223,6 +223,7 @@ describe('loading', () => {
         env: [],
         listeners: [],
         stopTimeoutMs: 30_000,
+        cgroups: true,
         restart: { policy: 'on-failure', maxRestarts: 5, windowMs: 60_000 },
       },
       orchestration: {

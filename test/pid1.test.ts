@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { fixture, freePort, pidNamespaceUnavailable, runAeterna, tempDir, writeConfig } from './helpers/aeterna';
+import { Daemon } from './helpers/daemon';
 
 const skip = pidNamespaceUnavailable();
 if (skip) console.log(`# skipping PID-1 tests: ${skip}`);
@@ -185,6 +186,42 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
     assert.match(err.msg, /\/no\/such\/binary/);
     assert.match(err.msg, /ENOENT/);
     assert.equal(err.code, 'E_SPAWN_FAILED');
+  });
+
+  it("a service.cwd the app's user cannot enter is E_SPAWN_FAILED at start (exit 126) naming the directory and errno", { skip: process.getuid?.() === 0 ? false : 'needs root to switch users' }, async () => {
+    const dir = tempDir();
+    const closed = path.join(dir, 'root-only');
+    fs.mkdirSync(closed, { mode: 0o700 }); // root's; nobody may not enter it
+    fs.chmodSync(dir, 0o755);
+    const run = runAeterna(['start', '-c', config(dir, ['true'], `  user: "nobody"\n  cwd: "${closed}"`)], { pid1: true });
+    const exit = await run.exit();
+    assert.equal(exit.code, 126, run.stderr);
+    const err = run.logs().find((l) => l.level === 'error');
+    assert.ok(err, run.stderr);
+    assert.equal(err.code, 'E_SPAWN_FAILED');
+    assert.match(err.msg, new RegExp(`cwd "${closed}"\\): chdir: Permission denied \\(EACCES\\)`));
+    assert.equal(run.logs().filter((l) => l.msg === 'generation started').length, 0, 'no generation ever ran');
+  });
+
+  it("a reload to a service.cwd the app's user cannot enter fails with E_SPAWN_FAILED naming it; the old generation serves on", { skip: process.getuid?.() === 0 ? false : 'needs root to switch users' }, async () => {
+    const d = new Daemon({ command: ['sleep', '1000'], extraService: '  user: "nobody"\n' }).start(true);
+    try {
+      const before = await d.waitStatus((s) => s.state === 'Running');
+      const closed = path.join(d.dir, 'root-only');
+      fs.mkdirSync(closed, { mode: 0o700 });
+      d.write({ ...d.options, extraService: `  user: "nobody"\n  cwd: "${closed}"\n` });
+      const r = await d.cli('reload');
+      assert.equal(r.code, 1, r.stderr);
+      assert.match(r.stderr, new RegExp(`cwd "${closed}"\\): chdir: Permission denied \\(EACCES\\)`));
+      const after = await d.status();
+      assert.equal(after.last_reload?.code, 'E_SPAWN_FAILED');
+      assert.equal(after.state, 'Running');
+      assert.equal(after.generation, before.generation, 'the old generation still serves');
+      assert.equal(after.pid, before.pid);
+      assert.equal(await d.stop(), 143, 'sleep ends by SIGTERM');
+    } finally {
+      await d.run.killAll();
+    }
   });
 
   it('a listener address already in use is a clear error naming it', async () => {

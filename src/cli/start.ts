@@ -16,10 +16,12 @@ export async function runStart(options: { config?: string }): Promise<number> {
     throw err;
   }
   const log = createLogger(config.observability.logLevel);
-  // PID 1 must not die of a bug without a word: log it and exit with EX_SOFTWARE.
+  const daemon = new Daemon(config, log);
+  // PID 1 must not die of a bug without a word: log it, take the app with it and exit with EX_SOFTWARE.
   process.on('uncaughtException', (err) => {
     log.fatal({ err }, 'internal error');
+    daemon.killEverything();
     process.exit(ExitCodes.SOFTWARE);
   });
-  return new Daemon(config, log).run();
+  return daemon.run();
 }

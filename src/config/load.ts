@@ -97,6 +97,7 @@ function toConfig(raw: ValidatedConfig, file: string): Config {
       ...(service.group === undefined ? {} : { group: service.group }),
       listeners: service.listeners.map((listener) => ({ ...listener })),
       stopTimeoutMs: service.stop_timeout,
+      cgroups: service.cgroups,
       restart: { policy: service.restart.policy, maxRestarts: service.restart.max_restarts, windowMs: service.restart.window },
     },
     orchestration: {

@@ -178,6 +178,15 @@ const service = object({
       '30s',
     ),
     restart: withDefault(restart, {}),
+    cgroups: withDefault(
+      boolean({
+        description:
+          'Put each generation in a cgroup (v2) of its own, below Aeterna\'s cgroup, where the hierarchy is writable: ' +
+          'every process of a generation, daemonized ones included, is then ended with it. false, or where cgroups ' +
+          'cannot be created: process group, session and AETERNA_GENERATION only (see docs/security.md). Read at start.',
+      }),
+      true,
+    ),
   },
 });
 

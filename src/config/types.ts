@@ -32,6 +32,8 @@ export interface ServiceConfig {
   group?: string | number;
   listeners: ListenerConfig[];
   stopTimeoutMs: number;
+  /** One cgroup per generation where possible (read at start). */
+  cgroups: boolean;
   restart: { policy: RestartPolicy; maxRestarts: number; windowMs: number };
 }
 

@@ -39,6 +39,11 @@ export interface SpawnOptions {
   uid?: number;
   gid?: number;
   groups?: number[];
+  /**
+   * An open (close-on-exec) cgroup.procs of a cgroup v2 the child joins first thing after fork, by writing "0".
+   * Failing that, spawn throws with syscall 'write' and nothing runs.
+   */
+  cgroupProcsFd?: number;
 }
 
 /** The result of one non-blocking recvmsg. */

@@ -21,6 +21,7 @@ import type { ListenerSet } from '../resources/listeners';
 import type { ListenerWatch } from '../resources/listener-watch';
 import { Generation, describeExit, exitCodeOf } from '../supervisor/generation';
 import type { Reaper } from '../supervisor/reaper';
+import type { Cgroups } from '../supervisor/cgroup';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
 import type { NotifySocket } from './notify';
 import { ReadinessWatch, probeOnce } from './readiness';
@@ -40,6 +41,8 @@ export interface OrchestratorDeps {
   loadConfig: (file: string) => Config;
   /** The state relay, when state_handoff is enabled. */
   relay: StateRelay | null;
+  /** One cgroup per generation, where the machine allows it (service.cgroups). */
+  cgroups: Cgroups | null;
 }
 
 /** A reload in flight: its record, its listeners and what it is waiting for. */
@@ -113,6 +116,11 @@ export class Orchestrator implements ControlApi {
     return this.stopped;
   }
 
+  /** The running config's service.stop_timeout: Aeterna's leftover processes get as long at exit. */
+  get stopTimeoutMs(): number {
+    return this.config.service.stopTimeoutMs;
+  }
+
   /** Whether a generation is serving and ready (GET /readyz). */
   isReady(): boolean {
     return SERVING_STATES.includes(this.fsm.state) && this.servingReady;
@@ -138,7 +146,7 @@ export class Orchestrator implements ControlApi {
   private spawn(config: Config, role: 'fresh' | 'candidate'): Generation {
     const number = ++this.generations;
     this.deps.listenerWatch.check(`spawn of generation ${number}`, true); // the new generation gets listening sockets
-    const gen = Generation.spawn(number, config.service, this.deps.listeners.list(), this.deps.reaper, this.extraEnv(number));
+    const gen = Generation.spawn(number, config.service, this.deps.listeners.list(), this.deps.reaper, this.extraEnv(number), this.deps.cgroups);
     this.deps.relay?.attach(gen, role);
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');
     gen.exited.then((info) => this.onExit(gen, info));

@@ -3,6 +3,7 @@
 // own session and process group, is signalled as a group, and when its root
 // process exits any stragglers are killed (its group, and orphans that left
 // it), so no worker of a dead generation keeps accepting on the shared sockets.
+import fs from 'node:fs';
 import os from 'node:os';
 import { EventEmitter } from 'node:events';
 import { native, type ExitInfo } from '../native/binding';
@@ -12,6 +13,7 @@ import { RESERVED_ENV } from '../config/checks';
 import type { Listener } from '../resources/listeners';
 import type { Reaper } from './reaper';
 import { descendantsWithEnv } from './proctree';
+import type { Cgroups, GenerationCgroup } from './cgroup';
 
 
 export function signalNumber(signal: NodeJS.Signals | number): number {
@@ -106,6 +108,9 @@ export class Generation extends EventEmitter<GenerationEvents> {
     readonly number: number,
     readonly pid: number,
     exit: Promise<ExitInfo>,
+    private readonly cgroups: Cgroups | null,
+    /** Its cgroup, when it has one: every process it starts is in it. */
+    readonly cgroup: GenerationCgroup | null,
   ) {
     super();
     this.exited = exit.then((info) => {
@@ -119,43 +124,73 @@ export class Generation extends EventEmitter<GenerationEvents> {
 
   /**
    * The generation is gone with its root: kill what is left of it. Its process
-   * group first; then processes that left the group with setsid() (as
-   * daemonizing programs do) and came back to Aeterna as orphans: they are
-   * found by the AETERNA_GENERATION they inherited (best effort: a process
-   * that rewrote its environment is not found).
+   * group first; then, with a cgroup, everything in it (and the cgroup goes).
+   * Without one, processes that left the group with setsid() (as daemonizing
+   * programs do) and came back to Aeterna as orphans are found by the
+   * AETERNA_GENERATION they inherited (best effort: a process that rewrote its
+   * environment is not found until Aeterna exits: see leftovers.ts).
    */
   private killStragglers(): void {
     native.kill(-this.pid, os.constants.signals.SIGKILL);
+    if (this.cgroup !== null) {
+      void this.cgroups!.release(this.cgroup);
+      return;
+    }
     for (const pid of descendantsWithEnv(process.pid, 'AETERNA_GENERATION', String(this.number))) {
       native.kill(pid, os.constants.signals.SIGKILL);
     }
   }
 
-  /** Start generation `number` of the service with the given listeners. Throws E_SPAWN_FAILED. */
+  /**
+   * Start generation `number` of the service with the given listeners, in a cgroup of its own when `cgroups`
+   * is given (if that cgroup cannot be joined, cgroups fall back for good and it starts without). Throws E_SPAWN_FAILED.
+   */
   static spawn(
     number: number,
     service: ServiceConfig,
     listeners: readonly Listener[],
     reaper: Reaper,
     extraEnv: Record<string, string> = {},
+    cgroups: Cgroups | null = null,
   ): Generation {
     const identity = resolveIdentity(service.user, service.group);
+    const start = (cgroup: GenerationCgroup | null): number => {
+      const procs = cgroup?.openProcs();
+      try {
+        return native.spawn({
+          argv: service.command,
+          env: childEnvironment(process.env, service.env, listeners, { AETERNA_GENERATION: String(number), ...extraEnv }),
+          cwd: service.cwd,
+          fds: listeners.map((l) => l.fd),
+          listenPid: listeners.length > 0,
+          uid: identity?.uid,
+          gid: identity?.gid,
+          groups: identity?.groups,
+          cgroupProcsFd: procs,
+        });
+      } finally {
+        if (procs !== undefined) fs.closeSync(procs);
+      }
+    };
+    let cgroup = cgroups?.create(number) ?? null;
     let pid: number;
     try {
-      pid = native.spawn({
-        argv: service.command,
-        env: childEnvironment(process.env, service.env, listeners, { AETERNA_GENERATION: String(number), ...extraEnv }),
-        cwd: service.cwd,
-        fds: listeners.map((l) => l.fd),
-        listenPid: listeners.length > 0,
-        uid: identity?.uid,
-        gid: identity?.gid,
-        groups: identity?.groups,
-      });
+      try {
+        pid = start(cgroup);
+      } catch (err) {
+        // Only the cgroup's fault (cgroup.procs could not be opened or written) falls back; anything else is the app's.
+        const e = err as NodeJS.ErrnoException;
+        if (cgroup === null || !(e.syscall === 'write' || e.syscall === 'open')) throw err;
+        cgroups!.fallBack(`cannot join ${cgroup.dir}: ${e.message}`);
+        void cgroups!.release(cgroup);
+        cgroup = null;
+        pid = start(null);
+      }
     } catch (err) {
+      if (cgroup !== null) void cgroups!.release(cgroup);
       throw new AeternaError('E_SPAWN_FAILED', (err as Error).message, { cause: err });
     }
-    const generation = new Generation(number, pid, reaper.watch(pid));
+    const generation = new Generation(number, pid, reaper.watch(pid), cgroups, cgroup);
     reaper.sweep(); // it may already have exited
     return generation;
   }

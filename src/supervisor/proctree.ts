@@ -1,8 +1,11 @@
-// Which generation a process belongs to. A generation's root runs setsid(), so
-// its descendants share its session id unless they start a session of their
-// own; for those we also walk the parent chain. Used to attribute sd_notify
+// Which generation a process belongs to. Where generations have cgroups
+// (cgroup.ts), a process belongs to the generation whose cgroup it is in: it
+// cannot shed that. Otherwise: a generation's root runs setsid(), so its
+// descendants share its session id unless they start a session of their own;
+// for those we also walk the parent chain. Used to attribute sd_notify
 // datagrams and SRP connections to a generation, by the pid the kernel reports.
 import fs from 'node:fs';
+import { cgroupOf, generationCgroupOf } from './cgroup';
 
 export interface ProcStat {
   pid: number;
@@ -26,6 +29,11 @@ export function procStat(pid: number): ProcStat | null {
 /** Whether pid is root itself or one of its descendants (alive now). */
 export function belongsTo(pid: number, root: number): boolean {
   if (pid === root) return true;
+  const group = generationCgroupOf(root);
+  if (group !== null) {
+    const own = cgroupOf(pid);
+    return own !== null && (own === group || own.startsWith(`${group}/`));
+  }
   let stat = procStat(pid);
   if (stat === null) return false;
   if (stat.sid === root) return true;
@@ -52,6 +60,17 @@ export function descendantsWithEnv(ancestor: number, name: string, value: string
       continue;
     }
     if (environ.split('\0').includes(wanted) && belongsTo(pid, ancestor)) found.push(pid);
+  }
+  return found;
+}
+
+/** Live (not yet exited) children of pid: for Aeterna, its own children and every orphan re-parented to it. */
+export function childrenOf(parent: number): number[] {
+  const found: number[] = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = procStat(Number(entry));
+    if (stat !== null && stat.ppid === parent && stat.state !== 'Z') found.push(stat.pid);
   }
   return found;
 }

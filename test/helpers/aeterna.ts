@@ -150,6 +150,12 @@ export class AeternaRun {
             // gone, or not ours to read
           }
         }
+        // As PID 1 the daemon is not this.child (unshare is): kill it itself, which takes its namespace down.
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
       }
       this.child.kill('SIGKILL');
     }

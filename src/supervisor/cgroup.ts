@@ -1,0 +1,199 @@
+// One cgroup (v2) per generation, where the machine lets Aeterna create them.
+// A process can leave its process group and session (setsid) and rewrite its
+// environment, but it cannot leave its cgroup without the right to write to
+// another cgroup's cgroup.procs: so a cgroup is what attributes every process
+// of a generation, daemonized ones included, and what ends them all at once.
+//
+// Layout: <Aeterna's own cgroup>/aeterna-<pid>-<random>/gen-<n>. Aeterna stays
+// in its own cgroup and never enables a controller anywhere, so cgroup v2's
+// no-internal-process rule cannot bite. Where the hierarchy is missing or not
+// writable (read-only mount, no permission), `Cgroups.open` says why and the
+// caller falls back to process group, session and AETERNA_GENERATION.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { native } from '../native/binding';
+
+/** The generation cgroups alive now, by their path in the hierarchy (as /proc/<pid>/cgroup shows it). */
+const liveGroups = new Set<string>();
+
+/** A process's cgroup v2 path ("0::/path" in /proc/<pid>/cgroup), or null when unknown. */
+export function cgroupOf(pid: number | 'self'): string | null {
+  try {
+    const line = fs.readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n').find((l) => l.startsWith('0::'));
+    return line === undefined ? null : line.slice(3);
+  } catch {
+    return null;
+  }
+}
+
+/** The generation cgroup that pid is in (one Aeterna made and that is still alive), or null. */
+export function generationCgroupOf(pid: number): string | null {
+  const group = cgroupOf(pid);
+  return group !== null && liveGroups.has(group) ? group : null;
+}
+
+/** Where the cgroup2 hierarchy is mounted, and which of its directories that mount shows. */
+export function cgroup2Mount(mountinfo: string): { mountPoint: string; root: string } | null {
+  for (const line of mountinfo.split('\n')) {
+    const [mount, fsPart] = line.split(' - ');
+    if (fsPart === undefined || fsPart.split(' ')[0] !== 'cgroup2') continue;
+    const fields = mount.split(' ');
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    const unescape = (s: string): string => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+    return { root: unescape(fields[3]), mountPoint: unescape(fields[4]) };
+  }
+  return null;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** One generation's cgroup. */
+export class GenerationCgroup {
+  constructor(
+    /** Its path in the hierarchy, as in /proc/<pid>/cgroup. */
+    readonly group: string,
+    /** Its directory in the file system. */
+    readonly dir: string,
+  ) {
+    liveGroups.add(group);
+  }
+
+  /** cgroup.procs opened for writing, close-on-exec (Node's default), for the child to join: see SpawnOptions.cgroupProcsFd. */
+  openProcs(): number {
+    return fs.openSync(path.join(this.dir, 'cgroup.procs'), 'w');
+  }
+
+  /** The pids in it now. */
+  pids(): number[] {
+    try {
+      return fs.readFileSync(path.join(this.dir, 'cgroup.procs'), 'utf8').split('\n').filter(Boolean).map(Number);
+    } catch {
+      return [];
+    }
+  }
+
+  /** SIGKILL everything in it: cgroup.kill (Linux 5.14+) in one step, else each pid it lists now. */
+  kill(): void {
+    try {
+      fs.writeFileSync(path.join(this.dir, 'cgroup.kill'), '1');
+      return;
+    } catch {
+      // no cgroup.kill on this kernel: one pid at a time
+    }
+    for (const pid of this.pids()) native.kill(pid, os.constants.signals.SIGKILL);
+  }
+
+  /** Kill what is in it and remove it once empty (a killed process leaves it as it exits). Resolves false when it stayed busy. */
+  async remove(attempts = 250): Promise<boolean> {
+    for (let i = 0; i < attempts; i++) {
+      this.kill();
+      try {
+        fs.rmdirSync(this.dir);
+        liveGroups.delete(this.group);
+        return true;
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === 'ENOENT') {
+          liveGroups.delete(this.group);
+          return true;
+        }
+        if (code !== 'EBUSY') return false;
+      }
+      await sleep(20);
+    }
+    return false;
+  }
+}
+
+/** The cgroups of this Aeterna: a directory of its own below its cgroup, with one cgroup per generation in it. */
+export class Cgroups {
+  private readonly generations = new Set<GenerationCgroup>();
+  /** Why generations no longer get cgroups, once one could not be created or joined. */
+  private failure: string | null = null;
+
+  private constructor(
+    readonly group: string,
+    readonly dir: string,
+    private readonly onFallBack: (reason: string) => void,
+  ) {}
+
+  /**
+   * Create this Aeterna's directory; throws an Error saying why cgroups cannot be used here. `onFallBack` is
+   * told (once) if a generation's cgroup later cannot be created or joined after all.
+   */
+  static open(onFallBack: (reason: string) => void): Cgroups {
+    let mountinfo: string;
+    try {
+      mountinfo = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+    } catch (err) {
+      throw new Error(`cannot read /proc/self/mountinfo (${(err as NodeJS.ErrnoException).code})`);
+    }
+    const mount = cgroup2Mount(mountinfo);
+    if (mount === null) throw new Error('no cgroup2 file system is mounted');
+    const own = cgroupOf('self');
+    if (own === null) throw new Error('/proc/self/cgroup has no cgroup v2 entry');
+    const root = mount.root === '/' ? '' : mount.root;
+    if (own !== root && !own.startsWith(`${root}/`)) {
+      throw new Error(`Aeterna's cgroup ${own} is outside the cgroup2 mount at ${mount.mountPoint}`);
+    }
+    // pid and a random part: as PID 1 every Aeterna is pid 1, and containers may share a hierarchy.
+    const name = `aeterna-${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
+    const group = path.posix.join(own, name);
+    const dir = path.join(mount.mountPoint, own.slice(root.length), name);
+    try {
+      fs.mkdirSync(dir, { mode: 0o755 });
+    } catch (err) {
+      throw new Error(`cannot create ${dir} (${(err as NodeJS.ErrnoException).code})`);
+    }
+    return new Cgroups(group, dir, onFallBack);
+  }
+
+  /** A fresh cgroup for generation `number`, or null once cgroups have failed here. */
+  create(number: number): GenerationCgroup | null {
+    if (this.failure !== null) return null;
+    const name = `gen-${number}`;
+    const dir = path.join(this.dir, name);
+    try {
+      fs.mkdirSync(dir, { mode: 0o755 });
+    } catch (err) {
+      this.fallBack(`cannot create ${dir} (${(err as NodeJS.ErrnoException).code})`);
+      return null;
+    }
+    const cgroup = new GenerationCgroup(path.posix.join(this.group, name), dir);
+    this.generations.add(cgroup);
+    return cgroup;
+  }
+
+  /** From now on generations get no cgroup: say why, once. */
+  fallBack(reason: string): void {
+    if (this.failure !== null) return;
+    this.failure = reason;
+    this.onFallBack(reason);
+  }
+
+  /** Kill and remove one generation's cgroup (its root has exited). */
+  async release(cgroup: GenerationCgroup): Promise<boolean> {
+    const removed = await cgroup.remove();
+    if (removed) this.generations.delete(cgroup);
+    return removed;
+  }
+
+  /** Kill everything in every generation's cgroup now (Aeterna is exiting abnormally). */
+  killAll(): void {
+    for (const cgroup of this.generations) cgroup.kill();
+  }
+
+  /** At exit: remove every generation's cgroup (killing what is left) and this Aeterna's directory. */
+  async close(): Promise<void> {
+    for (const cgroup of [...this.generations]) await this.release(cgroup);
+    try {
+      fs.rmdirSync(this.dir);
+    } catch {
+      // still busy, or already gone: nothing more to do at exit
+    }
+  }
+}
