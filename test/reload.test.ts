@@ -210,6 +210,18 @@ describe('what logs and status say', { timeout: 120000 }, () => {
     assert.equal(await d.stop(), 0);
   });
 
+  it('under the default on-failure policy, an app stopped for never becoming ready is restarted even though it exits 0', async () => {
+    // The fixture exits 0 on SIGTERM: that exit is Aeterna's doing, the failure is the readiness timeout.
+    const d = new Daemon({ command: APP, port: await freePort(), readiness: '{ mode: "notify", timeout: "500ms" }' }).start();
+    daemons.push(d);
+    await d.run.waitFor(/"code":"E_READY_TIMEOUT"/);
+    await d.run.waitFor(/restarting in/);
+    const s = await d.waitStatus((st) => st.generation === 2);
+    assert.equal(s.state, 'Starting', 'restarted, and still not taken as ready');
+    assert.equal(d.run.child.exitCode, null, 'Aeterna did not exit');
+    assert.equal(await d.stop(), 0);
+  });
+
   it('an immediate reload goes Handover -> Draining: its log has no Soaking state and no soak-elapsed event', async () => {
     const { d } = await started({ command: APP });
     const r = await d.cli('reload');

@@ -74,6 +74,8 @@ export class Orchestrator implements ControlApi {
   /** Draining: the candidate was promoted and serves; the old one is being stopped. */
   private promoted = false;
   private startupWatch: ReadinessWatch | null = null;
+  /** The generation Aeterna stopped because it never became ready at start: its exit is a failure, whatever its code. */
+  private neverReady: Generation | null = null;
   private restartTimer: NodeJS.Timeout | null = null;
   private generations = 0;
   private reloads = 0;
@@ -183,7 +185,8 @@ export class Orchestrator implements ControlApi {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
         this.deps.log.error({ generation: gen.number, child: gen.pid, code: err.code }, `stopping generation ${gen.number}, then service.restart decides: ${err.message}`);
         this.fire('ready-timeout');
-        void gen.stop(this.config.service.stopTimeoutMs); // its exit goes through the restart policy
+        this.neverReady = gen;
+        void gen.stop(this.config.service.stopTimeoutMs); // its exit goes through the restart policy, as a failure
       },
     );
   }
@@ -193,7 +196,7 @@ export class Orchestrator implements ControlApi {
     this.lastExit = info;
     this.servingReady = false;
     this.startupWatch?.cancel();
-    const decision = this.budget.decide(info);
+    const decision = this.budget.decide(info, Date.now(), gen === this.neverReady);
     if (decision.restart) {
       this.restarts++;
       const reason = this.fsm.state === 'Starting' ? 'start_failed' : info.code === 0 && info.signal === null ? 'exited' : 'crashed';

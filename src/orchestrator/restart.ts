@@ -25,12 +25,16 @@ export class RestartBudget {
     this.policy = policy;
   }
 
-  decide(exit: ExitInfo, now = Date.now()): RestartDecision {
-    const code = exitCodeOf(exit);
+  /**
+   * `neverReady`: Aeterna stopped the app because it did not become ready in time. That is a failure
+   * whatever code the app exits with after our SIGTERM (often 0): `on-failure` restarts it.
+   */
+  decide(exit: ExitInfo, now = Date.now(), neverReady = false): RestartDecision {
+    const code = neverReady && exitCodeOf(exit) === 0 ? 1 : exitCodeOf(exit);
     if (this.policy.policy === 'never') {
       return { restart: false, crashLoop: false, reason: `app ${describeExit(exit)}; restart policy is "never"`, exitCode: code };
     }
-    if (this.policy.policy === 'on-failure' && code === 0) {
+    if (this.policy.policy === 'on-failure' && code === 0 && !neverReady) {
       return { restart: false, crashLoop: false, reason: 'app exited with code 0; restart policy is "on-failure"', exitCode: 0 };
     }
     this.recent = this.recent.filter((t) => now - t < this.policy.windowMs);
