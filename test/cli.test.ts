@@ -3,11 +3,12 @@
 // Asserts exit codes, counts and what is printed; never timings.
 import { describe, it, before, after, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
-import { ROOT } from './helpers/aeterna';
+import { CLI, ROOT } from './helpers/aeterna';
 import { cli, type CliResult } from './helpers/daemon';
 import { AeternaError } from '../src/errors';
 import { startControlServer, type ControlServer } from '../src/control/server';
@@ -23,6 +24,8 @@ class FakeApi implements ControlApi {
   busy = false;
   soaking = false;
   finished = 0;
+  /** How many listeners status reports (many make a report larger than a pipe's buffer). */
+  listenerCount = 1;
   private count = 0;
   private last: ReloadRecord | null = null;
 
@@ -37,7 +40,7 @@ class FakeApi implements ControlApi {
       daemon_pid: process.pid,
       uptime_ms: 90_000,
       started_at: new Date(0).toISOString(),
-      listeners: [{ name: 'http', address: 'tcp://0.0.0.0:8080', fd: 3 }],
+      listeners: Array.from({ length: this.listenerCount }, (_, i) => ({ name: i === 0 ? 'http' : `http-${i}`, address: `tcp://0.0.0.0:${8080 + i}`, fd: 3 + i })),
       previous: { generation: 2, pid: 4000, started_at: new Date(0).toISOString(), ready: true },
       candidate: null,
       restarts: 0,
@@ -102,6 +105,25 @@ class FakeApi implements ControlApi {
 /** Run the CLI asynchronously (the fake daemon lives in this process and must keep serving meanwhile), without $AETERNA_CONFIG. */
 function aeterna(args: string[], env: NodeJS.ProcessEnv = {}, cwd = ROOT): Promise<CliResult> {
   return cli(args, { AETERNA_CONFIG: '', ...env }, cwd);
+}
+
+/**
+ * Run `aeterna <args>` in a bash pipeline whose reader sleeps before it reads:
+ * the CLI fills the pipe (64 KiB) and must wait for it. `redirect` picks what
+ * goes into the pipe ('' for stdout; '2>&1 >/dev/null' for stderr). Resolves
+ * with every byte the reader got and the CLI's exit code.
+ */
+function throughSlowPipe(args: string[], redirect = ''): Promise<{ code: number | null; received: string }> {
+  const quote = (word: string): string => `'${word.replace(/'/g, `'\\''`)}'`;
+  const command = [process.execPath, CLI, ...args].map(quote).join(' ');
+  const script = `${command} ${redirect} | { sleep 1; cat; }; exit \${PIPESTATUS[0]}`;
+  return new Promise((resolve, reject) => {
+    const child = spawn('bash', ['-c', script], { cwd: ROOT, env: { ...process.env, AETERNA_CONFIG: '' }, stdio: ['ignore', 'pipe', 'inherit'] });
+    let received = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (received += d));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, received }));
+  });
 }
 
 function lines(text: string): string[] {
@@ -232,6 +254,32 @@ describe('aeterna CLI', { timeout: 120000 }, () => {
     assert.equal(status.pid, 4321);
     assert.ok('last_reload' in status);
     assert.equal(status.last_reload?.outcome, 'promoted');
+  });
+
+  it('status --json through a slowly read pipe: the whole report (far over 64 KiB) arrives', async () => {
+    api.listenerCount = 5000;
+    try {
+      const r = await throughSlowPipe(['status', '--json', '-s', socketPath]);
+      assert.equal(r.code, 0);
+      assert.ok(r.received.length > 4 * 65536, `a report larger than the pipe buffer (${r.received.length} bytes)`);
+      const out = lines(r.received);
+      assert.equal(out.length, 1);
+      const status = JSON.parse(out[0]) as StatusReport;
+      assert.equal(status.listeners.length, 5000);
+    } finally {
+      api.listenerCount = 1;
+    }
+  });
+
+  it('stderr through a slowly read pipe: every line of a long error report (validate, over 64 KiB) arrives', async () => {
+    const bad = path.join(dir, 'many-issues.yaml');
+    const unknownKeys = Array.from({ length: 3000 }, (_, i) => `  unknown_key_number_${i}: "x"\n`).join('');
+    fs.writeFileSync(bad, `version: "v1"\nservice:\n  name: "x"\n  command: ["true"]\n${unknownKeys}`);
+    const r = await throughSlowPipe(['validate', '-c', bad], '2>&1 >/dev/null');
+    assert.equal(r.code, 78);
+    assert.ok(r.received.length > 65536, `an error report larger than the pipe buffer (${r.received.length} bytes)`);
+    const issues = lines(r.received).filter((l) => l.startsWith(`${bad}:`));
+    assert.equal(issues.length, 3000);
   });
 
   it('status: a readable summary', async () => {

@@ -3,6 +3,7 @@ import { Daemon } from '../daemon';
 import { createLogger } from '../log';
 import { ConfigError, loadConfigFile, resolveConfigPath } from '../config/load';
 import { ExitCodes } from '../errors';
+import { exitWhenFlushed } from './exit-codes';
 
 export async function runStart(options: { config?: string }): Promise<number> {
   let config;
@@ -19,7 +20,7 @@ export async function runStart(options: { config?: string }): Promise<number> {
   // PID 1 must not die of a bug without a word: log it and exit with EX_SOFTWARE.
   process.on('uncaughtException', (err) => {
     log.fatal({ err }, 'internal error');
-    process.exit(ExitCodes.SOFTWARE);
+    exitWhenFlushed(ExitCodes.SOFTWARE);
   });
   return new Daemon(config, log).run();
 }
