@@ -111,7 +111,6 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
   let aeterna: number;
   let socket: string;
   let baseline: { rss: number; fds: number };
-  let silent: Promise<Exchange>;
 
   before(async () => {
     port = await freePort();
@@ -123,8 +122,6 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
     // Warm up (lazy allocations, JIT), then take the baseline.
     for (let i = 0; i < 500; i++) await exchange(socket, i % 2 ? '{"cmd":"nope"}\n' : Buffer.from([0xff, 0x0a]));
     baseline = { rss: rssKiB(aeterna), fds: await settle(() => fdCount(aeterna), () => false, 300) };
-    // A client that connects and sends nothing: cut by the daemon's default 10 s request timeout.
-    silent = exchange(socket, null);
   });
 
   const cases: Array<{ what: string; data: Buffer | string; end?: boolean; message: RegExp }> = [
@@ -162,23 +159,26 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
     assert.ok(r.closed);
   });
 
-  it('1,000 connections at once, each with garbage: every one answered with an error and closed (or refused by the kernel), none hangs', async () => {
+  it('1,000 connections at once, each with garbage: every one answered with an error and closed (or cut to make room, or refused by the kernel), none hangs', async () => {
     const garbage = ['{"cmd":"status"', '\u00ff\n', '{"cmd":"nope"}\n', 'null\n', '{"cmd":"reload","wait":"x"}\n', '\n'];
     const results = await Promise.all(Array.from({ length: 1000 }, (_, i) => exchange(socket, garbage[i % garbage.length], { end: i % 2 === 0 })));
     const refused = results.filter((r) => r.connectError !== null);
     const answered = results.filter((r) => r.connectError === null);
     const codes: Record<string, number> = {};
-    for (const r of answered) {
+    // At most 64 connections are held: beyond that the oldest without a request is cut (its error may be lost in the reset).
+    const cut = answered.filter((r) => r.messages.length === 0);
+    for (const r of answered.filter((a) => a.messages.length > 0)) {
       assert.deepEqual(r.unparsed, []);
       assert.equal(r.messages.length, 1, JSON.stringify(r.messages));
       assert.ok(r.messages[0].type === 'error');
       codes[r.messages[0].code] = (codes[r.messages[0].code] ?? 0) + 1;
       assert.ok(r.closed);
     }
-    console.log(`# 1,000 at once: ${answered.length} answered ${JSON.stringify(codes)}, ${refused.length} refused by the kernel (${[...new Set(refused.map((r) => r.connectError))].join(', ')})`);
+    assert.ok(cut.every((r) => r.closed));
+    console.log(`# 1,000 at once: ${answered.length - cut.length} answered ${JSON.stringify(codes)}, ${cut.length} cut to make room, ${refused.length} refused by the kernel (${[...new Set(refused.map((r) => r.connectError))].join(', ')})`);
     assert.equal(answered.length + refused.length, 1000);
     assert.ok(refused.every((r) => r.connectError === 'EAGAIN' || r.connectError === 'ECONNREFUSED'), 'the only refusal is a full listen backlog');
-    assert.ok(answered.length >= 64, `at least a backlog's worth were answered (${answered.length})`);
+    assert.ok(answered.length - cut.length >= 64, `at least a backlog's worth were answered (${answered.length - cut.length})`);
     assert.deepEqual(Object.keys(codes).filter((c) => c !== 'E_CONTROL_BAD_REQUEST' && c !== 'E_CONTROL_UNAVAILABLE'), []);
     assert.ok((codes.E_CONTROL_BAD_REQUEST ?? 0) > 0);
     assert.equal((await statusOf(d)).state, 'Running');
@@ -186,7 +186,8 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
   });
 
   it('a client that sends nothing is cut by the request timeout with an error', async () => {
-    assertOneError(await silent, 'E_CONTROL_BAD_REQUEST', /no complete request line within 10000 ms/);
+    // Cut by the daemon's default 2 s request timeout.
+    assertOneError(await exchange(socket, null), 'E_CONTROL_BAD_REQUEST', /no complete request line within 2000 ms/);
   });
 
   it("Aeterna's RSS stays flat (< +20 MiB) and its fd count returns to the baseline", async () => {

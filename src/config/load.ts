@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { AeternaError } from '../errors';
+import { isFdExhaustion } from '../resources/fd-budget';
 import { configSchema, type ValidatedConfig } from './schema';
 import type { Config } from './types';
 import { validateTree, type Issue } from './validate';
@@ -126,11 +127,19 @@ function readBounded(file: string): string {
   const fail = (message: string): never => {
     throw new ConfigError([{ file, line: 0, column: 0, path: '', message }]);
   };
+  const cannotRead = (error: unknown): never => {
+    // Out of fds is not a problem of the file: say what it is, so nobody goes looking for a config error.
+    if (isFdExhaustion(error)) {
+      const code = (error as NodeJS.ErrnoException).code;
+      throw new AeternaError('E_RESOURCE_EXHAUSTED', `cannot read ${file}: out of file descriptors (${code}); raise the fd limit (ulimit -n) or find what holds them`, { cause: error });
+    }
+    return fail(`cannot read: ${(error as Error).message}`);
+  };
   let fd: number;
   try {
     fd = fs.openSync(file, 'r');
   } catch (error) {
-    return fail(`cannot read: ${(error as Error).message}`);
+    return cannotRead(error);
   }
   try {
     const buffer = Buffer.alloc(MAX_CONFIG_BYTES + 1);
@@ -144,7 +153,7 @@ function readBounded(file: string): string {
     return buffer.toString('utf8', 0, length);
   } catch (error) {
     if (error instanceof ConfigError) throw error;
-    return fail(`cannot read: ${(error as Error).message}`);
+    return cannotRead(error);
   } finally {
     fs.closeSync(fd);
   }
