@@ -10,6 +10,7 @@ import { isFdExhaustion } from '../resources/fd-budget';
 import { configSchema, type ValidatedConfig } from './schema';
 import type { Config } from './types';
 import { validateTree, type Issue } from './validate';
+import { DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_SOCKET, defaultRuntimeDir } from './runtime-dir';
 import { parseYamlTree } from './yaml-tree';
 
 export interface ConfigIssue {
@@ -67,11 +68,12 @@ export function parseConfig(source: string, file: string): Config {
   const issues: Issue[] = [];
   const tree = parseYamlTree(source, (pos, keyPath, message) => issues.push({ pos, path: keyPath, message }));
   let validated: ValidatedConfig | undefined;
+  const written = new Set<string>();
   if (tree === null) {
     const message = 'the file is empty; expected a mapping with at least version and service';
     issues.push({ pos: { line: 1, column: 1 }, path: '', message });
   } else if (tree !== undefined) {
-    validated = validateTree(configSchema, tree, path.dirname(path.resolve(file)), issues);
+    validated = validateTree(configSchema, tree, path.dirname(path.resolve(file)), issues, written);
   }
   if (validated === undefined || issues.length > 0) {
     // In file order, as a reader fixes them; sort is stable for issues at the same spot.
@@ -80,11 +82,14 @@ export function parseConfig(source: string, file: string): Config {
       issues.map(({ pos, path: keyPath, message }) => ({ file, line: pos.line, column: pos.column, path: keyPath, message })),
     );
   }
-  return toConfig(validated, path.resolve(file));
+  return toConfig(validated, path.resolve(file), written);
 }
 
-function toConfig(raw: ValidatedConfig, file: string): Config {
+function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Config {
   const { service, orchestration, control, observability } = raw;
+  // A socket path the file leaves out goes to this user's runtime directory (runtime-dir.ts).
+  const socketPath = (keyPath: string, value: string, name: string): string =>
+    written.has(keyPath) ? value : path.join(defaultRuntimeDir(), name);
   const { readiness, state_handoff: stateHandoff } = orchestration;
   return {
     file,
@@ -112,12 +117,12 @@ function toConfig(raw: ValidatedConfig, file: string): Config {
       },
       stateHandoff: {
         enabled: stateHandoff.enabled,
-        socketPath: stateHandoff.socket_path,
+        socketPath: socketPath('orchestration.state_handoff.socket_path', stateHandoff.socket_path, DEFAULT_STATE_SOCKET),
         timeoutMs: stateHandoff.timeout,
         maxFrameBytes: stateHandoff.max_frame,
       },
     },
-    control: { socketPath: control.socket_path },
+    control: { socketPath: socketPath('control.socket_path', control.socket_path, DEFAULT_CONTROL_SOCKET) },
     observability: { metrics: observability.metrics_port ?? null, logLevel: observability.log_level },
   };
 }

@@ -54,6 +54,8 @@ export interface ControlServer {
 const BACKLOG = 64;
 /** Progress lines queued for a client that does not read; beyond this it is cut off (the reload goes on). */
 const MAX_UNREAD_REPLY_BYTES = 1024 * 1024;
+/** The fix for a control socket path that cannot be used. */
+const PATH_FIX = 'set control.socket_path to a path in a directory this user can write (or run as root)';
 /** On close(), how long connections get to flush their last lines. */
 const CLOSE_GRACE_MS = 500;
 /** Connections held at once when the fd limit allows it. */
@@ -356,7 +358,7 @@ async function bindAndServe(socketPath: string, onConnection: (socket: net.Socke
       // Another daemon bound the path between our probe and our bind.
       throw new AeternaError('E_DAEMON_RUNNING', `another Aeterna daemon took the control socket ${socketPath} while this one started`, { cause: err });
     }
-    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
+    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket ${socketPath}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
   }
   const { dev, ino } = fs.statSync(socketPath);
   const file = { dev, ino };
@@ -411,14 +413,14 @@ function clearSocketPath(socketPath: string, log: pino.Logger): void {
   try {
     fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
   } catch (err) {
-    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket's directory ${dir}: ${(err as Error).message}`, { cause: err });
+    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket's directory ${dir}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
   }
   let stat: fs.Stats;
   try {
     stat = fs.lstatSync(socketPath);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw new AeternaError('E_LISTEN_FAILED', `cannot inspect the control socket path ${socketPath}: ${(err as Error).message}`, { cause: err });
+    throw new AeternaError('E_LISTEN_FAILED', `cannot inspect the control socket path ${socketPath}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
   }
   if (!stat.isSocket()) {
     throw new AeternaError('E_LISTEN_FAILED', `the control socket path ${socketPath} exists and is not a socket; refusing to replace it (remove it or set control.socket_path)`);

@@ -157,7 +157,7 @@ export function startMetricsServer(
   return new Promise((resolve, reject) => {
     server.once('error', (err: NodeJS.ErrnoException) => {
       const where = `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
-      reject(new AeternaError('E_METRICS_FAILED', `metrics endpoint ${where}: ${err.code === 'EADDRINUSE' ? 'address already in use' : err.message}`, { cause: err }));
+      reject(new AeternaError('E_METRICS_FAILED', `metrics endpoint ${where}: ${err.code === 'EADDRINUSE' ? 'address already in use' : err.message}; free the port, or change observability.metrics_port`, { cause: err }));
     });
     server.listen(address.port, address.host, () => {
       server.removeAllListeners('error');
