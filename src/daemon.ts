@@ -48,6 +48,19 @@ function describeStartFailure(err: unknown): { code: string; message: string } {
   return { code, message: fix === undefined || message.includes('; ') ? message : `${message}; ${fix}` };
 }
 
+/** The sd_notify socket, beside the control socket; a path that cannot be used is E_LISTEN_FAILED with its fix. */
+function openNotifySocket(socketPath: string, log: Logger): NotifySocket {
+  try {
+    return NotifySocket.open(socketPath, log);
+  } catch (err) {
+    throw new AeternaError(
+      'E_LISTEN_FAILED',
+      `cannot create the notify socket ${socketPath}: ${(err as Error).message}; it goes beside control.socket_path, whose directory must be writable`,
+      { cause: err },
+    );
+  }
+}
+
 /** The state relay's socket; a path that cannot be used is E_LISTEN_FAILED with its fix, not an internal error. */
 function openStateRelay(handoff: Config['orchestration']['stateHandoff'], identity: ReturnType<typeof resolveIdentity>, log: Logger): SrpCoordinator {
   try {
@@ -106,7 +119,7 @@ export class Daemon {
         this.metricsServer = await startMetricsServer(this.metrics, metricsAddress, () => this.orchestrator?.isReady() ?? false, this.log);
         this.log.info({ metrics: `${metricsAddress.host}:${metricsAddress.port}` }, 'metrics endpoint ready');
       }
-      this.notify = NotifySocket.open(this.log);
+      this.notify = openNotifySocket(NotifySocket.pathFor(this.config.control.socketPath), this.log);
       const handoff = this.config.orchestration.stateHandoff;
       if (handoff.enabled) {
         const identity = resolveIdentity(this.config.service.user, this.config.service.group);

@@ -201,14 +201,20 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
   });
 });
 
-/** Run the notify sender (a process outside every generation). */
-function notifySend(address: string, kind: 'ready' | 'garbage' | 'flood', count: number): Promise<number> {
+/** Run the notify sender (a process outside every generation); `prefix` runs it as another user (setpriv). */
+function notifySend(address: string, kind: 'ready' | 'garbage' | 'flood' | 'burst' | 'probe', count: number, prefix: string[] = []): Promise<number> {
+  return notifySendOutput(address, kind, count, prefix).then((out) => Number(/SENT (\d+)/.exec(out)?.[1] ?? 0));
+}
+
+function notifySendOutput(address: string, kind: string, count: number, prefix: string[] = []): Promise<string> {
   return new Promise((resolve, reject) => {
-    const child = spawn('python3', [fixture('faults', 'notify_send.py'), address, kind, String(count)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    // As another user, the system's python: one under root's home (pyenv) is not theirs to run.
+    const argv = [...prefix, prefix.length > 0 ? '/usr/bin/python3' : 'python3', fixture('faults', 'notify_send.py'), address, kind, String(count)];
+    const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     child.stdout.setEncoding('utf8').on('data', (s: string) => (out += s));
     child.on('error', reject);
-    child.on('exit', (code) => (code === 0 ? resolve(Number(/SENT (\d+)/.exec(out)?.[1] ?? 0)) : reject(new Error(`notify_send exited ${code}`))));
+    child.on('exit', (code) => (code === 0 ? resolve(out) : reject(new Error(`notify_send exited ${code}`))));
   });
 }
 
@@ -218,7 +224,7 @@ describe('NOTIFY_SOCKET: datagrams from outside the new generation', { timeout: 
     const d = new Daemon({ command: APP, port: await freePort(), env: ['NOTIFY_SPAM=1'], readiness: '{ mode: "notify", timeout: "20s" }' }).start();
     daemons.push(d);
     const first = await d.waitStatus((s) => s.state === 'Running');
-    const address = (await d.run.waitFor(/^ENV NOTIFY_SOCKET=(@\S+) generation 1$/m))[1];
+    const address = (await d.run.waitFor(/^ENV NOTIFY_SOCKET=(\S+) generation 1$/m))[1];
     const aeterna = d.run.child.pid!;
 
     // Generation 2 never notifies; the test (a stranger) keeps sending READY=1 and garbage while it waits.
@@ -273,6 +279,44 @@ describe('NOTIFY_SOCKET: datagrams from outside the new generation', { timeout: 
     assert.equal(after.last_reload?.outcome, 'promoted');
     assert.ok(d.run.logs().some((l) => l.msg === 'generation ready' && l.generation === after.generation && /READY=1 from pid/.test(String(l.source))));
     assert.equal(await d.stop(), 0);
+  });
+});
+
+describe('NOTIFY_SOCKET: a path socket only the app\'s user can reach', { timeout: 120000 }, () => {
+  const skip = process.getuid?.() === 0 ? false : 'needs root to switch users';
+  const asNobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
+  it('mode 0600, owned by service.user: another uid gets EACCES, the app\'s READY=1 works, and a burst of 100,000 datagrams from the app\'s uid does not stop status from answering', { skip }, async () => {
+    const d = new Daemon({ command: APP, port: await freePort(), env: ['NOTIFY_SPAM=1'], readiness: '{ mode: "notify", timeout: "20s" }', extraService: '  user: "nobody"\n' });
+    fs.chmodSync(d.dir, 0o755); // the app's user must reach the directory; the socket's own mode is what keeps others out
+    d.start();
+    daemons.push(d);
+    // Ready only by the app's own READY=1 (as nobody, through the socket).
+    await d.waitStatus((s) => s.state === 'Running');
+    const address = (await d.run.waitFor(/^ENV NOTIFY_SOCKET=(\S+) generation 1$/m))[1];
+    const stat = fs.lstatSync(address);
+    assert.ok(stat.isSocket(), `${address} is a socket file`);
+    assert.equal(stat.mode & 0o777, 0o600);
+    assert.equal(stat.uid, 65534);
+
+    const stranger = await notifySendOutput(address, 'probe', 1, ['setpriv', '--reuid=12345', '--regid=12345', '--clear-groups']);
+    assert.match(stranger, /^ERRNO EACCES$/m, 'another uid cannot send');
+
+    const burst = notifySend(address, 'burst', 100_000, asNobody);
+    let answered = 0;
+    let bursting = true;
+    void burst.then(() => (bursting = false), () => (bursting = false));
+    while (bursting) {
+      assert.equal((await statusOf(d)).state, 'Running');
+      answered++;
+    }
+    assert.equal(await burst, 100_000);
+    assert.ok(answered > 0, 'the control socket answered during the burst');
+    assert.equal((await statusOf(d)).state, 'Running');
+    const warnings = d.run.logs().filter((l) => /^notify socket: ignored/.test(l.msg));
+    assert.ok(warnings.length <= 10, `refused datagrams are logged at most 10 times a minute (${warnings.length})`);
+    console.log(`# notify burst from the app's uid: 100000 datagrams, ${answered} status answers meanwhile`);
+    assert.equal(await d.stop(), 0);
+    assert.equal(fs.existsSync(address), false, 'the socket file is removed at exit');
   });
 });
 
