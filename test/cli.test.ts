@@ -108,21 +108,23 @@ function aeterna(args: string[], env: NodeJS.ProcessEnv = {}, cwd = ROOT): Promi
 }
 
 /**
- * Run `aeterna <args>` in a bash pipeline whose reader sleeps before it reads:
- * the CLI fills the pipe (64 KiB) and must wait for it. `redirect` picks what
- * goes into the pipe ('' for stdout; '2>&1 >/dev/null' for stderr). Resolves
- * with every byte the reader got and the CLI's exit code.
+ * Run `aeterna <args>` in a bash pipeline whose reader (by default) sleeps before
+ * it reads: the CLI fills the pipe (64 KiB) and must wait for it. `redirect`
+ * picks what goes into the pipe ('' for stdout; '2>&1 >/dev/null' for stderr).
+ * Resolves with every byte the reader got, the CLI's exit code and what else it wrote on stderr.
  */
-function throughSlowPipe(args: string[], redirect = ''): Promise<{ code: number | null; received: string }> {
+function throughSlowPipe(args: string[], redirect = '', reader = '{ sleep 1; cat; }'): Promise<{ code: number | null; received: string; stderr: string }> {
   const quote = (word: string): string => `'${word.replace(/'/g, `'\\''`)}'`;
   const command = [process.execPath, CLI, ...args].map(quote).join(' ');
-  const script = `${command} ${redirect} | { sleep 1; cat; }; exit \${PIPESTATUS[0]}`;
+  const script = `${command} ${redirect} | ${reader}; exit \${PIPESTATUS[0]}`;
   return new Promise((resolve, reject) => {
-    const child = spawn('bash', ['-c', script], { cwd: ROOT, env: { ...process.env, AETERNA_CONFIG: '' }, stdio: ['ignore', 'pipe', 'inherit'] });
+    const child = spawn('bash', ['-c', script], { cwd: ROOT, env: { ...process.env, AETERNA_CONFIG: '' }, stdio: ['ignore', 'pipe', 'pipe'] });
     let received = '';
+    let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (received += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
     child.on('error', reject);
-    child.on('close', (code) => resolve({ code, received }));
+    child.on('close', (code) => resolve({ code, received, stderr }));
   });
 }
 
@@ -268,6 +270,14 @@ describe('aeterna CLI', { timeout: 120000 }, () => {
       assert.equal(status.listeners.length, 5000);
     } finally {
       api.listenerCount = 1;
+    }
+  });
+
+  it('a reader that goes away at once (| true): the CLI exits with its own code, no EPIPE crash', async () => {
+    for (const args of [['--help'], ['reload', '--help']]) {
+      const r = await throughSlowPipe(args, '', 'true');
+      assert.equal(r.code, 0, `${args.join(' ')}: ${r.stderr}`);
+      assert.equal(r.stderr, '');
     }
   });
 

@@ -29,6 +29,19 @@ export function exitCodeHelp(): string {
 }
 
 /**
+ * A reader of stdout or stderr that went away (`aeterna status | head -1`)
+ * is not an error of ours: stop writing to that stream, do not crash. Called
+ * once at start, before anything is written.
+ */
+export function tolerateClosedOutput(): void {
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'EPIPE') throw err;
+    });
+  }
+}
+
+/**
  * Exit with `code` once everything written to stdout and stderr has reached
  * the kernel. process.exit() alone drops what is still queued for a pipe whose
  * reader is slower than us: `aeterna status --json | jq` would get only the

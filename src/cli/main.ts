@@ -4,7 +4,7 @@ import path from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { runStart } from './start';
 import { registerControlCommands } from './commands';
-import { CliExit, exitWhenFlushed } from './exit-codes';
+import { CliExit, exitWhenFlushed, tolerateClosedOutput } from './exit-codes';
 
 function packageVersion(): string {
   const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', '..', 'package.json'), 'utf8')) as { version: string };
@@ -33,6 +33,7 @@ export function buildProgram(): Command {
 }
 
 export async function main(argv: string[]): Promise<void> {
+  tolerateClosedOutput();
   try {
     await buildProgram().parseAsync(argv);
   } catch (err) {
