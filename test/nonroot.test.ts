@@ -21,7 +21,7 @@ const skip = process.getuid?.() !== 0 ? 'needs root to run as another user' : sp
 const runs: AeternaRun[] = [];
 let dir: string;
 
-/** A config readable by the user, without any socket path. */
+/** A config readable by the user, without any socket path (the state relay on, so that its socket is made too). */
 function writeConfig(name: string, extra = ''): string {
   const file = path.join(dir, name);
   fs.writeFileSync(
@@ -33,6 +33,7 @@ service:
   stop_timeout: "5s"
 ${extra}orchestration:
   readiness: { mode: "delay", delay: "200ms", timeout: "10s" }
+  state_handoff: { enabled: true }
 `,
   );
   fs.chmodSync(file, 0o644);
@@ -83,6 +84,7 @@ describe('aeterna start as a non-root user', { skip, timeout: 120000 }, () => {
     assert.equal(stat.mode & 0o777, 0o700);
     assert.ok(fs.lstatSync(path.join(RUNTIME_DIR, 'aeterna.sock')).isSocket(), 'the control socket');
     assert.ok(fs.lstatSync(path.join(RUNTIME_DIR, 'aeterna.sock.notify')).isSocket(), 'the notify socket beside it');
+    assert.ok(fs.lstatSync(path.join(RUNTIME_DIR, 'aeterna-state.sock')).isSocket(), 'the state relay socket');
 
     const stop = await asUser(['stop', '-c', config]);
     assert.equal(stop.code, 0, stop.stderr);
