@@ -48,6 +48,7 @@ describe('clients holding connections and fds never lock the operator out', { ti
     const control = await holdConnections(200, () => net.createConnection({ path: socketOf(d) }));
     const health = await holdConnections(200, () => net.createConnection({ port: metricsPort, host: '127.0.0.1' }));
     try {
+      console.log(`# fd limit 64, 400 connections held: ${fdCount(await d.run.aeternaPid())} fds open in Aeterna`);
 
       await d.run.signal('SIGHUP');
       const reloaded = await d.waitStatus((s) => s.last_reload !== null && s.last_reload.outcome !== 'in_progress', 60000);
