@@ -3,12 +3,11 @@
 // Asserts exit codes, counts and what is printed; never timings.
 import { describe, it, before, after, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
-import { CLI, ROOT } from './helpers/aeterna';
+import { ROOT } from './helpers/aeterna';
 import { cli, type CliResult } from './helpers/daemon';
 import { AeternaError } from '../src/errors';
 import { startControlServer, type ControlServer } from '../src/control/server';
@@ -113,19 +112,11 @@ function aeterna(args: string[], env: NodeJS.ProcessEnv = {}, cwd = ROOT): Promi
  * picks what goes into the pipe ('' for stdout; '2>&1 >/dev/null' for stderr).
  * Resolves with every byte the reader got, the CLI's exit code and what else it wrote on stderr.
  */
-function throughSlowPipe(args: string[], redirect = '', reader = '{ sleep 1; cat; }'): Promise<{ code: number | null; received: string; stderr: string }> {
-  const quote = (word: string): string => `'${word.replace(/'/g, `'\\''`)}'`;
-  const command = [process.execPath, CLI, ...args].map(quote).join(' ');
-  const script = `${command} ${redirect} | ${reader}; exit \${PIPESTATUS[0]}`;
-  return new Promise((resolve, reject) => {
-    const child = spawn('bash', ['-c', script], { cwd: ROOT, env: { ...process.env, AETERNA_CONFIG: '' }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let received = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (received += d));
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, received, stderr }));
-  });
+async function throughSlowPipe(args: string[], redirect = '', reader = '{ sleep 1; cat; }'): Promise<{ code: number | null; received: string; stderr: string }> {
+  // bash -c SCRIPT node cli.js ARGS...: "$0" "$@" is the CLI's command line.
+  const script = `"$0" "$@" ${redirect} | ${reader}; exit \${PIPESTATUS[0]}`;
+  const r = await cli(args, { AETERNA_CONFIG: '' }, ROOT, ['bash', '-c', script]);
+  return { code: r.code, received: r.stdout, stderr: r.stderr };
 }
 
 function lines(text: string): string[] {
