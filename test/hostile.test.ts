@@ -318,6 +318,17 @@ describe('NOTIFY_SOCKET: a path socket only the app\'s user can reach', { timeou
     assert.equal(await d.stop(), 0);
     assert.equal(fs.existsSync(address), false, 'the socket file is removed at exit');
   });
+
+  it('a control socket directory service.user cannot enter: a warning names the directory and the fix', { skip }, async () => {
+    const d = new Daemon({ command: APP, port: await freePort(), restart: '{ policy: "never" }', extraService: '  user: "nobody"\n' }).start(); // d.dir is 0700, root's
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running');
+    const warnings = d.run.logs().filter((l) => /^notify socket: uid 65534 \(service\.user\) cannot enter/.test(l.msg));
+    assert.equal(warnings.length, 1, d.run.stderr);
+    assert.equal(warnings[0].directory, d.dir);
+    assert.match(warnings[0].msg, /chmod o\+x\) or move control\.socket_path/);
+    assert.equal(await d.stop(), 0);
+  });
 });
 
 describe('the app as another user (service.user / service.group)', { timeout: 120000 }, () => {

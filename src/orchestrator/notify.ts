@@ -7,9 +7,10 @@
 // app's user: only that user (and root) can send to it. (An abstract address
 // has no permissions: any process in the network namespace could flood it.)
 import fs from 'node:fs';
+import path from 'node:path';
 import { EventEmitter } from 'node:events';
 import { native, READABLE, type Poller } from '../native/binding';
-import { resolveIdentity } from '../supervisor/generation';
+import { resolveIdentity, type Identity } from '../supervisor/generation';
 import type { Logger } from '../log';
 
 /** sd_notify datagrams are short "KEY=VALUE\n..." texts; anything longer is cut here. */
@@ -104,6 +105,11 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
       this.owner = { uid, gid };
     } catch (err) {
       this.log.warn({ err, uid, gid }, `notify socket: cannot hand ${this.address} to uid ${uid}; READY=1 from the app will not arrive`);
+      return;
+    }
+    const closed = identity === undefined ? null : unsearchableDirectory(path.dirname(this.address), identity);
+    if (closed !== null) {
+      this.log.warn({ uid, directory: closed }, `notify socket: uid ${uid} (service.user) cannot enter ${closed}, so its READY=1 cannot reach ${this.address}; let it search that directory (chmod o+x) or move control.socket_path`);
     }
   }
 
@@ -164,5 +170,20 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     this.poller.close();
     native.close(this.fd);
     fs.rmSync(this.address, { force: true });
+  }
+}
+
+/** The first directory from `dir` up to / that `who` may not search (no x bit for it), or null. */
+function unsearchableDirectory(dir: string, who: Identity): string | null {
+  for (let at = dir; ; at = path.dirname(at)) {
+    let stat: fs.Stats;
+    try {
+      stat = fs.statSync(at);
+    } catch {
+      return null; // cannot tell
+    }
+    const bit = stat.uid === who.uid ? 0o100 : stat.gid === who.gid || who.groups.includes(stat.gid) ? 0o010 : 0o001;
+    if ((stat.mode & bit) === 0) return at;
+    if (at === path.dirname(at)) return null;
   }
 }
