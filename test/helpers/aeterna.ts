@@ -141,9 +141,17 @@ export class AeternaRun {
       } catch {
         // it is already gone
       }
-      if (pid !== null) for (const descendant of descendantsOf(pid)) {
+      if (pid !== null) {
+        for (const descendant of descendantsOf(pid)) {
+          try {
+            process.kill(descendant, 'SIGKILL');
+          } catch {
+            // gone already
+          }
+        }
+        // As PID 1 the daemon is not this.child (unshare is): kill it itself, which takes its namespace down.
         try {
-          process.kill(descendant, 'SIGKILL');
+          process.kill(pid, 'SIGKILL');
         } catch {
           // already gone
         }
