@@ -878,8 +878,11 @@ Napi::Value PeerCred(const Napi::CallbackInfo& info) {
 Napi::Value BindNotifySocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path;
+  int64_t mode = 0600;
   if (!GetString(info[0], "path", &path)) return Napi::Value();
+  if (info.Length() > 1 && !GetInt(info[1], "mode", 0, 07777, &mode)) return Napi::Value();
   const std::string what = "notify socket unix:" + path;
+  const bool abstract = !path.empty() && path[0] == '@';
   sockaddr_un addr;
   socklen_t len;
   if (!UnixAddress(path, &addr, &len)) return Throw(SysError(env, errno, "bind", what));
@@ -889,13 +892,22 @@ Napi::Value BindNotifySocket(const Napi::CallbackInfo& info) {
   // which is what tells us which process said READY=1.
   int one = 1;
   const char* failed = nullptr;
+  bool bound = false;
+  // A path socket's file is never wider than `mode`: fchmod before bind, chmod after
+  // (bind applies the umask), as ListenUnix does. Only who may write the file may send.
   if (setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof one) < 0) {
     failed = "setsockopt";
+  } else if (!abstract && fchmod(fd, static_cast<mode_t>(mode)) < 0) {
+    failed = "fchmod";
   } else if (bind(fd, reinterpret_cast<sockaddr*>(&addr), len) < 0) {
     failed = "bind";
+  } else {
+    bound = true;
+    if (!abstract && chmod(path.c_str(), static_cast<mode_t>(mode)) < 0) failed = "chmod";
   }
   if (failed != nullptr) {
     int err = errno;
+    if (bound && !abstract) unlink(path.c_str());  // the file is ours: we just created it
     close(fd);
     return Throw(SysError(env, err, failed, what));
   }

@@ -3,6 +3,7 @@
 // control socket, the metrics endpoint and the signal handlers; then it runs
 // until everything has stopped and returns Aeterna's exit code.
 import type http from 'node:http';
+import path from 'node:path';
 import { AeternaError, ExitCodes } from './errors';
 import type { Config } from './config/types';
 import { loadConfigFile } from './config/load';
@@ -19,6 +20,7 @@ import type { ControlApi } from './orchestrator/types';
 import { startControlServer, type ControlServer } from './control/server';
 import { SrpCoordinator } from './srp/coordinator';
 import { resolveIdentity } from './supervisor/generation';
+import { ROOT_RUNTIME_DIR, defaultRuntimeDir, ensurePrivateRuntimeDir } from './config/runtime-dir';
 
 /** Signals passed on to the serving generation's root process as they are. */
 const FORWARDED_SIGNALS: NodeJS.Signals[] = ['SIGQUIT', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH'];
@@ -31,6 +33,49 @@ function startFailureCode(err: unknown): number {
     if (err.code === 'E_LISTEN_ADDR_IN_USE' || err.code === 'E_LISTEN_FAILED' || err.code === 'E_METRICS_FAILED') return ExitCodes.UNAVAILABLE;
   }
   return ExitCodes.SOFTWARE;
+}
+
+/** What to do about a failed start, for errors whose message does not say it already (after a ';'). */
+const STARTUP_FIXES: Partial<Record<string, string>> = {
+  E_LISTEN_ADDR_IN_USE: 'stop what listens there, or change the address in service.listeners',
+  E_LISTEN_FAILED: 'the path must be in a directory this user can create or write, the host must resolve; or change it in aeterna.yaml',
+  E_METRICS_FAILED: 'free the port, or change observability.metrics_port',
+  E_INTERNAL: 'a bug in Aeterna: please report it (observability.log_level "debug" logs the stack)',
+};
+
+/** A failed start as one line: the message with its fix, and the code (the stack only at debug level). */
+function describeStartFailure(err: unknown): { code: string; message: string } {
+  const code = err instanceof AeternaError ? err.code : 'E_INTERNAL';
+  const message = err instanceof Error ? err.message : String(err);
+  const fix = STARTUP_FIXES[code];
+  return { code, message: fix === undefined || message.includes('; ') ? message : `${message}; ${fix}` };
+}
+
+/** The sd_notify socket, beside the control socket; a path that cannot be used is E_LISTEN_FAILED with its fix. */
+function openNotifySocket(socketPath: string, log: Logger): NotifySocket {
+  try {
+    return NotifySocket.open(socketPath, log);
+  } catch (err) {
+    throw new AeternaError(
+      'E_LISTEN_FAILED',
+      `cannot create the notify socket ${socketPath}: ${(err as Error).message}; it goes beside control.socket_path, whose directory must be writable`,
+      { cause: err },
+    );
+  }
+}
+
+/** The state relay's socket; a path that cannot be used is E_LISTEN_FAILED with its fix, not an internal error. */
+function openStateRelay(handoff: Config['orchestration']['stateHandoff'], identity: ReturnType<typeof resolveIdentity>, log: Logger): SrpCoordinator {
+  try {
+    return SrpCoordinator.open(handoff, identity, log);
+  } catch (err) {
+    if (err instanceof AeternaError) throw err;
+    throw new AeternaError(
+      'E_LISTEN_FAILED',
+      `cannot create the state relay socket ${handoff.socketPath}: ${(err as Error).message}; set orchestration.state_handoff.socket_path to a path in a directory this user can write`,
+      { cause: err },
+    );
+  }
 }
 
 export class Daemon {
@@ -70,6 +115,7 @@ export class Daemon {
     this.installSignalHandlers();
     let code: number;
     try {
+      this.prepareRuntimeDir();
       // The control socket first: if another daemon answers there, refuse before binding anything.
       this.control = await startControlServer(this.config.control.socketPath, this.api(), this.log);
       this.listeners.apply(this.config.service.listeners);
@@ -81,16 +127,18 @@ export class Daemon {
         this.metricsServer = await startMetricsServer(this.metrics, metricsAddress, () => this.orchestrator?.isReady() ?? false, (probe) => this.listenerWatch.check(probe), this.log);
         this.log.info({ metrics: `${metricsAddress.host}:${metricsAddress.port}` }, 'metrics endpoint ready');
       }
-      this.notify = NotifySocket.open(this.log);
+      this.notify = openNotifySocket(NotifySocket.pathFor(this.config.control.socketPath), this.log);
       const handoff = this.config.orchestration.stateHandoff;
       if (handoff.enabled) {
         const identity = resolveIdentity(this.config.service.user, this.config.service.group);
-        this.relay = SrpCoordinator.open(handoff, identity, this.log);
+        this.relay = openStateRelay(handoff, identity, this.log);
         this.log.info({ socket: handoff.socketPath }, 'state relay ready');
       }
     } catch (err) {
-      const e = err as AeternaError;
-      this.log.error({ err, code: e.code }, e.message);
+      // One line an operator can act on; the stack is for bugs, at debug level.
+      const { code, message } = describeStartFailure(err);
+      this.log.error({ code }, message);
+      this.log.debug({ err }, 'start failed');
       await this.shutdown();
       return startFailureCode(err);
     }
@@ -118,6 +166,13 @@ export class Daemon {
     this.log.info({ exit_code: code }, 'aeterna exiting');
     await this.shutdown();
     return code;
+  }
+
+  /** Sockets left at their default as a non-root user go to a private directory: create it 0700, or refuse one that is not ours. */
+  private prepareRuntimeDir(): void {
+    const dir = defaultRuntimeDir();
+    const sockets = [this.config.control.socketPath, this.config.orchestration.stateHandoff.socketPath];
+    if (dir !== ROOT_RUNTIME_DIR && sockets.some((p) => path.dirname(p) === dir)) ensurePrivateRuntimeDir(dir);
   }
 
   /** The control socket's view of the daemon: the orchestrator, once it exists. */

@@ -20,6 +20,7 @@ export const ErrorCodes = {
   E_DAEMON_RUNNING: 'another Aeterna daemon already answers on the control socket',
   E_METRICS_FAILED: 'the metrics endpoint could not be started',
   E_OPERATOR_ROLLBACK: 'the operator rolled the reload back',
+  E_RESOURCE_EXHAUSTED: 'Aeterna ran out of file descriptors (EMFILE/ENFILE): raise the fd limit',
   E_STOPPED: 'Aeterna was stopped while the operation was in progress',
   E_INTERNAL: 'an internal error in Aeterna (a bug: please report it with the log)',
 } as const;

@@ -23,6 +23,8 @@ class FakeApi implements ControlApi {
   busy = false;
   soaking = false;
   finished = 0;
+  /** How many listeners status reports (many make a report larger than a pipe's buffer). */
+  listenerCount = 1;
   private count = 0;
   private last: ReloadRecord | null = null;
 
@@ -37,7 +39,7 @@ class FakeApi implements ControlApi {
       daemon_pid: process.pid,
       uptime_ms: 90_000,
       started_at: new Date(0).toISOString(),
-      listeners: [{ name: 'http', address: 'tcp://0.0.0.0:8080', fd: 3 }],
+      listeners: Array.from({ length: this.listenerCount }, (_, i) => ({ name: i === 0 ? 'http' : `http-${i}`, address: `tcp://0.0.0.0:${8080 + i}`, fd: 3 + i })),
       previous: { generation: 2, pid: 4000, started_at: new Date(0).toISOString(), ready: true },
       candidate: null,
       restarts: 0,
@@ -102,6 +104,19 @@ class FakeApi implements ControlApi {
 /** Run the CLI asynchronously (the fake daemon lives in this process and must keep serving meanwhile), without $AETERNA_CONFIG. */
 function aeterna(args: string[], env: NodeJS.ProcessEnv = {}, cwd = ROOT): Promise<CliResult> {
   return cli(args, { AETERNA_CONFIG: '', ...env }, cwd);
+}
+
+/**
+ * Run `aeterna <args>` in a bash pipeline whose reader (by default) sleeps before
+ * it reads: the CLI fills the pipe (64 KiB) and must wait for it. `redirect`
+ * picks what goes into the pipe ('' for stdout; '2>&1 >/dev/null' for stderr).
+ * Resolves with every byte the reader got, the CLI's exit code and what else it wrote on stderr.
+ */
+async function throughSlowPipe(args: string[], redirect = '', reader = '{ sleep 1; cat; }'): Promise<{ code: number | null; received: string; stderr: string }> {
+  // bash -c SCRIPT node cli.js ARGS...: "$0" "$@" is the CLI's command line.
+  const script = `"$0" "$@" ${redirect} | ${reader}; exit \${PIPESTATUS[0]}`;
+  const r = await cli(args, { AETERNA_CONFIG: '' }, ROOT, ['bash', '-c', script]);
+  return { code: r.code, received: r.stdout, stderr: r.stderr };
 }
 
 function lines(text: string): string[] {
@@ -232,6 +247,40 @@ describe('aeterna CLI', { timeout: 120000 }, () => {
     assert.equal(status.pid, 4321);
     assert.ok('last_reload' in status);
     assert.equal(status.last_reload?.outcome, 'promoted');
+  });
+
+  it('status --json through a slowly read pipe: the whole report (far over 64 KiB) arrives', async () => {
+    api.listenerCount = 5000;
+    try {
+      const r = await throughSlowPipe(['status', '--json', '-s', socketPath]);
+      assert.equal(r.code, 0);
+      assert.ok(r.received.length > 4 * 65536, `a report larger than the pipe buffer (${r.received.length} bytes)`);
+      const out = lines(r.received);
+      assert.equal(out.length, 1);
+      const status = JSON.parse(out[0]) as StatusReport;
+      assert.equal(status.listeners.length, 5000);
+    } finally {
+      api.listenerCount = 1;
+    }
+  });
+
+  it('a reader that goes away at once (| true): the CLI exits with its own code, no EPIPE crash', async () => {
+    for (const args of [['--help'], ['reload', '--help']]) {
+      const r = await throughSlowPipe(args, '', 'true');
+      assert.equal(r.code, 0, `${args.join(' ')}: ${r.stderr}`);
+      assert.equal(r.stderr, '');
+    }
+  });
+
+  it('stderr through a slowly read pipe: every line of a long error report (validate, over 64 KiB) arrives', async () => {
+    const bad = path.join(dir, 'many-issues.yaml');
+    const unknownKeys = Array.from({ length: 3000 }, (_, i) => `  unknown_key_number_${i}: "x"\n`).join('');
+    fs.writeFileSync(bad, `version: "v1"\nservice:\n  name: "x"\n  command: ["true"]\n${unknownKeys}`);
+    const r = await throughSlowPipe(['validate', '-c', bad], '2>&1 >/dev/null');
+    assert.equal(r.code, 78);
+    assert.ok(r.received.length > 65536, `an error report larger than the pipe buffer (${r.received.length} bytes)`);
+    const issues = lines(r.received).filter((l) => l.startsWith(`${bad}:`));
+    assert.equal(issues.length, 3000);
   });
 
   it('status: a readable summary', async () => {

@@ -339,14 +339,34 @@ describe('control socket', { timeout: 60000 }, () => {
     fake.release();
   });
 
-  it('refuses connections beyond the limit', async () => {
+  it('when full, a new connection evicts the oldest one that sent no request, and is served', async () => {
     const at = path.join(dir, 'limited.sock');
-    const limited = await start({ maxConnections: 2 }, at, new FakeApi());
-    const idle = await Promise.all([0, 1].map(() => new Promise<net.Socket>((r) => { const s = net.createConnection({ path: at }, () => r(s)); })));
+    const limited = await start({ maxConnections: 2, requestTimeoutMs: 60_000 }, at, new FakeApi());
+    const idle = [rawExchange(at, null), rawExchange(at, null)];
+    const status = await call(at, { cmd: 'status' });
+    assert.ok('status' in status);
+    // The first idle connection was evicted with an error; the second is still held.
+    const first = await idle[0];
+    assert.equal(first.messages.length, 1);
+    assert.ok(first.messages[0].type === 'error' && first.messages[0].code === 'E_CONTROL_UNAVAILABLE');
+    await limited.close();
+    assert.equal((await idle[1]).messages.length, 0);
+  });
+
+  it('when every connection is busy with a request, a new one is refused with E_CONTROL_UNAVAILABLE', async () => {
+    const at = path.join(dir, 'busy.sock');
+    const fake = new FakeApi();
+    const limited = await start({ maxConnections: 1 }, at, fake);
+    fake.hold();
+    const reload = request(at, { cmd: 'reload', wait: true });
+    const accepted = await reload.next();
+    assert.ok(!accepted.done && accepted.value.type === 'event');
     const { messages } = await rawExchange(at, null);
     assert.equal(messages.length, 1);
     assert.ok(messages[0].type === 'error' && messages[0].code === 'E_CONTROL_UNAVAILABLE');
-    idle.forEach((s) => s.destroy());
+    assert.match(messages[0].message, /each busy with a request/);
+    fake.release();
+    for await (const m of reload) if (m.type !== 'event') break;
     await limited.close();
   });
 

@@ -111,7 +111,6 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
   let aeterna: number;
   let socket: string;
   let baseline: { rss: number; fds: number };
-  let silent: Promise<Exchange>;
 
   before(async () => {
     port = await freePort();
@@ -123,8 +122,6 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
     // Warm up (lazy allocations, JIT), then take the baseline.
     for (let i = 0; i < 500; i++) await exchange(socket, i % 2 ? '{"cmd":"nope"}\n' : Buffer.from([0xff, 0x0a]));
     baseline = { rss: rssKiB(aeterna), fds: await settle(() => fdCount(aeterna), () => false, 300) };
-    // A client that connects and sends nothing: cut by the daemon's default 10 s request timeout.
-    silent = exchange(socket, null);
   });
 
   const cases: Array<{ what: string; data: Buffer | string; end?: boolean; message: RegExp }> = [
@@ -162,23 +159,26 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
     assert.ok(r.closed);
   });
 
-  it('1,000 connections at once, each with garbage: every one answered with an error and closed (or refused by the kernel), none hangs', async () => {
+  it('1,000 connections at once, each with garbage: every one answered with an error and closed (or cut to make room, or refused by the kernel), none hangs', async () => {
     const garbage = ['{"cmd":"status"', '\u00ff\n', '{"cmd":"nope"}\n', 'null\n', '{"cmd":"reload","wait":"x"}\n', '\n'];
     const results = await Promise.all(Array.from({ length: 1000 }, (_, i) => exchange(socket, garbage[i % garbage.length], { end: i % 2 === 0 })));
     const refused = results.filter((r) => r.connectError !== null);
     const answered = results.filter((r) => r.connectError === null);
     const codes: Record<string, number> = {};
-    for (const r of answered) {
+    // At most 64 connections are held: beyond that the oldest without a request is cut (its error may be lost in the reset).
+    const cut = answered.filter((r) => r.messages.length === 0);
+    for (const r of answered.filter((a) => a.messages.length > 0)) {
       assert.deepEqual(r.unparsed, []);
       assert.equal(r.messages.length, 1, JSON.stringify(r.messages));
       assert.ok(r.messages[0].type === 'error');
       codes[r.messages[0].code] = (codes[r.messages[0].code] ?? 0) + 1;
       assert.ok(r.closed);
     }
-    console.log(`# 1,000 at once: ${answered.length} answered ${JSON.stringify(codes)}, ${refused.length} refused by the kernel (${[...new Set(refused.map((r) => r.connectError))].join(', ')})`);
+    assert.ok(cut.every((r) => r.closed));
+    console.log(`# 1,000 at once: ${answered.length - cut.length} answered ${JSON.stringify(codes)}, ${cut.length} cut to make room, ${refused.length} refused by the kernel (${[...new Set(refused.map((r) => r.connectError))].join(', ')})`);
     assert.equal(answered.length + refused.length, 1000);
     assert.ok(refused.every((r) => r.connectError === 'EAGAIN' || r.connectError === 'ECONNREFUSED'), 'the only refusal is a full listen backlog');
-    assert.ok(answered.length >= 64, `at least a backlog's worth were answered (${answered.length})`);
+    assert.ok(answered.length - cut.length >= 64, `at least a backlog's worth were answered (${answered.length - cut.length})`);
     assert.deepEqual(Object.keys(codes).filter((c) => c !== 'E_CONTROL_BAD_REQUEST' && c !== 'E_CONTROL_UNAVAILABLE'), []);
     assert.ok((codes.E_CONTROL_BAD_REQUEST ?? 0) > 0);
     assert.equal((await statusOf(d)).state, 'Running');
@@ -186,7 +186,8 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
   });
 
   it('a client that sends nothing is cut by the request timeout with an error', async () => {
-    assertOneError(await silent, 'E_CONTROL_BAD_REQUEST', /no complete request line within 10000 ms/);
+    // Cut by the daemon's default 2 s request timeout.
+    assertOneError(await exchange(socket, null), 'E_CONTROL_BAD_REQUEST', /no complete request line within 2000 ms/);
   });
 
   it("Aeterna's RSS stays flat (< +20 MiB) and its fd count returns to the baseline", async () => {
@@ -200,14 +201,20 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
   });
 });
 
-/** Run the notify sender (a process outside every generation). */
-function notifySend(address: string, kind: 'ready' | 'garbage' | 'flood', count: number): Promise<number> {
+/** Run the notify sender (a process outside every generation); `prefix` runs it as another user (setpriv). */
+function notifySend(address: string, kind: 'ready' | 'garbage' | 'flood' | 'burst' | 'probe', count: number, prefix: string[] = []): Promise<number> {
+  return notifySendOutput(address, kind, count, prefix).then((out) => Number(/SENT (\d+)/.exec(out)?.[1] ?? 0));
+}
+
+function notifySendOutput(address: string, kind: string, count: number, prefix: string[] = []): Promise<string> {
   return new Promise((resolve, reject) => {
-    const child = spawn('python3', [fixture('faults', 'notify_send.py'), address, kind, String(count)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    // As another user, the system's python: one under root's home (pyenv) is not theirs to run.
+    const argv = [...prefix, prefix.length > 0 ? '/usr/bin/python3' : 'python3', fixture('faults', 'notify_send.py'), address, kind, String(count)];
+    const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     child.stdout.setEncoding('utf8').on('data', (s: string) => (out += s));
     child.on('error', reject);
-    child.on('exit', (code) => (code === 0 ? resolve(Number(/SENT (\d+)/.exec(out)?.[1] ?? 0)) : reject(new Error(`notify_send exited ${code}`))));
+    child.on('exit', (code) => (code === 0 ? resolve(out) : reject(new Error(`notify_send exited ${code}`))));
   });
 }
 
@@ -217,7 +224,7 @@ describe('NOTIFY_SOCKET: datagrams from outside the new generation', { timeout: 
     const d = new Daemon({ command: APP, port: await freePort(), env: ['NOTIFY_SPAM=1'], readiness: '{ mode: "notify", timeout: "20s" }' }).start();
     daemons.push(d);
     const first = await d.waitStatus((s) => s.state === 'Running');
-    const address = (await d.run.waitFor(/^ENV NOTIFY_SOCKET=(@\S+) generation 1$/m))[1];
+    const address = (await d.run.waitFor(/^ENV NOTIFY_SOCKET=(\S+) generation 1$/m))[1];
     const aeterna = d.run.child.pid!;
 
     // Generation 2 never notifies; the test (a stranger) keeps sending READY=1 and garbage while it waits.
@@ -271,6 +278,55 @@ describe('NOTIFY_SOCKET: datagrams from outside the new generation', { timeout: 
     const after = await statusOf(d);
     assert.equal(after.last_reload?.outcome, 'promoted');
     assert.ok(d.run.logs().some((l) => l.msg === 'generation ready' && l.generation === after.generation && /READY=1 from pid/.test(String(l.source))));
+    assert.equal(await d.stop(), 0);
+  });
+});
+
+describe('NOTIFY_SOCKET: a path socket only the app\'s user can reach', { timeout: 120000 }, () => {
+  const skip = process.getuid?.() === 0 ? false : 'needs root to switch users';
+  const asNobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
+  it('mode 0600, owned by service.user: another uid gets EACCES, the app\'s READY=1 works, and a burst of 100,000 datagrams from the app\'s uid does not stop status from answering', { skip }, async () => {
+    const d = new Daemon({ command: APP, port: await freePort(), env: ['NOTIFY_SPAM=1'], readiness: '{ mode: "notify", timeout: "20s" }', extraService: '  user: "nobody"\n' });
+    fs.chmodSync(d.dir, 0o755); // the app's user must reach the directory; the socket's own mode is what keeps others out
+    d.start();
+    daemons.push(d);
+    // Ready only by the app's own READY=1 (as nobody, through the socket).
+    await d.waitStatus((s) => s.state === 'Running');
+    const address = (await d.run.waitFor(/^ENV NOTIFY_SOCKET=(\S+) generation 1$/m))[1];
+    const stat = fs.lstatSync(address);
+    assert.ok(stat.isSocket(), `${address} is a socket file`);
+    assert.equal(stat.mode & 0o777, 0o600);
+    assert.equal(stat.uid, 65534);
+
+    const stranger = await notifySendOutput(address, 'probe', 1, ['setpriv', '--reuid=12345', '--regid=12345', '--clear-groups']);
+    assert.match(stranger, /^ERRNO EACCES$/m, 'another uid cannot send');
+
+    const burst = notifySend(address, 'burst', 100_000, asNobody);
+    let answered = 0;
+    let bursting = true;
+    void burst.then(() => (bursting = false), () => (bursting = false));
+    while (bursting) {
+      assert.equal((await statusOf(d)).state, 'Running');
+      answered++;
+    }
+    assert.equal(await burst, 100_000);
+    assert.ok(answered > 0, 'the control socket answered during the burst');
+    assert.equal((await statusOf(d)).state, 'Running');
+    const warnings = d.run.logs().filter((l) => /^notify socket: ignored/.test(l.msg));
+    assert.ok(warnings.length <= 10, `refused datagrams are logged at most 10 times a minute (${warnings.length})`);
+    console.log(`# notify burst from the app's uid: 100000 datagrams, ${answered} status answers meanwhile`);
+    assert.equal(await d.stop(), 0);
+    assert.equal(fs.existsSync(address), false, 'the socket file is removed at exit');
+  });
+
+  it('a control socket directory service.user cannot enter: a warning names the directory and the fix', { skip }, async () => {
+    const d = new Daemon({ command: APP, port: await freePort(), restart: '{ policy: "never" }', extraService: '  user: "nobody"\n' }).start(); // d.dir is 0700, root's
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running');
+    const warnings = d.run.logs().filter((l) => /^notify socket: uid 65534 \(service\.user\) cannot enter/.test(l.msg));
+    assert.equal(warnings.length, 1, d.run.stderr);
+    assert.equal(warnings[0].directory, d.dir);
+    assert.match(warnings[0].msg, /chmod o\+x\) or move control\.socket_path/);
     assert.equal(await d.stop(), 0);
   });
 });

@@ -6,7 +6,7 @@ import { call } from '../control/client';
 import type { ControlRequest } from '../control/protocol';
 import { ConfigError, loadConfigFile, resolveConfigPath } from '../config/load';
 import type { ReloadRecord, StatusReport } from '../orchestrator/types';
-import { CliExit, exitCodeHelp } from './exit-codes';
+import { CliExit, exitCodeHelp, exitWhenFlushed } from './exit-codes';
 import { LiveLine, describeOutcome, formatStatus, plainEventLine } from './render';
 
 interface DaemonOptions {
@@ -82,7 +82,7 @@ async function reload(options: DaemonOptions & { wait: boolean }): Promise<numbe
   const onInterrupt = (): void => {
     live?.end();
     process.stderr.write('aeterna: detached; the reload goes on in the daemon (see aeterna status)\n');
-    process.exit(130);
+    exitWhenFlushed(130);
   };
   process.once('SIGINT', onInterrupt);
   let result;

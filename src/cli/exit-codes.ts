@@ -27,3 +27,46 @@ export function exitCodeHelp(): string {
   const rows = (Object.keys(CliExit) as Array<keyof typeof CliExit>).map((key) => `  ${String(CliExit[key]).padEnd(4)}${MEANINGS[key]}`);
   return `\nExit codes:\n${rows.join('\n')}\n`;
 }
+
+/**
+ * A reader of stdout or stderr that went away (`aeterna status | head -1`)
+ * is not an error of ours: stop writing to that stream, do not crash. Called
+ * once at start, before anything is written.
+ */
+export function tolerateClosedOutput(): void {
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'EPIPE') throw err;
+    });
+  }
+}
+
+/**
+ * Exit with `code` once everything written to stdout and stderr has reached
+ * the kernel. process.exit() alone drops what is still queued for a pipe whose
+ * reader is slower than us: `aeterna status --json | jq` would get only the
+ * first 64 KiB (the pipe's buffer). A reader that went away (EPIPE) ends the wait too.
+ */
+export function exitWhenFlushed(code: number): void {
+  process.exitCode = code;
+  const streams = [process.stdout, process.stderr];
+  let pending = streams.length;
+  const flushed = (): void => {
+    if (--pending === 0) process.exit(code);
+  };
+  for (const stream of streams) {
+    if (stream.destroyed || stream.writableEnded) {
+      flushed();
+      continue;
+    }
+    let settled = false;
+    const settle = (): void => {
+      if (settled) return;
+      settled = true;
+      flushed();
+    };
+    stream.once('error', settle);
+    // Writes complete in order: the callback of this empty write runs once all before it are out.
+    stream.write('', () => settle());
+  }
+}

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { runStart } from './start';
 import { registerControlCommands } from './commands';
-import { CliExit } from './exit-codes';
+import { CliExit, exitWhenFlushed, tolerateClosedOutput } from './exit-codes';
 
 function packageVersion(): string {
   const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', '..', 'package.json'), 'utf8')) as { version: string };
@@ -33,6 +33,7 @@ export function buildProgram(): Command {
 }
 
 export async function main(argv: string[]): Promise<void> {
+  tolerateClosedOutput();
   try {
     await buildProgram().parseAsync(argv);
   } catch (err) {
@@ -40,6 +41,7 @@ export async function main(argv: string[]): Promise<void> {
     // --help and --version end with 0; any other commander exit is a usage error.
     process.exitCode = err.exitCode === 0 ? CliExit.OK : CliExit.USAGE;
   }
-  // Exit explicitly: listeners and timers must not keep PID 1 alive after the app is gone.
-  process.exit(process.exitCode ?? 0);
+  // Exit explicitly: listeners and timers must not keep PID 1 alive after the app is gone;
+  // but only once stdout and stderr are flushed, or a pipe reader gets a cut output.
+  exitWhenFlushed(typeof process.exitCode === 'number' ? process.exitCode : 0);
 }

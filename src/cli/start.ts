@@ -3,6 +3,7 @@ import { Daemon } from '../daemon';
 import { createLogger } from '../log';
 import { ConfigError, loadConfigFile, resolveConfigPath } from '../config/load';
 import { ExitCodes } from '../errors';
+import { exitWhenFlushed } from './exit-codes';
 
 export async function runStart(options: { config?: string }): Promise<number> {
   let config;
@@ -21,7 +22,7 @@ export async function runStart(options: { config?: string }): Promise<number> {
   process.on('uncaughtException', (err) => {
     log.fatal({ err }, 'internal error');
     daemon.killEverything();
-    process.exit(ExitCodes.SOFTWARE);
+    exitWhenFlushed(ExitCodes.SOFTWARE);
   });
   return daemon.run();
 }

@@ -6,9 +6,11 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { AeternaError } from '../errors';
+import { isFdExhaustion } from '../resources/fd-budget';
 import { configSchema, type ValidatedConfig } from './schema';
 import type { Config } from './types';
 import { validateTree, type Issue } from './validate';
+import { DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_SOCKET, defaultRuntimeDir } from './runtime-dir';
 import { parseYamlTree } from './yaml-tree';
 
 export interface ConfigIssue {
@@ -66,11 +68,12 @@ export function parseConfig(source: string, file: string): Config {
   const issues: Issue[] = [];
   const tree = parseYamlTree(source, (pos, keyPath, message) => issues.push({ pos, path: keyPath, message }));
   let validated: ValidatedConfig | undefined;
+  const written = new Set<string>();
   if (tree === null) {
     const message = 'the file is empty; expected a mapping with at least version and service';
     issues.push({ pos: { line: 1, column: 1 }, path: '', message });
   } else if (tree !== undefined) {
-    validated = validateTree(configSchema, tree, path.dirname(path.resolve(file)), issues);
+    validated = validateTree(configSchema, tree, path.dirname(path.resolve(file)), issues, written);
   }
   if (validated === undefined || issues.length > 0) {
     // In file order, as a reader fixes them; sort is stable for issues at the same spot.
@@ -79,11 +82,14 @@ export function parseConfig(source: string, file: string): Config {
       issues.map(({ pos, path: keyPath, message }) => ({ file, line: pos.line, column: pos.column, path: keyPath, message })),
     );
   }
-  return toConfig(validated, path.resolve(file));
+  return toConfig(validated, path.resolve(file), written);
 }
 
-function toConfig(raw: ValidatedConfig, file: string): Config {
+function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Config {
   const { service, orchestration, control, observability } = raw;
+  // A socket path the file leaves out goes to this user's runtime directory (runtime-dir.ts).
+  const socketPath = (keyPath: string, value: string, name: string): string =>
+    written.has(keyPath) ? value : path.join(defaultRuntimeDir(), name);
   const { readiness, state_handoff: stateHandoff } = orchestration;
   return {
     file,
@@ -112,12 +118,12 @@ function toConfig(raw: ValidatedConfig, file: string): Config {
       },
       stateHandoff: {
         enabled: stateHandoff.enabled,
-        socketPath: stateHandoff.socket_path,
+        socketPath: socketPath('orchestration.state_handoff.socket_path', stateHandoff.socket_path, DEFAULT_STATE_SOCKET),
         timeoutMs: stateHandoff.timeout,
         maxFrameBytes: stateHandoff.max_frame,
       },
     },
-    control: { socketPath: control.socket_path },
+    control: { socketPath: socketPath('control.socket_path', control.socket_path, DEFAULT_CONTROL_SOCKET) },
     observability: { metrics: observability.metrics_port ?? null, logLevel: observability.log_level },
   };
 }
@@ -127,11 +133,19 @@ function readBounded(file: string): string {
   const fail = (message: string): never => {
     throw new ConfigError([{ file, line: 0, column: 0, path: '', message }]);
   };
+  const cannotRead = (error: unknown): never => {
+    // Out of fds is not a problem of the file: say what it is, so nobody goes looking for a config error.
+    if (isFdExhaustion(error)) {
+      const code = (error as NodeJS.ErrnoException).code;
+      throw new AeternaError('E_RESOURCE_EXHAUSTED', `cannot read ${file}: out of file descriptors (${code}); raise the fd limit (ulimit -n) or find what holds them`, { cause: error });
+    }
+    return fail(`cannot read: ${(error as Error).message}`);
+  };
   let fd: number;
   try {
     fd = fs.openSync(file, 'r');
   } catch (error) {
-    return fail(`cannot read: ${(error as Error).message}`);
+    return cannotRead(error);
   }
   try {
     const buffer = Buffer.alloc(MAX_CONFIG_BYTES + 1);
@@ -145,7 +159,7 @@ function readBounded(file: string): string {
     return buffer.toString('utf8', 0, length);
   } catch (error) {
     if (error instanceof ConfigError) throw error;
-    return fail(`cannot read: ${(error as Error).message}`);
+    return cannotRead(error);
   } finally {
     fs.closeSync(fd);
   }

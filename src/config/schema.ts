@@ -31,8 +31,10 @@ import {
   withDefault,
   type TypeOf,
 } from './spec';
+import { DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_SOCKET, ROOT_RUNTIME_DIR } from './runtime-dir';
 
 const RELATIVE = 'A relative path is taken relative to the directory of the config file.';
+const NON_ROOT_DEFAULT = 'The default is for root; as another user it is the same file name in $XDG_RUNTIME_DIR/aeterna, or in /tmp/aeterna-<uid> (created 0700).';
 
 /** One argv word: execve cannot take an empty or NUL-containing one. */
 const argvWord = string({ description: 'One argument, passed as is (no shell: no quoting, globbing or $VARS).' });
@@ -244,9 +246,9 @@ const stateHandoff = object({
     enabled: withDefault(boolean({ description: 'Whether the state relay runs during reloads.' }), false),
     socket_path: withDefault(
       socketPath({
-        description: `Unix socket of the state relay; must differ from control.socket_path and from listener paths. ${RELATIVE}`,
+        description: `Unix socket of the state relay; must differ from control.socket_path and from listener paths. ${RELATIVE} ${NON_ROOT_DEFAULT}`,
       }),
-      '/var/run/aeterna-state.sock',
+      `${ROOT_RUNTIME_DIR}/${DEFAULT_STATE_SOCKET}`,
     ),
     timeout: withDefault(
       duration({ description: 'How long the whole state transfer may take.', minimum: '1ms', maximum: '24h' }),
@@ -296,8 +298,8 @@ const control = object({
   description: 'The control socket the aeterna CLI talks to.',
   fields: {
     socket_path: withDefault(
-      socketPath({ description: `Unix socket of the control API; must differ from the other socket paths. ${RELATIVE}` }),
-      '/var/run/aeterna.sock',
+      socketPath({ description: `Unix socket of the control API; must differ from the other socket paths. ${RELATIVE} ${NON_ROOT_DEFAULT}` }),
+      `${ROOT_RUNTIME_DIR}/${DEFAULT_CONTROL_SOCKET}`,
     ),
   },
 });

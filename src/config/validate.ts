@@ -17,10 +17,15 @@ export interface Issue {
   message: string;
 }
 
-/** Validates `root` against `spec`; returns undefined when issues were added (the value would be partial). */
-export function validateTree<T>(spec: Spec<T>, root: Located, baseDir: string, issues: Issue[]): T | undefined {
+/**
+ * Validates `root` against `spec`; returns undefined when issues were added (the value would be partial).
+ * `written`, when given, receives the key paths the file itself wrote (the others were defaulted).
+ */
+export function validateTree<T>(spec: Spec<T>, root: Located, baseDir: string, issues: Issue[], written?: Set<string>): T | undefined {
   const before = issues.length;
-  const value = new Validator(spec, baseDir, issues).run(root);
+  const validator = new Validator(spec, baseDir, issues);
+  const value = validator.run(root);
+  if (written) for (const keyPath of validator.writtenPaths()) written.add(keyPath);
   return issues.length === before && value !== INVALID ? (value as T) : undefined;
 }
 
@@ -44,6 +49,10 @@ class Validator {
     private readonly issues: Issue[],
   ) {
     indexKeys(spec, '', this.keyHomes);
+  }
+
+  writtenPaths(): Iterable<string> {
+    return this.written.keys();
   }
 
   run(root: Located): Result {

@@ -17,6 +17,7 @@ import path from 'node:path';
 import type pino from 'pino';
 import { AeternaError } from '../errors';
 import { native, type Credentials } from '../native/binding';
+import { ConnectionPool, connectionBudget } from '../resources/fd-budget';
 import type { ControlApi, ReloadRecord } from '../orchestrator/types';
 import {
   LineDecoder,
@@ -30,9 +31,13 @@ import {
 } from './protocol';
 
 export interface ControlServerOptions {
-  /** A connection must deliver its request line within this time (default 10 s). */
+  /** A connection must deliver its request line within this time (default 2 s: the CLI sends it at once). */
   requestTimeoutMs?: number;
-  /** Connections served at once; one more gets an error and is closed (default 64). */
+  /**
+   * Connections held at once (default 64, less when the fd limit is low: see
+   * fd-budget.ts). When full, a new connection evicts the oldest one that has
+   * not sent its request yet; only when every one is busy with a request is it refused.
+   */
   maxConnections?: number;
   /** After the last reply, how long a client may keep its end open before it is cut (default 2 s). */
   lingerMs?: number;
@@ -49,8 +54,14 @@ export interface ControlServer {
 const BACKLOG = 64;
 /** Progress lines queued for a client that does not read; beyond this it is cut off (the reload goes on). */
 const MAX_UNREAD_REPLY_BYTES = 1024 * 1024;
+/** The fix for a control socket path that cannot be used. */
+const PATH_FIX = 'set control.socket_path to a path in a directory this user can write (or run as root)';
 /** On close(), how long connections get to flush their last lines. */
 const CLOSE_GRACE_MS = 500;
+/** Connections held at once when the fd limit allows it. */
+const PREFERRED_MAX_CONNECTIONS = 64;
+/** The control socket's share of the fds left beyond the reserve; the metrics endpoint takes a share of the rest. */
+export const CONTROL_FD_SHARE = 0.5;
 
 export async function startControlServer(
   socketPath: string,
@@ -58,8 +69,8 @@ export async function startControlServer(
   log: pino.Logger,
   options: ControlServerOptions = {},
 ): Promise<ControlServer> {
-  const requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
-  const maxConnections = options.maxConnections ?? 64;
+  const requestTimeoutMs = options.requestTimeoutMs ?? 2_000;
+  const pool = new ConnectionPool(options.maxConnections ?? connectionBudget(PREFERRED_MAX_CONNECTIONS, CONTROL_FD_SHARE));
   const lingerMs = options.lingerMs ?? 2_000;
   const watchIntervalMs = options.watchIntervalMs ?? 2_000;
   const ownUid = process.getuid!();
@@ -156,7 +167,25 @@ export async function startControlServer(
     );
   };
 
+  /** Cut a connection that sent no request, to make room for a newcomer. */
+  const evict = (victim: net.Socket): void => {
+    connections.delete(victim);
+    // One warning per burst, not per connection: a flood must not flood PID 1's log.
+    if (pool.evicted % 1000 === 1) log.warn({ limit: pool.limit, evicted: pool.evicted }, `control socket full (${pool.limit} connections): closing the oldest ones that sent no request`);
+    // A connection already answered (and lingering) keeps its answer; one still waiting learns why it is cut.
+    if (!victim.writableEnded) victim.end(encodeMessage({ type: 'error', code: 'E_CONTROL_UNAVAILABLE', message: 'closed to make room: no request was sent' }));
+    victim.destroySoon();
+  };
+
   function onConnection(socket: net.Socket): void {
+    if (!pool.admit(socket, evict)) {
+      const message = `too many control connections (limit ${pool.limit}), each busy with a request; try again`;
+      log.warn({ code: 'E_CONTROL_UNAVAILABLE', limit: pool.limit }, `control request refused: ${message}`);
+      socket.on('error', () => undefined);
+      socket.end(encodeMessage({ type: 'error', code: 'E_CONTROL_UNAVAILABLE', message }));
+      socket.destroySoon();
+      return;
+    }
     connections.add(socket);
     socket.once('close', () => connections.delete(socket));
     socket.on('error', (err) => log.debug({ err }, 'control connection error'));
@@ -174,12 +203,9 @@ export async function startControlServer(
       refuse(socket, forbidden(peer, ownUid), context);
       return;
     }
-    if (connections.size > maxConnections) {
-      refuse(socket, { type: 'error', code: 'E_CONTROL_UNAVAILABLE', message: `too many control connections (limit ${maxConnections}); try again` }, context);
-      return;
-    }
     readRequest(socket, requestTimeoutMs, {
       onRequest: (line) => {
+        pool.mark(socket, true);
         let request: ControlRequest;
         try {
           request = parseRequest(line);
@@ -332,7 +358,7 @@ async function bindAndServe(socketPath: string, onConnection: (socket: net.Socke
       // Another daemon bound the path between our probe and our bind.
       throw new AeternaError('E_DAEMON_RUNNING', `another Aeterna daemon took the control socket ${socketPath} while this one started`, { cause: err });
     }
-    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
+    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket ${socketPath}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
   }
   const { dev, ino } = fs.statSync(socketPath);
   const file = { dev, ino };
@@ -387,14 +413,14 @@ function clearSocketPath(socketPath: string, log: pino.Logger): void {
   try {
     fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
   } catch (err) {
-    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket's directory ${dir}: ${(err as Error).message}`, { cause: err });
+    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket's directory ${dir}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
   }
   let stat: fs.Stats;
   try {
     stat = fs.lstatSync(socketPath);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw new AeternaError('E_LISTEN_FAILED', `cannot inspect the control socket path ${socketPath}: ${(err as Error).message}`, { cause: err });
+    throw new AeternaError('E_LISTEN_FAILED', `cannot inspect the control socket path ${socketPath}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
   }
   if (!stat.isSocket()) {
     throw new AeternaError('E_LISTEN_FAILED', `the control socket path ${socketPath} exists and is not a socket; refusing to replace it (remove it or set control.socket_path)`);

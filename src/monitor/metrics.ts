@@ -2,10 +2,19 @@
 // the Kubernetes probes. Only counts, states and durations are exported: never
 // the environment, the command line or the app's state.
 import http from 'node:http';
+import type net from 'node:net';
 import type { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { AeternaError } from '../errors';
 import { STATES, type State } from '../orchestrator/fsm';
 import type { Logger } from '../log';
+import { ConnectionPool, connectionBudget } from '../resources/fd-budget';
+
+/** Connections the endpoint holds at once when the fd limit allows it. */
+const PREFERRED_MAX_CONNECTIONS = 64;
+/** The endpoint's share of the fds left (after the control socket took its share) beyond the reserve. */
+const METRICS_FD_SHARE = 0.5;
+/** A probe sends its request at once: a connection without complete headers by then is cut (checked every second). */
+const HEADERS_TIMEOUT_MS = 5000;
 
 /** The prom-client side: created only when the endpoint is on, and after the app was spawned. */
 class Exported {
@@ -120,7 +129,10 @@ export function startMetricsServer(
   brokenListeners: (probe: 'healthz' | 'readyz') => string[],
   log: Logger,
 ): Promise<http.Server> {
-  const server = http.createServer((req, res) => {
+  const pool = new ConnectionPool(connectionBudget(PREFERRED_MAX_CONNECTIONS, METRICS_FD_SHARE));
+  const server = http.createServer({ connectionsCheckingInterval: 1000 }, (req, res) => {
+    pool.mark(req.socket, true);
+    res.once('close', () => pool.mark(req.socket, false));
     const url = (req.url ?? '/').split('?')[0];
     if (req.method !== 'GET' && req.method !== 'HEAD') {
       res.writeHead(405, { allow: 'GET, HEAD' }).end();
@@ -149,10 +161,16 @@ export function startMetricsServer(
     }
   });
   server.keepAliveTimeout = 5000;
+  server.headersTimeout = HEADERS_TIMEOUT_MS;
+  server.requestTimeout = 2 * HEADERS_TIMEOUT_MS;
+  // Bounded so that clients holding connections cannot use up Aeterna's fds, and cannot keep a probe out (fd-budget.ts).
+  server.on('connection', (socket: net.Socket) => {
+    if (!pool.admit(socket, (victim) => victim.destroy())) socket.destroy();
+  });
   return new Promise((resolve, reject) => {
     server.once('error', (err: NodeJS.ErrnoException) => {
       const where = `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
-      reject(new AeternaError('E_METRICS_FAILED', `metrics endpoint ${where}: ${err.code === 'EADDRINUSE' ? 'address already in use' : err.message}`, { cause: err }));
+      reject(new AeternaError('E_METRICS_FAILED', `metrics endpoint ${where}: ${err.code === 'EADDRINUSE' ? 'address already in use' : err.message}; free the port, or change observability.metrics_port`, { cause: err }));
     });
     server.listen(address.port, address.host, () => {
       server.removeAllListeners('error');

@@ -112,8 +112,11 @@ export interface Binding {
   /** SO_PEERCRED of a connected Unix socket. */
   peerCred(fd: number): Credentials;
 
-  /** A Unix datagram socket bound at path with SO_PASSCRED (for sd_notify); close-on-exec and non-blocking. */
-  bindNotifySocket(path: string): number;
+  /**
+   * A Unix datagram socket bound at path with SO_PASSCRED (for sd_notify); close-on-exec and non-blocking.
+   * A path socket's file gets `mode` (default 0600) before anyone can send to it.
+   */
+  bindNotifySocket(path: string, mode?: number): number;
   /** One datagram with its sender's credentials; null on EAGAIN. A datagram longer than maxBytes is cut: pass one byte more than the limit to notice. */
   recvDatagram(fd: number, maxBytes: number): Datagram | null;
 

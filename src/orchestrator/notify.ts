@@ -2,16 +2,21 @@
 // that speak it can say READY=1. The socket carries SO_PASSCRED: each datagram
 // comes with its sender's pid from the kernel, and the orchestrator only counts
 // datagrams from the processes of the generation it is waiting for.
-import crypto from 'node:crypto';
+//
+// It is a path socket beside the control socket, mode 0600 and owned by the
+// app's user: only that user (and root) can send to it. (An abstract address
+// has no permissions: any process in the network namespace could flood it.)
+import fs from 'node:fs';
+import path from 'node:path';
 import { EventEmitter } from 'node:events';
 import { native, READABLE, type Poller } from '../native/binding';
+import { resolveIdentity, type Identity } from '../supervisor/generation';
 import type { Logger } from '../log';
 
 /** sd_notify datagrams are short "KEY=VALUE\n..." texts; anything longer is cut here. */
 const MAX_DATAGRAM = 4096;
 /**
- * Datagrams read per wakeup. The socket is reachable by every process in the
- * network namespace (an abstract address has no file permissions): a flood
+ * Datagrams read per wakeup (one event-loop turn): a flood from the app's user
  * must not keep the event loop here; the poll wakes us again for the rest.
  */
 const MAX_PER_WAKEUP = 256;
@@ -50,6 +55,8 @@ export function parseNotify(data: Buffer): Map<string, string> | null {
 
 export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
   private readonly poller: Poller;
+  /** Who owns the socket file, and so may send (with root). */
+  private owner = { uid: process.getuid!(), gid: process.getgid!() };
   private warnWindowStart = 0;
   private warnings = 0;
   private suppressed = 0;
@@ -57,7 +64,7 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
   ignored = 0;
 
   private constructor(
-    /** The value for NOTIFY_SOCKET: an abstract address, so no file permissions stand between the app and it. */
+    /** The value for NOTIFY_SOCKET: the socket's path. */
     readonly address: string,
     private readonly fd: number,
     private readonly log: Logger,
@@ -67,9 +74,48 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     this.poller.start(READABLE);
   }
 
-  static open(log: Logger): NotifySocket {
-    const address = `@aeterna-notify-${process.pid}-${crypto.randomBytes(6).toString('hex')}`;
-    return new NotifySocket(address, native.bindNotifySocket(address), log);
+  /** Bind at `socketPath` (mode 0600, Aeterna's own user; grant() hands it to the app's). A socket file left there is replaced. */
+  static open(socketPath: string, log: Logger): NotifySocket {
+    try {
+      // The path derives from the control socket's, which already proved that no other daemon is alive.
+      if (fs.lstatSync(socketPath).isSocket()) fs.unlinkSync(socketPath);
+    } catch {
+      // nothing there
+    }
+    return new NotifySocket(socketPath, native.bindNotifySocket(socketPath, 0o600), log);
+  }
+
+  /**
+   * Let the user the next generation runs as (service.user/group) send, before
+   * it is spawned: the socket is chowned to that user (root, Aeterna's own user,
+   * when none is set). A user that cannot be resolved is left to the spawn to report.
+   */
+  grant(service: { user?: string | number; group?: string | number }): void {
+    let identity;
+    try {
+      identity = resolveIdentity(service.user, service.group);
+    } catch {
+      return;
+    }
+    const uid = identity?.uid ?? process.getuid!();
+    const gid = identity?.gid ?? process.getgid!();
+    if (uid === this.owner.uid && gid === this.owner.gid) return;
+    try {
+      fs.chownSync(this.address, uid, gid);
+      this.owner = { uid, gid };
+    } catch (err) {
+      this.log.warn({ err, uid, gid }, `notify socket: cannot hand ${this.address} to uid ${uid}; READY=1 from the app will not arrive`);
+      return;
+    }
+    const closed = identity === undefined ? null : unsearchableDirectory(path.dirname(this.address), identity);
+    if (closed !== null) {
+      this.log.warn({ uid, directory: closed }, `notify socket: uid ${uid} (service.user) cannot enter ${closed}, so its READY=1 cannot reach ${this.address}; let it search that directory (chmod o+x) or move control.socket_path`);
+    }
+  }
+
+  /** Where the notify socket of the daemon whose control socket is `controlSocketPath` lives. */
+  static pathFor(controlSocketPath: string): string {
+    return `${controlSocketPath}.notify`;
   }
 
   private drain(): void {
@@ -123,5 +169,21 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     this.flushSuppressed();
     this.poller.close();
     native.close(this.fd);
+    fs.rmSync(this.address, { force: true });
+  }
+}
+
+/** The first directory from `dir` up to / that `who` may not search (no x bit for it), or null. */
+function unsearchableDirectory(dir: string, who: Identity): string | null {
+  for (let at = dir; ; at = path.dirname(at)) {
+    let stat: fs.Stats;
+    try {
+      stat = fs.statSync(at);
+    } catch {
+      return null; // cannot tell
+    }
+    const bit = stat.uid === who.uid ? 0o100 : stat.gid === who.gid || who.groups.includes(stat.gid) ? 0o010 : 0o001;
+    if ((stat.mode & bit) === 0) return at;
+    if (at === path.dirname(at)) return null;
   }
 }

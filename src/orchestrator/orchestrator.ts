@@ -148,6 +148,7 @@ export class Orchestrator implements ControlApi {
   private spawn(config: Config, role: 'fresh' | 'candidate'): Generation {
     const number = ++this.generations;
     this.deps.listenerWatch.check(`spawn of generation ${number}`, true); // the new generation gets listening sockets
+    this.deps.notify.grant(config.service);
     const gen = Generation.spawn(number, config.service, this.deps.listeners.list(), this.deps.reaper, this.extraEnv(number), this.deps.cgroups);
     this.deps.relay?.attach(gen, role);
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');

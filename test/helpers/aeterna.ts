@@ -5,6 +5,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { procStat } from '../../src/supervisor/proctree';
 
 export const ROOT = path.resolve(__dirname, '..', '..', '..');
 export const CLI = path.join(ROOT, 'bin', 'aeterna.js');
@@ -127,10 +128,10 @@ export class AeternaRun {
   }
 
   /**
-   * Cleanup after a failed test: SIGKILL the daemon and every app process it
-   * started (found by the daemon's pid in their NOTIFY_SOCKET), and stop reading
-   * its pipes, which orphaned apps would otherwise hold open (and keep the test
-   * file from ever exiting).
+   * Cleanup after a failed test: SIGKILL every process under the daemon (its
+   * generations, and the orphans it adopted as subreaper), then the daemon, and
+   * stop reading its pipes, which orphaned apps would otherwise hold open (and
+   * keep the test file from ever exiting).
    */
   async killAll(): Promise<void> {
     if (this.child.exitCode === null && this.child.signalCode === null) {
@@ -141,13 +142,11 @@ export class AeternaRun {
         // it is already gone
       }
       if (pid !== null) {
-        const marker = `NOTIFY_SOCKET=@aeterna-notify-${pid}-`;
-        for (const entry of fs.readdirSync('/proc')) {
-          if (!/^\d+$/.test(entry)) continue;
+        for (const descendant of descendantsOf(pid)) {
           try {
-            if (fs.readFileSync(`/proc/${entry}/environ`, 'latin1').split('\0').some((v) => v.startsWith(marker))) process.kill(Number(entry), 'SIGKILL');
+            process.kill(descendant, 'SIGKILL');
           } catch {
-            // gone, or not ours to read
+            // gone already
           }
         }
         // As PID 1 the daemon is not this.child (unshare is): kill it itself, which takes its namespace down.
@@ -176,6 +175,22 @@ export class AeternaRun {
       clearTimeout(t);
     }
   }
+}
+
+/** Every process below `root` (children, their children, ...), from /proc. */
+function descendantsOf(root: number): number[] {
+  const children = new Map<number, number[]>();
+  for (const entry of fs.readdirSync('/proc')) {
+    const stat = /^\d+$/.test(entry) ? procStat(Number(entry)) : null;
+    if (stat) children.set(stat.ppid, [...(children.get(stat.ppid) ?? []), stat.pid]);
+  }
+  const found: number[] = [];
+  for (let queue = [root]; queue.length > 0; ) {
+    const next = children.get(queue.shift()!) ?? [];
+    found.push(...next);
+    queue.push(...next);
+  }
+  return found;
 }
 
 /** Run `aeterna <args>`; with pid1, as PID 1 of a new PID namespace. */

@@ -13,10 +13,14 @@ export interface CliResult {
   stderr: string;
 }
 
-/** Run `aeterna <args>` to completion without blocking the test's event loop (load keeps flowing). */
-export function cli(args: string[], env: NodeJS.ProcessEnv = {}, cwd = ROOT): Promise<CliResult> {
+/**
+ * Run `aeterna <args>` to completion without blocking the test's event loop (load keeps flowing).
+ * `prefix` runs it through another command (e.g. setpriv, to run it as another user).
+ */
+export function cli(args: string[], env: NodeJS.ProcessEnv = {}, cwd = ROOT, prefix: string[] = []): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { cwd, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const argv = [...prefix, process.execPath, CLI, ...args];
+    const child = spawn(argv[0], argv.slice(1), { cwd, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
