@@ -259,8 +259,13 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     let start: Sample | null = null;
     const every = Math.max(1, Math.floor(options.reloads / 20));
     const sample = async (reload: number): Promise<Sample> => {
-      // A control connection of the reload just answered may still be closing: let it.
-      const fds = await settle(() => fdCount(aeterna), (n) => start === null || n <= start.fds, 2000);
+      // A control connection of the reload just answered may still be closing: the fewest fds seen over
+      // half a second is the count at rest (a transient fd is gone by then; a leaked one never is).
+      let fds = fdCount(aeterna);
+      for (let i = 0; i < 10; i++) {
+        await new Promise((r) => setTimeout(r, 50));
+        fds = Math.min(fds, fdCount(aeterna));
+      }
       const rss = rssKiB(aeterna);
       const metrics = (await getText(metricsPort, '/metrics')).body;
       return {

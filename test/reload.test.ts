@@ -207,7 +207,7 @@ describe('what logs and status say', { timeout: 120000 }, () => {
     assert.match(line.msg, /READY=1/, 'names what the app did not send');
     assert.match(line.msg, /set orchestration\.readiness\.mode to "delay" or "exec"/, 'names the key that fixes it');
     assert.equal((await d.status()).state, 'Starting', 'never taken as ready');
-    assert.equal(await d.stop(), 0);
+    await d.stop(); // its code is the app's, which may be stopped while it is still starting (143): not what this test is about
   });
 
   it('under the default on-failure policy, an app stopped for never becoming ready is restarted even though it exits 0', async () => {
@@ -219,7 +219,7 @@ describe('what logs and status say', { timeout: 120000 }, () => {
     const s = await d.waitStatus((st) => st.generation === 2);
     assert.equal(s.state, 'Starting', 'restarted, and still not taken as ready');
     assert.equal(d.run.child.exitCode, null, 'Aeterna did not exit');
-    assert.equal(await d.stop(), 0);
+    await d.stop(); // as above: the restarted app may be stopped while still starting
   });
 
   it('an immediate reload goes Handover -> Draining: its log has no Soaking state and no soak-elapsed event', async () => {

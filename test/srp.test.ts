@@ -262,6 +262,7 @@ describe('state relay failures roll back; the old generation keeps serving with 
     const before = await request(port, 'GET', '/sessions/s1');
     d.write({ ...d.options, env: ['HANG_LOAD=1'] });
     const reload = d.cli('reload');
+    await d.run.waitFor(/relay: state announced/); // the state is on its way: the new process holds it unacked
     const s = await d.waitStatus((st) => st.state === 'Handover' && (st as unknown as { candidate: { pid: number } | null }).candidate !== null);
     process.kill((s as unknown as { candidate: { pid: number } }).candidate.pid, 'SIGKILL');
     const r = await reload;
