@@ -14,12 +14,12 @@ import { Cgroups } from './supervisor/cgroup';
 import { endLeftovers, killLeftovers } from './supervisor/leftovers';
 import { ListenerSet, inheritedListeners } from './resources/listeners';
 import { ListenerWatch } from './resources/listener-watch';
-import { NotifySocket } from './orchestrator/notify';
+import { NotifySocket } from './resources/notify';
 import { Orchestrator } from './orchestrator/orchestrator';
 import type { ControlApi } from './orchestrator/types';
 import { startControlServer, type ControlServer } from './control/server';
 import { SrpCoordinator } from './srp/coordinator';
-import { resolveIdentity } from './supervisor/generation';
+import { resolveIdentity } from './supervisor/identity';
 import { ROOT_RUNTIME_DIR, defaultRuntimeDir, ensurePrivateRuntimeDir } from './config/runtime-dir';
 
 /** Signals passed on to the serving generation's root process as they are. */

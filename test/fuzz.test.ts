@@ -17,7 +17,7 @@ import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { ConfigError, parseConfig } from '../src/config/load';
 import { AeternaError } from '../src/errors';
 import { COMMANDS, LineDecoder, LineTooLong, MAX_REQUEST_BYTES, encodeMessage, parseRequest, parseServerMessage, type ControlRequest } from '../src/control/protocol';
-import { parseNotify } from '../src/orchestrator/notify';
+import { parseNotify } from '../src/resources/notify';
 import { ROOT, freePort, pidNamespaceUnavailable, runAeterna, tempDir } from './helpers/aeterna';
 
 const EXAMPLE_FILE = path.join(ROOT, 'configs', 'aeterna.yaml');

@@ -8,20 +8,8 @@
 import { formatDuration } from './duration';
 import type { CheckContext } from './spec';
 import type { ListenAddress } from './types';
+import { RESERVED_ENV } from '../supervisor/environment';
 
-/**
- * Environment variables Aeterna sets for the app itself (socket activation, readiness, state
- * relay, generation number): a value from service.env would be overwritten, so it is refused.
- * The supervisor strips inherited values of these from the app's environment too.
- */
-export const RESERVED_ENV = [
-  'LISTEN_FDS',
-  'LISTEN_PID',
-  'LISTEN_FDNAMES',
-  'NOTIFY_SOCKET',
-  'LIVERELAY_STATE_SOCK',
-  'AETERNA_GENERATION',
-] as const;
 
 export function checkListener(listener: { address?: ListenAddress | undefined }, context: CheckContext): void {
   if (listener.address?.kind === 'tcp' && context.given('mode')) {

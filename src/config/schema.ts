@@ -9,8 +9,8 @@ import {
   checkListener,
   checkListeners,
   checkReadiness,
-  RESERVED_ENV,
 } from './checks';
+import { RESERVED_ENV } from '../supervisor/environment';
 import {
   account,
   boolean,

@@ -10,7 +10,7 @@ import type { Generation } from '../supervisor/generation';
 import type { Reaper } from '../supervisor/reaper';
 import { runCommand } from '../supervisor/command';
 import { belongsTo } from '../supervisor/proctree';
-import type { NotifyMessage, NotifySocket } from './notify';
+import type { NotifyMessage, NotifySocket } from '../resources/notify';
 
 export interface ReadinessDeps {
   notify: NotifySocket;

@@ -6,7 +6,7 @@
 import { formatDuration } from '../config/duration';
 import type { ServiceConfig } from '../config/types';
 import type { ExitInfo } from '../native/binding';
-import { describeExit, exitCodeOf } from '../supervisor/generation';
+import { describeExit, exitCodeOf } from '../supervisor/exit';
 
 export const BACKOFF_BASE_MS = 100;
 export const BACKOFF_MAX_MS = 10_000;

@@ -9,88 +9,13 @@ import { EventEmitter } from 'node:events';
 import { native, type ExitInfo } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { ServiceConfig } from '../config/types';
-import { RESERVED_ENV } from '../config/checks';
+import { childEnvironment } from './environment';
+import { signalNumber } from './exit';
+import { resolveIdentity } from './identity';
 import type { Listener } from '../resources/listeners';
 import type { Reaper } from './reaper';
 import { descendantsWithEnv } from './proctree';
 import type { Cgroups, GenerationCgroup } from './cgroup';
-
-
-export function signalNumber(signal: NodeJS.Signals | number): number {
-  return typeof signal === 'number' ? signal : os.constants.signals[signal];
-}
-
-export function signalName(signal: number): string {
-  const entry = Object.entries(os.constants.signals).find(([, n]) => n === signal);
-  return entry ? entry[0] : `signal ${signal}`;
-}
-
-/** The exit code a shell would report for this exit: the code, or 128 + signal. */
-export function exitCodeOf(info: ExitInfo): number {
-  return info.code ?? 128 + (info.signal ?? 0);
-}
-
-export function describeExit(info: ExitInfo): string {
-  return info.signal !== null ? `killed by ${signalName(info.signal)}` : `exited with code ${info.code}`;
-}
-
-/** The child's environment: Aeterna's own, then service.env, then the socket-activation variables. */
-export function childEnvironment(
-  base: NodeJS.ProcessEnv,
-  serviceEnv: readonly string[],
-  listeners: readonly Listener[],
-  extra: Record<string, string>,
-): string[] {
-  const vars = new Map<string, string>();
-  for (const [k, v] of Object.entries(base)) {
-    // Variables Aeterna sets itself: inherited values are never passed on.
-    if (v !== undefined && !(RESERVED_ENV as readonly string[]).includes(k)) vars.set(k, v);
-  }
-  for (const entry of serviceEnv) {
-    const eq = entry.indexOf('=');
-    vars.set(entry.slice(0, eq), entry.slice(eq + 1));
-  }
-  if (listeners.length > 0) {
-    vars.set('LISTEN_FDS', String(listeners.length));
-    vars.set('LISTEN_FDNAMES', listeners.map((l) => l.name).join(':'));
-  }
-  for (const [k, v] of Object.entries(extra)) vars.set(k, v);
-  // LISTEN_PID is appended by the addon after fork: only the child knows its pid.
-  return [...vars].map(([k, v]) => `${k}=${v}`);
-}
-
-export interface Identity {
-  uid: number;
-  gid: number;
-  groups: number[];
-}
-
-/** Resolve service.user/group (names or numeric ids) before fork: name lookups are not async-signal-safe. */
-export function resolveIdentity(user?: string | number, group?: string | number): Identity | undefined {
-  if (user === undefined && group === undefined) return undefined;
-  let uid = process.getuid?.() ?? 0;
-  let gid = process.getgid?.() ?? 0;
-  let groups: number[] = [];
-  if (typeof user === 'number' || (typeof user === 'string' && /^\d+$/.test(user))) {
-    uid = Number(user);
-    gid = uid; // a bare uid has no passwd entry to name its group: use the same number unless service.group says otherwise
-    groups = [gid];
-  } else if (typeof user === 'string') {
-    const found = native.lookupUser(user);
-    if (!found) throw new AeternaError('E_SPAWN_FAILED', `service.user: unknown user "${user}"`);
-    ({ uid, gid, groups } = found);
-  }
-  if (typeof group === 'number' || (typeof group === 'string' && /^\d+$/.test(group))) {
-    gid = Number(group);
-    groups = [gid];
-  } else if (typeof group === 'string') {
-    const found = native.lookupGroup(group);
-    if (found === null) throw new AeternaError('E_SPAWN_FAILED', `service.group: unknown group "${group}"`);
-    gid = found;
-    groups = [gid];
-  }
-  return { uid, gid, groups };
-}
 
 export interface GenerationEvents {
   exit: [info: ExitInfo];

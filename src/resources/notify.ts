@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { EventEmitter } from 'node:events';
 import { native, READABLE, type Poller } from '../native/binding';
-import { resolveIdentity, type Identity } from '../supervisor/generation';
+import { resolveIdentity, type Identity } from '../supervisor/identity';
 import type { Logger } from '../log';
 
 /** sd_notify datagrams are short "KEY=VALUE\n..." texts; anything longer is cut here. */
