@@ -15,8 +15,9 @@ export const EVENTS = [
   'ready', // the generation being started or handed over to is ready (during a reload: canary, the soak begins)
   'ready-immediate', // during an `immediate` reload: the new generation is ready and relayed, promoted at once
   'ready-timeout', // it did not become ready in time
-  'state-relayed', // the old generation's state reached the new one (acked)
-  'relay-failed', // the state relay failed (timeout, nack, checksum, malformed frame, old died mid-dump)
+  'state-relayed', // the old generation's state reached the new one (acked); in Draining, the final sync did
+  'relay-failed', // the state relay failed (timeout, nack, checksum, malformed frame, old died mid-dump); in Draining, the final sync was lost
+  'spawn-failed', // a reload's new generation could not be started at all (exec failed)
   'exited', // the serving generation (or, during a reload, the new one) exited on its own
   'old-exited', // during a reload, the old generation exited on its own
   'soak-elapsed', // the canary soak time is over
@@ -37,6 +38,7 @@ const ILLEGAL: { readonly [E in Event]: null } = {
   'ready-timeout': null,
   'state-relayed': null,
   'relay-failed': null,
+  'spawn-failed': null,
   exited: null,
   'old-exited': null,
   'soak-elapsed': null,
@@ -70,6 +72,7 @@ export const TRANSITIONS: Table = {
     'ready-immediate': 'Draining', // immediate: no soak, the old generation is drained at once
     'ready-timeout': 'RollingBack',
     'relay-failed': 'RollingBack',
+    'spawn-failed': 'RollingBack', // nothing to stop: the rollback ends at once
     exited: 'RollingBack',
     'old-exited': 'Handover', // the new generation will be promoted if it becomes ready
     stop: 'Stopping',
@@ -84,31 +87,26 @@ export const TRANSITIONS: Table = {
     rollback: 'RollingBack',
     stop: 'Stopping',
   },
-  // Promotion: the old generation gets SIGTERM, then SIGKILL after stop_timeout.
+  // Promotion: the new generation serves; the old one gets SIGTERM, then SIGKILL after stop_timeout.
   Draining: {
     ...ILLEGAL,
-    'drain-done': 'Running',
+    'drain-done': 'Running', // the old generation is gone
     'state-relayed': 'Draining', // the final sync arrived
     'relay-failed': 'Draining', // final sync lost: logged, the promotion stands
-    'old-exited': 'Draining',
     exited: 'Draining', // the new generation died while the old drains: restarted once the drain is done
     stop: 'Stopping',
   },
   // The new generation is stopped; the old one was never touched and keeps serving.
   RollingBack: {
     ...ILLEGAL,
-    'drain-done': 'Running',
-    exited: 'RollingBack',
+    'drain-done': 'Running', // the new generation is gone
     'old-exited': 'RollingBack', // the old one died too: restarted once the rollback is done
     stop: 'Stopping',
   },
+  // Every generation is stopped; exits are counted, not events: the last one is drain-done.
   Stopping: {
     ...ILLEGAL,
     'drain-done': 'Stopped',
-    exited: 'Stopping',
-    'old-exited': 'Stopping',
-    'state-relayed': 'Stopping',
-    'relay-failed': 'Stopping',
     stop: 'Stopping', // a second stop request: kill at once
   },
 };

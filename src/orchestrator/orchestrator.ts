@@ -2,11 +2,15 @@
 // and restarts the serving generation, runs reloads (Handover -> Draining for
 // immediate, Handover -> Soaking -> Draining for canary, or RollingBack), and
 // stops everything on request. Every decision about when a process may die is
-// made here; the FSM only says which event is legal when, and the table there
-// is the authority on that.
+// made here; the FSM's table is the authority on which event is legal when, and
+// the FSM state is the one truth about where a reload is: no flag repeats it.
+//
+// The generations, by role (at most two live at once, three names for them):
+// - `serving`: the generation that serves. At promotion it becomes the new one.
+// - `candidate`: a reload's new generation, before promotion (Handover, Soaking, RollingBack).
+// - `draining`: after promotion, the old generation being stopped (Draining).
 //
 // Invariants:
-// - At most two generations live at once: `serving` and, during a reload, `candidate`.
 // - A failed reload never touches `serving`: its process, its memory and the
 //   listeners it uses are left as they were.
 // - Listeners are never closed during a reload; one dropped from the config is
@@ -19,13 +23,13 @@ import type { Metrics } from '../monitor/metrics';
 import type { ExitInfo } from '../native/binding';
 import type { ListenerSet } from '../resources/listeners';
 import type { ListenerWatch } from '../resources/listener-watch';
+import type { NotifySocket } from '../resources/notify';
 import { Generation } from '../supervisor/generation';
 import { describeExit, exitCodeOf } from '../supervisor/exit';
 import type { Reaper } from '../supervisor/reaper';
 import type { Cgroups } from '../supervisor/cgroup';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
-import type { NotifySocket } from '../resources/notify';
-import { ReadinessWatch, probeOnce } from './readiness';
+import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
 import type { StateRelay } from './relay';
 import { RestartBudget } from './restart';
 import type { ControlApi, GenerationInfo, ReloadEvent, ReloadPhase, ReloadRecord, StatusReport } from './types';
@@ -46,34 +50,36 @@ export interface OrchestratorDeps {
   cgroups: Cgroups | null;
 }
 
-/** A reload in flight: its record, its listeners and what it is waiting for. */
-interface ActiveReload {
+/** One reload, from the request to its outcome. */
+interface ReloadRun {
   record: ReloadRecord;
   startedAt: number;
+  /** The config it re-read: the running one once it is promoted. */
   config: Config;
   previousConfig: Config;
-  listeners: Array<(e: ReloadEvent) => void>;
+  subscribers: Array<(e: ReloadEvent) => void>;
   resolve: (record: ReloadRecord) => void;
   readiness: ReadinessWatch | null;
-  ready: boolean;
-  relayed: boolean;
+  /** What the new generation must still do before it counts as ready (both, in either order). */
+  awaiting: Set<'ready' | 'relay'>;
   relayAbort: AbortController;
   timers: NodeJS.Timeout[];
-  /** Why the reload is being rolled back, once it is. */
+  /** Why the reload is being rolled back or has failed, once it is. */
   failure: { reason: string; code: ErrorCode; outcome: 'rolled_back' | 'failed' } | null;
 }
 
-const RELOADING: readonly State[] = ['Handover', 'Soaking', 'Draining', 'RollingBack'];
-const SERVING_STATES: readonly State[] = ['Running', ...RELOADING];
+/** States in which a generation serves (/readyz is 200 while it is alive). */
+const SERVING_STATES: readonly State[] = ['Running', 'Handover', 'Soaking', 'Draining', 'RollingBack'];
 
 export class Orchestrator implements ControlApi {
   readonly fsm = new StateMachine();
   private config: Config;
   private serving: Generation | null = null;
-  private servingReady = false;
   private candidate: Generation | null = null;
-  /** Draining: the candidate was promoted and serves; the old one is being stopped. */
-  private promoted = false;
+  private draining: Generation | null = null;
+  /** The reload in flight, from its request to its outcome. */
+  private inFlight: ReloadRun | null = null;
+  private readonly readinessSources: ReadinessSource[];
   private startupWatch: ReadinessWatch | null = null;
   /** The generation Aeterna stopped because it never became ready at start: its exit is a failure, whatever its code. */
   private neverReady: Generation | null = null;
@@ -81,7 +87,6 @@ export class Orchestrator implements ControlApi {
   private generations = 0;
   private reloads = 0;
   private restarts = 0;
-  private active: ActiveReload | null = null;
   private lastReload: ReloadRecord | null = null;
   private readonly budget: RestartBudget;
   private readonly startedAt = new Date();
@@ -98,15 +103,12 @@ export class Orchestrator implements ControlApi {
     this.config = config;
     this.budget = new RestartBudget(config.service.restart);
     this.stopped = new Promise((resolve) => (this.resolveStopped = resolve));
-    // The relay's {"op":"ready"} counts as ready for whichever generation is being waited for.
-    deps.relay?.onReady((gen) => {
-      if (gen === this.candidate) this.active?.readiness?.markReady('state relay ready op');
-      else if (gen === this.serving && this.fsm.state === 'Starting') this.startupWatch?.markReady('state relay ready op');
-    });
+    // Every channel on which a generation can say it is ready, each watched the same way.
+    this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     this.fsm.onTransition((t) => {
       deps.metrics.setState(t.to);
       const level = t.from === t.to ? 'debug' : 'info';
-      deps.log[level]({ from: t.from, to: t.to, event: t.event, generation: this.serving?.number, reload: this.active?.record.id }, `state ${t.from} -> ${t.to} (${t.event})`);
+      deps.log[level]({ from: t.from, to: t.to, event: t.event, generation: this.serving?.number, reload: this.inFlight?.record.id }, `state ${t.from} -> ${t.to} (${t.event})`);
     });
   }
 
@@ -126,7 +128,7 @@ export class Orchestrator implements ControlApi {
 
   /** Whether a generation is serving and ready (GET /readyz). */
   isReady(): boolean {
-    return SERVING_STATES.includes(this.fsm.state) && this.servingReady;
+    return SERVING_STATES.includes(this.fsm.state) && this.serving !== null && this.serving.alive;
   }
 
   private fire(event: Event): boolean {
@@ -138,6 +140,18 @@ export class Orchestrator implements ControlApi {
       this.deps.log.warn({ state: err.state, event, code: err.code }, err.message);
       return false;
     }
+  }
+
+  /**
+   * Whether a callback of `run` (a timer, the relay, a readiness watch) still applies: its reload is the
+   * current one and in `state`. Late callbacks of a finished or superseded reload end here, in one place.
+   */
+  private stillCurrent(run: ReloadRun, state: State): boolean {
+    return this.inFlight === run && this.fsm.state === state;
+  }
+
+  private readiness(gen: Generation, config: Config): ReadinessWatch {
+    return new ReadinessWatch(gen, config.orchestration.readiness, { sources: this.readinessSources, reaper: this.deps.reaper, log: this.deps.log });
   }
 
   private extraEnv(gen: number): Record<string, string> {
@@ -173,15 +187,13 @@ export class Orchestrator implements ControlApi {
       return;
     }
     this.serving = gen;
-    this.servingReady = false;
-    const watch = new ReadinessWatch(gen, this.config.orchestration.readiness, this.deps);
+    const watch = this.readiness(gen, this.config);
     this.startupWatch = watch;
     watch.ready.then(
       () => {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
-        this.servingReady = true;
         this.deps.metrics.setGeneration(gen.number);
-        this.fire('ready');
+        this.fire('ready'); // Running
       },
       (err: AeternaError) => {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
@@ -193,10 +205,9 @@ export class Orchestrator implements ControlApi {
     );
   }
 
-  /** The serving generation exited outside a reload: restart it, or stop. */
+  /** The serving generation exited outside a reload (or its drain): restart it, or stop. */
   private handleCrash(gen: Generation, info: ExitInfo): void {
     this.lastExit = info;
-    this.servingReady = false;
     this.startupWatch?.cancel();
     const decision = this.budget.decide(info, Date.now(), gen === this.neverReady);
     if (decision.restart) {
@@ -207,7 +218,7 @@ export class Orchestrator implements ControlApi {
         { generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info), attempt: decision.attempt, backoff_ms: decision.delayMs },
         `app ${describeExit(info)}: restarting in ${formatDuration(decision.delayMs)}`,
       );
-      this.fire('exited');
+      this.fire('exited'); // Starting
       this.restartTimer = setTimeout(() => this.startServing(), decision.delayMs);
       return;
     }
@@ -222,46 +233,51 @@ export class Orchestrator implements ControlApi {
   private onExit(gen: Generation, info: ExitInfo): void {
     const state = this.fsm.state;
     const how = describeExit(info);
+    this.deps.log.info({ generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info) }, `generation ${gen.number} ${how}`);
+    if (state === 'Stopping') return this.checkStopped();
     if (gen === this.serving) {
-      this.deps.log.info({ generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info) }, `generation ${gen.number} ${how}`);
       this.lastExit = info;
       if (state === 'Starting' || state === 'Running') return this.handleCrash(gen, info);
-      if (state === 'Stopping') return this.checkStopped();
-      if (state === 'Draining') return this.finishDrain();
+      if (state === 'Draining') {
+        this.fire('exited'); // the new generation died while the old one drains: restarted once the drain is done
+        return;
+      }
       // Handover, Soaking, RollingBack: the old generation died on its own.
-      this.servingReady = false;
       this.fire('old-exited');
-      if (this.fsm.state === 'Draining') this.enterDraining(); // Soaking: the new one serves now
+      if (this.fsm.state === 'Draining') this.enterDraining(); // it was soaking: the new one serves now
       return;
     }
+    if (gen === this.draining) return this.finishDrain();
     if (gen === this.candidate) {
-      this.deps.log.info({ generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info) }, `generation ${gen.number} ${how}`);
-      if (state === 'Stopping') return this.checkStopped();
       if (state === 'RollingBack') return this.finishRollback();
-      if (state === 'Handover' || state === 'Soaking') {
-        const when = state === 'Soaking' ? 'during soak' : this.deps.relay?.relaying(gen) ? 'during the state relay' : 'before becoming ready';
-        return this.rollBack('exited', `${how} ${when}`, 'E_CHILD_EXITED');
-      }
-      // Draining: the new generation died while the old one drains; handled once the drain is done.
+      const when = state === 'Soaking' ? 'during soak' : this.deps.relay?.relaying(gen) ? 'during the state relay' : 'before becoming ready';
+      this.rollBack('exited', `${how} ${when}`, 'E_CHILD_EXITED');
     }
   }
 
-  // ---- reload ------------------------------------------------------------------------------
+  // ---- reload: the steps of docs/architecture.md's sequence --------------------------------
 
   reload(trigger: 'control' | 'sighup', onEvent?: (event: ReloadEvent) => void): Promise<ReloadRecord> {
-    const state = this.fsm.state;
-    if (this.active || RELOADING.includes(state)) {
-      throw new AeternaError('E_RELOAD_BUSY', `a reload is already in progress (${this.active?.record.id ?? state})`);
+    if (this.inFlight) throw new AeternaError('E_RELOAD_BUSY', `a reload is already in progress (${this.inFlight.record.id})`);
+    if (!this.fsm.can('reload')) throw new AeternaError('E_ILLEGAL_TRANSITION', `cannot reload while ${this.fsm.state}`);
+    const { run, done } = this.beginReload(trigger, onEvent);
+    if (this.rereadConfig(run) && this.bindNewListeners(run)) {
+      this.fire('reload'); // Handover
+      const next = this.spawnCandidate(run);
+      if (next) {
+        this.awaitReadiness(run, next);
+        this.relayState(run, next);
+      }
     }
-    if (!this.fsm.can('reload')) {
-      throw new AeternaError('E_ILLEGAL_TRANSITION', `cannot reload while ${state}`);
-    }
-    const id = `reload-${++this.reloads}`;
+    return done;
+  }
+
+  private beginReload(trigger: 'control' | 'sighup', onEvent?: (event: ReloadEvent) => void): { run: ReloadRun; done: Promise<ReloadRecord> } {
     let resolve!: (r: ReloadRecord) => void;
     const done = new Promise<ReloadRecord>((r) => (resolve = r));
-    const active: ActiveReload = {
+    const run: ReloadRun = {
       record: {
-        id,
+        id: `reload-${++this.reloads}`,
         strategy: this.config.orchestration.strategy,
         trigger,
         started_at: new Date().toISOString(),
@@ -277,228 +293,225 @@ export class Orchestrator implements ControlApi {
       startedAt: performance.now(),
       config: this.config,
       previousConfig: this.config,
-      listeners: onEvent ? [onEvent] : [],
+      subscribers: onEvent ? [onEvent] : [],
       resolve,
       readiness: null,
-      ready: false,
-      relayed: false,
+      awaiting: new Set(['ready', 'relay']),
       relayAbort: new AbortController(),
       timers: [],
       failure: null,
     };
-    this.active = active;
+    this.inFlight = run;
     this.phase('accepted', `trigger ${trigger}`);
+    return { run, done };
+  }
 
-    // 1. Re-read and validate the config: on error nothing changes.
+  /** 1. Re-read and validate the config: on error nothing changes. */
+  private rereadConfig(run: ReloadRun): boolean {
     try {
-      active.config = this.deps.loadConfig(this.config.file);
+      run.config = this.deps.loadConfig(this.config.file);
     } catch (err) {
       this.finish('failed', (err as Error).message, (err as AeternaError).code ?? 'E_CONFIG_INVALID');
-      return done;
+      return false;
     }
-    active.record.strategy = active.config.orchestration.strategy;
-    this.phase('config', active.config.file);
+    run.record.strategy = run.config.orchestration.strategy;
+    this.phase('config', run.config.file);
+    return true;
+  }
 
-    // 2. Bind listeners that are new in the config (all or nothing).
+  /** 2. Bind the listeners that are new in the config (all or nothing). */
+  private bindNewListeners(run: ReloadRun): boolean {
     try {
-      const { added, dropped } = this.deps.listeners.apply(active.config.service.listeners);
-      for (const l of added) this.deps.log.info({ listener: l.name, address: l.address, fd: l.fd, reload: id }, 'listener added');
-      for (const l of dropped) this.deps.log.info({ listener: l.name, reload: id }, 'listener dropped from config: closed once the old generation is gone');
+      const { added, dropped } = this.deps.listeners.apply(run.config.service.listeners);
+      for (const l of added) this.deps.log.info({ listener: l.name, address: l.address, fd: l.fd, reload: run.record.id }, 'listener added');
+      for (const l of dropped) this.deps.log.info({ listener: l.name, reload: run.record.id }, 'listener dropped from config: closed once the old generation is gone');
+      return true;
     } catch (err) {
       this.finish('failed', (err as Error).message, (err as AeternaError).code);
-      return done;
+      return false;
     }
+  }
 
-    this.fire('reload'); // Handover
+  /** 3. Start generation N+1 beside N, on the same sockets. */
+  private spawnCandidate(run: ReloadRun): Generation | null {
     let next: Generation;
     try {
-      next = this.spawn(active.config, 'candidate');
+      next = this.spawn(run.config, 'candidate');
     } catch (err) {
-      active.failure = { reason: (err as Error).message, code: 'E_SPAWN_FAILED', outcome: 'failed' };
-      this.fire('exited'); // RollingBack, with nothing to stop
+      run.failure = { reason: (err as Error).message, code: 'E_SPAWN_FAILED', outcome: 'failed' };
+      this.fire('spawn-failed'); // RollingBack, with nothing to stop
       this.finishRollback();
-      return done;
+      return null;
     }
     this.candidate = next;
-    active.record.to_generation = next.number;
-    active.record.new_pid = next.pid;
+    run.record.to_generation = next.number;
+    run.record.new_pid = next.pid;
     this.phase('spawned', `generation ${next.number} (pid ${next.pid})`);
+    return next;
+  }
 
-    // 3. State relay, 4. readiness: both must complete before the new generation is ready.
-    const readiness = new ReadinessWatch(next, active.config.orchestration.readiness, this.deps);
-    active.readiness = readiness;
-    readiness.ready.then(
+  /** 4. Wait until the new generation says it is ready (or its readiness times out: a rollback). */
+  private awaitReadiness(run: ReloadRun, next: Generation): void {
+    run.readiness = this.readiness(next, run.config);
+    run.readiness.ready.then(
       () => {
-        if (this.active !== active || this.fsm.state !== 'Handover') return;
-        active.ready = true;
-        this.maybeReady();
+        if (!this.stillCurrent(run, 'Handover')) return;
+        run.awaiting.delete('ready');
+        this.promoteWhenDone(run);
       },
       (err: AeternaError) => {
-        if (this.active !== active || this.fsm.state !== 'Handover') return;
-        this.rollBack('ready-timeout', err.message, err.code);
+        if (this.stillCurrent(run, 'Handover')) this.rollBack('ready-timeout', err.message, err.code);
       },
     );
+  }
+
+  /** 5. Relay the old generation's state to the new one (nothing to do without the relay). */
+  private relayState(run: ReloadRun, next: Generation): void {
     const relay = this.deps.relay;
-    if (relay && this.serving) {
-      this.runRelay(active, relay, this.serving, next);
-    } else {
-      active.relayed = true;
+    const old = this.serving;
+    if (!relay || !old) {
+      run.awaiting.delete('relay');
+      return;
     }
-    return done;
-  }
-
-  private runRelay(active: ActiveReload, relay: StateRelay, old: Generation, next: Generation): void {
     this.phase('relaying');
-    const timeoutMs = active.config.orchestration.stateHandoff.timeoutMs;
-    const timer = setTimeout(() => active.relayAbort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs);
-    active.timers.push(timer);
+    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
+    run.timers.push(setTimeout(() => run.relayAbort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs));
     const began = performance.now();
-    relay
-      .handover(old, next, (p) => this.emit({ type: 'relay', reload: active.record.id, bytes: p.bytes, total: p.total, rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)) }), active.relayAbort.signal, timeoutMs)
-      .then(
-        ({ bytes }) => {
-          clearTimeout(timer);
-          if (this.active !== active || this.fsm.state !== 'Handover') return;
-          this.deps.metrics.stateRelayed(bytes, (performance.now() - began) / 1000);
-          active.relayed = true;
-          this.fire('state-relayed');
-          this.phase('relayed', `${bytes} bytes`);
-          this.maybeReady();
-        },
-        (err: Error) => {
-          clearTimeout(timer);
-          if (this.active !== active || this.fsm.state !== 'Handover') return;
-          this.rollBack('relay-failed', `state relay failed: ${err.message}`, 'E_RELAY_FAILED');
-        },
-      );
+    const progress = (p: { bytes: number; total: number }): void =>
+      this.emit({ type: 'relay', reload: run.record.id, bytes: p.bytes, total: p.total, rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)) });
+    relay.handover(old, next, progress, run.relayAbort.signal, timeoutMs).then(
+      ({ bytes }) => {
+        if (!this.stillCurrent(run, 'Handover')) return;
+        this.deps.metrics.stateRelayed(bytes, (performance.now() - began) / 1000);
+        this.fire('state-relayed');
+        this.phase('relayed', `${bytes} bytes`);
+        run.awaiting.delete('relay');
+        this.promoteWhenDone(run);
+      },
+      (err: Error) => {
+        if (this.stillCurrent(run, 'Handover')) this.rollBack('relay-failed', `state relay failed: ${err.message}`, 'E_RELAY_FAILED');
+      },
+    );
   }
 
-  /** Ready and relayed: promote at once (immediate) or soak first (canary). */
-  private maybeReady(): void {
-    const active = this.active!;
-    if (!active.ready || !active.relayed) return;
-    const orchestration = active.config.orchestration;
+  /** 6. Ready and relayed: promote at once (immediate) or soak first (canary). */
+  private promoteWhenDone(run: ReloadRun): void {
+    if (run.awaiting.size > 0) return;
+    const orchestration = run.config.orchestration;
     const immediate = orchestration.strategy === 'immediate';
     this.fire(immediate ? 'ready-immediate' : 'ready'); // Draining, or Soaking
     this.phase('ready');
-    if (immediate) {
-      this.enterDraining();
-      return;
-    }
+    if (immediate) return this.enterDraining();
     const soakMs = orchestration.soakTimeMs;
     this.phase('soaking', formatDuration(soakMs));
     const began = performance.now();
-    active.timers.push(
+    run.timers.push(
       setTimeout(() => {
-        if (this.active === active && this.fsm.state === 'Soaking' && this.fire('soak-elapsed')) this.enterDraining();
+        if (this.stillCurrent(run, 'Soaking') && this.fire('soak-elapsed')) this.enterDraining();
       }, soakMs),
       setInterval(() => {
         const elapsed = Math.round(performance.now() - began);
-        this.emit({ type: 'soak', reload: active.record.id, elapsed_ms: elapsed, soak_ms: soakMs, total_ms: Math.round(performance.now() - active.startedAt) });
+        this.emit({ type: 'soak', reload: run.record.id, elapsed_ms: elapsed, soak_ms: soakMs, total_ms: Math.round(performance.now() - run.startedAt) });
       }, 1000),
     );
-    if (orchestration.readiness.mode === 'exec') void this.probeDuringSoak(active);
+    if (orchestration.readiness.mode === 'exec') void this.probeDuringSoak(run, this.candidate!);
   }
 
   /** Canary with an exec probe: keep probing while soaking; a failure rolls back. */
-  private async probeDuringSoak(active: ActiveReload): Promise<void> {
-    const next = this.candidate!;
-    const cfg = active.config.orchestration.readiness;
-    while (this.active === active && this.fsm.state === 'Soaking' && next.alive) {
+  private async probeDuringSoak(run: ReloadRun, next: Generation): Promise<void> {
+    const cfg = run.config.orchestration.readiness;
+    while (this.stillCurrent(run, 'Soaking') && next.alive) {
       let ok: boolean;
       try {
         ok = await probeOnce(next, cfg, this.deps.reaper);
       } catch {
         ok = false;
       }
-      if (this.active !== active || this.fsm.state !== 'Soaking') return;
+      if (!this.stillCurrent(run, 'Soaking')) return;
       if (!ok && next.alive) {
         this.rollBack('rollback', 'readiness probe failed during soak', 'E_PROBE_FAILED');
         return;
       }
-      await new Promise((r) => active.timers.push(setTimeout(r, cfg.intervalMs)));
+      await new Promise((r) => run.timers.push(setTimeout(r, cfg.intervalMs)));
     }
   }
 
   promote(): void {
-    if (this.fsm.state !== 'Soaking') {
-      throw new AeternaError('E_ILLEGAL_TRANSITION', `no canary soak is in progress (state ${this.fsm.state})`);
-    }
-    this.deps.log.info({ reload: this.active?.record.id }, 'operator promote');
+    if (!this.fsm.can('promote')) throw new AeternaError('E_ILLEGAL_TRANSITION', `no canary soak is in progress (state ${this.fsm.state})`);
+    this.deps.log.info({ reload: this.inFlight?.record.id }, 'operator promote');
     this.fire('promote');
     this.enterDraining();
   }
 
   rollback(): void {
-    if (this.fsm.state !== 'Soaking') {
-      throw new AeternaError('E_ILLEGAL_TRANSITION', `no canary soak is in progress (state ${this.fsm.state})`);
-    }
+    if (!this.fsm.can('rollback')) throw new AeternaError('E_ILLEGAL_TRANSITION', `no canary soak is in progress (state ${this.fsm.state})`);
     this.rollBack('rollback', 'operator rollback', 'E_OPERATOR_ROLLBACK');
   }
 
-  /** Promotion: SIGTERM the old generation (SIGKILL after stop_timeout); the new one serves. */
+  /** Promotion: the new generation serves from now on; the old one gets SIGTERM (SIGKILL after stop_timeout). */
   private enterDraining(): void {
-    const active = this.active!;
-    this.clearTimers(active);
-    active.readiness?.cancel();
-    this.phase('draining', this.serving ? `generation ${this.serving.number} (pid ${this.serving.pid})` : 'old generation already gone');
+    const run = this.inFlight!;
+    this.clearTimers(run);
+    run.readiness?.cancel();
     const old = this.serving;
-    // The new generation serves from now on; /readyz stays 200 through the drain.
-    this.promoted = true;
-    this.servingReady = true;
-    this.deps.metrics.setGeneration(this.candidate!.number);
-    if (old && old.alive) {
-      void old.stop(active.previousConfig.service.stopTimeoutMs);
-      const relay = this.deps.relay;
-      if (relay) {
-        const abort = new AbortController();
-        const timeoutMs = active.config.orchestration.stateHandoff.timeoutMs;
-        const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), timeoutMs);
-        relay.finalSync(old, this.candidate!, abort.signal, timeoutMs).then(
-          ({ bytes }) => {
-            clearTimeout(timer);
-            this.deps.metrics.stateRelayed(bytes);
-            this.deps.log.info({ reload: active.record.id, bytes }, 'final state sync relayed');
-          },
-          (err: Error) => {
-            clearTimeout(timer);
-            this.deps.log.warn({ reload: active.record.id, err: err.message }, `final state sync lost: changes made by the old generation after the first dump did not reach the new one (${err.message})`);
-          },
-        );
-      }
-    } else {
-      this.finishDrain();
-    }
+    this.phase('draining', old ? `generation ${old.number} (pid ${old.pid})` : 'old generation already gone');
+    this.serving = this.candidate;
+    this.candidate = null;
+    this.draining = old;
+    this.deps.metrics.setGeneration(this.serving!.number);
+    if (!old || !old.alive) return this.finishDrain();
+    void old.stop(run.previousConfig.service.stopTimeoutMs);
+    this.finalSync(run, old, this.serving!);
   }
 
-  /** The old generation is gone: the new one is the serving generation. */
+  /** At promotion: carry what the old generation changed since its first dump. Best effort: the promotion stands. */
+  private finalSync(run: ReloadRun, old: Generation, next: Generation): void {
+    const relay = this.deps.relay;
+    if (!relay) return;
+    const abort = new AbortController();
+    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
+    const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), timeoutMs);
+    relay.finalSync(old, next, abort.signal, timeoutMs).then(
+      ({ bytes }) => {
+        clearTimeout(timer);
+        this.deps.metrics.stateRelayed(bytes);
+        this.deps.log.info({ reload: run.record.id, bytes }, 'final state sync relayed');
+        if (this.stillCurrent(run, 'Draining')) this.fire('state-relayed');
+      },
+      (err: Error) => {
+        clearTimeout(timer);
+        this.deps.log.warn({ reload: run.record.id, err: err.message }, `final state sync lost: changes made by the old generation after the first dump did not reach the new one (${err.message})`);
+        if (this.stillCurrent(run, 'Draining')) this.fire('relay-failed');
+      },
+    );
+  }
+
+  /** The old generation is gone: the promoted one is the only generation. */
   private finishDrain(): void {
-    const active = this.active;
-    const next = this.candidate!;
-    this.serving = next;
-    this.candidate = null;
-    this.promoted = false;
-    this.config = active?.config ?? this.config;
+    const run = this.inFlight;
+    this.draining = null;
+    this.config = run?.config ?? this.config;
     this.budget.update(this.config.service.restart);
     for (const l of this.deps.listeners.releaseRetired()) this.deps.log.info({ listener: l.name }, 'listener closed');
     this.fire('drain-done'); // Running
     this.finish('promoted', null, null);
-    if (!next.alive) this.handleCrash(next, next.exitInfo!); // died while the old one drained
+    const serving = this.serving!;
+    if (!serving.alive) this.handleCrash(serving, serving.exitInfo!); // died while the old one drained
   }
 
   /** Roll back: stop the new generation; the old one was never touched. */
   private rollBack(event: Event, reason: string, code: ErrorCode): void {
-    const active = this.active!;
-    active.failure = { reason, code, outcome: 'rolled_back' };
-    this.deps.log.warn({ reload: active.record.id, code, reason }, `rolling back: ${reason}`);
+    const run = this.inFlight!;
+    run.failure = { reason, code, outcome: 'rolled_back' };
+    this.deps.log.warn({ reload: run.record.id, code, reason }, `rolling back: ${reason}`);
     this.fire(event); // RollingBack
-    this.clearTimers(active);
-    active.readiness?.cancel();
-    active.relayAbort.abort(new Error(reason));
+    this.clearTimers(run);
+    run.readiness?.cancel();
+    run.relayAbort.abort(new Error(reason));
     this.phase('rolling_back', reason);
     const next = this.candidate;
     if (next && next.alive) {
-      void next.stop(active.config.service.stopTimeoutMs);
+      void next.stop(run.config.service.stopTimeoutMs);
       this.deps.relay?.release(next);
     } else {
       this.finishRollback();
@@ -506,9 +519,9 @@ export class Orchestrator implements ControlApi {
   }
 
   private finishRollback(): void {
-    const active = this.active!;
+    const run = this.inFlight!;
     this.candidate = null;
-    this.config = active.previousConfig;
+    this.config = run.previousConfig;
     try {
       // Listeners bound for the failed config are retired and closed; the old ones were never touched.
       this.deps.listeners.apply(this.config.service.listeners);
@@ -517,28 +530,28 @@ export class Orchestrator implements ControlApi {
       this.deps.log.error({ err }, 'restoring the listener set after a rollback failed');
     }
     this.fire('drain-done'); // Running
-    const failure = active.failure ?? { reason: 'rolled back', code: 'E_CHILD_EXITED' as ErrorCode, outcome: 'rolled_back' as const };
+    const failure = run.failure ?? { reason: 'rolled back', code: 'E_CHILD_EXITED' as ErrorCode, outcome: 'rolled_back' as const };
     this.finish(failure.outcome, failure.reason, failure.code);
     const old = this.serving;
     if (old && !old.alive) this.handleCrash(old, old.exitInfo!); // the old one died meanwhile
   }
 
-  private clearTimers(active: ActiveReload): void {
-    for (const t of active.timers) clearTimeout(t);
-    active.timers = [];
+  private clearTimers(run: ReloadRun): void {
+    for (const t of run.timers) clearTimeout(t);
+    run.timers = [];
   }
 
   private phase(phase: ReloadPhase, detail?: string): void {
-    const active = this.active;
-    if (!active) return;
+    const run = this.inFlight;
+    if (!run) return;
     const at = new Date().toISOString();
-    active.record.phases.push(detail === undefined ? { phase, at } : { phase, at, detail });
-    this.deps.log.info({ reload: active.record.id, phase, detail }, `${active.record.id} ${phase}${detail ? `: ${detail}` : ''}`);
-    this.emit({ type: 'phase', reload: active.record.id, phase, at, elapsed_ms: Math.round(performance.now() - active.startedAt), ...(detail === undefined ? {} : { detail }) });
+    run.record.phases.push(detail === undefined ? { phase, at } : { phase, at, detail });
+    this.deps.log.info({ reload: run.record.id, phase, detail }, `${run.record.id} ${phase}${detail ? `: ${detail}` : ''}`);
+    this.emit({ type: 'phase', reload: run.record.id, phase, at, elapsed_ms: Math.round(performance.now() - run.startedAt), ...(detail === undefined ? {} : { detail }) });
   }
 
   private emit(event: ReloadEvent): void {
-    for (const l of this.active?.listeners ?? []) {
+    for (const l of this.inFlight?.subscribers ?? []) {
       try {
         l(event);
       } catch (err) {
@@ -549,14 +562,14 @@ export class Orchestrator implements ControlApi {
 
   /** The reload's outcome is final: record it, count it, tell whoever waits. */
   private finish(outcome: ReloadRecord['outcome'], reason: string | null, code: ErrorCode | null): void {
-    const active = this.active;
-    if (!active) return;
-    this.clearTimers(active);
-    const record = active.record;
+    const run = this.inFlight;
+    if (!run) return;
+    this.clearTimers(run);
+    const record = run.record;
     record.outcome = outcome;
     record.reason = reason;
     record.code = code;
-    record.duration_ms = Math.round(performance.now() - active.startedAt);
+    record.duration_ms = Math.round(performance.now() - run.startedAt);
     this.phase('done', outcome);
     this.deps.metrics.reloadFinished(record.strategy, outcome, record.duration_ms / 1000);
     const fields = { reload: record.id, outcome, reason, code, duration_ms: record.duration_ms, generation: this.serving?.number };
@@ -564,8 +577,8 @@ export class Orchestrator implements ControlApi {
     else this.deps.log.warn(fields, `${record.id} ${outcome}: ${reason}`);
     this.emit({ type: 'outcome', reload: record.id, record });
     this.lastReload = record;
-    this.active = null;
-    active.resolve(record);
+    this.inFlight = null;
+    run.resolve(record);
   }
 
   // ---- stop --------------------------------------------------------------------------------
@@ -579,34 +592,32 @@ export class Orchestrator implements ControlApi {
       this.fire('stop');
       if (this.restartTimer) clearTimeout(this.restartTimer);
       this.startupWatch?.cancel();
-      const active = this.active;
-      if (active) {
-        active.readiness?.cancel();
-        active.relayAbort.abort(new Error('Aeterna is stopping'));
+      const run = this.inFlight;
+      if (run) {
+        run.readiness?.cancel();
+        run.relayAbort.abort(new Error('Aeterna is stopping'));
         this.finish('failed', `Aeterna was stopped during the reload (${reason})`, 'E_STOPPED');
       }
-      for (const gen of this.live()) {
+      for (const gen of this.liveGenerations()) {
         void gen.stop(this.config.service.stopTimeoutMs);
         this.deps.relay?.release(gen);
       }
     } else if (this.stopRequests > 1) {
       this.deps.log.warn({ reason }, 'second stop request: killing every generation now');
       this.fire('stop');
-      for (const gen of this.live()) void gen.kill();
+      for (const gen of this.liveGenerations()) void gen.kill();
     }
     this.checkStopped();
   }
 
-  private live(): Generation[] {
-    return [this.serving, this.candidate].filter((g): g is Generation => g !== null && g.alive);
+  private liveGenerations(): Generation[] {
+    return [this.serving, this.candidate, this.draining].filter((g): g is Generation => g !== null && g.alive);
   }
 
   private checkStopped(): void {
-    if (this.fsm.state !== 'Stopping' || this.live().length > 0) return;
+    if (this.fsm.state !== 'Stopping' || this.liveGenerations().length > 0) return;
     this.fire('drain-done'); // Stopped
-    // Once the old generation is draining, the new one is the serving one, though `serving` moves only at drain-done.
-    const servingNow = this.promoted && this.candidate ? this.candidate : this.serving;
-    const last = servingNow?.exitInfo ?? this.lastExit;
+    const last = this.serving?.exitInfo ?? this.lastExit;
     const code = this.exitCode ?? (last ? exitCodeOf(last) : 0);
     this.resolveStopped(code);
   }
@@ -622,21 +633,23 @@ export class Orchestrator implements ControlApi {
   status(): StatusReport {
     const info = (g: Generation | null, ready: boolean): GenerationInfo | null =>
       g && g.alive ? { generation: g.number, pid: g.pid, started_at: g.startedAt.toISOString(), ready } : null;
-    const reloading = this.candidate !== null;
+    // While a reload runs: the generation being replaced and the new one (before and after promotion alike).
+    const previous = this.draining ?? (this.candidate ? this.serving : null);
+    const next = this.draining ? this.serving : this.candidate;
     return {
       state: this.fsm.state,
       service: this.config.service.name,
-      strategy: this.active?.record.strategy ?? this.config.orchestration.strategy, // a reload runs with its own config's
+      strategy: this.inFlight?.record.strategy ?? this.config.orchestration.strategy, // a reload runs with its own config's
       generation: this.serving?.number ?? 0,
       pid: this.serving?.alive ? this.serving.pid : null,
       daemon_pid: process.pid,
       uptime_ms: Date.now() - this.startedAt.getTime(),
       started_at: this.startedAt.toISOString(),
       listeners: this.deps.listeners.list().map((l) => ({ name: l.name, address: l.address, fd: l.fd })),
-      previous: reloading ? info(this.serving, this.fsm.state !== 'Draining') : null,
-      candidate: reloading ? info(this.candidate, this.active?.ready ?? false) : null,
+      previous: info(previous, previous !== null && previous === this.serving),
+      candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
       restarts: this.restarts,
-      last_reload: this.active?.record ?? this.lastReload,
+      last_reload: this.inFlight?.record ?? this.lastReload,
     };
   }
 }

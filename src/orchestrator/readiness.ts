@@ -1,7 +1,9 @@
-// When is a generation ready? A readiness timeout is never "ready": the watch
-// rejects, and the orchestrator rolls the reload back. A health probe over the
-// shared listener is deliberately not offered: both generations accept on the
-// same socket, so such a probe cannot tell which one answered.
+// When is a generation ready? A generation says so on a readiness source
+// (sd_notify READY=1, the state relay's ready op), each counting in every mode,
+// or the mode decides (a delay, an exec probe). A readiness timeout is never
+// "ready": the watch rejects, and the orchestrator rolls the reload back. A
+// health probe over the shared listener is deliberately not offered: both
+// generations accept on the same socket, so such a probe cannot tell which one answered.
 import { AeternaError } from '../errors';
 import { formatDuration } from '../config/duration';
 import type { ReadinessConfig } from '../config/types';
@@ -12,8 +14,35 @@ import { runCommand } from '../supervisor/command';
 import { belongsTo } from '../supervisor/proctree';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 
+/** A channel on which a generation can say it is ready. */
+export interface ReadinessSource {
+  /** Call `ready(how)` when `gen` says it is ready here; returns what stops watching. */
+  watchReady(gen: Generation, ready: (how: string) => void): () => void;
+}
+
+/** sd_notify as a readiness source: READY=1 from a process of the generation (STATUS= and STOPPING=1 are logged). */
+export class NotifyReadiness implements ReadinessSource {
+  constructor(
+    private readonly notify: NotifySocket,
+    private readonly log: Logger,
+  ) {}
+
+  watchReady(gen: Generation, ready: (how: string) => void): () => void {
+    const onMessage = (m: NotifyMessage): void => {
+      if (!belongsTo(m.pid, gen.pid)) return; // another generation, or a stranger: ignored
+      const status = m.fields.get('STATUS');
+      if (status !== undefined) this.log.info({ generation: gen.number, sender: m.pid, status }, 'app status');
+      if (m.fields.get('STOPPING') === '1') this.log.info({ generation: gen.number, sender: m.pid }, 'app says it is stopping');
+      if (m.fields.get('READY') === '1') ready(`sd_notify READY=1 from pid ${m.pid}`);
+    };
+    this.notify.on('message', onMessage);
+    return () => this.notify.off('message', onMessage);
+  }
+}
+
 export interface ReadinessDeps {
-  notify: NotifySocket;
+  /** Every channel on which a generation may say it is ready; each counts in every mode. */
+  sources: readonly ReadinessSource[];
   reaper: Reaper;
   log: Logger;
 }
@@ -47,7 +76,7 @@ export class ReadinessWatch {
   private resolve!: () => void;
   private reject!: (err: Error) => void;
   private readonly timers: NodeJS.Timeout[] = [];
-  private readonly onNotify = (m: NotifyMessage): void => this.notified(m);
+  private readonly unwatch: Array<() => void>;
 
   constructor(
     private readonly gen: Generation,
@@ -65,9 +94,8 @@ export class ReadinessWatch {
         cfg.timeoutMs,
       ),
     );
-    // The relay's {"op":"ready"} counts in every mode; sd_notify's READY=1 is listened to in every mode too,
-    // so an app that says it is ready is never made to wait for a delay or a probe.
-    deps.notify.on('message', this.onNotify);
+    // What the app says on a source counts in every mode: an app that says it is ready never waits for a delay or a probe.
+    this.unwatch = deps.sources.map((source) => source.watchReady(gen, (how) => this.markReady(how)));
     if (cfg.mode === 'delay') {
       this.timers.push(setTimeout(() => gen.alive && this.markReady('delay elapsed'), cfg.delayMs));
     } else if (cfg.mode === 'exec') {
@@ -75,8 +103,7 @@ export class ReadinessWatch {
     }
   }
 
-  /** The generation said it is ready by another channel (the state relay's ready op). */
-  markReady(source: string): void {
+  private markReady(source: string): void {
     if (this.settled) return;
     this.deps.log.info({ generation: this.gen.number, child: this.gen.pid, source }, 'generation ready');
     this.settled = true;
@@ -94,14 +121,6 @@ export class ReadinessWatch {
     this.settled = true;
     this.cleanup();
     this.reject(err);
-  }
-
-  private notified(m: NotifyMessage): void {
-    if (!belongsTo(m.pid, this.gen.pid)) return; // another generation, or a stranger: ignored
-    const status = m.fields.get('STATUS');
-    if (status !== undefined) this.deps.log.info({ generation: this.gen.number, sender: m.pid, status }, 'app status');
-    if (m.fields.get('STOPPING') === '1') this.deps.log.info({ generation: this.gen.number, sender: m.pid }, 'app says it is stopping');
-    if (m.fields.get('READY') === '1') this.markReady(`sd_notify READY=1 from pid ${m.pid}`);
   }
 
   private async probeLoop(): Promise<void> {
@@ -123,6 +142,6 @@ export class ReadinessWatch {
 
   private cleanup(): void {
     for (const t of this.timers) clearTimeout(t);
-    this.deps.notify.off('message', this.onNotify);
+    for (const stop of this.unwatch) stop();
   }
 }

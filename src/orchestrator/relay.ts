@@ -2,13 +2,15 @@
 // and the failure path (state_handoff.timeout, rollback on any failure); the
 // relay owns the protocol. Without state_handoff, no relay runs.
 import type { Generation } from '../supervisor/generation';
+import type { ReadinessSource } from './readiness';
 
 export interface RelayProgress {
   bytes: number;
   total: number;
 }
 
-export interface StateRelay {
+/** The relay is also a readiness source: a generation's {"op":"ready"} says it is ready. */
+export interface StateRelay extends ReadinessSource {
   /** The value of LIVERELAY_STATE_SOCK for the app. */
   readonly socketPath: string;
   /**
@@ -33,7 +35,5 @@ export interface StateRelay {
   finalSync(old: Generation, next: Generation, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }>;
   /** Whether a state is on its way to or from this generation right now. */
   relaying(gen: Generation): boolean;
-  /** The new generation said {"op":"ready"}; the orchestrator subscribes. */
-  onReady(listener: (gen: Generation) => void): void;
   close(): Promise<void>;
 }

@@ -106,8 +106,12 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     return new SrpCoordinator(socketPath, fd, config.maxFrameBytes, log);
   }
 
-  onReady(listener: (gen: Generation) => void): void {
-    this.on('ready', listener);
+  watchReady(gen: Generation, ready: (how: string) => void): () => void {
+    const onReady = (g: Generation): void => {
+      if (g === gen) ready('state relay ready op');
+    };
+    this.on('ready', onReady);
+    return () => this.off('ready', onReady);
   }
 
   /** Let this generation's processes connect. A candidate (a reload's new generation) gets the old state; others get none. */
