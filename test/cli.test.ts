@@ -1,5 +1,6 @@
 // The real `aeterna` CLI (node bin/aeterna.js, a child process) against a fake
-// daemon: the real control server in this process with a fake ControlApi.
+// daemon: the real control server in this process with a fake ControlApi; and,
+// where the daemon's own config handling matters, against a real daemon.
 // Asserts exit codes, counts and what is printed; never timings.
 import { describe, it, before, after, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
@@ -7,8 +8,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
-import { ROOT } from './helpers/aeterna';
-import { cli, type CliResult } from './helpers/daemon';
+import { fixture, freePort, ROOT } from './helpers/aeterna';
+import { cli, Daemon, type CliResult } from './helpers/daemon';
 import { AeternaError } from '../src/errors';
 import { startControlServer, type ControlServer } from '../src/control/server';
 import type { ControlApi, ReloadEvent, ReloadOutcome, ReloadPhase, ReloadRecord, StatusReport } from '../src/orchestrator/types';
@@ -203,6 +204,24 @@ describe('aeterna CLI', { timeout: 120000 }, () => {
     assert.deepEqual(api.calls, []);
   });
 
+  it('-c reads only control.socket_path: a file broken elsewhere still reaches the daemon; an unparseable file or a bad socket_path exits 2', async () => {
+    const brokenElsewhere = path.join(dir, 'broken-elsewhere.yaml');
+    fs.writeFileSync(brokenElsewhere, `version: "v9"\nservice: 42\ncontrol:\n  socket_path: "${socketPath}"\n`);
+    assert.equal((await aeterna(['status', '-c', brokenElsewhere])).code, 0);
+    assert.equal((await aeterna(['rollback', '-c', brokenElsewhere])).code, 0);
+    const unparseable = path.join(dir, 'unparseable.yaml');
+    fs.writeFileSync(unparseable, `control: { socket_path: "${socketPath}"\n`);
+    const badSocket = path.join(dir, 'bad-socket.yaml');
+    fs.writeFileSync(badSocket, `version: "v1"\ncontrol:\n  socket_path: ["${socketPath}"]\n`);
+    for (const [file, issue] of [[unparseable, `${unparseable}:2:1 invalid YAML: `], [badSocket, `${badSocket}:3:16 control.socket_path: must be a unix socket path (got a list)`]]) {
+      const r = await aeterna(['stop', '-c', file]);
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(r.stderr, /^aeterna: cannot find the control socket in the config \(E_CONFIG_INVALID\); pass --socket PATH/);
+      assert.ok(lines(r.stderr).some((l) => l.startsWith(issue)), r.stderr);
+    }
+    assert.deepEqual(api.calls, ['status', 'rollback']);
+  });
+
   it('reload --json: one parseable JSON object per line, the events then the record', async () => {
     const r = await aeterna(['reload', '--json', '-s', socketPath]);
     assert.equal(r.code, 0, r.stderr);
@@ -346,5 +365,61 @@ describe('aeterna CLI', { timeout: 120000 }, () => {
     const reload = await aeterna(['reload', '--help']);
     for (const code of [0, 1, 2, 3, 4]) assert.match(reload.stdout, new RegExp(`^  ${code} +\\S`, 'm'));
     assert.equal((await aeterna(['--help'])).code, 0);
+  });
+});
+
+/** "line:column" of the value of the first `key: value` in `text`. */
+function valuePosition(text: string, key: string): string {
+  const rows = text.split('\n');
+  const index = rows.findIndex((row) => row.includes(`${key}: `));
+  assert.ok(index >= 0, `no ${key} in:\n${text}`);
+  return `${index + 1}:${rows[index].indexOf(`${key}: `) + key.length + 3}`;
+}
+
+describe('aeterna CLI against a real daemon whose config file was broken after it started', { timeout: 120000 }, () => {
+  let d: Daemon | undefined;
+  after(async () => {
+    await d?.run.killAll();
+    if (d) fs.rmSync(d.dir, { recursive: true, force: true });
+  });
+
+  it('status -c and stop -c still reach it; reload -c exits 1 with E_CONFIG_INVALID and every issue at file:line:col, and the serving generation stays', async () => {
+    d = new Daemon({ command: [process.execPath, fixture('apps', 'reload_app.js')], port: await freePort() }).start();
+    const before = await d.waitStatus((s) => s.state === 'Running');
+    const broken = fs
+      .readFileSync(d.configFile, 'utf8')
+      .replace('strategy: "immediate"', 'strategy: "canry"')
+      .replace('soak_time: "1s"', 'soak_time: "1"');
+    fs.writeFileSync(d.configFile, broken);
+
+    const status = await d.cli('status', '--json');
+    assert.equal(status.code, 0, status.stderr);
+    assert.equal((JSON.parse(status.stdout) as StatusReport).pid, before.pid);
+
+    const reload = await d.cli('reload');
+    assert.equal(reload.code, 1, reload.stderr);
+    const issues = lines(reload.stderr).filter((l) => l.startsWith(`${d!.configFile}:`));
+    assert.deepEqual(issues, [
+      `${d.configFile}:${valuePosition(broken, 'strategy')} orchestration.strategy: must be one of immediate, canary (got "canry")`,
+      `${d.configFile}:${valuePosition(broken, 'soak_time')} orchestration.soak_time: must be a duration: whole numbers with units h, m, s or ms, largest first, e.g. "500ms", "10s", "1m30s", "2h" (got "1")`,
+    ]);
+    assert.match(reload.stderr, /^aeterna: reload-1 failed in \S+ \(E_CONFIG_INVALID\):$/m);
+
+    const after = await d.status();
+    assert.equal(after.state, 'Running');
+    assert.equal(after.generation, before.generation);
+    assert.equal(after.pid, before.pid);
+    assert.equal(after.last_reload?.outcome, 'failed');
+    assert.equal(after.last_reload?.code, 'E_CONFIG_INVALID');
+    const plain = await d.cli('status');
+    const rows = lines(plain.stdout);
+    const last = rows.findIndex((row) => row.startsWith('last reload:'));
+    assert.match(rows[last], /^last reload: +reload-1 failed in \S+ \(E_CONFIG_INVALID\) \(control, started [^)]+\):$/);
+    assert.deepEqual(rows.slice(last + 1).map((row) => row.trim()), issues, 'each issue on its own line under the last reload');
+
+    const stop = await d.cli('stop');
+    assert.equal(stop.code, 0, stop.stderr);
+    assert.equal(stop.stdout, 'stop requested\n');
+    assert.equal((await d.run.exit()).code, 0);
   });
 });

@@ -11,7 +11,8 @@ import { parseAddress, parseHostPort } from '../src/config/address';
 import { formatDuration, parseDuration } from '../src/config/duration';
 import { renderConfigJsonSchema, SCHEMA_FILE } from '../src/config/gen-schema';
 import { configJsonSchema, type JsonSchema } from '../src/config/json-schema';
-import { ConfigError, loadConfigFile, parseConfig, resolveConfigPath } from '../src/config/load';
+import { ConfigError, loadConfigFile, parseConfig, parseControlSocketPath, resolveConfigPath } from '../src/config/load';
+import { defaultRuntimeDir } from '../src/config/runtime-dir';
 import { configSchema } from '../src/config/schema';
 import type { Spec } from '../src/config/spec';
 import type { Config } from '../src/config/types';
@@ -396,6 +397,39 @@ describe('resolveConfigPath', () => {
     } finally {
       fs.rmSync(dir, { recursive: true });
     }
+  });
+});
+
+describe('the control socket alone (what the client commands read)', () => {
+  test('other problems in the file do not matter: the socket path, relative to the file, or its default', () => {
+    const brokenElsewhere = 'version: v9\nservice: 42\norchestration: { strategy: canry }\nfrobnicate: 1\n';
+    assert.equal(parseControlSocketPath(`${brokenElsewhere}control: { socket_path: run/ctl.sock }\n`, '/etc/app/aeterna.yaml'), '/etc/app/run/ctl.sock');
+    assert.equal(parseControlSocketPath(brokenElsewhere, 'x.yaml'), path.join(defaultRuntimeDir(), 'aeterna.sock'));
+    assert.equal(parseControlSocketPath('control:\n', 'x.yaml'), path.join(defaultRuntimeDir(), 'aeterna.sock'));
+    assert.equal(parseControlSocketPath('# nothing yet\n', 'x.yaml'), path.join(defaultRuntimeDir(), 'aeterna.sock'));
+    // YAML-level issues away from the key (a duplicate key, an unknown alias) do not count either.
+    const yamlIssues = 'service: { name: a, name: b }\nenv: *nowhere\ncontrol: { socket_path: /run/a.sock, other: 1 }\n';
+    assert.equal(parseControlSocketPath(yamlIssues, 'x.yaml'), '/run/a.sock');
+  });
+
+  test('a file that cannot be parsed, or an invalid control.socket_path, is an error naming only that', () => {
+    assert.deepEqual(configError(() => parseControlSocketPath('control: { socket_path: "/a\n', 'x.yaml')).issues.map((i) => i.message.slice(0, 13)), [
+      'invalid YAML:',
+      'invalid YAML:',
+    ]);
+    assert.equal(
+      configError(() => parseControlSocketPath('version: v9\ncontrol:\n  socket_path: 42\n', 'x.yaml')).message,
+      'x.yaml:3:16 control.socket_path: must be a unix socket path (got 42)',
+    );
+    assert.equal(
+      configError(() => parseControlSocketPath('control: /run/a.sock\n', 'x.yaml')).message,
+      'x.yaml:1:10 control: must be a mapping (got "/run/a.sock")',
+    );
+    assert.equal(
+      configError(() => parseControlSocketPath('control: { socket_path: /a.sock }\ncontrol: {}\n', 'x.yaml')).message,
+      'x.yaml:2:1 control: duplicate key "control" (first set at 1:1); each key may appear once',
+    );
+    assert.equal(configError(() => parseControlSocketPath('- a\n', 'x.yaml')).message, 'x.yaml:1:1 must be a mapping (got a list)');
   });
 });
 

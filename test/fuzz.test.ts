@@ -14,7 +14,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import fc from 'fast-check';
 import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
-import { ConfigError, parseConfig } from '../src/config/load';
+import { ConfigError, formatIssue, parseConfig, parseControlSocketPath } from '../src/config/load';
+import type { Config } from '../src/config/types';
 import { AeternaError } from '../src/errors';
 import { COMMANDS, LineDecoder, LineTooLong, MAX_REQUEST_BYTES, encodeMessage, parseRequest, parseServerMessage, type ControlRequest } from '../src/control/protocol';
 import { parseNotify } from '../src/resources/notify';
@@ -40,6 +41,29 @@ function checkLoad(source: string, file = '/fuzz/aeterna.yaml'): 'ok' | 'invalid
     }
     assert.ok(err.message.includes(file), 'the message names the file');
     return 'invalid';
+  }
+}
+
+/**
+ * What the client commands read agrees with the loader: for a valid file, the same control socket; for any
+ * other, either a socket path or a ConfigError whose every issue the loader reports too.
+ */
+function checkControlSocket(source: string, file = '/fuzz/aeterna.yaml'): void {
+  let config: Config | undefined;
+  let loaderIssues = new Set<string>();
+  try {
+    config = parseConfig(source, file);
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    loaderIssues = new Set(err.issues.map(formatIssue));
+  }
+  try {
+    const socketPath = parseControlSocketPath(source, file);
+    if (config !== undefined) assert.equal(socketPath, config.control.socketPath);
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw new Error(`parseControlSocketPath threw ${String(err)} (not a ConfigError) for:\n${source.slice(0, 2000)}`, { cause: err });
+    assert.equal(config, undefined, `refused a file the loader accepts: ${err.message}`);
+    for (const issue of err.issues.map(formatIssue)) assert.ok(loaderIssues.has(issue), `${issue}\nis not among the loader's issues:\n${[...loaderIssues].join('\n')}`);
   }
 }
 
@@ -195,6 +219,12 @@ describe('config loader under random input (property)', () => {
       { numRuns: 2000 },
     );
     assert.ok(counts.ok > 0 && counts.invalid > 0, JSON.stringify(counts));
+  });
+
+  it('the control socket as the client commands read it: the loader\'s for a valid file; else a path or some of the loader\'s issues, never another exception', () => {
+    fc.assert(fc.property(yamlText, (text) => checkControlSocket(text)), { numRuns: 1000 });
+    fc.assert(fc.property(fc.array(textMutation, { minLength: 1, maxLength: 4 }), (ms) => checkControlSocket(ms.reduce(applyText, EXAMPLE), EXAMPLE_FILE)), { numRuns: 1000 });
+    fc.assert(fc.property(fc.array(treeMutation, { minLength: 1, maxLength: 3 }), (ms) => checkControlSocket(applyTree(EXAMPLE, ms), EXAMPLE_FILE)), { numRuns: 1000 });
   });
 
   it('an alias bomb ("billion laughs") is refused with a message, not expanded', () => {

@@ -4,7 +4,7 @@
 import type { Command } from 'commander';
 import { call } from '../control/client';
 import type { ControlRequest } from '../control/protocol';
-import { ConfigError, loadConfigFile, resolveConfigPath } from '../config/load';
+import { ConfigError, loadConfigFile, loadControlSocketPath, resolveConfigPath } from '../config/load';
 import type { ReloadRecord, StatusReport } from '../orchestrator/types';
 import { CliExit, exitCodeHelp, exitWhenFlushed } from './exit-codes';
 import { LiveLine, describeOutcome, formatStatus, plainEventLine } from './render';
@@ -68,10 +68,10 @@ async function run(options: DaemonOptions, body: () => Promise<number>): Promise
   }
 }
 
-/** The control socket: --socket, else control.socket_path of the config. */
+/** The control socket: --socket, else control.socket_path of the config (the only key read; the daemon judges the rest). */
 function controlSocket(options: DaemonOptions): string {
   if (options.socket !== undefined && options.socket !== '') return options.socket;
-  return loadConfigFile(resolveConfigPath(options.config)).control.socketPath;
+  return loadControlSocketPath(resolveConfigPath(options.config));
 }
 
 async function reload(options: DaemonOptions & { wait: boolean }): Promise<number> {
@@ -154,7 +154,7 @@ function reportError(err: unknown, json: boolean): number {
   const message = err instanceof Error ? err.message : String(err);
   if (json) writeJson({ error: { code, message } });
   if (err instanceof ConfigError) {
-    process.stderr.write(`aeterna: invalid configuration (${code}); pass --socket PATH to reach the daemon without it\n${message}\n`);
+    process.stderr.write(`aeterna: cannot find the control socket in the config (${code}); pass --socket PATH to reach the daemon without it\n${message}\n`);
   } else {
     process.stderr.write(`aeterna: ${message} (${code})\n`);
   }

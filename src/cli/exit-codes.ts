@@ -15,8 +15,8 @@ export type CliExitCode = (typeof CliExit)[keyof typeof CliExit];
 
 const MEANINGS: { readonly [K in keyof typeof CliExit]: string } = {
   OK: 'done: the new generation was promoted (reload --no-wait: the reload was accepted)',
-  FAILED: 'the reload was rolled back or failed, or the daemon refused the request (reason and code on stderr)',
-  USAGE: 'usage error, or the config needed to find the control socket is missing or invalid',
+  FAILED: 'the reload was rolled back or failed (an invalid config: E_CONFIG_INVALID and every issue), or the daemon refused the request (reason and code on stderr)',
+  USAGE: 'usage error, or the config cannot be read or parsed, or its control.socket_path is invalid',
   NO_DAEMON: 'no daemon answers on the control socket',
   BUSY: 'a reload is already in progress',
   CONFIG_INVALID: 'validate: the config has issues (each printed on stderr)',

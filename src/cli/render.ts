@@ -48,7 +48,10 @@ export function describeOutcome(record: ReloadRecord): { ok: boolean; text: stri
   }
   const what = record.outcome === 'rolled_back' ? 'rolled back' : record.outcome === 'failed' ? 'failed' : `ended ${record.outcome}`;
   const reason = record.reason ?? 'no reason given';
-  return { ok: false, text: `${record.id} ${what}${took}: ${reason}${record.code ? ` (${record.code})` : ''}` };
+  const code = record.code ? ` (${record.code})` : '';
+  // Several lines (every issue of an invalid config): each on its own line, below the outcome.
+  if (reason.includes('\n')) return { ok: false, text: `${record.id} ${what}${took}${code}:\n${reason}` };
+  return { ok: false, text: `${record.id} ${what}${took}: ${reason}${code}` };
 }
 
 /**
@@ -137,7 +140,8 @@ export function formatStatus(status: StatusReport): string {
   rows.push(['restarts', String(status.restarts)]);
   rows.push(['last reload', status.last_reload === null ? 'none' : describeLastReload(status.last_reload)]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;
-  return rows.map(([k, v]) => `${k ? `${k}:` : ''}`.padEnd(width) + v).join('\n') + '\n';
+  // A value of several lines continues under its first.
+  return rows.map(([k, v]) => `${k ? `${k}:` : ''}`.padEnd(width) + v.replaceAll('\n', `\n${' '.repeat(width)}`)).join('\n') + '\n';
 }
 
 function describeGeneration(g: { generation: number; pid: number; started_at: string; ready: boolean }): string {
@@ -149,5 +153,7 @@ function describeLastReload(r: ReloadRecord): string {
     const phase = r.phases.length > 0 ? r.phases[r.phases.length - 1].phase : 'accepted';
     return `${r.id} in progress (${r.strategy}, ${phase}), started ${r.started_at}`;
   }
-  return `${describeOutcome(r).text} (${r.trigger}, started ${r.started_at})`;
+  const [outcome = '', ...issues] = describeOutcome(r).text.split('\n');
+  // Before the colon that introduces the issues below, if there is one.
+  return [outcome.replace(/:?$/, ` (${r.trigger}, started ${r.started_at})$&`), ...issues].join('\n');
 }

@@ -7,11 +7,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { AeternaError } from '../errors';
 import { isFdExhaustion } from '../resources/fd-budget';
-import { configSchema, type ValidatedConfig } from './schema';
+import { configSchema, controlSocketSchema, type ValidatedConfig } from './schema';
 import type { Config } from './types';
 import { validateTree, type Issue } from './validate';
 import { DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_SOCKET, defaultRuntimeDir } from './runtime-dir';
-import { parseYamlTree } from './yaml-tree';
+import { parseYamlTree, type Located } from './yaml-tree';
 
 export interface ConfigIssue {
   /** The file as the caller named it. */
@@ -43,6 +43,8 @@ export function formatIssue(issue: ConfigIssue): string {
 export const MAX_CONFIG_BYTES = 1024 * 1024;
 const TOO_LARGE = `is larger than 1MiB (${MAX_CONFIG_BYTES} bytes); refusing to parse it`;
 
+const CONTROL_SOCKET_KEY = 'control.socket_path';
+
 /** Where the config is: -c/--config, else $AETERNA_CONFIG, else ./aeterna.yaml if it exists, else /etc/aeterna/aeterna.yaml. */
 export function resolveConfigPath(explicit?: string, env: NodeJS.ProcessEnv = process.env, cwd = process.cwd()): string {
   if (explicit !== undefined && explicit !== '') return explicit;
@@ -62,34 +64,80 @@ export function loadConfigFile(file: string): Config {
  * given; relative paths in the config resolve against its (absolute) directory.
  */
 export function parseConfig(source: string, file: string): Config {
-  if (Buffer.byteLength(source) > MAX_CONFIG_BYTES) {
-    throw new ConfigError([{ file, line: 0, column: 0, path: '', message: TOO_LARGE }]);
-  }
   const issues: Issue[] = [];
-  const tree = parseYamlTree(source, (pos, keyPath, message) => issues.push({ pos, path: keyPath, message }));
+  const tree = parseTree(source, file, issues);
   let validated: ValidatedConfig | undefined;
   const written = new Set<string>();
   if (tree === null) {
     const message = 'the file is empty; expected a mapping with at least version and service';
     issues.push({ pos: { line: 1, column: 1 }, path: '', message });
   } else if (tree !== undefined) {
-    validated = validateTree(configSchema, tree, path.dirname(path.resolve(file)), issues, written);
+    validated = validateTree(configSchema, tree, baseDirOf(file), issues, written);
   }
-  if (validated === undefined || issues.length > 0) {
-    // In file order, as a reader fixes them; sort is stable for issues at the same spot.
-    issues.sort((a, b) => a.pos.line - b.pos.line || a.pos.column - b.pos.column);
-    throw new ConfigError(
-      issues.map(({ pos, path: keyPath, message }) => ({ file, line: pos.line, column: pos.column, path: keyPath, message })),
-    );
-  }
+  if (validated === undefined || issues.length > 0) throw configError(file, issues);
   return toConfig(validated, path.resolve(file), written);
+}
+
+/**
+ * The control socket the client commands (status, reload, stop, ...) reach
+ * the daemon on: control.socket_path of `file`, or its default. Only that key
+ * is judged, so an operator who has just broken another part of the file can
+ * still run `aeterna status` or `aeterna stop`; the daemon judges the whole file
+ * at the next reload. Throws ConfigError when the file cannot be read or parsed,
+ * or when control.socket_path itself is invalid.
+ */
+export function loadControlSocketPath(file: string): string {
+  return parseControlSocketPath(readBounded(file), file);
+}
+
+/** loadControlSocketPath on `source`, the text of `file`. */
+export function parseControlSocketPath(source: string, file: string): string {
+  const treeIssues: Issue[] = [];
+  const tree = parseTree(source, file, treeIssues);
+  if (tree === undefined) throw configError(file, treeIssues);
+  // YAML-level issues elsewhere in the file (a duplicate key, a bad alias) do not matter here.
+  const issues = treeIssues.filter((issue) => issue.path === 'control' || issue.path === CONTROL_SOCKET_KEY);
+  const written = new Set<string>();
+  const onlyTheKey = keepOnly(tree ?? { kind: 'map', entries: [], pos: { line: 1, column: 1 } }, CONTROL_SOCKET_KEY.split('.'));
+  const validated = validateTree(controlSocketSchema, onlyTheKey, baseDirOf(file), issues, written);
+  // No issue on the key itself yet a failure: the key's node was already reported (e.g. too many values); say everything.
+  if (validated === undefined || issues.length > 0) throw configError(file, issues.length > 0 ? issues : treeIssues);
+  return defaultedSocketPath(written, CONTROL_SOCKET_KEY, validated.control.socket_path, DEFAULT_CONTROL_SOCKET);
+}
+
+/** The located tree of `source`, null when empty, undefined when `issues` got YAML errors. */
+function parseTree(source: string, file: string, issues: Issue[]): Located | null | undefined {
+  if (Buffer.byteLength(source) > MAX_CONFIG_BYTES) {
+    throw new ConfigError([{ file, line: 0, column: 0, path: '', message: TOO_LARGE }]);
+  }
+  return parseYamlTree(source, (pos, keyPath, message) => issues.push({ pos, path: keyPath, message }));
+}
+
+/** `node` with only the entry named by each key along `keys` in the mappings on the way. */
+function keepOnly(node: Located, keys: readonly string[]): Located {
+  const [key, ...rest] = keys;
+  if (key === undefined || node.kind !== 'map') return node;
+  const entries = node.entries.filter((entry) => entry.key === key).map((entry) => ({ ...entry, value: keepOnly(entry.value, rest) }));
+  return { ...node, entries };
+}
+
+function configError(file: string, issues: Issue[]): ConfigError {
+  // In file order, as a reader fixes them; sort is stable for issues at the same spot.
+  issues.sort((a, b) => a.pos.line - b.pos.line || a.pos.column - b.pos.column);
+  return new ConfigError(issues.map(({ pos, path: keyPath, message }) => ({ file, line: pos.line, column: pos.column, path: keyPath, message })));
+}
+
+function baseDirOf(file: string): string {
+  return path.dirname(path.resolve(file));
+}
+
+/** A socket path the file leaves out goes to this user's runtime directory (runtime-dir.ts). */
+function defaultedSocketPath(written: Set<string>, keyPath: string, value: string, name: string): string {
+  return written.has(keyPath) ? value : path.join(defaultRuntimeDir(), name);
 }
 
 function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Config {
   const { service, orchestration, control, observability } = raw;
-  // A socket path the file leaves out goes to this user's runtime directory (runtime-dir.ts).
-  const socketPath = (keyPath: string, value: string, name: string): string =>
-    written.has(keyPath) ? value : path.join(defaultRuntimeDir(), name);
   const { readiness, state_handoff: stateHandoff } = orchestration;
   return {
     file,
@@ -118,12 +166,12 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
       },
       stateHandoff: {
         enabled: stateHandoff.enabled,
-        socketPath: socketPath('orchestration.state_handoff.socket_path', stateHandoff.socket_path, DEFAULT_STATE_SOCKET),
+        socketPath: defaultedSocketPath(written, 'orchestration.state_handoff.socket_path', stateHandoff.socket_path, DEFAULT_STATE_SOCKET),
         timeoutMs: stateHandoff.timeout,
         maxFrameBytes: stateHandoff.max_frame,
       },
     },
-    control: { socketPath: socketPath('control.socket_path', control.socket_path, DEFAULT_CONTROL_SOCKET) },
+    control: { socketPath: defaultedSocketPath(written, CONTROL_SOCKET_KEY, control.socket_path, DEFAULT_CONTROL_SOCKET) },
     observability: { metrics: observability.metrics_port ?? null, logLevel: observability.log_level },
   };
 }

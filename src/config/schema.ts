@@ -337,5 +337,11 @@ export const configSchema = object({
   check: checkConfig,
 });
 
+/** Only control.socket_path: what the client commands need to reach the daemon (the rest of the file is not read). */
+export const controlSocketSchema = object({
+  description: 'The control socket of aeterna.yaml.',
+  fields: { control: withDefault(control, {}) },
+});
+
 /** The validated file, keys as written (snake_case); load.ts maps it to Config. */
 export type ValidatedConfig = TypeOf<typeof configSchema>;
