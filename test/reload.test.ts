@@ -125,7 +125,7 @@ describe('reloads', { timeout: 120000 }, () => {
     const { d } = await started({ command: APP });
     const before = await d.status();
     fs.writeFileSync(d.configFile, fs.readFileSync(d.configFile, 'utf8').replace('strategy: "immediate"', 'strategy: "canry"'));
-    // The CLI cannot read the socket path from an invalid config: it is given with --socket.
+    // --socket reaches the daemon without reading the config at all (-c works too: test/cli.test.ts).
     const socket = ['--socket', path.join(d.dir, 'control.sock')];
     const r = await cli(['reload', ...socket]);
     assert.equal(r.code, 1);
