@@ -9,7 +9,7 @@ import { describe, test } from 'node:test';
 import { parse as parseYaml, stringify } from 'yaml';
 import { parseAddress, parseHostPort } from '../src/config/address';
 import { formatDuration, parseDuration } from '../src/config/duration';
-import { renderConfigJsonSchema, SCHEMA_FILE } from '../src/config/gen-schema';
+import { renderConfigJsonSchema, SCHEMA_FILE } from '../scripts/gen-config-schema';
 import { configJsonSchema, type JsonSchema } from '../src/config/json-schema';
 import { ConfigError, loadConfigFile, parseConfig, resolveConfigPath } from '../src/config/load';
 import { configSchema } from '../src/config/schema';
@@ -402,7 +402,7 @@ describe('resolveConfigPath', () => {
 describe('JSON Schema', () => {
   test('configs/aeterna.schema.json has not drifted from schema.ts', () => {
     const committed = fs.readFileSync(SCHEMA_FILE, 'utf8');
-    assert.deepEqual(JSON.parse(committed), configJsonSchema(), 'run: node dist/src/config/gen-schema.js');
+    assert.deepEqual(JSON.parse(committed), configJsonSchema(), 'run: node dist/scripts/gen-config-schema.js');
     assert.equal(committed, renderConfigJsonSchema());
   });
 
