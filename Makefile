@@ -13,7 +13,7 @@ $(NODE_MODULES): package.json package-lock.json
 	npm ci
 	@touch $@
 
-$(ADDON): native/aeterna.cc binding.gyp $(NODE_MODULES)
+$(ADDON): $(wildcard native/*.cc native/*.h) binding.gyp $(NODE_MODULES)
 	npx node-gyp rebuild
 
 build: $(NODE_MODULES) $(ADDON)

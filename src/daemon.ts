@@ -16,6 +16,7 @@ import { ListenerSet, inheritedListeners } from './resources/listeners';
 import { ListenerWatch } from './resources/listener-watch';
 import { NotifySocket } from './resources/notify';
 import { Orchestrator } from './orchestrator/orchestrator';
+import { STATES, type State } from './orchestrator/fsm';
 import type { ControlApi } from './orchestrator/types';
 import { startControlServer, type ControlServer } from './control/server';
 import { SrpCoordinator } from './srp/coordinator';
@@ -99,7 +100,7 @@ export class Daemon {
     private readonly config: Config,
     private readonly log: Logger,
   ) {
-    this.metrics = new Metrics(config.observability.metrics !== null);
+    this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State);
     this.listenerWatch = new ListenerWatch(this.listeners, this.metrics, log);
   }
 

@@ -9,7 +9,7 @@ import { describe, test } from 'node:test';
 import { parse as parseYaml, stringify } from 'yaml';
 import { parseAddress, parseHostPort } from '../src/config/address';
 import { formatDuration, parseDuration } from '../src/config/duration';
-import { renderConfigJsonSchema, SCHEMA_FILE } from '../src/config/gen-schema';
+import { renderConfigJsonSchema, SCHEMA_FILE } from '../scripts/gen-config-schema';
 import { configJsonSchema, type JsonSchema } from '../src/config/json-schema';
 import { ConfigError, loadConfigFile, parseConfig, parseControlSocketPath, resolveConfigPath } from '../src/config/load';
 import { defaultRuntimeDir } from '../src/config/runtime-dir';
@@ -436,7 +436,7 @@ describe('the control socket alone (what the client commands read)', () => {
 describe('JSON Schema', () => {
   test('configs/aeterna.schema.json has not drifted from schema.ts', () => {
     const committed = fs.readFileSync(SCHEMA_FILE, 'utf8');
-    assert.deepEqual(JSON.parse(committed), configJsonSchema(), 'run: node dist/src/config/gen-schema.js');
+    assert.deepEqual(JSON.parse(committed), configJsonSchema(), 'run: node dist/scripts/gen-config-schema.js');
     assert.equal(committed, renderConfigJsonSchema());
   });
 

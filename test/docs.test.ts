@@ -13,6 +13,7 @@ import { configSchema } from '../src/config/schema';
 import type { Spec } from '../src/config/spec';
 import { ErrorCodes, ExitCodes } from '../src/errors';
 import { Metrics } from '../src/monitor/metrics';
+import { STATES } from '../src/orchestrator/fsm';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const read = (rel: string): string => fs.readFileSync(path.join(ROOT, rel), 'utf8');
@@ -137,7 +138,7 @@ describe('error codes and metrics in docs/operations.md', () => {
   });
 
   test('every metric Aeterna defines has a row', () => {
-    const exported = new Metrics(true).export();
+    const exported = new Metrics(true, STATES, 'Stopped').export();
     assert.ok(exported, 'metrics are exported when the endpoint is on');
     const names = Object.values(exported)
       .filter((v): v is { name: string } => v instanceof Counter || v instanceof Gauge || v instanceof Histogram || v instanceof Summary)
@@ -148,7 +149,7 @@ describe('error codes and metrics in docs/operations.md', () => {
   });
 
   test('no unknown metric is mentioned', async () => {
-    const exported = new Metrics(true).export();
+    const exported = new Metrics(true, STATES, 'Stopped').export();
     assert.ok(exported);
     const registered = new Set((await exported.registry.getMetricsAsJSON()).map((m) => m.name));
     const mentioned = [...OPERATIONS.matchAll(/\b(aeterna_[a-z0-9_]+)(\*)?/g)].filter((m) => m[2] === undefined).map((m) => m[1]);

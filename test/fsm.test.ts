@@ -90,6 +90,6 @@ describe('orchestrator FSM', () => {
 
   it('docs/fsm.md carries the diagram generated from the table', () => {
     const doc = fs.readFileSync(path.join(ROOT, 'docs', 'fsm.md'), 'utf8');
-    assert.ok(doc.includes('```mermaid\n' + mermaidDiagram() + '\n```'), 'regenerate with: node dist/src/orchestrator/gen-fsm-doc.js');
+    assert.ok(doc.includes('```mermaid\n' + mermaidDiagram() + '\n```'), 'regenerate with: node dist/scripts/gen-fsm-doc.js');
   });
 });

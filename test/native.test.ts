@@ -14,6 +14,7 @@ import v8 from 'node:v8';
 import vm from 'node:vm';
 import { native, READABLE, WRITABLE } from '../src/native/binding';
 import type { ExitInfo, Poller, SpawnOptions } from '../src/native/binding';
+import { signalIfAlive } from '../src/supervisor/signal';
 
 const fixture = (name: string): string => path.resolve(__dirname, '../../test/fixtures/native', name);
 const { errno: E, signals } = os.constants;
@@ -360,13 +361,21 @@ describe('reaping and signals', () => {
     assert.deepEqual(zombieChildren(), []);
   });
 
-  test('kill returns 0 for a live process and ESRCH once it is reaped', async () => {
+  test('kill signals a live process, and throws ESRCH once it is reaped, as every addon function reports errors', async () => {
     const pid = spawn(['sleep', '100']);
-    assert.equal(native.kill(pid, 0), 0);
-    assert.equal(native.kill(pid, signals.SIGTERM), 0);
+    assert.equal(native.kill(pid, 0), undefined);
+    assert.equal(native.kill(pid, signals.SIGTERM), undefined);
     assert.deepEqual(await waitExit(pid), { pid, code: null, signal: signals.SIGTERM });
-    assert.equal(native.kill(pid, 0), E.ESRCH);
-    assert.equal(native.kill(Number.NaN, 0), E.EINVAL); // never throws
+    assert.throws(() => native.kill(pid, 0), { code: 'ESRCH', errno: E.ESRCH, syscall: 'kill', message: `pid ${pid} (signal 0): kill: No such process (ESRCH)` });
+    assert.equal(signalIfAlive(pid, 0), false, 'the supervisor takes a process that is gone in its stride');
+    assert.throws(() => native.kill(Number.NaN, 0), RangeError);
+    assert.throws(() => native.kill(pid, 65), RangeError);
+    assert.throws(() => native.kill('1' as unknown as number, 0), TypeError);
+  });
+
+  test('the functions only tests use are grouped apart: native.test', () => {
+    assert.deepEqual(Object.keys(native.test).sort(), ['recvmsg', 'socketpair']);
+    for (const name of Object.keys(native.test)) assert.equal(name in native, false, `${name} is not a function of Aeterna's`);
   });
 
   test('kill(-pid) signals the whole process group', async () => {
@@ -376,11 +385,11 @@ describe('reaping and signals', () => {
     const sleepers = await waitFor('the sleepers to start', () =>
       fs.existsSync(pids) ? fs.readFileSync(pids, 'utf8').trim().split(' ').map(Number) : undefined,
     );
-    assert.equal(native.kill(-pid, signals.SIGKILL), 0);
+    native.kill(-pid, signals.SIGKILL);
     for (const p of [pid, ...sleepers]) {
       assert.deepEqual(await waitExit(p), { pid: p, code: null, signal: signals.SIGKILL });
     }
-    assert.equal(native.kill(-pid, 0), E.ESRCH);
+    assert.throws(() => native.kill(-pid, 0), { code: 'ESRCH', syscall: 'kill', message: new RegExp(`^process group ${pid} \\(signal 0\\)`) });
   });
 });
 
@@ -390,7 +399,7 @@ describe('reaping and signals', () => {
 
 describe('unix sockets', () => {
   test('a listening socket and a sealed memfd cross to another process and work there', async () => {
-    const [mine, theirs] = native.socketpair();
+    const [mine, theirs] = native.test.socketpair();
     const { fd: listener, port } = native.listenTcp('127.0.0.1', 0, 16);
     const memfd = native.memfdCreate('state');
     fs.writeSync(memfd, 'hello from the memfd');
@@ -418,22 +427,22 @@ describe('unix sockets', () => {
   });
 
   test('more fds than maxFds: ECTRUNC, and every fd that arrived is closed', () => {
-    const [a, b] = native.socketpair();
+    const [a, b] = native.test.socketpair();
     const sent = [native.memfdCreate('x'), native.memfdCreate('y'), native.memfdCreate('z')];
     assert.equal(native.sendmsg(a, Buffer.from('!'), sent), 1);
     const before = openFdCount();
-    assert.throws(() => native.recvmsg(b, 16, 1), { code: 'ECTRUNC', syscall: 'recvmsg' });
+    assert.throws(() => native.test.recvmsg(b, 16, 1), { code: 'ECTRUNC', syscall: 'recvmsg' });
     assert.equal(openFdCount(), before);
-    assert.equal(native.recvmsg(b, 16, 1), null); // the message is consumed
+    assert.equal(native.test.recvmsg(b, 16, 1), null); // the message is consumed
     for (const fd of [...sent, a, b]) native.close(fd);
   });
 
   test('recvmsg and sendmsg: fds arrive, EAGAIN is null/-1, EOF is empty, EPIPE throws', () => {
-    const [a, b] = native.socketpair();
-    assert.equal(native.recvmsg(b, 16, 4), null);
+    const [a, b] = native.test.socketpair();
+    assert.equal(native.test.recvmsg(b, 16, 4), null);
     const memfd = native.memfdCreate('one');
     native.sendmsg(a, Buffer.from('x'), [memfd]);
-    const got = native.recvmsg(b, 16, 4)!;
+    const got = native.test.recvmsg(b, 16, 4)!;
     assert.equal(got.data.toString(), 'x');
     assert.equal(got.fds.length, 1);
     assert.ok(isCloexec(got.fds[0]!));
@@ -447,23 +456,23 @@ describe('unix sockets', () => {
 
     native.close(a);
     let total = 0;
-    for (let r = native.recvmsg(b, 1 << 20, 0); r !== null && r.data.length > 0; r = native.recvmsg(b, 1 << 20, 0)) {
+    for (let r = native.test.recvmsg(b, 1 << 20, 0); r !== null && r.data.length > 0; r = native.test.recvmsg(b, 1 << 20, 0)) {
       total += r.data.length;
     }
     assert.equal(total, sent);
-    assert.equal(native.recvmsg(b, 16, 0)!.data.length, 0); // EOF
+    assert.equal(native.test.recvmsg(b, 16, 0)!.data.length, 0); // EOF
 
-    const [c, d] = native.socketpair();
+    const [c, d] = native.test.socketpair();
     native.close(d);
     assert.throws(() => native.sendmsg(c, Buffer.from('x'), []), { code: 'EPIPE', syscall: 'sendmsg' });
-    assert.throws(() => native.recvmsg(c, 65 * 1024 * 1024, 0), RangeError);
-    assert.throws(() => native.recvmsg(c, 16, 254), RangeError);
+    assert.throws(() => native.test.recvmsg(c, 65 * 1024 * 1024, 0), RangeError);
+    assert.throws(() => native.test.recvmsg(c, 16, 254), RangeError);
     assert.throws(() => native.sendmsg(c, Buffer.from('x'), new Array<number>(254).fill(0)), RangeError);
     for (const fd of [b, c, memfd, got.fds[0]!]) native.close(fd);
   });
 
   test('peerCred of a socketpair is this process', () => {
-    const [a, b] = native.socketpair();
+    const [a, b] = native.test.socketpair();
     assert.deepEqual(native.peerCred(a), { pid: process.pid, uid: process.getuid!(), gid: process.getgid!() });
     native.close(a);
     native.close(b);
@@ -510,7 +519,7 @@ describe('notify socket', () => {
 
 describe('Poller', () => {
   test('fires readable when the peer writes, and writable', async () => {
-    const [a, b] = native.socketpair();
+    const [a, b] = native.test.socketpair();
     let onEvent: (value: [number, number]) => void = () => {};
     const next = (): Promise<[number, number]> => new Promise((resolve) => (onEvent = resolve));
 
@@ -522,7 +531,7 @@ describe('Poller', () => {
     reader.start(READABLE);
     native.sendmsg(a, Buffer.from('ping'), []);
     assert.deepEqual(await readable, [0, READABLE]);
-    assert.equal(native.recvmsg(b, 16, 0)!.data.toString(), 'ping');
+    assert.equal(native.test.recvmsg(b, 16, 0)!.data.toString(), 'ping');
     reader.close();
     reader.close(); // twice is fine
     assert.throws(() => reader.start(READABLE), /closed/);
@@ -540,7 +549,7 @@ describe('Poller', () => {
   });
 
   test('the callback runs in the async context of its creation, then ticks and microtasks run', async () => {
-    const [a, b] = native.socketpair();
+    const [a, b] = native.test.socketpair();
     const storage = new AsyncLocalStorage<string>();
     const seen: string[] = [];
     const done = new Promise<void>((resolve) => {
@@ -574,7 +583,7 @@ describe('Poller', () => {
     let collected = 0;
     const registry = new FinalizationRegistry(() => collected++);
     for (let i = 0; i < N; i++) {
-      const [a, b] = native.socketpair();
+      const [a, b] = native.test.socketpair();
       // Like a relay connection's stream: the owner holds the poller and a read buffer, the callback holds the owner.
       const owner: { poller: Poller | null; buffer: Buffer } = { poller: null, buffer: Buffer.alloc(1 << 20) };
       registry.register(owner, i);
@@ -592,7 +601,7 @@ describe('Poller', () => {
   });
 
   test('a socket error is reported as itself: ECONNRESET when the peer closes with unread data, not EBADF', async () => {
-    const [a, b] = native.socketpair();
+    const [a, b] = native.test.socketpair();
     native.sendmsg(a, Buffer.from('never read'), []);
     const reported = new Promise<number>((resolve) => {
       const poller = new native.Poller(a, (errno) => {
@@ -612,7 +621,7 @@ describe('Poller', () => {
     const fds: number[] = [];
     const closedFirst: number[] = [];
     for (let i = 0; i < 60; i++) {
-      const [a, b] = native.socketpair();
+      const [a, b] = native.test.socketpair();
       const poller = new native.Poller(a, () => {});
       if (i % 4 === 0) poller.close();
       if (i % 4 === 1) {
@@ -625,7 +634,7 @@ describe('Poller', () => {
     }
     for (const fd of closedFirst) native.close(fd);
     // Reuse those numbers for fds that are watched: a late uv_close must not unwatch them.
-    const [x, y] = native.socketpair();
+    const [x, y] = native.test.socketpair();
     let woke = false;
     const watcher = new native.Poller(y, () => {
       woke = true;
@@ -667,7 +676,7 @@ describe('memfd and fds', () => {
   });
 
   test('isListeningSocket, setCloexec and close', () => {
-    const [a, b] = native.socketpair();
+    const [a, b] = native.test.socketpair();
     const memfd = native.memfdCreate('plain');
     assert.equal(native.isListeningSocket(a), false);
     assert.equal(native.isListeningSocket(memfd), false);

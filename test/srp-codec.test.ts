@@ -145,7 +145,7 @@ describe('SRP fds', () => {
 
   it('fds on a frame that names none are bad_frame once that frame is handled', () => {
     const d = new FrameDecoder(1024);
-    const [a, b] = native.socketpair();
+    const [a, b] = native.test.socketpair();
     d.push(Buffer.concat([encodeFrame(Buffer.from('one')), encodeFrame(Buffer.from('two'))]), [a, b]);
     const first = d.next()!;
     d.checkUnclaimed(first); // the fds may still belong to the second frame, which starts in the same bytes
@@ -157,7 +157,7 @@ describe('SRP fds', () => {
 
 describe('SRP connection over a real socketpair', () => {
   function pair(): [SrpConnection, SrpConnection] {
-    const [a, b] = native.socketpair();
+    const [a, b] = native.test.socketpair();
     return [new SrpConnection(a, 1 << 20), new SrpConnection(b, 1 << 20)];
   }
 
@@ -165,7 +165,7 @@ describe('SRP connection over a real socketpair', () => {
     const [x, y] = pair();
     const content = Buffer.from('the state of generation 1');
     const memfd = memfdState(content);
-    const [s1, s2] = native.socketpair();
+    const [s1, s2] = native.test.socketpair();
     const got = new Promise<{ m: Message; fds: number[] }>((resolve) => y.once('message', (m, fds) => resolve({ m, fds })));
     x.send({ op: 'state', size: content.length, encoding: 'text', transport: 'memfd', fds: ['state', 'conn:1'] }, [memfd, s1], { closeFds: true });
     const { m, fds } = await got;
@@ -208,7 +208,7 @@ describe('SRP connection over a real socketpair', () => {
   });
 
   it('answers garbage with an error frame and closes', async () => {
-    const [a, b] = native.socketpair();
+    const [a, b] = native.test.socketpair();
     const server = new SrpConnection(a, 1024);
     const closed = new Promise<Error | null>((r) => server.on('close', r));
     native.sendmsg(b, Buffer.from([0, 0, 0, 3, 0x7b, 0xff, 0x7d]), []);

@@ -1,5 +1,5 @@
 // The schema of aeterna.yaml, defined once, as data. The loader validates with
-// it, gen-schema.ts derives configs/aeterna.schema.json from it, and its types
+// it, scripts/gen-config-schema.ts derives configs/aeterna.schema.json from it, and its types
 // are inferred from it. Rules JSON Schema cannot express are the `check`s
 // (checks.ts); each is also stated in the description of the key it governs.
 

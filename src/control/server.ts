@@ -8,16 +8,17 @@
 // The socket file is watched: when it is deleted (a tmp cleaner, an operator's
 // rm) or replaced, the daemon would be unreachable (`aeterna reload` and
 // `aeterna stop` fail) while it still runs, and a second daemon could start on
-// the same path. A cheap periodic lstat() notices it and the socket is
-// re-created at the same path (with a warning); a path another daemon now
-// answers on, or that is no longer a socket, is left alone (with an error).
-import fs from 'node:fs';
+// the same path. The socket is then re-created at the same path (with a
+// warning); a path another daemon now answers on, or that is no longer a
+// socket, is left alone (with an error). See resources/socket-file.ts.
 import net from 'node:net';
 import path from 'node:path';
 import type pino from 'pino';
 import { AeternaError } from '../errors';
 import { native, type Credentials } from '../native/binding';
+import { Acceptor } from '../resources/acceptor';
 import { ConnectionPool, connectionBudget } from '../resources/fd-budget';
+import { SocketFileWatch, SocketPathError, claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import type { ControlApi, ReloadRecord } from '../orchestrator/types';
 import {
   LineDecoder,
@@ -76,8 +77,8 @@ export async function startControlServer(
   const ownUid = process.getuid!();
   const connections = new Set<net.Socket>();
 
-  clearSocketPath(socketPath, log);
-  let { server, file } = await bindAndServe(socketPath, (socket) => onConnection(socket), log);
+  claimControlSocketPath(socketPath, log);
+  let listening = serve(socketPath, (fd) => onConnection(fd), log);
 
   /** Send the last message and half-close; cut the connection if the client lingers. */
   const finish = (socket: net.Socket, message: ServerMessage): void => {
@@ -177,7 +178,24 @@ export async function startControlServer(
     victim.destroySoon();
   };
 
-  function onConnection(socket: net.Socket): void {
+  function onConnection(fd: number): void {
+    // The kernel's word on who connected, read from the raw fd before Node owns it.
+    let peer: Credentials | Error;
+    try {
+      peer = native.peerCred(fd);
+    } catch (err) {
+      peer = err as Error;
+    }
+    let socket: net.Socket;
+    try {
+      // allowHalfOpen: a client may send its request and shut down its write side
+      // (printf ... | nc -U -N); it must still get the reply.
+      socket = new net.Socket({ fd, allowHalfOpen: true, readable: true, writable: true });
+    } catch (err) {
+      log.warn({ err }, 'control connection could not be opened: closed');
+      native.close(fd);
+      return;
+    }
     if (!pool.admit(socket, evict)) {
       const message = `too many control connections (limit ${pool.limit}), each busy with a request; try again`;
       log.warn({ code: 'E_CONTROL_UNAVAILABLE', limit: pool.limit }, `control request refused: ${message}`);
@@ -190,11 +208,8 @@ export async function startControlServer(
     socket.once('close', () => connections.delete(socket));
     socket.on('error', (err) => log.debug({ err }, 'control connection error'));
 
-    let peer: Credentials;
-    try {
-      peer = native.peerCred(socketFd(socket));
-    } catch (err) {
-      log.warn({ err }, 'control connection without peer credentials: closed');
+    if (peer instanceof Error) {
+      log.warn({ err: peer }, 'control connection without peer credentials: closed');
       socket.destroy();
       return;
     }
@@ -222,54 +237,31 @@ export async function startControlServer(
 
   let closing: Promise<void> | null = null;
 
-  // The socket file watch: re-create the socket when its file is gone or replaced.
-  let recreating = false;
-  let lastProblem: string | null = null;
-  const checkSocketFile = async (): Promise<void> => {
-    if (recreating || closing) return;
-    let now: fs.Stats | null = null;
-    try {
-      now = fs.lstatSync(socketPath);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') return; // cannot tell: look again next time
-    }
-    if (now !== null && sameFile(now, file)) {
-      lastProblem = null;
-      return;
-    }
-    recreating = true;
-    try {
-      clearSocketPath(socketPath, log); // refuses a path another daemon answers on, or that is not a socket
-      const next = await bindAndServe(socketPath, (socket) => onConnection(socket), log);
-      if (closing) {
-        next.server.close();
-        removeSocketFile(socketPath, next.file);
-        return;
-      }
-      const previous = server;
-      ({ server, file } = next);
+  const watch = new SocketFileWatch(listening.file, watchIntervalMs, {
+    recreate: async () => {
+      claimControlSocketPath(socketPath, log); // refuses a path another daemon answers on, or that is not a socket
+      const next = serve(socketPath, (fd) => onConnection(fd), log);
       // The old socket is unreachable by path: stop accepting on it (and free its fd); its connections go on.
-      previous.close();
-      lastProblem = null;
-      log.warn({ socket: socketPath }, `the control socket file ${socketPath} was ${now === null ? 'deleted' : 'replaced by a stale socket'} while the daemon ran; re-created it`);
-    } catch (err) {
-      const message = `the control socket file ${socketPath} was ${now === null ? 'deleted' : 'replaced'} and cannot be re-created: ${(err as Error).message}; \`aeterna\` commands cannot reach this daemon until it is`;
-      if (message !== lastProblem) log.error({ socket: socketPath, code: (err as AeternaError).code }, message);
-      lastProblem = message;
-    } finally {
-      recreating = false;
-    }
-  };
-  const watch = setInterval(() => void checkSocketFile(), watchIntervalMs);
-  watch.unref();
+      listening.close();
+      listening = next;
+      return listening.file;
+    },
+    recreated: (loss) => {
+      log.warn({ socket: socketPath }, `the control socket file ${socketPath} was ${loss === 'deleted' ? 'deleted' : 'replaced by a stale socket'} while the daemon ran; re-created it`);
+    },
+    failed: (loss, err) => {
+      const message = `the control socket file ${socketPath} was ${loss} and cannot be re-created: ${(err as Error).message}; \`aeterna\` commands cannot reach this daemon until it is`;
+      log.error({ socket: socketPath, code: (err as AeternaError).code }, message);
+    },
+  });
 
   return {
     socketPath,
     close(): Promise<void> {
       closing ??= (async () => {
-        clearInterval(watch);
-        const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-        removeSocketFile(socketPath, file);
+        watch.stop();
+        listening.close();
+        removeSocketFile(listening.file);
         await Promise.all(
           [...connections].map(
             (socket) =>
@@ -286,7 +278,6 @@ export async function startControlServer(
               }),
           ),
         );
-        await closed;
       })();
       return closing;
     },
@@ -336,23 +327,18 @@ function readRequest(
   });
 }
 
-/** The socket file as created: enough to tell it from a file created later at the same path. */
-interface SocketFile {
-  dev: number;
-  ino: number;
+/** The control socket listening at its path. */
+interface Listening {
+  file: SocketFile;
+  /** Stop accepting and close the socket; its connections go on. The file stays: see removeSocketFile. */
+  close(): void;
 }
 
-function sameFile(stat: fs.Stats, file: SocketFile): boolean {
-  return stat.isSocket() && stat.dev === file.dev && stat.ino === file.ino;
-}
-
-/** Create the listening socket at socketPath (mode 0600) and serve it; the path must be free. */
-async function bindAndServe(socketPath: string, onConnection: (socket: net.Socket) => void, log: pino.Logger): Promise<{ server: net.Server; file: SocketFile }> {
-  let fd: number;
+/** Create the listening socket at socketPath (mode 0600; the path must be free) and accept on it. */
+function serve(socketPath: string, onConnection: (fd: number) => void, log: pino.Logger): Listening {
+  let listening: { fd: number; file: SocketFile };
   try {
-    // The addon creates the socket with its mode before listen(): no window in
-    // which another user could connect to a freshly bound, still world-accessible file.
-    fd = native.listenUnix(socketPath, BACKLOG, 0o600);
+    listening = listenSocketFile(socketPath, BACKLOG, 0o600);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
       // Another daemon bound the path between our probe and our bind.
@@ -360,33 +346,18 @@ async function bindAndServe(socketPath: string, onConnection: (socket: net.Socke
     }
     throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket ${socketPath}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
   }
-  const { dev, ino } = fs.statSync(socketPath);
-  const file = { dev, ino };
-
-  // allowHalfOpen: a client may send its request and shut down its write side
-  // (printf ... | nc -U -N); it must still get the reply.
-  const server = net.createServer({ allowHalfOpen: true });
-  try {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen({ fd }, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-  } catch (err) {
-    server.close();
-    try {
+  const { fd, file } = listening;
+  const acceptor = new Acceptor(fd, onConnection, log, 'control socket');
+  let closed = false;
+  return {
+    file,
+    close(): void {
+      if (closed) return;
+      closed = true;
+      acceptor.close();
       native.close(fd);
-    } catch {
-      // Node may already own (and have closed) it
-    }
-    removeSocketFile(socketPath, file);
-    throw new AeternaError('E_LISTEN_FAILED', `cannot serve the control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
-  }
-  server.on('error', (err) => log.error({ err }, 'control socket error'));
-  server.on('connection', onConnection);
-  return { server, file };
+    },
+  };
 }
 
 function forbidden(peer: Credentials, ownUid: number): ErrorMessage {
@@ -397,62 +368,33 @@ function forbidden(peer: Credentials, ownUid: number): ErrorMessage {
   };
 }
 
-function socketFd(socket: net.Socket): number {
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new Error('the connection has no file descriptor');
-  return fd;
-}
-
 /**
- * Make socketPath free for a new socket: create its directory; remove a stale
- * socket left by a crashed daemon; refuse when a daemon still answers there or
- * when the path is something other than a socket.
+ * Make socketPath free for the control socket: create its directory; remove a
+ * stale socket left by a crashed daemon; refuse when a daemon still answers
+ * there or when the path is something other than a socket.
  */
-function clearSocketPath(socketPath: string, log: pino.Logger): void {
-  const dir = path.dirname(socketPath);
+function claimControlSocketPath(socketPath: string, log: pino.Logger): void {
   try {
-    fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
-  } catch (err) {
-    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket's directory ${dir}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
-  }
-  let stat: fs.Stats;
-  try {
-    stat = fs.lstatSync(socketPath);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw new AeternaError('E_LISTEN_FAILED', `cannot inspect the control socket path ${socketPath}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
-  }
-  if (!stat.isSocket()) {
-    throw new AeternaError('E_LISTEN_FAILED', `the control socket path ${socketPath} exists and is not a socket; refusing to replace it (remove it or set control.socket_path)`);
-  }
-  let probe: number;
-  try {
-    probe = native.connectUnix(socketPath);
-  } catch (err) {
-    const errno = (err as NodeJS.ErrnoException).code;
-    if (errno === 'ECONNREFUSED' || errno === 'ENOENT') {
-      // Nobody listens: the file outlived a daemon that crashed. Safe to take over.
+    if (claimSocketPath(socketPath, true).removedStale) {
       log.warn({ socket: socketPath }, 'removing a stale control socket left by a previous daemon');
-      fs.rmSync(socketPath, { force: true });
-      return;
     }
-    if (errno !== 'EAGAIN') {
-      throw new AeternaError('E_LISTEN_FAILED', `cannot probe the existing control socket ${socketPath}: ${(err as Error).message}`, { cause: err });
+  } catch (err) {
+    if (!(err instanceof SocketPathError)) throw err;
+    const cause = (err.cause as Error | undefined)?.message;
+    switch (err.problem) {
+      case 'directory':
+        throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket's directory ${path.dirname(socketPath)}: ${cause}; ${PATH_FIX}`, { cause: err });
+      case 'inspect':
+        throw new AeternaError('E_LISTEN_FAILED', `cannot inspect the control socket path ${socketPath}: ${cause}; ${PATH_FIX}`, { cause: err });
+      case 'not-a-socket':
+        throw new AeternaError('E_LISTEN_FAILED', `the control socket path ${socketPath} exists and is not a socket; refusing to replace it (remove it or set control.socket_path)`);
+      case 'probe':
+        throw new AeternaError('E_LISTEN_FAILED', `cannot probe the existing control socket ${socketPath}: ${cause}`, { cause: err });
+      case 'live':
+        throw new AeternaError(
+          'E_DAEMON_RUNNING',
+          `another Aeterna daemon answers on the control socket ${socketPath}; refusing to start (stop it first, or give this one another control.socket_path)`,
+        );
     }
-    probe = -1; // EAGAIN: its listen backlog is full, so something is listening
-  }
-  if (probe >= 0) native.close(probe);
-  throw new AeternaError(
-    'E_DAEMON_RUNNING',
-    `another Aeterna daemon answers on the control socket ${socketPath}; refusing to start (stop it first, or give this one another control.socket_path)`,
-  );
-}
-
-/** Remove the socket file, unless it is no longer ours (another daemon took the path). */
-function removeSocketFile(socketPath: string, file: SocketFile): void {
-  try {
-    if (sameFile(fs.lstatSync(socketPath), file)) fs.unlinkSync(socketPath);
-  } catch {
-    // already gone
   }
 }

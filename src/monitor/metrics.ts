@@ -5,7 +5,6 @@ import http from 'node:http';
 import type net from 'node:net';
 import type { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { AeternaError } from '../errors';
-import { STATES, type State } from '../orchestrator/fsm';
 import type { Logger } from '../log';
 import { ConnectionPool, connectionBudget } from '../resources/fd-budget';
 
@@ -55,10 +54,16 @@ class Exported {
 export class Metrics {
   private exported: Exported | null = null;
   private pending: Array<(e: Exported) => void> | null = [];
-  private currentState: State = 'Stopped';
+  private currentState: string;
 
-  constructor(enabled: boolean) {
+  /** `states`: every state of the orchestrator (each gets its series in aeterna_state), `initial` the one it starts in. */
+  constructor(
+    enabled: boolean,
+    private readonly states: readonly string[],
+    initial: string,
+  ) {
     if (!enabled) this.pending = null;
+    this.currentState = initial;
   }
 
   private record(apply: (e: Exported) => void): void {
@@ -70,17 +75,17 @@ export class Metrics {
   export(): Exported | null {
     if (this.exported || this.pending === null) return this.exported;
     const e = new Exported();
-    for (const s of STATES) e.state.set({ state: s }, s === this.currentState ? 1 : 0);
+    for (const s of this.states) e.state.set({ state: s }, s === this.currentState ? 1 : 0);
     for (const apply of this.pending) apply(e);
     this.pending = [];
     this.exported = e;
     return e;
   }
 
-  setState(current: State): void {
+  setState(current: string): void {
     this.currentState = current;
     this.record((e) => {
-      for (const s of STATES) e.state.set({ state: s }, s === current ? 1 : 0);
+      for (const s of this.states) e.state.set({ state: s }, s === current ? 1 : 0);
     });
   }
 

@@ -1,11 +1,12 @@
-// The typed face of the C++ addon (native/aeterna.cc). The addon does only what
+// The typed face of the C++ addon (native/: aeterna.cc, spawn.cc). The addon does only what
 // Node cannot: exact fd placement at fork/exec, subreaping, reaping without
 // racing libuv, SCM_RIGHTS, peer credentials, memfd. Every decision (policy,
 // timeouts, protocol) stays in TypeScript.
 //
-// Errors thrown by the addon are ordinary Error objects with `code` set to the
-// errno name (e.g. 'EADDRINUSE', 'ENOENT') and `syscall` set to the call that
-// failed (e.g. 'bind', 'execve', 'chdir'), like Node's own system errors.
+// Every function reports a failure the same way: it throws an ordinary Error
+// with `code` set to the errno name (e.g. 'EADDRINUSE', 'ENOENT', 'ESRCH') and
+// `syscall` set to the call that failed (e.g. 'bind', 'execve', 'kill'), like
+// Node's own system errors; a bad argument is a TypeError or RangeError.
 
 import path from 'node:path';
 // node-gyp-build picks a prebuilt binary from prebuilds/ when one matches this
@@ -94,20 +95,16 @@ export interface Binding {
   setChildSubreaper(): void;
   /** waitpid(-1, WNOHANG) until nothing is left to reap. Never blocks. */
   reapAll(): ExitInfo[];
-  /** kill(pid, signal); a negative pid is a process group. Returns 0 or the errno (e.g. ESRCH = 3). */
-  kill(pid: number, signal: number): number;
+  /** kill(pid, signal); a negative pid is a process group. Throws ESRCH when there is nothing to signal (see supervisor/signal.ts). */
+  kill(pid: number, signal: number): void;
 
-  /** socketpair(AF_UNIX, SOCK_STREAM), both ends close-on-exec and non-blocking. */
-  socketpair(): [number, number];
   /** Non-blocking connect to a Unix stream socket; the fd is close-on-exec and non-blocking. */
   connectUnix(path: string): number;
   /** Non-blocking accept4(SOCK_CLOEXEC|SOCK_NONBLOCK); -1 when no connection is waiting. */
   accept(fd: number): number;
   /** Non-blocking sendmsg of data with fds attached (SCM_RIGHTS). Returns bytes sent, or -1 on EAGAIN. */
   sendmsg(fd: number, data: Buffer, fds: number[]): number;
-  /** Non-blocking recvmsg of up to maxBytes and maxFds fds; null on EAGAIN. A truncated control message closes every fd that arrived and throws (code 'ECTRUNC'). */
-  recvmsg(fd: number, maxBytes: number, maxFds: number): Received | null;
-  /** Like recvmsg, but into the caller's buffer (no allocation): bytes read (0 = EOF) and fds; null on EAGAIN. */
+  /** Non-blocking recvmsg into the caller's buffer (no allocation): bytes read (0 = EOF) and fds (close-on-exec); null on EAGAIN. A truncated control message closes every fd that arrived and throws (code 'ECTRUNC'). */
   recvmsgInto(fd: number, buffer: Buffer, maxFds: number): { bytes: number; fds: number[] } | null;
   /** SO_PEERCRED of a connected Unix socket. */
   peerCred(fd: number): Credentials;
@@ -144,6 +141,17 @@ export interface Binding {
   lookupGroup(name: string): number | null;
 
   Poller: new (fd: number, callback: (errno: number, events: number) => void) => Poller;
+
+  /** Only Aeterna's tests use these; Aeterna itself never does. */
+  test: TestOnlyBinding;
+}
+
+/** Functions of the addon that only tests use: to make socket pairs and read what the code under test sent. */
+export interface TestOnlyBinding {
+  /** socketpair(AF_UNIX, SOCK_STREAM), both ends close-on-exec and non-blocking. */
+  socketpair(): [number, number];
+  /** Non-blocking recvmsg of up to maxBytes and maxFds fds; null on EAGAIN. A truncated control message closes every fd that arrived and throws (code 'ECTRUNC'). */
+  recvmsg(fd: number, maxBytes: number, maxFds: number): Received | null;
 }
 
 export const native = load(path.join(__dirname, '..', '..', '..')) as Binding;

@@ -5,10 +5,10 @@
 // Aeterna itself never accepts on them. An app can still break one (shutdown(2)
 // on its inherited fd acts on the shared socket): `ListenerSet.repair` notices
 // that and repairs it.
-import fs from 'node:fs';
 import { native } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { ListenerConfig } from '../config/types';
+import { SocketPathError, claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from './socket-file';
 
 export interface Listener {
   /** LISTEN_FDNAMES entry. */
@@ -19,7 +19,7 @@ export interface Listener {
   /** Handed to Aeterna by a socket activator (LISTEN_FDS); Aeterna did not bind it. */
   inherited: boolean;
   /** Unix socket file Aeterna created and removes when it closes the listener. */
-  unixPath?: string;
+  socketFile?: SocketFile;
   /** How Aeterna bound it, to bind it again; absent for inherited sockets. */
   config?: ListenerConfig;
   /** A listening socket, checked and repaired (a datagram socket an activator passed is not). */
@@ -61,17 +61,6 @@ export function inheritedListeners(env: NodeJS.ProcessEnv, pid = process.pid): L
   return found;
 }
 
-/** Whether a unix socket path is held by a live server. Only a refused connection means the file is stale. */
-function unixSocketIsLive(path: string): boolean {
-  try {
-    native.close(native.connectUnix(path));
-    return true;
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    return code !== 'ECONNREFUSED' && code !== 'ENOENT'; // EAGAIN: a full backlog, so somebody is there
-  }
-}
-
 function bindListener(config: ListenerConfig): Listener {
   const where = `listener "${config.name}" (${config.address.raw})`;
   try {
@@ -79,20 +68,13 @@ function bindListener(config: ListenerConfig): Listener {
       const { fd } = native.listenTcp(config.address.host, config.address.port, config.backlog);
       return { name: config.name, fd, address: config.address.raw, inherited: false, config, watched: true };
     }
-    const path = config.address.path;
-    if (fs.existsSync(path)) {
-      if (!fs.lstatSync(path).isSocket()) {
-        throw new AeternaError('E_LISTEN_FAILED', `${where}: ${path} exists and is not a socket`);
-      }
-      if (unixSocketIsLive(path)) {
-        throw new AeternaError('E_LISTEN_ADDR_IN_USE', `${where}: address already in use (another process accepts on ${path})`);
-      }
-      fs.unlinkSync(path); // stale socket file left by a process that died
-    }
-    const fd = native.listenUnix(path, config.backlog, config.mode);
-    return { name: config.name, fd, address: config.address.raw, inherited: false, unixPath: path, config, watched: true };
+    claimSocketPath(config.address.path, false); // a stale file left by a process that died is taken over
+    const { fd, file } = listenSocketFile(config.address.path, config.backlog, config.mode);
+    return { name: config.name, fd, address: config.address.raw, inherited: false, socketFile: file, config, watched: true };
   } catch (err) {
-    if (err instanceof AeternaError) throw err;
+    if (err instanceof SocketPathError && err.problem === 'live') {
+      throw new AeternaError('E_LISTEN_ADDR_IN_USE', `${where}: address already in use (${err.message})`, { cause: err });
+    }
     const e = err as NodeJS.ErrnoException;
     if (e.code === 'EADDRINUSE') {
       throw new AeternaError('E_LISTEN_ADDR_IN_USE', `${where}: address already in use`, { cause: err });
@@ -229,6 +211,7 @@ function repairListener(l: Listener, problem: ListenerProblem, rebind: boolean):
       // already closed
     }
     l.fd = fresh.fd;
+    l.socketFile = fresh.socketFile;
     return { listener: l, problem, result: 'rebound' };
   } catch (err) {
     return { listener: l, problem, result: 'failed', error: `${error}; binding a new socket failed: ${(err as Error).message}` };
@@ -242,5 +225,5 @@ export function closeListener(l: Listener): void {
   } catch {
     // already closed
   }
-  if (l.unixPath) fs.rmSync(l.unixPath, { force: true });
+  if (l.socketFile) removeSocketFile(l.socketFile);
 }

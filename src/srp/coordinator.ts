@@ -5,15 +5,16 @@
 // is above a bounded window, so a multi-gigabyte state never sits in Aeterna's
 // memory, and the event loop is never blocked. It never parses the state.
 import fs from 'node:fs';
-import path from 'node:path';
 import { EventEmitter } from 'node:events';
-import { native, READABLE, type Poller } from '../native/binding';
+import { native } from '../native/binding';
 import type { StateHandoffConfig } from '../config/types';
 import type { Logger } from '../log';
 import { type Generation } from '../supervisor/generation';
 import { describeExit } from '../supervisor/exit';
 import { belongsTo } from '../supervisor/proctree';
 import type { RelayProgress, StateRelay } from '../orchestrator/relay';
+import { Acceptor } from '../resources/acceptor';
+import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import { SrpError, closeQuietly } from './codec';
 import { SrpConnection } from './connection';
 import { isPeerGone } from './fd-stream';
@@ -80,30 +81,35 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
   private readonly waiters = new Map<Generation, Array<(s: Session) => void>>();
   /** Transfers not settled yet (a session that closed mid-relay is gone from the tables, its transfer is not). */
   private readonly transfers = new Set<Transfer>();
-  private readonly poller: Poller;
+  private readonly acceptor: Acceptor;
 
   private constructor(
-    readonly socketPath: string,
+    private readonly file: SocketFile,
     private readonly fd: number,
     private readonly maxFrame: number,
     private readonly log: Logger,
   ) {
     super();
-    this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.acceptAll() : log.error({ errno }, 'state socket poll error')));
-    this.poller.start(READABLE);
+    this.acceptor = new Acceptor(fd, (conn) => this.admit(conn), log, 'state socket');
   }
 
   /** Create the state socket (mode 0600, owned by the app's user) and start accepting. */
   static open(config: StateHandoffConfig, owner: { uid: number; gid: number } | undefined, log: Logger): SrpCoordinator {
-    const socketPath = config.socketPath;
-    fs.mkdirSync(path.dirname(socketPath), { recursive: true, mode: 0o755 });
-    if (fs.existsSync(socketPath)) {
-      if (!fs.lstatSync(socketPath).isSocket()) throw new Error(`state socket ${socketPath} exists and is not a socket`);
-      fs.unlinkSync(socketPath); // left by a previous daemon: the control socket already proved none is alive
+    // A stale file is taken over (a previous daemon left it); a live one is refused.
+    claimSocketPath(config.socketPath, true);
+    const { fd, file } = listenSocketFile(config.socketPath, 128, 0o600);
+    try {
+      if (owner) fs.chownSync(file.path, owner.uid, owner.gid);
+    } catch (err) {
+      closeQuietly(fd);
+      removeSocketFile(file);
+      throw err;
     }
-    const fd = native.listenUnix(socketPath, 128, 0o600);
-    if (owner) fs.chownSync(socketPath, owner.uid, owner.gid);
-    return new SrpCoordinator(socketPath, fd, config.maxFrameBytes, log);
+    return new SrpCoordinator(file, fd, config.maxFrameBytes, log);
+  }
+
+  get socketPath(): string {
+    return this.file.path;
   }
 
   watchReady(gen: Generation, ready: (how: string) => void): () => void {
@@ -150,27 +156,13 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
   }
 
   async close(): Promise<void> {
-    this.poller.close();
+    this.acceptor.close();
     closeQuietly(this.fd);
     for (const s of this.sessions) s.conn.close();
-    fs.rmSync(this.socketPath, { force: true });
+    removeSocketFile(this.file);
   }
 
   // ---- connections -------------------------------------------------------------------------
-
-  private acceptAll(): void {
-    for (;;) {
-      let fd: number;
-      try {
-        fd = native.accept(this.fd);
-      } catch (err) {
-        this.log.warn({ err }, 'state socket: accept failed');
-        return;
-      }
-      if (fd < 0) return;
-      this.admit(fd);
-    }
-  }
 
   /**
    * Admission by the kernel's word on who connected, before a byte is read: a process that is not in a

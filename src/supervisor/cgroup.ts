@@ -13,7 +13,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { native } from '../native/binding';
+import { signalIfAlive } from './signal';
 
 /** The generation cgroups alive now, by their path in the hierarchy (as /proc/<pid>/cgroup shows it). */
 const liveGroups = new Set<string>();
@@ -84,7 +84,7 @@ export class GenerationCgroup {
     } catch {
       // no cgroup.kill on this kernel: one pid at a time
     }
-    for (const pid of this.pids()) native.kill(pid, os.constants.signals.SIGKILL);
+    for (const pid of this.pids()) signalIfAlive(pid, os.constants.signals.SIGKILL);
   }
 
   /** Kill what is in it and remove it once empty (a killed process leaves it as it exits). Resolves false when it stayed busy. */

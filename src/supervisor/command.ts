@@ -3,6 +3,7 @@
 // child_process, whose children libuv would reap behind the reaper's back.
 import os from 'node:os';
 import { native, type ExitInfo } from '../native/binding';
+import { signalIfAlive } from './signal';
 import type { Reaper } from './reaper';
 
 /** Run argv with extra environment; SIGKILL its process group after timeoutMs. Throws when it cannot start. */
@@ -13,7 +14,7 @@ export async function runCommand(argv: string[], extraEnv: Record<string, string
   const pid = native.spawn({ argv, env, fds: [], listenPid: false });
   const exit = reaper.watch(pid);
   reaper.sweep();
-  const timer = setTimeout(() => native.kill(-pid, os.constants.signals.SIGKILL), timeoutMs);
+  const timer = setTimeout(() => signalIfAlive(-pid, os.constants.signals.SIGKILL), timeoutMs);
   try {
     return await exit;
   } finally {

@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { EventEmitter } from 'node:events';
 import { native, type ExitInfo } from '../native/binding';
+import { signalIfAlive } from './signal';
 import { AeternaError } from '../errors';
 import type { ServiceConfig } from '../config/types';
 import { childEnvironment } from './environment';
@@ -56,13 +57,13 @@ export class Generation extends EventEmitter<GenerationEvents> {
    * environment is not found until Aeterna exits: see leftovers.ts).
    */
   private killStragglers(): void {
-    native.kill(-this.pid, os.constants.signals.SIGKILL);
+    signalIfAlive(-this.pid, os.constants.signals.SIGKILL);
     if (this.cgroup !== null) {
       void this.cgroups!.release(this.cgroup);
       return;
     }
     for (const pid of descendantsWithEnv(process.pid, 'AETERNA_GENERATION', String(this.number))) {
-      native.kill(pid, os.constants.signals.SIGKILL);
+      signalIfAlive(pid, os.constants.signals.SIGKILL);
     }
   }
 
@@ -126,12 +127,12 @@ export class Generation extends EventEmitter<GenerationEvents> {
 
   /** Signal the root process only (forwarded signals such as SIGUSR1). */
   signal(signal: NodeJS.Signals | number): void {
-    if (this.alive) native.kill(this.pid, signalNumber(signal));
+    if (this.alive) signalIfAlive(this.pid, signalNumber(signal));
   }
 
   /** Signal the whole process group. */
   signalGroup(signal: NodeJS.Signals | number): void {
-    if (this.alive) native.kill(-this.pid, signalNumber(signal));
+    if (this.alive) signalIfAlive(-this.pid, signalNumber(signal));
   }
 
   /** SIGTERM to the group, SIGKILL after timeoutMs; resolves with the exit. Idempotent. */

@@ -6,7 +6,7 @@
 // is the app's. Ending a child may orphan its own children to Aeterna: each
 // round looks again.
 import os from 'node:os';
-import { native } from '../native/binding';
+import { signalIfAlive } from './signal';
 import type { Reaper } from './reaper';
 import { childrenOf } from './proctree';
 
@@ -40,8 +40,8 @@ export async function endLeftovers(reaper: Reaper, timeoutMs: number, hurry?: Ab
     const terminating = performance.now() < deadline && !hurry?.aborted;
     if (children.length === 0 || (!terminating && killRounds++ === KILL_ROUNDS)) return [...signalled];
     for (const pid of children) {
-      if (!terminating) native.kill(pid, os.constants.signals.SIGKILL);
-      else if (!signalled.has(pid)) native.kill(pid, os.constants.signals.SIGTERM);
+      if (!terminating) signalIfAlive(pid, os.constants.signals.SIGKILL);
+      else if (!signalled.has(pid)) signalIfAlive(pid, os.constants.signals.SIGTERM);
       signalled.add(pid);
     }
     await pause(terminating ? Math.min(POLL_MS, Math.max(1, deadline - performance.now())) : POLL_MS, terminating ? hurry : undefined);
@@ -50,5 +50,5 @@ export async function endLeftovers(reaper: Reaper, timeoutMs: number, hurry?: Ab
 
 /** SIGKILL every child now, without waiting (Aeterna is exiting on an internal error). */
 export function killLeftovers(): void {
-  for (const pid of childrenOf(process.pid)) native.kill(pid, os.constants.signals.SIGKILL);
+  for (const pid of childrenOf(process.pid)) signalIfAlive(pid, os.constants.signals.SIGKILL);
 }

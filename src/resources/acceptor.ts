@@ -1,0 +1,61 @@
+// Accepting connections on a listening socket of Aeterna's own (the control
+// socket, the state relay's socket) through the addon: each connection arrives
+// as a raw fd, so the caller can check its peer's kernel credentials before a
+// byte is read, and then wrap it (net.Socket) or speak on it directly.
+// Never on the app's listeners: the poller makes the socket non-blocking for
+// every process that holds it (see Poller in binding.ts).
+import { native, READABLE, type Poller } from '../native/binding';
+import type { Logger } from '../log';
+import { isFdExhaustion } from './fd-budget';
+
+/** After accept failed (out of fds), how long to stop accepting: the pending connections wait in the backlog. */
+const ACCEPT_PAUSE_MS = 100;
+
+export class Acceptor {
+  private readonly poller: Poller;
+  private paused: NodeJS.Timeout | null = null;
+  private closed = false;
+
+  /** Accept every connection on listening `fd` and hand it to `onConnection` (close-on-exec, non-blocking; the callee owns it). */
+  constructor(
+    private readonly fd: number,
+    private readonly onConnection: (fd: number) => void,
+    private readonly log: Logger,
+    private readonly what: string,
+  ) {
+    this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.acceptAll() : log.error({ errno }, `${what} poll error`)));
+    this.poller.start(READABLE);
+  }
+
+  /** Stop accepting for good; does not close the listening fd. */
+  close(): void {
+    this.closed = true;
+    if (this.paused) clearTimeout(this.paused);
+    this.poller.close();
+  }
+
+  private acceptAll(): void {
+    for (;;) {
+      let fd: number;
+      try {
+        fd = native.accept(this.fd);
+      } catch (err) {
+        this.log.warn({ err }, `${this.what}: accept failed`);
+        // The connection stays queued and the poller would fire again at once: without fds, a busy loop.
+        if (isFdExhaustion(err)) this.pause();
+        return;
+      }
+      if (fd < 0) return;
+      this.onConnection(fd);
+    }
+  }
+
+  private pause(): void {
+    this.poller.stop();
+    this.paused = setTimeout(() => {
+      this.paused = null;
+      if (!this.closed) this.poller.start(READABLE);
+    }, ACCEPT_PAUSE_MS);
+    this.paused.unref();
+  }
+}
