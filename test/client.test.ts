@@ -7,7 +7,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { connect } from '../src/client';
+import { connect, type DumpResult } from '../src/client';
 import { FrameDecoder, encodeFrame } from '../src/srp/codec';
 import { tempDir } from './helpers/aeterna';
 
@@ -95,3 +95,10 @@ describe('aeterna/client shutdown()', { timeout: 30000 }, () => {
     });
   }
 });
+
+// Type-level (checked by tsc): a mistyped memfd or data result is a type error, not silently sent as JSON.
+// @ts-expect-error memfd must be a number (an fd from memfdState())
+export const mistypedMemfd: DumpResult = { memfd: '3' };
+// @ts-expect-error data must be a Buffer or a string
+export const mistypedData: DumpResult = { data: 42 };
+export const plainJson: DumpResult = { sessions: [42] };

@@ -81,8 +81,8 @@ async function waitGone(pid: number, timeoutMs = 20000): Promise<void> {
 }
 
 describe('Python SDK: unit tests (python3 -m unittest)', { skip: noPython ?? false }, () => {
-  it('clients/python/test_aeterna_client.py passes', { timeout: 120000 }, async () => {
-    const r = await run(PYTHON, ['-m', 'unittest', '-v', 'clients/python/test_aeterna_client.py']);
+  it('clients/python/test_aeterna_client.py and the conformance suite (test_conformance.py) pass', { timeout: 120000 }, async () => {
+    const r = await run(PYTHON, ['-m', 'unittest', '-v', 'clients/python/test_aeterna_client.py', 'clients/python/test_conformance.py']);
     assert.equal(r.code, 0, r.output);
     assert.match(r.output, /^OK$/m, r.output);
   });

@@ -224,7 +224,7 @@ describe('state relay failures roll back; the old generation keeps serving with 
     return d;
   }
 
-  it('nack: the new version refuses the state', async () => void await expectRollback({ env: ['NACK=1'] }, /state relay failed: generation 2 refused the state: the app could not load the state: this version refuses every state/));
+  it('nack: the new version refuses the state', async () => void await expectRollback({ env: ['NACK=1'] }, /state relay failed: generation 2 refused the state: load_failed: the app could not load the state: this version refuses every state/));
 
   it('checksum mismatch: the new generation detects it and refuses', async () => {
     // The old generation announces a wrong sha256 (BAD_SHA applies to the generation that dumps).

@@ -72,12 +72,32 @@ _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
 
 
 class RelayError(Exception):
-    """A relay failure. `code` is the protocol's error code when there is one
-    (forbidden, busy, bad_frame, too_large, bad_json, unexpected_op, ...)."""
+    """A relay failure; `code` says which (docs/srp.md, "The app contract"): the
+    protocol's codes (forbidden, busy, bad_frame, too_large, bad_json,
+    unexpected_op, unsupported_version, timeout) and the SDK's own
+    (checksum_mismatch, bad_state, load_failed, dump_failed, closed, usage)."""
 
-    def __init__(self, message: str, code: Optional[str] = None):
+    def __init__(self, message: str, code: str):
         super().__init__(message)
         self.code = code
+
+
+class UsageError(RelayError, RuntimeError):
+    """SDK calls out of order (code "usage"), e.g. ready() before load()."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "usage")
+
+
+class _Refusal(Exception):
+    """A state this side must refuse with an ack ok:false ("<code>: <message>")."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+    def ack_error(self) -> str:
+        return "%s: %s" % (self.code, self)
 
 
 def _log(message: str) -> None:
@@ -116,15 +136,11 @@ def listeners() -> Dict[str, socket.socket]:
         if _listeners_cache is not None:
             return dict(_listeners_cache)
         result: Dict[str, socket.socket] = {}
-        pid = os.environ.get("LISTEN_PID")
-        count = os.environ.get("LISTEN_FDS")
-        try:
-            n = int(count) if count is not None else 0
-            mine = pid is not None and int(pid) == os.getpid()
-        except ValueError:
-            n, mine = 0, False
-        if not mine or n <= 0:
+        pid = os.environ.get("LISTEN_PID", "")
+        count = os.environ.get("LISTEN_FDS", "")
+        if not (_is_decimal(pid) and _is_decimal(count) and int(pid) == os.getpid()):
             return {}
+        n = int(count)
         names = os.environ.get("LISTEN_FDNAMES")
         name_list = names.split(":") if names else []
         for i in range(n):
@@ -133,12 +149,19 @@ def listeners() -> Dict[str, socket.socket]:
             if name in result:
                 name = "fd%d" % fd
             try:
-                os.set_inheritable(fd, False)
-                result[name] = socket.socket(fileno=fd)
+                sock = socket.socket(fileno=fd)
             except OSError as e:
-                _log("LISTEN_FDS: fd %d is not a usable socket: %s" % (fd, e))
+                _log("LISTEN_FDS: fd %d is not a socket; left out (%s)" % (fd, e))
+                continue
+            os.set_inheritable(fd, False)
+            result[name] = sock
         _listeners_cache = result
         return dict(result)
+
+
+def _is_decimal(text: str) -> bool:
+    """Only ASCII digits (int() would also take " 12", "+12" and "1_2")."""
+    return text != "" and all("0" <= c <= "9" for c in text)
 
 
 # --------------------------------------------------------------------------- memfd
@@ -230,8 +253,8 @@ class DumpResult:
     memfd:    an fd from memfd_state(): the memfd transport, no copy; the SDK
               closes it once sent
     transport:"memfd" with `data` makes the SDK put data in a memfd for you
-    sha256:   for memfd: None computes it (reads the memfd once), a hex string
-              is sent as is, False omits it (the doc makes it optional for memfd)
+    sha256:   for memfd: a hex string is sent as is, True computes it (reads the
+              memfd once); None or False omit it (the seals guarantee the content)
     """
 
     def __init__(self, encoding: Optional[str] = None, data: Any = None, fds: Optional[Dict[str, int]] = None,
@@ -251,6 +274,104 @@ def _to_bytes(value: Any, encoding: Optional[str]) -> Tuple[Any, str]:
     if isinstance(value, str):
         return value.encode("utf-8"), encoding or "text"
     return json.dumps(value, separators=(",", ":")).encode("utf-8"), encoding or "json"
+
+
+# --------------------------------------------------------------------------- messages
+
+_OPS = ("hello", "welcome", "load", "state", "ack", "ready", "dump", "error")
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad_json(message: str) -> "_ProtocolError":
+    return _ProtocolError("bad_json", message)
+
+
+def _optional_string(o: dict, key: str, limit: int) -> Optional[str]:
+    v = o.get(key)
+    if v is None and key not in o:
+        return None
+    if not isinstance(v, str) or len(v) > limit:
+        raise _bad_json('"%s" must be a string of at most %d characters' % (key, limit))
+    return v
+
+
+def _state_header(o: dict, op: str) -> dict:
+    """The fields of a load or state frame, checked as docs/srp.md says (bad_json otherwise)."""
+    size = o.get("size")
+    if not _is_whole(size) or size < 0:
+        raise _bad_json('%s: "size" must be a whole number >= 0' % op)
+    h: Dict[str, Any] = {"op": op, "size": size}
+    encoding = _optional_string(o, "encoding", 64)
+    if encoding is not None:
+        h["encoding"] = encoding
+    sha = _optional_string(o, "sha256", 64)
+    if sha is not None:
+        if len(sha) != 64 or not set(sha) <= _SHA256_HEX:
+            raise _bad_json('%s: "sha256" must be 64 lowercase hex digits' % op)
+        h["sha256"] = sha
+    if "transport" in o:
+        if o["transport"] not in ("stream", "memfd"):
+            raise _bad_json('%s: "transport" must be "stream" or "memfd"' % op)
+        h["transport"] = o["transport"]
+    if "fds" in o:
+        names = o["fds"]
+        if (not isinstance(names, list) or len(names) > MAX_FDS_PER_FRAME
+                or not all(isinstance(n, str) and 0 < len(n) <= 128 for n in names)):
+            raise _bad_json('%s: "fds" must be a list of at most %d names' % (op, MAX_FDS_PER_FRAME))
+        if len(set(names)) != len(names):
+            raise _bad_json('%s: "fds" names must be unique' % op)
+        h["fds"] = names
+    if h.get("transport") == "memfd" and "state" not in h.get("fds", []):
+        raise _bad_json('%s: transport "memfd" needs an fd named "state"' % op)
+    if size > 0 and h.get("transport") != "memfd" and "sha256" not in h:
+        raise _bad_json('%s: "sha256" is required for a streamed state' % op)
+    return h
+
+
+def _parse_message(body: bytes) -> dict:
+    """A control frame's payload as a checked message (the same rules as Aeterna's
+    parser, src/srp/messages.ts). Raises _ProtocolError (bad_json, unexpected_op)."""
+    try:
+        o = json.loads(bytes(body).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _bad_json("control frame is not valid UTF-8")
+    except ValueError as e:
+        raise _bad_json("control frame is not JSON: %s" % e)
+    if not isinstance(o, dict):
+        raise _bad_json("control frame is not a JSON object")
+    op = o.get("op")
+    if not isinstance(op, str):
+        raise _bad_json('control frame has no string "op"')
+    if op not in _OPS:
+        raise _ProtocolError("unexpected_op", 'unknown op "%s"' % op[:40])
+    if op == "hello":
+        if not isinstance(o.get("v"), (int, float)) or isinstance(o.get("v"), bool):
+            raise _bad_json('hello: "v" must be a number')
+        return {"op": op, "v": o["v"]}
+    if op == "welcome":
+        return {"op": op, "v": o.get("v"), "generation": o.get("generation"), "max_frame": o.get("max_frame")}
+    if op in ("load", "state"):
+        h = _state_header(o, op)
+        if op == "load" and o.get("final") is True:
+            h["final"] = True
+        return h
+    if op == "ack":
+        if not isinstance(o.get("ok"), bool):
+            raise _bad_json('ack: "ok" must be true or false')
+        error = _optional_string(o, "error", 4096)
+        return {"op": op, "ok": o["ok"]} if error is None else {"op": op, "ok": o["ok"], "error": error}
+    if op == "dump":
+        msg = {"op": op, "final": o.get("final") is True}
+        if _is_whole(o.get("timeout_ms")) and o["timeout_ms"] > 0:
+            msg["timeout_ms"] = o["timeout_ms"]
+        return msg
+    if op == "error":
+        return {"op": op, "code": str(o.get("code", "unknown"))[:64], "message": str(o.get("message", ""))[:4096]}
+    return {"op": op}
 
 
 # --------------------------------------------------------------------------- client
@@ -323,8 +444,10 @@ class StateClient:
         RelayError is raised. timeout=None waits as long as it takes (a reload's
         state arrives as the old generation produces it).
         """
+        if self._sock is None:
+            return None
         if self._loaded:
-            return self._initial
+            raise UsageError("load() was already called")
         sock = self._sock
         assert sock is not None
         sock.settimeout(timeout)
@@ -333,21 +456,25 @@ class StateClient:
                 msg, fds = self._recv_control()
             except socket.timeout:
                 raise RelayError("no initial load within %ss" % timeout, "timeout")
-            if msg.get("op") == "error":
+            if msg["op"] == "error":
                 self._eof = True
                 self.close()
-                raise RelayError("aeterna: %s: %s" % (msg.get("code"), msg.get("message")), msg.get("code"))
-            if msg.get("op") != "load":
+                raise RelayError("aeterna: %s: %s" % (msg["code"], msg["message"]), msg["code"])
+            if msg["op"] != "load":
                 _close_fds(fds)
-                raise _ProtocolError("unexpected_op", "expected the initial load, got %r" % msg.get("op"))
-            state, problem = self._receive_load(msg, fds)
+                raise _ProtocolError("unexpected_op", "expected the initial load, got %r" % msg["op"])
+            problem = None
+            try:
+                state = self._receive_load(msg, fds)
+            except _Refusal as e:
+                problem = e
         except _ProtocolError as e:
             self._fail(e)
             raise RelayError(str(e), e.code)
         except (OSError, EOFError) as e:
             self._eof = True
             self.close()
-            raise RelayError("relay connection lost: %s" % e)
+            raise RelayError("relay connection lost: %s" % e, "closed")
         finally:
             if self._sock is not None:
                 try:
@@ -356,18 +483,18 @@ class StateClient:
                     pass
         if problem is not None:
             try:
-                self._send_control({"op": "ack", "ok": False, "error": problem})
+                self._send_control({"op": "ack", "ok": False, "error": problem.ack_error()})
             except OSError:
                 pass
             self._loaded = True
             self._start_reader()
-            raise RelayError(problem, "checksum_mismatch" if problem.startswith("checksum mismatch") else None)
+            raise RelayError(str(problem), problem.code)
         if apply is not None and state is not None:
             try:
                 apply(state)
             except BaseException as e:
                 try:
-                    self._send_control({"op": "ack", "ok": False, "error": _reason(e)})
+                    self._send_control({"op": "ack", "ok": False, "error": "load_failed: %s" % _reason(e)})
                 except OSError:
                     pass
                 self._loaded = True
@@ -378,7 +505,7 @@ class StateClient:
         except OSError as e:
             self._eof = True
             self.close()
-            raise RelayError("relay connection lost: %s" % e)
+            raise RelayError("relay connection lost: %s" % e, "closed")
         self._initial = state
         self._loaded = True
         self._start_reader()
@@ -390,7 +517,7 @@ class StateClient:
         if self._sock is None or self._ready_sent or self._closed:
             return
         if not self._loaded:
-            raise RuntimeError("aeterna_client: call load() before ready() (ready before the initial ack is a protocol error)")
+            raise UsageError("call load() before ready(): the new generation must take (or refuse) the state first")
         self._ready_sent = True
         try:
             self._send_control({"op": "ready"})
@@ -519,48 +646,37 @@ class StateClient:
         try:
             body = bytearray(length)
             self._recv_exact_into(memoryview(body), None)
-            try:
-                msg = json.loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                raise _ProtocolError("bad_json", "a control frame that is not UTF-8 JSON")
-            if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
-                raise _ProtocolError("bad_json", "a control frame that is not a JSON object with an op")
+            msg = _parse_message(body)
+            named = len(msg.get("fds", [])) if msg["op"] in ("load", "state") else 0
+            if len(fds) != named:
+                raise _ProtocolError("bad_frame", "%s: %d fds named, %d received" % (msg["op"], named, len(fds)))
         except BaseException:
             _close_fds(fds)
             raise
         return msg, fds
 
-    def _receive_load(self, msg: dict, fds: List[int]) -> Tuple[Optional[State], Optional[str]]:
-        """Read a load's data (or map its memfd) and verify it. Returns (state, None), or
-        (None, why) when the state must be refused with an ack ok:false. Raises
-        _ProtocolError for a malformed load (error + close)."""
+    def _receive_load(self, msg: dict, fds: List[int]) -> Optional[State]:
+        """Read a load's data (or map its memfd) and verify it. Returns the state (None
+        for "no previous state"). Raises _Refusal when it must be refused with an ack
+        ok:false, _ProtocolError for a malformed stream (error + close). The fields
+        were checked by _parse_message, the fd count by _recv_control."""
         names = msg.get("fds", [])
         owned = list(fds)
         try:
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise _ProtocolError("bad_frame", "load: fds is not a list of names")
-            if len(names) != len(fds):
-                raise _ProtocolError("bad_frame", "load: %d fds named, %d received" % (len(names), len(fds)))
-            size = msg.get("size")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise _ProtocolError("bad_frame", "load: size is not a non-negative integer")
+            size = msg["size"]
             transport = msg.get("transport", "stream")
             named = dict(zip(names, fds))
             final = msg.get("final") is True
             encoding = msg.get("encoding")
             sha = msg.get("sha256")
             if transport == "memfd":
-                if "state" not in named:
-                    raise _ProtocolError("bad_frame", "load: memfd transport without an fd named \"state\"")
                 memfd = named.pop("state")
                 try:
-                    data, problem = _map_memfd(memfd, size, sha)
+                    data = _map_memfd(memfd, size, sha)
                 finally:
                     os.close(memfd)
                     owned.remove(memfd)
-                if problem is not None:
-                    return None, problem
-            elif transport == "stream":
+            else:
                 data = bytearray(size) if size else b""
                 if size:
                     view = memoryview(data)
@@ -575,19 +691,15 @@ class StateClient:
                         self._recv_exact_into(view[got:got + length], None)
                         got += length
                     view.release()
-                if size or sha is not None:
-                    if not isinstance(sha, str):
-                        return None, "checksum mismatch: no sha256 announced"
+                if sha is not None:
                     actual = hashlib.sha256(data).hexdigest()
-                    if actual != sha.lower():
-                        return None, "checksum mismatch: announced sha256 %s, received %s (%d bytes)" % (sha, actual, size)
+                    if actual != sha:
+                        raise _Refusal("checksum_mismatch", "announced sha256 %s, received %s (%d bytes)" % (sha, actual, size))
                 # bytearray as received (no copy of a large state)
-            else:
-                raise _ProtocolError("bad_frame", "load: unknown transport %r" % transport)
             owned = []  # the named fds now belong to the State
             if size == 0 and not named and transport == "stream":
-                return None, None
-            return State(encoding, data, named, final, transport), None
+                return None
+            return State(encoding, data, named, final, transport)
         finally:
             _close_fds(owned)
 
@@ -637,7 +749,7 @@ class StateClient:
         except BaseException as e:
             _log("no state to hand over, the dump is declined: %s" % _reason(e))
             try:
-                self._send_control({"op": "ack", "ok": False, "error": _reason(e)})
+                self._send_control({"op": "ack", "ok": False, "error": "dump_failed: %s" % _reason(e)})
             except OSError as e2:
                 _log("could not decline the dump: %s" % e2)
             return False
@@ -681,10 +793,11 @@ class StateClient:
                     else:
                         self._answer_dump(False)
                 elif op == "load":
-                    state, problem = self._receive_load(msg, fds)
-                    if problem is not None:
-                        _log("refused a load: %s" % problem)
-                        self._send_control({"op": "ack", "ok": False, "error": problem})
+                    try:
+                        state = self._receive_load(msg, fds)
+                    except _Refusal as e:
+                        _log("refused a load: %s" % e.ack_error())
+                        self._send_control({"op": "ack", "ok": False, "error": e.ack_error()})
                         continue
                     self._deliver_load(state)
                 elif op == "ack":
@@ -726,13 +839,13 @@ class StateClient:
         if cb is None:
             _close_fds(state.fds.values())
             state.close()
-            self._send_control({"op": "ack", "ok": False, "error": "no on_load callback registered for a later load"})
+            self._send_control({"op": "ack", "ok": False, "error": "load_failed: no on_load() callback for a later load"})
             return
         try:
             cb(state)
         except BaseException as e:
             _log("the load callback failed: %s" % _reason(e))
-            self._send_control({"op": "ack", "ok": False, "error": _reason(e)})
+            self._send_control({"op": "ack", "ok": False, "error": "load_failed: %s" % _reason(e)})
             return
         self._send_control({"op": "ack", "ok": True})
 
@@ -764,7 +877,7 @@ def _prepare_state(value: Any) -> Tuple[dict, List[int], Any, Optional[int]]:
             if len(fds) + 1 > MAX_FDS_PER_FRAME:
                 raise ValueError("more than %d fds on one frame" % MAX_FDS_PER_FRAME)
             msg: Dict[str, Any] = {"op": "state", "encoding": encoding or "binary", "size": size, "transport": "memfd"}
-            if value.sha256 is None:
+            if value.sha256 is True:
                 msg["sha256"] = _sha256_fd(memfd, size)
             elif isinstance(value.sha256, str):
                 msg["sha256"] = value.sha256.lower()
@@ -800,27 +913,27 @@ def _fds_from_ancillary(anc) -> List[int]:
     return fds
 
 
-def _map_memfd(fd: int, size: int, sha: Any) -> Tuple[Any, Optional[str]]:
-    """(read-only mapping or b"", None), or (None, why) when the memfd must be refused."""
+def _map_memfd(fd: int, size: int, sha: Optional[str]) -> Any:
+    """A read-only mapping of a received memfd (b"" when empty); _Refusal when it must be refused."""
     try:
         actual_size = os.fstat(fd).st_size
         seals = fcntl.fcntl(fd, F_GET_SEALS)
     except OSError as e:
-        return None, "bad memfd: %s" % e
+        raise _Refusal("bad_state", "the memfd cannot be inspected: %s" % e)
     if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
-        return None, "bad memfd: not sealed with F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW"
+        raise _Refusal("bad_state", "the memfd is not sealed with F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW")
     if actual_size != size:
-        return None, "size mismatch: the memfd holds %d bytes, %d announced" % (actual_size, size)
+        raise _Refusal("bad_state", "the memfd holds %d bytes, %d announced" % (actual_size, size))
     data: Any = b""
     if size:
         data = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     if sha is not None:
-        actual = hashlib.sha256(data).hexdigest() if size else hashlib.sha256(b"").hexdigest()
-        if not isinstance(sha, str) or actual != sha.lower():
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha:
             if size:
                 data.close()
-            return None, "checksum mismatch: announced sha256 %s, memfd holds %s (%d bytes)" % (sha, actual, size)
-    return data, None
+            raise _Refusal("checksum_mismatch", "announced sha256 %s, the memfd holds %s (%d bytes)" % (sha, actual, size))
+    return data
 
 
 def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
@@ -866,7 +979,7 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
         raise RelayError("no welcome from %s within %ss" % (path, timeout), "timeout")
     except (OSError, EOFError) as e:
         client.close()
-        raise RelayError("cannot connect to the state relay at %s: %s" % (path, e))
+        raise RelayError("cannot connect to the state relay at %s: %s" % (path, e), "closed")
     except BaseException:
         client.close()
         raise

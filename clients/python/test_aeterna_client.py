@@ -224,7 +224,9 @@ class RelayTest(unittest.TestCase):
         self.assertEqual(s.json(), {"sessions": [42]})
         self.assertEqual(s.transport, "stream")
         self.assertFalse(s.final)
-        self.assertIs(c.load(), s, "load() is the initial load, once")
+        with self.assertRaises(aeterna.UsageError) as cm:
+            c.load()  # the initial load comes once (docs/srp.md, "The app contract")
+        self.assertEqual(cm.exception.code, "usage")
 
     def test_wrong_sha256_is_refused_naming_the_mismatch(self):
         f = self.fake()
@@ -242,7 +244,7 @@ class RelayTest(unittest.TestCase):
         self.assertEqual(cm.exception.code, "checksum_mismatch")
         ack = f.events[-1][1]
         self.assertIs(ack["ok"], False)
-        self.assertTrue(ack["error"].startswith("checksum mismatch: "), ack)
+        self.assertTrue(ack["error"].startswith("checksum_mismatch: "), ack)
         self.assertIn(sha(b"other"), ack["error"])
 
     def test_apply_that_raises_nacks_and_propagates(self):
@@ -256,7 +258,7 @@ class RelayTest(unittest.TestCase):
         with self.assertRaises(ValueError):
             c.load(apply=apply)
         f.join()
-        self.assertEqual(f.events[-1][1], {"op": "ack", "ok": False, "error": "ValueError: schema v2 not supported"})
+        self.assertEqual(f.events[-1][1], {"op": "ack", "ok": False, "error": "load_failed: ValueError: schema v2 not supported"})
 
     def test_memfd_load(self):
         f = self.fake()
@@ -281,9 +283,9 @@ class RelayTest(unittest.TestCase):
     def test_memfd_load_unsealed_or_wrong_size_or_wrong_sha_is_refused(self):
         data = b"x" * 1000
         cases = [
-            (make_memfd, dict(seal=False), {}, "not sealed"),
-            (make_memfd, {}, {"size": 999}, "size mismatch"),
-            (make_memfd, {}, {"sha256": sha(b"y")}, "checksum mismatch: "),
+            (make_memfd, dict(seal=False), {}, "bad_state: the memfd is not sealed"),
+            (make_memfd, {}, {"size": 999}, "bad_state: the memfd holds 1000 bytes, 999 announced"),
+            (make_memfd, {}, {"sha256": sha(b"y")}, "checksum_mismatch: "),
         ]
         for mk, mkargs, override, needle in cases:
             with self.subTest(needle=needle):
@@ -365,7 +367,7 @@ class RelayTest(unittest.TestCase):
         c.load()
         f.join()
         self.assertEqual(f.events[2], {"op": "state", "size": 0})
-        self.assertEqual(f.events[3], {"op": "ack", "ok": False, "error": "RuntimeError: busy"})
+        self.assertEqual(f.events[3], {"op": "ack", "ok": False, "error": "dump_failed: RuntimeError: busy"})
 
     def test_dump_answered_with_a_sealed_memfd(self):
         f = self.fake()
@@ -387,7 +389,7 @@ class RelayTest(unittest.TestCase):
         f.join()
         msg, fds = f.events[2]
         self.assertEqual(len(fds), 1)
-        self.assertEqual(msg, {"op": "state", "encoding": "pickle", "size": len(payload), "transport": "memfd", "fds": ["state"], "sha256": sha(payload)})
+        self.assertEqual(msg, {"op": "state", "encoding": "pickle", "size": len(payload), "transport": "memfd", "fds": ["state"]})
         seals, size, content = f.events[3]
         self.assertEqual(seals & SEALS, SEALS)
         self.assertEqual(size, len(payload))
@@ -644,7 +646,7 @@ class RelayTest(unittest.TestCase):
         self.assertEqual(got, [True, True])
         self.assertEqual(sessions, {"s1": ["a", "b", "c"]})
         self.assertEqual(f.events[-2][1], {"op": "ack", "ok": True})
-        self.assertEqual(f.events[-1][1], {"op": "ack", "ok": False, "error": "ValueError: cannot merge"})
+        self.assertEqual(f.events[-1][1], {"op": "ack", "ok": False, "error": "load_failed: ValueError: cannot merge"})
 
     def test_error_from_aeterna_closes_and_unknown_op_is_unexpected(self):
         f = self.fake()

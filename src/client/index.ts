@@ -9,19 +9,62 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { native } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
-import { closeQuietly } from '../srp/codec';
+import { SrpError, closeQuietly, type SrpErrorCode } from '../srp/codec';
 import type { Message, StateHeader } from '../srp/messages';
 
 export { drain, trackConnections, type DrainOptions } from './drain';
 
-/** The sockets Aeterna passed to this process, by LISTEN_FDNAMES name (fd3, fd4... when unnamed). */
+/**
+ * Why an SDK call failed (docs/srp.md, "The app contract"): the protocol's codes (an `error` frame either way),
+ * and the SDK's own: `checksum_mismatch` / `bad_state` (a state that failed verification), `load_failed` /
+ * `dump_failed` (the app's callback threw or is missing), `closed` (no connection), `usage` (calls out of order).
+ */
+export type RelayErrorCode = SrpErrorCode | 'bad_state' | 'load_failed' | 'dump_failed' | 'closed' | 'usage';
+
+export class RelayError extends Error {
+  constructor(
+    readonly code: RelayErrorCode,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'RelayError';
+  }
+}
+
+/** A refusing ack's `error` text: the code first, so Aeterna's log and the old generation can tell why. */
+function refusal(code: RelayErrorCode, message: string): string {
+  return `${code}: ${message}`;
+}
+
+const DECIMAL = /^[0-9]+$/;
+
+/**
+ * The sockets Aeterna passed to this process, by LISTEN_FDNAMES name (fd3, fd4... when unnamed or when the
+ * name was taken by an earlier fd). Only when LISTEN_PID is this process; the fds become close-on-exec (as
+ * sd_listen_fds does), and an fd that is not a socket is left out, with a warning.
+ */
 export function listeners(env: NodeJS.ProcessEnv = process.env): Map<string, number> {
   const found = new Map<string, number>();
-  if (Number(env.LISTEN_PID) !== process.pid) return found;
-  const count = Number(env.LISTEN_FDS);
-  if (!Number.isInteger(count) || count <= 0) return found;
+  const pid = env.LISTEN_PID ?? '';
+  const count = env.LISTEN_FDS ?? '';
+  if (!DECIMAL.test(pid) || Number(pid) !== process.pid || !DECIMAL.test(count)) return found;
   const names = (env.LISTEN_FDNAMES ?? '').split(':');
-  for (let i = 0; i < count; i++) found.set(names[i] || `fd${3 + i}`, 3 + i);
+  for (let i = 0; i < Number(count); i++) {
+    const fd = 3 + i;
+    let isSocket = false;
+    try {
+      isSocket = fs.fstatSync(fd).isSocket();
+    } catch {
+      // not open: left out like any other non-socket
+    }
+    if (!isSocket) {
+      process.stderr.write(`aeterna/client: LISTEN_FDS: fd ${fd} is not a socket; left out\n`);
+      continue;
+    }
+    native.setCloexec(fd);
+    const name = names[i] && !found.has(names[i]) ? names[i] : `fd${fd}`;
+    found.set(name, fd);
+  }
   return found;
 }
 
@@ -41,15 +84,36 @@ export interface LoadedState {
   json<T = unknown>(): T;
 }
 
-/** What a dump callback may return. */
+/** A dump result with its bytes: `data` as is (a string is UTF-8, encoding `text`). */
+export interface DataResult {
+  data: Buffer | string;
+  encoding?: string;
+  fds?: Record<string, number>;
+  sha256?: string;
+}
+
+/** A dump result in a sealed memfd (from memfdState()); the SDK closes it once sent. */
+export interface MemfdResult {
+  memfd: number;
+  encoding?: string;
+  fds?: Record<string, number>;
+  /** Sent as is when given; omitted otherwise (the seals already guarantee the content). */
+  sha256?: string;
+}
+
+/**
+ * What a dump callback may return: nothing (no state), bytes, text, a DataResult, a MemfdResult, or any other
+ * object or array, sent as JSON. An object with a `memfd` or `data` key must be one of the two results, so a
+ * mistyped one (`{ memfd: '3' }`) is a type error rather than silently sent as JSON.
+ */
 export type DumpResult =
   | null
   | undefined
   | Buffer
   | string
-  | { data: Buffer | string; encoding?: string; fds?: Record<string, number>; sha256?: string }
-  | { memfd: number; encoding?: string; fds?: Record<string, number> }
-  | Record<string, unknown>
+  | DataResult
+  | MemfdResult
+  | (Record<string, unknown> & { memfd?: never; data?: never })
   | unknown[];
 
 export type DumpCallback = (request: { final: boolean }) => DumpResult | Promise<DumpResult>;
@@ -69,6 +133,9 @@ async function within(promise: Promise<void>, ms: number): Promise<void> {
   await Promise.race([promise, new Promise<void>((r) => (timer = setTimeout(r, ms)))]);
   clearTimeout(timer);
 }
+
+/** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a memfd state nobody can change under the receiver. */
+const REQUIRED_SEALS = 0x0002 | 0x0004 | 0x0008;
 
 function sha256(data: Buffer): string {
   return crypto.createHash('sha256').update(data).digest('hex');
@@ -148,6 +215,8 @@ export class StateClient {
   private finalAskedSignal: () => void = () => undefined;
   private readonly finalAskedOrFinished: Promise<void>;
   private shuttingDown = false;
+  /** Aeterna's verdict on our final state (null until its ack arrives). */
+  private finalAckOk: boolean | null = null;
   private finished: Promise<void>;
   private finish!: () => void;
 
@@ -171,13 +240,23 @@ export class StateClient {
 
   /** @internal */
   async open(socketPath: string, timeoutMs: number): Promise<void> {
-    const conn = new SrpConnection(native.connectUnix(socketPath), 1 << 30);
+    let fd: number;
+    try {
+      fd = native.connectUnix(socketPath);
+    } catch (err) {
+      throw new RelayError('closed', `cannot connect to the state relay at ${socketPath}: ${(err as Error).message}`);
+    }
+    const conn = new SrpConnection(fd, 1 << 30);
     this.conn = conn;
     const welcomed = new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no welcome from Aeterna on ${socketPath} within ${timeoutMs} ms`)), timeoutMs);
+      const timer = setTimeout(() => reject(new RelayError('timeout', `no welcome from Aeterna on ${socketPath} within ${timeoutMs} ms`)), timeoutMs);
       conn.on('message', (m, fds) => {
         if (m.op === 'welcome') {
           clearTimeout(timer);
+          if (m.v !== 1) {
+            conn.fail('unsupported_version', `welcome with v=${m.v}; this SDK speaks version 1`);
+            return;
+          }
           this.generation = m.generation;
           this.maxFrame = m.max_frame;
           resolve();
@@ -185,14 +264,15 @@ export class StateClient {
         }
         if (m.op === 'error') {
           clearTimeout(timer);
-          reject(new Error(`Aeterna refused the relay connection: ${m.code}: ${m.message}`));
+          reject(new RelayError(m.code as RelayErrorCode, `Aeterna refused the relay connection: ${m.code}: ${m.message}`));
         }
         this.onMessage(m, fds);
       });
       conn.on('close', (err) => {
         clearTimeout(timer);
-        reject(err ?? new Error('Aeterna closed the relay connection'));
-        this.onClose(err);
+        const why = closedError(err);
+        reject(why);
+        this.onClose(why);
       });
     });
     conn.on('data', (payload, _raw, remaining) => this.onData(payload, remaining));
@@ -210,7 +290,7 @@ export class StateClient {
   async load<T>(apply: (state: LoadedState) => T | Promise<T>): Promise<T | null>;
   async load<T>(apply?: (state: LoadedState) => T | Promise<T>): Promise<T | LoadedState | null> {
     if (!this.conn) return null;
-    if (this.initialTaken) throw new Error('load() was already called');
+    if (this.initialTaken) throw new RelayError('usage', 'load() was already called');
     this.initialTaken = true;
     const state = await this.initial.promise;
     if (state === null) {
@@ -222,7 +302,7 @@ export class StateClient {
       this.ack(true);
       return result;
     } catch (err) {
-      this.ack(false, `the app could not load the state: ${(err as Error).message}`);
+      this.ack(false, refusal('load_failed', `the app could not load the state: ${(err as Error).message}`));
       throw err;
     }
   }
@@ -239,10 +319,10 @@ export class StateClient {
 
   /** Tell Aeterna this generation is ready (counts like sd_notify READY=1). Sent once the initial state is acknowledged. */
   ready(): void {
-    if (!this.conn) return;
-    if (!this.initialTaken) throw new Error('call load() before ready(): the new generation must take (or refuse) the state first');
-    if (this.initialAcked) this.conn.send({ op: 'ready' });
-    else this.readyWanted = true;
+    if (!this.conn || this.readyWanted) return;
+    if (!this.initialTaken) throw new RelayError('usage', 'call load() before ready(): the new generation must take (or refuse) the state first');
+    this.readyWanted = true;
+    if (this.initialAcked && !this.conn.closed) this.conn.send({ op: 'ready' });
   }
 
   /**
@@ -253,10 +333,10 @@ export class StateClient {
    * right after its SIGTERM). Once it has arrived, handing the state over takes
    * as long as Aeterna said it waits (the dump's timeout_ms, its
    * state_handoff.timeout), however large the state; without timeout_ms,
-   * `timeoutMs` bounds it all.
+   * `timeoutMs` bounds it all. Resolves true when the final state was handed over and acked ok.
    */
-  async shutdown(timeoutMs = 10_000): Promise<void> {
-    if (!this.conn || this.conn.closed) return;
+  async shutdown(timeoutMs = 10_000): Promise<boolean> {
+    if (!this.conn || this.conn.closed) return false;
     const began = performance.now();
     this.shuttingDown = true;
     if (this.finalDumpPending) void this.answerDump(true);
@@ -265,6 +345,7 @@ export class StateClient {
     const until = asked?.timeoutMs != null ? asked.at + asked.timeoutMs : began + timeoutMs;
     await within(this.finished, until - performance.now());
     this.close();
+    return this.finalAckOk === true;
   }
 
   close(): void {
@@ -301,13 +382,20 @@ export class StateClient {
         return;
       case 'ack':
         if (!m.ok) process.stderr.write(`aeterna/client: the new generation refused this state: ${m.error ?? ''}\n`);
-        if (this.shuttingDown) this.finish();
+        if (this.shuttingDown) {
+          this.finalAckOk = m.ok;
+          this.finish();
+        }
         return;
       case 'error':
+        // The sender closes after an error (docs/srp.md): so do we.
         process.stderr.write(`aeterna/client: relay error ${m.code}: ${m.message}\n`);
+        this.close();
         return;
       default:
+        // hello, welcome (again), state, ready: never valid from Aeterna.
         fds.forEach(closeQuietly);
+        this.conn?.fail('unexpected_op', `"${m.op}" is not valid from Aeterna at this point`);
     }
   }
 
@@ -326,39 +414,54 @@ export class StateClient {
     this.incoming = null;
     const h = incoming.header;
     let state: LoadedState;
-    let problem: string | null = null;
+    let problem: RelayError | null = null;
     if (h.transport === 'memfd') {
       const memfd = incoming.fds.get('state')!;
       incoming.fds.delete('state');
       state = makeState(h, null, incoming.fds, memfd);
       const size = fs.fstatSync(memfd).size;
-      if (size !== h.size) problem = `memfd has ${size} bytes, ${h.size} announced`;
-      else if (h.sha256 && sha256(state.data) !== h.sha256) problem = 'checksum_mismatch: the memfd content does not match the announced sha256';
+      if ((native.getSeals(memfd) & REQUIRED_SEALS) !== REQUIRED_SEALS) problem = new RelayError('bad_state', 'the memfd is not sealed with F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW');
+      else if (size !== h.size) problem = new RelayError('bad_state', `the memfd holds ${size} bytes, ${h.size} announced`);
+      else if (h.sha256 && sha256(state.data) !== h.sha256) problem = new RelayError('checksum_mismatch', `the memfd content does not match the announced sha256 ${h.sha256}`);
     } else {
       const data = incoming.buffer;
       state = makeState(h, data, incoming.fds, null);
-      if (incoming.received !== h.size) problem = `received ${incoming.received} bytes, ${h.size} announced`;
-      else if (h.size > 0 && incoming.hash.digest('hex') !== h.sha256) problem = `checksum_mismatch: sha256 of the ${h.size} bytes received is not ${h.sha256}`;
+      if (incoming.received !== h.size) problem = new RelayError('bad_state', `received ${incoming.received} bytes, ${h.size} announced`);
+      else if (h.sha256 !== undefined && incoming.hash.digest('hex') !== h.sha256) problem = new RelayError('checksum_mismatch', `sha256 of the ${h.size} bytes received is not ${h.sha256}`);
+    }
+    if (problem) {
+      // A refused state's fds are not the app's: close them.
+      for (const fd of incoming.fds.values()) closeQuietly(fd);
+      if (state.memfd !== null) closeQuietly(state.memfd);
     }
     if (!this.initialArrived) {
       this.initialArrived = true;
       if (problem) {
-        this.ack(false, problem);
-        this.initial.reject(new Error(`state relay: ${problem}`));
+        this.ack(false, refusal(problem.code, problem.message));
+        this.initial.reject(problem);
       } else {
         this.initial.resolve(h.size === 0 && incoming.fds.size === 0 && state.memfd === null ? null : state);
       }
       return;
     }
     if (problem) {
-      this.ack(false, problem);
+      this.ack(false, refusal(problem.code, problem.message));
       return;
     }
     const apply = this.loadCallback;
-    Promise.resolve(apply ? apply(state) : undefined).then(
-      () => this.ack(true),
-      (err: Error) => this.ack(false, `the app could not apply the state: ${err.message}`),
-    );
+    if (!apply) {
+      // Acking a state nobody applied would tell Aeterna the final sync succeeded: refuse it, so the loss is logged.
+      for (const fd of state.fds.values()) closeQuietly(fd);
+      if (state.memfd !== null) closeQuietly(state.memfd);
+      this.ack(false, refusal('load_failed', 'no onLoad() callback for a later load'));
+      return;
+    }
+    Promise.resolve()
+      .then(() => apply(state))
+      .then(
+        () => this.ack(true),
+        (err: Error) => this.ack(false, refusal('load_failed', `the app could not apply the state: ${err.message}`)),
+      );
   }
 
   private async answerDump(final: boolean): Promise<void> {
@@ -369,7 +472,7 @@ export class StateClient {
     try {
       result = this.dumpCallback ? await this.dumpCallback({ final }) : null;
     } catch (err) {
-      conn.send({ op: 'ack', ok: false, error: `dump failed: ${(err as Error).message}` });
+      conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', (err as Error).message) });
       return;
     }
     this.sendState(conn, result);
@@ -389,17 +492,18 @@ export class StateClient {
       data = result;
     } else if (typeof result === 'string') {
       data = Buffer.from(result);
-      encoding = 'utf8';
+      encoding = 'text';
     } else if (!Array.isArray(result) && typeof (result as { memfd?: unknown }).memfd === 'number') {
-      const r = result as { memfd: number; encoding?: string; fds?: Record<string, number> };
+      const r = result as MemfdResult;
       memfd = r.memfd;
       encoding = r.encoding ?? encoding;
       extra = r.fds ?? {};
+      knownSha = r.sha256;
     } else if (!Array.isArray(result) && (Buffer.isBuffer((result as { data?: unknown }).data) || typeof (result as { data?: unknown }).data === 'string')) {
-      const r = result as { data: Buffer | string; encoding?: string; fds?: Record<string, number>; sha256?: string };
+      const r = result as DataResult;
       data = Buffer.isBuffer(r.data) ? r.data : Buffer.from(r.data);
       knownSha = r.sha256; // an app that already has the digest need not hash the state again
-      encoding = r.encoding ?? (typeof r.data === 'string' ? 'utf8' : encoding);
+      encoding = r.encoding ?? (typeof r.data === 'string' ? 'text' : encoding);
       extra = r.fds ?? {};
     } else {
       data = Buffer.from(JSON.stringify(result));
@@ -407,19 +511,41 @@ export class StateClient {
     }
     const names = Object.keys(extra);
     const fds = Object.values(extra);
+    if (names.includes('state')) {
+      if (memfd !== null) closeQuietly(memfd);
+      conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', 'the fd name "state" is reserved for the memfd transport') });
+      return;
+    }
     if (memfd !== null) {
       const size = fs.fstatSync(memfd).size;
-      conn.send({ op: 'state', encoding, size, transport: 'memfd', fds: ['state', ...names] }, [memfd, ...fds]);
+      const header: Message = { op: 'state', encoding, size, transport: 'memfd', ...(knownSha ? { sha256: knownSha } : {}), fds: ['state', ...names] };
+      // The memfd is the SDK's once handed over (the app's other fds stay the app's): closed once sent.
+      if (fds.length === 0) {
+        conn.send(header, [memfd], { closeFds: true });
+      } else {
+        conn.send(header, [memfd, ...fds]);
+        if (conn.stream.writableLength === 0) closeQuietly(memfd);
+      }
       return;
     }
     const bytes = data!;
+    if (bytes.length === 0 && names.length === 0) {
+      conn.send({ op: 'state', size: 0 });
+      return;
+    }
     const header: Message = { op: 'state', encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
     conn.send(header, fds);
     if (bytes.length > 0) conn.sendData(bytes, Math.min(1 << 20, this.maxFrame));
   }
 
-  private onClose(err: Error | null): void {
-    this.initial.reject(err ?? new Error('Aeterna closed the relay connection'));
+  private onClose(err: RelayError): void {
+    this.initial.reject(err);
     this.finish();
   }
+}
+
+/** Why the connection ended, as a RelayError: the protocol's code when it was a protocol error, else `closed`. */
+function closedError(err: Error | null): RelayError {
+  if (err instanceof SrpError) return new RelayError(err.code, err.message);
+  return new RelayError('closed', err ? `the relay connection failed: ${err.message}` : 'Aeterna closed the relay connection');
 }
