@@ -42,7 +42,7 @@ describe('conformance: frames.json', () => {
   const vectors = suite<{ decode: { name: string; bytes: Part[]; max_frame?: number; message?: Json; error?: string }[]; encode: { name: string; message: Json; bytes: Part[] }[] }>('frames.json');
   for (const v of vectors.decode) {
     it(`decode: ${v.name}`, async () => {
-      const [peer, mine] = native.socketpair();
+      const [peer, mine] = native.test.socketpair();
       const conn = new SrpConnection(mine, v.max_frame ?? 16 << 20);
       const outcome = new Promise<{ message?: Message; error?: string }>((resolve) => {
         conn.on('message', (message) => resolve({ message }));
