@@ -138,7 +138,11 @@ class ExchangesTest(unittest.TestCase):
                     assert got == want, got
                 elif "client_closes" in step:
                     f.conn.settimeout(10)
-                    assert f.conn.recv(1) == b"", "the client should have closed"
+                    try:
+                        rest = f.conn.recv(1)
+                    except ConnectionResetError:
+                        rest = b""  # it closed with our bytes unread (the rest of a frame it refused): closed all the same
+                    assert rest == b"", "the client should have closed"
                 elif "peer_sends" in step:
                     fds = []
                     if "memfd" in step:

@@ -259,6 +259,7 @@ export class StateClient {
           }
           this.generation = m.generation;
           this.maxFrame = m.max_frame;
+          conn.lowerFrameLimit(m.max_frame); // Aeterna keeps to it: a larger frame from it is not to be trusted
           resolve();
           return;
         }

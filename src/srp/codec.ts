@@ -69,7 +69,12 @@ export class FrameDecoder {
   private received = 0;
   private batches: FdBatch[] = [];
 
-  constructor(private readonly maxFrame: number) {}
+  constructor(private maxFrame: number) {}
+
+  /** Lower (never raise) the frame limit: a client learns the limit Aeterna keeps to from `welcome`. */
+  lowerLimit(maxFrame: number): void {
+    if (Number.isInteger(maxFrame) && maxFrame > 0 && maxFrame < this.maxFrame) this.maxFrame = maxFrame;
+  }
 
   /** Feed bytes (and any fds that arrived with them). */
   push(data: Buffer, fds: number[] = []): void {

@@ -50,6 +50,11 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     this.stream.on('close', () => this.finish());
   }
 
+  /** Refuse frames above this size from now on (the `max_frame` of `welcome`). */
+  lowerFrameLimit(maxFrame: number): void {
+    this.decoder.lowerLimit(maxFrame);
+  }
+
   /** Bytes of announced state data not received yet. */
   get pendingData(): number {
     return this.dataRemaining;
