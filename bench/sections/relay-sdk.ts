@@ -10,8 +10,9 @@
 //       and the promotion's final sync by `draining -> done`;
 //   (c) the same with the Python SDK (plain_state_app.py);
 //   (d) the memfd transport at the same size (section 3's measureRelay);
-// with Aeterna's peak RSS growth while it relays in (b) and (c), and SHA-256's
-// own speed in Node and Python beside it. The apps stamp each step (dump,
+// with Aeterna's peak RSS growth while it relays in (b) and (c), and beside them
+// SHA-256's own speed in Node and Python and the cost of a fresh process's first
+// write of the size (page faults: the new generation pays them, the peer not). The apps stamp each step (dump,
 // hashing, writing, receiving, verifying, loading), so the report can say where
 // the time goes without a profiler.
 import fs from 'node:fs';
@@ -79,6 +80,12 @@ export interface RelaySdkRow {
   memfd: Measurement;
   /** SHA-256 of this size in each language, ms (for scale: the SDKs hash every byte on each side). */
   sha256: { node: number | null; python: number | null };
+  /**
+   * A fresh Node process writing this size into a newly allocated buffer, 1 MiB at a time, ms: the
+   * page faults any new generation pays to hold a streamed state, which the one-hop copy (one reused
+   * 1 MiB buffer) never does.
+   */
+  firstTouch: number | null;
 }
 
 export interface RelaySdkSection {
@@ -244,6 +251,14 @@ async function sha256Speed(bytes: number): Promise<RelaySdkRow['sha256']> {
   return { node, python: pythonMs };
 }
 
+async function firstTouch(bytes: number): Promise<number | null> {
+  const script = `const src = Buffer.alloc(1 << 20, 1); const t = performance.now(); const b = Buffer.allocUnsafe(${bytes});
+    for (let o = 0; o < b.length; o += src.length) src.copy(b, o); console.log(performance.now() - t);`;
+  const r = await run([process.execPath, '-e', script], { timeoutMs: 120000 });
+  const ms = Number(r.stdout.trim());
+  return r.code === 0 && Number.isFinite(ms) ? ms : null;
+}
+
 export async function relaySdkSection(sizes: number[], reps: number): Promise<RelaySdkSection> {
   const rows: RelaySdkRow[] = [];
   for (const bytes of sizes) {
@@ -255,6 +270,7 @@ export async function relaySdkSection(sizes: number[], reps: number): Promise<Re
       python: await sdkPath('python', bytes, reps),
       memfd: await measureRelay(bytes, 'memfd'),
       sha256: await sha256Speed(bytes),
+      firstTouch: await firstTouch(bytes),
     });
   }
   return { reps, rows };
