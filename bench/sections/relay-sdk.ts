@@ -56,6 +56,8 @@ export interface SdkReload {
   finalMs: number;
   steps: Steps;
   finalSteps: Steps;
+  /** Who ran it, to attribute a system-wide profile (`perf record -a`) of the run. */
+  pids: { aeterna: number; old: number | null; new: number | null };
 }
 
 export type SdkPath =
@@ -201,6 +203,7 @@ async function sdkPath(sdk: Sdk, bytes: number, reps: number): Promise<SdkPath> 
     const reloads: SdkReload[] = [];
     try {
       for (let i = 0; i < reps; i++) {
+        const old = (await daemon.status()).pid;
         const record = await daemon.reload();
         if (record.outcome !== 'promoted') return { error: `reload ${record.outcome}: ${record.reason}` };
         const relaying = phaseAt(record, 'relaying');
@@ -211,6 +214,7 @@ async function sdkPath(sdk: Sdk, bytes: number, reps: number): Promise<SdkPath> 
           finalMs: phaseAt(record, 'done') - phaseAt(record, 'draining'),
           steps: steps(oldStamps, newStamps, false, relaying),
           finalSteps: steps(oldStamps, newStamps, true, relaying),
+          pids: { aeterna: pid, old, new: record.new_pid },
         });
       }
     } finally {
