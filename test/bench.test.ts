@@ -84,6 +84,17 @@ describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
         `every contender completed its reloads\n${r.stderr.slice(-4000)}`,
       );
 
+      // The relay through both SDKs: one reload each, promoted, every step stamped by the apps.
+      const sdk = JSON.parse(fs.readFileSync(path.join(out, json), 'utf8')) as {
+        relaySdk: { value: { rows: Array<Record<'typescript' | 'python', { reloads?: Array<{ steps: Record<string, number | null> }>; error?: string }>> } };
+      };
+      for (const name of ['typescript', 'python'] as const) {
+        const p = sdk.relaySdk.value.rows[0][name];
+        assert.equal(p.reloads?.length, 1, `one reload relayed through the ${name} SDK (${p.error ?? ''})`);
+        const missing = Object.entries(p.reloads![0].steps).filter(([k, v]) => v === null && k !== 'startToDump');
+        assert.deepEqual(missing, [], `every step of the ${name} relay stamped`);
+      }
+
       const report = fs.readFileSync(path.join(out, md), 'utf8');
       for (const heading of Object.values(HEADINGS)) assert.ok(report.includes(`\n${heading}\n`), `section "${heading}"`);
       assert.doesNotMatch(report, /This section failed/, 'no section failed');
@@ -99,6 +110,9 @@ describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
         '| process | RSS | peak RSS (VmHWM) |',
         '| what | median | p95 | Aeterna / this |',
         '| reaper | time to reap all | rate | note | Aeterna / this |',
+        '| state | (a) one-hop socket copy | (b) TypeScript SDK relay | (c) Python SDK relay | (d) memfd |',
+        '| state | SDK | relay over (a) | final sync (draining -> done) |',
+        '| step | TypeScript, relay | TypeScript, final sync | Python, relay | Python, final sync |',
       ];
       for (const header of tables) assert.ok(report.includes(header), `table ${header}`);
       // wrk is optional: either its table or the sentence saying it is not installed.

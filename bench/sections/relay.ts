@@ -44,7 +44,7 @@ export function repsFor(bytes: number): number {
 }
 
 /** One hop in C: socketpair between two processes, 1 MiB writes and reads. */
-async function rawC(bytes: number): Promise<Measurement> {
+export async function rawC(bytes: number): Promise<Measurement> {
   const helper = nativeHelper();
   if ('error' in helper) return { skipped: helper.error };
   const r = await run([helper.path, 'unix', String(bytes), String(repsFor(bytes))], { timeoutMs: 300000 });
