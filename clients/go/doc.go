@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package client is Aeterna's Go SDK: the listeners Aeterna passes to the app
 // (LISTEN_FDS) and the client side of the State Relay Protocol (docs/srp.md)
 // that carries the app's memory across a reload. Standard library only, Linux
