@@ -6,7 +6,6 @@ package client
 // skipped with the reason otherwise.
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -16,7 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -29,20 +28,14 @@ type daemon struct {
 	config string
 	port   int
 	cmd    *exec.Cmd
-	mu     sync.Mutex
-	output bytes.Buffer
-}
-
-func (d *daemon) Write(p []byte) (int, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.output.Write(p)
+	exited chan struct{}
+	// output is a file, not a pipe: an app left behind by a failed test cannot keep Wait waiting for its end.
+	output *os.File
 }
 
 func (d *daemon) log() string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.output.String()
+	out, _ := os.ReadFile(d.output.Name())
+	return string(out)
 }
 
 // startCounter builds examples/go-counter and runs it under a fresh daemon.
@@ -97,16 +90,28 @@ observability:
 	if err := os.WriteFile(config, []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, dir: dir, config: config, port: port}
+	output, err := os.Create(filepath.Join(dir, "output.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{t: t, dir: dir, config: config, port: port, exited: make(chan struct{}), output: output}
 	d.cmd = exec.Command(node, filepath.Join(repoRoot, "bin", "aeterna.js"), "start", "-c", config)
-	d.cmd.Stdout, d.cmd.Stderr = d, d
+	d.cmd.Stdout, d.cmd.Stderr = output, output
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	go func() {
+		d.cmd.Wait()
+		close(d.exited)
+	}()
 	t.Cleanup(func() {
-		if d.cmd.ProcessState == nil {
+		output.Close()
+		d.cmd.Process.Signal(syscall.SIGTERM) // a graceful stop takes the apps with it
+		select {
+		case <-d.exited:
+		case <-time.After(20 * time.Second):
 			d.cmd.Process.Kill()
-			d.cmd.Wait()
+			<-d.exited
 		}
 	})
 	d.waitFor(regexp.MustCompile(`"state":"Running"|state.*Running`), "the daemon to run the counter")
@@ -162,9 +167,10 @@ func (d *daemon) visit() visit {
 
 func (d *daemon) stop() {
 	d.t.Helper()
-	d.cmd.Process.Signal(os.Interrupt)
-	if err := d.cmd.Wait(); err != nil {
-		d.t.Fatalf("the daemon stopped with %v\n%s", err, d.log())
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	<-d.exited
+	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
+		d.t.Fatalf("the daemon stopped with exit code %d\n%s", code, d.log())
 	}
 }
 
