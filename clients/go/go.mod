@@ -1,0 +1,3 @@
+module aeterna.dev/client
+
+go 1.19

@@ -1,0 +1,3 @@
+package client
+
+const sysMemfdCreate = 279

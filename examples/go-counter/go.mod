@@ -1,0 +1,7 @@
+module aeterna.dev/examples/go-counter
+
+go 1.19
+
+require aeterna.dev/client v0.0.0
+
+replace aeterna.dev/client => ../../clients/go
