@@ -8,6 +8,9 @@ import path from 'node:path';
 import { fixture, freePort } from './helpers/aeterna';
 import { Daemon, configYaml, type ConfigOptions } from './helpers/daemon';
 import { getJson } from './helpers/load';
+import { FileWatch } from '../src/orchestrator/file-watch';
+import { createLogger } from '../src/log';
+import { tempDir } from './helpers/aeterna';
 
 const APP = [process.execPath, fixture('apps', 'reload_app.js')];
 const daemons: Daemon[] = [];
@@ -102,11 +105,11 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     await d.waitStatus((s) => s.state === 'Running');
     assert.equal((await getJson<{ version: string }>(port)).version, 'one');
 
-    // The update: a new timestamped directory, ..data_tmp pointed at it, renamed over ..data, the old one removed.
+    // The update: a new timestamped directory, ..data_tmp pointed at it, renamed over ..data.
     project('..2024_01_01_00_01_00.2', { ...options, env: ['VERSION=two'] });
     fs.symlinkSync('..2024_01_01_00_01_00.2', path.join(d.dir, '..data_tmp'));
     fs.renameSync(path.join(d.dir, '..data_tmp'), path.join(d.dir, '..data'));
-    fs.rmSync(path.join(d.dir, '..2024_01_01_00_00_00.1'), { recursive: true });
+    // (The kubelet then removes the old directory; it stays here, so the swap alone must be seen.)
 
     const s = await d.waitStatus((st) => st.last_reload?.outcome === 'promoted');
     assert.equal(s.last_reload?.trigger, 'watch');
@@ -196,5 +199,37 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     const exit = await d.run.exit(15000);
     assert.deepEqual(exit, { code: 0, signal: null });
     assert.equal(d.run.logs().filter((l) => typeof l['reload'] === 'string' && /reload-/.test(String(l['reload']))).length, 0, 'no reload ran');
+  });
+});
+
+describe('FileWatch ownership', () => {
+  /** This process's open handles by type (FSEventWrap: an inotify watch; Timeout: a timer), once closes have run. */
+  async function handles(): Promise<Record<string, number>> {
+    await new Promise((r) => setImmediate(() => setImmediate(r)));
+    const counts: Record<string, number> = {};
+    for (const kind of process.getActiveResourcesInfo()) counts[kind] = (counts[kind] ?? 0) + 1;
+    return counts;
+  }
+
+  it('close() with a change pending ends every inotify watch and timer it opened, and no reload starts', async () => {
+    const dir = tempDir('aeterna-watch-');
+    const file = path.join(dir, 'app.conf');
+    fs.writeFileSync(file, 'v1\n');
+    fs.mkdirSync(path.join(dir, 'code'));
+    const before = await handles();
+    let reloads = 0;
+    const watch = new FileWatch(() => void reloads++, createLogger('silent'));
+    watch.apply({ paths: [file, path.join(dir, 'code'), path.join(dir, 'missing', 'x')], debounceMs: 3_600_000 });
+    fs.writeFileSync(file, 'v2\n');
+    // Wait for the event to arm the debounce timer: one more Timeout than before.
+    for (let i = 0; i < 200 && ((await handles())['Timeout'] ?? 0) <= (before['Timeout'] ?? 0); i++) await new Promise((r) => setTimeout(r, 10));
+    const during = await handles();
+    assert.equal(during['FSEventWrap'] ?? 0, (before['FSEventWrap'] ?? 0) + 2, `one watch per directory (dir, code) open: ${JSON.stringify(during)}`);
+    assert.equal(during['Timeout'], (before['Timeout'] ?? 0) + 1, 'the debounce timer is pending');
+    watch.close();
+    assert.deepEqual(await handles(), before);
+    assert.equal(reloads, 0);
+    watch.apply({ paths: [file], debounceMs: 10 }); // closed for good: a late settle opens nothing
+    assert.deepEqual(await handles(), before);
   });
 });
