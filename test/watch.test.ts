@@ -18,8 +18,11 @@ after(async () => {
   for (const d of daemons) await d.run.killAll();
 });
 
-async function started(options: ConfigOptions, pid1 = false): Promise<Daemon> {
-  const d = new Daemon(options).start(pid1);
+/** A running daemon; `prepare` lays out its directory before it starts. */
+async function started(options: ConfigOptions, prepare: (d: Daemon) => void = () => undefined, pid1 = false): Promise<Daemon> {
+  const d = new Daemon(options);
+  prepare(d);
+  d.start(pid1);
   daemons.push(d);
   await d.waitStatus((s) => s.state === 'Running');
   return d;
@@ -49,11 +52,8 @@ async function barrierReload(d: Daemon): Promise<string> {
 describe('orchestration.watch', { timeout: 120000 }, () => {
   it('writing a watched file reloads once, with trigger "watch"', async () => {
     const port = await freePort();
-    const d = new Daemon({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "100ms" }' });
-    const file = watched(d);
-    d.start();
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running');
+    let file = '';
+    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "100ms" }' }, (dd) => (file = watched(dd)));
     fs.writeFileSync(file, 'v2\n');
     const s = await d.waitStatus((st) => st.last_reload?.outcome === 'promoted');
     assert.equal(s.last_reload?.id, 'reload-1');
@@ -66,11 +66,8 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
 
   it('a burst of 20 writes (and renames over the file) within the debounce reloads once', async () => {
     const port = await freePort();
-    const d = new Daemon({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "1s" }' });
-    const file = watched(d);
-    d.start();
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running');
+    let file = '';
+    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "1s" }' }, (dd) => (file = watched(dd)));
     for (let i = 0; i < 20; i++) {
       if (i % 2 === 0) {
         fs.writeFileSync(file, `v${i}\n`);
@@ -90,23 +87,21 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
   it('the ConfigMap-style ..data symlink swap of the watched config reloads, and the new generation runs the new config', async () => {
     const port = await freePort();
     const options: ConfigOptions = { command: APP, port, env: ['VERSION=one'], watch: '{ paths: ["aeterna.yaml"], debounce: "100ms" }' };
-    const d = new Daemon(options);
     // The kubelet's layout: aeterna.yaml -> ..data/aeterna.yaml, ..data -> ..<timestamp> (a directory).
-    const project = (stamp: string, o: ConfigOptions): void => {
+    const project = (d: Daemon, stamp: string, o: ConfigOptions): void => {
       fs.mkdirSync(path.join(d.dir, stamp));
       fs.writeFileSync(path.join(d.dir, stamp, 'aeterna.yaml'), configYaml(d.dir, o));
     };
-    fs.rmSync(d.configFile);
-    project('..2024_01_01_00_00_00.1', options);
-    fs.symlinkSync('..2024_01_01_00_00_00.1', path.join(d.dir, '..data'));
-    fs.symlinkSync('..data/aeterna.yaml', d.configFile);
-    d.start();
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running');
+    const d = await started(options, (dd) => {
+      fs.rmSync(dd.configFile);
+      project(dd, '..2024_01_01_00_00_00.1', options);
+      fs.symlinkSync('..2024_01_01_00_00_00.1', path.join(dd.dir, '..data'));
+      fs.symlinkSync('..data/aeterna.yaml', dd.configFile);
+    });
     assert.equal((await getJson<{ version: string }>(port)).version, 'one');
 
     // The update: a new timestamped directory, ..data_tmp pointed at it, renamed over ..data.
-    project('..2024_01_01_00_01_00.2', { ...options, env: ['VERSION=two'] });
+    project(d, '..2024_01_01_00_01_00.2', { ...options, env: ['VERSION=two'] });
     fs.symlinkSync('..2024_01_01_00_01_00.2', path.join(d.dir, '..data_tmp'));
     fs.renameSync(path.join(d.dir, '..data_tmp'), path.join(d.dir, '..data'));
     // (The kubelet then removes the old directory; it stays here, so the swap alone must be seen.)
@@ -123,11 +118,8 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     const port = await freePort();
     // A canary reload soaks until `aeterna promote`: the reload is in progress for as long as the test needs.
     const options: ConfigOptions = { command: APP, port, strategy: 'canary', soak: '1h', watch: '{ paths: ["app.conf"], debounce: "50ms" }' };
-    const d = new Daemon(options);
-    const file = watched(d);
-    d.start();
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running');
+    let file = '';
+    const d = await started(options, (dd) => (file = watched(dd)));
     const operator = d.cli('reload');
     await d.waitStatus((s) => s.state === 'Soaking');
     // Three separate bursts, each settled (logged) before the next: three reload requests while reload-1 runs.
@@ -187,11 +179,8 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
 
   it('as PID 1, a stop with a change pending closes every watch and timer: Aeterna exits 0 without reloading', async () => {
     const port = await freePort();
-    const d = new Daemon({ command: APP, port, watch: '{ paths: ["app.conf", "."], debounce: "1h" }' });
-    const file = watched(d);
-    d.start(true);
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running');
+    let file = '';
+    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf", "."], debounce: "1h" }' }, (dd) => (file = watched(dd)), true);
     await d.run.waitFor(/watching 2 path\(s\) for changes/);
     fs.writeFileSync(file, 'v2\n'); // its reload waits an hour of quiet: the timer is pending at stop
     await d.run.signal('SIGTERM');
