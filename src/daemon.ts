@@ -17,7 +17,8 @@ import { ListenerWatch } from './resources/listener-watch';
 import { NotifySocket } from './resources/notify';
 import { Orchestrator } from './orchestrator/orchestrator';
 import { STATES, type State } from './orchestrator/fsm';
-import type { ControlApi } from './orchestrator/types';
+import type { ControlApi, ReloadTrigger } from './orchestrator/types';
+import { FileWatch } from './orchestrator/file-watch';
 import { startControlServer, type ControlServer } from './control/server';
 import { SrpCoordinator } from './srp/coordinator';
 import { resolveIdentity } from './supervisor/identity';
@@ -91,6 +92,8 @@ export class Daemon {
   private relay: SrpCoordinator | null = null;
   private orchestrator: Orchestrator | null = null;
   private cgroups: Cgroups | null = null;
+  /** orchestration.watch: reloads on file change. */
+  private readonly fileWatch: FileWatch;
   /** A stop requested before the orchestrator existed. */
   private pendingStop: string | null = null;
   /** Aborted by a second stop request while leftover processes are being ended: SIGKILL them now. */
@@ -102,6 +105,7 @@ export class Daemon {
   ) {
     this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State);
     this.listenerWatch = new ListenerWatch(this.listeners, this.metrics, log);
+    this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log);
   }
 
   /** Run until everything has stopped; resolves with Aeterna's exit code. */
@@ -154,10 +158,12 @@ export class Daemon {
       loadConfig: loadConfigFile,
       relay: this.relay,
       cgroups: this.cgroups,
+      reloadSettled: (_record, config) => this.fileWatch.reloadSettled(config),
     });
     if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
     const stopped = this.orchestrator.run();
     this.listenerWatch.start();
+    if (!this.pendingStop) this.fileWatch.apply(this.config.orchestration.watch);
     // The app has been spawned: now load the metrics library (kept off the start-to-exec path).
     setImmediate(() => this.metrics.export());
     code = await stopped;
@@ -192,6 +198,7 @@ export class Daemon {
   }
 
   stop(reason: string): void {
+    this.fileWatch.close(); // no reload starts once stopping
     if (this.orchestrator?.fsm.state === 'Stopped') this.hurry.abort();
     if (this.orchestrator) this.orchestrator.stop(reason);
     else this.pendingStop = reason;
@@ -220,14 +227,21 @@ export class Daemon {
     killLeftovers();
   }
 
-  private reloadFromSignal(): void {
+  /** Start a reload that nobody waits on (SIGHUP, a watched change) and log its outcome; throws as Orchestrator.reload. */
+  private reloadAndLog(trigger: ReloadTrigger): void {
     const orchestrator = this.orchestrator;
-    if (!orchestrator) return;
+    if (!orchestrator) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
+    const name = trigger === 'sighup' ? 'SIGHUP' : trigger;
+    orchestrator.reload(trigger).then(
+      (record) => this.log.info({ reload: record.id, trigger, outcome: record.outcome, reason: record.reason, code: record.code }, `${name} reload ${record.outcome}`),
+      (err: Error) => this.log.error({ err }, `${name} reload failed`),
+    );
+  }
+
+  private reloadFromSignal(): void {
+    if (!this.orchestrator) return;
     try {
-      orchestrator.reload('sighup').then(
-        (record) => this.log.info({ reload: record.id, outcome: record.outcome, reason: record.reason }, `SIGHUP reload ${record.outcome}`),
-        (err: Error) => this.log.error({ err }, 'SIGHUP reload failed'),
-      );
+      this.reloadAndLog('sighup');
     } catch (err) {
       const e = err as AeternaError;
       this.log.warn({ code: e.code }, `SIGHUP ignored: ${e.message}`);
@@ -250,6 +264,7 @@ export class Daemon {
     for (const [signal, handler] of this.handlers) process.off(signal, handler);
     this.handlers.clear();
     this.listenerWatch.stop();
+    this.fileWatch.close();
     await this.control?.close().catch(() => undefined);
     this.metricsServer?.closeAllConnections();
     this.metricsServer?.close();

@@ -211,10 +211,10 @@ interface Manifest {
   doc: Record<string, unknown> & { apiVersion: string; kind: string; metadata: { name: string; labels?: Record<string, string> } };
 }
 
-function loadManifests(): Manifest[] {
+function loadManifests(dir = K8S): Manifest[] {
   const out: Manifest[] = [];
-  for (const name of fs.readdirSync(K8S).filter((f) => /\.ya?ml$/.test(f)).sort()) {
-    const docs = parseAllDocuments(fs.readFileSync(path.join(K8S, name), 'utf8'));
+  for (const name of fs.readdirSync(dir).filter((f) => /\.ya?ml$/.test(f)).sort()) {
+    const docs = parseAllDocuments(fs.readFileSync(path.join(dir, name), 'utf8'));
     assert.ok(Array.isArray(docs), `${name}: not YAML`);
     docs.forEach((d, index) => {
       assert.deepEqual(d.errors.map((e) => e.message), [], `${name}: YAML errors`);
@@ -422,6 +422,27 @@ describe('Kubernetes manifests', () => {
     for (const [k, v] of Object.entries(service.spec.selector)) assert.equal(labels[k], v);
     const names = deployment.spec.template.spec.containers[0].ports.map((p) => p.name);
     for (const p of service.spec.ports) assert.ok(names.includes(String(p.targetPort)), `targetPort ${p.targetPort}`);
+  });
+});
+
+describe('Kubernetes example: code synced by a sidecar, reloaded by orchestration.watch', () => {
+  const manifests = loadManifests(path.join(K8S, 'code-sync'));
+
+  test('its manifests are valid against the Kubernetes OpenAPI schema and types', () => {
+    assert.deepEqual(manifests.map((m) => `${m.file}: ${m.doc.kind}`), ['deployment.yaml: ConfigMap', 'deployment.yaml: Deployment']);
+    assert.deepEqual(manifests.flatMap((m) => schemaErrors(m).map((e) => `${m.file}: ${e}`)), []);
+    assert.deepEqual(strictErrors(manifests), []);
+  });
+
+  test("its aeterna.yaml passes the config loader and watches the mounted code and the ConfigMap's file", () => {
+    const configMap = byKind<ConfigMapDoc>(manifests, 'ConfigMap');
+    const deployment = byKind<DeploymentDoc>(manifests, 'Deployment');
+    const config = parseConfig(configMap.data['aeterna.yaml'], 'deploy/kubernetes/code-sync/deployment.yaml');
+    const mounts = deployment.spec.template.spec.containers[0].volumeMounts.map((m) => m.mountPath);
+    assert.ok(config.orchestration.watch, 'orchestration.watch is set');
+    for (const watched of config.orchestration.watch.paths) {
+      assert.ok(mounts.some((m) => watched.startsWith(`${m}/`)), `${watched} is on a volume of the aeterna container`);
+    }
   });
 });
 

@@ -72,6 +72,7 @@ function shapeOf(spec: Spec): JsonSchema {
       return { type: 'string', pattern: HOST_PORT_PATTERN };
     case 'socketPath':
     case 'directory':
+    case 'path':
       return { type: 'string', minLength: 1 };
     case 'account':
       return {

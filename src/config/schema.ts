@@ -17,6 +17,7 @@ import {
   directory,
   duration,
   fileMode,
+  fsPath,
   hostPort,
   integer,
   list,
@@ -267,6 +268,33 @@ const stateHandoff = object({
   },
 });
 
+const watch = object({
+  description:
+    'Reload when a watched file or directory changes, exactly as SIGHUP does (trigger "watch"): content written, a ' +
+    'rename over it, or a symlink re-pointed (the ..data swap of a Kubernetes ConfigMap volume). One reload per burst ' +
+    'of changes; a change during a reload queues one more. A path that does not exist yet is logged and watched for: ' +
+    'its appearance reloads. Absent: no watching. Read at start and after each promoted reload.',
+  fields: {
+    paths: required(
+      list({
+        description: `Files or directories to watch (a directory: any change of an entry in it, not below). ${RELATIVE}`,
+        items: fsPath({ description: 'A file or directory to watch.', example: '/etc/aeterna/aeterna.yaml' }),
+        minItems: 1,
+        form: 'a non-empty list of paths',
+        example: ['/etc/aeterna/aeterna.yaml', '/app/current'],
+      }),
+    ),
+    debounce: withDefault(
+      duration({
+        description: 'Quiet time after the last change before the reload starts, so a burst of writes reloads once.',
+        minimum: '10ms',
+        maximum: '1h',
+      }),
+      '500ms',
+    ),
+  },
+});
+
 const orchestration = object({
   description: 'How a reload replaces the running generation.',
   fields: {
@@ -291,6 +319,7 @@ const orchestration = object({
     ),
     readiness: withDefault(readiness, {}),
     state_handoff: withDefault(stateHandoff, {}),
+    watch: optional(watch),
   },
 });
 

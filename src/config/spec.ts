@@ -54,6 +54,8 @@ export type SpecKind =
   | { kind: 'socketPath' }
   /** A directory path; relative paths resolve against the config dir. */
   | { kind: 'directory' }
+  /** A file or directory path; relative paths resolve against the config dir. */
+  | { kind: 'path' }
   /** A user or group: a name, or a numeric id (digit strings become numbers). */
   | { kind: 'account' }
   /** An octal file mode string such as "0660". */
@@ -159,6 +161,10 @@ export function socketPath(meta: Meta<string>): Spec<string> {
 
 export function directory(meta: Meta<string>): Spec<string> {
   return { kind: 'directory', ...meta };
+}
+
+export function fsPath(meta: Meta<string>): Spec<string> {
+  return { kind: 'path', ...meta };
 }
 
 export function account(meta: Meta<string | number>): Spec<string | number> {

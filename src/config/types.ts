@@ -56,6 +56,13 @@ export interface StateHandoffConfig {
   maxFrameBytes: number;
 }
 
+export interface WatchConfig {
+  /** Absolute paths of the files and directories whose change triggers a reload. */
+  paths: string[];
+  /** Quiet time after the last change of a burst before the reload. */
+  debounceMs: number;
+}
+
 export interface Config {
   /** Absolute path of the file this config was read from. */
   file: string;
@@ -66,6 +73,8 @@ export interface Config {
     soakTimeMs: number;
     readiness: ReadinessConfig;
     stateHandoff: StateHandoffConfig;
+    /** null when orchestration.watch is absent: no reloads on file change. */
+    watch: WatchConfig | null;
   };
   control: { socketPath: string };
   observability: {

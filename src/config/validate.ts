@@ -153,7 +153,8 @@ class Validator {
         const resolved = resolveSocketPath(text, this.baseDir);
         return resolved.error === undefined ? resolved.path : this.parsed(resolved.error, node, path);
       }
-      case 'directory': {
+      case 'directory':
+      case 'path': {
         const text = this.text(spec, node, path);
         return text === INVALID ? INVALID : nodePath.resolve(this.baseDir, text);
       }
@@ -292,6 +293,8 @@ function formOfKind(spec: Spec): string {
       return 'a unix socket path';
     case 'directory':
       return 'a directory path';
+    case 'path':
+      return 'a file or directory path';
     case 'account':
       return `a name or a numeric id from 0 to ${ACCOUNT_ID_MAX}`;
     case 'fileMode':

@@ -32,7 +32,7 @@ import { IllegalTransitionError, StateMachine, type Event, type State } from './
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
 import type { StateRelay } from './relay';
 import { RestartBudget } from './restart';
-import type { ControlApi, GenerationInfo, ReloadEvent, ReloadPhase, ReloadRecord, StatusReport } from './types';
+import type { ControlApi, GenerationInfo, ReloadEvent, ReloadPhase, ReloadRecord, ReloadTrigger, StatusReport } from './types';
 
 export interface OrchestratorDeps {
   log: Logger;
@@ -48,6 +48,8 @@ export interface OrchestratorDeps {
   relay: StateRelay | null;
   /** One cgroup per generation, where the machine allows it (service.cgroups). */
   cgroups: Cgroups | null;
+  /** Told when a reload's outcome is final, with the config now in effect (the file watch queues on it). */
+  reloadSettled?: (record: ReloadRecord, config: Config) => void;
 }
 
 /** One reload, from the request to its outcome. */
@@ -257,7 +259,7 @@ export class Orchestrator implements ControlApi {
 
   // ---- reload: the steps of docs/architecture.md's sequence --------------------------------
 
-  reload(trigger: 'control' | 'sighup', onEvent?: (event: ReloadEvent) => void): Promise<ReloadRecord> {
+  reload(trigger: ReloadTrigger, onEvent?: (event: ReloadEvent) => void): Promise<ReloadRecord> {
     if (this.inFlight) throw new AeternaError('E_RELOAD_BUSY', `a reload is already in progress (${this.inFlight.record.id})`);
     if (!this.fsm.can('reload')) throw new AeternaError('E_ILLEGAL_TRANSITION', `cannot reload while ${this.fsm.state}`);
     const { run, done } = this.beginReload(trigger, onEvent);
@@ -272,7 +274,7 @@ export class Orchestrator implements ControlApi {
     return done;
   }
 
-  private beginReload(trigger: 'control' | 'sighup', onEvent?: (event: ReloadEvent) => void): { run: ReloadRun; done: Promise<ReloadRecord> } {
+  private beginReload(trigger: ReloadTrigger, onEvent?: (event: ReloadEvent) => void): { run: ReloadRun; done: Promise<ReloadRecord> } {
     let resolve!: (r: ReloadRecord) => void;
     const done = new Promise<ReloadRecord>((r) => (resolve = r));
     const run: ReloadRun = {
@@ -579,6 +581,7 @@ export class Orchestrator implements ControlApi {
     this.lastReload = record;
     this.inFlight = null;
     run.resolve(record);
+    this.deps.reloadSettled?.(record, this.config);
   }
 
   // ---- stop --------------------------------------------------------------------------------

@@ -26,11 +26,14 @@ export interface PhaseMark {
   detail?: string;
 }
 
+/** What asked for a reload: `aeterna reload`, SIGHUP, or a change of a file under orchestration.watch. */
+export type ReloadTrigger = 'control' | 'sighup' | 'watch';
+
 export interface ReloadRecord {
   /** e.g. "reload-3": the third reload since Aeterna started. */
   id: string;
   strategy: Strategy;
-  trigger: 'control' | 'sighup';
+  trigger: ReloadTrigger;
   started_at: string;
   phases: PhaseMark[];
   outcome: ReloadOutcome;
@@ -87,7 +90,7 @@ export interface ControlApi {
    * (or E_ILLEGAL_TRANSITION when the daemon is starting or stopping). Resolves
    * with the final record; onEvent sees every progress event until then.
    */
-  reload(trigger: 'control' | 'sighup', onEvent?: (event: ReloadEvent) => void): Promise<ReloadRecord>;
+  reload(trigger: ReloadTrigger, onEvent?: (event: ReloadEvent) => void): Promise<ReloadRecord>;
   /** End a canary soak now, promoting / rolling back. Throws E_ILLEGAL_TRANSITION when no soak runs. */
   promote(): void;
   rollback(): void;

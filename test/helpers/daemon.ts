@@ -43,6 +43,8 @@ export interface ConfigOptions {
   extraService?: string;
   /** Enable the state relay: true for defaults (socket in the temp dir, 10s), or the flow-map text of state_handoff. */
   handoff?: boolean | string;
+  /** The flow-map text of orchestration.watch. */
+  watch?: string;
 }
 
 export function configYaml(dir: string, o: ConfigOptions): string {
@@ -56,7 +58,7 @@ ${o.restart ? `  restart: ${o.restart}\n` : ''}${o.extraService ?? ''}orchestrat
   strategy: "${o.strategy ?? 'immediate'}"
   soak_time: "${o.soak ?? '1s'}"
   readiness: ${o.readiness ?? '{ mode: "delay", delay: "200ms", timeout: "10s" }'}
-${o.handoff ? `  state_handoff: ${o.handoff === true ? `{ enabled: true, socket_path: "${path.join(dir, 'state.sock')}", timeout: "10s" }` : o.handoff}\n` : ''}control:
+${o.handoff ? `  state_handoff: ${o.handoff === true ? `{ enabled: true, socket_path: "${path.join(dir, 'state.sock')}", timeout: "10s" }` : o.handoff}\n` : ''}${o.watch ? `  watch: ${o.watch}\n` : ''}control:
   socket_path: "${path.join(dir, 'control.sock')}"
 observability:
   log_level: "debug"
