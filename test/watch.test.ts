@@ -64,6 +64,21 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     assert.deepEqual(settledReloads(d, 'watch').map((r) => [r.reload, r.outcome]), [['reload-1', 'promoted']]);
   });
 
+  it('changes that never pause for the debounce still reload (after ten debounces, 5 s at least), while they go on', async () => {
+    const port = await freePort();
+    let file = '';
+    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "300ms" }' }, (dd) => (file = watched(dd)));
+    // A write every 100 ms never leaves 300 ms of quiet: without a bound on the wait, no reload would start.
+    let reloadedWhileWriting = false;
+    for (let i = 0; i < 120 && !reloadedWhileWriting; i++) {
+      fs.writeFileSync(file, `v${i}\n`);
+      await new Promise((r) => setTimeout(r, 100));
+      reloadedWhileWriting = (await d.status()).last_reload?.trigger === 'watch';
+    }
+    assert.ok(reloadedWhileWriting, 'a reload started while the writes went on');
+    await d.stop();
+  });
+
   it('a burst of 20 writes (and renames over the file) within the debounce reloads once', async () => {
     const port = await freePort();
     let file = '';

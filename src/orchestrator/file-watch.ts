@@ -8,7 +8,7 @@
 //   - the directory of P's real path, for writes to the file a symlink points at.
 // A path that does not exist is watched for through its deepest existing
 // ancestor; it reloads when it appears. A burst of events becomes one reload
-// after `debounce` of quiet; at that moment the watches are set up again (a
+// after `debounce` of quiet (or, for changes that never pause, after ten debounces, 5 s at least); at that moment the watches are set up again (a
 // swap replaces the directories they were on). A reload already in progress
 // queues exactly one more, started when that reload's outcome is final.
 import fs from 'node:fs';
@@ -23,6 +23,10 @@ interface Subscription {
   names: Set<string> | null;
 }
 
+/** A burst of changes that never pauses for `debounce` reloads after this many debounces (5 s at least) all the same. */
+const MAX_BURST_FACTOR = 10;
+const MIN_MAX_BURST_MS = 5000;
+
 export class FileWatch {
   private config: WatchConfig | null = null;
   /** One inotify watch per directory, whatever the number of paths seen through it. */
@@ -33,6 +37,8 @@ export class FileWatch {
   /** Watched paths with an event since the last reload. */
   private readonly changed = new Set<string>();
   private debounce: NodeJS.Timeout | null = null;
+  /** When the current burst began: a burst that never pauses still reloads after MAX_BURST_FACTOR debounces. */
+  private burstSince = 0;
   private queuedStart: NodeJS.Immediate | null = null;
   /** A change arrived while a reload was in progress: one more reload when it settles. */
   private queued = false;
@@ -143,8 +149,11 @@ export class FileWatch {
       }
     }
     if (!hit) return;
+    const now = performance.now();
     if (this.debounce) clearTimeout(this.debounce);
-    this.debounce = setTimeout(() => this.settle(), this.config.debounceMs);
+    else this.burstSince = now;
+    const left = Math.max(MIN_MAX_BURST_MS, MAX_BURST_FACTOR * this.config.debounceMs) - (now - this.burstSince);
+    this.debounce = setTimeout(() => this.settle(), Math.max(0, Math.min(this.config.debounceMs, left)));
   }
 
   /** The burst is over: watch the paths as they are now, and reload for those that exist. */
