@@ -67,13 +67,13 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
   it('changes that never pause for the debounce still reload (after ten debounces, 5 s at least), while they go on', async () => {
     const port = await freePort();
     let file = '';
-    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "300ms" }' }, (dd) => (file = watched(dd)));
-    // A write every 100 ms never leaves 300 ms of quiet: without a bound on the wait, no reload would start.
+    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "1s" }' }, (dd) => (file = watched(dd)));
+    // A write every 50 ms never leaves a second of quiet: without a bound on the wait, no reload would start.
     let reloadedWhileWriting = false;
-    for (let i = 0; i < 120 && !reloadedWhileWriting; i++) {
+    for (let i = 0; i < 300 && !reloadedWhileWriting; i++) {
       fs.writeFileSync(file, `v${i}\n`);
-      await new Promise((r) => setTimeout(r, 100));
-      reloadedWhileWriting = (await d.status()).last_reload?.trigger === 'watch';
+      await new Promise((r) => setTimeout(r, 50));
+      if (i % 10 === 9) reloadedWhileWriting = (await d.status()).last_reload?.trigger === 'watch';
     }
     assert.ok(reloadedWhileWriting, 'a reload started while the writes went on');
     await d.stop();
