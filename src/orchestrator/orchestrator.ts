@@ -88,7 +88,7 @@ export class Orchestrator implements ControlApi {
   private startupWatch: ReadinessWatch | null = null;
   /** The generation Aeterna stopped because it never became ready at start: its exit is a failure, whatever its code. */
   private neverReady: Generation | null = null;
-  /** The watchdog of each ready generation with service.watchdog, until it exits or drains. */
+  /** The watchdog of each generation with service.watchdog (its deadlines run once it is ready), until it exits or drains. */
   private readonly watchdogs = new Map<Generation, Watchdog>();
   /** Generations the watchdog fired on: their exit is a failure, whatever its code. */
   private readonly watchdogFired = new WeakSet<Generation>();
@@ -180,6 +180,8 @@ export class Orchestrator implements ControlApi {
     this.deps.relay?.attach(gen, role);
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');
     gen.exited.then((info) => this.onExit(gen, info));
+    const watchdogMs = config.service.watchdogMs;
+    if (watchdogMs !== null) this.watchdogs.set(gen, new Watchdog(gen, watchdogMs, this.deps.notify, this.deps.log, (why) => this.watchdogTimeout(gen, config, why)));
     return gen;
   }
 
@@ -192,13 +194,6 @@ export class Orchestrator implements ControlApi {
       return;
     }
     this.deps.fdStore.handle(m, this.config.service.fdstoreMax, gen.number);
-  }
-
-  /** A generation is ready: with service.watchdog, it must ping from now on. */
-  private startWatchdog(gen: Generation, config: Config): void {
-    const intervalMs = config.service.watchdogMs;
-    if (intervalMs === null || !gen.alive || this.watchdogs.has(gen)) return;
-    this.watchdogs.set(gen, new Watchdog(gen, intervalMs, this.deps.notify, this.deps.log, (why) => this.watchdogTimeout(gen, config, why)));
   }
 
   private stopWatchdog(gen: Generation | null): void {
@@ -245,7 +240,7 @@ export class Orchestrator implements ControlApi {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
         this.deps.metrics.setGeneration(gen.number);
         this.fire('ready'); // Running
-        this.startWatchdog(gen, this.config);
+        this.watchdogs.get(gen)?.start(); // with service.watchdog, it must ping from now on
       },
       (err: AeternaError) => {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
@@ -409,7 +404,7 @@ export class Orchestrator implements ControlApi {
     run.readiness.ready.then(
       () => {
         if (!this.stillCurrent(run, 'Handover')) return;
-        this.startWatchdog(next, run.config);
+        this.watchdogs.get(next)?.start();
         run.awaiting.delete('ready');
         this.promoteWhenDone(run);
       },

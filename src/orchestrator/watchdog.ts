@@ -1,7 +1,8 @@
-// systemd's service watchdog (WatchdogSec=) for one ready generation: it must
-// send WATCHDOG=1 over sd_notify within the interval, or the watchdog fires.
-// WATCHDOG=trigger fires at once; WATCHDOG_USEC=n changes the interval for this
-// generation (0 turns it off). What firing does (SIGABRT, a crash) is the
+// systemd's service watchdog (WatchdogSec=) for one generation: once started
+// (when the generation is ready) it must send WATCHDOG=1 over sd_notify within
+// the interval, or the watchdog fires. WATCHDOG=trigger fires at once, and
+// WATCHDOG_USEC=n changes the interval for this generation (0 turns it off),
+// from the spawn on: an app may send them with READY=1 in the same breath. What firing does (SIGABRT, a crash) is the
 // orchestrator's decision; this module only keeps the deadline.
 import { formatDuration } from '../config/duration';
 import type { Logger } from '../log';
@@ -14,6 +15,8 @@ const MAX_USEC = 24 * 3600 * 1_000_000;
 
 export class Watchdog {
   private timer: NodeJS.Timeout | null = null;
+  /** Deadlines count from start() on (the generation is ready). */
+  private started = false;
   private stopped = false;
   private readonly onMessage = (m: NotifyMessage): void => this.message(m);
 
@@ -26,6 +29,12 @@ export class Watchdog {
     private readonly fire: (why: string) => void,
   ) {
     notify.on('message', this.onMessage);
+  }
+
+  /** The generation is ready: the first deadline runs from now. */
+  start(): void {
+    if (this.stopped || this.started) return;
+    this.started = true;
     this.arm();
   }
 
@@ -39,7 +48,7 @@ export class Watchdog {
   private arm(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
-    if (this.intervalMs === 0) return; // WATCHDOG_USEC=0: off for this generation
+    if (!this.started || this.intervalMs === 0) return; // WATCHDOG_USEC=0: off for this generation
     this.timer = setTimeout(() => this.expire(`no WATCHDOG=1 within ${formatDuration(this.intervalMs)} (service.watchdog)`), this.intervalMs);
   }
 
