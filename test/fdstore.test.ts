@@ -31,9 +31,10 @@ after(async () => {
   for (const d of daemons) await d.run.killAll();
 });
 
-async function started(plan: Record<string, string[]>, service: string, metricsPort?: number): Promise<Daemon> {
+async function started(plan: Record<string, string[]>, service: string, metricsPort?: number, canary = false): Promise<Daemon> {
   const port = await freePort();
   const d = new Daemon({
+    ...(canary ? { strategy: 'canary' as const, soak: '30s' } : {}),
     command: ['python3', APP],
     port,
     env: [`APP_PLAN=${JSON.stringify(plan)}`],
@@ -217,6 +218,18 @@ describe('watchdog (service.watchdog)', { skip: skip ?? false, timeout: 60000 },
     await d.run.waitFor(/^SIGABRT generation 1$/m);
     await d.waitStatus((s) => s.state === 'Running' && s.generation === 2);
     assert.equal(logged(d, /timed out: no WATCHDOG=1 within 200ms/), 1);
+  });
+
+  it("a reload's new generation whose watchdog fires is rolled back with E_WATCHDOG; the old one serves on", async () => {
+    const d = await started({ '1': ['ready', 'ping'], '2': ['ready', 'trigger'] }, '  watchdog: "10s"\n', undefined, true);
+    const reload = await d.cli('reload');
+    assert.notEqual(reload.code, 0);
+    await d.run.waitFor(/^SIGABRT generation 2$/m);
+    const status = await d.waitStatus((s) => s.state === 'Running' && s.last_reload !== null);
+    assert.equal(status.last_reload!.outcome, 'rolled_back');
+    assert.equal(status.last_reload!.code, 'E_WATCHDOG');
+    assert.equal(status.generation, 1);
+    assert.equal(status.restarts, 0);
   });
 
   it('an app that ignores SIGABRT gets SIGKILL after stop_timeout and is restarted', async () => {

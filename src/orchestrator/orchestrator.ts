@@ -299,6 +299,7 @@ export class Orchestrator implements ControlApi {
     if (gen === this.candidate) {
       if (state === 'RollingBack') return this.finishRollback();
       const when = state === 'Soaking' ? 'during soak' : this.deps.relay?.relaying(gen) ? 'during the state relay' : 'before becoming ready';
+      if (this.watchdogFired.has(gen)) return this.rollBack('exited', `the watchdog fired and it was ${how} ${when}`, 'E_WATCHDOG');
       this.rollBack('exited', `${how} ${when}`, 'E_CHILD_EXITED');
     }
   }
