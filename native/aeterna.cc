@@ -29,6 +29,7 @@
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -509,7 +510,15 @@ Napi::Value RecvDatagram(const Napi::CallbackInfo& info) {
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return env.Null();
   if (n < 0) return Throw(SysError(env, errno, "recvmsg", FdName(fd)));
 
-  CloseAll(ReceivedFds(&msg));
+  // fds a sender attaches are the caller's only when it asked to keep them (the fd
+  // store); otherwise they are closed here. A cut set (MSG_CTRUNC) is never kept.
+  const bool keep_fds = info.Length() > 2 && info[2].ToBoolean();
+  const bool fds_cut = (msg.msg_flags & MSG_CTRUNC) != 0;
+  std::vector<int> fds = ReceivedFds(&msg);
+  if (!keep_fds || fds_cut) {
+    CloseAll(fds);
+    fds.clear();
+  }
   // With SO_PASSCRED the kernel always adds credentials; pid 0 means "unknown"
   // (e.g. a sender in a pid namespace we cannot see) and never matches a child.
   ucred cred{0, static_cast<uid_t>(-1), static_cast<gid_t>(-1)};
@@ -521,7 +530,61 @@ Napi::Value RecvDatagram(const Napi::CallbackInfo& info) {
   // care pass one byte more than they accept and reject a full buffer.
   Napi::Object result = CredentialsObject(env, cred.pid, cred.uid, cred.gid);
   result.Set("data", Napi::Buffer<uint8_t>::Copy(env, data.get(), static_cast<size_t>(n)));
+  result.Set("fds", FdArray(env, fds));
+  result.Set("fdsCut", fds_cut);
   return result;
+}
+
+// ---------------------------------------------------------------------------
+// Hangup set: an epoll set that reports only POLLHUP/POLLERR of its members
+// ---------------------------------------------------------------------------
+
+// Stored fds are watched with no events requested: epoll always reports hangups
+// and errors. Unlike a uv_poll per fd, this never touches the fd's O_NONBLOCK flag,
+// which the app that owns the fd shares. The set's own fd goes to a Poller.
+
+Napi::Value HangupSetCreate(const Napi::CallbackInfo& info) {
+  int fd = epoll_create1(EPOLL_CLOEXEC);
+  if (fd < 0) return Throw(SysError(info.Env(), errno, "epoll_create1", "hangup set"));
+  return Napi::Number::New(info.Env(), fd);
+}
+
+// Throws EPERM for an fd that cannot be polled (a memfd, a regular file): nothing to watch.
+Napi::Value HangupSetAdd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int set, fd;
+  if (!GetFd(info[0], "set", &set) || !GetFd(info[1], "fd", &fd)) return Napi::Value();
+  epoll_event ev{};
+  ev.events = 0;
+  ev.data.fd = fd;
+  if (epoll_ctl(set, EPOLL_CTL_ADD, fd, &ev) < 0) return Throw(SysError(env, errno, "epoll_ctl", FdName(fd)));
+  return env.Undefined();
+}
+
+// Must come before close(fd): an epoll entry lives as long as the open file, which the app may still hold.
+Napi::Value HangupSetRemove(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int set, fd;
+  if (!GetFd(info[0], "set", &set) || !GetFd(info[1], "fd", &fd)) return Napi::Value();
+  epoll_ctl(set, EPOLL_CTL_DEL, fd, nullptr);  // not a member (never pollable): nothing to do
+  return env.Undefined();
+}
+
+// The members that hung up or failed, without waiting.
+Napi::Value HangupSetReady(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int set;
+  if (!GetFd(info[0], "set", &set)) return Napi::Value();
+  epoll_event events[64];
+  int n;
+  do n = epoll_wait(set, events, 64, 0);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) return Throw(SysError(env, errno, "epoll_wait", "hangup set"));
+  std::vector<int> fds;
+  for (int i = 0; i < n; i++) {
+    if (events[i].events & (EPOLLHUP | EPOLLERR)) fds.push_back(events[i].data.fd);
+  }
+  return FdArray(env, fds);
 }
 
 // ---------------------------------------------------------------------------
@@ -849,6 +912,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"peerCred", PeerCred},
       {"bindNotifySocket", BindNotifySocket},
       {"recvDatagram", RecvDatagram},
+      {"hangupSetCreate", HangupSetCreate},
+      {"hangupSetAdd", HangupSetAdd},
+      {"hangupSetRemove", HangupSetRemove},
+      {"hangupSetReady", HangupSetReady},
       {"memfdCreate", MemfdCreate},
       {"sealMemfd", SealMemfd},
       {"getSeals", GetSeals},

@@ -51,7 +51,7 @@ struct SpawnPlan {
   std::vector<std::string> args, envs;
   std::vector<char*> argv, envp;  // NULL-terminated, pointing into args/envs
   std::vector<std::string> paths;  // execve candidates, in order
-  char* listen_pid = nullptr;      // digit slot inside envs, filled in by the child
+  std::vector<char*> pid_slots;    // digit slots inside envs (LISTEN_PID, WATCHDOG_PID), filled in by the child
   std::string cwd;
   bool has_cwd = false;
   std::vector<int> sources;  // the child's fd i is sources[i]: stdio, then fds
@@ -137,10 +137,10 @@ void ResetSignals(int error_fd) {
 }
 
 // Own session and process group: the group can be signalled as a whole. The
-// child's pid is known from here on: fill in LISTEN_PID.
+// child's pid is known from here on: fill in LISTEN_PID and the like.
 void StartSession(SpawnPlan& plan, int error_fd) {
   if (setsid() < 0) ChildFail(error_fd, kSetsid, errno);
-  if (plan.listen_pid != nullptr) WriteDecimal(plan.listen_pid, static_cast<long>(getpid()));
+  for (char* slot : plan.pid_slots) WriteDecimal(slot, static_cast<long>(getpid()));
 }
 
 // Place fds. A source may sit at another source's target (fds [4, 3] swaps them),
@@ -221,28 +221,47 @@ bool BuildSpawnPlan(const Napi::Object& options, SpawnPlan* plan) {
     plan->args.emplace_back();
     if (!GetString(argv.Get(i), "argv[]", &plan->args.back())) return false;
   }
-  const bool listen_pid = options.Get("listenPid").ToBoolean();
+  // Variables whose value is the child's own pid, known only after fork.
+  std::vector<std::string> pid_vars;
+  if (options.Get("listenPid").ToBoolean()) pid_vars.push_back("LISTEN_PID");
+  Napi::Value extra_pid_vars = options.Get("pidEnv");
+  if (!extra_pid_vars.IsUndefined()) {
+    Napi::Array names;
+    if (!GetArray(extra_pid_vars, "pidEnv", &names)) return false;
+    for (uint32_t i = 0; i < names.Length(); i++) {
+      pid_vars.emplace_back();
+      if (!GetString(names.Get(i), "pidEnv[]", &pid_vars.back())) return false;
+    }
+  }
+  auto is_pid_var = [&pid_vars](const std::string& entry) {
+    for (const std::string& name : pid_vars)
+      if (entry.size() > name.size() && entry.compare(0, name.size(), name) == 0 && entry[name.size()] == '=') return true;
+    return false;
+  };
   std::string path_var = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
   bool found_path = false;
   for (uint32_t i = 0; i < envs.Length(); i++) {
     std::string entry;
     if (!GetString(envs.Get(i), "env[]", &entry)) return false;
     // A stale LISTEN_PID would shadow ours: getenv returns the first match.
-    if (listen_pid && entry.compare(0, 11, "LISTEN_PID=") == 0) continue;
+    if (is_pid_var(entry)) continue;
     if (!found_path && entry.compare(0, 5, "PATH=") == 0) {
       path_var = entry.substr(5);
       found_path = true;
     }
     plan->envs.push_back(std::move(entry));
   }
-  if (listen_pid) plan->envs.push_back("LISTEN_PID=" + std::string(kPidDigits + 1, '\0'));
+  for (const std::string& name : pid_vars) plan->envs.push_back(name + "=" + std::string(kPidDigits + 1, '\0'));
 
   // Pointers only after the vectors stop growing.
   for (std::string& s : plan->args) plan->argv.push_back(&s[0]);
   plan->argv.push_back(nullptr);
   for (std::string& s : plan->envs) plan->envp.push_back(&s[0]);
   plan->envp.push_back(nullptr);
-  if (listen_pid) plan->listen_pid = &plan->envs.back()[11];
+  for (size_t i = 0; i < pid_vars.size(); i++) {
+    std::string& entry = plan->envs[plan->envs.size() - pid_vars.size() + i];
+    plan->pid_slots.push_back(&entry[pid_vars[i].size() + 1]);
+  }
 
   const std::string& file = plan->args[0];
   if (file.find('/') != std::string::npos) {

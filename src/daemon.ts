@@ -15,6 +15,7 @@ import { endLeftovers, killLeftovers } from './supervisor/leftovers';
 import { ListenerSet, inheritedListeners } from './resources/listeners';
 import { ListenerWatch } from './resources/listener-watch';
 import { NotifySocket } from './resources/notify';
+import { FdStore } from './resources/fd-store';
 import { Orchestrator } from './orchestrator/orchestrator';
 import { STATES, type State } from './orchestrator/fsm';
 import type { ControlApi, ReloadTrigger } from './orchestrator/types';
@@ -87,6 +88,7 @@ export class Daemon {
   private readonly listenerWatch: ListenerWatch;
   private readonly handlers = new Map<NodeJS.Signals, () => void>();
   private notify: NotifySocket | null = null;
+  private fdStore: FdStore | null = null;
   private control: ControlServer | null = null;
   private metricsServer: http.Server | null = null;
   private relay: SrpCoordinator | null = null;
@@ -148,6 +150,7 @@ export class Daemon {
       return startFailureCode(err);
     }
     this.cgroups = this.openCgroups();
+    this.fdStore = new FdStore(this.log, (count) => this.metrics.fdStoreChanged(count));
     this.orchestrator = new Orchestrator(this.config, {
       log: this.log,
       metrics: this.metrics,
@@ -155,6 +158,7 @@ export class Daemon {
       listeners: this.listeners,
       listenerWatch: this.listenerWatch,
       notify: this.notify,
+      fdStore: this.fdStore,
       loadConfig: loadConfigFile,
       relay: this.relay,
       cgroups: this.cgroups,
@@ -269,6 +273,7 @@ export class Daemon {
     this.metricsServer?.closeAllConnections();
     this.metricsServer?.close();
     this.notify?.close();
+    this.fdStore?.close();
     await this.relay?.close();
     this.listeners.closeAll();
     await this.cgroups?.close();

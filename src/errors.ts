@@ -9,6 +9,7 @@ export const ErrorCodes = {
   E_SPAWN_FAILED: 'the app could not be started (missing binary, not executable, bad cwd or user)',
   E_CHILD_EXITED: 'the app exited',
   E_CRASH_LOOP: 'the app crashed more often than service.restart allows',
+  E_WATCHDOG: 'the app sent no WATCHDOG=1 within service.watchdog (or sent WATCHDOG=trigger)',
   E_READY_TIMEOUT: 'the new generation did not become ready in time',
   E_PROBE_FAILED: 'the exec readiness probe failed during a canary soak',
   E_RELAY_FAILED: 'the state relay between generations failed',

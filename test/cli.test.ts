@@ -44,6 +44,7 @@ class FakeApi implements ControlApi {
       previous: { generation: 2, pid: 4000, started_at: new Date(0).toISOString(), ready: true },
       candidate: null,
       restarts: 0,
+      fdstore: ['sessions', 'sessions', 'conn'],
       last_reload: this.last,
     };
   }
@@ -309,6 +310,7 @@ describe('aeterna CLI', { timeout: 120000 }, () => {
     assert.match(r.stdout, /^generation: +3 \(pid 4321\)$/m);
     assert.match(r.stdout, /^listeners: +http tcp:\/\/0\.0\.0\.0:8080 \(fd 3\)$/m);
     assert.match(r.stdout, /^previous: +generation 2 \(pid 4000\)/m);
+    assert.match(r.stdout, /^fd store: +3 fd\(s\): sessions, sessions, conn$/m);
     assert.match(r.stdout, /^last reload: +reload-\d+ promoted/m);
   });
 

@@ -102,7 +102,7 @@ describe('errors name file:line:column, key path, expected form and what was fou
     const lines = configError(() => parseConfig(minimalYaml('  soak_time: 10s\n  frobnicate: 1\n'), 'x.yaml')).message.split('\n');
     assert.deepEqual(lines, [
       'x.yaml:5:3 service.soak_time: unknown key "soak_time" here; it belongs in orchestration',
-      'x.yaml:6:3 service.frobnicate: unknown key "frobnicate"; expected one of name, command, env, cwd, user, group, listeners, stop_timeout, restart, cgroups',
+      'x.yaml:6:3 service.frobnicate: unknown key "frobnicate"; expected one of name, command, env, cwd, user, group, listeners, stop_timeout, restart, fdstore_max, watchdog, cgroups',
     ]);
   });
 
@@ -226,6 +226,8 @@ describe('loading', () => {
         stopTimeoutMs: 30_000,
         cgroups: true,
         restart: { policy: 'on-failure', maxRestarts: 5, windowMs: 60_000 },
+        fdstoreMax: 0,
+        watchdogMs: null,
       },
       orchestration: {
         strategy: 'immediate',

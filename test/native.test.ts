@@ -90,8 +90,9 @@ function zombieChildren(): number[] {
 }
 
 const openFdCount = (): number => fs.readdirSync('/proc/self/fd').length;
-const isCloexec = (fd: number): boolean =>
-  (parseInt(/^flags:\s+(\d+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8) & O_CLOEXEC) !== 0;
+/** The open flags of one of this process's fds, from /proc. */
+const fdFlags = (fd: number): number => parseInt(/^flags:\s+(\d+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8);
+const isCloexec = (fd: number): boolean => (fdFlags(fd) & O_CLOEXEC) !== 0;
 
 interface Report {
   pid: number;
@@ -103,6 +104,7 @@ interface Report {
   cwd: string;
   env: Record<string, string | null>;
   envCount: number;
+  watchdogPid: string | null;
   fds: number[];
   links: Record<string, string>;
   listening: Record<string, boolean>;
@@ -255,6 +257,12 @@ describe('spawn', () => {
     for (const fd of [listener, memfd]) native.close(fd);
     fs.closeSync(outFd);
     fs.closeSync(markerFd);
+  });
+
+  test('pidEnv sets more variables to the child pid (WATCHDOG_PID), replacing a stale value', async () => {
+    const { pid, report } = await runReport('pid-env', { fds: [], listenPid: false, pidEnv: ['WATCHDOG_PID'], env: ['WATCHDOG_PID=1'] });
+    assert.equal(report.watchdogPid, String(pid));
+    assert.equal(report.env.LISTEN_PID, null);
   });
 
   test('runs the child in its own session with default signal dispositions and an empty mask', async () => {
@@ -510,6 +518,42 @@ describe('notify socket', () => {
     assert.equal(native.recvDatagram(fd, 4096)!.data.toString(), 'FDSTORE=1');
     assert.equal(openFdCount(), before);
     native.close(fd);
+  });
+
+  test('with keepFds the attached fds are the caller\'s: open, close-on-exec, the same files', async () => {
+    const address = path.join(tmp, 'notify-keep.sock');
+    const fd = native.bindNotifySocket(address);
+    const pid = spawn(['python3', fixture('notify.py'), address, 'FDSTORE=1', '0', '2']);
+    assert.deepEqual(await waitExit(pid), { pid, code: 0, signal: null });
+    const before = openFdCount();
+    const datagram = native.recvDatagram(fd, 4096, true)!;
+    assert.equal(datagram.fdsCut, false);
+    assert.equal(datagram.fds.length, 2);
+    assert.equal(openFdCount(), before + 2);
+    for (const kept of datagram.fds) assert.ok(isCloexec(kept));
+    assert.equal(fs.readlinkSync(`/proc/self/fd/${datagram.fds[0]}`), '/dev/null'); // spawn's stdin
+    for (const kept of datagram.fds) native.close(kept);
+    native.close(fd);
+  });
+});
+
+describe('hangup set', () => {
+  test('reports a member socket whose peer hung up, without setting O_NONBLOCK on it; a memfd cannot join', () => {
+    const set = native.hangupSetCreate();
+    const [a, b] = native.test.socketpair();
+    const blocking = native.listenUnix(path.join(tmp, 'hangup-blocking.sock'), 4, 0o600); // created blocking
+    native.hangupSetAdd(set, blocking);
+    assert.equal(fdFlags(blocking) & 0o4000, 0, 'O_NONBLOCK stays off');
+    const memfd = native.memfdCreate('not-pollable');
+    assert.throws(() => native.hangupSetAdd(set, memfd), { code: 'EPERM' });
+    native.hangupSetAdd(set, a);
+    assert.deepEqual(native.hangupSetReady(set), []);
+    native.close(b);
+    assert.deepEqual(native.hangupSetReady(set), [a]);
+    native.hangupSetRemove(set, a);
+    assert.deepEqual(native.hangupSetReady(set), []);
+    native.hangupSetRemove(set, blocking);
+    for (const fd of [a, blocking, memfd, set]) native.close(fd);
   });
 });
 

@@ -138,6 +138,7 @@ export function formatStatus(status: StatusReport): string {
   if (status.previous) rows.push(['previous', describeGeneration(status.previous)]);
   if (status.candidate) rows.push(['candidate', describeGeneration(status.candidate)]);
   rows.push(['restarts', String(status.restarts)]);
+  if (status.fdstore.length > 0) rows.push(['fd store', `${status.fdstore.length} fd(s): ${status.fdstore.join(', ')}`]);
   rows.push(['last reload', status.last_reload === null ? 'none' : describeLastReload(status.last_reload)]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;
   // A value of several lines continues under its first.

@@ -153,6 +153,8 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
       stopTimeoutMs: service.stop_timeout,
       cgroups: service.cgroups,
       restart: { policy: service.restart.policy, maxRestarts: service.restart.max_restarts, windowMs: service.restart.window },
+      fdstoreMax: service.fdstore_max,
+      watchdogMs: service.watchdog ?? null,
     },
     orchestration: {
       strategy: orchestration.strategy,

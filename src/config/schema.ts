@@ -181,6 +181,25 @@ const service = object({
       '30s',
     ),
     restart: withDefault(restart, {}),
+    fdstore_max: withDefault(
+      integer({
+        description:
+          'How many fds the app may park with Aeterna (sd_notify FDSTORE=1, as systemd\'s FileDescriptorStoreMax=); ' +
+          'every later generation gets them after the listeners, in LISTEN_FDS and LISTEN_FDNAMES. 0: no fd store.',
+        minimum: 0,
+        maximum: 4096,
+      }),
+      0,
+    ),
+    watchdog: optional(
+      duration({
+        description:
+          'As systemd\'s WatchdogSec=: a ready generation must send WATCHDOG=1 within this interval (it gets WATCHDOG_USEC ' +
+          'and WATCHDOG_PID), or it gets SIGABRT (SIGKILL after stop_timeout) and counts as crashed. Absent: no watchdog.',
+        minimum: '1ms',
+        maximum: '24h',
+      }),
+    ),
     cgroups: withDefault(
       boolean({
         description:

@@ -35,6 +35,10 @@ export interface ServiceConfig {
   /** One cgroup per generation where possible (read at start). */
   cgroups: boolean;
   restart: { policy: RestartPolicy; maxRestarts: number; windowMs: number };
+  /** fds the app may park with Aeterna (FDSTORE=1); 0 = no fd store. */
+  fdstoreMax: number;
+  /** WatchdogSec=: the longest a ready generation may go without WATCHDOG=1; null = no watchdog. */
+  watchdogMs: number | null;
 }
 
 export interface ReadinessConfig {

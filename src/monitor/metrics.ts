@@ -27,6 +27,8 @@ class Exported {
   readonly handoffBytes: Counter;
   readonly handoffDuration: Histogram;
   readonly listenerRepairs: Counter<'listener' | 'result'>;
+  readonly fdstoreFds: Gauge;
+  readonly watchdogTimeouts: Counter;
 
   constructor() {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
@@ -42,6 +44,8 @@ class Exported {
     this.handoffBytes = new prom.Counter({ name: 'aeterna_state_handoff_bytes_total', help: 'Bytes of app state relayed between generations', registers });
     this.handoffDuration = new prom.Histogram({ name: 'aeterna_state_handoff_duration_seconds', help: 'Time from the dump request to the new generation acknowledging the state', buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30], registers });
     this.listenerRepairs = new prom.Counter({ name: 'aeterna_listener_repairs_total', help: 'Listeners found broken (an app shut its socket down), by listener and what repairing did (relistened, rebound, failed)', labelNames: ['listener', 'result'] as const, registers });
+    this.fdstoreFds = new prom.Gauge({ name: 'aeterna_fdstore_fds', help: 'Fds the app parked in the fd store (FDSTORE=1)', registers });
+    this.watchdogTimeouts = new prom.Counter({ name: 'aeterna_watchdog_timeouts_total', help: 'Generations the watchdog fired on (no WATCHDOG=1 in time, or WATCHDOG=trigger)', registers });
     prom.collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
   }
 }
@@ -110,6 +114,14 @@ export class Metrics {
 
   listenerRepaired(listener: string, result: string): void {
     this.record((e) => e.listenerRepairs.inc({ listener, result }));
+  }
+
+  fdStoreChanged(count: number): void {
+    this.record((e) => e.fdstoreFds.set(count));
+  }
+
+  watchdogTimedOut(): void {
+    this.record((e) => e.watchdogTimeouts.inc());
   }
 
   stateRelayed(bytes: number, seconds?: number): void {

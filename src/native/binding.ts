@@ -36,6 +36,8 @@ export interface SpawnOptions {
   stdio?: [number, number, number];
   /** Append LISTEN_PID=<the child's own pid> to env (filled in after fork). */
   listenPid: boolean;
+  /** More variables set to the child's own pid, as LISTEN_PID is (WATCHDOG_PID). */
+  pidEnv?: string[];
   /** Drop to this uid/gid in the child before exec. Pass `groups` whenever `uid` is set: otherwise Aeterna's own supplementary groups stay. */
   uid?: number;
   gid?: number;
@@ -64,6 +66,10 @@ export interface Credentials {
 
 export interface Datagram extends Credentials {
   data: Buffer;
+  /** fds that arrived with SCM_RIGHTS (close-on-exec), when the caller asked to keep them; the caller owns them. */
+  fds: number[];
+  /** More fds were attached than fit: every one that arrived was closed. */
+  fdsCut: boolean;
 }
 
 /** Poll events, as bits. */
@@ -114,8 +120,17 @@ export interface Binding {
    * A path socket's file gets `mode` (default 0600) before anyone can send to it.
    */
   bindNotifySocket(path: string, mode?: number): number;
-  /** One datagram with its sender's credentials; null on EAGAIN. A datagram longer than maxBytes is cut: pass one byte more than the limit to notice. */
-  recvDatagram(fd: number, maxBytes: number): Datagram | null;
+  /** One datagram with its sender's credentials; null on EAGAIN. Attached fds are closed unless keepFds. A datagram longer than maxBytes is cut: pass one byte more than the limit to notice. */
+  recvDatagram(fd: number, maxBytes: number, keepFds?: boolean): Datagram | null;
+
+  /** An epoll set (close-on-exec) that reports only hangups and errors of its members; watch its fd with a Poller. */
+  hangupSetCreate(): number;
+  /** Watch fd for POLLHUP/POLLERR without touching its flags; throws EPERM when fd cannot be polled (a memfd, a file). */
+  hangupSetAdd(set: number, fd: number): void;
+  /** Stop watching fd; call before closing it. */
+  hangupSetRemove(set: number, fd: number): void;
+  /** The members that hung up or failed, without waiting. */
+  hangupSetReady(set: number): number[];
 
   /** memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING). */
   memfdCreate(name: string): number;

@@ -23,7 +23,9 @@ import type { Metrics } from '../monitor/metrics';
 import type { ExitInfo } from '../native/binding';
 import type { ListenerSet } from '../resources/listeners';
 import type { ListenerWatch } from '../resources/listener-watch';
-import type { NotifySocket } from '../resources/notify';
+import type { NotifyMessage, NotifySocket } from '../resources/notify';
+import type { FdStore } from '../resources/fd-store';
+import { belongsTo } from '../supervisor/proctree';
 import { Generation } from '../supervisor/generation';
 import { describeExit, exitCodeOf } from '../supervisor/exit';
 import type { Reaper } from '../supervisor/reaper';
@@ -32,6 +34,7 @@ import { IllegalTransitionError, StateMachine, type Event, type State } from './
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
 import type { StateRelay } from './relay';
 import { RestartBudget } from './restart';
+import { Watchdog } from './watchdog';
 import type { ControlApi, GenerationInfo, ReloadEvent, ReloadPhase, ReloadRecord, ReloadTrigger, StatusReport } from './types';
 
 export interface OrchestratorDeps {
@@ -42,6 +45,8 @@ export interface OrchestratorDeps {
   /** Repairs listeners an app broke; checked before every spawn. */
   listenerWatch: ListenerWatch;
   notify: NotifySocket;
+  /** systemd's fd store: what the app parked with FDSTORE=1, passed to every later generation. */
+  fdStore: FdStore;
   /** Re-reads and validates the config file at each reload (throws ConfigError). */
   loadConfig: (file: string) => Config;
   /** The state relay, when state_handoff is enabled. */
@@ -85,6 +90,10 @@ export class Orchestrator implements ControlApi {
   private startupWatch: ReadinessWatch | null = null;
   /** The generation Aeterna stopped because it never became ready at start: its exit is a failure, whatever its code. */
   private neverReady: Generation | null = null;
+  /** The watchdog of each generation with service.watchdog (its deadlines run once it is ready), until it exits or drains. */
+  private readonly watchdogs = new Map<Generation, Watchdog>();
+  /** Generations the watchdog fired on: their exit is a failure, whatever its code. */
+  private readonly watchdogFired = new WeakSet<Generation>();
   private restartTimer: NodeJS.Timeout | null = null;
   private generations = 0;
   private reloads = 0;
@@ -107,6 +116,7 @@ export class Orchestrator implements ControlApi {
     this.stopped = new Promise((resolve) => (this.resolveStopped = resolve));
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
+    deps.notify.on('message', (m) => this.storeFds(m));
     this.fsm.onTransition((t) => {
       deps.metrics.setState(t.to);
       const level = t.from === t.to ? 'debug' : 'info';
@@ -166,16 +176,52 @@ export class Orchestrator implements ControlApi {
     const number = ++this.generations;
     this.deps.listenerWatch.check(`spawn of generation ${number}`, true); // the new generation gets listening sockets
     this.deps.notify.grant(config.service);
-    const gen = Generation.spawn(number, config.service, this.deps.listeners.list(), this.deps.reaper, this.extraEnv(number), this.deps.cgroups);
+    // The fd store's fds come after the listeners, as systemd passes them.
+    const fds = [...this.deps.listeners.list(), ...this.deps.fdStore.list()];
+    const gen = Generation.spawn(number, config.service, fds, this.deps.reaper, this.extraEnv(number), this.deps.cgroups);
     this.deps.relay?.attach(gen, role);
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');
     gen.exited.then((info) => this.onExit(gen, info));
+    const watchdogMs = config.service.watchdogMs;
+    if (watchdogMs !== null) this.watchdogs.set(gen, new Watchdog(gen, watchdogMs, this.deps.notify, this.deps.log, (why) => this.watchdogTimeout(gen, config, why)));
     return gen;
+  }
+
+  /** FDSTORE=1 / FDSTOREREMOVE=1: only from the processes of a generation Aeterna runs (as READY=1); a stranger's fds are closed. */
+  private storeFds(m: NotifyMessage): void {
+    if (m.fields.get('FDSTORE') !== '1' && m.fields.get('FDSTOREREMOVE') !== '1') return;
+    const gen = this.liveGenerations().find((g) => belongsTo(m.pid, g.pid));
+    if (gen === undefined) {
+      this.deps.log.warn({ sender: m.pid }, `fd store: ignored FDSTORE/FDSTOREREMOVE from pid ${m.pid}, which is not a process of a running generation; its fds were closed`);
+      return;
+    }
+    this.deps.fdStore.handle(m, this.config.service.fdstoreMax, gen.number);
+  }
+
+  private stopWatchdog(gen: Generation | null): void {
+    if (gen === null) return;
+    this.watchdogs.get(gen)?.stop();
+    this.watchdogs.delete(gen);
+  }
+
+  /** The watchdog fired: SIGABRT (so the app can dump core), SIGKILL after stop_timeout; its exit counts as a crash. */
+  private watchdogTimeout(gen: Generation, config: Config, why: string): void {
+    this.watchdogs.delete(gen);
+    if (!gen.alive || this.fsm.state === 'Stopping') return;
+    this.watchdogFired.add(gen);
+    this.deps.metrics.watchdogTimedOut();
+    this.deps.log.error(
+      { generation: gen.number, child: gen.pid, code: 'E_WATCHDOG', stop_timeout_ms: config.service.stopTimeoutMs },
+      `watchdog: generation ${gen.number} (pid ${gen.pid}) timed out: ${why}; sending SIGABRT, SIGKILL after ${formatDuration(config.service.stopTimeoutMs)}`,
+    );
+    void gen.stop(config.service.stopTimeoutMs, 'SIGABRT');
   }
 
   /** Starting: spawn the serving generation and wait for it to be ready. */
   private startServing(): void {
     this.restartTimer = null;
+    // Checkpoint hook (issue 13, section 2): a generation started here has no live predecessor to dump,
+    // so this is where it would be offered the latest checkpoint.
     let gen: Generation;
     try {
       gen = this.spawn(this.config, 'fresh');
@@ -196,6 +242,7 @@ export class Orchestrator implements ControlApi {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
         this.deps.metrics.setGeneration(gen.number);
         this.fire('ready'); // Running
+        this.watchdogs.get(gen)?.start(); // with service.watchdog, it must ping from now on
       },
       (err: AeternaError) => {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
@@ -211,10 +258,10 @@ export class Orchestrator implements ControlApi {
   private handleCrash(gen: Generation, info: ExitInfo): void {
     this.lastExit = info;
     this.startupWatch?.cancel();
-    const decision = this.budget.decide(info, Date.now(), gen === this.neverReady);
+    const decision = this.budget.decide(info, Date.now(), gen === this.neverReady || this.watchdogFired.has(gen));
     if (decision.restart) {
       this.restarts++;
-      const reason = this.fsm.state === 'Starting' ? 'start_failed' : info.code === 0 && info.signal === null ? 'exited' : 'crashed';
+      const reason = this.watchdogFired.has(gen) ? 'watchdog' : this.fsm.state === 'Starting' ? 'start_failed' : info.code === 0 && info.signal === null ? 'exited' : 'crashed';
       this.deps.metrics.childRestarted(reason);
       this.deps.log.warn(
         { generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info), attempt: decision.attempt, backoff_ms: decision.delayMs },
@@ -235,6 +282,7 @@ export class Orchestrator implements ControlApi {
   private onExit(gen: Generation, info: ExitInfo): void {
     const state = this.fsm.state;
     const how = describeExit(info);
+    this.stopWatchdog(gen);
     this.deps.log.info({ generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info) }, `generation ${gen.number} ${how}`);
     if (state === 'Stopping') return this.checkStopped();
     if (gen === this.serving) {
@@ -253,6 +301,7 @@ export class Orchestrator implements ControlApi {
     if (gen === this.candidate) {
       if (state === 'RollingBack') return this.finishRollback();
       const when = state === 'Soaking' ? 'during soak' : this.deps.relay?.relaying(gen) ? 'during the state relay' : 'before becoming ready';
+      if (this.watchdogFired.has(gen)) return this.rollBack('exited', `the watchdog fired and it was ${how} ${when}`, 'E_WATCHDOG');
       this.rollBack('exited', `${how} ${when}`, 'E_CHILD_EXITED');
     }
   }
@@ -358,6 +407,7 @@ export class Orchestrator implements ControlApi {
     run.readiness.ready.then(
       () => {
         if (!this.stillCurrent(run, 'Handover')) return;
+        this.watchdogs.get(next)?.start();
         run.awaiting.delete('ready');
         this.promoteWhenDone(run);
       },
@@ -460,6 +510,7 @@ export class Orchestrator implements ControlApi {
     this.serving = this.candidate;
     this.candidate = null;
     this.draining = old;
+    this.stopWatchdog(old); // it is being stopped: a missed ping no longer matters
     this.deps.metrics.setGeneration(this.serving!.number);
     if (!old || !old.alive) return this.finishDrain();
     void old.stop(run.previousConfig.service.stopTimeoutMs);
@@ -602,6 +653,7 @@ export class Orchestrator implements ControlApi {
         this.finish('failed', `Aeterna was stopped during the reload (${reason})`, 'E_STOPPED');
       }
       for (const gen of this.liveGenerations()) {
+        this.stopWatchdog(gen);
         void gen.stop(this.config.service.stopTimeoutMs);
         this.deps.relay?.release(gen);
       }
@@ -652,6 +704,7 @@ export class Orchestrator implements ControlApi {
       previous: info(previous, previous !== null && previous === this.serving),
       candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
       restarts: this.restarts,
+      fdstore: this.deps.fdStore.list().map((f) => f.name),
       last_reload: this.inFlight?.record ?? this.lastReload,
     };
   }

@@ -79,6 +79,8 @@ export interface StatusReport {
   /** ... and the one being started (the new one). */
   candidate: GenerationInfo | null;
   restarts: number;
+  /** The names of the fds in the fd store (FDSTORE=1), oldest first, one per fd: what LISTEN_FDNAMES gets after the listeners'. */
+  fdstore: string[];
   last_reload: ReloadRecord | null;
 }
 

@@ -1,5 +1,5 @@
 // The sd_notify endpoint (systemd's NOTIFY_SOCKET protocol), so unmodified apps
-// that speak it can say READY=1. The socket carries SO_PASSCRED: each datagram
+// that speak it can say READY=1 (and WATCHDOG=1, FDSTORE=1). The socket carries SO_PASSCRED: each datagram
 // comes with its sender's pid from the kernel, and the orchestrator only counts
 // datagrams from the processes of the generation it is waiting for.
 //
@@ -33,6 +33,11 @@ export interface NotifyMessage {
   uid: number;
   /** READY, STATUS, STOPPING, MAINPID, ... as sent. */
   fields: Map<string, string>;
+  /**
+   * Takes the fds that came with the datagram (SCM_RIGHTS, close-on-exec): the taker owns them. Fds that no
+   * listener takes are closed once the message has been handled. The second call gets [].
+   */
+  takeFds(): number[];
 }
 
 /** Parse a datagram; null when it is not valid UTF-8 KEY=VALUE lines. */
@@ -122,24 +127,36 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     for (let i = 0; i < MAX_PER_WAKEUP; i++) {
       let dgram;
       try {
-        dgram = native.recvDatagram(this.fd, MAX_DATAGRAM + 1); // one byte more, to notice a cut datagram
+        // One byte more, to notice a cut datagram; fds are kept for the fd store (FDSTORE=1) and closed below otherwise.
+        dgram = native.recvDatagram(this.fd, MAX_DATAGRAM + 1, true);
       } catch (err) {
         this.warn({ err }, 'notify socket: receive failed');
         return;
       }
       if (dgram === null) return;
-      if (dgram.data.length > MAX_DATAGRAM) {
-        this.ignored++;
-        this.warn({ sender: dgram.pid }, `notify socket: ignored a datagram longer than ${MAX_DATAGRAM} bytes`);
-        continue;
+      let fds = dgram.fds;
+      try {
+        if (dgram.fdsCut) this.warn({ sender: dgram.pid }, 'notify socket: a datagram carried more fds than one message can; every one that arrived was closed');
+        if (dgram.data.length > MAX_DATAGRAM) {
+          this.ignored++;
+          this.warn({ sender: dgram.pid }, `notify socket: ignored a datagram longer than ${MAX_DATAGRAM} bytes`);
+          continue;
+        }
+        const fields = parseNotify(dgram.data);
+        if (fields === null) {
+          this.ignored++;
+          this.warn({ sender: dgram.pid }, 'notify socket: ignored a datagram that is not KEY=VALUE lines');
+          continue;
+        }
+        const takeFds = (): number[] => {
+          const taken = fds;
+          fds = [];
+          return taken;
+        };
+        this.emit('message', { pid: dgram.pid, uid: dgram.uid, fields, takeFds });
+      } finally {
+        for (const fd of fds) native.close(fd); // nobody kept them
       }
-      const fields = parseNotify(dgram.data);
-      if (fields === null) {
-        this.ignored++;
-        this.warn({ sender: dgram.pid }, 'notify socket: ignored a datagram that is not KEY=VALUE lines');
-        continue;
-      }
-      this.emit('message', { pid: dgram.pid, uid: dgram.uid, fields });
     }
   }
 

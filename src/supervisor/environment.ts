@@ -11,15 +11,20 @@ export const RESERVED_ENV = [
   'LISTEN_PID',
   'LISTEN_FDNAMES',
   'NOTIFY_SOCKET',
+  'WATCHDOG_USEC',
+  'WATCHDOG_PID',
   'LIVERELAY_STATE_SOCK',
   'AETERNA_GENERATION',
 ] as const;
+
+/** An fd a generation gets at 3, 4, ...: a listener, or an fd from the fd store; its name goes into LISTEN_FDNAMES. */
+export type PassedFd = Pick<Listener, 'name' | 'fd'>;
 
 /** The child's environment: Aeterna's own, then service.env, then the socket-activation variables. */
 export function childEnvironment(
   base: NodeJS.ProcessEnv,
   serviceEnv: readonly string[],
-  listeners: readonly Listener[],
+  listeners: readonly PassedFd[],
   extra: Record<string, string>,
 ): string[] {
   const vars = new Map<string, string>();

@@ -10,10 +10,9 @@ import { native, type ExitInfo } from '../native/binding';
 import { signalIfAlive } from './signal';
 import { AeternaError } from '../errors';
 import type { ServiceConfig } from '../config/types';
-import { childEnvironment } from './environment';
+import { childEnvironment, type PassedFd } from './environment';
 import { signalNumber } from './exit';
 import { resolveIdentity } from './identity';
-import type { Listener } from '../resources/listeners';
 import type { Reaper } from './reaper';
 import { descendantsWithEnv } from './proctree';
 import type { Cgroups, GenerationCgroup } from './cgroup';
@@ -68,27 +67,30 @@ export class Generation extends EventEmitter<GenerationEvents> {
   }
 
   /**
-   * Start generation `number` of the service with the given listeners, in a cgroup of its own when `cgroups`
-   * is given (if that cgroup cannot be joined, cgroups fall back for good and it starts without). Throws E_SPAWN_FAILED.
+   * Start generation `number` of the service with the given fds (the listeners, then the fd store's), in a cgroup
+   * of its own when `cgroups` is given (if that cgroup cannot be joined, cgroups fall back for good and it starts
+   * without). With service.watchdog it gets WATCHDOG_USEC and WATCHDOG_PID. Throws E_SPAWN_FAILED.
    */
   static spawn(
     number: number,
     service: ServiceConfig,
-    listeners: readonly Listener[],
+    listeners: readonly PassedFd[],
     reaper: Reaper,
     extraEnv: Record<string, string> = {},
     cgroups: Cgroups | null = null,
   ): Generation {
     const identity = resolveIdentity(service.user, service.group);
+    const watchdogEnv: Record<string, string> = service.watchdogMs === null ? {} : { WATCHDOG_USEC: String(service.watchdogMs * 1000) };
     const start = (cgroup: GenerationCgroup | null): number => {
       const procs = cgroup?.openProcs();
       try {
         return native.spawn({
           argv: service.command,
-          env: childEnvironment(process.env, service.env, listeners, { AETERNA_GENERATION: String(number), ...extraEnv }),
+          env: childEnvironment(process.env, service.env, listeners, { AETERNA_GENERATION: String(number), ...watchdogEnv, ...extraEnv }),
           cwd: service.cwd,
           fds: listeners.map((l) => l.fd),
           listenPid: listeners.length > 0,
+          pidEnv: service.watchdogMs === null ? [] : ['WATCHDOG_PID'],
           uid: identity?.uid,
           gid: identity?.gid,
           groups: identity?.groups,
@@ -135,11 +137,11 @@ export class Generation extends EventEmitter<GenerationEvents> {
     if (this.alive) signalIfAlive(-this.pid, signalNumber(signal));
   }
 
-  /** SIGTERM to the group, SIGKILL after timeoutMs; resolves with the exit. Idempotent. */
-  stop(timeoutMs: number): Promise<ExitInfo> {
+  /** `signal` (SIGTERM; SIGABRT for a watchdog timeout) to the group, SIGKILL after timeoutMs; resolves with the exit. Idempotent. */
+  stop(timeoutMs: number, signal: NodeJS.Signals = 'SIGTERM'): Promise<ExitInfo> {
     if (!this.alive) return this.exited;
     if (!this.stopping) {
-      this.signalGroup('SIGTERM');
+      this.signalGroup(signal);
       this.killTimer = setTimeout(() => this.signalGroup('SIGKILL'), timeoutMs);
       this.stopping = this.exited;
     }
