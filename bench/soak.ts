@@ -54,6 +54,19 @@ export function fdCount(pid: number): number {
   return fs.readdirSync(`/proc/${pid}/fd`).length;
 }
 
+/**
+ * The fd count at rest: the fewest seen over half a second. A connection that is still closing (the control
+ * request that just asked for a status) is gone by then; a leaked fd never is.
+ */
+export async function fdCountAtRest(pid: number): Promise<number> {
+  let fds = fdCount(pid);
+  for (let i = 0; i < 10; i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    fds = Math.min(fds, fdCount(pid));
+  }
+  return fds;
+}
+
 /** VmRSS in KiB. */
 export function rssKiB(pid: number): number {
   const m = fs.readFileSync(`/proc/${pid}/status`, 'utf8').match(/^VmRSS:\s+(\d+) kB$/m);
@@ -259,13 +272,8 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     let start: Sample | null = null;
     const every = Math.max(1, Math.floor(options.reloads / 20));
     const sample = async (reload: number): Promise<Sample> => {
-      // A control connection of the reload just answered may still be closing: the fewest fds seen over
-      // half a second is the count at rest (a transient fd is gone by then; a leaked one never is).
-      let fds = fdCount(aeterna);
-      for (let i = 0; i < 10; i++) {
-        await new Promise((r) => setTimeout(r, 50));
-        fds = Math.min(fds, fdCount(aeterna));
-      }
+      // A control connection of the reload just answered may still be closing.
+      const fds = await fdCountAtRest(aeterna);
       const rss = rssKiB(aeterna);
       const metrics = (await getText(metricsPort, '/metrics')).body;
       return {

@@ -229,6 +229,9 @@ describe('fault matrix: the old generation misbehaves', { timeout: 120000 }, () 
     const oldPid = handover.previous!.pid;
     process.kill(oldPid, 'SIGKILL');
     await settle(() => isGone(oldPid), (g) => g);
+    // The exec probe says ready whatever the app does: let the app finish starting first (its SIGTERM handler
+    // included), so that the stop below is the app's drain and not a kill mid-start.
+    await d.run.waitFor(new RegExp(`^READY ${handover.candidate!.pid} generation`, 'm'));
     fs.writeFileSync(readyFile, '');
     const r = await reload;
     assert.equal(r.code, 0, r.stderr);

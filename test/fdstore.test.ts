@@ -9,6 +9,7 @@ import { fixture, freePort, pidNamespaceUnavailable } from './helpers/aeterna';
 import { Daemon, statusOf } from './helpers/daemon';
 import { getText, metricSample } from './helpers/load';
 import { NotifySocket } from '../src/resources/notify';
+import { fdCountAtRest } from '../bench/soak';
 
 const skip = pidNamespaceUnavailable();
 if (skip) console.log(`# skipping fd store and watchdog tests: ${skip}`);
@@ -73,7 +74,7 @@ async function hostPid(d: Daemon, nsPid: number): Promise<number> {
 }
 
 async function aeternaFds(d: Daemon): Promise<number> {
-  return fs.readdirSync(`/proc/${await d.run.aeternaPid()}/fd`).length;
+  return fdCountAtRest(await d.run.aeternaPid());
 }
 
 const logged = (d: Daemon, pattern: RegExp): number => d.run.logs().filter((l) => pattern.test(l.msg)).length;
