@@ -62,3 +62,21 @@ describe('examples/java-hello (service.stdin_listener)', { skip: noJava ?? false
     assert.equal(await d.stop(), 0);
   });
 });
+
+describe('Java SDK (clients/java) under the real daemon', { skip: noJava ?? false, timeout: 120000 }, () => {
+  it('a Java app keeps its state across two reloads: loaded, counted, ready over the relay, handed over', async () => {
+    const out = compile('clients/java/Aeterna.java', 'test/fixtures/java/Counter.java');
+    const d = new Daemon({ command: ['java', '-cp', out, 'Counter'], handoff: true, readiness: '{ mode: "notify", timeout: "30s" }' }).start(true);
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running');
+    await d.run.waitFor(/^COUNT 1 1 none$/m);
+    for (const generation of [2, 3]) {
+      const r = await d.cli('reload');
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal((await d.status()).last_reload?.outcome, 'promoted');
+      await d.run.waitFor(new RegExp(`^COUNT ${generation} ${generation} json$`, 'm'));
+    }
+    assert.equal(d.run.stdout.match(/^HANDED true$/gm)?.length, 2, 'both old generations saw their final sync acked');
+    assert.equal(await d.stop(), 0);
+  });
+});
