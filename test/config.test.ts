@@ -93,6 +93,16 @@ describe('errors name file:line:column, key path, expected form and what was fou
     assert.deepEqual(lines, [`${file}:5:17 service.stop_timeout: must be ${DURATION_FORM} (got "-5s"; durations cannot be negative)`]);
   });
 
+  test('a stdin_listener that names no listener: the error names it and the listeners there are', () => {
+    const listeners = '  listeners:\n    - { name: http, address: "tcp://127.0.0.1:8080" }\n    - { name: admin, address: "tcp://127.0.0.1:8081" }\n';
+    const lines = configError(() => parseConfig(minimalYaml(`${listeners}  stdin_listener: htp\n`), 'x.yaml')).message.split('\n');
+    assert.deepEqual(lines, ['x.yaml:8:19 service.stdin_listener: names no listener (got "htp"); expected one of service.listeners: "http", "admin"']);
+    const none = configError(() => parseConfig(minimalYaml('  stdin_listener: http\n'), 'x.yaml')).message.split('\n');
+    assert.deepEqual(none, ['x.yaml:5:19 service.stdin_listener: names no listener (got "http"); expected one of service.listeners: none is configured']);
+    const ok = parseConfig(minimalYaml(`${listeners}  stdin_listener: admin\n`), 'x.yaml');
+    assert.equal(ok.service.stdinListener, 'admin');
+  });
+
   test('an unknown key, with the closest known key suggested', () => {
     const { file, lines } = fixtureErrors('unknown-key.yaml');
     assert.deepEqual(lines, [`${file}:7:3 orchestration.soak_tme: unknown key "soak_tme" (did you mean "soak_time"?)`]);
@@ -102,7 +112,7 @@ describe('errors name file:line:column, key path, expected form and what was fou
     const lines = configError(() => parseConfig(minimalYaml('  soak_time: 10s\n  frobnicate: 1\n'), 'x.yaml')).message.split('\n');
     assert.deepEqual(lines, [
       'x.yaml:5:3 service.soak_time: unknown key "soak_time" here; it belongs in orchestration',
-      'x.yaml:6:3 service.frobnicate: unknown key "frobnicate"; expected one of name, command, env, cwd, user, group, listeners, stop_timeout, restart, fdstore_max, watchdog, cgroups',
+      'x.yaml:6:3 service.frobnicate: unknown key "frobnicate"; expected one of name, command, env, cwd, user, group, listeners, stdin_listener, stop_timeout, restart, fdstore_max, watchdog, cgroups',
     ]);
   });
 

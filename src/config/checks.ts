@@ -48,6 +48,17 @@ export function checkListeners(listeners: MaybeListener[], context: CheckContext
   });
 }
 
+export function checkService(service: { stdin_listener?: string | undefined; listeners?: MaybeListener[] | undefined }, context: CheckContext): void {
+  const name = service.stdin_listener;
+  if (name === undefined || service.listeners === undefined) return;
+  if (service.listeners.some((listener) => listener?.name === name)) return;
+  const names = service.listeners.flatMap((listener) => (listener?.name === undefined ? [] : [`"${listener.name}"`]));
+  context.report(
+    'stdin_listener',
+    `names no listener (got "${name}"); expected one of service.listeners: ${names.length > 0 ? names.join(', ') : 'none is configured'}`,
+  );
+}
+
 export function checkEnv(entries: (string | undefined)[], context: CheckContext): void {
   const seen = new Map<string, number>();
   entries.forEach((entry, index) => {

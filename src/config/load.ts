@@ -150,6 +150,7 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
       ...(service.user === undefined ? {} : { user: service.user }),
       ...(service.group === undefined ? {} : { group: service.group }),
       listeners: service.listeners.map((listener) => ({ ...listener })),
+      ...(service.stdin_listener === undefined ? {} : { stdinListener: service.stdin_listener }),
       stopTimeoutMs: service.stop_timeout,
       cgroups: service.cgroups,
       restart: { policy: service.restart.policy, maxRestarts: service.restart.max_restarts, windowMs: service.restart.window },

@@ -9,6 +9,7 @@ import {
   checkListener,
   checkListeners,
   checkReadiness,
+  checkService,
 } from './checks';
 import { RESERVED_ENV } from '../supervisor/environment';
 import {
@@ -172,6 +173,18 @@ const service = object({
       }),
       [],
     ),
+    stdin_listener: optional(
+      string({
+        description:
+          'Name of a listener Aeterna also places at fd 0 (stdin), as systemd\'s StandardInput=socket does for inetd-style ' +
+          "programs: Java's System.inheritedChannel() then returns it as a ServerSocketChannel. It stays at its fd 3.. " +
+          'position too, with LISTEN_FDS as usual. Must name one of service.listeners.',
+        form: 'the name of a listener in service.listeners',
+        pattern: '^[A-Za-z0-9_.-]+$',
+        maxLength: 255,
+        example: 'http',
+      }),
+    ),
     stop_timeout: withDefault(
       duration({
         description: 'How long the app has to exit after SIGTERM (when stopping or draining) before SIGKILL.',
@@ -210,6 +223,7 @@ const service = object({
       true,
     ),
   },
+  check: checkService,
 });
 
 const readiness = object({

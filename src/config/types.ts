@@ -31,6 +31,8 @@ export interface ServiceConfig {
   user?: string | number;
   group?: string | number;
   listeners: ListenerConfig[];
+  /** Name of the listener also placed at the app's fd 0 (inetd style, Java's System.inheritedChannel()). */
+  stdinListener?: string;
   stopTimeoutMs: number;
   /** One cgroup per generation where possible (read at start). */
   cgroups: boolean;

@@ -32,7 +32,7 @@ export interface SpawnOptions {
   cwd?: string;
   /** fds placed at 3, 4, ... in this order. Every other fd >= 3 is closed at exec. */
   fds: number[];
-  /** fds that become the child's 0, 1, 2; default: Aeterna's own 0, 1, 2. */
+  /** fds that become the child's 0, 1, 2; default: Aeterna's own 0, 1, 2. A listener may be both 0 and in `fds` (service.stdin_listener). */
   stdio?: [number, number, number];
   /** Append LISTEN_PID=<the child's own pid> to env (filled in after fork). */
   listenPid: boolean;

@@ -52,6 +52,8 @@ interface Session {
   gen: Generation | null;
   phase: Phase;
   initialAcked: boolean;
+  /** The client's hello said "fds": false (e.g. the Java SDK): it must never be sent a memfd state or fds. */
+  noFds: boolean;
   transfer: Transfer | null;
   helloTimer: NodeJS.Timeout | null;
 }
@@ -193,7 +195,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
       return;
     }
-    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, transfer: null, helloTimer: null };
+    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, transfer: null, helloTimer: null };
     session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
     this.sessions.add(session);
     conn.on('message', (m, fds) => {
@@ -269,6 +271,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     clearTimeout(s.helloTimer!);
     s.helloTimer = null;
     s.gen = gen;
+    s.noFds = m.fds === false;
     this.byGeneration.set(gen, s);
     s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame });
     this.log.debug({ generation: gen.number }, 'relay connection');
@@ -341,6 +344,11 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     t.total = m.size;
     this.log.info({ from: from.gen!.number, to: t.to.gen!.number, size: m.size, transport: m.transport ?? 'stream', fds: (m.fds ?? []).length, final: t.final }, 'relay: state announced');
     from.phase = m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
+    if (!t.aborted && t.to.noFds && fds.length > 0) {
+      // Its hello said it cannot receive fds: fail the relay (a reload rolls back), never half-deliver the state.
+      const what = m.transport === 'memfd' ? 'a memfd state' : `fds (${(m.fds ?? []).join(', ')})`;
+      this.abort(t, new Error(`generation ${t.to.gen!.number} cannot receive fds (its hello said "fds": false), but generation ${from.gen!.number} sent ${what}`));
+    }
     if (t.aborted) {
       fds.forEach(closeQuietly);
       return;

@@ -11,7 +11,8 @@ export interface StateHeader {
 }
 
 export type Message =
-  | { op: 'hello'; v: number }
+  /** fds: false = the client cannot receive fds (no memfd state, no fd passing); absent = it can. */
+  | { op: 'hello'; v: number; fds?: boolean }
   | { op: 'welcome'; v: number; generation: number; max_frame: number }
   | ({ op: 'load'; final?: boolean } & StateHeader)
   | ({ op: 'state' } & StateHeader)
@@ -86,7 +87,8 @@ export function parseMessage(payload: Buffer): Message {
   switch (o.op as Op) {
     case 'hello':
       if (typeof o.v !== 'number') fail('hello: "v" must be a number');
-      return { op: 'hello', v: o.v };
+      if (o.fds !== undefined && typeof o.fds !== 'boolean') fail('hello: "fds" must be true or false');
+      return o.fds === false ? { op: 'hello', v: o.v, fds: false } : { op: 'hello', v: o.v };
     case 'welcome':
       return { op: 'welcome', v: Number(o.v), generation: Number(o.generation), max_frame: Number(o.max_frame) };
     case 'load':

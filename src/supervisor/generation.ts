@@ -89,6 +89,7 @@ export class Generation extends EventEmitter<GenerationEvents> {
           env: childEnvironment(process.env, service.env, listeners, { AETERNA_GENERATION: String(number), ...watchdogEnv, ...extraEnv }),
           cwd: service.cwd,
           fds: listeners.map((l) => l.fd),
+          ...stdinFrom(service, listeners),
           listenPid: listeners.length > 0,
           pidEnv: service.watchdogMs === null ? [] : ['WATCHDOG_PID'],
           uid: identity?.uid,
@@ -153,4 +154,12 @@ export class Generation extends EventEmitter<GenerationEvents> {
     this.signalGroup('SIGKILL');
     return this.exited;
   }
+}
+
+/** service.stdin_listener: that listener also becomes the app's fd 0 (stdout and stderr stay Aeterna's). */
+function stdinFrom(service: ServiceConfig, listeners: readonly PassedFd[]): { stdio?: [number, number, number] } {
+  if (service.stdinListener === undefined) return {};
+  const listener = listeners.find((l) => l.name === service.stdinListener);
+  if (listener === undefined) throw new Error(`service.stdin_listener names no open listener ("${service.stdinListener}")`);
+  return { stdio: [listener.fd, 1, 2] };
 }

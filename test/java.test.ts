@@ -1,0 +1,82 @@
+// Java apps under Aeterna: examples/java-hello (a plain JDK HTTP server on
+// System.inheritedChannel(), i.e. service.stdin_listener) reloading under load,
+// and the Java SDK (clients/java). Compiled with javac into a temp dir; skipped
+// with a message when the JDK is absent (.ci/run installs it).
+import { describe, it, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import path from 'node:path';
+import { ROOT, freePort, pidNamespaceUnavailable, tempDir } from './helpers/aeterna';
+import { Daemon } from './helpers/daemon';
+import { startLoad } from './helpers/load';
+
+function javaUnavailable(): string | null {
+  const r = spawnSync('javac', ['-version'], { encoding: 'utf8' });
+  if (r.error) return `javac is not available (${r.error.message}); install a JDK 17+ (default-jdk-headless) to run the Java tests`;
+  return pidNamespaceUnavailable();
+}
+const noJava = javaUnavailable();
+
+/** javac the given sources (paths relative to the repo) into a fresh directory; returns it. */
+function compile(...sources: string[]): string {
+  const out = tempDir('aeterna-java-');
+  const r = spawnSync('javac', ['-Xlint:all', '-Werror', '-d', out, ...sources.map((s) => path.join(ROOT, s))], { encoding: 'utf8' });
+  assert.equal(r.status, 0, `javac failed:\n${r.stdout}${r.stderr}`);
+  return out;
+}
+
+const daemons: Daemon[] = [];
+after(async () => {
+  for (const d of daemons) await d.run.killAll();
+});
+
+describe('examples/java-hello (service.stdin_listener)', { skip: noJava ?? false, timeout: 180000 }, () => {
+  it('serves on System.inheritedChannel() and reloads 5 times under keep-alive load with zero failed requests', async () => {
+    const out = compile('examples/java-hello/Hello.java');
+    const port = await freePort();
+    const d = new Daemon({
+      command: ['java', '-cp', out, 'Hello'],
+      port,
+      extraService: '  stdin_listener: "http"\n',
+      readiness: '{ mode: "delay", delay: "2s", timeout: "30s" }',
+      stopTimeout: '15s',
+    }).start(true);
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running');
+    const load = startLoad(port, { concurrency: 8 });
+    const pids = [(await d.status()).pid];
+    for (let i = 1; i <= 5; i++) {
+      const r = await d.cli('reload');
+      assert.equal(r.code, 0, `reload ${i}: ${r.stderr}`);
+      const s = await d.status();
+      assert.equal(s.last_reload?.outcome, 'promoted');
+      assert.equal(s.generation, i + 1);
+      pids.push(s.pid);
+    }
+    const stats = await load.stop();
+    assert.deepEqual(stats.failures, {}, `failed requests: ${JSON.stringify(stats.failures)}`);
+    assert.equal(stats.failed, 0);
+    assert.ok(stats.ok > 0);
+    // Every generation answered (pids in the namespace; the app reports its own pid, as status does).
+    assert.deepEqual(pids.filter((pid) => stats.pids.includes(pid!)), pids);
+    assert.equal(await d.stop(), 0);
+  });
+});
+
+describe('Java SDK (clients/java) under the real daemon', { skip: noJava ?? false, timeout: 120000 }, () => {
+  it('a Java app keeps its state across two reloads: loaded, counted, ready over the relay, handed over', async () => {
+    const out = compile('clients/java/Aeterna.java', 'test/fixtures/java/Counter.java');
+    const d = new Daemon({ command: ['java', '-cp', out, 'Counter'], handoff: true, readiness: '{ mode: "notify", timeout: "30s" }' }).start(true);
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running');
+    await d.run.waitFor(/^COUNT 1 1 none$/m);
+    for (const generation of [2, 3]) {
+      const r = await d.cli('reload');
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal((await d.status()).last_reload?.outcome, 'promoted');
+      await d.run.waitFor(new RegExp(`^COUNT ${generation} ${generation} json$`, 'm'));
+    }
+    assert.equal(d.run.stdout.match(/^HANDED true$/gm)?.length, 2, 'both old generations saw their final sync acked');
+    assert.equal(await d.stop(), 0);
+  });
+});
