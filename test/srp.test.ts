@@ -311,6 +311,19 @@ describe('state relay failures roll back; the old generation keeps serving with 
     assert.equal(await d.stop(), 0);
   });
 
+  it('a memfd state for a new generation that cannot receive fds ("fds": false): rolled back saying so, old serves with its state', async () => {
+    const { d, port } = await started({ env: ['STATE_MODE=memfd', `BLOB_BYTES=${1 << 20}`] });
+    const before = await request(port, 'GET', '/blob');
+    d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'nofds'] });
+    const r = await d.cli('reload');
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /generation 2 cannot receive fds \(its hello said "fds": false\), but generation 1 sent a memfd state/);
+    const after = await request(port, 'GET', '/blob');
+    assert.equal(after.pid, before.pid);
+    assert.equal(after.sha256, before.sha256);
+    assert.equal(await d.stop(), 0);
+  });
+
   it('idle connections of strangers cannot block reloads: each is refused at accept, before any read', async () => {
     const { d, port } = await started();
     const messages = await seed(port);
