@@ -89,7 +89,12 @@ public final class Aeterna {
   /** Connect to the relay of LIVERELAY_STATE_SOCK; outside Aeterna (no variable) a Relay whose calls do nothing. */
   public static Relay connect() throws IOException {
     String path = System.getenv("LIVERELAY_STATE_SOCK");
-    if (path == null || path.isEmpty()) return new Relay(null);
+    if (path == null || path.isEmpty()) return new Relay(null, DEFAULT_MAX_FRAME);
+    return connect(path, Duration.ofSeconds(10));
+  }
+
+  /** Connect to the relay at `path` and wait up to `timeout` for welcome. */
+  static Relay connect(String path, Duration timeout) throws IOException {
     SocketChannel channel = SocketChannel.open(StandardProtocolFamily.UNIX);
     try {
       channel.connect(UnixDomainSocketAddress.of(path));
@@ -97,8 +102,8 @@ public final class Aeterna {
       channel.close();
       throw new RelayError("closed", "cannot connect to the state relay at " + path + ": " + e.getMessage(), e);
     }
-    Relay relay = new Relay(channel);
-    relay.handshake(Duration.ofSeconds(10));
+    Relay relay = new Relay(channel, DEFAULT_MAX_FRAME);
+    relay.handshake(timeout);
     return relay;
   }
 
@@ -106,7 +111,7 @@ public final class Aeterna {
     private final SocketChannel channel;
     private final Object writeLock = new Object();
     private final Object lock = new Object();
-    private int maxFrame = DEFAULT_MAX_FRAME;
+    private int maxFrame;
     private boolean loaded;
     private boolean readySent;
     private volatile Dump dump;
@@ -118,8 +123,9 @@ public final class Aeterna {
     private long finalTimeoutMs;
     public int generation;
 
-    Relay(SocketChannel channel) {
+    Relay(SocketChannel channel, int maxFrame) {
       this.channel = channel;
+      this.maxFrame = maxFrame;
     }
 
     /** hello with "fds": false, then welcome within `timeout` (timeout otherwise). */
@@ -144,6 +150,7 @@ public final class Aeterna {
       } finally {
         watchdog.interrupt();
       }
+      if ("error".equals(m.get("op"))) throw refused(m);
       if (!"welcome".equals(m.get("op"))) throw protocolError("unexpected_op", "expected welcome, got \"" + m.get("op") + "\"");
       if (!Long.valueOf(1).equals(m.get("v"))) throw protocolError("unsupported_version", "welcome with version " + m.get("v") + "; this SDK speaks 1");
       generation = ((Long) m.getOrDefault("generation", 0L)).intValue();
@@ -159,39 +166,33 @@ public final class Aeterna {
 
     /** The initial load: the previous generation's state, or null. Verified and acked; then dumps are served. */
     public State load() throws IOException {
-      return load(null);
+      try {
+        return load(null);
+      } catch (IOException | RuntimeException e) {
+        throw e;
+      } catch (Exception e) {
+        throw new IllegalStateException("no apply callback, so nothing else can throw", e);
+      }
     }
 
-    /** As load(), with `apply` run before the ack: if it throws, the state is refused (load_failed) and its error rethrown. */
-    public State load(Apply apply) throws IOException {
+    /**
+     * As load(), with `apply` run before the ack. A state it refuses throws RelayError (an IOException); if `apply`
+     * throws, the state is refused (load_failed) and the app's own exception is rethrown.
+     */
+    public State load(Apply apply) throws Exception {
       if (channel == null) return null;
       synchronized (lock) {
         if (loaded) throw new RelayError("usage", "load() was already called");
         loaded = true;
       }
       Map<String, Object> m = readControl();
+      if ("error".equals(m.get("op"))) throw refused(m);
       if (!"load".equals(m.get("op"))) throw protocolError("unexpected_op", "expected load, got \"" + m.get("op") + "\"");
-      State state;
       try {
-        state = receiveState(m);
-      } catch (RelayError e) {
-        if (!e.code.equals("checksum_mismatch") && !e.code.equals("bad_state")) throw e;
-        send(object("op", "ack", "ok", false, "error", e.getMessage()));
-        startReader();
-        throw e;
+        return applyThenAck(m, apply, false);
+      } finally {
+        if (channel.isOpen()) startReader(); // a refused state leaves the connection open: dumps are still served
       }
-      if (state != null && apply != null) {
-        try {
-          apply.apply(state);
-        } catch (Exception e) {
-          send(object("op", "ack", "ok", false, "error", "load_failed: " + e));
-          startReader();
-          throw new RelayError("load_failed", "the apply callback threw: " + e, e);
-        }
-      }
-      send(object("op", "ack", "ok", true));
-      startReader();
-      return state;
     }
 
     /** Tell Aeterna this generation serves (counts for readiness in every mode). Once; after load(). */
@@ -296,39 +297,49 @@ public final class Aeterna {
       }
     }
 
+    /** A later load (the final sync): to the load callback; a refusal was acked, and the connection goes on. */
     private void laterLoad(Map<String, Object> m) throws IOException {
+      try {
+        applyThenAck(m, onLoad, true);
+      } catch (Exception e) {
+        if (!channel.isOpen()) throw e instanceof IOException ? (IOException) e : new RelayError("closed", e.toString(), e);
+      }
+    }
+
+    /**
+     * Receive the state `m` announces, hand it to `apply`, and ack. A state that fails verification is refused with
+     * its code; a throwing `apply`, or none when `required`, with load_failed. Either way it then throws.
+     */
+    private State applyThenAck(Map<String, Object> m, Apply apply, boolean required) throws Exception {
       State state;
       try {
         state = receiveState(m);
       } catch (RelayError e) {
         if (!e.code.equals("checksum_mismatch") && !e.code.equals("bad_state")) throw e;
         send(object("op", "ack", "ok", false, "error", e.getMessage()));
-        return;
+        throw e;
       }
-      Apply apply = onLoad;
-      if (apply == null) {
+      if (apply == null && required) {
         send(object("op", "ack", "ok", false, "error", "load_failed: no load callback for a later load"));
-        return;
+        throw new RelayError("load_failed", "no load callback for a later load");
       }
-      try {
-        if (state != null) apply.apply(state);
-      } catch (Exception e) {
-        send(object("op", "ack", "ok", false, "error", "load_failed: " + e));
-        return;
+      if (state != null && apply != null) {
+        try {
+          apply.apply(state);
+        } catch (Exception e) {
+          send(object("op", "ack", "ok", false, "error", "load_failed: " + e));
+          throw e;
+        }
       }
       send(object("op", "ack", "ok", true));
+      return state;
     }
 
     /** The state a load announces, its data frames read and verified; null for size 0. */
     private State receiveState(Map<String, Object> m) throws IOException {
-      if (!(m.get("size") instanceof Long) || (Long) m.get("size") < 0) throw protocolError("bad_json", "load: \"size\" must be a non-negative integer");
-      if (m.get("fds") != null || "memfd".equals(m.get("transport"))) {
-        throw protocolError("bad_frame", "load announces fds or a memfd, which this client said it cannot receive (\"fds\": false)");
-      }
-      long size = (Long) m.get("size");
+      long size = (Long) m.get("size"); // its shape, sha256 and the absence of fds were checked by readControl
       if (size > Integer.MAX_VALUE - 8) throw protocolError("too_large", "a state of " + size + " bytes does not fit a Java array");
       Object sha = m.get("sha256");
-      if (size > 0 && !(sha instanceof String)) throw protocolError("bad_json", "load: \"sha256\" is required for a streamed state");
       byte[] data = new byte[(int) size];
       int got = 0;
       while (got < size) {
@@ -358,7 +369,7 @@ public final class Aeterna {
       return new RelayError(code, message);
     }
 
-    private void send(Map<String, Object> message) throws IOException {
+    void send(Map<String, Object> message) throws IOException {
       writeFrame(ByteBuffer.wrap(Json.write(message).getBytes(StandardCharsets.UTF_8)));
     }
 
@@ -384,7 +395,8 @@ public final class Aeterna {
       return payload.array();
     }
 
-    private Map<String, Object> readControl() throws IOException {
+    /** The next control frame, checked as Aeterna checks it (docs/srp.md, "The app contract"). */
+    Map<String, Object> readControl() throws IOException {
       byte[] payload = readFrame();
       Object value;
       try {
@@ -395,7 +407,18 @@ public final class Aeterna {
       if (!(value instanceof Map) || !(((Map<?, ?>) value).get("op") instanceof String)) throw protocolError("bad_json", "control frame has no string \"op\"");
       @SuppressWarnings("unchecked")
       Map<String, Object> m = (Map<String, Object>) value;
+      String problem = Messages.problem(m);
+      if (problem != null) throw protocolError(Messages.OPS.contains(m.get("op")) ? "bad_json" : "unexpected_op", problem);
+      if (m.get("fds") instanceof List && !((List<?>) m.get("fds")).isEmpty()) {
+        throw protocolError("bad_frame", m.get("op") + " names fds, but none arrive: this client said it cannot receive them (\"fds\": false)");
+      }
       return m;
+    }
+
+    /** An error frame from Aeterna: it closes after it, so do we, without answering. */
+    private RelayError refused(Map<String, Object> m) throws IOException {
+      channel.close();
+      return new RelayError(String.valueOf(m.getOrDefault("code", "unknown")), "Aeterna refused: " + m.get("message"));
     }
 
     private void readFully(ByteBuffer buffer) throws IOException {
@@ -423,6 +446,67 @@ public final class Aeterna {
     Map<String, Object> m = new LinkedHashMap<>();
     for (int i = 0; i < pairs.length; i += 2) m.put((String) pairs[i], pairs[i + 1]);
     return m;
+  }
+
+  /** The shape of each control message (docs/srp.md, "Messages"), as Aeterna checks it (src/srp/messages.ts). */
+  static final class Messages {
+    private Messages() {}
+
+    static final java.util.Set<String> OPS = java.util.Set.of("hello", "welcome", "load", "state", "ack", "ready", "dump", "error");
+    /** As Aeterna's limit on fds in one frame. */
+    private static final int MAX_FDS = 253;
+
+    /** What is wrong with `m` (op a string already), or null; normalizes dump's "final" to a boolean. */
+    static String problem(Map<String, Object> m) {
+      String op = (String) m.get("op");
+      if (!OPS.contains(op)) return "unknown op \"" + op.substring(0, Math.min(40, op.length())) + "\"";
+      switch (op) {
+        case "hello":
+          if (!(m.get("v") instanceof Number)) return "hello: \"v\" must be a number";
+          if (m.containsKey("fds") && !(m.get("fds") instanceof Boolean)) return "hello: \"fds\" must be true or false";
+          return null;
+        case "load": case "state": return headerProblem(m, op);
+        case "ack":
+          if (!(m.get("ok") instanceof Boolean)) return "ack: \"ok\" must be true or false";
+          return stringProblem(m, "ack", "error", 4096);
+        case "dump":
+          m.put("final", Boolean.TRUE.equals(m.get("final")));
+          if (!(m.get("timeout_ms") instanceof Long) || (Long) m.get("timeout_ms") <= 0) m.remove("timeout_ms");
+          return null;
+        default: return null;
+      }
+    }
+
+    private static String stringProblem(Map<String, Object> m, String op, String key, int max) {
+      Object v = m.get(key);
+      if (v == null && !m.containsKey(key)) return null;
+      return v instanceof String && ((String) v).length() <= max ? null : op + ": \"" + key + "\" must be a string of at most " + max + " characters";
+    }
+
+    private static String headerProblem(Map<String, Object> m, String op) {
+      if (!(m.get("size") instanceof Long) || (Long) m.get("size") < 0) return op + ": \"size\" must be a whole number >= 0";
+      String problem = stringProblem(m, op, "encoding", 64);
+      if (problem == null) problem = stringProblem(m, op, "sha256", 64);
+      if (problem != null) return problem;
+      if (m.containsKey("sha256") && !((String) m.get("sha256")).matches("[0-9a-f]{64}")) return op + ": \"sha256\" must be 64 lowercase hex digits";
+      Object transport = m.get("transport");
+      if (m.containsKey("transport") && !"stream".equals(transport) && !"memfd".equals(transport)) return op + ": \"transport\" must be \"stream\" or \"memfd\"";
+      List<?> fds = List.of();
+      if (m.containsKey("fds")) {
+        if (!(m.get("fds") instanceof List)) return op + ": \"fds\" must be a list of at most " + MAX_FDS + " names";
+        fds = (List<?>) m.get("fds");
+        for (Object name : fds) {
+          if (!(name instanceof String) || ((String) name).isEmpty() || ((String) name).length() > 128 || fds.size() > MAX_FDS) {
+            return op + ": \"fds\" must be a list of at most " + MAX_FDS + " names";
+          }
+        }
+        if (new java.util.HashSet<>(fds).size() != fds.size()) return op + ": \"fds\" names must be unique";
+      }
+      boolean memfd = "memfd".equals(transport);
+      if (memfd && !fds.contains("state")) return op + ": transport \"memfd\" needs an fd named \"state\"";
+      if ((Long) m.get("size") > 0 && !memfd && !m.containsKey("sha256")) return op + ": \"sha256\" is required for a streamed state";
+      return null;
+    }
   }
 
   /** Just enough JSON for control frames: objects, arrays, strings, integers (as Long), other numbers (Double), booleans, null. */
