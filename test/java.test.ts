@@ -1,21 +1,22 @@
 // Java apps under Aeterna: examples/java-hello (a plain JDK HTTP server on
 // System.inheritedChannel(), i.e. service.stdin_listener) reloading under load,
-// and the Java SDK (clients/java). Compiled with javac into a temp dir; skipped
+// the Java SDK (clients/java) and its conformance runner. Compiled with javac into a temp dir; skipped
 // with a message when the JDK is absent (.ci/run installs it).
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { ROOT, freePort, pidNamespaceUnavailable, tempDir } from './helpers/aeterna';
 import { Daemon } from './helpers/daemon';
 import { startLoad } from './helpers/load';
 
-function javaUnavailable(): string | null {
+function javacUnavailable(): string | null {
   const r = spawnSync('javac', ['-version'], { encoding: 'utf8' });
-  if (r.error) return `javac is not available (${r.error.message}); install a JDK 17+ (default-jdk-headless) to run the Java tests`;
-  return pidNamespaceUnavailable();
+  return r.error ? `javac is not available (${r.error.message}); install a JDK 17+ (default-jdk-headless) to run the Java tests` : null;
 }
-const noJava = javaUnavailable();
+const noJavac = javacUnavailable();
+const noJava = noJavac ?? pidNamespaceUnavailable();
 
 /** javac the given sources (paths relative to the repo) into a fresh directory; returns it. */
 function compile(...sources: string[]): string {
@@ -24,6 +25,26 @@ function compile(...sources: string[]): string {
   assert.equal(r.status, 0, `javac failed:\n${r.stdout}${r.stderr}`);
   return out;
 }
+
+describe('Java SDK conformance (clients/java/ConformanceTest.java)', { skip: noJavac ?? false, timeout: 120000 }, () => {
+  it('passes every case of frames.json and exchanges.json except the memfd exchanges, which a client without fds never gets', () => {
+    const out = compile('clients/java/Aeterna.java', 'clients/java/ConformanceTest.java');
+    const r = spawnSync('java', ['-cp', out, 'dev.aeterna.ConformanceTest', path.join(ROOT, 'test', 'conformance')], { encoding: 'utf8', timeout: 100000 });
+    assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
+    const suite = (name: string): Record<string, { name: string; steps?: Record<string, unknown>[] }[]> =>
+      JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', name), 'utf8'));
+    const frames = suite('frames.json');
+    const cases = suite('exchanges.json').cases;
+    const memfd = cases.filter((c) => c.steps!.some((step) => 'memfd' in step)).map((c) => c.name);
+    const lines = r.stdout.split('\n');
+    assert.deepEqual(
+      lines.filter((l) => l.startsWith('skip ') && !l.startsWith('skip listeners.json')).map((l) => l.replace(/^skip (.*) \(.*\)$/, '$1')),
+      memfd,
+    );
+    assert.equal(lines.filter((l) => l.startsWith('ok ')).length, frames.decode.length + frames.encode.length + cases.length - memfd.length);
+    assert.equal(lines.filter((l) => l.startsWith('FAIL ')).length, 0);
+  });
+});
 
 const daemons: Daemon[] = [];
 after(async () => {
