@@ -44,6 +44,7 @@ class FakeApi implements ControlApi {
       previous: { generation: 2, pid: 4000, started_at: new Date(0).toISOString(), ready: true },
       candidate: null,
       restarts: 0,
+      canary_weight: null,
       last_reload: this.last,
     };
   }

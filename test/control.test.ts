@@ -56,6 +56,7 @@ class FakeApi implements ControlApi {
       previous: null,
       candidate: null,
       restarts: 0,
+      canary_weight: null,
       last_reload: this.last,
     };
   }

@@ -79,6 +79,8 @@ export interface StatusReport {
   /** ... and the one being started (the new one). */
   candidate: GenerationInfo | null;
   restarts: number;
+  /** orchestration.canary: the percentage of new connections the candidate receives now; null without a weighted split. */
+  canary_weight: number | null;
   last_reload: ReloadRecord | null;
 }
 
