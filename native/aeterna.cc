@@ -23,7 +23,9 @@
 #include <grp.h>
 #include <limits.h>
 #include <netdb.h>
+#include <linux/filter.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pwd.h>
 #include <signal.h>
@@ -67,8 +69,9 @@ Napi::Error GaiError(Napi::Env env, int rc, const std::string& what) {
 }
 
 // One attempt at one resolved address. Returns the fd, or -1 with *failed = syscall and errno set.
-int ListenOn(const addrinfo* ai, int backlog, const char** failed) {
-  int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+// reuse_port: join (or start) the SO_REUSEPORT group of the address, for the weighted canary split.
+int ListenOn(int family, const sockaddr* addr, socklen_t addrlen, int backlog, bool reuse_port, const char** failed) {
+  int fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_TCP);
   if (fd < 0) {
     *failed = "socket";
     return -1;
@@ -77,7 +80,9 @@ int ListenOn(const addrinfo* ai, int backlog, const char** failed) {
   int one = 1;
   if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0) {
     *failed = "setsockopt";
-  } else if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+  } else if (reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0) {
+    *failed = "setsockopt";
+  } else if (bind(fd, addr, addrlen) < 0) {
     *failed = "bind";
   } else if (listen(fd, backlog) < 0) {
     *failed = "listen";
@@ -107,6 +112,7 @@ Napi::Value ListenTcp(const Napi::CallbackInfo& info) {
   if (!GetString(info[0], "host", &host) || !GetInt(info[1], "port", 0, 65535, &port) ||
       !GetInt(info[2], "backlog", 0, INT_MAX, &backlog))
     return Napi::Value();
+  const bool reuse_port = info.Length() > 3 && info[3].ToBoolean().Value();
   const bool v6 = host.find(':') != std::string::npos;
   const std::string what = "listen tcp://" + (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
 
@@ -125,7 +131,7 @@ Napi::Value ListenTcp(const Napi::CallbackInfo& info) {
   int fd = -1, err = 0;
   const char* failed = "getaddrinfo";
   for (addrinfo* ai = found; ai != nullptr && fd < 0; ai = ai->ai_next) {
-    fd = ListenOn(ai, static_cast<int>(backlog), &failed);
+    fd = ListenOn(ai->ai_family, ai->ai_addr, ai->ai_addrlen, static_cast<int>(backlog), reuse_port, &failed);
     if (fd >= 0) break;
     err = errno;
     if (err != EAFNOSUPPORT && err != EADDRNOTAVAIL && err != EPROTONOSUPPORT) break;
@@ -143,6 +149,63 @@ Napi::Value ListenTcp(const Napi::CallbackInfo& info) {
   result.Set("fd", fd);
   result.Set("port", bound);
   return result;
+}
+
+
+// A second listener in the SO_REUSEPORT group of `fd` (bound with SO_REUSEPORT): same family, same address
+// and port (the bound one, so port 0 works), same owner, which the kernel requires of a group.
+Napi::Value ListenBeside(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t backlog;
+  if (!GetFd(info[0], "fd", &fd) || !GetInt(info[1], "backlog", 0, INT_MAX, &backlog)) return Napi::Value();
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return Throw(SysError(env, errno, "getsockname", FdName(fd)));
+  const char* failed = "socket";
+  int beside = ListenOn(ss.ss_family, reinterpret_cast<sockaddr*>(&ss), len, static_cast<int>(backlog), true, &failed);
+  if (beside < 0) return Throw(SysError(env, errno, failed, "listener beside " + FdName(fd)));
+  return Napi::Number::New(env, beside);
+}
+
+// Attach (or atomically replace) the classic BPF program that picks the socket of each new connection in
+// fd's SO_REUSEPORT group. `program` holds struct sock_filter entries, 8 bytes each, built by the caller.
+Napi::Value AttachReuseportProgram(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!GetFd(info[0], "fd", &fd)) return Napi::Value();
+  if (!info[1].IsBuffer()) return Throw(Napi::TypeError::New(env, "program must be a Buffer"));
+  Napi::Buffer<uint8_t> program = info[1].As<Napi::Buffer<uint8_t>>();
+  if (program.Length() == 0 || program.Length() % sizeof(sock_filter) != 0 || program.Length() / sizeof(sock_filter) > BPF_MAXINSNS)
+    return Throw(Napi::RangeError::New(env, "program must be 1 to 4096 sock_filter entries of 8 bytes"));
+  std::vector<sock_filter> insns(program.Length() / sizeof(sock_filter));
+  memcpy(insns.data(), program.Data(), program.Length());
+  sock_fprog prog{static_cast<unsigned short>(insns.size()), insns.data()};
+  if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof prog) < 0)
+    return Throw(SysError(env, errno, "setsockopt", FdName(fd) + " (SO_ATTACH_REUSEPORT_CBPF)"));
+  return env.Undefined();
+}
+
+// Stop a listener for every holder of it: shutdown(2) takes it out of its reuseport group, which close(2)
+// does not while another process still holds a copy.
+Napi::Value ShutdownListener(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!GetFd(info[0], "fd", &fd)) return Napi::Value();
+  if (shutdown(fd, SHUT_RDWR) < 0) return Throw(SysError(env, errno, "shutdown", FdName(fd)));
+  return env.Undefined();
+}
+
+// Connections waiting in a TCP listener's accept queue (TCP_INFO's tcpi_unacked is sk_ack_backlog in LISTEN).
+Napi::Value AcceptQueueLength(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!GetFd(info[0], "fd", &fd)) return Napi::Value();
+  tcp_info ti{};
+  socklen_t len = sizeof ti;
+  if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0) return Throw(SysError(env, errno, "getsockopt", FdName(fd) + " (TCP_INFO)"));
+  if (ti.tcpi_state != TCP_LISTEN) return Throw(MakeError(env, FdName(fd) + " is not a listening TCP socket", "EINVAL", "getsockopt"));
+  return Napi::Number::New(env, ti.tcpi_unacked);
 }
 
 // A path, or "@name" for a Linux abstract socket (leading NUL, no file, no permissions).
@@ -901,6 +964,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   const Export functions[] = {
       {"listenTcp", ListenTcp},
       {"listenUnix", ListenUnix},
+      {"listenBeside", ListenBeside},
+      {"attachReuseportProgram", AttachReuseportProgram},
+      {"acceptQueueLength", AcceptQueueLength},
+      {"shutdownListener", ShutdownListener},
       {"spawn", Spawn},
       {"setChildSubreaper", SetChildSubreaper},
       {"reapAll", ReapAll},

@@ -33,7 +33,7 @@ const STOP_SIGNALS: NodeJS.Signals[] = ['SIGTERM', 'SIGINT'];
 function startFailureCode(err: unknown): number {
   if (err instanceof AeternaError) {
     if (err.code === 'E_DAEMON_RUNNING') return ExitCodes.SOFTWARE;
-    if (err.code === 'E_LISTEN_ADDR_IN_USE' || err.code === 'E_LISTEN_FAILED' || err.code === 'E_METRICS_FAILED') return ExitCodes.UNAVAILABLE;
+    if (err.code === 'E_LISTEN_ADDR_IN_USE' || err.code === 'E_LISTEN_FAILED' || err.code === 'E_METRICS_FAILED' || err.code === 'E_CANARY_UNSUPPORTED') return ExitCodes.UNAVAILABLE;
   }
   return ExitCodes.SOFTWARE;
 }
@@ -43,6 +43,7 @@ const STARTUP_FIXES: Partial<Record<string, string>> = {
   E_LISTEN_ADDR_IN_USE: 'stop what listens there, or change the address in service.listeners',
   E_LISTEN_FAILED: 'the path must be in a directory this user can create or write, the host must resolve; or change it in aeterna.yaml',
   E_METRICS_FAILED: 'free the port, or change observability.metrics_port',
+  E_CANARY_UNSUPPORTED: 'remove orchestration.canary (a weighted split needs Linux 4.5 or later)',
   E_INTERNAL: 'a bug in Aeterna: please report it (observability.log_level "debug" logs the stack)',
 };
 
@@ -125,7 +126,7 @@ export class Daemon {
       this.prepareRuntimeDir();
       // The control socket first: if another daemon answers there, refuse before binding anything.
       this.control = await startControlServer(this.config.control.socketPath, this.api(), this.log);
-      this.listeners.apply(this.config.service.listeners);
+      this.listeners.apply(this.config.service.listeners, this.config.orchestration.canary !== null);
       for (const l of this.listeners.list()) {
         this.log.info({ listener: l.name, address: l.address, fd: l.fd }, 'listener ready');
       }

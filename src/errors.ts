@@ -12,6 +12,7 @@ export const ErrorCodes = {
   E_WATCHDOG: 'the app sent no WATCHDOG=1 within service.watchdog (or sent WATCHDOG=trigger)',
   E_READY_TIMEOUT: 'the new generation did not become ready in time',
   E_PROBE_FAILED: 'the exec readiness probe failed during a canary soak',
+  E_CANARY_UNSUPPORTED: 'orchestration.canary cannot split a listener (kernel without SO_ATTACH_REUSEPORT_CBPF, or a socket outside a reuseport group)',
   E_RELAY_FAILED: 'the state relay between generations failed',
   E_RELOAD_BUSY: 'a reload is already in progress',
   E_ILLEGAL_TRANSITION: 'the request is not valid in the current state',

@@ -45,6 +45,7 @@ class FakeApi implements ControlApi {
       candidate: null,
       restarts: 0,
       fdstore: ['sessions', 'sessions', 'conn'],
+      canary_weight: null,
       last_reload: this.last,
     };
   }

@@ -245,6 +245,7 @@ describe('loading', () => {
         readiness: { mode: 'notify', timeoutMs: 30_000, delayMs: 1_000, command: [], intervalMs: 1_000 },
         stateHandoff: { enabled: false, socketPath: '/var/run/aeterna-state.sock', timeoutMs: 10_000, maxFrameBytes: 16 * 1024 * 1024 },
         watch: null,
+        canary: null,
       },
       control: { socketPath: '/var/run/aeterna.sock' },
       observability: { metrics: null, logLevel: 'info' },

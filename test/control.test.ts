@@ -57,6 +57,7 @@ class FakeApi implements ControlApi {
       candidate: null,
       restarts: 0,
       fdstore: [],
+      canary_weight: null,
       last_reload: this.last,
     };
   }

@@ -137,6 +137,7 @@ export function formatStatus(status: StatusReport): string {
   status.listeners.forEach((l, i) => rows.push([i === 0 ? 'listeners' : '', `${l.name} ${l.address} (fd ${l.fd})`]));
   if (status.previous) rows.push(['previous', describeGeneration(status.previous)]);
   if (status.candidate) rows.push(['candidate', describeGeneration(status.candidate)]);
+  if (status.canary_weight !== null) rows.push(['canary weight', `${status.canary_weight}% of new connections to the candidate`]);
   rows.push(['restarts', String(status.restarts)]);
   if (status.fdstore.length > 0) rows.push(['fd store', `${status.fdstore.length} fd(s): ${status.fdstore.join(', ')}`]);
   rows.push(['last reload', status.last_reload === null ? 'none' : describeLastReload(status.last_reload)]);

@@ -106,8 +106,10 @@ export function checkReadiness(
 
 export function checkConfig(
   config: {
-    service?: { listeners?: ({ address?: ListenAddress | undefined } | undefined)[] | undefined } | undefined;
-    orchestration?: { state_handoff?: { enabled?: boolean | undefined; socket_path?: string | undefined } | undefined } | undefined;
+    service?: { listeners?: MaybeListener[] | undefined } | undefined;
+    orchestration?:
+      | { state_handoff?: { enabled?: boolean | undefined; socket_path?: string | undefined } | undefined; canary?: object | undefined }
+      | undefined;
     control?: { socket_path?: string | undefined } | undefined;
   },
   context: CheckContext,
@@ -119,6 +121,18 @@ export function checkConfig(
   config.service?.listeners?.forEach((listener, index) => {
     if (listener?.address?.kind === 'unix') sockets.push([`service.listeners[${index}].address`, listener.address.path]);
   });
+  // A reuseport group, which the weighted split steers, exists only for TCP.
+  if (config.orchestration?.canary !== undefined) {
+    config.service?.listeners?.forEach((listener, index) => {
+      if (listener?.address?.kind === 'unix') {
+        context.report(
+          `service.listeners[${index}].address`,
+          `orchestration.canary splits TCP connections only; listener "${listener.name ?? index}" is "${listener.address.raw}" ` +
+            '(a unix socket cannot be split by weight: remove orchestration.canary or this listener)',
+        );
+      }
+    });
+  }
   const owners = new Map<string, string>();
   for (const [keyPath, socketPath] of sockets) {
     if (socketPath === undefined) continue;

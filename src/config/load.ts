@@ -174,6 +174,7 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
         maxFrameBytes: stateHandoff.max_frame,
       },
       watch: orchestration.watch === undefined ? null : { paths: orchestration.watch.paths, debounceMs: orchestration.watch.debounce },
+      canary: orchestration.canary ?? null,
     },
     control: { socketPath: defaultedSocketPath(written, CONTROL_SOCKET_KEY, control.socket_path, DEFAULT_CONTROL_SOCKET) },
     observability: { metrics: observability.metrics_port ?? null, logLevel: observability.log_level },

@@ -328,6 +328,30 @@ const watch = object({
   },
 });
 
+const canary = object({
+  description:
+    'strategy canary: a weighted split of new TCP connections during the soak. Each generation gets its own socket ' +
+    'of an SO_REUSEPORT group (same fd, same LISTEN_FDNAMES) and a classic BPF program picks the socket of each new ' +
+    'connection; promote and rollback steer every new connection to the winner and wait for the loser\'s accept ' +
+    'queue to empty before stopping it. Needs Linux 4.5 or later (SO_ATTACH_REUSEPORT_CBPF): otherwise ' +
+    'E_CANARY_UNSUPPORTED at start or reload. TCP listeners only: a unix listener is an error. Absent: both ' +
+    'generations accept on one shared socket, the split is whatever their accept loops make of it.',
+  fields: {
+    weight: required(
+      integer({ description: 'Percentage of new TCP connections the new generation receives during the soak.', minimum: 1, maximum: 99 }),
+    ),
+    affinity: withDefault(
+      oneOf({
+        description:
+          'none: each connection is split at random; client_ip: by a hash of the client address, so one client ' +
+          'reaches one generation for the whole soak.',
+        values: ['none', 'client_ip'],
+      }),
+      'none',
+    ),
+  },
+});
+
 const orchestration = object({
   description: 'How a reload replaces the running generation.',
   fields: {
@@ -353,6 +377,7 @@ const orchestration = object({
     readiness: withDefault(readiness, {}),
     state_handoff: withDefault(stateHandoff, {}),
     watch: optional(watch),
+    canary: optional(canary),
   },
 });
 

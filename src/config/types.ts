@@ -69,6 +69,13 @@ export interface WatchConfig {
   debounceMs: number;
 }
 
+export interface CanaryConfig {
+  /** Percentage (1..99) of new TCP connections the new generation receives during the soak. */
+  weight: number;
+  /** How a connection is assigned: at random, or by a hash of the client address. */
+  affinity: 'none' | 'client_ip';
+}
+
 export interface Config {
   /** Absolute path of the file this config was read from. */
   file: string;
@@ -81,6 +88,8 @@ export interface Config {
     stateHandoff: StateHandoffConfig;
     /** null when orchestration.watch is absent: no reloads on file change. */
     watch: WatchConfig | null;
+    /** null when orchestration.canary is absent: one shared socket per listener, no split. */
+    canary: CanaryConfig | null;
   };
   control: { socketPath: string };
   observability: {

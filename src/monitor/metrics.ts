@@ -21,6 +21,7 @@ class Exported {
   readonly reloads: Counter<'strategy' | 'result'>;
   readonly reloadDuration: Histogram;
   readonly generation: Gauge;
+  readonly canaryWeight: Gauge;
   readonly state: Gauge<'state'>;
   readonly childRestarts: Counter<'reason'>;
   readonly zombiesReaped: Counter;
@@ -38,6 +39,7 @@ class Exported {
     this.reloads = new prom.Counter({ name: 'aeterna_reloads_total', help: 'Reloads by strategy and result (promoted, rolled_back, failed)', labelNames: ['strategy', 'result'] as const, registers });
     this.reloadDuration = new prom.Histogram({ name: 'aeterna_reload_duration_seconds', help: 'Time from a reload request to its outcome', buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300], registers });
     this.generation = new prom.Gauge({ name: 'aeterna_generation', help: 'Number of the generation that serves', registers });
+    this.canaryWeight = new prom.Gauge({ name: 'aeterna_canary_weight', help: 'Percentage of new connections steered to the new generation during a weighted canary soak; 0 outside one', registers });
     this.state = new prom.Gauge({ name: 'aeterna_state', help: 'The orchestrator state: 1 for the current one, 0 for the others', labelNames: ['state'] as const, registers });
     this.childRestarts = new prom.Counter({ name: 'aeterna_child_restarts_total', help: 'Restarts of the app outside a reload, by reason', labelNames: ['reason'] as const, registers });
     this.zombiesReaped = new prom.Counter({ name: 'aeterna_zombies_reaped_total', help: 'Orphaned processes reaped by Aeterna', registers });
@@ -95,6 +97,10 @@ export class Metrics {
 
   setGeneration(n: number): void {
     this.record((e) => e.generation.set(n));
+  }
+
+  setCanaryWeight(percent: number): void {
+    this.record((e) => e.canaryWeight.set(percent));
   }
 
   reloadFinished(strategy: string, result: string, seconds: number): void {

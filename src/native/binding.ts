@@ -90,7 +90,16 @@ export interface Poller {
 
 export interface Binding {
   /** socket(AF_INET/AF_INET6, SOCK_STREAM|SOCK_CLOEXEC) + SO_REUSEADDR + bind + listen. Port 0 picks a free port. */
-  listenTcp(host: string, port: number, backlog: number): { fd: number; port: number };
+  /** `reusePort`: bind with SO_REUSEPORT, so `listenBeside` can add sockets to its group (the weighted canary). */
+  listenTcp(host: string, port: number, backlog: number, reusePort?: boolean): { fd: number; port: number };
+  /** A new listener in the SO_REUSEPORT group of `fd`, at the address `fd` is bound to (close-on-exec). */
+  listenBeside(fd: number, backlog: number): number;
+  /** Attach or atomically replace the classic BPF program (sock_filter entries, 8 bytes each) of fd's SO_REUSEPORT group. */
+  attachReuseportProgram(fd: number, program: Buffer): void;
+  /** Connections waiting in a TCP listener's accept queue (TCP_INFO). */
+  acceptQueueLength(fd: number): number;
+  /** shutdown(fd, SHUT_RDWR): the listener stops for every process holding it and leaves its reuseport group. */
+  shutdownListener(fd: number): void;
   /** socket(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC) + bind + chmod(mode) + listen. A stale socket file is not removed here. */
   listenUnix(path: string, backlog: number, mode: number): number;
 

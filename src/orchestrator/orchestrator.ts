@@ -21,7 +21,8 @@ import { formatDuration } from '../config/duration';
 import type { Logger } from '../log';
 import type { Metrics } from '../monitor/metrics';
 import type { ExitInfo } from '../native/binding';
-import type { ListenerSet } from '../resources/listeners';
+import type { Listener, ListenerSet } from '../resources/listeners';
+import { WeightedSplit, type Side } from '../resources/canary-split';
 import type { ListenerWatch } from '../resources/listener-watch';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 import type { FdStore } from '../resources/fd-store';
@@ -71,6 +72,8 @@ interface ReloadRun {
   awaiting: Set<'ready' | 'relay'>;
   relayAbort: AbortController;
   timers: NodeJS.Timeout[];
+  /** orchestration.canary: the candidate's own sockets and the steering of new connections; null for a shared socket. */
+  split: WeightedSplit | null;
   /** Why the reload is being rolled back or has failed, once it is. */
   failure: { reason: string; code: ErrorCode; outcome: 'rolled_back' | 'failed' } | null;
 }
@@ -172,12 +175,12 @@ export class Orchestrator implements ControlApi {
     return env;
   }
 
-  private spawn(config: Config, role: 'fresh' | 'candidate'): Generation {
+  private spawn(config: Config, role: 'fresh' | 'candidate', listeners: readonly Listener[] = this.deps.listeners.list()): Generation {
     const number = ++this.generations;
     this.deps.listenerWatch.check(`spawn of generation ${number}`, true); // the new generation gets listening sockets
     this.deps.notify.grant(config.service);
     // The fd store's fds come after the listeners, as systemd passes them.
-    const fds = [...this.deps.listeners.list(), ...this.deps.fdStore.list()];
+    const fds = [...listeners, ...this.deps.fdStore.list()];
     const gen = Generation.spawn(number, config.service, fds, this.deps.reaper, this.extraEnv(number), this.deps.cgroups);
     this.deps.relay?.attach(gen, role);
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');
@@ -350,6 +353,7 @@ export class Orchestrator implements ControlApi {
       awaiting: new Set(['ready', 'relay']),
       relayAbort: new AbortController(),
       timers: [],
+      split: null,
       failure: null,
     };
     this.inFlight = run;
@@ -373,11 +377,14 @@ export class Orchestrator implements ControlApi {
   /** 2. Bind the listeners that are new in the config (all or nothing). */
   private bindNewListeners(run: ReloadRun): boolean {
     try {
-      const { added, dropped } = this.deps.listeners.apply(run.config.service.listeners);
+      const { added, dropped } = this.deps.listeners.apply(run.config.service.listeners, run.config.orchestration.canary !== null);
+      const canary = run.config.orchestration.canary;
+      if (canary && run.config.orchestration.strategy === 'canary') run.split = WeightedSplit.open(this.deps.listeners.list(), canary);
       for (const l of added) this.deps.log.info({ listener: l.name, address: l.address, fd: l.fd, reload: run.record.id }, 'listener added');
       for (const l of dropped) this.deps.log.info({ listener: l.name, reload: run.record.id }, 'listener dropped from config: closed once the old generation is gone');
       return true;
     } catch (err) {
+      this.restoreListeners(run.previousConfig);
       this.finish('failed', (err as Error).message, (err as AeternaError).code);
       return false;
     }
@@ -387,7 +394,7 @@ export class Orchestrator implements ControlApi {
   private spawnCandidate(run: ReloadRun): Generation | null {
     let next: Generation;
     try {
-      next = this.spawn(run.config, 'candidate');
+      next = this.spawn(run.config, 'candidate', run.split?.candidateListeners());
     } catch (err) {
       run.failure = { reason: (err as Error).message, code: 'E_SPAWN_FAILED', outcome: 'failed' };
       this.fire('spawn-failed'); // RollingBack, with nothing to stop
@@ -455,7 +462,8 @@ export class Orchestrator implements ControlApi {
     this.phase('ready');
     if (immediate) return this.enterDraining();
     const soakMs = orchestration.soakTimeMs;
-    this.phase('soaking', formatDuration(soakMs));
+    if (run.split) this.steer(run.split, run.split.canary.weight);
+    this.phase('soaking', formatDuration(soakMs) + (run.split ? `, ${run.split.weight}% of new connections to generation ${this.candidate!.number}` : ''));
     const began = performance.now();
     run.timers.push(
       setTimeout(() => {
@@ -513,8 +521,36 @@ export class Orchestrator implements ControlApi {
     this.stopWatchdog(old); // it is being stopped: a missed ping no longer matters
     this.deps.metrics.setGeneration(this.serving!.number);
     if (!old || !old.alive) return this.finishDrain();
-    void old.stop(run.previousConfig.service.stopTimeoutMs);
+    void this.handOver(run, 'new').then(() => {
+      if (old.alive) void old.stop(run.previousConfig.service.stopTimeoutMs);
+    });
     this.finalSync(run, old, this.serving!);
+  }
+
+  /**
+   * A weighted split ends: every new connection to `winner`, then wait until the loser's accept queue is empty
+   * (its process keeps accepting meanwhile), so stopping it refuses nothing. No split: nothing to wait for.
+   */
+  private async handOver(run: ReloadRun, winner: Side): Promise<void> {
+    if (!run.split) return;
+    this.steer(run.split, winner === 'new' ? 100 : 0);
+    await run.split.drained(winner === 'new' ? 'old' : 'new', 20, () => this.inFlight === run);
+  }
+
+  private steer(split: WeightedSplit, percent: number): void {
+    split.steer(percent);
+    this.deps.metrics.setCanaryWeight(percent > 0 && percent < 100 ? percent : 0);
+  }
+
+  /** After a failed or rolled back reload: the listener set of `config`; those bound for the failed one are closed. */
+  private restoreListeners(config: Config): void {
+    this.inFlight?.split?.discard();
+    try {
+      this.deps.listeners.apply(config.service.listeners, config.orchestration.canary !== null);
+      this.deps.listeners.releaseRetired();
+    } catch (err) {
+      this.deps.log.error({ err }, 'restoring the listener set after a rollback failed');
+    }
   }
 
   /** At promotion: carry what the old generation changed since its first dump. Best effort: the promotion stands. */
@@ -545,6 +581,7 @@ export class Orchestrator implements ControlApi {
     this.draining = null;
     this.config = run?.config ?? this.config;
     this.budget.update(this.config.service.restart);
+    run?.split?.promote();
     for (const l of this.deps.listeners.releaseRetired()) this.deps.log.info({ listener: l.name }, 'listener closed');
     this.fire('drain-done'); // Running
     this.finish('promoted', null, null);
@@ -564,7 +601,9 @@ export class Orchestrator implements ControlApi {
     this.phase('rolling_back', reason);
     const next = this.candidate;
     if (next && next.alive) {
-      void next.stop(run.config.service.stopTimeoutMs);
+      void this.handOver(run, 'old').then(() => {
+        if (next.alive) void next.stop(run.config.service.stopTimeoutMs);
+      });
       this.deps.relay?.release(next);
     } else {
       this.finishRollback();
@@ -575,13 +614,8 @@ export class Orchestrator implements ControlApi {
     const run = this.inFlight!;
     this.candidate = null;
     this.config = run.previousConfig;
-    try {
-      // Listeners bound for the failed config are retired and closed; the old ones were never touched.
-      this.deps.listeners.apply(this.config.service.listeners);
-      this.deps.listeners.releaseRetired();
-    } catch (err) {
-      this.deps.log.error({ err }, 'restoring the listener set after a rollback failed');
-    }
+    if (run.split) this.steer(run.split, 0);
+    this.restoreListeners(this.config); // the old listeners were never touched
     this.fire('drain-done'); // Running
     const failure = run.failure ?? { reason: 'rolled back', code: 'E_CHILD_EXITED' as ErrorCode, outcome: 'rolled_back' as const };
     this.finish(failure.outcome, failure.reason, failure.code);
@@ -705,6 +739,7 @@ export class Orchestrator implements ControlApi {
       candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
       restarts: this.restarts,
       fdstore: this.deps.fdStore.list().map((f) => f.name),
+      canary_weight: this.inFlight?.split?.weight ?? null,
       last_reload: this.inFlight?.record ?? this.lastReload,
     };
   }

@@ -81,6 +81,8 @@ export interface StatusReport {
   restarts: number;
   /** The names of the fds in the fd store (FDSTORE=1), oldest first, one per fd: what LISTEN_FDNAMES gets after the listeners'. */
   fdstore: string[];
+  /** orchestration.canary: the percentage of new connections the candidate receives now; null without a weighted split. */
+  canary_weight: number | null;
   last_reload: ReloadRecord | null;
 }
 

@@ -8,6 +8,7 @@
 import { native } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { ListenerConfig } from '../config/types';
+import { steerToServing } from './canary-split';
 import { SocketPathError, claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from './socket-file';
 
 export interface Listener {
@@ -24,6 +25,8 @@ export interface Listener {
   config?: ListenerConfig;
   /** A listening socket, checked and repaired (a datagram socket an activator passed is not). */
   watched: boolean;
+  /** Bound with SO_REUSEPORT, so a weighted canary can add the candidate's socket to its group. */
+  reusePort?: boolean;
 }
 
 /** listen(2) backlog when Aeterna revives an inherited socket, whose own backlog it cannot read (the kernel caps it at somaxconn). */
@@ -61,17 +64,27 @@ export function inheritedListeners(env: NodeJS.ProcessEnv, pid = process.pid): L
   return found;
 }
 
-function bindListener(config: ListenerConfig): Listener {
+function bindListener(config: ListenerConfig, reusePort: boolean): Listener {
   const where = `listener "${config.name}" (${config.address.raw})`;
   try {
     if (config.address.kind === 'tcp') {
-      const { fd } = native.listenTcp(config.address.host, config.address.port, config.backlog);
-      return { name: config.name, fd, address: config.address.raw, inherited: false, config, watched: true };
+      const { fd } = native.listenTcp(config.address.host, config.address.port, config.backlog, reusePort);
+      const listener: Listener = { name: config.name, fd, address: config.address.raw, inherited: false, config, watched: true, reusePort };
+      if (reusePort) {
+        try {
+          steerToServing(listener); // checks at bind time that this kernel can steer the group
+        } catch (err) {
+          native.close(fd);
+          throw err;
+        }
+      }
+      return listener;
     }
     claimSocketPath(config.address.path, false); // a stale file left by a process that died is taken over
     const { fd, file } = listenSocketFile(config.address.path, config.backlog, config.mode);
     return { name: config.name, fd, address: config.address.raw, inherited: false, socketFile: file, config, watched: true };
   } catch (err) {
+    if (err instanceof AeternaError) throw err;
     if (err instanceof SocketPathError && err.problem === 'live') {
       throw new AeternaError('E_LISTEN_ADDR_IN_USE', `${where}: address already in use (${err.message})`, { cause: err });
     }
@@ -101,8 +114,9 @@ export class ListenerSet {
    * `releaseRetired` (once the generations that used it have gone), so a
    * rollback to the old config finds it again. All-or-nothing: if one bind
    * fails, the ones bound by this call are closed and the set is unchanged.
+   * `reusePort` (orchestration.canary is set): new TCP sockets are bound with SO_REUSEPORT.
    */
-  apply(configs: ListenerConfig[]): { added: Listener[]; dropped: Listener[] } {
+  apply(configs: ListenerConfig[], reusePort = false): { added: Listener[]; dropped: Listener[] } {
     const known = [...this.listeners, ...this.retired];
     const next: Listener[] = [];
     const added: Listener[] = [];
@@ -114,7 +128,7 @@ export class ListenerSet {
         if (existing) {
           next.push(existing);
         } else {
-          const bound = bindListener(config);
+          const bound = bindListener(config, reusePort);
           added.push(bound);
           next.push(bound);
         }
@@ -204,7 +218,7 @@ function repairListener(l: Listener, problem: ListenerProblem, rebind: boolean):
   if (!rebind) return { listener: l, problem, result: 'failed', error: `${error}; a new socket is bound when the next generation is spawned` };
   if (!l.config) return { listener: l, problem, result: 'failed', error: `${error}; an inherited socket cannot be bound again by Aeterna` };
   try {
-    const fresh = bindListener(l.config);
+    const fresh = bindListener(l.config, l.reusePort === true);
     try {
       native.close(l.fd);
     } catch {

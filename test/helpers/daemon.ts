@@ -45,6 +45,8 @@ export interface ConfigOptions {
   handoff?: boolean | string;
   /** The flow-map text of orchestration.watch. */
   watch?: string;
+  /** The flow-map text of orchestration.canary. */
+  canary?: string;
 }
 
 export function configYaml(dir: string, o: ConfigOptions): string {
@@ -58,7 +60,7 @@ ${o.restart ? `  restart: ${o.restart}\n` : ''}${o.extraService ?? ''}orchestrat
   strategy: "${o.strategy ?? 'immediate'}"
   soak_time: "${o.soak ?? '1s'}"
   readiness: ${o.readiness ?? '{ mode: "delay", delay: "200ms", timeout: "10s" }'}
-${o.handoff ? `  state_handoff: ${o.handoff === true ? `{ enabled: true, socket_path: "${path.join(dir, 'state.sock')}", timeout: "10s" }` : o.handoff}\n` : ''}${o.watch ? `  watch: ${o.watch}\n` : ''}control:
+${o.handoff ? `  state_handoff: ${o.handoff === true ? `{ enabled: true, socket_path: "${path.join(dir, 'state.sock')}", timeout: "10s" }` : o.handoff}\n` : ''}${o.watch ? `  watch: ${o.watch}\n` : ''}${o.canary ? `  canary: ${o.canary}\n` : ''}control:
   socket_path: "${path.join(dir, 'control.sock')}"
 observability:
   log_level: "debug"

@@ -82,11 +82,11 @@ export function getJson<T = Record<string, unknown>>(port: number, path = '/'): 
   return requestJson<T>(port, 'GET', path);
 }
 
-/** One GET; resolves with status and text body. */
-export function getText(port: number, path = '/', host = '127.0.0.1'): Promise<{ status: number; body: string }> {
+/** One GET on a fresh connection (from `localAddress` when given); resolves with status and text body. */
+export function getText(port: number, path = '/', host = '127.0.0.1', localAddress?: string): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     http
-      .get({ host, port, path, agent: false }, (res) => {
+      .get({ host, port, path, agent: false, ...(localAddress ? { localAddress } : {}) }, (res) => {
         let body = '';
         res.setEncoding('utf8');
         res.on('data', (d: string) => (body += d));
