@@ -1,8 +1,12 @@
 // `aeterna upgrade`: the handover (a sealed memfd naming every fd that survives
 // the exec) and Aeterna re-executing itself in place, as PID 1, under load.
-import { describe, it } from 'node:test';
+import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import path from 'node:path';
+import { fixture, freePort } from './helpers/aeterna';
+import { Daemon, statusOf } from './helpers/daemon';
+import { getJson, startLoad } from './helpers/load';
 import { native } from '../src/native/binding';
 import { HANDOVER_ENV, HANDOVER_VERSION, readHandover, writeHandover, type Handover } from '../src/upgrade/handover';
 
@@ -59,5 +63,61 @@ describe('handover', () => {
     assert.ok(closeOnExec(a));
     native.close(a);
     native.close(b);
+  });
+});
+
+describe('aeterna upgrade', { timeout: 240000 }, () => {
+  const APP = [process.execPath, fixture('faults', 'app.js')];
+  const daemons: Daemon[] = [];
+  after(async () => {
+    for (const d of daemons) await d.run.killAll();
+  });
+
+  async function started(): Promise<{ d: Daemon; port: number }> {
+    const port = await freePort();
+    const d = new Daemon({ command: APP, port, stopTimeout: '5s' }).start();
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running');
+    return { d, port };
+  }
+
+  it('20 upgrades under HTTP load: zero failed requests, the same daemon pid, app pid and generation; then a reload works', async () => {
+    const { d, port } = await started();
+    const before = await statusOf(d);
+    const load = startLoad(port, { concurrency: 4 });
+    for (let i = 1; i <= 20; i++) {
+      const r = await d.cli('upgrade');
+      assert.equal(r.code, 0, `upgrade ${i}: ${r.stderr}`);
+      assert.match(r.stdout, /^upgraded: aeterna \S+ -> \S+/);
+    }
+    const stats = await load.stop();
+    const after = await statusOf(d);
+    assert.equal(stats.failed, 0, `zero failed requests: ${JSON.stringify(stats.failures)}`);
+    assert.ok(stats.ok > 0);
+    assert.deepEqual(stats.pids, [before.pid], 'one app process answered every request');
+    assert.equal(after.reexecs, 20);
+    assert.equal(after.daemon_pid, before.daemon_pid, 'Aeterna re-executed in place');
+    assert.equal(after.pid, before.pid);
+    assert.equal(after.generation, before.generation);
+    assert.equal(after.state, 'Running');
+    assert.equal((await d.cli('reload')).code, 0, 'a reload after the upgrades promotes');
+    const reloaded = await statusOf(d);
+    assert.equal(reloaded.generation, before.generation + 1);
+    assert.equal((await getJson<{ pid: number }>(port)).pid, reloaded.pid);
+  });
+
+  it('an upgrade to an entry that fails its check is refused (E_UPGRADE_REFUSED) and changes nothing', async () => {
+    const { d, port } = await started();
+    const before = await statusOf(d);
+    const bad = path.join(d.dir, 'old-aeterna');
+    fs.writeFileSync(bad, '#!/bin/sh\necho "I do not know --check-handover" >&2\nexit 2\n', { mode: 0o755 });
+    const r = await d.cli('upgrade', '--exec', bad);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /old-aeterna start --check-handover 1 exited 2: it cannot take over handover version 1; nothing changed \(E_UPGRADE_REFUSED\)/);
+    const after = await statusOf(d);
+    assert.equal(after.reexecs, 0);
+    assert.equal(after.daemon_pid, before.daemon_pid);
+    assert.equal(after.pid, before.pid);
+    assert.equal((await getJson<{ pid: number }>(port)).pid, before.pid);
   });
 });

@@ -29,6 +29,7 @@ class Exported {
   readonly listenerRepairs: Counter<'listener' | 'result'>;
   readonly fdstoreFds: Gauge;
   readonly watchdogTimeouts: Counter;
+  readonly reexecs: Counter<'reason'>;
 
   constructor() {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
@@ -46,6 +47,7 @@ class Exported {
     this.listenerRepairs = new prom.Counter({ name: 'aeterna_listener_repairs_total', help: 'Listeners found broken (an app shut its socket down), by listener and what repairing did (relistened, rebound, failed)', labelNames: ['listener', 'result'] as const, registers });
     this.fdstoreFds = new prom.Gauge({ name: 'aeterna_fdstore_fds', help: 'Fds the app parked in the fd store (FDSTORE=1)', registers });
     this.watchdogTimeouts = new prom.Counter({ name: 'aeterna_watchdog_timeouts_total', help: 'Generations the watchdog fired on (no WATCHDOG=1 in time, or WATCHDOG=trigger)', registers });
+    this.reexecs = new prom.Counter({ name: 'aeterna_reexecs_total', help: 'Times Aeterna re-executed itself in place since the container started, by reason (upgrade)', labelNames: ['reason'] as const, registers });
     prom.collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
   }
 }
@@ -124,6 +126,11 @@ export class Metrics {
     this.record((e) => e.watchdogTimeouts.inc());
   }
 
+  /** Re-executions carried over from the handover (counts before this exec included). */
+  reexecuted(reason: string, count: number): void {
+    this.record((e) => e.reexecs.inc({ reason }, count));
+  }
+
   stateRelayed(bytes: number, seconds?: number): void {
     this.record((e) => {
       e.handoffBytes.inc(bytes);
@@ -145,6 +152,8 @@ export function startMetricsServer(
   isReady: () => boolean,
   brokenListeners: (probe: 'healthz' | 'readyz') => string[],
   log: Logger,
+  /** A listening socket a re-executed Aeterna took over (aeterna upgrade): serve on it instead of binding. */
+  adoptFd?: number,
 ): Promise<http.Server> {
   const pool = new ConnectionPool(connectionBudget(PREFERRED_MAX_CONNECTIONS, METRICS_FD_SHARE));
   const server = http.createServer({ connectionsCheckingInterval: 1000 }, (req, res) => {
@@ -189,7 +198,7 @@ export function startMetricsServer(
       const where = `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
       reject(new AeternaError('E_METRICS_FAILED', `metrics endpoint ${where}: ${err.code === 'EADDRINUSE' ? 'address already in use' : err.message}; free the port, or change observability.metrics_port`, { cause: err }));
     });
-    server.listen(address.port, address.host, () => {
+    server.listen(adoptFd !== undefined ? { fd: adoptFd } : { port: address.port, host: address.host }, () => {
       server.removeAllListeners('error');
       server.on('error', (err) => log.error({ err }, 'metrics endpoint error'));
       resolve(server);

@@ -82,6 +82,10 @@ export interface StatusReport {
   /** The names of the fds in the fd store (FDSTORE=1), oldest first, one per fd: what LISTEN_FDNAMES gets after the listeners'. */
   fdstore: string[];
   last_reload: ReloadRecord | null;
+  /** The daemon's own version, when it last exec'd (start or upgrade), and how many times it re-executed itself. */
+  version?: string;
+  exec_at?: string;
+  reexecs?: number;
 }
 
 /** What the control socket may ask of the daemon. */
@@ -98,4 +102,9 @@ export interface ControlApi {
   rollback(): void;
   /** Graceful stop, as SIGTERM. */
   stop(reason: string): void;
+  /**
+   * `aeterna upgrade`: check the target (E_UPGRADE_REFUSED), refuse during a reload (E_RELOAD_BUSY); resolves when
+   * the daemon is about to re-execute itself; `execNow` (called once the reply is flushed) does it.
+   */
+  upgrade?(exec: string | undefined): Promise<{ from: string; reexecs: number; execNow: () => void }>;
 }
