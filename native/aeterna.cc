@@ -696,6 +696,55 @@ Napi::Value SetCloexec(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+Napi::Value ClearCloexec(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!GetFd(info[0], "fd", &fd)) return Napi::Value();
+  int flags = fcntl(fd, F_GETFD);
+  if (flags < 0 || fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC) < 0) return Throw(SysError(env, errno, "fcntl", FdName(fd)));
+  return env.Undefined();
+}
+
+// Aeterna re-executes itself in place (aeterna upgrade): same pid, its children stay its children.
+// Only the fds listed in `keep` lose close-on-exec, right before the exec; everything else closes.
+// If execve fails, they get close-on-exec back and the caller goes on as before.
+Napi::Value Execve(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string file;
+  if (!GetString(info[0], "path", &file)) return Napi::Value();
+  std::vector<std::string> args, envs;
+  const char* names[] = {"argv", "env"};
+  std::vector<std::string>* outs[] = {&args, &envs};
+  for (int k = 0; k < 2; k++) {
+    Napi::Array list;
+    if (!GetArray(info[k + 1], names[k], &list)) return Napi::Value();
+    for (uint32_t i = 0; i < list.Length(); i++) {
+      outs[k]->emplace_back();
+      if (!GetString(list.Get(i), names[k], &outs[k]->back())) return Napi::Value();
+    }
+  }
+  std::vector<int> keep;
+  if (!GetFdList(info[3], "keep", 65536, &keep)) return Napi::Value();
+  std::vector<char*> argv, envp;
+  for (std::string& s : args) argv.push_back(&s[0]);
+  argv.push_back(nullptr);
+  for (std::string& s : envs) envp.push_back(&s[0]);
+  envp.push_back(nullptr);
+  size_t cleared = 0;
+  for (; cleared < keep.size(); cleared++) {
+    int flags = fcntl(keep[cleared], F_GETFD);
+    if (flags < 0 || fcntl(keep[cleared], F_SETFD, flags & ~FD_CLOEXEC) < 0) break;
+  }
+  int err = cleared < keep.size() ? errno : 0;
+  std::string failed = cleared < keep.size() ? "fcntl" : "execve";
+  if (err == 0) {
+    execve(file.c_str(), argv.data(), envp.data());
+    err = errno;
+  }
+  for (size_t i = 0; i < cleared; i++) fcntl(keep[i], F_SETFD, fcntl(keep[i], F_GETFD) | FD_CLOEXEC);
+  return Throw(SysError(env, err, failed.c_str(), failed == "execve" ? file : FdName(keep[cleared])));
+}
+
 Napi::Value IsListeningSocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
@@ -987,6 +1036,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"sealMemfd", SealMemfd},
       {"getSeals", GetSeals},
       {"setCloexec", SetCloexec},
+      {"clearCloexec", ClearCloexec},
+      {"execve", Execve},
       {"isListeningSocket", IsListeningSocket},
       {"listen", Listen},
       {"isReadShutdown", IsReadShutdown},

@@ -24,6 +24,10 @@ import { startControlServer, type ControlServer } from './control/server';
 import { SrpCoordinator } from './srp/coordinator';
 import { resolveIdentity } from './supervisor/identity';
 import { ROOT_RUNTIME_DIR, defaultRuntimeDir, ensurePrivateRuntimeDir } from './config/runtime-dir';
+import { Generation } from './supervisor/generation';
+import { HANDOVER_VERSION, type FdRole, type Handover } from './upgrade/handover';
+import { checkTarget, reexec, upgradeArgv } from './upgrade/reexec';
+import { packageVersion } from './version';
 
 /** Signals passed on to the serving generation's root process as they are. */
 const FORWARDED_SIGNALS: NodeJS.Signals[] = ['SIGQUIT', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH'];
@@ -85,13 +89,15 @@ function openStateRelay(handoff: Config['orchestration']['stateHandoff'], identi
 export class Daemon {
   private readonly reaper = new Reaper();
   private readonly metrics: Metrics;
-  private readonly listeners = new ListenerSet(inheritedListeners(process.env));
+  private readonly listeners: ListenerSet;
   private readonly listenerWatch: ListenerWatch;
   private readonly handlers = new Map<NodeJS.Signals, () => void>();
   private notify: NotifySocket | null = null;
   private fdStore: FdStore | null = null;
   private control: ControlServer | null = null;
   private metricsServer: http.Server | null = null;
+  /** The metrics endpoint's listening socket (handed over at an upgrade). */
+  private metricsFd: number | null = null;
   private relay: SrpCoordinator | null = null;
   private orchestrator: Orchestrator | null = null;
   private cgroups: Cgroups | null = null;
@@ -101,11 +107,21 @@ export class Daemon {
   private pendingStop: string | null = null;
   /** Aborted by a second stop request while leftover processes are being ended: SIGKILL them now. */
   private readonly hurry = new AbortController();
+  private readonly version = packageVersion();
+  private readonly execAt = new Date();
+  /** Upgrades since the container started (carried by the handover). */
+  private readonly reexecs: number;
+  /** An upgrade is being checked or exec'd: a second one is refused. */
+  private upgrading = false;
 
   constructor(
     private readonly config: Config,
     private readonly log: Logger,
+    /** What the Aeterna this one replaced handed over (aeterna upgrade), or null for a fresh start. */
+    private readonly handover: Handover | null = null,
   ) {
+    this.listeners = new ListenerSet(handover ? handover.listeners : inheritedListeners(process.env));
+    this.reexecs = handover ? handover.counters.reexecs + 1 : 0;
     this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State);
     this.listenerWatch = new ListenerWatch(this.listeners, this.metrics, log);
     this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log);
@@ -113,6 +129,9 @@ export class Daemon {
 
   /** Run until everything has stopped; resolves with Aeterna's exit code. */
   async run(): Promise<number> {
+    const h = this.handover;
+    // Before the reaper's first sweep: a generation that exited during the exec is reported, not reaped as an orphan.
+    const adopted = h ? h.generations.map((g) => Generation.adopt(g.number, g.pid, new Date(g.started_at), this.reaper, null, null)) : [];
     this.reaper.install();
     this.reaper.on('orphan', (info) => {
       this.metrics.zombieReaped();
@@ -125,21 +144,27 @@ export class Daemon {
     try {
       this.prepareRuntimeDir();
       // The control socket first: if another daemon answers there, refuse before binding anything.
-      this.control = await startControlServer(this.config.control.socketPath, this.api(), this.log);
+      const kept = (role: FdRole): number | undefined => h?.fds.find((f) => f.role === role)?.fd;
+      const controlFd = kept('control');
+      this.control = await startControlServer(this.config.control.socketPath, this.api(), this.log, h && controlFd !== undefined ? { adopt: { fd: controlFd, file: h.control } } : {});
       this.listeners.apply(this.config.service.listeners, this.config.orchestration.canary !== null);
       for (const l of this.listeners.list()) {
         this.log.info({ listener: l.name, address: l.address, fd: l.fd }, 'listener ready');
       }
       const metricsAddress = this.config.observability.metrics;
       if (metricsAddress) {
-        this.metricsServer = await startMetricsServer(this.metrics, metricsAddress, () => this.orchestrator?.isReady() ?? false, (probe) => this.listenerWatch.check(probe), this.log);
+        const endpoint = await startMetricsServer(this.metrics, metricsAddress, () => this.orchestrator?.isReady() ?? false, (probe) => this.listenerWatch.check(probe), this.log, kept('metrics'));
+        this.metricsServer = endpoint.server;
+        this.metricsFd = endpoint.fd;
         this.log.info({ metrics: `${metricsAddress.host}:${metricsAddress.port}` }, 'metrics endpoint ready');
       }
-      this.notify = openNotifySocket(NotifySocket.pathFor(this.config.control.socketPath), this.log);
+      const notifyFd = kept('notify');
+      this.notify = h && notifyFd !== undefined ? NotifySocket.adopt(h.notify, notifyFd, this.log) : openNotifySocket(NotifySocket.pathFor(this.config.control.socketPath), this.log);
       const handoff = this.config.orchestration.stateHandoff;
       if (handoff.enabled) {
         const identity = resolveIdentity(this.config.service.user, this.config.service.group);
-        this.relay = openStateRelay(handoff, identity, this.log);
+        const relayFd = kept('relay');
+        this.relay = h?.relay && relayFd !== undefined ? SrpCoordinator.adopt(handoff, h.relay, relayFd, this.log) : openStateRelay(handoff, identity, this.log);
         this.log.info({ socket: handoff.socketPath }, 'state relay ready');
       }
     } catch (err) {
@@ -152,6 +177,7 @@ export class Daemon {
     }
     this.cgroups = this.openCgroups();
     this.fdStore = new FdStore(this.log, (count) => this.metrics.fdStoreChanged(count));
+    if (h) this.fdStore.adopt(h.fdstore);
     this.orchestrator = new Orchestrator(this.config, {
       log: this.log,
       metrics: this.metrics,
@@ -166,7 +192,14 @@ export class Daemon {
       reloadSettled: (_record, config) => this.fileWatch.reloadSettled(config),
     });
     if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
-    const stopped = this.orchestrator.run();
+    let stopped: Promise<number>;
+    if (h && adopted.length === 1) {
+      stopped = this.orchestrator.adopt(adopted[0], h.counters);
+      this.metrics.reexecuted(h.reason, this.reexecs);
+      this.log.info({ reason: h.reason, from: h.from.version, to: this.version, reexecs: this.reexecs, generation: adopted[0].number, child: adopted[0].pid }, `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${adopted[0].number} (pid ${adopted[0].pid})`);
+    } else {
+      stopped = this.orchestrator.run();
+    }
     this.listenerWatch.start();
     if (!this.pendingStop) this.fileWatch.apply(this.config.orchestration.watch);
     // The app has been spawned: now load the metrics library (kept off the start-to-exec path).
@@ -194,11 +227,76 @@ export class Daemon {
       return this.orchestrator;
     };
     return {
-      status: () => need().status(),
+      status: () => ({ ...need().status(), version: this.version, exec_at: this.execAt.toISOString(), reexecs: this.reexecs }),
+      upgrade: (exec) => this.upgrade(exec),
       reload: (trigger, onEvent) => need().reload(trigger, onEvent),
       promote: () => need().promote(),
       rollback: () => need().rollback(),
       stop: (reason) => this.stop(reason),
+    };
+  }
+
+  /**
+   * `aeterna upgrade`: only while one generation serves and no reload runs (E_RELOAD_BUSY). The target must pass its
+   * check (E_UPGRADE_REFUSED); then `execNow` re-executes in place. If execve fails, everything goes on as before.
+   */
+  private async upgrade(exec: string | undefined): Promise<{ from: string; reexecs: number; execNow: () => void }> {
+    const orchestrator = this.orchestrator;
+    if (!orchestrator) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
+    if (this.upgrading) throw new AeternaError('E_RELOAD_BUSY', 'an upgrade is already in progress');
+    orchestrator.handoverState(); // refuses during a reload
+    const argv = upgradeArgv(exec);
+    this.upgrading = true;
+    try {
+      await checkTarget(argv, this.reaper);
+      orchestrator.handoverState(); // a reload may have started while the target was checked
+    } catch (err) {
+      this.upgrading = false;
+      this.log.warn({ code: (err as AeternaError).code, target: argv[0] }, `upgrade refused: ${(err as Error).message}`);
+      throw err;
+    }
+    this.fileWatch.close(); // no reload starts once the upgrade is accepted
+    return {
+      from: this.version,
+      reexecs: this.reexecs,
+      execNow: () => {
+        try {
+          const handover = this.describeHandover();
+          this.log.info({ target: argv[0], handover_version: HANDOVER_VERSION, fds: handover.fds.length }, `upgrade: re-executing ${argv[0]}`);
+          reexec(argv, handover);
+        } catch (err) {
+          this.log.error({ err, code: (err as AeternaError).code }, `upgrade failed, going on as before: ${(err as Error).message}`);
+        }
+        this.upgrading = false;
+        this.fileWatch.apply(this.config.orchestration.watch);
+      },
+    };
+  }
+
+  /** Everything the next Aeterna takes over: the serving generation, every fd kept with its role and name, the counters. */
+  private describeHandover(): Handover {
+    const { serving, counters } = this.orchestrator!.handoverState();
+    const fds: Handover['fds'] = this.listeners.list().map((l) => ({ role: 'listener', name: l.name, fd: l.fd }));
+    const control = this.control!.listening;
+    fds.push({ role: 'control', name: 'control', fd: control.fd });
+    fds.push({ role: 'notify', name: 'notify', fd: this.notify!.handoverFd });
+    const relay = this.relay?.listening ?? null;
+    if (relay) fds.push({ role: 'relay', name: 'state', fd: relay.fd });
+    if (this.metricsFd !== null) fds.push({ role: 'metrics', name: 'metrics', fd: this.metricsFd });
+    const fdstore = this.fdStore!.handover();
+    for (const f of fdstore) fds.push({ role: 'fdstore', name: f.name, fd: f.fd });
+    return {
+      version: HANDOVER_VERSION,
+      from: { version: this.version, pid: process.pid },
+      reason: 'upgrade',
+      fds,
+      listeners: this.listeners.list().map((l) => ({ ...l })),
+      control: control.file,
+      relay: relay?.file ?? null,
+      notify: this.notify!.address,
+      fdstore,
+      generations: [{ number: serving.number, pid: serving.pid, pgid: serving.pid, state: 'serving', started_at: serving.startedAt.toISOString(), cgroup: serving.cgroup?.dir ?? null }],
+      counters: { ...counters, reexecs: this.reexecs },
     };
   }
 

@@ -24,6 +24,8 @@ export const ErrorCodes = {
   E_OPERATOR_ROLLBACK: 'the operator rolled the reload back',
   E_RESOURCE_EXHAUSTED: 'Aeterna ran out of file descriptors (EMFILE/ENFILE): raise the fd limit',
   E_STOPPED: 'Aeterna was stopped while the operation was in progress',
+  E_UPGRADE_REFUSED: 'the upgrade target failed its handover check; nothing changed',
+  E_HANDOVER_INVALID: 'the handover passed to a re-executed Aeterna cannot be read',
   E_INTERNAL: 'an internal error in Aeterna (a bug: please report it with the log)',
 } as const;
 

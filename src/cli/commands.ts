@@ -1,6 +1,7 @@
 // The operator's commands: reload, status, promote, rollback and stop talk to
 // the running daemon over its control socket; validate checks a config file.
 // Each action sets process.exitCode from CliExit and never throws.
+import path from 'node:path';
 import type { Command } from 'commander';
 import { call } from '../control/client';
 import type { ControlRequest } from '../control/protocol';
@@ -41,6 +42,11 @@ export function registerControlCommands(program: Command): void {
   daemonCommand(program, 'stop', 'stop the daemon and the app gracefully, as SIGTERM does').action((options: DaemonOptions) =>
     run(options, () => simple(options, { cmd: 'stop' }, 'stop requested')),
   );
+
+  daemonCommand(program, 'upgrade', 'upgrade Aeterna in place: re-execute the installed aeterna (same pid), keeping the app, its sockets and its memory')
+    .option('--exec <path>', 'the aeterna program to execute (default: the entry the daemon was started from)')
+    .addHelpText('after', exitCodeHelp())
+    .action((options: DaemonOptions & { exec?: string }) => run(options, () => upgrade(options)));
 
   program
     .command('validate')
@@ -124,6 +130,34 @@ async function status(options: DaemonOptions): Promise<number> {
   const report: StatusReport = result.status;
   process.stdout.write(options.json ? JSON.stringify(report) + '\n' : formatStatus(report));
   return CliExit.OK;
+}
+
+/** How long the re-executed daemon gets to answer on the control socket. */
+const UPGRADE_ANSWER_TIMEOUT_MS = 60_000;
+
+async function upgrade(options: DaemonOptions & { exec?: string }): Promise<number> {
+  const socketPath = controlSocket(options);
+  const exec = options.exec === undefined ? undefined : path.resolve(options.exec);
+  const result = await call(socketPath, exec === undefined ? { cmd: 'upgrade' } : { cmd: 'upgrade', exec }, undefined, { idleTimeoutMs: UPGRADE_ANSWER_TIMEOUT_MS });
+  if (!('upgrade' in result)) throw new Error('the daemon answered the upgrade without saying it execs');
+  const { from, reexecs } = result.upgrade;
+  // Done once the new daemon answers: its count of re-executions went up.
+  const deadline = Date.now() + UPGRADE_ANSWER_TIMEOUT_MS;
+  for (;;) {
+    try {
+      const answer = await call(socketPath, { cmd: 'status' }, undefined, { idleTimeoutMs: QUICK_REPLY_TIMEOUT_MS });
+      if ('status' in answer && (answer.status.reexecs ?? 0) > reexecs) {
+        const to = answer.status.version ?? 'unknown';
+        if (options.json) writeJson({ ok: true, from, to, reexecs: answer.status.reexecs, daemon_pid: answer.status.daemon_pid });
+        else process.stdout.write(`upgraded: aeterna ${from} -> ${to} (pid ${answer.status.daemon_pid}, generation ${answer.status.generation} kept)\n`);
+        return CliExit.OK;
+      }
+    } catch (err) {
+      if ((err as { code?: unknown }).code !== 'E_CONTROL_UNAVAILABLE' || Date.now() > deadline) throw err;
+    }
+    if (Date.now() > deadline) throw new Error(`the daemon accepted the upgrade but no re-executed daemon answered within ${UPGRADE_ANSWER_TIMEOUT_MS / 1000} s`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }
 
 async function simple(options: DaemonOptions, req: ControlRequest, done: string): Promise<number> {

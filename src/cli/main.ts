@@ -1,15 +1,10 @@
 // The `aeterna` command line (commander).
-import fs from 'node:fs';
-import path from 'node:path';
+import { packageVersion } from '../version';
 import { Command, CommanderError } from 'commander';
 import { runStart } from './start';
 import { registerControlCommands } from './commands';
 import { CliExit, exitWhenFlushed, tolerateClosedOutput } from './exit-codes';
 
-function packageVersion(): string {
-  const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', '..', 'package.json'), 'utf8')) as { version: string };
-  return pkg.version;
-}
 
 export function buildProgram(): Command {
   const program = new Command('aeterna')
@@ -19,7 +14,8 @@ export function buildProgram(): Command {
     .command('start')
     .description('run the configured app as generation 1 and supervise it (as PID 1 in a container)')
     .option('-c, --config <file>', 'config file (default: $AETERNA_CONFIG, ./aeterna.yaml, /etc/aeterna/aeterna.yaml)')
-    .action(async (options: { config?: string }) => {
+    .option('--check-handover <version>', 'only say whether this Aeterna can take over that handover version (aeterna upgrade asks), and exit')
+    .action(async (options: { config?: string; checkHandover?: string }) => {
       process.exitCode = await runStart(options);
     });
   registerControlCommands(program);

@@ -2,10 +2,28 @@
 import { Daemon } from '../daemon';
 import { createLogger } from '../log';
 import { ConfigError, loadConfigFile, resolveConfigPath } from '../config/load';
-import { ExitCodes } from '../errors';
+import { type AeternaError, ExitCodes } from '../errors';
+import { HANDOVER_VERSION, canReadHandover, readHandover } from '../upgrade/handover';
+import { checkAnswer } from '../upgrade/reexec';
 import { exitWhenFlushed } from './exit-codes';
 
-export async function runStart(options: { config?: string }): Promise<number> {
+export async function runStart(options: { config?: string; checkHandover?: string }): Promise<number> {
+  if (options.checkHandover !== undefined) {
+    // `aeterna upgrade` asks the target this before exec'ing it: it loaded, and reads that handover version?
+    if (!canReadHandover(options.checkHandover)) {
+      process.stderr.write(`aeterna: cannot read handover version ${options.checkHandover} (this Aeterna reads version ${HANDOVER_VERSION})\n`);
+      return ExitCodes.SOFTWARE;
+    }
+    process.stdout.write(`${checkAnswer(options.checkHandover)}\n`);
+    return ExitCodes.OK;
+  }
+  let handover;
+  try {
+    handover = readHandover(process.env);
+  } catch (err) {
+    process.stderr.write(`aeterna: ${(err as Error).message} (${(err as AeternaError).code})\n`);
+    return ExitCodes.SOFTWARE;
+  }
   let config;
   try {
     config = loadConfigFile(resolveConfigPath(options.config));
@@ -17,7 +35,7 @@ export async function runStart(options: { config?: string }): Promise<number> {
     throw err;
   }
   const log = createLogger(config.observability.logLevel);
-  const daemon = new Daemon(config, log);
+  const daemon = new Daemon(config, log, handover);
   // PID 1 must not die of a bug without a word: log it, take the app with it and exit with EX_SOFTWARE.
   process.on('uncaughtException', (err) => {
     log.fatal({ err }, 'internal error');

@@ -13,6 +13,9 @@
 //   <- {"type":"event","event":{"type":"phase","phase":"accepted",...}}
 //   <- {"type":"result","ok":true,"accepted":"reload-3"}
 //
+//   -> {"cmd":"upgrade"} | {"cmd":"upgrade","exec":"/path/to/aeterna"}
+//   <- {"type":"result","ok":true,"upgrade":{"from":"1.2.0","exec_count":3}}   (then the daemon re-executes itself)
+//
 //   -> {"cmd":"promote"} | {"cmd":"rollback"} | {"cmd":"stop"}
 //   <- {"type":"result","ok":true}
 //
@@ -26,7 +29,7 @@ export const MAX_REQUEST_BYTES = 64 * 1024;
 /** Longest reply line the client buffers (a status or record is a few KiB). */
 export const MAX_REPLY_BYTES = 4 * 1024 * 1024;
 
-export const COMMANDS = ['status', 'reload', 'promote', 'rollback', 'stop'] as const;
+export const COMMANDS = ['status', 'reload', 'promote', 'rollback', 'stop', 'upgrade'] as const;
 export type Command = (typeof COMMANDS)[number];
 
 export type ControlRequest =
@@ -34,7 +37,9 @@ export type ControlRequest =
   | { cmd: 'reload'; wait: boolean }
   | { cmd: 'promote' }
   | { cmd: 'rollback' }
-  | { cmd: 'stop' };
+  | { cmd: 'stop' }
+  /** Re-execute the daemon in place: `exec` names the program, else the aeterna entry it was started from. */
+  | { cmd: 'upgrade'; exec?: string };
 
 /** Error codes on the wire: Aeterna's stable codes (E_INTERNAL for an unexpected exception, a bug). */
 export type WireErrorCode = ErrorCode;
@@ -44,6 +49,8 @@ export type ResultMessage =
   | { type: 'result'; ok: true; record: ReloadRecord }
   /** reload with wait:false: the id of the accepted reload. */
   | { type: 'result'; ok: true; accepted: string }
+  /** upgrade: the target passed its check; the daemon (version `from`, re-executed `reexecs` times so far) execs now. */
+  | { type: 'result'; ok: true; upgrade: { from: string; reexecs: number } }
   | { type: 'result'; ok: true };
 
 export type EventMessage = { type: 'event'; event: ReloadEvent };
@@ -179,7 +186,7 @@ export function parseRequest(line: Buffer): ControlRequest {
   }
   // Unknown fields are refused rather than ignored: a newer client asking for
   // something this daemon does not know gets a clear answer, not a silent no-op.
-  const allowed = cmd === 'reload' ? ['cmd', 'wait'] : ['cmd'];
+  const allowed = cmd === 'reload' ? ['cmd', 'wait'] : cmd === 'upgrade' ? ['cmd', 'exec'] : ['cmd'];
   for (const key of Object.keys(obj)) {
     if (!allowed.includes(key)) throw badRequest(`request.${key}: unknown field for "${cmd}" (allowed: ${allowed.join(', ')})`);
   }
@@ -187,6 +194,10 @@ export function parseRequest(line: Buffer): ControlRequest {
     const wait = obj.wait ?? true;
     if (typeof wait !== 'boolean') throw badRequest(`request.wait: expected a boolean, got ${JSON.stringify(wait)}`);
     return { cmd, wait };
+  }
+  if (cmd === 'upgrade' && obj.exec !== undefined) {
+    if (typeof obj.exec !== 'string' || !obj.exec.startsWith('/')) throw badRequest(`request.exec: expected an absolute path, got ${JSON.stringify(obj.exec)}`);
+    return { cmd, exec: obj.exec };
   }
   return { cmd } as ControlRequest;
 }

@@ -44,10 +44,14 @@ export interface ControlServerOptions {
   lingerMs?: number;
   /** How often the socket file is checked (and re-created when deleted or replaced; default 2 s). */
   watchIntervalMs?: number;
+  /** A control socket a re-executed Aeterna took over (aeterna upgrade): accept on it instead of creating one. */
+  adopt?: { fd: number; file: SocketFile };
 }
 
 export interface ControlServer {
   readonly socketPath: string;
+  /** The listening socket now (it changes when the file is re-created): what an upgrade hands over. */
+  readonly listening: { fd: number; file: SocketFile };
   /** Stop accepting, close every connection, remove the socket file. Idempotent. */
   close(): Promise<void>;
 }
@@ -77,8 +81,8 @@ export async function startControlServer(
   const ownUid = process.getuid!();
   const connections = new Set<net.Socket>();
 
-  claimControlSocketPath(socketPath, log);
-  let listening = serve(socketPath, (fd) => onConnection(fd), log);
+  if (!options.adopt) claimControlSocketPath(socketPath, log);
+  let listening = serve(socketPath, (fd) => onConnection(fd), log, options.adopt);
 
   /** Send the last message and half-close; cut the connection if the client lingers. */
   const finish = (socket: net.Socket, message: ServerMessage): void => {
@@ -120,6 +124,9 @@ export async function startControlServer(
           return;
         case 'reload':
           reload(socket, request.wait, context);
+          return;
+        case 'upgrade':
+          upgrade(socket, request.exec, context);
           return;
       }
     } catch (err) {
@@ -165,6 +172,17 @@ export async function startControlServer(
         if (answered) log.debug({ ...context, err }, 'reload failed after its requester was answered');
         answer(errorMessage(err));
       },
+    );
+  };
+
+  /** Answer first (the reply must reach the client before this process is replaced), then re-execute. */
+  const upgrade = (socket: net.Socket, exec: string | undefined, context: Record<string, unknown>): void => {
+    if (!api.upgrade) return refuse(socket, { type: 'error', code: 'E_ILLEGAL_TRANSITION', message: 'this daemon cannot upgrade itself' }, context);
+    api.upgrade(exec).then(
+      ({ from, reexecs, execNow }) => {
+        socket.end(encodeMessage({ type: 'result', ok: true, upgrade: { from, reexecs } }), execNow);
+      },
+      (err: unknown) => refuse(socket, errorMessage(err), context),
     );
   };
 
@@ -257,6 +275,9 @@ export async function startControlServer(
 
   return {
     socketPath,
+    get listening() {
+      return { fd: listening.fd, file: listening.file };
+    },
     close(): Promise<void> {
       closing ??= (async () => {
         watch.stop();
@@ -329,16 +350,17 @@ function readRequest(
 
 /** The control socket listening at its path. */
 interface Listening {
+  fd: number;
   file: SocketFile;
   /** Stop accepting and close the socket; its connections go on. The file stays: see removeSocketFile. */
   close(): void;
 }
 
 /** Create the listening socket at socketPath (mode 0600; the path must be free) and accept on it. */
-function serve(socketPath: string, onConnection: (fd: number) => void, log: pino.Logger): Listening {
+function serve(socketPath: string, onConnection: (fd: number) => void, log: pino.Logger, adopted?: { fd: number; file: SocketFile }): Listening {
   let listening: { fd: number; file: SocketFile };
   try {
-    listening = listenSocketFile(socketPath, BACKLOG, 0o600);
+    listening = adopted ?? listenSocketFile(socketPath, BACKLOG, 0o600);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
       // Another daemon bound the path between our probe and our bind.
@@ -350,6 +372,7 @@ function serve(socketPath: string, onConnection: (fd: number) => void, log: pino
   const acceptor = new Acceptor(fd, onConnection, log, 'control socket');
   let closed = false;
   return {
+    fd,
     file,
     close(): void {
       if (closed) return;

@@ -5,6 +5,7 @@ import http from 'node:http';
 import type net from 'node:net';
 import type { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { AeternaError } from '../errors';
+import { native } from '../native/binding';
 import type { Logger } from '../log';
 import { ConnectionPool, connectionBudget } from '../resources/fd-budget';
 
@@ -30,6 +31,7 @@ class Exported {
   readonly listenerRepairs: Counter<'listener' | 'result'>;
   readonly fdstoreFds: Gauge;
   readonly watchdogTimeouts: Counter;
+  readonly reexecs: Counter<'reason'>;
 
   constructor() {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
@@ -48,6 +50,7 @@ class Exported {
     this.listenerRepairs = new prom.Counter({ name: 'aeterna_listener_repairs_total', help: 'Listeners found broken (an app shut its socket down), by listener and what repairing did (relistened, rebound, failed)', labelNames: ['listener', 'result'] as const, registers });
     this.fdstoreFds = new prom.Gauge({ name: 'aeterna_fdstore_fds', help: 'Fds the app parked in the fd store (FDSTORE=1)', registers });
     this.watchdogTimeouts = new prom.Counter({ name: 'aeterna_watchdog_timeouts_total', help: 'Generations the watchdog fired on (no WATCHDOG=1 in time, or WATCHDOG=trigger)', registers });
+    this.reexecs = new prom.Counter({ name: 'aeterna_reexecs_total', help: 'Times Aeterna re-executed itself in place since the container started, by reason (upgrade)', labelNames: ['reason'] as const, registers });
     prom.collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
   }
 }
@@ -130,6 +133,11 @@ export class Metrics {
     this.record((e) => e.watchdogTimeouts.inc());
   }
 
+  /** Re-executions carried over from the handover (counts before this exec included). */
+  reexecuted(reason: string, count: number): void {
+    this.record((e) => e.reexecs.inc({ reason }, count));
+  }
+
   stateRelayed(bytes: number, seconds?: number): void {
     this.record((e) => {
       e.handoffBytes.inc(bytes);
@@ -151,7 +159,9 @@ export function startMetricsServer(
   isReady: () => boolean,
   brokenListeners: (probe: 'healthz' | 'readyz') => string[],
   log: Logger,
-): Promise<http.Server> {
+  /** A listening socket a re-executed Aeterna took over (aeterna upgrade): serve on it instead of binding. */
+  adoptFd?: number,
+): Promise<{ server: http.Server; fd: number }> {
   const pool = new ConnectionPool(connectionBudget(PREFERRED_MAX_CONNECTIONS, METRICS_FD_SHARE));
   const server = http.createServer({ connectionsCheckingInterval: 1000 }, (req, res) => {
     pool.mark(req.socket, true);
@@ -190,15 +200,23 @@ export function startMetricsServer(
   server.on('connection', (socket: net.Socket) => {
     if (!pool.admit(socket, (victim) => victim.destroy())) socket.destroy();
   });
+  const failed = (err: NodeJS.ErrnoException): AeternaError => {
+    const where = `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
+    return new AeternaError('E_METRICS_FAILED', `metrics endpoint ${where}: ${err.code === 'EADDRINUSE' ? 'address already in use' : err.message}; free the port, or change observability.metrics_port`, { cause: err });
+  };
+  // Bound through the addon, so that Aeterna knows the socket's fd (an upgrade hands it over) without Node's internals.
+  let fd: number;
+  try {
+    fd = adoptFd ?? native.listenTcp(address.host, address.port, 511).fd;
+  } catch (err) {
+    return Promise.reject(failed(err as NodeJS.ErrnoException));
+  }
   return new Promise((resolve, reject) => {
-    server.once('error', (err: NodeJS.ErrnoException) => {
-      const where = `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
-      reject(new AeternaError('E_METRICS_FAILED', `metrics endpoint ${where}: ${err.code === 'EADDRINUSE' ? 'address already in use' : err.message}; free the port, or change observability.metrics_port`, { cause: err }));
-    });
-    server.listen(address.port, address.host, () => {
+    server.once('error', (err: NodeJS.ErrnoException) => reject(failed(err)));
+    server.listen({ fd }, () => {
       server.removeAllListeners('error');
       server.on('error', (err) => log.error({ err }, 'metrics endpoint error'));
-      resolve(server);
+      resolve({ server, fd });
     });
   });
 }

@@ -150,6 +150,14 @@ export interface Binding {
 
   /** Mark an fd close-on-exec (for sockets Aeterna inherited through LISTEN_FDS). */
   setCloexec(fd: number): void;
+  /** Clear close-on-exec on an fd (so that an execve keeps it). */
+  clearCloexec(fd: number): void;
+  /**
+   * Replace this process's program (same pid, same children): clears close-on-exec on `keep` right before
+   * execve(path, argv, env); every other fd closes. Returns only on failure: throws (syscall 'execve', or
+   * 'fcntl'), and `keep` is close-on-exec again.
+   */
+  execve(path: string, argv: string[], env: string[], keep: number[]): never;
   /** Whether fd is a listening socket (SO_ACCEPTCONN). */
   isListeningSocket(fd: number): boolean;
   /** listen(fd, backlog) on an existing socket (revives a TCP listener that an app's shutdown(2) put back to CLOSE). */

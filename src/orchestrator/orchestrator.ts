@@ -103,7 +103,7 @@ export class Orchestrator implements ControlApi {
   private restarts = 0;
   private lastReload: ReloadRecord | null = null;
   private readonly budget: RestartBudget;
-  private readonly startedAt = new Date();
+  private startedAt = new Date();
   private lastExit: ExitInfo | null = null;
   private exitCode: number | null = null;
   private stopRequests = 0;
@@ -133,6 +133,35 @@ export class Orchestrator implements ControlApi {
   run(): Promise<number> {
     this.fire('start');
     this.startServing();
+    return this.stopped;
+  }
+
+  /** What an upgrade hands over: the serving generation and the counters. Only while Running (no reload, no restart pending). */
+  handoverState(): { serving: Generation; counters: { reloads: number; restarts: number; generations: number; last_reload: ReloadRecord | null; started_at: string } } {
+    if (this.inFlight !== null || this.fsm.state !== 'Running' || this.serving === null || !this.serving.alive) {
+      const code = this.inFlight !== null ? 'E_RELOAD_BUSY' : 'E_ILLEGAL_TRANSITION';
+      throw new AeternaError(code, `cannot upgrade now: ${this.inFlight !== null ? `${this.inFlight.record.id} is in progress` : `the state is ${this.fsm.state}`}; try again once it is Running`);
+    }
+    const counters = { reloads: this.reloads, restarts: this.restarts, generations: this.generations, last_reload: this.lastReload, started_at: this.startedAt.toISOString() };
+    return { serving: this.serving, counters };
+  }
+
+  /** A re-executed Aeterna goes on where the old one was: `serving` runs and is ready. Resolves as run(). */
+  adopt(serving: Generation, counters: ReturnType<Orchestrator['handoverState']>['counters']): Promise<number> {
+    this.reloads = counters.reloads;
+    this.restarts = counters.restarts;
+    this.generations = counters.generations;
+    this.lastReload = counters.last_reload;
+    this.startedAt = new Date(counters.started_at);
+    this.fire('start');
+    this.serving = serving;
+    this.deps.relay?.attach(serving, 'fresh');
+    serving.exited.then((info) => this.onExit(serving, info));
+    const watchdogMs = this.config.service.watchdogMs;
+    if (watchdogMs !== null) this.watchdogs.set(serving, new Watchdog(serving, watchdogMs, this.deps.notify, this.deps.log, (why) => this.watchdogTimeout(serving, this.config, why)));
+    this.deps.metrics.setGeneration(serving.number);
+    this.fire('ready'); // Running
+    this.watchdogs.get(serving)?.start();
     return this.stopped;
   }
 

@@ -84,6 +84,10 @@ export interface StatusReport {
   /** orchestration.canary: the percentage of new connections the candidate receives now; null without a weighted split. */
   canary_weight: number | null;
   last_reload: ReloadRecord | null;
+  /** The daemon's own version, when it last exec'd (start or upgrade), and how many times it re-executed itself. */
+  version?: string;
+  exec_at?: string;
+  reexecs?: number;
 }
 
 /** What the control socket may ask of the daemon. */
@@ -100,4 +104,9 @@ export interface ControlApi {
   rollback(): void;
   /** Graceful stop, as SIGTERM. */
   stop(reason: string): void;
+  /**
+   * `aeterna upgrade`: check the target (E_UPGRADE_REFUSED), refuse during a reload (E_RELOAD_BUSY); resolves when
+   * the daemon is about to re-execute itself; `execNow` (called once the reply is flushed) does it.
+   */
+  upgrade?(exec: string | undefined): Promise<{ from: string; reexecs: number; execNow: () => void }>;
 }

@@ -47,6 +47,17 @@ export class FdStore {
     return this.entries.map(({ name, fd }) => ({ name, fd }));
   }
 
+  /** The stored fds with whether their hangups are watched: what an upgrade hands over. */
+  handover(): Array<{ name: string; fd: number; watched: boolean }> {
+    return this.entries.map(({ name, fd, watched }) => ({ name, fd, watched }));
+  }
+
+  /** Take over the fds a previous Aeterna stored (aeterna upgrade), in order. */
+  adopt(entries: ReadonlyArray<{ name: string; fd: number; watched: boolean }>): void {
+    for (const e of entries) this.add(e.name, e.fd, e.watched);
+    if (entries.length > 0) this.changed(this.entries.length);
+  }
+
   get size(): number {
     return this.entries.length;
   }

@@ -90,6 +90,16 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     return new NotifySocket(socketPath, native.bindNotifySocket(socketPath, 0o600), log);
   }
 
+  /** The notify socket a re-executed Aeterna took over (aeterna upgrade); datagrams sent during the exec wait in it. */
+  static adopt(socketPath: string, fd: number, log: Logger): NotifySocket {
+    return new NotifySocket(socketPath, fd, log);
+  }
+
+  /** Its fd, for the handover. */
+  get handoverFd(): number {
+    return this.fd;
+  }
+
   /**
    * Let the user the next generation runs as (service.user/group) send, before
    * it is spawned: the socket is chowned to that user (root, Aeterna's own user,

@@ -110,6 +110,16 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     return new SrpCoordinator(file, fd, config.maxFrameBytes, log);
   }
 
+  /** The state socket a re-executed Aeterna took over (aeterna upgrade); the generations' connections did not survive: SDKs reconnect. */
+  static adopt(config: StateHandoffConfig, file: SocketFile, fd: number, log: Logger): SrpCoordinator {
+    return new SrpCoordinator(file, fd, config.maxFrameBytes, log);
+  }
+
+  /** The listening socket, for the handover. */
+  get listening(): { fd: number; file: SocketFile } {
+    return { fd: this.fd, file: this.file };
+  }
+
   get socketPath(): string {
     return this.file.path;
   }

@@ -22,7 +22,7 @@ export interface GenerationEvents {
 }
 
 export class Generation extends EventEmitter<GenerationEvents> {
-  readonly startedAt = new Date();
+  startedAt = new Date();
   exitInfo: ExitInfo | null = null;
   /** Resolves when the root process has exited and been reaped. */
   readonly exited: Promise<ExitInfo>;
@@ -121,6 +121,16 @@ export class Generation extends EventEmitter<GenerationEvents> {
     }
     const generation = new Generation(number, pid, reaper.watch(pid), cgroups, cgroup);
     reaper.sweep(); // it may already have exited
+    return generation;
+  }
+
+  /**
+   * A generation a re-executed Aeterna takes over (aeterna upgrade): its process is already Aeterna's child.
+   * Watch it before the reaper's first sweep, so an exit during the exec is reported, not taken for an orphan's.
+   */
+  static adopt(number: number, pid: number, startedAt: Date, reaper: Reaper, cgroups: Cgroups | null, cgroup: GenerationCgroup | null): Generation {
+    const generation = new Generation(number, pid, reaper.watch(pid), cgroups, cgroup);
+    generation.startedAt = startedAt;
     return generation;
   }
 

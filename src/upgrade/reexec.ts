@@ -1,0 +1,70 @@
+// `aeterna upgrade`: check the target, then re-execute in place. The target is
+// first run (through the addon, like every process Aeterna starts) as
+// `start --check-handover V`: it must load and say it reads handover version V,
+// or the upgrade is refused and nothing changes. Then Aeterna execve()s itself:
+// same pid, its children stay its children; if execve fails it goes on as before.
+import fs from 'node:fs';
+import os from 'node:os';
+import { native } from '../native/binding';
+import { AeternaError } from '../errors';
+import type { Reaper } from '../supervisor/reaper';
+import { signalIfAlive } from '../supervisor/signal';
+import { HANDOVER_ENV, HANDOVER_VERSION, writeHandover, type Handover } from './handover';
+
+/** The check must answer within this time, or the target is refused. */
+const CHECK_TIMEOUT_MS = 15_000;
+/** What a target that reads this handover version prints. */
+export function checkAnswer(version: string): string {
+  return `aeterna reads handover version ${version}`;
+}
+
+/** The program to exec: `exec` with this daemon's arguments, else the same node and entry it was started from. */
+export function upgradeArgv(exec: string | undefined): string[] {
+  const args = process.argv.slice(2);
+  return exec === undefined ? [process.execPath, ...process.execArgv, process.argv[1], ...args] : [exec, ...args];
+}
+
+/** This environment for the new program: without the socket activation variables (they were for the first exec). */
+function environment(extra: Record<string, string>): string[] {
+  const env = Object.entries(process.env).filter(([k, v]) => v !== undefined && !k.startsWith('LISTEN_') && k !== HANDOVER_ENV);
+  return [...env.map(([k, v]) => `${k}=${v}`), ...Object.entries(extra).map(([k, v]) => `${k}=${v}`)];
+}
+
+/** Run the target with --check-handover; throws E_UPGRADE_REFUSED unless it exits 0 saying it reads this version. */
+export async function checkTarget(argv: string[], reaper: Reaper): Promise<void> {
+  const start = argv.indexOf('start', argv.length - process.argv.slice(2).length);
+  const checkArgv = [...argv.slice(0, start + 1), '--check-handover', String(HANDOVER_VERSION)];
+  const out = native.memfdCreate('aeterna-upgrade-check');
+  try {
+    let pid: number;
+    try {
+      pid = native.spawn({ argv: checkArgv, env: environment({}), fds: [], stdio: [0, out, 2], listenPid: false });
+    } catch (err) {
+      throw new AeternaError('E_UPGRADE_REFUSED', `cannot run the upgrade target ${argv[0]}: ${(err as Error).message}; nothing changed`, { cause: err });
+    }
+    const exited = reaper.watch(pid);
+    reaper.sweep();
+    const timer = setTimeout(() => signalIfAlive(pid, os.constants.signals.SIGKILL), CHECK_TIMEOUT_MS);
+    const info = await exited.finally(() => clearTimeout(timer));
+    const size = fs.fstatSync(out).size;
+    const said = Buffer.alloc(Math.min(size, 4096));
+    fs.readSync(out, said, 0, said.length, 0);
+    const answer = said.toString('utf8').trim();
+    if (info.code !== 0 || !answer.includes(checkAnswer(String(HANDOVER_VERSION)))) {
+      const how = info.signal !== null ? `was killed by signal ${info.signal}` : `exited ${info.code}`;
+      throw new AeternaError('E_UPGRADE_REFUSED', `the upgrade target ${checkArgv.join(' ')} ${how}${answer ? ` saying ${JSON.stringify(answer.slice(0, 200))}` : ''}: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed`);
+    }
+  } finally {
+    native.close(out);
+  }
+}
+
+/** Replace this process with argv[0], handing `handover` over. Returns only if the exec failed (it throws then; nothing changed). */
+export function reexec(argv: string[], handover: Handover): void {
+  const fd = writeHandover(handover);
+  try {
+    native.execve(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), [...handover.fds.map((f) => f.fd), fd]);
+  } finally {
+    native.close(fd);
+  }
+}
