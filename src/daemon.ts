@@ -245,6 +245,14 @@ export class Daemon {
     if (!orchestrator) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
     if (this.upgrading) throw new AeternaError('E_RELOAD_BUSY', 'an upgrade is already in progress');
     orchestrator.handoverState(); // refuses during a reload
+    const connected = this.relay?.connectedGenerations() ?? [];
+    if (connected.length > 0) {
+      // Closing it would lose the app's memory at the next reload (no connection, no state): refuse instead.
+      throw new AeternaError(
+        'E_UPGRADE_REFUSED',
+        `generation ${connected.map((g) => g.number).join(', ')} holds a state relay connection, which an upgrade cannot carry over yet (its state would not reach the next generation); nothing changed`,
+      );
+    }
     const argv = upgradeArgv(exec);
     this.upgrading = true;
     try {

@@ -6,7 +6,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fixture, freePort } from './helpers/aeterna';
 import { Daemon, statusOf } from './helpers/daemon';
-import { getJson, startLoad } from './helpers/load';
+import { getJson, requestJson, startLoad } from './helpers/load';
+
+const requestJsonPost = (port: number, url: string, body: string): Promise<unknown> => requestJson(port, 'POST', url, body);
 import { native } from '../src/native/binding';
 import { HANDOVER_ENV, HANDOVER_VERSION, readHandover, writeHandover, type Handover } from '../src/upgrade/handover';
 
@@ -104,6 +106,22 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     const reloaded = await statusOf(d);
     assert.equal(reloaded.generation, before.generation + 1);
     assert.equal((await getJson<{ pid: number }>(port)).pid, reloaded.pid);
+  });
+
+  it('an upgrade while a generation holds a state relay connection is refused (E_UPGRADE_REFUSED): its memory stays relayable', async () => {
+    const port = await freePort();
+    const d = new Daemon({ command: [process.execPath, fixture('apps', 'stateful_app.js')], port, handoff: true, readiness: '{ mode: "notify", timeout: "20s" }' }).start();
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running');
+    await d.run.waitFor(/relay: initial load acknowledged|READY \d+ generation 1/);
+    await requestJsonPost(port, '/sessions/s1/messages', 'remember me');
+    const r = await d.cli('upgrade');
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /generation 1 holds a state relay connection, which an upgrade cannot carry over yet .*nothing changed \(E_UPGRADE_REFUSED\)/);
+    assert.equal((await statusOf(d)).reexecs, 0);
+    // and the state still reaches the next generation
+    assert.equal((await d.cli('reload')).code, 0);
+    assert.deepEqual((await getJson<{ history: string[] }>(port, '/sessions/s1')).history, ['remember me']);
   });
 
   it('an upgrade to an entry that fails its check is refused (E_UPGRADE_REFUSED) and changes nothing', async () => {

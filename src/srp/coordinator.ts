@@ -162,6 +162,11 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     return this.transfer(from, to, true, () => undefined, signal, timeoutMs);
   }
 
+  /** Generations with a live relay connection now (what an upgrade could not carry over yet). */
+  connectedGenerations(): Generation[] {
+    return [...this.byGeneration.keys()].filter((g) => this.liveSession(g) !== null);
+  }
+
   relaying(gen: Generation): boolean {
     for (const t of this.transfers) if (!t.aborted && (t.to.gen === gen || t.from?.gen === gen)) return true;
     return false;
