@@ -1,6 +1,8 @@
 // A small HTTP load generator for correctness tests: `concurrency` loops, each
 // sending keep-alive GETs back to back, counting every failure (refused,
 // reset, timeout, non-2xx) by kind. Counts only; timings belong to bench/.
+// With keepAlive: false, each request opens its own connection (and says
+// `Connection: close`): one request per connection.
 import http from 'node:http';
 
 export interface LoadStats {
@@ -18,8 +20,8 @@ export interface Load {
   stop(): Promise<LoadStats>;
 }
 
-export function startLoad(port: number, options: { concurrency?: number; timeoutMs?: number; path?: string } = {}): Load {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: options.concurrency ?? 8 });
+export function startLoad(port: number, options: { concurrency?: number; timeoutMs?: number; path?: string; keepAlive?: boolean } = {}): Load {
+  const agent = options.keepAlive === false ? false : new http.Agent({ keepAlive: true, maxSockets: options.concurrency ?? 8 });
   const stats: LoadStats = { ok: 0, failed: 0, failures: {}, pids: [] };
   let running = true;
   const fail = (kind: string): void => {
@@ -65,7 +67,7 @@ export function startLoad(port: number, options: { concurrency?: number; timeout
     async stop() {
       running = false;
       await Promise.all(loops);
-      agent.destroy();
+      if (agent) agent.destroy();
       return stats;
     },
   };
