@@ -27,6 +27,8 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
   readonly stream: FdStream;
   private readonly decoder: FrameDecoder;
   private dataRemaining = 0;
+  /** The last state/load announced a digest trailer: the frame after its data must be `trailer`. */
+  private dueTrailer = false;
   private paused = false;
   private closing: SrpError | Error | null = null;
   private closedEmitted = false;
@@ -53,6 +55,11 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
   /** Refuse frames above this size from now on (the `max_frame` of `welcome`). */
   lowerFrameLimit(maxFrame: number): void {
     this.decoder.lowerLimit(maxFrame);
+  }
+
+  /** A digest trailer is due after (or right after) the announced data. */
+  get trailerDue(): boolean {
+    return this.dueTrailer;
   }
 
   /** Bytes of announced state data not received yet. */
@@ -153,11 +160,15 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
       return;
     }
     const message = parseMessage(frame.payload);
+    if (message.op === 'trailer' && !this.dueTrailer) throw new SrpError('unexpected_op', '"trailer" without a state that announced one');
+    if (this.dueTrailer && message.op !== 'trailer' && message.op !== 'error') throw new SrpError('unexpected_op', `"${message.op}" where the announced digest trailer was due`);
+    if (message.op === 'trailer') this.dueTrailer = false;
     const named = message.op === 'state' || message.op === 'load' ? (message.fds ?? []) : [];
     const fds = this.decoder.claimFds(frame, named.length);
     this.decoder.checkUnclaimed(frame); // before acting on the message: stray fds make the frame itself invalid
     if ((message.op === 'state' || message.op === 'load') && message.transport !== 'memfd') {
       this.dataRemaining = message.size;
+      this.dueTrailer = message.trailer === true;
     }
     if (this.listenerCount('message') === 0) fds.forEach(closeQuietly);
     this.emit('message', message, fds);
