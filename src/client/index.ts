@@ -280,7 +280,7 @@ export class StateClient {
         this.onClose(why);
       });
     });
-    conn.on('data', (payload, _raw, remaining) => this.onData(payload, remaining));
+    conn.on('data', (payload, _frameLength, remaining) => this.onData(payload, remaining));
     conn.send({ op: 'hello', v: 1, trailer: true }); // we verify a digest that follows the data
     await welcomed;
   }
@@ -415,7 +415,7 @@ export class StateClient {
   private onData(payload: Buffer, remaining: number): void {
     const incoming = this.incoming;
     if (!incoming) return;
-    payload.copy(incoming.buffer, incoming.received);
+    payload.copy(incoming.buffer, incoming.received); // the one copy: from the read buffer to the state's place
     incoming.hash.update(payload);
     incoming.received += payload.length;
     if (remaining === 0 && !incoming.header.trailer) this.completeLoad();

@@ -17,8 +17,12 @@ export const REFUSAL_LINGER_MS = 1000;
 export interface ConnectionEvents {
   /** A control message, with the fds it named (in the order of its `fds` list). */
   message: [message: Message, fds: number[]];
-  /** A data frame; `remaining` bytes of the announced state are still to come. */
-  data: [payload: Buffer, raw: Buffer, remaining: number];
+  /**
+   * Part of a data frame, as it arrived (a view of the read buffer: valid only during the event; copy what you
+   * keep). `frameLength` is set on the first part of each frame (its header, checked), with an empty payload;
+   * `remaining` bytes of the announced state are still to come after this part.
+   */
+  data: [payload: Buffer, frameLength: number | null, remaining: number];
   /** The connection closed; `error` says why when it was not a clean end. */
   close: [error: SrpError | Error | null];
 }
@@ -44,8 +48,9 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
         fds.forEach(closeQuietly); // lingering after a refusal: dropped, not buffered
         return;
       }
-      this.decoder.push(data, fds);
+      this.decoder.push(data, fds, true); // the stream reuses its read buffer: nothing may keep `data`
       this.drainFrames();
+      this.decoder.settle();
     });
     this.stream.on('end', () => this.close(this.refused || this.dataRemaining === 0 ? null : new Error(`connection closed with ${this.dataRemaining} bytes of state still announced`)));
     this.stream.on('error', (err) => this.close(err));
@@ -87,9 +92,10 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     return ok;
   }
 
-  /** Pass a received frame on unchanged (header and payload). */
-  forward(raw: Buffer): boolean {
-    return this.stream.write(raw);
+  /** Pass on a part of a data frame as it arrived (from a 'data' event): the header of a frame, or payload bytes. */
+  forward(payload: Buffer, frameLength: number | null): boolean {
+    if (frameLength !== null) return this.stream.write(frameHeader(frameLength));
+    return this.stream.write(payload, [], { borrowed: true });
   }
 
   pause(): void {
@@ -138,6 +144,13 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     while (!this.paused && !this.closed && !this.closing) {
       let frame: Frame | null;
       try {
+        if (this.dataRemaining > 0) {
+          const part = this.decoder.nextData(this.dataRemaining);
+          if (part === null) return;
+          this.dataRemaining -= part.payload.length;
+          this.emit('data', part.payload, part.frameLength, this.dataRemaining);
+          continue;
+        }
         frame = this.decoder.next();
         if (frame === null) return;
         this.handle(frame);
@@ -150,15 +163,6 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
   }
 
   private handle(frame: Frame): void {
-    if (this.dataRemaining > 0) {
-      if (frame.payload.length > this.dataRemaining) {
-        throw new SrpError('bad_frame', `data frame of ${frame.payload.length} bytes where only ${this.dataRemaining} were announced`);
-      }
-      this.dataRemaining -= frame.payload.length;
-      this.decoder.checkUnclaimed(frame); // data frames carry no fds
-      this.emit('data', frame.payload, frame.raw, this.dataRemaining);
-      return;
-    }
     const message = parseMessage(frame.payload);
     if (message.op === 'trailer' && !this.dueTrailer) throw new SrpError('unexpected_op', '"trailer" without a state that announced one');
     if (this.dueTrailer && message.op !== 'trailer' && message.op !== 'error') throw new SrpError('unexpected_op', `"${message.op}" where the announced digest trailer was due`);

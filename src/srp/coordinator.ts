@@ -66,6 +66,8 @@ interface Transfer {
   final: boolean;
   total: number;
   sent: number;
+  /** Payload bytes of the data frame being passed on that have not arrived yet (frames are not reassembled). */
+  frameLeft: number;
   reported: number;
   /** The load header went to `to` and its bytes stream as data frames. */
   streaming: boolean;
@@ -211,7 +213,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
         else throw err;
       }
     });
-    conn.on('data', (payload, raw, remaining) => this.onData(session, payload, raw, remaining));
+    conn.on('data', (payload, frameLength, remaining) => this.onData(session, payload, frameLength, remaining));
     conn.on('close', (error) => this.onClose(session, error));
   }
 
@@ -292,10 +294,14 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
 
   // ---- transfers ---------------------------------------------------------------------------
 
-  /** Send `bytes` of zeros as data frames (one shared zero buffer: no memory per byte), and a trailer that matches nothing. */
-  private pad(to: Session, bytes: number, trailer: boolean): void {
+  /**
+   * Send `bytes` of zeros (one shared zero buffer: no memory per byte): first the rest of the frame that was
+   * being passed on (`frameLeft`), then as whole data frames; and a trailer that matches nothing.
+   */
+  private pad(to: Session, bytes: number, frameLeft: number, trailer: boolean): void {
     const zeros = Buffer.alloc(Math.min(bytes, 1 << 20));
-    for (let left = bytes; left > 0; left -= zeros.length) to.conn.sendData(zeros.subarray(0, Math.min(left, zeros.length)), zeros.length);
+    for (let left = frameLeft; left > 0; left -= zeros.length) to.conn.stream.write(zeros.subarray(0, Math.min(left, zeros.length)));
+    for (let left = bytes - frameLeft; left > 0; left -= zeros.length) to.conn.sendData(zeros.subarray(0, Math.min(left, zeros.length)), zeros.length);
     if (trailer) to.conn.send({ op: 'trailer', sha256: '0'.repeat(64) });
     this.log.warn({ generation: to.gen?.number, bytes }, 'relay: final sync cut short; the rest was padded so the serving generation refuses it and keeps its connection');
   }
@@ -306,7 +312,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
         reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
         return;
       }
-      const t: Transfer = { from, to, final, total: 0, sent: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, aborted: false, progress, resolve, reject };
+      const t: Transfer = { from, to, final, total: 0, sent: 0, frameLeft: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, aborted: false, progress, resolve, reject };
       const onAbort = (): void => this.abort(t, signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       if (signal.aborted) return onAbort();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -366,7 +372,8 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     if (from.phase === 'idle') this.report(t, true);
   }
 
-  private onData(from: Session, payload: Buffer, raw: Buffer, remaining: number): void {
+  /** Part of a data frame: passed on as it arrived, never reassembled (its header first, checked by the connection). */
+  private onData(from: Session, payload: Buffer, frameLength: number | null, remaining: number): void {
     const t = from.transfer;
     if (remaining === 0) from.phase = from.conn.trailerDue ? 'trailer' : 'idle';
     if (!t || t.aborted) {
@@ -374,7 +381,8 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       return;
     }
     t.sent += payload.length;
-    if (!t.to.conn.forward(raw)) {
+    t.frameLeft = frameLength ?? t.frameLeft - payload.length;
+    if (!t.to.conn.forward(payload, frameLength)) {
       // The new generation reads slower than the old one writes: stop reading until its queue drains.
       from.conn.pause();
       t.to.conn.stream.once('drain', () => from.conn.resume());
@@ -476,7 +484,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       } else if (t.streaming && (t.sent < t.total || (t.trailer && !t.trailerSent))) {
         // The serving generation must keep its connection: finish the announced bytes with zeros (and a
         // trailer), so the framing stays in step; its checksum check then refuses the state, and nothing is applied.
-        this.pad(t.to, t.total - t.sent, t.trailer);
+        this.pad(t.to, t.total - t.sent, t.frameLeft, t.trailer);
       }
     }
     t.reject(err);

@@ -34,6 +34,7 @@ interface Pending {
 }
 
 export interface FdStreamEvents {
+  /** Bytes read: a view of the read buffer, valid only during the event (the next read reuses it). */
   data: [data: Buffer, fds: number[]];
   end: [];
   error: [err: Error];
@@ -63,16 +64,25 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
     this.update();
   }
 
-  /** Queue bytes (with fds on their first byte). False when the queue is above the high-water mark. */
-  write(data: Buffer, fds: number[] = [], options: { closeFds?: boolean } = {}): boolean {
+  /**
+   * Queue bytes (with fds on their first byte). False when the queue is above the high-water mark.
+   * `borrowed`: `data`'s memory is reused after this call (a read buffer): what cannot be sent now is copied.
+   */
+  write(data: Buffer, fds: number[] = [], options: { closeFds?: boolean; borrowed?: boolean } = {}): boolean {
     if (this.closed) {
       if (options.closeFds) fds.forEach(closeQuietly);
       return false;
     }
     if (fds.length > MAX_FDS_PER_FRAME) throw new RangeError(`at most ${MAX_FDS_PER_FRAME} fds per write`);
-    this.queue.push({ data, offset: 0, fds, closeFds: options.closeFds ?? false });
+    const pending: Pending = { data, offset: 0, fds, closeFds: options.closeFds ?? false };
+    this.queue.push(pending);
     this.queued += data.length;
     this.flush();
+    if (options.borrowed && this.queue.at(-1) === pending && pending.offset < data.length) {
+      pending.data = Buffer.from(data.subarray(pending.offset));
+      pending.offset = 0;
+      pending.fds = []; // sent with the first byte already, or none
+    }
     if (this.queued < this.highWaterMark) return true;
     this.needDrain = true;
     return false;
@@ -152,15 +162,8 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
         this.emit('end');
         return;
       }
-      let data: Buffer;
-      if (got.bytes >= READ_CHUNK / 2) {
-        // Hand the chunk over and read into a fresh one: no copy for big reads.
-        data = this.chunk.subarray(0, got.bytes);
-        this.chunk = EMPTY;
-      } else {
-        data = Buffer.from(this.chunk.subarray(0, got.bytes)); // small: copy, keep the chunk
-      }
-      this.emit('data', data, got.fds);
+      // A view of the read buffer, which the next read reuses: no copy and no fresh memory per read.
+      this.emit('data', this.chunk.subarray(0, got.bytes), got.fds);
     }
   }
 
