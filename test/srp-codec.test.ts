@@ -57,6 +57,49 @@ describe('SRP framing', () => {
     assert.equal(srpCode(() => big.next()), 'too_large');
   });
 
+  it('passes data frames through in the pieces they arrived in, never reassembled, checking each header', () => {
+    const d = new FrameDecoder(1024);
+    const first = crypto.randomBytes(600);
+    const second = crypto.randomBytes(400);
+    const wire = Buffer.concat([encodeFrame(first), encodeFrame(second), encodeFrame(Buffer.from('{"op":"ready"}'))]);
+    const reads = [wire.subarray(0, 250), wire.subarray(250, 700), wire.subarray(700)];
+    const headers: number[] = [];
+    const pieces: Buffer[] = [];
+    let announced = 1000;
+    const readBuffer = Buffer.alloc(1024); // one buffer reused for every read, as FdStream does
+    for (const r of reads) {
+      r.copy(readBuffer);
+      const view = readBuffer.subarray(0, r.length);
+      d.push(view, [], true);
+      for (let part = announced > 0 ? d.nextData(announced) : null; part !== null; part = announced > 0 ? d.nextData(announced) : null) {
+        if (part.frameLength !== null) headers.push(part.frameLength);
+        else {
+          assert.equal(part.payload.buffer, readBuffer.buffer, 'a view of the read, not a copy');
+          pieces.push(Buffer.from(part.payload));
+        }
+        announced -= part.payload.length;
+      }
+      d.settle(); // the read buffer is reused next: what is left must have been copied
+      readBuffer.fill(0);
+    }
+    assert.deepEqual(headers, [600, 400]);
+    assert.ok(pieces.length > 2, `${pieces.length} pieces: as they arrived, not one per frame`);
+    assert.deepEqual(Buffer.concat(pieces), Buffer.concat([first, second]));
+    assert.equal(String(d.next()!.payload), '{"op":"ready"}', 'the control frame after the data, intact after settle');
+  });
+
+  it('refuses a data frame longer than what is left of the announced state, or above the limit, at its header', () => {
+    const over = new FrameDecoder(1024);
+    over.push(frameHeader(11));
+    assert.equal(srpCode(() => over.nextData(10)), 'bad_frame');
+    const big = new FrameDecoder(16);
+    big.push(frameHeader(17));
+    assert.equal(srpCode(() => big.nextData(100)), 'too_large');
+    const zero = new FrameDecoder(16);
+    zero.push(frameHeader(0));
+    assert.equal(srpCode(() => zero.nextData(100)), 'bad_frame');
+  });
+
   it('refuses a 4 GiB length header and a length of 0', () => {
     const d = new FrameDecoder(16 << 20);
     d.push(Buffer.from([0xff, 0xff, 0xff, 0xff]));

@@ -39,18 +39,21 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
   /** Refused (an `error` frame went out): nothing more is parsed; the fd closes at the peer's end or after the linger. */
   private refused = false;
 
-  constructor(fd: number, maxFrame: number) {
+  /** `highWaterMark`: queued bytes at which send/forward return false (the FdStream's backpressure). */
+  constructor(fd: number, maxFrame: number, highWaterMark?: number) {
     super();
     this.decoder = new FrameDecoder(maxFrame);
-    this.stream = new FdStream(fd);
+    this.stream = new FdStream(fd, highWaterMark);
     this.stream.on('data', (data, fds) => {
       if (this.refused) {
         fds.forEach(closeQuietly); // lingering after a refusal: dropped, not buffered
         return;
       }
-      this.decoder.push(data, fds, true); // the stream reuses its read buffer: nothing may keep `data`
+      // The stream reuses its read buffer at its next read, which cannot come while we are paused: only
+      // then must what is left be copied (a partial frame). Paused, the rest stays a view until resume().
+      this.decoder.push(data, fds, true);
       this.drainFrames();
-      this.decoder.settle();
+      if (!this.paused) this.decoder.settle();
     });
     this.stream.on('end', () => this.close(this.refused || this.dataRemaining === 0 ? null : new Error(`connection closed with ${this.dataRemaining} bytes of state still announced`)));
     this.stream.on('error', (err) => this.close(err));
@@ -92,10 +95,14 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     return ok;
   }
 
-  /** Pass on a part of a data frame as it arrived (from a 'data' event): the header of a frame, or payload bytes. */
+  /**
+   * Pass on a part of a data frame as it arrived (from a 'data' event): the header of a frame, or payload
+   * bytes, queued as they are (a view of the sender's read buffer, no copy). The caller must keep the sending
+   * connection paused until this one's queue is empty ('drain' with a high-water mark of 1 byte), since
+   * the sender's next read reuses that buffer.
+   */
   forward(payload: Buffer, frameLength: number | null): boolean {
-    if (frameLength !== null) return this.stream.write(frameHeader(frameLength));
-    return this.stream.write(payload, [], { borrowed: true });
+    return this.stream.write(frameLength !== null ? frameHeader(frameLength) : payload);
   }
 
   pause(): void {
@@ -107,7 +114,9 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     if (!this.paused) return;
     this.paused = false;
     this.drainFrames();
-    if (!this.paused) this.stream.resume();
+    if (this.paused) return;
+    this.decoder.settle(); // the stream reads into its buffer again: keep no views of it
+    this.stream.resume();
   }
 
   /**

@@ -35,6 +35,13 @@ const EXIT_EXPLAIN_MS = 1000;
 const PROGRESS_EVERY = 8 << 20;
 /** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a memfd state must be immutable. */
 const REQUIRED_SEALS = 0x2 | 0x4 | 0x8;
+/**
+ * The write queue of Aeterna's relay connections counts as full with one byte in it: data frames are passed
+ * on as views of the sender's read buffer, so the sender is paused until they are all out (its next read
+ * reuses that buffer). The relay's window is then the two sockets' kernel buffers and one read: no copy,
+ * and no memory per byte relayed.
+ */
+const RELAY_HIGH_WATER_MARK = 1;
 
 type Phase =
   | 'hello' // waiting for hello
@@ -177,7 +184,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
    * current generation is refused at once and holds no slot, so strangers cannot use up what generations need.
    */
   private admit(fd: number): void {
-    const conn = new SrpConnection(fd, this.maxFrame);
+    const conn = new SrpConnection(fd, this.maxFrame, RELAY_HIGH_WATER_MARK);
     let peer: { pid: number; uid: number };
     try {
       peer = native.peerCred(fd);
@@ -383,7 +390,8 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     t.sent += payload.length;
     t.frameLeft = frameLength ?? t.frameLeft - payload.length;
     if (!t.to.conn.forward(payload, frameLength)) {
-      // The new generation reads slower than the old one writes: stop reading until its queue drains.
+      // Not all of it went out at once: stop reading from the old generation until the queue is empty
+      // (the queued bytes are a view of its read buffer).
       from.conn.pause();
       t.to.conn.stream.once('drain', () => from.conn.resume());
     }

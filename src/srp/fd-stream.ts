@@ -64,25 +64,16 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
     this.update();
   }
 
-  /**
-   * Queue bytes (with fds on their first byte). False when the queue is above the high-water mark.
-   * `borrowed`: `data`'s memory is reused after this call (a read buffer): what cannot be sent now is copied.
-   */
-  write(data: Buffer, fds: number[] = [], options: { closeFds?: boolean; borrowed?: boolean } = {}): boolean {
+  /** Queue bytes (with fds on their first byte). False when the queue is at or above the high-water mark. */
+  write(data: Buffer, fds: number[] = [], options: { closeFds?: boolean } = {}): boolean {
     if (this.closed) {
       if (options.closeFds) fds.forEach(closeQuietly);
       return false;
     }
     if (fds.length > MAX_FDS_PER_FRAME) throw new RangeError(`at most ${MAX_FDS_PER_FRAME} fds per write`);
-    const pending: Pending = { data, offset: 0, fds, closeFds: options.closeFds ?? false };
-    this.queue.push(pending);
+    this.queue.push({ data, offset: 0, fds, closeFds: options.closeFds ?? false });
     this.queued += data.length;
     this.flush();
-    if (options.borrowed && this.queue.at(-1) === pending && pending.offset < data.length) {
-      pending.data = Buffer.from(data.subarray(pending.offset));
-      pending.offset = 0;
-      pending.fds = []; // sent with the first byte already, or none
-    }
     if (this.queued < this.highWaterMark) return true;
     this.needDrain = true;
     return false;
