@@ -250,6 +250,46 @@ describe('SRP connection over a real socketpair', () => {
     assert.equal(openFds(), before);
   });
 
+  it('relays 32 MiB through a middle hop as Aeterna does (views of its read buffer, paused until they are out) byte-exact, frames intact', async () => {
+    const [x, y] = pair();
+    const [y2, z] = native.test.socketpair();
+    const out = new SrpConnection(y2, 1 << 20, 1); // as Aeterna's: full at one queued byte, so the hop pauses until its views are out
+    const sink = new SrpConnection(z, 1 << 20);
+    const data = crypto.randomBytes(32 << 20);
+    const digest = crypto.createHash('sha256');
+    let headers = 0;
+    let pauses = 0;
+    const done = new Promise<void>((resolve) =>
+      sink.on('data', (payload, frameLength, remaining) => {
+        if (frameLength !== null) {
+          headers++;
+          if (headers % 4 === 0) {
+            sink.pause(); // a slow reader now and then
+            setTimeout(() => sink.resume(), 5);
+          }
+        }
+        digest.update(payload);
+        if (remaining === 0) resolve();
+      }),
+    );
+    y.on('message', (m) => out.send(m)); // the state header
+    y.on('data', (payload, frameLength) => {
+      if (!out.forward(payload, frameLength)) {
+        pauses++;
+        y.pause();
+        out.stream.once('drain', () => y.resume());
+      }
+    });
+    const sha = crypto.createHash('sha256').update(data).digest('hex');
+    x.send({ op: 'state', size: data.length, encoding: 'binary', sha256: sha });
+    x.sendData(data, 1 << 20);
+    await done;
+    assert.equal(digest.digest('hex'), sha);
+    assert.equal(headers, 32, 'the sender\'s frames, passed on as they were');
+    assert.ok(pauses > 0, 'the hop was paused by backpressure');
+    for (const c of [x, y, out, sink]) c.close();
+  });
+
   it('answers garbage with an error frame and closes', async () => {
     const [a, b] = native.test.socketpair();
     const server = new SrpConnection(a, 1024);
