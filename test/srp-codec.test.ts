@@ -250,10 +250,10 @@ describe('SRP connection over a real socketpair', () => {
     assert.equal(openFds(), before);
   });
 
-  it('relays 32 MiB through a middle hop as Aeterna does (views of its read buffer, paused until they are out) byte-exact, frames intact', async () => {
+  it('relays 32 MiB through a middle hop as Aeterna does (views of its read buffer, the spill ring under backpressure) byte-exact, frames intact', async () => {
     const [x, y] = pair();
     const [y2, z] = native.test.socketpair();
-    const out = new SrpConnection(y2, 1 << 20, 1); // as Aeterna's: full at one queued byte, so the hop pauses until its views are out
+    const out = new SrpConnection(y2, 1 << 20, 2 << 20); // a small window: the spill ring fills, wraps and pauses the hop
     const sink = new SrpConnection(z, 1 << 20);
     const data = crypto.randomBytes(32 << 20);
     const digest = crypto.createHash('sha256');

@@ -97,12 +97,11 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
 
   /**
    * Pass on a part of a data frame as it arrived (from a 'data' event): the header of a frame, or payload
-   * bytes, queued as they are (a view of the sender's read buffer, no copy). The caller must keep the sending
-   * connection paused until this one's queue is empty ('drain' with a high-water mark of 1 byte), since
-   * the sender's next read reuses that buffer.
+   * bytes (a view of the sender's read buffer: what cannot go out at once waits in the stream's spill ring).
    */
   forward(payload: Buffer, frameLength: number | null): boolean {
-    return this.stream.write(frameLength !== null ? frameHeader(frameLength) : payload);
+    if (frameLength !== null) return this.stream.write(frameHeader(frameLength));
+    return this.stream.write(payload, [], { borrowed: true });
   }
 
   pause(): void {

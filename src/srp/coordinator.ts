@@ -36,12 +36,10 @@ const PROGRESS_EVERY = 8 << 20;
 /** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a memfd state must be immutable. */
 const REQUIRED_SEALS = 0x2 | 0x4 | 0x8;
 /**
- * The write queue of Aeterna's relay connections counts as full with one byte in it: data frames are passed
- * on as views of the sender's read buffer, so the sender is paused until they are all out (its next read
- * reuses that buffer). The relay's window is then the two sockets' kernel buffers and one read: no copy,
- * and no memory per byte relayed.
+ * The relay's window in Aeterna: the old generation is read only while the new one's queue is below this.
+ * What waits is held in the connection's spill ring (this plus one read), allocated once and reused.
  */
-const RELAY_HIGH_WATER_MARK = 1;
+const RELAY_HIGH_WATER_MARK = 4 << 20;
 
 type Phase =
   | 'hello' // waiting for hello
@@ -390,8 +388,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     t.sent += payload.length;
     t.frameLeft = frameLength ?? t.frameLeft - payload.length;
     if (!t.to.conn.forward(payload, frameLength)) {
-      // Not all of it went out at once: stop reading from the old generation until the queue is empty
-      // (the queued bytes are a view of its read buffer).
+      // The new generation reads slower than the old one writes: stop reading until its queue drains.
       from.conn.pause();
       t.to.conn.stream.once('drain', () => from.conn.resume());
     }
