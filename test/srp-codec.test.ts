@@ -57,6 +57,49 @@ describe('SRP framing', () => {
     assert.equal(srpCode(() => big.next()), 'too_large');
   });
 
+  it('passes data frames through in the pieces they arrived in, never reassembled, checking each header', () => {
+    const d = new FrameDecoder(1024);
+    const first = crypto.randomBytes(600);
+    const second = crypto.randomBytes(400);
+    const wire = Buffer.concat([encodeFrame(first), encodeFrame(second), encodeFrame(Buffer.from('{"op":"ready"}'))]);
+    const reads = [wire.subarray(0, 250), wire.subarray(250, 700), wire.subarray(700)];
+    const headers: number[] = [];
+    const pieces: Buffer[] = [];
+    let announced = 1000;
+    const readBuffer = Buffer.alloc(1024); // one buffer reused for every read, as FdStream does
+    for (const r of reads) {
+      r.copy(readBuffer);
+      const view = readBuffer.subarray(0, r.length);
+      d.push(view, [], true);
+      for (let part = announced > 0 ? d.nextData(announced) : null; part !== null; part = announced > 0 ? d.nextData(announced) : null) {
+        if (part.frameLength !== null) headers.push(part.frameLength);
+        else {
+          assert.equal(part.payload.buffer, readBuffer.buffer, 'a view of the read, not a copy');
+          pieces.push(Buffer.from(part.payload));
+        }
+        announced -= part.payload.length;
+      }
+      d.settle(); // the read buffer is reused next: what is left must have been copied
+      readBuffer.fill(0);
+    }
+    assert.deepEqual(headers, [600, 400]);
+    assert.ok(pieces.length > 2, `${pieces.length} pieces: as they arrived, not one per frame`);
+    assert.deepEqual(Buffer.concat(pieces), Buffer.concat([first, second]));
+    assert.equal(String(d.next()!.payload), '{"op":"ready"}', 'the control frame after the data, intact after settle');
+  });
+
+  it('refuses a data frame longer than what is left of the announced state, or above the limit, at its header', () => {
+    const over = new FrameDecoder(1024);
+    over.push(frameHeader(11));
+    assert.equal(srpCode(() => over.nextData(10)), 'bad_frame');
+    const big = new FrameDecoder(16);
+    big.push(frameHeader(17));
+    assert.equal(srpCode(() => big.nextData(100)), 'too_large');
+    const zero = new FrameDecoder(16);
+    zero.push(frameHeader(0));
+    assert.equal(srpCode(() => zero.nextData(100)), 'bad_frame');
+  });
+
   it('refuses a 4 GiB length header and a length of 0', () => {
     const d = new FrameDecoder(16 << 20);
     d.push(Buffer.from([0xff, 0xff, 0xff, 0xff]));
@@ -205,6 +248,46 @@ describe('SRP connection over a real socketpair', () => {
     y.close();
     await new Promise((r) => setTimeout(r, 20));
     assert.equal(openFds(), before);
+  });
+
+  it('relays 32 MiB through a middle hop as Aeterna does (views of its read buffer, the spill ring under backpressure) byte-exact, frames intact', async () => {
+    const [x, y] = pair();
+    const [y2, z] = native.test.socketpair();
+    const out = new SrpConnection(y2, 1 << 20, 2 << 20); // a small window: the spill ring fills, wraps and pauses the hop
+    const sink = new SrpConnection(z, 1 << 20);
+    const data = crypto.randomBytes(32 << 20);
+    const digest = crypto.createHash('sha256');
+    let headers = 0;
+    let pauses = 0;
+    const done = new Promise<void>((resolve) =>
+      sink.on('data', (payload, frameLength, remaining) => {
+        if (frameLength !== null) {
+          headers++;
+          if (headers % 4 === 0) {
+            sink.pause(); // a slow reader now and then
+            setTimeout(() => sink.resume(), 5);
+          }
+        }
+        digest.update(payload);
+        if (remaining === 0) resolve();
+      }),
+    );
+    y.on('message', (m) => out.send(m)); // the state header
+    y.on('data', (payload, frameLength) => {
+      if (!out.forward(payload, frameLength)) {
+        pauses++;
+        y.pause();
+        out.stream.once('drain', () => y.resume());
+      }
+    });
+    const sha = crypto.createHash('sha256').update(data).digest('hex');
+    x.send({ op: 'state', size: data.length, encoding: 'binary', sha256: sha });
+    x.sendData(data, 1 << 20);
+    await done;
+    assert.equal(digest.digest('hex'), sha);
+    assert.equal(headers, 32, 'the sender\'s frames, passed on as they were');
+    assert.ok(pauses > 0, 'the hop was paused by backpressure');
+    for (const c of [x, y, out, sink]) c.close();
   });
 
   it('answers garbage with an error frame and closes', async () => {

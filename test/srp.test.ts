@@ -291,6 +291,25 @@ describe('state relay failures roll back; the old generation keeps serving with 
     assert.equal(await d.stop(), 0);
   });
 
+  it('a receiver that does not say "trailer" in its hello (an older client) gets the sha256 up front, never a trailer', async () => {
+    // srp_peer says {"op":"hello","v":1}, as clients before the digest trailer do, and prints what it receives.
+    const { d, port } = await started({ env: ['STATE_MODE=binary', `BLOB_BYTES=${4 << 20}`] });
+    const before = await request(port, 'GET', '/blob');
+    d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'hang'], handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "2s" }` });
+    const reload = d.cli('reload');
+    const load = await d.run.waitFor(/GOT (\{[^\n]*"op":"load"[^\n]*\})/);
+    await d.run.waitFor(/GOT <\d+ bytes>/); // its data frames follow
+    const r = await reload;
+    assert.equal(r.code, 1, 'the peer never acks: rolled back');
+    const dump = d.run.logs().find((l) => l.msg === 'relay: dump requested');
+    assert.equal(dump?.trailer, false, 'no trailer offered to the old generation');
+    const header = JSON.parse(load[1]) as { sha256?: string; trailer?: boolean; size: number };
+    assert.equal(header.sha256, before.sha256, 'the digest up front');
+    assert.equal(header.trailer, undefined);
+    assert.doesNotMatch(d.run.stdout + d.run.stderr, /"op":"trailer"/);
+    assert.equal(await d.stop(), 0);
+  });
+
   it('the new process killed while the state streams to it: the reason says it died during the relay', async () => {
     // The new generation stops reading once welcomed, so the state waits unread in its socket when it dies:
     // the kernel resets Aeterna's end (a POLLERR), which must be reported as the death it is.

@@ -69,6 +69,11 @@ MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 0x0001)
 MFD_ALLOW_SEALING = getattr(os, "MFD_ALLOW_SEALING", 0x0002)
 _MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
+# Socket buffers asked for on the relay connection (the kernel caps them at net.core.[rw]mem_max): fewer,
+# larger reads and writes for a streamed state.
+_SOCKET_BUFFER = 4 * 1024 * 1024
+# States smaller than this are hashed inline; larger ones on a thread of their own, overlapping the socket.
+_HASH_THREAD_MIN = 4 * 1024 * 1024
 
 
 class RelayError(Exception):
@@ -204,8 +209,9 @@ class State:
     """A state received from the previous generation.
 
     encoding: the encoding the sender announced (None for an empty state)
-    data:     a bytearray (stream transport, as received: no copy), or a read-only
-              mmap of the memfd (memfd transport); b"" when empty
+    data:     a writable anonymous mmap (stream transport, as received: no copy, no
+              up-front zero-fill), or a read-only mmap of the memfd (memfd
+              transport); b"" when empty. Both are bytes-like (len, slices, memoryview).
     fds:      the other fds that came with it, by name (e.g. "conn:1"); they are
               yours to use and close
     final:    True for the final sync (the second load, delivered to on_load)
@@ -278,7 +284,7 @@ def _to_bytes(value: Any, encoding: Optional[str]) -> Tuple[Any, str]:
 
 # --------------------------------------------------------------------------- messages
 
-_OPS = ("hello", "welcome", "load", "state", "ack", "ready", "dump", "error")
+_OPS = ("hello", "welcome", "load", "state", "ack", "ready", "dump", "trailer", "error")
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -299,6 +305,13 @@ def _optional_string(o: dict, key: str, limit: int) -> Optional[str]:
     return v
 
 
+def _optional_sha256(o: dict, op: str) -> Optional[str]:
+    sha = _optional_string(o, "sha256", 64)
+    if sha is not None and (len(sha) != 64 or not set(sha) <= _SHA256_HEX):
+        raise _bad_json('%s: "sha256" must be 64 lowercase hex digits' % op)
+    return sha
+
+
 def _state_header(o: dict, op: str) -> dict:
     """The fields of a load or state frame, checked as docs/srp.md says (bad_json otherwise)."""
     size = o.get("size")
@@ -308,10 +321,8 @@ def _state_header(o: dict, op: str) -> dict:
     encoding = _optional_string(o, "encoding", 64)
     if encoding is not None:
         h["encoding"] = encoding
-    sha = _optional_string(o, "sha256", 64)
+    sha = _optional_sha256(o, op)
     if sha is not None:
-        if len(sha) != 64 or not set(sha) <= _SHA256_HEX:
-            raise _bad_json('%s: "sha256" must be 64 lowercase hex digits' % op)
         h["sha256"] = sha
     if "transport" in o:
         if o["transport"] not in ("stream", "memfd"):
@@ -327,8 +338,14 @@ def _state_header(o: dict, op: str) -> dict:
         h["fds"] = names
     if h.get("transport") == "memfd" and "state" not in h.get("fds", []):
         raise _bad_json('%s: transport "memfd" needs an fd named "state"' % op)
-    if size > 0 and h.get("transport") != "memfd" and "sha256" not in h:
-        raise _bad_json('%s: "sha256" is required for a streamed state' % op)
+    if "trailer" in o:
+        if o["trailer"] is not True:
+            raise _bad_json('%s: "trailer" must be true when present' % op)
+        if "sha256" in h or h.get("transport") == "memfd" or size == 0:
+            raise _bad_json('%s: "trailer" is only for a streamed state of at least 1 byte without "sha256"' % op)
+        h["trailer"] = True
+    if size > 0 and h.get("transport") != "memfd" and "sha256" not in h and "trailer" not in h:
+        raise _bad_json('%s: "sha256" (or "trailer": true) is required for a streamed state' % op)
     return h
 
 
@@ -351,7 +368,7 @@ def _parse_message(body: bytes) -> dict:
     if op == "hello":
         if not isinstance(o.get("v"), (int, float)) or isinstance(o.get("v"), bool):
             raise _bad_json('hello: "v" must be a number')
-        return {"op": op, "v": o["v"]}
+        return {"op": op, "v": o["v"], "trailer": True} if o.get("trailer") is True else {"op": op, "v": o["v"]}
     if op == "welcome":
         return {"op": op, "v": o.get("v"), "generation": o.get("generation"), "max_frame": o.get("max_frame")}
     if op in ("load", "state"):
@@ -368,7 +385,14 @@ def _parse_message(body: bytes) -> dict:
         msg = {"op": op, "final": o.get("final") is True}
         if _is_whole(o.get("timeout_ms")) and o["timeout_ms"] > 0:
             msg["timeout_ms"] = o["timeout_ms"]
+        if o.get("trailer") is True:
+            msg["trailer"] = True
         return msg
+    if op == "trailer":
+        sha = _optional_sha256(o, op)
+        if sha is None:
+            raise _bad_json('trailer: "sha256" is required')
+        return {"op": op, "sha256": sha}
     if op == "error":
         return {"op": op, "code": str(o.get("code", "unknown"))[:64], "message": str(o.get("message", ""))[:4096]}
     return {"op": op}
@@ -401,6 +425,8 @@ class StateClient:
         self._initial: Optional[State] = None
         self._reader: Optional[threading.Thread] = None
         self._final_pending = False
+        # The last dump offered a digest trailer: a streamed state is hashed as it is sent.
+        self._trailer_offered = False
         # When the final dump arrived (monotonic) and how long Aeterna waits for its answer (the dump's timeout_ms).
         self._final_asked: Optional[Tuple[float, Optional[float]]] = None
         self._final_sent = False
@@ -677,25 +703,37 @@ class StateClient:
                     os.close(memfd)
                     owned.remove(memfd)
             else:
-                data = bytearray(size) if size else b""
+                # An anonymous mapping is zero without a memset: its pages are touched as the bytes land.
+                data = mmap.mmap(-1, size) if size else b""
+                hasher = _Hasher(size)
                 if size:
                     view = memoryview(data)
                     got = 0
-                    while got < size:
-                        length, extra = self._recv_header()
-                        if extra:
-                            _close_fds(extra)
-                            raise _ProtocolError("bad_frame", "fds on a data frame")
-                        if length > size - got:
-                            raise _ProtocolError("bad_frame", "data frames exceed the announced size %d" % size)
-                        self._recv_exact_into(view[got:got + length], None)
-                        got += length
-                    view.release()
-                if sha is not None:
-                    actual = hashlib.sha256(data).hexdigest()
-                    if actual != sha:
-                        raise _Refusal("checksum_mismatch", "announced sha256 %s, received %s (%d bytes)" % (sha, actual, size))
-                # bytearray as received (no copy of a large state)
+                    try:
+                        while got < size:
+                            length, extra = self._recv_header()
+                            if extra:
+                                _close_fds(extra)
+                                raise _ProtocolError("bad_frame", "fds on a data frame")
+                            if length > size - got:
+                                raise _ProtocolError("bad_frame", "data frames exceed the announced size %d" % size)
+                            self._recv_exact_into(view[got:got + length], None)
+                            hasher.update(view[got:got + length])
+                            got += length
+                    finally:
+                        actual = hasher.hexdigest()  # also ends the hashing thread, whatever happened
+                        view.release()
+                else:
+                    actual = hasher.hexdigest()
+                if msg.get("trailer"):
+                    trailer, extra = self._recv_control()
+                    _close_fds(extra)
+                    if trailer["op"] != "trailer":
+                        raise _ProtocolError("unexpected_op", "%r where the announced digest trailer was due" % trailer["op"])
+                    sha = trailer["sha256"]
+                if sha is not None and actual != sha:
+                    raise _Refusal("checksum_mismatch", "announced sha256 %s, received %s (%d bytes)" % (sha, actual, size))
+                # the mapping as received (no copy of a large state)
             owned = []  # the named fds now belong to the State
             if size == 0 and not named and transport == "stream":
                 return None
@@ -703,9 +741,10 @@ class StateClient:
         finally:
             _close_fds(owned)
 
-    def _send_frames(self, first: bytes, fds: Optional[List[int]] = None, data: Any = None) -> None:
+    def _send_frames(self, first: bytes, fds: Optional[List[int]] = None, data: Any = None, trailer: bool = False) -> None:
         """Send one control frame (fds attached to its header, in a sendmsg of its own)
-        and then `data` as data frames, without another frame in between."""
+        and then `data` as data frames, without another frame in between; with
+        `trailer`, hash the data as it goes and send its digest in a trailer frame."""
         sock = self._sock
         if sock is None:
             return
@@ -720,11 +759,20 @@ class StateClient:
                 sock.sendall(header + first)
             if data is not None:
                 view = memoryview(data).cast("B")
+                hasher = _Hasher(len(view)) if trailer else None
                 chunk = max(1, min(DATA_CHUNK, self.max_frame))
-                for off in range(0, len(view), chunk):
-                    piece = view[off:off + chunk]
-                    sock.sendall(_HEADER.pack(len(piece)))
-                    sock.sendall(piece)
+                try:
+                    for off in range(0, len(view), chunk):
+                        piece = view[off:off + chunk]
+                        if hasher is not None:
+                            hasher.update(piece)
+                        sock.sendall(_HEADER.pack(len(piece)))
+                        sock.sendall(piece)
+                finally:
+                    digest = hasher.hexdigest() if hasher is not None else None
+                if digest is not None:
+                    body = json.dumps({"op": "trailer", "sha256": digest}, separators=(",", ":")).encode("utf-8")
+                    sock.sendall(_HEADER.pack(len(body)) + body)
 
     def _send_control(self, msg: dict, fds: Optional[List[int]] = None) -> None:
         self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds)
@@ -745,7 +793,7 @@ class StateClient:
         cb = self._dump_cb
         try:
             value = cb(final) if cb is not None else None
-            msg, fds, data, memfd = _prepare_state(value)
+            msg, fds, data, memfd = _prepare_state(value, self._trailer_offered)
         except BaseException as e:
             _log("no state to hand over, the dump is declined: %s" % _reason(e))
             try:
@@ -757,7 +805,7 @@ class StateClient:
             with self._cond:  # before sending: Aeterna's ack may come back before _send_frames returns
                 self._final_sent = True
         try:
-            self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data)
+            self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data, msg.get("trailer") is True)
         except OSError as e:
             _log("could not send the state: %s" % e)
             return False
@@ -783,6 +831,7 @@ class StateClient:
                     if fds:
                         _close_fds(fds)
                         raise _ProtocolError("bad_frame", "fds on a dump frame")
+                    self._trailer_offered = msg.get("trailer") is True
                     if msg.get("final") is True:
                         wait_ms = msg.get("timeout_ms")
                         valid = isinstance(wait_ms, int) and not isinstance(wait_ms, bool) and wait_ms > 0
@@ -850,9 +899,46 @@ class StateClient:
         self._send_control({"op": "ack", "ok": True})
 
 
-def _prepare_state(value: Any) -> Tuple[dict, List[int], Any, Optional[int]]:
+class _Hasher:
+    """SHA-256 of bytes fed in order. Large inputs are hashed on a thread of their
+    own (hashlib releases the GIL), so hashing overlaps the socket instead of
+    following it; the pieces must stay valid and unchanged until hexdigest()."""
+
+    def __init__(self, total: int):
+        self._hash = hashlib.sha256()
+        self._queue: Any = None
+        self._thread: Optional[threading.Thread] = None
+        if total >= _HASH_THREAD_MIN:
+            import queue
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="aeterna-sha256", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            piece = self._queue.get()
+            if piece is None:
+                return
+            self._hash.update(piece)
+
+    def update(self, piece: Any) -> None:
+        if self._queue is None:
+            self._hash.update(piece)
+        else:
+            self._queue.put(piece)
+
+    def hexdigest(self) -> str:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        return self._hash.hexdigest()
+
+
+def _prepare_state(value: Any, trailer: bool = False) -> Tuple[dict, List[int], Any, Optional[int]]:
     """(state message, fds for its header, data for data frames or None, memfd to close
-    once sent) for a dump callback's value. Raises when the value cannot be sent."""
+    once sent) for a dump callback's value. With `trailer` (the dump offered one), a
+    streamed state's digest is left to the trailer frame. Raises when the value cannot be sent."""
     if value is None:
         return {"op": "state", "size": 0}, [], None, None
     if not isinstance(value, DumpResult):
@@ -892,7 +978,11 @@ def _prepare_state(value: Any) -> Tuple[dict, List[int], Any, Optional[int]]:
     view = memoryview(data).cast("B")
     if len(view) == 0 and not fds:
         return {"op": "state", "size": 0}, [], None, None
-    msg = {"op": "state", "encoding": encoding, "size": len(view), "sha256": hashlib.sha256(view).hexdigest()}
+    msg = {"op": "state", "encoding": encoding, "size": len(view)}
+    if trailer and len(view):
+        msg["trailer"] = True  # hashed as it is sent (_send_frames)
+    else:
+        msg["sha256"] = hashlib.sha256(view).hexdigest()
     if names:
         msg["fds"] = names
     return msg, fds, (view if len(view) else None), None
@@ -951,9 +1041,15 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client = StateClient(sock)
     try:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+            except OSError:
+                pass  # a smaller buffer only costs more reads
         sock.settimeout(timeout)
         sock.connect(path)
-        client._send_control({"op": "hello", "v": PROTOCOL_VERSION})
+        # trailer: this SDK verifies a digest that follows the data (Aeterna then lets senders hash as they send)
+        client._send_control({"op": "hello", "v": PROTOCOL_VERSION, "trailer": True})
         msg, fds = client._recv_control()
         _close_fds(fds)
         if fds:

@@ -135,8 +135,8 @@ class Fake:
     def handshake(self, load=None, expect_ack=True):
         self.conn, _ = self.srv.accept()
         self.conn.settimeout(10)
-        hello = self._recv_exact(24, [])
-        self.events.append(("hello", hello))
+        body, _ = self.recv_frame()
+        self.events.append(("hello", struct.pack(">I", len(body)) + body))
         self.send({"op": "welcome", "v": 1, "generation": self.generation, "max_frame": self.max_frame})
         if load is None:
             self.send({"op": "load", "size": 0})
@@ -208,7 +208,7 @@ class RelayTest(unittest.TestCase):
         self.assertFalse(c.shutdown(timeout=10))
         self.assertLess(time.monotonic() - t0, 5, "shutdown returns at end of file, not at its timeout")
         f.join()
-        self.assertEqual(f.events[0], ("hello", b"\x00\x00\x00\x14" + b'{"op":"hello","v":1}'))
+        self.assertEqual(f.events[0], ("hello", b"\x00\x00\x00\x23" + b'{"op":"hello","v":1,"trailer":true}'))
         self.assertEqual(f.events[1], ("ack", {"op": "ack", "ok": True}))
         self.assertEqual(f.events[2], ("ready", {"op": "ready"}))
 

@@ -179,6 +179,8 @@ interface Incoming {
   buffer: Buffer;
   received: number;
   hash: crypto.Hash;
+  /** The digest from the `trailer` frame, when the header announced one (null until it arrives). */
+  trailerSha: string | null;
 }
 
 export interface ConnectOptions {
@@ -210,6 +212,8 @@ export class StateClient {
   private dumpCallback: DumpCallback | null = null;
   private loadCallback: ((state: LoadedState) => void | Promise<void>) | null = null;
   private finalDumpPending = false;
+  /** The last dump offered a digest trailer: the state can go out as it is hashed. */
+  private trailerOffered = false;
   /** When Aeterna asked for the final dump (performance.now()), and how long it waits for the answer (its timeout_ms). */
   private finalAsked: { at: number; timeoutMs: number | null } | null = null;
   private finalAskedSignal: () => void = () => undefined;
@@ -276,8 +280,8 @@ export class StateClient {
         this.onClose(why);
       });
     });
-    conn.on('data', (payload, _raw, remaining) => this.onData(payload, remaining));
-    conn.send({ op: 'hello', v: 1 });
+    conn.on('data', (payload, _frameLength, remaining) => this.onData(payload, remaining));
+    conn.send({ op: 'hello', v: 1, trailer: true }); // we verify a digest that follows the data
     await welcomed;
   }
 
@@ -367,11 +371,19 @@ export class StateClient {
       case 'load': {
         const named = new Map<string, number>((m.fds ?? []).map((name, i) => [name, fds[i]]));
         const streamed = m.transport === 'memfd' ? 0 : m.size;
-        this.incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: crypto.createHash('sha256') };
+        this.incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: crypto.createHash('sha256'), trailerSha: null };
         if (m.transport === 'memfd' || m.size === 0) this.completeLoad();
         return;
       }
+      case 'trailer':
+        // The connection lets a trailer through only right after the data of a load that announced one.
+        if (this.incoming) {
+          this.incoming.trailerSha = m.sha256;
+          this.completeLoad();
+        }
+        return;
       case 'dump':
+        this.trailerOffered = m.trailer === true;
         if (m.final) {
           this.finalAsked = { at: performance.now(), timeoutMs: m.timeout_ms ?? null };
           this.finalAskedSignal();
@@ -403,10 +415,10 @@ export class StateClient {
   private onData(payload: Buffer, remaining: number): void {
     const incoming = this.incoming;
     if (!incoming) return;
-    payload.copy(incoming.buffer, incoming.received);
+    payload.copy(incoming.buffer, incoming.received); // the one copy: from the read buffer to the state's place
     incoming.hash.update(payload);
     incoming.received += payload.length;
-    if (remaining === 0) this.completeLoad();
+    if (remaining === 0 && !incoming.header.trailer) this.completeLoad();
   }
 
   /** A whole state arrived: verify it, then hand it to load() or onLoad. */
@@ -428,7 +440,10 @@ export class StateClient {
       const data = incoming.buffer;
       state = makeState(h, data, incoming.fds, null);
       if (incoming.received !== h.size) problem = new RelayError('bad_state', `received ${incoming.received} bytes, ${h.size} announced`);
-      else if (h.sha256 !== undefined && incoming.hash.digest('hex') !== h.sha256) problem = new RelayError('checksum_mismatch', `sha256 of the ${h.size} bytes received is not ${h.sha256}`);
+      else {
+        const expected = h.sha256 ?? incoming.trailerSha ?? undefined;
+        if (expected !== undefined && incoming.hash.digest('hex') !== expected) problem = new RelayError('checksum_mismatch', `sha256 of the ${h.size} bytes received is not ${expected}`);
+      }
     }
     if (problem) {
       // A refused state's fds are not the app's: close them.
@@ -476,10 +491,10 @@ export class StateClient {
       conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', (err as Error).message) });
       return;
     }
-    this.sendState(conn, result);
+    await this.sendState(conn, result, this.trailerOffered);
   }
 
-  private sendState(conn: SrpConnection, result: DumpResult): void {
+  private async sendState(conn: SrpConnection, result: DumpResult, trailer: boolean): Promise<void> {
     if (result === null || result === undefined) {
       conn.send({ op: 'state', size: 0 });
       return;
@@ -534,15 +549,42 @@ export class StateClient {
       conn.send({ op: 'state', size: 0 });
       return;
     }
+    const frameSize = Math.min(1 << 20, this.maxFrame);
+    if (trailer && knownSha === undefined && bytes.length > 0) {
+      // Hash each frame as it goes out and send the digest after the data: the first byte leaves at once,
+      // and the receiver hashes what it got meanwhile (docs/srp.md, "Digest trailer").
+      conn.send({ op: 'state', encoding, size: bytes.length, trailer: true, ...(names.length ? { fds: names } : {}) }, fds);
+      const hash = crypto.createHash('sha256');
+      for (let off = 0; off < bytes.length && !conn.closed; off += frameSize) {
+        const part = bytes.subarray(off, off + frameSize);
+        hash.update(part);
+        if (!conn.sendData(part, frameSize) && !conn.stream.isClosed) await drained(conn);
+      }
+      if (!conn.closed) conn.send({ op: 'trailer', sha256: hash.digest('hex') });
+      return;
+    }
     const header: Message = { op: 'state', encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
     conn.send(header, fds);
-    if (bytes.length > 0) conn.sendData(bytes, Math.min(1 << 20, this.maxFrame));
+    if (bytes.length > 0) conn.sendData(bytes, frameSize);
   }
 
   private onClose(err: RelayError): void {
     this.initial.reject(err);
     this.finish();
   }
+}
+
+/** Resolves once the connection's write queue is below its high-water mark again, or it closed. */
+function drained(conn: SrpConnection): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      conn.stream.off('drain', done);
+      conn.stream.off('close', done);
+      resolve();
+    };
+    conn.stream.once('drain', done);
+    conn.stream.once('close', done);
+  });
 }
 
 /** Why the connection ended, as a RelayError: the protocol's code when it was a protocol error, else `closed`. */

@@ -5,6 +5,7 @@
 import { native } from '../native/binding';
 
 export const HEADER_BYTES = 4;
+const EMPTY = Buffer.alloc(0);
 /** SCM_MAX_FD: the kernel's limit of fds in one message. */
 export const MAX_FDS_PER_FRAME = 253;
 
@@ -28,6 +29,15 @@ export class SrpError extends Error {
     super(message);
     this.name = 'SrpError';
   }
+}
+
+/**
+ * Part of a data frame, as it arrived: a view, never a copy (valid only until the next push when the bytes
+ * were pushed as borrowed). `frameLength` is set on the first part of each frame (its header was just read).
+ */
+export interface DataPart {
+  frameLength: number | null;
+  payload: Buffer;
 }
 
 export interface Frame {
@@ -68,6 +78,10 @@ export class FrameDecoder {
   private consumed = 0;
   private received = 0;
   private batches: FdBatch[] = [];
+  /** The last `borrowed` chunks are views of a buffer the caller reuses: settle() copies what is left of them. */
+  private borrowed = 0;
+  /** Payload bytes of the current data frame not taken yet (0: the next bytes are a header). */
+  private inDataFrame = 0;
 
   constructor(private maxFrame: number) {}
 
@@ -76,13 +90,47 @@ export class FrameDecoder {
     if (Number.isInteger(maxFrame) && maxFrame > 0 && maxFrame < this.maxFrame) this.maxFrame = maxFrame;
   }
 
-  /** Feed bytes (and any fds that arrived with them). */
-  push(data: Buffer, fds: number[] = []): void {
+  /**
+   * Feed bytes (and any fds that arrived with them). `borrowed`: the caller reuses `data`'s memory after
+   * this turn, so call settle() before it does; frames and data parts taken until then are views of it.
+   */
+  push(data: Buffer, fds: number[] = [], borrowed = false): void {
     if (fds.length > 0) this.batches.push({ from: this.received, to: this.received + data.length, fds, claimed: false });
     this.received += data.length;
     if (data.length === 0) return;
     this.chunks.push(data);
     this.buffered += data.length;
+    this.borrowed = borrowed ? this.borrowed + 1 : 0;
+  }
+
+  /** Copy what is left of borrowed bytes (a partial frame, or what a pause left unread): the caller may now reuse them. */
+  settle(): void {
+    for (let i = Math.max(0, this.chunks.length - this.borrowed); i < this.chunks.length; i++) this.chunks[i] = Buffer.from(this.chunks[i]);
+    this.borrowed = 0;
+  }
+
+  /**
+   * The next part of the data frames that carry `announced` more bytes, without reassembling frames: a frame's
+   * header is checked (length 0, above the limit, more than announced) and its payload comes out in the
+   * pieces it arrived in. Null when nothing is buffered.
+   */
+  nextData(announced: number): DataPart | null {
+    if (this.inDataFrame === 0) {
+      if (this.buffered < HEADER_BYTES) return null;
+      const length = this.peekLength();
+      if (length === 0) throw new SrpError('bad_frame', 'frame length 0');
+      if (length > this.maxFrame) throw new SrpError('too_large', `frame length ${length} is above the limit of ${this.maxFrame} bytes`);
+      if (length > announced) throw new SrpError('bad_frame', `data frame of ${length} bytes where only ${announced} were announced`);
+      this.take(HEADER_BYTES);
+      this.inDataFrame = length;
+      this.checkUnclaimedBefore(this.consumed); // data frames carry no fds
+      return { frameLength: length, payload: EMPTY };
+    }
+    if (this.buffered === 0) return null;
+    const payload = this.take(Math.min(this.inDataFrame, this.chunks[0].length));
+    this.inDataFrame -= payload.length;
+    this.checkUnclaimedBefore(this.consumed);
+    return { frameLength: null, payload };
   }
 
   /** The next complete frame, or null. Throws SrpError for a length of 0 or above the limit. */
@@ -114,8 +162,11 @@ export class FrameDecoder {
 
   /** After a frame was handled: fds that no frame can claim any more are a protocol error. */
   checkUnclaimed(frame: Frame): void {
+    this.checkUnclaimedBefore(frame.start + frame.raw.length);
+  }
+
+  private checkUnclaimedBefore(end: number): void {
     // The next frame starts at `end`: a batch that ended by then can only have belonged to frames already handled.
-    const end = frame.start + frame.raw.length;
     const stray = this.batches.find((b) => !b.claimed && b.to <= end);
     this.batches = this.batches.filter((b) => !b.claimed);
     if (stray) throw new SrpError('bad_frame', `${stray.fds.length} fds arrived where none were announced`);
@@ -145,8 +196,10 @@ export class FrameDecoder {
     const first = this.chunks[0];
     if (first.length >= n) {
       // Within one chunk: no copy.
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
+      if (first.length === n) {
+        this.chunks.shift();
+        this.borrowed = Math.min(this.borrowed, this.chunks.length);
+      } else this.chunks[0] = first.subarray(n);
       return first.subarray(0, n);
     }
     const out = Buffer.allocUnsafe(n);
@@ -158,6 +211,7 @@ export class FrameDecoder {
         c.copy(out, filled);
         filled += c.length;
         this.chunks.shift();
+        this.borrowed = Math.min(this.borrowed, this.chunks.length);
       } else {
         c.copy(out, filled, 0, need);
         this.chunks[0] = c.subarray(need);

@@ -17,8 +17,12 @@ export const REFUSAL_LINGER_MS = 1000;
 export interface ConnectionEvents {
   /** A control message, with the fds it named (in the order of its `fds` list). */
   message: [message: Message, fds: number[]];
-  /** A data frame; `remaining` bytes of the announced state are still to come. */
-  data: [payload: Buffer, raw: Buffer, remaining: number];
+  /**
+   * Part of a data frame, as it arrived (a view of the read buffer: valid only during the event; copy what you
+   * keep). `frameLength` is set on the first part of each frame (its header, checked), with an empty payload;
+   * `remaining` bytes of the announced state are still to come after this part.
+   */
+  data: [payload: Buffer, frameLength: number | null, remaining: number];
   /** The connection closed; `error` says why when it was not a clean end. */
   close: [error: SrpError | Error | null];
 }
@@ -27,23 +31,29 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
   readonly stream: FdStream;
   private readonly decoder: FrameDecoder;
   private dataRemaining = 0;
+  /** The last state/load announced a digest trailer: the frame after its data must be `trailer`. */
+  private dueTrailer = false;
   private paused = false;
   private closing: SrpError | Error | null = null;
   private closedEmitted = false;
   /** Refused (an `error` frame went out): nothing more is parsed; the fd closes at the peer's end or after the linger. */
   private refused = false;
 
-  constructor(fd: number, maxFrame: number) {
+  /** `highWaterMark`: queued bytes at which send/forward return false (the FdStream's backpressure). */
+  constructor(fd: number, maxFrame: number, highWaterMark?: number) {
     super();
     this.decoder = new FrameDecoder(maxFrame);
-    this.stream = new FdStream(fd);
+    this.stream = new FdStream(fd, highWaterMark);
     this.stream.on('data', (data, fds) => {
       if (this.refused) {
         fds.forEach(closeQuietly); // lingering after a refusal: dropped, not buffered
         return;
       }
-      this.decoder.push(data, fds);
+      // The stream reuses its read buffer at its next read, which cannot come while we are paused: only
+      // then must what is left be copied (a partial frame). Paused, the rest stays a view until resume().
+      this.decoder.push(data, fds, true);
       this.drainFrames();
+      if (!this.paused) this.decoder.settle();
     });
     this.stream.on('end', () => this.close(this.refused || this.dataRemaining === 0 ? null : new Error(`connection closed with ${this.dataRemaining} bytes of state still announced`)));
     this.stream.on('error', (err) => this.close(err));
@@ -53,6 +63,11 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
   /** Refuse frames above this size from now on (the `max_frame` of `welcome`). */
   lowerFrameLimit(maxFrame: number): void {
     this.decoder.lowerLimit(maxFrame);
+  }
+
+  /** A digest trailer is due after (or right after) the announced data. */
+  get trailerDue(): boolean {
+    return this.dueTrailer;
   }
 
   /** Bytes of announced state data not received yet. */
@@ -80,9 +95,13 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     return ok;
   }
 
-  /** Pass a received frame on unchanged (header and payload). */
-  forward(raw: Buffer): boolean {
-    return this.stream.write(raw);
+  /**
+   * Pass on a part of a data frame as it arrived (from a 'data' event): the header of a frame, or payload
+   * bytes (a view of the sender's read buffer: what cannot go out at once waits in the stream's spill ring).
+   */
+  forward(payload: Buffer, frameLength: number | null): boolean {
+    if (frameLength !== null) return this.stream.write(frameHeader(frameLength));
+    return this.stream.write(payload, [], { borrowed: true });
   }
 
   pause(): void {
@@ -94,7 +113,9 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     if (!this.paused) return;
     this.paused = false;
     this.drainFrames();
-    if (!this.paused) this.stream.resume();
+    if (this.paused) return;
+    this.decoder.settle(); // the stream reads into its buffer again: keep no views of it
+    this.stream.resume();
   }
 
   /**
@@ -131,6 +152,13 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     while (!this.paused && !this.closed && !this.closing) {
       let frame: Frame | null;
       try {
+        if (this.dataRemaining > 0) {
+          const part = this.decoder.nextData(this.dataRemaining);
+          if (part === null) return;
+          this.dataRemaining -= part.payload.length;
+          this.emit('data', part.payload, part.frameLength, this.dataRemaining);
+          continue;
+        }
         frame = this.decoder.next();
         if (frame === null) return;
         this.handle(frame);
@@ -143,21 +171,16 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
   }
 
   private handle(frame: Frame): void {
-    if (this.dataRemaining > 0) {
-      if (frame.payload.length > this.dataRemaining) {
-        throw new SrpError('bad_frame', `data frame of ${frame.payload.length} bytes where only ${this.dataRemaining} were announced`);
-      }
-      this.dataRemaining -= frame.payload.length;
-      this.decoder.checkUnclaimed(frame); // data frames carry no fds
-      this.emit('data', frame.payload, frame.raw, this.dataRemaining);
-      return;
-    }
     const message = parseMessage(frame.payload);
+    if (message.op === 'trailer' && !this.dueTrailer) throw new SrpError('unexpected_op', '"trailer" without a state that announced one');
+    if (this.dueTrailer && message.op !== 'trailer' && message.op !== 'error') throw new SrpError('unexpected_op', `"${message.op}" where the announced digest trailer was due`);
+    if (message.op === 'trailer') this.dueTrailer = false;
     const named = message.op === 'state' || message.op === 'load' ? (message.fds ?? []) : [];
     const fds = this.decoder.claimFds(frame, named.length);
     this.decoder.checkUnclaimed(frame); // before acting on the message: stray fds make the frame itself invalid
     if ((message.op === 'state' || message.op === 'load') && message.transport !== 'memfd') {
       this.dataRemaining = message.size;
+      this.dueTrailer = message.trailer === true;
     }
     if (this.listenerCount('message') === 0) fds.forEach(closeQuietly);
     this.emit('message', message, fds);

@@ -35,6 +35,11 @@ const EXIT_EXPLAIN_MS = 1000;
 const PROGRESS_EVERY = 8 << 20;
 /** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a memfd state must be immutable. */
 const REQUIRED_SEALS = 0x2 | 0x4 | 0x8;
+/**
+ * The relay's window in Aeterna: the old generation is read only while the new one's queue is below this.
+ * What waits is held in the connection's spill ring (this plus one read), allocated once and reused.
+ */
+const RELAY_HIGH_WATER_MARK = 4 << 20;
 
 type Phase =
   | 'hello' // waiting for hello
@@ -42,7 +47,8 @@ type Phase =
   | 'load-sent' // we sent a load; waiting for its ack
   | 'idle' // nothing in flight
   | 'dump-requested' // we asked for a dump; waiting for `state`
-  | 'streaming'; // the state's data frames are coming in
+  | 'streaming' // the state's data frames are coming in
+  | 'trailer'; // the data has arrived; its digest trailer is due
 
 interface Session {
   conn: SrpConnection;
@@ -54,6 +60,8 @@ interface Session {
   initialAcked: boolean;
   /** The client's hello said "fds": false (e.g. the Java SDK): it must never be sent a memfd state or fds. */
   noFds: boolean;
+  /** Said in its hello that it can receive a state whose digest follows the data. */
+  takesTrailer: boolean;
   transfer: Transfer | null;
   helloTimer: NodeJS.Timeout | null;
 }
@@ -65,9 +73,14 @@ interface Transfer {
   final: boolean;
   total: number;
   sent: number;
+  /** Payload bytes of the data frame being passed on that have not arrived yet (frames are not reassembled). */
+  frameLeft: number;
   reported: number;
   /** The load header went to `to` and its bytes stream as data frames. */
   streaming: boolean;
+  /** The state's digest follows its data (a `trailer` frame); `trailerSent` once it went on to `to`. */
+  trailer: boolean;
+  trailerSent: boolean;
   /** Failed or abandoned: what still comes from `from` is read and dropped, never forwarded. */
   aborted: boolean;
   progress: (p: RelayProgress) => void;
@@ -186,7 +199,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
    * current generation is refused at once and holds no slot, so strangers cannot use up what generations need.
    */
   private admit(fd: number): void {
-    const conn = new SrpConnection(fd, this.maxFrame);
+    const conn = new SrpConnection(fd, this.maxFrame, RELAY_HIGH_WATER_MARK);
     let peer: { pid: number; uid: number };
     try {
       peer = native.peerCred(fd);
@@ -210,7 +223,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
       return;
     }
-    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, transfer: null, helloTimer: null };
+    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, transfer: null, helloTimer: null };
     session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
     this.sessions.add(session);
     conn.on('message', (m, fds) => {
@@ -222,7 +235,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
         else throw err;
       }
     });
-    conn.on('data', (payload, raw, remaining) => this.onData(session, payload, raw, remaining));
+    conn.on('data', (payload, frameLength, remaining) => this.onData(session, payload, frameLength, remaining));
     conn.on('close', (error) => this.onClose(session, error));
   }
 
@@ -274,6 +287,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       return;
     }
     if (m.op === 'state' && s.phase === 'dump-requested') return this.onState(s, m, fds);
+    if (m.op === 'trailer' && s.phase === 'trailer') return this.onTrailer(s, m.sha256);
     throw new SrpError('unexpected_op', `"${m.op}" is not valid now (${s.phase})`);
   }
 
@@ -287,6 +301,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     s.helloTimer = null;
     s.gen = gen;
     s.noFds = m.fds === false;
+    s.takesTrailer = m.trailer === true;
     this.byGeneration.set(gen, s);
     s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame });
     this.log.debug({ generation: gen.number }, 'relay connection');
@@ -302,10 +317,15 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
 
   // ---- transfers ---------------------------------------------------------------------------
 
-  /** Send `bytes` of zeros as data frames (one shared zero buffer: no memory per byte). */
-  private pad(to: Session, bytes: number): void {
+  /**
+   * Send `bytes` of zeros (one shared zero buffer: no memory per byte): first the rest of the frame that was
+   * being passed on (`frameLeft`), then as whole data frames; and a trailer that matches nothing.
+   */
+  private pad(to: Session, bytes: number, frameLeft: number, trailer: boolean): void {
     const zeros = Buffer.alloc(Math.min(bytes, 1 << 20));
-    for (let left = bytes; left > 0; left -= zeros.length) to.conn.sendData(zeros.subarray(0, Math.min(left, zeros.length)), zeros.length);
+    for (let left = frameLeft; left > 0; left -= zeros.length) to.conn.stream.write(zeros.subarray(0, Math.min(left, zeros.length)));
+    for (let left = bytes - frameLeft; left > 0; left -= zeros.length) to.conn.sendData(zeros.subarray(0, Math.min(left, zeros.length)), zeros.length);
+    if (trailer) to.conn.send({ op: 'trailer', sha256: '0'.repeat(64) });
     this.log.warn({ generation: to.gen?.number, bytes }, 'relay: final sync cut short; the rest was padded so the serving generation refuses it and keeps its connection');
   }
 
@@ -315,7 +335,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
         reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
         return;
       }
-      const t: Transfer = { from, to, final, total: 0, sent: 0, reported: 0, streaming: false, aborted: false, progress, resolve, reject };
+      const t: Transfer = { from, to, final, total: 0, sent: 0, frameLeft: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, aborted: false, progress, resolve, reject };
       const onAbort = (): void => this.abort(t, signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       if (signal.aborted) return onAbort();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -342,13 +362,15 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       }
       from.transfer = t;
       from.phase = 'dump-requested';
-      from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs }); // the app's SDK waits as long as we do
-      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final, timeout_ms: timeoutMs }, 'relay: dump requested');
+      // The app's SDK waits as long as we do. A digest trailer is offered only if the receiver can take one.
+      from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs, ...(to.takesTrailer ? { trailer: true as const } : {}) });
+      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final, timeout_ms: timeoutMs, trailer: to.takesTrailer }, 'relay: dump requested');
     });
   }
 
   private onState(from: Session, m: StateHeader, fds: number[]): void {
     const t = from.transfer!;
+    if (m.trailer && !t.to.takesTrailer) throw new SrpError('bad_json', 'state: "trailer" was not offered in this dump (the receiving generation did not say it takes one)');
     if (m.transport === 'memfd') {
       const memfd = fds[(m.fds ?? []).indexOf('state')];
       const seals = native.getSeals(memfd);
@@ -370,6 +392,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     }
     t.to.phase = 'load-sent';
     t.streaming = from.phase === 'streaming';
+    t.trailer = m.trailer === true;
     const { op: _state, ...fields } = m as StateHeader & { op: string };
     const header: Message = { ...fields, op: 'load', ...(t.final ? { final: true } : {}) };
     // Our copies of the fds are closed once the kernel has them on the way to the new generation.
@@ -377,20 +400,34 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     if (from.phase === 'idle') this.report(t, true);
   }
 
-  private onData(from: Session, payload: Buffer, raw: Buffer, remaining: number): void {
+  /** Part of a data frame: passed on as it arrived, never reassembled (its header first, checked by the connection). */
+  private onData(from: Session, payload: Buffer, frameLength: number | null, remaining: number): void {
     const t = from.transfer;
-    if (remaining === 0) from.phase = 'idle';
+    if (remaining === 0) from.phase = from.conn.trailerDue ? 'trailer' : 'idle';
     if (!t || t.aborted) {
-      if (remaining === 0) from.transfer = null; // the rest of an abandoned dump was read and dropped
+      if (from.phase === 'idle') from.transfer = null; // the rest of an abandoned dump was read and dropped
       return;
     }
     t.sent += payload.length;
-    if (!t.to.conn.forward(raw)) {
+    t.frameLeft = frameLength ?? t.frameLeft - payload.length;
+    if (!t.to.conn.forward(payload, frameLength)) {
       // The new generation reads slower than the old one writes: stop reading until its queue drains.
       from.conn.pause();
       t.to.conn.stream.once('drain', () => from.conn.resume());
     }
     this.report(t, remaining === 0);
+  }
+
+  /** The digest that follows a streamed state: passed on to the receiver, which verifies it. */
+  private onTrailer(from: Session, sha256: string): void {
+    from.phase = 'idle';
+    const t = from.transfer;
+    if (!t || t.aborted) {
+      from.transfer = null; // the end of an abandoned dump
+      return;
+    }
+    t.trailerSent = true;
+    t.to.conn.send({ op: 'trailer', sha256 });
   }
 
   private report(t: Transfer, done: boolean): void {
@@ -465,17 +502,17 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     if (t.from) {
       t.from.conn.resume();
       if (t.from.phase === 'dump-requested' || t.from.phase === 'idle') t.from.transfer = null;
-      // While 'streaming', the rest of its data is read and dropped (onData), then it is idle again.
+      // While 'streaming' (or 'trailer'), the rest of its data and trailer are read and dropped, then it is idle again.
     }
     if (t.to.transfer === t) {
       t.to.transfer = null;
       if (!t.final) {
         // A reload's new generation is being stopped anyway.
         if (t.to.phase === 'load-sent' || t.to.phase === 'waiting') t.to.conn.close(new Error(`relay aborted: ${err.message}`));
-      } else if (t.streaming && t.sent < t.total) {
-        // The serving generation must keep its connection: finish the announced bytes with zeros, so
-        // the framing stays in step; its checksum check then refuses the state, and nothing is applied.
-        this.pad(t.to, t.total - t.sent);
+      } else if (t.streaming && (t.sent < t.total || (t.trailer && !t.trailerSent))) {
+        // The serving generation must keep its connection: finish the announced bytes with zeros (and a
+        // trailer), so the framing stays in step; its checksum check then refuses the state, and nothing is applied.
+        this.pad(t.to, t.total - t.sent, t.frameLeft, t.trailer);
       }
     }
     t.reject(err);

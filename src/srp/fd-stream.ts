@@ -31,9 +31,57 @@ interface Pending {
   fds: number[];
   /** Close these fds once they are sent (they were ours only to pass on). */
   closeFds: boolean;
+  /** Bytes of the spill ring this write holds until it is sent. */
+  held: number;
+}
+
+/**
+ * Where the unsent rest of borrowed writes waits (see write): one buffer, taken and given back in the
+ * queue's order (FIFO), so relaying allocates nothing per byte however much goes through.
+ */
+class SpillRing {
+  private buffer = EMPTY;
+  /** The next free byte. */
+  private head = 0;
+  /** Bytes taken and not given back yet, with any end of the buffer skipped at a wrap. */
+  private used = 0;
+
+  constructor(private readonly size: number) {}
+
+  /** A copy of `data` in the ring and the ring bytes it holds (give them back in the same order), or null when it does not fit. */
+  take(data: Buffer): { copy: Buffer; held: number } | null {
+    const n = data.length;
+    if (n > this.size) return null;
+    if (this.buffer.length === 0) this.buffer = Buffer.allocUnsafeSlow(this.size);
+    if (this.used === 0) this.head = 0;
+    const tail = (this.head - this.used + this.size) % this.size;
+    let start = this.head;
+    let skipped = 0;
+    if (this.used > 0 && this.head <= tail) {
+      if (this.head + n > tail) return null; // in use wraps around: free is [head, tail)
+    } else if (this.head + n > this.size) {
+      if (n > tail) return null; // in use is [tail, head): free is [head, size) then [0, tail)
+      skipped = this.size - this.head;
+      start = 0;
+    }
+    data.copy(this.buffer, start);
+    this.head = (start + n) % this.size;
+    this.used += skipped + n;
+    return { copy: this.buffer.subarray(start, start + n), held: skipped + n };
+  }
+
+  give(held: number): void {
+    this.used -= held;
+  }
+
+  release(): void {
+    this.buffer = EMPTY;
+    this.used = 0;
+  }
 }
 
 export interface FdStreamEvents {
+  /** Bytes read: a view of the read buffer, valid only during the event (the next read reuses it). */
   data: [data: Buffer, fds: number[]];
   end: [];
   error: [err: Error];
@@ -53,26 +101,41 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
   private watching = 0;
   /** A write returned false: emit 'drain' once the queue is below the mark again. */
   private needDrain = false;
+  /** Room for what borrowed writes could not send at once: the queue's limit and one more read. */
+  private readonly spill: SpillRing;
 
   constructor(
     readonly fd: number,
     private readonly highWaterMark = 8 << 20,
   ) {
     super();
+    this.spill = new SpillRing(highWaterMark + READ_CHUNK);
     this.poller = new native.Poller(fd, (errno, events) => this.onPoll(errno, events));
     this.update();
   }
 
-  /** Queue bytes (with fds on their first byte). False when the queue is above the high-water mark. */
-  write(data: Buffer, fds: number[] = [], options: { closeFds?: boolean } = {}): boolean {
+  /**
+   * Queue bytes (with fds on their first byte). False when the queue is at or above the high-water mark.
+   * `borrowed`: `data`'s memory is reused after this call (a read buffer): what cannot be sent at once is
+   * copied into the spill ring (no fds then).
+   */
+  write(data: Buffer, fds: number[] = [], options: { closeFds?: boolean; borrowed?: boolean } = {}): boolean {
     if (this.closed) {
       if (options.closeFds) fds.forEach(closeQuietly);
       return false;
     }
     if (fds.length > MAX_FDS_PER_FRAME) throw new RangeError(`at most ${MAX_FDS_PER_FRAME} fds per write`);
-    this.queue.push({ data, offset: 0, fds, closeFds: options.closeFds ?? false });
+    const pending: Pending = { data, offset: 0, fds, closeFds: options.closeFds ?? false, held: 0 };
+    this.queue.push(pending);
     this.queued += data.length;
     this.flush();
+    if (options.borrowed && this.queue.at(-1) === pending) {
+      const rest = data.subarray(pending.offset);
+      const spilled = this.spill.take(rest);
+      pending.data = spilled?.copy ?? Buffer.from(rest);
+      pending.held = spilled?.held ?? 0;
+      pending.offset = 0;
+    }
     if (this.queued < this.highWaterMark) return true;
     this.needDrain = true;
     return false;
@@ -107,6 +170,7 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
     for (const p of this.queue) if (p.closeFds && p.offset === 0) p.fds.forEach(closeQuietly);
     this.queue = [];
     this.queued = 0;
+    this.spill.release();
     closeQuietly(this.fd);
     this.chunk = EMPTY; // the read buffer is 1 MiB: free it now, not when the last listener lets go of us
     this.emit('close');
@@ -152,15 +216,8 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
         this.emit('end');
         return;
       }
-      let data: Buffer;
-      if (got.bytes >= READ_CHUNK / 2) {
-        // Hand the chunk over and read into a fresh one: no copy for big reads.
-        data = this.chunk.subarray(0, got.bytes);
-        this.chunk = EMPTY;
-      } else {
-        data = Buffer.from(this.chunk.subarray(0, got.bytes)); // small: copy, keep the chunk
-      }
-      this.emit('data', data, got.fds);
+      // A view of the read buffer, which the next read reuses: no copy and no fresh memory per read.
+      this.emit('data', this.chunk.subarray(0, got.bytes), got.fds);
     }
   }
 
@@ -180,6 +237,7 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
       this.queued -= n;
       if (p.offset < p.data.length) break;
       this.queue.shift();
+      this.spill.give(p.held);
     }
     this.update();
     if (this.queue.length === 0 && this.ending) {

@@ -6,24 +6,28 @@ export interface StateHeader {
   size: number;
   encoding?: string;
   sha256?: string;
+  /** The sha256 follows the data frames, in a `trailer` frame (so the sender need not hash before its first byte). */
+  trailer?: true;
   transport?: 'stream' | 'memfd';
   fds?: string[];
 }
 
 export type Message =
-  /** fds: false = the client cannot receive fds (no memfd state, no fd passing); absent = it can. */
-  | { op: 'hello'; v: number; fds?: boolean }
+  /** fds: false = the client cannot receive fds (no memfd state, no fd passing); absent = it can. trailer: it can receive a state whose digest follows the data (docs/srp.md, "Digest trailer"). */
+  | { op: 'hello'; v: number; fds?: boolean; trailer?: true }
   | { op: 'welcome'; v: number; generation: number; max_frame: number }
   | ({ op: 'load'; final?: boolean } & StateHeader)
   | ({ op: 'state' } & StateHeader)
   | { op: 'ack'; ok: boolean; error?: string }
   | { op: 'ready' }
   /** timeout_ms: how long Aeterna waits for the state and the new generation's ack (state_handoff.timeout). */
-  | { op: 'dump'; final: boolean; timeout_ms?: number }
+  | { op: 'dump'; final: boolean; timeout_ms?: number; trailer?: true }
+  /** The digest of the state's data frames, right after the last of them (a header with `trailer`). */
+  | { op: 'trailer'; sha256: string }
   | { op: 'error'; code: string; message: string };
 
 export type Op = Message['op'];
-const OPS: readonly Op[] = ['hello', 'welcome', 'load', 'state', 'ack', 'ready', 'dump', 'error'];
+const OPS: readonly Op[] = ['hello', 'welcome', 'load', 'state', 'ack', 'ready', 'dump', 'trailer', 'error'];
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
@@ -38,17 +42,20 @@ function optionalString(o: Record<string, unknown>, key: string, max: number): s
   return v;
 }
 
+function optionalSha256(o: Record<string, unknown>, op: string): string | undefined {
+  const sha256 = optionalString(o, 'sha256', 64);
+  if (sha256 !== undefined && !/^[0-9a-f]{64}$/.test(sha256)) fail(`${op}: "sha256" must be 64 lowercase hex digits`);
+  return sha256;
+}
+
 function header(o: Record<string, unknown>, op: string): StateHeader {
   const size = o.size;
   if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) fail(`${op}: "size" must be a whole number >= 0`);
   const h: StateHeader = { size };
   const encoding = optionalString(o, 'encoding', 64);
   if (encoding !== undefined) h.encoding = encoding;
-  const sha256 = optionalString(o, 'sha256', 64);
-  if (sha256 !== undefined) {
-    if (!/^[0-9a-f]{64}$/.test(sha256)) fail(`${op}: "sha256" must be 64 lowercase hex digits`);
-    h.sha256 = sha256;
-  }
+  const sha256 = optionalSha256(o, op);
+  if (sha256 !== undefined) h.sha256 = sha256;
   if (o.transport !== undefined) {
     if (o.transport !== 'stream' && o.transport !== 'memfd') fail(`${op}: "transport" must be "stream" or "memfd"`);
     h.transport = o.transport;
@@ -62,7 +69,12 @@ function header(o: Record<string, unknown>, op: string): StateHeader {
     h.fds = fds as string[];
   }
   if (h.transport === 'memfd' && !(h.fds ?? []).includes('state')) fail(`${op}: transport "memfd" needs an fd named "state"`);
-  if (h.size > 0 && h.transport !== 'memfd' && h.sha256 === undefined) fail(`${op}: "sha256" is required for a streamed state`);
+  if (o.trailer !== undefined) {
+    if (o.trailer !== true) fail(`${op}: "trailer" must be true when present`);
+    if (h.sha256 !== undefined || h.transport === 'memfd' || h.size === 0) fail(`${op}: "trailer" is only for a streamed state of at least 1 byte without "sha256"`);
+    h.trailer = true;
+  }
+  if (h.size > 0 && h.transport !== 'memfd' && h.sha256 === undefined && !h.trailer) fail(`${op}: "sha256" (or "trailer": true) is required for a streamed state`);
   return h;
 }
 
@@ -88,7 +100,7 @@ export function parseMessage(payload: Buffer): Message {
     case 'hello':
       if (typeof o.v !== 'number') fail('hello: "v" must be a number');
       if (o.fds !== undefined && typeof o.fds !== 'boolean') fail('hello: "fds" must be true or false');
-      return o.fds === false ? { op: 'hello', v: o.v, fds: false } : { op: 'hello', v: o.v };
+      return { op: 'hello', v: o.v, ...(o.fds === false ? { fds: false } : {}), ...(o.trailer === true ? { trailer: true as const } : {}) };
     case 'welcome':
       return { op: 'welcome', v: Number(o.v), generation: Number(o.generation), max_frame: Number(o.max_frame) };
     case 'load':
@@ -103,9 +115,17 @@ export function parseMessage(payload: Buffer): Message {
     case 'ready':
       return { op: 'ready' };
     case 'dump':
-      return Number.isSafeInteger(o.timeout_ms) && (o.timeout_ms as number) > 0
-        ? { op: 'dump', final: o.final === true, timeout_ms: o.timeout_ms as number }
-        : { op: 'dump', final: o.final === true };
+      return {
+        op: 'dump',
+        final: o.final === true,
+        ...(Number.isSafeInteger(o.timeout_ms) && (o.timeout_ms as number) > 0 ? { timeout_ms: o.timeout_ms as number } : {}),
+        ...(o.trailer === true ? { trailer: true as const } : {}),
+      };
+    case 'trailer': {
+      const sha256 = optionalSha256(o, 'trailer');
+      if (sha256 === undefined) fail('trailer: "sha256" is required');
+      return { op: 'trailer', sha256 };
+    }
     case 'error':
       return { op: 'error', code: String(o.code ?? 'unknown').slice(0, 64), message: String(o.message ?? '').slice(0, 4096) };
   }
