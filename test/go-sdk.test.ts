@@ -4,6 +4,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { ROOT } from './helpers/aeterna';
 
@@ -39,5 +40,14 @@ describe('Go SDK (clients/go)', { skip: noGo ?? false, timeout: 300000 }, () => 
     assert.match(r.output, /^ok\s+aeterna\.dev\/client/m, r.output);
     // The end-to-end test ran (the daemon is built before `make test` runs the tests), not skipped.
     assert.match(r.output, /^--- PASS: TestE2ECounterSurvivesReloadsThroughTheDaemon/m, r.output);
+    // Every exchange of the conformance suite ran and passed, those that require the digest trailer included
+    // (this SDK declares it in its hello): none is skipped.
+    const cases = (JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', 'exchanges.json'), 'utf8')) as {
+      cases: { name: string; requires?: string[] }[];
+    }).cases;
+    const passed = r.output.split('\n').filter((l) => /^ {4}--- PASS: TestConformanceExchanges\//.test(l));
+    assert.equal(passed.length, cases.length, r.output);
+    assert.ok(cases.some((c) => c.requires?.includes('trailer')), 'the suite has trailer cases');
+    assert.doesNotMatch(r.output, /--- SKIP: TestConformanceExchanges\//, r.output);
   });
 });

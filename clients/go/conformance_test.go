@@ -153,8 +153,6 @@ func TestConformanceFrames(t *testing.T) {
 
 type exchangeCase struct {
 	Name string `json:"name"`
-	// Capabilities the case needs the client to declare in its hello (README, "Optional capabilities").
-	Requires []string `json:"requires"`
 	App  struct {
 		Ready  bool   `json:"ready"`
 		Apply  string `json:"apply"`
@@ -204,11 +202,6 @@ func TestConformanceExchanges(t *testing.T) {
 	for _, c := range suite.Cases {
 		c := c
 		t.Run(c.Name, func(t *testing.T) {
-			for _, capability := range c.Requires {
-				if capability == "trailer" {
-					t.Skip("needs the digest trailer, which this SDK does not declare in its hello yet")
-				}
-			}
 			runExchange(t, c)
 		})
 	}

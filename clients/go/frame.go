@@ -4,8 +4,11 @@ package client
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
+	"hash"
 	"io"
 	"net"
 	"os"
@@ -40,6 +43,7 @@ type message struct {
 	SHA256     string   `json:"sha256,omitempty"`
 	Transport  string   `json:"transport,omitempty"`
 	FDs        []string `json:"fds,omitempty"`
+	Trailer    bool     `json:"trailer,omitempty"` // hello: can verify one; dump: one is offered; state/load: the digest follows the data
 	Code       string   `json:"code,omitempty"`
 	Message    string   `json:"message,omitempty"`
 }
@@ -51,7 +55,7 @@ func ackMessage(ok bool, why string) message {
 func sizeOf(n int64) *int64 { return &n }
 
 var (
-	knownOps = map[string]bool{"hello": true, "welcome": true, "load": true, "state": true, "ack": true, "ready": true, "dump": true, "error": true}
+	knownOps = map[string]bool{"hello": true, "welcome": true, "load": true, "state": true, "ack": true, "ready": true, "dump": true, "trailer": true, "error": true}
 	hexSHA   = regexp.MustCompile(`^[0-9a-f]{64}$`)
 )
 
@@ -87,6 +91,7 @@ func parseMessage(payload []byte) (message, *RelayError) {
 		}
 		iv := int(v)
 		m.V = &iv
+		m.Trailer = o["trailer"] == true
 	case "welcome":
 		v, _ := wholeNumber(o["v"])
 		iv := int(v)
@@ -113,6 +118,15 @@ func parseMessage(payload []byte) (message, *RelayError) {
 		m.Final = o["final"] == true
 		if t, ok := wholeNumber(o["timeout_ms"]); ok && t > 0 {
 			m.TimeoutMS = t
+		}
+		m.Trailer = o["trailer"] == true
+	case "trailer":
+		var err *RelayError
+		if m.SHA256, err = optionalString(o, "sha256", 64); err != nil {
+			return m, err
+		}
+		if !hexSHA.MatchString(m.SHA256) {
+			return m, relayErr(CodeBadJSON, `trailer: "sha256" is required, 64 lowercase hex digits`)
 		}
 	case "error":
 		m.Code, _ = o["code"].(string)
@@ -207,8 +221,17 @@ func parseStateHeader(o map[string]any, m *message) *RelayError {
 	if m.Transport == "memfd" && !contains(m.FDs, "state") {
 		return relayErr(CodeBadJSON, `%s: transport "memfd" needs an fd named "state"`, m.Op)
 	}
-	if size > 0 && m.Transport != "memfd" && m.SHA256 == "" {
-		return relayErr(CodeBadJSON, `%s: "sha256" is required for a streamed state`, m.Op)
+	if t, present := o["trailer"]; present {
+		if t != true {
+			return relayErr(CodeBadJSON, `%s: "trailer" must be true when present`, m.Op)
+		}
+		if m.SHA256 != "" || m.Transport == "memfd" || size == 0 {
+			return relayErr(CodeBadJSON, `%s: "trailer" is only for a streamed state of at least 1 byte without "sha256"`, m.Op)
+		}
+		m.Trailer = true
+	}
+	if size > 0 && m.Transport != "memfd" && m.SHA256 == "" && !m.Trailer {
+		return relayErr(CodeBadJSON, `%s: "sha256" (or "trailer": true) is required for a streamed state`, m.Op)
 	}
 	return nil
 }
@@ -344,6 +367,8 @@ func (c *conn) readMessage() (message, []*os.File, error) {
 
 // writeFrames sends a control frame, its fds on a sendmsg of its own that starts
 // with the frame's header, then data as data frames, with nothing in between.
+// When m announces a trailer, each data frame is hashed as it is sent and the
+// digest follows in a trailer frame, so hashing overlaps the transfer.
 func (c *conn) writeFrames(m message, fds []*os.File, data []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
@@ -364,6 +389,10 @@ func (c *conn) writeFrames(m message, fds []*os.File, data []byte) error {
 			return err
 		}
 	}
+	var digest hash.Hash
+	if m.Trailer && m.Op == "state" { // (a hello's "trailer" only declares the capability)
+		digest = sha256.New()
+	}
 	chunk := dataChunk
 	if c.maxFrame < chunk {
 		chunk = c.maxFrame
@@ -378,9 +407,16 @@ func (c *conn) writeFrames(m message, fds []*os.File, data []byte) error {
 		if _, err := c.uc.Write(h[:]); err != nil {
 			return err
 		}
+		if digest != nil {
+			digest.Write(data[off:end])
+		}
 		if _, err := c.uc.Write(data[off:end]); err != nil {
 			return err
 		}
+	}
+	if digest != nil {
+		_, err := c.uc.Write(encodeMessage(message{Op: "trailer", SHA256: hex.EncodeToString(digest.Sum(nil))}))
+		return err
 	}
 	return nil
 }

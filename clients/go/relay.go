@@ -45,9 +45,11 @@ type Client struct {
 	finalAt    time.Time
 	finalWait  time.Duration // the final dump's timeout_ms: how long Aeterna waits for the answer
 	finalSent  bool
-	finalAck   chan bool     // the ack that answers our final state
-	eof        chan struct{} // closed when the connection has ended
-	lastAck    *message
+	// trailerOffered: the last dump offered a digest trailer, so a streamed state is hashed as it is sent.
+	trailerOffered bool
+	finalAck       chan bool     // the ack that answers our final state
+	eof            chan struct{} // closed when the connection has ended
+	lastAck        *message
 }
 
 // Connect connects to Aeterna's State Relay and does the handshake. Without a
@@ -83,7 +85,7 @@ func Connect(o Options) (*Client, error) {
 
 func (cl *Client) handshake() error {
 	v := ProtocolVersion
-	if err := cl.c.send(message{Op: "hello", V: &v}); err != nil {
+	if err := cl.c.send(message{Op: "hello", V: &v, Trailer: true}); err != nil {
 		return cl.fail(err)
 	}
 	m, files, err := cl.c.readMessage()
@@ -374,9 +376,21 @@ func (cl *Client) receiveLoad(m message, files []*os.File) (st *State, problem *
 		h.Write(chunk)
 		got += int64(n)
 	}
+	want := m.SHA256
+	if m.Trailer {
+		t, fds, err := cl.c.readMessage()
+		closeFiles(fds)
+		if err != nil {
+			return nil, nil, err
+		}
+		if t.Op != "trailer" {
+			return nil, nil, relayErr(CodeUnexpectedOp, "%q where the announced digest trailer was due", t.Op)
+		}
+		want = t.SHA256
+	}
 	if size > 0 {
-		if sum := hex.EncodeToString(h.Sum(nil)); sum != m.SHA256 {
-			return nil, relayErr(CodeChecksumMismatch, "sha256 of the %d bytes received is %s, %s announced", size, sum, m.SHA256), nil
+		if sum := hex.EncodeToString(h.Sum(nil)); sum != want {
+			return nil, relayErr(CodeChecksumMismatch, "sha256 of the %d bytes received is %s, %s announced", size, sum, want), nil
 		}
 	}
 	if size == 0 && len(named) == 0 {
@@ -407,6 +421,9 @@ func (cl *Client) read() {
 		}
 		switch m.Op {
 		case "dump":
+			cl.mu.Lock()
+			cl.trailerOffered = m.Trailer
+			cl.mu.Unlock()
 			if !m.Final {
 				cl.answerDump(false)
 				continue
@@ -495,7 +512,7 @@ func filesOf(named map[string]*os.File) []*os.File {
 // dump (dump_failed). It reports whether a state was sent.
 func (cl *Client) answerDump(final bool) bool {
 	cl.mu.Lock()
-	cb := cl.dumpCB
+	cb, trailer := cl.dumpCB, cl.trailerOffered
 	cl.mu.Unlock()
 	var d *Dump
 	var err error
@@ -506,7 +523,7 @@ func (cl *Client) answerDump(final bool) bool {
 	var fds []*os.File
 	var data []byte
 	if err == nil {
-		m, fds, data, err = stateMessage(d)
+		m, fds, data, err = stateMessage(d, trailer)
 	}
 	if d != nil && d.Memfd != nil {
 		defer d.Memfd.Close() // the SDK's once handed over, sent or not
@@ -531,7 +548,9 @@ func (cl *Client) answerDump(final bool) bool {
 }
 
 // stateMessage is the state frame, its fds and its data for a dump callback's answer.
-func stateMessage(d *Dump) (message, []*os.File, []byte, error) {
+// With trailer (the dump offered one) and no sha256 from the app, a streamed
+// state's digest is left to the trailer frame writeFrames sends after the data.
+func stateMessage(d *Dump, trailer bool) (message, []*os.File, []byte, error) {
 	if d == nil {
 		return message{Op: "state", Size: sizeOf(0)}, nil, nil, nil
 	}
@@ -571,7 +590,9 @@ func stateMessage(d *Dump) (message, []*os.File, []byte, error) {
 	m := message{Op: "state", Encoding: encoding, Size: sizeOf(int64(len(d.Data))), FDs: names}
 	if len(d.Data) > 0 {
 		m.SHA256 = d.SHA256
-		if m.SHA256 == "" {
+		if m.SHA256 == "" && trailer {
+			m.Trailer = true
+		} else if m.SHA256 == "" {
 			sum := sha256.Sum256(d.Data)
 			m.SHA256 = hex.EncodeToString(sum[:])
 		}

@@ -119,6 +119,8 @@ public final class Aeterna {
     /** Set by the reader thread: the final dump was asked, its ack arrived, or the connection ended. */
     private boolean finalDumpAsked;
     private boolean finalAcked;
+    /** The last dump offered a digest trailer (read and used on the reader thread only). */
+    private boolean trailerOffered;
     private boolean ended;
     private long finalTimeoutMs;
     public int generation;
@@ -128,9 +130,9 @@ public final class Aeterna {
       this.maxFrame = maxFrame;
     }
 
-    /** hello with "fds": false, then welcome within `timeout` (timeout otherwise). */
+    /** hello with "fds": false and "trailer": true, then welcome within `timeout` (timeout otherwise). */
     void handshake(Duration timeout) throws IOException {
-      send(object("op", "hello", "v", 1, "fds", false));
+      send(object("op", "hello", "v", 1, "fds", false, "trailer", true));
       Thread watchdog = new Thread(() -> {
         try {
           Thread.sleep(timeout.toMillis());
@@ -242,6 +244,7 @@ public final class Aeterna {
           Object op = m.get("op");
           if ("dump".equals(op)) {
             boolean isFinal = Boolean.TRUE.equals(m.get("final"));
+            trailerOffered = Boolean.TRUE.equals(m.get("trailer"));
             if (isFinal) {
               synchronized (lock) {
                 finalDumpAsked = true;
@@ -292,8 +295,20 @@ public final class Aeterna {
         return;
       }
       synchronized (writeLock) {
-        send(object("op", "state", "encoding", state.encoding, "size", state.data.length, "sha256", sha256(state.data)));
-        for (int off = 0; off < state.data.length; off += maxFrame) writeFrame(ByteBuffer.wrap(state.data, off, Math.min(maxFrame, state.data.length - off)));
+        if (!trailerOffered) {
+          send(object("op", "state", "encoding", state.encoding, "size", state.data.length, "sha256", sha256(state.data)));
+          for (int off = 0; off < state.data.length; off += maxFrame) writeFrame(ByteBuffer.wrap(state.data, off, Math.min(maxFrame, state.data.length - off)));
+          return;
+        }
+        // The dump offered a trailer: hash each data frame as it is sent, the digest follows the data.
+        send(object("op", "state", "encoding", state.encoding, "size", state.data.length, "trailer", true));
+        MessageDigest digest = sha256Digest();
+        for (int off = 0; off < state.data.length; off += maxFrame) {
+          int length = Math.min(maxFrame, state.data.length - off);
+          digest.update(state.data, off, length);
+          writeFrame(ByteBuffer.wrap(state.data, off, length));
+        }
+        send(object("op", "trailer", "sha256", HexFormat.of().formatHex(digest.digest())));
       }
     }
 
@@ -341,15 +356,22 @@ public final class Aeterna {
       if (size > Integer.MAX_VALUE - 8) throw protocolError("too_large", "a state of " + size + " bytes does not fit a Java array");
       Object sha = m.get("sha256");
       byte[] data = new byte[(int) size];
+      MessageDigest digest = sha256Digest(); // hashed as the bytes arrive
       int got = 0;
       while (got < size) {
         byte[] part = readFrame();
         if (got + part.length > size) throw protocolError("bad_frame", "more data than the " + size + " bytes announced");
         System.arraycopy(part, 0, data, got, part.length);
+        digest.update(part);
         got += part.length;
       }
+      if (Boolean.TRUE.equals(m.get("trailer"))) {
+        Map<String, Object> trailer = readControl();
+        if (!"trailer".equals(trailer.get("op"))) throw protocolError("unexpected_op", "\"" + trailer.get("op") + "\" where the announced digest trailer was due");
+        sha = trailer.get("sha256");
+      }
       boolean isFinal = Boolean.TRUE.equals(m.get("final"));
-      if (sha instanceof String && !sha256(data).equals(sha)) {
+      if (sha instanceof String && !HexFormat.of().formatHex(digest.digest()).equals(sha)) {
         throw new RelayError("checksum_mismatch", "the sha256 of the " + size + " bytes received is not the announced " + sha);
       }
       if (size == 0) return null;
@@ -435,8 +457,12 @@ public final class Aeterna {
   }
 
   static String sha256(byte[] data) {
+    return HexFormat.of().formatHex(sha256Digest().digest(data));
+  }
+
+  static MessageDigest sha256Digest() {
     try {
-      return HexFormat.of().formatHex(MessageDigest.getInstance("SHA-256").digest(data));
+      return MessageDigest.getInstance("SHA-256");
     } catch (NoSuchAlgorithmException e) {
       throw new IllegalStateException(e);
     }
@@ -452,7 +478,7 @@ public final class Aeterna {
   static final class Messages {
     private Messages() {}
 
-    static final java.util.Set<String> OPS = java.util.Set.of("hello", "welcome", "load", "state", "ack", "ready", "dump", "error");
+    static final java.util.Set<String> OPS = java.util.Set.of("hello", "welcome", "load", "state", "ack", "ready", "dump", "trailer", "error");
     /** As Aeterna's limit on fds in one frame. */
     private static final int MAX_FDS = 253;
 
@@ -464,6 +490,9 @@ public final class Aeterna {
         case "hello":
           if (!(m.get("v") instanceof Number)) return "hello: \"v\" must be a number";
           if (m.containsKey("fds") && !(m.get("fds") instanceof Boolean)) return "hello: \"fds\" must be true or false";
+          return null;
+        case "trailer":
+          if (!(m.get("sha256") instanceof String) || !((String) m.get("sha256")).matches("[0-9a-f]{64}")) return "trailer: \"sha256\" must be 64 lowercase hex digits";
           return null;
         case "load": case "state": return headerProblem(m, op);
         case "ack":
@@ -504,7 +533,13 @@ public final class Aeterna {
       }
       boolean memfd = "memfd".equals(transport);
       if (memfd && !fds.contains("state")) return op + ": transport \"memfd\" needs an fd named \"state\"";
-      if ((Long) m.get("size") > 0 && !memfd && !m.containsKey("sha256")) return op + ": \"sha256\" is required for a streamed state";
+      if (m.containsKey("trailer")) {
+        if (!Boolean.TRUE.equals(m.get("trailer"))) return op + ": \"trailer\" must be true when present";
+        if (m.containsKey("sha256") || memfd || (Long) m.get("size") == 0) return op + ": \"trailer\" is only for a streamed state of at least 1 byte without \"sha256\"";
+      }
+      if ((Long) m.get("size") > 0 && !memfd && !m.containsKey("sha256") && !m.containsKey("trailer")) {
+        return op + ": \"sha256\" (or \"trailer\": true) is required for a streamed state";
+      }
       return null;
     }
   }

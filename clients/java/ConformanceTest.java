@@ -5,10 +5,10 @@
 //   javac -d out clients/java/Aeterna.java clients/java/ConformanceTest.java
 //   java -cp out dev.aeterna.ConformanceTest test/conformance
 //
-// Skipped, by two rules: an exchange whose peer attaches a memfd (the JDK cannot
-// receive fds, so this SDK's hello says "fds": false and Aeterna never sends it
-// one: docs/srp.md, "Clients that cannot receive fds"), and an exchange that
-// requires the digest trailer, which this SDK does not declare yet. listeners.json does not
+// Skipped: an exchange whose peer attaches a memfd (the JDK cannot receive fds,
+// so this SDK's hello says "fds": false and Aeterna never sends it one:
+// docs/srp.md, "Clients that cannot receive fds"). The cases that require the
+// digest trailer run: this SDK declares it in its hello. listeners.json does not
 // apply: the JDK adopts an inherited socket only at stdin (Aeterna.listener()),
 // never from LISTEN_FDS.
 package dev.aeterna;
@@ -36,9 +36,6 @@ public final class ConformanceTest {
 
   /** Why a case does not apply to this SDK, or null when it does. */
   static String skipReason(Map<String, Object> exchange) {
-    if (exchange.containsKey("requires") && list(exchange.get("requires")).contains("trailer")) {
-      return "needs the digest trailer, which this client does not declare in its hello yet";
-    }
     for (Object step : list(exchange.get("steps"))) {
       if (map(step).containsKey("memfd")) return "needs a memfd: this client said \"fds\": false, so Aeterna never sends it fds";
     }
