@@ -252,8 +252,8 @@ export class Orchestrator implements ControlApi {
   /** Starting: spawn the serving generation and wait for it to be ready. */
   private startServing(): void {
     this.restartTimer = null;
-    // Checkpoint hook (issue 13, section 2): a generation started here has no live predecessor to dump,
-    // so this is where it would be offered the latest checkpoint.
+    // A generation started here has no live predecessor to dump: attached 'fresh', the relay offers it the
+    // latest checkpoint as its initial load (SrpCoordinator.sendCheckpoint, docs/srp.md "Checkpoints").
     let gen: Generation;
     try {
       gen = this.spawn(this.config, 'fresh');
