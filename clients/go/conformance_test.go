@@ -208,6 +208,9 @@ func TestConformanceExchanges(t *testing.T) {
 				if capability == "trailer" {
 					t.Skip("needs the digest trailer, which this SDK does not declare in its hello yet")
 				}
+				if capability == "checkpoint" {
+					t.Skip("needs relay checkpoints, which this SDK does not implement yet")
+				}
 			}
 			runExchange(t, c)
 		})

@@ -39,6 +39,9 @@ public final class ConformanceTest {
     if (exchange.containsKey("requires") && list(exchange.get("requires")).contains("trailer")) {
       return "needs the digest trailer, which this client does not declare in its hello yet";
     }
+    if (exchange.containsKey("requires") && list(exchange.get("requires")).contains("checkpoint")) {
+      return "needs relay checkpoints, which this client does not implement yet";
+    }
     for (Object step : list(exchange.get("steps"))) {
       if (map(step).containsKey("memfd")) return "needs a memfd: this client said \"fds\": false, so Aeterna never sends it fds";
     }
