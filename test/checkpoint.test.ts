@@ -4,6 +4,7 @@
 // or cut-short checkpoint never replaces it.
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import http from 'node:http';
 import { descendantsOf, fixture, freePort, pidNamespaceUnavailable, processMemory } from './helpers/aeterna';
 import { Daemon } from './helpers/daemon';
@@ -109,6 +110,52 @@ describe('checkpoints', { timeout: 180000 }, () => {
     assert.equal(after.loaded_seq, 1);
     assert.equal(after.sha256, before.sha256);
     assert.equal(await d.stop(), 0);
+  });
+
+  it('a durable checkpoint (path) survives SIGKILL of Aeterna and is loaded by a new aeterna start', async () => {
+    const { d, port } = await started(['CHECKPOINT=1'], '{ enabled: true, path: "checkpoint.bin" }');
+    assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'kept')).seq, 1);
+    assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'on disk')).seq, 2);
+    await d.run.killAll(); // SIGKILL: Aeterna and the app
+    assert.ok(fs.existsSync(`${d.dir}/checkpoint.bin`));
+    d.start();
+    await d.waitStatus((s) => s.state === 'Running');
+    const after = await request(port, 'GET', '/sessions/s1');
+    assert.deepEqual(after.history, ['kept', 'on disk']);
+    assert.equal(after.source, 'checkpoint');
+    assert.equal(after.loaded_seq, 2);
+    // Numbering goes on from the file's.
+    assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'next')).seq, 3);
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('a corrupt, truncated or wrong-version checkpoint file is logged (E_CHECKPOINT_CORRUPT), set aside, and the app starts without state', async () => {
+    const { d, port } = await started(['CHECKPOINT=1'], '{ enabled: true, path: "checkpoint.bin" }');
+    assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'x')).seq, 1);
+    assert.equal(await d.stop(), 0);
+    const file = `${d.dir}/checkpoint.bin`;
+    const good = fs.readFileSync(file);
+    const flipped = Buffer.from(good);
+    flipped[flipped.length - 2] ^= 0xff;
+    const version = Buffer.from(good);
+    version.writeUInt32BE(2, 8);
+    const variants: Array<[string, Buffer]> = [
+      ['corrupt', flipped],
+      ['truncated', good.subarray(0, good.length - 3)],
+      ['wrong version', version],
+    ];
+    for (const [what, bytes] of variants) {
+      fs.writeFileSync(file, bytes);
+      fs.rmSync(`${file}.corrupt`, { force: true });
+      d.start();
+      await d.waitStatus((s) => s.state === 'Running');
+      const after = await request(port, 'GET', '/sessions/s1');
+      assert.equal(after.source, null, `${what}: no state offered`);
+      assert.deepEqual(after.history, [], what);
+      assert.ok(d.run.logs().some((l) => l.code === 'E_CHECKPOINT_CORRUPT'), `${what}: logged`);
+      assert.ok(fs.existsSync(`${file}.corrupt`) && !fs.existsSync(file), `${what}: set aside`);
+      assert.equal(await d.stop(), 0);
+    }
   });
 
   it("Aeterna's RSS stays bounded while it stores a 256 MiB streamed checkpoint", async () => {

@@ -7,6 +7,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { native } from '../native/binding';
 import type { CheckpointConfig } from '../config/types';
+import type { ErrorCode } from '../errors';
+import type { Logger } from '../log';
+import { CheckpointFileCorrupt, readCheckpointFile, writeCheckpointFile } from './checkpoint-file';
 import { closeQuietly } from './codec';
 import type { StateHeader } from './messages';
 
@@ -14,7 +17,7 @@ import type { StateHeader } from './messages';
 const REQUIRED_SEALS = 0x2 | 0x4 | 0x8;
 
 /** Why a checkpoint was refused: the code the client gets in `checkpointed`. */
-export type CheckpointRefusal = 'disabled' | 'too_large' | 'checksum_mismatch' | 'bad_state';
+export type CheckpointRefusal = 'disabled' | 'too_large' | 'checksum_mismatch' | 'bad_state' | 'write_failed';
 
 export class CheckpointRefused extends Error {
   constructor(
@@ -81,8 +84,57 @@ export class CheckpointWriter {
 export class CheckpointStore {
   private latest: Checkpoint | null = null;
   private seq = 0;
+  /** Durable writes, one after the other, so `checkpointed` answers go out in order. */
+  private writes: Promise<void> = Promise.resolve();
 
-  constructor(readonly config: CheckpointConfig) {}
+  constructor(
+    readonly config: CheckpointConfig,
+    private readonly log: Logger,
+  ) {
+    if (config.enabled && config.path !== null) this.loadFile(config.path);
+  }
+
+  /** The durable file of a previous Aeterna, offered to generation 1; a bad one is set aside, never fatal. */
+  private loadFile(file: string): void {
+    try {
+      const loaded = readCheckpointFile(file);
+      if (!loaded) return;
+      this.latest = loaded;
+      this.seq = loaded.seq;
+      this.log.info({ path: file, seq: loaded.seq, size: loaded.size }, 'checkpoint loaded from its file');
+    } catch (err) {
+      const aside = `${file}.corrupt`;
+      let moved = false;
+      try {
+        fs.renameSync(file, aside);
+        moved = true;
+      } catch {
+        // left where it is: the next durable checkpoint replaces it
+      }
+      const why = err instanceof CheckpointFileCorrupt ? err.message : `cannot be read: ${(err as Error).message}`;
+      this.log.error({ code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file, ...(moved ? { moved_to: aside } : {}) }, `checkpoint file ${file} ignored: ${why}; the app starts without a checkpoint`);
+    }
+  }
+
+  /** Resolves once the durable writes asked so far are done: an answer sent then keeps its place in line. */
+  afterWrites(): Promise<void> {
+    return this.writes;
+  }
+
+  /**
+   * With `path`, write checkpoint `seq` durably (resolves once it is on disk, in the order asked); rejects when
+   * it could not be written (it stays the latest in memory). Without `path`, resolves at once.
+   */
+  persist(seq: number): Promise<void> {
+    const file = this.config.path;
+    const c = this.latest;
+    if (file === null || !c || c.seq !== seq) return Promise.resolve();
+    // Our own open file description: a later checkpoint may close c.fd while this one is still being written.
+    const fd = fs.openSync(`/proc/self/fd/${c.fd}`, 'r');
+    const write = this.writes.then(() => writeCheckpointFile(file, { ...c, fd })).finally(() => closeQuietly(fd));
+    this.writes = write.catch(() => undefined);
+    return write;
+  }
 
   get current(): Checkpoint | null {
     return this.latest;

@@ -119,7 +119,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
   ) {
     super();
     this.maxFrame = config.maxFrameBytes;
-    this.checkpoints = new CheckpointStore(config.checkpoint);
+    this.checkpoints = new CheckpointStore(config.checkpoint, log);
     this.acceptor = new Acceptor(fd, (conn) => this.admit(conn), log, 'state socket');
   }
 
@@ -398,16 +398,25 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     this.checkpointStored(s, seq);
   }
 
+  /** Answered once it is stored (durably, with `path`). */
   private checkpointStored(s: Session, seq: number): void {
     const c = this.checkpoints.current!;
-    this.log.info({ generation: s.gen!.number, seq, size: c.size }, 'checkpoint stored');
-    s.conn.send({ op: 'checkpointed', seq });
+    this.checkpoints.persist(seq).then(
+      () => {
+        this.log.info({ generation: s.gen!.number, seq, size: c.size }, 'checkpoint stored');
+        s.conn.send({ op: 'checkpointed', seq });
+      },
+      (err: Error) => {
+        this.refuseCheckpoint(s, new CheckpointRefused('write_failed', `checkpoint ${seq} is kept in memory but could not be written to ${this.checkpoints.config.path}: ${err.message}`));
+      },
+    );
   }
 
   private refuseCheckpoint(s: Session, err: unknown): void {
     if (!(err instanceof CheckpointRefused)) throw err;
-    this.log.warn({ generation: s.gen!.number, code: err.code }, `checkpoint refused, the previous one stays: ${err.message}`);
-    s.conn.send({ op: 'checkpointed', code: err.code, message: err.message });
+    this.log.warn({ generation: s.gen!.number, code: err.code }, `checkpoint refused: ${err.message}`);
+    // Answers go out in the order of the checkpoints: after any durable write still under way.
+    void this.checkpoints.afterWrites().then(() => s.conn.send({ op: 'checkpointed', code: err.code, message: err.message }));
   }
 
   // ---- transfers ---------------------------------------------------------------------------
