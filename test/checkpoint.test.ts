@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import { descendantsOf, fixture, freePort, pidNamespaceUnavailable, processMemory } from './helpers/aeterna';
 import { Daemon } from './helpers/daemon';
-import { requestJson } from './helpers/load';
+import { getText, metricSample, requestJson } from './helpers/load';
 
 const APP = [process.execPath, fixture('apps', 'stateful_app.js')];
 const PYTHON_APP = ['python3', fixture('python', 'stateful_app.py')];
@@ -20,9 +20,9 @@ after(async () => {
 type Reply = { pid: number; generation: string; history?: string[]; size?: number; sha256?: string; seq?: number; error?: string; source: string | null; loaded_seq: number | null };
 const request = (port: number, method: string, path: string, body?: string, agent: http.Agent | false = false): Promise<Reply> => requestJson<Reply>(port, method, path, body, agent);
 
-async function started(env: string[], checkpoint = '{ enabled: true }', pid1 = false, command = APP): Promise<{ d: Daemon; port: number }> {
+async function started(env: string[], checkpoint = '{ enabled: true }', pid1 = false, command = APP, metricsPort?: number): Promise<{ d: Daemon; port: number }> {
   const port = await freePort();
-  const d = new Daemon({ command, port, env, readiness: '{ mode: "notify", timeout: "60s" }', stopTimeout: '5s', restart: '{ policy: "always", max_restarts: 10, window: "60s" }' });
+  const d = new Daemon({ command, port, metricsPort, env, readiness: '{ mode: "notify", timeout: "60s" }', stopTimeout: '5s', restart: '{ policy: "always", max_restarts: 10, window: "60s" }' });
   d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "60s", checkpoint: ${checkpoint} }` });
   d.start(pid1);
   daemons.push(d);
@@ -83,13 +83,22 @@ describe('checkpoints', { timeout: 180000 }, () => {
     assert.equal(await d.stop(), 0);
   });
 
-  it('a checkpoint over max_size is refused with too_large and the previous one is kept', async () => {
-    const { d, port } = await started(['CHECKPOINT=1'], '{ enabled: true, max_size: "1KiB" }');
+  it('a checkpoint over max_size is refused with too_large and the previous one is kept; metrics and status say so', async () => {
+    const metricsPort = await freePort();
+    const { d, port } = await started(['CHECKPOINT=1'], '{ enabled: true, max_size: "1KiB" }', false, APP, metricsPort);
     assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'small')).seq, 1);
     const big = await request(port, 'POST', '/sessions/s1/messages', 'x'.repeat(2048));
     assert.equal(big.seq, undefined);
     assert.equal(big.error, 'too_large');
     assert.ok(d.run.logs().some((l) => String(l.msg).startsWith('checkpoint refused') && l.code === 'too_large'));
+    const metrics = (await getText(metricsPort, '/metrics')).body;
+    assert.equal(metricSample(metrics, 'aeterna_checkpoints_total{result="stored"}'), 1);
+    assert.equal(metricSample(metrics, 'aeterna_checkpoints_total{result="too_large"}'), 1);
+    assert.equal(metricSample(metrics, 'aeterna_checkpoint_bytes'), Buffer.byteLength(JSON.stringify({ s1: ['small'] })));
+    assert.ok((metricSample(metrics, 'aeterna_checkpoint_age_seconds') ?? -1) >= 0);
+    const status = await d.cli('status', '--json');
+    assert.equal((JSON.parse(status.stdout) as { checkpoint: { seq: number } }).checkpoint.seq, 1);
+    assert.match((await d.cli('status')).stdout, /checkpoint:\s+seq 1, /);
     await killApp(d);
     const after = await request(port, 'GET', '/sessions/s1');
     assert.deepEqual(after.history, ['small']);

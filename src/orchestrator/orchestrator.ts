@@ -768,6 +768,7 @@ export class Orchestrator implements ControlApi {
       candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
       restarts: this.restarts,
       fdstore: this.deps.fdStore.list().map((f) => f.name),
+      checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
       canary_weight: this.inFlight?.split?.weight ?? null,
       last_reload: this.inFlight?.record ?? this.lastReload,
     };

@@ -12,11 +12,11 @@ import type { Logger } from '../log';
 import { type Generation } from '../supervisor/generation';
 import { describeExit } from '../supervisor/exit';
 import { belongsTo } from '../supervisor/proctree';
-import type { RelayProgress, StateRelay } from '../orchestrator/relay';
+import type { CheckpointSummary, RelayProgress, StateRelay } from '../orchestrator/relay';
 import { Acceptor } from '../resources/acceptor';
 import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import { SrpError, closeQuietly } from './codec';
-import { CheckpointRefused, CheckpointStore, type CheckpointWriter } from './checkpoint-store';
+import { CheckpointRefused, CheckpointStore, type Checkpoint, type CheckpointWriter } from './checkpoint-store';
 import { SrpConnection } from './connection';
 import { isPeerGone } from './fd-stream';
 import type { Message, StateHeader } from './messages';
@@ -98,7 +98,10 @@ interface Transfer {
   reject: (err: Error) => void;
 }
 
-export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> implements StateRelay {
+export class SrpCoordinator
+  extends EventEmitter<{ ready: [gen: Generation]; checkpoint: [result: string, stored: Checkpoint | null] }>
+  implements StateRelay
+{
   private readonly sessions = new Set<Session>();
   private readonly byGeneration = new Map<Generation, Session>();
   /** Generations whose processes may connect; `candidate` ones wait for a handover's state. */
@@ -188,6 +191,11 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     const from = this.liveSession(old);
     if (!from) return Promise.reject(new Error(`generation ${old.number} has no relay connection`));
     return this.transfer(from, to, true, () => undefined, signal, timeoutMs);
+  }
+
+  lastCheckpoint(): CheckpointSummary | null {
+    const c = this.checkpoints.current;
+    return c && { seq: c.seq, size: c.size, age_ms: Date.now() - c.savedAt };
   }
 
   /** Generations with a live relay connection now (what an upgrade could not carry over yet). */
@@ -404,6 +412,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     this.checkpoints.persist(seq).then(
       () => {
         this.log.info({ generation: s.gen!.number, seq, size: c.size }, 'checkpoint stored');
+        this.emit('checkpoint', 'stored', c);
         s.conn.send({ op: 'checkpointed', seq });
       },
       (err: Error) => {
@@ -415,6 +424,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
   private refuseCheckpoint(s: Session, err: unknown): void {
     if (!(err instanceof CheckpointRefused)) throw err;
     this.log.warn({ generation: s.gen!.number, code: err.code }, `checkpoint refused: ${err.message}`);
+    this.emit('checkpoint', err.code, null);
     // Answers go out in the order of the checkpoints: after any durable write still under way.
     void this.checkpoints.afterWrites().then(() => s.conn.send({ op: 'checkpointed', code: err.code, message: err.message }));
   }
@@ -570,6 +580,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       s.checkpoint.writer?.discard();
       s.checkpoint = null;
       this.log.warn({ generation: s.gen?.number }, 'checkpoint cut short (the connection closed mid-stream); the previous one stays');
+      this.emit('checkpoint', 'cut_short', null);
     }
     if (s.gen && this.byGeneration.get(s.gen) === s) this.byGeneration.delete(s.gen);
     if (error instanceof SrpError) this.log.warn({ generation: s.gen?.number, code: error.code }, `relay connection closed: ${error.message}`);
