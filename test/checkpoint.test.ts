@@ -123,6 +123,19 @@ describe('checkpoints', { timeout: 180000 }, () => {
     assert.equal(await d.stop(), 0);
   });
 
+  it('a checkpoint whose bytes do not match its sha256 is refused with checksum_mismatch and never stored', async () => {
+    const { d, port } = await started(['CHECKPOINT=1', 'BAD_SHA=1']);
+    const r = await request(port, 'POST', '/sessions/s1/messages', 'tampered');
+    assert.equal(r.error, 'checksum_mismatch');
+    assert.equal(r.seq, undefined);
+    assert.equal(JSON.parse((await d.cli('status', '--json')).stdout).checkpoint, null);
+    await killApp(d);
+    const after = await request(port, 'GET', '/sessions/s1');
+    assert.equal(after.source, null);
+    assert.deepEqual(after.history, []);
+    assert.equal(await d.stop(), 0);
+  });
+
   it('an app killed in the middle of a checkpoint stream: the restarted generation gets the previous checkpoint', async () => {
     const { d, port } = await started(['STATE_MODE=binary', `BLOB_BYTES=${64 << 20}`]);
     const before = await request(port, 'GET', '/blob');
