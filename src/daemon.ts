@@ -165,6 +165,7 @@ export class Daemon {
         const identity = resolveIdentity(this.config.service.user, this.config.service.group);
         const relayFd = kept('relay');
         this.relay = h?.relay && relayFd !== undefined ? SrpCoordinator.adopt(handoff, h.relay, relayFd, this.log) : openStateRelay(handoff, identity, this.log);
+        this.relay.on('checkpoint', (result, stored) => this.metrics.checkpointed(result, stored));
         this.log.info({ socket: handoff.socketPath }, 'state relay ready');
       }
     } catch (err) {

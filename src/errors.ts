@@ -14,6 +14,7 @@ export const ErrorCodes = {
   E_PROBE_FAILED: 'the exec readiness probe failed during a canary soak',
   E_CANARY_UNSUPPORTED: 'orchestration.canary cannot split a listener (kernel without SO_ATTACH_REUSEPORT_CBPF, or a socket outside a reuseport group)',
   E_RELAY_FAILED: 'the state relay between generations failed',
+  E_CHECKPOINT_CORRUPT: 'the checkpoint file (state_handoff.checkpoint.path) is corrupt, truncated or of another version: set aside, not loaded',
   E_RELOAD_BUSY: 'a reload is already in progress',
   E_ILLEGAL_TRANSITION: 'the request is not valid in the current state',
   E_CONTROL_UNAVAILABLE: 'no daemon answers on the control socket',

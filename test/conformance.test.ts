@@ -73,9 +73,15 @@ interface Step {
 }
 interface Case {
   name: string;
-  app: { ready?: boolean; apply?: 'throws'; on_load?: 'accepts' | 'throws'; dump?: { json?: unknown; text?: string; none?: true; throws?: true } };
+  app: { ready?: boolean; apply?: 'throws'; on_load?: 'accepts' | 'throws'; dump?: { json?: unknown; text?: string; none?: true; throws?: true }; checkpoint?: { json: unknown } };
   steps: Step[];
-  expect: { connect?: { error: string }; load?: { state?: Json | null; error?: string; app_error?: true }; later_loads?: Json[] };
+  expect: {
+    connect?: { error: string };
+    load?: { state?: Json | null; error?: string; app_error?: true };
+    load_source?: string;
+    later_loads?: Json[];
+    checkpoint?: { seq?: number; error?: string };
+  };
 }
 
 const describeState = (s: LoadedState): Json => ({ encoding: s.encoding, text: s.text(), final: s.final });
@@ -167,6 +173,7 @@ describe('conformance: exchanges.json', () => {
         try {
           const state = await client.load((s) => {
             if (c.app.apply === 'throws') throw new TypeError('the app cannot use it');
+            if (c.expect.load_source !== undefined) assert.equal(s.source, c.expect.load_source);
             return describeState(s);
           });
           assert.deepEqual(state, want.state);
@@ -175,6 +182,16 @@ describe('conformance: exchanges.json', () => {
           else assert.ok(want.app_error && err instanceof TypeError, String(err));
         }
         if (c.app.ready) client.ready();
+        if (c.app.checkpoint) {
+          const stored = await client.checkpoint(c.app.checkpoint.json as DumpResult).then(
+            (seq) => ({ seq }),
+            (err: unknown) => {
+              assert.ok(err instanceof RelayError, String(err));
+              return { error: err.code };
+            },
+          );
+          assert.deepEqual(stored, c.expect.checkpoint);
+        }
         await peer;
         assert.deepEqual(later, c.expect.later_loads ?? []);
         client.close();

@@ -41,13 +41,15 @@ describe('Go SDK (clients/go)', { skip: noGo ?? false, timeout: 300000 }, () => 
     // The end-to-end test ran (the daemon is built before `make test` runs the tests), not skipped.
     assert.match(r.output, /^--- PASS: TestE2ECounterSurvivesReloadsThroughTheDaemon/m, r.output);
     // Every exchange of the conformance suite ran and passed, those that require the digest trailer included
-    // (this SDK declares it in its hello): none is skipped.
+    // (this SDK declares it in its hello); only the checkpoint ones are skipped (not implemented in Go yet).
     const cases = (JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', 'exchanges.json'), 'utf8')) as {
       cases: { name: string; requires?: string[] }[];
     }).cases;
+    const checkpoint = cases.filter((c) => c.requires?.includes('checkpoint'));
     const passed = r.output.split('\n').filter((l) => /^ {4}--- PASS: TestConformanceExchanges\//.test(l));
-    assert.equal(passed.length, cases.length, r.output);
+    const skipped = r.output.split('\n').filter((l) => /^ {4}--- SKIP: TestConformanceExchanges\//.test(l));
+    assert.equal(passed.length, cases.length - checkpoint.length, r.output);
+    assert.equal(skipped.length, checkpoint.length, r.output);
     assert.ok(cases.some((c) => c.requires?.includes('trailer')), 'the suite has trailer cases');
-    assert.doesNotMatch(r.output, /--- SKIP: TestConformanceExchanges\//, r.output);
   });
 });

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { spawn } from 'node:child_process';
-import { fixture, freePort } from './helpers/aeterna';
+import { fixture, freePort, processMemory as memory } from './helpers/aeterna';
 import { Daemon, type ConfigOptions } from './helpers/daemon';
 import { requestJson } from './helpers/load';
 
@@ -28,13 +28,6 @@ async function started(options: Partial<ConfigOptions> = {}): Promise<{ d: Daemo
   daemons.push(d);
   await d.waitStatus((s) => s.state === 'Running');
   return { d, port };
-}
-
-/** Aeterna's RSS and peak RSS in KiB. */
-function memory(pid: number): { rss: number; hwm: number } {
-  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-  const kb = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status)![1]);
-  return { rss: kb('VmRSS'), hwm: kb('VmHWM') };
 }
 
 async function seed(port: number): Promise<string[]> {

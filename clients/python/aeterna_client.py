@@ -215,14 +215,21 @@ class State:
     fds:      the other fds that came with it, by name (e.g. "conn:1"); they are
               yours to use and close
     final:    True for the final sync (the second load, delivered to on_load)
+    source:   "relay" (a live generation's dump) or "checkpoint" (the latest
+              checkpoint, for a generation started with no live predecessor)
+    seq, age_ms: the checkpoint's sequence number and age (source "checkpoint"), else None
     """
 
-    def __init__(self, encoding: Optional[str], data: Any, fds: Dict[str, int], final: bool, transport: str = "stream"):
+    def __init__(self, encoding: Optional[str], data: Any, fds: Dict[str, int], final: bool, transport: str = "stream",
+                 source: str = "relay", seq: Optional[int] = None, age_ms: Optional[int] = None):
         self.encoding = encoding
         self.data = data
         self.fds = fds
         self.final = final
         self.transport = transport
+        self.source = source
+        self.seq = seq
+        self.age_ms = age_ms
 
     @property
     def size(self) -> int:
@@ -245,8 +252,8 @@ class State:
             self.data = b""
 
     def __repr__(self) -> str:
-        return "State(encoding=%r, size=%d, transport=%s, fds=%r, final=%r)" % (
-            self.encoding, self.size, self.transport, sorted(self.fds), self.final)
+        return "State(encoding=%r, size=%d, transport=%s, fds=%r, final=%r, source=%s)" % (
+            self.encoding, self.size, self.transport, sorted(self.fds), self.final, self.source)
 
 
 class DumpResult:
@@ -284,7 +291,7 @@ def _to_bytes(value: Any, encoding: Optional[str]) -> Tuple[Any, str]:
 
 # --------------------------------------------------------------------------- messages
 
-_OPS = ("hello", "welcome", "load", "state", "ack", "ready", "dump", "trailer", "error")
+_OPS = ("hello", "welcome", "load", "state", "ack", "ready", "dump", "trailer", "error", "checkpoint", "checkpointed")
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -370,12 +377,28 @@ def _parse_message(body: bytes) -> dict:
             raise _bad_json('hello: "v" must be a number')
         return {"op": op, "v": o["v"], "trailer": True} if o.get("trailer") is True else {"op": op, "v": o["v"]}
     if op == "welcome":
-        return {"op": op, "v": o.get("v"), "generation": o.get("generation"), "max_frame": o.get("max_frame")}
-    if op in ("load", "state"):
+        msg = {"op": op, "v": o.get("v"), "generation": o.get("generation"), "max_frame": o.get("max_frame")}
+        if o.get("checkpoint") is True:
+            msg["checkpoint"] = True
+        return msg
+    if op in ("load", "state", "checkpoint"):
         h = _state_header(o, op)
         if op == "load" and o.get("final") is True:
             h["final"] = True
+        if op == "load" and o.get("source") in ("relay", "checkpoint"):
+            h["source"] = o["source"]
+        for key in ("seq", "age_ms") if op == "load" else ():
+            if _is_whole(o.get(key)):
+                h[key] = o[key]
         return h
+    if op == "checkpointed":
+        msg = {"op": op}
+        if _is_whole(o.get("seq")):
+            msg["seq"] = o["seq"]
+        for key, limit in (("code", 64), ("message", 4096)):
+            if isinstance(o.get(key), str):
+                msg[key] = o[key][:limit]
+        return msg
     if op == "ack":
         if not isinstance(o.get("ok"), bool):
             raise _bad_json('ack: "ok" must be true or false')
@@ -435,6 +458,13 @@ class StateClient:
         self._eof = sock is None
         self._closed = sock is None
         self._ready_sent = False
+        # Aeterna's welcome said it stores checkpoints.
+        self.checkpoints = False
+        # Checkpoints sent and answers received, counted: Aeterna answers them in order.
+        self._checkpoint_lock = threading.Lock()
+        self._checkpoints_sent = 0
+        self._checkpoint_answers: Dict[int, dict] = {}
+        self._checkpoints_answered = 0
 
     @property
     def enabled(self) -> bool:
@@ -453,6 +483,46 @@ class StateClient:
         Raising declines the dump (ack ok:false with the message: the reload rolls back).
         A non-final dump calls it from the relay's thread while the app serves."""
         self._dump_cb = callback
+
+    def checkpoint(self, value: Any, timeout: Optional[float] = None) -> Optional[int]:
+        """Store `value` (anything a dump callback may return) in Aeterna as the latest
+        checkpoint: a generation started after a crash loads it (state.source "checkpoint").
+        Returns its sequence number once Aeterna has stored it; raises RelayError on
+        refusal (code "disabled", "too_large", "checksum_mismatch", "bad_state") or when
+        the connection ends first. Call it after load(). Outside Aeterna: returns None."""
+        if self._sock is None:
+            return None
+        if not self.checkpoints:
+            raise RelayError("this Aeterna does not store checkpoints (orchestration.state_handoff.checkpoint.enabled is off)", "disabled")
+        if not self._loaded:
+            raise UsageError("call load() before checkpoint()")
+        msg, fds, data, memfd = _prepare_state(value, True)
+        msg["op"] = "checkpoint"
+        with self._checkpoint_lock:  # the answers come in the order the checkpoints went out
+            with self._cond:
+                self._checkpoints_sent += 1
+                ticket = self._checkpoints_sent
+            try:
+                self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data, msg.get("trailer") is True)
+            except OSError as e:
+                raise RelayError("could not send the checkpoint: %s" % e, "closed")
+            finally:
+                if memfd is not None:
+                    os.close(memfd)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while ticket not in self._checkpoint_answers:
+                if self._eof:
+                    raise RelayError("the relay connection closed before the checkpoint was stored", "closed")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise RelayError("no answer to the checkpoint within %ss" % timeout, "timeout")
+                self._cond.wait(left)
+            answer = self._checkpoint_answers.pop(ticket)
+        if "seq" in answer:
+            return answer["seq"]
+        code = answer.get("code", "bad_state")
+        raise RelayError("aeterna refused the checkpoint: %s" % answer.get("message", code), code)
 
     def on_load(self, callback: Callable[[State], Any]) -> None:
         """callback(State) for later loads (the final sync, state.final True), from the
@@ -737,7 +807,7 @@ class StateClient:
             owned = []  # the named fds now belong to the State
             if size == 0 and not named and transport == "stream":
                 return None
-            return State(encoding, data, named, final, transport)
+            return State(encoding, data, named, final, transport, msg.get("source", "relay"), msg.get("seq"), msg.get("age_ms"))
         finally:
             _close_fds(owned)
 
@@ -860,6 +930,12 @@ class StateClient:
                         self._cond.notify_all()
                     if msg.get("ok") is not True:
                         _log("the new generation refused our state: %s" % msg.get("error"))
+                elif op == "checkpointed":
+                    _close_fds(fds)
+                    with self._cond:
+                        self._checkpoints_answered += 1
+                        self._checkpoint_answers[self._checkpoints_answered] = msg
+                        self._cond.notify_all()
                 elif op == "error":
                     _close_fds(fds)
                     _log("aeterna closed the relay: %s: %s" % (msg.get("code"), msg.get("message")))
@@ -1063,6 +1139,7 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
         generation = msg.get("generation")
         max_frame = msg.get("max_frame")
         client.generation = generation if isinstance(generation, int) else None
+        client.checkpoints = msg.get("checkpoint") is True
         if isinstance(max_frame, int) and max_frame > 0:
             client.max_frame = max_frame
         sock.settimeout(None)

@@ -175,6 +175,8 @@ class ExchangesTest(unittest.TestCase):
         want = expect["load"]
         try:
             state = client.load(apply=app.apply)
+            if "load_source" in expect:
+                self.assertEqual(state.source, expect["load_source"])
             self.assertEqual(describe(state), want.get("state", "an error"))
         except aeterna.RelayError as e:
             self.assertEqual(want.get("error"), e.code, str(e))
@@ -182,6 +184,12 @@ class ExchangesTest(unittest.TestCase):
             self.assertTrue(want.get("app_error"), "the app's error")
         if app.spec.get("ready"):
             client.ready()
+        if "checkpoint" in app.spec:
+            try:
+                stored = {"seq": client.checkpoint(app.spec["checkpoint"]["json"], timeout=10)}
+            except aeterna.RelayError as e:
+                stored = {"error": e.code}
+            self.assertEqual(stored, expect["checkpoint"])
         fake.join()
         self.assertEqual(app.later, expect.get("later_loads", []))
         client.close()

@@ -139,6 +139,7 @@ export function formatStatus(status: StatusReport): string {
   if (status.candidate) rows.push(['candidate', describeGeneration(status.candidate)]);
   if (status.canary_weight !== null) rows.push(['canary weight', `${status.canary_weight}% of new connections to the candidate`]);
   rows.push(['restarts', String(status.restarts)]);
+  if (status.checkpoint) rows.push(['checkpoint', `seq ${status.checkpoint.seq}, ${formatBytes(status.checkpoint.size)}, ${formatDuration(status.checkpoint.age_ms)} old`]);
   if (status.fdstore.length > 0) rows.push(['fd store', `${status.fdstore.length} fd(s): ${status.fdstore.join(', ')}`]);
   rows.push(['last reload', status.last_reload === null ? 'none' : describeLastReload(status.last_reload)]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;

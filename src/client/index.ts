@@ -10,16 +10,18 @@ import fs from 'node:fs';
 import { native } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
 import { SrpError, closeQuietly, type SrpErrorCode } from '../srp/codec';
-import type { Message, StateHeader } from '../srp/messages';
+import type { CheckpointRefusal } from '../srp/checkpoint-store';
+import type { LoadSource, Message, StateHeader } from '../srp/messages';
 
 export { drain, trackConnections, type DrainOptions } from './drain';
 
 /**
  * Why an SDK call failed (docs/srp.md, "The app contract"): the protocol's codes (an `error` frame either way),
  * and the SDK's own: `checksum_mismatch` / `bad_state` (a state that failed verification), `load_failed` /
- * `dump_failed` (the app's callback threw or is missing), `closed` (no connection), `usage` (calls out of order).
+ * `dump_failed` (the app's callback threw or is missing), `closed` (no connection), `usage` (calls out of order);
+ * and a refused checkpoint's: `disabled`, `too_large`, `checksum_mismatch`, `bad_state`.
  */
-export type RelayErrorCode = SrpErrorCode | 'bad_state' | 'load_failed' | 'dump_failed' | 'closed' | 'usage';
+export type RelayErrorCode = SrpErrorCode | CheckpointRefusal | 'bad_state' | 'load_failed' | 'dump_failed' | 'closed' | 'usage';
 
 export class RelayError extends Error {
   constructor(
@@ -74,6 +76,11 @@ export interface LoadedState {
   size: number;
   /** The final sync after promotion (a second load, while serving). */
   final: boolean;
+  /** "relay": the previous generation's live dump; "checkpoint": the latest checkpoint (no live predecessor). */
+  source: LoadSource;
+  /** The checkpoint's sequence number and age when it was sent (source "checkpoint"), else null. */
+  seq: number | null;
+  ageMs: number | null;
   /** fds that came with the state, by name (e.g. live connections "conn:1"); the app owns them. */
   fds: Map<string, number>;
   /** The memfd holding the state (memfd transport), or null. */
@@ -151,12 +158,17 @@ function readMemfd(fd: number, size: number): Buffer {
   return out;
 }
 
-function makeState(h: StateHeader & { final?: boolean }, data: Buffer | null, fds: Map<string, number>, memfd: number | null): LoadedState {
+type LoadHeader = StateHeader & { final?: boolean; source?: LoadSource; seq?: number; age_ms?: number };
+
+function makeState(h: LoadHeader, data: Buffer | null, fds: Map<string, number>, memfd: number | null): LoadedState {
   let bytes = data;
   return {
     encoding: h.encoding ?? 'binary',
     size: h.size,
     final: h.final === true,
+    source: h.source ?? 'relay',
+    seq: h.seq ?? null,
+    ageMs: h.age_ms ?? null,
     fds,
     memfd,
     get data() {
@@ -173,7 +185,7 @@ function makeState(h: StateHeader & { final?: boolean }, data: Buffer | null, fd
 }
 
 interface Incoming {
-  header: StateHeader & { final?: boolean };
+  header: LoadHeader;
   fds: Map<string, number>;
   /** The announced size, filled as data frames arrive, and hashed on the way (overlapping the transfer). */
   buffer: Buffer;
@@ -223,6 +235,12 @@ export class StateClient {
   private finalAckOk: boolean | null = null;
   private finished: Promise<void>;
   private finish!: () => void;
+  /** Aeterna's welcome said it stores checkpoints. */
+  private checkpointsTaken = false;
+  /** What this SDK sends (a dump's state, checkpoints) goes out one after the other, never interleaved. */
+  private outgoing: Promise<void> = Promise.resolve();
+  /** Checkpoints sent and not answered yet, in order (Aeterna answers them in order). */
+  private checkpointWaiters: Array<{ resolve: (seq: number) => void; reject: (err: RelayError) => void }> = [];
 
   constructor() {
     let resolve!: (s: LoadedState | null) => void;
@@ -263,6 +281,7 @@ export class StateClient {
           }
           this.generation = m.generation;
           this.maxFrame = m.max_frame;
+          this.checkpointsTaken = m.checkpoint === true;
           conn.lowerFrameLimit(m.max_frame); // Aeterna keeps to it: a larger frame from it is not to be trusted
           resolve();
           return;
@@ -310,6 +329,29 @@ export class StateClient {
       this.ack(false, refusal('load_failed', `the app could not load the state: ${(err as Error).message}`));
       throw err;
     }
+  }
+
+  /**
+   * Store `state` (anything a dump callback may return) in Aeterna as the latest checkpoint: a generation
+   * started after a crash loads it. Resolves to its sequence number once Aeterna has stored it; rejects with
+   * a RelayError on refusal (`disabled`, `too_large`, `checksum_mismatch`, `bad_state`) or when the
+   * connection closes first. Outside Aeterna a no-op: resolves to null.
+   */
+  async checkpoint(state: DumpResult): Promise<number | null> {
+    const conn = this.conn;
+    if (!conn) return null;
+    if (!this.checkpointsTaken) throw new RelayError('disabled', 'this Aeterna does not store checkpoints (orchestration.state_handoff.checkpoint.enabled is off)');
+    if (conn.closed) throw new RelayError('closed', 'the relay connection is closed');
+    const waiter = { resolve: (_seq: number) => undefined as void, reject: (_err: RelayError) => undefined as void };
+    const stored = new Promise<number>((resolve, reject) => Object.assign(waiter, { resolve, reject }));
+    this.checkpointWaiters.push(waiter);
+    try {
+      await this.send(() => this.sendState(conn, state, true, 'checkpoint'));
+    } catch (err) {
+      this.checkpointWaiters = this.checkpointWaiters.filter((w) => w !== waiter);
+      throw err;
+    }
+    return stored;
   }
 
   /** Hand over this generation's state when Aeterna asks (at a reload, and a final time at promotion). */
@@ -393,6 +435,13 @@ export class StateClient {
           void this.answerDump(false);
         }
         return;
+      case 'checkpointed': {
+        const waiter = this.checkpointWaiters.shift();
+        if (!waiter) break;
+        if (m.seq !== undefined) waiter.resolve(m.seq);
+        else waiter.reject(new RelayError((m.code ?? 'bad_state') as RelayErrorCode, `Aeterna refused the checkpoint: ${m.message ?? m.code ?? 'no reason given'}`));
+        return;
+      }
       case 'ack':
         if (!m.ok) process.stderr.write(`aeterna/client: the new generation refused this state: ${m.error ?? ''}\n`);
         if (this.shuttingDown) {
@@ -491,12 +540,20 @@ export class StateClient {
       conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', (err as Error).message) });
       return;
     }
-    await this.sendState(conn, result, this.trailerOffered);
+    const trailer = this.trailerOffered;
+    await this.send(() => this.sendState(conn, result, trailer, 'state'));
   }
 
-  private async sendState(conn: SrpConnection, result: DumpResult, trailer: boolean): Promise<void> {
+  /** Run `sending` once what was queued before has gone out (a state and a checkpoint never interleave). */
+  private send(sending: () => Promise<void>): Promise<void> {
+    const next = this.outgoing.then(sending);
+    this.outgoing = next.catch(() => undefined);
+    return next;
+  }
+
+  private async sendState(conn: SrpConnection, result: DumpResult, trailer: boolean, op: 'state' | 'checkpoint'): Promise<void> {
     if (result === null || result === undefined) {
-      conn.send({ op: 'state', size: 0 });
+      conn.send({ op, size: 0 });
       return;
     }
     let encoding = 'binary';
@@ -529,12 +586,13 @@ export class StateClient {
     const fds = Object.values(extra);
     if (names.includes('state')) {
       if (memfd !== null) closeQuietly(memfd);
+      if (op === 'checkpoint') throw new RelayError('usage', 'the fd name "state" is reserved for the memfd transport');
       conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', 'the fd name "state" is reserved for the memfd transport') });
       return;
     }
     if (memfd !== null) {
       const size = fs.fstatSync(memfd).size;
-      const header: Message = { op: 'state', encoding, size, transport: 'memfd', ...(knownSha ? { sha256: knownSha } : {}), fds: ['state', ...names] };
+      const header: Message = { op, encoding, size, transport: 'memfd', ...(knownSha ? { sha256: knownSha } : {}), fds: ['state', ...names] };
       // The memfd is the SDK's once handed over (the app's other fds stay the app's): closed once sent.
       if (fds.length === 0) {
         conn.send(header, [memfd], { closeFds: true });
@@ -546,14 +604,14 @@ export class StateClient {
     }
     const bytes = data!;
     if (bytes.length === 0 && names.length === 0) {
-      conn.send({ op: 'state', size: 0 });
+      conn.send({ op, size: 0 });
       return;
     }
     const frameSize = Math.min(1 << 20, this.maxFrame);
     if (trailer && knownSha === undefined && bytes.length > 0) {
       // Hash each frame as it goes out and send the digest after the data: the first byte leaves at once,
       // and the receiver hashes what it got meanwhile (docs/srp.md, "Digest trailer").
-      conn.send({ op: 'state', encoding, size: bytes.length, trailer: true, ...(names.length ? { fds: names } : {}) }, fds);
+      conn.send({ op, encoding, size: bytes.length, trailer: true, ...(names.length ? { fds: names } : {}) }, fds);
       const hash = crypto.createHash('sha256');
       for (let off = 0; off < bytes.length && !conn.closed; off += frameSize) {
         const part = bytes.subarray(off, off + frameSize);
@@ -563,13 +621,14 @@ export class StateClient {
       if (!conn.closed) conn.send({ op: 'trailer', sha256: hash.digest('hex') });
       return;
     }
-    const header: Message = { op: 'state', encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
+    const header: Message = { op, encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
     conn.send(header, fds);
     if (bytes.length > 0) conn.sendData(bytes, frameSize);
   }
 
   private onClose(err: RelayError): void {
     this.initial.reject(err);
+    for (const w of this.checkpointWaiters.splice(0)) w.reject(err);
     this.finish();
   }
 }

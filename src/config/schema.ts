@@ -298,6 +298,32 @@ const stateHandoff = object({
       }),
       '16MiB',
     ),
+    checkpoint: withDefault(
+      object({
+        description:
+          "Checkpoints: the app's SDK stores its latest state in Aeterna (relay.checkpoint()), and a generation started " +
+          'with no live predecessor (a restart after a crash, kill -9, OOM or watchdog) loads it instead of an empty state.',
+        fields: {
+          enabled: withDefault(boolean({ description: 'Whether apps may store checkpoints (announced to them in welcome).' }), false),
+          path: optional(
+            fsPath({
+              description: `File the latest checkpoint is also written to, durably, before it is acknowledged. ${RELATIVE} Absent: kept in memory only.`,
+              example: '/var/lib/aeterna/checkpoint',
+            }),
+          ),
+          max_size: withDefault(
+            size({
+              description: 'Largest checkpoint accepted; a larger one is refused (code too_large) and the previous one kept.',
+              minimumBytes: 1,
+              maximumBytes: 64 * 1024 ** 3,
+              example: '1GiB',
+            }),
+            '1GiB',
+          ),
+        },
+      }),
+      {},
+    ),
   },
 });
 

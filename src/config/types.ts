@@ -60,6 +60,15 @@ export interface StateHandoffConfig {
   timeoutMs: number;
   /** Largest SRP frame accepted, checked before allocating. */
   maxFrameBytes: number;
+  checkpoint: CheckpointConfig;
+}
+
+/** The app's latest checkpoint, kept by Aeterna for a generation that starts with no live predecessor. */
+export interface CheckpointConfig {
+  enabled: boolean;
+  /** Also written durably to this file (absolute), or null: memory only. */
+  path: string | null;
+  maxSizeBytes: number;
 }
 
 export interface WatchConfig {

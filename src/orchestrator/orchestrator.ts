@@ -252,8 +252,8 @@ export class Orchestrator implements ControlApi {
   /** Starting: spawn the serving generation and wait for it to be ready. */
   private startServing(): void {
     this.restartTimer = null;
-    // Checkpoint hook (issue 13, section 2): a generation started here has no live predecessor to dump,
-    // so this is where it would be offered the latest checkpoint.
+    // A generation started here has no live predecessor to dump: attached 'fresh', the relay offers it the
+    // latest checkpoint as its initial load (SrpCoordinator.sendCheckpoint, docs/srp.md "Checkpoints").
     let gen: Generation;
     try {
       gen = this.spawn(this.config, 'fresh');
@@ -768,6 +768,7 @@ export class Orchestrator implements ControlApi {
       candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
       restarts: this.restarts,
       fdstore: this.deps.fdStore.list().map((f) => f.name),
+      checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
       canary_weight: this.inFlight?.split?.weight ?? null,
       last_reload: this.inFlight?.record ?? this.lastReload,
     };

@@ -9,6 +9,13 @@ export interface RelayProgress {
   total: number;
 }
 
+/** The latest checkpoint, for status (docs/srp.md, "Checkpoints"). */
+export interface CheckpointSummary {
+  seq: number;
+  size: number;
+  age_ms: number;
+}
+
 /** The relay is also a readiness source: a generation's {"op":"ready"} says it is ready. */
 export interface StateRelay extends ReadinessSource {
   /** The value of LIVERELAY_STATE_SOCK for the app. */
@@ -19,6 +26,8 @@ export interface StateRelay extends ReadinessSource {
    * start, restart) is told at once that there is none.
    */
   attach(gen: Generation, role: 'fresh' | 'candidate'): void;
+  /** The latest stored checkpoint, or null. */
+  lastCheckpoint(): CheckpointSummary | null;
   /** The generation is being stopped with no one to hand its state to: close its connection. */
   release(gen: Generation): void;
   /**

@@ -81,6 +81,8 @@ export interface StatusReport {
   restarts: number;
   /** The names of the fds in the fd store (FDSTORE=1), oldest first, one per fd: what LISTEN_FDNAMES gets after the listeners'. */
   fdstore: string[];
+  /** The latest checkpoint the app stored (state_handoff.checkpoint), or null. */
+  checkpoint?: { seq: number; size: number; age_ms: number } | null;
   /** orchestration.canary: the percentage of new connections the candidate receives now; null without a weighted split. */
   canary_weight: number | null;
   last_reload: ReloadRecord | null;

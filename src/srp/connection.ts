@@ -175,10 +175,11 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     if (message.op === 'trailer' && !this.dueTrailer) throw new SrpError('unexpected_op', '"trailer" without a state that announced one');
     if (this.dueTrailer && message.op !== 'trailer' && message.op !== 'error') throw new SrpError('unexpected_op', `"${message.op}" where the announced digest trailer was due`);
     if (message.op === 'trailer') this.dueTrailer = false;
-    const named = message.op === 'state' || message.op === 'load' ? (message.fds ?? []) : [];
+    const carriesState = message.op === 'state' || message.op === 'load' || message.op === 'checkpoint';
+    const named = carriesState ? (message.fds ?? []) : [];
     const fds = this.decoder.claimFds(frame, named.length);
     this.decoder.checkUnclaimed(frame); // before acting on the message: stray fds make the frame itself invalid
-    if ((message.op === 'state' || message.op === 'load') && message.transport !== 'memfd') {
+    if (carriesState && message.transport !== 'memfd') {
       this.dataRemaining = message.size;
       this.dueTrailer = message.trailer === true;
     }

@@ -12,13 +12,21 @@ import type { Logger } from '../log';
 import { type Generation } from '../supervisor/generation';
 import { describeExit } from '../supervisor/exit';
 import { belongsTo } from '../supervisor/proctree';
-import type { RelayProgress, StateRelay } from '../orchestrator/relay';
+import type { CheckpointSummary, RelayProgress, StateRelay } from '../orchestrator/relay';
 import { Acceptor } from '../resources/acceptor';
 import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import { SrpError, closeQuietly } from './codec';
+import { CheckpointRefused, CheckpointStore, type Checkpoint, type CheckpointWriter } from './checkpoint-store';
 import { SrpConnection } from './connection';
 import { isPeerGone } from './fd-stream';
 import type { Message, StateHeader } from './messages';
+
+/** An empty sealed memfd: an empty checkpoint is stored like any other. */
+function emptyMemfd(): number {
+  const fd = native.memfdCreate('aeterna-checkpoint');
+  native.sealMemfd(fd);
+  return fd;
+}
 
 /** A client must say hello within this long. */
 export const HELLO_TIMEOUT_MS = 5000;
@@ -63,6 +71,8 @@ interface Session {
   /** Said in its hello that it can receive a state whose digest follows the data. */
   takesTrailer: boolean;
   transfer: Transfer | null;
+  /** A streamed checkpoint being received (null: none; 'dropping' while the bytes of a refused one still arrive). */
+  checkpoint: { writer: CheckpointWriter | null; refused: CheckpointRefused | null } | null;
   helloTimer: NodeJS.Timeout | null;
 }
 
@@ -88,7 +98,10 @@ interface Transfer {
   reject: (err: Error) => void;
 }
 
-export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> implements StateRelay {
+export class SrpCoordinator
+  extends EventEmitter<{ ready: [gen: Generation]; checkpoint: [result: string, stored: Checkpoint | null] }>
+  implements StateRelay
+{
   private readonly sessions = new Set<Session>();
   private readonly byGeneration = new Map<Generation, Session>();
   /** Generations whose processes may connect; `candidate` ones wait for a handover's state. */
@@ -97,14 +110,19 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
   /** Transfers not settled yet (a session that closed mid-relay is gone from the tables, its transfer is not). */
   private readonly transfers = new Set<Transfer>();
   private readonly acceptor: Acceptor;
+  private readonly maxFrame: number;
+  /** The app's latest checkpoint (docs/srp.md, "Checkpoints"). */
+  readonly checkpoints: CheckpointStore;
 
   private constructor(
     private readonly file: SocketFile,
     private readonly fd: number,
-    private readonly maxFrame: number,
+    config: StateHandoffConfig,
     private readonly log: Logger,
   ) {
     super();
+    this.maxFrame = config.maxFrameBytes;
+    this.checkpoints = new CheckpointStore(config.checkpoint, log);
     this.acceptor = new Acceptor(fd, (conn) => this.admit(conn), log, 'state socket');
   }
 
@@ -120,12 +138,12 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       removeSocketFile(file);
       throw err;
     }
-    return new SrpCoordinator(file, fd, config.maxFrameBytes, log);
+    return new SrpCoordinator(file, fd, config, log);
   }
 
   /** The state socket a re-executed Aeterna took over (aeterna upgrade); the generations' connections did not survive: SDKs reconnect. */
   static adopt(config: StateHandoffConfig, file: SocketFile, fd: number, log: Logger): SrpCoordinator {
-    return new SrpCoordinator(file, fd, config.maxFrameBytes, log);
+    return new SrpCoordinator(file, fd, config, log);
   }
 
   /** The listening socket, for the handover. */
@@ -175,6 +193,11 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     return this.transfer(from, to, true, () => undefined, signal, timeoutMs);
   }
 
+  lastCheckpoint(): CheckpointSummary | null {
+    const c = this.checkpoints.current;
+    return c && { seq: c.seq, size: c.size, age_ms: Date.now() - c.savedAt };
+  }
+
   /** Generations with a live relay connection now (what an upgrade could not carry over yet). */
   connectedGenerations(): Generation[] {
     return [...this.byGeneration.keys()].filter((g) => this.liveSession(g) !== null);
@@ -190,6 +213,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     closeQuietly(this.fd);
     for (const s of this.sessions) s.conn.close();
     removeSocketFile(this.file);
+    this.checkpoints.close();
   }
 
   // ---- connections -------------------------------------------------------------------------
@@ -223,7 +247,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
       return;
     }
-    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, transfer: null, helloTimer: null };
+    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, transfer: null, checkpoint: null, helloTimer: null };
     session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
     this.sessions.add(session);
     conn.on('message', (m, fds) => {
@@ -272,6 +296,8 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
       s.conn.close(new Error(`peer error ${m.code}: ${m.message}`));
       return;
     }
+    if (m.op === 'checkpoint' && s.checkpoint === null && s.phase !== 'streaming' && s.phase !== 'trailer') return this.onCheckpoint(s, m, fds);
+    if (m.op === 'trailer' && s.checkpoint !== null) return this.endCheckpoint(s, m.sha256);
     if (m.op === 'ready') {
       if (!s.initialAcked) throw new SrpError('unexpected_op', '"ready" before the initial load was acknowledged');
       this.emit('ready', s.gen!);
@@ -303,16 +329,104 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
     s.noFds = m.fds === false;
     s.takesTrailer = m.trailer === true;
     this.byGeneration.set(gen, s);
-    s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame });
+    s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame, ...(this.checkpoints.config.enabled ? { checkpoint: true as const } : {}) });
     this.log.debug({ generation: gen.number }, 'relay connection');
     if (this.generations.get(gen)?.candidate) {
       s.phase = 'waiting';
       for (const w of this.waiters.get(gen) ?? []) w(s);
       this.waiters.delete(gen);
     } else {
-      s.phase = 'load-sent'; // no previous state for a generation started outside a reload
-      s.conn.send({ op: 'load', size: 0 });
+      // No live predecessor (the first generation, a restart after a crash): the latest checkpoint, if any.
+      s.phase = 'load-sent';
+      this.sendCheckpoint(s);
     }
+  }
+
+  // ---- checkpoints -------------------------------------------------------------------------
+
+  /** The initial load of a generation with no live predecessor: the latest checkpoint as a sealed memfd, or empty. */
+  private sendCheckpoint(s: Session): void {
+    const latest = s.noFds ? null : this.checkpoints.openLatest();
+    if (!latest) {
+      if (s.noFds && this.checkpoints.current) this.log.warn({ generation: s.gen!.number }, 'checkpoint: not offered, the client cannot receive a memfd (its hello said "fds": false)');
+      s.conn.send({ op: 'load', size: 0 });
+      return;
+    }
+    const { checkpoint: c, fd } = latest;
+    const age = Date.now() - c.savedAt;
+    this.log.info({ generation: s.gen!.number, seq: c.seq, size: c.size, age_ms: age }, 'checkpoint: offered as the initial load');
+    s.conn.send({ op: 'load', size: c.size, encoding: c.encoding, transport: 'memfd', fds: ['state'], source: 'checkpoint', seq: c.seq, age_ms: age }, [fd], { closeFds: true });
+  }
+
+  private onCheckpoint(s: Session, m: StateHeader, fds: number[]): void {
+    const extra = fds.filter((_, i) => (m.fds ?? [])[i] !== 'state');
+    extra.forEach(closeQuietly); // a checkpoint carries bytes, not the app's other fds
+    const streamed = m.transport !== 'memfd' && m.size > 0;
+    if (!streamed) {
+      let seq: number;
+      try {
+        seq = m.transport === 'memfd' ? this.checkpoints.adopt(fds[(m.fds ?? []).indexOf('state')], m) : this.checkpoints.adopt(emptyMemfd(), m);
+      } catch (err) {
+        return this.refuseCheckpoint(s, err);
+      }
+      return this.checkpointStored(s, seq);
+    }
+    s.checkpoint = { writer: null, refused: null };
+    try {
+      s.checkpoint.writer = this.checkpoints.begin(m);
+    } catch (err) {
+      if (!(err instanceof CheckpointRefused)) throw err;
+      s.checkpoint.refused = err; // its bytes are still coming: read and dropped, then refused
+    }
+  }
+
+  /** Part of a streamed checkpoint: into its memfd at once (nothing is buffered here). */
+  private checkpointData(s: Session, payload: Buffer, remaining: number): void {
+    const c = s.checkpoint!;
+    try {
+      c.writer?.write(payload);
+    } catch (err) {
+      c.writer?.discard();
+      c.writer = null;
+      c.refused ??= new CheckpointRefused('bad_state', `could not store the checkpoint: ${(err as Error).message}`);
+    }
+    if (remaining === 0 && !s.conn.trailerDue) this.endCheckpoint(s);
+  }
+
+  private endCheckpoint(s: Session, trailerSha?: string): void {
+    const c = s.checkpoint!;
+    s.checkpoint = null;
+    if (c.refused || !c.writer) return this.refuseCheckpoint(s, c.refused);
+    let seq: number;
+    try {
+      seq = c.writer.finish(trailerSha);
+    } catch (err) {
+      return this.refuseCheckpoint(s, err);
+    }
+    this.checkpointStored(s, seq);
+  }
+
+  /** Answered once it is stored (durably, with `path`). */
+  private checkpointStored(s: Session, seq: number): void {
+    const c = this.checkpoints.current!;
+    this.checkpoints.persist(seq).then(
+      () => {
+        this.log.info({ generation: s.gen!.number, seq, size: c.size }, 'checkpoint stored');
+        this.emit('checkpoint', 'stored', c);
+        s.conn.send({ op: 'checkpointed', seq });
+      },
+      (err: Error) => {
+        this.refuseCheckpoint(s, new CheckpointRefused('write_failed', `checkpoint ${seq} is kept in memory but could not be written to ${this.checkpoints.config.path}: ${err.message}`));
+      },
+    );
+  }
+
+  private refuseCheckpoint(s: Session, err: unknown): void {
+    if (!(err instanceof CheckpointRefused)) throw err;
+    this.log.warn({ generation: s.gen!.number, code: err.code }, `checkpoint refused: ${err.message}`);
+    this.emit('checkpoint', err.code, null);
+    // Answers go out in the order of the checkpoints: after any durable write still under way.
+    void this.checkpoints.afterWrites().then(() => s.conn.send({ op: 'checkpointed', code: err.code, message: err.message }));
   }
 
   // ---- transfers ---------------------------------------------------------------------------
@@ -402,6 +516,7 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
 
   /** Part of a data frame: passed on as it arrived, never reassembled (its header first, checked by the connection). */
   private onData(from: Session, payload: Buffer, frameLength: number | null, remaining: number): void {
+    if (from.checkpoint) return this.checkpointData(from, payload, remaining);
     const t = from.transfer;
     if (remaining === 0) from.phase = from.conn.trailerDue ? 'trailer' : 'idle';
     if (!t || t.aborted) {
@@ -460,6 +575,13 @@ export class SrpCoordinator extends EventEmitter<{ ready: [gen: Generation] }> i
   private onClose(s: Session, error: Error | null): void {
     if (s.helloTimer) clearTimeout(s.helloTimer);
     this.sessions.delete(s);
+    if (s.checkpoint) {
+      // Cut short: the previous checkpoint stays.
+      s.checkpoint.writer?.discard();
+      s.checkpoint = null;
+      this.log.warn({ generation: s.gen?.number }, 'checkpoint cut short (the connection closed mid-stream); the previous one stays');
+      this.emit('checkpoint', 'cut_short', null);
+    }
     if (s.gen && this.byGeneration.get(s.gen) === s) this.byGeneration.delete(s.gen);
     if (error instanceof SrpError) this.log.warn({ generation: s.gen?.number, code: error.code }, `relay connection closed: ${error.message}`);
     const t = s.transfer;

@@ -15,8 +15,14 @@ export interface StateHeader {
 export type Message =
   /** fds: false = the client cannot receive fds (no memfd state, no fd passing); absent = it can. trailer: it can receive a state whose digest follows the data (docs/srp.md, "Digest trailer"). */
   | { op: 'hello'; v: number; fds?: boolean; trailer?: true }
-  | { op: 'welcome'; v: number; generation: number; max_frame: number }
-  | ({ op: 'load'; final?: boolean } & StateHeader)
+  /** checkpoint: Aeterna stores checkpoints (docs/srp.md, "Checkpoints"). */
+  | { op: 'welcome'; v: number; generation: number; max_frame: number; checkpoint?: true }
+  /** source/seq/age_ms: a generation with no live predecessor loads the latest checkpoint ("checkpoint"); a reload's live dump is "relay". */
+  | ({ op: 'load'; final?: boolean; source?: LoadSource; seq?: number; age_ms?: number } & StateHeader)
+  /** The app stores its latest state in Aeterna: the payload forms of `state`. */
+  | ({ op: 'checkpoint' } & StateHeader)
+  /** Aeterna's answer to `checkpoint`: stored as `seq`, or refused with `code` (the previous checkpoint stays). */
+  | { op: 'checkpointed'; seq?: number; code?: string; message?: string }
   | ({ op: 'state' } & StateHeader)
   | { op: 'ack'; ok: boolean; error?: string }
   | { op: 'ready' }
@@ -26,8 +32,10 @@ export type Message =
   | { op: 'trailer'; sha256: string }
   | { op: 'error'; code: string; message: string };
 
+export type LoadSource = 'relay' | 'checkpoint';
+
 export type Op = Message['op'];
-const OPS: readonly Op[] = ['hello', 'welcome', 'load', 'state', 'ack', 'ready', 'dump', 'trailer', 'error'];
+const OPS: readonly Op[] = ['hello', 'welcome', 'load', 'state', 'ack', 'ready', 'dump', 'trailer', 'error', 'checkpoint', 'checkpointed'];
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
@@ -102,11 +110,27 @@ export function parseMessage(payload: Buffer): Message {
       if (o.fds !== undefined && typeof o.fds !== 'boolean') fail('hello: "fds" must be true or false');
       return { op: 'hello', v: o.v, ...(o.fds === false ? { fds: false } : {}), ...(o.trailer === true ? { trailer: true as const } : {}) };
     case 'welcome':
-      return { op: 'welcome', v: Number(o.v), generation: Number(o.generation), max_frame: Number(o.max_frame) };
+      return { op: 'welcome', v: Number(o.v), generation: Number(o.generation), max_frame: Number(o.max_frame), ...(o.checkpoint === true ? { checkpoint: true as const } : {}) };
     case 'load':
-      return { op: 'load', ...header(o, 'load'), ...(o.final === true ? { final: true } : {}) };
+      return {
+        op: 'load',
+        ...header(o, 'load'),
+        ...(o.final === true ? { final: true } : {}),
+        ...(o.source === 'relay' || o.source === 'checkpoint' ? { source: o.source } : {}),
+        ...(Number.isSafeInteger(o.seq) ? { seq: o.seq as number } : {}),
+        ...(Number.isSafeInteger(o.age_ms) ? { age_ms: o.age_ms as number } : {}),
+      };
     case 'state':
       return { op: 'state', ...header(o, 'state') };
+    case 'checkpoint':
+      return { op: 'checkpoint', ...header(o, 'checkpoint') };
+    case 'checkpointed':
+      return {
+        op: 'checkpointed',
+        ...(Number.isSafeInteger(o.seq) ? { seq: o.seq as number } : {}),
+        ...(typeof o.code === 'string' ? { code: o.code.slice(0, 64) } : {}),
+        ...(typeof o.message === 'string' ? { message: o.message.slice(0, 4096) } : {}),
+      };
     case 'ack': {
       if (typeof o.ok !== 'boolean') fail('ack: "ok" must be true or false');
       const error = optionalString(o, 'error', 4096);

@@ -36,6 +36,13 @@ export function writeConfig(dir: string, body: string): string {
 }
 
 /** A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine). */
+/** A process's RSS and peak RSS (VmHWM) in KiB. */
+export function processMemory(pid: number): { rss: number; hwm: number } {
+  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status)![1]);
+  return { rss: kb('VmRSS'), hwm: kb('VmHWM') };
+}
+
 export async function freePort(): Promise<number> {
   const net = await import('node:net');
   return new Promise((resolve, reject) => {
@@ -178,7 +185,7 @@ export class AeternaRun {
 }
 
 /** Every process below `root` (children, their children, ...), from /proc. */
-function descendantsOf(root: number): number[] {
+export function descendantsOf(root: number): number[] {
   const children = new Map<number, number[]>();
   for (const entry of fs.readdirSync('/proc')) {
     const stat = /^\d+$/.test(entry) ? procStat(Number(entry)) : null;

@@ -1,0 +1,192 @@
+// The latest checkpoint of the app (docs/srp.md, "Checkpoints"), kept outside
+// Aeterna's JS heap: a streamed checkpoint is written into a memfd Aeterna owns
+// as its bytes arrive (hashed on the way), a memfd checkpoint is kept as the fd
+// itself. Only a complete, verified checkpoint within max_size replaces the
+// previous one; whatever else happens, the previous one stays.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import { native } from '../native/binding';
+import type { CheckpointConfig } from '../config/types';
+import type { ErrorCode } from '../errors';
+import type { Logger } from '../log';
+import { CheckpointFileCorrupt, readCheckpointFile, writeCheckpointFile } from './checkpoint-file';
+import { closeQuietly } from './codec';
+import type { StateHeader } from './messages';
+
+/** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a checkpoint nobody can change once stored. */
+const REQUIRED_SEALS = 0x2 | 0x4 | 0x8;
+
+/** Why a checkpoint was refused: the code the client gets in `checkpointed`. */
+export type CheckpointRefusal = 'disabled' | 'too_large' | 'checksum_mismatch' | 'bad_state' | 'write_failed';
+
+export class CheckpointRefused extends Error {
+  constructor(
+    readonly code: CheckpointRefusal,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'CheckpointRefused';
+  }
+}
+
+export interface Checkpoint {
+  /** A sealed memfd holding the bytes. */
+  fd: number;
+  size: number;
+  seq: number;
+  encoding: string;
+  /** Date.now() when it was stored. */
+  savedAt: number;
+}
+
+/** A streamed checkpoint being received: written into its own memfd, never visible until finish() verified it. */
+export class CheckpointWriter {
+  private readonly fd: number;
+  private readonly hash = crypto.createHash('sha256');
+  private written = 0;
+
+  constructor(
+    private readonly store: CheckpointStore,
+    readonly header: StateHeader,
+  ) {
+    this.fd = native.memfdCreate('aeterna-checkpoint');
+  }
+
+  /** Bytes as they arrive (a view of the read buffer: written out at once, never kept). */
+  write(payload: Buffer): void {
+    for (let off = 0; off < payload.length; ) off += fs.writeSync(this.fd, payload, off, payload.length - off, this.written + off);
+    this.hash.update(payload);
+    this.written += payload.length;
+  }
+
+  /** All bytes arrived (and the trailer's digest, when announced): verify, seal and store. Returns the new seq. */
+  finish(trailerSha?: string): number {
+    const expected = this.header.sha256 ?? trailerSha;
+    const actual = this.hash.digest('hex');
+    if (this.written !== this.header.size) {
+      this.discard();
+      throw new CheckpointRefused('bad_state', `received ${this.written} bytes, ${this.header.size} announced`);
+    }
+    if (this.header.size > 0 && expected !== actual) {
+      this.discard();
+      throw new CheckpointRefused('checksum_mismatch', `sha256 of the ${this.written} bytes received is not ${expected}`);
+    }
+    native.sealMemfd(this.fd);
+    return this.store.replace(this.fd, this.header);
+  }
+
+  /** Cut short or refused: the previous checkpoint stays. */
+  discard(): void {
+    closeQuietly(this.fd);
+  }
+}
+
+export class CheckpointStore {
+  private latest: Checkpoint | null = null;
+  private seq = 0;
+  /** Durable writes, one after the other, so `checkpointed` answers go out in order. */
+  private writes: Promise<void> = Promise.resolve();
+
+  constructor(
+    readonly config: CheckpointConfig,
+    private readonly log: Logger,
+  ) {
+    if (config.enabled && config.path !== null) this.loadFile(config.path);
+  }
+
+  /** The durable file of a previous Aeterna, offered to generation 1; a bad one is set aside, never fatal. */
+  private loadFile(file: string): void {
+    try {
+      const loaded = readCheckpointFile(file);
+      if (!loaded) return;
+      this.latest = loaded;
+      this.seq = loaded.seq;
+      this.log.info({ path: file, seq: loaded.seq, size: loaded.size }, 'checkpoint loaded from its file');
+    } catch (err) {
+      const aside = `${file}.corrupt`;
+      let moved = false;
+      try {
+        fs.renameSync(file, aside);
+        moved = true;
+      } catch {
+        // left where it is: the next durable checkpoint replaces it
+      }
+      const why = err instanceof CheckpointFileCorrupt ? err.message : `cannot be read: ${(err as Error).message}`;
+      this.log.error({ code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file, ...(moved ? { moved_to: aside } : {}) }, `checkpoint file ${file} ignored: ${why}; the app starts without a checkpoint`);
+    }
+  }
+
+  /** Resolves once the durable writes asked so far are done: an answer sent then keeps its place in line. */
+  afterWrites(): Promise<void> {
+    return this.writes;
+  }
+
+  /**
+   * With `path`, write checkpoint `seq` durably (resolves once it is on disk, in the order asked); rejects when
+   * it could not be written (it stays the latest in memory). Without `path`, resolves at once.
+   */
+  persist(seq: number): Promise<void> {
+    const file = this.config.path;
+    const c = this.latest;
+    if (file === null || !c || c.seq !== seq) return Promise.resolve();
+    // Our own open file description: a later checkpoint may close c.fd while this one is still being written.
+    const fd = fs.openSync(`/proc/self/fd/${c.fd}`, 'r');
+    const write = this.writes.then(() => writeCheckpointFile(file, { ...c, fd })).finally(() => closeQuietly(fd));
+    this.writes = write.catch(() => undefined);
+    return write;
+  }
+
+  get current(): Checkpoint | null {
+    return this.latest;
+  }
+
+  /** A streamed checkpoint is announced. Throws CheckpointRefused when it cannot be taken (its bytes are then dropped). */
+  begin(header: StateHeader): CheckpointWriter {
+    this.admit(header.size);
+    return new CheckpointWriter(this, header);
+  }
+
+  /** A memfd checkpoint: kept as the fd itself (ours now, closed on refusal). Returns the new seq. */
+  adopt(memfd: number, header: StateHeader): number {
+    try {
+      this.admit(header.size);
+      if ((native.getSeals(memfd) & REQUIRED_SEALS) !== REQUIRED_SEALS) throw new CheckpointRefused('bad_state', 'memfd checkpoint is not sealed against write, shrink and grow');
+      const size = fs.fstatSync(memfd).size;
+      if (size !== header.size) throw new CheckpointRefused('bad_state', `memfd checkpoint has ${size} bytes, ${header.size} announced`);
+    } catch (err) {
+      closeQuietly(memfd);
+      throw err;
+    }
+    return this.replace(memfd, header);
+  }
+
+  /** Takes a verified, sealed fd as the latest checkpoint. */
+  replace(fd: number, header: StateHeader): number {
+    if (this.latest) closeQuietly(this.latest.fd);
+    this.seq += 1;
+    this.latest = { fd, size: header.size, seq: this.seq, encoding: header.encoding ?? 'binary', savedAt: Date.now() };
+    return this.seq;
+  }
+
+  /**
+   * The latest checkpoint with an fd of its own to send (a new open file description of the memfd, so each
+   * reader starts at offset 0), or null.
+   */
+  openLatest(): { checkpoint: Checkpoint; fd: number } | null {
+    const c = this.latest;
+    if (!c) return null;
+    return { checkpoint: c, fd: fs.openSync(`/proc/self/fd/${c.fd}`, 'r') /* Node opens close-on-exec */ };
+  }
+
+  close(): void {
+    if (this.latest) closeQuietly(this.latest.fd);
+    this.latest = null;
+  }
+
+  private admit(size: number): void {
+    if (!this.config.enabled) throw new CheckpointRefused('disabled', 'checkpoints are off (orchestration.state_handoff.checkpoint.enabled)');
+    if (size > this.config.maxSizeBytes) {
+      throw new CheckpointRefused('too_large', `checkpoint of ${size} bytes exceeds orchestration.state_handoff.checkpoint.max_size (${this.config.maxSizeBytes} bytes)`);
+    }
+  }
+}
