@@ -31,12 +31,7 @@ describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 24000
 
   /** Wait until the daemon answers having re-executed `count` times. */
   async function reexecuted(d: Daemon, count: number): Promise<void> {
-    await d.waitStatus(() => true);
-    for (;;) {
-      const s = await statusOf(d).catch(() => null);
-      if (s && (s.reexecs ?? 0) >= count) return;
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    await d.waitStatus((s) => ((s as { reexecs?: number }).reexecs ?? 0) >= count);
   }
 
   it('as PID 1, SIGSEGV then SIGABRT under HTTP load: zero failed requests, Aeterna answers again, the same app pid and generation', async () => {
@@ -44,10 +39,14 @@ describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 24000
     const { d, port } = await started({ pid1: true, metricsPort });
     const before = await statusOf(d);
     const load = startLoad(port, { concurrency: 4 });
-    await d.run.signal('SIGSEGV');
-    await reexecuted(d, 1);
-    await d.run.signal('SIGABRT');
-    await reexecuted(d, 2);
+    try {
+      await d.run.signal('SIGSEGV');
+      await reexecuted(d, 1);
+      await d.run.signal('SIGABRT');
+      await reexecuted(d, 2);
+    } finally {
+      await load.stop(); // also when Aeterna did not come back: the load must not outlive the test
+    }
     const stats = await load.stop();
     const after = await statusOf(d);
     assert.equal(stats.failed, 0, `zero failed requests: ${JSON.stringify(stats.failures)}`);
