@@ -107,6 +107,8 @@ describe('checkpoints', { timeout: 180000 }, () => {
     const big = await request(port, 'POST', '/sessions/s1/messages', 'x'.repeat(2048));
     assert.equal(big.seq, undefined);
     assert.equal(big.error, 'too_large');
+    // Aeterna's log line travels its own pipe: wait for it (a hang guard), then check what it says.
+    await d.run.waitFor(/"code":"too_large"[^\n]*"msg":"checkpoint refused|"msg":"checkpoint refused[^\n]*"code":"too_large"/);
     assert.ok(d.run.logs().some((l) => String(l.msg).startsWith('checkpoint refused') && l.code === 'too_large'));
     const metrics = (await getText(metricsPort, '/metrics')).body;
     assert.equal(metricSample(metrics, 'aeterna_checkpoints_total{result="stored"}'), 1);
