@@ -102,6 +102,8 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     assert.equal(after.pid, before.pid);
     assert.equal(after.generation, before.generation);
     assert.equal(after.state, 'Running');
+    // Each re-executed Aeterna still logs where the first one did (stdio is kept across the exec).
+    assert.equal(d.run.logs().filter((l) => /re-executed as .* \(upgrade\): took over generation/.test(String(l.msg))).length, 20);
     assert.equal((await d.cli('reload')).code, 0, 'a reload after the upgrades promotes');
     const reloaded = await statusOf(d);
     assert.equal(reloaded.generation, before.generation + 1);

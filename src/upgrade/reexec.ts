@@ -63,7 +63,8 @@ export async function checkTarget(argv: string[], reaper: Reaper): Promise<void>
 export function reexec(argv: string[], handover: Handover): void {
   const fd = writeHandover(handover);
   try {
-    native.execve(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), [...handover.fds.map((f) => f.fd), fd]);
+    // stdio too: Node marks fds 0-2 close-on-exec, and the new Aeterna's log would otherwise go nowhere.
+    native.execve(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), [0, 1, 2, ...handover.fds.map((f) => f.fd), fd]);
   } finally {
     native.close(fd);
   }
