@@ -9,7 +9,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { native } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
-import { SrpError, closeQuietly, type SrpErrorCode } from '../srp/codec';
+import { SrpError, closeQuietly, isSealedState, type SrpErrorCode } from '../srp/codec';
 import type { CheckpointRefusal } from '../srp/checkpoint-store';
 import type { LoadSource, Message, StateHeader } from '../srp/messages';
 
@@ -140,9 +140,6 @@ async function within(promise: Promise<void>, ms: number): Promise<void> {
   await Promise.race([promise, new Promise<void>((r) => (timer = setTimeout(r, ms)))]);
   clearTimeout(timer);
 }
-
-/** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a memfd state nobody can change under the receiver. */
-const REQUIRED_SEALS = 0x0002 | 0x0004 | 0x0008;
 
 function sha256(data: Buffer): string {
   return crypto.createHash('sha256').update(data).digest('hex');
@@ -482,7 +479,7 @@ export class StateClient {
       incoming.fds.delete('state');
       state = makeState(h, null, incoming.fds, memfd);
       const size = fs.fstatSync(memfd).size;
-      if ((native.getSeals(memfd) & REQUIRED_SEALS) !== REQUIRED_SEALS) problem = new RelayError('bad_state', 'the memfd is not sealed with F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW');
+      if (!isSealedState(memfd)) problem = new RelayError('bad_state', 'the memfd is not sealed with F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW');
       else if (size !== h.size) problem = new RelayError('bad_state', `the memfd holds ${size} bytes, ${h.size} announced`);
       else if (h.sha256 && sha256(state.data) !== h.sha256) problem = new RelayError('checksum_mismatch', `the memfd content does not match the announced sha256 ${h.sha256}`);
     } else {

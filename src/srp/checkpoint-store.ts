@@ -10,11 +10,10 @@ import type { CheckpointConfig } from '../config/types';
 import type { ErrorCode } from '../errors';
 import type { Logger } from '../log';
 import { CheckpointFileCorrupt, readCheckpointFile, writeCheckpointFile } from './checkpoint-file';
-import { closeQuietly } from './codec';
+import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
 
 /** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a checkpoint nobody can change once stored. */
-const REQUIRED_SEALS = 0x2 | 0x4 | 0x8;
 
 /** Why a checkpoint was refused: the code the client gets in `checkpointed`. */
 export type CheckpointRefusal = 'disabled' | 'too_large' | 'checksum_mismatch' | 'bad_state' | 'write_failed';
@@ -150,7 +149,7 @@ export class CheckpointStore {
   adopt(memfd: number, header: StateHeader): number {
     try {
       this.admit(header.size);
-      if ((native.getSeals(memfd) & REQUIRED_SEALS) !== REQUIRED_SEALS) throw new CheckpointRefused('bad_state', 'memfd checkpoint is not sealed against write, shrink and grow');
+      if (!isSealedState(memfd)) throw new CheckpointRefused('bad_state', 'memfd checkpoint is not sealed against write, shrink and grow');
       const size = fs.fstatSync(memfd).size;
       if (size !== header.size) throw new CheckpointRefused('bad_state', `memfd checkpoint has ${size} bytes, ${header.size} announced`);
     } catch (err) {

@@ -222,6 +222,14 @@ export class FrameDecoder {
   }
 }
 
+/** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: what makes a memfd state immutable. */
+const STATE_SEALS = 0x2 | 0x4 | 0x8;
+
+/** Whether a memfd is sealed against write, shrink and grow: the one test every end applies to a memfd state. */
+export function isSealedState(memfd: number): boolean {
+  return (native.getSeals(memfd) & STATE_SEALS) === STATE_SEALS;
+}
+
 export function closeQuietly(fd: number): void {
   try {
     native.close(fd);

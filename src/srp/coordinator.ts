@@ -15,7 +15,7 @@ import { belongsTo } from '../supervisor/proctree';
 import type { CheckpointSummary, RelayProgress, StateRelay } from '../orchestrator/relay';
 import { Acceptor } from '../resources/acceptor';
 import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
-import { SrpError, closeQuietly } from './codec';
+import { SrpError, closeQuietly, isSealedState } from './codec';
 import { CheckpointRefused, CheckpointStore, type Checkpoint, type CheckpointWriter } from './checkpoint-store';
 import { SrpConnection } from './connection';
 import { isPeerGone } from './fd-stream';
@@ -41,8 +41,6 @@ export const MAX_PENDING_PER_GENERATION = 4;
 const EXIT_EXPLAIN_MS = 1000;
 /** Report relay progress at most this often (bytes). */
 const PROGRESS_EVERY = 8 << 20;
-/** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a memfd state must be immutable. */
-const REQUIRED_SEALS = 0x2 | 0x4 | 0x8;
 /**
  * The relay's window in Aeterna: the old generation is read only while the new one's queue is below this.
  * What waits is held in the connection's spill ring (this plus one read), allocated once and reused.
@@ -487,9 +485,8 @@ export class SrpCoordinator
     if (m.trailer && !t.to.takesTrailer) throw new SrpError('bad_json', 'state: "trailer" was not offered in this dump (the receiving generation did not say it takes one)');
     if (m.transport === 'memfd') {
       const memfd = fds[(m.fds ?? []).indexOf('state')];
-      const seals = native.getSeals(memfd);
       const size = fs.fstatSync(memfd).size;
-      if ((seals & REQUIRED_SEALS) !== REQUIRED_SEALS) throw new SrpError('bad_frame', 'memfd state is not sealed against write, shrink and grow');
+      if (!isSealedState(memfd)) throw new SrpError('bad_frame', 'memfd state is not sealed against write, shrink and grow');
       if (size !== m.size) throw new SrpError('bad_frame', `memfd state has ${size} bytes, ${m.size} announced`);
     }
     t.total = m.size;
