@@ -332,6 +332,13 @@ export class Orchestrator implements ControlApi {
     if (gen === this.draining) return this.finishDrain();
     if (gen === this.candidate) {
       if (state === 'RollingBack') return this.finishRollback();
+      if (this.inFlight === null) {
+        // A candidate outliving its reload is a bookkeeping bug (seen once, under load, when SIGTERM met a
+        // canary soak): never let it take PID 1 down; forget it and say so.
+        this.deps.log.error({ generation: gen.number, state }, `generation ${gen.number} exited as a candidate with no reload in flight`);
+        this.candidate = null;
+        return this.checkStopped();
+      }
       const when = state === 'Soaking' ? 'during soak' : this.deps.relay?.relaying(gen) ? 'during the state relay' : 'before becoming ready';
       if (this.watchdogFired.has(gen)) return this.rollBack('exited', `the watchdog fired and it was ${how} ${when}`, 'E_WATCHDOG');
       this.rollBack('exited', `${how} ${when}`, 'E_CHILD_EXITED');
