@@ -15,7 +15,12 @@ import (
 // connected is a client past the handshake and an empty initial load, and the peer that plays Aeterna.
 func connected(t *testing.T) (*Client, *peer) {
 	t.Helper()
-	p := newPeer(t)
+	return connectedTo(t, newPeer(t))
+}
+
+// connectedTo is connected with a peer set up by the caller.
+func connectedTo(t *testing.T, p *peer) (*Client, *peer) {
+	t.Helper()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -50,6 +55,9 @@ func TestOutsideAeternaEveryCallIsANoOp(t *testing.T) {
 	}
 	if err := relay.Ready(); err != nil {
 		t.Fatal(err)
+	}
+	if seq, err := relay.Checkpoint(TextDump("kept nowhere")); seq != 0 || err != nil {
+		t.Fatalf("checkpoint: %d %v", seq, err)
 	}
 	if relay.Shutdown(time.Second) {
 		t.Fatal("shutdown reported a handed-over state")
@@ -222,6 +230,9 @@ func TestAStreamedStateAcrossManyDataFramesIsVerified(t *testing.T) {
 	st, err := relay.Load(nil)
 	if err != nil || st == nil || len(st.Data) != len(big) || sha256.Sum256(st.Data) != sum {
 		t.Fatalf("load: %v", err)
+	}
+	if st.Source != "relay" || st.Seq != 0 { // a load without "source" is a live generation's dump
+		t.Fatalf("source %q seq %d", st.Source, st.Seq)
 	}
 }
 
