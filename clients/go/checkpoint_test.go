@@ -133,23 +133,9 @@ func TestCheckpointBeforeLoadIsAUsageErrorAndWithoutTheWelcomesAnnouncementDisab
 }
 
 func TestAStreamedLoadFromACheckpointTellsItsSourceSeqAndAge(t *testing.T) {
-	p := newPeer(t)
 	text := `{"sessions":[1]}`
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		p.welcome(2)
-		sum := sha256.Sum256([]byte(text))
-		p.send(map[string]any{"op": "load", "encoding": "json", "size": len(text), "sha256": hex.EncodeToString(sum[:]), "source": "checkpoint", "seq": 9, "age_ms": 2500}, nil, []byte(text))
-		p.expect(map[string]any{"op": "ack", "ok": true})
-	}()
-	relay, err := Connect(Options{Path: p.path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer relay.Close()
-	st, err := relay.Load(nil)
-	<-done
+	sum := sha256.Sum256([]byte(text))
+	st, err := loadStreamed(t, newPeer(t), map[string]any{"op": "load", "encoding": "json", "size": len(text), "sha256": hex.EncodeToString(sum[:]), "source": "checkpoint", "seq": 9, "age_ms": 2500}, []byte(text))
 	if err != nil || st == nil {
 		t.Fatalf("%v %v", st, err)
 	}

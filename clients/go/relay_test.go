@@ -202,6 +202,27 @@ func TestLiveConnectionsTravelAsNamedFdsBothWays(t *testing.T) {
 	f.Close()
 }
 
+// loadStreamed: the peer welcomes, sends the initial load (header and data frames) and expects an ack; the
+// client's Load gives what it gives.
+func loadStreamed(t *testing.T, p *peer, header map[string]any, frames ...[]byte) (*State, error) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		p.welcome(2)
+		p.send(header, nil, frames...)
+		p.expect(map[string]any{"op": "ack", "ok": true})
+	}()
+	relay, err := Connect(Options{Path: p.path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { relay.Close() })
+	st, err := relay.Load(nil)
+	<-done
+	return st, err
+}
+
 func TestAStreamedStateAcrossManyDataFramesIsVerified(t *testing.T) {
 	p := newPeer(t)
 	big := make([]byte, 3<<20+5)
@@ -209,25 +230,15 @@ func TestAStreamedStateAcrossManyDataFramesIsVerified(t *testing.T) {
 		big[i] = byte(i * 7)
 	}
 	sum := sha256.Sum256(big)
-	go func() {
-		p.welcome(2)
-		var frames [][]byte
-		for off := 0; off < len(big); off += 1 << 20 {
-			end := off + 1<<20
-			if end > len(big) {
-				end = len(big)
-			}
-			frames = append(frames, big[off:end])
+	var frames [][]byte
+	for off := 0; off < len(big); off += 1 << 20 {
+		end := off + 1<<20
+		if end > len(big) {
+			end = len(big)
 		}
-		p.send(map[string]any{"op": "load", "encoding": "binary", "size": len(big), "sha256": hex.EncodeToString(sum[:])}, nil, frames...)
-		p.expect(map[string]any{"op": "ack", "ok": true})
-	}()
-	relay, err := Connect(Options{Path: p.path})
-	if err != nil {
-		t.Fatal(err)
+		frames = append(frames, big[off:end])
 	}
-	defer relay.Close()
-	st, err := relay.Load(nil)
+	st, err := loadStreamed(t, p, map[string]any{"op": "load", "encoding": "binary", "size": len(big), "sha256": hex.EncodeToString(sum[:])}, frames...)
 	if err != nil || st == nil || len(st.Data) != len(big) || sha256.Sum256(st.Data) != sum {
 		t.Fatalf("load: %v", err)
 	}
