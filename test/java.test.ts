@@ -1,6 +1,7 @@
 // Java apps under Aeterna: examples/java-hello (a plain JDK HTTP server on
 // System.inheritedChannel(), i.e. service.stdin_listener) reloading under load,
-// the Java SDK (clients/java) and its conformance runner. Compiled with javac into a temp dir; skipped
+// the Java SDK (clients/java), its conformance runner and its checkpoint() tests, and a Java app killed with
+// SIGKILL after a checkpoint. Compiled with javac into a temp dir; skipped
 // with a message when the JDK is absent (.ci/run installs it).
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -45,6 +46,17 @@ describe('Java SDK conformance (clients/java/ConformanceTest.java)', { skip: noJ
     );
     assert.equal(lines.filter((l) => l.startsWith('ok ')).length, frames.decode.length + frames.encode.length + cases.length - memfd.length);
     assert.equal(lines.filter((l) => l.startsWith('FAIL ')).length, 0);
+  });
+});
+
+describe('Java SDK checkpoint() (clients/java/CheckpointTest.java)', { skip: noJavac ?? false, timeout: 120000 }, () => {
+  it('answers in order, fails with closed when the connection ends, refuses use before load() and from a callback, and is a no-op outside Aeterna', () => {
+    const out = compile('clients/java/Aeterna.java', 'clients/java/ConformanceTest.java', 'clients/java/CheckpointTest.java');
+    const r = spawnSync('java', ['-cp', out, 'dev.aeterna.CheckpointTest'], { encoding: 'utf8', timeout: 100000 });
+    assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
+    const lines = r.stdout.split('\n');
+    assert.equal(lines.filter((l) => l.startsWith('ok ')).length, 5, r.stdout);
+    assert.equal(lines.filter((l) => l.startsWith('FAIL ')).length, 0, r.stdout);
   });
 });
 
