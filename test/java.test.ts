@@ -1,13 +1,14 @@
 // Java apps under Aeterna: examples/java-hello (a plain JDK HTTP server on
 // System.inheritedChannel(), i.e. service.stdin_listener) reloading under load,
-// the Java SDK (clients/java) and its conformance runner. Compiled with javac into a temp dir; skipped
+// the Java SDK (clients/java), its conformance runner and its checkpoint() tests, and a Java app killed with
+// SIGKILL after a checkpoint. Compiled with javac into a temp dir; skipped
 // with a message when the JDK is absent (.ci/run installs it).
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ROOT, freePort, pidNamespaceUnavailable, tempDir } from './helpers/aeterna';
+import { ROOT, descendantsOf, freePort, pidNamespaceUnavailable, tempDir } from './helpers/aeterna';
 import { Daemon } from './helpers/daemon';
 import { startLoad } from './helpers/load';
 
@@ -27,7 +28,7 @@ function compile(...sources: string[]): string {
 }
 
 describe('Java SDK conformance (clients/java/ConformanceTest.java)', { skip: noJavac ?? false, timeout: 120000 }, () => {
-  it('passes every case of frames.json and exchanges.json, the digest trailer cases included, except the memfd exchanges (a client without fds never gets them) and the checkpoint ones (not implemented yet)', () => {
+  it('passes every case of frames.json and exchanges.json, the digest trailer and checkpoint cases included, except the memfd exchanges (a client without fds never gets them)', () => {
     const out = compile('clients/java/Aeterna.java', 'clients/java/ConformanceTest.java');
     const r = spawnSync('java', ['-cp', out, 'dev.aeterna.ConformanceTest', path.join(ROOT, 'test', 'conformance')], { encoding: 'utf8', timeout: 100000 });
     assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
@@ -35,8 +36,9 @@ describe('Java SDK conformance (clients/java/ConformanceTest.java)', { skip: noJ
       JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', name), 'utf8'));
     const frames = suite('frames.json');
     const cases = suite('exchanges.json').cases as Array<{ name: string; requires?: string[]; steps?: Record<string, unknown>[] }>;
-    const memfd = cases.filter((c) => c.requires?.includes('checkpoint') || c.steps!.some((step) => 'memfd' in step)).map((c) => c.name);
+    const memfd = cases.filter((c) => c.steps!.some((step) => 'memfd' in step)).map((c) => c.name);
     assert.ok(cases.some((c) => c.requires?.includes('trailer')), 'the suite has trailer cases, and they run');
+    assert.ok(cases.some((c) => c.requires?.includes('checkpoint') && !memfd.includes(c.name)), 'the suite has checkpoint cases without a memfd, and they run');
     const lines = r.stdout.split('\n');
     assert.deepEqual(
       lines.filter((l) => l.startsWith('skip ') && !l.startsWith('skip listeners.json')).map((l) => l.replace(/^skip (.*) \(.*\)$/, '$1')),
@@ -44,6 +46,17 @@ describe('Java SDK conformance (clients/java/ConformanceTest.java)', { skip: noJ
     );
     assert.equal(lines.filter((l) => l.startsWith('ok ')).length, frames.decode.length + frames.encode.length + cases.length - memfd.length);
     assert.equal(lines.filter((l) => l.startsWith('FAIL ')).length, 0);
+  });
+});
+
+describe('Java SDK checkpoint() (clients/java/CheckpointTest.java)', { skip: noJavac ?? false, timeout: 120000 }, () => {
+  it('answers in order, fails with closed when the connection ends, refuses use before load() and from a callback, and is a no-op outside Aeterna', () => {
+    const out = compile('clients/java/Aeterna.java', 'clients/java/ConformanceTest.java', 'clients/java/CheckpointTest.java');
+    const r = spawnSync('java', ['-cp', out, 'dev.aeterna.CheckpointTest'], { encoding: 'utf8', timeout: 100000 });
+    assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
+    const lines = r.stdout.split('\n');
+    assert.equal(lines.filter((l) => l.startsWith('ok ')).length, 5, r.stdout);
+    assert.equal(lines.filter((l) => l.startsWith('FAIL ')).length, 0, r.stdout);
   });
 });
 
@@ -99,6 +112,35 @@ describe('Java SDK (clients/java) under the real daemon', { skip: noJava ?? fals
       await d.run.waitFor(new RegExp(`^COUNT ${generation} ${generation} json$`, 'm'));
     }
     assert.equal(d.run.stdout.match(/^HANDED true$/gm)?.length, 2, 'both old generations saw their final sync acked');
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('kill -9 of a Java app: checkpoint() returns the seq Aeterna stored, and the generation Aeterna restarts gets what Aeterna offers a client without fds', async (t) => {
+    const out = compile('clients/java/Aeterna.java', 'test/fixtures/java/Counter.java');
+    const d = new Daemon({ command: ['java', '-cp', out, 'Counter'], readiness: '{ mode: "notify", timeout: "30s" }' });
+    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "10s", checkpoint: { enabled: true } }` });
+    d.start(true);
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running');
+    await d.run.waitFor(/^CHECKPOINTED 1 1$/m);
+    const status = JSON.parse((await d.cli('status', '--json')).stdout) as { checkpoint: { seq: number } | null };
+    assert.equal(status.checkpoint?.seq, 1, 'Aeterna holds the checkpoint the Java app stored');
+    const app = descendantsOf(await d.run.aeternaPid());
+    assert.equal(app.length, 1);
+    process.kill(app[0], 'SIGKILL');
+    await d.waitStatus((s) => s.state === 'Running' && s.generation === 2, 60000);
+    const restarted = (await d.run.waitFor(/^COUNT 2 (\d+) (\w+)$/m)).slice(1);
+    const notOffered = d.run.logs().filter((l) => String(l.msg).startsWith('checkpoint: not offered'));
+    if (restarted[0] === '1' && notOffered.length === 1) {
+      // What Aeterna does today: a checkpoint is offered only as a memfd, which a client whose hello said
+      // "fds": false cannot receive, so it starts without state and Aeterna logs why (docs/srp.md, "Checkpoints").
+      assert.deepEqual(restarted, ['1', 'none']);
+      t.todo('restore to a client without fds needs Aeterna to stream the stored checkpoint; then this test takes the branch below');
+    } else {
+      assert.deepEqual(restarted, ['2', 'json'], 'the restarted generation loaded the count from the checkpoint');
+      await d.run.waitFor(/^LOADED checkpoint 1$/m);
+    }
+    await d.run.waitFor(/^CHECKPOINTED 2 \d+$/m); // the restarted generation stores checkpoints too
     assert.equal(await d.stop(), 0);
   });
 });

@@ -165,6 +165,10 @@ type exchangeCase struct {
 			None   bool    `json:"none"`
 			Throws bool    `json:"throws"`
 		} `json:"dump"`
+		// Checkpoint: after Load and Ready, the app calls Checkpoint with this JSON.
+		Checkpoint *struct {
+			JSON any `json:"json"`
+		} `json:"checkpoint"`
 	} `json:"app"`
 	Steps []struct {
 		ClientSends     map[string]any `json:"client_sends"`
@@ -187,6 +191,13 @@ type exchangeCase struct {
 			AppError bool            `json:"app_error"`
 		} `json:"load"`
 		LaterLoads []map[string]any `json:"later_loads"`
+		// Checkpoint is what the app's Checkpoint call gives: a seq, or an error code.
+		Checkpoint *struct {
+			Seq   *uint64 `json:"seq"`
+			Error string  `json:"error"`
+		} `json:"checkpoint"`
+		// LoadSource is the initial load's State.Source.
+		LoadSource string `json:"load_source"`
 	} `json:"expect"`
 }
 
@@ -204,11 +215,6 @@ func TestConformanceExchanges(t *testing.T) {
 	for _, c := range suite.Cases {
 		c := c
 		t.Run(c.Name, func(t *testing.T) {
-			for _, capability := range c.Requires {
-				if capability == "checkpoint" {
-					t.Skip("needs relay checkpoints, which this SDK does not implement yet")
-				}
-			}
 			runExchange(t, c)
 		})
 	}
@@ -335,10 +341,16 @@ func runExchange(t *testing.T, c exchangeCase) {
 			t.Fatalf("load: unexpected error %v", err)
 		}
 	}
+	if c.Expect.LoadSource != "" && (state == nil || state.Source != c.Expect.LoadSource) {
+		t.Fatalf("load: want source %q, got state %+v", c.Expect.LoadSource, state)
+	}
 	if c.App.Ready {
 		if err := relay.Ready(); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if c.App.Checkpoint != nil {
+		checkCheckpoint(t, relay, c)
 	}
 	if perr := <-played; perr != nil {
 		t.Fatal(perr)
@@ -357,6 +369,26 @@ func runExchange(t *testing.T, c exchangeCase) {
 	}
 	if string(gotJSON) != string(wantJSON) {
 		t.Fatalf("later loads: got %s, want %s", gotJSON, wantJSON)
+	}
+}
+
+// checkCheckpoint has the app call Checkpoint and compares what it gives with the case's expectation.
+func checkCheckpoint(t *testing.T, relay *Client, c exchangeCase) {
+	t.Helper()
+	d, err := JSONDump(c.App.Checkpoint.JSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq, err := relay.Checkpoint(d)
+	want := c.Expect.Checkpoint
+	var re *RelayError
+	switch {
+	case want == nil:
+		t.Fatalf("the case has app.checkpoint but no expect.checkpoint")
+	case want.Seq != nil && (err != nil || seq != *want.Seq):
+		t.Fatalf("checkpoint: want seq %d, got %d, %v", *want.Seq, seq, err)
+	case want.Error != "" && (!errors.As(err, &re) || re.Code != want.Error):
+		t.Fatalf("checkpoint: want error %q, got %d, %v", want.Error, seq, err)
 	}
 }
 

@@ -1,7 +1,8 @@
 package client
 
 // End to end against the real daemon: examples/go-counter under
-// `node bin/aeterna.js start`, reloaded, keeps its count. Needs node and the
+// `node bin/aeterna.js start`, reloaded, keeps its count; killed with SIGKILL,
+// the generation Aeterna restarts loads its checkpoint. Needs node and the
 // daemon built in the repo (npx node-gyp rebuild && npx tsc -p tsconfig.json);
 // skipped with the reason otherwise.
 
@@ -38,8 +39,9 @@ func (d *daemon) log() string {
 	return string(out)
 }
 
-// startCounter builds examples/go-counter and runs it under a fresh daemon.
-func startCounter(t *testing.T, env ...string) *daemon {
+// startCounter builds examples/go-counter and runs it under a fresh daemon,
+// with state_handoff.checkpoint enabled when checkpoints is true.
+func startCounter(t *testing.T, checkpoints bool, env ...string) *daemon {
 	t.Helper()
 	node, err := exec.LookPath("node")
 	if err != nil {
@@ -81,12 +83,12 @@ service:
 orchestration:
   strategy: "immediate"
   readiness: { mode: "notify", timeout: "20s" }
-  state_handoff: { enabled: true, socket_path: %q, timeout: "10s" }
+  state_handoff: { enabled: true, socket_path: %q, timeout: "10s", checkpoint: { enabled: %t } }
 control:
   socket_path: %q
 observability:
   log_level: "debug"
-`, bin, envJSON, port, filepath.Join(dir, "state.sock"), filepath.Join(dir, "control.sock"))
+`, bin, envJSON, port, filepath.Join(dir, "state.sock"), checkpoints, filepath.Join(dir, "control.sock"))
 	if err := os.WriteFile(config, []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -147,6 +149,7 @@ type visit struct {
 	Count      int64  `json:"count"`
 	PID        int    `json:"pid"`
 	Generation string `json:"generation"`
+	Checkpoint uint64 `json:"checkpoint"` // the seq of the checkpoint this visit stored, 0 without checkpoints
 }
 
 func (d *daemon) visit() visit {
@@ -175,7 +178,7 @@ func (d *daemon) stop() {
 }
 
 func testCounterSurvivesReloads(t *testing.T, env ...string) {
-	d := startCounter(t, env...)
+	d := startCounter(t, false, env...)
 	var first visit
 	for i := 0; i < 5; i++ {
 		first = d.visit()
@@ -207,4 +210,35 @@ func TestE2ECounterSurvivesReloadsThroughTheDaemon(t *testing.T) {
 
 func TestE2ECounterSurvivesReloadsWithTheMemfdTransport(t *testing.T) {
 	testCounterSurvivesReloads(t, "COUNTER_TRANSPORT=memfd")
+}
+
+// testCounterSurvivesKill9: every visit stores the count with Checkpoint; after
+// a SIGKILL of the counter (no final dump, no live predecessor) the generation
+// Aeterna restarts loads the latest checkpoint, marked with its source and seq.
+func testCounterSurvivesKill9(t *testing.T, env ...string) {
+	d := startCounter(t, true, env...)
+	var before visit
+	for i := 1; i <= 5; i++ {
+		before = d.visit()
+		if before.Count != int64(i) || before.Checkpoint != uint64(i) {
+			t.Fatalf("visit %d: %+v (each visit stores checkpoint number i)", i, before)
+		}
+	}
+	if err := syscall.Kill(before.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	d.waitFor(regexp.MustCompile(`LOADED count=5 source=checkpoint seq=5`), "the restarted counter to load checkpoint 5")
+	after := d.visit()
+	if after.PID == before.PID || after.Generation != "2" || after.Count != 6 || after.Checkpoint != 6 {
+		t.Fatalf("after kill -9: %+v (before %+v)", after, before)
+	}
+	d.stop()
+}
+
+func TestE2ECounterSurvivesKill9WithACheckpoint(t *testing.T) {
+	testCounterSurvivesKill9(t)
+}
+
+func TestE2ECounterSurvivesKill9WithAMemfdCheckpoint(t *testing.T) {
+	testCounterSurvivesKill9(t, "COUNTER_TRANSPORT=memfd")
 }

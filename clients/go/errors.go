@@ -15,6 +15,10 @@ const (
 	CodeBusy               = "busy"
 	CodeChecksumMismatch   = "checksum_mismatch"
 	CodeTimeout            = "timeout"
+	// CodeDisabled: Aeterna does not store checkpoints (its welcome did not announce them).
+	CodeDisabled = "disabled"
+	// CodeWriteFailed: a durable checkpoint could not be written (it is the latest in Aeterna's memory all the same).
+	CodeWriteFailed = "write_failed"
 	// CodeBadState: a state that failed verification other than its digest (a memfd not sealed, a wrong size).
 	CodeBadState = "bad_state"
 	// CodeLoadFailed: the app's load callback failed, or there is none for a later load.

@@ -46,6 +46,12 @@ type message struct {
 	Trailer    bool     `json:"trailer,omitempty"` // hello: can verify one; dump: one is offered; state/load: the digest follows the data
 	Code       string   `json:"code,omitempty"`
 	Message    string   `json:"message,omitempty"`
+	// Checkpoint: a welcome's announcement that Aeterna stores checkpoints.
+	Checkpoint bool `json:"checkpoint,omitempty"`
+	// Source, Seq, AgeMS: where a load comes from ("relay" or "checkpoint"); checkpointed's Seq when stored.
+	Source string `json:"source,omitempty"`
+	Seq    *int64 `json:"seq,omitempty"`
+	AgeMS  int64  `json:"age_ms,omitempty"`
 }
 
 func ackMessage(ok bool, why string) message {
@@ -55,7 +61,7 @@ func ackMessage(ok bool, why string) message {
 func sizeOf(n int64) *int64 { return &n }
 
 var (
-	knownOps = map[string]bool{"hello": true, "welcome": true, "load": true, "state": true, "ack": true, "ready": true, "dump": true, "trailer": true, "error": true}
+	knownOps = map[string]bool{"hello": true, "welcome": true, "load": true, "state": true, "ack": true, "ready": true, "dump": true, "trailer": true, "error": true, "checkpoint": true, "checkpointed": true}
 	hexSHA   = regexp.MustCompile(`^[0-9a-f]{64}$`)
 )
 
@@ -98,11 +104,27 @@ func parseMessage(payload []byte) (message, *RelayError) {
 		m.V = &iv
 		m.Generation, _ = wholeNumber(o["generation"])
 		m.MaxFrame, _ = wholeNumber(o["max_frame"])
-	case "load", "state":
+		m.Checkpoint = o["checkpoint"] == true
+	case "load", "state", "checkpoint":
 		if err := parseStateHeader(o, &m); err != nil {
 			return m, err
 		}
-		m.Final = op == "load" && o["final"] == true
+		if op == "load" {
+			m.Final = o["final"] == true
+			if src, _ := o["source"].(string); src == "relay" || src == "checkpoint" {
+				m.Source = src
+			}
+			if seq, ok := wholeNumber(o["seq"]); ok {
+				m.Seq = &seq
+			}
+			m.AgeMS, _ = wholeNumber(o["age_ms"])
+		}
+	case "checkpointed":
+		if seq, ok := wholeNumber(o["seq"]); ok {
+			m.Seq = &seq
+		}
+		m.Code, _ = o["code"].(string)
+		m.Message, _ = o["message"].(string)
 	case "ack":
 		b, ok := o["ok"].(bool)
 		if !ok {
@@ -390,7 +412,7 @@ func (c *conn) writeFrames(m message, fds []*os.File, data []byte) error {
 		}
 	}
 	var digest hash.Hash
-	if m.Trailer && m.Op == "state" { // (a hello's "trailer" only declares the capability)
+	if m.Trailer && m.Op != "hello" { // (a hello's "trailer" only declares the capability)
 		digest = sha256.New()
 	}
 	chunk := dataChunk

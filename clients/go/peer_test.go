@@ -17,6 +17,8 @@ type peer struct {
 	path string
 	ln   *net.UnixListener
 	c    *conn
+	// checkpoints: the welcome announces that Aeterna stores checkpoints.
+	checkpoints bool
 }
 
 func newPeer(t *testing.T) *peer {
@@ -147,7 +149,11 @@ func (p *peer) welcome(generation int) {
 	p.t.Helper()
 	p.accept()
 	p.expect(map[string]any{"op": "hello", "v": 1.0})
-	p.send(map[string]any{"op": "welcome", "v": 1, "generation": generation, "max_frame": DefaultMaxFrame}, nil)
+	welcome := map[string]any{"op": "welcome", "v": 1, "generation": generation, "max_frame": DefaultMaxFrame}
+	if p.checkpoints {
+		welcome["checkpoint"] = true
+	}
+	p.send(welcome, nil)
 }
 
 // matches: every field of want is in got; {"prefix": s} matches a string that starts with s.

@@ -30,6 +30,8 @@ type Client struct {
 	Generation int64
 	// MaxFrame is the frame limit Aeterna announced.
 	MaxFrame int
+	// Checkpoints: Aeterna's welcome announced that it stores checkpoints (Checkpoint is refused otherwise).
+	Checkpoints bool
 
 	c *conn
 
@@ -50,6 +52,16 @@ type Client struct {
 	finalAck       chan bool     // the ack that answers our final state
 	eof            chan struct{} // closed when the connection has ended
 	lastAck        *message
+	// checkpointWaiters get Aeterna's checkpointed answers, which come in the order the checkpoints were sent.
+	checkpointWaiters []chan checkpointAnswer
+	// checkpointSend keeps a checkpoint's place among the waiters the same as its place on the wire.
+	checkpointSend sync.Mutex
+}
+
+// checkpointAnswer is Aeterna's checkpointed: the seq, or the refusal.
+type checkpointAnswer struct {
+	seq uint64
+	err *RelayError
 }
 
 // Connect connects to Aeterna's State Relay and does the handshake. Without a
@@ -103,6 +115,7 @@ func (cl *Client) handshake() error {
 		return cl.fail(relayErr(CodeUnsupportedVersion, "welcome of protocol version %v, this SDK speaks %d", derefInt(m.V), ProtocolVersion))
 	}
 	cl.Generation = m.Generation
+	cl.Checkpoints = m.Checkpoint
 	if m.MaxFrame > 0 {
 		cl.MaxFrame = int(m.MaxFrame)
 		cl.c.maxFrame = int(m.MaxFrame)
@@ -228,6 +241,106 @@ func (cl *Client) Ready() error {
 	return nil
 }
 
+// Checkpoint stores d (what a dump callback may return: JSON, text, bytes, or a
+// sealed memfd, which the SDK closes once sent) in Aeterna as the app's latest
+// checkpoint: a generation started with no live predecessor (after a crash,
+// kill -9, the watchdog) loads it, with State.Source "checkpoint". It returns
+// the checkpoint's sequence number once Aeterna has stored it (on disk, with
+// state_handoff.checkpoint.path). A refusal is a *RelayError with Aeterna's
+// code (CodeDisabled, CodeTooLarge, CodeChecksumMismatch, CodeBadState,
+// CodeWriteFailed); the previous checkpoint then stays. d.FDs are not sent: a
+// checkpoint keeps the state only. Call it after Load, from any goroutine but
+// the dump and load callbacks (their goroutine reads Aeterna's answer).
+// Outside Aeterna it does nothing and returns 0, nil.
+func (cl *Client) Checkpoint(d *Dump) (uint64, error) {
+	if cl.c == nil {
+		return 0, nil
+	}
+	if d != nil && d.Memfd != nil {
+		defer d.Memfd.Close() // the SDK's once handed over, sent or not
+	}
+	if !cl.Checkpoints {
+		return 0, relayErr(CodeDisabled, "this Aeterna does not store checkpoints (orchestration.state_handoff.checkpoint.enabled is off)")
+	}
+	var stateOnly *Dump
+	if d != nil {
+		copied := *d
+		copied.FDs = nil
+		stateOnly = &copied
+	}
+	m, fds, data, err := stateMessage("checkpoint", stateOnly, true)
+	if err != nil {
+		return 0, relayErr(CodeUsage, "the checkpoint cannot be sent: %v", err)
+	}
+	answer := make(chan checkpointAnswer, 1)
+	cl.checkpointSend.Lock()
+	cl.mu.Lock()
+	loaded, closed := cl.loaded, cl.closed
+	if loaded && !closed {
+		cl.checkpointWaiters = append(cl.checkpointWaiters, answer)
+	}
+	cl.mu.Unlock()
+	if !loaded || closed {
+		cl.checkpointSend.Unlock()
+		if closed {
+			return 0, relayErr(CodeClosed, "the relay connection is closed")
+		}
+		return 0, relayErr(CodeUsage, "call Load before Checkpoint: Aeterna's answers are read once the initial load is taken")
+	}
+	err = cl.c.writeFrames(m, fds, data)
+	cl.checkpointSend.Unlock()
+	if err != nil {
+		cl.mu.Lock()
+		for i, w := range cl.checkpointWaiters {
+			if w == answer {
+				cl.checkpointWaiters = append(cl.checkpointWaiters[:i], cl.checkpointWaiters[i+1:]...)
+				break
+			}
+		}
+		cl.mu.Unlock()
+		return 0, relayErr(CodeClosed, "sending the checkpoint: %v", err)
+	}
+	a := <-answer // the reader answers every waiter, with an error when the connection ends
+	if a.err != nil {
+		return 0, a.err
+	}
+	return a.seq, nil
+}
+
+// answerCheckpoint hands Aeterna's checkpointed to the oldest checkpoint waiting for it.
+func (cl *Client) answerCheckpoint(m message) {
+	cl.mu.Lock()
+	var w chan checkpointAnswer
+	if len(cl.checkpointWaiters) > 0 {
+		w = cl.checkpointWaiters[0]
+		cl.checkpointWaiters = cl.checkpointWaiters[1:]
+	}
+	cl.mu.Unlock()
+	if w == nil {
+		logf("a checkpointed answer with no checkpoint waiting for it")
+		return
+	}
+	switch {
+	case m.Seq != nil && *m.Seq >= 0:
+		w <- checkpointAnswer{seq: uint64(*m.Seq)}
+	case m.Code != "":
+		w <- checkpointAnswer{err: relayErr(m.Code, "Aeterna refused the checkpoint: %s", m.Message)}
+	default:
+		w <- checkpointAnswer{err: relayErr(CodeBadState, "Aeterna refused the checkpoint without a reason")}
+	}
+}
+
+// endCheckpoints answers every checkpoint still waiting once the connection has ended.
+func (cl *Client) endCheckpoints() {
+	cl.mu.Lock()
+	waiting := cl.checkpointWaiters
+	cl.checkpointWaiters = nil
+	cl.mu.Unlock()
+	for _, w := range waiting {
+		w <- checkpointAnswer{err: relayErr(CodeClosed, "the relay connection ended before Aeterna answered the checkpoint")}
+	}
+}
+
 // Shutdown is the SIGTERM path, once the app has drained: it answers the
 // final dump if Aeterna asks for one (calling the dump callback now, so the
 // state includes the last requests), waits for Aeterna's ack or end of file,
@@ -350,7 +463,7 @@ func (cl *Client) receiveLoad(m message, files []*os.File) (st *State, problem *
 		if problem != nil {
 			return nil, problem, nil
 		}
-		return &State{Encoding: m.Encoding, Data: data, FDs: named, Final: m.Final, Transport: "memfd", mapped: data != nil}, nil, nil
+		return loadedState(m, data, named, data != nil), nil, nil
 	}
 	if size > int64(^uint(0)>>1) {
 		return nil, nil, relayErr(CodeTooLarge, "a state of %d bytes cannot be held in memory", size)
@@ -396,7 +509,25 @@ func (cl *Client) receiveLoad(m message, files []*os.File) (st *State, problem *
 	if size == 0 && len(named) == 0 {
 		return nil, nil, nil
 	}
-	return &State{Encoding: m.Encoding, Data: data, FDs: named, Final: m.Final, Transport: "stream"}, nil, nil
+	return loadedState(m, data, named, false), nil, nil
+}
+
+// loadedState is the State a verified load gives, with where it comes from.
+func loadedState(m message, data []byte, named map[string]*os.File, mapped bool) *State {
+	st := &State{Encoding: m.Encoding, Data: data, FDs: named, Final: m.Final, Transport: "stream", Source: "relay", mapped: mapped}
+	if m.Transport == "memfd" {
+		st.Transport = "memfd"
+	}
+	if m.Source == "checkpoint" {
+		st.Source = "checkpoint"
+		if m.Seq != nil && *m.Seq > 0 {
+			st.Seq = uint64(*m.Seq)
+		}
+		if m.AgeMS > 0 {
+			st.Age = time.Duration(m.AgeMS) * time.Millisecond
+		}
+	}
+	return st
 }
 
 // read handles what Aeterna sends after the initial ack, until the connection ends.
@@ -404,6 +535,7 @@ func (cl *Client) read() {
 	defer func() {
 		close(cl.eof)
 		cl.Close()
+		cl.endCheckpoints()
 	}()
 	for {
 		m, files, err := cl.c.readMessage()
@@ -448,6 +580,8 @@ func (cl *Client) read() {
 				continue
 			}
 			cl.deliverLoad(st)
+		case "checkpointed":
+			cl.answerCheckpoint(m)
 		case "ack":
 			cl.mu.Lock()
 			cl.lastAck = &m
@@ -523,7 +657,7 @@ func (cl *Client) answerDump(final bool) bool {
 	var fds []*os.File
 	var data []byte
 	if err == nil {
-		m, fds, data, err = stateMessage(d, trailer)
+		m, fds, data, err = stateMessage("state", d, trailer)
 	}
 	if d != nil && d.Memfd != nil {
 		defer d.Memfd.Close() // the SDK's once handed over, sent or not
@@ -547,12 +681,12 @@ func (cl *Client) answerDump(final bool) bool {
 	return true
 }
 
-// stateMessage is the state frame, its fds and its data for a dump callback's answer.
-// With trailer (the dump offered one) and no sha256 from the app, a streamed
-// state's digest is left to the trailer frame writeFrames sends after the data.
-func stateMessage(d *Dump, trailer bool) (message, []*os.File, []byte, error) {
+// stateMessage is the frame (op "state" or "checkpoint"), its fds and its data for a dump callback's answer.
+// With trailer (the dump offered one, or a checkpoint, which needs no offer) and no sha256 from the app,
+// a streamed state's digest is left to the trailer frame writeFrames sends after the data.
+func stateMessage(op string, d *Dump, trailer bool) (message, []*os.File, []byte, error) {
 	if d == nil {
-		return message{Op: "state", Size: sizeOf(0)}, nil, nil, nil
+		return message{Op: op, Size: sizeOf(0)}, nil, nil, nil
 	}
 	names := make([]string, 0, len(d.FDs))
 	for name := range d.FDs {
@@ -578,16 +712,16 @@ func stateMessage(d *Dump, trailer bool) (message, []*os.File, []byte, error) {
 		if err != nil {
 			return message{}, nil, nil, err
 		}
-		m := message{Op: "state", Encoding: encoding, Size: sizeOf(size), SHA256: d.SHA256, Transport: "memfd", FDs: append([]string{"state"}, names...)}
+		m := message{Op: op, Encoding: encoding, Size: sizeOf(size), SHA256: d.SHA256, Transport: "memfd", FDs: append([]string{"state"}, names...)}
 		return m, append([]*os.File{d.Memfd}, fds...), nil, nil
 	}
 	if len(fds) > maxFDsPerFrame {
 		return message{}, nil, nil, fmt.Errorf("more than %d fds on one frame", maxFDsPerFrame)
 	}
 	if len(d.Data) == 0 && len(fds) == 0 {
-		return message{Op: "state", Size: sizeOf(0)}, nil, nil, nil
+		return message{Op: op, Size: sizeOf(0)}, nil, nil, nil
 	}
-	m := message{Op: "state", Encoding: encoding, Size: sizeOf(int64(len(d.Data))), FDs: names}
+	m := message{Op: op, Encoding: encoding, Size: sizeOf(int64(len(d.Data))), FDs: names}
 	if len(d.Data) > 0 {
 		m.SHA256 = d.SHA256
 		if m.SHA256 == "" && trailer {

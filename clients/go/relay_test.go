@@ -15,7 +15,12 @@ import (
 // connected is a client past the handshake and an empty initial load, and the peer that plays Aeterna.
 func connected(t *testing.T) (*Client, *peer) {
 	t.Helper()
-	p := newPeer(t)
+	return connectedTo(t, newPeer(t))
+}
+
+// connectedTo is connected with a peer set up by the caller.
+func connectedTo(t *testing.T, p *peer) (*Client, *peer) {
+	t.Helper()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -50,6 +55,9 @@ func TestOutsideAeternaEveryCallIsANoOp(t *testing.T) {
 	}
 	if err := relay.Ready(); err != nil {
 		t.Fatal(err)
+	}
+	if seq, err := relay.Checkpoint(TextDump("kept nowhere")); seq != 0 || err != nil {
+		t.Fatalf("checkpoint: %d %v", seq, err)
 	}
 	if relay.Shutdown(time.Second) {
 		t.Fatal("shutdown reported a handed-over state")
@@ -194,6 +202,27 @@ func TestLiveConnectionsTravelAsNamedFdsBothWays(t *testing.T) {
 	f.Close()
 }
 
+// loadStreamed: the peer welcomes, sends the initial load (header and data frames) and expects an ack; the
+// client's Load gives what it gives.
+func loadStreamed(t *testing.T, p *peer, header map[string]any, frames ...[]byte) (*State, error) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		p.welcome(2)
+		p.send(header, nil, frames...)
+		p.expect(map[string]any{"op": "ack", "ok": true})
+	}()
+	relay, err := Connect(Options{Path: p.path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { relay.Close() })
+	st, err := relay.Load(nil)
+	<-done
+	return st, err
+}
+
 func TestAStreamedStateAcrossManyDataFramesIsVerified(t *testing.T) {
 	p := newPeer(t)
 	big := make([]byte, 3<<20+5)
@@ -201,27 +230,20 @@ func TestAStreamedStateAcrossManyDataFramesIsVerified(t *testing.T) {
 		big[i] = byte(i * 7)
 	}
 	sum := sha256.Sum256(big)
-	go func() {
-		p.welcome(2)
-		var frames [][]byte
-		for off := 0; off < len(big); off += 1 << 20 {
-			end := off + 1<<20
-			if end > len(big) {
-				end = len(big)
-			}
-			frames = append(frames, big[off:end])
+	var frames [][]byte
+	for off := 0; off < len(big); off += 1 << 20 {
+		end := off + 1<<20
+		if end > len(big) {
+			end = len(big)
 		}
-		p.send(map[string]any{"op": "load", "encoding": "binary", "size": len(big), "sha256": hex.EncodeToString(sum[:])}, nil, frames...)
-		p.expect(map[string]any{"op": "ack", "ok": true})
-	}()
-	relay, err := Connect(Options{Path: p.path})
-	if err != nil {
-		t.Fatal(err)
+		frames = append(frames, big[off:end])
 	}
-	defer relay.Close()
-	st, err := relay.Load(nil)
+	st, err := loadStreamed(t, p, map[string]any{"op": "load", "encoding": "binary", "size": len(big), "sha256": hex.EncodeToString(sum[:])}, frames...)
 	if err != nil || st == nil || len(st.Data) != len(big) || sha256.Sum256(st.Data) != sum {
 		t.Fatalf("load: %v", err)
+	}
+	if st.Source != "relay" || st.Seq != 0 { // a load without "source" is a live generation's dump
+		t.Fatalf("source %q seq %d", st.Source, st.Seq)
 	}
 }
 

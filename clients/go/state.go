@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"syscall"
+	"time"
 )
 
 // State is a state received from the previous generation.
@@ -22,7 +23,14 @@ type State struct {
 	Final bool
 	// Transport is "stream" or "memfd".
 	Transport string
-	mapped    bool
+	// Source is "relay" (a live generation's dump) or "checkpoint" (the latest
+	// checkpoint, for a generation started with no live predecessor).
+	Source string
+	// Seq and Age are the checkpoint's sequence number and its age when Aeterna
+	// sent it (Source "checkpoint"; zero otherwise).
+	Seq    uint64
+	Age    time.Duration
+	mapped bool
 }
 
 // Text is the state as a string.

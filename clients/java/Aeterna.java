@@ -3,7 +3,9 @@
 // Protocol (docs/srp.md) over a unix stream socket for JSON, text and binary
 // states. The JDK cannot receive fds, so this client's hello says "fds": false
 // and Aeterna never sends it a memfd state or fds (docs/srp.md, "Clients that
-// cannot receive fds").
+// cannot receive fds"). Checkpoints (docs/srp.md, "Checkpoints") go out as
+// streamed bytes: relay.checkpoint(state) returns the seq once Aeterna has
+// stored it, and a generation started with no live predecessor may load it.
 package dev.aeterna;
 
 import java.io.IOException;
@@ -22,6 +24,8 @@ import java.util.HexFormat;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
+import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.ExecutionException;
 import java.util.function.Consumer;
 
 public final class Aeterna {
@@ -55,16 +59,30 @@ public final class Aeterna {
     }
   }
 
-  /** A state: its encoding (the app's own name) and its bytes. `isFinal`: the final sync of a promotion. */
+  /**
+   * A state: its encoding (the app's own name) and its bytes. `isFinal`: the final sync of a promotion. `source`:
+   * "relay" (a live generation's dump) or "checkpoint" (the latest checkpoint, for a generation started with no live
+   * predecessor), with the checkpoint's `seq` and `ageMs` when Aeterna sent it (0 otherwise).
+   */
   public static final class State {
     public final String encoding;
     public final byte[] data;
     public final boolean isFinal;
+    public final String source;
+    public final long seq;
+    public final long ageMs;
 
     public State(String encoding, byte[] data, boolean isFinal) {
+      this(encoding, data, isFinal, "relay", 0, 0);
+    }
+
+    State(String encoding, byte[] data, boolean isFinal, String source, long seq, long ageMs) {
       this.encoding = encoding;
       this.data = data;
       this.isFinal = isFinal;
+      this.source = source;
+      this.seq = seq;
+      this.ageMs = ageMs;
     }
 
     public static State json(String json) { return new State("json", json.getBytes(StandardCharsets.UTF_8), false); }
@@ -124,6 +142,11 @@ public final class Aeterna {
     private boolean ended;
     private long finalTimeoutMs;
     public int generation;
+    /** Aeterna's welcome announced that it stores checkpoints (checkpoint() fails with disabled otherwise). */
+    public boolean checkpoints;
+    /** Checkpoints sent and not answered yet, oldest first (Aeterna answers in order). Guarded by lock; added to under writeLock, so their order is the wire's. */
+    private final java.util.ArrayDeque<CompletableFuture<Long>> checkpointWaiters = new java.util.ArrayDeque<>();
+    private Thread reader;
 
     Relay(SocketChannel channel, int maxFrame) {
       this.channel = channel;
@@ -156,6 +179,7 @@ public final class Aeterna {
       if (!"welcome".equals(m.get("op"))) throw protocolError("unexpected_op", "expected welcome, got \"" + m.get("op") + "\"");
       if (!Long.valueOf(1).equals(m.get("v"))) throw protocolError("unsupported_version", "welcome with version " + m.get("v") + "; this SDK speaks 1");
       generation = ((Long) m.getOrDefault("generation", 0L)).intValue();
+      checkpoints = Boolean.TRUE.equals(m.get("checkpoint"));
       Object max = m.get("max_frame");
       if (max instanceof Long && (Long) max > 0) maxFrame = (int) Math.min((Long) max, Integer.MAX_VALUE);
     }
@@ -209,6 +233,44 @@ public final class Aeterna {
     }
 
     /**
+     * Store `state` (what a dump may return; null for an empty one) in Aeterna as the app's latest checkpoint: a
+     * generation started with no live predecessor (after a crash, kill -9, the watchdog) loads it, with source
+     * "checkpoint". Returns its sequence number once Aeterna has stored it (on disk, with
+     * state_handoff.checkpoint.path). A refusal throws RelayError with Aeterna's code (disabled, too_large,
+     * checksum_mismatch, bad_state, write_failed); the previous checkpoint then stays. Call it after load(), from any
+     * thread but the dump and load callbacks' (it reads Aeterna's answer). Outside Aeterna it does nothing and returns 0.
+     */
+    public long checkpoint(State state) throws IOException {
+      if (channel == null) return 0;
+      if (!checkpoints) throw new RelayError("disabled", "this Aeterna does not store checkpoints (orchestration.state_handoff.checkpoint.enabled is off)");
+      CompletableFuture<Long> answer = new CompletableFuture<>();
+      synchronized (writeLock) { // its place among the waiters is its place on the wire
+        synchronized (lock) {
+          if (reader == null) throw new RelayError("usage", "call load() before checkpoint(): Aeterna's answers are read once the initial load is taken");
+          if (Thread.currentThread() == reader) throw new RelayError("usage", "checkpoint() from a dump or load callback would wait for an answer only that thread can read");
+          if (ended) throw new RelayError("closed", "the relay connection is closed");
+          checkpointWaiters.add(answer);
+        }
+        try {
+          sendState("checkpoint", state, true);
+        } catch (IOException e) {
+          synchronized (lock) {
+            checkpointWaiters.remove(answer);
+          }
+          throw e;
+        }
+      }
+      try {
+        return answer.get();
+      } catch (ExecutionException e) {
+        throw (RelayError) e.getCause();
+      } catch (InterruptedException e) {
+        Thread.currentThread().interrupt();
+        throw new RelayError("closed", "interrupted while waiting for Aeterna to store the checkpoint", e);
+      }
+    }
+
+    /**
      * After SIGTERM: wait up to `timeout` for the final dump (or the end of the connection), then as long as its
      * timeout_ms for the new generation's ack. Returns whether the state was handed over and accepted.
      */
@@ -232,9 +294,23 @@ public final class Aeterna {
     // ---- the reader: dumps, later loads, acks --------------------------------------------------
 
     private void startReader() {
-      Thread reader = new Thread(this::readLoop, "aeterna-relay");
-      reader.setDaemon(true);
-      reader.start();
+      Thread thread = new Thread(this::readLoop, "aeterna-relay");
+      thread.setDaemon(true);
+      synchronized (lock) {
+        reader = thread;
+      }
+      thread.start();
+    }
+
+    /** Aeterna's checkpointed: the oldest checkpoint waiting gets its seq, or the refusal. */
+    private void checkpointed(Map<String, Object> m) {
+      CompletableFuture<Long> waiter;
+      synchronized (lock) {
+        waiter = checkpointWaiters.poll();
+      }
+      if (waiter == null) return; // nobody asked: nothing to answer
+      if (m.get("seq") instanceof Long) waiter.complete((Long) m.get("seq"));
+      else waiter.completeExceptionally(new RelayError(m.get("code") instanceof String ? (String) m.get("code") : "bad_state", "Aeterna refused the checkpoint: " + m.get("message")));
     }
 
     private void readLoop() {
@@ -255,6 +331,8 @@ public final class Aeterna {
             answerDump(isFinal);
           } else if ("load".equals(op)) {
             laterLoad(m);
+          } else if ("checkpointed".equals(op)) {
+            checkpointed(m);
           } else if ("ack".equals(op)) {
             synchronized (lock) {
               if (finalDumpAsked && Boolean.TRUE.equals(m.get("ok"))) finalAcked = true;
@@ -271,6 +349,8 @@ public final class Aeterna {
       } finally {
         synchronized (lock) {
           ended = true;
+          for (CompletableFuture<Long> waiter : checkpointWaiters) waiter.completeExceptionally(new RelayError("closed", "the relay connection ended before Aeterna answered the checkpoint"));
+          checkpointWaiters.clear();
           lock.notifyAll();
         }
         try {
@@ -290,18 +370,25 @@ public final class Aeterna {
         send(object("op", "ack", "ok", false, "error", "dump_failed: " + e));
         return;
       }
+      sendState("state", state, trailerOffered);
+    }
+
+    /**
+     * A state (op "state") or a checkpoint: the header, the data frames, and with `trailer` (a dump offered it; a
+     * checkpoint needs no offer) the digest after the data, hashed as each frame is sent.
+     */
+    private void sendState(String op, State state, boolean trailer) throws IOException {
       if (state == null || state.data.length == 0) {
-        send(object("op", "state", "size", 0));
+        send(object("op", op, "size", 0));
         return;
       }
       synchronized (writeLock) {
-        if (!trailerOffered) {
-          send(object("op", "state", "encoding", state.encoding, "size", state.data.length, "sha256", sha256(state.data)));
+        if (!trailer) {
+          send(object("op", op, "encoding", state.encoding, "size", state.data.length, "sha256", sha256(state.data)));
           for (int off = 0; off < state.data.length; off += maxFrame) writeFrame(ByteBuffer.wrap(state.data, off, Math.min(maxFrame, state.data.length - off)));
           return;
         }
-        // The dump offered a trailer: hash each data frame as it is sent, the digest follows the data.
-        send(object("op", "state", "encoding", state.encoding, "size", state.data.length, "trailer", true));
+        send(object("op", op, "encoding", state.encoding, "size", state.data.length, "trailer", true));
         MessageDigest digest = sha256Digest();
         for (int off = 0; off < state.data.length; off += maxFrame) {
           int length = Math.min(maxFrame, state.data.length - off);
@@ -376,7 +463,9 @@ public final class Aeterna {
       }
       if (size == 0) return null;
       Object encoding = m.get("encoding");
-      return new State(encoding instanceof String ? (String) encoding : "binary", data, isFinal);
+      boolean fromCheckpoint = "checkpoint".equals(m.get("source"));
+      return new State(encoding instanceof String ? (String) encoding : "binary", data, isFinal, fromCheckpoint ? "checkpoint" : "relay",
+          fromCheckpoint && m.get("seq") instanceof Long ? (Long) m.get("seq") : 0, fromCheckpoint && m.get("age_ms") instanceof Long ? (Long) m.get("age_ms") : 0);
     }
 
     // ---- framing ---------------------------------------------------------------------------------
@@ -478,7 +567,7 @@ public final class Aeterna {
   static final class Messages {
     private Messages() {}
 
-    static final java.util.Set<String> OPS = java.util.Set.of("hello", "welcome", "load", "state", "ack", "ready", "dump", "trailer", "error");
+    static final java.util.Set<String> OPS = java.util.Set.of("hello", "welcome", "load", "state", "ack", "ready", "dump", "trailer", "error", "checkpoint", "checkpointed");
     /** As Aeterna's limit on fds in one frame. */
     private static final int MAX_FDS = 253;
 
@@ -494,7 +583,7 @@ public final class Aeterna {
         case "trailer":
           if (!(m.get("sha256") instanceof String) || !((String) m.get("sha256")).matches("[0-9a-f]{64}")) return "trailer: \"sha256\" must be 64 lowercase hex digits";
           return null;
-        case "load": case "state": return headerProblem(m, op);
+        case "load": case "state": case "checkpoint": return headerProblem(m, op);
         case "ack":
           if (!(m.get("ok") instanceof Boolean)) return "ack: \"ok\" must be true or false";
           return stringProblem(m, "ack", "error", 4096);

@@ -8,7 +8,8 @@
 // Skipped: an exchange whose peer attaches a memfd (the JDK cannot receive fds,
 // so this SDK's hello says "fds": false and Aeterna never sends it one:
 // docs/srp.md, "Clients that cannot receive fds"). The cases that require the
-// digest trailer run: this SDK declares it in its hello. listeners.json does not
+// digest trailer run (this SDK declares it in its hello), and so do those that
+// require checkpoints (relay.checkpoint()), but for the memfd one. listeners.json does not
 // apply: the JDK adopts an inherited socket only at stdin (Aeterna.listener()),
 // never from LISTEN_FDS.
 package dev.aeterna;
@@ -36,9 +37,6 @@ public final class ConformanceTest {
 
   /** Why a case does not apply to this SDK, or null when it does. */
   static String skipReason(Map<String, Object> exchange) {
-    if (exchange.containsKey("requires") && list(exchange.get("requires")).contains("checkpoint")) {
-      return "needs relay checkpoints, which this client does not implement yet";
-    }
     for (Object step : list(exchange.get("steps"))) {
       if (map(step).containsKey("memfd")) return "needs a memfd: this client said \"fds\": false, so Aeterna never sends it fds";
     }
@@ -172,15 +170,28 @@ public final class ConformanceTest {
           if ("throws".equals(app.get("apply"))) throw new AppError();
         });
         check(want.containsKey("state") && Objects.equals(want.get("state"), describe(state)), "load gave " + Aeterna.Json.write(describe(state)));
+        if (expect.containsKey("load_source")) check(state != null && expect.get("load_source").equals(state.source), "load's source: " + (state == null ? null : state.source));
       } catch (Aeterna.RelayError e) {
         check(Objects.equals(want.get("error"), e.code), "load failed: " + e.getMessage());
       } catch (AppError e) {
         check(Boolean.TRUE.equals(want.get("app_error")), "load rethrew the app's error");
       }
       if (Boolean.TRUE.equals(app.get("ready"))) client.ready();
+      if (app.containsKey("checkpoint")) checkCheckpoint(client, map(app.get("checkpoint")), map(expect.get("checkpoint")));
       peer.finish();
       check(later.equals(expect.getOrDefault("later_loads", List.of())), "later loads: " + Aeterna.Json.write(new ArrayList<>(later)));
       client.close();
+    }
+  }
+
+  /** The app calls checkpoint() with the case's JSON: it must give the expected seq, or fail with the expected code. */
+  private static void checkCheckpoint(Aeterna.Relay client, Map<String, Object> checkpoint, Map<String, Object> want) throws IOException {
+    check(want != null, "the case has app.checkpoint but no expect.checkpoint");
+    try {
+      long seq = client.checkpoint(Aeterna.State.json(Aeterna.Json.write(checkpoint.get("json"))));
+      check(Objects.equals(want.get("seq"), seq), "checkpoint gave seq " + seq + ", expected " + Aeterna.Json.write(want));
+    } catch (Aeterna.RelayError e) {
+      check(Objects.equals(want.get("error"), e.code), "checkpoint failed: " + e.getMessage() + ", expected " + Aeterna.Json.write(want));
     }
   }
 

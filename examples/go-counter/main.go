@@ -3,10 +3,13 @@
 // generation's count through the State Relay, and on SIGTERM drains, then
 // hands its final count over (the final sync).
 //
-//	GET /  counts one visit: {"count":N,"pid":P,"generation":G}
+//	GET /  counts one visit: {"count":N,"pid":P,"generation":G,"checkpoint":S}
 //
-// COUNTER_TRANSPORT=memfd hands the state over in a sealed memfd instead of
-// data frames.
+// With orchestration.state_handoff.checkpoint.enabled, each visit also stores
+// the count as a checkpoint (S is its sequence number, 0 otherwise), so a
+// kill -9 of the counter loses nothing: the generation Aeterna restarts loads
+// it ("source" checkpoint). COUNTER_TRANSPORT=memfd hands the state over in a
+// sealed memfd instead of data frames.
 package main
 
 import (
@@ -29,6 +32,8 @@ import (
 type counter struct {
 	mu    sync.Mutex
 	count int64
+	// checkpointing keeps checkpoints in the order of their snapshots, so a later count is never overwritten by an earlier one.
+	checkpointing sync.Mutex
 	// base is the count this generation started from: the final sync adds
 	// what the old generation counted after its first dump (count - base).
 	base int64
@@ -49,6 +54,17 @@ func (c *counter) dump(final bool) (*client.Dump, error) {
 	return &client.Dump{Encoding: "json", Memfd: memfd}, err
 }
 
+// checkpoint stores the current count in Aeterna; it returns the checkpoint's sequence number.
+func (c *counter) checkpoint(relay *client.Client) (uint64, error) {
+	c.checkpointing.Lock()
+	defer c.checkpointing.Unlock()
+	d, err := c.dump(false)
+	if err != nil {
+		return 0, err
+	}
+	return relay.Checkpoint(d)
+}
+
 func (c *counter) restore(s *client.State) error {
 	var snap snapshot
 	if err := s.JSON(&snap); err != nil {
@@ -57,6 +73,7 @@ func (c *counter) restore(s *client.State) error {
 	c.mu.Lock()
 	c.count, c.base = snap.Count, snap.Count
 	c.mu.Unlock()
+	fmt.Printf("LOADED count=%d source=%s seq=%d\n", snap.Count, s.Source, s.Seq)
 	return nil
 }
 
@@ -96,8 +113,16 @@ func main() {
 		c.count++
 		n := c.count
 		c.mu.Unlock()
+		var seq uint64
+		if relay.Checkpoints {
+			stored, err := c.checkpoint(relay)
+			if err != nil {
+				log.Printf("go-counter: checkpoint: %v", err) // the count still survives reloads
+			}
+			seq = stored
+		}
 		w.Header().Set("content-type", "application/json")
-		fmt.Fprintf(w, `{"count":%d,"pid":%d,"generation":%s}`+"\n", n, os.Getpid(), strconv.Quote(generation))
+		fmt.Fprintf(w, `{"count":%d,"pid":%d,"generation":%s,"checkpoint":%d}`+"\n", n, os.Getpid(), strconv.Quote(generation), seq)
 	})}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
