@@ -9,21 +9,26 @@ import { requestJson } from './helpers/load';
 
 const call = (port: number, method: string, url: string, body?: string): Promise<Record<string, unknown>> => requestJson(port, method, url, body);
 
+/** The shipped demo config, with this test's own ports and socket paths. */
+async function demoConfig(): Promise<{ file: string; port: number }> {
+  const dir = tempDir('aeterna-demo-');
+  const port = await freePort();
+  const metrics = await freePort();
+  const config = fs
+    .readFileSync(path.join(ROOT, 'examples', 'llm-agent', 'aeterna.yaml'), 'utf8')
+    .replace('cwd: "."', `cwd: "${path.join(ROOT, 'examples', 'llm-agent')}"`)
+    .replace('tcp://127.0.0.1:8080', `tcp://127.0.0.1:${port}`)
+    .replace('127.0.0.1:9091', `127.0.0.1:${metrics}`)
+    .replace('/tmp/aeterna-demo-state.sock', path.join(dir, 'state.sock'))
+    .replace('/tmp/aeterna-demo.sock', path.join(dir, 'control.sock'));
+  const file = path.join(dir, 'aeterna.yaml');
+  fs.writeFileSync(file, config);
+  return { file, port };
+}
+
 describe('the demo (examples/llm-agent)', { timeout: 60000 }, () => {
   it('a chat session survives `aeterna reload`, served by the new pid', async () => {
-    const dir = tempDir('aeterna-demo-');
-    const port = await freePort();
-    const metrics = await freePort();
-    // The shipped config, with this test's own ports and socket paths.
-    const config = fs
-      .readFileSync(path.join(ROOT, 'examples', 'llm-agent', 'aeterna.yaml'), 'utf8')
-      .replace('cwd: "."', `cwd: "${path.join(ROOT, 'examples', 'llm-agent')}"`)
-      .replace('tcp://127.0.0.1:8080', `tcp://127.0.0.1:${port}`)
-      .replace('127.0.0.1:9091', `127.0.0.1:${metrics}`)
-      .replace('/tmp/aeterna-demo-state.sock', path.join(dir, 'state.sock'))
-      .replace('/tmp/aeterna-demo.sock', path.join(dir, 'control.sock'));
-    const file = path.join(dir, 'aeterna.yaml');
-    fs.writeFileSync(file, config);
+    const { file, port } = await demoConfig();
     const run = runAeterna(['start', '-c', file]);
     try {
       await run.waitFor(/state Starting -> Running/);
@@ -37,6 +42,30 @@ describe('the demo (examples/llm-agent)', { timeout: 60000 }, () => {
       assert.notEqual(after.pid, before.pid);
       assert.equal(after.generation, '2');
       assert.equal(after.history.length, 4);
+      assert.deepEqual(after.history, before.history);
+      assert.deepEqual(after.context, before.context);
+    } finally {
+      run.child.kill('SIGTERM');
+      assert.equal((await run.exit()).code, 0);
+    }
+  });
+
+  it('kill -9 of the demo agent: Aeterna restarts it with its sessions (from its last checkpoint)', async () => {
+    const { file, port } = await demoConfig();
+    const run = runAeterna(['start', '-c', file]);
+    try {
+      await run.waitFor(/state Starting -> Running/);
+      const { id } = (await call(port, 'POST', '/sessions')) as { id: string };
+      await call(port, 'POST', `/sessions/${id}/messages`, 'hello, agent');
+      await call(port, 'POST', '/sessions');
+      const before = (await call(port, 'GET', `/sessions/${id}`)) as { pid: number; history: unknown[]; context: number[] };
+      process.kill(before.pid, 'SIGKILL');
+      await run.waitFor(/generation 2\) starts with 2 session\(s\) from checkpoint \d+/);
+      const index = (await call(port, 'GET', '/')) as { pid: number; generation: string; sessions: number };
+      assert.notEqual(index.pid, before.pid);
+      assert.equal(index.generation, '2');
+      assert.equal(index.sessions, 2);
+      const after = (await call(port, 'GET', `/sessions/${id}`)) as { history: unknown[]; context: number[] };
       assert.deepEqual(after.history, before.history);
       assert.deepEqual(after.context, before.context);
     } finally {
