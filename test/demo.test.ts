@@ -3,14 +3,17 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ROOT, freePort, runAeterna, tempDir } from './helpers/aeterna';
+import { ROOT, freePort, runAeterna, tempDir, type AeternaRun } from './helpers/aeterna';
 import { cli } from './helpers/daemon';
 import { requestJson } from './helpers/load';
 
 const call = (port: number, method: string, url: string, body?: string): Promise<Record<string, unknown>> => requestJson(port, method, url, body);
 
-/** The shipped demo config, with this test's own ports and socket paths. */
-async function demoConfig(): Promise<{ file: string; port: number }> {
+/**
+ * Run the shipped demo config (with this test's own ports and socket paths) under Aeterna, until `body` is done;
+ * then stop it with SIGTERM, which must end it with code 0.
+ */
+async function withDemo(body: (port: number, file: string, run: AeternaRun) => Promise<void>): Promise<void> {
   const dir = tempDir('aeterna-demo-');
   const port = await freePort();
   const metrics = await freePort();
@@ -23,15 +26,19 @@ async function demoConfig(): Promise<{ file: string; port: number }> {
     .replace('/tmp/aeterna-demo.sock', path.join(dir, 'control.sock'));
   const file = path.join(dir, 'aeterna.yaml');
   fs.writeFileSync(file, config);
-  return { file, port };
+  const run = runAeterna(['start', '-c', file]);
+  try {
+    await run.waitFor(/state Starting -> Running/);
+    await body(port, file, run);
+  } finally {
+    run.child.kill('SIGTERM');
+    assert.equal((await run.exit()).code, 0);
+  }
 }
 
 describe('the demo (examples/llm-agent)', { timeout: 60000 }, () => {
-  it('a chat session survives `aeterna reload`, served by the new pid', async () => {
-    const { file, port } = await demoConfig();
-    const run = runAeterna(['start', '-c', file]);
-    try {
-      await run.waitFor(/state Starting -> Running/);
+  it('a chat session survives `aeterna reload`, served by the new pid', () =>
+    withDemo(async (port, file) => {
       const { id } = (await call(port, 'POST', '/sessions')) as { id: string };
       await call(port, 'POST', `/sessions/${id}/messages`, 'hello, agent');
       await call(port, 'POST', `/sessions/${id}/messages`, 'do you remember me?');
@@ -44,17 +51,10 @@ describe('the demo (examples/llm-agent)', { timeout: 60000 }, () => {
       assert.equal(after.history.length, 4);
       assert.deepEqual(after.history, before.history);
       assert.deepEqual(after.context, before.context);
-    } finally {
-      run.child.kill('SIGTERM');
-      assert.equal((await run.exit()).code, 0);
-    }
-  });
+    }));
 
-  it('kill -9 of the demo agent: Aeterna restarts it with its sessions (from its last checkpoint)', async () => {
-    const { file, port } = await demoConfig();
-    const run = runAeterna(['start', '-c', file]);
-    try {
-      await run.waitFor(/state Starting -> Running/);
+  it('kill -9 of the demo agent: Aeterna restarts it with its sessions (from its last checkpoint)', () =>
+    withDemo(async (port, _file, run) => {
       const { id } = (await call(port, 'POST', '/sessions')) as { id: string };
       await call(port, 'POST', `/sessions/${id}/messages`, 'hello, agent');
       await call(port, 'POST', '/sessions');
@@ -68,9 +68,5 @@ describe('the demo (examples/llm-agent)', { timeout: 60000 }, () => {
       const after = (await call(port, 'GET', `/sessions/${id}`)) as { history: unknown[]; context: number[] };
       assert.deepEqual(after.history, before.history);
       assert.deepEqual(after.context, before.context);
-    } finally {
-      run.child.kill('SIGTERM');
-      assert.equal((await run.exit()).code, 0);
-    }
-  });
+    }));
 });
