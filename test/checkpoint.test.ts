@@ -244,6 +244,30 @@ describe('checkpoints', { timeout: 180000 }, () => {
     assert.equal(await d.stop(), 0);
   });
 
+  for (const how of ['refuses the dump (ack ok:false)', 'is killed with SIGKILL while asked to dump'] as const) {
+    it(`on_dump_failure: checkpoint: a reload whose old generation ${how} goes on with the latest checkpoint`, async () => {
+      const env = ['CHECKPOINT=1', how.startsWith('refuses') ? 'FAIL_DUMP=1' : 'HANG_DUMP=1'];
+      const { d, port } = await started(env, '{ enabled: true }', false, APP, undefined, 'timeout: "60s", on_dump_failure: "checkpoint"');
+      assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'one')).seq, 1);
+      const old = await appPid(d);
+      const reload = reloadRecord(d);
+      if (how.startsWith('is killed')) {
+        await d.run.waitFor(/relay: dump requested/);
+        process.kill(old, 'SIGKILL');
+      }
+      const { code, record } = await reload;
+      assert.equal(code, 0, record.reason ?? '');
+      assert.equal(record.outcome, 'promoted');
+      assert.match(record.phases.find((p) => p.phase === 'relayed')?.detail ?? '', /from checkpoint 1 \(/);
+      const after = await request(port, 'GET', '/sessions/s1');
+      assert.equal(after.generation, '2');
+      assert.deepEqual(after.history, ['one']);
+      assert.equal(after.source, 'checkpoint');
+      assert.equal(after.loaded_seq, 1);
+      assert.equal(await d.stop(), 0);
+    });
+  }
+
   it('on_dump_failure: checkpoint with no checkpoint stored: the reload rolls back and the old generation serves on untouched (and its late answer is dropped)', async () => {
     const { d, port } = await started([], '{ enabled: true }', false, APP, undefined, 'timeout: "2s", on_dump_failure: "checkpoint"');
     await request(port, 'POST', '/sessions/s1/messages', 'kept');
