@@ -21,6 +21,8 @@ export interface DaemonConfig {
   logLevel?: string;
   /** Enable the state relay with this timeout (its socket lives in the daemon's temp dir). */
   handoffTimeout?: string;
+  /** With the relay: state_handoff.checkpoint, as YAML flow text. */
+  checkpoint?: string;
 }
 
 export function configYaml(dir: string, c: DaemonConfig): string {
@@ -36,7 +38,7 @@ orchestration:
   strategy: "${c.strategy ?? 'immediate'}"
   soak_time: "${c.soak ?? '1s'}"
   readiness: ${c.readiness ?? '{ mode: "delay", delay: "100ms", timeout: "10s" }'}
-${c.handoffTimeout ? `  state_handoff: { enabled: true, socket_path: "${path.join(dir, 'state.sock')}", timeout: "${c.handoffTimeout}" }\n` : ''}control:
+${c.handoffTimeout ? `  state_handoff: { enabled: true, socket_path: "${path.join(dir, 'state.sock')}", timeout: "${c.handoffTimeout}"${c.checkpoint ? `, checkpoint: ${c.checkpoint}` : ''} }\n` : ''}control:
   socket_path: "${path.join(dir, 'control.sock')}"
 observability:
   log_level: "${c.logLevel ?? 'warn'}"

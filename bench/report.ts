@@ -7,6 +7,7 @@ import type { Measurement, RelaySection } from './sections/relay';
 import type { FootprintSection, Memory, Timing } from './sections/footprint';
 import type { ReapRow, ReapingSection } from './sections/reaping';
 import type { RelaySdkSection, SdkPath, Spread, Steps } from './sections/relay-sdk';
+import type { CheckpointSection, Timed } from './sections/checkpoint';
 
 export type SectionOutcome<T> = { value: T } | { error: string } | { notRun: string };
 
@@ -37,6 +38,7 @@ export interface BenchResults {
   footprint: SectionOutcome<FootprintSection>;
   reaping: SectionOutcome<ReapingSection>;
   relaySdk: SectionOutcome<RelaySdkSection>;
+  checkpoint: SectionOutcome<CheckpointSection>;
 }
 
 /** The section headings, in order; the CI test checks each one is present. */
@@ -49,6 +51,7 @@ export const HEADINGS = {
   footprint: '## 4. Footprint',
   reaping: '## 5. Zombie reaping',
   relaySdk: '## 6. State relay through the SDKs',
+  checkpoint: '## 7. Checkpoints',
   notes: '## Method notes',
 } as const;
 
@@ -636,6 +639,58 @@ function headline(r: BenchResults): string[] {
   return out;
 }
 
+/** A median with its spread, and its ratio to a peer's median. */
+function timedText(t: Timed, peer?: number | null): string {
+  if ('skipped' in t) return `skipped: ${t.skipped}`;
+  if ('error' in t) return `error: ${t.error.slice(0, 200)}`;
+  const ratio = peer ? ` (**${fmt(t.median / peer, 1)}x**)` : '';
+  return `${ms(t.median, 2)}${ratio} [${fmt(t.min, 1)}..${fmt(t.max, 1)}]`;
+}
+
+const medianOf = (t: Timed | Measurement): number | null => ('median' in t ? t.median : null);
+
+function checkpointReport(r: BenchResults): string[] {
+  const out: string[] = [HEADINGS.checkpoint, ''];
+  const note = outcomeNote(r.checkpoint);
+  if (note || !('value' in r.checkpoint)) return [...out, note ?? '', ''];
+  const s = r.checkpoint.value;
+  out.push(
+    `What one \`relay.checkpoint()\` costs the app (from the call to Aeterna's \`checkpointed\`, median of ${s.reps} [min..max]), in memory beside the one-hop unix socket copy of the same bytes (streamed, and as a sealed memfd the app made beforehand), and durable (\`path\`: written and fsynced before the answer) beside writing the same bytes to a file and fsyncing it. Ratios are to that peer, measured in this run.`,
+    '',
+    table(
+      ['size', 'one-hop copy', 'TypeScript, memory', 'Python, memory', 'TypeScript, memfd', 'write + fsync', 'TypeScript, durable', 'Python, durable'],
+      s.cost.map((c) => {
+        const hop = medianOf(c.socket);
+        return [
+          `${fmt(c.bytes / MiB, 0)} MiB`,
+          hop !== null ? ms(hop, 2) : measurementText(c.socket),
+          timedText(c.typescript.memory, hop),
+          timedText(c.python.memory, hop),
+          timedText(c.typescript.memfd, hop),
+          timedText(c.fsync),
+          timedText(c.typescript.durable, c.fsync.median),
+          timedText(c.python.durable, c.fsync.median),
+        ];
+      }),
+    ),
+    '',
+    `From \`kill -9\` of the app (the TypeScript SDK's) to the generation Aeterna restarted saying ready with its state loaded from the checkpoint, beside the same restart without checkpoints (the app makes its bytes again); median of ${s.kills} [min..max]. Both include the same restart back-off (100 ms, doubling per restart in the window): the last two columns are the restarted process's own part, from its first stamp to ready.`,
+    '',
+    table(
+      ['size', 'kill -9 to ready, checkpoint', 'kill -9 to ready, plain', 'process start to ready, checkpoint', 'process start to ready, plain'],
+      s.recovery.map((x) => [
+        `${fmt(x.bytes / MiB, 0)} MiB`,
+        timedText(x.checkpoint, medianOf(x.plain)),
+        timedText(x.plain),
+        timedText(x.checkpointProcess, medianOf(x.plainProcess)),
+        timedText(x.plainProcess),
+      ]),
+    ),
+    '',
+  );
+  return out;
+}
+
 export function renderReport(r: BenchResults, chartFile: string): string {
   const m = r.meta;
   const out: string[] = [];
@@ -687,6 +742,7 @@ export function renderReport(r: BenchResults, chartFile: string): string {
   out.push(...footprintSection(r));
   out.push(...reapingSection(r));
   out.push(...relaySdkSection(r));
+  out.push(...checkpointReport(r));
   out.push(
     HEADINGS.notes,
     '',

@@ -57,6 +57,9 @@ function checkXml(text: string): void {
   assert.equal(roots, 1, 'one root element');
 }
 
+/** A section's timing in the raw JSON: a spread, or why it is missing. */
+type Timed = { median?: number; error?: string };
+
 describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
   it('produces a complete report, the raw JSON and a well-formed SVG chart', async () => {
     const out = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-bench-test-'));
@@ -94,6 +97,18 @@ describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
         const missing = Object.entries(p.reloads![0].steps).filter(([k, v]) => v === null && k !== 'startToDump');
         assert.deepEqual(missing, [], `every step of the ${name} relay stamped`);
       }
+
+      // Checkpoints through both SDKs, in memory and durable, and kill -9 with and without one: each measured.
+      const ckpt = (JSON.parse(fs.readFileSync(path.join(out, json), 'utf8')) as {
+        checkpoint: { value: { cost: Array<Record<'typescript' | 'python', Record<'memory' | 'durable', Timed>>>; recovery: Array<Record<'checkpoint' | 'plain', Timed>> } };
+      }).checkpoint.value;
+      for (const sdk of ['typescript', 'python'] as const) {
+        for (const mode of ['memory', 'durable'] as const) {
+          const t = ckpt.cost[0][sdk][mode];
+          assert.equal(typeof t.median, 'number', `a ${mode} checkpoint through the ${sdk} SDK measured (${t.error ?? ''})`);
+        }
+      }
+      for (const way of ['checkpoint', 'plain'] as const) assert.equal(typeof ckpt.recovery[0][way].median, 'number', `kill -9 to ready, ${way}, measured (${ckpt.recovery[0][way].error ?? ''})`);
 
       const report = fs.readFileSync(path.join(out, md), 'utf8');
       for (const heading of Object.values(HEADINGS)) assert.ok(report.includes(`\n${heading}\n`), `section "${heading}"`);

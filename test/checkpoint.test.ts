@@ -20,23 +20,35 @@ after(async () => {
 type Reply = { pid: number; generation: string; history?: string[]; size?: number; sha256?: string; seq?: number; error?: string; source: string | null; loaded_seq: number | null };
 const request = (port: number, method: string, path: string, body?: string, agent: http.Agent | false = false): Promise<Reply> => requestJson<Reply>(port, method, path, body, agent);
 
-async function started(env: string[], checkpoint = '{ enabled: true }', pid1 = false, command = APP, metricsPort?: number): Promise<{ d: Daemon; port: number }> {
+/** `handoff`: more keys of state_handoff (its timeout among them). */
+async function started(env: string[], checkpoint = '{ enabled: true }', pid1 = false, command = APP, metricsPort?: number, handoff = 'timeout: "60s"'): Promise<{ d: Daemon; port: number }> {
   const port = await freePort();
   const d = new Daemon({ command, port, metricsPort, env, readiness: '{ mode: "notify", timeout: "60s" }', stopTimeout: '5s', restart: '{ policy: "always", max_restarts: 10, window: "60s" }' });
-  d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "60s", checkpoint: ${checkpoint} }` });
+  d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", ${handoff}, checkpoint: ${checkpoint} }` });
   d.start(pid1);
   daemons.push(d);
   await d.waitStatus((s) => s.state === 'Running');
   return { d, port };
 }
 
+/** The pid of the serving app: Aeterna's only descendant (as PID 1, status shows pids of its namespace). */
+async function appPid(d: Daemon): Promise<number> {
+  const app = descendantsOf(await d.run.aeternaPid());
+  assert.equal(app.length, 1);
+  return app[0];
+}
+
+type ReloadRecord = { outcome: string; code: string | null; reason: string | null; phases: Array<{ phase: string; detail?: string }> };
+const reloadRecord = async (d: Daemon): Promise<{ code: number | null; record: ReloadRecord }> => {
+  const r = await d.cli('reload', '--json');
+  const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { type: string; record?: ReloadRecord });
+  return { code: r.code, record: lines.find((l) => l.type === 'outcome')!.record! };
+};
+
 /** kill -9 the serving app and wait until Aeterna serves with the generation it restarted. */
 async function killApp(d: Daemon): Promise<void> {
   const before = await d.status();
-  // The app is Aeterna's only descendant (as PID 1, status shows pids of its namespace: find it from outside).
-  const app = descendantsOf(await d.run.aeternaPid());
-  assert.equal(app.length, 1);
-  process.kill(app[0], 'SIGKILL');
+  process.kill(await appPid(d), 'SIGKILL');
   await d.waitStatus((s) => s.state === 'Running' && s.generation > before.generation, 60000);
 }
 
@@ -208,5 +220,94 @@ describe('checkpoints', { timeout: 180000 }, () => {
     t.diagnostic(`Aeterna's peak RSS grew by ${grewMiB.toFixed(1)} MiB storing a 256 MiB streamed checkpoint`);
     assert.ok(grewMiB < 64, `Aeterna's peak RSS grew by ${grewMiB.toFixed(0)} MiB storing a 256 MiB checkpoint (written to a memfd as it arrives)`);
     assert.equal(await d.stop(), 0);
+  });
+
+  it('on_dump_failure: checkpoint: a reload whose old generation is SIGSTOPped goes on with the latest checkpoint', async () => {
+    const { d, port } = await started(['CHECKPOINT=1'], '{ enabled: true }', false, APP, undefined, 'timeout: "2s", on_dump_failure: "checkpoint"');
+    assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'one')).seq, 1);
+    assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'two')).seq, 2);
+    const old = await appPid(d);
+    process.kill(old, 'SIGSTOP'); // it can never answer the dump
+    const { code, record } = await reloadRecord(d);
+    assert.equal(code, 0);
+    assert.equal(record.outcome, 'promoted');
+    const relayed = record.phases.find((p) => p.phase === 'relayed');
+    assert.match(relayed?.detail ?? '', /from checkpoint 2 \(/);
+    assert.ok(record.phases.some((p) => p.phase === 'relaying' && /checkpoint 2 .*generation 1 could not dump/.test(p.detail ?? '')));
+    assert.ok(d.run.logs().some((l) => /generation 1 could not dump its state .*going on with checkpoint 2/.test(String(l.msg)) && l.seq === 2));
+    const after = await request(port, 'GET', '/sessions/s1');
+    assert.equal(after.generation, '2');
+    assert.deepEqual(after.history, ['one', 'two']);
+    assert.equal(after.source, 'checkpoint');
+    assert.equal(after.loaded_seq, 2);
+    assert.equal(descendantsOf(await d.run.aeternaPid()).includes(old), false, 'the stopped generation was killed');
+    assert.equal(await d.stop(), 0);
+  });
+
+  for (const how of ['refuses the dump (ack ok:false)', 'is killed with SIGKILL while asked to dump'] as const) {
+    it(`on_dump_failure: checkpoint: a reload whose old generation ${how} goes on with the latest checkpoint`, async () => {
+      const env = ['CHECKPOINT=1', how.startsWith('refuses') ? 'FAIL_DUMP=1' : 'HANG_DUMP=1'];
+      const { d, port } = await started(env, '{ enabled: true }', false, APP, undefined, 'timeout: "60s", on_dump_failure: "checkpoint"');
+      assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'one')).seq, 1);
+      const old = await appPid(d);
+      const reload = reloadRecord(d);
+      if (how.startsWith('is killed')) {
+        await d.run.waitFor(/relay: dump requested/);
+        process.kill(old, 'SIGKILL');
+      }
+      const { code, record } = await reload;
+      assert.equal(code, 0, record.reason ?? '');
+      assert.equal(record.outcome, 'promoted');
+      assert.match(record.phases.find((p) => p.phase === 'relayed')?.detail ?? '', /from checkpoint 1 \(/);
+      const after = await request(port, 'GET', '/sessions/s1');
+      assert.equal(after.generation, '2');
+      assert.deepEqual(after.history, ['one']);
+      assert.equal(after.source, 'checkpoint');
+      assert.equal(after.loaded_seq, 1);
+      assert.equal(await d.stop(), 0);
+    });
+  }
+
+  it('on_dump_failure: checkpoint with no checkpoint stored: the reload rolls back and the old generation serves on untouched (and its late answer is dropped)', async () => {
+    const { d, port } = await started([], '{ enabled: true }', false, APP, undefined, 'timeout: "2s", on_dump_failure: "checkpoint"');
+    await request(port, 'POST', '/sessions/s1/messages', 'kept');
+    const old = await appPid(d);
+    process.kill(old, 'SIGSTOP');
+    const { code, record } = await reloadRecord(d);
+    assert.equal(code, 1);
+    assert.equal(record.outcome, 'rolled_back');
+    assert.equal(record.code, 'E_RELAY_FAILED');
+    assert.match(record.reason ?? '', /timed out after 2s; no checkpoint is stored/);
+    process.kill(old, 'SIGCONT'); // it answers the abandoned dump now: Aeterna drops it
+    await d.run.waitFor(/a state arrived after its dump was abandoned; dropped/);
+    const after = await request(port, 'GET', '/sessions/s1');
+    assert.equal(after.pid, old);
+    assert.equal(after.generation, '1');
+    assert.deepEqual(after.history, ['kept']);
+    // Its connection is usable again: the next reload relays its live state.
+    const next = await reloadRecord(d);
+    assert.equal(next.record.outcome, 'promoted');
+    const relayed = await request(port, 'GET', '/sessions/s1');
+    assert.equal(relayed.generation, '3'); // 2 was the one rolled back
+    assert.deepEqual(relayed.history, ['kept']);
+    assert.equal(relayed.source, 'relay');
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('an "fds": false client (as the Java SDK) is streamed the stored memfd checkpoint as data frames with its sha256', async () => {
+    const { d, port } = await started(['STATE_MODE=memfd', `BLOB_BYTES=${3 << 20}`], '{ enabled: true }', false, APP, undefined, 'timeout: "2s", on_dump_failure: "checkpoint"');
+    const before = await request(port, 'GET', '/blob');
+    assert.equal((await request(port, 'POST', '/checkpoint')).seq, 1);
+    // The next generation is a client that cannot take a memfd; the old one cannot dump, so it gets the checkpoint.
+    process.kill(await appPid(d), 'SIGSTOP');
+    d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'nofds'], readiness: '{ mode: "delay", delay: "100ms", timeout: "60s" }' });
+    const { record } = await reloadRecord(d);
+    assert.equal(record.outcome, 'promoted', record.reason ?? '');
+    const header = JSON.parse((await d.run.waitFor(/^GOT (\{"op":"load".*)$/m))[1]) as { size: number; sha256?: string; transport?: string; source: string; seq: number };
+    assert.equal(header.transport, undefined, 'streamed, not a memfd');
+    assert.equal(header.sha256, before.sha256, 'announced with its sha256 up front');
+    const loaded = JSON.parse((await d.run.waitFor(/^LOADED (.*)$/m))[1]) as { size: number; sha256: string; verified: boolean; source: string; seq: number };
+    assert.deepEqual(loaded, { size: 3 << 20, sha256: before.sha256, verified: true, source: 'checkpoint', seq: 1 });
+    await d.stop(); // the peer has no SIGTERM handler: its exit code is not the point here
   });
 });

@@ -243,7 +243,7 @@ describe('loading', () => {
         strategy: 'immediate',
         soakTimeMs: 60_000,
         readiness: { mode: 'notify', timeoutMs: 30_000, delayMs: 1_000, command: [], intervalMs: 1_000 },
-        stateHandoff: { enabled: false, socketPath: '/var/run/aeterna-state.sock', timeoutMs: 10_000, maxFrameBytes: 16 * 1024 * 1024, checkpoint: { enabled: false, path: null, maxSizeBytes: 1024 ** 3 } },
+        stateHandoff: { enabled: false, socketPath: '/var/run/aeterna-state.sock', timeoutMs: 10_000, maxFrameBytes: 16 * 1024 * 1024, onDumpFailure: 'rollback', checkpoint: { enabled: false, path: null, maxSizeBytes: 1024 ** 3 } },
         watch: null,
         canary: null,
       },

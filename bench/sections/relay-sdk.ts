@@ -108,7 +108,7 @@ export function spread(values: number[]): Spread {
 
 // ---- the apps' stamps ------------------------------------------------------------------------
 
-interface Stamp {
+export interface Stamp {
   ev: string;
   at: number;
   final: boolean;
@@ -124,7 +124,8 @@ interface Activity {
   first: Stamp[];
 }
 
-function readStamps(dir: string, generation: number | null): Stamp[] {
+/** The stamps generation `generation` of a plain-state app wrote to `dir` (none yet: empty). */
+export function readStamps(dir: string, generation: number | null): Stamp[] {
   try {
     return fs
       .readFileSync(path.join(dir, `gen-${generation}.jsonl`), 'utf8')

@@ -1,7 +1,9 @@
 // Aeterna's demo: an "LLM agent" that keeps chat sessions in memory (history
 // and a context vector per session), served over HTTP on the socket Aeterna
 // owns. Its memory survives `aeterna reload` through the State Relay: the old
-// generation dumps the sessions, the new one loads them.
+// generation dumps the sessions, the new one loads them. It survives a crash
+// too (kill -9, OOM): after each change it stores a checkpoint in Aeterna, and
+// the generation Aeterna restarts loads it.
 //
 //   curl -s -X POST localhost:8080/sessions                       -> {"id":"..."}
 //   curl -s -X POST localhost:8080/sessions/<id>/messages -d 'hi' -> the reply
@@ -17,6 +19,26 @@ const aeterna = require('../../dist/src/client/index.js');
 const generation = process.env.AETERNA_GENERATION ?? 'dev';
 /** id -> { created, history: [{ role, text, at }], context: number[] } */
 let sessions = {};
+let relay = null;
+
+/** The checkpoint under way, and the next one, which every change made meanwhile shares (one write for a burst). */
+let storing = Promise.resolve();
+let next = null;
+/**
+ * Store the sessions as Aeterna's checkpoint; resolves once a checkpoint holding every change made so far is
+ * stored (so a reply is sent only once its message would survive a crash). Outside Aeterna: a no-op.
+ */
+function checkpoint() {
+  next ??= storing.then(() => {
+    next = null;
+    storing = relay.checkpoint({ data: JSON.stringify(sessions), encoding: 'json' }).then(
+      () => undefined,
+      (err) => console.error(`agent ${process.pid}: checkpoint not stored (${err.code}): ${err.message}`),
+    );
+    return storing;
+  });
+  return next;
+}
 
 function think(session, text) {
   // A stand-in for a model: fold the message into the session's context vector and answer from memory.
@@ -38,7 +60,7 @@ const server = http.createServer((req, res) => {
   if (req.method === 'POST' && url.pathname === '/sessions') {
     const id = crypto.randomUUID().slice(0, 8);
     sessions[id] = { created: new Date().toISOString(), history: [], context: new Array(8).fill(0) };
-    return reply(res, 201, { id, pid: process.pid, generation });
+    return void checkpoint().then(() => reply(res, 201, { id, pid: process.pid, generation }));
   }
   if (m && m[1] && !sessions[m[1]]) return reply(res, 404, { error: `no session ${m[1]}` });
   if (req.method === 'POST' && m && m[2]) {
@@ -50,7 +72,7 @@ const server = http.createServer((req, res) => {
       session.history.push({ role: 'user', text, at: new Date().toISOString() });
       const answer = think(session, text);
       session.history.push({ role: 'agent', text: answer, at: new Date().toISOString() });
-      reply(res, 200, { reply: answer, pid: process.pid, generation });
+      void checkpoint().then(() => reply(res, 200, { reply: answer, pid: process.pid, generation }));
     });
     return;
   }
@@ -63,10 +85,15 @@ const server = http.createServer((req, res) => {
 aeterna.trackConnections(server);
 
 async function main() {
-  const relay = await aeterna.connect(); // a no-op outside Aeterna
-  const previous = await relay.load((state) => state.json());
+  relay = await aeterna.connect(); // a no-op outside Aeterna
+  let from = '';
+  const previous = await relay.load((state) => {
+    // "relay": the previous generation handed them over; "checkpoint": it died, they come from its last checkpoint.
+    from = state.source === 'checkpoint' ? ` from checkpoint ${state.seq}` : ' from the previous generation';
+    return state.json();
+  });
   if (previous) sessions = previous;
-  console.log(`agent ${process.pid} (generation ${generation}) starts with ${Object.keys(sessions).length} session(s)`);
+  console.log(`agent ${process.pid} (generation ${generation}) starts with ${Object.keys(sessions).length} session(s)${previous ? from : ''}`);
   relay.onDump(({ final }) => {
     console.log(`agent ${process.pid}: handing over ${Object.keys(sessions).length} session(s)${final ? ' (final sync)' : ''}`);
     return { data: JSON.stringify(sessions), encoding: 'json' };

@@ -172,6 +172,7 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
         socketPath: defaultedSocketPath(written, 'orchestration.state_handoff.socket_path', stateHandoff.socket_path, DEFAULT_STATE_SOCKET),
         timeoutMs: stateHandoff.timeout,
         maxFrameBytes: stateHandoff.max_frame,
+        onDumpFailure: stateHandoff.on_dump_failure,
         checkpoint: { enabled: stateHandoff.checkpoint.enabled, path: stateHandoff.checkpoint.path ?? null, maxSizeBytes: stateHandoff.checkpoint.max_size },
       },
       watch: orchestration.watch === undefined ? null : { paths: orchestration.watch.paths, debounceMs: orchestration.watch.debounce },

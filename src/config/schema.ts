@@ -298,6 +298,17 @@ const stateHandoff = object({
       }),
       '16MiB',
     ),
+    on_dump_failure: withDefault(
+      oneOf({
+        description:
+          'When the old generation cannot dump its state at a reload (hung past timeout, killed, or it refused): ' +
+          'rollback: the reload rolls back, the old generation serves on; ' +
+          'checkpoint: the new generation loads the latest checkpoint instead (source "checkpoint") and the reload ' +
+          'goes on; with no checkpoint stored it rolls back.',
+        values: ['rollback', 'checkpoint'],
+      }),
+      'rollback',
+    ),
     checkpoint: withDefault(
       object({
         description:

@@ -60,6 +60,8 @@ export interface StateHandoffConfig {
   timeoutMs: number;
   /** Largest SRP frame accepted, checked before allocating. */
   maxFrameBytes: number;
+  /** A reload whose old generation cannot dump: roll back, or go on with the latest checkpoint. */
+  onDumpFailure: 'rollback' | 'checkpoint';
   checkpoint: CheckpointConfig;
 }
 

@@ -33,7 +33,7 @@ import type { Reaper } from '../supervisor/reaper';
 import type { Cgroups } from '../supervisor/cgroup';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
-import type { StateRelay } from './relay';
+import { DumpFailed, type StateRelay } from './relay';
 import { RestartBudget } from './restart';
 import { Watchdog } from './watchdog';
 import type { ControlApi, GenerationInfo, ReloadEvent, ReloadPhase, ReloadRecord, ReloadTrigger, StatusReport } from './types';
@@ -71,6 +71,8 @@ interface ReloadRun {
   /** What the new generation must still do before it counts as ready (both, in either order). */
   awaiting: Set<'ready' | 'relay'>;
   relayAbort: AbortController;
+  /** The old generation could not dump and the new one loaded the checkpoint (on_dump_failure: checkpoint): no final sync. */
+  fromCheckpoint: boolean;
   timers: NodeJS.Timeout[];
   /** orchestration.canary: the candidate's own sockets and the steering of new connections; null for a shared socket. */
   split: WeightedSplit | null;
@@ -388,6 +390,7 @@ export class Orchestrator implements ControlApi {
       readiness: null,
       awaiting: new Set(['ready', 'relay']),
       relayAbort: new AbortController(),
+      fromCheckpoint: false,
       timers: [],
       split: null,
       failure: null,
@@ -484,7 +487,37 @@ export class Orchestrator implements ControlApi {
         this.promoteWhenDone(run);
       },
       (err: Error) => {
-        if (this.stillCurrent(run, 'Handover')) this.rollBack('relay-failed', `state relay failed: ${err.message}`, 'E_RELAY_FAILED');
+        if (!this.stillCurrent(run, 'Handover')) return;
+        const fallBack = err instanceof DumpFailed && run.config.orchestration.stateHandoff.onDumpFailure === 'checkpoint';
+        if (fallBack && relay.lastCheckpoint()) return this.relayCheckpoint(run, old, next, err.message);
+        const none = fallBack ? '; no checkpoint is stored to go on with (on_dump_failure: checkpoint)' : '';
+        this.rollBack('relay-failed', `state relay failed: ${err.message}${none}`, 'E_RELAY_FAILED');
+      },
+    );
+  }
+
+  /** 5b. on_dump_failure: checkpoint: the old generation could not dump, so the new one loads the latest checkpoint. */
+  private relayCheckpoint(run: ReloadRun, old: Generation, next: Generation, why: string): void {
+    const relay = this.deps.relay!;
+    const c = relay.lastCheckpoint()!;
+    const what = `checkpoint ${c.seq} (${c.size} bytes, ${formatDuration(c.age_ms)} old)`;
+    this.deps.log.warn({ reload: run.record.id, generation: old.number, seq: c.seq, age_ms: c.age_ms, reason: why }, `generation ${old.number} could not dump its state (${why}): going on with ${what} (on_dump_failure: checkpoint)`);
+    this.phase('relaying', `${what}: generation ${old.number} could not dump (${why})`);
+    run.fromCheckpoint = true;
+    run.relayAbort = new AbortController(); // the first one was spent on the failed dump
+    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
+    run.timers.push(setTimeout(() => run.relayAbort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs));
+    relay.restoreCheckpoint(next, run.relayAbort.signal, timeoutMs).then(
+      ({ bytes }) => {
+        if (!this.stillCurrent(run, 'Handover')) return;
+        this.deps.metrics.stateRelayed(bytes);
+        this.fire('state-relayed');
+        this.phase('relayed', `${bytes} bytes from ${what}`);
+        run.awaiting.delete('relay');
+        this.promoteWhenDone(run);
+      },
+      (err: Error) => {
+        if (this.stillCurrent(run, 'Handover')) this.rollBack('relay-failed', `state relay failed: ${why}; loading ${what} instead failed too: ${err.message}`, 'E_RELAY_FAILED');
       },
     );
   }
@@ -560,7 +593,7 @@ export class Orchestrator implements ControlApi {
     void this.handOver(run, 'new').then(() => {
       if (old.alive) void old.stop(run.previousConfig.service.stopTimeoutMs);
     });
-    this.finalSync(run, old, this.serving!);
+    if (!run.fromCheckpoint) this.finalSync(run, old, this.serving!); // an old one that could not dump is not asked again
   }
 
   /**

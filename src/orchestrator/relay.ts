@@ -16,6 +16,17 @@ export interface CheckpointSummary {
   age_ms: number;
 }
 
+/**
+ * The old generation could not dump its state (it hung past the timeout, died, or refused) before any of it
+ * reached the new generation, which still waits for its initial load (orchestration.state_handoff.on_dump_failure).
+ */
+export class DumpFailed extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'DumpFailed';
+  }
+}
+
 /** The relay is also a readiness source: a generation's {"op":"ready"} says it is ready. */
 export interface StateRelay extends ReadinessSource {
   /** The value of LIVERELAY_STATE_SOCK for the app. */
@@ -32,11 +43,16 @@ export interface StateRelay extends ReadinessSource {
   release(gen: Generation): void;
   /**
    * At Handover: ask `old` for its state and deliver it to `next` (no state
-   * when `old` has no relay connection); resolves once `next` acknowledged it. Rejects (with a reason) on any failure. Must
+   * when `old` has no relay connection); resolves once `next` acknowledged it. Rejects (with a reason) on any failure: with DumpFailed when it was `old` that failed and `next` is untouched. Must
    * stop promptly when `signal` aborts (timeout, rollback, stop). `timeoutMs` is when the caller will abort: the
    * dump request tells `old` (its SDK waits that long for the ack, whatever the size of its state).
    */
   handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }>;
+  /**
+   * After a handover failed with DumpFailed: give `next` the latest checkpoint as its load instead; resolves once
+   * `next` acknowledged it. Rejects when there is none, or on any failure (as handover does).
+   */
+  restoreCheckpoint(next: Generation, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }>;
   /**
    * At promotion, after SIGTERM to `old`: carry what changed since the first
    * snapshot to `next`. Best effort: the promotion stands either way.

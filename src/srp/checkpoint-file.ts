@@ -33,6 +33,8 @@ export interface StoredCheckpoint {
   seq: number;
   encoding: string;
   savedAt: number;
+  /** sha256 of the data (hex), when known: sent with it to a client that cannot take a memfd. */
+  sha256?: string;
 }
 
 function header(c: Omit<StoredCheckpoint, 'fd'>, sha256: Buffer): Buffer {
@@ -50,7 +52,7 @@ function header(c: Omit<StoredCheckpoint, 'fd'>, sha256: Buffer): Buffer {
 }
 
 /** Hash the memfd's bytes (read in chunks; positional reads leave its offset alone). */
-async function hashFd(fd: number, size: number, buffer: Buffer): Promise<Buffer> {
+export async function hashFd(fd: number, size: number, buffer: Buffer = Buffer.allocUnsafe(CHUNK)): Promise<Buffer> {
   const hash = crypto.createHash('sha256');
   for (let off = 0; off < size; ) {
     const { bytesRead } = await readAt(fd, buffer, Math.min(buffer.length, size - off), off);
@@ -61,7 +63,7 @@ async function hashFd(fd: number, size: number, buffer: Buffer): Promise<Buffer>
   return hash.digest();
 }
 
-function readAt(fd: number, buffer: Buffer, length: number, position: number): Promise<{ bytesRead: number }> {
+export function readAt(fd: number, buffer: Buffer, length: number, position: number): Promise<{ bytesRead: number }> {
   return new Promise((resolve, reject) => fs.read(fd, buffer, 0, length, position, (err, bytesRead) => (err ? reject(err) : resolve({ bytesRead }))));
 }
 
@@ -139,7 +141,7 @@ export function readCheckpointFile(file: string): StoredCheckpoint | null {
     }
     if (!hash.digest().equals(sha256)) throw new CheckpointFileCorrupt('its data does not match its sha256');
     native.sealMemfd(memfd);
-    const loaded = { fd: memfd, size, seq, encoding: encoding.toString('utf8'), savedAt };
+    const loaded = { fd: memfd, size, seq, encoding: encoding.toString('utf8'), savedAt, sha256: sha256.toString('hex') };
     memfd = -1;
     return loaded;
   } finally {

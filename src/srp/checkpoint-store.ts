@@ -9,7 +9,7 @@ import { native } from '../native/binding';
 import type { CheckpointConfig } from '../config/types';
 import type { ErrorCode } from '../errors';
 import type { Logger } from '../log';
-import { CheckpointFileCorrupt, readCheckpointFile, writeCheckpointFile } from './checkpoint-file';
+import { CheckpointFileCorrupt, hashFd, readCheckpointFile, writeCheckpointFile } from './checkpoint-file';
 import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
 
@@ -36,6 +36,8 @@ export interface Checkpoint {
   encoding: string;
   /** Date.now() when it was stored. */
   savedAt: number;
+  /** sha256 of the bytes (hex), once known (streamed and file checkpoints at once, a memfd one when first asked). */
+  sha256?: string;
 }
 
 /** A streamed checkpoint being received: written into its own memfd, never visible until finish() verified it. */
@@ -71,7 +73,7 @@ export class CheckpointWriter {
       throw new CheckpointRefused('checksum_mismatch', `sha256 of the ${this.written} bytes received is not ${expected}`);
     }
     native.sealMemfd(this.fd);
-    return this.store.replace(this.fd, this.header);
+    return this.store.replace(this.fd, this.header, actual);
   }
 
   /** Cut short or refused: the previous checkpoint stays. */
@@ -159,12 +161,18 @@ export class CheckpointStore {
     return this.replace(memfd, header);
   }
 
-  /** Takes a verified, sealed fd as the latest checkpoint. */
-  replace(fd: number, header: StateHeader): number {
+  /** Takes a verified, sealed fd as the latest checkpoint; `sha256` only when Aeterna hashed the bytes itself. */
+  replace(fd: number, header: StateHeader, sha256?: string): number {
     if (this.latest) closeQuietly(this.latest.fd);
     this.seq += 1;
-    this.latest = { fd, size: header.size, seq: this.seq, encoding: header.encoding ?? 'binary', savedAt: Date.now() };
+    this.latest = { fd, size: header.size, seq: this.seq, encoding: header.encoding ?? 'binary', savedAt: Date.now(), ...(sha256 ? { sha256 } : {}) };
     return this.seq;
+  }
+
+  /** The sha256 of checkpoint `c` (hex): hashed off the event loop the first time, then kept with it. */
+  async digest(c: Checkpoint, fd: number): Promise<string> {
+    c.sha256 ??= (await hashFd(fd, c.size)).toString('hex');
+    return c.sha256;
   }
 
   /**

@@ -12,10 +12,11 @@ import type { Logger } from '../log';
 import { type Generation } from '../supervisor/generation';
 import { describeExit } from '../supervisor/exit';
 import { belongsTo } from '../supervisor/proctree';
-import type { CheckpointSummary, RelayProgress, StateRelay } from '../orchestrator/relay';
+import { DumpFailed, type CheckpointSummary, type RelayProgress, type StateRelay } from '../orchestrator/relay';
 import { Acceptor } from '../resources/acceptor';
 import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import { SrpError, closeQuietly, isSealedState } from './codec';
+import { readAt } from './checkpoint-file';
 import { CheckpointRefused, CheckpointStore, type Checkpoint, type CheckpointWriter } from './checkpoint-store';
 import { SrpConnection } from './connection';
 import { isPeerGone } from './fd-stream';
@@ -26,6 +27,20 @@ function emptyMemfd(): number {
   const fd = native.memfdCreate('aeterna-checkpoint');
   native.sealMemfd(fd);
   return fd;
+}
+
+/** Resolves once the connection's queue is below its mark again, or it closed. */
+function drainedOrClosed(conn: SrpConnection): Promise<void> {
+  if (conn.closed) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = (): void => {
+      conn.stream.off('drain', done);
+      conn.off('close', done);
+      resolve();
+    };
+    conn.stream.once('drain', done);
+    conn.once('close', done);
+  });
 }
 
 /** A client must say hello within this long. */
@@ -46,6 +61,8 @@ const PROGRESS_EVERY = 8 << 20;
  * What waits is held in the connection's spill ring (this plus one read), allocated once and reused.
  */
 const RELAY_HIGH_WATER_MARK = 4 << 20;
+/** A stored checkpoint is streamed to an "fds": false client in reads of this size (at most max_frame). */
+const CHECKPOINT_CHUNK = 1 << 20;
 
 type Phase =
   | 'hello' // waiting for hello
@@ -71,6 +88,8 @@ interface Session {
   transfer: Transfer | null;
   /** A streamed checkpoint being received (null: none; 'dropping' while the bytes of a refused one still arrive). */
   checkpoint: { writer: CheckpointWriter | null; refused: CheckpointRefused | null } | null;
+  /** Aeterna is streaming the stored checkpoint to it (an "fds": false client): nothing else may go out meanwhile. */
+  receivingCheckpoint: boolean;
   helloTimer: NodeJS.Timeout | null;
 }
 
@@ -183,6 +202,13 @@ export class SrpCoordinator
     return this.waitForSession(next, signal).then((to) => this.transfer(this.liveSession(old), to, false, progress, signal, timeoutMs));
   }
 
+  restoreCheckpoint(next: Generation, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
+    const to = this.liveSession(next);
+    if (!to || to.phase !== 'waiting') return Promise.reject(new Error(`generation ${next.number} is not waiting for its initial load`));
+    if (!this.checkpoints.current) return Promise.reject(new Error('no checkpoint is stored'));
+    return this.transfer(null, to, false, () => undefined, signal, timeoutMs, 'checkpoint');
+  }
+
   finalSync(old: Generation, next: Generation, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
     const to = this.liveSession(next);
     if (!to) return Promise.reject(new Error(`generation ${next.number} has no relay connection`));
@@ -245,7 +271,7 @@ export class SrpCoordinator
       conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
       return;
     }
-    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, transfer: null, checkpoint: null, helloTimer: null };
+    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, transfer: null, checkpoint: null, receivingCheckpoint: false, helloTimer: null };
     session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
     this.sessions.add(session);
     conn.on('message', (m, fds) => {
@@ -294,7 +320,7 @@ export class SrpCoordinator
       s.conn.close(new Error(`peer error ${m.code}: ${m.message}`));
       return;
     }
-    if (m.op === 'checkpoint' && s.checkpoint === null && s.phase !== 'streaming' && s.phase !== 'trailer') return this.onCheckpoint(s, m, fds);
+    if (m.op === 'checkpoint' && s.checkpoint === null && !s.receivingCheckpoint && s.phase !== 'streaming' && s.phase !== 'trailer') return this.onCheckpoint(s, m, fds);
     if (m.op === 'trailer' && s.checkpoint !== null) return this.endCheckpoint(s, m.sha256);
     if (m.op === 'ready') {
       if (!s.initialAcked) throw new SrpError('unexpected_op', '"ready" before the initial load was acknowledged');
@@ -342,18 +368,53 @@ export class SrpCoordinator
 
   // ---- checkpoints -------------------------------------------------------------------------
 
-  /** The initial load of a generation with no live predecessor: the latest checkpoint as a sealed memfd, or empty. */
-  private sendCheckpoint(s: Session): void {
-    const latest = s.noFds ? null : this.checkpoints.openLatest();
+  /**
+   * The initial load of a generation with no live predecessor (or whose predecessor could not dump): the latest
+   * checkpoint as a sealed memfd, streamed to a client that cannot take one, or empty. Returns its size.
+   */
+  private sendCheckpoint(s: Session): number {
+    const latest = this.checkpoints.openLatest();
     if (!latest) {
-      if (s.noFds && this.checkpoints.current) this.log.warn({ generation: s.gen!.number }, 'checkpoint: not offered, the client cannot receive a memfd (its hello said "fds": false)');
       s.conn.send({ op: 'load', size: 0 });
-      return;
+      return 0;
     }
     const { checkpoint: c, fd } = latest;
     const age = Date.now() - c.savedAt;
-    this.log.info({ generation: s.gen!.number, seq: c.seq, size: c.size, age_ms: age }, 'checkpoint: offered as the initial load');
+    const how = s.noFds ? 'streamed' : 'memfd';
+    this.log.info({ generation: s.gen!.number, seq: c.seq, size: c.size, age_ms: age, transport: how }, 'checkpoint: offered as the initial load');
+    if (s.noFds) {
+      void this.streamCheckpoint(s, c, fd, age);
+      return c.size;
+    }
     s.conn.send({ op: 'load', size: c.size, encoding: c.encoding, transport: 'memfd', fds: ['state'], source: 'checkpoint', seq: c.seq, age_ms: age }, [fd], { closeFds: true });
+    return c.size;
+  }
+
+  /**
+   * A client whose hello said "fds": false gets the checkpoint's bytes as data frames, with its sha256, read from
+   * our memfd a chunk at a time (off the event loop, waiting for the client's queue to drain: bounded memory).
+   */
+  private async streamCheckpoint(s: Session, c: Checkpoint, fd: number, age: number): Promise<void> {
+    s.receivingCheckpoint = true;
+    try {
+      const sha256 = c.size > 0 ? await this.checkpoints.digest(c, fd) : undefined;
+      if (s.conn.closed) return;
+      s.conn.send({ op: 'load', size: c.size, encoding: c.encoding, ...(sha256 ? { sha256 } : {}), source: 'checkpoint', seq: c.seq, age_ms: age });
+      const chunk = Math.min(this.maxFrame, CHECKPOINT_CHUNK);
+      for (let off = 0; off < c.size && !s.conn.closed; ) {
+        const buffer = Buffer.allocUnsafe(Math.min(chunk, c.size - off)); // its own: the stream may hold it queued
+        const { bytesRead } = await readAt(fd, buffer, buffer.length, off);
+        if (bytesRead === 0) throw new Error(`checkpoint ended after ${off} of ${c.size} bytes`);
+        off += bytesRead;
+        if (!s.conn.sendData(buffer.subarray(0, bytesRead), chunk)) await drainedOrClosed(s.conn);
+      }
+    } catch (err) {
+      this.log.error({ generation: s.gen?.number, err: (err as Error).message }, 'checkpoint: could not be streamed to the client; its connection is closed');
+      s.conn.close(err as Error);
+    } finally {
+      s.receivingCheckpoint = false;
+      closeQuietly(fd);
+    }
   }
 
   private onCheckpoint(s: Session, m: StateHeader, fds: number[]): void {
@@ -441,7 +502,8 @@ export class SrpCoordinator
     this.log.warn({ generation: to.gen?.number, bytes }, 'relay: final sync cut short; the rest was padded so the serving generation refuses it and keeps its connection');
   }
 
-  private transfer(from: Session | null, to: Session, final: boolean, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
+  /** `from` null: no live old generation; `to` gets an empty load, or the latest checkpoint (`empty` 'checkpoint'). */
+  private transfer(from: Session | null, to: Session, final: boolean, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number, empty: 'nothing' | 'checkpoint' = 'nothing'): Promise<{ bytes: number }> {
     return new Promise((resolve, reject) => {
       if (from && from.phase !== 'idle') {
         reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
@@ -465,6 +527,11 @@ export class SrpCoordinator
         reject(err);
       };
       to.transfer = t;
+      if (!from && empty === 'checkpoint') {
+        to.phase = 'load-sent';
+        t.total = this.sendCheckpoint(to);
+        return;
+      }
       if (!from) {
         // The old generation never connected: there is nothing to relay.
         this.log.warn({ generation: to.gen!.number }, 'relay: the old generation has no relay connection; the new one starts without state');
@@ -481,7 +548,14 @@ export class SrpCoordinator
   }
 
   private onState(from: Session, m: StateHeader, fds: number[]): void {
-    const t = from.transfer!;
+    const t = from.transfer;
+    if (!t) {
+      // The answer to a dump that was abandoned (it came after the timeout): its bytes are read and dropped.
+      fds.forEach(closeQuietly);
+      from.phase = m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
+      this.log.warn({ generation: from.gen!.number, size: m.size }, 'relay: a state arrived after its dump was abandoned; dropped');
+      return;
+    }
     if (m.trailer && !t.to.takesTrailer) throw new SrpError('bad_json', 'state: "trailer" was not offered in this dump (the receiving generation did not say it takes one)');
     if (m.transport === 'memfd') {
       const memfd = fds[(m.fds ?? []).indexOf('state')];
@@ -615,9 +689,12 @@ export class SrpCoordinator
     this.abort(t, err);
   }
 
-  private abort(t: Transfer, err: Error): void {
+  private abort(t: Transfer, reason: Error): void {
     if (t.aborted) return;
     t.aborted = true;
+    // The old generation failed before a byte of its state went to the new one, which still waits for a load.
+    const dumpFailed = t.from !== null && !t.final && t.to.phase === 'waiting' && !t.to.conn.closed;
+    const err = dumpFailed ? new DumpFailed(reason.message) : reason;
     if (t.from) {
       t.from.conn.resume();
       if (t.from.phase === 'dump-requested' || t.from.phase === 'idle') t.from.transfer = null;
@@ -627,7 +704,8 @@ export class SrpCoordinator
       t.to.transfer = null;
       if (!t.final) {
         // A reload's new generation is being stopped anyway.
-        if (t.to.phase === 'load-sent' || t.to.phase === 'waiting') t.to.conn.close(new Error(`relay aborted: ${err.message}`));
+        // Unless the old one failed to dump: the orchestrator may still give it the checkpoint (or release it).
+        if (t.to.phase === 'load-sent' || (t.to.phase === 'waiting' && !dumpFailed)) t.to.conn.close(new Error(`relay aborted: ${err.message}`));
       } else if (t.streaming && (t.sent < t.total || (t.trailer && !t.trailerSent))) {
         // The serving generation must keep its connection: finish the announced bytes with zeros (and a
         // trailer), so the framing stays in step; its checksum check then refuses the state, and nothing is applied.
