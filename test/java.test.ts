@@ -115,7 +115,7 @@ describe('Java SDK (clients/java) under the real daemon', { skip: noJava ?? fals
     assert.equal(await d.stop(), 0);
   });
 
-  it('kill -9 of a Java app: checkpoint() returns the seq Aeterna stored, and the generation Aeterna restarts gets what Aeterna offers a client without fds', async (t) => {
+  it('kill -9 of a Java app: checkpoint() returns the seq Aeterna stored, and the generation Aeterna restarts loads it, streamed to a client without fds', async () => {
     const out = compile('clients/java/Aeterna.java', 'test/fixtures/java/Counter.java');
     const d = new Daemon({ command: ['java', '-cp', out, 'Counter'], readiness: '{ mode: "notify", timeout: "30s" }' });
     d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "10s", checkpoint: { enabled: true } }` });
@@ -130,16 +130,9 @@ describe('Java SDK (clients/java) under the real daemon', { skip: noJava ?? fals
     process.kill(app[0], 'SIGKILL');
     await d.waitStatus((s) => s.state === 'Running' && s.generation === 2, 60000);
     const restarted = (await d.run.waitFor(/^COUNT 2 (\d+) (\w+)$/m)).slice(1);
-    const notOffered = d.run.logs().filter((l) => String(l.msg).startsWith('checkpoint: not offered'));
-    if (restarted[0] === '1' && notOffered.length === 1) {
-      // What Aeterna does today: a checkpoint is offered only as a memfd, which a client whose hello said
-      // "fds": false cannot receive, so it starts without state and Aeterna logs why (docs/srp.md, "Checkpoints").
-      assert.deepEqual(restarted, ['1', 'none']);
-      t.todo('restore to a client without fds needs Aeterna to stream the stored checkpoint; then this test takes the branch below');
-    } else {
-      assert.deepEqual(restarted, ['2', 'json'], 'the restarted generation loaded the count from the checkpoint');
-      await d.run.waitFor(/^LOADED checkpoint 1$/m);
-    }
+    // A client whose hello said "fds": false is streamed the stored checkpoint as data frames (docs/srp.md).
+    assert.deepEqual(restarted, ['2', 'json'], 'the restarted generation loaded the count from the checkpoint');
+    await d.run.waitFor(/^LOADED checkpoint 1$/m);
     await d.run.waitFor(/^CHECKPOINTED 2 \d+$/m); // the restarted generation stores checkpoints too
     assert.equal(await d.stop(), 0);
   });
