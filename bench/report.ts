@@ -7,6 +7,7 @@ import type { Measurement, RelaySection } from './sections/relay';
 import type { FootprintSection, Memory, Timing } from './sections/footprint';
 import type { ReapRow, ReapingSection } from './sections/reaping';
 import type { RelaySdkSection, SdkPath, Spread, Steps } from './sections/relay-sdk';
+import { renderCanary, type CanarySection } from './sections/canary';
 
 export type SectionOutcome<T> = { value: T } | { error: string } | { notRun: string };
 
@@ -37,6 +38,7 @@ export interface BenchResults {
   footprint: SectionOutcome<FootprintSection>;
   reaping: SectionOutcome<ReapingSection>;
   relaySdk: SectionOutcome<RelaySdkSection>;
+  canary: SectionOutcome<CanarySection>;
 }
 
 /** The section headings, in order; the CI test checks each one is present. */
@@ -49,6 +51,7 @@ export const HEADINGS = {
   footprint: '## 4. Footprint',
   reaping: '## 5. Zombie reaping',
   relaySdk: '## 6. State relay through the SDKs',
+  canary: '## 7. Weighted canary',
   notes: '## Method notes',
 } as const;
 
@@ -687,6 +690,7 @@ export function renderReport(r: BenchResults, chartFile: string): string {
   out.push(...footprintSection(r));
   out.push(...reapingSection(r));
   out.push(...relaySdkSection(r));
+  out.push(HEADINGS.canary, '', ...('value' in r.canary ? renderCanary(r.canary.value) : [outcomeNote(r.canary)!, '']));
   out.push(
     HEADINGS.notes,
     '',
