@@ -6,13 +6,22 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { fdCountAtRest } from '../bench/soak';
 import { freshConnections, generationOf } from '../bench/sections/canary';
-import { fixture, freePort } from './helpers/aeterna';
+import { fixture, freePort, pidNamespaceUnavailable, runAeterna } from './helpers/aeterna';
 import { Daemon, statusOf, type ConfigOptions } from './helpers/daemon';
 import { getText, metricSample, startLoad, type LoadStats } from './helpers/load';
 
 const APP = [process.execPath, fixture('apps', 'reload_app.js')];
-/** Where the kernel can migrate a closing listener's queued connections (Linux 5.14+); Aeterna turns it on. */
-const noMigration = fs.existsSync('/proc/sys/net/ipv4/tcp_migrate_req') ? false : 'this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+): a dead canary\'s queued connections are reset';
+const MIGRATE_SYSCTL = '/proc/sys/net/ipv4/tcp_migrate_req';
+/** Whether the kernel will migrate a closing listener's queued connections (Linux 5.14+): on, or Aeterna can turn it on. */
+function migrationUnavailable(): string | false {
+  try {
+    if (fs.readFileSync(MIGRATE_SYSCTL, 'utf8').trim() !== '1') fs.accessSync(MIGRATE_SYSCTL, fs.constants.W_OK);
+    return false;
+  } catch (err) {
+    return `net.ipv4.tcp_migrate_req is absent (before Linux 5.14) or off and read-only here (${(err as NodeJS.ErrnoException).code}): a dead canary's queued connections are reset, as docs/operations.md says`;
+  }
+}
+const noMigration = migrationUnavailable();
 const daemons: Daemon[] = [];
 after(async () => {
   for (const d of daemons) await d.run.killAll();
@@ -212,6 +221,23 @@ describe('weighted canary', { timeout: 600000 }, () => {
       assert.deepEqual([...(await fresh(port, 8))], [[i + 1, 8]], `reload ${i}: the promoted generation answers every new connection`);
     }
     assert.equal(await fdCountAtRest(aeterna), fdsBefore, "Aeterna's fd count after 50 weighted reloads");
+    assert.equal(await d.stop(), 0);
+  });
+
+  it('without tcp_migrate_req (off, and read-only as in many containers) a weighted reload still soaks, and Aeterna warns that a canary dying mid-soak loses the connections queued on its socket', { skip: pidNamespaceUnavailable() ?? undefined }, async () => {
+    const port = await freePort();
+    const d = new Daemon({ command: APP, strategy: 'canary', soak: '10m', canary: '{ weight: 50 }', port });
+    // Its own network namespace (where the sysctl starts at 0), with the sysctl's file mounted read-only over itself.
+    const setup = `ip link set lo up && mount --bind ${MIGRATE_SYSCTL} ${MIGRATE_SYSCTL} && mount -o remount,bind,ro ${MIGRATE_SYSCTL} && exec "$@"`;
+    d.run = runAeterna(['start', '-c', d.configFile], { pid1: true, prefix: ['unshare', '--net', 'sh', '-c', setup, 'sh'] });
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running');
+    const { reload } = await soaking(d);
+    assert.equal((await statusOf(d)).canary_weight, 50);
+    const warning = d.run.logs().find((l) => l.level === 'warn' && /tcp_migrate_req/.test(l.msg));
+    assert.match(warning?.msg ?? '', /^orchestration\.canary: net\.ipv4\.tcp_migrate_req is 0 and Aeterna cannot set it \(EROFS\); if the new generation dies during the soak, the connections waiting in its socket's accept queue are reset$/);
+    assert.equal((await d.cli('rollback')).code, 0);
+    assert.equal((await reload).code, 1);
     assert.equal(await d.stop(), 0);
   });
 
