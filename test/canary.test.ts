@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import { fdCountAtRest } from '../bench/soak';
-import { freshConnections, generationOf } from '../bench/sections/canary';
+import { freshConnections, generationOf, startFreshLoad } from '../bench/sections/canary';
 import { fixture, freePort, pidNamespaceUnavailable, runAeterna } from './helpers/aeterna';
 import { Daemon, statusOf, type ConfigOptions } from './helpers/daemon';
 import { getText, metricSample, startLoad, type LoadStats } from './helpers/load';
@@ -167,32 +167,17 @@ describe('weighted canary', { timeout: 600000 }, () => {
       const { d, port } = await started({ canary: '{ weight: 50 }' });
       const { reload } = await soaking(d);
       const keepAlive = startLoad(port, { concurrency: 8 });
-      let running = true;
-      const freshFailures: string[] = [];
-      let freshOk = 0;
-      const freshLoad = Promise.all(
-        Array.from({ length: 4 }, async () => {
-          while (running) {
-            try {
-              await generationOf(port);
-              freshOk++;
-            } catch (err) {
-              freshFailures.push((err as NodeJS.ErrnoException).code ?? String(err));
-            }
-          }
-        }),
-      );
+      const freshLoad = startFreshLoad(port, 4);
       await fresh(port, 200); // both generations serve meanwhile
       assert.equal((await d.cli(ending)).code, 0);
       const r = await reload;
       assert.equal(r.code, ending === 'promote' ? 0 : 1, r.stderr);
       const s = await d.waitStatus((st) => st.state === 'Running');
-      running = false;
-      await freshLoad;
+      await freshLoad.stop();
       const stats = await keepAlive.stop();
       assert.deepEqual(stats.failures, {}, 'no keep-alive request failed');
-      assert.deepEqual(freshFailures, [], 'no fresh connection failed');
-      assert.ok(stats.ok > 0 && freshOk > 0);
+      assert.deepEqual(freshLoad.failures, [], 'no fresh connection failed');
+      assert.ok(stats.ok > 0 && freshLoad.answeredBy.size > 0);
       const winner = ending === 'promote' ? 2 : 1;
       assert.equal(s.generation, winner);
       assert.deepEqual([...(await fresh(port, 200))], [[winner, 200]], 'every new connection reaches the winner');
@@ -248,21 +233,8 @@ describe('weighted canary', { timeout: 600000 }, () => {
     const { reload } = await soaking(d);
     const soak = await statusOf(d);
     const queue = listenerAtFd3(soak.candidate!.pid, port)!;
-    let running = true;
-    const failures: string[] = [];
-    const answeredBy = new Map<number, number>();
-    const freshLoad = Promise.all(
-      Array.from({ length: 4 }, async () => {
-        while (running) {
-          try {
-            const g = await generationOf(port);
-            answeredBy.set(g, (answeredBy.get(g) ?? 0) + 1);
-          } catch (err) {
-            failures.push((err as NodeJS.ErrnoException).code ?? String(err));
-          }
-        }
-      }),
-    );
+    const freshLoad = startFreshLoad(port, 4);
+    const { failures, answeredBy } = freshLoad;
     // Each loop ends up waiting on a connection in the candidate's queue (a hang guard, not a timing assertion).
     for (const deadline = Date.now() + 20000; listenersOn(soak.candidate!.pid, port).get(queue) !== 4; ) {
       assert.ok(Date.now() < deadline, `the candidate's accept queue: ${listenersOn(soak.candidate!.pid, port).get(queue)}`);
@@ -273,8 +245,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
     const r = await reload;
     assert.equal(r.code, 1, r.stderr);
     await fresh(port, 8); // the old generation serves again
-    running = false;
-    await freshLoad;
+    await freshLoad.stop();
     assert.deepEqual(failures, [], 'no queued connection was refused or reset');
     assert.deepEqual([...answeredBy.keys()], [1], 'the candidate answered nothing');
     assert.ok(answeredBy.get(1)! >= servedBefore + 4, 'the 4 queued requests were answered by generation 1');
@@ -291,25 +262,11 @@ describe('weighted canary', { timeout: 600000 }, () => {
     const { d, port } = await started({ canary: '{ weight: 50 }' });
     d.write({ ...d.options, env: [crashEnv] });
     const load = startLoad(port, { concurrency: 8 });
-    let running = true;
-    const failures: string[] = [];
-    const answeredBy = new Map<number, number>();
-    const freshLoad = Promise.all(
-      Array.from({ length: 4 }, async () => {
-        while (running) {
-          try {
-            const g = await generationOf(port);
-            answeredBy.set(g, (answeredBy.get(g) ?? 0) + 1);
-          } catch (err) {
-            failures.push((err as NodeJS.ErrnoException).code ?? String(err));
-          }
-        }
-      }),
-    );
+    const freshLoad = startFreshLoad(port, 4);
+    const { failures, answeredBy } = freshLoad;
     const r = await d.cli('reload');
     assert.equal(r.code, 1, r.stderr);
-    running = false;
-    await freshLoad;
+    await freshLoad.stop();
     const keepAlive = await load.stop();
     const held = Number((await d.run.waitFor(/^CRASH \d+ holding (\d+) connections$/m))[1]);
     const s = await d.status();

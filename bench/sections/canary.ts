@@ -89,6 +89,44 @@ export async function freshConnections(port: number, count: number, concurrency 
   return { byGeneration, failures };
 }
 
+export interface FreshLoad {
+  /** Requests answered, by generation. */
+  answeredBy: Map<number, number>;
+  /** Failed requests: the error code (ECONNRESET, ...) of each. */
+  failures: string[];
+  /** Stop after the requests in flight. */
+  stop(): Promise<void>;
+}
+
+/** `loops` clients, each sending one request per fresh connection back to back until stopped. */
+export function startFreshLoad(port: number, loops: number): FreshLoad {
+  let running = true;
+  const answeredBy = new Map<number, number>();
+  const failures: string[] = [];
+  const done = Promise.all(
+    Array.from({ length: loops }, async () => {
+      while (running) {
+        try {
+          const g = await generationOf(port);
+          answeredBy.set(g, (answeredBy.get(g) ?? 0) + 1);
+        } catch (err) {
+          failures.push((err as NodeJS.ErrnoException).code ?? String(err));
+        }
+      }
+    }),
+  );
+  return {
+    answeredBy,
+    failures,
+    async stop() {
+      running = false;
+      await done;
+    },
+  };
+}
+
+const total = (m: Map<number, number>): number => [...m.values()].reduce((a, b) => a + b, 0);
+
 function started(port: number, canary: string | null, env: string[] = []): Daemon {
   return new Daemon({ command: APP, port, strategy: 'canary', soak: '10m', env, ...(canary ? { canary } : {}) }).start();
 }
@@ -121,49 +159,35 @@ async function switches(p: CanaryParams): Promise<SwitchRun> {
   const port = await freePort();
   const d = started(port, '{ weight: 50 }', [`MAX_REQUESTS_PER_SOCKET=${p.requestsPerConnection}`]);
   const result: SwitchRun = { promotes: 0, rollbacks: 0, wrongOutcomes: [], soakAnswers: { old: 0, new: 0 }, keepAlive: { ok: 0, failed: 0, failures: {}, pids: [] }, fresh: { ok: 0, failed: 0, failures: {} } };
-  let running = true;
   let keepAlive: ReturnType<typeof startLoad> | null = null;
-  let fresh: Promise<unknown> = Promise.resolve();
+  let fresh: FreshLoad | null = null;
   try {
     await d.waitStatus((s) => s.state === 'Running', 30000);
     keepAlive = startLoad(port, { concurrency: p.keepAlive });
-    /** During a soak: the candidate's generation number (its requests count as the new one's). */
-    let candidate: number | null = null;
-    fresh = Promise.all(
-      Array.from({ length: p.fresh }, async () => {
-        while (running) {
-          try {
-            const g = await generationOf(port);
-            result.fresh.ok++;
-            if (candidate !== null) result.soakAnswers[g === candidate ? 'new' : 'old']++;
-          } catch (err) {
-            result.fresh.failed++;
-            const kind = (err as NodeJS.ErrnoException).code ?? String(err);
-            result.fresh.failures[kind] = (result.fresh.failures[kind] ?? 0) + 1;
-          }
-        }
-      }),
-    );
+    fresh = startFreshLoad(port, p.fresh);
+    const answered = fresh.answeredBy;
     for (let i = 0; i < p.switches * 2; i++) {
       const ending = i % 2 === 0 ? 'promote' : 'rollback';
       const { reload } = await soaking(d);
-      candidate = (await statusOf(d)).candidate!.generation;
+      const { generation: serving, candidate } = await statusOf(d);
+      const oldBefore = answered.get(serving) ?? 0;
       // Let both generations serve a few hundred fresh connections before the switch.
-      for (const before = result.fresh.ok; result.fresh.ok < before + 200; ) await new Promise((r) => setTimeout(r, 20));
+      for (const before = total(answered); total(answered) < before + 200; ) await new Promise((r) => setTimeout(r, 20));
+      result.soakAnswers.old += (answered.get(serving) ?? 0) - oldBefore;
+      result.soakAnswers.new += answered.get(candidate!.generation) ?? 0; // it started with this reload
       const asked = await d.cli(ending);
       const r = await reload;
       if (asked.code !== 0 || r.code !== (ending === 'promote' ? 0 : 1)) result.wrongOutcomes.push(`${ending} ${i + 1}: ${asked.stderr.trim()} ${r.stderr.trim()}`.trim());
       result[ending === 'promote' ? 'promotes' : 'rollbacks']++;
-      candidate = null;
       await d.waitStatus((s) => s.state === 'Running', 30000);
     }
-    running = false;
-    await fresh;
+    await fresh.stop();
+    result.fresh = { ok: total(answered), failed: fresh.failures.length, failures: {} };
+    for (const kind of fresh.failures) result.fresh.failures[kind] = (result.fresh.failures[kind] ?? 0) + 1;
     result.keepAlive = await keepAlive.stop();
     return result;
   } finally {
-    running = false;
-    await fresh;
+    await fresh?.stop();
     await keepAlive?.stop();
     await d.stop();
     await d.run.killAll();
