@@ -50,7 +50,7 @@ export interface SwitchRun {
   rollbacks: number;
   /** Switches whose outcome was not the one asked for (a reload that failed, a promote that rolled back). */
   wrongOutcomes: string[];
-  /** Requests each generation answered during the soaks (old, new), fresh connections: the split was live. */
+  /** Fresh-connection requests each side answered in the soaks' measured windows (the ~200 before each switch): the split was live. */
   soakAnswers: { old: number; new: number };
   keepAlive: LoadStats;
   fresh: FreshStats;
@@ -171,10 +171,11 @@ async function switches(p: CanaryParams): Promise<SwitchRun> {
       const { reload } = await soaking(d);
       const { generation: serving, candidate } = await statusOf(d);
       const oldBefore = answered.get(serving) ?? 0;
-      // Let both generations serve a few hundred fresh connections before the switch.
+      const newBefore = answered.get(candidate!.generation) ?? 0;
+      // Let both generations serve a few hundred fresh connections before the switch (counted for both from here).
       for (const before = total(answered); total(answered) < before + 200; ) await new Promise((r) => setTimeout(r, 20));
       result.soakAnswers.old += (answered.get(serving) ?? 0) - oldBefore;
-      result.soakAnswers.new += answered.get(candidate!.generation) ?? 0; // it started with this reload
+      result.soakAnswers.new += (answered.get(candidate!.generation) ?? 0) - newBefore;
       const asked = await d.cli(ending);
       const r = await reload;
       if (asked.code !== 0 || r.code !== (ending === 'promote' ? 0 : 1)) result.wrongOutcomes.push(`${ending} ${i + 1}: ${asked.stderr.trim()} ${r.stderr.trim()}`.trim());
@@ -227,7 +228,7 @@ export function renderCanary(s: CanarySection): string[] {
     `| keep-alive | ${fmtInt(w.keepAlive.ok + w.keepAlive.failed)} | ${fmtInt(w.keepAlive.failed)} | ${failureText(w.keepAlive.failures)} |`,
     `| fresh connections | ${fmtInt(w.fresh.ok + w.fresh.failed)} | ${fmtInt(w.fresh.failed)} | ${failureText(w.fresh.failures)} |`,
     '',
-    `During the soaks the old generations answered ${fmtInt(w.soakAnswers.old)} fresh-connection requests and the new ones ${fmtInt(w.soakAnswers.new)}; the keep-alive load was answered by ${w.keepAlive.pids.length} app processes (${w.promotes + w.rollbacks + 1} generations ran). Switches with another outcome than the one asked for: ${w.wrongOutcomes.length === 0 ? 'none' : w.wrongOutcomes.join('; ')}.`,
+    `In the 200 or so fresh-connection requests before each switch, the old generations answered ${fmtInt(w.soakAnswers.old)} and the new ones ${fmtInt(w.soakAnswers.new)}; the keep-alive load was answered by ${w.keepAlive.pids.length} app processes (${w.promotes + w.rollbacks + 1} generations ran). Switches with another outcome than the one asked for: ${w.wrongOutcomes.length === 0 ? 'none' : w.wrongOutcomes.join('; ')}.`,
     '',
   ];
 }
