@@ -8,6 +8,7 @@ import type { FootprintSection, Memory, Timing } from './sections/footprint';
 import type { ReapRow, ReapingSection } from './sections/reaping';
 import type { RelaySdkSection, SdkPath, Spread, Steps } from './sections/relay-sdk';
 import type { CheckpointSection, Timed } from './sections/checkpoint';
+import { renderCanary, type CanarySection } from './sections/canary';
 
 export type SectionOutcome<T> = { value: T } | { error: string } | { notRun: string };
 
@@ -39,6 +40,7 @@ export interface BenchResults {
   reaping: SectionOutcome<ReapingSection>;
   relaySdk: SectionOutcome<RelaySdkSection>;
   checkpoint: SectionOutcome<CheckpointSection>;
+  canary: SectionOutcome<CanarySection>;
 }
 
 /** The section headings, in order; the CI test checks each one is present. */
@@ -52,6 +54,7 @@ export const HEADINGS = {
   reaping: '## 5. Zombie reaping',
   relaySdk: '## 6. State relay through the SDKs',
   checkpoint: '## 7. Checkpoints',
+  canary: '## 8. Weighted canary',
   notes: '## Method notes',
 } as const;
 
@@ -743,6 +746,7 @@ export function renderReport(r: BenchResults, chartFile: string): string {
   out.push(...reapingSection(r));
   out.push(...relaySdkSection(r));
   out.push(...checkpointReport(r));
+  out.push(HEADINGS.canary, '', ...('value' in r.canary ? renderCanary(r.canary.value) : [outcomeNote(r.canary)!, '']));
   out.push(
     HEADINGS.notes,
     '',

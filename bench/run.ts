@@ -15,9 +15,10 @@ import { footprintSection } from './sections/footprint';
 import { reapingSection } from './sections/reaping';
 import { relaySdkSection } from './sections/relay-sdk';
 import { checkpointSection } from './sections/checkpoint';
+import { canarySection } from './sections/canary';
 
 const MiB = 1024 * 1024;
-const SECTIONS = ['reloads', 'overhead', 'relay', 'footprint', 'reaping', 'relaySdk', 'checkpoint'] as const;
+const SECTIONS = ['reloads', 'overhead', 'relay', 'footprint', 'reaping', 'relaySdk', 'checkpoint', 'canary'] as const;
 type SectionName = (typeof SECTIONS)[number];
 
 export interface BenchOptions {
@@ -205,7 +206,7 @@ export async function main(argv: string[]): Promise<number> {
     versions: versions(),
   };
   progress(`Aeterna benchmark (${o.quick ? 'quick' : 'full'}): ${o.reloads} reloads per contender; report to ${o.outDir}`);
-  const results: BenchResults = { meta, reloads: { notRun: '' }, overhead: { notRun: '' }, relay: { notRun: '' }, footprint: { notRun: '' }, reaping: { notRun: '' }, relaySdk: { notRun: '' }, checkpoint: { notRun: '' } };
+  const results: BenchResults = { meta, reloads: { notRun: '' }, overhead: { notRun: '' }, relay: { notRun: '' }, footprint: { notRun: '' }, reaping: { notRun: '' }, relaySdk: { notRun: '' }, checkpoint: { notRun: '' }, canary: { notRun: '' } };
   results.reloads = await section('reloads', o, () => reloadSection(reloadParams(o)));
   results.overhead = await section('overhead', o, () => overheadSection(o.reloads));
   results.relay = await section('relay', o, () => relaySection(o.quick ? [1 * MiB, 16 * MiB] : [1 * MiB, 64 * MiB, 1024 * MiB]));
@@ -213,6 +214,9 @@ export async function main(argv: string[]): Promise<number> {
   results.reaping = await section('reaping', o, () => reapingSection(o.quick ? 500 : 10000));
   results.relaySdk = await section('relaySdk', o, () => relaySdkSection(o.quick ? [16 * MiB] : [64 * MiB, 1024 * MiB], o.quick ? 1 : 3));
   results.checkpoint = await section('checkpoint', o, () => checkpointSection(o.quick ? [1 * MiB] : [1 * MiB, 64 * MiB], o.quick ? 2 : 5, o.quick ? 1 : 3));
+  results.canary = await section('canary', o, () =>
+    canarySection({ weights: [10, 50, 90], connections: o.quick ? 400 : 2000, switches: o.quick ? 1 : 10, keepAlive: 8, fresh: 4, requestsPerConnection: 50 }),
+  );
   meta.finishedAt = new Date().toISOString();
 
   const base = `${meta.date}-${meta.machine.host.replace(/[^A-Za-z0-9_.-]/g, '_')}`;

@@ -128,6 +128,8 @@ describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
         '| state | (a) one-hop socket copy | (b) TypeScript SDK relay | (c) Python SDK relay | (d) memfd |',
         '| state | SDK | relay over (a) | final sync (draining -> done) |',
         '| step | TypeScript, relay | TypeScript, final sync | Python, relay | Python, final sync |',
+        '| configured weight | connections | to the new generation | measured share | off by (points) | failed |',
+        '| load | requests | failed | failures by kind |',
       ];
       for (const header of tables) assert.ok(report.includes(header), `table ${header}`);
       // wrk is optional: either its table or the sentence saying it is not installed.
@@ -136,6 +138,7 @@ describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
         assert.match(report, new RegExp(`^\\| ${contender} \\| \\d+`, 'm'), `a failures row for ${contender}`);
       }
       for (const row of ['1 MiB', '16 MiB']) assert.match(report, new RegExp(`^\\| ${row} \\|`, 'm'), `relay row ${row}`);
+      for (const weight of ['10%', '50%', '90%', 'none (one shared socket)']) assert.ok(report.includes(`\n| ${weight} | 400 | `), `canary share row ${weight}`);
       assert.match(report, /pending|MB\/s/, 'the relay rows say pending or carry a figure');
       for (const what of ['tini', 'node -e 0', 'aeterna start']) assert.ok(report.includes(what), `footprint row ${what}`);
       assert.ok(report.includes(`](${svg})`), 'the report embeds the chart');

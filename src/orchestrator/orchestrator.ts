@@ -419,6 +419,9 @@ export class Orchestrator implements ControlApi {
       const { added, dropped } = this.deps.listeners.apply(run.config.service.listeners, run.config.orchestration.canary !== null);
       const canary = run.config.orchestration.canary;
       if (canary && run.config.orchestration.strategy === 'canary') run.split = WeightedSplit.open(this.deps.listeners.list(), canary);
+      if (run.split?.noMigration) {
+        this.deps.log.warn({ reload: run.record.id }, `orchestration.canary: ${run.split.noMigration}; if the new generation dies during the soak, the connections waiting in its socket's accept queue are reset`);
+      }
       for (const l of added) this.deps.log.info({ listener: l.name, address: l.address, fd: l.fd, reload: run.record.id }, 'listener added');
       for (const l of dropped) this.deps.log.info({ listener: l.name, reload: run.record.id }, 'listener dropped from config: closed once the old generation is gone');
       return true;

@@ -127,6 +127,8 @@ export class WeightedSplit {
   private constructor(
     private readonly pairs: Pair[],
     readonly canary: CanaryConfig,
+    /** Why the kernel will not migrate a closing socket's queued connections (null: it will). */
+    readonly noMigration: string | null,
     /** The percentage of new connections the candidate receives now. */
     private percent = 0,
   ) {}
@@ -148,8 +150,7 @@ export class WeightedSplit {
       if (err instanceof AeternaError) throw err;
       throw new AeternaError('E_LISTEN_FAILED', `orchestration.canary: a second socket for the candidate: ${(err as Error).message}`, { cause: err });
     }
-    enableMigration();
-    return new WeightedSplit(pairs, canary);
+    return new WeightedSplit(pairs, canary, enableMigration());
   }
 
   /** The listeners as the candidate gets them: same names and order, its own sockets. */
@@ -211,12 +212,21 @@ export class WeightedSplit {
 /**
  * Ask the kernel to move connections still queued on a closing listener to another socket of its group
  * (net.ipv4.tcp_migrate_req, in Aeterna's network namespace). The drain wait is the first safety; this is
- * the second, for a candidate that dies with connections in its queue. Absent (before 5.14): the first only.
+ * the second, for a candidate that dies with connections in its queue. Returns why it is off, or null.
  */
-function enableMigration(): void {
+function enableMigration(): string | null {
+  let value: string;
   try {
-    if (fs.readFileSync(MIGRATE_SYSCTL, 'utf8').trim() !== '1') fs.writeFileSync(MIGRATE_SYSCTL, '1');
+    value = fs.readFileSync(MIGRATE_SYSCTL, 'utf8').trim();
   } catch {
-    // an older kernel, or a read-only /proc/sys: the drain wait alone
+    return 'this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+)';
+  }
+  if (value === '1') return null;
+  try {
+    fs.writeFileSync(MIGRATE_SYSCTL, '1');
+    return null;
+  } catch (err) {
+    // A container's /proc/sys is often read-only: the runtime has to set it (docker run --sysctl, a pod's sysctls).
+    return `net.ipv4.tcp_migrate_req is ${value} and Aeterna cannot set it (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`;
   }
 }
