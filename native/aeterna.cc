@@ -769,6 +769,14 @@ Napi::Value Execve(const Napi::CallbackInfo& info) {
 const int kFatalSignals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
 // Swapped whole (never changed in place) so the handler sees either the old or the new call.
 std::atomic<ExecCall*> prepared_exec{nullptr};
+// The call swapped out last, freed only at the next swap: a kill()ed fatal signal may run the handler on another
+// thread, which may still be reading the call it loaded just before the swap.
+ExecCall* retired_exec = nullptr;
+
+void RetireExec(ExecCall* previous) {
+  delete retired_exec;
+  retired_exec = previous;
+}
 
 void OnFatalSignal(int sig) {
   ExecCall* call = prepared_exec.load();
@@ -814,14 +822,13 @@ Napi::Value PrepareFatalSignalExec(const Napi::CallbackInfo& info) {
   auto call = std::make_unique<ExecCall>();
   if (!GetExecCall(info, call.get())) return Napi::Value();
   if (!InstallFatalSignalHandlers()) return Throw(SysError(env, errno, "sigaction", "fatal signal handlers"));
-  // The previous call is freed only once the handler can no longer pick it up.
-  delete prepared_exec.exchange(call.release());
+  RetireExec(prepared_exec.exchange(call.release()));
   return env.Undefined();
 }
 
 // clearFatalSignalExec(): a fatal signal kills again (no state Aeterna could hand over).
 Napi::Value ClearFatalSignalExec(const Napi::CallbackInfo& info) {
-  delete prepared_exec.exchange(nullptr);
+  RetireExec(prepared_exec.exchange(nullptr));
   return info.Env().Undefined();
 }
 

@@ -118,9 +118,8 @@ export class Daemon {
   /** Re-execs since the container started, by reason, and the recoveries within the recovery window (carried by the handover). */
   private readonly reexecsByReason: Partial<Record<ReexecReason, number>>;
   private readonly recoveries: string[];
-  /** The handover a fatal signal execs with: its memfd, what it says, and the timer that keeps it current. */
+  /** The handover a fatal signal execs with: its memfd and what it says (kept current as things change). */
   private signalExec: { fd: number; json: string } | null = null;
-  private signalExecTimer: NodeJS.Timeout | null = null;
   /** AETERNA_TEST_FAULT: a fault tests inject inside the daemon; null outside tests. */
   private readonly testFault: TestFault | null = takeTestFault(process.env);
 
@@ -160,7 +159,8 @@ export class Daemon {
       // The control socket first: if another daemon answers there, refuse before binding anything.
       const kept = (role: FdRole): number | undefined => h?.fds.find((f) => f.role === role)?.fd;
       const controlFd = kept('control');
-      this.control = await startControlServer(this.config.control.socketPath, this.api(), this.log, h && controlFd !== undefined ? { adopt: { fd: controlFd, file: h.control } } : {});
+      const listeningChanged = (): void => this.prepareSignalRecovery();
+      this.control = await startControlServer(this.config.control.socketPath, this.api(), this.log, h && controlFd !== undefined ? { adopt: { fd: controlFd, file: h.control }, listeningChanged } : { listeningChanged });
       this.listeners.apply(this.config.service.listeners, this.config.orchestration.canary !== null);
       for (const l of this.listeners.list()) {
         this.log.info({ listener: l.name, address: l.address, fd: l.fd }, 'listener ready');
@@ -212,6 +212,9 @@ export class Daemon {
         this.prepareSignalRecovery();
       },
     });
+    // Every state change may change what the handover describes (a reload starting drops it, Running prepares it
+    // again): prepared in the transition itself, so whoever sees Running also finds it ready.
+    this.orchestrator.fsm.onTransition(() => this.prepareSignalRecovery());
     if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
     let stopped: Promise<number>;
     if (h && adopted.length === 1) {
@@ -222,7 +225,6 @@ export class Daemon {
       stopped = this.orchestrator.run();
     }
     this.listenerWatch.start();
-    this.keepSignalRecoveryPrepared();
     if (!this.pendingStop) this.fileWatch.apply(this.config.orchestration.watch);
     // The app has been spawned: now load the metrics library (kept off the start-to-exec path).
     setImmediate(() => this.metrics.export());
@@ -255,14 +257,7 @@ export class Daemon {
         return report;
       },
       upgrade: (exec) => this.upgrade(exec),
-      reload: (trigger, onEvent) => {
-        this.dropSignalRecovery(); // a second generation is about to start: the handover no longer describes it all
-        try {
-          return need().reload(trigger, onEvent);
-        } finally {
-          this.prepareSignalRecovery(); // a refused reload changed nothing
-        }
-      },
+      reload: (trigger, onEvent) => need().reload(trigger, onEvent),
       promote: () => need().promote(),
       rollback: () => need().rollback(),
       stop: (reason) => this.stop(reason),
@@ -277,20 +272,24 @@ export class Daemon {
     const orchestrator = this.orchestrator;
     if (!orchestrator) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
     if (this.upgrading) throw new AeternaError('E_RELOAD_BUSY', 'an upgrade is already in progress');
-    orchestrator.handoverState(); // refuses during a reload
-    const connected = this.relay?.connectedGenerations() ?? [];
-    if (connected.length > 0) {
-      // Closing it would lose the app's memory at the next reload (no connection, no state): refuse instead.
-      throw new AeternaError(
-        'E_UPGRADE_REFUSED',
-        `generation ${connected.map((g) => g.number).join(', ')} holds a state relay connection, which an upgrade cannot carry over yet (its state would not reach the next generation); nothing changed`,
-      );
-    }
+    const handoverPossible = (): void => {
+      orchestrator.handoverState(); // refuses during a reload
+      const connected = this.relay?.connectedGenerations() ?? [];
+      if (connected.length > 0) {
+        // Closing it would lose the app's memory at the next reload (no connection, no state), and cut short a
+        // checkpoint being received over it: refuse instead.
+        throw new AeternaError(
+          'E_UPGRADE_REFUSED',
+          `generation ${connected.map((g) => g.number).join(', ')} holds a state relay connection, which an upgrade cannot carry over yet (its state would not reach the next generation); nothing changed`,
+        );
+      }
+    };
+    handoverPossible();
     const argv = upgradeArgv(exec);
     this.upgrading = true;
     try {
       await checkTarget(argv, this.reaper);
-      orchestrator.handoverState(); // a reload may have started while the target was checked
+      handoverPossible(); // a reload may have started, or the app connected, while the target was checked
     } catch (err) {
       this.upgrading = false;
       this.log.warn({ code: (err as AeternaError).code, target: argv[0] }, `upgrade refused: ${(err as Error).message}`);
@@ -345,13 +344,12 @@ export class Daemon {
     return ExitCodes.SOFTWARE;
   }
 
-  /** Keep what a fatal signal execs current: now, at each reload's outcome and fd store change, and every 250 ms for the rest (restarts, stops). */
-  private keepSignalRecoveryPrepared(): void {
-    this.prepareSignalRecovery();
-    this.signalExecTimer = setInterval(() => this.prepareSignalRecovery(), 250).unref();
-  }
-
-  /** Re-write the handover a fatal signal execs with, if what it describes changed; with no generation serving on its own, a fatal signal kills. */
+  /**
+   * Re-write the handover a fatal signal execs with, if what it describes changed. Called on every change it
+   * describes: the orchestrator's state transitions (reloads, restarts, stops), a reload's outcome, the fd store,
+   * the control socket re-created. With no generation serving on its own (a reload in flight, starting, stopping)
+   * there is nothing it could describe: it is dropped, and a fatal signal kills as it would without recovery.
+   */
   private prepareSignalRecovery(): void {
     if (!this.orchestrator) return;
     let handover: Handover;
@@ -445,14 +443,7 @@ export class Daemon {
     const orchestrator = this.orchestrator;
     if (!orchestrator) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
     const name = trigger === 'sighup' ? 'SIGHUP' : trigger;
-    this.dropSignalRecovery();
-    let reloading: ReturnType<Orchestrator['reload']>;
-    try {
-      reloading = orchestrator.reload(trigger);
-    } finally {
-      this.prepareSignalRecovery();
-    }
-    reloading.then(
+    orchestrator.reload(trigger).then(
       (record) => this.log.info({ reload: record.id, trigger, outcome: record.outcome, reason: record.reason, code: record.code }, `${name} reload ${record.outcome}`),
       (err: Error) => this.log.error({ err }, `${name} reload failed`),
     );
@@ -481,7 +472,6 @@ export class Daemon {
   }
 
   private async shutdown(): Promise<void> {
-    if (this.signalExecTimer) clearInterval(this.signalExecTimer);
     this.dropSignalRecovery();
     for (const [signal, handler] of this.handlers) process.off(signal, handler);
     this.handlers.clear();

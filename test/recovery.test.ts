@@ -3,14 +3,26 @@
 // notices. More than 5 recoveries within a minute: Aeterna gives up (E_RECOVERY_LOOP).
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fixture, freePort, pidNamespaceUnavailable, runAeterna } from './helpers/aeterna';
 import { Daemon, statusOf } from './helpers/daemon';
 import { getJson, getText, metricSample, startLoad } from './helpers/load';
+import { settle, zombies } from '../bench/soak';
 
 const skip = pidNamespaceUnavailable();
+
+/** How many handover memfds Aeterna holds (the one a fatal signal would exec with). */
+function handoverMemfds(pid: number): number {
+  return fs.readdirSync(`/proc/${pid}/fd`).filter((fd) => {
+    try {
+      return fs.readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('/memfd:aeterna-handover');
+    } catch {
+      return false; // closed meanwhile
+    }
+  }).length;
+}
 const APP = [process.execPath, fixture('faults', 'app.js')];
 
 describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 240000 }, () => {
@@ -33,6 +45,33 @@ describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 24000
   async function reexecuted(d: Daemon, count: number): Promise<void> {
     await d.waitStatus((s) => ((s as { reexecs?: number }).reexecs ?? 0) >= count);
   }
+
+  it('the fatal-signal handover is ready when status first says Running, and stays one memfd through reloads (promoted, failed) and a restart', async () => {
+    const port = await freePort();
+    const d = new Daemon({ command: APP, port, stopTimeout: '5s' });
+    d.run = runAeterna(['start', '-c', d.configFile], { pid1: false });
+    daemons.push(d);
+    const aeterna = d.run.child.pid!;
+    // Straight from the socket, as fast as it answers: the first Running seen is the moment of the transition.
+    while ((await statusOf(d).catch(() => null))?.state !== 'Running') await new Promise((r) => setTimeout(r, 5));
+    assert.equal(handoverMemfds(aeterna), 1, 'prepared when status first says Running');
+    assert.equal((await d.cli('reload')).code, 0);
+    assert.equal(handoverMemfds(aeterna), 1, 'after a promoted reload');
+    const base = d.options;
+    d.write({ ...base, env: ['CRASH_AFTER_MS=50'], readiness: '{ mode: "notify", timeout: "1m" }' });
+    assert.equal((await d.cli('reload')).code, 1, 'the next generation crashes before it is ready: rolled back');
+    assert.equal(handoverMemfds(aeterna), 1, 'after a rolled-back reload');
+    d.write(base);
+    const serving = (await statusOf(d)).pid!;
+    process.kill(serving, 'SIGKILL');
+    const restarted = await d.waitStatus((s) => s.state === 'Running' && s.pid !== serving && s.pid !== null);
+    assert.equal(handoverMemfds(aeterna), 1, 'after a restart');
+    // And it describes the restarted app: a fatal signal now keeps that one.
+    await d.run.signal('SIGSEGV');
+    await reexecuted(d, 1);
+    assert.equal((await statusOf(d)).pid, restarted.pid);
+    assert.equal(handoverMemfds(aeterna), 1, 'after the recovery');
+  });
 
   it('as PID 1, SIGSEGV then SIGABRT under HTTP load: zero failed requests, Aeterna answers again, the same app pid and generation', async () => {
     const metricsPort = await freePort();
@@ -109,6 +148,46 @@ describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 24000
     // The orphan exits only when the exec closes its connection: the Aeterna that reaped it is the recovered one.
     assert.ok(reaped >= logged, 'reaped after the signal');
     assert.equal((await statusOf(d)).reexecs, 1);
+  });
+
+  it('as PID 1, orphans that exit while Aeterna re-executes (upgrades, a SIGSEGV) are all reaped afterwards: no zombie left in the namespace', async () => {
+    const { d } = await started({ pid1: true });
+    const host = await d.run.aeternaPid();
+    const stop = path.join(d.dir, 'stop-orphans');
+    // Inside the namespace, one short-lived orphan after another (its subshell exits at once, so PID 1 adopts it):
+    // some of them exit while Aeterna is between two programs. The loop prints how many it made.
+    const loop = `n=0; while [ ! -e ${JSON.stringify(stop)} ]; do (sleep 0.02 &); n=$((n+1)); sleep 0.005; done; echo $n`;
+    const maker = spawn('nsenter', ['-t', String(host), '-p', '--', 'sh', '-c', loop], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let made = '';
+    maker.stdout.setEncoding('utf8').on('data', (c: string) => (made += c));
+    const makerExited = new Promise<number | null>((res) => maker.on('exit', (code) => res(code)));
+    try {
+      for (let i = 1; i <= 3; i++) {
+        const r = await d.cli('upgrade');
+        assert.equal(r.code, 0, `upgrade ${i}: ${r.stderr}`);
+      }
+      await d.run.signal('SIGSEGV');
+      await reexecuted(d, 4);
+    } finally {
+      fs.writeFileSync(stop, '');
+    }
+    assert.equal(await makerExited, 0);
+    const orphans = Number(made.trim());
+    assert.ok(orphans > 0, 'orphans were made');
+    const left = await settle(() => zombies(host, true), (z) => z.length === 0);
+    assert.deepEqual(left, [], 'no zombie in the namespace');
+    const reaped = (): number => new Set(d.run.logs().filter((l) => l.msg === 'reaped orphan').map((l) => (l as { orphan?: number }).orphan)).size;
+    assert.equal(await settle(reaped, (n) => n >= orphans), orphans, 'every orphan was reaped by an Aeterna and logged');
+    // Those the re-executed Aeterna found already exited (during the exec) are reaped by its first sweep, before it logs having taken over.
+    let execing = false;
+    let inExecWindow = 0;
+    for (const { msg } of d.run.logs()) {
+      if (/^upgrade: re-executing/.test(msg)) execing = true;
+      else if (/re-executed as/.test(msg)) execing = false;
+      else if (execing && msg === 'reaped orphan') inExecWindow++;
+    }
+    assert.ok(inExecWindow > 0, 'some orphans exited while Aeterna re-executed and were reaped at its first sweep');
+    assert.equal((await statusOf(d)).reexecs, 4);
   });
 
   it('the 6th recovery within a minute gives up: E_RECOVERY_LOOP, the app ended, exit 70', async () => {
