@@ -14,9 +14,10 @@ import { relaySection } from './sections/relay';
 import { footprintSection } from './sections/footprint';
 import { reapingSection } from './sections/reaping';
 import { relaySdkSection } from './sections/relay-sdk';
+import { upgradeSection } from './sections/upgrade';
 
 const MiB = 1024 * 1024;
-const SECTIONS = ['reloads', 'overhead', 'relay', 'footprint', 'reaping', 'relaySdk'] as const;
+const SECTIONS = ['reloads', 'overhead', 'relay', 'footprint', 'reaping', 'relaySdk', 'upgrade'] as const;
 type SectionName = (typeof SECTIONS)[number];
 
 export interface BenchOptions {
@@ -204,13 +205,14 @@ export async function main(argv: string[]): Promise<number> {
     versions: versions(),
   };
   progress(`Aeterna benchmark (${o.quick ? 'quick' : 'full'}): ${o.reloads} reloads per contender; report to ${o.outDir}`);
-  const results: BenchResults = { meta, reloads: { notRun: '' }, overhead: { notRun: '' }, relay: { notRun: '' }, footprint: { notRun: '' }, reaping: { notRun: '' }, relaySdk: { notRun: '' } };
+  const results: BenchResults = { meta, reloads: { notRun: '' }, overhead: { notRun: '' }, relay: { notRun: '' }, footprint: { notRun: '' }, reaping: { notRun: '' }, relaySdk: { notRun: '' }, upgrade: { notRun: '' } };
   results.reloads = await section('reloads', o, () => reloadSection(reloadParams(o)));
   results.overhead = await section('overhead', o, () => overheadSection(o.reloads));
   results.relay = await section('relay', o, () => relaySection(o.quick ? [1 * MiB, 16 * MiB] : [1 * MiB, 64 * MiB, 1024 * MiB]));
   results.footprint = await section('footprint', o, () => footprintSection(o.quick ? 3 : 10, o.quick ? 300 : 1500));
   results.reaping = await section('reaping', o, () => reapingSection(o.quick ? 500 : 10000));
   results.relaySdk = await section('relaySdk', o, () => relaySdkSection(o.quick ? [16 * MiB] : [64 * MiB, 1024 * MiB], o.quick ? 1 : 3));
+  results.upgrade = await section('upgrade', o, () => (o.quick ? upgradeSection(2, 3, o.connections) : upgradeSection(10, 100, o.connections)));
   meta.finishedAt = new Date().toISOString();
 
   const base = `${meta.date}-${meta.machine.host.replace(/[^A-Za-z0-9_.-]/g, '_')}`;
