@@ -149,6 +149,33 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     assert.deepEqual((await getJson<{ history: string[] }>(port, '/sessions/s1')).history, ['remember me']);
   });
 
+  it('an app that connects to the state relay while the upgrade target is being checked refuses the upgrade: no connection (or checkpoint in flight on it) is cut', async () => {
+    const port = await freePort();
+    const dir = fs.mkdtempSync(path.join(fs.realpathSync('/tmp'), 'aeterna-upgrade-race-'));
+    const file = (name: string): string => path.join(dir, name);
+    // The app connects to the relay only once told to (the same process: sh execs the relay client).
+    const app = `while [ ! -e ${file('connect')} ]; do sleep 0.02; done; exec ${JSON.stringify(process.execPath)} ${JSON.stringify(fixture('apps', 'srp_peer.js'))} hang`;
+    const d = new Daemon({ command: ['sh', '-c', app], port, handoff: true }).start();
+    daemons.push(d);
+    const appPid = (await d.waitStatus((s) => s.state === 'Running')).pid;
+    // A target whose check waits until the test lets it go: the app connects in between.
+    const target = file('aeterna-target');
+    fs.writeFileSync(target, `#!/bin/sh\ntouch ${file('checking')}\nwhile [ ! -e ${file('go')} ]; do sleep 0.02; done\nexec ${JSON.stringify(process.execPath)} ${JSON.stringify(path.join(__dirname, '..', '..', 'bin', 'aeterna.js'))} "$@"\n`, { mode: 0o755 });
+    const upgrading = d.cli('upgrade', '--exec', target);
+    while (!fs.existsSync(file('checking'))) await new Promise((r) => setTimeout(r, 20));
+    fs.writeFileSync(file('connect'), '');
+    await d.run.waitFor(/GOT \{"op":"welcome"/);
+    fs.writeFileSync(file('go'), '');
+    const r = await upgrading;
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /generation 1 holds a state relay connection.*nothing changed \(E_UPGRADE_REFUSED\)/);
+    const after = await statusOf(d);
+    assert.equal(after.reexecs, 0, 'not re-executed');
+    // The relay client exits when its connection closes: the same pid serving means the connection is intact.
+    assert.equal(after.pid, appPid);
+    assert.equal(after.generation, 1);
+  });
+
   it('an upgrade to an entry that fails its check is refused (E_UPGRADE_REFUSED) and changes nothing', async () => {
     const { d, port } = await started();
     const before = await statusOf(d);
