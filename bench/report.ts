@@ -6,6 +6,7 @@ import type { OverheadSection } from './sections/overhead';
 import type { Measurement, RelaySection } from './sections/relay';
 import type { FootprintSection, Memory, Timing } from './sections/footprint';
 import type { ReapRow, ReapingSection } from './sections/reaping';
+import type { UpgradeSection } from './sections/upgrade';
 import type { RelaySdkSection, SdkPath, Spread, Steps } from './sections/relay-sdk';
 import type { CheckpointSection, Timed } from './sections/checkpoint';
 import { renderCanary, type CanarySection } from './sections/canary';
@@ -41,6 +42,7 @@ export interface BenchResults {
   relaySdk: SectionOutcome<RelaySdkSection>;
   checkpoint: SectionOutcome<CheckpointSection>;
   canary: SectionOutcome<CanarySection>;
+  upgrade: SectionOutcome<UpgradeSection>;
 }
 
 /** The section headings, in order; the CI test checks each one is present. */
@@ -55,6 +57,7 @@ export const HEADINGS = {
   relaySdk: '## 6. State relay through the SDKs',
   checkpoint: '## 7. Checkpoints',
   canary: '## 8. Weighted canary',
+  upgrade: '## 9. Aeterna upgrading itself',
   notes: '## Method notes',
 } as const;
 
@@ -470,6 +473,39 @@ function reapingSection(r: BenchResults): string[] {
   return out;
 }
 
+// ---- section 7 --------------------------------------------------------------------------------
+
+function upgradeReport(r: BenchResults): string[] {
+  const out: string[] = [HEADINGS.upgrade, ''];
+  const note = outcomeNote(r.upgrade);
+  if (note || !('value' in r.upgrade)) return [...out, note ?? '', ''];
+  const u = r.upgrade.value;
+  const l = u.underLoad;
+  const failures = Object.entries(l.failures).map(([k, v]) => `${k} ${v}`).join(', ');
+  out.push(
+    `From running \`aeterna upgrade\` (the CLI) to its exit, which is when the re-executed Aeterna answered on the control socket; ` +
+      `beside it, \`aeterna status\` through the same CLI (the same Node start-up and control round trip, no re-exec), ${u.reps} of each, alternating, without load. ` +
+      `The ratio is the upgrade's time over the status round trip's.`,
+    '',
+    table(
+      ['command', 'median', 'p95', 'upgrade / status'],
+      [
+        ['`aeterna status`', ms(u.status.median), ms(u.status.p95), '1x'],
+        ['**`aeterna upgrade`**', ms(u.upgrade.median), ms(u.upgrade.p95), ratio(u.upgrade.median, u.status.median)],
+      ],
+    ),
+    '',
+    `Then ${l.upgrades} upgrades in a row, each through the CLI, while autocannon loads the app with ${l.connections} keep-alive connections:`,
+    '',
+    table(
+      ['upgrades', 'requests ok', 'failed', 'upgrade median (p95) under load', 're-execs after', 'same Aeterna pid', 'same app pid'],
+      [[String(l.upgrades), fmtInt(l.ok), `**${fmtInt(l.failed)}**${failures ? ` (${failures})` : ''}`, `${ms(l.upgrade.median)} (${ms(l.upgrade.p95)})`, String(l.reexecs), l.sameDaemonPid ? 'yes' : '**no**', l.sameAppPid ? 'yes' : '**no**']],
+    ),
+    '',
+  );
+  return out;
+}
+
 // ---- section 6 --------------------------------------------------------------------------------
 
 /** Issue 14's goal: 1 GiB through either SDK within this multiple of the one-hop socket copy. */
@@ -628,6 +664,10 @@ function headline(r: BenchResults): string[] {
     out.push(`- ${fmtInt(s.orphans)} orphans reaped in **${ms((s.aeterna as { reapMs: number }).reapMs)}**${t}.`);
   }
   if ('value' in r.relay) out.push(`- State relay: ${r.relay.value.relayStatus}.`);
+  if ('value' in r.upgrade) {
+    const u = r.upgrade.value;
+    out.push(`- \`aeterna upgrade\` answered in **${ms(u.upgrade.median)}** median (${ratio(u.upgrade.median, u.status.median)} an \`aeterna status\`); **${fmtInt(u.underLoad.failed)}** failed requests over ${u.underLoad.upgrades} upgrades under load.`);
+  }
   if ('value' in r.relaySdk) {
     const row = r.relaySdk.value.rows[r.relaySdk.value.rows.length - 1];
     const peer = row ? socketMs(row.socket) : null;
@@ -747,6 +787,7 @@ export function renderReport(r: BenchResults, chartFile: string): string {
   out.push(...relaySdkSection(r));
   out.push(...checkpointReport(r));
   out.push(HEADINGS.canary, '', ...('value' in r.canary ? renderCanary(r.canary.value) : [outcomeNote(r.canary)!, '']));
+  out.push(...upgradeReport(r));
   out.push(
     HEADINGS.notes,
     '',

@@ -16,9 +16,10 @@ import { reapingSection } from './sections/reaping';
 import { relaySdkSection } from './sections/relay-sdk';
 import { checkpointSection } from './sections/checkpoint';
 import { canarySection } from './sections/canary';
+import { upgradeSection } from './sections/upgrade';
 
 const MiB = 1024 * 1024;
-const SECTIONS = ['reloads', 'overhead', 'relay', 'footprint', 'reaping', 'relaySdk', 'checkpoint', 'canary'] as const;
+const SECTIONS = ['reloads', 'overhead', 'relay', 'footprint', 'reaping', 'relaySdk', 'checkpoint', 'canary', 'upgrade'] as const;
 type SectionName = (typeof SECTIONS)[number];
 
 export interface BenchOptions {
@@ -206,7 +207,7 @@ export async function main(argv: string[]): Promise<number> {
     versions: versions(),
   };
   progress(`Aeterna benchmark (${o.quick ? 'quick' : 'full'}): ${o.reloads} reloads per contender; report to ${o.outDir}`);
-  const results: BenchResults = { meta, reloads: { notRun: '' }, overhead: { notRun: '' }, relay: { notRun: '' }, footprint: { notRun: '' }, reaping: { notRun: '' }, relaySdk: { notRun: '' }, checkpoint: { notRun: '' }, canary: { notRun: '' } };
+  const results: BenchResults = { meta, reloads: { notRun: '' }, overhead: { notRun: '' }, relay: { notRun: '' }, footprint: { notRun: '' }, reaping: { notRun: '' }, relaySdk: { notRun: '' }, checkpoint: { notRun: '' }, canary: { notRun: '' }, upgrade: { notRun: '' } };
   results.reloads = await section('reloads', o, () => reloadSection(reloadParams(o)));
   results.overhead = await section('overhead', o, () => overheadSection(o.reloads));
   results.relay = await section('relay', o, () => relaySection(o.quick ? [1 * MiB, 16 * MiB] : [1 * MiB, 64 * MiB, 1024 * MiB]));
@@ -217,6 +218,7 @@ export async function main(argv: string[]): Promise<number> {
   results.canary = await section('canary', o, () =>
     canarySection({ weights: [10, 50, 90], connections: o.quick ? 400 : 2000, switches: o.quick ? 1 : 10, keepAlive: 8, fresh: 4, requestsPerConnection: 50 }),
   );
+  results.upgrade = await section('upgrade', o, () => (o.quick ? upgradeSection(2, 3, o.connections) : upgradeSection(10, 100, o.connections)));
   meta.finishedAt = new Date().toISOString();
 
   const base = `${meta.date}-${meta.machine.host.replace(/[^A-Za-z0-9_.-]/g, '_')}`;

@@ -42,6 +42,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -708,28 +709,40 @@ Napi::Value ClearCloexec(const Napi::CallbackInfo& info) {
 // Aeterna re-executes itself in place (aeterna upgrade): same pid, its children stay its children.
 // Only the fds listed in `keep` lose close-on-exec, right before the exec; everything else closes.
 // If execve fails, they get close-on-exec back and the caller goes on as before.
-Napi::Value Execve(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
+// An execve's arguments, read from (path, argv, env, keep) and held as the C arrays execve takes.
+struct ExecCall {
   std::string file;
-  if (!GetString(info[0], "path", &file)) return Napi::Value();
   std::vector<std::string> args, envs;
+  std::vector<char*> argv, envp;
+  std::vector<int> keep;
+};
+
+// Fills `call` from info[0..3]; false (with a JS exception pending) on a bad argument.
+bool GetExecCall(const Napi::CallbackInfo& info, ExecCall* call) {
+  if (!GetString(info[0], "path", &call->file)) return false;
   const char* names[] = {"argv", "env"};
-  std::vector<std::string>* outs[] = {&args, &envs};
+  std::vector<std::string>* outs[] = {&call->args, &call->envs};
   for (int k = 0; k < 2; k++) {
     Napi::Array list;
-    if (!GetArray(info[k + 1], names[k], &list)) return Napi::Value();
+    if (!GetArray(info[k + 1], names[k], &list)) return false;
     for (uint32_t i = 0; i < list.Length(); i++) {
       outs[k]->emplace_back();
-      if (!GetString(list.Get(i), names[k], &outs[k]->back())) return Napi::Value();
+      if (!GetString(list.Get(i), names[k], &outs[k]->back())) return false;
     }
   }
-  std::vector<int> keep;
-  if (!GetFdList(info[3], "keep", 65536, &keep)) return Napi::Value();
-  std::vector<char*> argv, envp;
-  for (std::string& s : args) argv.push_back(&s[0]);
-  argv.push_back(nullptr);
-  for (std::string& s : envs) envp.push_back(&s[0]);
-  envp.push_back(nullptr);
+  if (!GetFdList(info[3], "keep", 65536, &call->keep)) return false;
+  for (std::string& s : call->args) call->argv.push_back(&s[0]);
+  call->argv.push_back(nullptr);
+  for (std::string& s : call->envs) call->envp.push_back(&s[0]);
+  call->envp.push_back(nullptr);
+  return true;
+}
+
+Napi::Value Execve(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ExecCall call;
+  if (!GetExecCall(info, &call)) return Napi::Value();
+  const std::vector<int>& keep = call.keep;
   size_t cleared = 0;
   for (; cleared < keep.size(); cleared++) {
     int flags = fcntl(keep[cleared], F_GETFD);
@@ -738,11 +751,85 @@ Napi::Value Execve(const Napi::CallbackInfo& info) {
   int err = cleared < keep.size() ? errno : 0;
   std::string failed = cleared < keep.size() ? "fcntl" : "execve";
   if (err == 0) {
-    execve(file.c_str(), argv.data(), envp.data());
+    execve(call.file.c_str(), call.argv.data(), call.envp.data());
     err = errno;
   }
   for (size_t i = 0; i < cleared; i++) fcntl(keep[i], F_SETFD, fcntl(keep[i], F_GETFD) | FD_CLOEXEC);
-  return Throw(SysError(env, err, failed.c_str(), failed == "execve" ? file : FdName(keep[cleared])));
+  return Throw(SysError(env, err, failed.c_str(), failed == "execve" ? call.file : FdName(keep[cleared])));
+}
+
+// ---------------------------------------------------------------------------
+// Recovery from a fatal signal: Aeterna (PID 1) must not take the app down with it.
+// The daemon prepares an execve (argv, envp, a handover memfd) in advance and keeps it
+// current; the handler only clears close-on-exec on the kept fds and calls execve,
+// all async-signal-safe. Without a prepared exec, or if execve fails, the signal kills
+// as it would have without the handler.
+// ---------------------------------------------------------------------------
+
+const int kFatalSignals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
+// Swapped whole (never changed in place) so the handler sees either the old or the new call.
+std::atomic<ExecCall*> prepared_exec{nullptr};
+// The call swapped out last, freed only at the next swap: a kill()ed fatal signal may run the handler on another
+// thread, which may still be reading the call it loaded just before the swap.
+ExecCall* retired_exec = nullptr;
+
+void RetireExec(ExecCall* previous) {
+  delete retired_exec;
+  retired_exec = previous;
+}
+
+void OnFatalSignal(int sig) {
+  ExecCall* call = prepared_exec.load();
+  if (call != nullptr) {
+    for (int fd : call->keep) {
+      int flags = fcntl(fd, F_GETFD);
+      if (flags >= 0) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+    }
+    // The signal mask survives execve: the new Aeterna must not start with this signal blocked.
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    execve(call->file.c_str(), call->argv.data(), call->envp.data());
+  }
+  struct sigaction dfl = {};
+  dfl.sa_handler = SIG_DFL;
+  sigaction(sig, &dfl, nullptr);
+  raise(sig);  // delivered once the handler returns (a fault re-faults): the process dies of it
+}
+
+bool InstallFatalSignalHandlers() {
+  static bool installed = false;
+  if (installed) return true;
+  // The handler runs on its own stack: a stack overflow must still be able to exec.
+  stack_t alt = {};
+  alt.ss_size = 64 * 1024;
+  alt.ss_sp = malloc(alt.ss_size);
+  if (alt.ss_sp == nullptr || sigaltstack(&alt, nullptr) < 0) return false;
+  struct sigaction sa = {};
+  sa.sa_handler = OnFatalSignal;
+  sa.sa_flags = SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : kFatalSignals) {
+    if (sigaction(sig, &sa, nullptr) < 0) return false;
+  }
+  installed = true;
+  return true;
+}
+
+// prepareFatalSignalExec(path, argv, env, keep): what a fatal signal execs from now on.
+Napi::Value PrepareFatalSignalExec(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto call = std::make_unique<ExecCall>();
+  if (!GetExecCall(info, call.get())) return Napi::Value();
+  if (!InstallFatalSignalHandlers()) return Throw(SysError(env, errno, "sigaction", "fatal signal handlers"));
+  RetireExec(prepared_exec.exchange(call.release()));
+  return env.Undefined();
+}
+
+// clearFatalSignalExec(): a fatal signal kills again (no state Aeterna could hand over).
+Napi::Value ClearFatalSignalExec(const Napi::CallbackInfo& info) {
+  RetireExec(prepared_exec.exchange(nullptr));
+  return info.Env().Undefined();
 }
 
 Napi::Value IsListeningSocket(const Napi::CallbackInfo& info) {
@@ -1038,6 +1125,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"setCloexec", SetCloexec},
       {"clearCloexec", ClearCloexec},
       {"execve", Execve},
+      {"prepareFatalSignalExec", PrepareFatalSignalExec},
+      {"clearFatalSignalExec", ClearFatalSignalExec},
       {"isListeningSocket", IsListeningSocket},
       {"listen", Listen},
       {"isReadShutdown", IsReadShutdown},

@@ -25,8 +25,10 @@ import { SrpCoordinator } from './srp/coordinator';
 import { resolveIdentity } from './supervisor/identity';
 import { ROOT_RUNTIME_DIR, defaultRuntimeDir, ensurePrivateRuntimeDir } from './config/runtime-dir';
 import { Generation } from './supervisor/generation';
-import { HANDOVER_VERSION, type FdRole, type Handover } from './upgrade/handover';
-import { checkTarget, reexec, upgradeArgv } from './upgrade/reexec';
+import { HANDOVER_VERSION, type FdRole, type Handover, type ReexecReason } from './upgrade/handover';
+import { checkTarget, prepareSignalExec, reexec, upgradeArgv } from './upgrade/reexec';
+import { RECOVERY_LIMIT, RECOVERY_WINDOW_MS, injectFault, recentRecoveries, reexecsByReason, takeTestFault, type TestFault } from './upgrade/recovery';
+import { native } from './native/binding';
 import { packageVersion } from './version';
 
 /** Signals passed on to the serving generation's root process as they are. */
@@ -113,6 +115,13 @@ export class Daemon {
   private readonly reexecs: number;
   /** An upgrade is being checked or exec'd: a second one is refused. */
   private upgrading = false;
+  /** Re-execs since the container started, by reason, and the recoveries within the recovery window (carried by the handover). */
+  private readonly reexecsByReason: Partial<Record<ReexecReason, number>>;
+  private readonly recoveries: string[];
+  /** The handover a fatal signal execs with: its memfd and what it says (kept current as things change). */
+  private signalExec: { fd: number; json: string } | null = null;
+  /** AETERNA_TEST_FAULT: a fault tests inject inside the daemon; null outside tests. */
+  private readonly testFault: TestFault | null = takeTestFault(process.env);
 
   constructor(
     private readonly config: Config,
@@ -122,6 +131,8 @@ export class Daemon {
   ) {
     this.listeners = new ListenerSet(handover ? handover.listeners : inheritedListeners(process.env));
     this.reexecs = handover ? handover.counters.reexecs + 1 : 0;
+    this.reexecsByReason = reexecsByReason(handover);
+    this.recoveries = recentRecoveries(handover, this.execAt);
     this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State);
     this.listenerWatch = new ListenerWatch(this.listeners, this.metrics, log);
     this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log);
@@ -130,13 +141,15 @@ export class Daemon {
   /** Run until everything has stopped; resolves with Aeterna's exit code. */
   async run(): Promise<number> {
     const h = this.handover;
+    if (this.recoveries.length > RECOVERY_LIMIT) return this.giveUpRecovering();
     // Before the reaper's first sweep: a generation that exited during the exec is reported, not reaped as an orphan.
     const adopted = h ? h.generations.map((g) => Generation.adopt(g.number, g.pid, new Date(g.started_at), this.reaper, null, null)) : [];
-    this.reaper.install();
+    // Listening first: install() reaps at once what exited before (during an exec, say), and that counts too.
     this.reaper.on('orphan', (info) => {
       this.metrics.zombieReaped();
       this.log.debug({ orphan: info.pid }, 'reaped orphan');
     });
+    this.reaper.install();
     // Handlers first: PID 1 gets no default action from the kernel, and a
     // SIGTERM that arrives while we set up must still stop us.
     this.installSignalHandlers();
@@ -146,7 +159,8 @@ export class Daemon {
       // The control socket first: if another daemon answers there, refuse before binding anything.
       const kept = (role: FdRole): number | undefined => h?.fds.find((f) => f.role === role)?.fd;
       const controlFd = kept('control');
-      this.control = await startControlServer(this.config.control.socketPath, this.api(), this.log, h && controlFd !== undefined ? { adopt: { fd: controlFd, file: h.control } } : {});
+      const listeningChanged = (): void => this.prepareSignalRecovery();
+      this.control = await startControlServer(this.config.control.socketPath, this.api(), this.log, h && controlFd !== undefined ? { adopt: { fd: controlFd, file: h.control }, listeningChanged } : { listeningChanged });
       this.listeners.apply(this.config.service.listeners, this.config.orchestration.canary !== null);
       for (const l of this.listeners.list()) {
         this.log.info({ listener: l.name, address: l.address, fd: l.fd }, 'listener ready');
@@ -177,7 +191,10 @@ export class Daemon {
       return startFailureCode(err);
     }
     this.cgroups = this.openCgroups();
-    this.fdStore = new FdStore(this.log, (count) => this.metrics.fdStoreChanged(count));
+    this.fdStore = new FdStore(this.log, (count) => {
+      this.metrics.fdStoreChanged(count);
+      this.prepareSignalRecovery();
+    });
     if (h) this.fdStore.adopt(h.fdstore);
     this.orchestrator = new Orchestrator(this.config, {
       log: this.log,
@@ -190,14 +207,20 @@ export class Daemon {
       loadConfig: loadConfigFile,
       relay: this.relay,
       cgroups: this.cgroups,
-      reloadSettled: (_record, config) => this.fileWatch.reloadSettled(config),
+      reloadSettled: (_record, config) => {
+        this.fileWatch.reloadSettled(config);
+        this.prepareSignalRecovery();
+      },
     });
+    // Every state change may change what the handover describes (a reload starting drops it, Running prepares it
+    // again): prepared in the transition itself, so whoever sees Running also finds it ready.
+    this.orchestrator.fsm.onTransition(() => this.prepareSignalRecovery());
     if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
     let stopped: Promise<number>;
     if (h && adopted.length === 1) {
       stopped = this.orchestrator.adopt(adopted[0], h.counters);
-      this.metrics.reexecuted(h.reason, this.reexecs);
-      this.log.info({ reason: h.reason, from: h.from.version, to: this.version, reexecs: this.reexecs, generation: adopted[0].number, child: adopted[0].pid }, `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${adopted[0].number} (pid ${adopted[0].pid})`);
+      this.metrics.reexecuted(this.reexecsByReason);
+      this.log.info({ reason: h.reason, recoveries_last_minute: this.recoveries.length, from: h.from.version, to: this.version, reexecs: this.reexecs, generation: adopted[0].number, child: adopted[0].pid }, `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${adopted[0].number} (pid ${adopted[0].pid})`);
     } else {
       stopped = this.orchestrator.run();
     }
@@ -228,7 +251,11 @@ export class Daemon {
       return this.orchestrator;
     };
     return {
-      status: () => ({ ...need().status(), version: this.version, exec_at: this.execAt.toISOString(), reexecs: this.reexecs }),
+      status: () => {
+        const report = { ...need().status(), version: this.version, exec_at: this.execAt.toISOString(), reexecs: this.reexecs };
+        if (this.testFault && report.state === 'Running') injectFault(this.testFault);
+        return report;
+      },
       upgrade: (exec) => this.upgrade(exec),
       reload: (trigger, onEvent) => need().reload(trigger, onEvent),
       promote: () => need().promote(),
@@ -245,20 +272,24 @@ export class Daemon {
     const orchestrator = this.orchestrator;
     if (!orchestrator) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
     if (this.upgrading) throw new AeternaError('E_RELOAD_BUSY', 'an upgrade is already in progress');
-    orchestrator.handoverState(); // refuses during a reload
-    const connected = this.relay?.connectedGenerations() ?? [];
-    if (connected.length > 0) {
-      // Closing it would lose the app's memory at the next reload (no connection, no state): refuse instead.
-      throw new AeternaError(
-        'E_UPGRADE_REFUSED',
-        `generation ${connected.map((g) => g.number).join(', ')} holds a state relay connection, which an upgrade cannot carry over yet (its state would not reach the next generation); nothing changed`,
-      );
-    }
+    const handoverPossible = (): void => {
+      orchestrator.handoverState(); // refuses during a reload
+      const connected = this.relay?.connectedGenerations() ?? [];
+      if (connected.length > 0) {
+        // Closing it would lose the app's memory at the next reload (no connection, no state), and cut short a
+        // checkpoint being received over it: refuse instead.
+        throw new AeternaError(
+          'E_UPGRADE_REFUSED',
+          `generation ${connected.map((g) => g.number).join(', ')} holds a state relay connection, which an upgrade cannot carry over yet (its state would not reach the next generation); nothing changed`,
+        );
+      }
+    };
+    handoverPossible();
     const argv = upgradeArgv(exec);
     this.upgrading = true;
     try {
       await checkTarget(argv, this.reaper);
-      orchestrator.handoverState(); // a reload may have started while the target was checked
+      handoverPossible(); // a reload may have started, or the app connected, while the target was checked
     } catch (err) {
       this.upgrading = false;
       this.log.warn({ code: (err as AeternaError).code, target: argv[0] }, `upgrade refused: ${(err as Error).message}`);
@@ -270,7 +301,7 @@ export class Daemon {
       reexecs: this.reexecs,
       execNow: () => {
         try {
-          const handover = this.describeHandover();
+          const handover = this.describeHandover('upgrade');
           this.log.info({ target: argv[0], handover_version: HANDOVER_VERSION, fds: handover.fds.length }, `upgrade: re-executing ${argv[0]}`);
           reexec(argv, handover);
         } catch (err) {
@@ -282,8 +313,73 @@ export class Daemon {
     };
   }
 
+  /**
+   * Aeterna hit a bug (an uncaught exception or rejection, already logged): re-execute in place with the current
+   * handover, so the app keeps running. Returns only when that is impossible (no generation serving on its own, e.g.
+   * during a reload, or execve failed): the caller then ends everything.
+   */
+  recoverFromCrash(): void {
+    try {
+      const lost = this.relay?.connectedGenerations() ?? [];
+      if (lost.length > 0) {
+        // A crash cannot wait for them: the app's state reaches the next generation only if the app connects again.
+        this.log.warn({ generations: lost.map((g) => g.number) }, `recovery: the state relay connection of generation ${lost.map((g) => g.number).join(', ')} is lost (the next reload relays no state unless the app connects again)`);
+      }
+      const argv = upgradeArgv(undefined);
+      const handover = this.describeHandover('exception');
+      this.log.info({ reason: 'exception', target: argv[0], fds: handover.fds.length }, 'recovery: re-executing aeterna in place (reason exception)');
+      reexec(argv, handover);
+    } catch (err) {
+      this.log.error({ err, code: (err as AeternaError).code }, `recovery impossible, ending everything: ${(err as Error).message}`);
+    }
+  }
+
+  /** Too many recoveries within the window: take the app down and exit, so the platform sees it. */
+  private giveUpRecovering(): number {
+    this.log.error(
+      { code: 'E_RECOVERY_LOOP', recoveries: this.recoveries },
+      `aeterna recovered from its own crash ${this.recoveries.length} times within ${RECOVERY_WINDOW_MS / 1000}s (at most ${RECOVERY_LIMIT}): giving up, ending the app (E_RECOVERY_LOOP)`,
+    );
+    this.killEverything();
+    return ExitCodes.SOFTWARE;
+  }
+
+  /**
+   * Re-write the handover a fatal signal execs with, if what it describes changed. Called on every change it
+   * describes: the orchestrator's state transitions (reloads, restarts, stops), a reload's outcome, the fd store,
+   * the control socket re-created. With no generation serving on its own (a reload in flight, starting, stopping)
+   * there is nothing it could describe: it is dropped, and a fatal signal kills as it would without recovery.
+   */
+  private prepareSignalRecovery(): void {
+    if (!this.orchestrator) return;
+    let handover: Handover;
+    try {
+      handover = this.describeHandover('signal');
+    } catch {
+      this.dropSignalRecovery(); // a reload in flight, starting or stopping: nothing the handover can describe
+      return;
+    }
+    const json = JSON.stringify(handover);
+    if (json === this.signalExec?.json) return;
+    try {
+      // The new one first: the handler must always find a valid memfd.
+      const fd = prepareSignalExec(upgradeArgv(undefined), handover);
+      if (this.signalExec) native.close(this.signalExec.fd);
+      this.signalExec = { fd, json };
+    } catch (err) {
+      this.log.warn({ err }, `cannot prepare recovery from a fatal signal: ${(err as Error).message}`);
+    }
+  }
+
+  private dropSignalRecovery(): void {
+    if (!this.signalExec) return;
+    native.clearFatalSignalExec();
+    native.close(this.signalExec.fd);
+    this.signalExec = null;
+  }
+
   /** Everything the next Aeterna takes over: the serving generation, every fd kept with its role and name, the counters. */
-  private describeHandover(): Handover {
+  private describeHandover(reason: ReexecReason): Handover {
     const { serving, counters } = this.orchestrator!.handoverState();
     const fds: Handover['fds'] = this.listeners.list().map((l) => ({ role: 'listener', name: l.name, fd: l.fd }));
     const control = this.control!.listening;
@@ -297,7 +393,7 @@ export class Daemon {
     return {
       version: HANDOVER_VERSION,
       from: { version: this.version, pid: process.pid },
-      reason: 'upgrade',
+      reason,
       fds,
       listeners: this.listeners.list().map((l) => ({ ...l })),
       control: control.file,
@@ -306,11 +402,14 @@ export class Daemon {
       fdstore,
       generations: [{ number: serving.number, pid: serving.pid, pgid: serving.pid, state: 'serving', started_at: serving.startedAt.toISOString(), cgroup: serving.cgroup?.dir ?? null }],
       counters: { ...counters, reexecs: this.reexecs },
+      reexecs_by_reason: this.reexecsByReason,
+      recoveries: this.recoveries,
     };
   }
 
   stop(reason: string): void {
     this.fileWatch.close(); // no reload starts once stopping
+    this.dropSignalRecovery();
     if (this.orchestrator?.fsm.state === 'Stopped') this.hurry.abort();
     if (this.orchestrator) this.orchestrator.stop(reason);
     else this.pendingStop = reason;
@@ -373,6 +472,7 @@ export class Daemon {
   }
 
   private async shutdown(): Promise<void> {
+    this.dropSignalRecovery();
     for (const [signal, handler] of this.handlers) process.off(signal, handler);
     this.handlers.clear();
     this.listenerWatch.stop();

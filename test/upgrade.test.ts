@@ -5,8 +5,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fixture, freePort } from './helpers/aeterna';
-import { Daemon, statusOf } from './helpers/daemon';
+import { Daemon, socketOf, statusOf } from './helpers/daemon';
 import { getJson, requestJson, startLoad } from './helpers/load';
+import { fdCountAtRest } from '../bench/soak';
+import { call } from '../src/control/client';
 
 const requestJsonPost = (port: number, url: string, body: string): Promise<unknown> => requestJson(port, 'POST', url, body);
 import { native } from '../src/native/binding';
@@ -110,6 +112,27 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     assert.equal((await getJson<{ pid: number }>(port)).pid, reloaded.pid);
   });
 
+  it("Aeterna's fd count is the same after 100 upgrades", async () => {
+    const { d } = await started();
+    const aeterna = d.run.child.pid!;
+    const before = await statusOf(d);
+    const fds = await fdCountAtRest(aeterna);
+    for (let i = 1; i <= 100; i++) {
+      // The control request itself (the path the CLI takes, without starting a CLI process 100 times).
+      const r = await call(socketOf(d), { cmd: 'upgrade' });
+      assert.ok('upgrade' in r, `upgrade ${i} accepted`);
+      // The control socket is handed over: this waits in its backlog until the re-executed Aeterna answers.
+      // A status the old Aeterna accepted just before its exec is cut: ask again.
+      while ((await statusOf(d).catch(() => null))?.reexecs !== i) await new Promise((res) => setTimeout(res, 20));
+    }
+    const after = await statusOf(d);
+    assert.equal(after.reexecs, 100);
+    assert.equal(after.daemon_pid, aeterna);
+    assert.equal(after.pid, before.pid, 'the same app process');
+    assert.equal(after.state, 'Running');
+    assert.equal(await fdCountAtRest(aeterna), fds, "Aeterna's fd count after 100 upgrades");
+  });
+
   it('an upgrade while a generation holds a state relay connection is refused (E_UPGRADE_REFUSED): its memory stays relayable', async () => {
     const port = await freePort();
     const d = new Daemon({ command: [process.execPath, fixture('apps', 'stateful_app.js')], port, handoff: true, readiness: '{ mode: "notify", timeout: "20s" }' }).start();
@@ -124,6 +147,33 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     // and the state still reaches the next generation
     assert.equal((await d.cli('reload')).code, 0);
     assert.deepEqual((await getJson<{ history: string[] }>(port, '/sessions/s1')).history, ['remember me']);
+  });
+
+  it('an app that connects to the state relay while the upgrade target is being checked refuses the upgrade: no connection (or checkpoint in flight on it) is cut', async () => {
+    const port = await freePort();
+    const dir = fs.mkdtempSync(path.join(fs.realpathSync('/tmp'), 'aeterna-upgrade-race-'));
+    const file = (name: string): string => path.join(dir, name);
+    // The app connects to the relay only once told to (the same process: sh execs the relay client).
+    const app = `while [ ! -e ${file('connect')} ]; do sleep 0.02; done; exec ${JSON.stringify(process.execPath)} ${JSON.stringify(fixture('apps', 'srp_peer.js'))} hang`;
+    const d = new Daemon({ command: ['sh', '-c', app], port, handoff: true }).start();
+    daemons.push(d);
+    const appPid = (await d.waitStatus((s) => s.state === 'Running')).pid;
+    // A target whose check waits until the test lets it go: the app connects in between.
+    const target = file('aeterna-target');
+    fs.writeFileSync(target, `#!/bin/sh\ntouch ${file('checking')}\nwhile [ ! -e ${file('go')} ]; do sleep 0.02; done\nexec ${JSON.stringify(process.execPath)} ${JSON.stringify(path.join(__dirname, '..', '..', 'bin', 'aeterna.js'))} "$@"\n`, { mode: 0o755 });
+    const upgrading = d.cli('upgrade', '--exec', target);
+    while (!fs.existsSync(file('checking'))) await new Promise((r) => setTimeout(r, 20));
+    fs.writeFileSync(file('connect'), '');
+    await d.run.waitFor(/GOT \{"op":"welcome"/);
+    fs.writeFileSync(file('go'), '');
+    const r = await upgrading;
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /generation 1 holds a state relay connection.*nothing changed \(E_UPGRADE_REFUSED\)/);
+    const after = await statusOf(d);
+    assert.equal(after.reexecs, 0, 'not re-executed');
+    // The relay client exits when its connection closes: the same pid serving means the connection is intact.
+    assert.equal(after.pid, appPid);
+    assert.equal(after.generation, 1);
   });
 
   it('an upgrade to an entry that fails its check is refused (E_UPGRADE_REFUSED) and changes nothing', async () => {

@@ -36,11 +36,15 @@ export async function runStart(options: { config?: string; checkHandover?: strin
   }
   const log = createLogger(config.observability.logLevel);
   const daemon = new Daemon(config, log, handover);
-  // PID 1 must not die of a bug without a word: log it, take the app with it and exit with EX_SOFTWARE.
-  process.on('uncaughtException', (err) => {
-    log.fatal({ err }, 'internal error');
+  // PID 1 must not die of a bug, nor without a word: log it with its stack and re-execute in place with the
+  // handover (the app keeps running); only if that is impossible, take the app with it and exit with EX_SOFTWARE.
+  const crashed = (err: unknown, what: string): void => {
+    log.fatal({ err, reason: 'exception' }, `internal error (${what}): ${(err as Error)?.message ?? String(err)}`);
+    daemon.recoverFromCrash();
     daemon.killEverything();
     exitWhenFlushed(ExitCodes.SOFTWARE);
-  });
+  };
+  process.on('uncaughtException', (err) => crashed(err, 'uncaught exception'));
+  process.on('unhandledRejection', (err) => crashed(err, 'unhandled rejection'));
   return daemon.run();
 }

@@ -46,6 +46,8 @@ export interface ControlServerOptions {
   watchIntervalMs?: number;
   /** A control socket a re-executed Aeterna took over (aeterna upgrade): accept on it instead of creating one. */
   adopt?: { fd: number; file: SocketFile };
+  /** Called when the listening socket changed (the file was re-created): what an upgrade hands over changed. */
+  listeningChanged?: () => void;
 }
 
 export interface ControlServer {
@@ -262,6 +264,7 @@ export async function startControlServer(
       // The old socket is unreachable by path: stop accepting on it (and free its fd); its connections go on.
       listening.close();
       listening = next;
+      options.listeningChanged?.();
       return listening.file;
     },
     recreated: (loss) => {

@@ -53,7 +53,7 @@ class Exported {
     this.listenerRepairs = new prom.Counter({ name: 'aeterna_listener_repairs_total', help: 'Listeners found broken (an app shut its socket down), by listener and what repairing did (relistened, rebound, failed)', labelNames: ['listener', 'result'] as const, registers });
     this.fdstoreFds = new prom.Gauge({ name: 'aeterna_fdstore_fds', help: 'Fds the app parked in the fd store (FDSTORE=1)', registers });
     this.watchdogTimeouts = new prom.Counter({ name: 'aeterna_watchdog_timeouts_total', help: 'Generations the watchdog fired on (no WATCHDOG=1 in time, or WATCHDOG=trigger)', registers });
-    this.reexecs = new prom.Counter({ name: 'aeterna_reexecs_total', help: 'Times Aeterna re-executed itself in place since the container started, by reason (upgrade)', labelNames: ['reason'] as const, registers });
+    this.reexecs = new prom.Counter({ name: 'aeterna_reexecs_total', help: 'Times Aeterna re-executed itself in place since the container started, by reason (upgrade, exception, signal)', labelNames: ['reason'] as const, registers });
     this.checkpoints = new prom.Counter({ name: 'aeterna_checkpoints_total', help: 'Checkpoints the app sent, by result (stored, or why refused: too_large, checksum_mismatch, bad_state, disabled, write_failed, cut_short)', labelNames: ['result'] as const, registers });
     this.checkpointBytes = new prom.Gauge({ name: 'aeterna_checkpoint_bytes', help: 'Size of the latest stored checkpoint', registers });
     new prom.Gauge({
@@ -158,9 +158,11 @@ export class Metrics {
     this.record((e) => e.watchdogTimeouts.inc());
   }
 
-  /** Re-executions carried over from the handover (counts before this exec included). */
-  reexecuted(reason: string, count: number): void {
-    this.record((e) => e.reexecs.inc({ reason }, count));
+  /** Re-executions carried over from the handover, by reason (this exec included). */
+  reexecuted(byReason: Partial<Record<string, number>>): void {
+    this.record((e) => {
+      for (const [reason, count] of Object.entries(byReason)) e.reexecs.inc({ reason }, count ?? 0);
+    });
   }
 
   stateRelayed(bytes: number, seconds?: number): void {

@@ -158,6 +158,14 @@ export interface Binding {
    * 'fcntl'), and `keep` is close-on-exec again.
    */
   execve(path: string, argv: string[], env: string[], keep: number[]): never;
+  /**
+   * What a fatal signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) does from now on: a handler (on its own stack)
+   * clears close-on-exec on `keep` and calls execve(path, argv, env). The first call installs the handler; each
+   * call replaces the previous exec (the caller keeps `keep` open until it is replaced).
+   */
+  prepareFatalSignalExec(path: string, argv: string[], env: string[], keep: number[]): void;
+  /** A fatal signal kills the process again (the handler finds nothing prepared). */
+  clearFatalSignalExec(): void;
   /** Whether fd is a listening socket (SO_ACCEPTCONN). */
   isListeningSocket(fd: number): boolean;
   /** listen(fd, backlog) on an existing socket (revives a TCP listener that an app's shutdown(2) put back to CLOSE). */

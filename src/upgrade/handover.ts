@@ -15,6 +15,9 @@ export const HANDOVER_VERSION = 1;
 /** The environment variable that carries the handover's fd number across the exec. */
 export const HANDOVER_ENV = 'AETERNA_HANDOVER_FD';
 
+/** Why Aeterna re-executed itself: `aeterna upgrade`, an uncaught exception or rejection, a fatal signal. */
+export type ReexecReason = 'upgrade' | 'exception' | 'signal';
+
 export type FdRole = 'listener' | 'control' | 'relay' | 'notify' | 'metrics' | 'fdstore';
 
 /** One fd that survives the exec. */
@@ -40,7 +43,7 @@ export interface Handover {
   /** The Aeterna that wrote it. */
   from: { version: string; pid: number };
   /** Why the exec happened (aeterna_reexecs_total's label). */
-  reason: 'upgrade';
+  reason: ReexecReason;
   fds: KeptFd[];
   /** The listeners as the ListenerSet knows them (their fds are among `fds`). */
   listeners: Listener[];
@@ -51,6 +54,10 @@ export interface Handover {
   fdstore: Array<{ name: string; fd: number; watched: boolean }>;
   generations: HandedGeneration[];
   counters: { reloads: number; restarts: number; generations: number; reexecs: number; last_reload: ReloadRecord | null; started_at: string };
+  /** Re-execs before this one, by reason (absent in a handover from an Aeterna that counted only upgrades). */
+  reexecs_by_reason?: Partial<Record<ReexecReason, number>>;
+  /** When the recent recoveries (exception, signal) happened, ISO times, within the recovery window. */
+  recoveries?: string[];
 }
 
 /** Write the handover to a new sealed memfd (close-on-exec until the exec's keep list clears it); returns its fd. */

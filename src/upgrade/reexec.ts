@@ -59,12 +59,31 @@ export async function checkTarget(argv: string[], reaper: Reaper): Promise<void>
   }
 }
 
+/**
+ * Every fd that survives the exec: Aeterna's stdin, stdout and stderr (Node marks them close-on-exec, and the
+ * log goes to stderr), the handover's fds and the handover itself.
+ */
+function keptFds(handover: Handover, handoverFd: number): number[] {
+  return [0, 1, 2, ...handover.fds.map((f) => f.fd), handoverFd];
+}
+
+/** Make a fatal signal exec argv[0] with `handover` (written now, with reason 'signal'); returns its memfd, which must stay open until replaced. */
+export function prepareSignalExec(argv: string[], handover: Handover): number {
+  const fd = writeHandover(handover);
+  try {
+    native.prepareFatalSignalExec(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd));
+  } catch (err) {
+    native.close(fd);
+    throw err;
+  }
+  return fd;
+}
+
 /** Replace this process with argv[0], handing `handover` over. Returns only if the exec failed (it throws then; nothing changed). */
 export function reexec(argv: string[], handover: Handover): void {
   const fd = writeHandover(handover);
   try {
-    // stdio too: Node marks fds 0-2 close-on-exec, and the new Aeterna's log would otherwise go nowhere.
-    native.execve(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), [0, 1, 2, ...handover.fds.map((f) => f.fd), fd]);
+    native.execve(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd));
   } finally {
     native.close(fd);
   }
