@@ -121,6 +121,8 @@ describe('operator interfaces', { timeout: 120000 }, () => {
     const replacement = runAeterna(['start', '-c', d.configFile]);
     await replacement.waitFor(/state Starting -> Running/);
     assert.ok(replacement.logs().some((l) => /stale control socket/.test(l.msg)));
+    // The app exits 0 on SIGTERM once its handler is in: a SIGTERM before that kills it (143, propagated).
+    await replacement.waitFor(/^READY \d+$/m);
     replacement.child.kill('SIGTERM');
     assert.equal((await replacement.exit()).code, 0);
   });
