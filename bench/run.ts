@@ -214,7 +214,7 @@ export async function main(argv: string[]): Promise<number> {
   results.footprint = await section('footprint', o, () => footprintSection(o.quick ? 3 : 10, o.quick ? 300 : 1500));
   results.reaping = await section('reaping', o, () => reapingSection(o.quick ? 500 : 10000));
   results.relaySdk = await section('relaySdk', o, () => relaySdkSection(o.quick ? [16 * MiB] : [64 * MiB, 1024 * MiB], o.quick ? 1 : 3));
-  results.checkpoint = await section('checkpoint', o, () => checkpointSection(o.quick ? [1 * MiB] : [1 * MiB, 64 * MiB], o.quick ? 2 : 5, o.quick ? 1 : 3));
+  results.checkpoint = await section('checkpoint', o, () => checkpointSection(o.quick ? [1 * MiB] : [1 * MiB, 64 * MiB, 1024 * MiB], o.quick ? 2 : 5, o.quick ? 1 : 3));
   results.canary = await section('canary', o, () =>
     canarySection({ weights: [10, 50, 90], connections: o.quick ? 400 : 2000, switches: o.quick ? 1 : 10, keepAlive: 8, fresh: 4, requestsPerConnection: 50 }),
   );
