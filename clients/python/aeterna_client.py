@@ -74,6 +74,8 @@ _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
 _SOCKET_BUFFER = 4 * 1024 * 1024
 # States smaller than this are hashed inline; larger ones on a thread of their own, overlapping the socket.
 _HASH_THREAD_MIN = 4 * 1024 * 1024
+# Bytes per write on a direct socket pair (each piece is then hashed while the next one is written).
+_DIRECT_CHUNK = 4 * 1024 * 1024
 
 
 class RelayError(Exception):
@@ -332,8 +334,8 @@ def _state_header(o: dict, op: str) -> dict:
     if sha is not None:
         h["sha256"] = sha
     if "transport" in o:
-        if o["transport"] not in ("stream", "memfd"):
-            raise _bad_json('%s: "transport" must be "stream" or "memfd"' % op)
+        if o["transport"] not in ("stream", "memfd", "direct"):
+            raise _bad_json('%s: "transport" must be "stream", "memfd" or "direct"' % op)
         h["transport"] = o["transport"]
     if "fds" in o:
         names = o["fds"]
@@ -351,6 +353,14 @@ def _state_header(o: dict, op: str) -> dict:
         if "sha256" in h or h.get("transport") == "memfd" or size == 0:
             raise _bad_json('%s: "trailer" is only for a streamed state of at least 1 byte without "sha256"' % op)
         h["trailer"] = True
+    if h.get("transport") == "direct":
+        # The digest always follows the bytes on the pair; the pair end rides on the load.
+        if "trailer" not in h or size == 0:
+            raise _bad_json('%s: transport "direct" needs "trailer": true and a size of at least 1 byte' % op)
+        if ("direct" in h.get("fds", [])) != (op == "load"):
+            raise _bad_json('%s: the fd name "direct" is %s for the direct transport' % (op, "required" if op == "load" else "reserved"))
+    elif "direct" in h.get("fds", []) and op != "load":
+        raise _bad_json('%s: the fd name "direct" is reserved for the direct transport' % op)
     if size > 0 and h.get("transport") != "memfd" and "sha256" not in h and "trailer" not in h:
         raise _bad_json('%s: "sha256" (or "trailer": true) is required for a streamed state' % op)
     return h
@@ -375,11 +385,16 @@ def _parse_message(body: bytes) -> dict:
     if op == "hello":
         if not isinstance(o.get("v"), (int, float)) or isinstance(o.get("v"), bool):
             raise _bad_json('hello: "v" must be a number')
-        return {"op": op, "v": o["v"], "trailer": True} if o.get("trailer") is True else {"op": op, "v": o["v"]}
+        msg = {"op": op, "v": o["v"]}
+        for key in ("trailer", "direct"):
+            if o.get(key) is True:
+                msg[key] = True
+        return msg
     if op == "welcome":
         msg = {"op": op, "v": o.get("v"), "generation": o.get("generation"), "max_frame": o.get("max_frame")}
-        if o.get("checkpoint") is True:
-            msg["checkpoint"] = True
+        for key in ("checkpoint", "direct"):
+            if o.get(key) is True:
+                msg[key] = True
         return msg
     if op in ("load", "state", "checkpoint"):
         h = _state_header(o, op)
@@ -410,6 +425,13 @@ def _parse_message(body: bytes) -> dict:
             msg["timeout_ms"] = o["timeout_ms"]
         if o.get("trailer") is True:
             msg["trailer"] = True
+        if "direct" in o and (o["direct"] is not True or o.get("trailer") is not True or o.get("final") is True):
+            raise _bad_json('dump: "direct" must be true, and only with "trailer": true on a non-final dump')
+        if (o.get("direct") is True) != (o.get("fds") == ["direct"]) or ("fds" in o and o.get("direct") is not True):
+            raise _bad_json('dump: "fds" must be ["direct"] exactly when "direct" is true')
+        if o.get("direct") is True:
+            msg["direct"] = True
+            msg["fds"] = ["direct"]
         return msg
     if op == "trailer":
         sha = _optional_sha256(o, op)
@@ -450,6 +472,8 @@ class StateClient:
         self._final_pending = False
         # The last dump offered a digest trailer: a streamed state is hashed as it is sent.
         self._trailer_offered = False
+        # The last dump offered the direct transport: our end of its socket pair (docs/srp.md, "Direct transport").
+        self._direct_pair: Optional[int] = None
         # When the final dump arrived (monotonic) and how long Aeterna waits for its answer (the dump's timeout_ms).
         self._final_asked: Optional[Tuple[float, Optional[float]]] = None
         self._final_sent = False
@@ -743,7 +767,7 @@ class StateClient:
             body = bytearray(length)
             self._recv_exact_into(memoryview(body), None)
             msg = _parse_message(body)
-            named = len(msg.get("fds", [])) if msg["op"] in ("load", "state") else 0
+            named = len(msg.get("fds", [])) if msg["op"] in ("load", "state", "dump") else 0
             if len(fds) != named:
                 raise _ProtocolError("bad_frame", "%s: %d fds named, %d received" % (msg["op"], named, len(fds)))
         except BaseException:
@@ -776,7 +800,15 @@ class StateClient:
                 # An anonymous mapping is zero without a memset: its pages are touched as the bytes land.
                 data = mmap.mmap(-1, size) if size else b""
                 hasher = _Hasher(size)
-                if size:
+                short = None  # a direct state that was not exactly `size` bytes (refused once its trailer is in)
+                if transport == "direct":
+                    pair = named.pop("direct")
+                    owned.remove(pair)
+                    try:
+                        short = _receive_direct(pair, memoryview(data), hasher)
+                    finally:
+                        actual = hasher.hexdigest()
+                elif size:
                     view = memoryview(data)
                     got = 0
                     try:
@@ -801,6 +833,8 @@ class StateClient:
                     if trailer["op"] != "trailer":
                         raise _ProtocolError("unexpected_op", "%r where the announced digest trailer was due" % trailer["op"])
                     sha = trailer["sha256"]
+                if short is not None:
+                    raise _Refusal("bad_state", short)
                 if sha is not None and actual != sha:
                     raise _Refusal("checksum_mismatch", "announced sha256 %s, received %s (%d bytes)" % (sha, actual, size))
                 # the mapping as received (no copy of a large state)
@@ -811,12 +845,17 @@ class StateClient:
         finally:
             _close_fds(owned)
 
-    def _send_frames(self, first: bytes, fds: Optional[List[int]] = None, data: Any = None, trailer: bool = False) -> None:
+    def _send_frames(self, first: bytes, fds: Optional[List[int]] = None, data: Any = None, trailer: bool = False,
+                     direct: Optional[int] = None) -> None:
         """Send one control frame (fds attached to its header, in a sendmsg of its own)
         and then `data` as data frames, without another frame in between; with
-        `trailer`, hash the data as it goes and send its digest in a trailer frame."""
+        `trailer`, hash the data as it goes and send its digest in a trailer frame.
+        With `direct` (the fd of a direct state's socket pair, closed here), the data
+        goes on that pair instead of as data frames."""
         sock = self._sock
         if sock is None:
+            if direct is not None:
+                os.close(direct)
             return
         with self._wlock:
             header = _HEADER.pack(len(first))
@@ -827,7 +866,11 @@ class StateClient:
                 sock.sendall(first)
             else:
                 sock.sendall(header + first)
-            if data is not None:
+            if direct is not None:
+                digest = _send_direct(direct, memoryview(data).cast("B"))
+                body = json.dumps({"op": "trailer", "sha256": digest}, separators=(",", ":")).encode("utf-8")
+                sock.sendall(_HEADER.pack(len(body)) + body)
+            elif data is not None:
                 view = memoryview(data).cast("B")
                 hasher = _Hasher(len(view)) if trailer else None
                 chunk = max(1, min(DATA_CHUNK, self.max_frame))
@@ -861,10 +904,12 @@ class StateClient:
     def _answer_dump(self, final: bool) -> bool:
         """Call the dump callback and send its state (or the decline). True when a state was sent."""
         cb = self._dump_cb
+        pair, self._direct_pair = (None, self._direct_pair) if final else (self._direct_pair, None)
         try:
             value = cb(final) if cb is not None else None
-            msg, fds, data, memfd = _prepare_state(value, self._trailer_offered)
+            msg, fds, data, memfd = _prepare_state(value, self._trailer_offered, pair is not None)
         except BaseException as e:
+            _close_fds([pair] if pair is not None else [])
             _log("no state to hand over, the dump is declined: %s" % _reason(e))
             try:
                 self._send_control({"op": "ack", "ok": False, "error": "dump_failed: %s" % _reason(e)})
@@ -874,8 +919,11 @@ class StateClient:
         if final:
             with self._cond:  # before sending: Aeterna's ack may come back before _send_frames returns
                 self._final_sent = True
+        direct = pair if msg.get("transport") == "direct" else None
+        if pair is not None and direct is None:
+            os.close(pair)  # offered, not taken (no bytes to stream)
         try:
-            self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data, msg.get("trailer") is True)
+            self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data, msg.get("trailer") is True, direct)
         except OSError as e:
             _log("could not send the state: %s" % e)
             return False
@@ -898,10 +946,10 @@ class StateClient:
                 msg, fds = self._recv_control()
                 op = msg.get("op")
                 if op == "dump":
-                    if fds:
-                        _close_fds(fds)
-                        raise _ProtocolError("bad_frame", "fds on a dump frame")
                     self._trailer_offered = msg.get("trailer") is True
+                    if self._direct_pair is not None:
+                        _close_fds([self._direct_pair])  # an earlier offer nobody answered
+                    self._direct_pair = fds[0] if msg.get("direct") else None
                     if msg.get("final") is True:
                         wait_ms = msg.get("timeout_ms")
                         valid = isinstance(wait_ms, int) and not isinstance(wait_ms, bool) and wait_ms > 0
@@ -1011,10 +1059,58 @@ class _Hasher:
         return self._hash.hexdigest()
 
 
-def _prepare_state(value: Any, trailer: bool = False) -> Tuple[dict, List[int], Any, Optional[int]]:
+def _receive_direct(fd: int, view: memoryview, hasher: "_Hasher") -> Optional[str]:
+    """Read a direct state's bytes from its socket pair into `view` (hashed as they
+    land) up to the sender's end of file, and close the pair. None when exactly
+    len(view) bytes came; else what was wrong."""
+    size = len(view)
+    got = 0
+    pair = socket.socket(fileno=fd)
+    try:
+        pair.setblocking(True)
+        while got < size:
+            n = pair.recv_into(view[got:], min(size - got, _DIRECT_CHUNK))
+            if n == 0:
+                return "the direct socket pair ended after %d of %d bytes" % (got, size)
+            hasher.update(view[got:got + n])
+            got += n
+        extra = pair.recv(1)  # the sender closes its end after the last byte
+        if extra:
+            return "more bytes than the %d announced on the direct socket pair" % size
+        return None
+    except OSError as e:
+        return "the direct socket pair failed after %d of %d bytes: %s" % (got, size, e)
+    finally:
+        pair.close()
+        view.release()
+
+
+def _send_direct(fd: int, view: memoryview) -> str:
+    """Write a direct state's bytes on its socket pair, hashing them as they go, and
+    close our end (the receiver's end of file); the digest for the trailer. A
+    receiver that went away ends the writing: the digest then matches nothing, and
+    the trailer still goes out, so the connection stays in step."""
+    pair = socket.socket(fileno=fd)
+    hasher = _Hasher(len(view))
+    try:
+        pair.setblocking(True)
+        for off in range(0, len(view), _DIRECT_CHUNK):
+            piece = view[off:off + _DIRECT_CHUNK]
+            hasher.update(piece)
+            pair.sendall(piece)
+    except OSError as e:
+        _log("the direct transport ended early: %s" % e)
+    finally:
+        digest = hasher.hexdigest()
+        pair.close()
+    return digest
+
+
+def _prepare_state(value: Any, trailer: bool = False, direct: bool = False) -> Tuple[dict, List[int], Any, Optional[int]]:
     """(state message, fds for its header, data for data frames or None, memfd to close
     once sent) for a dump callback's value. With `trailer` (the dump offered one), a
-    streamed state's digest is left to the trailer frame. Raises when the value cannot be sent."""
+    streamed state's digest is left to the trailer frame; with `direct` too, its bytes
+    go on the dump's socket pair. Raises when the value cannot be sent."""
     if value is None:
         return {"op": "state", "size": 0}, [], None, None
     if not isinstance(value, DumpResult):
@@ -1057,6 +1153,8 @@ def _prepare_state(value: Any, trailer: bool = False) -> Tuple[dict, List[int], 
     msg = {"op": "state", "encoding": encoding, "size": len(view)}
     if trailer and len(view):
         msg["trailer"] = True  # hashed as it is sent (_send_frames)
+        if direct:
+            msg["transport"] = "direct"
     else:
         msg["sha256"] = hashlib.sha256(view).hexdigest()
     if names:
@@ -1125,7 +1223,8 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
         sock.settimeout(timeout)
         sock.connect(path)
         # trailer: this SDK verifies a digest that follows the data (Aeterna then lets senders hash as they send)
-        client._send_control({"op": "hello", "v": PROTOCOL_VERSION, "trailer": True})
+        # direct: it can also send and receive a state on a socket pair of its own (docs/srp.md, "Direct transport")
+        client._send_control({"op": "hello", "v": PROTOCOL_VERSION, "trailer": True, "direct": True})
         msg, fds = client._recv_control()
         _close_fds(fds)
         if fds:

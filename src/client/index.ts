@@ -9,6 +9,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { native } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
+import { FdStream } from '../srp/fd-stream';
 import { SrpError, closeQuietly, isSealedState, type SrpErrorCode } from '../srp/codec';
 import type { CheckpointRefusal } from '../srp/checkpoint-store';
 import type { LoadSource, Message, StateHeader } from '../srp/messages';
@@ -190,6 +191,8 @@ interface Incoming {
   hash: crypto.Hash;
   /** The digest from the `trailer` frame, when the header announced one (null until it arrives). */
   trailerSha: string | null;
+  /** The direct transport: the socket pair the bytes come on, until its end of file (docs/srp.md, "Direct transport"). */
+  pair: FdStream | null;
 }
 
 export interface ConnectOptions {
@@ -223,6 +226,8 @@ export class StateClient {
   private finalDumpPending = false;
   /** The last dump offered a digest trailer: the state can go out as it is hashed. */
   private trailerOffered = false;
+  /** The last dump offered the direct transport: our end of its socket pair, until the answer uses or closes it. */
+  private directPair: number | null = null;
   /** When Aeterna asked for the final dump (performance.now()), and how long it waits for the answer (its timeout_ms). */
   private finalAsked: { at: number; timeoutMs: number | null } | null = null;
   private finalAskedSignal: () => void = () => undefined;
@@ -297,7 +302,8 @@ export class StateClient {
       });
     });
     conn.on('data', (payload, _frameLength, remaining) => this.onData(payload, remaining));
-    conn.send({ op: 'hello', v: 1, trailer: true }); // we verify a digest that follows the data
+    // We verify a digest that follows the data, and can send and receive a state on a socket pair of its own.
+    conn.send({ op: 'hello', v: 1, trailer: true, direct: true });
     await welcomed;
   }
 
@@ -410,7 +416,18 @@ export class StateClient {
       case 'load': {
         const named = new Map<string, number>((m.fds ?? []).map((name, i) => [name, fds[i]]));
         const streamed = m.transport === 'memfd' ? 0 : m.size;
-        this.incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: crypto.createHash('sha256'), trailerSha: null };
+        const incoming: Incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: crypto.createHash('sha256'), trailerSha: null, pair: null };
+        this.incoming = incoming;
+        if (m.transport === 'direct') {
+          incoming.pair = new FdStream(named.get('direct')!);
+          named.delete('direct');
+          incoming.pair.on('data', (bytes) => this.received(incoming, bytes));
+          incoming.pair.on('end', () => {
+            incoming.pair!.close();
+            this.completeWhenWhole();
+          });
+          incoming.pair.on('error', () => incoming.pair!.close()); // the sender's end reset: what arrived is judged as is
+        }
         if (m.transport === 'memfd' || m.size === 0) this.completeLoad();
         return;
       }
@@ -418,11 +435,13 @@ export class StateClient {
         // The connection lets a trailer through only right after the data of a load that announced one.
         if (this.incoming) {
           this.incoming.trailerSha = m.sha256;
-          this.completeLoad();
+          this.completeWhenWhole();
         }
         return;
       case 'dump':
         this.trailerOffered = m.trailer === true;
+        if (this.directPair !== null) closeQuietly(this.directPair); // an earlier offer nobody answered
+        this.directPair = m.direct ? fds[0] : null;
         if (m.final) {
           this.finalAsked = { at: performance.now(), timeoutMs: m.timeout_ms ?? null };
           this.finalAskedSignal();
@@ -461,10 +480,24 @@ export class StateClient {
   private onData(payload: Buffer, remaining: number): void {
     const incoming = this.incoming;
     if (!incoming) return;
-    payload.copy(incoming.buffer, incoming.received); // the one copy: from the read buffer to the state's place
-    incoming.hash.update(payload);
-    incoming.received += payload.length;
+    this.received(incoming, payload);
     if (remaining === 0 && !incoming.header.trailer) this.completeLoad();
+  }
+
+  /** Bytes of a streamed state (data frames, or the direct pair): copied once into the state's place, hashed as they come. */
+  private received(incoming: Incoming, payload: Buffer): void {
+    const room = incoming.buffer.length - incoming.received;
+    const part = payload.length > room ? payload.subarray(0, room) : payload; // more than announced is counted, not kept
+    part.copy(incoming.buffer, incoming.received);
+    incoming.hash.update(part);
+    incoming.received += payload.length;
+  }
+
+  /** A direct state is whole once its pair reached end of file and its trailer arrived (in either order). */
+  private completeWhenWhole(): void {
+    const incoming = this.incoming;
+    if (!incoming || incoming.trailerSha === null || (incoming.pair !== null && !incoming.pair.isClosed)) return;
+    this.completeLoad();
   }
 
   /** A whole state arrived: verify it, then hand it to load() or onLoad. */
@@ -485,7 +518,8 @@ export class StateClient {
     } else {
       const data = incoming.buffer;
       state = makeState(h, data, incoming.fds, null);
-      if (incoming.received !== h.size) problem = new RelayError('bad_state', `received ${incoming.received} bytes, ${h.size} announced`);
+      const where = h.transport === 'direct' ? ' on the direct socket pair before its end of file' : '';
+      if (incoming.received !== h.size) problem = new RelayError('bad_state', `received ${incoming.received} bytes${where}, ${h.size} announced`);
       else {
         const expected = h.sha256 ?? incoming.trailerSha ?? undefined;
         if (expected !== undefined && incoming.hash.digest('hex') !== expected) problem = new RelayError('checksum_mismatch', `sha256 of the ${h.size} bytes received is not ${expected}`);
@@ -528,17 +562,20 @@ export class StateClient {
 
   private async answerDump(final: boolean): Promise<void> {
     if (final) this.finalDumpPending = false;
+    const pair = final ? null : this.directPair; // ours from here: sendState uses or closes it
+    if (!final) this.directPair = null;
     const conn = this.conn;
-    if (!conn || conn.closed) return;
     let result: DumpResult;
     try {
+      if (!conn || conn.closed) throw new RelayError('closed', 'the relay connection is closed');
       result = this.dumpCallback ? await this.dumpCallback({ final }) : null;
     } catch (err) {
-      conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', (err as Error).message) });
+      if (pair !== null) closeQuietly(pair);
+      if (conn && !conn.closed) conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', (err as Error).message) });
       return;
     }
     const trailer = this.trailerOffered;
-    await this.send(() => this.sendState(conn, result, trailer, 'state'));
+    await this.send(() => this.sendState(conn, result, trailer, 'state', pair));
   }
 
   /** Run `sending` once what was queued before has gone out (a state and a checkpoint never interleave). */
@@ -548,10 +585,21 @@ export class StateClient {
     return next;
   }
 
-  private async sendState(conn: SrpConnection, result: DumpResult, trailer: boolean, op: 'state' | 'checkpoint'): Promise<void> {
+  /** `pair`: the direct transport's socket pair end, when the dump offered one; always used or closed here. */
+  private async sendState(conn: SrpConnection, result: DumpResult, trailer: boolean, op: 'state' | 'checkpoint', pair: number | null = null): Promise<void> {
+    let direct: number | null = null;
+    try {
+      direct = await this.sendStateVia(conn, result, trailer, op, pair);
+    } finally {
+      if (pair !== null && direct === null) closeQuietly(pair);
+    }
+  }
+
+  /** Returns `pair` when it took the pair (an FdStream then owns it), null otherwise. */
+  private async sendStateVia(conn: SrpConnection, result: DumpResult, trailer: boolean, op: 'state' | 'checkpoint', pair: number | null): Promise<number | null> {
     if (result === null || result === undefined) {
       conn.send({ op, size: 0 });
-      return;
+      return null;
     }
     let encoding = 'binary';
     let data: Buffer | null = null;
@@ -585,7 +633,7 @@ export class StateClient {
       if (memfd !== null) closeQuietly(memfd);
       if (op === 'checkpoint') throw new RelayError('usage', 'the fd name "state" is reserved for the memfd transport');
       conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', 'the fd name "state" is reserved for the memfd transport') });
-      return;
+      return null;
     }
     if (memfd !== null) {
       const size = fs.fstatSync(memfd).size;
@@ -597,14 +645,18 @@ export class StateClient {
         conn.send(header, [memfd, ...fds]);
         if (conn.stream.writableLength === 0) closeQuietly(memfd);
       }
-      return;
+      return null;
     }
     const bytes = data!;
     if (bytes.length === 0 && names.length === 0) {
       conn.send({ op, size: 0 });
-      return;
+      return null;
     }
     const frameSize = Math.min(1 << 20, this.maxFrame);
+    if (pair !== null && trailer && bytes.length > 0 && op === 'state') {
+      await this.sendDirect(conn, pair, bytes, { op, encoding, size: bytes.length, transport: 'direct', trailer: true, ...(names.length ? { fds: names } : {}) }, fds, knownSha);
+      return pair;
+    }
     if (trailer && knownSha === undefined && bytes.length > 0) {
       // Hash each frame as it goes out and send the digest after the data: the first byte leaves at once,
       // and the receiver hashes what it got meanwhile (docs/srp.md, "Digest trailer").
@@ -613,33 +665,61 @@ export class StateClient {
       for (let off = 0; off < bytes.length && !conn.closed; off += frameSize) {
         const part = bytes.subarray(off, off + frameSize);
         hash.update(part);
-        if (!conn.sendData(part, frameSize) && !conn.stream.isClosed) await drained(conn);
+        if (!conn.sendData(part, frameSize) && !conn.stream.isClosed) await drained(conn.stream);
       }
       if (!conn.closed) conn.send({ op: 'trailer', sha256: hash.digest('hex') });
-      return;
+      return null;
     }
     const header: Message = { op, encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
     conn.send(header, fds);
     if (bytes.length > 0) conn.sendData(bytes, frameSize);
+    return null;
+  }
+
+  /**
+   * The direct transport (docs/srp.md, "Direct transport"): the header here, the bytes on the socket pair
+   * (hashed as they go, unless the app gave the digest), our end closed after the last one (the receiver's end
+   * of file), then the digest in a trailer here. A receiver that went away ends the writing; the trailer is
+   * sent all the same (the receiver, if any, refuses the short state), so the connection stays in step.
+   */
+  private async sendDirect(conn: SrpConnection, pair: number, bytes: Buffer, header: Message, fds: number[], knownSha: string | undefined): Promise<void> {
+    const out = new FdStream(pair);
+    out.pause(); // nothing comes from the receiver on the pair
+    out.on('error', () => undefined); // EPIPE: the receiver is gone; the stream closes itself
+    conn.send(header, fds);
+    const hash = knownSha === undefined ? crypto.createHash('sha256') : null;
+    const piece = 1 << 20;
+    for (let off = 0; off < bytes.length && !out.isClosed && !conn.closed; off += piece) {
+      const part = bytes.subarray(off, off + piece);
+      hash?.update(part);
+      if (!out.write(part) && !out.isClosed) await drained(out);
+    }
+    const closed = new Promise<void>((resolve) => (out.isClosed ? resolve() : out.once('close', resolve)));
+    out.end();
+    await closed;
+    if (!conn.closed) conn.send({ op: 'trailer', sha256: hash ? hash.digest('hex') : knownSha! });
   }
 
   private onClose(err: RelayError): void {
+    this.incoming?.pair?.close();
+    if (this.directPair !== null) closeQuietly(this.directPair);
+    this.directPair = null;
     this.initial.reject(err);
     for (const w of this.checkpointWaiters.splice(0)) w.reject(err);
     this.finish();
   }
 }
 
-/** Resolves once the connection's write queue is below its high-water mark again, or it closed. */
-function drained(conn: SrpConnection): Promise<void> {
+/** Resolves once the stream's write queue is below its high-water mark again, or it closed. */
+function drained(stream: FdStream): Promise<void> {
   return new Promise((resolve) => {
     const done = (): void => {
-      conn.stream.off('drain', done);
-      conn.stream.off('close', done);
+      stream.off('drain', done);
+      stream.off('close', done);
       resolve();
     };
-    conn.stream.once('drain', done);
-    conn.stream.once('close', done);
+    stream.once('drain', done);
+    stream.once('close', done);
   });
 }
 
