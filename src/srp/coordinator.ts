@@ -19,7 +19,7 @@ import { SrpError, closeQuietly, isSealedState } from './codec';
 import { CheckpointRefused, CheckpointStore, type Checkpoint, type CheckpointWriter } from './checkpoint-store';
 import { SrpConnection } from './connection';
 import { isPeerGone } from './fd-stream';
-import type { Message, StateHeader } from './messages';
+import { trailerDigest, type Checksum, type Message, type StateHeader, type TrailerDigest } from './messages';
 
 /** An empty sealed memfd: an empty checkpoint is stored like any other. */
 function emptyMemfd(): number {
@@ -73,6 +73,8 @@ interface Session {
   takesTrailer: boolean;
   /** Said in its hello that it can send and receive a state on a socket pair of its own (docs/srp.md, "Direct transport"). */
   takesDirect: boolean;
+  /** Trailer checks it can compute and verify besides sha256 (its hello's `checksums`). */
+  checksums: string[];
   transfer: Transfer | null;
   /** A streamed checkpoint being received (null: none; 'dropping' while the bytes of a refused one still arrive). */
   checkpoint: { writer: CheckpointWriter | null; refused: CheckpointRefused | null } | null;
@@ -99,6 +101,9 @@ interface Transfer {
   pair: number | null;
   /** The state's bytes go on the pair, past Aeterna (the sender's `state` said "transport": "direct"). */
   direct: boolean;
+  /** The check the dump offered besides sha256 (both generations listed it), and the one the state's header chose. */
+  checksumOffered: Checksum | null;
+  checksum: Checksum | undefined;
   /** Failed or abandoned: what still comes from `from` is read and dropped, never forwarded. */
   aborted: boolean;
   progress: (p: RelayProgress) => void;
@@ -255,7 +260,7 @@ export class SrpCoordinator
       conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
       return;
     }
-    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, transfer: null, checkpoint: null, helloTimer: null };
+    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, checksums: [], transfer: null, checkpoint: null, helloTimer: null };
     session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
     this.sessions.add(session);
     conn.on('message', (m, fds) => {
@@ -305,7 +310,10 @@ export class SrpCoordinator
       return;
     }
     if (m.op === 'checkpoint' && s.checkpoint === null && s.phase !== 'streaming' && s.phase !== 'trailer') return this.onCheckpoint(s, m, fds);
-    if (m.op === 'trailer' && s.checkpoint !== null) return this.endCheckpoint(s, m.sha256);
+    if (m.op === 'trailer' && s.checkpoint !== null) {
+      if (m.sha256 === undefined) throw new SrpError('bad_json', 'trailer: a checkpoint is checked with "sha256"');
+      return this.endCheckpoint(s, m.sha256);
+    }
     if (m.op === 'ready') {
       if (!s.initialAcked) throw new SrpError('unexpected_op', '"ready" before the initial load was acknowledged');
       this.emit('ready', s.gen!);
@@ -321,7 +329,7 @@ export class SrpCoordinator
       return;
     }
     if (m.op === 'state' && s.phase === 'dump-requested') return this.onState(s, m, fds);
-    if (m.op === 'trailer' && (s.phase === 'trailer' || s.phase === 'direct')) return this.onTrailer(s, m.sha256);
+    if (m.op === 'trailer' && (s.phase === 'trailer' || s.phase === 'direct')) return this.onTrailer(s, m);
     throw new SrpError('unexpected_op', `"${m.op}" is not valid now (${s.phase})`);
   }
 
@@ -337,6 +345,7 @@ export class SrpCoordinator
     s.noFds = m.fds === false;
     s.takesTrailer = m.trailer === true;
     s.takesDirect = m.direct === true && !s.noFds;
+    s.checksums = m.checksums ?? [];
     this.byGeneration.set(gen, s);
     s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame, ...(this.checkpoints.config.enabled ? { checkpoint: true as const } : {}), direct: true });
     this.log.debug({ generation: gen.number }, 'relay connection');
@@ -458,7 +467,7 @@ export class SrpCoordinator
         reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
         return;
       }
-      const t: Transfer = { from, to, final, total: 0, sent: 0, frameLeft: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, directOffered: false, pair: null, direct: false, aborted: false, progress, resolve, reject };
+      const t: Transfer = { from, to, final, total: 0, sent: 0, frameLeft: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, directOffered: false, pair: null, direct: false, checksumOffered: null, checksum: undefined, aborted: false, progress, resolve, reject };
       const onAbort = (): void => this.abort(t, signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       if (signal.aborted) return onAbort();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -486,7 +495,10 @@ export class SrpCoordinator
       from.transfer = t;
       from.phase = 'dump-requested';
       // The app's SDK waits as long as we do. A digest trailer is offered only if the receiver can take one.
-      const trailer = to.takesTrailer ? { trailer: true as const } : {};
+      // A cheaper check than SHA-256 when both generations can use it; not on a final sync, whose cut-short
+      // form must end in a trailer that can match nothing (docs/srp.md, "Checksums").
+      t.checksumOffered = !final && to.takesTrailer && from.checksums.includes('crc32') && to.checksums.includes('crc32') ? 'crc32' : null;
+      const trailer = to.takesTrailer ? { trailer: true as const, ...(t.checksumOffered ? { checksum: t.checksumOffered } : {}) } : {};
       const pair = this.directPair(from, to, final);
       if (pair) {
         // The sender's end goes with the dump and ours is closed once sent; the receiver's waits for the answer.
@@ -496,7 +508,7 @@ export class SrpCoordinator
       } else {
         from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs, ...trailer });
       }
-      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final, timeout_ms: timeoutMs, trailer: to.takesTrailer, direct: pair !== null }, 'relay: dump requested');
+      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final, timeout_ms: timeoutMs, trailer: to.takesTrailer, direct: pair !== null, checksum: t.checksumOffered ?? 'sha256' }, 'relay: dump requested');
     });
   }
 
@@ -526,6 +538,7 @@ export class SrpCoordinator
     const t = from.transfer!;
     if (m.trailer && !t.to.takesTrailer) throw new SrpError('bad_json', 'state: "trailer" was not offered in this dump (the receiving generation did not say it takes one)');
     if (m.transport === 'direct' && !t.directOffered) throw new SrpError('bad_json', 'state: transport "direct" was not offered in this dump');
+    if (m.checksum !== undefined && m.checksum !== t.checksumOffered) throw new SrpError('bad_json', `state: checksum "${m.checksum}" was not offered in this dump`);
     const pair = m.transport === 'direct' ? t.pair : null;
     t.pair = null;
     if (m.transport !== 'direct' && t.directOffered && !t.aborted) this.log.debug({ from: from.gen!.number }, 'relay: the direct transport was offered and not taken');
@@ -537,7 +550,7 @@ export class SrpCoordinator
       if (size !== m.size) throw new SrpError('bad_frame', `memfd state has ${size} bytes, ${m.size} announced`);
     }
     t.total = m.size;
-    this.log.info({ from: from.gen!.number, to: t.to.gen!.number, size: m.size, transport: m.transport ?? 'stream', fds: (m.fds ?? []).length, final: t.final }, 'relay: state announced');
+    this.log.info({ from: from.gen!.number, to: t.to.gen!.number, size: m.size, transport: m.transport ?? 'stream', checksum: m.checksum ?? 'sha256', fds: (m.fds ?? []).length, final: t.final }, 'relay: state announced');
     from.phase = m.transport === 'direct' ? 'direct' : m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
     if (!t.aborted && t.to.noFds && fds.length > 0) {
       // Its hello said it cannot receive fds: fail the relay (a reload rolls back), never half-deliver the state.
@@ -553,6 +566,7 @@ export class SrpCoordinator
     t.streaming = from.phase === 'streaming';
     t.trailer = m.trailer === true;
     t.direct = pair !== null;
+    t.checksum = m.checksum;
     const { op: _state, ...fields } = m as StateHeader & { op: string };
     const header: Message = { ...fields, op: 'load', ...(t.final ? { final: true } : {}) };
     if (pair !== null) {
@@ -586,15 +600,17 @@ export class SrpCoordinator
   }
 
   /** The digest that follows a streamed state: passed on to the receiver, which verifies it. */
-  private onTrailer(from: Session, sha256: string): void {
+  private onTrailer(from: Session, m: TrailerDigest): void {
     from.phase = 'idle';
     const t = from.transfer;
     if (!t || t.aborted) {
       from.transfer = null; // the end of an abandoned dump
       return;
     }
+    const digest = trailerDigest(m, t.checksum);
+    if (digest === null) throw new SrpError('bad_json', `trailer: the state announced ${t.checksum ?? 'sha256'}, the trailer carries the other check`);
     t.trailerSent = true;
-    t.to.conn.send({ op: 'trailer', sha256 });
+    t.to.conn.send(t.checksum === 'crc32' ? { op: 'trailer', crc32: digest } : { op: 'trailer', sha256: digest });
     if (t.direct) {
       // Its bytes went past Aeterna: the sender's trailer says it is done writing them.
       t.sent = t.total;
