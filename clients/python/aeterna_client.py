@@ -38,6 +38,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 __all__ = [
@@ -76,6 +77,8 @@ _SOCKET_BUFFER = 4 * 1024 * 1024
 _HASH_THREAD_MIN = 4 * 1024 * 1024
 # Bytes per write on a direct socket pair (each piece is then hashed while the next one is written).
 _DIRECT_CHUNK = 4 * 1024 * 1024
+# Trailer checks besides SHA-256 (docs/srp.md, "Checksums"): used only where a dump offers one.
+_CHECKSUMS = ("crc32",)
 
 
 class RelayError(Exception):
@@ -361,6 +364,12 @@ def _state_header(o: dict, op: str) -> dict:
             raise _bad_json('%s: the fd name "direct" is %s for the direct transport' % (op, "required" if op == "load" else "reserved"))
     elif "direct" in h.get("fds", []) and op != "load":
         raise _bad_json('%s: the fd name "direct" is reserved for the direct transport' % op)
+    if "checksum" in o:
+        if o["checksum"] not in _CHECKSUMS:
+            raise _bad_json('%s: "checksum" must be one of %s when present' % (op, ", ".join(_CHECKSUMS)))
+        if "trailer" not in h or op == "checkpoint":
+            raise _bad_json('%s: "checksum" is only for a relayed state with "trailer": true' % op)
+        h["checksum"] = o["checksum"]
     if size > 0 and h.get("transport") != "memfd" and "sha256" not in h and "trailer" not in h:
         raise _bad_json('%s: "sha256" (or "trailer": true) is required for a streamed state' % op)
     return h
@@ -432,12 +441,19 @@ def _parse_message(body: bytes) -> dict:
         if o.get("direct") is True:
             msg["direct"] = True
             msg["fds"] = ["direct"]
+        if "checksum" in o:
+            if o["checksum"] not in _CHECKSUMS or o.get("trailer") is not True:
+                raise _bad_json('dump: "checksum" must be one of %s, and only with "trailer": true' % ", ".join(_CHECKSUMS))
+            msg["checksum"] = o["checksum"]
         return msg
     if op == "trailer":
         sha = _optional_sha256(o, op)
-        if sha is None:
-            raise _bad_json('trailer: "sha256" is required')
-        return {"op": op, "sha256": sha}
+        crc = _optional_string(o, "crc32", 8)
+        if crc is not None and not (len(crc) == 8 and all(c in "0123456789abcdef" for c in crc)):
+            raise _bad_json('trailer: "crc32" must be 8 lowercase hex digits')
+        if (sha is None) == (crc is None):
+            raise _bad_json('trailer: exactly one of "sha256" and "crc32" is required')
+        return {"op": op, "sha256": sha} if sha is not None else {"op": op, "crc32": crc}
     if op == "error":
         return {"op": op, "code": str(o.get("code", "unknown"))[:64], "message": str(o.get("message", ""))[:4096]}
     return {"op": op}
@@ -472,6 +488,8 @@ class StateClient:
         self._final_pending = False
         # The last dump offered a digest trailer: a streamed state is hashed as it is sent.
         self._trailer_offered = False
+        # The last dump offered a cheaper check than SHA-256 for the trailer (docs/srp.md, "Checksums").
+        self._checksum_offered: Optional[str] = None
         # The last dump offered the direct transport: our end of its socket pair (docs/srp.md, "Direct transport").
         self._direct_pair: Optional[int] = None
         # When the final dump arrived (monotonic) and how long Aeterna waits for its answer (the dump's timeout_ms).
@@ -799,7 +817,7 @@ class StateClient:
             else:
                 # An anonymous mapping is zero without a memset: its pages are touched as the bytes land.
                 data = mmap.mmap(-1, size) if size else b""
-                hasher = _Hasher(size)
+                hasher = _Hasher(size, msg.get("checksum"))
                 short = None  # a direct state that was not exactly `size` bytes (refused once its trailer is in)
                 if transport == "direct":
                     pair = named.pop("direct")
@@ -832,11 +850,12 @@ class StateClient:
                     _close_fds(extra)
                     if trailer["op"] != "trailer":
                         raise _ProtocolError("unexpected_op", "%r where the announced digest trailer was due" % trailer["op"])
-                    sha = trailer["sha256"]
+                    # A trailer of the other kind than the header announced matches nothing (Aeterna never relays one).
+                    sha = trailer.get(hasher.name) or "none"
                 if short is not None:
                     raise _Refusal("bad_state", short)
                 if sha is not None and actual != sha:
-                    raise _Refusal("checksum_mismatch", "announced sha256 %s, received %s (%d bytes)" % (sha, actual, size))
+                    raise _Refusal("checksum_mismatch", "announced %s %s, received %s (%d bytes)" % (hasher.name, sha, actual, size))
                 # the mapping as received (no copy of a large state)
             owned = []  # the named fds now belong to the State
             if size == 0 and not named and transport == "stream":
@@ -846,12 +865,13 @@ class StateClient:
             _close_fds(owned)
 
     def _send_frames(self, first: bytes, fds: Optional[List[int]] = None, data: Any = None, trailer: bool = False,
-                     direct: Optional[int] = None) -> None:
+                     direct: Optional[int] = None, checksum: Optional[str] = None) -> None:
         """Send one control frame (fds attached to its header, in a sendmsg of its own)
         and then `data` as data frames, without another frame in between; with
         `trailer`, hash the data as it goes and send its digest in a trailer frame.
         With `direct` (the fd of a direct state's socket pair, closed here), the data
-        goes on that pair instead of as data frames."""
+        goes on that pair instead of as data frames. `checksum`: the trailer's check
+        when not SHA-256 (the header said so)."""
         sock = self._sock
         if sock is None:
             if direct is not None:
@@ -867,12 +887,13 @@ class StateClient:
             else:
                 sock.sendall(header + first)
             if direct is not None:
-                digest = _send_direct(direct, memoryview(data).cast("B"))
-                body = json.dumps({"op": "trailer", "sha256": digest}, separators=(",", ":")).encode("utf-8")
+                hasher = _Hasher(len(data), checksum)
+                _send_direct(direct, memoryview(data).cast("B"), hasher)
+                body = json.dumps(hasher.trailer(), separators=(",", ":")).encode("utf-8")
                 sock.sendall(_HEADER.pack(len(body)) + body)
             elif data is not None:
                 view = memoryview(data).cast("B")
-                hasher = _Hasher(len(view)) if trailer else None
+                hasher = _Hasher(len(view), checksum) if trailer else None
                 chunk = max(1, min(DATA_CHUNK, self.max_frame))
                 try:
                     for off in range(0, len(view), chunk):
@@ -882,9 +903,9 @@ class StateClient:
                         sock.sendall(_HEADER.pack(len(piece)))
                         sock.sendall(piece)
                 finally:
-                    digest = hasher.hexdigest() if hasher is not None else None
-                if digest is not None:
-                    body = json.dumps({"op": "trailer", "sha256": digest}, separators=(",", ":")).encode("utf-8")
+                    ended = hasher.trailer() if hasher is not None else None
+                if ended is not None:
+                    body = json.dumps(ended, separators=(",", ":")).encode("utf-8")
                     sock.sendall(_HEADER.pack(len(body)) + body)
 
     def _send_control(self, msg: dict, fds: Optional[List[int]] = None) -> None:
@@ -907,7 +928,7 @@ class StateClient:
         pair, self._direct_pair = (None, self._direct_pair) if final else (self._direct_pair, None)
         try:
             value = cb(final) if cb is not None else None
-            msg, fds, data, memfd = _prepare_state(value, self._trailer_offered, pair is not None)
+            msg, fds, data, memfd = _prepare_state(value, self._trailer_offered, pair is not None, self._checksum_offered)
         except BaseException as e:
             _close_fds([pair] if pair is not None else [])
             _log("no state to hand over, the dump is declined: %s" % _reason(e))
@@ -923,7 +944,8 @@ class StateClient:
         if pair is not None and direct is None:
             os.close(pair)  # offered, not taken (no bytes to stream)
         try:
-            self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data, msg.get("trailer") is True, direct)
+            self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data, msg.get("trailer") is True, direct,
+                              msg.get("checksum"))
         except OSError as e:
             _log("could not send the state: %s" % e)
             return False
@@ -947,6 +969,7 @@ class StateClient:
                 op = msg.get("op")
                 if op == "dump":
                     self._trailer_offered = msg.get("trailer") is True
+                    self._checksum_offered = msg.get("checksum")
                     if self._direct_pair is not None:
                         _close_fds([self._direct_pair])  # an earlier offer nobody answered
                     self._direct_pair = fds[0] if msg.get("direct") else None
@@ -1028,8 +1051,10 @@ class _Hasher:
     own (hashlib releases the GIL), so hashing overlaps the socket instead of
     following it; the pieces must stay valid and unchanged until hexdigest()."""
 
-    def __init__(self, total: int):
-        self._hash = hashlib.sha256()
+    def __init__(self, total: int, checksum: Optional[str] = None):
+        # CRC-32 where the dump offered it (docs/srp.md, "Checksums"); zlib releases the GIL as hashlib does.
+        self.name = "crc32" if checksum == "crc32" else "sha256"
+        self._hash = hashlib.sha256() if self.name == "sha256" else _Crc32()
         self._queue: Any = None
         self._thread: Optional[threading.Thread] = None
         if total >= _HASH_THREAD_MIN:
@@ -1058,6 +1083,22 @@ class _Hasher:
             self._thread = None
         return self._hash.hexdigest()
 
+    def trailer(self) -> dict:
+        return {"op": "trailer", self.name: self.hexdigest()}
+
+
+class _Crc32:
+    """zlib's CRC-32 with hashlib's update/hexdigest."""
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, piece: Any) -> None:
+        self._value = zlib.crc32(piece, self._value)
+
+    def hexdigest(self) -> str:
+        return "%08x" % (self._value & 0xFFFFFFFF)
+
 
 def _receive_direct(fd: int, view: memoryview, hasher: "_Hasher") -> Optional[str]:
     """Read a direct state's bytes from its socket pair into `view` (hashed as they
@@ -1085,13 +1126,12 @@ def _receive_direct(fd: int, view: memoryview, hasher: "_Hasher") -> Optional[st
         view.release()
 
 
-def _send_direct(fd: int, view: memoryview) -> str:
+def _send_direct(fd: int, view: memoryview, hasher: "_Hasher") -> None:
     """Write a direct state's bytes on its socket pair, hashing them as they go, and
-    close our end (the receiver's end of file); the digest for the trailer. A
-    receiver that went away ends the writing: the digest then matches nothing, and
-    the trailer still goes out, so the connection stays in step."""
+    close our end (the receiver's end of file). A receiver that went away ends the
+    writing: the digest then matches nothing, and the trailer still goes out, so the
+    connection stays in step."""
     pair = socket.socket(fileno=fd)
-    hasher = _Hasher(len(view))
     try:
         pair.setblocking(True)
         for off in range(0, len(view), _DIRECT_CHUNK):
@@ -1101,16 +1141,16 @@ def _send_direct(fd: int, view: memoryview) -> str:
     except OSError as e:
         _log("the direct transport ended early: %s" % e)
     finally:
-        digest = hasher.hexdigest()
         pair.close()
-    return digest
 
 
-def _prepare_state(value: Any, trailer: bool = False, direct: bool = False) -> Tuple[dict, List[int], Any, Optional[int]]:
+def _prepare_state(value: Any, trailer: bool = False, direct: bool = False,
+                   checksum: Optional[str] = None) -> Tuple[dict, List[int], Any, Optional[int]]:
     """(state message, fds for its header, data for data frames or None, memfd to close
     once sent) for a dump callback's value. With `trailer` (the dump offered one), a
     streamed state's digest is left to the trailer frame; with `direct` too, its bytes
-    go on the dump's socket pair. Raises when the value cannot be sent."""
+    go on the dump's socket pair, and `checksum` (offered by the dump) is the
+    trailer's check instead of SHA-256. Raises when the value cannot be sent."""
     if value is None:
         return {"op": "state", "size": 0}, [], None, None
     if not isinstance(value, DumpResult):
@@ -1155,6 +1195,8 @@ def _prepare_state(value: Any, trailer: bool = False, direct: bool = False) -> T
         msg["trailer"] = True  # hashed as it is sent (_send_frames)
         if direct:
             msg["transport"] = "direct"
+        if checksum in _CHECKSUMS:
+            msg["checksum"] = checksum
     else:
         msg["sha256"] = hashlib.sha256(view).hexdigest()
     if names:
@@ -1224,7 +1266,9 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
         sock.connect(path)
         # trailer: this SDK verifies a digest that follows the data (Aeterna then lets senders hash as they send)
         # direct: it can also send and receive a state on a socket pair of its own (docs/srp.md, "Direct transport")
-        client._send_control({"op": "hello", "v": PROTOCOL_VERSION, "trailer": True, "direct": True})
+        # checksums: besides SHA-256 it computes and verifies CRC-32 (docs/srp.md, "Checksums")
+        client._send_control({"op": "hello", "v": PROTOCOL_VERSION, "trailer": True, "direct": True,
+                              "checksums": ["crc32", "sha256"]})
         msg, fds = client._recv_control()
         _close_fds(fds)
         if fds:

@@ -7,12 +7,13 @@
 // runs the same in development.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import zlib from 'node:zlib';
 import { native } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
 import { FdStream } from '../srp/fd-stream';
 import { SrpError, closeQuietly, isSealedState, type SrpErrorCode } from '../srp/codec';
 import type { CheckpointRefusal } from '../srp/checkpoint-store';
-import type { LoadSource, Message, StateHeader } from '../srp/messages';
+import { trailerDigest, type Checksum, type LoadSource, type Message, type StateHeader, type TrailerDigest } from '../srp/messages';
 
 export { drain, trackConnections, type DrainOptions } from './drain';
 
@@ -146,6 +147,32 @@ function sha256(data: Buffer): string {
   return crypto.createHash('sha256').update(data).digest('hex');
 }
 
+/**
+ * A streamed state's check, fed as the bytes go or come: SHA-256 by default, CRC-32 where the dump offered it
+ * (docs/srp.md, "Checksums").
+ */
+class StreamCheck {
+  private readonly sha: crypto.Hash | null;
+  private crc = 0;
+
+  constructor(checksum: Checksum | undefined) {
+    this.sha = checksum === 'crc32' ? null : crypto.createHash('sha256');
+  }
+
+  update(bytes: Buffer): void {
+    if (this.sha) this.sha.update(bytes);
+    else this.crc = zlib.crc32(bytes, this.crc);
+  }
+
+  hex(): string {
+    return this.sha ? this.sha.digest('hex') : (this.crc >>> 0).toString(16).padStart(8, '0');
+  }
+
+  trailer(): Message {
+    return this.sha ? { op: 'trailer', sha256: this.hex() } : { op: 'trailer', crc32: this.hex() };
+  }
+}
+
 function readMemfd(fd: number, size: number): Buffer {
   const out = Buffer.allocUnsafe(size);
   for (let off = 0; off < size; ) {
@@ -188,9 +215,9 @@ interface Incoming {
   /** The announced size, filled as data frames arrive, and hashed on the way (overlapping the transfer). */
   buffer: Buffer;
   received: number;
-  hash: crypto.Hash;
-  /** The digest from the `trailer` frame, when the header announced one (null until it arrives). */
-  trailerSha: string | null;
+  hash: StreamCheck;
+  /** The `trailer` frame, when the header announced one (null until it arrives). */
+  trailer: TrailerDigest | null;
   /** The direct transport: the socket pair the bytes come on, until its end of file (docs/srp.md, "Direct transport"). */
   pair: FdStream | null;
 }
@@ -226,6 +253,8 @@ export class StateClient {
   private finalDumpPending = false;
   /** The last dump offered a digest trailer: the state can go out as it is hashed. */
   private trailerOffered = false;
+  /** The last dump offered a cheaper check than SHA-256 for the trailer (docs/srp.md, "Checksums"). */
+  private checksumOffered: Checksum | undefined = undefined;
   /** The last dump offered the direct transport: our end of its socket pair, until the answer uses or closes it. */
   private directPair: number | null = null;
   /** When Aeterna asked for the final dump (performance.now()), and how long it waits for the answer (its timeout_ms). */
@@ -303,7 +332,8 @@ export class StateClient {
     });
     conn.on('data', (payload, _frameLength, remaining) => this.onData(payload, remaining));
     // We verify a digest that follows the data, and can send and receive a state on a socket pair of its own.
-    conn.send({ op: 'hello', v: 1, trailer: true, direct: true });
+    // Besides SHA-256 we compute and verify CRC-32 (docs/srp.md, "Checksums").
+    conn.send({ op: 'hello', v: 1, trailer: true, direct: true, checksums: ['crc32', 'sha256'] });
     await welcomed;
   }
 
@@ -416,7 +446,7 @@ export class StateClient {
       case 'load': {
         const named = new Map<string, number>((m.fds ?? []).map((name, i) => [name, fds[i]]));
         const streamed = m.transport === 'memfd' ? 0 : m.size;
-        const incoming: Incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: crypto.createHash('sha256'), trailerSha: null, pair: null };
+        const incoming: Incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: new StreamCheck(m.checksum), trailer: null, pair: null };
         this.incoming = incoming;
         if (m.transport === 'direct') {
           incoming.pair = new FdStream(named.get('direct')!);
@@ -434,12 +464,13 @@ export class StateClient {
       case 'trailer':
         // The connection lets a trailer through only right after the data of a load that announced one.
         if (this.incoming) {
-          this.incoming.trailerSha = m.sha256;
+          this.incoming.trailer = m;
           this.completeWhenWhole();
         }
         return;
       case 'dump':
         this.trailerOffered = m.trailer === true;
+        this.checksumOffered = m.checksum;
         if (this.directPair !== null) closeQuietly(this.directPair); // an earlier offer nobody answered
         this.directPair = m.direct ? fds[0] : null;
         if (m.final) {
@@ -496,7 +527,7 @@ export class StateClient {
   /** A direct state is whole once its pair reached end of file and its trailer arrived (in either order). */
   private completeWhenWhole(): void {
     const incoming = this.incoming;
-    if (!incoming || incoming.trailerSha === null || (incoming.pair !== null && !incoming.pair.isClosed)) return;
+    if (!incoming || incoming.trailer === null || (incoming.pair !== null && !incoming.pair.isClosed)) return;
     this.completeLoad();
   }
 
@@ -521,8 +552,10 @@ export class StateClient {
       const where = h.transport === 'direct' ? ' on the direct socket pair before its end of file' : '';
       if (incoming.received !== h.size) problem = new RelayError('bad_state', `received ${incoming.received} bytes${where}, ${h.size} announced`);
       else {
-        const expected = h.sha256 ?? incoming.trailerSha ?? undefined;
-        if (expected !== undefined && incoming.hash.digest('hex') !== expected) problem = new RelayError('checksum_mismatch', `sha256 of the ${h.size} bytes received is not ${expected}`);
+        // A trailer of the other kind than the header announced matches nothing (Aeterna never relays one).
+        const expected = h.sha256 ?? (incoming.trailer ? (trailerDigest(incoming.trailer, h.checksum) ?? 'none') : undefined);
+        const kind = h.sha256 ? 'sha256' : (h.checksum ?? 'sha256');
+        if (expected !== undefined && incoming.hash.hex() !== expected) problem = new RelayError('checksum_mismatch', `${kind} of the ${h.size} bytes received is not ${expected}`);
       }
     }
     if (problem) {
@@ -653,21 +686,24 @@ export class StateClient {
       return null;
     }
     const frameSize = Math.min(1 << 20, this.maxFrame);
+    // The offered cheaper check, unless the app gave its own SHA-256 (then nothing is hashed here).
+    const checksum = op === 'state' && knownSha === undefined ? this.checksumOffered : undefined;
+    const announced = { op, encoding, size: bytes.length, trailer: true as const, ...(checksum ? { checksum } : {}), ...(names.length ? { fds: names } : {}) };
     if (pair !== null && trailer && bytes.length > 0 && op === 'state') {
-      await this.sendDirect(conn, pair, bytes, { op, encoding, size: bytes.length, transport: 'direct', trailer: true, ...(names.length ? { fds: names } : {}) }, fds, knownSha);
+      await this.sendDirect(conn, pair, bytes, { ...announced, transport: 'direct' }, fds, knownSha);
       return pair;
     }
     if (trailer && knownSha === undefined && bytes.length > 0) {
       // Hash each frame as it goes out and send the digest after the data: the first byte leaves at once,
       // and the receiver hashes what it got meanwhile (docs/srp.md, "Digest trailer").
-      conn.send({ op, encoding, size: bytes.length, trailer: true, ...(names.length ? { fds: names } : {}) }, fds);
-      const hash = crypto.createHash('sha256');
+      conn.send(announced, fds);
+      const check = new StreamCheck(checksum);
       for (let off = 0; off < bytes.length && !conn.closed; off += frameSize) {
         const part = bytes.subarray(off, off + frameSize);
-        hash.update(part);
+        check.update(part);
         if (!conn.sendData(part, frameSize) && !conn.stream.isClosed) await drained(conn.stream);
       }
-      if (!conn.closed) conn.send({ op: 'trailer', sha256: hash.digest('hex') });
+      if (!conn.closed) conn.send(check.trailer());
       return null;
     }
     const header: Message = { op, encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
@@ -682,22 +718,22 @@ export class StateClient {
    * of file), then the digest in a trailer here. A receiver that went away ends the writing; the trailer is
    * sent all the same (the receiver, if any, refuses the short state), so the connection stays in step.
    */
-  private async sendDirect(conn: SrpConnection, pair: number, bytes: Buffer, header: Message, fds: number[], knownSha: string | undefined): Promise<void> {
+  private async sendDirect(conn: SrpConnection, pair: number, bytes: Buffer, header: Message & { checksum?: Checksum }, fds: number[], knownSha: string | undefined): Promise<void> {
     const out = new FdStream(pair);
     out.pause(); // nothing comes from the receiver on the pair
     out.on('error', () => undefined); // EPIPE: the receiver is gone; the stream closes itself
     conn.send(header, fds);
-    const hash = knownSha === undefined ? crypto.createHash('sha256') : null;
+    const check = knownSha === undefined ? new StreamCheck(header.checksum) : null;
     const piece = 1 << 20;
     for (let off = 0; off < bytes.length && !out.isClosed && !conn.closed; off += piece) {
       const part = bytes.subarray(off, off + piece);
-      hash?.update(part);
+      check?.update(part);
       if (!out.write(part) && !out.isClosed) await drained(out);
     }
     const closed = new Promise<void>((resolve) => (out.isClosed ? resolve() : out.once('close', resolve)));
     out.end();
     await closed;
-    if (!conn.closed) conn.send({ op: 'trailer', sha256: hash ? hash.digest('hex') : knownSha! });
+    if (!conn.closed) conn.send(check ? check.trailer() : { op: 'trailer', sha256: knownSha! });
   }
 
   private onClose(err: RelayError): void {
