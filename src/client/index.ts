@@ -8,7 +8,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import zlib from 'node:zlib';
-import { native } from '../native/binding';
+import { native, READABLE, type Poller } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
 import { FdStream } from '../srp/fd-stream';
 import { SrpError, closeQuietly, isSealedState, type SrpErrorCode } from '../srp/codec';
@@ -173,6 +173,61 @@ class StreamCheck {
   }
 }
 
+/** Reads per poll callback, so a fast sender cannot starve the app's event loop. */
+const DIRECT_READS_PER_TURN = 16;
+
+/**
+ * The receiving end of a direct state's socket pair (docs/srp.md, "Direct transport"): reads straight into the
+ * state's buffer (the kernel's one copy, none here), checks as the bytes land, counts what comes beyond the
+ * announced size, and closes the pair at its end of file (or when it fails: what arrived is judged as is).
+ */
+class DirectReader {
+  ended = false;
+  private readonly poller: Poller;
+  private spare = Buffer.alloc(0);
+
+  constructor(
+    private readonly fd: number,
+    private readonly incoming: Incoming,
+    private readonly onEnd: () => void,
+  ) {
+    this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.readSome() : this.end()));
+    this.poller.start(READABLE);
+  }
+
+  close(): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.poller.close();
+    closeQuietly(this.fd);
+  }
+
+  private end(): void {
+    if (this.ended) return;
+    this.close();
+    this.onEnd();
+  }
+
+  private readSome(): void {
+    const incoming = this.incoming;
+    for (let i = 0; i < DIRECT_READS_PER_TURN && !this.ended; i++) {
+      const room = incoming.buffer.length - incoming.received;
+      if (room === 0 && this.spare.length === 0) this.spare = Buffer.allocUnsafe(64 << 10); // only to count extra bytes
+      const into = room > 0 ? incoming.buffer.subarray(incoming.received) : this.spare;
+      let got;
+      try {
+        got = native.recvmsgInto(this.fd, into, 0);
+      } catch {
+        return this.end();
+      }
+      if (got === null) return;
+      if (got.bytes === 0) return this.end();
+      if (room > 0) incoming.hash.update(into.subarray(0, got.bytes));
+      incoming.received += got.bytes;
+    }
+  }
+}
+
 function readMemfd(fd: number, size: number): Buffer {
   const out = Buffer.allocUnsafe(size);
   for (let off = 0; off < size; ) {
@@ -219,7 +274,7 @@ interface Incoming {
   /** The `trailer` frame, when the header announced one (null until it arrives). */
   trailer: TrailerDigest | null;
   /** The direct transport: the socket pair the bytes come on, until its end of file (docs/srp.md, "Direct transport"). */
-  pair: FdStream | null;
+  pair: DirectReader | null;
 }
 
 export interface ConnectOptions {
@@ -449,14 +504,8 @@ export class StateClient {
         const incoming: Incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: new StreamCheck(m.checksum), trailer: null, pair: null };
         this.incoming = incoming;
         if (m.transport === 'direct') {
-          incoming.pair = new FdStream(named.get('direct')!);
+          incoming.pair = new DirectReader(named.get('direct')!, incoming, () => this.completeWhenWhole());
           named.delete('direct');
-          incoming.pair.on('data', (bytes) => this.received(incoming, bytes));
-          incoming.pair.on('end', () => {
-            incoming.pair!.close();
-            this.completeWhenWhole();
-          });
-          incoming.pair.on('error', () => incoming.pair!.close()); // the sender's end reset: what arrived is judged as is
         }
         if (m.transport === 'memfd' || m.size === 0) this.completeLoad();
         return;
@@ -527,7 +576,7 @@ export class StateClient {
   /** A direct state is whole once its pair reached end of file and its trailer arrived (in either order). */
   private completeWhenWhole(): void {
     const incoming = this.incoming;
-    if (!incoming || incoming.trailer === null || (incoming.pair !== null && !incoming.pair.isClosed)) return;
+    if (!incoming || incoming.trailer === null || (incoming.pair !== null && !incoming.pair.ended)) return;
     this.completeLoad();
   }
 
