@@ -163,15 +163,19 @@ describe('the direct transport fails safe: rolled back, the old generation serve
 });
 
 describe('mixed clients keep the frames', { timeout: 180000 }, () => {
-  it('a sender whose hello has no "direct" is offered no pair; its frames reach a direct-capable receiver', async () => {
+  /** A direct_sender with `fault`, reloaded into a TypeScript SDK app: relayed whole, as `relay` says. */
+  async function framesReachReceiver(fault: string, relay: { direct: boolean; transport: string; checksum: string }): Promise<void> {
     const port = await freePort();
-    const { d } = await started({ command: SENDER, port, env: ['DIRECT_FAULT=nodirect', `STATE_BYTES=${SIZE}`] });
+    const { d } = await started({ command: SENDER, port, env: [`DIRECT_FAULT=${fault}`, `STATE_BYTES=${SIZE}`] });
     d.write({ ...d.options, command: TS_APP, env: ['STATE_MODE=binary'] });
     assert.equal((await d.cli('reload')).code, 0);
     assert.equal((await blob(port)).sha256, senderDigest(SIZE));
-    assert.deepEqual(relays(d), [{ direct: false, transport: 'stream', checksum: 'sha256' }]);
+    assert.deepEqual(relays(d), [relay]);
     assert.equal(await d.stop(), 0);
-  });
+  }
+
+  it('a sender whose hello has no "direct" is offered no pair; its frames reach a direct-capable receiver', async () =>
+    framesReachReceiver('nodirect', { direct: false, transport: 'stream', checksum: 'sha256' }));
 
   it('a receiver whose hello has no "direct" gets data frames; the sender is offered no pair', async () => {
     const { d } = await started({ env: ['STATE_MODE=binary', `BLOB_BYTES=${SIZE}`] });
@@ -183,15 +187,8 @@ describe('mixed clients keep the frames', { timeout: 180000 }, () => {
     assert.equal(await d.stop(), 0);
   });
 
-  it('a sender that declines the offered pair sends frames; Aeterna closes the unused end', async () => {
-    const port = await freePort();
-    const { d } = await started({ command: SENDER, port, env: ['DIRECT_FAULT=decline', `STATE_BYTES=${SIZE}`] });
-    d.write({ ...d.options, command: TS_APP, env: ['STATE_MODE=binary'] });
-    assert.equal((await d.cli('reload')).code, 0);
-    assert.equal((await blob(port)).sha256, senderDigest(SIZE));
-    assert.deepEqual(relays(d), [{ direct: true, transport: 'stream', checksum: 'sha256' }]);
-    assert.equal(await d.stop(), 0);
-  });
+  it('a sender that declines the offered pair sends frames; Aeterna closes the unused end', async () =>
+    framesReachReceiver('decline', { direct: true, transport: 'stream', checksum: 'sha256' }));
 });
 
 describe('no leaked pair ends', { timeout: 240000 }, () => {
