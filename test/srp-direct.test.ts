@@ -162,6 +162,31 @@ describe('the direct transport fails safe: rolled back, the old generation serve
   });
 });
 
+describe('an SDK sender whose receiver never reads', { timeout: 180000 }, () => {
+  // The new generation says it takes the pair, then reads nothing: the pair's end rides unread in its socket.
+  // The sender fills the pair and blocks; Aeterna times out and stops the new generation, which closes that end;
+  // the SDK's write fails, it still sends its trailer, and its next relay goes through whole.
+  for (const sdk of ['typescript', 'python'] as const) {
+    it(`${sdk}: rolled back after the timeout; the sender stays in step and the next reload relays the state`, async () => {
+      const stamps = tempDir('aeterna-direct-stall-');
+      const app = sdk === 'typescript' ? TS_APP : PY_APP;
+      const env = sdk === 'typescript' ? ['STATE_MODE=binary', `BLOB_BYTES=${32 << 20}`] : [`STATE_BYTES=${32 << 20}`, `STAMP_DIR=${stamps}`];
+      const { d } = await started({ command: app, env });
+      const old = (await d.status()).pid;
+      d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'stalldirect'], handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "2s" }` });
+      const r = await d.cli('reload');
+      assert.equal(r.code, 1, r.stderr);
+      assert.match(r.stderr, /state relay failed: timed out after 2s/);
+      assert.equal((await d.status()).pid, old, 'the old generation still serves');
+      d.write({ ...d.options, command: app, handoff: true });
+      const again = await d.cli('reload');
+      assert.equal(again.code, 0, again.stderr);
+      assert.deepEqual(relays(d), [DIRECT_CRC, DIRECT_CRC]);
+      assert.equal(await d.stop(), 0);
+    });
+  }
+});
+
 describe('mixed clients keep the frames', { timeout: 180000 }, () => {
   /** A direct_sender with `fault`, reloaded into a TypeScript SDK app: relayed whole, as `relay` says. */
   async function framesReachReceiver(fault: string, relay: { direct: boolean; transport: string; checksum: string }): Promise<void> {

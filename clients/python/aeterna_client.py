@@ -69,6 +69,7 @@ _REQUIRED_SEALS = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW
 MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 0x0001)
 MFD_ALLOW_SEALING = getattr(os, "MFD_ALLOW_SEALING", 0x0002)
 _MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0x4000)
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
 # Socket buffers asked for on the relay connection (the kernel caps them at net.core.[rw]mem_max): fewer,
 # larger reads and writes for a streamed state.
@@ -1137,7 +1138,7 @@ def _send_direct(fd: int, view: memoryview, hasher: "_Hasher") -> None:
         for off in range(0, len(view), _DIRECT_CHUNK):
             piece = view[off:off + _DIRECT_CHUNK]
             hasher.update(piece)
-            pair.sendall(piece)
+            pair.sendall(piece, _MSG_NOSIGNAL)  # a receiver gone is EPIPE here, never a SIGPIPE for the app
     except OSError as e:
         _log("the direct transport ended early: %s" % e)
     finally:
