@@ -873,10 +873,17 @@ class StateClient:
         With `direct` (the fd of a direct state's socket pair, closed here), the data
         goes on that pair instead of as data frames. `checksum`: the trailer's check
         when not SHA-256 (the header said so)."""
+        pair = socket.socket(fileno=direct) if direct is not None else None  # ours: closed here, whatever happens
+        try:
+            self._send_frames_locked(first, fds, data, trailer, pair, checksum)
+        finally:
+            if pair is not None:
+                pair.close()
+
+    def _send_frames_locked(self, first: bytes, fds: Optional[List[int]], data: Any, trailer: bool,
+                            pair: Optional[socket.socket], checksum: Optional[str]) -> None:
         sock = self._sock
         if sock is None:
-            if direct is not None:
-                os.close(direct)
             return
         with self._wlock:
             header = _HEADER.pack(len(first))
@@ -887,9 +894,9 @@ class StateClient:
                 sock.sendall(first)
             else:
                 sock.sendall(header + first)
-            if direct is not None:
+            if pair is not None:
                 hasher = _Hasher(len(data), checksum)
-                _send_direct(direct, memoryview(data).cast("B"), hasher)
+                _send_direct(pair, memoryview(data).cast("B"), hasher)
                 body = json.dumps(hasher.trailer(), separators=(",", ":")).encode("utf-8")
                 sock.sendall(_HEADER.pack(len(body)) + body)
             elif data is not None:
@@ -1127,12 +1134,11 @@ def _receive_direct(fd: int, view: memoryview, hasher: "_Hasher") -> Optional[st
         view.release()
 
 
-def _send_direct(fd: int, view: memoryview, hasher: "_Hasher") -> None:
+def _send_direct(pair: socket.socket, view: memoryview, hasher: "_Hasher") -> None:
     """Write a direct state's bytes on its socket pair, hashing them as they go, and
     close our end (the receiver's end of file). A receiver that went away ends the
     writing: the digest then matches nothing, and the trailer still goes out, so the
     connection stays in step."""
-    pair = socket.socket(fileno=fd)
     try:
         pair.setblocking(True)
         for off in range(0, len(view), _DIRECT_CHUNK):
