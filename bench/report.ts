@@ -561,10 +561,10 @@ function relaySdkTargets(r: BenchResults): Target[] {
 const stepsRows: Array<[string, keyof Steps]> = [
   ["reload's `relaying` mark to the old generation's dump callback (new generation's start-up, hello)", 'startToDump'],
   ['sender: dump callback to the first data frame', 'senderPrep'],
-  ['  of which SHA-256 (sender)', 'senderHash'],
+  ['  of which the check, SHA-256 or CRC-32 (sender)', 'senderHash'],
   ['sender: first data frame queued to the last one written', 'senderWrite'],
   ['receiver: load header to the SDK handing the state over (read, copy, verify)', 'receive'],
-  ['  of which SHA-256 (receiver)', 'receiverHash'],
+  ['  of which the check, SHA-256 or CRC-32 (receiver)', 'receiverHash'],
   ["receiver: the app's own checks", 'appLoad'],
   ['**dump callback to the state loaded (end to end, app side)**', 'dumpToLoaded'],
 ];
@@ -628,7 +628,7 @@ function relaySdkSection(r: BenchResults): string[] {
     out.push(
       `### Where the time goes (${sizeLabel(largest.bytes)}, medians, from the apps' stamps)`,
       '',
-      'Wall-clock steps on each side; SHA-256 is the time spent inside the hash calls. Steps overlap where the SDK pipelines them, so they do not add up to the total.',
+      'Wall-clock steps on each side; the check is the time spent inside the SHA-256 or CRC-32 calls (CRC-32 where both generations offered it, docs/srp.md "Checksums"). Steps overlap where the SDK pipelines them, so they do not add up to the total.',
       '',
       table(
         ['step', 'TypeScript, relay', 'TypeScript, final sync', 'Python, relay', 'Python, final sync'],

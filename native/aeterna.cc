@@ -328,6 +328,25 @@ Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   return FdArray(info.Env(), {sv[0], sv[1]});
 }
 
+// The two ends of a direct relay (docs/srp.md, "Direct transport"): blocking (each app sets its own mode),
+// close-on-exec, with send and receive buffers of `bufferBytes` so the bytes flow while the receiver hashes.
+// SO_SNDBUFFORCE lifts the wmem_max cap when Aeterna may (CAP_NET_ADMIN); else the capped size stands.
+Napi::Value RelayPair(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t bytes;
+  if (!GetInt(info[0], "bufferBytes", 4096, INT_MAX / 2, &bytes)) return Napi::Value();
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return Throw(SysError(env, errno, "socketpair", "relay pair"));
+  const int size = static_cast<int>(bytes);
+  for (int fd : sv) {
+    for (int opt : {SO_SNDBUF, SO_RCVBUF}) {
+      const int force = opt == SO_SNDBUF ? SO_SNDBUFFORCE : SO_RCVBUFFORCE;
+      if (setsockopt(fd, SOL_SOCKET, force, &size, sizeof size) < 0) setsockopt(fd, SOL_SOCKET, opt, &size, sizeof size);
+    }
+  }
+  return FdArray(env, {sv[0], sv[1]});
+}
+
 Napi::Value ConnectUnix(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path;
@@ -1109,6 +1128,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"reapAll", ReapAll},
       {"kill", Kill},
       {"connectUnix", ConnectUnix},
+      {"relayPair", RelayPair},
       {"accept", Accept},
       {"sendmsg", SendMsg},
       {"recvmsgInto", RecvMsgInto},

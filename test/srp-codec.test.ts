@@ -174,6 +174,31 @@ describe('SRP messages', () => {
     const ok = parseMessage(Buffer.from(`{"op":"state","size":3,"encoding":"json","sha256":"${'a'.repeat(64)}","future_field":1}`));
     assert.deepEqual(ok, { op: 'state', size: 3, encoding: 'json', sha256: 'a'.repeat(64) });
   });
+
+  it('checks the direct transport and the crc32 check field by field (docs/srp.md, "Direct transport", "Checksums")', () => {
+    const bad = (text: string): string | null => srpCode(() => parseMessage(Buffer.from(text)));
+    assert.equal(bad('{"op":"state","size":5,"transport":"direct","sha256":"' + 'a'.repeat(64) + '"}'), 'bad_json', 'direct needs a trailer');
+    assert.equal(bad('{"op":"state","size":0,"transport":"direct","trailer":true}'), 'bad_json', 'direct needs a byte at least');
+    assert.equal(bad('{"op":"state","size":5,"transport":"direct","trailer":true,"fds":["direct"]}'), 'bad_json', 'the name direct is reserved on a state');
+    assert.equal(bad('{"op":"load","size":5,"transport":"direct","trailer":true}'), 'bad_json', 'a direct load carries the pair end');
+    assert.equal(bad('{"op":"checkpoint","size":5,"trailer":true,"checksum":"crc32"}'), 'bad_json', 'no crc32 for checkpoints');
+    assert.equal(bad('{"op":"state","size":5,"sha256":"' + 'a'.repeat(64) + '","checksum":"crc32"}'), 'bad_json', 'checksum only with a trailer');
+    assert.equal(bad('{"op":"state","size":5,"trailer":true,"checksum":"md5"}'), 'bad_json');
+    assert.equal(bad('{"op":"trailer","crc32":"ABCDEF01"}'), 'bad_json', 'lowercase hex');
+    assert.equal(bad('{"op":"trailer","crc32":"abcdef01","sha256":"' + 'a'.repeat(64) + '"}'), 'bad_json', 'exactly one check');
+    assert.equal(bad('{"op":"dump","final":true,"trailer":true,"direct":true,"fds":["direct"]}'), 'bad_json', 'no pair on a final dump');
+    assert.equal(bad('{"op":"dump","final":false,"trailer":true,"fds":["direct"]}'), 'bad_json', 'fds only with direct');
+    assert.deepEqual(parseMessage(Buffer.from('{"op":"load","size":5,"transport":"direct","trailer":true,"checksum":"crc32","fds":["conn:1","direct"]}')), {
+      op: 'load',
+      size: 5,
+      transport: 'direct',
+      trailer: true,
+      checksum: 'crc32',
+      fds: ['conn:1', 'direct'],
+    });
+    assert.deepEqual(parseMessage(Buffer.from('{"op":"hello","v":1,"direct":true,"checksums":["crc32","sha256","xxh3"]}')), { op: 'hello', v: 1, direct: true, checksums: ['crc32'] });
+    assert.deepEqual(parseMessage(Buffer.from('{"op":"trailer","crc32":"0a1b2c3d"}')), { op: 'trailer', crc32: '0a1b2c3d' });
+  });
 });
 
 describe('SRP fds', () => {

@@ -38,6 +38,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 __all__ = [
@@ -68,12 +69,17 @@ _REQUIRED_SEALS = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW
 MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 0x0001)
 MFD_ALLOW_SEALING = getattr(os, "MFD_ALLOW_SEALING", 0x0002)
 _MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0x4000)
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
 # Socket buffers asked for on the relay connection (the kernel caps them at net.core.[rw]mem_max): fewer,
 # larger reads and writes for a streamed state.
 _SOCKET_BUFFER = 4 * 1024 * 1024
 # States smaller than this are hashed inline; larger ones on a thread of their own, overlapping the socket.
 _HASH_THREAD_MIN = 4 * 1024 * 1024
+# Bytes per write on a direct socket pair (each piece is then hashed while the next one is written).
+_DIRECT_CHUNK = 4 * 1024 * 1024
+# Trailer checks besides SHA-256 (docs/srp.md, "Checksums"): used only where a dump offers one.
+_CHECKSUMS = ("crc32",)
 
 
 class RelayError(Exception):
@@ -332,8 +338,8 @@ def _state_header(o: dict, op: str) -> dict:
     if sha is not None:
         h["sha256"] = sha
     if "transport" in o:
-        if o["transport"] not in ("stream", "memfd"):
-            raise _bad_json('%s: "transport" must be "stream" or "memfd"' % op)
+        if o["transport"] not in ("stream", "memfd", "direct"):
+            raise _bad_json('%s: "transport" must be "stream", "memfd" or "direct"' % op)
         h["transport"] = o["transport"]
     if "fds" in o:
         names = o["fds"]
@@ -351,6 +357,20 @@ def _state_header(o: dict, op: str) -> dict:
         if "sha256" in h or h.get("transport") == "memfd" or size == 0:
             raise _bad_json('%s: "trailer" is only for a streamed state of at least 1 byte without "sha256"' % op)
         h["trailer"] = True
+    if h.get("transport") == "direct":
+        # The digest always follows the bytes on the pair; the pair end rides on the load.
+        if "trailer" not in h or size == 0:
+            raise _bad_json('%s: transport "direct" needs "trailer": true and a size of at least 1 byte' % op)
+        if ("direct" in h.get("fds", [])) != (op == "load"):
+            raise _bad_json('%s: the fd name "direct" is %s for the direct transport' % (op, "required" if op == "load" else "reserved"))
+    elif "direct" in h.get("fds", []) and op != "load":
+        raise _bad_json('%s: the fd name "direct" is reserved for the direct transport' % op)
+    if "checksum" in o:
+        if o["checksum"] not in _CHECKSUMS:
+            raise _bad_json('%s: "checksum" must be one of %s when present' % (op, ", ".join(_CHECKSUMS)))
+        if "trailer" not in h or op == "checkpoint":
+            raise _bad_json('%s: "checksum" is only for a relayed state with "trailer": true' % op)
+        h["checksum"] = o["checksum"]
     if size > 0 and h.get("transport") != "memfd" and "sha256" not in h and "trailer" not in h:
         raise _bad_json('%s: "sha256" (or "trailer": true) is required for a streamed state' % op)
     return h
@@ -375,11 +395,16 @@ def _parse_message(body: bytes) -> dict:
     if op == "hello":
         if not isinstance(o.get("v"), (int, float)) or isinstance(o.get("v"), bool):
             raise _bad_json('hello: "v" must be a number')
-        return {"op": op, "v": o["v"], "trailer": True} if o.get("trailer") is True else {"op": op, "v": o["v"]}
+        msg = {"op": op, "v": o["v"]}
+        for key in ("trailer", "direct"):
+            if o.get(key) is True:
+                msg[key] = True
+        return msg
     if op == "welcome":
         msg = {"op": op, "v": o.get("v"), "generation": o.get("generation"), "max_frame": o.get("max_frame")}
-        if o.get("checkpoint") is True:
-            msg["checkpoint"] = True
+        for key in ("checkpoint", "direct"):
+            if o.get(key) is True:
+                msg[key] = True
         return msg
     if op in ("load", "state", "checkpoint"):
         h = _state_header(o, op)
@@ -410,12 +435,26 @@ def _parse_message(body: bytes) -> dict:
             msg["timeout_ms"] = o["timeout_ms"]
         if o.get("trailer") is True:
             msg["trailer"] = True
+        if "direct" in o and (o["direct"] is not True or o.get("trailer") is not True or o.get("final") is True):
+            raise _bad_json('dump: "direct" must be true, and only with "trailer": true on a non-final dump')
+        if (o.get("direct") is True) != (o.get("fds") == ["direct"]) or ("fds" in o and o.get("direct") is not True):
+            raise _bad_json('dump: "fds" must be ["direct"] exactly when "direct" is true')
+        if o.get("direct") is True:
+            msg["direct"] = True
+            msg["fds"] = ["direct"]
+        if "checksum" in o:
+            if o["checksum"] not in _CHECKSUMS or o.get("trailer") is not True:
+                raise _bad_json('dump: "checksum" must be one of %s, and only with "trailer": true' % ", ".join(_CHECKSUMS))
+            msg["checksum"] = o["checksum"]
         return msg
     if op == "trailer":
         sha = _optional_sha256(o, op)
-        if sha is None:
-            raise _bad_json('trailer: "sha256" is required')
-        return {"op": op, "sha256": sha}
+        crc = _optional_string(o, "crc32", 8)
+        if crc is not None and not (len(crc) == 8 and all(c in "0123456789abcdef" for c in crc)):
+            raise _bad_json('trailer: "crc32" must be 8 lowercase hex digits')
+        if (sha is None) == (crc is None):
+            raise _bad_json('trailer: exactly one of "sha256" and "crc32" is required')
+        return {"op": op, "sha256": sha} if sha is not None else {"op": op, "crc32": crc}
     if op == "error":
         return {"op": op, "code": str(o.get("code", "unknown"))[:64], "message": str(o.get("message", ""))[:4096]}
     return {"op": op}
@@ -450,6 +489,10 @@ class StateClient:
         self._final_pending = False
         # The last dump offered a digest trailer: a streamed state is hashed as it is sent.
         self._trailer_offered = False
+        # The last dump offered a cheaper check than SHA-256 for the trailer (docs/srp.md, "Checksums").
+        self._checksum_offered: Optional[str] = None
+        # The last dump offered the direct transport: our end of its socket pair (docs/srp.md, "Direct transport").
+        self._direct_pair: Optional[int] = None
         # When the final dump arrived (monotonic) and how long Aeterna waits for its answer (the dump's timeout_ms).
         self._final_asked: Optional[Tuple[float, Optional[float]]] = None
         self._final_sent = False
@@ -743,7 +786,7 @@ class StateClient:
             body = bytearray(length)
             self._recv_exact_into(memoryview(body), None)
             msg = _parse_message(body)
-            named = len(msg.get("fds", [])) if msg["op"] in ("load", "state") else 0
+            named = len(msg.get("fds", [])) if msg["op"] in ("load", "state", "dump") else 0
             if len(fds) != named:
                 raise _ProtocolError("bad_frame", "%s: %d fds named, %d received" % (msg["op"], named, len(fds)))
         except BaseException:
@@ -775,8 +818,16 @@ class StateClient:
             else:
                 # An anonymous mapping is zero without a memset: its pages are touched as the bytes land.
                 data = mmap.mmap(-1, size) if size else b""
-                hasher = _Hasher(size)
-                if size:
+                hasher = _Hasher(size, msg.get("checksum"))
+                short = None  # a direct state that was not exactly `size` bytes (refused once its trailer is in)
+                if transport == "direct":
+                    pair = named.pop("direct")
+                    owned.remove(pair)
+                    try:
+                        short = _receive_direct(pair, memoryview(data), hasher)
+                    finally:
+                        actual = hasher.hexdigest()
+                elif size:
                     view = memoryview(data)
                     got = 0
                     try:
@@ -800,9 +851,12 @@ class StateClient:
                     _close_fds(extra)
                     if trailer["op"] != "trailer":
                         raise _ProtocolError("unexpected_op", "%r where the announced digest trailer was due" % trailer["op"])
-                    sha = trailer["sha256"]
+                    # A trailer of the other kind than the header announced matches nothing (Aeterna never relays one).
+                    sha = trailer.get(hasher.name) or "none"
+                if short is not None:
+                    raise _Refusal("bad_state", short)
                 if sha is not None and actual != sha:
-                    raise _Refusal("checksum_mismatch", "announced sha256 %s, received %s (%d bytes)" % (sha, actual, size))
+                    raise _Refusal("checksum_mismatch", "announced %s %s, received %s (%d bytes)" % (hasher.name, sha, actual, size))
                 # the mapping as received (no copy of a large state)
             owned = []  # the named fds now belong to the State
             if size == 0 and not named and transport == "stream":
@@ -811,10 +865,23 @@ class StateClient:
         finally:
             _close_fds(owned)
 
-    def _send_frames(self, first: bytes, fds: Optional[List[int]] = None, data: Any = None, trailer: bool = False) -> None:
+    def _send_frames(self, first: bytes, fds: Optional[List[int]] = None, data: Any = None, trailer: bool = False,
+                     direct: Optional[int] = None, checksum: Optional[str] = None) -> None:
         """Send one control frame (fds attached to its header, in a sendmsg of its own)
         and then `data` as data frames, without another frame in between; with
-        `trailer`, hash the data as it goes and send its digest in a trailer frame."""
+        `trailer`, hash the data as it goes and send its digest in a trailer frame.
+        With `direct` (the fd of a direct state's socket pair, closed here), the data
+        goes on that pair instead of as data frames. `checksum`: the trailer's check
+        when not SHA-256 (the header said so)."""
+        pair = socket.socket(fileno=direct) if direct is not None else None  # ours: closed here, whatever happens
+        try:
+            self._send_frames_locked(first, fds, data, trailer, pair, checksum)
+        finally:
+            if pair is not None:
+                pair.close()
+
+    def _send_frames_locked(self, first: bytes, fds: Optional[List[int]], data: Any, trailer: bool,
+                            pair: Optional[socket.socket], checksum: Optional[str]) -> None:
         sock = self._sock
         if sock is None:
             return
@@ -827,9 +894,14 @@ class StateClient:
                 sock.sendall(first)
             else:
                 sock.sendall(header + first)
-            if data is not None:
+            if pair is not None:
+                hasher = _Hasher(len(data), checksum)
+                _send_direct(pair, memoryview(data).cast("B"), hasher)
+                body = json.dumps(hasher.trailer(), separators=(",", ":")).encode("utf-8")
+                sock.sendall(_HEADER.pack(len(body)) + body)
+            elif data is not None:
                 view = memoryview(data).cast("B")
-                hasher = _Hasher(len(view)) if trailer else None
+                hasher = _Hasher(len(view), checksum) if trailer else None
                 chunk = max(1, min(DATA_CHUNK, self.max_frame))
                 try:
                     for off in range(0, len(view), chunk):
@@ -839,9 +911,9 @@ class StateClient:
                         sock.sendall(_HEADER.pack(len(piece)))
                         sock.sendall(piece)
                 finally:
-                    digest = hasher.hexdigest() if hasher is not None else None
-                if digest is not None:
-                    body = json.dumps({"op": "trailer", "sha256": digest}, separators=(",", ":")).encode("utf-8")
+                    ended = hasher.trailer() if hasher is not None else None
+                if ended is not None:
+                    body = json.dumps(ended, separators=(",", ":")).encode("utf-8")
                     sock.sendall(_HEADER.pack(len(body)) + body)
 
     def _send_control(self, msg: dict, fds: Optional[List[int]] = None) -> None:
@@ -861,10 +933,12 @@ class StateClient:
     def _answer_dump(self, final: bool) -> bool:
         """Call the dump callback and send its state (or the decline). True when a state was sent."""
         cb = self._dump_cb
+        pair, self._direct_pair = (None, self._direct_pair) if final else (self._direct_pair, None)
         try:
             value = cb(final) if cb is not None else None
-            msg, fds, data, memfd = _prepare_state(value, self._trailer_offered)
+            msg, fds, data, memfd = _prepare_state(value, self._trailer_offered, pair is not None, self._checksum_offered)
         except BaseException as e:
+            _close_fds([pair] if pair is not None else [])
             _log("no state to hand over, the dump is declined: %s" % _reason(e))
             try:
                 self._send_control({"op": "ack", "ok": False, "error": "dump_failed: %s" % _reason(e)})
@@ -874,8 +948,12 @@ class StateClient:
         if final:
             with self._cond:  # before sending: Aeterna's ack may come back before _send_frames returns
                 self._final_sent = True
+        direct = pair if msg.get("transport") == "direct" else None
+        if pair is not None and direct is None:
+            os.close(pair)  # offered, not taken (no bytes to stream)
         try:
-            self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data, msg.get("trailer") is True)
+            self._send_frames(json.dumps(msg, separators=(",", ":")).encode("utf-8"), fds, data, msg.get("trailer") is True, direct,
+                              msg.get("checksum"))
         except OSError as e:
             _log("could not send the state: %s" % e)
             return False
@@ -898,10 +976,11 @@ class StateClient:
                 msg, fds = self._recv_control()
                 op = msg.get("op")
                 if op == "dump":
-                    if fds:
-                        _close_fds(fds)
-                        raise _ProtocolError("bad_frame", "fds on a dump frame")
                     self._trailer_offered = msg.get("trailer") is True
+                    self._checksum_offered = msg.get("checksum")
+                    if self._direct_pair is not None:
+                        _close_fds([self._direct_pair])  # an earlier offer nobody answered
+                    self._direct_pair = fds[0] if msg.get("direct") else None
                     if msg.get("final") is True:
                         wait_ms = msg.get("timeout_ms")
                         valid = isinstance(wait_ms, int) and not isinstance(wait_ms, bool) and wait_ms > 0
@@ -980,8 +1059,10 @@ class _Hasher:
     own (hashlib releases the GIL), so hashing overlaps the socket instead of
     following it; the pieces must stay valid and unchanged until hexdigest()."""
 
-    def __init__(self, total: int):
-        self._hash = hashlib.sha256()
+    def __init__(self, total: int, checksum: Optional[str] = None):
+        # CRC-32 where the dump offered it (docs/srp.md, "Checksums"); zlib releases the GIL as hashlib does.
+        self.name = "crc32" if checksum == "crc32" else "sha256"
+        self._hash = hashlib.sha256() if self.name == "sha256" else _Crc32()
         self._queue: Any = None
         self._thread: Optional[threading.Thread] = None
         if total >= _HASH_THREAD_MIN:
@@ -1010,11 +1091,73 @@ class _Hasher:
             self._thread = None
         return self._hash.hexdigest()
 
+    def trailer(self) -> dict:
+        return {"op": "trailer", self.name: self.hexdigest()}
 
-def _prepare_state(value: Any, trailer: bool = False) -> Tuple[dict, List[int], Any, Optional[int]]:
+
+class _Crc32:
+    """zlib's CRC-32 with hashlib's update/hexdigest."""
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, piece: Any) -> None:
+        self._value = zlib.crc32(piece, self._value)
+
+    def hexdigest(self) -> str:
+        return "%08x" % (self._value & 0xFFFFFFFF)
+
+
+def _receive_direct(fd: int, view: memoryview, hasher: "_Hasher") -> Optional[str]:
+    """Read a direct state's bytes from its socket pair into `view` (hashed as they
+    land) up to the sender's end of file, and close the pair. None when exactly
+    len(view) bytes came; else what was wrong."""
+    size = len(view)
+    got = 0
+    pair = socket.socket(fileno=fd)
+    try:
+        pair.setblocking(True)
+        while got < size:
+            n = pair.recv_into(view[got:], min(size - got, _DIRECT_CHUNK))
+            if n == 0:
+                return "the direct socket pair ended after %d of %d bytes" % (got, size)
+            hasher.update(view[got:got + n])
+            got += n
+        extra = pair.recv(1)  # the sender closes its end after the last byte
+        if extra:
+            return "more bytes than the %d announced on the direct socket pair" % size
+        return None
+    except OSError as e:
+        return "the direct socket pair failed after %d of %d bytes: %s" % (got, size, e)
+    finally:
+        pair.close()
+        view.release()
+
+
+def _send_direct(pair: socket.socket, view: memoryview, hasher: "_Hasher") -> None:
+    """Write a direct state's bytes on its socket pair, hashing them as they go, and
+    close our end (the receiver's end of file). A receiver that went away ends the
+    writing: the digest then matches nothing, and the trailer still goes out, so the
+    connection stays in step."""
+    try:
+        pair.setblocking(True)
+        for off in range(0, len(view), _DIRECT_CHUNK):
+            piece = view[off:off + _DIRECT_CHUNK]
+            hasher.update(piece)
+            pair.sendall(piece, _MSG_NOSIGNAL)  # a receiver gone is EPIPE here, never a SIGPIPE for the app
+    except OSError as e:
+        _log("the direct transport ended early: %s" % e)
+    finally:
+        pair.close()
+
+
+def _prepare_state(value: Any, trailer: bool = False, direct: bool = False,
+                   checksum: Optional[str] = None) -> Tuple[dict, List[int], Any, Optional[int]]:
     """(state message, fds for its header, data for data frames or None, memfd to close
     once sent) for a dump callback's value. With `trailer` (the dump offered one), a
-    streamed state's digest is left to the trailer frame. Raises when the value cannot be sent."""
+    streamed state's digest is left to the trailer frame; with `direct` too, its bytes
+    go on the dump's socket pair, and `checksum` (offered by the dump) is the
+    trailer's check instead of SHA-256. Raises when the value cannot be sent."""
     if value is None:
         return {"op": "state", "size": 0}, [], None, None
     if not isinstance(value, DumpResult):
@@ -1057,6 +1200,10 @@ def _prepare_state(value: Any, trailer: bool = False) -> Tuple[dict, List[int], 
     msg = {"op": "state", "encoding": encoding, "size": len(view)}
     if trailer and len(view):
         msg["trailer"] = True  # hashed as it is sent (_send_frames)
+        if direct:
+            msg["transport"] = "direct"
+        if checksum in _CHECKSUMS:
+            msg["checksum"] = checksum
     else:
         msg["sha256"] = hashlib.sha256(view).hexdigest()
     if names:
@@ -1125,7 +1272,10 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
         sock.settimeout(timeout)
         sock.connect(path)
         # trailer: this SDK verifies a digest that follows the data (Aeterna then lets senders hash as they send)
-        client._send_control({"op": "hello", "v": PROTOCOL_VERSION, "trailer": True})
+        # direct: it can also send and receive a state on a socket pair of its own (docs/srp.md, "Direct transport")
+        # checksums: besides SHA-256 it computes and verifies CRC-32 (docs/srp.md, "Checksums")
+        client._send_control({"op": "hello", "v": PROTOCOL_VERSION, "trailer": True, "direct": True,
+                              "checksums": ["crc32", "sha256"]})
         msg, fds = client._recv_control()
         _close_fds(fds)
         if fds:

@@ -208,7 +208,8 @@ class RelayTest(unittest.TestCase):
         self.assertFalse(c.shutdown(timeout=10))
         self.assertLess(time.monotonic() - t0, 5, "shutdown returns at end of file, not at its timeout")
         f.join()
-        self.assertEqual(f.events[0], ("hello", b"\x00\x00\x00\x23" + b'{"op":"hello","v":1,"trailer":true}'))
+        hello = b'{"op":"hello","v":1,"trailer":true,"direct":true,"checksums":["crc32","sha256"]}'
+        self.assertEqual(f.events[0], ("hello", len(hello).to_bytes(4, "big") + hello))
         self.assertEqual(f.events[1], ("ack", {"op": "ack", "ok": True}))
         self.assertEqual(f.events[2], ("ready", {"op": "ready"}))
 

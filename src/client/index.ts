@@ -7,11 +7,13 @@
 // runs the same in development.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { native } from '../native/binding';
+import zlib from 'node:zlib';
+import { native, READABLE, type Poller } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
+import { FdStream } from '../srp/fd-stream';
 import { SrpError, closeQuietly, isSealedState, type SrpErrorCode } from '../srp/codec';
 import type { CheckpointRefusal } from '../srp/checkpoint-store';
-import type { LoadSource, Message, StateHeader } from '../srp/messages';
+import { trailerDigest, type Checksum, type LoadSource, type Message, type StateHeader, type TrailerDigest } from '../srp/messages';
 
 export { drain, trackConnections, type DrainOptions } from './drain';
 
@@ -145,6 +147,87 @@ function sha256(data: Buffer): string {
   return crypto.createHash('sha256').update(data).digest('hex');
 }
 
+/**
+ * A streamed state's check, fed as the bytes go or come: SHA-256 by default, CRC-32 where the dump offered it
+ * (docs/srp.md, "Checksums").
+ */
+class StreamCheck {
+  private readonly sha: crypto.Hash | null;
+  private crc = 0;
+
+  constructor(checksum: Checksum | undefined) {
+    this.sha = checksum === 'crc32' ? null : crypto.createHash('sha256');
+  }
+
+  update(bytes: Buffer): void {
+    if (this.sha) this.sha.update(bytes);
+    else this.crc = zlib.crc32(bytes, this.crc);
+  }
+
+  hex(): string {
+    return this.sha ? this.sha.digest('hex') : (this.crc >>> 0).toString(16).padStart(8, '0');
+  }
+
+  trailer(): Message {
+    return this.sha ? { op: 'trailer', sha256: this.hex() } : { op: 'trailer', crc32: this.hex() };
+  }
+}
+
+/** Reads per poll callback, so a fast sender cannot starve the app's event loop. */
+const DIRECT_READS_PER_TURN = 16;
+
+/**
+ * The receiving end of a direct state's socket pair (docs/srp.md, "Direct transport"): reads straight into the
+ * state's buffer (the kernel's one copy, none here), checks as the bytes land, counts what comes beyond the
+ * announced size, and closes the pair at its end of file (or when it fails: what arrived is judged as is).
+ */
+class DirectReader {
+  ended = false;
+  private readonly poller: Poller;
+  private spare = Buffer.alloc(0);
+
+  constructor(
+    private readonly fd: number,
+    private readonly incoming: Incoming,
+    private readonly onEnd: () => void,
+  ) {
+    this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.readSome() : this.end()));
+    this.poller.start(READABLE);
+  }
+
+  close(): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.poller.close();
+    closeQuietly(this.fd);
+  }
+
+  private end(): void {
+    if (this.ended) return;
+    this.close();
+    this.onEnd();
+  }
+
+  private readSome(): void {
+    const incoming = this.incoming;
+    for (let i = 0; i < DIRECT_READS_PER_TURN && !this.ended; i++) {
+      const room = incoming.buffer.length - incoming.received;
+      if (room === 0 && this.spare.length === 0) this.spare = Buffer.allocUnsafe(64 << 10); // only to count extra bytes
+      const into = room > 0 ? incoming.buffer.subarray(incoming.received) : this.spare;
+      let got;
+      try {
+        got = native.recvmsgInto(this.fd, into, 0);
+      } catch {
+        return this.end();
+      }
+      if (got === null) return;
+      if (got.bytes === 0) return this.end();
+      if (room > 0) incoming.hash.update(into.subarray(0, got.bytes));
+      incoming.received += got.bytes;
+    }
+  }
+}
+
 function readMemfd(fd: number, size: number): Buffer {
   const out = Buffer.allocUnsafe(size);
   for (let off = 0; off < size; ) {
@@ -187,9 +270,11 @@ interface Incoming {
   /** The announced size, filled as data frames arrive, and hashed on the way (overlapping the transfer). */
   buffer: Buffer;
   received: number;
-  hash: crypto.Hash;
-  /** The digest from the `trailer` frame, when the header announced one (null until it arrives). */
-  trailerSha: string | null;
+  hash: StreamCheck;
+  /** The `trailer` frame, when the header announced one (null until it arrives). */
+  trailer: TrailerDigest | null;
+  /** The direct transport: the socket pair the bytes come on, until its end of file (docs/srp.md, "Direct transport"). */
+  pair: DirectReader | null;
 }
 
 export interface ConnectOptions {
@@ -223,6 +308,10 @@ export class StateClient {
   private finalDumpPending = false;
   /** The last dump offered a digest trailer: the state can go out as it is hashed. */
   private trailerOffered = false;
+  /** The last dump offered a cheaper check than SHA-256 for the trailer (docs/srp.md, "Checksums"). */
+  private checksumOffered: Checksum | undefined = undefined;
+  /** The last dump offered the direct transport: our end of its socket pair, until the answer uses or closes it. */
+  private directPair: number | null = null;
   /** When Aeterna asked for the final dump (performance.now()), and how long it waits for the answer (its timeout_ms). */
   private finalAsked: { at: number; timeoutMs: number | null } | null = null;
   private finalAskedSignal: () => void = () => undefined;
@@ -297,7 +386,9 @@ export class StateClient {
       });
     });
     conn.on('data', (payload, _frameLength, remaining) => this.onData(payload, remaining));
-    conn.send({ op: 'hello', v: 1, trailer: true }); // we verify a digest that follows the data
+    // We verify a digest that follows the data, and can send and receive a state on a socket pair of its own.
+    // Besides SHA-256 we compute and verify CRC-32 (docs/srp.md, "Checksums").
+    conn.send({ op: 'hello', v: 1, trailer: true, direct: true, checksums: ['crc32', 'sha256'] });
     await welcomed;
   }
 
@@ -410,19 +501,27 @@ export class StateClient {
       case 'load': {
         const named = new Map<string, number>((m.fds ?? []).map((name, i) => [name, fds[i]]));
         const streamed = m.transport === 'memfd' ? 0 : m.size;
-        this.incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: crypto.createHash('sha256'), trailerSha: null };
+        const incoming: Incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: new StreamCheck(m.checksum), trailer: null, pair: null };
+        this.incoming = incoming;
+        if (m.transport === 'direct') {
+          incoming.pair = new DirectReader(named.get('direct')!, incoming, () => this.completeWhenWhole());
+          named.delete('direct');
+        }
         if (m.transport === 'memfd' || m.size === 0) this.completeLoad();
         return;
       }
       case 'trailer':
         // The connection lets a trailer through only right after the data of a load that announced one.
         if (this.incoming) {
-          this.incoming.trailerSha = m.sha256;
-          this.completeLoad();
+          this.incoming.trailer = m;
+          this.completeWhenWhole();
         }
         return;
       case 'dump':
         this.trailerOffered = m.trailer === true;
+        this.checksumOffered = m.checksum;
+        if (this.directPair !== null) closeQuietly(this.directPair); // an earlier offer nobody answered
+        this.directPair = m.direct ? fds[0] : null;
         if (m.final) {
           this.finalAsked = { at: performance.now(), timeoutMs: m.timeout_ms ?? null };
           this.finalAskedSignal();
@@ -461,10 +560,24 @@ export class StateClient {
   private onData(payload: Buffer, remaining: number): void {
     const incoming = this.incoming;
     if (!incoming) return;
-    payload.copy(incoming.buffer, incoming.received); // the one copy: from the read buffer to the state's place
-    incoming.hash.update(payload);
-    incoming.received += payload.length;
+    this.received(incoming, payload);
     if (remaining === 0 && !incoming.header.trailer) this.completeLoad();
+  }
+
+  /** Bytes of a streamed state (data frames, or the direct pair): copied once into the state's place, hashed as they come. */
+  private received(incoming: Incoming, payload: Buffer): void {
+    const room = incoming.buffer.length - incoming.received;
+    const part = payload.length > room ? payload.subarray(0, room) : payload; // more than announced is counted, not kept
+    part.copy(incoming.buffer, incoming.received);
+    incoming.hash.update(part);
+    incoming.received += payload.length;
+  }
+
+  /** A direct state is whole once its pair reached end of file and its trailer arrived (in either order). */
+  private completeWhenWhole(): void {
+    const incoming = this.incoming;
+    if (!incoming || incoming.trailer === null || (incoming.pair !== null && !incoming.pair.ended)) return;
+    this.completeLoad();
   }
 
   /** A whole state arrived: verify it, then hand it to load() or onLoad. */
@@ -485,10 +598,13 @@ export class StateClient {
     } else {
       const data = incoming.buffer;
       state = makeState(h, data, incoming.fds, null);
-      if (incoming.received !== h.size) problem = new RelayError('bad_state', `received ${incoming.received} bytes, ${h.size} announced`);
+      const where = h.transport === 'direct' ? ' on the direct socket pair before its end of file' : '';
+      if (incoming.received !== h.size) problem = new RelayError('bad_state', `received ${incoming.received} bytes${where}, ${h.size} announced`);
       else {
-        const expected = h.sha256 ?? incoming.trailerSha ?? undefined;
-        if (expected !== undefined && incoming.hash.digest('hex') !== expected) problem = new RelayError('checksum_mismatch', `sha256 of the ${h.size} bytes received is not ${expected}`);
+        // A trailer of the other kind than the header announced matches nothing (Aeterna never relays one).
+        const expected = h.sha256 ?? (incoming.trailer ? (trailerDigest(incoming.trailer, h.checksum) ?? 'none') : undefined);
+        const kind = h.sha256 ? 'sha256' : (h.checksum ?? 'sha256');
+        if (expected !== undefined && incoming.hash.hex() !== expected) problem = new RelayError('checksum_mismatch', `${kind} of the ${h.size} bytes received is not ${expected}`);
       }
     }
     if (problem) {
@@ -528,17 +644,20 @@ export class StateClient {
 
   private async answerDump(final: boolean): Promise<void> {
     if (final) this.finalDumpPending = false;
+    const pair = final ? null : this.directPair; // ours from here: sendState uses or closes it
+    if (!final) this.directPair = null;
     const conn = this.conn;
-    if (!conn || conn.closed) return;
     let result: DumpResult;
     try {
+      if (!conn || conn.closed) throw new RelayError('closed', 'the relay connection is closed');
       result = this.dumpCallback ? await this.dumpCallback({ final }) : null;
     } catch (err) {
-      conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', (err as Error).message) });
+      if (pair !== null) closeQuietly(pair);
+      if (conn && !conn.closed) conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', (err as Error).message) });
       return;
     }
     const trailer = this.trailerOffered;
-    await this.send(() => this.sendState(conn, result, trailer, 'state'));
+    await this.send(() => this.sendState(conn, result, trailer, 'state', pair));
   }
 
   /** Run `sending` once what was queued before has gone out (a state and a checkpoint never interleave). */
@@ -548,10 +667,21 @@ export class StateClient {
     return next;
   }
 
-  private async sendState(conn: SrpConnection, result: DumpResult, trailer: boolean, op: 'state' | 'checkpoint'): Promise<void> {
+  /** `pair`: the direct transport's socket pair end, when the dump offered one; always used or closed here. */
+  private async sendState(conn: SrpConnection, result: DumpResult, trailer: boolean, op: 'state' | 'checkpoint', pair: number | null = null): Promise<void> {
+    let direct: number | null = null;
+    try {
+      direct = await this.sendStateVia(conn, result, trailer, op, pair);
+    } finally {
+      if (pair !== null && direct === null) closeQuietly(pair);
+    }
+  }
+
+  /** Returns `pair` when it took the pair (an FdStream then owns it), null otherwise. */
+  private async sendStateVia(conn: SrpConnection, result: DumpResult, trailer: boolean, op: 'state' | 'checkpoint', pair: number | null): Promise<number | null> {
     if (result === null || result === undefined) {
       conn.send({ op, size: 0 });
-      return;
+      return null;
     }
     let encoding = 'binary';
     let data: Buffer | null = null;
@@ -585,7 +715,7 @@ export class StateClient {
       if (memfd !== null) closeQuietly(memfd);
       if (op === 'checkpoint') throw new RelayError('usage', 'the fd name "state" is reserved for the memfd transport');
       conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', 'the fd name "state" is reserved for the memfd transport') });
-      return;
+      return null;
     }
     if (memfd !== null) {
       const size = fs.fstatSync(memfd).size;
@@ -597,49 +727,84 @@ export class StateClient {
         conn.send(header, [memfd, ...fds]);
         if (conn.stream.writableLength === 0) closeQuietly(memfd);
       }
-      return;
+      return null;
     }
     const bytes = data!;
     if (bytes.length === 0 && names.length === 0) {
       conn.send({ op, size: 0 });
-      return;
+      return null;
     }
     const frameSize = Math.min(1 << 20, this.maxFrame);
+    // The offered cheaper check, unless the app gave its own SHA-256 (then nothing is hashed here).
+    const checksum = op === 'state' && knownSha === undefined ? this.checksumOffered : undefined;
+    const announced = { op, encoding, size: bytes.length, trailer: true as const, ...(checksum ? { checksum } : {}), ...(names.length ? { fds: names } : {}) };
+    if (pair !== null && trailer && bytes.length > 0 && op === 'state') {
+      await this.sendDirect(conn, pair, bytes, { ...announced, transport: 'direct' }, fds, knownSha);
+      return pair;
+    }
     if (trailer && knownSha === undefined && bytes.length > 0) {
       // Hash each frame as it goes out and send the digest after the data: the first byte leaves at once,
       // and the receiver hashes what it got meanwhile (docs/srp.md, "Digest trailer").
-      conn.send({ op, encoding, size: bytes.length, trailer: true, ...(names.length ? { fds: names } : {}) }, fds);
-      const hash = crypto.createHash('sha256');
+      conn.send(announced, fds);
+      const check = new StreamCheck(checksum);
       for (let off = 0; off < bytes.length && !conn.closed; off += frameSize) {
         const part = bytes.subarray(off, off + frameSize);
-        hash.update(part);
-        if (!conn.sendData(part, frameSize) && !conn.stream.isClosed) await drained(conn);
+        check.update(part);
+        if (!conn.sendData(part, frameSize) && !conn.stream.isClosed) await drained(conn.stream);
       }
-      if (!conn.closed) conn.send({ op: 'trailer', sha256: hash.digest('hex') });
-      return;
+      if (!conn.closed) conn.send(check.trailer());
+      return null;
     }
     const header: Message = { op, encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
     conn.send(header, fds);
     if (bytes.length > 0) conn.sendData(bytes, frameSize);
+    return null;
+  }
+
+  /**
+   * The direct transport (docs/srp.md, "Direct transport"): the header here, the bytes on the socket pair
+   * (hashed as they go, unless the app gave the digest), our end closed after the last one (the receiver's end
+   * of file), then the digest in a trailer here. A receiver that went away ends the writing; the trailer is
+   * sent all the same (the receiver, if any, refuses the short state), so the connection stays in step.
+   */
+  private async sendDirect(conn: SrpConnection, pair: number, bytes: Buffer, header: Message & { checksum?: Checksum }, fds: number[], knownSha: string | undefined): Promise<void> {
+    const out = new FdStream(pair);
+    out.pause(); // nothing comes from the receiver on the pair
+    out.on('error', () => undefined); // EPIPE: the receiver is gone; the stream closes itself
+    conn.send(header, fds);
+    const check = knownSha === undefined ? new StreamCheck(header.checksum) : null;
+    const piece = 1 << 20;
+    for (let off = 0; off < bytes.length && !out.isClosed && !conn.closed; off += piece) {
+      const part = bytes.subarray(off, off + piece);
+      check?.update(part);
+      if (!out.write(part) && !out.isClosed) await drained(out);
+    }
+    const closed = new Promise<void>((resolve) => (out.isClosed ? resolve() : out.once('close', resolve)));
+    out.end();
+    await closed;
+    if (!conn.closed) conn.send(check ? check.trailer() : { op: 'trailer', sha256: knownSha! });
   }
 
   private onClose(err: RelayError): void {
+    this.incoming?.pair?.close();
+    if (this.directPair !== null) closeQuietly(this.directPair);
+    this.directPair = null;
     this.initial.reject(err);
     for (const w of this.checkpointWaiters.splice(0)) w.reject(err);
     this.finish();
   }
 }
 
-/** Resolves once the connection's write queue is below its high-water mark again, or it closed. */
-function drained(conn: SrpConnection): Promise<void> {
+/** Resolves once the stream's write queue is below its high-water mark again, or it closed. */
+function drained(stream: FdStream): Promise<void> {
   return new Promise((resolve) => {
     const done = (): void => {
-      conn.stream.off('drain', done);
-      conn.stream.off('close', done);
+      stream.off('drain', done);
+      stream.off('close', done);
       resolve();
     };
-    conn.stream.once('drain', done);
-    conn.stream.once('close', done);
+    stream.once('drain', done);
+    stream.once('close', done);
   });
 }
 

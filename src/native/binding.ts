@@ -115,6 +115,8 @@ export interface Binding {
 
   /** Non-blocking connect to a Unix stream socket; the fd is close-on-exec and non-blocking. */
   connectUnix(path: string): number;
+  /** socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC), blocking, both ends with send/receive buffers of bufferBytes (the direct relay's pair). */
+  relayPair(bufferBytes: number): [number, number];
   /** Non-blocking accept4(SOCK_CLOEXEC|SOCK_NONBLOCK); -1 when no connection is waiting. */
   accept(fd: number): number;
   /** Non-blocking sendmsg of data with fds attached (SCM_RIGHTS). Returns bytes sent, or -1 on EAGAIN. */

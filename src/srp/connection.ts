@@ -176,11 +176,13 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     if (this.dueTrailer && message.op !== 'trailer' && message.op !== 'error') throw new SrpError('unexpected_op', `"${message.op}" where the announced digest trailer was due`);
     if (message.op === 'trailer') this.dueTrailer = false;
     const carriesState = message.op === 'state' || message.op === 'load' || message.op === 'checkpoint';
-    const named = carriesState ? (message.fds ?? []) : [];
+    // A direct dump carries the sender's end of the socket pair (docs/srp.md, "Direct transport").
+    const named = carriesState || message.op === 'dump' ? (message.fds ?? []) : [];
     const fds = this.decoder.claimFds(frame, named.length);
     this.decoder.checkUnclaimed(frame); // before acting on the message: stray fds make the frame itself invalid
     if (carriesState && message.transport !== 'memfd') {
-      this.dataRemaining = message.size;
+      // A direct state's bytes go on its socket pair: only its trailer follows here.
+      this.dataRemaining = message.transport === 'direct' ? 0 : message.size;
       this.dueTrailer = message.trailer === true;
     }
     if (this.listenerCount('message') === 0) fds.forEach(closeQuietly);

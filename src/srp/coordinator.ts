@@ -20,7 +20,7 @@ import { readAt } from './checkpoint-file';
 import { CheckpointRefused, CheckpointStore, type Checkpoint, type CheckpointWriter } from './checkpoint-store';
 import { SrpConnection } from './connection';
 import { isPeerGone } from './fd-stream';
-import type { Message, StateHeader } from './messages';
+import { trailerDigest, type Checksum, type Message, type StateHeader, type TrailerDigest } from './messages';
 
 /** An empty sealed memfd: an empty checkpoint is stored like any other. */
 function emptyMemfd(): number {
@@ -63,6 +63,8 @@ const PROGRESS_EVERY = 8 << 20;
 const RELAY_HIGH_WATER_MARK = 4 << 20;
 /** A stored checkpoint is streamed to an "fds": false client in reads of this size (at most max_frame). */
 const CHECKPOINT_CHUNK = 1 << 20;
+/** Send and receive buffers of a direct relay's socket pair: the sender keeps writing while the receiver hashes. */
+const DIRECT_PAIR_BUFFER = 4 << 20;
 
 type Phase =
   | 'hello' // waiting for hello
@@ -71,7 +73,8 @@ type Phase =
   | 'idle' // nothing in flight
   | 'dump-requested' // we asked for a dump; waiting for `state`
   | 'streaming' // the state's data frames are coming in
-  | 'trailer'; // the data has arrived; its digest trailer is due
+  | 'trailer' // the data has arrived; its digest trailer is due
+  | 'direct'; // the state's bytes go on the direct socket pair; its digest trailer is due here
 
 interface Session {
   conn: SrpConnection;
@@ -85,6 +88,10 @@ interface Session {
   noFds: boolean;
   /** Said in its hello that it can receive a state whose digest follows the data. */
   takesTrailer: boolean;
+  /** Said in its hello that it can send and receive a state on a socket pair of its own (docs/srp.md, "Direct transport"). */
+  takesDirect: boolean;
+  /** Trailer checks it can compute and verify besides sha256 (its hello's `checksums`). */
+  checksums: string[];
   transfer: Transfer | null;
   /** A streamed checkpoint being received (null: none; 'dropping' while the bytes of a refused one still arrive). */
   checkpoint: { writer: CheckpointWriter | null; refused: CheckpointRefused | null } | null;
@@ -108,6 +115,14 @@ interface Transfer {
   /** The state's digest follows its data (a `trailer` frame); `trailerSent` once it went on to `to`. */
   trailer: boolean;
   trailerSent: boolean;
+  /** The dump offered the direct transport; `pair` is the receiver's end, held until the answer comes (then passed on or closed). */
+  directOffered: boolean;
+  pair: number | null;
+  /** The state's bytes go on the pair, past Aeterna (the sender's `state` said "transport": "direct"). */
+  direct: boolean;
+  /** The check the dump offered besides sha256 (both generations listed it), and the one the state's header chose. */
+  checksumOffered: Checksum | null;
+  checksum: Checksum | undefined;
   /** Failed or abandoned: what still comes from `from` is read and dropped, never forwarded. */
   aborted: boolean;
   progress: (p: RelayProgress) => void;
@@ -271,7 +286,7 @@ export class SrpCoordinator
       conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
       return;
     }
-    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, transfer: null, checkpoint: null, receivingCheckpoint: false, helloTimer: null };
+    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, checksums: [], transfer: null, checkpoint: null, receivingCheckpoint: false, helloTimer: null };
     session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
     this.sessions.add(session);
     conn.on('message', (m, fds) => {
@@ -321,7 +336,10 @@ export class SrpCoordinator
       return;
     }
     if (m.op === 'checkpoint' && s.checkpoint === null && !s.receivingCheckpoint && s.phase !== 'streaming' && s.phase !== 'trailer') return this.onCheckpoint(s, m, fds);
-    if (m.op === 'trailer' && s.checkpoint !== null) return this.endCheckpoint(s, m.sha256);
+    if (m.op === 'trailer' && s.checkpoint !== null) {
+      if (m.sha256 === undefined) throw new SrpError('bad_json', 'trailer: a checkpoint is checked with "sha256"');
+      return this.endCheckpoint(s, m.sha256);
+    }
     if (m.op === 'ready') {
       if (!s.initialAcked) throw new SrpError('unexpected_op', '"ready" before the initial load was acknowledged');
       this.emit('ready', s.gen!);
@@ -337,7 +355,7 @@ export class SrpCoordinator
       return;
     }
     if (m.op === 'state' && s.phase === 'dump-requested') return this.onState(s, m, fds);
-    if (m.op === 'trailer' && s.phase === 'trailer') return this.onTrailer(s, m.sha256);
+    if (m.op === 'trailer' && (s.phase === 'trailer' || s.phase === 'direct')) return this.onTrailer(s, m);
     throw new SrpError('unexpected_op', `"${m.op}" is not valid now (${s.phase})`);
   }
 
@@ -352,8 +370,10 @@ export class SrpCoordinator
     s.gen = gen;
     s.noFds = m.fds === false;
     s.takesTrailer = m.trailer === true;
+    s.takesDirect = m.direct === true && !s.noFds;
+    s.checksums = m.checksums ?? [];
     this.byGeneration.set(gen, s);
-    s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame, ...(this.checkpoints.config.enabled ? { checkpoint: true as const } : {}) });
+    s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame, ...(this.checkpoints.config.enabled ? { checkpoint: true as const } : {}), direct: true });
     this.log.debug({ generation: gen.number }, 'relay connection');
     if (this.generations.get(gen)?.candidate) {
       s.phase = 'waiting';
@@ -509,7 +529,7 @@ export class SrpCoordinator
         reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
         return;
       }
-      const t: Transfer = { from, to, final, total: 0, sent: 0, frameLeft: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, aborted: false, progress, resolve, reject };
+      const t: Transfer = { from, to, final, total: 0, sent: 0, frameLeft: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, directOffered: false, pair: null, direct: false, checksumOffered: null, checksum: undefined, aborted: false, progress, resolve, reject };
       const onAbort = (): void => this.abort(t, signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       if (signal.aborted) return onAbort();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -542,9 +562,43 @@ export class SrpCoordinator
       from.transfer = t;
       from.phase = 'dump-requested';
       // The app's SDK waits as long as we do. A digest trailer is offered only if the receiver can take one.
-      from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs, ...(to.takesTrailer ? { trailer: true as const } : {}) });
-      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final, timeout_ms: timeoutMs, trailer: to.takesTrailer }, 'relay: dump requested');
+      // A cheaper check than SHA-256 when both generations can use it; not on a final sync, whose cut-short
+      // form must end in a trailer that can match nothing (docs/srp.md, "Checksums").
+      t.checksumOffered = !final && to.takesTrailer && from.checksums.includes('crc32') && to.checksums.includes('crc32') ? 'crc32' : null;
+      const trailer = to.takesTrailer ? { trailer: true as const, ...(t.checksumOffered ? { checksum: t.checksumOffered } : {}) } : {};
+      const pair = this.directPair(from, to, final);
+      if (pair) {
+        // The sender's end goes with the dump and ours is closed once sent; the receiver's waits for the answer.
+        t.directOffered = true;
+        t.pair = pair[1];
+        from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs, ...trailer, direct: true, fds: ['direct'] }, [pair[0]], { closeFds: true });
+      } else {
+        from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs, ...trailer });
+      }
+      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final, timeout_ms: timeoutMs, trailer: to.takesTrailer, direct: pair !== null, checksum: t.checksumOffered ?? 'sha256' }, 'relay: dump requested');
     });
+  }
+
+  /**
+   * A socket pair for the state's bytes (docs/srp.md, "Direct transport"), when both generations said they take
+   * one: a first dump only (a final sync that fails must keep the serving generation's connection in step, which
+   * Aeterna can only do with the bytes passing through it). Null when not offered, or the pair cannot be made.
+   */
+  private directPair(from: Session, to: Session, final: boolean): [number, number] | null {
+    if (final || !from.takesDirect || !to.takesDirect || !to.takesTrailer) return null;
+    try {
+      return native.relayPair(DIRECT_PAIR_BUFFER);
+    } catch (err) {
+      this.log.warn({ err, from: from.gen!.number, to: to.gen!.number }, 'relay: no socket pair for the direct transport; the state passes through Aeterna');
+      return null;
+    }
+  }
+
+  /** The receiver's end of an offered pair that will not be passed on. */
+  private closePair(t: Transfer): void {
+    if (t.pair === null) return;
+    closeQuietly(t.pair);
+    t.pair = null;
   }
 
   private onState(from: Session, m: StateHeader, fds: number[]): void {
@@ -557,6 +611,12 @@ export class SrpCoordinator
       return;
     }
     if (m.trailer && !t.to.takesTrailer) throw new SrpError('bad_json', 'state: "trailer" was not offered in this dump (the receiving generation did not say it takes one)');
+    if (m.transport === 'direct' && !t.directOffered) throw new SrpError('bad_json', 'state: transport "direct" was not offered in this dump');
+    if (m.checksum !== undefined && m.checksum !== t.checksumOffered) throw new SrpError('bad_json', `state: checksum "${m.checksum}" was not offered in this dump`);
+    const pair = m.transport === 'direct' ? t.pair : null;
+    t.pair = null;
+    if (m.transport !== 'direct' && t.directOffered && !t.aborted) this.log.debug({ from: from.gen!.number }, 'relay: the direct transport was offered and not taken');
+    if (pair === null) this.closePair(t);
     if (m.transport === 'memfd') {
       const memfd = fds[(m.fds ?? []).indexOf('state')];
       const size = fs.fstatSync(memfd).size;
@@ -564,8 +624,8 @@ export class SrpCoordinator
       if (size !== m.size) throw new SrpError('bad_frame', `memfd state has ${size} bytes, ${m.size} announced`);
     }
     t.total = m.size;
-    this.log.info({ from: from.gen!.number, to: t.to.gen!.number, size: m.size, transport: m.transport ?? 'stream', fds: (m.fds ?? []).length, final: t.final }, 'relay: state announced');
-    from.phase = m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
+    this.log.info({ from: from.gen!.number, to: t.to.gen!.number, size: m.size, transport: m.transport ?? 'stream', checksum: m.checksum ?? 'sha256', fds: (m.fds ?? []).length, final: t.final }, 'relay: state announced');
+    from.phase = m.transport === 'direct' ? 'direct' : m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
     if (!t.aborted && t.to.noFds && fds.length > 0) {
       // Its hello said it cannot receive fds: fail the relay (a reload rolls back), never half-deliver the state.
       const what = m.transport === 'memfd' ? 'a memfd state' : `fds (${(m.fds ?? []).join(', ')})`;
@@ -573,13 +633,22 @@ export class SrpCoordinator
     }
     if (t.aborted) {
       fds.forEach(closeQuietly);
+      if (pair !== null) closeQuietly(pair);
       return;
     }
     t.to.phase = 'load-sent';
     t.streaming = from.phase === 'streaming';
     t.trailer = m.trailer === true;
+    t.direct = pair !== null;
+    t.checksum = m.checksum;
     const { op: _state, ...fields } = m as StateHeader & { op: string };
     const header: Message = { ...fields, op: 'load', ...(t.final ? { final: true } : {}) };
+    if (pair !== null) {
+      // The receiver's end of the pair rides on the load; once it is sent only the two generations hold the
+      // pair, so the sender closing its end is the receiver's end of file.
+      header.fds = [...(m.fds ?? []), 'direct'];
+      fds = [...fds, pair];
+    }
     // Our copies of the fds are closed once the kernel has them on the way to the new generation.
     t.to.conn.send(header, fds, { closeFds: true });
     if (from.phase === 'idle') this.report(t, true);
@@ -605,15 +674,22 @@ export class SrpCoordinator
   }
 
   /** The digest that follows a streamed state: passed on to the receiver, which verifies it. */
-  private onTrailer(from: Session, sha256: string): void {
+  private onTrailer(from: Session, m: TrailerDigest): void {
     from.phase = 'idle';
     const t = from.transfer;
     if (!t || t.aborted) {
       from.transfer = null; // the end of an abandoned dump
       return;
     }
+    const digest = trailerDigest(m, t.checksum);
+    if (digest === null) throw new SrpError('bad_json', `trailer: the state announced ${t.checksum ?? 'sha256'}, the trailer carries the other check`);
     t.trailerSent = true;
-    t.to.conn.send({ op: 'trailer', sha256 });
+    t.to.conn.send(t.checksum === 'crc32' ? { op: 'trailer', crc32: digest } : { op: 'trailer', sha256: digest });
+    if (t.direct) {
+      // Its bytes went past Aeterna: the sender's trailer says it is done writing them.
+      t.sent = t.total;
+      this.report(t, true);
+    }
   }
 
   private report(t: Transfer, done: boolean): void {
@@ -692,6 +768,7 @@ export class SrpCoordinator
   private abort(t: Transfer, reason: Error): void {
     if (t.aborted) return;
     t.aborted = true;
+    this.closePair(t);
     // The old generation failed before a byte of its state went to the new one, which still waits for a load.
     const dumpFailed = t.from !== null && !t.final && t.to.phase === 'waiting' && !t.to.conn.closed;
     const err = dumpFailed ? new DumpFailed(reason.message) : reason;

@@ -8,15 +8,19 @@ export interface StateHeader {
   sha256?: string;
   /** The sha256 follows the data frames, in a `trailer` frame (so the sender need not hash before its first byte). */
   trailer?: true;
-  transport?: 'stream' | 'memfd';
+  /** The trailer's algorithm when not SHA-256: `crc32`, only where the dump offered it (docs/srp.md, "Checksums"). */
+  checksum?: Checksum;
+  /** `direct`: the bytes come on a socket pair of their own (the fd named "direct"), not as data frames (docs/srp.md, "Direct transport"). */
+  transport?: 'stream' | 'memfd' | 'direct';
   fds?: string[];
 }
 
 export type Message =
   /** fds: false = the client cannot receive fds (no memfd state, no fd passing); absent = it can. trailer: it can receive a state whose digest follows the data (docs/srp.md, "Digest trailer"). */
-  | { op: 'hello'; v: number; fds?: boolean; trailer?: true }
+  /** checksums: the trailer algorithms it can compute and verify besides sha256 (docs/srp.md, "Checksums"). */
+  | { op: 'hello'; v: number; fds?: boolean; trailer?: true; direct?: true; checksums?: string[] }
   /** checkpoint: Aeterna stores checkpoints (docs/srp.md, "Checkpoints"). */
-  | { op: 'welcome'; v: number; generation: number; max_frame: number; checkpoint?: true }
+  | { op: 'welcome'; v: number; generation: number; max_frame: number; checkpoint?: true; direct?: true }
   /** source/seq/age_ms: a generation with no live predecessor loads the latest checkpoint ("checkpoint"); a reload's live dump is "relay". */
   | ({ op: 'load'; final?: boolean; source?: LoadSource; seq?: number; age_ms?: number } & StateHeader)
   /** The app stores its latest state in Aeterna: the payload forms of `state`. */
@@ -27,12 +31,20 @@ export type Message =
   | { op: 'ack'; ok: boolean; error?: string }
   | { op: 'ready' }
   /** timeout_ms: how long Aeterna waits for the state and the new generation's ack (state_handoff.timeout). */
-  | { op: 'dump'; final: boolean; timeout_ms?: number; trailer?: true }
-  /** The digest of the state's data frames, right after the last of them (a header with `trailer`). */
-  | { op: 'trailer'; sha256: string }
+  /** direct: the sender may write the state's bytes on the socket pair end it carries (fds: ["direct"]). */
+  | { op: 'dump'; final: boolean; timeout_ms?: number; trailer?: true; direct?: true; fds?: string[]; checksum?: Checksum }
+  /** The digest of the state's data frames, right after the last of them (a header with `trailer`): `sha256`, or `crc32` when the header said so. */
+  | ({ op: 'trailer' } & TrailerDigest)
   | { op: 'error'; code: string; message: string };
 
 export type LoadSource = 'relay' | 'checkpoint';
+
+/** A trailer's check, besides the default SHA-256. */
+export type Checksum = 'crc32';
+export const CHECKSUMS: readonly Checksum[] = ['crc32'];
+
+/** Exactly one of the two. */
+export type TrailerDigest = { sha256: string; crc32?: never } | { crc32: string; sha256?: never };
 
 export type Op = Message['op'];
 const OPS: readonly Op[] = ['hello', 'welcome', 'load', 'state', 'ack', 'ready', 'dump', 'trailer', 'error', 'checkpoint', 'checkpointed'];
@@ -65,7 +77,7 @@ function header(o: Record<string, unknown>, op: string): StateHeader {
   const sha256 = optionalSha256(o, op);
   if (sha256 !== undefined) h.sha256 = sha256;
   if (o.transport !== undefined) {
-    if (o.transport !== 'stream' && o.transport !== 'memfd') fail(`${op}: "transport" must be "stream" or "memfd"`);
+    if (o.transport !== 'stream' && o.transport !== 'memfd' && o.transport !== 'direct') fail(`${op}: "transport" must be "stream", "memfd" or "direct"`);
     h.transport = o.transport;
   }
   if (o.fds !== undefined) {
@@ -82,8 +94,28 @@ function header(o: Record<string, unknown>, op: string): StateHeader {
     if (h.sha256 !== undefined || h.transport === 'memfd' || h.size === 0) fail(`${op}: "trailer" is only for a streamed state of at least 1 byte without "sha256"`);
     h.trailer = true;
   }
+  if (o.checksum !== undefined) {
+    if (!CHECKSUMS.includes(o.checksum as Checksum)) fail(`${op}: "checksum" must be one of ${CHECKSUMS.join(', ')} when present`);
+    if (!h.trailer || op === 'checkpoint') fail(`${op}: "checksum" is only for a relayed state with "trailer": true`);
+    h.checksum = o.checksum as Checksum;
+  }
+  if (h.transport === 'direct') {
+    // The digest always follows the bytes on the pair; the pair end rides on the load, the sender already has its own.
+    if (!h.trailer || h.size === 0) fail(`${op}: transport "direct" needs "trailer": true and a size of at least 1 byte`);
+    if ((h.fds ?? []).includes('direct') !== (op === 'load')) fail(`${op}: the fd name "direct" is ${op === 'load' ? 'required' : 'reserved'} for the direct transport`);
+  } else if ((h.fds ?? []).includes('direct') && op !== 'load') fail(`${op}: the fd name "direct" is reserved for the direct transport`);
   if (h.size > 0 && h.transport !== 'memfd' && h.sha256 === undefined && !h.trailer) fail(`${op}: "sha256" (or "trailer": true) is required for a streamed state`);
   return h;
+}
+
+function offeredChecksum(o: Record<string, unknown>): Checksum {
+  if (!CHECKSUMS.includes(o.checksum as Checksum) || o.trailer !== true) fail(`dump: "checksum" must be one of ${CHECKSUMS.join(', ')}, and only with "trailer": true`);
+  return o.checksum as Checksum;
+}
+
+/** The trailer's digest as the header's algorithm says, or null when the trailer carries the other one. */
+export function trailerDigest(m: TrailerDigest, checksum: Checksum | undefined): string | null {
+  return (checksum === 'crc32' ? m.crc32 : m.sha256) ?? null;
 }
 
 /** Parse a control frame's payload. Throws SrpError (bad_json, unexpected_op). */
@@ -108,9 +140,27 @@ export function parseMessage(payload: Buffer): Message {
     case 'hello':
       if (typeof o.v !== 'number') fail('hello: "v" must be a number');
       if (o.fds !== undefined && typeof o.fds !== 'boolean') fail('hello: "fds" must be true or false');
-      return { op: 'hello', v: o.v, ...(o.fds === false ? { fds: false } : {}), ...(o.trailer === true ? { trailer: true as const } : {}) };
+      if (o.checksums !== undefined && (!Array.isArray(o.checksums) || o.checksums.length > 16 || !o.checksums.every((c) => typeof c === 'string' && c.length <= 32))) {
+        fail('hello: "checksums" must be a list of at most 16 names');
+      }
+      return {
+        op: 'hello',
+        v: o.v,
+        ...(o.fds === false ? { fds: false } : {}),
+        ...(o.trailer === true ? { trailer: true as const } : {}),
+        ...(o.direct === true ? { direct: true as const } : {}),
+        // Names this Aeterna does not know are ignored (a later client may know more).
+        ...(Array.isArray(o.checksums) ? { checksums: CHECKSUMS.filter((c) => (o.checksums as unknown[]).includes(c)) } : {}),
+      };
     case 'welcome':
-      return { op: 'welcome', v: Number(o.v), generation: Number(o.generation), max_frame: Number(o.max_frame), ...(o.checkpoint === true ? { checkpoint: true as const } : {}) };
+      return {
+        op: 'welcome',
+        v: Number(o.v),
+        generation: Number(o.generation),
+        max_frame: Number(o.max_frame),
+        ...(o.checkpoint === true ? { checkpoint: true as const } : {}),
+        ...(o.direct === true ? { direct: true as const } : {}),
+      };
     case 'load':
       return {
         op: 'load',
@@ -139,16 +189,24 @@ export function parseMessage(payload: Buffer): Message {
     case 'ready':
       return { op: 'ready' };
     case 'dump':
+      if (o.direct !== undefined && (o.direct !== true || o.trailer !== true || o.final === true)) fail('dump: "direct" must be true, and only with "trailer": true on a non-final dump');
+      if ((o.direct === true) !== (Array.isArray(o.fds) && o.fds.length === 1 && o.fds[0] === 'direct') || (o.fds !== undefined && o.direct !== true)) {
+        fail('dump: "fds" must be ["direct"] exactly when "direct" is true');
+      }
       return {
         op: 'dump',
+        ...(o.direct === true ? { direct: true as const, fds: ['direct'] } : {}),
         final: o.final === true,
         ...(Number.isSafeInteger(o.timeout_ms) && (o.timeout_ms as number) > 0 ? { timeout_ms: o.timeout_ms as number } : {}),
         ...(o.trailer === true ? { trailer: true as const } : {}),
+        ...(o.checksum !== undefined ? { checksum: offeredChecksum(o) } : {}),
       };
     case 'trailer': {
       const sha256 = optionalSha256(o, 'trailer');
-      if (sha256 === undefined) fail('trailer: "sha256" is required');
-      return { op: 'trailer', sha256 };
+      const crc32 = optionalString(o, 'crc32', 8);
+      if (crc32 !== undefined && !/^[0-9a-f]{8}$/.test(crc32)) fail('trailer: "crc32" must be 8 lowercase hex digits');
+      if ((sha256 === undefined) === (crc32 === undefined)) fail('trailer: exactly one of "sha256" and "crc32" is required');
+      return sha256 !== undefined ? { op: 'trailer', sha256 } : { op: 'trailer', crc32: crc32! };
     }
     case 'error':
       return { op: 'error', code: String(o.code ?? 'unknown').slice(0, 64), message: String(o.message ?? '').slice(0, 4096) };
