@@ -606,7 +606,9 @@ export class SrpCoordinator
     if (!t) {
       // The answer to a dump that was abandoned (it came after the timeout): its bytes are read and dropped.
       fds.forEach(closeQuietly);
-      from.phase = m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
+      // Its bytes follow as data frames (streamed), on the pair Aeterna already closed (direct: only its trailer
+      // comes here), or not at all (memfd, empty).
+      from.phase = m.transport === 'direct' ? 'direct' : m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
       this.log.warn({ generation: from.gen!.number, size: m.size }, 'relay: a state arrived after its dump was abandoned; dropped');
       return;
     }
