@@ -136,6 +136,20 @@ describe('relay connections and checkpoints carried across re-execs', { skip: sk
     assert.equal((await statusOf(d)).pid, peer);
   });
 
+  it('a SIGSEGV while a checkpoint is streaming: that connection is not carried (the new Aeterna never reads half a frame), Aeterna recovers, the partial checkpoint is never stored', async () => {
+    const { d } = await started({ command: [process.execPath, fixture('apps', 'srp_peer.js'), 'slowcheckpoint'], pid1: true });
+    await d.run.waitFor(/HALF SENT/);
+    const peer = descendantsOf(await d.run.aeternaPid());
+    assert.equal(peer.length, 1);
+    await d.run.signal('SIGSEGV');
+    await d.waitStatus((s) => ((s as { reexecs?: number }).reexecs ?? 0) >= 1);
+    // The peer exits when its connection closes (a real SDK's checkpoint() call fails instead); it was not carried.
+    await d.waitStatus((s) => s.generation > 1 && s.state === 'Running', 60000);
+    assert.ok(!descendantsOf(await d.run.aeternaPid()).includes(peer[0]), 'the busy connection closed at the exec');
+    assert.equal(d.run.logs().filter((l) => /took over \d+ state relay connection/.test(String(l.msg))).length, 0);
+    assert.equal((await statusOf(d)).checkpoint ?? null, null, 'half a checkpoint is never stored');
+  });
+
   it("Aeterna's fd count is the same after 20 upgrades with a relay connection and a checkpoint", async () => {
     const { d, port } = await started({ env: ['CHECKPOINT=1'] });
     assert.equal((await request(port, 'POST', '/sessions/f1/messages', 'x')).seq, 1);
