@@ -5,10 +5,9 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { descendantsOf, fixture, freePort, pidNamespaceUnavailable } from './helpers/aeterna';
-import { Daemon, socketOf, statusOf } from './helpers/daemon';
+import { Daemon, statusOf, upgradeTimes } from './helpers/daemon';
 import { requestJson } from './helpers/load';
 import { fdCountAtRest } from '../bench/soak';
-import { call } from '../src/control/client';
 
 const TS_APP = [process.execPath, fixture('apps', 'stateful_app.js')];
 const PYTHON_APP = ['python3', fixture('python', 'stateful_app.py')];
@@ -156,11 +155,7 @@ describe('relay connections and checkpoints carried across re-execs', { skip: sk
     const aeterna = d.run.child.pid!;
     const before = await statusOf(d);
     const fds = await fdCountAtRest(aeterna);
-    for (let i = 1; i <= 20; i++) {
-      const r = await call(socketOf(d), { cmd: 'upgrade' });
-      assert.ok('upgrade' in r, `upgrade ${i} accepted`);
-      while ((await statusOf(d).catch(() => null))?.reexecs !== i) await new Promise((res) => setTimeout(res, 20));
-    }
+    await upgradeTimes(d, 20);
     const after = await statusOf(d);
     assert.equal(after.pid, before.pid);
     assert.equal(after.checkpoint?.seq, 1);

@@ -5,10 +5,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fixture, freePort } from './helpers/aeterna';
-import { Daemon, socketOf, statusOf } from './helpers/daemon';
+import { Daemon, statusOf, upgradeTimes } from './helpers/daemon';
 import { getJson, startLoad } from './helpers/load';
 import { fdCountAtRest } from '../bench/soak';
-import { call } from '../src/control/client';
 
 import { native } from '../src/native/binding';
 import { HANDOVER_ENV, HANDOVER_VERSION, canReadHandover, readHandover, writeHandover, type Handover } from '../src/upgrade/handover';
@@ -122,14 +121,7 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     const aeterna = d.run.child.pid!;
     const before = await statusOf(d);
     const fds = await fdCountAtRest(aeterna);
-    for (let i = 1; i <= 100; i++) {
-      // The control request itself (the path the CLI takes, without starting a CLI process 100 times).
-      const r = await call(socketOf(d), { cmd: 'upgrade' });
-      assert.ok('upgrade' in r, `upgrade ${i} accepted`);
-      // The control socket is handed over: this waits in its backlog until the re-executed Aeterna answers.
-      // A status the old Aeterna accepted just before its exec is cut: ask again.
-      while ((await statusOf(d).catch(() => null))?.reexecs !== i) await new Promise((res) => setTimeout(res, 20));
-    }
+    await upgradeTimes(d, 100);
     const after = await statusOf(d);
     assert.equal(after.reexecs, 100);
     assert.equal(after.daemon_pid, aeterna);
