@@ -100,6 +100,10 @@ export class CheckpointStore {
   }
 
   private adoptHanded(h: HandedCheckpoint): void {
+    if (!this.config.enabled) {
+      closeQuietly(h.fd); // checkpoints were turned off in the config the new Aeterna read
+      return;
+    }
     let size: number;
     try {
       size = fs.fstatSync(h.fd).size;
