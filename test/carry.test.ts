@@ -4,8 +4,10 @@
 // signals; as PID 1 where it matters.
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { descendantsOf, fixture, freePort, pidNamespaceUnavailable } from './helpers/aeterna';
-import { Daemon, statusOf, upgradeTimes } from './helpers/daemon';
+import { Daemon, socketOf, statusOf, upgradeTimes } from './helpers/daemon';
+import { encodeMessage } from '../src/control/protocol';
 import { requestJson } from './helpers/load';
 import { fdCountAtRest } from '../bench/soak';
 
@@ -133,6 +135,23 @@ describe('relay connections and checkpoints carried across re-execs', { skip: sk
     process.kill(peer, 'SIGUSR1');
     await d.run.waitFor(/GOT \{"op":"checkpointed","seq":1\}/);
     assert.equal((await statusOf(d)).pid, peer);
+  });
+
+  it('an upgrade whose client goes away while it waits for a checkpoint still happens once the checkpoint is stored: the relay is never left frozen', async () => {
+    const { d } = await started({ command: [process.execPath, fixture('apps', 'srp_peer.js'), 'slowcheckpoint'] });
+    await d.run.waitFor(/HALF SENT/);
+    const peer = (await statusOf(d)).pid!;
+    const client = net.connect(socketOf(d));
+    client.on('error', () => undefined);
+    client.write(encodeMessage({ cmd: 'upgrade' }));
+    await d.run.waitFor(/upgrade: waiting until generation 1/);
+    client.destroy();
+    await new Promise((res) => client.once('close', res));
+    process.kill(peer, 'SIGUSR1');
+    await d.run.waitFor(/GOT \{"op":"checkpointed","seq":1\}/);
+    const after = await d.waitStatus((s) => ((s as { reexecs?: number }).reexecs ?? 0) === 1);
+    assert.equal(after.pid, peer, 'the connection was carried');
+    assert.equal((await statusOf(d)).checkpoint?.seq, 1);
   });
 
   it('a SIGSEGV while a checkpoint is streaming: that connection is not carried (the new Aeterna never reads half a frame), Aeterna recovers, the partial checkpoint is never stored', async () => {

@@ -182,16 +182,7 @@ export async function startControlServer(
     if (!api.upgrade) return refuse(socket, { type: 'error', code: 'E_ILLEGAL_TRANSITION', message: 'this daemon cannot upgrade itself' }, context);
     api.upgrade(exec).then(
       ({ from, reexecs, execNow }) => {
-        // Exactly once, even if the client vanished before the answer was flushed: an accepted upgrade holds the
-        // state relay frozen until it execs (or fails and thaws it).
-        let started = false;
-        const once = (): void => {
-          if (started) return;
-          started = true;
-          execNow();
-        };
-        socket.end(encodeMessage({ type: 'result', ok: true, upgrade: { from, reexecs } }), once);
-        socket.once('close', once);
+        socket.end(encodeMessage({ type: 'result', ok: true, upgrade: { from, reexecs } }), execNow);
       },
       (err: unknown) => refuse(socket, errorMessage(err), context),
     );
