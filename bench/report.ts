@@ -495,6 +495,17 @@ function upgradeReport(r: BenchResults): string[] {
       ],
     ),
     '',
+    `Carrying the state relay: ${u.reps} upgrades of a daemon whose app (TypeScript SDK) holds its relay connection and has stored a ` +
+      `${fmtInt(u.carrying.checkpointBytes >> 20)} MiB in-memory checkpoint (both handed over), each beside an upgrade of the plain daemon above, alternating:`,
+    '',
+    table(
+      ['upgrade of', 'median', 'p95', 'over the plain upgrade', 'same app pid', 'same checkpoint seq'],
+      [
+        ['the plain daemon', ms(u.carrying.plain.median), ms(u.carrying.plain.p95), '1x', '', ''],
+        ['**the daemon carrying the relay**', ms(u.carrying.upgrade.median), ms(u.carrying.upgrade.p95), ratio(u.carrying.upgrade.median, u.carrying.plain.median), u.carrying.sameAppPid ? 'yes' : '**no**', u.carrying.checkpointKept ? 'yes' : '**no**'],
+      ],
+    ),
+    '',
     `Then ${l.upgrades} upgrades in a row, each through the CLI, while autocannon loads the app with ${l.connections} keep-alive connections:`,
     '',
     table(

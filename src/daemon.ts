@@ -178,8 +178,10 @@ export class Daemon {
       if (handoff.enabled) {
         const identity = resolveIdentity(this.config.service.user, this.config.service.group);
         const relayFd = kept('relay');
-        this.relay = h?.relay && relayFd !== undefined ? SrpCoordinator.adopt(handoff, h.relay, relayFd, this.log) : openStateRelay(handoff, identity, this.log);
+        this.relay = h?.relay && relayFd !== undefined ? SrpCoordinator.adopt(handoff, h.relay, relayFd, this.log, h.checkpoint ?? null) : openStateRelay(handoff, identity, this.log);
         this.relay.on('checkpoint', (result, stored) => this.metrics.checkpointed(result, stored));
+        // A connection going idle or busy, a new checkpoint: what a fatal signal's handover carries changed.
+        this.relay.on('carry', () => this.prepareSignalRecovery());
         this.log.info({ socket: handoff.socketPath }, 'state relay ready');
       }
     } catch (err) {
@@ -219,6 +221,7 @@ export class Daemon {
     let stopped: Promise<number>;
     if (h && adopted.length === 1) {
       stopped = this.orchestrator.adopt(adopted[0], h.counters);
+      this.adoptRelayConnections(h, adopted);
       this.metrics.reexecuted(this.reexecsByReason);
       this.log.info({ reason: h.reason, recoveries_last_minute: this.recoveries.length, from: h.from.version, to: this.version, reexecs: this.reexecs, generation: adopted[0].number, child: adopted[0].pid }, `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${adopted[0].number} (pid ${adopted[0].pid})`);
     } else {
@@ -235,6 +238,16 @@ export class Daemon {
     this.log.info({ exit_code: code }, 'aeterna exiting');
     await this.shutdown();
     return code;
+  }
+
+  /** The relay connections the previous Aeterna handed over (closed when the relay is off now: nobody would read them). */
+  private adoptRelayConnections(h: Handover, adopted: Generation[]): void {
+    const entries = h.relay_connections ?? [];
+    if (this.relay) this.relay.adoptConnections(entries, adopted);
+    else entries.forEach((e) => native.close(e.fd));
+    if (!this.relay && h.checkpoint) native.close(h.checkpoint.fd);
+    if (entries.length > 0) this.log.info({ generations: entries.map((e) => e.generation), relay: this.relay !== null }, `took over ${entries.length} state relay connection(s)`);
+    this.prepareSignalRecovery(); // they are part of what a fatal signal carries now
   }
 
   /** Sockets left at their default as a non-root user go to a private directory: create it 0700, or refuse one that is not ours. */
@@ -272,24 +285,15 @@ export class Daemon {
     const orchestrator = this.orchestrator;
     if (!orchestrator) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
     if (this.upgrading) throw new AeternaError('E_RELOAD_BUSY', 'an upgrade is already in progress');
-    const handoverPossible = (): void => {
-      orchestrator.handoverState(); // refuses during a reload
-      const connected = this.relay?.connectedGenerations() ?? [];
-      if (connected.length > 0) {
-        // Closing it would lose the app's memory at the next reload (no connection, no state), and cut short a
-        // checkpoint being received over it: refuse instead.
-        throw new AeternaError(
-          'E_UPGRADE_REFUSED',
-          `generation ${connected.map((g) => g.number).join(', ')} holds a state relay connection, which an upgrade cannot carry over yet (its state would not reach the next generation); nothing changed`,
-        );
-      }
-    };
-    handoverPossible();
+    orchestrator.handoverState(); // refuses during a reload
     const argv = upgradeArgv(exec);
     this.upgrading = true;
     try {
       await checkTarget(argv, this.reaper);
-      handoverPossible(); // a reload may have started, or the app connected, while the target was checked
+      await this.relayIdle();
+      orchestrator.handoverState(); // a reload may have started while the target was checked
+      // From here to the exec nothing is read from or accepted on the relay: its connections stay idle.
+      this.relay?.freeze();
     } catch (err) {
       this.upgrading = false;
       this.log.warn({ code: (err as AeternaError).code, target: argv[0] }, `upgrade refused: ${(err as Error).message}`);
@@ -307,10 +311,27 @@ export class Daemon {
         } catch (err) {
           this.log.error({ err, code: (err as AeternaError).code }, `upgrade failed, going on as before: ${(err as Error).message}`);
         }
+        this.relay?.thaw();
         this.upgrading = false;
         this.fileWatch.apply(this.config.orchestration.watch);
       },
     };
+  }
+
+  /**
+   * Wait until no relay connection is busy (a checkpoint being received or streamed, a relay): an upgrade carries
+   * only idle ones. Bounded by state_handoff.timeout, then E_UPGRADE_REFUSED naming what kept it busy.
+   */
+  private async relayIdle(): Promise<void> {
+    if (!this.relay) return;
+    const timeoutMs = this.config.orchestration.stateHandoff.timeoutMs;
+    const why = this.relay.busyReason();
+    if (why) this.log.info({ reason: why }, `upgrade: waiting until ${why.replace(' is busy with ', ' is done with ')}`);
+    try {
+      await this.relay.whenIdle(timeoutMs);
+    } catch (err) {
+      throw new AeternaError('E_UPGRADE_REFUSED', `${(err as Error).message} after ${timeoutMs / 1000}s (orchestration.state_handoff.timeout), which an upgrade cannot cut short; nothing changed`);
+    }
   }
 
   /**
@@ -320,11 +341,9 @@ export class Daemon {
    */
   recoverFromCrash(): void {
     try {
-      const lost = this.relay?.connectedGenerations() ?? [];
-      if (lost.length > 0) {
-        // A crash cannot wait for them: the app's state reaches the next generation only if the app connects again.
-        this.log.warn({ generations: lost.map((g) => g.number) }, `recovery: the state relay connection of generation ${lost.map((g) => g.number).join(', ')} is lost (the next reload relays no state unless the app connects again)`);
-      }
+      const busy = this.relay?.busyReason();
+      // A crash cannot wait: a busy connection is not carried (it closes at the exec; the client's call on it fails).
+      if (busy) this.log.warn({ reason: busy }, `recovery: a state relay connection is not carried over: ${busy}`);
       const argv = upgradeArgv(undefined);
       const handover = this.describeHandover('exception');
       this.log.info({ reason: 'exception', target: argv[0], fds: handover.fds.length }, 'recovery: re-executing aeterna in place (reason exception)');
@@ -388,6 +407,10 @@ export class Daemon {
     const relay = this.relay?.listening ?? null;
     if (relay) fds.push({ role: 'relay', name: 'state', fd: relay.fd });
     if (this.metricsFd !== null) fds.push({ role: 'metrics', name: 'metrics', fd: this.metricsFd });
+    const relayConnections = this.relay?.handOver(reason) ?? [];
+    for (const c of relayConnections) fds.push({ role: 'relay-connection', name: `generation ${c.generation}`, fd: c.fd });
+    const checkpoint = this.relay?.handOverCheckpoint() ?? null;
+    if (checkpoint) fds.push({ role: 'checkpoint', name: `checkpoint ${checkpoint.seq}`, fd: checkpoint.fd });
     const fdstore = this.fdStore!.handover();
     for (const f of fdstore) fds.push({ role: 'fdstore', name: f.name, fd: f.fd });
     return {
@@ -404,6 +427,8 @@ export class Daemon {
       counters: { ...counters, reexecs: this.reexecs },
       reexecs_by_reason: this.reexecsByReason,
       recoveries: this.recoveries,
+      relay_connections: relayConnections,
+      checkpoint,
     };
   }
 

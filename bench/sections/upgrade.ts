@@ -3,8 +3,11 @@
 //        re-executed Aeterna answered on the control socket. Its peer in the same run: `aeterna status`, the same
 //        CLI start-up and control round trip without the upgrade; the ratio is what the upgrade itself adds.
 //   failed requests: N upgrades in a row, each through the CLI, while autocannon loads the app.
+//   carrying the relay: upgrades of a daemon whose app (TypeScript SDK) holds its state relay connection and has
+//        stored an in-memory checkpoint, both carried over; peer: upgrades of the plain daemon, alternating.
+import path from 'node:path';
 import { BenchDaemon } from '../aeterna';
-import { CLI, fixture, freePort, median, percentile, progress, run, sleep } from '../common';
+import { CLI, ROOT, fixture, freePort, median, percentile, progress, run, sleep, tempDir } from '../common';
 import { AutocannonLoad } from '../load';
 
 export interface UpgradeTiming {
@@ -18,6 +21,15 @@ export interface UpgradeSection {
   reps: number;
   upgrade: UpgradeTiming;
   status: UpgradeTiming;
+  /** Upgrades that carry a relay connection and a checkpoint, beside plain ones (alternating, no load). */
+  carrying: {
+    checkpointBytes: number;
+    upgrade: UpgradeTiming;
+    plain: UpgradeTiming;
+    /** After them: the same app process (its connection carried), and the checkpoint's seq unchanged. */
+    sameAppPid: boolean;
+    checkpointKept: boolean;
+  };
   /** Upgrades under load and what the load saw. */
   underLoad: {
     upgrades: number;
@@ -47,6 +59,42 @@ async function timedCli(d: BenchDaemon, args: string[]): Promise<number> {
   return ms;
 }
 
+/** The checkpoint the relay-holding app stores before it says ready. */
+const CARRIED_CHECKPOINT_BYTES = 64 << 20;
+
+/** `reps` upgrades of a daemon whose app holds a relay connection and a checkpoint, each beside one of `plain`. */
+async function carryingUpgrades(plain: BenchDaemon, reps: number): Promise<UpgradeSection['carrying']> {
+  const app = [process.execPath, path.join(ROOT, 'test', 'fixtures', 'apps', 'plain_state_app.js')];
+  const d = new BenchDaemon({
+    command: app,
+    env: [`STATE_BYTES=${CARRIED_CHECKPOINT_BYTES}`, `STAMP_DIR=${tempDir('aeterna-bench-upgrade-')}`, 'CHECKPOINTS=1'],
+    readiness: '{ mode: "notify", timeout: "5m" }',
+    handoffTimeout: '5m',
+    checkpoint: '{ enabled: true, max_size: "1GiB" }',
+    logLevel: 'warn',
+  }).start();
+  try {
+    const before = await d.running(300000);
+    progress(`  upgrade: ${reps} upgrades carrying a relay connection and a ${CARRIED_CHECKPOINT_BYTES >> 20} MiB checkpoint, each beside a plain one`);
+    const carried: number[] = [];
+    const peer: number[] = [];
+    for (let i = 0; i < reps; i++) {
+      peer.push(await timedCli(plain, ['upgrade']));
+      carried.push(await timedCli(d, ['upgrade']));
+    }
+    const after = await d.status();
+    return {
+      checkpointBytes: CARRIED_CHECKPOINT_BYTES,
+      upgrade: timing(carried),
+      plain: timing(peer),
+      sameAppPid: after.pid === before.pid,
+      checkpointKept: after.checkpoint?.seq === before.checkpoint?.seq && after.checkpoint?.seq !== undefined,
+    };
+  } finally {
+    await d.stop();
+  }
+}
+
 export async function upgradeSection(reps: number, upgrades: number, connections: number): Promise<UpgradeSection> {
   const port = await freePort();
   const d = new BenchDaemon({ command: [process.execPath, fixture('http_app.js')], port, logLevel: 'warn' }).start();
@@ -59,6 +107,7 @@ export async function upgradeSection(reps: number, upgrades: number, connections
       status.push(await timedCli(d, ['status']));
       upgrade.push(await timedCli(d, ['upgrade']));
     }
+    const carrying = await carryingUpgrades(d, reps);
     progress(`  upgrade: ${upgrades} upgrades under load (${connections} connections)`);
     const load = new AutocannonLoad(port, connections);
     await sleep(500); // warm-up: connections open before counting
@@ -76,6 +125,7 @@ export async function upgradeSection(reps: number, upgrades: number, connections
       reps,
       upgrade: timing(upgrade),
       status: timing(status),
+      carrying,
       underLoad: {
         upgrades,
         connections,

@@ -3,7 +3,7 @@ import { Daemon } from '../daemon';
 import { createLogger } from '../log';
 import { ConfigError, loadConfigFile, resolveConfigPath } from '../config/load';
 import { type AeternaError, ExitCodes } from '../errors';
-import { HANDOVER_VERSION, canReadHandover, readHandover } from '../upgrade/handover';
+import { canReadHandover, readHandover, readableVersions } from '../upgrade/handover';
 import { checkAnswer } from '../upgrade/reexec';
 import { exitWhenFlushed } from './exit-codes';
 
@@ -11,7 +11,7 @@ export async function runStart(options: { config?: string; checkHandover?: strin
   if (options.checkHandover !== undefined) {
     // `aeterna upgrade` asks the target this before exec'ing it: it loaded, and reads that handover version?
     if (!canReadHandover(options.checkHandover)) {
-      process.stderr.write(`aeterna: cannot read handover version ${options.checkHandover} (this Aeterna reads version ${HANDOVER_VERSION})\n`);
+      process.stderr.write(`aeterna: cannot read handover version ${options.checkHandover} (this Aeterna reads ${readableVersions()})\n`);
       return ExitCodes.SOFTWARE;
     }
     process.stdout.write(`${checkAnswer(options.checkHandover)}\n`);

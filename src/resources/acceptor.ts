@@ -15,6 +15,8 @@ export class Acceptor {
   private readonly poller: Poller;
   private paused: NodeJS.Timeout | null = null;
   private closed = false;
+  /** suspend()ed: the pause after fd exhaustion must not restart it. */
+  private suspended = false;
 
   /** Accept every connection on listening `fd` and hand it to `onConnection` (close-on-exec, non-blocking; the callee owns it). */
   constructor(
@@ -32,6 +34,17 @@ export class Acceptor {
     this.closed = true;
     if (this.paused) clearTimeout(this.paused);
     this.poller.close();
+  }
+
+  /** Stop accepting until resume(): new connections wait in the backlog (an upgrade hands the socket over with them). */
+  suspend(): void {
+    this.suspended = true;
+    this.poller.stop();
+  }
+
+  resume(): void {
+    this.suspended = false;
+    if (!this.closed && !this.paused) this.poller.start(READABLE);
   }
 
   private acceptAll(): void {
@@ -54,7 +67,7 @@ export class Acceptor {
     this.poller.stop();
     this.paused = setTimeout(() => {
       this.paused = null;
-      if (!this.closed) this.poller.start(READABLE);
+      if (!this.closed && !this.suspended) this.poller.start(READABLE);
     }, ACCEPT_PAUSE_MS);
     this.paused.unref();
   }

@@ -12,6 +12,7 @@ import type { Logger } from '../log';
 import { CheckpointFileCorrupt, hashFd, readCheckpointFile, writeCheckpointFile } from './checkpoint-file';
 import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
+import type { HandedCheckpoint } from '../upgrade/handover';
 
 /** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a checkpoint nobody can change once stored. */
 
@@ -88,11 +89,42 @@ export class CheckpointStore {
   /** Durable writes, one after the other, so `checkpointed` answers go out in order. */
   private writes: Promise<void> = Promise.resolve();
 
+  /** `handed`: the checkpoint the previous Aeterna held (aeterna upgrade): it is the latest, the file is not read. */
   constructor(
     readonly config: CheckpointConfig,
     private readonly log: Logger,
+    handed: HandedCheckpoint | null = null,
   ) {
-    if (config.enabled && config.path !== null) this.loadFile(config.path);
+    if (handed) this.adoptHanded(handed);
+    else if (config.enabled && config.path !== null) this.loadFile(config.path);
+  }
+
+  private adoptHanded(h: HandedCheckpoint): void {
+    if (!this.config.enabled) {
+      closeQuietly(h.fd); // checkpoints were turned off in the config the new Aeterna read
+      return;
+    }
+    let size: number;
+    try {
+      size = fs.fstatSync(h.fd).size;
+    } catch (err) {
+      this.log.error({ seq: h.seq }, `checkpoint ${h.seq} handed over at fd ${h.fd} cannot be read: ${(err as Error).message}; the app has no checkpoint`);
+      return;
+    }
+    if (!isSealedState(h.fd) || size !== h.size) {
+      closeQuietly(h.fd);
+      this.log.error({ seq: h.seq }, `checkpoint ${h.seq} handed over at fd ${h.fd} is not the sealed ${h.size} bytes it should be; the app has no checkpoint`);
+      return;
+    }
+    this.latest = { fd: h.fd, size: h.size, seq: h.seq, encoding: h.encoding, savedAt: Date.parse(h.saved_at), ...(h.sha256 ? { sha256: h.sha256 } : {}) };
+    this.seq = h.seq;
+  }
+
+  /** The latest checkpoint for the handover of a re-exec (its memfd stays ours until the exec), or null. */
+  handOver(): HandedCheckpoint | null {
+    const c = this.latest;
+    if (!c) return null;
+    return { fd: c.fd, seq: c.seq, size: c.size, encoding: c.encoding, ...(c.sha256 ? { sha256: c.sha256 } : {}), saved_at: new Date(c.savedAt).toISOString() };
   }
 
   /** The durable file of a previous Aeterna, offered to generation 1; a bad one is set aside, never fatal. */

@@ -85,6 +85,11 @@ export class FrameDecoder {
 
   constructor(private maxFrame: number) {}
 
+  /** Nothing buffered: no byte of a frame, no fd, that a new reader of the same socket would miss. */
+  get isEmpty(): boolean {
+    return this.buffered === 0 && this.inDataFrame === 0 && this.batches.length === 0;
+  }
+
   /** Lower (never raise) the frame limit: a client learns the limit Aeterna keeps to from `welcome`. */
   lowerLimit(maxFrame: number): void {
     if (Number.isInteger(maxFrame) && maxFrame > 0 && maxFrame < this.maxFrame) this.maxFrame = maxFrame;

@@ -75,6 +75,14 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     return this.dataRemaining;
   }
 
+  /**
+   * Nothing of a frame is half-read or half-written here: another process could take over the fd and read and
+   * write on it from the next frame on (aeterna upgrade carries such connections).
+   */
+  get quiet(): boolean {
+    return !this.closed && this.dataRemaining === 0 && !this.dueTrailer && this.decoder.isEmpty && this.stream.writableLength === 0;
+  }
+
   /** Closed, or refused and only lingering: either way it carries nothing more. */
   get closed(): boolean {
     return this.refused || this.stream.isClosed;

@@ -21,6 +21,7 @@ import { CheckpointRefused, CheckpointStore, type Checkpoint, type CheckpointWri
 import { SrpConnection } from './connection';
 import { isPeerGone } from './fd-stream';
 import { trailerDigest, type Checksum, type Message, type StateHeader, type TrailerDigest } from './messages';
+import type { HandedCheckpoint, HandedRelayConnection, ReexecReason } from '../upgrade/handover';
 
 /** An empty sealed memfd: an empty checkpoint is stored like any other. */
 function emptyMemfd(): number {
@@ -97,7 +98,20 @@ interface Session {
   checkpoint: { writer: CheckpointWriter | null; refused: CheckpointRefused | null } | null;
   /** Aeterna is streaming the stored checkpoint to it (an "fds": false client): nothing else may go out meanwhile. */
   receivingCheckpoint: boolean;
+  /** `checkpointed` answers still to send (one waits for a durable write). */
+  answering: number;
+  /** Whether the prepared signal handover lists it (last reported by carryChanged). */
+  carried: boolean;
   helloTimer: NodeJS.Timeout | null;
+}
+
+/** What a session learned from its hello: all a re-executed Aeterna needs to go on speaking with it. */
+type HelloFlags = Pick<Session, 'noFds' | 'takesTrailer' | 'takesDirect' | 'checksums'>;
+
+/** The hello-derived flags of a session (or of a handed-over entry): the one place that lists them. */
+function helloFlags(s: Pick<HelloFlags, 'noFds' | 'takesTrailer'> & Partial<HelloFlags>): HelloFlags {
+  // Optional in a handover: absent, the client was never offered the direct transport or another check.
+  return { noFds: s.noFds, takesTrailer: s.takesTrailer, takesDirect: s.takesDirect ?? false, checksums: [...(s.checksums ?? [])] };
 }
 
 /** One relay of a state from `from` (the old generation, or none) to `to`. */
@@ -131,7 +145,7 @@ interface Transfer {
 }
 
 export class SrpCoordinator
-  extends EventEmitter<{ ready: [gen: Generation]; checkpoint: [result: string, stored: Checkpoint | null] }>
+  extends EventEmitter<{ ready: [gen: Generation]; checkpoint: [result: string, stored: Checkpoint | null]; carry: [] }>
   implements StateRelay
 {
   private readonly sessions = new Set<Session>();
@@ -143,6 +157,8 @@ export class SrpCoordinator
   private readonly transfers = new Set<Transfer>();
   private readonly acceptor: Acceptor;
   private readonly maxFrame: number;
+  /** An upgrade is about to exec: nothing is accepted or read (frames wait in the kernel for the next Aeterna). */
+  private frozen = false;
   /** The app's latest checkpoint (docs/srp.md, "Checkpoints"). */
   readonly checkpoints: CheckpointStore;
 
@@ -151,10 +167,11 @@ export class SrpCoordinator
     private readonly fd: number,
     config: StateHandoffConfig,
     private readonly log: Logger,
+    handedCheckpoint: HandedCheckpoint | null = null,
   ) {
     super();
     this.maxFrame = config.maxFrameBytes;
-    this.checkpoints = new CheckpointStore(config.checkpoint, log);
+    this.checkpoints = new CheckpointStore(config.checkpoint, log, handedCheckpoint);
     this.acceptor = new Acceptor(fd, (conn) => this.admit(conn), log, 'state socket');
   }
 
@@ -173,9 +190,118 @@ export class SrpCoordinator
     return new SrpCoordinator(file, fd, config, log);
   }
 
-  /** The state socket a re-executed Aeterna took over (aeterna upgrade); the generations' connections did not survive: SDKs reconnect. */
-  static adopt(config: StateHandoffConfig, file: SocketFile, fd: number, log: Logger): SrpCoordinator {
-    return new SrpCoordinator(file, fd, config, log);
+  /** The state socket a re-executed Aeterna took over (aeterna upgrade), with the checkpoint it held; connections: adoptConnections(). */
+  static adopt(config: StateHandoffConfig, file: SocketFile, fd: number, log: Logger, checkpoint: HandedCheckpoint | null): SrpCoordinator {
+    return new SrpCoordinator(file, fd, config, log, checkpoint);
+  }
+
+  // ---- re-exec (aeterna upgrade, recovery) -------------------------------------------------
+
+  /**
+   * Why session `s` cannot be carried across an exec now, or null. `framing`: also nothing half-read or
+   * half-written on it (exact at an upgrade or an exception; a prepared signal handover cannot track bytes).
+   */
+  private busyWith(s: Session, framing: boolean): string | null {
+    if (s.gen === null) return 'its hello';
+    // A whole initial load went out (no relay behind it): only its ack is due, which the next Aeterna can take.
+    const initialAckDue = s.phase === 'load-sent' && !s.initialAcked;
+    if (s.transfer || (s.phase !== 'idle' && !initialAckDue)) return `a state relay (${s.phase})`;
+    if (s.checkpoint) return 'a checkpoint being received';
+    if (s.receivingCheckpoint) return 'the checkpoint being streamed to it';
+    if (s.answering > 0) return 'the answer to its checkpoint';
+    if (framing && !s.conn.quiet) return 'a frame half read or written';
+    return null;
+  }
+
+  /** Why an upgrade cannot carry every relay connection now ("generation 1 is busy with ..."), or null. */
+  busyReason(): string | null {
+    for (const s of this.sessions) {
+      const why = this.busyWith(s, true);
+      if (why) return `${s.gen ? `generation ${s.gen.number}` : `a connection of generation ${s.owner.number}`} is busy with ${why}`;
+    }
+    return null;
+  }
+
+  /** Resolves once every connection is idle; rejects with the reason after `timeoutMs` (checked every 20 ms: transfers end on many paths). */
+  whenIdle(timeoutMs: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const deadline = Date.now() + timeoutMs;
+      const check = (): void => {
+        const why = this.busyReason();
+        if (why === null) return resolve();
+        if (Date.now() >= deadline) return reject(new Error(why));
+        setTimeout(check, 20);
+      };
+      check();
+    });
+  }
+
+  /**
+   * An upgrade is accepted: stop accepting and reading, so every connection stays idle until the exec (what
+   * arrives meanwhile waits in the kernel for the next Aeterna). Throws if one is busy now. thaw() undoes it.
+   */
+  freeze(): void {
+    const why = this.busyReason();
+    if (why) throw new Error(why);
+    this.frozen = true;
+    this.acceptor.suspend();
+    for (const s of this.sessions) s.conn.pause();
+  }
+
+  /** The exec did not happen: go on as before. */
+  thaw(): void {
+    if (!this.frozen) return;
+    this.frozen = false;
+    this.acceptor.resume();
+    for (const s of this.sessions) s.conn.resume();
+  }
+
+  /**
+   * The relay connections the next Aeterna takes over, with what their hellos said. At an upgrade all must be
+   * idle (it throws naming the busy one). At a recovery the busy ones are left out: they close at the exec, the
+   * client's call on it fails, and the serving generation keeps its memory (docs/operations.md).
+   */
+  handOver(reason: ReexecReason): HandedRelayConnection[] {
+    if (reason === 'upgrade') {
+      const why = this.busyReason();
+      if (why) throw new Error(why);
+    }
+    const carried = [...this.sessions].filter((s) => s.gen !== null && this.busyWith(s, reason !== 'signal') === null);
+    return carried.map((s) => ({ fd: s.conn.stream.fd, generation: s.gen!.number, initialAcked: s.initialAcked, ...helloFlags(s) }));
+  }
+
+  /** The latest checkpoint's memfd for the next Aeterna, or null. */
+  handOverCheckpoint(): HandedCheckpoint | null {
+    return this.checkpoints.handOver();
+  }
+
+  /**
+   * A re-executed Aeterna: speak again on the connections the previous one handed over, each bound to its
+   * (adopted, attached) generation, idle (or with the ack of its initial load due); no welcome is sent again.
+   */
+  adoptConnections(entries: HandedRelayConnection[], generations: Generation[]): void {
+    for (const entry of entries) {
+      const gen = generations.find((g) => g.number === entry.generation);
+      if (!gen || !this.generations.has(gen)) {
+        this.log.warn({ generation: entry.generation }, 'relay: a handed-over connection names no running generation; closed');
+        closeQuietly(entry.fd);
+        continue;
+      }
+      const conn = new SrpConnection(entry.fd, this.maxFrame, RELAY_HIGH_WATER_MARK);
+      const session: Session = { ...this.newSession(conn, gen), ...helloFlags(entry), gen, phase: entry.initialAcked ? 'idle' : 'load-sent', initialAcked: entry.initialAcked };
+      this.listen(session);
+      this.byGeneration.set(gen, session);
+      session.carried = true;
+      this.log.debug({ generation: gen.number }, 'relay connection taken over');
+    }
+  }
+
+  /** Tell the daemon when whether `s` can be carried changed (the prepared signal handover lists it, or not). */
+  private carryChanged(s: Session): void {
+    const now = !s.conn.closed && s.gen !== null && this.busyWith(s, false) === null;
+    if (now === s.carried) return;
+    s.carried = now;
+    this.emit('carry');
   }
 
   /** The listening socket, for the handover. */
@@ -237,11 +363,6 @@ export class SrpCoordinator
     return c && { seq: c.seq, size: c.size, age_ms: Date.now() - c.savedAt };
   }
 
-  /** Generations with a live relay connection now (what an upgrade could not carry over yet). */
-  connectedGenerations(): Generation[] {
-    return [...this.byGeneration.keys()].filter((g) => this.liveSession(g) !== null);
-  }
-
   relaying(gen: Generation): boolean {
     for (const t of this.transfers) if (!t.aborted && (t.to.gen === gen || t.from?.gen === gen)) return true;
     return false;
@@ -286,8 +407,17 @@ export class SrpCoordinator
       conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
       return;
     }
-    const session: Session = { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, checksums: [], transfer: null, checkpoint: null, receivingCheckpoint: false, helloTimer: null };
+    const session = this.newSession(conn, owner);
     session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
+    this.listen(session);
+  }
+
+  private newSession(conn: SrpConnection, owner: Generation): Session {
+    return { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, checksums: [], transfer: null, checkpoint: null, receivingCheckpoint: false, answering: 0, carried: false, helloTimer: null };
+  }
+
+  private listen(session: Session): void {
+    const conn = session.conn;
     this.sessions.add(session);
     conn.on('message', (m, fds) => {
       try {
@@ -297,8 +427,12 @@ export class SrpCoordinator
         if (err instanceof SrpError) conn.fail(err.code, err.message);
         else throw err;
       }
+      this.carryChanged(session);
     });
-    conn.on('data', (payload, frameLength, remaining) => this.onData(session, payload, frameLength, remaining));
+    conn.on('data', (payload, frameLength, remaining) => {
+      this.onData(session, payload, frameLength, remaining);
+      if (remaining === 0) this.carryChanged(session);
+    });
     conn.on('close', (error) => this.onClose(session, error));
   }
 
@@ -434,6 +568,7 @@ export class SrpCoordinator
     } finally {
       s.receivingCheckpoint = false;
       closeQuietly(fd);
+      this.carryChanged(s);
     }
   }
 
@@ -488,14 +623,18 @@ export class SrpCoordinator
   /** Answered once it is stored (durably, with `path`). */
   private checkpointStored(s: Session, seq: number): void {
     const c = this.checkpoints.current!;
+    s.answering += 1;
+    this.emit('carry'); // a new checkpoint memfd (the previous one is closed)
     this.checkpoints.persist(seq).then(
       () => {
         this.log.info({ generation: s.gen!.number, seq, size: c.size }, 'checkpoint stored');
         this.emit('checkpoint', 'stored', c);
         s.conn.send({ op: 'checkpointed', seq });
+        this.answered(s);
       },
       (err: Error) => {
         this.refuseCheckpoint(s, new CheckpointRefused('write_failed', `checkpoint ${seq} is kept in memory but could not be written to ${this.checkpoints.config.path}: ${err.message}`));
+        this.answered(s);
       },
     );
   }
@@ -505,7 +644,16 @@ export class SrpCoordinator
     this.log.warn({ generation: s.gen!.number, code: err.code }, `checkpoint refused: ${err.message}`);
     this.emit('checkpoint', err.code, null);
     // Answers go out in the order of the checkpoints: after any durable write still under way.
-    void this.checkpoints.afterWrites().then(() => s.conn.send({ op: 'checkpointed', code: err.code, message: err.message }));
+    s.answering += 1;
+    void this.checkpoints.afterWrites().then(() => {
+      s.conn.send({ op: 'checkpointed', code: err.code, message: err.message });
+      this.answered(s);
+    });
+  }
+
+  private answered(s: Session): void {
+    s.answering -= 1;
+    this.carryChanged(s);
   }
 
   // ---- transfers ---------------------------------------------------------------------------
@@ -547,6 +695,7 @@ export class SrpCoordinator
         reject(err);
       };
       to.transfer = t;
+      this.carryChanged(to);
       if (!from && empty === 'checkpoint') {
         to.phase = 'load-sent';
         t.total = this.sendCheckpoint(to);
@@ -561,6 +710,7 @@ export class SrpCoordinator
       }
       from.transfer = t;
       from.phase = 'dump-requested';
+      this.carryChanged(from);
       // The app's SDK waits as long as we do. A digest trailer is offered only if the receiver can take one.
       // A cheaper check than SHA-256 when both generations can use it; not on a final sync, whose cut-short
       // form must end in a trailer that can match nothing (docs/srp.md, "Checksums").
@@ -724,6 +874,7 @@ export class SrpCoordinator
   private onClose(s: Session, error: Error | null): void {
     if (s.helloTimer) clearTimeout(s.helloTimer);
     this.sessions.delete(s);
+    this.carryChanged(s);
     if (s.checkpoint) {
       // Cut short: the previous checkpoint stays.
       s.checkpoint.writer?.discard();
@@ -792,5 +943,7 @@ export class SrpCoordinator
       }
     }
     t.reject(err);
+    if (t.from) this.carryChanged(t.from);
+    this.carryChanged(t.to);
   }
 }

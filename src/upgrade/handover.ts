@@ -10,15 +10,20 @@ import type { Listener } from '../resources/listeners';
 import type { SocketFile } from '../resources/socket-file';
 import type { ReloadRecord } from '../orchestrator/types';
 
-/** The handover version this Aeterna writes; it reads only this one (`start --check-handover` says so). */
-export const HANDOVER_VERSION = 1;
+/**
+ * The handover version this Aeterna writes. Version 2 added the relay connections and the in-memory checkpoint: an
+ * Aeterna that reads only 1 would leave them open and unattended, so it must refuse (its check says it cannot).
+ */
+export const HANDOVER_VERSION = 2;
+/** The versions this Aeterna reads (`start --check-handover` says so): a version 1 handover simply carries neither. */
+export const READABLE_HANDOVER_VERSIONS: readonly number[] = [1, 2];
 /** The environment variable that carries the handover's fd number across the exec. */
 export const HANDOVER_ENV = 'AETERNA_HANDOVER_FD';
 
 /** Why Aeterna re-executed itself: `aeterna upgrade`, an uncaught exception or rejection, a fatal signal. */
 export type ReexecReason = 'upgrade' | 'exception' | 'signal';
 
-export type FdRole = 'listener' | 'control' | 'relay' | 'notify' | 'metrics' | 'fdstore';
+export type FdRole = 'listener' | 'control' | 'relay' | 'relay-connection' | 'checkpoint' | 'notify' | 'metrics' | 'fdstore';
 
 /** One fd that survives the exec. */
 export interface KeptFd {
@@ -38,8 +43,34 @@ export interface HandedGeneration {
   cgroup: string | null;
 }
 
+/** An idle state relay connection of a generation (its fd is among `fds`, role 'relay-connection'). */
+export interface HandedRelayConnection {
+  fd: number;
+  generation: number;
+  /** False: its initial load went out whole and its ack is still due. */
+  initialAcked: boolean;
+  /** What its hello said (srp/coordinator.ts: helloFlags). */
+  noFds: boolean;
+  takesTrailer: boolean;
+  /** Takes the direct transport (a socket pair per relay); absent in a handover written before it existed. */
+  takesDirect?: boolean;
+  /** Trailer checks besides sha256 it computes (its hello's `checksums`); absent likewise. */
+  checksums?: string[];
+}
+
+/** The app's latest checkpoint, a sealed memfd (among `fds`, role 'checkpoint'). */
+export interface HandedCheckpoint {
+  fd: number;
+  seq: number;
+  size: number;
+  encoding: string;
+  sha256?: string;
+  /** When it was stored (ISO time): its age goes on. */
+  saved_at: string;
+}
+
 export interface Handover {
-  version: typeof HANDOVER_VERSION;
+  version: 1 | typeof HANDOVER_VERSION;
   /** The Aeterna that wrote it. */
   from: { version: string; pid: number };
   /** Why the exec happened (aeterna_reexecs_total's label). */
@@ -58,6 +89,9 @@ export interface Handover {
   reexecs_by_reason?: Partial<Record<ReexecReason, number>>;
   /** When the recent recoveries (exception, signal) happened, ISO times, within the recovery window. */
   recoveries?: string[];
+  /** Version 2: the generations' idle state relay connections, and the latest checkpoint (null: none). */
+  relay_connections?: HandedRelayConnection[];
+  checkpoint?: HandedCheckpoint | null;
 }
 
 /** Write the handover to a new sealed memfd (close-on-exec until the exec's keep list clears it); returns its fd. */
@@ -96,8 +130,8 @@ export function readHandover(env: NodeJS.ProcessEnv): Handover | null {
     }
   }
   const version = (parsed as { version?: unknown } | null)?.version;
-  if (version !== HANDOVER_VERSION) {
-    throw new AeternaError('E_HANDOVER_INVALID', `the handover at fd ${fd} has version ${JSON.stringify(version)}; this Aeterna reads version ${HANDOVER_VERSION}`);
+  if (typeof version !== 'number' || !READABLE_HANDOVER_VERSIONS.includes(version)) {
+    throw new AeternaError('E_HANDOVER_INVALID', `the handover at fd ${fd} has version ${JSON.stringify(version)}; this Aeterna reads ${readableVersions()}`);
   }
   const handover = parsed as Handover;
   // The kept fds lost close-on-exec for the exec: they must reach the app only where Aeterna places them.
@@ -107,5 +141,10 @@ export function readHandover(env: NodeJS.ProcessEnv): Handover | null {
 
 /** `aeterna start --check-handover V`: whether this Aeterna can read handover version V. */
 export function canReadHandover(version: string): boolean {
-  return version === String(HANDOVER_VERSION);
+  return READABLE_HANDOVER_VERSIONS.some((v) => String(v) === version);
+}
+
+/** "version 1 and 2", for messages. */
+export function readableVersions(): string {
+  return `version ${READABLE_HANDOVER_VERSIONS.join(' and ')}`;
 }

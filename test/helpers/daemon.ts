@@ -129,3 +129,18 @@ export async function statusOf(d: Daemon): Promise<StatusReport> {
   if (!('status' in r)) throw new Error('status answered without a report');
   return r.status;
 }
+
+/**
+ * `count` upgrades through the control request itself (the path the CLI takes, without starting a CLI process
+ * each time), each awaited until the re-executed Aeterna answers with the re-exec count it reached.
+ */
+export async function upgradeTimes(d: Daemon, count: number): Promise<void> {
+  const first = (await statusOf(d)).reexecs ?? 0;
+  for (let i = first + 1; i <= first + count; i++) {
+    const r = await call(socketOf(d), { cmd: 'upgrade' });
+    if (!('upgrade' in r)) throw new Error(`upgrade ${i} not accepted`);
+    // The control socket is handed over: this waits in its backlog until the re-executed Aeterna answers.
+    // A status the old Aeterna accepted just before its exec is cut: ask again.
+    while ((await statusOf(d).catch(() => null))?.reexecs !== i) await new Promise((res) => setTimeout(res, 20));
+  }
+}
