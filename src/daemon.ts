@@ -143,7 +143,11 @@ export class Daemon {
     const h = this.handover;
     if (this.recoveries.length > RECOVERY_LIMIT) return this.giveUpRecovering();
     // Before the reaper's first sweep: a generation that exited during the exec is reported, not reaped as an orphan.
-    const adopted = h ? h.generations.map((g) => Generation.adopt(g.number, g.pid, new Date(g.started_at), this.reaper, null, null)) : [];
+    // The cgroups first: an adopted generation keeps the cgroup it runs in (the handover names both directories).
+    this.cgroups = this.openCgroups(h?.cgroups ?? null);
+    const adopted = h
+      ? h.generations.map((g) => Generation.adopt(g.number, g.pid, new Date(g.started_at), this.reaper, this.cgroups, g.cgroup === null ? null : (this.cgroups?.adoptGeneration(g.cgroup) ?? null)))
+      : [];
     // Listening first: install() reaps at once what exited before (during an exec, say), and that counts too.
     this.reaper.on('orphan', (info) => {
       this.metrics.zombieReaped();
@@ -192,7 +196,6 @@ export class Daemon {
       await this.shutdown();
       return startFailureCode(err);
     }
-    this.cgroups = this.openCgroups();
     this.fdStore = new FdStore(this.log, (count) => {
       this.metrics.fdStoreChanged(count);
       this.prepareSignalRecovery();
@@ -424,6 +427,7 @@ export class Daemon {
       notify: this.notify!.address,
       fdstore,
       generations: [{ number: serving.number, pid: serving.pid, pgid: serving.pid, state: 'serving', started_at: serving.startedAt.toISOString(), cgroup: serving.cgroup?.dir ?? null }],
+      cgroups: this.cgroups?.dir ?? null,
       counters: { ...counters, reexecs: this.reexecs },
       reexecs_by_reason: this.reexecsByReason,
       recoveries: this.recoveries,
@@ -440,15 +444,25 @@ export class Daemon {
     else this.pendingStop = reason;
   }
 
-  /** One cgroup per generation where possible; says once which attribution is in use. */
-  private openCgroups(): Cgroups | null {
+  /** One cgroup per generation where possible; says once which attribution is in use. `handed`: the directory a re-exec handed over. */
+  private openCgroups(handed: string | null): Cgroups | null {
     const fallback = 'process attribution: process group, session and AETERNA_GENERATION (a daemon that leaves all three survives reloads until Aeterna exits)';
     if (!this.config.service.cgroups) {
       this.log.info({ cgroups: false }, `${fallback}: service.cgroups is false`);
       return null;
     }
+    const onFallBack = (reason: string): void => this.log.warn({ cgroups: false }, `${fallback} from now on: ${reason}`);
+    if (handed !== null) {
+      try {
+        const cgroups = Cgroups.adopt(handed, onFallBack);
+        this.log.info({ cgroups: true, cgroup: cgroups.group }, `process attribution: one cgroup per generation below ${cgroups.dir} (taken over)`);
+        return cgroups;
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, `cannot take over the cgroups of the previous program: ${(err as Error).message}; a new directory for the next generations`);
+      }
+    }
     try {
-      const cgroups = Cgroups.open((reason) => this.log.warn({ cgroups: false }, `${fallback} from now on: ${reason}`));
+      const cgroups = Cgroups.open(onFallBack);
       this.log.info({ cgroups: true, cgroup: cgroups.group }, `process attribution: one cgroup per generation below ${cgroups.dir}`);
       return cgroups;
     } catch (err) {

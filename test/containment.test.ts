@@ -88,6 +88,25 @@ describe('a daemonized descendant (double fork, setsid, empty environment)', { t
     assert.deepEqual(withMarker(marker), [], 'nothing of the app is left');
   });
 
+  it('cgroup mode, as PID 1: after aeterna upgrade the serving generation keeps its cgroup: the next reload ends its escapee, the re-executed Aeterna keeps one directory and removes it at stop', { skip: noPidNamespace ?? noCgroups ?? false }, async () => {
+    const { d, marker } = start(true, true);
+    await d.waitStatus((s) => s.state === 'Running');
+    await escapeeOf(d, 1);
+    const below = (): string[] => d.run.logs().filter((l) => l.cgroups === true).map((l) => String(l.msg).replace(/^.* below (\S+).*$/, '$1'));
+    const [dir] = below();
+    assert.ok(fs.existsSync(path.join(dir, 'gen-1')), 'generation 1 runs in its cgroup');
+    for (let i = 1; i <= 2; i++) assert.equal((await d.cli('upgrade')).code, 0);
+    assert.deepEqual(below(), [dir, dir, dir], 'each re-executed Aeterna took over the same directory, and made no other');
+    assert.equal((await d.cli('reload')).code, 0);
+    await escapeeOf(d, 2);
+    const escapees = await settle(() => withMarker(marker, 'escapee'), (l) => l.length === 1);
+    assert.equal(escapees.length, 1, "generation 1's escapee ended with its cgroup, though generation 1 was adopted by a re-executed Aeterna");
+    assert.equal(await settle(() => fs.existsSync(path.join(dir, 'gen-1')), (e) => !e), false, "generation 1's cgroup was removed");
+    assert.equal(await d.stop(), 0);
+    assert.equal(fs.existsSync(dir), false, "Aeterna's directory is removed at stop");
+    assert.deepEqual(withMarker(marker), []);
+  });
+
   it('fallback mode (service.cgroups: false), as PID 1: escapees outlive reloads (the documented limit), and at stop Aeterna ends every one of them with SIGTERM before it exits', { skip: noPidNamespace ?? false }, async () => {
     const { d, marker } = start(false, true);
     await d.waitStatus((s) => s.state === 'Running');

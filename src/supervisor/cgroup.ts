@@ -109,6 +109,25 @@ export class GenerationCgroup {
   }
 }
 
+/** This process's cgroup: its path in the hierarchy and its directory; throws an Error saying why cgroups cannot be used. */
+function ownCgroup(): { group: string; dir: string } {
+  let mountinfo: string;
+  try {
+    mountinfo = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+  } catch (err) {
+    throw new Error(`cannot read /proc/self/mountinfo (${(err as NodeJS.ErrnoException).code})`);
+  }
+  const mount = cgroup2Mount(mountinfo);
+  if (mount === null) throw new Error('no cgroup2 file system is mounted');
+  const own = cgroupOf('self');
+  if (own === null) throw new Error('/proc/self/cgroup has no cgroup v2 entry');
+  const root = mount.root === '/' ? '' : mount.root;
+  if (own !== root && !own.startsWith(`${root}/`)) {
+    throw new Error(`Aeterna's cgroup ${own} is outside the cgroup2 mount at ${mount.mountPoint}`);
+  }
+  return { group: own, dir: path.join(mount.mountPoint, own.slice(root.length)) };
+}
+
 /** The cgroups of this Aeterna: a directory of its own below its cgroup, with one cgroup per generation in it. */
 export class Cgroups {
   private readonly generations = new Set<GenerationCgroup>();
@@ -126,30 +145,38 @@ export class Cgroups {
    * told (once) if a generation's cgroup later cannot be created or joined after all.
    */
   static open(onFallBack: (reason: string) => void): Cgroups {
-    let mountinfo: string;
-    try {
-      mountinfo = fs.readFileSync('/proc/self/mountinfo', 'utf8');
-    } catch (err) {
-      throw new Error(`cannot read /proc/self/mountinfo (${(err as NodeJS.ErrnoException).code})`);
-    }
-    const mount = cgroup2Mount(mountinfo);
-    if (mount === null) throw new Error('no cgroup2 file system is mounted');
-    const own = cgroupOf('self');
-    if (own === null) throw new Error('/proc/self/cgroup has no cgroup v2 entry');
-    const root = mount.root === '/' ? '' : mount.root;
-    if (own !== root && !own.startsWith(`${root}/`)) {
-      throw new Error(`Aeterna's cgroup ${own} is outside the cgroup2 mount at ${mount.mountPoint}`);
-    }
+    const own = ownCgroup();
     // pid and a random part: as PID 1 every Aeterna is pid 1, and containers may share a hierarchy.
     const name = `aeterna-${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
-    const group = path.posix.join(own, name);
-    const dir = path.join(mount.mountPoint, own.slice(root.length), name);
+    const group = path.posix.join(own.group, name);
+    const dir = path.join(own.dir, name);
     try {
       fs.mkdirSync(dir, { mode: 0o755 });
     } catch (err) {
       throw new Error(`cannot create ${dir} (${(err as NodeJS.ErrnoException).code})`);
     }
     return new Cgroups(group, dir, onFallBack);
+  }
+
+  /**
+   * Take over the directory a previous Aeterna program of this process made (`aeterna upgrade`, a recovery: the
+   * handover names it), so the generations it holds stay attributed and it is removed at exit. Throws when that
+   * directory is not below this process's own cgroup any more, or is gone.
+   */
+  static adopt(dir: string, onFallBack: (reason: string) => void): Cgroups {
+    const own = ownCgroup();
+    const name = path.basename(dir);
+    if (path.join(own.dir, name) !== dir || !name.startsWith('aeterna-')) throw new Error(`${dir} is not a directory of this Aeterna below ${own.dir}`);
+    if (!fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${dir} is gone`);
+    return new Cgroups(path.posix.join(own.group, name), dir, onFallBack);
+  }
+
+  /** The cgroup of a generation handed over with it (see adopt), or null when it is not one of this directory's. */
+  adoptGeneration(dir: string): GenerationCgroup | null {
+    if (path.dirname(dir) !== this.dir || !fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory()) return null;
+    const cgroup = new GenerationCgroup(path.posix.join(this.group, path.basename(dir)), dir);
+    this.generations.add(cgroup);
+    return cgroup;
   }
 
   /** A fresh cgroup for generation `number`, or null once cgroups have failed here. */

@@ -84,6 +84,8 @@ export interface Handover {
   /** The fd store, oldest first: name, and whether its hangups are watched. */
   fdstore: Array<{ name: string; fd: number; watched: boolean }>;
   generations: HandedGeneration[];
+  /** Aeterna's own cgroup directory (the generations' cgroups are below it); absent or null without cgroups. */
+  cgroups?: string | null;
   counters: { reloads: number; restarts: number; generations: number; reexecs: number; last_reload: ReloadRecord | null; started_at: string };
   /** Re-execs before this one, by reason (absent in a handover from an Aeterna that counted only upgrades). */
   reexecs_by_reason?: Partial<Record<ReexecReason, number>>;
