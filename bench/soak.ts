@@ -161,7 +161,7 @@ export interface SoakOptions {
   pid1?: boolean;
   /** Reloads before the baseline is taken (V8 sizes its heap, lazy init settles). Default: min(50, reloads / 5). */
   warmup?: number;
-  /** Bytes of app state relayed at every reload (binary, streamed through Aeterna); 0 turns the relay off. Default 1 MiB. */
+  /** Bytes of app state relayed at every reload (binary, streamed by the TypeScript SDK); 0 turns the relay off. Default 1 MiB. */
   stateBytes?: number;
   /** Stranger connections to the state socket per reload (one sends a 1 MiB frame, the others stay idle). Default 4. */
   outsiders?: number;
@@ -369,7 +369,7 @@ export function formatReport(r: SoakResult, failures: string[], when = new Date(
     `# Soak run, ${when.toISOString().slice(0, 10)}`,
     '',
     r.state.bytes > 0
-      ? `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/stateful_app.js\` with the state relay on: a ${r.state.bytes}-byte binary state streamed through Aeterna at every reload, and ${r.outsiders.sent / r.reloads} stranger connections to the state socket before each (one sending a 1 MiB frame)`
+      ? `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/stateful_app.js\` with the state relay on: a ${r.state.bytes}-byte binary state relayed at every reload by the TypeScript SDK (its first dump on the direct transport's socket pair, its final sync as data frames through Aeterna), and ${r.outsiders.sent / r.reloads} stranger connections to the state socket before each (one sending a 1 MiB frame)`
       : `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/reload_app.js\` (state relay off)`,
     `under continuous keep-alive HTTP load (${r.concurrency} loops), Aeterna ${r.pid1 ? 'as PID 1 of a fresh PID namespace' : 'as a subreaper (not PID 1)'}.`,
     `Baseline taken after ${r.warmup} warm-up reloads. Host: ${os.cpus().length} CPUs, ${os.type()} ${os.release()}, Node ${process.version}.`,
