@@ -142,9 +142,13 @@ export class Daemon {
   async run(): Promise<number> {
     const h = this.handover;
     if (this.recoveries.length > RECOVERY_LIMIT) return this.giveUpRecovering();
+    // Handlers first: PID 1 gets no default action from the kernel, and a
+    // SIGTERM that arrives while we set up must still stop us.
+    this.installSignalHandlers();
+    // A re-executed Aeterna takes over the cgroups before adopting its generation, which keeps the cgroup it runs
+    // in (the handover names both directories); a fresh start opens them once its sockets are bound (below).
+    if (h) this.cgroups = this.openCgroups(h.cgroups ?? null);
     // Before the reaper's first sweep: a generation that exited during the exec is reported, not reaped as an orphan.
-    // The cgroups first: an adopted generation keeps the cgroup it runs in (the handover names both directories).
-    this.cgroups = this.openCgroups(h?.cgroups ?? null);
     const adopted = h
       ? h.generations.map((g) => Generation.adopt(g.number, g.pid, new Date(g.started_at), this.reaper, this.cgroups, g.cgroup === null ? null : (this.cgroups?.adoptGeneration(g.cgroup) ?? null)))
       : [];
@@ -154,9 +158,6 @@ export class Daemon {
       this.log.debug({ orphan: info.pid }, 'reaped orphan');
     });
     this.reaper.install();
-    // Handlers first: PID 1 gets no default action from the kernel, and a
-    // SIGTERM that arrives while we set up must still stop us.
-    this.installSignalHandlers();
     let code: number;
     try {
       this.prepareRuntimeDir();
@@ -196,6 +197,7 @@ export class Daemon {
       await this.shutdown();
       return startFailureCode(err);
     }
+    if (!h) this.cgroups = this.openCgroups(null);
     this.fdStore = new FdStore(this.log, (count) => {
       this.metrics.fdStoreChanged(count);
       this.prepareSignalRecovery();

@@ -72,7 +72,8 @@ describe('aeterna start as a non-root user', { skip, timeout: 120000 }, () => {
     let status: CliResult;
     for (;;) {
       status = await asUser(['status', '--json', '-c', config]);
-      if (status.code === 0 || run.child.exitCode !== null) break;
+      // The app prints READY before Aeterna's readiness check sees it: wait for Running, not only for an answer.
+      if ((status.code === 0 && (JSON.parse(status.stdout) as { state: string }).state !== 'Starting') || status.code !== 0 && run.child.exitCode !== null) break;
       await new Promise((r) => setTimeout(r, 100));
     }
     assert.equal(status.code, 0, `${status.stderr}\n${run.stderr}`);
