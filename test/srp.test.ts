@@ -336,6 +336,22 @@ describe('state relay failures roll back; the old generation keeps serving with 
     assert.equal(await d.stop(), 0);
   });
 
+  it('an old generation whose relay connection closed while it lives: the reload starts the new one without state and says why, naming when it closed', async () => {
+    const warnings = (d: Daemon): string[] => d.run.logs().map((l) => String(l.msg)).filter((m) => /^relay: generation \d+ has no state relay connection since /.test(m));
+    // Generation 1 never connects (a fresh start does not wait for it): nothing to warn about at the next reload.
+    const { d } = await started({ command: ['sleep', '60'], readiness: '{ mode: "delay", delay: "100ms", timeout: "20s" }' });
+    d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'hangup'] });
+    assert.equal((await d.cli('reload')).code, 0);
+    assert.deepEqual(warnings(d), [], 'an app that never connected is not warned about');
+    // Generation 2 takes its load, says ready, then closes its relay connection and lives on.
+    await d.run.waitFor(/^HUNG UP$/m);
+    const r = await d.cli('reload');
+    assert.equal(r.code, 0, r.stderr); // as docs/srp.md says: no relay connection, an empty load
+    assert.equal(warnings(d).length, 1, 'the reload says the old generation lost its relay connection');
+    assert.match(warnings(d)[0], /^relay: generation 2 has no state relay connection since \S+ \(the app closed it\): generation 3 starts without its state$/);
+    await d.stop();
+  });
+
   it('idle connections of strangers cannot block reloads: each is refused at accept, before any read', async () => {
     const { d, port } = await started();
     const messages = await seed(port);

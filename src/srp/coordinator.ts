@@ -155,6 +155,8 @@ export class SrpCoordinator
   private readonly waiters = new Map<Generation, Array<(s: Session) => void>>();
   /** Transfers not settled yet (a session that closed mid-relay is gone from the tables, its transfer is not). */
   private readonly transfers = new Set<Transfer>();
+  /** Live generations whose relay connection closed, with when and why: a reload says so instead of relaying nothing in silence. */
+  private readonly lostConnections = new Map<Generation, string>();
   private readonly acceptor: Acceptor;
   private readonly maxFrame: number;
   /** An upgrade is about to exec: nothing is accepted or read (frames wait in the kernel for the next Aeterna). */
@@ -326,6 +328,7 @@ export class SrpCoordinator
     this.generations.set(gen, { candidate: role === 'candidate' });
     void gen.exited.then(() => {
       this.generations.delete(gen);
+      this.lostConnections.delete(gen);
       this.waiters.delete(gen);
       this.byGeneration.get(gen)?.conn.close();
     });
@@ -340,6 +343,11 @@ export class SrpCoordinator
   }
 
   handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
+    const lost = this.liveSession(old) === null ? this.lostConnections.get(old) : undefined;
+    if (lost !== undefined) {
+      // Not an app that never used the relay: one whose connection is gone. Its state cannot reach the next one.
+      this.log.warn({ generation: old.number, next: next.number }, `relay: generation ${old.number} has no state relay connection since ${lost}: generation ${next.number} starts without its state`);
+    }
     return this.waitForSession(next, signal).then((to) => this.transfer(this.liveSession(old), to, false, progress, signal, timeoutMs));
   }
 
@@ -502,6 +510,7 @@ export class SrpCoordinator
     clearTimeout(s.helloTimer!);
     s.helloTimer = null;
     s.gen = gen;
+    this.lostConnections.delete(gen); // it connected again
     s.noFds = m.fds === false;
     s.takesTrailer = m.trailer === true;
     s.takesDirect = m.direct === true && !s.noFds;
@@ -882,7 +891,10 @@ export class SrpCoordinator
       this.log.warn({ generation: s.gen?.number }, 'checkpoint cut short (the connection closed mid-stream); the previous one stays');
       this.emit('checkpoint', 'cut_short', null);
     }
-    if (s.gen && this.byGeneration.get(s.gen) === s) this.byGeneration.delete(s.gen);
+    if (s.gen && this.byGeneration.get(s.gen) === s) {
+      this.byGeneration.delete(s.gen);
+      if (this.generations.has(s.gen)) this.lostConnections.set(s.gen, `${new Date().toISOString()} (${error ? error.message : 'the app closed it'})`);
+    }
     if (error instanceof SrpError) this.log.warn({ generation: s.gen?.number, code: error.code }, `relay connection closed: ${error.message}`);
     const t = s.transfer;
     if (!t) return;
