@@ -26,18 +26,20 @@ const FIXED = 70;
 /** Bytes copied at a time: what the file's bytes cost in memory, whatever its size. */
 const CHUNK = 1 << 20;
 
-export interface StoredCheckpoint {
-  /** A sealed memfd holding the data. */
+/** The app's latest checkpoint as Aeterna keeps it (in a memfd) and as a durable file describes it. */
+export interface Checkpoint {
+  /** A sealed memfd holding the bytes. */
   fd: number;
   size: number;
   seq: number;
   encoding: string;
+  /** Date.now() when it was stored. */
   savedAt: number;
-  /** sha256 of the data (hex), when known: sent with it to a client that cannot take a memfd. */
+  /** sha256 of the bytes (hex), once known (streamed and file checkpoints at once, a memfd one when first asked). */
   sha256?: string;
 }
 
-function header(c: Omit<StoredCheckpoint, 'fd'>, sha256: Buffer): Buffer {
+function header(c: Omit<Checkpoint, 'fd'>, sha256: Buffer): Buffer {
   const encoding = Buffer.from(c.encoding);
   const h = Buffer.alloc(FIXED + encoding.length);
   MAGIC.copy(h, 0);
@@ -68,7 +70,7 @@ export function readAt(fd: number, buffer: Buffer, length: number, position: num
 }
 
 /** Write `c` durably to `file`: the previous file stays whole until the rename. Off the event loop (libuv's pool). */
-export async function writeCheckpointFile(file: string, c: StoredCheckpoint): Promise<void> {
+export async function writeCheckpointFile(file: string, c: Checkpoint): Promise<void> {
   const buffer = Buffer.allocUnsafe(CHUNK);
   const sha256 = await hashFd(c.fd, c.size, buffer);
   const temp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
@@ -104,7 +106,7 @@ export class CheckpointFileCorrupt extends Error {}
  * Load `file` into a sealed memfd, verified: null when there is no file; throws CheckpointFileCorrupt when it
  * is corrupt, cut short or of another version. At start only (synchronous, a chunk at a time).
  */
-export function readCheckpointFile(file: string): StoredCheckpoint | null {
+export function readCheckpointFile(file: string): Checkpoint | null {
   let fd: number;
   try {
     fd = fs.openSync(file, 'r');

@@ -9,7 +9,7 @@ import { native } from '../native/binding';
 import type { CheckpointConfig } from '../config/types';
 import type { ErrorCode } from '../errors';
 import type { Logger } from '../log';
-import { CheckpointFileCorrupt, hashFd, readCheckpointFile, writeCheckpointFile } from './checkpoint-file';
+import { CheckpointFileCorrupt, hashFd, readCheckpointFile, writeCheckpointFile, type Checkpoint } from './checkpoint-file';
 import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
 import type { HandedCheckpoint } from '../upgrade/handover';
@@ -29,17 +29,7 @@ export class CheckpointRefused extends Error {
   }
 }
 
-export interface Checkpoint {
-  /** A sealed memfd holding the bytes. */
-  fd: number;
-  size: number;
-  seq: number;
-  encoding: string;
-  /** Date.now() when it was stored. */
-  savedAt: number;
-  /** sha256 of the bytes (hex), once known (streamed and file checkpoints at once, a memfd one when first asked). */
-  sha256?: string;
-}
+export type { Checkpoint };
 
 /** A streamed checkpoint being received: written into its own memfd, never visible until finish() verified it. */
 export class CheckpointWriter {

@@ -1,11 +1,13 @@
 // A real Aeterna daemon for end-to-end tests, with its config in a temp dir
 // and the CLI run against it as a separate process.
 import { spawn } from 'node:child_process';
+import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CLI, ROOT, runAeterna, tempDir, type AeternaRun } from './aeterna';
 import { call } from '../../src/control/client';
 import type { StatusReport } from '../../src/orchestrator/types';
+import type { LoadStats } from './load';
 
 export interface CliResult {
   code: number | null;
@@ -143,4 +145,19 @@ export async function upgradeTimes(d: Daemon, count: number): Promise<void> {
     // A status the old Aeterna accepted just before its exec is cut: ask again.
     while ((await statusOf(d).catch(() => null))?.reexecs !== i) await new Promise((res) => setTimeout(res, 20));
   }
+}
+
+/**
+ * After re-execs under load (upgrades, recoveries): no request failed, one app process answered them all, and
+ * Aeterna (same pid), the app and its generation are the ones from `before`, running, after `reexecs` re-execs.
+ */
+export function assertServedInPlace(stats: LoadStats, before: StatusReport, after: StatusReport, reexecs: number): void {
+  assert.equal(stats.failed, 0, `zero failed requests: ${JSON.stringify(stats.failures)}`);
+  assert.ok(stats.ok > 0);
+  assert.deepEqual(stats.pids, [before.pid], 'one app process answered every request');
+  assert.equal(after.reexecs, reexecs);
+  assert.equal(after.daemon_pid, before.daemon_pid, 'Aeterna re-executed in place');
+  assert.equal(after.pid, before.pid);
+  assert.equal(after.generation, before.generation);
+  assert.equal(after.state, 'Running');
 }
