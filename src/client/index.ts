@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import zlib from 'node:zlib';
 import { native, READABLE, type Poller } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
-import { FdStream } from '../srp/fd-stream';
+import { FdStream, drained } from '../srp/fd-stream';
 import { SrpError, closeQuietly, isSealedState, type SrpErrorCode } from '../srp/codec';
 import type { CheckpointRefusal } from '../srp/checkpoint-store';
 import { trailerDigest, type Checksum, type LoadSource, type Message, type StateHeader, type TrailerDigest } from '../srp/messages';
@@ -796,18 +796,6 @@ export class StateClient {
 }
 
 /** Resolves once the stream's write queue is below its high-water mark again, or it closed. */
-function drained(stream: FdStream): Promise<void> {
-  return new Promise((resolve) => {
-    const done = (): void => {
-      stream.off('drain', done);
-      stream.off('close', done);
-      resolve();
-    };
-    stream.once('drain', done);
-    stream.once('close', done);
-  });
-}
-
 /** Why the connection ended, as a RelayError: the protocol's code when it was a protocol error, else `closed`. */
 function closedError(err: Error | null): RelayError {
   if (err instanceof SrpError) return new RelayError(err.code, err.message);

@@ -72,7 +72,8 @@ export function readAt(fd: number, buffer: Buffer, length: number, position: num
 /** Write `c` durably to `file`: the previous file stays whole until the rename. Off the event loop (libuv's pool). */
 export async function writeCheckpointFile(file: string, c: Checkpoint): Promise<void> {
   const buffer = Buffer.allocUnsafe(CHUNK);
-  const sha256 = await hashFd(c.fd, c.size, buffer);
+  // Known for a streamed or loaded checkpoint (hashed as it arrived): read the bytes once, to copy them.
+  const sha256 = c.sha256 !== undefined ? Buffer.from(c.sha256, 'hex') : await hashFd(c.fd, c.size, buffer);
   const temp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
   const out = await fs.promises.open(temp, 'w', 0o600);
   try {

@@ -14,8 +14,6 @@ import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
 import type { HandedCheckpoint } from '../upgrade/handover';
 
-/** F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE: a checkpoint nobody can change once stored. */
-
 /** Why a checkpoint was refused: the code the client gets in `checkpointed`. */
 export type CheckpointRefusal = 'disabled' | 'too_large' | 'checksum_mismatch' | 'bad_state' | 'write_failed';
 
@@ -75,7 +73,6 @@ export class CheckpointWriter {
 
 export class CheckpointStore {
   private latest: Checkpoint | null = null;
-  private seq = 0;
   /** Durable writes, one after the other, so `checkpointed` answers go out in order. */
   private writes: Promise<void> = Promise.resolve();
 
@@ -107,7 +104,6 @@ export class CheckpointStore {
       return;
     }
     this.latest = { fd: h.fd, size: h.size, seq: h.seq, encoding: h.encoding, savedAt: Date.parse(h.saved_at), ...(h.sha256 ? { sha256: h.sha256 } : {}) };
-    this.seq = h.seq;
   }
 
   /** The latest checkpoint for the handover of a re-exec (its memfd stays ours until the exec), or null. */
@@ -123,7 +119,6 @@ export class CheckpointStore {
       const loaded = readCheckpointFile(file);
       if (!loaded) return;
       this.latest = loaded;
-      this.seq = loaded.seq;
       this.log.info({ path: file, seq: loaded.seq, size: loaded.size }, 'checkpoint loaded from its file');
     } catch (err) {
       const aside = `${file}.corrupt`;
@@ -185,10 +180,10 @@ export class CheckpointStore {
 
   /** Takes a verified, sealed fd as the latest checkpoint; `sha256` only when Aeterna hashed the bytes itself. */
   replace(fd: number, header: StateHeader, sha256?: string): number {
+    const seq = (this.latest?.seq ?? 0) + 1; // the latest is the only one kept: its seq is the count so far
     if (this.latest) closeQuietly(this.latest.fd);
-    this.seq += 1;
-    this.latest = { fd, size: header.size, seq: this.seq, encoding: header.encoding ?? 'binary', savedAt: Date.now(), ...(sha256 ? { sha256 } : {}) };
-    return this.seq;
+    this.latest = { fd, size: header.size, seq, encoding: header.encoding ?? 'binary', savedAt: Date.now(), ...(sha256 ? { sha256 } : {}) };
+    return seq;
   }
 
   /** The sha256 of checkpoint `c` (hex): hashed off the event loop the first time, then kept with it. */

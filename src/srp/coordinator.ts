@@ -19,7 +19,7 @@ import { SrpError, closeQuietly, isSealedState } from './codec';
 import { readAt } from './checkpoint-file';
 import { CheckpointRefused, CheckpointStore, type Checkpoint, type CheckpointWriter } from './checkpoint-store';
 import { SrpConnection } from './connection';
-import { isPeerGone } from './fd-stream';
+import { drained, isPeerGone } from './fd-stream';
 import { trailerDigest, type Checksum, type Message, type StateHeader, type TrailerDigest } from './messages';
 import type { HandedCheckpoint, HandedRelayConnection, ReexecReason } from '../upgrade/handover';
 
@@ -28,20 +28,6 @@ function emptyMemfd(): number {
   const fd = native.memfdCreate('aeterna-checkpoint');
   native.sealMemfd(fd);
   return fd;
-}
-
-/** Resolves once the connection's queue is below its mark again, or it closed. */
-function drainedOrClosed(conn: SrpConnection): Promise<void> {
-  if (conn.closed) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = (): void => {
-      conn.stream.off('drain', done);
-      conn.off('close', done);
-      resolve();
-    };
-    conn.stream.once('drain', done);
-    conn.once('close', done);
-  });
 }
 
 /** A client must say hello within this long. */
@@ -569,7 +555,7 @@ export class SrpCoordinator
         const { bytesRead } = await readAt(fd, buffer, buffer.length, off);
         if (bytesRead === 0) throw new Error(`checkpoint ended after ${off} of ${c.size} bytes`);
         off += bytesRead;
-        if (!s.conn.sendData(buffer.subarray(0, bytesRead), chunk)) await drainedOrClosed(s.conn);
+        if (!s.conn.sendData(buffer.subarray(0, bytesRead), chunk) && !s.conn.closed) await drained(s.conn.stream);
       }
     } catch (err) {
       this.log.error({ generation: s.gen?.number, err: (err as Error).message }, 'checkpoint: could not be streamed to the client; its connection is closed');

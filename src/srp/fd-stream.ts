@@ -254,3 +254,16 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
     this.close();
   }
 }
+
+/** Resolves once the stream's write queue is below its mark again, or it closed. */
+export function drained(stream: FdStream): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      stream.off('drain', done);
+      stream.off('close', done);
+      resolve();
+    };
+    stream.once('drain', done);
+    stream.once('close', done);
+  });
+}
