@@ -304,7 +304,7 @@ export class Daemon {
       this.log.warn({ code: (err as AeternaError).code, target: argv[0] }, `upgrade refused: ${(err as Error).message}`);
       throw err;
     }
-    this.fileWatch.close(); // no reload starts once the upgrade is accepted
+    this.fileWatch.suspend(); // no reload starts once the upgrade is accepted (watched again if the exec fails)
     return {
       from: this.version,
       reexecs: this.reexecs,

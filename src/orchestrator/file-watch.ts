@@ -74,6 +74,13 @@ export class FileWatch {
   /** Stop watching for good: every watch and timer ends here (PID 1 runs on). */
   close(): void {
     this.closed = true;
+    this.suspend();
+  }
+
+  /** Stop watching until the next apply() (an upgrade in progress, which goes on as before if its exec fails). */
+  suspend(): void {
+    this.config = null;
+    this.queued = false;
     this.disarm();
     if (this.debounce) clearTimeout(this.debounce);
     if (this.queuedStart) clearImmediate(this.queuedStart);
