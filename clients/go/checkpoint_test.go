@@ -59,11 +59,17 @@ func TestTwoCheckpointsAtOnceGetTheAnswersInTheOrderTheyWentOut(t *testing.T) {
 	}
 	wantCode(t, second.err, CodeTooLarge)
 	// A refusal leaves the connection open: the next checkpoint is stored.
-	go p.send(map[string]any{"op": "checkpointed", "seq": 42}, nil)
+	// Aeterna's side answers once the checkpoint arrived, and the test ends only after it read it (the
+	// connection closes at the end of the test: reading it afterwards failed now and then).
+	answered := make(chan struct{})
 	go func() {
+		defer close(answered)
 		p.expect(map[string]any{"op": "checkpoint", "size": 0.0})
+		p.send(map[string]any{"op": "checkpointed", "seq": 42}, nil)
 	}()
-	if seq, err := relay.Checkpoint(nil); seq != 42 || err != nil {
+	seq, err := relay.Checkpoint(nil)
+	<-answered
+	if seq != 42 || err != nil {
 		t.Fatalf("an empty checkpoint after a refusal: %d %v", seq, err)
 	}
 }
