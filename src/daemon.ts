@@ -133,7 +133,7 @@ export class Daemon {
     this.reexecs = handover ? handover.counters.reexecs + 1 : 0;
     this.reexecsByReason = reexecsByReason(handover);
     this.recoveries = recentRecoveries(handover, this.execAt);
-    this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State);
+    this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State, () => this.relay?.lastCheckpoint() ?? null);
     this.listenerWatch = new ListenerWatch(this.listeners, this.metrics, log);
     this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log);
   }
@@ -184,7 +184,7 @@ export class Daemon {
         const identity = resolveIdentity(this.config.service.user, this.config.service.group);
         const relayFd = kept('relay');
         this.relay = h?.relay && relayFd !== undefined ? SrpCoordinator.adopt(handoff, h.relay, relayFd, this.log, h.checkpoint ?? null) : openStateRelay(handoff, identity, this.log);
-        this.relay.on('checkpoint', (result, stored) => this.metrics.checkpointed(result, stored));
+        this.relay.on('checkpoint', (result) => this.metrics.checkpointed(result));
         // A connection going idle or busy, a new checkpoint: what a fatal signal's handover carries changed.
         this.relay.on('carry', () => this.prepareSignalRecovery());
         this.log.info({ socket: handoff.socketPath }, 'state relay ready');

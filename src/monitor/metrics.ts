@@ -17,6 +17,12 @@ const METRICS_FD_SHARE = 0.5;
 const HEADERS_TIMEOUT_MS = 5000;
 
 /** The prom-client side: created only when the endpoint is on, and after the app was spawned. */
+/** What the checkpoint gauges show: the latest checkpoint's size and age. */
+export interface LatestCheckpoint {
+  size: number;
+  age_ms: number;
+}
+
 class Exported {
   readonly registry: Registry;
   readonly reloads: Counter<'strategy' | 'result'>;
@@ -33,10 +39,9 @@ class Exported {
   readonly watchdogTimeouts: Counter;
   readonly reexecs: Counter<'reason'>;
   readonly checkpoints: Counter<'result'>;
-  readonly checkpointBytes: Gauge;
 
-  /** `checkpointSavedAt`: when the latest checkpoint was stored (ms since the epoch), or null; read at each scrape. */
-  constructor(checkpointSavedAt: () => number | null) {
+  /** `latestCheckpoint`: the checkpoint Aeterna holds now (however it got it: stored, read from its file, handed over), read at each scrape. */
+  constructor(latestCheckpoint: () => LatestCheckpoint | null) {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
     // `aeterna start` should exec the app first (start-to-exec is one of Aeterna's targets).
     const prom = require('prom-client') as typeof import('prom-client');
@@ -55,15 +60,22 @@ class Exported {
     this.watchdogTimeouts = new prom.Counter({ name: 'aeterna_watchdog_timeouts_total', help: 'Generations the watchdog fired on (no WATCHDOG=1 in time, or WATCHDOG=trigger)', registers });
     this.reexecs = new prom.Counter({ name: 'aeterna_reexecs_total', help: 'Times Aeterna re-executed itself in place since the container started, by reason (upgrade, exception, signal)', labelNames: ['reason'] as const, registers });
     this.checkpoints = new prom.Counter({ name: 'aeterna_checkpoints_total', help: 'Checkpoints the app sent, by result (stored, or why refused: too_large, checksum_mismatch, bad_state, disabled, write_failed, cut_short)', labelNames: ['result'] as const, registers });
-    this.checkpointBytes = new prom.Gauge({ name: 'aeterna_checkpoint_bytes', help: 'Size of the latest stored checkpoint', registers });
+    new prom.Gauge({
+      name: 'aeterna_checkpoint_bytes',
+      help: 'Size of the latest stored checkpoint',
+      registers,
+      collect() {
+        this.set(latestCheckpoint()?.size ?? 0);
+      },
+    });
     new prom.Gauge({
       name: 'aeterna_checkpoint_age_seconds',
       help: 'Age of the latest stored checkpoint (absent until one is stored)',
       registers,
       collect() {
-        const at = checkpointSavedAt();
-        if (at === null) this.reset();
-        else this.set((Date.now() - at) / 1000);
+        const latest = latestCheckpoint();
+        if (latest === null) this.reset();
+        else this.set(latest.age_ms / 1000);
       },
     });
     prom.collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
@@ -79,13 +91,12 @@ export class Metrics {
   private exported: Exported | null = null;
   private pending: Array<(e: Exported) => void> | null = [];
   private currentState: string;
-  private checkpointSavedAt: number | null = null;
-
   /** `states`: every state of the orchestrator (each gets its series in aeterna_state), `initial` the one it starts in. */
   constructor(
     enabled: boolean,
     private readonly states: readonly string[],
     initial: string,
+    private readonly latestCheckpoint: () => LatestCheckpoint | null = () => null,
   ) {
     if (!enabled) this.pending = null;
     this.currentState = initial;
@@ -99,7 +110,7 @@ export class Metrics {
   /** Load prom-client and start exporting (no-op when the endpoint is off or already exporting). */
   export(): Exported | null {
     if (this.exported || this.pending === null) return this.exported;
-    const e = new Exported(() => this.checkpointSavedAt);
+    const e = new Exported(this.latestCheckpoint);
     for (const s of this.states) e.state.set({ state: s }, s === this.currentState ? 1 : 0);
     for (const apply of this.pending) apply(e);
     this.pending = [];
@@ -145,13 +156,9 @@ export class Metrics {
     this.record((e) => e.fdstoreFds.set(count));
   }
 
-  /** A checkpoint was stored (`stored` set: its size and time) or refused (`result` says why). */
-  checkpointed(result: string, stored: { size: number; savedAt: number } | null): void {
-    if (stored) this.checkpointSavedAt = stored.savedAt;
-    this.record((e) => {
-      e.checkpoints.inc({ result });
-      if (stored) e.checkpointBytes.set(stored.size);
-    });
+  /** A checkpoint the app sent was stored, or refused (`result` says why); its size and age are read at each scrape. */
+  checkpointed(result: string): void {
+    this.record((e) => e.checkpoints.inc({ result }));
   }
 
   watchdogTimedOut(): void {

@@ -131,7 +131,7 @@ interface Transfer {
 }
 
 export class SrpCoordinator
-  extends EventEmitter<{ ready: [gen: Generation]; checkpoint: [result: string, stored: Checkpoint | null]; carry: [] }>
+  extends EventEmitter<{ ready: [gen: Generation]; checkpoint: [result: string]; carry: [] }>
   implements StateRelay
 {
   private readonly sessions = new Set<Session>();
@@ -623,7 +623,7 @@ export class SrpCoordinator
     this.checkpoints.persist(seq).then(
       () => {
         this.log.info({ generation: s.gen!.number, seq, size: c.size }, 'checkpoint stored');
-        this.emit('checkpoint', 'stored', c);
+        this.emit('checkpoint', 'stored');
         s.conn.send({ op: 'checkpointed', seq });
         this.answered(s);
       },
@@ -637,7 +637,7 @@ export class SrpCoordinator
   private refuseCheckpoint(s: Session, err: unknown): void {
     if (!(err instanceof CheckpointRefused)) throw err;
     this.log.warn({ generation: s.gen!.number, code: err.code }, `checkpoint refused: ${err.message}`);
-    this.emit('checkpoint', err.code, null);
+    this.emit('checkpoint', err.code);
     // Answers go out in the order of the checkpoints: after any durable write still under way.
     s.answering += 1;
     void this.checkpoints.afterWrites().then(() => {
@@ -875,7 +875,7 @@ export class SrpCoordinator
       s.checkpoint.writer?.discard();
       s.checkpoint = null;
       this.log.warn({ generation: s.gen?.number }, 'checkpoint cut short (the connection closed mid-stream); the previous one stays');
-      this.emit('checkpoint', 'cut_short', null);
+      this.emit('checkpoint', 'cut_short');
     }
     if (s.gen && this.byGeneration.get(s.gen) === s) {
       this.byGeneration.delete(s.gen);
