@@ -2,7 +2,10 @@
 import fs from 'node:fs';
 import path from 'node:path';
 
+let version: string | undefined;
+
+/** Read once: the CLI and the daemon both ask for it on the way to the app's exec. */
 export function packageVersion(): string {
-  const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };
-  return pkg.version;
+  version ??= (JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string }).version;
+  return version;
 }

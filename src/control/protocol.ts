@@ -14,7 +14,7 @@
 //   <- {"type":"result","ok":true,"accepted":"reload-3"}
 //
 //   -> {"cmd":"upgrade"} | {"cmd":"upgrade","exec":"/path/to/aeterna"}
-//   <- {"type":"result","ok":true,"upgrade":{"from":"1.2.0","exec_count":3}}   (then the daemon re-executes itself)
+//   <- {"type":"result","ok":true,"upgrade":{"from":"1.2.0","reexecs":3}}   (then the daemon re-executes itself)
 //
 //   -> {"cmd":"promote"} | {"cmd":"rollback"} | {"cmd":"stop"}
 //   <- {"type":"result","ok":true}

@@ -157,10 +157,7 @@ export class Orchestrator implements ControlApi {
     this.startedAt = new Date(counters.started_at);
     this.fire('start');
     this.serving = serving;
-    this.deps.relay?.attach(serving, 'fresh');
-    serving.exited.then((info) => this.onExit(serving, info));
-    const watchdogMs = this.config.service.watchdogMs;
-    if (watchdogMs !== null) this.watchdogs.set(serving, new Watchdog(serving, watchdogMs, this.deps.notify, this.deps.log, (why) => this.watchdogTimeout(serving, this.config, why)));
+    this.track(serving, this.config, 'fresh');
     this.deps.metrics.setGeneration(serving.number);
     this.fire('ready'); // Running
     this.watchdogs.get(serving)?.start();
@@ -213,12 +210,17 @@ export class Orchestrator implements ControlApi {
     // The fd store's fds come after the listeners, as systemd passes them.
     const fds = [...listeners, ...this.deps.fdStore.list()];
     const gen = Generation.spawn(number, config.service, fds, this.deps.reaper, this.extraEnv(number), this.deps.cgroups);
-    this.deps.relay?.attach(gen, role);
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');
+    this.track(gen, config, role);
+    return gen;
+  }
+
+  /** A generation Aeterna now runs (spawned, or adopted after a re-exec): its relay, its exit, its watchdog. */
+  private track(gen: Generation, config: Config, role: 'fresh' | 'candidate'): void {
+    this.deps.relay?.attach(gen, role);
     gen.exited.then((info) => this.onExit(gen, info));
     const watchdogMs = config.service.watchdogMs;
     if (watchdogMs !== null) this.watchdogs.set(gen, new Watchdog(gen, watchdogMs, this.deps.notify, this.deps.log, (why) => this.watchdogTimeout(gen, config, why)));
-    return gen;
   }
 
   /** FDSTORE=1 / FDSTOREREMOVE=1: only from the processes of a generation Aeterna runs (as READY=1); a stranger's fds are closed. */

@@ -59,8 +59,10 @@ export class Watchdog {
   }
 
   private message(m: NotifyMessage): void {
-    if (this.stopped || !belongsTo(m.pid, this.gen.pid)) return;
     const usec = m.fields.get('WATCHDOG_USEC');
+    const ping = m.fields.get('WATCHDOG');
+    // The fields first: telling who sent a message reads /proc, and most messages are not for the watchdog.
+    if (this.stopped || (usec === undefined && ping === undefined) || !belongsTo(m.pid, this.gen.pid)) return;
     if (usec !== undefined) {
       if (/^\d+$/.test(usec) && Number(usec) <= MAX_USEC) {
         this.intervalMs = Math.ceil(Number(usec) / 1000);
@@ -70,7 +72,6 @@ export class Watchdog {
         this.log.warn({ generation: this.gen.number, sender: m.pid, value: usec }, `watchdog: ignored WATCHDOG_USEC=${JSON.stringify(usec)}: not a number of microseconds from 0 to ${MAX_USEC}`);
       }
     }
-    const ping = m.fields.get('WATCHDOG');
     if (ping === 'trigger') return this.expire(`the app sent WATCHDOG=trigger (pid ${m.pid})`);
     if (ping === '1') this.arm();
   }

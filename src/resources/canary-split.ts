@@ -165,7 +165,8 @@ export class WeightedSplit {
 
   /** Send `percent` of new connections to the candidate (0: all to the serving one; 100: all to the candidate). */
   steer(percent: number): void {
-    for (const p of this.pairs) native.attachReuseportProgram(p.listener.fd, steeringProgram(percent, this.canary.affinity));
+    const program = steeringProgram(percent, this.canary.affinity);
+    for (const p of this.pairs) native.attachReuseportProgram(p.listener.fd, program);
     this.percent = percent;
   }
 

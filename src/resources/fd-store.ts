@@ -90,14 +90,18 @@ export class FdStore {
       const poll = fields.get('FDPOLL') !== '0';
       let stored = 0;
       let already = 0;
+      // systemd keeps one copy of each open file: the stored ones' identities, each fstat'ed once per message.
+      const held = new Set(this.entries.map((e) => fileIdentity(e.fd)));
       while (fds.length > 0) {
-        if (this.holds(fds[0])) {
+        const identity = fileIdentity(fds[0]);
+        if (held.has(identity)) {
           already++;
           native.close(fds.shift()!);
           continue;
         }
         if (this.entries.length >= max) break;
         this.add(name, fds.shift()!, poll);
+        held.add(identity);
         stored++;
       }
       if (fds.length > 0) {
@@ -144,15 +148,6 @@ export class FdStore {
     this.entries.push({ name, fd, watched });
   }
 
-  /** Whether the open file behind `fd` is already stored (systemd keeps one copy of each). */
-  private holds(fd: number): boolean {
-    const stat = fs.fstatSync(fd);
-    return this.entries.some((e) => {
-      const other = fs.fstatSync(e.fd);
-      return other.dev === stat.dev && other.ino === stat.ino;
-    });
-  }
-
   private release(entry: Entry): void {
     if (entry.watched) native.hangupSetRemove(this.hangups, entry.fd); // before close: the app may hold the same socket
     native.close(entry.fd);
@@ -170,4 +165,10 @@ export class FdStore {
     }
     this.changed(this.entries.length);
   }
+}
+
+/** The open file behind `fd`, as device and inode: two fds of one socket or memfd have the same. */
+function fileIdentity(fd: number): string {
+  const stat = fs.fstatSync(fd);
+  return `${stat.dev}:${stat.ino}`;
 }

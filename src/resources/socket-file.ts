@@ -129,11 +129,6 @@ export class SocketFileWatch {
     this.timer.unref();
   }
 
-  /** The socket file now (a new one after a re-creation). */
-  get current(): SocketFile {
-    return this.file;
-  }
-
   stop(): void {
     this.stopped = true;
     clearInterval(this.timer);

@@ -6,12 +6,20 @@ import { native, type ExitInfo } from '../native/binding';
 import { signalIfAlive } from './signal';
 import type { Reaper } from './reaper';
 
+/** What a command gets instead of Aeterna's own: a whole environment, and its fds 0-2. */
+export interface CommandIo {
+  env?: string[];
+  stdio?: [number, number, number];
+}
+
 /** Run argv with extra environment; SIGKILL its process group after timeoutMs. Throws when it cannot start. */
-export async function runCommand(argv: string[], extraEnv: Record<string, string>, reaper: Reaper, timeoutMs: number): Promise<ExitInfo> {
-  const env = Object.entries({ ...process.env, ...extraEnv })
-    .filter(([, v]) => v !== undefined)
-    .map(([k, v]) => `${k}=${v}`);
-  const pid = native.spawn({ argv, env, fds: [], listenPid: false });
+export async function runCommand(argv: string[], extraEnv: Record<string, string>, reaper: Reaper, timeoutMs: number, io: CommandIo = {}): Promise<ExitInfo> {
+  const env =
+    io.env ??
+    Object.entries({ ...process.env, ...extraEnv })
+      .filter(([, v]) => v !== undefined)
+      .map(([k, v]) => `${k}=${v}`);
+  const pid = native.spawn({ argv, env, fds: [], listenPid: false, ...(io.stdio ? { stdio: io.stdio } : {}) });
   const exit = reaper.watch(pid);
   reaper.sweep();
   const timer = setTimeout(() => signalIfAlive(-pid, os.constants.signals.SIGKILL), timeoutMs);

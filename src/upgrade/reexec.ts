@@ -4,11 +4,10 @@
 // or the upgrade is refused and nothing changes. Then Aeterna execve()s itself:
 // same pid, its children stay its children; if execve fails it goes on as before.
 import fs from 'node:fs';
-import os from 'node:os';
-import { native } from '../native/binding';
+import { native, type ExitInfo } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { Reaper } from '../supervisor/reaper';
-import { signalIfAlive } from '../supervisor/signal';
+import { runCommand } from '../supervisor/command';
 import { HANDOVER_ENV, HANDOVER_VERSION, writeHandover, type Handover } from './handover';
 
 /** The check must answer within this time, or the target is refused. */
@@ -36,16 +35,13 @@ export async function checkTarget(argv: string[], reaper: Reaper): Promise<void>
   const checkArgv = [...argv.slice(0, start + 1), '--check-handover', String(HANDOVER_VERSION)];
   const out = native.memfdCreate('aeterna-upgrade-check');
   try {
-    let pid: number;
+    let info: ExitInfo;
     try {
-      pid = native.spawn({ argv: checkArgv, env: environment({}), fds: [], stdio: [0, out, 2], listenPid: false });
+      // Its process group is killed after CHECK_TIMEOUT_MS: a target that hangs refuses the upgrade.
+      info = await runCommand(checkArgv, {}, reaper, CHECK_TIMEOUT_MS, { env: environment({}), stdio: [0, out, 2] });
     } catch (err) {
       throw new AeternaError('E_UPGRADE_REFUSED', `cannot run the upgrade target ${argv[0]}: ${(err as Error).message}; nothing changed`, { cause: err });
     }
-    const exited = reaper.watch(pid);
-    reaper.sweep();
-    const timer = setTimeout(() => signalIfAlive(pid, os.constants.signals.SIGKILL), CHECK_TIMEOUT_MS);
-    const info = await exited.finally(() => clearTimeout(timer));
     const size = fs.fstatSync(out).size;
     const said = Buffer.alloc(Math.min(size, 4096));
     fs.readSync(out, said, 0, said.length, 0);
