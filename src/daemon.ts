@@ -39,6 +39,7 @@ const STOP_SIGNALS: NodeJS.Signals[] = ['SIGTERM', 'SIGINT'];
 function startFailureCode(err: unknown): number {
   if (err instanceof AeternaError) {
     if (err.code === 'E_DAEMON_RUNNING') return ExitCodes.SOFTWARE;
+    if (err.code === 'E_CONFIG_INVALID') return ExitCodes.CONFIG;
     if (err.code === 'E_LISTEN_ADDR_IN_USE' || err.code === 'E_LISTEN_FAILED' || err.code === 'E_METRICS_FAILED' || err.code === 'E_CANARY_UNSUPPORTED') return ExitCodes.UNAVAILABLE;
   }
   return ExitCodes.SOFTWARE;

@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { AeternaError } from '../errors';
 import { isFdExhaustion } from '../resources/fd-budget';
+import { NotARegularFile, openRegularFile } from '../resources/regular-file';
 import { configSchema, controlSocketSchema, type ValidatedConfig } from './schema';
 import type { Config } from './types';
 import { validateTree, type Issue } from './validate';
@@ -183,7 +184,10 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
   };
 }
 
-/** Reads at most MAX_CONFIG_BYTES + 1 bytes, so even a FIFO or /dev/zero cannot make us read without bound. */
+/**
+ * Reads a regular file of at most MAX_CONFIG_BYTES: a FIFO, a device or a directory is refused without
+ * blocking (opened O_NONBLOCK, then fstat'd), and at most MAX_CONFIG_BYTES + 1 bytes are read.
+ */
 function readBounded(file: string): string {
   const fail = (message: string): never => {
     throw new ConfigError([{ file, line: 0, column: 0, path: '', message }]);
@@ -198,8 +202,9 @@ function readBounded(file: string): string {
   };
   let fd: number;
   try {
-    fd = fs.openSync(file, 'r');
+    fd = openRegularFile(file).fd;
   } catch (error) {
+    if (error instanceof NotARegularFile) return fail(`${error.kind}, not a regular file: Aeterna reads its config only from a regular file`);
     return cannotRead(error);
   }
   try {

@@ -59,7 +59,7 @@ class Exported {
     this.fdstoreFds = new prom.Gauge({ name: 'aeterna_fdstore_fds', help: 'Fds the app parked in the fd store (FDSTORE=1)', registers });
     this.watchdogTimeouts = new prom.Counter({ name: 'aeterna_watchdog_timeouts_total', help: 'Generations the watchdog fired on (no WATCHDOG=1 in time, or WATCHDOG=trigger)', registers });
     this.reexecs = new prom.Counter({ name: 'aeterna_reexecs_total', help: 'Times Aeterna re-executed itself in place since the container started, by reason (upgrade, exception, signal)', labelNames: ['reason'] as const, registers });
-    this.checkpoints = new prom.Counter({ name: 'aeterna_checkpoints_total', help: 'Checkpoints the app sent, by result (stored, or why refused: too_large, checksum_mismatch, bad_state, disabled, write_failed, cut_short)', labelNames: ['result'] as const, registers });
+    this.checkpoints = new prom.Counter({ name: 'aeterna_checkpoints_total', help: 'Checkpoints the app sent, by result (stored, or why refused: too_large, checksum_mismatch, bad_state, disabled, write_failed, cut_short; set_aside: one the app could not load, set aside)', labelNames: ['result'] as const, registers });
     new prom.Gauge({
       name: 'aeterna_checkpoint_bytes',
       help: 'Size of the latest stored checkpoint',

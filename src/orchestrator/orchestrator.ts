@@ -276,6 +276,7 @@ export class Orchestrator implements ControlApi {
     watch.ready.then(
       () => {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
+        this.deps.relay?.startOutcome(gen, true);
         this.deps.metrics.setGeneration(gen.number);
         this.fire('ready'); // Running
         this.watchdogs.get(gen)?.start(); // with service.watchdog, it must ping from now on
@@ -294,6 +295,8 @@ export class Orchestrator implements ControlApi {
   private handleCrash(gen: Generation, info: ExitInfo): void {
     this.lastExit = info;
     this.startupWatch?.cancel();
+    // Died before it was ready: the checkpoint it was offered, if any, counts one failed load.
+    if (this.fsm.state === 'Starting') this.deps.relay?.startOutcome(gen, false);
     const decision = this.budget.decide(info, Date.now(), gen === this.neverReady || this.watchdogFired.has(gen));
     if (decision.restart) {
       this.restarts++;

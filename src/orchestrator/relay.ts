@@ -37,6 +37,11 @@ export interface StateRelay extends ReadinessSource {
    * start, restart) is told at once that there is none.
    */
   attach(gen: Generation, role: 'fresh' | 'candidate'): void;
+  /**
+   * A generation started with no live predecessor became ready (`ready`), or exited before it was: a checkpoint
+   * it was offered and could not load is set aside after a few tries (docs/srp.md, "Checkpoints").
+   */
+  startOutcome(gen: Generation, ready: boolean): void;
   /** The latest stored checkpoint, or null. */
   lastCheckpoint(): CheckpointSummary | null;
   /** The generation is being stopped with no one to hand its state to: close its connection. */

@@ -3,13 +3,18 @@
 // as its bytes arrive (hashed on the way), a memfd checkpoint is kept as the fd
 // itself. Only a complete, verified checkpoint within max_size replaces the
 // previous one; whatever else happens, the previous one stays.
+//
+// Durable writes (with `path`) go one at a time, and only the newest checkpoint
+// is written: one superseded before its write started is answered once a newer
+// one is on disk. So however many checkpoints an app pipelines, Aeterna holds at
+// most the latest memfd and the one being written (and one being received).
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { native } from '../native/binding';
 import type { CheckpointConfig } from '../config/types';
-import type { ErrorCode } from '../errors';
+import { AeternaError, type ErrorCode } from '../errors';
 import type { Logger } from '../log';
-import { CheckpointFileCorrupt, hashFd, readCheckpointFile, writeCheckpointFile, type Checkpoint } from './checkpoint-file';
+import { CheckpointFileCorrupt, CheckpointFileForeign, CheckpointFileTooLarge, fileSeq, hashFd, readCheckpointFile, removeLeftoverTemps, writeCheckpointFile, type Checkpoint } from './checkpoint-file';
 import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
 import type { HandedCheckpoint } from '../upgrade/handover';
@@ -73,8 +78,16 @@ export class CheckpointWriter {
 
 export class CheckpointStore {
   private latest: Checkpoint | null = null;
+  /** The seq of the last checkpoint taken: numbering goes on after one is set aside. */
+  private lastSeq = 0;
   /** Durable writes, one after the other, so `checkpointed` answers go out in order. */
   private writes: Promise<void> = Promise.resolve();
+  /** The newest seq on disk (with `path`): an answer for an older one waits for nothing more. */
+  private writtenSeq = 0;
+  /** The last write that failed: a later answer for the same latest checkpoint gets its error without a new try. */
+  private failedWrite: { seq: number; error: Error } | null = null;
+  /** Aborted at close(): a durable write under way removes its temporary file. */
+  private readonly stopping = new AbortController();
 
   /** `handed`: the checkpoint the previous Aeterna held (aeterna upgrade): it is the latest, the file is not read. */
   constructor(
@@ -84,6 +97,8 @@ export class CheckpointStore {
   ) {
     if (handed) this.adoptHanded(handed);
     else if (config.enabled && config.path !== null) this.loadFile(config.path);
+    this.lastSeq = this.latest?.seq ?? 0;
+    this.writtenSeq = handed ? 0 : this.lastSeq;
   }
 
   private adoptHanded(h: HandedCheckpoint): void {
@@ -113,25 +128,67 @@ export class CheckpointStore {
     return { fd: c.fd, seq: c.seq, size: c.size, encoding: c.encoding, ...(c.sha256 ? { sha256: c.sha256 } : {}), saved_at: new Date(c.savedAt).toISOString() };
   }
 
-  /** The durable file of a previous Aeterna, offered to generation 1; a bad one is set aside, never fatal. */
+  /**
+   * The durable file of a previous Aeterna, offered to generation 1. A file Aeterna did not write (no checkpoint
+   * magic, or not a regular file) refuses the start: it is never renamed nor replaced. A corrupt one of its own is
+   * set aside as `<path>.corrupt`; one above max_size is left where it is, not loaded.
+   */
   private loadFile(file: string): void {
+    for (const temp of removeLeftoverTemps(file)) this.log.info({ path: temp }, 'checkpoint: removed the temporary file of a write an earlier Aeterna did not finish');
     try {
-      const loaded = readCheckpointFile(file);
+      const loaded = readCheckpointFile(file, this.config.maxSizeBytes);
       if (!loaded) return;
       this.latest = loaded;
       this.log.info({ path: file, seq: loaded.seq, size: loaded.size }, 'checkpoint loaded from its file');
     } catch (err) {
-      const aside = `${file}.corrupt`;
-      let moved = false;
-      try {
-        fs.renameSync(file, aside);
-        moved = true;
-      } catch {
-        // left where it is: the next durable checkpoint replaces it
+      if (err instanceof CheckpointFileForeign) {
+        throw new AeternaError('E_CONFIG_INVALID', `orchestration.state_handoff.checkpoint.path: ${err.message}; Aeterna never renames or replaces a file it did not write: move that file, or choose another path`);
       }
-      const why = err instanceof CheckpointFileCorrupt ? err.message : `cannot be read: ${(err as Error).message}`;
-      this.log.error({ code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file, ...(moved ? { moved_to: aside } : {}) }, `checkpoint file ${file} ignored: ${why}; the app starts without a checkpoint`);
+      if (err instanceof CheckpointFileTooLarge) {
+        this.log.error({ code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file }, `checkpoint file ${file} not loaded: ${err.message}; left where it is, the app starts without a checkpoint`);
+        return;
+      }
+      if (!(err instanceof CheckpointFileCorrupt)) {
+        this.log.error({ code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file }, `checkpoint file ${file} cannot be read: ${(err as Error).message}; the app starts without a checkpoint`);
+        return;
+      }
+      const aside = `${file}.corrupt`;
+      const moved = this.moveAside(file, aside);
+      this.log.error({ code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file, ...(moved ? { moved_to: aside } : {}) }, `checkpoint file ${file} ignored: ${err.message}; the app starts without a checkpoint`);
     }
+  }
+
+  /** Rename a checkpoint file of Aeterna's own out of the way, unless `aside` names a file Aeterna did not write. */
+  private moveAside(file: string, aside: string): boolean {
+    try {
+      if (fs.existsSync(aside) && fileSeq(aside) === null) return false; // someone else's file: left alone
+      fs.renameSync(file, aside);
+      return true;
+    } catch {
+      return false; // left where it is: the next durable checkpoint replaces it
+    }
+  }
+
+  /**
+   * The app could not load checkpoint `seq` (it refused it, or died before it was ready, too often): it is never
+   * offered again. Dropped from memory; its file, once the writes under way are done, renamed to `<path>.refused`
+   * so a new `aeterna start` does not offer it either. The next checkpoint the app sends is numbered on.
+   */
+  setAside(seq: number): Promise<string | null> {
+    if (this.latest?.seq === seq) {
+      closeQuietly(this.latest.fd);
+      this.latest = null;
+    }
+    const file = this.config.path;
+    if (file === null) return Promise.resolve(null);
+    const done = this.writes.then(() => {
+      // Only the file that holds that very checkpoint: an older or newer one is another checkpoint.
+      if (this.latest !== null || fileSeq(file) !== seq) return null;
+      const aside = `${file}.refused`;
+      return this.moveAside(file, aside) ? aside : null;
+    });
+    this.writes = done.then(() => undefined);
+    return done;
   }
 
   /** Resolves once the durable writes asked so far are done: an answer sent then keeps its place in line. */
@@ -140,18 +197,34 @@ export class CheckpointStore {
   }
 
   /**
-   * With `path`, write checkpoint `seq` durably (resolves once it is on disk, in the order asked); rejects when
-   * it could not be written (it stays the latest in memory). Without `path`, resolves at once.
+   * With `path`, resolves once checkpoint `seq`, or a newer one, is on disk (in the order asked); rejects when
+   * it could not be written (it stays the latest in memory). Only the latest checkpoint is ever written: one
+   * superseded before its turn is covered by the newer one. Without `path`, resolves at once.
    */
   persist(seq: number): Promise<void> {
     const file = this.config.path;
-    const c = this.latest;
-    if (file === null || !c || c.seq !== seq) return Promise.resolve();
-    // Our own open file description: a later checkpoint may close c.fd while this one is still being written.
-    const fd = fs.openSync(`/proc/self/fd/${c.fd}`, 'r');
-    const write = this.writes.then(() => writeCheckpointFile(file, { ...c, fd })).finally(() => closeQuietly(fd));
+    if (file === null || this.latest?.seq !== seq) return Promise.resolve();
+    const write = this.writes.then(() => this.writeLatest(file, seq));
     this.writes = write.catch(() => undefined);
     return write;
+  }
+
+  private async writeLatest(file: string, seq: number): Promise<void> {
+    if (this.writtenSeq >= seq) return; // a newer checkpoint is on disk already
+    const c = this.latest;
+    if (!c || c.seq < seq) throw new Error(`checkpoint ${seq} was set aside`);
+    if (this.failedWrite?.seq === c.seq) throw this.failedWrite.error; // tried already: one try per checkpoint
+    // Our own open file description: a later checkpoint may close c.fd while this one is still being written.
+    const fd = fs.openSync(`/proc/self/fd/${c.fd}`, 'r');
+    try {
+      await writeCheckpointFile(file, { ...c, fd }, this.stopping.signal);
+      this.writtenSeq = c.seq;
+    } catch (err) {
+      this.failedWrite = { seq: c.seq, error: err as Error };
+      throw err;
+    } finally {
+      closeQuietly(fd);
+    }
   }
 
   get current(): Checkpoint | null {
@@ -180,7 +253,7 @@ export class CheckpointStore {
 
   /** Takes a verified, sealed fd as the latest checkpoint; `sha256` only when Aeterna hashed the bytes itself. */
   replace(fd: number, header: StateHeader, sha256?: string): number {
-    const seq = (this.latest?.seq ?? 0) + 1; // the latest is the only one kept: its seq is the count so far
+    const seq = ++this.lastSeq;
     if (this.latest) closeQuietly(this.latest.fd);
     this.latest = { fd, size: header.size, seq, encoding: header.encoding ?? 'binary', savedAt: Date.now(), ...(sha256 ? { sha256 } : {}) };
     return seq;
@@ -203,6 +276,7 @@ export class CheckpointStore {
   }
 
   close(): void {
+    this.stopping.abort(); // a durable write under way removes its temporary file now
     if (this.latest) closeQuietly(this.latest.fd);
     this.latest = null;
   }

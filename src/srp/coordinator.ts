@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
 import { native } from '../native/binding';
 import type { StateHandoffConfig } from '../config/types';
+import type { ErrorCode } from '../errors';
 import type { Logger } from '../log';
 import { type Generation } from '../supervisor/generation';
 import { describeExit } from '../supervisor/exit';
@@ -48,6 +49,16 @@ const PROGRESS_EVERY = 8 << 20;
  * What waits is held in the connection's spill ring (this plus one read), allocated once and reused.
  */
 const RELAY_HIGH_WATER_MARK = 4 << 20;
+/**
+ * Checkpoints of one connection not answered yet (waiting for their durable write, or for the answers before
+ * them): at this many, Aeterna stops reading that connection until one is answered (docs/srp.md, "Checkpoints").
+ */
+export const MAX_CHECKPOINTS_IN_FLIGHT = 8;
+/**
+ * Times a checkpoint is offered as an initial load that the app refuses (`ack` ok:false) or dies after before it
+ * is ready: then it is set aside, never offered again (docs/srp.md, "Checkpoints").
+ */
+export const MAX_CHECKPOINT_LOAD_TRIES = 2;
 /** A stored checkpoint is streamed to an "fds": false client in reads of this size (at most max_frame). */
 const CHECKPOINT_CHUNK = 1 << 20;
 /** Send and receive buffers of a direct relay's socket pair: the sender keeps writing while the receiver hashes. */
@@ -86,6 +97,10 @@ interface Session {
   receivingCheckpoint: boolean;
   /** `checkpointed` answers still to send (one waits for a durable write). */
   answering: number;
+  /** Not read for now: MAX_CHECKPOINTS_IN_FLIGHT checkpoints wait for their answers, or the answers wait to go out. */
+  checkpointsThrottled: boolean;
+  /** Answers queued past the stream's mark: no more checkpoints are read until the peer reads them. */
+  answersBlocked: boolean;
   /** Whether the prepared signal handover lists it (last reported by carryChanged). */
   carried: boolean;
   helloTimer: NodeJS.Timeout | null;
@@ -149,6 +164,10 @@ export class SrpCoordinator
   private frozen = false;
   /** The app's latest checkpoint (docs/srp.md, "Checkpoints"). */
   readonly checkpoints: CheckpointStore;
+  /** The checkpoint each generation was offered as its initial load, until it is known to have loaded it or not. */
+  private readonly offered = new WeakMap<Generation, { seq: number; judged: boolean }>();
+  /** How often the latest checkpoint failed to load (refused, or the app died before it was ready). */
+  private loadFailures: { seq: number; count: number } | null = null;
 
   private constructor(
     private readonly file: SocketFile,
@@ -170,12 +189,13 @@ export class SrpCoordinator
     const { fd, file } = listenSocketFile(config.socketPath, 128, 0o600);
     try {
       if (owner) fs.chownSync(file.path, owner.uid, owner.gid);
+      // Refuses a checkpoint path that names a file Aeterna did not write (docs/srp.md, "Checkpoints").
+      return new SrpCoordinator(file, fd, config, log);
     } catch (err) {
       closeQuietly(fd);
       removeSocketFile(file);
       throw err;
     }
-    return new SrpCoordinator(file, fd, config, log);
   }
 
   /** The state socket a re-executed Aeterna took over (aeterna upgrade), with the checkpoint it held; connections: adoptConnections(). */
@@ -320,6 +340,37 @@ export class SrpCoordinator
     });
   }
 
+  startOutcome(gen: Generation, ready: boolean): void {
+    const offer = this.offered.get(gen);
+    if (!offer || offer.judged) return;
+    offer.judged = true;
+    if (ready) {
+      if (this.loadFailures?.seq === offer.seq) this.loadFailures = null; // it loads: the tries start over
+    } else {
+      this.checkpointLoadFailed(offer.seq, `generation ${gen.number} exited before it was ready`);
+    }
+  }
+
+  /** Checkpoint `seq` failed to load once more: at MAX_CHECKPOINT_LOAD_TRIES it is set aside and the app starts fresh. */
+  private checkpointLoadFailed(seq: number, why: string): void {
+    if (this.checkpoints.current?.seq !== seq) return; // a newer one was stored since: that one is offered next
+    const count = this.loadFailures?.seq === seq ? this.loadFailures.count + 1 : 1;
+    this.loadFailures = { seq, count };
+    if (count < MAX_CHECKPOINT_LOAD_TRIES) {
+      this.log.warn({ seq, tries: count }, `checkpoint ${seq} did not load: ${why}; try ${count} of ${MAX_CHECKPOINT_LOAD_TRIES}, it is offered again`);
+      return;
+    }
+    this.loadFailures = null;
+    this.emit('checkpoint', 'set_aside');
+    this.emit('carry'); // the checkpoint memfd is gone
+    void this.checkpoints.setAside(seq).then((movedTo) => {
+      this.log.error(
+        { code: 'E_CHECKPOINT_REFUSED' satisfies ErrorCode, seq, tries: count, ...(movedTo ? { moved_to: movedTo } : {}) },
+        `checkpoint ${seq} set aside after ${count} failed loads (last: ${why}); it is never offered again${movedTo ? ` (its file is now ${movedTo})` : ''}: the app starts without a checkpoint`,
+      );
+    });
+  }
+
   /** No final dump will be asked of this generation: close its connection (the app sees end of file). */
   release(gen: Generation): void {
     const session = this.byGeneration.get(gen);
@@ -407,7 +458,7 @@ export class SrpCoordinator
   }
 
   private newSession(conn: SrpConnection, owner: Generation): Session {
-    return { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, checksums: [], transfer: null, checkpoint: null, receivingCheckpoint: false, answering: 0, carried: false, helloTimer: null };
+    return { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, checksums: [], transfer: null, checkpoint: null, receivingCheckpoint: false, answering: 0, checkpointsThrottled: false, answersBlocked: false, carried: false, helloTimer: null };
   }
 
   private listen(session: Session): void {
@@ -531,6 +582,7 @@ export class SrpCoordinator
     const age = Date.now() - c.savedAt;
     const how = s.noFds ? 'streamed' : 'memfd';
     this.log.info({ generation: s.gen!.number, seq: c.seq, size: c.size, age_ms: age, transport: how }, 'checkpoint: offered as the initial load');
+    this.offered.set(s.gen!, { seq: c.seq, judged: false });
     if (s.noFds) {
       void this.streamCheckpoint(s, c, fd, age);
       return c.size;
@@ -619,36 +671,62 @@ export class SrpCoordinator
   private checkpointStored(s: Session, seq: number): void {
     const c = this.checkpoints.current!;
     s.answering += 1;
+    this.throttle(s);
     this.emit('carry'); // a new checkpoint memfd (the previous one is closed)
     this.checkpoints.persist(seq).then(
       () => {
         this.log.info({ generation: s.gen!.number, seq, size: c.size }, 'checkpoint stored');
         this.emit('checkpoint', 'stored');
-        s.conn.send({ op: 'checkpointed', seq });
-        this.answered(s);
+        this.answer(s, { op: 'checkpointed', seq });
       },
       (err: Error) => {
-        this.refuseCheckpoint(s, new CheckpointRefused('write_failed', `checkpoint ${seq} is kept in memory but could not be written to ${this.checkpoints.config.path}: ${err.message}`));
-        this.answered(s);
+        // Its turn in line is now: answered at once (waiting for the writes asked since would answer it after them).
+        this.refuseCheckpoint(s, new CheckpointRefused('write_failed', `checkpoint ${seq} could not be written to ${this.checkpoints.config.path} (the file keeps the previous one): ${err.message}`), true);
+        s.answering -= 1; // answered by the refusal
       },
     );
   }
 
-  private refuseCheckpoint(s: Session, err: unknown): void {
+  /** `now`: the answers before it are out already (otherwise it waits for the durable writes under way). */
+  private refuseCheckpoint(s: Session, err: unknown, now = false): void {
     if (!(err instanceof CheckpointRefused)) throw err;
     this.log.warn({ generation: s.gen!.number, code: err.code }, `checkpoint refused: ${err.message}`);
     this.emit('checkpoint', err.code);
     // Answers go out in the order of the checkpoints: after any durable write still under way.
     s.answering += 1;
-    void this.checkpoints.afterWrites().then(() => {
-      s.conn.send({ op: 'checkpointed', code: err.code, message: err.message });
-      this.answered(s);
-    });
+    this.throttle(s);
+    const answer = { op: 'checkpointed' as const, code: err.code, message: err.message };
+    if (now) this.answer(s, answer);
+    else void this.checkpoints.afterWrites().then(() => this.answer(s, answer));
   }
 
-  private answered(s: Session): void {
+  private answer(s: Session, m: Message): void {
     s.answering -= 1;
+    if (!s.conn.closed && !s.conn.send(m) && !s.answersBlocked) {
+      // The app does not read its answers: read no more of its checkpoints until it does.
+      s.answersBlocked = true;
+      void drained(s.conn.stream).then(() => {
+        s.answersBlocked = false;
+        this.throttle(s);
+      });
+    }
+    this.throttle(s);
     this.carryChanged(s);
+  }
+
+  /**
+   * Backpressure on checkpoints: at MAX_CHECKPOINTS_IN_FLIGHT unanswered (or answers the app does not read),
+   * stop reading its connection; read again once one is answered. Memory and fds stay bounded, nothing is lost.
+   */
+  private throttle(s: Session): void {
+    const full = s.answering >= MAX_CHECKPOINTS_IN_FLIGHT || s.answersBlocked;
+    if (full && !s.checkpointsThrottled) {
+      s.checkpointsThrottled = true;
+      s.conn.pause();
+    } else if (!full && s.checkpointsThrottled) {
+      s.checkpointsThrottled = false;
+      s.conn.resume();
+    }
   }
 
   // ---- transfers ---------------------------------------------------------------------------
@@ -848,12 +926,17 @@ export class SrpCoordinator
 
   private onLoadAck(to: Session, ok: boolean, error: string | undefined): void {
     to.phase = 'idle';
+    const offer = this.offered.get(to.gen!);
+    if (offer && !offer.judged && !ok) {
+      offer.judged = true;
+      this.checkpointLoadFailed(offer.seq, `generation ${to.gen!.number} refused it (${error ?? 'no reason given'})`);
+    }
     const first = !to.initialAcked;
     to.initialAcked = true;
     const t = to.transfer;
     to.transfer = null;
     if (!t) {
-      if (!ok) this.log.warn({ generation: to.gen!.number, error }, 'relay: the app refused an empty initial load');
+      if (!ok) this.log.warn({ generation: to.gen!.number, error }, `relay: the app refused its initial load (${offer ? `checkpoint ${offer.seq}` : 'empty'})`);
       else if (first) this.log.debug({ generation: to.gen!.number }, 'relay: initial load acknowledged');
       return;
     }

@@ -2,6 +2,9 @@
 // downstream can trust their shape (docs/srp.md, "Messages").
 import { SrpError, encodeFrame, MAX_FDS_PER_FRAME } from './codec';
 
+/** The longest `encoding` name a state, load or checkpoint may carry (characters). */
+export const MAX_ENCODING_LENGTH = 64;
+
 export interface StateHeader {
   size: number;
   encoding?: string;
@@ -72,7 +75,7 @@ function header(o: Record<string, unknown>, op: string): StateHeader {
   const size = o.size;
   if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) fail(`${op}: "size" must be a whole number >= 0`);
   const h: StateHeader = { size };
-  const encoding = optionalString(o, 'encoding', 64);
+  const encoding = optionalString(o, 'encoding', MAX_ENCODING_LENGTH);
   if (encoding !== undefined) h.encoding = encoding;
   const sha256 = optionalSha256(o, op);
   if (sha256 !== undefined) h.sha256 = sha256;
