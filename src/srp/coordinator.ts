@@ -342,20 +342,24 @@ export class SrpCoordinator
   release(gen: Generation): void {
     const session = this.byGeneration.get(gen);
     if (!session) return;
-    if (session.transfer) this.abort(session.transfer, new Error('generation released'));
-    session.conn.stream.end();
+    const t = session.transfer;
+    session.conn.stream.end(); // first: a relay it was sending is not "abandoned" with its connection kept
+    if (t) this.abort(t, new Error('generation released'));
   }
 
   async handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
-    const deadline = Date.now() + timeoutMs; // the caller aborts then: the dump tells the app what is left of it
+    const deadline = Date.now() + timeoutMs; // the caller aborts then
     const to = await this.waitForSession(next, signal);
+    const busy = !(this.liveSession(old) === null || this.idleForRelay(this.liveSession(old)!));
     const from = await this.untilIdle(old, signal);
+    // After waiting for an earlier relay, the dump tells the app what is left of the timeout, not all of it.
+    if (busy) timeoutMs = Math.max(1, deadline - Date.now());
     const lost = from === null ? this.lostConnections.get(old) : undefined;
     if (lost !== undefined) {
       // Not an app that never used the relay: one whose connection is gone. Its state cannot reach the next one.
       this.log.warn({ generation: old.number, next: next.number }, `relay: generation ${old.number} has no state relay connection since ${lost}: generation ${next.number} starts without its state`);
     }
-    return this.transfer(from, to, false, progress, signal, Math.max(1, deadline - Date.now()));
+    return this.transfer(from, to, false, progress, signal, timeoutMs);
   }
 
   /** Nothing of an earlier relay is still in flight on `s`: a new dump may be asked. */
