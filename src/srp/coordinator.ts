@@ -350,10 +350,9 @@ export class SrpCoordinator
   async handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
     const deadline = Date.now() + timeoutMs; // the caller aborts then
     const to = await this.waitForSession(next, signal);
-    const busy = !(this.liveSession(old) === null || this.idleForRelay(this.liveSession(old)!));
-    const from = await this.untilIdle(old, signal);
+    const { session: from, waited } = await this.untilIdle(old, signal);
     // After waiting for an earlier relay, the dump tells the app what is left of the timeout, not all of it.
-    if (busy) timeoutMs = Math.max(1, deadline - Date.now());
+    if (waited) timeoutMs = Math.max(1, deadline - Date.now());
     const lost = from === null ? this.lostConnections.get(old) : undefined;
     if (lost !== undefined) {
       // Not an app that never used the relay: one whose connection is gone. Its state cannot reach the next one.
@@ -368,13 +367,13 @@ export class SrpCoordinator
   }
 
   /**
-   * The live relay connection of `gen` once it is done with an earlier relay (the final sync of the reload before,
+   * The live relay connection of `gen` (and whether it had to wait) once it is done with an earlier relay (the final sync of the reload before,
    * or the late answer to an abandoned dump), or null when it has none (or it closed meanwhile). Waits until
    * `signal` aborts (the reload's state_handoff.timeout), then rejects with DumpFailed naming what it waited for.
    */
-  private untilIdle(gen: Generation, signal: AbortSignal): Promise<Session | null> {
+  private untilIdle(gen: Generation, signal: AbortSignal): Promise<{ session: Session | null; waited: boolean }> {
     const first = this.liveSession(gen);
-    if (first === null || this.idleForRelay(first)) return Promise.resolve(first);
+    if (first === null || this.idleForRelay(first)) return Promise.resolve({ session: first, waited: false });
     const busy = (s: Session): string => `${s.phase}${s.abandoned ? `: what is left of a relay abandoned at ${s.abandoned.since} (${s.abandoned.reason})` : ''}`;
     const what = busy(first);
     this.log.warn({ generation: gen.number, phase: first.phase }, `relay: generation ${gen.number} is busy with an earlier relay (${what}); the reload waits for it, at most state_handoff.timeout`);
@@ -397,7 +396,7 @@ export class SrpCoordinator
         }
         signal.removeEventListener('abort', onAbort);
         this.log.info({ generation: gen.number }, s ? `relay: generation ${gen.number} is done with its earlier relay; the reload goes on` : `relay: generation ${gen.number}'s relay connection closed while the reload waited for it`);
-        resolve(s);
+        resolve({ session: s, waited: true });
       };
       timer = setTimeout(check, 20);
     });
