@@ -33,7 +33,7 @@ import type { Reaper } from '../supervisor/reaper';
 import type { Cgroups } from '../supervisor/cgroup';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
-import { DumpFailed, type StateRelay } from './relay';
+import { DumpFailed, type RelayRole, type StateRelay } from './relay';
 import { RestartBudget } from './restart';
 import { Watchdog } from './watchdog';
 import type { ControlApi, GenerationInfo, ReloadEvent, ReloadPhase, ReloadRecord, ReloadTrigger, StatusReport } from './types';
@@ -203,7 +203,7 @@ export class Orchestrator implements ControlApi {
     return env;
   }
 
-  private spawn(config: Config, role: 'fresh' | 'candidate', listeners: readonly Listener[] = this.deps.listeners.list()): Generation {
+  private spawn(config: Config, role: RelayRole, listeners: readonly Listener[] = this.deps.listeners.list()): Generation {
     const number = ++this.generations;
     this.deps.listenerWatch.check(`spawn of generation ${number}`, true); // the new generation gets listening sockets
     this.deps.notify.grant(config.service);
@@ -216,7 +216,7 @@ export class Orchestrator implements ControlApi {
   }
 
   /** A generation Aeterna now runs (spawned, or adopted after a re-exec): its relay, its exit, its watchdog. */
-  private track(gen: Generation, config: Config, role: 'fresh' | 'candidate'): void {
+  private track(gen: Generation, config: Config, role: RelayRole): void {
     this.deps.relay?.attach(gen, role);
     gen.exited.then((info) => this.onExit(gen, info));
     const watchdogMs = config.service.watchdogMs;
@@ -441,7 +441,9 @@ export class Orchestrator implements ControlApi {
   private spawnCandidate(run: ReloadRun): Generation | null {
     let next: Generation;
     try {
-      next = this.spawn(run.config, 'candidate', run.split?.candidateListeners());
+      // With state_handoff.enabled turned off in the config this reload read, it relays nothing: the new
+      // generation still gets the relay's socket (a later reload may turn it on again), and an empty load.
+      next = this.spawn(run.config, this.relays(run) ? 'candidate' : 'stateless', run.split?.candidateListeners());
     } catch (err) {
       run.failure = { reason: (err as Error).message, code: 'E_SPAWN_FAILED', outcome: 'failed' };
       this.fire('spawn-failed'); // RollingBack, with nothing to stop
@@ -471,11 +473,22 @@ export class Orchestrator implements ControlApi {
     );
   }
 
+  /**
+   * Whether `run` relays the state: the relay runs (state_handoff.enabled at start) and the config this reload
+   * read still enables it (docs/configuration.md: turning it off takes effect at the next reload).
+   */
+  private relays(run: ReloadRun): boolean {
+    return this.deps.relay !== null && run.config.orchestration.stateHandoff.enabled;
+  }
+
   /** 5. Relay the old generation's state to the new one (nothing to do without the relay). */
   private relayState(run: ReloadRun, next: Generation): void {
     const relay = this.deps.relay;
     const old = this.serving;
-    if (!relay || !old) {
+    if (relay && !this.relays(run)) {
+      this.deps.log.warn({ reload: run.record.id, generation: next.number }, `orchestration.state_handoff.enabled is off in ${run.config.file}: no state is relayed; generation ${next.number} starts without state`);
+    }
+    if (!relay || !old || !this.relays(run)) {
       run.awaiting.delete('relay');
       return;
     }
@@ -598,10 +611,13 @@ export class Orchestrator implements ControlApi {
     this.stopWatchdog(old); // it is being stopped: a missed ping no longer matters
     this.deps.metrics.setGeneration(this.serving!.number);
     if (!old || !old.alive) return this.finishDrain();
+    // An old one that could not dump is not asked again; with the relay off in this reload's config, none is.
+    const sync = !run.fromCheckpoint && this.relays(run);
     void this.handOver(run, 'new').then(() => {
       if (old.alive) void old.stop(run.previousConfig.service.stopTimeoutMs);
+      if (!sync) this.deps.relay?.release(old); // end of file: no final dump will be asked (docs/srp.md, step 5)
     });
-    if (!run.fromCheckpoint) this.finalSync(run, old, this.serving!); // an old one that could not dump is not asked again
+    if (sync) this.finalSync(run, old, this.serving!);
   }
 
   /**
@@ -633,7 +649,7 @@ export class Orchestrator implements ControlApi {
   /** At promotion: carry what the old generation changed since its first dump. Best effort: the promotion stands. */
   private finalSync(run: ReloadRun, old: Generation, next: Generation): void {
     const relay = this.deps.relay;
-    if (!relay) return;
+    if (!relay || !this.relays(run)) return;
     const abort = new AbortController();
     const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
     const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), timeoutMs);

@@ -4,6 +4,9 @@
 import type { Generation } from '../supervisor/generation';
 import type { ReadinessSource } from './readiness';
 
+/** What a generation's first load is: see StateRelay.attach. */
+export type RelayRole = 'fresh' | 'candidate' | 'stateless';
+
 export interface RelayProgress {
   bytes: number;
   total: number;
@@ -34,9 +37,11 @@ export interface StateRelay extends ReadinessSource {
   /**
    * A generation was spawned: its processes may connect. A `candidate` (a
    * reload's new generation) waits for the old state; a `fresh` one (first
-   * start, restart) is told at once that there is none.
+   * start, restart) is told at once that there is none (or given the latest
+   * checkpoint); a `stateless` one (a reload whose config turned
+   * state_handoff.enabled off) gets an empty load: no state of any kind.
    */
-  attach(gen: Generation, role: 'fresh' | 'candidate'): void;
+  attach(gen: Generation, role: RelayRole): void;
   /**
    * A generation started with no live predecessor became ready (`ready`), or exited before it was: a checkpoint
    * it was offered and could not load is set aside after a few tries (docs/srp.md, "Checkpoints").

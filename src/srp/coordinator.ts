@@ -13,13 +13,14 @@ import type { Logger } from '../log';
 import { type Generation } from '../supervisor/generation';
 import { describeExit } from '../supervisor/exit';
 import { belongsTo } from '../supervisor/proctree';
-import { DumpFailed, type CheckpointSummary, type RelayProgress, type StateRelay } from '../orchestrator/relay';
+import { DumpFailed, type CheckpointSummary, type RelayProgress, type RelayRole, type StateRelay } from '../orchestrator/relay';
 import { Acceptor } from '../resources/acceptor';
 import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import { SrpError, closeQuietly, isSealedState } from './codec';
 import { readAt } from './checkpoint-file';
 import { CheckpointRefused, CheckpointStore, type Checkpoint, type CheckpointWriter } from './checkpoint-store';
 import { SrpConnection } from './connection';
+import { refuseConnection } from './refusal';
 import { drained, isPeerGone } from './fd-stream';
 import { trailerDigest, type Checksum, type Message, type StateHeader, type TrailerDigest } from './messages';
 import type { HandedCheckpoint, HandedRelayConnection, ReexecReason } from '../upgrade/handover';
@@ -104,6 +105,21 @@ interface Session {
   /** Whether the prepared signal handover lists it (last reported by carryChanged). */
   carried: boolean;
   helloTimer: NodeJS.Timeout | null;
+  /** A relay it was the sender of was abandoned while its answer was still due: what still comes of it is dropped. */
+  abandoned: Abandoned | null;
+}
+
+/**
+ * What is left of an abandoned relay on the sender's connection (docs/srp.md, "When a relay is abandoned"): its
+ * answer to the dump, or the rest of its state, is read and dropped, and the connection is usable again after it.
+ */
+interface Abandoned {
+  /** Why the relay was abandoned, and when. */
+  reason: string;
+  since: string;
+  /** While the rest of a state is due: closes the connection when no byte of it arrives for `stallMs`. */
+  stall: NodeJS.Timeout | null;
+  stallMs: number;
 }
 
 /** What a session learned from its hello: all a re-executed Aeterna needs to go on speaking with it. */
@@ -140,6 +156,8 @@ interface Transfer {
   checksum: Checksum | undefined;
   /** Failed or abandoned: what still comes from `from` is read and dropped, never forwarded. */
   aborted: boolean;
+  /** state_handoff.timeout as told in the dump: also how long the rest of an abandoned state may stall. */
+  timeoutMs: number;
   progress: (p: RelayProgress) => void;
   resolve: (r: { bytes: number }) => void;
   reject: (err: Error) => void;
@@ -152,7 +170,7 @@ export class SrpCoordinator
   private readonly sessions = new Set<Session>();
   private readonly byGeneration = new Map<Generation, Session>();
   /** Generations whose processes may connect; `candidate` ones wait for a handover's state. */
-  private readonly generations = new Map<Generation, { candidate: boolean }>();
+  private readonly generations = new Map<Generation, { role: RelayRole }>();
   private readonly waiters = new Map<Generation, Array<(s: Session) => void>>();
   /** Transfers not settled yet (a session that closed mid-relay is gone from the tables, its transfer is not). */
   private readonly transfers = new Set<Transfer>();
@@ -330,8 +348,8 @@ export class SrpCoordinator
   }
 
   /** Let this generation's processes connect. A candidate (a reload's new generation) gets the old state; others get none. */
-  attach(gen: Generation, role: 'fresh' | 'candidate'): void {
-    this.generations.set(gen, { candidate: role === 'candidate' });
+  attach(gen: Generation, role: RelayRole): void {
+    this.generations.set(gen, { role });
     void gen.exited.then(() => {
       this.generations.delete(gen);
       this.lostConnections.delete(gen);
@@ -375,17 +393,64 @@ export class SrpCoordinator
   release(gen: Generation): void {
     const session = this.byGeneration.get(gen);
     if (!session) return;
-    if (session.transfer) this.abort(session.transfer, new Error('generation released'));
-    session.conn.stream.end();
+    const t = session.transfer;
+    session.conn.stream.end(); // first: a relay it was sending is not "abandoned" with its connection kept
+    if (t) this.abort(t, new Error('generation released'));
   }
 
-  handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
-    const lost = this.liveSession(old) === null ? this.lostConnections.get(old) : undefined;
+  async handover(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
+    const deadline = Date.now() + timeoutMs; // the caller aborts then
+    const to = await this.waitForSession(next, signal);
+    const { session: from, waited } = await this.untilIdle(old, signal);
+    // After waiting for an earlier relay, the dump tells the app what is left of the timeout, not all of it.
+    if (waited) timeoutMs = Math.max(1, deadline - Date.now());
+    const lost = from === null ? this.lostConnections.get(old) : undefined;
     if (lost !== undefined) {
       // Not an app that never used the relay: one whose connection is gone. Its state cannot reach the next one.
       this.log.warn({ generation: old.number, next: next.number }, `relay: generation ${old.number} has no state relay connection since ${lost}: generation ${next.number} starts without its state`);
     }
-    return this.waitForSession(next, signal).then((to) => this.transfer(this.liveSession(old), to, false, progress, signal, timeoutMs));
+    return this.transfer(from, to, false, progress, signal, timeoutMs);
+  }
+
+  /** Nothing of an earlier relay is still in flight on `s`: a new dump may be asked. */
+  private idleForRelay(s: Session): boolean {
+    return s.phase === 'idle' && s.transfer === null;
+  }
+
+  /**
+   * The live relay connection of `gen` (and whether it had to wait) once it is done with an earlier relay (the final sync of the reload before,
+   * or the late answer to an abandoned dump), or null when it has none (or it closed meanwhile). Waits until
+   * `signal` aborts (the reload's state_handoff.timeout), then rejects with DumpFailed naming what it waited for.
+   */
+  private untilIdle(gen: Generation, signal: AbortSignal): Promise<{ session: Session | null; waited: boolean }> {
+    const first = this.liveSession(gen);
+    if (first === null || this.idleForRelay(first)) return Promise.resolve({ session: first, waited: false });
+    const busy = (s: Session): string => `${s.phase}${s.abandoned ? `: what is left of a relay abandoned at ${s.abandoned.since} (${s.abandoned.reason})` : ''}`;
+    const what = busy(first);
+    this.log.warn({ generation: gen.number, phase: first.phase }, `relay: generation ${gen.number} is busy with an earlier relay (${what}); the reload waits for it, at most state_handoff.timeout`);
+    return new Promise((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const onAbort = (): void => {
+        clearTimeout(timer);
+        const s = this.liveSession(gen);
+        const why = signal.reason instanceof Error ? signal.reason.message : 'aborted';
+        reject(new DumpFailed(`${why}: generation ${gen.number} was still busy with an earlier relay (${s ? busy(s) : what})`));
+      };
+      if (signal.aborted) return onAbort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      // Checked every 20 ms, as whenIdle: a relay ends on many paths.
+      const check = (): void => {
+        const s = this.liveSession(gen);
+        if (s !== null && !this.idleForRelay(s)) {
+          timer = setTimeout(check, 20);
+          return;
+        }
+        signal.removeEventListener('abort', onAbort);
+        this.log.info({ generation: gen.number }, s ? `relay: generation ${gen.number} is done with its earlier relay; the reload goes on` : `relay: generation ${gen.number}'s relay connection closed while the reload waited for it`);
+        resolve({ session: s, waited: true });
+      };
+      timer = setTimeout(check, 20);
+    });
   }
 
   restoreCheckpoint(next: Generation, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
@@ -428,37 +493,38 @@ export class SrpCoordinator
    * current generation is refused at once and holds no slot, so strangers cannot use up what generations need.
    */
   private admit(fd: number): void {
-    const conn = new SrpConnection(fd, this.maxFrame, RELAY_HIGH_WATER_MARK);
     let peer: { pid: number; uid: number };
     try {
       peer = native.peerCred(fd);
     } catch (err) {
       this.log.warn({ err }, 'relay connection dropped: no peer credentials');
-      conn.close();
+      closeQuietly(fd);
       return;
     }
+    // Every refusal answers on the raw fd (refusal.ts): only an admitted connection gets a stream and its buffers.
     const owner = this.generationOf(peer.pid);
     if (!owner) {
       this.log.warn({ peer_pid: peer.pid, peer_uid: peer.uid }, 'relay connection refused: not a process of a managed generation');
-      conn.fail('forbidden', `pid ${peer.pid} is not a process of a generation Aeterna runs`);
+      refuseConnection(fd, 'forbidden', `pid ${peer.pid} is not a process of a generation Aeterna runs`);
       return;
     }
     const pending = [...this.sessions].filter((s) => s.owner === owner && s.phase === 'hello').length;
     if (pending >= MAX_PENDING_PER_GENERATION) {
-      conn.fail('busy', `generation ${owner.number} already has ${pending} relay connections waiting for their hello`);
+      refuseConnection(fd, 'busy', `generation ${owner.number} already has ${pending} relay connections waiting for their hello`);
       return;
     }
     if (this.sessions.size >= MAX_CONNECTIONS) {
-      conn.fail('busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
+      refuseConnection(fd, 'busy', `too many relay connections (at most ${MAX_CONNECTIONS})`);
       return;
     }
+    const conn = new SrpConnection(fd, this.maxFrame, RELAY_HIGH_WATER_MARK);
     const session = this.newSession(conn, owner);
     session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
     this.listen(session);
   }
 
   private newSession(conn: SrpConnection, owner: Generation): Session {
-    return { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, checksums: [], transfer: null, checkpoint: null, receivingCheckpoint: false, answering: 0, checkpointsThrottled: false, answersBlocked: false, carried: false, helloTimer: null };
+    return { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, checksums: [], transfer: null, checkpoint: null, receivingCheckpoint: false, answering: 0, checkpointsThrottled: false, answersBlocked: false, carried: false, helloTimer: null, abandoned: null };
   }
 
   private listen(session: Session): void {
@@ -472,11 +538,15 @@ export class SrpCoordinator
         if (err instanceof SrpError) conn.fail(err.code, err.message);
         else throw err;
       }
+      this.endAbandoned(session);
       this.carryChanged(session);
     });
     conn.on('data', (payload, frameLength, remaining) => {
       this.onData(session, payload, frameLength, remaining);
-      if (remaining === 0) this.carryChanged(session);
+      if (remaining === 0) {
+        this.endAbandoned(session);
+        this.carryChanged(session);
+      }
     });
     conn.on('close', (error) => this.onClose(session, error));
   }
@@ -528,9 +598,10 @@ export class SrpCoordinator
     if (m.op === 'ack' && s.phase === 'dump-requested' && !m.ok) {
       // The old generation declines to dump: the relay fails, its connection stays.
       s.phase = 'idle';
-      const t = s.transfer!;
+      const t = s.transfer;
       s.transfer = null;
-      this.fail(t, new Error(`generation ${s.gen!.number} could not dump its state: ${m.error ?? 'no reason given'}`));
+      // No transfer: the refusal answers a dump that was abandoned; it ends that relay here.
+      if (t) this.fail(t, new Error(`generation ${s.gen!.number} could not dump its state: ${m.error ?? 'no reason given'}`));
       return;
     }
     if (m.op === 'state' && s.phase === 'dump-requested') return this.onState(s, m, fds);
@@ -555,10 +626,15 @@ export class SrpCoordinator
     this.byGeneration.set(gen, s);
     s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame, ...(this.checkpoints.config.enabled ? { checkpoint: true as const } : {}), direct: true });
     this.log.debug({ generation: gen.number }, 'relay connection');
-    if (this.generations.get(gen)?.candidate) {
+    const role = this.generations.get(gen)?.role;
+    if (role === 'candidate') {
       s.phase = 'waiting';
       for (const w of this.waiters.get(gen) ?? []) w(s);
       this.waiters.delete(gen);
+    } else if (role === 'stateless') {
+      // A reload with state_handoff.enabled off: no state, not even a checkpoint (its format may be what changed).
+      s.phase = 'load-sent';
+      s.conn.send({ op: 'load', size: 0 });
     } else {
       // No live predecessor (the first generation, a restart after a crash): the latest checkpoint, if any.
       s.phase = 'load-sent';
@@ -732,6 +808,47 @@ export class SrpCoordinator
   // ---- transfers ---------------------------------------------------------------------------
 
   /**
+   * The relay `t` was abandoned while `s` (its sender, still serving) owed it an answer or the rest of a state.
+   * The connection stays: it carries the generation's state at the next reload. What still comes of the
+   * abandoned relay is read and dropped (endAbandoned() then says the connection is usable again); a state whose
+   * rest stops arriving leaves the framing unknown, and its connection is closed (stallAbandoned()).
+   */
+  private abandon(s: Session, t: Transfer, err: Error): void {
+    const gen = s.gen!.number;
+    const dump = t.final ? 'final dump' : 'dump';
+    const owed = s.phase === 'dump-requested' ? `its answer to the ${dump}` : `the rest of its state (${t.sent} of ${t.total} bytes arrived)`;
+    s.abandoned = { reason: err.message, since: new Date().toISOString(), stall: null, stallMs: t.timeoutMs };
+    this.log.warn({ generation: gen, phase: s.phase, reason: err.message }, `relay: generation ${gen}'s ${dump} was abandoned (${err.message}); ${owed} will be read and dropped, its relay connection stays for the next reload`);
+    this.watchAbandoned(s);
+  }
+
+  /** While the rest of an abandoned state is due, it must keep arriving: no byte for `stallMs` closes the connection. */
+  private watchAbandoned(s: Session): void {
+    const a = s.abandoned;
+    if (!a || a.stall !== null || (s.phase !== 'streaming' && s.phase !== 'trailer' && s.phase !== 'direct')) return;
+    a.stall = setTimeout(() => this.stallAbandoned(s), a.stallMs);
+  }
+
+  private stallAbandoned(s: Session): void {
+    const a = s.abandoned!;
+    a.stall = null;
+    const gen = s.gen!.number;
+    const owed = s.phase === 'streaming' ? `${s.conn.pendingData} bytes of its announced state` : `the digest trailer of its state`;
+    const why = `${owed} did not arrive within ${a.stallMs} ms after its relay was abandoned at ${a.since} (${a.reason}); Aeterna closed the connection, whose framing it could no longer trust`;
+    this.log.warn({ generation: gen, phase: s.phase }, `relay: generation ${gen}: ${why}; the next reload starts its successor without its state, unless it connects again`);
+    s.conn.close(new Error(why));
+  }
+
+  /** What was left of an abandoned relay arrived (and was dropped): the connection is usable again. */
+  private endAbandoned(s: Session): void {
+    const a = s.abandoned;
+    if (!a || s.phase !== 'idle') return;
+    if (a.stall) clearTimeout(a.stall);
+    s.abandoned = null;
+    this.log.info({ generation: s.gen!.number }, `relay: what was left of generation ${s.gen!.number}'s abandoned relay arrived and was dropped; its relay connection is usable again`);
+  }
+
+  /**
    * Send `bytes` of zeros (one shared zero buffer: no memory per byte): first the rest of the frame that was
    * being passed on (`frameLeft`), then as whole data frames; and a trailer that matches nothing.
    */
@@ -750,7 +867,7 @@ export class SrpCoordinator
         reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
         return;
       }
-      const t: Transfer = { from, to, final, total: 0, sent: 0, frameLeft: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, directOffered: false, pair: null, direct: false, checksumOffered: null, checksum: undefined, aborted: false, progress, resolve, reject };
+      const t: Transfer = { from, to, final, total: 0, sent: 0, frameLeft: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, directOffered: false, pair: null, direct: false, checksumOffered: null, checksum: undefined, aborted: false, timeoutMs, progress, resolve, reject };
       const onAbort = (): void => this.abort(t, signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       if (signal.aborted) return onAbort();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -833,6 +950,7 @@ export class SrpCoordinator
       // comes here), or not at all (memfd, empty).
       from.phase = m.transport === 'direct' ? 'direct' : m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
       this.log.warn({ generation: from.gen!.number, size: m.size }, 'relay: a state arrived after its dump was abandoned; dropped');
+      this.watchAbandoned(from);
       return;
     }
     if (m.trailer && !t.to.takesTrailer) throw new SrpError('bad_json', 'state: "trailer" was not offered in this dump (the receiving generation did not say it takes one)');
@@ -886,6 +1004,7 @@ export class SrpCoordinator
     if (remaining === 0) from.phase = from.conn.trailerDue ? 'trailer' : 'idle';
     if (!t || t.aborted) {
       if (from.phase === 'idle') from.transfer = null; // the rest of an abandoned dump was read and dropped
+      from.abandoned?.stall?.refresh(); // it keeps arriving
       return;
     }
     t.sent += payload.length;
@@ -951,6 +1070,7 @@ export class SrpCoordinator
 
   private onClose(s: Session, error: Error | null): void {
     if (s.helloTimer) clearTimeout(s.helloTimer);
+    if (s.abandoned?.stall) clearTimeout(s.abandoned.stall);
     this.sessions.delete(s);
     this.carryChanged(s);
     if (s.checkpoint) {
@@ -1010,6 +1130,7 @@ export class SrpCoordinator
       t.from.conn.resume();
       if (t.from.phase === 'dump-requested' || t.from.phase === 'idle') t.from.transfer = null;
       // While 'streaming' (or 'trailer'), the rest of its data and trailer are read and dropped, then it is idle again.
+      if (t.from.phase !== 'idle' && !t.from.conn.closed) this.abandon(t.from, t, err);
     }
     if (t.to.transfer === t) {
       t.to.transfer = null;
