@@ -8,7 +8,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { CLI, fixture, freePort, pidNamespaceUnavailable, runAeterna } from './helpers/aeterna';
-import { Daemon, statusOf } from './helpers/daemon';
+import { Daemon, socketOf, statusOf } from './helpers/daemon';
+import { call } from '../src/control/client';
 import { getJson } from './helpers/load';
 
 const skip = pidNamespaceUnavailable();
@@ -26,6 +27,28 @@ function accepts(port: number): Promise<boolean> {
     socket.once('connect', () => { socket.destroy(); resolve(true); });
     socket.once('error', () => resolve(false));
   });
+}
+
+/** Whether the process has the addon mapped (a re-executed Aeterna maps it while it loads its code, before its daemon starts). */
+function addonMapped(pid: number): boolean {
+  try {
+    return /\/aeterna\.node$/m.test(fs.readFileSync(`/proc/${pid}/maps`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+/** Wait until `pid` has exec'd (the addon is unmapped) and the new program has loaded the addon again. */
+async function newProgramLoading(pid: number): Promise<void> {
+  const deadline = Date.now() + 30000;
+  while (addonMapped(pid)) {
+    if (Date.now() > deadline) throw new Error('no exec seen');
+    await new Promise((r) => setImmediate(r));
+  }
+  while (!addonMapped(pid)) {
+    if (Date.now() > deadline) throw new Error('the new program never loaded the addon');
+    await new Promise((r) => setImmediate(r));
+  }
 }
 
 describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300000 }, () => {
@@ -124,4 +147,25 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     assert.ok(d.run.logs().some((l) => /failed before it took over .*: aeterna \S+ takes over again/.test(l.msg)));
     assert.equal((await d.cli('reload')).code, 0, 'a reload afterwards promotes');
   });
+
+  for (const how of ['upgrade', 'SIGSEGV'] as const) {
+    it(`a SIGTERM while the program re-executed by ${how === 'upgrade' ? 'an upgrade' : 'a SIGSEGV recovery'} loads is not lost: Aeterna stops (3 of 3 times), exit code 0`, async () => {
+      for (let i = 1; i <= 3; i++) {
+        const { d } = await started();
+        const pid = await d.run.aeternaPid();
+        assert.ok(addonMapped(pid), 'the addon shows in the maps');
+        if (how === 'upgrade') {
+          const r = await call(socketOf(d), { cmd: 'upgrade' });
+          assert.ok('upgrade' in r);
+        } else {
+          process.kill(pid, 'SIGSEGV');
+        }
+        await newProgramLoading(pid);
+        process.kill(pid, 'SIGTERM');
+        const exit = await d.run.exit(60000);
+        assert.deepEqual(exit, { code: 0, signal: null }, `attempt ${i}: stopped by the SIGTERM\n${d.run.stderr.slice(-3000)}`);
+      }
+    });
+  }
 });
+
