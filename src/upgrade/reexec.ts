@@ -5,7 +5,7 @@
 // or the upgrade is refused and nothing changes. Then Aeterna execve()s itself:
 // same pid, its children stay its children; if execve fails it goes on as before.
 import fs from 'node:fs';
-import { native, type ExitInfo } from '../native/binding';
+import { addonPath, native, type ExitInfo } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { Reaper } from '../supervisor/reaper';
 import { runCommand } from '../supervisor/command';
@@ -33,6 +33,19 @@ export function upgradeArgv(exec: string | undefined): string[] {
 function environment(extra: Record<string, string>): string[] {
   const env = Object.entries(process.env).filter(([k, v]) => v !== undefined && !k.startsWith('LISTEN_') && k !== HANDOVER_ENV);
   return [...env.map(([k, v]) => `${k}=${v}`), ...Object.entries(extra).map(([k, v]) => `${k}=${v}`)];
+}
+
+/** The variables that make the exec'd program hold stop signals until its handlers exist (native/hold.cc). */
+export const HOLD_ENV = 'AETERNA_HOLD_SIGNALS';
+function holdingSignals(): Record<string, string> {
+  const preload = process.env['LD_PRELOAD'];
+  return { LD_PRELOAD: preload ? `${addonPath}:${preload}` : addonPath, [HOLD_ENV]: '1' };
+}
+
+/** The environment of Aeterna's own exec: `extra`, and stop signals held across it (LD_PRELOAD replaced, not doubled). */
+function execEnvironment(extra: Record<string, string>): string[] {
+  const hold = holdingSignals();
+  return [...environment(extra).filter((entry) => !Object.keys(hold).some((k) => entry.startsWith(`${k}=`))), ...Object.entries(hold).map(([k, v]) => `${k}=${v}`)];
 }
 
 /**
@@ -79,7 +92,7 @@ function keptFds(handover: Handover, handoverFd: number): number[] {
 export function prepareSignalExec(argv: string[], handover: Handover): number {
   const fd = writeHandover(handover);
   try {
-    native.prepareFatalSignalExec(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd));
+    native.prepareFatalSignalExec(argv[0], argv, execEnvironment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd), true);
   } catch (err) {
     native.close(fd);
     throw err;
@@ -91,7 +104,7 @@ export function prepareSignalExec(argv: string[], handover: Handover): number {
 export function reexec(argv: string[], handover: Handover): void {
   const fd = writeHandover(handover);
   try {
-    native.execve(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd));
+    native.execve(argv[0], argv, execEnvironment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd), true);
   } finally {
     native.close(fd);
   }
