@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { CLI, fixture, freePort, pidNamespaceUnavailable, runAeterna } from './helpers/aeterna';
+import { CLI, descendantsOf, fixture, freePort, pidNamespaceUnavailable, runAeterna } from './helpers/aeterna';
 import { Daemon, socketOf, statusOf } from './helpers/daemon';
 import { call } from '../src/control/client';
 import { getJson } from './helpers/load';
@@ -29,24 +29,20 @@ function accepts(port: number): Promise<boolean> {
   });
 }
 
-/** Whether the process has the addon mapped (a re-executed Aeterna maps it while it loads its code, before its daemon starts). */
-function addonMapped(pid: number): boolean {
+/** Whether the process has exec'd with a handover: its initial environment (what /proc shows) names one. */
+function execedWithHandover(pid: number): boolean {
   try {
-    return /\/aeterna\.node$/m.test(fs.readFileSync(`/proc/${pid}/maps`, 'utf8'));
+    return fs.readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').some((e) => e.startsWith('AETERNA_HANDOVER_FD='));
   } catch {
     return false;
   }
 }
 
-/** Wait until `pid` has exec'd (the addon is unmapped) and the new program has loaded the addon again. */
-async function newProgramLoading(pid: number): Promise<void> {
+/** Wait until `pid` has exec'd the new program (it is starting: the runtime, then Aeterna's code). */
+async function newProgramStarting(pid: number): Promise<void> {
   const deadline = Date.now() + 30000;
-  while (addonMapped(pid)) {
+  while (!execedWithHandover(pid)) {
     if (Date.now() > deadline) throw new Error('no exec seen');
-    await new Promise((r) => setImmediate(r));
-  }
-  while (!addonMapped(pid)) {
-    if (Date.now() > deadline) throw new Error('the new program never loaded the addon');
     await new Promise((r) => setImmediate(r));
   }
 }
@@ -148,32 +144,65 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     assert.equal((await d.cli('reload')).code, 0, 'a reload afterwards promotes');
   });
 
-  // Sent after a delay (the exec, the runtime's start, Aeterna loading: the whole window), or once the new program has
-  // loaded the addon (while it loads the rest).
-  const MOMENTS = [0, 10, 30, 60, 100, 150, 250, 'loading'] as const;
+  // Sent after a delay (the exec, the runtime's start, Aeterna loading: the whole window), or as soon as the exec is seen.
+  const MOMENTS = [0, 10, 30, 60, 100, 150, 250, 'exec'] as const;
   for (const how of ['upgrade', 'SIGSEGV'] as const) {
     it(`a SIGTERM around the exec of ${how === 'upgrade' ? 'an upgrade' : 'a SIGSEGV recovery'} is never lost: Aeterna stops every time (${MOMENTS.length} moments), exit code 0`, async () => {
       const lost: string[] = [];
       for (const moment of MOMENTS) {
         const { d } = await started();
         const pid = await d.run.aeternaPid();
-        assert.ok(addonMapped(pid), 'the addon shows in the maps');
+        assert.ok(!execedWithHandover(pid), 'a fresh start has no handover');
         if (how === 'upgrade') {
           const r = await call(socketOf(d), { cmd: 'upgrade' });
           assert.ok('upgrade' in r);
         } else {
           process.kill(pid, 'SIGSEGV');
         }
-        if (moment === 'loading') await newProgramLoading(pid);
+        if (moment === 'exec') await newProgramStarting(pid);
         else await new Promise((r) => setTimeout(r, moment));
         process.kill(pid, 'SIGTERM');
         // A lost SIGTERM leaves Aeterna running: killed after the wait (not code 0).
         const exit = await d.run.exit(30000);
-        if (exit.code !== 0 || exit.signal !== null) lost.push(`${moment === 'loading' ? 'while loading' : `${moment} ms`}: ${JSON.stringify(exit)}`);
+        if (exit.code !== 0 || exit.signal !== null) lost.push(`${moment === 'exec' ? 'at the exec' : `${moment} ms`}: ${JSON.stringify(exit)}`);
         await d.run.killAll();
       }
       assert.deepEqual(lost, [], `SIGTERMs lost (of ${MOMENTS.length})`);
     });
   }
+
+  it('the app never inherits the signal hold of the exec: after an upgrade, a reloaded generation has neither LD_PRELOAD nor AETERNA_HOLD_SIGNALS', async () => {
+    const { d } = await started();
+    assert.equal((await d.cli('upgrade')).code, 0);
+    assert.equal((await d.cli('reload')).code, 0);
+    const pid = await d.run.aeternaPid();
+    // Every process of the app (host pids: Aeterna's descendants).
+    const apps = descendantsOf(pid);
+    assert.ok(apps.length > 0);
+    for (const app of apps) {
+      const environ = fs.readFileSync(`/proc/${app}/environ`, 'utf8').split('\0');
+      assert.deepEqual(environ.filter((e) => e.startsWith('LD_PRELOAD=') || e.startsWith('AETERNA_HOLD_SIGNALS=')), []);
+    }
+    const aeterna = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    assert.equal(parseInt(aeterna.match(/^SigBlk:\s+(\S+)/m)![1], 16) & ((1 << 14) | (1 << 1) | (1 << 0)), 0, 'SIGTERM, SIGINT and SIGHUP are no longer blocked in Aeterna');
+  });
+
+  it('as PID 1, a SIGSEGV sent during a canary soak is ignored (nothing prepared: PID 1 drops it): the reload goes on and promotes, Aeterna is the same process', async () => {
+    const port = await freePort();
+    const d = new Daemon({ command: APP, port, stopTimeout: '5s', strategy: 'canary', soak: '3s' });
+    d.run = runAeterna(['start', '-c', d.configFile], { pid1: true });
+    daemons.push(d);
+    const before = await d.waitStatus((s) => s.state === 'Running');
+    const reload = d.cli('reload');
+    await d.waitStatus((s) => s.state === 'Soaking');
+    await d.run.signal('SIGSEGV');
+    const r = await reload;
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    const after = await statusOf(d);
+    assert.equal(after.state, 'Running');
+    assert.equal(after.generation, before.generation + 1);
+    assert.equal(after.reexecs, 0, 'no recovery: the signal was ignored');
+    assert.equal((await getJson<{ pid: number }>(port)).pid, after.pid);
+  });
 });
 

@@ -18,8 +18,10 @@ if (process.argv[2] === 'start') {
   // the preload, so the variables go first.
   if (process.env['AETERNA_HOLD_SIGNALS'] === '1') {
     delete process.env['AETERNA_HOLD_SIGNALS'];
-    const kept = (process.env['LD_PRELOAD'] ?? '').split(':').filter((p) => p !== '' && !p.endsWith('/aeterna.node'));
-    if (kept.length > 0) process.env['LD_PRELOAD'] = kept.join(':');
+    // The exec put the addon first in LD_PRELOAD (upgrade/reexec.ts); what follows was there before.
+    const preload = process.env['LD_PRELOAD'] ?? '';
+    const colon = preload.indexOf(':');
+    if (colon >= 0) process.env['LD_PRELOAD'] = preload.slice(colon + 1);
     else delete process.env['LD_PRELOAD'];
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     (require('../native/binding') as typeof import('../native/binding')).native.releaseHeldSignals();
