@@ -16,6 +16,7 @@
 #include <uv.h>
 
 #include "common.h"
+#include "hold.h"
 #include "spawn.h"
 
 #include <errno.h>
@@ -734,6 +735,8 @@ struct ExecCall {
   std::vector<std::string> args, envs;
   std::vector<char*> argv, envp;
   std::vector<int> keep;
+  // Block the held stop signals (hold.cc) across the exec: the new program is started with this addon preloaded.
+  bool hold = false;
 };
 
 // Fills `call` from info[0..3]; false (with a JS exception pending) on a bad argument.
@@ -750,6 +753,7 @@ bool GetExecCall(const Napi::CallbackInfo& info, ExecCall* call) {
     }
   }
   if (!GetFdList(info[3], "keep", 65536, &call->keep)) return false;
+  call->hold = info.Length() > 4 && info[4].IsBoolean() && info[4].As<Napi::Boolean>().Value();
   for (std::string& s : call->args) call->argv.push_back(&s[0]);
   call->argv.push_back(nullptr);
   for (std::string& s : call->envs) call->envp.push_back(&s[0]);
@@ -769,9 +773,14 @@ Napi::Value Execve(const Napi::CallbackInfo& info) {
   }
   int err = cleared < keep.size() ? errno : 0;
   std::string failed = cleared < keep.size() ? "fcntl" : "execve";
+  sigset_t held, before;
+  HeldSignals(&held);
   if (err == 0) {
+    // From here a stop signal stays pending, across the exec, until the new program's handlers exist.
+    if (call.hold) pthread_sigmask(SIG_BLOCK, &held, &before);
     execve(call.file.c_str(), call.argv.data(), call.envp.data());
     err = errno;
+    if (call.hold) pthread_sigmask(SIG_SETMASK, &before, nullptr);
   }
   for (size_t i = 0; i < cleared; i++) fcntl(keep[i], F_SETFD, fcntl(keep[i], F_GETFD) | FD_CLOEXEC);
   return Throw(SysError(env, err, failed.c_str(), failed == "execve" ? call.file : FdName(keep[cleared])));
@@ -804,10 +813,12 @@ void OnFatalSignal(int sig) {
       int flags = fcntl(fd, F_GETFD);
       if (flags >= 0) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
     }
-    // The signal mask survives execve: the new Aeterna must not start with this signal blocked.
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, nullptr);
+    // The signal mask survives execve: the new Aeterna must not start with this signal blocked; the held stop
+    // signals stay blocked (and pending) until its handlers exist.
+    sigset_t mask;
+    sigemptyset(&mask);
+    if (call->hold) HeldSignals(&mask);
+    sigprocmask(SIG_SETMASK, &mask, nullptr);
     execve(call->file.c_str(), call->argv.data(), call->envp.data());
   }
   struct sigaction dfl = {};
@@ -843,6 +854,12 @@ Napi::Value PrepareFatalSignalExec(const Napi::CallbackInfo& info) {
   if (!InstallFatalSignalHandlers()) return Throw(SysError(env, errno, "sigaction", "fatal signal handlers"));
   RetireExec(prepared_exec.exchange(call.release()));
   return env.Undefined();
+}
+
+// releaseHeldSignals(): the handlers of a re-executed Aeterna exist; the stop signals held across its exec go through.
+Napi::Value ReleaseHeld(const Napi::CallbackInfo& info) {
+  ReleaseHeldSignals();
+  return info.Env().Undefined();
 }
 
 // clearFatalSignalExec(): a fatal signal kills again (no state Aeterna could hand over).
@@ -1147,6 +1164,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"execve", Execve},
       {"prepareFatalSignalExec", PrepareFatalSignalExec},
       {"clearFatalSignalExec", ClearFatalSignalExec},
+      {"releaseHeldSignals", ReleaseHeld},
       {"isListeningSocket", IsListeningSocket},
       {"listen", Listen},
       {"isReadShutdown", IsReadShutdown},

@@ -27,7 +27,10 @@ import { ROOT_RUNTIME_DIR, defaultRuntimeDir, ensurePrivateRuntimeDir } from './
 import { Generation } from './supervisor/generation';
 import { HANDOVER_VERSION, type FdRole, type Handover, type ReexecReason } from './upgrade/handover';
 import { checkTarget, prepareSignalExec, reexec, upgradeArgv } from './upgrade/reexec';
-import { RECOVERY_LIMIT, RECOVERY_WINDOW_MS, injectFault, recentRecoveries, reexecsByReason, takeTestFault, type TestFault } from './upgrade/recovery';
+import { fallBack, fallbackArgv, fallbackHandover } from './upgrade/fallback';
+import { HeldConfig } from './upgrade/held-config';
+import { takeEarlySignals } from './cli/early-signals';
+import { RECOVERY_LIMIT, RECOVERY_WINDOW_MS, TEST_FAULT_ENV, injectFault, recentRecoveries, reexecsByReason, takeTestFault, type TestFault } from './upgrade/recovery';
 import { native } from './native/binding';
 import { packageVersion } from './version';
 
@@ -121,6 +124,15 @@ export class Daemon {
   private readonly recoveries: string[];
   /** The handover a fatal signal execs with: its memfd and what it says (kept current as things change). */
   private signalExec: { fd: number; json: string } | null = null;
+  /** The config Aeterna runs with (the start's, then each settled reload's): what a handover carries. */
+  private readonly held: HeldConfig;
+  /**
+   * A re-executed Aeterna has taken over the serving generation. Until then a failure of its start goes back to
+   * the program that handed over (fallback.ts) instead of ending the container.
+   */
+  private takenOver = false;
+  /** A stop requested while an upgrade's exec is being prepared: the exec is abandoned. */
+  private stopRequested = false;
   /** AETERNA_TEST_FAULT: a fault tests inject inside the daemon; null outside tests. */
   private readonly testFault: TestFault | null = takeTestFault(process.env);
 
@@ -130,6 +142,7 @@ export class Daemon {
     /** What the Aeterna this one replaced handed over (aeterna upgrade), or null for a fresh start. */
     private readonly handover: Handover | null = null,
   ) {
+    this.held = new HeldConfig(config);
     this.listeners = new ListenerSet(handover ? handover.listeners : inheritedListeners(process.env));
     this.reexecs = handover ? handover.counters.reexecs + 1 : 0;
     this.reexecsByReason = reexecsByReason(handover);
@@ -146,6 +159,8 @@ export class Daemon {
     // Handlers first: PID 1 gets no default action from the kernel, and a
     // SIGTERM that arrives while we set up must still stop us.
     this.installSignalHandlers();
+    if (h?.fell_back) this.log.warn({ failed: h.fell_back.from, error: h.fell_back.error }, `upgrade to aeterna ${h.fell_back.from} failed before it took over (${h.fell_back.error}): aeterna ${this.version} takes over again`);
+    if (h) this.prepareFallbackOnFatalSignal(h);
     // A re-executed Aeterna takes over the cgroups before adopting its generation, which keeps the cgroup it runs
     // in (the handover names both directories); a fresh start opens them once its sockets are bound (below).
     if (h) this.cgroups = this.openCgroups(h.cgroups ?? null);
@@ -195,6 +210,7 @@ export class Daemon {
       const { code, message } = describeStartFailure(err);
       this.log.error({ code }, message);
       this.log.debug({ err }, 'start failed');
+      this.comeBack(err); // a re-executed Aeterna that cannot take over: back to the previous program, if any
       await this.shutdown();
       return startFailureCode(err);
     }
@@ -216,6 +232,7 @@ export class Daemon {
       relay: this.relay,
       cgroups: this.cgroups,
       reloadSettled: (_record, config) => {
+        this.held.set(config);
         this.fileWatch.reloadSettled(config);
         this.prepareSignalRecovery();
       },
@@ -223,7 +240,7 @@ export class Daemon {
     // Every state change may change what the handover describes (a reload starting drops it, Running prepares it
     // again): prepared in the transition itself, so whoever sees Running also finds it ready.
     this.orchestrator.fsm.onTransition(() => this.prepareSignalRecovery());
-    if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
+    if (h && this.testFault === 'throw-before-takeover') throw new Error(`${TEST_FAULT_ENV}=${this.testFault}: a fault injected before the takeover`);
     let stopped: Promise<number>;
     if (h && adopted.length === 1) {
       stopped = this.orchestrator.adopt(adopted[0], h.counters);
@@ -233,6 +250,9 @@ export class Daemon {
     } else {
       stopped = this.orchestrator.run();
     }
+    this.takenOver = true;
+    // A stop requested while starting (or while the previous program exec'd): applied now that there is something to stop.
+    if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
     this.listenerWatch.start();
     if (!this.pendingStop) this.fileWatch.apply(this.config.orchestration.watch);
     // The app has been spawned: now load the metrics library (kept off the start-to-exec path).
@@ -271,8 +291,8 @@ export class Daemon {
     };
     return {
       status: () => {
-        const report = { ...need().status(), version: this.version, exec_at: this.execAt.toISOString(), reexecs: this.reexecs };
-        if (this.testFault && report.state === 'Running') injectFault(this.testFault);
+        const report = { ...need().status(), version: this.version, exec_at: this.execAt.toISOString(), reexecs: this.reexecs, config_file: { path: this.held.current.file, state: this.held.fileState() }, upgrade_fell_back: this.handover?.fell_back ?? null };
+        if (this.testFault && this.testFault !== 'throw-before-takeover' && report.state === 'Running') injectFault(this.testFault);
         return report;
       },
       upgrade: (exec) => this.upgrade(exec),
@@ -295,7 +315,8 @@ export class Daemon {
     const argv = upgradeArgv(exec);
     this.upgrading = true;
     try {
-      await checkTarget(argv, this.reaper);
+      // The dry run's copy: what the handover describes now (a busy relay connection is left out, not waited for).
+      await checkTarget(argv, { ...this.describeHandover('signal'), reason: 'upgrade' }, this.reaper);
       await this.relayIdle();
       orchestrator.handoverState(); // a reload may have started while the target was checked
       // From here to the exec nothing is read from or accepted on the relay: its connections stay idle.
@@ -310,18 +331,29 @@ export class Daemon {
       from: this.version,
       reexecs: this.reexecs,
       execNow: () => {
-        try {
-          const handover = this.describeHandover('upgrade');
-          this.log.info({ target: argv[0], handover_version: HANDOVER_VERSION, fds: handover.fds.length }, `upgrade: re-executing ${argv[0]}`);
-          reexec(argv, handover);
-        } catch (err) {
-          this.log.error({ err, code: (err as AeternaError).code }, `upgrade failed, going on as before: ${(err as Error).message}`);
-        }
-        this.relay?.thaw();
-        this.upgrading = false;
-        this.fileWatch.apply(this.config.orchestration.watch);
+        // A stop signal already received but not yet handled (libuv queues it for the next turn of the loop) must
+        // win over the exec: across it, the new program could not see it. Two turns let it through first.
+        setImmediate(() => setImmediate(() => this.execUpgrade(argv)));
       },
     };
+  }
+
+  /** The exec of an accepted upgrade, unless a stop came first. If execve fails, everything goes on as before. */
+  private execUpgrade(argv: string[]): void {
+    if (this.stopRequested) {
+      this.log.info({ target: argv[0] }, 'upgrade abandoned: Aeterna is stopping');
+    } else {
+      try {
+        const handover = this.describeHandover('upgrade');
+        this.log.info({ target: argv[0], handover_version: HANDOVER_VERSION, fds: handover.fds.length }, `upgrade: re-executing ${argv[0]}`);
+        reexec(argv, handover);
+      } catch (err) {
+        this.log.error({ err, code: (err as AeternaError).code }, `upgrade failed, going on as before: ${(err as Error).message}`);
+      }
+    }
+    this.relay?.thaw();
+    this.upgrading = false;
+    if (!this.stopRequested) this.fileWatch.apply(this.held.current.orchestration.watch);
   }
 
   /**
@@ -330,7 +362,7 @@ export class Daemon {
    */
   private async relayIdle(): Promise<void> {
     if (!this.relay) return;
-    const timeoutMs = this.config.orchestration.stateHandoff.timeoutMs;
+    const timeoutMs = this.held.current.orchestration.stateHandoff.timeoutMs;
     const why = this.relay.busyReason();
     if (why) this.log.info({ reason: why }, `upgrade: waiting until ${why.replace(' is busy with ', ' is done with ')}`);
     try {
@@ -345,7 +377,11 @@ export class Daemon {
    * handover, so the app keeps running. Returns only when that is impossible (no generation serving on its own, e.g.
    * during a reload, or execve failed): the caller then ends everything.
    */
-  recoverFromCrash(): void {
+  recoverFromCrash(error: unknown): void {
+    if (!this.takenOver) {
+      this.comeBack(error); // not yet a running Aeterna: back to the previous program, if any
+      return;
+    }
     try {
       const busy = this.relay?.busyReason();
       // A crash cannot wait: a busy connection is not carried (it closes at the exec; the client's call on it fails).
@@ -356,6 +392,35 @@ export class Daemon {
       reexec(argv, handover);
     } catch (err) {
       this.log.error({ err, code: (err as AeternaError).code }, `recovery impossible, ending everything: ${(err as Error).message}`);
+    }
+  }
+
+  /**
+   * A re-executed Aeterna fails before it took over: exec the program that handed over to it, with that same
+   * handover (fallback.ts). Returns when there is none (a fresh start, a recovery) or execve failed.
+   */
+  private comeBack(error: unknown): void {
+    const h = this.handover;
+    if (this.takenOver || fallbackArgv(h) === null) return;
+    const message = error instanceof Error ? error.message : String(error);
+    this.log.error({ target: fallbackArgv(h)![0], error: message }, `aeterna ${this.version} cannot take over (${message}): coming back to aeterna ${h!.from.version}`);
+    try {
+      fallBack(h, this.version, error);
+    } catch (err) {
+      this.log.error({ err }, `cannot come back to the previous program: ${(err as Error).message}`);
+    }
+  }
+
+  /** Until this Aeterna has taken over, a fatal signal execs the previous program too (with the handover it was given). */
+  private prepareFallbackOnFatalSignal(h: Handover): void {
+    const argv = fallbackArgv(h);
+    if (argv === null) return;
+    try {
+      const handover = fallbackHandover(h, this.version, 'a fatal signal before it took over');
+      const json = JSON.stringify(handover);
+      this.signalExec = { fd: prepareSignalExec(argv, handover), json };
+    } catch (err) {
+      this.log.warn({ err }, `cannot prepare coming back to the previous program on a fatal signal: ${(err as Error).message}`);
     }
   }
 
@@ -421,7 +486,7 @@ export class Daemon {
     for (const f of fdstore) fds.push({ role: 'fdstore', name: f.name, fd: f.fd });
     return {
       version: HANDOVER_VERSION,
-      from: { version: this.version, pid: process.pid },
+      from: { version: this.version, pid: process.pid, argv: upgradeArgv(undefined) },
       reason,
       fds,
       listeners: this.listeners.list().map((l) => ({ ...l })),
@@ -436,10 +501,12 @@ export class Daemon {
       recoveries: this.recoveries,
       relay_connections: relayConnections,
       checkpoint,
+      config: this.held.current,
     };
   }
 
   stop(reason: string): void {
+    this.stopRequested = true;
     this.fileWatch.close(); // no reload starts once stopping
     this.dropSignalRecovery();
     if (this.orchestrator?.fsm.state === 'Stopped') this.hurry.abort();
@@ -511,6 +578,12 @@ export class Daemon {
       on(signal, () => this.orchestrator?.forward(signal));
     }
     on('SIGHUP', () => this.reloadFromSignal());
+    // What arrived while Aeterna loaded (early-signals.ts), now that these handlers are in place: a stop is kept
+    // until there is something to stop; a reload has nothing to reload yet.
+    for (const signal of takeEarlySignals()) {
+      if (STOP_SIGNALS.includes(signal)) this.stop(signal);
+      else this.log.warn({ signal }, `${signal} while starting ignored: nothing to reload yet`);
+    }
   }
 
   private async shutdown(): Promise<void> {

@@ -54,7 +54,7 @@ describe('handover', () => {
 
   it('refuses another version and a bad fd number with E_HANDOVER_INVALID naming what was wrong', () => {
     const fd = writeHandover({ ...sampleHandover([]), version: 99 } as unknown as Handover);
-    assert.throws(() => readHandover({ [HANDOVER_ENV]: String(fd) }), (err: Error & { code?: string }) => err.code === 'E_HANDOVER_INVALID' && /version 99; this Aeterna reads version 1 and 2/.test(err.message));
+    assert.throws(() => readHandover({ [HANDOVER_ENV]: String(fd) }), (err: Error & { code?: string }) => err.code === 'E_HANDOVER_INVALID' && /version 99; this Aeterna reads version 1, 2 and 3/.test(err.message));
     assert.throws(() => readHandover({ [HANDOVER_ENV]: 'x' }), (err: Error & { code?: string }) => err.code === 'E_HANDOVER_INVALID' && /"x" is not an fd number/.test(err.message));
     assert.equal(readHandover({}), null);
   });
@@ -62,7 +62,7 @@ describe('handover', () => {
   it('reads a version 1 handover (from an Aeterna before relay connections were carried): it carries none', () => {
     const v1 = { ...sampleHandover([]), version: 1 } as Handover;
     assert.deepEqual(readHandover({ [HANDOVER_ENV]: String(writeHandover(v1)) }), v1);
-    assert.deepEqual(['1', '2', '3'].map(canReadHandover), [true, true, false]);
+    assert.deepEqual(['1', '2', '3', '4'].map(canReadHandover), [true, true, true, false]);
   });
 
   it('execve failing leaves the process as it was: the kept fds are close-on-exec again', () => {
@@ -157,7 +157,7 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     fs.writeFileSync(bad, '#!/bin/sh\necho "I do not know --check-handover" >&2\nexit 2\n', { mode: 0o755 });
     const r = await d.cli('upgrade', '--exec', bad);
     assert.equal(r.code, 1, r.stderr);
-    assert.match(r.stderr, new RegExp(`old-aeterna start --check-handover ${HANDOVER_VERSION} exited 2: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed \\(E_UPGRADE_REFUSED\\)`));
+    assert.match(r.stderr, new RegExp(`old-aeterna start -c \\S+ exited 2 in its dry run: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed \\(E_UPGRADE_REFUSED\\)`));
     const after = await statusOf(d);
     assert.equal(after.reexecs, 0);
     assert.equal(after.daemon_pid, before.daemon_pid);

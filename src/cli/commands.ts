@@ -4,6 +4,7 @@
 import path from 'node:path';
 import type { Command } from 'commander';
 import { call } from '../control/client';
+import { AeternaError } from '../errors';
 import type { ControlRequest } from '../control/protocol';
 import { ConfigError, loadConfigFile, loadControlSocketPath, resolveConfigPath } from '../config/load';
 import type { ReloadRecord, StatusReport } from '../orchestrator/types';
@@ -147,6 +148,11 @@ async function upgrade(options: DaemonOptions & { exec?: string }): Promise<numb
     try {
       const answer = await call(socketPath, { cmd: 'status' }, undefined, { idleTimeoutMs: QUICK_REPLY_TIMEOUT_MS });
       if ('status' in answer && (answer.status.reexecs ?? 0) > reexecs) {
+        const failed = answer.status.upgrade_fell_back;
+        if (failed) {
+          // The new program could not start and exec'd this one again: the app was never touched.
+          throw new AeternaError('E_UPGRADE_REFUSED', `aeterna ${failed.from} could not take over (${failed.error}); aeterna ${answer.status.version ?? from} took over again (pid ${answer.status.daemon_pid}, generation ${answer.status.generation} kept)`);
+        }
         const to = answer.status.version ?? 'unknown';
         if (options.json) writeJson({ ok: true, from, to, reexecs: answer.status.reexecs, daemon_pid: answer.status.daemon_pid });
         else process.stdout.write(`upgraded: aeterna ${from} -> ${to} (pid ${answer.status.daemon_pid}, generation ${answer.status.generation} kept)\n`);

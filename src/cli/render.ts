@@ -135,6 +135,7 @@ export function formatStatus(status: StatusReport): string {
   rows.push(['uptime', `${formatDuration(status.uptime_ms)} (daemon pid ${status.daemon_pid}, since ${status.started_at})`]);
   if (status.listeners.length === 0) rows.push(['listeners', 'none']);
   status.listeners.forEach((l, i) => rows.push([i === 0 ? 'listeners' : '', `${l.name} ${l.address} (fd ${l.fd})`]));
+  if (status.config_file) rows.push(['config', describeConfigFile(status.config_file)]);
   if (status.previous) rows.push(['previous', describeGeneration(status.previous)]);
   if (status.candidate) rows.push(['candidate', describeGeneration(status.candidate)]);
   if (status.canary_weight !== null) rows.push(['canary weight', `${status.canary_weight}% of new connections to the candidate`]);
@@ -145,6 +146,17 @@ export function formatStatus(status: StatusReport): string {
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;
   // A value of several lines continues under its first.
   return rows.map(([k, v]) => `${k ? `${k}:` : ''}`.padEnd(width) + v.replaceAll('\n', `\n${' '.repeat(width)}`)).join('\n') + '\n';
+}
+
+/** The config file, and whether what Aeterna runs with (the listeners above included) is what it says. */
+function describeConfigFile(file: NonNullable<StatusReport['config_file']>): string {
+  const what = {
+    applied: 'applied',
+    changed: 'changed since it was applied: the next reload applies it',
+    invalid: 'invalid: the next reload refuses it; Aeterna runs with the config it last applied',
+    unreadable: 'cannot be read: Aeterna runs with the config it last applied',
+  }[file.state];
+  return `${file.path} (${what})`;
 }
 
 function describeGeneration(g: { generation: number; pid: number; started_at: string; ready: boolean }): string {

@@ -157,15 +157,19 @@ export interface Binding {
   /**
    * Replace this process's program (same pid, same children): clears close-on-exec on `keep` right before
    * execve(path, argv, env); every other fd closes. Returns only on failure: throws (syscall 'execve', or
-   * 'fcntl'), and `keep` is close-on-exec again.
+   * 'fcntl'), and `keep` is close-on-exec again. `hold`: SIGTERM, SIGINT and SIGHUP are blocked right before the
+   * exec, so one that arrives stays pending until the new program (started with this addon preloaded, see
+   * native/hold.cc) calls releaseHeldSignals().
    */
-  execve(path: string, argv: string[], env: string[], keep: number[]): never;
+  execve(path: string, argv: string[], env: string[], keep: number[], hold?: boolean): never;
   /**
    * What a fatal signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) does from now on: a handler (on its own stack)
    * clears close-on-exec on `keep` and calls execve(path, argv, env). The first call installs the handler; each
    * call replaces the previous exec (the caller keeps `keep` open until it is replaced).
    */
-  prepareFatalSignalExec(path: string, argv: string[], env: string[], keep: number[]): void;
+  prepareFatalSignalExec(path: string, argv: string[], env: string[], keep: number[], hold?: boolean): void;
+  /** A re-executed Aeterna's stop handlers exist: the stop signals held across its exec (and any pending one) go through. */
+  releaseHeldSignals(): void;
   /** A fatal signal kills the process again (the handler finds nothing prepared). */
   clearFatalSignalExec(): void;
   /** Whether fd is a listening socket (SO_ACCEPTCONN). */
@@ -196,4 +200,7 @@ export interface TestOnlyBinding {
   recvmsg(fd: number, maxBytes: number, maxFds: number): Received | null;
 }
 
-export const native = load(path.join(__dirname, '..', '..', '..')) as Binding;
+const ROOT = path.join(__dirname, '..', '..', '..');
+export const native = load(ROOT) as Binding;
+/** The addon's file: Aeterna's own exec preloads it (LD_PRELOAD) to hold stop signals until its handlers exist. */
+export const addonPath: string = (load as unknown as { resolve(dir: string): string }).resolve(ROOT);

@@ -90,6 +90,13 @@ export interface StatusReport {
   version?: string;
   exec_at?: string;
   reexecs?: number;
+  /**
+   * The config file, and how it compares to the config Aeterna runs with (which an upgrade carries over): `applied`,
+   * `changed` (the next reload applies it), `invalid` (the next reload refuses it), `unreadable`.
+   */
+  config_file?: { path: string; state: 'applied' | 'changed' | 'invalid' | 'unreadable' };
+  /** This Aeterna took over again because the program an upgrade exec'd could not start: which one, and why. */
+  upgrade_fell_back?: { from: string; error: string } | null;
 }
 
 /** What the control socket may ask of the daemon. */

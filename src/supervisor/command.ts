@@ -10,6 +10,8 @@ import type { Reaper } from './reaper';
 export interface CommandIo {
   env?: string[];
   stdio?: [number, number, number];
+  /** fds placed at 3, 4, ... (the upgrade check's dry-run handover); none by default. */
+  fds?: number[];
 }
 
 /** Run argv with extra environment; SIGKILL its process group after timeoutMs. Throws when it cannot start. */
@@ -19,7 +21,7 @@ export async function runCommand(argv: string[], extraEnv: Record<string, string
     Object.entries({ ...process.env, ...extraEnv })
       .filter(([, v]) => v !== undefined)
       .map(([k, v]) => `${k}=${v}`);
-  const pid = native.spawn({ argv, env, fds: [], listenPid: false, ...(io.stdio ? { stdio: io.stdio } : {}) });
+  const pid = native.spawn({ argv, env, fds: io.fds ?? [], listenPid: false, ...(io.stdio ? { stdio: io.stdio } : {}) });
   const exit = reaper.watch(pid);
   reaper.sweep();
   const timer = setTimeout(() => signalIfAlive(-pid, os.constants.signals.SIGKILL), timeoutMs);

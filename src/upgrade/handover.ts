@@ -9,14 +9,17 @@ import { AeternaError } from '../errors';
 import type { Listener } from '../resources/listeners';
 import type { SocketFile } from '../resources/socket-file';
 import type { ReloadRecord } from '../orchestrator/types';
+import type { Config } from '../config/types';
 
 /**
  * The handover version this Aeterna writes. Version 2 added the relay connections and the in-memory checkpoint: an
  * Aeterna that reads only 1 would leave them open and unattended, so it must refuse (its check says it cannot).
+ * Version 3 added the config the daemon runs with (the re-executed Aeterna runs with it, never with a file no reload
+ * accepted), the previous program's argv (to come back to it when the new one cannot start) and the dry run.
  */
-export const HANDOVER_VERSION = 2;
-/** The versions this Aeterna reads (`start --check-handover` says so): a version 1 handover simply carries neither. */
-export const READABLE_HANDOVER_VERSIONS: readonly number[] = [1, 2];
+export const HANDOVER_VERSION = 3;
+/** The versions this Aeterna reads (`start --check-handover` says so): versions 1 and 2 carry no config (the file is read). */
+export const READABLE_HANDOVER_VERSIONS: readonly number[] = [1, 2, 3];
 /** The environment variable that carries the handover's fd number across the exec. */
 export const HANDOVER_ENV = 'AETERNA_HANDOVER_FD';
 
@@ -70,9 +73,12 @@ export interface HandedCheckpoint {
 }
 
 export interface Handover {
-  version: 1 | typeof HANDOVER_VERSION;
-  /** The Aeterna that wrote it. */
-  from: { version: string; pid: number };
+  version: 1 | 2 | typeof HANDOVER_VERSION;
+  /**
+   * The Aeterna that wrote it; version 3: its argv, which the new program execs with this same handover when it
+   * cannot start (fallback.ts).
+   */
+  from: { version: string; pid: number; argv?: string[] };
   /** Why the exec happened (aeterna_reexecs_total's label). */
   reason: ReexecReason;
   fds: KeptFd[];
@@ -94,6 +100,19 @@ export interface Handover {
   /** Version 2: the generations' idle state relay connections, and the latest checkpoint (null: none). */
   relay_connections?: HandedRelayConnection[];
   checkpoint?: HandedCheckpoint | null;
+  /**
+   * Version 3: the config the daemon runs with (the one its last start or promoted reload applied), as the Config
+   * of this handover version. A later Aeterna that changes Config's shape bumps the version and converts it.
+   */
+  config?: Config;
+  /**
+   * Version 3: `aeterna upgrade` checks its target by starting it with a copy of the handover that says so: the
+   * target loads its code, reads the handover and the config in it, answers and exits; it takes nothing over (the
+   * fds it names are not passed).
+   */
+  dry_run?: boolean;
+  /** Set when the program this was handed to could not start and came back: what it was and why (logged). */
+  fell_back?: { from: string; error: string };
 }
 
 /** Write the handover to a new sealed memfd (close-on-exec until the exec's keep list clears it); returns its fd. */
@@ -136,6 +155,8 @@ export function readHandover(env: NodeJS.ProcessEnv): Handover | null {
     throw new AeternaError('E_HANDOVER_INVALID', `the handover at fd ${fd} has version ${JSON.stringify(version)}; this Aeterna reads ${readableVersions()}`);
   }
   const handover = parsed as Handover;
+  // A dry run names fds it did not pass: nothing to take.
+  if (handover.dry_run === true) return handover;
   // The kept fds lost close-on-exec for the exec: they must reach the app only where Aeterna places them.
   for (const kept of handover.fds) native.setCloexec(kept.fd);
   return handover;
@@ -146,7 +167,8 @@ export function canReadHandover(version: string): boolean {
   return READABLE_HANDOVER_VERSIONS.some((v) => String(v) === version);
 }
 
-/** "version 1 and 2", for messages. */
+/** "version 1, 2 and 3", for messages. */
 export function readableVersions(): string {
-  return `version ${READABLE_HANDOVER_VERSIONS.join(' and ')}`;
+  const all = READABLE_HANDOVER_VERSIONS.map(String);
+  return `version ${all.slice(0, -1).join(', ')} and ${all[all.length - 1]}`;
 }

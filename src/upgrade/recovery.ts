@@ -10,18 +10,22 @@ export const RECOVERY_WINDOW_MS = 60_000;
 
 /** The fault-injection hook's variable: only Aeterna's tests set it (see docs/operations.md). */
 export const TEST_FAULT_ENV = 'AETERNA_TEST_FAULT';
-/** The faults the hook knows: thrown (or rejected) inside the daemon when it answers `status`. */
-export type TestFault = 'throw-on-status' | 'reject-on-status';
+/**
+ * The faults the hook knows: thrown (or rejected) inside the daemon when it answers `status`; or, in a re-executed
+ * Aeterna, thrown during its start before it takes over (it must come back to the previous program).
+ */
+export type TestFault = 'throw-on-status' | 'reject-on-status' | 'throw-before-takeover';
+const TEST_FAULTS: readonly string[] = ['throw-on-status', 'reject-on-status', 'throw-before-takeover'];
 
 /** The fault the hook should inject, or null (the normal case). Taken out of `env`: once, and the app never sees it. */
 export function takeTestFault(env: NodeJS.ProcessEnv): TestFault | null {
   const value = env[TEST_FAULT_ENV];
   delete env[TEST_FAULT_ENV];
-  return value === 'throw-on-status' || value === 'reject-on-status' ? value : null;
+  return value !== undefined && TEST_FAULTS.includes(value) ? (value as TestFault) : null;
 }
 
 /** Throw (or reject) outside any caller that could catch it, as a bug in the daemon would. */
-export function injectFault(fault: TestFault): void {
+export function injectFault(fault: Exclude<TestFault, 'throw-before-takeover'>): void {
   const err = new Error(`${TEST_FAULT_ENV}=${fault}: a fault injected inside the daemon`);
   setImmediate(() => {
     if (fault === 'throw-on-status') throw err;

@@ -1,10 +1,11 @@
 // `aeterna upgrade`: check the target, then re-execute in place. The target is
-// first run (through the addon, like every process Aeterna starts) as
-// `start --check-handover V`: it must load and say it reads handover version V,
+// first run (through the addon, like every process Aeterna starts) exactly as it
+// will be exec'd, with a dry-run copy of the handover: it must load its code and
+// the addon, read the handover and the config in it, and say it can take over,
 // or the upgrade is refused and nothing changes. Then Aeterna execve()s itself:
 // same pid, its children stay its children; if execve fails it goes on as before.
 import fs from 'node:fs';
-import { native, type ExitInfo } from '../native/binding';
+import { addonPath, native, type ExitInfo } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { Reaper } from '../supervisor/reaper';
 import { runCommand } from '../supervisor/command';
@@ -12,9 +13,14 @@ import { HANDOVER_ENV, HANDOVER_VERSION, writeHandover, type Handover } from './
 
 /** The check must answer within this time, or the target is refused. */
 const CHECK_TIMEOUT_MS = 15_000;
-/** What a target that reads this handover version prints. */
+/** What a target that reads this handover version prints (`start --check-handover V`). */
 export function checkAnswer(version: string): string {
   return `aeterna reads handover version ${version}`;
+}
+
+/** What a target prints at the end of its dry run: it read the handover and the config in it. */
+export function dryRunAnswer(version: number): string {
+  return `aeterna can take over handover version ${version}`;
 }
 
 /** The program to exec: `exec` with this daemon's arguments, else the same node and entry it was started from. */
@@ -29,16 +35,34 @@ function environment(extra: Record<string, string>): string[] {
   return [...env.map(([k, v]) => `${k}=${v}`), ...Object.entries(extra).map(([k, v]) => `${k}=${v}`)];
 }
 
-/** Run the target with --check-handover; throws E_UPGRADE_REFUSED unless it exits 0 saying it reads this version. */
-export async function checkTarget(argv: string[], reaper: Reaper): Promise<void> {
-  const start = argv.indexOf('start', argv.length - process.argv.slice(2).length);
-  const checkArgv = [...argv.slice(0, start + 1), '--check-handover', String(HANDOVER_VERSION)];
+/** The variables that make the exec'd program hold stop signals until its handlers exist (native/hold.cc). */
+export const HOLD_ENV = 'AETERNA_HOLD_SIGNALS';
+function holdingSignals(): Record<string, string> {
+  const preload = process.env['LD_PRELOAD'];
+  return { LD_PRELOAD: preload ? `${addonPath}:${preload}` : addonPath, [HOLD_ENV]: '1' };
+}
+
+/** The environment of Aeterna's own exec: `extra`, and stop signals held across it (LD_PRELOAD replaced, not doubled). */
+function execEnvironment(extra: Record<string, string>): string[] {
+  const hold = holdingSignals();
+  return [...environment(extra).filter((entry) => !Object.keys(hold).some((k) => entry.startsWith(`${k}=`))), ...Object.entries(hold).map(([k, v]) => `${k}=${v}`)];
+}
+
+/**
+ * Start the target as it will be exec'd (same argv, same environment) with `dryRun`, a copy of the handover that
+ * says so, at its fd 3; throws E_UPGRADE_REFUSED unless it exits 0 saying it can take over this handover version.
+ * A target that is not an Aeterna of this handover version, or that cannot load, or cannot read the handover or
+ * the config in it, fails here, while the running Aeterna still serves.
+ */
+export async function checkTarget(argv: string[], dryRun: Handover, reaper: Reaper): Promise<void> {
   const out = native.memfdCreate('aeterna-upgrade-check');
+  let doc: number | null = null;
   try {
     let info: ExitInfo;
     try {
+      doc = writeHandover({ ...dryRun, dry_run: true });
       // Its process group is killed after CHECK_TIMEOUT_MS: a target that hangs refuses the upgrade.
-      info = await runCommand(checkArgv, {}, reaper, CHECK_TIMEOUT_MS, { env: environment({}), stdio: [0, out, 2] });
+      info = await runCommand(argv, {}, reaper, CHECK_TIMEOUT_MS, { env: environment({ [HANDOVER_ENV]: '3' }), stdio: [0, out, 2], fds: [doc] });
     } catch (err) {
       throw new AeternaError('E_UPGRADE_REFUSED', `cannot run the upgrade target ${argv[0]}: ${(err as Error).message}; nothing changed`, { cause: err });
     }
@@ -46,12 +70,13 @@ export async function checkTarget(argv: string[], reaper: Reaper): Promise<void>
     const said = Buffer.alloc(Math.min(size, 4096));
     fs.readSync(out, said, 0, said.length, 0);
     const answer = said.toString('utf8').trim();
-    if (info.code !== 0 || !answer.includes(checkAnswer(String(HANDOVER_VERSION)))) {
+    if (info.code !== 0 || !answer.includes(dryRunAnswer(HANDOVER_VERSION))) {
       const how = info.signal !== null ? `was killed by signal ${info.signal}` : `exited ${info.code}`;
-      throw new AeternaError('E_UPGRADE_REFUSED', `the upgrade target ${checkArgv.join(' ')} ${how}${answer ? ` saying ${JSON.stringify(answer.slice(0, 200))}` : ''}: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed`);
+      throw new AeternaError('E_UPGRADE_REFUSED', `the upgrade target ${argv.join(' ')} ${how} in its dry run${answer ? ` saying ${JSON.stringify(answer.slice(0, 200))}` : ''}: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed`);
     }
   } finally {
     native.close(out);
+    if (doc !== null) native.close(doc);
   }
 }
 
@@ -67,7 +92,7 @@ function keptFds(handover: Handover, handoverFd: number): number[] {
 export function prepareSignalExec(argv: string[], handover: Handover): number {
   const fd = writeHandover(handover);
   try {
-    native.prepareFatalSignalExec(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd));
+    native.prepareFatalSignalExec(argv[0], argv, execEnvironment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd), true);
   } catch (err) {
     native.close(fd);
     throw err;
@@ -79,7 +104,7 @@ export function prepareSignalExec(argv: string[], handover: Handover): number {
 export function reexec(argv: string[], handover: Handover): void {
   const fd = writeHandover(handover);
   try {
-    native.execve(argv[0], argv, environment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd));
+    native.execve(argv[0], argv, execEnvironment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd), true);
   } finally {
     native.close(fd);
   }
