@@ -15,6 +15,7 @@ import { endLeftovers, killLeftovers } from './supervisor/leftovers';
 import { ListenerSet, inheritedListeners } from './resources/listeners';
 import { ListenerWatch } from './resources/listener-watch';
 import { NotifySocket } from './resources/notify';
+import { keepSocketFile, type SocketFileWatch } from './resources/socket-file';
 import { FdStore } from './resources/fd-store';
 import { Orchestrator } from './orchestrator/orchestrator';
 import { STATES, type State } from './orchestrator/fsm';
@@ -103,6 +104,8 @@ export class Daemon {
   private relay: SrpCoordinator | null = null;
   private orchestrator: Orchestrator | null = null;
   private cgroups: Cgroups | null = null;
+  /** The state relay's and the notify socket files, kept like the control socket's (see keepSocketFile). */
+  private readonly socketWatches: SocketFileWatch[] = [];
   /** orchestration.watch: reloads on file change. */
   private readonly fileWatch: FileWatch;
   /** A stop requested before the orchestrator existed. */
@@ -189,6 +192,7 @@ export class Daemon {
         this.relay.on('carry', () => this.prepareSignalRecovery());
         this.log.info({ socket: handoff.socketPath }, 'state relay ready');
       }
+      this.keepSocketFiles();
     } catch (err) {
       // One line an operator can act on; the stack is for bugs, at debug level.
       const { code, message } = describeStartFailure(err);
@@ -253,6 +257,46 @@ export class Daemon {
     if (!this.relay && h.checkpoint) native.close(h.checkpoint.fd);
     if (entries.length > 0) this.log.info({ generations: entries.map((e) => e.generation), relay: this.relay !== null }, `took over ${entries.length} state relay connection(s)`);
     this.prepareSignalRecovery(); // they are part of what a fatal signal carries now
+  }
+
+  /**
+   * Check the state relay's and the notify socket files like the control socket's (a tmp cleaner may delete
+   * them): re-created at the same path, which the generations' environment names; the handover then names the new fd.
+   */
+  private keepSocketFiles(): void {
+    const notify = this.notify!;
+    this.socketWatches.push(
+      keepSocketFile(
+        notify.file,
+        {
+          what: 'notify socket',
+          consequence: "the app's READY=1 (and WATCHDOG=1, FDSTORE=1) cannot reach Aeterna",
+          recreate: () => {
+            const file = notify.rebind();
+            this.prepareSignalRecovery();
+            return file;
+          },
+        },
+        this.log,
+      ),
+    );
+    const relay = this.relay;
+    if (!relay) return;
+    this.socketWatches.push(
+      keepSocketFile(
+        relay.listening.file,
+        {
+          what: 'state relay socket',
+          consequence: 'new generations cannot connect to the state relay (a reload starts without the state)',
+          recreate: () => {
+            const file = relay.relisten(resolveIdentity(this.config.service.user, this.config.service.group));
+            this.prepareSignalRecovery();
+            return file;
+          },
+        },
+        this.log,
+      ),
+    );
   }
 
   /** Sockets left at their default as a non-root user go to a private directory: create it 0700, or refuse one that is not ours. */
@@ -518,6 +562,7 @@ export class Daemon {
     this.handlers.clear();
     this.listenerWatch.stop();
     this.fileWatch.close();
+    for (const watch of this.socketWatches) watch.stop(); // before the sockets are closed: never re-created after
     await this.control?.close().catch(() => undefined);
     this.metricsServer?.closeAllConnections();
     this.metricsServer?.close();

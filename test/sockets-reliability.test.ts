@@ -1,0 +1,99 @@
+// Aeterna's own files under a hostile environment: a tmp cleaner deleting its
+// sockets while it runs. Every socket file Aeterna owns is re-created at the
+// same path (the generations' environment names it), and the fd an upgrade
+// hands over is the current one. Real daemons, real apps, real signals.
+import { describe, it, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fdCountAtRest, settle } from '../bench/soak';
+import { fixture, freePort } from './helpers/aeterna';
+import { Daemon, statusOf, type ConfigOptions } from './helpers/daemon';
+import { requestJson } from './helpers/load';
+
+const STATEFUL_APP = [process.execPath, fixture('apps', 'stateful_app.js')];
+const NOTIFY_APP = ['python3', fixture('apps', 'notify_app.py')];
+const daemons: Daemon[] = [];
+after(async () => {
+  for (const d of daemons) await d.run.killAll();
+});
+
+async function started(options: Omit<ConfigOptions, 'port'>): Promise<{ d: Daemon; port: number }> {
+  const port = await freePort();
+  const d = new Daemon({ port, stopTimeout: '5s', ...options }).start();
+  daemons.push(d);
+  await d.waitStatus((s) => s.state === 'Running', 60000);
+  return { d, port };
+}
+
+/** Delete the socket file at `file` and wait (a hang guard) until a new socket is there; returns whether one came. */
+async function deleteAndAwaitNew(file: string): Promise<boolean> {
+  const inode = fs.statSync(file).ino;
+  fs.rmSync(file);
+  return settle(() => {
+    try {
+      const st = fs.lstatSync(file);
+      return st.isSocket() && st.ino !== inode;
+    } catch {
+      return false;
+    }
+  }, (ok) => ok, 20000, 100);
+}
+
+type Reply = { pid: number; generation: string; history?: string[] };
+
+describe('socket files deleted under Aeterna', { timeout: 240000 }, () => {
+  it('the state relay socket deleted: re-created at the same path, the next reload relays the state, an upgrade hands the new socket over, no fd leaked', async () => {
+    const { d, port } = await started({ command: STATEFUL_APP, handoff: true, readiness: '{ mode: "notify", timeout: "60s" }' });
+    const aeterna = d.run.child.pid!;
+    const stateSocket = path.join(d.dir, 'state.sock');
+    for (const m of ['one', 'two']) await requestJson<Reply>(port, 'POST', '/sessions/s1/messages', m);
+    const baselineFds = await fdCountAtRest(aeterna);
+
+    assert.equal(await deleteAndAwaitNew(stateSocket), true, `the state relay socket was re-created\n${d.run.stderr.slice(-2000)}`);
+    assert.equal(fs.statSync(stateSocket).mode & 0o777, 0o600, 'with mode 0600');
+    assert.equal(d.run.logs().filter((l) => l.level === 'warn' && /the state relay socket file .* was deleted while the daemon ran; re-created it/.test(l.msg)).length, 1);
+    assert.equal(await fdCountAtRest(aeterna), baselineFds, 'the old listening socket was closed, not kept beside the new one');
+
+    const r = await d.cli('reload');
+    assert.equal(r.code, 0, `the reload promotes: ${r.stderr}`);
+    const reloaded = await requestJson<Reply>(port, 'GET', '/sessions/s1');
+    assert.equal(reloaded.generation, '2');
+    assert.deepEqual(reloaded.history, ['one', 'two'], 'the state was relayed through the new socket');
+
+    // The upgrade hands over the listening socket now at the path (the old fd is closed): the next Aeterna accepts on it.
+    const up = await d.cli('upgrade');
+    assert.equal(up.code, 0, `upgrade: ${up.stderr}`);
+    assert.equal((await d.cli('reload')).code, 0, 'a reload after the upgrade promotes');
+    const after = await requestJson<Reply>(port, 'GET', '/sessions/s1');
+    assert.equal(after.generation, '3');
+    assert.deepEqual(after.history, ['one', 'two'], 'relayed on the handed-over socket');
+    assert.equal(await d.stop(), 0);
+    assert.equal(fs.existsSync(stateSocket), false, 'removed at exit');
+  });
+
+  it('the notify socket deleted: re-created; the app killed with SIGKILL restarts and its READY=1 arrives (no crash loop); a reload works', async () => {
+    const { d, port } = await started({
+      command: NOTIFY_APP,
+      readiness: '{ mode: "notify", timeout: "20s" }',
+      restart: '{ policy: "always", max_restarts: 3, window: "60s" }',
+    });
+    const notifySocket = path.join(d.dir, 'control.sock.notify');
+    const aeterna = d.run.child.pid!;
+    const baselineFds = await fdCountAtRest(aeterna);
+    assert.equal(await deleteAndAwaitNew(notifySocket), true, `the notify socket was re-created\n${d.run.stderr.slice(-2000)}`);
+    assert.equal(d.run.logs().filter((l) => l.level === 'warn' && /the notify socket file .* was deleted while the daemon ran; re-created it/.test(l.msg)).length, 1);
+    assert.equal(await fdCountAtRest(aeterna), baselineFds, 'the old notify socket was closed');
+
+    const before = await statusOf(d);
+    process.kill(before.pid!, 'SIGKILL');
+    const s = await d.waitStatus((x) => x.state === 'Running' && x.restarts === 1 && x.pid !== before.pid, 60000);
+    assert.equal((await requestJson<Reply>(port, 'GET', '/')).pid, s.pid, 'the restarted app serves');
+
+    const r = await d.cli('reload');
+    assert.equal(r.code, 0, `the reload promotes (the new generation's READY=1 arrives): ${r.stderr}`);
+    assert.equal((await d.status()).restarts, 1, 'no crash loop');
+    assert.equal(await d.stop(), 0);
+    assert.equal(fs.existsSync(notifySocket), false, 'removed at exit');
+  });
+});
