@@ -20,7 +20,7 @@ import { FdStore } from './resources/fd-store';
 import { Orchestrator } from './orchestrator/orchestrator';
 import { STATES, type State } from './orchestrator/fsm';
 import type { ControlApi, ReloadTrigger } from './orchestrator/types';
-import { FileWatch } from './orchestrator/file-watch';
+import { FileWatch, ownFiles } from './orchestrator/file-watch';
 import { startControlServer, type ControlServer } from './control/server';
 import { SrpCoordinator } from './srp/coordinator';
 import { resolveIdentity } from './supervisor/identity';
@@ -237,7 +237,7 @@ export class Daemon {
       stopped = this.orchestrator.run();
     }
     this.listenerWatch.start();
-    if (!this.pendingStop) this.fileWatch.apply(this.config.orchestration.watch);
+    if (!this.pendingStop) this.fileWatch.apply(this.config.orchestration.watch, ownFiles(this.config));
     // The app has been spawned: now load the metrics library (kept off the start-to-exec path).
     setImmediate(() => this.metrics.export());
     code = await stopped;
@@ -362,7 +362,7 @@ export class Daemon {
         }
         this.relay?.thaw();
         this.upgrading = false;
-        this.fileWatch.apply(this.config.orchestration.watch);
+        this.fileWatch.apply(this.config.orchestration.watch, ownFiles(this.config));
       },
     };
   }

@@ -97,3 +97,50 @@ describe('socket files deleted under Aeterna', { timeout: 240000 }, () => {
     assert.equal(fs.existsSync(notifySocket), false, 'removed at exit');
   });
 });
+
+describe("orchestration.watch on the directory that holds Aeterna's own files", { timeout: 240000 }, () => {
+  it('checkpoints written into a watched directory (and its sockets there) trigger no reload; a change of another file there reloads once', async () => {
+    const port = await freePort();
+    const d = new Daemon({ command: STATEFUL_APP, port, stopTimeout: '5s', readiness: '{ mode: "notify", timeout: "60s" }' });
+    const checkpointFile = path.join(d.dir, 'state.ckpt');
+    const marker = path.join(d.dir, 'marker');
+    fs.mkdirSync(marker);
+    // The config, the control, notify and state sockets, the checkpoint file and its temporary files all live in d.dir.
+    d.write({
+      ...d.options,
+      handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "60s", checkpoint: { enabled: true, path: "${checkpointFile}" } }`,
+      watch: `{ paths: ["${d.dir}", "${marker}"], debounce: "100ms" }`,
+    });
+    d.start();
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running', 60000);
+    await d.run.waitFor(/watching 2 path\(s\) for changes/);
+
+    const inode = (): number | null => {
+      try {
+        return fs.statSync(checkpointFile).ino;
+      } catch {
+        return null;
+      }
+    };
+    for (let i = 0; i < 10; i++) {
+      const before = inode();
+      const r = await requestJson<{ seq?: number; error?: string }>(port, 'POST', '/checkpoint');
+      assert.equal(typeof r.seq, 'number', `checkpoint stored: ${JSON.stringify(r)}`);
+      // Each checkpoint is written to a temporary file and renamed over the file: a new inode once it is on disk.
+      assert.notEqual(await settle(inode, (now) => now !== null && now !== before, 20000), before, `checkpoint ${i + 1} reached its file`);
+    }
+    // The events of the checkpoint writes are queued before this one: a burst seen after it would include them.
+    fs.writeFileSync(path.join(marker, 'app.conf'), 'x');
+    const s = await d.waitStatus((x) => x.state === 'Running' && x.generation === 2, 60000);
+    assert.equal(s.last_reload?.trigger, 'watch');
+    const reloads = d.run.logs().filter((l) => /^watched change \(/.test(l.msg));
+    assert.deepEqual(reloads.map((l) => l.msg), [`watched change (${marker}): reloading`], 'one reload, for the marker only: the checkpoint writes are not a change of the watched directory');
+
+    // Another file in the directory that holds them is a change: it reloads.
+    fs.writeFileSync(path.join(d.dir, 'app.conf'), 'y');
+    await d.waitStatus((x) => x.state === 'Running' && x.generation === 3, 60000);
+    assert.equal(d.run.logs().filter((l) => /^watched change \(/.test(l.msg)).length, 2);
+    assert.equal(await d.stop(), 0);
+  });
+});
