@@ -408,6 +408,9 @@ export class Daemon {
       { code: 'E_RECOVERY_LOOP', recoveries: this.recoveries },
       `aeterna recovered from its own crash ${this.recoveries.length} times within ${RECOVERY_WINDOW_MS / 1000}s (at most ${RECOVERY_LIMIT}): giving up, ending the app (E_RECOVERY_LOOP)`,
     );
+    // The cgroups the previous program handed over, so that they go with the app.
+    this.cgroups = this.openCgroups(this.handover?.cgroups ?? null);
+    for (const g of this.handover?.generations ?? []) if (g.cgroup !== null) this.cgroups?.adoptGeneration(g.cgroup);
     this.killEverything();
     return ExitCodes.SOFTWARE;
   }
@@ -510,6 +513,7 @@ export class Daemon {
     try {
       const cgroups = Cgroups.open(onFallBack);
       this.log.info({ cgroups: true, cgroup: cgroups.group }, `process attribution: one cgroup per generation below ${cgroups.dir}`);
+      if (cgroups.swept.length > 0) this.log.info({ removed: cgroups.swept }, `removed ${cgroups.swept.length} empty cgroup director${cgroups.swept.length === 1 ? 'y' : 'ies'} left by an Aeterna that died without cleaning up`);
       return cgroups;
     } catch (err) {
       this.log.warn({ cgroups: false }, `${fallback}: cgroups unavailable: ${(err as Error).message}`);
@@ -517,10 +521,14 @@ export class Daemon {
     }
   }
 
-  /** Aeterna is dying of an internal error: take every process of the app with it, without waiting. */
+  /**
+   * Aeterna is dying of an internal error: take every process of the app with it, and its cgroup directories
+   * (waiting a moment, synchronously, for the killed processes to leave them).
+   */
   killEverything(): void {
     this.cgroups?.killAll();
     killLeftovers();
+    this.cgroups?.removeAllNow();
   }
 
   /** Start a reload that nobody waits on (SIGHUP, a watched change) and log its outcome; throws as Orchestrator.reload. */

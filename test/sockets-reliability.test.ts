@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fdCountAtRest, settle } from '../bench/soak';
-import { fixture, freePort } from './helpers/aeterna';
+import { fixture, freePort, pidNamespaceUnavailable } from './helpers/aeterna';
 import { Daemon, statusOf, type ConfigOptions } from './helpers/daemon';
 import { requestJson } from './helpers/load';
 
@@ -142,5 +142,59 @@ describe("orchestration.watch on the directory that holds Aeterna's own files", 
     await d.waitStatus((x) => x.state === 'Running' && x.generation === 3, 60000);
     assert.equal(d.run.logs().filter((l) => /^watched change \(/.test(l.msg)).length, 2);
     assert.equal(await d.stop(), 0);
+  });
+});
+
+/** The cgroup directory a daemon made (from its log), or null when cgroups are unavailable here. */
+function cgroupDirOf(d: Daemon): string | null {
+  const line = d.run.logs().find((l) => /^process attribution: one cgroup per generation below /.test(l.msg));
+  return line ? line.msg.replace(/^process attribution: one cgroup per generation below (\S+).*$/, '$1') : null;
+}
+
+/** Aeterna's directory and its generations' below it (none once removed). */
+function cgroupDirs(dir: string): string[] {
+  if (!fs.existsSync(dir)) return [];
+  return [dir, ...fs.readdirSync(dir).filter((n) => /^gen-\d+$/.test(n)).map((n) => path.join(dir, n))];
+}
+
+const SLEEPER = ['sleep', '1000'];
+
+describe('cgroup directories after abnormal exits', { timeout: 240000 }, () => {
+  it('E_RECOVERY_LOOP (the 6th crash within a minute): the cgroup directories handed over are removed with the app', async () => {
+    const { d } = await started({ command: SLEEPER });
+    const dir = cgroupDirOf(d);
+    if (dir === null) return; // no cgroups on this machine: nothing to leave behind
+    assert.equal(cgroupDirs(dir).length, 2, 'its directory and generation 1');
+    for (let i = 1; i <= 6; i++) {
+      await d.run.signal('SIGSEGV');
+      if (i < 6) await d.waitStatus((s) => (s as unknown as { reexecs: number }).reexecs === i, 60000);
+    }
+    assert.equal((await d.run.exit(60000)).code, 70);
+    assert.ok(d.run.logs().some((l) => (l as { code?: string }).code === 'E_RECOVERY_LOOP'));
+    assert.deepEqual(cgroupDirs(dir), [], 'no cgroup directory left');
+  });
+
+  it('Aeterna (PID 1) killed with SIGKILL leaves its empty cgroup directories; the next Aeterna started in the same cgroup removes them', { skip: pidNamespaceUnavailable() ?? false }, async () => {
+    const port = await freePort();
+    const first = new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }).start(true);
+    daemons.push(first);
+    await first.waitStatus((s) => s.state === 'Running', 60000);
+    const dir = cgroupDirOf(first);
+    if (dir === null) return;
+    process.kill(await first.run.aeternaPid(), 'SIGKILL'); // its namespace, the app with it, goes down
+    await first.run.exit(60000);
+    const empty = await settle(() => fs.existsSync(dir) && /^populated 0$/m.test(fs.readFileSync(path.join(dir, 'cgroup.events'), 'utf8')), (ok) => ok, 20000);
+    assert.equal(empty, true, 'left behind, empty: nothing could remove it');
+    assert.equal(cgroupDirs(dir).length, 2);
+
+    const second = new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }).start(true);
+    daemons.push(second);
+    await second.waitStatus((s) => s.state === 'Running', 60000);
+    assert.deepEqual(cgroupDirs(dir), [], "the dead Aeterna's directories were removed");
+    const removed = second.run.logs().find((l) => /^removed \d+ empty cgroup director(y|ies) left by an Aeterna that died/.test(l.msg)) as { removed?: string[] } | undefined;
+    assert.ok(removed?.removed?.includes(dir), 'and the start says which');
+    assert.equal(cgroupDirs(cgroupDirOf(second)!).length, 2, 'its own are there');
+    await second.stop();
+    assert.deepEqual(cgroupDirs(cgroupDirOf(second)!), [], 'and removed at its exit');
   });
 });
