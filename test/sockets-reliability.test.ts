@@ -198,3 +198,18 @@ describe('cgroup directories after abnormal exits', { timeout: 240000 }, () => {
     assert.deepEqual(cgroupDirs(cgroupDirOf(second)!), [], 'and removed at its exit');
   });
 });
+
+describe('spawn errors', { timeout: 120000 }, () => {
+  it('service.cwd missing: the start fails with exit 127 and one line that says the spawn error once', async () => {
+    const missing = '/nonexistent/aeterna-cwd';
+    const d = new Daemon({ command: ['sleep', '1000'], extraService: `  cwd: "${missing}"\n` }).start();
+    daemons.push(d);
+    assert.equal((await d.run.exit(60000)).code, 127);
+    const expected = `spawn "sleep" (cwd "${missing}"): chdir: No such file or directory (ENOENT)`;
+    const lines = d.run.logs().filter((l) => (l as { code?: string }).code === 'E_SPAWN_FAILED');
+    assert.equal(lines.length, 1, d.run.stderr.slice(-2000));
+    const line = lines[0] as { msg: string; err?: { message: string } };
+    assert.equal(line.msg, expected);
+    assert.equal(line.err?.message, expected, 'the error as logged says it once too');
+  });
+});
