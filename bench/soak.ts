@@ -277,16 +277,29 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     let outsidersRefused = 0;
     const checkpoints: SoakResult['checkpoints'] = { stored: 0, lastSeq: null, atEnd: null };
     const fdstore: SoakResult['fdstore'] = { stored: 0, received: 0, namesAtEnd: [] };
-    /** A checkpoint of the state now, then an fd parked in place of the last one (the serving generation's). */
+    /**
+     * A checkpoint of the state now, then an fd parked as soak-<k> in place of soak-<k-1> (by the serving
+     * generation). The datagrams reach Aeterna on their own time (sd_notify has no answer): wait until its store
+     * holds soak-<k> alone, so that the next generation receives it.
+     */
     const store = async (): Promise<void> => {
       const c = await requestJson<{ seq?: number; error?: string }>(port, 'POST', '/checkpoint');
       if (typeof c.seq !== 'number') throw new Error(`checkpoint refused: ${JSON.stringify(c)}`);
       checkpoints.stored++;
       checkpoints.lastSeq = c.seq;
-      const f = await requestJson<{ stored: boolean; received: string }>(port, 'POST', '/fdstore');
+      const k = fdstore.stored + 1;
+      const f = await requestJson<{ stored: boolean; received: string }>(port, 'POST', `/fdstore/${k}`);
       if (!f.stored) throw new Error('the app could not park its fd');
-      if (f.received.split(':').includes('soak')) fdstore.received++;
-      fdstore.stored++;
+      if (f.received.split(':').includes(`soak-${k - 1}`)) fdstore.received++;
+      fdstore.stored = k;
+      const want = JSON.stringify([`soak-${k}`]);
+      for (const deadline = Date.now() + 20000; ; ) {
+        const r = await call(socketPath, { cmd: 'status' });
+        const names = 'status' in r ? JSON.stringify(r.status.fdstore) : '?';
+        if (names === want) break;
+        if (Date.now() > deadline) throw new Error(`the fd store holds ${names}, not soak-${k}`);
+        await new Promise((res) => setTimeout(res, 20));
+      }
     };
     const load = startLoad(port, { concurrency });
     const samples: Sample[] = [];
@@ -386,8 +399,8 @@ export function soakFailures(r: SoakResult, rssBoundKiB = 20 * 1024): string[] {
   if (r.state.intact === false) out.push(`the ${r.state.bytes}-byte state did not survive the reloads intact`);
   if (r.outsiders.refused !== r.outsiders.sent) out.push(`${r.outsiders.sent - r.outsiders.refused} of ${r.outsiders.sent} outsider connections were not refused`);
   if (r.checkpoints.stored > 0 && r.checkpoints.atEnd !== r.checkpoints.lastSeq) out.push(`Aeterna holds checkpoint ${r.checkpoints.atEnd}, not the last one stored (${r.checkpoints.lastSeq})`);
-  if (r.fdstore.stored > 0 && (JSON.stringify(r.fdstore.namesAtEnd) !== '["soak"]' || r.fdstore.received !== r.fdstore.stored - 1)) {
-    out.push(`fd store: ${JSON.stringify(r.fdstore.namesAtEnd)} at the end (one "soak" expected); ${r.fdstore.received} of ${r.fdstore.stored - 1} later generations received it`);
+  if (r.fdstore.stored > 0 && (JSON.stringify(r.fdstore.namesAtEnd) !== JSON.stringify([`soak-${r.fdstore.stored}`]) || r.fdstore.received !== r.fdstore.stored - 1)) {
+    out.push(`fd store: ${JSON.stringify(r.fdstore.namesAtEnd)} at the end (soak-${r.fdstore.stored} alone expected); ${r.fdstore.received} of ${r.fdstore.stored - 1} generations received the fd parked before`);
   }
   if (r.fds.end > r.fds.start) out.push(`fd count grew ${r.fds.start} -> ${r.fds.end}`);
   if (r.rssKiB.end - r.rssKiB.start > rssBoundKiB) out.push(`RSS grew by ${r.rssKiB.end - r.rssKiB.start} KiB`);

@@ -24,7 +24,7 @@ describe('soak (short CI version of make soak)', { timeout: 300000 }, () => {
     assert.equal(r.checkpoints.stored, Math.floor(RELOADS / 3));
     assert.equal(r.checkpoints.atEnd, r.checkpoints.lastSeq, "Aeterna holds the app's latest checkpoint");
     assert.equal(r.fdstore.stored, Math.floor(RELOADS / 3));
-    assert.deepEqual(r.fdstore.namesAtEnd, ['soak'], 'one stored fd: each replaced the one before');
+    assert.deepEqual(r.fdstore.namesAtEnd, [`soak-${r.fdstore.stored}`], 'one stored fd: each replaced the one before');
     assert.equal(r.fdstore.received, r.fdstore.stored - 1, 'every later generation received the stored fd');
     // Exactly equal: measured once the reload's own control connection has closed
     // (a reload's connection still closing would be the only legitimate +1).
