@@ -62,7 +62,7 @@ export function parseNotify(data: Buffer): Map<string, string> | null {
 export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
   private poller: Poller;
   /** The socket file as bound, to tell it from one created later (dev and ino -1: none was found at an upgrade). */
-  file: SocketFile;
+  private socketFile: SocketFile;
   /** Who owns the socket file, and so may send (with root). */
   private owner = { uid: process.getuid!(), gid: process.getgid!() };
   private warnWindowStart = 0;
@@ -78,7 +78,7 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     private readonly log: Logger,
   ) {
     super();
-    this.file = existingSocketFile(address);
+    this.socketFile = existingSocketFile(address);
     this.poller = this.poll(fd);
   }
 
@@ -116,7 +116,7 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     this.poller.close();
     native.close(this.fd);
     this.fd = fd;
-    this.file = file;
+    this.socketFile = file;
     this.poller = this.poll(fd);
     return file;
   }
@@ -124,6 +124,11 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
   /** The notify socket a re-executed Aeterna took over (aeterna upgrade); datagrams sent during the exec wait in it. */
   static adopt(socketPath: string, fd: number, log: Logger): NotifySocket {
     return new NotifySocket(socketPath, fd, log);
+  }
+
+  /** The socket file now (it changes when re-created). */
+  get file(): SocketFile {
+    return this.socketFile;
   }
 
   /** Its fd, for the handover. */
@@ -227,7 +232,7 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     this.flushSuppressed();
     this.poller.close();
     native.close(this.fd);
-    removeSocketFile(this.file); // never a file another process made there since
+    removeSocketFile(this.socketFile); // never a file another process made there since
   }
 }
 
