@@ -386,7 +386,8 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       daemonExitCode,
     };
   } finally {
-    if (d.run.child.exitCode === null && d.run.child.signalCode === null) d.run.child.kill('SIGKILL');
+    // A soak that threw: the daemon with every generation (as PID 1, killing unshare alone would leave it running).
+    await d.run.killAll();
   }
 }
 
