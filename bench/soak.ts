@@ -1,13 +1,16 @@
 // The long reliability run (`make soak`): N consecutive reloads of a real
 // daemon (as PID 1 of a fresh PID namespace when possible) under continuous
 // HTTP load, with the state relay on (a 1 MiB state relayed at every reload)
-// and outsiders knocking on the state socket, checking after the run that no
-// request failed, that the state arrived intact every time, that Aeterna's fd
-// count and RSS are flat, that no zombie is left and that every reload's
-// record is complete. test/soak.test.ts runs the same code with a small count
+// and outsiders knocking on the state socket; every few reloads the app also
+// stores a checkpoint (kept in a memfd and written to its file) and parks an
+// fd in the fd store (FDSTORE=1, replacing the one before), which every later
+// generation receives. After the run it checks that no request failed, that
+// the state arrived intact every time, that the checkpoints and the stored fd
+// are Aeterna's latest, that Aeterna's fd count and RSS are flat, that no
+// zombie is left and that every reload's record is complete. test/soak.test.ts runs the same code with a small count
 // in CI; `make soak` runs 1,000 reloads and writes bench/results/soak-<date>.md.
 //
-//   node dist/bench/soak.js [--reloads 1000] [--concurrency 8] [--state-bytes N] [--outsiders N] [--no-pid1] [--out bench/results]
+//   node dist/bench/soak.js [--reloads 1000] [--concurrency 8] [--state-bytes N] [--outsiders N] [--store-every 3] [--no-pid1] [--out bench/results]
 //
 // The /proc helpers below are shared with the fault and hostile-input tests.
 import fs from 'node:fs';
@@ -18,7 +21,7 @@ import { call } from '../src/control/client';
 import type { ReloadEvent, ReloadRecord } from '../src/orchestrator/types';
 import { ROOT, fixture, freePort, pidNamespaceUnavailable } from '../test/helpers/aeterna';
 import { Daemon } from '../test/helpers/daemon';
-import { getText, startLoad, type LoadStats } from '../test/helpers/load';
+import { getText, requestJson, startLoad, type LoadStats } from '../test/helpers/load';
 import { procStat, type ProcStat } from '../src/supervisor/proctree';
 
 // ---- /proc helpers ------------------------------------------------------------------------
@@ -165,6 +168,8 @@ export interface SoakOptions {
   stateBytes?: number;
   /** Stranger connections to the state socket per reload (one sends a 1 MiB frame, the others stay idle). Default 4. */
   outsiders?: number;
+  /** With the relay on, store a checkpoint and park an fd in the fd store every this many reloads. Default 3. */
+  storeEvery?: number;
   /** Progress lines (e.g. console.log); default silent. */
   progress?: (line: string) => void;
 }
@@ -218,6 +223,10 @@ export interface SoakResult {
   /** The relayed state: its size, and whether it arrived intact (same sha256) after the last reload. */
   state: { bytes: number; intact: boolean | null };
   outsiders: { sent: number; refused: number };
+  /** Checkpoints the app stored, the last one's seq, and the one Aeterna holds at the end (status). */
+  checkpoints: { stored: number; lastSeq: number | null; atEnd: number | null };
+  /** fds the app parked (FDSTORE=1, each replacing the last), how many generations received the one parked before, and the store's names at the end. */
+  fdstore: { stored: number; received: number; namesAtEnd: string[] };
   fds: { start: number; end: number };
   rssKiB: { start: number; end: number; max: number };
   samples: Sample[];
@@ -248,10 +257,13 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
   const outsiders = stateBytes > 0 ? (options.outsiders ?? 4) : 0;
   const port = await freePort();
   const metricsPort = await freePort();
+  const storeEvery = stateBytes > 0 ? (options.storeEvery ?? 3) : 0;
   const d =
     stateBytes > 0
-      ? new Daemon({ command: STATEFUL_APP, port, metricsPort, handoff: true, env: ['STATE_MODE=binary', `BLOB_BYTES=${stateBytes}`], readiness: '{ mode: "notify", timeout: "20s" }' })
+      ? new Daemon({ command: STATEFUL_APP, port, metricsPort, handoff: true, env: ['STATE_MODE=binary', `BLOB_BYTES=${stateBytes}`], readiness: '{ mode: "notify", timeout: "20s" }', extraService: '  fdstore_max: 4\n' })
       : new Daemon({ command: PLAIN_APP, port, metricsPort, readiness: '{ mode: "delay", delay: "100ms", timeout: "20s" }' });
+  // Checkpoints kept in memory and written to their file.
+  if (stateBytes > 0) d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "20s", checkpoint: { enabled: true, path: "${d.dir}/state.checkpoint" } }` });
   const expectedPhases = stateBytes > 0 ? IMMEDIATE_RELAY_PHASES : IMMEDIATE_PHASES;
   // Debug logging of 1,000 reloads is a lot of text for the harness to buffer: info is enough here.
   fs.writeFileSync(d.configFile, fs.readFileSync(d.configFile, 'utf8').replace('log_level: "debug"', 'log_level: "info"'));
@@ -263,6 +275,32 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     const blob = async (): Promise<{ size: number; sha256: string | null }> => JSON.parse((await getText(port, '/blob')).body) as { size: number; sha256: string | null };
     const firstBlob = stateBytes > 0 ? await blob() : null;
     let outsidersRefused = 0;
+    const checkpoints: SoakResult['checkpoints'] = { stored: 0, lastSeq: null, atEnd: null };
+    const fdstore: SoakResult['fdstore'] = { stored: 0, received: 0, namesAtEnd: [] };
+    /**
+     * A checkpoint of the state now, then an fd parked as soak-<k> in place of soak-<k-1> (by the serving
+     * generation). The datagrams reach Aeterna on their own time (sd_notify has no answer): wait until its store
+     * holds soak-<k> alone, so that the next generation receives it.
+     */
+    const store = async (): Promise<void> => {
+      const c = await requestJson<{ seq?: number; error?: string }>(port, 'POST', '/checkpoint');
+      if (typeof c.seq !== 'number') throw new Error(`checkpoint refused: ${JSON.stringify(c)}`);
+      checkpoints.stored++;
+      checkpoints.lastSeq = c.seq;
+      const k = fdstore.stored + 1;
+      const f = await requestJson<{ stored: boolean; received: string }>(port, 'POST', `/fdstore/${k}`);
+      if (!f.stored) throw new Error('the app could not park its fd');
+      if (f.received.split(':').includes(`soak-${k - 1}`)) fdstore.received++;
+      fdstore.stored = k;
+      const want = JSON.stringify([`soak-${k}`]);
+      for (const deadline = Date.now() + 20000; ; ) {
+        const r = await call(socketPath, { cmd: 'status' });
+        const names = 'status' in r ? JSON.stringify(r.status.fdstore) : '?';
+        if (names === want) break;
+        if (Date.now() > deadline) throw new Error(`the fd store holds ${names}, not soak-${k}`);
+        await new Promise((res) => setTimeout(res, 20));
+      }
+    };
     const load = startLoad(port, { concurrency });
     const samples: Sample[] = [];
     const incomplete: SoakResult['incomplete'] = [];
@@ -287,6 +325,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     try {
       for (let i = 1; i <= options.reloads; i++) {
         if (outsiders > 0) outsidersRefused += await knock(path.join(d.dir, 'state.sock'), outsiders);
+        if (storeEvery > 0 && i % storeEvery === 0) await store();
         const status = await call(socketPath, { cmd: 'status' });
         if ('status' in status && status.status.pid !== null) oldRoots.push(status.status.pid);
         const events: ReloadEvent[] = [];
@@ -316,6 +355,10 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     // A positive control for the leftover check: the serving generation must be seen as present.
     const serving = await call(socketPath, { cmd: 'status' });
     const servingSeen = 'status' in serving && serving.status.pid !== null && stillPresent([serving.status.pid], aeterna, pid1).length === 1;
+    if ('status' in serving) {
+      checkpoints.atEnd = serving.status.checkpoint?.seq ?? null;
+      fdstore.namesAtEnd = serving.status.fdstore;
+    }
     const zombiesAtEnd = (await settle(() => zombies(aeterna, pid1), (z) => z.length === 0, 5000)).length;
     const daemonExitCode = await d.stop();
     durations.sort((a, b) => a - b);
@@ -329,6 +372,8 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       requests,
       state: { bytes: stateBytes, intact: firstBlob && lastBlob ? firstBlob.size === stateBytes && lastBlob.sha256 === firstBlob.sha256 : null },
       outsiders: { sent: outsiders * options.reloads, refused: outsidersRefused },
+      checkpoints,
+      fdstore,
       fds: { start: start!.fds, end: end.fds },
       rssKiB: { start: start!.rssKiB, end: end.rssKiB, max: Math.max(...samples.map((s) => s.rssKiB)) },
       samples,
@@ -341,7 +386,8 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       daemonExitCode,
     };
   } finally {
-    if (d.run.child.exitCode === null && d.run.child.signalCode === null) d.run.child.kill('SIGKILL');
+    // A soak that threw: the daemon with every generation (as PID 1, killing unshare alone would leave it running).
+    await d.run.killAll();
   }
 }
 
@@ -353,6 +399,10 @@ export function soakFailures(r: SoakResult, rssBoundKiB = 20 * 1024): string[] {
   if (r.requests.ok === 0) out.push('no request was served');
   if (r.state.intact === false) out.push(`the ${r.state.bytes}-byte state did not survive the reloads intact`);
   if (r.outsiders.refused !== r.outsiders.sent) out.push(`${r.outsiders.sent - r.outsiders.refused} of ${r.outsiders.sent} outsider connections were not refused`);
+  if (r.checkpoints.stored > 0 && r.checkpoints.atEnd !== r.checkpoints.lastSeq) out.push(`Aeterna holds checkpoint ${r.checkpoints.atEnd}, not the last one stored (${r.checkpoints.lastSeq})`);
+  if (r.fdstore.stored > 0 && (JSON.stringify(r.fdstore.namesAtEnd) !== JSON.stringify([`soak-${r.fdstore.stored}`]) || r.fdstore.received !== r.fdstore.stored - 1)) {
+    out.push(`fd store: ${JSON.stringify(r.fdstore.namesAtEnd)} at the end (soak-${r.fdstore.stored} alone expected); ${r.fdstore.received} of ${r.fdstore.stored - 1} generations received the fd parked before`);
+  }
   if (r.fds.end > r.fds.start) out.push(`fd count grew ${r.fds.start} -> ${r.fds.end}`);
   if (r.rssKiB.end - r.rssKiB.start > rssBoundKiB) out.push(`RSS grew by ${r.rssKiB.end - r.rssKiB.start} KiB`);
   if (r.zombiesAtEnd !== 0) out.push(`${r.zombiesAtEnd} zombies at the end`);
@@ -369,7 +419,7 @@ export function formatReport(r: SoakResult, failures: string[], when = new Date(
     `# Soak run, ${when.toISOString().slice(0, 10)}`,
     '',
     r.state.bytes > 0
-      ? `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/stateful_app.js\` with the state relay on: a ${r.state.bytes}-byte binary state relayed at every reload by the TypeScript SDK (its first dump on the direct transport's socket pair, its final sync as data frames through Aeterna), and ${r.outsiders.sent / r.reloads} stranger connections to the state socket before each (one sending a 1 MiB frame)`
+      ? `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/stateful_app.js\` with the state relay on: a ${r.state.bytes}-byte binary state relayed at every reload by the TypeScript SDK (its first dump on the direct transport's socket pair, its final sync as data frames through Aeterna), and ${r.outsiders.sent / r.reloads} stranger connections to the state socket before each (one sending a 1 MiB frame); every few reloads the app stored a checkpoint (a memfd in Aeterna, and its file) and parked a memfd in the fd store in place of the last one`
       : `\`make soak\` (\`node dist/bench/soak.js\`): ${r.reloads} consecutive \`immediate\` reloads of \`test/fixtures/apps/reload_app.js\` (state relay off)`,
     `under continuous keep-alive HTTP load (${r.concurrency} loops), Aeterna ${r.pid1 ? 'as PID 1 of a fresh PID namespace' : 'as a subreaper (not PID 1)'}.`,
     `Baseline taken after ${r.warmup} warm-up reloads. Host: ${os.cpus().length} CPUs, ${os.type()} ${os.release()}, Node ${process.version}.`,
@@ -381,6 +431,8 @@ export function formatReport(r: SoakResult, failures: string[], when = new Date(
     `| reloads promoted | ${r.promoted} / ${r.reloads} |`,
     `| state relayed at every reload / intact at the end | ${r.state.bytes} bytes / ${r.state.intact === null ? 'n/a' : r.state.intact ? 'yes (same sha256)' : 'NO'} |`,
     `| outsider connections refused | ${r.outsiders.refused} / ${r.outsiders.sent} |`,
+    `| checkpoints stored (1 MiB, memfd and file) / Aeterna's at the end | ${r.checkpoints.stored} (last seq ${r.checkpoints.lastSeq ?? '-'}) / seq ${r.checkpoints.atEnd ?? '-'} |`,
+    `| fds parked in the fd store (each replacing the last) / received by the next generation / names at the end | ${r.fdstore.stored} / ${r.fdstore.received} / ${JSON.stringify(r.fdstore.namesAtEnd)} |`,
     `| requests served / failed | ${r.requests.ok} / ${r.requests.failed}${r.requests.failed ? ` (${JSON.stringify(r.requests.failures)})` : ''} |`,
     `| Aeterna fds, start → end | ${r.fds.start} → ${r.fds.end} |`,
     `| Aeterna RSS, start → end (max) | ${mib(r.rssKiB.start)} → ${mib(r.rssKiB.end)} (${mib(r.rssKiB.max)}) |`,
@@ -415,9 +467,10 @@ function parseArgs(argv: string[]): SoakOptions & { out: string } {
     else if (a === '--warmup') opts.warmup = Number(value());
     else if (a === '--state-bytes') opts.stateBytes = Number(value());
     else if (a === '--outsiders') opts.outsiders = Number(value());
+    else if (a === '--store-every') opts.storeEvery = Number(value());
     else if (a === '--no-pid1') opts.pid1 = false;
     else if (a === '--out') opts.out = value();
-    else throw new Error(`unknown argument ${a} (known: --reloads N, --concurrency N, --warmup N, --state-bytes N, --outsiders N, --no-pid1, --out DIR)`);
+    else throw new Error(`unknown argument ${a} (known: --reloads N, --concurrency N, --warmup N, --state-bytes N, --outsiders N, --store-every N, --no-pid1, --out DIR)`);
   }
   if (!Number.isInteger(opts.reloads) || opts.reloads < 1) throw new Error('--reloads must be a positive integer');
   return opts;

@@ -15,11 +15,12 @@ import { endLeftovers, killLeftovers } from './supervisor/leftovers';
 import { ListenerSet, inheritedListeners } from './resources/listeners';
 import { ListenerWatch } from './resources/listener-watch';
 import { NotifySocket } from './resources/notify';
+import { keepSocketFile, type SocketFileWatch } from './resources/socket-file';
 import { FdStore } from './resources/fd-store';
 import { Orchestrator } from './orchestrator/orchestrator';
 import { STATES, type State } from './orchestrator/fsm';
 import type { ControlApi, ReloadTrigger } from './orchestrator/types';
-import { FileWatch } from './orchestrator/file-watch';
+import { FileWatch, ownFiles } from './orchestrator/file-watch';
 import { startControlServer, type ControlServer } from './control/server';
 import { SrpCoordinator } from './srp/coordinator';
 import { resolveIdentity } from './supervisor/identity';
@@ -107,6 +108,8 @@ export class Daemon {
   private relay: SrpCoordinator | null = null;
   private orchestrator: Orchestrator | null = null;
   private cgroups: Cgroups | null = null;
+  /** The state relay's and the notify socket files, kept like the control socket's (see keepSocketFile). */
+  private readonly socketWatches: SocketFileWatch[] = [];
   /** orchestration.watch: reloads on file change. */
   private readonly fileWatch: FileWatch;
   /** A stop requested before the orchestrator existed. */
@@ -205,6 +208,7 @@ export class Daemon {
         this.relay.on('carry', () => this.prepareSignalRecovery());
         this.log.info({ socket: handoff.socketPath }, 'state relay ready');
       }
+      this.keepSocketFiles();
     } catch (err) {
       // One line an operator can act on; the stack is for bugs, at debug level.
       const { code, message } = describeStartFailure(err);
@@ -254,7 +258,7 @@ export class Daemon {
     // A stop requested while starting (or while the previous program exec'd): applied now that there is something to stop.
     if (this.pendingStop) this.orchestrator.stop(this.pendingStop);
     this.listenerWatch.start();
-    if (!this.pendingStop) this.fileWatch.apply(this.config.orchestration.watch);
+    if (!this.pendingStop) this.fileWatch.apply(this.config.orchestration.watch, ownFiles(this.config));
     // The app has been spawned: now load the metrics library (kept off the start-to-exec path).
     setImmediate(() => this.metrics.export());
     code = await stopped;
@@ -274,6 +278,46 @@ export class Daemon {
     if (!this.relay && h.checkpoint) native.close(h.checkpoint.fd);
     if (entries.length > 0) this.log.info({ generations: entries.map((e) => e.generation), relay: this.relay !== null }, `took over ${entries.length} state relay connection(s)`);
     this.prepareSignalRecovery(); // they are part of what a fatal signal carries now
+  }
+
+  /**
+   * Check the state relay's and the notify socket files like the control socket's (a tmp cleaner may delete
+   * them): re-created at the same path, which the generations' environment names; the handover then names the new fd.
+   */
+  private keepSocketFiles(): void {
+    const notify = this.notify!;
+    this.socketWatches.push(
+      keepSocketFile(
+        notify.file,
+        {
+          what: 'notify socket',
+          consequence: "the app's READY=1 (and WATCHDOG=1, FDSTORE=1) cannot reach Aeterna",
+          recreate: () => {
+            const file = notify.rebind();
+            this.prepareSignalRecovery();
+            return file;
+          },
+        },
+        this.log,
+      ),
+    );
+    const relay = this.relay;
+    if (!relay) return;
+    this.socketWatches.push(
+      keepSocketFile(
+        relay.listening.file,
+        {
+          what: 'state relay socket',
+          consequence: 'new generations cannot connect to the state relay (a reload starts without the state)',
+          recreate: () => {
+            const file = relay.relisten(resolveIdentity(this.config.service.user, this.config.service.group));
+            this.prepareSignalRecovery();
+            return file;
+          },
+        },
+        this.log,
+      ),
+    );
   }
 
   /** Sockets left at their default as a non-root user go to a private directory: create it 0700, or refuse one that is not ours. */
@@ -353,7 +397,7 @@ export class Daemon {
     }
     this.relay?.thaw();
     this.upgrading = false;
-    if (!this.stopRequested) this.fileWatch.apply(this.held.current.orchestration.watch);
+    if (!this.stopRequested) this.fileWatch.apply(this.held.current.orchestration.watch, ownFiles(this.held.current));
   }
 
   /**
@@ -430,6 +474,9 @@ export class Daemon {
       { code: 'E_RECOVERY_LOOP', recoveries: this.recoveries },
       `aeterna recovered from its own crash ${this.recoveries.length} times within ${RECOVERY_WINDOW_MS / 1000}s (at most ${RECOVERY_LIMIT}): giving up, ending the app (E_RECOVERY_LOOP)`,
     );
+    // The cgroups the previous program handed over, so that they go with the app.
+    this.cgroups = this.openCgroups(this.handover?.cgroups ?? null);
+    for (const g of this.handover?.generations ?? []) if (g.cgroup !== null) this.cgroups?.adoptGeneration(g.cgroup);
     this.killEverything();
     return ExitCodes.SOFTWARE;
   }
@@ -534,6 +581,7 @@ export class Daemon {
     try {
       const cgroups = Cgroups.open(onFallBack);
       this.log.info({ cgroups: true, cgroup: cgroups.group }, `process attribution: one cgroup per generation below ${cgroups.dir}`);
+      if (cgroups.swept.length > 0) this.log.info({ removed: cgroups.swept }, `removed ${cgroups.swept.length} empty cgroup director${cgroups.swept.length === 1 ? 'y' : 'ies'} left by an Aeterna that died without cleaning up`);
       return cgroups;
     } catch (err) {
       this.log.warn({ cgroups: false }, `${fallback}: cgroups unavailable: ${(err as Error).message}`);
@@ -541,10 +589,14 @@ export class Daemon {
     }
   }
 
-  /** Aeterna is dying of an internal error: take every process of the app with it, without waiting. */
+  /**
+   * Aeterna is dying of an internal error: take every process of the app with it, and its cgroup directories
+   * (waiting a moment, synchronously, for the killed processes to leave them).
+   */
   killEverything(): void {
     this.cgroups?.killAll();
     killLeftovers();
+    this.cgroups?.removeAllNow();
   }
 
   /** Start a reload that nobody waits on (SIGHUP, a watched change) and log its outcome; throws as Orchestrator.reload. */
@@ -592,6 +644,7 @@ export class Daemon {
     this.handlers.clear();
     this.listenerWatch.stop();
     this.fileWatch.close();
+    for (const watch of this.socketWatches) watch.stop(); // before the sockets are closed: never re-created after
     await this.control?.close().catch(() => undefined);
     this.metricsServer?.closeAllConnections();
     this.metricsServer?.close();

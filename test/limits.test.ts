@@ -71,6 +71,43 @@ describe('clients holding connections and fds never lock the operator out', { ti
     assert.equal(d.run.logs().filter((l) => /EMFILE|ENFILE/.test(l.msg)).length, 0, 'no fd exhaustion anywhere');
   });
 
+  it('PID 1 with a hard fd limit of 64: a burst of connections queued while Aeterna could not accept (SIGSTOP) is taken in without ever running out of fds, and a SIGHUP reload sent in the same burst is promoted', { skip: pidns ?? prlimit ?? false }, async () => {
+    const port = await freePort();
+    const metricsPort = await freePort();
+    const d = new Daemon({ command: APP, port, metricsPort });
+    d.run = runAeterna(['start', '-c', d.configFile], { pid1: true, prefix: ['prlimit', '--nofile=64:64'] });
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running' && s.generation === 1);
+    const aeterna = await d.run.aeternaPid();
+    // Every connection Aeterna holds is taken first, so that each one of the burst displaces one.
+    const held = await holdConnections(100, () => net.createConnection({ path: socketOf(d) }));
+    const heldHealth = await holdConnections(100, () => net.createConnection({ port: metricsPort, host: '127.0.0.1' }));
+    // Stopped, Aeterna accepts nothing: the burst waits in the listen backlogs (the kernel completes the connects).
+    process.kill(aeterna, 'SIGSTOP');
+    let burst: { release: () => void } | null = null;
+    let burstHealth: { release: () => void } | null = null;
+    try {
+      burst = await holdConnections(64, () => net.createConnection({ path: socketOf(d) }));
+      burstHealth = await holdConnections(64, () => net.createConnection({ port: metricsPort, host: '127.0.0.1' }));
+      process.kill(aeterna, 'SIGHUP'); // pending until it runs again: it arrives with the burst
+    } finally {
+      process.kill(aeterna, 'SIGCONT');
+    }
+    try {
+      const reloaded = await d.waitStatus((s) => s.last_reload !== null && s.last_reload.outcome !== 'in_progress', 60000);
+      assert.equal(reloaded.last_reload?.trigger, 'sighup');
+      assert.equal(reloaded.last_reload?.outcome, 'promoted', JSON.stringify(reloaded.last_reload));
+      const status = await d.cli('status', '--json');
+      assert.equal(status.code, 0, status.stderr);
+      assert.equal((await d.cli('stop')).code, 0);
+    } finally {
+      for (const h of [held, heldHealth, burst, burstHealth]) h?.release();
+    }
+    assert.equal((await d.run.exit()).code, 0);
+    const exhausted = d.run.stderr.split('\n').filter((l) => /EMFILE|ENFILE/.test(l));
+    assert.deepEqual(exhausted, [], 'Aeterna never ran out of fds (an accept, the config read, a spawn)');
+  });
+
   it('64 idle control connections (the most the daemon holds at the default fd limit) do not lock the operator out: aeterna status answers', async () => {
     const d = new Daemon({ command: APP, port: await freePort() }).start();
     daemons.push(d);

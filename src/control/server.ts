@@ -10,7 +10,8 @@
 // `aeterna stop` fail) while it still runs, and a second daemon could start on
 // the same path. The socket is then re-created at the same path (with a
 // warning); a path another daemon now answers on, or that is no longer a
-// socket, is left alone (with an error). See resources/socket-file.ts.
+// socket, is left alone (with an error). The state relay's and the notify
+// socket are kept the same way (keepSocketFile in resources/socket-file.ts).
 import net from 'node:net';
 import path from 'node:path';
 import type pino from 'pino';
@@ -18,7 +19,7 @@ import { AeternaError } from '../errors';
 import { native, type Credentials } from '../native/binding';
 import { Acceptor } from '../resources/acceptor';
 import { ConnectionPool, connectionBudget } from '../resources/fd-budget';
-import { SocketFileWatch, SocketPathError, claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
+import { SOCKET_FILE_CHECK_MS, SocketPathError, claimSocketPath, keepSocketFile, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import type { ControlApi, ReloadRecord } from '../orchestrator/types';
 import {
   LineDecoder,
@@ -79,7 +80,7 @@ export async function startControlServer(
   const requestTimeoutMs = options.requestTimeoutMs ?? 2_000;
   const pool = new ConnectionPool(options.maxConnections ?? connectionBudget(PREFERRED_MAX_CONNECTIONS, CONTROL_FD_SHARE));
   const lingerMs = options.lingerMs ?? 2_000;
-  const watchIntervalMs = options.watchIntervalMs ?? 2_000;
+  const watchIntervalMs = options.watchIntervalMs ?? SOCKET_FILE_CHECK_MS;
   const ownUid = process.getuid!();
   const connections = new Set<net.Socket>();
 
@@ -257,24 +258,24 @@ export async function startControlServer(
 
   let closing: Promise<void> | null = null;
 
-  const watch = new SocketFileWatch(listening.file, watchIntervalMs, {
-    recreate: async () => {
-      claimControlSocketPath(socketPath, log); // refuses a path another daemon answers on, or that is not a socket
-      const next = serve(socketPath, (fd) => onConnection(fd), log);
-      // The old socket is unreachable by path: stop accepting on it (and free its fd); its connections go on.
-      listening.close();
-      listening = next;
-      options.listeningChanged?.();
-      return listening.file;
+  const watch = keepSocketFile(
+    listening.file,
+    {
+      what: 'control socket',
+      consequence: '`aeterna` commands cannot reach this daemon',
+      intervalMs: watchIntervalMs,
+      recreate: () => {
+        claimControlSocketPath(socketPath, log); // refuses a path another daemon answers on, or that is not a socket
+        const next = serve(socketPath, (fd) => onConnection(fd), log);
+        // The old socket is unreachable by path: stop accepting on it (and free its fd); its connections go on.
+        listening.close();
+        listening = next;
+        options.listeningChanged?.();
+        return listening.file;
+      },
     },
-    recreated: (loss) => {
-      log.warn({ socket: socketPath }, `the control socket file ${socketPath} was ${loss === 'deleted' ? 'deleted' : 'replaced by a stale socket'} while the daemon ran; re-created it`);
-    },
-    failed: (loss, err) => {
-      const message = `the control socket file ${socketPath} was ${loss} and cannot be re-created: ${(err as Error).message}; \`aeterna\` commands cannot reach this daemon until it is`;
-      log.error({ socket: socketPath, code: (err as AeternaError).code }, message);
-    },
-  });
+    log,
+  );
 
   return {
     socketPath,

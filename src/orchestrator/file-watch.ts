@@ -11,11 +11,39 @@
 // after `debounce` of quiet (or, for changes that never pause, after ten debounces, 5 s at least); at that moment the watches are set up again (a
 // swap replaces the directories they were on). A reload already in progress
 // queues exactly one more, started when that reload's outcome is final.
+// Aeterna's own files (its sockets, the checkpoint file and its temporary
+// files, the runtime directory) never trigger a reload, even in a watched
+// directory: a checkpoint written every second would reload every second.
 import fs from 'node:fs';
 import path from 'node:path';
 import { AeternaError } from '../errors';
 import type { Config, WatchConfig } from '../config/types';
 import type { Logger } from '../log';
+import { defaultRuntimeDir } from '../config/runtime-dir';
+import { NotifySocket } from '../resources/notify';
+
+/** Whether a path is one of Aeterna's own files (see ownFiles). */
+export type OwnFile = (file: string) => boolean;
+
+/**
+ * Aeterna's own files under `config`: the control, notify and state relay sockets, the checkpoint file and
+ * its temporary files (`.<name>.<pid>.tmp` beside it: see srp/checkpoint-file.ts), the default runtime directory.
+ */
+export function ownFiles(config: Config): OwnFile {
+  const control = config.control.socketPath;
+  const handoff = config.orchestration.stateHandoff;
+  const exact = new Set([control, NotifySocket.pathFor(control), defaultRuntimeDir()]);
+  if (handoff.enabled) exact.add(handoff.socketPath);
+  const checkpoint = handoff.enabled && handoff.checkpoint.enabled ? handoff.checkpoint.path : null;
+  if (checkpoint === null) return (file) => exact.has(file);
+  exact.add(checkpoint);
+  const temp = new RegExp(`^\\.${escapeRegExp(path.basename(checkpoint))}\\.\\d+\\.tmp$`);
+  return (file) => exact.has(file) || (path.dirname(file) === path.dirname(checkpoint) && temp.test(path.basename(file)));
+}
+
+function escapeRegExp(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
 
 /** Which names in a watched directory matter to which watched paths; null: every name. */
 interface Subscription {
@@ -29,6 +57,7 @@ const MIN_MAX_BURST_MS = 5000;
 
 export class FileWatch {
   private config: WatchConfig | null = null;
+  private own: OwnFile = () => false;
   /** One inotify watch per directory, whatever the number of paths seen through it. */
   private readonly watchers = new Map<string, fs.FSWatcher>();
   private readonly subscriptions = new Map<string, Subscription[]>();
@@ -50,8 +79,12 @@ export class FileWatch {
     private readonly log: Logger,
   ) {}
 
-  /** Watch what `config` says (null: nothing); called at start and with the config of each settled reload. */
-  apply(config: WatchConfig | null): void {
+  /**
+   * Watch what `config` says (null: nothing), never reloading for a change of one of `own` (Aeterna's own
+   * files: see ownFiles); called at start and with the config of each settled reload.
+   */
+  apply(config: WatchConfig | null, own: OwnFile = () => false): void {
+    this.own = own;
     if (this.closed || JSON.stringify(config) === JSON.stringify(this.config)) return;
     this.config = config;
     this.missing.clear();
@@ -61,7 +94,7 @@ export class FileWatch {
 
   /** A reload's outcome is final: follow the config now in effect, then start the queued reload, if any. */
   reloadSettled(config: Config): void {
-    this.apply(config.orchestration.watch);
+    this.apply(config.orchestration.watch, ownFiles(config));
     if (!this.queued || this.closed || this.queuedStart) return;
     // Not from inside the orchestrator's own call: it may still have work after the outcome.
     this.queuedStart = setImmediate(() => {
@@ -148,6 +181,7 @@ export class FileWatch {
 
   private onEvent(dir: string, name: string | null): void {
     if (this.closed || !this.config) return;
+    if (name !== null && this.own(path.join(dir, name))) return; // Aeterna's own file: its own doing
     let hit = false;
     for (const sub of this.subscriptions.get(dir) ?? []) {
       if (sub.names === null || name === null || sub.names.has(name)) {

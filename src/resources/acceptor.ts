@@ -10,6 +10,13 @@ import { isFdExhaustion } from './fd-budget';
 
 /** After accept failed (out of fds), how long to stop accepting: the pending connections wait in the backlog. */
 const ACCEPT_PAUSE_MS = 100;
+/**
+ * Connections accepted per wakeup; the poll wakes us again for the rest. A full server makes room by closing
+ * an idle connection for each new one, and that close completes only once the event loop turns: accepting a
+ * whole backlog in one go would hold both, old and new, and a burst (clients that queued while Aeterna was
+ * busy) would use up the fds a reload needs to read its config. So at most this many are over the budget.
+ */
+export const MAX_ACCEPTS_PER_WAKEUP = 4;
 
 export class Acceptor {
   private readonly poller: Poller;
@@ -25,7 +32,7 @@ export class Acceptor {
     private readonly log: Logger,
     private readonly what: string,
   ) {
-    this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.acceptAll() : log.error({ errno }, `${what} poll error`)));
+    this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.acceptSome() : log.error({ errno }, `${what} poll error`)));
     this.poller.start(READABLE);
   }
 
@@ -47,8 +54,9 @@ export class Acceptor {
     if (!this.closed && !this.paused) this.poller.start(READABLE);
   }
 
-  private acceptAll(): void {
-    for (;;) {
+  /** Accept what is queued, MAX_ACCEPTS_PER_WAKEUP at most. */
+  private acceptSome(): void {
+    for (let i = 0; i < MAX_ACCEPTS_PER_WAKEUP; i++) {
       let fd: number;
       try {
         fd = native.accept(this.fd);

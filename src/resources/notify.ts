@@ -12,6 +12,7 @@ import { EventEmitter } from 'node:events';
 import { native, READABLE, type Poller } from '../native/binding';
 import { resolveIdentity, type Identity } from '../supervisor/identity';
 import type { Logger } from '../log';
+import { removeSocketFile, socketFileAt, type SocketFile } from './socket-file';
 
 /** sd_notify datagrams are short "KEY=VALUE\n..." texts; anything longer is cut here. */
 const MAX_DATAGRAM = 4096;
@@ -59,7 +60,9 @@ export function parseNotify(data: Buffer): Map<string, string> | null {
 }
 
 export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
-  private readonly poller: Poller;
+  private poller: Poller;
+  /** The socket file as bound, to tell it from one created later (dev and ino -1: none was found at an upgrade). */
+  private socketFile: SocketFile;
   /** Who owns the socket file, and so may send (with root). */
   private owner = { uid: process.getuid!(), gid: process.getgid!() };
   private warnWindowStart = 0;
@@ -71,28 +74,61 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
   private constructor(
     /** The value for NOTIFY_SOCKET: the socket's path. */
     readonly address: string,
-    private readonly fd: number,
+    private fd: number,
     private readonly log: Logger,
   ) {
     super();
-    this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.drain() : this.log.error({ errno }, 'notify socket poll error')));
-    this.poller.start(READABLE);
+    this.socketFile = existingSocketFile(address);
+    this.poller = this.poll(fd);
+  }
+
+  private poll(fd: number): Poller {
+    const poller = new native.Poller(fd, (errno) => (errno === 0 ? this.drain() : this.log.error({ errno }, 'notify socket poll error')));
+    poller.start(READABLE);
+    return poller;
   }
 
   /** Bind at `socketPath` (mode 0600, Aeterna's own user; grant() hands it to the app's). A socket file left there is replaced. */
   static open(socketPath: string, log: Logger): NotifySocket {
-    try {
-      // The path derives from the control socket's, which already proved that no other daemon is alive.
-      if (fs.lstatSync(socketPath).isSocket()) fs.unlinkSync(socketPath);
-    } catch {
-      // nothing there
-    }
+    // The path derives from the control socket's, which already proved that no other daemon is alive.
+    removeSocketAt(socketPath);
     return new NotifySocket(socketPath, native.bindNotifySocket(socketPath, 0o600), log);
+  }
+
+  /**
+   * Bind a new socket at the same path: the file was deleted or replaced (see keepSocketFile in
+   * resources/socket-file.ts), and a sender (sd_notify sends to the path each time) reaches this one from
+   * its next datagram on. The old one's queued datagrams are read first, then it is closed. A non-socket
+   * now at the path is never replaced (thrown).
+   */
+  rebind(): SocketFile {
+    removeSocketAt(this.address);
+    const fd = native.bindNotifySocket(this.address, 0o600);
+    let file: SocketFile;
+    try {
+      file = socketFileAt(this.address);
+      if (this.owner.uid !== process.getuid!() || this.owner.gid !== process.getgid!()) fs.chownSync(this.address, this.owner.uid, this.owner.gid);
+    } catch (err) {
+      native.close(fd);
+      throw err;
+    }
+    this.drain();
+    this.poller.close();
+    native.close(this.fd);
+    this.fd = fd;
+    this.socketFile = file;
+    this.poller = this.poll(fd);
+    return file;
   }
 
   /** The notify socket a re-executed Aeterna took over (aeterna upgrade); datagrams sent during the exec wait in it. */
   static adopt(socketPath: string, fd: number, log: Logger): NotifySocket {
     return new NotifySocket(socketPath, fd, log);
+  }
+
+  /** The socket file now (it changes when re-created). */
+  get file(): SocketFile {
+    return this.socketFile;
   }
 
   /** Its fd, for the handover. */
@@ -196,8 +232,30 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     this.flushSuppressed();
     this.poller.close();
     native.close(this.fd);
-    fs.rmSync(this.address, { force: true });
+    removeSocketFile(this.socketFile); // never a file another process made there since
   }
+}
+
+/** Remove a socket file at socketPath (ours: the path derives from the control socket's); anything else there is refused. */
+function removeSocketAt(socketPath: string): void {
+  let stat: fs.Stats;
+  try {
+    stat = fs.lstatSync(socketPath);
+  } catch {
+    return; // nothing there
+  }
+  if (!stat.isSocket()) throw new Error(`${socketPath} exists and is not a socket`);
+  fs.unlinkSync(socketPath);
+}
+
+/** The socket file at socketPath; dev and ino -1 when there is none (it matches no file, so it is re-created). */
+function existingSocketFile(socketPath: string): SocketFile {
+  try {
+    if (fs.lstatSync(socketPath).isSocket()) return socketFileAt(socketPath);
+  } catch {
+    // none
+  }
+  return { path: socketPath, dev: -1, ino: -1 };
 }
 
 /** The first directory from `dir` up to / that `who` may not search (no x bit for it), or null. */

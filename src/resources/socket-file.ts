@@ -3,10 +3,15 @@
 // path free (its directory created, a stale file of a dead process taken over,
 // a live one or a non-socket refused), creating the socket with its mode,
 // telling it from a file created later at the same path, noticing that it was
-// deleted or replaced, and removing it only while it is still Aeterna's.
+// deleted or replaced (and re-creating it: keepSocketFile), and removing it
+// only while it is still Aeterna's.
 import fs from 'node:fs';
 import path from 'node:path';
 import { native } from '../native/binding';
+import type { Logger } from '../log';
+
+/** How often each socket file Aeterna owns is checked (and re-created when deleted or replaced). */
+export const SOCKET_FILE_CHECK_MS = 2_000;
 
 /** A socket file as created: enough to tell it from a file created later at the same path. */
 export interface SocketFile {
@@ -89,6 +94,12 @@ export function listenSocketFile(socketPath: string, backlog: number, mode: numb
   }
 }
 
+/** The socket file now at socketPath (just bound by Aeterna), to tell it from a file created later. */
+export function socketFileAt(socketPath: string): SocketFile {
+  const { dev, ino } = fs.statSync(socketPath);
+  return { path: socketPath, dev, ino };
+}
+
 /** Remove the socket file, unless it is no longer Aeterna's (deleted, or another process created its own there). */
 export function removeSocketFile(file: SocketFile): void {
   try {
@@ -162,4 +173,35 @@ export class SocketFileWatch {
       this.recreating = false;
     }
   }
+}
+
+export interface KeptSocketFile {
+  /** What the socket is, for the log: "control socket", "state relay socket", "notify socket". */
+  what: string;
+  /** What does not work while the file cannot be re-created, for the error line. */
+  consequence: string;
+  /**
+   * Bind a new socket at the same path and make it the one the owner serves (and hands over at an upgrade);
+   * it claims the path first, so a path that became another process's, or a non-socket, is refused (thrown).
+   */
+  recreate(): SocketFile;
+  intervalMs?: number;
+}
+
+/**
+ * The one mechanism every socket file Aeterna owns (control, state relay, notify) is kept with: checked every
+ * SOCKET_FILE_CHECK_MS, re-created at the same path when deleted or replaced (the generations' environment
+ * names the path, so it must not change), with a warning; a failure is logged once per distinct reason and
+ * retried at each check. stop() it before the owner closes (and removes) its socket.
+ */
+export function keepSocketFile(file: SocketFile, kept: KeptSocketFile, log: Logger): SocketFileWatch {
+  return new SocketFileWatch(file, kept.intervalMs ?? SOCKET_FILE_CHECK_MS, {
+    recreate: async () => kept.recreate(),
+    recreated: (loss) => {
+      log.warn({ socket: file.path }, `the ${kept.what} file ${file.path} was ${loss === 'deleted' ? 'deleted' : 'replaced by a stale socket'} while the daemon ran; re-created it`);
+    },
+    failed: (loss, err) => {
+      log.error({ socket: file.path, code: (err as { code?: string }).code }, `the ${kept.what} file ${file.path} was ${loss} and cannot be re-created: ${(err as Error).message}; ${kept.consequence} until it is`);
+    },
+  });
 }

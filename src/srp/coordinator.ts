@@ -25,6 +25,20 @@ import { drained, isPeerGone } from './fd-stream';
 import { trailerDigest, type Checksum, type Message, type StateHeader, type TrailerDigest } from './messages';
 import type { HandedCheckpoint, HandedRelayConnection, ReexecReason } from '../upgrade/handover';
 
+/** The state socket at socketPath (mode 0600, chowned to `owner`): a stale file is taken over, a live one refused. */
+function listenStateSocket(socketPath: string, owner: { uid: number; gid: number } | undefined): { fd: number; file: SocketFile } {
+  claimSocketPath(socketPath, true);
+  const { fd, file } = listenSocketFile(socketPath, 128, 0o600);
+  try {
+    if (owner) fs.chownSync(file.path, owner.uid, owner.gid);
+  } catch (err) {
+    closeQuietly(fd);
+    removeSocketFile(file);
+    throw err;
+  }
+  return { fd, file };
+}
+
 /** An empty sealed memfd: an empty checkpoint is stored like any other. */
 function emptyMemfd(): number {
   const fd = native.memfdCreate('aeterna-checkpoint');
@@ -176,7 +190,7 @@ export class SrpCoordinator
   private readonly transfers = new Set<Transfer>();
   /** Live generations whose relay connection closed, with when and why: a reload says so instead of relaying nothing in silence. */
   private readonly lostConnections = new Map<Generation, string>();
-  private readonly acceptor: Acceptor;
+  private acceptor: Acceptor;
   private readonly maxFrame: number;
   /** An upgrade is about to exec: nothing is accepted or read (frames wait in the kernel for the next Aeterna). */
   private frozen = false;
@@ -188,8 +202,8 @@ export class SrpCoordinator
   private loadFailures: { seq: number; count: number } | null = null;
 
   private constructor(
-    private readonly file: SocketFile,
-    private readonly fd: number,
+    private file: SocketFile,
+    private fd: number,
     config: StateHandoffConfig,
     private readonly log: Logger,
     handedCheckpoint: HandedCheckpoint | null = null,
@@ -202,11 +216,8 @@ export class SrpCoordinator
 
   /** Create the state socket (mode 0600, owned by the app's user) and start accepting. */
   static open(config: StateHandoffConfig, owner: { uid: number; gid: number } | undefined, log: Logger): SrpCoordinator {
-    // A stale file is taken over (a previous daemon left it); a live one is refused.
-    claimSocketPath(config.socketPath, true);
-    const { fd, file } = listenSocketFile(config.socketPath, 128, 0o600);
+    const { fd, file } = listenStateSocket(config.socketPath, owner);
     try {
-      if (owner) fs.chownSync(file.path, owner.uid, owner.gid);
       // Refuses a checkpoint path that names a file Aeterna did not write (docs/srp.md, "Checkpoints").
       return new SrpCoordinator(file, fd, config, log);
     } catch (err) {
@@ -214,6 +225,21 @@ export class SrpCoordinator
       removeSocketFile(file);
       throw err;
     }
+  }
+
+  /**
+   * Listen on a new socket at the same path: the file was deleted or replaced (see keepSocketFile in
+   * resources/socket-file.ts). The old socket, unreachable by its path, is closed; connections accepted on it go on.
+   */
+  relisten(owner: { uid: number; gid: number } | undefined): SocketFile {
+    const { fd, file } = listenStateSocket(this.file.path, owner);
+    this.acceptor.close();
+    closeQuietly(this.fd);
+    this.fd = fd;
+    this.file = file;
+    this.acceptor = new Acceptor(fd, (conn) => this.admit(conn), this.log, 'state socket');
+    if (this.frozen) this.acceptor.suspend();
+    return file;
   }
 
   /** The state socket a re-executed Aeterna took over (aeterna upgrade), with the checkpoint it held; connections: adoptConnections(). */

@@ -4,7 +4,10 @@
 // another cgroup's cgroup.procs: so a cgroup is what attributes every process
 // of a generation, daemonized ones included, and what ends them all at once.
 //
-// Layout: <Aeterna's own cgroup>/aeterna-<pid>-<random>/gen-<n>. Aeterna stays
+// Layout: <Aeterna's own cgroup>/aeterna-<pid>-<random>/gen-<n>. Every exit
+// Aeterna controls removes them (a crash it cannot recover from too: see
+// removeAllNow); the directories of an Aeterna that died of SIGKILL are removed
+// by the next one started in the same cgroup, once empty. Aeterna stays
 // in its own cgroup and never enables a controller anywhere, so cgroup v2's
 // no-internal-process rule cannot bite. Where the hierarchy is missing or not
 // writable (read-only mount, no permission), `Cgroups.open` says why and the
@@ -49,6 +52,58 @@ export function cgroup2Mount(mountinfo: string): { mountPoint: string; root: str
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
+}
+
+/** Block for ms (only on the way out, when the event loop will not turn again). */
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
+/** The names of the directories Aeterna makes: its own (Cgroups.open) and a generation's. */
+const AETERNA_DIR = /^aeterna-(\d+)-[0-9a-f]{8}$/;
+const GENERATION_DIR = /^gen-\d+$/;
+
+/** Whether no process is in the cgroup at `dir` or below it (cgroup.events "populated 0"). */
+function unpopulated(dir: string): boolean {
+  try {
+    return /^populated 0$/m.test(fs.readFileSync(path.join(dir, 'cgroup.events'), 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Remove what an Aeterna that died without cleaning up (SIGKILL) left in `parentDir`: directories named as
+ * Aeterna names them, holding nothing but generation cgroups, with no process in any. One whose pid is an
+ * Aeterna alive in this cgroup is left alone. A live Aeterna's directory that is empty for a moment (between two
+ * generations) may be taken too: Cgroups.create makes it again. Returns the directories removed.
+ */
+export function removeDeadAeternaDirs(parentDir: string, parentGroup: string): string[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(parentDir);
+  } catch {
+    return [];
+  }
+  const removed: string[] = [];
+  for (const name of names) {
+    const m = AETERNA_DIR.exec(name);
+    if (m === null) continue;
+    const pid = Number(m[1]);
+    if (pid !== process.pid && cgroupOf(pid) === parentGroup) continue; // an Aeterna beside this one, alive
+    const dir = path.join(parentDir, name);
+    if (!unpopulated(dir)) continue;
+    try {
+      const children = fs.readdirSync(dir, { withFileTypes: true }).filter((e) => e.isDirectory());
+      if (!children.every((e) => GENERATION_DIR.test(e.name))) continue; // not only what Aeterna makes there
+      for (const child of children) fs.rmdirSync(path.join(dir, child.name)); // EBUSY if a process joined since
+      fs.rmdirSync(dir);
+      removed.push(dir);
+    } catch {
+      // busy, or not ours to judge: left as it is
+    }
+  }
+  return removed;
 }
 
 /** One generation's cgroup. */
@@ -138,6 +193,8 @@ export class Cgroups {
     readonly group: string,
     readonly dir: string,
     private readonly onFallBack: (reason: string) => void,
+    /** The directories of dead Aeternas removed when this one opened (see removeDeadAeternaDirs). */
+    readonly swept: string[] = [],
   ) {}
 
   /**
@@ -146,6 +203,7 @@ export class Cgroups {
    */
   static open(onFallBack: (reason: string) => void): Cgroups {
     const own = ownCgroup();
+    const swept = removeDeadAeternaDirs(own.dir, own.group);
     // pid and a random part: as PID 1 every Aeterna is pid 1, and containers may share a hierarchy.
     const name = `aeterna-${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
     const group = path.posix.join(own.group, name);
@@ -155,7 +213,7 @@ export class Cgroups {
     } catch (err) {
       throw new Error(`cannot create ${dir} (${(err as NodeJS.ErrnoException).code})`);
     }
-    return new Cgroups(group, dir, onFallBack);
+    return new Cgroups(group, dir, onFallBack, swept);
   }
 
   /**
@@ -185,6 +243,8 @@ export class Cgroups {
     const name = `gen-${number}`;
     const dir = path.join(this.dir, name);
     try {
+      // This Aeterna's directory too: another Aeterna starting beside it may have taken it while it was empty.
+      fs.mkdirSync(this.dir, { mode: 0o755, recursive: true });
       fs.mkdirSync(dir, { mode: 0o755 });
     } catch (err) {
       this.fallBack(`cannot create ${dir} (${(err as NodeJS.ErrnoException).code})`);
@@ -212,6 +272,37 @@ export class Cgroups {
   /** Kill everything in every generation's cgroup now (Aeterna is exiting abnormally). */
   killAll(): void {
     for (const cgroup of this.generations) cgroup.kill();
+  }
+
+  /**
+   * Aeterna is dying (a crash it cannot recover from, a recovery loop): kill everything in the generations'
+   * cgroups and remove them and this Aeterna's directory, waiting at most `graceMs` for the killed processes
+   * to leave (a zombie does not keep a cgroup busy). Synchronous: the event loop will not turn again.
+   */
+  removeAllNow(graceMs = 2000): boolean {
+    this.killAll();
+    const deadline = Date.now() + graceMs;
+    for (;;) {
+      for (const cgroup of [...this.generations]) {
+        try {
+          fs.rmdirSync(cgroup.dir);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'ENOENT') continue;
+        }
+        liveGroups.delete(cgroup.group);
+        this.generations.delete(cgroup);
+      }
+      if (this.generations.size === 0) {
+        try {
+          fs.rmdirSync(this.dir);
+          return true;
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === 'ENOENT') return true;
+        }
+      }
+      if (Date.now() >= deadline) return false;
+      sleepSync(10);
+    }
   }
 
   /** At exit: remove every generation's cgroup (killing what is left) and this Aeterna's directory. */
