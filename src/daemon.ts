@@ -20,7 +20,8 @@ import { FdStore } from './resources/fd-store';
 import { Orchestrator } from './orchestrator/orchestrator';
 import { STATES, type State } from './orchestrator/fsm';
 import type { ControlApi, ReloadTrigger } from './orchestrator/types';
-import { FileWatch, ownFiles } from './orchestrator/file-watch';
+import { FileWatch } from './orchestrator/file-watch';
+import { ownFiles } from './own-files';
 import { startControlServer, type ControlServer } from './control/server';
 import { SrpCoordinator } from './srp/coordinator';
 import { resolveIdentity } from './supervisor/identity';
@@ -152,7 +153,7 @@ export class Daemon {
     this.recoveries = recentRecoveries(handover, this.execAt);
     this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State, () => this.relay?.lastCheckpoint() ?? null);
     this.listenerWatch = new ListenerWatch(this.listeners, this.metrics, log);
-    this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log);
+    this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log, ownFiles);
   }
 
   /** Run until everything has stopped; resolves with Aeterna's exit code. */

@@ -19,31 +19,9 @@ import path from 'node:path';
 import { AeternaError } from '../errors';
 import type { Config, WatchConfig } from '../config/types';
 import type { Logger } from '../log';
-import { defaultRuntimeDir } from '../config/runtime-dir';
-import { NotifySocket } from '../resources/notify';
 
-/** Whether a path is one of Aeterna's own files (see ownFiles). */
+/** Whether a path is one of Aeterna's own files (src/own-files.ts): never a watch trigger. */
 export type OwnFile = (file: string) => boolean;
-
-/**
- * Aeterna's own files under `config`: the control, notify and state relay sockets, the checkpoint file and
- * its temporary files (`.<name>.<pid>.tmp` beside it: see srp/checkpoint-file.ts), the default runtime directory.
- */
-export function ownFiles(config: Config): OwnFile {
-  const control = config.control.socketPath;
-  const handoff = config.orchestration.stateHandoff;
-  const exact = new Set([control, NotifySocket.pathFor(control), defaultRuntimeDir()]);
-  if (handoff.enabled) exact.add(handoff.socketPath);
-  const checkpoint = handoff.enabled && handoff.checkpoint.enabled ? handoff.checkpoint.path : null;
-  if (checkpoint === null) return (file) => exact.has(file);
-  exact.add(checkpoint);
-  const temp = new RegExp(`^\\.${escapeRegExp(path.basename(checkpoint))}\\.\\d+\\.tmp$`);
-  return (file) => exact.has(file) || (path.dirname(file) === path.dirname(checkpoint) && temp.test(path.basename(file)));
-}
-
-function escapeRegExp(text: string): string {
-  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-}
 
 /** Which names in a watched directory matter to which watched paths; null: every name. */
 interface Subscription {
@@ -77,6 +55,8 @@ export class FileWatch {
   constructor(
     private readonly reload: () => void,
     private readonly log: Logger,
+    /** Aeterna's own files under a config: never a change (src/own-files.ts). */
+    private readonly ownFilesOf: (config: Config) => OwnFile = () => () => false,
   ) {}
 
   /**
@@ -94,7 +74,7 @@ export class FileWatch {
 
   /** A reload's outcome is final: follow the config now in effect, then start the queued reload, if any. */
   reloadSettled(config: Config): void {
-    this.apply(config.orchestration.watch, ownFiles(config));
+    this.apply(config.orchestration.watch, this.ownFilesOf(config));
     if (!this.queued || this.closed || this.queuedStart) return;
     // Not from inside the orchestrator's own call: it may still have work after the outcome.
     this.queuedStart = setImmediate(() => {

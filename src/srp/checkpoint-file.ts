@@ -85,8 +85,8 @@ async function writeAll(out: fs.promises.FileHandle, data: Buffer, position: num
 /** Numbers the temporary files of this process: with O_EXCL, a leftover of an earlier Aeterna is never reused. */
 let tempCounter = 0;
 
-/** The temporary files of `file`: `.<name>.<pid>.<n>.tmp` beside it. */
-function isTempOf(file: string, entry: string): boolean {
+/** Whether `entry` (a name in the same directory) is one of the temporary files of `file`: `.<name>.<pid>.<n>.tmp` beside it. */
+export function isTempOf(file: string, entry: string): boolean {
   const base = path.basename(file);
   return entry.startsWith(`.${base}.`) && /^\d+\.\d+\.tmp$/.test(entry.slice(base.length + 2));
 }
