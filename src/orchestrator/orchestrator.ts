@@ -812,7 +812,7 @@ export class Orchestrator implements ControlApi {
       previous: info(previous, previous !== null && previous === this.serving),
       candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
       restarts: this.restarts,
-      fdstore: this.deps.fdStore.list().map((f) => f.name),
+      fdstore: this.deps.fdStore.names(),
       checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
       canary_weight: this.inFlight?.split?.weight ?? null,
       last_reload: this.inFlight?.record ?? this.lastReload,
