@@ -3,12 +3,14 @@
 // that comes before the app serves under readiness modes delay and exec. Aeterna runs as PID 1, the app is
 // fixtures/apps/fdstore_hostile_app.py (stdlib Python, sd_notify over one datagram socket).
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { fixture, freePort, pidNamespaceUnavailable, runAeterna, type LogLine } from './helpers/aeterna';
 import { Daemon, statusOf, type ConfigOptions } from './helpers/daemon';
 import { getText } from './helpers/load';
+import { NotifySocket } from '../src/resources/notify';
 import { fdCountAtRest } from '../bench/soak';
 
 const skip = pidNamespaceUnavailable();
@@ -135,6 +137,29 @@ describe('fd store floods are bounded in log lines', { skip: skip ?? false, time
     const count = lines(d, /^fd store:|FDSTOREREMOVE/).length;
     console.log(`# 20,000 FDSTOREREMOVE=1: ${count} log lines`);
     assert.ok(count < 50, `${count} log lines`);
+  });
+});
+
+describe('other notify floods are bounded in log lines', { skip: skip ?? false, timeout: 300000 }, () => {
+  it('10,000 invalid WATCHDOG_USEC= from the app and 5,000 FDSTORE=1 from a stranger: fewer than 50 log lines', async () => {
+    const go = path.join(fs.mkdtempSync('/tmp/aeterna-flood-'), 'go');
+    const d = await started({ plan: { '1': ['usecflood 10000', `waitfile ${go}`, 'status flooded', 'ready'] }, service: '  fdstore_max: 4\n  watchdog: "1h"\n', state: 'Starting' });
+    await d.run.waitFor(/DONE usecflood 10000 generation 1/, 120000);
+    // A stranger (the test process) sends its own; the app's STATUS= after them is read after them (one receive queue).
+    const sender = `import os, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(${JSON.stringify(NotifySocket.pathFor(path.join(d.dir, 'control.sock')))})
+for i in range(5000):
+    fd = os.memfd_create('stranger'); socket.send_fds(s, [b'FDSTORE=1\\nFDNAME=stranger'], [fd]); os.close(fd)`;
+    const sent = spawnSync('python3', ['-c', sender], { encoding: 'utf8' });
+    assert.equal(sent.status, 0, sent.stderr);
+    fs.writeFileSync(go, '');
+    await read(d, 'flooded');
+    const usec = lines(d, /WATCHDOG_USEC/).length;
+    const stranger = lines(d, /not a process of a running generation/).length;
+    console.log(`# 10,000 WATCHDOG_USEC=garbage: ${usec} log lines; 5,000 FDSTORE=1 from a stranger: ${stranger} log lines`);
+    assert.ok(usec < 50, `${usec} WATCHDOG_USEC lines`);
+    assert.ok(stranger < 50, `${stranger} stranger lines`);
+    assert.deepEqual((await statusOf(d)).fdstore, []);
   });
 });
 

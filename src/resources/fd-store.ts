@@ -240,6 +240,11 @@ export class FdStore {
     }
   }
 
+  /** FDSTORE=1 or FDSTOREREMOVE=1 from `pid`, which is no process of a running generation: its fds are closed with the message. */
+  refuseStranger(pid: number): void {
+    this.throttle.warn('fdstore-stranger', { sender: pid }, `fd store: ignored FDSTORE/FDSTOREREMOVE from pid ${pid}, which is not a process of a running generation; its fds were closed`);
+  }
+
   /** Close every stored fd named `name`; returns how many. */
   remove(name: string): number {
     const named = this.byName.get(name);
