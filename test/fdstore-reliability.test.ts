@@ -3,7 +3,7 @@
 // that comes before the app serves under readiness modes delay and exec. Aeterna runs as PID 1, the app is
 // fixtures/apps/fdstore_hostile_app.py (stdlib Python, sd_notify over one datagram socket).
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -146,12 +146,13 @@ describe('other notify floods are bounded in log lines', { skip: skip ?? false, 
     const d = await started({ plan: { '1': ['usecflood 10000', `waitfile ${go}`, 'status flooded', 'ready'] }, service: '  fdstore_max: 4\n  watchdog: "1h"\n', state: 'Starting' });
     await d.run.waitFor(/DONE usecflood 10000 generation 1/, 120000);
     // A stranger (the test process) sends its own; the app's STATUS= after them is read after them (one receive queue).
-    const sender = `import os, socket
+    const senderCode = `import os, socket
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(${JSON.stringify(NotifySocket.pathFor(path.join(d.dir, 'control.sock')))})
 for i in range(5000):
     fd = os.memfd_create('stranger'); socket.send_fds(s, [b'FDSTORE=1\\nFDNAME=stranger'], [fd]); os.close(fd)`;
-    const sent = spawnSync('python3', ['-c', sender], { encoding: 'utf8' });
-    assert.equal(sent.status, 0, sent.stderr);
+    // Not spawnSync: the test's event loop must keep reading Aeterna's stderr, or a daemon that logs every datagram blocks on it.
+    const sender = spawn('python3', ['-c', senderCode], { stdio: 'ignore' });
+    assert.equal(await new Promise((resolve) => sender.on('exit', resolve)), 0);
     fs.writeFileSync(go, '');
     await read(d, 'flooded');
     const usec = lines(d, /WATCHDOG_USEC/).length;
