@@ -37,6 +37,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -919,6 +920,73 @@ Napi::Value Close(const Napi::CallbackInfo& info) {
 }
 
 // ---------------------------------------------------------------------------
+// Open file descriptions: do two fds share one (dup(), or the same fd sent twice)?
+// ---------------------------------------------------------------------------
+
+#ifndef KCMP_FILE
+#define KCMP_FILE 0
+#endif
+#ifndef F_DUPFD_QUERY
+#define F_DUPFD_QUERY 1027  // F_LINUX_SPECIFIC_BASE + 3, Linux 6.10
+#endif
+
+// kcmp() is missing without CONFIG_KCMP, and container seccomp profiles often refuse it (EPERM): then
+// F_DUPFD_QUERY (Linux 6.10), then systemd's last resort (same inode, not a device, same status flags).
+std::atomic<int> kcmp_works{-1};  // -1 unknown, 0 no, 1 yes
+
+bool KcmpRefused(int err) { return err == ENOSYS || err == EPERM || err == EACCES || err == EOPNOTSUPP; }
+
+// 0: same description; -1 / 1: different, ordered (kcmp's order of the kernel's file objects, stable while
+// both are open); 2: different, no order known. Throws when either fd is not open.
+int CompareFiles(int a, int b, int* err) {
+  pid_t pid = getpid();
+  if (kcmp_works.load() != 0) {
+    long r = syscall(SYS_kcmp, pid, pid, KCMP_FILE, a, b);
+    if (r >= 0 && r <= 2) {
+      kcmp_works.store(1);
+      return r == 0 ? 0 : r == 1 ? -1 : 1;
+    }
+    if (r == 3) return 2;
+    if (!KcmpRefused(errno)) return *err = errno, -2;
+    kcmp_works.store(0);
+  }
+  int q = fcntl(a, F_DUPFD_QUERY, b);
+  if (q > 0) return 0;
+  if (q == 0) return fcntl(b, F_GETFD) < 0 ? (*err = errno, -2) : 2;
+  if (errno != EINVAL && errno != EBADF) return *err = errno, -2;
+  struct stat sa, sb;
+  if (fstat(a, &sa) < 0 || fstat(b, &sb) < 0) return *err = errno, -2;
+  if (sa.st_dev != sb.st_dev || sa.st_ino != sb.st_ino) return 2;
+  if (S_ISCHR(sa.st_mode) || S_ISBLK(sa.st_mode)) return 2;
+  int fa = fcntl(a, F_GETFL), fb = fcntl(b, F_GETFL);
+  if (fa < 0 || fb < 0) return *err = errno, -2;
+  return fa == fb ? 0 : 2;
+}
+
+Napi::Value CompareOpenFiles(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int a, b;
+  if (!GetFd(info[0], "a", &a) || !GetFd(info[1], "b", &b)) return Napi::Value();
+  int err = 0;
+  int r = a == b ? 0 : CompareFiles(a, b, &err);
+  if (r == -2) return Throw(SysError(env, err, "kcmp", FdName(a)));
+  return Napi::Number::New(env, r);
+}
+
+// Whether CompareOpenFiles can order (kcmp works here): probed on `fd` against a dup of itself.
+Napi::Value OpenFilesOrdered(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!GetFd(info[0], "fd", &fd)) return Napi::Value();
+  if (kcmp_works.load() == -1) {
+    pid_t pid = getpid();
+    long r = syscall(SYS_kcmp, pid, pid, KCMP_FILE, fd, fd);
+    kcmp_works.store(r == 0 ? 1 : 0);
+  }
+  return Napi::Boolean::New(env, kcmp_works.load() == 1);
+}
+
+// ---------------------------------------------------------------------------
 // Users and groups
 // ---------------------------------------------------------------------------
 
@@ -1169,6 +1237,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"listen", Listen},
       {"isReadShutdown", IsReadShutdown},
       {"close", Close},
+      {"compareOpenFiles", CompareOpenFiles},
+      {"openFilesOrdered", OpenFilesOrdered},
       {"lookupUser", LookupUser},
       {"lookupGroup", LookupGroup},
   };

@@ -17,6 +17,7 @@ import { ListenerWatch } from './resources/listener-watch';
 import { NotifySocket } from './resources/notify';
 import { keepSocketFile, type SocketFileWatch } from './resources/socket-file';
 import { FdStore } from './resources/fd-store';
+import { fdStoreBudget } from './resources/fd-budget';
 import { Orchestrator } from './orchestrator/orchestrator';
 import { STATES, type State } from './orchestrator/fsm';
 import type { ControlApi, ReloadTrigger } from './orchestrator/types';
@@ -220,11 +221,13 @@ export class Daemon {
       return startFailureCode(err);
     }
     if (!h) this.cgroups = this.openCgroups(null);
+    // The fd store gets what the fd limit leaves once every socket and server of Aeterna's is up (fd-budget.ts).
     this.fdStore = new FdStore(this.log, (count) => {
       this.metrics.fdStoreChanged(count);
       this.prepareSignalRecovery();
-    });
+    }, fdStoreBudget(h ? h.fdstore.length : 0));
     if (h) this.fdStore.adopt(h.fdstore);
+    this.fdStore.limit(this.config.service.fdstoreMax); // a service.fdstore_max that does not fit is reported now
     this.orchestrator = new Orchestrator(this.config, {
       log: this.log,
       metrics: this.metrics,

@@ -180,6 +180,14 @@ export interface Binding {
   isReadShutdown(fd: number): boolean;
   /** close(fd). */
   close(fd: number): void;
+  /**
+   * Whether fds a and b share one open file description (as systemd's same_fd): 0 when they do; -1 or 1 when
+   * not, in an order that stays the same while both are open (kcmp); 2 when not and no order is known (kcmp
+   * refused: then F_DUPFD_QUERY, or else same inode, not a device, same status flags). Throws when one is not open.
+   */
+  compareOpenFiles(a: number, b: number): -1 | 0 | 1 | 2;
+  /** Whether compareOpenFiles orders (kcmp works here); `fd` is any open fd to probe with. */
+  openFilesOrdered(fd: number): boolean;
 
   /** getpwnam: uid, primary gid and supplementary groups of a user name; null when unknown. */
   lookupUser(name: string): { uid: number; gid: number; groups: number[] } | null;

@@ -227,10 +227,7 @@ export class Orchestrator implements ControlApi {
   private storeFds(m: NotifyMessage): void {
     if (m.fields.get('FDSTORE') !== '1' && m.fields.get('FDSTOREREMOVE') !== '1') return;
     const gen = this.liveGenerations().find((g) => belongsTo(m.pid, g.pid));
-    if (gen === undefined) {
-      this.deps.log.warn({ sender: m.pid }, `fd store: ignored FDSTORE/FDSTOREREMOVE from pid ${m.pid}, which is not a process of a running generation; its fds were closed`);
-      return;
-    }
+    if (gen === undefined) return this.deps.fdStore.refuseStranger(m.pid);
     this.deps.fdStore.handle(m, this.config.service.fdstoreMax, gen.number);
   }
 
@@ -831,7 +828,7 @@ export class Orchestrator implements ControlApi {
       previous: info(previous, previous !== null && previous === this.serving),
       candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
       restarts: this.restarts,
-      fdstore: this.deps.fdStore.list().map((f) => f.name),
+      fdstore: this.deps.fdStore.names(),
       checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
       canary_weight: this.inFlight?.split?.weight ?? null,
       last_reload: this.inFlight?.record ?? this.lastReload,

@@ -1,6 +1,9 @@
-// When is a generation ready? A generation says so on a readiness source
-// (sd_notify READY=1, the state relay's ready op), each counting in every mode,
-// or the mode decides (a delay, an exec probe). A readiness timeout is never
+// When is a generation ready? The mode says, and only the mode: in "notify"
+// mode when it says so on a readiness source (sd_notify READY=1, the state
+// relay's ready op); in "delay" mode when it is still running after the delay;
+// in "exec" mode when the probe exits 0. A READY=1 in delay or exec mode is
+// logged but changes nothing: apps such as gunicorn send it before their
+// workers serve, which is why such an app is given a delay or a probe. A readiness timeout is never
 // "ready": the watch rejects, and the orchestrator rolls the reload back. A
 // health probe over the shared listener is deliberately not offered: both
 // generations accept on the same socket, so such a probe cannot tell which one answered.
@@ -12,6 +15,7 @@ import type { Generation } from '../supervisor/generation';
 import type { Reaper } from '../supervisor/reaper';
 import { runCommand } from '../supervisor/command';
 import { belongsTo } from '../supervisor/proctree';
+import { LogThrottle } from '../log-throttle';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 
 /** A channel on which a generation can say it is ready. */
@@ -22,17 +26,24 @@ export interface ReadinessSource {
 
 /** sd_notify as a readiness source: READY=1 from a process of the generation (STATUS= and STOPPING=1 are logged). */
 export class NotifyReadiness implements ReadinessSource {
+  /** STATUS= and STOPPING=1 lines: an app may send them as often as it likes. */
+  private readonly throttle: LogThrottle;
+
   constructor(
     private readonly notify: NotifySocket,
-    private readonly log: Logger,
-  ) {}
+    log: Logger,
+  ) {
+    this.throttle = new LogThrottle(log);
+  }
 
   watchReady(gen: Generation, ready: (how: string) => void): () => void {
     const onMessage = (m: NotifyMessage): void => {
-      if (!belongsTo(m.pid, gen.pid)) return; // another generation, or a stranger: ignored
       const status = m.fields.get('STATUS');
-      if (status !== undefined) this.log.info({ generation: gen.number, sender: m.pid, status }, 'app status');
-      if (m.fields.get('STOPPING') === '1') this.log.info({ generation: gen.number, sender: m.pid }, 'app says it is stopping');
+      const stopping = m.fields.get('STOPPING') === '1';
+      // The fields first: telling who sent a message reads /proc, and most messages are not about readiness.
+      if ((status === undefined && !stopping && m.fields.get('READY') !== '1') || !belongsTo(m.pid, gen.pid)) return;
+      if (status !== undefined) this.throttle.info('app-status', { generation: gen.number, sender: m.pid, status }, 'app status');
+      if (stopping) this.throttle.info('app-stopping', { generation: gen.number, sender: m.pid }, 'app says it is stopping');
       if (m.fields.get('READY') === '1') ready(`sd_notify READY=1 from pid ${m.pid}`);
     };
     this.notify.on('message', onMessage);
@@ -41,7 +52,7 @@ export class NotifyReadiness implements ReadinessSource {
 }
 
 export interface ReadinessDeps {
-  /** Every channel on which a generation may say it is ready; each counts in every mode. */
+  /** Every channel on which a generation may say it is ready; they count in mode "notify" only. */
   sources: readonly ReadinessSource[];
   reaper: Reaper;
   log: Logger;
@@ -73,6 +84,7 @@ export class ReadinessWatch {
   /** Resolves when ready; rejects with E_READY_TIMEOUT (or E_SPAWN_FAILED when the probe cannot run). */
   readonly ready: Promise<void>;
   private settled = false;
+  private toldNotCounted = false;
   private resolve!: () => void;
   private reject!: (err: Error) => void;
   private readonly timers: NodeJS.Timeout[] = [];
@@ -94,8 +106,9 @@ export class ReadinessWatch {
         cfg.timeoutMs,
       ),
     );
-    // What the app says on a source counts in every mode: an app that says it is ready never waits for a delay or a probe.
-    this.unwatch = deps.sources.map((source) => source.watchReady(gen, (how) => this.markReady(how)));
+    // What the app says on a source counts in notify mode only: in delay and exec mode the delay or the probe decides.
+    const says = cfg.mode === 'notify' ? (how: string): void => this.markReady(how) : (how: string): void => this.notCounted(how);
+    this.unwatch = deps.sources.map((source) => source.watchReady(gen, says));
     if (cfg.mode === 'delay') {
       this.timers.push(setTimeout(() => gen.alive && this.markReady('delay elapsed'), cfg.delayMs));
     } else if (cfg.mode === 'exec') {
@@ -109,6 +122,17 @@ export class ReadinessWatch {
     this.settled = true;
     this.cleanup();
     this.resolve();
+  }
+
+  /** A readiness signal in delay or exec mode: logged once, it does not make the generation ready. */
+  private notCounted(how: string): void {
+    if (this.settled || this.toldNotCounted) return;
+    this.toldNotCounted = true;
+    const waitsFor = this.cfg.mode === 'delay' ? `the delay (${formatDuration(this.cfg.delayMs)})` : `the probe ${JSON.stringify(this.cfg.command)}`;
+    this.deps.log.info(
+      { generation: this.gen.number, child: this.gen.pid, source: how, mode: this.cfg.mode },
+      `generation ${this.gen.number} says it is ready (${how}); readiness.mode "${this.cfg.mode}" waits for ${waitsFor}`,
+    );
   }
 
   cancel(): void {

@@ -9,6 +9,7 @@ import type { Logger } from '../log';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 import type { Generation } from '../supervisor/generation';
 import { belongsTo } from '../supervisor/proctree';
+import { LogThrottle } from '../log-throttle';
 
 /** The longest interval WATCHDOG_USEC= may set: service.watchdog's own maximum (24h). */
 const MAX_USEC = 24 * 3600 * 1_000_000;
@@ -19,15 +20,18 @@ export class Watchdog {
   private started = false;
   private stopped = false;
   private readonly onMessage = (m: NotifyMessage): void => this.message(m);
+  /** WATCHDOG_USEC= lines: the app may send it as often as it likes. */
+  private readonly throttle: LogThrottle;
 
   constructor(
     private readonly gen: Generation,
     private intervalMs: number,
     private readonly notify: NotifySocket,
-    private readonly log: Logger,
+    log: Logger,
     /** Called once, when the deadline passes or the app sends WATCHDOG=trigger; `why` says which. */
     private readonly fire: (why: string) => void,
   ) {
+    this.throttle = new LogThrottle(log);
     notify.on('message', this.onMessage);
   }
 
@@ -66,10 +70,10 @@ export class Watchdog {
     if (usec !== undefined) {
       if (/^\d+$/.test(usec) && Number(usec) <= MAX_USEC) {
         this.intervalMs = Math.ceil(Number(usec) / 1000);
-        this.log.info({ generation: this.gen.number, sender: m.pid, watchdog_usec: Number(usec) }, `watchdog: generation ${this.gen.number} set its interval to ${this.intervalMs === 0 ? 'off' : formatDuration(this.intervalMs)}`);
+        this.throttle.info('watchdog-usec', { generation: this.gen.number, sender: m.pid, watchdog_usec: Number(usec) }, `watchdog: generation ${this.gen.number} set its interval to ${this.intervalMs === 0 ? 'off' : formatDuration(this.intervalMs)}`);
         this.arm();
       } else {
-        this.log.warn({ generation: this.gen.number, sender: m.pid, value: usec }, `watchdog: ignored WATCHDOG_USEC=${JSON.stringify(usec)}: not a number of microseconds from 0 to ${MAX_USEC}`);
+        this.throttle.warn('watchdog-usec-invalid', { generation: this.gen.number, sender: m.pid, value: usec }, `watchdog: ignored WATCHDOG_USEC=${JSON.stringify(usec)}: not a number of microseconds from 0 to ${MAX_USEC}`);
       }
     }
     if (ping === 'trigger') return this.expire(`the app sent WATCHDOG=trigger (pid ${m.pid})`);

@@ -1,6 +1,6 @@
 // Aeterna's file descriptors: the limit (RLIMIT_NOFILE), how many are open, and
-// how many connections a server of Aeterna's may hold so that some fds are
-// always free. Without a bound, clients that hold connections (to the control
+// how many connections a server of Aeterna's may hold, and how many fds the fd
+// store may keep, so that some fds are always free. Without a bound, clients that hold connections (to the control
 // socket, to /healthz) can use up every fd; then a reload cannot even read the
 // config, /healthz stops answering and the operator cannot run `aeterna stop`.
 import fs from 'node:fs';
@@ -36,7 +36,21 @@ export function openFdCount(): number {
  */
 export function connectionBudget(preferred: number, share: number, minimum = 2): number {
   const spare = fdLimit() - openFdCount() - FD_RESERVE;
-  return Math.max(minimum, Math.min(preferred, Math.floor(spare * share)));
+  const budget = Math.max(minimum, Math.min(preferred, Math.floor(spare * share)));
+  claimedByServers += budget;
+  return budget;
+}
+
+/** Fds the servers' connection budgets may take (each connectionBudget() claims its own): the fd store must leave them. */
+let claimedByServers = 0;
+
+/**
+ * How many fds the fd store may hold: what the fd limit leaves after the fds open now (but for the `stored`
+ * ones, already the store's), the reserve and every server's connection budget. Taken once the servers are up;
+ * Infinity when the limit is unknown.
+ */
+export function fdStoreBudget(stored: number): number {
+  return Math.max(0, fdLimit() - (openFdCount() - stored) - FD_RESERVE - claimedByServers);
 }
 
 /** Whether an error means the process or the system ran out of file descriptors. */

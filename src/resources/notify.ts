@@ -39,6 +39,8 @@ export interface NotifyMessage {
    * listener takes are closed once the message has been handled. The second call gets [].
    */
   takeFds(): number[];
+  /** The kernel dropped fds attached to the datagram (MSG_CTRUNC: Aeterna had no free fd, or more than 253 were sent). */
+  fdsCut: boolean;
 }
 
 /** Parse a datagram; null when it is not valid UTF-8 KEY=VALUE lines. */
@@ -182,7 +184,7 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
       if (dgram === null) return;
       let fds = dgram.fds;
       try {
-        if (dgram.fdsCut) this.warn({ sender: dgram.pid }, 'notify socket: a datagram carried more fds than one message can; every one that arrived was closed');
+        if (dgram.fdsCut) this.warn({ sender: dgram.pid }, 'notify socket: the kernel dropped the fds attached to a datagram (more than 253, or Aeterna had no free fd); every one that arrived was closed');
         if (dgram.data.length > MAX_DATAGRAM) {
           this.ignored++;
           this.warn({ sender: dgram.pid }, `notify socket: ignored a datagram longer than ${MAX_DATAGRAM} bytes`);
@@ -199,7 +201,7 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
           fds = [];
           return taken;
         };
-        this.emit('message', { pid: dgram.pid, uid: dgram.uid, fields, takeFds });
+        this.emit('message', { pid: dgram.pid, uid: dgram.uid, fields, takeFds, fdsCut: dgram.fdsCut });
       } finally {
         for (const fd of fds) native.close(fd); // nobody kept them
       }
