@@ -6,6 +6,7 @@
 // every process that holds it (see Poller in binding.ts).
 import { native, READABLE, type Poller } from '../native/binding';
 import type { Logger } from '../log';
+import { LogThrottle } from '../log-throttle';
 import { isFdExhaustion } from './fd-budget';
 
 /** After accept failed (out of fds), how long to stop accepting: the pending connections wait in the backlog. */
@@ -24,14 +25,17 @@ export class Acceptor {
   private closed = false;
   /** suspend()ed: the pause after fd exhaustion must not restart it. */
   private suspended = false;
+  /** Out of fds, accept fails at every pause's end (10 a second): logged a few times a minute with a count. */
+  private readonly failures: LogThrottle;
 
   /** Accept every connection on listening `fd` and hand it to `onConnection` (close-on-exec, non-blocking; the callee owns it). */
   constructor(
     private readonly fd: number,
     private readonly onConnection: (fd: number) => void,
-    private readonly log: Logger,
+    log: Logger,
     private readonly what: string,
   ) {
+    this.failures = new LogThrottle(log);
     this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.acceptSome() : log.error({ errno }, `${what} poll error`)));
     this.poller.start(READABLE);
   }
@@ -40,6 +44,7 @@ export class Acceptor {
   close(): void {
     this.closed = true;
     if (this.paused) clearTimeout(this.paused);
+    this.failures.flush();
     this.poller.close();
   }
 
@@ -61,7 +66,7 @@ export class Acceptor {
       try {
         fd = native.accept(this.fd);
       } catch (err) {
-        this.log.warn({ err }, `${this.what}: accept failed`);
+        this.failures.warn('accept', { err }, `${this.what}: accept failed`);
         // The connection stays queued and the poller would fire again at once: without fds, a busy loop.
         if (isFdExhaustion(err)) this.pause();
         return;
