@@ -839,7 +839,9 @@ bool InstallFatalSignalHandlers() {
   struct sigaction sa = {};
   sa.sa_handler = OnFatalSignal;
   sa.sa_flags = SA_ONSTACK;
-  sigemptyset(&sa.sa_mask);
+  // A stop signal that arrives while the handler runs stays pending (across its exec, see OnFatalSignal); without
+  // this it would run libuv's handler, whose note to the event loop the exec then discards.
+  HeldSignals(&sa.sa_mask);
   for (int sig : kFatalSignals) {
     if (sigaction(sig, &sa, nullptr) < 0) return false;
   }
@@ -861,6 +863,18 @@ Napi::Value PrepareFatalSignalExec(const Napi::CallbackInfo& info) {
 Napi::Value ReleaseHeld(const Napi::CallbackInfo& info) {
   ReleaseHeldSignals();
   return info.Env().Undefined();
+}
+
+// holdStopSignals(on): block (or unblock) SIGTERM, SIGINT and SIGHUP in this thread, the only one that takes
+// signals (libuv's threads block them all). Blocked, one that arrives stays pending, also across an execve.
+Napi::Value HoldStopSignals(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBoolean()) return Throw(Napi::TypeError::New(env, "holdStopSignals(on: boolean)"));
+  sigset_t held;
+  HeldSignals(&held);
+  int err = pthread_sigmask(info[0].As<Napi::Boolean>().Value() ? SIG_BLOCK : SIG_UNBLOCK, &held, nullptr);
+  if (err != 0) return Throw(SysError(env, err, "pthread_sigmask", "stop signals"));
+  return env.Undefined();
 }
 
 // clearFatalSignalExec(): a fatal signal kills again (no state Aeterna could hand over).
@@ -1233,6 +1247,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"prepareFatalSignalExec", PrepareFatalSignalExec},
       {"clearFatalSignalExec", ClearFatalSignalExec},
       {"releaseHeldSignals", ReleaseHeld},
+      {"holdStopSignals", HoldStopSignals},
       {"isListeningSocket", IsListeningSocket},
       {"listen", Listen},
       {"isReadShutdown", IsReadShutdown},

@@ -379,8 +379,9 @@ export class Daemon {
       from: this.version,
       reexecs: this.reexecs,
       execNow: () => {
-        // A stop signal already received but not yet handled (libuv queues it for the next turn of the loop) must
-        // win over the exec: across it, the new program could not see it. Two turns let it through first.
+        // From now on a stop signal stays pending across the exec, for the new program. One that libuv caught
+        // before (queued for the next turn of the loop) must win over the exec: two turns let it through first.
+        native.holdStopSignals(true);
         setImmediate(() => setImmediate(() => this.execUpgrade(argv)));
       },
     };
@@ -399,6 +400,7 @@ export class Daemon {
         this.log.error({ err, code: (err as AeternaError).code }, `upgrade failed, going on as before: ${(err as Error).message}`);
       }
     }
+    native.holdStopSignals(false); // the exec did not happen: a stop that waited is delivered now
     this.relay?.thaw();
     this.upgrading = false;
     if (!this.stopRequested) this.fileWatch.apply(this.held.current.orchestration.watch, ownFiles(this.held.current));

@@ -170,6 +170,12 @@ export interface Binding {
   prepareFatalSignalExec(path: string, argv: string[], env: string[], keep: number[], hold?: boolean): void;
   /** A re-executed Aeterna's stop handlers exist: the stop signals held across its exec (and any pending one) go through. */
   releaseHeldSignals(): void;
+  /**
+   * Block (true) or unblock (false) SIGTERM, SIGINT and SIGHUP: blocked, one that arrives stays pending, across an
+   * execve too. Before Aeterna's own exec: a signal libuv caught just before is still delivered to its handler in
+   * the next turn of the loop, and every later one waits for the new program.
+   */
+  holdStopSignals(on: boolean): void;
   /** A fatal signal kills the process again (the handler finds nothing prepared). */
   clearFatalSignalExec(): void;
   /** Whether fd is a listening socket (SO_ACCEPTCONN). */
