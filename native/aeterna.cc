@@ -778,9 +778,14 @@ Napi::Value Execve(const Napi::CallbackInfo& info) {
   HeldSignals(&held);
   if (err == 0) {
     // From here a stop signal stays pending, across the exec, until the new program's handlers exist.
-    if (call.hold) pthread_sigmask(SIG_BLOCK, &held, &before);
+    bool guard = false;
+    if (call.hold) {
+      pthread_sigmask(SIG_BLOCK, &held, &before);
+      guard = GuardStopSignals(static_cast<pid_t>(syscall(SYS_gettid)));
+    }
     execve(call.file.c_str(), call.argv.data(), call.envp.data());
     err = errno;
+    if (guard) UnguardStopSignals();
     if (call.hold) pthread_sigmask(SIG_SETMASK, &before, nullptr);
   }
   for (size_t i = 0; i < cleared; i++) fcntl(keep[i], F_SETFD, fcntl(keep[i], F_GETFD) | FD_CLOEXEC);
@@ -820,6 +825,8 @@ void OnFatalSignal(int sig) {
     sigemptyset(&mask);
     if (call->hold) HeldSignals(&mask);
     sigprocmask(SIG_SETMASK, &mask, nullptr);
+    // A stop signal caught meanwhile by another thread comes to this one, where it waits for the new program.
+    if (call->hold) GuardStopSignals(static_cast<pid_t>(syscall(SYS_gettid)));
     execve(call->file.c_str(), call->argv.data(), call->envp.data());
   }
   struct sigaction dfl = {};
@@ -865,15 +872,18 @@ Napi::Value ReleaseHeld(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// holdStopSignals(on): block (or unblock) SIGTERM, SIGINT and SIGHUP in this thread, the only one that takes
-// signals (libuv's threads block them all). Blocked, one that arrives stays pending, also across an execve.
+// holdStopSignals(on): block (or unblock) SIGTERM, SIGINT and SIGHUP in this thread, and guard them (hold.h): one
+// that arrives, whichever thread catches it, stays pending here, also across an execve.
 Napi::Value HoldStopSignals(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsBoolean()) return Throw(Napi::TypeError::New(env, "holdStopSignals(on: boolean)"));
   sigset_t held;
   HeldSignals(&held);
-  int err = pthread_sigmask(info[0].As<Napi::Boolean>().Value() ? SIG_BLOCK : SIG_UNBLOCK, &held, nullptr);
+  bool on = info[0].As<Napi::Boolean>().Value();
+  if (!on) UnguardStopSignals();  // libuv's handlers first, then what waited is delivered to them
+  int err = pthread_sigmask(on ? SIG_BLOCK : SIG_UNBLOCK, &held, nullptr);
   if (err != 0) return Throw(SysError(env, err, "pthread_sigmask", "stop signals"));
+  if (on) GuardStopSignals(static_cast<pid_t>(syscall(SYS_gettid)));
   return env.Undefined();
 }
 

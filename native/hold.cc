@@ -13,6 +13,8 @@
 #include "hold.h"
 
 #include <dlfcn.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,4 +86,34 @@ void ReleaseHeldSignals() {
   auto preloaded = reinterpret_cast<void (*)()>(dlsym(RTLD_DEFAULT, "aeterna_release_held_signals"));
   if (preloaded != nullptr) preloaded();
   aeterna_release_held_signals();
+}
+
+namespace {
+const int kStopSignals[] = {SIGTERM, SIGINT, SIGHUP};
+std::atomic<pid_t> exec_thread{0};
+std::atomic<bool> guarded{false};
+struct sigaction saved_stop[3];
+
+void OnStopDuringExec(int sig) {
+  pid_t tid = exec_thread.load();
+  if (tid != 0) syscall(SYS_tgkill, getpid(), tid, sig);
+}
+}  // namespace
+
+bool GuardStopSignals(pid_t tid) {
+  exec_thread.store(tid);
+  if (guarded.exchange(true)) return false;
+  struct sigaction sa = {};
+  sa.sa_handler = OnStopDuringExec;
+  sigfillset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  for (int i = 0; i < 3; i++) sigaction(kStopSignals[i], &sa, &saved_stop[i]);
+  return true;
+}
+
+void UnguardStopSignals() {
+  if (!guarded.load()) return;
+  for (int i = 0; i < 3; i++) sigaction(kStopSignals[i], &saved_stop[i], nullptr);
+  exec_thread.store(0);
+  guarded.store(false);
 }

@@ -171,9 +171,10 @@ export interface Binding {
   /** A re-executed Aeterna's stop handlers exist: the stop signals held across its exec (and any pending one) go through. */
   releaseHeldSignals(): void;
   /**
-   * Block (true) or unblock (false) SIGTERM, SIGINT and SIGHUP: blocked, one that arrives stays pending, across an
-   * execve too. Before Aeterna's own exec: a signal libuv caught just before is still delivered to its handler in
-   * the next turn of the loop, and every later one waits for the new program.
+   * Hold (true) or let through (false) SIGTERM, SIGINT and SIGHUP: held, one that arrives stays pending in this
+   * thread, whichever thread caught it, across an execve too (native/hold.h). Before Aeterna's own exec: a signal
+   * libuv caught just before is still delivered to its handler in the next turn of the loop, every later one waits
+   * for the new program.
    */
   holdStopSignals(on: boolean): void;
   /** A fatal signal kills the process again (the handler finds nothing prepared). */
