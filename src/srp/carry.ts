@@ -1,6 +1,6 @@
 // What an upgrade (or a recovery) carries of the relay across Aeterna's exec:
 // the idle relay connections, with what their hellos said, and the latest
-// checkpoint's memfd. The next Aeterna speaks on on those connections as if
+// checkpoint's memfd. The next Aeterna speaks on those connections as if
 // nothing happened; a connection busy with anything is not carried.
 import type { Logger } from '../log';
 import type { Generation } from '../supervisor/generation';

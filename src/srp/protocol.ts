@@ -7,28 +7,26 @@
 // checks it has not drifted), as docs/fsm.md is from the orchestrator's.
 import type { Op } from './messages';
 
-export const PHASES = [
-  'hello', // waiting for hello
-  'waiting', // a reload's new generation: welcomed, waiting for the old state to arrive
-  'load-sent', // we sent a load; waiting for its ack
-  'idle', // nothing in flight
-  'dump-requested', // we asked for a dump; waiting for `state`
-  'streaming', // the state's data frames are coming in
-  'trailer', // the data has arrived; its digest trailer is due
-  'direct', // the state's bytes go on the direct socket pair; its digest trailer is due here
-] as const;
+const PHASE_MEANINGS = {
+  hello: 'connected; its hello is due',
+  waiting: "a reload's new generation: welcomed, waiting for the old state to arrive",
+  'load-sent': 'Aeterna sent it a load; its ack is due',
+  idle: 'nothing in flight',
+  'dump-requested': 'Aeterna asked it for a dump; its `state` (or refusal) is due',
+  streaming: "the state's data frames are coming in",
+  trailer: "the state's data has arrived; its digest trailer is due",
+  direct: "the state's bytes go on the direct socket pair; its digest trailer is due here",
+} as const;
 /** Where a connection is in the relay of a state. */
-export type Phase = (typeof PHASES)[number];
+export type Phase = keyof typeof PHASE_MEANINGS;
 
 /**
  * The table's rows: the phases, and `checkpoint` for a connection whose streamed checkpoint is arriving (its data
  * frames, then its trailer if it announced one), whatever its phase: until then nothing else may come from it.
  */
-export const ROWS = [...PHASES, 'checkpoint'] as const;
-export type Row = (typeof ROWS)[number];
-
-/** Every op, in the order of docs/srp.md's table. */
-export const OPS = ['hello', 'welcome', 'load', 'state', 'ack', 'ready', 'dump', 'trailer', 'checkpoint', 'checkpointed', 'error'] as const satisfies readonly Op[];
+export const ROW_MEANINGS = { ...PHASE_MEANINGS, checkpoint: 'its streamed checkpoint is arriving (its data frames, then its trailer if announced), whatever its phase' } as const;
+export type Row = keyof typeof ROW_MEANINGS;
+export const ROWS = Object.keys(ROW_MEANINGS) as Row[];
 
 export const HANDLERS = {
   hello: 'the handshake: welcome, then the initial load (or wait for the old state)',
@@ -59,6 +57,8 @@ const UNEXPECTED: { readonly [O in Op]: null } = {
   checkpointed: null,
   error: null,
 };
+/** Every op (the type above lists them all), in the order of docs/srp.md's table. */
+export const OPS = Object.keys(UNEXPECTED) as Op[];
 
 /** What any welcomed connection may send, whatever its relay is doing (unless the framing says otherwise). */
 const WELCOMED = { ...UNEXPECTED, error: 'peerError', checkpoint: 'checkpoint', ready: 'ready' } as const;
@@ -77,6 +77,10 @@ export const ON: Table = {
   checkpoint: { ...UNEXPECTED, error: 'peerError', trailer: 'checkpointTrailer' },
 };
 
+/** Where docs/srp.md's generated table begins and ends. */
+export const SRP_TABLE_BEGIN = '<!-- generated from src/srp/protocol.ts by scripts/gen-srp-doc.ts: edit the table there -->';
+export const SRP_TABLE_END = '<!-- end of the generated table -->';
+
 /** The table as Markdown (docs/srp.md embeds this text): one row per phase, one column per op a client sends. */
 export function srpTable(): string {
   const sent = OPS.filter((op) => ROWS.some((r) => ON[r][op] !== null));
@@ -84,6 +88,9 @@ export function srpTable(): string {
   for (const row of ROWS) lines.push(`| ${row} | ${sent.map((op) => ON[row][op] ?? '–').join(' | ')} |`);
   const never = OPS.filter((op) => !sent.includes(op));
   lines.push('', `\`${never.join('`, `')}\`: never accepted from an app (Aeterna sends them). – : \`unexpected_op\`.`, '');
+  lines.push('', 'Phases:', '');
+  for (const [row, what] of Object.entries(ROW_MEANINGS)) lines.push(`- ${row}: ${what}`);
+  lines.push('', 'Handlers:', '');
   for (const [h, what] of Object.entries(HANDLERS)) lines.push(`- ${h}: ${what}`);
   return lines.join('\n');
 }
