@@ -202,6 +202,7 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     }
     return this.transfers.start(from, to, false, progress, signal, timeoutMs);
   }
+
   /** Nothing of an earlier relay is still in flight on `s`: a new dump may be asked. */
   private idleForRelay(s: Session): boolean {
     return s.phase === 'idle' && s.transfer === null;

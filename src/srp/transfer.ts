@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import { native } from '../native/binding';
 import type { Logger } from '../log';
 import { describeExit } from '../supervisor/exit';
+import type { Generation } from '../supervisor/generation';
 import { DumpFailed, type RelayProgress } from '../orchestrator/relay';
 import { SrpError, closeQuietly, isSealedState } from './codec';
 import { abandon, watchAbandoned } from './abandoned';
@@ -280,8 +281,8 @@ export class Transfers {
     if (t) this.fail(t, new Error(`generation ${s.gen!.number} could not dump its state: ${m.error ?? 'no reason given'}`));
   }
 
-  /** Whether a state is on its way to or from this session's generation. */
-  relaying(gen: Session['gen']): boolean {
+  /** Whether a state is on its way to or from this generation. */
+  relaying(gen: Generation): boolean {
     for (const t of this.live) if (!t.aborted && (t.to.gen === gen || t.from?.gen === gen)) return true;
     return false;
   }
