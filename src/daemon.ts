@@ -531,9 +531,9 @@ export class Daemon {
     const relay = this.relay?.listening ?? null;
     if (relay) fds.push({ role: 'relay', name: 'state', fd: relay.fd });
     if (this.metricsFd !== null) fds.push({ role: 'metrics', name: 'metrics', fd: this.metricsFd });
-    const relayConnections = this.relay?.handOver(reason) ?? [];
+    const relayConnections = this.relay?.carry(reason) ?? [];
     for (const c of relayConnections) fds.push({ role: 'relay-connection', name: `generation ${c.generation}`, fd: c.fd });
-    const checkpoint = this.relay?.handOverCheckpoint() ?? null;
+    const checkpoint = this.relay?.carryCheckpoint() ?? null;
     if (checkpoint) fds.push({ role: 'checkpoint', name: `checkpoint ${checkpoint.seq}`, fd: checkpoint.fd });
     const fdstore = this.fdStore!.handover();
     for (const f of fdstore) fds.push({ role: 'fdstore', name: f.name, fd: f.fd });

@@ -495,7 +495,7 @@ export class Orchestrator implements ControlApi {
     const began = performance.now();
     const progress = (p: { bytes: number; total: number }): void =>
       this.emit({ type: 'relay', reload: run.record.id, bytes: p.bytes, total: p.total, rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)) });
-    relay.handover(old, next, progress, run.relayAbort.signal, timeoutMs).then(
+    relay.relay(old, next, progress, run.relayAbort.signal, timeoutMs).then(
       ({ bytes }) => {
         if (!this.stillCurrent(run, 'Handover')) return;
         this.deps.metrics.stateRelayed(bytes, (performance.now() - began) / 1000);

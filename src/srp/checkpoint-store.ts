@@ -17,7 +17,7 @@ import type { Logger } from '../log';
 import { CheckpointFileCorrupt, CheckpointFileForeign, CheckpointFileTooLarge, fileSeq, hashFd, readCheckpointFile, removeLeftoverTemps, writeCheckpointFile, type Checkpoint } from './checkpoint-file';
 import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
-import type { HandedCheckpoint } from '../upgrade/handover';
+import type { CarriedCheckpoint } from './carry';
 
 /** Why a checkpoint was refused: the code the client gets in `checkpointed`. */
 export type CheckpointRefusal = 'disabled' | 'too_large' | 'checksum_mismatch' | 'bad_state' | 'write_failed';
@@ -93,7 +93,7 @@ export class CheckpointStore {
   constructor(
     readonly config: CheckpointConfig,
     private readonly log: Logger,
-    handed: HandedCheckpoint | null = null,
+    handed: CarriedCheckpoint | null = null,
   ) {
     if (handed) this.adoptHanded(handed);
     else if (config.enabled && config.path !== null) this.loadFile(config.path);
@@ -101,7 +101,7 @@ export class CheckpointStore {
     this.writtenSeq = handed ? 0 : this.lastSeq;
   }
 
-  private adoptHanded(h: HandedCheckpoint): void {
+  private adoptHanded(h: CarriedCheckpoint): void {
     if (!this.config.enabled) {
       closeQuietly(h.fd); // checkpoints were turned off in the config the new Aeterna read
       return;
@@ -121,8 +121,8 @@ export class CheckpointStore {
     this.latest = { fd: h.fd, size: h.size, seq: h.seq, encoding: h.encoding, savedAt: Date.parse(h.saved_at), ...(h.sha256 ? { sha256: h.sha256 } : {}) };
   }
 
-  /** The latest checkpoint for the handover of a re-exec (its memfd stays ours until the exec), or null. */
-  handOver(): HandedCheckpoint | null {
+  /** The latest checkpoint for what a re-exec carries (its memfd stays ours until the exec), or null. */
+  carry(): CarriedCheckpoint | null {
     const c = this.latest;
     if (!c) return null;
     return { fd: c.fd, seq: c.seq, size: c.size, encoding: c.encoding, ...(c.sha256 ? { sha256: c.sha256 } : {}), saved_at: new Date(c.savedAt).toISOString() };

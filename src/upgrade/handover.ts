@@ -10,6 +10,7 @@ import type { Listener } from '../resources/listeners';
 import type { SocketFile } from '../resources/socket-file';
 import type { ReloadRecord } from '../orchestrator/types';
 import type { Config } from '../config/types';
+import type { CarriedCheckpoint, CarriedRelayConnection, CarryReason } from '../srp/carry';
 
 /**
  * The handover version this Aeterna writes. Version 2 added the relay connections and the in-memory checkpoint: an
@@ -24,7 +25,7 @@ export const READABLE_HANDOVER_VERSIONS: readonly number[] = [1, 2, 3];
 export const HANDOVER_ENV = 'AETERNA_HANDOVER_FD';
 
 /** Why Aeterna re-executed itself: `aeterna upgrade`, an uncaught exception or rejection, a fatal signal. */
-export type ReexecReason = 'upgrade' | 'exception' | 'signal';
+export type ReexecReason = CarryReason;
 
 export type FdRole = 'listener' | 'control' | 'relay' | 'relay-connection' | 'checkpoint' | 'notify' | 'metrics' | 'fdstore';
 
@@ -44,32 +45,6 @@ export interface HandedGeneration {
   started_at: string;
   /** Its cgroup's directory, when it has one. */
   cgroup: string | null;
-}
-
-/** An idle state relay connection of a generation (its fd is among `fds`, role 'relay-connection'). */
-export interface HandedRelayConnection {
-  fd: number;
-  generation: number;
-  /** False: its initial load went out whole and its ack is still due. */
-  initialAcked: boolean;
-  /** What its hello said (srp/coordinator.ts: helloFlags). */
-  noFds: boolean;
-  takesTrailer: boolean;
-  /** Takes the direct transport (a socket pair per relay); absent in a handover written before it existed. */
-  takesDirect?: boolean;
-  /** Trailer checks besides sha256 it computes (its hello's `checksums`); absent likewise. */
-  checksums?: string[];
-}
-
-/** The app's latest checkpoint, a sealed memfd (among `fds`, role 'checkpoint'). */
-export interface HandedCheckpoint {
-  fd: number;
-  seq: number;
-  size: number;
-  encoding: string;
-  sha256?: string;
-  /** When it was stored (ISO time): its age goes on. */
-  saved_at: string;
 }
 
 export interface Handover {
@@ -98,8 +73,8 @@ export interface Handover {
   /** When the recent recoveries (exception, signal) happened, ISO times, within the recovery window. */
   recoveries?: string[];
   /** Version 2: the generations' idle state relay connections, and the latest checkpoint (null: none). */
-  relay_connections?: HandedRelayConnection[];
-  checkpoint?: HandedCheckpoint | null;
+  relay_connections?: CarriedRelayConnection[];
+  checkpoint?: CarriedCheckpoint | null;
   /**
    * Version 3: the config the daemon runs with (the one its last start or promoted reload applied), as the Config
    * of this handover version. A later Aeterna that changes Config's shape bumps the version and converts it.

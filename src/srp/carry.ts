@@ -1,0 +1,155 @@
+// What an upgrade (or a recovery) carries of the relay across Aeterna's exec:
+// the idle relay connections, with what their hellos said, and the latest
+// checkpoint's memfd. The next Aeterna speaks on those connections as if
+// nothing happened; a connection busy with anything is not carried.
+import type { Logger } from '../log';
+import type { Generation } from '../supervisor/generation';
+import { closeQuietly } from './codec';
+import type { CheckpointStore } from './checkpoint-store';
+import { SrpConnection } from './connection';
+import { RELAY_HIGH_WATER_MARK, helloFlags, newSession, type RelayEmitter, type Session, type Sessions } from './session';
+
+/** Why Aeterna re-executes itself (upgrade/handover.ts's ReexecReason is this). */
+export type CarryReason = 'upgrade' | 'exception' | 'signal';
+
+/** An idle state relay connection of a generation (its fd is among the handover's `fds`, role 'relay-connection'). */
+export interface CarriedRelayConnection {
+  fd: number;
+  generation: number;
+  /** False: its initial load went out whole and its ack is still due. */
+  initialAcked: boolean;
+  /** What its hello said (srp/session.ts: helloFlags). */
+  noFds: boolean;
+  takesTrailer: boolean;
+  /** Takes the direct transport (a socket pair per relay); absent in a handover written before it existed. */
+  takesDirect?: boolean;
+  /** Trailer checks besides sha256 it computes (its hello's `checksums`); absent likewise. */
+  checksums?: string[];
+}
+
+/** The app's latest checkpoint, a sealed memfd (among the handover's `fds`, role 'checkpoint'). */
+export interface CarriedCheckpoint {
+  fd: number;
+  seq: number;
+  size: number;
+  encoding: string;
+  sha256?: string;
+  /** When it was stored (ISO time): its age goes on. */
+  saved_at: string;
+}
+
+/**
+ * Why session `s` cannot be carried across an exec now, or null. `framing`: also nothing half-read or
+ * half-written on it (exact at an upgrade or an exception; a prepared signal handover cannot track bytes).
+ */
+export function busyWith(s: Session, framing: boolean): string | null {
+  if (s.gen === null) return 'its hello';
+  // A whole initial load went out (no relay behind it): only its ack is due, which the next Aeterna can take.
+  const initialAckDue = s.phase === 'load-sent' && !s.initialAcked;
+  if (s.transfer || (s.phase !== 'idle' && !initialAckDue)) return `a state relay (${s.phase})`;
+  if (s.checkpoint) return 'a checkpoint being received';
+  if (s.receivingCheckpoint) return 'the checkpoint being streamed to it';
+  if (s.answering > 0) return 'the answer to its checkpoint';
+  if (framing && !s.conn.quiet) return 'a frame half read or written';
+  return null;
+}
+
+/** Tell the daemon when whether `s` can be carried changed (the prepared signal handover lists it, or not). */
+export function carryChanged(s: Session, events: RelayEmitter): void {
+  const now = !s.conn.closed && s.gen !== null && busyWith(s, false) === null;
+  if (now === s.carried) return;
+  s.carried = now;
+  events.emit('carry');
+}
+
+export class Carrier {
+  /** An upgrade is about to exec: nothing is accepted or read (frames wait in the kernel for the next Aeterna). */
+  frozen = false;
+
+  constructor(
+    private readonly sessions: Sessions,
+    private readonly checkpoints: CheckpointStore,
+    private readonly maxFrame: number,
+    private readonly log: Logger,
+    private readonly listen: (s: Session) => void,
+  ) {}
+
+  /** Why an upgrade cannot carry every relay connection now ("generation 1 is busy with ..."), or null. */
+  busyReason(): string | null {
+    for (const s of this.sessions.all) {
+      const why = busyWith(s, true);
+      if (why) return `${s.gen ? `generation ${s.gen.number}` : `a connection of generation ${s.owner.number}`} is busy with ${why}`;
+    }
+    return null;
+  }
+
+  /** Resolves once every connection is idle; rejects with the reason after `timeoutMs` (checked every 20 ms: transfers end on many paths). */
+  whenIdle(timeoutMs: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const deadline = Date.now() + timeoutMs;
+      const check = (): void => {
+        const why = this.busyReason();
+        if (why === null) return resolve();
+        if (Date.now() >= deadline) return reject(new Error(why));
+        setTimeout(check, 20);
+      };
+      check();
+    });
+  }
+
+  /** Stop reading every connection (throws if one is busy now); the caller stops accepting. */
+  freeze(): void {
+    const why = this.busyReason();
+    if (why) throw new Error(why);
+    this.frozen = true;
+    for (const s of this.sessions.all) s.conn.pause();
+  }
+
+  /** Read again; false if nothing was frozen. */
+  thaw(): boolean {
+    if (!this.frozen) return false;
+    this.frozen = false;
+    for (const s of this.sessions.all) s.conn.resume();
+    return true;
+  }
+
+  /**
+   * The relay connections the next Aeterna takes over, with what their hellos said. At an upgrade all must be
+   * idle (it throws naming the busy one). At a recovery the busy ones are left out: they close at the exec, the
+   * client's call on it fails, and the serving generation keeps its memory (docs/operations.md).
+   */
+  carry(reason: CarryReason): CarriedRelayConnection[] {
+    if (reason === 'upgrade') {
+      const why = this.busyReason();
+      if (why) throw new Error(why);
+    }
+    const carried = [...this.sessions.all].filter((s) => s.gen !== null && busyWith(s, reason !== 'signal') === null);
+    return carried.map((s) => ({ fd: s.conn.stream.fd, generation: s.gen!.number, initialAcked: s.initialAcked, ...helloFlags(s) }));
+  }
+
+  /** The latest checkpoint's memfd for the next Aeterna, or null. */
+  carryCheckpoint(): CarriedCheckpoint | null {
+    return this.checkpoints.carry();
+  }
+
+  /**
+   * A re-executed Aeterna: speak again on the connections the previous one carried, each bound to its
+   * (adopted, attached) generation, idle (or with the ack of its initial load due); no welcome is sent again.
+   */
+  adoptConnections(entries: CarriedRelayConnection[], generations: Generation[]): void {
+    for (const entry of entries) {
+      const gen = generations.find((g) => g.number === entry.generation);
+      if (!gen || !this.sessions.generations.has(gen)) {
+        this.log.warn({ generation: entry.generation }, 'relay: a handed-over connection names no running generation; closed');
+        closeQuietly(entry.fd);
+        continue;
+      }
+      const conn = new SrpConnection(entry.fd, this.maxFrame, RELAY_HIGH_WATER_MARK);
+      const session: Session = { ...newSession(conn, gen), ...helloFlags(entry), gen, phase: entry.initialAcked ? 'idle' : 'load-sent', initialAcked: entry.initialAcked };
+      this.listen(session);
+      this.sessions.byGeneration.set(gen, session);
+      session.carried = true;
+      this.log.debug({ generation: gen.number }, 'relay connection taken over');
+    }
+  }
+}
