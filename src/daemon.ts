@@ -153,7 +153,7 @@ export class Daemon {
     this.reexecsByReason = reexecsByReason(handover);
     this.recoveries = recentRecoveries(handover, this.execAt);
     this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State, () => this.relay?.lastCheckpoint() ?? null);
-    this.listenerWatch = new ListenerWatch(this.listeners, this.metrics, log);
+    this.listenerWatch = new ListenerWatch(this.listeners, (name, result) => this.metrics.listenerRepaired(name, result), log);
     this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log, ownFiles);
   }
 
