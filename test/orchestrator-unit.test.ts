@@ -183,8 +183,14 @@ function harness(config: Config, opts: { relay?: boolean } = {}) {
   const relay = opts.relay ? new FakeRelay() : null;
   const notify = Object.assign(new EventEmitter(), { address: '/run/aeterna/test-notify.sock', grant: () => undefined });
   const listeners = new ListenerSet();
+  const fdStore = { handled: [] as number[], refused: [] as number[] };
   const h = {
     next: config,
+    fdStore,
+    /** A datagram on the notify socket from `pid`. */
+    notify(pid: number, fields: Record<string, string>): void {
+      notify.emit('message', { pid, uid: 0, fields: new Map(Object.entries(fields)), takeFds: () => [] });
+    },
     spawnFails: false,
     gens,
     splits,
@@ -207,7 +213,12 @@ function harness(config: Config, opts: { relay?: boolean } = {}) {
     listeners,
     listenerWatch: new ListenerWatch(listeners, () => undefined, log),
     notify: notify as unknown as NotifySocket,
-    fdStore: { list: () => [], names: () => [], refuseStranger: () => undefined, handle: () => undefined } as unknown as FdStore,
+    fdStore: {
+      list: () => [],
+      names: () => [],
+      refuseStranger: (pid: number) => fdStore.refused.push(pid),
+      handle: (_m: unknown, _max: number, generation: number) => fdStore.handled.push(generation),
+    } as unknown as FdStore,
     loadConfig: () => h.next,
     relay: relay as unknown as StateRelay | null,
     spawn: (number) => {
@@ -221,7 +232,8 @@ function harness(config: Config, opts: { relay?: boolean } = {}) {
       splits.push(split);
       return split;
     },
-    belongsTo: (pid, root) => pid === root,
+    // A generation's processes here: its root, and root + 1000 (a worker it forked).
+    belongsTo: (pid, root) => pid === root || pid === root + 1000,
     reloadSettled: (record) => records.push(record),
   };
   h.orchestrator = new Orchestrator(config, deps);
@@ -297,6 +309,17 @@ test('a second stop request kills every generation at once', async () => {
   await settle();
   assert.equal(h.state, 'Stopped');
   assert.equal(await stopped, 128 + SIGKILL);
+});
+
+test('FDSTORE=1 is taken from a process of a generation only: a stranger\'s fds are refused', async () => {
+  const { h, stopped } = await running(immediate());
+  const gen = h.gens[0];
+  h.notify(gen.pid + 1000, { FDSTORE: '1', FDNAME: 'conn' });
+  h.notify(gen.pid + 1, { FDSTORE: '1', FDNAME: 'conn' });
+  h.notify(gen.pid + 1000, { STATUS: 'busy' }); // not about the fd store
+  assert.deepEqual(h.fdStore.handled, [1]);
+  assert.deepEqual(h.fdStore.refused, [gen.pid + 1]);
+  assert.equal(await stopAll(h, stopped), 0);
 });
 
 test('an immediate reload whose new generation is ready is promoted; the old one is drained', async () => {
