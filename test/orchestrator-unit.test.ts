@@ -101,8 +101,8 @@ function deferred<T>(): { promise: Promise<T>; resolve: (v: T) => void; reject: 
   return { promise, resolve, reject };
 }
 
-/** The state relay as the orchestrator uses it: each handover and final sync waits for the test. */
-class FakeRelay {
+/** The state relay as the orchestrator uses it (typed as StateRelay, so a change of that port shows here): each handover and final sync waits for the test. */
+class FakeRelay implements StateRelay {
   readonly socketPath = '/run/aeterna/test-state.sock';
   readonly handovers: Array<ReturnType<typeof deferred<{ bytes: number }>>> = [];
   readonly finalSyncs: Array<ReturnType<typeof deferred<{ bytes: number }>>> = [];
@@ -220,7 +220,7 @@ function harness(config: Config, opts: { relay?: boolean } = {}) {
       handle: (_m: unknown, _max: number, generation: number) => fdStore.handled.push(generation),
     } as unknown as FdStore,
     loadConfig: () => h.next,
-    relay: relay as unknown as StateRelay | null,
+    relay,
     spawn: (number) => {
       if (h.spawnFails) throw new AeternaError('E_SPAWN_FAILED', 'spawn "/bin/app": execve: No such file or directory');
       const gen = new FakeGeneration(number);
