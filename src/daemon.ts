@@ -28,6 +28,8 @@ import { SrpCoordinator } from './srp/coordinator';
 import { resolveIdentity } from './supervisor/identity';
 import { ROOT_RUNTIME_DIR, defaultRuntimeDir, ensurePrivateRuntimeDir } from './config/runtime-dir';
 import { Generation } from './supervisor/generation';
+import { belongsTo } from './supervisor/proctree';
+import { WeightedSplit } from './resources/canary-split';
 import { HANDOVER_VERSION, type FdRole, type Handover, type ReexecReason } from './upgrade/handover';
 import { checkTarget, prepareSignalExec, reexec, upgradeArgv } from './upgrade/reexec';
 import { fallBack, fallbackArgv, fallbackHandover } from './upgrade/fallback';
@@ -153,7 +155,7 @@ export class Daemon {
     this.reexecsByReason = reexecsByReason(handover);
     this.recoveries = recentRecoveries(handover, this.execAt);
     this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State, () => this.relay?.lastCheckpoint() ?? null);
-    this.listenerWatch = new ListenerWatch(this.listeners, this.metrics, log);
+    this.listenerWatch = new ListenerWatch(this.listeners, (name, result) => this.metrics.listenerRepaired(name, result), log);
     this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log, ownFiles);
   }
 
@@ -228,6 +230,7 @@ export class Daemon {
     }, fdStoreBudget(h ? h.fdstore.length : 0));
     if (h) this.fdStore.adopt(h.fdstore);
     this.fdStore.limit(this.config.service.fdstoreMax); // a service.fdstore_max that does not fit is reported now
+    const cgroups = this.cgroups;
     this.orchestrator = new Orchestrator(this.config, {
       log: this.log,
       metrics: this.metrics,
@@ -238,7 +241,9 @@ export class Daemon {
       fdStore: this.fdStore,
       loadConfig: loadConfigFile,
       relay: this.relay,
-      cgroups: this.cgroups,
+      spawn: (number, spec, fds, env) => Generation.spawn(number, spec, fds, this.reaper, env, cgroups),
+      split: (listeners, canary) => WeightedSplit.open(listeners, canary),
+      belongsTo,
       reloadSettled: (_record, config) => {
         this.held.set(config);
         this.fileWatch.reloadSettled(config);

@@ -44,6 +44,12 @@ export class AeternaError extends Error {
   }
 }
 
+/** Whether an error means the process or the system ran out of file descriptors (errno EMFILE or ENFILE: E_RESOURCE_EXHAUSTED). */
+export function isFdExhaustion(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException | null)?.code;
+  return code === 'EMFILE' || code === 'ENFILE';
+}
+
 /** Exit codes Aeterna itself uses (the app's own code is passed through otherwise). */
 export const ExitCodes = {
   OK: 0,

@@ -8,7 +8,7 @@
 import { formatDuration } from './duration';
 import type { CheckContext } from './spec';
 import type { ListenAddress } from './types';
-import { RESERVED_ENV } from '../supervisor/environment';
+import { RESERVED_ENV } from '../app-env';
 
 
 export function checkListener(listener: { address?: ListenAddress | undefined }, context: CheckContext): void {

@@ -5,9 +5,8 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { AeternaError } from '../errors';
-import { isFdExhaustion } from '../resources/fd-budget';
-import { NotARegularFile, openRegularFile } from '../resources/regular-file';
+import { AeternaError, isFdExhaustion } from '../errors';
+import { NotARegularFile, openRegularFile } from '../regular-file';
 import { configSchema, controlSocketSchema, type ValidatedConfig } from './schema';
 import type { Config } from './types';
 import { validateTree, type Issue } from './validate';

@@ -11,7 +11,7 @@ import {
   checkReadiness,
   checkService,
 } from './checks';
-import { RESERVED_ENV } from '../supervisor/environment';
+import { RESERVED_ENV } from '../app-env';
 import {
   account,
   boolean,

@@ -16,21 +16,20 @@
 // - Listeners are never closed during a reload; one dropped from the config is
 //   closed only once no generation uses it.
 import { AeternaError, type ErrorCode } from '../errors';
-import type { Config } from '../config/types';
+import type { CanaryConfig, Config } from '../config/types';
 import { formatDuration } from '../config/duration';
 import type { Logger } from '../log';
 import type { Metrics } from '../monitor/metrics';
 import type { ExitInfo } from '../native/binding';
 import type { Listener, ListenerSet } from '../resources/listeners';
-import { WeightedSplit, type Side } from '../resources/canary-split';
+import type { PassedFd } from '../app-env';
+import type { Side, WeightedSplit } from '../resources/canary-split';
 import type { ListenerWatch } from '../resources/listener-watch';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 import type { FdStore } from '../resources/fd-store';
-import { belongsTo } from '../supervisor/proctree';
-import { Generation } from '../supervisor/generation';
+import type { Generation, SpawnSpec } from '../supervisor/generation';
 import { describeExit, exitCodeOf } from '../supervisor/exit';
 import type { Reaper } from '../supervisor/reaper';
-import type { Cgroups } from '../supervisor/cgroup';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
 import { DumpFailed, type RelayRole, type StateRelay } from './relay';
@@ -52,11 +51,21 @@ export interface OrchestratorDeps {
   loadConfig: (file: string) => Config;
   /** The state relay, when state_handoff is enabled. */
   relay: StateRelay | null;
-  /** One cgroup per generation, where the machine allows it (service.cgroups). */
-  cgroups: Cgroups | null;
+  /**
+   * Start generation `number` with `fds` at 3, 4, ... and `env` added to its environment (Generation.spawn, in its
+   * cgroup where the machine allows it). Throws E_SPAWN_FAILED.
+   */
+  spawn: (number: number, spec: SpawnSpec, fds: readonly PassedFd[], env: Record<string, string>) => Generation;
+  /** Open a weighted canary split of `listeners` (WeightedSplit.open). Throws E_CANARY_UNSUPPORTED or E_LISTEN_FAILED. */
+  split: (listeners: readonly Listener[], canary: CanaryConfig) => CanarySplit;
+  /** Whether process `pid` is `root` or one of its descendants (proctree.belongsTo, which reads /proc). */
+  belongsTo: (pid: number, root: number) => boolean;
   /** Told when a reload's outcome is final, with the config now in effect (the file watch queues on it). */
   reloadSettled?: (record: ReloadRecord, config: Config) => void;
 }
+
+/** What a reload does with a weighted canary split. */
+export type CanarySplit = Pick<WeightedSplit, 'canary' | 'noMigration' | 'weight' | 'candidateListeners' | 'steer' | 'drained' | 'promote' | 'discard'>;
 
 /** One reload, from the request to its outcome. */
 interface ReloadRun {
@@ -75,7 +84,7 @@ interface ReloadRun {
   fromCheckpoint: boolean;
   timers: NodeJS.Timeout[];
   /** orchestration.canary: the candidate's own sockets and the steering of new connections; null for a shared socket. */
-  split: WeightedSplit | null;
+  split: CanarySplit | null;
   /** Why the reload is being rolled back or has failed, once it is. */
   failure: { reason: string; code: ErrorCode; outcome: 'rolled_back' | 'failed' } | null;
 }
@@ -209,7 +218,7 @@ export class Orchestrator implements ControlApi {
     this.deps.notify.grant(config.service);
     // The fd store's fds come after the listeners, as systemd passes them.
     const fds = [...listeners, ...this.deps.fdStore.list()];
-    const gen = Generation.spawn(number, config.service, fds, this.deps.reaper, this.extraEnv(number), this.deps.cgroups);
+    const gen = this.deps.spawn(number, config.service, fds, this.extraEnv(number));
     this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');
     this.track(gen, config, role);
     return gen;
@@ -226,7 +235,7 @@ export class Orchestrator implements ControlApi {
   /** FDSTORE=1 / FDSTOREREMOVE=1: only from the processes of a generation Aeterna runs (as READY=1); a stranger's fds are closed. */
   private storeFds(m: NotifyMessage): void {
     if (m.fields.get('FDSTORE') !== '1' && m.fields.get('FDSTOREREMOVE') !== '1') return;
-    const gen = this.liveGenerations().find((g) => belongsTo(m.pid, g.pid));
+    const gen = this.liveGenerations().find((g) => this.deps.belongsTo(m.pid, g.pid));
     if (gen === undefined) return this.deps.fdStore.refuseStranger(m.pid);
     this.deps.fdStore.handle(m, this.config.service.fdstoreMax, gen.number);
   }
@@ -420,7 +429,7 @@ export class Orchestrator implements ControlApi {
     try {
       const { added, dropped } = this.deps.listeners.apply(run.config.service.listeners, run.config.orchestration.canary !== null);
       const canary = run.config.orchestration.canary;
-      if (canary && run.config.orchestration.strategy === 'canary') run.split = WeightedSplit.open(this.deps.listeners.list(), canary);
+      if (canary && run.config.orchestration.strategy === 'canary') run.split = this.deps.split(this.deps.listeners.list(), canary);
       if (run.split?.noMigration) {
         this.deps.log.warn({ reload: run.record.id }, `orchestration.canary: ${run.split.noMigration}; if the new generation dies during the soak, the connections waiting in its socket's accept queue are reset`);
       }
@@ -627,7 +636,7 @@ export class Orchestrator implements ControlApi {
     await run.split.drained(winner === 'new' ? 'old' : 'new', 20, () => this.inFlight === run);
   }
 
-  private steer(split: WeightedSplit, percent: number): void {
+  private steer(split: CanarySplit, percent: number): void {
     split.steer(percent);
     this.deps.metrics.setCanaryWeight(percent > 0 && percent < 100 ? percent : 0);
   }

@@ -7,7 +7,7 @@
 import { native, READABLE, type Poller } from '../native/binding';
 import type { Logger } from '../log';
 import { LogThrottle } from '../log-throttle';
-import { isFdExhaustion } from './fd-budget';
+import { isFdExhaustion } from '../errors';
 
 /** After accept failed (out of fds), how long to stop accepting: the pending connections wait in the backlog. */
 const ACCEPT_PAUSE_MS = 100;

@@ -53,12 +53,6 @@ export function fdStoreBudget(stored: number): number {
   return Math.max(0, fdLimit() - (openFdCount() - stored) - FD_RESERVE - claimedByServers);
 }
 
-/** Whether an error means the process or the system ran out of file descriptors. */
-export function isFdExhaustion(err: unknown): boolean {
-  const code = (err as NodeJS.ErrnoException | null)?.code;
-  return code === 'EMFILE' || code === 'ENFILE';
-}
-
 /**
  * The connections of one server, at most `limit`. When full, a newcomer evicts
  * the oldest idle connection (one without a request in progress): clients that

@@ -17,7 +17,7 @@ import type { Logger } from '../log';
 import { LogThrottle } from '../log-throttle';
 import { fdLimit } from './fd-budget';
 import type { NotifyMessage } from './notify';
-import type { PassedFd } from '../supervisor/environment';
+import type { PassedFd } from '../app-env';
 
 /** The name systemd gives an fd stored without FDNAME=. */
 export const DEFAULT_FDNAME = 'stored';

@@ -5,8 +5,10 @@
 // it repairs what it can (ListenerSet.repair), logs it and counts it. A listener
 // that stays broken is reported by /healthz and /readyz until it is repaired.
 import type { Logger } from '../log';
-import type { Metrics } from '../monitor/metrics';
 import type { ListenerRepair, ListenerSet } from './listeners';
+
+/** Told of every repair and of every first failure to repair (the metrics count them). */
+export type OnRepair = (listener: string, result: ListenerRepair['result']) => void;
 
 /** How often the listeners are checked between spawns and probes (two syscalls per listener). */
 export const CHECK_INTERVAL_MS = 5000;
@@ -28,7 +30,7 @@ export class ListenerWatch {
 
   constructor(
     private readonly listeners: ListenerSet,
-    private readonly metrics: Metrics,
+    private readonly onRepair: OnRepair,
     private readonly log: Logger,
   ) {}
 
@@ -48,12 +50,12 @@ export class ListenerWatch {
         const line = `listener "${l.name}" (${l.address}): ${r.problem}, not repaired: ${r.error}`;
         if (!this.broken.has(l.name)) {
           this.log.error({ ...fields, code: 'E_LISTEN_FAILED' }, `${what}; not repaired: ${r.error}`);
-          this.metrics.listenerRepaired(l.name, r.result);
+          this.onRepair(l.name, r.result);
         }
         stillBroken.set(l.name, line);
       } else {
         this.log.warn(fields, `${what}; repaired: ${REPAIRS[r.result]}`);
-        this.metrics.listenerRepaired(l.name, r.result);
+        this.onRepair(l.name, r.result);
       }
     }
     this.broken = stillBroken;

@@ -8,26 +8,11 @@
 import { native } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { ListenerConfig } from '../config/types';
-import { steerToServing } from './canary-split';
-import { SocketPathError, claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from './socket-file';
+import type { Listener } from './listener';
+import { steerToServing } from './reuseport';
+import { SocketPathError, claimSocketPath, listenSocketFile, removeSocketFile } from './socket-file';
 
-export interface Listener {
-  /** LISTEN_FDNAMES entry. */
-  name: string;
-  fd: number;
-  /** The address as written in the config, or "inherited" for sockets passed to Aeterna by its parent. */
-  address: string;
-  /** Handed to Aeterna by a socket activator (LISTEN_FDS); Aeterna did not bind it. */
-  inherited: boolean;
-  /** Unix socket file Aeterna created and removes when it closes the listener. */
-  socketFile?: SocketFile;
-  /** How Aeterna bound it, to bind it again; absent for inherited sockets. */
-  config?: ListenerConfig;
-  /** A listening socket, checked and repaired (a datagram socket an activator passed is not). */
-  watched: boolean;
-  /** Bound with SO_REUSEPORT, so a weighted canary can add the candidate's socket to its group. */
-  reusePort?: boolean;
-}
+export type { Listener } from './listener';
 
 /** listen(2) backlog when Aeterna revives an inherited socket, whose own backlog it cannot read (the kernel caps it at somaxconn). */
 const INHERITED_BACKLOG = 4096;

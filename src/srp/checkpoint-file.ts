@@ -20,7 +20,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { native } from '../native/binding';
-import { openRegularFile } from '../resources/regular-file';
+import { openRegularFile } from '../regular-file';
 import { closeQuietly } from './codec';
 import { MAX_ENCODING_LENGTH } from './messages';
 

@@ -1,24 +1,5 @@
 // The environment a generation's processes start with.
-import type { Listener } from '../resources/listeners';
-
-/**
- * Environment variables Aeterna sets for the app itself (socket activation, readiness, state
- * relay, generation number): a value from service.env would be overwritten, so it is refused.
- * The supervisor strips inherited values of these from the app's environment too.
- */
-export const RESERVED_ENV = [
-  'LISTEN_FDS',
-  'LISTEN_PID',
-  'LISTEN_FDNAMES',
-  'NOTIFY_SOCKET',
-  'WATCHDOG_USEC',
-  'WATCHDOG_PID',
-  'LIVERELAY_STATE_SOCK',
-  'AETERNA_GENERATION',
-] as const;
-
-/** An fd a generation gets at 3, 4, ...: a listener, or an fd from the fd store; its name goes into LISTEN_FDNAMES. */
-export type PassedFd = Pick<Listener, 'name' | 'fd'>;
+import { RESERVED_ENV, type PassedFd } from '../app-env';
 
 /** The child's environment: Aeterna's own, then service.env, then the socket-activation variables. */
 export function childEnvironment(

@@ -9,13 +9,29 @@ import { EventEmitter } from 'node:events';
 import { native, type ExitInfo } from '../native/binding';
 import { signalIfAlive } from './signal';
 import { AeternaError } from '../errors';
-import type { ServiceConfig } from '../config/types';
-import { childEnvironment, type PassedFd } from './environment';
+import type { PassedFd } from '../app-env';
+import { childEnvironment } from './environment';
 import { signalNumber } from './exit';
 import { resolveIdentity } from './identity';
 import type { Reaper } from './reaper';
 import { descendantsWithEnv } from './proctree';
 import type { Cgroups, GenerationCgroup } from './cgroup';
+
+/** What the supervisor needs to start a generation (the orchestrator passes service.*, which has these fields). */
+export interface SpawnSpec {
+  /** argv: the program and its arguments. */
+  command: string[];
+  /** KEY=VALUE entries added to Aeterna's own environment. */
+  env: string[];
+  cwd?: string;
+  /** User/group the app runs as (name or numeric id), dropped in the child before exec. */
+  user?: string | number;
+  group?: string | number;
+  /** The passed fd (by name) that also becomes the app's fd 0. */
+  stdinListener?: string;
+  /** With a watchdog the app gets WATCHDOG_USEC and WATCHDOG_PID. */
+  watchdogMs: number | null;
+}
 
 export interface GenerationEvents {
   exit: [info: ExitInfo];
@@ -73,7 +89,7 @@ export class Generation extends EventEmitter<GenerationEvents> {
    */
   static spawn(
     number: number,
-    service: ServiceConfig,
+    service: SpawnSpec,
     listeners: readonly PassedFd[],
     reaper: Reaper,
     extraEnv: Record<string, string> = {},
@@ -167,7 +183,7 @@ export class Generation extends EventEmitter<GenerationEvents> {
 }
 
 /** service.stdin_listener: that listener also becomes the app's fd 0 (stdout and stderr stay Aeterna's). */
-function stdinFrom(service: ServiceConfig, listeners: readonly PassedFd[]): { stdio?: [number, number, number] } {
+function stdinFrom(service: SpawnSpec, listeners: readonly PassedFd[]): { stdio?: [number, number, number] } {
   if (service.stdinListener === undefined) return {};
   const listener = listeners.find((l) => l.name === service.stdinListener);
   if (listener === undefined) throw new Error(`service.stdin_listener names no open listener ("${service.stdinListener}")`);
