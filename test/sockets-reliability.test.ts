@@ -52,6 +52,8 @@ describe('socket files deleted under Aeterna', { timeout: 240000 }, () => {
 
     assert.equal(await deleteAndAwaitNew(stateSocket), true, `the state relay socket was re-created\n${d.run.stderr.slice(-2000)}`);
     assert.equal(fs.statSync(stateSocket).mode & 0o777, 0o600, 'with mode 0600');
+    // The file is bound a moment before the line saying so is written.
+    await d.run.waitFor(/the state relay socket file .* was deleted while the daemon ran; re-created it/);
     assert.equal(d.run.logs().filter((l) => l.level === 'warn' && /the state relay socket file .* was deleted while the daemon ran; re-created it/.test(l.msg)).length, 1);
     assert.equal(await fdCountAtRest(aeterna), baselineFds, 'the old listening socket was closed, not kept beside the new one');
 
@@ -82,6 +84,8 @@ describe('socket files deleted under Aeterna', { timeout: 240000 }, () => {
     const aeterna = d.run.child.pid!;
     const baselineFds = await fdCountAtRest(aeterna);
     assert.equal(await deleteAndAwaitNew(notifySocket), true, `the notify socket was re-created\n${d.run.stderr.slice(-2000)}`);
+    // The file is bound a moment before the line saying so is written.
+    await d.run.waitFor(/the notify socket file .* was deleted while the daemon ran; re-created it/);
     assert.equal(d.run.logs().filter((l) => l.level === 'warn' && /the notify socket file .* was deleted while the daemon ran; re-created it/.test(l.msg)).length, 1);
     assert.equal(await fdCountAtRest(aeterna), baselineFds, 'the old notify socket was closed');
 
