@@ -158,6 +158,40 @@ describe('error codes and metrics in docs/operations.md', () => {
   });
 });
 
+describe('the tests the docs name, and the test command', () => {
+  const TIERS = ['unit', 'daemon', 'sdk', 'endurance'];
+  const testFiles = (dir: string): string[] =>
+    fs.readdirSync(path.join(ROOT, dir), { withFileTypes: true }).flatMap((e) =>
+      e.isDirectory() ? testFiles(`${dir}/${e.name}`) : e.name.endsWith('.test.ts') ? [`${dir}/${e.name}`] : [],
+    );
+  const markdown = (dir: string): string[] =>
+    fs.existsSync(path.join(ROOT, dir)) ? fs.readdirSync(path.join(ROOT, dir)).filter((f) => f.endsWith('.md')).map((f) => `${dir}/${f}`) : [];
+
+  test('every test file the docs name exists', () => {
+    const docs = ['README.md', 'bench/README.md', 'test/conformance/README.md', ...markdown('docs'), ...['go', 'python', 'java'].flatMap((c) => markdown(`clients/${c}`)), ...fs.readdirSync(path.join(ROOT, 'examples')).flatMap((e) => markdown(`examples/${e}`))];
+    const named = new Set(docs.flatMap((doc) => [...read(doc).matchAll(/\btest\/[A-Za-z0-9_./-]+\.test\.ts\b/g)].map((m) => m[0])));
+    assert.ok(named.size >= 30, `${named.size} test files named`);
+    assert.deepEqual([...named].filter((p) => !fs.existsSync(path.join(ROOT, p))), []);
+  });
+
+  test('every test file sits in a tier the Makefile runs', () => {
+    const files = testFiles('test');
+    assert.ok(files.length >= 40, `${files.length} test files`);
+    assert.deepEqual(files.filter((f) => !TIERS.includes(f.split('/')[1])), []);
+    const makefile = read('Makefile');
+    for (const tier of TIERS) assert.match(makefile, new RegExp(`\\$\\(call tests_in,test/${tier}\\)`), `the Makefile lists test/${tier}`);
+  });
+
+  test("CI runs the README's test command", () => {
+    const block = /## Two commands\n[\s\S]*?```sh\n([\s\S]*?)```/.exec(README);
+    assert.ok(block, 'README has the two commands');
+    const command = block[1].split('\n').map((l) => l.replace(/#.*/, '').trim()).find((l) => l.startsWith('make test'));
+    assert.ok(command, "README's test command");
+    const ci = read('.ci/run').split('\n').map((l) => l.trim()).filter((l) => l.startsWith('make '));
+    assert.deepEqual(ci, [command]);
+  });
+});
+
 describe('docs/architecture.md', () => {
   test('has the data flow as Mermaid', () => {
     assert.match(ARCHITECTURE, /```mermaid\ngraph TD\n/);
