@@ -1,11 +1,22 @@
-# Aeterna: the two commands a newcomer needs are `make demo` and `make test`.
+# Aeterna: the two commands a newcomer needs are `make demo` and `make test-all`.
 # Both install (npm ci), build the addon and the TypeScript, then run.
 
 NODE_MODULES := node_modules/.package-lock.json
 ADDON := build/Release/aeterna.node
-TESTS ?= dist/test/*.test.js
 
-.PHONY: all build demo test bench soak clean prebuild
+# The test tiers, listed from the sources (so a test file left over in dist/ from an older layout never runs).
+# Node 20's `node --test` expands no globs itself: make lists the files.
+# unit: no daemon (pure code, socketpairs, the addon), tens of seconds. daemon: a real Aeterna with real apps, by
+# component. sdk: the client SDKs with their toolchains (Python, Go, Java). endurance: bench, compat, soak and the
+# npm package, minutes each.
+tests_in = $(patsubst %.ts,dist/%.js,$(sort $(shell find $(1) -name '*.test.ts')))
+UNIT_TESTS := $(call tests_in,test/unit)
+DAEMON_TESTS := $(call tests_in,test/daemon)
+SDK_TESTS := $(call tests_in,test/sdk)
+ENDURANCE_TESTS := $(call tests_in,test/endurance)
+TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS)
+
+.PHONY: all build demo test test-unit test-all bench soak clean prebuild
 
 all: build
 
@@ -22,10 +33,17 @@ build: $(NODE_MODULES) $(ADDON)
 demo: build
 	node bin/aeterna.js start -c examples/llm-agent/aeterna.yaml
 
+# `make test-all` is what CI runs (.ci/run); `make test-unit` and `make test` are the shorter loops while working.
+test-unit: build
+	node --test --test-concurrency=2 $(UNIT_TESTS)
+
 test: build
 	node --test --test-concurrency=2 $(TESTS)
 
-# Benchmarks against the alternatives (bench/README.md); not part of `make test`.
+test-all: build
+	node --test --test-concurrency=2 $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(ENDURANCE_TESTS)
+
+# Benchmarks against the alternatives (bench/README.md); `make test-all` runs only their quick mode.
 bench: build
 	node dist/bench/run.js $(BENCH_ARGS)
 

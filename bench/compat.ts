@@ -3,7 +3,7 @@
 // Go's net/http with Server.Shutdown, the Java example), each under a real daemon as PID 1 of a new PID namespace,
 // reloaded N times under keep-alive load and then N times under one-request-per-connection load. Counts failed
 // requests (refused, reset, timed out, non-2xx) by kind and writes bench/results/compat-<date>.md. A server whose
-// runtime is missing is skipped with a message saying what to install. test/compat.test.ts runs it with --quick.
+// runtime is missing is skipped with a message saying what to install. test/endurance/compat.test.ts runs it with --quick.
 //
 //   node dist/bench/compat.js [--reloads 10] [--connections 8] [--servers LIST] [--quick] [--out DIR]
 import { spawnSync } from 'node:child_process';

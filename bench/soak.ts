@@ -7,7 +7,7 @@
 // generation receives. After the run it checks that no request failed, that
 // the state arrived intact every time, that the checkpoints and the stored fd
 // are Aeterna's latest, that Aeterna's fd count and RSS are flat, that no
-// zombie is left and that every reload's record is complete. test/soak.test.ts runs the same code with a small count
+// zombie is left and that every reload's record is complete. test/endurance/soak.test.ts runs the same code with a small count
 // in CI; `make soak` runs 1,000 reloads and writes bench/results/soak-<date>.md.
 //
 //   node dist/bench/soak.js [--reloads 1000] [--concurrency 8] [--state-bytes N] [--outsiders N] [--store-every 3] [--no-pid1] [--out bench/results]
