@@ -36,14 +36,20 @@ async function holdConnections(count: number, connectTo: () => net.Socket): Prom
 const pidns = pidNamespaceUnavailable();
 const prlimit = spawnSync('prlimit', ['--nofile=64:64', 'true']).status === 0 ? null : 'prlimit cannot set RLIMIT_NOFILE here';
 
+/** A daemon as PID 1 with a hard fd limit of 64 (and a metrics endpoint), Running its first generation. */
+async function startedWithFdLimit64(): Promise<{ d: Daemon; metricsPort: number }> {
+  const port = await freePort();
+  const metricsPort = await freePort();
+  const d = new Daemon({ command: APP, port, metricsPort });
+  d.run = runAeterna(['start', '-c', d.configFile], { pid1: true, prefix: ['prlimit', '--nofile=64:64'] });
+  daemons.push(d);
+  await d.waitStatus((s) => s.state === 'Running' && s.generation === 1);
+  return { d, metricsPort };
+}
+
 describe('clients holding connections and fds never lock the operator out', { timeout: 180000 }, () => {
   it('PID 1 with a hard fd limit of 64 and clients holding every control and health connection they can: a SIGHUP reload is promoted (never E_CONFIG_INVALID), /healthz, /readyz, status and stop answer', { skip: pidns ?? prlimit ?? false }, async () => {
-    const port = await freePort();
-    const metricsPort = await freePort();
-    const d = new Daemon({ command: APP, port, metricsPort });
-    d.run = runAeterna(['start', '-c', d.configFile], { pid1: true, prefix: ['prlimit', '--nofile=64:64'] });
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running' && s.generation === 1);
+    const { d, metricsPort } = await startedWithFdLimit64();
 
     const control = await holdConnections(200, () => net.createConnection({ path: socketOf(d) }));
     const health = await holdConnections(200, () => net.createConnection({ port: metricsPort, host: '127.0.0.1' }));
@@ -72,12 +78,7 @@ describe('clients holding connections and fds never lock the operator out', { ti
   });
 
   it('PID 1 with a hard fd limit of 64: a burst of connections queued while Aeterna could not accept (SIGSTOP) is taken in without ever running out of fds, and a SIGHUP reload sent in the same burst is promoted', { skip: pidns ?? prlimit ?? false }, async () => {
-    const port = await freePort();
-    const metricsPort = await freePort();
-    const d = new Daemon({ command: APP, port, metricsPort });
-    d.run = runAeterna(['start', '-c', d.configFile], { pid1: true, prefix: ['prlimit', '--nofile=64:64'] });
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running' && s.generation === 1);
+    const { d, metricsPort } = await startedWithFdLimit64();
     const aeterna = await d.run.aeternaPid();
     // Every connection Aeterna holds is taken first, so that each one of the burst displaces one.
     const held = await holdConnections(100, () => net.createConnection({ path: socketOf(d) }));
