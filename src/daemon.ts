@@ -34,7 +34,7 @@ import { HANDOVER_VERSION, type FdRole, type Handover, type ReexecReason } from 
 import { checkTarget, prepareSignalExec, reexec, upgradeArgv } from './upgrade/reexec';
 import { fallBack, fallbackArgv, fallbackHandover } from './upgrade/fallback';
 import { HeldConfig } from './upgrade/held-config';
-import { takeEarlySignals } from './cli/early-signals';
+import { takeEarlySignals } from './upgrade/early-signals';
 import { RECOVERY_LIMIT, RECOVERY_WINDOW_MS, TEST_FAULT_ENV, injectFault, recentRecoveries, reexecsByReason, takeTestFault, type TestFault } from './upgrade/recovery';
 import { native } from './native/binding';
 import { packageVersion } from './version';

@@ -619,7 +619,7 @@ export class Orchestrator implements ControlApi {
     if (!old || !old.alive) return this.finishDrain();
     // An old one that could not dump is not asked again; with the relay off in this reload's config, none is.
     const sync = !run.fromCheckpoint && this.relays(run);
-    void this.handOver(run, 'new').then(() => {
+    void this.settleSplit(run, 'new').then(() => {
       if (old.alive) void old.stop(run.previousConfig.service.stopTimeoutMs);
       if (!sync) this.deps.relay?.release(old); // end of file: no final dump will be asked (docs/srp.md, step 5)
     });
@@ -630,7 +630,7 @@ export class Orchestrator implements ControlApi {
    * A weighted split ends: every new connection to `winner`, then wait until the loser's accept queue is empty
    * (its process keeps accepting meanwhile), so stopping it refuses nothing. No split: nothing to wait for.
    */
-  private async handOver(run: ReloadRun, winner: Side): Promise<void> {
+  private async settleSplit(run: ReloadRun, winner: Side): Promise<void> {
     if (!run.split) return;
     this.steer(run.split, winner === 'new' ? 100 : 0);
     await run.split.drained(winner === 'new' ? 'old' : 'new', 20, () => this.inFlight === run);
@@ -700,7 +700,7 @@ export class Orchestrator implements ControlApi {
     this.phase('rolling_back', reason);
     const next = this.candidate;
     if (next && next.alive) {
-      void this.handOver(run, 'old').then(() => {
+      void this.settleSplit(run, 'old').then(() => {
         if (next.alive) void next.stop(run.config.service.stopTimeoutMs);
       });
       this.deps.relay?.release(next);
