@@ -1,6 +1,6 @@
 // The `aeterna` command line (commander).
-// First: a stop signal that arrives while the rest loads is recorded, not lost (see early-signals.ts).
-import './early-signals';
+// First: a stop signal that arrives while the rest loads is recorded, not lost (see upgrade/early-signals.ts).
+import '../upgrade/early-signals';
 import { packageVersion } from '../version';
 import { Command, CommanderError } from 'commander';
 import { runStart } from './start';

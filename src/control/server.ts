@@ -53,8 +53,10 @@ export interface ControlServerOptions {
 
 export interface ControlServer {
   readonly socketPath: string;
-  /** The listening socket now (it changes when the file is re-created): what an upgrade hands over. */
+  /** The listening socket now (it changes when the file is re-created). */
   readonly listening: { fd: number; file: SocketFile };
+  /** What an upgrade carries (upgrade/carried.ts): the listening socket, and its file. */
+  carry(): { fds: Array<{ role: 'control'; name: string; fd: number }>; part: { control: SocketFile } };
   /** Stop accepting, close every connection, remove the socket file. Idempotent. */
   close(): Promise<void>;
 }
@@ -281,6 +283,9 @@ export async function startControlServer(
     socketPath,
     get listening() {
       return { fd: listening.fd, file: listening.file };
+    },
+    carry() {
+      return { fds: [{ role: 'control', name: 'control', fd: listening.fd }], part: { control: listening.file } };
     },
     close(): Promise<void> {
       closing ??= (async () => {

@@ -180,6 +180,13 @@ export class Metrics {
   }
 }
 
+/** The metrics endpoint: its server, and its listening socket (an upgrade carries it). */
+export interface MetricsEndpoint {
+  server: http.Server;
+  fd: number;
+  carry(): { fds: Array<{ role: 'metrics'; name: string; fd: number }>; part: Record<string, never> };
+}
+
 /**
  * Serve GET /metrics, /healthz (the daemon is alive and its listeners listen)
  * and /readyz (a generation serves and is ready, and the listeners listen: 200,
@@ -195,7 +202,7 @@ export function startMetricsServer(
   log: Logger,
   /** A listening socket a re-executed Aeterna took over (aeterna upgrade): serve on it instead of binding. */
   adoptFd?: number,
-): Promise<{ server: http.Server; fd: number }> {
+): Promise<MetricsEndpoint> {
   const pool = new ConnectionPool(connectionBudget(PREFERRED_MAX_CONNECTIONS, METRICS_FD_SHARE));
   const server = http.createServer({ connectionsCheckingInterval: 1000 }, (req, res) => {
     pool.mark(req.socket, true);
@@ -250,7 +257,8 @@ export function startMetricsServer(
     server.listen({ fd }, () => {
       server.removeAllListeners('error');
       server.on('error', (err) => log.error({ err }, 'metrics endpoint error'));
-      resolve({ server, fd });
+      // What an upgrade carries (upgrade/carried.ts): the listening socket.
+      resolve({ server, fd, carry: () => ({ fds: [{ role: 'metrics', name: 'metrics', fd }], part: {} }) });
     });
   });
 }

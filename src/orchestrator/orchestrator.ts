@@ -35,7 +35,7 @@ import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from
 import { DumpFailed, type RelayRole, type StateRelay } from './relay';
 import { RestartBudget } from './restart';
 import { Watchdog } from './watchdog';
-import type { ControlApi, GenerationInfo, ReloadEvent, ReloadPhase, ReloadRecord, ReloadTrigger, StatusReport } from './types';
+import type { CarriedCounters, CarriedGeneration, ControlApi, GenerationInfo, ReloadEvent, ReloadPhase, ReloadRecord, ReloadTrigger, StatusReport } from './types';
 
 export interface OrchestratorDeps {
   log: Logger;
@@ -147,18 +147,23 @@ export class Orchestrator implements ControlApi {
     return this.stopped;
   }
 
-  /** What an upgrade hands over: the serving generation and the counters. Only while Running (no reload, no restart pending). */
-  handoverState(): { serving: Generation; counters: { reloads: number; restarts: number; generations: number; last_reload: ReloadRecord | null; started_at: string } } {
+  /**
+   * What an upgrade or a recovery carries (upgrade/carried.ts): the serving generation and the counters. Only while
+   * Running (no reload, no restart pending): otherwise it throws E_RELOAD_BUSY or E_ILLEGAL_TRANSITION.
+   */
+  carry(): { fds: never[]; part: { generations: CarriedGeneration[]; counters: CarriedCounters } } {
     if (this.inFlight !== null || this.fsm.state !== 'Running' || this.serving === null || !this.serving.alive) {
       const code = this.inFlight !== null ? 'E_RELOAD_BUSY' : 'E_ILLEGAL_TRANSITION';
       throw new AeternaError(code, `cannot upgrade now: ${this.inFlight !== null ? `${this.inFlight.record.id} is in progress` : `the state is ${this.fsm.state}`}; try again once it is Running`);
     }
     const counters = { reloads: this.reloads, restarts: this.restarts, generations: this.generations, last_reload: this.lastReload, started_at: this.startedAt.toISOString() };
-    return { serving: this.serving, counters };
+    const s = this.serving;
+    const serving: CarriedGeneration = { number: s.number, pid: s.pid, pgid: s.pid, state: 'serving', started_at: s.startedAt.toISOString(), cgroup: s.cgroup?.dir ?? null };
+    return { fds: [], part: { generations: [serving], counters } };
   }
 
   /** A re-executed Aeterna goes on where the old one was: `serving` runs and is ready. Resolves as run(). */
-  adopt(serving: Generation, counters: ReturnType<Orchestrator['handoverState']>['counters']): Promise<number> {
+  adopt(serving: Generation, counters: CarriedCounters): Promise<number> {
     this.reloads = counters.reloads;
     this.restarts = counters.restarts;
     this.generations = counters.generations;
@@ -619,7 +624,7 @@ export class Orchestrator implements ControlApi {
     if (!old || !old.alive) return this.finishDrain();
     // An old one that could not dump is not asked again; with the relay off in this reload's config, none is.
     const sync = !run.fromCheckpoint && this.relays(run);
-    void this.handOver(run, 'new').then(() => {
+    void this.settleSplit(run, 'new').then(() => {
       if (old.alive) void old.stop(run.previousConfig.service.stopTimeoutMs);
       if (!sync) this.deps.relay?.release(old); // end of file: no final dump will be asked (docs/srp.md, step 5)
     });
@@ -630,7 +635,7 @@ export class Orchestrator implements ControlApi {
    * A weighted split ends: every new connection to `winner`, then wait until the loser's accept queue is empty
    * (its process keeps accepting meanwhile), so stopping it refuses nothing. No split: nothing to wait for.
    */
-  private async handOver(run: ReloadRun, winner: Side): Promise<void> {
+  private async settleSplit(run: ReloadRun, winner: Side): Promise<void> {
     if (!run.split) return;
     this.steer(run.split, winner === 'new' ? 100 : 0);
     await run.split.drained(winner === 'new' ? 'old' : 'new', 20, () => this.inFlight === run);
@@ -700,7 +705,7 @@ export class Orchestrator implements ControlApi {
     this.phase('rolling_back', reason);
     const next = this.candidate;
     if (next && next.alive) {
-      void this.handOver(run, 'old').then(() => {
+      void this.settleSplit(run, 'old').then(() => {
         if (next.alive) void next.stop(run.config.service.stopTimeoutMs);
       });
       this.deps.relay?.release(next);

@@ -119,3 +119,24 @@ export interface ControlApi {
    */
   upgrade?(exec: string | undefined): Promise<{ from: string; reexecs: number; execNow: () => void }>;
 }
+
+/** The serving generation as an upgrade carries it (the handover's `generations`, upgrade/handover.ts). */
+export interface CarriedGeneration {
+  number: number;
+  pid: number;
+  pgid: number;
+  /** Its role when the exec happened (an upgrade runs only while one generation serves). */
+  state: 'serving';
+  started_at: string;
+  /** Its cgroup's directory, when it has one. */
+  cgroup: string | null;
+}
+
+/** The orchestrator's counters as an upgrade carries them (the handover's `counters`, without `reexecs`). */
+export interface CarriedCounters {
+  reloads: number;
+  restarts: number;
+  generations: number;
+  last_reload: ReloadRecord | null;
+  started_at: string;
+}

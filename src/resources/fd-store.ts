@@ -146,9 +146,10 @@ export class FdStore {
     return [...this.entries].map((e) => e.name);
   }
 
-  /** The stored fds with whether their hangups are watched: what an upgrade hands over. */
-  handover(): Array<{ name: string; fd: number; watched: boolean }> {
-    return [...this.entries].map(({ name, fd, watched }) => ({ name, fd, watched }));
+  /** What an upgrade carries (upgrade/carried.ts): the stored fds, oldest first, with whether their hangups are watched. */
+  carry(): { fds: Array<{ role: 'fdstore'; name: string; fd: number }>; part: { fdstore: Array<{ name: string; fd: number; watched: boolean }> } } {
+    const fdstore = [...this.entries].map(({ name, fd, watched }) => ({ name, fd, watched }));
+    return { fds: fdstore.map((f) => ({ role: 'fdstore', name: f.name, fd: f.fd })), part: { fdstore } };
   }
 
   /** Take over the fds a previous Aeterna stored (aeterna upgrade), in order. */

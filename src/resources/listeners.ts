@@ -144,6 +144,14 @@ export class ListenerSet {
     return this.listeners;
   }
 
+  /** What an upgrade carries (upgrade/carried.ts): every listener's fd, and the set as it is. */
+  carry(): { fds: Array<{ role: 'listener'; name: string; fd: number }>; part: { listeners: Listener[] } } {
+    return {
+      fds: this.listeners.map((l) => ({ role: 'listener', name: l.name, fd: l.fd })),
+      part: { listeners: this.listeners.map((l) => ({ ...l })) },
+    };
+  }
+
   /**
    * Check every listener in the config and repair the broken ones (an app
    * called shutdown(2) on its inherited socket). `rebind` allows a new socket

@@ -133,9 +133,9 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     return this.socketFile;
   }
 
-  /** Its fd, for the handover. */
-  get handoverFd(): number {
-    return this.fd;
+  /** What an upgrade carries (upgrade/carried.ts): the socket, and its path. */
+  carry(): { fds: Array<{ role: 'notify'; name: string; fd: number }>; part: { notify: string } } {
+    return { fds: [{ role: 'notify', name: 'notify', fd: this.fd }], part: { notify: this.address } };
   }
 
   /**

@@ -62,7 +62,8 @@ export function carryChanged(s: Session, events: RelayEmitter): void {
   events.emit('carry');
 }
 
-export class Carrier {
+/** The relay's share of what an upgrade carries: its connections and checkpoint (the daemon's carrier, upgrade/carrier.ts, merges it with the others'). */
+export class RelayCarrier {
   /** An upgrade is about to exec: nothing is accepted or read (frames wait in the kernel for the next Aeterna). */
   frozen = false;
 

@@ -14,7 +14,7 @@ import { Acceptor } from '../resources/acceptor';
 import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import { SrpError, closeQuietly } from './codec';
 import { endAbandoned, forgetAbandoned } from './abandoned';
-import { Carrier, carryChanged, type CarriedCheckpoint, type CarriedRelayConnection, type CarryReason } from './carry';
+import { RelayCarrier, carryChanged, type CarriedCheckpoint, type CarriedRelayConnection, type CarryReason } from './carry';
 import { CheckpointIntake } from './checkpoint-intake';
 import { CheckpointOffers } from './checkpoint-offer';
 import { CheckpointStore } from './checkpoint-store';
@@ -22,6 +22,9 @@ import type { Message } from './messages';
 import { ON, type Handler } from './protocol';
 import { Sessions, type RelayEvents, type Session } from './session';
 import { Transfers } from './transfer';
+
+/** An fd of the relay's that an upgrade keeps open across the exec, with its role and name in the handover. */
+type CarriedFd = { role: 'relay' | 'relay-connection' | 'checkpoint'; name: string; fd: number };
 
 /** The state socket at socketPath (mode 0600, chowned to `owner`): a stale file is taken over, a live one refused. */
 function listenStateSocket(socketPath: string, owner: { uid: number; gid: number } | undefined): { fd: number; file: SocketFile } {
@@ -42,7 +45,7 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
   private readonly transfers: Transfers;
   private readonly intake: CheckpointIntake;
   private readonly offers: CheckpointOffers;
-  private readonly carrier: Carrier;
+  private readonly carrier: RelayCarrier;
   private acceptor: Acceptor;
   /** The app's latest checkpoint (docs/srp.md, "Checkpoints"). */
   readonly checkpoints: CheckpointStore;
@@ -67,7 +70,7 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
       checkpointsEnabled: () => this.checkpoints.config.enabled,
       offerCheckpoint: (s) => void this.offers.send(s),
     });
-    this.carrier = new Carrier(this.sessions, this.checkpoints, maxFrame, log, (s) => this.listen(s));
+    this.carrier = new RelayCarrier(this.sessions, this.checkpoints, maxFrame, log, (s) => this.listen(s));
     this.handlers = {
       hello: (s, m) => this.sessions.onHello(s, m as Message & { op: 'hello' }),
       peerError: (s, m) => this.onPeerError(s, m as Message & { op: 'error' }),
@@ -141,14 +144,22 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     if (this.carrier.thaw()) this.acceptor.resume();
   }
 
-  /** The relay connections the next Aeterna takes over (see Carrier.carry). */
-  carry(reason: CarryReason): CarriedRelayConnection[] {
-    return this.carrier.carry(reason);
+  /**
+   * What an upgrade or a recovery carries (upgrade/carried.ts): the state socket, the relay connections the next
+   * Aeterna takes over (see RelayCarrier.carry: at an upgrade it throws while one is busy) and the latest checkpoint.
+   */
+  carry(reason: CarryReason): { fds: CarriedFd[]; part: { relay: SocketFile; relay_connections: CarriedRelayConnection[]; checkpoint: CarriedCheckpoint | null } } {
+    const connections = this.carrier.carry(reason);
+    const checkpoint = this.carrier.carryCheckpoint();
+    const fds: CarriedFd[] = [{ role: 'relay', name: 'state', fd: this.fd }];
+    for (const c of connections) fds.push({ role: 'relay-connection', name: `generation ${c.generation}`, fd: c.fd });
+    if (checkpoint) fds.push({ role: 'checkpoint', name: `checkpoint ${checkpoint.seq}`, fd: checkpoint.fd });
+    return { fds, part: { relay: this.file, relay_connections: connections, checkpoint } };
   }
 
-  /** The latest checkpoint's memfd for the next Aeterna, or null. */
-  carryCheckpoint(): CarriedCheckpoint | null {
-    return this.carrier.carryCheckpoint();
+  /** Calls `listener` when a connection goes idle or busy, or a checkpoint arrives: what carry() returns changed. */
+  onCarryChanged(listener: () => void): void {
+    this.on('carry', listener);
   }
 
   /** A re-executed Aeterna: speak again on the connections the previous one carried. */
@@ -156,7 +167,7 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     this.carrier.adoptConnections(entries, generations);
   }
 
-  /** The listening socket, for the handover. */
+  /** The listening socket (its file is kept like the control socket's, see keepSocketFile). */
   get listening(): { fd: number; file: SocketFile } {
     return { fd: this.fd, file: this.file };
   }

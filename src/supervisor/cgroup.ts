@@ -229,6 +229,11 @@ export class Cgroups {
     return new Cgroups(path.posix.join(own.group, name), dir, onFallBack);
   }
 
+  /** What an upgrade carries (upgrade/carried.ts): this directory, below which the generations' cgroups are. */
+  carry(): { fds: never[]; part: { cgroups: string } } {
+    return { fds: [], part: { cgroups: this.dir } };
+  }
+
   /** The cgroup of a generation handed over with it (see adopt), or null when it is not one of this directory's. */
   adoptGeneration(dir: string): GenerationCgroup | null {
     if (path.dirname(dir) !== this.dir || !fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory()) return null;
@@ -313,5 +318,42 @@ export class Cgroups {
     } catch {
       // still busy, or already gone: nothing more to do at exit
     }
+  }
+}
+
+/** Where openCgroups says which process attribution is in use (Aeterna's logger). */
+export interface AttributionLog {
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+}
+
+/**
+ * One cgroup per generation where possible (`enabled`: service.cgroups); says once which attribution is in use.
+ * `handed`: the directory a re-exec handed over, taken over when it still can be.
+ */
+export function openCgroups(enabled: boolean, handed: string | null, log: AttributionLog): Cgroups | null {
+  const fallback = 'process attribution: process group, session and AETERNA_GENERATION (a daemon that leaves all three survives reloads until Aeterna exits)';
+  if (!enabled) {
+    log.info({ cgroups: false }, `${fallback}: service.cgroups is false`);
+    return null;
+  }
+  const onFallBack = (reason: string): void => log.warn({ cgroups: false }, `${fallback} from now on: ${reason}`);
+  if (handed !== null) {
+    try {
+      const cgroups = Cgroups.adopt(handed, onFallBack);
+      log.info({ cgroups: true, cgroup: cgroups.group }, `process attribution: one cgroup per generation below ${cgroups.dir} (taken over)`);
+      return cgroups;
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, `cannot take over the cgroups of the previous program: ${(err as Error).message}; a new directory for the next generations`);
+    }
+  }
+  try {
+    const cgroups = Cgroups.open(onFallBack);
+    log.info({ cgroups: true, cgroup: cgroups.group }, `process attribution: one cgroup per generation below ${cgroups.dir}`);
+    if (cgroups.swept.length > 0) log.info({ removed: cgroups.swept }, `removed ${cgroups.swept.length} empty cgroup director${cgroups.swept.length === 1 ? 'y' : 'ies'} left by an Aeterna that died without cleaning up`);
+    return cgroups;
+  } catch (err) {
+    log.warn({ cgroups: false }, `${fallback}: cgroups unavailable: ${(err as Error).message}`);
+    return null;
   }
 }

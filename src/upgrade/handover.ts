@@ -8,7 +8,7 @@ import { native } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { Listener } from '../resources/listeners';
 import type { SocketFile } from '../resources/socket-file';
-import type { ReloadRecord } from '../orchestrator/types';
+import type { CarriedCounters, CarriedGeneration } from '../orchestrator/types';
 import type { Config } from '../config/types';
 import type { CarriedCheckpoint, CarriedRelayConnection, CarryReason } from '../srp/carry';
 
@@ -36,16 +36,8 @@ export interface KeptFd {
   fd: number;
 }
 
-export interface HandedGeneration {
-  number: number;
-  pid: number;
-  pgid: number;
-  /** Its role when the exec happened (an upgrade runs only while one generation serves). */
-  state: 'serving';
-  started_at: string;
-  /** Its cgroup's directory, when it has one. */
-  cgroup: string | null;
-}
+/** A generation the next Aeterna takes over (the serving one). */
+export type HandedGeneration = CarriedGeneration;
 
 export interface Handover {
   version: 1 | 2 | typeof HANDOVER_VERSION;
@@ -67,7 +59,7 @@ export interface Handover {
   generations: HandedGeneration[];
   /** Aeterna's own cgroup directory (the generations' cgroups are below it); absent or null without cgroups. */
   cgroups?: string | null;
-  counters: { reloads: number; restarts: number; generations: number; reexecs: number; last_reload: ReloadRecord | null; started_at: string };
+  counters: CarriedCounters & { reexecs: number };
   /** Re-execs before this one, by reason (absent in a handover from an Aeterna that counted only upgrades). */
   reexecs_by_reason?: Partial<Record<ReexecReason, number>>;
   /** When the recent recoveries (exception, signal) happened, ISO times, within the recovery window. */
