@@ -4,8 +4,7 @@
 // dropped; a state whose rest stops arriving leaves the framing unknown, and its
 // connection is closed.
 import type { Logger } from '../log';
-import type { Session } from './session';
-import type { Transfer } from './transfer';
+import type { Session, Transfer } from './session';
 
 /** The relay `t` was abandoned while `s` (its sender, still serving) owed it an answer or the rest of a state. */
 export function abandon(s: Session, t: Transfer, err: Error, log: Logger): void {

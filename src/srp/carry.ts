@@ -5,9 +5,9 @@
 import type { Logger } from '../log';
 import type { Generation } from '../supervisor/generation';
 import { closeQuietly } from './codec';
-import type { CheckpointStore } from './checkpoint-store';
+import type { CarriedCheckpoint, CheckpointStore } from './checkpoint-store';
 import { SrpConnection } from './connection';
-import { RELAY_HIGH_WATER_MARK, helloFlags, newSession, type RelayEmitter, type Session, type Sessions } from './session';
+import { RELAY_HIGH_WATER_MARK, busyWith, helloFlags, newSession, type Session, type Sessions } from './session';
 
 /** Why Aeterna re-executes itself (upgrade/handover.ts's ReexecReason is this). */
 export type CarryReason = 'upgrade' | 'exception' | 'signal';
@@ -27,40 +27,8 @@ export interface CarriedRelayConnection {
   checksums?: string[];
 }
 
-/** The app's latest checkpoint, a sealed memfd (among the handover's `fds`, role 'checkpoint'). */
-export interface CarriedCheckpoint {
-  fd: number;
-  seq: number;
-  size: number;
-  encoding: string;
-  sha256?: string;
-  /** When it was stored (ISO time): its age goes on. */
-  saved_at: string;
-}
+export type { CarriedCheckpoint } from './checkpoint-store';
 
-/**
- * Why session `s` cannot be carried across an exec now, or null. `framing`: also nothing half-read or
- * half-written on it (exact at an upgrade or an exception; a prepared signal handover cannot track bytes).
- */
-export function busyWith(s: Session, framing: boolean): string | null {
-  if (s.gen === null) return 'its hello';
-  // A whole initial load went out (no relay behind it): only its ack is due, which the next Aeterna can take.
-  const initialAckDue = s.phase === 'load-sent' && !s.initialAcked;
-  if (s.transfer || (s.phase !== 'idle' && !initialAckDue)) return `a state relay (${s.phase})`;
-  if (s.checkpoint) return 'a checkpoint being received';
-  if (s.receivingCheckpoint) return 'the checkpoint being streamed to it';
-  if (s.answering > 0) return 'the answer to its checkpoint';
-  if (framing && !s.conn.quiet) return 'a frame half read or written';
-  return null;
-}
-
-/** Tell the daemon when whether `s` can be carried changed (the prepared signal handover lists it, or not). */
-export function carryChanged(s: Session, events: RelayEmitter): void {
-  const now = !s.conn.closed && s.gen !== null && busyWith(s, false) === null;
-  if (now === s.carried) return;
-  s.carried = now;
-  events.emit('carry');
-}
 
 /** The relay's share of what an upgrade carries: its connections and checkpoint (the daemon's carrier, upgrade/carrier.ts, merges it with the others'). */
 export class RelayCarrier {

@@ -7,10 +7,9 @@ import { native } from '../native/binding';
 import type { Logger } from '../log';
 import { SrpError, closeQuietly } from './codec';
 import { CheckpointRefused, type CheckpointStore } from './checkpoint-store';
-import { carryChanged } from './carry';
 import { drained } from './fd-stream';
 import type { Message, StateHeader, TrailerDigest } from './messages';
-import type { RelayEmitter, Session } from './session';
+import { carryChanged, type RelayEmitter, type Session } from './session';
 
 /**
  * Checkpoints of one connection not answered yet (waiting for their durable write, or for the answers before

@@ -7,9 +7,8 @@ import type { Generation } from '../supervisor/generation';
 import { closeQuietly } from './codec';
 import { readAt } from './checkpoint-file';
 import type { Checkpoint, CheckpointStore } from './checkpoint-store';
-import { carryChanged } from './carry';
 import { drained } from './fd-stream';
-import type { RelayEmitter, Session } from './session';
+import { carryChanged, type RelayEmitter, type Session } from './session';
 
 /**
  * Times a checkpoint is offered as an initial load that the app refuses (`ack` ok:false) or dies after before it

@@ -17,9 +17,19 @@ import type { Logger } from '../log';
 import { CheckpointFileCorrupt, CheckpointFileForeign, CheckpointFileTooLarge, fileSeq, hashFd, readCheckpointFile, removeLeftoverTemps, writeCheckpointFile, type Checkpoint } from './checkpoint-file';
 import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
-import type { CarriedCheckpoint } from './carry';
 
 /** Why a checkpoint was refused: the code the client gets in `checkpointed`. */
+/** The app's latest checkpoint, a sealed memfd (among the handover's `fds`, role 'checkpoint'). */
+export interface CarriedCheckpoint {
+  fd: number;
+  seq: number;
+  size: number;
+  encoding: string;
+  sha256?: string;
+  /** When it was stored (ISO time): its age goes on. */
+  saved_at: string;
+}
+
 export type CheckpointRefusal = 'disabled' | 'too_large' | 'checksum_mismatch' | 'bad_state' | 'write_failed';
 
 export class CheckpointRefused extends Error {

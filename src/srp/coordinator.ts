@@ -14,13 +14,13 @@ import { Acceptor } from '../resources/acceptor';
 import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import { SrpError, closeQuietly } from './codec';
 import { endAbandoned, forgetAbandoned } from './abandoned';
-import { RelayCarrier, carryChanged, type CarriedCheckpoint, type CarriedRelayConnection, type CarryReason } from './carry';
+import { RelayCarrier, type CarriedCheckpoint, type CarriedRelayConnection, type CarryReason } from './carry';
 import { CheckpointIntake } from './checkpoint-intake';
 import { CheckpointOffers } from './checkpoint-offer';
 import { CheckpointStore } from './checkpoint-store';
 import type { Message } from './messages';
 import { ON, type Handler } from './protocol';
-import { Sessions, type RelayEvents, type Session } from './session';
+import { Sessions, carryChanged, type RelayEvents, type Session } from './session';
 import { Transfers } from './transfer';
 
 /** An fd of the relay's that an upgrade keeps open across the exec, with its role and name in the handover. */

@@ -7,14 +7,13 @@ import { native } from '../native/binding';
 import type { Logger } from '../log';
 import type { Generation } from '../supervisor/generation';
 import { belongsTo } from '../supervisor/proctree';
-import type { RelayRole } from '../orchestrator/relay';
+import type { RelayProgress, RelayRole } from '../orchestrator/relay';
 import { SrpError, closeQuietly } from './codec';
 import type { CheckpointRefused, CheckpointWriter } from './checkpoint-store';
 import { SrpConnection } from './connection';
-import type { Message } from './messages';
+import type { Checksum, Message } from './messages';
 import type { Phase } from './protocol';
 import { refuseConnection } from './refusal';
-import type { Transfer } from './transfer';
 
 /** What the relay tells the daemon: a generation said ready, a checkpoint's fate, a change in what an upgrade can carry. */
 export type RelayEvents = { ready: [gen: Generation]; checkpoint: [result: string]; carry: [] };
@@ -80,6 +79,62 @@ export interface Abandoned {
   /** While the rest of a state is due: closes the connection when no byte of it arrives for `stallMs`. */
   stall: NodeJS.Timeout | null;
   stallMs: number;
+}
+
+/** One relay of a state from `from` (the old generation, or none) to `to`: the sessions it ties, its progress (src/srp/transfer.ts runs it). */
+export interface Transfer {
+  from: Session | null;
+  to: Session;
+  final: boolean;
+  total: number;
+  sent: number;
+  /** Payload bytes of the data frame being passed on that have not arrived yet (frames are not reassembled). */
+  frameLeft: number;
+  reported: number;
+  /** The load header went to `to` and its bytes stream as data frames. */
+  streaming: boolean;
+  /** The state's digest follows its data (a `trailer` frame); `trailerSent` once it went on to `to`. */
+  trailer: boolean;
+  trailerSent: boolean;
+  /** The dump offered the direct transport; `pair` is the receiver's end, held until the answer comes (then passed on or closed). */
+  directOffered: boolean;
+  pair: number | null;
+  /** The state's bytes go on the pair, past Aeterna (the sender's `state` said "transport": "direct"). */
+  direct: boolean;
+  /** The check the dump offered besides sha256 (both generations listed it), and the one the state's header chose. */
+  checksumOffered: Checksum | null;
+  checksum: Checksum | undefined;
+  /** Failed or abandoned: what still comes from `from` is read and dropped, never forwarded. */
+  aborted: boolean;
+  /** state_handoff.timeout as told in the dump: also how long the rest of an abandoned state may stall. */
+  timeoutMs: number;
+  progress: (p: RelayProgress) => void;
+  resolve: (r: { bytes: number }) => void;
+  reject: (err: Error) => void;
+}
+
+/**
+ * Why session `s` cannot be carried across an exec now, or null. `framing`: also nothing half-read or
+ * half-written on it (exact at an upgrade or an exception; a prepared signal handover cannot track bytes).
+ */
+export function busyWith(s: Session, framing: boolean): string | null {
+  if (s.gen === null) return 'its hello';
+  // A whole initial load went out (no relay behind it): only its ack is due, which the next Aeterna can take.
+  const initialAckDue = s.phase === 'load-sent' && !s.initialAcked;
+  if (s.transfer || (s.phase !== 'idle' && !initialAckDue)) return `a state relay (${s.phase})`;
+  if (s.checkpoint) return 'a checkpoint being received';
+  if (s.receivingCheckpoint) return 'the checkpoint being streamed to it';
+  if (s.answering > 0) return 'the answer to its checkpoint';
+  if (framing && !s.conn.quiet) return 'a frame half read or written';
+  return null;
+}
+
+/** Tell the daemon when whether `s` can be carried changed (the prepared signal handover lists it, or not). */
+export function carryChanged(s: Session, events: RelayEmitter): void {
+  const now = !s.conn.closed && s.gen !== null && busyWith(s, false) === null;
+  if (now === s.carried) return;
+  s.carried = now;
+  events.emit('carry');
 }
 
 /** What a session learned from its hello: all a re-executed Aeterna needs to go on speaking with it. */

@@ -11,11 +11,10 @@ import type { Generation } from '../supervisor/generation';
 import { DumpFailed, type RelayProgress } from '../orchestrator/relay';
 import { SrpError, closeQuietly, isSealedState } from './codec';
 import { abandon, watchAbandoned } from './abandoned';
-import { carryChanged } from './carry';
 import type { CheckpointOffers } from './checkpoint-offer';
 import { isPeerGone } from './fd-stream';
-import { trailerDigest, type Checksum, type Message, type StateHeader, type TrailerDigest } from './messages';
-import type { RelayEmitter, Session } from './session';
+import { trailerDigest, type Message, type StateHeader, type TrailerDigest } from './messages';
+import { carryChanged, type RelayEmitter, type Session, type Transfer } from './session';
 
 /** After a peer's connection drops mid-relay, how long to wait for its exit to say that it died. */
 const EXIT_EXPLAIN_MS = 1000;
@@ -24,37 +23,6 @@ const PROGRESS_EVERY = 8 << 20;
 /** Send and receive buffers of a direct relay's socket pair: the sender keeps writing while the receiver hashes. */
 const DIRECT_PAIR_BUFFER = 4 << 20;
 
-/** One relay of a state from `from` (the old generation, or none) to `to`. */
-export interface Transfer {
-  from: Session | null;
-  to: Session;
-  final: boolean;
-  total: number;
-  sent: number;
-  /** Payload bytes of the data frame being passed on that have not arrived yet (frames are not reassembled). */
-  frameLeft: number;
-  reported: number;
-  /** The load header went to `to` and its bytes stream as data frames. */
-  streaming: boolean;
-  /** The state's digest follows its data (a `trailer` frame); `trailerSent` once it went on to `to`. */
-  trailer: boolean;
-  trailerSent: boolean;
-  /** The dump offered the direct transport; `pair` is the receiver's end, held until the answer comes (then passed on or closed). */
-  directOffered: boolean;
-  pair: number | null;
-  /** The state's bytes go on the pair, past Aeterna (the sender's `state` said "transport": "direct"). */
-  direct: boolean;
-  /** The check the dump offered besides sha256 (both generations listed it), and the one the state's header chose. */
-  checksumOffered: Checksum | null;
-  checksum: Checksum | undefined;
-  /** Failed or abandoned: what still comes from `from` is read and dropped, never forwarded. */
-  aborted: boolean;
-  /** state_handoff.timeout as told in the dump: also how long the rest of an abandoned state may stall. */
-  timeoutMs: number;
-  progress: (p: RelayProgress) => void;
-  resolve: (r: { bytes: number }) => void;
-  reject: (err: Error) => void;
-}
 
 export class Transfers {
   /** Transfers not settled yet (a session that closed mid-relay is gone from the tables, its transfer is not). */
