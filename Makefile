@@ -1,4 +1,4 @@
-# Aeterna: the two commands a newcomer needs are `make demo` and `make test-all`.
+# Aeterna: the two commands a newcomer needs are `make demo` and `make test`.
 # Both install (npm ci), build the addon and the TypeScript, then run.
 
 NODE_MODULES := node_modules/.package-lock.json
@@ -14,9 +14,9 @@ UNIT_TESTS := $(call tests_in,test/unit)
 DAEMON_TESTS := $(call tests_in,test/daemon)
 SDK_TESTS := $(call tests_in,test/sdk)
 ENDURANCE_TESTS := $(call tests_in,test/endurance)
-TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS)
+TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(ENDURANCE_TESTS)
 
-.PHONY: all build demo test test-unit test-all bench soak clean prebuild
+.PHONY: all build demo test test-unit test-fast bench soak clean prebuild
 
 all: build
 
@@ -33,17 +33,18 @@ build: $(NODE_MODULES) $(ADDON)
 demo: build
 	node bin/aeterna.js start -c examples/llm-agent/aeterna.yaml
 
-# `make test-all` is what CI runs (.ci/run); `make test-unit` and `make test` are the shorter loops while working.
-test-unit: build
-	node --test --test-concurrency=2 $(UNIT_TESTS)
-
+# `make test` runs every tier and is what CI runs (.ci/run); `make test-unit` and `make test-fast` are the shorter
+# loops while working.
 test: build
 	node --test --test-concurrency=2 $(TESTS)
 
-test-all: build
-	node --test --test-concurrency=2 $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(ENDURANCE_TESTS)
+test-unit: build
+	node --test --test-concurrency=2 $(UNIT_TESTS)
 
-# Benchmarks against the alternatives (bench/README.md); `make test-all` runs only their quick mode.
+test-fast: build
+	node --test --test-concurrency=2 $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS)
+
+# Benchmarks against the alternatives (bench/README.md); `make test` runs only their quick mode.
 bench: build
 	node dist/bench/run.js $(BENCH_ARGS)
 
