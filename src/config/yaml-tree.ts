@@ -29,6 +29,8 @@ export type ReportAt = (pos: Position, path: string, message: string) => void;
 
 /** Caps alias expansion ("billion laughs") long before it costs memory or time. */
 const MAX_NODES = 100_000;
+/** Caps nesting (a config is a few levels deep): a deeper tree is refused before it can exhaust the stack. */
+const MAX_DEPTH = 64;
 
 /**
  * Parses `source`. Returns the document's tree, `null` for an empty document,
@@ -50,6 +52,8 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
   if (doc.contents === null) return null;
 
   let nodes = 0;
+  /** The nodes being converted, outermost first: an alias to one of them would expand forever. */
+  const within = new Set<Node>();
   const convert = (node: Node | null | undefined, path: string, fallback: Position): Located => {
     if (node === null || node === undefined) return { kind: 'scalar', value: null, pos: fallback };
     const pos = node.range ? at(node.range[0]) : fallback;
@@ -57,12 +61,28 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
       if (nodes === MAX_NODES + 1) report(pos, path, `too many values (more than ${MAX_NODES}, counting alias expansions)`);
       return { kind: 'broken', pos };
     }
+    if (within.size >= MAX_DEPTH) {
+      report(pos, path, `nested more than ${MAX_DEPTH} levels deep`);
+      return { kind: 'broken', pos };
+    }
     if (isAlias(node)) {
       const target = node.resolve(doc as Document);
+      if (target !== undefined && within.has(target)) {
+        report(pos, path, `alias *${node.source} refers to a value that contains it (a circular alias)`);
+        return { kind: 'broken', pos };
+      }
       if (target !== undefined) return convert(target, path, pos);
       report(pos, path, `alias *${node.source} refers to no anchor defined before it`);
       return { kind: 'broken', pos };
     }
+    within.add(node);
+    try {
+      return convertNode(node, path, pos);
+    } finally {
+      within.delete(node);
+    }
+  };
+  const convertNode = (node: Node, path: string, pos: Position): Located => {
     if (isScalar(node)) {
       const value = node.value;
       if (value === null || typeof value === 'string' || typeof value === 'number' || typeof value === 'boolean') {

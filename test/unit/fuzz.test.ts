@@ -185,6 +185,18 @@ describe('config loader under random input (property)', () => {
     fc.assert(fc.property(fc.array(treeMutation, { minLength: 1, maxLength: 3 }), (ms) => checkControlSocket(applyTree(EXAMPLE, ms), EXAMPLE_FILE)), { numRuns: 1000 });
   });
 
+  it('a circular alias (an anchor on a value that contains its own alias) is refused with a message, not a stack overflow', () => {
+    for (const source of ['&a \n- *a', 'version: "v1"\nservice: &s\n  name: x\n  command: ["a"]\n  env: { X: *s }\n']) {
+      assert.throws(() => parseConfig(source, '/fuzz/circular.yaml'), (err) => err instanceof ConfigError && /circular alias/.test(err.message));
+      checkControlSocket(source);
+    }
+  });
+
+  it('a tree nested deeper than any config is refused with a message, not a stack overflow', () => {
+    const source = `version: "v1"\nservice: ${'['.repeat(200)}${']'.repeat(200)}\n`;
+    assert.throws(() => parseConfig(source, '/fuzz/deep.yaml'), (err) => err instanceof ConfigError && /nested more than 64 levels deep/.test(err.message));
+  });
+
   it('an alias bomb ("billion laughs") is refused with a message, not expanded', () => {
     const levels = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]'];
     for (let i = 1; i < 9; i++) levels.push(`${String.fromCharCode(97 + i)}: &${String.fromCharCode(97 + i)} [${Array(10).fill(`*${String.fromCharCode(96 + i)}`).join(',')}]`);
