@@ -21,6 +21,15 @@ import aeterna_client as aeterna  # noqa: E402
 from test_aeterna_client import Fake, make_memfd  # noqa: E402  (the scripted peer's wire helpers)
 
 
+# The optional capabilities this SDK declares in its hello (README.md, "Optional capabilities"): it runs every case.
+CAPABILITIES = {"trailer", "checkpoint", "direct", "crc32"}
+
+
+def unsupported(v):
+    missing = [r for r in v.get("requires", []) if r not in CAPABILITIES]
+    return "this SDK does not declare %s" % ", ".join(missing) if missing else None
+
+
 def suite(name):
     with open(os.path.join(SUITE, name)) as f:
         return json.load(f)
@@ -56,6 +65,8 @@ class FramesTest(unittest.TestCase):
     def test_decode(self):
         for v in suite("frames.json")["decode"]:
             with self.subTest(v["name"]):
+                if unsupported(v):
+                    self.skipTest(unsupported(v))
                 peer, mine = socket.socketpair()
                 client = aeterna.StateClient(mine, max_frame=v.get("max_frame", aeterna.DEFAULT_MAX_FRAME))
                 peer.sendall(to_bytes(v["bytes"]))
@@ -116,6 +127,8 @@ class ExchangesTest(unittest.TestCase):
     def test_exchanges(self):
         for case in suite("exchanges.json")["cases"]:
             with self.subTest(case["name"]):
+                if unsupported(case):
+                    self.skipTest(unsupported(case))
                 self.run_case(case)
 
     def run_case(self, case):
@@ -123,6 +136,7 @@ class ExchangesTest(unittest.TestCase):
         self.addCleanup(fake.close)
 
         def script(f):
+            pair = None  # our end of a direct socket pair the client was given
             for step in case["steps"]:
                 if "client_sends" in step:
                     msg = f.recv_json()
@@ -136,6 +150,18 @@ class ExchangesTest(unittest.TestCase):
                         assert not fds
                         got += body
                     assert got == want, got
+                elif "client_sends_direct" in step:
+                    assert pair is not None, 'client_sends_direct needs a peer_sends with "pair" before it'
+                    pair.settimeout(10)
+                    got = b""
+                    while True:
+                        piece = pair.recv(65536)
+                        if not piece:
+                            break
+                        got += piece
+                    pair.close()
+                    pair = None
+                    assert got == step["client_sends_direct"].encode(), got
                 elif "client_closes" in step:
                     f.conn.settimeout(10)
                     try:
@@ -148,6 +174,14 @@ class ExchangesTest(unittest.TestCase):
                     if "memfd" in step:
                         m = step["memfd"]
                         fds = [make_memfd(m["text"].encode(), seal=m["sealed"])]
+                    if "pair" in step:
+                        mine, theirs = socket.socketpair()
+                        fds.append(theirs.detach())  # sent, then closed below like the memfd
+                        if "text" in step["pair"]:
+                            mine.sendall(step["pair"]["text"].encode())
+                            mine.close()  # the client's end of file
+                        else:
+                            pair = mine
                     f.send(step["peer_sends"], fds=fds)
                     for fd in fds:
                         os.close(fd)

@@ -35,13 +35,20 @@ function matches(expected: Json, actual: Json): boolean {
   });
 }
 
+/** The optional capabilities this SDK declares in its hello (README.md, "Optional capabilities"): it runs every case. */
+const CAPABILITIES = new Set(['trailer', 'checkpoint', 'direct', 'crc32']);
+const unsupported = (requires: string[] = []): string | false => {
+  const missing = requires.filter((r) => !CAPABILITIES.has(r));
+  return missing.length > 0 && `this SDK does not declare ${missing.join(', ')}`;
+};
+
 const dirs: string[] = [];
 after(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
 
 describe('conformance: frames.json', () => {
-  const vectors = suite<{ decode: { name: string; bytes: Part[]; max_frame?: number; message?: Json; error?: string }[]; encode: { name: string; message: Json; bytes: Part[] }[] }>('frames.json');
+  const vectors = suite<{ decode: { name: string; requires?: string[]; bytes: Part[]; max_frame?: number; message?: Json; error?: string }[]; encode: { name: string; message: Json; bytes: Part[] }[] }>('frames.json');
   for (const v of vectors.decode) {
-    it(`decode: ${v.name}`, async () => {
+    it(`decode: ${v.name}`, { skip: unsupported(v.requires) }, async () => {
       const [peer, mine] = native.test.socketpair();
       const conn = new SrpConnection(mine, v.max_frame ?? 16 << 20);
       const outcome = new Promise<{ message?: Message; error?: string }>((resolve) => {
@@ -66,13 +73,16 @@ describe('conformance: frames.json', () => {
 interface Step {
   client_sends?: Json;
   client_sends_data?: string;
+  client_sends_direct?: string;
   client_closes?: true;
   peer_sends?: Json;
   memfd?: { text: string; sealed: boolean };
   data?: string[];
+  pair?: { text?: string };
 }
 interface Case {
   name: string;
+  requires?: string[];
   app: { ready?: boolean; apply?: 'throws'; on_load?: 'accepts' | 'throws'; dump?: { json?: unknown; text?: string; none?: true; throws?: true }; checkpoint?: { json: unknown } };
   steps: Step[];
   expect: {
@@ -103,6 +113,7 @@ async function playPeer(listenFd: number, steps: Step[]): Promise<void> {
     while (queue.length === 0) await new Promise<void>((r) => (wake = r));
     return queue.shift()!;
   };
+  let pair: number | null = null; // our end of a direct socket pair the client was given
   try {
     for (const step of steps) {
       if (step.client_sends) {
@@ -116,6 +127,11 @@ async function playPeer(listenFd: number, steps: Step[]): Promise<void> {
           data = Buffer.concat([data, got.data]);
         }
         assert.equal(data.toString(), step.client_sends_data);
+      } else if (step.client_sends_direct !== undefined) {
+        assert.ok(pair !== null, 'client_sends_direct needs a peer_sends with "pair" before it');
+        assert.equal((await readToEnd(pair)).toString(), step.client_sends_direct);
+        native.close(pair);
+        pair = null;
       } else if (step.client_closes) {
         let got = await next();
         while ('message' in got && got.message.op === 'error') got = await next(); // the error was asserted by the step before
@@ -128,18 +144,39 @@ async function playPeer(listenFd: number, steps: Step[]): Promise<void> {
           if (step.memfd.sealed) native.sealMemfd(fd);
           fds.push(fd);
         }
+        if (step.pair) {
+          const [mine, theirs] = native.relayPair(1 << 16); // blocking, as Aeterna's pair is; read here with MSG_DONTWAIT
+          fds.push(theirs);
+          if (step.pair.text === undefined) pair = mine;
+          else {
+            native.sendmsg(mine, Buffer.from(step.pair.text), []); // a few bytes: the pair's buffer holds them
+            native.close(mine); // the client's end of file
+          }
+        }
         conn.stream.write(encodeFrame(Buffer.from(JSON.stringify(step.peer_sends))), fds, { closeFds: true });
         for (const part of step.data ?? []) conn.stream.write(encodeFrame(Buffer.from(part)));
       }
     }
   } finally {
+    if (pair !== null) native.close(pair);
     conn.close();
+  }
+}
+
+/** Everything the client writes on its end of a direct pair, until it closes it (polled: the client runs in this event loop). */
+async function readToEnd(fd: number): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for (;;) {
+    const got = native.test.recvmsg(fd, 64 << 10, 0);
+    if (got === null) await new Promise((r) => setTimeout(r, 5));
+    else if (got.data.length === 0) return Buffer.concat(parts);
+    else parts.push(got.data);
   }
 }
 
 describe('conformance: exchanges.json', () => {
   for (const c of suite<{ cases: Case[] }>('exchanges.json').cases) {
-    it(c.name, async () => {
+    it(c.name, { skip: unsupported(c.requires) }, async () => {
       const dir = tempDir('aeterna-conformance-');
       dirs.push(dir);
       const socketPath = path.join(dir, 'state.sock');
