@@ -58,7 +58,8 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
     if (node === null || node === undefined) return { kind: 'scalar', value: null, pos: fallback };
     const pos = node.range ? at(node.range[0]) : fallback;
     if (++nodes > MAX_NODES) {
-      if (nodes === MAX_NODES + 1) report(pos, path, `too many values (more than ${MAX_NODES}, counting alias expansions)`);
+      if (nodes === MAX_NODES + 1)
+        report(pos, path, `too many values (more than ${MAX_NODES}, counting alias expansions)`);
       return { kind: 'broken', pos };
     }
     if (within.size >= MAX_DEPTH) {
@@ -66,7 +67,7 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
       return { kind: 'broken', pos };
     }
     if (isAlias(node)) {
-      const target = node.resolve(doc as Document);
+      const target = node.resolve(doc);
       if (target !== undefined && within.has(target)) {
         report(pos, path, `alias *${node.source} refers to a value that contains it (a circular alias)`);
         return { kind: 'broken', pos };
@@ -119,14 +120,18 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
     report(pos, path, 'unsupported YAML node');
     return { kind: 'broken', pos };
   };
-  return convert(doc.contents as Node, '', { line: 1, column: 1 });
+  return convert(doc.contents, '', { line: 1, column: 1 });
 }
 
 /** A tree for a default value, placed where the defaulted key's parent is. */
 export function locatedFromPlain(value: unknown, pos: Position): Located {
   if (Array.isArray(value)) return { kind: 'list', items: value.map((item) => locatedFromPlain(item, pos)), pos };
   if (value !== null && typeof value === 'object') {
-    const entries = Object.entries(value).map(([key, item]) => ({ key, keyPos: pos, value: locatedFromPlain(item, pos) }));
+    const entries = Object.entries(value).map(([key, item]) => ({
+      key,
+      keyPos: pos,
+      value: locatedFromPlain(item, pos),
+    }));
     return { kind: 'map', entries, pos };
   }
   if (value === null || typeof value === 'string' || typeof value === 'number' || typeof value === 'boolean') {

@@ -57,7 +57,13 @@ export interface StateRelay extends ReadinessSource {
    * stop promptly when `signal` aborts (timeout, rollback, stop). `timeoutMs` is when the caller will abort: the
    * dump request tells `old` (its SDK waits that long for the ack, whatever the size of its state).
    */
-  relay(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }>;
+  relay(
+    old: Generation,
+    next: Generation,
+    progress: (p: RelayProgress) => void,
+    signal: AbortSignal,
+    timeoutMs: number,
+  ): Promise<{ bytes: number }>;
   /**
    * After a relay failed with DumpFailed: give `next` the latest checkpoint as its load instead; resolves once
    * `next` acknowledged it. Rejects when there is none, or on any failure (as relay does).
