@@ -59,6 +59,7 @@ interface AutocannonClient {
 /** See the note at the top: a reconnecting client starts with an empty request queue. */
 function forgetStaleRequests(client: unknown): void {
   const c = client as AutocannonClient;
+  // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
   const connect = c._connect;
   if (typeof connect !== 'function' || typeof c.pipelinedRequests?.clear !== 'function') return; // another autocannon version: leave it as it is
   c._connect = function (this: AutocannonClient) {

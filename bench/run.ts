@@ -214,7 +214,7 @@ async function section<T>(name: SectionName, o: BenchOptions, body: () => Promis
     progress(`section ${name} done in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     return { value };
   } catch (err) {
-    progress(`section ${name} FAILED: ${(err as Error).stack ?? err}`);
+    progress(`section ${name} FAILED: ${(err as Error).stack ?? String(err)}`);
     return { error: (err as Error).message.slice(0, 2000) };
   }
 }

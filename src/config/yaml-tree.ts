@@ -3,7 +3,7 @@
 // errors, duplicate and non-string keys, aliases, tags. The validator then works
 // on this tree only, and so can run defaults through the same code path.
 
-import { isAlias, isMap, isScalar, isSeq, LineCounter, parseDocument, type Document, type Node } from 'yaml';
+import { isAlias, isMap, isScalar, isSeq, LineCounter, parseDocument, type Node } from 'yaml';
 
 export interface Position {
   line: number;
@@ -89,6 +89,7 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
       if (value === null || typeof value === 'string' || typeof value === 'number' || typeof value === 'boolean') {
         return { kind: 'scalar', value, pos };
       }
+      // eslint-disable-next-line @typescript-eslint/no-base-to-string -- whatever YAML made of it, the message shows it
       report(pos, path, `unsupported value ${String(value)}; quote it to make it a string`);
       return { kind: 'broken', pos };
     }
@@ -105,6 +106,7 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
           report(keyPos, path, 'keys must be plain strings (got an empty key, a list or a mapping)');
           continue;
         }
+        // eslint-disable-next-line @typescript-eslint/no-base-to-string -- a string, number or boolean here (checked above)
         const key = String(keyNode.value);
         const keyPath = path === '' ? key : `${path}.${key}`;
         const first = entries.find((entry) => entry.key === key);
@@ -137,5 +139,6 @@ export function locatedFromPlain(value: unknown, pos: Position): Located {
   if (value === null || typeof value === 'string' || typeof value === 'number' || typeof value === 'boolean') {
     return { kind: 'scalar', value, pos };
   }
+  // eslint-disable-next-line @typescript-eslint/no-base-to-string -- a schema bug's message shows whatever it got
   throw new Error(`schema bug: default ${String(value)} is not a plain value`);
 }

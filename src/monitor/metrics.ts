@@ -44,6 +44,7 @@ class Exported {
   constructor(latestCheckpoint: () => LatestCheckpoint | null) {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
     // `aeterna start` should exec the app first (start-to-exec is one of Aeterna's targets).
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- the lazy load above
     const prom = require('prom-client') as typeof import('prom-client');
     const registers = [(this.registry = new prom.Registry())];
     this.reloads = new prom.Counter({

@@ -272,7 +272,7 @@ export class Orchestrator implements ControlApi {
   /** A generation Aeterna now runs (spawned, or adopted after a re-exec): its relay, its exit, its watchdog. */
   private track(gen: Generation, config: Config, role: RelayRole): void {
     this.deps.relay?.attach(gen, role);
-    gen.exited.then((info) => this.onExit(gen, info));
+    void gen.exited.then((info) => this.onExit(gen, info));
     const watchdogMs = config.service.watchdogMs;
     if (watchdogMs !== null)
       this.watchdogs.set(

@@ -262,7 +262,10 @@ export function parseMessage(payload: Buffer): Message {
     case 'error':
       return {
         op: 'error',
+        // A peer's error fields are shown whatever their type (an object prints as [object Object]), never refused.
+        // eslint-disable-next-line @typescript-eslint/no-base-to-string
         code: String(o.code ?? 'unknown').slice(0, 64),
+        // eslint-disable-next-line @typescript-eslint/no-base-to-string
         message: String(o.message ?? '').slice(0, 4096),
       };
   }

@@ -100,7 +100,7 @@ export class Carrier {
     if (!this.carried) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
     const carries = this.carried.map((c) => c.carry(reason));
     const fds = carries.flatMap((c) => c.fds).sort((a, b) => FD_ORDER.indexOf(a.role) - FD_ORDER.indexOf(b.role));
-    const part: CarriedPart = Object.assign({}, ...carries.map((c) => c.part));
+    const part = Object.assign({}, ...carries.map((c) => c.part)) as CarriedPart;
     // The fields in the order Aeterna always wrote them: the document stays byte for byte what it was.
     return {
       version: HANDOVER_VERSION,

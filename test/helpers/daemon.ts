@@ -111,7 +111,7 @@ export class Daemon {
   }> {
     const r = await this.cli('status', '--json');
     if (r.code !== 0) throw new Error(`status failed (${r.code}): ${r.stderr}`);
-    return JSON.parse(r.stdout);
+    return JSON.parse(r.stdout) as Awaited<ReturnType<Daemon['status']>>;
   }
 
   /** Poll status until predicate holds (a hang guard, not a timing assertion). */

@@ -42,10 +42,9 @@ describe(
         timeout: 100000,
       });
       assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
-      const suite = (
-        name: string,
-      ): Record<string, { name: string; requires?: string[]; steps?: Record<string, unknown>[] }[]> =>
-        JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', name), 'utf8'));
+      type Suite = Record<string, { name: string; requires?: string[]; steps?: Record<string, unknown>[] }[]>;
+      const suite = (name: string): Suite =>
+        JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', name), 'utf8')) as Suite;
       const frames = suite('frames.json');
       const cases = suite('exchanges.json').cases as Array<{
         name: string;

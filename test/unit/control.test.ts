@@ -143,7 +143,8 @@ function memoryLogger(): { log: pino.Logger; lines: Array<{ level: number; msg: 
   const lines: Array<{ level: number; msg: string; code?: string }> = [];
   const sink = new Writable({
     write(chunk: Buffer, _enc, done) {
-      for (const l of chunk.toString().split('\n')) if (l) lines.push(JSON.parse(l));
+      for (const l of chunk.toString().split('\n'))
+        if (l) lines.push(JSON.parse(l) as { level: number; msg: string; code?: string });
       done();
     },
   });
@@ -327,7 +328,9 @@ describe('control socket', { timeout: 60000 }, () => {
       const socket = net.createConnection({ path: socketPath }, () => socket.end('{"cmd":"status"}'));
       const decoder = new LineDecoder(1 << 20);
       const out: ServerMessage[] = [];
-      socket.on('data', (c: Buffer) => decoder.push(c).forEach((l) => out.push(JSON.parse(l.toString()))));
+      socket.on('data', (c: Buffer) =>
+        decoder.push(c).forEach((l) => out.push(JSON.parse(l.toString()) as ServerMessage)),
+      );
       socket.on('close', () => resolve(out));
       socket.on('error', reject);
     });

@@ -104,7 +104,9 @@ function imageConfig(): Config {
 
 describe('Dockerfile', () => {
   test('passes the Dockerfile linter (dockerfile-utils) without a single diagnostic', () => {
-    const diagnostics = lintDockerfile(dockerfileText).map((d) => `Dockerfile:${d.range.start.line + 1}: ${d.message}`);
+    const diagnostics = lintDockerfile(dockerfileText).map(
+      (d) => `Dockerfile:${d.range.start.line + 1}: ${typeof d.message === 'string' ? d.message : d.message.value}`,
+    );
     assert.deepEqual(diagnostics, []);
   });
 
@@ -314,6 +316,7 @@ function strictErrors(manifests: Array<{ file: string; doc: { apiVersion: string
     moduleResolution: ts.ModuleResolutionKind.Node10,
   };
   const host = ts.createCompilerHost(options);
+  // eslint-disable-next-line @typescript-eslint/unbound-method -- each is called below with .call(host)
   const { getSourceFile, fileExists, readFile } = host;
   host.getSourceFile = (name, version, ...rest) =>
     name === fileName

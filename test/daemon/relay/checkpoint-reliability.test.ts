@@ -280,7 +280,7 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
         fs.existsSync(`${d.dir}/checkpoint.bin.refused`) && !fs.existsSync(`${d.dir}/checkpoint.bin`),
         'its file is set aside',
       );
-      assert.equal(JSON.parse((await d.cli('status', '--json')).stdout).checkpoint, null);
+      assert.equal((JSON.parse((await d.cli('status', '--json')).stdout) as { checkpoint: unknown }).checkpoint, null);
       const metrics = (await getText(metricsPort, '/metrics')).body;
       assert.equal(metricSample(metrics, 'aeterna_checkpoints_total{result="set_aside"}'), 1);
       assert.equal(await d.stop(), 0);

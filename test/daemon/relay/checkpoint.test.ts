@@ -193,7 +193,7 @@ describe('checkpoints', { timeout: 180000 }, () => {
     const r = await request(port, 'POST', '/sessions/s1/messages', 'tampered');
     assert.equal(r.error, 'checksum_mismatch');
     assert.equal(r.seq, undefined);
-    assert.equal(JSON.parse((await d.cli('status', '--json')).stdout).checkpoint, null);
+    assert.equal((JSON.parse((await d.cli('status', '--json')).stdout) as { checkpoint: unknown }).checkpoint, null);
     await killApp(d);
     const after = await request(port, 'GET', '/sessions/s1');
     assert.equal(after.source, null);

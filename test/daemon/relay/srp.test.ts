@@ -136,7 +136,7 @@ describe('state relay', { timeout: 180000 }, () => {
           const length = Number(/content-length: (\d+)/i.exec(buf)![1]);
           if (buf.length < end + 4 + length) return;
           socket.off('data', onData);
-          resolve(JSON.parse(buf.slice(end + 4, end + 4 + length)));
+          resolve(JSON.parse(buf.slice(end + 4, end + 4 + length)) as { pid: number; generation: string });
         };
         socket.on('data', onData);
         socket.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
@@ -200,7 +200,7 @@ describe('state relay: what it exposes', { timeout: 60000 }, () => {
       http
         .get({ host: '127.0.0.1', port: metricsPort, path: '/metrics' }, (res) => {
           let body = '';
-          res.on('data', (c: Buffer) => (body += c));
+          res.on('data', (c: Buffer) => (body += c.toString()));
           res.on('end', () => resolve(body));
         })
         .on('error', reject),

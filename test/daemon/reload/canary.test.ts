@@ -57,7 +57,9 @@ function expectedSide(address: string, weight: number): 'old' | 'new' {
     const groups = address.split('::');
     const head = groups[0] ? groups[0].split(':') : [];
     const tail = groups[1] ? groups[1].split(':') : [];
-    const all = [...head, ...Array(8 - head.length - tail.length).fill('0'), ...tail].map((g) => parseInt(g, 16));
+    const all = [...head, ...Array<string>(8 - head.length - tail.length).fill('0'), ...tail].map((g) =>
+      parseInt(g, 16),
+    );
     word = 0;
     for (let i = 0; i < 8; i += 2) word = (word ^ ((all[i] << 16) | all[i + 1])) >>> 0;
   }
@@ -136,7 +138,8 @@ describe('weighted canary', { timeout: 600000 }, () => {
       for (let n = 0; n < 20; n++) gens.add(await generationOf(port, address));
       byAddress.set(address, gens);
     }
-    for (const [address, gens] of byAddress) assert.equal(gens.size, 1, `${address} reached generations ${[...gens]}`);
+    for (const [address, gens] of byAddress)
+      assert.equal(gens.size, 1, `${address} reached generations ${[...gens].join(',')}`);
     assert.equal((await d.cli('rollback')).code, 0);
     assert.equal((await reload).code, 1);
     assert.equal(await d.stop(), 0);
@@ -311,9 +314,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
    * fresh connections, with the new generation set to crash by `crashEnv`: the reload's result, the failures of
    * each load, and how many accepted connections the crashing process held when it exited (it says so).
    */
-  async function crashDuringSoak(
-    crashEnv: string,
-  ): Promise<{
+  async function crashDuringSoak(crashEnv: string): Promise<{
     d: Daemon;
     port: number;
     keepAlive: LoadStats;

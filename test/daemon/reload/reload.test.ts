@@ -263,7 +263,7 @@ describe('what logs and status say', { timeout: 120000 }, () => {
     const transitions = d.run
       .logs()
       .filter((l) => l.reload === 'reload-1' && typeof l.event === 'string')
-      .map((l) => `${l.from}>${l.to}:${l.event}`);
+      .map((l) => `${String(l.from)}>${String(l.to)}:${String(l.event)}`);
     assert.deepEqual(transitions, [
       'Running>Handover:reload',
       'Handover>Draining:ready-immediate',

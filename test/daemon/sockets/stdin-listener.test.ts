@@ -23,7 +23,7 @@ function knock(port: number): Promise<{ pid: number; generation: string }> {
       data += d;
       if (data.includes('\n')) {
         socket.destroy();
-        resolve(JSON.parse(data));
+        resolve(JSON.parse(data) as { pid: number; generation: string });
       }
     });
     socket.on('error', reject);
@@ -40,7 +40,7 @@ describe('service.stdin_listener', { timeout: 60000, skip: pidNamespaceUnavailab
     }).start(true);
     daemons.push(d);
     await d.waitStatus((s) => s.state === 'Running');
-    const report = JSON.parse((await d.run.waitFor(/^REPORT (.*)$/m))[1]);
+    const report = JSON.parse((await d.run.waitFor(/^REPORT (.*)$/m))[1]) as unknown;
     assert.deepEqual(report, {
       fd0_family: 'AF_INET',
       fd0_listening: true,

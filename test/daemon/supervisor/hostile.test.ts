@@ -506,7 +506,7 @@ describe('the app as another user (service.user / service.group)', { timeout: 12
   ];
   for (const c of cases) {
     it(
-      `${c.config.trim().replace(/\n\s*/g, ', ')}: dropped before exec (uid ${c.uid}, gid ${c.gid}, groups ${c.groups}), the listener still works, the control socket refuses it`,
+      `${c.config.trim().replace(/\n\s*/g, ', ')}: dropped before exec (uid ${c.uid}, gid ${c.gid}, groups ${c.groups.join(',')}), the listener still works, the control socket refuses it`,
       { skip },
       async () => {
         const { who } = await runAs(c.config);
