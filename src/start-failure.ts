@@ -67,7 +67,8 @@ export function openStateRelay(
     if (err instanceof AeternaError) throw err;
     throw new AeternaError(
       'E_LISTEN_FAILED',
-      `cannot create the state relay socket ${handoff.socketPath}: ${(err as Error).message}; set orchestration.state_handoff.socket_path to a path in a directory this user can write`,
+      `cannot create the state relay socket ${handoff.socketPath}: ${(err as Error).message}; ` +
+        `set orchestration.state_handoff.socket_path to a path in a directory this user can write`,
       { cause: err },
     );
   }

@@ -166,7 +166,8 @@ async function upgrade(options: DaemonOptions & { exec?: string }): Promise<numb
           // The new program could not start and exec'd this one again: the app was never touched.
           throw new AeternaError(
             'E_UPGRADE_REFUSED',
-            `aeterna ${failed.from} could not take over (${failed.error}); aeterna ${answer.status.version ?? from} took over again (pid ${answer.status.daemon_pid}, generation ${answer.status.generation} kept)`,
+            `aeterna ${failed.from} could not take over (${failed.error}); ` +
+              `aeterna ${answer.status.version ?? from} took over again (pid ${answer.status.daemon_pid}, generation ${answer.status.generation} kept)`,
           );
         }
         const to = answer.status.version ?? 'unknown';

@@ -121,7 +121,9 @@ class Exported {
     });
     this.checkpoints = new prom.Counter({
       name: 'aeterna_checkpoints_total',
-      help: 'Checkpoints the app sent, by result (stored, or why refused: too_large, checksum_mismatch, bad_state, disabled, write_failed, cut_short; set_aside: one the app could not load, set aside)',
+      help:
+        'Checkpoints the app sent, by result (stored, or why refused: too_large, checksum_mismatch, bad_state, ' +
+        'disabled, write_failed, cut_short; set_aside: one the app could not load, set aside)',
       labelNames: ['result'] as const,
       registers,
     });

@@ -172,7 +172,8 @@ export class Orchestrator implements ControlApi {
       const code = this.inFlight !== null ? 'E_RELOAD_BUSY' : 'E_ILLEGAL_TRANSITION';
       throw new AeternaError(
         code,
-        `cannot upgrade now: ${this.inFlight !== null ? `${this.inFlight.record.id} is in progress` : `the state is ${this.fsm.state}`}; try again once it is Running`,
+        `cannot upgrade now: ${this.inFlight !== null ? `${this.inFlight.record.id} is in progress` : `the state is ${this.fsm.state}`}; ` +
+          `try again once it is Running`,
       );
     }
     const counters = {
@@ -522,7 +523,8 @@ export class Orchestrator implements ControlApi {
       if (run.split?.noMigration) {
         this.deps.log.warn(
           { reload: run.record.id },
-          `orchestration.canary: ${run.split.noMigration}; if the new generation dies during the soak, the connections waiting in its socket's accept queue are reset`,
+          `orchestration.canary: ${run.split.noMigration}; ` +
+            `if the new generation dies during the soak, the connections waiting in its socket's accept queue are reset`,
         );
       }
       for (const l of added)

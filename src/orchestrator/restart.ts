@@ -52,7 +52,9 @@ export class RestartBudget {
       return {
         restart: false,
         crashLoop: true,
-        reason: `crash loop: app ${describeExit(exit)} after ${this.recent.length} restarts within ${formatDuration(this.policy.windowMs)} (max_restarts ${this.policy.maxRestarts})`,
+        reason:
+          `crash loop: app ${describeExit(exit)} ` +
+          `after ${this.recent.length} restarts within ${formatDuration(this.policy.windowMs)} (max_restarts ${this.policy.maxRestarts})`,
         exitCode: code === 0 ? 1 : code,
       };
     }

@@ -224,7 +224,8 @@ export class FdStore {
           return this.throttle.warn(
             'fdstore-fds-lost',
             context,
-            `fd store: FDSTORE=1 from pid ${pid} arrived without its fds: the kernel dropped them (more than 253 in one datagram, or Aeterna had no free fd, RLIMIT_NOFILE ${this.rlimit}); nothing stored`,
+            `fd store: FDSTORE=1 from pid ${pid} arrived without its fds: the kernel dropped them ` +
+              `(more than 253 in one datagram, or Aeterna had no free fd, RLIMIT_NOFILE ${this.rlimit}); nothing stored`,
           );
         return this.throttle.warn(
           'fdstore-no-fds',
@@ -244,7 +245,8 @@ export class FdStore {
         this.throttle.warn(
           'fdstore-bad-name',
           context,
-          `fd store: FDNAME=${JSON.stringify(name)} is not a valid name (1..255 ASCII characters, no control characters or ":"); storing as "${DEFAULT_FDNAME}"`,
+          `fd store: FDNAME=${JSON.stringify(name)} is not a valid name ` +
+            `(1..255 ASCII characters, no control characters or ":"); storing as "${DEFAULT_FDNAME}"`,
         );
         name = DEFAULT_FDNAME;
       }

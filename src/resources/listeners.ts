@@ -17,7 +17,10 @@ export type { Listener } from './listener';
 /** listen(2) backlog when Aeterna revives an inherited socket, whose own backlog it cannot read (the kernel caps it at somaxconn). */
 const INHERITED_BACKLOG = 4096;
 
-/** What is wrong with a listener: `not-listening` (TCP after shutdown(2): back to CLOSE), `shut-down` (unix after shutdown(2): still LISTEN, but refuses every connection). */
+/**
+ * What is wrong with a listener: `not-listening` (TCP after shutdown(2): back to CLOSE), `shut-down` (unix after
+ * shutdown(2): still LISTEN, but refuses every connection).
+ */
 export type ListenerProblem = 'not-listening' | 'shut-down';
 
 /** What repairing a broken listener did. */

@@ -170,7 +170,8 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     if (closed !== null) {
       this.log.warn(
         { uid, directory: closed },
-        `notify socket: uid ${uid} (service.user) cannot enter ${closed}, so its READY=1 cannot reach ${this.address}; let it search that directory (chmod o+x) or move control.socket_path`,
+        `notify socket: uid ${uid} (service.user) cannot enter ${closed}, so its READY=1 cannot reach ${this.address}; ` +
+          `let it search that directory (chmod o+x) or move control.socket_path`,
       );
     }
   }

@@ -35,7 +35,9 @@ function stallAbandoned(s: Session, log: Logger): void {
   const gen = s.gen!.number;
   const owed =
     s.phase === 'streaming' ? `${s.conn.pendingData} bytes of its announced state` : `the digest trailer of its state`;
-  const why = `${owed} did not arrive within ${a.stallMs} ms after its relay was abandoned at ${a.since} (${a.reason}); Aeterna closed the connection, whose framing it could no longer trust`;
+  const why =
+    `${owed} did not arrive within ${a.stallMs} ms after its relay was abandoned at ${a.since} (${a.reason}); ` +
+    `Aeterna closed the connection, whose framing it could no longer trust`;
   log.warn(
     { generation: gen, phase: s.phase },
     `relay: generation ${gen}: ${why}; the next reload starts its successor without its state, unless it connects again`,

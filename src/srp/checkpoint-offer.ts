@@ -154,7 +154,8 @@ export class CheckpointOffers {
           tries: count,
           ...(movedTo ? { moved_to: movedTo } : {}),
         },
-        `checkpoint ${seq} set aside after ${count} failed loads (last: ${why}); it is never offered again${movedTo ? ` (its file is now ${movedTo})` : ''}: the app starts without a checkpoint`,
+        `checkpoint ${seq} set aside after ${count} failed loads (last: ${why}); ` +
+          `it is never offered again${movedTo ? ` (its file is now ${movedTo})` : ''}: the app starts without a checkpoint`,
       );
     });
   }

@@ -192,7 +192,8 @@ export class CheckpointStore {
       if (err instanceof CheckpointFileForeign) {
         throw new AeternaError(
           'E_CONFIG_INVALID',
-          `orchestration.state_handoff.checkpoint.path: ${err.message}; Aeterna never renames or replaces a file it did not write: move that file, or choose another path`,
+          `orchestration.state_handoff.checkpoint.path: ${err.message}; ` +
+            `Aeterna never renames or replaces a file it did not write: move that file, or choose another path`,
         );
       }
       if (err instanceof CheckpointFileTooLarge) {

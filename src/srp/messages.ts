@@ -19,7 +19,10 @@ export interface StateHeader {
 }
 
 export type Message =
-  /** fds: false = the client cannot receive fds (no memfd state, no fd passing); absent = it can. trailer: it can receive a state whose digest follows the data (docs/srp.md, "Digest trailer"). */
+  /**
+   * fds: false = the client cannot receive fds (no memfd state, no fd passing); absent = it can. trailer: it can
+   * receive a state whose digest follows the data (docs/srp.md, "Digest trailer").
+   */
   /** checksums: the trailer algorithms it can compute and verify besides sha256 (docs/srp.md, "Checksums"). */
   | { op: 'hello'; v: number; fds?: boolean; trailer?: true; direct?: true; checksums?: string[] }
   /** checkpoint: Aeterna stores checkpoints (docs/srp.md, "Checkpoints"). */

@@ -73,7 +73,8 @@ export class Carrier {
     if (this.recoveries.length <= RECOVERY_LIMIT) return false;
     this.log.error(
       { code: 'E_RECOVERY_LOOP', recoveries: this.recoveries },
-      `aeterna recovered from its own crash ${this.recoveries.length} times within ${RECOVERY_WINDOW_MS / 1000}s (at most ${RECOVERY_LIMIT}): giving up, ending the app (E_RECOVERY_LOOP)`,
+      `aeterna recovered from its own crash ${this.recoveries.length} times within ${RECOVERY_WINDOW_MS / 1000}s (at most ${RECOVERY_LIMIT}): ` +
+        `giving up, ending the app (E_RECOVERY_LOOP)`,
     );
     return true;
   }

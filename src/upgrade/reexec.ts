@@ -87,7 +87,8 @@ export async function checkTarget(argv: string[], dryRun: Handover, reaper: Reap
       const how = info.signal !== null ? `was killed by signal ${info.signal}` : `exited ${info.code}`;
       throw new AeternaError(
         'E_UPGRADE_REFUSED',
-        `the upgrade target ${argv.join(' ')} ${how} in its dry run${answer ? ` saying ${JSON.stringify(answer.slice(0, 200))}` : ''}: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed`,
+        `the upgrade target ${argv.join(' ')} ${how} in its dry run${answer ? ` saying ${JSON.stringify(answer.slice(0, 200))}` : ''}` +
+          `: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed`,
       );
     }
   } finally {
