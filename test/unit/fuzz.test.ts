@@ -272,14 +272,20 @@ describe('config loader under random input (property)', () => {
 
   it('a circular alias (an anchor on a value that contains its own alias) is refused with a message, not a stack overflow', () => {
     for (const source of ['&a \n- *a', 'version: "v1"\nservice: &s\n  name: x\n  command: ["a"]\n  env: { X: *s }\n']) {
-      assert.throws(() => parseConfig(source, '/fuzz/circular.yaml'), (err) => err instanceof ConfigError && /circular alias/.test(err.message));
+      assert.throws(
+        () => parseConfig(source, '/fuzz/circular.yaml'),
+        (err) => err instanceof ConfigError && /circular alias/.test(err.message),
+      );
       checkControlSocket(source);
     }
   });
 
   it('a tree nested deeper than any config is refused with a message, not a stack overflow', () => {
     const source = `version: "v1"\nservice: ${'['.repeat(200)}${']'.repeat(200)}\n`;
-    assert.throws(() => parseConfig(source, '/fuzz/deep.yaml'), (err) => err instanceof ConfigError && /nested more than 64 levels deep/.test(err.message));
+    assert.throws(
+      () => parseConfig(source, '/fuzz/deep.yaml'),
+      (err) => err instanceof ConfigError && /nested more than 64 levels deep/.test(err.message),
+    );
   });
 
   it('an alias bomb ("billion laughs") is refused with a message, not expanded', () => {
