@@ -1,8 +1,9 @@
 // ESLint (flat config): typescript-eslint's type-checked recommended rules over Aeterna's TypeScript, plus the rules
 // that guard what the project depends on. Formatting is Prettier's (.prettierrc.json): no rule here formats.
+import { defineConfig } from 'eslint/config';
 import tseslint from 'typescript-eslint';
 
-export default tseslint.config(
+export default defineConfig(
   { ignores: ['dist/', 'build/', 'node_modules/', 'prebuilds/', 'examples/', 'clients/'] },
   {
     files: ['src/**/*.ts', 'test/**/*.ts', 'bench/**/*.ts', 'scripts/**/*.ts'],
@@ -50,6 +51,14 @@ export default tseslint.config(
               message: 'The supervisor spawns through the addon (src/native), never child_process.',
             },
           ],
+        },
+      ],
+      // The same for import() (require() is already refused everywhere by no-require-imports).
+      'no-restricted-syntax': [
+        'error',
+        {
+          selector: 'ImportExpression[source.value=/^(node:)?child_process$/]',
+          message: 'The supervisor spawns through the addon (src/native), never child_process.',
         },
       ],
     },
