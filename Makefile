@@ -16,7 +16,7 @@ SDK_TESTS := $(call tests_in,test/sdk)
 ENDURANCE_TESTS := $(call tests_in,test/endurance)
 TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(ENDURANCE_TESTS)
 
-.PHONY: all build demo test test-unit test-fast bench soak clean prebuild
+.PHONY: all build demo lint format test test-unit test-fast bench soak clean prebuild
 
 all: build
 
@@ -33,9 +33,22 @@ build: $(NODE_MODULES) $(ADDON)
 demo: build
 	node bin/aeterna.js start -c examples/llm-agent/aeterna.yaml
 
-# `make test` runs every tier and is what CI runs (.ci/run); `make test-unit` and `make test-fast` are the shorter
-# loops while working.
-test: build
+# The TypeScript Aeterna's checks read: Prettier's format (.prettierrc.json) and ESLint with typescript-eslint's
+# type-checked rules (eslint.config.mjs). Quoted globs: the tools expand them, the shell does not.
+LINTED := 'src/**/*.ts' 'test/**/*.ts' 'bench/**/*.ts' 'scripts/**/*.ts'
+
+lint: $(NODE_MODULES)
+	npx prettier --check $(LINTED)
+	npx eslint $(LINTED)
+
+# Rewrites what `make lint` would refuse and can fix by itself.
+format: $(NODE_MODULES)
+	npx prettier --write --log-level warn $(LINTED)
+	npx eslint --fix $(LINTED)
+
+# `make test` lints, then runs every tier, and is what CI runs (.ci/run); `make test-unit` and `make test-fast` are
+# the shorter loops while working.
+test: lint build
 	node --test --test-concurrency=2 $(TESTS)
 
 test-unit: build

@@ -31,7 +31,7 @@ export function progress(message: string): void {
 /** The p-th percentile (0..100) by nearest rank; NaN for no samples. */
 export function percentile(values: ArrayLike<number>, p: number): number {
   if (values.length === 0) return NaN;
-  const sorted = Float64Array.from(values as ArrayLike<number>).sort();
+  const sorted = Float64Array.from(values).sort();
   const rank = Math.ceil((p / 100) * sorted.length);
   return sorted[Math.min(sorted.length - 1, Math.max(0, rank - 1))];
 }
@@ -136,7 +136,10 @@ export class Proc {
     for (;;) {
       const m = this.stdout.slice(from).match(pattern) ?? this.stderr.match(pattern);
       if (m) return m;
-      if (!this.alive) throw new Error(`${path.basename(this.argv[1] ?? this.argv[0])} exited before ${pattern} appeared\n${this.tail()}`);
+      if (!this.alive)
+        throw new Error(
+          `${path.basename(this.argv[1] ?? this.argv[0])} exited before ${pattern} appeared\n${this.tail()}`,
+        );
       if (Date.now() > deadline) throw new Error(`timed out waiting for ${pattern}\n${this.tail()}`);
       await new Promise<void>((r) => {
         const t = setTimeout(r, 100);
@@ -153,7 +156,10 @@ export class Proc {
   }
 
   /** Signal it (unless signal is null) and wait for the exit; SIGKILL after graceMs. */
-  async stop(signal: NodeJS.Signals | null = 'SIGTERM', graceMs = 15000): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  async stop(
+    signal: NodeJS.Signals | null = 'SIGTERM',
+    graceMs = 15000,
+  ): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
     if (signal !== null && this.alive) this.child.kill(signal);
     const t = setTimeout(() => this.alive && this.child.kill('SIGKILL'), graceMs);
     try {
@@ -165,7 +171,10 @@ export class Proc {
 }
 
 /** Run a command to completion (async, so the event loop keeps serving load); kill it after timeoutMs. */
-export async function run(argv: string[], options: SpawnOptions & { timeoutMs?: number } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
+export async function run(
+  argv: string[],
+  options: SpawnOptions & { timeoutMs?: number } = {},
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
   const p = new Proc(argv, options);
   const t = setTimeout(() => p.alive && p.child.kill('SIGKILL'), options.timeoutMs ?? 120000);
   const { code } = await p.exited;
@@ -257,7 +266,10 @@ let unshareChecked: string | null | undefined;
 export function pidNamespaceUnavailable(): string | null {
   if (unshareChecked === undefined) {
     const r = spawnSync('unshare', ['--pid', '--fork', '--mount-proc', 'true'], { stdio: 'ignore' });
-    unshareChecked = r.status === 0 ? null : `unshare --pid --fork --mount-proc failed (${r.error?.message ?? `exit ${r.status}`}; needs root)`;
+    unshareChecked =
+      r.status === 0
+        ? null
+        : `unshare --pid --fork --mount-proc failed (${r.error?.message ?? `exit ${r.status}`}; needs root)`;
   }
   return unshareChecked;
 }
@@ -280,7 +292,8 @@ export function nativeHelper(): { path: string } | { error: string } {
   if (!cc) return (helperBuilt = { error: 'no C compiler (cc) installed' });
   const out = path.join(tempDir('aeterna-bench-helper-'), 'helper');
   const r = spawnSync(cc, ['-O2', '-o', out, fixture('helper.c')], { encoding: 'utf8', timeout: 60000 });
-  if (r.status !== 0) return (helperBuilt = { error: `cc failed: ${(r.stderr || r.error?.message || '').trim().slice(0, 300)}` });
+  if (r.status !== 0)
+    return (helperBuilt = { error: `cc failed: ${(r.stderr || r.error?.message || '').trim().slice(0, 300)}` });
   return (helperBuilt = { path: out });
 }
 

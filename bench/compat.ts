@@ -11,7 +11,18 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { call } from '../src/control/client';
-import { FIXTURES, ROOT, fixture, freePort, pidNamespaceUnavailable, python, sleep, tempDir, versionOf, which } from './common';
+import {
+  FIXTURES,
+  ROOT,
+  fixture,
+  freePort,
+  pidNamespaceUnavailable,
+  python,
+  sleep,
+  tempDir,
+  versionOf,
+  which,
+} from './common';
 import { Daemon, socketOf } from '../test/helpers/daemon';
 import { startLoad, type LoadStats } from '../test/helpers/load';
 
@@ -48,7 +59,17 @@ function gunicorn(id: string, label: string, flags: string[]): Server {
     id,
     label,
     missing: pyMissing('gunicorn', 'python3-gunicorn'),
-    command: () => [pythonWith('gunicorn')!, '-m', 'gunicorn', '--workers', '1', '--chdir', FIXTURES, ...flags, 'compat_app:wsgi'],
+    command: () => [
+      pythonWith('gunicorn')!,
+      '-m',
+      'gunicorn',
+      '--workers',
+      '1',
+      '--chdir',
+      FIXTURES,
+      ...flags,
+      'compat_app:wsgi',
+    ],
     readiness: '{ mode: "delay", delay: "1s", timeout: "30s" }',
     version: pyVersion('gunicorn'),
   };
@@ -59,7 +80,18 @@ function uvicorn(id: string, label: string, flags: string[]): Server {
     id,
     label,
     missing: pyMissing('uvicorn', 'python3-uvicorn'),
-    command: () => [pythonWith('uvicorn')!, '-m', 'uvicorn', '--fd', '3', '--app-dir', FIXTURES, '--no-access-log', ...flags, 'compat_app:asgi'],
+    command: () => [
+      pythonWith('uvicorn')!,
+      '-m',
+      'uvicorn',
+      '--fd',
+      '3',
+      '--app-dir',
+      FIXTURES,
+      '--no-access-log',
+      ...flags,
+      'compat_app:asgi',
+    ],
     readiness: '{ mode: "delay", delay: "1s", timeout: "30s" }',
     version: pyVersion('uvicorn'),
   };
@@ -72,7 +104,11 @@ function goServer(id: string, label: string, env: string[]): Server {
     missing: () => (which('go') ? null : 'go is not installed (apt-get install -y golang-go)'),
     command: (work) => {
       const out = path.join(work, 'compat_go');
-      const r = spawnSync('go', ['build', '-o', out, fixture('compat_go.go')], { cwd: work, encoding: 'utf8', env: { ...process.env, GOFLAGS: '-mod=mod', GO111MODULE: 'auto' } });
+      const r = spawnSync('go', ['build', '-o', out, fixture('compat_go.go')], {
+        cwd: work,
+        encoding: 'utf8',
+        env: { ...process.env, GOFLAGS: '-mod=mod', GO111MODULE: 'auto' },
+      });
       if (r.status !== 0) throw new Error(`go build failed:\n${r.stdout}${r.stderr}`);
       return [out];
     },
@@ -94,16 +130,19 @@ const node = (id: string, label: string, app: string): Server => ({
 export const SERVERS: Server[] = [
   gunicorn('gunicorn', 'gunicorn, sync workers (defaults)', []),
   uvicorn('uvicorn', 'uvicorn --fd 3 (defaults)', []),
-  node('node-plain', "Node http, server.close() on SIGTERM", 'compat_node_plain.js'),
-  node('node-drain', "Node http + SDK drain (aeterna/client drain)", 'http_app.js'),
+  node('node-plain', 'Node http, server.close() on SIGTERM', 'compat_node_plain.js'),
+  node('node-drain', 'Node http + SDK drain (aeterna/client drain)', 'http_app.js'),
   goServer('go', 'Go net/http, Server.Shutdown', []),
   goServer('go-drain', 'Go net/http, `Connection: close` for 1 s, then Shutdown', ['COMPAT_GO_DRAIN=1']),
   {
     id: 'java',
     label: 'Java example (examples/java-hello)',
-    missing: () => (which('javac') && which('java') ? null : 'javac is not installed (apt-get install -y default-jdk-headless)'),
+    missing: () =>
+      which('javac') && which('java') ? null : 'javac is not installed (apt-get install -y default-jdk-headless)',
     command: (work) => {
-      const r = spawnSync('javac', ['-d', work, path.join(ROOT, 'examples', 'java-hello', 'Hello.java')], { encoding: 'utf8' });
+      const r = spawnSync('javac', ['-d', work, path.join(ROOT, 'examples', 'java-hello', 'Hello.java')], {
+        encoding: 'utf8',
+      });
       if (r.status !== 0) throw new Error(`javac failed:\n${r.stdout}${r.stderr}`);
       return ['java', '-cp', work, 'Hello'];
     },
@@ -123,7 +162,9 @@ export interface Phase {
   stats: Omit<LoadStats, 'pids'>;
 }
 
-export type Row = { id: string; label: string; version: string } & ({ skipped: string } | { error: string } | Record<LoadMode, Phase>);
+export type Row = { id: string; label: string; version: string } & (
+  { skipped: string } | { error: string } | Record<LoadMode, Phase>
+);
 
 export interface CompatOptions {
   reloads: number;
@@ -155,7 +196,14 @@ async function runServer(s: Server, o: CompatOptions): Promise<Row> {
   let d: Daemon | null = null;
   try {
     const port = await freePort();
-    d = new Daemon({ command: s.command(work), port, readiness: s.readiness, env: s.env, extraService: s.extraService, stopTimeout: '15s' }).start(true);
+    d = new Daemon({
+      command: s.command(work),
+      port,
+      readiness: s.readiness,
+      env: s.env,
+      extraService: s.extraService,
+      stopTimeout: '15s',
+    }).start(true);
     await d.waitStatus((st) => st.state === 'Running', 60000);
     const row = { ...base, version: s.version() } as Row & Record<LoadMode, Phase>;
     for (const mode of MODES) {
@@ -172,9 +220,15 @@ async function runServer(s: Server, o: CompatOptions): Promise<Row> {
 }
 
 const kinds = (f: Record<string, number>): string =>
-  Object.entries(f).map(([k, n]) => `${n} ${k}`).join(', ') || '-';
+  Object.entries(f)
+    .map(([k, n]) => `${n} ${k}`)
+    .join(', ') || '-';
 
-export function renderCompat(rows: Row[], o: CompatOptions, meta: { date: string; host: string; cpu: string; cores: number; kernel: string }): string {
+export function renderCompat(
+  rows: Row[],
+  o: CompatOptions,
+  meta: { date: string; host: string; cpu: string; cores: number; kernel: string },
+): string {
   const lines = [
     `# Which servers reload cleanly: ${meta.date}`,
     '',
@@ -194,7 +248,9 @@ export function renderCompat(rows: Row[], o: CompatOptions, meta: { date: string
     else {
       const k = r.keepAlive;
       const p = r.perConnection;
-      const notPromoted = MODES.some((m) => r[m].promoted !== r[m].reloads) ? ` (promoted ${k.promoted}+${p.promoted} of ${k.reloads}+${p.reloads})` : '';
+      const notPromoted = MODES.some((m) => r[m].promoted !== r[m].reloads)
+        ? ` (promoted ${k.promoted}+${p.promoted} of ${k.reloads}+${p.reloads})`
+        : '';
       lines.push(
         `| ${r.label} | ${r.version} | ${k.stats.failed} | ${p.stats.failed} | ${k.stats.ok + k.stats.failed} / ${p.stats.ok + p.stats.failed} | keep-alive: ${kinds(k.stats.failures)}; per connection: ${kinds(p.stats.failures)}${notPromoted} |`,
       );
@@ -206,7 +262,13 @@ export function renderCompat(rows: Row[], o: CompatOptions, meta: { date: string
 }
 
 export function parseCompatArgs(argv: string[]): CompatOptions {
-  const o: CompatOptions = { reloads: 10, connections: 8, servers: SERVERS.map((s) => s.id), outDir: path.join(ROOT, 'bench', 'results'), quick: false };
+  const o: CompatOptions = {
+    reloads: 10,
+    connections: 8,
+    servers: SERVERS.map((s) => s.id),
+    outDir: path.join(ROOT, 'bench', 'results'),
+    quick: false,
+  };
   let reloads: number | null = null;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -227,8 +289,12 @@ export function parseCompatArgs(argv: string[]): CompatOptions {
     else if (a === '--servers') {
       o.servers = v().split(',');
       const unknown = o.servers.filter((id) => !SERVERS.some((s) => s.id === id));
-      if (unknown.length) throw new Error(`--servers: unknown ${unknown.join(', ')} (known: ${SERVERS.map((s) => s.id).join(', ')})`);
-    } else throw new Error(`unknown option ${a} (options: --reloads N, --connections N, --servers LIST, --quick, --out DIR)`);
+      if (unknown.length)
+        throw new Error(`--servers: unknown ${unknown.join(', ')} (known: ${SERVERS.map((s) => s.id).join(', ')})`);
+    } else
+      throw new Error(
+        `unknown option ${a} (options: --reloads N, --connections N, --servers LIST, --quick, --out DIR)`,
+      );
   }
   o.reloads = reloads ?? (o.quick ? 2 : 10);
   return o;
@@ -254,7 +320,13 @@ async function main(): Promise<void> {
     rows.push(row);
   }
   const date = new Date().toISOString().slice(0, 10);
-  const meta = { date, host: os.hostname(), cpu: os.cpus()[0]?.model ?? 'unknown', cores: os.cpus().length, kernel: os.release() };
+  const meta = {
+    date,
+    host: os.hostname(),
+    cpu: os.cpus()[0]?.model ?? 'unknown',
+    cores: os.cpus().length,
+    kernel: os.release(),
+  };
   fs.mkdirSync(o.outDir, { recursive: true });
   const file = path.join(o.outDir, `compat-${date}.md`);
   fs.writeFileSync(file, renderCompat(rows, o, meta));

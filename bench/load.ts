@@ -59,6 +59,7 @@ interface AutocannonClient {
 /** See the note at the top: a reconnecting client starts with an empty request queue. */
 function forgetStaleRequests(client: unknown): void {
   const c = client as AutocannonClient;
+  // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
   const connect = c._connect;
   if (typeof connect !== 'function' || typeof c.pipelinedRequests?.clear !== 'function') return; // another autocannon version: leave it as it is
   c._connect = function (this: AutocannonClient) {
@@ -82,7 +83,15 @@ export class AutocannonLoad {
     let resolve!: () => void;
     this.finished = new Promise((r) => (resolve = r));
     this.instance = autocannon(
-      { url: `http://127.0.0.1:${port}/`, connections, pipelining: 1, duration: 24 * 3600, timeout: 10, sampleInt: 200, setupClient: forgetStaleRequests },
+      {
+        url: `http://127.0.0.1:${port}/`,
+        connections,
+        pipelining: 1,
+        duration: 24 * 3600,
+        timeout: 10,
+        sampleInt: 200,
+        setupClient: forgetStaleRequests,
+      },
       () => resolve(),
     );
     this.instance.on('response', (_client, status, _bytes, responseTime) => {
@@ -149,7 +158,16 @@ export class WrkLoad {
   private readonly proc: Proc;
 
   constructor(wrk: string, port: number, connections: number) {
-    this.proc = new Proc([wrk, '-t1', `-c${connections}`, '-d3600s', '--timeout', '10s', '--latency', `http://127.0.0.1:${port}/`]);
+    this.proc = new Proc([
+      wrk,
+      '-t1',
+      `-c${connections}`,
+      '-d3600s',
+      '--timeout',
+      '10s',
+      '--latency',
+      `http://127.0.0.1:${port}/`,
+    ]);
   }
 
   async stop(): Promise<WrkResult> {
@@ -187,5 +205,13 @@ export function parseWrk(out: string): WrkResult {
     return m ? toMs(m[1], m[2]) : NaN;
   };
   const failed = Object.values(failures).reduce((a, b) => a + b, 0);
-  return { requests, durationS, rps: (requests - (failures['non-2xx'] ?? 0)) / durationS, failed, failures, p50Ms: pct('50'), p99Ms: pct('99') };
+  return {
+    requests,
+    durationS,
+    rps: (requests - (failures['non-2xx'] ?? 0)) / durationS,
+    failed,
+    failures,
+    p50Ms: pct('50'),
+    p99Ms: pct('99'),
+  };
 }

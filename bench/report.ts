@@ -64,13 +64,16 @@ export const HEADINGS = {
 const MiB = 1024 * 1024;
 
 function table(header: string[], rows: string[][]): string {
-  const line = (cells: string[]): string => `| ${cells.map((c) => c.replace(/\|/g, '\\|').replace(/\n/g, ' ')).join(' | ')} |`;
+  const line = (cells: string[]): string =>
+    `| ${cells.map((c) => c.replace(/\|/g, '\\|').replace(/\n/g, ' ')).join(' | ')} |`;
   return [line(header), line(header.map(() => '---')), ...rows.map(line)].join('\n');
 }
 
-const ms = (v: number | null | undefined, digits = 1): string => (v === null || v === undefined || !Number.isFinite(v) ? 'n/a' : `${fmt(v, digits)} ms`);
+const ms = (v: number | null | undefined, digits = 1): string =>
+  v === null || v === undefined || !Number.isFinite(v) ? 'n/a' : `${fmt(v, digits)} ms`;
 const mb = (kb: number): string => `${fmt(kb / 1024, 1)} MB`;
-const sizeLabel = (bytes: number): string => (bytes >= 1024 * MiB ? `${bytes / (1024 * MiB)} GiB` : `${bytes / MiB} MiB`);
+const sizeLabel = (bytes: number): string =>
+  bytes >= 1024 * MiB ? `${bytes / (1024 * MiB)} GiB` : `${bytes / MiB} MiB`;
 
 /** "3.2x" (a / b), or a word when b is zero. */
 function ratio(a: number, b: number, digits = 1): string {
@@ -109,7 +112,8 @@ function targets(r: BenchResults): Target[] {
       target: 'zero failed requests over 100 reloads at saturation, both strategies',
       measured: `immediate ${fmtInt(imm.failed)}, canary ${fmtInt(can.failed)} failed over ${k} reloads each`,
       verdict: zero ? 'met' : 'MISSED',
-      context: k < 100 ? `this run did ${k} reloads per contender; the target is stated for 100 (\`--reloads 100\`)` : '',
+      context:
+        k < 100 ? `this run did ${k} reloads per contender; the target is stated for 100 (\`--reloads 100\`)` : '',
     });
     for (const c of [imm, can]) {
       const q = c.during.p99 / c.steady.p99;
@@ -121,7 +125,12 @@ function targets(r: BenchResults): Target[] {
       });
     }
   } else {
-    out.push({ target: 'zero failed requests over 100 reloads at saturation, both strategies', measured: 'not measured', verdict: 'n/a', context: 'section 1 did not complete for both strategies' });
+    out.push({
+      target: 'zero failed requests over 100 reloads at saturation, both strategies',
+      measured: 'not measured',
+      verdict: 'n/a',
+      context: 'section 1 did not complete for both strategies',
+    });
   }
   if ('value' in r.overhead && 'overhead' in r.overhead.value) {
     const o = r.overhead.value;
@@ -132,7 +141,12 @@ function targets(r: BenchResults): Target[] {
       context: `before the app runs ${ms(o.beforeSpawn.median)}, after it is ready ${ms(o.afterReady.median)} (medians)`,
     });
   } else {
-    out.push({ target: "Aeterna's own reload overhead < 10 ms median", measured: 'not measured', verdict: 'n/a', context: skippedText(r.overhead) });
+    out.push({
+      target: "Aeterna's own reload overhead < 10 ms median",
+      measured: 'not measured',
+      verdict: 'n/a',
+      context: skippedText(r.overhead),
+    });
   }
   if ('value' in r.relay) {
     const gib = r.relay.value.rows.find((row) => row.bytes === 1024 * MiB);
@@ -140,9 +154,28 @@ function targets(r: BenchResults): Target[] {
     const stream = gib?.stream;
     out.push({
       target: 'streamed relay >= 1.5 GB/s for 1 GiB',
-      measured: stream && 'gbps' in stream ? `${fmt(stream.gbps, 2)} GB/s` : stream ? measurementText(stream) : 'no 1 GiB state in this run',
-      verdict: stream && 'gbps' in stream ? (stream.gbps >= 1.5 ? 'met' : 'MISSED') : stream && 'pending' in stream ? 'pending' : 'n/a',
-      context: [limit ? `one-hop unix socket on this machine: ${fmt(limit.gbps, 2)} GB/s (${limit.what})` : r.meta.quick ? 'quick mode: small states only' : '', r.relay.value.relayStatus === 'measured' ? '' : r.relay.value.relayStatus]
+      measured:
+        stream && 'gbps' in stream
+          ? `${fmt(stream.gbps, 2)} GB/s`
+          : stream
+            ? measurementText(stream)
+            : 'no 1 GiB state in this run',
+      verdict:
+        stream && 'gbps' in stream
+          ? stream.gbps >= 1.5
+            ? 'met'
+            : 'MISSED'
+          : stream && 'pending' in stream
+            ? 'pending'
+            : 'n/a',
+      context: [
+        limit
+          ? `one-hop unix socket on this machine: ${fmt(limit.gbps, 2)} GB/s (${limit.what})`
+          : r.meta.quick
+            ? 'quick mode: small states only'
+            : '',
+        r.relay.value.relayStatus === 'measured' ? '' : r.relay.value.relayStatus,
+      ]
         .filter((x) => x !== '')
         .join('; '),
     });
@@ -151,9 +184,20 @@ function targets(r: BenchResults): Target[] {
     const worst = measuredMemfd.length > 0 ? Math.max(...measuredMemfd.map((m) => m.median)) : NaN;
     out.push({
       target: 'memfd handoff < 5 ms whatever the size',
-      measured: measuredMemfd.length > 0 ? `at most ${ms(worst, 2)} (medians)` : measurementText(memfds[0] ?? { pending: 'no sizes' }),
-      verdict: measuredMemfd.length > 0 ? (worst < 5 ? 'met' : 'MISSED') : memfds.some((m) => 'pending' in m) ? 'pending' : 'n/a',
-      context: measuredMemfd.length > 0 ? `sizes ${r.relay.value.rows.map((row) => sizeLabel(row.bytes)).join(', ')}` : '',
+      measured:
+        measuredMemfd.length > 0
+          ? `at most ${ms(worst, 2)} (medians)`
+          : measurementText(memfds[0] ?? { pending: 'no sizes' }),
+      verdict:
+        measuredMemfd.length > 0
+          ? worst < 5
+            ? 'met'
+            : 'MISSED'
+          : memfds.some((m) => 'pending' in m)
+            ? 'pending'
+            : 'n/a',
+      context:
+        measuredMemfd.length > 0 ? `sizes ${r.relay.value.rows.map((row) => sizeLabel(row.bytes)).join(', ')}` : '',
     });
   }
   out.push(...relaySdkTargets(r));
@@ -168,10 +212,13 @@ function targets(r: BenchResults): Target[] {
     });
     const e = f.startToExec.aeterna;
     out.push({
-      target: '`aeterna start` to the app\'s exec < 100 ms',
+      target: "`aeterna start` to the app's exec < 100 ms",
       measured: 'median' in e ? `median ${ms(e.median)}, p95 ${ms(e.p95)}` : timingText(e),
       verdict: 'median' in e ? (e.median < 100 ? 'met' : 'MISSED') : 'n/a',
-      context: 'median' in f.startToExec.nodeE0 ? `a bare \`node -e 0\` takes ${ms(f.startToExec.nodeE0.median)} from spawn to exit` : '',
+      context:
+        'median' in f.startToExec.nodeE0
+          ? `a bare \`node -e 0\` takes ${ms(f.startToExec.nodeE0.median)} from spawn to exit`
+          : '',
     });
   }
   return out;
@@ -205,7 +252,13 @@ function reloadsSection(r: BenchResults, chartFile: string): string[] {
       `(a Node app cannot send sd_notify's datagram without an addon; the Python app of section 2 does). Drain: keep-alive connections idle for ${p.drainIdleMs} ms are closed.`,
     '',
   );
-  out.push(table(['contender', 'how it reloads'], contenders.map((c) => [c.label, c.how])), '');
+  out.push(
+    table(
+      ['contender', 'how it reloads'],
+      contenders.map((c) => [c.label, c.how]),
+    ),
+    '',
+  );
   out.push(`![requests/s and failures over time, reloads marked](${chartFile})`, '');
   const rows = contenders.map((c) =>
     c.error !== null
@@ -221,7 +274,21 @@ function reloadsSection(r: BenchResults, chartFile: string): string[] {
         ],
   );
   out.push('### Failures', '');
-  out.push(table(['contender', 'reloads', 'failed requests', 'total requests', 'failed per reload', 'req/s (2xx, whole run)', 'failures by kind'], rows), '');
+  out.push(
+    table(
+      [
+        'contender',
+        'reloads',
+        'failed requests',
+        'total requests',
+        'failed per reload',
+        'req/s (2xx, whole run)',
+        'failures by kind',
+      ],
+      rows,
+    ),
+    '',
+  );
   const ok = contenders.filter((c) => c.error === null);
   out.push('### Latency and throughput: steady state vs reload windows', '');
   out.push(
@@ -232,7 +299,17 @@ function reloadsSection(r: BenchResults, chartFile: string): string[] {
   );
   out.push(
     table(
-      ['contender', 'steady req/s', 'steady p50', 'steady p99', 'reload req/s', 'reload p50', 'reload p99', 'p99 reload / steady', 'reload duration (median)'],
+      [
+        'contender',
+        'steady req/s',
+        'steady p50',
+        'steady p99',
+        'reload req/s',
+        'reload p50',
+        'reload p99',
+        'p99 reload / steady',
+        'reload duration (median)',
+      ],
       ok.map((c) => [
         c.label,
         fmtInt(c.steady.rps),
@@ -251,10 +328,22 @@ function reloadsSection(r: BenchResults, chartFile: string): string[] {
     '### Failures per reload',
     '',
     table(
-      ['contender', 'reloads with failures', 'max failed in one reload', 'failures before the first reload', 'failing span per reload (median, where any)'],
+      [
+        'contender',
+        'reloads with failures',
+        'max failed in one reload',
+        'failures before the first reload',
+        'failing span per reload (median, where any)',
+      ],
       ok.map((c) => {
         const spans = c.failureSpanMs.filter((_, i) => c.failuresPerReload[i] > 0);
-        return [c.label, `${c.failuresPerReload.filter((n) => n > 0).length} of ${c.failuresPerReload.length}`, fmtInt(Math.max(0, ...c.failuresPerReload)), fmtInt(c.failuresBefore), spans.length > 0 ? ms(median(spans), 0) : '-'];
+        return [
+          c.label,
+          `${c.failuresPerReload.filter((n) => n > 0).length} of ${c.failuresPerReload.length}`,
+          fmtInt(Math.max(0, ...c.failuresPerReload)),
+          fmtInt(c.failuresBefore),
+          spans.length > 0 ? ms(median(spans), 0) : '-',
+        ];
       }),
     ),
     '',
@@ -287,7 +376,16 @@ function reloadsSection(r: BenchResults, chartFile: string): string[] {
           const w = c.wrk;
           if ('skipped' in w) return [c.label, '', '', '', '', '', '', w.skipped];
           if ('error' in w) return [c.label, '', '', '', '', '', '', `error: ${w.error}`];
-          return [c.label, `${w.reloads}${w.toolFailures > 0 ? ` (${w.toolFailures} failed)` : ''}`, `**${fmtInt(w.failed)}**`, fmtInt(w.requests), fmtInt(w.rps), ms(w.p50Ms, 2), ms(w.p99Ms, 2), kinds(w.failures)];
+          return [
+            c.label,
+            `${w.reloads}${w.toolFailures > 0 ? ` (${w.toolFailures} failed)` : ''}`,
+            `**${fmtInt(w.failed)}**`,
+            fmtInt(w.requests),
+            fmtInt(w.rps),
+            ms(w.p50Ms, 2),
+            ms(w.p99Ms, 2),
+            kinds(w.failures),
+          ];
         }),
       ),
       '',
@@ -327,9 +425,17 @@ function overheadSection(r: BenchResults): string[] {
         ['request to promotion (accepted -> draining)', ms(o.total.median), ms(o.total.p95)],
         ["the app's own start to ready (spawned -> READY=1)", ms(o.app.median), ms(o.app.p95)],
         ['**Aeterna overhead**', `**${ms(o.overhead.median)}**`, `**${ms(o.overhead.p95)}**`],
-        ['  of which: request to the app running (config, listeners, fork/exec)', ms(o.beforeSpawn.median), ms(o.beforeSpawn.p95)],
+        [
+          '  of which: request to the app running (config, listeners, fork/exec)',
+          ms(o.beforeSpawn.median),
+          ms(o.beforeSpawn.p95),
+        ],
         ['  of which: READY=1 to promotion', ms(o.afterReady.median), ms(o.afterReady.p95)],
-        ['(for scale) exec to the script\'s first line: interpreter start-up', ms(o.interpreter.median), ms(o.interpreter.p95)],
+        [
+          "(for scale) exec to the script's first line: interpreter start-up",
+          ms(o.interpreter.median),
+          ms(o.interpreter.p95),
+        ],
       ],
     ),
     '',
@@ -372,9 +478,15 @@ function relaySection(r: BenchResults): string[] {
         return [
           sizeLabel(row.bytes),
           'gbps' in row.rawC ? `${fmt(row.rawC.gbps, 2)} GB/s (${ms(row.rawC.median, 2)})` : measurementText(row.rawC),
-          'gbps' in row.rawNode ? `${fmt(row.rawNode.gbps, 2)} GB/s (${ms(row.rawNode.median, 2)})` : measurementText(row.rawNode),
+          'gbps' in row.rawNode
+            ? `${fmt(row.rawNode.gbps, 2)} GB/s (${ms(row.rawNode.median, 2)})`
+            : measurementText(row.rawNode),
           'gbps' in stream ? `${fmtInt(stream.gbps * 1000)} MB/s` : measurementText(stream),
-          'gbps' in stream && limit ? `${fmt((100 * stream.gbps) / limit.gbps, 0)}% of ${limit.what}` : 'pending' in stream ? 'pending' : 'n/a',
+          'gbps' in stream && limit
+            ? `${fmt((100 * stream.gbps) / limit.gbps, 0)}% of ${limit.what}`
+            : 'pending' in stream
+              ? 'pending'
+              : 'n/a',
           'median' in row.memfd ? ms(row.memfd.median, 2) : measurementText(row.memfd),
         ];
       }),
@@ -408,9 +520,13 @@ function footprintSection(r: BenchResults): string[] {
   const pm2 = find(r, 'pm2');
   const rows: string[][] = [
     ['aeterna, supervising the bench HTTP app (idle)', ...memText(f.rss.aeterna)],
-    ...(imm?.supervisorMemory ? [[`aeterna after section 1 (${imm.reloadsDone} reloads under load)`, ...memText(imm.supervisorMemory)]] : []),
+    ...(imm?.supervisorMemory
+      ? [[`aeterna after section 1 (${imm.reloadsDone} reloads under load)`, ...memText(imm.supervisorMemory)]]
+      : []),
     ['tini, supervising the same app', ...memText(f.rss.tini)],
-    ...(pm2?.supervisorMemory ? [[`pm2's daemon after section 1 (cluster mode, one app)`, ...memText(pm2.supervisorMemory)]] : []),
+    ...(pm2?.supervisorMemory
+      ? [[`pm2's daemon after section 1 (cluster mode, one app)`, ...memText(pm2.supervisorMemory)]]
+      : []),
     ['(for scale) an idle bare Node process', ...memText(f.rss.nodeBaseline)],
     ['(for scale) the app itself, under Aeterna', ...memText(f.rss.app)],
   ];
@@ -444,7 +560,12 @@ function timingCells(t: Timing): [string, string] {
 // ---- section 5 --------------------------------------------------------------------------------
 
 function reapCells(row: ReapRow, n: number): string[] {
-  if ('reapMs' in row) return [ms(row.reapMs), `${fmtInt(n / (row.reapMs / 1000))}/s`, row.left > 0 ? `${row.left} never reaped (timeout)` : ''];
+  if ('reapMs' in row)
+    return [
+      ms(row.reapMs),
+      `${fmtInt(n / (row.reapMs / 1000))}/s`,
+      row.left > 0 ? `${row.left} never reaped (timeout)` : '',
+    ];
   if ('skipped' in row) return [row.skipped, '', ''];
   return [`error: ${row.error.slice(0, 200)}`, '', ''];
 }
@@ -481,7 +602,9 @@ function upgradeReport(r: BenchResults): string[] {
   if (note || !('value' in r.upgrade)) return [...out, note ?? '', ''];
   const u = r.upgrade.value;
   const l = u.underLoad;
-  const failures = Object.entries(l.failures).map(([k, v]) => `${k} ${v}`).join(', ');
+  const failures = Object.entries(l.failures)
+    .map(([k, v]) => `${k} ${v}`)
+    .join(', ');
   out.push(
     `From running \`aeterna upgrade\` (the CLI) to its exit, which is when the re-executed Aeterna answered on the control socket; ` +
       `beside it, \`aeterna status\` through the same CLI (the same Node start-up and control round trip, no re-exec), ${u.reps} of each, alternating, without load. ` +
@@ -502,15 +625,40 @@ function upgradeReport(r: BenchResults): string[] {
       ['upgrade of', 'median', 'p95', 'over the plain upgrade', 'same app pid', 'same checkpoint seq'],
       [
         ['the plain daemon', ms(u.carrying.plain.median), ms(u.carrying.plain.p95), '1x', '', ''],
-        ['**the daemon carrying the relay**', ms(u.carrying.upgrade.median), ms(u.carrying.upgrade.p95), ratio(u.carrying.upgrade.median, u.carrying.plain.median), u.carrying.sameAppPid ? 'yes' : '**no**', u.carrying.checkpointKept ? 'yes' : '**no**'],
+        [
+          '**the daemon carrying the relay**',
+          ms(u.carrying.upgrade.median),
+          ms(u.carrying.upgrade.p95),
+          ratio(u.carrying.upgrade.median, u.carrying.plain.median),
+          u.carrying.sameAppPid ? 'yes' : '**no**',
+          u.carrying.checkpointKept ? 'yes' : '**no**',
+        ],
       ],
     ),
     '',
     `Then ${l.upgrades} upgrades in a row, each through the CLI, while autocannon loads the app with ${l.connections} keep-alive connections:`,
     '',
     table(
-      ['upgrades', 'requests ok', 'failed', 'upgrade median (p95) under load', 're-execs after', 'same Aeterna pid', 'same app pid'],
-      [[String(l.upgrades), fmtInt(l.ok), `**${fmtInt(l.failed)}**${failures ? ` (${failures})` : ''}`, `${ms(l.upgrade.median)} (${ms(l.upgrade.p95)})`, String(l.reexecs), l.sameDaemonPid ? 'yes' : '**no**', l.sameAppPid ? 'yes' : '**no**']],
+      [
+        'upgrades',
+        'requests ok',
+        'failed',
+        'upgrade median (p95) under load',
+        're-execs after',
+        'same Aeterna pid',
+        'same app pid',
+      ],
+      [
+        [
+          String(l.upgrades),
+          fmtInt(l.ok),
+          `**${fmtInt(l.failed)}**${failures ? ` (${failures})` : ''}`,
+          `${ms(l.upgrade.median)} (${ms(l.upgrade.p95)})`,
+          String(l.reexecs),
+          l.sameDaemonPid ? 'yes' : '**no**',
+          l.sameAppPid ? 'yes' : '**no**',
+        ],
+      ],
     ),
     '',
   );
@@ -526,7 +674,8 @@ const SDK_RELAY_RSS_MIB = 64;
 const SDK_LABEL = { typescript: 'TypeScript SDK', python: 'Python SDK' } as const;
 
 const sec = (msValue: number, digits = 2): string => `${fmt(msValue / 1000, digits)} s`;
-const spreadText = (s: Spread): string => (s.min === s.max ? sec(s.median) : `${sec(s.median)} (${sec(s.min)} to ${sec(s.max)})`);
+const spreadText = (s: Spread): string =>
+  s.min === s.max ? sec(s.median) : `${sec(s.median)} (${sec(s.min)} to ${sec(s.max)})`;
 
 function sdkPathText(p: SdkPath): string {
   if ('skipped' in p) return `skipped: ${p.skipped}`;
@@ -548,15 +697,21 @@ function relaySdkTargets(r: BenchResults): Target[] {
   const out: Target[] = [];
   for (const sdk of ['typescript', 'python'] as const) {
     const p = row[sdk];
-    const measured = 'relay' in p ? `${sec(p.relay.median)}${peer !== null ? ` = ${ratio(p.relay.median, peer)} the socket copy` : ''}` : sdkPathText(p);
+    const measured =
+      'relay' in p
+        ? `${sec(p.relay.median)}${peer !== null ? ` = ${ratio(p.relay.median, peer)} the socket copy` : ''}`
+        : sdkPathText(p);
     out.push({
       target: `1 GiB relayed through the ${SDK_LABEL[sdk]} within ${SDK_RELAY_RATIO}x a one-hop unix socket copy`,
       measured: `${sizeLabel(row.bytes)}: ${measured}`,
-      verdict: !gib || !('relay' in p) || peer === null ? 'n/a' : p.relay.median <= SDK_RELAY_RATIO * peer ? 'met' : 'MISSED',
+      verdict:
+        !gib || !('relay' in p) || peer === null ? 'n/a' : p.relay.median <= SDK_RELAY_RATIO * peer ? 'met' : 'MISSED',
       context: `${gib ? '' : 'no 1 GiB state in this run; '}one-hop copy ${peer !== null ? ms(peer, 1) : measurementText(row.socket)}; median of ${r.relaySdk.value.reps} reload(s), spread in section 6`,
     });
   }
-  const growth = (['typescript', 'python'] as const).map((sdk) => row[sdk]).filter((p): p is Extract<SdkPath, { peakGrowthKb: number }> => 'peakGrowthKb' in p);
+  const growth = (['typescript', 'python'] as const)
+    .map((sdk) => row[sdk])
+    .filter((p): p is Extract<SdkPath, { peakGrowthKb: number }> => 'peakGrowthKb' in p);
   if (growth.length > 0) {
     const worst = Math.max(...growth.map((p) => p.peakGrowthKb));
     out.push({
@@ -601,10 +756,19 @@ function relaySdkSection(r: BenchResults): string[] {
       `Target (issue 14): 1 GiB within ${SDK_RELAY_RATIO}x (a) with either SDK, Aeterna's peak RSS growth <= ${SDK_RELAY_RSS_MIB} MiB. Relay cells: median (min to max), and the median over (a).`,
     '',
   );
-  const relayCell = (p: SdkPath, peer: number | null): string => ('relay' in p ? `${spreadText(p.relay)}, ${peer !== null ? ratio(p.relay.median, peer) : 'n/a'}` : sdkPathText(p));
+  const relayCell = (p: SdkPath, peer: number | null): string =>
+    'relay' in p ? `${spreadText(p.relay)}, ${peer !== null ? ratio(p.relay.median, peer) : 'n/a'}` : sdkPathText(p);
   out.push(
     table(
-      ['state', '(a) one-hop socket copy', '(b) TypeScript SDK relay', '(c) Python SDK relay', '(d) memfd', 'SHA-256 of the state, Node / Python', 'first write into fresh memory'],
+      [
+        'state',
+        '(a) one-hop socket copy',
+        '(b) TypeScript SDK relay',
+        '(c) Python SDK relay',
+        '(d) memfd',
+        'SHA-256 of the state, Node / Python',
+        'first write into fresh memory',
+      ],
       s.rows.map((row) => {
         const peer = socketMs(row.socket);
         return [
@@ -622,13 +786,27 @@ function relaySdkSection(r: BenchResults): string[] {
   );
   out.push(
     table(
-      ['state', 'SDK', 'relay over (a)', 'final sync (draining -> done)', "Aeterna's RSS before", "Aeterna's peak RSS growth"],
+      [
+        'state',
+        'SDK',
+        'relay over (a)',
+        'final sync (draining -> done)',
+        "Aeterna's RSS before",
+        "Aeterna's peak RSS growth",
+      ],
       s.rows.flatMap((row) =>
         (['typescript', 'python'] as const).map((sdk) => {
           const p = row[sdk];
           const peer = socketMs(row.socket);
           if (!('relay' in p)) return [sizeLabel(row.bytes), SDK_LABEL[sdk], sdkPathText(p), '', '', ''];
-          return [sizeLabel(row.bytes), SDK_LABEL[sdk], peer !== null ? ratio(p.relay.median, peer) : 'n/a', spreadText(p.final), mb(p.rssBeforeKb), mb(p.peakGrowthKb)];
+          return [
+            sizeLabel(row.bytes),
+            SDK_LABEL[sdk],
+            peer !== null ? ratio(p.relay.median, peer) : 'n/a',
+            spreadText(p.final),
+            mb(p.rssBeforeKb),
+            mb(p.peakGrowthKb),
+          ];
         }),
       ),
     ),
@@ -643,7 +821,13 @@ function relaySdkSection(r: BenchResults): string[] {
       '',
       table(
         ['step', 'TypeScript, relay', 'TypeScript, final sync', 'Python, relay', 'Python, final sync'],
-        stepsRows.map(([label, key]) => [label, stepMedian(largest.typescript, false, key), stepMedian(largest.typescript, true, key), stepMedian(largest.python, false, key), stepMedian(largest.python, true, key)]),
+        stepsRows.map(([label, key]) => [
+          label,
+          stepMedian(largest.typescript, false, key),
+          stepMedian(largest.typescript, true, key),
+          stepMedian(largest.python, false, key),
+          stepMedian(largest.python, true, key),
+        ]),
       ),
       '',
     );
@@ -661,12 +845,16 @@ function headline(r: BenchResults): string[] {
       .map((c) => `${c.label} **${fmtInt(c.failed)}**`);
     out.push(`- Failed requests over ${r.reloads.value.params.reloads} reloads under load: ${parts.join(', ')}.`);
   }
-  if ('value' in r.overhead && 'overhead' in r.overhead.value) out.push(`- Aeterna's own reload overhead: **${ms(r.overhead.value.overhead.median)}** median (${ms(r.overhead.value.overhead.p95)} p95).`);
+  if ('value' in r.overhead && 'overhead' in r.overhead.value)
+    out.push(
+      `- Aeterna's own reload overhead: **${ms(r.overhead.value.overhead.median)}** median (${ms(r.overhead.value.overhead.p95)} p95).`,
+    );
   if ('value' in r.footprint) {
     const f = r.footprint.value;
     const parts: string[] = [];
     if ('rssKb' in f.rss.aeterna) parts.push(`RSS **${mb(f.rss.aeterna.rssKb)}** supervising one app`);
-    if ('median' in f.startToExec.aeterna) parts.push(`**${ms(f.startToExec.aeterna.median)}** from \`aeterna start\` to the app's exec`);
+    if ('median' in f.startToExec.aeterna)
+      parts.push(`**${ms(f.startToExec.aeterna.median)}** from \`aeterna start\` to the app's exec`);
     if (parts.length > 0) out.push(`- Footprint: ${parts.join('; ')}.`);
   }
   if ('value' in r.reaping && 'reapMs' in r.reaping.value.aeterna) {
@@ -677,7 +865,9 @@ function headline(r: BenchResults): string[] {
   if ('value' in r.relay) out.push(`- State relay: ${r.relay.value.relayStatus}.`);
   if ('value' in r.upgrade) {
     const u = r.upgrade.value;
-    out.push(`- \`aeterna upgrade\` answered in **${ms(u.upgrade.median)}** median (${ratio(u.upgrade.median, u.status.median)} an \`aeterna status\`); **${fmtInt(u.underLoad.failed)}** failed requests over ${u.underLoad.upgrades} upgrades under load.`);
+    out.push(
+      `- \`aeterna upgrade\` answered in **${ms(u.upgrade.median)}** median (${ratio(u.upgrade.median, u.status.median)} an \`aeterna status\`); **${fmtInt(u.underLoad.failed)}** failed requests over ${u.underLoad.upgrades} upgrades under load.`,
+    );
   }
   if ('value' in r.relaySdk) {
     const row = r.relaySdk.value.rows[r.relaySdk.value.rows.length - 1];
@@ -685,9 +875,13 @@ function headline(r: BenchResults): string[] {
     if (row && peer !== null) {
       const parts = (['typescript', 'python'] as const).map((sdk) => {
         const p = row[sdk];
-        return 'relay' in p ? `${SDK_LABEL[sdk]} **${sec(p.relay.median)}** (${ratio(p.relay.median, peer)})` : `${SDK_LABEL[sdk]} ${sdkPathText(p)}`;
+        return 'relay' in p
+          ? `${SDK_LABEL[sdk]} **${sec(p.relay.median)}** (${ratio(p.relay.median, peer)})`
+          : `${SDK_LABEL[sdk]} ${sdkPathText(p)}`;
       });
-      out.push(`- ${sizeLabel(row.bytes)} relayed through the SDKs: ${parts.join(', ')}; a one-hop unix socket copy: ${sec(peer, 3)}.`);
+      out.push(
+        `- ${sizeLabel(row.bytes)} relayed through the SDKs: ${parts.join(', ')}; a one-hop unix socket copy: ${sec(peer, 3)}.`,
+      );
     }
   }
   return out;
@@ -712,7 +906,16 @@ function checkpointReport(r: BenchResults): string[] {
     `What one \`relay.checkpoint()\` costs the app (from the call to Aeterna's \`checkpointed\`, median of ${s.reps} [min..max]), in memory beside the one-hop unix socket copy of the same bytes (streamed, and as a sealed memfd the app made beforehand), and durable (\`path\`: written and fsynced before the answer) beside writing the same bytes to a file and fsyncing it. Ratios are to that peer, measured in this run.`,
     '',
     table(
-      ['size', 'one-hop copy', 'TypeScript, memory', 'Python, memory', 'TypeScript, memfd', 'write + fsync', 'TypeScript, durable', 'Python, durable'],
+      [
+        'size',
+        'one-hop copy',
+        'TypeScript, memory',
+        'Python, memory',
+        'TypeScript, memfd',
+        'write + fsync',
+        'TypeScript, durable',
+        'Python, durable',
+      ],
       s.cost.map((c) => {
         const hop = medianOf(c.socket);
         return [
@@ -731,7 +934,13 @@ function checkpointReport(r: BenchResults): string[] {
     `From \`kill -9\` of the app (the TypeScript SDK's) to the generation Aeterna restarted saying ready with its state loaded from the checkpoint, beside the same restart without checkpoints (the app makes its bytes again); median of ${s.kills} [min..max]. Both include the same restart back-off (100 ms, doubling per restart in the window): the last two columns are the restarted process's own part, from its first stamp to ready.`,
     '',
     table(
-      ['size', 'kill -9 to ready, checkpoint', 'kill -9 to ready, plain', 'process start to ready, checkpoint', 'process start to ready, plain'],
+      [
+        'size',
+        'kill -9 to ready, checkpoint',
+        'kill -9 to ready, plain',
+        'process start to ready, checkpoint',
+        'process start to ready, plain',
+      ],
       s.recovery.map((x) => [
         `${fmt(x.bytes / MiB, 0)} MiB`,
         timedText(x.checkpoint, medianOf(x.plain)),

@@ -19,7 +19,17 @@ import { canarySection } from './sections/canary';
 import { upgradeSection } from './sections/upgrade';
 
 const MiB = 1024 * 1024;
-const SECTIONS = ['reloads', 'overhead', 'relay', 'footprint', 'reaping', 'relaySdk', 'checkpoint', 'canary', 'upgrade'] as const;
+const SECTIONS = [
+  'reloads',
+  'overhead',
+  'relay',
+  'footprint',
+  'reaping',
+  'relaySdk',
+  'checkpoint',
+  'canary',
+  'upgrade',
+] as const;
 type SectionName = (typeof SECTIONS)[number];
 
 export interface BenchOptions {
@@ -81,14 +91,20 @@ export function parseArgs(argv: string[]): BenchOptions {
         i++;
         break;
       case '--sections': {
-        const list = value(i, a).split(',').map((s) => s.trim());
-        for (const s of list) if (!(SECTIONS as readonly string[]).includes(s)) throw new Error(`--sections: unknown section "${s}" (known: ${SECTIONS.join(', ')})`);
+        const list = value(i, a)
+          .split(',')
+          .map((s) => s.trim());
+        for (const s of list)
+          if (!(SECTIONS as readonly string[]).includes(s))
+            throw new Error(`--sections: unknown section "${s}" (known: ${SECTIONS.join(', ')})`);
         sections = list as SectionName[];
         i++;
         break;
       }
       case '--contenders':
-        contenders = value(i, a).split(',').map((s) => s.trim());
+        contenders = value(i, a)
+          .split(',')
+          .map((s) => s.trim());
         i++;
         break;
       case '--no-wrk':
@@ -103,7 +119,15 @@ export function parseArgs(argv: string[]): BenchOptions {
         throw new Error(`unknown option "${a}"\n${USAGE}`);
     }
   }
-  return { reloads: reloads ?? (quick ? 3 : 20), quick, outDir, connections: connections ?? (quick ? 8 : 32), sections, contenders, wrk };
+  return {
+    reloads: reloads ?? (quick ? 3 : 20),
+    quick,
+    outDir,
+    connections: connections ?? (quick ? 8 : 32),
+    sections,
+    contenders,
+    wrk,
+  };
 }
 
 function git(args: string[]): string | null {
@@ -116,7 +140,8 @@ function git(args: string[]): string | null {
 
 function packageVersion(name: string): string | null {
   try {
-    return (JSON.parse(fs.readFileSync(require.resolve(`${name}/package.json`), 'utf8')) as { version: string }).version;
+    return (JSON.parse(fs.readFileSync(require.resolve(`${name}/package.json`), 'utf8')) as { version: string })
+      .version;
   } catch {
     return null;
   }
@@ -189,7 +214,7 @@ async function section<T>(name: SectionName, o: BenchOptions, body: () => Promis
     progress(`section ${name} done in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     return { value };
   } catch (err) {
-    progress(`section ${name} FAILED: ${(err as Error).stack ?? err}`);
+    progress(`section ${name} FAILED: ${(err as Error).stack ?? String(err)}`);
     return { error: (err as Error).message.slice(0, 2000) };
   }
 }
@@ -206,19 +231,47 @@ export async function main(argv: string[]): Promise<number> {
     machine: machine(),
     versions: versions(),
   };
-  progress(`Aeterna benchmark (${o.quick ? 'quick' : 'full'}): ${o.reloads} reloads per contender; report to ${o.outDir}`);
-  const results: BenchResults = { meta, reloads: { notRun: '' }, overhead: { notRun: '' }, relay: { notRun: '' }, footprint: { notRun: '' }, reaping: { notRun: '' }, relaySdk: { notRun: '' }, checkpoint: { notRun: '' }, canary: { notRun: '' }, upgrade: { notRun: '' } };
+  progress(
+    `Aeterna benchmark (${o.quick ? 'quick' : 'full'}): ${o.reloads} reloads per contender; report to ${o.outDir}`,
+  );
+  const results: BenchResults = {
+    meta,
+    reloads: { notRun: '' },
+    overhead: { notRun: '' },
+    relay: { notRun: '' },
+    footprint: { notRun: '' },
+    reaping: { notRun: '' },
+    relaySdk: { notRun: '' },
+    checkpoint: { notRun: '' },
+    canary: { notRun: '' },
+    upgrade: { notRun: '' },
+  };
   results.reloads = await section('reloads', o, () => reloadSection(reloadParams(o)));
   results.overhead = await section('overhead', o, () => overheadSection(o.reloads));
-  results.relay = await section('relay', o, () => relaySection(o.quick ? [1 * MiB, 16 * MiB] : [1 * MiB, 64 * MiB, 1024 * MiB]));
+  results.relay = await section('relay', o, () =>
+    relaySection(o.quick ? [1 * MiB, 16 * MiB] : [1 * MiB, 64 * MiB, 1024 * MiB]),
+  );
   results.footprint = await section('footprint', o, () => footprintSection(o.quick ? 3 : 10, o.quick ? 300 : 1500));
   results.reaping = await section('reaping', o, () => reapingSection(o.quick ? 500 : 10000));
-  results.relaySdk = await section('relaySdk', o, () => relaySdkSection(o.quick ? [16 * MiB] : [64 * MiB, 1024 * MiB], o.quick ? 1 : 3));
-  results.checkpoint = await section('checkpoint', o, () => checkpointSection(o.quick ? [1 * MiB] : [1 * MiB, 64 * MiB, 1024 * MiB], o.quick ? 2 : 5, o.quick ? 1 : 3));
-  results.canary = await section('canary', o, () =>
-    canarySection({ weights: [10, 50, 90], connections: o.quick ? 400 : 2000, switches: o.quick ? 1 : 10, keepAlive: 8, fresh: 4, requestsPerConnection: 50 }),
+  results.relaySdk = await section('relaySdk', o, () =>
+    relaySdkSection(o.quick ? [16 * MiB] : [64 * MiB, 1024 * MiB], o.quick ? 1 : 3),
   );
-  results.upgrade = await section('upgrade', o, () => (o.quick ? upgradeSection(2, 3, o.connections) : upgradeSection(10, 100, o.connections)));
+  results.checkpoint = await section('checkpoint', o, () =>
+    checkpointSection(o.quick ? [1 * MiB] : [1 * MiB, 64 * MiB, 1024 * MiB], o.quick ? 2 : 5, o.quick ? 1 : 3),
+  );
+  results.canary = await section('canary', o, () =>
+    canarySection({
+      weights: [10, 50, 90],
+      connections: o.quick ? 400 : 2000,
+      switches: o.quick ? 1 : 10,
+      keepAlive: 8,
+      fresh: 4,
+      requestsPerConnection: 50,
+    }),
+  );
+  results.upgrade = await section('upgrade', o, () =>
+    o.quick ? upgradeSection(2, 3, o.connections) : upgradeSection(10, 100, o.connections),
+  );
   meta.finishedAt = new Date().toISOString();
 
   const base = `${meta.date}-${meta.machine.host.replace(/[^A-Za-z0-9_.-]/g, '_')}`;

@@ -116,7 +116,9 @@ export function stillPresent(pids: number[], aeternaPid: number, pid1: boolean):
 export function zombies(aeternaPid: number, pid1: boolean): number[] {
   const ns = pid1 ? pidNamespace(aeternaPid) : null;
   return allProcesses()
-    .filter((p) => p.state === 'Z' && (pid1 ? p.pid !== aeternaPid && pidNamespace(p.pid) === ns : p.ppid === aeternaPid))
+    .filter(
+      (p) => p.state === 'Z' && (pid1 ? p.pid !== aeternaPid && pidNamespace(p.pid) === ns : p.ppid === aeternaPid),
+    )
     .map((p) => p.pid);
 }
 
@@ -135,22 +137,37 @@ export async function settle<T>(check: () => T, done: (value: T) => boolean, gua
 /** The phases every promoted immediate reload goes through, in order. */
 export const IMMEDIATE_PHASES = ['accepted', 'config', 'spawned', 'ready', 'draining', 'done'] as const;
 /** The same with the state relay on: the state is relayed before the new generation counts as ready. */
-export const IMMEDIATE_RELAY_PHASES = ['accepted', 'config', 'spawned', 'relaying', 'relayed', 'ready', 'draining', 'done'] as const;
+export const IMMEDIATE_RELAY_PHASES = [
+  'accepted',
+  'config',
+  'spawned',
+  'relaying',
+  'relayed',
+  'ready',
+  'draining',
+  'done',
+] as const;
 
 /** What is missing or wrong in a reload's record (empty when complete). */
-export function recordProblems(record: ReloadRecord, events: ReloadEvent[], expected: readonly string[] = IMMEDIATE_PHASES): string[] {
+export function recordProblems(
+  record: ReloadRecord,
+  events: ReloadEvent[],
+  expected: readonly string[] = IMMEDIATE_PHASES,
+): string[] {
   const problems: string[] = [];
   const phases = record.phases.map((p) => p.phase);
   if (JSON.stringify(phases) !== JSON.stringify(expected)) problems.push(`phases ${phases.join(',')}`);
   if (record.outcome !== 'promoted') problems.push(`outcome ${record.outcome} (${record.code}: ${record.reason})`);
   if (record.reason !== null || record.code !== null) problems.push('reason/code set on a promotion');
   if (typeof record.duration_ms !== 'number' || record.duration_ms < 0) problems.push('no duration');
-  if (record.to_generation !== record.from_generation + 1) problems.push(`generation ${record.from_generation} -> ${record.to_generation}`);
+  if (record.to_generation !== record.from_generation + 1)
+    problems.push(`generation ${record.from_generation} -> ${record.to_generation}`);
   if (typeof record.new_pid !== 'number' || record.new_pid <= 0) problems.push('no new pid');
   if (Number.isNaN(Date.parse(record.started_at))) problems.push('no start time');
   if (record.phases.some((p) => Number.isNaN(Date.parse(p.at)))) problems.push('a phase without a time');
   const last = events[events.length - 1];
-  if (!last || last.type !== 'outcome' || last.record.id !== record.id) problems.push('the event stream did not end with the outcome');
+  if (!last || last.type !== 'outcome' || last.record.id !== record.id)
+    problems.push('the event stream did not end with the outcome');
   const streamed = events.flatMap((e) => (e.type === 'phase' ? [e.phase] : []));
   if (JSON.stringify(streamed) !== JSON.stringify(phases)) problems.push(`streamed phases ${streamed.join(',')}`);
   return problems;
@@ -260,19 +277,40 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
   const storeEvery = stateBytes > 0 ? (options.storeEvery ?? 3) : 0;
   const d =
     stateBytes > 0
-      ? new Daemon({ command: STATEFUL_APP, port, metricsPort, handoff: true, env: ['STATE_MODE=binary', `BLOB_BYTES=${stateBytes}`], readiness: '{ mode: "notify", timeout: "20s" }', extraService: '  fdstore_max: 4\n' })
-      : new Daemon({ command: PLAIN_APP, port, metricsPort, readiness: '{ mode: "delay", delay: "100ms", timeout: "20s" }' });
+      ? new Daemon({
+          command: STATEFUL_APP,
+          port,
+          metricsPort,
+          handoff: true,
+          env: ['STATE_MODE=binary', `BLOB_BYTES=${stateBytes}`],
+          readiness: '{ mode: "notify", timeout: "20s" }',
+          extraService: '  fdstore_max: 4\n',
+        })
+      : new Daemon({
+          command: PLAIN_APP,
+          port,
+          metricsPort,
+          readiness: '{ mode: "delay", delay: "100ms", timeout: "20s" }',
+        });
   // Checkpoints kept in memory and written to their file.
-  if (stateBytes > 0) d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "20s", checkpoint: { enabled: true, path: "${d.dir}/state.checkpoint" } }` });
+  if (stateBytes > 0)
+    d.write({
+      ...d.options,
+      handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "20s", checkpoint: { enabled: true, path: "${d.dir}/state.checkpoint" } }`,
+    });
   const expectedPhases = stateBytes > 0 ? IMMEDIATE_RELAY_PHASES : IMMEDIATE_PHASES;
   // Debug logging of 1,000 reloads is a lot of text for the harness to buffer: info is enough here.
-  fs.writeFileSync(d.configFile, fs.readFileSync(d.configFile, 'utf8').replace('log_level: "debug"', 'log_level: "info"'));
+  fs.writeFileSync(
+    d.configFile,
+    fs.readFileSync(d.configFile, 'utf8').replace('log_level: "debug"', 'log_level: "info"'),
+  );
   d.start(pid1);
   const socketPath = path.join(d.dir, 'control.sock');
   try {
     await d.waitStatus((s) => s.state === 'Running', 30000);
     const aeterna = await d.run.aeternaPid();
-    const blob = async (): Promise<{ size: number; sha256: string | null }> => JSON.parse((await getText(port, '/blob')).body) as { size: number; sha256: string | null };
+    const blob = async (): Promise<{ size: number; sha256: string | null }> =>
+      JSON.parse((await getText(port, '/blob')).body) as { size: number; sha256: string | null };
     const firstBlob = stateBytes > 0 ? await blob() : null;
     let outsidersRefused = 0;
     const checkpoints: SoakResult['checkpoints'] = { stored: 0, lastSeq: null, atEnd: null };
@@ -293,7 +331,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       if (f.received.split(':').includes(`soak-${k - 1}`)) fdstore.received++;
       fdstore.stored = k;
       const want = JSON.stringify([`soak-${k}`]);
-      for (const deadline = Date.now() + 20000; ; ) {
+      for (const deadline = Date.now() + 20000; ;) {
         const r = await call(socketPath, { cmd: 'status' });
         const names = 'status' in r ? JSON.stringify(r.status.fdstore) : '?';
         if (names === want) break;
@@ -342,7 +380,9 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
         } else if (i % every === 0 || i === options.reloads) {
           const s = await sample(i);
           samples.push(s);
-          progress(`reload ${i}/${options.reloads}: fds ${s.fds}, rss ${(s.rssKiB / 1024).toFixed(1)} MiB, ok ${load.stats.ok}, failed ${load.stats.failed}`);
+          progress(
+            `reload ${i}/${options.reloads}: fds ${s.fds}, rss ${(s.rssKiB / 1024).toFixed(1)} MiB, ok ${load.stats.ok}, failed ${load.stats.failed}`,
+          );
         }
       }
     } finally {
@@ -351,15 +391,28 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     const requests = load.stats;
     const end = samples[samples.length - 1];
     const lastBlob = firstBlob ? await blob() : null;
-    const leftoverProcesses = await settle(() => stillPresent(oldRoots, aeterna, pid1), (l) => l.length === 0, 5000);
+    const leftoverProcesses = await settle(
+      () => stillPresent(oldRoots, aeterna, pid1),
+      (l) => l.length === 0,
+      5000,
+    );
     // A positive control for the leftover check: the serving generation must be seen as present.
     const serving = await call(socketPath, { cmd: 'status' });
-    const servingSeen = 'status' in serving && serving.status.pid !== null && stillPresent([serving.status.pid], aeterna, pid1).length === 1;
+    const servingSeen =
+      'status' in serving &&
+      serving.status.pid !== null &&
+      stillPresent([serving.status.pid], aeterna, pid1).length === 1;
     if ('status' in serving) {
       checkpoints.atEnd = serving.status.checkpoint?.seq ?? null;
       fdstore.namesAtEnd = serving.status.fdstore;
     }
-    const zombiesAtEnd = (await settle(() => zombies(aeterna, pid1), (z) => z.length === 0, 5000)).length;
+    const zombiesAtEnd = (
+      await settle(
+        () => zombies(aeterna, pid1),
+        (z) => z.length === 0,
+        5000,
+      )
+    ).length;
     const daemonExitCode = await d.stop();
     durations.sort((a, b) => a - b);
     const q = (f: number): number => durations[Math.min(durations.length - 1, Math.floor(f * durations.length))] ?? 0;
@@ -370,7 +423,10 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       concurrency,
       warmup,
       requests,
-      state: { bytes: stateBytes, intact: firstBlob && lastBlob ? firstBlob.size === stateBytes && lastBlob.sha256 === firstBlob.sha256 : null },
+      state: {
+        bytes: stateBytes,
+        intact: firstBlob && lastBlob ? firstBlob.size === stateBytes && lastBlob.sha256 === firstBlob.sha256 : null,
+      },
       outsiders: { sent: outsiders * options.reloads, refused: outsidersRefused },
       checkpoints,
       fdstore,
@@ -398,17 +454,27 @@ export function soakFailures(r: SoakResult, rssBoundKiB = 20 * 1024): string[] {
   if (r.requests.failed !== 0) out.push(`${r.requests.failed} failed requests: ${JSON.stringify(r.requests.failures)}`);
   if (r.requests.ok === 0) out.push('no request was served');
   if (r.state.intact === false) out.push(`the ${r.state.bytes}-byte state did not survive the reloads intact`);
-  if (r.outsiders.refused !== r.outsiders.sent) out.push(`${r.outsiders.sent - r.outsiders.refused} of ${r.outsiders.sent} outsider connections were not refused`);
-  if (r.checkpoints.stored > 0 && r.checkpoints.atEnd !== r.checkpoints.lastSeq) out.push(`Aeterna holds checkpoint ${r.checkpoints.atEnd}, not the last one stored (${r.checkpoints.lastSeq})`);
-  if (r.fdstore.stored > 0 && (JSON.stringify(r.fdstore.namesAtEnd) !== JSON.stringify([`soak-${r.fdstore.stored}`]) || r.fdstore.received !== r.fdstore.stored - 1)) {
-    out.push(`fd store: ${JSON.stringify(r.fdstore.namesAtEnd)} at the end (soak-${r.fdstore.stored} alone expected); ${r.fdstore.received} of ${r.fdstore.stored - 1} generations received the fd parked before`);
+  if (r.outsiders.refused !== r.outsiders.sent)
+    out.push(`${r.outsiders.sent - r.outsiders.refused} of ${r.outsiders.sent} outsider connections were not refused`);
+  if (r.checkpoints.stored > 0 && r.checkpoints.atEnd !== r.checkpoints.lastSeq)
+    out.push(`Aeterna holds checkpoint ${r.checkpoints.atEnd}, not the last one stored (${r.checkpoints.lastSeq})`);
+  if (
+    r.fdstore.stored > 0 &&
+    (JSON.stringify(r.fdstore.namesAtEnd) !== JSON.stringify([`soak-${r.fdstore.stored}`]) ||
+      r.fdstore.received !== r.fdstore.stored - 1)
+  ) {
+    out.push(
+      `fd store: ${JSON.stringify(r.fdstore.namesAtEnd)} at the end (soak-${r.fdstore.stored} alone expected); ${r.fdstore.received} of ${r.fdstore.stored - 1} generations received the fd parked before`,
+    );
   }
   if (r.fds.end > r.fds.start) out.push(`fd count grew ${r.fds.start} -> ${r.fds.end}`);
   if (r.rssKiB.end - r.rssKiB.start > rssBoundKiB) out.push(`RSS grew by ${r.rssKiB.end - r.rssKiB.start} KiB`);
   if (r.zombiesAtEnd !== 0) out.push(`${r.zombiesAtEnd} zombies at the end`);
-  if (r.leftoverProcesses.length !== 0) out.push(`old generation processes still alive: ${r.leftoverProcesses.join(' ')}`);
+  if (r.leftoverProcesses.length !== 0)
+    out.push(`old generation processes still alive: ${r.leftoverProcesses.join(' ')}`);
   if (!r.servingSeen) out.push('the serving generation was not found by the leftover check: the check is broken');
-  if (r.incomplete.length !== 0) out.push(`${r.incomplete.length} incomplete records, e.g. ${JSON.stringify(r.incomplete[0])}`);
+  if (r.incomplete.length !== 0)
+    out.push(`${r.incomplete.length} incomplete records, e.g. ${JSON.stringify(r.incomplete[0])}`);
   if (r.daemonExitCode !== 0) out.push(`aeterna exited ${r.daemonExitCode}`);
   return out;
 }
@@ -447,7 +513,10 @@ export function formatReport(r: SoakResult, failures: string[], when = new Date(
     '',
     '| after reload | fds | RSS | V8 heap used | external |',
     '| --- | --- | --- | --- | --- |',
-    ...r.samples.map((s) => `| ${s.reload} | ${s.fds} | ${mib(s.rssKiB)} | ${s.heapUsedKiB === null ? '?' : mib(s.heapUsedKiB)} | ${s.externalKiB === null ? '?' : mib(s.externalKiB)} |`),
+    ...r.samples.map(
+      (s) =>
+        `| ${s.reload} | ${s.fds} | ${mib(s.rssKiB)} | ${s.heapUsedKiB === null ? '?' : mib(s.heapUsedKiB)} | ${s.externalKiB === null ? '?' : mib(s.externalKiB)} |`,
+    ),
     '',
   ];
   return lines.join('\n');
@@ -470,7 +539,10 @@ function parseArgs(argv: string[]): SoakOptions & { out: string } {
     else if (a === '--store-every') opts.storeEvery = Number(value());
     else if (a === '--no-pid1') opts.pid1 = false;
     else if (a === '--out') opts.out = value();
-    else throw new Error(`unknown argument ${a} (known: --reloads N, --concurrency N, --warmup N, --state-bytes N, --outsiders N, --store-every N, --no-pid1, --out DIR)`);
+    else
+      throw new Error(
+        `unknown argument ${a} (known: --reloads N, --concurrency N, --warmup N, --state-bytes N, --outsiders N, --store-every N, --no-pid1, --out DIR)`,
+      );
   }
   if (!Number.isInteger(opts.reloads) || opts.reloads < 1) throw new Error('--reloads must be a positive integer');
   return opts;

@@ -17,7 +17,12 @@ export function colorOf(id: string, i: number): string {
 }
 
 export function escapeXml(s: string): string {
-  return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&apos;');
+  return s
+    .replace(/&/g, '&amp;')
+    .replace(/</g, '&lt;')
+    .replace(/>/g, '&gt;')
+    .replace(/"/g, '&quot;')
+    .replace(/'/g, '&apos;');
 }
 
 /** A step of 1, 2 or 5 times a power of ten giving about `count` ticks up to max. */
@@ -68,7 +73,9 @@ export function renderChart(contenders: ContenderResult[], options: ChartOptions
   const yB = (v: number): number => topB + hB - (Math.log10(1 + v) / decades) * hB;
 
   const out: string[] = [];
-  out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="Helvetica, Arial, sans-serif" font-size="12">`);
+  out.push(
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="Helvetica, Arial, sans-serif" font-size="12">`,
+  );
   out.push(`<title>${escapeXml(options.title)}</title>`);
   out.push(`<rect x="0" y="0" width="${W}" height="${H}" fill="#ffffff"/>`);
   out.push(`<text x="${left}" y="22" font-size="16" font-weight="bold">${escapeXml(options.title)}</text>`);
@@ -98,7 +105,9 @@ export function renderChart(contenders: ContenderResult[], options: ChartOptions
     out.push(`<text x="${left - 6}" y="${f1(yA(v) + 4)}" text-anchor="end" fill="#555555">${siLabel(v)}</text>`);
   }
   // Panel B: failures/s, log scale.
-  out.push(`<text x="${left}" y="${topB - 8}" font-weight="bold">failures per second (log scale): refused, reset, timeout, non-2xx</text>`);
+  out.push(
+    `<text x="${left}" y="${topB - 8}" font-weight="bold">failures per second (log scale): refused, reset, timeout, non-2xx</text>`,
+  );
   for (let d = 0; d <= decades; d++) {
     const v = d === 0 ? 0 : 10 ** d;
     const y = f1(yB(v));
@@ -113,20 +122,28 @@ export function renderChart(contenders: ContenderResult[], options: ChartOptions
     out.push(`<line x1="${xs}" y1="${topB}" x2="${xs}" y2="${topB + hB}" stroke="#f0f0f0"/>`);
     out.push(`<text x="${xs}" y="${topB + hB + 16}" text-anchor="middle" fill="#555555">${siLabel(s)}</text>`);
   }
-  out.push(`<text x="${left + plotW / 2}" y="${topB + hB + 36}" text-anchor="middle">seconds since the load started (each contender runs on its own, one after the other)</text>`);
+  out.push(
+    `<text x="${left + plotW / 2}" y="${topB + hB + 36}" text-anchor="middle">seconds since the load started (each contender runs on its own, one after the other)</text>`,
+  );
   out.push(`<rect x="${left}" y="${topA}" width="${plotW}" height="${hA}" fill="none" stroke="#999999"/>`);
   out.push(`<rect x="${left}" y="${topB}" width="${plotW}" height="${hB}" fill="none" stroke="#999999"/>`);
 
   // Reload windows, one lane per contender.
-  out.push(`<text x="${left}" y="${lanesTop - 6}" fill="#555555">reloads (request to done), one lane per contender:</text>`);
+  out.push(
+    `<text x="${left}" y="${lanesTop - 6}" fill="#555555">reloads (request to done), one lane per contender:</text>`,
+  );
   runs.forEach((c, i) => {
     const color = colorOf(c.id, i);
     const y = lanesTop + i * laneH;
-    out.push(`<text x="${left - 6}" y="${y + laneH - 1}" text-anchor="end" font-size="10" fill="${color}">${escapeXml(c.label)}</text>`);
+    out.push(
+      `<text x="${left - 6}" y="${y + laneH - 1}" text-anchor="end" font-size="10" fill="${color}">${escapeXml(c.label)}</text>`,
+    );
     for (const [a, b] of c.windows) {
       const xa = x(a / 1000);
       const w = Math.max(1.5, x(b / 1000) - xa);
-      out.push(`<rect x="${f1(xa)}" y="${y + 1}" width="${f1(w)}" height="${laneH - 3}" fill="${color}" fill-opacity="0.8"/>`);
+      out.push(
+        `<rect x="${f1(xa)}" y="${y + 1}" width="${f1(w)}" height="${laneH - 3}" fill="${color}" fill-opacity="0.8"/>`,
+      );
     }
   });
 
@@ -139,7 +156,10 @@ export function renderChart(contenders: ContenderResult[], options: ChartOptions
     out.push(`<polyline fill="none" stroke="${color}" stroke-width="1.4" stroke-linejoin="round" points="${ptsA}"/>`);
     out.push(`<polyline fill="none" stroke="${color}" stroke-width="1.4" stroke-linejoin="round" points="${ptsB}"/>`);
   });
-  if (runs.length === 0) out.push(`<text x="${left + plotW / 2}" y="${topA + hA / 2}" text-anchor="middle">no contender completed a run</text>`);
+  if (runs.length === 0)
+    out.push(
+      `<text x="${left + plotW / 2}" y="${topA + hA / 2}" text-anchor="middle">no contender completed a run</text>`,
+    );
   out.push('</svg>');
   return out.join('\n') + '\n';
 }

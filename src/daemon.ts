@@ -82,8 +82,17 @@ export class Daemon {
     this.held = new HeldConfig(config);
     this.carrier = new Carrier(handover, this.version, this.execAt, this.held, this.reaper, log);
     this.listeners = new ListenerSet(handover ? handover.listeners : inheritedListeners(process.env));
-    this.metrics = new Metrics(config.observability.metrics !== null, STATES, 'Stopped' satisfies State, () => this.relay?.lastCheckpoint() ?? null);
-    this.listenerWatch = new ListenerWatch(this.listeners, (name, result) => this.metrics.listenerRepaired(name, result), log);
+    this.metrics = new Metrics(
+      config.observability.metrics !== null,
+      STATES,
+      'Stopped' satisfies State,
+      () => this.relay?.lastCheckpoint() ?? null,
+    );
+    this.listenerWatch = new ListenerWatch(
+      this.listeners,
+      (name, result) => this.metrics.listenerRepaired(name, result),
+      log,
+    );
     this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log, ownFiles);
   }
 
@@ -105,13 +114,17 @@ export class Daemon {
     const reload = (): void => {
       if (this.orchestrator) this.reloadAndLog('sighup');
     };
-    this.uninstallSignalHandlers = installSignalHandlers({ stop: (s) => this.stop(s), forward: (s) => this.orchestrator?.forward(s), reload }, this.log);
+    this.uninstallSignalHandlers = installSignalHandlers(
+      { stop: (s) => this.stop(s), forward: (s) => this.orchestrator?.forward(s), reload },
+      this.log,
+    );
   }
 
   /** The generations are gone; whatever is still Aeterna's child escaped them (see leftovers.ts). */
   private async endLeftovers(): Promise<void> {
     const ended = await endLeftovers(this.reaper, this.orchestrator!.stopTimeoutMs, this.hurry.signal);
-    if (ended.length > 0) this.log.warn({ pids: ended }, `ended ${ended.length} leftover process(es) that outlived their generations`);
+    if (ended.length > 0)
+      this.log.warn({ pids: ended }, `ended ${ended.length} leftover process(es) that outlived their generations`);
   }
 
   /** A fresh start: open everything the config names, then start generation 1. A failed start: its exit code. */
@@ -138,12 +151,25 @@ export class Daemon {
    * A failed start comes back to the previous program if it can, else it is its exit code.
    */
   private async adoptAll(h: Handover): Promise<{ stopped: Promise<number> } | number> {
-    if (h.fell_back) this.log.warn({ failed: h.fell_back.from, error: h.fell_back.error }, `upgrade to aeterna ${h.fell_back.from} failed before it took over (${h.fell_back.error}): aeterna ${this.version} takes over again`);
+    if (h.fell_back)
+      this.log.warn(
+        { failed: h.fell_back.from, error: h.fell_back.error },
+        `upgrade to aeterna ${h.fell_back.from} failed before it took over (${h.fell_back.error}): aeterna ${this.version} takes over again`,
+      );
     this.carrier.prepareFallbackOnFatalSignal();
     // The cgroups before the generation, which keeps the cgroup it runs in (the handover names both directories).
     this.cgroups = openCgroups(this.config.service.cgroups, h.cgroups ?? null, this.log);
     // Before the reaper's first sweep: a generation that exited during the exec is reported, not reaped as an orphan.
-    const adopted = h.generations.map((g) => Generation.adopt(g.number, g.pid, new Date(g.started_at), this.reaper, this.cgroups, g.cgroup === null ? null : (this.cgroups?.adoptGeneration(g.cgroup) ?? null)));
+    const adopted = h.generations.map((g) =>
+      Generation.adopt(
+        g.number,
+        g.pid,
+        new Date(g.started_at),
+        this.reaper,
+        this.cgroups,
+        g.cgroup === null ? null : (this.cgroups?.adoptGeneration(g.cgroup) ?? null),
+      ),
+    );
     this.installReaper();
     const kept = (role: FdRole): number | undefined => h.fds.find((f) => f.role === role)?.fd;
     const failed = await this.startFails(async () => {
@@ -152,20 +178,39 @@ export class Daemon {
       this.applyListeners();
       await this.startMetrics(kept('metrics'));
       const notifyFd = kept('notify');
-      this.notify = notifyFd !== undefined ? NotifySocket.adopt(h.notify, notifyFd, this.log) : openNotifySocket(NotifySocket.pathFor(this.config.control.socketPath), this.log);
+      this.notify =
+        notifyFd !== undefined
+          ? NotifySocket.adopt(h.notify, notifyFd, this.log)
+          : openNotifySocket(NotifySocket.pathFor(this.config.control.socketPath), this.log);
       const relayFd = kept('relay');
-      this.openRelay((handoff, identity) => (h.relay && relayFd !== undefined ? SrpCoordinator.adopt(handoff, h.relay, relayFd, this.log, h.checkpoint ?? null) : openStateRelay(handoff, identity, this.log)));
+      this.openRelay((handoff, identity) =>
+        h.relay && relayFd !== undefined
+          ? SrpCoordinator.adopt(handoff, h.relay, relayFd, this.log, h.checkpoint ?? null)
+          : openStateRelay(handoff, identity, this.log),
+      );
       this.keepSocketFiles();
     });
     if (failed !== null) return failed;
     this.openFdStore(h.fdstore);
     const orchestrator = this.startOrchestrator();
-    if (this.testFault === 'throw-before-takeover') throw new Error(`${TEST_FAULT_ENV}=${this.testFault}: a fault injected before the takeover`);
+    if (this.testFault === 'throw-before-takeover')
+      throw new Error(`${TEST_FAULT_ENV}=${this.testFault}: a fault injected before the takeover`);
     if (adopted.length !== 1) return { stopped: this.serve(orchestrator.run()) };
     const stopped = orchestrator.adopt(adopted[0], h.counters);
     this.adoptRelayConnections(h, adopted);
     this.metrics.reexecuted(this.carrier.reexecsByReason);
-    this.log.info({ reason: h.reason, recoveries_last_minute: this.carrier.recoveries.length, from: h.from.version, to: this.version, reexecs: this.carrier.reexecs, generation: adopted[0].number, child: adopted[0].pid }, `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${adopted[0].number} (pid ${adopted[0].pid})`);
+    this.log.info(
+      {
+        reason: h.reason,
+        recoveries_last_minute: this.carrier.recoveries.length,
+        from: h.from.version,
+        to: this.version,
+        reexecs: this.carrier.reexecs,
+        generation: adopted[0].number,
+        child: adopted[0].pid,
+      },
+      `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${adopted[0].number} (pid ${adopted[0].pid})`,
+    );
     return { stopped: this.serve(stopped) };
   }
 
@@ -196,24 +241,42 @@ export class Daemon {
   /** The control socket; on the one the previous Aeterna carried (`adoptFd`, `file`), if any. */
   private startControl(adoptFd: number | undefined, file: SocketFile | undefined): Promise<ControlServer> {
     const listeningChanged = (): void => this.carrier.changed();
-    return startControlServer(this.config.control.socketPath, this.api(), this.log, adoptFd !== undefined && file ? { adopt: { fd: adoptFd, file }, listeningChanged } : { listeningChanged });
+    return startControlServer(
+      this.config.control.socketPath,
+      this.api(),
+      this.log,
+      adoptFd !== undefined && file ? { adopt: { fd: adoptFd, file }, listeningChanged } : { listeningChanged },
+    );
   }
 
   private applyListeners(): void {
     this.listeners.apply(this.config.service.listeners, this.config.orchestration.canary !== null);
-    for (const l of this.listeners.list()) this.log.info({ listener: l.name, address: l.address, fd: l.fd }, 'listener ready');
+    for (const l of this.listeners.list())
+      this.log.info({ listener: l.name, address: l.address, fd: l.fd }, 'listener ready');
   }
 
   /** The metrics endpoint, when configured; on the socket the previous Aeterna carried (`adoptFd`), if any. */
   private async startMetrics(adoptFd: number | undefined): Promise<void> {
     const address = this.config.observability.metrics;
     if (!address) return;
-    this.metricsEndpoint = await startMetricsServer(this.metrics, address, () => this.orchestrator?.isReady() ?? false, (probe) => this.listenerWatch.check(probe), this.log, adoptFd);
+    this.metricsEndpoint = await startMetricsServer(
+      this.metrics,
+      address,
+      () => this.orchestrator?.isReady() ?? false,
+      (probe) => this.listenerWatch.check(probe),
+      this.log,
+      adoptFd,
+    );
     this.log.info({ metrics: `${address.host}:${address.port}` }, 'metrics endpoint ready');
   }
 
   /** The state relay, when orchestration.state_handoff is on: `open` creates it or adopts the previous one's socket. */
-  private openRelay(open: (handoff: Config['orchestration']['stateHandoff'], identity: ReturnType<typeof resolveIdentity>) => SrpCoordinator): void {
+  private openRelay(
+    open: (
+      handoff: Config['orchestration']['stateHandoff'],
+      identity: ReturnType<typeof resolveIdentity>,
+    ) => SrpCoordinator,
+  ): void {
     const handoff = this.config.orchestration.stateHandoff;
     if (!handoff.enabled) return;
     this.relay = open(handoff, resolveIdentity(this.config.service.user, this.config.service.group));
@@ -223,10 +286,14 @@ export class Daemon {
 
   /** The fd store gets what the fd limit leaves once every socket and server of Aeterna's is up (fd-budget.ts). */
   private openFdStore(carried: Handover['fdstore']): void {
-    this.fdStore = new FdStore(this.log, (count) => {
-      this.metrics.fdStoreChanged(count);
-      this.carrier.changed();
-    }, fdStoreBudget(carried.length));
+    this.fdStore = new FdStore(
+      this.log,
+      (count) => {
+        this.metrics.fdStoreChanged(count);
+        this.carrier.changed();
+      },
+      fdStoreBudget(carried.length),
+    );
     this.fdStore.adopt(carried);
     this.fdStore.limit(this.config.service.fdstoreMax); // a service.fdstore_max that does not fit is reported now
   }
@@ -282,7 +349,11 @@ export class Daemon {
     if (this.relay) this.relay.adoptConnections(entries, adopted);
     else entries.forEach((e) => native.close(e.fd));
     if (!this.relay && h.checkpoint) native.close(h.checkpoint.fd);
-    if (entries.length > 0) this.log.info({ generations: entries.map((e) => e.generation), relay: this.relay !== null }, `took over ${entries.length} state relay connection(s)`);
+    if (entries.length > 0)
+      this.log.info(
+        { generations: entries.map((e) => e.generation), relay: this.relay !== null },
+        `took over ${entries.length} state relay connection(s)`,
+      );
     this.carrier.changed(); // they are part of what a fatal signal carries now
   }
 
@@ -300,11 +371,15 @@ export class Daemon {
       this.socketWatches.push(keepSocketFile(file, { what, consequence, recreate: recreated }, this.log));
     };
     const notify = this.notify!;
-    keep(notify.file, 'notify socket', "the app's READY=1 (and WATCHDOG=1, FDSTORE=1) cannot reach Aeterna", () => notify.rebind());
+    keep(notify.file, 'notify socket', "the app's READY=1 (and WATCHDOG=1, FDSTORE=1) cannot reach Aeterna", () =>
+      notify.rebind(),
+    );
     const relay = this.relay;
     if (!relay) return;
     const consequence = 'new generations cannot connect to the state relay (a reload starts without the state)';
-    keep(relay.listening.file, 'state relay socket', consequence, () => relay.relisten(resolveIdentity(this.config.service.user, this.config.service.group)));
+    keep(relay.listening.file, 'state relay socket', consequence, () =>
+      relay.relisten(resolveIdentity(this.config.service.user, this.config.service.group)),
+    );
   }
 
   /** Sockets left at their default as a non-root user go to a private directory: create it 0700, or refuse one that is not ours. */
@@ -321,11 +396,22 @@ export class Daemon {
       return this.orchestrator;
     };
     // The file watch pauses while an accepted upgrade execs, and resumes if the exec fails.
-    const watch = { pause: () => this.fileWatch.suspend(), resume: () => this.fileWatch.apply(this.held.current.orchestration.watch, ownFiles(this.held.current)) };
+    const watch = {
+      pause: () => this.fileWatch.suspend(),
+      resume: () => this.fileWatch.apply(this.held.current.orchestration.watch, ownFiles(this.held.current)),
+    };
     return {
       status: () => {
-        const report = { ...need().status(), version: this.version, exec_at: this.execAt.toISOString(), reexecs: this.carrier.reexecs, config_file: { path: this.held.current.file, state: this.held.fileState() }, upgrade_fell_back: this.handover?.fell_back ?? null };
-        if (this.testFault && this.testFault !== 'throw-before-takeover' && report.state === 'Running') injectFault(this.testFault);
+        const report = {
+          ...need().status(),
+          version: this.version,
+          exec_at: this.execAt.toISOString(),
+          reexecs: this.carrier.reexecs,
+          config_file: { path: this.held.current.file, state: this.held.fileState() },
+          upgrade_fell_back: this.handover?.fell_back ?? null,
+        };
+        if (this.testFault && this.testFault !== 'throw-before-takeover' && report.state === 'Running')
+          injectFault(this.testFault);
         return report;
       },
       upgrade: (exec) => this.carrier.upgrade(exec, watch),
@@ -373,7 +459,11 @@ export class Daemon {
     if (!orchestrator) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
     const name = trigger === 'sighup' ? 'SIGHUP' : trigger;
     orchestrator.reload(trigger).then(
-      (record) => this.log.info({ reload: record.id, trigger, outcome: record.outcome, reason: record.reason, code: record.code }, `${name} reload ${record.outcome}`),
+      (record) =>
+        this.log.info(
+          { reload: record.id, trigger, outcome: record.outcome, reason: record.reason, code: record.code },
+          `${name} reload ${record.outcome}`,
+        ),
       (err: Error) => this.log.error({ err }, `${name} reload failed`),
     );
   }

@@ -12,10 +12,13 @@ export const ErrorCodes = {
   E_WATCHDOG: 'the app sent no WATCHDOG=1 within service.watchdog (or sent WATCHDOG=trigger)',
   E_READY_TIMEOUT: 'the new generation did not become ready in time',
   E_PROBE_FAILED: 'the exec readiness probe failed during a canary soak',
-  E_CANARY_UNSUPPORTED: 'orchestration.canary cannot split a listener (kernel without SO_ATTACH_REUSEPORT_CBPF, or a socket outside a reuseport group)',
+  E_CANARY_UNSUPPORTED:
+    'orchestration.canary cannot split a listener (kernel without SO_ATTACH_REUSEPORT_CBPF, or a socket outside a reuseport group)',
   E_RELAY_FAILED: 'the state relay between generations failed',
-  E_CHECKPOINT_CORRUPT: 'the checkpoint file (state_handoff.checkpoint.path) is corrupt, truncated or of another version: set aside, not loaded',
-  E_CHECKPOINT_REFUSED: 'the app could not load the checkpoint it was offered (it refused it, or died before it was ready) twice: set aside, never offered again',
+  E_CHECKPOINT_CORRUPT:
+    'the checkpoint file (state_handoff.checkpoint.path) is corrupt, truncated or of another version: set aside, not loaded',
+  E_CHECKPOINT_REFUSED:
+    'the app could not load the checkpoint it was offered (it refused it, or died before it was ready) twice: set aside, never offered again',
   E_RELOAD_BUSY: 'a reload is already in progress',
   E_ILLEGAL_TRANSITION: 'the request is not valid in the current state',
   E_CONTROL_UNAVAILABLE: 'no daemon answers on the control socket',

@@ -86,11 +86,14 @@ export class LogThrottle {
     // The summary comes at the end of the interval even if the events stop: the count is never lost.
     if (window.timer === null) {
       const w = window;
-      w.timer = setTimeout(() => {
-        w.timer = null;
-        this.summarize(key, w);
-        if (this.windows.get(key) === w) this.windows.delete(key);
-      }, Math.max(0, w.startedAt + this.intervalMs - now));
+      w.timer = setTimeout(
+        () => {
+          w.timer = null;
+          this.summarize(key, w);
+          if (this.windows.get(key) === w) this.windows.delete(key);
+        },
+        Math.max(0, w.startedAt + this.intervalMs - now),
+      );
       w.timer.unref();
     }
   }

@@ -23,7 +23,8 @@ export function createLogger(level: LogLevel = 'info'): Logger {
 /** pino's error serializer, with each cause's message said once (see messageOnce). */
 function serializeError(err: unknown): unknown {
   const out = pino.stdSerializers.err(err as Error) as unknown;
-  if (err instanceof Error && typeof out === 'object' && out !== null) (out as { message: string }).message = messageOnce(err);
+  if (err instanceof Error && typeof out === 'object' && out !== null)
+    (out as { message: string }).message = messageOnce(err);
   return out;
 }
 

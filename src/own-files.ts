@@ -16,5 +16,6 @@ export function ownFiles(config: Config): OwnFile {
   const checkpoint = handoff.enabled && handoff.checkpoint.enabled ? handoff.checkpoint.path : null;
   if (checkpoint === null) return (file) => exact.has(file);
   exact.add(checkpoint);
-  return (file) => exact.has(file) || (path.dirname(file) === path.dirname(checkpoint) && isTempOf(checkpoint, path.basename(file)));
+  return (file) =>
+    exact.has(file) || (path.dirname(file) === path.dirname(checkpoint) && isTempOf(checkpoint, path.basename(file)));
 }

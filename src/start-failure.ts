@@ -13,7 +13,13 @@ export function startFailureCode(err: unknown): number {
   if (err instanceof AeternaError) {
     if (err.code === 'E_DAEMON_RUNNING') return ExitCodes.SOFTWARE;
     if (err.code === 'E_CONFIG_INVALID') return ExitCodes.CONFIG;
-    if (err.code === 'E_LISTEN_ADDR_IN_USE' || err.code === 'E_LISTEN_FAILED' || err.code === 'E_METRICS_FAILED' || err.code === 'E_CANARY_UNSUPPORTED') return ExitCodes.UNAVAILABLE;
+    if (
+      err.code === 'E_LISTEN_ADDR_IN_USE' ||
+      err.code === 'E_LISTEN_FAILED' ||
+      err.code === 'E_METRICS_FAILED' ||
+      err.code === 'E_CANARY_UNSUPPORTED'
+    )
+      return ExitCodes.UNAVAILABLE;
   }
   return ExitCodes.SOFTWARE;
 }
@@ -21,7 +27,8 @@ export function startFailureCode(err: unknown): number {
 /** What to do about a failed start, for errors whose message does not say it already (after a ';'). */
 const STARTUP_FIXES: Partial<Record<string, string>> = {
   E_LISTEN_ADDR_IN_USE: 'stop what listens there, or change the address in service.listeners',
-  E_LISTEN_FAILED: 'the path must be in a directory this user can create or write, the host must resolve; or change it in aeterna.yaml',
+  E_LISTEN_FAILED:
+    'the path must be in a directory this user can create or write, the host must resolve; or change it in aeterna.yaml',
   E_METRICS_FAILED: 'free the port, or change observability.metrics_port',
   E_CANARY_UNSUPPORTED: 'remove orchestration.canary (a weighted split needs Linux 4.5 or later)',
   E_INTERNAL: 'a bug in Aeterna: please report it (observability.log_level "debug" logs the stack)',
@@ -49,14 +56,19 @@ export function openNotifySocket(socketPath: string, log: Logger): NotifySocket 
 }
 
 /** The state relay's socket; a path that cannot be used is E_LISTEN_FAILED with its fix, not an internal error. */
-export function openStateRelay(handoff: Config['orchestration']['stateHandoff'], identity: ReturnType<typeof resolveIdentity>, log: Logger): SrpCoordinator {
+export function openStateRelay(
+  handoff: Config['orchestration']['stateHandoff'],
+  identity: ReturnType<typeof resolveIdentity>,
+  log: Logger,
+): SrpCoordinator {
   try {
     return SrpCoordinator.open(handoff, identity, log);
   } catch (err) {
     if (err instanceof AeternaError) throw err;
     throw new AeternaError(
       'E_LISTEN_FAILED',
-      `cannot create the state relay socket ${handoff.socketPath}: ${(err as Error).message}; set orchestration.state_handoff.socket_path to a path in a directory this user can write`,
+      `cannot create the state relay socket ${handoff.socketPath}: ${(err as Error).message}; ` +
+        `set orchestration.state_handoff.socket_path to a path in a directory this user can write`,
       { cause: err },
     );
   }

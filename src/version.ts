@@ -6,6 +6,8 @@ let version: string | undefined;
 
 /** Read once: the CLI and the daemon both ask for it on the way to the app's exec. */
 export function packageVersion(): string {
-  version ??= (JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string }).version;
+  version ??= (
+    JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string }
+  ).version;
   return version;
 }

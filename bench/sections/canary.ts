@@ -70,7 +70,11 @@ export async function generationOf(port: number, localAddress?: string, host = '
 }
 
 /** `count` fresh connections, `concurrency` at a time: how many each generation answered, and what failed. */
-export async function freshConnections(port: number, count: number, concurrency = 16): Promise<{ byGeneration: Map<number, number>; failures: string[] }> {
+export async function freshConnections(
+  port: number,
+  count: number,
+  concurrency = 16,
+): Promise<{ byGeneration: Map<number, number>; failures: string[] }> {
   const byGeneration = new Map<number, number>();
   const failures: string[] = [];
   let left = count;
@@ -128,7 +132,14 @@ export function startFreshLoad(port: number, loops: number): FreshLoad {
 const total = (m: Map<number, number>): number => [...m.values()].reduce((a, b) => a + b, 0);
 
 function started(port: number, canary: string | null, env: string[] = []): Daemon {
-  return new Daemon({ command: APP, port, strategy: 'canary', soak: '10m', env, ...(canary ? { canary } : {}) }).start();
+  return new Daemon({
+    command: APP,
+    port,
+    strategy: 'canary',
+    soak: '10m',
+    env,
+    ...(canary ? { canary } : {}),
+  }).start();
 }
 
 /** `aeterna reload` (the CLI), waited until the daemon soaks; resolves with the pending CLI run. */
@@ -158,7 +169,14 @@ async function share(weight: number | null, connections: number): Promise<ShareR
 async function switches(p: CanaryParams): Promise<SwitchRun> {
   const port = await freePort();
   const d = started(port, '{ weight: 50 }', [`MAX_REQUESTS_PER_SOCKET=${p.requestsPerConnection}`]);
-  const result: SwitchRun = { promotes: 0, rollbacks: 0, wrongOutcomes: [], soakAnswers: { old: 0, new: 0 }, keepAlive: { ok: 0, failed: 0, failures: {}, pids: [] }, fresh: { ok: 0, failed: 0, failures: {} } };
+  const result: SwitchRun = {
+    promotes: 0,
+    rollbacks: 0,
+    wrongOutcomes: [],
+    soakAnswers: { old: 0, new: 0 },
+    keepAlive: { ok: 0, failed: 0, failures: {}, pids: [] },
+    fresh: { ok: 0, failed: 0, failures: {} },
+  };
   let keepAlive: ReturnType<typeof startLoad> | null = null;
   let fresh: FreshLoad | null = null;
   try {
@@ -173,12 +191,13 @@ async function switches(p: CanaryParams): Promise<SwitchRun> {
       const oldBefore = answered.get(serving) ?? 0;
       const newBefore = answered.get(candidate!.generation) ?? 0;
       // Let both generations serve a few hundred fresh connections before the switch (counted for both from here).
-      for (const before = total(answered); total(answered) < before + 200; ) await new Promise((r) => setTimeout(r, 20));
+      for (const before = total(answered); total(answered) < before + 200;) await new Promise((r) => setTimeout(r, 20));
       result.soakAnswers.old += (answered.get(serving) ?? 0) - oldBefore;
       result.soakAnswers.new += (answered.get(candidate!.generation) ?? 0) - newBefore;
       const asked = await d.cli(ending);
       const r = await reload;
-      if (asked.code !== 0 || r.code !== (ending === 'promote' ? 0 : 1)) result.wrongOutcomes.push(`${ending} ${i + 1}: ${asked.stderr.trim()} ${r.stderr.trim()}`.trim());
+      if (asked.code !== 0 || r.code !== (ending === 'promote' ? 0 : 1))
+        result.wrongOutcomes.push(`${ending} ${i + 1}: ${asked.stderr.trim()} ${r.stderr.trim()}`.trim());
       result[ending === 'promote' ? 'promotes' : 'rollbacks']++;
       await d.waitStatus((s) => s.state === 'Running', 30000);
     }
@@ -217,8 +236,9 @@ export function renderCanary(s: CanarySection): string[] {
     '',
     '| configured weight | connections | to the new generation | measured share | off by (points) | failed |',
     '| --- | --- | --- | --- | --- | --- |',
-    ...s.shares.map((r) =>
-      `| ${r.weight === null ? 'none (one shared socket)' : `${r.weight}%`} | ${fmtInt(r.connections)} | ${fmtInt(r.toNew)} | ${fmt(r.share)}% | ${r.weight === null ? '-' : fmt(Math.abs(r.share - r.weight))} | ${fmtInt(r.failed)} |`,
+    ...s.shares.map(
+      (r) =>
+        `| ${r.weight === null ? 'none (one shared socket)' : `${r.weight}%`} | ${fmtInt(r.connections)} | ${fmtInt(r.toNew)} | ${fmt(r.share)}% | ${r.weight === null ? '-' : fmt(Math.abs(r.share - r.weight))} | ${fmtInt(r.failed)} |`,
     ),
     '',
     `Switches under load: weight 50, ${w.promotes} promotes and ${w.rollbacks} rollbacks alternating (\`aeterna promote\` / \`aeterna rollback\` after at least 200 fresh-connection requests in each soak), with ${p.keepAlive} keep-alive connections (the app closes each after ${p.requestsPerConnection} requests, so the client keeps opening new ones, which are split too) and ${p.fresh} loops of one request per fresh connection running throughout.`,

@@ -71,10 +71,22 @@ function appCommand(sdk: Sdk): string[] | null {
 }
 
 /** A daemon running the plain-bytes app of `sdk` with checkpoints on (`durable`: with a file) or off. */
-function daemonFor(command: string[], bytes: number, stamps: string, checkpoints: number, checkpoint: string, memfd = false): BenchDaemon {
+function daemonFor(
+  command: string[],
+  bytes: number,
+  stamps: string,
+  checkpoints: number,
+  checkpoint: string,
+  memfd = false,
+): BenchDaemon {
   return new BenchDaemon({
     command,
-    env: [`STATE_BYTES=${bytes}`, `STAMP_DIR=${stamps}`, `CHECKPOINTS=${checkpoints}`, ...(memfd ? ['CHECKPOINT_MEMFD=1'] : [])],
+    env: [
+      `STATE_BYTES=${bytes}`,
+      `STAMP_DIR=${stamps}`,
+      `CHECKPOINTS=${checkpoints}`,
+      ...(memfd ? ['CHECKPOINT_MEMFD=1'] : []),
+    ],
     readiness: '{ mode: "notify", timeout: "5m" }',
     handoffTimeout: '5m',
     checkpoint,
@@ -87,7 +99,14 @@ async function checkpointCost(sdk: Sdk, bytes: number, reps: number, durable: bo
   const command = appCommand(sdk);
   if (!command) return { skipped: 'python3 not installed' };
   const stamps = tempDir('aeterna-bench-ckpt-');
-  const daemon = daemonFor(command, bytes, stamps, reps, durable ? '{ enabled: true, path: "checkpoint.bin", max_size: "2GiB" }' : '{ enabled: true, max_size: "2GiB" }', memfd);
+  const daemon = daemonFor(
+    command,
+    bytes,
+    stamps,
+    reps,
+    durable ? '{ enabled: true, path: "checkpoint.bin", max_size: "2GiB" }' : '{ enabled: true, max_size: "2GiB" }',
+    memfd,
+  );
   try {
     await daemon.running(300000);
     const ms = readStamps(stamps, 1)
@@ -110,7 +129,7 @@ function fsyncPeer(bytes: number, reps: number): Spread {
   for (let i = 0; i < reps; i++) {
     const t = performance.now();
     const fd = fs.openSync(path.join(dir, `copy-${i}`), 'w');
-    for (let off = 0; off < bytes; ) off += fs.writeSync(fd, data, off, bytes - off);
+    for (let off = 0; off < bytes;) off += fs.writeSync(fd, data, off, bytes - off);
     fs.fsyncSync(fd);
     fs.closeSync(fd);
     ms.push(performance.now() - t);
@@ -120,9 +139,19 @@ function fsyncPeer(bytes: number, reps: number): Spread {
 }
 
 /** (b) `kills` times: kill -9 the serving app, and time until the generation Aeterna restarted stamps ready. */
-async function recovery(bytes: number, kills: number, withCheckpoint: boolean): Promise<{ total: Timed; process: Timed }> {
+async function recovery(
+  bytes: number,
+  kills: number,
+  withCheckpoint: boolean,
+): Promise<{ total: Timed; process: Timed }> {
   const stamps = tempDir('aeterna-bench-recovery-');
-  const daemon = daemonFor(appCommand('typescript')!, bytes, stamps, withCheckpoint ? 1 : 0, withCheckpoint ? '{ enabled: true, max_size: "2GiB" }' : '{ enabled: false }');
+  const daemon = daemonFor(
+    appCommand('typescript')!,
+    bytes,
+    stamps,
+    withCheckpoint ? 1 : 0,
+    withCheckpoint ? '{ enabled: true, max_size: "2GiB" }' : '{ enabled: false }',
+  );
   try {
     await daemon.running(300000);
     const total: number[] = [];
@@ -133,7 +162,8 @@ async function recovery(bytes: number, kills: number, withCheckpoint: boolean): 
       const killedAt = wallMs();
       process.kill(s.pid!, 'SIGKILL');
       const next = await stampOf(stamps, s.generation + 1, 'ready', 120000);
-      if (withCheckpoint && !next.some((x) => x.ev === 'loaded')) throw new Error(`generation ${s.generation + 1} did not load the checkpoint`);
+      if (withCheckpoint && !next.some((x) => x.ev === 'loaded'))
+        throw new Error(`generation ${s.generation + 1} did not load the checkpoint`);
       const readyAt = next.find((x) => x.ev === 'ready')!.at;
       total.push(readyAt - killedAt);
       own.push(readyAt - next[0].at);
@@ -162,11 +192,20 @@ export async function checkpointSection(sizes: number[], reps: number, kills: nu
         durable: await checkpointCost('typescript', bytes, reps, true),
         memfd: await checkpointCost('typescript', bytes, reps, false, true),
       },
-      python: { memory: await checkpointCost('python', bytes, reps, false), durable: await checkpointCost('python', bytes, reps, true) },
+      python: {
+        memory: await checkpointCost('python', bytes, reps, false),
+        durable: await checkpointCost('python', bytes, reps, true),
+      },
     });
     const withCheckpoint = await recovery(bytes, kills, true);
     const plain = await recovery(bytes, kills, false);
-    rows.push({ bytes, checkpoint: withCheckpoint.total, plain: plain.total, checkpointProcess: withCheckpoint.process, plainProcess: plain.process });
+    rows.push({
+      bytes,
+      checkpoint: withCheckpoint.total,
+      plain: plain.total,
+      checkpointProcess: withCheckpoint.process,
+      plainProcess: plain.process,
+    });
   }
   return { reps, kills, cost, recovery: rows };
 }

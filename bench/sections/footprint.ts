@@ -55,7 +55,11 @@ async function settledMemory(pid: number): Promise<Memory | null> {
 }
 
 async function aeternaRss(): Promise<{ aeterna: Memory | { error: string }; app: Memory | null }> {
-  const d = new BenchDaemon({ command: [process.execPath, fixture('http_app.js')], port: await freePort(), logLevel: 'info' }).start();
+  const d = new BenchDaemon({
+    command: [process.execPath, fixture('http_app.js')],
+    port: await freePort(),
+    logLevel: 'info',
+  }).start();
   try {
     const s = await d.running();
     const aeterna = await settledMemory(d.proc.pid);
@@ -71,7 +75,9 @@ async function aeternaRss(): Promise<{ aeterna: Memory | { error: string }; app:
 async function tiniRss(tini: string | null): Promise<Memory | { skipped: string } | { error: string }> {
   if (!tini) return { skipped: 'tini not installed' };
   const port = await freePort();
-  const p = new Proc([tini, '-s', '--', process.execPath, fixture('http_app.js')], { env: { ...process.env, PORT: String(port) } });
+  const p = new Proc([tini, '-s', '--', process.execPath, fixture('http_app.js')], {
+    env: { ...process.env, PORT: String(port) },
+  });
   try {
     await waitForPort(port);
     return (await settledMemory(p.pid)) ?? { error: 'tini exited' };
@@ -122,7 +128,9 @@ export async function footprintSection(reps: number, settle = 1500): Promise<Foo
 
   progress('  footprint: start to exec');
   const direct = await repeat(reps, () => toExec([date, '+%s%N']));
-  const tiniExec = tini ? await repeat(reps, () => toExec([tini, '-s', '--', date, '+%s%N'])) : { skipped: 'tini not installed' };
+  const tiniExec = tini
+    ? await repeat(reps, () => toExec([tini, '-s', '--', date, '+%s%N']))
+    : { skipped: 'tini not installed' };
   const nodeE0 = await repeat(reps, async () => {
     const t0 = wallMs();
     const p = new Proc([process.execPath, '-e', '0']);
@@ -137,5 +145,9 @@ export async function footprintSection(reps: number, settle = 1500): Promise<Foo
     if (!m) throw new Error(`no date stamp from the app under aeterna (exit ${code})\n${d.proc.tail(1000)}`);
     return Number(BigInt(m[1]) / 1000n) / 1000 - d.proc.spawnedAt;
   });
-  return { rss: { aeterna, app, tini: tiniMem, nodeBaseline: baseline }, startToExec: { direct, tini: tiniExec, nodeE0, aeterna: aeternaExec }, reps };
+  return {
+    rss: { aeterna, app, tini: tiniMem, nodeBaseline: baseline },
+    startToExec: { direct, tini: tiniExec, nodeE0, aeterna: aeternaExec },
+    reps,
+  };
 }

@@ -34,7 +34,9 @@ function row(stdout: string, code: number | null, stderr: string): ReapRow {
 export async function reapingSection(orphans: number): Promise<ReapingSection> {
   const helper = nativeHelper();
   const noPid1 = pidNamespaceUnavailable();
-  const mode = noPid1 ? `child subreaper (${noPid1})` : 'PID 1 of a new PID namespace (unshare --pid --fork --mount-proc)';
+  const mode = noPid1
+    ? `child subreaper (${noPid1})`
+    : 'PID 1 of a new PID namespace (unshare --pid --fork --mount-proc)';
   if ('error' in helper) {
     const skipped = { skipped: helper.error };
     return { orphans, mode, floor: skipped, aeterna: skipped, tini: skipped };
@@ -61,7 +63,9 @@ export async function reapingSection(orphans: number): Promise<ReapingSection> {
   let tini: ReapRow = { skipped: 'tini not installed' };
   if (tiniPath) {
     progress('  reaping: tini');
-    const r = await run(noPid1 ? [tiniPath, '-s', '--', ...argv] : [...UNSHARE, tiniPath, '--', ...argv], { timeoutMs });
+    const r = await run(noPid1 ? [tiniPath, '-s', '--', ...argv] : [...UNSHARE, tiniPath, '--', ...argv], {
+      timeoutMs,
+    });
     tini = row(r.stdout, r.code, r.stderr);
   }
   return { orphans, mode, floor, aeterna, tini };

@@ -150,11 +150,17 @@ function activity(stamps: Stamp[], anchor: string, final: boolean): Activity | n
     rest.push(s);
   }
   const hashes = rest.filter((s) => s.ev === 'hash');
-  return { at: stamps[start].at, final, hashMs: hashes.length > 0 ? hashes.reduce((a, s) => a + (s.ms ?? 0), 0) : null, first: rest };
+  return {
+    at: stamps[start].at,
+    final,
+    hashMs: hashes.length > 0 ? hashes.reduce((a, s) => a + (s.ms ?? 0), 0) : null,
+    first: rest,
+  };
 }
 
 const at = (a: Activity | null, ev: string): number | null => a?.first.find((s) => s.ev === ev)?.at ?? null;
-const diff = (later: number | null, earlier: number | null): number | null => (later === null || earlier === null ? null : later - earlier);
+const diff = (later: number | null, earlier: number | null): number | null =>
+  later === null || earlier === null ? null : later - earlier;
 
 function steps(oldStamps: Stamp[], newStamps: Stamp[], final: boolean, relayingAt: number): Steps {
   const dump = activity(oldStamps, 'dump', final);

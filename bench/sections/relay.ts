@@ -13,7 +13,8 @@ import { BenchDaemon } from '../aeterna';
 
 export type Transport = 'stream' | 'memfd';
 
-export type Measurement = { ms: number[]; median: number; gbps: number } | { pending: string } | { skipped: string } | { error: string };
+export type Measurement =
+  { ms: number[]; median: number; gbps: number } | { pending: string } | { skipped: string } | { error: string };
 
 export interface RelayRow {
   bytes: number;

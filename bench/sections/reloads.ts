@@ -10,7 +10,19 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BenchDaemon } from '../aeterna';
 import { AutocannonLoad, WrkLoad, type Capture, type WrkResult } from '../load';
-import { Proc, fixture, freePort, memoryOf, onExit, percentile, progress, run, sleep, tempDir, waitForPort } from '../common';
+import {
+  Proc,
+  fixture,
+  freePort,
+  memoryOf,
+  onExit,
+  percentile,
+  progress,
+  run,
+  sleep,
+  tempDir,
+  waitForPort,
+} from '../common';
 
 export interface ReloadParams {
   reloads: number;
@@ -139,7 +151,9 @@ function naive(p: ReloadParams): Contender {
   let app: Proc | null = null;
   let port = 0;
   const startApp = async (): Promise<void> => {
-    app = new Proc([process.execPath, fixture('http_app.js')], { env: { ...process.env, PORT: String(port), DRAIN_IDLE_MS: String(p.drainIdleMs) } });
+    app = new Proc([process.execPath, fixture('http_app.js')], {
+      env: { ...process.env, PORT: String(port), DRAIN_IDLE_MS: String(p.drainIdleMs) },
+    });
     await app.waitFor(/^READY /m);
   };
   return {
@@ -218,7 +232,10 @@ export function contenders(p: ReloadParams): Contender[] {
 // ---- statistics --------------------------------------------------------------------------------
 
 /** Latency and rate of the 2xx responses inside the reload windows and outside them (okAt is in time order). */
-function splitStats(capture: Capture, windows: Array<[number, number]>): { steady: LatencyStats; during: LatencyStats } {
+function splitStats(
+  capture: Capture,
+  windows: Array<[number, number]>,
+): { steady: LatencyStats; during: LatencyStats } {
   const n = capture.okAt.length;
   const inside = new Float32Array(n);
   const outside = new Float32Array(n);
@@ -238,15 +255,36 @@ function splitStats(capture: Capture, windows: Array<[number, number]>): { stead
     p99: percentile(lat, 99),
     count: lat.length,
   });
-  return { steady: stats(outside.subarray(0, no), capture.durationMs - windowMs), during: stats(inside.subarray(0, ni), windowMs) };
+  return {
+    steady: stats(outside.subarray(0, no), capture.durationMs - windowMs),
+    during: stats(inside.subarray(0, ni), windowMs),
+  };
 }
 
-export function summarise(capture: Capture, windows: Array<[number, number]>, bucketMs: number, settleMs = 0): Pick<
+export function summarise(
+  capture: Capture,
+  windows: Array<[number, number]>,
+  bucketMs: number,
+  settleMs = 0,
+): Pick<
   ContenderResult,
-  'ok' | 'failed' | 'failures' | 'durationMs' | 'rps' | 'steady' | 'during' | 'failuresPerReload' | 'failuresBefore' | 'failureSpanMs' | 'timeline'
+  | 'ok'
+  | 'failed'
+  | 'failures'
+  | 'durationMs'
+  | 'rps'
+  | 'steady'
+  | 'during'
+  | 'failuresPerReload'
+  | 'failuresBefore'
+  | 'failureSpanMs'
+  | 'timeline'
 > {
   // For latency: each window extended by settleMs (never into the next reload).
-  const extended = windows.map(([a, b], i): [number, number] => [a, Math.min(b + settleMs, windows[i + 1]?.[0] ?? Infinity)]);
+  const extended = windows.map(([a, b], i): [number, number] => [
+    a,
+    Math.min(b + settleMs, windows[i + 1]?.[0] ?? Infinity),
+  ]);
   const { steady, during } = splitStats(capture, extended);
   // Failures per reload: from its start to the next reload's start.
   const failuresPerReload = windows.map(() => 0);
@@ -332,7 +370,9 @@ async function runOne(c: Contender, p: ReloadParams): Promise<ContenderResult> {
       result.reloadMs.push(end - start);
       if (failure) result.toolFailures.push(`reload ${k}: ${failure}`);
       result.reloadsDone = k;
-      progress(`  ${c.label}: reload ${k}/${p.reloads} in ${Math.round(end - start)} ms${failure ? ` (FAILED: ${failure.slice(0, 200)})` : ''}`);
+      progress(
+        `  ${c.label}: reload ${k}/${p.reloads} in ${Math.round(end - start)} ms${failure ? ` (FAILED: ${failure.slice(0, 200)})` : ''}`,
+      );
       await sleep(p.gapMs);
     }
     await sleep(p.tailMs);
@@ -352,7 +392,12 @@ async function runOne(c: Contender, p: ReloadParams): Promise<ContenderResult> {
 }
 
 /** The cross-check: the same contender, already serving, reloaded under wrk's load. */
-async function wrkPass(c: Contender, p: ReloadParams, wrk: string, port: number): Promise<(WrkResult & { reloads: number; toolFailures: number }) | { error: string }> {
+async function wrkPass(
+  c: Contender,
+  p: ReloadParams,
+  wrk: string,
+  port: number,
+): Promise<(WrkResult & { reloads: number; toolFailures: number }) | { error: string }> {
   const load = new WrkLoad(wrk, port, p.connections);
   try {
     await sleep(Math.min(p.steadyMs, 1000));

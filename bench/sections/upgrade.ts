@@ -75,7 +75,9 @@ async function carryingUpgrades(plain: BenchDaemon, reps: number): Promise<Upgra
   }).start();
   try {
     const before = await d.running(300000);
-    progress(`  upgrade: ${reps} upgrades carrying a relay connection and a ${CARRIED_CHECKPOINT_BYTES >> 20} MiB checkpoint, each beside a plain one`);
+    progress(
+      `  upgrade: ${reps} upgrades carrying a relay connection and a ${CARRIED_CHECKPOINT_BYTES >> 20} MiB checkpoint, each beside a plain one`,
+    );
     const carried: number[] = [];
     const peer: number[] = [];
     for (let i = 0; i < reps; i++) {

@@ -2,7 +2,10 @@
 declare module 'autocannon' {
   import type { EventEmitter } from 'node:events';
 
-  function autocannon(options: autocannon.Options, callback?: (err: Error | null, result: autocannon.Result) => void): autocannon.Instance;
+  function autocannon(
+    options: autocannon.Options,
+    callback?: (err: Error | null, result: autocannon.Result) => void,
+  ): autocannon.Instance;
 
   namespace autocannon {
     interface Options {
@@ -29,7 +32,10 @@ declare module 'autocannon' {
     }
 
     interface Instance extends EventEmitter {
-      on(event: 'response', listener: (client: unknown, statusCode: number, resBytes: number, responseTime: number) => void): this;
+      on(
+        event: 'response',
+        listener: (client: unknown, statusCode: number, resBytes: number, responseTime: number) => void,
+      ): this;
       on(event: 'reqError', listener: (error: Error & { code?: string }) => void): this;
       on(event: 'done', listener: (result: Result) => void): this;
       stop(): void;

@@ -17,34 +17,43 @@ interface DaemonOptions {
   json?: boolean;
 }
 
-const CONFIG_HELP = 'config file, to find the control socket (default: $AETERNA_CONFIG, ./aeterna.yaml, /etc/aeterna/aeterna.yaml)';
+const CONFIG_HELP =
+  'config file, to find the control socket (default: $AETERNA_CONFIG, ./aeterna.yaml, /etc/aeterna/aeterna.yaml)';
 const SOCKET_HELP = 'control socket path (then no config is read)';
 /** A daemon that accepted the connection answers status/promote/rollback/stop at once; this only guards against a wedged one. */
 const QUICK_REPLY_TIMEOUT_MS = 30_000;
 
 export function registerControlCommands(program: Command): void {
-  daemonCommand(program, 'reload', 'reload the app: start a new generation beside the serving one, hand over, then promote or roll back')
+  daemonCommand(
+    program,
+    'reload',
+    'reload the app: start a new generation beside the serving one, hand over, then promote or roll back',
+  )
     .option('--no-wait', 'return as soon as the daemon has accepted the reload')
     .addHelpText('after', exitCodeHelp())
     .action((options: DaemonOptions & { wait: boolean }) => run(options, () => reload(options)));
 
-  daemonCommand(program, 'status', 'show the state, the serving generation, the listeners and the last reload').action((options: DaemonOptions) =>
-    run(options, () => status(options)),
+  daemonCommand(program, 'status', 'show the state, the serving generation, the listeners and the last reload').action(
+    (options: DaemonOptions) => run(options, () => status(options)),
   );
 
-  daemonCommand(program, 'promote', "end a canary's soak now and promote the new generation").action((options: DaemonOptions) =>
-    run(options, () => simple(options, { cmd: 'promote' }, 'promotion requested')),
+  daemonCommand(program, 'promote', "end a canary's soak now and promote the new generation").action(
+    (options: DaemonOptions) => run(options, () => simple(options, { cmd: 'promote' }, 'promotion requested')),
   );
 
-  daemonCommand(program, 'rollback', "end a canary's soak now and roll back to the old generation").action((options: DaemonOptions) =>
-    run(options, () => simple(options, { cmd: 'rollback' }, 'rollback requested')),
+  daemonCommand(program, 'rollback', "end a canary's soak now and roll back to the old generation").action(
+    (options: DaemonOptions) => run(options, () => simple(options, { cmd: 'rollback' }, 'rollback requested')),
   );
 
-  daemonCommand(program, 'stop', 'stop the daemon and the app gracefully, as SIGTERM does').action((options: DaemonOptions) =>
-    run(options, () => simple(options, { cmd: 'stop' }, 'stop requested')),
+  daemonCommand(program, 'stop', 'stop the daemon and the app gracefully, as SIGTERM does').action(
+    (options: DaemonOptions) => run(options, () => simple(options, { cmd: 'stop' }, 'stop requested')),
   );
 
-  daemonCommand(program, 'upgrade', 'upgrade Aeterna in place: re-execute the installed aeterna (same pid), keeping the app, its sockets and its memory')
+  daemonCommand(
+    program,
+    'upgrade',
+    'upgrade Aeterna in place: re-execute the installed aeterna (same pid), keeping the app, its sockets and its memory',
+  )
     .option('--exec <path>', 'the aeterna program to execute (default: the entry the daemon was started from)')
     .addHelpText('after', exitCodeHelp())
     .action((options: DaemonOptions & { exec?: string }) => run(options, () => upgrade(options)));
@@ -126,7 +135,9 @@ function reportOutcome(record: ReloadRecord, json: boolean): number {
 }
 
 async function status(options: DaemonOptions): Promise<number> {
-  const result = await call(controlSocket(options), { cmd: 'status' }, undefined, { idleTimeoutMs: QUICK_REPLY_TIMEOUT_MS });
+  const result = await call(controlSocket(options), { cmd: 'status' }, undefined, {
+    idleTimeoutMs: QUICK_REPLY_TIMEOUT_MS,
+  });
   if (!('status' in result)) throw new Error('the daemon answered status without a report');
   const report: StatusReport = result.status;
   process.stdout.write(options.json ? JSON.stringify(report) + '\n' : formatStatus(report));
@@ -139,7 +150,9 @@ const UPGRADE_ANSWER_TIMEOUT_MS = 60_000;
 async function upgrade(options: DaemonOptions & { exec?: string }): Promise<number> {
   const socketPath = controlSocket(options);
   const exec = options.exec === undefined ? undefined : path.resolve(options.exec);
-  const result = await call(socketPath, exec === undefined ? { cmd: 'upgrade' } : { cmd: 'upgrade', exec }, undefined, { idleTimeoutMs: UPGRADE_ANSWER_TIMEOUT_MS });
+  const result = await call(socketPath, exec === undefined ? { cmd: 'upgrade' } : { cmd: 'upgrade', exec }, undefined, {
+    idleTimeoutMs: UPGRADE_ANSWER_TIMEOUT_MS,
+  });
   if (!('upgrade' in result)) throw new Error('the daemon answered the upgrade without saying it execs');
   const { from, reexecs } = result.upgrade;
   // Done once the new daemon answers: its count of re-executions went up.
@@ -151,17 +164,28 @@ async function upgrade(options: DaemonOptions & { exec?: string }): Promise<numb
         const failed = answer.status.upgrade_fell_back;
         if (failed) {
           // The new program could not start and exec'd this one again: the app was never touched.
-          throw new AeternaError('E_UPGRADE_REFUSED', `aeterna ${failed.from} could not take over (${failed.error}); aeterna ${answer.status.version ?? from} took over again (pid ${answer.status.daemon_pid}, generation ${answer.status.generation} kept)`);
+          throw new AeternaError(
+            'E_UPGRADE_REFUSED',
+            `aeterna ${failed.from} could not take over (${failed.error}); ` +
+              `aeterna ${answer.status.version ?? from} took over again (pid ${answer.status.daemon_pid}, generation ${answer.status.generation} kept)`,
+          );
         }
         const to = answer.status.version ?? 'unknown';
-        if (options.json) writeJson({ ok: true, from, to, reexecs: answer.status.reexecs, daemon_pid: answer.status.daemon_pid });
-        else process.stdout.write(`upgraded: aeterna ${from} -> ${to} (pid ${answer.status.daemon_pid}, generation ${answer.status.generation} kept)\n`);
+        if (options.json)
+          writeJson({ ok: true, from, to, reexecs: answer.status.reexecs, daemon_pid: answer.status.daemon_pid });
+        else
+          process.stdout.write(
+            `upgraded: aeterna ${from} -> ${to} (pid ${answer.status.daemon_pid}, generation ${answer.status.generation} kept)\n`,
+          );
         return CliExit.OK;
       }
     } catch (err) {
       if ((err as { code?: unknown }).code !== 'E_CONTROL_UNAVAILABLE' || Date.now() > deadline) throw err;
     }
-    if (Date.now() > deadline) throw new Error(`the daemon accepted the upgrade but no re-executed daemon answered within ${UPGRADE_ANSWER_TIMEOUT_MS / 1000} s`);
+    if (Date.now() > deadline)
+      throw new Error(
+        `the daemon accepted the upgrade but no re-executed daemon answered within ${UPGRADE_ANSWER_TIMEOUT_MS / 1000} s`,
+      );
     await new Promise((r) => setTimeout(r, 50));
   }
 }
@@ -180,7 +204,9 @@ function validate(options: { config?: string }): number {
   } catch (err) {
     if (!(err instanceof ConfigError)) return reportError(err, false);
     const count = err.issues.length;
-    process.stderr.write(`aeterna: ${file}: invalid configuration, ${count} issue${count === 1 ? '' : 's'} (E_CONFIG_INVALID)\n${err.message}\n`);
+    process.stderr.write(
+      `aeterna: ${file}: invalid configuration, ${count} issue${count === 1 ? '' : 's'} (E_CONFIG_INVALID)\n${err.message}\n`,
+    );
     return CliExit.CONFIG_INVALID;
   }
   process.stdout.write(`${file}: ok\n`);
@@ -194,7 +220,9 @@ function reportError(err: unknown, json: boolean): number {
   const message = err instanceof Error ? err.message : String(err);
   if (json) writeJson({ error: { code, message } });
   if (err instanceof ConfigError) {
-    process.stderr.write(`aeterna: cannot find the control socket in the config (${code}); pass --socket PATH to reach the daemon without it\n${message}\n`);
+    process.stderr.write(
+      `aeterna: cannot find the control socket in the config (${code}); pass --socket PATH to reach the daemon without it\n${message}\n`,
+    );
   } else {
     process.stderr.write(`aeterna: ${message} (${code})\n`);
   }

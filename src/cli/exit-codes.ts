@@ -15,7 +15,8 @@ export type CliExitCode = (typeof CliExit)[keyof typeof CliExit];
 
 const MEANINGS: { readonly [K in keyof typeof CliExit]: string } = {
   OK: 'done: the new generation was promoted (reload --no-wait: the reload was accepted)',
-  FAILED: 'the reload was rolled back or failed (an invalid config: E_CONFIG_INVALID and every issue), or the daemon refused the request (reason and code on stderr)',
+  FAILED:
+    'the reload was rolled back or failed (an invalid config: E_CONFIG_INVALID and every issue), or the daemon refused the request (reason and code on stderr)',
   USAGE: 'usage error, or the config cannot be read or parsed, or its control.socket_path is invalid',
   NO_DAEMON: 'no daemon answers on the control socket',
   BUSY: 'a reload is already in progress',
@@ -24,7 +25,9 @@ const MEANINGS: { readonly [K in keyof typeof CliExit]: string } = {
 
 /** The table as help text. */
 export function exitCodeHelp(): string {
-  const rows = (Object.keys(CliExit) as Array<keyof typeof CliExit>).map((key) => `  ${String(CliExit[key]).padEnd(4)}${MEANINGS[key]}`);
+  const rows = (Object.keys(CliExit) as Array<keyof typeof CliExit>).map(
+    (key) => `  ${String(CliExit[key]).padEnd(4)}${MEANINGS[key]}`,
+  );
   return `\nExit codes:\n${rows.join('\n')}\n`;
 }
 

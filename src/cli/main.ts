@@ -7,16 +7,20 @@ import { runStart } from './start';
 import { registerControlCommands } from './commands';
 import { CliExit, exitWhenFlushed, tolerateClosedOutput } from './exit-codes';
 
-
 export function buildProgram(): Command {
   const program = new Command('aeterna')
-    .description("Zero-downtime process supervisor: PID 1 that owns the sockets and relays the app's memory across reloads")
+    .description(
+      "Zero-downtime process supervisor: PID 1 that owns the sockets and relays the app's memory across reloads",
+    )
     .version(packageVersion(), '-V, --version');
   program
     .command('start')
     .description('run the configured app as generation 1 and supervise it (as PID 1 in a container)')
     .option('-c, --config <file>', 'config file (default: $AETERNA_CONFIG, ./aeterna.yaml, /etc/aeterna/aeterna.yaml)')
-    .option('--check-handover <version>', 'only say whether this Aeterna can take over that handover version (aeterna upgrade asks), and exit')
+    .option(
+      '--check-handover <version>',
+      'only say whether this Aeterna can take over that handover version (aeterna upgrade asks), and exit',
+    )
     .action(async (options: { config?: string; checkHandover?: string }) => {
       process.exitCode = await runStart(options);
     });

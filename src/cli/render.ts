@@ -43,10 +43,18 @@ export function plainEventLine(event: ReloadEvent): string | null {
 export function describeOutcome(record: ReloadRecord): { ok: boolean; text: string } {
   const took = record.duration_ms === null ? '' : ` in ${formatDuration(record.duration_ms)}`;
   if (record.outcome === 'promoted') {
-    const gen = record.to_generation === null ? '' : `: generation ${record.to_generation}${record.new_pid === null ? '' : ` (pid ${record.new_pid})`} is serving`;
+    const gen =
+      record.to_generation === null
+        ? ''
+        : `: generation ${record.to_generation}${record.new_pid === null ? '' : ` (pid ${record.new_pid})`} is serving`;
     return { ok: true, text: `${record.id} promoted${took}${gen}` };
   }
-  const what = record.outcome === 'rolled_back' ? 'rolled back' : record.outcome === 'failed' ? 'failed' : `ended ${record.outcome}`;
+  const what =
+    record.outcome === 'rolled_back'
+      ? 'rolled back'
+      : record.outcome === 'failed'
+        ? 'failed'
+        : `ended ${record.outcome}`;
   const reason = record.reason ?? 'no reason given';
   const code = record.code ? ` (${record.code})` : '';
   // Several lines (every issue of an invalid config): each on its own line, below the outcome.
@@ -131,21 +139,37 @@ export function formatStatus(status: StatusReport): string {
   const rows: Array<[string, string]> = [];
   rows.push(['state', status.state]);
   rows.push(['service', `${status.service} (strategy ${status.strategy})`]);
-  rows.push(['generation', status.pid === null ? `${status.generation} (not running)` : `${status.generation} (pid ${status.pid})`]);
-  rows.push(['uptime', `${formatDuration(status.uptime_ms)} (daemon pid ${status.daemon_pid}, since ${status.started_at})`]);
+  rows.push([
+    'generation',
+    status.pid === null ? `${status.generation} (not running)` : `${status.generation} (pid ${status.pid})`,
+  ]);
+  rows.push([
+    'uptime',
+    `${formatDuration(status.uptime_ms)} (daemon pid ${status.daemon_pid}, since ${status.started_at})`,
+  ]);
   if (status.listeners.length === 0) rows.push(['listeners', 'none']);
   status.listeners.forEach((l, i) => rows.push([i === 0 ? 'listeners' : '', `${l.name} ${l.address} (fd ${l.fd})`]));
   if (status.config_file) rows.push(['config', describeConfigFile(status.config_file)]);
   if (status.previous) rows.push(['previous', describeGeneration(status.previous)]);
   if (status.candidate) rows.push(['candidate', describeGeneration(status.candidate)]);
-  if (status.canary_weight !== null) rows.push(['canary weight', `${status.canary_weight}% of new connections to the candidate`]);
+  if (status.canary_weight !== null)
+    rows.push(['canary weight', `${status.canary_weight}% of new connections to the candidate`]);
   rows.push(['restarts', String(status.restarts)]);
-  if (status.checkpoint) rows.push(['checkpoint', `seq ${status.checkpoint.seq}, ${formatBytes(status.checkpoint.size)}, ${formatDuration(status.checkpoint.age_ms)} old`]);
-  if (status.fdstore.length > 0) rows.push(['fd store', `${status.fdstore.length} fd(s): ${status.fdstore.join(', ')}`]);
+  if (status.checkpoint)
+    rows.push([
+      'checkpoint',
+      `seq ${status.checkpoint.seq}, ${formatBytes(status.checkpoint.size)}, ${formatDuration(status.checkpoint.age_ms)} old`,
+    ]);
+  if (status.fdstore.length > 0)
+    rows.push(['fd store', `${status.fdstore.length} fd(s): ${status.fdstore.join(', ')}`]);
   rows.push(['last reload', status.last_reload === null ? 'none' : describeLastReload(status.last_reload)]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;
   // A value of several lines continues under its first.
-  return rows.map(([k, v]) => `${k ? `${k}:` : ''}`.padEnd(width) + v.replaceAll('\n', `\n${' '.repeat(width)}`)).join('\n') + '\n';
+  return (
+    rows
+      .map(([k, v]) => `${k ? `${k}:` : ''}`.padEnd(width) + v.replaceAll('\n', `\n${' '.repeat(width)}`))
+      .join('\n') + '\n'
+  );
 }
 
 /** The config file, and whether what Aeterna runs with (the listeners above included) is what it says. */

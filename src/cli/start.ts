@@ -14,7 +14,9 @@ export async function runStart(options: { config?: string; checkHandover?: strin
   if (options.checkHandover !== undefined) {
     // An older `aeterna upgrade` asks the target this before exec'ing it: it loaded, and reads that handover version?
     if (!canReadHandover(options.checkHandover)) {
-      process.stderr.write(`aeterna: cannot read handover version ${options.checkHandover} (this Aeterna reads ${readableVersions()})\n`);
+      process.stderr.write(
+        `aeterna: cannot read handover version ${options.checkHandover} (this Aeterna reads ${readableVersions()})\n`,
+      );
       return ExitCodes.SOFTWARE;
     }
     process.stdout.write(`${checkAnswer(options.checkHandover)}\n`);

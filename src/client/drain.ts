@@ -53,7 +53,9 @@ export function drain(server: http.Server, options: DrainOptions = {}): Promise<
   const idleMs = options.idleMs ?? 1000;
   const sockets = tracked.get(server) ?? new Map<net.Socket, Tracked>();
   // Every response from now on closes its connection after it is sent.
-  server.prependListener('request', (_req: http.IncomingMessage, res: http.ServerResponse) => res.setHeader('connection', 'close'));
+  server.prependListener('request', (_req: http.IncomingMessage, res: http.ServerResponse) =>
+    res.setHeader('connection', 'close'),
+  );
   return new Promise((resolve) => {
     let done = false;
     const finish = (): void => {
@@ -65,12 +67,15 @@ export function drain(server: http.Server, options: DrainOptions = {}): Promise<
     };
     // Stop accepting without net's http override, which would cut idle keep-alive connections at once.
     net.Server.prototype.close.call(server, () => finish());
-    const sweeper = setInterval(() => {
-      const now = Date.now();
-      for (const [socket, entry] of sockets) {
-        if (entry.active === 0 && now - entry.lastActive >= idleMs) socket.end();
-      }
-    }, Math.max(10, Math.floor(idleMs / 4)));
+    const sweeper = setInterval(
+      () => {
+        const now = Date.now();
+        for (const [socket, entry] of sockets) {
+          if (entry.active === 0 && now - entry.lastActive >= idleMs) socket.end();
+        }
+      },
+      Math.max(10, Math.floor(idleMs / 4)),
+    );
     const deadline = options.timeoutMs === undefined ? null : setTimeout(finish, options.timeoutMs);
   });
 }

@@ -13,7 +13,14 @@ import { SrpConnection } from '../srp/connection';
 import { FdStream, drained } from '../srp/fd-stream';
 import { SrpError, closeQuietly, isSealedState, type SrpErrorCode } from '../srp/codec';
 import type { CheckpointRefusal } from '../srp/checkpoint-store';
-import { trailerDigest, type Checksum, type LoadSource, type Message, type StateHeader, type TrailerDigest } from '../srp/messages';
+import {
+  trailerDigest,
+  type Checksum,
+  type LoadSource,
+  type Message,
+  type StateHeader,
+  type TrailerDigest,
+} from '../srp/messages';
 
 export { drain, trackConnections, type DrainOptions } from './drain';
 
@@ -23,7 +30,8 @@ export { drain, trackConnections, type DrainOptions } from './drain';
  * `dump_failed` (the app's callback threw or is missing), `closed` (no connection), `usage` (calls out of order);
  * and a refused checkpoint's: `disabled`, `too_large`, `checksum_mismatch`, `bad_state`.
  */
-export type RelayErrorCode = SrpErrorCode | CheckpointRefusal | 'bad_state' | 'load_failed' | 'dump_failed' | 'closed' | 'usage';
+export type RelayErrorCode =
+  SrpErrorCode | CheckpointRefusal | 'bad_state' | 'load_failed' | 'dump_failed' | 'closed' | 'usage';
 
 export class RelayError extends Error {
   constructor(
@@ -130,7 +138,7 @@ export type DumpCallback = (request: { final: boolean }) => DumpResult | Promise
 /** A sealed memfd holding `data`: hand it over with `{ memfd }` from a dump callback. */
 export function memfdState(data: Buffer, name = 'aeterna-state'): number {
   const fd = native.memfdCreate(name);
-  for (let off = 0; off < data.length; ) off += fs.writeSync(fd, data, off, data.length - off, off);
+  for (let off = 0; off < data.length;) off += fs.writeSync(fd, data, off, data.length - off, off);
   native.sealMemfd(fd);
   return fd;
 }
@@ -230,7 +238,7 @@ class DirectReader {
 
 function readMemfd(fd: number, size: number): Buffer {
   const out = Buffer.allocUnsafe(size);
-  for (let off = 0; off < size; ) {
+  for (let off = 0; off < size;) {
     const n = fs.readSync(fd, out, off, size - off, off);
     if (n === 0) throw new Error(`memfd ended after ${off} of ${size} bytes`);
     off += n;
@@ -298,7 +306,11 @@ export class StateClient {
   private conn: SrpConnection | null = null;
   private maxFrame = 16 << 20;
   private incoming: Incoming | null = null;
-  private initial: { promise: Promise<LoadedState | null>; resolve: (s: LoadedState | null) => void; reject: (e: Error) => void };
+  private initial: {
+    promise: Promise<LoadedState | null>;
+    resolve: (s: LoadedState | null) => void;
+    reject: (e: Error) => void;
+  };
   private initialTaken = false;
   private initialArrived = false;
   private initialAcked = false;
@@ -357,7 +369,10 @@ export class StateClient {
     const conn = new SrpConnection(fd, 1 << 30);
     this.conn = conn;
     const welcomed = new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new RelayError('timeout', `no welcome from Aeterna on ${socketPath} within ${timeoutMs} ms`)), timeoutMs);
+      const timer = setTimeout(
+        () => reject(new RelayError('timeout', `no welcome from Aeterna on ${socketPath} within ${timeoutMs} ms`)),
+        timeoutMs,
+      );
       conn.on('message', (m, fds) => {
         if (m.op === 'welcome') {
           clearTimeout(timer);
@@ -374,7 +389,9 @@ export class StateClient {
         }
         if (m.op === 'error') {
           clearTimeout(timer);
-          reject(new RelayError(m.code as RelayErrorCode, `Aeterna refused the relay connection: ${m.code}: ${m.message}`));
+          reject(
+            new RelayError(m.code as RelayErrorCode, `Aeterna refused the relay connection: ${m.code}: ${m.message}`),
+          );
         }
         this.onMessage(m, fds);
       });
@@ -428,7 +445,11 @@ export class StateClient {
   async checkpoint(state: DumpResult): Promise<number | null> {
     const conn = this.conn;
     if (!conn) return null;
-    if (!this.checkpointsTaken) throw new RelayError('disabled', 'this Aeterna does not store checkpoints (orchestration.state_handoff.checkpoint.enabled is off)');
+    if (!this.checkpointsTaken)
+      throw new RelayError(
+        'disabled',
+        'this Aeterna does not store checkpoints (orchestration.state_handoff.checkpoint.enabled is off)',
+      );
     if (conn.closed) throw new RelayError('closed', 'the relay connection is closed');
     const waiter = { resolve: (_seq: number) => undefined as void, reject: (_err: RelayError) => undefined as void };
     const stored = new Promise<number>((resolve, reject) => Object.assign(waiter, { resolve, reject }));
@@ -455,7 +476,11 @@ export class StateClient {
   /** Tell Aeterna this generation is ready (counts like sd_notify READY=1). Sent once the initial state is acknowledged. */
   ready(): void {
     if (!this.conn || this.readyWanted) return;
-    if (!this.initialTaken) throw new RelayError('usage', 'call load() before ready(): the new generation must take (or refuse) the state first');
+    if (!this.initialTaken)
+      throw new RelayError(
+        'usage',
+        'call load() before ready(): the new generation must take (or refuse) the state first',
+      );
     this.readyWanted = true;
     if (this.initialAcked && !this.conn.closed) this.conn.send({ op: 'ready' });
   }
@@ -501,7 +526,15 @@ export class StateClient {
       case 'load': {
         const named = new Map<string, number>((m.fds ?? []).map((name, i) => [name, fds[i]]));
         const streamed = m.transport === 'memfd' ? 0 : m.size;
-        const incoming: Incoming = { header: m, fds: named, buffer: Buffer.allocUnsafe(streamed), received: 0, hash: new StreamCheck(m.checksum), trailer: null, pair: null };
+        const incoming: Incoming = {
+          header: m,
+          fds: named,
+          buffer: Buffer.allocUnsafe(streamed),
+          received: 0,
+          hash: new StreamCheck(m.checksum),
+          trailer: null,
+          pair: null,
+        };
         this.incoming = incoming;
         if (m.transport === 'direct') {
           incoming.pair = new DirectReader(named.get('direct')!, incoming, () => this.completeWhenWhole());
@@ -535,7 +568,13 @@ export class StateClient {
         const waiter = this.checkpointWaiters.shift();
         if (!waiter) break;
         if (m.seq !== undefined) waiter.resolve(m.seq);
-        else waiter.reject(new RelayError((m.code ?? 'bad_state') as RelayErrorCode, `Aeterna refused the checkpoint: ${m.message ?? m.code ?? 'no reason given'}`));
+        else
+          waiter.reject(
+            new RelayError(
+              (m.code ?? 'bad_state') as RelayErrorCode,
+              `Aeterna refused the checkpoint: ${m.message ?? m.code ?? 'no reason given'}`,
+            ),
+          );
         return;
       }
       case 'ack':
@@ -592,19 +631,31 @@ export class StateClient {
       incoming.fds.delete('state');
       state = makeState(h, null, incoming.fds, memfd);
       const size = fs.fstatSync(memfd).size;
-      if (!isSealedState(memfd)) problem = new RelayError('bad_state', 'the memfd is not sealed with F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW');
-      else if (size !== h.size) problem = new RelayError('bad_state', `the memfd holds ${size} bytes, ${h.size} announced`);
-      else if (h.sha256 && sha256(state.data) !== h.sha256) problem = new RelayError('checksum_mismatch', `the memfd content does not match the announced sha256 ${h.sha256}`);
+      if (!isSealedState(memfd))
+        problem = new RelayError(
+          'bad_state',
+          'the memfd is not sealed with F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW',
+        );
+      else if (size !== h.size)
+        problem = new RelayError('bad_state', `the memfd holds ${size} bytes, ${h.size} announced`);
+      else if (h.sha256 && sha256(state.data) !== h.sha256)
+        problem = new RelayError(
+          'checksum_mismatch',
+          `the memfd content does not match the announced sha256 ${h.sha256}`,
+        );
     } else {
       const data = incoming.buffer;
       state = makeState(h, data, incoming.fds, null);
       const where = h.transport === 'direct' ? ' on the direct socket pair before its end of file' : '';
-      if (incoming.received !== h.size) problem = new RelayError('bad_state', `received ${incoming.received} bytes${where}, ${h.size} announced`);
+      if (incoming.received !== h.size)
+        problem = new RelayError('bad_state', `received ${incoming.received} bytes${where}, ${h.size} announced`);
       else {
         // A trailer of the other kind than the header announced matches nothing (Aeterna never relays one).
-        const expected = h.sha256 ?? (incoming.trailer ? (trailerDigest(incoming.trailer, h.checksum) ?? 'none') : undefined);
+        const expected =
+          h.sha256 ?? (incoming.trailer ? (trailerDigest(incoming.trailer, h.checksum) ?? 'none') : undefined);
         const kind = h.sha256 ? 'sha256' : (h.checksum ?? 'sha256');
-        if (expected !== undefined && incoming.hash.hex() !== expected) problem = new RelayError('checksum_mismatch', `${kind} of the ${h.size} bytes received is not ${expected}`);
+        if (expected !== undefined && incoming.hash.hex() !== expected)
+          problem = new RelayError('checksum_mismatch', `${kind} of the ${h.size} bytes received is not ${expected}`);
       }
     }
     if (problem) {
@@ -653,7 +704,8 @@ export class StateClient {
       result = this.dumpCallback ? await this.dumpCallback({ final }) : null;
     } catch (err) {
       if (pair !== null) closeQuietly(pair);
-      if (conn && !conn.closed) conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', (err as Error).message) });
+      if (conn && !conn.closed)
+        conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', (err as Error).message) });
       return;
     }
     const trailer = this.trailerOffered;
@@ -668,7 +720,13 @@ export class StateClient {
   }
 
   /** `pair`: the direct transport's socket pair end, when the dump offered one; always used or closed here. */
-  private async sendState(conn: SrpConnection, result: DumpResult, trailer: boolean, op: 'state' | 'checkpoint', pair: number | null = null): Promise<void> {
+  private async sendState(
+    conn: SrpConnection,
+    result: DumpResult,
+    trailer: boolean,
+    op: 'state' | 'checkpoint',
+    pair: number | null = null,
+  ): Promise<void> {
     let direct: number | null = null;
     try {
       direct = await this.sendStateVia(conn, result, trailer, op, pair);
@@ -678,7 +736,13 @@ export class StateClient {
   }
 
   /** Returns `pair` when it took the pair (an FdStream then owns it), null otherwise. */
-  private async sendStateVia(conn: SrpConnection, result: DumpResult, trailer: boolean, op: 'state' | 'checkpoint', pair: number | null): Promise<number | null> {
+  private async sendStateVia(
+    conn: SrpConnection,
+    result: DumpResult,
+    trailer: boolean,
+    op: 'state' | 'checkpoint',
+    pair: number | null,
+  ): Promise<number | null> {
     if (result === null || result === undefined) {
       conn.send({ op, size: 0 });
       return null;
@@ -699,7 +763,10 @@ export class StateClient {
       encoding = r.encoding ?? encoding;
       extra = r.fds ?? {};
       knownSha = r.sha256;
-    } else if (!Array.isArray(result) && (Buffer.isBuffer((result as { data?: unknown }).data) || typeof (result as { data?: unknown }).data === 'string')) {
+    } else if (
+      !Array.isArray(result) &&
+      (Buffer.isBuffer((result as { data?: unknown }).data) || typeof (result as { data?: unknown }).data === 'string')
+    ) {
       const r = result as DataResult;
       data = Buffer.isBuffer(r.data) ? r.data : Buffer.from(r.data);
       knownSha = r.sha256; // an app that already has the digest need not hash the state again
@@ -714,12 +781,23 @@ export class StateClient {
     if (names.includes('state')) {
       if (memfd !== null) closeQuietly(memfd);
       if (op === 'checkpoint') throw new RelayError('usage', 'the fd name "state" is reserved for the memfd transport');
-      conn.send({ op: 'ack', ok: false, error: refusal('dump_failed', 'the fd name "state" is reserved for the memfd transport') });
+      conn.send({
+        op: 'ack',
+        ok: false,
+        error: refusal('dump_failed', 'the fd name "state" is reserved for the memfd transport'),
+      });
       return null;
     }
     if (memfd !== null) {
       const size = fs.fstatSync(memfd).size;
-      const header: Message = { op, encoding, size, transport: 'memfd', ...(knownSha ? { sha256: knownSha } : {}), fds: ['state', ...names] };
+      const header: Message = {
+        op,
+        encoding,
+        size,
+        transport: 'memfd',
+        ...(knownSha ? { sha256: knownSha } : {}),
+        fds: ['state', ...names],
+      };
       // The memfd is the SDK's once handed over (the app's other fds stay the app's): closed once sent.
       if (fds.length === 0) {
         conn.send(header, [memfd], { closeFds: true });
@@ -737,7 +815,14 @@ export class StateClient {
     const frameSize = Math.min(1 << 20, this.maxFrame);
     // The offered cheaper check, unless the app gave its own SHA-256 (then nothing is hashed here).
     const checksum = op === 'state' && knownSha === undefined ? this.checksumOffered : undefined;
-    const announced = { op, encoding, size: bytes.length, trailer: true as const, ...(checksum ? { checksum } : {}), ...(names.length ? { fds: names } : {}) };
+    const announced = {
+      op,
+      encoding,
+      size: bytes.length,
+      trailer: true as const,
+      ...(checksum ? { checksum } : {}),
+      ...(names.length ? { fds: names } : {}),
+    };
     if (pair !== null && trailer && bytes.length > 0 && op === 'state') {
       await this.sendDirect(conn, pair, bytes, { ...announced, transport: 'direct' }, fds, knownSha);
       return pair;
@@ -755,7 +840,13 @@ export class StateClient {
       if (!conn.closed) conn.send(check.trailer());
       return null;
     }
-    const header: Message = { op, encoding, size: bytes.length, ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}), ...(names.length ? { fds: names } : {}) };
+    const header: Message = {
+      op,
+      encoding,
+      size: bytes.length,
+      ...(bytes.length > 0 ? { sha256: knownSha ?? sha256(bytes) } : {}),
+      ...(names.length ? { fds: names } : {}),
+    };
     conn.send(header, fds);
     if (bytes.length > 0) conn.sendData(bytes, frameSize);
     return null;
@@ -767,7 +858,14 @@ export class StateClient {
    * of file), then the digest in a trailer here. A receiver that went away ends the writing; the trailer is
    * sent all the same (the receiver, if any, refuses the short state), so the connection stays in step.
    */
-  private async sendDirect(conn: SrpConnection, pair: number, bytes: Buffer, header: Message & { checksum?: Checksum }, fds: number[], knownSha: string | undefined): Promise<void> {
+  private async sendDirect(
+    conn: SrpConnection,
+    pair: number,
+    bytes: Buffer,
+    header: Message & { checksum?: Checksum },
+    fds: number[],
+    knownSha: string | undefined,
+  ): Promise<void> {
     const out = new FdStream(pair);
     out.pause(); // nothing comes from the receiver on the pair
     out.on('error', () => undefined); // EPIPE: the receiver is gone; the stream closes itself
@@ -799,5 +897,8 @@ export class StateClient {
 /** Why the connection ended, as a RelayError: the protocol's code when it was a protocol error, else `closed`. */
 function closedError(err: Error | null): RelayError {
   if (err instanceof SrpError) return new RelayError(err.code, err.message);
-  return new RelayError('closed', err ? `the relay connection failed: ${err.message}` : 'Aeterna closed the relay connection');
+  return new RelayError(
+    'closed',
+    err ? `the relay connection failed: ${err.message}` : 'Aeterna closed the relay connection',
+  );
 }

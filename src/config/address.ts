@@ -104,6 +104,7 @@ function splitHostPort(text: string, whole: string, form: string): { host: strin
 function checkHost(host: string): string | null {
   if (host === '' || isIPv4(host)) return null;
   if (/^[0-9.]+$/.test(host)) return `host "${host}" is not a valid IPv4 address`;
-  if (!HOST_NAME_RE.test(host)) return `host "${host}" must be a host name, an IPv4 address or an IPv6 address in brackets`;
+  if (!HOST_NAME_RE.test(host))
+    return `host "${host}" must be a host name, an IPv4 address or an IPv6 address in brackets`;
   return null;
 }

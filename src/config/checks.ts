@@ -10,7 +10,6 @@ import type { CheckContext } from './spec';
 import type { ListenAddress } from './types';
 import { RESERVED_ENV } from '../app-env';
 
-
 export function checkListener(listener: { address?: ListenAddress | undefined }, context: CheckContext): void {
   if (listener.address?.kind === 'tcp' && context.given('mode')) {
     context.report('mode', `applies only to unix:// listeners (got it on "${listener.address.raw}"); remove it`, 'key');
@@ -48,7 +47,10 @@ export function checkListeners(listeners: MaybeListener[], context: CheckContext
   });
 }
 
-export function checkService(service: { stdin_listener?: string | undefined; listeners?: MaybeListener[] | undefined }, context: CheckContext): void {
+export function checkService(
+  service: { stdin_listener?: string | undefined; listeners?: MaybeListener[] | undefined },
+  context: CheckContext,
+): void {
   const name = service.stdin_listener;
   if (name === undefined || service.listeners === undefined) return;
   if (service.listeners.some((listener) => listener?.name === name)) return;
@@ -69,7 +71,11 @@ export function checkEnv(entries: (string | undefined)[], context: CheckContext)
     }
     const first = seen.get(key);
     if (first === undefined) seen.set(key, index);
-    else context.report(`[${index}]`, `${key} is already set at ${context.where(`[${first}]`)}; each KEY may appear once (got "${entry}")`);
+    else
+      context.report(
+        `[${index}]`,
+        `${key} is already set at ${context.where(`[${first}]`)}; each KEY may appear once (got "${entry}")`,
+      );
   });
 }
 
@@ -85,7 +91,11 @@ export function checkReadiness(
   ];
   for (const [key, mode] of modeOnly) {
     if (readiness.mode !== mode && context.given(key)) {
-      context.report(key, `applies only to mode ${mode} (got it with mode ${readiness.mode}); remove it or set mode: ${mode}`, 'key');
+      context.report(
+        key,
+        `applies only to mode ${mode} (got it with mode ${readiness.mode}); remove it or set mode: ${mode}`,
+        'key',
+      );
     }
   }
   if (readiness.mode === 'exec' && !context.given('command')) {
@@ -108,7 +118,10 @@ export function checkConfig(
   config: {
     service?: { listeners?: MaybeListener[] | undefined } | undefined;
     orchestration?:
-      | { state_handoff?: { enabled?: boolean | undefined; socket_path?: string | undefined } | undefined; canary?: object | undefined }
+      | {
+          state_handoff?: { enabled?: boolean | undefined; socket_path?: string | undefined } | undefined;
+          canary?: object | undefined;
+        }
       | undefined;
     control?: { socket_path?: string | undefined } | undefined;
   },
@@ -116,10 +129,14 @@ export function checkConfig(
 ): void {
   // Every socket Aeterna binds needs its own path: a second bind would fail, or unlink the first.
   const stateHandoff = config.orchestration?.state_handoff;
-  const sockets: [keyPath: string, socketPath: string | undefined][] = [['control.socket_path', config.control?.socket_path]];
-  if (stateHandoff?.enabled === true) sockets.push(['orchestration.state_handoff.socket_path', stateHandoff.socket_path]);
+  const sockets: [keyPath: string, socketPath: string | undefined][] = [
+    ['control.socket_path', config.control?.socket_path],
+  ];
+  if (stateHandoff?.enabled === true)
+    sockets.push(['orchestration.state_handoff.socket_path', stateHandoff.socket_path]);
   config.service?.listeners?.forEach((listener, index) => {
-    if (listener?.address?.kind === 'unix') sockets.push([`service.listeners[${index}].address`, listener.address.path]);
+    if (listener?.address?.kind === 'unix')
+      sockets.push([`service.listeners[${index}].address`, listener.address.path]);
   });
   // A reuseport group, which the weighted split steers, exists only for TCP.
   if (config.orchestration?.canary !== undefined) {
@@ -138,7 +155,11 @@ export function checkConfig(
     if (socketPath === undefined) continue;
     const owner = owners.get(socketPath);
     if (owner === undefined) owners.set(socketPath, keyPath);
-    else context.report(keyPath, `socket path "${socketPath}" is already used by ${owner}; each socket needs its own path`);
+    else
+      context.report(
+        keyPath,
+        `socket path "${socketPath}" is already used by ${owner}; each socket needs its own path`,
+      );
   }
 }
 

@@ -22,7 +22,12 @@ export function parseDuration(text: string): number | null {
   if (text === '' || match === null) return null;
   const [, h, m, s, ms] = match;
   let total = 0;
-  for (const [part, unit] of [[h, 'h'], [m, 'm'], [s, 's'], [ms, 'ms']] as const) {
+  for (const [part, unit] of [
+    [h, 'h'],
+    [m, 'm'],
+    [s, 's'],
+    [ms, 'ms'],
+  ] as const) {
     if (part !== undefined) total += Number(part.slice(0, -unit.length)) * UNIT_MS[unit];
   }
   return Number.isSafeInteger(total) ? total : null;

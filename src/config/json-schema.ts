@@ -56,7 +56,11 @@ function shapeOf(spec: Spec): JsonSchema {
         ],
       };
     case 'list':
-      return { type: 'array', items: toJsonSchema(spec.items), ...(spec.minItems > 0 ? { minItems: spec.minItems } : {}) };
+      return {
+        type: 'array',
+        items: toJsonSchema(spec.items),
+        ...(spec.minItems > 0 ? { minItems: spec.minItems } : {}),
+      };
     case 'object': {
       const properties: Record<string, JsonSchema> = {};
       const required: string[] = [];
@@ -89,7 +93,8 @@ function shapeOf(spec: Spec): JsonSchema {
 
 /** Bounds a pattern cannot carry, stated where editors show them. */
 function rangeNote(spec: Spec): string {
-  if (spec.kind === 'duration') return ` Range: ${formatDuration(spec.minimumMs)} to ${formatDuration(spec.maximumMs)}.`;
+  if (spec.kind === 'duration')
+    return ` Range: ${formatDuration(spec.minimumMs)} to ${formatDuration(spec.maximumMs)}.`;
   if (spec.kind === 'size') return ` Range: ${formatSize(spec.minimumBytes)} to ${formatSize(spec.maximumBytes)}.`;
   return '';
 }

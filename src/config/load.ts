@@ -46,7 +46,11 @@ const TOO_LARGE = `is larger than 1MiB (${MAX_CONFIG_BYTES} bytes); refusing to 
 const CONTROL_SOCKET_KEY = 'control.socket_path';
 
 /** Where the config is: -c/--config, else $AETERNA_CONFIG, else ./aeterna.yaml if it exists, else /etc/aeterna/aeterna.yaml. */
-export function resolveConfigPath(explicit?: string, env: NodeJS.ProcessEnv = process.env, cwd = process.cwd()): string {
+export function resolveConfigPath(
+  explicit?: string,
+  env: NodeJS.ProcessEnv = process.env,
+  cwd = process.cwd(),
+): string {
   if (explicit !== undefined && explicit !== '') return explicit;
   const fromEnv = env['AETERNA_CONFIG'];
   if (fromEnv !== undefined && fromEnv !== '') return fromEnv;
@@ -98,7 +102,10 @@ export function parseControlSocketPath(source: string, file: string): string {
   // YAML-level issues elsewhere in the file (a duplicate key, a bad alias) do not matter here.
   const issues = treeIssues.filter((issue) => issue.path === 'control' || issue.path === CONTROL_SOCKET_KEY);
   const written = new Set<string>();
-  const onlyTheKey = keepOnly(tree ?? { kind: 'map', entries: [], pos: { line: 1, column: 1 } }, CONTROL_SOCKET_KEY.split('.'));
+  const onlyTheKey = keepOnly(
+    tree ?? { kind: 'map', entries: [], pos: { line: 1, column: 1 } },
+    CONTROL_SOCKET_KEY.split('.'),
+  );
   const validated = validateTree(controlSocketSchema, onlyTheKey, baseDirOf(file), issues, written);
   // No issue on the key itself yet a failure: the key's node was already reported (e.g. too many values); say everything.
   if (validated === undefined || issues.length > 0) throw configError(file, issues.length > 0 ? issues : treeIssues);
@@ -117,14 +124,24 @@ function parseTree(source: string, file: string, issues: Issue[]): Located | nul
 function keepOnly(node: Located, keys: readonly string[]): Located {
   const [key, ...rest] = keys;
   if (key === undefined || node.kind !== 'map') return node;
-  const entries = node.entries.filter((entry) => entry.key === key).map((entry) => ({ ...entry, value: keepOnly(entry.value, rest) }));
+  const entries = node.entries
+    .filter((entry) => entry.key === key)
+    .map((entry) => ({ ...entry, value: keepOnly(entry.value, rest) }));
   return { ...node, entries };
 }
 
 function configError(file: string, issues: Issue[]): ConfigError {
   // In file order, as a reader fixes them; sort is stable for issues at the same spot.
   issues.sort((a, b) => a.pos.line - b.pos.line || a.pos.column - b.pos.column);
-  return new ConfigError(issues.map(({ pos, path: keyPath, message }) => ({ file, line: pos.line, column: pos.column, path: keyPath, message })));
+  return new ConfigError(
+    issues.map(({ pos, path: keyPath, message }) => ({
+      file,
+      line: pos.line,
+      column: pos.column,
+      path: keyPath,
+      message,
+    })),
+  );
 }
 
 function baseDirOf(file: string): string {
@@ -153,7 +170,11 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
       ...(service.stdin_listener === undefined ? {} : { stdinListener: service.stdin_listener }),
       stopTimeoutMs: service.stop_timeout,
       cgroups: service.cgroups,
-      restart: { policy: service.restart.policy, maxRestarts: service.restart.max_restarts, windowMs: service.restart.window },
+      restart: {
+        policy: service.restart.policy,
+        maxRestarts: service.restart.max_restarts,
+        windowMs: service.restart.window,
+      },
       fdstoreMax: service.fdstore_max,
       watchdogMs: service.watchdog ?? null,
     },
@@ -169,16 +190,30 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
       },
       stateHandoff: {
         enabled: stateHandoff.enabled,
-        socketPath: defaultedSocketPath(written, 'orchestration.state_handoff.socket_path', stateHandoff.socket_path, DEFAULT_STATE_SOCKET),
+        socketPath: defaultedSocketPath(
+          written,
+          'orchestration.state_handoff.socket_path',
+          stateHandoff.socket_path,
+          DEFAULT_STATE_SOCKET,
+        ),
         timeoutMs: stateHandoff.timeout,
         maxFrameBytes: stateHandoff.max_frame,
         onDumpFailure: stateHandoff.on_dump_failure,
-        checkpoint: { enabled: stateHandoff.checkpoint.enabled, path: stateHandoff.checkpoint.path ?? null, maxSizeBytes: stateHandoff.checkpoint.max_size },
+        checkpoint: {
+          enabled: stateHandoff.checkpoint.enabled,
+          path: stateHandoff.checkpoint.path ?? null,
+          maxSizeBytes: stateHandoff.checkpoint.max_size,
+        },
       },
-      watch: orchestration.watch === undefined ? null : { paths: orchestration.watch.paths, debounceMs: orchestration.watch.debounce },
+      watch:
+        orchestration.watch === undefined
+          ? null
+          : { paths: orchestration.watch.paths, debounceMs: orchestration.watch.debounce },
       canary: orchestration.canary ?? null,
     },
-    control: { socketPath: defaultedSocketPath(written, CONTROL_SOCKET_KEY, control.socket_path, DEFAULT_CONTROL_SOCKET) },
+    control: {
+      socketPath: defaultedSocketPath(written, CONTROL_SOCKET_KEY, control.socket_path, DEFAULT_CONTROL_SOCKET),
+    },
     observability: { metrics: observability.metrics_port ?? null, logLevel: observability.log_level },
   };
 }
@@ -195,7 +230,11 @@ function readBounded(file: string): string {
     // Out of fds is not a problem of the file: say what it is, so nobody goes looking for a config error.
     if (isFdExhaustion(error)) {
       const code = (error as NodeJS.ErrnoException).code;
-      throw new AeternaError('E_RESOURCE_EXHAUSTED', `cannot read ${file}: out of file descriptors (${code}); raise the fd limit (ulimit -n) or find what holds them`, { cause: error });
+      throw new AeternaError(
+        'E_RESOURCE_EXHAUSTED',
+        `cannot read ${file}: out of file descriptors (${code}); raise the fd limit (ulimit -n) or find what holds them`,
+        { cause: error },
+      );
     }
     return fail(`cannot read: ${(error as Error).message}`);
   };
@@ -203,7 +242,8 @@ function readBounded(file: string): string {
   try {
     fd = openRegularFile(file).fd;
   } catch (error) {
-    if (error instanceof NotARegularFile) return fail(`${error.kind}, not a regular file: Aeterna reads its config only from a regular file`);
+    if (error instanceof NotARegularFile)
+      return fail(`${error.kind}, not a regular file: Aeterna reads its config only from a regular file`);
     return cannotRead(error);
   }
   try {

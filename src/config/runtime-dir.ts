@@ -28,7 +28,11 @@ export function defaultRuntimeDir(uid = process.getuid!(), env: NodeJS.ProcessEn
  */
 export function ensurePrivateRuntimeDir(dir: string, uid = process.getuid!()): void {
   const fail = (why: string, cause?: unknown): never => {
-    throw new AeternaError('E_LISTEN_FAILED', `the runtime directory ${dir} ${why}; remove it, or set control.socket_path (and orchestration.state_handoff.socket_path) to paths this user owns`, { cause });
+    throw new AeternaError(
+      'E_LISTEN_FAILED',
+      `the runtime directory ${dir} ${why}; remove it, or set control.socket_path (and orchestration.state_handoff.socket_path) to paths this user owns`,
+      { cause },
+    );
   };
   try {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -38,5 +42,6 @@ export function ensurePrivateRuntimeDir(dir: string, uid = process.getuid!()): v
   const stat = fs.lstatSync(dir);
   if (!stat.isDirectory()) fail('is not a directory');
   if (stat.uid !== uid) fail(`belongs to uid ${stat.uid}, not to this user (uid ${uid})`);
-  if ((stat.mode & 0o077) !== 0) fail(`is accessible to other users (mode ${(stat.mode & 0o777).toString(8)}, expected 700)`);
+  if ((stat.mode & 0o077) !== 0)
+    fail(`is accessible to other users (mode ${(stat.mode & 0o777).toString(8)}, expected 700)`);
 }

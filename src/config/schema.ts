@@ -3,14 +3,7 @@
 // are inferred from it. Rules JSON Schema cannot express are the `check`s
 // (checks.ts); each is also stated in the description of the key it governs.
 
-import {
-  checkConfig,
-  checkEnv,
-  checkListener,
-  checkListeners,
-  checkReadiness,
-  checkService,
-} from './checks';
+import { checkConfig, checkEnv, checkListener, checkListeners, checkReadiness, checkService } from './checks';
 import { RESERVED_ENV } from '../app-env';
 import {
   account,
@@ -36,7 +29,8 @@ import {
 import { DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_SOCKET, ROOT_RUNTIME_DIR } from './runtime-dir';
 
 const RELATIVE = 'A relative path is taken relative to the directory of the config file.';
-const NON_ROOT_DEFAULT = 'The default is for root; as another user it is the same file name in $XDG_RUNTIME_DIR/aeterna, or in /tmp/aeterna-<uid> (created 0700).';
+const NON_ROOT_DEFAULT =
+  'The default is for root; as another user it is the same file name in $XDG_RUNTIME_DIR/aeterna, or in /tmp/aeterna-<uid> (created 0700).';
 
 /** One argv word: execve cannot take an empty or NUL-containing one. */
 const argvWord = string({ description: 'One argument, passed as is (no shell: no quoting, globbing or $VARS).' });
@@ -66,12 +60,17 @@ const listener = object({
       }),
     ),
     backlog: withDefault(
-      integer({ description: 'Length of the queue of not yet accepted connections (listen(2) backlog).', minimum: 1, maximum: 65535 }),
+      integer({
+        description: 'Length of the queue of not yet accepted connections (listen(2) backlog).',
+        minimum: 1,
+        maximum: 65535,
+      }),
       1024,
     ),
     mode: withDefault(
       fileMode({
-        description: 'File mode of a unix socket, as a quoted octal string. Only for unix:// addresses: an error on a tcp listener.',
+        description:
+          'File mode of a unix socket, as a quoted octal string. Only for unix:// addresses: an error on a tcp listener.',
         example: '0660',
       }),
       '0660',
@@ -85,7 +84,8 @@ const restart = object({
   fields: {
     policy: withDefault(
       oneOf({
-        description: 'always: restart on any exit; on-failure: restart unless it exited with status 0; never: Aeterna exits with the app.',
+        description:
+          'always: restart on any exit; on-failure: restart unless it exited with status 0; never: Aeterna exits with the app.',
         values: ['always', 'on-failure', 'never'],
       }),
       'on-failure',
@@ -146,7 +146,10 @@ const service = object({
       [],
     ),
     cwd: optional(
-      directory({ description: `Working directory of the app; Aeterna's own when absent. ${RELATIVE}`, example: '/app' }),
+      directory({
+        description: `Working directory of the app; Aeterna's own when absent. ${RELATIVE}`,
+        example: '/app',
+      }),
     ),
     user: optional(
       account({
@@ -176,7 +179,7 @@ const service = object({
     stdin_listener: optional(
       string({
         description:
-          'Name of a listener Aeterna also places at fd 0 (stdin), as systemd\'s StandardInput=socket does for inetd-style ' +
+          "Name of a listener Aeterna also places at fd 0 (stdin), as systemd's StandardInput=socket does for inetd-style " +
           "programs: Java's System.inheritedChannel() then returns it as a ServerSocketChannel. It stays at its fd 3.. " +
           'position too, with LISTEN_FDS as usual. Must name one of service.listeners.',
         form: 'the name of a listener in service.listeners',
@@ -197,7 +200,7 @@ const service = object({
     fdstore_max: withDefault(
       integer({
         description:
-          'How many fds the app may park with Aeterna (sd_notify FDSTORE=1, as systemd\'s FileDescriptorStoreMax=); ' +
+          "How many fds the app may park with Aeterna (sd_notify FDSTORE=1, as systemd's FileDescriptorStoreMax=); " +
           'every later generation gets them after the listeners, in LISTEN_FDS and LISTEN_FDNAMES. 0: no fd store.',
         minimum: 0,
         maximum: 4096,
@@ -207,7 +210,7 @@ const service = object({
     watchdog: optional(
       duration({
         description:
-          'As systemd\'s WatchdogSec=: a ready generation must send WATCHDOG=1 within this interval (it gets WATCHDOG_USEC ' +
+          "As systemd's WatchdogSec=: a ready generation must send WATCHDOG=1 within this interval (it gets WATCHDOG_USEC " +
           'and WATCHDOG_PID), or it gets SIGABRT (SIGKILL after stop_timeout) and counts as crashed. Absent: no watchdog.',
         minimum: '1ms',
         maximum: '24h',
@@ -216,7 +219,7 @@ const service = object({
     cgroups: withDefault(
       boolean({
         description:
-          'Put each generation in a cgroup (v2) of its own, below Aeterna\'s cgroup, where the hierarchy is writable: ' +
+          "Put each generation in a cgroup (v2) of its own, below Aeterna's cgroup, where the hierarchy is writable: " +
           'every process of a generation, daemonized ones included, is then ended with it. false, or where cgroups ' +
           'cannot be created: process group, session and AETERNA_GENERATION only (see docs/security.md). Read at start.',
       }),
@@ -250,12 +253,17 @@ const readiness = object({
       '30s',
     ),
     delay: withDefault(
-      duration({ description: 'mode delay only: how long the app must stay up to count as ready.', minimum: '0s', maximum: '24h' }),
+      duration({
+        description: 'mode delay only: how long the app must stay up to count as ready.',
+        minimum: '0s',
+        maximum: '24h',
+      }),
       '1s',
     ),
     command: optional(
       list({
-        description: 'mode exec only (and required there): the probe argv, run without a shell until it exits with status 0.',
+        description:
+          'mode exec only (and required there): the probe argv, run without a shell until it exits with status 0.',
         items: argvWord,
         minItems: 1,
         form: 'a non-empty list of strings',
@@ -315,7 +323,10 @@ const stateHandoff = object({
           "Checkpoints: the app's SDK stores its latest state in Aeterna (relay.checkpoint()), and a generation started " +
           'with no live predecessor (a restart after a crash, kill -9, OOM or watchdog) loads it instead of an empty state.',
         fields: {
-          enabled: withDefault(boolean({ description: 'Whether apps may store checkpoints (announced to them in welcome).' }), false),
+          enabled: withDefault(
+            boolean({ description: 'Whether apps may store checkpoints (announced to them in welcome).' }),
+            false,
+          ),
           path: optional(
             fsPath({
               description: `File the latest checkpoint is also written to, durably, before it is acknowledged. ${RELATIVE} Absent: kept in memory only.`,
@@ -324,7 +335,8 @@ const stateHandoff = object({
           ),
           max_size: withDefault(
             size({
-              description: 'Largest checkpoint accepted; a larger one is refused (code too_large) and the previous one kept.',
+              description:
+                'Largest checkpoint accepted; a larger one is refused (code too_large) and the previous one kept.',
               minimumBytes: 1,
               maximumBytes: 64 * 1024 ** 3,
               example: '1GiB',
@@ -369,13 +381,17 @@ const canary = object({
   description:
     'strategy canary: a weighted split of new TCP connections during the soak. Each generation gets its own socket ' +
     'of an SO_REUSEPORT group (same fd, same LISTEN_FDNAMES) and a classic BPF program picks the socket of each new ' +
-    'connection; promote and rollback steer every new connection to the winner and wait for the loser\'s accept ' +
+    "connection; promote and rollback steer every new connection to the winner and wait for the loser's accept " +
     'queue to empty before stopping it. Needs Linux 4.5 or later (SO_ATTACH_REUSEPORT_CBPF): otherwise ' +
     'E_CANARY_UNSUPPORTED at start or reload. TCP listeners only: a unix listener is an error. Absent: both ' +
     'generations accept on one shared socket, the split is whatever their accept loops make of it.',
   fields: {
     weight: required(
-      integer({ description: 'Percentage of new TCP connections the new generation receives during the soak.', minimum: 1, maximum: 99 }),
+      integer({
+        description: 'Percentage of new TCP connections the new generation receives during the soak.',
+        minimum: 1,
+        maximum: 99,
+      }),
     ),
     affinity: withDefault(
       oneOf({
@@ -422,7 +438,9 @@ const control = object({
   description: 'The control socket the aeterna CLI talks to.',
   fields: {
     socket_path: withDefault(
-      socketPath({ description: `Unix socket of the control API; must differ from the other socket paths. ${RELATIVE} ${NON_ROOT_DEFAULT}` }),
+      socketPath({
+        description: `Unix socket of the control API; must differ from the other socket paths. ${RELATIVE} ${NON_ROOT_DEFAULT}`,
+      }),
       `${ROOT_RUNTIME_DIR}/${DEFAULT_CONTROL_SOCKET}`,
     ),
   },

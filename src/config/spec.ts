@@ -111,7 +111,9 @@ export function withDefault<T>(spec: Spec<T>, value: unknown): { presence: 'defa
 // NoInfer in builders: a check's parameter type must not narrow the inferred value type.
 type Meta<T> = Omit<SpecBase<T>, '__type'>;
 
-export function string(meta: Meta<string> & { pattern?: string; maxLength?: number; allowEmpty?: boolean }): Spec<string> {
+export function string(
+  meta: Meta<string> & { pattern?: string; maxLength?: number; allowEmpty?: boolean },
+): Spec<string> {
   return { kind: 'string', ...meta };
 }
 
@@ -151,7 +153,9 @@ export function listenAddress(meta: Meta<ListenAddress>): Spec<ListenAddress> {
   return { kind: 'listenAddress', ...meta };
 }
 
-export function hostPort(meta: Meta<{ host: string; port: number } | null>): Spec<{ host: string; port: number } | null> {
+export function hostPort(
+  meta: Meta<{ host: string; port: number } | null>,
+): Spec<{ host: string; port: number } | null> {
   return { kind: 'hostPort', ...meta };
 }
 

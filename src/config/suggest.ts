@@ -32,14 +32,15 @@ function editDistance(a: string, b: string): number {
     rows.push([i]);
     for (let j = 1; j <= b.length; j++) {
       if (i === 0) {
-        rows[0]!.push(j);
+        rows[0].push(j);
         continue;
       }
       const cost = a[i - 1] === b[j - 1] ? 0 : 1;
-      let value = Math.min(rows[i - 1]![j]! + 1, rows[i]![j - 1]! + 1, rows[i - 1]![j - 1]! + cost);
-      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) value = Math.min(value, rows[i - 2]![j - 2]! + 1);
-      rows[i]!.push(value);
+      let value = Math.min(rows[i - 1][j] + 1, rows[i][j - 1] + 1, rows[i - 1][j - 1] + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1])
+        value = Math.min(value, rows[i - 2][j - 2] + 1);
+      rows[i].push(value);
     }
   }
-  return rows[a.length]![b.length]!;
+  return rows[a.length][b.length];
 }

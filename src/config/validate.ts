@@ -21,7 +21,13 @@ export interface Issue {
  * Validates `root` against `spec`; returns undefined when issues were added (the value would be partial).
  * `written`, when given, receives the key paths the file itself wrote (the others were defaulted).
  */
-export function validateTree<T>(spec: Spec<T>, root: Located, baseDir: string, issues: Issue[], written?: Set<string>): T | undefined {
+export function validateTree<T>(
+  spec: Spec<T>,
+  root: Located,
+  baseDir: string,
+  issues: Issue[],
+  written?: Set<string>,
+): T | undefined {
   const before = issues.length;
   const validator = new Validator(spec, baseDir, issues);
   const value = validator.run(root);
@@ -76,7 +82,7 @@ class Validator {
   private validate(spec: Spec, node: Located, path: string): Result {
     if (node.kind === 'broken') return INVALID;
     const value = this.convert(spec, node, path);
-    if (value !== INVALID && spec.check) spec.check(value as never, this.checkContext(path));
+    if (value !== INVALID && spec.check) spec.check(value, this.checkContext(path));
     return value;
   }
 
@@ -106,7 +112,8 @@ class Validator {
         const text = this.text(spec, node, path);
         if (text === INVALID) return INVALID;
         const ms = parseDuration(text);
-        if (ms === null) return this.mismatch(spec, node, path, text.startsWith('-') ? '; durations cannot be negative' : '');
+        if (ms === null)
+          return this.mismatch(spec, node, path, text.startsWith('-') ? '; durations cannot be negative' : '');
         if (ms < spec.minimumMs) return this.outOfRange(node, path, `at least ${formatDuration(spec.minimumMs)}`);
         if (ms > spec.maximumMs) return this.outOfRange(node, path, `at most ${formatDuration(spec.maximumMs)}`);
         return ms;
@@ -117,7 +124,11 @@ class Validator {
         const bytes = parseSize(raw);
         if (bytes === null) return this.mismatch(spec, node, path);
         if (bytes < spec.minimumBytes || bytes > spec.maximumBytes) {
-          return this.outOfRange(node, path, `from ${formatSize(spec.minimumBytes)} to ${formatSize(spec.maximumBytes)}`);
+          return this.outOfRange(
+            node,
+            path,
+            `from ${formatSize(spec.minimumBytes)} to ${formatSize(spec.maximumBytes)}`,
+          );
         }
         return bytes;
       }
@@ -134,7 +145,8 @@ class Validator {
         if (raw === INVALID) return INVALID;
         // A digit string is an id: no sane account is named "1000", and ids need no lookup.
         const id = typeof raw === 'number' ? raw : /^[0-9]+$/.test(raw) ? Number(raw) : null;
-        if (id !== null) return Number.isInteger(id) && id >= 0 && id <= ACCOUNT_ID_MAX ? id : this.mismatch(spec, node, path);
+        if (id !== null)
+          return Number.isInteger(id) && id >= 0 && id <= ACCOUNT_ID_MAX ? id : this.mismatch(spec, node, path);
         return new RegExp(ACCOUNT_NAME_PATTERN).test(raw as string) ? raw : this.mismatch(spec, node, path);
       }
       case 'listenAddress': {
@@ -167,7 +179,12 @@ class Validator {
         if (text === INVALID) return INVALID;
         const tooLong = spec.maxLength !== undefined && text.length > spec.maxLength;
         if (tooLong || (spec.pattern !== undefined && !new RegExp(spec.pattern, 'u').test(text))) {
-          return this.mismatch(spec, node, path, tooLong ? `, ${text.length} characters long; the limit is ${spec.maxLength}` : '');
+          return this.mismatch(
+            spec,
+            node,
+            path,
+            tooLong ? `, ${text.length} characters long; the limit is ${spec.maxLength}` : '',
+          );
         }
         return text;
       }
@@ -175,7 +192,12 @@ class Validator {
   }
 
   /** The node as a string: a type error unless it is one, non-empty unless allowed, and free of NUL bytes. */
-  private text(spec: Spec, node: Located, path: string, options: { allowEmpty?: boolean } = {}): string | typeof INVALID {
+  private text(
+    spec: Spec,
+    node: Located,
+    path: string,
+    options: { allowEmpty?: boolean } = {},
+  ): string | typeof INVALID {
     if (node.kind !== 'scalar' || typeof node.value !== 'string') return this.mismatch(spec, node, path);
     if (node.value === '' && !options.allowEmpty) return this.mismatch(spec, node, path);
     if (node.value.includes('\0')) {
@@ -234,7 +256,8 @@ class Validator {
     const suggestion = closest(key, siblings);
     if (suggestion !== undefined) return `unknown key "${key}" (did you mean "${suggestion}"?)`;
     const homes = (this.keyHomes.get(key) ?? []).filter((home) => home !== parentPath.replace(/\[\d+\]/g, '[]'));
-    if (homes.length > 0) return `unknown key "${key}" here; it belongs in ${homes.map((home) => home || 'the top level').join(' or ')}`;
+    if (homes.length > 0)
+      return `unknown key "${key}" here; it belongs in ${homes.map((home) => home || 'the top level').join(' or ')}`;
     return `unknown key "${key}"; expected one of ${siblings.join(', ')}`;
   }
 

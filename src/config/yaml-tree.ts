@@ -3,7 +3,7 @@
 // errors, duplicate and non-string keys, aliases, tags. The validator then works
 // on this tree only, and so can run defaults through the same code path.
 
-import { isAlias, isMap, isScalar, isSeq, LineCounter, parseDocument, type Document, type Node } from 'yaml';
+import { isAlias, isMap, isScalar, isSeq, LineCounter, parseDocument, type Node } from 'yaml';
 
 export interface Position {
   line: number;
@@ -58,7 +58,8 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
     if (node === null || node === undefined) return { kind: 'scalar', value: null, pos: fallback };
     const pos = node.range ? at(node.range[0]) : fallback;
     if (++nodes > MAX_NODES) {
-      if (nodes === MAX_NODES + 1) report(pos, path, `too many values (more than ${MAX_NODES}, counting alias expansions)`);
+      if (nodes === MAX_NODES + 1)
+        report(pos, path, `too many values (more than ${MAX_NODES}, counting alias expansions)`);
       return { kind: 'broken', pos };
     }
     if (within.size >= MAX_DEPTH) {
@@ -66,7 +67,7 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
       return { kind: 'broken', pos };
     }
     if (isAlias(node)) {
-      const target = node.resolve(doc as Document);
+      const target = node.resolve(doc);
       if (target !== undefined && within.has(target)) {
         report(pos, path, `alias *${node.source} refers to a value that contains it (a circular alias)`);
         return { kind: 'broken', pos };
@@ -88,6 +89,7 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
       if (value === null || typeof value === 'string' || typeof value === 'number' || typeof value === 'boolean') {
         return { kind: 'scalar', value, pos };
       }
+      // eslint-disable-next-line @typescript-eslint/no-base-to-string -- whatever YAML made of it, the message shows it
       report(pos, path, `unsupported value ${String(value)}; quote it to make it a string`);
       return { kind: 'broken', pos };
     }
@@ -104,6 +106,7 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
           report(keyPos, path, 'keys must be plain strings (got an empty key, a list or a mapping)');
           continue;
         }
+        // eslint-disable-next-line @typescript-eslint/no-base-to-string -- a string, number or boolean here (checked above)
         const key = String(keyNode.value);
         const keyPath = path === '' ? key : `${path}.${key}`;
         const first = entries.find((entry) => entry.key === key);
@@ -119,18 +122,23 @@ export function parseYamlTree(source: string, report: ReportAt): Located | null 
     report(pos, path, 'unsupported YAML node');
     return { kind: 'broken', pos };
   };
-  return convert(doc.contents as Node, '', { line: 1, column: 1 });
+  return convert(doc.contents, '', { line: 1, column: 1 });
 }
 
 /** A tree for a default value, placed where the defaulted key's parent is. */
 export function locatedFromPlain(value: unknown, pos: Position): Located {
   if (Array.isArray(value)) return { kind: 'list', items: value.map((item) => locatedFromPlain(item, pos)), pos };
   if (value !== null && typeof value === 'object') {
-    const entries = Object.entries(value).map(([key, item]) => ({ key, keyPos: pos, value: locatedFromPlain(item, pos) }));
+    const entries = Object.entries(value).map(([key, item]) => ({
+      key,
+      keyPos: pos,
+      value: locatedFromPlain(item, pos),
+    }));
     return { kind: 'map', entries, pos };
   }
   if (value === null || typeof value === 'string' || typeof value === 'number' || typeof value === 'boolean') {
     return { kind: 'scalar', value, pos };
   }
+  // eslint-disable-next-line @typescript-eslint/no-base-to-string -- a schema bug's message shows whatever it got
   throw new Error(`schema bug: default ${String(value)} is not a plain value`);
 }

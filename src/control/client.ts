@@ -26,13 +26,21 @@ export interface RequestOptions {
  * answers (or it goes away before its final reply), E_CONTROL_FORBIDDEN when
  * the socket file's permissions keep this user out.
  */
-export async function* request(socketPath: string, req: ControlRequest, options: RequestOptions = {}): AsyncGenerator<ServerMessage, void, undefined> {
+export async function* request(
+  socketPath: string,
+  req: ControlRequest,
+  options: RequestOptions = {},
+): AsyncGenerator<ServerMessage, void, undefined> {
   const socket = await connect(socketPath);
   try {
     socket.write(encodeMessage(req));
     if (options.idleTimeoutMs !== undefined) {
       const ms = options.idleTimeoutMs;
-      socket.setTimeout(ms, () => socket.destroy(new AeternaError('E_CONTROL_UNAVAILABLE', `the daemon on ${socketPath} sent nothing for ${ms} ms`)));
+      socket.setTimeout(ms, () =>
+        socket.destroy(
+          new AeternaError('E_CONTROL_UNAVAILABLE', `the daemon on ${socketPath} sent nothing for ${ms} ms`),
+        ),
+      );
     }
     const decoder = new LineDecoder(MAX_REPLY_BYTES);
     const lines = async function* (): AsyncGenerator<Buffer> {
@@ -40,7 +48,11 @@ export async function* request(socketPath: string, req: ControlRequest, options:
         for await (const chunk of socket) yield* decoder.push(chunk as Buffer);
       } catch (err) {
         if (err instanceof AeternaError) throw err;
-        throw new AeternaError('E_CONTROL_UNAVAILABLE', `lost the connection to the daemon on ${socketPath}: ${(err as Error).message}`, { cause: err });
+        throw new AeternaError(
+          'E_CONTROL_UNAVAILABLE',
+          `lost the connection to the daemon on ${socketPath}: ${(err as Error).message}`,
+          { cause: err },
+        );
       }
       const last = decoder.flush();
       if (last) yield last;
@@ -50,7 +62,10 @@ export async function* request(socketPath: string, req: ControlRequest, options:
       yield message;
       if (message.type !== 'event') return;
     }
-    throw new AeternaError('E_CONTROL_UNAVAILABLE', `the daemon on ${socketPath} closed the connection before its final reply`);
+    throw new AeternaError(
+      'E_CONTROL_UNAVAILABLE',
+      `the daemon on ${socketPath} closed the connection before its final reply`,
+    );
   } finally {
     socket.destroy();
   }
@@ -97,5 +112,7 @@ function connectError(socketPath: string, err: NodeJS.ErrnoException): AeternaEr
       { cause: err },
     );
   }
-  return new AeternaError('E_CONTROL_UNAVAILABLE', `no daemon answers on ${socketPath} (${err.code ?? err.message})`, { cause: err });
+  return new AeternaError('E_CONTROL_UNAVAILABLE', `no daemon answers on ${socketPath} (${err.code ?? err.message})`, {
+    cause: err,
+  });
 }

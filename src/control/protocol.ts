@@ -176,7 +176,9 @@ export function parseRequest(line: Buffer): ControlRequest {
     throw badRequest(`request line: ${(err as Error).message}`);
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw badRequest(`request: expected a JSON object, got ${Array.isArray(value) ? 'an array' : value === null ? 'null' : typeof value}`);
+    throw badRequest(
+      `request: expected a JSON object, got ${Array.isArray(value) ? 'an array' : value === null ? 'null' : typeof value}`,
+    );
   }
   const obj = value as Record<string, unknown>;
   if (!('cmd' in obj)) throw badRequest(`request: missing field "cmd" (one of ${COMMANDS.join(', ')})`);
@@ -188,7 +190,8 @@ export function parseRequest(line: Buffer): ControlRequest {
   // something this daemon does not know gets a clear answer, not a silent no-op.
   const allowed = cmd === 'reload' ? ['cmd', 'wait'] : cmd === 'upgrade' ? ['cmd', 'exec'] : ['cmd'];
   for (const key of Object.keys(obj)) {
-    if (!allowed.includes(key)) throw badRequest(`request.${key}: unknown field for "${cmd}" (allowed: ${allowed.join(', ')})`);
+    if (!allowed.includes(key))
+      throw badRequest(`request.${key}: unknown field for "${cmd}" (allowed: ${allowed.join(', ')})`);
   }
   if (cmd === 'reload') {
     const wait = obj.wait ?? true;
@@ -196,7 +199,8 @@ export function parseRequest(line: Buffer): ControlRequest {
     return { cmd, wait };
   }
   if (cmd === 'upgrade' && obj.exec !== undefined) {
-    if (typeof obj.exec !== 'string' || !obj.exec.startsWith('/')) throw badRequest(`request.exec: expected an absolute path, got ${JSON.stringify(obj.exec)}`);
+    if (typeof obj.exec !== 'string' || !obj.exec.startsWith('/'))
+      throw badRequest(`request.exec: expected an absolute path, got ${JSON.stringify(obj.exec)}`);
     return { cmd, exec: obj.exec };
   }
   return { cmd } as ControlRequest;
@@ -215,7 +219,8 @@ export function parseServerMessage(line: Buffer): ServerMessage {
       if (msg.ok !== true) throw new Error('result reply without ok: true');
       return value as ResultMessage;
     case 'error':
-      if (typeof msg.code !== 'string' || typeof msg.message !== 'string') throw new Error('error reply without code and message');
+      if (typeof msg.code !== 'string' || typeof msg.message !== 'string')
+        throw new Error('error reply without code and message');
       return value as ErrorMessage;
     default:
       throw new Error(`unknown reply type ${JSON.stringify(msg.type)}`);

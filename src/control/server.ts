@@ -19,7 +19,15 @@ import { AeternaError } from '../errors';
 import { native, type Credentials } from '../native/binding';
 import { Acceptor } from '../resources/acceptor';
 import { ConnectionPool, connectionBudget } from '../resources/fd-budget';
-import { SOCKET_FILE_CHECK_MS, SocketPathError, claimSocketPath, keepSocketFile, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
+import {
+  SOCKET_FILE_CHECK_MS,
+  SocketPathError,
+  claimSocketPath,
+  keepSocketFile,
+  listenSocketFile,
+  removeSocketFile,
+  type SocketFile,
+} from '../resources/socket-file';
 import type { ControlApi, ReloadRecord } from '../orchestrator/types';
 import {
   LineDecoder,
@@ -80,7 +88,9 @@ export async function startControlServer(
   options: ControlServerOptions = {},
 ): Promise<ControlServer> {
   const requestTimeoutMs = options.requestTimeoutMs ?? 2_000;
-  const pool = new ConnectionPool(options.maxConnections ?? connectionBudget(PREFERRED_MAX_CONNECTIONS, CONTROL_FD_SHARE));
+  const pool = new ConnectionPool(
+    options.maxConnections ?? connectionBudget(PREFERRED_MAX_CONNECTIONS, CONTROL_FD_SHARE),
+  );
   const lingerMs = options.lingerMs ?? 2_000;
   const watchIntervalMs = options.watchIntervalMs ?? SOCKET_FILE_CHECK_MS;
   const ownUid = process.getuid!();
@@ -182,7 +192,12 @@ export async function startControlServer(
 
   /** Answer first (the reply must reach the client before this process is replaced), then re-execute. */
   const upgrade = (socket: net.Socket, exec: string | undefined, context: Record<string, unknown>): void => {
-    if (!api.upgrade) return refuse(socket, { type: 'error', code: 'E_ILLEGAL_TRANSITION', message: 'this daemon cannot upgrade itself' }, context);
+    if (!api.upgrade)
+      return refuse(
+        socket,
+        { type: 'error', code: 'E_ILLEGAL_TRANSITION', message: 'this daemon cannot upgrade itself' },
+        context,
+      );
     api.upgrade(exec).then(
       ({ from, reexecs, execNow }) => {
         socket.end(encodeMessage({ type: 'result', ok: true, upgrade: { from, reexecs } }), execNow);
@@ -195,9 +210,20 @@ export async function startControlServer(
   const evict = (victim: net.Socket): void => {
     connections.delete(victim);
     // One warning per burst, not per connection: a flood must not flood PID 1's log.
-    if (pool.evicted % 1000 === 1) log.warn({ limit: pool.limit, evicted: pool.evicted }, `control socket full (${pool.limit} connections): closing the oldest ones that sent no request`);
+    if (pool.evicted % 1000 === 1)
+      log.warn(
+        { limit: pool.limit, evicted: pool.evicted },
+        `control socket full (${pool.limit} connections): closing the oldest ones that sent no request`,
+      );
     // A connection already answered (and lingering) keeps its answer; one still waiting learns why it is cut.
-    if (!victim.writableEnded) victim.end(encodeMessage({ type: 'error', code: 'E_CONTROL_UNAVAILABLE', message: 'closed to make room: no request was sent' }));
+    if (!victim.writableEnded)
+      victim.end(
+        encodeMessage({
+          type: 'error',
+          code: 'E_CONTROL_UNAVAILABLE',
+          message: 'closed to make room: no request was sent',
+        }),
+      );
     victim.destroySoon();
   };
 
@@ -366,16 +392,29 @@ interface Listening {
 }
 
 /** Create the listening socket at socketPath (mode 0600; the path must be free) and accept on it. */
-function serve(socketPath: string, onConnection: (fd: number) => void, log: pino.Logger, adopted?: { fd: number; file: SocketFile }): Listening {
+function serve(
+  socketPath: string,
+  onConnection: (fd: number) => void,
+  log: pino.Logger,
+  adopted?: { fd: number; file: SocketFile },
+): Listening {
   let listening: { fd: number; file: SocketFile };
   try {
     listening = adopted ?? listenSocketFile(socketPath, BACKLOG, 0o600);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
       // Another daemon bound the path between our probe and our bind.
-      throw new AeternaError('E_DAEMON_RUNNING', `another Aeterna daemon took the control socket ${socketPath} while this one started`, { cause: err });
+      throw new AeternaError(
+        'E_DAEMON_RUNNING',
+        `another Aeterna daemon took the control socket ${socketPath} while this one started`,
+        { cause: err },
+      );
     }
-    throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket ${socketPath}: ${(err as Error).message}; ${PATH_FIX}`, { cause: err });
+    throw new AeternaError(
+      'E_LISTEN_FAILED',
+      `cannot create the control socket ${socketPath}: ${(err as Error).message}; ${PATH_FIX}`,
+      { cause: err },
+    );
   }
   const { fd, file } = listening;
   const acceptor = new Acceptor(fd, onConnection, log, 'control socket');
@@ -415,13 +454,26 @@ function claimControlSocketPath(socketPath: string, log: pino.Logger): void {
     const cause = (err.cause as Error | undefined)?.message;
     switch (err.problem) {
       case 'directory':
-        throw new AeternaError('E_LISTEN_FAILED', `cannot create the control socket's directory ${path.dirname(socketPath)}: ${cause}; ${PATH_FIX}`, { cause: err });
+        throw new AeternaError(
+          'E_LISTEN_FAILED',
+          `cannot create the control socket's directory ${path.dirname(socketPath)}: ${cause}; ${PATH_FIX}`,
+          { cause: err },
+        );
       case 'inspect':
-        throw new AeternaError('E_LISTEN_FAILED', `cannot inspect the control socket path ${socketPath}: ${cause}; ${PATH_FIX}`, { cause: err });
+        throw new AeternaError(
+          'E_LISTEN_FAILED',
+          `cannot inspect the control socket path ${socketPath}: ${cause}; ${PATH_FIX}`,
+          { cause: err },
+        );
       case 'not-a-socket':
-        throw new AeternaError('E_LISTEN_FAILED', `the control socket path ${socketPath} exists and is not a socket; refusing to replace it (remove it or set control.socket_path)`);
+        throw new AeternaError(
+          'E_LISTEN_FAILED',
+          `the control socket path ${socketPath} exists and is not a socket; refusing to replace it (remove it or set control.socket_path)`,
+        );
       case 'probe':
-        throw new AeternaError('E_LISTEN_FAILED', `cannot probe the existing control socket ${socketPath}: ${cause}`, { cause: err });
+        throw new AeternaError('E_LISTEN_FAILED', `cannot probe the existing control socket ${socketPath}: ${cause}`, {
+          cause: err,
+        });
       case 'live':
         throw new AeternaError(
           'E_DAEMON_RUNNING',

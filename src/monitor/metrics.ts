@@ -44,22 +44,89 @@ class Exported {
   constructor(latestCheckpoint: () => LatestCheckpoint | null) {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
     // `aeterna start` should exec the app first (start-to-exec is one of Aeterna's targets).
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- the lazy load above
     const prom = require('prom-client') as typeof import('prom-client');
     const registers = [(this.registry = new prom.Registry())];
-    this.reloads = new prom.Counter({ name: 'aeterna_reloads_total', help: 'Reloads by strategy and result (promoted, rolled_back, failed)', labelNames: ['strategy', 'result'] as const, registers });
-    this.reloadDuration = new prom.Histogram({ name: 'aeterna_reload_duration_seconds', help: 'Time from a reload request to its outcome', buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300], registers });
-    this.generation = new prom.Gauge({ name: 'aeterna_generation', help: 'Number of the generation that serves', registers });
-    this.canaryWeight = new prom.Gauge({ name: 'aeterna_canary_weight', help: 'Percentage of new connections steered to the new generation during a weighted canary soak; 0 outside one', registers });
-    this.state = new prom.Gauge({ name: 'aeterna_state', help: 'The orchestrator state: 1 for the current one, 0 for the others', labelNames: ['state'] as const, registers });
-    this.childRestarts = new prom.Counter({ name: 'aeterna_child_restarts_total', help: 'Restarts of the app outside a reload, by reason', labelNames: ['reason'] as const, registers });
-    this.zombiesReaped = new prom.Counter({ name: 'aeterna_zombies_reaped_total', help: 'Orphaned processes reaped by Aeterna', registers });
-    this.handoffBytes = new prom.Counter({ name: 'aeterna_state_handoff_bytes_total', help: 'Bytes of app state relayed between generations', registers });
-    this.handoffDuration = new prom.Histogram({ name: 'aeterna_state_handoff_duration_seconds', help: 'Time from the dump request to the new generation acknowledging the state', buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30], registers });
-    this.listenerRepairs = new prom.Counter({ name: 'aeterna_listener_repairs_total', help: 'Listeners found broken (an app shut its socket down), by listener and what repairing did (relistened, rebound, failed)', labelNames: ['listener', 'result'] as const, registers });
-    this.fdstoreFds = new prom.Gauge({ name: 'aeterna_fdstore_fds', help: 'Fds the app parked in the fd store (FDSTORE=1)', registers });
-    this.watchdogTimeouts = new prom.Counter({ name: 'aeterna_watchdog_timeouts_total', help: 'Generations the watchdog fired on (no WATCHDOG=1 in time, or WATCHDOG=trigger)', registers });
-    this.reexecs = new prom.Counter({ name: 'aeterna_reexecs_total', help: 'Times Aeterna re-executed itself in place since the container started, by reason (upgrade, exception, signal)', labelNames: ['reason'] as const, registers });
-    this.checkpoints = new prom.Counter({ name: 'aeterna_checkpoints_total', help: 'Checkpoints the app sent, by result (stored, or why refused: too_large, checksum_mismatch, bad_state, disabled, write_failed, cut_short; set_aside: one the app could not load, set aside)', labelNames: ['result'] as const, registers });
+    this.reloads = new prom.Counter({
+      name: 'aeterna_reloads_total',
+      help: 'Reloads by strategy and result (promoted, rolled_back, failed)',
+      labelNames: ['strategy', 'result'] as const,
+      registers,
+    });
+    this.reloadDuration = new prom.Histogram({
+      name: 'aeterna_reload_duration_seconds',
+      help: 'Time from a reload request to its outcome',
+      buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+      registers,
+    });
+    this.generation = new prom.Gauge({
+      name: 'aeterna_generation',
+      help: 'Number of the generation that serves',
+      registers,
+    });
+    this.canaryWeight = new prom.Gauge({
+      name: 'aeterna_canary_weight',
+      help: 'Percentage of new connections steered to the new generation during a weighted canary soak; 0 outside one',
+      registers,
+    });
+    this.state = new prom.Gauge({
+      name: 'aeterna_state',
+      help: 'The orchestrator state: 1 for the current one, 0 for the others',
+      labelNames: ['state'] as const,
+      registers,
+    });
+    this.childRestarts = new prom.Counter({
+      name: 'aeterna_child_restarts_total',
+      help: 'Restarts of the app outside a reload, by reason',
+      labelNames: ['reason'] as const,
+      registers,
+    });
+    this.zombiesReaped = new prom.Counter({
+      name: 'aeterna_zombies_reaped_total',
+      help: 'Orphaned processes reaped by Aeterna',
+      registers,
+    });
+    this.handoffBytes = new prom.Counter({
+      name: 'aeterna_state_handoff_bytes_total',
+      help: 'Bytes of app state relayed between generations',
+      registers,
+    });
+    this.handoffDuration = new prom.Histogram({
+      name: 'aeterna_state_handoff_duration_seconds',
+      help: 'Time from the dump request to the new generation acknowledging the state',
+      buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30],
+      registers,
+    });
+    this.listenerRepairs = new prom.Counter({
+      name: 'aeterna_listener_repairs_total',
+      help: 'Listeners found broken (an app shut its socket down), by listener and what repairing did (relistened, rebound, failed)',
+      labelNames: ['listener', 'result'] as const,
+      registers,
+    });
+    this.fdstoreFds = new prom.Gauge({
+      name: 'aeterna_fdstore_fds',
+      help: 'Fds the app parked in the fd store (FDSTORE=1)',
+      registers,
+    });
+    this.watchdogTimeouts = new prom.Counter({
+      name: 'aeterna_watchdog_timeouts_total',
+      help: 'Generations the watchdog fired on (no WATCHDOG=1 in time, or WATCHDOG=trigger)',
+      registers,
+    });
+    this.reexecs = new prom.Counter({
+      name: 'aeterna_reexecs_total',
+      help: 'Times Aeterna re-executed itself in place since the container started, by reason (upgrade, exception, signal)',
+      labelNames: ['reason'] as const,
+      registers,
+    });
+    this.checkpoints = new prom.Counter({
+      name: 'aeterna_checkpoints_total',
+      help:
+        'Checkpoints the app sent, by result (stored, or why refused: too_large, checksum_mismatch, bad_state, ' +
+        'disabled, write_failed, cut_short; set_aside: one the app could not load, set aside)',
+      labelNames: ['result'] as const,
+      registers,
+    });
     new prom.Gauge({
       name: 'aeterna_checkpoint_bytes',
       help: 'Size of the latest stored checkpoint',
@@ -229,7 +296,8 @@ export function startMetricsServer(
       const ready = isReady();
       const broken = ready ? brokenListeners('readyz') : [];
       if (ready && broken.length === 0) res.writeHead(200, { 'content-type': 'text/plain' }).end('ready\n');
-      else res.writeHead(503, { 'content-type': 'text/plain' }).end(`not ready\n${broken.map((b) => `${b}\n`).join('')}`);
+      else
+        res.writeHead(503, { 'content-type': 'text/plain' }).end(`not ready\n${broken.map((b) => `${b}\n`).join('')}`);
     } else {
       res.writeHead(404, { 'content-type': 'text/plain' }).end('not found\n');
     }
@@ -243,7 +311,11 @@ export function startMetricsServer(
   });
   const failed = (err: NodeJS.ErrnoException): AeternaError => {
     const where = `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
-    return new AeternaError('E_METRICS_FAILED', `metrics endpoint ${where}: ${err.code === 'EADDRINUSE' ? 'address already in use' : err.message}; free the port, or change observability.metrics_port`, { cause: err });
+    return new AeternaError(
+      'E_METRICS_FAILED',
+      `metrics endpoint ${where}: ${err.code === 'EADDRINUSE' ? 'address already in use' : err.message}; free the port, or change observability.metrics_port`,
+      { cause: err },
+    );
   };
   // Bound through the addon, so that Aeterna knows the socket's fd (an upgrade hands it over) without Node's internals.
   let fd: number;

@@ -121,7 +121,10 @@ export interface Binding {
   accept(fd: number): number;
   /** Non-blocking sendmsg of data with fds attached (SCM_RIGHTS). Returns bytes sent, or -1 on EAGAIN. */
   sendmsg(fd: number, data: Buffer, fds: number[]): number;
-  /** Non-blocking recvmsg into the caller's buffer (no allocation): bytes read (0 = EOF) and fds (close-on-exec); null on EAGAIN. A truncated control message closes every fd that arrived and throws (code 'ECTRUNC'). */
+  /**
+   * Non-blocking recvmsg into the caller's buffer (no allocation): bytes read (0 = EOF) and fds (close-on-exec);
+   * null on EAGAIN. A truncated control message closes every fd that arrived and throws (code 'ECTRUNC').
+   */
   recvmsgInto(fd: number, buffer: Buffer, maxFds: number): { bytes: number; fds: number[] } | null;
   /** SO_PEERCRED of a connected Unix socket. */
   peerCred(fd: number): Credentials;
@@ -131,7 +134,10 @@ export interface Binding {
    * A path socket's file gets `mode` (default 0600) before anyone can send to it.
    */
   bindNotifySocket(path: string, mode?: number): number;
-  /** One datagram with its sender's credentials; null on EAGAIN. Attached fds are closed unless keepFds. A datagram longer than maxBytes is cut: pass one byte more than the limit to notice. */
+  /**
+   * One datagram with its sender's credentials; null on EAGAIN. Attached fds are closed unless keepFds. A datagram
+   * longer than maxBytes is cut: pass one byte more than the limit to notice.
+   */
   recvDatagram(fd: number, maxBytes: number, keepFds?: boolean): Datagram | null;
 
   /** An epoll set (close-on-exec) that reports only hangups and errors of its members; watch its fd with a Poller. */
@@ -211,7 +217,10 @@ export interface Binding {
 export interface TestOnlyBinding {
   /** socketpair(AF_UNIX, SOCK_STREAM), both ends close-on-exec and non-blocking. */
   socketpair(): [number, number];
-  /** Non-blocking recvmsg of up to maxBytes and maxFds fds; null on EAGAIN. A truncated control message closes every fd that arrived and throws (code 'ECTRUNC'). */
+  /**
+   * Non-blocking recvmsg of up to maxBytes and maxFds fds; null on EAGAIN. A truncated control message closes every
+   * fd that arrived and throws (code 'ECTRUNC').
+   */
   recvmsg(fd: number, maxBytes: number, maxFds: number): Received | null;
 }
 

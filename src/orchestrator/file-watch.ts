@@ -69,7 +69,11 @@ export class FileWatch {
     this.config = config;
     this.missing.clear();
     this.arm();
-    if (config) this.log.info({ watch: config.paths, debounce_ms: config.debounceMs }, `watching ${config.paths.length} path(s) for changes: a change reloads`);
+    if (config)
+      this.log.info(
+        { watch: config.paths, debounce_ms: config.debounceMs },
+        `watching ${config.paths.length} path(s) for changes: a change reloads`,
+      );
   }
 
   /** A reload's outcome is final: follow the config now in effect, then start the queued reload, if any. */
@@ -130,7 +134,10 @@ export class FileWatch {
       const ancestor = existingAncestor(target);
       if (!this.missing.has(target)) {
         this.missing.add(target);
-        this.log.warn({ watch: target }, `watched path ${target} does not exist (now): watching ${ancestor.dir} until it appears; its appearance reloads`);
+        this.log.warn(
+          { watch: target },
+          `watched path ${target} does not exist (now): watching ${ancestor.dir} until it appears; its appearance reloads`,
+        );
       }
       return [[ancestor.dir, new Set([ancestor.next])]];
     }
@@ -141,17 +148,23 @@ export class FileWatch {
     const views: Array<[string, Set<string> | null]> = [[path.dirname(target), names]];
     if (stat.isDirectory()) views.push([target, null]);
     const real = realPath(target);
-    if (real !== null && real !== target && !stat.isDirectory()) views.push([path.dirname(real), new Set([path.basename(real)])]);
+    if (real !== null && real !== target && !stat.isDirectory())
+      views.push([path.dirname(real), new Set([path.basename(real)])]);
     return views;
   }
 
   private watchDirectory(dir: string): void {
     let watcher: fs.FSWatcher;
     try {
-      watcher = fs.watch(dir, { persistent: true }, (_event, name) => this.onEvent(dir, name === null ? null : String(name)));
+      watcher = fs.watch(dir, { persistent: true }, (_event, name) =>
+        this.onEvent(dir, name === null ? null : String(name)),
+      );
     } catch (err) {
       // ENOSPC: out of inotify watches (fs.inotify.max_user_watches); ENOENT: gone since we looked.
-      this.log.warn({ watch: dir, err: (err as Error).message }, `cannot watch ${dir}: ${(err as Error).message}; changes there are not seen until the next reload`);
+      this.log.warn(
+        { watch: dir, err: (err as Error).message },
+        `cannot watch ${dir}: ${(err as Error).message}; changes there are not seen until the next reload`,
+      );
       return;
     }
     // A watched directory removed or unmounted: set up again after the burst.
@@ -196,10 +209,14 @@ export class FileWatch {
       this.reload();
     } catch (err) {
       if (err instanceof AeternaError && err.code === 'E_RELOAD_BUSY') {
-        if (!this.queued) this.log.info({ watch: what }, 'watched change during a reload: one more reload queued for when it ends');
+        if (!this.queued)
+          this.log.info({ watch: what }, 'watched change during a reload: one more reload queued for when it ends');
         this.queued = true;
       } else {
-        this.log.warn({ watch: what, code: (err as AeternaError).code }, `watched change not reloaded: ${(err as Error).message}`);
+        this.log.warn(
+          { watch: what, code: (err as AeternaError).code },
+          `watched change not reloaded: ${(err as Error).message}`,
+        );
       }
     }
   }

@@ -6,7 +6,16 @@
 // checks it has not drifted).
 import { AeternaError } from '../errors';
 
-export const STATES = ['Stopped', 'Starting', 'Running', 'Handover', 'Soaking', 'Draining', 'RollingBack', 'Stopping'] as const;
+export const STATES = [
+  'Stopped',
+  'Starting',
+  'Running',
+  'Handover',
+  'Soaking',
+  'Draining',
+  'RollingBack',
+  'Stopping',
+] as const;
 export type State = (typeof STATES)[number];
 
 export const EVENTS = [

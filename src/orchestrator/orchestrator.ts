@@ -35,7 +35,17 @@ import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from
 import { DumpFailed, type RelayRole, type StateRelay } from './relay';
 import { RestartBudget } from './restart';
 import { Watchdog } from './watchdog';
-import type { CarriedCounters, CarriedGeneration, ControlApi, GenerationInfo, ReloadEvent, ReloadPhase, ReloadRecord, ReloadTrigger, StatusReport } from './types';
+import type {
+  CarriedCounters,
+  CarriedGeneration,
+  ControlApi,
+  GenerationInfo,
+  ReloadEvent,
+  ReloadPhase,
+  ReloadRecord,
+  ReloadTrigger,
+  StatusReport,
+} from './types';
 
 export interface OrchestratorDeps {
   log: Logger;
@@ -65,7 +75,10 @@ export interface OrchestratorDeps {
 }
 
 /** What a reload does with a weighted canary split. */
-export type CanarySplit = Pick<WeightedSplit, 'canary' | 'noMigration' | 'weight' | 'candidateListeners' | 'steer' | 'drained' | 'promote' | 'discard'>;
+export type CanarySplit = Pick<
+  WeightedSplit,
+  'canary' | 'noMigration' | 'weight' | 'candidateListeners' | 'steer' | 'drained' | 'promote' | 'discard'
+>;
 
 /** One reload, from the request to its outcome. */
 interface ReloadRun {
@@ -134,7 +147,10 @@ export class Orchestrator implements ControlApi {
     this.fsm.onTransition((t) => {
       deps.metrics.setState(t.to);
       const level = t.from === t.to ? 'debug' : 'info';
-      deps.log[level]({ from: t.from, to: t.to, event: t.event, generation: this.serving?.number, reload: this.inFlight?.record.id }, `state ${t.from} -> ${t.to} (${t.event})`);
+      deps.log[level](
+        { from: t.from, to: t.to, event: t.event, generation: this.serving?.number, reload: this.inFlight?.record.id },
+        `state ${t.from} -> ${t.to} (${t.event})`,
+      );
     });
   }
 
@@ -154,11 +170,28 @@ export class Orchestrator implements ControlApi {
   carry(): { fds: never[]; part: { generations: CarriedGeneration[]; counters: CarriedCounters } } {
     if (this.inFlight !== null || this.fsm.state !== 'Running' || this.serving === null || !this.serving.alive) {
       const code = this.inFlight !== null ? 'E_RELOAD_BUSY' : 'E_ILLEGAL_TRANSITION';
-      throw new AeternaError(code, `cannot upgrade now: ${this.inFlight !== null ? `${this.inFlight.record.id} is in progress` : `the state is ${this.fsm.state}`}; try again once it is Running`);
+      throw new AeternaError(
+        code,
+        `cannot upgrade now: ${this.inFlight !== null ? `${this.inFlight.record.id} is in progress` : `the state is ${this.fsm.state}`}; ` +
+          `try again once it is Running`,
+      );
     }
-    const counters = { reloads: this.reloads, restarts: this.restarts, generations: this.generations, last_reload: this.lastReload, started_at: this.startedAt.toISOString() };
+    const counters = {
+      reloads: this.reloads,
+      restarts: this.restarts,
+      generations: this.generations,
+      last_reload: this.lastReload,
+      started_at: this.startedAt.toISOString(),
+    };
     const s = this.serving;
-    const serving: CarriedGeneration = { number: s.number, pid: s.pid, pgid: s.pid, state: 'serving', started_at: s.startedAt.toISOString(), cgroup: s.cgroup?.dir ?? null };
+    const serving: CarriedGeneration = {
+      number: s.number,
+      pid: s.pid,
+      pgid: s.pid,
+      state: 'serving',
+      started_at: s.startedAt.toISOString(),
+      cgroup: s.cgroup?.dir ?? null,
+    };
     return { fds: [], part: { generations: [serving], counters } };
   }
 
@@ -208,7 +241,11 @@ export class Orchestrator implements ControlApi {
   }
 
   private readiness(gen: Generation, config: Config): ReadinessWatch {
-    return new ReadinessWatch(gen, config.orchestration.readiness, { sources: this.readinessSources, reaper: this.deps.reaper, log: this.deps.log });
+    return new ReadinessWatch(gen, config.orchestration.readiness, {
+      sources: this.readinessSources,
+      reaper: this.deps.reaper,
+      log: this.deps.log,
+    });
   }
 
   private extraEnv(gen: number): Record<string, string> {
@@ -217,7 +254,11 @@ export class Orchestrator implements ControlApi {
     return env;
   }
 
-  private spawn(config: Config, role: RelayRole, listeners: readonly Listener[] = this.deps.listeners.list()): Generation {
+  private spawn(
+    config: Config,
+    role: RelayRole,
+    listeners: readonly Listener[] = this.deps.listeners.list(),
+  ): Generation {
     const number = ++this.generations;
     this.deps.listenerWatch.check(`spawn of generation ${number}`, true); // the new generation gets listening sockets
     this.deps.notify.grant(config.service);
@@ -232,9 +273,13 @@ export class Orchestrator implements ControlApi {
   /** A generation Aeterna now runs (spawned, or adopted after a re-exec): its relay, its exit, its watchdog. */
   private track(gen: Generation, config: Config, role: RelayRole): void {
     this.deps.relay?.attach(gen, role);
-    gen.exited.then((info) => this.onExit(gen, info));
+    void gen.exited.then((info) => this.onExit(gen, info));
     const watchdogMs = config.service.watchdogMs;
-    if (watchdogMs !== null) this.watchdogs.set(gen, new Watchdog(gen, watchdogMs, this.deps.notify, this.deps.log, (why) => this.watchdogTimeout(gen, config, why)));
+    if (watchdogMs !== null)
+      this.watchdogs.set(
+        gen,
+        new Watchdog(gen, watchdogMs, this.deps.notify, this.deps.log, (why) => this.watchdogTimeout(gen, config, why)),
+      );
   }
 
   /** FDSTORE=1 / FDSTOREREMOVE=1: only from the processes of a generation Aeterna runs (as READY=1); a stranger's fds are closed. */
@@ -294,7 +339,10 @@ export class Orchestrator implements ControlApi {
       },
       (err: AeternaError) => {
         if (this.serving !== gen || this.fsm.state !== 'Starting') return;
-        this.deps.log.error({ generation: gen.number, child: gen.pid, code: err.code }, `stopping generation ${gen.number}, then service.restart decides: ${err.message}`);
+        this.deps.log.error(
+          { generation: gen.number, child: gen.pid, code: err.code },
+          `stopping generation ${gen.number}, then service.restart decides: ${err.message}`,
+        );
         this.fire('ready-timeout');
         this.neverReady = gen;
         void gen.stop(this.config.service.stopTimeoutMs); // its exit goes through the restart policy, as a failure
@@ -311,10 +359,22 @@ export class Orchestrator implements ControlApi {
     const decision = this.budget.decide(info, Date.now(), gen === this.neverReady || this.watchdogFired.has(gen));
     if (decision.restart) {
       this.restarts++;
-      const reason = this.watchdogFired.has(gen) ? 'watchdog' : this.fsm.state === 'Starting' ? 'start_failed' : info.code === 0 && info.signal === null ? 'exited' : 'crashed';
+      const reason = this.watchdogFired.has(gen)
+        ? 'watchdog'
+        : this.fsm.state === 'Starting'
+          ? 'start_failed'
+          : info.code === 0 && info.signal === null
+            ? 'exited'
+            : 'crashed';
       this.deps.metrics.childRestarted(reason);
       this.deps.log.warn(
-        { generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info), attempt: decision.attempt, backoff_ms: decision.delayMs },
+        {
+          generation: gen.number,
+          child: gen.pid,
+          exit_code: exitCodeOf(info),
+          attempt: decision.attempt,
+          backoff_ms: decision.delayMs,
+        },
         `app ${describeExit(info)}: restarting in ${formatDuration(decision.delayMs)}`,
       );
       this.fire('exited'); // Starting
@@ -322,7 +382,11 @@ export class Orchestrator implements ControlApi {
       return;
     }
     (decision.crashLoop ? this.deps.log.error.bind(this.deps.log) : this.deps.log.info.bind(this.deps.log))(
-      { generation: gen.number, exit_code: decision.exitCode, code: decision.crashLoop ? 'E_CRASH_LOOP' : 'E_CHILD_EXITED' },
+      {
+        generation: gen.number,
+        exit_code: decision.exitCode,
+        code: decision.crashLoop ? 'E_CRASH_LOOP' : 'E_CHILD_EXITED',
+      },
       decision.reason,
     );
     this.exitCode = decision.exitCode;
@@ -333,7 +397,10 @@ export class Orchestrator implements ControlApi {
     const state = this.fsm.state;
     const how = describeExit(info);
     this.stopWatchdog(gen);
-    this.deps.log.info({ generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info) }, `generation ${gen.number} ${how}`);
+    this.deps.log.info(
+      { generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info) },
+      `generation ${gen.number} ${how}`,
+    );
     if (state === 'Stopping') return this.checkStopped();
     if (gen === this.serving) {
       this.lastExit = info;
@@ -353,12 +420,21 @@ export class Orchestrator implements ControlApi {
       if (this.inFlight === null) {
         // A candidate outliving its reload is a bookkeeping bug (seen once, under load, when SIGTERM met a
         // canary soak): never let it take PID 1 down; forget it and say so.
-        this.deps.log.error({ generation: gen.number, state }, `generation ${gen.number} exited as a candidate with no reload in flight`);
+        this.deps.log.error(
+          { generation: gen.number, state },
+          `generation ${gen.number} exited as a candidate with no reload in flight`,
+        );
         this.candidate = null;
         return this.checkStopped();
       }
-      const when = state === 'Soaking' ? 'during soak' : this.deps.relay?.relaying(gen) ? 'during the state relay' : 'before becoming ready';
-      if (this.watchdogFired.has(gen)) return this.rollBack('exited', `the watchdog fired and it was ${how} ${when}`, 'E_WATCHDOG');
+      const when =
+        state === 'Soaking'
+          ? 'during soak'
+          : this.deps.relay?.relaying(gen)
+            ? 'during the state relay'
+            : 'before becoming ready';
+      if (this.watchdogFired.has(gen))
+        return this.rollBack('exited', `the watchdog fired and it was ${how} ${when}`, 'E_WATCHDOG');
       this.rollBack('exited', `${how} ${when}`, 'E_CHILD_EXITED');
     }
   }
@@ -366,8 +442,10 @@ export class Orchestrator implements ControlApi {
   // ---- reload: the steps of docs/architecture.md's sequence --------------------------------
 
   reload(trigger: ReloadTrigger, onEvent?: (event: ReloadEvent) => void): Promise<ReloadRecord> {
-    if (this.inFlight) throw new AeternaError('E_RELOAD_BUSY', `a reload is already in progress (${this.inFlight.record.id})`);
-    if (!this.fsm.can('reload')) throw new AeternaError('E_ILLEGAL_TRANSITION', `cannot reload while ${this.fsm.state}`);
+    if (this.inFlight)
+      throw new AeternaError('E_RELOAD_BUSY', `a reload is already in progress (${this.inFlight.record.id})`);
+    if (!this.fsm.can('reload'))
+      throw new AeternaError('E_ILLEGAL_TRANSITION', `cannot reload while ${this.fsm.state}`);
     const { run, done } = this.beginReload(trigger, onEvent);
     if (this.rereadConfig(run) && this.bindNewListeners(run)) {
       this.fire('reload'); // Handover
@@ -380,7 +458,10 @@ export class Orchestrator implements ControlApi {
     return done;
   }
 
-  private beginReload(trigger: ReloadTrigger, onEvent?: (event: ReloadEvent) => void): { run: ReloadRun; done: Promise<ReloadRecord> } {
+  private beginReload(
+    trigger: ReloadTrigger,
+    onEvent?: (event: ReloadEvent) => void,
+  ): { run: ReloadRun; done: Promise<ReloadRecord> } {
     let resolve!: (r: ReloadRecord) => void;
     const done = new Promise<ReloadRecord>((r) => (resolve = r));
     const run: ReloadRun = {
@@ -432,14 +513,27 @@ export class Orchestrator implements ControlApi {
   /** 2. Bind the listeners that are new in the config (all or nothing). */
   private bindNewListeners(run: ReloadRun): boolean {
     try {
-      const { added, dropped } = this.deps.listeners.apply(run.config.service.listeners, run.config.orchestration.canary !== null);
+      const { added, dropped } = this.deps.listeners.apply(
+        run.config.service.listeners,
+        run.config.orchestration.canary !== null,
+      );
       const canary = run.config.orchestration.canary;
-      if (canary && run.config.orchestration.strategy === 'canary') run.split = this.deps.split(this.deps.listeners.list(), canary);
+      if (canary && run.config.orchestration.strategy === 'canary')
+        run.split = this.deps.split(this.deps.listeners.list(), canary);
       if (run.split?.noMigration) {
-        this.deps.log.warn({ reload: run.record.id }, `orchestration.canary: ${run.split.noMigration}; if the new generation dies during the soak, the connections waiting in its socket's accept queue are reset`);
+        this.deps.log.warn(
+          { reload: run.record.id },
+          `orchestration.canary: ${run.split.noMigration}; ` +
+            `if the new generation dies during the soak, the connections waiting in its socket's accept queue are reset`,
+        );
       }
-      for (const l of added) this.deps.log.info({ listener: l.name, address: l.address, fd: l.fd, reload: run.record.id }, 'listener added');
-      for (const l of dropped) this.deps.log.info({ listener: l.name, reload: run.record.id }, 'listener dropped from config: closed once the old generation is gone');
+      for (const l of added)
+        this.deps.log.info({ listener: l.name, address: l.address, fd: l.fd, reload: run.record.id }, 'listener added');
+      for (const l of dropped)
+        this.deps.log.info(
+          { listener: l.name, reload: run.record.id },
+          'listener dropped from config: closed once the old generation is gone',
+        );
       return true;
     } catch (err) {
       this.restoreListeners(run.previousConfig);
@@ -497,7 +591,10 @@ export class Orchestrator implements ControlApi {
     const relay = this.deps.relay;
     const old = this.serving;
     if (relay && !this.relays(run)) {
-      this.deps.log.warn({ reload: run.record.id, generation: next.number }, `orchestration.state_handoff.enabled is off in ${run.config.file}: no state is relayed; generation ${next.number} starts without state`);
+      this.deps.log.warn(
+        { reload: run.record.id, generation: next.number },
+        `orchestration.state_handoff.enabled is off in ${run.config.file}: no state is relayed; generation ${next.number} starts without state`,
+      );
     }
     if (!relay || !old || !this.relays(run)) {
       run.awaiting.delete('relay');
@@ -505,10 +602,18 @@ export class Orchestrator implements ControlApi {
     }
     this.phase('relaying');
     const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    run.timers.push(setTimeout(() => run.relayAbort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs));
+    run.timers.push(
+      setTimeout(() => run.relayAbort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
+    );
     const began = performance.now();
     const progress = (p: { bytes: number; total: number }): void =>
-      this.emit({ type: 'relay', reload: run.record.id, bytes: p.bytes, total: p.total, rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)) });
+      this.emit({
+        type: 'relay',
+        reload: run.record.id,
+        bytes: p.bytes,
+        total: p.total,
+        rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)),
+      });
     relay.relay(old, next, progress, run.relayAbort.signal, timeoutMs).then(
       ({ bytes }) => {
         if (!this.stillCurrent(run, 'Handover')) return;
@@ -520,7 +625,8 @@ export class Orchestrator implements ControlApi {
       },
       (err: Error) => {
         if (!this.stillCurrent(run, 'Handover')) return;
-        const fallBack = err instanceof DumpFailed && run.config.orchestration.stateHandoff.onDumpFailure === 'checkpoint';
+        const fallBack =
+          err instanceof DumpFailed && run.config.orchestration.stateHandoff.onDumpFailure === 'checkpoint';
         if (fallBack && relay.lastCheckpoint()) return this.relayCheckpoint(run, old, next, err.message);
         const none = fallBack ? '; no checkpoint is stored to go on with (on_dump_failure: checkpoint)' : '';
         this.rollBack('relay-failed', `state relay failed: ${err.message}${none}`, 'E_RELAY_FAILED');
@@ -533,12 +639,17 @@ export class Orchestrator implements ControlApi {
     const relay = this.deps.relay!;
     const c = relay.lastCheckpoint()!;
     const what = `checkpoint ${c.seq} (${c.size} bytes, ${formatDuration(c.age_ms)} old)`;
-    this.deps.log.warn({ reload: run.record.id, generation: old.number, seq: c.seq, age_ms: c.age_ms, reason: why }, `generation ${old.number} could not dump its state (${why}): going on with ${what} (on_dump_failure: checkpoint)`);
+    this.deps.log.warn(
+      { reload: run.record.id, generation: old.number, seq: c.seq, age_ms: c.age_ms, reason: why },
+      `generation ${old.number} could not dump its state (${why}): going on with ${what} (on_dump_failure: checkpoint)`,
+    );
     this.phase('relaying', `${what}: generation ${old.number} could not dump (${why})`);
     run.fromCheckpoint = true;
     run.relayAbort = new AbortController(); // the first one was spent on the failed dump
     const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    run.timers.push(setTimeout(() => run.relayAbort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs));
+    run.timers.push(
+      setTimeout(() => run.relayAbort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
+    );
     relay.restoreCheckpoint(next, run.relayAbort.signal, timeoutMs).then(
       ({ bytes }) => {
         if (!this.stillCurrent(run, 'Handover')) return;
@@ -549,7 +660,12 @@ export class Orchestrator implements ControlApi {
         this.promoteWhenDone(run);
       },
       (err: Error) => {
-        if (this.stillCurrent(run, 'Handover')) this.rollBack('relay-failed', `state relay failed: ${why}; loading ${what} instead failed too: ${err.message}`, 'E_RELAY_FAILED');
+        if (this.stillCurrent(run, 'Handover'))
+          this.rollBack(
+            'relay-failed',
+            `state relay failed: ${why}; loading ${what} instead failed too: ${err.message}`,
+            'E_RELAY_FAILED',
+          );
       },
     );
   }
@@ -564,7 +680,11 @@ export class Orchestrator implements ControlApi {
     if (immediate) return this.enterDraining();
     const soakMs = orchestration.soakTimeMs;
     if (run.split) this.steer(run.split, run.split.canary.weight);
-    this.phase('soaking', formatDuration(soakMs) + (run.split ? `, ${run.split.weight}% of new connections to generation ${this.candidate!.number}` : ''));
+    this.phase(
+      'soaking',
+      formatDuration(soakMs) +
+        (run.split ? `, ${run.split.weight}% of new connections to generation ${this.candidate!.number}` : ''),
+    );
     const began = performance.now();
     run.timers.push(
       setTimeout(() => {
@@ -572,7 +692,13 @@ export class Orchestrator implements ControlApi {
       }, soakMs),
       setInterval(() => {
         const elapsed = Math.round(performance.now() - began);
-        this.emit({ type: 'soak', reload: run.record.id, elapsed_ms: elapsed, soak_ms: soakMs, total_ms: Math.round(performance.now() - run.startedAt) });
+        this.emit({
+          type: 'soak',
+          reload: run.record.id,
+          elapsed_ms: elapsed,
+          soak_ms: soakMs,
+          total_ms: Math.round(performance.now() - run.startedAt),
+        });
       }, 1000),
     );
     if (orchestration.readiness.mode === 'exec') void this.probeDuringSoak(run, this.candidate!);
@@ -598,14 +724,16 @@ export class Orchestrator implements ControlApi {
   }
 
   promote(): void {
-    if (!this.fsm.can('promote')) throw new AeternaError('E_ILLEGAL_TRANSITION', `no canary soak is in progress (state ${this.fsm.state})`);
+    if (!this.fsm.can('promote'))
+      throw new AeternaError('E_ILLEGAL_TRANSITION', `no canary soak is in progress (state ${this.fsm.state})`);
     this.deps.log.info({ reload: this.inFlight?.record.id }, 'operator promote');
     this.fire('promote');
     this.enterDraining();
   }
 
   rollback(): void {
-    if (!this.fsm.can('rollback')) throw new AeternaError('E_ILLEGAL_TRANSITION', `no canary soak is in progress (state ${this.fsm.state})`);
+    if (!this.fsm.can('rollback'))
+      throw new AeternaError('E_ILLEGAL_TRANSITION', `no canary soak is in progress (state ${this.fsm.state})`);
     this.rollBack('rollback', 'operator rollback', 'E_OPERATOR_ROLLBACK');
   }
 
@@ -673,7 +801,10 @@ export class Orchestrator implements ControlApi {
       },
       (err: Error) => {
         clearTimeout(timer);
-        this.deps.log.warn({ reload: run.record.id, err: err.message }, `final state sync lost: changes made by the old generation after the first dump did not reach the new one (${err.message})`);
+        this.deps.log.warn(
+          { reload: run.record.id, err: err.message },
+          `final state sync lost: changes made by the old generation after the first dump did not reach the new one (${err.message})`,
+        );
         if (this.stillCurrent(run, 'Draining')) this.fire('relay-failed');
       },
     );
@@ -721,7 +852,11 @@ export class Orchestrator implements ControlApi {
     if (run.split) this.steer(run.split, 0);
     this.restoreListeners(this.config); // the old listeners were never touched
     this.fire('drain-done'); // Running
-    const failure = run.failure ?? { reason: 'rolled back', code: 'E_CHILD_EXITED' as ErrorCode, outcome: 'rolled_back' as const };
+    const failure = run.failure ?? {
+      reason: 'rolled back',
+      code: 'E_CHILD_EXITED' as ErrorCode,
+      outcome: 'rolled_back' as const,
+    };
     this.finish(failure.outcome, failure.reason, failure.code);
     const old = this.serving;
     if (old && !old.alive) this.handleCrash(old, old.exitInfo!); // the old one died meanwhile
@@ -737,8 +872,18 @@ export class Orchestrator implements ControlApi {
     if (!run) return;
     const at = new Date().toISOString();
     run.record.phases.push(detail === undefined ? { phase, at } : { phase, at, detail });
-    this.deps.log.info({ reload: run.record.id, phase, detail }, `${run.record.id} ${phase}${detail ? `: ${detail}` : ''}`);
-    this.emit({ type: 'phase', reload: run.record.id, phase, at, elapsed_ms: Math.round(performance.now() - run.startedAt), ...(detail === undefined ? {} : { detail }) });
+    this.deps.log.info(
+      { reload: run.record.id, phase, detail },
+      `${run.record.id} ${phase}${detail ? `: ${detail}` : ''}`,
+    );
+    this.emit({
+      type: 'phase',
+      reload: run.record.id,
+      phase,
+      at,
+      elapsed_ms: Math.round(performance.now() - run.startedAt),
+      ...(detail === undefined ? {} : { detail }),
+    });
   }
 
   private emit(event: ReloadEvent): void {
@@ -763,7 +908,14 @@ export class Orchestrator implements ControlApi {
     record.duration_ms = Math.round(performance.now() - run.startedAt);
     this.phase('done', outcome);
     this.deps.metrics.reloadFinished(record.strategy, outcome, record.duration_ms / 1000);
-    const fields = { reload: record.id, outcome, reason, code, duration_ms: record.duration_ms, generation: this.serving?.number };
+    const fields = {
+      reload: record.id,
+      outcome,
+      reason,
+      code,
+      duration_ms: record.duration_ms,
+      generation: this.serving?.number,
+    };
     if (outcome === 'promoted') this.deps.log.info(fields, `${record.id} promoted generation ${record.to_generation}`);
     else this.deps.log.warn(fields, `${record.id} ${outcome}: ${reason}`);
     this.emit({ type: 'outcome', reload: record.id, record });

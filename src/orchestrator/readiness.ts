@@ -42,8 +42,10 @@ export class NotifyReadiness implements ReadinessSource {
       const stopping = m.fields.get('STOPPING') === '1';
       // The fields first: telling who sent a message reads /proc, and most messages are not about readiness.
       if ((status === undefined && !stopping && m.fields.get('READY') !== '1') || !belongsTo(m.pid, gen.pid)) return;
-      if (status !== undefined) this.throttle.info('app-status', { generation: gen.number, sender: m.pid, status }, 'app status');
-      if (stopping) this.throttle.info('app-stopping', { generation: gen.number, sender: m.pid }, 'app says it is stopping');
+      if (status !== undefined)
+        this.throttle.info('app-status', { generation: gen.number, sender: m.pid, status }, 'app status');
+      if (stopping)
+        this.throttle.info('app-stopping', { generation: gen.number, sender: m.pid }, 'app says it is stopping');
       if (m.fields.get('READY') === '1') ready(`sd_notify READY=1 from pid ${m.pid}`);
     };
     this.notify.on('message', onMessage);
@@ -70,8 +72,10 @@ function whatToDo(cfg: ReadinessConfig): string {
   switch (cfg.mode) {
     case 'notify':
       // The default mode: an app that knows nothing of sd_notify lands here and would be killed every timeout.
-      return 'no READY=1 arrived (readiness.mode "notify", the default); have the app send READY=1 to $NOTIFY_SOCKET ' +
-        '(sd_notify, or ready() of an Aeterna SDK), or set orchestration.readiness.mode to "delay" or "exec"';
+      return (
+        'no READY=1 arrived (readiness.mode "notify", the default); have the app send READY=1 to $NOTIFY_SOCKET ' +
+        '(sd_notify, or ready() of an Aeterna SDK), or set orchestration.readiness.mode to "delay" or "exec"'
+      );
     case 'exec':
       return `the probe ${JSON.stringify(cfg.command)} never exited 0 (readiness.mode "exec"); fix the probe, or raise orchestration.readiness.timeout`;
     case 'delay':
@@ -102,12 +106,16 @@ export class ReadinessWatch {
     this.ready.catch(() => undefined); // the orchestrator handles it; never an unhandled rejection
     this.timers.push(
       setTimeout(
-        () => this.fail(new AeternaError('E_READY_TIMEOUT', `not ready within ${formatDuration(cfg.timeoutMs)}: ${whatToDo(cfg)}`)),
+        () =>
+          this.fail(
+            new AeternaError('E_READY_TIMEOUT', `not ready within ${formatDuration(cfg.timeoutMs)}: ${whatToDo(cfg)}`),
+          ),
         cfg.timeoutMs,
       ),
     );
     // What the app says on a source counts in notify mode only: in delay and exec mode the delay or the probe decides.
-    const says = cfg.mode === 'notify' ? (how: string): void => this.markReady(how) : (how: string): void => this.notCounted(how);
+    const says =
+      cfg.mode === 'notify' ? (how: string): void => this.markReady(how) : (how: string): void => this.notCounted(how);
     this.unwatch = deps.sources.map((source) => source.watchReady(gen, says));
     if (cfg.mode === 'delay') {
       this.timers.push(setTimeout(() => gen.alive && this.markReady('delay elapsed'), cfg.delayMs));
@@ -128,7 +136,10 @@ export class ReadinessWatch {
   private notCounted(how: string): void {
     if (this.settled || this.toldNotCounted) return;
     this.toldNotCounted = true;
-    const waitsFor = this.cfg.mode === 'delay' ? `the delay (${formatDuration(this.cfg.delayMs)})` : `the probe ${JSON.stringify(this.cfg.command)}`;
+    const waitsFor =
+      this.cfg.mode === 'delay'
+        ? `the delay (${formatDuration(this.cfg.delayMs)})`
+        : `the probe ${JSON.stringify(this.cfg.command)}`;
     this.deps.log.info(
       { generation: this.gen.number, child: this.gen.pid, source: how, mode: this.cfg.mode },
       `generation ${this.gen.number} says it is ready (${how}); readiness.mode "${this.cfg.mode}" waits for ${waitsFor}`,

@@ -52,12 +52,19 @@ export interface StateRelay extends ReadinessSource {
   /** The generation is being stopped with no one to hand its state to: close its connection. */
   release(gen: Generation): void;
   /**
-   * At Handover: ask `old` for its state and deliver it to `next` (no state
-   * when `old` has no relay connection); resolves once `next` acknowledged it. Rejects (with a reason) on any failure: with DumpFailed when it was `old` that failed and `next` is untouched. Must
-   * stop promptly when `signal` aborts (timeout, rollback, stop). `timeoutMs` is when the caller will abort: the
-   * dump request tells `old` (its SDK waits that long for the ack, whatever the size of its state).
+   * At Handover: ask `old` for its state and deliver it to `next` (no state when `old` has no relay connection);
+   * resolves once `next` acknowledged it. Rejects (with a reason) on any failure: with DumpFailed when it was `old`
+   * that failed and `next` is untouched. Must stop promptly when `signal` aborts (timeout, rollback, stop).
+   * `timeoutMs` is when the caller will abort: the dump request tells `old` (its SDK waits that long for the ack,
+   * whatever the size of its state).
    */
-  relay(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }>;
+  relay(
+    old: Generation,
+    next: Generation,
+    progress: (p: RelayProgress) => void,
+    signal: AbortSignal,
+    timeoutMs: number,
+  ): Promise<{ bytes: number }>;
   /**
    * After a relay failed with DumpFailed: give `next` the latest checkpoint as its load instead; resolves once
    * `next` acknowledged it. Rejects when there is none, or on any failure (as relay does).

@@ -32,17 +32,29 @@ export class RestartBudget {
   decide(exit: ExitInfo, now = Date.now(), neverReady = false): RestartDecision {
     const code = neverReady && exitCodeOf(exit) === 0 ? 1 : exitCodeOf(exit);
     if (this.policy.policy === 'never') {
-      return { restart: false, crashLoop: false, reason: `app ${describeExit(exit)}; restart policy is "never"`, exitCode: code };
+      return {
+        restart: false,
+        crashLoop: false,
+        reason: `app ${describeExit(exit)}; restart policy is "never"`,
+        exitCode: code,
+      };
     }
     if (this.policy.policy === 'on-failure' && code === 0 && !neverReady) {
-      return { restart: false, crashLoop: false, reason: 'app exited with code 0; restart policy is "on-failure"', exitCode: 0 };
+      return {
+        restart: false,
+        crashLoop: false,
+        reason: 'app exited with code 0; restart policy is "on-failure"',
+        exitCode: 0,
+      };
     }
     this.recent = this.recent.filter((t) => now - t < this.policy.windowMs);
     if (this.recent.length >= this.policy.maxRestarts) {
       return {
         restart: false,
         crashLoop: true,
-        reason: `crash loop: app ${describeExit(exit)} after ${this.recent.length} restarts within ${formatDuration(this.policy.windowMs)} (max_restarts ${this.policy.maxRestarts})`,
+        reason:
+          `crash loop: app ${describeExit(exit)} ` +
+          `after ${this.recent.length} restarts within ${formatDuration(this.policy.windowMs)} (max_restarts ${this.policy.maxRestarts})`,
         exitCode: code === 0 ? 1 : code,
       };
     }

@@ -53,7 +53,10 @@ export class Watchdog {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     if (!this.started || this.intervalMs === 0) return; // WATCHDOG_USEC=0: off for this generation
-    this.timer = setTimeout(() => this.expire(`no WATCHDOG=1 within ${formatDuration(this.intervalMs)} (service.watchdog)`), this.intervalMs);
+    this.timer = setTimeout(
+      () => this.expire(`no WATCHDOG=1 within ${formatDuration(this.intervalMs)} (service.watchdog)`),
+      this.intervalMs,
+    );
   }
 
   private expire(why: string): void {
@@ -70,10 +73,18 @@ export class Watchdog {
     if (usec !== undefined) {
       if (/^\d+$/.test(usec) && Number(usec) <= MAX_USEC) {
         this.intervalMs = Math.ceil(Number(usec) / 1000);
-        this.throttle.info('watchdog-usec', { generation: this.gen.number, sender: m.pid, watchdog_usec: Number(usec) }, `watchdog: generation ${this.gen.number} set its interval to ${this.intervalMs === 0 ? 'off' : formatDuration(this.intervalMs)}`);
+        this.throttle.info(
+          'watchdog-usec',
+          { generation: this.gen.number, sender: m.pid, watchdog_usec: Number(usec) },
+          `watchdog: generation ${this.gen.number} set its interval to ${this.intervalMs === 0 ? 'off' : formatDuration(this.intervalMs)}`,
+        );
         this.arm();
       } else {
-        this.throttle.warn('watchdog-usec-invalid', { generation: this.gen.number, sender: m.pid, value: usec }, `watchdog: ignored WATCHDOG_USEC=${JSON.stringify(usec)}: not a number of microseconds from 0 to ${MAX_USEC}`);
+        this.throttle.warn(
+          'watchdog-usec-invalid',
+          { generation: this.gen.number, sender: m.pid, value: usec },
+          `watchdog: ignored WATCHDOG_USEC=${JSON.stringify(usec)}: not a number of microseconds from 0 to ${MAX_USEC}`,
+        );
       }
     }
     if (ping === 'trigger') return this.expire(`the app sent WATCHDOG=trigger (pid ${m.pid})`);

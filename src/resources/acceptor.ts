@@ -36,7 +36,9 @@ export class Acceptor {
     private readonly what: string,
   ) {
     this.failures = new LogThrottle(log);
-    this.poller = new native.Poller(fd, (errno) => (errno === 0 ? this.acceptSome() : log.error({ errno }, `${what} poll error`)));
+    this.poller = new native.Poller(fd, (errno) =>
+      errno === 0 ? this.acceptSome() : log.error({ errno }, `${what} poll error`),
+    );
     this.poller.start(READABLE);
   }
 

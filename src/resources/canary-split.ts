@@ -47,14 +47,24 @@ export class WeightedSplit {
     const pairs: Pair[] = [];
     try {
       for (const l of listeners) {
-        if (!l.reusePort) throw canaryUnsupported(l, l.inherited ? 'an inherited socket is not in a reuseport group Aeterna made' : 'it was bound before orchestration.canary was set; restart Aeterna to bind it with SO_REUSEPORT');
+        if (!l.reusePort)
+          throw canaryUnsupported(
+            l,
+            l.inherited
+              ? 'an inherited socket is not in a reuseport group Aeterna made'
+              : 'it was bound before orchestration.canary was set; restart Aeterna to bind it with SO_REUSEPORT',
+          );
         steerToServing(l);
         pairs.push({ listener: l, fd: native.listenBeside(l.fd, l.config?.backlog ?? 511) });
       }
     } catch (err) {
       for (const p of pairs) leaveGroup(p.fd);
       if (err instanceof AeternaError) throw err;
-      throw new AeternaError('E_LISTEN_FAILED', `orchestration.canary: a second socket for the candidate: ${(err as Error).message}`, { cause: err });
+      throw new AeternaError(
+        'E_LISTEN_FAILED',
+        `orchestration.canary: a second socket for the candidate: ${(err as Error).message}`,
+        { cause: err },
+      );
     }
     return new WeightedSplit(pairs, canary, enableMigration());
   }

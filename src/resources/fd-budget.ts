@@ -16,7 +16,10 @@ export const FD_RESERVE = 32;
 /** The soft RLIMIT_NOFILE (Node raises it to the hard limit at start); Infinity when unlimited or unknown. */
 export function fdLimit(): number {
   try {
-    const line = fs.readFileSync('/proc/self/limits', 'utf8').split('\n').find((l) => l.startsWith('Max open files'));
+    const line = fs
+      .readFileSync('/proc/self/limits', 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('Max open files'));
     const soft = Number(line?.trim().split(/\s+/)[3]);
     return Number.isInteger(soft) && soft > 0 ? soft : Infinity;
   } catch {

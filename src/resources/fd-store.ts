@@ -132,7 +132,9 @@ export class FdStore {
     this.throttle = new LogThrottle(log);
     this.hangups = native.hangupSetCreate();
     this.index = new OpenFileIndex(native.openFilesOrdered(this.hangups));
-    this.poller = new native.Poller(this.hangups, (errno) => (errno === 0 ? this.dropHungUp() : this.log.error({ errno }, 'fd store: poll error')));
+    this.poller = new native.Poller(this.hangups, (errno) =>
+      errno === 0 ? this.dropHungUp() : this.log.error({ errno }, 'fd store: poll error'),
+    );
     this.poller.start(READABLE);
   }
 
@@ -147,7 +149,10 @@ export class FdStore {
   }
 
   /** What an upgrade carries (upgrade/carried.ts): the stored fds, oldest first, with whether their hangups are watched. */
-  carry(): { fds: Array<{ role: 'fdstore'; name: string; fd: number }>; part: { fdstore: Array<{ name: string; fd: number; watched: boolean }> } } {
+  carry(): {
+    fds: Array<{ role: 'fdstore'; name: string; fd: number }>;
+    part: { fdstore: Array<{ name: string; fd: number; watched: boolean }> };
+  } {
     const fdstore = [...this.entries].map(({ name, fd, watched }) => ({ name, fd, watched }));
     return { fds: fdstore.map((f) => ({ role: 'fdstore', name: f.name, fd: f.fd })), part: { fdstore } };
   }
@@ -189,10 +194,25 @@ export class FdStore {
     const named = fields.get('FDNAME');
     const context = { generation, sender: pid, fdname: named };
     if (fields.get('FDSTOREREMOVE') === '1') {
-      if (named === undefined) return this.throttle.warn('fdstore-remove-unnamed', context, 'fd store: FDSTOREREMOVE=1 without FDNAME=: nothing removed');
+      if (named === undefined)
+        return this.throttle.warn(
+          'fdstore-remove-unnamed',
+          context,
+          'fd store: FDSTOREREMOVE=1 without FDNAME=: nothing removed',
+        );
       const removed = this.remove(named);
-      if (removed === 0) this.throttle.info('fdstore-remove-unknown', context, `fd store: FDSTOREREMOVE=1 for "${named}": no fd of that name is stored`);
-      else this.throttle.info('fdstore-removed', { ...context, removed, total: this.entries.size }, `fd store: removed ${removed} fd(s) named "${named}"`);
+      if (removed === 0)
+        this.throttle.info(
+          'fdstore-remove-unknown',
+          context,
+          `fd store: FDSTOREREMOVE=1 for "${named}": no fd of that name is stored`,
+        );
+      else
+        this.throttle.info(
+          'fdstore-removed',
+          { ...context, removed, total: this.entries.size },
+          `fd store: removed ${removed} fd(s) named "${named}"`,
+        );
       return;
     }
     if (fields.get('FDSTORE') !== '1') return;
@@ -200,14 +220,34 @@ export class FdStore {
     try {
       if (fds.length === 0) {
         // MSG_CTRUNC: the kernel attached no fd it could not install here (out of fds, or over SCM_MAX_FD).
-        if (message.fdsCut) return this.throttle.warn('fdstore-fds-lost', context, `fd store: FDSTORE=1 from pid ${pid} arrived without its fds: the kernel dropped them (more than 253 in one datagram, or Aeterna had no free fd, RLIMIT_NOFILE ${this.rlimit}); nothing stored`);
-        return this.throttle.warn('fdstore-no-fds', context, 'fd store: FDSTORE=1 without fds attached: nothing stored');
+        if (message.fdsCut)
+          return this.throttle.warn(
+            'fdstore-fds-lost',
+            context,
+            `fd store: FDSTORE=1 from pid ${pid} arrived without its fds: the kernel dropped them ` +
+              `(more than 253 in one datagram, or Aeterna had no free fd, RLIMIT_NOFILE ${this.rlimit}); nothing stored`,
+          );
+        return this.throttle.warn(
+          'fdstore-no-fds',
+          context,
+          'fd store: FDSTORE=1 without fds attached: nothing stored',
+        );
       }
-      if (max === 0) return this.throttle.warn('fdstore-off', context, `fd store: refused ${fds.length} fd(s) from pid ${pid}: service.fdstore_max is 0 (the fd store is off); they were closed`);
+      if (max === 0)
+        return this.throttle.warn(
+          'fdstore-off',
+          context,
+          `fd store: refused ${fds.length} fd(s) from pid ${pid}: service.fdstore_max is 0 (the fd store is off); they were closed`,
+        );
       let name = named ?? DEFAULT_FDNAME;
       if (!validFdName(name)) {
         // As systemd: an invalid name is ignored, the fds are stored under the default one.
-        this.throttle.warn('fdstore-bad-name', context, `fd store: FDNAME=${JSON.stringify(name)} is not a valid name (1..255 ASCII characters, no control characters or ":"); storing as "${DEFAULT_FDNAME}"`);
+        this.throttle.warn(
+          'fdstore-bad-name',
+          context,
+          `fd store: FDNAME=${JSON.stringify(name)} is not a valid name ` +
+            `(1..255 ASCII characters, no control characters or ":"); storing as "${DEFAULT_FDNAME}"`,
+        );
         name = DEFAULT_FDNAME;
       }
       const limit = this.limit(max);
@@ -227,13 +267,22 @@ export class FdStore {
         stored++;
       }
       if (fds.length > 0) {
-        const why = limit < max
-          ? `the fd limit leaves room for ${limit} stored fd(s) (service.fdstore_max ${max}, RLIMIT_NOFILE ${this.rlimit})`
-          : `the store is full (service.fdstore_max ${max})`;
-        this.throttle.warn('fdstore-full', { ...context, refused: fds.length, stored, limit }, `fd store: refused ${fds.length} fd(s) named "${name}" from pid ${pid}: ${why}; they were closed`);
+        const why =
+          limit < max
+            ? `the fd limit leaves room for ${limit} stored fd(s) (service.fdstore_max ${max}, RLIMIT_NOFILE ${this.rlimit})`
+            : `the store is full (service.fdstore_max ${max})`;
+        this.throttle.warn(
+          'fdstore-full',
+          { ...context, refused: fds.length, stored, limit },
+          `fd store: refused ${fds.length} fd(s) named "${name}" from pid ${pid}: ${why}; they were closed`,
+        );
       }
       if (stored > 0 || already > 0) {
-        this.throttle.info('fdstore-stored', { ...context, stored, already_stored: already, total: this.entries.size }, `fd store: stored ${stored} fd(s) named "${name}"${already > 0 ? ` (${already} already stored)` : ''}`);
+        this.throttle.info(
+          'fdstore-stored',
+          { ...context, stored, already_stored: already, total: this.entries.size },
+          `fd store: stored ${stored} fd(s) named "${name}"${already > 0 ? ` (${already} already stored)` : ''}`,
+        );
       }
       if (stored > 0) this.changed(this.entries.size);
     } finally {
@@ -243,7 +292,11 @@ export class FdStore {
 
   /** FDSTORE=1 or FDSTOREREMOVE=1 from `pid`, which is no process of a running generation: its fds are closed with the message. */
   refuseStranger(pid: number): void {
-    this.throttle.warn('fdstore-stranger', { sender: pid }, `fd store: ignored FDSTORE/FDSTOREREMOVE from pid ${pid}, which is not a process of a running generation; its fds were closed`);
+    this.throttle.warn(
+      'fdstore-stranger',
+      { sender: pid },
+      `fd store: ignored FDSTORE/FDSTOREREMOVE from pid ${pid}, which is not a process of a running generation; its fds were closed`,
+    );
   }
 
   /** Close every stored fd named `name`; returns how many. */
@@ -301,7 +354,11 @@ export class FdStore {
       if (entry === undefined) continue;
       this.release(entry);
       dropped++;
-      this.throttle.info('fdstore-dropped', { fdname: entry.name, total: this.entries.size }, `fd store: dropped a stored fd named "${entry.name}": its peer hung up or it reported an error (FDPOLL=0 keeps such fds)`);
+      this.throttle.info(
+        'fdstore-dropped',
+        { fdname: entry.name, total: this.entries.size },
+        `fd store: dropped a stored fd named "${entry.name}": its peer hung up or it reported an error (FDPOLL=0 keeps such fds)`,
+      );
     }
     if (dropped > 0) this.changed(this.entries.size);
   }

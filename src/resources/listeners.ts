@@ -17,7 +17,10 @@ export type { Listener } from './listener';
 /** listen(2) backlog when Aeterna revives an inherited socket, whose own backlog it cannot read (the kernel caps it at somaxconn). */
 const INHERITED_BACKLOG = 4096;
 
-/** What is wrong with a listener: `not-listening` (TCP after shutdown(2): back to CLOSE), `shut-down` (unix after shutdown(2): still LISTEN, but refuses every connection). */
+/**
+ * What is wrong with a listener: `not-listening` (TCP after shutdown(2): back to CLOSE), `shut-down` (unix after
+ * shutdown(2): still LISTEN, but refuses every connection).
+ */
 export type ListenerProblem = 'not-listening' | 'shut-down';
 
 /** What repairing a broken listener did. */
@@ -44,7 +47,13 @@ export function inheritedListeners(env: NodeJS.ProcessEnv, pid = process.pid): L
     const fd = 3 + i;
     // They arrive without close-on-exec; they must reach the app only where we place them.
     native.setCloexec(fd);
-    found.push({ name: names[i] || `fd${fd}`, fd, address: 'inherited', inherited: true, watched: native.isListeningSocket(fd) });
+    found.push({
+      name: names[i] || `fd${fd}`,
+      fd,
+      address: 'inherited',
+      inherited: true,
+      watched: native.isListeningSocket(fd),
+    });
   }
   return found;
 }
@@ -54,7 +63,15 @@ function bindListener(config: ListenerConfig, reusePort: boolean): Listener {
   try {
     if (config.address.kind === 'tcp') {
       const { fd } = native.listenTcp(config.address.host, config.address.port, config.backlog, reusePort);
-      const listener: Listener = { name: config.name, fd, address: config.address.raw, inherited: false, config, watched: true, reusePort };
+      const listener: Listener = {
+        name: config.name,
+        fd,
+        address: config.address.raw,
+        inherited: false,
+        config,
+        watched: true,
+        reusePort,
+      };
       if (reusePort) {
         try {
           steerToServing(listener); // checks at bind time that this kernel can steer the group
@@ -67,11 +84,21 @@ function bindListener(config: ListenerConfig, reusePort: boolean): Listener {
     }
     claimSocketPath(config.address.path, false); // a stale file left by a process that died is taken over
     const { fd, file } = listenSocketFile(config.address.path, config.backlog, config.mode);
-    return { name: config.name, fd, address: config.address.raw, inherited: false, socketFile: file, config, watched: true };
+    return {
+      name: config.name,
+      fd,
+      address: config.address.raw,
+      inherited: false,
+      socketFile: file,
+      config,
+      watched: true,
+    };
   } catch (err) {
     if (err instanceof AeternaError) throw err;
     if (err instanceof SocketPathError && err.problem === 'live') {
-      throw new AeternaError('E_LISTEN_ADDR_IN_USE', `${where}: address already in use (${err.message})`, { cause: err });
+      throw new AeternaError('E_LISTEN_ADDR_IN_USE', `${where}: address already in use (${err.message})`, {
+        cause: err,
+      });
     }
     const e = err as NodeJS.ErrnoException;
     if (e.code === 'EADDRINUSE') {
@@ -107,9 +134,7 @@ export class ListenerSet {
     const added: Listener[] = [];
     try {
       for (const config of configs) {
-        const existing = known.find(
-          (l) => l.name === config.name && (l.inherited || l.address === config.address.raw),
-        );
+        const existing = known.find((l) => l.name === config.name && (l.inherited || l.address === config.address.raw));
         if (existing) {
           next.push(existing);
         } else {
@@ -208,8 +233,20 @@ function repairListener(l: Listener, problem: ListenerProblem, rebind: boolean):
       error = (err as Error).message;
     }
   }
-  if (!rebind) return { listener: l, problem, result: 'failed', error: `${error}; a new socket is bound when the next generation is spawned` };
-  if (!l.config) return { listener: l, problem, result: 'failed', error: `${error}; an inherited socket cannot be bound again by Aeterna` };
+  if (!rebind)
+    return {
+      listener: l,
+      problem,
+      result: 'failed',
+      error: `${error}; a new socket is bound when the next generation is spawned`,
+    };
+  if (!l.config)
+    return {
+      listener: l,
+      problem,
+      result: 'failed',
+      error: `${error}; an inherited socket cannot be bound again by Aeterna`,
+    };
   try {
     const fresh = bindListener(l.config, l.reusePort === true);
     try {
@@ -221,7 +258,12 @@ function repairListener(l: Listener, problem: ListenerProblem, rebind: boolean):
     l.socketFile = fresh.socketFile;
     return { listener: l, problem, result: 'rebound' };
   } catch (err) {
-    return { listener: l, problem, result: 'failed', error: `${error}; binding a new socket failed: ${(err as Error).message}` };
+    return {
+      listener: l,
+      problem,
+      result: 'failed',
+      error: `${error}; binding a new socket failed: ${(err as Error).message}`,
+    };
   }
 }
 

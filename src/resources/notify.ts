@@ -85,7 +85,9 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
   }
 
   private poll(fd: number): Poller {
-    const poller = new native.Poller(fd, (errno) => (errno === 0 ? this.drain() : this.log.error({ errno }, 'notify socket poll error')));
+    const poller = new native.Poller(fd, (errno) =>
+      errno === 0 ? this.drain() : this.log.error({ errno }, 'notify socket poll error'),
+    );
     poller.start(READABLE);
     return poller;
   }
@@ -109,7 +111,8 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     let file: SocketFile;
     try {
       file = socketFileAt(this.address);
-      if (this.owner.uid !== process.getuid!() || this.owner.gid !== process.getgid!()) fs.chownSync(this.address, this.owner.uid, this.owner.gid);
+      if (this.owner.uid !== process.getuid!() || this.owner.gid !== process.getgid!())
+        fs.chownSync(this.address, this.owner.uid, this.owner.gid);
     } catch (err) {
       native.close(fd);
       throw err;
@@ -157,12 +160,19 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
       fs.chownSync(this.address, uid, gid);
       this.owner = { uid, gid };
     } catch (err) {
-      this.log.warn({ err, uid, gid }, `notify socket: cannot hand ${this.address} to uid ${uid}; READY=1 from the app will not arrive`);
+      this.log.warn(
+        { err, uid, gid },
+        `notify socket: cannot hand ${this.address} to uid ${uid}; READY=1 from the app will not arrive`,
+      );
       return;
     }
     const closed = identity === undefined ? null : unsearchableDirectory(path.dirname(this.address), identity);
     if (closed !== null) {
-      this.log.warn({ uid, directory: closed }, `notify socket: uid ${uid} (service.user) cannot enter ${closed}, so its READY=1 cannot reach ${this.address}; let it search that directory (chmod o+x) or move control.socket_path`);
+      this.log.warn(
+        { uid, directory: closed },
+        `notify socket: uid ${uid} (service.user) cannot enter ${closed}, so its READY=1 cannot reach ${this.address}; ` +
+          `let it search that directory (chmod o+x) or move control.socket_path`,
+      );
     }
   }
 
@@ -184,7 +194,11 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
       if (dgram === null) return;
       let fds = dgram.fds;
       try {
-        if (dgram.fdsCut) this.warn({ sender: dgram.pid }, 'notify socket: the kernel dropped the fds attached to a datagram (more than 253, or Aeterna had no free fd); every one that arrived was closed');
+        if (dgram.fdsCut)
+          this.warn(
+            { sender: dgram.pid },
+            'notify socket: the kernel dropped the fds attached to a datagram (more than 253, or Aeterna had no free fd); every one that arrived was closed',
+          );
         if (dgram.data.length > MAX_DATAGRAM) {
           this.ignored++;
           this.warn({ sender: dgram.pid }, `notify socket: ignored a datagram longer than ${MAX_DATAGRAM} bytes`);
@@ -226,7 +240,10 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
 
   private flushSuppressed(): void {
     if (this.suppressed === 0) return;
-    this.log.warn({ suppressed: this.suppressed }, `notify socket: ${this.suppressed} more ignored datagrams were not logged one by one (at most ${WARN_BURST} warnings a minute)`);
+    this.log.warn(
+      { suppressed: this.suppressed },
+      `notify socket: ${this.suppressed} more ignored datagrams were not logged one by one (at most ${WARN_BURST} warnings a minute)`,
+    );
     this.suppressed = 0;
   }
 

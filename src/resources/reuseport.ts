@@ -76,7 +76,11 @@ export function steeringProgram(percent: number, affinity: CanaryConfig['affinit
 }
 
 export function canaryUnsupported(l: Listener, why: string, cause?: unknown): AeternaError {
-  return new AeternaError('E_CANARY_UNSUPPORTED', `orchestration.canary: listener "${l.name}" (${l.address}) cannot be split by weight: ${why}`, { cause });
+  return new AeternaError(
+    'E_CANARY_UNSUPPORTED',
+    `orchestration.canary: listener "${l.name}" (${l.address}) cannot be split by weight: ${why}`,
+    { cause },
+  );
 }
 
 /** Steer every new connection of `l`'s group to index 0, the serving socket; also the check that this kernel can steer at all. */
@@ -84,7 +88,11 @@ export function steerToServing(l: Listener): void {
   try {
     native.attachReuseportProgram(l.fd, steeringProgram(0, 'none'));
   } catch (err) {
-    throw canaryUnsupported(l, `the kernel refused SO_ATTACH_REUSEPORT_CBPF (${(err as Error).message}); a weighted canary needs Linux 4.5 or later`, err);
+    throw canaryUnsupported(
+      l,
+      `the kernel refused SO_ATTACH_REUSEPORT_CBPF (${(err as Error).message}); a weighted canary needs Linux 4.5 or later`,
+      err,
+    );
   }
 }
 
@@ -101,4 +109,3 @@ export function leaveGroup(fd: number): void {
     // already closed
   }
 }
-

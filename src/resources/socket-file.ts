@@ -52,7 +52,12 @@ export function claimSocketPath(socketPath: string, createDirectory: boolean): {
     try {
       fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
     } catch (err) {
-      throw new SocketPathError('directory', socketPath, `cannot create the directory ${dir}: ${(err as Error).message}`, { cause: err });
+      throw new SocketPathError(
+        'directory',
+        socketPath,
+        `cannot create the directory ${dir}: ${(err as Error).message}`,
+        { cause: err },
+      );
     }
   }
   let stat: fs.Stats;
@@ -60,9 +65,12 @@ export function claimSocketPath(socketPath: string, createDirectory: boolean): {
     stat = fs.lstatSync(socketPath);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { removedStale: false };
-    throw new SocketPathError('inspect', socketPath, `cannot inspect ${socketPath}: ${(err as Error).message}`, { cause: err });
+    throw new SocketPathError('inspect', socketPath, `cannot inspect ${socketPath}: ${(err as Error).message}`, {
+      cause: err,
+    });
   }
-  if (!stat.isSocket()) throw new SocketPathError('not-a-socket', socketPath, `${socketPath} exists and is not a socket`);
+  if (!stat.isSocket())
+    throw new SocketPathError('not-a-socket', socketPath, `${socketPath} exists and is not a socket`);
   try {
     native.close(native.connectUnix(socketPath));
   } catch (err) {
@@ -73,7 +81,10 @@ export function claimSocketPath(socketPath: string, createDirectory: boolean): {
       return { removedStale: true };
     }
     // EAGAIN: its listen backlog is full, so something is listening.
-    if (errno !== 'EAGAIN') throw new SocketPathError('probe', socketPath, `cannot probe ${socketPath}: ${(err as Error).message}`, { cause: err });
+    if (errno !== 'EAGAIN')
+      throw new SocketPathError('probe', socketPath, `cannot probe ${socketPath}: ${(err as Error).message}`, {
+        cause: err,
+      });
   }
   throw new SocketPathError('live', socketPath, `another process accepts on ${socketPath}`);
 }
@@ -198,10 +209,16 @@ export function keepSocketFile(file: SocketFile, kept: KeptSocketFile, log: Logg
   return new SocketFileWatch(file, kept.intervalMs ?? SOCKET_FILE_CHECK_MS, {
     recreate: async () => kept.recreate(),
     recreated: (loss) => {
-      log.warn({ socket: file.path }, `the ${kept.what} file ${file.path} was ${loss === 'deleted' ? 'deleted' : 'replaced by a stale socket'} while the daemon ran; re-created it`);
+      log.warn(
+        { socket: file.path },
+        `the ${kept.what} file ${file.path} was ${loss === 'deleted' ? 'deleted' : 'replaced by a stale socket'} while the daemon ran; re-created it`,
+      );
     },
     failed: (loss, err) => {
-      log.error({ socket: file.path, code: (err as { code?: string }).code }, `the ${kept.what} file ${file.path} was ${loss} and cannot be re-created: ${(err as Error).message}; ${kept.consequence} until it is`);
+      log.error(
+        { socket: file.path, code: (err as { code?: string }).code },
+        `the ${kept.what} file ${file.path} was ${loss} and cannot be re-created: ${(err as Error).message}; ${kept.consequence} until it is`,
+      );
     },
   });
 }

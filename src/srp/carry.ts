@@ -29,7 +29,6 @@ export interface CarriedRelayConnection {
 
 export type { CarriedCheckpoint } from './checkpoint-store';
 
-
 /** The relay's share of what an upgrade carries: its connections and checkpoint (the daemon's carrier, upgrade/carrier.ts, merges it with the others'). */
 export class RelayCarrier {
   /** An upgrade is about to exec: nothing is accepted or read (frames wait in the kernel for the next Aeterna). */
@@ -47,7 +46,8 @@ export class RelayCarrier {
   busyReason(): string | null {
     for (const s of this.sessions.all) {
       const why = busyWith(s, true);
-      if (why) return `${s.gen ? `generation ${s.gen.number}` : `a connection of generation ${s.owner.number}`} is busy with ${why}`;
+      if (why)
+        return `${s.gen ? `generation ${s.gen.number}` : `a connection of generation ${s.owner.number}`} is busy with ${why}`;
     }
     return null;
   }
@@ -93,7 +93,12 @@ export class RelayCarrier {
       if (why) throw new Error(why);
     }
     const carried = [...this.sessions.all].filter((s) => s.gen !== null && busyWith(s, reason !== 'signal') === null);
-    return carried.map((s) => ({ fd: s.conn.stream.fd, generation: s.gen!.number, initialAcked: s.initialAcked, ...helloFlags(s) }));
+    return carried.map((s) => ({
+      fd: s.conn.stream.fd,
+      generation: s.gen!.number,
+      initialAcked: s.initialAcked,
+      ...helloFlags(s),
+    }));
   }
 
   /** The latest checkpoint's memfd for the next Aeterna, or null. */
@@ -109,12 +114,21 @@ export class RelayCarrier {
     for (const entry of entries) {
       const gen = generations.find((g) => g.number === entry.generation);
       if (!gen || !this.sessions.generations.has(gen)) {
-        this.log.warn({ generation: entry.generation }, 'relay: a handed-over connection names no running generation; closed');
+        this.log.warn(
+          { generation: entry.generation },
+          'relay: a handed-over connection names no running generation; closed',
+        );
         closeQuietly(entry.fd);
         continue;
       }
       const conn = new SrpConnection(entry.fd, this.maxFrame, RELAY_HIGH_WATER_MARK);
-      const session: Session = { ...newSession(conn, gen), ...helloFlags(entry), gen, phase: entry.initialAcked ? 'idle' : 'load-sent', initialAcked: entry.initialAcked };
+      const session: Session = {
+        ...newSession(conn, gen),
+        ...helloFlags(entry),
+        gen,
+        phase: entry.initialAcked ? 'idle' : 'load-sent',
+        initialAcked: entry.initialAcked,
+      };
       this.listen(session);
       this.sessions.byGeneration.set(gen, session);
       session.carried = true;

@@ -60,7 +60,7 @@ function header(c: Omit<Checkpoint, 'fd'>, sha256: Buffer): Buffer {
 /** Hash the memfd's bytes (read in chunks; positional reads leave its offset alone). */
 export async function hashFd(fd: number, size: number, buffer: Buffer = Buffer.allocUnsafe(CHUNK)): Promise<Buffer> {
   const hash = crypto.createHash('sha256');
-  for (let off = 0; off < size; ) {
+  for (let off = 0; off < size;) {
     const { bytesRead } = await readAt(fd, buffer, Math.min(buffer.length, size - off), off);
     if (bytesRead === 0) throw new Error(`checkpoint ended after ${off} of ${size} bytes`);
     hash.update(buffer.subarray(0, bytesRead));
@@ -70,12 +70,14 @@ export async function hashFd(fd: number, size: number, buffer: Buffer = Buffer.a
 }
 
 export function readAt(fd: number, buffer: Buffer, length: number, position: number): Promise<{ bytesRead: number }> {
-  return new Promise((resolve, reject) => fs.read(fd, buffer, 0, length, position, (err, bytesRead) => (err ? reject(err) : resolve({ bytesRead }))));
+  return new Promise((resolve, reject) =>
+    fs.read(fd, buffer, 0, length, position, (err, bytesRead) => (err ? reject(err) : resolve({ bytesRead }))),
+  );
 }
 
 /** Write all of `data` at `position` (a short write is continued; a write that makes no progress fails). */
 async function writeAll(out: fs.promises.FileHandle, data: Buffer, position: number): Promise<void> {
-  for (let off = 0; off < data.length; ) {
+  for (let off = 0; off < data.length;) {
     const { bytesWritten } = await out.write(data, off, data.length - off, position + off);
     if (bytesWritten <= 0) throw new Error(`wrote nothing at byte ${position + off}`);
     off += bytesWritten;
@@ -96,7 +98,10 @@ async function createTemp(file: string): Promise<{ temp: string; out: fs.promise
   for (let tries = 0; ; tries++) {
     const temp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.${++tempCounter}.tmp`);
     try {
-      return { temp, out: await fs.promises.open(temp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600) };
+      return {
+        temp,
+        out: await fs.promises.open(temp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600),
+      };
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || tries >= 100) throw err;
     }
@@ -151,7 +156,7 @@ export async function writeCheckpointFile(file: string, c: Checkpoint, signal?: 
     try {
       const head = header(c, sha256);
       await writeAll(out, head, 0);
-      for (let off = 0; off < c.size; ) {
+      for (let off = 0; off < c.size;) {
         stopped();
         const { bytesRead } = await readAt(c.fd, buffer, Math.min(CHUNK, c.size - off), off);
         if (bytesRead === 0) throw new Error(`checkpoint ended after ${off} of ${c.size} bytes`);
@@ -160,12 +165,14 @@ export async function writeCheckpointFile(file: string, c: Checkpoint, signal?: 
       }
       await out.sync();
       const written = (await out.stat()).size;
-      if (written !== head.length + c.size) throw new Error(`the temporary file holds ${written} bytes, ${head.length + c.size} were written`);
+      if (written !== head.length + c.size)
+        throw new Error(`the temporary file holds ${written} bytes, ${head.length + c.size} were written`);
     } finally {
       await out.close();
     }
     stopped();
-    if (!isOwnFile(file)) throw new Error(`${file} exists and is not a checkpoint file Aeterna wrote: Aeterna does not replace it`);
+    if (!isOwnFile(file))
+      throw new Error(`${file} exists and is not a checkpoint file Aeterna wrote: Aeterna does not replace it`);
     await fs.promises.rename(temp, file);
   } catch (err) {
     await fs.promises.rm(temp, { force: true });
@@ -237,34 +244,50 @@ export function readCheckpointFile(file: string, maxSize: number): Checkpoint | 
   try {
     const fixed = Buffer.alloc(FIXED);
     const got = total >= MAGIC.length ? fs.readSync(fd, fixed, 0, Math.min(FIXED, total), 0) : 0;
-    if (got < MAGIC.length || !fixed.subarray(0, 8).equals(MAGIC)) throw new CheckpointFileForeign(`${file} is not a checkpoint file (it does not start with Aeterna's checkpoint magic)`);
+    if (got < MAGIC.length || !fixed.subarray(0, 8).equals(MAGIC))
+      throw new CheckpointFileForeign(
+        `${file} is not a checkpoint file (it does not start with Aeterna's checkpoint magic)`,
+      );
     if (got !== FIXED) throw new CheckpointFileCorrupt(`${total} bytes, shorter than its ${FIXED}-byte header`);
     const version = fixed.readUInt32BE(8);
-    if (version !== CHECKPOINT_FILE_VERSION) throw new CheckpointFileCorrupt(`version ${version}, this Aeterna reads ${CHECKPOINT_FILE_VERSION}`);
+    if (version !== CHECKPOINT_FILE_VERSION)
+      throw new CheckpointFileCorrupt(`version ${version}, this Aeterna reads ${CHECKPOINT_FILE_VERSION}`);
     const bigSize = fixed.readBigUInt64BE(12);
     const sha256 = fixed.subarray(20, 52);
     const bigSeq = fixed.readBigUInt64BE(52);
-    if (bigSeq < 1n || bigSeq > BigInt(Number.MAX_SAFE_INTEGER)) throw new CheckpointFileCorrupt(`seq ${bigSeq} is outside 1..2^53-1 (a JSON reader could not read it exactly)`);
+    if (bigSeq < 1n || bigSeq > BigInt(Number.MAX_SAFE_INTEGER))
+      throw new CheckpointFileCorrupt(`seq ${bigSeq} is outside 1..2^53-1 (a JSON reader could not read it exactly)`);
     const seq = Number(bigSeq);
     const savedAt = Number(fixed.readBigUInt64BE(60));
     const encodingLength = fixed.readUInt16BE(68);
-    if (encodingLength > MAX_ENCODING_LENGTH * 4) throw new CheckpointFileCorrupt(`an encoding name of ${encodingLength} bytes (the protocol allows ${MAX_ENCODING_LENGTH} characters)`);
+    if (encodingLength > MAX_ENCODING_LENGTH * 4)
+      throw new CheckpointFileCorrupt(
+        `an encoding name of ${encodingLength} bytes (the protocol allows ${MAX_ENCODING_LENGTH} characters)`,
+      );
     const encodingBytes = Buffer.alloc(encodingLength);
-    if (fs.readSync(fd, encodingBytes, 0, encodingLength, FIXED) !== encodingLength) throw new CheckpointFileCorrupt('cut short in its header');
+    if (fs.readSync(fd, encodingBytes, 0, encodingLength, FIXED) !== encodingLength)
+      throw new CheckpointFileCorrupt('cut short in its header');
     const encoding = encodingBytes.toString('utf8');
-    if (encoding.length > MAX_ENCODING_LENGTH) throw new CheckpointFileCorrupt(`an encoding name of ${encoding.length} characters (the protocol allows ${MAX_ENCODING_LENGTH})`);
+    if (encoding.length > MAX_ENCODING_LENGTH)
+      throw new CheckpointFileCorrupt(
+        `an encoding name of ${encoding.length} characters (the protocol allows ${MAX_ENCODING_LENGTH})`,
+      );
     const start = FIXED + encodingLength;
-    if (BigInt(total) !== BigInt(start) + bigSize) throw new CheckpointFileCorrupt(`holds ${total - start} bytes of data, its header says ${bigSize}`);
+    if (BigInt(total) !== BigInt(start) + bigSize)
+      throw new CheckpointFileCorrupt(`holds ${total - start} bytes of data, its header says ${bigSize}`);
     const size = Number(bigSize);
-    if (size > maxSize) throw new CheckpointFileTooLarge(`its ${size} bytes exceed orchestration.state_handoff.checkpoint.max_size (${maxSize} bytes)`);
+    if (size > maxSize)
+      throw new CheckpointFileTooLarge(
+        `its ${size} bytes exceed orchestration.state_handoff.checkpoint.max_size (${maxSize} bytes)`,
+      );
     memfd = native.memfdCreate('aeterna-checkpoint');
     const buffer = Buffer.allocUnsafe(CHUNK);
     const hash = crypto.createHash('sha256');
-    for (let off = 0; off < size; ) {
+    for (let off = 0; off < size;) {
       const n = fs.readSync(fd, buffer, 0, Math.min(CHUNK, size - off), start + off);
       if (n === 0) throw new CheckpointFileCorrupt(`cut short after ${off} of ${size} bytes`);
       hash.update(buffer.subarray(0, n));
-      for (let w = 0; w < n; ) w += fs.writeSync(memfd, buffer, w, n - w, off + w);
+      for (let w = 0; w < n;) w += fs.writeSync(memfd, buffer, w, n - w, off + w);
       off += n;
     }
     if (!hash.digest().equals(sha256)) throw new CheckpointFileCorrupt('its data does not match its sha256');

@@ -40,7 +40,10 @@ export class CheckpointIntake {
     if (!streamed) {
       let seq: number;
       try {
-        seq = m.transport === 'memfd' ? this.checkpoints.adopt(fds[(m.fds ?? []).indexOf('state')], m) : this.checkpoints.adopt(emptyMemfd(), m);
+        seq =
+          m.transport === 'memfd'
+            ? this.checkpoints.adopt(fds[(m.fds ?? []).indexOf('state')], m)
+            : this.checkpoints.adopt(emptyMemfd(), m);
       } catch (err) {
         return this.refuse(s, err);
       }
@@ -79,7 +82,10 @@ export class CheckpointIntake {
     if (!s.checkpoint) return;
     s.checkpoint.writer?.discard();
     s.checkpoint = null;
-    this.log.warn({ generation: s.gen?.number }, 'checkpoint cut short (the connection closed mid-stream); the previous one stays');
+    this.log.warn(
+      { generation: s.gen?.number },
+      'checkpoint cut short (the connection closed mid-stream); the previous one stays',
+    );
     this.events.emit('checkpoint', 'cut_short');
   }
 
@@ -110,7 +116,14 @@ export class CheckpointIntake {
       },
       (err: Error) => {
         // Its turn in line is now: answered at once (waiting for the writes asked since would answer it after them).
-        this.refuse(s, new CheckpointRefused('write_failed', `checkpoint ${seq} could not be written to ${this.checkpoints.config.path} (the file keeps the previous one): ${err.message}`), true);
+        this.refuse(
+          s,
+          new CheckpointRefused(
+            'write_failed',
+            `checkpoint ${seq} could not be written to ${this.checkpoints.config.path} (the file keeps the previous one): ${err.message}`,
+          ),
+          true,
+        );
         s.answering -= 1; // answered by the refusal
       },
     );

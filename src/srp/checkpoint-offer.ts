@@ -44,13 +44,29 @@ export class CheckpointOffers {
     const { checkpoint: c, fd } = latest;
     const age = Date.now() - c.savedAt;
     const how = s.noFds ? 'streamed' : 'memfd';
-    this.log.info({ generation: s.gen!.number, seq: c.seq, size: c.size, age_ms: age, transport: how }, 'checkpoint: offered as the initial load');
+    this.log.info(
+      { generation: s.gen!.number, seq: c.seq, size: c.size, age_ms: age, transport: how },
+      'checkpoint: offered as the initial load',
+    );
     this.offered.set(s.gen!, { seq: c.seq, judged: false });
     if (s.noFds) {
       void this.stream(s, c, fd, age);
       return c.size;
     }
-    s.conn.send({ op: 'load', size: c.size, encoding: c.encoding, transport: 'memfd', fds: ['state'], source: 'checkpoint', seq: c.seq, age_ms: age }, [fd], { closeFds: true });
+    s.conn.send(
+      {
+        op: 'load',
+        size: c.size,
+        encoding: c.encoding,
+        transport: 'memfd',
+        fds: ['state'],
+        source: 'checkpoint',
+        seq: c.seq,
+        age_ms: age,
+      },
+      [fd],
+      { closeFds: true },
+    );
     return c.size;
   }
 
@@ -63,9 +79,17 @@ export class CheckpointOffers {
     try {
       const sha256 = c.size > 0 ? await this.checkpoints.digest(c, fd) : undefined;
       if (s.conn.closed) return;
-      s.conn.send({ op: 'load', size: c.size, encoding: c.encoding, ...(sha256 ? { sha256 } : {}), source: 'checkpoint', seq: c.seq, age_ms: age });
+      s.conn.send({
+        op: 'load',
+        size: c.size,
+        encoding: c.encoding,
+        ...(sha256 ? { sha256 } : {}),
+        source: 'checkpoint',
+        seq: c.seq,
+        age_ms: age,
+      });
       const chunk = Math.min(this.maxFrame, CHECKPOINT_CHUNK);
-      for (let off = 0; off < c.size && !s.conn.closed; ) {
+      for (let off = 0; off < c.size && !s.conn.closed;) {
         const buffer = Buffer.allocUnsafe(Math.min(chunk, c.size - off)); // its own: the stream may hold it queued
         const { bytesRead } = await readAt(fd, buffer, buffer.length, off);
         if (bytesRead === 0) throw new Error(`checkpoint ended after ${off} of ${c.size} bytes`);
@@ -73,7 +97,10 @@ export class CheckpointOffers {
         if (!s.conn.sendData(buffer.subarray(0, bytesRead), chunk) && !s.conn.closed) await drained(s.conn.stream);
       }
     } catch (err) {
-      this.log.error({ generation: s.gen?.number, err: (err as Error).message }, 'checkpoint: could not be streamed to the client; its connection is closed');
+      this.log.error(
+        { generation: s.gen?.number, err: (err as Error).message },
+        'checkpoint: could not be streamed to the client; its connection is closed',
+      );
       s.conn.close(err as Error);
     } finally {
       s.receivingCheckpoint = false;
@@ -110,7 +137,10 @@ export class CheckpointOffers {
     const count = this.loadFailures?.seq === seq ? this.loadFailures.count + 1 : 1;
     this.loadFailures = { seq, count };
     if (count < MAX_CHECKPOINT_LOAD_TRIES) {
-      this.log.warn({ seq, tries: count }, `checkpoint ${seq} did not load: ${why}; try ${count} of ${MAX_CHECKPOINT_LOAD_TRIES}, it is offered again`);
+      this.log.warn(
+        { seq, tries: count },
+        `checkpoint ${seq} did not load: ${why}; try ${count} of ${MAX_CHECKPOINT_LOAD_TRIES}, it is offered again`,
+      );
       return;
     }
     this.loadFailures = null;
@@ -118,8 +148,14 @@ export class CheckpointOffers {
     this.events.emit('carry'); // the checkpoint memfd is gone
     void this.checkpoints.setAside(seq).then((movedTo) => {
       this.log.error(
-        { code: 'E_CHECKPOINT_REFUSED' satisfies ErrorCode, seq, tries: count, ...(movedTo ? { moved_to: movedTo } : {}) },
-        `checkpoint ${seq} set aside after ${count} failed loads (last: ${why}); it is never offered again${movedTo ? ` (its file is now ${movedTo})` : ''}: the app starts without a checkpoint`,
+        {
+          code: 'E_CHECKPOINT_REFUSED' satisfies ErrorCode,
+          seq,
+          tries: count,
+          ...(movedTo ? { moved_to: movedTo } : {}),
+        },
+        `checkpoint ${seq} set aside after ${count} failed loads (last: ${why}); ` +
+          `it is never offered again${movedTo ? ` (its file is now ${movedTo})` : ''}: the app starts without a checkpoint`,
       );
     });
   }

@@ -14,7 +14,17 @@ import { native } from '../native/binding';
 import type { CheckpointConfig } from '../config/types';
 import { AeternaError, type ErrorCode } from '../errors';
 import type { Logger } from '../log';
-import { CheckpointFileCorrupt, CheckpointFileForeign, CheckpointFileTooLarge, fileSeq, hashFd, readCheckpointFile, removeLeftoverTemps, writeCheckpointFile, type Checkpoint } from './checkpoint-file';
+import {
+  CheckpointFileCorrupt,
+  CheckpointFileForeign,
+  CheckpointFileTooLarge,
+  fileSeq,
+  hashFd,
+  readCheckpointFile,
+  removeLeftoverTemps,
+  writeCheckpointFile,
+  type Checkpoint,
+} from './checkpoint-file';
 import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
 
@@ -59,7 +69,8 @@ export class CheckpointWriter {
 
   /** Bytes as they arrive (a view of the read buffer: written out at once, never kept). */
   write(payload: Buffer): void {
-    for (let off = 0; off < payload.length; ) off += fs.writeSync(this.fd, payload, off, payload.length - off, this.written + off);
+    for (let off = 0; off < payload.length;)
+      off += fs.writeSync(this.fd, payload, off, payload.length - off, this.written + off);
     this.hash.update(payload);
     this.written += payload.length;
   }
@@ -74,7 +85,10 @@ export class CheckpointWriter {
     }
     if (this.header.size > 0 && expected !== actual) {
       this.discard();
-      throw new CheckpointRefused('checksum_mismatch', `sha256 of the ${this.written} bytes received is not ${expected}`);
+      throw new CheckpointRefused(
+        'checksum_mismatch',
+        `sha256 of the ${this.written} bytes received is not ${expected}`,
+      );
     }
     native.sealMemfd(this.fd);
     return this.store.replace(this.fd, this.header, actual);
@@ -120,22 +134,42 @@ export class CheckpointStore {
     try {
       size = fs.fstatSync(h.fd).size;
     } catch (err) {
-      this.log.error({ seq: h.seq }, `checkpoint ${h.seq} handed over at fd ${h.fd} cannot be read: ${(err as Error).message}; the app has no checkpoint`);
+      this.log.error(
+        { seq: h.seq },
+        `checkpoint ${h.seq} handed over at fd ${h.fd} cannot be read: ${(err as Error).message}; the app has no checkpoint`,
+      );
       return;
     }
     if (!isSealedState(h.fd) || size !== h.size) {
       closeQuietly(h.fd);
-      this.log.error({ seq: h.seq }, `checkpoint ${h.seq} handed over at fd ${h.fd} is not the sealed ${h.size} bytes it should be; the app has no checkpoint`);
+      this.log.error(
+        { seq: h.seq },
+        `checkpoint ${h.seq} handed over at fd ${h.fd} is not the sealed ${h.size} bytes it should be; the app has no checkpoint`,
+      );
       return;
     }
-    this.latest = { fd: h.fd, size: h.size, seq: h.seq, encoding: h.encoding, savedAt: Date.parse(h.saved_at), ...(h.sha256 ? { sha256: h.sha256 } : {}) };
+    this.latest = {
+      fd: h.fd,
+      size: h.size,
+      seq: h.seq,
+      encoding: h.encoding,
+      savedAt: Date.parse(h.saved_at),
+      ...(h.sha256 ? { sha256: h.sha256 } : {}),
+    };
   }
 
   /** The latest checkpoint for what a re-exec carries (its memfd stays ours until the exec), or null. */
   carry(): CarriedCheckpoint | null {
     const c = this.latest;
     if (!c) return null;
-    return { fd: c.fd, seq: c.seq, size: c.size, encoding: c.encoding, ...(c.sha256 ? { sha256: c.sha256 } : {}), saved_at: new Date(c.savedAt).toISOString() };
+    return {
+      fd: c.fd,
+      seq: c.seq,
+      size: c.size,
+      encoding: c.encoding,
+      ...(c.sha256 ? { sha256: c.sha256 } : {}),
+      saved_at: new Date(c.savedAt).toISOString(),
+    };
   }
 
   /**
@@ -144,7 +178,11 @@ export class CheckpointStore {
    * set aside as `<path>.corrupt`; one above max_size is left where it is, not loaded.
    */
   private loadFile(file: string): void {
-    for (const temp of removeLeftoverTemps(file)) this.log.info({ path: temp }, 'checkpoint: removed the temporary file of a write an earlier Aeterna did not finish');
+    for (const temp of removeLeftoverTemps(file))
+      this.log.info(
+        { path: temp },
+        'checkpoint: removed the temporary file of a write an earlier Aeterna did not finish',
+      );
     try {
       const loaded = readCheckpointFile(file, this.config.maxSizeBytes);
       if (!loaded) return;
@@ -152,19 +190,32 @@ export class CheckpointStore {
       this.log.info({ path: file, seq: loaded.seq, size: loaded.size }, 'checkpoint loaded from its file');
     } catch (err) {
       if (err instanceof CheckpointFileForeign) {
-        throw new AeternaError('E_CONFIG_INVALID', `orchestration.state_handoff.checkpoint.path: ${err.message}; Aeterna never renames or replaces a file it did not write: move that file, or choose another path`);
+        throw new AeternaError(
+          'E_CONFIG_INVALID',
+          `orchestration.state_handoff.checkpoint.path: ${err.message}; ` +
+            `Aeterna never renames or replaces a file it did not write: move that file, or choose another path`,
+        );
       }
       if (err instanceof CheckpointFileTooLarge) {
-        this.log.error({ code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file }, `checkpoint file ${file} not loaded: ${err.message}; left where it is, the app starts without a checkpoint`);
+        this.log.error(
+          { code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file },
+          `checkpoint file ${file} not loaded: ${err.message}; left where it is, the app starts without a checkpoint`,
+        );
         return;
       }
       if (!(err instanceof CheckpointFileCorrupt)) {
-        this.log.error({ code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file }, `checkpoint file ${file} cannot be read: ${(err as Error).message}; the app starts without a checkpoint`);
+        this.log.error(
+          { code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file },
+          `checkpoint file ${file} cannot be read: ${(err as Error).message}; the app starts without a checkpoint`,
+        );
         return;
       }
       const aside = `${file}.corrupt`;
       const moved = this.moveAside(file, aside);
-      this.log.error({ code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file, ...(moved ? { moved_to: aside } : {}) }, `checkpoint file ${file} ignored: ${err.message}; the app starts without a checkpoint`);
+      this.log.error(
+        { code: 'E_CHECKPOINT_CORRUPT' satisfies ErrorCode, path: file, ...(moved ? { moved_to: aside } : {}) },
+        `checkpoint file ${file} ignored: ${err.message}; the app starts without a checkpoint`,
+      );
     }
   }
 
@@ -251,9 +302,11 @@ export class CheckpointStore {
   adopt(memfd: number, header: StateHeader): number {
     try {
       this.admit(header.size);
-      if (!isSealedState(memfd)) throw new CheckpointRefused('bad_state', 'memfd checkpoint is not sealed against write, shrink and grow');
+      if (!isSealedState(memfd))
+        throw new CheckpointRefused('bad_state', 'memfd checkpoint is not sealed against write, shrink and grow');
       const size = fs.fstatSync(memfd).size;
-      if (size !== header.size) throw new CheckpointRefused('bad_state', `memfd checkpoint has ${size} bytes, ${header.size} announced`);
+      if (size !== header.size)
+        throw new CheckpointRefused('bad_state', `memfd checkpoint has ${size} bytes, ${header.size} announced`);
     } catch (err) {
       closeQuietly(memfd);
       throw err;
@@ -265,7 +318,14 @@ export class CheckpointStore {
   replace(fd: number, header: StateHeader, sha256?: string): number {
     const seq = ++this.lastSeq;
     if (this.latest) closeQuietly(this.latest.fd);
-    this.latest = { fd, size: header.size, seq, encoding: header.encoding ?? 'binary', savedAt: Date.now(), ...(sha256 ? { sha256 } : {}) };
+    this.latest = {
+      fd,
+      size: header.size,
+      seq,
+      encoding: header.encoding ?? 'binary',
+      savedAt: Date.now(),
+      ...(sha256 ? { sha256 } : {}),
+    };
     return seq;
   }
 
@@ -292,9 +352,13 @@ export class CheckpointStore {
   }
 
   private admit(size: number): void {
-    if (!this.config.enabled) throw new CheckpointRefused('disabled', 'checkpoints are off (orchestration.state_handoff.checkpoint.enabled)');
+    if (!this.config.enabled)
+      throw new CheckpointRefused('disabled', 'checkpoints are off (orchestration.state_handoff.checkpoint.enabled)');
     if (size > this.config.maxSizeBytes) {
-      throw new CheckpointRefused('too_large', `checkpoint of ${size} bytes exceeds orchestration.state_handoff.checkpoint.max_size (${this.config.maxSizeBytes} bytes)`);
+      throw new CheckpointRefused(
+        'too_large',
+        `checkpoint of ${size} bytes exceeds orchestration.state_handoff.checkpoint.max_size (${this.config.maxSizeBytes} bytes)`,
+      );
     }
   }
 }

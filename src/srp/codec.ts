@@ -100,7 +100,8 @@ export class FrameDecoder {
    * this turn, so call settle() before it does; frames and data parts taken until then are views of it.
    */
   push(data: Buffer, fds: number[] = [], borrowed = false): void {
-    if (fds.length > 0) this.batches.push({ from: this.received, to: this.received + data.length, fds, claimed: false });
+    if (fds.length > 0)
+      this.batches.push({ from: this.received, to: this.received + data.length, fds, claimed: false });
     this.received += data.length;
     if (data.length === 0) return;
     this.chunks.push(data);
@@ -110,7 +111,8 @@ export class FrameDecoder {
 
   /** Copy what is left of borrowed bytes (a partial frame, or what a pause left unread): the caller may now reuse them. */
   settle(): void {
-    for (let i = Math.max(0, this.chunks.length - this.borrowed); i < this.chunks.length; i++) this.chunks[i] = Buffer.from(this.chunks[i]);
+    for (let i = Math.max(0, this.chunks.length - this.borrowed); i < this.chunks.length; i++)
+      this.chunks[i] = Buffer.from(this.chunks[i]);
     this.borrowed = 0;
   }
 
@@ -124,8 +126,10 @@ export class FrameDecoder {
       if (this.buffered < HEADER_BYTES) return null;
       const length = this.peekLength();
       if (length === 0) throw new SrpError('bad_frame', 'frame length 0');
-      if (length > this.maxFrame) throw new SrpError('too_large', `frame length ${length} is above the limit of ${this.maxFrame} bytes`);
-      if (length > announced) throw new SrpError('bad_frame', `data frame of ${length} bytes where only ${announced} were announced`);
+      if (length > this.maxFrame)
+        throw new SrpError('too_large', `frame length ${length} is above the limit of ${this.maxFrame} bytes`);
+      if (length > announced)
+        throw new SrpError('bad_frame', `data frame of ${length} bytes where only ${announced} were announced`);
       this.take(HEADER_BYTES);
       this.inDataFrame = length;
       this.checkUnclaimedBefore(this.consumed); // data frames carry no fds
@@ -143,7 +147,8 @@ export class FrameDecoder {
     if (this.buffered < HEADER_BYTES) return null;
     const length = this.peekLength();
     if (length === 0) throw new SrpError('bad_frame', 'frame length 0');
-    if (length > this.maxFrame) throw new SrpError('too_large', `frame length ${length} is above the limit of ${this.maxFrame} bytes`);
+    if (length > this.maxFrame)
+      throw new SrpError('too_large', `frame length ${length} is above the limit of ${this.maxFrame} bytes`);
     const total = HEADER_BYTES + length;
     if (this.buffered < total) return null;
     const start = this.consumed;
@@ -156,11 +161,13 @@ export class FrameDecoder {
    * where the frame starts, and be exactly `count`; otherwise bad_frame.
    */
   claimFds(frame: Frame, count: number): number[] {
-    if (count > MAX_FDS_PER_FRAME) throw new SrpError('bad_frame', `${count} fds announced; at most ${MAX_FDS_PER_FRAME}`);
+    if (count > MAX_FDS_PER_FRAME)
+      throw new SrpError('bad_frame', `${count} fds announced; at most ${MAX_FDS_PER_FRAME}`);
     const batch = this.batches.find((b) => !b.claimed && b.from <= frame.start && frame.start < b.to);
     if (count === 0) return [];
     if (!batch) throw new SrpError('bad_frame', `${count} fds announced but none arrived with the frame`);
-    if (batch.fds.length !== count) throw new SrpError('bad_frame', `${count} fds announced but ${batch.fds.length} arrived`);
+    if (batch.fds.length !== count)
+      throw new SrpError('bad_frame', `${count} fds announced but ${batch.fds.length} arrived`);
     batch.claimed = true;
     return batch.fds;
   }

@@ -55,7 +55,13 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
       this.drainFrames();
       if (!this.paused) this.decoder.settle();
     });
-    this.stream.on('end', () => this.close(this.refused || this.dataRemaining === 0 ? null : new Error(`connection closed with ${this.dataRemaining} bytes of state still announced`)));
+    this.stream.on('end', () =>
+      this.close(
+        this.refused || this.dataRemaining === 0
+          ? null
+          : new Error(`connection closed with ${this.dataRemaining} bytes of state still announced`),
+      ),
+    );
     this.stream.on('error', (err) => this.close(err));
     this.stream.on('close', () => this.finish());
   }
@@ -80,7 +86,13 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
    * write on it from the next frame on (aeterna upgrade carries such connections).
    */
   get quiet(): boolean {
-    return !this.closed && this.dataRemaining === 0 && !this.dueTrailer && this.decoder.isEmpty && this.stream.writableLength === 0;
+    return (
+      !this.closed &&
+      this.dataRemaining === 0 &&
+      !this.dueTrailer &&
+      this.decoder.isEmpty &&
+      this.stream.writableLength === 0
+    );
   }
 
   /** Closed, or refused and only lingering: either way it carries nothing more. */
@@ -180,8 +192,10 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
 
   private handle(frame: Frame): void {
     const message = parseMessage(frame.payload);
-    if (message.op === 'trailer' && !this.dueTrailer) throw new SrpError('unexpected_op', '"trailer" without a state that announced one');
-    if (this.dueTrailer && message.op !== 'trailer' && message.op !== 'error') throw new SrpError('unexpected_op', `"${message.op}" where the announced digest trailer was due`);
+    if (message.op === 'trailer' && !this.dueTrailer)
+      throw new SrpError('unexpected_op', '"trailer" without a state that announced one');
+    if (this.dueTrailer && message.op !== 'trailer' && message.op !== 'error')
+      throw new SrpError('unexpected_op', `"${message.op}" where the announced digest trailer was due`);
     if (message.op === 'trailer') this.dueTrailer = false;
     const carriesState = message.op === 'state' || message.op === 'load' || message.op === 'checkpoint';
     // A direct dump carries the sender's end of the socket pair (docs/srp.md, "Direct transport").

@@ -9,7 +9,13 @@ import { EventEmitter } from 'node:events';
 import type { StateHandoffConfig } from '../config/types';
 import type { Logger } from '../log';
 import type { Generation } from '../supervisor/generation';
-import { DumpFailed, type CheckpointSummary, type RelayProgress, type RelayRole, type StateRelay } from '../orchestrator/relay';
+import {
+  DumpFailed,
+  type CheckpointSummary,
+  type RelayProgress,
+  type RelayRole,
+  type StateRelay,
+} from '../orchestrator/relay';
 import { Acceptor } from '../resources/acceptor';
 import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import { SrpError, closeQuietly } from './codec';
@@ -27,7 +33,10 @@ import { Transfers } from './transfer';
 type CarriedFd = { role: 'relay' | 'relay-connection' | 'checkpoint'; name: string; fd: number };
 
 /** The state socket at socketPath (mode 0600, chowned to `owner`): a stale file is taken over, a live one refused. */
-function listenStateSocket(socketPath: string, owner: { uid: number; gid: number } | undefined): { fd: number; file: SocketFile } {
+function listenStateSocket(
+  socketPath: string,
+  owner: { uid: number; gid: number } | undefined,
+): { fd: number; file: SocketFile } {
   claimSocketPath(socketPath, true);
   const { fd, file } = listenSocketFile(socketPath, 128, 0o600);
   try {
@@ -77,7 +86,8 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
       checkpoint: (s, m, fds) => this.intake.begin(s, m as Message & { op: 'checkpoint' }, fds),
       checkpointTrailer: (s, m) => this.intake.trailer(s, m as Message & { op: 'trailer' }),
       ready: (s) => this.onReady(s),
-      loadAck: (s, m) => this.transfers.onLoadAck(s, (m as Message & { op: 'ack' }).ok, (m as Message & { op: 'ack' }).error),
+      loadAck: (s, m) =>
+        this.transfers.onLoadAck(s, (m as Message & { op: 'ack' }).ok, (m as Message & { op: 'ack' }).error),
       dumpDeclined: (s, m) => this.transfers.onDumpDeclined(s, m as Message & { op: 'ack' }),
       state: (s, m, fds) => this.transfers.onState(s, m as Message & { op: 'state' }, fds),
       trailer: (s, m) => this.transfers.onTrailer(s, m as Message & { op: 'trailer' }),
@@ -86,7 +96,11 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
   }
 
   /** Create the state socket (mode 0600, owned by the app's user) and start accepting. */
-  static open(config: StateHandoffConfig, owner: { uid: number; gid: number } | undefined, log: Logger): SrpCoordinator {
+  static open(
+    config: StateHandoffConfig,
+    owner: { uid: number; gid: number } | undefined,
+    log: Logger,
+  ): SrpCoordinator {
     const { fd, file } = listenStateSocket(config.socketPath, owner);
     try {
       // Refuses a checkpoint path that names a file Aeterna did not write (docs/srp.md, "Checkpoints").
@@ -114,7 +128,13 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
   }
 
   /** The state socket a re-executed Aeterna took over (aeterna upgrade), with the checkpoint it carried; connections: adoptConnections(). */
-  static adopt(config: StateHandoffConfig, file: SocketFile, fd: number, log: Logger, checkpoint: CarriedCheckpoint | null): SrpCoordinator {
+  static adopt(
+    config: StateHandoffConfig,
+    file: SocketFile,
+    fd: number,
+    log: Logger,
+    checkpoint: CarriedCheckpoint | null,
+  ): SrpCoordinator {
     return new SrpCoordinator(file, fd, config, log, checkpoint);
   }
 
@@ -148,7 +168,10 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
    * What an upgrade or a recovery carries (upgrade/carried.ts): the state socket, the relay connections the next
    * Aeterna takes over (see RelayCarrier.carry: at an upgrade it throws while one is busy) and the latest checkpoint.
    */
-  carry(reason: CarryReason): { fds: CarriedFd[]; part: { relay: SocketFile; relay_connections: CarriedRelayConnection[]; checkpoint: CarriedCheckpoint | null } } {
+  carry(reason: CarryReason): {
+    fds: CarriedFd[];
+    part: { relay: SocketFile; relay_connections: CarriedRelayConnection[]; checkpoint: CarriedCheckpoint | null };
+  } {
     const connections = this.carrier.carry(reason);
     const checkpoint = this.carrier.carryCheckpoint();
     const fds: CarriedFd[] = [{ role: 'relay', name: 'state', fd: this.fd }];
@@ -200,7 +223,13 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     if (session) this.transfers.release(session);
   }
 
-  async relay(old: Generation, next: Generation, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
+  async relay(
+    old: Generation,
+    next: Generation,
+    progress: (p: RelayProgress) => void,
+    signal: AbortSignal,
+    timeoutMs: number,
+  ): Promise<{ bytes: number }> {
     const deadline = Date.now() + timeoutMs; // the caller aborts then
     const to = await this.sessions.waitForSession(next, signal);
     const { session: from, waited } = await this.untilIdle(old, signal);
@@ -209,7 +238,10 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     const lost = from === null ? this.sessions.lostConnections.get(old) : undefined;
     if (lost !== undefined) {
       // Not an app that never used the relay: one whose connection is gone. Its state cannot reach the next one.
-      this.log.warn({ generation: old.number, next: next.number }, `relay: generation ${old.number} has no state relay connection since ${lost}: generation ${next.number} starts without its state`);
+      this.log.warn(
+        { generation: old.number, next: next.number },
+        `relay: generation ${old.number} has no state relay connection since ${lost}: generation ${next.number} starts without its state`,
+      );
     }
     return this.transfers.start(from, to, false, progress, signal, timeoutMs);
   }
@@ -227,16 +259,24 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
   private untilIdle(gen: Generation, signal: AbortSignal): Promise<{ session: Session | null; waited: boolean }> {
     const first = this.sessions.liveSession(gen);
     if (first === null || this.idleForRelay(first)) return Promise.resolve({ session: first, waited: false });
-    const busy = (s: Session): string => `${s.phase}${s.abandoned ? `: what is left of a relay abandoned at ${s.abandoned.since} (${s.abandoned.reason})` : ''}`;
+    const busy = (s: Session): string =>
+      `${s.phase}${s.abandoned ? `: what is left of a relay abandoned at ${s.abandoned.since} (${s.abandoned.reason})` : ''}`;
     const what = busy(first);
-    this.log.warn({ generation: gen.number, phase: first.phase }, `relay: generation ${gen.number} is busy with an earlier relay (${what}); the reload waits for it, at most state_handoff.timeout`);
+    this.log.warn(
+      { generation: gen.number, phase: first.phase },
+      `relay: generation ${gen.number} is busy with an earlier relay (${what}); the reload waits for it, at most state_handoff.timeout`,
+    );
     return new Promise((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
       const onAbort = (): void => {
         clearTimeout(timer);
         const s = this.sessions.liveSession(gen);
         const why = signal.reason instanceof Error ? signal.reason.message : 'aborted';
-        reject(new DumpFailed(`${why}: generation ${gen.number} was still busy with an earlier relay (${s ? busy(s) : what})`));
+        reject(
+          new DumpFailed(
+            `${why}: generation ${gen.number} was still busy with an earlier relay (${s ? busy(s) : what})`,
+          ),
+        );
       };
       if (signal.aborted) return onAbort();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -248,7 +288,12 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
           return;
         }
         signal.removeEventListener('abort', onAbort);
-        this.log.info({ generation: gen.number }, s ? `relay: generation ${gen.number} is done with its earlier relay; the reload goes on` : `relay: generation ${gen.number}'s relay connection closed while the reload waited for it`);
+        this.log.info(
+          { generation: gen.number },
+          s
+            ? `relay: generation ${gen.number} is done with its earlier relay; the reload goes on`
+            : `relay: generation ${gen.number}'s relay connection closed while the reload waited for it`,
+        );
         resolve({ session: s, waited: true });
       };
       timer = setTimeout(check, 20);
@@ -257,7 +302,8 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
 
   restoreCheckpoint(next: Generation, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }> {
     const to = this.sessions.liveSession(next);
-    if (!to || to.phase !== 'waiting') return Promise.reject(new Error(`generation ${next.number} is not waiting for its initial load`));
+    if (!to || to.phase !== 'waiting')
+      return Promise.reject(new Error(`generation ${next.number} is not waiting for its initial load`));
     if (!this.checkpoints.current) return Promise.reject(new Error('no checkpoint is stored'));
     return this.transfers.start(null, to, false, () => undefined, signal, timeoutMs, 'checkpoint');
   }
@@ -318,7 +364,10 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
   private onMessage(s: Session, m: Message, fds: number[]): void {
     const handler = ON[s.checkpoint ? 'checkpoint' : s.phase][m.op];
     if (handler === null) {
-      throw new SrpError('unexpected_op', s.phase === 'hello' ? `expected hello, got "${m.op}"` : `"${m.op}" is not valid now (${s.phase})`);
+      throw new SrpError(
+        'unexpected_op',
+        s.phase === 'hello' ? `expected hello, got "${m.op}"` : `"${m.op}" is not valid now (${s.phase})`,
+      );
     }
     this.handlers[handler](s, m, fds);
   }
@@ -338,7 +387,8 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     this.sessions.closed(s, error);
     carryChanged(s, this);
     this.intake.cutShort(s);
-    if (error instanceof SrpError) this.log.warn({ generation: s.gen?.number, code: error.code }, `relay connection closed: ${error.message}`);
+    if (error instanceof SrpError)
+      this.log.warn({ generation: s.gen?.number, code: error.code }, `relay connection closed: ${error.message}`);
     this.transfers.closed(s, error);
   }
 }

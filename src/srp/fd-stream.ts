@@ -21,7 +21,12 @@ export function isPeerGone(err: Error): boolean {
 /** A socket error reported by the poller (the socket's pending error, see the addon), as an ErrnoException. */
 function socketError(errno: number): NodeJS.ErrnoException {
   const code = util.getSystemErrorName(-errno);
-  const what = code === 'ECONNRESET' ? 'connection reset by the peer' : code === 'EPIPE' ? 'the peer closed its end' : `socket error ${code}`;
+  const what =
+    code === 'ECONNRESET'
+      ? 'connection reset by the peer'
+      : code === 'EPIPE'
+        ? 'the peer closed its end'
+        : `socket error ${code}`;
   return Object.assign(new Error(what), { errno, code });
 }
 

@@ -19,7 +19,10 @@ export interface StateHeader {
 }
 
 export type Message =
-  /** fds: false = the client cannot receive fds (no memfd state, no fd passing); absent = it can. trailer: it can receive a state whose digest follows the data (docs/srp.md, "Digest trailer"). */
+  /**
+   * fds: false = the client cannot receive fds (no memfd state, no fd passing); absent = it can. trailer: it can
+   * receive a state whose digest follows the data (docs/srp.md, "Digest trailer").
+   */
   /** checksums: the trailer algorithms it can compute and verify besides sha256 (docs/srp.md, "Checksums"). */
   | { op: 'hello'; v: number; fds?: boolean; trailer?: true; direct?: true; checksums?: string[] }
   /** checkpoint: Aeterna stores checkpoints (docs/srp.md, "Checkpoints"). */
@@ -35,7 +38,15 @@ export type Message =
   | { op: 'ready' }
   /** timeout_ms: how long Aeterna waits for the state and the new generation's ack (state_handoff.timeout). */
   /** direct: the sender may write the state's bytes on the socket pair end it carries (fds: ["direct"]). */
-  | { op: 'dump'; final: boolean; timeout_ms?: number; trailer?: true; direct?: true; fds?: string[]; checksum?: Checksum }
+  | {
+      op: 'dump';
+      final: boolean;
+      timeout_ms?: number;
+      trailer?: true;
+      direct?: true;
+      fds?: string[];
+      checksum?: Checksum;
+    }
   /** The digest of the state's data frames, right after the last of them (a header with `trailer`): `sha256`, or `crc32` when the header said so. */
   | ({ op: 'trailer' } & TrailerDigest)
   | { op: 'error'; code: string; message: string };
@@ -50,7 +61,19 @@ export const CHECKSUMS: readonly Checksum[] = ['crc32'];
 export type TrailerDigest = { sha256: string; crc32?: never } | { crc32: string; sha256?: never };
 
 export type Op = Message['op'];
-const OPS: readonly Op[] = ['hello', 'welcome', 'load', 'state', 'ack', 'ready', 'dump', 'trailer', 'error', 'checkpoint', 'checkpointed'];
+const OPS: readonly Op[] = [
+  'hello',
+  'welcome',
+  'load',
+  'state',
+  'ack',
+  'ready',
+  'dump',
+  'trailer',
+  'error',
+  'checkpoint',
+  'checkpointed',
+];
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
@@ -73,46 +96,60 @@ function optionalSha256(o: Record<string, unknown>, op: string): string | undefi
 
 function header(o: Record<string, unknown>, op: string): StateHeader {
   const size = o.size;
-  if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) fail(`${op}: "size" must be a whole number >= 0`);
+  if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0)
+    fail(`${op}: "size" must be a whole number >= 0`);
   const h: StateHeader = { size };
   const encoding = optionalString(o, 'encoding', MAX_ENCODING_LENGTH);
   if (encoding !== undefined) h.encoding = encoding;
   const sha256 = optionalSha256(o, op);
   if (sha256 !== undefined) h.sha256 = sha256;
   if (o.transport !== undefined) {
-    if (o.transport !== 'stream' && o.transport !== 'memfd' && o.transport !== 'direct') fail(`${op}: "transport" must be "stream", "memfd" or "direct"`);
+    if (o.transport !== 'stream' && o.transport !== 'memfd' && o.transport !== 'direct')
+      fail(`${op}: "transport" must be "stream", "memfd" or "direct"`);
     h.transport = o.transport;
   }
   if (o.fds !== undefined) {
     const fds = o.fds;
-    if (!Array.isArray(fds) || fds.length > MAX_FDS_PER_FRAME || !fds.every((n) => typeof n === 'string' && n.length > 0 && n.length <= 128)) {
+    if (
+      !Array.isArray(fds) ||
+      fds.length > MAX_FDS_PER_FRAME ||
+      !fds.every((n) => typeof n === 'string' && n.length > 0 && n.length <= 128)
+    ) {
       fail(`${op}: "fds" must be a list of at most ${MAX_FDS_PER_FRAME} names`);
     }
     if (new Set(fds).size !== fds.length) fail(`${op}: "fds" names must be unique`);
     h.fds = fds as string[];
   }
-  if (h.transport === 'memfd' && !(h.fds ?? []).includes('state')) fail(`${op}: transport "memfd" needs an fd named "state"`);
+  if (h.transport === 'memfd' && !(h.fds ?? []).includes('state'))
+    fail(`${op}: transport "memfd" needs an fd named "state"`);
   if (o.trailer !== undefined) {
     if (o.trailer !== true) fail(`${op}: "trailer" must be true when present`);
-    if (h.sha256 !== undefined || h.transport === 'memfd' || h.size === 0) fail(`${op}: "trailer" is only for a streamed state of at least 1 byte without "sha256"`);
+    if (h.sha256 !== undefined || h.transport === 'memfd' || h.size === 0)
+      fail(`${op}: "trailer" is only for a streamed state of at least 1 byte without "sha256"`);
     h.trailer = true;
   }
   if (o.checksum !== undefined) {
-    if (!CHECKSUMS.includes(o.checksum as Checksum)) fail(`${op}: "checksum" must be one of ${CHECKSUMS.join(', ')} when present`);
+    if (!CHECKSUMS.includes(o.checksum as Checksum))
+      fail(`${op}: "checksum" must be one of ${CHECKSUMS.join(', ')} when present`);
     if (!h.trailer || op === 'checkpoint') fail(`${op}: "checksum" is only for a relayed state with "trailer": true`);
     h.checksum = o.checksum as Checksum;
   }
   if (h.transport === 'direct') {
     // The digest always follows the bytes on the pair; the pair end rides on the load, the sender already has its own.
-    if (!h.trailer || h.size === 0) fail(`${op}: transport "direct" needs "trailer": true and a size of at least 1 byte`);
-    if ((h.fds ?? []).includes('direct') !== (op === 'load')) fail(`${op}: the fd name "direct" is ${op === 'load' ? 'required' : 'reserved'} for the direct transport`);
-  } else if ((h.fds ?? []).includes('direct') && op !== 'load') fail(`${op}: the fd name "direct" is reserved for the direct transport`);
-  if (h.size > 0 && h.transport !== 'memfd' && h.sha256 === undefined && !h.trailer) fail(`${op}: "sha256" (or "trailer": true) is required for a streamed state`);
+    if (!h.trailer || h.size === 0)
+      fail(`${op}: transport "direct" needs "trailer": true and a size of at least 1 byte`);
+    if ((h.fds ?? []).includes('direct') !== (op === 'load'))
+      fail(`${op}: the fd name "direct" is ${op === 'load' ? 'required' : 'reserved'} for the direct transport`);
+  } else if ((h.fds ?? []).includes('direct') && op !== 'load')
+    fail(`${op}: the fd name "direct" is reserved for the direct transport`);
+  if (h.size > 0 && h.transport !== 'memfd' && h.sha256 === undefined && !h.trailer)
+    fail(`${op}: "sha256" (or "trailer": true) is required for a streamed state`);
   return h;
 }
 
 function offeredChecksum(o: Record<string, unknown>): Checksum {
-  if (!CHECKSUMS.includes(o.checksum as Checksum) || o.trailer !== true) fail(`dump: "checksum" must be one of ${CHECKSUMS.join(', ')}, and only with "trailer": true`);
+  if (!CHECKSUMS.includes(o.checksum as Checksum) || o.trailer !== true)
+    fail(`dump: "checksum" must be one of ${CHECKSUMS.join(', ')}, and only with "trailer": true`);
   return o.checksum as Checksum;
 }
 
@@ -143,7 +180,12 @@ export function parseMessage(payload: Buffer): Message {
     case 'hello':
       if (typeof o.v !== 'number') fail('hello: "v" must be a number');
       if (o.fds !== undefined && typeof o.fds !== 'boolean') fail('hello: "fds" must be true or false');
-      if (o.checksums !== undefined && (!Array.isArray(o.checksums) || o.checksums.length > 16 || !o.checksums.every((c) => typeof c === 'string' && c.length <= 32))) {
+      if (
+        o.checksums !== undefined &&
+        (!Array.isArray(o.checksums) ||
+          o.checksums.length > 16 ||
+          !o.checksums.every((c) => typeof c === 'string' && c.length <= 32))
+      ) {
         fail('hello: "checksums" must be a list of at most 16 names');
       }
       return {
@@ -153,7 +195,9 @@ export function parseMessage(payload: Buffer): Message {
         ...(o.trailer === true ? { trailer: true as const } : {}),
         ...(o.direct === true ? { direct: true as const } : {}),
         // Names this Aeterna does not know are ignored (a later client may know more).
-        ...(Array.isArray(o.checksums) ? { checksums: CHECKSUMS.filter((c) => (o.checksums as unknown[]).includes(c)) } : {}),
+        ...(Array.isArray(o.checksums)
+          ? { checksums: CHECKSUMS.filter((c) => (o.checksums as unknown[]).includes(c)) }
+          : {}),
       };
     case 'welcome':
       return {
@@ -192,15 +236,21 @@ export function parseMessage(payload: Buffer): Message {
     case 'ready':
       return { op: 'ready' };
     case 'dump':
-      if (o.direct !== undefined && (o.direct !== true || o.trailer !== true || o.final === true)) fail('dump: "direct" must be true, and only with "trailer": true on a non-final dump');
-      if ((o.direct === true) !== (Array.isArray(o.fds) && o.fds.length === 1 && o.fds[0] === 'direct') || (o.fds !== undefined && o.direct !== true)) {
+      if (o.direct !== undefined && (o.direct !== true || o.trailer !== true || o.final === true))
+        fail('dump: "direct" must be true, and only with "trailer": true on a non-final dump');
+      if (
+        (o.direct === true) !== (Array.isArray(o.fds) && o.fds.length === 1 && o.fds[0] === 'direct') ||
+        (o.fds !== undefined && o.direct !== true)
+      ) {
         fail('dump: "fds" must be ["direct"] exactly when "direct" is true');
       }
       return {
         op: 'dump',
         ...(o.direct === true ? { direct: true as const, fds: ['direct'] } : {}),
         final: o.final === true,
-        ...(Number.isSafeInteger(o.timeout_ms) && (o.timeout_ms as number) > 0 ? { timeout_ms: o.timeout_ms as number } : {}),
+        ...(Number.isSafeInteger(o.timeout_ms) && (o.timeout_ms as number) > 0
+          ? { timeout_ms: o.timeout_ms as number }
+          : {}),
         ...(o.trailer === true ? { trailer: true as const } : {}),
         ...(o.checksum !== undefined ? { checksum: offeredChecksum(o) } : {}),
       };
@@ -208,11 +258,19 @@ export function parseMessage(payload: Buffer): Message {
       const sha256 = optionalSha256(o, 'trailer');
       const crc32 = optionalString(o, 'crc32', 8);
       if (crc32 !== undefined && !/^[0-9a-f]{8}$/.test(crc32)) fail('trailer: "crc32" must be 8 lowercase hex digits');
-      if ((sha256 === undefined) === (crc32 === undefined)) fail('trailer: exactly one of "sha256" and "crc32" is required');
+      if ((sha256 === undefined) === (crc32 === undefined))
+        fail('trailer: exactly one of "sha256" and "crc32" is required');
       return sha256 !== undefined ? { op: 'trailer', sha256 } : { op: 'trailer', crc32: crc32! };
     }
     case 'error':
-      return { op: 'error', code: String(o.code ?? 'unknown').slice(0, 64), message: String(o.message ?? '').slice(0, 4096) };
+      return {
+        op: 'error',
+        // A peer's error fields are shown whatever their type (an object prints as [object Object]), never refused.
+        // eslint-disable-next-line @typescript-eslint/no-base-to-string
+        code: String(o.code ?? 'unknown').slice(0, 64),
+        // eslint-disable-next-line @typescript-eslint/no-base-to-string
+        message: String(o.message ?? '').slice(0, 4096),
+      };
   }
 }
 

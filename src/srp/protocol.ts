@@ -24,7 +24,11 @@ export type Phase = keyof typeof PHASE_MEANINGS;
  * The table's rows: the phases, and `checkpoint` for a connection whose streamed checkpoint is arriving (its data
  * frames, then its trailer if it announced one), whatever its phase: until then nothing else may come from it.
  */
-export const ROW_MEANINGS = { ...PHASE_MEANINGS, checkpoint: 'its streamed checkpoint is arriving (its data frames, then its trailer if announced), whatever its phase' } as const;
+export const ROW_MEANINGS = {
+  ...PHASE_MEANINGS,
+  checkpoint:
+    'its streamed checkpoint is arriving (its data frames, then its trailer if announced), whatever its phase',
+} as const;
 export type Row = keyof typeof ROW_MEANINGS;
 export const ROWS = Object.keys(ROW_MEANINGS) as Row[];
 
@@ -78,16 +82,24 @@ export const ON: Table = {
 };
 
 /** Where docs/srp.md's generated table begins and ends. */
-export const SRP_TABLE_BEGIN = '<!-- generated from src/srp/protocol.ts by scripts/gen-srp-doc.ts: edit the table there -->';
+export const SRP_TABLE_BEGIN =
+  '<!-- generated from src/srp/protocol.ts by scripts/gen-srp-doc.ts: edit the table there -->';
 export const SRP_TABLE_END = '<!-- end of the generated table -->';
 
 /** The table as Markdown (docs/srp.md embeds this text): one row per phase, one column per op a client sends. */
 export function srpTable(): string {
   const sent = OPS.filter((op) => ROWS.some((r) => ON[r][op] !== null));
-  const lines = [`| phase | ${sent.map((op) => `\`${op}\``).join(' | ')} |`, `|---|${sent.map(() => '---').join('|')}|`];
+  const lines = [
+    `| phase | ${sent.map((op) => `\`${op}\``).join(' | ')} |`,
+    `|---|${sent.map(() => '---').join('|')}|`,
+  ];
   for (const row of ROWS) lines.push(`| ${row} | ${sent.map((op) => ON[row][op] ?? '–').join(' | ')} |`);
   const never = OPS.filter((op) => !sent.includes(op));
-  lines.push('', `\`${never.join('`, `')}\`: never accepted from an app (Aeterna sends them). – : \`unexpected_op\`.`, '');
+  lines.push(
+    '',
+    `\`${never.join('`, `')}\`: never accepted from an app (Aeterna sends them). – : \`unexpected_op\`.`,
+    '',
+  );
   lines.push('', 'Phases:', '');
   for (const [row, what] of Object.entries(ROW_MEANINGS)) lines.push(`- ${row}: ${what}`);
   lines.push('', 'Handlers:', '');

@@ -143,12 +143,36 @@ export type HelloFlags = Pick<Session, 'noFds' | 'takesTrailer' | 'takesDirect' 
 /** The hello-derived flags of a session (or of a carried entry): the one place that lists them. */
 export function helloFlags(s: Pick<HelloFlags, 'noFds' | 'takesTrailer'> & Partial<HelloFlags>): HelloFlags {
   // Optional in a handover: absent, the client was never offered the direct transport or another check.
-  return { noFds: s.noFds, takesTrailer: s.takesTrailer, takesDirect: s.takesDirect ?? false, checksums: [...(s.checksums ?? [])] };
+  return {
+    noFds: s.noFds,
+    takesTrailer: s.takesTrailer,
+    takesDirect: s.takesDirect ?? false,
+    checksums: [...(s.checksums ?? [])],
+  };
 }
 
 /** A connection of `owner`'s that has not said hello yet. */
 export function newSession(conn: SrpConnection, owner: Generation): Session {
-  return { conn, owner, gen: null, phase: 'hello', initialAcked: false, noFds: false, takesTrailer: false, takesDirect: false, checksums: [], transfer: null, checkpoint: null, receivingCheckpoint: false, answering: 0, checkpointsThrottled: false, answersBlocked: false, carried: false, helloTimer: null, abandoned: null };
+  return {
+    conn,
+    owner,
+    gen: null,
+    phase: 'hello',
+    initialAcked: false,
+    noFds: false,
+    takesTrailer: false,
+    takesDirect: false,
+    checksums: [],
+    transfer: null,
+    checkpoint: null,
+    receivingCheckpoint: false,
+    answering: 0,
+    checkpointsThrottled: false,
+    answersBlocked: false,
+    carried: false,
+    helloTimer: null,
+    abandoned: null,
+  };
 }
 
 /** What admission needs from the rest of the relay. */
@@ -204,13 +228,20 @@ export class Sessions {
     // Every refusal answers on the raw fd (refusal.ts): only an admitted connection gets a stream and its buffers.
     const owner = this.generationOf(peer.pid);
     if (!owner) {
-      this.log.warn({ peer_pid: peer.pid, peer_uid: peer.uid }, 'relay connection refused: not a process of a managed generation');
+      this.log.warn(
+        { peer_pid: peer.pid, peer_uid: peer.uid },
+        'relay connection refused: not a process of a managed generation',
+      );
       refuseConnection(fd, 'forbidden', `pid ${peer.pid} is not a process of a generation Aeterna runs`);
       return;
     }
     const pending = [...this.all].filter((s) => s.owner === owner && s.phase === 'hello').length;
     if (pending >= MAX_PENDING_PER_GENERATION) {
-      refuseConnection(fd, 'busy', `generation ${owner.number} already has ${pending} relay connections waiting for their hello`);
+      refuseConnection(
+        fd,
+        'busy',
+        `generation ${owner.number} already has ${pending} relay connections waiting for their hello`,
+      );
       return;
     }
     if (this.all.size >= MAX_CONNECTIONS) {
@@ -219,7 +250,10 @@ export class Sessions {
     }
     const conn = new SrpConnection(fd, this.maxFrame, RELAY_HIGH_WATER_MARK);
     const session = newSession(conn, owner);
-    session.helloTimer = setTimeout(() => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`), HELLO_TIMEOUT_MS);
+    session.helloTimer = setTimeout(
+      () => conn.fail('timeout', `no hello within ${HELLO_TIMEOUT_MS} ms`),
+      HELLO_TIMEOUT_MS,
+    );
     this.hooks.listen(session);
   }
 
@@ -237,7 +271,14 @@ export class Sessions {
     s.takesDirect = m.direct === true && !s.noFds;
     s.checksums = m.checksums ?? [];
     this.byGeneration.set(gen, s);
-    s.conn.send({ op: 'welcome', v: 1, generation: gen.number, max_frame: this.maxFrame, ...(this.hooks.checkpointsEnabled() ? { checkpoint: true as const } : {}), direct: true });
+    s.conn.send({
+      op: 'welcome',
+      v: 1,
+      generation: gen.number,
+      max_frame: this.maxFrame,
+      ...(this.hooks.checkpointsEnabled() ? { checkpoint: true as const } : {}),
+      direct: true,
+    });
     this.log.debug({ generation: gen.number }, 'relay connection');
     const role = this.generations.get(gen)?.role;
     if (role === 'candidate') {
@@ -261,7 +302,8 @@ export class Sessions {
     this.all.delete(s);
     if (s.gen && this.byGeneration.get(s.gen) === s) {
       this.byGeneration.delete(s.gen);
-      if (this.generations.has(s.gen)) this.lostConnections.set(s.gen, `${new Date().toISOString()} (${error ? error.message : 'the app closed it'})`);
+      if (this.generations.has(s.gen))
+        this.lostConnections.set(s.gen, `${new Date().toISOString()} (${error ? error.message : 'the app closed it'})`);
     }
   }
 
@@ -288,7 +330,13 @@ export class Sessions {
         resolve(s);
       });
       this.waiters.set(gen, list);
-      void gen.exited.then((info) => reject(new Error(`generation ${gen.number} exited (code ${info.code ?? `signal ${info.signal}`}) before it connected to the relay`)));
+      void gen.exited.then((info) =>
+        reject(
+          new Error(
+            `generation ${gen.number} exited (code ${info.code ?? `signal ${info.signal}`}) before it connected to the relay`,
+          ),
+        ),
+      );
     });
   }
 }

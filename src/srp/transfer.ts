@@ -23,7 +23,6 @@ const PROGRESS_EVERY = 8 << 20;
 /** Send and receive buffers of a direct relay's socket pair: the sender keeps writing while the receiver hashes. */
 const DIRECT_PAIR_BUFFER = 4 << 20;
 
-
 export class Transfers {
   /** Transfers not settled yet (a session that closed mid-relay is gone from the tables, its transfer is not). */
   readonly live = new Set<Transfer>();
@@ -35,13 +34,42 @@ export class Transfers {
   ) {}
 
   /** `from` null: no live old generation; `to` gets an empty load, or the latest checkpoint (`empty` 'checkpoint'). */
-  start(from: Session | null, to: Session, final: boolean, progress: (p: RelayProgress) => void, signal: AbortSignal, timeoutMs: number, empty: 'nothing' | 'checkpoint' = 'nothing'): Promise<{ bytes: number }> {
+  start(
+    from: Session | null,
+    to: Session,
+    final: boolean,
+    progress: (p: RelayProgress) => void,
+    signal: AbortSignal,
+    timeoutMs: number,
+    empty: 'nothing' | 'checkpoint' = 'nothing',
+  ): Promise<{ bytes: number }> {
     return new Promise((resolve, reject) => {
       if (from && from.phase !== 'idle') {
         reject(new Error(`generation ${from.gen!.number} is busy with an earlier relay (${from.phase})`));
         return;
       }
-      const t: Transfer = { from, to, final, total: 0, sent: 0, frameLeft: 0, reported: 0, streaming: false, trailer: false, trailerSent: false, directOffered: false, pair: null, direct: false, checksumOffered: null, checksum: undefined, aborted: false, timeoutMs, progress, resolve, reject };
+      const t: Transfer = {
+        from,
+        to,
+        final,
+        total: 0,
+        sent: 0,
+        frameLeft: 0,
+        reported: 0,
+        streaming: false,
+        trailer: false,
+        trailerSent: false,
+        directOffered: false,
+        pair: null,
+        direct: false,
+        checksumOffered: null,
+        checksum: undefined,
+        aborted: false,
+        timeoutMs,
+        progress,
+        resolve,
+        reject,
+      };
       const onAbort = (): void => this.abort(t, signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       if (signal.aborted) return onAbort();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -67,7 +95,10 @@ export class Transfers {
       }
       if (!from) {
         // The old generation never connected: there is nothing to relay.
-        this.log.warn({ generation: to.gen!.number }, 'relay: the old generation has no relay connection; the new one starts without state');
+        this.log.warn(
+          { generation: to.gen!.number },
+          'relay: the old generation has no relay connection; the new one starts without state',
+        );
         to.phase = 'load-sent';
         to.conn.send({ op: 'load', size: 0, ...(final ? { final: true } : {}) });
         return;
@@ -78,18 +109,38 @@ export class Transfers {
       // The app's SDK waits as long as we do. A digest trailer is offered only if the receiver can take one.
       // A cheaper check than SHA-256 when both generations can use it; not on a final sync, whose cut-short
       // form must end in a trailer that can match nothing (docs/srp.md, "Checksums").
-      t.checksumOffered = !final && to.takesTrailer && from.checksums.includes('crc32') && to.checksums.includes('crc32') ? 'crc32' : null;
-      const trailer = to.takesTrailer ? { trailer: true as const, ...(t.checksumOffered ? { checksum: t.checksumOffered } : {}) } : {};
+      t.checksumOffered =
+        !final && to.takesTrailer && from.checksums.includes('crc32') && to.checksums.includes('crc32')
+          ? 'crc32'
+          : null;
+      const trailer = to.takesTrailer
+        ? { trailer: true as const, ...(t.checksumOffered ? { checksum: t.checksumOffered } : {}) }
+        : {};
       const pair = this.directPair(from, to, final);
       if (pair) {
         // The sender's end goes with the dump and ours is closed once sent; the receiver's waits for the answer.
         t.directOffered = true;
         t.pair = pair[1];
-        from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs, ...trailer, direct: true, fds: ['direct'] }, [pair[0]], { closeFds: true });
+        from.conn.send(
+          { op: 'dump', final, timeout_ms: timeoutMs, ...trailer, direct: true, fds: ['direct'] },
+          [pair[0]],
+          { closeFds: true },
+        );
       } else {
         from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs, ...trailer });
       }
-      this.log.debug({ from: from.gen!.number, to: to.gen!.number, final, timeout_ms: timeoutMs, trailer: to.takesTrailer, direct: pair !== null, checksum: t.checksumOffered ?? 'sha256' }, 'relay: dump requested');
+      this.log.debug(
+        {
+          from: from.gen!.number,
+          to: to.gen!.number,
+          final,
+          timeout_ms: timeoutMs,
+          trailer: to.takesTrailer,
+          direct: pair !== null,
+          checksum: t.checksumOffered ?? 'sha256',
+        },
+        'relay: dump requested',
+      );
     });
   }
 
@@ -103,7 +154,10 @@ export class Transfers {
     try {
       return native.relayPair(DIRECT_PAIR_BUFFER);
     } catch (err) {
-      this.log.warn({ err, from: from.gen!.number, to: to.gen!.number }, 'relay: no socket pair for the direct transport; the state passes through Aeterna');
+      this.log.warn(
+        { err, from: from.gen!.number, to: to.gen!.number },
+        'relay: no socket pair for the direct transport; the state passes through Aeterna',
+      );
       return null;
     }
   }
@@ -124,30 +178,57 @@ export class Transfers {
       // Its bytes follow as data frames (streamed), on the pair Aeterna already closed (direct: only its trailer
       // comes here), or not at all (memfd, empty).
       from.phase = m.transport === 'direct' ? 'direct' : m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
-      this.log.warn({ generation: from.gen!.number, size: m.size }, 'relay: a state arrived after its dump was abandoned; dropped');
+      this.log.warn(
+        { generation: from.gen!.number, size: m.size },
+        'relay: a state arrived after its dump was abandoned; dropped',
+      );
       watchAbandoned(from, this.log);
       return;
     }
-    if (m.trailer && !t.to.takesTrailer) throw new SrpError('bad_json', 'state: "trailer" was not offered in this dump (the receiving generation did not say it takes one)');
-    if (m.transport === 'direct' && !t.directOffered) throw new SrpError('bad_json', 'state: transport "direct" was not offered in this dump');
-    if (m.checksum !== undefined && m.checksum !== t.checksumOffered) throw new SrpError('bad_json', `state: checksum "${m.checksum}" was not offered in this dump`);
+    if (m.trailer && !t.to.takesTrailer)
+      throw new SrpError(
+        'bad_json',
+        'state: "trailer" was not offered in this dump (the receiving generation did not say it takes one)',
+      );
+    if (m.transport === 'direct' && !t.directOffered)
+      throw new SrpError('bad_json', 'state: transport "direct" was not offered in this dump');
+    if (m.checksum !== undefined && m.checksum !== t.checksumOffered)
+      throw new SrpError('bad_json', `state: checksum "${m.checksum}" was not offered in this dump`);
     const pair = m.transport === 'direct' ? t.pair : null;
     t.pair = null;
-    if (m.transport !== 'direct' && t.directOffered && !t.aborted) this.log.debug({ from: from.gen!.number }, 'relay: the direct transport was offered and not taken');
+    if (m.transport !== 'direct' && t.directOffered && !t.aborted)
+      this.log.debug({ from: from.gen!.number }, 'relay: the direct transport was offered and not taken');
     if (pair === null) this.closePair(t);
     if (m.transport === 'memfd') {
       const memfd = fds[(m.fds ?? []).indexOf('state')];
       const size = fs.fstatSync(memfd).size;
-      if (!isSealedState(memfd)) throw new SrpError('bad_frame', 'memfd state is not sealed against write, shrink and grow');
+      if (!isSealedState(memfd))
+        throw new SrpError('bad_frame', 'memfd state is not sealed against write, shrink and grow');
       if (size !== m.size) throw new SrpError('bad_frame', `memfd state has ${size} bytes, ${m.size} announced`);
     }
     t.total = m.size;
-    this.log.info({ from: from.gen!.number, to: t.to.gen!.number, size: m.size, transport: m.transport ?? 'stream', checksum: m.checksum ?? 'sha256', fds: (m.fds ?? []).length, final: t.final }, 'relay: state announced');
+    this.log.info(
+      {
+        from: from.gen!.number,
+        to: t.to.gen!.number,
+        size: m.size,
+        transport: m.transport ?? 'stream',
+        checksum: m.checksum ?? 'sha256',
+        fds: (m.fds ?? []).length,
+        final: t.final,
+      },
+      'relay: state announced',
+    );
     from.phase = m.transport === 'direct' ? 'direct' : m.transport !== 'memfd' && m.size > 0 ? 'streaming' : 'idle';
     if (!t.aborted && t.to.noFds && fds.length > 0) {
       // Its hello said it cannot receive fds: fail the relay (a reload rolls back), never half-deliver the state.
       const what = m.transport === 'memfd' ? 'a memfd state' : `fds (${(m.fds ?? []).join(', ')})`;
-      this.abort(t, new Error(`generation ${t.to.gen!.number} cannot receive fds (its hello said "fds": false), but generation ${from.gen!.number} sent ${what}`));
+      this.abort(
+        t,
+        new Error(
+          `generation ${t.to.gen!.number} cannot receive fds (its hello said "fds": false), but generation ${from.gen!.number} sent ${what}`,
+        ),
+      );
     }
     if (t.aborted) {
       fds.forEach(closeQuietly);
@@ -200,7 +281,11 @@ export class Transfers {
       return;
     }
     const digest = trailerDigest(m, t.checksum);
-    if (digest === null) throw new SrpError('bad_json', `trailer: the state announced ${t.checksum ?? 'sha256'}, the trailer carries the other check`);
+    if (digest === null)
+      throw new SrpError(
+        'bad_json',
+        `trailer: the state announced ${t.checksum ?? 'sha256'}, the trailer carries the other check`,
+      );
     t.trailerSent = true;
     t.to.conn.send(t.checksum === 'crc32' ? { op: 'trailer', crc32: digest } : { op: 'trailer', sha256: digest });
     if (t.direct) {
@@ -226,14 +311,19 @@ export class Transfers {
     const t = to.transfer;
     to.transfer = null;
     if (!t) {
-      if (!ok) this.log.warn({ generation: to.gen!.number, error }, `relay: the app refused its initial load (${offered !== null ? `checkpoint ${offered}` : 'empty'})`);
+      if (!ok)
+        this.log.warn(
+          { generation: to.gen!.number, error },
+          `relay: the app refused its initial load (${offered !== null ? `checkpoint ${offered}` : 'empty'})`,
+        );
       else if (first) this.log.debug({ generation: to.gen!.number }, 'relay: initial load acknowledged');
       return;
     }
     const from = t.from;
     if (from) {
       from.transfer = null;
-      if (!from.conn.closed) from.conn.send(ok ? { op: 'ack', ok: true } : { op: 'ack', ok: false, error: error ?? 'refused' });
+      if (!from.conn.closed)
+        from.conn.send(ok ? { op: 'ack', ok: true } : { op: 'ack', ok: false, error: error ?? 'refused' });
     }
     if (ok) t.resolve({ bytes: t.total });
     else t.reject(new Error(`generation ${to.gen!.number} refused the state: ${error ?? 'no reason given'}`));
@@ -246,7 +336,8 @@ export class Transfers {
     const t = s.transfer;
     s.transfer = null;
     // No transfer: the refusal answers a dump that was abandoned; it ends that relay here.
-    if (t) this.fail(t, new Error(`generation ${s.gen!.number} could not dump its state: ${m.error ?? 'no reason given'}`));
+    if (t)
+      this.fail(t, new Error(`generation ${s.gen!.number} could not dump its state: ${m.error ?? 'no reason given'}`));
   }
 
   /** Whether a state is on its way to or from this generation. */
@@ -316,7 +407,8 @@ export class Transfers {
       if (!t.final) {
         // A reload's new generation is being stopped anyway.
         // Unless the old one failed to dump: the orchestrator may still give it the checkpoint (or release it).
-        if (t.to.phase === 'load-sent' || (t.to.phase === 'waiting' && !dumpFailed)) t.to.conn.close(new Error(`relay aborted: ${err.message}`));
+        if (t.to.phase === 'load-sent' || (t.to.phase === 'waiting' && !dumpFailed))
+          t.to.conn.close(new Error(`relay aborted: ${err.message}`));
       } else if (t.streaming && (t.sent < t.total || (t.trailer && !t.trailerSent))) {
         // The serving generation must keep its connection: finish the announced bytes with zeros (and a
         // trailer), so the framing stays in step; its checksum check then refuses the state, and nothing is applied.
@@ -334,9 +426,14 @@ export class Transfers {
    */
   private pad(to: Session, bytes: number, frameLeft: number, trailer: boolean): void {
     const zeros = Buffer.alloc(Math.min(bytes, 1 << 20));
-    for (let left = frameLeft; left > 0; left -= zeros.length) to.conn.stream.write(zeros.subarray(0, Math.min(left, zeros.length)));
-    for (let left = bytes - frameLeft; left > 0; left -= zeros.length) to.conn.sendData(zeros.subarray(0, Math.min(left, zeros.length)), zeros.length);
+    for (let left = frameLeft; left > 0; left -= zeros.length)
+      to.conn.stream.write(zeros.subarray(0, Math.min(left, zeros.length)));
+    for (let left = bytes - frameLeft; left > 0; left -= zeros.length)
+      to.conn.sendData(zeros.subarray(0, Math.min(left, zeros.length)), zeros.length);
     if (trailer) to.conn.send({ op: 'trailer', sha256: '0'.repeat(64) });
-    this.log.warn({ generation: to.gen?.number, bytes }, 'relay: final sync cut short; the rest was padded so the serving generation refuses it and keeps its connection');
+    this.log.warn(
+      { generation: to.gen?.number, bytes },
+      'relay: final sync cut short; the rest was padded so the serving generation refuses it and keeps its connection',
+    );
   }
 }

@@ -24,7 +24,10 @@ const liveGroups = new Set<string>();
 /** A process's cgroup v2 path ("0::/path" in /proc/<pid>/cgroup), or null when unknown. */
 export function cgroupOf(pid: number | 'self'): string | null {
   try {
-    const line = fs.readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n').find((l) => l.startsWith('0::'));
+    const line = fs
+      .readFileSync(`/proc/${pid}/cgroup`, 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('0::'));
     return line === undefined ? null : line.slice(3);
   } catch {
     return null;
@@ -44,7 +47,8 @@ export function cgroup2Mount(mountinfo: string): { mountPoint: string; root: str
     if (fsPart === undefined || fsPart.split(' ')[0] !== 'cgroup2') continue;
     const fields = mount.split(' ');
     // mountinfo escapes space, tab, newline and backslash as \ooo.
-    const unescape = (s: string): string => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+    const unescape = (s: string): string =>
+      s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
     return { root: unescape(fields[3]), mountPoint: unescape(fields[4]) };
   }
   return null;
@@ -224,7 +228,8 @@ export class Cgroups {
   static adopt(dir: string, onFallBack: (reason: string) => void): Cgroups {
     const own = ownCgroup();
     const name = path.basename(dir);
-    if (path.join(own.dir, name) !== dir || !name.startsWith('aeterna-')) throw new Error(`${dir} is not a directory of this Aeterna below ${own.dir}`);
+    if (path.join(own.dir, name) !== dir || !name.startsWith('aeterna-'))
+      throw new Error(`${dir} is not a directory of this Aeterna below ${own.dir}`);
     if (!fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${dir} is gone`);
     return new Cgroups(path.posix.join(own.group, name), dir, onFallBack);
   }
@@ -332,7 +337,8 @@ export interface AttributionLog {
  * `handed`: the directory a re-exec handed over, taken over when it still can be.
  */
 export function openCgroups(enabled: boolean, handed: string | null, log: AttributionLog): Cgroups | null {
-  const fallback = 'process attribution: process group, session and AETERNA_GENERATION (a daemon that leaves all three survives reloads until Aeterna exits)';
+  const fallback =
+    'process attribution: process group, session and AETERNA_GENERATION (a daemon that leaves all three survives reloads until Aeterna exits)';
   if (!enabled) {
     log.info({ cgroups: false }, `${fallback}: service.cgroups is false`);
     return null;
@@ -341,16 +347,29 @@ export function openCgroups(enabled: boolean, handed: string | null, log: Attrib
   if (handed !== null) {
     try {
       const cgroups = Cgroups.adopt(handed, onFallBack);
-      log.info({ cgroups: true, cgroup: cgroups.group }, `process attribution: one cgroup per generation below ${cgroups.dir} (taken over)`);
+      log.info(
+        { cgroups: true, cgroup: cgroups.group },
+        `process attribution: one cgroup per generation below ${cgroups.dir} (taken over)`,
+      );
       return cgroups;
     } catch (err) {
-      log.warn({ err: (err as Error).message }, `cannot take over the cgroups of the previous program: ${(err as Error).message}; a new directory for the next generations`);
+      log.warn(
+        { err: (err as Error).message },
+        `cannot take over the cgroups of the previous program: ${(err as Error).message}; a new directory for the next generations`,
+      );
     }
   }
   try {
     const cgroups = Cgroups.open(onFallBack);
-    log.info({ cgroups: true, cgroup: cgroups.group }, `process attribution: one cgroup per generation below ${cgroups.dir}`);
-    if (cgroups.swept.length > 0) log.info({ removed: cgroups.swept }, `removed ${cgroups.swept.length} empty cgroup director${cgroups.swept.length === 1 ? 'y' : 'ies'} left by an Aeterna that died without cleaning up`);
+    log.info(
+      { cgroups: true, cgroup: cgroups.group },
+      `process attribution: one cgroup per generation below ${cgroups.dir}`,
+    );
+    if (cgroups.swept.length > 0)
+      log.info(
+        { removed: cgroups.swept },
+        `removed ${cgroups.swept.length} empty cgroup director${cgroups.swept.length === 1 ? 'y' : 'ies'} left by an Aeterna that died without cleaning up`,
+      );
     return cgroups;
   } catch (err) {
     log.warn({ cgroups: false }, `${fallback}: cgroups unavailable: ${(err as Error).message}`);

@@ -15,13 +15,25 @@ export interface CommandIo {
 }
 
 /** Run argv with extra environment; SIGKILL its process group after timeoutMs. Throws when it cannot start. */
-export async function runCommand(argv: string[], extraEnv: Record<string, string>, reaper: Reaper, timeoutMs: number, io: CommandIo = {}): Promise<ExitInfo> {
+export async function runCommand(
+  argv: string[],
+  extraEnv: Record<string, string>,
+  reaper: Reaper,
+  timeoutMs: number,
+  io: CommandIo = {},
+): Promise<ExitInfo> {
   const env =
     io.env ??
     Object.entries({ ...process.env, ...extraEnv })
       .filter(([, v]) => v !== undefined)
       .map(([k, v]) => `${k}=${v}`);
-  const pid = native.spawn({ argv, env, fds: io.fds ?? [], listenPid: false, ...(io.stdio ? { stdio: io.stdio } : {}) });
+  const pid = native.spawn({
+    argv,
+    env,
+    fds: io.fds ?? [],
+    listenPid: false,
+    ...(io.stdio ? { stdio: io.stdio } : {}),
+  });
   const exit = reaper.watch(pid);
   reaper.sweep();
   const timer = setTimeout(() => signalIfAlive(-pid, os.constants.signals.SIGKILL), timeoutMs);

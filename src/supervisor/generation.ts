@@ -96,13 +96,18 @@ export class Generation extends EventEmitter<GenerationEvents> {
     cgroups: Cgroups | null = null,
   ): Generation {
     const identity = resolveIdentity(service.user, service.group);
-    const watchdogEnv: Record<string, string> = service.watchdogMs === null ? {} : { WATCHDOG_USEC: String(service.watchdogMs * 1000) };
+    const watchdogEnv: Record<string, string> =
+      service.watchdogMs === null ? {} : { WATCHDOG_USEC: String(service.watchdogMs * 1000) };
     const start = (cgroup: GenerationCgroup | null): number => {
       const procs = cgroup?.openProcs();
       try {
         return native.spawn({
           argv: service.command,
-          env: childEnvironment(process.env, service.env, listeners, { AETERNA_GENERATION: String(number), ...watchdogEnv, ...extraEnv }),
+          env: childEnvironment(process.env, service.env, listeners, {
+            AETERNA_GENERATION: String(number),
+            ...watchdogEnv,
+            ...extraEnv,
+          }),
           cwd: service.cwd,
           fds: listeners.map((l) => l.fd),
           ...stdinFrom(service, listeners),
@@ -144,7 +149,14 @@ export class Generation extends EventEmitter<GenerationEvents> {
    * A generation a re-executed Aeterna takes over (aeterna upgrade): its process is already Aeterna's child.
    * Watch it before the reaper's first sweep, so an exit during the exec is reported, not taken for an orphan's.
    */
-  static adopt(number: number, pid: number, startedAt: Date, reaper: Reaper, cgroups: Cgroups | null, cgroup: GenerationCgroup | null): Generation {
+  static adopt(
+    number: number,
+    pid: number,
+    startedAt: Date,
+    reaper: Reaper,
+    cgroups: Cgroups | null,
+    cgroup: GenerationCgroup | null,
+  ): Generation {
     const generation = new Generation(number, pid, reaper.watch(pid), cgroups, cgroup);
     generation.startedAt = startedAt;
     return generation;
@@ -186,6 +198,7 @@ export class Generation extends EventEmitter<GenerationEvents> {
 function stdinFrom(service: SpawnSpec, listeners: readonly PassedFd[]): { stdio?: [number, number, number] } {
   if (service.stdinListener === undefined) return {};
   const listener = listeners.find((l) => l.name === service.stdinListener);
-  if (listener === undefined) throw new Error(`service.stdin_listener names no open listener ("${service.stdinListener}")`);
+  if (listener === undefined)
+    throw new Error(`service.stdin_listener names no open listener ("${service.stdinListener}")`);
   return { stdio: [listener.fd, 1, 2] };
 }

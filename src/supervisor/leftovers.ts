@@ -44,7 +44,10 @@ export async function endLeftovers(reaper: Reaper, timeoutMs: number, hurry?: Ab
       else if (!signalled.has(pid)) signalIfAlive(pid, os.constants.signals.SIGTERM);
       signalled.add(pid);
     }
-    await pause(terminating ? Math.min(POLL_MS, Math.max(1, deadline - performance.now())) : POLL_MS, terminating ? hurry : undefined);
+    await pause(
+      terminating ? Math.min(POLL_MS, Math.max(1, deadline - performance.now())) : POLL_MS,
+      terminating ? hurry : undefined,
+    );
   }
 }
 

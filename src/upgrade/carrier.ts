@@ -16,7 +16,16 @@ import { RECOVERY_LIMIT, RECOVERY_WINDOW_MS, recentRecoveries, reexecsByReason }
 import { checkTarget, prepareSignalExec, reexec, upgradeArgv } from './reexec';
 
 /** The order of the kept fds in the handover, by role (the order Aeterna always wrote them in). */
-const FD_ORDER: readonly FdRole[] = ['listener', 'control', 'notify', 'relay', 'metrics', 'relay-connection', 'checkpoint', 'fdstore'];
+const FD_ORDER: readonly FdRole[] = [
+  'listener',
+  'control',
+  'notify',
+  'relay',
+  'metrics',
+  'relay-connection',
+  'checkpoint',
+  'fdstore',
+];
 
 /** What `aeterna upgrade` answers once the target passed its check: `execNow` re-executes in place. */
 export interface AcceptedUpgrade {
@@ -64,7 +73,8 @@ export class Carrier {
     if (this.recoveries.length <= RECOVERY_LIMIT) return false;
     this.log.error(
       { code: 'E_RECOVERY_LOOP', recoveries: this.recoveries },
-      `aeterna recovered from its own crash ${this.recoveries.length} times within ${RECOVERY_WINDOW_MS / 1000}s (at most ${RECOVERY_LIMIT}): giving up, ending the app (E_RECOVERY_LOOP)`,
+      `aeterna recovered from its own crash ${this.recoveries.length} times within ${RECOVERY_WINDOW_MS / 1000}s (at most ${RECOVERY_LIMIT}): ` +
+        `giving up, ending the app (E_RECOVERY_LOOP)`,
     );
     return true;
   }
@@ -91,7 +101,7 @@ export class Carrier {
     if (!this.carried) throw new AeternaError('E_ILLEGAL_TRANSITION', 'Aeterna is still starting');
     const carries = this.carried.map((c) => c.carry(reason));
     const fds = carries.flatMap((c) => c.fds).sort((a, b) => FD_ORDER.indexOf(a.role) - FD_ORDER.indexOf(b.role));
-    const part: CarriedPart = Object.assign({}, ...carries.map((c) => c.part));
+    const part = Object.assign({}, ...carries.map((c) => c.part)) as CarriedPart;
     // The fields in the order Aeterna always wrote them: the document stays byte for byte what it was.
     return {
       version: HANDOVER_VERSION,
@@ -158,7 +168,10 @@ export class Carrier {
       const json = JSON.stringify(handover);
       this.signalExec = { fd: prepareSignalExec(argv, handover), json };
     } catch (err) {
-      this.log.warn({ err }, `cannot prepare coming back to the previous program on a fatal signal: ${(err as Error).message}`);
+      this.log.warn(
+        { err },
+        `cannot prepare coming back to the previous program on a fatal signal: ${(err as Error).message}`,
+      );
     }
   }
 
@@ -181,7 +194,10 @@ export class Carrier {
       for (const c of this.carried!) c.freeze?.();
     } catch (err) {
       this.upgrading = false;
-      this.log.warn({ code: (err as AeternaError).code, target: argv[0] }, `upgrade refused: ${(err as Error).message}`);
+      this.log.warn(
+        { code: (err as AeternaError).code, target: argv[0] },
+        `upgrade refused: ${(err as Error).message}`,
+      );
       throw err;
     }
     watch.pause();
@@ -204,10 +220,16 @@ export class Carrier {
     } else {
       try {
         const handover = this.describe('upgrade');
-        this.log.info({ target: argv[0], handover_version: HANDOVER_VERSION, fds: handover.fds.length }, `upgrade: re-executing ${argv[0]}`);
+        this.log.info(
+          { target: argv[0], handover_version: HANDOVER_VERSION, fds: handover.fds.length },
+          `upgrade: re-executing ${argv[0]}`,
+        );
         reexec(argv, handover);
       } catch (err) {
-        this.log.error({ err, code: (err as AeternaError).code }, `upgrade failed, going on as before: ${(err as Error).message}`);
+        this.log.error(
+          { err, code: (err as AeternaError).code },
+          `upgrade failed, going on as before: ${(err as Error).message}`,
+        );
       }
     }
     native.holdStopSignals(false); // the exec did not happen: a stop that waited is delivered now
@@ -225,11 +247,15 @@ export class Carrier {
     for (const c of this.carried!) {
       if (!c.whenIdle) continue;
       const why = c.busyReason?.() ?? null;
-      if (why) this.log.info({ reason: why }, `upgrade: waiting until ${why.replace(' is busy with ', ' is done with ')}`);
+      if (why)
+        this.log.info({ reason: why }, `upgrade: waiting until ${why.replace(' is busy with ', ' is done with ')}`);
       try {
         await c.whenIdle(timeoutMs);
       } catch (err) {
-        throw new AeternaError('E_UPGRADE_REFUSED', `${(err as Error).message} after ${timeoutMs / 1000}s (orchestration.state_handoff.timeout), which an upgrade cannot cut short; nothing changed`);
+        throw new AeternaError(
+          'E_UPGRADE_REFUSED',
+          `${(err as Error).message} after ${timeoutMs / 1000}s (orchestration.state_handoff.timeout), which an upgrade cannot cut short; nothing changed`,
+        );
       }
     }
   }
@@ -252,10 +278,16 @@ export class Carrier {
       }
       const argv = upgradeArgv(undefined);
       const handover = this.describe('exception');
-      this.log.info({ reason: 'exception', target: argv[0], fds: handover.fds.length }, 'recovery: re-executing aeterna in place (reason exception)');
+      this.log.info(
+        { reason: 'exception', target: argv[0], fds: handover.fds.length },
+        'recovery: re-executing aeterna in place (reason exception)',
+      );
       reexec(argv, handover);
     } catch (err) {
-      this.log.error({ err, code: (err as AeternaError).code }, `recovery impossible, ending everything: ${(err as Error).message}`);
+      this.log.error(
+        { err, code: (err as AeternaError).code },
+        `recovery impossible, ending everything: ${(err as Error).message}`,
+      );
     }
   }
 
@@ -268,7 +300,10 @@ export class Carrier {
     const argv = fallbackArgv(h);
     if (this.takenOver || argv === null) return;
     const message = error instanceof Error ? error.message : String(error);
-    this.log.error({ target: argv[0], error: message }, `aeterna ${this.version} cannot take over (${message}): coming back to aeterna ${h!.from.version}`);
+    this.log.error(
+      { target: argv[0], error: message },
+      `aeterna ${this.version} cannot take over (${message}): coming back to aeterna ${h!.from.version}`,
+    );
     try {
       fallBack(h, this.version, error);
     } catch (err) {

@@ -27,7 +27,8 @@ export const HANDOVER_ENV = 'AETERNA_HANDOVER_FD';
 /** Why Aeterna re-executed itself: `aeterna upgrade`, an uncaught exception or rejection, a fatal signal. */
 export type ReexecReason = CarryReason;
 
-export type FdRole = 'listener' | 'control' | 'relay' | 'relay-connection' | 'checkpoint' | 'notify' | 'metrics' | 'fdstore';
+export type FdRole =
+  'listener' | 'control' | 'relay' | 'relay-connection' | 'checkpoint' | 'notify' | 'metrics' | 'fdstore';
 
 /** One fd that survives the exec. */
 export interface KeptFd {
@@ -101,7 +102,8 @@ export function readHandover(env: NodeJS.ProcessEnv): Handover | null {
   if (value === undefined) return null;
   delete env[HANDOVER_ENV]; // the app's generations must not see it
   const fd = Number(value);
-  if (!/^\d+$/.test(value) || fd < 3) throw new AeternaError('E_HANDOVER_INVALID', `${HANDOVER_ENV}=${JSON.stringify(value)} is not an fd number`);
+  if (!/^\d+$/.test(value) || fd < 3)
+    throw new AeternaError('E_HANDOVER_INVALID', `${HANDOVER_ENV}=${JSON.stringify(value)} is not an fd number`);
   let parsed: unknown;
   try {
     const size = fs.fstatSync(fd).size;
@@ -109,7 +111,11 @@ export function readHandover(env: NodeJS.ProcessEnv): Handover | null {
     fs.readSync(fd, buf, 0, size, 0);
     parsed = JSON.parse(buf.toString('utf8'));
   } catch (err) {
-    throw new AeternaError('E_HANDOVER_INVALID', `cannot read the handover at fd ${fd} (${HANDOVER_ENV}): ${(err as Error).message}`, { cause: err });
+    throw new AeternaError(
+      'E_HANDOVER_INVALID',
+      `cannot read the handover at fd ${fd} (${HANDOVER_ENV}): ${(err as Error).message}`,
+      { cause: err },
+    );
   } finally {
     try {
       native.close(fd);
@@ -119,7 +125,10 @@ export function readHandover(env: NodeJS.ProcessEnv): Handover | null {
   }
   const version = (parsed as { version?: unknown } | null)?.version;
   if (typeof version !== 'number' || !READABLE_HANDOVER_VERSIONS.includes(version)) {
-    throw new AeternaError('E_HANDOVER_INVALID', `the handover at fd ${fd} has version ${JSON.stringify(version)}; this Aeterna reads ${readableVersions()}`);
+    throw new AeternaError(
+      'E_HANDOVER_INVALID',
+      `the handover at fd ${fd} has version ${JSON.stringify(version)}; this Aeterna reads ${readableVersions()}`,
+    );
   }
   const handover = parsed as Handover;
   // A dry run names fds it did not pass: nothing to take.

@@ -31,7 +31,9 @@ export function upgradeArgv(exec: string | undefined): string[] {
 
 /** This environment for the new program: without the socket activation variables (they were for the first exec). */
 function environment(extra: Record<string, string>): string[] {
-  const env = Object.entries(process.env).filter(([k, v]) => v !== undefined && !k.startsWith('LISTEN_') && k !== HANDOVER_ENV);
+  const env = Object.entries(process.env).filter(
+    ([k, v]) => v !== undefined && !k.startsWith('LISTEN_') && k !== HANDOVER_ENV,
+  );
   return [...env.map(([k, v]) => `${k}=${v}`), ...Object.entries(extra).map(([k, v]) => `${k}=${v}`)];
 }
 
@@ -45,7 +47,10 @@ function holdingSignals(): Record<string, string> {
 /** The environment of Aeterna's own exec: `extra`, and stop signals held across it (LD_PRELOAD replaced, not doubled). */
 function execEnvironment(extra: Record<string, string>): string[] {
   const hold = holdingSignals();
-  return [...environment(extra).filter((entry) => !Object.keys(hold).some((k) => entry.startsWith(`${k}=`))), ...Object.entries(hold).map(([k, v]) => `${k}=${v}`)];
+  return [
+    ...environment(extra).filter((entry) => !Object.keys(hold).some((k) => entry.startsWith(`${k}=`))),
+    ...Object.entries(hold).map(([k, v]) => `${k}=${v}`),
+  ];
 }
 
 /**
@@ -62,9 +67,17 @@ export async function checkTarget(argv: string[], dryRun: Handover, reaper: Reap
     try {
       doc = writeHandover({ ...dryRun, dry_run: true });
       // Its process group is killed after CHECK_TIMEOUT_MS: a target that hangs refuses the upgrade.
-      info = await runCommand(argv, {}, reaper, CHECK_TIMEOUT_MS, { env: environment({ [HANDOVER_ENV]: '3' }), stdio: [0, out, 2], fds: [doc] });
+      info = await runCommand(argv, {}, reaper, CHECK_TIMEOUT_MS, {
+        env: environment({ [HANDOVER_ENV]: '3' }),
+        stdio: [0, out, 2],
+        fds: [doc],
+      });
     } catch (err) {
-      throw new AeternaError('E_UPGRADE_REFUSED', `cannot run the upgrade target ${argv[0]}: ${(err as Error).message}; nothing changed`, { cause: err });
+      throw new AeternaError(
+        'E_UPGRADE_REFUSED',
+        `cannot run the upgrade target ${argv[0]}: ${(err as Error).message}; nothing changed`,
+        { cause: err },
+      );
     }
     const size = fs.fstatSync(out).size;
     const said = Buffer.alloc(Math.min(size, 4096));
@@ -72,7 +85,11 @@ export async function checkTarget(argv: string[], dryRun: Handover, reaper: Reap
     const answer = said.toString('utf8').trim();
     if (info.code !== 0 || !answer.includes(dryRunAnswer(HANDOVER_VERSION))) {
       const how = info.signal !== null ? `was killed by signal ${info.signal}` : `exited ${info.code}`;
-      throw new AeternaError('E_UPGRADE_REFUSED', `the upgrade target ${argv.join(' ')} ${how} in its dry run${answer ? ` saying ${JSON.stringify(answer.slice(0, 200))}` : ''}: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed`);
+      throw new AeternaError(
+        'E_UPGRADE_REFUSED',
+        `the upgrade target ${argv.join(' ')} ${how} in its dry run${answer ? ` saying ${JSON.stringify(answer.slice(0, 200))}` : ''}` +
+          `: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed`,
+      );
     }
   } finally {
     native.close(out);
@@ -92,7 +109,13 @@ function keptFds(handover: Handover, handoverFd: number): number[] {
 export function prepareSignalExec(argv: string[], handover: Handover): number {
   const fd = writeHandover(handover);
   try {
-    native.prepareFatalSignalExec(argv[0], argv, execEnvironment({ [HANDOVER_ENV]: String(fd) }), keptFds(handover, fd), true);
+    native.prepareFatalSignalExec(
+      argv[0],
+      argv,
+      execEnvironment({ [HANDOVER_ENV]: String(fd) }),
+      keptFds(handover, fd),
+      true,
+    );
   } catch (err) {
     native.close(fd);
     throw err;

@@ -75,7 +75,9 @@ describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
       assert.equal(r.stdout.trim(), path.join(out, md), 'prints the report path');
 
       // Every contender ran (its error, if any, in the message).
-      const data = JSON.parse(fs.readFileSync(path.join(out, json), 'utf8')) as { reloads: { value: { contenders: Array<{ id: string; reloadsDone: number; error: string | null }> } } };
+      const data = JSON.parse(fs.readFileSync(path.join(out, json), 'utf8')) as {
+        reloads: { value: { contenders: Array<{ id: string; reloadsDone: number; error: string | null }> } };
+      };
       assert.deepEqual(
         data.reloads.value.contenders.map((c) => [c.id, c.error, c.reloadsDone]),
         [
@@ -89,29 +91,55 @@ describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
 
       // The relay through both SDKs: one reload each, promoted, every step stamped by the apps.
       const sdk = JSON.parse(fs.readFileSync(path.join(out, json), 'utf8')) as {
-        relaySdk: { value: { rows: Array<Record<'typescript' | 'python', { reloads?: Array<{ steps: Record<string, number | null> }>; error?: string }>> } };
+        relaySdk: {
+          value: {
+            rows: Array<
+              Record<
+                'typescript' | 'python',
+                { reloads?: Array<{ steps: Record<string, number | null> }>; error?: string }
+              >
+            >;
+          };
+        };
       };
       for (const name of ['typescript', 'python'] as const) {
         const p = sdk.relaySdk.value.rows[0][name];
         assert.equal(p.reloads?.length, 1, `one reload relayed through the ${name} SDK (${p.error ?? ''})`);
-        const missing = Object.entries(p.reloads![0].steps).filter(([k, v]) => v === null && k !== 'startToDump');
+        const missing = Object.entries(p.reloads[0].steps).filter(([k, v]) => v === null && k !== 'startToDump');
         assert.deepEqual(missing, [], `every step of the ${name} relay stamped`);
       }
 
       // Checkpoints through both SDKs, in memory and durable, and kill -9 with and without one: each measured.
-      const ckpt = (JSON.parse(fs.readFileSync(path.join(out, json), 'utf8')) as {
-        checkpoint: { value: { cost: Array<Record<'typescript' | 'python', Record<'memory' | 'durable', Timed>>>; recovery: Array<Record<'checkpoint' | 'plain', Timed>> } };
-      }).checkpoint.value;
+      const ckpt = (
+        JSON.parse(fs.readFileSync(path.join(out, json), 'utf8')) as {
+          checkpoint: {
+            value: {
+              cost: Array<Record<'typescript' | 'python', Record<'memory' | 'durable', Timed>>>;
+              recovery: Array<Record<'checkpoint' | 'plain', Timed>>;
+            };
+          };
+        }
+      ).checkpoint.value;
       for (const sdk of ['typescript', 'python'] as const) {
         for (const mode of ['memory', 'durable'] as const) {
           const t = ckpt.cost[0][sdk][mode];
-          assert.equal(typeof t.median, 'number', `a ${mode} checkpoint through the ${sdk} SDK measured (${t.error ?? ''})`);
+          assert.equal(
+            typeof t.median,
+            'number',
+            `a ${mode} checkpoint through the ${sdk} SDK measured (${t.error ?? ''})`,
+          );
         }
       }
-      for (const way of ['checkpoint', 'plain'] as const) assert.equal(typeof ckpt.recovery[0][way].median, 'number', `kill -9 to ready, ${way}, measured (${ckpt.recovery[0][way].error ?? ''})`);
+      for (const way of ['checkpoint', 'plain'] as const)
+        assert.equal(
+          typeof ckpt.recovery[0][way].median,
+          'number',
+          `kill -9 to ready, ${way}, measured (${ckpt.recovery[0][way].error ?? ''})`,
+        );
 
       const report = fs.readFileSync(path.join(out, md), 'utf8');
-      for (const heading of Object.values(HEADINGS)) assert.ok(report.includes(`\n${heading}\n`), `section "${heading}"`);
+      for (const heading of Object.values(HEADINGS))
+        assert.ok(report.includes(`\n${heading}\n`), `section "${heading}"`);
       assert.doesNotMatch(report, /This section failed/, 'no section failed');
       assert.doesNotMatch(report, /\bNaN\b|undefined|\[object /, 'no unformatted values');
       const tables = [
@@ -133,14 +161,20 @@ describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
       ];
       for (const header of tables) assert.ok(report.includes(header), `table ${header}`);
       // wrk is optional: either its table or the sentence saying it is not installed.
-      assert.ok(report.includes('| contender | reloads | failed | requests |') || report.includes('wrk: not installed'), 'the wrk cross-check or its absence');
+      assert.ok(
+        report.includes('| contender | reloads | failed | requests |') || report.includes('wrk: not installed'),
+        'the wrk cross-check or its absence',
+      );
       for (const contender of ['Aeterna immediate', 'Aeterna canary', 'naive restart', 'pm2 cluster reload']) {
         assert.match(report, new RegExp(`^\\| ${contender} \\| \\d+`, 'm'), `a failures row for ${contender}`);
       }
-      for (const row of ['1 MiB', '16 MiB']) assert.match(report, new RegExp(`^\\| ${row} \\|`, 'm'), `relay row ${row}`);
-      for (const weight of ['10%', '50%', '90%', 'none (one shared socket)']) assert.ok(report.includes(`\n| ${weight} | 400 | `), `canary share row ${weight}`);
+      for (const row of ['1 MiB', '16 MiB'])
+        assert.match(report, new RegExp(`^\\| ${row} \\|`, 'm'), `relay row ${row}`);
+      for (const weight of ['10%', '50%', '90%', 'none (one shared socket)'])
+        assert.ok(report.includes(`\n| ${weight} | 400 | `), `canary share row ${weight}`);
       assert.match(report, /pending|MB\/s/, 'the relay rows say pending or carry a figure');
-      for (const what of ['tini', 'node -e 0', 'aeterna start']) assert.ok(report.includes(what), `footprint row ${what}`);
+      for (const what of ['tini', 'node -e 0', 'aeterna start'])
+        assert.ok(report.includes(what), `footprint row ${what}`);
       assert.ok(report.includes(`](${svg})`), 'the report embeds the chart');
 
       const chart = fs.readFileSync(path.join(out, svg), 'utf8');
@@ -148,7 +182,6 @@ describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
       checkXml(chart);
       assert.equal((chart.match(/<polyline /g) ?? []).length, 8, 'two lines (requests/s, failures/s) per contender');
       assert.ok((chart.match(/<rect [^>]*fill-opacity/g) ?? []).length >= 4 * 3, 'the reload windows are marked');
-
     } finally {
       fs.rmSync(out, { recursive: true, force: true });
     }

@@ -26,9 +26,21 @@ function nodeHeadersEnv(): Record<string, string> {
   return fs.existsSync(path.join(prefix, 'include', 'node', 'node_api.h')) ? { npm_config_nodedir: prefix } : {};
 }
 
-const ENV: NodeJS.ProcessEnv = { ...process.env, ...nodeHeadersEnv(), npm_config_audit: 'false', npm_config_fund: 'false', npm_config_update_notifier: 'false' };
+const ENV: NodeJS.ProcessEnv = {
+  ...process.env,
+  ...nodeHeadersEnv(),
+  npm_config_audit: 'false',
+  npm_config_fund: 'false',
+  npm_config_update_notifier: 'false',
+};
 
-function run(cmd: string, args: string[], cwd: string, env: NodeJS.ProcessEnv = ENV, timeout = 180_000): SpawnSyncReturns<string> {
+function run(
+  cmd: string,
+  args: string[],
+  cwd: string,
+  env: NodeJS.ProcessEnv = ENV,
+  timeout = 180_000,
+): SpawnSyncReturns<string> {
   const r = spawnSync(cmd, args, { cwd, env, encoding: 'utf8', timeout, maxBuffer: 64 * 1024 * 1024 });
   if (r.error) throw r.error;
   return r;
@@ -41,7 +53,9 @@ function ok(r: SpawnSyncReturns<string>, what: string): string {
 
 function registryUnreachable(): string | null {
   const r = spawnSync('npm', ['ping'], { env: ENV, encoding: 'utf8', timeout: 30_000 });
-  return r.status === 0 ? null : `the npm registry is unreachable (npm ping: ${r.error?.message ?? (r.stderr.trim().split('\n').pop() || `exit ${r.status}`)})`;
+  return r.status === 0
+    ? null
+    : `the npm registry is unreachable (npm ping: ${r.error?.message ?? (r.stderr.trim().split('\n').pop() || `exit ${r.status}`)})`;
 }
 
 interface PackedFile {
@@ -92,15 +106,25 @@ describe('npm pack', () => {
       .filter((f) => /\.(js|d\.ts)$/.test(f))
       .map((f) => `dist/src/${f}`);
     assert.ok(built.length > 20, `${built.length} compiled files (is dist/ built?)`);
-    assert.deepEqual(built.filter((f) => !paths.includes(f)), []);
+    assert.deepEqual(
+      built.filter((f) => !paths.includes(f)),
+      [],
+    );
     const bin = files.find((f) => f.path === PKG.bin.aeterna);
     assert.ok(bin && (bin.mode & 0o111) !== 0, 'the bin is executable');
   });
 
   test('ships nothing else: no tests, benchmarks, TypeScript sources, source maps or build output', () => {
-    const allowed = /^(package\.json|README\.md|LICENSE|binding\.gyp|bin\/[^/]+\.js|dist\/src\/.+\.(js|d\.ts)|native\/.+|prebuilds\/linux-x64\/[^/]+\.node|configs\/[^/]+)$/;
-    assert.deepEqual(paths.filter((p) => !allowed.test(p)), []);
-    assert.deepEqual(paths.filter((p) => /^dist\/(test|bench|examples)\/|\.map$|^build\/|node_modules/.test(p)), []);
+    const allowed =
+      /^(package\.json|README\.md|LICENSE|binding\.gyp|bin\/[^/]+\.js|dist\/src\/.+\.(js|d\.ts)|native\/.+|prebuilds\/linux-x64\/[^/]+\.node|configs\/[^/]+)$/;
+    assert.deepEqual(
+      paths.filter((p) => !allowed.test(p)),
+      [],
+    );
+    assert.deepEqual(
+      paths.filter((p) => /^dist\/(test|bench|examples)\/|\.map$|^build\/|node_modules/.test(p)),
+      [],
+    );
   });
 
   test('the entry points that exist are shipped; prebuilds are shipped when they were built', () => {
@@ -108,7 +132,9 @@ describe('npm pack', () => {
       const rel = path.normalize(target).replace(/^\.\//, '');
       if (fs.existsSync(path.join(ROOT, rel))) assert.ok(paths.includes(rel), `${target} is in the tarball`);
     }
-    const prebuilds = fs.existsSync(path.join(ROOT, 'prebuilds')) ? walk(path.join(ROOT, 'prebuilds')).filter((f) => f.endsWith('.node')) : [];
+    const prebuilds = fs.existsSync(path.join(ROOT, 'prebuilds'))
+      ? walk(path.join(ROOT, 'prebuilds')).filter((f) => f.endsWith('.node'))
+      : [];
     for (const p of prebuilds) assert.ok(paths.includes(`prebuilds/${p}`), `prebuilds/${p} is in the tarball`);
   });
 });
@@ -139,7 +165,10 @@ describe('the packaged tarball, installed into an empty directory', { skip: skip
     // 3. An empty project that installs it, dependencies from the registry.
     app = path.join(tmp, 'app');
     fs.mkdirSync(app);
-    fs.writeFileSync(path.join(app, 'package.json'), JSON.stringify({ name: 'aeterna-package-test', private: true, version: '1.0.0' }));
+    fs.writeFileSync(
+      path.join(app, 'package.json'),
+      JSON.stringify({ name: 'aeterna-package-test', private: true, version: '1.0.0' }),
+    );
     ok(run('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball], app), 'npm install <tarball>');
     installed = path.join(app, 'node_modules', PKG.name);
   });
@@ -150,13 +179,19 @@ describe('the packaged tarball, installed into an empty directory', { skip: skip
 
   /** Where node-gyp-build finds the addon of the installed package. */
   function addonPath(env: NodeJS.ProcessEnv = ENV): SpawnSyncReturns<string> {
-    return run(process.execPath, ['-e', `process.stdout.write(require('node-gyp-build').path(${JSON.stringify(installed)}))`], app, env);
+    return run(
+      process.execPath,
+      ['-e', `process.stdout.write(require('node-gyp-build').path(${JSON.stringify(installed)}))`],
+      app,
+      env,
+    );
   }
 
   /** `npx aeterna start` of a tiny app that prints what Aeterna handed it and exits with code 3. */
   async function startTinyApp(): Promise<SpawnSyncReturns<string>> {
     const port = await freePort();
-    const script = "console.log('TINY LISTEN_FDS=' + process.env.LISTEN_FDS + ' LISTEN_FDNAMES=' + process.env.LISTEN_FDNAMES + ' GENERATION=' + process.env.AETERNA_GENERATION); process.exit(3)";
+    const script =
+      "console.log('TINY LISTEN_FDS=' + process.env.LISTEN_FDS + ' LISTEN_FDNAMES=' + process.env.LISTEN_FDNAMES + ' GENERATION=' + process.env.AETERNA_GENERATION); process.exit(3)";
     const config = path.join(app, 'aeterna.yaml');
     fs.writeFileSync(
       config,
@@ -185,7 +220,10 @@ describe('the packaged tarball, installed into an empty directory', { skip: skip
   });
 
   test("npx aeterna --version prints package.json's version", () => {
-    assert.equal(ok(run('npx', ['--no', '--', 'aeterna', '--version'], app), 'npx aeterna --version').trim(), PKG.version);
+    assert.equal(
+      ok(run('npx', ['--no', '--', 'aeterna', '--version'], app), 'npx aeterna --version').trim(),
+      PKG.version,
+    );
   });
 
   test('aeterna start runs a tiny app with its socket at fd 3 and exits with its code', async () => {
@@ -199,7 +237,10 @@ describe('the packaged tarball, installed into an empty directory', { skip: skip
     const musl = addonPath({ ...ENV, LIBC: 'musl', PREBUILDS_ONLY: '1' });
     assert.notEqual(musl.status, 0);
     assert.match(musl.stderr, /No native build was found for .*libc=musl/);
-    assert.equal(ok(addonPath({ ...ENV, LIBC: 'glibc', PREBUILDS_ONLY: '1' }), 'glibc'), path.join(installed, PREBUILD));
+    assert.equal(
+      ok(addonPath({ ...ENV, LIBC: 'glibc', PREBUILDS_ONLY: '1' }), 'glibc'),
+      path.join(installed, PREBUILD),
+    );
   });
 
   test('without a matching prebuild, the install script builds the addon from source', async () => {

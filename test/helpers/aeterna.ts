@@ -19,7 +19,10 @@ let unshareChecked: string | null | undefined;
 export function pidNamespaceUnavailable(): string | null {
   if (unshareChecked === undefined) {
     const r = spawnSync('unshare', ['--pid', '--fork', '--mount-proc', 'true'], { stdio: 'ignore' });
-    unshareChecked = r.status === 0 ? null : `unshare --pid --fork --mount-proc is not possible here (${r.error?.message ?? `exit ${r.status}`}); needs root`;
+    unshareChecked =
+      r.status === 0
+        ? null
+        : `unshare --pid --fork --mount-proc is not possible here (${r.error?.message ?? `exit ${r.status}`}); needs root`;
   }
   return unshareChecked;
 }
@@ -72,10 +75,24 @@ export class AeternaRun {
   readonly exited: Promise<Exit>;
   private readonly waiters: Array<() => void> = [];
 
-  constructor(readonly child: ChildProcess, readonly pid1: boolean) {
-    child.stdout!.setEncoding('utf8').on('data', (d: string) => { this.stdout += d; this.notify(); });
-    child.stderr!.setEncoding('utf8').on('data', (d: string) => { this.stderr += d; this.notify(); });
-    this.exited = new Promise((resolve) => child.on('exit', (code, signal) => { this.notify(); resolve({ code, signal }); }));
+  constructor(
+    readonly child: ChildProcess,
+    readonly pid1: boolean,
+  ) {
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+      this.stdout += d;
+      this.notify();
+    });
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => {
+      this.stderr += d;
+      this.notify();
+    });
+    this.exited = new Promise((resolve) =>
+      child.on('exit', (code, signal) => {
+        this.notify();
+        resolve({ code, signal });
+      }),
+    );
   }
 
   private notify(): void {
@@ -91,10 +108,14 @@ export class AeternaRun {
       if (this.child.exitCode !== null || this.child.signalCode !== null) {
         throw new Error(`aeterna exited before ${pattern} appeared\nstdout:\n${this.stdout}\nstderr:\n${this.stderr}`);
       }
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${pattern}\nstdout:\n${this.stdout}\nstderr:\n${this.stderr}`);
+      if (Date.now() > deadline)
+        throw new Error(`timed out waiting for ${pattern}\nstdout:\n${this.stdout}\nstderr:\n${this.stderr}`);
       await new Promise<void>((r) => {
         const t = setTimeout(r, 200);
-        this.waiters.push(() => { clearTimeout(t); r(); });
+        this.waiters.push(() => {
+          clearTimeout(t);
+          r();
+        });
       });
     }
   }
@@ -110,7 +131,13 @@ export class AeternaRun {
     return this.stderr
       .split('\n')
       .filter((l) => l.startsWith('{'))
-      .map((l) => { try { return JSON.parse(l) as LogLine & { name?: string }; } catch { return null; } })
+      .map((l) => {
+        try {
+          return JSON.parse(l) as LogLine & { name?: string };
+        } catch {
+          return null;
+        }
+      })
       .filter((l): l is LogLine & { name?: string } => l !== null && l.name === 'aeterna');
   }
 
@@ -192,7 +219,7 @@ export function descendantsOf(root: number): number[] {
     if (stat) children.set(stat.ppid, [...(children.get(stat.ppid) ?? []), stat.pid]);
   }
   const found: number[] = [];
-  for (let queue = [root]; queue.length > 0; ) {
+  for (let queue = [root]; queue.length > 0;) {
     const next = children.get(queue.shift()!) ?? [];
     found.push(...next);
     queue.push(...next);
@@ -201,7 +228,10 @@ export function descendantsOf(root: number): number[] {
 }
 
 /** Run `aeterna <args>`; with pid1, as PID 1 of a new PID namespace. */
-export function runAeterna(args: string[], options: { pid1?: boolean; env?: NodeJS.ProcessEnv; cwd?: string; prefix?: string[] } = {}): AeternaRun {
+export function runAeterna(
+  args: string[],
+  options: { pid1?: boolean; env?: NodeJS.ProcessEnv; cwd?: string; prefix?: string[] } = {},
+): AeternaRun {
   const pid1 = options.pid1 ?? false;
   const cmd = [...(options.prefix ?? []), process.execPath, CLI, ...args];
   const argv = pid1 ? ['unshare', '--pid', '--fork', '--mount-proc', ...cmd] : cmd;

@@ -19,10 +19,19 @@ export interface CliResult {
  * Run `aeterna <args>` to completion without blocking the test's event loop (load keeps flowing).
  * `prefix` runs it through another command (e.g. setpriv, to run it as another user).
  */
-export function cli(args: string[], env: NodeJS.ProcessEnv = {}, cwd = ROOT, prefix: string[] = []): Promise<CliResult> {
+export function cli(
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  cwd = ROOT,
+  prefix: string[] = [],
+): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const argv = [...prefix, process.execPath, CLI, ...args];
-    const child = spawn(argv[0], argv.slice(1), { cwd, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(argv[0], argv.slice(1), {
+      cwd,
+      env: { ...process.env, ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
@@ -93,14 +102,23 @@ export class Daemon {
     return cli([...args, '-c', this.configFile]);
   }
 
-  async status(): Promise<{ state: string; generation: number; pid: number | null; restarts: number; last_reload: { id: string; outcome: string; reason: string | null; code: string | null; trigger: string } | null }> {
+  async status(): Promise<{
+    state: string;
+    generation: number;
+    pid: number | null;
+    restarts: number;
+    last_reload: { id: string; outcome: string; reason: string | null; code: string | null; trigger: string } | null;
+  }> {
     const r = await this.cli('status', '--json');
     if (r.code !== 0) throw new Error(`status failed (${r.code}): ${r.stderr}`);
-    return JSON.parse(r.stdout);
+    return JSON.parse(r.stdout) as Awaited<ReturnType<Daemon['status']>>;
   }
 
   /** Poll status until predicate holds (a hang guard, not a timing assertion). */
-  async waitStatus(predicate: (s: Awaited<ReturnType<Daemon['status']>>) => boolean, timeoutMs = 20000): Promise<Awaited<ReturnType<Daemon['status']>>> {
+  async waitStatus(
+    predicate: (s: Awaited<ReturnType<Daemon['status']>>) => boolean,
+    timeoutMs = 20000,
+  ): Promise<Awaited<ReturnType<Daemon['status']>>> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       try {
@@ -151,7 +169,12 @@ export async function upgradeTimes(d: Daemon, count: number): Promise<void> {
  * After re-execs under load (upgrades, recoveries): no request failed, one app process answered them all, and
  * Aeterna (same pid), the app and its generation are the ones from `before`, running, after `reexecs` re-execs.
  */
-export function assertServedInPlace(stats: LoadStats, before: StatusReport, after: StatusReport, reexecs: number): void {
+export function assertServedInPlace(
+  stats: LoadStats,
+  before: StatusReport,
+  after: StatusReport,
+  reexecs: number,
+): void {
   assert.equal(stats.failed, 0, `zero failed requests: ${JSON.stringify(stats.failures)}`);
   assert.ok(stats.ok > 0);
   assert.deepEqual(stats.pids, [before.pid], 'one app process answered every request');

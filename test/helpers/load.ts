@@ -20,8 +20,12 @@ export interface Load {
   stop(): Promise<LoadStats>;
 }
 
-export function startLoad(port: number, options: { concurrency?: number; timeoutMs?: number; path?: string; keepAlive?: boolean } = {}): Load {
-  const agent = options.keepAlive === false ? false : new http.Agent({ keepAlive: true, maxSockets: options.concurrency ?? 8 });
+export function startLoad(
+  port: number,
+  options: { concurrency?: number; timeoutMs?: number; path?: string; keepAlive?: boolean } = {},
+): Load {
+  const agent =
+    options.keepAlive === false ? false : new http.Agent({ keepAlive: true, maxSockets: options.concurrency ?? 8 });
   const stats: LoadStats = { ok: 0, failed: 0, failures: {}, pids: [] };
   let running = true;
   const fail = (kind: string): void => {
@@ -30,29 +34,32 @@ export function startLoad(port: number, options: { concurrency?: number; timeout
   };
   const once = (): Promise<void> =>
     new Promise((resolve) => {
-      const req = http.get({ host: '127.0.0.1', port, path: options.path ?? '/', agent, timeout: options.timeoutMs ?? 10000 }, (res) => {
-        let body = '';
-        res.setEncoding('utf8');
-        res.on('data', (d: string) => (body += d));
-        res.on('end', () => {
-          if (res.statusCode !== undefined && res.statusCode >= 200 && res.statusCode < 300) {
-            stats.ok++;
-            try {
-              const pid = (JSON.parse(body) as { pid?: number }).pid;
-              if (pid !== undefined && !stats.pids.includes(pid)) stats.pids.push(pid);
-            } catch {
-              // a body that is not JSON still counts as served
+      const req = http.get(
+        { host: '127.0.0.1', port, path: options.path ?? '/', agent, timeout: options.timeoutMs ?? 10000 },
+        (res) => {
+          let body = '';
+          res.setEncoding('utf8');
+          res.on('data', (d: string) => (body += d));
+          res.on('end', () => {
+            if (res.statusCode !== undefined && res.statusCode >= 200 && res.statusCode < 300) {
+              stats.ok++;
+              try {
+                const pid = (JSON.parse(body) as { pid?: number }).pid;
+                if (pid !== undefined && !stats.pids.includes(pid)) stats.pids.push(pid);
+              } catch {
+                // a body that is not JSON still counts as served
+              }
+            } else {
+              fail(`status ${res.statusCode}`);
             }
-          } else {
-            fail(`status ${res.statusCode}`);
-          }
-          resolve();
-        });
-        res.on('error', (err: NodeJS.ErrnoException) => {
-          fail(err.code ?? err.message);
-          resolve();
-        });
-      });
+            resolve();
+          });
+          res.on('error', (err: NodeJS.ErrnoException) => {
+            fail(err.code ?? err.message);
+            resolve();
+          });
+        },
+      );
       req.on('timeout', () => req.destroy(Object.assign(new Error('timeout'), { code: 'ETIMEDOUT' })));
       req.on('error', (err: NodeJS.ErrnoException) => {
         fail(err.code ?? err.message);
@@ -85,7 +92,12 @@ export function getJson<T = Record<string, unknown>>(port: number, path = '/'): 
 }
 
 /** One GET on a fresh connection (from `localAddress` when given); resolves with status and text body. */
-export function getText(port: number, path = '/', host = '127.0.0.1', localAddress?: string): Promise<{ status: number; body: string }> {
+export function getText(
+  port: number,
+  path = '/',
+  host = '127.0.0.1',
+  localAddress?: string,
+): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     http
       .get({ host, port, path, agent: false, ...(localAddress ? { localAddress } : {}) }, (res) => {
@@ -99,7 +111,13 @@ export function getText(port: number, path = '/', host = '127.0.0.1', localAddre
 }
 
 /** One request with an optional body and agent; resolves with the parsed JSON body. */
-export function requestJson<T = Record<string, unknown>>(port: number, method: string, path: string, body?: string, agent: http.Agent | false = false): Promise<T> {
+export function requestJson<T = Record<string, unknown>>(
+  port: number,
+  method: string,
+  path: string,
+  body?: string,
+  agent: http.Agent | false = false,
+): Promise<T> {
   return new Promise((resolve, reject) => {
     const req = http.request({ host: '127.0.0.1', port, method, path, agent }, (res) => {
       let data = '';

@@ -10,7 +10,8 @@ import { ROOT } from '../helpers/aeterna';
 
 function goUnavailable(): string | null {
   const r = spawnSync('go', ['version'], { encoding: 'utf8' });
-  if (r.error) return `go is not available (${r.error.message}); install golang-go (Go 1.19+) to run the Go SDK's tests`;
+  if (r.error)
+    return `go is not available (${r.error.message}); install golang-go (Go 1.19+) to run the Go SDK's tests`;
   return null;
 }
 const noGo = goUnavailable();
@@ -40,15 +41,21 @@ describe('Go SDK (clients/go)', { skip: noGo ?? false, timeout: 300000 }, () => 
     assert.match(r.output, /^ok\s+aeterna\.dev\/client/m, r.output);
     // The end-to-end tests ran (the daemon is built before `make test` runs the tests), not skipped: reloads,
     // and a kill -9 of the counter restored from its checkpoint (streamed and memfd).
-    for (const name of ['TestE2ECounterSurvivesReloadsThroughTheDaemon', 'TestE2ECounterSurvivesKill9WithACheckpoint', 'TestE2ECounterSurvivesKill9WithAMemfdCheckpoint']) {
+    for (const name of [
+      'TestE2ECounterSurvivesReloadsThroughTheDaemon',
+      'TestE2ECounterSurvivesKill9WithACheckpoint',
+      'TestE2ECounterSurvivesKill9WithAMemfdCheckpoint',
+    ]) {
       assert.match(r.output, new RegExp(`^--- PASS: ${name}\\b`, 'm'), r.output);
     }
     // Every exchange of the conformance suite ran and passed, those that require the digest trailer or
     // checkpoints included (this SDK declares the trailer in its hello and implements Checkpoint); only those
     // that require direct or crc32 are skipped (its hello declares neither), each with its reason.
-    const cases = (JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', 'exchanges.json'), 'utf8')) as {
-      cases: { name: string; requires?: string[] }[];
-    }).cases;
+    const cases = (
+      JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', 'exchanges.json'), 'utf8')) as {
+        cases: { name: string; requires?: string[] }[];
+      }
+    ).cases;
     const passed = r.output.split('\n').filter((l) => /^ {4}--- PASS: TestConformanceExchanges\//.test(l));
     const skipped = r.output.split('\n').filter((l) => /^ {4}--- SKIP: TestConformanceExchanges\//.test(l));
     const undeclared = cases.filter((c) => (c.requires ?? []).some((r) => r === 'direct' || r === 'crc32'));
@@ -56,7 +63,13 @@ describe('Go SDK (clients/go)', { skip: noGo ?? false, timeout: 300000 }, () => 
     assert.equal(skipped.length, undeclared.length, r.output);
     assert.ok(undeclared.length > 0, 'the suite has direct and crc32 cases');
     assert.match(r.output, /requires direct: the Go SDK does not implement the direct transport/, 'a skip says why');
-    assert.ok(cases.some((c) => c.requires?.includes('trailer')), 'the suite has trailer cases');
-    assert.ok(cases.some((c) => c.requires?.includes('checkpoint')), 'the suite has checkpoint cases');
+    assert.ok(
+      cases.some((c) => c.requires?.includes('trailer')),
+      'the suite has trailer cases',
+    );
+    assert.ok(
+      cases.some((c) => c.requires?.includes('checkpoint')),
+      'the suite has checkpoint cases',
+    );
   });
 });

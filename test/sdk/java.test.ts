@@ -14,7 +14,9 @@ import { startLoad } from '../helpers/load';
 
 function javacUnavailable(): string | null {
   const r = spawnSync('javac', ['-version'], { encoding: 'utf8' });
-  return r.error ? `javac is not available (${r.error.message}); install a JDK 17+ (default-jdk-headless) to run the Java tests` : null;
+  return r.error
+    ? `javac is not available (${r.error.message}); install a JDK 17+ (default-jdk-headless) to run the Java tests`
+    : null;
 }
 const noJavac = javacUnavailable();
 const noJava = noJavac ?? pidNamespaceUnavailable();
@@ -22,46 +24,80 @@ const noJava = noJavac ?? pidNamespaceUnavailable();
 /** javac the given sources (paths relative to the repo) into a fresh directory; returns it. */
 function compile(...sources: string[]): string {
   const out = tempDir('aeterna-java-');
-  const r = spawnSync('javac', ['-Xlint:all', '-Werror', '-d', out, ...sources.map((s) => path.join(ROOT, s))], { encoding: 'utf8' });
+  const r = spawnSync('javac', ['-Xlint:all', '-Werror', '-d', out, ...sources.map((s) => path.join(ROOT, s))], {
+    encoding: 'utf8',
+  });
   assert.equal(r.status, 0, `javac failed:\n${r.stdout}${r.stderr}`);
   return out;
 }
 
-describe('Java SDK conformance (clients/java/ConformanceTest.java)', { skip: noJavac ?? false, timeout: 120000 }, () => {
-  it('passes every case of frames.json and exchanges.json, the digest trailer and checkpoint cases included, except the memfd exchanges (a client without fds never gets them) and what requires direct or crc32 (it declares neither)', () => {
-    const out = compile('clients/java/Aeterna.java', 'clients/java/ConformanceTest.java');
-    const r = spawnSync('java', ['-cp', out, 'dev.aeterna.ConformanceTest', path.join(ROOT, 'test', 'conformance')], { encoding: 'utf8', timeout: 100000 });
-    assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
-    const suite = (name: string): Record<string, { name: string; requires?: string[]; steps?: Record<string, unknown>[] }[]> =>
-      JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', name), 'utf8'));
-    const frames = suite('frames.json');
-    const cases = suite('exchanges.json').cases as Array<{ name: string; requires?: string[]; steps?: Record<string, unknown>[] }>;
-    const memfd = cases.filter((c) => c.steps!.some((step) => 'memfd' in step)).map((c) => c.name);
-    const undeclared = (v: { requires?: string[] }): boolean => (v.requires ?? []).some((r) => r === 'direct' || r === 'crc32');
-    const skippedVectors = frames.decode.filter(undeclared).map((v) => `decode: ${v.name}`);
-    const skippedCases = cases.filter((c) => undeclared(c) || memfd.includes(c.name)).map((c) => c.name);
-    assert.ok(cases.some((c) => c.requires?.includes('trailer')), 'the suite has trailer cases, and they run');
-    assert.ok(cases.some((c) => c.requires?.includes('checkpoint') && !memfd.includes(c.name)), 'the suite has checkpoint cases without a memfd, and they run');
-    const lines = r.stdout.split('\n');
-    assert.deepEqual(
-      lines.filter((l) => l.startsWith('skip ') && !l.startsWith('skip listeners.json')).map((l) => l.replace(/^skip (.*) \(.*\)$/, '$1')),
-      [...skippedVectors, ...skippedCases],
-    );
-    assert.equal(lines.filter((l) => l.startsWith('ok ')).length, frames.decode.length - skippedVectors.length + frames.encode.length + cases.length - skippedCases.length);
-    assert.equal(lines.filter((l) => l.startsWith('FAIL ')).length, 0);
-  });
-});
+describe(
+  'Java SDK conformance (clients/java/ConformanceTest.java)',
+  { skip: noJavac ?? false, timeout: 120000 },
+  () => {
+    it('passes every case of frames.json and exchanges.json, the digest trailer and checkpoint cases included, except the memfd exchanges (a client without fds never gets them) and what requires direct or crc32 (it declares neither)', () => {
+      const out = compile('clients/java/Aeterna.java', 'clients/java/ConformanceTest.java');
+      const r = spawnSync('java', ['-cp', out, 'dev.aeterna.ConformanceTest', path.join(ROOT, 'test', 'conformance')], {
+        encoding: 'utf8',
+        timeout: 100000,
+      });
+      assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
+      type Suite = Record<string, { name: string; requires?: string[]; steps?: Record<string, unknown>[] }[]>;
+      const suite = (name: string): Suite =>
+        JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'conformance', name), 'utf8')) as Suite;
+      const frames = suite('frames.json');
+      const cases = suite('exchanges.json').cases as Array<{
+        name: string;
+        requires?: string[];
+        steps?: Record<string, unknown>[];
+      }>;
+      const memfd = cases.filter((c) => c.steps!.some((step) => 'memfd' in step)).map((c) => c.name);
+      const undeclared = (v: { requires?: string[] }): boolean =>
+        (v.requires ?? []).some((r) => r === 'direct' || r === 'crc32');
+      const skippedVectors = frames.decode.filter(undeclared).map((v) => `decode: ${v.name}`);
+      const skippedCases = cases.filter((c) => undeclared(c) || memfd.includes(c.name)).map((c) => c.name);
+      assert.ok(
+        cases.some((c) => c.requires?.includes('trailer')),
+        'the suite has trailer cases, and they run',
+      );
+      assert.ok(
+        cases.some((c) => c.requires?.includes('checkpoint') && !memfd.includes(c.name)),
+        'the suite has checkpoint cases without a memfd, and they run',
+      );
+      const lines = r.stdout.split('\n');
+      assert.deepEqual(
+        lines
+          .filter((l) => l.startsWith('skip ') && !l.startsWith('skip listeners.json'))
+          .map((l) => l.replace(/^skip (.*) \(.*\)$/, '$1')),
+        [...skippedVectors, ...skippedCases],
+      );
+      assert.equal(
+        lines.filter((l) => l.startsWith('ok ')).length,
+        frames.decode.length - skippedVectors.length + frames.encode.length + cases.length - skippedCases.length,
+      );
+      assert.equal(lines.filter((l) => l.startsWith('FAIL ')).length, 0);
+    });
+  },
+);
 
-describe('Java SDK checkpoint() (clients/java/CheckpointTest.java)', { skip: noJavac ?? false, timeout: 120000 }, () => {
-  it('answers in order, fails with closed when the connection ends, refuses use before load() and from a callback, and is a no-op outside Aeterna', () => {
-    const out = compile('clients/java/Aeterna.java', 'clients/java/ConformanceTest.java', 'clients/java/CheckpointTest.java');
-    const r = spawnSync('java', ['-cp', out, 'dev.aeterna.CheckpointTest'], { encoding: 'utf8', timeout: 100000 });
-    assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
-    const lines = r.stdout.split('\n');
-    assert.equal(lines.filter((l) => l.startsWith('ok ')).length, 5, r.stdout);
-    assert.equal(lines.filter((l) => l.startsWith('FAIL ')).length, 0, r.stdout);
-  });
-});
+describe(
+  'Java SDK checkpoint() (clients/java/CheckpointTest.java)',
+  { skip: noJavac ?? false, timeout: 120000 },
+  () => {
+    it('answers in order, fails with closed when the connection ends, refuses use before load() and from a callback, and is a no-op outside Aeterna', () => {
+      const out = compile(
+        'clients/java/Aeterna.java',
+        'clients/java/ConformanceTest.java',
+        'clients/java/CheckpointTest.java',
+      );
+      const r = spawnSync('java', ['-cp', out, 'dev.aeterna.CheckpointTest'], { encoding: 'utf8', timeout: 100000 });
+      assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
+      const lines = r.stdout.split('\n');
+      assert.equal(lines.filter((l) => l.startsWith('ok ')).length, 5, r.stdout);
+      assert.equal(lines.filter((l) => l.startsWith('FAIL ')).length, 0, r.stdout);
+    });
+  },
+);
 
 const daemons: Daemon[] = [];
 after(async () => {
@@ -96,7 +132,10 @@ describe('examples/java-hello (service.stdin_listener)', { skip: noJava ?? false
     assert.equal(stats.failed, 0);
     assert.ok(stats.ok > 0);
     // Every generation answered (pids in the namespace; the app reports its own pid, as status does).
-    assert.deepEqual(pids.filter((pid) => stats.pids.includes(pid!)), pids);
+    assert.deepEqual(
+      pids.filter((pid) => stats.pids.includes(pid!)),
+      pids,
+    );
     assert.equal(await d.stop(), 0);
   });
 });
@@ -104,7 +143,11 @@ describe('examples/java-hello (service.stdin_listener)', { skip: noJava ?? false
 describe('Java SDK (clients/java) under the real daemon', { skip: noJava ?? false, timeout: 120000 }, () => {
   it('a Java app keeps its state across two reloads: loaded, counted, ready over the relay, handed over', async () => {
     const out = compile('clients/java/Aeterna.java', 'test/fixtures/java/Counter.java');
-    const d = new Daemon({ command: ['java', '-cp', out, 'Counter'], handoff: true, readiness: '{ mode: "notify", timeout: "30s" }' }).start(true);
+    const d = new Daemon({
+      command: ['java', '-cp', out, 'Counter'],
+      handoff: true,
+      readiness: '{ mode: "notify", timeout: "30s" }',
+    }).start(true);
     daemons.push(d);
     await d.waitStatus((s) => s.state === 'Running');
     await d.run.waitFor(/^COUNT 1 1 none$/m);
@@ -121,7 +164,10 @@ describe('Java SDK (clients/java) under the real daemon', { skip: noJava ?? fals
   it('kill -9 of a Java app: checkpoint() returns the seq Aeterna stored, and the generation Aeterna restarts loads it, streamed to a client without fds', async () => {
     const out = compile('clients/java/Aeterna.java', 'test/fixtures/java/Counter.java');
     const d = new Daemon({ command: ['java', '-cp', out, 'Counter'], readiness: '{ mode: "notify", timeout: "30s" }' });
-    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "10s", checkpoint: { enabled: true } }` });
+    d.write({
+      ...d.options,
+      handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "10s", checkpoint: { enabled: true } }`,
+    });
     d.start(true);
     daemons.push(d);
     await d.waitStatus((s) => s.state === 'Running');

@@ -14,7 +14,11 @@ const PYTHON = 'python3';
 const APP = [PYTHON, fixture('python', 'stateful_app.py')];
 
 function pythonUnavailable(): string | null {
-  const r = spawnSync(PYTHON, ['-c', 'import sys; print("%d.%d" % sys.version_info[:2]); sys.exit(0 if sys.version_info >= (3, 9) else 3)'], { encoding: 'utf8' });
+  const r = spawnSync(
+    PYTHON,
+    ['-c', 'import sys; print("%d.%d" % sys.version_info[:2]); sys.exit(0 if sys.version_info >= (3, 9) else 3)'],
+    { encoding: 'utf8' },
+  );
   if (r.error) return `python3 is not available (${r.error.message})`;
   if (r.status !== 0) return `python3 ${r.stdout.trim()} is older than 3.9 (socket.send_fds/recv_fds, os.memfd_create)`;
   return null;
@@ -40,27 +44,40 @@ interface Session {
 
 function request(port: number, method: 'GET' | 'POST', urlPath: string, body?: string): Promise<Session> {
   return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port, method, path: urlPath, agent: false, timeout: 10000, headers: body === undefined ? {} : { 'content-length': Buffer.byteLength(body) } }, (res) => {
-      let text = '';
-      res.setEncoding('utf8');
-      res.on('data', (d: string) => (text += d));
-      res.on('end', () => {
-        if (res.statusCode !== 200) return reject(new Error(`${method} ${urlPath}: status ${res.statusCode}: ${text}`));
-        try {
-          resolve(JSON.parse(text) as Session);
-        } catch (err) {
-          reject(err);
-        }
-      });
-      res.on('error', reject);
-    });
+    const req = http.request(
+      {
+        host: '127.0.0.1',
+        port,
+        method,
+        path: urlPath,
+        agent: false,
+        timeout: 10000,
+        headers: body === undefined ? {} : { 'content-length': Buffer.byteLength(body) },
+      },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (d: string) => (text += d));
+        res.on('end', () => {
+          if (res.statusCode !== 200)
+            return reject(new Error(`${method} ${urlPath}: status ${res.statusCode}: ${text}`));
+          try {
+            resolve(JSON.parse(text) as Session);
+          } catch (err) {
+            reject(err);
+          }
+        });
+        res.on('error', reject);
+      },
+    );
     req.on('timeout', () => req.destroy(new Error(`${method} ${urlPath}: timeout`)));
     req.on('error', reject);
     req.end(body);
   });
 }
 
-const post = (port: number, id: string, message: string): Promise<Session> => request(port, 'POST', `/sessions/${id}/messages`, message);
+const post = (port: number, id: string, message: string): Promise<Session> =>
+  request(port, 'POST', `/sessions/${id}/messages`, message);
 const get = (port: number, id: string): Promise<Session> => request(port, 'GET', `/sessions/${id}`);
 
 function alive(pid: number): boolean {
@@ -81,11 +98,21 @@ async function waitGone(pid: number, timeoutMs = 20000): Promise<void> {
 }
 
 describe('Python SDK: unit tests (python3 -m unittest)', { skip: noPython ?? false }, () => {
-  it('clients/python/test_aeterna_client.py and the conformance suite (test_conformance.py) pass', { timeout: 120000 }, async () => {
-    const r = await run(PYTHON, ['-m', 'unittest', '-v', 'clients/python/test_aeterna_client.py', 'clients/python/test_conformance.py']);
-    assert.equal(r.code, 0, r.output);
-    assert.match(r.output, /^OK$/m, r.output);
-  });
+  it(
+    'clients/python/test_aeterna_client.py and the conformance suite (test_conformance.py) pass',
+    { timeout: 120000 },
+    async () => {
+      const r = await run(PYTHON, [
+        '-m',
+        'unittest',
+        '-v',
+        'clients/python/test_aeterna_client.py',
+        'clients/python/test_conformance.py',
+      ]);
+      assert.equal(r.code, 0, r.output);
+      assert.match(r.output, /^OK$/m, r.output);
+    },
+  );
 });
 
 const daemonSide = fs.existsSync(path.join(ROOT, 'dist', 'src', 'srp', 'coordinator.js'));
@@ -99,7 +126,13 @@ describe('Python SDK against the real daemon', { skip: e2eSkip, timeout: 180000 
 
   async function started(extra: Partial<ConfigOptions> = {}): Promise<{ d: Daemon; port: number }> {
     const port = await freePort();
-    const d = new Daemon({ command: APP, port, handoff: true, readiness: '{ mode: "notify", timeout: "10s" }', ...extra }).start();
+    const d = new Daemon({
+      command: APP,
+      port,
+      handoff: true,
+      readiness: '{ mode: "notify", timeout: "10s" }',
+      ...extra,
+    }).start();
     daemons.push(d);
     await d.waitStatus((s) => s.state === 'Running');
     return { d, port };
@@ -159,8 +192,12 @@ describe('Python SDK against the real daemon', { skip: e2eSkip, timeout: 180000 
     assert.notEqual(after.pid, oldPid);
     assert.equal(after.generation, 2);
     // Around the switch both generations serve, so the order of the last few messages may differ; none may be missing or doubled.
-    assert.equal(after.history!.length, sent.length, 'as many messages as were acknowledged');
-    assert.deepEqual([...after.history!].sort(), [...sent].sort(), 'every message acknowledged before `reload` returned is there, once');
+    assert.equal(after.history.length, sent.length, 'as many messages as were acknowledged');
+    assert.deepEqual(
+      [...after.history].sort(),
+      [...sent].sort(),
+      'every message acknowledged before `reload` returned is there, once',
+    );
     await d.run.waitFor(/^FINAL_SYNC \d+$/m);
     await d.run.waitFor(new RegExp(`^SHUTDOWN ${oldPid} handed_over=True$`, 'm'));
     const first = Number((await d.run.waitFor(new RegExp(`^DUMP ${oldPid} final=False messages=(\\d+)$`, 'm')))[1]);

@@ -22,7 +22,10 @@ after(() => {
  * only `ackAfterMs` later: a final sync that outlasts the client's own timeout.
  * `events` records what happened, in order.
  */
-function slowFinalSync(dump: Record<string, unknown>, ackAfterMs: number): { path: string; events: string[]; closed: Promise<void>; server: net.Server } {
+function slowFinalSync(
+  dump: Record<string, unknown>,
+  ackAfterMs: number,
+): { path: string; events: string[]; closed: Promise<void>; server: net.Server } {
   const dir = tempDir('aeterna-client-');
   dirs.push(dir);
   const socketPath = path.join(dir, 'state.sock');
@@ -72,12 +75,12 @@ describe('aeterna/client shutdown()', { timeout: 30000 }, () => {
   const state = crypto.randomBytes(4 << 20);
   const cases = [
     {
-      name: 'a final sync that outlasts shutdown()\'s timeout waits as long as Aeterna said (the dump\'s timeout_ms) and gets its ack',
+      name: "a final sync that outlasts shutdown()'s timeout waits as long as Aeterna said (the dump's timeout_ms) and gets its ack",
       dump: { timeout_ms: 30000 },
       events: [`state ${state.length} bytes`, 'ack sent', 'client closed'],
     },
     {
-      name: 'without timeout_ms (an older Aeterna), shutdown()\'s timeout bounds the whole wait',
+      name: "without timeout_ms (an older Aeterna), shutdown()'s timeout bounds the whole wait",
       dump: {},
       events: [`state ${state.length} bytes`, 'client closed'],
     },

@@ -11,7 +11,13 @@ import { parseAddress, parseHostPort } from '../../src/config/address';
 import { formatDuration, parseDuration } from '../../src/config/duration';
 import { renderConfigJsonSchema, SCHEMA_FILE } from '../../scripts/gen-config-schema';
 import { configJsonSchema, type JsonSchema } from '../../src/config/json-schema';
-import { ConfigError, loadConfigFile, parseConfig, parseControlSocketPath, resolveConfigPath } from '../../src/config/load';
+import {
+  ConfigError,
+  loadConfigFile,
+  parseConfig,
+  parseControlSocketPath,
+  resolveConfigPath,
+} from '../../src/config/load';
 import { defaultRuntimeDir } from '../../src/config/runtime-dir';
 import { configSchema } from '../../src/config/schema';
 import type { Spec } from '../../src/config/spec';
@@ -22,7 +28,8 @@ import { ROOT } from '../helpers/aeterna';
 const REPO = ROOT;
 const fixture = (name: string): string => path.resolve(REPO, 'test/fixtures/config', name);
 const EXAMPLE = path.join(REPO, 'configs/aeterna.yaml');
-const DURATION_FORM = 'a duration: whole numbers with units h, m, s or ms, largest first, e.g. "500ms", "10s", "1m30s", "2h"';
+const DURATION_FORM =
+  'a duration: whole numbers with units h, m, s or ms, largest first, e.g. "500ms", "10s", "1m30s", "2h"';
 
 /** The ConfigError `run` throws, after checking it is one. */
 function configError(run: () => unknown): ConfigError {
@@ -43,7 +50,8 @@ function fixtureErrors(name: string): { file: string; lines: string[] } {
   return { file, lines: configError(() => loadConfigFile(file)).message.split('\n') };
 }
 
-const minimalYaml = (extra = ''): string => `version: v1\nservice:\n  name: app\n  command: [python, main.py]\n${extra}`;
+const minimalYaml = (extra = ''): string =>
+  `version: v1\nservice:\n  name: app\n  command: [python, main.py]\n${extra}`;
 
 describe('errors name file:line:column, key path, expected form and what was found', () => {
   test('malformed YAML: every syntax error, with its position', () => {
@@ -53,7 +61,7 @@ describe('errors name file:line:column, key path, expected form and what was fou
       `${file}:7:1 invalid YAML: Missing closing "quote`,
     ]);
     const error = configError(() => loadConfigFile(file));
-    assert.deepEqual(error.issues[0], { file, line: 5, column: 3, path: '', message: error.issues[0]!.message });
+    assert.deepEqual(error.issues[0], { file, line: 5, column: 3, path: '', message: error.issues[0].message });
   });
 
   test('a wrong type: command as a string instead of a list', () => {
@@ -86,20 +94,31 @@ describe('errors name file:line:column, key path, expected form and what was fou
 
   test('a port out of range', () => {
     const { file, lines } = fixtureErrors('port-out-of-range.yaml');
-    assert.deepEqual(lines, [`${file}:7:16 service.listeners[0].address: port must be an integer from 1 to 65535 (got "70000")`]);
+    assert.deepEqual(lines, [
+      `${file}:7:16 service.listeners[0].address: port must be an integer from 1 to 65535 (got "70000")`,
+    ]);
   });
 
   test('a negative duration', () => {
     const { file, lines } = fixtureErrors('negative-duration.yaml');
-    assert.deepEqual(lines, [`${file}:5:17 service.stop_timeout: must be ${DURATION_FORM} (got "-5s"; durations cannot be negative)`]);
+    assert.deepEqual(lines, [
+      `${file}:5:17 service.stop_timeout: must be ${DURATION_FORM} (got "-5s"; durations cannot be negative)`,
+    ]);
   });
 
   test('a stdin_listener that names no listener: the error names it and the listeners there are', () => {
-    const listeners = '  listeners:\n    - { name: http, address: "tcp://127.0.0.1:8080" }\n    - { name: admin, address: "tcp://127.0.0.1:8081" }\n';
-    const lines = configError(() => parseConfig(minimalYaml(`${listeners}  stdin_listener: htp\n`), 'x.yaml')).message.split('\n');
-    assert.deepEqual(lines, ['x.yaml:8:19 service.stdin_listener: names no listener (got "htp"); expected one of service.listeners: "http", "admin"']);
+    const listeners =
+      '  listeners:\n    - { name: http, address: "tcp://127.0.0.1:8080" }\n    - { name: admin, address: "tcp://127.0.0.1:8081" }\n';
+    const lines = configError(() =>
+      parseConfig(minimalYaml(`${listeners}  stdin_listener: htp\n`), 'x.yaml'),
+    ).message.split('\n');
+    assert.deepEqual(lines, [
+      'x.yaml:8:19 service.stdin_listener: names no listener (got "htp"); expected one of service.listeners: "http", "admin"',
+    ]);
     const none = configError(() => parseConfig(minimalYaml('  stdin_listener: http\n'), 'x.yaml')).message.split('\n');
-    assert.deepEqual(none, ['x.yaml:5:19 service.stdin_listener: names no listener (got "http"); expected one of service.listeners: none is configured']);
+    assert.deepEqual(none, [
+      'x.yaml:5:19 service.stdin_listener: names no listener (got "http"); expected one of service.listeners: none is configured',
+    ]);
     const ok = parseConfig(minimalYaml(`${listeners}  stdin_listener: admin\n`), 'x.yaml');
     assert.equal(ok.service.stdinListener, 'admin');
   });
@@ -110,7 +129,9 @@ describe('errors name file:line:column, key path, expected form and what was fou
   });
 
   test('an unknown key that belongs elsewhere, and one with no near match', () => {
-    const lines = configError(() => parseConfig(minimalYaml('  soak_time: 10s\n  frobnicate: 1\n'), 'x.yaml')).message.split('\n');
+    const lines = configError(() =>
+      parseConfig(minimalYaml('  soak_time: 10s\n  frobnicate: 1\n'), 'x.yaml'),
+    ).message.split('\n');
     assert.deepEqual(lines, [
       'x.yaml:5:3 service.soak_time: unknown key "soak_time" here; it belongs in orchestration',
       'x.yaml:6:3 service.frobnicate: unknown key "frobnicate"; expected one of name, command, env, cwd, user, group, listeners, stdin_listener, stop_timeout, restart, fdstore_max, watchdog, cgroups',
@@ -202,21 +223,33 @@ describe('errors name file:line:column, key path, expected form and what was fou
   });
 
   test('an empty or non-mapping file', () => {
-    assert.equal(configError(() => parseConfig('# nothing\n', 'x.yaml')).message, 'x.yaml:1:1 the file is empty; expected a mapping with at least version and service');
-    assert.equal(configError(() => parseConfig('- a\n', 'x.yaml')).message, 'x.yaml:1:1 must be a mapping (got a list)');
+    assert.equal(
+      configError(() => parseConfig('# nothing\n', 'x.yaml')).message,
+      'x.yaml:1:1 the file is empty; expected a mapping with at least version and service',
+    );
+    assert.equal(
+      configError(() => parseConfig('- a\n', 'x.yaml')).message,
+      'x.yaml:1:1 must be a mapping (got a list)',
+    );
   });
 
   test('a missing file and a file over 1MiB are refused before parsing', () => {
     const missing = path.join(os.tmpdir(), 'aeterna-no-such-config.yaml');
     const error = configError(() => loadConfigFile(missing));
-    assert.match(error.message, new RegExp(`^${missing.replace(/[.]/g, '\\.')}: cannot read: ENOENT: no such file or directory`));
-    assert.equal(error.issues[0]!.line, 0);
+    assert.match(
+      error.message,
+      new RegExp(`^${missing.replace(/[.]/g, '\\.')}: cannot read: ENOENT: no such file or directory`),
+    );
+    assert.equal(error.issues[0].line, 0);
 
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-config-'));
     try {
       const big = path.join(dir, 'big.yaml');
       fs.writeFileSync(big, `# ${'x'.repeat(1024 * 1024)}\n`);
-      assert.equal(configError(() => loadConfigFile(big)).message, `${big}: is larger than 1MiB (1048576 bytes); refusing to parse it`);
+      assert.equal(
+        configError(() => loadConfigFile(big)).message,
+        `${big}: is larger than 1MiB (1048576 bytes); refusing to parse it`,
+      );
     } finally {
       fs.rmSync(dir, { recursive: true });
     }
@@ -244,7 +277,14 @@ describe('loading', () => {
         strategy: 'immediate',
         soakTimeMs: 60_000,
         readiness: { mode: 'notify', timeoutMs: 30_000, delayMs: 1_000, command: [], intervalMs: 1_000 },
-        stateHandoff: { enabled: false, socketPath: '/var/run/aeterna-state.sock', timeoutMs: 10_000, maxFrameBytes: 16 * 1024 * 1024, onDumpFailure: 'rollback', checkpoint: { enabled: false, path: null, maxSizeBytes: 1024 ** 3 } },
+        stateHandoff: {
+          enabled: false,
+          socketPath: '/var/run/aeterna-state.sock',
+          timeoutMs: 10_000,
+          maxFrameBytes: 16 * 1024 * 1024,
+          onDumpFailure: 'rollback',
+          checkpoint: { enabled: false, path: null, maxSizeBytes: 1024 ** 3 },
+        },
         watch: null,
         canary: null,
       },
@@ -261,7 +301,11 @@ describe('loading', () => {
     const dir = path.dirname(file);
     const config = loadConfigFile(file);
     assert.equal(config.service.cwd, path.join(dir, 'app'));
-    assert.deepEqual(config.service.listeners[0]!.address, { kind: 'unix', path: path.join(dir, 'run/app.sock'), raw: 'unix://run/app.sock' });
+    assert.deepEqual(config.service.listeners[0].address, {
+      kind: 'unix',
+      path: path.join(dir, 'run/app.sock'),
+      raw: 'unix://run/app.sock',
+    });
     assert.equal(config.orchestration.stateHandoff.socketPath, path.join(dir, 'run/state.sock'));
     assert.equal(config.control.socketPath, path.join(dir, '../run/aeterna.sock'));
     // argv[0] stays as written: PATH search and cwd apply when the app is started.
@@ -303,7 +347,10 @@ describe('loading', () => {
     assert.equal(config.service.group, 1000);
     assert.equal(config.orchestration.stateHandoff.maxFrameBytes, 1024 * 1024);
     assert.deepEqual(config.observability.metrics, { host: '::1', port: 9091 });
-    assert.equal(parseConfig(minimalYaml('observability: { metrics_port: "" }\n'), 'x.yaml').observability.metrics, null);
+    assert.equal(
+      parseConfig(minimalYaml('observability: { metrics_port: "" }\n'), 'x.yaml').observability.metrics,
+      null,
+    );
     // An empty section (all keys commented out) means defaults, like an absent one.
     assert.equal(parseConfig(minimalYaml('control:\n'), 'x.yaml').control.socketPath, '/var/run/aeterna.sock');
   });
@@ -324,7 +371,23 @@ describe('durations', () => {
   });
 
   test('rejected forms', () => {
-    for (const text of ['', '5', '-5s', '+5s', '1.5s', '5 s', ' 5s', '1s1m', '10S', 's', 'ms', '1d', '1m1m', '5sec', '1h 2m']) {
+    for (const text of [
+      '',
+      '5',
+      '-5s',
+      '+5s',
+      '1.5s',
+      '5 s',
+      ' 5s',
+      '1s1m',
+      '10S',
+      's',
+      'ms',
+      '1d',
+      '1m1m',
+      '5sec',
+      '1h 2m',
+    ]) {
       assert.equal(parseDuration(text), null, JSON.stringify(text));
     }
   });
@@ -364,25 +427,44 @@ describe('addresses', () => {
       ['unix:///var/run/app.sock', { kind: 'unix', path: '/var/run/app.sock', raw: 'unix:///var/run/app.sock' }],
     ];
     for (const [text, address] of table) assert.deepEqual(parseAddress(text), address, text);
-    assert.deepEqual(parseAddress('unix://run/app.sock', '/etc/aeterna'), { kind: 'unix', path: '/etc/aeterna/run/app.sock', raw: 'unix://run/app.sock' });
+    assert.deepEqual(parseAddress('unix://run/app.sock', '/etc/aeterna'), {
+      kind: 'unix',
+      path: '/etc/aeterna/run/app.sock',
+      raw: 'unix://run/app.sock',
+    });
   });
 
   test('rejected listener addresses say why', () => {
     const table: [string, string][] = [
-      ['http://0.0.0.0:8080', 'must be tcp://host:port, tcp://[v6]:port or unix:///absolute/path (got "http://0.0.0.0:8080")'],
+      [
+        'http://0.0.0.0:8080',
+        'must be tcp://host:port, tcp://[v6]:port or unix:///absolute/path (got "http://0.0.0.0:8080")',
+      ],
       ['tcp://0.0.0.0', 'must be tcp://host:port, tcp://[v6]:port or unix:///absolute/path (got "tcp://0.0.0.0")'],
       ['tcp://0.0.0.0:70000', 'port must be an integer from 1 to 65535 (got "70000")'],
       ['tcp://0.0.0.0:http', 'port must be an integer from 1 to 65535 (got "http")'],
-      ['tcp://0.0.0.0:0', 'port must be from 1 to 65535 (got 0: port 0 picks a random port at every start, and clients need a fixed one)'],
+      [
+        'tcp://0.0.0.0:0',
+        'port must be from 1 to 65535 (got 0: port 0 picks a random port at every start, and clients need a fixed one)',
+      ],
       ['tcp://::1:80', 'an IPv6 host must be in brackets, e.g. [::1]:8080 (got "tcp://::1:80")'],
       ['tcp://[zz::1]:80', '"zz::1" in brackets is not an IPv6 address (got "tcp://[zz::1]:80")'],
       ['tcp://999.1.1.1:80', 'host "999.1.1.1" is not a valid IPv4 address (got "tcp://999.1.1.1:80")'],
-      ['tcp://bad!host:80', 'host "bad!host" must be a host name, an IPv4 address or an IPv6 address in brackets (got "tcp://bad!host:80")'],
-      ['tcp://:8080', 'host is missing; write it out, e.g. tcp://0.0.0.0:8080 for all IPv4 interfaces (got "tcp://:8080")'],
+      [
+        'tcp://bad!host:80',
+        'host "bad!host" must be a host name, an IPv4 address or an IPv6 address in brackets (got "tcp://bad!host:80")',
+      ],
+      [
+        'tcp://:8080',
+        'host is missing; write it out, e.g. tcp://0.0.0.0:8080 for all IPv4 interfaces (got "tcp://:8080")',
+      ],
       ['unix://', 'socket path is empty'],
       ['unix://relative.sock', 'socket path must be absolute (got "relative.sock")'],
       ['unix://@abstract', 'abstract unix sockets are not supported; use a file path (got "unix://@abstract")'],
-      [`unix:///${'x'.repeat(107)}`, `socket path must be at most 107 bytes, the sun_path limit (got 108 bytes: "/${'x'.repeat(107)}")`],
+      [
+        `unix:///${'x'.repeat(107)}`,
+        `socket path must be at most 107 bytes, the sun_path limit (got 108 bytes: "/${'x'.repeat(107)}")`,
+      ],
     ];
     for (const [text, message] of table) assert.equal(parseAddress(text), message, text);
     assert.equal(typeof parseAddress(`unix:///${'x'.repeat(106)}`), 'object');
@@ -392,7 +474,10 @@ describe('addresses', () => {
     assert.deepEqual(parseHostPort(':9091'), { host: '0.0.0.0', port: 9091 });
     assert.deepEqual(parseHostPort('127.0.0.1:9091'), { host: '127.0.0.1', port: 9091 });
     assert.deepEqual(parseHostPort('[::1]:9091'), { host: '::1', port: 9091 });
-    assert.equal(parseHostPort('9091'), 'must be [host]:port, e.g. ":9091", "127.0.0.1:9091" or "[::1]:9091" (got "9091")');
+    assert.equal(
+      parseHostPort('9091'),
+      'must be [host]:port, e.g. ":9091", "127.0.0.1:9091" or "[::1]:9091" (got "9091")',
+    );
     assert.equal(parseHostPort(':70000'), 'port must be an integer from 1 to 65535 (got "70000")');
   });
 });
@@ -418,20 +503,26 @@ describe('resolveConfigPath', () => {
 describe('the control socket alone (what the client commands read)', () => {
   test('other problems in the file do not matter: the socket path, relative to the file, or its default', () => {
     const brokenElsewhere = 'version: v9\nservice: 42\norchestration: { strategy: canry }\nfrobnicate: 1\n';
-    assert.equal(parseControlSocketPath(`${brokenElsewhere}control: { socket_path: run/ctl.sock }\n`, '/etc/app/aeterna.yaml'), '/etc/app/run/ctl.sock');
+    assert.equal(
+      parseControlSocketPath(`${brokenElsewhere}control: { socket_path: run/ctl.sock }\n`, '/etc/app/aeterna.yaml'),
+      '/etc/app/run/ctl.sock',
+    );
     assert.equal(parseControlSocketPath(brokenElsewhere, 'x.yaml'), path.join(defaultRuntimeDir(), 'aeterna.sock'));
     assert.equal(parseControlSocketPath('control:\n', 'x.yaml'), path.join(defaultRuntimeDir(), 'aeterna.sock'));
     assert.equal(parseControlSocketPath('# nothing yet\n', 'x.yaml'), path.join(defaultRuntimeDir(), 'aeterna.sock'));
     // YAML-level issues away from the key (a duplicate key, an unknown alias) do not count either.
-    const yamlIssues = 'service: { name: a, name: b }\nenv: *nowhere\ncontrol: { socket_path: /run/a.sock, other: 1 }\n';
+    const yamlIssues =
+      'service: { name: a, name: b }\nenv: *nowhere\ncontrol: { socket_path: /run/a.sock, other: 1 }\n';
     assert.equal(parseControlSocketPath(yamlIssues, 'x.yaml'), '/run/a.sock');
   });
 
   test('a file that cannot be parsed, or an invalid control.socket_path, is an error naming only that', () => {
-    assert.deepEqual(configError(() => parseControlSocketPath('control: { socket_path: "/a\n', 'x.yaml')).issues.map((i) => i.message.slice(0, 13)), [
-      'invalid YAML:',
-      'invalid YAML:',
-    ]);
+    assert.deepEqual(
+      configError(() => parseControlSocketPath('control: { socket_path: "/a\n', 'x.yaml')).issues.map((i) =>
+        i.message.slice(0, 13),
+      ),
+      ['invalid YAML:', 'invalid YAML:'],
+    );
     assert.equal(
       configError(() => parseControlSocketPath('version: v9\ncontrol:\n  socket_path: 42\n', 'x.yaml')).message,
       'x.yaml:3:16 control.socket_path: must be a unix socket path (got 42)',
@@ -444,7 +535,10 @@ describe('the control socket alone (what the client commands read)', () => {
       configError(() => parseControlSocketPath('control: { socket_path: /a.sock }\ncontrol: {}\n', 'x.yaml')).message,
       'x.yaml:2:1 control: duplicate key "control" (first set at 1:1); each key may appear once',
     );
-    assert.equal(configError(() => parseControlSocketPath('- a\n', 'x.yaml')).message, 'x.yaml:1:1 must be a mapping (got a list)');
+    assert.equal(
+      configError(() => parseControlSocketPath('- a\n', 'x.yaml')).message,
+      'x.yaml:1:1 must be a mapping (got a list)',
+    );
   });
 });
 
@@ -521,7 +615,11 @@ function schemaAccepts(schema: JsonSchema, value: unknown): boolean {
       );
     }
     case 'integer':
-      return Number.isInteger(value) && (value as number) >= (number('minimum') ?? -Infinity) && (value as number) <= (number('maximum') ?? Infinity);
+      return (
+        Number.isInteger(value) &&
+        (value as number) >= (number('minimum') ?? -Infinity) &&
+        (value as number) <= (number('maximum') ?? Infinity)
+      );
     case 'boolean':
       return typeof value === 'boolean';
     case 'array':
@@ -536,7 +634,7 @@ function schemaAccepts(schema: JsonSchema, value: unknown): boolean {
       const record = value as Record<string, unknown>;
       return (
         ((schema['required'] as string[] | undefined) ?? []).every((key) => key in record) &&
-        Object.entries(record).every(([key, item]) => key in properties && schemaAccepts(properties[key]!, item))
+        Object.entries(record).every(([key, item]) => key in properties && schemaAccepts(properties[key], item))
       );
     }
     default:

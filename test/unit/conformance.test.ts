@@ -22,7 +22,9 @@ type Part = { hex: string } | { text: string } | { frame: string };
 /** A vector's "bytes": hex, raw text, or a whole frame (length header + UTF-8 text). */
 function toBytes(parts: Part[]): Buffer {
   return Buffer.concat(
-    parts.map((p) => ('hex' in p ? Buffer.from(p.hex, 'hex') : 'text' in p ? Buffer.from(p.text) : encodeFrame(Buffer.from(p.frame)))),
+    parts.map((p) =>
+      'hex' in p ? Buffer.from(p.hex, 'hex') : 'text' in p ? Buffer.from(p.text) : encodeFrame(Buffer.from(p.frame)),
+    ),
   );
 }
 
@@ -30,7 +32,8 @@ function toBytes(parts: Part[]): Buffer {
 function matches(expected: Json, actual: Json): boolean {
   return Object.entries(expected).every(([key, want]) => {
     const got = actual[key];
-    if (want !== null && typeof want === 'object' && Object.keys(want).join() === 'prefix') return typeof got === 'string' && got.startsWith((want as { prefix: string }).prefix);
+    if (want !== null && typeof want === 'object' && Object.keys(want).join() === 'prefix')
+      return typeof got === 'string' && got.startsWith((want as { prefix: string }).prefix);
     return key in actual && JSON.stringify(got) === JSON.stringify(want);
   });
 }
@@ -46,7 +49,10 @@ const dirs: string[] = [];
 after(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
 
 describe('conformance: frames.json', () => {
-  const vectors = suite<{ decode: { name: string; requires?: string[]; bytes: Part[]; max_frame?: number; message?: Json; error?: string }[]; encode: { name: string; message: Json; bytes: Part[] }[] }>('frames.json');
+  const vectors = suite<{
+    decode: { name: string; requires?: string[]; bytes: Part[]; max_frame?: number; message?: Json; error?: string }[];
+    encode: { name: string; message: Json; bytes: Part[] }[];
+  }>('frames.json');
   for (const v of vectors.decode) {
     it(`decode: ${v.name}`, { skip: unsupported(v.requires) }, async () => {
       const [peer, mine] = native.test.socketpair();
@@ -83,7 +89,13 @@ interface Step {
 interface Case {
   name: string;
   requires?: string[];
-  app: { ready?: boolean; apply?: 'throws'; on_load?: 'accepts' | 'throws'; dump?: { json?: unknown; text?: string; none?: true; throws?: true }; checkpoint?: { json: unknown } };
+  app: {
+    ready?: boolean;
+    apply?: 'throws';
+    on_load?: 'accepts' | 'throws';
+    dump?: { json?: unknown; text?: string; none?: true; throws?: true };
+    checkpoint?: { json: unknown };
+  };
   steps: Step[];
   expect: {
     connect?: { error: string };
@@ -118,7 +130,10 @@ async function playPeer(listenFd: number, steps: Step[]): Promise<void> {
     for (const step of steps) {
       if (step.client_sends) {
         const got = await next();
-        assert.ok('message' in got && matches(step.client_sends, got.message), `expected ${JSON.stringify(step.client_sends)}, got ${JSON.stringify(got)}`);
+        assert.ok(
+          'message' in got && matches(step.client_sends, got.message),
+          `expected ${JSON.stringify(step.client_sends)}, got ${JSON.stringify(got)}`,
+        );
       } else if (step.client_sends_data !== undefined) {
         let data = Buffer.alloc(0);
         while (data.length < Buffer.byteLength(step.client_sends_data)) {
@@ -252,11 +267,19 @@ describe('conformance: listeners.json', () => {
     const found = Object.fromEntries(listeners());
     const cloexec = (fd) => (parseInt(/^flags:\\s+(\\d+)/m.exec(fs.readFileSync('/proc/self/fdinfo/' + fd, 'utf8'))[1], 8) & 0o2000000) !== 0;
     console.log(JSON.stringify({ listeners: found, cloexec: Object.values(found).every(cloexec) }));`;
-  for (const c of suite<{ cases: { name: string; env: Record<string, string>; fds: ('socket' | 'file')[]; expect: Json }[] }>('listeners.json').cases) {
+  for (const c of suite<{
+    cases: { name: string; env: Record<string, string>; fds: ('socket' | 'file')[]; expect: Json }[];
+  }>('listeners.json').cases) {
     it(c.name, () => {
-      const fds = c.fds.map((kind) => (kind === 'socket' ? native.listenTcp('127.0.0.1', 0, 1).fd : fs.openSync('/dev/null', 'r')));
+      const fds = c.fds.map((kind) =>
+        kind === 'socket' ? native.listenTcp('127.0.0.1', 0, 1).fd : fs.openSync('/dev/null', 'r'),
+      );
       const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('LISTEN_')));
-      const r = spawnSync(process.execPath, ['-e', child, JSON.stringify(c)], { env, stdio: ['ignore', 'pipe', 'pipe', ...fds], encoding: 'utf8' });
+      const r = spawnSync(process.execPath, ['-e', child, JSON.stringify(c)], {
+        env,
+        stdio: ['ignore', 'pipe', 'pipe', ...fds],
+        encoding: 'utf8',
+      });
       fds.forEach((fd) => native.close(fd));
       assert.equal(r.status, 0, r.stderr);
       const got = JSON.parse(r.stdout) as { listeners: Json; cloexec: boolean };

@@ -63,7 +63,8 @@ class FakeApi implements ControlApi {
   }
 
   async reload(trigger: 'control' | 'sighup', onEvent?: (event: ReloadEvent) => void): Promise<ReloadRecord> {
-    if (this.running) throw new AeternaError('E_RELOAD_BUSY', `a reload is already in progress (reload-${this.reloads})`);
+    if (this.running)
+      throw new AeternaError('E_RELOAD_BUSY', `a reload is already in progress (reload-${this.reloads})`);
     this.running = true;
     this.calls.push('reload');
     const id = `reload-${++this.reloads}`;
@@ -86,7 +87,14 @@ class FakeApi implements ControlApi {
     const phase = (p: (typeof FAKE_PHASES)[number], detail?: string): void => {
       const at = new Date().toISOString();
       record.phases.push({ phase: p, at });
-      onEvent?.({ type: 'phase', reload: id, phase: p, at, elapsed_ms: Date.now() - t0, ...(detail ? { detail } : {}) });
+      onEvent?.({
+        type: 'phase',
+        reload: id,
+        phase: p,
+        at,
+        elapsed_ms: Date.now() - t0,
+        ...(detail ? { detail } : {}),
+      });
     };
     try {
       phase('accepted', `trigger ${trigger}`);
@@ -135,7 +143,8 @@ function memoryLogger(): { log: pino.Logger; lines: Array<{ level: number; msg: 
   const lines: Array<{ level: number; msg: string; code?: string }> = [];
   const sink = new Writable({
     write(chunk: Buffer, _enc, done) {
-      for (const l of chunk.toString().split('\n')) if (l) lines.push(JSON.parse(l));
+      for (const l of chunk.toString().split('\n'))
+        if (l) lines.push(JSON.parse(l) as { level: number; msg: string; code?: string });
       done();
     },
   });
@@ -147,7 +156,10 @@ function tempDir(): string {
 }
 
 /** Write raw bytes, collect every reply line until the server closes the connection. */
-function rawExchange(socketPath: string, data: Buffer | string | null): Promise<{ messages: ServerMessage[]; closed: boolean }> {
+function rawExchange(
+  socketPath: string,
+  data: Buffer | string | null,
+): Promise<{ messages: ServerMessage[]; closed: boolean }> {
   return new Promise((resolve) => {
     const socket = net.createConnection({ path: socketPath });
     const decoder = new LineDecoder(1 << 20);
@@ -212,7 +224,10 @@ describe('control socket', { timeout: 60000 }, () => {
     assert.ok(m.type === 'result' && 'status' in m);
     assert.equal(m.status.state, 'Running');
     assert.equal(m.status.pid, 4242);
-    assert.ok(logs.lines.some((l) => l.level === 20 && l.msg === 'control request'), 'each request is logged at debug');
+    assert.ok(
+      logs.lines.some((l) => l.level === 20 && l.msg === 'control request'),
+      'each request is logged at debug',
+    );
   });
 
   it('streams a reload: every event, the outcome event last, then the record', async () => {
@@ -250,7 +265,10 @@ describe('control socket', { timeout: 60000 }, () => {
     const accepted = await first.next();
     assert.ok(!accepted.done && accepted.value.type === 'event');
     await assert.rejects(call(socketPath, { cmd: 'reload', wait: true }), (err) => codeOf(err) === 'E_RELOAD_BUSY');
-    assert.ok(logs.lines.some((l) => l.level === 40 && l.code === 'E_RELOAD_BUSY'), 'the refusal is logged at warn');
+    assert.ok(
+      logs.lines.some((l) => l.level === 40 && l.code === 'E_RELOAD_BUSY'),
+      'the refusal is logged at warn',
+    );
     api.release();
     const rest: ServerMessage[] = [];
     for await (const m of first) rest.push(m);
@@ -310,7 +328,9 @@ describe('control socket', { timeout: 60000 }, () => {
       const socket = net.createConnection({ path: socketPath }, () => socket.end('{"cmd":"status"}'));
       const decoder = new LineDecoder(1 << 20);
       const out: ServerMessage[] = [];
-      socket.on('data', (c: Buffer) => decoder.push(c).forEach((l) => out.push(JSON.parse(l.toString()))));
+      socket.on('data', (c: Buffer) =>
+        decoder.push(c).forEach((l) => out.push(JSON.parse(l.toString()) as ServerMessage)),
+      );
       socket.on('close', () => resolve(out));
       socket.on('error', reject);
     });
@@ -422,22 +442,32 @@ describe('control socket', { timeout: 60000 }, () => {
       s.on('close', () => { process.stdout.write(out); process.exit(0); });
       s.on('error', (e) => { console.error(e.message); process.exit(2); });`;
     try {
-      const child = spawn('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', script, socketPath], {
-        stdio: ['ignore', 'pipe', 'pipe'],
-        cwd: '/',
-      });
+      const child = spawn(
+        'setpriv',
+        ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', script, socketPath],
+        {
+          stdio: ['ignore', 'pipe', 'pipe'],
+          cwd: '/',
+        },
+      );
       let stdout = '';
       let stderr = '';
       child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
       child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
       const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
       assert.equal(code, 0, stderr);
-      const lines = stdout.trim().split('\n').map((l) => JSON.parse(l) as ServerMessage);
+      const lines = stdout
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as ServerMessage);
       assert.equal(lines.length, 1);
       assert.ok(lines[0].type === 'error');
       assert.equal(lines[0].code, 'E_CONTROL_FORBIDDEN');
       assert.match(lines[0].message, /uid 65534 is not allowed/);
-      assert.ok(logs.lines.some((l) => l.level === 40 && l.code === 'E_CONTROL_FORBIDDEN'), 'the refusal is logged at warn');
+      assert.ok(
+        logs.lines.some((l) => l.level === 40 && l.code === 'E_CONTROL_FORBIDDEN'),
+        'the refusal is logged at warn',
+      );
     } finally {
       fs.chmodSync(socketPath, 0o600);
     }

@@ -18,7 +18,8 @@ import { ROOT } from '../helpers/aeterna';
 
 const K8S = path.join(ROOT, 'deploy', 'kubernetes');
 const FLEET_RELOAD = path.join(K8S, 'fleet-reload.sh');
-const PACKAGE_VERSION = (JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
+const PACKAGE_VERSION = (JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string })
+  .version;
 const ENTRYPOINT = ['node', '/opt/aeterna/bin/aeterna.js', 'start', '-c', '/etc/aeterna/aeterna.yaml'];
 /** terminationGracePeriodSeconds must exceed preStop + stop_timeout by at least this much. */
 const GRACE_MARGIN_S = 5;
@@ -80,7 +81,9 @@ function readDockerfile(text: string): { args: Map<string, string>; stages: Stag
 const dockerfileText = fs.readFileSync(path.join(ROOT, 'Dockerfile'), 'utf8');
 const dockerfile = readDockerfile(dockerfileText);
 const runtime = dockerfile.stages[dockerfile.stages.length - 1];
-const imageConfigCopy = runtime.instructions.find((i) => i.keyword === 'COPY' && i.heredoc !== undefined && i.args.endsWith(ENTRYPOINT[4]));
+const imageConfigCopy = runtime.instructions.find(
+  (i) => i.keyword === 'COPY' && i.heredoc !== undefined && i.args.endsWith(ENTRYPOINT[4]),
+);
 
 function find(stage: Stage, keyword: string): Instruction[] {
   return stage.instructions.filter((i) => i.keyword === keyword);
@@ -101,7 +104,9 @@ function imageConfig(): Config {
 
 describe('Dockerfile', () => {
   test('passes the Dockerfile linter (dockerfile-utils) without a single diagnostic', () => {
-    const diagnostics = lintDockerfile(dockerfileText).map((d) => `Dockerfile:${d.range.start.line + 1}: ${d.message}`);
+    const diagnostics = lintDockerfile(dockerfileText).map(
+      (d) => `Dockerfile:${d.range.start.line + 1}: ${typeof d.message === 'string' ? d.message : d.message.value}`,
+    );
     assert.deepEqual(diagnostics, []);
   });
 
@@ -124,13 +129,19 @@ describe('Dockerfile', () => {
     assert.equal(runtime.name, null);
     // The runtime stage takes the built tree from the build stage and installs no toolchain.
     assert.deepEqual(
-      find(runtime, 'COPY').filter((c) => c.args.startsWith('--from=')).map((c) => c.args),
+      find(runtime, 'COPY')
+        .filter((c) => c.args.startsWith('--from='))
+        .map((c) => c.args),
       ['--from=build /opt/aeterna /opt/aeterna'],
     );
-    const runtimeRuns = find(runtime, 'RUN').map((r) => r.args).join('\n');
+    const runtimeRuns = find(runtime, 'RUN')
+      .map((r) => r.args)
+      .join('\n');
     assert.doesNotMatch(runtimeRuns, /apt-get|python3|g\+\+|node-gyp/);
     // The build stage builds the prebuilt addon with the same script as `make prebuild`, and prunes devDependencies.
-    const buildRuns = find(build, 'RUN').map((r) => r.args).join('\n');
+    const buildRuns = find(build, 'RUN')
+      .map((r) => r.args)
+      .join('\n');
     assert.match(buildRuns, /npm ci /);
     assert.match(buildRuns, /npm run build:prebuilds/);
     assert.match(buildRuns, /npm prune --omit=dev/);
@@ -151,7 +162,10 @@ describe('Dockerfile', () => {
     assert.deepEqual(JSON.parse(entrypoints[0].args), ENTRYPOINT);
     assert.equal(find(runtime, 'CMD').length, 0);
     assert.equal(find(runtime, 'USER').length, 0, 'Aeterna runs as root; the app switches to service.user');
-    assert.deepEqual(find(runtime, 'STOPSIGNAL').map((s) => s.args), ['SIGTERM']);
+    assert.deepEqual(
+      find(runtime, 'STOPSIGNAL').map((s) => s.args),
+      ['SIGTERM'],
+    );
   });
 
   test("the image's aeterna.yaml is valid, and the image provides what it names", () => {
@@ -161,20 +175,31 @@ describe('Dockerfile', () => {
     assert.equal(config.service.user, 'node');
     assert.equal(config.control.socketPath, '/run/aeterna/aeterna.sock');
     assert.equal(config.orchestration.stateHandoff.socketPath, '/run/aeterna/state.sock');
-    const runs = find(runtime, 'RUN').map((r) => r.args).join('\n');
+    const runs = find(runtime, 'RUN')
+      .map((r) => r.args)
+      .join('\n');
     assert.match(runs, /mkdir -p \/run\/aeterna /, 'the control socket directory exists');
-    assert.match(runs, /ln -s \/opt\/aeterna\/bin\/aeterna\.js \/usr\/local\/bin\/aeterna/, '`docker exec <c> aeterna reload` finds aeterna');
+    assert.match(
+      runs,
+      /ln -s \/opt\/aeterna\/bin\/aeterna\.js \/usr\/local\/bin\/aeterna/,
+      '`docker exec <c> aeterna reload` finds aeterna',
+    );
     assert.match(runs, /aeterna validate/, 'the build checks the config with the real loader too');
     // The app is the demo (the one `make demo` runs), copied where the config's cwd says.
     const [build] = dockerfile.stages;
-    assert.deepEqual(find(build, 'WORKDIR').map((w) => w.args), ['/opt/aeterna']);
+    assert.deepEqual(
+      find(build, 'WORKDIR').map((w) => w.args),
+      ['/opt/aeterna'],
+    );
     assert.ok(find(build, 'COPY').some((c) => c.args === 'examples/llm-agent/ examples/llm-agent/'));
     assert.equal(config.service.cwd, '/opt/aeterna/examples/llm-agent');
     assert.deepEqual(config.service.command, ['node', 'agent.js']);
     assert.ok(fs.existsSync(path.join(ROOT, 'examples', 'llm-agent', 'agent.js')));
     // EXPOSE names exactly the listener and metrics ports.
     const { listeners, metrics } = portsOf(config);
-    const exposed = find(runtime, 'EXPOSE').flatMap((e) => e.args.split(/\s+/)).map(Number);
+    const exposed = find(runtime, 'EXPOSE')
+      .flatMap((e) => e.args.split(/\s+/))
+      .map(Number);
     assert.deepEqual([...exposed].sort(), [...listeners, metrics].sort());
     // `docker stop` waits 10s by default: the app's stop_timeout must end before Docker's SIGKILL.
     assert.ok(config.service.stopTimeoutMs < 10_000, `stop_timeout ${config.service.stopTimeoutMs}ms`);
@@ -187,7 +212,9 @@ describe('Dockerfile', () => {
       .map((l) => l.trim())
       .filter((l) => l !== '' && !l.startsWith('#'));
     const isIgnored = (p: string): boolean =>
-      ignored.some((pattern) => (pattern.startsWith('*.') ? p.endsWith(pattern.slice(1)) : p === pattern || p.startsWith(pattern + '/')));
+      ignored.some((pattern) =>
+        pattern.startsWith('*.') ? p.endsWith(pattern.slice(1)) : p === pattern || p.startsWith(pattern + '/'),
+      );
     let checked = 0;
     for (const copy of find(dockerfile.stages[0], 'COPY')) {
       const parts = copy.args.split(/\s+/);
@@ -199,7 +226,8 @@ describe('Dockerfile', () => {
       }
     }
     assert.ok(checked >= 8, `${checked} sources checked`);
-    for (const p of ['node_modules', 'build', 'dist', 'prebuilds', '.git']) assert.ok(isIgnored(p), `${p} is in .dockerignore`);
+    for (const p of ['node_modules', 'build', 'dist', 'prebuilds', '.git'])
+      assert.ok(isIgnored(p), `${p} is in .dockerignore`);
   });
 });
 
@@ -208,16 +236,27 @@ describe('Dockerfile', () => {
 interface Manifest {
   file: string;
   index: number;
-  doc: Record<string, unknown> & { apiVersion: string; kind: string; metadata: { name: string; labels?: Record<string, string> } };
+  doc: Record<string, unknown> & {
+    apiVersion: string;
+    kind: string;
+    metadata: { name: string; labels?: Record<string, string> };
+  };
 }
 
 function loadManifests(dir = K8S): Manifest[] {
   const out: Manifest[] = [];
-  for (const name of fs.readdirSync(dir).filter((f) => /\.ya?ml$/.test(f)).sort()) {
+  for (const name of fs
+    .readdirSync(dir)
+    .filter((f) => /\.ya?ml$/.test(f))
+    .sort()) {
     const docs = parseAllDocuments(fs.readFileSync(path.join(dir, name), 'utf8'));
     assert.ok(Array.isArray(docs), `${name}: not YAML`);
     docs.forEach((d, index) => {
-      assert.deepEqual(d.errors.map((e) => e.message), [], `${name}: YAML errors`);
+      assert.deepEqual(
+        d.errors.map((e) => e.message),
+        [],
+        `${name}: YAML errors`,
+      );
       const doc = d.toJS() as Manifest['doc'] | null;
       if (doc !== null) out.push({ file: name, index, doc });
     });
@@ -258,7 +297,9 @@ function strictErrors(manifests: Array<{ file: string; doc: { apiVersion: string
   /** The first source line (0-based) of each manifest's literal. */
   const owners: Array<{ from: number; file: string }> = [];
   manifests.forEach((m, i) => {
-    lines.push(`import type { I${m.doc.kind} as T${i} } from ${JSON.stringify(modelModule(m.doc.apiVersion, m.doc.kind))};`);
+    lines.push(
+      `import type { I${m.doc.kind} as T${i} } from ${JSON.stringify(modelModule(m.doc.apiVersion, m.doc.kind))};`,
+    );
   });
   manifests.forEach((m, i) => {
     owners.push({ from: lines.length, file: `${m.file} (${m.doc.kind})` });
@@ -275,9 +316,12 @@ function strictErrors(manifests: Array<{ file: string; doc: { apiVersion: string
     moduleResolution: ts.ModuleResolutionKind.Node10,
   };
   const host = ts.createCompilerHost(options);
+  // eslint-disable-next-line @typescript-eslint/unbound-method -- each is called below with .call(host)
   const { getSourceFile, fileExists, readFile } = host;
   host.getSourceFile = (name, version, ...rest) =>
-    name === fileName ? ts.createSourceFile(name, source, version, true) : getSourceFile.call(host, name, version, ...rest);
+    name === fileName
+      ? ts.createSourceFile(name, source, version, true)
+      : getSourceFile.call(host, name, version, ...rest);
   host.fileExists = (name) => name === fileName || fileExists.call(host, name);
   host.readFile = (name) => (name === fileName ? source : readFile.call(host, name));
   const program = ts.createProgram([fileName], options, host);
@@ -313,23 +357,33 @@ interface PodSpec {
   containers: Container[];
   volumes: Array<{ name: string; configMap?: { name: string }; emptyDir?: object }>;
 }
-type DeploymentDoc = { spec: { replicas: number; selector: { matchLabels: Record<string, string> }; template: { metadata: { labels: Record<string, string> }; spec: PodSpec } } };
+type DeploymentDoc = {
+  spec: {
+    replicas: number;
+    selector: { matchLabels: Record<string, string> };
+    template: { metadata: { labels: Record<string, string> }; spec: PodSpec };
+  };
+};
 type ConfigMapDoc = { data: Record<string, string> };
-type ServiceDoc = { spec: { selector: Record<string, string>; ports: Array<{ name: string; port: number; targetPort: string | number }> } };
+type ServiceDoc = {
+  spec: { selector: Record<string, string>; ports: Array<{ name: string; port: number; targetPort: string | number }> };
+};
 
 describe('Kubernetes manifests', () => {
   const manifests = loadManifests();
 
   test('the directory holds a ConfigMap, a Deployment and a Service', () => {
-    assert.deepEqual(manifests.map((m) => `${m.file}: ${m.doc.apiVersion} ${m.doc.kind}`), [
-      'configmap.yaml: v1 ConfigMap',
-      'deployment.yaml: apps/v1 Deployment',
-      'service.yaml: v1 Service',
-    ]);
+    assert.deepEqual(
+      manifests.map((m) => `${m.file}: ${m.doc.apiVersion} ${m.doc.kind}`),
+      ['configmap.yaml: v1 ConfigMap', 'deployment.yaml: apps/v1 Deployment', 'service.yaml: v1 Service'],
+    );
   });
 
   test('every manifest is valid against the Kubernetes OpenAPI schema', () => {
-    assert.deepEqual(manifests.flatMap((m) => schemaErrors(m).map((e) => `${m.file}: ${e}`)), []);
+    assert.deepEqual(
+      manifests.flatMap((m) => schemaErrors(m).map((e) => `${m.file}: ${e}`)),
+      [],
+    );
   });
 
   test('every manifest type-checks strictly against the Kubernetes types (unknown fields are errors)', () => {
@@ -337,7 +391,9 @@ describe('Kubernetes manifests', () => {
   });
 
   test('the validators reject a broken manifest (they are not vacuous)', () => {
-    const deployment = structuredClone(manifests.find((m) => m.doc.kind === 'Deployment')!.doc) as unknown as DeploymentDoc & Manifest['doc'];
+    const deployment = structuredClone(
+      manifests.find((m) => m.doc.kind === 'Deployment')!.doc,
+    ) as unknown as DeploymentDoc & Manifest['doc'];
     const container = deployment.spec.template.spec.containers[0] as unknown as Record<string, unknown>;
     container.readinesProbe = container.readinessProbe; // a typo: unknown field
     (deployment.spec as unknown as Record<string, unknown>).replicas = 'two'; // wrong type
@@ -346,7 +402,9 @@ describe('Kubernetes manifests', () => {
     const strict = strictErrors([broken]).join('\n');
     assert.match(strict, /readinesProbe"?' does not exist in type 'IContainer'/);
     assert.match(strict, /Type 'string' is not assignable to type 'number'/);
-    assert.deepEqual(schemaErrors({ doc: { apiVersion: 'v1', kind: 'NoSuchKind' } }), ['no Kubernetes schema for apiVersion v1, kind NoSuchKind']);
+    assert.deepEqual(schemaErrors({ doc: { apiVersion: 'v1', kind: 'NoSuchKind' } }), [
+      'no Kubernetes schema for apiVersion v1, kind NoSuchKind',
+    ]);
   });
 
   test("the ConfigMap's aeterna.yaml passes the real config loader and matches the image's", () => {
@@ -376,7 +434,8 @@ describe('Kubernetes manifests', () => {
     const pod = deployment.spec.template.spec;
     assert.equal(deployment.spec.replicas, 2);
     assert.deepEqual(deployment.spec.selector.matchLabels, { 'app.kubernetes.io/name': 'aeterna-demo' });
-    for (const [k, v] of Object.entries(deployment.spec.selector.matchLabels)) assert.equal(deployment.spec.template.metadata.labels[k], v);
+    for (const [k, v] of Object.entries(deployment.spec.selector.matchLabels))
+      assert.equal(deployment.spec.template.metadata.labels[k], v);
     assert.notEqual(pod.shareProcessNamespace, true, 'Aeterna must be PID 1 of its container');
     assert.equal(pod.containers.length, 1);
     const [c] = pod.containers;
@@ -402,7 +461,8 @@ describe('Kubernetes manifests', () => {
     // Ports: one per tcp listener, and the metrics port; the probes ask Aeterna on the metrics port.
     const { listeners, metrics } = portsOf(config);
     assert.deepEqual(c.ports.map((p) => p.containerPort).sort(), [...listeners, metrics].sort());
-    const portNumber = (port: string | number): number => (typeof port === 'number' ? port : c.ports.find((p) => p.name === port)!.containerPort);
+    const portNumber = (port: string | number): number =>
+      typeof port === 'number' ? port : c.ports.find((p) => p.name === port)!.containerPort;
     assert.equal(c.readinessProbe.httpGet.path, '/readyz');
     assert.equal(portNumber(c.readinessProbe.httpGet.port), metrics);
     assert.equal(c.livenessProbe.httpGet.path, '/healthz');
@@ -412,7 +472,10 @@ describe('Kubernetes manifests', () => {
     const preStop = c.lifecycle?.preStop?.exec?.command ?? [];
     const preStopS = preStop[0] === 'sleep' ? Number(preStop[1]) : 0;
     const needed = preStopS + config.service.stopTimeoutMs / 1000 + GRACE_MARGIN_S;
-    assert.ok(pod.terminationGracePeriodSeconds >= needed, `terminationGracePeriodSeconds ${pod.terminationGracePeriodSeconds} < ${needed}`);
+    assert.ok(
+      pod.terminationGracePeriodSeconds >= needed,
+      `terminationGracePeriodSeconds ${pod.terminationGracePeriodSeconds} < ${needed}`,
+    );
   });
 
   test('the Service selects the pods and targets their named ports', () => {
@@ -429,8 +492,14 @@ describe('Kubernetes example: code synced by a sidecar, reloaded by orchestratio
   const manifests = loadManifests(path.join(K8S, 'code-sync'));
 
   test('its manifests are valid against the Kubernetes OpenAPI schema and types', () => {
-    assert.deepEqual(manifests.map((m) => `${m.file}: ${m.doc.kind}`), ['deployment.yaml: ConfigMap', 'deployment.yaml: Deployment']);
-    assert.deepEqual(manifests.flatMap((m) => schemaErrors(m).map((e) => `${m.file}: ${e}`)), []);
+    assert.deepEqual(
+      manifests.map((m) => `${m.file}: ${m.doc.kind}`),
+      ['deployment.yaml: ConfigMap', 'deployment.yaml: Deployment'],
+    );
+    assert.deepEqual(
+      manifests.flatMap((m) => schemaErrors(m).map((e) => `${m.file}: ${e}`)),
+      [],
+    );
     assert.deepEqual(strictErrors(manifests), []);
   });
 
@@ -441,7 +510,10 @@ describe('Kubernetes example: code synced by a sidecar, reloaded by orchestratio
     const mounts = deployment.spec.template.spec.containers[0].volumeMounts.map((m) => m.mountPath);
     assert.ok(config.orchestration.watch, 'orchestration.watch is set');
     for (const watched of config.orchestration.watch.paths) {
-      assert.ok(mounts.some((m) => watched.startsWith(`${m}/`)), `${watched} is on a volume of the aeterna container`);
+      assert.ok(
+        mounts.some((m) => watched.startsWith(`${m}/`)),
+        `${watched} is on a volume of the aeterna container`,
+      );
     }
   });
 });
@@ -496,7 +568,13 @@ function fleetReload(args: string[], env: Record<string, string>): FleetRun {
   });
   const calls = fs.existsSync(fake.log) ? fs.readFileSync(fake.log, 'utf8').split('\n').filter(Boolean) : [];
   fs.rmSync(path.dirname(fake.bin), { recursive: true, force: true });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr, calls, execs: calls.filter((c) => / exec /.test(` ${c} `)) };
+  return {
+    code: r.status,
+    stdout: r.stdout,
+    stderr: r.stderr,
+    calls,
+    execs: calls.filter((c) => / exec /.test(` ${c} `)),
+  };
 }
 
 const THREE_PODS = 'web-c\nweb-a\nweb-b\n';
@@ -506,8 +584,14 @@ describe('fleet-reload.sh (against a fake kubectl)', () => {
     const r = fleetReload([], { FAKE_PODS: THREE_PODS });
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.calls.length, 4);
-    assert.equal(r.calls[0], "get pods -l app.kubernetes.io/name=aeterna-demo --field-selector=status.phase=Running -o jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}");
-    assert.deepEqual(r.execs, ['web-a', 'web-b', 'web-c'].map((p) => `exec ${p} -c aeterna -- aeterna reload`));
+    assert.equal(
+      r.calls[0],
+      'get pods -l app.kubernetes.io/name=aeterna-demo --field-selector=status.phase=Running -o jsonpath={range .items[*]}{.metadata.name}{"\\n"}{end}',
+    );
+    assert.deepEqual(
+      r.execs,
+      ['web-a', 'web-b', 'web-c'].map((p) => `exec ${p} -c aeterna -- aeterna reload`),
+    );
     assert.match(r.stdout, /\[1\/3\] web-a: aeterna reload/);
     assert.match(r.stdout, /all 3 pod\(s\) promoted/);
   });
@@ -521,7 +605,10 @@ describe('fleet-reload.sh (against a fake kubectl)', () => {
     test(`stops at the first pod whose reload exits ${code}, leaves the rest untouched, and exits ${code}`, () => {
       const r = fleetReload([], { FAKE_PODS: THREE_PODS, FAKE_EXIT_web_b: String(code) });
       assert.equal(r.code, code);
-      assert.deepEqual(r.execs.map((c) => c.split(' ')[1]), ['web-a', 'web-b']);
+      assert.deepEqual(
+        r.execs.map((c) => c.split(' ')[1]),
+        ['web-a', 'web-b'],
+      );
       assert.match(r.stderr, new RegExp(`STOPPED at web-b \\[2/3\\], exit code ${code}`));
       assert.match(r.stderr, why);
       assert.match(r.stderr, /1 pod\(s\) reloaded before it; 1 pod\(s\) not touched/);

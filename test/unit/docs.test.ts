@@ -35,7 +35,12 @@ function schemaKeys(spec: Spec, prefix = ''): Key[] {
   if (spec.kind !== 'object') return [];
   return Object.entries(spec.fields).flatMap(([name, field]) => {
     const keyPath = prefix === '' ? name : `${prefix}.${name}`;
-    const key: Key = { path: keyPath, presence: field.presence, kind: field.spec.kind, ...(field.presence === 'default' ? { value: field.value } : {}) };
+    const key: Key = {
+      path: keyPath,
+      presence: field.presence,
+      kind: field.spec.kind,
+      ...(field.presence === 'default' ? { value: field.value } : {}),
+    };
     return [key, ...schemaKeys(field.spec, keyPath)];
   });
 }
@@ -45,7 +50,11 @@ function keyRows(markdown: string): Map<string, string[]> {
   const rows = new Map<string, string[]>();
   for (const line of markdown.split('\n')) {
     const m = /^\|\s*`([^`]+)`\s*\|(.*)\|\s*$/.exec(line);
-    if (m) rows.set(m[1], m[2].split(/(?<!\\)\|/).map((c) => c.trim()));
+    if (m)
+      rows.set(
+        m[1],
+        m[2].split(/(?<!\\)\|/).map((c) => c.trim()),
+      );
   }
   return rows;
 }
@@ -61,7 +70,10 @@ describe('docs/configuration.md', () => {
   });
 
   test('every config key has a row', () => {
-    assert.deepEqual(keys.filter((k) => !rows.has(k.path)).map((k) => k.path), []);
+    assert.deepEqual(
+      keys.filter((k) => !rows.has(k.path)).map((k) => k.path),
+      [],
+    );
   });
 
   test("every row's default is the schema's", () => {
@@ -85,7 +97,10 @@ describe('docs/configuration.md', () => {
 
   test('no row documents a key the schema does not have', () => {
     const known = new Set(keys.map((k) => k.path));
-    assert.deepEqual([...rows.keys()].filter((k) => !known.has(k)), []);
+    assert.deepEqual(
+      [...rows.keys()].filter((k) => !known.has(k)),
+      [],
+    );
   });
 });
 
@@ -96,7 +111,10 @@ describe('the CLI in the README and docs/operations.md', () => {
   test('every command is documented as `aeterna <command>`', () => {
     const names = program.commands.map((c) => c.name());
     assert.ok(names.length >= 7, names.join(' '));
-    assert.deepEqual(names.filter((n) => !docs.includes(`aeterna ${n}`)), []);
+    assert.deepEqual(
+      names.filter((n) => !docs.includes(`aeterna ${n}`)),
+      [],
+    );
   });
 
   test('every option is documented with its flags as declared', () => {
@@ -111,13 +129,23 @@ describe('the CLI in the README and docs/operations.md', () => {
 
   test("every client exit code is in operations.md's table", () => {
     const rows = keyRows(OPERATIONS);
-    assert.deepEqual(Object.entries(CliExit).filter(([, code]) => !rows.has(String(code))).map(([name]) => name), []);
+    assert.deepEqual(
+      Object.entries(CliExit)
+        .filter(([, code]) => !rows.has(String(code)))
+        .map(([name]) => name),
+      [],
+    );
   });
 
   test("every exit code of aeterna start is in operations.md's table", () => {
     const rows = keyRows(OPERATIONS);
-    const missing = Object.entries(ExitCodes).filter(([name, code]) => !rows.has(String(code)) && !(name === 'FAILURE' && rows.has('1')));
-    assert.deepEqual(missing.map(([name]) => name), []);
+    const missing = Object.entries(ExitCodes).filter(
+      ([name, code]) => !rows.has(String(code)) && !(name === 'FAILURE' && rows.has('1')),
+    );
+    assert.deepEqual(
+      missing.map(([name]) => name),
+      [],
+    );
     for (const code of ['126', '127']) assert.match(OPERATIONS, new RegExp(`\`${code}\``));
   });
 });
@@ -125,12 +153,18 @@ describe('the CLI in the README and docs/operations.md', () => {
 describe('error codes and metrics in docs/operations.md', () => {
   test('every error code has a row', () => {
     const rows = keyRows(OPERATIONS);
-    assert.deepEqual(Object.keys(ErrorCodes).filter((code) => !rows.has(code)), []);
+    assert.deepEqual(
+      Object.keys(ErrorCodes).filter((code) => !rows.has(code)),
+      [],
+    );
   });
 
   test('no unknown error code is mentioned', () => {
     const mentioned = new Set(OPERATIONS.match(/\bE_[A-Z_]+\b/g) ?? []);
-    assert.deepEqual([...mentioned].filter((code) => !(code in ErrorCodes)), []);
+    assert.deepEqual(
+      [...mentioned].filter((code) => !(code in ErrorCodes)),
+      [],
+    );
   });
 
   test('every reload outcome is explained', () => {
@@ -141,53 +175,93 @@ describe('error codes and metrics in docs/operations.md', () => {
     const exported = new Metrics(true, STATES, 'Stopped').export();
     assert.ok(exported, 'metrics are exported when the endpoint is on');
     const names = Object.values(exported)
-      .filter((v): v is { name: string } => v instanceof Counter || v instanceof Gauge || v instanceof Histogram || v instanceof Summary)
+      .filter(
+        (v): v is { name: string } =>
+          v instanceof Counter || v instanceof Gauge || v instanceof Histogram || v instanceof Summary,
+      )
       .map((m) => m.name);
     assert.ok(names.length >= 8, names.join(' '));
     const rows = keyRows(OPERATIONS);
-    assert.deepEqual(names.filter((n) => !rows.has(n)), []);
+    assert.deepEqual(
+      names.filter((n) => !rows.has(n)),
+      [],
+    );
   });
 
   test('no unknown metric is mentioned', async () => {
     const exported = new Metrics(true, STATES, 'Stopped').export();
     assert.ok(exported);
     const registered = new Set((await exported.registry.getMetricsAsJSON()).map((m) => m.name));
-    const mentioned = [...OPERATIONS.matchAll(/\b(aeterna_[a-z0-9_]+)(\*)?/g)].filter((m) => m[2] === undefined).map((m) => m[1]);
+    const mentioned = [...OPERATIONS.matchAll(/\b(aeterna_[a-z0-9_]+)(\*)?/g)]
+      .filter((m) => m[2] === undefined)
+      .map((m) => m[1]);
     const base = (name: string): string => name.replace(/_(bucket|sum|count)$/, '');
-    assert.deepEqual(mentioned.filter((n) => !registered.has(n) && !registered.has(base(n))), []);
+    assert.deepEqual(
+      mentioned.filter((n) => !registered.has(n) && !registered.has(base(n))),
+      [],
+    );
   });
 });
 
 describe('the tests the docs name, and the test command', () => {
   const TIERS = ['unit', 'daemon', 'sdk', 'endurance'];
   const testFiles = (dir: string): string[] =>
-    fs.readdirSync(path.join(ROOT, dir), { withFileTypes: true }).flatMap((e) =>
-      e.isDirectory() ? testFiles(`${dir}/${e.name}`) : e.name.endsWith('.test.ts') ? [`${dir}/${e.name}`] : [],
-    );
+    fs
+      .readdirSync(path.join(ROOT, dir), { withFileTypes: true })
+      .flatMap((e) =>
+        e.isDirectory() ? testFiles(`${dir}/${e.name}`) : e.name.endsWith('.test.ts') ? [`${dir}/${e.name}`] : [],
+      );
   const markdown = (dir: string): string[] =>
-    fs.existsSync(path.join(ROOT, dir)) ? fs.readdirSync(path.join(ROOT, dir)).filter((f) => f.endsWith('.md')).map((f) => `${dir}/${f}`) : [];
+    fs.existsSync(path.join(ROOT, dir))
+      ? fs
+          .readdirSync(path.join(ROOT, dir))
+          .filter((f) => f.endsWith('.md'))
+          .map((f) => `${dir}/${f}`)
+      : [];
 
   test('every test file the docs name exists', () => {
-    const docs = ['README.md', 'bench/README.md', 'test/conformance/README.md', ...markdown('docs'), ...['go', 'python', 'java'].flatMap((c) => markdown(`clients/${c}`)), ...fs.readdirSync(path.join(ROOT, 'examples')).flatMap((e) => markdown(`examples/${e}`))];
-    const named = new Set(docs.flatMap((doc) => [...read(doc).matchAll(/\btest\/[A-Za-z0-9_./-]+\.test\.ts\b/g)].map((m) => m[0])));
+    const docs = [
+      'README.md',
+      'bench/README.md',
+      'test/conformance/README.md',
+      ...markdown('docs'),
+      ...['go', 'python', 'java'].flatMap((c) => markdown(`clients/${c}`)),
+      ...fs.readdirSync(path.join(ROOT, 'examples')).flatMap((e) => markdown(`examples/${e}`)),
+    ];
+    const named = new Set(
+      docs.flatMap((doc) => [...read(doc).matchAll(/\btest\/[A-Za-z0-9_./-]+\.test\.ts\b/g)].map((m) => m[0])),
+    );
     assert.ok(named.size >= 30, `${named.size} test files named`);
-    assert.deepEqual([...named].filter((p) => !fs.existsSync(path.join(ROOT, p))), []);
+    assert.deepEqual(
+      [...named].filter((p) => !fs.existsSync(path.join(ROOT, p))),
+      [],
+    );
   });
 
   test('every test file sits in a tier the Makefile runs', () => {
     const files = testFiles('test');
     assert.ok(files.length >= 40, `${files.length} test files`);
-    assert.deepEqual(files.filter((f) => !TIERS.includes(f.split('/')[1])), []);
+    assert.deepEqual(
+      files.filter((f) => !TIERS.includes(f.split('/')[1])),
+      [],
+    );
     const makefile = read('Makefile');
-    for (const tier of TIERS) assert.match(makefile, new RegExp(`\\$\\(call tests_in,test/${tier}\\)`), `the Makefile lists test/${tier}`);
+    for (const tier of TIERS)
+      assert.match(makefile, new RegExp(`\\$\\(call tests_in,test/${tier}\\)`), `the Makefile lists test/${tier}`);
   });
 
   test("CI runs the README's test command", () => {
     const block = /## Two commands\n[\s\S]*?```sh\n([\s\S]*?)```/.exec(README);
     assert.ok(block, 'README has the two commands');
-    const command = block[1].split('\n').map((l) => l.replace(/#.*/, '').trim()).find((l) => l.startsWith('make test'));
+    const command = block[1]
+      .split('\n')
+      .map((l) => l.replace(/#.*/, '').trim())
+      .find((l) => l.startsWith('make test'));
     assert.ok(command, "README's test command");
-    const ci = read('.ci/run').split('\n').map((l) => l.trim()).filter((l) => l.startsWith('make '));
+    const ci = read('.ci/run')
+      .split('\n')
+      .map((l) => l.trim())
+      .filter((l) => l.startsWith('make '));
     assert.deepEqual(ci, [command]);
   });
 });
@@ -199,14 +273,25 @@ describe('docs/architecture.md', () => {
   });
 
   test('every module it names exists', () => {
-    const named = new Set([...ARCHITECTURE.matchAll(/\b((?:src|native|bin)\/[A-Za-z0-9_./-]+\.(?:ts|cc|js))\b/g)].map((m) => m[1]));
+    const named = new Set(
+      [...ARCHITECTURE.matchAll(/\b((?:src|native|bin)\/[A-Za-z0-9_./-]+\.(?:ts|cc|js))\b/g)].map((m) => m[1]),
+    );
     assert.ok(named.size >= 25, `${named.size} paths`);
-    assert.deepEqual([...named].filter((p) => !fs.existsSync(path.join(ROOT, p))), []);
+    assert.deepEqual(
+      [...named].filter((p) => !fs.existsSync(path.join(ROOT, p))),
+      [],
+    );
   });
 
   test('names every source directory under src/', () => {
-    const dirs = fs.readdirSync(path.join(ROOT, 'src'), { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => `src/${e.name}/`);
-    assert.deepEqual(dirs.filter((d) => !ARCHITECTURE.includes(d)), []);
+    const dirs = fs
+      .readdirSync(path.join(ROOT, 'src'), { withFileTypes: true })
+      .filter((e) => e.isDirectory())
+      .map((e) => `src/${e.name}/`);
+    assert.deepEqual(
+      dirs.filter((d) => !ARCHITECTURE.includes(d)),
+      [],
+    );
   });
 });
 
@@ -226,7 +311,10 @@ describe('links', () => {
         }
         if (anchor && resolved.endsWith('.md')) {
           const slugs = [...fs.readFileSync(resolved, 'utf8').matchAll(/^#+ (.+)$/gm)].map((h) =>
-            h[1].toLowerCase().replace(/[^a-z0-9 _-]/g, '').replace(/ /g, '-'),
+            h[1]
+              .toLowerCase()
+              .replace(/[^a-z0-9 _-]/g, '')
+              .replace(/ /g, '-'),
           );
           if (!slugs.includes(anchor)) broken.push(target);
         }

@@ -4,7 +4,15 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { EVENTS, IllegalTransitionError, STATES, StateMachine, TRANSITIONS, mermaidDiagram, type State } from '../../src/orchestrator/fsm';
+import {
+  EVENTS,
+  IllegalTransitionError,
+  STATES,
+  StateMachine,
+  TRANSITIONS,
+  mermaidDiagram,
+  type State,
+} from '../../src/orchestrator/fsm';
 import { ROOT } from '../helpers/aeterna';
 
 /** A machine driven into `state` along legal transitions (breadth-first from Stopped). */
@@ -31,8 +39,22 @@ function machineIn(state: State): StateMachine {
 
 describe('orchestrator FSM', () => {
   it('has the states and events the design names', () => {
-    for (const s of ['Starting', 'Running', 'Handover', 'Soaking', 'Draining', 'RollingBack', 'Stopping', 'Stopped']) assert.ok(STATES.includes(s as State), s);
-    for (const e of ['start', 'reload', 'ready', 'ready-timeout', 'state-relayed', 'relay-failed', 'exited', 'soak-elapsed', 'promote', 'rollback', 'stop', 'drain-done']) {
+    for (const s of ['Starting', 'Running', 'Handover', 'Soaking', 'Draining', 'RollingBack', 'Stopping', 'Stopped'])
+      assert.ok(STATES.includes(s as State), s);
+    for (const e of [
+      'start',
+      'reload',
+      'ready',
+      'ready-timeout',
+      'state-relayed',
+      'relay-failed',
+      'exited',
+      'soak-elapsed',
+      'promote',
+      'rollback',
+      'stop',
+      'drain-done',
+    ]) {
       assert.ok((EVENTS as readonly string[]).includes(e), e);
     }
   });
@@ -71,7 +93,14 @@ describe('orchestrator FSM', () => {
           let notified = 0;
           m.onTransition(() => notified++);
           assert.equal(m.can(event), false);
-          assert.throws(() => m.fire(event), (err: unknown) => err instanceof IllegalTransitionError && err.code === 'E_ILLEGAL_TRANSITION' && err.state === from && err.event === event);
+          assert.throws(
+            () => m.fire(event),
+            (err: unknown) =>
+              err instanceof IllegalTransitionError &&
+              err.code === 'E_ILLEGAL_TRANSITION' &&
+              err.state === from &&
+              err.event === event,
+          );
           assert.equal(m.state, from, 'a refused event changes nothing');
           assert.equal(notified, 0, 'and notifies nobody');
         });
@@ -90,6 +119,9 @@ describe('orchestrator FSM', () => {
 
   it('docs/fsm.md carries the diagram generated from the table', () => {
     const doc = fs.readFileSync(path.join(ROOT, 'docs', 'fsm.md'), 'utf8');
-    assert.ok(doc.includes('```mermaid\n' + mermaidDiagram() + '\n```'), 'regenerate with: node dist/scripts/gen-fsm-doc.js');
+    assert.ok(
+      doc.includes('```mermaid\n' + mermaidDiagram() + '\n```'),
+      'regenerate with: node dist/scripts/gen-fsm-doc.js',
+    );
   });
 });

@@ -10,7 +10,8 @@ function collectingLogger(): { log: pino.Logger; lines: Array<Record<string, unk
   const lines: Array<Record<string, unknown>> = [];
   const sink = new Writable({
     write(chunk: Buffer, _encoding, done) {
-      for (const line of chunk.toString().split('\n')) if (line) lines.push(JSON.parse(line) as Record<string, unknown>);
+      for (const line of chunk.toString().split('\n'))
+        if (line) lines.push(JSON.parse(line) as Record<string, unknown>);
       done();
     },
   });
@@ -28,7 +29,10 @@ describe('LogThrottle', () => {
     throttle.flush();
     await tick();
     assert.equal(lines.length, 11);
-    assert.deepEqual(lines.slice(0, 10).map((l) => l['i']), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert.deepEqual(
+      lines.slice(0, 10).map((l) => l['i']),
+      [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+    );
     assert.equal(lines[10]['suppressed'], 9_990);
     assert.equal(lines[10]['throttle'], 'accept');
     assert.match(String(lines[10]['msg']), /^9990 more like this suppressed .*accept failed$/);
@@ -41,7 +45,10 @@ describe('LogThrottle', () => {
     throttle.info('b', {}, 'b');
     throttle.flush();
     await tick();
-    assert.deepEqual(lines.map((l) => l['msg']), ['a', 'a', 'b', '98 more like this suppressed (at most 2 a minute): a']);
+    assert.deepEqual(
+      lines.map((l) => l['msg']),
+      ['a', 'a', 'b', '98 more like this suppressed (at most 2 a minute): a'],
+    );
   });
 
   it('a new interval logs again, after the summary of the one before', async () => {
@@ -55,6 +62,9 @@ describe('LogThrottle', () => {
     throttle.warn('k', {}, 'y');
     throttle.flush();
     await tick();
-    assert.deepEqual(lines.map((l) => l['msg']), ['x', '2 more like this suppressed (at most 1 a 20 ms): x', 'y']);
+    assert.deepEqual(
+      lines.map((l) => l['msg']),
+      ['x', '2 more like this suppressed (at most 1 a 20 ms): x', 'y'],
+    );
   });
 });

@@ -92,7 +92,8 @@ function zombieChildren(): number[] {
 
 const openFdCount = (): number => fs.readdirSync('/proc/self/fd').length;
 /** The open flags of one of this process's fds, from /proc. */
-const fdFlags = (fd: number): number => parseInt(/^flags:\s+(\d+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8);
+const fdFlags = (fd: number): number =>
+  parseInt(/^flags:\s+(\d+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1], 8);
 const isCloexec = (fd: number): boolean => (fdFlags(fd) & O_CLOEXEC) !== 0;
 
 interface Report {
@@ -249,9 +250,9 @@ describe('spawn', () => {
     assert.deepEqual(report.fds, [0, 1, 2, 3, 4]);
     assert.equal(report.links['0'], '/dev/null');
     assert.equal(report.links['1'], out);
-    assert.match(report.links['3']!, /^socket:\[\d+\]$/);
+    assert.match(report.links['3'], /^socket:\[\d+\]$/);
     assert.equal(report.listening['3'], true);
-    assert.match(report.links['4']!, /^\/memfd:aeterna-test/);
+    assert.match(report.links['4'], /^\/memfd:aeterna-test/);
     assert.equal(report.listening['4'], false);
     assert.ok(!Object.values(report.links).includes(marker));
 
@@ -261,7 +262,12 @@ describe('spawn', () => {
   });
 
   test('pidEnv sets more variables to the child pid (WATCHDOG_PID), replacing a stale value', async () => {
-    const { pid, report } = await runReport('pid-env', { fds: [], listenPid: false, pidEnv: ['WATCHDOG_PID'], env: ['WATCHDOG_PID=1'] });
+    const { pid, report } = await runReport('pid-env', {
+      fds: [],
+      listenPid: false,
+      pidEnv: ['WATCHDOG_PID'],
+      env: ['WATCHDOG_PID=1'],
+    });
     assert.equal(report.watchdogPid, String(pid));
     assert.equal(report.env.LISTEN_PID, null);
   });
@@ -270,7 +276,11 @@ describe('spawn', () => {
     // Node ignores SIGPIPE; that must not reach the child. Read what sleep got, from outside.
     const pid = spawn(['sleep', '100']);
     const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const [pgrp, session] = stat.slice(stat.lastIndexOf(')') + 2).split(' ').slice(2, 4).map(Number);
+    const [pgrp, session] = stat
+      .slice(stat.lastIndexOf(')') + 2)
+      .split(' ')
+      .slice(2, 4)
+      .map(Number);
     assert.equal(session, pid);
     assert.equal(pgrp, pid);
     const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
@@ -294,14 +304,23 @@ describe('spawn', () => {
       fds: [4, 3],
       listenPid: true,
     };
-    const script = 'import os, sys; os.dup2(os.open(sys.argv[1], os.O_RDONLY), 100); os.execv(sys.argv[2], sys.argv[2:])';
-    const argv = ['python3', '-c', script, leak, process.execPath, fixture('spawn-from-node.js'), JSON.stringify(inner)];
+    const script =
+      'import os, sys; os.dup2(os.open(sys.argv[1], os.O_RDONLY), 100); os.execv(sys.argv[2], sys.argv[2:])';
+    const argv = [
+      'python3',
+      '-c',
+      script,
+      leak,
+      process.execPath,
+      fixture('spawn-from-node.js'),
+      JSON.stringify(inner),
+    ];
     const pid = spawn(argv, { fds: [listener, memfd] });
     assert.deepEqual(await waitExit(pid), { pid, code: 0, signal: null });
     const report = JSON.parse(fs.readFileSync(file, 'utf8')) as Report;
     assert.deepEqual(report.fds, [0, 1, 2, 3, 4]);
     assert.ok(!Object.values(report.links).includes(leak));
-    assert.match(report.links['3']!, /^\/memfd:swapped/);
+    assert.match(report.links['3'], /^\/memfd:swapped/);
     assert.equal(report.listening['4'], true);
     assert.equal(report.env.LISTEN_PID, String(report.pid));
     for (const fd of [listener, memfd]) native.close(fd);
@@ -375,7 +394,12 @@ describe('reaping and signals', () => {
     assert.equal(native.kill(pid, 0), undefined);
     assert.equal(native.kill(pid, signals.SIGTERM), undefined);
     assert.deepEqual(await waitExit(pid), { pid, code: null, signal: signals.SIGTERM });
-    assert.throws(() => native.kill(pid, 0), { code: 'ESRCH', errno: E.ESRCH, syscall: 'kill', message: `pid ${pid} (signal 0): kill: No such process (ESRCH)` });
+    assert.throws(() => native.kill(pid, 0), {
+      code: 'ESRCH',
+      errno: E.ESRCH,
+      syscall: 'kill',
+      message: `pid ${pid} (signal 0): kill: No such process (ESRCH)`,
+    });
     assert.equal(signalIfAlive(pid, 0), false, 'the supervisor takes a process that is gone in its stride');
     assert.throws(() => native.kill(Number.NaN, 0), RangeError);
     assert.throws(() => native.kill(pid, 65), RangeError);
@@ -384,7 +408,8 @@ describe('reaping and signals', () => {
 
   test('the functions only tests use are grouped apart: native.test', () => {
     assert.deepEqual(Object.keys(native.test).sort(), ['recvmsg', 'socketpair']);
-    for (const name of Object.keys(native.test)) assert.equal(name in native, false, `${name} is not a function of Aeterna's`);
+    for (const name of Object.keys(native.test))
+      assert.equal(name in native, false, `${name} is not a function of Aeterna's`);
   });
 
   test('kill(-pid) signals the whole process group', async () => {
@@ -398,7 +423,11 @@ describe('reaping and signals', () => {
     for (const p of [pid, ...sleepers]) {
       assert.deepEqual(await waitExit(p), { pid: p, code: null, signal: signals.SIGKILL });
     }
-    assert.throws(() => native.kill(-pid, 0), { code: 'ESRCH', syscall: 'kill', message: new RegExp(`^process group ${pid} \\(signal 0\\)`) });
+    assert.throws(() => native.kill(-pid, 0), {
+      code: 'ESRCH',
+      syscall: 'kill',
+      message: new RegExp(`^process group ${pid} \\(signal 0\\)`),
+    });
   });
 });
 
@@ -454,7 +483,7 @@ describe('unix sockets', () => {
     const got = native.test.recvmsg(b, 16, 4)!;
     assert.equal(got.data.toString(), 'x');
     assert.equal(got.fds.length, 1);
-    assert.ok(isCloexec(got.fds[0]!));
+    assert.ok(isCloexec(got.fds[0]));
     assert.match(fs.readlinkSync(`/proc/self/fd/${got.fds[0]}`), /^\/memfd:one/);
 
     // Fill the socket buffer: sendmsg reports -1 instead of blocking.
@@ -465,7 +494,11 @@ describe('unix sockets', () => {
 
     native.close(a);
     let total = 0;
-    for (let r = native.test.recvmsg(b, 1 << 20, 0); r !== null && r.data.length > 0; r = native.test.recvmsg(b, 1 << 20, 0)) {
+    for (
+      let r = native.test.recvmsg(b, 1 << 20, 0);
+      r !== null && r.data.length > 0;
+      r = native.test.recvmsg(b, 1 << 20, 0)
+    ) {
       total += r.data.length;
     }
     assert.equal(total, sent);
@@ -477,7 +510,7 @@ describe('unix sockets', () => {
     assert.throws(() => native.test.recvmsg(c, 65 * 1024 * 1024, 0), RangeError);
     assert.throws(() => native.test.recvmsg(c, 16, 254), RangeError);
     assert.throws(() => native.sendmsg(c, Buffer.from('x'), new Array<number>(254).fill(0)), RangeError);
-    for (const fd of [b, c, memfd, got.fds[0]!]) native.close(fd);
+    for (const fd of [b, c, memfd, got.fds[0]]) native.close(fd);
   });
 
   test('peerCred of a socketpair is this process', () => {
@@ -521,7 +554,7 @@ describe('notify socket', () => {
     native.close(fd);
   });
 
-  test('with keepFds the attached fds are the caller\'s: open, close-on-exec, the same files', async () => {
+  test("with keepFds the attached fds are the caller's: open, close-on-exec, the same files", async () => {
     const address = path.join(tmp, 'notify-keep.sock');
     const fd = native.bindNotifySocket(address);
     const pid = spawn(['python3', fixture('notify.py'), address, 'FDSTORE=1', '0', '2']);
@@ -673,7 +706,8 @@ describe('Poller', () => {
         poller.start(READABLE);
         poller.stop();
       }
-      if (i % 4 === 3) closedFirst.push(a); // misuse: fd closed while the poller is still open
+      if (i % 4 === 3)
+        closedFirst.push(a); // misuse: fd closed while the poller is still open
       else fds.push(a);
       fds.push(b);
     }

@@ -163,12 +163,19 @@ function immediate(): Config {
 function canary(weight: number | null = 10): Config {
   return {
     ...BASE,
-    orchestration: { ...BASE.orchestration, strategy: 'canary', canary: weight === null ? null : { weight, affinity: 'none' } },
+    orchestration: {
+      ...BASE.orchestration,
+      strategy: 'canary',
+      canary: weight === null ? null : { weight, affinity: 'none' },
+    },
   };
 }
 
 function withRelay(config: Config): Config {
-  return { ...config, orchestration: { ...config.orchestration, stateHandoff: { ...config.orchestration.stateHandoff, enabled: true } } };
+  return {
+    ...config,
+    orchestration: { ...config.orchestration, stateHandoff: { ...config.orchestration.stateHandoff, enabled: true } },
+  };
 }
 
 /** Every (state, event) row the cases below made the real Orchestrator take. */
@@ -181,7 +188,10 @@ function harness(config: Config, opts: { relay?: boolean } = {}) {
   const splits: FakeSplit[] = [];
   const records: ReloadRecord[] = [];
   const relay = opts.relay ? new FakeRelay() : null;
-  const notify = Object.assign(new EventEmitter(), { address: '/run/aeterna/test-notify.sock', grant: () => undefined });
+  const notify = Object.assign(new EventEmitter(), {
+    address: '/run/aeterna/test-notify.sock',
+    grant: () => undefined,
+  });
   const listeners = new ListenerSet();
   const fdStore = { handled: [] as number[], refused: [] as number[] };
   const h = {
@@ -311,7 +321,7 @@ test('a second stop request kills every generation at once', async () => {
   assert.equal(await stopped, 128 + SIGKILL);
 });
 
-test('FDSTORE=1 is taken from a process of a generation only: a stranger\'s fds are refused', async () => {
+test("FDSTORE=1 is taken from a process of a generation only: a stranger's fds are refused", async () => {
   const { h, stopped } = await running(immediate());
   const gen = h.gens[0];
   h.notify(gen.pid + 1000, { FDSTORE: '1', FDNAME: 'conn' });
@@ -655,7 +665,8 @@ test('with the state relay: a failed relay rolls back; a lost final sync leaves 
 // Runs last (a file's tests run in order): every legal row of the table, as "State --event-->", was taken above.
 test('every row of the FSM table is exercised by the cases above', () => {
   const rows: string[] = [];
-  for (const s of STATES) for (const e of EVENTS as readonly Event[]) if (TRANSITIONS[s][e] !== null) rows.push(`${s} --${e}-->`);
+  for (const s of STATES)
+    for (const e of EVENTS as readonly Event[]) if (TRANSITIONS[s][e] !== null) rows.push(`${s} --${e}-->`);
   const missing = rows.filter((r) => !exercised.has(r));
   assert.deepEqual(missing, [], `rows of TRANSITIONS no case exercised: ${missing.join(', ')}`);
 });

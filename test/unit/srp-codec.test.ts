@@ -54,7 +54,10 @@ describe('SRP framing', () => {
     assert.equal(decodeAll(d)[0].length, 16);
     const big = new FrameDecoder(16 << 20);
     big.push(frameHeader((16 << 20) + 1)); // no body: refused before a byte of it is buffered
-    assert.equal(srpCode(() => big.next()), 'too_large');
+    assert.equal(
+      srpCode(() => big.next()),
+      'too_large',
+    );
   });
 
   it('passes data frames through in the pieces they arrived in, never reassembled, checking each header', () => {
@@ -71,7 +74,11 @@ describe('SRP framing', () => {
       r.copy(readBuffer);
       const view = readBuffer.subarray(0, r.length);
       d.push(view, [], true);
-      for (let part = announced > 0 ? d.nextData(announced) : null; part !== null; part = announced > 0 ? d.nextData(announced) : null) {
+      for (
+        let part = announced > 0 ? d.nextData(announced) : null;
+        part !== null;
+        part = announced > 0 ? d.nextData(announced) : null
+      ) {
         if (part.frameLength !== null) headers.push(part.frameLength);
         else {
           assert.equal(part.payload.buffer, readBuffer.buffer, 'a view of the read, not a copy');
@@ -91,22 +98,37 @@ describe('SRP framing', () => {
   it('refuses a data frame longer than what is left of the announced state, or above the limit, at its header', () => {
     const over = new FrameDecoder(1024);
     over.push(frameHeader(11));
-    assert.equal(srpCode(() => over.nextData(10)), 'bad_frame');
+    assert.equal(
+      srpCode(() => over.nextData(10)),
+      'bad_frame',
+    );
     const big = new FrameDecoder(16);
     big.push(frameHeader(17));
-    assert.equal(srpCode(() => big.nextData(100)), 'too_large');
+    assert.equal(
+      srpCode(() => big.nextData(100)),
+      'too_large',
+    );
     const zero = new FrameDecoder(16);
     zero.push(frameHeader(0));
-    assert.equal(srpCode(() => zero.nextData(100)), 'bad_frame');
+    assert.equal(
+      srpCode(() => zero.nextData(100)),
+      'bad_frame',
+    );
   });
 
   it('refuses a 4 GiB length header and a length of 0', () => {
     const d = new FrameDecoder(16 << 20);
     d.push(Buffer.from([0xff, 0xff, 0xff, 0xff]));
-    assert.equal(srpCode(() => d.next()), 'too_large');
+    assert.equal(
+      srpCode(() => d.next()),
+      'too_large',
+    );
     const z = new FrameDecoder(16);
     z.push(Buffer.from([0, 0, 0, 0]));
-    assert.equal(srpCode(() => z.next()), 'bad_frame');
+    assert.equal(
+      srpCode(() => z.next()),
+      'bad_frame',
+    );
   });
 
   it('property: any frames, split at any points, decode to the same payloads', () => {
@@ -125,7 +147,10 @@ describe('SRP framing', () => {
             got.push(...decodeAll(d));
             last = p;
           }
-          assert.deepEqual(got.map((b) => b.toString('hex')), payloads.map((p) => Buffer.from(p).toString('hex')));
+          assert.deepEqual(
+            got.map((b) => b.toString('hex')),
+            payloads.map((p) => Buffer.from(p).toString('hex')),
+          );
         },
       ),
       { numRuns: 300 },
@@ -159,45 +184,125 @@ describe('SRP framing', () => {
 
 describe('SRP messages', () => {
   it('refuses invalid UTF-8, invalid JSON, non-objects and unknown ops with the right codes', () => {
-    assert.equal(srpCode(() => parseMessage(Buffer.from([0xff, 0xfe]))), 'bad_json');
-    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":'))), 'bad_json');
-    assert.equal(srpCode(() => parseMessage(Buffer.from('[1,2]'))), 'bad_json');
-    assert.equal(srpCode(() => parseMessage(Buffer.from('{"v":1}'))), 'bad_json');
-    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"teleport"}'))), 'unexpected_op');
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from([0xff, 0xfe]))),
+      'bad_json',
+    );
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('{"op":'))),
+      'bad_json',
+    );
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('[1,2]'))),
+      'bad_json',
+    );
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('{"v":1}'))),
+      'bad_json',
+    );
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('{"op":"teleport"}'))),
+      'unexpected_op',
+    );
   });
 
   it('checks state headers field by field', () => {
-    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"state","size":-1}'))), 'bad_json');
-    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"state","size":10,"encoding":"json"}'))), 'bad_json', 'sha256 required for a stream');
-    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"state","size":10,"transport":"memfd"}'))), 'bad_json', 'memfd needs an fd named state');
-    assert.equal(srpCode(() => parseMessage(Buffer.from('{"op":"state","size":1,"sha256":"XYZ"}'))), 'bad_json');
-    const ok = parseMessage(Buffer.from(`{"op":"state","size":3,"encoding":"json","sha256":"${'a'.repeat(64)}","future_field":1}`));
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('{"op":"state","size":-1}'))),
+      'bad_json',
+    );
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('{"op":"state","size":10,"encoding":"json"}'))),
+      'bad_json',
+      'sha256 required for a stream',
+    );
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('{"op":"state","size":10,"transport":"memfd"}'))),
+      'bad_json',
+      'memfd needs an fd named state',
+    );
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('{"op":"state","size":1,"sha256":"XYZ"}'))),
+      'bad_json',
+    );
+    const ok = parseMessage(
+      Buffer.from(`{"op":"state","size":3,"encoding":"json","sha256":"${'a'.repeat(64)}","future_field":1}`),
+    );
     assert.deepEqual(ok, { op: 'state', size: 3, encoding: 'json', sha256: 'a'.repeat(64) });
   });
 
   it('checks the direct transport and the crc32 check field by field (docs/srp.md, "Direct transport", "Checksums")', () => {
     const bad = (text: string): string | null => srpCode(() => parseMessage(Buffer.from(text)));
-    assert.equal(bad('{"op":"state","size":5,"transport":"direct","sha256":"' + 'a'.repeat(64) + '"}'), 'bad_json', 'direct needs a trailer');
-    assert.equal(bad('{"op":"state","size":0,"transport":"direct","trailer":true}'), 'bad_json', 'direct needs a byte at least');
-    assert.equal(bad('{"op":"state","size":5,"transport":"direct","trailer":true,"fds":["direct"]}'), 'bad_json', 'the name direct is reserved on a state');
-    assert.equal(bad('{"op":"load","size":5,"transport":"direct","trailer":true}'), 'bad_json', 'a direct load carries the pair end');
-    assert.equal(bad('{"op":"checkpoint","size":5,"trailer":true,"checksum":"crc32"}'), 'bad_json', 'no crc32 for checkpoints');
-    assert.equal(bad('{"op":"state","size":5,"sha256":"' + 'a'.repeat(64) + '","checksum":"crc32"}'), 'bad_json', 'checksum only with a trailer');
+    assert.equal(
+      bad('{"op":"state","size":5,"transport":"direct","sha256":"' + 'a'.repeat(64) + '"}'),
+      'bad_json',
+      'direct needs a trailer',
+    );
+    assert.equal(
+      bad('{"op":"state","size":0,"transport":"direct","trailer":true}'),
+      'bad_json',
+      'direct needs a byte at least',
+    );
+    assert.equal(
+      bad('{"op":"state","size":5,"transport":"direct","trailer":true,"fds":["direct"]}'),
+      'bad_json',
+      'the name direct is reserved on a state',
+    );
+    assert.equal(
+      bad('{"op":"load","size":5,"transport":"direct","trailer":true}'),
+      'bad_json',
+      'a direct load carries the pair end',
+    );
+    assert.equal(
+      bad('{"op":"checkpoint","size":5,"trailer":true,"checksum":"crc32"}'),
+      'bad_json',
+      'no crc32 for checkpoints',
+    );
+    assert.equal(
+      bad('{"op":"state","size":5,"sha256":"' + 'a'.repeat(64) + '","checksum":"crc32"}'),
+      'bad_json',
+      'checksum only with a trailer',
+    );
     assert.equal(bad('{"op":"state","size":5,"trailer":true,"checksum":"md5"}'), 'bad_json');
     assert.equal(bad('{"op":"trailer","crc32":"ABCDEF01"}'), 'bad_json', 'lowercase hex');
-    assert.equal(bad('{"op":"trailer","crc32":"abcdef01","sha256":"' + 'a'.repeat(64) + '"}'), 'bad_json', 'exactly one check');
-    assert.equal(bad('{"op":"dump","final":true,"trailer":true,"direct":true,"fds":["direct"]}'), 'bad_json', 'no pair on a final dump');
-    assert.equal(bad('{"op":"dump","final":false,"trailer":true,"fds":["direct"]}'), 'bad_json', 'fds only with direct');
-    assert.deepEqual(parseMessage(Buffer.from('{"op":"load","size":5,"transport":"direct","trailer":true,"checksum":"crc32","fds":["conn:1","direct"]}')), {
-      op: 'load',
-      size: 5,
-      transport: 'direct',
-      trailer: true,
-      checksum: 'crc32',
-      fds: ['conn:1', 'direct'],
+    assert.equal(
+      bad('{"op":"trailer","crc32":"abcdef01","sha256":"' + 'a'.repeat(64) + '"}'),
+      'bad_json',
+      'exactly one check',
+    );
+    assert.equal(
+      bad('{"op":"dump","final":true,"trailer":true,"direct":true,"fds":["direct"]}'),
+      'bad_json',
+      'no pair on a final dump',
+    );
+    assert.equal(
+      bad('{"op":"dump","final":false,"trailer":true,"fds":["direct"]}'),
+      'bad_json',
+      'fds only with direct',
+    );
+    assert.deepEqual(
+      parseMessage(
+        Buffer.from(
+          '{"op":"load","size":5,"transport":"direct","trailer":true,"checksum":"crc32","fds":["conn:1","direct"]}',
+        ),
+      ),
+      {
+        op: 'load',
+        size: 5,
+        transport: 'direct',
+        trailer: true,
+        checksum: 'crc32',
+        fds: ['conn:1', 'direct'],
+      },
+    );
+    assert.deepEqual(
+      parseMessage(Buffer.from('{"op":"hello","v":1,"direct":true,"checksums":["crc32","sha256","xxh3"]}')),
+      { op: 'hello', v: 1, direct: true, checksums: ['crc32'] },
+    );
+    assert.deepEqual(parseMessage(Buffer.from('{"op":"trailer","crc32":"0a1b2c3d"}')), {
+      op: 'trailer',
+      crc32: '0a1b2c3d',
     });
-    assert.deepEqual(parseMessage(Buffer.from('{"op":"hello","v":1,"direct":true,"checksums":["crc32","sha256","xxh3"]}')), { op: 'hello', v: 1, direct: true, checksums: ['crc32'] });
-    assert.deepEqual(parseMessage(Buffer.from('{"op":"trailer","crc32":"0a1b2c3d"}')), { op: 'trailer', crc32: '0a1b2c3d' });
   });
 });
 
@@ -207,7 +312,10 @@ describe('SRP fds', () => {
     const frame = encodeFrame(Buffer.from('x'));
     d.push(frame, [100, 101]);
     const f = d.next()!;
-    assert.equal(srpCode(() => d.claimFds(f, 1)), 'bad_frame');
+    assert.equal(
+      srpCode(() => d.claimFds(f, 1)),
+      'bad_frame',
+    );
     assert.deepEqual(d.claimFds(f, 2), [100, 101]);
   });
 
@@ -218,7 +326,10 @@ describe('SRP fds', () => {
     const first = d.next()!;
     d.checkUnclaimed(first); // the fds may still belong to the second frame, which starts in the same bytes
     const second = d.next()!;
-    assert.equal(srpCode(() => d.checkUnclaimed(second)), 'bad_frame');
+    assert.equal(
+      srpCode(() => d.checkUnclaimed(second)),
+      'bad_frame',
+    );
     d.closeUnclaimed();
   });
 });
@@ -234,8 +345,14 @@ describe('SRP connection over a real socketpair', () => {
     const content = Buffer.from('the state of generation 1');
     const memfd = memfdState(content);
     const [s1, s2] = native.test.socketpair();
-    const got = new Promise<{ m: Message; fds: number[] }>((resolve) => y.once('message', (m, fds) => resolve({ m, fds })));
-    x.send({ op: 'state', size: content.length, encoding: 'text', transport: 'memfd', fds: ['state', 'conn:1'] }, [memfd, s1], { closeFds: true });
+    const got = new Promise<{ m: Message; fds: number[] }>((resolve) =>
+      y.once('message', (m, fds) => resolve({ m, fds })),
+    );
+    x.send(
+      { op: 'state', size: content.length, encoding: 'text', transport: 'memfd', fds: ['state', 'conn:1'] },
+      [memfd, s1],
+      { closeFds: true },
+    );
     const { m, fds } = await got;
     assert.equal(m.op, 'state');
     assert.equal(fds.length, 2);
@@ -310,7 +427,7 @@ describe('SRP connection over a real socketpair', () => {
     x.sendData(data, 1 << 20);
     await done;
     assert.equal(digest.digest('hex'), sha);
-    assert.equal(headers, 32, 'the sender\'s frames, passed on as they were');
+    assert.equal(headers, 32, "the sender's frames, passed on as they were");
     assert.ok(pauses > 0, 'the hop was paused by backpressure');
     for (const c of [x, y, out, sink]) c.close();
   });
@@ -328,4 +445,3 @@ describe('SRP connection over a real socketpair', () => {
     native.close(b);
   });
 });
-

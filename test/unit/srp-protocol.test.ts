@@ -5,7 +5,16 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { HANDLERS, ON, OPS, ROWS, SRP_TABLE_BEGIN, SRP_TABLE_END, srpTable, type Handler } from '../../src/srp/protocol';
+import {
+  HANDLERS,
+  ON,
+  OPS,
+  ROWS,
+  SRP_TABLE_BEGIN,
+  SRP_TABLE_END,
+  srpTable,
+  type Handler,
+} from '../../src/srp/protocol';
 import { ROOT } from '../helpers/aeterna';
 
 describe('SRP protocol table', () => {
@@ -24,12 +33,15 @@ describe('SRP protocol table', () => {
   });
 
   it('uses every handler', () => {
-    const used = new Set<Handler>(ROWS.flatMap((row) => OPS.map((op) => ON[row][op]).filter((h): h is Handler => h !== null)));
+    const used = new Set<Handler>(
+      ROWS.flatMap((row) => OPS.map((op) => ON[row][op]).filter((h): h is Handler => h !== null)),
+    );
     assert.deepEqual([...used].sort(), Object.keys(HANDLERS).sort());
   });
 
   it('accepts none of the ops Aeterna sends, in any phase', () => {
-    for (const op of ['welcome', 'load', 'dump', 'checkpointed'] as const) for (const row of ROWS) assert.equal(ON[row][op], null, `${row} × ${op}`);
+    for (const op of ['welcome', 'load', 'dump', 'checkpointed'] as const)
+      for (const row of ROWS) assert.equal(ON[row][op], null, `${row} × ${op}`);
   });
 
   it('takes hello only before the welcome, and nothing else then', () => {
@@ -48,6 +60,9 @@ describe('SRP protocol table', () => {
 
   it('docs/srp.md carries the table generated from it', () => {
     const doc = fs.readFileSync(path.join(ROOT, 'docs', 'srp.md'), 'utf8');
-    assert.ok(doc.includes(SRP_TABLE_BEGIN + '\n' + srpTable() + '\n' + SRP_TABLE_END), 'regenerate with: node dist/scripts/gen-srp-doc.js');
+    assert.ok(
+      doc.includes(SRP_TABLE_BEGIN + '\n' + srpTable() + '\n' + SRP_TABLE_END),
+      'regenerate with: node dist/scripts/gen-srp-doc.js',
+    );
   });
 });

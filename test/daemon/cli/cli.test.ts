@@ -12,7 +12,14 @@ import { fixture, freePort, ROOT } from '../../helpers/aeterna';
 import { cli, Daemon, type CliResult } from '../../helpers/daemon';
 import { AeternaError } from '../../../src/errors';
 import { startControlServer, type ControlServer } from '../../../src/control/server';
-import type { ControlApi, ReloadEvent, ReloadOutcome, ReloadPhase, ReloadRecord, StatusReport } from '../../../src/orchestrator/types';
+import type {
+  ControlApi,
+  ReloadEvent,
+  ReloadOutcome,
+  ReloadPhase,
+  ReloadRecord,
+  StatusReport,
+} from '../../../src/orchestrator/types';
 
 const PHASES: ReloadPhase[] = ['accepted', 'config', 'spawned', 'ready', 'soaking', 'draining', 'done'];
 /** Every phase, one soak and one relay event, and the outcome event. */
@@ -40,7 +47,11 @@ class FakeApi implements ControlApi {
       daemon_pid: process.pid,
       uptime_ms: 90_000,
       started_at: new Date(0).toISOString(),
-      listeners: Array.from({ length: this.listenerCount }, (_, i) => ({ name: i === 0 ? 'http' : `http-${i}`, address: `tcp://0.0.0.0:${8080 + i}`, fd: 3 + i })),
+      listeners: Array.from({ length: this.listenerCount }, (_, i) => ({
+        name: i === 0 ? 'http' : `http-${i}`,
+        address: `tcp://0.0.0.0:${8080 + i}`,
+        fd: 3 + i,
+      })),
       previous: { generation: 2, pid: 4000, started_at: new Date(0).toISOString(), ready: true },
       candidate: null,
       restarts: 0,
@@ -74,9 +85,17 @@ class FakeApi implements ControlApi {
       elapsed += 50;
       const at = new Date().toISOString();
       record.phases.push({ phase, at });
-      onEvent?.({ type: 'phase', reload: id, phase, at, elapsed_ms: elapsed, ...(phase === 'spawned' ? { detail: 'generation 4 (pid 1234)' } : {}) });
+      onEvent?.({
+        type: 'phase',
+        reload: id,
+        phase,
+        at,
+        elapsed_ms: elapsed,
+        ...(phase === 'spawned' ? { detail: 'generation 4 (pid 1234)' } : {}),
+      });
       if (phase === 'spawned') onEvent?.({ type: 'relay', reload: id, bytes: 512, total: 1024, rate_bps: 2048 });
-      if (phase === 'soaking') onEvent?.({ type: 'soak', reload: id, elapsed_ms: 12_000, soak_ms: 60_000, total_ms: elapsed });
+      if (phase === 'soaking')
+        onEvent?.({ type: 'soak', reload: id, elapsed_ms: 12_000, soak_ms: 60_000, total_ms: elapsed });
     }
     record.outcome = this.outcome;
     record.duration_ms = elapsed;
@@ -92,7 +111,8 @@ class FakeApi implements ControlApi {
 
   promote(): void {
     this.calls.push('promote');
-    if (!this.soaking) throw new AeternaError('E_ILLEGAL_TRANSITION', 'promote is not valid in state Running (no canary is soaking)');
+    if (!this.soaking)
+      throw new AeternaError('E_ILLEGAL_TRANSITION', 'promote is not valid in state Running (no canary is soaking)');
   }
 
   rollback(): void {
@@ -115,7 +135,11 @@ function aeterna(args: string[], env: NodeJS.ProcessEnv = {}, cwd = ROOT): Promi
  * picks what goes into the pipe ('' for stdout; '2>&1 >/dev/null' for stderr).
  * Resolves with every byte the reader got, the CLI's exit code and what else it wrote on stderr.
  */
-async function throughSlowPipe(args: string[], redirect = '', reader = '{ sleep 1; cat; }'): Promise<{ code: number | null; received: string; stderr: string }> {
+async function throughSlowPipe(
+  args: string[],
+  redirect = '',
+  reader = '{ sleep 1; cat; }',
+): Promise<{ code: number | null; received: string; stderr: string }> {
   // bash -c SCRIPT node cli.js ARGS...: "$0" "$@" is the CLI's command line.
   const script = `"$0" "$@" ${redirect} | ${reader}; exit \${PIPESTATUS[0]}`;
   const r = await cli(args, { AETERNA_CONFIG: '' }, ROOT, ['bash', '-c', script]);
@@ -179,7 +203,10 @@ describe('aeterna CLI', { timeout: 120000 }, () => {
     api.outcome = 'rolled_back';
     const r = await aeterna(['reload', '-s', socketPath]);
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /^aeterna: reload-\d+ rolled back in .*: exited with code 3 during soak \(E_CHILD_EXITED\)\n$/);
+    assert.match(
+      r.stderr,
+      /^aeterna: reload-\d+ rolled back in .*: exited with code 3 during soak \(E_CHILD_EXITED\)\n$/,
+    );
   });
 
   it('reload: exits 4 when a reload is already in progress', async () => {
@@ -215,11 +242,20 @@ describe('aeterna CLI', { timeout: 120000 }, () => {
     fs.writeFileSync(unparseable, `control: { socket_path: "${socketPath}"\n`);
     const badSocket = path.join(dir, 'bad-socket.yaml');
     fs.writeFileSync(badSocket, `version: "v1"\ncontrol:\n  socket_path: ["${socketPath}"]\n`);
-    for (const [file, issue] of [[unparseable, `${unparseable}:2:1 invalid YAML: `], [badSocket, `${badSocket}:3:16 control.socket_path: must be a unix socket path (got a list)`]]) {
+    for (const [file, issue] of [
+      [unparseable, `${unparseable}:2:1 invalid YAML: `],
+      [badSocket, `${badSocket}:3:16 control.socket_path: must be a unix socket path (got a list)`],
+    ]) {
       const r = await aeterna(['stop', '-c', file]);
       assert.equal(r.code, 2, r.stderr);
-      assert.match(r.stderr, /^aeterna: cannot find the control socket in the config \(E_CONFIG_INVALID\); pass --socket PATH/);
-      assert.ok(lines(r.stderr).some((l) => l.startsWith(issue)), r.stderr);
+      assert.match(
+        r.stderr,
+        /^aeterna: cannot find the control socket in the config \(E_CONFIG_INVALID\); pass --socket PATH/,
+      );
+      assert.ok(
+        lines(r.stderr).some((l) => l.startsWith(issue)),
+        r.stderr,
+      );
     }
     assert.deepEqual(api.calls, ['status', 'rollback']);
   });
@@ -418,7 +454,11 @@ describe('aeterna CLI against a real daemon whose config file was broken after i
     const rows = lines(plain.stdout);
     const last = rows.findIndex((row) => row.startsWith('last reload:'));
     assert.match(rows[last], /^last reload: +reload-1 failed in \S+ \(E_CONFIG_INVALID\) \(control, started [^)]+\):$/);
-    assert.deepEqual(rows.slice(last + 1).map((row) => row.trim()), issues, 'each issue on its own line under the last reload');
+    assert.deepEqual(
+      rows.slice(last + 1).map((row) => row.trim()),
+      issues,
+      'each issue on its own line under the last reload',
+    );
 
     const stop = await d.cli('stop');
     assert.equal(stop.code, 0, stop.stderr);

@@ -7,7 +7,8 @@ import { ROOT, freePort, runAeterna, tempDir, type AeternaRun } from '../../help
 import { cli } from '../../helpers/daemon';
 import { requestJson } from '../../helpers/load';
 
-const call = (port: number, method: string, url: string, body?: string): Promise<Record<string, unknown>> => requestJson(port, method, url, body);
+const call = (port: number, method: string, url: string, body?: string): Promise<Record<string, unknown>> =>
+  requestJson(port, method, url, body);
 
 /**
  * Run the shipped demo config (with this test's own ports and socket paths) under Aeterna, until `body` is done;
@@ -42,10 +43,19 @@ describe('the demo (examples/llm-agent)', { timeout: 60000 }, () => {
       const { id } = (await call(port, 'POST', '/sessions')) as { id: string };
       await call(port, 'POST', `/sessions/${id}/messages`, 'hello, agent');
       await call(port, 'POST', `/sessions/${id}/messages`, 'do you remember me?');
-      const before = (await call(port, 'GET', `/sessions/${id}`)) as { pid: number; history: unknown[]; context: number[] };
+      const before = (await call(port, 'GET', `/sessions/${id}`)) as {
+        pid: number;
+        history: unknown[];
+        context: number[];
+      };
       const r = await cli(['reload', '-c', file]);
       assert.equal(r.code, 0, r.stderr);
-      const after = (await call(port, 'GET', `/sessions/${id}`)) as { pid: number; generation: string; history: unknown[]; context: number[] };
+      const after = (await call(port, 'GET', `/sessions/${id}`)) as {
+        pid: number;
+        generation: string;
+        history: unknown[];
+        context: number[];
+      };
       assert.notEqual(after.pid, before.pid);
       assert.equal(after.generation, '2');
       assert.equal(after.history.length, 4);
@@ -58,7 +68,11 @@ describe('the demo (examples/llm-agent)', { timeout: 60000 }, () => {
       const { id } = (await call(port, 'POST', '/sessions')) as { id: string };
       await call(port, 'POST', `/sessions/${id}/messages`, 'hello, agent');
       await call(port, 'POST', '/sessions');
-      const before = (await call(port, 'GET', `/sessions/${id}`)) as { pid: number; history: unknown[]; context: number[] };
+      const before = (await call(port, 'GET', `/sessions/${id}`)) as {
+        pid: number;
+        history: unknown[];
+        context: number[];
+      };
       process.kill(before.pid, 'SIGKILL');
       await run.waitFor(/generation 2\) starts with 2 session\(s\) from checkpoint \d+/);
       const index = (await call(port, 'GET', '/')) as { pid: number; generation: string; sessions: number };

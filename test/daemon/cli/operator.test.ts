@@ -40,11 +40,16 @@ describe('operator interfaces', { timeout: 120000 }, () => {
     }
     const s = await d.waitStatus((st) => st.state === 'Running' && st.last_reload?.outcome === 'promoted');
     const records = d.run.logs().filter((l) => l.phase === 'accepted');
-    const outcomes = d.run.logs().filter((l) => typeof l.outcome === 'string' && /^reload-\d+ (promoted|rolled_back|failed)/.test(l.msg));
+    const outcomes = d.run
+      .logs()
+      .filter((l) => typeof l.outcome === 'string' && /^reload-\d+ (promoted|rolled_back|failed)/.test(l.msg));
     assert.ok(records.length >= 1);
     assert.equal(outcomes.length, records.length, 'every accepted reload reached an outcome');
     assert.equal(s.generation, 1 + records.length);
-    assert.ok(d.run.logs().some((l) => /SIGHUP ignored: a reload is already in progress/.test(l.msg)), 'the storm was refused while busy');
+    assert.ok(
+      d.run.logs().some((l) => /SIGHUP ignored: a reload is already in progress/.test(l.msg)),
+      'the storm was refused while busy',
+    );
     assert.equal(await d.stop(), 0);
   });
 
@@ -69,8 +74,12 @@ describe('operator interfaces', { timeout: 120000 }, () => {
     assert.equal(metricSample(body, 'aeterna_state{state="Soaking"}'), 0);
     assert.equal(metricSample(body, 'aeterna_child_restarts_total'), null, 'no restart yet, no series');
     assert.ok(metricSample(body, 'aeterna_zombies_reaped_total') !== null);
-    assert.ok(metricSample(body, 'aeterna_process_resident_memory_bytes')! > 0, 'default process metrics carry the aeterna_ prefix');
-    for (const name of ['aeterna_state_handoff_bytes_total', 'aeterna_state_handoff_duration_seconds_count']) assert.ok(body.includes(name), name);
+    assert.ok(
+      metricSample(body, 'aeterna_process_resident_memory_bytes')! > 0,
+      'default process metrics carry the aeterna_ prefix',
+    );
+    for (const name of ['aeterna_state_handoff_bytes_total', 'aeterna_state_handoff_duration_seconds_count'])
+      assert.ok(body.includes(name), name);
     assert.doesNotMatch(body, /CRASH_AFTER_MS|reload_app\.js/, 'no environment or command line in the metrics');
     assert.equal((await getText(metricsPort, '/nope')).status, 404);
     assert.equal(await d.stop(), 0);
@@ -78,7 +87,12 @@ describe('operator interfaces', { timeout: 120000 }, () => {
 
   it('/readyz is 503 while the first generation is not ready yet', async () => {
     const metricsPort = await freePort();
-    const d = new Daemon({ command: APP, port: await freePort(), metricsPort, readiness: '{ mode: "notify", timeout: "1m" }' }).start();
+    const d = new Daemon({
+      command: APP,
+      port: await freePort(),
+      metricsPort,
+      readiness: '{ mode: "notify", timeout: "1m" }',
+    }).start();
     daemons.push(d);
     await d.waitStatus((s) => s.state === 'Starting');
     await d.run.waitFor(/READY \d+/); // the app runs (and handles SIGTERM) but never says READY=1
@@ -112,7 +126,10 @@ describe('operator interfaces', { timeout: 120000 }, () => {
     const first = await d.waitStatus((s) => s.state === 'Running');
     const second = runAeterna(['start', '-c', d.configFile]);
     assert.equal((await second.exit()).code, 70);
-    assert.ok(second.logs().some((l) => l.code === 'E_DAEMON_RUNNING'), second.stderr);
+    assert.ok(
+      second.logs().some((l) => l.code === 'E_DAEMON_RUNNING'),
+      second.stderr,
+    );
     assert.equal((await d.status()).state, 'Running', 'the first daemon is untouched');
     await d.run.signal('SIGKILL'); // a crashed daemon leaves its socket file behind
     await d.run.exit();

@@ -15,8 +15,17 @@ const TS_APP = [process.execPath, fixture('apps', 'stateful_app.js')];
 const PYTHON_APP = ['python3', fixture('python', 'stateful_app.py')];
 const skip = pidNamespaceUnavailable();
 
-type Reply = { pid: number; generation: string; history?: string[]; seq?: number; error?: string; source: string | null; loaded_seq: number | null };
-const request = (port: number, method: string, path: string, body?: string): Promise<Reply> => requestJson<Reply>(port, method, path, body);
+type Reply = {
+  pid: number;
+  generation: string;
+  history?: string[];
+  seq?: number;
+  error?: string;
+  source: string | null;
+  loaded_seq: number | null;
+};
+const request = (port: number, method: string, path: string, body?: string): Promise<Reply> =>
+  requestJson<Reply>(port, method, path, body);
 
 describe('relay connections and checkpoints carried across re-execs', { skip: skip ?? false, timeout: 240000 }, () => {
   const daemons: Daemon[] = [];
@@ -25,10 +34,22 @@ describe('relay connections and checkpoints carried across re-execs', { skip: sk
   });
 
   /** A daemon whose app speaks the state relay (checkpoints on), Running and past its initial load. */
-  async function started(options: { command?: string[]; env?: string[]; pid1?: boolean; handoff?: string } = {}): Promise<{ d: Daemon; port: number }> {
+  async function started(
+    options: { command?: string[]; env?: string[]; pid1?: boolean; handoff?: string } = {},
+  ): Promise<{ d: Daemon; port: number }> {
     const port = await freePort();
-    const d = new Daemon({ command: options.command ?? TS_APP, port, env: options.env ?? [], readiness: '{ mode: "notify", timeout: "60s" }', stopTimeout: '5s', restart: '{ policy: "always", max_restarts: 10, window: "60s" }' });
-    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", ${options.handoff ?? 'timeout: "30s"'}, checkpoint: { enabled: true } }` });
+    const d = new Daemon({
+      command: options.command ?? TS_APP,
+      port,
+      env: options.env ?? [],
+      readiness: '{ mode: "notify", timeout: "60s" }',
+      stopTimeout: '5s',
+      restart: '{ policy: "always", max_restarts: 10, window: "60s" }',
+    });
+    d.write({
+      ...d.options,
+      handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", ${options.handoff ?? 'timeout: "30s"'}, checkpoint: { enabled: true } }`,
+    });
     d.start(options.pid1 ?? false);
     daemons.push(d);
     await d.waitStatus((s) => s.state === 'Running');
@@ -51,7 +72,11 @@ describe('relay connections and checkpoints carried across re-execs', { skip: sk
     assert.equal(after.pid, before.pid, 'the same app process');
     assert.equal(after.generation, before.generation);
     assert.equal(d.run.logs().filter((l) => /took over 1 state relay connection/.test(String(l.msg))).length, 3);
-    assert.equal((await request(port, 'POST', '/checkpoint')).seq, 1, 'relay.checkpoint() on the carried connection is answered');
+    assert.equal(
+      (await request(port, 'POST', '/checkpoint')).seq,
+      1,
+      'relay.checkpoint() on the carried connection is answered',
+    );
     assert.equal((await d.cli('reload')).code, 0);
     const reloaded = await request(port, 'GET', '/sessions/s1');
     assert.notEqual(reloaded.pid, before.pid);
@@ -124,12 +149,18 @@ describe('relay connections and checkpoints carried across re-execs', { skip: sk
   });
 
   it('an upgrade while a checkpoint stays in flight past state_handoff.timeout is refused (E_UPGRADE_REFUSED naming why) and changes nothing', async () => {
-    const { d } = await started({ command: [process.execPath, fixture('apps', 'srp_peer.js'), 'slowcheckpoint'], handoff: 'timeout: "1s"' });
+    const { d } = await started({
+      command: [process.execPath, fixture('apps', 'srp_peer.js'), 'slowcheckpoint'],
+      handoff: 'timeout: "1s"',
+    });
     await d.run.waitFor(/HALF SENT/);
     const peer = (await statusOf(d)).pid!;
     const r = await d.cli('upgrade');
     assert.equal(r.code, 1, r.stderr);
-    assert.match(r.stderr, /generation 1 is busy with a checkpoint being received after 1s \(orchestration.state_handoff.timeout\).*nothing changed \(E_UPGRADE_REFUSED\)/);
+    assert.match(
+      r.stderr,
+      /generation 1 is busy with a checkpoint being received after 1s \(orchestration.state_handoff.timeout\).*nothing changed \(E_UPGRADE_REFUSED\)/,
+    );
     assert.equal((await statusOf(d)).reexecs, 0);
     // The checkpoint goes on where it was: finished, stored and answered.
     process.kill(peer, 'SIGUSR1');
@@ -155,7 +186,10 @@ describe('relay connections and checkpoints carried across re-execs', { skip: sk
   });
 
   it('a SIGSEGV while a checkpoint is streaming: that connection is not carried (the new Aeterna never reads half a frame), Aeterna recovers, the partial checkpoint is never stored', async () => {
-    const { d } = await started({ command: [process.execPath, fixture('apps', 'srp_peer.js'), 'slowcheckpoint'], pid1: true });
+    const { d } = await started({
+      command: [process.execPath, fixture('apps', 'srp_peer.js'), 'slowcheckpoint'],
+      pid1: true,
+    });
     await d.run.waitFor(/HALF SENT/);
     const peer = descendantsOf(await d.run.aeternaPid());
     assert.equal(peer.length, 1);

@@ -30,9 +30,23 @@ after(async () => {
 });
 
 /** A daemon running checkpoint_flood.js with `checkpoint` (flow map) and `env`; waits until it serves. */
-async function started(env: string[], checkpoint: string, options: { metricsPort?: number; dir?: string } = {}): Promise<Daemon> {
-  const d = new Daemon({ command: APP, env, metricsPort: options.metricsPort, readiness: '{ mode: "notify", timeout: "60s" }', stopTimeout: '5s', restart: '{ policy: "always", max_restarts: 10, window: "60s" }' });
-  d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "60s", checkpoint: ${checkpoint} }` });
+async function started(
+  env: string[],
+  checkpoint: string,
+  options: { metricsPort?: number; dir?: string } = {},
+): Promise<Daemon> {
+  const d = new Daemon({
+    command: APP,
+    env,
+    metricsPort: options.metricsPort,
+    readiness: '{ mode: "notify", timeout: "60s" }',
+    stopTimeout: '5s',
+    restart: '{ policy: "always", max_restarts: 10, window: "60s" }',
+  });
+  d.write({
+    ...d.options,
+    handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "60s", checkpoint: ${checkpoint} }`,
+  });
   d.start();
   daemons.push(d);
   await d.waitStatus((s) => s.state === 'Running', 60000);
@@ -63,8 +77,15 @@ function readFileHeader(file: string): { seq: number; size: number; number: numb
   const encodingLength = b.readUInt16BE(68);
   const data = b.subarray(70 + encodingLength);
   assert.equal(data.length, Number(b.readBigUInt64BE(12)), 'the file holds the bytes its header announces');
-  assert.ok(crypto.createHash('sha256').update(data).digest().equals(b.subarray(20, 52)), 'the data matches its sha256');
-  return { seq: Number(b.readBigUInt64BE(52)), size: data.length, number: data.length >= 8 ? Number(data.readBigUInt64BE(0)) : -1 };
+  assert.ok(
+    crypto.createHash('sha256').update(data).digest().equals(b.subarray(20, 52)),
+    'the data matches its sha256',
+  );
+  return {
+    seq: Number(b.readBigUInt64BE(52)),
+    size: data.length,
+    number: data.length >= 8 ? Number(data.readBigUInt64BE(0)) : -1,
+  };
 }
 
 /** A checkpoint file as Aeterna writes it, with any header values (a valid sha256). */
@@ -98,7 +119,10 @@ function fdsOf(pid: number): { fds: number; memfds: number } {
 }
 
 /** Sample fdsOf(pid) until `until` settles; returns the peaks seen. */
-async function sampling<T>(pid: number, until: Promise<T>): Promise<{ result: T; peakFds: number; peakMemfds: number }> {
+async function sampling<T>(
+  pid: number,
+  until: Promise<T>,
+): Promise<{ result: T; peakFds: number; peakMemfds: number }> {
   let done = false;
   let peakFds = 0;
   let peakMemfds = 0;
@@ -123,7 +147,10 @@ async function sampling<T>(pid: number, until: Promise<T>): Promise<{ result: T;
 }
 
 /** Run `aeterna <args>`; null when it did not exit within `ms` (it is then killed). */
-function cliWithin(args: string[], ms: number): Promise<{ code: number | null; stdout: string; stderr: string } | null> {
+function cliWithin(
+  args: string[],
+  ms: number,
+): Promise<{ code: number | null; stdout: string; stderr: string } | null> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
@@ -144,7 +171,10 @@ function cliWithin(args: string[], ms: number): Promise<{ code: number | null; s
 /** Wait for the run to exit, or null after `ms`. */
 async function exitWithin(d: Daemon, ms: number): Promise<number | null | 'running'> {
   let timer: NodeJS.Timeout | undefined;
-  const r = await Promise.race([d.run.exit().then((e) => e.code), new Promise<'running'>((res) => (timer = setTimeout(() => res('running'), ms)))]);
+  const r = await Promise.race([
+    d.run.exit().then((e) => e.code),
+    new Promise<'running'>((res) => (timer = setTimeout(() => res('running'), ms))),
+  ]);
   clearTimeout(timer);
   return r;
 }
@@ -157,7 +187,9 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
     // A limit far below the checkpoints in flight: one fd per waiting checkpoint would run out.
     execFileSync('prlimit', ['--pid', String(aeterna), '--nofile=256:256']);
     const { result, peakFds, peakMemfds } = await sampling(aeterna, burst(d, 1));
-    t.diagnostic(`Aeterna's fds: ${before} at rest, peak ${peakFds} (memfds ${peakMemfds}) during 10,000 pipelined durable checkpoints`);
+    t.diagnostic(
+      `Aeterna's fds: ${before} at rest, peak ${peakFds} (memfds ${peakMemfds}) during 10,000 pipelined durable checkpoints`,
+    );
     assert.deepEqual(result, { count: 10000, codes: {}, inOrder: true, seqs: [1, 10000], stored: 10000 });
     assert.ok(!d.run.stdout.includes('RELAY CLOSED'), 'the relay connection stayed open');
     const file = readFileHeader(`${d.dir}/checkpoint.bin`);
@@ -168,10 +200,15 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
   });
 
   it('100 pipelined 4 MiB durable checkpoints: at most 3 checkpoint memfds held at once, all answered, the last one on disk', async (t) => {
-    const d = await started(['FLOOD_COUNT=100', `FLOOD_SIZE=${4 << 20}`], '{ enabled: true, path: "checkpoint.bin", max_size: "8MiB" }');
+    const d = await started(
+      ['FLOOD_COUNT=100', `FLOOD_SIZE=${4 << 20}`],
+      '{ enabled: true, path: "checkpoint.bin", max_size: "8MiB" }',
+    );
     const aeterna = await d.run.aeternaPid();
     const { result, peakFds, peakMemfds } = await sampling(aeterna, burst(d, 1));
-    t.diagnostic(`peak: ${peakFds} fds, ${peakMemfds} checkpoint memfds (${peakMemfds * 4} MiB of shared memory) during 100 pipelined 4 MiB checkpoints`);
+    t.diagnostic(
+      `peak: ${peakFds} fds, ${peakMemfds} checkpoint memfds (${peakMemfds * 4} MiB of shared memory) during 100 pipelined 4 MiB checkpoints`,
+    );
     assert.deepEqual(result, { count: 100, codes: {}, inOrder: true, seqs: [1, 100], stored: 100 });
     // The latest, the one being written, the one being received.
     assert.ok(peakMemfds <= 3, `Aeterna held ${peakMemfds} checkpoint memfds at once`);
@@ -193,14 +230,26 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
     const d = await started(['FLOOD_COUNT=1', 'FLOOD_SIZE=600000'], `{ enabled: true, path: "${file}" }`);
     assert.deepEqual(await burst(d, 1), { count: 1, codes: {}, inOrder: true, seqs: [1, 1], stored: 1 });
     const second = await burst(d, 2);
-    assert.deepEqual(second, { count: 1, codes: { write_failed: 1 }, inOrder: true, seqs: [], stored: 0 }, 'the second does not fit: refused');
+    assert.deepEqual(
+      second,
+      { count: 1, codes: { write_failed: 1 }, inOrder: true, seqs: [], stored: 0 },
+      'the second does not fit: refused',
+    );
     assert.deepEqual(fs.readdirSync(disk), ['checkpoint.bin'], 'no temporary file is left behind');
-    assert.deepEqual([readFileHeader(file).seq, readFileHeader(file).size, readFileHeader(file).number], [1, 600000, 1], 'the file still holds checkpoint 1 whole');
+    assert.deepEqual(
+      [readFileHeader(file).seq, readFileHeader(file).size, readFileHeader(file).number],
+      [1, 600000, 1],
+      'the file still holds checkpoint 1 whole',
+    );
     assert.equal(await d.stop(), 0);
     // A new start loads it.
     d.start();
     await d.waitStatus((s) => s.state === 'Running', 60000);
-    const load = JSON.parse((await d.run.waitFor(/^LOAD (.*)$/m))[1]) as { size: number; source?: string; seq?: number };
+    const load = JSON.parse((await d.run.waitFor(/^LOAD (.*)$/m))[1]) as {
+      size: number;
+      source?: string;
+      seq?: number;
+    };
     assert.deepEqual([load.size, load.source, load.seq], [600000, 'checkpoint', 1]);
     assert.equal(await d.stop(), 0);
     execFileSync('umount', [disk]);
@@ -210,7 +259,11 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
   for (const how of ['the app refuses (ack ok:false)', 'after which the app dies before it is ready'] as const) {
     it(`a checkpoint ${how} is set aside after 2 tries (E_CHECKPOINT_REFUSED, metric, <path>.refused) and the app starts fresh, also at the next start`, async () => {
       const metricsPort = await freePort();
-      const env = ['FLOOD_COUNT=1', 'FLOOD_SIZE=64', how.includes('refuses') ? 'REFUSE_CHECKPOINT=1' : 'CRASH_ON_CHECKPOINT=1'];
+      const env = [
+        'FLOOD_COUNT=1',
+        'FLOOD_SIZE=64',
+        how.includes('refuses') ? 'REFUSE_CHECKPOINT=1' : 'CRASH_ON_CHECKPOINT=1',
+      ];
       const d = await started(env, '{ enabled: true, path: "checkpoint.bin" }', { metricsPort });
       assert.equal((await burst(d, 1)).stored, 1);
       const aeterna = await d.run.aeternaPid();
@@ -223,8 +276,11 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
       const aside = d.run.logs().filter((l) => l.code === 'E_CHECKPOINT_REFUSED');
       assert.equal(aside.length, 1);
       assert.equal(aside[0].seq, 1);
-      assert.ok(fs.existsSync(`${d.dir}/checkpoint.bin.refused`) && !fs.existsSync(`${d.dir}/checkpoint.bin`), 'its file is set aside');
-      assert.equal(JSON.parse((await d.cli('status', '--json')).stdout).checkpoint, null);
+      assert.ok(
+        fs.existsSync(`${d.dir}/checkpoint.bin.refused`) && !fs.existsSync(`${d.dir}/checkpoint.bin`),
+        'its file is set aside',
+      );
+      assert.equal((JSON.parse((await d.cli('status', '--json')).stdout) as { checkpoint: unknown }).checkpoint, null);
       const metrics = (await getText(metricsPort, '/metrics')).body;
       assert.equal(metricSample(metrics, 'aeterna_checkpoints_total{result="set_aside"}'), 1);
       assert.equal(await d.stop(), 0);
@@ -242,7 +298,10 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
 
   it('a checkpoint file with a header the protocol forbids (300-character encoding, seq above 2^53), or above max_size, is not offered at start', async () => {
     const d = new Daemon({ command: APP, readiness: '{ mode: "notify", timeout: "60s" }', stopTimeout: '5s' });
-    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "60s", checkpoint: { enabled: true, path: "checkpoint.bin", max_size: "1KiB" } }` });
+    d.write({
+      ...d.options,
+      handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "60s", checkpoint: { enabled: true, path: "checkpoint.bin", max_size: "1KiB" } }`,
+    });
     daemons.push(d);
     const file = `${d.dir}/checkpoint.bin`;
     const variants: Array<[string, { seq: bigint; encoding: string; data: Buffer }]> = [
@@ -257,14 +316,20 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
       await d.waitStatus((s) => s.state === 'Running', 60000);
       const load = JSON.parse((await d.run.waitFor(/^LOAD (.*)$/m))[1]) as { size: number; source?: string };
       assert.deepEqual([load.size, load.source], [0, undefined], `${what}: not offered`);
-      assert.ok(d.run.logs().some((l) => l.code === 'E_CHECKPOINT_CORRUPT' && String(l.msg).includes(file)), `${what}: logged`);
+      assert.ok(
+        d.run.logs().some((l) => l.code === 'E_CHECKPOINT_CORRUPT' && String(l.msg).includes(file)),
+        `${what}: logged`,
+      );
       assert.equal(await d.stop(), 0);
     }
   });
 
   it('a FIFO as the checkpoint path: aeterna start exits 78 at once naming it, the FIFO untouched', async () => {
     const d = new Daemon({ command: APP, readiness: '{ mode: "notify", timeout: "60s" }' });
-    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", checkpoint: { enabled: true, path: "checkpoint.fifo" } }` });
+    d.write({
+      ...d.options,
+      handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", checkpoint: { enabled: true, path: "checkpoint.fifo" } }`,
+    });
     execFileSync('mkfifo', [`${d.dir}/checkpoint.fifo`]);
     d.start();
     daemons.push(d);
@@ -288,15 +353,26 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
   });
 
   it('temporary files left by an Aeterna killed mid-write are removed at the next start; a file of that name Aeterna did not write is left alone', async () => {
-    const d = new Daemon({ command: APP, env: ['FLOOD_COUNT=1', 'FLOOD_SIZE=64'], readiness: '{ mode: "notify", timeout: "60s" }', stopTimeout: '5s' });
-    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "60s", checkpoint: { enabled: true, path: "checkpoint.bin" } }` });
+    const d = new Daemon({
+      command: APP,
+      env: ['FLOOD_COUNT=1', 'FLOOD_SIZE=64'],
+      readiness: '{ mode: "notify", timeout: "60s" }',
+      stopTimeout: '5s',
+    });
+    d.write({
+      ...d.options,
+      handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "60s", checkpoint: { enabled: true, path: "checkpoint.bin" } }`,
+    });
     daemons.push(d);
     fs.writeFileSync(`${d.dir}/.checkpoint.bin.1.1.tmp`, 'AETCKPT\n(cut short)');
     fs.writeFileSync(`${d.dir}/.checkpoint.bin.1.2.tmp`, '');
     fs.writeFileSync(`${d.dir}/.checkpoint.bin.1.3.tmp`, 'not a checkpoint');
     d.start();
     await d.waitStatus((s) => s.state === 'Running', 60000);
-    assert.deepEqual(fs.readdirSync(d.dir).filter((f) => f.endsWith('.tmp')), ['.checkpoint.bin.1.3.tmp']);
+    assert.deepEqual(
+      fs.readdirSync(d.dir).filter((f) => f.endsWith('.tmp')),
+      ['.checkpoint.bin.1.3.tmp'],
+    );
     assert.equal((await burst(d, 1)).stored, 1);
     assert.equal(readFileHeader(`${d.dir}/checkpoint.bin`).seq, 1);
     assert.equal(await d.stop(), 0);
@@ -304,12 +380,18 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
 
   it('checkpoint.path naming a file Aeterna did not write (the config itself): start refused (78) with the reason, the file untouched', async () => {
     const d = new Daemon({ command: APP, readiness: '{ mode: "notify", timeout: "60s" }' });
-    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", checkpoint: { enabled: true, path: "aeterna.yaml" } }` });
+    d.write({
+      ...d.options,
+      handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", checkpoint: { enabled: true, path: "aeterna.yaml" } }`,
+    });
     const config = fs.readFileSync(d.configFile);
     d.start();
     daemons.push(d);
     assert.equal(await exitWithin(d, 60000), 78);
-    assert.match(d.run.stderr, /aeterna\.yaml is not a checkpoint file[^\n]*never renames or replaces a file it did not write/);
+    assert.match(
+      d.run.stderr,
+      /aeterna\.yaml is not a checkpoint file[^\n]*never renames or replaces a file it did not write/,
+    );
     assert.ok(fs.readFileSync(d.configFile).equals(config), 'the config is untouched');
     assert.ok(!fs.existsSync(`${d.configFile}.corrupt`));
   });
@@ -319,7 +401,10 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
     fs.writeFileSync(`${d.dir}/checkpoint.bin`, 'not yours\n');
     assert.deepEqual(await burst(d, 1), { count: 1, codes: { write_failed: 1 }, inOrder: true, seqs: [], stored: 0 });
     assert.equal(fs.readFileSync(`${d.dir}/checkpoint.bin`, 'utf8'), 'not yours\n');
-    assert.deepEqual(fs.readdirSync(d.dir).filter((f) => f.endsWith('.tmp')), []);
+    assert.deepEqual(
+      fs.readdirSync(d.dir).filter((f) => f.endsWith('.tmp')),
+      [],
+    );
     assert.equal(await d.stop(), 0);
   });
 
@@ -352,6 +437,9 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
 /** The daemon's state, asked over its control socket path (the config is a FIFO now: the CLI is given the socket). */
 async function statusWithin(d: Daemon): Promise<string | null> {
   const { call } = await import('../../../src/control/client');
-  const r = await Promise.race([call(path.join(d.dir, 'control.sock'), { cmd: 'status' }), new Promise<null>((res) => setTimeout(() => res(null), 60000))]);
+  const r = await Promise.race([
+    call(path.join(d.dir, 'control.sock'), { cmd: 'status' }),
+    new Promise<null>((res) => setTimeout(() => res(null), 60000)),
+  ]);
   return r && 'status' in r ? r.status.state : null;
 }

@@ -17,14 +17,48 @@ after(async () => {
   for (const d of daemons) await d.run.killAll();
 });
 
-type Reply = { pid: number; generation: string; history?: string[]; size?: number; sha256?: string; seq?: number; error?: string; source: string | null; loaded_seq: number | null };
-const request = (port: number, method: string, path: string, body?: string, agent: http.Agent | false = false): Promise<Reply> => requestJson<Reply>(port, method, path, body, agent);
+type Reply = {
+  pid: number;
+  generation: string;
+  history?: string[];
+  size?: number;
+  sha256?: string;
+  seq?: number;
+  error?: string;
+  source: string | null;
+  loaded_seq: number | null;
+};
+const request = (
+  port: number,
+  method: string,
+  path: string,
+  body?: string,
+  agent: http.Agent | false = false,
+): Promise<Reply> => requestJson<Reply>(port, method, path, body, agent);
 
 /** `handoff`: more keys of state_handoff (its timeout among them). */
-async function started(env: string[], checkpoint = '{ enabled: true }', pid1 = false, command = APP, metricsPort?: number, handoff = 'timeout: "60s"'): Promise<{ d: Daemon; port: number }> {
+async function started(
+  env: string[],
+  checkpoint = '{ enabled: true }',
+  pid1 = false,
+  command = APP,
+  metricsPort?: number,
+  handoff = 'timeout: "60s"',
+): Promise<{ d: Daemon; port: number }> {
   const port = await freePort();
-  const d = new Daemon({ command, port, metricsPort, env, readiness: '{ mode: "notify", timeout: "60s" }', stopTimeout: '5s', restart: '{ policy: "always", max_restarts: 10, window: "60s" }' });
-  d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", ${handoff}, checkpoint: ${checkpoint} }` });
+  const d = new Daemon({
+    command,
+    port,
+    metricsPort,
+    env,
+    readiness: '{ mode: "notify", timeout: "60s" }',
+    stopTimeout: '5s',
+    restart: '{ policy: "always", max_restarts: 10, window: "60s" }',
+  });
+  d.write({
+    ...d.options,
+    handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", ${handoff}, checkpoint: ${checkpoint} }`,
+  });
   d.start(pid1);
   daemons.push(d);
   await d.waitStatus((s) => s.state === 'Running');
@@ -38,10 +72,18 @@ async function appPid(d: Daemon): Promise<number> {
   return app[0];
 }
 
-type ReloadRecord = { outcome: string; code: string | null; reason: string | null; phases: Array<{ phase: string; detail?: string }> };
+type ReloadRecord = {
+  outcome: string;
+  code: string | null;
+  reason: string | null;
+  phases: Array<{ phase: string; detail?: string }>;
+};
 const reloadRecord = async (d: Daemon): Promise<{ code: number | null; record: ReloadRecord }> => {
   const r = await d.cli('reload', '--json');
-  const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { type: string; record?: ReloadRecord });
+  const lines = r.stdout
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as { type: string; record?: ReloadRecord });
   return { code: r.code, record: lines.find((l) => l.type === 'outcome')!.record! };
 };
 
@@ -53,22 +95,26 @@ async function killApp(d: Daemon): Promise<void> {
 }
 
 describe('checkpoints', { timeout: 180000 }, () => {
-  it('kill -9 of the app (Aeterna as PID 1): the restarted generation loads the latest JSON checkpoint', { skip: pidNamespaceUnavailable() ?? false }, async () => {
-    const { d, port } = await started(['CHECKPOINT=1'], '{ enabled: true }', true);
-    const messages = ['hello', 'what is a subreaper?', 'and SCM_RIGHTS?'];
-    const seqs: Array<number | undefined> = [];
-    for (const m of messages) seqs.push((await request(port, 'POST', '/sessions/s1/messages', m)).seq);
-    assert.deepEqual(seqs, [1, 2, 3]);
-    const first = await request(port, 'GET', '/sessions/s1');
-    assert.equal(first.source, null, 'the first generation starts with no state');
-    await killApp(d);
-    const after = await request(port, 'GET', '/sessions/s1');
-    assert.notEqual(after.pid, first.pid);
-    assert.deepEqual(after.history, messages);
-    assert.equal(after.source, 'checkpoint');
-    assert.equal(after.loaded_seq, 3);
-    assert.equal(await d.stop(), 0);
-  });
+  it(
+    'kill -9 of the app (Aeterna as PID 1): the restarted generation loads the latest JSON checkpoint',
+    { skip: pidNamespaceUnavailable() ?? false },
+    async () => {
+      const { d, port } = await started(['CHECKPOINT=1'], '{ enabled: true }', true);
+      const messages = ['hello', 'what is a subreaper?', 'and SCM_RIGHTS?'];
+      const seqs: Array<number | undefined> = [];
+      for (const m of messages) seqs.push((await request(port, 'POST', '/sessions/s1/messages', m)).seq);
+      assert.deepEqual(seqs, [1, 2, 3]);
+      const first = await request(port, 'GET', '/sessions/s1');
+      assert.equal(first.source, null, 'the first generation starts with no state');
+      await killApp(d);
+      const after = await request(port, 'GET', '/sessions/s1');
+      assert.notEqual(after.pid, first.pid);
+      assert.deepEqual(after.history, messages);
+      assert.equal(after.source, 'checkpoint');
+      assert.equal(after.loaded_seq, 3);
+      assert.equal(await d.stop(), 0);
+    },
+  );
 
   it('kill -9 of a Python app: relay.checkpoint() in the Python SDK is restored the same way', async () => {
     const { d, port } = await started(['CHECKPOINT=1'], '{ enabled: true }', false, PYTHON_APP);
@@ -120,12 +166,17 @@ describe('checkpoints', { timeout: 180000 }, () => {
     assert.equal(big.seq, undefined);
     assert.equal(big.error, 'too_large');
     // Aeterna's log line travels its own pipe: wait for it (a hang guard), then check what it says.
-    await d.run.waitFor(/"code":"too_large"[^\n]*"msg":"checkpoint refused|"msg":"checkpoint refused[^\n]*"code":"too_large"/);
+    await d.run.waitFor(
+      /"code":"too_large"[^\n]*"msg":"checkpoint refused|"msg":"checkpoint refused[^\n]*"code":"too_large"/,
+    );
     assert.ok(d.run.logs().some((l) => String(l.msg).startsWith('checkpoint refused') && l.code === 'too_large'));
     const metrics = (await getText(metricsPort, '/metrics')).body;
     assert.equal(metricSample(metrics, 'aeterna_checkpoints_total{result="stored"}'), 1);
     assert.equal(metricSample(metrics, 'aeterna_checkpoints_total{result="too_large"}'), 1);
-    assert.equal(metricSample(metrics, 'aeterna_checkpoint_bytes'), Buffer.byteLength(JSON.stringify({ s1: ['small'] })));
+    assert.equal(
+      metricSample(metrics, 'aeterna_checkpoint_bytes'),
+      Buffer.byteLength(JSON.stringify({ s1: ['small'] })),
+    );
     assert.ok((metricSample(metrics, 'aeterna_checkpoint_age_seconds') ?? -1) >= 0);
     const status = await d.cli('status', '--json');
     assert.equal((JSON.parse(status.stdout) as { checkpoint: { seq: number } }).checkpoint.seq, 1);
@@ -142,7 +193,7 @@ describe('checkpoints', { timeout: 180000 }, () => {
     const r = await request(port, 'POST', '/sessions/s1/messages', 'tampered');
     assert.equal(r.error, 'checksum_mismatch');
     assert.equal(r.seq, undefined);
-    assert.equal(JSON.parse((await d.cli('status', '--json')).stdout).checkpoint, null);
+    assert.equal((JSON.parse((await d.cli('status', '--json')).stdout) as { checkpoint: unknown }).checkpoint, null);
     await killApp(d);
     const after = await request(port, 'GET', '/sessions/s1');
     assert.equal(after.source, null);
@@ -157,7 +208,10 @@ describe('checkpoints', { timeout: 180000 }, () => {
     const generation = (await d.status()).generation;
     void request(port, 'POST', '/checkpoint-and-die').catch(() => undefined);
     await d.waitStatus((s) => s.state === 'Running' && s.generation > generation, 60000);
-    assert.ok(d.run.logs().some((l) => String(l.msg).startsWith('checkpoint cut short')), 'Aeterna saw the checkpoint cut short');
+    assert.ok(
+      d.run.logs().some((l) => String(l.msg).startsWith('checkpoint cut short')),
+      'Aeterna saw the checkpoint cut short',
+    );
     const after = await request(port, 'GET', '/blob');
     assert.equal(after.source, 'checkpoint');
     assert.equal(after.loaded_seq, 1);
@@ -205,7 +259,10 @@ describe('checkpoints', { timeout: 180000 }, () => {
       const after = await request(port, 'GET', '/sessions/s1');
       assert.equal(after.source, null, `${what}: no state offered`);
       assert.deepEqual(after.history, [], what);
-      assert.ok(d.run.logs().some((l) => l.code === 'E_CHECKPOINT_CORRUPT'), `${what}: logged`);
+      assert.ok(
+        d.run.logs().some((l) => l.code === 'E_CHECKPOINT_CORRUPT'),
+        `${what}: logged`,
+      );
       assert.ok(fs.existsSync(`${file}.corrupt`) && !fs.existsSync(file), `${what}: set aside`);
       assert.equal(await d.stop(), 0);
     }
@@ -218,12 +275,22 @@ describe('checkpoints', { timeout: 180000 }, () => {
     assert.equal((await request(port, 'POST', '/checkpoint')).seq, 1);
     const grewMiB = (processMemory(aeterna).hwm - mem0.rss) / 1024;
     t.diagnostic(`Aeterna's peak RSS grew by ${grewMiB.toFixed(1)} MiB storing a 256 MiB streamed checkpoint`);
-    assert.ok(grewMiB < 64, `Aeterna's peak RSS grew by ${grewMiB.toFixed(0)} MiB storing a 256 MiB checkpoint (written to a memfd as it arrives)`);
+    assert.ok(
+      grewMiB < 64,
+      `Aeterna's peak RSS grew by ${grewMiB.toFixed(0)} MiB storing a 256 MiB checkpoint (written to a memfd as it arrives)`,
+    );
     assert.equal(await d.stop(), 0);
   });
 
   it('on_dump_failure: checkpoint: a reload whose old generation is SIGSTOPped goes on with the latest checkpoint', async () => {
-    const { d, port } = await started(['CHECKPOINT=1'], '{ enabled: true }', false, APP, undefined, 'timeout: "2s", on_dump_failure: "checkpoint"');
+    const { d, port } = await started(
+      ['CHECKPOINT=1'],
+      '{ enabled: true }',
+      false,
+      APP,
+      undefined,
+      'timeout: "2s", on_dump_failure: "checkpoint"',
+    );
     assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'one')).seq, 1);
     assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'two')).seq, 2);
     const old = await appPid(d);
@@ -233,8 +300,19 @@ describe('checkpoints', { timeout: 180000 }, () => {
     assert.equal(record.outcome, 'promoted');
     const relayed = record.phases.find((p) => p.phase === 'relayed');
     assert.match(relayed?.detail ?? '', /from checkpoint 2 \(/);
-    assert.ok(record.phases.some((p) => p.phase === 'relaying' && /checkpoint 2 .*generation 1 could not dump/.test(p.detail ?? '')));
-    assert.ok(d.run.logs().some((l) => /generation 1 could not dump its state .*going on with checkpoint 2/.test(String(l.msg)) && l.seq === 2));
+    assert.ok(
+      record.phases.some(
+        (p) => p.phase === 'relaying' && /checkpoint 2 .*generation 1 could not dump/.test(p.detail ?? ''),
+      ),
+    );
+    assert.ok(
+      d.run
+        .logs()
+        .some(
+          (l) =>
+            /generation 1 could not dump its state .*going on with checkpoint 2/.test(String(l.msg)) && l.seq === 2,
+        ),
+    );
     const after = await request(port, 'GET', '/sessions/s1');
     assert.equal(after.generation, '2');
     assert.deepEqual(after.history, ['one', 'two']);
@@ -247,7 +325,14 @@ describe('checkpoints', { timeout: 180000 }, () => {
   for (const how of ['refuses the dump (ack ok:false)', 'is killed with SIGKILL while asked to dump'] as const) {
     it(`on_dump_failure: checkpoint: a reload whose old generation ${how} goes on with the latest checkpoint`, async () => {
       const env = ['CHECKPOINT=1', how.startsWith('refuses') ? 'FAIL_DUMP=1' : 'HANG_DUMP=1'];
-      const { d, port } = await started(env, '{ enabled: true }', false, APP, undefined, 'timeout: "60s", on_dump_failure: "checkpoint"');
+      const { d, port } = await started(
+        env,
+        '{ enabled: true }',
+        false,
+        APP,
+        undefined,
+        'timeout: "60s", on_dump_failure: "checkpoint"',
+      );
       assert.equal((await request(port, 'POST', '/sessions/s1/messages', 'one')).seq, 1);
       const old = await appPid(d);
       const reload = reloadRecord(d);
@@ -269,7 +354,14 @@ describe('checkpoints', { timeout: 180000 }, () => {
   }
 
   it('on_dump_failure: checkpoint with no checkpoint stored: the reload rolls back and the old generation serves on untouched (and its late answer is dropped)', async () => {
-    const { d, port } = await started([], '{ enabled: true }', false, APP, undefined, 'timeout: "2s", on_dump_failure: "checkpoint"');
+    const { d, port } = await started(
+      [],
+      '{ enabled: true }',
+      false,
+      APP,
+      undefined,
+      'timeout: "2s", on_dump_failure: "checkpoint"',
+    );
     await request(port, 'POST', '/sessions/s1/messages', 'kept');
     const old = await appPid(d);
     process.kill(old, 'SIGSTOP');
@@ -295,18 +387,41 @@ describe('checkpoints', { timeout: 180000 }, () => {
   });
 
   it('an "fds": false client (as the Java SDK) is streamed the stored memfd checkpoint as data frames with its sha256', async () => {
-    const { d, port } = await started(['STATE_MODE=memfd', `BLOB_BYTES=${3 << 20}`], '{ enabled: true }', false, APP, undefined, 'timeout: "2s", on_dump_failure: "checkpoint"');
+    const { d, port } = await started(
+      ['STATE_MODE=memfd', `BLOB_BYTES=${3 << 20}`],
+      '{ enabled: true }',
+      false,
+      APP,
+      undefined,
+      'timeout: "2s", on_dump_failure: "checkpoint"',
+    );
     const before = await request(port, 'GET', '/blob');
     assert.equal((await request(port, 'POST', '/checkpoint')).seq, 1);
     // The next generation is a client that cannot take a memfd; the old one cannot dump, so it gets the checkpoint.
     process.kill(await appPid(d), 'SIGSTOP');
-    d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'nofds'], readiness: '{ mode: "delay", delay: "100ms", timeout: "60s" }' });
+    d.write({
+      ...d.options,
+      command: [process.execPath, fixture('apps', 'srp_peer.js'), 'nofds'],
+      readiness: '{ mode: "delay", delay: "100ms", timeout: "60s" }',
+    });
     const { record } = await reloadRecord(d);
     assert.equal(record.outcome, 'promoted', record.reason ?? '');
-    const header = JSON.parse((await d.run.waitFor(/^GOT (\{"op":"load".*)$/m))[1]) as { size: number; sha256?: string; transport?: string; source: string; seq: number };
+    const header = JSON.parse((await d.run.waitFor(/^GOT (\{"op":"load".*)$/m))[1]) as {
+      size: number;
+      sha256?: string;
+      transport?: string;
+      source: string;
+      seq: number;
+    };
     assert.equal(header.transport, undefined, 'streamed, not a memfd');
     assert.equal(header.sha256, before.sha256, 'announced with its sha256 up front');
-    const loaded = JSON.parse((await d.run.waitFor(/^LOADED (.*)$/m))[1]) as { size: number; sha256: string; verified: boolean; source: string; seq: number };
+    const loaded = JSON.parse((await d.run.waitFor(/^LOADED (.*)$/m))[1]) as {
+      size: number;
+      sha256: string;
+      verified: boolean;
+      source: string;
+      seq: number;
+    };
     assert.deepEqual(loaded, { size: 3 << 20, sha256: before.sha256, verified: true, source: 'checkpoint', seq: 1 });
     await d.stop(); // the peer has no SIGTERM handler: its exit code is not the point here
   });

@@ -53,7 +53,12 @@ describe('state socket under hostile input', { timeout: 120000 }, () => {
   let aeterna: number;
   before(async () => {
     port = await freePort();
-    d = new Daemon({ command: [process.execPath, fixture('apps', 'stateful_app.js')], port, handoff: true, readiness: '{ mode: "notify", timeout: "20s" }' }).start();
+    d = new Daemon({
+      command: [process.execPath, fixture('apps', 'stateful_app.js')],
+      port,
+      handoff: true,
+      readiness: '{ mode: "notify", timeout: "20s" }',
+    }).start();
     await d.waitStatus((s) => s.state === 'Running');
     sock = path.join(d.dir, 'state.sock');
     aeterna = await d.run.aeternaPid();
@@ -64,18 +69,58 @@ describe('state socket under hostile input', { timeout: 120000 }, () => {
 
   const cases: Array<[string, () => Promise<string>, RegExp]> = [
     ['a length header of 0', () => probe(port, header(0)), /"code":"bad_frame","message":"frame length 0"/],
-    ['a length header of 16 MiB + 1', () => probe(port, header((16 << 20) + 1)), /"code":"too_large","message":"frame length 16777217 is above the limit of 16777216 bytes"/],
+    [
+      'a length header of 16 MiB + 1',
+      () => probe(port, header((16 << 20) + 1)),
+      /"code":"too_large","message":"frame length 16777217 is above the limit of 16777216 bytes"/,
+    ],
     ['a length header of 4 GiB', () => probe(port, header(0xffffffff)), /"code":"too_large"/],
-    ['invalid UTF-8', () => probe(port, encodeFrame(Buffer.from([0x7b, 0xc3, 0x28, 0x7d]))), /"code":"bad_json","message":"control frame is not valid UTF-8"/],
-    ['invalid JSON', () => probe(port, frame('{"op":"hello",')), /"code":"bad_json","message":"control frame is not JSON/],
-    ['an unknown op', () => probe(port, frame('{"op":"format_disk"}')), /"code":"unexpected_op","message":"unknown op \\"format_disk\\""/],
-    ['an op out of order (state before hello)', () => probe(port, frame('{"op":"state","size":0}')), /"code":"unexpected_op","message":"expected hello, got \\"state\\""/],
+    [
+      'invalid UTF-8',
+      () => probe(port, encodeFrame(Buffer.from([0x7b, 0xc3, 0x28, 0x7d]))),
+      /"code":"bad_json","message":"control frame is not valid UTF-8"/,
+    ],
+    [
+      'invalid JSON',
+      () => probe(port, frame('{"op":"hello",')),
+      /"code":"bad_json","message":"control frame is not JSON/,
+    ],
+    [
+      'an unknown op',
+      () => probe(port, frame('{"op":"format_disk"}')),
+      /"code":"unexpected_op","message":"unknown op \\"format_disk\\""/,
+    ],
+    [
+      'an op out of order (state before hello)',
+      () => probe(port, frame('{"op":"state","size":0}')),
+      /"code":"unexpected_op","message":"expected hello, got \\"state\\""/,
+    ],
     ['a hello of another version', () => probe(port, frame('{"op":"hello","v":2}')), /"code":"unsupported_version"/],
-    ['fds announced but none attached', () => probe(port, frame('{"op":"state","size":0,"fds":["conn:1"]}')), /"code":"bad_frame","message":"1 fds announced but none arrived with the frame"/],
-    ['an fd attached where none is announced', () => probe(port, frame('{"op":"hello","v":1}'), { fd: true }), /"code":"bad_frame","message":"1 fds arrived where none were announced"/],
-    ['a second relay connection of a generation that has one', () => probe(port, frame('{"op":"hello","v":1}')), /"code":"busy","message":"generation 1 already has a relay connection"/],
-    ['a valid hello from a process that is not a managed generation', () => exchange(sock, frame('{"op":"hello","v":1}')), /"code":"forbidden"/],
-    ['bytes of any kind from a process that is not a managed generation', () => exchange(sock, header(0xffffffff)), /"code":"forbidden"/],
+    [
+      'fds announced but none attached',
+      () => probe(port, frame('{"op":"state","size":0,"fds":["conn:1"]}')),
+      /"code":"bad_frame","message":"1 fds announced but none arrived with the frame"/,
+    ],
+    [
+      'an fd attached where none is announced',
+      () => probe(port, frame('{"op":"hello","v":1}'), { fd: true }),
+      /"code":"bad_frame","message":"1 fds arrived where none were announced"/,
+    ],
+    [
+      'a second relay connection of a generation that has one',
+      () => probe(port, frame('{"op":"hello","v":1}')),
+      /"code":"busy","message":"generation 1 already has a relay connection"/,
+    ],
+    [
+      'a valid hello from a process that is not a managed generation',
+      () => exchange(sock, frame('{"op":"hello","v":1}')),
+      /"code":"forbidden"/,
+    ],
+    [
+      'bytes of any kind from a process that is not a managed generation',
+      () => exchange(sock, header(0xffffffff)),
+      /"code":"forbidden"/,
+    ],
   ];
   for (const [name, run, expected] of cases) {
     it(`${name}: a clear error, then closed`, async () => {
@@ -122,7 +167,11 @@ describe('state socket under hostile input', { timeout: 120000 }, () => {
 
 function fetchPost(port: number, url: string, body: string): Promise<void> {
   return new Promise((resolve, reject) => {
-    const socket = net.connect(port, '127.0.0.1', () => socket.end(`POST ${url} HTTP/1.1\r\nHost: x\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`));
+    const socket = net.connect(port, '127.0.0.1', () =>
+      socket.end(
+        `POST ${url} HTTP/1.1\r\nHost: x\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`,
+      ),
+    );
     socket.on('data', () => undefined);
     socket.on('close', () => resolve());
     socket.on('error', reject);

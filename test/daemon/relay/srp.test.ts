@@ -18,12 +18,26 @@ after(async () => {
 });
 
 type Reply = { pid: number; generation: string; history?: string[]; size?: number; sha256?: string };
-const request = (port: number, method: string, path: string, body?: string, agent: http.Agent | false = false): Promise<Reply> => requestJson<Reply>(port, method, path, body, agent);
+const request = (
+  port: number,
+  method: string,
+  path: string,
+  body?: string,
+  agent: http.Agent | false = false,
+): Promise<Reply> => requestJson<Reply>(port, method, path, body, agent);
 
 async function started(options: Partial<ConfigOptions> = {}): Promise<{ d: Daemon; port: number }> {
   const port = options.port ?? (await freePort());
-  const d = new Daemon({ command: APP, port, handoff: true, readiness: '{ mode: "notify", timeout: "90s" }', stopTimeout: '5s', ...options });
-  if (options.handoff === 'LONG') d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "90s" }` });
+  const d = new Daemon({
+    command: APP,
+    port,
+    handoff: true,
+    readiness: '{ mode: "notify", timeout: "90s" }',
+    stopTimeout: '5s',
+    ...options,
+  });
+  if (options.handoff === 'LONG')
+    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "90s" }` });
   d.start();
   daemons.push(d);
   await d.waitStatus((s) => s.state === 'Running');
@@ -48,7 +62,10 @@ describe('state relay', { timeout: 180000 }, () => {
     assert.equal(after.generation, '2');
     assert.deepEqual(after.history, messages);
     const s = await d.status();
-    assert.ok(s.last_reload && (s.last_reload as unknown as { phases: Array<{ phase: string }> }).phases.some((p) => p.phase === 'relayed'));
+    assert.ok(
+      s.last_reload &&
+        (s.last_reload as unknown as { phases: Array<{ phase: string }> }).phases.some((p) => p.phase === 'relayed'),
+    );
     assert.equal(await d.stop(), 0);
   });
 
@@ -74,13 +91,20 @@ describe('state relay', { timeout: 180000 }, () => {
     assert.equal(after.sha256, before.sha256);
     const mem1 = memory(aeterna);
     const grewMiB = (mem1.hwm - Math.max(mem0.rss, 0)) / 1024;
-    assert.ok(grewMiB < 96, `Aeterna's peak RSS grew by ${grewMiB.toFixed(0)} MiB relaying 256 MiB (window-bounded, not the whole state)`);
+    assert.ok(
+      grewMiB < 96,
+      `Aeterna's peak RSS grew by ${grewMiB.toFixed(0)} MiB relaying 256 MiB (window-bounded, not the whole state)`,
+    );
     assert.equal(await d.stop(), 0);
   });
 
   it('a 1 GiB memfd state is handed over without passing through Aeterna', async () => {
     // Generous relay timeout: the new generation reads and hashes the whole GiB before it acks.
-    const { d, port } = await started({ env: ['STATE_MODE=memfd', `BLOB_BYTES=${1 << 30}`], stopTimeout: '20s', handoff: 'LONG' });
+    const { d, port } = await started({
+      env: ['STATE_MODE=memfd', `BLOB_BYTES=${1 << 30}`],
+      stopTimeout: '20s',
+      handoff: 'LONG',
+    });
     const aeterna = await d.run.aeternaPid();
     const before = await request(port, 'GET', '/blob');
     assert.equal(before.size, 1 << 30);
@@ -91,7 +115,9 @@ describe('state relay', { timeout: 180000 }, () => {
     assert.equal(after.size, 1 << 30);
     assert.equal(after.sha256, before.sha256);
     assert.ok((memory(aeterna).hwm - mem0.rss) / 1024 < 64, 'the memfd was not read by Aeterna');
-    assert.ok(d.run.logs().some((l) => l.msg === 'relay: state announced' && l.transport === 'memfd' && l.size === 1 << 30));
+    assert.ok(
+      d.run.logs().some((l) => l.msg === 'relay: state announced' && l.transport === 'memfd' && l.size === 1 << 30),
+    );
     assert.equal(await d.stop(), 0);
   });
 
@@ -110,7 +136,7 @@ describe('state relay', { timeout: 180000 }, () => {
           const length = Number(/content-length: (\d+)/i.exec(buf)![1]);
           if (buf.length < end + 4 + length) return;
           socket.off('data', onData);
-          resolve(JSON.parse(buf.slice(end + 4, end + 4 + length)));
+          resolve(JSON.parse(buf.slice(end + 4, end + 4 + length)) as { pid: number; generation: string });
         };
         socket.on('data', onData);
         socket.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
@@ -134,7 +160,13 @@ describe('state relay', { timeout: 180000 }, () => {
     const viaOld = await request(port, 'POST', '/sessions/s1/messages', 'before the reload', oldAgent);
     const reload = d.cli('reload');
     await d.waitStatus((s) => s.state === 'Soaking');
-    const late = await request(port, 'POST', '/sessions/s1/messages', 'during the soak, on the old generation', oldAgent);
+    const late = await request(
+      port,
+      'POST',
+      '/sessions/s1/messages',
+      'during the soak, on the old generation',
+      oldAgent,
+    );
     assert.equal(late.pid, viaOld.pid, 'the change was made on the old generation, after its first dump');
     oldAgent.destroy();
     assert.equal((await d.cli('promote')).code, 0);
@@ -142,8 +174,14 @@ describe('state relay', { timeout: 180000 }, () => {
     await d.run.waitFor(/"final":true,"msg":"relay: state announced"/);
     await d.run.waitFor(/final state sync relayed/);
     // Both dumps tell the old generation how long Aeterna waits (state_handoff.timeout): its SDK waits as long.
-    const dumps = d.run.logs().filter((l) => l.msg === 'relay: dump requested').map((l) => [l.final, l.timeout_ms]);
-    assert.deepEqual(dumps, [[false, 10000], [true, 10000]]);
+    const dumps = d.run
+      .logs()
+      .filter((l) => l.msg === 'relay: dump requested')
+      .map((l) => [l.final, l.timeout_ms]);
+    assert.deepEqual(dumps, [
+      [false, 10000],
+      [true, 10000],
+    ]);
     const after = await request(port, 'GET', '/sessions/s1');
     assert.equal(after.generation, '2');
     assert.ok(after.history!.includes('during the soak, on the old generation'), JSON.stringify(after.history));
@@ -159,11 +197,13 @@ describe('state relay: what it exposes', { timeout: 60000 }, () => {
     await request(port, 'POST', '/sessions/s1/messages', 'top-secret-session-content');
     assert.equal((await d.cli('reload')).code, 0);
     const metrics = await new Promise<string>((resolve, reject) =>
-      http.get({ host: '127.0.0.1', port: metricsPort, path: '/metrics' }, (res) => {
-        let body = '';
-        res.on('data', (c: Buffer) => (body += c));
-        res.on('end', () => resolve(body));
-      }).on('error', reject),
+      http
+        .get({ host: '127.0.0.1', port: metricsPort, path: '/metrics' }, (res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c.toString()));
+          res.on('end', () => resolve(body));
+        })
+        .on('error', reject),
     );
     assert.match(metrics, /^aeterna_state_handoff_bytes_total [1-9]\d*$/m);
     assert.match(metrics, /^aeterna_state_handoff_duration_seconds_count 1$/m);
@@ -182,7 +222,11 @@ describe('a final sync cut short', { timeout: 120000 }, () => {
     await d.run.waitFor(/final state sync lost/);
     const second = await request(port, 'GET', '/blob');
     assert.equal(second.generation, '2');
-    assert.equal(second.sha256, original.sha256, 'the first dump arrived whole; the cut final one was refused, not applied');
+    assert.equal(
+      second.sha256,
+      original.sha256,
+      'the first dump arrived whole; the cut final one was refused, not applied',
+    );
     // Generation 2's relay connection is still in step: the next reload carries its state.
     assert.equal((await d.cli('reload')).code, 0);
     const third = await request(port, 'GET', '/blob');
@@ -195,7 +239,8 @@ describe('a final sync cut short', { timeout: 120000 }, () => {
 describe('state relay failures roll back; the old generation keeps serving with its state', { timeout: 180000 }, () => {
   async function expectRollback(change: Partial<ConfigOptions>, reason: RegExp): Promise<Daemon> {
     const { d, port } = await started();
-    if (typeof change.handoff === 'string') change = { ...change, handoff: change.handoff.replace('STATE_SOCK', `${d.dir}/state.sock`) };
+    if (typeof change.handoff === 'string')
+      change = { ...change, handoff: change.handoff.replace('STATE_SOCK', `${d.dir}/state.sock`) };
     const messages = await seed(port);
     const before = await request(port, 'GET', '/sessions/s1');
     const original = d.options;
@@ -217,7 +262,11 @@ describe('state relay failures roll back; the old generation keeps serving with 
     return d;
   }
 
-  it('nack: the new version refuses the state', async () => void await expectRollback({ env: ['NACK=1'] }, /state relay failed: generation 2 refused the state: load_failed: the app could not load the state: this version refuses every state/));
+  it('nack: the new version refuses the state', async () =>
+    void (await expectRollback(
+      { env: ['NACK=1'] },
+      /state relay failed: generation 2 refused the state: load_failed: the app could not load the state: this version refuses every state/,
+    )));
 
   it('checksum mismatch: the new generation detects it and refuses', async () => {
     // The old generation announces a wrong sha256 (BAD_SHA applies to the generation that dumps).
@@ -234,14 +283,26 @@ describe('state relay failures roll back; the old generation keeps serving with 
   });
 
   it('relay timeout: a new generation that hangs in its state load', async () =>
-    void await expectRollback({ env: ['HANG_LOAD=1'], handoff: `{ enabled: true, socket_path: "STATE_SOCK", timeout: "1s" }` }, /state relay failed: timed out after 1s/));
+    void (await expectRollback(
+      { env: ['HANG_LOAD=1'], handoff: `{ enabled: true, socket_path: "STATE_SOCK", timeout: "1s" }` },
+      /state relay failed: timed out after 1s/,
+    )));
 
   // The peer exits once Aeterna closes on it, so the rollback may be reported as its exit or as the relay failing.
-  const GONE = /state relay failed|exited with code 0 (before becoming ready|during the state relay)|before it connected to the relay/;
+  const GONE =
+    /state relay failed|exited with code 0 (before becoming ready|during the state relay)|before it connected to the relay/;
 
   it('garbage bytes from the new generation: error, closed, rolled back', async () => {
     const d = await expectRollback({ command: [process.execPath, fixture('apps', 'srp_peer.js'), 'garbage'] }, GONE);
-    assert.ok(d.run.logs().some((l) => /^relay connection closed: /.test(l.msg) && ['bad_frame', 'too_large', 'bad_json'].includes(String(l.code))), 'the garbage was answered with a protocol error');
+    assert.ok(
+      d.run
+        .logs()
+        .some(
+          (l) =>
+            /^relay connection closed: /.test(l.msg) && ['bad_frame', 'too_large', 'bad_json'].includes(String(l.code)),
+        ),
+      'the garbage was answered with a protocol error',
+    );
   });
 
   it('an oversized frame from the new generation: error, closed, rolled back', async () => {
@@ -256,11 +317,16 @@ describe('state relay failures roll back; the old generation keeps serving with 
     d.write({ ...d.options, env: ['HANG_LOAD=1'] });
     const reload = d.cli('reload');
     await d.run.waitFor(/relay: state announced/); // the state is on its way: the new process holds it unacked
-    const s = await d.waitStatus((st) => st.state === 'Handover' && (st as unknown as { candidate: { pid: number } | null }).candidate !== null);
+    const s = await d.waitStatus(
+      (st) => st.state === 'Handover' && (st as unknown as { candidate: { pid: number } | null }).candidate !== null,
+    );
     process.kill((s as unknown as { candidate: { pid: number } }).candidate.pid, 'SIGKILL');
     const r = await reload;
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /killed by SIGKILL during the state relay|generation 2 \(new\) died during the relay \(killed by SIGKILL\)/);
+    assert.match(
+      r.stderr,
+      /killed by SIGKILL during the state relay|generation 2 \(new\) died during the relay \(killed by SIGKILL\)/,
+    );
     const after = await request(port, 'GET', '/sessions/s1');
     assert.equal(after.pid, before.pid);
     assert.deepEqual(after.history, messages);
@@ -288,7 +354,11 @@ describe('state relay failures roll back; the old generation keeps serving with 
     // srp_peer says {"op":"hello","v":1}, as clients before the digest trailer do, and prints what it receives.
     const { d, port } = await started({ env: ['STATE_MODE=binary', `BLOB_BYTES=${4 << 20}`] });
     const before = await request(port, 'GET', '/blob');
-    d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'hang'], handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "2s" }` });
+    d.write({
+      ...d.options,
+      command: [process.execPath, fixture('apps', 'srp_peer.js'), 'hang'],
+      handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "2s" }`,
+    });
     const reload = d.cli('reload');
     const load = await d.run.waitFor(/GOT (\{[^\n]*"op":"load"[^\n]*\})/);
     await d.run.waitFor(/GOT <\d+ bytes>/); // its data frames follow
@@ -315,7 +385,10 @@ describe('state relay failures roll back; the old generation keeps serving with 
     process.kill((s as unknown as { candidate: { pid: number } }).candidate.pid, 'SIGKILL');
     const r = await reload;
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /killed by SIGKILL during the state relay|generation 2 \(new\) died during the relay \(killed by SIGKILL\)/);
+    assert.match(
+      r.stderr,
+      /killed by SIGKILL during the state relay|generation 2 \(new\) died during the relay \(killed by SIGKILL\)/,
+    );
     assert.doesNotMatch(r.stderr, /poll error|errno/);
     const after = await request(port, 'GET', '/blob');
     assert.equal(after.pid, before.pid);
@@ -329,7 +402,10 @@ describe('state relay failures roll back; the old generation keeps serving with 
     d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'nofds'] });
     const r = await d.cli('reload');
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /generation 2 cannot receive fds \(its hello said "fds": false\), but generation 1 sent a memfd state/);
+    assert.match(
+      r.stderr,
+      /generation 2 cannot receive fds \(its hello said "fds": false\), but generation 1 sent a memfd state/,
+    );
     const after = await request(port, 'GET', '/blob');
     assert.equal(after.pid, before.pid);
     assert.equal(after.sha256, before.sha256);
@@ -337,9 +413,16 @@ describe('state relay failures roll back; the old generation keeps serving with 
   });
 
   it('an old generation whose relay connection closed while it lives: the reload starts the new one without state and says why, naming when it closed', async () => {
-    const warnings = (d: Daemon): string[] => d.run.logs().map((l) => String(l.msg)).filter((m) => /^relay: generation \d+ has no state relay connection since /.test(m));
+    const warnings = (d: Daemon): string[] =>
+      d.run
+        .logs()
+        .map((l) => String(l.msg))
+        .filter((m) => /^relay: generation \d+ has no state relay connection since /.test(m));
     // Generation 1 never connects (a fresh start does not wait for it): nothing to warn about at the next reload.
-    const { d } = await started({ command: ['sleep', '60'], readiness: '{ mode: "delay", delay: "100ms", timeout: "20s" }' });
+    const { d } = await started({
+      command: ['sleep', '60'],
+      readiness: '{ mode: "delay", delay: "100ms", timeout: "20s" }',
+    });
     d.write({ ...d.options, command: [process.execPath, fixture('apps', 'srp_peer.js'), 'hangup'] });
     assert.equal((await d.cli('reload')).code, 0);
     assert.deepEqual(warnings(d), [], 'an app that never connected is not warned about');
@@ -348,7 +431,10 @@ describe('state relay failures roll back; the old generation keeps serving with 
     const r = await d.cli('reload');
     assert.equal(r.code, 0, r.stderr); // as docs/srp.md says: no relay connection, an empty load
     assert.equal(warnings(d).length, 1, 'the reload says the old generation lost its relay connection');
-    assert.match(warnings(d)[0], /^relay: generation 2 has no state relay connection since \S+ \(the app closed it\): generation 3 starts without its state$/);
+    assert.match(
+      warnings(d)[0],
+      /^relay: generation 2 has no state relay connection since \S+ \(the app closed it\): generation 3 starts without its state$/,
+    );
     await d.stop();
   });
 
@@ -357,21 +443,29 @@ describe('state relay failures roll back; the old generation keeps serving with 
     const messages = await seed(port);
     // Far more than the relay's connection table holds, none of them ever says hello.
     const idle = await Promise.all(
-      Array.from({ length: 100 }, () => new Promise<{ socket: net.Socket; answer: Promise<string> }>((resolve, reject) => {
-        const socket = net.connect(`${d.dir}/state.sock`);
-        socket.once('error', reject);
-        socket.once('connect', () => {
-          let got = '';
-          const answer = new Promise<string>((done) => {
-            socket.on('data', (c: Buffer) => (got += c.toString('latin1')));
-            socket.once('close', () => done(got));
-          });
-          resolve({ socket, answer });
-        });
-      })),
+      Array.from(
+        { length: 100 },
+        () =>
+          new Promise<{ socket: net.Socket; answer: Promise<string> }>((resolve, reject) => {
+            const socket = net.connect(`${d.dir}/state.sock`);
+            socket.once('error', reject);
+            socket.once('connect', () => {
+              let got = '';
+              const answer = new Promise<string>((done) => {
+                socket.on('data', (c: Buffer) => (got += c.toString('latin1')));
+                socket.once('close', () => done(got));
+              });
+              resolve({ socket, answer });
+            });
+          }),
+      ),
     );
     const answers = await Promise.all(idle.map((c) => c.answer));
-    assert.equal(answers.filter((a) => a.includes('"code":"forbidden"')).length, 100, 'every stranger got forbidden and was closed');
+    assert.equal(
+      answers.filter((a) => a.includes('"code":"forbidden"')).length,
+      100,
+      'every stranger got forbidden and was closed',
+    );
     const r = await d.cli('reload');
     assert.equal(r.code, 0, r.stderr);
     assert.deepEqual((await request(port, 'GET', '/sessions/s1')).history, messages);
@@ -380,11 +474,16 @@ describe('state relay failures roll back; the old generation keeps serving with 
 
   it('a process that is not a managed generation is refused (forbidden)', async () => {
     const { d } = await started();
-    const child = spawn(process.execPath, [fixture('apps', 'srp_peer.js'), 'stranger', `${d.dir}/state.sock`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const child = spawn(process.execPath, [fixture('apps', 'srp_peer.js'), 'stranger', `${d.dir}/state.sock`], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
     let out = '';
     child.stdout.setEncoding('utf8').on('data', (c: string) => (out += c));
     await new Promise((r) => child.on('exit', r));
-    assert.match(out, /GOT \{"op":"error","code":"forbidden","message":"pid \d+ is not a process of a generation Aeterna runs"\}/);
+    assert.match(
+      out,
+      /GOT \{"op":"error","code":"forbidden","message":"pid \d+ is not a process of a generation Aeterna runs"\}/,
+    );
     assert.equal((await d.status()).state, 'Running');
     assert.equal(await d.stop(), 0);
   });

@@ -124,13 +124,19 @@ describe('reloads', { timeout: 120000 }, () => {
   it('an invalid config at reload is refused and nothing changes', async () => {
     const { d } = await started({ command: APP });
     const before = await d.status();
-    fs.writeFileSync(d.configFile, fs.readFileSync(d.configFile, 'utf8').replace('strategy: "immediate"', 'strategy: "canry"'));
+    fs.writeFileSync(
+      d.configFile,
+      fs.readFileSync(d.configFile, 'utf8').replace('strategy: "immediate"', 'strategy: "canry"'),
+    );
     // --socket reaches the daemon without reading the config at all (-c works too: test/daemon/cli/cli.test.ts).
     const socket = ['--socket', path.join(d.dir, 'control.sock')];
     const r = await cli(['reload', ...socket]);
     assert.equal(r.code, 1);
     assert.match(r.stderr, /orchestration\.strategy: must be one of immediate, canary \(got "canry"\)/);
-    const s = JSON.parse((await cli(['status', '--json', ...socket])).stdout) as { pid: number; last_reload: { outcome: string; code: string } };
+    const s = JSON.parse((await cli(['status', '--json', ...socket])).stdout) as {
+      pid: number;
+      last_reload: { outcome: string; code: string };
+    };
     assert.equal(s.pid, before.pid);
     assert.equal(s.last_reload.outcome, 'failed');
     assert.equal(s.last_reload.code, 'E_CONFIG_INVALID');
@@ -138,7 +144,10 @@ describe('reloads', { timeout: 120000 }, () => {
   });
 
   it('an unmodified sd_notify app (Python, LISTEN_FDS + READY=1) reloads with zero failed requests', async () => {
-    const { d, port } = await started({ command: ['python3', fixture('apps', 'notify_app.py')], readiness: '{ mode: "notify", timeout: "10s" }' });
+    const { d, port } = await started({
+      command: ['python3', fixture('apps', 'notify_app.py')],
+      readiness: '{ mode: "notify", timeout: "10s" }',
+    });
     const load = startLoad(port, { concurrency: 4 });
     let pid = (await d.status()).pid;
     for (let i = 0; i < 5; i++) {
@@ -151,7 +160,10 @@ describe('reloads', { timeout: 120000 }, () => {
     const stats = await load.stop();
     assert.equal(stats.failed, 0, JSON.stringify(stats.failures));
     assert.ok(stats.ok > 0);
-    assert.ok(d.run.logs().some((l) => l.msg === 'generation ready' && /READY=1/.test(String(l.source))), 'readiness came from sd_notify');
+    assert.ok(
+      d.run.logs().some((l) => l.msg === 'generation ready' && /READY=1/.test(String(l.source))),
+      'readiness came from sd_notify',
+    );
     assert.equal(await d.stop(), 0);
   });
 });
@@ -163,7 +175,11 @@ describe('crash restarts', { timeout: 120000 }, () => {
     // The first run crashes once (and leaves a marker); the restarted one stays up.
     const script = `if [ -e ${marker} ]; then exec ${process.execPath} ${fixture('apps', 'reload_app.js')}; else touch ${marker}; exit 3; fi`;
     const port = await freePort();
-    d0.write({ command: ['sh', '-c', script], port, restart: '{ policy: "on-failure", max_restarts: 3, window: "60s" }' });
+    d0.write({
+      command: ['sh', '-c', script],
+      port,
+      restart: '{ policy: "on-failure", max_restarts: 3, window: "60s" }',
+    });
     d0.start();
     daemons.push(d0);
     const s = await d0.waitStatus((st) => st.state === 'Running');
@@ -176,7 +192,10 @@ describe('crash restarts', { timeout: 120000 }, () => {
   });
 
   it('more than max_restarts within the window is a crash loop: aeterna exits non-zero and says why', async () => {
-    const d = new Daemon({ command: ['sh', '-c', 'exit 3'], restart: '{ policy: "on-failure", max_restarts: 3, window: "60s" }' }).start();
+    const d = new Daemon({
+      command: ['sh', '-c', 'exit 3'],
+      restart: '{ policy: "on-failure", max_restarts: 3, window: "60s" }',
+    }).start();
     daemons.push(d);
     const exit = await d.run.exit();
     assert.equal(exit.code, 3);
@@ -197,8 +216,13 @@ describe('crash restarts', { timeout: 120000 }, () => {
 });
 
 describe('what logs and status say', { timeout: 120000 }, () => {
-  it('an app that never sends READY=1 under the default notify readiness: the timeout\'s log line names readiness.mode and READY=1', async () => {
-    const d = new Daemon({ command: APP, port: await freePort(), readiness: '{ mode: "notify", timeout: "500ms" }', restart: '{ policy: "always" }' }).start();
+  it("an app that never sends READY=1 under the default notify readiness: the timeout's log line names readiness.mode and READY=1", async () => {
+    const d = new Daemon({
+      command: APP,
+      port: await freePort(),
+      readiness: '{ mode: "notify", timeout: "500ms" }',
+      restart: '{ policy: "always" }',
+    }).start();
     daemons.push(d);
     await d.run.waitFor(/"code":"E_READY_TIMEOUT"/);
     const line = d.run.logs().find((l) => l.code === 'E_READY_TIMEOUT');
@@ -212,7 +236,11 @@ describe('what logs and status say', { timeout: 120000 }, () => {
 
   it('under the default on-failure policy, an app stopped for never becoming ready is restarted even though it exits 0', async () => {
     // The fixture exits 0 on SIGTERM: that exit is Aeterna's doing, the failure is the readiness timeout.
-    const d = new Daemon({ command: APP, port: await freePort(), readiness: '{ mode: "notify", timeout: "500ms" }' }).start();
+    const d = new Daemon({
+      command: APP,
+      port: await freePort(),
+      readiness: '{ mode: "notify", timeout: "500ms" }',
+    }).start();
     daemons.push(d);
     await d.run.waitFor(/"code":"E_READY_TIMEOUT"/);
     await d.run.waitFor(/restarting in/);
@@ -228,13 +256,23 @@ describe('what logs and status say', { timeout: 120000 }, () => {
     assert.equal(r.code, 0, r.stderr);
     const lines = d.run.stderr.split('\n').filter((l) => l.includes('"reload-1"'));
     assert.ok(lines.length > 0, d.run.stderr);
-    assert.deepEqual(lines.filter((l) => /Soaking|soak-elapsed|soaking/.test(l)), []);
-    const transitions = d.run.logs().filter((l) => l.reload === 'reload-1' && typeof l.event === 'string').map((l) => `${l.from}>${l.to}:${l.event}`);
-    assert.deepEqual(transitions, ['Running>Handover:reload', 'Handover>Draining:ready-immediate', 'Draining>Running:drain-done']);
+    assert.deepEqual(
+      lines.filter((l) => /Soaking|soak-elapsed|soaking/.test(l)),
+      [],
+    );
+    const transitions = d.run
+      .logs()
+      .filter((l) => l.reload === 'reload-1' && typeof l.event === 'string')
+      .map((l) => `${String(l.from)}>${String(l.to)}:${String(l.event)}`);
+    assert.deepEqual(transitions, [
+      'Running>Handover:reload',
+      'Handover>Draining:ready-immediate',
+      'Draining>Running:drain-done',
+    ]);
     assert.equal(await d.stop(), 0);
   });
 
-  it('status during the canary soak of a reload whose config changed the strategy shows that reload\'s strategy, text and --json', async () => {
+  it("status during the canary soak of a reload whose config changed the strategy shows that reload's strategy, text and --json", async () => {
     const { d } = await started({ command: APP }); // immediate
     assert.equal((await statusOf(d)).strategy, 'immediate');
     d.write({ ...d.options, strategy: 'canary', soak: '10m' });

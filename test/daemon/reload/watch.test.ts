@@ -19,7 +19,11 @@ after(async () => {
 });
 
 /** A running daemon; `prepare` lays out its directory before it starts. */
-async function started(options: ConfigOptions, prepare: (d: Daemon) => void = () => undefined, pid1 = false): Promise<Daemon> {
+async function started(
+  options: ConfigOptions,
+  prepare: (d: Daemon) => void = () => undefined,
+  pid1 = false,
+): Promise<Daemon> {
   const d = new Daemon(options);
   prepare(d);
   d.start(pid1);
@@ -37,7 +41,10 @@ function watched(d: Daemon, name = 'app.conf'): string {
 
 /** Reload records logged with their outcome, by trigger. */
 function settledReloads(d: Daemon, trigger: string): Array<{ reload: string; outcome: string }> {
-  return d.run.logs().filter((l) => l['trigger'] === trigger && typeof l['outcome'] === 'string') as unknown as Array<{ reload: string; outcome: string }>;
+  return d.run.logs().filter((l) => l['trigger'] === trigger && typeof l['outcome'] === 'string') as unknown as Array<{
+    reload: string;
+    outcome: string;
+  }>;
 }
 
 /** A reload from the CLI after everything else: its id counts the reloads before it. */
@@ -46,14 +53,17 @@ async function barrierReload(d: Daemon): Promise<string> {
   assert.equal(r.code, 0, r.stderr);
   const s = await d.status();
   assert.equal(s.last_reload?.trigger, 'control');
-  return s.last_reload!.id;
+  return s.last_reload.id;
 }
 
 describe('orchestration.watch', { timeout: 120000 }, () => {
   it('writing a watched file reloads once, with trigger "watch"', async () => {
     const port = await freePort();
     let file = '';
-    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "100ms" }' }, (dd) => (file = watched(dd)));
+    const d = await started(
+      { command: APP, port, watch: '{ paths: ["app.conf"], debounce: "100ms" }' },
+      (dd) => (file = watched(dd)),
+    );
     fs.writeFileSync(file, 'v2\n');
     const s = await d.waitStatus((st) => st.last_reload?.outcome === 'promoted');
     assert.equal(s.last_reload?.id, 'reload-1');
@@ -61,13 +71,19 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     assert.equal(s.generation, 2);
     assert.equal(await barrierReload(d), 'reload-2', 'no second reload came from the one write');
     assert.equal(await d.stop(), 0);
-    assert.deepEqual(settledReloads(d, 'watch').map((r) => [r.reload, r.outcome]), [['reload-1', 'promoted']]);
+    assert.deepEqual(
+      settledReloads(d, 'watch').map((r) => [r.reload, r.outcome]),
+      [['reload-1', 'promoted']],
+    );
   });
 
   it('changes that never pause for the debounce still reload (after ten debounces, 5 s at least), while they go on', async () => {
     const port = await freePort();
     let file = '';
-    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "1s" }' }, (dd) => (file = watched(dd)));
+    const d = await started(
+      { command: APP, port, watch: '{ paths: ["app.conf"], debounce: "1s" }' },
+      (dd) => (file = watched(dd)),
+    );
     // A write every 50 ms never leaves a second of quiet: without a bound on the wait, no reload would start.
     let reloadedWhileWriting = false;
     for (let i = 0; i < 300 && !reloadedWhileWriting; i++) {
@@ -82,7 +98,10 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
   it('a burst of 20 writes (and renames over the file) within the debounce reloads once', async () => {
     const port = await freePort();
     let file = '';
-    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf"], debounce: "1s" }' }, (dd) => (file = watched(dd)));
+    const d = await started(
+      { command: APP, port, watch: '{ paths: ["app.conf"], debounce: "1s" }' },
+      (dd) => (file = watched(dd)),
+    );
     for (let i = 0; i < 20; i++) {
       if (i % 2 === 0) {
         fs.writeFileSync(file, `v${i}\n`);
@@ -101,7 +120,12 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
 
   it('the ConfigMap-style ..data symlink swap of the watched config reloads, and the new generation runs the new config', async () => {
     const port = await freePort();
-    const options: ConfigOptions = { command: APP, port, env: ['VERSION=one'], watch: '{ paths: ["aeterna.yaml"], debounce: "100ms" }' };
+    const options: ConfigOptions = {
+      command: APP,
+      port,
+      env: ['VERSION=one'],
+      watch: '{ paths: ["aeterna.yaml"], debounce: "100ms" }',
+    };
     // The kubelet's layout: aeterna.yaml -> ..data/aeterna.yaml, ..data -> ..<timestamp> (a directory).
     const project = (d: Daemon, stamp: string, o: ConfigOptions): void => {
       fs.mkdirSync(path.join(d.dir, stamp));
@@ -132,7 +156,13 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
   it('changes during a reload queue exactly one more reload: not dropped, not one per change', async () => {
     const port = await freePort();
     // A canary reload soaks until `aeterna promote`: the reload is in progress for as long as the test needs.
-    const options: ConfigOptions = { command: APP, port, strategy: 'canary', soak: '1h', watch: '{ paths: ["app.conf"], debounce: "50ms" }' };
+    const options: ConfigOptions = {
+      command: APP,
+      port,
+      strategy: 'canary',
+      soak: '1h',
+      watch: '{ paths: ["app.conf"], debounce: "50ms" }',
+    };
     let file = '';
     const d = await started(options, (dd) => (file = watched(dd)));
     const operator = d.cli('reload');
@@ -140,7 +170,9 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     // Three separate bursts, each settled (logged) before the next: three reload requests while reload-1 runs.
     for (let burst = 1; burst <= 3; burst++) {
       fs.writeFileSync(file, `burst ${burst}\n`);
-      await d.run.waitFor(new RegExp(`(watched change \\(${file.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}\\): reloading[^]*){${burst}}`));
+      await d.run.waitFor(
+        new RegExp(`(watched change \\(${file.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}\\): reloading[^]*){${burst}}`),
+      );
     }
     assert.equal(d.run.logs().filter((l) => /one more reload queued/.test(l.msg)).length, 1);
     d.write({ ...options, strategy: 'immediate' }); // the queued reload reads this (aeterna.yaml is not watched)
@@ -151,7 +183,10 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     assert.equal(s.generation, 3);
     assert.equal(await barrierReload(d), 'reload-3', 'exactly one reload was queued');
     assert.equal(await d.stop(), 0);
-    assert.deepEqual(settledReloads(d, 'watch').map((r) => r.reload), ['reload-2']);
+    assert.deepEqual(
+      settledReloads(d, 'watch').map((r) => r.reload),
+      ['reload-2'],
+    );
   });
 
   it('a watched config that is invalid fails the reload with E_CONFIG_INVALID and its line:col; the serving generation stays', async () => {
@@ -165,7 +200,10 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     const s = await d.waitStatus((st) => st.last_reload?.outcome === 'failed');
     assert.equal(s.last_reload?.trigger, 'watch');
     assert.equal(s.last_reload?.code, 'E_CONFIG_INVALID');
-    assert.match(s.last_reload?.reason ?? '', new RegExp(`aeterna\\.yaml:${line}:\\d+ orchestration\\.strategy: must be one of immediate, canary`));
+    assert.match(
+      s.last_reload?.reason ?? '',
+      new RegExp(`aeterna\\.yaml:${line}:\\d+ orchestration\\.strategy: must be one of immediate, canary`),
+    );
     assert.equal(s.generation, before.generation);
     assert.equal(s.pid, before.pid, 'the serving generation is untouched');
     const logged = d.run.logs().find((l) => l['code'] === 'E_CONFIG_INVALID' && l['trigger'] === 'watch');
@@ -195,14 +233,22 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
   it('as PID 1, a stop with a change pending closes every watch and timer: Aeterna exits 0 without reloading', async () => {
     const port = await freePort();
     let file = '';
-    const d = await started({ command: APP, port, watch: '{ paths: ["app.conf", "."], debounce: "1h" }' }, (dd) => (file = watched(dd)), true);
+    const d = await started(
+      { command: APP, port, watch: '{ paths: ["app.conf", "."], debounce: "1h" }' },
+      (dd) => (file = watched(dd)),
+      true,
+    );
     await d.run.waitFor(/watching 2 path\(s\) for changes/);
     fs.writeFileSync(file, 'v2\n'); // its reload waits an hour of quiet: the timer is pending at stop
     await d.run.signal('SIGTERM');
     // A watch or timer left open would keep PID 1's event loop alive: the hang guard would kill it (code null).
     const exit = await d.run.exit(15000);
     assert.deepEqual(exit, { code: 0, signal: null });
-    assert.equal(d.run.logs().filter((l) => typeof l['reload'] === 'string' && /reload-/.test(String(l['reload']))).length, 0, 'no reload ran');
+    assert.equal(
+      d.run.logs().filter((l) => typeof l['reload'] === 'string' && /reload-/.test(String(l['reload']))).length,
+      0,
+      'no reload ran',
+    );
   });
 });
 
@@ -226,9 +272,14 @@ describe('FileWatch ownership', () => {
     watch.apply({ paths: [file, path.join(dir, 'code'), path.join(dir, 'missing', 'x')], debounceMs: 3_600_000 });
     fs.writeFileSync(file, 'v2\n');
     // Wait for the event to arm the debounce timer: one more Timeout than before.
-    for (let i = 0; i < 200 && ((await handles())['Timeout'] ?? 0) <= (before['Timeout'] ?? 0); i++) await new Promise((r) => setTimeout(r, 10));
+    for (let i = 0; i < 200 && ((await handles())['Timeout'] ?? 0) <= (before['Timeout'] ?? 0); i++)
+      await new Promise((r) => setTimeout(r, 10));
     const during = await handles();
-    assert.equal(during['FSEventWrap'] ?? 0, (before['FSEventWrap'] ?? 0) + 2, `one watch per directory (dir, code) open: ${JSON.stringify(during)}`);
+    assert.equal(
+      during['FSEventWrap'] ?? 0,
+      (before['FSEventWrap'] ?? 0) + 2,
+      `one watch per directory (dir, code) open: ${JSON.stringify(during)}`,
+    );
     assert.equal(during['Timeout'], (before['Timeout'] ?? 0) + 1, 'the debounce timer is pending');
     watch.close();
     assert.deepEqual(await handles(), before);

@@ -32,7 +32,12 @@ after(async () => {
   for (const d of daemons) await d.run.killAll();
 });
 
-async function started(plan: Record<string, string[]>, service: string, metricsPort?: number, canary = false): Promise<Daemon> {
+async function started(
+  plan: Record<string, string[]>,
+  service: string,
+  metricsPort?: number,
+  canary = false,
+): Promise<Daemon> {
   const port = await freePort();
   const d = new Daemon({
     ...(canary ? { strategy: 'canary' as const, soak: '30s' } : {}),
@@ -81,8 +86,9 @@ const logged = (d: Daemon, pattern: RegExp): number => d.run.logs().filter((l) =
 
 /** Wait until Aeterna has logged a line whose message matches (a hang guard, not a timing assertion). */
 async function waitLogged(d: Daemon, pattern: RegExp, timeoutMs = 20000): Promise<void> {
-  for (const deadline = Date.now() + timeoutMs; logged(d, pattern) === 0; ) {
-    if (Date.now() > deadline || d.run.child.exitCode !== null) throw new Error(`no log line matched ${pattern}\n${d.run.stderr.slice(-4000)}`);
+  for (const deadline = Date.now() + timeoutMs; logged(d, pattern) === 0;) {
+    if (Date.now() > deadline || d.run.child.exitCode !== null)
+      throw new Error(`no log line matched ${pattern}\n${d.run.stderr.slice(-4000)}`);
     await new Promise((r) => setTimeout(r, 50));
   }
 }
@@ -90,7 +96,11 @@ async function waitLogged(d: Daemon, pattern: RegExp, timeoutMs = 20000): Promis
 describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000 }, () => {
   it('a memfd parked with FDSTORE=1 comes back with the same content after kill -9 and after a reload, after the listeners', async () => {
     const metricsPort = await freePort();
-    const d = await started({ '1': ['store sessions hello-from-1', 'ready'], '*': ['ready'] }, '  fdstore_max: 4\n', metricsPort);
+    const d = await started(
+      { '1': ['store sessions hello-from-1', 'ready'], '*': ['ready'] },
+      '  fdstore_max: 4\n',
+      metricsPort,
+    );
     await waitLogged(d, /^fd store: stored 1 fd\(s\) named "sessions"$/);
     const first = await report(d, 1);
     assert.equal(first.listen_fdnames, 'http');
@@ -116,7 +126,11 @@ describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000
 
   it('FDSTOREREMOVE=1 with FDNAME= closes the fds of that name: the next generation does not get them', async () => {
     const metricsPort = await freePort();
-    const d = await started({ '1': ['store a first', 'store b second', 'store a third', 'remove a', 'ready'], '*': ['ready'] }, '  fdstore_max: 4\n', metricsPort);
+    const d = await started(
+      { '1': ['store a first', 'store b second', 'store a third', 'remove a', 'ready'], '*': ['ready'] },
+      '  fdstore_max: 4\n',
+      metricsPort,
+    );
     await waitLogged(d, /fd store: removed 2 fd\(s\) named "a"/);
     assert.deepEqual((await statusOf(d)).fdstore, ['b']);
     assert.equal(metricSample((await getText(metricsPort, '/metrics')).body, 'aeterna_fdstore_fds'), 1);
@@ -128,12 +142,21 @@ describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000
 
   it("over fdstore_max the datagram's fds are refused, logged and closed: Aeterna's fd count is back to its baseline plus the stored ones", async () => {
     const go = path.join(fs.mkdtempSync('/tmp/aeterna-fdstore-'), 'go');
-    const d = await started({ '1': ['ready', `waitfile ${go}`, 'storemany many 3', 'store extra x'] }, '  fdstore_max: 2\n');
+    const d = await started(
+      { '1': ['ready', `waitfile ${go}`, 'storemany many 3', 'store extra x'] },
+      '  fdstore_max: 2\n',
+    );
     await d.run.waitFor(/DONE ready generation 1/);
     const baseline = await aeternaFds(d);
     fs.writeFileSync(go, '');
     await waitLogged(d, /refused 1 fd\(s\) named "extra".*the store is full/);
-    assert.equal(logged(d, /refused 1 fd\(s\) named "many" from pid \d+: the store is full \(service\.fdstore_max 2\); they were closed/), 1);
+    assert.equal(
+      logged(
+        d,
+        /refused 1 fd\(s\) named "many" from pid \d+: the store is full \(service\.fdstore_max 2\); they were closed/,
+      ),
+      1,
+    );
     assert.deepEqual((await statusOf(d)).fdstore, ['many', 'many']);
     assert.equal(await aeternaFds(d), baseline + 2);
   });
@@ -152,7 +175,11 @@ describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000
   it('a stored socket whose peer hangs up is dropped; one stored with FDPOLL=0 is kept', async () => {
     const go = path.join(fs.mkdtempSync('/tmp/aeterna-fdstore-'), 'go');
     const metricsPort = await freePort();
-    const d = await started({ '1': ['storesock watched', 'storesock kept nopoll', 'ready', `waitfile ${go}`, 'hangup'], '*': ['ready'] }, '  fdstore_max: 4\n', metricsPort);
+    const d = await started(
+      { '1': ['storesock watched', 'storesock kept nopoll', 'ready', `waitfile ${go}`, 'hangup'], '*': ['ready'] },
+      '  fdstore_max: 4\n',
+      metricsPort,
+    );
     await d.run.waitFor(/DONE ready generation 1/);
     assert.deepEqual((await statusOf(d)).fdstore, ['watched', 'kept']);
     fs.writeFileSync(go, '');
@@ -175,7 +202,10 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(${JSON.stringify
 socket.send_fds(s, [b'FDSTORE=1\\nFDNAME=stranger'], [fd])`;
     const sent = spawnSync('python3', ['-c', sender], { encoding: 'utf8' });
     assert.equal(sent.status, 0, sent.stderr);
-    await waitLogged(d, /fd store: ignored FDSTORE\/FDSTOREREMOVE from pid \d+, which is not a process of a running generation/);
+    await waitLogged(
+      d,
+      /fd store: ignored FDSTORE\/FDSTOREREMOVE from pid \d+, which is not a process of a running generation/,
+    );
     assert.deepEqual((await statusOf(d)).fdstore, []);
     assert.equal(await aeternaFds(d), baseline);
   });
@@ -186,7 +216,10 @@ describe('watchdog (service.watchdog)', { skip: skip ?? false, timeout: 60000 },
     const go = path.join(fs.mkdtempSync('/tmp/aeterna-watchdog-'), 'go');
     const metricsPort = await freePort();
     const d = await started(
-      { '1': ['store sessions kept-across-the-watchdog', 'ready', 'ping', `waitfile ${go}`, 'hang'], '*': ['ready', 'ping'] },
+      {
+        '1': ['store sessions kept-across-the-watchdog', 'ready', 'ping', `waitfile ${go}`, 'hang'],
+        '*': ['ready', 'ping'],
+      },
       '  fdstore_max: 1\n  watchdog: "1s"\n',
       metricsPort,
     );
@@ -197,7 +230,13 @@ describe('watchdog (service.watchdog)', { skip: skip ?? false, timeout: 60000 },
     fs.writeFileSync(go, '');
     await d.run.waitFor(/^SIGABRT generation 1$/m);
     await d.waitStatus((s) => s.state === 'Running' && s.generation === 2);
-    assert.equal(logged(d, /^watchdog: generation 1 \(pid \d+\) timed out: no WATCHDOG=1 within 1s \(service\.watchdog\); sending SIGABRT/), 1);
+    assert.equal(
+      logged(
+        d,
+        /^watchdog: generation 1 \(pid \d+\) timed out: no WATCHDOG=1 within 1s \(service\.watchdog\); sending SIGABRT/,
+      ),
+      1,
+    );
     const second = await report(d, 2);
     assert.deepEqual(second.fds, { sessions: 'kept-across-the-watchdog' });
     const status = await statusOf(d);
@@ -222,7 +261,12 @@ describe('watchdog (service.watchdog)', { skip: skip ?? false, timeout: 60000 },
   });
 
   it("a reload's new generation whose watchdog fires is rolled back with E_WATCHDOG; the old one serves on", async () => {
-    const d = await started({ '1': ['ready', 'ping'], '2': ['ready', 'trigger'] }, '  watchdog: "10s"\n', undefined, true);
+    const d = await started(
+      { '1': ['ready', 'ping'], '2': ['ready', 'trigger'] },
+      '  watchdog: "10s"\n',
+      undefined,
+      true,
+    );
     const reload = await d.cli('reload');
     assert.notEqual(reload.code, 0);
     await d.run.waitFor(/^SIGABRT generation 2$/m);

@@ -40,7 +40,9 @@ function knock(target: number | string): Promise<Answer> {
 
 /** shutdown(fd, SHUT_RDWR) from another process holding the socket, as an app under Aeterna would. */
 function shutDownElsewhere(fd: number): void {
-  const r = spawnSync('python3', ['-c', 'import socket; socket.socket(fileno=3).shutdown(socket.SHUT_RDWR)'], { stdio: ['ignore', 'ignore', 'inherit', fd] });
+  const r = spawnSync('python3', ['-c', 'import socket; socket.socket(fileno=3).shutdown(socket.SHUT_RDWR)'], {
+    stdio: ['ignore', 'ignore', 'inherit', fd],
+  });
   assert.equal(r.status, 0);
 }
 
@@ -81,71 +83,82 @@ describe('native: what shutdown(2) does to a listener, and listen() again', () =
   });
 });
 
-describe('a listener the app shuts down (shutdown(2) on its inherited socket)', { timeout: 120000, skip: pidNamespaceUnavailable() ?? false }, () => {
-  it('tcp: a reload after it is promoted and the port accepts again, served by the new generation', async () => {
-    const port = await freePort();
-    const d = new Daemon({ command: APP, port }).start(true);
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running');
-    assert.deepEqual(await knock(port), { pid: (await d.status()).pid, generation: '1' });
-    await d.run.signal('SIGUSR1'); // forwarded to the app
-    await d.run.waitFor(/SHUTDOWN \d+/);
-    assert.equal((await d.cli('reload')).code, 0);
-    const s = await d.status();
-    assert.equal(s.last_reload?.outcome, 'promoted');
-    assert.deepEqual(await knock(port), { pid: s.pid, generation: '2' });
-    const repairs = d.run.logs().filter((l) => l.listener === 'http' && l.result !== undefined);
-    assert.deepEqual(repairs.map((l) => [l.problem, l.result]), [['not-listening', 'relistened']]);
-    assert.equal(await d.stop(), 0);
-  });
+describe(
+  'a listener the app shuts down (shutdown(2) on its inherited socket)',
+  { timeout: 120000, skip: pidNamespaceUnavailable() ?? false },
+  () => {
+    it('tcp: a reload after it is promoted and the port accepts again, served by the new generation', async () => {
+      const port = await freePort();
+      const d = new Daemon({ command: APP, port }).start(true);
+      daemons.push(d);
+      await d.waitStatus((s) => s.state === 'Running');
+      assert.deepEqual(await knock(port), { pid: (await d.status()).pid, generation: '1' });
+      await d.run.signal('SIGUSR1'); // forwarded to the app
+      await d.run.waitFor(/SHUTDOWN \d+/);
+      assert.equal((await d.cli('reload')).code, 0);
+      const s = await d.status();
+      assert.equal(s.last_reload?.outcome, 'promoted');
+      assert.deepEqual(await knock(port), { pid: s.pid, generation: '2' });
+      const repairs = d.run.logs().filter((l) => l.listener === 'http' && l.result !== undefined);
+      assert.deepEqual(
+        repairs.map((l) => [l.problem, l.result]),
+        [['not-listening', 'relistened']],
+      );
+      assert.equal(await d.stop(), 0);
+    });
 
-  it('tcp: /healthz notices it and it is listened again on the same socket without a reload; the serving generation accepts again; counted once', async () => {
-    const port = await freePort();
-    const metricsPort = await freePort();
-    const d = new Daemon({ command: APP, port, metricsPort }).start(true);
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running');
-    const before = await knock(port);
-    assert.equal(typeof before, 'object');
-    await d.run.signal('SIGUSR1');
-    await d.run.waitFor(/SHUTDOWN \d+/);
-    // The probe checks the listeners and repairs this one in place (unless the periodic check was first).
-    assert.deepEqual(await getText(metricsPort, '/healthz'), { status: 200, body: 'ok\n' });
-    assert.deepEqual(await knock(port), before, 'the same process of generation 1 answers: its socket listens again');
-    const metrics = (await getText(metricsPort, '/metrics')).body;
-    assert.equal(metricSample(metrics, 'aeterna_listener_repairs_total{listener="http",result="relistened"}'), 1);
-    assert.equal(metricSample(metrics, 'aeterna_listener_repairs_total{listener="http",result="failed"}'), null);
-    const s = await d.status();
-    assert.equal(s.last_reload, null, 'no reload ran');
-    assert.equal(s.generation, 1);
-    assert.equal(await d.stop(), 0);
-  });
+    it('tcp: /healthz notices it and it is listened again on the same socket without a reload; the serving generation accepts again; counted once', async () => {
+      const port = await freePort();
+      const metricsPort = await freePort();
+      const d = new Daemon({ command: APP, port, metricsPort }).start(true);
+      daemons.push(d);
+      await d.waitStatus((s) => s.state === 'Running');
+      const before = await knock(port);
+      assert.equal(typeof before, 'object');
+      await d.run.signal('SIGUSR1');
+      await d.run.waitFor(/SHUTDOWN \d+/);
+      // The probe checks the listeners and repairs this one in place (unless the periodic check was first).
+      assert.deepEqual(await getText(metricsPort, '/healthz'), { status: 200, body: 'ok\n' });
+      assert.deepEqual(await knock(port), before, 'the same process of generation 1 answers: its socket listens again');
+      const metrics = (await getText(metricsPort, '/metrics')).body;
+      assert.equal(metricSample(metrics, 'aeterna_listener_repairs_total{listener="http",result="relistened"}'), 1);
+      assert.equal(metricSample(metrics, 'aeterna_listener_repairs_total{listener="http",result="failed"}'), null);
+      const s = await d.status();
+      assert.equal(s.last_reload, null, 'no reload ran');
+      assert.equal(s.generation, 1);
+      assert.equal(await d.stop(), 0);
+    });
 
-  it('unix: /healthz and /readyz are 503 naming it while it refuses; a reload binds a new socket at the same path for the new generation; counted failed once, then rebound', async () => {
-    const metricsPort = await freePort();
-    const d = new Daemon({ command: APP, metricsPort });
-    const file = path.join(d.dir, 'app.sock');
-    d.write({ ...d.options, extraService: `  listeners:\n    - name: "sock"\n      address: "unix://${file}"\n` });
-    d.start(true);
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running');
-    assert.deepEqual(await knock(file), { pid: (await d.status()).pid, generation: '1' });
-    await d.run.signal('SIGUSR1');
-    await d.run.waitFor(/SHUTDOWN \d+/);
-    assert.equal(await knock(file), 'ECONNREFUSED');
-    for (const probe of ['/healthz', '/readyz', '/healthz']) {
-      const { status, body } = await getText(metricsPort, probe);
-      assert.equal(status, 503, probe);
-      assert.match(body, new RegExp(`^listener "sock" \\(unix://${file}\\): shut-down, not repaired: `, 'm'), probe);
-    }
-    assert.equal((await d.cli('reload')).code, 0);
-    const s = await d.status();
-    assert.deepEqual(await knock(file), { pid: s.pid, generation: '2' });
-    assert.deepEqual(await getText(metricsPort, '/healthz'), { status: 200, body: 'ok\n' });
-    assert.equal((await getText(metricsPort, '/readyz')).status, 200);
-    const metrics = (await getText(metricsPort, '/metrics')).body;
-    assert.equal(metricSample(metrics, 'aeterna_listener_repairs_total{listener="sock",result="failed"}'), 1, 'once, however often it was checked');
-    assert.equal(metricSample(metrics, 'aeterna_listener_repairs_total{listener="sock",result="rebound"}'), 1);
-    assert.equal(await d.stop(), 0);
-  });
-});
+    it('unix: /healthz and /readyz are 503 naming it while it refuses; a reload binds a new socket at the same path for the new generation; counted failed once, then rebound', async () => {
+      const metricsPort = await freePort();
+      const d = new Daemon({ command: APP, metricsPort });
+      const file = path.join(d.dir, 'app.sock');
+      d.write({ ...d.options, extraService: `  listeners:\n    - name: "sock"\n      address: "unix://${file}"\n` });
+      d.start(true);
+      daemons.push(d);
+      await d.waitStatus((s) => s.state === 'Running');
+      assert.deepEqual(await knock(file), { pid: (await d.status()).pid, generation: '1' });
+      await d.run.signal('SIGUSR1');
+      await d.run.waitFor(/SHUTDOWN \d+/);
+      assert.equal(await knock(file), 'ECONNREFUSED');
+      for (const probe of ['/healthz', '/readyz', '/healthz']) {
+        const { status, body } = await getText(metricsPort, probe);
+        assert.equal(status, 503, probe);
+        assert.match(body, new RegExp(`^listener "sock" \\(unix://${file}\\): shut-down, not repaired: `, 'm'), probe);
+      }
+      assert.equal((await d.cli('reload')).code, 0);
+      const s = await d.status();
+      assert.deepEqual(await knock(file), { pid: s.pid, generation: '2' });
+      assert.deepEqual(await getText(metricsPort, '/healthz'), { status: 200, body: 'ok\n' });
+      assert.equal((await getText(metricsPort, '/readyz')).status, 200);
+      const metrics = (await getText(metricsPort, '/metrics')).body;
+      assert.equal(
+        metricSample(metrics, 'aeterna_listener_repairs_total{listener="sock",result="failed"}'),
+        1,
+        'once, however often it was checked',
+      );
+      assert.equal(metricSample(metrics, 'aeterna_listener_repairs_total{listener="sock",result="rebound"}'), 1);
+      assert.equal(await d.stop(), 0);
+    });
+  },
+);

@@ -30,32 +30,58 @@ async function started(options: Omit<ConfigOptions, 'port'>): Promise<{ d: Daemo
 async function deleteAndAwaitNew(file: string): Promise<boolean> {
   const inode = fs.statSync(file).ino;
   fs.rmSync(file);
-  return settle(() => {
-    try {
-      const st = fs.lstatSync(file);
-      return st.isSocket() && st.ino !== inode;
-    } catch {
-      return false;
-    }
-  }, (ok) => ok, 20000, 100);
+  return settle(
+    () => {
+      try {
+        const st = fs.lstatSync(file);
+        return st.isSocket() && st.ino !== inode;
+      } catch {
+        return false;
+      }
+    },
+    (ok) => ok,
+    20000,
+    100,
+  );
 }
 
 type Reply = { pid: number; generation: string; history?: string[] };
 
 describe('socket files deleted under Aeterna', { timeout: 240000 }, () => {
   it('the state relay socket deleted: re-created at the same path, the next reload relays the state, an upgrade hands the new socket over, no fd leaked', async () => {
-    const { d, port } = await started({ command: STATEFUL_APP, handoff: true, readiness: '{ mode: "notify", timeout: "60s" }' });
+    const { d, port } = await started({
+      command: STATEFUL_APP,
+      handoff: true,
+      readiness: '{ mode: "notify", timeout: "60s" }',
+    });
     const aeterna = d.run.child.pid!;
     const stateSocket = path.join(d.dir, 'state.sock');
     for (const m of ['one', 'two']) await requestJson<Reply>(port, 'POST', '/sessions/s1/messages', m);
     const baselineFds = await fdCountAtRest(aeterna);
 
-    assert.equal(await deleteAndAwaitNew(stateSocket), true, `the state relay socket was re-created\n${d.run.stderr.slice(-2000)}`);
+    assert.equal(
+      await deleteAndAwaitNew(stateSocket),
+      true,
+      `the state relay socket was re-created\n${d.run.stderr.slice(-2000)}`,
+    );
     assert.equal(fs.statSync(stateSocket).mode & 0o777, 0o600, 'with mode 0600');
     // The file is bound a moment before the line saying so is written.
     await d.run.waitFor(/the state relay socket file .* was deleted while the daemon ran; re-created it/);
-    assert.equal(d.run.logs().filter((l) => l.level === 'warn' && /the state relay socket file .* was deleted while the daemon ran; re-created it/.test(l.msg)).length, 1);
-    assert.equal(await fdCountAtRest(aeterna), baselineFds, 'the old listening socket was closed, not kept beside the new one');
+    assert.equal(
+      d.run
+        .logs()
+        .filter(
+          (l) =>
+            l.level === 'warn' &&
+            /the state relay socket file .* was deleted while the daemon ran; re-created it/.test(l.msg),
+        ).length,
+      1,
+    );
+    assert.equal(
+      await fdCountAtRest(aeterna),
+      baselineFds,
+      'the old listening socket was closed, not kept beside the new one',
+    );
 
     const r = await d.cli('reload');
     assert.equal(r.code, 0, `the reload promotes: ${r.stderr}`);
@@ -83,10 +109,23 @@ describe('socket files deleted under Aeterna', { timeout: 240000 }, () => {
     const notifySocket = path.join(d.dir, 'control.sock.notify');
     const aeterna = d.run.child.pid!;
     const baselineFds = await fdCountAtRest(aeterna);
-    assert.equal(await deleteAndAwaitNew(notifySocket), true, `the notify socket was re-created\n${d.run.stderr.slice(-2000)}`);
+    assert.equal(
+      await deleteAndAwaitNew(notifySocket),
+      true,
+      `the notify socket was re-created\n${d.run.stderr.slice(-2000)}`,
+    );
     // The file is bound a moment before the line saying so is written.
     await d.run.waitFor(/the notify socket file .* was deleted while the daemon ran; re-created it/);
-    assert.equal(d.run.logs().filter((l) => l.level === 'warn' && /the notify socket file .* was deleted while the daemon ran; re-created it/.test(l.msg)).length, 1);
+    assert.equal(
+      d.run
+        .logs()
+        .filter(
+          (l) =>
+            l.level === 'warn' &&
+            /the notify socket file .* was deleted while the daemon ran; re-created it/.test(l.msg),
+        ).length,
+      1,
+    );
     assert.equal(await fdCountAtRest(aeterna), baselineFds, 'the old notify socket was closed');
 
     const before = await statusOf(d);
@@ -105,7 +144,12 @@ describe('socket files deleted under Aeterna', { timeout: 240000 }, () => {
 describe("orchestration.watch on the directory that holds Aeterna's own files", { timeout: 240000 }, () => {
   it('checkpoints written into a watched directory (and its sockets there) trigger no reload; a change of another file there reloads once', async () => {
     const port = await freePort();
-    const d = new Daemon({ command: STATEFUL_APP, port, stopTimeout: '5s', readiness: '{ mode: "notify", timeout: "60s" }' });
+    const d = new Daemon({
+      command: STATEFUL_APP,
+      port,
+      stopTimeout: '5s',
+      readiness: '{ mode: "notify", timeout: "60s" }',
+    });
     const checkpointFile = path.join(d.dir, 'state.ckpt');
     const marker = path.join(d.dir, 'marker');
     fs.mkdirSync(marker);
@@ -132,14 +176,22 @@ describe("orchestration.watch on the directory that holds Aeterna's own files", 
       const r = await requestJson<{ seq?: number; error?: string }>(port, 'POST', '/checkpoint');
       assert.equal(typeof r.seq, 'number', `checkpoint stored: ${JSON.stringify(r)}`);
       // Each checkpoint is written to a temporary file and renamed over the file: a new inode once it is on disk.
-      assert.notEqual(await settle(inode, (now) => now !== null && now !== before, 20000), before, `checkpoint ${i + 1} reached its file`);
+      assert.notEqual(
+        await settle(inode, (now) => now !== null && now !== before, 20000),
+        before,
+        `checkpoint ${i + 1} reached its file`,
+      );
     }
     // The events of the checkpoint writes are queued before this one: a burst seen after it would include them.
     fs.writeFileSync(path.join(marker, 'app.conf'), 'x');
     const s = await d.waitStatus((x) => x.state === 'Running' && x.generation === 2, 60000);
     assert.equal(s.last_reload?.trigger, 'watch');
     const reloads = d.run.logs().filter((l) => /^watched change \(/.test(l.msg));
-    assert.deepEqual(reloads.map((l) => l.msg), [`watched change (${marker}): reloading`], 'one reload, for the marker only: the checkpoint writes are not a change of the watched directory');
+    assert.deepEqual(
+      reloads.map((l) => l.msg),
+      [`watched change (${marker}): reloading`],
+      'one reload, for the marker only: the checkpoint writes are not a change of the watched directory',
+    );
 
     // Another file in the directory that holds them is a change: it reloads.
     fs.writeFileSync(path.join(d.dir, 'app.conf'), 'y');
@@ -158,7 +210,13 @@ function cgroupDirOf(d: Daemon): string | null {
 /** Aeterna's directory and its generations' below it (none once removed). */
 function cgroupDirs(dir: string): string[] {
   if (!fs.existsSync(dir)) return [];
-  return [dir, ...fs.readdirSync(dir).filter((n) => /^gen-\d+$/.test(n)).map((n) => path.join(dir, n))];
+  return [
+    dir,
+    ...fs
+      .readdirSync(dir)
+      .filter((n) => /^gen-\d+$/.test(n))
+      .map((n) => path.join(dir, n)),
+  ];
 }
 
 const SLEEPER = ['sleep', '1000'];
@@ -178,29 +236,40 @@ describe('cgroup directories after abnormal exits', { timeout: 240000 }, () => {
     assert.deepEqual(cgroupDirs(dir), [], 'no cgroup directory left');
   });
 
-  it('Aeterna (PID 1) killed with SIGKILL leaves its empty cgroup directories; the next Aeterna started in the same cgroup removes them', { skip: pidNamespaceUnavailable() ?? false }, async () => {
-    const port = await freePort();
-    const first = new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }).start(true);
-    daemons.push(first);
-    await first.waitStatus((s) => s.state === 'Running', 60000);
-    const dir = cgroupDirOf(first);
-    if (dir === null) return;
-    process.kill(await first.run.aeternaPid(), 'SIGKILL'); // its namespace, the app with it, goes down
-    await first.run.exit(60000);
-    const empty = await settle(() => fs.existsSync(dir) && /^populated 0$/m.test(fs.readFileSync(path.join(dir, 'cgroup.events'), 'utf8')), (ok) => ok, 20000);
-    assert.equal(empty, true, 'left behind, empty: nothing could remove it');
-    assert.equal(cgroupDirs(dir).length, 2);
+  it(
+    'Aeterna (PID 1) killed with SIGKILL leaves its empty cgroup directories; the next Aeterna started in the same cgroup removes them',
+    { skip: pidNamespaceUnavailable() ?? false },
+    async () => {
+      const port = await freePort();
+      const first = new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }).start(true);
+      daemons.push(first);
+      await first.waitStatus((s) => s.state === 'Running', 60000);
+      const dir = cgroupDirOf(first);
+      if (dir === null) return;
+      process.kill(await first.run.aeternaPid(), 'SIGKILL'); // its namespace, the app with it, goes down
+      await first.run.exit(60000);
+      const empty = await settle(
+        () => fs.existsSync(dir) && /^populated 0$/m.test(fs.readFileSync(path.join(dir, 'cgroup.events'), 'utf8')),
+        (ok) => ok,
+        20000,
+      );
+      assert.equal(empty, true, 'left behind, empty: nothing could remove it');
+      assert.equal(cgroupDirs(dir).length, 2);
 
-    const second = new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }).start(true);
-    daemons.push(second);
-    await second.waitStatus((s) => s.state === 'Running', 60000);
-    assert.deepEqual(cgroupDirs(dir), [], "the dead Aeterna's directories were removed");
-    const removed = second.run.logs().find((l) => /^removed \d+ empty cgroup director(y|ies) left by an Aeterna that died/.test(l.msg)) as { removed?: string[] } | undefined;
-    assert.ok(removed?.removed?.includes(dir), 'and the start says which');
-    assert.equal(cgroupDirs(cgroupDirOf(second)!).length, 2, 'its own are there');
-    await second.stop();
-    assert.deepEqual(cgroupDirs(cgroupDirOf(second)!), [], 'and removed at its exit');
-  });
+      const second = new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }).start(true);
+      daemons.push(second);
+      await second.waitStatus((s) => s.state === 'Running', 60000);
+      assert.deepEqual(cgroupDirs(dir), [], "the dead Aeterna's directories were removed");
+      const removed = second.run
+        .logs()
+        .find((l) => /^removed \d+ empty cgroup director(y|ies) left by an Aeterna that died/.test(l.msg)) as
+        { removed?: string[] } | undefined;
+      assert.ok(removed?.removed?.includes(dir), 'and the start says which');
+      assert.equal(cgroupDirs(cgroupDirOf(second)!).length, 2, 'its own are there');
+      await second.stop();
+      assert.deepEqual(cgroupDirs(cgroupDirOf(second)!), [], 'and removed at its exit');
+    },
+  );
 });
 
 describe('spawn errors', { timeout: 120000 }, () => {

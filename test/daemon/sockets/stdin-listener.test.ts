@@ -23,7 +23,7 @@ function knock(port: number): Promise<{ pid: number; generation: string }> {
       data += d;
       if (data.includes('\n')) {
         socket.destroy();
-        resolve(JSON.parse(data));
+        resolve(JSON.parse(data) as { pid: number; generation: string });
       }
     });
     socket.on('error', reject);
@@ -33,11 +33,22 @@ function knock(port: number): Promise<{ pid: number; generation: string }> {
 describe('service.stdin_listener', { timeout: 60000, skip: pidNamespaceUnavailable() ?? false }, () => {
   it('the app finds the listening socket at fd 0 and the same socket at fd 3 with LISTEN_*; it accepts on fd 0, in each generation', async () => {
     const port = await freePort();
-    const d = new Daemon({ command: ['python3', fixture('apps', 'stdin_listener.py')], port, extraService: '  stdin_listener: "http"\n' }).start(true);
+    const d = new Daemon({
+      command: ['python3', fixture('apps', 'stdin_listener.py')],
+      port,
+      extraService: '  stdin_listener: "http"\n',
+    }).start(true);
     daemons.push(d);
     await d.waitStatus((s) => s.state === 'Running');
-    const report = JSON.parse((await d.run.waitFor(/^REPORT (.*)$/m))[1]);
-    assert.deepEqual(report, { fd0_family: 'AF_INET', fd0_listening: true, fd0_port: port, same_socket: true, listen_fds: '1', listen_fdnames: 'http' });
+    const report = JSON.parse((await d.run.waitFor(/^REPORT (.*)$/m))[1]) as unknown;
+    assert.deepEqual(report, {
+      fd0_family: 'AF_INET',
+      fd0_listening: true,
+      fd0_port: port,
+      same_socket: true,
+      listen_fds: '1',
+      listen_fdnames: 'http',
+    });
     assert.deepEqual(await knock(port), { pid: (await d.status()).pid, generation: '1' });
     assert.equal((await d.cli('reload')).code, 0);
     const s = await d.status();

@@ -37,7 +37,9 @@ async function waitState(d: Daemon, state: string, timeoutMs = 20000): Promise<S
   return statusOf(d);
 }
 
-async function started(options: Omit<ConfigOptions, 'port' | 'command'> & { command?: string[] }): Promise<{ d: Daemon; port: number; aeterna: number }> {
+async function started(
+  options: Omit<ConfigOptions, 'port' | 'command'> & { command?: string[] },
+): Promise<{ d: Daemon; port: number; aeterna: number }> {
   const port = await freePort();
   const d = new Daemon({ command: APP, ...options, port }).start();
   daemons.push(d);
@@ -53,11 +55,20 @@ function printedPids(d: Daemon, word: string, generation: number): number[] {
 
 /** Nothing leaked: Aeterna's fd count is back to its baseline, the given processes are gone, no zombie child. */
 async function assertNothingLeaked(aeterna: number, baselineFds: number, gone: number[]): Promise<void> {
-  const fds = await settle(() => fdCount(aeterna), (n) => n <= baselineFds);
+  const fds = await settle(
+    () => fdCount(aeterna),
+    (n) => n <= baselineFds,
+  );
   assert.equal(fds, baselineFds, `Aeterna's fd count is back to ${baselineFds}`);
-  const left = await settle(() => gone.filter((pid) => !isGone(pid)), (l) => l.length === 0);
+  const left = await settle(
+    () => gone.filter((pid) => !isGone(pid)),
+    (l) => l.length === 0,
+  );
   assert.deepEqual(left, [], 'every process of the failed generation is gone');
-  const z = await settle(() => zombies(aeterna, false), (l) => l.length === 0);
+  const z = await settle(
+    () => zombies(aeterna, false),
+    (l) => l.length === 0,
+  );
   assert.deepEqual(z, [], 'no zombie is left');
 }
 
@@ -69,11 +80,18 @@ describe('fault matrix: the new generation fails', { timeout: 180000 }, () => {
   let base: ConfigOptions;
 
   before(async () => {
-    ({ d, port, aeterna } = await started({ stopTimeout: '5s', readiness: '{ mode: "delay", delay: "200ms", timeout: "10s" }' }));
+    ({ d, port, aeterna } = await started({
+      stopTimeout: '5s',
+      readiness: '{ mode: "delay", delay: "200ms", timeout: "10s" }',
+    }));
     base = { ...d.options };
     // One good reload first: anything Aeterna opens lazily is open before the baseline.
     assert.equal((await d.cli('reload')).code, 0);
-    baselineFds = await settle(() => fdCount(aeterna), () => false, 300);
+    baselineFds = await settle(
+      () => fdCount(aeterna),
+      () => false,
+      300,
+    );
   });
 
   /** Run one failing reload under load; returns the CLI result, the status after, and the load totals. */
@@ -125,10 +143,13 @@ describe('fault matrix: the new generation fails', { timeout: 180000 }, () => {
 
   it('exits during the canary soak: rolled back, E_CHILD_EXITED, nothing leaked', async () => {
     const trigger = path.join(d.dir, 'crash-in-soak');
-    const { r, record } = await failingReload({ env: [`CRASH_ON_FILE=${trigger}`], strategy: 'canary', soak: '10m' }, async () => {
-      await waitState(d, 'Soaking');
-      fs.writeFileSync(trigger, '');
-    });
+    const { r, record } = await failingReload(
+      { env: [`CRASH_ON_FILE=${trigger}`], strategy: 'canary', soak: '10m' },
+      async () => {
+        await waitState(d, 'Soaking');
+        fs.writeFileSync(trigger, '');
+      },
+    );
     fs.rmSync(trigger);
     assert.match(r.stderr, /exited with code 3 during soak/);
     assert.equal(record.outcome, 'rolled_back');
@@ -137,7 +158,9 @@ describe('fault matrix: the new generation fails', { timeout: 180000 }, () => {
   });
 
   it('never becomes ready (its exec probe always fails): rolled back after the timeout, E_READY_TIMEOUT, no probe left behind', async () => {
-    const { r, record } = await failingReload({ readiness: '{ mode: "exec", command: ["false"], interval: "50ms", timeout: "1s" }' });
+    const { r, record } = await failingReload({
+      readiness: '{ mode: "exec", command: ["false"], interval: "50ms", timeout: "1s" }',
+    });
     assert.match(r.stderr, /not ready within 1s/);
     assert.equal(record.outcome, 'rolled_back');
     assert.equal(record.code, 'E_READY_TIMEOUT');
@@ -149,17 +172,27 @@ describe('fault matrix: the new generation fails', { timeout: 180000 }, () => {
     assert.match(r.stderr, /exited with code 3 before becoming ready/);
     assert.equal(record.code, 'E_CHILD_EXITED');
     const orphans = printedPids(d, 'ORPHANS', record.to_generation!);
-    assert.equal(orphans.length, 5, `the fixture reported its orphans (generation ${record.to_generation})\n${d.run.stdout}`);
+    assert.equal(
+      orphans.length,
+      5,
+      `the fixture reported its orphans (generation ${record.to_generation})\n${d.run.stdout}`,
+    );
     await assertNothingLeaked(aeterna, baselineFds, [record.new_pid!, ...orphans]);
   });
 
   it('forks orphans that leave its session (setsid, as a daemonizing program does) and exits: every orphan killed', async () => {
-    const { record } = await failingReload({ env: ['ORPHANS=3', 'ORPHANS_SETSID=1'], readiness: '{ mode: "notify", timeout: "1m" }' });
+    const { record } = await failingReload({
+      env: ['ORPHANS=3', 'ORPHANS_SETSID=1'],
+      readiness: '{ mode: "notify", timeout: "1m" }',
+    });
     const orphans = printedPids(d, 'ORPHANS', record.to_generation!);
     try {
       assert.equal(orphans.length, 3);
       assert.equal(record.code, 'E_CHILD_EXITED');
-      const left = await settle(() => orphans.filter((pid) => !isGone(pid)), (l) => l.length === 0);
+      const left = await settle(
+        () => orphans.filter((pid) => !isGone(pid)),
+        (l) => l.length === 0,
+      );
       assert.deepEqual(left, [], 'every orphan of the failed generation is gone');
     } finally {
       for (const pid of orphans) killGroup(pid);
@@ -185,14 +218,21 @@ describe('fault matrix: the old generation misbehaves', { timeout: 120000 }, () 
     assert.equal(s.generation, 2);
     assert.notEqual(s.pid, old.pid);
     assert.equal((await getJson<{ pid: number }>(port)).pid, s.pid);
-    assert.match(d.run.stdout, new RegExp(`IGNORED SIGTERM ${old.pid} `), 'the old generation got SIGTERM and ignored it');
-    assert.ok(d.run.logs().some((l) => l.msg === 'generation 1 killed by SIGKILL'), 'and was killed by SIGKILL');
+    assert.match(
+      d.run.stdout,
+      new RegExp(`IGNORED SIGTERM ${old.pid} `),
+      'the old generation got SIGTERM and ignored it',
+    );
+    assert.ok(
+      d.run.logs().some((l) => l.msg === 'generation 1 killed by SIGKILL'),
+      'and was killed by SIGKILL',
+    );
     assert.equal(s.last_reload?.outcome, 'promoted');
     await assertNothingLeaked(aeterna, baselineFds, oldProcesses);
     assert.equal(await d.stop(), 0);
   });
 
-  it('dies during the new one\'s soak: the new generation becomes the serving one (promoted), nothing leaked', async () => {
+  it("dies during the new one's soak: the new generation becomes the serving one (promoted), nothing leaked", async () => {
     const { d, port, aeterna } = await started({ strategy: 'canary', soak: '10m' });
     const baselineFds = fdCount(aeterna);
     const reload = d.cli('reload');
@@ -223,12 +263,18 @@ describe('fault matrix: the old generation misbehaves', { timeout: 120000 }, () 
     const { d, aeterna } = await started({});
     const baselineFds = fdCount(aeterna);
     const readyFile = path.join(d.dir, 'ready');
-    d.write({ ...d.options, readiness: `{ mode: "exec", command: ["test", "-e", "${readyFile}"], interval: "50ms", timeout: "1m" }` });
+    d.write({
+      ...d.options,
+      readiness: `{ mode: "exec", command: ["test", "-e", "${readyFile}"], interval: "50ms", timeout: "1m" }`,
+    });
     const reload = d.cli('reload');
     const handover = await waitState(d, 'Handover');
     const oldPid = handover.previous!.pid;
     process.kill(oldPid, 'SIGKILL');
-    await settle(() => isGone(oldPid), (g) => g);
+    await settle(
+      () => isGone(oldPid),
+      (g) => g,
+    );
     // The exec probe says ready whatever the app does: let the app finish starting first (its SIGTERM handler
     // included), so that the stop below is the app's drain and not a kill mid-start.
     await d.run.waitFor(new RegExp(`^READY ${handover.candidate!.pid} generation`, 'm'));
@@ -273,15 +319,33 @@ describe('fault matrix: SIGTERM to Aeterna in each state', { timeout: 240000 }, 
       told: /Aeterna was stopped during the reload/,
       exitCode: 0,
     },
-    { state: 'Soaking', options: {}, drive: reloadWith({ strategy: 'canary', soak: '10m' }), told: /Aeterna was stopped during the reload/, exitCode: 0 },
+    {
+      state: 'Soaking',
+      options: {},
+      drive: reloadWith({ strategy: 'canary', soak: '10m' }),
+      told: /Aeterna was stopped during the reload/,
+      exitCode: 0,
+    },
     // The old generation drains slowly (serves 5 s more after SIGTERM, then exits 0).
-    { state: 'Draining', options: { env: ['DRAIN_MS=5000'], stopTimeout: '30s' }, drive: reloadWith({ env: [] }), told: /Aeterna was stopped during the reload/, exitCode: 0 },
+    {
+      state: 'Draining',
+      options: { env: ['DRAIN_MS=5000'], stopTimeout: '30s' },
+      drive: reloadWith({ env: [] }),
+      told: /Aeterna was stopped during the reload/,
+      exitCode: 0,
+    },
     // The new generation ignores SIGTERM: its rollback lasts until its stop_timeout.
     {
       state: 'RollingBack',
       options: {},
       drive: async (d) => {
-        d.write({ ...d.options, strategy: 'canary', soak: '10m', env: ['IGNORE_TERM=1', 'WORKERS=2'], stopTimeout: '5s' });
+        d.write({
+          ...d.options,
+          strategy: 'canary',
+          soak: '10m',
+          env: ['IGNORE_TERM=1', 'WORKERS=2'],
+          stopTimeout: '5s',
+        });
         const pending = d.cli('reload');
         await waitState(d, 'Soaking');
         assert.equal((await d.cli('rollback')).code, 0);
@@ -315,16 +379,28 @@ describe('fault matrix: SIGTERM to Aeterna in each state', { timeout: 240000 }, 
       }
       const pending = c.drive ? (await c.drive(d)).pending : null;
       const s = await waitState(d, c.state);
-      const roots = [...new Set([s.pid, s.previous?.pid, s.candidate?.pid].filter((p): p is number => typeof p === 'number'))];
-      assert.equal(roots.length, ['Starting', 'Running'].includes(c.state) ? 1 : 2, `generations alive: ${JSON.stringify(s)}`);
+      const roots = [
+        ...new Set([s.pid, s.previous?.pid, s.candidate?.pid].filter((p): p is number => typeof p === 'number')),
+      ];
+      assert.equal(
+        roots.length,
+        ['Starting', 'Running'].includes(c.state) ? 1 : 2,
+        `generations alive: ${JSON.stringify(s)}`,
+      );
       const processes = [...new Set(roots.flatMap((root) => generationProcesses(root)))];
       // Each generation's root and its 2 workers (a generation already told to stop may have lost its workers).
       assert.ok(processes.length > roots.length, `the generations' processes were found: ${processes.join(' ')}`);
       await d.run.signal('SIGTERM');
       const exit = await d.run.exit(60000);
       assert.equal(exit.code, c.exitCode, d.run.stderr.slice(-3000));
-      assert.ok(d.run.logs().some((l) => /^stopping: SIGTERM/.test(l.msg)), 'the stop is logged');
-      const left = await settle(() => processes.filter((pid) => !isGone(pid)), (l) => l.length === 0);
+      assert.ok(
+        d.run.logs().some((l) => /^stopping: SIGTERM/.test(l.msg)),
+        'the stop is logged',
+      );
+      const left = await settle(
+        () => processes.filter((pid) => !isGone(pid)),
+        (l) => l.length === 0,
+      );
       assert.deepEqual(left, [], 'no process of either generation outlived Aeterna');
       if (pending && c.told) {
         const r = await pending;
@@ -336,25 +412,40 @@ describe('fault matrix: SIGTERM to Aeterna in each state', { timeout: 240000 }, 
   }
 });
 
-describe('fault matrix: Aeterna\'s own resources', { timeout: 120000 }, () => {
+describe("fault matrix: Aeterna's own resources", { timeout: 120000 }, () => {
   it('the control socket file deleted (or replaced) while running: re-created, `aeterna reload` works again, no fd leaked', async () => {
     const { d, aeterna } = await started({});
     const socket = socketOf(d);
-    const baselineFds = await settle(() => fdCount(aeterna), () => false, 300);
+    const baselineFds = await settle(
+      () => fdCount(aeterna),
+      () => false,
+      300,
+    );
     for (let i = 1; i <= 2; i++) {
       const inode = fs.statSync(socket).ino;
       fs.rmSync(socket);
       assert.equal((await d.cli('status')).code, 3, 'unreachable while the file is gone (no daemon answers)');
-      await settle(() => fs.existsSync(socket) && fs.statSync(socket).ino !== inode, (ok) => ok, 15000);
+      await settle(
+        () => fs.existsSync(socket) && fs.statSync(socket).ino !== inode,
+        (ok) => ok,
+        15000,
+      );
       const st = fs.statSync(socket);
       assert.ok(st.isSocket());
       assert.equal(st.mode & 0o777, 0o600, 'the new socket has mode 0600');
       const r = await d.cli('reload');
       assert.equal(r.code, 0, `aeterna reload works again: ${r.stderr}`);
       assert.equal((await statusOf(d)).generation, 1 + i);
-      assert.equal(d.run.logs().filter((l) => l.level === 'warn' && /was deleted while the daemon ran; re-created it/.test(l.msg)).length, i);
+      assert.equal(
+        d.run.logs().filter((l) => l.level === 'warn' && /was deleted while the daemon ran; re-created it/.test(l.msg))
+          .length,
+        i,
+      );
     }
-    const fds = await settle(() => fdCount(aeterna), (n) => n <= baselineFds);
+    const fds = await settle(
+      () => fdCount(aeterna),
+      (n) => n <= baselineFds,
+    );
     assert.equal(fds, baselineFds, 'each replaced listening socket was closed');
 
     // A regular file put in its place is never clobbered: an error, and the daemon waits.
@@ -364,7 +455,11 @@ describe('fault matrix: Aeterna\'s own resources', { timeout: 120000 }, () => {
     assert.equal(fs.readFileSync(socket, 'utf8'), 'precious');
     assert.equal(d.run.logs().filter((l) => /cannot be re-created/.test(l.msg)).length, 1, 'said once, not every 2 s');
     fs.rmSync(socket);
-    await settle(() => fs.existsSync(socket), (ok) => ok, 15000);
+    await settle(
+      () => fs.existsSync(socket),
+      (ok) => ok,
+      15000,
+    );
     assert.equal((await d.cli('status')).code, 0);
     assert.equal(await d.stop(), 0);
     assert.equal(fs.existsSync(socket), false, 'removed at exit');
@@ -386,15 +481,25 @@ describe('fault matrix: Aeterna\'s own resources', { timeout: 120000 }, () => {
     await new Promise((r) => blocker.once('listening', r));
     const taken = (blocker.address() as net.AddressInfo).port;
     const withListener = (p: number): string =>
-      good.replace(`      address: "tcp://127.0.0.1:${port}"\n`, `      address: "tcp://127.0.0.1:${port}"\n    - name: "extra"\n      address: "tcp://127.0.0.1:${p}"\n`);
+      good.replace(
+        `      address: "tcp://127.0.0.1:${port}"\n`,
+        `      address: "tcp://127.0.0.1:${port}"\n    - name: "extra"\n      address: "tcp://127.0.0.1:${p}"\n`,
+      );
     try {
       fs.writeFileSync(d.configFile, withListener(taken));
       const inUse = await cli(['reload', ...socket]);
       assert.equal(inUse.code, 1);
-      assert.match(inUse.stderr, new RegExp(`listener "extra" \\(tcp://127\\.0\\.0\\.1:${taken}\\): address already in use`));
+      assert.match(
+        inUse.stderr,
+        new RegExp(`listener "extra" \\(tcp://127\\.0\\.0\\.1:${taken}\\): address already in use`),
+      );
       const s = await statusOf(d);
       assert.equal(s.last_reload?.code, 'E_LISTEN_ADDR_IN_USE');
-      assert.deepEqual(s.listeners.map((l) => l.name), ['http'], 'the listener set is unchanged');
+      assert.deepEqual(
+        s.listeners.map((l) => l.name),
+        ['http'],
+        'the listener set is unchanged',
+      );
       assert.equal(s.pid, before.pid);
     } finally {
       blocker.close();
@@ -405,7 +510,10 @@ describe('fault matrix: Aeterna\'s own resources', { timeout: 120000 }, () => {
     const ok = await cli(['reload', ...socket]);
     assert.equal(ok.code, 0, ok.stderr);
     const s = await statusOf(d);
-    assert.deepEqual(s.listeners.map((l) => l.name), ['http', 'extra']);
+    assert.deepEqual(
+      s.listeners.map((l) => l.name),
+      ['http', 'extra'],
+    );
     assert.equal(s.generation, before.generation + 1);
     assert.equal(await d.stop(), 0);
   });

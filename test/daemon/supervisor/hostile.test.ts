@@ -36,7 +36,11 @@ interface Exchange {
 }
 
 /** Connect, send `data` (then half-close when `end`), collect every reply line until the daemon closes. */
-function exchange(socketPath: string, data: Buffer | string | null, options: { end?: boolean; closeAtOnce?: boolean } = {}): Promise<Exchange> {
+function exchange(
+  socketPath: string,
+  data: Buffer | string | null,
+  options: { end?: boolean; closeAtOnce?: boolean } = {},
+): Promise<Exchange> {
   return new Promise((resolve) => {
     const socket = net.createConnection({ path: socketPath });
     const decoder = new LineDecoder(1 << 20);
@@ -99,7 +103,9 @@ function streamFlood(socketPath: string): Promise<Exchange & { written: number }
       }
     };
     socket.on('connect', pump);
-    socket.on('data', (c: Buffer) => decoder.push(c).forEach((l) => messages.push(JSON.parse(l.toString()) as ServerMessage)));
+    socket.on('data', (c: Buffer) =>
+      decoder.push(c).forEach((l) => messages.push(JSON.parse(l.toString()) as ServerMessage)),
+    );
     socket.on('error', () => undefined);
     socket.on('close', () => resolve({ messages, unparsed: [], connectError: null, closed: true, written }));
   });
@@ -121,21 +127,61 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
     socket = socketOf(d);
     // Warm up (lazy allocations, JIT), then take the baseline.
     for (let i = 0; i < 500; i++) await exchange(socket, i % 2 ? '{"cmd":"nope"}\n' : Buffer.from([0xff, 0x0a]));
-    baseline = { rss: rssKiB(aeterna), fds: await settle(() => fdCount(aeterna), () => false, 300) };
+    baseline = {
+      rss: rssKiB(aeterna),
+      fds: await settle(
+        () => fdCount(aeterna),
+        () => false,
+        300,
+      ),
+    };
   });
 
   const cases: Array<{ what: string; data: Buffer | string; end?: boolean; message: RegExp }> = [
-    { what: 'length abuse: a line of 64 KiB + 1 byte', data: Buffer.concat([Buffer.alloc(64 * 1024 + 1, 'a'), Buffer.from('\n')]), message: /line longer than 65536 bytes/ },
-    { what: 'length abuse: 1 MiB of newlines-free JSON', data: `{"cmd":"status","x":"${'y'.repeat(1024 * 1024)}"}\n`, message: /line longer than 65536 bytes/ },
+    {
+      what: 'length abuse: a line of 64 KiB + 1 byte',
+      data: Buffer.concat([Buffer.alloc(64 * 1024 + 1, 'a'), Buffer.from('\n')]),
+      message: /line longer than 65536 bytes/,
+    },
+    {
+      what: 'length abuse: 1 MiB of newlines-free JSON',
+      data: `{"cmd":"status","x":"${'y'.repeat(1024 * 1024)}"}\n`,
+      message: /line longer than 65536 bytes/,
+    },
     { what: 'truncated input: half a JSON object, then EOF', data: '{"cmd":"sta', end: true, message: /invalid JSON/ },
-    { what: 'truncated input: a cut UTF-8 sequence, then EOF', data: Buffer.from([0x7b, 0x22, 0xe2, 0x82]), end: true, message: /not valid UTF-8 \(truncated sequence at the end of the line\)/ },
-    { what: 'invalid UTF-8: an overlong encoding', data: Buffer.from([0x7b, 0xc0, 0xaf, 0x7d, 0x0a]), message: /not valid UTF-8 \(byte 0xc0 at offset 1\)/ },
-    { what: 'invalid UTF-8: a lone surrogate', data: Buffer.from([0x22, 0xed, 0xa0, 0x80, 0x22, 0x0a]), message: /not valid UTF-8 \(byte 0xa0 at offset 2\)|byte 0xed at offset 1/ },
+    {
+      what: 'truncated input: a cut UTF-8 sequence, then EOF',
+      data: Buffer.from([0x7b, 0x22, 0xe2, 0x82]),
+      end: true,
+      message: /not valid UTF-8 \(truncated sequence at the end of the line\)/,
+    },
+    {
+      what: 'invalid UTF-8: an overlong encoding',
+      data: Buffer.from([0x7b, 0xc0, 0xaf, 0x7d, 0x0a]),
+      message: /not valid UTF-8 \(byte 0xc0 at offset 1\)/,
+    },
+    {
+      what: 'invalid UTF-8: a lone surrogate',
+      data: Buffer.from([0x22, 0xed, 0xa0, 0x80, 0x22, 0x0a]),
+      message: /not valid UTF-8 \(byte 0xa0 at offset 2\)|byte 0xed at offset 1/,
+    },
     { what: 'NUL bytes', data: Buffer.from('\0\0\0{"cmd":"status"}\n'), message: /invalid JSON/ },
     { what: 'an empty line', data: '\n', message: /empty line: expected a JSON object/ },
-    { what: 'JSON nested 30,000 deep', data: '['.repeat(30000) + ']'.repeat(30000) + '\n', message: /expected a JSON object, got an array|invalid JSON/ },
-    { what: 'a __proto__ key (no prototype pollution, no hidden command)', data: '{"cmd":"status","__proto__":{"cmd":"stop"}}\n', message: /request\.__proto__: unknown field/ },
-    { what: 'an unknown op with a valid shape', data: '{"cmd":"exec","argv":["sh"]}\n', message: /unknown command "exec"/ },
+    {
+      what: 'JSON nested 30,000 deep',
+      data: '['.repeat(30000) + ']'.repeat(30000) + '\n',
+      message: /expected a JSON object, got an array|invalid JSON/,
+    },
+    {
+      what: 'a __proto__ key (no prototype pollution, no hidden command)',
+      data: '{"cmd":"status","__proto__":{"cmd":"stop"}}\n',
+      message: /request\.__proto__: unknown field/,
+    },
+    {
+      what: 'an unknown op with a valid shape',
+      data: '{"cmd":"exec","argv":["sh"]}\n',
+      message: /unknown command "exec"/,
+    },
   ];
   for (const c of cases) {
     it(`answers ${c.what} with E_CONTROL_BAD_REQUEST and closes; the daemon keeps serving`, async () => {
@@ -148,7 +194,10 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
     const r = await streamFlood(socket);
     assert.equal(r.messages.length, 1);
     assert.ok(r.messages[0].type === 'error' && r.messages[0].code === 'E_CONTROL_BAD_REQUEST');
-    assert.ok(r.written < 10 * 1024 * 1024, `the daemon stopped reading long before the end (${r.written} bytes written)`);
+    assert.ok(
+      r.written < 10 * 1024 * 1024,
+      `the daemon stopped reading long before the end (${r.written} bytes written)`,
+    );
     assert.equal((await statusOf(d)).state, 'Running');
   });
 
@@ -160,8 +209,17 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
   });
 
   it('1,000 connections at once, each with garbage: every one answered with an error and closed (or cut to make room, or refused by the kernel), none hangs', async () => {
-    const garbage = ['{"cmd":"status"', '\u00ff\n', '{"cmd":"nope"}\n', 'null\n', '{"cmd":"reload","wait":"x"}\n', '\n'];
-    const results = await Promise.all(Array.from({ length: 1000 }, (_, i) => exchange(socket, garbage[i % garbage.length], { end: i % 2 === 0 })));
+    const garbage = [
+      '{"cmd":"status"',
+      '\u00ff\n',
+      '{"cmd":"nope"}\n',
+      'null\n',
+      '{"cmd":"reload","wait":"x"}\n',
+      '\n',
+    ];
+    const results = await Promise.all(
+      Array.from({ length: 1000 }, (_, i) => exchange(socket, garbage[i % garbage.length], { end: i % 2 === 0 })),
+    );
     const refused = results.filter((r) => r.connectError !== null);
     const answered = results.filter((r) => r.connectError === null);
     const codes: Record<string, number> = {};
@@ -175,11 +233,22 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
       assert.ok(r.closed);
     }
     assert.ok(cut.every((r) => r.closed));
-    console.log(`# 1,000 at once: ${answered.length - cut.length} answered ${JSON.stringify(codes)}, ${cut.length} cut to make room, ${refused.length} refused by the kernel (${[...new Set(refused.map((r) => r.connectError))].join(', ')})`);
+    console.log(
+      `# 1,000 at once: ${answered.length - cut.length} answered ${JSON.stringify(codes)}, ${cut.length} cut to make room, ${refused.length} refused by the kernel (${[...new Set(refused.map((r) => r.connectError))].join(', ')})`,
+    );
     assert.equal(answered.length + refused.length, 1000);
-    assert.ok(refused.every((r) => r.connectError === 'EAGAIN' || r.connectError === 'ECONNREFUSED'), 'the only refusal is a full listen backlog');
-    assert.ok(answered.length - cut.length >= 64, `at least a backlog's worth were answered (${answered.length - cut.length})`);
-    assert.deepEqual(Object.keys(codes).filter((c) => c !== 'E_CONTROL_BAD_REQUEST' && c !== 'E_CONTROL_UNAVAILABLE'), []);
+    assert.ok(
+      refused.every((r) => r.connectError === 'EAGAIN' || r.connectError === 'ECONNREFUSED'),
+      'the only refusal is a full listen backlog',
+    );
+    assert.ok(
+      answered.length - cut.length >= 64,
+      `at least a backlog's worth were answered (${answered.length - cut.length})`,
+    );
+    assert.deepEqual(
+      Object.keys(codes).filter((c) => c !== 'E_CONTROL_BAD_REQUEST' && c !== 'E_CONTROL_UNAVAILABLE'),
+      [],
+    );
     assert.ok((codes.E_CONTROL_BAD_REQUEST ?? 0) > 0);
     assert.equal((await statusOf(d)).state, 'Running');
     assert.ok((await getJson<{ pid: number }>(port)).pid > 0, 'the app still serves');
@@ -191,25 +260,44 @@ describe('hostile input on the control socket of a real daemon', { timeout: 1200
   });
 
   it("Aeterna's RSS stays flat (< +20 MiB) and its fd count returns to the baseline", async () => {
-    const fds = await settle(() => fdCount(aeterna), (n) => n <= baseline.fds);
+    const fds = await settle(
+      () => fdCount(aeterna),
+      (n) => n <= baseline.fds,
+    );
     const rss = rssKiB(aeterna);
     console.log(`# control socket abuse: RSS ${baseline.rss} -> ${rss} KiB, fds ${baseline.fds} -> ${fds}`);
     assert.equal(fds, baseline.fds);
     assert.ok(rss - baseline.rss < 20 * MiB, `RSS grew ${rss - baseline.rss} KiB`);
-    assert.equal(d.run.logs().filter((l) => l.level === 'fatal' || l.code === 'E_INTERNAL').length, 0, 'no internal error');
+    assert.equal(
+      d.run.logs().filter((l) => l.level === 'fatal' || l.code === 'E_INTERNAL').length,
+      0,
+      'no internal error',
+    );
     assert.equal(await d.stop(), 0);
   });
 });
 
 /** Run the notify sender (a process outside every generation); `prefix` runs it as another user (setpriv). */
-function notifySend(address: string, kind: 'ready' | 'garbage' | 'flood' | 'burst' | 'probe', count: number, prefix: string[] = []): Promise<number> {
+function notifySend(
+  address: string,
+  kind: 'ready' | 'garbage' | 'flood' | 'burst' | 'probe',
+  count: number,
+  prefix: string[] = [],
+): Promise<number> {
   return notifySendOutput(address, kind, count, prefix).then((out) => Number(/SENT (\d+)/.exec(out)?.[1] ?? 0));
 }
 
 function notifySendOutput(address: string, kind: string, count: number, prefix: string[] = []): Promise<string> {
   return new Promise((resolve, reject) => {
     // As another user, the system's python: one under root's home (pyenv) is not theirs to run.
-    const argv = [...prefix, prefix.length > 0 ? '/usr/bin/python3' : 'python3', fixture('faults', 'notify_send.py'), address, kind, String(count)];
+    const argv = [
+      ...prefix,
+      prefix.length > 0 ? '/usr/bin/python3' : 'python3',
+      fixture('faults', 'notify_send.py'),
+      address,
+      kind,
+      String(count),
+    ];
     const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     child.stdout.setEncoding('utf8').on('data', (s: string) => (out += s));
@@ -221,7 +309,12 @@ function notifySendOutput(address: string, kind: string, count: number, prefix: 
 describe('NOTIFY_SOCKET: datagrams from outside the new generation', { timeout: 120000 }, () => {
   it('READY=1 from a stranger and from the old generation never makes the new one ready; garbage is ignored (and its warnings rate-limited)', async () => {
     // Generation 1 says READY=1 every 100 ms, for as long as it runs (from a helper process of its own).
-    const d = new Daemon({ command: APP, port: await freePort(), env: ['NOTIFY_SPAM=1'], readiness: '{ mode: "notify", timeout: "20s" }' }).start();
+    const d = new Daemon({
+      command: APP,
+      port: await freePort(),
+      env: ['NOTIFY_SPAM=1'],
+      readiness: '{ mode: "notify", timeout: "20s" }',
+    }).start();
     daemons.push(d);
     const first = await d.waitStatus((s) => s.state === 'Running');
     const address = (await d.run.waitFor(/^ENV NOTIFY_SOCKET=(\S+) generation 1$/m))[1];
@@ -240,7 +333,10 @@ describe('NOTIFY_SOCKET: datagrams from outside the new generation', { timeout: 
       garbage += await notifySend(address, 'garbage', 5);
     }
     const r = await reload;
-    assert.ok(strangerReady >= 20 && garbage >= 25, `datagrams were sent (${strangerReady} READY=1, ${garbage} garbage)`);
+    assert.ok(
+      strangerReady >= 20 && garbage >= 25,
+      `datagrams were sent (${strangerReady} READY=1, ${garbage} garbage)`,
+    );
     assert.equal(r.code, 1, r.stderr);
     assert.match(r.stderr, /not ready within 2s/);
     const s = await statusOf(d);
@@ -249,7 +345,10 @@ describe('NOTIFY_SOCKET: datagrams from outside the new generation', { timeout: 
     const ready = d.run.logs().filter((l) => l.msg === 'generation ready');
     assert.deepEqual([...new Set(ready.map((l) => l.generation))], [1], 'only generation 1 was ever ready');
     const warnings = d.run.logs().filter((l) => /^notify socket: ignored/.test(l.msg));
-    assert.ok(warnings.length >= 1 && warnings.length <= 10, `garbage is logged, at most 10 times a minute (${warnings.length})`);
+    assert.ok(
+      warnings.length >= 1 && warnings.length <= 10,
+      `garbage is logged, at most 10 times a minute (${warnings.length})`,
+    );
 
     // A flood of garbage: the daemon keeps answering, logs no more, and its memory stays flat.
     const rss = rssKiB(aeterna);
@@ -266,9 +365,15 @@ describe('NOTIFY_SOCKET: datagrams from outside the new generation', { timeout: 
     const sent = await flood;
     assert.ok(sent > 1000, `a flood was sent (${sent})`);
     assert.ok(answered > 0, 'the control socket answered during the flood');
-    assert.equal(d.run.logs().filter((l) => /^notify socket: ignored/.test(l.msg)).length, warnings.length, 'no more warnings this minute');
+    assert.equal(
+      d.run.logs().filter((l) => /^notify socket: ignored/.test(l.msg)).length,
+      warnings.length,
+      'no more warnings this minute',
+    );
     const rssAfter = rssKiB(aeterna);
-    console.log(`# notify flood: ${sent} datagrams, ${answered} status answers meanwhile, RSS ${rss} -> ${rssAfter} KiB`);
+    console.log(
+      `# notify flood: ${sent} datagrams, ${answered} status answers meanwhile, RSS ${rss} -> ${rssAfter} KiB`,
+    );
     assert.ok(rssAfter - rss < 20 * MiB, `RSS ${rss} -> ${rssAfter} KiB`);
 
     // The positive control: a datagram from inside the new generation does count.
@@ -277,58 +382,96 @@ describe('NOTIFY_SOCKET: datagrams from outside the new generation', { timeout: 
     assert.equal(ok.code, 0, ok.stderr);
     const after = await statusOf(d);
     assert.equal(after.last_reload?.outcome, 'promoted');
-    assert.ok(d.run.logs().some((l) => l.msg === 'generation ready' && l.generation === after.generation && /READY=1 from pid/.test(String(l.source))));
+    assert.ok(
+      d.run
+        .logs()
+        .some(
+          (l) =>
+            l.msg === 'generation ready' &&
+            l.generation === after.generation &&
+            /READY=1 from pid/.test(String(l.source)),
+        ),
+    );
     assert.equal(await d.stop(), 0);
   });
 });
 
-describe('NOTIFY_SOCKET: a path socket only the app\'s user can reach', { timeout: 120000 }, () => {
+describe("NOTIFY_SOCKET: a path socket only the app's user can reach", { timeout: 120000 }, () => {
   const skip = process.getuid?.() === 0 ? false : 'needs root to switch users';
   const asNobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
-  it('mode 0600, owned by service.user: another uid gets EACCES, the app\'s READY=1 works, and a burst of 100,000 datagrams from the app\'s uid does not stop status from answering', { skip }, async () => {
-    const d = new Daemon({ command: APP, port: await freePort(), env: ['NOTIFY_SPAM=1'], readiness: '{ mode: "notify", timeout: "20s" }', extraService: '  user: "nobody"\n' });
-    fs.chmodSync(d.dir, 0o755); // the app's user must reach the directory; the socket's own mode is what keeps others out
-    d.start();
-    daemons.push(d);
-    // Ready only by the app's own READY=1 (as nobody, through the socket).
-    await d.waitStatus((s) => s.state === 'Running');
-    const address = (await d.run.waitFor(/^ENV NOTIFY_SOCKET=(\S+) generation 1$/m))[1];
-    const stat = fs.lstatSync(address);
-    assert.ok(stat.isSocket(), `${address} is a socket file`);
-    assert.equal(stat.mode & 0o777, 0o600);
-    assert.equal(stat.uid, 65534);
+  it(
+    "mode 0600, owned by service.user: another uid gets EACCES, the app's READY=1 works, and a burst of 100,000 datagrams from the app's uid does not stop status from answering",
+    { skip },
+    async () => {
+      const d = new Daemon({
+        command: APP,
+        port: await freePort(),
+        env: ['NOTIFY_SPAM=1'],
+        readiness: '{ mode: "notify", timeout: "20s" }',
+        extraService: '  user: "nobody"\n',
+      });
+      fs.chmodSync(d.dir, 0o755); // the app's user must reach the directory; the socket's own mode is what keeps others out
+      d.start();
+      daemons.push(d);
+      // Ready only by the app's own READY=1 (as nobody, through the socket).
+      await d.waitStatus((s) => s.state === 'Running');
+      const address = (await d.run.waitFor(/^ENV NOTIFY_SOCKET=(\S+) generation 1$/m))[1];
+      const stat = fs.lstatSync(address);
+      assert.ok(stat.isSocket(), `${address} is a socket file`);
+      assert.equal(stat.mode & 0o777, 0o600);
+      assert.equal(stat.uid, 65534);
 
-    const stranger = await notifySendOutput(address, 'probe', 1, ['setpriv', '--reuid=12345', '--regid=12345', '--clear-groups']);
-    assert.match(stranger, /^ERRNO EACCES$/m, 'another uid cannot send');
+      const stranger = await notifySendOutput(address, 'probe', 1, [
+        'setpriv',
+        '--reuid=12345',
+        '--regid=12345',
+        '--clear-groups',
+      ]);
+      assert.match(stranger, /^ERRNO EACCES$/m, 'another uid cannot send');
 
-    const burst = notifySend(address, 'burst', 100_000, asNobody);
-    let answered = 0;
-    let bursting = true;
-    void burst.then(() => (bursting = false), () => (bursting = false));
-    while (bursting) {
+      const burst = notifySend(address, 'burst', 100_000, asNobody);
+      let answered = 0;
+      let bursting = true;
+      void burst.then(
+        () => (bursting = false),
+        () => (bursting = false),
+      );
+      while (bursting) {
+        assert.equal((await statusOf(d)).state, 'Running');
+        answered++;
+      }
+      assert.equal(await burst, 100_000);
+      assert.ok(answered > 0, 'the control socket answered during the burst');
       assert.equal((await statusOf(d)).state, 'Running');
-      answered++;
-    }
-    assert.equal(await burst, 100_000);
-    assert.ok(answered > 0, 'the control socket answered during the burst');
-    assert.equal((await statusOf(d)).state, 'Running');
-    const warnings = d.run.logs().filter((l) => /^notify socket: ignored/.test(l.msg));
-    assert.ok(warnings.length <= 10, `refused datagrams are logged at most 10 times a minute (${warnings.length})`);
-    console.log(`# notify burst from the app's uid: 100000 datagrams, ${answered} status answers meanwhile`);
-    assert.equal(await d.stop(), 0);
-    assert.equal(fs.existsSync(address), false, 'the socket file is removed at exit');
-  });
+      const warnings = d.run.logs().filter((l) => /^notify socket: ignored/.test(l.msg));
+      assert.ok(warnings.length <= 10, `refused datagrams are logged at most 10 times a minute (${warnings.length})`);
+      console.log(`# notify burst from the app's uid: 100000 datagrams, ${answered} status answers meanwhile`);
+      assert.equal(await d.stop(), 0);
+      assert.equal(fs.existsSync(address), false, 'the socket file is removed at exit');
+    },
+  );
 
-  it('a control socket directory service.user cannot enter: a warning names the directory and the fix', { skip }, async () => {
-    const d = new Daemon({ command: APP, port: await freePort(), restart: '{ policy: "never" }', extraService: '  user: "nobody"\n' }).start(); // d.dir is 0700, root's
-    daemons.push(d);
-    await d.waitStatus((s) => s.state === 'Running');
-    const warnings = d.run.logs().filter((l) => /^notify socket: uid 65534 \(service\.user\) cannot enter/.test(l.msg));
-    assert.equal(warnings.length, 1, d.run.stderr);
-    assert.equal(warnings[0].directory, d.dir);
-    assert.match(warnings[0].msg, /chmod o\+x\) or move control\.socket_path/);
-    assert.equal(await d.stop(), 0);
-  });
+  it(
+    'a control socket directory service.user cannot enter: a warning names the directory and the fix',
+    { skip },
+    async () => {
+      const d = new Daemon({
+        command: APP,
+        port: await freePort(),
+        restart: '{ policy: "never" }',
+        extraService: '  user: "nobody"\n',
+      }).start(); // d.dir is 0700, root's
+      daemons.push(d);
+      await d.waitStatus((s) => s.state === 'Running');
+      const warnings = d.run
+        .logs()
+        .filter((l) => /^notify socket: uid 65534 \(service\.user\) cannot enter/.test(l.msg));
+      assert.equal(warnings.length, 1, d.run.stderr);
+      assert.equal(warnings[0].directory, d.dir);
+      assert.match(warnings[0].msg, /chmod o\+x\) or move control\.socket_path/);
+      assert.equal(await d.stop(), 0);
+    },
+  );
 });
 
 describe('the app as another user (service.user / service.group)', { timeout: 120000 }, () => {
@@ -362,26 +505,37 @@ describe('the app as another user (service.user / service.group)', { timeout: 12
     { config: '  user: 12345\n  group: 23456\n', uid: 12345, gid: 23456, groups: [23456] },
   ];
   for (const c of cases) {
-    it(`${c.config.trim().replace(/\n\s*/g, ', ')}: dropped before exec (uid ${c.uid}, gid ${c.gid}, groups ${c.groups}), the listener still works, the control socket refuses it`, { skip }, async () => {
-      const { who } = await runAs(c.config);
-      assert.equal(who.uid, c.uid);
-      assert.equal(who.euid, c.uid);
-      assert.equal(who.gid, c.gid);
-      assert.equal(who.egid, c.gid);
-      assert.deepEqual(who.groups, c.groups, 'no supplementary group of root is kept');
-      assert.equal(who.listener_fd3, true, 'the inherited listener is usable');
-      assert.match(who.control, /^errno 13 /, `the control socket (mode 0600) refuses the app: ${who.control}`);
-    });
+    it(
+      `${c.config.trim().replace(/\n\s*/g, ', ')}: dropped before exec (uid ${c.uid}, gid ${c.gid}, groups ${c.groups.join(',')}), the listener still works, the control socket refuses it`,
+      { skip },
+      async () => {
+        const { who } = await runAs(c.config);
+        assert.equal(who.uid, c.uid);
+        assert.equal(who.euid, c.uid);
+        assert.equal(who.gid, c.gid);
+        assert.equal(who.egid, c.gid);
+        assert.deepEqual(who.groups, c.groups, 'no supplementary group of root is kept');
+        assert.equal(who.listener_fd3, true, 'the inherited listener is usable');
+        assert.match(who.control, /^errno 13 /, `the control socket (mode 0600) refuses the app: ${who.control}`);
+      },
+    );
   }
 
-  it('without service.user the app runs as root like Aeterna, and so may use the control socket (documented in docs/security.md)', { skip }, async () => {
-    const { who } = await runAs('');
-    assert.equal(who.uid, 0);
-    assert.match(who.control, /"type":"result"/);
-  });
+  it(
+    'without service.user the app runs as root like Aeterna, and so may use the control socket (documented in docs/security.md)',
+    { skip },
+    async () => {
+      const { who } = await runAs('');
+      assert.equal(who.uid, 0);
+      assert.match(who.control, /"type":"result"/);
+    },
+  );
 
   it('an unknown user name is a clear error (E_SPAWN_FAILED naming it) and nothing runs', { skip }, async () => {
-    const d = new Daemon({ command: ['python3', fixture('faults', 'whoami.py')], extraService: '  user: "no-such-user-aeterna"\n' }).start();
+    const d = new Daemon({
+      command: ['python3', fixture('faults', 'whoami.py')],
+      extraService: '  user: "no-such-user-aeterna"\n',
+    }).start();
     daemons.push(d);
     const exit = await d.run.exit();
     assert.equal(exit.code, 127);

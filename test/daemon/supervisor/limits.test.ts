@@ -21,20 +21,25 @@ after(async () => {
 /** Open `count` connections that send nothing and keep them until release() (those the daemon cuts stay closed). */
 async function holdConnections(count: number, connectTo: () => net.Socket): Promise<{ release: () => void }> {
   const sockets = await Promise.all(
-    Array.from({ length: count }, () => new Promise<net.Socket>((resolve) => {
-      const socket = connectTo();
-      socket.on('error', () => undefined);
-      socket.on('data', () => undefined);
-      // Connected, or refused/cut before that: either way this client did what it could.
-      socket.once('connect', () => resolve(socket));
-      socket.once('close', () => resolve(socket));
-    })),
+    Array.from(
+      { length: count },
+      () =>
+        new Promise<net.Socket>((resolve) => {
+          const socket = connectTo();
+          socket.on('error', () => undefined);
+          socket.on('data', () => undefined);
+          // Connected, or refused/cut before that: either way this client did what it could.
+          socket.once('connect', () => resolve(socket));
+          socket.once('close', () => resolve(socket));
+        }),
+    ),
   );
   return { release: () => sockets.forEach((s) => s.destroy()) };
 }
 
 const pidns = pidNamespaceUnavailable();
-const prlimit = spawnSync('prlimit', ['--nofile=64:64', 'true']).status === 0 ? null : 'prlimit cannot set RLIMIT_NOFILE here';
+const prlimit =
+  spawnSync('prlimit', ['--nofile=64:64', 'true']).status === 0 ? null : 'prlimit cannot set RLIMIT_NOFILE here';
 
 /** A daemon as PID 1 with a hard fd limit of 64 (and a metrics endpoint), Running its first generation. */
 async function startedWithFdLimit64(): Promise<{ d: Daemon; metricsPort: number }> {
@@ -48,66 +53,82 @@ async function startedWithFdLimit64(): Promise<{ d: Daemon; metricsPort: number 
 }
 
 describe('clients holding connections and fds never lock the operator out', { timeout: 180000 }, () => {
-  it('PID 1 with a hard fd limit of 64 and clients holding every control and health connection they can: a SIGHUP reload is promoted (never E_CONFIG_INVALID), /healthz, /readyz, status and stop answer', { skip: pidns ?? prlimit ?? false }, async () => {
-    const { d, metricsPort } = await startedWithFdLimit64();
+  it(
+    'PID 1 with a hard fd limit of 64 and clients holding every control and health connection they can: a SIGHUP reload is promoted (never E_CONFIG_INVALID), /healthz, /readyz, status and stop answer',
+    { skip: pidns ?? prlimit ?? false },
+    async () => {
+      const { d, metricsPort } = await startedWithFdLimit64();
 
-    const control = await holdConnections(200, () => net.createConnection({ path: socketOf(d) }));
-    const health = await holdConnections(200, () => net.createConnection({ port: metricsPort, host: '127.0.0.1' }));
-    try {
-      console.log(`# fd limit 64, 400 connections held: ${fdCount(await d.run.aeternaPid())} fds open in Aeterna`);
+      const control = await holdConnections(200, () => net.createConnection({ path: socketOf(d) }));
+      const health = await holdConnections(200, () => net.createConnection({ port: metricsPort, host: '127.0.0.1' }));
+      try {
+        console.log(`# fd limit 64, 400 connections held: ${fdCount(await d.run.aeternaPid())} fds open in Aeterna`);
 
-      await d.run.signal('SIGHUP');
-      const reloaded = await d.waitStatus((s) => s.last_reload !== null && s.last_reload.outcome !== 'in_progress', 60000);
-      assert.equal(reloaded.last_reload?.trigger, 'sighup');
-      assert.notEqual(reloaded.last_reload?.code, 'E_CONFIG_INVALID', JSON.stringify(reloaded.last_reload));
-      assert.equal(reloaded.last_reload?.outcome, 'promoted', JSON.stringify(reloaded.last_reload));
-      assert.equal(reloaded.generation, 2);
+        await d.run.signal('SIGHUP');
+        const reloaded = await d.waitStatus(
+          (s) => s.last_reload !== null && s.last_reload.outcome !== 'in_progress',
+          60000,
+        );
+        assert.equal(reloaded.last_reload?.trigger, 'sighup');
+        assert.notEqual(reloaded.last_reload?.code, 'E_CONFIG_INVALID', JSON.stringify(reloaded.last_reload));
+        assert.equal(reloaded.last_reload?.outcome, 'promoted', JSON.stringify(reloaded.last_reload));
+        assert.equal(reloaded.generation, 2);
 
-      assert.equal((await getText(metricsPort, '/healthz')).status, 200);
-      assert.equal((await getText(metricsPort, '/readyz')).status, 200);
-      const status = await d.cli('status', '--json');
-      assert.equal(status.code, 0, status.stderr);
-      const stop = await d.cli('stop');
-      assert.equal(stop.code, 0, stop.stderr);
-    } finally {
-      control.release();
-      health.release();
-    }
-    assert.equal((await d.run.exit()).code, 0);
-    assert.equal(d.run.logs().filter((l) => /EMFILE|ENFILE/.test(l.msg)).length, 0, 'no fd exhaustion anywhere');
-  });
+        assert.equal((await getText(metricsPort, '/healthz')).status, 200);
+        assert.equal((await getText(metricsPort, '/readyz')).status, 200);
+        const status = await d.cli('status', '--json');
+        assert.equal(status.code, 0, status.stderr);
+        const stop = await d.cli('stop');
+        assert.equal(stop.code, 0, stop.stderr);
+      } finally {
+        control.release();
+        health.release();
+      }
+      assert.equal((await d.run.exit()).code, 0);
+      assert.equal(d.run.logs().filter((l) => /EMFILE|ENFILE/.test(l.msg)).length, 0, 'no fd exhaustion anywhere');
+    },
+  );
 
-  it('PID 1 with a hard fd limit of 64: a burst of connections queued while Aeterna could not accept (SIGSTOP) is taken in without ever running out of fds, and a SIGHUP reload sent in the same burst is promoted', { skip: pidns ?? prlimit ?? false }, async () => {
-    const { d, metricsPort } = await startedWithFdLimit64();
-    const aeterna = await d.run.aeternaPid();
-    // Every connection Aeterna holds is taken first, so that each one of the burst displaces one.
-    const held = await holdConnections(100, () => net.createConnection({ path: socketOf(d) }));
-    const heldHealth = await holdConnections(100, () => net.createConnection({ port: metricsPort, host: '127.0.0.1' }));
-    // Stopped, Aeterna accepts nothing: the burst waits in the listen backlogs (the kernel completes the connects).
-    process.kill(aeterna, 'SIGSTOP');
-    let burst: { release: () => void } | null = null;
-    let burstHealth: { release: () => void } | null = null;
-    try {
-      burst = await holdConnections(64, () => net.createConnection({ path: socketOf(d) }));
-      burstHealth = await holdConnections(64, () => net.createConnection({ port: metricsPort, host: '127.0.0.1' }));
-      process.kill(aeterna, 'SIGHUP'); // pending until it runs again: it arrives with the burst
-    } finally {
-      process.kill(aeterna, 'SIGCONT');
-    }
-    try {
-      const reloaded = await d.waitStatus((s) => s.last_reload !== null && s.last_reload.outcome !== 'in_progress', 60000);
-      assert.equal(reloaded.last_reload?.trigger, 'sighup');
-      assert.equal(reloaded.last_reload?.outcome, 'promoted', JSON.stringify(reloaded.last_reload));
-      const status = await d.cli('status', '--json');
-      assert.equal(status.code, 0, status.stderr);
-      assert.equal((await d.cli('stop')).code, 0);
-    } finally {
-      for (const h of [held, heldHealth, burst, burstHealth]) h?.release();
-    }
-    assert.equal((await d.run.exit()).code, 0);
-    const exhausted = d.run.stderr.split('\n').filter((l) => /EMFILE|ENFILE/.test(l));
-    assert.deepEqual(exhausted, [], 'Aeterna never ran out of fds (an accept, the config read, a spawn)');
-  });
+  it(
+    'PID 1 with a hard fd limit of 64: a burst of connections queued while Aeterna could not accept (SIGSTOP) is taken in without ever running out of fds, and a SIGHUP reload sent in the same burst is promoted',
+    { skip: pidns ?? prlimit ?? false },
+    async () => {
+      const { d, metricsPort } = await startedWithFdLimit64();
+      const aeterna = await d.run.aeternaPid();
+      // Every connection Aeterna holds is taken first, so that each one of the burst displaces one.
+      const held = await holdConnections(100, () => net.createConnection({ path: socketOf(d) }));
+      const heldHealth = await holdConnections(100, () =>
+        net.createConnection({ port: metricsPort, host: '127.0.0.1' }),
+      );
+      // Stopped, Aeterna accepts nothing: the burst waits in the listen backlogs (the kernel completes the connects).
+      process.kill(aeterna, 'SIGSTOP');
+      let burst: { release: () => void } | null = null;
+      let burstHealth: { release: () => void } | null = null;
+      try {
+        burst = await holdConnections(64, () => net.createConnection({ path: socketOf(d) }));
+        burstHealth = await holdConnections(64, () => net.createConnection({ port: metricsPort, host: '127.0.0.1' }));
+        process.kill(aeterna, 'SIGHUP'); // pending until it runs again: it arrives with the burst
+      } finally {
+        process.kill(aeterna, 'SIGCONT');
+      }
+      try {
+        const reloaded = await d.waitStatus(
+          (s) => s.last_reload !== null && s.last_reload.outcome !== 'in_progress',
+          60000,
+        );
+        assert.equal(reloaded.last_reload?.trigger, 'sighup');
+        assert.equal(reloaded.last_reload?.outcome, 'promoted', JSON.stringify(reloaded.last_reload));
+        const status = await d.cli('status', '--json');
+        assert.equal(status.code, 0, status.stderr);
+        assert.equal((await d.cli('stop')).code, 0);
+      } finally {
+        for (const h of [held, heldHealth, burst, burstHealth]) h?.release();
+      }
+      assert.equal((await d.run.exit()).code, 0);
+      const exhausted = d.run.stderr.split('\n').filter((l) => /EMFILE|ENFILE/.test(l));
+      assert.deepEqual(exhausted, [], 'Aeterna never ran out of fds (an accept, the config read, a spawn)');
+    },
+  );
 
   it('64 idle control connections (the most the daemon holds at the default fd limit) do not lock the operator out: aeterna status answers', async () => {
     const d = new Daemon({ command: APP, port: await freePort() }).start();
@@ -116,14 +137,21 @@ describe('clients holding connections and fds never lock the operator out', { ti
     const pid = d.run.child.pid!;
     const baseline = fdCount(pid);
     const idle = await Promise.all(
-      Array.from({ length: 64 }, () => new Promise<net.Socket>((resolve) => {
-        const s = net.createConnection({ path: socketOf(d) }, () => resolve(s));
-        s.on('error', () => undefined);
-      })),
+      Array.from(
+        { length: 64 },
+        () =>
+          new Promise<net.Socket>((resolve) => {
+            const s = net.createConnection({ path: socketOf(d) }, () => resolve(s));
+            s.on('error', () => undefined);
+          }),
+      ),
     );
     try {
       // Every idle connection is accepted (holds an fd in the daemon) before the operator comes.
-      const held = await settle(() => fdCount(pid), (n) => n >= baseline + 64);
+      const held = await settle(
+        () => fdCount(pid),
+        (n) => n >= baseline + 64,
+      );
       assert.ok(held >= baseline + 64, `64 connections held (${held - baseline} more fds)`);
       const status = await d.cli('status', '--json');
       assert.equal(status.code, 0, status.stderr);
@@ -136,18 +164,22 @@ describe('clients holding connections and fds never lock the operator out', { ti
 });
 
 describe('running out of fds is reported as such', () => {
-  it('reading the config at the fd limit is E_RESOURCE_EXHAUSTED naming EMFILE, not a config error', { skip: prlimit ?? false }, async () => {
-    const d = new Daemon({ command: APP });
-    const script = `
+  it(
+    'reading the config at the fd limit is E_RESOURCE_EXHAUSTED naming EMFILE, not a config error',
+    { skip: prlimit ?? false },
+    async () => {
+      const d = new Daemon({ command: APP });
+      const script = `
       const fs = require('node:fs');
       const { loadConfigFile } = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'config', 'load.js'))});
       try { for (;;) fs.openSync('/dev/null', 'r'); } catch (e) { if (e.code !== 'EMFILE') throw e; }
       try { loadConfigFile(${JSON.stringify(d.configFile)}); console.log('loaded'); } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })); }`;
-    const r = spawnSync('prlimit', ['--nofile=64:64', process.execPath, '-e', script], { encoding: 'utf8' });
-    assert.equal(r.status, 0, r.stderr);
-    const err = JSON.parse(r.stdout) as { code: string; message: string };
-    assert.equal(err.code, 'E_RESOURCE_EXHAUSTED');
-    assert.match(err.message, /out of file descriptors \(EMFILE\)/);
-    assert.ok(err.message.includes(d.configFile), err.message);
-  });
+      const r = spawnSync('prlimit', ['--nofile=64:64', process.execPath, '-e', script], { encoding: 'utf8' });
+      assert.equal(r.status, 0, r.stderr);
+      const err = JSON.parse(r.stdout) as { code: string; message: string };
+      assert.equal(err.code, 'E_RESOURCE_EXHAUSTED');
+      assert.match(err.message, /out of file descriptors \(EMFILE\)/);
+      assert.ok(err.message.includes(d.configFile), err.message);
+    },
+  );
 });

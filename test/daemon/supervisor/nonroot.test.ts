@@ -16,7 +16,12 @@ const AS_USER = ['setpriv', `--reuid=${UID}`, `--regid=${UID}`, '--clear-groups'
 /** Not set: the default runtime directory is then /tmp/aeterna-<uid>. */
 const ENV = { XDG_RUNTIME_DIR: '', AETERNA_CONFIG: '' };
 const RUNTIME_DIR = `/tmp/aeterna-${UID}`;
-const skip = process.getuid?.() !== 0 ? 'needs root to run as another user' : spawnSync('setpriv', [...AS_USER, 'true']).status === 0 ? false : 'setpriv cannot switch users here';
+const skip =
+  process.getuid?.() !== 0
+    ? 'needs root to run as another user'
+    : spawnSync('setpriv', [...AS_USER, 'true']).status === 0
+      ? false
+      : 'setpriv cannot switch users here';
 
 const runs: AeternaRun[] = [];
 let dir: string;
@@ -73,7 +78,11 @@ describe('aeterna start as a non-root user', { skip, timeout: 120000 }, () => {
     for (;;) {
       status = await asUser(['status', '--json', '-c', config]);
       // The app prints READY before Aeterna's readiness check sees it: wait for Running, not only for an answer.
-      if ((status.code === 0 && (JSON.parse(status.stdout) as { state: string }).state !== 'Starting') || status.code !== 0 && run.child.exitCode !== null) break;
+      if (
+        (status.code === 0 && (JSON.parse(status.stdout) as { state: string }).state !== 'Starting') ||
+        (status.code !== 0 && run.child.exitCode !== null)
+      )
+        break;
       await new Promise((r) => setTimeout(r, 100));
     }
     assert.equal(status.code, 0, `${status.stderr}\n${run.stderr}`);
@@ -101,8 +110,19 @@ describe('aeterna start as a non-root user', { skip, timeout: 120000 }, () => {
     const inUse = writeConfig('in-use.yaml', `  listeners: [{ name: "web", address: "tcp://127.0.0.1:${taken}" }]\n`);
     try {
       const cases = [
-        { config: unwritable, code: 'E_LISTEN_FAILED', message: /cannot create the control socket's directory \/var\/lib\/aeterna-nonroot-test: .*EACCES.*; set control\.socket_path to a path in a directory this user can write/ },
-        { config: inUse, code: 'E_LISTEN_ADDR_IN_USE', message: new RegExp(`listener "web" \\(tcp://127\\.0\\.0\\.1:${taken}\\): address already in use.*; stop what listens there, or change the address in service\\.listeners`) },
+        {
+          config: unwritable,
+          code: 'E_LISTEN_FAILED',
+          message:
+            /cannot create the control socket's directory \/var\/lib\/aeterna-nonroot-test: .*EACCES.*; set control\.socket_path to a path in a directory this user can write/,
+        },
+        {
+          config: inUse,
+          code: 'E_LISTEN_ADDR_IN_USE',
+          message: new RegExp(
+            `listener "web" \\(tcp://127\\.0\\.0\\.1:${taken}\\): address already in use.*; stop what listens there, or change the address in service\\.listeners`,
+          ),
+        },
       ];
       for (const c of cases) {
         const run = runAeterna(['start', '-c', c.config], { prefix: AS_USER, env: ENV, cwd: dir });

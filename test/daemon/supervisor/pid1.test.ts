@@ -47,7 +47,9 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
   });
 
   it('reaps 200 double-forked orphans: zero zombies left in the namespace', async () => {
-    const run = runAeterna(['start', '-c', config(tempDir(), ['python3', fixture('apps', 'orphans.py'), '200'])], { pid1: true });
+    const run = runAeterna(['start', '-c', config(tempDir(), ['python3', fixture('apps', 'orphans.py'), '200'])], {
+      pid1: true,
+    });
     const result = await run.result<{ orphans: number; alive_or_zombie: number; zombies: number }>();
     const exit = await run.exit();
     assert.equal(result.orphans, 200);
@@ -68,7 +70,9 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
   });
 
   it('SIGTERM to aeterna reaches the app, which cleans up and exits 0', async () => {
-    const run = runAeterna(['start', '-c', config(tempDir(), ['python3', fixture('apps', 'signals.py')])], { pid1: true });
+    const run = runAeterna(['start', '-c', config(tempDir(), ['python3', fixture('apps', 'signals.py')])], {
+      pid1: true,
+    });
     await run.waitFor(/READY \d+/);
     await run.signal('SIGTERM');
     const exit = await run.exit();
@@ -77,7 +81,10 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
   });
 
   it('an app that ignores SIGTERM is killed after stop_timeout (exit 137)', async () => {
-    const run = runAeterna(['start', '-c', config(tempDir(), ['python3', fixture('apps', 'signals.py'), 'ignore-term'])], { pid1: true });
+    const run = runAeterna(
+      ['start', '-c', config(tempDir(), ['python3', fixture('apps', 'signals.py'), 'ignore-term'])],
+      { pid1: true },
+    );
     await run.waitFor(/READY \d+/);
     await run.signal('SIGTERM');
     const exit = await run.exit();
@@ -86,7 +93,9 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
   });
 
   it('forwards SIGUSR1, SIGUSR2, SIGQUIT and SIGWINCH to the app', async () => {
-    const run = runAeterna(['start', '-c', config(tempDir(), ['python3', fixture('apps', 'signals.py')])], { pid1: true });
+    const run = runAeterna(['start', '-c', config(tempDir(), ['python3', fixture('apps', 'signals.py')])], {
+      pid1: true,
+    });
     await run.waitFor(/READY \d+/);
     for (const sig of ['SIGUSR1', 'SIGUSR2', 'SIGQUIT', 'SIGWINCH'] as const) {
       await run.signal(sig);
@@ -100,17 +109,36 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
     const d = tempDir();
     const [p1, p2] = [await freePort(), await freePort()];
     const run = runAeterna(
-      ['start', '-c', config(d, ['python3', fixture('apps', 'report.py')], `  env: ["DEMO_VAR=hello"]
+      [
+        'start',
+        '-c',
+        config(
+          d,
+          ['python3', fixture('apps', 'report.py')],
+          `  env: ["DEMO_VAR=hello"]
   listeners:
     - name: "http"
       address: "tcp://127.0.0.1:${p1}"
     - name: "admin"
       address: "tcp://127.0.0.1:${p2}"
     - name: "local"
-      address: "unix://${path.join(d, 'app.sock')}"`)],
+      address: "unix://${path.join(d, 'app.sock')}"`,
+        ),
+      ],
       { pid1: true },
     );
-    const r = await run.result<{ pid: number; ppid: number; sid: number; LISTEN_FDS: string; LISTEN_PID: string; LISTEN_FDNAMES: string; AETERNA_GENERATION: string; DEMO_VAR: string; fds: number[]; listening: Record<string, boolean> }>();
+    const r = await run.result<{
+      pid: number;
+      ppid: number;
+      sid: number;
+      LISTEN_FDS: string;
+      LISTEN_PID: string;
+      LISTEN_FDNAMES: string;
+      AETERNA_GENERATION: string;
+      DEMO_VAR: string;
+      fds: number[];
+      listening: Record<string, boolean>;
+    }>();
     await run.exit();
     assert.equal(r.LISTEN_FDS, '3');
     assert.equal(r.LISTEN_PID, String(r.pid));
@@ -120,7 +148,10 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
     assert.equal(r.ppid, 1, 'Aeterna is PID 1 and the app its child');
     assert.equal(r.sid, r.pid, 'the app leads its own session');
     // 0,1,2, the three listeners, and the fd os.listdir itself had open while listing.
-    assert.deepEqual(r.fds.filter((fd) => fd <= 5), [0, 1, 2, 3, 4, 5]);
+    assert.deepEqual(
+      r.fds.filter((fd) => fd <= 5),
+      [0, 1, 2, 3, 4, 5],
+    );
     assert.equal(r.fds.length, 7, `only one extra fd (the directory listing's own): ${JSON.stringify(r.fds)}`);
     assert.deepEqual([r.listening['3'], r.listening['4'], r.listening['5']], [true, true, true]);
   });
@@ -131,7 +162,14 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
       pid1: true,
       prefix: ['python3', fixture('apps', 'activator.py'), String(port)],
     });
-    const r = await run.result<{ pid: number; LISTEN_FDS: string; LISTEN_PID: string; LISTEN_FDNAMES: string; listening: Record<string, boolean>; fds: number[] }>();
+    const r = await run.result<{
+      pid: number;
+      LISTEN_FDS: string;
+      LISTEN_PID: string;
+      LISTEN_FDNAMES: string;
+      listening: Record<string, boolean>;
+      fds: number[];
+    }>();
     await run.exit();
     assert.equal(r.LISTEN_FDS, '1');
     assert.equal(r.LISTEN_FDNAMES, 'activated');
@@ -145,9 +183,17 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
     const port = await freePort();
     const gateFile = path.join(d, 'open');
     const run = runAeterna(
-      ['start', '-c', config(d, ['python3', fixture('apps', 'gate.py'), gateFile, process.execPath, fixture('apps', 'http_app.js')], `  listeners:
+      [
+        'start',
+        '-c',
+        config(
+          d,
+          ['python3', fixture('apps', 'gate.py'), gateFile, process.execPath, fixture('apps', 'http_app.js')],
+          `  listeners:
     - name: "http"
-      address: "tcp://127.0.0.1:${port}"`)],
+      address: "tcp://127.0.0.1:${port}"`,
+        ),
+      ],
       { pid1: true },
     );
     await run.waitFor(/GATE waiting/);
@@ -165,9 +211,17 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
   it('serves a real HTTP app as PID 1 on a socket aeterna owns', async () => {
     const port = await freePort();
     const run = runAeterna(
-      ['start', '-c', config(tempDir(), [process.execPath, fixture('apps', 'http_app.js')], `  listeners:
+      [
+        'start',
+        '-c',
+        config(
+          tempDir(),
+          [process.execPath, fixture('apps', 'http_app.js')],
+          `  listeners:
     - name: "http"
-      address: "tcp://127.0.0.1:${port}"`)],
+      address: "tcp://127.0.0.1:${port}"`,
+        ),
+      ],
       { pid1: true },
     );
     await run.waitFor(/READY \d+/);
@@ -188,41 +242,51 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
     assert.equal(err.code, 'E_SPAWN_FAILED');
   });
 
-  it("a service.cwd the app's user cannot enter is E_SPAWN_FAILED at start (exit 126) naming the directory and errno", { skip: process.getuid?.() === 0 ? false : 'needs root to switch users' }, async () => {
-    const dir = tempDir();
-    const closed = path.join(dir, 'root-only');
-    fs.mkdirSync(closed, { mode: 0o700 }); // root's; nobody may not enter it
-    fs.chmodSync(dir, 0o755);
-    const run = runAeterna(['start', '-c', config(dir, ['true'], `  user: "nobody"\n  cwd: "${closed}"`)], { pid1: true });
-    const exit = await run.exit();
-    assert.equal(exit.code, 126, run.stderr);
-    const err = run.logs().find((l) => l.level === 'error');
-    assert.ok(err, run.stderr);
-    assert.equal(err.code, 'E_SPAWN_FAILED');
-    assert.match(err.msg, new RegExp(`cwd "${closed}"\\): chdir: Permission denied \\(EACCES\\)`));
-    assert.equal(run.logs().filter((l) => l.msg === 'generation started').length, 0, 'no generation ever ran');
-  });
+  it(
+    "a service.cwd the app's user cannot enter is E_SPAWN_FAILED at start (exit 126) naming the directory and errno",
+    { skip: process.getuid?.() === 0 ? false : 'needs root to switch users' },
+    async () => {
+      const dir = tempDir();
+      const closed = path.join(dir, 'root-only');
+      fs.mkdirSync(closed, { mode: 0o700 }); // root's; nobody may not enter it
+      fs.chmodSync(dir, 0o755);
+      const run = runAeterna(['start', '-c', config(dir, ['true'], `  user: "nobody"\n  cwd: "${closed}"`)], {
+        pid1: true,
+      });
+      const exit = await run.exit();
+      assert.equal(exit.code, 126, run.stderr);
+      const err = run.logs().find((l) => l.level === 'error');
+      assert.ok(err, run.stderr);
+      assert.equal(err.code, 'E_SPAWN_FAILED');
+      assert.match(err.msg, new RegExp(`cwd "${closed}"\\): chdir: Permission denied \\(EACCES\\)`));
+      assert.equal(run.logs().filter((l) => l.msg === 'generation started').length, 0, 'no generation ever ran');
+    },
+  );
 
-  it("a reload to a service.cwd the app's user cannot enter fails with E_SPAWN_FAILED naming it; the old generation serves on", { skip: process.getuid?.() === 0 ? false : 'needs root to switch users' }, async () => {
-    const d = new Daemon({ command: ['sleep', '1000'], extraService: '  user: "nobody"\n' }).start(true);
-    try {
-      const before = await d.waitStatus((s) => s.state === 'Running');
-      const closed = path.join(d.dir, 'root-only');
-      fs.mkdirSync(closed, { mode: 0o700 });
-      d.write({ ...d.options, extraService: `  user: "nobody"\n  cwd: "${closed}"\n` });
-      const r = await d.cli('reload');
-      assert.equal(r.code, 1, r.stderr);
-      assert.match(r.stderr, new RegExp(`cwd "${closed}"\\): chdir: Permission denied \\(EACCES\\)`));
-      const after = await d.status();
-      assert.equal(after.last_reload?.code, 'E_SPAWN_FAILED');
-      assert.equal(after.state, 'Running');
-      assert.equal(after.generation, before.generation, 'the old generation still serves');
-      assert.equal(after.pid, before.pid);
-      assert.equal(await d.stop(), 143, 'sleep ends by SIGTERM');
-    } finally {
-      await d.run.killAll();
-    }
-  });
+  it(
+    "a reload to a service.cwd the app's user cannot enter fails with E_SPAWN_FAILED naming it; the old generation serves on",
+    { skip: process.getuid?.() === 0 ? false : 'needs root to switch users' },
+    async () => {
+      const d = new Daemon({ command: ['sleep', '1000'], extraService: '  user: "nobody"\n' }).start(true);
+      try {
+        const before = await d.waitStatus((s) => s.state === 'Running');
+        const closed = path.join(d.dir, 'root-only');
+        fs.mkdirSync(closed, { mode: 0o700 });
+        d.write({ ...d.options, extraService: `  user: "nobody"\n  cwd: "${closed}"\n` });
+        const r = await d.cli('reload');
+        assert.equal(r.code, 1, r.stderr);
+        assert.match(r.stderr, new RegExp(`cwd "${closed}"\\): chdir: Permission denied \\(EACCES\\)`));
+        const after = await d.status();
+        assert.equal(after.last_reload?.code, 'E_SPAWN_FAILED');
+        assert.equal(after.state, 'Running');
+        assert.equal(after.generation, before.generation, 'the old generation still serves');
+        assert.equal(after.pid, before.pid);
+        assert.equal(await d.stop(), 143, 'sleep ends by SIGTERM');
+      } finally {
+        await d.run.killAll();
+      }
+    },
+  );
 
   it('a listener address already in use is a clear error naming it', async () => {
     const blocker = net.createServer().listen(0, '127.0.0.1');
@@ -230,9 +294,17 @@ describe('aeterna start as PID 1', { skip: skip ?? false, timeout: 60000 }, () =
     const port = (blocker.address() as net.AddressInfo).port;
     try {
       const run = runAeterna(
-        ['start', '-c', config(tempDir(), ['true'], `  listeners:
+        [
+          'start',
+          '-c',
+          config(
+            tempDir(),
+            ['true'],
+            `  listeners:
     - name: "web"
-      address: "tcp://127.0.0.1:${port}"`)],
+      address: "tcp://127.0.0.1:${port}"`,
+          ),
+        ],
         { pid1: true },
       );
       const exit = await run.exit();

@@ -32,7 +32,11 @@ describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 24000
   });
 
   /** A daemon with the test app (as PID 1 of a new PID namespace when pid1), Running. */
-  async function started(options: { pid1: boolean; env?: NodeJS.ProcessEnv; metricsPort?: number }): Promise<{ d: Daemon; port: number }> {
+  async function started(options: {
+    pid1: boolean;
+    env?: NodeJS.ProcessEnv;
+    metricsPort?: number;
+  }): Promise<{ d: Daemon; port: number }> {
     const port = await freePort();
     const d = new Daemon({ command: APP, port, stopTimeout: '5s', metricsPort: options.metricsPort });
     d.run = runAeterna(['start', '-c', d.configFile], { pid1: options.pid1, env: options.env });
@@ -129,15 +133,26 @@ describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 24000
     // the metrics endpoint closes: at the exec, which closes every fd Aeterna does not hand over.
     const orphan = `require('net').connect(${metricsPort}, '127.0.0.1', function () { this.write('GET /metrics HTTP/1.1\\r\\n'); require('fs').writeFileSync(${JSON.stringify(ready)}, String(process.pid)); }).on('close', () => process.exit(0)).on('error', () => process.exit(1))`;
     const host = await d.run.aeternaPid();
-    const r = spawnSync('nsenter', ['-t', String(host), '-p', '--', 'sh', '-c', `${JSON.stringify(process.execPath)} -e ${JSON.stringify(orphan)} </dev/null >/dev/null 2>&1 &`]);
+    const r = spawnSync('nsenter', [
+      '-t',
+      String(host),
+      '-p',
+      '--',
+      'sh',
+      '-c',
+      `${JSON.stringify(process.execPath)} -e ${JSON.stringify(orphan)} </dev/null >/dev/null 2>&1 &`,
+    ]);
     assert.equal(r.status, 0, String(r.stderr));
-    while (!fs.existsSync(ready) || fs.readFileSync(ready, 'utf8') === '') await new Promise((res) => setTimeout(res, 20));
+    while (!fs.existsSync(ready) || fs.readFileSync(ready, 'utf8') === '')
+      await new Promise((res) => setTimeout(res, 20));
     const orphanPid = Number(fs.readFileSync(ready, 'utf8'));
     const logged = d.run.logs().length;
     await d.run.signal('SIGSEGV');
     await reexecuted(d, 1);
     await d.run.waitFor(new RegExp(`"orphan":${orphanPid}\\b`));
-    const reaped = d.run.logs().findIndex((l) => l.msg === 'reaped orphan' && (l as { orphan?: number }).orphan === orphanPid);
+    const reaped = d.run
+      .logs()
+      .findIndex((l) => l.msg === 'reaped orphan' && (l as { orphan?: number }).orphan === orphanPid);
     // The orphan exits only when the exec closes its connection: the Aeterna that reaped it is the recovered one.
     assert.ok(reaped >= logged, 'reaped after the signal');
     assert.equal((await statusOf(d)).reexecs, 1);
@@ -150,7 +165,9 @@ describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 24000
     // Inside the namespace, one short-lived orphan after another (its subshell exits at once, so PID 1 adopts it):
     // some of them exit while Aeterna is between two programs. The loop prints how many it made.
     const loop = `n=0; while [ ! -e ${JSON.stringify(stop)} ]; do (sleep 0.02 &); n=$((n+1)); sleep 0.005; done; echo $n`;
-    const maker = spawn('nsenter', ['-t', String(host), '-p', '--', 'sh', '-c', loop], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const maker = spawn('nsenter', ['-t', String(host), '-p', '--', 'sh', '-c', loop], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
     let made = '';
     maker.stdout.setEncoding('utf8').on('data', (c: string) => (made += c));
     const makerExited = new Promise<number | null>((res) => maker.on('exit', (code) => res(code)));
@@ -167,13 +184,25 @@ describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 24000
     assert.equal(await makerExited, 0);
     const orphans = Number(made.trim());
     assert.ok(orphans > 0, 'orphans were made');
-    const left = await settle(() => zombies(host, true), (z) => z.length === 0);
+    const left = await settle(
+      () => zombies(host, true),
+      (z) => z.length === 0,
+    );
     assert.deepEqual(left, [], 'no zombie in the namespace');
-    const reaped = (): number => new Set(d.run.logs().filter((l) => l.msg === 'reaped orphan').map((l) => (l as { orphan?: number }).orphan)).size;
+    const reaped = (): number =>
+      new Set(
+        d.run
+          .logs()
+          .filter((l) => l.msg === 'reaped orphan')
+          .map((l) => (l as { orphan?: number }).orphan),
+      ).size;
     // Every orphan is reaped (no zombie, above); each is logged, except that the SIGSEGV's execve may land between
     // a reap and its log line (a fatal signal can strike anywhere): at most one such line is lost.
     const logged = await settle(reaped, (n) => n >= orphans);
-    assert.ok(logged <= orphans && logged >= orphans - 1, `every orphan reaped by an Aeterna was logged (${logged} of ${orphans}; at most one lost to the SIGSEGV)`);
+    assert.ok(
+      logged <= orphans && logged >= orphans - 1,
+      `every orphan reaped by an Aeterna was logged (${logged} of ${orphans}; at most one lost to the SIGSEGV)`,
+    );
     // Those the re-executed Aeterna found already exited (during the exec) are reaped by its first sweep, before it logs having taken over.
     let execing = false;
     let inExecWindow = 0;
@@ -197,10 +226,23 @@ describe('recovery from Aeterna crashing', { skip: skip ?? false, timeout: 24000
     const exit = await d.run.exit();
     assert.equal(exit.code, 70);
     const giveUp = d.run.logs().find((l) => (l as { code?: string }).code === 'E_RECOVERY_LOOP');
-    assert.ok(giveUp, `an E_RECOVERY_LOOP log line: ${JSON.stringify(exit)} ${d.run.stderr.split('\n').filter((l) => !l.includes('control request')).slice(-12).join('\n')}`);
+    assert.ok(
+      giveUp,
+      `an E_RECOVERY_LOOP log line: ${JSON.stringify(exit)} ${d.run.stderr
+        .split('\n')
+        .filter((l) => !l.includes('control request'))
+        .slice(-12)
+        .join('\n')}`,
+    );
     assert.match(giveUp.msg, /recovered from its own crash 6 times within 60s \(at most 5\): giving up/);
     // The app was ended: gone, or a zombie left to whoever adopted it (the test's timeout guards the wait).
-    const ended = (): boolean => { try { return /^State:\s+Z/m.test(fs.readFileSync(`/proc/${app}/status`, 'utf8')); } catch { return true; } };
+    const ended = (): boolean => {
+      try {
+        return /^State:\s+Z/m.test(fs.readFileSync(`/proc/${app}/status`, 'utf8'));
+      } catch {
+        return true;
+      }
+    };
     while (!ended()) await new Promise((r) => setTimeout(r, 50));
   });
 });

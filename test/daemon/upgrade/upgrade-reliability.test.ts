@@ -24,7 +24,10 @@ function breakConfig(d: Daemon): void {
 function accepts(port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const socket = net.connect(port, '127.0.0.1');
-    socket.once('connect', () => { socket.destroy(); resolve(true); });
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve(true);
+    });
     socket.once('error', () => resolve(false));
   });
 }
@@ -32,7 +35,10 @@ function accepts(port: number): Promise<boolean> {
 /** Whether the process has exec'd with a handover: its initial environment (what /proc shows) names one. */
 function execedWithHandover(pid: number): boolean {
   try {
-    return fs.readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').some((e) => e.startsWith('AETERNA_HANDOVER_FD='));
+    return fs
+      .readFileSync(`/proc/${pid}/environ`, 'utf8')
+      .split('\0')
+      .some((e) => e.startsWith('AETERNA_HANDOVER_FD='));
   } catch {
     return false;
   }
@@ -99,7 +105,11 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     d.write({ ...d.options, port: other });
     assert.equal((await d.cli('upgrade')).code, 0);
     const after = await statusOf(d);
-    assert.deepEqual(after.listeners.map((l) => l.address), [`tcp://127.0.0.1:${port}`], 'the listener that serves');
+    assert.deepEqual(
+      after.listeners.map((l) => l.address),
+      [`tcp://127.0.0.1:${port}`],
+      'the listener that serves',
+    );
     assert.equal(after.config_file?.state, 'changed');
     assert.equal(await accepts(other), false, 'the port only in the file is not bound');
     assert.equal((await getJson<{ pid: number }>(port)).pid, after.pid);
@@ -107,7 +117,10 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     assert.match(human.stdout, /config:\s+\S+ \(changed since it was applied: the next reload applies it\)/);
     assert.equal((await d.cli('reload')).code, 0);
     const reloaded = await statusOf(d);
-    assert.deepEqual(reloaded.listeners.map((l) => l.address), [`tcp://127.0.0.1:${other}`]);
+    assert.deepEqual(
+      reloaded.listeners.map((l) => l.address),
+      [`tcp://127.0.0.1:${other}`],
+    );
     assert.equal(reloaded.config_file?.state, 'applied');
   });
 
@@ -115,10 +128,17 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     const { d, port } = await started();
     const before = await statusOf(d);
     const shim = path.join(d.dir, 'fake-aeterna');
-    fs.writeFileSync(shim, '#!/bin/sh\nif [ "$2" = "--check-handover" ]; then echo "aeterna reads handover version $3"; exit 0; fi\nexit 1\n', { mode: 0o755 });
+    fs.writeFileSync(
+      shim,
+      '#!/bin/sh\nif [ "$2" = "--check-handover" ]; then echo "aeterna reads handover version $3"; exit 0; fi\nexit 1\n',
+      { mode: 0o755 },
+    );
     const r = await d.cli('upgrade', '--exec', shim);
     assert.equal(r.code, 1, r.stderr);
-    assert.match(r.stderr, /exited 1 in its dry run: it cannot take over handover version 3; nothing changed \(E_UPGRADE_REFUSED\)/);
+    assert.match(
+      r.stderr,
+      /exited 1 in its dry run: it cannot take over handover version 3; nothing changed \(E_UPGRADE_REFUSED\)/,
+    );
     const after = await statusOf(d);
     assert.equal(after.reexecs, 0);
     assert.equal(after.daemon_pid, before.daemon_pid);
@@ -131,10 +151,17 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     const before = await statusOf(d);
     // A real Aeterna with a fault thrown during its start, before it takes over (the dry run does not start a daemon).
     const target = path.join(d.dir, 'failing-aeterna');
-    fs.writeFileSync(target, `#!/bin/sh\nAETERNA_TEST_FAULT=throw-before-takeover exec ${JSON.stringify(process.execPath)} ${JSON.stringify(CLI)} "$@"\n`, { mode: 0o755 });
+    fs.writeFileSync(
+      target,
+      `#!/bin/sh\nAETERNA_TEST_FAULT=throw-before-takeover exec ${JSON.stringify(process.execPath)} ${JSON.stringify(CLI)} "$@"\n`,
+      { mode: 0o755 },
+    );
     const r = await d.cli('upgrade', '--exec', target);
     assert.equal(r.code, 1, r.stdout + r.stderr);
-    assert.match(r.stderr, /could not take over \(AETERNA_TEST_FAULT=throw-before-takeover: a fault injected before the takeover\); aeterna \S+ took over again/);
+    assert.match(
+      r.stderr,
+      /could not take over \(AETERNA_TEST_FAULT=throw-before-takeover: a fault injected before the takeover\); aeterna \S+ took over again/,
+    );
     const after = await statusOf(d);
     assert.equal(after.state, 'Running');
     assert.equal(after.daemon_pid, before.daemon_pid);
@@ -164,7 +191,8 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
         process.kill(pid, 'SIGTERM');
         // A lost SIGTERM leaves Aeterna running: killed after the wait (not code 0).
         const exit = await d.run.exit(30000);
-        if (exit.code !== 0 || exit.signal !== null) lost.push(`${moment === 'exec' ? 'at the exec' : `${moment} ms`}: ${JSON.stringify(exit)}`);
+        if (exit.code !== 0 || exit.signal !== null)
+          lost.push(`${moment === 'exec' ? 'at the exec' : `${moment} ms`}: ${JSON.stringify(exit)}`);
         await d.run.killAll();
       }
       assert.deepEqual(lost, [], `SIGTERMs lost (of ${MOMENTS.length})`);
@@ -181,10 +209,17 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     assert.ok(apps.length > 0);
     for (const app of apps) {
       const environ = fs.readFileSync(`/proc/${app}/environ`, 'utf8').split('\0');
-      assert.deepEqual(environ.filter((e) => e.startsWith('LD_PRELOAD=') || e.startsWith('AETERNA_HOLD_SIGNALS=')), []);
+      assert.deepEqual(
+        environ.filter((e) => e.startsWith('LD_PRELOAD=') || e.startsWith('AETERNA_HOLD_SIGNALS=')),
+        [],
+      );
     }
     const aeterna = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-    assert.equal(parseInt(aeterna.match(/^SigBlk:\s+(\S+)/m)![1], 16) & ((1 << 14) | (1 << 1) | (1 << 0)), 0, 'SIGTERM, SIGINT and SIGHUP are no longer blocked in Aeterna');
+    assert.equal(
+      parseInt(aeterna.match(/^SigBlk:\s+(\S+)/m)![1], 16) & ((1 << 14) | (1 << 1) | (1 << 0)),
+      0,
+      'SIGTERM, SIGINT and SIGHUP are no longer blocked in Aeterna',
+    );
   });
 
   it('as PID 1, a SIGSEGV sent during a canary soak is ignored (nothing prepared: PID 1 drops it): the reload goes on and promotes, Aeterna is the same process', async () => {
@@ -205,4 +240,3 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     assert.equal((await getJson<{ pid: number }>(port)).pid, after.pid);
   });
 });
-

@@ -10,11 +10,20 @@ import { getJson, startLoad } from '../../helpers/load';
 import { fdCountAtRest } from '../../../bench/soak';
 
 import { native } from '../../../src/native/binding';
-import { HANDOVER_ENV, HANDOVER_VERSION, canReadHandover, readHandover, writeHandover, type Handover } from '../../../src/upgrade/handover';
+import {
+  HANDOVER_ENV,
+  HANDOVER_VERSION,
+  canReadHandover,
+  readHandover,
+  writeHandover,
+  type Handover,
+} from '../../../src/upgrade/handover';
 
 /** Whether fd is close-on-exec (fdinfo's flags are octal). */
 function closeOnExec(fd: number): boolean {
-  return (parseInt(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8').match(/flags:\s+(\d+)/)![1], 8) & 0o2000000) !== 0;
+  return (
+    (parseInt(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8').match(/flags:\s+(\d+)/)![1], 8) & 0o2000000) !== 0
+  );
 }
 
 function sampleHandover(fds: Handover['fds']): Handover {
@@ -28,8 +37,17 @@ function sampleHandover(fds: Handover['fds']): Handover {
     relay: null,
     notify: '/nonexistent/control.sock.notify',
     fdstore: [],
-    generations: [{ number: 3, pid: 42, pgid: 42, state: 'serving', started_at: new Date(0).toISOString(), cgroup: null }],
-    counters: { reloads: 2, restarts: 1, generations: 3, reexecs: 0, last_reload: null, started_at: new Date(0).toISOString() },
+    generations: [
+      { number: 3, pid: 42, pgid: 42, state: 'serving', started_at: new Date(0).toISOString(), cgroup: null },
+    ],
+    counters: {
+      reloads: 2,
+      restarts: 1,
+      generations: 3,
+      reexecs: 0,
+      last_reload: null,
+      started_at: new Date(0).toISOString(),
+    },
   };
 }
 
@@ -54,8 +72,16 @@ describe('handover', () => {
 
   it('refuses another version and a bad fd number with E_HANDOVER_INVALID naming what was wrong', () => {
     const fd = writeHandover({ ...sampleHandover([]), version: 99 } as unknown as Handover);
-    assert.throws(() => readHandover({ [HANDOVER_ENV]: String(fd) }), (err: Error & { code?: string }) => err.code === 'E_HANDOVER_INVALID' && /version 99; this Aeterna reads version 1, 2 and 3/.test(err.message));
-    assert.throws(() => readHandover({ [HANDOVER_ENV]: 'x' }), (err: Error & { code?: string }) => err.code === 'E_HANDOVER_INVALID' && /"x" is not an fd number/.test(err.message));
+    assert.throws(
+      () => readHandover({ [HANDOVER_ENV]: String(fd) }),
+      (err: Error & { code?: string }) =>
+        err.code === 'E_HANDOVER_INVALID' && /version 99; this Aeterna reads version 1, 2 and 3/.test(err.message),
+    );
+    assert.throws(
+      () => readHandover({ [HANDOVER_ENV]: 'x' }),
+      (err: Error & { code?: string }) =>
+        err.code === 'E_HANDOVER_INVALID' && /"x" is not an fd number/.test(err.message),
+    );
     assert.equal(readHandover({}), null);
   });
 
@@ -67,7 +93,10 @@ describe('handover', () => {
 
   it('execve failing leaves the process as it was: the kept fds are close-on-exec again', () => {
     const [a, b] = native.test.socketpair();
-    assert.throws(() => native.execve('/nonexistent/aeterna', ['aeterna'], [], [a]), (err: Error & { code?: string; syscall?: string }) => err.code === 'ENOENT' && err.syscall === 'execve');
+    assert.throws(
+      () => native.execve('/nonexistent/aeterna', ['aeterna'], [], [a]),
+      (err: Error & { code?: string; syscall?: string }) => err.code === 'ENOENT' && err.syscall === 'execve',
+    );
     assert.ok(closeOnExec(a));
     native.close(a);
     native.close(b);
@@ -102,7 +131,10 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     const after = await statusOf(d);
     assertServedInPlace(stats, before, after, 20);
     // Each re-executed Aeterna still logs where the first one did (stdio is kept across the exec).
-    assert.equal(d.run.logs().filter((l) => /re-executed as .* \(upgrade\): took over generation/.test(String(l.msg))).length, 20);
+    assert.equal(
+      d.run.logs().filter((l) => /re-executed as .* \(upgrade\): took over generation/.test(String(l.msg))).length,
+      20,
+    );
     assert.equal((await d.cli('reload')).code, 0, 'a reload after the upgrades promotes');
     const reloaded = await statusOf(d);
     assert.equal(reloaded.generation, before.generation + 1);
@@ -134,7 +166,11 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     const appPid = (await d.waitStatus((s) => s.state === 'Running')).pid;
     // A target whose check waits until the test lets it go: the app connects in between.
     const target = file('aeterna-target');
-    fs.writeFileSync(target, `#!/bin/sh\ntouch ${file('checking')}\nwhile [ ! -e ${file('go')} ]; do sleep 0.02; done\nexec ${JSON.stringify(process.execPath)} ${JSON.stringify(CLI)} "$@"\n`, { mode: 0o755 });
+    fs.writeFileSync(
+      target,
+      `#!/bin/sh\ntouch ${file('checking')}\nwhile [ ! -e ${file('go')} ]; do sleep 0.02; done\nexec ${JSON.stringify(process.execPath)} ${JSON.stringify(CLI)} "$@"\n`,
+      { mode: 0o755 },
+    );
     const upgrading = d.cli('upgrade', '--exec', target);
     while (!fs.existsSync(file('checking'))) await new Promise((r) => setTimeout(r, 20));
     fs.writeFileSync(file('connect'), '');
@@ -157,7 +193,12 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     fs.writeFileSync(bad, '#!/bin/sh\necho "I do not know --check-handover" >&2\nexit 2\n', { mode: 0o755 });
     const r = await d.cli('upgrade', '--exec', bad);
     assert.equal(r.code, 1, r.stderr);
-    assert.match(r.stderr, new RegExp(`old-aeterna start -c \\S+ exited 2 in its dry run: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed \\(E_UPGRADE_REFUSED\\)`));
+    assert.match(
+      r.stderr,
+      new RegExp(
+        `old-aeterna start -c \\S+ exited 2 in its dry run: it cannot take over handover version ${HANDOVER_VERSION}; nothing changed \\(E_UPGRADE_REFUSED\\)`,
+      ),
+    );
     const after = await statusOf(d);
     assert.equal(after.reexecs, 0);
     assert.equal(after.daemon_pid, before.daemon_pid);
