@@ -12,6 +12,7 @@ import { EventEmitter } from 'node:events';
 import { native, READABLE, type Poller } from '../native/binding';
 import { resolveIdentity, type Identity } from '../supervisor/identity';
 import type { Logger } from '../log';
+import { LogThrottle } from '../log-throttle';
 import { removeSocketFile, socketFileAt, type SocketFile } from './socket-file';
 
 /** sd_notify datagrams are short "KEY=VALUE\n..." texts; anything longer is cut here. */
@@ -21,13 +22,6 @@ const MAX_DATAGRAM = 4096;
  * must not keep the event loop here; the poll wakes us again for the rest.
  */
 const MAX_PER_WAKEUP = 256;
-/**
- * Warnings about ignored datagrams: at most WARN_BURST per WARN_WINDOW_MS, the
- * rest are counted and summed up in one line, so a flood of garbage cannot
- * turn into a flood of PID 1's log lines (written synchronously to stderr).
- */
-const WARN_BURST = 10;
-const WARN_WINDOW_MS = 60_000;
 
 export interface NotifyMessage {
   pid: number;
@@ -67,9 +61,11 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
   private socketFile: SocketFile;
   /** Who owns the socket file, and so may send (with root). */
   private owner = { uid: process.getuid!(), gid: process.getgid!() };
-  private warnWindowStart = 0;
-  private warnings = 0;
-  private suppressed = 0;
+  /**
+   * Warnings about ignored datagrams, rate-limited (src/log-throttle.ts): a flood of garbage must not turn into a
+   * flood of PID 1's log lines.
+   */
+  private readonly warnings: LogThrottle;
   /** Datagrams ignored so far (too long, or not KEY=VALUE lines). */
   ignored = 0;
 
@@ -80,6 +76,7 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     private readonly log: Logger,
   ) {
     super();
+    this.warnings = new LogThrottle(log);
     this.socketFile = existingSocketFile(address);
     this.poller = this.poll(fd);
   }
@@ -222,33 +219,13 @@ export class NotifySocket extends EventEmitter<{ message: [NotifyMessage] }> {
     }
   }
 
-  /** A rate-limited warning (see WARN_BURST). */
+  /** A rate-limited warning about a datagram this socket could not use. */
   private warn(fields: Record<string, unknown>, message: string): void {
-    const now = Date.now();
-    if (now - this.warnWindowStart >= WARN_WINDOW_MS) {
-      this.flushSuppressed();
-      this.warnWindowStart = now;
-      this.warnings = 0;
-    }
-    if (this.warnings < WARN_BURST) {
-      this.warnings++;
-      this.log.warn(fields, message);
-    } else {
-      this.suppressed++;
-    }
-  }
-
-  private flushSuppressed(): void {
-    if (this.suppressed === 0) return;
-    this.log.warn(
-      { suppressed: this.suppressed },
-      `notify socket: ${this.suppressed} more ignored datagrams were not logged one by one (at most ${WARN_BURST} warnings a minute)`,
-    );
-    this.suppressed = 0;
+    this.warnings.warn('notify-datagram', fields, message);
   }
 
   close(): void {
-    this.flushSuppressed();
+    this.warnings.flush();
     this.poller.close();
     native.close(this.fd);
     removeSocketFile(this.socketFile); // never a file another process made there since
