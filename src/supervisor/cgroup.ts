@@ -169,7 +169,7 @@ export class GenerationCgroup {
 }
 
 /** This process's cgroup: its path in the hierarchy and its directory; throws an Error saying why cgroups cannot be used. */
-function ownCgroup(): { group: string; dir: string } {
+export function ownCgroup(): { group: string; dir: string } {
   let mountinfo: string;
   try {
     mountinfo = fs.readFileSync('/proc/self/mountinfo', 'utf8');

@@ -7,9 +7,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fdCountAtRest, settle } from '../../../bench/soak';
-import { fixture, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
+import { fixture, freePort, pidNamespaceUnavailable, runAeterna } from '../../helpers/aeterna';
 import { Daemon, statusOf, type ConfigOptions } from '../../helpers/daemon';
 import { requestJson } from '../../helpers/load';
+import { ownCgroup } from '../../../src/supervisor/cgroup';
 
 const STATEFUL_APP = [process.execPath, fixture('apps', 'stateful_app.js')];
 const NOTIFY_APP = ['python3', fixture('apps', 'notify_app.py')];
@@ -221,6 +222,17 @@ function cgroupDirs(dir: string): string[] {
 
 const SLEEPER = ['sleep', '1000'];
 
+/** A new cgroup below the test runner's, or null when cgroup v2 cannot be used here. */
+function privateCgroup(): string | null {
+  try {
+    const dir = path.join(ownCgroup().dir, `aeterna-test-${process.pid}`);
+    fs.mkdirSync(dir);
+    return dir;
+  } catch {
+    return null;
+  }
+}
+
 describe('cgroup directories after abnormal exits', { timeout: 240000 }, () => {
   it('E_RECOVERY_LOOP (the 6th crash within a minute): the cgroup directories handed over are removed with the app', async () => {
     const { d } = await started({ command: SLEEPER });
@@ -240,8 +252,20 @@ describe('cgroup directories after abnormal exits', { timeout: 240000 }, () => {
     'Aeterna (PID 1) killed with SIGKILL leaves its empty cgroup directories; the next Aeterna started in the same cgroup removes them',
     { skip: pidNamespaceUnavailable() ?? false },
     async () => {
+      // A cgroup of the test's own: Aeternas of other test files running at the same time start in the runner's
+      // cgroup and would sweep the dead one's directories there before the second Aeterna here could. (0: the
+      // writer itself, since pids are resolved in the cgroup file's namespace, not the new PID namespace.)
+      const own = privateCgroup();
+      if (own === null) return; // no writable cgroup v2 here
+      const inOwnCgroup = (d: Daemon): Daemon => {
+        d.run = runAeterna(['start', '-c', d.configFile], {
+          pid1: true,
+          prefix: ['sh', '-c', 'echo 0 > "$0/cgroup.procs" && exec "$@"', own],
+        });
+        return d;
+      };
       const port = await freePort();
-      const first = new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }).start(true);
+      const first = inOwnCgroup(new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }));
       daemons.push(first);
       await first.waitStatus((s) => s.state === 'Running', 60000);
       const dir = cgroupDirOf(first);
@@ -256,7 +280,7 @@ describe('cgroup directories after abnormal exits', { timeout: 240000 }, () => {
       assert.equal(empty, true, 'left behind, empty: nothing could remove it');
       assert.equal(cgroupDirs(dir).length, 2);
 
-      const second = new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }).start(true);
+      const second = inOwnCgroup(new Daemon({ command: SLEEPER, port, stopTimeout: '5s' }));
       daemons.push(second);
       await second.waitStatus((s) => s.state === 'Running', 60000);
       assert.deepEqual(cgroupDirs(dir), [], "the dead Aeterna's directories were removed");
@@ -268,6 +292,12 @@ describe('cgroup directories after abnormal exits', { timeout: 240000 }, () => {
       assert.equal(cgroupDirs(cgroupDirOf(second)!).length, 2, 'its own are there');
       await second.stop();
       assert.deepEqual(cgroupDirs(cgroupDirOf(second)!), [], 'and removed at its exit');
+      await settle(
+        () => fs.readFileSync(path.join(own, 'cgroup.procs'), 'utf8').trim() === '',
+        (empty) => empty,
+        20000,
+      );
+      fs.rmdirSync(own);
     },
   );
 });
