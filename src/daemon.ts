@@ -1,23 +1,20 @@
 // `aeterna start`: the PID-1 daemon. It wires the pieces together: the reaper,
-// the listeners Aeterna owns, the sd_notify socket, the orchestrator, the
-// control socket, the metrics endpoint and the signal handlers; then it runs
-// until everything has stopped and returns Aeterna's exit code. A fresh start
-// opens everything; a re-executed Aeterna (an upgrade, a recovery) adopts what
-// the previous one carried. Crossing the exec itself is the carrier's
-// (upgrade/carrier.ts).
-import path from 'node:path';
+// the listeners Aeterna owns, its own sockets (own-sockets.ts: control, metrics,
+// sd_notify, state relay), the fd store, the orchestrator and the signal handlers;
+// then it runs until everything has stopped and returns Aeterna's exit code. A
+// fresh start opens everything; a re-executed Aeterna (an upgrade, a recovery)
+// adopts what the previous one carried. Crossing the exec itself is the
+// carrier's (upgrade/carrier.ts).
 import { AeternaError, ExitCodes } from './errors';
 import type { Config } from './config/types';
 import { loadConfigFile } from './config/load';
 import type { Logger } from './log';
-import { Metrics, startMetricsServer, type MetricsEndpoint } from './monitor/metrics';
+import { Metrics } from './monitor/metrics';
 import { Reaper } from './supervisor/reaper';
 import { openCgroups, type Cgroups } from './supervisor/cgroup';
 import { endLeftovers, killLeftovers } from './supervisor/leftovers';
 import { ListenerSet, inheritedListeners } from './resources/listeners';
 import { ListenerWatch } from './resources/listener-watch';
-import { NotifySocket } from './resources/notify';
-import { keepSocketFile, type SocketFile, type SocketFileWatch } from './resources/socket-file';
 import { FdStore } from './resources/fd-store';
 import { fdStoreBudget } from './resources/fd-budget';
 import { Orchestrator } from './orchestrator/orchestrator';
@@ -25,14 +22,10 @@ import { STATES, type State } from './orchestrator/fsm';
 import type { ControlApi, ReloadTrigger } from './orchestrator/types';
 import { FileWatch } from './orchestrator/file-watch';
 import { ownFiles } from './own-files';
-import { startControlServer, type ControlServer } from './control/server';
-import { SrpCoordinator } from './srp/coordinator';
-import { resolveIdentity } from './supervisor/identity';
-import { ROOT_RUNTIME_DIR, defaultRuntimeDir, ensurePrivateRuntimeDir } from './config/runtime-dir';
 import { Generation } from './supervisor/generation';
 import { belongsTo } from './supervisor/proctree';
 import { WeightedSplit } from './resources/canary-split';
-import type { FdRole, Handover } from './upgrade/handover';
+import type { Handover } from './upgrade/handover';
 import type { Carried } from './upgrade/carried';
 import { Carrier } from './upgrade/carrier';
 import { HeldConfig } from './upgrade/held-config';
@@ -40,7 +33,8 @@ import { TEST_FAULT_ENV, injectFault, takeTestFault, type TestFault } from './up
 import { native } from './native/binding';
 import { packageVersion } from './version';
 import { installSignalHandlers } from './signals';
-import { describeStartFailure, openNotifySocket, openStateRelay, startFailureCode } from './start-failure';
+import { describeStartFailure, startFailureCode } from './start-failure';
+import { OwnSockets } from './own-sockets';
 
 export class Daemon {
   private readonly reaper = new Reaper();
@@ -49,15 +43,11 @@ export class Daemon {
   private readonly listenerWatch: ListenerWatch;
   /** Removes the signal handlers (at shutdown). */
   private uninstallSignalHandlers: () => void = () => undefined;
-  private notify: NotifySocket | null = null;
   private fdStore: FdStore | null = null;
-  private control: ControlServer | null = null;
-  private metricsEndpoint: MetricsEndpoint | null = null;
-  private relay: SrpCoordinator | null = null;
+  /** The control socket, the metrics endpoint, the notify socket and the state relay. */
+  private readonly sockets: OwnSockets;
   private orchestrator: Orchestrator | null = null;
   private cgroups: Cgroups | null = null;
-  /** The state relay's and the notify socket files, kept like the control socket's (see keepSocketFile). */
-  private readonly socketWatches: SocketFileWatch[] = [];
   /** orchestration.watch: reloads on file change. */
   private readonly fileWatch: FileWatch;
   /** A stop requested before the orchestrator existed. */
@@ -86,7 +76,7 @@ export class Daemon {
       config.observability.metrics !== null,
       STATES,
       'Stopped' satisfies State,
-      () => this.relay?.lastCheckpoint() ?? null,
+      () => this.sockets.relay?.lastCheckpoint() ?? null,
     );
     this.listenerWatch = new ListenerWatch(
       this.listeners,
@@ -94,6 +84,15 @@ export class Daemon {
       log,
     );
     this.fileWatch = new FileWatch(() => this.reloadAndLog('watch'), log, ownFiles);
+    this.sockets = new OwnSockets({
+      config,
+      log,
+      api: this.api(),
+      metrics: this.metrics,
+      listenerWatch: this.listenerWatch,
+      isReady: () => this.orchestrator?.isReady() ?? false,
+      changed: () => this.carrier.changed(),
+    });
   }
 
   /** Run until everything has stopped; resolves with Aeterna's exit code. */
@@ -130,16 +129,7 @@ export class Daemon {
   /** A fresh start: open everything the config names, then start generation 1. A failed start: its exit code. */
   private async openAll(): Promise<{ stopped: Promise<number> } | number> {
     this.installReaper();
-    const failed = await this.startFails(async () => {
-      this.prepareRuntimeDir();
-      // The control socket first: if another daemon answers there, refuse before binding anything.
-      this.control = await this.startControl(undefined, undefined);
-      this.applyListeners();
-      await this.startMetrics(undefined);
-      this.notify = openNotifySocket(NotifySocket.pathFor(this.config.control.socketPath), this.log);
-      this.openRelay((handoff, identity) => openStateRelay(handoff, identity, this.log));
-      this.keepSocketFiles();
-    });
+    const failed = await this.startFails(() => this.sockets.open(null, () => this.applyListeners()));
     if (failed !== null) return failed;
     this.cgroups = openCgroups(this.config.service.cgroups, null, this.log);
     this.openFdStore([]);
@@ -171,25 +161,7 @@ export class Daemon {
       ),
     );
     this.installReaper();
-    const kept = (role: FdRole): number | undefined => h.fds.find((f) => f.role === role)?.fd;
-    const failed = await this.startFails(async () => {
-      this.prepareRuntimeDir();
-      this.control = await this.startControl(kept('control'), h.control);
-      this.applyListeners();
-      await this.startMetrics(kept('metrics'));
-      const notifyFd = kept('notify');
-      this.notify =
-        notifyFd !== undefined
-          ? NotifySocket.adopt(h.notify, notifyFd, this.log)
-          : openNotifySocket(NotifySocket.pathFor(this.config.control.socketPath), this.log);
-      const relayFd = kept('relay');
-      this.openRelay((handoff, identity) =>
-        h.relay && relayFd !== undefined
-          ? SrpCoordinator.adopt(handoff, h.relay, relayFd, this.log, h.checkpoint ?? null)
-          : openStateRelay(handoff, identity, this.log),
-      );
-      this.keepSocketFiles();
-    });
+    const failed = await this.startFails(() => this.sockets.open(h, () => this.applyListeners()));
     if (failed !== null) return failed;
     this.openFdStore(h.fdstore);
     const orchestrator = this.startOrchestrator();
@@ -238,50 +210,10 @@ export class Daemon {
     this.reaper.install();
   }
 
-  /** The control socket; on the one the previous Aeterna carried (`adoptFd`, `file`), if any. */
-  private startControl(adoptFd: number | undefined, file: SocketFile | undefined): Promise<ControlServer> {
-    const listeningChanged = (): void => this.carrier.changed();
-    return startControlServer(
-      this.config.control.socketPath,
-      this.api(),
-      this.log,
-      adoptFd !== undefined && file ? { adopt: { fd: adoptFd, file }, listeningChanged } : { listeningChanged },
-    );
-  }
-
   private applyListeners(): void {
     this.listeners.apply(this.config.service.listeners, this.config.orchestration.canary !== null);
     for (const l of this.listeners.list())
       this.log.info({ listener: l.name, address: l.address, fd: l.fd }, 'listener ready');
-  }
-
-  /** The metrics endpoint, when configured; on the socket the previous Aeterna carried (`adoptFd`), if any. */
-  private async startMetrics(adoptFd: number | undefined): Promise<void> {
-    const address = this.config.observability.metrics;
-    if (!address) return;
-    this.metricsEndpoint = await startMetricsServer(
-      this.metrics,
-      address,
-      () => this.orchestrator?.isReady() ?? false,
-      (probe) => this.listenerWatch.check(probe),
-      this.log,
-      adoptFd,
-    );
-    this.log.info({ metrics: `${address.host}:${address.port}` }, 'metrics endpoint ready');
-  }
-
-  /** The state relay, when orchestration.state_handoff is on: `open` creates it or adopts the previous one's socket. */
-  private openRelay(
-    open: (
-      handoff: Config['orchestration']['stateHandoff'],
-      identity: ReturnType<typeof resolveIdentity>,
-    ) => SrpCoordinator,
-  ): void {
-    const handoff = this.config.orchestration.stateHandoff;
-    if (!handoff.enabled) return;
-    this.relay = open(handoff, resolveIdentity(this.config.service.user, this.config.service.group));
-    this.relay.on('checkpoint', (result) => this.metrics.checkpointed(result));
-    this.log.info({ socket: handoff.socketPath }, 'state relay ready');
   }
 
   /** The fd store gets what the fd limit leaves once every socket and server of Aeterna's is up (fd-budget.ts). */
@@ -307,10 +239,10 @@ export class Daemon {
       reaper: this.reaper,
       listeners: this.listeners,
       listenerWatch: this.listenerWatch,
-      notify: this.notify!,
+      notify: this.sockets.notify!,
       fdStore: this.fdStore!,
       loadConfig: loadConfigFile,
-      relay: this.relay,
+      relay: this.sockets.relay,
       spawn: (number, spec, fds, env) => Generation.spawn(number, spec, fds, this.reaper, env, cgroups),
       split: (listeners, canary) => WeightedSplit.open(listeners, canary),
       belongsTo,
@@ -325,8 +257,9 @@ export class Daemon {
     // again): prepared in the transition itself, so whoever sees Running also finds it ready.
     orchestrator.fsm.onTransition(() => this.carrier.changed());
     // The orchestrator first: while it cannot be carried (a reload in flight), nothing is.
-    const carried: Carried[] = [orchestrator, this.listeners, this.control!, this.notify!, this.fdStore!];
-    for (const c of [this.relay, this.metricsEndpoint, this.cgroups]) if (c) carried.push(c);
+    const { control, notify, relay, metricsEndpoint } = this.sockets;
+    const carried: Carried[] = [orchestrator, this.listeners, control!, notify!, this.fdStore!];
+    for (const c of [relay, metricsEndpoint, this.cgroups]) if (c) carried.push(c);
     this.carrier.carry(carried);
     return orchestrator;
   }
@@ -346,47 +279,16 @@ export class Daemon {
   /** The relay connections the previous Aeterna handed over (closed when the relay is off now: nobody would read them). */
   private adoptRelayConnections(h: Handover, adopted: Generation[]): void {
     const entries = h.relay_connections ?? [];
-    if (this.relay) this.relay.adoptConnections(entries, adopted);
+    const relay = this.sockets.relay;
+    if (relay) relay.adoptConnections(entries, adopted);
     else entries.forEach((e) => native.close(e.fd));
-    if (!this.relay && h.checkpoint) native.close(h.checkpoint.fd);
+    if (!relay && h.checkpoint) native.close(h.checkpoint.fd);
     if (entries.length > 0)
       this.log.info(
-        { generations: entries.map((e) => e.generation), relay: this.relay !== null },
+        { generations: entries.map((e) => e.generation), relay: relay !== null },
         `took over ${entries.length} state relay connection(s)`,
       );
     this.carrier.changed(); // they are part of what a fatal signal carries now
-  }
-
-  /**
-   * Check the state relay's and the notify socket files like the control socket's (a tmp cleaner may delete
-   * them): re-created at the same path, which the generations' environment names; the handover then names the new fd.
-   */
-  private keepSocketFiles(): void {
-    const keep = (file: SocketFile, what: string, consequence: string, recreate: () => SocketFile): void => {
-      const recreated = (): SocketFile => {
-        const now = recreate();
-        this.carrier.changed();
-        return now;
-      };
-      this.socketWatches.push(keepSocketFile(file, { what, consequence, recreate: recreated }, this.log));
-    };
-    const notify = this.notify!;
-    keep(notify.file, 'notify socket', "the app's READY=1 (and WATCHDOG=1, FDSTORE=1) cannot reach Aeterna", () =>
-      notify.rebind(),
-    );
-    const relay = this.relay;
-    if (!relay) return;
-    const consequence = 'new generations cannot connect to the state relay (a reload starts without the state)';
-    keep(relay.listening.file, 'state relay socket', consequence, () =>
-      relay.relisten(resolveIdentity(this.config.service.user, this.config.service.group)),
-    );
-  }
-
-  /** Sockets left at their default as a non-root user go to a private directory: create it 0700, or refuse one that is not ours. */
-  private prepareRuntimeDir(): void {
-    const dir = defaultRuntimeDir();
-    const sockets = [this.config.control.socketPath, this.config.orchestration.stateHandoff.socketPath];
-    if (dir !== ROOT_RUNTIME_DIR && sockets.some((p) => path.dirname(p) === dir)) ensurePrivateRuntimeDir(dir);
   }
 
   /** The control socket's view of the daemon: the orchestrator, once it exists. */
@@ -473,13 +375,9 @@ export class Daemon {
     this.uninstallSignalHandlers();
     this.listenerWatch.stop();
     this.fileWatch.close();
-    for (const watch of this.socketWatches) watch.stop(); // before the sockets are closed: never re-created after
-    await this.control?.close().catch(() => undefined);
-    this.metricsEndpoint?.server.closeAllConnections();
-    this.metricsEndpoint?.server.close();
-    this.notify?.close();
+    await this.sockets.close();
     this.fdStore?.close();
-    await this.relay?.close();
+    await this.sockets.closeRelay();
     this.listeners.closeAll();
     await this.cgroups?.close();
     this.reaper.sweep();
