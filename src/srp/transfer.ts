@@ -4,7 +4,6 @@
 // while the new one's queue is above a bounded window), its trailer, the ack;
 // and what happens when any of it fails. It never parses the state.
 import fs from 'node:fs';
-import { native } from '../native/binding';
 import type { Logger } from '../log';
 import { describeExit } from '../supervisor/exit';
 import type { Generation } from '../supervisor/generation';
@@ -12,6 +11,7 @@ import { DumpFailed, type RelayProgress } from '../orchestrator/relay';
 import { SrpError, closeQuietly, isSealedState } from './codec';
 import { abandon, watchAbandoned } from './abandoned';
 import type { CheckpointOffers } from './checkpoint-offer';
+import { closePair, requestDump } from './dump-request';
 import { isPeerGone } from './fd-stream';
 import { trailerDigest, type Message, type StateHeader, type TrailerDigest } from './messages';
 import { carryChanged, type RelayEmitter, type Session, type Transfer } from './session';
@@ -20,8 +20,6 @@ import { carryChanged, type RelayEmitter, type Session, type Transfer } from './
 const EXIT_EXPLAIN_MS = 1000;
 /** Report relay progress at most this often (bytes). */
 const PROGRESS_EVERY = 8 << 20;
-/** Send and receive buffers of a direct relay's socket pair: the sender keeps writing while the receiver hashes. */
-const DIRECT_PAIR_BUFFER = 4 << 20;
 
 export class Transfers {
   /** Transfers not settled yet (a session that closed mid-relay is gone from the tables, its transfer is not). */
@@ -106,67 +104,8 @@ export class Transfers {
       from.transfer = t;
       from.phase = 'dump-requested';
       carryChanged(from, this.events);
-      // The app's SDK waits as long as we do. A digest trailer is offered only if the receiver can take one.
-      // A cheaper check than SHA-256 when both generations can use it; not on a final sync, whose cut-short
-      // form must end in a trailer that can match nothing (docs/srp.md, "Checksums").
-      t.checksumOffered =
-        !final && to.takesTrailer && from.checksums.includes('crc32') && to.checksums.includes('crc32')
-          ? 'crc32'
-          : null;
-      const trailer = to.takesTrailer
-        ? { trailer: true as const, ...(t.checksumOffered ? { checksum: t.checksumOffered } : {}) }
-        : {};
-      const pair = this.directPair(from, to, final);
-      if (pair) {
-        // The sender's end goes with the dump and ours is closed once sent; the receiver's waits for the answer.
-        t.directOffered = true;
-        t.pair = pair[1];
-        from.conn.send(
-          { op: 'dump', final, timeout_ms: timeoutMs, ...trailer, direct: true, fds: ['direct'] },
-          [pair[0]],
-          { closeFds: true },
-        );
-      } else {
-        from.conn.send({ op: 'dump', final, timeout_ms: timeoutMs, ...trailer });
-      }
-      this.log.debug(
-        {
-          from: from.gen!.number,
-          to: to.gen!.number,
-          final,
-          timeout_ms: timeoutMs,
-          trailer: to.takesTrailer,
-          direct: pair !== null,
-          checksum: t.checksumOffered ?? 'sha256',
-        },
-        'relay: dump requested',
-      );
+      requestDump(from, to, t, this.log);
     });
-  }
-
-  /**
-   * A socket pair for the state's bytes (docs/srp.md, "Direct transport"), when both generations said they take
-   * one: a first dump only (a final sync that fails must keep the serving generation's connection in step, which
-   * Aeterna can only do with the bytes passing through it). Null when not offered, or the pair cannot be made.
-   */
-  private directPair(from: Session, to: Session, final: boolean): [number, number] | null {
-    if (final || !from.takesDirect || !to.takesDirect || !to.takesTrailer) return null;
-    try {
-      return native.relayPair(DIRECT_PAIR_BUFFER);
-    } catch (err) {
-      this.log.warn(
-        { err, from: from.gen!.number, to: to.gen!.number },
-        'relay: no socket pair for the direct transport; the state passes through Aeterna',
-      );
-      return null;
-    }
-  }
-
-  /** The receiver's end of an offered pair that will not be passed on. */
-  private closePair(t: Transfer): void {
-    if (t.pair === null) return;
-    closeQuietly(t.pair);
-    t.pair = null;
   }
 
   /** The old generation's answer to the dump: the state's header (its bytes follow, or came as a memfd, or go on the pair). */
@@ -198,7 +137,7 @@ export class Transfers {
     t.pair = null;
     if (m.transport !== 'direct' && t.directOffered && !t.aborted)
       this.log.debug({ from: from.gen!.number }, 'relay: the direct transport was offered and not taken');
-    if (pair === null) this.closePair(t);
+    if (pair === null) closePair(t);
     if (m.transport === 'memfd') {
       const memfd = fds[(m.fds ?? []).indexOf('state')];
       const size = fs.fstatSync(memfd).size;
@@ -392,7 +331,7 @@ export class Transfers {
   abort(t: Transfer, reason: Error): void {
     if (t.aborted) return;
     t.aborted = true;
-    this.closePair(t);
+    closePair(t);
     // The old generation failed before a byte of its state went to the new one, which still waits for a load.
     const dumpFailed = t.from !== null && !t.final && t.to.phase === 'waiting' && !t.to.conn.closed;
     const err = dumpFailed ? new DumpFailed(reason.message) : reason;
