@@ -437,9 +437,11 @@ describe('checkpoint reliability', { timeout: 600000 }, () => {
 /** The daemon's state, asked over its control socket path (the config is a FIFO now: the CLI is given the socket). */
 async function statusWithin(d: Daemon): Promise<string | null> {
   const { call } = await import('../../../src/control/client');
+  let timer: NodeJS.Timeout | undefined;
   const r = await Promise.race([
     call(path.join(d.dir, 'control.sock'), { cmd: 'status' }),
-    new Promise<null>((res) => setTimeout(() => res(null), 60000)),
+    new Promise<null>((res) => (timer = setTimeout(() => res(null), 60000))),
   ]);
+  clearTimeout(timer); // else it keeps this test file's process alive for its minute
   return r && 'status' in r ? r.status.state : null;
 }
