@@ -8,6 +8,11 @@
 //   curl -s -X POST localhost:8080/sessions                       -> {"id":"..."}
 //   curl -s -X POST localhost:8080/sessions/<id>/messages -d 'hi' -> the reply
 //   curl -s localhost:8080/sessions/<id>                          -> history, pid, generation
+//   curl -N localhost:8080/sessions/<id>/stream?tokens=100         -> an answer streamed token by token (SSE)
+//
+// A reload in the middle of a stream does not cut it: at promotion the old generation hands each stream's
+// connection to the new one between two tokens (connection handoff), and the new one goes on from the next
+// token on the same connection; `generation` changes mid-stream, no token is missing or repeated.
 //
 // Outside Aeterna it runs too (binding 127.0.0.1:8080 itself, starting empty).
 'use strict';
@@ -20,6 +25,12 @@ const generation = process.env.AETERNA_GENERATION ?? 'dev';
 /** id -> { created, history: [{ role, text, at }], context: number[] } */
 let sessions = {};
 let relay = null;
+/** The streams being answered: stream id -> { stream, session, words, next, total, timer }. */
+const streams = new Map();
+/** Between two tokens of a stream. */
+const TOKEN_MS = 100;
+/** The most tokens one stream may ask for. */
+const MAX_TOKENS = 100000;
 
 /** The checkpoint under way, and the next one, which every change made meanwhile shares (one write for a burst). */
 let storing = Promise.resolve();
@@ -48,6 +59,50 @@ function think(session, text) {
   return `I remember ${turns} message${turns === 1 ? '' : 's'} from you; the last was "${text}". (generation ${generation}, pid ${process.pid})`;
 }
 
+/** The words an answer streams, taken from the session's history (what the "model" remembers). */
+function wordsOf(session) {
+  const words = session.history.flatMap((m) => m.text.split(/\s+/)).filter(Boolean).slice(-200);
+  return words.length > 0 ? words : ['hello', 'from', 'your', 'agent'];
+}
+
+/** Send the stream's next token, then schedule the one after (or end it). */
+function tick(s) {
+  s.timer = null;
+  if (s.next >= s.total || !s.stream.open) {
+    s.stream.end();
+    streams.delete(s.id);
+    return;
+  }
+  const token = s.words[s.next % s.words.length];
+  s.stream.send(JSON.stringify({ i: s.next, token, generation }));
+  s.next++;
+  s.timer = setTimeout(tick, TOKEN_MS, s);
+}
+
+/** Answer (or, adopted from the previous generation, go on answering) a stream from its token `next`. */
+function runStream(id, stream, words, next, total) {
+  const s = { id, stream, words, next, total, timer: null };
+  streams.set(id, s);
+  tick(s);
+}
+
+/** At promotion: hand every stream to the next generation between two tokens. Returns how many went. */
+async function handOverStreams(handoff) {
+  for (const s of streams.values()) {
+    if (s.timer === null) continue; // ending
+    clearTimeout(s.timer);
+    s.timer = null;
+    try {
+      await s.stream.handOver(handoff, s.id, { words: s.words, next: s.next, total: s.total });
+      streams.delete(s.id);
+    } catch (err) {
+      console.error(`agent ${process.pid}: stream ${s.id} not handed over (${err.message}); finishing it here`);
+      s.timer = setTimeout(tick, TOKEN_MS, s);
+    }
+  }
+  return handoff.end();
+}
+
 function reply(res, code, body) {
   const text = JSON.stringify(body, null, 2) + '\n';
   res.writeHead(code, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
@@ -56,14 +111,21 @@ function reply(res, code, body) {
 
 const server = http.createServer((req, res) => {
   const url = new URL(req.url, 'http://agent');
-  const m = /^\/sessions(?:\/([\w-]+))?(\/messages)?$/.exec(url.pathname);
+  const m = /^\/sessions(?:\/([\w-]+))?(\/messages|\/stream)?$/.exec(url.pathname);
   if (req.method === 'POST' && url.pathname === '/sessions') {
     const id = crypto.randomUUID().slice(0, 8);
     sessions[id] = { created: new Date().toISOString(), history: [], context: new Array(8).fill(0) };
     return void checkpoint().then(() => reply(res, 201, { id, pid: process.pid, generation }));
   }
   if (m && m[1] && !sessions[m[1]]) return reply(res, 404, { error: `no session ${m[1]}` });
-  if (req.method === 'POST' && m && m[2]) {
+  if (req.method === 'GET' && m && m[2] === '/stream') {
+    const total = Number(url.searchParams.get('tokens') ?? 20);
+    if (!Number.isSafeInteger(total) || total < 0 || total > MAX_TOKENS)
+      return reply(res, 400, { error: `tokens must be a whole number from 0 to ${MAX_TOKENS}` });
+    const id = `${m[1]}-${crypto.randomUUID().slice(0, 8)}`;
+    return runStream(id, aeterna.SseStream.start(res), wordsOf(sessions[m[1]]), 0, total);
+  }
+  if (req.method === 'POST' && m && m[2] === '/messages') {
     let text = '';
     req.setEncoding('utf8');
     req.on('data', (d) => (text += d));
@@ -100,6 +162,13 @@ async function main() {
   });
   // The final sync: what the old generation learnt after its first dump.
   relay.onLoad((state) => Object.assign(sessions, state.json()));
+  // The streams the previous generation was answering: go on from the token it stopped at.
+  relay.onConnection((c) => {
+    const resumed = aeterna.resumeSse(c, { server });
+    if (!resumed) return void c.socket.destroy();
+    const { words, next, total } = resumed.meta;
+    runStream(c.id, resumed.stream, words, next, total);
+  });
 
   const fd = aeterna.listeners().get('http');
   const ready = () => relay.ready();
@@ -107,7 +176,10 @@ async function main() {
   else server.listen(8080, '127.0.0.1', ready);
 
   process.on('SIGTERM', async () => {
-    await aeterna.drain(server); // finish in-flight requests, close keep-alive connections cleanly
+    // Promoted away: the streams go on in the next generation, on their connections (null: nobody to take them).
+    const handoff = await relay.handoff();
+    if (handoff) console.log(`agent ${process.pid}: handed ${await handOverStreams(handoff)} stream(s) over`);
+    await aeterna.drain(server); // finish in-flight requests (and streams not handed over), close keep-alive connections
     await relay.shutdown(); // answer the final dump, if Aeterna asks for one
     process.exit(0);
   });

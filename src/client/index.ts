@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import zlib from 'node:zlib';
 import { native, READABLE, type Poller } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
+import { Handoff, HandoffReceiver, type AdoptedConnection } from './handoff';
 import { FdStream, drained } from '../srp/fd-stream';
 import { SrpError, closeQuietly, isSealedState, type SrpErrorCode } from '../srp/codec';
 import type { CheckpointRefusal } from '../srp/checkpoint-store';
@@ -23,6 +24,8 @@ import {
 } from '../srp/messages';
 
 export { drain, trackConnections, type DrainOptions } from './drain';
+export { Handoff, type AdoptedConnection } from './handoff';
+export { SseStream, formatEvent, resumeSse } from './sse';
 
 /**
  * Why an SDK call failed (docs/srp.md, "The app contract"): the protocol's codes (an `error` frame either way),
@@ -324,6 +327,10 @@ export class StateClient {
   private checksumOffered: Checksum | undefined = undefined;
   /** The last dump offered the direct transport: our end of its socket pair, until the answer uses or closes it. */
   private directPair: number | null = null;
+  /** The final dump's end of the connection handoff channel, until handoff() takes it (docs/srp.md, "Connection handoff"). */
+  private handoffEnd: number | null = null;
+  private handoffTaken = false;
+  private connectionCallback: ((c: AdoptedConnection) => void) | null = null;
   /** When Aeterna asked for the final dump (performance.now()), and how long it waits for the answer (its timeout_ms). */
   private finalAsked: { at: number; timeoutMs: number | null } | null = null;
   private finalAskedSignal: () => void = () => undefined;
@@ -405,7 +412,8 @@ export class StateClient {
     conn.on('data', (payload, _frameLength, remaining) => this.onData(payload, remaining));
     // We verify a digest that follows the data, and can send and receive a state on a socket pair of its own.
     // Besides SHA-256 we compute and verify CRC-32 (docs/srp.md, "Checksums").
-    conn.send({ op: 'hello', v: 1, trailer: true, direct: true, checksums: ['crc32', 'sha256'] });
+    // And we hand our client connections over at promotion, and adopt the previous generation's.
+    conn.send({ op: 'hello', v: 1, trailer: true, direct: true, checksums: ['crc32', 'sha256'], handoff: true });
     await welcomed;
   }
 
@@ -473,6 +481,31 @@ export class StateClient {
     this.loadCallback = callback;
   }
 
+  /**
+   * Connections the previous generation hands over at promotion (docs/srp.md, "Connection handoff"): `callback`
+   * gets each as a net.Socket (the bytes it had read but not processed come first) with the app's `id` and
+   * `meta`. Register it before ready(): without one, a handed-over connection is closed.
+   */
+  onConnection(callback: (c: AdoptedConnection) => void): void {
+    this.connectionCallback = callback;
+  }
+
+  /**
+   * For the SIGTERM handler, before draining: wait (at most `timeoutMs`) for Aeterna's final dump, and return the
+   * channel to hand live connections to the next generation on, or null when there is none (no final dump, a
+   * next generation that does not adopt connections, a rollback, outside Aeterna). Hand over what you can with
+   * `send()`, then `end()`; drain the rest; then shutdown() answers the final dump as usual.
+   */
+  async handoff(timeoutMs = 10_000): Promise<Handoff | null> {
+    if (!this.conn || this.handoffTaken) return null;
+    if (!this.finalAsked) await within(this.finalAskedOrFinished, timeoutMs);
+    if (this.handoffEnd === null || this.handoffTaken) return null;
+    this.handoffTaken = true;
+    const fd = this.handoffEnd;
+    this.handoffEnd = null;
+    return new Handoff(fd);
+  }
+
   /** Tell Aeterna this generation is ready (counts like sd_notify READY=1). Sent once the initial state is acknowledged. */
   ready(): void {
     if (!this.conn || this.readyWanted) return;
@@ -510,6 +543,8 @@ export class StateClient {
 
   close(): void {
     this.conn?.close();
+    if (this.handoffEnd !== null) closeQuietly(this.handoffEnd); // never taken: the next generation reads its end
+    this.handoffEnd = null;
   }
 
   private ack(ok: boolean, error?: string): void {
@@ -556,6 +591,7 @@ export class StateClient {
         if (this.directPair !== null) closeQuietly(this.directPair); // an earlier offer nobody answered
         this.directPair = m.direct ? fds[0] : null;
         if (m.final) {
+          if (m.handoff) this.handoffEnd = fds[0];
           this.finalAsked = { at: performance.now(), timeoutMs: m.timeout_ms ?? null };
           this.finalAskedSignal();
           this.finalDumpPending = true;
@@ -564,6 +600,14 @@ export class StateClient {
           void this.answerDump(false);
         }
         return;
+      case 'handoff': {
+        // We were promoted: the previous generation hands its connections over on this channel.
+        // It reads the channel to its end on its own (its poller holds it), adopting each connection.
+        new HandoffReceiver(fds[0], this.maxFrame, this.connectionCallback, (message) =>
+          process.stderr.write(`aeterna/client: connection handoff: ${message}\n`),
+        );
+        return;
+      }
       case 'checkpointed': {
         const waiter = this.checkpointWaiters.shift();
         if (!waiter) break;

@@ -23,6 +23,8 @@ export interface CarriedRelayConnection {
   takesTrailer: boolean;
   /** Takes the direct transport (a socket pair per relay); absent in a handover written before it existed. */
   takesDirect?: boolean;
+  /** Hands its client connections over at a final sync; absent in a handover written before it existed. */
+  takesHandoff?: boolean;
   /** Trailer checks besides sha256 it computes (its hello's `checksums`); absent likewise. */
   checksums?: string[];
 }

@@ -199,7 +199,8 @@ export class SrpConnection extends EventEmitter<ConnectionEvents> {
     if (message.op === 'trailer') this.dueTrailer = false;
     const carriesState = message.op === 'state' || message.op === 'load' || message.op === 'checkpoint';
     // A direct dump carries the sender's end of the socket pair (docs/srp.md, "Direct transport").
-    const named = carriesState || message.op === 'dump' ? (message.fds ?? []) : [];
+    // At promotion, the two ends of the connection handoff channel: on the final dump, and the `handoff` op.
+    const named = carriesState || message.op === 'dump' || message.op === 'handoff' ? (message.fds ?? []) : [];
     const fds = this.decoder.claimFds(frame, named.length);
     this.decoder.checkUnclaimed(frame); // before acting on the message: stray fds make the frame itself invalid
     if (carriesState && message.transport !== 'memfd') {

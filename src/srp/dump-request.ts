@@ -1,6 +1,7 @@
 // The dump that asks the old generation for its state, and what it offers: a digest trailer when the new
-// generation takes one, crc32 instead of SHA-256 when both list it, and a socket pair of their own for the state's
-// bytes when both take the direct transport (docs/srp.md, "Checksums", "Direct transport").
+// generation takes one, crc32 instead of SHA-256 when both list it, a socket pair of their own for the state's
+// bytes when both take the direct transport, and at a final sync a socket pair on which the old generation hands
+// its client connections to the new one (docs/srp.md, "Checksums", "Direct transport", "Connection handoff").
 import { native } from '../native/binding';
 import type { Logger } from '../log';
 import { closeQuietly } from './codec';
@@ -8,6 +9,8 @@ import type { Session, Transfer } from './session';
 
 /** Send and receive buffers of a direct relay's socket pair: the sender keeps writing while the receiver hashes. */
 const DIRECT_PAIR_BUFFER = 4 << 20;
+/** The connection handoff channel's buffers: frames of a few hundred bytes, each with one fd. */
+const HANDOFF_PAIR_BUFFER = 1 << 20;
 
 /** Ask `from` for its state, for `t` (whose `final` and `timeoutMs` the dump tells); the SDK waits as long as Aeterna. */
 export function requestDump(from: Session, to: Session, t: Transfer, log: Logger): void {
@@ -20,7 +23,16 @@ export function requestDump(from: Session, to: Session, t: Transfer, log: Logger
     ? { trailer: true as const, ...(t.checksumOffered ? { checksum: t.checksumOffered } : {}) }
     : {};
   const pair = directPair(from, to, final, log);
-  if (pair) {
+  const handoff = final && offerHandoff(from, to, log);
+  if (handoff) {
+    from.conn.send(
+      { op: 'dump', final, timeout_ms: timeoutMs, ...trailer, handoff: true, fds: ['handoff'] },
+      [handoff],
+      {
+        closeFds: true,
+      },
+    );
+  } else if (pair) {
     // The sender's end goes with the dump and ours is closed once sent; the receiver's waits for the answer.
     t.directOffered = true;
     t.pair = pair[1];
@@ -38,6 +50,7 @@ export function requestDump(from: Session, to: Session, t: Transfer, log: Logger
       timeout_ms: timeoutMs,
       trailer: to.takesTrailer,
       direct: pair !== null,
+      handoff,
       checksum: t.checksumOffered ?? 'sha256',
     },
     'relay: dump requested',
@@ -60,6 +73,27 @@ function directPair(from: Session, to: Session, final: boolean, log: Logger): [n
     );
     return null;
   }
+}
+
+/**
+ * At a final sync, when both generations take connection handoff: a socket pair, one end sent to the new
+ * generation now (so it reads while the old one writes), the other returned for the old generation's final dump.
+ * Aeterna keeps neither end. False when not offered, or the pair cannot be made (the old one then drains).
+ */
+function offerHandoff(from: Session, to: Session, log: Logger): number | false {
+  if (!from.takesHandoff || !to.takesHandoff) return false;
+  let pair: [number, number];
+  try {
+    pair = native.relayPair(HANDOFF_PAIR_BUFFER);
+  } catch (err) {
+    log.warn(
+      { err, from: from.gen!.number, to: to.gen!.number },
+      'relay: no socket pair for connection handoff; the old generation drains its connections instead',
+    );
+    return false;
+  }
+  to.conn.send({ op: 'handoff', fds: ['handoff'] }, [pair[1]], { closeFds: true });
+  return pair[0];
 }
 
 /** The receiver's end of an offered pair that will not be passed on. */

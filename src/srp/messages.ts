@@ -24,9 +24,18 @@ export type Message =
    * receive a state whose digest follows the data (docs/srp.md, "Digest trailer").
    */
   /** checksums: the trailer algorithms it can compute and verify besides sha256 (docs/srp.md, "Checksums"). */
-  | { op: 'hello'; v: number; fds?: boolean; trailer?: true; direct?: true; checksums?: string[] }
+  /** handoff: it can hand its client connections to the next generation and adopt them (docs/srp.md, "Connection handoff"). */
+  | { op: 'hello'; v: number; fds?: boolean; trailer?: true; direct?: true; checksums?: string[]; handoff?: true }
   /** checkpoint: Aeterna stores checkpoints (docs/srp.md, "Checkpoints"). */
-  | { op: 'welcome'; v: number; generation: number; max_frame: number; checkpoint?: true; direct?: true }
+  | {
+      op: 'welcome';
+      v: number;
+      generation: number;
+      max_frame: number;
+      checkpoint?: true;
+      direct?: true;
+      handoff?: true;
+    }
   /** source/seq/age_ms: a generation with no live predecessor loads the latest checkpoint ("checkpoint"); a reload's live dump is "relay". */
   | ({ op: 'load'; final?: boolean; source?: LoadSource; seq?: number; age_ms?: number } & StateHeader)
   /** The app stores its latest state in Aeterna: the payload forms of `state`. */
@@ -44,9 +53,13 @@ export type Message =
       timeout_ms?: number;
       trailer?: true;
       direct?: true;
+      /** A final dump's end of the connection handoff channel (fds: ["handoff"]). */
+      handoff?: true;
       fds?: string[];
       checksum?: Checksum;
     }
+  /** The new generation's end of the connection handoff channel, right before the old one's final dump. */
+  | { op: 'handoff'; fds: ['handoff'] }
   /** The digest of the state's data frames, right after the last of them (a header with `trailer`): `sha256`, or `crc32` when the header said so. */
   | ({ op: 'trailer' } & TrailerDigest)
   | { op: 'error'; code: string; message: string };
@@ -69,6 +82,7 @@ const OPS: readonly Op[] = [
   'ack',
   'ready',
   'dump',
+  'handoff',
   'trailer',
   'error',
   'checkpoint',
@@ -180,6 +194,8 @@ export function parseMessage(payload: Buffer): Message {
     case 'hello':
       if (typeof o.v !== 'number') fail('hello: "v" must be a number');
       if (o.fds !== undefined && typeof o.fds !== 'boolean') fail('hello: "fds" must be true or false');
+      if (o.handoff !== undefined && (o.handoff !== true || o.fds === false))
+        fail('hello: "handoff" must be true, and only from a client that can receive fds');
       if (
         o.checksums !== undefined &&
         (!Array.isArray(o.checksums) ||
@@ -194,6 +210,7 @@ export function parseMessage(payload: Buffer): Message {
         ...(o.fds === false ? { fds: false } : {}),
         ...(o.trailer === true ? { trailer: true as const } : {}),
         ...(o.direct === true ? { direct: true as const } : {}),
+        ...(o.handoff === true ? { handoff: true as const } : {}),
         // Names this Aeterna does not know are ignored (a later client may know more).
         ...(Array.isArray(o.checksums)
           ? { checksums: CHECKSUMS.filter((c) => (o.checksums as unknown[]).includes(c)) }
@@ -207,6 +224,7 @@ export function parseMessage(payload: Buffer): Message {
         max_frame: Number(o.max_frame),
         ...(o.checkpoint === true ? { checkpoint: true as const } : {}),
         ...(o.direct === true ? { direct: true as const } : {}),
+        ...(o.handoff === true ? { handoff: true as const } : {}),
       };
     case 'load':
       return {
@@ -238,15 +256,18 @@ export function parseMessage(payload: Buffer): Message {
     case 'dump':
       if (o.direct !== undefined && (o.direct !== true || o.trailer !== true || o.final === true))
         fail('dump: "direct" must be true, and only with "trailer": true on a non-final dump');
-      if (
-        (o.direct === true) !== (Array.isArray(o.fds) && o.fds.length === 1 && o.fds[0] === 'direct') ||
-        (o.fds !== undefined && o.direct !== true)
-      ) {
-        fail('dump: "fds" must be ["direct"] exactly when "direct" is true');
+      if (o.handoff !== undefined && (o.handoff !== true || o.final !== true))
+        fail('dump: "handoff" must be true, and only on a final dump');
+      {
+        const pairName = o.direct === true ? 'direct' : o.handoff === true ? 'handoff' : null;
+        const named = Array.isArray(o.fds) && o.fds.length === 1 ? (o.fds[0] as unknown) : undefined;
+        if ((pairName === null && o.fds !== undefined) || (pairName !== null && named !== pairName))
+          fail('dump: "fds" must be ["direct"] exactly when "direct" is true, ["handoff"] when "handoff" is');
       }
       return {
         op: 'dump',
         ...(o.direct === true ? { direct: true as const, fds: ['direct'] } : {}),
+        ...(o.handoff === true ? { handoff: true as const, fds: ['handoff'] } : {}),
         final: o.final === true,
         ...(Number.isSafeInteger(o.timeout_ms) && (o.timeout_ms as number) > 0
           ? { timeout_ms: o.timeout_ms as number }
@@ -254,6 +275,10 @@ export function parseMessage(payload: Buffer): Message {
         ...(o.trailer === true ? { trailer: true as const } : {}),
         ...(o.checksum !== undefined ? { checksum: offeredChecksum(o) } : {}),
       };
+    case 'handoff':
+      if (!Array.isArray(o.fds) || o.fds.length !== 1 || o.fds[0] !== 'handoff')
+        fail('handoff: "fds" must be ["handoff"]');
+      return { op: 'handoff', fds: ['handoff'] };
     case 'trailer': {
       const sha256 = optionalSha256(o, 'trailer');
       const crc32 = optionalString(o, 'crc32', 8);

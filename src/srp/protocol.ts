@@ -56,6 +56,7 @@ const UNEXPECTED: { readonly [O in Op]: null } = {
   ack: null,
   ready: null,
   dump: null,
+  handoff: null,
   trailer: null,
   checkpoint: null,
   checkpointed: null,

@@ -48,6 +48,8 @@ export interface Session {
   takesTrailer: boolean;
   /** Said in its hello that it can send and receive a state on a socket pair of its own (docs/srp.md, "Direct transport"). */
   takesDirect: boolean;
+  /** Said in its hello that it hands its client connections over and adopts them (docs/srp.md, "Connection handoff"). */
+  takesHandoff: boolean;
   /** Trailer checks it can compute and verify besides sha256 (its hello's `checksums`). */
   checksums: string[];
   transfer: Transfer | null;
@@ -138,7 +140,7 @@ export function carryChanged(s: Session, events: RelayEmitter): void {
 }
 
 /** What a session learned from its hello: all a re-executed Aeterna needs to go on speaking with it. */
-export type HelloFlags = Pick<Session, 'noFds' | 'takesTrailer' | 'takesDirect' | 'checksums'>;
+export type HelloFlags = Pick<Session, 'noFds' | 'takesTrailer' | 'takesDirect' | 'takesHandoff' | 'checksums'>;
 
 /** The hello-derived flags of a session (or of a carried entry): the one place that lists them. */
 export function helloFlags(s: Pick<HelloFlags, 'noFds' | 'takesTrailer'> & Partial<HelloFlags>): HelloFlags {
@@ -147,6 +149,7 @@ export function helloFlags(s: Pick<HelloFlags, 'noFds' | 'takesTrailer'> & Parti
     noFds: s.noFds,
     takesTrailer: s.takesTrailer,
     takesDirect: s.takesDirect ?? false,
+    takesHandoff: s.takesHandoff ?? false,
     checksums: [...(s.checksums ?? [])],
   };
 }
@@ -162,6 +165,7 @@ export function newSession(conn: SrpConnection, owner: Generation): Session {
     noFds: false,
     takesTrailer: false,
     takesDirect: false,
+    takesHandoff: false,
     checksums: [],
     transfer: null,
     checkpoint: null,
@@ -269,6 +273,7 @@ export class Sessions {
     s.noFds = m.fds === false;
     s.takesTrailer = m.trailer === true;
     s.takesDirect = m.direct === true && !s.noFds;
+    s.takesHandoff = m.handoff === true; // the decoder refused it from a client without fds
     s.checksums = m.checksums ?? [];
     this.byGeneration.set(gen, s);
     s.conn.send({
@@ -278,6 +283,7 @@ export class Sessions {
       max_frame: this.maxFrame,
       ...(this.hooks.checkpointsEnabled() ? { checkpoint: true as const } : {}),
       direct: true,
+      handoff: true,
     });
     this.log.debug({ generation: gen.number }, 'relay connection');
     const role = this.generations.get(gen)?.role;
