@@ -4,7 +4,7 @@
 // fd, its app-defined state and the bytes read but not processed, then `end`); `HandoffReceiver` the new one's
 // (adopts each as a net.Socket with those bytes first). Aeterna takes no part in it: it holds none of the fds.
 import net from 'node:net';
-import { FdStream, drained } from '../srp/fd-stream';
+import { FdStream } from '../srp/fd-stream';
 import { FrameDecoder, SrpError, closeQuietly, encodeFrame, frameHeader, type Frame } from '../srp/codec';
 
 /** A connection the previous generation handed over. */
@@ -104,7 +104,7 @@ export class Handoff {
       this.stream.write(part);
     }
     // Until the frame with its fd is in the kernel, the fd must stay open here.
-    while (this.stream.writableLength > 0 && !this.stream.isClosed) await drained(this.stream);
+    await this.stream.flushed();
     if (this.stream.isClosed) throw new Error(`the next generation went away before connection ${id} was handed over`);
     this.sent++;
     socket.destroy(); // closes this copy only: the connection is the next generation's
@@ -116,8 +116,7 @@ export class Handoff {
     if (!this.ended) {
       this.ended = true;
       this.stream.write(encodeFrame(Buffer.from(JSON.stringify({ op: 'end', count: this.sent }))));
-      while (this.stream.writableLength > 0 && !this.stream.isClosed) await drained(this.stream);
-      this.stream.close();
+      this.stream.end();
     }
     return this.sent;
   }
@@ -228,7 +227,7 @@ export class HandoffReceiver {
       this.warn(`connection ${p.id} cannot be adopted (${(err as Error).message}): closed`);
       return;
     }
-    socket.pause(); // flows once the app reads it, the unread bytes first
+    // Not flowing until the app reads it (no 'data' listener yet); the unread bytes come first.
     if (p.total > 0) socket.unshift(Buffer.concat(p.unread));
     this.adopted++;
     this.onConnection({ id: p.id, meta: p.meta, socket, unreadBytes: p.total });

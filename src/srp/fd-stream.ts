@@ -91,6 +91,8 @@ export interface FdStreamEvents {
   end: [];
   error: [err: Error];
   drain: [];
+  /** Everything queued is in the kernel. */
+  empty: [];
   close: [];
 }
 
@@ -159,6 +161,20 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
     if (this.closed || this.reading) return;
     this.reading = true;
     this.update();
+  }
+
+  /** Resolves once everything queued so far is in the kernel, or the stream closed. */
+  flushed(): Promise<void> {
+    if (this.queue.length === 0 || this.closed) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = (): void => {
+        this.off('empty', done);
+        this.off('close', done);
+        resolve();
+      };
+      this.on('empty', done);
+      this.on('close', done);
+    });
   }
 
   /** Close once everything queued has been sent. */
@@ -245,6 +261,7 @@ export class FdStream extends EventEmitter<FdStreamEvents> {
       this.spill.give(p.held);
     }
     this.update();
+    if (this.queue.length === 0) this.emit('empty');
     if (this.queue.length === 0 && this.ending) {
       this.close();
     } else if (this.needDrain && this.queued < this.highWaterMark) {

@@ -40,7 +40,7 @@ describe('SRP protocol table', () => {
   });
 
   it('accepts none of the ops Aeterna sends, in any phase', () => {
-    for (const op of ['welcome', 'load', 'dump', 'checkpointed'] as const)
+    for (const op of ['welcome', 'load', 'dump', 'handoff', 'checkpointed'] as const)
       for (const row of ROWS) assert.equal(ON[row][op], null, `${row} × ${op}`);
   });
 
