@@ -10,9 +10,11 @@
 //	relay.OnLoad(func(s *client.State) error { return merge(s) }) // the final sync, while serving
 //	_, err = relay.Load(func(s *client.State) error { return restore(s) })
 //	ln := client.Listeners()["http"]
-//	go http.Serve(ln, handler)
+//	server := &http.Server{Handler: handler}
+//	client.TrackConnections(server)
+//	go server.Serve(ln)
 //	relay.Ready()
-//	// on SIGTERM: server.Shutdown(ctx) (drain), then
+//	// on SIGTERM: client.Drain(ctx, server, client.DrainOptions{}), then
 //	relay.Shutdown(10 * time.Second)
 //
 // Goroutines: Load runs in the caller's goroutine. After the initial ack a
