@@ -24,6 +24,11 @@
 // left for Shutdown, which the app calls once it has drained, so that the
 // final state includes what the in-flight requests changed.
 //
+// Connection handoff (Handoff, OnConnection) moves live client connections
+// from the old generation to the new one at promotion, over a socket pair of
+// their own; Drain (with TrackConnections) stops an *http.Server without
+// cutting a request that races a closing keep-alive connection.
+//
 // Failures are *RelayError values whose Code field is the protocol's error
 // code (forbidden, busy, bad_frame, ...) or the SDK's own (checksum_mismatch,
 // bad_state, load_failed, dump_failed, closed, usage, timeout).
