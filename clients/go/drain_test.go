@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"testing"
 	"time"
 )
@@ -91,8 +92,9 @@ func TestDrainFinishesInFlightAnswersWithConnectionCloseAndClosesIdle(t *testing
 	}
 }
 
-// After Drain starts, every response says Connection: close and its connection closes.
-func TestDrainAnswersWithConnectionClose(t *testing.T) {
+// After Drain starts, every response says Connection: close and its connection
+// closes, and a new connection is not accepted (it waits for the next generation).
+func TestDrainAnswersWithConnectionCloseAndLeavesNewConnectionsInTheBacklog(t *testing.T) {
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })}
 	TrackConnections(srv)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -114,6 +116,14 @@ func TestDrainAnswersWithConnectionClose(t *testing.T) {
 	for !trackerOf(srv).isDraining() {
 		time.Sleep(time.Millisecond)
 	}
+	// A connection that arrives now waits in the backlog (for the next generation): this server never answers it.
+	late, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer late.Close()
+	late.SetDeadline(time.Now().Add(30 * time.Second))
+	io.WriteString(late, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 	resp := rawGet(t, c, r)
 	if !resp.Close { // (ReadResponse takes "Connection: close" out of the header into Close)
 		t.Fatal("a response during Drain does not say Connection: close")
@@ -123,5 +133,9 @@ func TestDrainAnswersWithConnectionClose(t *testing.T) {
 	}
 	if err := <-drained; err != nil {
 		t.Fatalf("Drain: %v", err)
+	}
+	// Shutdown closed the listener with the late connection still in its backlog: reset, never served.
+	if n, err := late.Read(make([]byte, 1)); n != 0 || err == nil || os.IsTimeout(err) {
+		t.Fatalf("the connection that arrived during Drain: %d bytes, %v", n, err)
 	}
 }

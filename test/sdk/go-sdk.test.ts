@@ -47,6 +47,7 @@ describe('Go SDK (clients/go)', { skip: noGo ?? false, timeout: 300000 }, () => 
       'TestE2ECounterSurvivesKill9WithAMemfdCheckpoint',
       // Drain, and connection handoff over a real socket pair with real TCP connections.
       'TestDrainFinishesInFlightAnswersWithConnectionCloseAndClosesIdle',
+      'TestDrainAnswersWithConnectionCloseAndLeavesNewConnectionsInTheBacklog',
       'TestHandoffMovesTCPConnectionsThatKeepWorking',
       'TestHandoffUnreadBytesComeFirst',
       'TestHandoffClientWritingDuringTheMoveLosesNothing',
