@@ -118,6 +118,25 @@ function goServer(id: string, label: string, env: string[]): Server {
   };
 }
 
+// Go SDK drain: examples/go-counter, built as a user builds it (its go.mod points at clients/go), stops with
+// client.TrackConnections/client.Drain. Without the state relay its relay calls do nothing; it serves on "http".
+const goSdkDrain: Server = {
+  id: 'go-sdk-drain',
+  label: 'Go `net/http` + SDK drain (`client.Drain`, examples/go-counter)',
+  missing: () => (which('go') ? null : 'go is not installed (apt-get install -y golang-go)'),
+  command: (work) => {
+    const out = path.join(work, 'go-counter');
+    const r = spawnSync('go', ['build', '-o', out, '.'], {
+      cwd: path.join(ROOT, 'examples', 'go-counter'),
+      encoding: 'utf8',
+    });
+    if (r.status !== 0) throw new Error(`go build failed:\n${r.stdout}${r.stderr}`);
+    return [out];
+  },
+  readiness: '{ mode: "delay", delay: "300ms", timeout: "30s" }',
+  version: () => versionOf(['go', 'version']) ?? 'go',
+};
+
 const node = (id: string, label: string, app: string): Server => ({
   id,
   label,
@@ -134,6 +153,7 @@ export const SERVERS: Server[] = [
   node('node-drain', 'Node http + SDK drain (aeterna/client drain)', 'http_app.js'),
   goServer('go', 'Go net/http, Server.Shutdown', []),
   goServer('go-drain', 'Go net/http, `Connection: close` for 1 s, then Shutdown', ['COMPAT_GO_DRAIN=1']),
+  goSdkDrain,
   {
     id: 'java',
     label: 'Java example (examples/java-hello)',

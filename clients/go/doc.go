@@ -10,9 +10,11 @@
 //	relay.OnLoad(func(s *client.State) error { return merge(s) }) // the final sync, while serving
 //	_, err = relay.Load(func(s *client.State) error { return restore(s) })
 //	ln := client.Listeners()["http"]
-//	go http.Serve(ln, handler)
+//	server := &http.Server{Handler: handler}
+//	client.TrackConnections(server)
+//	go server.Serve(ln)
 //	relay.Ready()
-//	// on SIGTERM: server.Shutdown(ctx) (drain), then
+//	// on SIGTERM: client.Drain(ctx, server, client.DrainOptions{}), then
 //	relay.Shutdown(10 * time.Second)
 //
 // Goroutines: Load runs in the caller's goroutine. After the initial ack a
@@ -21,6 +23,11 @@
 // own locks) and calls the load callback for the final sync. A final dump is
 // left for Shutdown, which the app calls once it has drained, so that the
 // final state includes what the in-flight requests changed.
+//
+// Connection handoff (Handoff, OnConnection) moves live client connections
+// from the old generation to the new one at promotion, over a socket pair of
+// their own; Drain (with TrackConnections) stops an *http.Server without
+// cutting a request that races a closing keep-alive connection.
 //
 // Failures are *RelayError values whose Code field is the protocol's error
 // code (forbidden, busy, bad_frame, ...) or the SDK's own (checksum_mismatch,

@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"hash"
 	"io"
 	"net"
@@ -48,6 +49,9 @@ type message struct {
 	Message    string   `json:"message,omitempty"`
 	// Checkpoint: a welcome's announcement that Aeterna stores checkpoints.
 	Checkpoint bool `json:"checkpoint,omitempty"`
+	// Handoff: a hello's "this client can hand over and adopt connections", a welcome's offer of it,
+	// a final dump's channel (its fd named "handoff").
+	Handoff bool `json:"handoff,omitempty"`
 	// Source, Seq, AgeMS: where a load comes from ("relay" or "checkpoint"); checkpointed's Seq when stored.
 	Source string `json:"source,omitempty"`
 	Seq    *int64 `json:"seq,omitempty"`
@@ -61,7 +65,7 @@ func ackMessage(ok bool, why string) message {
 func sizeOf(n int64) *int64 { return &n }
 
 var (
-	knownOps = map[string]bool{"hello": true, "welcome": true, "load": true, "state": true, "ack": true, "ready": true, "dump": true, "trailer": true, "error": true, "checkpoint": true, "checkpointed": true}
+	knownOps = map[string]bool{"hello": true, "welcome": true, "load": true, "state": true, "ack": true, "ready": true, "dump": true, "trailer": true, "error": true, "checkpoint": true, "checkpointed": true, "handoff": true}
 	hexSHA   = regexp.MustCompile(`^[0-9a-f]{64}$`)
 )
 
@@ -89,6 +93,7 @@ func parseMessage(payload []byte) (message, *RelayError) {
 		return m, relayErr(CodeUnexpectedOp, "unknown op %q", op)
 	}
 	m.Op = op
+	var err *RelayError
 	switch op {
 	case "hello":
 		v, ok := wholeNumber(o["v"])
@@ -105,6 +110,7 @@ func parseMessage(payload []byte) (message, *RelayError) {
 		m.Generation, _ = wholeNumber(o["generation"])
 		m.MaxFrame, _ = wholeNumber(o["max_frame"])
 		m.Checkpoint = o["checkpoint"] == true
+		m.Handoff = o["handoff"] == true
 	case "load", "state", "checkpoint":
 		if err := parseStateHeader(o, &m); err != nil {
 			return m, err
@@ -131,19 +137,24 @@ func parseMessage(payload []byte) (message, *RelayError) {
 			return m, relayErr(CodeBadJSON, `ack: "ok" must be true or false`)
 		}
 		m.OK = &b
-		s, err := optionalString(o, "error", 4096)
-		if err != nil {
+		if m.Error, err = optionalString(o, "error", 4096); err != nil {
 			return m, err
 		}
-		m.Error = s
 	case "dump":
 		m.Final = o["final"] == true
 		if t, ok := wholeNumber(o["timeout_ms"]); ok && t > 0 {
 			m.TimeoutMS = t
 		}
 		m.Trailer = o["trailer"] == true
+		m.Handoff = o["handoff"] == true
+		if m.FDs, err = fdNames(o, op); err != nil {
+			return m, err
+		}
+	case "handoff":
+		if m.FDs, err = fdNames(o, op); err != nil {
+			return m, err
+		}
 	case "trailer":
-		var err *RelayError
 		if m.SHA256, err = optionalString(o, "sha256", 64); err != nil {
 			return m, err
 		}
@@ -258,6 +269,27 @@ func parseStateHeader(o map[string]any, m *message) *RelayError {
 	return nil
 }
 
+// fdNames is the "fds" list of a frame from Aeterna that may carry fds of its own (dump, handoff).
+func fdNames(o map[string]any, op string) ([]string, *RelayError) {
+	raw, present := o["fds"]
+	if !present {
+		return nil, nil
+	}
+	list, ok := raw.([]any)
+	if !ok || len(list) > maxFDsPerFrame {
+		return nil, relayErr(CodeBadJSON, `%s: "fds" must be a list of at most %d names`, op, maxFDsPerFrame)
+	}
+	names := make([]string, 0, len(list))
+	for _, v := range list {
+		name, isString := v.(string)
+		if !isString || name == "" || utf16Len(name) > 128 {
+			return nil, relayErr(CodeBadJSON, `%s: "fds" must be a list of at most %d names`, op, maxFDsPerFrame)
+		}
+		names = append(names, name)
+	}
+	return names, nil
+}
+
 func contains(list []string, s string) bool {
 	for _, v := range list {
 		if v == s {
@@ -316,7 +348,10 @@ func (c *conn) readFull(b []byte, fdsAllowed bool) ([]*os.File, error) {
 		got += n
 		if err != nil {
 			closeFiles(files)
-			if err == io.EOF && got < len(b) {
+			if errors.Is(err, io.EOF) && got == 0 {
+				return nil, io.EOF // nothing of b arrived: for a header, the peer closed between frames
+			}
+			if errors.Is(err, io.EOF) && got < len(b) {
 				return nil, io.ErrUnexpectedEOF
 			}
 			if got < len(b) {
@@ -392,15 +427,20 @@ func (c *conn) readMessage() (message, []*os.File, error) {
 // When m announces a trailer, each data frame is hashed as it is sent and the
 // digest follows in a trailer frame, so hashing overlaps the transfer.
 func (c *conn) writeFrames(m message, fds []*os.File, data []byte) error {
+	raw := make([]int, len(fds))
+	for i, f := range fds {
+		raw[i] = int(f.Fd())
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	frame := encodeMessage(m)
+	// (a hello's "trailer" only declares the capability)
+	return c.writeLocked(encodeMessage(m), raw, data, m.Trailer && m.Op != "hello")
+}
+
+// writeLocked is writeFrames for an encoded frame and raw fds, under wmu.
+func (c *conn) writeLocked(frame []byte, fds []int, data []byte, trailer bool) error {
 	if len(fds) > 0 {
-		raw := make([]int, len(fds))
-		for i, f := range fds {
-			raw[i] = int(f.Fd())
-		}
-		n, _, err := c.uc.WriteMsgUnix(frame, syscall.UnixRights(raw...), nil)
+		n, _, err := c.uc.WriteMsgUnix(frame, syscall.UnixRights(fds...), nil)
 		if err != nil {
 			return err
 		}
@@ -412,7 +452,7 @@ func (c *conn) writeFrames(m message, fds []*os.File, data []byte) error {
 		}
 	}
 	var digest hash.Hash
-	if m.Trailer && m.Op != "hello" { // (a hello's "trailer" only declares the capability)
+	if trailer {
 		digest = sha256.New()
 	}
 	chunk := dataChunk
@@ -445,8 +485,23 @@ func (c *conn) writeFrames(m message, fds []*os.File, data []byte) error {
 
 func (c *conn) send(m message) error { return c.writeFrames(m, nil, nil) }
 
+// closeFiles closes files (skipping those taken: nil).
 func closeFiles(files []*os.File) {
 	for _, f := range files {
-		f.Close()
+		if f != nil {
+			f.Close()
+		}
 	}
+}
+
+// takeNamed takes the fd named name out of files (named in order by names), or returns nil.
+func takeNamed(names []string, files []*os.File, name string) *os.File {
+	for i, n := range names {
+		if n == name && i < len(files) && files[i] != nil {
+			f := files[i]
+			files[i] = nil
+			return f
+		}
+	}
+	return nil
 }

@@ -19,6 +19,8 @@ type peer struct {
 	c    *conn
 	// checkpoints: the welcome announces that Aeterna stores checkpoints.
 	checkpoints bool
+	// handoffs: the welcome offers connection handoff.
+	handoffs bool
 }
 
 func newPeer(t *testing.T) *peer {
@@ -152,6 +154,9 @@ func (p *peer) welcome(generation int) {
 	welcome := map[string]any{"op": "welcome", "v": 1, "generation": generation, "max_frame": DefaultMaxFrame}
 	if p.checkpoints {
 		welcome["checkpoint"] = true
+	}
+	if p.handoffs {
+		welcome["handoff"] = true
 	}
 	p.send(welcome, nil)
 }

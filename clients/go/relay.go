@@ -32,6 +32,8 @@ type Client struct {
 	MaxFrame int
 	// Checkpoints: Aeterna's welcome announced that it stores checkpoints (Checkpoint is refused otherwise).
 	Checkpoints bool
+	// Handoffs: Aeterna's welcome announced connection handoff (see Handoff and OnConnection).
+	Handoffs bool
 
 	c *conn
 
@@ -56,6 +58,12 @@ type Client struct {
 	checkpointWaiters []chan checkpointAnswer
 	// checkpointSend keeps a checkpoint's place among the waiters the same as its place on the wire.
 	checkpointSend sync.Mutex
+	// handoffFile is the old generation's end of the connection handoff channel, from the final dump,
+	// until Handoff takes it (as handoff); Close closes it when nobody did.
+	handoffFile *os.File
+	handoff     *Handoff
+	// connCB adopts the connections the previous generation hands over.
+	connCB func(AdoptedConn)
 }
 
 // checkpointAnswer is Aeterna's checkpointed: the seq, or the refusal.
@@ -97,7 +105,7 @@ func Connect(o Options) (*Client, error) {
 
 func (cl *Client) handshake() error {
 	v := ProtocolVersion
-	if err := cl.c.send(message{Op: "hello", V: &v, Trailer: true}); err != nil {
+	if err := cl.c.send(message{Op: "hello", V: &v, Trailer: true, Handoff: true}); err != nil {
 		return cl.fail(err)
 	}
 	m, files, err := cl.c.readMessage()
@@ -116,6 +124,7 @@ func (cl *Client) handshake() error {
 	}
 	cl.Generation = m.Generation
 	cl.Checkpoints = m.Checkpoint
+	cl.Handoffs = m.Handoff
 	if m.MaxFrame > 0 {
 		cl.MaxFrame = int(m.MaxFrame)
 		cl.c.maxFrame = int(m.MaxFrame)
@@ -369,6 +378,7 @@ func (cl *Client) Shutdown(timeout time.Duration) bool {
 	case <-cl.eof:
 	case <-wait.C:
 	}
+	cl.endUntakenHandoff()
 	select {
 	case <-cl.eof:
 		return false // Aeterna closed: no final dump is wanted
@@ -407,6 +417,10 @@ func (cl *Client) Close() error {
 		return nil
 	}
 	cl.closed = true
+	if cl.handoffFile != nil { // nobody took the channel: the new generation sees its end of file
+		cl.handoffFile.Close()
+		cl.handoffFile = nil
+	}
 	cl.mu.Unlock()
 	return cl.c.uc.Close()
 }
@@ -553,14 +567,25 @@ func (cl *Client) read() {
 		}
 		switch m.Op {
 		case "dump":
+			channel := takeNamed(m.FDs, files, "handoff")
+			closeFiles(files) // no other fd is for this SDK (it does not declare "direct")
 			cl.mu.Lock()
 			cl.trailerOffered = m.Trailer
 			cl.mu.Unlock()
 			if !m.Final {
+				if channel != nil {
+					channel.Close()
+				}
 				cl.answerDump(false)
 				continue
 			}
 			cl.mu.Lock()
+			if channel != nil && m.Handoff && !cl.finalSeen && !cl.closed {
+				cl.handoffFile, channel = channel, nil
+			}
+			if channel != nil {
+				channel.Close()
+			}
 			if !cl.finalSeen {
 				cl.finalSeen = true
 				cl.finalAt = time.Now()
@@ -580,6 +605,14 @@ func (cl *Client) read() {
 				continue
 			}
 			cl.deliverLoad(st)
+		case "handoff":
+			channel := takeNamed(m.FDs, files, "handoff")
+			closeFiles(files)
+			if channel == nil {
+				logf(`a handoff frame without its fd named "handoff"`)
+				continue
+			}
+			go cl.adoptFrom(channel)
 		case "checkpointed":
 			cl.answerCheckpoint(m)
 		case "ack":

@@ -1,6 +1,7 @@
 // go-counter: a Go HTTP server under Aeterna whose counter survives reloads.
 // It serves on the listener Aeterna hands over ("http"), takes the previous
-// generation's count through the State Relay, and on SIGTERM drains, then
+// generation's count through the State Relay, and on SIGTERM drains (the SDK's
+// Drain: no request racing a closing keep-alive connection is lost), then
 // hands its final count over (the final sync).
 //
 //	GET /  counts one visit: {"count":N,"pid":P,"generation":G,"checkpoint":S}
@@ -124,6 +125,8 @@ func main() {
 		w.Header().Set("content-type", "application/json")
 		fmt.Fprintf(w, `{"count":%d,"pid":%d,"generation":%s,"checkpoint":%d}`+"\n", n, os.Getpid(), strconv.Quote(generation), seq)
 	})}
+	// Drain (below) needs to see the connections from the start.
+	client.TrackConnections(server)
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	served := make(chan error, 1)
@@ -136,9 +139,13 @@ func main() {
 	case err := <-served:
 		log.Fatalf("go-counter: %v", err)
 	}
-	// Drain: finish in-flight requests and close idle keep-alive connections, then the final sync.
+	// Drain: stop accepting, answer with `Connection: close`, close keep-alive
+	// connections only once idle for a second (server.Shutdown alone would cut
+	// a request racing an idle one), then the final sync.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	server.Shutdown(ctx)
+	if err := client.Drain(ctx, server, client.DrainOptions{Idle: time.Second}); err != nil {
+		log.Printf("go-counter: drain: %v", err)
+	}
 	cancel()
 	handed := relay.Shutdown(10 * time.Second)
 	c.mu.Lock()

@@ -40,11 +40,23 @@ describe('Go SDK (clients/go)', { skip: noGo ?? false, timeout: 300000 }, () => 
     assert.equal(r.code, 0, r.output);
     assert.match(r.output, /^ok\s+aeterna\.dev\/client/m, r.output);
     // The end-to-end tests ran (the daemon is built before `make test` runs the tests), not skipped: reloads,
-    // and a kill -9 of the counter restored from its checkpoint (streamed and memfd).
+    // and a kill -9 of the counter restored from its checkpoint (streamed and memfd); and so did these.
     for (const name of [
       'TestE2ECounterSurvivesReloadsThroughTheDaemon',
       'TestE2ECounterSurvivesKill9WithACheckpoint',
       'TestE2ECounterSurvivesKill9WithAMemfdCheckpoint',
+      // Drain, and connection handoff over a real socket pair with real TCP connections.
+      'TestDrainFinishesInFlightAnswersWithConnectionCloseAndClosesIdle',
+      'TestDrainAnswersWithConnectionCloseAndLeavesNewConnectionsInTheBacklog',
+      'TestHandoffMovesTCPConnectionsThatKeepWorking',
+      'TestHandoffUnreadBytesComeFirst',
+      'TestHandoffClientWritingDuringTheMoveLosesNothing',
+      'TestHandoff1000ConnectionsMove',
+      'TestHandoffMalformedFrameClosesItsFdsAndEndsTheChannel',
+      'TestHandoffEndOfFileWithoutEndAdoptsWhatArrivedWhole',
+      'TestHandoffNewGenerationAdoptsThroughTheRelay',
+      'TestHandoffOldGenerationGetsTheChannelFromTheFinalDump',
+      'TestHandoffUntakenChannelIsEndedByShutdown',
     ]) {
       assert.match(r.output, new RegExp(`^--- PASS: ${name}\\b`, 'm'), r.output);
     }
