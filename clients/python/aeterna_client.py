@@ -33,6 +33,7 @@ import hashlib
 import json
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -50,6 +51,8 @@ __all__ = [
     "DumpResult",
     "RelayError",
     "PROTOCOL_VERSION",
+    "track_connections",
+    "drain",
 ]
 
 PROTOCOL_VERSION = 1
@@ -1306,3 +1309,253 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
     except BaseException:
         client.close()
         raise
+
+
+# --------------------------------------------------------------------------- drain
+#
+# A graceful HTTP drain for stdlib servers (http.server / socketserver), with the
+# TypeScript SDK's semantics (src/client/drain.ts): stop accepting; from now on
+# every response says "Connection: close"; close only connections that have had
+# no request in flight for `idle`; return once every connection is closed.
+#
+# Why not server.shutdown() + server_close(): ThreadingHTTPServer's handler threads
+# are daemon threads, so server_close() waits for none of them, and the process
+# exits with requests in flight; and an idle keep-alive connection cut at that
+# moment may be the one a client is writing its next request on (a reset).
+#
+# How: track_connections() records each accepted connection (the server's
+# process_request / shutdown_request) and mixes _DrainingHandler into the
+# server's handler class. Between two requests that handler waits for the next
+# one with poll() instead of blocking in readline(), and marks the connection
+# busy, under the tracker's lock, before it reads a byte. The drain closes a
+# connection only under that lock, only when it is not busy, idle for `idle`,
+# and the kernel holds no byte of a next request for it (poll() says not
+# readable); so a request that has arrived is always answered (with
+# "Connection: close"). What no server can see is a request still on the wire:
+# after `idle` without one, a client is unlikely to be sending it just then.
+
+
+class _Tracked:
+    """One accepted connection: busy while a request is being read or answered."""
+
+    __slots__ = ("busy", "last", "closing")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.last = time.monotonic()
+        self.closing = False
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.conns: Dict[Any, _Tracked] = {}  # the request socket -> its entry
+        self.draining = False
+        self.serving: Optional[int] = None  # the thread in serve_forever()
+
+    def add(self, request: Any) -> None:
+        with self.cond:
+            self.conns[request] = _Tracked()
+
+    def remove(self, request: Any) -> None:
+        with self.cond:
+            if self.conns.pop(request, None) is not None:
+                self.cond.notify_all()
+
+    def wait_for_request(self, entry: _Tracked, handler: Any) -> bool:
+        """Between two requests: wait until the next one starts arriving (True, the
+        connection is then busy) or the drain closes the connection (False)."""
+        sock = handler.connection
+        timeout = sock.gettimeout()
+        with self.cond:
+            if entry.closing:
+                return False
+            if _buffered(handler.rfile, sock, timeout):  # a pipelined request already read
+                entry.busy = True
+                return True
+        if not _wait_readable(sock, timeout):
+            return False  # the handler's own timeout, as readline() would have raised
+        with self.cond:
+            if entry.closing:
+                return False
+            entry.busy = True
+            return True
+
+    def request_done(self, entry: _Tracked) -> None:
+        with self.cond:
+            entry.busy = False
+            entry.last = time.monotonic()
+
+    def close_idle(self, idle: float) -> None:
+        """Close (shutdown(2)) every connection idle for `idle` with nothing to read; under the lock."""
+        now = time.monotonic()
+        for request, entry in self.conns.items():
+            if entry.busy or entry.closing or now - entry.last < idle or _readable(request):
+                continue
+            entry.closing = True
+            try:
+                request.shutdown(socket.SHUT_RDWR)  # wakes its handler's poll(); the client sees the end
+            except OSError:
+                pass
+
+
+def _buffered(rfile: Any, sock: Any, timeout: Optional[float]) -> bool:
+    """Whether bytes of a next request are already in the handler's read buffer
+    (a pipelining client), or in the kernel: a peek that never blocks."""
+    pending = getattr(sock, "pending", None)  # TLS: decrypted bytes held by the ssl module
+    if pending is not None and pending():
+        return True
+    try:
+        sock.settimeout(0)
+        try:
+            return bool(rfile.peek(1))  # b"" when nothing is there (the read would block) or at end of file
+        finally:
+            sock.settimeout(timeout)
+    except (OSError, ValueError):
+        return True  # let the handler's own read see the error
+
+
+def _wait_readable(sock: Any, timeout: Optional[float]) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0x2000))
+    try:
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+    except (OSError, ValueError):
+        return True
+
+
+def _readable(sock: Any) -> bool:
+    """A byte (or the end) waits in the kernel: a request is arriving, or the client closed."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+class _DrainingHandler:
+    """Mixed into the server's handler class (a BaseHTTPRequestHandler) by
+    track_connections(): waits for each request as _Tracker.wait_for_request says,
+    and once the drain has started makes every final response "Connection: close"."""
+
+    def _aeterna_entry(self) -> Tuple[Optional[_Tracker], Optional[_Tracked]]:
+        tracker = getattr(self.server, "_aeterna_tracker", None)  # type: ignore[attr-defined]
+        if tracker is None:
+            return None, None
+        with tracker.cond:
+            return tracker, tracker.conns.get(self.request)  # type: ignore[attr-defined]
+
+    def handle_one_request(self) -> None:
+        tracker, entry = self._aeterna_entry()
+        if tracker is None or entry is None:
+            super().handle_one_request()  # type: ignore[misc]
+            return
+        if not tracker.wait_for_request(entry, self):
+            self.close_connection = True
+            return
+        try:
+            super().handle_one_request()  # type: ignore[misc]
+        finally:
+            tracker.request_done(entry)
+
+    def send_response_only(self, code: int, message: Any = None) -> None:
+        self._aeterna_status = code
+        self._aeterna_connection_sent = False
+        super().send_response_only(code, message)  # type: ignore[misc]
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "connection":
+            tracker = getattr(self.server, "_aeterna_tracker", None)  # type: ignore[attr-defined]
+            if tracker is not None and tracker.draining:
+                value = "close"  # also sets close_connection
+            self._aeterna_connection_sent = True
+        super().send_header(keyword, value)  # type: ignore[misc]
+
+    def end_headers(self) -> None:
+        tracker = getattr(self.server, "_aeterna_tracker", None)  # type: ignore[attr-defined]
+        final = getattr(self, "_aeterna_status", 200) >= 200  # never on a "100 Continue"
+        if tracker is not None and tracker.draining and final and not getattr(self, "_aeterna_connection_sent", False):
+            self.send_header("Connection", "close")
+        super().end_headers()  # type: ignore[misc]
+
+
+def track_connections(server: Any) -> None:
+    """Track the connections of a stdlib server (socketserver.BaseServer, e.g.
+    http.server.ThreadingHTTPServer) so that drain() can close them gracefully.
+    Call it once, after creating the server and before serve_forever().
+
+    It mixes a small handler into server.RequestHandlerClass (when that is an
+    http.server.BaseHTTPRequestHandler: other handler classes are tracked, and drain()
+    waits for them, but it cannot say "Connection: close" for them), and wraps the
+    server's process_request, shutdown_request and serve_forever on this instance."""
+    import http.server
+
+    if getattr(server, "_aeterna_tracker", None) is not None:
+        return
+    tracker = _Tracker()
+    handler = server.RequestHandlerClass
+    if issubclass(handler, http.server.BaseHTTPRequestHandler) and not issubclass(handler, _DrainingHandler):
+        server.RequestHandlerClass = type(handler.__name__, (_DrainingHandler, handler),
+                                          {"__module__": handler.__module__, "__qualname__": handler.__qualname__})
+    process_request = server.process_request
+    shutdown_request = server.shutdown_request
+    serve_forever = server.serve_forever
+
+    def tracked_process_request(request: Any, client_address: Any) -> None:
+        tracker.add(request)  # before its thread starts: a connection accepted now is waited for
+        process_request(request, client_address)
+
+    def tracked_shutdown_request(request: Any) -> None:
+        try:
+            shutdown_request(request)  # shutdown(SHUT_WR) and close
+        finally:
+            tracker.remove(request)
+
+    def tracked_serve_forever(*args: Any, **kwargs: Any) -> None:
+        tracker.serving = threading.get_ident()
+        try:
+            serve_forever(*args, **kwargs)
+        finally:
+            tracker.serving = None
+
+    server.process_request = tracked_process_request
+    server.shutdown_request = tracked_shutdown_request
+    server.serve_forever = tracked_serve_forever
+    server._aeterna_tracker = tracker
+
+
+def drain(server: Any, idle: float = 1.0, timeout: Optional[float] = None) -> bool:
+    """Drain a server tracked with track_connections(), for the SIGTERM path.
+
+    Stops serve_forever() (server.shutdown(); so call it from another thread than the
+    one serving, or once serve_forever() has returned); from then on every response
+    says "Connection: close" (the client's next request opens a new connection,
+    which the new generation accepts on the shared socket); closes each connection
+    that has had no request in flight for `idle` seconds and has no request
+    arriving; returns True once every connection is closed, False when `timeout`
+    (seconds; None: no limit, Aeterna's stop_timeout ends it) ran out first. Then
+    call server.server_close() and relay.shutdown()."""
+    tracker: Optional[_Tracker] = getattr(server, "_aeterna_tracker", None)
+    if tracker is None:
+        raise UsageError("call track_connections(server) before serving: drain() needs to know the connections")
+    if tracker.serving == threading.get_ident():
+        raise UsageError("drain() from the thread in serve_forever() (e.g. its signal handler) would wait for itself: "
+                         "call it from another thread, or once serve_forever() has returned")
+    with tracker.cond:
+        tracker.draining = True
+    if tracker.serving is not None:
+        server.shutdown()  # stop accepting; returns once serve_forever() has
+    deadline = None if timeout is None else time.monotonic() + timeout
+    period = max(0.01, idle / 4)
+    with tracker.cond:
+        while tracker.conns:
+            tracker.close_idle(idle)
+            wait = period
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                wait = min(wait, left)
+            tracker.cond.wait(wait)
+    return True

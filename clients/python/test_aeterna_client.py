@@ -7,6 +7,7 @@ Run from the repo root:  python3 -m unittest -v clients/python/test_aeterna_clie
 import array
 import fcntl
 import hashlib
+import http.server
 import json
 import os
 import socket
@@ -769,6 +770,153 @@ class ListenersTest(unittest.TestCase):
         self.assertEqual(json.loads(p.stdout.readline()), {})
         self.assertEqual(p.wait(10), 0)
         p.stdout.close()
+
+
+class DrainHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    release = None  # a threading.Event /slow waits for
+
+    def do_GET(self):
+        if self.path == "/slow":
+            self.release.wait(30)
+        body = b"ok " + self.path.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        if self.path == "/keep":
+            self.send_header("Connection", "keep-alive")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def raw_request(sock, path):
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
+
+
+def read_response(f):
+    """(status line, {header: value}, body) from a file over a keep-alive connection; None at end of file."""
+    status = f.readline()
+    if not status:
+        return None
+    headers = {}
+    while True:
+        line = f.readline().decode().strip()
+        if not line:
+            break
+        k, v = line.split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    return status.decode().strip(), headers, f.read(int(headers.get("content-length", "0")))
+
+
+class DrainTest(unittest.TestCase):
+    def serve(self):
+        DrainHandler.release = threading.Event()
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DrainHandler)
+        aeterna.track_connections(server)
+        serving = threading.Thread(target=server.serve_forever, daemon=True)
+        serving.start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(DrainHandler.release.set)
+        return server, serving
+
+    def connect(self, server):
+        c = socket.create_connection(server.server_address, timeout=30)
+        self.addCleanup(c.close)
+        return c, c.makefile("rb")
+
+    def start_drain(self, server, **kw):
+        result = []
+        t = threading.Thread(target=lambda: result.append(aeterna.drain(server, **kw)), daemon=True)
+        t.start()
+        return t, result
+
+    def wait(self, predicate):
+        deadline = time.monotonic() + 30
+        while not predicate():
+            self.assertLess(time.monotonic(), deadline, "condition not reached in time")
+            time.sleep(0.01)
+
+    def test_responses_after_the_drain_say_connection_close_and_the_drain_waits_for_every_connection(self):
+        server, serving = self.serve()
+        c, f = self.connect(server)
+        raw_request(c, "/a")
+        self.assertNotIn("connection", read_response(f)[1])  # keep-alive before the drain
+        raw_request(c, "/slow")
+        self.wait(lambda: any(e.busy for e in server._aeterna_tracker.conns.values()))
+        t, result = self.start_drain(server, idle=0.05)
+        serving.join(30)
+        self.assertFalse(serving.is_alive(), "drain() stopped serve_forever()")
+        self.assertEqual(result, [], "a request in flight: the drain waits")
+        DrainHandler.release.set()
+        status, headers, body = read_response(f)
+        self.assertEqual((status, headers.get("connection"), body), ("HTTP/1.1 200 OK", "close", b"ok /slow"))
+        self.assertIsNone(read_response(f), "the connection ends after that response")
+        t.join(30)
+        self.assertEqual(result, [True])
+        self.assertEqual(server._aeterna_tracker.conns, {})
+
+    def test_an_app_connection_header_becomes_close_during_the_drain(self):
+        server, _ = self.serve()
+        c, f = self.connect(server)
+        raw_request(c, "/keep")
+        self.assertEqual(read_response(f)[1].get("connection"), "keep-alive")
+        server._aeterna_tracker.draining = True  # as drain() sets it, without closing the idle connection yet
+        raw_request(c, "/keep")
+        self.assertEqual(read_response(f)[1].get("connection"), "close")
+        self.assertIsNone(read_response(f))
+
+    def test_an_idle_keep_alive_connection_is_closed_and_a_request_that_arrived_is_answered(self):
+        server, _ = self.serve()
+        idle, fi = self.connect(server)
+        raw_request(idle, "/one")
+        read_response(fi)
+        waiting, fw = self.connect(server)
+        raw_request(waiting, "/two")
+        read_response(fw)
+        # A request that has arrived (in the kernel, not yet read) on a connection idle far longer than `idle`:
+        # hold the handler between requests so it cannot read it before the drain looks.
+        tracker = server._aeterna_tracker
+        with tracker.cond:
+            raw_request(waiting, "/three")
+            entry = [e for r, e in tracker.conns.items() if r.getpeername() == waiting.getsockname()][0]
+            entry.last -= 60
+            [e for r, e in tracker.conns.items() if r.getpeername() == idle.getsockname()][0].last -= 60
+            self.wait(lambda: aeterna._readable([r for r, e in tracker.conns.items() if e is entry][0]))
+            tracker.draining = True
+            tracker.close_idle(1.0)
+            self.assertFalse(entry.closing, "a request is arriving on it: not closed")
+        self.assertIsNone(read_response(fi), "the idle connection was closed")
+        status, headers, body = read_response(fw)
+        self.assertEqual((body, headers.get("connection")), (b"ok /three", "close"))
+        t, result = self.start_drain(server, idle=0.05)
+        t.join(30)
+        self.assertEqual(result, [True])
+
+    def test_pipelined_requests_are_all_answered(self):
+        server, _ = self.serve()
+        c, f = self.connect(server)
+        c.sendall(b"".join(("GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i).encode() for i in range(5)))
+        self.assertEqual([read_response(f)[2] for _ in range(5)], [b"ok /p%d" % i for i in range(5)])
+
+    def test_timeout_returns_false_and_drain_from_the_serving_thread_is_refused(self):
+        server, _ = self.serve()
+        c, f = self.connect(server)
+        raw_request(c, "/slow")
+        self.wait(lambda: any(e.busy for e in server._aeterna_tracker.conns.values()))
+        self.assertFalse(aeterna.drain(server, idle=0.05, timeout=0.2))
+        DrainHandler.release.set()
+        self.assertEqual(read_response(f)[1].get("connection"), "close")
+        self.assertTrue(aeterna.drain(server, idle=0.05))
+        other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DrainHandler)
+        self.addCleanup(other.server_close)
+        with self.assertRaises(aeterna.UsageError):
+            aeterna.drain(other)  # not tracked
+        aeterna.track_connections(other)
+        other._aeterna_tracker.serving = threading.get_ident()  # as inside serve_forever() on this thread
+        with self.assertRaises(aeterna.UsageError):
+            aeterna.drain(other)
 
 
 if __name__ == "__main__":
