@@ -172,6 +172,18 @@ export const SERVERS: Server[] = [
   },
 ];
 
+// Python: examples/python-counter, a stdlib HTTP/1.1 keep-alive server with the Python SDK's
+// track_connections/drain (clients/python/aeterna_client.py). Run as a new user would, state relay off
+// (readiness `delay`, like the other rows): this row measures the drain.
+SERVERS.push({
+  id: 'python-drain',
+  label: 'Python `http.server` (HTTP/1.1) + SDK drain (examples/python-counter)',
+  missing: () => (python() ? null : 'python3 is not installed (apt-get install -y python3)'),
+  command: () => [python()!, path.join(ROOT, 'examples', 'python-counter', 'counter.py')],
+  readiness: '{ mode: "delay", delay: "1s", timeout: "30s" }',
+  version: () => versionOf([python()!, '--version']) ?? 'python3',
+});
+
 export type LoadMode = 'keepAlive' | 'perConnection';
 export const MODES: LoadMode[] = ['keepAlive', 'perConnection'];
 

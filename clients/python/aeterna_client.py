@@ -24,6 +24,11 @@ handling must call once the app has drained: that is what makes the final sync
 include everything the in-flight requests changed. An app that never calls
 shutdown() never answers the final dump; Aeterna then logs the loss after
 state_handoff.timeout and the promotion stands.
+
+Also here: track_connections()/drain(), the graceful drain of a stdlib
+http.server for that SIGTERM path, and connection handoff (on_connection(),
+handoff(), Handoff, AdoptedConnection), which moves live client connections
+to the next generation at promotion.
 """
 
 import array
@@ -33,6 +38,7 @@ import hashlib
 import json
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -50,6 +56,10 @@ __all__ = [
     "DumpResult",
     "RelayError",
     "PROTOCOL_VERSION",
+    "track_connections",
+    "drain",
+    "AdoptedConnection",
+    "Handoff",
 ]
 
 PROTOCOL_VERSION = 1
@@ -297,7 +307,8 @@ def _to_bytes(value: Any, encoding: Optional[str]) -> Tuple[Any, str]:
 
 # --------------------------------------------------------------------------- messages
 
-_OPS = ("hello", "welcome", "load", "state", "ack", "ready", "dump", "trailer", "error", "checkpoint", "checkpointed")
+_OPS = ("hello", "welcome", "load", "state", "ack", "ready", "dump", "trailer", "error", "checkpoint", "checkpointed",
+        "handoff")
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -396,13 +407,13 @@ def _parse_message(body: bytes) -> dict:
         if not isinstance(o.get("v"), (int, float)) or isinstance(o.get("v"), bool):
             raise _bad_json('hello: "v" must be a number')
         msg = {"op": op, "v": o["v"]}
-        for key in ("trailer", "direct"):
+        for key in ("trailer", "direct", "handoff"):
             if o.get(key) is True:
                 msg[key] = True
         return msg
     if op == "welcome":
         msg = {"op": op, "v": o.get("v"), "generation": o.get("generation"), "max_frame": o.get("max_frame")}
-        for key in ("checkpoint", "direct"):
+        for key in ("checkpoint", "direct", "handoff"):
             if o.get(key) is True:
                 msg[key] = True
         return msg
@@ -437,11 +448,15 @@ def _parse_message(body: bytes) -> dict:
             msg["trailer"] = True
         if "direct" in o and (o["direct"] is not True or o.get("trailer") is not True or o.get("final") is True):
             raise _bad_json('dump: "direct" must be true, and only with "trailer": true on a non-final dump')
-        if (o.get("direct") is True) != (o.get("fds") == ["direct"]) or ("fds" in o and o.get("direct") is not True):
-            raise _bad_json('dump: "fds" must be ["direct"] exactly when "direct" is true')
-        if o.get("direct") is True:
-            msg["direct"] = True
-            msg["fds"] = ["direct"]
+        if "handoff" in o and (o["handoff"] is not True or o.get("final") is not True):
+            raise _bad_json('dump: "handoff" must be true, and only on a final dump')
+        # The one fd a dump may carry: the direct transport's pair end, or the connection handoff channel's.
+        fd_name = "direct" if o.get("direct") is True else "handoff" if o.get("handoff") is True else None
+        if ("fds" in o or fd_name is not None) and o.get("fds") != [fd_name]:
+            raise _bad_json('dump: "fds" must be ["direct"] exactly when "direct" is true, ["handoff"] exactly when "handoff" is true')
+        if fd_name is not None:
+            msg[fd_name] = True
+            msg["fds"] = [fd_name]
         if "checksum" in o:
             if o["checksum"] not in _CHECKSUMS or o.get("trailer") is not True:
                 raise _bad_json('dump: "checksum" must be one of %s, and only with "trailer": true' % ", ".join(_CHECKSUMS))
@@ -457,6 +472,10 @@ def _parse_message(body: bytes) -> dict:
         return {"op": op, "sha256": sha} if sha is not None else {"op": op, "crc32": crc}
     if op == "error":
         return {"op": op, "code": str(o.get("code", "unknown"))[:64], "message": str(o.get("message", ""))[:4096]}
+    if op == "handoff":
+        if o.get("fds") != ["handoff"]:
+            raise _bad_json('handoff: "fds" must be ["handoff"]')
+        return {"op": op, "fds": ["handoff"]}
     return {"op": op}
 
 
@@ -503,6 +522,12 @@ class StateClient:
         self._ready_sent = False
         # Aeterna's welcome said it stores checkpoints.
         self.checkpoints = False
+        # Aeterna's welcome said it offers connection handoff (docs/srp.md, "Connection handoff").
+        self.handoff_offered = False
+        self._connection_cb: Optional[Callable[["AdoptedConnection"], Any]] = None
+        # Our end of the handoff channel, from the final dump, until handoff() takes it (closed otherwise).
+        self._handoff_fd: Optional[int] = None
+        self._handoff_taken = False
         # Checkpoints sent and answers received, counted: Aeterna answers them in order.
         self._checkpoint_lock = threading.Lock()
         self._checkpoints_sent = 0
@@ -566,6 +591,36 @@ class StateClient:
             return answer["seq"]
         code = answer.get("code", "bad_state")
         raise RelayError("aeterna refused the checkpoint: %s" % answer.get("message", code), code)
+
+    def on_connection(self, callback: Callable[["AdoptedConnection"], Any]) -> None:
+        """callback(AdoptedConnection) for each client connection the previous generation
+        hands over at promotion (docs/srp.md, "Connection handoff"), called from the SDK's
+        handoff thread, one connection after the other: hand the connection to a thread of
+        your own and return. The socket is yours; raising closes it. Register it before
+        ready(): a connection that arrives without a callback is closed (with a warning)."""
+        self._connection_cb = callback
+
+    def handoff(self, timeout: float = 10.0) -> Optional["Handoff"]:
+        """The old generation's side of connection handoff, on the SIGTERM path before
+        shutdown(): wait (up to `timeout` seconds) for the final dump, and return a Handoff
+        when it carried the channel ("handoff": true), to send connections on. None when it
+        did not (the new generation cannot adopt them, or Aeterna does not offer it), when
+        the relay ended first, without a relay, or once taken. Drain what you do not hand
+        over as usual; shutdown() then answers the final dump."""
+        if self._sock is None:
+            return None
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (self._final_pending or self._eof or self._closed or self._handoff_taken):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            fd, self._handoff_fd = self._handoff_fd, None
+            if fd is None:
+                return None
+            self._handoff_taken = True
+        return Handoff(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd), self.max_frame)
 
     def on_load(self, callback: Callable[[State], Any]) -> None:
         """callback(State) for later loads (the final sync, state.final True), from the
@@ -689,6 +744,10 @@ class StateClient:
                 self._cond.wait(left)
             answer = self._final_pending and not self._eof and not self._closed
             self._final_pending = False
+            untaken, self._handoff_fd = self._handoff_fd, None
+        if untaken is not None:
+            _close_fds([untaken])  # handoff() was not called: the new generation reads end of file, adopts nothing
+        with self._cond:
             if answer and self._final_asked is not None and self._final_asked[1] is not None:
                 deadline = self._final_asked[0] + self._final_asked[1]  # as long as Aeterna waits for the answer
         acked = False
@@ -710,6 +769,9 @@ class StateClient:
     def close(self) -> None:
         """Close the relay connection (idempotent)."""
         with self._cond:
+            handoff_fd, self._handoff_fd = self._handoff_fd, None
+            if handoff_fd is not None:
+                _close_fds([handoff_fd])  # never taken by handoff(): the new generation reads end of file
             if self._closed:
                 return
             self._closed = True
@@ -786,7 +848,7 @@ class StateClient:
             body = bytearray(length)
             self._recv_exact_into(memoryview(body), None)
             msg = _parse_message(body)
-            named = len(msg.get("fds", [])) if msg["op"] in ("load", "state", "dump") else 0
+            named = len(msg.get("fds", [])) if msg["op"] in ("load", "state", "dump", "handoff") else 0
             if len(fds) != named:
                 raise _ProtocolError("bad_frame", "%s: %d fds named, %d received" % (msg["op"], named, len(fds)))
         except BaseException:
@@ -985,6 +1047,12 @@ class StateClient:
                         wait_ms = msg.get("timeout_ms")
                         valid = isinstance(wait_ms, int) and not isinstance(wait_ms, bool) and wait_ms > 0
                         with self._cond:
+                            if self._handoff_fd is not None:
+                                _close_fds([self._handoff_fd])  # an earlier channel nobody took
+                            self._handoff_fd = fds[0] if msg.get("handoff") else None
+                            if self._closed and self._handoff_fd is not None:  # close() already ran: nobody takes it
+                                _close_fds([self._handoff_fd])
+                                self._handoff_fd = None
                             self._final_asked = (time.monotonic(), wait_ms / 1000.0 if valid else None)
                             self._final_pending = True
                             self._cond.notify_all()
@@ -1009,6 +1077,11 @@ class StateClient:
                         self._cond.notify_all()
                     if msg.get("ok") is not True:
                         _log("the new generation refused our state: %s" % msg.get("error"))
+                elif op == "handoff":
+                    # The new generation's end of the channel: read on a thread of its own, so the relay (the
+                    # final load arrives meanwhile) is never held up by the app's connection callback.
+                    threading.Thread(target=_receive_connections, args=(fds[0], self.max_frame, lambda: self._connection_cb),
+                                     name="aeterna-handoff", daemon=True).start()
                 elif op == "checkpointed":
                     _close_fds(fds)
                     with self._cond:
@@ -1249,13 +1322,15 @@ def _map_memfd(fd: int, size: int, sha: Optional[str]) -> Any:
     return data
 
 
-def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
+def connect(path: Optional[str] = None, timeout: float = 10.0, handoff: bool = True) -> StateClient:
     """Connect to Aeterna's state relay and do the handshake.
 
     path defaults to $LIVERELAY_STATE_SOCK; without either, returns a no-op client
     (load() -> None, everything else does nothing), so the app runs the same outside
     Aeterna. Raises RelayError when the relay is configured but the handshake fails
     (e.g. code "forbidden" or "busy"); `timeout` bounds the connect and handshake.
+    `handoff`: say in the hello that this app takes part in connection handoff (it can
+    receive fds, so by default yes); False keeps every connection with its generation.
     """
     if path is None:
         path = os.environ.get("LIVERELAY_STATE_SOCK") or None
@@ -1274,8 +1349,11 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
         # trailer: this SDK verifies a digest that follows the data (Aeterna then lets senders hash as they send)
         # direct: it can also send and receive a state on a socket pair of its own (docs/srp.md, "Direct transport")
         # checksums: besides SHA-256 it computes and verifies CRC-32 (docs/srp.md, "Checksums")
-        client._send_control({"op": "hello", "v": PROTOCOL_VERSION, "trailer": True, "direct": True,
-                              "checksums": ["crc32", "sha256"]})
+        # handoff: it can hand its client connections over and adopt the previous generation's ("Connection handoff")
+        hello = {"op": "hello", "v": PROTOCOL_VERSION, "trailer": True, "direct": True, "checksums": ["crc32", "sha256"]}
+        if handoff:
+            hello["handoff"] = True
+        client._send_control(hello)
         msg, fds = client._recv_control()
         _close_fds(fds)
         if fds:
@@ -1290,6 +1368,7 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
         max_frame = msg.get("max_frame")
         client.generation = generation if isinstance(generation, int) else None
         client.checkpoints = msg.get("checkpoint") is True
+        client.handoff_offered = msg.get("handoff") is True
         if isinstance(max_frame, int) and max_frame > 0:
             client.max_frame = max_frame
         sock.settimeout(None)
@@ -1306,3 +1385,516 @@ def connect(path: Optional[str] = None, timeout: float = 10.0) -> StateClient:
     except BaseException:
         client.close()
         raise
+
+
+# --------------------------------------------------------------------------- connection handoff
+#
+# docs/srp.md, "Connection handoff": at promotion Aeterna gives the two generations
+# a socket pair of their own. The old one sends each client connection it hands
+# over as one `conn` frame carrying the socket (one fd, on the sendmsg of the
+# frame's first byte), then the bytes it had read but not processed as data
+# frames, and ends with {"op":"end","count":N}. The new one reads the channel to
+# end of file and adopts each connection as it arrives. SRP's framing.
+
+MAX_CONNECTION_ID = 256
+
+
+class AdoptedConnection:
+    """A client connection handed over by the previous generation.
+
+    id:     the old generation's name for it (a string)
+    meta:   its per-connection state, the JSON value the old generation sent (None if none)
+    unread: bytes the client had sent that the old generation read but did not process:
+            process them before anything you read from the socket
+    socket: the connected socket (close-on-exec, blocking); yours to use and close
+    """
+
+    def __init__(self, id: str, meta: Any, unread: bytes, sock: socket.socket):
+        self.id = id
+        self.meta = meta
+        self.unread = unread
+        self.socket = sock
+
+    def __repr__(self) -> str:
+        return "AdoptedConnection(id=%r, unread=%d bytes, fd=%d)" % (self.id, len(self.unread), self.socket.fileno())
+
+
+class Handoff:
+    """The old generation's end of the handoff channel (from StateClient.handoff()).
+
+    send() hands over one connection, end() says how many went and closes the channel.
+    Safe to call from several threads (each frame and its data go out together)."""
+
+    def __init__(self, channel: socket.socket, max_frame: int = DEFAULT_MAX_FRAME):
+        self._channel = channel
+        self._max_frame = max_frame
+        self._lock = threading.Lock()
+        self._count = 0
+        self._ended = False
+        channel.setblocking(True)  # a full pair makes the sender wait, as the protocol says
+
+    @property
+    def count(self) -> int:
+        """The connections sent so far."""
+        return self._count
+
+    def send(self, sock: socket.socket, id: str, meta: Any = None, unread: Union[bytes, bytearray, memoryview] = b"") -> None:
+        """Hand `sock` (a connected socket you have stopped reading from) to the new
+        generation as connection `id` (1 to 256 characters), with `meta` (any JSON value:
+        what the new generation needs to continue it) and `unread` (bytes read from it but
+        not processed). Then closes your socket object without shutdown(): the connection
+        lives on in the new generation. ValueError (nothing sent, the socket still yours)
+        for a bad id, meta that is not JSON, or a frame above max_frame; RelayError
+        ("closed") when the channel is gone: if that happened before the socket went out
+        it is still yours (keep serving or drain it), else it was closed."""
+        if not isinstance(id, str) or not 0 < len(id) <= MAX_CONNECTION_ID:
+            raise ValueError("a connection id is a string of 1 to %d characters" % MAX_CONNECTION_ID)
+        view = memoryview(unread).cast("B")
+        try:
+            body = json.dumps({"op": "conn", "id": id, "meta": meta, "unread": len(view), "fds": ["conn"]},
+                              separators=(",", ":")).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise ValueError("meta must be a JSON value: %s" % e)
+        if len(body) > self._max_frame:
+            raise ValueError("the conn frame (%d bytes) is above max_frame %d: make meta smaller" % (len(body), self._max_frame))
+        frame = _HEADER.pack(len(body)) + body
+        with self._lock:
+            if self._ended:
+                raise UsageError("end() was called: no connection can follow")
+            try:
+                sent = self._channel.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]).tobytes())],
+                                           _MSG_NOSIGNAL)
+            except OSError as e:
+                raise RelayError("the handoff channel is closed: %s (the connection is still yours)" % e, "closed")
+            try:
+                if sent < len(frame):
+                    self._channel.sendall(frame[sent:], _MSG_NOSIGNAL)
+                chunk = max(1, min(DATA_CHUNK, self._max_frame))
+                for off in range(0, len(view), chunk):
+                    piece = view[off:off + chunk]
+                    self._channel.sendall(_HEADER.pack(len(piece)) + bytes(piece), _MSG_NOSIGNAL)
+            except OSError as e:
+                raise RelayError("the handoff channel closed while connection %r went over: %s" % (id, e), "closed")
+            else:
+                self._count += 1
+            finally:
+                sock.close()  # the kernel holds the connection for the new generation (or, cut short, ends it)
+
+    def end(self) -> int:
+        """Send {"op":"end","count":N}, close the channel and return N (the connections
+        sent). A second call only returns N."""
+        with self._lock:
+            if not self._ended:
+                self._ended = True
+                body = json.dumps({"op": "end", "count": self._count}, separators=(",", ":")).encode("utf-8")
+                try:
+                    self._channel.sendall(_HEADER.pack(len(body)) + body, _MSG_NOSIGNAL)
+                except OSError as e:
+                    _log("could not end the handoff channel: %s" % e)
+                finally:
+                    self._channel.close()
+            return self._count
+
+    def close(self) -> None:
+        """Close the channel without `end` (the new generation adopts what arrived whole)."""
+        with self._lock:
+            self._ended = True
+            self._channel.close()
+
+
+class _ChannelEnd(Exception):
+    """End of file on the handoff channel: at a frame boundary (whole=True) or within one."""
+
+    def __init__(self, whole: bool):
+        super().__init__("end of file")
+        self.whole = whole
+
+
+def _recv_exact_into(sock: socket.socket, view: memoryview, fds_out: Optional[List[int]]) -> None:
+    """Fill view from sock. fds that arrive go to fds_out (None: not allowed, bad_frame);
+    _ChannelEnd(whole=False) at end of file."""
+    got = 0
+    while got < len(view):
+        n, anc, flags, _ = sock.recvmsg_into([view[got:]], _ANC_SPACE, _MSG_CMSG_CLOEXEC)
+        received = _fds_from_ancillary(anc)
+        if received:
+            if fds_out is None:
+                _close_fds(received)
+                raise _ProtocolError("bad_frame", "file descriptors on bytes that are not the start of a frame")
+            fds_out.extend(received)
+        if flags & socket.MSG_CTRUNC:
+            raise _ProtocolError("bad_frame", "more file descriptors than %d on one frame" % MAX_FDS_PER_FRAME)
+        if n == 0:
+            raise _ChannelEnd(False)
+        got += n
+
+
+def _read_channel_frame(sock: socket.socket, max_frame: int, fds: List[int], data: bool) -> bytes:
+    """One frame of the handoff channel; the fds on its first bytes land in `fds` (a data
+    frame may carry none). _ChannelEnd(whole=True) at end of file before its first byte."""
+    header = bytearray(4)
+    n, anc, flags, _ = sock.recvmsg_into([memoryview(header)], _ANC_SPACE, _MSG_CMSG_CLOEXEC)
+    fds.extend(_fds_from_ancillary(anc))
+    if n == 0:
+        raise _ChannelEnd(True)
+    if flags & socket.MSG_CTRUNC:
+        raise _ProtocolError("bad_frame", "more file descriptors than %d on one frame" % MAX_FDS_PER_FRAME)
+    _recv_exact_into(sock, memoryview(header)[n:], fds)
+    if data and fds:
+        raise _ProtocolError("bad_frame", "fds on a data frame")
+    (length,) = _HEADER.unpack(header)
+    if length == 0:
+        raise _ProtocolError("bad_frame", "a frame of length 0")
+    if length > max_frame:
+        raise _ProtocolError("too_large", "a frame of %d bytes, above max_frame %d" % (length, max_frame))
+    body = bytearray(length)
+    _recv_exact_into(sock, memoryview(body), None)
+    return bytes(body)
+
+
+def _parse_channel_message(body: bytes, fds: List[int]) -> dict:
+    """A conn or end frame, checked as docs/srp.md says; _ProtocolError otherwise."""
+    try:
+        o = json.loads(body.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        raise _bad_json("a handoff frame is not JSON: %s" % e)
+    if not isinstance(o, dict) or not isinstance(o.get("op"), str):
+        raise _bad_json('a handoff frame is not a JSON object with a string "op"')
+    op = o["op"]
+    if op == "end":
+        if fds:
+            raise _ProtocolError("bad_frame", "fds on an end frame")
+        if not _is_whole(o.get("count")) or o["count"] < 0:
+            raise _bad_json('end: "count" must be a whole number >= 0')
+        return {"op": op, "count": o["count"]}
+    if op != "conn":
+        raise _ProtocolError("unexpected_op", 'unexpected op "%s" on the handoff channel' % op[:40])
+    cid = o.get("id")
+    if not isinstance(cid, str) or not 0 < len(cid) <= MAX_CONNECTION_ID:
+        raise _bad_json('conn: "id" must be a string of 1 to %d characters' % MAX_CONNECTION_ID)
+    if not _is_whole(o.get("unread")) or o["unread"] < 0:
+        raise _bad_json('conn: "unread" must be a whole number >= 0')
+    if o.get("fds") != ["conn"]:
+        raise _bad_json('conn: "fds" must be ["conn"]')
+    if len(fds) != 1:
+        raise _ProtocolError("bad_frame", "conn: %d fds received, 1 named" % len(fds))
+    return {"op": op, "id": cid, "meta": o.get("meta"), "unread": o["unread"]}
+
+
+def _receive_connections(fd: int, max_frame: int, callback: Callable[[], Optional[Callable[[AdoptedConnection], Any]]]) -> int:
+    """The new generation's side: read the handoff channel `fd` to end of file, adopting
+    each connection as its frame and unread bytes arrive (callback() gives the app's
+    callback at that moment). A frame that breaks the rules ends the channel: its fds
+    are closed and nothing further is read. Closes the channel; returns how many
+    connections were adopted."""
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+    adopted = 0
+    try:
+        channel.setblocking(True)
+        while True:
+            fds: List[int] = []
+            try:
+                msg = _parse_channel_message(_read_channel_frame(channel, max_frame, fds, False), fds)
+                if msg["op"] == "end":
+                    if msg["count"] != adopted:
+                        _log("the handoff ended with count %d, %d connections arrived" % (msg["count"], adopted))
+                    return adopted
+                unread = bytearray()
+                while len(unread) < msg["unread"]:
+                    extra: List[int] = []  # fds on a data frame: the frame is malformed, closed with the conn's
+                    try:
+                        piece = _read_channel_frame(channel, max_frame, extra, True)
+                    finally:
+                        fds.extend(extra)
+                    if len(piece) > msg["unread"] - len(unread):
+                        raise _ProtocolError("bad_frame", "data frames exceed the announced unread %d" % msg["unread"])
+                    unread += piece
+            except _ChannelEnd as e:
+                _close_fds(fds)
+                if not (e.whole and not fds):
+                    _log("the handoff channel ended within a frame: that connection is closed")
+                else:
+                    _log("the handoff channel ended without its end frame (the old generation died?): %d adopted" % adopted)
+                return adopted
+            except _ProtocolError as e:
+                _close_fds(fds)
+                _log("a malformed frame on the handoff channel (%s: %s): its connection is closed, nothing more is read" % (e.code, e))
+                return adopted
+            if _adopt(fds[0], msg, bytes(unread), callback()):
+                adopted += 1
+    except OSError as e:
+        _log("the handoff channel failed: %s" % e)
+        return adopted
+    finally:
+        channel.close()
+
+
+def _adopt(fd: int, msg: dict, unread: bytes, callback: Optional[Callable[[AdoptedConnection], Any]]) -> bool:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        _close_fds([fd])
+        _log("connection %r: the fd handed over is not a socket (%s): closed" % (msg["id"], e))
+        return False
+    if callback is None:
+        sock.close()
+        _log("connection %r handed over, but no on_connection() callback is registered: closed" % msg["id"])
+        return False
+    try:
+        sock.setblocking(True)  # as the socket object says it is (the flag came from the old generation's open file)
+        callback(AdoptedConnection(msg["id"], msg["meta"], unread, sock))
+        return True
+    except BaseException as e:
+        sock.close()
+        _log("the connection callback failed for %r: %s (connection closed)" % (msg["id"], _reason(e)))
+        return False
+
+
+# --------------------------------------------------------------------------- drain
+#
+# A graceful HTTP drain for stdlib servers (http.server / socketserver), with the
+# TypeScript SDK's semantics (src/client/drain.ts): stop accepting; from now on
+# every response says "Connection: close"; close only connections that have had
+# no request in flight for `idle`; return once every connection is closed.
+#
+# Why not server.shutdown() + server_close(): ThreadingHTTPServer's handler threads
+# are daemon threads, so server_close() waits for none of them, and the process
+# exits with requests in flight; and an idle keep-alive connection cut at that
+# moment may be the one a client is writing its next request on (a reset).
+#
+# How: track_connections() records each accepted connection (the server's
+# process_request / shutdown_request) and mixes _DrainingHandler into the
+# server's handler class. Between two requests that handler waits for the next
+# one with poll() instead of blocking in readline(), and marks the connection
+# busy, under the tracker's lock, before it reads a byte. The drain closes a
+# connection only under that lock, only when it is not busy, idle for `idle`,
+# and the kernel holds no byte of a next request for it (poll() says not
+# readable); so a request that has arrived is always answered (with
+# "Connection: close"). What no server can see is a request still on the wire:
+# after `idle` without one, a client is unlikely to be sending it just then.
+
+
+class _Tracked:
+    """One accepted connection: busy while a request is being read or answered."""
+
+    __slots__ = ("busy", "last", "closing")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.last = time.monotonic()
+        self.closing = False
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.conns: Dict[Any, _Tracked] = {}  # the request socket -> its entry
+        self.draining = False
+        self.serving: Optional[int] = None  # the thread in serve_forever()
+
+    def add(self, request: Any) -> None:
+        with self.cond:
+            self.conns[request] = _Tracked()
+
+    def remove(self, request: Any) -> None:
+        with self.cond:
+            if self.conns.pop(request, None) is not None:
+                self.cond.notify_all()
+
+    def wait_for_request(self, entry: _Tracked, handler: Any) -> bool:
+        """Between two requests: wait until the next one starts arriving (True, the
+        connection is then busy) or the drain closes the connection (False)."""
+        sock = handler.connection
+        timeout = sock.gettimeout()
+        with self.cond:
+            if entry.closing:
+                return False
+            if _buffered(handler.rfile, sock, timeout):  # a pipelined request already read
+                entry.busy = True
+                return True
+        if not _wait_readable(sock, timeout):
+            return False  # the handler's own timeout, as readline() would have raised
+        with self.cond:
+            if entry.closing:
+                return False
+            entry.busy = True
+            return True
+
+    def request_done(self, entry: _Tracked) -> None:
+        with self.cond:
+            entry.busy = False
+            entry.last = time.monotonic()
+
+    def close_idle(self, idle: float) -> None:
+        """Close (shutdown(2)) every connection idle for `idle` with nothing to read; under the lock."""
+        now = time.monotonic()
+        for request, entry in self.conns.items():
+            if entry.busy or entry.closing or now - entry.last < idle or _readable(request):
+                continue
+            entry.closing = True
+            try:
+                request.shutdown(socket.SHUT_RDWR)  # wakes its handler's poll(); the client sees the end
+            except OSError:
+                pass
+
+
+def _buffered(rfile: Any, sock: Any, timeout: Optional[float]) -> bool:
+    """Whether bytes of a next request are already in the handler's read buffer
+    (a pipelining client), or in the kernel: a peek that never blocks."""
+    pending = getattr(sock, "pending", None)  # TLS: decrypted bytes held by the ssl module
+    if pending is not None and pending():
+        return True
+    try:
+        sock.settimeout(0)
+        try:
+            return bool(rfile.peek(1))  # b"" when nothing is there (the read would block) or at end of file
+        finally:
+            sock.settimeout(timeout)
+    except (OSError, ValueError):
+        return True  # let the handler's own read see the error
+
+
+def _wait_readable(sock: Any, timeout: Optional[float]) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0x2000))
+    try:
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+    except (OSError, ValueError):
+        return True
+
+
+def _readable(sock: Any) -> bool:
+    """A byte (or the end) waits in the kernel: a request is arriving, or the client closed."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+class _DrainingHandler:
+    """Mixed into the server's handler class (a BaseHTTPRequestHandler) by
+    track_connections(): waits for each request as _Tracker.wait_for_request says,
+    and once the drain has started makes every final response "Connection: close"."""
+
+    def _aeterna_entry(self) -> Tuple[Optional[_Tracker], Optional[_Tracked]]:
+        tracker = getattr(self.server, "_aeterna_tracker", None)  # type: ignore[attr-defined]
+        if tracker is None:
+            return None, None
+        with tracker.cond:
+            return tracker, tracker.conns.get(self.request)  # type: ignore[attr-defined]
+
+    def handle_one_request(self) -> None:
+        tracker, entry = self._aeterna_entry()
+        if tracker is None or entry is None:
+            super().handle_one_request()  # type: ignore[misc]
+            return
+        if not tracker.wait_for_request(entry, self):
+            self.close_connection = True
+            return
+        try:
+            super().handle_one_request()  # type: ignore[misc]
+        finally:
+            tracker.request_done(entry)
+
+    def send_response_only(self, code: int, message: Any = None) -> None:
+        self._aeterna_status = code
+        self._aeterna_connection_sent = False
+        super().send_response_only(code, message)  # type: ignore[misc]
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "connection":
+            tracker = getattr(self.server, "_aeterna_tracker", None)  # type: ignore[attr-defined]
+            if tracker is not None and tracker.draining:
+                value = "close"  # also sets close_connection
+            self._aeterna_connection_sent = True
+        super().send_header(keyword, value)  # type: ignore[misc]
+
+    def end_headers(self) -> None:
+        tracker = getattr(self.server, "_aeterna_tracker", None)  # type: ignore[attr-defined]
+        final = getattr(self, "_aeterna_status", 200) >= 200  # never on a "100 Continue"
+        if tracker is not None and tracker.draining and final and not getattr(self, "_aeterna_connection_sent", False):
+            self.send_header("Connection", "close")
+        super().end_headers()  # type: ignore[misc]
+
+
+def track_connections(server: Any) -> None:
+    """Track the connections of a stdlib server (socketserver.BaseServer, e.g.
+    http.server.ThreadingHTTPServer) so that drain() can close them gracefully.
+    Call it once, after creating the server and before serve_forever().
+
+    It mixes a small handler into server.RequestHandlerClass (when that is an
+    http.server.BaseHTTPRequestHandler: other handler classes are tracked, and drain()
+    waits for them, but it cannot say "Connection: close" for them), and wraps the
+    server's process_request, shutdown_request and serve_forever on this instance."""
+    import http.server
+
+    if getattr(server, "_aeterna_tracker", None) is not None:
+        return
+    tracker = _Tracker()
+    handler = server.RequestHandlerClass
+    if issubclass(handler, http.server.BaseHTTPRequestHandler) and not issubclass(handler, _DrainingHandler):
+        server.RequestHandlerClass = type(handler.__name__, (_DrainingHandler, handler),
+                                          {"__module__": handler.__module__, "__qualname__": handler.__qualname__})
+    process_request = server.process_request
+    shutdown_request = server.shutdown_request
+    serve_forever = server.serve_forever
+
+    def tracked_process_request(request: Any, client_address: Any) -> None:
+        tracker.add(request)  # before its thread starts: a connection accepted now is waited for
+        process_request(request, client_address)
+
+    def tracked_shutdown_request(request: Any) -> None:
+        try:
+            shutdown_request(request)  # shutdown(SHUT_WR) and close
+        finally:
+            tracker.remove(request)
+
+    def tracked_serve_forever(*args: Any, **kwargs: Any) -> None:
+        tracker.serving = threading.get_ident()
+        try:
+            serve_forever(*args, **kwargs)
+        finally:
+            tracker.serving = None
+
+    server.process_request = tracked_process_request
+    server.shutdown_request = tracked_shutdown_request
+    server.serve_forever = tracked_serve_forever
+    server._aeterna_tracker = tracker
+
+
+def drain(server: Any, idle: float = 1.0, timeout: Optional[float] = None) -> bool:
+    """Drain a server tracked with track_connections(), for the SIGTERM path.
+
+    Stops serve_forever() (server.shutdown(); so call it from another thread than the
+    one serving, or once serve_forever() has returned); from then on every response
+    says "Connection: close" (the client's next request opens a new connection,
+    which the new generation accepts on the shared socket); closes each connection
+    that has had no request in flight for `idle` seconds and has no request
+    arriving; returns True once every connection is closed, False when `timeout`
+    (seconds; None: no limit, Aeterna's stop_timeout ends it) ran out first. Then
+    call server.server_close() and relay.shutdown()."""
+    tracker: Optional[_Tracker] = getattr(server, "_aeterna_tracker", None)
+    if tracker is None:
+        raise UsageError("call track_connections(server) before serving: drain() needs to know the connections")
+    if tracker.serving == threading.get_ident():
+        raise UsageError("drain() from the thread in serve_forever() (e.g. its signal handler) would wait for itself: "
+                         "call it from another thread, or once serve_forever() has returned")
+    with tracker.cond:
+        tracker.draining = True
+    if tracker.serving is not None:
+        server.shutdown()  # stop accepting; returns once serve_forever() has
+    deadline = None if timeout is None else time.monotonic() + timeout
+    period = max(0.01, idle / 4)
+    with tracker.cond:
+        while tracker.conns:
+            tracker.close_idle(idle)
+            wait = period
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                wait = min(wait, left)
+            tracker.cond.wait(wait)
+    return True

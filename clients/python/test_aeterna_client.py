@@ -7,6 +7,7 @@ Run from the repo root:  python3 -m unittest -v clients/python/test_aeterna_clie
 import array
 import fcntl
 import hashlib
+import http.server
 import json
 import os
 import socket
@@ -208,7 +209,7 @@ class RelayTest(unittest.TestCase):
         self.assertFalse(c.shutdown(timeout=10))
         self.assertLess(time.monotonic() - t0, 5, "shutdown returns at end of file, not at its timeout")
         f.join()
-        hello = b'{"op":"hello","v":1,"trailer":true,"direct":true,"checksums":["crc32","sha256"]}'
+        hello = b'{"op":"hello","v":1,"trailer":true,"direct":true,"checksums":["crc32","sha256"],"handoff":true}'
         self.assertEqual(f.events[0], ("hello", len(hello).to_bytes(4, "big") + hello))
         self.assertEqual(f.events[1], ("ack", {"op": "ack", "ok": True}))
         self.assertEqual(f.events[2], ("ready", {"op": "ready"}))
@@ -769,6 +770,563 @@ class ListenersTest(unittest.TestCase):
         self.assertEqual(json.loads(p.stdout.readline()), {})
         self.assertEqual(p.wait(10), 0)
         p.stdout.close()
+
+
+class DrainHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    release = None  # a threading.Event /slow waits for
+
+    def do_GET(self):
+        if self.path == "/slow":
+            self.release.wait(30)
+        body = b"ok " + self.path.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        if self.path == "/keep":
+            self.send_header("Connection", "keep-alive")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def raw_request(sock, path):
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
+
+
+def read_response(f):
+    """(status line, {header: value}, body) from a file over a keep-alive connection; None at end of file."""
+    status = f.readline()
+    if not status:
+        return None
+    headers = {}
+    while True:
+        line = f.readline().decode().strip()
+        if not line:
+            break
+        k, v = line.split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    return status.decode().strip(), headers, f.read(int(headers.get("content-length", "0")))
+
+
+class DrainTest(unittest.TestCase):
+    def serve(self):
+        DrainHandler.release = threading.Event()
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DrainHandler)
+        aeterna.track_connections(server)
+        serving = threading.Thread(target=server.serve_forever, daemon=True)
+        serving.start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(DrainHandler.release.set)
+        return server, serving
+
+    def connect(self, server):
+        c = socket.create_connection(server.server_address, timeout=30)
+        self.addCleanup(c.close)
+        return c, c.makefile("rb")
+
+    def start_drain(self, server, **kw):
+        result = []
+        t = threading.Thread(target=lambda: result.append(aeterna.drain(server, **kw)), daemon=True)
+        t.start()
+        return t, result
+
+    def wait(self, predicate):
+        deadline = time.monotonic() + 30
+        while not predicate():
+            self.assertLess(time.monotonic(), deadline, "condition not reached in time")
+            time.sleep(0.01)
+
+    def test_responses_after_the_drain_say_connection_close_and_the_drain_waits_for_every_connection(self):
+        server, serving = self.serve()
+        c, f = self.connect(server)
+        raw_request(c, "/a")
+        self.assertNotIn("connection", read_response(f)[1])  # keep-alive before the drain
+        raw_request(c, "/slow")
+        self.wait(lambda: any(e.busy for e in server._aeterna_tracker.conns.values()))
+        t, result = self.start_drain(server, idle=0.05)
+        serving.join(30)
+        self.assertFalse(serving.is_alive(), "drain() stopped serve_forever()")
+        self.assertEqual(result, [], "a request in flight: the drain waits")
+        DrainHandler.release.set()
+        status, headers, body = read_response(f)
+        self.assertEqual((status, headers.get("connection"), body), ("HTTP/1.1 200 OK", "close", b"ok /slow"))
+        self.assertIsNone(read_response(f), "the connection ends after that response")
+        t.join(30)
+        self.assertEqual(result, [True])
+        self.assertEqual(server._aeterna_tracker.conns, {})
+
+    def test_an_app_connection_header_becomes_close_during_the_drain(self):
+        server, _ = self.serve()
+        c, f = self.connect(server)
+        raw_request(c, "/keep")
+        self.assertEqual(read_response(f)[1].get("connection"), "keep-alive")
+        server._aeterna_tracker.draining = True  # as drain() sets it, without closing the idle connection yet
+        raw_request(c, "/keep")
+        self.assertEqual(read_response(f)[1].get("connection"), "close")
+        self.assertIsNone(read_response(f))
+
+    def test_an_idle_keep_alive_connection_is_closed_and_a_request_that_arrived_is_answered(self):
+        server, _ = self.serve()
+        idle, fi = self.connect(server)
+        raw_request(idle, "/one")
+        read_response(fi)
+        waiting, fw = self.connect(server)
+        raw_request(waiting, "/two")
+        read_response(fw)
+        # A request that has arrived (in the kernel, not yet read) on a connection idle far longer than `idle`:
+        # hold the handler between requests so it cannot read it before the drain looks.
+        tracker = server._aeterna_tracker
+        with tracker.cond:
+            raw_request(waiting, "/three")
+            entry = [e for r, e in tracker.conns.items() if r.getpeername() == waiting.getsockname()][0]
+            entry.last -= 60
+            [e for r, e in tracker.conns.items() if r.getpeername() == idle.getsockname()][0].last -= 60
+            self.wait(lambda: aeterna._readable([r for r, e in tracker.conns.items() if e is entry][0]))
+            tracker.draining = True
+            tracker.close_idle(1.0)
+            self.assertFalse(entry.closing, "a request is arriving on it: not closed")
+        self.assertIsNone(read_response(fi), "the idle connection was closed")
+        status, headers, body = read_response(fw)
+        self.assertEqual((body, headers.get("connection")), (b"ok /three", "close"))
+        t, result = self.start_drain(server, idle=0.05)
+        t.join(30)
+        self.assertEqual(result, [True])
+
+    def test_pipelined_requests_are_all_answered(self):
+        server, _ = self.serve()
+        c, f = self.connect(server)
+        c.sendall(b"".join(("GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i).encode() for i in range(5)))
+        self.assertEqual([read_response(f)[2] for _ in range(5)], [b"ok /p%d" % i for i in range(5)])
+
+    def test_timeout_returns_false_and_drain_from_the_serving_thread_is_refused(self):
+        server, _ = self.serve()
+        c, f = self.connect(server)
+        raw_request(c, "/slow")
+        self.wait(lambda: any(e.busy for e in server._aeterna_tracker.conns.values()))
+        self.assertFalse(aeterna.drain(server, idle=0.05, timeout=0.2))
+        DrainHandler.release.set()
+        self.assertEqual(read_response(f)[1].get("connection"), "close")
+        self.assertTrue(aeterna.drain(server, idle=0.05))
+        other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DrainHandler)
+        self.addCleanup(other.server_close)
+        with self.assertRaises(aeterna.UsageError):
+            aeterna.drain(other)  # not tracked
+        aeterna.track_connections(other)
+        other._aeterna_tracker.serving = threading.get_ident()  # as inside serve_forever() on this thread
+        with self.assertRaises(aeterna.UsageError):
+            aeterna.drain(other)
+
+
+def frame(body):
+    body = body if isinstance(body, (bytes, bytearray)) else json.dumps(body).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def send_with_fds(chan, data, fds):
+    chan.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+class HandoffTest(unittest.TestCase):
+    """Connection handoff (docs/srp.md, "Connection handoff"): Handoff (the old generation's
+    side) and the receiver (the new one's) over a plain socket pair, real TCP connections."""
+
+    def setUp(self):
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.addCleanup(self.listener.close)
+        self.fds_before = open_fds()
+
+    def tcp(self):
+        """(client socket, the accepted socket the old generation serves)."""
+        client = socket.create_connection(self.listener.getsockname(), timeout=30)
+        accepted, _ = self.listener.accept()
+        self.addCleanup(client.close)
+        self.addCleanup(accepted.close)
+        return client, accepted
+
+    def channel(self, max_frame=aeterna.DEFAULT_MAX_FRAME, callback=None):
+        """(the old generation's end, the adopted connections, the receiver's thread and its result)."""
+        old_end, new_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(old_end.close)
+        adopted, result = [], []
+        cb = callback if callback is not None else adopted.append
+        t = threading.Thread(target=lambda: result.append(aeterna._receive_connections(new_end.detach(), max_frame, lambda: cb)),
+                             daemon=True)
+        t.start()
+        return old_end, adopted, t, result
+
+    def finish(self, t, result):
+        t.join(30)
+        self.assertFalse(t.is_alive(), "the receiver reads to end of file")
+        return result[0]
+
+    def recv_exactly(self, sock, n):
+        data = b""
+        while len(data) < n:
+            piece = sock.recv(n - len(data))
+            self.assertTrue(piece, "end of file after %r" % data)
+            data += piece
+        return data
+
+    def assertClosed(self, client):
+        """Every copy of the connection's other end was closed: the client reads end of file."""
+        client.settimeout(30)
+        try:
+            self.assertEqual(client.recv(100), b"")
+        except ConnectionResetError:
+            pass
+
+    def test_connections_move_and_work_as_tcp_connections_unread_bytes_first(self):
+        old_end, adopted, t, result = self.channel()
+        handoff = aeterna.Handoff(old_end)
+        clients = []
+        for i in range(3):
+            client, accepted = self.tcp()
+            client.sendall(b"hello-%d " % i)
+            read = self.recv_exactly(accepted, 8)  # read by the old generation, not processed
+            handoff.send(accepted, "c%d" % i, meta={"n": i, "path": "/x"}, unread=read)
+            self.assertEqual(accepted.fileno(), -1, "the app's socket object is closed once sent")
+            client.sendall(b"world-%d" % i)  # sent after the move: waits in the kernel for the new generation
+            clients.append(client)
+        self.assertEqual(handoff.end(), 3)
+        self.assertEqual(self.finish(t, result), 3)
+        self.assertEqual([(c.id, c.meta, c.unread) for c in adopted],
+                         [("c%d" % i, {"n": i, "path": "/x"}, b"hello-%d " % i) for i in range(3)])
+        for i, (conn, client) in enumerate(zip(adopted, clients)):
+            self.assertFalse(os.get_inheritable(conn.socket.fileno()), "close-on-exec")
+            self.assertIsNone(conn.socket.gettimeout(), "blocking")
+            self.assertEqual(conn.socket.type, socket.SOCK_STREAM)
+            self.assertEqual(conn.socket.getpeername(), client.getsockname(), "the same TCP connection")
+            self.assertEqual(self.recv_exactly(conn.socket, 7), b"world-%d" % i)
+            conn.socket.sendall(b"answer-%d" % i)
+            self.assertEqual(self.recv_exactly(client, 8), b"answer-%d" % i)
+            conn.socket.close()
+        self.assertEqual(handoff.end(), 3, "a second end() only returns the count")
+        with self.assertRaises(aeterna.UsageError):
+            handoff.send(self.tcp()[1], "late")
+
+    def test_a_client_sending_while_its_connection_moves_loses_nothing(self):
+        old_end, adopted, t, result = self.channel()
+        client, accepted = self.tcp()
+        stream = b"".join(b"%08d" % i for i in range(256 * 1024))  # 2 MiB, every byte accounted for
+        def write():
+            for off in range(0, len(stream), 1024):
+                client.sendall(stream[off:off + 1024])
+            client.shutdown(socket.SHUT_WR)
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        read = b""
+        while len(read) < 100 * 1024:  # the old generation reads part of it, then stops reading
+            read += accepted.recv(64 * 1024)
+        handoff = aeterna.Handoff(old_end)
+        handoff.send(accepted, "streaming", unread=read)
+        handoff.end()
+        self.assertEqual(self.finish(t, result), 1)
+        conn = adopted[0]
+        rest = b""
+        while True:
+            piece = conn.socket.recv(1 << 20)
+            if not piece:
+                break
+            rest += piece
+        writer.join(30)
+        conn.socket.close()
+        self.assertEqual(conn.unread, read)
+        self.assertEqual(len(conn.unread) + len(rest), len(stream))
+        self.assertTrue(conn.unread + rest == stream, "the client's bytes arrive once each, in order")
+
+    def test_1000_connections_move(self):
+        n = 1000
+        old_end, adopted, t, result = self.channel()
+        handoff = aeterna.Handoff(old_end)
+        clients = []
+        for i in range(n):
+            client, accepted = self.tcp()
+            clients.append(client)
+            handoff.send(accepted, "conn-%d" % i, meta={"i": i}, unread=b"u%d" % i)
+        self.assertEqual(handoff.end(), n)
+        self.assertEqual(self.finish(t, result), n)
+        self.assertEqual([c.id for c in adopted], ["conn-%d" % i for i in range(n)])
+        self.assertEqual([(c.meta, c.unread) for c in adopted], [({"i": i}, b"u%d" % i) for i in range(n)])
+        for i, (conn, client) in enumerate(zip(adopted, clients)):
+            conn.socket.sendall(b"%06d" % i)
+            self.assertEqual(self.recv_exactly(client, 6), b"%06d" % i)
+            conn.socket.close()
+            client.close()
+        self.assertEqual(open_fds(), self.fds_before, "no fd leaked on either side")
+
+    def test_malformed_frames_close_that_frames_fds_and_end_the_channel(self):
+        good = lambda i: {"op": "conn", "id": "good-%d" % i, "meta": None, "unread": 0, "fds": ["conn"]}
+        cases = {
+            "two fds": lambda chan, a, b: send_with_fds(chan, frame(good(9)), [a, b]),
+            "no fd": lambda chan, a, b: chan.sendall(frame(good(9))),
+            "empty id": lambda chan, a, b: send_with_fds(chan, frame(dict(good(9), id="")), [a]),
+            "id above 256 characters": lambda chan, a, b: send_with_fds(chan, frame(dict(good(9), id="x" * 257)), [a]),
+            "fds not [conn]": lambda chan, a, b: send_with_fds(chan, frame(dict(good(9), fds=["x"])), [a]),
+            "negative unread": lambda chan, a, b: send_with_fds(chan, frame(dict(good(9), unread=-1)), [a]),
+            "fds on a data frame": lambda chan, a, b: (send_with_fds(chan, frame(dict(good(9), unread=4)), [a]),
+                                                       send_with_fds(chan, frame(b"abcd"), [b])),
+            "data frames above unread": lambda chan, a, b: (send_with_fds(chan, frame(dict(good(9), unread=2)), [a]),
+                                                            chan.sendall(frame(b"abcd"))),
+            "unknown op": lambda chan, a, b: send_with_fds(chan, frame({"op": "conns", "fds": ["conn"]}), [a]),
+            "not JSON": lambda chan, a, b: send_with_fds(chan, frame(b"{conn"), [a]),
+            "a JSON array": lambda chan, a, b: send_with_fds(chan, frame(b"[1]"), [a]),
+            "length 0": lambda chan, a, b: send_with_fds(chan, b"\x00\x00\x00\x00", [a]),
+            "above max_frame": lambda chan, a, b: send_with_fds(chan, frame(dict(good(9), meta="m" * 2000)), [a]),
+            "fds on end": lambda chan, a, b: send_with_fds(chan, frame({"op": "end", "count": 1}), [a]),
+        }
+        for name, malformed in cases.items():
+            with self.subTest(name):
+                old_end, adopted, t, result = self.channel(max_frame=1024)
+                handoff = aeterna.Handoff(old_end)
+                first, first_accepted = self.tcp()
+                handoff.send(first_accepted, "good-0")
+                (a_client, a), (b_client, b) = self.tcp(), self.tcp()
+                malformed(old_end, a.fileno(), b.fileno())
+                a.close()
+                b.close()
+                after, after_accepted = self.tcp()
+                try:
+                    handoff.send(after_accepted, "good-1")  # not read: the channel ended at the malformed frame
+                except aeterna.RelayError:
+                    self.assertNotEqual(after_accepted.fileno(), -1, "not sent: still the app's")
+                    after_accepted.close()  # the receiver had closed its end already
+                self.assertEqual(self.finish(t, result), 1)
+                handoff.close()
+                self.assertEqual([c.id for c in adopted], ["good-0"])
+                for which, client in (("a", a_client), ("b", b_client), ("after", after)):
+                    with self.subTest(which):
+                        self.assertClosed(client)
+                adopted[0].socket.close()
+                self.assertClosed(first)
+
+    def test_end_of_file_without_end_adopts_what_arrived_whole(self):
+        old_end, adopted, t, result = self.channel()
+        handoff = aeterna.Handoff(old_end)
+        clients = []
+        for i in range(2):
+            client, accepted = self.tcp()
+            clients.append(client)
+            handoff.send(accepted, "whole-%d" % i, unread=b"x")
+        cut, cut_accepted = self.tcp()
+        send_with_fds(old_end, frame({"op": "conn", "id": "cut", "unread": 10, "fds": ["conn"]}), [cut_accepted.fileno()])
+        old_end.sendall(frame(b"12345"))  # 5 of the 10 unread bytes, then the old generation dies
+        cut_accepted.close()
+        handoff.close()
+        self.assertEqual(self.finish(t, result), 2)
+        self.assertEqual([(c.id, c.unread) for c in adopted], [("whole-0", b"x"), ("whole-1", b"x")])
+        self.assertClosed(cut)
+        for conn, client in zip(adopted, clients):
+            conn.socket.sendall(b"ok")
+            self.assertEqual(self.recv_exactly(client, 2), b"ok")
+            conn.socket.close()
+
+    def test_send_refuses_a_bad_id_or_meta_and_keeps_the_socket(self):
+        old_end, _, t, result = self.channel()
+        handoff = aeterna.Handoff(old_end, max_frame=1024)
+        _, accepted = self.tcp()
+        for id_, meta in (("", None), ("x" * 257, None), (7, None), ("ok", object()), ("ok", "m" * 2000)):
+            with self.assertRaises(ValueError):
+                handoff.send(accepted, id_, meta)
+            self.assertNotEqual(accepted.fileno(), -1, "nothing sent: the socket is still the app's")
+        self.assertEqual(handoff.end(), 0)
+        self.assertEqual(self.finish(t, result), 0)
+
+    def test_a_raising_callback_closes_that_connection_and_the_next_ones_still_arrive(self):
+        adopted = []
+        def cb(conn):
+            if conn.id == "refused":
+                raise RuntimeError("no room")
+            adopted.append(conn)
+        old_end, _, t, result = self.channel(callback=cb)
+        handoff = aeterna.Handoff(old_end)
+        refused, accepted = self.tcp()
+        handoff.send(accepted, "refused")
+        taken, accepted2 = self.tcp()
+        handoff.send(accepted2, "taken")
+        handoff.end()
+        self.assertEqual(self.finish(t, result), 1)
+        self.assertClosed(refused)
+        self.assertEqual([c.id for c in adopted], ["taken"])
+        adopted[0].socket.close()
+
+
+class HandoffRelayTest(unittest.TestCase):
+    """Connection handoff through the relay connection, Aeterna played by the fake."""
+
+    def setUp(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(self.listener.close)
+
+    def tcp(self):
+        client = socket.create_connection(self.listener.getsockname(), timeout=30)
+        accepted, _ = self.listener.accept()
+        self.addCleanup(client.close)
+        self.addCleanup(accepted.close)
+        return client, accepted
+
+    def fake(self):
+        f = Fake()
+        self.addCleanup(f.close)
+        return f
+
+    def test_the_new_generation_adopts_what_arrives_on_the_handoff_channel(self):
+        f = self.fake()
+        old_end, new_end = socket.socketpair()
+        self.addCleanup(old_end.close)
+
+        def script(f):
+            f.handshake()
+            f.recv_json()  # ready
+            f.send({"op": "handoff", "fds": ["handoff"]}, fds=[new_end.fileno()])
+            new_end.close()  # Aeterna keeps no copy
+            f.events.append(f.recv_json())  # the app's goodbye: end of file below
+        f.run(script)
+        c = aeterna.connect(f.path)
+        self.addCleanup(c.close)
+        adopted = []
+        arrived = threading.Event()
+        c.on_connection(lambda conn: (adopted.append(conn), arrived.set()))
+        c.load()
+        c.ready()
+        client, accepted = self.tcp()
+        client.sendall(b"GET / HTTP/1.1\r\n")
+        self.assertEqual(accepted.recv(100), b"GET / HTTP/1.1\r\n")  # read by the old generation, not processed
+        handoff = aeterna.Handoff(old_end)
+        handoff.send(accepted, "http-1", meta={"stream": 3}, unread=b"GET / HTTP/1.1\r\n")
+        handoff.end()
+        self.assertTrue(arrived.wait(30))
+        conn = adopted[0]
+        self.assertEqual((conn.id, conn.meta, conn.unread), ("http-1", {"stream": 3}, b"GET / HTTP/1.1\r\n"))
+        client.sendall(b"Host: x\r\n\r\n")
+        self.assertEqual(conn.socket.recv(100), b"Host: x\r\n\r\n")
+        conn.socket.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(client.recv(100), b"HTTP/1.1 204 No Content\r\n\r\n")
+        conn.socket.close()
+        c._send_control({"op": "ready"})  # lets the scenario finish
+        f.join()
+
+    def test_a_connection_without_a_callback_is_closed(self):
+        f = self.fake()
+        old_end, new_end = socket.socketpair()
+        self.addCleanup(old_end.close)
+
+        def script(f):
+            f.handshake()
+            f.send({"op": "handoff", "fds": ["handoff"]}, fds=[new_end.fileno()])
+            new_end.close()
+        f.run(script)
+        c = aeterna.connect(f.path)
+        self.addCleanup(c.close)
+        c.load()
+        f.join()
+        client, accepted = self.tcp()
+        handoff = aeterna.Handoff(old_end)
+        handoff.send(accepted, "orphan")
+        handoff.end()
+        client.settimeout(30)
+        self.assertEqual(client.recv(10), b"", "closed: nobody can serve it")
+
+    def test_the_old_generation_hands_over_on_the_final_dump_then_shutdown_answers_it(self):
+        f = self.fake()
+        old_end, new_end = socket.socketpair()
+        received = []
+
+        def script(f):
+            f.handshake()
+            f.recv_json()  # ready
+            f.send({"op": "dump", "final": True, "timeout_ms": 10000, "handoff": True, "fds": ["handoff"]},
+                   fds=[old_end.fileno()])
+            old_end.close()
+            received.append(aeterna._receive_connections(new_end.detach(), 1 << 24, lambda: received.append))
+            msg, data, _, _ = f.recv_state()
+            f.events.append((msg["op"], json.loads(data)))
+            f.send({"op": "ack", "ok": True})
+        f.run(script)
+        c = aeterna.connect(f.path)
+        self.addCleanup(c.close)
+        self.assertTrue(c.handoff_offered is False)  # this fake's welcome does not say it; the dump decides
+        c.on_dump(lambda final: {"final": final})
+        c.load()
+        c.ready()
+        handoff = c.handoff(timeout=10)
+        self.assertIsInstance(handoff, aeterna.Handoff)
+        self.assertIsNone(c.handoff(timeout=0.1), "taken once")
+        client, accepted = self.tcp()
+        handoff.send(accepted, "ws-7", meta={"room": "a"}, unread=b"\x81\x02hi")
+        self.assertEqual(handoff.end(), 1)
+        self.assertTrue(c.shutdown(timeout=10), "the final dump is answered after the handoff, as always")
+        f.join()
+        self.assertEqual(f.events[-1], ("state", {"final": True}))
+        conn, count = received[0], received[1]
+        self.assertEqual((count, conn.id, conn.meta, conn.unread), (1, "ws-7", {"room": "a"}, b"\x81\x02hi"))
+        client.sendall(b"more")
+        self.assertEqual(conn.socket.recv(10), b"more")
+        conn.socket.close()
+
+    def test_handoff_is_none_for_a_final_dump_without_it_at_end_of_file_and_without_a_relay(self):
+        f = self.fake()
+
+        def script(f):
+            f.handshake()
+            f.send({"op": "dump", "final": True, "timeout_ms": 10000})
+            f.recv_state()
+            f.send({"op": "ack", "ok": True})
+        f.run(script)
+        c = aeterna.connect(f.path)
+        self.addCleanup(c.close)
+        c.load()
+        self.assertIsNone(c.handoff(timeout=10))
+        self.assertTrue(c.shutdown(timeout=10))
+        f.join()
+
+        f = self.fake()
+        f.run(lambda f: (f.handshake(), f.conn.close()))
+        c = aeterna.connect(f.path)
+        self.addCleanup(c.close)
+        c.load()
+        self.assertIsNone(c.handoff(timeout=10), "end of file: no final dump will come")
+        f.join()
+        self.assertIsNone(aeterna.StateClient(None).handoff(), "no relay")
+
+    def test_a_handoff_channel_nobody_takes_is_closed_by_shutdown(self):
+        f = self.fake()
+        old_end, new_end = socket.socketpair()
+        self.addCleanup(new_end.close)
+
+        def script(f):
+            f.handshake()
+            f.send({"op": "dump", "final": True, "timeout_ms": 10000, "handoff": True, "fds": ["handoff"]},
+                   fds=[old_end.fileno()])
+            old_end.close()
+            f.recv_state()
+            f.send({"op": "ack", "ok": True})
+        f.run(script)
+        c = aeterna.connect(f.path)
+        self.addCleanup(c.close)
+        c.load()
+        self.assertTrue(c.shutdown(timeout=10))
+        f.join()
+        new_end.settimeout(30)
+        self.assertEqual(new_end.recv(10), b"", "the new generation reads end of file: nothing to adopt")
+
+    def test_handoff_frames_from_aeterna_are_checked(self):
+        self.assertEqual(aeterna._parse_message(b'{"op":"handoff","fds":["handoff"]}'), {"op": "handoff", "fds": ["handoff"]})
+        self.assertEqual(aeterna._parse_message(b'{"op":"dump","final":true,"handoff":true,"fds":["handoff"]}')["fds"], ["handoff"])
+        for bad in (b'{"op":"handoff"}', b'{"op":"handoff","fds":["conn"]}',
+                    b'{"op":"dump","final":false,"handoff":true,"fds":["handoff"]}',
+                    b'{"op":"dump","final":true,"handoff":true}',
+                    b'{"op":"dump","final":true,"fds":["handoff"]}',
+                    b'{"op":"dump","final":true,"handoff":1,"fds":["handoff"]}'):
+            with self.subTest(bad):
+                with self.assertRaises(aeterna._ProtocolError) as e:
+                    aeterna._parse_message(bad)
+                self.assertEqual(e.exception.code, "bad_json")
 
 
 if __name__ == "__main__":
