@@ -102,12 +102,11 @@ async function run(mode: StreamsRun['mode'], streams: number, reloads: number): 
     const after = { fds: await fdCountAtRest(aeterna), rss: processMemory(aeterna).rss };
     const logs = d.run.logs();
     const exitAfterAckMs: number[] = [];
+    const timeOf = (l: object): number => Date.parse((l as { time?: string }).time ?? '');
     for (const ack of logs.filter((l) => l.msg === 'final state sync relayed')) {
-      const at = Date.parse((ack as { time: string }).time);
-      const exit = logs.find(
-        (l) => /^generation \d+ (exited|killed)/.test(l.msg) && Date.parse((l as { time: string }).time) >= at,
-      );
-      if (exit) exitAfterAckMs.push(Date.parse((exit as { time: string }).time) - at);
+      const at = timeOf(ack);
+      const exit = logs.find((l) => /^generation \d+ (exited|killed)/.test(l.msg) && timeOf(l) >= at);
+      if (exit) exitAfterAckMs.push(timeOf(exit) - at);
     }
     return {
       mode,
