@@ -118,7 +118,7 @@ async function run(mode: StreamsRun['mode'], streams: number, reloads: number): 
       moved: clients.filter((c) => c.generations.size > 1).length,
       exitAfterAckMs,
       fds: { before: before.fds, after: after.fds },
-      rssMiB: { before: before.rss / 2 ** 20, after: after.rss / 2 ** 20 },
+      rssMiB: { before: before.rss / 1024, after: after.rss / 1024 }, // processMemory: KiB
     };
   } finally {
     await d.run.killAll();
