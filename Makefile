@@ -16,7 +16,7 @@ SDK_TESTS := $(call tests_in,test/sdk)
 ENDURANCE_TESTS := $(call tests_in,test/endurance)
 TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(ENDURANCE_TESTS)
 
-.PHONY: all build demo lint format test test-unit test-fast bench soak clean prebuild
+.PHONY: all build demo lint format test test-unit test-fast bench soak streams clean prebuild
 
 all: build
 
@@ -64,6 +64,10 @@ bench: build
 # The long reliability run: 1,000 reloads under load (CI runs a short version in the tests).
 soak: build
 	node dist/bench/soak.js $(SOAK_ARGS)
+
+# Long-lived SSE streams across reloads: connection handoff beside the drain only and pm2 (bench/README.md).
+streams: build
+	node dist/bench/streams.js $(STREAMS_ARGS)
 
 # The prebuilt addon for this platform (prebuilds/linux-x64/aeterna.glibc.node, prebuildify --napi), which the
 # npm tarball ships so that installs need no compiler. Run it right before `npm pack` / `npm publish`.

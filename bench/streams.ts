@@ -2,7 +2,8 @@
 // through K reloads, with connection handoff (the streams move to each new generation) and, beside it in the
 // same run, with the drain only (no state relay: the old generation drains, and stop_timeout cuts what is left).
 // Counts what the clients saw (streams cut, tokens missing or repeated), how long each old generation lived after
-// its final sync was acknowledged (from Aeterna's log), and Aeterna's fds and RSS before and after.
+// its final sync was acknowledged (from Aeterna's log), and Aeterna's fds and RSS before and after. The peer in the
+// same run: pm2's cluster reload of the same agent (bench/fixtures/pm2-streams.config.js).
 //
 //   node dist/bench/streams.js [--streams 1000] [--reloads 10]
 import http from 'node:http';
@@ -11,6 +12,7 @@ import { ROOT, freePort, processMemory } from '../test/helpers/aeterna';
 import { Daemon } from '../test/helpers/daemon';
 import { requestJson } from '../test/helpers/load';
 import { fdCountAtRest, settle } from './soak';
+import { fixture as benchFixture, run as runCommand, tempDir as benchTempDir, waitForPort } from './common';
 
 const AGENT = [process.execPath, path.join(ROOT, 'examples', 'llm-agent', 'agent.js')];
 
@@ -52,7 +54,7 @@ function stream(port: number, session: string, tokens: number): Client {
 }
 
 export interface StreamsRun {
-  mode: 'handoff' | 'drain only';
+  mode: 'handoff' | 'drain only' | 'pm2 cluster reload';
   streams: number;
   reloads: number;
   cut: number;
@@ -62,27 +64,84 @@ export interface StreamsRun {
   moved: number;
   /** Old generations' lifetimes after the final sync was acknowledged (ms), from Aeterna's log; empty without a relay. */
   exitAfterAckMs: number[];
-  fds: { before: number; after: number };
-  rssMiB: { before: number; after: number };
+  /** Aeterna's fds and RSS before and after (null for pm2). */
+  fds: { before: number; after: number } | null;
+  rssMiB: { before: number; after: number } | null;
+}
+
+/** What serves the agent and reloads it. */
+interface Server {
+  start(port: number): Promise<void>;
+  reload(): Promise<void>;
+  /** Aeterna's pid (its fds and RSS are measured), or null. */
+  supervisor(): Promise<number | null>;
+  /** Aeterna's log lines, for the old generations' exits. */
+  logs(): Array<{ msg: string; time?: string }>;
+  stop(): Promise<void>;
+}
+
+function aeternaServer(relay: boolean): Server {
+  let d: Daemon | null = null;
+  return {
+    async start(port) {
+      d = new Daemon({
+        command: AGENT,
+        port,
+        readiness: relay ? '{ mode: "notify", timeout: "60s" }' : '{ mode: "delay", delay: "500ms" }',
+        stopTimeout: '5s',
+      });
+      if (relay)
+        d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s" }` });
+      d.start(true);
+      await d.waitStatus((s) => s.state === 'Running', 60000);
+    },
+    async reload() {
+      const r = await d!.cli('reload');
+      if (r.code !== 0) throw new Error(`reload failed: ${r.stderr}`);
+      await d!.waitStatus((s) => s.state === 'Running', 60000);
+    },
+    supervisor: () => d!.run.aeternaPid(),
+    logs: () => d!.run.logs(),
+    async stop() {
+      await d?.run.killAll();
+    },
+  };
+}
+
+function pm2Server(): Server {
+  let env: NodeJS.ProcessEnv | null = null;
+  const bin = require.resolve('pm2/bin/pm2');
+  const pm2 = async (...args: string[]): Promise<void> => {
+    const r = await runCommand([process.execPath, bin, ...args], { env: env!, timeoutMs: 120000 });
+    if (r.code !== 0) throw new Error(`pm2 ${args[0]} exited ${r.code}: ${r.stderr.slice(-500)}`);
+  };
+  return {
+    async start(port) {
+      env = { ...process.env, PM2_HOME: benchTempDir('aeterna-bench-pm2-'), PORT: String(port) };
+      await pm2('start', benchFixture('pm2-streams.config.js'));
+      await waitForPort(port);
+    },
+    reload: () => pm2('reload', 'aeterna-bench-streams'),
+    supervisor: () => Promise.resolve(null),
+    logs: () => [],
+    async stop() {
+      if (env) await pm2('kill');
+      env = null;
+    },
+  };
 }
 
 async function run(mode: StreamsRun['mode'], streams: number, reloads: number): Promise<StreamsRun> {
   const port = await freePort();
-  const d = new Daemon({
-    command: AGENT,
-    port,
-    readiness: mode === 'handoff' ? '{ mode: "notify", timeout: "60s" }' : '{ mode: "delay", delay: "500ms" }',
-    stopTimeout: '5s',
-  });
-  if (mode === 'handoff')
-    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s" }` });
-  d.start(true);
+  const server = mode === 'pm2 cluster reload' ? pm2Server() : aeternaServer(mode === 'handoff');
   try {
-    await d.waitStatus((s) => s.state === 'Running', 60000);
+    await server.start(port);
     const { id } = await requestJson<{ id: string }>(port, 'POST', '/sessions');
     await requestJson(port, 'POST', `/sessions/${id}/messages`, 'tell me about streams that survive reloads');
-    const aeterna = await d.run.aeternaPid();
-    const before = { fds: await fdCountAtRest(aeterna), rss: processMemory(aeterna).rss };
+    const aeterna = await server.supervisor();
+    const measure = async (): Promise<{ fds: number; rss: number } | null> =>
+      aeterna === null ? null : { fds: await fdCountAtRest(aeterna), rss: processMemory(aeterna).rss / 1024 };
+    const before = await measure();
     // Long enough to outlive every reload: about 3 s per reload, plus a margin.
     const tokens = reloads * 30 + 50;
     const clients: Client[] = [];
@@ -93,16 +152,14 @@ async function run(mode: StreamsRun['mode'], streams: number, reloads: number): 
       120000,
     );
     for (let i = 0; i < reloads; i++) {
-      const r = await d.cli('reload');
-      if (r.code !== 0) throw new Error(`reload ${i + 1} failed: ${r.stderr}`);
-      await d.waitStatus((s) => s.state === 'Running', 60000);
-      await new Promise((r2) => setTimeout(r2, 2000));
+      await server.reload();
+      await new Promise((r) => setTimeout(r, 2000));
     }
     const ends = await Promise.all(clients.map((c) => c.ended));
-    const after = { fds: await fdCountAtRest(aeterna), rss: processMemory(aeterna).rss };
-    const logs = d.run.logs();
+    const after = await measure();
+    const logs = server.logs();
     const exitAfterAckMs: number[] = [];
-    const timeOf = (l: object): number => Date.parse((l as { time?: string }).time ?? '');
+    const timeOf = (l: { time?: string }): number => Date.parse(l.time ?? '');
     for (const ack of logs.filter((l) => l.msg === 'final state sync relayed')) {
       const at = timeOf(ack);
       const exit = logs.find((l) => /^generation \d+ (exited|killed)/.test(l.msg) && timeOf(l) >= at);
@@ -117,11 +174,11 @@ async function run(mode: StreamsRun['mode'], streams: number, reloads: number): 
       repeated: clients.reduce((n, c) => n + c.repeated, 0),
       moved: clients.filter((c) => c.generations.size > 1).length,
       exitAfterAckMs,
-      fds: { before: before.fds, after: after.fds },
-      rssMiB: { before: before.rss / 1024, after: after.rss / 1024 }, // processMemory: KiB
+      fds: before && after ? { before: before.fds, after: after.fds } : null,
+      rssMiB: before && after ? { before: before.rss, after: after.rss } : null,
     };
   } finally {
-    await d.run.killAll();
+    await server.stop();
   }
 }
 
@@ -132,8 +189,10 @@ function table(runs: StreamsRun[]): string {
   ];
   for (const r of runs) {
     const exit = r.exitAfterAckMs.length > 0 ? `${Math.max(...r.exitAfterAckMs)} ms` : '–';
+    const fds = r.fds ? `${r.fds.before} → ${r.fds.after}` : '–';
+    const rss = r.rssMiB ? `${r.rssMiB.before.toFixed(1)} → ${r.rssMiB.after.toFixed(1)}` : '–';
     lines.push(
-      `| ${r.mode} | ${r.streams} | ${r.reloads} | ${r.cut} | ${r.lost} | ${r.repeated} | ${r.moved} | ${exit} | ${r.fds.before} → ${r.fds.after} | ${r.rssMiB.before.toFixed(1)} → ${r.rssMiB.after.toFixed(1)} |`,
+      `| ${r.mode} | ${r.streams} | ${r.reloads} | ${r.cut} | ${r.lost} | ${r.repeated} | ${r.moved} | ${exit} | ${fds} | ${rss} |`,
     );
   }
   return lines.join('\n');
@@ -146,7 +205,13 @@ async function main(): Promise<void> {
   };
   const streams = arg('streams', 1000);
   const reloads = arg('reloads', 10);
-  const runs = [await run('handoff', streams, reloads), await run('drain only', streams, Math.min(reloads, 3))];
+  // The peers cut every stream at their first reload: three of theirs show it.
+  const peers = Math.min(reloads, 3);
+  const runs = [
+    await run('handoff', streams, reloads),
+    await run('drain only', streams, peers),
+    await run('pm2 cluster reload', streams, peers),
+  ];
   console.log(table(runs));
   console.log(`\n${JSON.stringify(runs)}`);
 }

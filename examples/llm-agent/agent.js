@@ -14,7 +14,8 @@
 // connection to the new one between two tokens (connection handoff), and the new one goes on from the next
 // token on the same connection; `generation` changes mid-stream, no token is missing or repeated.
 //
-// Outside Aeterna it runs too (binding 127.0.0.1:8080 itself, starting empty).
+// Outside Aeterna it runs too (binding 127.0.0.1:$PORT itself, 8080 by default, starting empty; SIGINT, as
+// pm2 sends, stops it like SIGTERM).
 'use strict';
 const crypto = require('node:crypto');
 const http = require('node:http');
@@ -173,16 +174,18 @@ async function main() {
   const fd = aeterna.listeners().get('http');
   const ready = () => relay.ready();
   if (fd !== undefined) server.listen({ fd }, ready);
-  else server.listen(8080, '127.0.0.1', ready);
+  else server.listen(Number(process.env.PORT ?? 8080), '127.0.0.1', ready);
 
-  process.on('SIGTERM', async () => {
+  const stop = async () => {
     // Promoted away: the streams go on in the next generation, on their connections (null: nobody to take them).
     const handoff = await relay.handoff();
     if (handoff) console.log(`agent ${process.pid}: handed ${await handOverStreams(handoff)} stream(s) over`);
     await aeterna.drain(server); // finish in-flight requests (and streams not handed over), close keep-alive connections
     await relay.shutdown(); // answer the final dump, if Aeterna asks for one
     process.exit(0);
-  });
+  };
+  process.once('SIGTERM', stop);
+  process.once('SIGINT', stop);
 }
 
 main().catch((err) => {
