@@ -304,6 +304,41 @@ describe('SRP messages', () => {
       crc32: '0a1b2c3d',
     });
   });
+
+  it('connection handoff: the hello offer needs fds; the channel comes on a final dump or the handoff op only', () => {
+    assert.deepEqual(parseMessage(Buffer.from('{"op":"hello","v":1,"handoff":true}')), {
+      op: 'hello',
+      v: 1,
+      handoff: true,
+    });
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('{"op":"hello","v":1,"fds":false,"handoff":true}'))),
+      'bad_json',
+    );
+    assert.equal(
+      srpCode(() => parseMessage(Buffer.from('{"op":"hello","v":1,"handoff":1}'))),
+      'bad_json',
+    );
+    assert.deepEqual(
+      parseMessage(Buffer.from('{"op":"dump","final":true,"timeout_ms":5,"handoff":true,"fds":["handoff"]}')),
+      { op: 'dump', final: true, timeout_ms: 5, handoff: true, fds: ['handoff'] },
+    );
+    for (const bad of [
+      '{"op":"dump","final":false,"handoff":true,"fds":["handoff"]}',
+      '{"op":"dump","final":true,"handoff":true}',
+      '{"op":"dump","final":true,"handoff":true,"fds":["direct"]}',
+      '{"op":"handoff","fds":[]}',
+    ])
+      assert.equal(
+        srpCode(() => parseMessage(Buffer.from(bad))),
+        'bad_json',
+        bad,
+      );
+    assert.deepEqual(parseMessage(Buffer.from('{"op":"handoff","fds":["handoff"]}')), {
+      op: 'handoff',
+      fds: ['handoff'],
+    });
+  });
 });
 
 describe('SRP fds', () => {
