@@ -190,6 +190,17 @@ public final class Aeterna {
     /** Register where later loads (the final sync) go; without one they are refused (load_failed). */
     public void onLoad(Apply apply) { this.onLoad = apply; }
 
+    /**
+     * Connection handoff (docs/srp.md, "Connection handoff") moves a live socket to the next generation with
+     * SCM_RIGHTS, which the JDK cannot send or receive: this SDK's hello does not offer it, so a Java generation's
+     * connections drain as before. Always throws RelayError "unsupported", saying so.
+     */
+    public Object handoff() throws RelayError {
+      throw new RelayError(
+          "unsupported",
+          "connection handoff passes sockets as fds (SCM_RIGHTS), which the JDK cannot; drain the connections instead");
+    }
+
     /** The initial load: the previous generation's state, or null. Verified and acked; then dumps are served. */
     public State load() throws IOException {
       try {
