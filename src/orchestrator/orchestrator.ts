@@ -10,8 +10,7 @@
 // - `candidate`: a reload's new generation, before promotion (Handover, Soaking, RollingBack).
 // - `draining`: after promotion, the old generation being stopped while the promotion settles (Draining).
 // - `retiring`: old generations of promoted reloads, still draining in the background once their reload is over
-//   (SIGTERM sent, SIGKILL after their stop_timeout). They serve no one new, their exit is no crash, and at most
-//   orchestration.max_generations generations are alive at once: a reload kills the oldest ones to make room.
+//   (retiring.ts): their exit is no crash, and a reload kills the oldest ones to stay within max_generations.
 //
 // Invariants:
 // - A failed reload never touches `serving`: its process, its memory and the
@@ -37,6 +36,7 @@ import { IllegalTransitionError, StateMachine, type Event, type State } from './
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
 import { DumpFailed, type RelayRole, type StateRelay } from './relay';
 import { RestartBudget } from './restart';
+import { RetiringGenerations } from './retiring';
 import { Watchdog } from './watchdog';
 import type {
   CarriedCounters,
@@ -47,7 +47,6 @@ import type {
   ReloadPhase,
   ReloadRecord,
   ReloadTrigger,
-  RetiringInfo,
   StatusReport,
 } from './types';
 
@@ -106,16 +105,6 @@ interface ReloadRun {
   failure: { reason: string; code: ErrorCode; outcome: 'rolled_back' | 'failed' } | null;
 }
 
-/** An old generation drained in the background after its reload was promoted. */
-interface Retiring {
-  gen: Generation;
-  /** When it got SIGTERM, and when its SIGKILL is due (its stop_timeout later, or when it was killed to make room). */
-  since: Date;
-  deadline: Date;
-  /** Killed to make room (orchestration.max_generations): no longer counted, only waited for. */
-  killed: boolean;
-}
-
 /** orchestration.max_generations when a config does not have it: a handover from an Aeterna before it carries none. */
 const DEFAULT_MAX_GENERATIONS = 3;
 
@@ -130,8 +119,8 @@ export class Orchestrator implements ControlApi {
   private draining: Generation | null = null;
   /** When `draining` got SIGTERM and its SIGKILL deadline (set once it got it: a weighted split first drains its queue). */
   private drainStop: { since: Date; deadline: Date } | null = null;
-  /** Old generations of promoted reloads still draining, oldest first. */
-  private retiring: Retiring[] = [];
+  /** Old generations of promoted reloads still draining. */
+  private readonly retiring: RetiringGenerations;
   /** Told when what carry() returns may have changed without a state transition (a retiring generation exited). */
   private readonly carryListeners: Array<() => void> = [];
   /** The reload in flight, from its request to its outcome. */
@@ -164,6 +153,7 @@ export class Orchestrator implements ControlApi {
     this.config = config;
     this.budget = new RestartBudget(config.service.restart);
     this.stopped = new Promise((resolve) => (this.resolveStopped = resolve));
+    this.retiring = new RetiringGenerations(deps.log, deps.metrics);
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     deps.notify.on('message', (m) => this.storeFds(m));
@@ -192,8 +182,8 @@ export class Orchestrator implements ControlApi {
    * generation): otherwise it throws E_RELOAD_BUSY or E_ILLEGAL_TRANSITION.
    */
   carry(): { fds: never[]; part: { generations: CarriedGeneration[]; counters: CarriedCounters } } {
-    const retiring = this.retiring[0];
-    if (this.inFlight === null && retiring !== undefined) {
+    const retiring = this.retiring.oldest();
+    if (this.inFlight === null && retiring !== null) {
       const r = retiring.gen;
       throw new AeternaError(
         'E_RELOAD_BUSY',
@@ -435,17 +425,17 @@ export class Orchestrator implements ControlApi {
     const state = this.fsm.state;
     const how = describeExit(info);
     this.stopWatchdog(gen);
-    const retired = this.retiring.find((r) => r.gen === gen);
+    const drainedMs = this.retiring.drainedMs(gen);
     this.deps.log.info(
       {
         generation: gen.number,
         child: gen.pid,
         exit_code: exitCodeOf(info),
-        ...(retired ? { retiring: true, drained_ms: Date.now() - retired.since.getTime() } : {}),
+        ...(drainedMs === null ? {} : { retiring: true, drained_ms: drainedMs }),
       },
       `generation ${gen.number} ${how}`,
     );
-    if (retired) return this.retired(retired);
+    if (drainedMs !== null) return this.retired(gen);
     if (state === 'Stopping') return this.checkStopped();
     if (gen === this.serving) {
       this.lastExit = info;
@@ -494,7 +484,8 @@ export class Orchestrator implements ControlApi {
     const { run, done } = this.beginReload(trigger, onEvent);
     if (this.rereadConfig(run) && this.bindNewListeners(run)) {
       this.fire('reload'); // Handover
-      this.makeRoom(run);
+      const max = run.config.orchestration.maxGenerations ?? DEFAULT_MAX_GENERATIONS;
+      this.retiring.makeRoom(max, this.serving?.alive ? 1 : 0, run.record.id);
       const next = this.spawnCandidate(run);
       if (next) {
         this.awaitReadiness(run, next);
@@ -883,8 +874,7 @@ export class Orchestrator implements ControlApi {
     const event = old !== null && old.alive ? 'retire' : 'drain-done';
     if (old !== null && old.alive) {
       const stop = this.drainStop ?? { since: new Date(), deadline: new Date() };
-      this.retiring.push({ gen: old, since: stop.since, deadline: stop.deadline, killed: false });
-      this.deps.metrics.setRetiring(this.retiring.length);
+      this.retiring.add(old, stop.since, stop.deadline);
     }
     this.draining = null;
     this.drainStop = null;
@@ -899,9 +889,8 @@ export class Orchestrator implements ControlApi {
   }
 
   /** A retiring generation exited: it is forgotten (whatever its exit, no crash of the serving one, no restart). */
-  private retired(retired: Retiring): void {
-    this.retiring = this.retiring.filter((r) => r !== retired);
-    this.deps.metrics.setRetiring(this.retiring.length);
+  private retired(gen: Generation): void {
+    this.retiring.exited(gen);
     if (this.inFlight === null) this.releaseRetiredListeners(); // else when that reload ends
     for (const l of this.carryListeners) l();
     this.checkStopped();
@@ -912,37 +901,8 @@ export class Orchestrator implements ControlApi {
    * a reload ends, and when the last retiring generation exits between reloads).
    */
   private releaseRetiredListeners(): void {
-    if (this.retiring.length > 0) return;
+    if (this.retiring.count > 0) return;
     for (const l of this.deps.listeners.releaseRetired()) this.deps.log.info({ listener: l.name }, 'listener closed');
-  }
-
-  /**
-   * orchestration.max_generations: the serving generation, the new one about to start and the retiring ones must fit;
-   * the oldest retiring ones are killed (SIGKILL) until they do. Never the serving one.
-   */
-  private makeRoom(run: ReloadRun): void {
-    const max = run.config.orchestration.maxGenerations ?? DEFAULT_MAX_GENERATIONS;
-    const counted = this.retiring.filter((r) => !r.killed && r.gen.alive);
-    let excess = (this.serving?.alive ? 1 : 0) + counted.length + 1 - max;
-    for (const r of counted) {
-      if (excess-- <= 0) break;
-      const drainedMs = Date.now() - r.since.getTime();
-      this.deps.log.warn(
-        {
-          reload: run.record.id,
-          generation: r.gen.number,
-          child: r.gen.pid,
-          drained_ms: drainedMs,
-          max_generations: max,
-        },
-        `killing retiring generation ${r.gen.number} (pid ${r.gen.pid}) after ${formatDuration(drainedMs)} of draining: ` +
-          `orchestration.max_generations is ${max}, and ${run.record.id} starts a new generation`,
-      );
-      r.killed = true;
-      r.deadline = new Date();
-      this.deps.metrics.retiringKilled();
-      void r.gen.kill();
-    }
   }
 
   /** Roll back: stop the new generation; the old one was never touched. */
@@ -1027,7 +987,7 @@ export class Orchestrator implements ControlApi {
     record.reason = reason;
     record.code = code;
     record.duration_ms = Math.round(performance.now() - run.startedAt);
-    record.retiring = this.retiringInfo();
+    record.retiring = this.retiring.info();
     this.phase('done', outcome);
     this.deps.metrics.reloadFinished(record.strategy, outcome, record.duration_ms / 1000);
     const fields = {
@@ -1078,7 +1038,7 @@ export class Orchestrator implements ControlApi {
   }
 
   private liveGenerations(): Generation[] {
-    return [this.serving, this.candidate, this.draining, ...this.retiring.map((r) => r.gen)].filter(
+    return [this.serving, this.candidate, this.draining, ...this.retiring.generations()].filter(
       (g): g is Generation => g !== null && g.alive,
     );
   }
@@ -1099,17 +1059,6 @@ export class Orchestrator implements ControlApi {
 
   // ---- status ------------------------------------------------------------------------------
 
-  private retiringInfo(): RetiringInfo[] {
-    return this.retiring
-      .filter((r) => r.gen.alive)
-      .map((r) => ({
-        generation: r.gen.number,
-        pid: r.gen.pid,
-        draining_since: r.since.toISOString(),
-        kill_deadline: r.deadline.toISOString(),
-      }));
-  }
-
   status(): StatusReport {
     const info = (g: Generation | null, ready: boolean): GenerationInfo | null =>
       g && g.alive ? { generation: g.number, pid: g.pid, started_at: g.startedAt.toISOString(), ready } : null;
@@ -1128,7 +1077,7 @@ export class Orchestrator implements ControlApi {
       listeners: this.deps.listeners.list().map((l) => ({ name: l.name, address: l.address, fd: l.fd })),
       previous: info(previous, previous !== null && previous === this.serving),
       candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
-      retiring: this.retiringInfo(),
+      retiring: this.retiring.info(),
       restarts: this.restarts,
       fdstore: this.deps.fdStore.names(),
       checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
