@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import { fixture, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
 import { Daemon, statusOf } from '../../helpers/daemon';
+import { getText, metricSample } from '../../helpers/load';
 import type { ReloadRecord, StatusReport } from '../../../src/orchestrator/types';
 
 const APP = [process.execPath, fixture('apps', 'streaming_app.js')];
@@ -23,9 +24,9 @@ after(async () => {
   for (const d of daemons) await d.run.killAll();
 });
 
-async function started(maxGenerations: number | null): Promise<{ d: Daemon; port: number }> {
+async function started(maxGenerations: number | null, metricsPort?: number): Promise<{ d: Daemon; port: number }> {
   const port = await freePort();
-  const d = new Daemon({ command: APP, port, stopTimeout: STOP_TIMEOUT });
+  const d = new Daemon({ command: APP, port, stopTimeout: STOP_TIMEOUT, metricsPort });
   if (maxGenerations !== null) {
     const yaml = fs.readFileSync(d.configFile, 'utf8');
     fs.writeFileSync(
@@ -178,6 +179,7 @@ describe('reloads whose old generation drains for long', { timeout: 300_000 }, (
       assert.equal(after.state, 'Running');
       assert.equal(after.generation, 3, 'the serving generation is the same');
       assert.equal(after.restarts, 0, "a retiring generation's exit is no crash");
+      await d.run.waitFor(/"msg":"generation 1 exited with code 0"/); // Aeterna's log and the CLI's answer race
       const exit = d.run.logs().find((l) => l.msg === 'generation 1 exited with code 0');
       assert.ok(exit, 'its exit is logged');
       assert.equal(exit.retiring, true);
@@ -189,7 +191,8 @@ describe('reloads whose old generation drains for long', { timeout: 300_000 }, (
     'reloads go through while old generations drain; max_generations 3 kills the oldest retiring one with a warning; no reload fails',
     { skip: skip ?? false },
     async () => {
-      const { d, port } = await started(3);
+      const metricsPort = await freePort();
+      const { d, port } = await started(3, metricsPort);
       const held: Stream[] = [];
       for (let gen = 1; gen <= 3; gen++) {
         // Each generation holds a stream when it is replaced, so none of them exits on its own.
@@ -202,6 +205,8 @@ describe('reloads whose old generation drains for long', { timeout: 300_000 }, (
         await d.run.waitFor(new RegExp(`TERM ${s.pid} generation ${gen} streams 1`));
       }
       // Before the third reload: serving 3, retiring 1 and 2, and a new one would make 4.
+      await d.run.waitFor(/"msg":"killing retiring generation/);
+      await d.run.waitFor(/"msg":"reload-3 promoted/);
       const warnings = d.run.logs().filter((l) => /^killing retiring generation/.test(l.msg));
       assert.equal(warnings.length, 1, warnings.map((l) => l.msg).join('\n'));
       assert.equal(warnings[0].level, 'warn');
@@ -222,6 +227,9 @@ describe('reloads whose old generation drains for long', { timeout: 300_000 }, (
       assert.equal(s.generation, 4);
       assert.deepEqual(retiringOf(s), [2, 3]);
       assert.equal(s.restarts, 0);
+      const metrics = (await getText(metricsPort, '/metrics')).body;
+      assert.equal(metricSample(metrics, 'aeterna_retiring_generations'), 2);
+      assert.equal(metricSample(metrics, 'aeterna_retiring_killed_total'), 1);
       const outcomes = d.run.logs().filter((l) => /^reload-\d+ (promoted|rolled_back|failed)/.test(l.msg));
       assert.deepEqual(
         outcomes.map((l) => l.msg.split(' ').slice(0, 2).join(' ')),
