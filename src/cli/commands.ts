@@ -9,7 +9,7 @@ import type { ControlRequest } from '../control/protocol';
 import { ConfigError, loadConfigFile, loadControlSocketPath, resolveConfigPath } from '../config/load';
 import type { ReloadRecord, StatusReport } from '../orchestrator/types';
 import { CliExit, exitCodeHelp, exitWhenFlushed } from './exit-codes';
-import { LiveLine, describeOutcome, formatStatus, plainEventLine } from './render';
+import { LiveLine, describeOutcome, describeRetiring, formatStatus, plainEventLine } from './render';
 
 interface DaemonOptions {
   config?: string;
@@ -127,7 +127,11 @@ function reportOutcome(record: ReloadRecord, json: boolean): number {
   const { ok, text } = describeOutcome(record);
   if (json) writeJson(record);
   if (ok) {
-    if (!json) process.stdout.write(text + '\n');
+    // A promoted reload is answered before its old generation has exited: say which ones still drain.
+    if (!json)
+      process.stdout.write(
+        [text, ...(record.retiring ?? []).map((r) => `still ${describeRetiring(r)}`)].join('\n') + '\n',
+      );
     return CliExit.OK;
   }
   process.stderr.write(`aeterna: ${text}\n`);

@@ -1,7 +1,7 @@
 // How the CLI shows reloads and status to a person: plain lines for logs and
 // pipes, one live line on a terminal, JSON for scripts. Pure formatting plus
 // the small live-line writer; no socket I/O here.
-import type { ReloadEvent, ReloadPhase, ReloadRecord, StatusReport } from '../orchestrator/types';
+import type { ReloadEvent, ReloadPhase, ReloadRecord, RetiringInfo, StatusReport } from '../orchestrator/types';
 
 /** 0.05s, 12.3s, 4m05s, 3h04m, 2d03h. */
 export function formatDuration(ms: number): string {
@@ -46,7 +46,8 @@ export function describeOutcome(record: ReloadRecord): { ok: boolean; text: stri
     const gen =
       record.to_generation === null
         ? ''
-        : `: generation ${record.to_generation}${record.new_pid === null ? '' : ` (pid ${record.new_pid})`} is serving`;
+        : `: generation ${record.to_generation}${record.new_pid === null ? '' : ` (pid ${record.new_pid})`} is serving` +
+          (record.serving_since ? ` since ${record.serving_since}` : '');
     return { ok: true, text: `${record.id} promoted${took}${gen}` };
   }
   const what =
@@ -60,6 +61,11 @@ export function describeOutcome(record: ReloadRecord): { ok: boolean; text: stri
   // Several lines (every issue of an invalid config): each on its own line, below the outcome.
   if (reason.includes('\n')) return { ok: false, text: `${record.id} ${what}${took}${code}:\n${reason}` };
   return { ok: false, text: `${record.id} ${what}${took}: ${reason}${code}` };
+}
+
+/** An old generation still draining after its reload: "generation 3 (pid 1200) draining since ..., SIGKILL at ...". */
+export function describeRetiring(r: RetiringInfo): string {
+  return `generation ${r.generation} (pid ${r.pid}) draining since ${r.draining_since}, SIGKILL at ${r.kill_deadline} at the latest`;
 }
 
 /**
@@ -152,6 +158,7 @@ export function formatStatus(status: StatusReport): string {
   if (status.config_file) rows.push(['config', describeConfigFile(status.config_file)]);
   if (status.previous) rows.push(['previous', describeGeneration(status.previous)]);
   if (status.candidate) rows.push(['candidate', describeGeneration(status.candidate)]);
+  (status.retiring ?? []).forEach((r, i) => rows.push([i === 0 ? 'retiring' : '', describeRetiring(r)]));
   if (status.canary_weight !== null)
     rows.push(['canary weight', `${status.canary_weight}% of new connections to the candidate`]);
   rows.push(['restarts', String(status.restarts)]);

@@ -181,6 +181,7 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
     orchestration: {
       strategy: orchestration.strategy,
       soakTimeMs: orchestration.soak_time,
+      maxGenerations: orchestration.max_generations,
       readiness: {
         mode: readiness.mode,
         timeoutMs: readiness.timeout,

@@ -427,6 +427,17 @@ const orchestration = object({
       }),
       '60s',
     ),
+    max_generations: withDefault(
+      integer({
+        description:
+          "How many generations may be alive at once: the serving one, a reload's new one, and the old ones still " +
+          'draining after their promotion (a reload ends at promotion, not when the old generation exits). When a ' +
+          'reload would start one more, the oldest draining generations are killed (SIGKILL) first; never the serving one.',
+        minimum: 2,
+        maximum: 64,
+      }),
+      3,
+    ),
     readiness: withDefault(readiness, {}),
     state_handoff: withDefault(stateHandoff, {}),
     watch: optional(watch),

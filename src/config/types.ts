@@ -95,6 +95,8 @@ export interface Config {
   orchestration: {
     strategy: Strategy;
     soakTimeMs: number;
+    /** Generations alive at once at most (serving, new, and old ones still draining); 2 or more. */
+    maxGenerations: number;
     readiness: ReadinessConfig;
     stateHandoff: StateHandoffConfig;
     /** null when orchestration.watch is absent: no reloads on file change. */

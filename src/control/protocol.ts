@@ -8,6 +8,8 @@
 //   -> {"cmd":"reload"}                 (wait for the outcome; the default)
 //   <- {"type":"event","event":{...ReloadEvent}}   one per progress event, the 'outcome' event included
 //   <- {"type":"result","ok":true,"record":{...ReloadRecord}}
+//      (promoted: answered once the new generation serves and the final sync settled, not when the old one has
+//      exited; the record's serving_since says since when, its retiring lists the old generations still draining)
 //
 //   -> {"cmd":"reload","wait":false}    (return once accepted)
 //   <- {"type":"event","event":{"type":"phase","phase":"accepted",...}}

@@ -28,6 +28,8 @@ class Exported {
   readonly reloads: Counter<'strategy' | 'result'>;
   readonly reloadDuration: Histogram;
   readonly generation: Gauge;
+  readonly retiring: Gauge;
+  readonly retiringKilled: Counter;
   readonly canaryWeight: Gauge;
   readonly state: Gauge<'state'>;
   readonly childRestarts: Counter<'reason'>;
@@ -62,6 +64,16 @@ class Exported {
     this.generation = new prom.Gauge({
       name: 'aeterna_generation',
       help: 'Number of the generation that serves',
+      registers,
+    });
+    this.retiring = new prom.Gauge({
+      name: 'aeterna_retiring_generations',
+      help: 'Old generations of promoted reloads still draining in the background',
+      registers,
+    });
+    this.retiringKilled = new prom.Counter({
+      name: 'aeterna_retiring_killed_total',
+      help: 'Draining old generations killed (SIGKILL) to make room for a new one (orchestration.max_generations)',
       registers,
     });
     this.canaryWeight = new prom.Gauge({
@@ -194,6 +206,14 @@ export class Metrics {
 
   setGeneration(n: number): void {
     this.record((e) => e.generation.set(n));
+  }
+
+  setRetiring(count: number): void {
+    this.record((e) => e.retiring.set(count));
+  }
+
+  retiringKilled(): void {
+    this.record((e) => e.retiringKilled.inc());
   }
 
   setCanaryWeight(percent: number): void {

@@ -34,6 +34,7 @@ export const EVENTS = [
   'rollback', // operator (or a failed canary probe): end the soak now, keep the old generation
   'stop', // SIGTERM/SIGINT/`aeterna stop`, or a crash loop: stop everything
   'drain-done', // every process that was being stopped has exited
+  'retire', // in Draining: the promotion settled (final sync over, old generation told to stop); it drains on in the background
 ] as const;
 export type Event = (typeof EVENTS)[number];
 
@@ -55,6 +56,7 @@ const ILLEGAL: { readonly [E in Event]: null } = {
   rollback: null,
   stop: null,
   'drain-done': null,
+  retire: null,
 };
 
 export const TRANSITIONS: Table = {
@@ -96,13 +98,15 @@ export const TRANSITIONS: Table = {
     rollback: 'RollingBack',
     stop: 'Stopping',
   },
-  // Promotion: the new generation serves; the old one gets SIGTERM, then SIGKILL after stop_timeout.
+  // Promotion: the new generation serves; the old one gets SIGTERM (SIGKILL after stop_timeout) and its final sync.
+  // The reload ends once both are under way and the sync settled: the old generation is not waited for.
   Draining: {
     ...ILLEGAL,
-    'drain-done': 'Running', // the old generation is gone
+    retire: 'Running', // the old generation drains on in the background, as a retiring generation
+    'drain-done': 'Running', // the old generation was already gone
     'state-relayed': 'Draining', // the final sync arrived
     'relay-failed': 'Draining', // final sync lost: logged, the promotion stands
-    exited: 'Draining', // the new generation died while the old drains: restarted once the drain is done
+    exited: 'Draining', // the new generation died while the promotion settles: restarted once it has
     stop: 'Stopping',
   },
   // The new generation is stopped; the old one was never touched and keeps serving.

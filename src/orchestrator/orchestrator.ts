@@ -5,10 +5,12 @@
 // made here; the FSM's table is the authority on which event is legal when, and
 // the FSM state is the one truth about where a reload is: no flag repeats it.
 //
-// The generations, by role (at most two live at once, three names for them):
+// The generations, by role:
 // - `serving`: the generation that serves. At promotion it becomes the new one.
 // - `candidate`: a reload's new generation, before promotion (Handover, Soaking, RollingBack).
-// - `draining`: after promotion, the old generation being stopped (Draining).
+// - `draining`: after promotion, the old generation being stopped while the promotion settles (Draining).
+// - `retiring`: old generations of promoted reloads, still draining in the background once their reload is over
+//   (retiring.ts): their exit is no crash, and a reload kills the oldest ones to stay within max_generations.
 //
 // Invariants:
 // - A failed reload never touches `serving`: its process, its memory and the
@@ -34,6 +36,7 @@ import { IllegalTransitionError, StateMachine, type Event, type State } from './
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
 import { DumpFailed, type RelayRole, type StateRelay } from './relay';
 import { RestartBudget } from './restart';
+import { RetiringGenerations } from './retiring';
 import { Watchdog } from './watchdog';
 import type {
   CarriedCounters,
@@ -102,6 +105,9 @@ interface ReloadRun {
   failure: { reason: string; code: ErrorCode; outcome: 'rolled_back' | 'failed' } | null;
 }
 
+/** orchestration.max_generations when a config does not have it: a handover from an Aeterna before it carries none. */
+const DEFAULT_MAX_GENERATIONS = 3;
+
 /** States in which a generation serves (/readyz is 200 while it is alive). */
 const SERVING_STATES: readonly State[] = ['Running', 'Handover', 'Soaking', 'Draining', 'RollingBack'];
 
@@ -111,6 +117,12 @@ export class Orchestrator implements ControlApi {
   private serving: Generation | null = null;
   private candidate: Generation | null = null;
   private draining: Generation | null = null;
+  /** When `draining` got SIGTERM and its SIGKILL deadline (set once it got it: a weighted split first drains its queue). */
+  private drainStop: { since: Date; deadline: Date } | null = null;
+  /** Old generations of promoted reloads still draining. */
+  private readonly retiring: RetiringGenerations;
+  /** Told when what carry() returns may have changed without a state transition (a retiring generation exited). */
+  private readonly carryListeners: Array<() => void> = [];
   /** The reload in flight, from its request to its outcome. */
   private inFlight: ReloadRun | null = null;
   private readonly readinessSources: ReadinessSource[];
@@ -141,6 +153,7 @@ export class Orchestrator implements ControlApi {
     this.config = config;
     this.budget = new RestartBudget(config.service.restart);
     this.stopped = new Promise((resolve) => (this.resolveStopped = resolve));
+    this.retiring = new RetiringGenerations(deps.log, deps.metrics);
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     deps.notify.on('message', (m) => this.storeFds(m));
@@ -165,9 +178,19 @@ export class Orchestrator implements ControlApi {
 
   /**
    * What an upgrade or a recovery carries (upgrade/carried.ts): the serving generation and the counters. Only while
-   * Running (no reload, no restart pending): otherwise it throws E_RELOAD_BUSY or E_ILLEGAL_TRANSITION.
+   * Running (no reload, no restart pending) with no old generation still draining (the handover carries one
+   * generation): otherwise it throws E_RELOAD_BUSY or E_ILLEGAL_TRANSITION.
    */
   carry(): { fds: never[]; part: { generations: CarriedGeneration[]; counters: CarriedCounters } } {
+    const retiring = this.retiring.oldest();
+    if (this.inFlight === null && retiring !== null) {
+      const r = retiring.gen;
+      throw new AeternaError(
+        'E_RELOAD_BUSY',
+        `cannot upgrade now: generation ${r.number} (pid ${r.pid}) is still draining, replaced by a reload ` +
+          `(SIGKILL at ${retiring.deadline.toISOString()} at the latest); try again once it has exited (aeterna status lists it)`,
+      );
+    }
     if (this.inFlight !== null || this.fsm.state !== 'Running' || this.serving === null || !this.serving.alive) {
       const code = this.inFlight !== null ? 'E_RELOAD_BUSY' : 'E_ILLEGAL_TRANSITION';
       throw new AeternaError(
@@ -193,6 +216,11 @@ export class Orchestrator implements ControlApi {
       cgroup: s.cgroup?.dir ?? null,
     };
     return { fds: [], part: { generations: [serving], counters } };
+  }
+
+  /** Calls `listener` when what carry() returns may have changed without a state transition (upgrade/carried.ts). */
+  onCarryChanged(listener: () => void): void {
+    this.carryListeners.push(listener);
   }
 
   /** A re-executed Aeterna goes on where the old one was: `serving` runs and is ready. Resolves as run(). */
@@ -397,10 +425,17 @@ export class Orchestrator implements ControlApi {
     const state = this.fsm.state;
     const how = describeExit(info);
     this.stopWatchdog(gen);
+    const drainedMs = this.retiring.drainedMs(gen);
     this.deps.log.info(
-      { generation: gen.number, child: gen.pid, exit_code: exitCodeOf(info) },
+      {
+        generation: gen.number,
+        child: gen.pid,
+        exit_code: exitCodeOf(info),
+        ...(drainedMs === null ? {} : { retiring: true, drained_ms: drainedMs }),
+      },
       `generation ${gen.number} ${how}`,
     );
+    if (drainedMs !== null) return this.retired(gen);
     if (state === 'Stopping') return this.checkStopped();
     if (gen === this.serving) {
       this.lastExit = info;
@@ -414,7 +449,7 @@ export class Orchestrator implements ControlApi {
       if (this.fsm.state === 'Draining') this.enterDraining(); // it was soaking: the new one serves now
       return;
     }
-    if (gen === this.draining) return this.finishDrain();
+    if (gen === this.draining) return this.finishDrain(); // gone before the promotion settled
     if (gen === this.candidate) {
       if (state === 'RollingBack') return this.finishRollback();
       if (this.inFlight === null) {
@@ -449,6 +484,8 @@ export class Orchestrator implements ControlApi {
     const { run, done } = this.beginReload(trigger, onEvent);
     if (this.rereadConfig(run) && this.bindNewListeners(run)) {
       this.fire('reload'); // Handover
+      const max = run.config.orchestration.maxGenerations ?? DEFAULT_MAX_GENERATIONS;
+      this.retiring.makeRoom(max, this.serving?.alive ? 1 : 0, run.record.id);
       const next = this.spawnCandidate(run);
       if (next) {
         this.awaitReadiness(run, next);
@@ -478,6 +515,8 @@ export class Orchestrator implements ControlApi {
         from_generation: this.serving?.number ?? 0,
         to_generation: null,
         new_pid: null,
+        serving_since: null,
+        retiring: [],
       },
       startedAt: performance.now(),
       config: this.config,
@@ -737,26 +776,38 @@ export class Orchestrator implements ControlApi {
     this.rollBack('rollback', 'operator rollback', 'E_OPERATOR_ROLLBACK');
   }
 
-  /** Promotion: the new generation serves from now on; the old one gets SIGTERM (SIGKILL after stop_timeout). */
+  /**
+   * Promotion: the new generation serves from now on; the old one gets SIGTERM (SIGKILL after stop_timeout) and
+   * its final sync. Once both are done the reload is over; the old generation drains on as a retiring one.
+   */
   private enterDraining(): void {
     const run = this.inFlight!;
     this.clearTimers(run);
     run.readiness?.cancel();
     const old = this.serving;
-    this.phase('draining', old ? `generation ${old.number} (pid ${old.pid})` : 'old generation already gone');
     this.serving = this.candidate;
     this.candidate = null;
     this.draining = old;
+    run.record.serving_since = new Date().toISOString();
+    this.phase('draining', old ? `generation ${old.number} (pid ${old.pid})` : 'old generation already gone');
     this.stopWatchdog(old); // it is being stopped: a missed ping no longer matters
     this.deps.metrics.setGeneration(this.serving!.number);
     if (!old || !old.alive) return this.finishDrain();
     // An old one that could not dump is not asked again; with the relay off in this reload's config, none is.
     const sync = !run.fromCheckpoint && this.relays(run);
-    void this.settleSplit(run, 'new').then(() => {
-      if (old.alive) void old.stop(run.previousConfig.service.stopTimeoutMs);
+    const stopMs = run.previousConfig.service.stopTimeoutMs;
+    const stopped = this.settleSplit(run, 'new').then(() => {
+      if (old.alive && this.draining === old) {
+        const since = new Date();
+        this.drainStop = { since, deadline: new Date(since.getTime() + stopMs) };
+        void old.stop(stopMs);
+      }
       if (!sync) this.deps.relay?.release(old); // end of file: no final dump will be asked (docs/srp.md, step 5)
     });
-    if (sync) this.finalSync(run, old, this.serving!);
+    const synced = sync ? this.finalSync(run, old, this.serving!) : null;
+    void Promise.all([stopped, synced]).then(() => {
+      if (this.stillCurrent(run, 'Draining')) this.finishDrain();
+    });
   }
 
   /**
@@ -779,20 +830,23 @@ export class Orchestrator implements ControlApi {
     this.inFlight?.split?.discard();
     try {
       this.deps.listeners.apply(config.service.listeners, config.orchestration.canary !== null);
-      this.deps.listeners.releaseRetired();
+      this.releaseRetiredListeners();
     } catch (err) {
       this.deps.log.error({ err }, 'restoring the listener set after a rollback failed');
     }
   }
 
-  /** At promotion: carry what the old generation changed since its first dump. Best effort: the promotion stands. */
-  private finalSync(run: ReloadRun, old: Generation, next: Generation): void {
+  /**
+   * At promotion: carry what the old generation changed since its first dump. Best effort: the promotion stands.
+   * Resolves once it settled, relayed or lost (within state_handoff.timeout).
+   */
+  private finalSync(run: ReloadRun, old: Generation, next: Generation): Promise<void> {
     const relay = this.deps.relay;
-    if (!relay || !this.relays(run)) return;
+    if (!relay || !this.relays(run)) return Promise.resolve();
     const abort = new AbortController();
     const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
     const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), timeoutMs);
-    relay.finalSync(old, next, abort.signal, timeoutMs).then(
+    return relay.finalSync(old, next, abort.signal, timeoutMs).then(
       ({ bytes }) => {
         clearTimeout(timer);
         this.deps.metrics.stateRelayed(bytes);
@@ -810,18 +864,45 @@ export class Orchestrator implements ControlApi {
     );
   }
 
-  /** The old generation is gone: the promoted one is the only generation. */
+  /**
+   * The promotion settled: the old generation exited (`drain-done`), or it has its SIGTERM and its final sync is over
+   * (`retire`): then it drains on in the background, and the reload ends now all the same.
+   */
   private finishDrain(): void {
     const run = this.inFlight;
+    const old = this.draining;
+    const event = old !== null && old.alive ? 'retire' : 'drain-done';
+    if (old !== null && old.alive) {
+      const stop = this.drainStop ?? { since: new Date(), deadline: new Date() };
+      this.retiring.add(old, stop.since, stop.deadline);
+    }
     this.draining = null;
+    this.drainStop = null;
     this.config = run?.config ?? this.config;
     this.budget.update(this.config.service.restart);
     run?.split?.promote();
-    for (const l of this.deps.listeners.releaseRetired()) this.deps.log.info({ listener: l.name }, 'listener closed');
-    this.fire('drain-done'); // Running
+    this.releaseRetiredListeners();
+    this.fire(event); // Running
     this.finish('promoted', null, null);
     const serving = this.serving!;
-    if (!serving.alive) this.handleCrash(serving, serving.exitInfo!); // died while the old one drained
+    if (!serving.alive) this.handleCrash(serving, serving.exitInfo!); // died while the promotion settled
+  }
+
+  /** A retiring generation exited: it is forgotten (whatever its exit, no crash of the serving one, no restart). */
+  private retired(gen: Generation): void {
+    this.retiring.exited(gen);
+    if (this.inFlight === null) this.releaseRetiredListeners(); // else when that reload ends
+    for (const l of this.carryListeners) l();
+    this.checkStopped();
+  }
+
+  /**
+   * Close the listeners dropped from the config, once no old generation that may use them still drains (called as
+   * a reload ends, and when the last retiring generation exits between reloads).
+   */
+  private releaseRetiredListeners(): void {
+    if (this.retiring.count > 0) return;
+    for (const l of this.deps.listeners.releaseRetired()) this.deps.log.info({ listener: l.name }, 'listener closed');
   }
 
   /** Roll back: stop the new generation; the old one was never touched. */
@@ -906,6 +987,7 @@ export class Orchestrator implements ControlApi {
     record.reason = reason;
     record.code = code;
     record.duration_ms = Math.round(performance.now() - run.startedAt);
+    record.retiring = this.retiring.info();
     this.phase('done', outcome);
     this.deps.metrics.reloadFinished(record.strategy, outcome, record.duration_ms / 1000);
     const fields = {
@@ -956,7 +1038,9 @@ export class Orchestrator implements ControlApi {
   }
 
   private liveGenerations(): Generation[] {
-    return [this.serving, this.candidate, this.draining].filter((g): g is Generation => g !== null && g.alive);
+    return [this.serving, this.candidate, this.draining, ...this.retiring.generations()].filter(
+      (g): g is Generation => g !== null && g.alive,
+    );
   }
 
   private checkStopped(): void {
@@ -993,6 +1077,7 @@ export class Orchestrator implements ControlApi {
       listeners: this.deps.listeners.list().map((l) => ({ name: l.name, address: l.address, fd: l.fd })),
       previous: info(previous, previous !== null && previous === this.serving),
       candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
+      retiring: this.retiring.info(),
       restarts: this.restarts,
       fdstore: this.deps.fdStore.names(),
       checkpoint: this.deps.relay?.lastCheckpoint() ?? null,

@@ -15,7 +15,7 @@ export type ReloadPhase =
   | 'relayed' // the new generation acknowledged the state
   | 'ready' // the new generation is ready
   | 'soaking' // canary: both generations serve for soak_time
-  | 'draining' // promotion: the old generation is being stopped
+  | 'draining' // promotion: the new generation serves, the old one is told to stop (and its final sync runs)
   | 'rolling_back' // the new generation is being stopped; the old keeps serving
   | 'done'; // the outcome is final
 
@@ -44,6 +44,23 @@ export interface ReloadRecord {
   from_generation: number;
   to_generation: number | null;
   new_pid: number | null;
+  /** When the new generation began serving (its promotion), ISO time; null until then, and for a reload not promoted. */
+  serving_since?: string | null;
+  /**
+   * The old generations still draining when the outcome was final (a promoted reload ends before its old generation
+   * has exited): this reload's old one, and those of earlier reloads.
+   */
+  retiring?: RetiringInfo[];
+}
+
+/** An old generation that was replaced and drains in the background: SIGTERM sent, SIGKILL at `kill_deadline`. */
+export interface RetiringInfo {
+  generation: number;
+  pid: number;
+  /** ISO time it got SIGTERM. */
+  draining_since: string;
+  /** ISO time of its SIGKILL: its stop_timeout after SIGTERM (earlier when orchestration.max_generations needed room). */
+  kill_deadline: string;
 }
 
 /** Streamed to `aeterna reload` while a reload runs. */
@@ -78,6 +95,8 @@ export interface StatusReport {
   previous: GenerationInfo | null;
   /** ... and the one being started (the new one). */
   candidate: GenerationInfo | null;
+  /** Old generations of promoted reloads still draining, oldest first (none serves; each exits on its own or is killed). */
+  retiring: RetiringInfo[];
   restarts: number;
   /** The names of the fds in the fd store (FDSTORE=1), oldest first, one per fd: what LISTEN_FDNAMES gets after the listeners'. */
   fdstore: string[];

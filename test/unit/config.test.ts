@@ -276,6 +276,7 @@ describe('loading', () => {
       orchestration: {
         strategy: 'immediate',
         soakTimeMs: 60_000,
+        maxGenerations: 3,
         readiness: { mode: 'notify', timeoutMs: 30_000, delayMs: 1_000, command: [], intervalMs: 1_000 },
         stateHandoff: {
           enabled: false,
@@ -413,6 +414,20 @@ describe('durations', () => {
       'x.yaml:6:25 orchestration.readiness.timeout: must be at least 1ms (got "0s")',
       'x.yaml:7:14 orchestration.soak_time: must be at most 24h (got "25h")',
     ]);
+  });
+
+  test('orchestration.max_generations: 3 by default, at least 2 (the serving generation and a new one)', () => {
+    assert.equal(parseConfig(minimalYaml(''), 'x.yaml').orchestration.maxGenerations, 3);
+    assert.equal(
+      parseConfig(minimalYaml('orchestration:\n  max_generations: 2\n'), 'x.yaml').orchestration.maxGenerations,
+      2,
+    );
+    assert.deepEqual(
+      configError(() => parseConfig(minimalYaml('orchestration:\n  max_generations: 1\n'), 'x.yaml')).message.split(
+        '\n',
+      ),
+      ['x.yaml:6:20 orchestration.max_generations: must be an integer from 2 to 64 (got 1)'],
+    );
   });
 });
 

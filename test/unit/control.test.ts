@@ -55,6 +55,7 @@ class FakeApi implements ControlApi {
       listeners: [{ name: 'http', address: 'tcp://127.0.0.1:8080', fd: 3 }],
       previous: null,
       candidate: null,
+      retiring: [],
       restarts: 0,
       fdstore: [],
       canary_weight: null,

@@ -182,8 +182,11 @@ function withRelay(config: Config): Config {
 const exercised = new Set<string>();
 
 /** One Orchestrator with fake generations, split and relay; the config a reload reads is `next`. */
-function harness(config: Config, opts: { relay?: boolean } = {}) {
-  const log = pino({ level: 'silent' });
+function harness(config: Config, opts: { relay?: boolean; logs?: boolean } = {}) {
+  const logs: Array<{ level: number; msg: string; [key: string]: unknown }> = [];
+  const log = opts.logs
+    ? pino({ level: 'info' }, { write: (line: string) => logs.push(JSON.parse(line) as (typeof logs)[number]) })
+    : pino({ level: 'silent' });
   const gens: FakeGeneration[] = [];
   const splits: FakeSplit[] = [];
   const records: ReloadRecord[] = [];
@@ -202,6 +205,8 @@ function harness(config: Config, opts: { relay?: boolean } = {}) {
       notify.emit('message', { pid, uid: 0, fields: new Map(Object.entries(fields)), takeFds: () => [] });
     },
     spawnFails: false,
+    /** Aeterna's log lines, with opts.logs. */
+    logs,
     gens,
     splits,
     records,
@@ -263,7 +268,7 @@ async function tick(ms: number): Promise<void> {
 }
 
 /** Start and wait for generation 1 to be ready: Running. */
-async function running(config: Config, opts: { relay?: boolean } = {}) {
+async function running(config: Config, opts: { relay?: boolean; logs?: boolean } = {}) {
   const h = harness(config, opts);
   const stopped = h.orchestrator.run();
   await settle();
@@ -340,16 +345,203 @@ test('an immediate reload whose new generation is ready is promoted; the old one
   assert.equal(h.gens.length, 2);
   const [old, next] = h.gens;
   h.ready(next);
-  await settle();
-  assert.equal(h.state, 'Draining');
-  assert.deepEqual(old.signals, ['SIGTERM']);
-  assert.deepEqual(next.signals, []);
-  old.exit(0);
   const record = await done;
   assert.equal(h.state, 'Running');
   assert.equal(record.outcome, 'promoted');
   assert.equal(record.to_generation, 2);
+  assert.deepEqual(old.signals, ['SIGTERM']);
+  assert.deepEqual(next.signals, []);
   assert.equal(h.orchestrator.status().generation, 2);
+  old.exit(0);
+  await settle();
+  assert.deepEqual(h.orchestrator.status().retiring, [], 'the old generation was drained');
+  assert.equal(await stopAll(h, stopped), 0);
+});
+
+test('a promoted reload is answered before its old generation exits: it retires with SIGTERM, and status lists it', async () => {
+  const { h, stopped } = await running(immediate());
+  const done = h.orchestrator.reload('control');
+  await settle();
+  const [old, next] = h.gens;
+  h.ready(next);
+  const record = await done;
+  assert.equal(record.outcome, 'promoted');
+  assert.equal(h.state, 'Running');
+  assert.ok(old.alive, 'the reload was answered while the old generation is alive');
+  assert.deepEqual(old.signals, ['SIGTERM']);
+  assert.ok(
+    record.serving_since !== null && record.serving_since !== undefined,
+    'the record says since when it serves',
+  );
+  assert.deepEqual(
+    record.retiring?.map((r) => [r.generation, r.pid]),
+    [[1, old.pid]],
+  );
+  const retiring = h.orchestrator.status().retiring;
+  assert.equal(retiring.length, 1);
+  assert.equal(retiring[0].generation, 1);
+  assert.equal(retiring[0].pid, old.pid);
+  // stop_timeout is 5s: SIGKILL is due 5s after SIGTERM.
+  assert.equal(Date.parse(retiring[0].kill_deadline) - Date.parse(retiring[0].draining_since), 5000);
+  assert.equal(h.orchestrator.status().pid, next.pid);
+  assert.equal(h.orchestrator.status().previous, null, 'no reload runs: nothing is "previous"');
+  old.exit(0);
+  await settle();
+  assert.deepEqual(h.orchestrator.status().retiring, []);
+  assert.equal(await stopAll(h, stopped), 0);
+});
+
+test("a retiring generation's exit is no crash: whatever its exit, nothing restarts and no restart is counted", async () => {
+  const { h, stopped } = await running(immediate()); // max_restarts: 2
+  for (let i = 1; i <= 3; i++) {
+    const done = h.orchestrator.reload('control');
+    await settle();
+    h.ready(h.gens[i]);
+    assert.equal((await done).outcome, 'promoted');
+  }
+  // Three old generations die badly (the bound killed none: it keeps 1 serving + 1 retiring + 1 new).
+  for (const [i, code, signal] of [
+    [0, null, SIGKILL],
+    [1, 1, null],
+    [2, null, 11],
+  ] as const)
+    h.gens[i].exit(code, signal);
+  await settle();
+  await tick(10_000);
+  assert.equal(h.state, 'Running');
+  assert.equal(h.gens.length, 4, 'nothing was started');
+  assert.equal(h.orchestrator.status().restarts, 0);
+  assert.equal(h.orchestrator.status().generation, 4);
+  assert.deepEqual(h.orchestrator.status().retiring, []);
+  assert.deepEqual(h.gens[3].signals, [], 'the serving generation was not touched');
+  assert.equal(await stopAll(h, stopped), 0);
+});
+
+test('a second reload while the old generation of the first still drains is accepted and promoted', async () => {
+  const { h, stopped } = await running(immediate());
+  let done = h.orchestrator.reload('control');
+  await settle();
+  h.ready(h.gens[1]);
+  assert.equal((await done).outcome, 'promoted');
+  assert.ok(h.gens[0].alive);
+  done = h.orchestrator.reload('control');
+  await settle();
+  assert.equal(h.state, 'Handover');
+  h.ready(h.gens[2]);
+  const record = await done;
+  assert.equal(record.outcome, 'promoted');
+  assert.equal(record.to_generation, 3);
+  assert.deepEqual(
+    record.retiring?.map((r) => r.generation),
+    [1, 2],
+  );
+  assert.deepEqual(
+    h.gens.map((g) => g.signals),
+    [['SIGTERM'], ['SIGTERM'], []],
+  );
+  assert.deepEqual(
+    h.orchestrator.status().retiring.map((r) => r.generation),
+    [1, 2],
+  );
+  assert.equal(await stopAll(h, stopped), 0);
+});
+
+test('max_generations: a reload that would exceed it kills the oldest retiring generation at once, never the serving one', async () => {
+  const { h, stopped } = await running(immediate(), { logs: true }); // max_generations: 3 (the default)
+  for (let i = 1; i <= 2; i++) {
+    const done = h.orchestrator.reload('control');
+    await settle();
+    h.ready(h.gens[i]);
+    assert.equal((await done).outcome, 'promoted');
+  }
+  assert.deepEqual(
+    h.orchestrator.status().retiring.map((r) => r.generation),
+    [1, 2],
+  );
+  // Serving 3, retiring 1 and 2, and a new one: 4 > 3.
+  const done = h.orchestrator.reload('control');
+  await settle();
+  assert.equal(h.state, 'Handover');
+  assert.deepEqual(h.gens[0].signals, ['SIGTERM', 'SIGKILL'], 'the oldest retiring one is killed');
+  assert.deepEqual(h.gens[1].signals, ['SIGTERM'], 'the younger one drains on');
+  assert.deepEqual(h.gens[2].signals, [], 'the serving one is never killed to make room');
+  const warned = h.logs.filter((l) => l.level === 40 && /^killing retiring generation/.test(l.msg));
+  assert.equal(warned.length, 1);
+  assert.match(
+    warned[0].msg,
+    new RegExp(
+      `^killing retiring generation 1 \\(pid ${h.gens[0].pid}\\) after \\d.*s of draining: orchestration\\.max_generations is 3`,
+    ),
+  );
+  assert.equal(warned[0].generation, 1);
+  assert.equal(typeof warned[0].drained_ms, 'number', 'how long it drained');
+  h.gens[0].exit(null, SIGKILL);
+  h.ready(h.gens[3]);
+  assert.equal((await done).outcome, 'promoted');
+  assert.deepEqual(
+    h.orchestrator.status().retiring.map((r) => r.generation),
+    [2, 3],
+  );
+
+  // max_generations: 2 leaves no room for any: both retiring ones are killed.
+  h.next = { ...immediate(), orchestration: { ...immediate().orchestration, maxGenerations: 2 } };
+  const second = h.orchestrator.reload('control');
+  await settle();
+  assert.deepEqual(h.gens[1].signals, ['SIGTERM', 'SIGKILL']);
+  assert.deepEqual(h.gens[2].signals, ['SIGTERM', 'SIGKILL']);
+  assert.deepEqual(h.gens[3].signals, []);
+  h.ready(h.gens[4]);
+  assert.equal((await second).outcome, 'promoted');
+  assert.equal(await stopAll(h, stopped), 0);
+});
+
+test('stop stops the retiring generations too: Aeterna has stopped only once they have exited', async () => {
+  const { h, stopped } = await running(immediate());
+  const done = h.orchestrator.reload('control');
+  await settle();
+  const [old, next] = h.gens;
+  h.ready(next);
+  assert.equal((await done).outcome, 'promoted');
+  h.orchestrator.stop('SIGTERM');
+  await settle();
+  assert.equal(h.state, 'Stopping');
+  assert.deepEqual(next.signals, ['SIGTERM']);
+  assert.deepEqual(old.signals, ['SIGTERM'], 'it already had its SIGTERM; its SIGKILL deadline stands');
+  next.exit(0);
+  await settle();
+  assert.equal(h.state, 'Stopping', 'the retiring generation is still alive');
+  h.orchestrator.stop('second SIGTERM');
+  await settle();
+  assert.deepEqual(old.signals, ['SIGTERM', 'SIGKILL'], 'a second stop request kills it at once');
+  old.exit(null, SIGKILL);
+  await settle();
+  assert.equal(h.state, 'Stopped');
+  assert.equal(await stopped, 0, "the serving generation's exit code, not the killed old one's");
+});
+
+test('while a retiring generation drains, the orchestrator cannot be carried (an upgrade is refused, saying why)', async () => {
+  const { h, stopped } = await running(immediate());
+  let changed = 0;
+  h.orchestrator.onCarryChanged(() => changed++);
+  assert.equal(h.orchestrator.carry().part.generations.length, 1);
+  const done = h.orchestrator.reload('control');
+  await settle();
+  h.ready(h.gens[1]);
+  await done;
+  assert.throws(
+    () => h.orchestrator.carry(),
+    (err: unknown) =>
+      err instanceof AeternaError &&
+      err.code === 'E_RELOAD_BUSY' &&
+      /^cannot upgrade now: generation 1 \(pid \d+\) is still draining/.test(err.message),
+  );
+  h.gens[0].exit(0);
+  await settle();
+  assert.equal(changed, 1, 'its exit says that what is carried changed');
+  assert.deepEqual(
+    h.orchestrator.carry().part.generations.map((g) => g.number),
+    [2],
+  );
   assert.equal(await stopAll(h, stopped), 0);
 });
 
@@ -427,14 +619,13 @@ test('a canary soak that lasts soak_time is promoted: weight, then every new con
   await tick(10_000 - 1);
   assert.equal(h.state, 'Soaking');
   await tick(1);
-  assert.equal(h.state, 'Draining');
+  const record = await done;
   assert.deepEqual(split.steered, [10, 100]);
   assert.deepEqual(old.signals, ['SIGTERM']);
-  old.exit(0);
-  const record = await done;
   assert.equal(record.outcome, 'promoted');
   assert.equal(split.ended, 'promoted');
   assert.equal(h.state, 'Running');
+  old.exit(0);
   assert.equal(await stopAll(h, stopped), 0);
 });
 
@@ -479,11 +670,9 @@ test('aeterna rollback during a soak stops the new generation; aeterna promote d
   h.ready(h.gens[2]);
   await settle();
   h.orchestrator.promote();
-  await settle();
-  assert.equal(h.state, 'Draining');
-  h.gens[0].exit(0);
   record = await done;
   assert.equal(record.outcome, 'promoted');
+  assert.deepEqual(h.gens[0].signals, ['SIGTERM']);
   assert.equal(h.orchestrator.status().generation, 3);
   assert.equal(await stopAll(h, stopped), 0);
 });
@@ -502,22 +691,24 @@ test('the old generation dies during a soak: the new one is promoted at once', a
   assert.equal(await stopAll(h, stopped), 0);
 });
 
-test('the new generation dies while the old one drains: it is restarted once the drain is done', async () => {
-  const { h, stopped } = await running(immediate());
+test('the new generation dies while the promotion settles (final sync): it is restarted once it has', async () => {
+  const { h, stopped } = await running(withRelay(immediate()), { relay: true });
   const done = h.orchestrator.reload('control');
   await settle();
   const [old, next] = h.gens;
+  h.relay!.relays[0].resolve({ bytes: 1 });
   h.ready(next);
   await settle();
   assert.equal(h.state, 'Draining');
   next.exit(2);
   await settle();
   assert.equal(h.state, 'Draining');
-  old.exit(0);
+  h.relay!.finalSyncs[0].reject(new Error('generation 2 died'));
   const record = await done;
   assert.equal(record.outcome, 'promoted');
   await settle();
   assert.equal(h.state, 'Starting'); // the promoted one is dead: restart after the first backoff
+  assert.ok(old.alive, 'the old one drains on, and serves no one new');
   await tick(100);
   assert.equal(h.gens.length, 3);
   h.ready(h.gens[2]);
@@ -594,10 +785,14 @@ test('a generation that never becomes ready at start is stopped, and restarted a
 
 test('stop during a handover, a soak, a drain or a rollback fails the reload and stops every generation', async () => {
   for (const at of ['Handover', 'Soaking', 'Draining', 'RollingBack'] as const) {
-    const { h, stopped } = await running(canary(10));
+    // With the relay: the final sync keeps the promotion in Draining until it settles.
+    const { h, stopped } = await running(withRelay(canary(10)), { relay: true });
     const done = h.orchestrator.reload('control');
     await settle();
-    if (at !== 'Handover') h.ready(h.gens[1]);
+    if (at !== 'Handover') {
+      h.relay!.relays[0].resolve({ bytes: 1 });
+      h.ready(h.gens[1]);
+    }
     await settle();
     if (at === 'Draining') h.orchestrator.promote();
     if (at === 'RollingBack') h.orchestrator.rollback();
@@ -625,13 +820,17 @@ test('with the state relay: the new generation is promoted once relayed and read
   await settle();
   assert.equal(h.state, 'Draining');
   assert.equal(h.relay!.finalSyncs.length, 1);
-  h.relay!.finalSyncs[0].resolve({ bytes: 7 });
+  assert.deepEqual(old.signals, ['SIGTERM']);
+  let answered = false;
+  void done.then(() => (answered = true));
   await settle();
-  assert.equal(h.state, 'Draining');
-  old.exit(0);
+  assert.equal(answered, false, 'the reload waits for the final sync');
+  h.relay!.finalSyncs[0].resolve({ bytes: 7 });
   const record = await done;
+  assert.equal(h.state, 'Running');
   assert.equal(record.outcome, 'promoted');
   assert.ok(record.phases.some((p) => p.phase === 'relayed'));
+  assert.ok(old.alive, 'but not for the old generation to exit');
   assert.equal(await stopAll(h, stopped), 0);
 });
 
@@ -653,12 +852,30 @@ test('with the state relay: a failed relay rolls back; a lost final sync leaves 
   h.ready(h.gens[2]);
   await settle();
   assert.equal(h.state, 'Draining');
-  h.relay!.finalSyncs[0].reject(new Error('old died'));
+  h.relay!.finalSyncs[0].reject(new Error('timed out'));
+  record = await done;
+  assert.equal(record.outcome, 'promoted');
+  assert.equal(h.state, 'Running');
+  assert.ok(h.gens[0].alive);
+  assert.equal(await stopAll(h, stopped), 0);
+});
+
+test('with the state relay: the old generation exits during the final sync: the promotion is over at once', async () => {
+  const { h, stopped } = await running(withRelay(immediate()), { relay: true });
+  const done = h.orchestrator.reload('control');
+  await settle();
+  h.relay!.relays[0].resolve({ bytes: 1 });
+  h.ready(h.gens[1]);
   await settle();
   assert.equal(h.state, 'Draining');
   h.gens[0].exit(0);
-  record = await done;
+  const record = await done;
   assert.equal(record.outcome, 'promoted');
+  assert.deepEqual(record.retiring, []);
+  assert.equal(h.state, 'Running');
+  h.relay!.finalSyncs[0].reject(new Error('generation 1 died during the relay'));
+  await settle();
+  assert.equal(h.state, 'Running', 'the late end of its final sync changes nothing');
   assert.equal(await stopAll(h, stopped), 0);
 });
 

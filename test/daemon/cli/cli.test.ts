@@ -54,6 +54,7 @@ class FakeApi implements ControlApi {
       })),
       previous: { generation: 2, pid: 4000, started_at: new Date(0).toISOString(), ready: true },
       candidate: null,
+      retiring: [],
       restarts: 0,
       fdstore: ['sessions', 'sessions', 'conn'],
       canary_weight: null,

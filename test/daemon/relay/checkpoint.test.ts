@@ -318,7 +318,11 @@ describe('checkpoints', { timeout: 180000 }, () => {
     assert.deepEqual(after.history, ['one', 'two']);
     assert.equal(after.source, 'checkpoint');
     assert.equal(after.loaded_seq, 2);
-    assert.equal(descendantsOf(await d.run.aeternaPid()).includes(old), false, 'the stopped generation was killed');
+    // The reload is answered at promotion; the stopped generation retires until its SIGKILL at stop_timeout.
+    const aeterna = await d.run.aeternaPid();
+    for (const deadline = Date.now() + 60_000; descendantsOf(aeterna).includes(old) && Date.now() < deadline;)
+      await new Promise((r) => setTimeout(r, 100));
+    assert.equal(descendantsOf(aeterna).includes(old), false, 'the stopped generation was killed');
     assert.equal(await d.stop(), 0);
   });
 
