@@ -348,6 +348,12 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     let start: Sample | null = null;
     const every = Math.max(1, Math.floor(options.reloads / 20));
     const sample = async (reload: number): Promise<Sample> => {
+      // The reload answers at promotion: the old generation (its relay connection with it) may still be retiring.
+      for (const deadline = Date.now() + 30000; Date.now() < deadline;) {
+        const r = await call(socketPath, { cmd: 'status' });
+        if (!('status' in r) || r.status.retiring.length === 0) break;
+        await new Promise((res) => setTimeout(res, 20));
+      }
       // A control connection of the reload just answered may still be closing.
       const fds = await fdCountAtRest(aeterna);
       const rss = rssKiB(aeterna);

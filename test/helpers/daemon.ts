@@ -115,6 +115,11 @@ export class Daemon {
   }
 
   /** Poll status until predicate holds (a hang guard, not a timing assertion). */
+  /** Wait until no old generation retires any more (a reload answers at promotion; the old one drains on). */
+  async untilRetired(timeoutMs = 60000): Promise<void> {
+    await this.waitStatus((s) => ((s as { retiring?: unknown[] }).retiring ?? []).length === 0, timeoutMs);
+  }
+
   async waitStatus(
     predicate: (s: Awaited<ReturnType<Daemon['status']>>) => boolean,
     timeoutMs = 20000,

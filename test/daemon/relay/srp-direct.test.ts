@@ -270,6 +270,7 @@ describe('no leaked pair ends', { timeout: 240000 }, () => {
     const { d, port } = await started({ env: ['STATE_MODE=binary', `BLOB_BYTES=${1 << 20}`] });
     const aeterna = await d.run.aeternaPid();
     assert.equal((await d.cli('reload')).code, 0); // the first reload opens what stays open (e.g. the control client's paths)
+    await d.untilRetired(); // the old generation's relay connection goes with it
     const before = await fdCountAtRest(aeterna);
     for (let i = 0; i < 12; i++) {
       const nack = i % 3 === 2;
@@ -277,6 +278,7 @@ describe('no leaked pair ends', { timeout: 240000 }, () => {
       assert.equal((await d.cli('reload')).code, nack ? 1 : 0);
     }
     assert.equal((await blob(port)).size, 1 << 20);
+    await d.untilRetired();
     assert.equal(await fdCountAtRest(aeterna), before, "Aeterna's fd count");
     assert.equal(
       relays(d).filter((r) => r.direct === true && r.transport === 'direct' && r.checksum === 'crc32').length,

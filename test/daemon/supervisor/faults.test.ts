@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import type { StatusReport } from '../../../src/orchestrator/types';
-import { fdCount, generationProcesses, isGone, settle, zombies } from '../../../bench/soak';
+import { fdCount, fdCountAtRest, generationProcesses, isGone, settle, zombies } from '../../../bench/soak';
 import { fixture, freePort } from '../../helpers/aeterna';
 import { Daemon, cli, type ConfigOptions, socketOf, statusOf } from '../../helpers/daemon';
 import { getJson, startLoad } from '../../helpers/load';
@@ -207,7 +207,7 @@ describe('fault matrix: the new generation fails', { timeout: 180000 }, () => {
 describe('fault matrix: the old generation misbehaves', { timeout: 120000 }, () => {
   it('ignores SIGTERM while draining: SIGKILLed after its stop_timeout, the new generation serves, nothing leaked', async () => {
     const { d, port, aeterna } = await started({ env: ['IGNORE_TERM=1'], stopTimeout: '1s' });
-    const baselineFds = fdCount(aeterna);
+    const baselineFds = await fdCountAtRest(aeterna); // not a snapshot: a status connection may still be closing
     const old = await statusOf(d);
     const oldProcesses = generationProcesses(old.pid!);
     d.write({ ...d.options, env: [] });
@@ -234,7 +234,7 @@ describe('fault matrix: the old generation misbehaves', { timeout: 120000 }, () 
 
   it("dies during the new one's soak: the new generation becomes the serving one (promoted), nothing leaked", async () => {
     const { d, port, aeterna } = await started({ strategy: 'canary', soak: '10m' });
-    const baselineFds = fdCount(aeterna);
+    const baselineFds = await fdCountAtRest(aeterna); // not a snapshot: a status connection may still be closing
     const reload = d.cli('reload');
     const soaking = await waitState(d, 'Soaking');
     const oldPid = soaking.previous!.pid;
@@ -261,7 +261,7 @@ describe('fault matrix: the old generation misbehaves', { timeout: 120000 }, () 
 
   it('dies during the handover: the reload goes on and promotes the new generation once it is ready', async () => {
     const { d, aeterna } = await started({});
-    const baselineFds = fdCount(aeterna);
+    const baselineFds = await fdCountAtRest(aeterna); // not a snapshot: a status connection may still be closing
     const readyFile = path.join(d.dir, 'ready');
     d.write({
       ...d.options,
