@@ -804,20 +804,10 @@ class StateClient:
         """Fill view from the socket. fds that arrive go to fds_out (None: not allowed)."""
         sock = self._sock
         assert sock is not None
-        got = 0
-        while got < len(view):
-            n, anc, flags, _ = sock.recvmsg_into([view[got:]], _ANC_SPACE, _MSG_CMSG_CLOEXEC)
-            received = _fds_from_ancillary(anc)
-            if received:
-                if fds_out is None:
-                    _close_fds(received)
-                    raise _ProtocolError("bad_frame", "file descriptors on bytes that are not the start of a frame")
-                fds_out.extend(received)
-            if flags & socket.MSG_CTRUNC:
-                raise _ProtocolError("bad_frame", "more file descriptors than %d on one frame" % MAX_FDS_PER_FRAME)
-            if n == 0:
-                raise EOFError("end of file")
-            got += n
+        try:
+            _recv_exact_into(sock, view, fds_out)
+        except _ChannelEnd:
+            raise EOFError("end of file") from None
 
     def _recv_header(self, limit: Optional[int] = None) -> Tuple[int, List[int]]:
         """Read one frame header; (length, fds that came with the frame's first bytes).
