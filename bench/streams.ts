@@ -6,52 +6,15 @@
 // same run: pm2's cluster reload of the same agent (bench/fixtures/pm2-streams.config.js).
 //
 //   node dist/bench/streams.js [--streams 1000] [--reloads 10]
-import http from 'node:http';
 import path from 'node:path';
 import { ROOT, freePort, processMemory } from '../test/helpers/aeterna';
 import { Daemon } from '../test/helpers/daemon';
 import { requestJson } from '../test/helpers/load';
 import { fdCountAtRest, settle } from './soak';
+import { openStream, type StreamSeen } from '../test/helpers/sse';
 import { fixture as benchFixture, run as runCommand, tempDir as benchTempDir, waitForPort } from './common';
 
 const AGENT = [process.execPath, path.join(ROOT, 'examples', 'llm-agent', 'agent.js')];
-
-interface Client {
-  next: number;
-  lost: number;
-  repeated: number;
-  generations: Set<string>;
-  ended: Promise<'complete' | 'cut'>;
-}
-
-function stream(port: number, session: string, tokens: number): Client {
-  const c: Client = { next: 0, lost: 0, repeated: 0, generations: new Set(), ended: Promise.resolve('cut') };
-  c.ended = new Promise((resolve) => {
-    const req = http.get({ port, path: `/sessions/${session}/stream?tokens=${tokens}`, agent: false }, (res) => {
-      let buffered = '';
-      res.setEncoding('utf8');
-      res.on('data', (text: string) => {
-        buffered += text;
-        for (let end; (end = buffered.indexOf('\n\n')) >= 0;) {
-          const m = /^data: (.*)$/m.exec(buffered.slice(0, end));
-          buffered = buffered.slice(end + 2);
-          if (!m) continue;
-          const e = JSON.parse(m[1]) as { i: number; generation: string };
-          if (e.i < c.next) c.repeated++;
-          else {
-            c.lost += e.i - c.next;
-            c.next = e.i + 1;
-          }
-          c.generations.add(e.generation);
-        }
-      });
-      res.on('end', () => resolve(res.complete && c.next === tokens ? 'complete' : 'cut'));
-      res.on('error', () => resolve('cut'));
-    });
-    req.on('error', () => resolve('cut'));
-  });
-  return c;
-}
 
 export interface StreamsRun {
   mode: 'handoff' | 'drain only' | 'pm2 cluster reload';
@@ -144,10 +107,10 @@ async function run(mode: StreamsRun['mode'], streams: number, reloads: number): 
     const before = await measure();
     // Long enough to outlive every reload: about 3 s per reload, plus a margin.
     const tokens = reloads * 30 + 50;
-    const clients: Client[] = [];
-    for (let i = 0; i < streams; i++) clients.push(stream(port, id, tokens));
+    const clients: StreamSeen[] = [];
+    for (let i = 0; i < streams; i++) clients.push(openStream(port, id, tokens));
     await settle(
-      () => clients.filter((c) => c.next > 0).length,
+      () => clients.filter((c) => c.indices.length > 0).length,
       (n) => n === streams,
       120000,
     );
@@ -169,10 +132,11 @@ async function run(mode: StreamsRun['mode'], streams: number, reloads: number): 
       mode,
       streams,
       reloads,
-      cut: ends.filter((e) => e === 'cut').length,
-      lost: clients.reduce((n, c) => n + c.lost + (c.next < tokens ? tokens - c.next : 0), 0),
-      repeated: clients.reduce((n, c) => n + c.repeated, 0),
-      moved: clients.filter((c) => c.generations.size > 1).length,
+      // A stream that ended early without a cut (it cannot: the agent sends them all) counts as cut too.
+      cut: ends.filter((e, i) => e === 'cut' || clients[i].indices.length < tokens).length,
+      lost: clients.reduce((n, c) => n + tokens - new Set(c.indices).size, 0),
+      repeated: clients.reduce((n, c) => n + c.indices.length - new Set(c.indices).size, 0),
+      moved: clients.filter((c) => new Set(c.generations).size > 1).length,
       exitAfterAckMs,
       fds: before && after ? { before: before.fds, after: after.fds } : null,
       rssMiB: before && after ? { before: before.rss, after: after.rss } : null,

@@ -8,51 +8,11 @@ import path from 'node:path';
 import { ROOT, descendantsOf, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
 import { Daemon } from '../../helpers/daemon';
 import { requestJson } from '../../helpers/load';
+import { openStream, type StreamSeen } from '../../helpers/sse';
 import { fdCountAtRest, settle } from '../../../bench/soak';
 
 const AGENT = [process.execPath, path.join(ROOT, 'examples', 'llm-agent', 'agent.js')];
 const skip = pidNamespaceUnavailable();
-
-/** What one SSE client saw: the events' indices and generations, its connections, how the response ended. */
-interface StreamSeen {
-  indices: number[];
-  generations: string[];
-  /** Local ports of the TCP connections it used (one: the connection never closed). */
-  ports: Set<number>;
-  /** 'complete': the response ended cleanly; 'cut': the connection ended first. */
-  ended: Promise<'complete' | 'cut'>;
-}
-
-function openStream(port: number, session: string, tokens: number, agent?: http.Agent): StreamSeen {
-  const seen: StreamSeen = { indices: [], generations: [], ports: new Set(), ended: Promise.resolve('cut') };
-  seen.ended = new Promise((resolve) => {
-    const req = http.get(
-      { port, path: `/sessions/${session}/stream?tokens=${tokens}`, agent: agent ?? false },
-      (res) => {
-        seen.ports.add(res.socket.localPort!);
-        let buffered = '';
-        res.setEncoding('utf8');
-        res.on('data', (text: string) => {
-          buffered += text;
-          for (let end; (end = buffered.indexOf('\n\n')) >= 0;) {
-            const event = buffered.slice(0, end);
-            buffered = buffered.slice(end + 2);
-            const data = /^data: (.*)$/m.exec(event);
-            if (!data) continue;
-            const e = JSON.parse(data[1]) as { i: number; generation: string };
-            seen.indices.push(e.i);
-            seen.generations.push(e.generation);
-          }
-        });
-        res.on('end', () => resolve(res.complete ? 'complete' : 'cut'));
-        res.on('error', () => resolve('cut'));
-        res.on('aborted', () => resolve('cut'));
-      },
-    );
-    req.on('error', () => resolve('cut'));
-  });
-  return seen;
-}
 
 const range = (n: number): number[] => Array.from({ length: n }, (_, i) => i);
 
