@@ -1,0 +1,205 @@
+// Connection handoff (docs/srp.md, "Connection handoff") end to end with the Python and the Go SDK: a real
+// Aeterna as PID 1, fixture apps that stream Server-Sent Events (test/fixtures/python/sse_handoff_app.py,
+// test/fixtures/go/sse-handoff), and a reload in the middle of the streams. Real sockets, real signals; the
+// clients are plain node:http clients that count what they receive.
+import { after, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { ROOT, descendantsOf, fixture, freePort, pidNamespaceUnavailable, tempDir } from '../helpers/aeterna';
+import { Daemon } from '../helpers/daemon';
+import { fdCountAtRest, settle } from '../../bench/soak';
+
+const PYTHON = 'python3';
+
+function pythonUnavailable(): string | null {
+  const r = spawnSync(PYTHON, ['-c', 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 3)']);
+  if (r.error) return `python3 is not available (${r.error.message})`;
+  return r.status === 0 ? null : 'python3 is older than 3.9';
+}
+
+function goUnavailable(): string | null {
+  const r = spawnSync('go', ['version'], { encoding: 'utf8' });
+  if (r.error) return `go is not available (${r.error.message}); install golang-go (Go 1.19+) to run this test`;
+  return null;
+}
+
+const noPid1 = pidNamespaceUnavailable();
+
+const daemons: Daemon[] = [];
+const dirs: string[] = [];
+after(async () => {
+  for (const d of daemons) await d.run.killAll();
+  for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+/** What one SSE client saw: the events' indices and generations, its connections, how the response ended. */
+interface StreamSeen {
+  indices: number[];
+  generations: string[];
+  /** Local ports of the TCP connections it used (one: the connection never closed). */
+  ports: Set<number>;
+  /** 'complete': the response ended cleanly (the last chunk); 'cut': the connection ended first. */
+  ended: Promise<'complete' | 'cut'>;
+}
+
+function openStream(port: number, events: number): StreamSeen {
+  const seen: StreamSeen = { indices: [], generations: [], ports: new Set(), ended: Promise.resolve('cut') };
+  seen.ended = new Promise((resolve) => {
+    const req = http.get({ port, path: `/stream?events=${events}`, agent: false }, (res) => {
+      seen.ports.add(res.socket.localPort!);
+      let buffered = '';
+      res.setEncoding('utf8');
+      res.on('data', (text: string) => {
+        buffered += text;
+        for (let end; (end = buffered.indexOf('\n\n')) >= 0;) {
+          const event = buffered.slice(0, end);
+          buffered = buffered.slice(end + 2);
+          const data = /^data: (.*)$/m.exec(event);
+          if (!data) continue;
+          const e = JSON.parse(data[1]) as { i: number; generation: string };
+          seen.indices.push(e.i);
+          seen.generations.push(e.generation);
+        }
+      });
+      res.on('end', () => resolve(res.complete ? 'complete' : 'cut'));
+      res.on('error', () => resolve('cut'));
+      res.on('aborted', () => resolve('cut'));
+    });
+    req.on('error', () => resolve('cut'));
+  });
+  return seen;
+}
+
+const range = (n: number): number[] => Array.from({ length: n }, (_, i) => i);
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** A daemon (PID 1) running `command` with the state relay on and a long stop_timeout. */
+async function started(command: string[]): Promise<{ d: Daemon; port: number }> {
+  const port = await freePort();
+  const d = new Daemon({
+    command,
+    port,
+    readiness: '{ mode: "notify", timeout: "60s" }',
+    // Long: an old generation that waited for its streams would still be alive when they end.
+    stopTimeout: '120s',
+  });
+  d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s" }` });
+  d.start(true);
+  daemons.push(d);
+  await d.waitStatus((s) => s.state === 'Running', 60000);
+  return { d, port };
+}
+
+/** Wait until every stream has received at least `n` events. */
+async function eachHas(streams: StreamSeen[], n: number): Promise<void> {
+  const ok = await settle(
+    () => streams.every((s) => s.indices.length >= n),
+    (v) => v,
+    60000,
+  );
+  assert.ok(ok, `every stream reached ${n} events`);
+}
+
+/**
+ * 20 streams across a reload: every index once and in order on one TCP connection, generation 1 then 2; the old
+ * generation gone before the streams end (stop_timeout is 120 s); Aeterna's fds as before.
+ */
+async function streamsSurviveAReload(command: string[]): Promise<void> {
+  const { d, port } = await started(command);
+  const aeterna = await d.run.aeternaPid();
+  const [oldApp] = descendantsOf(aeterna); // generation 1, as this test's PID namespace sees it
+  const fdsBefore = await fdCountAtRest(aeterna);
+  const events = 150;
+  const streams = range(20).map(() => openStream(port, events));
+  await eachHas(streams, 5);
+  const r = await d.cli('reload');
+  assert.equal(r.code, 0, r.stderr);
+  const ends = await Promise.all(streams.map((s) => s.ended));
+  assert.equal(processAlive(oldApp), false, 'the old generation exited before the streams ended');
+  assert.equal(descendantsOf(aeterna).length, 1, 'only generation 2 runs');
+  for (const [i, s] of streams.entries()) {
+    assert.equal(ends[i], 'complete', `stream ${i} ended cleanly`);
+    assert.deepEqual(s.indices, range(events), `stream ${i}: every index once, in order`);
+    assert.equal(s.ports.size, 1, `stream ${i}: one connection`);
+    assert.equal(s.generations[0], '1');
+    assert.equal(s.generations.at(-1), '2', `stream ${i}: continued by generation 2`);
+    assert.deepEqual([...new Set(s.generations)], ['1', '2'], `stream ${i}: generation 1, then 2`);
+  }
+  assert.match(d.run.stdout, /^HANDED 20$/m);
+  assert.match(d.run.stdout, /^SHUTDOWN \d+ handed_over=(True|true)$/m, 'the final dump was answered and acked');
+  const s = await d.status();
+  assert.equal(s.generation, 2);
+  assert.equal(s.last_reload?.outcome, 'promoted');
+  assert.equal(await fdCountAtRest(aeterna), fdsBefore, "Aeterna's fds: as many as before the streams moved");
+}
+
+/** A reload whose new generation exits at once: nothing is handed over, the streams finish on generation 1. */
+async function streamsFinishOnARolledBackOldGeneration(command: string[]): Promise<void> {
+  const { d, port } = await started(command);
+  const events = 40;
+  const streams = range(10).map(() => openStream(port, events));
+  await eachHas(streams, 5);
+  d.write({ ...d.options, command: [process.execPath, '-e', 'process.exit(3)'] });
+  const r = await d.cli('reload');
+  assert.notEqual(r.code, 0, 'the reload failed');
+  assert.equal((await d.status()).last_reload?.outcome, 'rolled_back');
+  for (const [i, s] of streams.entries()) {
+    assert.equal(await s.ended, 'complete', `stream ${i} ended cleanly`);
+    assert.deepEqual(s.indices, range(events), `stream ${i}: every index once, in order`);
+    assert.deepEqual(new Set(s.generations), new Set(['1']), `stream ${i}: generation 1 only`);
+  }
+  assert.doesNotMatch(d.run.stdout, /^HANDED/m, 'nothing was handed over');
+  const s = await d.status();
+  assert.equal(s.generation, 1);
+  assert.equal(s.state, 'Running');
+}
+
+const PYTHON_APP = [PYTHON, fixture('python', 'sse_handoff_app.py')];
+
+describe(
+  'connection handoff with the Python SDK (sse_handoff_app.py)',
+  { skip: noPid1 ?? pythonUnavailable() ?? false, timeout: 300000 },
+  () => {
+    it('a reload in the middle of 20 SSE streams (PID 1): every event once, in order, on one connection; the old generation leaves before them; Aeterna holds none of the connections', async () => {
+      await streamsSurviveAReload(PYTHON_APP);
+    });
+
+    it('a reload that rolls back hands nothing over: the streams finish on the old generation, none cut', async () => {
+      await streamsFinishOnARolledBackOldGeneration(PYTHON_APP);
+    });
+  },
+);
+
+/** Builds test/fixtures/go/sse-handoff into a temp dir; returns the binary. */
+function buildGoFixture(): string {
+  const dir = tempDir('aeterna-go-handoff-');
+  dirs.push(dir);
+  const bin = path.join(dir, 'sse-handoff');
+  const r = spawnSync('go', ['build', '-o', bin, '.'], {
+    cwd: path.join(ROOT, 'test', 'fixtures', 'go', 'sse-handoff'),
+    encoding: 'utf8',
+  });
+  assert.equal(r.status, 0, `go build of test/fixtures/go/sse-handoff failed:\n${r.stdout}${r.stderr}`);
+  return bin;
+}
+
+describe(
+  'connection handoff with the Go SDK (test/fixtures/go/sse-handoff)',
+  { skip: noPid1 ?? goUnavailable() ?? false, timeout: 300000 },
+  () => {
+    it('a reload in the middle of 20 SSE streams (PID 1): every event once, in order, on one connection; the old generation leaves before them; Aeterna holds none of the connections', async () => {
+      await streamsSurviveAReload([buildGoFixture()]);
+    });
+  },
+);
