@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
+import net from 'node:net';
 import path from 'node:path';
 import { ROOT, descendantsOf, fixture, freePort, pidNamespaceUnavailable, tempDir } from '../helpers/aeterna';
 import { Daemon } from '../helpers/daemon';
@@ -181,16 +182,110 @@ describe(
   },
 );
 
-/** Builds test/fixtures/go/sse-handoff into a temp dir; returns the binary. */
-function buildGoFixture(): string {
+/** What one line-echo client sent and saw back. */
+interface EchoSeen {
+  /** The lines it sent, in order. */
+  sent: string[];
+  /** The lines echoed back, without their generation. */
+  echoed: string[];
+  generations: string[];
+  /** 'complete': the server closed after echoing (end of file, no error); 'cut': an error ended it. */
+  ended: Promise<'complete' | 'cut'>;
+}
+
+/**
+ * A line-echo client (test/fixtures/python/line_echo_app.py, test/fixtures/go/line-echo) that writes while its connection moves: every write
+ * is the end of one line and the start of the next, so the server always holds a partial line when it stops
+ * reading. It writes a line every few ms until it has seen `more` echoes from generation `until`, then ends.
+ */
+function echoClient(port: number, until: string, more = 50): EchoSeen {
+  const seen: EchoSeen = { sent: [], echoed: [], generations: [], ended: Promise.resolve('cut') };
+  seen.ended = new Promise((resolve) => {
+    const socket = net.connect({ port, host: '127.0.0.1' });
+    socket.setNoDelay(true);
+    const line = (i: number): string => `${i}:${'abcdefghijklmnopqrstuvwxyz'.slice(i % 26)}`;
+    let pending = ''; // the end of the line whose start went out last
+    let stopAt = Number.MAX_SAFE_INTEGER;
+    const write = (): void => {
+      const i = seen.sent.length;
+      // A guard against a hang: a move that never happens ends the client (and the assertions say why).
+      if (i >= Math.min(stopAt, 20000)) return void socket.end(pending + '\n');
+      const text = line(i);
+      seen.sent.push(text);
+      socket.write((i === 0 ? '' : pending + '\n') + text.slice(0, 2));
+      pending = text.slice(2);
+      setTimeout(write, 3);
+    };
+    socket.on('connect', write);
+    let buffered = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (text: string) => {
+      buffered += text;
+      for (let end; (end = buffered.indexOf('\n')) >= 0;) {
+        const [generation, echoed] = buffered.slice(0, end).split(' ');
+        buffered = buffered.slice(end + 1);
+        seen.generations.push(generation);
+        seen.echoed.push(echoed);
+        if (generation === until && stopAt === Number.MAX_SAFE_INTEGER) stopAt = seen.sent.length + more;
+      }
+    });
+    socket.on('end', () => resolve('complete'));
+    socket.on('error', () => resolve('cut'));
+  });
+  return seen;
+}
+
+/**
+ * 10 line-echo clients writing continuously across a reload: no byte lost, every line echoed once and in order, by
+ * generation 1 then 2; the partial lines went along as unread bytes.
+ */
+async function clientsWritingWhileTheirConnectionsMove(command: string[]): Promise<void> {
+  const { d, port } = await started(command);
+  const clients = range(10).map(() => echoClient(port, '2'));
+  const ok = await settle(
+    () => clients.every((c) => c.echoed.length >= 20),
+    (v) => v,
+    60000,
+  );
+  assert.ok(ok, 'every client got 20 echoes from generation 1');
+  const r = await d.cli('reload');
+  assert.equal(r.code, 0, r.stderr);
+  for (const [i, c] of clients.entries()) {
+    assert.equal(await c.ended, 'complete', `client ${i}: the server closed after its last line`);
+    assert.deepEqual(c.echoed, c.sent, `client ${i}: every line echoed once, in order (${c.sent.length} lines)`);
+    assert.deepEqual([...new Set(c.generations)], ['1', '2'], `client ${i}: generation 1, then 2`);
+  }
+  assert.match(d.run.stdout, /^HANDED 10$/m);
+  // Every write ended in the middle of a line: what generation 1 had read of the next line went along.
+  const unread = [...d.run.stdout.matchAll(/^UNREAD \S+ (\d+)$/gm)].map((m) => Number(m[1]));
+  assert.equal(unread.length, 10);
+  assert.ok(
+    unread.some((n) => n > 0),
+    `some connection carried unread bytes: ${unread.join(' ')}`,
+  );
+  assert.match(d.run.stdout, /^SHUTDOWN \d+ handed_over=(True|true)$/m, 'the final dump was answered and acked');
+}
+
+describe(
+  'connection handoff with the Python SDK: clients writing while their connections move (line_echo_app.py)',
+  { skip: noPid1 ?? pythonUnavailable() ?? false, timeout: 300000 },
+  () => {
+    it('10 line-echo clients write continuously across a reload (PID 1): no byte lost, every line echoed once, in order, by generation 1 then 2; the partial lines went along as unread bytes', async () => {
+      await clientsWritingWhileTheirConnectionsMove([PYTHON, fixture('python', 'line_echo_app.py')]);
+    });
+  },
+);
+
+/** Builds test/fixtures/go/<name> into a temp dir; returns the binary. */
+function buildGoFixture(name: string): string {
   const dir = tempDir('aeterna-go-handoff-');
   dirs.push(dir);
-  const bin = path.join(dir, 'sse-handoff');
+  const bin = path.join(dir, name);
   const r = spawnSync('go', ['build', '-o', bin, '.'], {
-    cwd: path.join(ROOT, 'test', 'fixtures', 'go', 'sse-handoff'),
+    cwd: path.join(ROOT, 'test', 'fixtures', 'go', name),
     encoding: 'utf8',
   });
-  assert.equal(r.status, 0, `go build of test/fixtures/go/sse-handoff failed:\n${r.stdout}${r.stderr}`);
+  assert.equal(r.status, 0, `go build of test/fixtures/go/${name} failed:\n${r.stdout}${r.stderr}`);
   return bin;
 }
 
@@ -199,7 +294,15 @@ describe(
   { skip: noPid1 ?? goUnavailable() ?? false, timeout: 300000 },
   () => {
     it('a reload in the middle of 20 SSE streams (PID 1): every event once, in order, on one connection; the old generation leaves before them; Aeterna holds none of the connections', async () => {
-      await streamsSurviveAReload([buildGoFixture()]);
+      await streamsSurviveAReload([buildGoFixture('sse-handoff')]);
+    });
+
+    it('a reload that rolls back hands nothing over: the streams finish on the old generation, none cut', async () => {
+      await streamsFinishOnARolledBackOldGeneration([buildGoFixture('sse-handoff')]);
+    });
+
+    it('10 line-echo clients write continuously across a reload (PID 1, test/fixtures/go/line-echo: a raw net.Listener): no byte lost, every line echoed once, in order, by generation 1 then 2; the partial lines went along as unread bytes', async () => {
+      await clientsWritingWhileTheirConnectionsMove([buildGoFixture('line-echo')]);
     });
   },
 );
