@@ -44,11 +44,19 @@ interface StreamSeen {
   ports: Set<number>;
   /** 'complete': the response ended cleanly (the last chunk); 'cut': the connection ended first. */
   ended: Promise<'complete' | 'cut'>;
+  /** The response has ended (either way). */
+  over: boolean;
 }
 
 function openStream(port: number, events: number): StreamSeen {
-  const seen: StreamSeen = { indices: [], generations: [], ports: new Set(), ended: Promise.resolve('cut') };
-  seen.ended = new Promise((resolve) => {
+  const seen: StreamSeen = {
+    indices: [],
+    generations: [],
+    ports: new Set(),
+    ended: Promise.resolve('cut'),
+    over: false,
+  };
+  seen.ended = new Promise<'complete' | 'cut'>((resolve) => {
     const req = http.get({ port, path: `/stream?events=${events}`, agent: false }, (res) => {
       seen.ports.add(res.socket.localPort!);
       let buffered = '';
@@ -70,7 +78,7 @@ function openStream(port: number, events: number): StreamSeen {
       res.on('aborted', () => resolve('cut'));
     });
     req.on('error', () => resolve('cut'));
-  });
+  }).finally(() => (seen.over = true));
   return seen;
 }
 
@@ -126,8 +134,15 @@ async function streamsSurviveAReload(command: string[]): Promise<void> {
   await eachHas(streams, 5);
   const r = await d.cli('reload');
   assert.equal(r.code, 0, r.stderr);
+  // The old generation leaves while the streams go on (stop_timeout is 120 s: it does not wait for them).
+  const oldExited = await settle(
+    () => !processAlive(oldApp),
+    (v) => v,
+    60000,
+  );
+  assert.ok(oldExited, 'the old generation exited');
+  assert.equal(streams.filter((s) => s.over).length, 0, 'the old generation exited before any stream ended');
   const ends = await Promise.all(streams.map((s) => s.ended));
-  assert.equal(processAlive(oldApp), false, 'the old generation exited before the streams ended');
   assert.equal(descendantsOf(aeterna).length, 1, 'only generation 2 runs');
   for (const [i, s] of streams.entries()) {
     assert.equal(ends[i], 'complete', `stream ${i} ended cleanly`);
@@ -290,7 +305,7 @@ function buildGoFixture(name: string): string {
 }
 
 describe(
-  'connection handoff with the Go SDK (test/fixtures/go/sse-handoff)',
+  'connection handoff with the Go SDK (test/fixtures/go/sse-handoff, test/fixtures/go/line-echo)',
   { skip: noPid1 ?? goUnavailable() ?? false, timeout: 300000 },
   () => {
     it('a reload in the middle of 20 SSE streams (PID 1): every event once, in order, on one connection; the old generation leaves before them; Aeterna holds none of the connections', async () => {
