@@ -121,41 +121,58 @@ async function eachHas(streams: StreamSeen[], n: number): Promise<void> {
 }
 
 /**
- * 20 streams across a reload: every index once and in order on one TCP connection, generation 1 then 2; the old
- * generation gone before the streams end (stop_timeout is 120 s); Aeterna's fds as before.
+ * `count` streams across `reloads` reloads: every index once and in order on one TCP connection, generation 1,
+ * then 2, ...; each old generation gone before any stream ends (stop_timeout is 120 s); Aeterna's fds as before.
+ * With two reloads, connections adopted by generation 2 move again to generation 3.
  */
-async function streamsSurviveAReload(command: string[]): Promise<void> {
+async function streamsSurviveReloads(command: string[], count: number, reloads: number): Promise<void> {
   const { d, port } = await started(command);
   const aeterna = await d.run.aeternaPid();
-  const [oldApp] = descendantsOf(aeterna); // generation 1, as this test's PID namespace sees it
   const fdsBefore = await fdCountAtRest(aeterna);
-  const events = 150;
-  const streams = range(20).map(() => openStream(port, events));
+  const events = 50 + 100 * reloads;
+  const streams = range(count).map(() => openStream(port, events));
   await eachHas(streams, 5);
-  const r = await d.cli('reload');
-  assert.equal(r.code, 0, r.stderr);
-  // The old generation leaves while the streams go on (stop_timeout is 120 s: it does not wait for them).
-  const oldExited = await settle(
-    () => !processAlive(oldApp),
-    (v) => v,
-    60000,
-  );
-  assert.ok(oldExited, 'the old generation exited');
-  assert.equal(streams.filter((s) => s.over).length, 0, 'the old generation exited before any stream ended');
+  const generations = ['1'];
+  for (let reload = 1; reload <= reloads; reload++) {
+    const [oldApp] = descendantsOf(aeterna); // the generation serving, as this test's PID namespace sees it
+    const r = await d.cli('reload');
+    assert.equal(r.code, 0, r.stderr);
+    generations.push(String(reload + 1));
+    // The old generation leaves while the streams go on (stop_timeout is 120 s: it does not wait for them).
+    const oldExited = await settle(
+      () => !processAlive(oldApp),
+      (v) => v,
+      60000,
+    );
+    assert.ok(oldExited, `generation ${reload} exited`);
+    assert.equal(streams.filter((s) => s.over).length, 0, `generation ${reload} exited before any stream ended`);
+    const served = await settle(
+      () => streams.every((s) => s.generations.includes(String(reload + 1))),
+      (v) => v,
+      60000,
+    );
+    assert.ok(served, `generation ${reload + 1} serves every stream`);
+  }
   const ends = await Promise.all(streams.map((s) => s.ended));
-  assert.equal(descendantsOf(aeterna).length, 1, 'only generation 2 runs');
+  assert.equal(descendantsOf(aeterna).length, 1, `only generation ${reloads + 1} runs`);
   for (const [i, s] of streams.entries()) {
     assert.equal(ends[i], 'complete', `stream ${i} ended cleanly`);
     assert.deepEqual(s.indices, range(events), `stream ${i}: every index once, in order`);
     assert.equal(s.ports.size, 1, `stream ${i}: one connection`);
-    assert.equal(s.generations[0], '1');
-    assert.equal(s.generations.at(-1), '2', `stream ${i}: continued by generation 2`);
-    assert.deepEqual([...new Set(s.generations)], ['1', '2'], `stream ${i}: generation 1, then 2`);
+    assert.deepEqual([...new Set(s.generations)], generations, `stream ${i}: generations ${generations.join(', ')}`);
   }
-  assert.match(d.run.stdout, /^HANDED 20$/m);
-  assert.match(d.run.stdout, /^SHUTDOWN \d+ handed_over=(True|true)$/m, 'the final dump was answered and acked');
+  assert.deepEqual(
+    [...d.run.stdout.matchAll(/^HANDED (\d+)$/gm)].map((m) => Number(m[1])),
+    generations.slice(1).map(() => count),
+    'each old generation handed every stream over',
+  );
+  assert.equal(
+    [...d.run.stdout.matchAll(/^SHUTDOWN \d+ handed_over=(True|true)$/gm)].length,
+    reloads,
+    'each final dump was answered and acked',
+  );
   const s = await d.status();
-  assert.equal(s.generation, 2);
+  assert.equal(s.generation, reloads + 1);
   assert.equal(s.last_reload?.outcome, 'promoted');
   assert.equal(await fdCountAtRest(aeterna), fdsBefore, "Aeterna's fds: as many as before the streams moved");
 }
@@ -188,7 +205,11 @@ describe(
   { skip: noPid1 ?? pythonUnavailable() ?? false, timeout: 300000 },
   () => {
     it('a reload in the middle of 20 SSE streams (PID 1): every event once, in order, on one connection; the old generation leaves before them; Aeterna holds none of the connections', async () => {
-      await streamsSurviveAReload(PYTHON_APP);
+      await streamsSurviveReloads(PYTHON_APP, 20, 1);
+    });
+
+    it('10 SSE streams across two reloads (PID 1): the connections generation 2 adopted move again to generation 3, every event once, in order, on one connection', async () => {
+      await streamsSurviveReloads(PYTHON_APP, 10, 2);
     });
 
     it('a reload that rolls back hands nothing over: the streams finish on the old generation, none cut', async () => {
@@ -309,7 +330,11 @@ describe(
   { skip: noPid1 ?? goUnavailable() ?? false, timeout: 300000 },
   () => {
     it('a reload in the middle of 20 SSE streams (PID 1): every event once, in order, on one connection; the old generation leaves before them; Aeterna holds none of the connections', async () => {
-      await streamsSurviveAReload([buildGoFixture('sse-handoff')]);
+      await streamsSurviveReloads([buildGoFixture('sse-handoff')], 20, 1);
+    });
+
+    it('10 SSE streams across two reloads (PID 1): the connections generation 2 adopted move again to generation 3, every event once, in order, on one connection', async () => {
+      await streamsSurviveReloads([buildGoFixture('sse-handoff')], 10, 2);
     });
 
     it('a reload that rolls back hands nothing over: the streams finish on the old generation, none cut', async () => {
