@@ -302,12 +302,52 @@ async function clientsWritingWhileTheirConnectionsMove(command: string[]): Promi
   assert.match(d.run.stdout, /^SHUTDOWN \d+ handed_over=(True|true)$/m, 'the final dump was answered and acked');
 }
 
+/**
+ * A client in the middle of a 3 MiB line when its connection moves: the old generation holds at least 1 MiB of it
+ * (it says so: PARTIAL) and sends that as unread bytes, more than one data frame's worth, on a socket pair whose
+ * buffer it fills; the new generation echoes the whole line, byte for byte.
+ */
+async function aLongPartialLineMoves(command: string[]): Promise<void> {
+  const { d, port } = await started(command);
+  const socket = net.connect({ port, host: '127.0.0.1' });
+  let received = '';
+  socket.setEncoding('utf8');
+  socket.on('data', (text: string) => (received += text));
+  const ended = new Promise<'complete' | 'cut'>((resolve) => {
+    socket.on('end', () => resolve('complete'));
+    socket.on('error', () => resolve('cut'));
+  });
+  socket.write('first\n');
+  assert.ok(
+    (await settle(
+      () => received,
+      (r) => r === '1 first\n',
+      60000,
+    )) === '1 first\n',
+    'generation 1 echoes',
+  );
+  const long = 'y'.repeat(3 * 1024 * 1024);
+  socket.write(long);
+  const [, id, partial] = await d.run.waitFor(/^PARTIAL (\S+) (\d+)$/m, 60000);
+  const r = await d.cli('reload');
+  assert.equal(r.code, 0, r.stderr);
+  socket.end('\nlast\n');
+  assert.equal(await ended, 'complete', 'the server closed after the last line');
+  assert.ok(received === `1 first\n2 ${long}\n2 last\n`, 'the long line came back whole, echoed by generation 2');
+  const unread = Number(new RegExp(`^UNREAD ${id} (\\d+)$`, 'm').exec(d.run.stdout)?.[1]);
+  assert.ok(unread >= Number(partial), `the ${partial} bytes read of the line went as unread bytes (${unread})`);
+}
+
 describe(
   'connection handoff with the Python SDK: clients writing while their connections move (line_echo_app.py)',
   { skip: noPid1 ?? pythonUnavailable() ?? false, timeout: 300000 },
   () => {
     it('10 line-echo clients write continuously across a reload (PID 1): no byte lost, every line echoed once, in order, by generation 1 then 2; the partial lines went along as unread bytes', async () => {
       await clientsWritingWhileTheirConnectionsMove([PYTHON, fixture('python', 'line_echo_app.py')]);
+    });
+
+    it('a client in the middle of a 3 MiB line when its connection moves (PID 1): the part read goes as unread bytes (1 MiB or more, in data frames of up to 1 MiB), the line comes back whole', async () => {
+      await aLongPartialLineMoves([PYTHON, fixture('python', 'line_echo_app.py')]);
     });
   },
 );
@@ -343,6 +383,10 @@ describe(
 
     it('10 line-echo clients write continuously across a reload (PID 1, test/fixtures/go/line-echo: a raw net.Listener): no byte lost, every line echoed once, in order, by generation 1 then 2; the partial lines went along as unread bytes', async () => {
       await clientsWritingWhileTheirConnectionsMove([buildGoFixture('line-echo')]);
+    });
+
+    it('a client in the middle of a 3 MiB line when its connection moves (PID 1, line-echo): the part read goes as unread bytes (1 MiB or more, in data frames of up to 1 MiB), the line comes back whole', async () => {
+      await aLongPartialLineMoves([buildGoFixture('line-echo')]);
     });
   },
 );
