@@ -369,6 +369,16 @@ describe(
   'connection handoff with the Go SDK (test/fixtures/go/sse-handoff, test/fixtures/go/line-echo)',
   { skip: noPid1 ?? goUnavailable() ?? false, timeout: 300000 },
   () => {
+    it('go vet and gofmt are clean in the Go fixtures', () => {
+      for (const name of ['sse-handoff', 'line-echo']) {
+        const cwd = path.join(ROOT, 'test', 'fixtures', 'go', name);
+        const vet = spawnSync('go', ['vet', '.'], { cwd, encoding: 'utf8' });
+        assert.equal(vet.status, 0, `go vet in test/fixtures/go/${name}:\n${vet.stdout}${vet.stderr}`);
+        const fmt = spawnSync('gofmt', ['-l', '.'], { cwd, encoding: 'utf8' });
+        assert.equal(fmt.stdout, '', `gofmt would change files in test/fixtures/go/${name}`);
+      }
+    });
+
     it('a reload in the middle of 20 SSE streams (PID 1): every event once, in order, on one connection; the old generation leaves before them; Aeterna holds none of the connections', async () => {
       await streamsSurviveReloads([buildGoFixture('sse-handoff')], 20, 1);
     });
