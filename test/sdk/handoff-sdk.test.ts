@@ -1,7 +1,8 @@
 // Connection handoff (docs/srp.md, "Connection handoff") end to end with the Python and the Go SDK: a real
 // Aeterna as PID 1, fixture apps that stream Server-Sent Events (test/fixtures/python/sse_handoff_app.py,
-// test/fixtures/go/sse-handoff), and a reload in the middle of the streams. Real sockets, real signals; the
-// clients are plain node:http clients that count what they receive.
+// test/fixtures/go/sse-handoff) or echo lines on a raw TCP listener (test/fixtures/python/line_echo_app.py,
+// test/fixtures/go/line-echo), and reloads in the middle of the streams. Real sockets, real signals; the
+// clients are plain node:http and node:net clients that count what they receive.
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
@@ -230,9 +231,9 @@ interface EchoSeen {
 }
 
 /**
- * A line-echo client (test/fixtures/python/line_echo_app.py, test/fixtures/go/line-echo) that writes while its connection moves: every write
- * is the end of one line and the start of the next, so the server always holds a partial line when it stops
- * reading. It writes a line every few ms until it has seen `more` echoes from generation `until`, then ends.
+ * A line-echo client that writes while its connection moves: every write is the end of one line and the start of
+ * the next, so the server always holds a partial line when it stops reading. It writes a line every few ms until
+ * it has seen an echo from generation `until`, then `more` lines, and ends.
  */
 function echoClient(port: number, until: string, more = 50): EchoSeen {
   const seen: EchoSeen = { sent: [], echoed: [], generations: [], ended: Promise.resolve('cut') };
