@@ -746,7 +746,7 @@ class StateClient:
             self._final_pending = False
             untaken, self._handoff_fd = self._handoff_fd, None
         if untaken is not None:
-            _close_fds([untaken])  # handoff() was not called: the new generation reads end of file, adopts nothing
+            _end_untaken_channel(untaken)  # handoff() was not called: the new generation adopts nothing
         with self._cond:
             if answer and self._final_asked is not None and self._final_asked[1] is not None:
                 deadline = self._final_asked[0] + self._final_asked[1]  # as long as Aeterna waits for the answer
@@ -771,7 +771,7 @@ class StateClient:
         with self._cond:
             handoff_fd, self._handoff_fd = self._handoff_fd, None
             if handoff_fd is not None:
-                _close_fds([handoff_fd])  # never taken by handoff(): the new generation reads end of file
+                _end_untaken_channel(handoff_fd)  # never taken by handoff(): the new generation adopts nothing
             if self._closed:
                 return
             self._closed = True
@@ -1038,10 +1038,10 @@ class StateClient:
                         valid = isinstance(wait_ms, int) and not isinstance(wait_ms, bool) and wait_ms > 0
                         with self._cond:
                             if self._handoff_fd is not None:
-                                _close_fds([self._handoff_fd])  # an earlier channel nobody took
+                                _end_untaken_channel(self._handoff_fd)  # an earlier channel nobody took
                             self._handoff_fd = fds[0] if msg.get("handoff") else None
                             if self._closed and self._handoff_fd is not None:  # close() already ran: nobody takes it
-                                _close_fds([self._handoff_fd])
+                                _end_untaken_channel(self._handoff_fd)
                                 self._handoff_fd = None
                             self._final_asked = (time.monotonic(), wait_ms / 1000.0 if valid else None)
                             self._final_pending = True
@@ -1490,6 +1490,21 @@ class Handoff:
         with self._lock:
             self._ended = True
             self._channel.close()
+
+
+def _end_untaken_channel(fd: int) -> None:
+    """Close a handoff channel the app never took, after saying "no connections" ({"op":"end","count":0}), so
+    the new generation reads a clean end rather than an old generation that died mid-handoff. Best effort: a few
+    bytes on an empty socket, sent without blocking."""
+    body = json.dumps({"op": "end", "count": 0}, separators=(",", ":")).encode("utf-8")
+    channel = socket.socket(fileno=fd)
+    try:
+        channel.setblocking(False)
+        channel.send(_HEADER.pack(len(body)) + body, _MSG_NOSIGNAL)
+    except OSError:
+        pass
+    finally:
+        channel.close()
 
 
 class _ChannelEnd(Exception):

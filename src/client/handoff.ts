@@ -4,6 +4,7 @@
 // fd, its app-defined state and the bytes read but not processed, then `end`); `HandoffReceiver` the new one's
 // (adopts each as a net.Socket with those bytes first). Aeterna takes no part in it: it holds none of the fds.
 import net from 'node:net';
+import { native } from '../native/binding';
 import { FdStream } from '../srp/fd-stream';
 import { FrameDecoder, SrpError, closeQuietly, encodeFrame, frameHeader, type Frame } from '../srp/codec';
 
@@ -46,6 +47,20 @@ function takeBuffered(socket: net.Socket): Buffer {
   for (let chunk: unknown; (chunk = socket.read()) !== null;)
     parts.push(typeof chunk === 'string' ? Buffer.from(chunk) : (chunk as Buffer));
   return Buffer.concat(parts);
+}
+
+/**
+ * Close a channel the app never took, after saying "no connections" (`end` with count 0), so the next generation
+ * reads a clean end rather than an old generation that died while handing over. Best effort: a few bytes on an
+ * empty socket, sent without blocking.
+ */
+export function endUntakenChannel(fd: number): void {
+  try {
+    native.sendmsg(fd, encodeFrame(Buffer.from(JSON.stringify({ op: 'end', count: 0 }))), []);
+  } catch {
+    // the next generation is gone: nothing to tell
+  }
+  closeQuietly(fd);
 }
 
 /** The old generation's end of the channel: hand connections over one by one, then `end()`. */
@@ -146,7 +161,8 @@ export class HandoffReceiver {
       this.drain();
       this.decoder.settle();
     });
-    this.stream.on('end', () => this.finish(null));
+    // End of file before `end`: the old generation died while handing over (what arrived whole is adopted).
+    this.stream.on('end', () => this.finish(new Error('the previous generation closed it without `end`')));
     this.stream.on('error', (err) => this.finish(err));
   }
 

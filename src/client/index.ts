@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import zlib from 'node:zlib';
 import { native, READABLE, type Poller } from '../native/binding';
 import { SrpConnection } from '../srp/connection';
-import { Handoff, HandoffReceiver, type AdoptedConnection } from './handoff';
+import { Handoff, HandoffReceiver, endUntakenChannel, type AdoptedConnection } from './handoff';
 import { FdStream, drained } from '../srp/fd-stream';
 import { SrpError, closeQuietly, isSealedState, type SrpErrorCode } from '../srp/codec';
 import type { CheckpointRefusal } from '../srp/checkpoint-store';
@@ -543,7 +543,7 @@ export class StateClient {
 
   close(): void {
     this.conn?.close();
-    if (this.handoffEnd !== null) closeQuietly(this.handoffEnd); // never taken: the next generation reads its end
+    if (this.handoffEnd !== null) endUntakenChannel(this.handoffEnd); // never taken: the next generation adopts nothing
     this.handoffEnd = null;
   }
 
@@ -591,7 +591,8 @@ export class StateClient {
         if (this.directPair !== null) closeQuietly(this.directPair); // an earlier offer nobody answered
         this.directPair = m.direct ? fds[0] : null;
         if (m.final) {
-          if (m.handoff) this.handoffEnd = fds[0];
+          if (this.handoffEnd !== null) endUntakenChannel(this.handoffEnd); // an earlier one nobody took
+          this.handoffEnd = m.handoff ? fds[0] : null;
           this.finalAsked = { at: performance.now(), timeoutMs: m.timeout_ms ?? null };
           this.finalAskedSignal();
           this.finalDumpPending = true;

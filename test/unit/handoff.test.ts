@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import { native } from '../../src/native/binding';
-import { Handoff, HandoffReceiver, type AdoptedConnection } from '../../src/client/handoff';
+import { Handoff, HandoffReceiver, endUntakenChannel, type AdoptedConnection } from '../../src/client/handoff';
 import { encodeFrame } from '../../src/srp/codec';
 
 /** A listening server on 127.0.0.1 and a function that opens one connection to it: [client, the server's socket]. */
@@ -157,6 +157,21 @@ describe('connection handoff channel', { timeout: 120000 }, () => {
     }
   });
 
+  it('a channel the old generation never took says end with count 0: the new one adopts nothing and warns of nothing', async () => {
+    const [a, b] = native.relayPair(1 << 20);
+    const warnings: string[] = [];
+    const receiver = new HandoffReceiver(
+      b,
+      16 << 20,
+      () => assert.fail('nothing to adopt'),
+      (m) => warnings.push(m),
+    );
+    endUntakenChannel(a);
+    while (!(receiver as unknown as { done: boolean }).done) await new Promise((r) => setTimeout(r, 10));
+    assert.equal(receiver.adopted, 0);
+    assert.deepEqual(warnings, []);
+  });
+
   it('end of file without `end` (the old generation died): what arrived whole is adopted', async () => {
     const tcp = await tcpPairs();
     const [client, server] = await tcp.open();
@@ -177,6 +192,8 @@ describe('connection handoff channel', { timeout: 120000 }, () => {
     native.close(a);
     while (adopted.length === 0) await new Promise((r) => setTimeout(r, 10));
     assert.deepEqual(adopted[0].meta, { ok: true });
+    while (warnings.length === 0) await new Promise((r) => setTimeout(r, 10));
+    assert.match(warnings[0], /closed it without `end`/);
     const reply = readAll(client, 2);
     adopted[0].socket.write('hi');
     assert.equal((await reply).toString(), 'hi');
