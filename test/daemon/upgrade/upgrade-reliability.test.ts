@@ -237,6 +237,7 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     assert.equal(after.state, 'Running');
     assert.equal(after.generation, before.generation + 1);
     assert.equal(after.reexecs, 0, 'no recovery: the signal was ignored');
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled, the old one may accept
     assert.equal((await getJson<{ pid: number }>(port)).pid, after.pid);
   });
 });

@@ -138,6 +138,7 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
     assert.equal((await d.cli('reload')).code, 0, 'a reload after the upgrades promotes');
     const reloaded = await statusOf(d);
     assert.equal(reloaded.generation, before.generation + 1);
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled, the old one may accept
     assert.equal((await getJson<{ pid: number }>(port)).pid, reloaded.pid);
   });
 
