@@ -321,6 +321,7 @@ export class Daemon {
       promote: () => need().promote(),
       rollback: () => need().rollback(),
       stop: (reason) => this.stop(reason),
+      signal: (signal, main) => need().signal(signal, main),
     };
   }
 

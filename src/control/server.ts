@@ -1,5 +1,5 @@
 // The daemon's control socket: a Unix stream socket (mode 0600) on which the
-// `aeterna` CLI asks for status, reloads, promotion, rollback and stop. The
+// `aeterna` CLI asks for status, reloads, promotion, rollback, stop and signals for the app. The
 // wire format is in protocol.ts. Nothing a client sends (or fails to send) may
 // crash, stall or slow the daemon: requests are size- and time-limited, peers
 // are checked by their kernel credentials, and a client going away mid-reload
@@ -143,6 +143,12 @@ export async function startControlServer(
         case 'upgrade':
           upgrade(socket, request.exec, context);
           return;
+        case 'signal': {
+          if (!api.signal) throw new AeternaError('E_ILLEGAL_TRANSITION', 'this daemon cannot signal the app');
+          const signalled = api.signal(`SIG${request.signal}`, request.main);
+          finish(socket, { type: 'result', ok: true, signalled });
+          return;
+        }
       }
     } catch (err) {
       refuse(socket, errorMessage(err), context);

@@ -47,6 +47,7 @@ import type {
   ReloadPhase,
   ReloadRecord,
   ReloadTrigger,
+  Signalled,
   StatusReport,
 } from './types';
 
@@ -1055,6 +1056,27 @@ export class Orchestrator implements ControlApi {
   forward(signal: NodeJS.Signals): void {
     this.deps.log.debug({ signal, child: this.serving?.pid }, 'forwarding signal');
     this.serving?.signal(signal);
+  }
+
+  /**
+   * `aeterna signal`: pass a signal the app uses for itself to the serving generation's process group (`main`: its
+   * root process only). Not to a candidate, nor to old generations still draining: they are on their way out.
+   */
+  signal(signal: NodeJS.Signals, main: boolean): Signalled {
+    const gen = this.serving;
+    const state = this.fsm.state;
+    if (gen === null || !gen.alive || state === 'Starting' || state === 'Stopping' || state === 'Stopped')
+      throw new AeternaError(
+        'E_ILLEGAL_TRANSITION',
+        `no generation serves (state ${state}${gen && !gen.alive ? `, generation ${gen.number} exited` : ''}): nothing to signal`,
+      );
+    this.deps.log.info(
+      { signal, generation: gen.number, child: gen.pid, to: main ? 'main' : 'group' },
+      `aeterna signal: ${signal} to generation ${gen.number} (${main ? `pid ${gen.pid}` : `process group ${gen.pid}`})`,
+    );
+    if (main) gen.signal(signal);
+    else gen.signalGroup(signal);
+    return { signal, generation: gen.number, pid: gen.pid, to: main ? 'main' : 'group' };
   }
 
   // ---- status ------------------------------------------------------------------------------
