@@ -7,6 +7,7 @@ import { call } from '../control/client';
 import { AeternaError } from '../errors';
 import type { ControlRequest } from '../control/protocol';
 import { ConfigError, loadConfigFile, loadControlSocketPath, resolveConfigPath } from '../config/load';
+import { DURATION_FORM, parseDuration } from '../config/duration';
 import type { ReloadRecord, StatusReport } from '../orchestrator/types';
 import { APP_SIGNALS, parseAppSignal } from '../control/app-signals';
 import { CliExit, exitCodeHelp, exitWhenFlushed } from './exit-codes';
@@ -46,9 +47,20 @@ export function registerControlCommands(program: Command): void {
     (options: DaemonOptions) => run(options, () => simple(options, { cmd: 'rollback' }, 'rollback requested')),
   );
 
-  daemonCommand(program, 'stop', 'stop the daemon and the app gracefully, as SIGTERM does').action(
-    (options: DaemonOptions) => run(options, () => simple(options, { cmd: 'stop' }, 'stop requested')),
-  );
+  daemonCommand(program, 'stop', 'stop the daemon and the app gracefully, as SIGTERM does')
+    .option('--wait', "return once Aeterna and the app are gone, exiting with Aeterna's exit code (the app's)")
+    .option('--timeout <duration>', 'with --wait: give up waiting after this long (e.g. "30s"), exit code 124')
+    .addHelpText('after', STOP_HELP)
+    .action((options: StopOptions) =>
+      run(options, () => {
+        if (options.wait === true) return stopAndWait(options);
+        if (options.timeout !== undefined) {
+          process.stderr.write('aeterna: stop --timeout bounds --wait: add --wait\n');
+          return Promise.resolve(CliExit.USAGE);
+        }
+        return simple(options, { cmd: 'stop' }, 'stop requested');
+      }),
+    );
 
   daemonCommand(
     program,
@@ -204,6 +216,51 @@ async function upgrade(options: DaemonOptions & { exec?: string }): Promise<numb
       );
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+interface StopOptions extends DaemonOptions {
+  wait?: boolean;
+  timeout?: string;
+}
+
+const STOP_HELP = `
+With --wait, the exit code is Aeterna's own, as \`aeterna start\` exits: the app's exit code, 128 + the signal
+number when it died of one (137: SIGKILL after service.stop_timeout). Before the stop was accepted, the usual
+codes apply (3: no daemon); ${CliExit.TIMED_OUT}: --timeout passed first (Aeterna goes on stopping).
+`;
+
+/** `aeterna stop --wait`: the daemon answers with its exit code, then its exit closes the connection. */
+async function stopAndWait(options: StopOptions): Promise<number> {
+  let timeoutMs: number | null = null;
+  if (options.timeout !== undefined) {
+    timeoutMs = parseDuration(options.timeout);
+    if (timeoutMs === null) {
+      process.stderr.write(`aeterna: --timeout ${JSON.stringify(options.timeout)}: expected ${DURATION_FORM}\n`);
+      return CliExit.USAGE;
+    }
+  }
+  const exited = call(controlSocket(options), { cmd: 'stop', wait: true }, undefined, { untilClosed: true });
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<null>((resolve) => {
+    if (timeoutMs !== null) timer = setTimeout(() => resolve(null), timeoutMs);
+  });
+  let result;
+  try {
+    result = await Promise.race([exited, timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
+  if (result === null) {
+    const message = `Aeterna has not exited after ${options.timeout}; it goes on stopping (see aeterna status)`;
+    if (options.json) writeJson({ ok: false, timed_out: true, message });
+    process.stderr.write(`aeterna: ${message}\n`);
+    return CliExit.TIMED_OUT;
+  }
+  if (!('exited' in result)) throw new Error('the daemon answered stop --wait without its exit code');
+  const { code } = result.exited;
+  if (options.json) writeJson({ ok: true, exit_code: code });
+  else process.stdout.write(`stopped: Aeterna exited with code ${code}\n`);
+  return code;
 }
 
 const SIGNAL_HELP = `

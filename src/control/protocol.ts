@@ -24,6 +24,10 @@
 //   -> {"cmd":"promote"} | {"cmd":"rollback"} | {"cmd":"stop"}
 //   <- {"type":"result","ok":true}
 //
+//   -> {"cmd":"stop","wait":true}       (return when Aeterna exits)
+//   <- {"type":"result","ok":true,"exited":{"code":143}}   once the app and every leftover are gone; then the
+//      connection stays open until Aeterna's process exits, whose end closes it
+//
 // Any failure, at any point: {"type":"error","code":"E_...","message":"..."}.
 // This module only encodes and decodes; it does no I/O.
 import { AeternaError, ErrorCodes, type ErrorCode } from '../errors';
@@ -43,7 +47,8 @@ export type ControlRequest =
   | { cmd: 'reload'; wait: boolean }
   | { cmd: 'promote' }
   | { cmd: 'rollback' }
-  | { cmd: 'stop' }
+  /** `wait`: answer with Aeterna's exit code when it exits, instead of at once. */
+  | { cmd: 'stop'; wait?: boolean }
   /** Re-execute the daemon in place: `exec` names the program, else the aeterna entry it was started from. */
   | { cmd: 'upgrade'; exec?: string }
   /** Pass `signal` to the serving generation's process group (`main`: to its root process only). */
@@ -59,6 +64,8 @@ export type ResultMessage =
   | { type: 'result'; ok: true; accepted: string }
   /** upgrade: the target passed its check; the daemon (version `from`, re-executed `reexecs` times so far) execs now. */
   | { type: 'result'; ok: true; upgrade: { from: string; reexecs: number } }
+  /** stop with wait: Aeterna's exit code (the app's, as `aeterna start` propagates it); Aeterna exits next. */
+  | { type: 'result'; ok: true; exited: { code: number } }
   /** signal: which generation got it. */
   | { type: 'result'; ok: true; signalled: Signalled }
   | { type: 'result'; ok: true };
@@ -177,6 +184,7 @@ function describeBadUtf8(line: Buffer): string {
 const ALLOWED_FIELDS: Partial<Record<Command, string[]>> = {
   reload: ['cmd', 'wait'],
   upgrade: ['cmd', 'exec'],
+  stop: ['cmd', 'wait'],
   signal: ['cmd', 'signal', 'main'],
 };
 
@@ -210,8 +218,8 @@ export function parseRequest(line: Buffer): ControlRequest {
     if (!allowed.includes(key))
       throw badRequest(`request.${key}: unknown field for "${cmd}" (allowed: ${allowed.join(', ')})`);
   }
-  if (cmd === 'reload') {
-    const wait = obj.wait ?? true;
+  if (cmd === 'reload' || cmd === 'stop') {
+    const wait = obj.wait ?? cmd === 'reload'; // a reload waits for its outcome unless told not to; a stop does not
     if (typeof wait !== 'boolean') throw badRequest(`request.wait: expected a boolean, got ${JSON.stringify(wait)}`);
     return { cmd, wait };
   }

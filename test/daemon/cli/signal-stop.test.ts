@@ -4,7 +4,7 @@ import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { pidNamespaceUnavailable } from '../../helpers/aeterna';
+import { descendantsOf, pidNamespaceUnavailable } from '../../helpers/aeterna';
 import { Daemon, socketOf } from '../../helpers/daemon';
 import { call } from '../../../src/control/client';
 
@@ -14,7 +14,7 @@ if (skip) console.log(`# skipping PID-1 tests: ${skip}`);
 /**
  * The app: a root process and one worker in its process group (as a master and its worker). Each prints
  * `GOT <root|worker> <SIGNAME>` for HUP, USR1, USR2; on SIGTERM the root ends its worker and exits with the code
- * given as its argument.
+ * given as its first argument (with `ignore-term` as its second, the root ignores SIGTERM).
  */
 const RECORDER = `
 import os, signal, sys, time
@@ -36,22 +36,22 @@ def term(_sig, _frame):
     os.waitpid(worker, 0)
     print('ROOT exits', code, flush=True)
     os._exit(code)
-signal.signal(signal.SIGTERM, term)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[2:] == ['ignore-term'] else term)
 print(f'ROOT {os.getpid()} group {os.getpgid(0)}', flush=True)
 while True:
     time.sleep(3600)
 `;
 
-function recorder(d: Daemon, code = 0): string[] {
+function recorder(d: Daemon, code = 0, ignoreTerm = false): string[] {
   const file = path.join(d.dir, 'recorder.py');
   fs.writeFileSync(file, RECORDER);
-  return ['python3', file, String(code)];
+  return ['python3', file, String(code), ...(ignoreTerm ? ['ignore-term'] : [])];
 }
 
 /** A daemon as PID 1 running the recorder, once it serves (both processes started). */
-async function serving(code = 0): Promise<Daemon> {
+async function serving(code = 0, ignoreTerm = false, stopTimeout = '10s'): Promise<Daemon> {
   const d = new Daemon({ command: [] });
-  d.write({ command: recorder(d, code), stopTimeout: '10s' });
+  d.write({ command: recorder(d, code, ignoreTerm), stopTimeout });
   d.start(true);
   daemons.push(d);
   await d.run.waitFor(/ROOT \d+ group \d+/);
@@ -134,5 +134,49 @@ describe('aeterna signal SIG (as PID 1)', { skip: skip ?? false, timeout: 120000
     assert.match(r.stderr, /no generation serves \(state Starting\): nothing to signal \(E_ILLEGAL_TRANSITION\)/);
     assert.equal(count(d.run.stdout, 'GOT root SIGHUP'), 0);
     assert.equal(await d.stop(), 0);
+  });
+});
+
+/** Whether a process has exited: gone from /proc, or a zombie its parent has not reaped yet. */
+function exited(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z');
+  } catch {
+    return true;
+  }
+}
+
+describe('aeterna stop --wait (as PID 1)', { skip: skip ?? false, timeout: 120000 }, () => {
+  it("returns once Aeterna and the app are gone, with the app's exit code as Aeterna's", async () => {
+    const d = await serving(3);
+    const aeterna = await d.run.aeternaPid();
+    const app = descendantsOf(aeterna);
+    assert.equal(app.length, 2, 'the root and its worker');
+    const r = await d.cli('stop', '--wait');
+    assert.equal(r.code, 3, r.stderr);
+    assert.match(r.stdout, /^stopped: Aeterna exited with code 3$/m);
+    assert.deepEqual(
+      [aeterna, ...app].filter((pid) => !exited(pid)),
+      [],
+      'Aeterna and every process of the app have exited when stop --wait returns',
+    );
+    assert.equal((await d.run.exit()).code, 3);
+    assert.equal(count(d.run.stdout, 'ROOT exits 3'), 1);
+  });
+
+  it('--timeout bounds the wait (exit code 124); a second stop --wait kills the app and returns 137', async () => {
+    const d = await serving(0, true, '60s');
+    const aeterna = await d.run.aeternaPid();
+    const first = await d.cli('stop', '--wait', '--timeout', '1s');
+    assert.equal(first.code, 124, first.stderr);
+    assert.match(first.stderr, /Aeterna has not exited after 1s; it goes on stopping/);
+    assert.equal(exited(aeterna), false, 'Aeterna still stops the app (it ignores SIGTERM, stop_timeout 60s)');
+    assert.equal((await d.status()).state, 'Stopping');
+    const second = await d.cli('stop', '--wait', '--json');
+    assert.equal(second.code, 137, second.stderr);
+    assert.deepEqual(JSON.parse(second.stdout), { ok: true, exit_code: 137 });
+    assert.equal(exited(aeterna), true);
+    assert.equal((await d.run.exit()).code, 137);
   });
 });
