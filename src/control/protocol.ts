@@ -218,8 +218,8 @@ export function parseRequest(line: Buffer): ControlRequest {
     if (!allowed.includes(key))
       throw badRequest(`request.${key}: unknown field for "${cmd}" (allowed: ${allowed.join(', ')})`);
   }
-  if (cmd === 'reload' || cmd === 'stop') {
-    const wait = obj.wait ?? cmd === 'reload'; // a reload waits for its outcome unless told not to; a stop does not
+  if (cmd === 'reload' || (cmd === 'stop' && obj.wait !== undefined)) {
+    const wait = obj.wait ?? true; // a reload waits for its outcome unless told not to (a stop only when told to)
     if (typeof wait !== 'boolean') throw badRequest(`request.wait: expected a boolean, got ${JSON.stringify(wait)}`);
     return { cmd, wait };
   }
