@@ -75,6 +75,8 @@ export interface GenerationInfo {
   pid: number;
   started_at: string;
   ready: boolean;
+  /** The latest STATUS= text it sent over sd_notify, or null. */
+  app_status?: string | null;
 }
 
 export interface StatusReport {
@@ -86,6 +88,8 @@ export interface StatusReport {
   generation: number;
   /** The serving generation's root pid, or null when none runs. */
   pid: number | null;
+  /** The serving generation's latest STATUS= text (sd_notify), or null when it sent none. */
+  app_status?: string | null;
   /** Aeterna's own pid (inside the container: 1). */
   daemon_pid: number;
   uptime_ms: number;
