@@ -15,7 +15,7 @@ if (skip) console.log(`# skipping PID-1 tests: ${skip}`);
  * - `ready`: READY=1 and STATUS=serving at once.
  * - `extend S`: EXTEND_TIMEOUT_USEC= of 10 s every 0.2 s (STATUS=warming up) until it has run for S seconds by its
  *   own monotonic clock, then READY=1 and STATUS=serving.
- * - `extend-once`: one EXTEND_TIMEOUT_USEC= of 3 s, then silence: never ready.
+ * - `extend-once`: one EXTEND_TIMEOUT_USEC= of 8 s, then silence: never ready.
  * - `slow-stop S`: ready at once; on SIGTERM it keeps extending (by 10 s every 0.2 s) for S seconds, then exits 0.
  */
 const APP = `
@@ -34,7 +34,7 @@ if mode == 'extend':
         time.sleep(0.2)
     print(f'EXTENDED {n} times over {time.monotonic() - start:.1f}s', flush=True)
 if mode == 'extend-once':
-    notify('EXTEND_TIMEOUT_USEC=3000000\\nSTATUS=about to hang')
+    notify('EXTEND_TIMEOUT_USEC=8000000\\nSTATUS=about to hang')
     while True:
         time.sleep(3600)
 def stop(_sig, _frame):
@@ -70,7 +70,7 @@ async function running(
   fs.writeFileSync(file, APP);
   const options = (a: string[]): ConstructorParameters<typeof Daemon>[0] => ({
     command: ['python3', file, ...a],
-    readiness: `{ mode: "notify", timeout: "${extra.timeout ?? '2s'}" }`,
+    readiness: `{ mode: "notify", timeout: "${extra.timeout ?? '5s'}" }`,
     stopTimeout: extra.stopTimeout ?? '10s',
   });
   d.write(options(args));
@@ -83,15 +83,15 @@ async function running(
 describe('sd_notify EXTEND_TIMEOUT_USEC= and STATUS= (as PID 1)', { skip: skip ?? false, timeout: 180000 }, () => {
   it('an app that extends repeatedly and becomes ready after readiness.timeout is promoted, not rolled back', async () => {
     const { d, reconfigure } = await running(['ready']);
-    // readiness.timeout is 2s; the new generation keeps extending for 5s by its own clock before READY=1.
-    reconfigure(['extend', '5']);
+    // readiness.timeout is 5s; the new generation keeps extending for 8s by its own clock before READY=1.
+    reconfigure(['extend', '8']);
     const r = await d.cli('reload', '--json');
     assert.equal(r.code, 0, r.stdout + r.stderr);
     const record = JSON.parse(r.stdout.trim().split('\n').pop()!) as { outcome: string };
     assert.equal(record.outcome, 'promoted');
     const extended = /EXTENDED (\d+) times over ([\d.]+)s/.exec(d.run.stdout);
     assert.ok(extended, d.run.stdout);
-    assert.ok(Number(extended[2]) >= 5, 'it became ready only after readiness.timeout (2s) had passed');
+    assert.ok(Number(extended[2]) >= 8, 'it became ready only after readiness.timeout (5s) had passed');
     assert.ok(d.run.logs().some((l) => l.msg.includes('asked for more time to become ready')));
     assert.equal((await d.status()).generation, 2);
     assert.equal(await d.stop(), 0);
@@ -107,7 +107,7 @@ describe('sd_notify EXTEND_TIMEOUT_USEC= and STATUS= (as PID 1)', { skip: skip ?
     assert.equal(record.code, 'E_READY_TIMEOUT');
     assert.match(
       record.reason,
-      /not ready within 2s nor within the last EXTEND_TIMEOUT_USEC= \(1 extension\(s\) of it\)/,
+      /not ready within 5s nor within the last EXTEND_TIMEOUT_USEC= \(1 extension\(s\) of it\)/,
     );
     const s = await d.status();
     assert.equal(s.generation, 1, 'generation 1 still serves');
@@ -135,8 +135,8 @@ describe('sd_notify EXTEND_TIMEOUT_USEC= and STATUS= (as PID 1)', { skip: skip ?
   });
 
   it('while stopping, EXTEND_TIMEOUT_USEC= pushes the SIGKILL back: the app finishes and exits 0', async () => {
-    // stop_timeout is 1s; the app takes 3s by its own clock to finish, extending all along.
-    const { d } = await running(['slow-stop', '3'], { stopTimeout: '1s' });
+    // stop_timeout is 4s; the app takes 8s by its own clock to finish, extending all along.
+    const { d } = await running(['slow-stop', '8'], { stopTimeout: '4s' });
     assert.equal(await d.stop(), 0, 'not 137: no SIGKILL at stop_timeout');
     assert.match(d.run.stdout, /^FINISHED$/m);
   });
