@@ -24,7 +24,10 @@ $(NODE_MODULES): package.json package-lock.json
 	npm ci
 	@touch $@
 
-$(ADDON): $(wildcard native/*.cc native/*.h) binding.gyp $(NODE_MODULES)
+# npm ci's install script (node-gyp-build) already builds the addon when no prebuilt one loads: node_modules is an
+# order-only prerequisite, so a fresh install does not make the addon look stale and get built a second time. The
+# addon is rebuilt when native/ or binding.gyp is newer than it, or when it is missing.
+$(ADDON): $(wildcard native/*.cc native/*.h) binding.gyp | $(NODE_MODULES)
 	npx node-gyp rebuild
 
 build: $(NODE_MODULES) $(ADDON)

@@ -105,6 +105,7 @@ export class Daemon {
     const code = await started.stopped;
     await this.endLeftovers();
     this.log.info({ exit_code: code }, 'aeterna exiting');
+    await this.sockets.control?.exiting(code); // `aeterna stop --wait` learns the code; Aeterna's exit closes it
     await this.shutdown();
     return code;
   }
@@ -321,6 +322,7 @@ export class Daemon {
       promote: () => need().promote(),
       rollback: () => need().rollback(),
       stop: (reason) => this.stop(reason),
+      signal: (signal, main) => need().signal(signal, main),
     };
   }
 

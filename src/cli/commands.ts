@@ -1,5 +1,5 @@
-// The operator's commands: reload, status, promote, rollback and stop talk to
-// the running daemon over its control socket; validate checks a config file.
+// The operator's commands: reload, status, promote, rollback, stop, upgrade and
+// signal talk to the running daemon over its control socket; validate checks a config file.
 // Each action sets process.exitCode from CliExit and never throws.
 import path from 'node:path';
 import type { Command } from 'commander';
@@ -7,7 +7,9 @@ import { call } from '../control/client';
 import { AeternaError } from '../errors';
 import type { ControlRequest } from '../control/protocol';
 import { ConfigError, loadConfigFile, loadControlSocketPath, resolveConfigPath } from '../config/load';
+import { DURATION_FORM, parseDuration } from '../config/duration';
 import type { ReloadRecord, StatusReport } from '../orchestrator/types';
+import { APP_SIGNALS, parseAppSignal } from '../control/app-signals';
 import { CliExit, exitCodeHelp, exitWhenFlushed } from './exit-codes';
 import { LiveLine, describeOutcome, describeRetiring, formatStatus, plainEventLine } from './render';
 
@@ -45,9 +47,31 @@ export function registerControlCommands(program: Command): void {
     (options: DaemonOptions) => run(options, () => simple(options, { cmd: 'rollback' }, 'rollback requested')),
   );
 
-  daemonCommand(program, 'stop', 'stop the daemon and the app gracefully, as SIGTERM does').action(
-    (options: DaemonOptions) => run(options, () => simple(options, { cmd: 'stop' }, 'stop requested')),
-  );
+  daemonCommand(program, 'stop', 'stop the daemon and the app gracefully, as SIGTERM does')
+    .option('--wait', "return once Aeterna and the app are gone, exiting with Aeterna's exit code (the app's)")
+    .option('--timeout <duration>', 'with --wait: give up waiting after this long (e.g. "30s"), exit code 124')
+    .addHelpText('after', STOP_HELP)
+    .action((options: StopOptions) =>
+      run(options, () => {
+        if (options.wait === true) return stopAndWait(options);
+        if (options.timeout !== undefined) {
+          process.stderr.write('aeterna: stop --timeout bounds --wait: add --wait\n');
+          return Promise.resolve(CliExit.USAGE);
+        }
+        return simple(options, { cmd: 'stop' }, 'stop requested');
+      }),
+    );
+
+  daemonCommand(
+    program,
+    'signal',
+    "pass a signal to the serving app's process group (not to Aeterna): " +
+      `one of ${APP_SIGNALS.join(', ')}, with or without SIG; SIGHUP to the app does not reload`,
+  )
+    .argument('<signal>', `the signal: ${APP_SIGNALS.join(', ')}`)
+    .option('--main', "to the generation's root process only, not its whole process group")
+    .addHelpText('after', SIGNAL_HELP)
+    .action((name: string, options: DaemonOptions & { main?: boolean }) => run(options, () => signal(name, options)));
 
   daemonCommand(
     program,
@@ -192,6 +216,82 @@ async function upgrade(options: DaemonOptions & { exec?: string }): Promise<numb
       );
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+interface StopOptions extends DaemonOptions {
+  wait?: boolean;
+  timeout?: string;
+}
+
+const STOP_HELP = `
+With --wait, the exit code is Aeterna's own, as \`aeterna start\` exits: the app's exit code, 128 + the signal
+number when it died of one (137: SIGKILL after service.stop_timeout). Before the stop was accepted, the usual
+codes apply (3: no daemon); ${CliExit.TIMED_OUT}: --timeout passed first (Aeterna goes on stopping).
+`;
+
+/** `aeterna stop --wait`: the daemon answers with its exit code, then its exit closes the connection. */
+async function stopAndWait(options: StopOptions): Promise<number> {
+  let timeoutMs: number | null = null;
+  if (options.timeout !== undefined) {
+    timeoutMs = parseDuration(options.timeout);
+    if (timeoutMs === null) {
+      process.stderr.write(`aeterna: --timeout ${JSON.stringify(options.timeout)}: expected ${DURATION_FORM}\n`);
+      return CliExit.USAGE;
+    }
+  }
+  const exited = call(controlSocket(options), { cmd: 'stop', wait: true }, undefined, { untilClosed: true });
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<null>((resolve) => {
+    if (timeoutMs !== null) timer = setTimeout(() => resolve(null), timeoutMs);
+  });
+  let result;
+  try {
+    result = await Promise.race([exited, timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
+  if (result === null) {
+    const message = `Aeterna has not exited after ${options.timeout}; it goes on stopping (see aeterna status)`;
+    if (options.json) writeJson({ ok: false, timed_out: true, message });
+    process.stderr.write(`aeterna: ${message}\n`);
+    return CliExit.TIMED_OUT;
+  }
+  if (!('exited' in result)) throw new Error('the daemon answered stop --wait without its exit code');
+  const { code } = result.exited;
+  if (options.json) writeJson({ ok: true, exit_code: code });
+  else process.stdout.write(`stopped: Aeterna exited with code ${code}\n`);
+  return code;
+}
+
+const SIGNAL_HELP = `
+Refused: TERM, INT, KILL (stopping the app is Aeterna's: aeterna stop), STOP, TSTP, CONT (a frozen app would
+still count as serving), fault signals (ABRT, SEGV, ...), and signals the kernel or the app's runtime use (ALRM,
+PIPE, CHLD): exit code ${CliExit.USAGE}. Nothing serving (starting, restarting, stopping): exit code ${CliExit.FAILED}.
+A process without a handler gets the default action (HUP, USR1, USR2 end it; TTIN, TTOU stop it): use --main for a
+master whose workers do not handle the signal.
+`;
+
+async function signal(name: string, options: DaemonOptions & { main?: boolean }): Promise<number> {
+  const parsed = parseAppSignal(name);
+  if (parsed instanceof Error) {
+    if (options.json) writeJson({ error: { code: 'E_CONTROL_BAD_REQUEST', message: parsed.message } });
+    process.stderr.write(`aeterna: ${parsed.message}\n`);
+    return CliExit.USAGE;
+  }
+  const result = await call(
+    controlSocket(options),
+    { cmd: 'signal', signal: parsed, main: options.main === true },
+    undefined,
+    { idleTimeoutMs: QUICK_REPLY_TIMEOUT_MS },
+  );
+  if (!('signalled' in result)) throw new Error('the daemon answered the signal request without saying what it did');
+  const s = result.signalled;
+  if (options.json) writeJson({ ok: true, ...s });
+  else
+    process.stdout.write(
+      `${s.signal} sent to generation ${s.generation} (${s.to === 'main' ? `pid ${s.pid}` : `process group ${s.pid}`})\n`,
+    );
+  return CliExit.OK;
 }
 
 async function simple(options: DaemonOptions, req: ControlRequest, done: string): Promise<number> {

@@ -7,6 +7,8 @@ export const CliExit = {
   USAGE: 2,
   NO_DAEMON: 3,
   BUSY: 4,
+  /** stop --wait --timeout: Aeterna had not exited in time (the code timeout(1) uses). */
+  TIMED_OUT: 124,
   /** sysexits.h EX_CONFIG, as `aeterna start` uses for a bad config. */
   CONFIG_INVALID: 78,
 } as const;
@@ -17,9 +19,11 @@ const MEANINGS: { readonly [K in keyof typeof CliExit]: string } = {
   OK: 'done: the new generation was promoted (reload --no-wait: the reload was accepted)',
   FAILED:
     'the reload was rolled back or failed (an invalid config: E_CONFIG_INVALID and every issue), or the daemon refused the request (reason and code on stderr)',
-  USAGE: 'usage error, or the config cannot be read or parsed, or its control.socket_path is invalid',
+  USAGE:
+    'usage error (signal: a signal it refuses), or the config cannot be read or parsed, or its control.socket_path is invalid',
   NO_DAEMON: 'no daemon answers on the control socket',
   BUSY: 'a reload is already in progress (upgrade: or an old generation still drains after its reload)',
+  TIMED_OUT: 'stop --wait --timeout: Aeterna had not exited when the timeout passed (it goes on stopping)',
   CONFIG_INVALID: 'validate: the config has issues (each printed on stderr)',
 };
 

@@ -149,6 +149,7 @@ export function formatStatus(status: StatusReport): string {
     'generation',
     status.pid === null ? `${status.generation} (not running)` : `${status.generation} (pid ${status.pid})`,
   ]);
+  if (status.app_status != null) rows.push(['app status', status.app_status]);
   rows.push([
     'uptime',
     `${formatDuration(status.uptime_ms)} (daemon pid ${status.daemon_pid}, since ${status.started_at})`,
@@ -190,8 +191,15 @@ function describeConfigFile(file: NonNullable<StatusReport['config_file']>): str
   return `${file.path} (${what})`;
 }
 
-function describeGeneration(g: { generation: number; pid: number; started_at: string; ready: boolean }): string {
-  return `generation ${g.generation} (pid ${g.pid}), ${g.ready ? 'ready' : 'not ready'}, started ${g.started_at}`;
+function describeGeneration(g: {
+  generation: number;
+  pid: number;
+  started_at: string;
+  ready: boolean;
+  app_status?: string | null;
+}): string {
+  const said = g.app_status != null ? `, status "${g.app_status}"` : '';
+  return `generation ${g.generation} (pid ${g.pid}), ${g.ready ? 'ready' : 'not ready'}, started ${g.started_at}${said}`;
 }
 
 function describeLastReload(r: ReloadRecord): string {

@@ -18,6 +18,11 @@ import {
 export interface RequestOptions {
   /** Give up when the daemon sends nothing for this long (default: wait as long as it takes). */
   idleTimeoutMs?: number;
+  /**
+   * After the final reply, wait until the daemon closes the connection before handing it over (`stop --wait`: the
+   * end of Aeterna's process closes it).
+   */
+  untilClosed?: boolean;
 }
 
 /**
@@ -57,10 +62,20 @@ export async function* request(
       const last = decoder.flush();
       if (last) yield last;
     };
+    let final: ServerMessage | null = null;
     for await (const line of lines()) {
+      if (final !== null) continue; // only waiting for the daemon to close the connection
       const message = parseServerMessage(line);
+      if (message.type !== 'event' && options.untilClosed === true) {
+        final = message;
+        continue;
+      }
       yield message;
       if (message.type !== 'event') return;
+    }
+    if (final !== null) {
+      yield final;
+      return;
     }
     throw new AeternaError(
       'E_CONTROL_UNAVAILABLE',

@@ -18,20 +18,28 @@
 //   -> {"cmd":"upgrade"} | {"cmd":"upgrade","exec":"/path/to/aeterna"}
 //   <- {"type":"result","ok":true,"upgrade":{"from":"1.2.0","reexecs":3}}   (then the daemon re-executes itself)
 //
+//   -> {"cmd":"signal","signal":"HUP"} | {"cmd":"signal","signal":"USR1","main":true}
+//   <- {"type":"result","ok":true,"signalled":{"signal":"SIGHUP","generation":3,"pid":118,"to":"group"}}
+//
 //   -> {"cmd":"promote"} | {"cmd":"rollback"} | {"cmd":"stop"}
 //   <- {"type":"result","ok":true}
+//
+//   -> {"cmd":"stop","wait":true}       (return when Aeterna exits)
+//   <- {"type":"result","ok":true,"exited":{"code":143}}   once the app and every leftover are gone; then the
+//      connection stays open until Aeterna's process exits, whose end closes it
 //
 // Any failure, at any point: {"type":"error","code":"E_...","message":"..."}.
 // This module only encodes and decodes; it does no I/O.
 import { AeternaError, ErrorCodes, type ErrorCode } from '../errors';
-import type { ReloadEvent, ReloadRecord, StatusReport } from '../orchestrator/types';
+import type { ReloadEvent, ReloadRecord, Signalled, StatusReport } from '../orchestrator/types';
+import { parseAppSignal, type AppSignal } from './app-signals';
 
 /** Longest request line the daemon buffers, newline excluded. */
 export const MAX_REQUEST_BYTES = 64 * 1024;
 /** Longest reply line the client buffers (a status or record is a few KiB). */
 export const MAX_REPLY_BYTES = 4 * 1024 * 1024;
 
-export const COMMANDS = ['status', 'reload', 'promote', 'rollback', 'stop', 'upgrade'] as const;
+export const COMMANDS = ['status', 'reload', 'promote', 'rollback', 'stop', 'upgrade', 'signal'] as const;
 export type Command = (typeof COMMANDS)[number];
 
 export type ControlRequest =
@@ -39,9 +47,12 @@ export type ControlRequest =
   | { cmd: 'reload'; wait: boolean }
   | { cmd: 'promote' }
   | { cmd: 'rollback' }
-  | { cmd: 'stop' }
+  /** `wait`: answer with Aeterna's exit code when it exits, instead of at once. */
+  | { cmd: 'stop'; wait?: boolean }
   /** Re-execute the daemon in place: `exec` names the program, else the aeterna entry it was started from. */
-  | { cmd: 'upgrade'; exec?: string };
+  | { cmd: 'upgrade'; exec?: string }
+  /** Pass `signal` to the serving generation's process group (`main`: to its root process only). */
+  | { cmd: 'signal'; signal: AppSignal; main: boolean };
 
 /** Error codes on the wire: Aeterna's stable codes (E_INTERNAL for an unexpected exception, a bug). */
 export type WireErrorCode = ErrorCode;
@@ -53,6 +64,10 @@ export type ResultMessage =
   | { type: 'result'; ok: true; accepted: string }
   /** upgrade: the target passed its check; the daemon (version `from`, re-executed `reexecs` times so far) execs now. */
   | { type: 'result'; ok: true; upgrade: { from: string; reexecs: number } }
+  /** stop with wait: Aeterna's exit code (the app's, as `aeterna start` propagates it); Aeterna exits next. */
+  | { type: 'result'; ok: true; exited: { code: number } }
+  /** signal: which generation got it. */
+  | { type: 'result'; ok: true; signalled: Signalled }
   | { type: 'result'; ok: true };
 
 export type EventMessage = { type: 'event'; event: ReloadEvent };
@@ -165,6 +180,14 @@ function describeBadUtf8(line: Buffer): string {
   return 'truncated sequence at the end of the line';
 }
 
+/** The fields each command takes besides "cmd" being the only one. */
+const ALLOWED_FIELDS: Partial<Record<Command, string[]>> = {
+  reload: ['cmd', 'wait'],
+  upgrade: ['cmd', 'exec'],
+  stop: ['cmd', 'wait'],
+  signal: ['cmd', 'signal', 'main'],
+};
+
 function badRequest(message: string): AeternaError {
   return new AeternaError('E_CONTROL_BAD_REQUEST', message);
 }
@@ -190,15 +213,24 @@ export function parseRequest(line: Buffer): ControlRequest {
   }
   // Unknown fields are refused rather than ignored: a newer client asking for
   // something this daemon does not know gets a clear answer, not a silent no-op.
-  const allowed = cmd === 'reload' ? ['cmd', 'wait'] : cmd === 'upgrade' ? ['cmd', 'exec'] : ['cmd'];
+  const allowed = ALLOWED_FIELDS[cmd as Command] ?? ['cmd'];
   for (const key of Object.keys(obj)) {
     if (!allowed.includes(key))
       throw badRequest(`request.${key}: unknown field for "${cmd}" (allowed: ${allowed.join(', ')})`);
   }
-  if (cmd === 'reload') {
-    const wait = obj.wait ?? true;
+  if (cmd === 'reload' || (cmd === 'stop' && obj.wait !== undefined)) {
+    const wait = obj.wait ?? true; // a reload waits for its outcome unless told not to (a stop only when told to)
     if (typeof wait !== 'boolean') throw badRequest(`request.wait: expected a boolean, got ${JSON.stringify(wait)}`);
     return { cmd, wait };
+  }
+  if (cmd === 'signal') {
+    if (typeof obj.signal !== 'string')
+      throw badRequest(`request.signal: expected a signal name such as "HUP", got ${JSON.stringify(obj.signal)}`);
+    const signal = parseAppSignal(obj.signal);
+    if (signal instanceof Error) throw badRequest(`request.signal: ${signal.message}`);
+    const main = obj.main ?? false;
+    if (typeof main !== 'boolean') throw badRequest(`request.main: expected a boolean, got ${JSON.stringify(main)}`);
+    return { cmd, signal, main };
   }
   if (cmd === 'upgrade' && obj.exec !== undefined) {
     if (typeof obj.exec !== 'string' || !obj.exec.startsWith('/'))

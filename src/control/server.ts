@@ -1,5 +1,5 @@
 // The daemon's control socket: a Unix stream socket (mode 0600) on which the
-// `aeterna` CLI asks for status, reloads, promotion, rollback and stop. The
+// `aeterna` CLI asks for status, reloads, promotion, rollback, stop and signals for the app. The
 // wire format is in protocol.ts. Nothing a client sends (or fails to send) may
 // crash, stall or slow the daemon: requests are size- and time-limited, peers
 // are checked by their kernel credentials, and a client going away mid-reload
@@ -65,7 +65,12 @@ export interface ControlServer {
   readonly listening: { fd: number; file: SocketFile };
   /** What an upgrade carries (upgrade/carried.ts): the listening socket, and its file. */
   carry(): { fds: Array<{ role: 'control'; name: string; fd: number }>; part: { control: SocketFile } };
-  /** Stop accepting, close every connection, remove the socket file. Idempotent. */
+  /**
+   * Aeterna exits with `code` (the app and its leftovers are gone): tell each `stop --wait` client, and leave its
+   * connection open, so that the end of Aeterna's process is what closes it. Resolves once the answers are written.
+   */
+  exiting(code: number): Promise<void>;
+  /** Stop accepting, close every connection but the `stop --wait` ones (see exiting), remove the socket file. Idempotent. */
   close(): Promise<void>;
 }
 
@@ -95,6 +100,10 @@ export async function startControlServer(
   const watchIntervalMs = options.watchIntervalMs ?? SOCKET_FILE_CHECK_MS;
   const ownUid = process.getuid!();
   const connections = new Set<net.Socket>();
+  /** `stop --wait` clients: answered by exiting(), closed only by Aeterna's exit. */
+  const stopWaiters = new Set<net.Socket>();
+  /** Aeterna's exit code, once exiting() was called (a `stop --wait` arriving later is answered at once). */
+  let exitCode: number | null = null;
 
   if (!options.adopt) claimControlSocketPath(socketPath, log);
   let listening = serve(socketPath, (fd) => onConnection(fd), log, options.adopt);
@@ -134,8 +143,11 @@ export async function startControlServer(
           return;
         case 'stop':
           // Reply first: stopping may close this server (and this connection) at once.
-          finish(socket, { type: 'result', ok: true });
-          api.stop(`aeterna stop (control socket, uid ${peer.uid}, pid ${peer.pid})`);
+          if (request.wait === true) waitForExit(socket);
+          else finish(socket, { type: 'result', ok: true });
+          api.stop(
+            `aeterna stop${request.wait === true ? ' --wait' : ''} (control socket, uid ${peer.uid}, pid ${peer.pid})`,
+          );
           return;
         case 'reload':
           reload(socket, request.wait, context);
@@ -143,6 +155,12 @@ export async function startControlServer(
         case 'upgrade':
           upgrade(socket, request.exec, context);
           return;
+        case 'signal': {
+          if (!api.signal) throw new AeternaError('E_ILLEGAL_TRANSITION', 'this daemon cannot signal the app');
+          const signalled = api.signal(`SIG${request.signal}`, request.main);
+          finish(socket, { type: 'result', ok: true, signalled });
+          return;
+        }
       }
     } catch (err) {
       refuse(socket, errorMessage(err), context);
@@ -188,6 +206,18 @@ export async function startControlServer(
         answer(errorMessage(err));
       },
     );
+  };
+
+  /** `stop --wait`: out of the connections close() ends; answered by exiting(). */
+  const waitForExit = (socket: net.Socket): void => {
+    if (exitCode !== null) {
+      socket.write(encodeMessage({ type: 'result', ok: true, exited: { code: exitCode } }));
+      return;
+    }
+    connections.delete(socket);
+    stopWaiters.add(socket);
+    socket.once('close', () => stopWaiters.delete(socket));
+    socket.resume(); // read (and drop) anything more, so that a client going away is seen
   };
 
   /** Answer first (the reply must reach the client before this process is replaced), then re-execute. */
@@ -312,6 +342,21 @@ export async function startControlServer(
     },
     carry() {
       return { fds: [{ role: 'control', name: 'control', fd: listening.fd }], part: { control: listening.file } };
+    },
+    exiting(code: number): Promise<void> {
+      exitCode = code;
+      const written = [...stopWaiters].map(
+        (socket) =>
+          new Promise<void>((resolve) => {
+            if (socket.destroyed) return resolve();
+            const timer = setTimeout(resolve, CLOSE_GRACE_MS); // a client that does not read does not hold the exit
+            socket.write(encodeMessage({ type: 'result', ok: true, exited: { code } }), () => {
+              clearTimeout(timer);
+              resolve();
+            });
+          }),
+      );
+      return Promise.all(written).then(() => undefined);
     },
     close(): Promise<void> {
       closing ??= (async () => {

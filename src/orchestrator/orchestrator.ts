@@ -37,6 +37,7 @@ import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from
 import { DumpFailed, type RelayRole, type StateRelay } from './relay';
 import { RestartBudget } from './restart';
 import { RetiringGenerations } from './retiring';
+import { AppNotices } from './app-notices';
 import { Watchdog } from './watchdog';
 import type {
   CarriedCounters,
@@ -47,6 +48,7 @@ import type {
   ReloadPhase,
   ReloadRecord,
   ReloadTrigger,
+  Signalled,
   StatusReport,
 } from './types';
 
@@ -127,6 +129,8 @@ export class Orchestrator implements ControlApi {
   private inFlight: ReloadRun | null = null;
   private readonly readinessSources: ReadinessSource[];
   private startupWatch: ReadinessWatch | null = null;
+  /** STATUS= and the other sd_notify fields beyond readiness, watchdog and fd store. */
+  private readonly notices: AppNotices;
   /** The generation Aeterna stopped because it never became ready at start: its exit is a failure, whatever its code. */
   private neverReady: Generation | null = null;
   /** The watchdog of each generation with service.watchdog (its deadlines run once it is ready), until it exits or drains. */
@@ -157,6 +161,12 @@ export class Orchestrator implements ControlApi {
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     deps.notify.on('message', (m) => this.storeFds(m));
+    this.notices = new AppNotices(
+      deps.notify,
+      deps.log,
+      () => this.liveGenerations(),
+      (gen, ms) => gen.extendStop(ms),
+    );
     this.fsm.onTransition((t) => {
       deps.metrics.setState(t.to);
       const level = t.from === t.to ? 'debug' : 'info';
@@ -1057,11 +1067,40 @@ export class Orchestrator implements ControlApi {
     this.serving?.signal(signal);
   }
 
+  /**
+   * `aeterna signal`: pass a signal the app uses for itself to the serving generation's process group (`main`: its
+   * root process only). Not to a candidate, nor to old generations still draining: they are on their way out.
+   */
+  signal(signal: NodeJS.Signals, main: boolean): Signalled {
+    const gen = this.serving;
+    const state = this.fsm.state;
+    if (gen === null || !gen.alive || state === 'Starting' || state === 'Stopping' || state === 'Stopped')
+      throw new AeternaError(
+        'E_ILLEGAL_TRANSITION',
+        `no generation serves (state ${state}${gen && !gen.alive ? `, generation ${gen.number} exited` : ''}): nothing to signal`,
+      );
+    this.deps.log.info(
+      { signal, generation: gen.number, child: gen.pid, to: main ? 'main' : 'group' },
+      `aeterna signal: ${signal} to generation ${gen.number} (${main ? `pid ${gen.pid}` : `process group ${gen.pid}`})`,
+    );
+    if (main) gen.signal(signal);
+    else gen.signalGroup(signal);
+    return { signal, generation: gen.number, pid: gen.pid, to: main ? 'main' : 'group' };
+  }
+
   // ---- status ------------------------------------------------------------------------------
 
   status(): StatusReport {
     const info = (g: Generation | null, ready: boolean): GenerationInfo | null =>
-      g && g.alive ? { generation: g.number, pid: g.pid, started_at: g.startedAt.toISOString(), ready } : null;
+      g && g.alive
+        ? {
+            generation: g.number,
+            pid: g.pid,
+            started_at: g.startedAt.toISOString(),
+            ready,
+            app_status: this.notices.statusOf(g),
+          }
+        : null;
     // While a reload runs: the generation being replaced and the new one (before and after promotion alike).
     const previous = this.draining ?? (this.candidate ? this.serving : null);
     const next = this.draining ? this.serving : this.candidate;
@@ -1071,6 +1110,7 @@ export class Orchestrator implements ControlApi {
       strategy: this.inFlight?.record.strategy ?? this.config.orchestration.strategy, // a reload runs with its own config's
       generation: this.serving?.number ?? 0,
       pid: this.serving?.alive ? this.serving.pid : null,
+      app_status: this.serving?.alive ? this.notices.statusOf(this.serving) : null,
       daemon_pid: process.pid,
       uptime_ms: Date.now() - this.startedAt.getTime(),
       started_at: this.startedAt.toISOString(),

@@ -20,13 +20,29 @@ import type { NotifyMessage, NotifySocket } from '../resources/notify';
 
 /** A channel on which a generation can say it is ready. */
 export interface ReadinessSource {
-  /** Call `ready(how)` when `gen` says it is ready here; returns what stops watching. */
-  watchReady(gen: Generation, ready: (how: string) => void): () => void;
+  /**
+   * Call `ready(how)` when `gen` says it is ready here, and `extend(ms, how)` when it asks for `ms` more from now
+   * (sd_notify's EXTEND_TIMEOUT_USEC=); returns what stops watching.
+   */
+  watchReady(gen: Generation, ready: (how: string) => void, extend?: (ms: number, how: string) => void): () => void;
 }
 
-/** sd_notify as a readiness source: READY=1 from a process of the generation (STATUS= and STOPPING=1 are logged). */
+/** The longest EXTEND_TIMEOUT_USEC= counted: 24 hours (a longer one is ignored, with a warning). */
+export const MAX_EXTEND_USEC = 24 * 3600 * 1_000_000;
+
+/** EXTEND_TIMEOUT_USEC='s value in whole milliseconds (rounded up), or null when it is not 0 to MAX_EXTEND_USEC. */
+export function parseExtendUsec(value: string): number | null {
+  if (!/^[0-9]{1,11}$/.test(value)) return null; // 11 digits hold MAX_EXTEND_USEC; longer is out of range anyway
+  const usec = Number(value);
+  return usec <= MAX_EXTEND_USEC ? Math.ceil(usec / 1000) : null;
+}
+
+/**
+ * sd_notify as a readiness source: READY=1 from a process of the generation, and EXTEND_TIMEOUT_USEC= from one
+ * (STATUS=, STOPPING=1 and the rest: app-notices.ts).
+ */
 export class NotifyReadiness implements ReadinessSource {
-  /** STATUS= and STOPPING=1 lines: an app may send them as often as it likes. */
+  /** Invalid EXTEND_TIMEOUT_USEC= lines: an app may send them as often as it likes. */
   private readonly throttle: LogThrottle;
 
   constructor(
@@ -36,16 +52,21 @@ export class NotifyReadiness implements ReadinessSource {
     this.throttle = new LogThrottle(log);
   }
 
-  watchReady(gen: Generation, ready: (how: string) => void): () => void {
+  watchReady(gen: Generation, ready: (how: string) => void, extend?: (ms: number, how: string) => void): () => void {
     const onMessage = (m: NotifyMessage): void => {
-      const status = m.fields.get('STATUS');
-      const stopping = m.fields.get('STOPPING') === '1';
+      const extendBy = m.fields.get('EXTEND_TIMEOUT_USEC');
       // The fields first: telling who sent a message reads /proc, and most messages are not about readiness.
-      if ((status === undefined && !stopping && m.fields.get('READY') !== '1') || !belongsTo(m.pid, gen.pid)) return;
-      if (status !== undefined)
-        this.throttle.info('app-status', { generation: gen.number, sender: m.pid, status }, 'app status');
-      if (stopping)
-        this.throttle.info('app-stopping', { generation: gen.number, sender: m.pid }, 'app says it is stopping');
+      if ((extendBy === undefined && m.fields.get('READY') !== '1') || !belongsTo(m.pid, gen.pid)) return;
+      if (extendBy !== undefined) {
+        const ms = parseExtendUsec(extendBy);
+        if (ms === null)
+          this.throttle.warn(
+            'app-extend-invalid',
+            { generation: gen.number, sender: m.pid, value: extendBy.slice(0, 32) },
+            `ignored EXTEND_TIMEOUT_USEC=: not a number of microseconds from 0 to ${MAX_EXTEND_USEC}`,
+          );
+        else extend?.(ms, `sd_notify EXTEND_TIMEOUT_USEC=${extendBy} from pid ${m.pid}`);
+      }
       if (m.fields.get('READY') === '1') ready(`sd_notify READY=1 from pid ${m.pid}`);
     };
     this.notify.on('message', onMessage);
@@ -93,6 +114,13 @@ export class ReadinessWatch {
   private reject!: (err: Error) => void;
   private readonly timers: NodeJS.Timeout[] = [];
   private readonly unwatch: Array<() => void>;
+  /** When the readiness timeout fires (epoch ms): readiness.timeout after the start, or later by EXTEND_TIMEOUT_USEC=. */
+  private deadline: number;
+  private timeoutTimer: NodeJS.Timeout | null = null;
+  /** How many EXTEND_TIMEOUT_USEC= moved the deadline (the timeout's message says so). */
+  private extensions = 0;
+  /** Lines the app causes at will (each extension). */
+  private readonly throttle: LogThrottle;
 
   constructor(
     private readonly gen: Generation,
@@ -104,24 +132,54 @@ export class ReadinessWatch {
       this.reject = reject;
     });
     this.ready.catch(() => undefined); // the orchestrator handles it; never an unhandled rejection
-    this.timers.push(
-      setTimeout(
-        () =>
-          this.fail(
-            new AeternaError('E_READY_TIMEOUT', `not ready within ${formatDuration(cfg.timeoutMs)}: ${whatToDo(cfg)}`),
-          ),
-        cfg.timeoutMs,
-      ),
-    );
+    this.throttle = new LogThrottle(deps.log);
+    this.deadline = Date.now() + cfg.timeoutMs;
+    this.armTimeout(cfg.timeoutMs);
     // What the app says on a source counts in notify mode only: in delay and exec mode the delay or the probe decides.
     const says =
       cfg.mode === 'notify' ? (how: string): void => this.markReady(how) : (how: string): void => this.notCounted(how);
-    this.unwatch = deps.sources.map((source) => source.watchReady(gen, says));
+    // An extension counts in every mode: the timeout is the same.
+    const extend = (ms: number, how: string): void => this.extend(ms, how);
+    this.unwatch = deps.sources.map((source) => source.watchReady(gen, says, extend));
     if (cfg.mode === 'delay') {
       this.timers.push(setTimeout(() => gen.alive && this.markReady('delay elapsed'), cfg.delayMs));
     } else if (cfg.mode === 'exec') {
       void this.probeLoop();
     }
+  }
+
+  private armTimeout(ms: number): void {
+    if (this.timeoutTimer) clearTimeout(this.timeoutTimer);
+    this.timeoutTimer = setTimeout(() => {
+      const extended =
+        this.extensions === 0
+          ? ''
+          : ` nor within the last EXTEND_TIMEOUT_USEC= (${this.extensions} extension(s) of it)`;
+      this.fail(
+        new AeternaError(
+          'E_READY_TIMEOUT',
+          `not ready within ${formatDuration(this.cfg.timeoutMs)}${extended}: ${whatToDo(this.cfg)}`,
+        ),
+      );
+    }, ms);
+  }
+
+  /**
+   * EXTEND_TIMEOUT_USEC=, as systemd reads it: the deadline becomes now + `ms`, when that is later than it is now
+   * (an extension never shortens readiness.timeout, nor an earlier extension). It can be sent again and again.
+   */
+  private extend(ms: number, how: string): void {
+    if (this.settled) return;
+    const until = Date.now() + ms;
+    if (until <= this.deadline) return;
+    this.deadline = until;
+    this.extensions++;
+    this.armTimeout(ms);
+    this.throttle.info(
+      'readiness-extended',
+      { generation: this.gen.number, child: this.gen.pid, source: how, extend_ms: ms },
+      `generation ${this.gen.number} asked for more time to become ready: readiness deadline ${formatDuration(ms)} from now`,
+    );
   }
 
   private markReady(source: string): void {
@@ -176,6 +234,7 @@ export class ReadinessWatch {
   }
 
   private cleanup(): void {
+    if (this.timeoutTimer) clearTimeout(this.timeoutTimer);
     for (const t of this.timers) clearTimeout(t);
     for (const stop of this.unwatch) stop();
   }

@@ -75,6 +75,8 @@ export interface GenerationInfo {
   pid: number;
   started_at: string;
   ready: boolean;
+  /** The latest STATUS= text it sent over sd_notify, or null. */
+  app_status?: string | null;
 }
 
 export interface StatusReport {
@@ -86,6 +88,8 @@ export interface StatusReport {
   generation: number;
   /** The serving generation's root pid, or null when none runs. */
   pid: number | null;
+  /** The serving generation's latest STATUS= text (sd_notify), or null when it sent none. */
+  app_status?: string | null;
   /** Aeterna's own pid (inside the container: 1). */
   daemon_pid: number;
   uptime_ms: number;
@@ -133,10 +137,23 @@ export interface ControlApi {
   /** Graceful stop, as SIGTERM. */
   stop(reason: string): void;
   /**
+   * `aeterna signal`: pass `signal` to the serving generation's process group (`main`: its root process only).
+   * Throws E_ILLEGAL_TRANSITION when no generation serves (starting, restarting, stopping).
+   */
+  signal?(signal: NodeJS.Signals, main: boolean): Signalled;
+  /**
    * `aeterna upgrade`: check the target (E_UPGRADE_REFUSED), refuse during a reload (E_RELOAD_BUSY); resolves when
    * the daemon is about to re-execute itself; `execNow` (called once the reply is flushed) does it.
    */
   upgrade?(exec: string | undefined): Promise<{ from: string; reexecs: number; execNow: () => void }>;
+}
+
+/** What `aeterna signal` did: which generation got which signal, and whether its whole group or its root only. */
+export interface Signalled {
+  signal: NodeJS.Signals;
+  generation: number;
+  pid: number;
+  to: 'group' | 'main';
 }
 
 /** The serving generation as an upgrade carries it (the handover's `generations`, upgrade/handover.ts). */

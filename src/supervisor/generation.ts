@@ -43,6 +43,8 @@ export class Generation extends EventEmitter<GenerationEvents> {
   /** Resolves when the root process has exited and been reaped. */
   readonly exited: Promise<ExitInfo>;
   private killTimer: NodeJS.Timeout | null = null;
+  /** When the SIGKILL of a stop is due (epoch ms). */
+  private killAt = 0;
   private stopping: Promise<ExitInfo> | null = null;
 
   private constructor(
@@ -181,10 +183,23 @@ export class Generation extends EventEmitter<GenerationEvents> {
     if (!this.alive) return this.exited;
     if (!this.stopping) {
       this.signalGroup(signal);
+      this.killAt = Date.now() + timeoutMs;
       this.killTimer = setTimeout(() => this.signalGroup('SIGKILL'), timeoutMs);
       this.stopping = this.exited;
     }
     return this.stopping;
+  }
+
+  /**
+   * While stopping, the app asked for more time (sd_notify EXTEND_TIMEOUT_USEC=): SIGKILL no earlier than `ms` from
+   * now. Never earlier than already due; false when not stopping, or when that changes nothing.
+   */
+  extendStop(ms: number): boolean {
+    if (!this.alive || this.killTimer === null || Date.now() + ms <= this.killAt) return false;
+    clearTimeout(this.killTimer);
+    this.killAt = Date.now() + ms;
+    this.killTimer = setTimeout(() => this.signalGroup('SIGKILL'), ms);
+    return true;
   }
 
   /** SIGKILL the group now (a second stop request, or a stop timeout that already passed). */

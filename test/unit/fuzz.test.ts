@@ -384,8 +384,11 @@ function checkParseRequest(line: Buffer): void {
     return;
   }
   assert.ok((COMMANDS as readonly string[]).includes(request.cmd));
-  assert.deepEqual(Object.keys(request).sort(), request.cmd === 'reload' ? ['cmd', 'wait'] : ['cmd']);
-  if (request.cmd === 'reload') assert.equal(typeof request.wait, 'boolean');
+  // wait: always for reload, for stop when it was sent (stop --wait); signal has its own fields.
+  const fields = request.cmd === 'signal' ? ['cmd', 'main', 'signal'] : 'wait' in request ? ['cmd', 'wait'] : ['cmd'];
+  assert.deepEqual(Object.keys(request).sort(), fields);
+  if (request.cmd === 'reload' || 'wait' in request) assert.equal(typeof request.wait, 'boolean');
+  assert.ok(request.cmd === 'reload' || request.cmd === 'stop' || !('wait' in request));
 }
 
 describe('control protocol under random byte streams (property)', () => {
