@@ -226,7 +226,6 @@ describe('WebSocket handoff: ws sessions that a reload does not cut', { skip: sk
       assert.deepEqual(new Set(generations.slice(0, switched)), new Set(['1']), `${c.name}: generation 1, then 2`);
       assert.deepEqual(new Set(generations.slice(switched)), new Set(['2']), `${c.name}: generation 2 to the end`);
     }
-    console.log((d.run.stdout + d.run.stderr).split('\n').join('\n'));
     assert.match(d.run.stdout + d.run.stderr, /handed 50 session\(s\) over/);
     const s = await d.status();
     assert.equal(s.generation, 2);
