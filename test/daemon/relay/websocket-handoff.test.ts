@@ -8,7 +8,10 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import type net from 'node:net';
 import path from 'node:path';
-import WebSocket from 'ws';
+import WebSocket, { WebSocketServer } from 'ws';
+import { Handoff, HandoffReceiver, type AdoptedConnection } from '../../../src/client/handoff';
+import { handOverWebSocket, resumeWebSocket } from '../../../src/client/websocket';
+import { native } from '../../../src/native/binding';
 import { ROOT, descendantsOf, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
 import { Daemon } from '../../helpers/daemon';
 import { settle } from '../../../bench/soak';
@@ -263,5 +266,185 @@ describe('WebSocket handoff: ws sessions that a reload does not cut', { skip: sk
     assert.match(d.run.stdout + d.run.stderr, /session deflated not handed over: .*permessage-deflate.*cannot move/);
     assert.match(d.run.stdout + d.run.stderr, /handed 1 session\(s\) over/);
     plain.ws.close(1000);
+  });
+});
+
+/**
+ * Each place ws's Receiver can be in when a session is handed over, one at a time and in one process: a ws client
+ * writes part of a frame or message, the server-side session is handed over on a socket pair and resumed from its
+ * other end, and the client writes the rest. The resumed session must answer the whole message.
+ */
+describe('handOverWebSocket and resumeWebSocket: what ws holds of a message goes along (one process)', () => {
+  const closers: Array<() => void> = [];
+  after(() => closers.forEach((close) => close()));
+
+  /** A ws server with one session, its client, and a Handoff whose connections arrive as `adopted`. */
+  async function session(options: { perMessageDeflate?: boolean } = {}): Promise<{
+    server: WebSocket;
+    client: WebSocket;
+    replies: string[];
+    handoff: Handoff;
+    adopted: Promise<AdoptedConnection>;
+  }> {
+    const wss = new WebSocketServer({ port: 0, host: '127.0.0.1', ...options });
+    await new Promise((resolve) => wss.once('listening', resolve));
+    const accepted = new Promise<WebSocket>((resolve) => wss.once('connection', resolve));
+    const { port } = wss.address() as net.AddressInfo;
+    const client = new WebSocket(`ws://127.0.0.1:${port}`);
+    await new Promise((resolve) => client.once('open', resolve));
+    const server = await accepted;
+    server.on('message', (data: Buffer) => server.send(`1:${data.toString()}`));
+    const replies: string[] = [];
+    client.on('message', (data: Buffer) => replies.push(data.toString()));
+    const [ours, theirs] = native.relayPair(1 << 20); // as Aeterna makes the channel;
+    const handoff = new Handoff(ours);
+    const adopted = new Promise<AdoptedConnection>((resolve) => {
+      new HandoffReceiver(theirs, 16 << 20, resolve, (message) => assert.fail(message));
+    });
+    closers.push(() => {
+      client.terminate();
+      wss.close();
+    });
+    return { server, client, replies, handoff, adopted };
+  }
+
+  /** What the server-side session holds of a message not yet whole (a hang guard until the bytes arrived). */
+  async function held(
+    server: WebSocket,
+    what: (r: { _state: number; _bufferedBytes: number; _fragmented: number }) => boolean,
+  ): Promise<void> {
+    const receiver = (
+      server as unknown as { _receiver: { _state: number; _bufferedBytes: number; _fragmented: number } }
+    )._receiver;
+    assert.ok(
+      await settle(
+        () => what(receiver),
+        (v) => v,
+        30000,
+        5,
+      ),
+      'the bytes reached the server',
+    );
+  }
+
+  const socketOf = (ws: WebSocket): net.Socket => (ws as unknown as { _socket: net.Socket })._socket;
+
+  /** A masked text frame of `text`, as a client writes it. */
+  function frame(text: string, opcode = 0x1, fin = true): Buffer {
+    const payload = Buffer.from(text);
+    const mask = crypto.randomBytes(4);
+    const n = payload.length;
+    const length =
+      n < 126
+        ? [0x80 | n]
+        : n < 65536
+          ? [0x80 | 126, n >> 8, n & 0xff]
+          : [0x80 | 127, 0, 0, 0, 0, ...Buffer.from(new Uint32Array([n]).buffer).reverse()];
+    return Buffer.concat([
+      Buffer.from([(fin ? 0x80 : 0) | opcode, ...length, ...mask]),
+      Buffer.from(payload.map((b, i) => b ^ mask[i % 4])),
+    ]);
+  }
+
+  /** Hand the session over, resume it from the pair's other end, and answer there as generation 2. */
+  async function moved(s: Awaited<ReturnType<typeof session>>): Promise<{ resumed: WebSocket; closeCode: number }> {
+    const closed = new Promise<number>((resolve) => s.server.once('close', resolve));
+    await handOverWebSocket(s.handoff, s.server, 'one', { count: 7 });
+    assert.equal(await s.handoff.end(), 1);
+    const c = await s.adopted;
+    const r = resumeWebSocket<WebSocket>(c);
+    assert.ok(r, 'the connection is a WebSocket session');
+    assert.deepEqual(r.meta, { count: 7 });
+    r.ws.on('message', (data: Buffer) => r.ws.send(`2:${data.toString()}`));
+    return { resumed: r.ws, closeCode: await closed };
+  }
+
+  const cuts: Array<[string, string, number]> = [
+    ['inside its first two bytes', 'x'.repeat(300), 1],
+    ['inside its 16-bit length', 'x'.repeat(300), 3],
+    ['inside its mask', 'x'.repeat(300), 6],
+    ['inside its payload', 'x'.repeat(300), 100],
+    ['inside its 64-bit length', 'y'.repeat(70000), 5],
+    ['inside a 64-bit payload', 'y'.repeat(70000), 40000],
+  ];
+  for (const [where, text, cut] of cuts) {
+    it(`a frame cut ${where}: the resumed session answers the whole message, the client sees no close`, async () => {
+      const s = await session();
+      const bytes = frame(text);
+      socketOf(s.client).write(bytes.subarray(0, cut));
+      await held(s.server, (r) => r._bufferedBytes > 0 || r._state !== 0);
+      const { closeCode } = await moved(s);
+      assert.equal(closeCode, 1012, 'the old WebSocket object closed here as handed over');
+      socketOf(s.client).write(bytes.subarray(cut));
+      s.client.send('after');
+      assert.ok(
+        await settle(
+          () => s.replies.length,
+          (n) => n >= 2,
+          30000,
+          5,
+        ),
+      );
+      assert.deepEqual(s.replies, [`2:${text}`, '2:after']);
+      assert.equal(s.client.readyState, WebSocket.OPEN);
+    });
+  }
+
+  it('a message in fragments, cut between them and inside the next one: answered whole; a ping cut in two is answered', async () => {
+    const s = await session();
+    const second = frame('-middle-', 0x0, false);
+    socketOf(s.client).write(Buffer.concat([frame('first', 0x1, false), second.subarray(0, 4)]));
+    await held(s.server, (r) => r._fragmented !== 0 && r._state !== 0);
+    await moved(s);
+    const ping = frame('are you there', 0x9);
+    const pong = new Promise<string>((resolve) => s.client.once('pong', (d: Buffer) => resolve(d.toString())));
+    socketOf(s.client).write(Buffer.concat([second.subarray(4), ping.subarray(0, 3)]));
+    socketOf(s.client).write(Buffer.concat([ping.subarray(3), frame('last', 0x0, true)]));
+    assert.equal(await pong, 'are you there');
+    assert.ok(
+      await settle(
+        () => s.replies.length,
+        (n) => n >= 1,
+        30000,
+        5,
+      ),
+    );
+    assert.deepEqual(s.replies, ['2:first-middle-last']);
+  });
+
+  it('a handoff that fails leaves the session open here, with what ws held of a frame', async () => {
+    const s = await session();
+    await s.handoff.end(); // the channel is closed: send() refuses
+    const bytes = frame('still here');
+    socketOf(s.client).write(bytes.subarray(0, 6));
+    await held(s.server, (r) => r._state !== 0);
+    await assert.rejects(handOverWebSocket(s.handoff, s.server, 'one'), /channel is closed/);
+    assert.equal(s.server.readyState, WebSocket.OPEN);
+    socketOf(s.client).write(bytes.subarray(6));
+    assert.ok(
+      await settle(
+        () => s.replies.length,
+        (n) => n >= 1,
+        30000,
+        5,
+      ),
+    );
+    assert.deepEqual(s.replies, ['1:still here']);
+  });
+
+  it('a session with permessage-deflate is refused with the reason and stays open here', async () => {
+    const s = await session({ perMessageDeflate: true });
+    assert.match(s.server.extensions, /permessage-deflate/);
+    await assert.rejects(handOverWebSocket(s.handoff, s.server, 'one'), /permessage-deflate.*cannot move/);
+    s.client.send('hello');
+    assert.ok(
+      await settle(
+        () => s.replies.length,
+        (n) => n >= 1,
+        30000,
+        5,
+      ),
+    );
+    assert.deepEqual(s.replies, ['1:hello']);
   });
 });
