@@ -26,6 +26,13 @@ import {
 export { drain, trackConnections, type DrainOptions } from './drain';
 export { Handoff, type AdoptedConnection } from './handoff';
 export { SseStream, formatEvent, resumeSse } from './sse';
+export {
+  handOverWebSocket,
+  resumeWebSocket,
+  type ResumeWebSocketOptions,
+  type WebSocketLike,
+  type WebSocketServerLike,
+} from './websocket';
 
 /**
  * Why an SDK call failed (docs/srp.md, "The app contract"): the protocol's codes (an `error` frame either way),
