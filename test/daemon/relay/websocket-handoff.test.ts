@@ -302,6 +302,7 @@ describe('handOverWebSocket and resumeWebSocket: what ws holds of a message goes
       new HandoffReceiver(theirs, 16 << 20, resolve, (message) => assert.fail(message));
     });
     closers.push(() => {
+      void handoff.end(); // the channel's ends hold the event loop until closed
       client.terminate();
       wss.close();
     });
