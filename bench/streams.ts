@@ -5,7 +5,10 @@
 // its final sync was acknowledged (from Aeterna's log), and Aeterna's fds and RSS before and after. The peer in the
 // same run: pm2's cluster reload of the same agent (bench/fixtures/pm2-streams.config.js).
 //
-//   node dist/bench/streams.js [--streams 1000] [--reloads 10]
+// Then the same for N WebSocket sessions (test/fixtures/apps/ws_app.js, the ws package), each sending a message
+// every 200 ms: sessions closed, messages unanswered, replies repeated or out of order.
+//
+//   node dist/bench/streams.js [--streams 1000] [--sessions 1000] [--reloads 10]
 import path from 'node:path';
 import { ROOT, freePort, processMemory } from '../test/helpers/aeterna';
 import { Daemon } from '../test/helpers/daemon';
@@ -15,6 +18,10 @@ import { openStream, type StreamSeen } from '../test/helpers/sse';
 import { fixture as benchFixture, run as runCommand, tempDir as benchTempDir, waitForPort } from './common';
 
 const AGENT = [process.execPath, path.join(ROOT, 'examples', 'llm-agent', 'agent.js')];
+/** A chat-like WebSocket echo (ws) that hands its sessions over at promotion, or closes them (1012) without a relay. */
+const WS_APP = [process.execPath, path.join(ROOT, 'test', 'fixtures', 'apps', 'ws_app.js')];
+/** Between two messages of a WebSocket client. */
+const WS_EVERY_MS = 200;
 
 export interface StreamsRun {
   mode: 'handoff' | 'drain only' | 'pm2 cluster reload';
@@ -43,12 +50,12 @@ interface Server {
   stop(): Promise<void>;
 }
 
-function aeternaServer(relay: boolean): Server {
+function aeternaServer(relay: boolean, command = AGENT): Server {
   let d: Daemon | null = null;
   return {
     async start(port) {
       d = new Daemon({
-        command: AGENT,
+        command,
         port,
         readiness: relay ? '{ mode: "notify", timeout: "60s" }' : '{ mode: "delay", delay: "500ms" }',
         stopTimeout: '5s',
@@ -146,6 +153,118 @@ async function run(mode: StreamsRun['mode'], streams: number, reloads: number): 
   }
 }
 
+export interface SessionsRun {
+  mode: 'handoff' | 'drain only';
+  sessions: number;
+  reloads: number;
+  /** Sessions that saw a close (or an error) before the end. */
+  closed: number;
+  sent: number;
+  /** Messages sent that got no reply, and replies for a message answered before or out of order. */
+  unanswered: number;
+  repeatedOrReordered: number;
+  /** Sessions whose replies came from more than one generation (they were moved). */
+  moved: number;
+  fds: { before: number; after: number };
+  rssMiB: { before: number; after: number };
+}
+
+interface Session {
+  sent: number;
+  lastSeq: number;
+  replies: number;
+  disorder: number;
+  generations: Set<string>;
+  closed: boolean;
+  timer: NodeJS.Timeout | null;
+}
+
+/** N WebSocket sessions, each sending a message every WS_EVERY_MS, through K reloads of ws_app.js. */
+async function runWs(mode: SessionsRun['mode'], count: number, reloads: number): Promise<SessionsRun> {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { WebSocket } = require('ws') as typeof import('ws');
+  const port = await freePort();
+  const server = aeternaServer(mode === 'handoff', WS_APP);
+  const sessions: Session[] = [];
+  const sockets: Array<import('ws').WebSocket> = [];
+  try {
+    await server.start(port);
+    const aeterna = (await server.supervisor())!;
+    const before = { fds: await fdCountAtRest(aeterna), rss: processMemory(aeterna).rss / 1024 };
+    for (let i = 0; i < count; i++) {
+      const s: Session = {
+        sent: 0,
+        lastSeq: -1,
+        replies: 0,
+        disorder: 0,
+        generations: new Set(),
+        closed: false,
+        timer: null,
+      };
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/chat?session=s${i}`);
+      await new Promise<void>((resolve, reject) => {
+        ws.once('open', () => resolve());
+        ws.once('error', reject);
+      });
+      ws.on('message', (data) => {
+        const r = JSON.parse((data as Buffer).toString()) as { seq: number; generation: string };
+        if (r.seq !== s.lastSeq + 1) s.disorder++;
+        s.lastSeq = Math.max(s.lastSeq, r.seq);
+        s.replies++;
+        s.generations.add(r.generation);
+      });
+      ws.on('close', () => (s.closed = true));
+      ws.on('error', () => (s.closed = true));
+      s.timer = setInterval(() => {
+        if (s.closed) return;
+        ws.send(JSON.stringify({ seq: s.sent++ }));
+      }, WS_EVERY_MS);
+      sessions.push(s);
+      sockets.push(ws);
+    }
+    for (let i = 0; i < reloads; i++) {
+      await server.reload();
+      await new Promise((r) => setTimeout(r, 2000));
+    }
+    for (const s of sessions) clearInterval(s.timer!);
+    // The last replies: every open session's last message answered (or a guard).
+    await settle(
+      () => sessions.every((s) => s.closed || s.replies >= s.sent),
+      (v) => v,
+      30000,
+    );
+    const after = { fds: await fdCountAtRest(aeterna), rss: processMemory(aeterna).rss / 1024 };
+    return {
+      mode,
+      sessions: count,
+      reloads,
+      closed: sessions.filter((s) => s.closed).length,
+      sent: sessions.reduce((n, s) => n + s.sent, 0),
+      unanswered: sessions.reduce((n, s) => n + Math.max(0, s.sent - s.replies), 0),
+      repeatedOrReordered: sessions.reduce((n, s) => n + s.disorder, 0),
+      moved: sessions.filter((s) => s.generations.size > 1).length,
+      fds: { before: before.fds, after: after.fds },
+      rssMiB: { before: before.rss, after: after.rss },
+    };
+  } finally {
+    for (const s of sessions) if (s.timer) clearInterval(s.timer);
+    for (const ws of sockets) ws.terminate();
+    await server.stop();
+  }
+}
+
+function wsTable(runs: SessionsRun[]): string {
+  const lines = [
+    '| mode | sessions | reloads | sessions closed | messages sent | unanswered | repeated or out of order | sessions moved | Aeterna fds before → after | Aeterna RSS MiB before → after |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ];
+  for (const r of runs)
+    lines.push(
+      `| ${r.mode} | ${r.sessions} | ${r.reloads} | ${r.closed} | ${r.sent} | ${r.unanswered} | ${r.repeatedOrReordered} | ${r.moved} | ${r.fds.before} → ${r.fds.after} | ${r.rssMiB.before.toFixed(1)} → ${r.rssMiB.after.toFixed(1)} |`,
+    );
+  return lines.join('\n');
+}
+
 function table(runs: StreamsRun[]): string {
   const lines = [
     '| mode | streams | reloads | streams cut | tokens lost | tokens repeated | streams moved | old generation exit after final ack (max) | Aeterna fds before → after | Aeterna RSS MiB before → after |',
@@ -168,6 +287,7 @@ async function main(): Promise<void> {
     return i > 0 ? Number(process.argv[i + 1]) : dflt;
   };
   const streams = arg('streams', 1000);
+  const sessions = arg('sessions', 1000);
   const reloads = arg('reloads', 10);
   // The peers cut every stream at their first reload: three of theirs show it.
   const peers = Math.min(reloads, 3);
@@ -176,8 +296,11 @@ async function main(): Promise<void> {
     await run('drain only', streams, peers),
     await run('pm2 cluster reload', streams, peers),
   ];
+  const wsRuns = [await runWs('handoff', sessions, reloads), await runWs('drain only', sessions, peers)];
   console.log(table(runs));
-  console.log(`\n${JSON.stringify(runs)}`);
+  console.log('');
+  console.log(wsTable(wsRuns));
+  console.log(`\n${JSON.stringify({ streams: runs, sessions: wsRuns })}`);
 }
 
 if (require.main === module) {

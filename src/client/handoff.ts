@@ -107,10 +107,16 @@ export class Handoff {
     if (fd === null) throw new Error(`connection ${id} has no fd to hand over (closed, or not a socket)`);
     stopReading(socket);
     const pending = Buffer.concat([unread, takeBuffered(socket)]);
+    // read() asks for more when the buffer runs low, which starts libuv reading again: stop it once more, before
+    // the event loop turns (libuv reads only then), so no byte is read here after this point.
+    stopReading(socket);
     if (pending.length > MAX_UNREAD)
       throw new RangeError(`connection ${id}: ${pending.length} unread bytes, above ${MAX_UNREAD}`);
     // What the app wrote goes out from this process before the socket leaves it.
-    while (socket.writableLength > 0 && !socket.destroyed) await new Promise((r) => socket.once('drain', r));
+    // An empty write's callback runs once everything written before it is in the kernel ('drain' fires only after
+    // a write that filled the buffer, so it is no way to wait for a queue below that mark).
+    if (socket.writableLength > 0 && !socket.destroyed)
+      await new Promise<void>((r) => socket.write(Buffer.alloc(0), () => r()));
     const header = Buffer.from(JSON.stringify({ op: 'conn', id, meta, unread: pending.length, fds: ['conn'] }));
     this.stream.write(encodeFrame(header), [fd]);
     for (let off = 0; off < pending.length; off += 1 << 20) {

@@ -91,8 +91,6 @@ export class SseStream {
     this.handed = true;
     const full: SseMeta = { aeterna_sse: this.framing, app: meta };
     try {
-      // The events written so far leave this process first: node:http may still hold some.
-      if (this.res && this.res.writableLength > 0) await new Promise((r) => this.res!.once('drain', r));
       await handoff.send(this.socket, id, full);
     } catch (err) {
       this.handed = false; // still ours: the caller may end it here
