@@ -9,6 +9,8 @@
 // every 200 ms: sessions closed, messages unanswered, replies repeated or out of order.
 //
 //   node dist/bench/streams.js [--streams 1000] [--sessions 1000] [--reloads 10]
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { ROOT, freePort, processMemory } from '../test/helpers/aeterna';
 import { Daemon } from '../test/helpers/daemon';
@@ -297,10 +299,22 @@ async function main(): Promise<void> {
     await run('pm2 cluster reload', streams, peers),
   ];
   const wsRuns = [await runWs('handoff', sessions, reloads), await runWs('drain only', sessions, peers)];
-  console.log(table(runs));
-  console.log('');
-  console.log(wsTable(wsRuns));
-  console.log(`\n${JSON.stringify({ streams: runs, sessions: wsRuns })}`);
+  const date = new Date().toISOString().slice(0, 10);
+  const report = [
+    `# Long-lived streams and WebSocket sessions across reloads: ${date}`,
+    '',
+    `${os.cpus().length} cores, Node ${process.version}; \`node dist/bench/streams.js --streams ${streams} --sessions ${sessions} --reloads ${reloads}\` (bench/streams.ts). Counts, not timings, are the result.`,
+    '',
+    table(runs),
+    '',
+    wsTable(wsRuns),
+    '',
+  ].join('\n');
+  const file = path.join(ROOT, 'bench', 'results', `streams-${date}.md`);
+  fs.writeFileSync(file, report);
+  fs.writeFileSync(file.replace(/\.md$/, '.json'), `${JSON.stringify({ streams: runs, sessions: wsRuns }, null, 2)}\n`);
+  console.log(report);
+  console.log(file);
 }
 
 if (require.main === module) {

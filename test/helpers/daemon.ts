@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CLI, ROOT, runAeterna, tempDir, type AeternaRun } from './aeterna';
+import { CLI, ROOT, freePort, runAeterna, tempDir, type AeternaRun } from './aeterna';
 import { call } from '../../src/control/client';
 import type { StatusReport } from '../../src/orchestrator/types';
 import type { LoadStats } from './load';
@@ -115,6 +115,24 @@ export class Daemon {
   }
 
   /** Poll status until predicate holds (a hang guard, not a timing assertion). */
+  /**
+   * A daemon as PID 1 running `command` with the state relay on, readiness through the relay, and a long
+   * stop_timeout (an old generation that waited for its connections would still be alive when they end), started
+   * and Running. The connection handoff tests' daemon.
+   */
+  static async withHandoff(command: string[], options: Partial<ConfigOptions> = {}): Promise<Daemon> {
+    const d = new Daemon({
+      command,
+      port: await freePort(),
+      readiness: '{ mode: "notify", timeout: "60s" }',
+      stopTimeout: '120s',
+      ...options,
+    });
+    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s" }` });
+    d.start(true);
+    return d;
+  }
+
   /** Wait until no old generation retires any more (a reload answers at promotion; the old one drains on). */
   async untilRetired(timeoutMs = 60000): Promise<void> {
     await this.waitStatus((s) => ((s as { retiring?: unknown[] }).retiring ?? []).length === 0, timeoutMs);

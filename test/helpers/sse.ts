@@ -1,4 +1,5 @@
-// A client of the demo agent's SSE streams (GET /sessions/<id>/stream?tokens=N) that records what it saw: each
+// A client of SSE streams whose events carry an index and a generation (the demo agent's
+// GET /sessions/<id>/stream?tokens=N, the SDK fixtures' GET /stream?events=N) that records what it saw: each
 // event's index and generation, the TCP connections it used, and whether the response ended cleanly. Used by the
 // connection handoff tests and bench/streams.ts.
 import http from 'node:http';
@@ -10,12 +11,25 @@ export interface StreamSeen {
   ports: Set<number>;
   /** 'complete': the response ended cleanly; 'cut': the connection ended first. */
   ended: Promise<'complete' | 'cut'>;
+  /** The response is over (`ended` has settled). */
+  over: boolean;
 }
 
+/** The demo agent's stream of `tokens` events for `session`. */
 export function openStream(port: number, session: string, tokens: number, agent?: http.Agent): StreamSeen {
-  const seen: StreamSeen = { indices: [], generations: [], ports: new Set(), ended: Promise.resolve('cut') };
-  seen.ended = new Promise((resolve) => {
-    const path = `/sessions/${session}/stream?tokens=${tokens}`;
+  return openSse(port, `/sessions/${session}/stream?tokens=${tokens}`, agent);
+}
+
+/** Any event stream whose events carry `data: {"i": <index>, "generation": "<n>", ...}`. */
+export function openSse(port: number, path: string, agent?: http.Agent): StreamSeen {
+  const seen: StreamSeen = {
+    indices: [],
+    generations: [],
+    ports: new Set(),
+    ended: Promise.resolve('cut'),
+    over: false,
+  };
+  seen.ended = new Promise<'complete' | 'cut'>((resolve) => {
     const req = http.get({ port, path, agent: agent ?? false }, (res) => {
       seen.ports.add(res.socket.localPort!);
       let buffered = '';
@@ -36,6 +50,6 @@ export function openStream(port: number, session: string, tokens: number, agent?
       res.on('aborted', () => resolve('cut'));
     });
     req.on('error', () => resolve('cut'));
-  });
+  }).finally(() => (seen.over = true));
   return seen;
 }

@@ -7,11 +7,11 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
-import { ROOT, descendantsOf, fixture, freePort, pidNamespaceUnavailable, tempDir } from '../helpers/aeterna';
+import { ROOT, descendantsOf, fixture, pidNamespaceUnavailable, tempDir } from '../helpers/aeterna';
 import { Daemon } from '../helpers/daemon';
+import { openSse, type StreamSeen } from '../helpers/sse';
 import { fdCountAtRest, settle } from '../../bench/soak';
 
 const PYTHON = 'python3';
@@ -37,51 +37,8 @@ after(async () => {
   for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true });
 });
 
-/** What one SSE client saw: the events' indices and generations, its connections, how the response ended. */
-interface StreamSeen {
-  indices: number[];
-  generations: string[];
-  /** Local ports of the TCP connections it used (one: the connection never closed). */
-  ports: Set<number>;
-  /** 'complete': the response ended cleanly (the last chunk); 'cut': the connection ended first. */
-  ended: Promise<'complete' | 'cut'>;
-  /** The response has ended (either way). */
-  over: boolean;
-}
-
-function openStream(port: number, events: number): StreamSeen {
-  const seen: StreamSeen = {
-    indices: [],
-    generations: [],
-    ports: new Set(),
-    ended: Promise.resolve('cut'),
-    over: false,
-  };
-  seen.ended = new Promise<'complete' | 'cut'>((resolve) => {
-    const req = http.get({ port, path: `/stream?events=${events}`, agent: false }, (res) => {
-      seen.ports.add(res.socket.localPort!);
-      let buffered = '';
-      res.setEncoding('utf8');
-      res.on('data', (text: string) => {
-        buffered += text;
-        for (let end; (end = buffered.indexOf('\n\n')) >= 0;) {
-          const event = buffered.slice(0, end);
-          buffered = buffered.slice(end + 2);
-          const data = /^data: (.*)$/m.exec(event);
-          if (!data) continue;
-          const e = JSON.parse(data[1]) as { i: number; generation: string };
-          seen.indices.push(e.i);
-          seen.generations.push(e.generation);
-        }
-      });
-      res.on('end', () => resolve(res.complete ? 'complete' : 'cut'));
-      res.on('error', () => resolve('cut'));
-      res.on('aborted', () => resolve('cut'));
-    });
-    req.on('error', () => resolve('cut'));
-  }).finally(() => (seen.over = true));
-  return seen;
-}
+/** The fixture's stream of `events` events. */
+const openStream = (port: number, events: number): StreamSeen => openSse(port, `/stream?events=${events}`);
 
 const range = (n: number): number[] => Array.from({ length: n }, (_, i) => i);
 
@@ -96,19 +53,10 @@ function processAlive(pid: number): boolean {
 
 /** A daemon (PID 1) running `command` with the state relay on and a long stop_timeout. */
 async function started(command: string[]): Promise<{ d: Daemon; port: number }> {
-  const port = await freePort();
-  const d = new Daemon({
-    command,
-    port,
-    readiness: '{ mode: "notify", timeout: "60s" }',
-    // Long: an old generation that waited for its streams would still be alive when they end.
-    stopTimeout: '120s',
-  });
-  d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s" }` });
-  d.start(true);
+  const d = await Daemon.withHandoff(command);
   daemons.push(d);
   await d.waitStatus((s) => s.state === 'Running', 60000);
-  return { d, port };
+  return { d, port: d.options.port! };
 }
 
 /** Wait until every stream has received at least `n` events. */

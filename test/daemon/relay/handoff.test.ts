@@ -5,7 +5,7 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import path from 'node:path';
-import { ROOT, descendantsOf, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
+import { ROOT, descendantsOf, pidNamespaceUnavailable } from '../../helpers/aeterna';
 import { Daemon } from '../../helpers/daemon';
 import { requestJson } from '../../helpers/load';
 import { openStream, type StreamSeen } from '../../helpers/sse';
@@ -23,19 +23,10 @@ describe('connection handoff: streams that a reload does not cut', { skip: skip 
   });
 
   async function started(): Promise<{ d: Daemon; port: number; session: string }> {
-    const port = await freePort();
-    const d = new Daemon({
-      command: AGENT,
-      port,
-      readiness: '{ mode: "notify", timeout: "60s" }',
-      // Long: an old generation that waited for its streams would still be alive when they end.
-      stopTimeout: '120s',
-      restart: '{ policy: "always", max_restarts: 10, window: "60s" }',
-    });
-    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s" }` });
-    d.start(true);
+    const d = await Daemon.withHandoff(AGENT, { restart: '{ policy: "always", max_restarts: 10, window: "60s" }' });
     daemons.push(d);
     await d.waitStatus((s) => s.state === 'Running', 60000);
+    const port = d.options.port!;
     const { id } = await requestJson<{ id: string }>(port, 'POST', '/sessions');
     await requestJson(port, 'POST', `/sessions/${id}/messages`, 'a story about sockets that never close');
     return { d, port, session: id };

@@ -12,7 +12,7 @@ import WebSocket, { WebSocketServer } from 'ws';
 import { Handoff, HandoffReceiver, type AdoptedConnection } from '../../../src/client/handoff';
 import { handOverWebSocket, resumeWebSocket } from '../../../src/client/websocket';
 import { native } from '../../../src/native/binding';
-import { ROOT, descendantsOf, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
+import { ROOT, descendantsOf, pidNamespaceUnavailable } from '../../helpers/aeterna';
 import { Daemon } from '../../helpers/daemon';
 import { settle } from '../../../bench/soak';
 
@@ -158,19 +158,10 @@ describe('WebSocket handoff: ws sessions that a reload does not cut', { skip: sk
   });
 
   async function started(): Promise<{ d: Daemon; port: number }> {
-    const port = await freePort();
-    const d = new Daemon({
-      command: APP,
-      port,
-      readiness: '{ mode: "notify", timeout: "60s" }',
-      // Long: an old generation that waited for its sessions would still be alive when the clients stop.
-      stopTimeout: '120s',
-    });
-    d.write({ ...d.options, handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s" }` });
-    d.start(true);
+    const d = await Daemon.withHandoff(APP);
     daemons.push(d);
     await d.waitStatus((s) => s.state === 'Running', 60000);
-    return { d, port };
+    return { d, port: d.options.port! };
   }
 
   /** Wait (a hang guard, not a timing) until `check` holds for every client. */
