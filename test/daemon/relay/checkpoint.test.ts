@@ -313,6 +313,7 @@ describe('checkpoints', { timeout: 180000 }, () => {
             /generation 1 could not dump its state .*going on with checkpoint 2/.test(String(l.msg)) && l.seq === 2,
         ),
     );
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const after = await request(port, 'GET', '/sessions/s1');
     assert.equal(after.generation, '2');
     assert.deepEqual(after.history, ['one', 'two']);
@@ -348,6 +349,7 @@ describe('checkpoints', { timeout: 180000 }, () => {
       assert.equal(code, 0, record.reason ?? '');
       assert.equal(record.outcome, 'promoted');
       assert.match(record.phases.find((p) => p.phase === 'relayed')?.detail ?? '', /from checkpoint 1 \(/);
+      await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
       const after = await request(port, 'GET', '/sessions/s1');
       assert.equal(after.generation, '2');
       assert.deepEqual(after.history, ['one']);
@@ -383,6 +385,7 @@ describe('checkpoints', { timeout: 180000 }, () => {
     // Its connection is usable again: the next reload relays its live state.
     const next = await reloadRecord(d);
     assert.equal(next.record.outcome, 'promoted');
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const relayed = await request(port, 'GET', '/sessions/s1');
     assert.equal(relayed.generation, '3'); // 2 was the one rolled back
     assert.deepEqual(relayed.history, ['kept']);

@@ -157,6 +157,7 @@ describe('state relay reliability', { timeout: 240000 }, () => {
     d.write({ ...d.options, handoff: handoff(d, '10s', false) });
     const r = await d.cli('reload');
     assert.equal(r.code, 0, r.stderr);
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const off = await getJson<Answer>(port, '/');
     assert.equal(off.generation, '2');
     assert.equal(off.source, null, 'no state was relayed');
@@ -206,6 +207,7 @@ describe('state relay reliability', { timeout: 240000 }, () => {
     const r2 = await reload;
     assert.equal(r2.code, 0, r2.stderr);
     await d.run.waitFor(/FINAL LOAD APPLIED 2/);
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const after = await getJson<Answer>(port, '/');
     assert.equal(after.generation, '3');
     assert.deepEqual(after.notes, ['first']);

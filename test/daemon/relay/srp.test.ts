@@ -57,6 +57,7 @@ describe('state relay', { timeout: 180000 }, () => {
     const before = await request(port, 'GET', '/sessions/s1');
     const r = await d.cli('reload');
     assert.equal(r.code, 0, r.stderr);
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const after = await request(port, 'GET', '/sessions/s1');
     assert.notEqual(after.pid, before.pid);
     assert.equal(after.generation, '2');
@@ -182,6 +183,7 @@ describe('state relay', { timeout: 180000 }, () => {
       [false, 10000],
       [true, 10000],
     ]);
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const after = await request(port, 'GET', '/sessions/s1');
     assert.equal(after.generation, '2');
     assert.ok(after.history!.includes('during the soak, on the old generation'), JSON.stringify(after.history));
@@ -220,6 +222,7 @@ describe('a final sync cut short', { timeout: 120000 }, () => {
     assert.equal((await d.cli('reload')).code, 0, 'the promotion stands');
     await d.run.waitFor(/final sync cut short/);
     await d.run.waitFor(/final state sync lost/);
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const second = await request(port, 'GET', '/blob');
     assert.equal(second.generation, '2');
     assert.equal(
@@ -229,6 +232,7 @@ describe('a final sync cut short', { timeout: 120000 }, () => {
     );
     // Generation 2's relay connection is still in step: the next reload carries its state.
     assert.equal((await d.cli('reload')).code, 0);
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const third = await request(port, 'GET', '/blob');
     assert.equal(third.generation, '3');
     assert.equal(third.sha256, original.sha256);

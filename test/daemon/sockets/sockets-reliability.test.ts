@@ -86,6 +86,7 @@ describe('socket files deleted under Aeterna', { timeout: 240000 }, () => {
 
     const r = await d.cli('reload');
     assert.equal(r.code, 0, `the reload promotes: ${r.stderr}`);
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const reloaded = await requestJson<Reply>(port, 'GET', '/sessions/s1');
     assert.equal(reloaded.generation, '2');
     assert.deepEqual(reloaded.history, ['one', 'two'], 'the state was relayed through the new socket');
@@ -94,6 +95,7 @@ describe('socket files deleted under Aeterna', { timeout: 240000 }, () => {
     const up = await d.cli('upgrade');
     assert.equal(up.code, 0, `upgrade: ${up.stderr}`);
     assert.equal((await d.cli('reload')).code, 0, 'a reload after the upgrade promotes');
+    await d.untilRetired(); // the reload answers at promotion: until its SIGTERM is handled the old one may accept
     const after = await requestJson<Reply>(port, 'GET', '/sessions/s1');
     assert.equal(after.generation, '3');
     assert.deepEqual(after.history, ['one', 'two'], 'relayed on the handed-over socket');
