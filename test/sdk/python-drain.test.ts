@@ -69,7 +69,9 @@ describe('Python SDK drain: examples/python-counter under keep-alive load', { sk
     for (let i = 0; i < RELOADS; i++) {
       const r = await d.cli('reload');
       assert.equal(r.code, 0, r.stderr);
-      // The new generation answers the load before the next reload (the keep-alive connections moved to it).
+      // The reload answers at promotion; the old generation drains on. Once it is gone, the load's keep-alive
+      // connections have moved to the new one, which must answer them before the next reload.
+      await d.untilRetired();
       const served = load.stats.ok;
       await until(`requests after reload ${i + 1}`, () => load.stats.ok >= served + 50);
     }
