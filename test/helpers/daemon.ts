@@ -159,6 +159,18 @@ export class Daemon {
     if (this.run.child.exitCode === null) await this.run.signal('SIGTERM');
     return (await this.run.exit()).code;
   }
+
+  /**
+   * Stop once the serving generation has printed `READY <pid>` (the fixtures that print it do so after installing
+   * their SIGTERM handler). Under delay readiness Aeterna takes an app as ready after the delay whether or not its
+   * runtime has finished loading; a SIGTERM before the handler exists kills it (143), which is the app's exit code,
+   * not what a test of a clean stop is about.
+   */
+  async stopServing(): Promise<number | null> {
+    const { pid } = await this.status();
+    if (pid !== null) await this.run.waitFor(new RegExp(`READY ${pid}\\b`), 60000);
+    return this.stop();
+  }
 }
 
 /** The daemon's control socket. */

@@ -25,7 +25,7 @@ describe('operator interfaces', { timeout: 120000 }, () => {
     assert.equal(s.generation, before.generation + 1);
     assert.equal(s.last_reload?.trigger, 'sighup');
     await d.run.waitFor(/SIGHUP reload promoted/);
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('a SIGHUP storm runs at most one reload at a time and never half-applies one', async () => {
@@ -50,7 +50,7 @@ describe('operator interfaces', { timeout: 120000 }, () => {
       d.run.logs().some((l) => /SIGHUP ignored: a reload is already in progress/.test(l.msg)),
       'the storm was refused while busy',
     );
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('serves /metrics, /healthz and /readyz with the reload, state and generation series', async () => {
@@ -82,7 +82,7 @@ describe('operator interfaces', { timeout: 120000 }, () => {
       assert.ok(body.includes(name), name);
     assert.doesNotMatch(body, /CRASH_AFTER_MS|reload_app\.js/, 'no environment or command line in the metrics');
     assert.equal((await getText(metricsPort, '/nope')).status, 404);
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('/readyz is 503 while the first generation is not ready yet', async () => {
@@ -98,7 +98,7 @@ describe('operator interfaces', { timeout: 120000 }, () => {
     await d.run.waitFor(/READY \d+/); // the app runs (and handles SIGTERM) but never says READY=1
     assert.equal((await getText(metricsPort, '/readyz')).status, 503);
     assert.equal((await getText(metricsPort, '/healthz')).status, 200);
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('status shows state, generation, pid, listeners and the last reload; stop stops the daemon gracefully', async () => {

@@ -124,7 +124,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
       assert.equal((await statusOf(d)).canary_weight, null, 'no weight outside a soak');
       assert.doesNotMatch((await d.cli('status')).stdout, /canary weight/);
       assert.equal(await weightMetric(), 0, 'the gauge is 0 after the soak');
-      assert.equal(await d.stop(), 0);
+      assert.equal(await d.stopServing(), 0);
     });
   }
 
@@ -142,7 +142,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
       assert.equal(gens.size, 1, `${address} reached generations ${[...gens].join(',')}`);
     assert.equal((await d.cli('rollback')).code, 0);
     assert.equal((await reload).code, 1);
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   for (const { listen, clients, weights } of [
@@ -186,7 +186,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
         assert.equal((await d.cli('rollback')).code, 0);
         assert.equal((await reload).code, 1);
       }
-      assert.equal(await d.stop(), 0);
+      assert.equal(await d.stopServing(), 0);
     });
   }
 
@@ -209,7 +209,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
       const winner = ending === 'promote' ? 2 : 1;
       assert.equal(s.generation, winner);
       assert.deepEqual([...(await fresh(port, 200))], [[winner, 200]], 'every new connection reaches the winner');
-      assert.equal(await d.stop(), 0);
+      assert.equal(await d.stopServing(), 0);
     });
   }
 
@@ -245,7 +245,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
       );
     }
     assert.equal(await fdCountAtRest(aeterna), fdsBefore, "Aeterna's fd count after 50 weighted reloads");
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it(
@@ -271,7 +271,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
       );
       assert.equal((await d.cli('rollback')).code, 0);
       assert.equal((await reload).code, 1);
-      assert.equal(await d.stop(), 0);
+      assert.equal(await d.stopServing(), 0);
     },
   );
 
@@ -305,7 +305,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
       assert.deepEqual([...answeredBy.keys()], [1], 'the candidate answered nothing');
       assert.ok(answeredBy.get(1)! >= servedBefore + 4, 'the 4 queued requests were answered by generation 1');
       assert.equal((await d.status()).last_reload?.outcome, 'rolled_back');
-      assert.equal(await d.stop(), 0);
+      assert.equal(await d.stopServing(), 0);
     },
   );
 
@@ -353,7 +353,7 @@ describe('weighted canary', { timeout: 600000 }, () => {
       assert.deepEqual(failures, [], 'no fresh connection failed');
       assert.deepEqual(keepAlive.failures, {}, 'no keep-alive request failed');
       assert.ok(keepAlive.ok > 0);
-      assert.equal(await d.stop(), 0);
+      assert.equal(await d.stopServing(), 0);
     },
   );
 
@@ -369,6 +369,6 @@ describe('weighted canary', { timeout: 600000 }, () => {
     );
     for (const f of failures) assert.match(f, /^(ECONNRESET|Error: socket hang up)$/);
     assert.deepEqual(keepAlive.failures, {}, 'no keep-alive request failed');
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 });

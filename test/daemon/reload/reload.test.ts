@@ -45,7 +45,7 @@ describe('reloads', { timeout: 120000 }, () => {
     assert.deepEqual(stats.failures, {}, 'no request failed');
     assert.equal(stats.failed, 0);
     assert.ok(stats.ok > 20, `requests were served (${stats.ok})`);
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('canary whose new version exits during soak: rolled back, old pid still serving, zero failed requests, reload exits 1 with the reason', async () => {
@@ -64,7 +64,7 @@ describe('reloads', { timeout: 120000 }, () => {
     assert.equal(s.last_reload?.code, 'E_CHILD_EXITED');
     assert.equal((await getJson<{ pid: number }>(port)).pid, before.pid);
     assert.equal(stats.failed, 0, JSON.stringify(stats.failures));
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('a new version that never becomes ready is rolled back after the timeout, never promoted', async () => {
@@ -83,7 +83,7 @@ describe('reloads', { timeout: 120000 }, () => {
     assert.equal(s.last_reload?.code, 'E_READY_TIMEOUT');
     assert.equal((await getJson<{ pid: number }>(port)).pid, before.pid);
     assert.ok(!d.run.logs().some((l) => /promoted/.test(l.msg)), 'never promoted');
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('aeterna promote ends a soak early; a second reload meanwhile is refused as busy (exit 4)', async () => {
@@ -101,7 +101,7 @@ describe('reloads', { timeout: 120000 }, () => {
     assert.equal(s.state, 'Running');
     assert.equal(s.generation, before.generation + 1);
     assert.notEqual(s.pid, before.pid);
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('aeterna rollback ends a soak early: the old generation keeps serving, reload exits 1 (operator rollback)', async () => {
@@ -118,7 +118,7 @@ describe('reloads', { timeout: 120000 }, () => {
     assert.equal(s.last_reload?.code, 'E_OPERATOR_ROLLBACK');
     assert.equal((await getJson<{ pid: number }>(port)).pid, before.pid);
     assert.equal((await d.cli('promote')).code, 1, 'promote outside a soak is refused');
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('an invalid config at reload is refused and nothing changes', async () => {
@@ -140,7 +140,7 @@ describe('reloads', { timeout: 120000 }, () => {
     assert.equal(s.pid, before.pid);
     assert.equal(s.last_reload.outcome, 'failed');
     assert.equal(s.last_reload.code, 'E_CONFIG_INVALID');
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('an unmodified sd_notify app (Python, LISTEN_FDS + READY=1) reloads with zero failed requests', async () => {
@@ -164,7 +164,7 @@ describe('reloads', { timeout: 120000 }, () => {
       d.run.logs().some((l) => l.msg === 'generation ready' && /READY=1/.test(String(l.source))),
       'readiness came from sd_notify',
     );
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 });
 
@@ -275,7 +275,7 @@ describe('what logs and status say', { timeout: 120000 }, () => {
       'Handover>Draining:ready-immediate',
       'Draining>Running:retire', // the reload ends at promotion: the old generation drains on in the background
     ]);
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it("status during the canary soak of a reload whose config changed the strategy shows that reload's strategy, text and --json", async () => {
@@ -294,6 +294,6 @@ describe('what logs and status say', { timeout: 120000 }, () => {
     assert.equal((await d.cli('promote')).code, 0);
     assert.equal((await reload).code, 0);
     assert.equal((await statusOf(d)).strategy, 'canary', 'the promoted config runs now');
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 });

@@ -70,7 +70,7 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     assert.equal(s.last_reload?.trigger, 'watch');
     assert.equal(s.generation, 2);
     assert.equal(await barrierReload(d), 'reload-2', 'no second reload came from the one write');
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
     assert.deepEqual(
       settledReloads(d, 'watch').map((r) => [r.reload, r.outcome]),
       [['reload-1', 'promoted']],
@@ -114,7 +114,7 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     assert.equal(s.last_reload?.id, 'reload-1');
     assert.equal(s.generation, 2);
     assert.equal(await barrierReload(d), 'reload-2', 'the burst made one reload');
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
     assert.equal(settledReloads(d, 'watch').length, 1);
   });
 
@@ -150,7 +150,7 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     assert.equal(s.generation, 2);
     assert.equal((await getJson<{ version: string }>(port)).version, 'two');
     assert.equal(await barrierReload(d), 'reload-2');
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('changes during a reload queue exactly one more reload: not dropped, not one per change', async () => {
@@ -182,7 +182,7 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     assert.equal(s.last_reload?.trigger, 'watch');
     assert.equal(s.generation, 3);
     assert.equal(await barrierReload(d), 'reload-3', 'exactly one reload was queued');
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
     assert.deepEqual(
       settledReloads(d, 'watch').map((r) => r.reload),
       ['reload-2'],
@@ -214,7 +214,7 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     const fixed = await d.waitStatus((st) => st.last_reload?.outcome === 'promoted');
     assert.equal(fixed.last_reload?.id, 'reload-2');
     assert.equal(fixed.generation, before.generation + 1);
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('a watched path that does not exist is logged and watched for: its creation reloads', async () => {
@@ -227,7 +227,7 @@ describe('orchestration.watch', { timeout: 120000 }, () => {
     assert.equal(s.last_reload?.trigger, 'watch');
     assert.equal(s.generation, 2);
     await d.run.waitFor(/watched path \S+later\/app\.conf appeared/);
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 
   it('as PID 1, a stop with a change pending closes every watch and timer: Aeterna exits 0 without reloading', async () => {
