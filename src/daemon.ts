@@ -25,7 +25,7 @@ import { ownFiles } from './own-files';
 import { Generation } from './supervisor/generation';
 import { belongsTo } from './supervisor/proctree';
 import { WeightedSplit } from './resources/canary-split';
-import type { Handover } from './upgrade/handover';
+import type { HandedGeneration, Handover } from './upgrade/handover';
 import type { Carried } from './upgrade/carried';
 import { Carrier } from './upgrade/carrier';
 import { HeldConfig } from './upgrade/held-config';
@@ -168,9 +168,15 @@ export class Daemon {
     const orchestrator = this.startOrchestrator();
     if (this.testFault === 'throw-before-takeover')
       throw new Error(`${TEST_FAULT_ENV}=${this.testFault}: a fault injected before the takeover`);
-    if (adopted.length !== 1) return { stopped: this.serve(orchestrator.run()) };
-    const stopped = orchestrator.adopt(adopted[0], h.counters);
-    this.adoptRelayConnections(h, adopted);
+    const servingAt = h.generations.findIndex((g) => g.state === 'serving');
+    if (servingAt < 0 || h.generations.filter((g) => g.state === 'serving').length !== 1)
+      return { stopped: this.serve(orchestrator.run()) };
+    const serving = adopted[servingAt];
+    const retiring = h.generations.flatMap((g, i) =>
+      g.state === 'retiring' ? [{ gen: adopted[i], ...retiringTimes(g) }] : [],
+    );
+    const stopped = orchestrator.adopt(serving, h.counters, retiring);
+    this.adoptRelayConnections(h, serving, new Set(retiring.map((r) => r.gen.number)));
     this.metrics.reexecuted(this.carrier.reexecsByReason);
     this.log.info(
       {
@@ -179,10 +185,12 @@ export class Daemon {
         from: h.from.version,
         to: this.version,
         reexecs: this.carrier.reexecs,
-        generation: adopted[0].number,
-        child: adopted[0].pid,
+        generation: serving.number,
+        child: serving.pid,
+        ...(retiring.length > 0 ? { retiring: retiring.map((r) => r.gen.number) } : {}),
       },
-      `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${adopted[0].number} (pid ${adopted[0].pid})`,
+      `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${serving.number} (pid ${serving.pid})` +
+        (retiring.length > 0 ? ` and ${retiring.length} retiring generation(s) still draining` : ''),
     );
     return { stopped: this.serve(stopped) };
   }
@@ -278,10 +286,15 @@ export class Daemon {
   }
 
   /** The relay connections the previous Aeterna handed over (closed when the relay is off now: nobody would read them). */
-  private adoptRelayConnections(h: Handover, adopted: Generation[]): void {
-    const entries = h.relay_connections ?? [];
+  private adoptRelayConnections(h: Handover, serving: Generation, retiring: ReadonlySet<number>): void {
+    // A retiring generation's relay is over (its final sync ran before it was replaced): its connection is closed.
+    const entries = [];
+    for (const e of h.relay_connections ?? []) {
+      if (retiring.has(e.generation)) native.close(e.fd);
+      else entries.push(e);
+    }
     const relay = this.sockets.relay;
-    if (relay) relay.adoptConnections(entries, adopted);
+    if (relay) relay.adoptConnections(entries, [serving]);
     else entries.forEach((e) => native.close(e.fd));
     if (!relay && h.checkpoint) native.close(h.checkpoint.fd);
     if (entries.length > 0)
@@ -385,4 +398,14 @@ export class Daemon {
     this.reaper.sweep();
     this.reaper.uninstall();
   }
+}
+
+/** A carried retiring generation's SIGTERM and SIGKILL times; a missing or unreadable deadline is due now. */
+function retiringTimes(g: HandedGeneration): { since: Date; deadline: Date } {
+  const since = new Date(g.draining_since ?? g.started_at);
+  const deadline = new Date(g.kill_deadline ?? Date.now());
+  return {
+    since: Number.isNaN(since.getTime()) ? new Date() : since,
+    deadline: Number.isNaN(deadline.getTime()) ? new Date() : deadline,
+  };
 }

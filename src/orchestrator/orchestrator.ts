@@ -187,20 +187,11 @@ export class Orchestrator implements ControlApi {
   }
 
   /**
-   * What an upgrade or a recovery carries (upgrade/carried.ts): the serving generation and the counters. Only while
-   * Running (no reload, no restart pending) with no old generation still draining (the handover carries one
-   * generation): otherwise it throws E_RELOAD_BUSY or E_ILLEGAL_TRANSITION.
+   * What an upgrade or a recovery carries (upgrade/carried.ts): the serving generation, the old generations of
+   * promoted reloads still draining (the next Aeterna keeps their SIGKILL deadlines), and the counters. Only while
+   * Running (no reload, no restart pending): otherwise it throws E_RELOAD_BUSY or E_ILLEGAL_TRANSITION.
    */
   carry(): { fds: never[]; part: { generations: CarriedGeneration[]; counters: CarriedCounters } } {
-    const retiring = this.retiring.oldest();
-    if (this.inFlight === null && retiring !== null) {
-      const r = retiring.gen;
-      throw new AeternaError(
-        'E_RELOAD_BUSY',
-        `cannot upgrade now: generation ${r.number} (pid ${r.pid}) is still draining, replaced by a reload ` +
-          `(SIGKILL at ${retiring.deadline.toISOString()} at the latest); try again once it has exited (aeterna status lists it)`,
-      );
-    }
     if (this.inFlight !== null || this.fsm.state !== 'Running' || this.serving === null || !this.serving.alive) {
       const code = this.inFlight !== null ? 'E_RELOAD_BUSY' : 'E_ILLEGAL_TRANSITION';
       throw new AeternaError(
@@ -225,7 +216,17 @@ export class Orchestrator implements ControlApi {
       started_at: s.startedAt.toISOString(),
       cgroup: s.cgroup?.dir ?? null,
     };
-    return { fds: [], part: { generations: [serving], counters } };
+    const retiring = this.retiring.alive().map(({ gen, since, deadline }): CarriedGeneration => ({
+      number: gen.number,
+      pid: gen.pid,
+      pgid: gen.pid,
+      state: 'retiring',
+      started_at: gen.startedAt.toISOString(),
+      cgroup: gen.cgroup?.dir ?? null,
+      draining_since: since.toISOString(),
+      kill_deadline: deadline.toISOString(),
+    }));
+    return { fds: [], part: { generations: [serving, ...retiring], counters } };
   }
 
   /** Calls `listener` when what carry() returns may have changed without a state transition (upgrade/carried.ts). */
@@ -233,8 +234,15 @@ export class Orchestrator implements ControlApi {
     this.carryListeners.push(listener);
   }
 
-  /** A re-executed Aeterna goes on where the old one was: `serving` runs and is ready. Resolves as run(). */
-  adopt(serving: Generation, counters: CarriedCounters): Promise<number> {
+  /**
+   * A re-executed Aeterna goes on where the old one was: `serving` runs and is ready; `retiring` drain on, each
+   * SIGKILLed at the deadline the previous Aeterna set. Resolves as run().
+   */
+  adopt(
+    serving: Generation,
+    counters: CarriedCounters,
+    retiring: ReadonlyArray<{ gen: Generation; since: Date; deadline: Date }> = [],
+  ): Promise<number> {
     this.reloads = counters.reloads;
     this.restarts = counters.restarts;
     this.generations = counters.generations;
@@ -246,6 +254,11 @@ export class Orchestrator implements ControlApi {
     this.deps.metrics.setGeneration(serving.number);
     this.fire('ready'); // Running
     this.watchdogs.get(serving)?.start();
+    for (const r of retiring) {
+      this.retiring.add(r.gen, r.since, r.deadline);
+      void r.gen.resumeStop(r.deadline);
+      void r.gen.exited.then((info) => this.onExit(r.gen, info));
+    }
     return this.stopped;
   }
 

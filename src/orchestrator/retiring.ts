@@ -56,9 +56,9 @@ export class RetiringGenerations {
     return this.list.map((r) => r.gen);
   }
 
-  /** The oldest one still alive (what an upgrade waits for), or null. */
-  oldest(): { gen: Generation; deadline: Date } | null {
-    return this.list.find((r) => r.gen.alive) ?? null;
+  /** The ones alive, oldest first, with when each got SIGTERM and when its SIGKILL is due (what a re-exec carries). */
+  alive(): Array<{ gen: Generation; since: Date; deadline: Date }> {
+    return this.list.filter((r) => r.gen.alive).map(({ gen, since, deadline }) => ({ gen, since, deadline }));
   }
 
   /**

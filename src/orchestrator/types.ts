@@ -156,16 +156,22 @@ export interface Signalled {
   to: 'group' | 'main';
 }
 
-/** The serving generation as an upgrade carries it (the handover's `generations`, upgrade/handover.ts). */
+/**
+ * A generation as a re-exec carries it (the handover's `generations`, upgrade/handover.ts): the serving one, and
+ * the old generations of promoted reloads still draining (handover version 4).
+ */
 export interface CarriedGeneration {
   number: number;
   pid: number;
   pgid: number;
-  /** Its role when the exec happened (an upgrade runs only while one generation serves). */
-  state: 'serving';
+  /** Its role when the exec happened: one generation serves (no reload runs), others may still be retiring. */
+  state: 'serving' | 'retiring';
   started_at: string;
   /** Its cgroup's directory, when it has one. */
   cgroup: string | null;
+  /** A retiring generation: when it got SIGTERM, and when its SIGKILL is due (ISO times). */
+  draining_since?: string;
+  kill_deadline?: string;
 }
 
 /** The orchestrator's counters as an upgrade carries them (the handover's `counters`, without `reexecs`). */

@@ -191,6 +191,19 @@ export class Generation extends EventEmitter<GenerationEvents> {
   }
 
   /**
+   * A generation adopted by a re-executed Aeterna that was already told to stop (a retiring one): its SIGTERM was
+   * sent by the Aeterna before the exec; only its SIGKILL is due, at `killAt` (now, when that has passed).
+   */
+  resumeStop(killAt: Date): Promise<ExitInfo> {
+    if (!this.alive || this.stopping) return this.exited;
+    const ms = Math.max(0, killAt.getTime() - Date.now());
+    this.killAt = Date.now() + ms;
+    this.killTimer = setTimeout(() => this.signalGroup('SIGKILL'), ms);
+    this.stopping = this.exited;
+    return this.stopping;
+  }
+
+  /**
    * While stopping, the app asked for more time (sd_notify EXTEND_TIMEOUT_USEC=): SIGKILL no earlier than `ms` from
    * now. Never earlier than already due; false when not stopping, or when that changes nothing.
    */

@@ -10,7 +10,13 @@ import { native } from '../native/binding';
 import type { Reaper } from '../supervisor/reaper';
 import type { Carried, CarriedPart } from './carried';
 import { fallBack, fallbackArgv, fallbackHandover } from './fallback';
-import { HANDOVER_VERSION, type FdRole, type Handover, type ReexecReason } from './handover';
+import {
+  HANDOVER_VERSION,
+  HANDOVER_VERSION_WITH_RETIRING,
+  type FdRole,
+  type Handover,
+  type ReexecReason,
+} from './handover';
 import type { HeldConfig } from './held-config';
 import { RECOVERY_LIMIT, RECOVERY_WINDOW_MS, recentRecoveries, reexecsByReason } from './recovery';
 import { checkTarget, prepareSignalExec, reexec, upgradeArgv } from './reexec';
@@ -103,8 +109,9 @@ export class Carrier {
     const fds = carries.flatMap((c) => c.fds).sort((a, b) => FD_ORDER.indexOf(a.role) - FD_ORDER.indexOf(b.role));
     const part = Object.assign({}, ...carries.map((c) => c.part)) as CarriedPart;
     // The fields in the order Aeterna always wrote them: the document stays byte for byte what it was.
+    const generations = part.generations ?? [];
     return {
-      version: HANDOVER_VERSION,
+      version: generations.some((g) => g.state === 'retiring') ? HANDOVER_VERSION_WITH_RETIRING : HANDOVER_VERSION,
       from: { version: this.version, pid: process.pid, argv: upgradeArgv(undefined) },
       reason,
       fds,
@@ -113,7 +120,7 @@ export class Carrier {
       relay: part.relay ?? null,
       notify: part.notify!,
       fdstore: part.fdstore ?? [],
-      generations: part.generations ?? [],
+      generations,
       cgroups: part.cgroups ?? null,
       counters: { ...part.counters!, reexecs: this.reexecs },
       reexecs_by_reason: this.reexecsByReason,

@@ -17,10 +17,14 @@ import type { CarriedCheckpoint, CarriedRelayConnection, CarryReason } from '../
  * Aeterna that reads only 1 would leave them open and unattended, so it must refuse (its check says it cannot).
  * Version 3 added the config the daemon runs with (the re-executed Aeterna runs with it, never with a file no reload
  * accepted), the previous program's argv (to come back to it when the new one cannot start) and the dry run.
+ * Version 4 adds retiring generations (old generations of promoted reloads still draining) beside the serving one;
+ * it is written only when there is one, so that an Aeterna that reads 3 can still be upgraded (or downgraded) to
+ * whenever no old generation drains, and refuses (its check says why) when one does, rather than lose track of it.
  */
 export const HANDOVER_VERSION = 3;
+export const HANDOVER_VERSION_WITH_RETIRING = 4;
 /** The versions this Aeterna reads (`start --check-handover` says so): versions 1 and 2 carry no config (the file is read). */
-export const READABLE_HANDOVER_VERSIONS: readonly number[] = [1, 2, 3];
+export const READABLE_HANDOVER_VERSIONS: readonly number[] = [1, 2, 3, 4];
 /** The environment variable that carries the handover's fd number across the exec. */
 export const HANDOVER_ENV = 'AETERNA_HANDOVER_FD';
 
@@ -37,11 +41,11 @@ export interface KeptFd {
   fd: number;
 }
 
-/** A generation the next Aeterna takes over (the serving one). */
+/** A generation the next Aeterna takes over (the serving one, and any still retiring). */
 export type HandedGeneration = CarriedGeneration;
 
 export interface Handover {
-  version: 1 | 2 | typeof HANDOVER_VERSION;
+  version: 1 | 2 | typeof HANDOVER_VERSION | typeof HANDOVER_VERSION_WITH_RETIRING;
   /**
    * The Aeterna that wrote it; version 3: its argv, which the new program execs with this same handover when it
    * cannot start (fallback.ts).

@@ -519,7 +519,7 @@ test('stop stops the retiring generations too: Aeterna has stopped only once the
   assert.equal(await stopped, 0, "the serving generation's exit code, not the killed old one's");
 });
 
-test('while a retiring generation drains, the orchestrator cannot be carried (an upgrade is refused, saying why)', async () => {
+test('while a retiring generation drains, what the orchestrator carries lists it as retiring beside the serving one, with its SIGKILL deadline', async () => {
   const { h, stopped } = await running(immediate());
   let changed = 0;
   h.orchestrator.onCarryChanged(() => changed++);
@@ -528,12 +528,20 @@ test('while a retiring generation drains, the orchestrator cannot be carried (an
   await settle();
   h.ready(h.gens[1]);
   await done;
-  assert.throws(
-    () => h.orchestrator.carry(),
-    (err: unknown) =>
-      err instanceof AeternaError &&
-      err.code === 'E_RELOAD_BUSY' &&
-      /^cannot upgrade now: generation 1 \(pid \d+\) is still draining/.test(err.message),
+  const carried = h.orchestrator.carry().part.generations;
+  assert.deepEqual(
+    carried.map((g) => [g.number, g.state]),
+    [
+      [2, 'serving'],
+      [1, 'retiring'],
+    ],
+  );
+  const retiring = carried[1];
+  assert.equal(typeof retiring.draining_since, 'string');
+  assert.equal(
+    Date.parse(retiring.kill_deadline!) - Date.parse(retiring.draining_since!),
+    h.orchestrator.stopTimeoutMs,
+    'SIGKILL at its stop_timeout after its SIGTERM',
   );
   h.gens[0].exit(0);
   await settle();

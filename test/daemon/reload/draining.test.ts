@@ -24,9 +24,13 @@ after(async () => {
   for (const d of daemons) await d.run.killAll();
 });
 
-async function started(maxGenerations: number | null, metricsPort?: number): Promise<{ d: Daemon; port: number }> {
+async function started(
+  maxGenerations: number | null,
+  metricsPort?: number,
+  stopTimeout = STOP_TIMEOUT,
+): Promise<{ d: Daemon; port: number }> {
   const port = await freePort();
-  const d = new Daemon({ command: APP, port, stopTimeout: STOP_TIMEOUT, metricsPort });
+  const d = new Daemon({ command: APP, port, stopTimeout, metricsPort });
   if (maxGenerations !== null) {
     const yaml = fs.readFileSync(d.configFile, 'utf8');
     fs.writeFileSync(
@@ -165,11 +169,6 @@ describe('reloads whose old generation drains for long', { timeout: 300_000 }, (
       const human = await d.cli('status');
       assert.match(human.stdout, new RegExp(`^retiring: +generation 1 \\(pid ${a.pid}\\) draining since `, 'm'));
 
-      // The handover carries one generation: an upgrade now is refused, saying why.
-      const upgrade = await d.cli('upgrade');
-      assert.equal(upgrade.code, 4, upgrade.stderr);
-      assert.match(upgrade.stderr, /cannot upgrade now: generation 1 \(pid \d+\) is still draining.*\(E_RELOAD_BUSY\)/);
-
       const ticks = a.ticks();
       await until('the old generation streams on after the reloads', () => a.ticks() > ticks + 2);
       a.close();
@@ -183,6 +182,79 @@ describe('reloads whose old generation drains for long', { timeout: 300_000 }, (
       const exit = d.run.logs().find((l) => l.msg === 'generation 1 exited with code 0');
       assert.ok(exit, 'its exit is logged');
       assert.equal(exit.retiring, true);
+      assert.equal(await d.stop(), 0);
+    },
+  );
+
+  it(
+    'an aeterna upgrade and then a fatal signal (SIGSEGV) while an old generation drains: each carries it, it streams on, listed with the same SIGKILL deadline, and its exit is a retiring one',
+    { skip: skip ?? false },
+    async () => {
+      const { d, port } = await started(null);
+      const a = await streamTo(port, 1);
+      await until('the stream flows', () => a.ticks() >= 2);
+      const r = await reload(d);
+      assert.equal(r.code, 0, r.stderr);
+      const before = (await statusOf(d)).retiring.find((g) => g.generation === 1);
+      assert.ok(before, 'generation 1 retires');
+
+      const upgrade = await d.cli('upgrade');
+      assert.equal(upgrade.code, 0, upgrade.stderr);
+      await d.waitStatus((s) => ((s as { reexecs?: number }).reexecs ?? 0) >= 1, GUARD_MS);
+      await d.run.signal('SIGSEGV');
+      await d.waitStatus((s) => ((s as { reexecs?: number }).reexecs ?? 0) >= 2, GUARD_MS);
+
+      const s = await statusOf(d);
+      assert.equal(s.reexecs, 2, 'an upgrade, then a recovery');
+      assert.equal(s.state, 'Running');
+      assert.equal(s.generation, 2);
+      assert.deepEqual(s.retiring, [before], 'the same generation, pid, SIGTERM time and SIGKILL deadline');
+      assert.equal(
+        d.run
+          .logs()
+          .filter((l) => /took over generation 2 \(pid \d+\) and 1 retiring generation\(s\) still draining/.test(l.msg))
+          .length,
+        2,
+      );
+      const ticks = a.ticks();
+      await until('the old generation streams on after both re-execs', () => a.ticks() > ticks + 2);
+      assert.equal(a.ended(), false);
+
+      a.close();
+      await d.run.waitFor(new RegExp(`EXIT ${a.pid} generation 1`), GUARD_MS);
+      await until('generation 1 is no longer retiring', async () => (await statusOf(d)).retiring.length === 0);
+      await d.run.waitFor(/"msg":"generation 1 exited with code 0"/);
+      const exit = d.run.logs().find((l) => l.msg === 'generation 1 exited with code 0');
+      assert.equal(exit?.retiring, true, 'logged as a retiring generation by the re-executed Aeterna');
+      const after = await statusOf(d);
+      assert.equal(after.restarts, 0, "a retiring generation's exit is no crash");
+      assert.equal(after.generation, 2);
+      assert.equal(await d.stop(), 0);
+    },
+  );
+
+  it(
+    'a retiring generation carried across an aeterna upgrade is SIGKILLed at the deadline the previous Aeterna set',
+    { skip: skip ?? false },
+    async () => {
+      const { d, port } = await started(null, undefined, '12s');
+      const a = await streamTo(port, 1);
+      await until('the stream flows', () => a.ticks() >= 2);
+      const r = await reload(d);
+      assert.equal(r.code, 0, r.stderr);
+      const upgrade = await d.cli('upgrade');
+      assert.equal(upgrade.code, 0, upgrade.stderr);
+      await d.waitStatus((s) => ((s as { reexecs?: number }).reexecs ?? 0) >= 1, GUARD_MS);
+      // The stream never ends on its own: only the SIGKILL at its stop_timeout ends generation 1.
+      await d.run.waitFor(/"msg":"generation 1 killed by SIGKILL"/, GUARD_MS);
+      const logs = d.run.logs();
+      const tookOver = logs.findIndex((l) => /re-executed as .* and 1 retiring generation/.test(l.msg));
+      const killedAt = logs.findIndex((l) => l.msg === 'generation 1 killed by SIGKILL');
+      assert.ok(tookOver >= 0 && killedAt > tookOver, 'killed by the re-executed Aeterna, which carried it');
+      assert.equal(logs[killedAt].retiring, true);
+      await a.end;
+      assert.equal((await statusOf(d)).retiring.length, 0);
+      assert.equal((await statusOf(d)).restarts, 0);
       assert.equal(await d.stop(), 0);
     },
   );

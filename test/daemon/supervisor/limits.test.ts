@@ -159,7 +159,7 @@ describe('clients holding connections and fds never lock the operator out', { ti
     } finally {
       idle.forEach((s) => s.destroy());
     }
-    assert.equal(await d.stop(), 0);
+    assert.equal(await d.stopServing(), 0);
   });
 });
 

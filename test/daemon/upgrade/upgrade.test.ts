@@ -75,7 +75,7 @@ describe('handover', () => {
     assert.throws(
       () => readHandover({ [HANDOVER_ENV]: String(fd) }),
       (err: Error & { code?: string }) =>
-        err.code === 'E_HANDOVER_INVALID' && /version 99; this Aeterna reads version 1, 2 and 3/.test(err.message),
+        err.code === 'E_HANDOVER_INVALID' && /version 99; this Aeterna reads version 1, 2, 3 and 4/.test(err.message),
     );
     assert.throws(
       () => readHandover({ [HANDOVER_ENV]: 'x' }),
@@ -88,7 +88,7 @@ describe('handover', () => {
   it('reads a version 1 handover (from an Aeterna before relay connections were carried): it carries none', () => {
     const v1 = { ...sampleHandover([]), version: 1 } as Handover;
     assert.deepEqual(readHandover({ [HANDOVER_ENV]: String(writeHandover(v1)) }), v1);
-    assert.deepEqual(['1', '2', '3', '4'].map(canReadHandover), [true, true, true, false]);
+    assert.deepEqual(['1', '2', '3', '4', '5'].map(canReadHandover), [true, true, true, true, false]);
   });
 
   it('execve failing leaves the process as it was: the kept fds are close-on-exec again', () => {
