@@ -7,14 +7,16 @@ ADDON := build/Release/aeterna.node
 # The test tiers, listed from the sources (so a test file left over in dist/ from an older layout never runs).
 # Node 20's `node --test` expands no globs itself: make lists the files.
 # unit: no daemon (pure code, socketpairs, the addon), tens of seconds. daemon: a real Aeterna with real apps, by
-# component. sdk: the client SDKs with their toolchains (Python, Go, Java). endurance: bench, compat, soak and the
+# component. sdk: the client SDKs with their toolchains (Python, Go, Java). packaging: what users install (the
+# self-contained build, the SDK packages, the images, an install without the addon). endurance: bench, compat, soak and the
 # npm package, minutes each.
 tests_in = $(patsubst %.ts,dist/%.js,$(sort $(shell find $(1) -name '*.test.ts')))
 UNIT_TESTS := $(call tests_in,test/unit)
 DAEMON_TESTS := $(call tests_in,test/daemon)
 SDK_TESTS := $(call tests_in,test/sdk)
 ENDURANCE_TESTS := $(call tests_in,test/endurance)
-TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(ENDURANCE_TESTS)
+PACKAGING_TESTS := $(call tests_in,test/packaging)
+TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(PACKAGING_TESTS) $(ENDURANCE_TESTS)
 
 .PHONY: all build demo lint format test test-unit test-fast bench soak streams clean prebuild
 

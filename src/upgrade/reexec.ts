@@ -41,7 +41,7 @@ function environment(extra: Record<string, string>): string[] {
 export const HOLD_ENV = 'AETERNA_HOLD_SIGNALS';
 function holdingSignals(): Record<string, string> {
   const preload = process.env['LD_PRELOAD'];
-  return { LD_PRELOAD: preload ? `${addonPath}:${preload}` : addonPath, [HOLD_ENV]: '1' };
+  return { LD_PRELOAD: preload ? `${addonPath()}:${preload}` : addonPath(), [HOLD_ENV]: '1' };
 }
 
 /** The environment of Aeterna's own exec: `extra`, and stop signals held across it (LD_PRELOAD replaced, not doubled). */
