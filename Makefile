@@ -18,7 +18,7 @@ ENDURANCE_TESTS := $(call tests_in,test/endurance)
 PACKAGING_TESTS := $(call tests_in,test/packaging)
 TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(PACKAGING_TESTS) $(ENDURANCE_TESTS)
 
-.PHONY: all build demo lint format test test-unit test-fast bench soak streams clean prebuild
+.PHONY: all build demo lint format test test-unit test-fast bench soak streams clean prebuild standalone
 
 all: build
 
@@ -81,6 +81,12 @@ streams: build
 # prebuildify builds in build/ and moves the result away: the next `make build` redoes the source build.
 prebuild: $(NODE_MODULES)
 	npm run build:prebuilds
+
+# Aeterna as one self-contained executable (a Node single executable application with the addon inside) for this
+# platform: build/standalone/aeterna, one file to copy into any image, no Node or npm there (scripts/standalone.ts;
+# docs/operations.md, "Adding Aeterna to any image").
+standalone: build
+	node dist/scripts/standalone.js
 
 clean:
 	rm -rf dist build
