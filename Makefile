@@ -18,7 +18,7 @@ ENDURANCE_TESTS := $(call tests_in,test/endurance)
 PACKAGING_TESTS := $(call tests_in,test/packaging)
 TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(PACKAGING_TESTS) $(ENDURANCE_TESTS)
 
-.PHONY: all build demo lint format test test-unit test-fast bench soak streams clean prebuild standalone
+.PHONY: all build demo lint format test test-unit test-fast bench soak streams clean prebuild standalone java-sdk
 
 all: build
 
@@ -87,6 +87,21 @@ prebuild: $(NODE_MODULES)
 # docs/operations.md, "Adding Aeterna to any image").
 standalone: build
 	node dist/scripts/standalone.js
+
+# The Java SDK as a jar (clients/java; JDK 17+): build/java/aeterna-client.jar, its version in the manifest and
+# the license inside. examples/java-hello compiles and runs against it.
+VERSION := $(shell node -p "require('./package.json').version" 2>/dev/null)
+JAVA_SDK_JAR := build/java/aeterna-client.jar
+
+java-sdk: $(JAVA_SDK_JAR)
+
+$(JAVA_SDK_JAR): clients/java/Aeterna.java LICENSE package.json
+	rm -rf build/java/classes && mkdir -p build/java/classes/META-INF
+	javac --release 17 -Xlint:all -Werror -d build/java/classes clients/java/Aeterna.java
+	cp LICENSE build/java/classes/META-INF/LICENSE
+	printf 'Implementation-Title: aeterna-client\nImplementation-Version: %s\nImplementation-License: Apache-2.0\nAutomatic-Module-Name: dev.aeterna\n' '$(VERSION)' > build/java/MANIFEST.MF
+	jar --create --file $@.partial --manifest build/java/MANIFEST.MF -C build/java/classes .
+	mv $@.partial $@
 
 clean:
 	rm -rf dist build
