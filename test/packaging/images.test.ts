@@ -40,6 +40,9 @@ function stages(text: string): Stage[] {
     const m = /^([A-Z]+)\s+(.*)$/.exec(line);
     assert.ok(m, `line ${start + 1}: "${line}"`);
     const instruction = { keyword: m[1], args: m[2], line: start + 1 };
+    // A heredoc's body is not instructions: skip it (the test below refuses heredocs anyway).
+    const heredoc = /<<-?\s*['"]?([A-Za-z_]+)['"]?/.exec(instruction.args);
+    if (heredoc) while (i + 1 < lines.length && lines[++i].trim() !== heredoc[1]);
     if (instruction.keyword === 'ARG' && out.length === 0) continue; // a global ARG, for the FROM lines
     if (instruction.keyword === 'FROM') {
       const from = /^(\S+)(?:\s+AS\s+(\S+))?$/i.exec(instruction.args);
