@@ -18,7 +18,7 @@ ENDURANCE_TESTS := $(call tests_in,test/endurance)
 PACKAGING_TESTS := $(call tests_in,test/packaging)
 TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(PACKAGING_TESTS) $(ENDURANCE_TESTS)
 
-.PHONY: all build demo lint format test test-unit test-fast bench soak streams clean prebuild standalone java-sdk
+.PHONY: all build demo lint format test test-unit test-fast test-packaging bench soak streams clean prebuild standalone java-sdk
 
 all: build
 
@@ -61,6 +61,10 @@ test-unit: build
 
 test-fast: build
 	node --test --test-concurrency=2 $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS)
+
+# What users install: the self-contained build, the SDK packages, the images, an install without the addon.
+test-packaging: build
+	node --test --test-concurrency=2 $(PACKAGING_TESTS)
 
 # Benchmarks against the alternatives (bench/README.md), then long-lived streams and WebSocket sessions across
 # reloads (make streams); `make test` runs only the first's quick mode.
