@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Aeterna's container image: Aeterna is the ENTRYPOINT, so it runs as the container's PID 1, and the demo app
 # (examples/llm-agent, an "LLM agent" whose chat sessions survive a reload through the state relay) is the
 # service it supervises.
@@ -12,6 +10,10 @@
 # Your own app: build FROM this image (or copy /opt/aeterna out of it) and mount your aeterna.yaml at
 # /etc/aeterna/aeterna.yaml. docs/operations.md has the details; deploy/kubernetes/ runs this image on Kubernetes.
 #
+# Builds alike with BuildKit (docker build) and with buildah / podman build (no heredocs, no RUN --mount, no
+# syntax directive). Aeterna without Node, as one file to copy into any image: docs/operations.md, "Adding
+# Aeterna to any image", and examples/*/Dockerfile.
+#
 # Users: Aeterna itself runs as root, because it switches the app to service.user ("node" here, the
 # unprivileged user of the Node images) and must be able to signal it. To run everything unprivileged instead,
 # run with --user node (or add `USER node`) and drop service.user and service.group from the config.
@@ -23,7 +25,7 @@ FROM node:${NODE_VERSION}-bookworm AS build
 WORKDIR /opt/aeterna
 # Dependencies first, cached while the lockfile does not change. --ignore-scripts: the addon and the TypeScript
 # are built below, once their sources are here.
-COPY package.json package-lock.json ./
+COPY package.json package-lock.json LICENSE ./
 RUN npm ci --ignore-scripts --no-audit --no-fund
 COPY tsconfig.json binding.gyp ./
 COPY native/ native/
@@ -54,35 +56,9 @@ RUN ln -s /opt/aeterna/bin/aeterna.js /usr/local/bin/aeterna \
  && mkdir -p /run/aeterna /etc/aeterna \
  && chown node:node /run/aeterna
 
-# The demo config. Mount your own over it (docker run -v ./aeterna.yaml:/etc/aeterna/aeterna.yaml:ro ...).
-# stop_timeout stays under `docker stop`'s grace (10s by default; --stop-timeout 15 above gives a margin), so
-# Aeterna's own SIGKILL escalation runs before Docker's.
-COPY <<'EOF' /etc/aeterna/aeterna.yaml
-version: "v1"
-service:
-  name: "llm-agent-demo"
-  command: ["node", "agent.js"]
-  cwd: "/opt/aeterna/examples/llm-agent"
-  user: "node"
-  group: "node"
-  listeners:
-    - name: "http"
-      address: "tcp://0.0.0.0:8080"
-  stop_timeout: "8s"
-orchestration:
-  strategy: "immediate"
-  # The agent says ready through the state relay once it has loaded the previous generation's sessions.
-  readiness: { mode: "notify", timeout: "30s" }
-  state_handoff:
-    enabled: true
-    socket_path: "/run/aeterna/state.sock"
-    timeout: "10s"
-control:
-  socket_path: "/run/aeterna/aeterna.sock"
-observability:
-  metrics_port: ":9091"
-  log_level: "info"
-EOF
+# The demo config (examples/llm-agent/aeterna.image.yaml). Mount your own over it
+# (docker run -v ./aeterna.yaml:/etc/aeterna/aeterna.yaml:ro ...).
+COPY examples/llm-agent/aeterna.image.yaml /etc/aeterna/aeterna.yaml
 
 # Check at build time that the CLI runs here (addon loaded from the prebuild) and the config is valid.
 RUN aeterna --version && aeterna validate

@@ -7,16 +7,18 @@ ADDON := build/Release/aeterna.node
 # The test tiers, listed from the sources (so a test file left over in dist/ from an older layout never runs).
 # Node 20's `node --test` expands no globs itself: make lists the files.
 # unit: no daemon (pure code, socketpairs, the addon), tens of seconds. daemon: a real Aeterna with real apps, by
-# component. sdk: the client SDKs with their toolchains (Python, Go, Java). endurance: bench, compat, soak and the
+# component. sdk: the client SDKs with their toolchains (Python, Go, Java). packaging: what users install (the
+# self-contained build, the SDK packages, the images, an install without the addon). endurance: bench, compat, soak and the
 # npm package, minutes each.
 tests_in = $(patsubst %.ts,dist/%.js,$(sort $(shell find $(1) -name '*.test.ts')))
 UNIT_TESTS := $(call tests_in,test/unit)
 DAEMON_TESTS := $(call tests_in,test/daemon)
 SDK_TESTS := $(call tests_in,test/sdk)
 ENDURANCE_TESTS := $(call tests_in,test/endurance)
-TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(ENDURANCE_TESTS)
+PACKAGING_TESTS := $(call tests_in,test/packaging)
+TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(PACKAGING_TESTS) $(ENDURANCE_TESTS)
 
-.PHONY: all build demo lint format test test-unit test-fast bench soak streams clean prebuild
+.PHONY: all build demo lint format test test-unit test-fast test-packaging bench soak streams clean prebuild standalone java-sdk
 
 all: build
 
@@ -60,6 +62,10 @@ test-unit: build
 test-fast: build
 	node --test --test-concurrency=2 $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS)
 
+# What users install: the self-contained build, the SDK packages, the images, an install without the addon.
+test-packaging: build
+	node --test --test-concurrency=2 $(PACKAGING_TESTS)
+
 # Benchmarks against the alternatives (bench/README.md), then long-lived streams and WebSocket sessions across
 # reloads (make streams); `make test` runs only the first's quick mode.
 bench: build
@@ -79,6 +85,27 @@ streams: build
 # prebuildify builds in build/ and moves the result away: the next `make build` redoes the source build.
 prebuild: $(NODE_MODULES)
 	npm run build:prebuilds
+
+# Aeterna as one self-contained executable (a Node single executable application with the addon inside) for this
+# platform: build/standalone/aeterna, one file to copy into any image, no Node or npm there (scripts/standalone.ts;
+# docs/operations.md, "Adding Aeterna to any image").
+standalone: build
+	node dist/scripts/standalone.js
+
+# The Java SDK as a jar (clients/java; JDK 17+): build/java/aeterna-client.jar, its version in the manifest and
+# the license inside. examples/java-hello compiles and runs against it.
+VERSION := $(shell node -p "require('./package.json').version" 2>/dev/null)
+JAVA_SDK_JAR := build/java/aeterna-client.jar
+
+java-sdk: $(JAVA_SDK_JAR)
+
+$(JAVA_SDK_JAR): clients/java/Aeterna.java LICENSE package.json
+	rm -rf build/java/classes && mkdir -p build/java/classes/META-INF
+	javac --release 17 -Xlint:all -Werror -d build/java/classes clients/java/Aeterna.java
+	cp LICENSE build/java/classes/META-INF/LICENSE
+	printf 'Implementation-Title: aeterna-client\nImplementation-Version: %s\nImplementation-License: Apache-2.0\nAutomatic-Module-Name: dev.aeterna\n' '$(VERSION)' > build/java/MANIFEST.MF
+	jar --create --file $@.partial --manifest build/java/MANIFEST.MF -C build/java/classes .
+	mv $@.partial $@
 
 clean:
 	rm -rf dist build

@@ -32,6 +32,8 @@ export const ErrorCodes = {
   E_UPGRADE_REFUSED: 'the upgrade target failed its handover check; nothing changed',
   E_HANDOVER_INVALID: 'the handover passed to a re-executed Aeterna cannot be read',
   E_RECOVERY_LOOP: 'Aeterna recovered from its own crash more often than it allows (5 per minute) and gave up',
+  E_ADDON_UNAVAILABLE:
+    'the native addon (aeterna.node) is missing or cannot be loaded: rebuild it, or install the prebuilt package or the self-contained build',
   E_INTERNAL: 'an internal error in Aeterna (a bug: please report it with the log)',
 } as const;
 

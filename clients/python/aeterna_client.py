@@ -47,6 +47,9 @@ import time
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+# The SDK's version is Aeterna's (pyproject.toml and package.json say the same; a test checks it).
+__version__ = "0.1.0"
+
 __all__ = [
     "listeners",
     "connect",

@@ -6,6 +6,7 @@ import { Command, CommanderError } from 'commander';
 import { runStart } from './start';
 import { registerControlCommands } from './commands';
 import { CliExit, exitWhenFlushed, tolerateClosedOutput } from './exit-codes';
+import { AeternaError, ExitCodes } from '../errors';
 
 export function buildProgram(): Command {
   const program = new Command('aeterna')
@@ -39,6 +40,13 @@ export async function main(argv: string[]): Promise<void> {
   try {
     await buildProgram().parseAsync(argv);
   } catch (err) {
+    if (err instanceof AeternaError && err.code === 'E_ADDON_UNAVAILABLE') {
+      // Whichever command reached for the addon: what failed and the fix, not a stack trace.
+      process.stderr.write(`aeterna: ${err.message}\n(${err.code})\n`);
+      process.exitCode = ExitCodes.UNAVAILABLE;
+      exitWhenFlushed(ExitCodes.UNAVAILABLE);
+      return;
+    }
     if (!(err instanceof CommanderError)) throw err;
     // --help and --version end with 0; any other commander exit is a usage error.
     process.exitCode = err.exitCode === 0 ? CliExit.OK : CliExit.USAGE;

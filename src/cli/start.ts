@@ -3,7 +3,8 @@ import { Daemon } from '../daemon';
 import { createLogger } from '../log';
 import { ConfigError, loadConfigFile, resolveConfigPath } from '../config/load';
 import type { Config } from '../config/types';
-import { type AeternaError, ExitCodes } from '../errors';
+import { AeternaError, ExitCodes } from '../errors';
+import { loadAddon } from '../native/binding';
 import { HANDOVER_VERSION, canReadHandover, readHandover, readableVersions, type Handover } from '../upgrade/handover';
 import { checkAnswer, dryRunAnswer } from '../upgrade/reexec';
 import { fallBack } from '../upgrade/fallback';
@@ -41,6 +42,16 @@ export async function runStart(options: { config?: string; checkHandover?: strin
       return ExitCodes.CONFIG;
     }
     throw err;
+  }
+  // Everything from here on needs the addon: load it now, so that a missing one is one clear message (and an
+  // `aeterna upgrade` target without it fails its dry run).
+  try {
+    loadAddon();
+  } catch (err) {
+    if (!(err instanceof AeternaError)) throw err;
+    process.stderr.write(`aeterna: ${err.message}\n(${err.code})\n`);
+    if (handover?.dry_run !== true) cameBackOr(handover, err);
+    return ExitCodes.UNAVAILABLE;
   }
   if (handover?.dry_run === true) {
     // `aeterna upgrade` checking this program: its code and the addon are loaded, the handover and its config read.

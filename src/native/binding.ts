@@ -8,11 +8,11 @@
 // `syscall` set to the call that failed (e.g. 'bind', 'execve', 'kill'), like
 // Node's own system errors; a bad argument is a TypeError or RangeError.
 
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
-// node-gyp-build picks a prebuilt binary from prebuilds/ when one matches this
-// platform and ABI, else the source build in build/Release.
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const load = require('node-gyp-build') as (dir: string) => unknown;
+import { AeternaError } from '../errors';
 
 /** How a reaped process ended: exactly one of code/signal is non-null. */
 export interface ExitInfo {
@@ -224,7 +224,162 @@ export interface TestOnlyBinding {
   recvmsg(fd: number, maxBytes: number, maxFds: number): Received | null;
 }
 
+// Loading. The addon is loaded on first use, not on import: the commands that do not need it (--help, --version,
+// validate, and the client commands) run where it is missing or broken, and the ones that do need it fail with
+// E_ADDON_UNAVAILABLE and the fix instead of a stack trace.
+
+/** The package's root: node-gyp-build looks for prebuilds/ and build/Release there. */
 const ROOT = path.join(__dirname, '..', '..', '..');
-export const native = load(ROOT) as Binding;
+/** The name of the addon's asset in the self-contained build (scripts/standalone.ts embeds it). */
+export const EMBEDDED_ADDON_ASSET = 'aeterna.node';
+/** Where the self-contained build writes its addon to be loaded (default: a private directory under the temp dir). */
+export const ADDON_DIR_ENV = 'AETERNA_ADDON_DIR';
+
+interface Loaded {
+  binding: Binding;
+  /** The file the addon was loaded from. */
+  file: string;
+}
+let loaded: Loaded | undefined;
+
+/** Node's single executable application API, where this Node has it and this is one. */
+interface SeaApi {
+  isSea(): boolean;
+  getAsset(key: string): ArrayBuffer;
+}
+function seaApi(): SeaApi | null {
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const sea = require('node:sea') as SeaApi;
+    return sea.isSea() ? sea : null;
+  } catch {
+    return null; // before Node 20.12: no node:sea, so not a single executable either
+  }
+}
+
+/** Whether this is the self-contained build (one executable with the addon inside). */
+export function isStandalone(): boolean {
+  return seaApi() !== null;
+}
+
+/** An installed package: a prebuilt binary from prebuilds/ when one matches, else the source build in build/Release. */
+function loadInstalled(): Loaded {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const gypBuild = require('node-gyp-build') as { resolve(dir: string): string };
+  const file = gypBuild.resolve(ROOT);
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  return { binding: require(file) as Binding, file };
+}
+
+/**
+ * The self-contained build: dlopen needs a file, so the embedded addon is written once to a private directory
+ * (created 0700, refused unless it is a real directory of this uid that nobody else can write) under a name made of
+ * its sha256, and reused while it holds the same bytes. The file stays after exit: Aeterna's own re-exec preloads it
+ * (LD_PRELOAD, upgrade/reexec.ts), and each further start finds it there.
+ */
+function loadEmbedded(sea: SeaApi): Loaded {
+  const bytes = Buffer.from(sea.getAsset(EMBEDDED_ADDON_ASSET));
+  const digest = crypto.createHash('sha256').update(bytes).digest('hex').slice(0, 32);
+  const uid = process.getuid?.() ?? 0;
+  const dir = process.env[ADDON_DIR_ENV] || path.join(os.tmpdir(), `aeterna-${uid}`);
+  privateDirectory(dir, uid);
+  const file = path.join(dir, `aeterna-${digest}.node`);
+  if (!holds(file, bytes, uid)) {
+    // Written under a name of its own (O_EXCL), then renamed into place: a concurrent start never loads half a file.
+    const partial = path.join(dir, `.aeterna-${digest}.${process.pid}.${crypto.randomBytes(4).toString('hex')}`);
+    const fd = fs.openSync(partial, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o500);
+    try {
+      fs.writeSync(fd, bytes);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(partial, file);
+  }
+  const module = { exports: {} as Binding };
+  process.dlopen(module, file);
+  return { binding: module.exports, file };
+}
+
+function privateDirectory(dir: string, uid: number): void {
+  try {
+    fs.mkdirSync(dir, { mode: 0o700 });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+  }
+  const stat = fs.lstatSync(dir);
+  if (!stat.isDirectory() || stat.uid !== uid || (stat.mode & 0o077) !== 0) {
+    throw new Error(`${dir} is not a private directory of uid ${uid} (mode 0700); set ${ADDON_DIR_ENV} to one`);
+  }
+}
+
+/** Whether file is a regular file of this uid holding exactly these bytes (a symlink there is never followed). */
+function holds(file: string, bytes: Buffer, uid: number): boolean {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+  } catch {
+    return false;
+  }
+  try {
+    const stat = fs.fstatSync(fd);
+    if (!stat.isFile() || stat.uid !== uid || stat.size !== bytes.length) return false;
+    return fs.readFileSync(fd).equals(bytes);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** What to do about an addon that does not load, for the way this Aeterna was installed. */
+function addonFix(): string {
+  if (isStandalone()) {
+    return (
+      `  The self-contained aeterna writes its addon to a private directory (${ADDON_DIR_ENV}, default under $TMPDIR)\n` +
+      `  and loads it from there: set ${ADDON_DIR_ENV} to a writable directory on a filesystem mounted without noexec.`
+    );
+  }
+  return (
+    '  It is built or picked when the package is installed; an install whose scripts did not run\n' +
+    '  (npm ci --ignore-scripts, a copied node_modules) has none. Fix, one of:\n' +
+    '    npm rebuild aeterna     in the project that installed it (-g for a global install): it takes the\n' +
+    '                            prebuilt linux-x64 addon the package ships, else compiles one\n' +
+    '                            (python3, make and a C++ compiler)\n' +
+    `    npx node-gyp rebuild    in an Aeterna checkout (${ROOT})\n` +
+    '    make standalone         in a checkout: one self-contained executable with the addon inside,\n' +
+    '                            no Node needed (docs/operations.md, "Adding Aeterna to any image")\n' +
+    '  aeterna --help, --version and validate work without it.'
+  );
+}
+
+/** The addon, loaded on first use; throws E_ADDON_UNAVAILABLE (with what failed and the fix) when it cannot be. */
+export function loadAddon(): Binding {
+  if (loaded === undefined) {
+    try {
+      const sea = seaApi();
+      loaded = sea !== null ? loadEmbedded(sea) : loadInstalled();
+    } catch (err) {
+      const reason = ((err as Error)?.message ?? String(err)).trim().split('\n')[0];
+      throw new AeternaError(
+        'E_ADDON_UNAVAILABLE',
+        `cannot load Aeterna's native addon (aeterna.node): ${reason}\n${addonFix()}`,
+        { cause: err },
+      );
+    }
+    native = loaded.binding;
+  }
+  return loaded.binding;
+}
+
+/**
+ * The addon's functions. Until first used this is a stand-in that loads the addon, then the addon itself (importers
+ * read it through the module, so they see the replacement).
+ */
+export let native: Binding = new Proxy({} as Binding, {
+  get: (_target, name) => Reflect.get(loadAddon(), name) as unknown,
+});
+
 /** The addon's file: Aeterna's own exec preloads it (LD_PRELOAD) to hold stop signals until its handlers exist. */
-export const addonPath: string = (load as unknown as { resolve(dir: string): string }).resolve(ROOT);
+export function addonPath(): string {
+  loadAddon();
+  return (loaded as Loaded).file;
+}

@@ -5,7 +5,7 @@
 // or the upgrade is refused and nothing changes. Then Aeterna execve()s itself:
 // same pid, its children stay its children; if execve fails it goes on as before.
 import fs from 'node:fs';
-import { addonPath, native, type ExitInfo } from '../native/binding';
+import { addonPath, isStandalone, native, type ExitInfo } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { Reaper } from '../supervisor/reaper';
 import { runCommand } from '../supervisor/command';
@@ -23,10 +23,15 @@ export function dryRunAnswer(version: number): string {
   return `aeterna can take over handover version ${version}`;
 }
 
-/** The program to exec: `exec` with this daemon's arguments, else the same node and entry it was started from. */
+/**
+ * The program to exec: `exec` with this daemon's arguments, else the same node and entry it was started from (the
+ * self-contained build is both: its argv[1] is only the name it was called by).
+ */
 export function upgradeArgv(exec: string | undefined): string[] {
   const args = process.argv.slice(2);
-  return exec === undefined ? [process.execPath, ...process.execArgv, process.argv[1], ...args] : [exec, ...args];
+  if (exec !== undefined) return [exec, ...args];
+  if (isStandalone()) return [process.execPath, ...args];
+  return [process.execPath, ...process.execArgv, process.argv[1], ...args];
 }
 
 /** This environment for the new program: without the socket activation variables (they were for the first exec). */
@@ -41,7 +46,7 @@ function environment(extra: Record<string, string>): string[] {
 export const HOLD_ENV = 'AETERNA_HOLD_SIGNALS';
 function holdingSignals(): Record<string, string> {
   const preload = process.env['LD_PRELOAD'];
-  return { LD_PRELOAD: preload ? `${addonPath}:${preload}` : addonPath, [HOLD_ENV]: '1' };
+  return { LD_PRELOAD: preload ? `${addonPath()}:${preload}` : addonPath(), [HOLD_ENV]: '1' };
 }
 
 /** The environment of Aeterna's own exec: `extra`, and stop signals held across it (LD_PRELOAD replaced, not doubled). */

@@ -106,7 +106,7 @@ after(async () => {
 
 describe('examples/java-hello (service.stdin_listener)', { skip: noJava ?? false, timeout: 180000 }, () => {
   it('serves on System.inheritedChannel() and reloads 5 times under keep-alive load with zero failed requests', async () => {
-    const out = compile('examples/java-hello/Hello.java');
+    const out = compile('clients/java/Aeterna.java', 'examples/java-hello/Hello.java');
     const port = await freePort();
     const d = new Daemon({
       command: ['java', '-cp', out, 'Hello'],

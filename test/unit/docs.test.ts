@@ -204,7 +204,7 @@ describe('error codes and metrics in docs/operations.md', () => {
 });
 
 describe('the tests the docs name, and the test command', () => {
-  const TIERS = ['unit', 'daemon', 'sdk', 'endurance'];
+  const TIERS = ['unit', 'daemon', 'sdk', 'packaging', 'endurance'];
   const testFiles = (dir: string): string[] =>
     fs
       .readdirSync(path.join(ROOT, dir), { withFileTypes: true })
