@@ -159,6 +159,7 @@ export class Daemon {
         this.reaper,
         this.cgroups,
         g.cgroup === null ? null : (this.cgroups?.adoptGeneration(g.cgroup) ?? null),
+        g.instance ?? 0,
       ),
     );
     this.installReaper();
@@ -168,8 +169,10 @@ export class Daemon {
     const orchestrator = this.startOrchestrator();
     if (this.testFault === 'throw-before-takeover')
       throw new Error(`${TEST_FAULT_ENV}=${this.testFault}: a fault injected before the takeover`);
-    if (adopted.length !== 1) return { stopped: this.serve(orchestrator.run()) };
-    const stopped = orchestrator.adopt(adopted[0], h.counters);
+    // One generation: its instances (service.instances), each carried as an entry of its own.
+    if (adopted.length === 0 || adopted.some((g) => g.number !== adopted[0].number))
+      return { stopped: this.serve(orchestrator.run()) };
+    const stopped = orchestrator.adopt(adopted, h.counters);
     this.adoptRelayConnections(h, adopted);
     this.metrics.reexecuted(this.carrier.reexecsByReason);
     this.log.info(
@@ -244,7 +247,8 @@ export class Daemon {
       fdStore: this.fdStore!,
       loadConfig: loadConfigFile,
       relay: this.sockets.relay,
-      spawn: (number, spec, fds, env) => Generation.spawn(number, spec, fds, this.reaper, env, cgroups),
+      spawn: (number, spec, fds, env, instance) =>
+        Generation.spawn(number, spec, fds, this.reaper, env, cgroups, instance),
       split: (listeners, canary) => WeightedSplit.open(listeners, canary),
       belongsTo,
       reloadSettled: (_record, config) => {
