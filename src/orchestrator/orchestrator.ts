@@ -192,6 +192,11 @@ export class Orchestrator implements ControlApi {
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     deps.notify.on('message', (m) => this.storeFds(m));
+    deps.metrics.watchInstances(() => {
+      const counts: Record<string, number> = {};
+      for (const i of this.serving ? this.instancesOf(this.serving) : []) counts[i.state] = (counts[i.state] ?? 0) + 1;
+      return counts;
+    });
     this.notices = new AppNotices(
       deps.notify,
       deps.log,
@@ -302,9 +307,13 @@ export class Orchestrator implements ControlApi {
     return this.config.service.stopTimeoutMs;
   }
 
-  /** Whether a generation is serving and ready (GET /readyz). */
+  /** Whether a generation is serving and ready (GET /readyz): at least one of its instances. */
   isReady(): boolean {
-    return SERVING_STATES.includes(this.fsm.state) && this.serving !== null && this.serving.alive;
+    return (
+      SERVING_STATES.includes(this.fsm.state) &&
+      this.serving !== null &&
+      this.serving.live.some((g) => this.readyInstances.has(g))
+    );
   }
 
   private fire(event: Event): boolean {
