@@ -7,7 +7,7 @@ import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { fixture, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
 import { Daemon, statusOf, upgradeTimes } from '../../helpers/daemon';
-import { getJson, requestJson } from '../../helpers/load';
+import { getJson, getText, metricSample, requestJson } from '../../helpers/load';
 import type { InstanceInfo, ReloadRecord, StatusReport } from '../../../src/orchestrator/types';
 
 const APP = [process.execPath, fixture('apps', 'instances_app.js')];
@@ -27,6 +27,7 @@ interface Options {
   orchestration?: string[];
   restart?: string;
   checkpoint?: boolean;
+  metricsPort?: number;
 }
 
 function configure(d: Daemon, port: number, o: Options): void {
@@ -41,6 +42,7 @@ function configure(d: Daemon, port: number, o: Options): void {
     stopTimeout: '10s',
     restart: o.restart ?? '{ policy: "always", max_restarts: 5, window: "60s" }',
     extraService: `  instances: ${o.instances ?? 3}\n`,
+    metricsPort: o.metricsPort,
     handoff:
       `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s"${checkpoint} }` +
       (o.orchestration ?? []).map((l) => `\n  ${l}`).join(''),
@@ -313,6 +315,60 @@ describe(
         replies.map((r) => r.origin),
         ['g1-i0', 'g1-i1', 'g1-i2'],
       );
+      await d.untilRetired();
+      assert.equal(await d.stop(), 0);
+    });
+
+    it('/readyz and aeterna_instances count the instances: 200 while one restarts, 3 ready once it is back', async () => {
+      const metricsPort = await freePort();
+      const { d, port } = await started({
+        metricsPort,
+        restart: '{ policy: "always", max_restarts: 5, window: "60s" }',
+      });
+      const sample = async (state: string): Promise<number | null> =>
+        metricSample((await getText(metricsPort, '/metrics')).body, `aeterna_instances{state="${state}"}`);
+      assert.equal(await sample('ready'), 3);
+      assert.equal((await getText(metricsPort, '/readyz')).status, 200);
+      configure(d, port, { metricsPort, env: ['FAIL_INSTANCE=2'] });
+      // Restarts read the running config: a reload would fail with it; instead instance 2 is killed and comes back
+      // with the running (good) config.
+      configure(d, port, { metricsPort });
+      const before = await statusOf(d);
+      process.kill(await hostPid(d, before.instances![2].pid!), 'SIGKILL');
+      await d.waitStatus(
+        (s) => (s as StatusReport).instances![2].pid !== before.instances![2].pid && allReady(s),
+        60000,
+      );
+      assert.equal(await sample('ready'), 3);
+      assert.equal((await getText(metricsPort, '/readyz')).status, 200);
+      const text = await d.cli('status');
+      assert.match(text.stdout, /^instances: +0: pid \d+, ready, 0 restarts$/m);
+      assert.match(text.stdout, /^ +2: pid \d+, ready, 1 restart$/m);
+      assert.equal(await d.stop(), 0);
+    });
+
+    it('as PID 1, Aeterna crashing (SIGSEGV) recovers and takes over all three instances; one killed afterwards is restarted alone', async () => {
+      const { d, port } = await started();
+      const before = await statusOf(d);
+      await d.run.signal('SIGSEGV');
+      const after = (await d.waitStatus(
+        (s) => ((s as StatusReport).reexecs ?? 0) === 1 && allReady(s),
+        60000,
+      )) as StatusReport;
+      assert.deepEqual(pidsOf(after), pidsOf(before), 'the same three processes, taken over');
+      assert.equal(after.generation, before.generation);
+      process.kill(await hostPid(d, after.instances![0].pid!), 'SIGKILL');
+      const restarted = (await d.waitStatus(
+        (s) => allReady(s) && (s as StatusReport).instances![0].pid !== after.instances![0].pid,
+        60000,
+      )) as StatusReport;
+      assert.deepEqual(pidsOf(restarted).slice(1), pidsOf(after).slice(1));
+      const replies = await byInstance(port, 3, () => true);
+      assert.deepEqual(
+        replies.map((r) => r.generation),
+        ['1', '1', '1'],
+      );
+      assert.equal((await reload(d)).outcome, 'promoted');
       await d.untilRetired();
       assert.equal(await d.stop(), 0);
     });
