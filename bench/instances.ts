@@ -6,7 +6,9 @@
 // throughput and failed requests (wrk's socket errors and non-2xx), the RSS of all app processes (the supervisor
 // excluded) sampled every 20 ms: its median at steady state before the reloads, and its peak during them.
 //
-//   node dist/bench/instances.js [--reloads 10] [--instances 2] [--connections 32] [--out bench/results]
+// --rounds N repeats both, alternating which goes first, and reports the medians (a busy machine is noisy).
+//
+//   node dist/bench/instances.js [--reloads 10] [--instances 2] [--connections 32] [--rounds 1] [--out bench/results]
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -39,10 +41,13 @@ interface Options {
   connections: number;
   outDir: string;
   steadyMs: number;
+  /** Rounds of both contenders, the first one alternating (a busy machine's noise shows as their spread). */
+  rounds: number;
 }
 
 export interface InstancesRun {
   contender: 'aeterna' | 'pm2';
+  round: number;
   how: string;
   instances: number;
   reloads: number;
@@ -221,7 +226,13 @@ function sampler(c: Contender): { stop: () => Promise<{ rss: number[]; processes
   };
 }
 
-async function measure(name: 'aeterna' | 'pm2', c: Contender, wrkBin: string, o: Options): Promise<InstancesRun> {
+async function measure(
+  name: 'aeterna' | 'pm2',
+  c: Contender,
+  wrkBin: string,
+  o: Options,
+  round: number,
+): Promise<InstancesRun> {
   const port = await freePort();
   progress(`${name}: starting ${o.instances} instances`);
   await c.start(port);
@@ -245,6 +256,7 @@ async function measure(name: 'aeterna' | 'pm2', c: Contender, wrkBin: string, o:
     const wrk = await load.stop();
     const run: InstancesRun = {
       contender: name,
+      round,
       how:
         name === 'aeterna'
           ? `service.instances: ${o.instances}, orchestration.max_surge: 1, aeterna reload`
@@ -284,12 +296,30 @@ function report(runs: InstancesRun[], o: Options, versions: Record<string, strin
       `sampled every 20 ms: median over ${o.steadyMs / 1000} s before the reloads, peak during them. ` +
       "Goals for Aeterna: throughput at least pm2's, 0 failed requests, peak RSS at most 1.6x steady state.",
     '',
-    '| contender | how | req/s | failed requests | reloads failed | p99 ms | RSS steady MiB | RSS peak MiB | peak / steady | processes at most |',
-    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    `${o.rounds} round(s), each running both contenders one after the other (the first alternating); the medians ` +
+      'come first, then every round.',
+    '',
+    '| contender | how | req/s (median) | failed requests (total) | peak / steady RSS (median) | processes at most |',
+    '| --- | --- | ---: | ---: | ---: | ---: |',
   ];
+  for (const name of ['aeterna', 'pm2'] as const) {
+    const mine = runs.filter((r) => r.contender === name);
+    if (mine.length === 0) continue;
+    out.push(
+      `| ${name} | ${mine[0].how} | ${Math.round(median(mine.map((r) => r.wrk.rps)))} | ` +
+        `${mine.reduce((a, r) => a + r.wrk.failed, 0)} | ` +
+        `${median(mine.map((r) => r.peakRssMiB / r.steadyRssMiB)).toFixed(2)}x | ` +
+        `${Math.max(...mine.map((r) => r.peakProcesses))} |`,
+    );
+  }
+  out.push(
+    '',
+    '| round | contender | req/s | failed requests | reloads failed | p99 ms | RSS steady MiB | RSS peak MiB | peak / steady | processes at most |',
+    '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  );
   for (const r of runs)
     out.push(
-      `| ${r.contender} | ${r.how} | ${Math.round(r.wrk.rps)} | ${r.wrk.failed}${r.wrk.failed ? ` (${JSON.stringify(r.wrk.failures)})` : ''} | ` +
+      `| ${r.round} | ${r.contender} | ${Math.round(r.wrk.rps)} | ${r.wrk.failed}${r.wrk.failed ? ` (${JSON.stringify(r.wrk.failures)})` : ''} | ` +
         `${r.reloadsFailed} | ${r.wrk.p99Ms.toFixed(2)} | ${r.steadyRssMiB.toFixed(1)} | ${r.peakRssMiB.toFixed(1)} | ` +
         `${(r.peakRssMiB / r.steadyRssMiB).toFixed(2)}x | ${r.peakProcesses} |`,
     );
@@ -304,6 +334,7 @@ function parseArgs(argv: string[]): Options {
     connections: 32,
     outDir: path.join(ROOT, 'bench', 'results'),
     steadyMs: 3000,
+    rounds: 1,
   };
   for (let i = 0; i < argv.length; i++) {
     const v = argv[i + 1];
@@ -315,6 +346,9 @@ function parseArgs(argv: string[]): Options {
       case '--instances':
         o.instances = n;
         break;
+      case '--rounds':
+        o.rounds = n;
+        break;
       case '--connections':
         o.connections = n;
         break;
@@ -323,7 +357,7 @@ function parseArgs(argv: string[]): Options {
         break;
       default:
         throw new Error(
-          `unknown option ${argv[i]}\nusage: node dist/bench/instances.js [--reloads 10] [--instances 2] [--connections 32] [--out DIR]`,
+          `unknown option ${argv[i]}\nusage: node dist/bench/instances.js [--reloads 10] [--instances 2] [--connections 32] [--rounds 1] [--out DIR]`,
         );
     }
     if (argv[i] !== '--out' && (!Number.isInteger(n) || n < 1)) throw new Error(`${argv[i]}: a whole number >= 1`);
@@ -336,7 +370,12 @@ async function main(): Promise<void> {
   const o = parseArgs(process.argv.slice(2));
   const wrkBin = which('wrk');
   if (wrkBin === null) throw new Error('wrk is not installed: the instances benchmark needs it');
-  const runs = [await measure('aeterna', aeterna(o), wrkBin, o), await measure('pm2', pm2(o), wrkBin, o)];
+  const runs: InstancesRun[] = [];
+  for (let round = 1; round <= o.rounds; round++) {
+    const order = round % 2 === 1 ? (['aeterna', 'pm2'] as const) : (['pm2', 'aeterna'] as const);
+    for (const name of order)
+      runs.push(await measure(name, name === 'aeterna' ? aeterna(o) : pm2(o), wrkBin, o, round));
+  }
   const pm2Version = await run([process.execPath, require.resolve('pm2/bin/pm2'), '--version'], {
     env: { ...process.env, PM2_HOME: tempDir('aeterna-bench-pm2v-') },
   });

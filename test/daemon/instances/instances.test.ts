@@ -28,6 +28,8 @@ interface Options {
   restart?: string;
   checkpoint?: boolean;
   metricsPort?: number;
+  /** The flow-map text of orchestration.canary (a weighted split). */
+  canary?: string;
 }
 
 function configure(d: Daemon, port: number, o: Options): void {
@@ -43,6 +45,7 @@ function configure(d: Daemon, port: number, o: Options): void {
     restart: o.restart ?? '{ policy: "always", max_restarts: 5, window: "60s" }',
     extraService: `  instances: ${o.instances ?? 3}\n`,
     metricsPort: o.metricsPort,
+    canary: o.canary,
     handoff:
       `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s"${checkpoint} }` +
       (o.orchestration ?? []).map((l) => `\n  ${l}`).join(''),
@@ -311,6 +314,28 @@ describe(
       assert.equal((await d.cli('promote')).code, 0);
       assert.equal((await promoted).outcome, 'promoted');
       const replies = await byInstance(port, 3, (r) => r.generation === '3');
+      assert.deepEqual(
+        replies.map((r) => r.origin),
+        ['g1-i0', 'g1-i1', 'g1-i2'],
+      );
+      await d.untilRetired();
+      assert.equal(await d.stop(), 0);
+    });
+
+    it('a weighted canary (weight 50) splits new connections between the whole old set and the whole new set', async () => {
+      const { d, port } = await started({ strategy: 'canary', soak: '10m', canary: '{ weight: 50 }' });
+      const done = reload(d);
+      await d.waitStatus((s) => s.state === 'Soaking', 60000);
+      // Every instance of both generations answers some of the fresh connections.
+      const seen = new Set<string>();
+      for (let i = 0; i < 5000 && seen.size < 6; i++) {
+        const r = await getJson<Reply>(port).catch(() => null);
+        if (r !== null) seen.add(`${r.generation}/${r.instance}`);
+      }
+      assert.deepEqual([...seen].sort(), ['1/0', '1/1', '1/2', '2/0', '2/1', '2/2']);
+      assert.equal((await d.cli('promote')).code, 0);
+      assert.equal((await done).outcome, 'promoted');
+      const replies = await byInstance(port, 3, (r) => r.generation === '2');
       assert.deepEqual(
         replies.map((r) => r.origin),
         ['g1-i0', 'g1-i1', 'g1-i2'],
