@@ -447,8 +447,14 @@ export class Orchestrator implements ControlApi {
     this.watchdogFired.add(gen);
     this.deps.metrics.watchdogTimedOut();
     this.deps.log.error(
-      { generation: gen.number, child: gen.pid, code: 'E_WATCHDOG', stop_timeout_ms: config.service.stopTimeoutMs },
-      `watchdog: generation ${gen.number} (pid ${gen.pid}) timed out: ${why}; sending SIGABRT, SIGKILL after ${formatDuration(config.service.stopTimeoutMs)}`,
+      {
+        generation: gen.number,
+        ...this.instanceField(gen),
+        child: gen.pid,
+        code: 'E_WATCHDOG',
+        stop_timeout_ms: config.service.stopTimeoutMs,
+      },
+      `watchdog: ${this.nameOf(gen)} (pid ${gen.pid}) timed out: ${why}; sending SIGABRT, SIGKILL after ${formatDuration(config.service.stopTimeoutMs)}`,
     );
     void gen.stop(config.service.stopTimeoutMs, 'SIGABRT');
   }

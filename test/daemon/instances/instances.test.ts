@@ -30,6 +30,8 @@ interface Options {
   metricsPort?: number;
   /** The flow-map text of orchestration.canary (a weighted split). */
   canary?: string;
+  /** service.watchdog. */
+  watchdog?: string;
 }
 
 function configure(d: Daemon, port: number, o: Options): void {
@@ -43,7 +45,7 @@ function configure(d: Daemon, port: number, o: Options): void {
     readiness: '{ mode: "notify", timeout: "60s" }',
     stopTimeout: '10s',
     restart: o.restart ?? '{ policy: "always", max_restarts: 5, window: "60s" }',
-    extraService: `  instances: ${o.instances ?? 3}\n`,
+    extraService: `  instances: ${o.instances ?? 3}\n${o.watchdog ? `  watchdog: "${o.watchdog}"\n` : ''}`,
     metricsPort: o.metricsPort,
     canary: o.canary,
     handoff:
@@ -342,6 +344,29 @@ describe(
       );
       await d.untilRetired();
       assert.equal(await d.stop(), 0);
+    });
+
+    it('the watchdog is per instance: the one that stops pinging is restarted alone, the others keep their processes', async () => {
+      const { d } = await started({
+        watchdog: '2s',
+        env: ['NO_PING_INSTANCE=1'],
+        restart: '{ policy: "always", max_restarts: 50, window: "10m" }',
+      });
+      const before = await statusOf(d);
+      const after = (await d.waitStatus(
+        (s) => ((s as StatusReport).instances?.[1].restarts ?? 0) >= 2,
+        60000,
+      )) as StatusReport;
+      assert.equal(after.instances![0].pid, before.instances![0].pid);
+      assert.equal(after.instances![2].pid, before.instances![2].pid);
+      assert.deepEqual([after.instances![0].restarts, after.instances![2].restarts], [0, 0]);
+      const fired = d.run.logs().filter((l) => (l as { code?: string }).code === 'E_WATCHDOG');
+      assert.ok(fired.length >= 2);
+      assert.ok(
+        fired.every((l) => (l as { instance?: number }).instance === 1),
+        'only instance 1 timed out',
+      );
+      await d.stop();
     });
 
     it('/readyz, aeterna_instances and status count the instances: 3 ready, and again once a killed one is back', async () => {
