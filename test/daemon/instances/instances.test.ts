@@ -324,6 +324,26 @@ describe(
       assert.equal(await d.stop(), 0);
     });
 
+    it('an old instance killed during a canary soak: the others serve on; after the rollback it is restarted alone', async () => {
+      const { d } = await started({ strategy: 'canary', soak: '10m' });
+      const before = await statusOf(d);
+      const done = reload(d);
+      await d.waitStatus((s) => s.state === 'Soaking', 60000);
+      process.kill(await hostPid(d, before.instances![1].pid!), 'SIGKILL');
+      await d.run.waitFor(/instance 1 exited during the reload/, 60000);
+      assert.equal((await statusOf(d)).state, 'Soaking', 'the soak goes on with the two others');
+      assert.equal((await d.cli('rollback')).code, 0);
+      assert.equal((await done).outcome, 'rolled_back');
+      const after = (await d.waitStatus(
+        (s) => allReady(s) && (s as StatusReport).instances![1].pid !== before.instances![1].pid,
+        60000,
+      )) as StatusReport;
+      assert.equal(after.generation, before.generation);
+      assert.equal(after.instances![0].pid, before.instances![0].pid);
+      assert.equal(after.instances![2].pid, before.instances![2].pid);
+      assert.equal(await d.stop(), 0);
+    });
+
     it('a weighted canary (weight 50) splits new connections between the whole old set and the whole new set', async () => {
       const { d, port } = await started({ strategy: 'canary', soak: '10m', canary: '{ weight: 50 }' });
       const done = reload(d);
