@@ -8,7 +8,10 @@
 //
 // --rounds N repeats both, alternating which goes first, and reports the medians (a busy machine is noisy).
 //
-//   node dist/bench/instances.js [--reloads 10] [--instances 2] [--connections 32] [--rounds 1] [--out bench/results]
+// --max-surge all runs Aeterna without max_surge (the whole new set at once), --only one contender.
+//
+//   node dist/bench/instances.js [--reloads 10] [--instances 2] [--connections 32] [--rounds 1] [--max-surge 1|all]
+//                                [--only aeterna|pm2] [--out bench/results]
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -43,6 +46,10 @@ interface Options {
   steadyMs: number;
   /** Rounds of both contenders, the first one alternating (a busy machine's noise shows as their spread). */
   rounds: number;
+  /** Aeterna's orchestration.max_surge; null: absent (the whole new set at once). */
+  maxSurge: number | null;
+  /** One contender only, or both. */
+  only: 'aeterna' | 'pm2' | null;
 }
 
 export interface InstancesRun {
@@ -103,8 +110,7 @@ service:
   stop_timeout: "10s"
 orchestration:
   strategy: "immediate"
-  max_surge: 1
-  readiness: { mode: "delay", delay: "300ms", timeout: "10s" }
+${o.maxSurge === null ? '' : `  max_surge: ${o.maxSurge}\n`}  readiness: { mode: "delay", delay: "300ms", timeout: "10s" }
 control:
   socket_path: "${socket}"
 observability:
@@ -259,7 +265,7 @@ async function measure(
       round,
       how:
         name === 'aeterna'
-          ? `service.instances: ${o.instances}, orchestration.max_surge: 1, aeterna reload`
+          ? `service.instances: ${o.instances}, orchestration.max_surge: ${o.maxSurge ?? 'absent (all at once)'}, aeterna reload`
           : `pm2 start -i ${o.instances} (cluster mode), pm2 reload`,
       instances: o.instances,
       reloads: o.reloads,
@@ -282,7 +288,7 @@ async function measure(
 
 function report(runs: InstancesRun[], o: Options, versions: Record<string, string | null>): string {
   const out = [
-    `# Instances through reloads: Aeterna (service.instances, max_surge 1) and pm2 cluster reload`,
+    `# Instances through reloads: Aeterna (service.instances, max_surge ${o.maxSurge ?? 'absent'}) and pm2 cluster reload`,
     '',
     `${new Date().toISOString()}, ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? 'unknown'}), Linux ${os.release()}; ` +
       Object.entries(versions)
@@ -335,6 +341,8 @@ function parseArgs(argv: string[]): Options {
     outDir: path.join(ROOT, 'bench', 'results'),
     steadyMs: 3000,
     rounds: 1,
+    maxSurge: 1,
+    only: null,
   };
   for (let i = 0; i < argv.length; i++) {
     const v = argv[i + 1];
@@ -346,6 +354,18 @@ function parseArgs(argv: string[]): Options {
       case '--instances':
         o.instances = n;
         break;
+      case '--max-surge':
+        o.maxSurge = v === 'all' ? null : n;
+        if (v === 'all') {
+          i++;
+          continue;
+        }
+        break;
+      case '--only':
+        if (v !== 'aeterna' && v !== 'pm2') throw new Error('--only: aeterna or pm2');
+        o.only = v;
+        i++;
+        continue;
       case '--rounds':
         o.rounds = n;
         break;
@@ -357,7 +377,7 @@ function parseArgs(argv: string[]): Options {
         break;
       default:
         throw new Error(
-          `unknown option ${argv[i]}\nusage: node dist/bench/instances.js [--reloads 10] [--instances 2] [--connections 32] [--rounds 1] [--out DIR]`,
+          `unknown option ${argv[i]}\nusage: node dist/bench/instances.js [--reloads 10] [--instances 2] [--connections 32] [--rounds 1] [--max-surge 1|all] [--only aeterna|pm2] [--out DIR]`,
         );
     }
     if (argv[i] !== '--out' && (!Number.isInteger(n) || n < 1)) throw new Error(`${argv[i]}: a whole number >= 1`);
@@ -373,7 +393,7 @@ async function main(): Promise<void> {
   const runs: InstancesRun[] = [];
   for (let round = 1; round <= o.rounds; round++) {
     const order = round % 2 === 1 ? (['aeterna', 'pm2'] as const) : (['pm2', 'aeterna'] as const);
-    for (const name of order)
+    for (const name of order.filter((x) => o.only === null || x === o.only))
       runs.push(await measure(name, name === 'aeterna' ? aeterna(o) : pm2(o), wrkBin, o, round));
   }
   const pm2Version = await run([process.execPath, require.resolve('pm2/bin/pm2'), '--version'], {
@@ -386,7 +406,8 @@ async function main(): Promise<void> {
   };
   fs.mkdirSync(o.outDir, { recursive: true });
   const stamp = new Date().toISOString().slice(0, 10);
-  const base = path.join(o.outDir, `instances-${stamp}`);
+  const variant = `${o.maxSurge === null ? '-surge-all' : o.maxSurge !== 1 ? `-surge-${o.maxSurge}` : ''}${o.only ? `-${o.only}` : ''}`;
+  const base = path.join(o.outDir, `instances-${stamp}${variant}`);
   fs.writeFileSync(`${base}.json`, JSON.stringify({ options: o, versions, runs }, null, 2) + '\n');
   fs.writeFileSync(`${base}.md`, report(runs, o, versions));
   progress(`wrote ${base}.md and ${base}.json`);
