@@ -396,12 +396,10 @@ async function main(): Promise<void> {
     for (const name of order.filter((x) => o.only === null || x === o.only))
       runs.push(await measure(name, name === 'aeterna' ? aeterna(o) : pm2(o), wrkBin, o, round));
   }
-  const pm2Version = await run([process.execPath, require.resolve('pm2/bin/pm2'), '--version'], {
-    env: { ...process.env, PM2_HOME: tempDir('aeterna-bench-pm2v-') },
-  });
   const versions = {
     node: process.version,
-    pm2: pm2Version.stdout.trim().split('\n').pop() ?? null,
+    // From its package: `pm2 --version` would start a pm2 daemon.
+    pm2: (JSON.parse(fs.readFileSync(require.resolve('pm2/package.json'), 'utf8')) as { version: string }).version,
     wrk: versionOf([wrkBin, '--version'])?.split(' ').slice(0, 2).join(' ') ?? null,
   };
   fs.mkdirSync(o.outDir, { recursive: true });
