@@ -67,10 +67,12 @@ test-packaging: build
 	node --test --test-concurrency=2 $(PACKAGING_TESTS)
 
 # Benchmarks against the alternatives (bench/README.md), then long-lived streams and WebSocket sessions across
-# reloads (make streams); `make test` runs only the first's quick mode.
+# reloads (make streams), then several instances per generation against pm2 -i (bench/instances.ts); `make test`
+# runs only the first's quick mode.
 bench: build
 	node dist/bench/run.js $(BENCH_ARGS)
 	node dist/bench/streams.js $(STREAMS_ARGS)
+	node dist/bench/instances.js $(INSTANCES_ARGS)
 
 # The long reliability run: 1,000 reloads under load (CI runs a short version in the tests).
 soak: build

@@ -17,6 +17,7 @@ export const RESERVED_ENV = [
   'WATCHDOG_PID',
   'LIVERELAY_STATE_SOCK',
   'AETERNA_GENERATION',
+  'AETERNA_INSTANCE',
 ] as const;
 
 /** An fd a generation gets at 3, 4, ...: a listener, or an fd from the fd store; its name goes into LISTEN_FDNAMES. */

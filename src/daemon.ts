@@ -159,6 +159,7 @@ export class Daemon {
         this.reaper,
         this.cgroups,
         g.cgroup === null ? null : (this.cgroups?.adoptGeneration(g.cgroup) ?? null),
+        g.instance ?? 0,
       ),
     );
     this.installReaper();
@@ -168,13 +169,14 @@ export class Daemon {
     const orchestrator = this.startOrchestrator();
     if (this.testFault === 'throw-before-takeover')
       throw new Error(`${TEST_FAULT_ENV}=${this.testFault}: a fault injected before the takeover`);
-    const servingAt = h.generations.findIndex((g) => g.state === 'serving');
-    if (servingAt < 0 || h.generations.filter((g) => g.state === 'serving').length !== 1)
-      return { stopped: this.serve(orchestrator.run()) };
-    const serving = adopted[servingAt];
+    // The serving generation's instances (service.instances), each carried as an entry of its own; beside them the
+    // old generations of promoted reloads still draining.
+    const serving = adopted.filter((_, i) => h.generations[i].state !== 'retiring');
     const retiring = h.generations.flatMap((g, i) =>
       g.state === 'retiring' ? [{ gen: adopted[i], ...retiringTimes(g) }] : [],
     );
+    if (serving.length === 0 || serving.some((g) => g.number !== serving[0].number))
+      return { stopped: this.serve(orchestrator.run()) };
     const stopped = orchestrator.adopt(serving, h.counters, retiring);
     this.adoptRelayConnections(h, serving, new Set(retiring.map((r) => r.gen.number)));
     this.metrics.reexecuted(this.carrier.reexecsByReason);
@@ -185,11 +187,11 @@ export class Daemon {
         from: h.from.version,
         to: this.version,
         reexecs: this.carrier.reexecs,
-        generation: serving.number,
-        child: serving.pid,
+        generation: serving[0].number,
+        child: serving[0].pid,
         ...(retiring.length > 0 ? { retiring: retiring.map((r) => r.gen.number) } : {}),
       },
-      `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${serving.number} (pid ${serving.pid})` +
+      `aeterna ${h.from.version} re-executed as ${this.version} (${h.reason}): took over generation ${serving[0].number} (pid ${serving[0].pid})` +
         (retiring.length > 0 ? ` and ${retiring.length} retiring generation(s) still draining` : ''),
     );
     return { stopped: this.serve(stopped) };
@@ -252,7 +254,8 @@ export class Daemon {
       fdStore: this.fdStore!,
       loadConfig: loadConfigFile,
       relay: this.sockets.relay,
-      spawn: (number, spec, fds, env) => Generation.spawn(number, spec, fds, this.reaper, env, cgroups),
+      spawn: (number, spec, fds, env, instance) =>
+        Generation.spawn(number, spec, fds, this.reaper, env, cgroups, instance),
       split: (listeners, canary) => WeightedSplit.open(listeners, canary),
       belongsTo,
       reloadSettled: (_record, config) => {
@@ -286,7 +289,7 @@ export class Daemon {
   }
 
   /** The relay connections the previous Aeterna handed over (closed when the relay is off now: nobody would read them). */
-  private adoptRelayConnections(h: Handover, serving: Generation, retiring: ReadonlySet<number>): void {
+  private adoptRelayConnections(h: Handover, serving: Generation[], retiring: ReadonlySet<number>): void {
     // A retiring generation's relay is over (its final sync ran before it was replaced): its connection is closed.
     const entries = [];
     for (const e of h.relay_connections ?? []) {
@@ -294,7 +297,7 @@ export class Daemon {
       else entries.push(e);
     }
     const relay = this.sockets.relay;
-    if (relay) relay.adoptConnections(entries, [serving]);
+    if (relay) relay.adoptConnections(entries, serving);
     else entries.forEach((e) => native.close(e.fd));
     if (!relay && h.checkpoint) native.close(h.checkpoint.fd);
     if (entries.length > 0)

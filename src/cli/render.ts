@@ -1,7 +1,14 @@
 // How the CLI shows reloads and status to a person: plain lines for logs and
 // pipes, one live line on a terminal, JSON for scripts. Pure formatting plus
 // the small live-line writer; no socket I/O here.
-import type { ReloadEvent, ReloadPhase, ReloadRecord, RetiringInfo, StatusReport } from '../orchestrator/types';
+import type {
+  InstanceInfo,
+  ReloadEvent,
+  ReloadPhase,
+  ReloadRecord,
+  RetiringInfo,
+  StatusReport,
+} from '../orchestrator/types';
 
 /** 0.05s, 12.3s, 4m05s, 3h04m, 2d03h. */
 export function formatDuration(ms: number): string {
@@ -150,6 +157,9 @@ export function formatStatus(status: StatusReport): string {
     status.pid === null ? `${status.generation} (not running)` : `${status.generation} (pid ${status.pid})`,
   ]);
   if (status.app_status != null) rows.push(['app status', status.app_status]);
+  // service.instances > 1: one line per instance of the serving generation.
+  if ((status.instances ?? []).length > 1)
+    status.instances!.forEach((i, k) => rows.push([k === 0 ? 'instances' : '', describeInstance(i)]));
   rows.push([
     'uptime',
     `${formatDuration(status.uptime_ms)} (daemon pid ${status.daemon_pid}, since ${status.started_at})`,
@@ -191,15 +201,26 @@ function describeConfigFile(file: NonNullable<StatusReport['config_file']>): str
   return `${file.path} (${what})`;
 }
 
+/** "1: pid 12, ready, 2 restarts". */
+function describeInstance(i: InstanceInfo): string {
+  const restarts = i.restarts === 1 ? '1 restart' : `${i.restarts} restarts`;
+  return `${i.instance}: ${i.pid === null ? 'no process' : `pid ${i.pid}`}, ${i.state}, ${restarts}`;
+}
+
 function describeGeneration(g: {
   generation: number;
   pid: number;
   started_at: string;
   ready: boolean;
   app_status?: string | null;
+  instances?: InstanceInfo[];
 }): string {
   const said = g.app_status != null ? `, status "${g.app_status}"` : '';
-  return `generation ${g.generation} (pid ${g.pid}), ${g.ready ? 'ready' : 'not ready'}, started ${g.started_at}${said}`;
+  const instances =
+    g.instances !== undefined
+      ? `, instances ${g.instances.map((i) => `${i.instance}: ${i.pid === null ? '-' : `pid ${i.pid}`} ${i.state}`).join(', ')}`
+      : '';
+  return `generation ${g.generation} (pid ${g.pid}), ${g.ready ? 'ready' : 'not ready'}, started ${g.started_at}${said}${instances}`;
 }
 
 function describeLastReload(r: ReloadRecord): string {

@@ -177,11 +177,13 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
       },
       fdstoreMax: service.fdstore_max,
       watchdogMs: service.watchdog ?? null,
+      instances: service.instances,
     },
     orchestration: {
       strategy: orchestration.strategy,
       soakTimeMs: orchestration.soak_time,
       maxGenerations: orchestration.max_generations,
+      maxSurge: orchestration.max_surge ?? null,
       readiness: {
         mode: readiness.mode,
         timeoutMs: readiness.timeout,

@@ -197,6 +197,18 @@ const service = object({
       '30s',
     ),
     restart: withDefault(restart, {}),
+    instances: withDefault(
+      integer({
+        description:
+          'How many processes of the app each generation runs, all on the same listeners (fd 3..): the kernel spreads ' +
+          'the accepted connections over them. Each gets AETERNA_INSTANCE (0..instances-1) in its environment, its own ' +
+          'state relay connection, watchdog and cgroup; one that crashes is restarted alone (service.restart counts per ' +
+          'instance). A fixed number (no "auto": size it to the CPU quota of the container yourself).',
+        minimum: 1,
+        maximum: 64,
+      }),
+      1,
+    ),
     fdstore_max: withDefault(
       integer({
         description:
@@ -437,6 +449,17 @@ const orchestration = object({
         maximum: 64,
       }),
       3,
+    ),
+    max_surge: optional(
+      integer({
+        description:
+          'strategy immediate with service.instances > 1: how many new instances a reload starts at a time. Each old ' +
+          'instance is stopped once its successor is ready (and has its state), and the next ones start once it has ' +
+          'exited: 1 keeps the memory near that of one generation. Absent: all at once. A canary reload always starts ' +
+          'the whole new set.',
+        minimum: 1,
+        maximum: 64,
+      }),
     ),
     readiness: withDefault(readiness, {}),
     state_handoff: withDefault(stateHandoff, {}),

@@ -41,6 +41,8 @@ export interface ServiceConfig {
   fdstoreMax: number;
   /** WatchdogSec=: the longest a ready generation may go without WATCHDOG=1; null = no watchdog. */
   watchdogMs: number | null;
+  /** Processes per generation (1..64), each with AETERNA_INSTANCE; optional so that a config carried by an older Aeterna reads as 1. */
+  instances?: number;
 }
 
 export interface ReadinessConfig {
@@ -97,6 +99,8 @@ export interface Config {
     soakTimeMs: number;
     /** Generations alive at once at most (serving, new, and old ones still draining); 2 or more. */
     maxGenerations: number;
+    /** New instances a rolling reload starts at a time; null: all at once. */
+    maxSurge?: number | null;
     readiness: ReadinessConfig;
     stateHandoff: StateHandoffConfig;
     /** null when orchestration.watch is absent: no reloads on file change. */

@@ -42,8 +42,11 @@ class Exported {
   readonly reexecs: Counter<'reason'>;
   readonly checkpoints: Counter<'result'>;
 
-  /** `latestCheckpoint`: the checkpoint Aeterna holds now (however it got it: stored, read from its file, handed over), read at each scrape. */
-  constructor(latestCheckpoint: () => LatestCheckpoint | null) {
+  /**
+   * `latestCheckpoint`: the checkpoint Aeterna holds now (however it got it: stored, read from its file, handed over),
+   * `instances`: how many instances of the serving generation are in each state; both read at each scrape.
+   */
+  constructor(latestCheckpoint: () => LatestCheckpoint | null, instances: () => Record<string, number>) {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
     // `aeterna start` should exec the app first (start-to-exec is one of Aeterna's targets).
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- the lazy load above
@@ -157,6 +160,16 @@ class Exported {
         else this.set(latest.age_ms / 1000);
       },
     });
+    new prom.Gauge({
+      name: 'aeterna_instances',
+      help: 'Instances of the serving generation (service.instances) by state: starting, ready, restarting, exited, pending',
+      labelNames: ['state'] as const,
+      registers,
+      collect() {
+        this.reset();
+        for (const [state, count] of Object.entries(instances())) this.set({ state }, count);
+      },
+    });
     prom.collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
   }
 }
@@ -170,6 +183,7 @@ export class Metrics {
   private exported: Exported | null = null;
   private pending: Array<(e: Exported) => void> | null = [];
   private currentState: string;
+  private instanceStates: () => Record<string, number> = () => ({});
   /** `states`: every state of the orchestrator (each gets its series in aeterna_state), `initial` the one it starts in. */
   constructor(
     enabled: boolean,
@@ -189,12 +203,17 @@ export class Metrics {
   /** Load prom-client and start exporting (no-op when the endpoint is off or already exporting). */
   export(): Exported | null {
     if (this.exported || this.pending === null) return this.exported;
-    const e = new Exported(this.latestCheckpoint);
+    const e = new Exported(this.latestCheckpoint, () => this.instanceStates());
     for (const s of this.states) e.state.set({ state: s }, s === this.currentState ? 1 : 0);
     for (const apply of this.pending) apply(e);
     this.pending = [];
     this.exported = e;
     return e;
+  }
+
+  /** Where aeterna_instances reads the serving generation's instances by state (the orchestrator's status). */
+  watchInstances(read: () => Record<string, number>): void {
+    this.instanceStates = read;
   }
 
   setState(current: string): void {

@@ -12,6 +12,12 @@
 // - `retiring`: old generations of promoted reloads, still draining in the background once their reload is over
 //   (retiring.ts): their exit is no crash, and a reload kills the oldest ones to stay within max_generations.
 //
+// A generation runs service.instances processes, its instances (instance-set.ts): `serving`, `candidate` and
+// `draining` are each an InstanceSet. A reload starts the new set (orchestration.max_surge instances at a time for
+// an immediate reload; the whole set for a canary), relays the state of old instance i to new instance i, and rolls
+// back as a whole. Between reloads, an instance that exits is restarted alone (service.restart counts per instance)
+// while the others serve; with one instance that is the restart of the generation, as it always was.
+//
 // Invariants:
 // - A failed reload never touches `serving`: its process, its memory and the
 //   listeners it uses are left as they were.
@@ -38,12 +44,14 @@ import { DumpFailed, type RelayRole, type StateRelay } from './relay';
 import { RestartBudget } from './restart';
 import { RetiringGenerations } from './retiring';
 import { AppNotices } from './app-notices';
+import { InstanceSet } from './instance-set';
 import { Watchdog } from './watchdog';
 import type {
   CarriedCounters,
   CarriedGeneration,
   ControlApi,
   GenerationInfo,
+  InstanceInfo,
   ReloadEvent,
   ReloadPhase,
   ReloadRecord,
@@ -67,10 +75,16 @@ export interface OrchestratorDeps {
   /** The state relay, when state_handoff is enabled. */
   relay: StateRelay | null;
   /**
-   * Start generation `number` with `fds` at 3, 4, ... and `env` added to its environment (Generation.spawn, in its
-   * cgroup where the machine allows it). Throws E_SPAWN_FAILED.
+   * Start instance `instance` of generation `number` with `fds` at 3, 4, ... and `env` added to its environment
+   * (Generation.spawn, in its cgroup where the machine allows it). Throws E_SPAWN_FAILED.
    */
-  spawn: (number: number, spec: SpawnSpec, fds: readonly PassedFd[], env: Record<string, string>) => Generation;
+  spawn: (
+    number: number,
+    spec: SpawnSpec,
+    fds: readonly PassedFd[],
+    env: Record<string, string>,
+    instance: number,
+  ) => Generation;
   /** Open a weighted canary split of `listeners` (WeightedSplit.open). Throws E_CANARY_UNSUPPORTED or E_LISTEN_FAILED. */
   split: (listeners: readonly Listener[], canary: CanaryConfig) => CanarySplit;
   /** Whether process `pid` is `root` or one of its descendants (proctree.belongsTo, which reads /proc). */
@@ -94,12 +108,20 @@ interface ReloadRun {
   previousConfig: Config;
   subscribers: Array<(e: ReloadEvent) => void>;
   resolve: (record: ReloadRecord) => void;
-  readiness: ReadinessWatch | null;
+  /** The readiness watch of each new instance started so far. */
+  readiness: ReadinessWatch[];
   /** What the new generation must still do before it counts as ready (both, in either order). */
   awaiting: Set<'ready' | 'relay'>;
   relayAbort: AbortController;
-  /** The old generation could not dump and the new one loaded the checkpoint (on_dump_failure: checkpoint): no final sync. */
-  fromCheckpoint: boolean;
+  /** The old instances that could not dump, whose successor loaded the checkpoint (on_dump_failure: checkpoint): no final sync. */
+  fromCheckpoint: Set<number>;
+  /** Each instance's checkpoint load after a failed dump gets a timeout of its own; aborted with the reload. */
+  checkpointAborts: AbortController[];
+  /** A rolling reload (max_surge): the instances of this batch, and those still to start after it. */
+  batch: number[];
+  pending: number[];
+  /** Old instances a rolling reload already stopped, each once its successor was ready: not crashes; restarted on a rollback. */
+  replaced: Set<Generation>;
   timers: NodeJS.Timeout[];
   /** orchestration.canary: the candidate's own sockets and the steering of new connections; null for a shared socket. */
   split: CanarySplit | null;
@@ -116,9 +138,9 @@ const SERVING_STATES: readonly State[] = ['Running', 'Handover', 'Soaking', 'Dra
 export class Orchestrator implements ControlApi {
   readonly fsm = new StateMachine();
   private config: Config;
-  private serving: Generation | null = null;
-  private candidate: Generation | null = null;
-  private draining: Generation | null = null;
+  private serving: InstanceSet | null = null;
+  private candidate: InstanceSet | null = null;
+  private draining: InstanceSet | null = null;
   /** When `draining` got SIGTERM and its SIGKILL deadline (set once it got it: a weighted split first drains its queue). */
   private drainStop: { since: Date; deadline: Date } | null = null;
   /** Old generations of promoted reloads still draining. */
@@ -128,21 +150,31 @@ export class Orchestrator implements ControlApi {
   /** The reload in flight, from its request to its outcome. */
   private inFlight: ReloadRun | null = null;
   private readonly readinessSources: ReadinessSource[];
-  private startupWatch: ReadinessWatch | null = null;
+  /** The readiness watch of each serving instance not yet ready (at start, or restarted alone). */
+  private readonly startupWatches = new Map<Generation, ReadinessWatch>();
+  /** Instances that said they are ready (status, and when Starting ends). */
+  private readonly readyInstances = new WeakSet<Generation>();
   /** STATUS= and the other sd_notify fields beyond readiness, watchdog and fd store. */
   private readonly notices: AppNotices;
-  /** The generation Aeterna stopped because it never became ready at start: its exit is a failure, whatever its code. */
-  private neverReady: Generation | null = null;
+  /** Instances Aeterna stopped because they never became ready at start: their exit is a failure, whatever its code. */
+  private readonly neverReady = new WeakSet<Generation>();
   /** The watchdog of each generation with service.watchdog (its deadlines run once it is ready), until it exits or drains. */
   private readonly watchdogs = new Map<Generation, Watchdog>();
   /** Generations the watchdog fired on: their exit is a failure, whatever its code. */
   private readonly watchdogFired = new WeakSet<Generation>();
   private restartTimer: NodeJS.Timeout | null = null;
+  /** Old instances a rolled back rolling reload had stopped: started again when they have exited. */
+  private readonly restartOnExit = new WeakSet<Generation>();
+  /** How many times each instance number of the serving generation was restarted alone since Aeterna started. */
+  private readonly instanceRestartCounts: number[] = [];
+  /** Serving instances waiting for their restart alone, by instance number. */
+  private readonly instanceRestarts = new Map<number, NodeJS.Timeout>();
   private generations = 0;
   private reloads = 0;
   private restarts = 0;
   private lastReload: ReloadRecord | null = null;
-  private readonly budget: RestartBudget;
+  /** service.restart's budget, per instance number (the crash loop limit counts per instance). */
+  private readonly budgets: RestartBudget[] = [];
   private startedAt = new Date();
   private lastExit: ExitInfo | null = null;
   private exitCode: number | null = null;
@@ -155,12 +187,16 @@ export class Orchestrator implements ControlApi {
     private readonly deps: OrchestratorDeps,
   ) {
     this.config = config;
-    this.budget = new RestartBudget(config.service.restart);
     this.stopped = new Promise((resolve) => (this.resolveStopped = resolve));
     this.retiring = new RetiringGenerations(deps.log, deps.metrics);
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     deps.notify.on('message', (m) => this.storeFds(m));
+    deps.metrics.watchInstances(() => {
+      const counts: Record<string, number> = {};
+      for (const i of this.serving ? this.instancesOf(this.serving) : []) counts[i.state] = (counts[i.state] ?? 0) + 1;
+      return counts;
+    });
     this.notices = new AppNotices(
       deps.notify,
       deps.log,
@@ -192,6 +228,13 @@ export class Orchestrator implements ControlApi {
    * Running (no reload, no restart pending): otherwise it throws E_RELOAD_BUSY or E_ILLEGAL_TRANSITION.
    */
   carry(): { fds: never[]; part: { generations: CarriedGeneration[]; counters: CarriedCounters } } {
+    const restarting = this.instanceRestarts.size + this.startupWatches.size;
+    if (this.inFlight === null && this.fsm.state === 'Running' && restarting > 0) {
+      throw new AeternaError(
+        'E_RELOAD_BUSY',
+        `cannot upgrade now: ${restarting} instance(s) of generation ${this.serving?.number} are restarting; try again once every instance is ready (aeterna status lists them)`,
+      );
+    }
     if (this.inFlight !== null || this.fsm.state !== 'Running' || this.serving === null || !this.serving.alive) {
       const code = this.inFlight !== null ? 'E_RELOAD_BUSY' : 'E_ILLEGAL_TRANSITION';
       throw new AeternaError(
@@ -207,26 +250,30 @@ export class Orchestrator implements ControlApi {
       last_reload: this.lastReload,
       started_at: this.startedAt.toISOString(),
     };
-    const s = this.serving;
-    const serving: CarriedGeneration = {
+    // One entry per instance: the next Aeterna adopts them as one generation's set.
+    const generations = this.serving.live.map((s): CarriedGeneration => ({
       number: s.number,
       pid: s.pid,
       pgid: s.pid,
       state: 'serving',
       started_at: s.startedAt.toISOString(),
       cgroup: s.cgroup?.dir ?? null,
-    };
-    const retiring = this.retiring.alive().map(({ gen, since, deadline }): CarriedGeneration => ({
-      number: gen.number,
-      pid: gen.pid,
-      pgid: gen.pid,
-      state: 'retiring',
-      started_at: gen.startedAt.toISOString(),
-      cgroup: gen.cgroup?.dir ?? null,
-      draining_since: since.toISOString(),
-      kill_deadline: deadline.toISOString(),
+      ...(this.serving!.size > 1 ? { instance: this.serving!.indexOf(s) } : {}),
     }));
-    return { fds: [], part: { generations: [serving, ...retiring], counters } };
+    const retiring = this.retiring.alive().map(
+      ({ gen, since, deadline }): CarriedGeneration => ({
+        number: gen.number,
+        pid: gen.pid,
+        pgid: gen.pid,
+        state: 'retiring',
+        started_at: gen.startedAt.toISOString(),
+        cgroup: gen.cgroup?.dir ?? null,
+        ...(gen.instance ? { instance: gen.instance } : {}),
+        draining_since: since.toISOString(),
+        kill_deadline: deadline.toISOString(),
+      }),
+    );
+    return { fds: [], part: { generations: [...generations, ...retiring], counters } };
   }
 
   /** Calls `listener` when what carry() returns may have changed without a state transition (upgrade/carried.ts). */
@@ -235,25 +282,32 @@ export class Orchestrator implements ControlApi {
   }
 
   /**
-   * A re-executed Aeterna goes on where the old one was: `serving` runs and is ready; `retiring` drain on, each
-   * SIGKILLed at the deadline the previous Aeterna set. Resolves as run().
+   * A re-executed Aeterna goes on where the old one was: `serving` (one generation's instances, by instance number)
+   * runs and is ready; `retiring` (old generations' processes) drain on, each SIGKILLed at the deadline the previous
+   * Aeterna set. Resolves as run().
    */
   adopt(
-    serving: Generation,
+    serving: Generation | Generation[],
     counters: CarriedCounters,
     retiring: ReadonlyArray<{ gen: Generation; since: Date; deadline: Date }> = [],
   ): Promise<number> {
+    const instances = Array.isArray(serving) ? serving : [serving];
     this.reloads = counters.reloads;
     this.restarts = counters.restarts;
     this.generations = counters.generations;
     this.lastReload = counters.last_reload;
     this.startedAt = new Date(counters.started_at);
     this.fire('start');
-    this.serving = serving;
-    this.track(serving, this.config, 'fresh');
-    this.deps.metrics.setGeneration(serving.number);
+    const set = new InstanceSet(instances[0].number, Math.max(instances.length, this.instanceCount(this.config)));
+    instances.forEach((gen, i) => {
+      set.put(gen.instance ?? i, gen);
+      this.track(gen, this.config, 'fresh');
+      this.readyInstances.add(gen);
+    });
+    this.serving = set;
+    this.deps.metrics.setGeneration(set.number);
     this.fire('ready'); // Running
-    this.watchdogs.get(serving)?.start();
+    for (const gen of instances) this.watchdogs.get(gen)?.start();
     for (const r of retiring) {
       this.retiring.add(r.gen, r.since, r.deadline);
       void r.gen.resumeStop(r.deadline);
@@ -267,9 +321,13 @@ export class Orchestrator implements ControlApi {
     return this.config.service.stopTimeoutMs;
   }
 
-  /** Whether a generation is serving and ready (GET /readyz). */
+  /** Whether a generation is serving and ready (GET /readyz): at least one of its instances. */
   isReady(): boolean {
-    return SERVING_STATES.includes(this.fsm.state) && this.serving !== null && this.serving.alive;
+    return (
+      SERVING_STATES.includes(this.fsm.state) &&
+      this.serving !== null &&
+      this.serving.live.some((g) => this.readyInstances.has(g))
+    );
   }
 
   private fire(event: Event): boolean {
@@ -299,26 +357,75 @@ export class Orchestrator implements ControlApi {
     });
   }
 
+  /** service.instances of `config`. */
+  private instanceCount(config: Config): number {
+    return config.service.instances ?? 1;
+  }
+
+  private budget(instance: number): RestartBudget {
+    return (this.budgets[instance] ??= new RestartBudget(this.config.service.restart));
+  }
+
   private extraEnv(gen: number): Record<string, string> {
     const env: Record<string, string> = { NOTIFY_SOCKET: this.deps.notify.address, AETERNA_GENERATION: String(gen) };
     if (this.deps.relay) env.LIVERELAY_STATE_SOCK = this.deps.relay.socketPath;
     return env;
   }
 
-  private spawn(
+  /**
+   * Start the instances `instances` of `set` (all of them when left out), each attached to the relay as `role(i)`.
+   * All or none: when one cannot be started, those started here are killed and it throws E_SPAWN_FAILED.
+   */
+  private spawnInstances(
+    set: InstanceSet,
     config: Config,
-    role: RelayRole,
+    role: (instance: number) => RelayRole,
     listeners: readonly Listener[] = this.deps.listeners.list(),
-  ): Generation {
-    const number = ++this.generations;
+    instances: readonly number[] = [...Array(set.size).keys()],
+  ): Generation[] {
+    const number = set.number;
     this.deps.listenerWatch.check(`spawn of generation ${number}`, true); // the new generation gets listening sockets
     this.deps.notify.grant(config.service);
     // The fd store's fds come after the listeners, as systemd passes them.
     const fds = [...listeners, ...this.deps.fdStore.list()];
-    const gen = this.deps.spawn(number, config.service, fds, this.extraEnv(number));
-    this.deps.log.info({ generation: number, child: gen.pid, command: config.service.command }, 'generation started');
-    this.track(gen, config, role);
-    return gen;
+    const started: Generation[] = [];
+    try {
+      for (const i of instances) {
+        const gen = this.deps.spawn(number, config.service, fds, this.extraEnv(number), i);
+        const instance = set.size > 1 ? { instance: i } : {};
+        this.deps.log.info(
+          { generation: number, ...instance, child: gen.pid, command: config.service.command },
+          set.size > 1 ? `generation ${number} instance ${i} started` : 'generation started',
+        );
+        set.put(i, gen);
+        started.push(gen);
+        this.track(gen, config, role(i));
+      }
+    } catch (err) {
+      for (const gen of started) {
+        this.deps.relay?.release(gen);
+        void gen.kill();
+      }
+      throw err;
+    }
+    return started;
+  }
+
+  /** A new generation of `config`'s service.instances, none started yet. */
+  private newSet(config: Config): InstanceSet {
+    return new InstanceSet(++this.generations, this.instanceCount(config));
+  }
+
+  /** "generation 3" with one instance, "generation 3 instance 1" with more: how logs and reasons name an instance. */
+  private nameOf(gen: Generation, set: InstanceSet | null = this.setOf(gen)): string {
+    return set !== null && set.size > 1
+      ? `generation ${gen.number} instance ${set.indexOf(gen)}`
+      : `generation ${gen.number}`;
+  }
+
+  /** The set `gen` is a current instance of (serving, candidate or draining), or null. */
+  private setOf(gen: Generation): InstanceSet | null {
+    return [this.serving, this.candidate, this.draining].find((s) => s?.has(gen)) ?? null;
   }
 
   /** A generation Aeterna now runs (spawned, or adopted after a re-exec): its relay, its exit, its watchdog. */
@@ -354,20 +461,26 @@ export class Orchestrator implements ControlApi {
     this.watchdogFired.add(gen);
     this.deps.metrics.watchdogTimedOut();
     this.deps.log.error(
-      { generation: gen.number, child: gen.pid, code: 'E_WATCHDOG', stop_timeout_ms: config.service.stopTimeoutMs },
-      `watchdog: generation ${gen.number} (pid ${gen.pid}) timed out: ${why}; sending SIGABRT, SIGKILL after ${formatDuration(config.service.stopTimeoutMs)}`,
+      {
+        generation: gen.number,
+        ...this.instanceField(gen),
+        child: gen.pid,
+        code: 'E_WATCHDOG',
+        stop_timeout_ms: config.service.stopTimeoutMs,
+      },
+      `watchdog: ${this.nameOf(gen)} (pid ${gen.pid}) timed out: ${why}; sending SIGABRT, SIGKILL after ${formatDuration(config.service.stopTimeoutMs)}`,
     );
     void gen.stop(config.service.stopTimeoutMs, 'SIGABRT');
   }
 
-  /** Starting: spawn the serving generation and wait for it to be ready. */
+  /** Starting: spawn the serving generation (each of its instances) and wait for every one to be ready. */
   private startServing(): void {
     this.restartTimer = null;
-    // A generation started here has no live predecessor to dump: attached 'fresh', the relay offers it the
-    // latest checkpoint as its initial load (SrpCoordinator.sendCheckpoint, docs/srp.md "Checkpoints").
-    let gen: Generation;
+    // A generation started here has no live predecessor to dump: attached 'fresh', the relay offers each instance
+    // the latest checkpoint as its initial load (SrpCoordinator.sendCheckpoint, docs/srp.md "Checkpoints").
+    const set = this.newSet(this.config);
     try {
-      gen = this.spawn(this.config, 'fresh');
+      this.spawnInstances(set, this.config, () => 'fresh');
     } catch (err) {
       const e = err as AeternaError;
       const errno = (e.cause as NodeJS.ErrnoException | undefined)?.code;
@@ -377,71 +490,161 @@ export class Orchestrator implements ControlApi {
       this.stop('the app could not be started');
       return;
     }
-    this.serving = gen;
+    this.serving = set;
+    for (const gen of set.all) this.watchStart(gen);
+  }
+
+  /**
+   * Wait for a serving instance with no predecessor (at start, or restarted alone) to be ready: then its watchdog
+   * runs, and once every instance is ready Starting ends. One not ready in time is stopped; its exit goes through
+   * service.restart as a failure.
+   */
+  private watchStart(gen: Generation): void {
     const watch = this.readiness(gen, this.config);
-    this.startupWatch = watch;
+    this.startupWatches.set(gen, watch);
+    const current = (): boolean => {
+      if (this.startupWatches.get(gen) !== watch) return false;
+      this.startupWatches.delete(gen);
+      return this.serving?.has(gen) === true && gen.alive && this.fsm.state !== 'Stopping';
+    };
     watch.ready.then(
       () => {
-        if (this.serving !== gen || this.fsm.state !== 'Starting') return;
+        if (!current()) return;
         this.deps.relay?.startOutcome(gen, true);
-        this.deps.metrics.setGeneration(gen.number);
-        this.fire('ready'); // Running
+        this.readyInstances.add(gen);
         this.watchdogs.get(gen)?.start(); // with service.watchdog, it must ping from now on
+        const serving = this.serving!;
+        if (this.fsm.state === 'Starting' && this.allReady(serving)) {
+          this.deps.metrics.setGeneration(serving.number);
+          this.fire('ready'); // Running
+        }
       },
       (err: AeternaError) => {
-        if (this.serving !== gen || this.fsm.state !== 'Starting') return;
+        if (!current()) return;
         this.deps.log.error(
-          { generation: gen.number, child: gen.pid, code: err.code },
-          `stopping generation ${gen.number}, then service.restart decides: ${err.message}`,
+          { generation: gen.number, ...this.instanceField(gen), child: gen.pid, code: err.code },
+          `stopping ${this.nameOf(gen)}, then service.restart decides: ${err.message}`,
         );
-        this.fire('ready-timeout');
-        this.neverReady = gen;
+        if (this.fsm.state === 'Starting') this.fire('ready-timeout');
+        this.neverReady.add(gen);
         void gen.stop(this.config.service.stopTimeoutMs); // its exit goes through the restart policy, as a failure
       },
     );
   }
 
-  /** The serving generation exited outside a reload (or its drain): restart it, or stop. */
+  private cancelStartWatch(gen: Generation): void {
+    this.startupWatches.get(gen)?.cancel();
+    this.startupWatches.delete(gen);
+  }
+
+  /** Whether every instance of `set` is started, alive and ready. */
+  private allReady(set: InstanceSet): boolean {
+    return set.all.length === set.size && set.all.every((g) => g.alive && this.readyInstances.has(g));
+  }
+
+  /** `{ instance: i }` for the log fields of an instance of a set of more than one, else nothing. */
+  private instanceField(gen: Generation): { instance?: number } {
+    const set = this.setOf(gen);
+    return set !== null && set.size > 1 ? { instance: set.indexOf(gen) } : {};
+  }
+
+  /**
+   * A serving instance exited outside a reload (or its drain): restart it, or stop. With one instance that is the
+   * restart of the generation (Starting again, a new generation number); with more, the instance is restarted alone
+   * in its slot, with its own backoff and crash loop count, and the others serve on (the state does not change).
+   */
   private handleCrash(gen: Generation, info: ExitInfo): void {
+    const set = this.serving!;
+    const instance = Math.max(0, set.indexOf(gen));
     this.lastExit = info;
-    this.startupWatch?.cancel();
+    this.cancelStartWatch(gen);
+    const wasReady = this.readyInstances.has(gen);
     // Died before it was ready: the checkpoint it was offered, if any, counts one failed load.
-    if (this.fsm.state === 'Starting') this.deps.relay?.startOutcome(gen, false);
-    const decision = this.budget.decide(info, Date.now(), gen === this.neverReady || this.watchdogFired.has(gen));
+    if (!wasReady) this.deps.relay?.startOutcome(gen, false);
+    const failed = this.neverReady.has(gen) || this.watchdogFired.has(gen);
+    const decision = this.budget(instance).decide(info, Date.now(), failed);
+    const fields = { generation: gen.number, ...(set.size > 1 ? { instance } : {}) };
     if (decision.restart) {
       this.restarts++;
+      this.instanceRestartCounts[instance] = (this.instanceRestartCounts[instance] ?? 0) + 1;
       const reason = this.watchdogFired.has(gen)
         ? 'watchdog'
-        : this.fsm.state === 'Starting'
+        : !wasReady
           ? 'start_failed'
           : info.code === 0 && info.signal === null
             ? 'exited'
             : 'crashed';
       this.deps.metrics.childRestarted(reason);
+      const alone = set.size > 1 ? `${this.nameOf(gen, set)} ` : 'app ';
       this.deps.log.warn(
         {
-          generation: gen.number,
+          ...fields,
           child: gen.pid,
           exit_code: exitCodeOf(info),
           attempt: decision.attempt,
           backoff_ms: decision.delayMs,
         },
-        `app ${describeExit(info)}: restarting in ${formatDuration(decision.delayMs)}`,
+        `${alone}${describeExit(info)}: restarting ${set.size > 1 ? 'it alone ' : ''}in ${formatDuration(decision.delayMs)}`,
       );
+      if (set.size > 1) {
+        clearTimeout(this.instanceRestarts.get(instance));
+        this.instanceRestarts.set(
+          instance,
+          setTimeout(() => this.restartInstance(set, instance), decision.delayMs),
+        );
+        return;
+      }
       this.fire('exited'); // Starting
       this.restartTimer = setTimeout(() => this.startServing(), decision.delayMs);
       return;
     }
     (decision.crashLoop ? this.deps.log.error.bind(this.deps.log) : this.deps.log.info.bind(this.deps.log))(
       {
-        generation: gen.number,
+        ...fields,
         exit_code: decision.exitCode,
         code: decision.crashLoop ? 'E_CRASH_LOOP' : 'E_CHILD_EXITED',
       },
-      decision.reason,
+      set.size > 1 ? `${this.nameOf(gen, set)}: ${decision.reason}` : decision.reason,
     );
     this.exitCode = decision.exitCode;
     this.stop(decision.reason);
+  }
+
+  /**
+   * Start instance `instance` of `set` again, alone, in its slot (the generation's number, AETERNA_INSTANCE
+   * `instance`): attached 'fresh', it is offered the latest checkpoint. Nothing when `set` no longer serves.
+   */
+  private restartInstance(set: InstanceSet, instance: number, why = 'restarted'): void {
+    this.instanceRestarts.delete(instance);
+    const state = this.fsm.state;
+    if (this.serving !== set || set.at(instance)?.alive === true || state === 'Stopping' || state === 'Stopped') return;
+    let gen: Generation;
+    try {
+      [gen] = this.spawnInstances(set, this.config, () => 'fresh', this.deps.listeners.list(), [instance]);
+    } catch (err) {
+      const e = err as AeternaError;
+      this.deps.log.error({ err, code: e.code, generation: set.number, instance }, e.message);
+      this.exitCode = 127;
+      this.stop(`generation ${set.number} instance ${instance} could not be started again`);
+      return;
+    }
+    this.deps.log.info(
+      { generation: set.number, instance, child: gen.pid },
+      `generation ${set.number} instance ${instance} ${why}`,
+    );
+    this.watchStart(gen);
+  }
+
+  /** Every instance of the serving generation that is gone goes through handleCrash (after a drain or a rollback). */
+  private reviveDead(): void {
+    const set = this.serving;
+    if (set === null) return;
+    for (let i = 0; i < set.size; i++) {
+      const gen = set.at(i);
+      if (gen !== undefined && !gen.alive && !this.instanceRestarts.has(i) && this.fsm.state !== 'Stopping')
+        this.handleCrash(gen, gen.exitInfo!);
+      if (set.size === 1) return; // the generation restarts as a whole
+    }
   }
 
   private onExit(gen: Generation, info: ExitInfo): void {
@@ -449,40 +652,59 @@ export class Orchestrator implements ControlApi {
     const how = describeExit(info);
     this.stopWatchdog(gen);
     const drainedMs = this.retiring.drainedMs(gen);
+    const set = this.setOf(gen);
     this.deps.log.info(
       {
         generation: gen.number,
+        ...this.instanceField(gen),
         child: gen.pid,
         exit_code: exitCodeOf(info),
         ...(drainedMs === null ? {} : { retiring: true, drained_ms: drainedMs }),
       },
-      `generation ${gen.number} ${how}`,
+      `${set !== null ? this.nameOf(gen, set) : `generation ${gen.number}`} ${how}`,
     );
     if (drainedMs !== null) return this.retired(gen);
     if (state === 'Stopping') return this.checkStopped();
-    if (gen === this.serving) {
+    const run = this.inFlight;
+    if (run !== null && run.replaced.has(gen)) return; // a rolling reload stopped it: awaited in rollOn
+    if (this.restartOnExit.has(gen) && set !== null && set === this.serving)
+      return this.restartInstance(set, set.indexOf(gen), 'started again: its reload was rolled back');
+    if (set !== null && set === this.serving) {
       this.lastExit = info;
       if (state === 'Starting' || state === 'Running') return this.handleCrash(gen, info);
       if (state === 'Draining') {
         this.fire('exited'); // the new generation died while the old one drains: restarted once the drain is done
         return;
       }
-      // Handover, Soaking, RollingBack: the old generation died on its own.
+      // Handover, Soaking, RollingBack: the old generation died on its own (all of its instances).
+      if (set.alive) {
+        this.deps.log.warn(
+          { generation: gen.number, ...this.instanceField(gen), reload: run?.record.id },
+          `${this.nameOf(gen, set)} exited during the reload: the other instances serve on; it is restarted if the reload is rolled back`,
+        );
+        return;
+      }
       this.fire('old-exited');
       if (this.fsm.state === 'Draining') this.enterDraining(); // it was soaking: the new one serves now
       return;
     }
-    if (gen === this.draining) return this.finishDrain(); // gone before the promotion settled
-    if (gen === this.candidate) {
-      if (state === 'RollingBack') return this.finishRollback();
-      if (this.inFlight === null) {
+    if (set !== null && set === this.draining) {
+      if (!set.alive) this.finishDrain(); // gone before the promotion settled
+      return;
+    }
+    if (set !== null && set === this.candidate) {
+      if (state === 'RollingBack') {
+        if (!set.alive) this.finishRollback();
+        return;
+      }
+      if (run === null) {
         // A candidate outliving its reload is a bookkeeping bug (seen once, under load, when SIGTERM met a
         // canary soak): never let it take PID 1 down; forget it and say so.
         this.deps.log.error(
           { generation: gen.number, state },
           `generation ${gen.number} exited as a candidate with no reload in flight`,
         );
-        this.candidate = null;
+        if (!set.alive) this.candidate = null;
         return this.checkStopped();
       }
       const when =
@@ -491,9 +713,10 @@ export class Orchestrator implements ControlApi {
           : this.deps.relay?.relaying(gen)
             ? 'during the state relay'
             : 'before becoming ready';
+      const which = set.size > 1 ? `instance ${set.indexOf(gen)} ` : '';
       if (this.watchdogFired.has(gen))
-        return this.rollBack('exited', `the watchdog fired and it was ${how} ${when}`, 'E_WATCHDOG');
-      this.rollBack('exited', `${how} ${when}`, 'E_CHILD_EXITED');
+        return this.rollBack('exited', `the watchdog fired and ${which}it was ${how} ${when}`, 'E_WATCHDOG');
+      this.rollBack('exited', `${which}${how} ${when}`, 'E_CHILD_EXITED');
     }
   }
 
@@ -509,11 +732,7 @@ export class Orchestrator implements ControlApi {
       this.fire('reload'); // Handover
       const max = run.config.orchestration.maxGenerations ?? DEFAULT_MAX_GENERATIONS;
       this.retiring.makeRoom(max, this.serving?.alive ? 1 : 0, run.record.id);
-      const next = this.spawnCandidate(run);
-      if (next) {
-        this.awaitReadiness(run, next);
-        this.relayState(run, next);
-      }
+      this.spawnCandidate(run);
     }
     return done;
   }
@@ -546,10 +765,14 @@ export class Orchestrator implements ControlApi {
       previousConfig: this.config,
       subscribers: onEvent ? [onEvent] : [],
       resolve,
-      readiness: null,
+      readiness: [],
       awaiting: new Set(['ready', 'relay']),
       relayAbort: new AbortController(),
-      fromCheckpoint: false,
+      fromCheckpoint: new Set(),
+      checkpointAborts: [],
+      batch: [],
+      pending: [],
+      replaced: new Set(),
       timers: [],
       split: null,
       failure: null,
@@ -604,40 +827,83 @@ export class Orchestrator implements ControlApi {
     }
   }
 
-  /** 3. Start generation N+1 beside N, on the same sockets. */
-  private spawnCandidate(run: ReloadRun): Generation | null {
-    let next: Generation;
+  /**
+   * 3. Start generation N+1 beside N, on the same sockets: all its instances at once, or for an immediate reload
+   * with orchestration.max_surge, that many at a time (a rolling reload, see rollOn). A canary starts the whole set.
+   */
+  private spawnCandidate(run: ReloadRun): void {
+    const next = this.newSet(run.config);
+    const canary = run.config.orchestration.strategy === 'canary';
+    const surge = canary ? next.size : Math.min(next.size, run.config.orchestration.maxSurge ?? next.size);
+    const all = [...Array(next.size).keys()];
+    run.batch = all.slice(0, surge);
+    run.pending = all.slice(surge);
+    this.candidate = next;
+    run.record.to_generation = next.number;
+    this.startBatch(run);
+  }
+
+  /** What the relay gives new instance `instance`: the state of old instance `instance`, the latest checkpoint where there is none, or nothing. */
+  private roleOf(run: ReloadRun, instance: number): RelayRole {
+    if (!this.relays(run)) return 'stateless';
+    return this.serving?.at(instance) !== undefined ? 'candidate' : 'fresh';
+  }
+
+  /** Start the instances of `run.batch`, then wait for their readiness and relay their state. */
+  private startBatch(run: ReloadRun): void {
+    const next = this.candidate!;
+    let started: Generation[];
     try {
       // With state_handoff.enabled turned off in the config this reload read, it relays nothing: the new
       // generation still gets the relay's socket (a later reload may turn it on again), and an empty load.
-      next = this.spawn(run.config, this.relays(run) ? 'candidate' : 'stateless', run.split?.candidateListeners());
+      started = this.spawnInstances(
+        next,
+        run.config,
+        (i) => this.roleOf(run, i),
+        run.split?.candidateListeners(),
+        run.batch,
+      );
     } catch (err) {
       run.failure = { reason: (err as Error).message, code: 'E_SPAWN_FAILED', outcome: 'failed' };
+      if (next.alive) return this.rollBack('spawn-failed', run.failure.reason, 'E_SPAWN_FAILED');
       this.fire('spawn-failed'); // RollingBack, with nothing to stop
       this.finishRollback();
-      return null;
+      return;
     }
-    this.candidate = next;
-    run.record.to_generation = next.number;
     run.record.new_pid = next.pid;
-    this.phase('spawned', `generation ${next.number} (pid ${next.pid})`);
-    return next;
+    this.phase(
+      'spawned',
+      next.size > 1
+        ? `generation ${next.number} instance${started.length > 1 ? 's' : ''} ${run.batch.join(', ')} (pid ${started.map((g) => g.pid).join(', ')})`
+        : `generation ${next.number} (pid ${started[0].pid})`,
+    );
+    run.awaiting = new Set(['ready', 'relay']);
+    this.awaitReadiness(run, started);
+    this.relayState(run, started);
   }
 
-  /** 4. Wait until the new generation says it is ready (or its readiness times out: a rollback). */
-  private awaitReadiness(run: ReloadRun, next: Generation): void {
-    run.readiness = this.readiness(next, run.config);
-    run.readiness.ready.then(
-      () => {
-        if (!this.stillCurrent(run, 'Handover')) return;
-        this.watchdogs.get(next)?.start();
-        run.awaiting.delete('ready');
-        this.promoteWhenDone(run);
-      },
-      (err: AeternaError) => {
-        if (this.stillCurrent(run, 'Handover')) this.rollBack('ready-timeout', err.message, err.code);
-      },
-    );
+  /** 4. Wait until the new instances say they are ready (or one's readiness times out: a rollback). */
+  private awaitReadiness(run: ReloadRun, started: Generation[]): void {
+    const next = this.candidate!;
+    for (const gen of started) {
+      const watch = this.readiness(gen, run.config);
+      run.readiness.push(watch);
+      const which = next.size > 1 ? `instance ${next.indexOf(gen)}: ` : '';
+      watch.ready.then(
+        () => {
+          if (!this.stillCurrent(run, 'Handover')) return;
+          if (this.roleOf(run, next.indexOf(gen)) === 'fresh') this.deps.relay?.startOutcome(gen, true);
+          this.readyInstances.add(gen);
+          this.watchdogs.get(gen)?.start();
+          if (!run.batch.every((i) => this.readyInstances.has(next.at(i)!))) return;
+          run.awaiting.delete('ready');
+          this.promoteWhenDone(run);
+        },
+        (err: AeternaError) => {
+          if (this.stillCurrent(run, 'Handover')) this.rollBack('ready-timeout', which + err.message, err.code);
+        },
+      );
+    }
   }
 
   /**
@@ -648,24 +914,40 @@ export class Orchestrator implements ControlApi {
     return this.deps.relay !== null && run.config.orchestration.stateHandoff.enabled;
   }
 
-  /** 5. Relay the old generation's state to the new one (nothing to do without the relay). */
-  private relayState(run: ReloadRun, next: Generation): void {
+  /**
+   * 5. Relay the old generation's state to the new one (nothing to do without the relay): old instance i to new
+   * instance i. A new instance with no old one of its number (service.instances grew) was offered the latest
+   * checkpoint when it was attached ('fresh'); an old one with no new one of its number (it shrank) gives nothing.
+   */
+  private relayState(run: ReloadRun, started: Generation[]): void {
     const relay = this.deps.relay;
     const old = this.serving;
-    if (relay && !this.relays(run)) {
+    const next = this.candidate!;
+    if (relay && !this.relays(run) && started.includes(next.at(0)!)) {
       this.deps.log.warn(
         { reload: run.record.id, generation: next.number },
         `orchestration.state_handoff.enabled is off in ${run.config.file}: no state is relayed; generation ${next.number} starts without state`,
       );
     }
-    if (!relay || !old || !this.relays(run)) {
+    const pairs = started.flatMap((n) => {
+      const o = old?.at(next.indexOf(n));
+      return o === undefined ? [] : [[o, n] as const];
+    });
+    if (!relay || !old || !this.relays(run) || pairs.length === 0) {
       run.awaiting.delete('relay');
       return;
     }
-    this.phase('relaying');
+    this.phase(
+      'relaying',
+      next.size > 1
+        ? `instance${pairs.length > 1 ? 's' : ''} ${pairs.map(([, n]) => next.indexOf(n)).join(', ')}`
+        : undefined,
+    );
     const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
+    const abort = new AbortController(); // this batch's: the reload's relayAbort ends every batch's
+    run.checkpointAborts.push(abort);
     run.timers.push(
-      setTimeout(() => run.relayAbort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
+      setTimeout(() => abort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
     );
     const began = performance.now();
     const progress = (p: { bytes: number; total: number }): void =>
@@ -676,65 +958,92 @@ export class Orchestrator implements ControlApi {
         total: p.total,
         rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)),
       });
-    relay.relay(old, next, progress, run.relayAbort.signal, timeoutMs).then(
-      ({ bytes }) => {
+    void Promise.all(pairs.map(([o, n]) => this.relayInstance(run, relay, o, n, progress, abort.signal))).then(
+      (results) => {
         if (!this.stillCurrent(run, 'Handover')) return;
-        this.deps.metrics.stateRelayed(bytes, (performance.now() - began) / 1000);
+        const bytes = results.reduce((sum, r) => sum + r.bytes, 0);
+        const checkpoint = results.find((r) => r.from !== null)?.from;
+        if (checkpoint === undefined) this.deps.metrics.stateRelayed(bytes, (performance.now() - began) / 1000);
+        else this.deps.metrics.stateRelayed(bytes);
         this.fire('state-relayed');
-        this.phase('relayed', `${bytes} bytes`);
+        this.phase(
+          'relayed',
+          `${bytes} bytes${checkpoint !== undefined && results.length === 1 ? ` from ${checkpoint}` : ''}`,
+        );
         run.awaiting.delete('relay');
         this.promoteWhenDone(run);
       },
       (err: Error) => {
-        if (!this.stillCurrent(run, 'Handover')) return;
-        const fallBack =
-          err instanceof DumpFailed && run.config.orchestration.stateHandoff.onDumpFailure === 'checkpoint';
-        if (fallBack && relay.lastCheckpoint()) return this.relayCheckpoint(run, old, next, err.message);
-        const none = fallBack ? '; no checkpoint is stored to go on with (on_dump_failure: checkpoint)' : '';
-        this.rollBack('relay-failed', `state relay failed: ${err.message}${none}`, 'E_RELAY_FAILED');
+        if (this.stillCurrent(run, 'Handover')) this.rollBack('relay-failed', err.message, 'E_RELAY_FAILED');
       },
     );
   }
 
-  /** 5b. on_dump_failure: checkpoint: the old generation could not dump, so the new one loads the latest checkpoint. */
-  private relayCheckpoint(run: ReloadRun, old: Generation, next: Generation, why: string): void {
+  /**
+   * One instance's relay: the state of `old` to `next`, or the latest checkpoint when `old` could not dump and
+   * on_dump_failure is checkpoint. Rejects with the rollback's reason.
+   */
+  private relayInstance(
+    run: ReloadRun,
+    relay: StateRelay,
+    old: Generation,
+    next: Generation,
+    progress: (p: { bytes: number; total: number }) => void,
+    signal: AbortSignal,
+  ): Promise<{ bytes: number; from: string | null }> {
+    const set = this.candidate!;
+    const which = set.size > 1 ? `instance ${set.indexOf(next)}: ` : '';
+    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
+    const both = AbortSignal.any([signal, run.relayAbort.signal]);
+    return relay.relay(old, next, progress, both, timeoutMs).then(
+      ({ bytes }) => ({ bytes, from: null }),
+      (err: Error) => {
+        const fallBack =
+          err instanceof DumpFailed && run.config.orchestration.stateHandoff.onDumpFailure === 'checkpoint';
+        if (fallBack && relay.lastCheckpoint() && this.stillCurrent(run, 'Handover'))
+          return this.relayCheckpoint(run, old, next, err.message);
+        const none = fallBack ? '; no checkpoint is stored to go on with (on_dump_failure: checkpoint)' : '';
+        throw new Error(`state relay failed: ${which}${err.message}${none}`);
+      },
+    );
+  }
+
+  /** 5b. on_dump_failure: checkpoint: the old instance could not dump, so the new one loads the latest checkpoint. */
+  private relayCheckpoint(
+    run: ReloadRun,
+    old: Generation,
+    next: Generation,
+    why: string,
+  ): Promise<{ bytes: number; from: string }> {
     const relay = this.deps.relay!;
     const c = relay.lastCheckpoint()!;
     const what = `checkpoint ${c.seq} (${c.size} bytes, ${formatDuration(c.age_ms)} old)`;
+    const name = this.nameOf(old, this.serving);
     this.deps.log.warn(
       { reload: run.record.id, generation: old.number, seq: c.seq, age_ms: c.age_ms, reason: why },
-      `generation ${old.number} could not dump its state (${why}): going on with ${what} (on_dump_failure: checkpoint)`,
+      `${name} could not dump its state (${why}): going on with ${what} (on_dump_failure: checkpoint)`,
     );
-    this.phase('relaying', `${what}: generation ${old.number} could not dump (${why})`);
-    run.fromCheckpoint = true;
-    run.relayAbort = new AbortController(); // the first one was spent on the failed dump
+    this.phase('relaying', `${what}: ${name} could not dump (${why})`);
+    run.fromCheckpoint.add(Math.max(0, this.candidate!.indexOf(next)));
+    // The first signal may be spent on the failed dump (its timeout): the checkpoint's load gets one of its own.
+    const abort = new AbortController();
+    run.checkpointAborts.push(abort);
     const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
     run.timers.push(
-      setTimeout(() => run.relayAbort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
+      setTimeout(() => abort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
     );
-    relay.restoreCheckpoint(next, run.relayAbort.signal, timeoutMs).then(
-      ({ bytes }) => {
-        if (!this.stillCurrent(run, 'Handover')) return;
-        this.deps.metrics.stateRelayed(bytes);
-        this.fire('state-relayed');
-        this.phase('relayed', `${bytes} bytes from ${what}`);
-        run.awaiting.delete('relay');
-        this.promoteWhenDone(run);
-      },
+    return relay.restoreCheckpoint(next, abort.signal, timeoutMs).then(
+      ({ bytes }) => ({ bytes, from: what }),
       (err: Error) => {
-        if (this.stillCurrent(run, 'Handover'))
-          this.rollBack(
-            'relay-failed',
-            `state relay failed: ${why}; loading ${what} instead failed too: ${err.message}`,
-            'E_RELAY_FAILED',
-          );
+        throw new Error(`state relay failed: ${why}; loading ${what} instead failed too: ${err.message}`);
       },
     );
   }
 
-  /** 6. Ready and relayed: promote at once (immediate) or soak first (canary). */
+  /** 6. Ready and relayed: the next batch of a rolling reload, or promote at once (immediate) or soak first (canary). */
   private promoteWhenDone(run: ReloadRun): void {
     if (run.awaiting.size > 0) return;
+    if (run.pending.length > 0) return this.rollOn(run);
     const orchestration = run.config.orchestration;
     const immediate = orchestration.strategy === 'immediate';
     this.fire(immediate ? 'ready-immediate' : 'ready'); // Draining, or Soaking
@@ -766,15 +1075,50 @@ export class Orchestrator implements ControlApi {
     if (orchestration.readiness.mode === 'exec') void this.probeDuringSoak(run, this.candidate!);
   }
 
-  /** Canary with an exec probe: keep probing while soaking; a failure rolls back. */
-  private async probeDuringSoak(run: ReloadRun, next: Generation): Promise<void> {
+  /**
+   * A rolling reload's batch is ready and has its state: each old instance it replaces gets SIGTERM and its final
+   * sync, and once those have exited the next batch starts. So at most max_surge instances more than one
+   * generation's run at any time. The old ones stopped here are restarted if the reload is rolled back later.
+   */
+  private rollOn(run: ReloadRun): void {
+    const old = this.serving;
+    const next = this.candidate!;
+    const stopMs = run.previousConfig.service.stopTimeoutMs;
+    this.phase(
+      'ready',
+      `instance${run.batch.length > 1 ? 's' : ''} ${run.batch.join(', ')}: their old ones are stopped`,
+    );
+    const steps = run.batch.map(async (i) => {
+      const o = old?.at(i);
+      if (o === undefined || !o.alive) return;
+      run.replaced.add(o);
+      this.stopWatchdog(o);
+      void o.stop(stopMs);
+      const sync =
+        this.relays(run) && !run.fromCheckpoint.has(i) ? this.finalSyncOne(run, o, next.at(i)!) : Promise.resolve();
+      if (!this.relays(run) || run.fromCheckpoint.has(i)) this.deps.relay?.release(o);
+      await Promise.all([o.exited, sync]);
+    });
+    void Promise.all(steps).then(() => {
+      if (!this.stillCurrent(run, 'Handover')) return;
+      const surge = run.batch.length;
+      run.batch = run.pending.splice(0, surge);
+      this.startBatch(run);
+    });
+  }
+
+  /** Canary with an exec probe: keep probing each new instance while soaking; a failure rolls back. */
+  private async probeDuringSoak(run: ReloadRun, next: InstanceSet): Promise<void> {
     const cfg = run.config.orchestration.readiness;
     while (this.stillCurrent(run, 'Soaking') && next.alive) {
-      let ok: boolean;
-      try {
-        ok = await probeOnce(next, cfg, this.deps.reaper);
-      } catch {
-        ok = false;
+      let ok = true;
+      for (const gen of next.live) {
+        try {
+          ok = await probeOnce(gen, cfg, this.deps.reaper);
+        } catch {
+          ok = false;
+        }
+        if (!ok) break;
       }
       if (!this.stillCurrent(run, 'Soaking')) return;
       if (!ok && next.alive) {
@@ -800,24 +1144,42 @@ export class Orchestrator implements ControlApi {
   }
 
   /**
-   * Promotion: the new generation serves from now on; the old one gets SIGTERM (SIGKILL after stop_timeout) and
-   * its final sync. Once both are done the reload is over; the old generation drains on as a retiring one.
+   * Promotion: the new generation serves from now on; each old instance gets SIGTERM (SIGKILL after stop_timeout)
+   * and its final sync to the new instance of its number. Once all are done the reload is over; the old instances
+   * drain on as retiring ones.
    */
   private enterDraining(): void {
     const run = this.inFlight!;
     this.clearTimers(run);
-    run.readiness?.cancel();
+    for (const w of run.readiness) w.cancel();
     const old = this.serving;
-    this.serving = this.candidate;
+    const next = this.candidate!;
+    this.serving = next;
     this.candidate = null;
     this.draining = old;
+    // Restarts of old instances still pending are void: the new generation serves.
+    for (const t of this.instanceRestarts.values()) clearTimeout(t);
+    this.instanceRestarts.clear();
     run.record.serving_since = new Date().toISOString();
-    this.phase('draining', old ? `generation ${old.number} (pid ${old.pid})` : 'old generation already gone');
-    this.stopWatchdog(old); // it is being stopped: a missed ping no longer matters
-    this.deps.metrics.setGeneration(this.serving!.number);
+    const live = old?.live ?? [];
+    this.phase(
+      'draining',
+      live.length === 0
+        ? 'old generation already gone'
+        : `generation ${old!.number} (pid ${live.map((g) => g.pid).join(', ')})`,
+    );
+    for (const g of old?.all ?? []) this.stopWatchdog(g); // it is being stopped: a missed ping no longer matters
+    this.deps.metrics.setGeneration(next.number);
     if (!old || !old.alive) return this.finishDrain();
-    // An old one that could not dump is not asked again; with the relay off in this reload's config, none is.
-    const sync = !run.fromCheckpoint && this.relays(run);
+    // An old one that could not dump is not asked again; with the relay off in this reload's config, none is; an
+    // old instance with no new one of its number (service.instances shrank) has no one to give its changes to.
+    const syncs = !this.relays(run)
+      ? []
+      : live.flatMap((o) => {
+          const i = old.indexOf(o);
+          const n = next.at(i);
+          return n !== undefined && n.alive && !run.fromCheckpoint.has(i) ? [[o, n] as const] : [];
+        });
     const stopMs = run.previousConfig.service.stopTimeoutMs;
     const stopped = this.settleSplit(run, 'new').then(() => {
       if (old.alive && this.draining === old) {
@@ -825,9 +1187,10 @@ export class Orchestrator implements ControlApi {
         this.drainStop = { since, deadline: new Date(since.getTime() + stopMs) };
         void old.stop(stopMs);
       }
-      if (!sync) this.deps.relay?.release(old); // end of file: no final dump will be asked (docs/srp.md, step 5)
+      // End of file: no final dump will be asked of these (docs/srp.md, step 5).
+      for (const o of live) if (!syncs.some(([x]) => x === o)) this.deps.relay?.release(o);
     });
-    const synced = sync ? this.finalSync(run, old, this.serving!) : null;
+    const synced = syncs.length > 0 ? this.finalSync(run, syncs) : null;
     void Promise.all([stopped, synced]).then(() => {
       if (this.stillCurrent(run, 'Draining')) this.finishDrain();
     });
@@ -860,29 +1223,38 @@ export class Orchestrator implements ControlApi {
   }
 
   /**
-   * At promotion: carry what the old generation changed since its first dump. Best effort: the promotion stands.
-   * Resolves once it settled, relayed or lost (within state_handoff.timeout).
+   * At promotion: carry what each old instance changed since its first dump to the new instance of its number.
+   * Best effort: the promotion stands. Resolves once all settled, relayed or lost (within state_handoff.timeout).
    */
-  private finalSync(run: ReloadRun, old: Generation, next: Generation): Promise<void> {
+  private finalSync(run: ReloadRun, pairs: ReadonlyArray<readonly [Generation, Generation]>): Promise<void> {
+    return Promise.all(pairs.map(([o, n]) => this.finalSyncOne(run, o, n))).then((ok) => {
+      if (this.stillCurrent(run, 'Draining')) this.fire(ok.every(Boolean) ? 'state-relayed' : 'relay-failed');
+    });
+  }
+
+  /** One old instance's final sync to its successor; resolves with whether it arrived (a loss is logged). */
+  private finalSyncOne(run: ReloadRun, old: Generation, next: Generation): Promise<boolean> {
     const relay = this.deps.relay;
-    if (!relay || !this.relays(run)) return Promise.resolve();
+    if (!relay || !this.relays(run)) return Promise.resolve(true);
     const abort = new AbortController();
     const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
     const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), timeoutMs);
+    const set = this.draining?.has(old) === true ? this.draining : this.serving;
+    const name = set !== null && set.size > 1 ? `old instance ${set.indexOf(old)}` : 'old generation';
     return relay.finalSync(old, next, abort.signal, timeoutMs).then(
       ({ bytes }) => {
         clearTimeout(timer);
         this.deps.metrics.stateRelayed(bytes);
         this.deps.log.info({ reload: run.record.id, bytes }, 'final state sync relayed');
-        if (this.stillCurrent(run, 'Draining')) this.fire('state-relayed');
+        return true;
       },
       (err: Error) => {
         clearTimeout(timer);
         this.deps.log.warn(
           { reload: run.record.id, err: err.message },
-          `final state sync lost: changes made by the old generation after the first dump did not reach the new one (${err.message})`,
+          `final state sync lost: changes made by the ${name} after the first dump did not reach the new one (${err.message})`,
         );
-        if (this.stillCurrent(run, 'Draining')) this.fire('relay-failed');
+        return false;
       },
     );
   }
@@ -897,18 +1269,17 @@ export class Orchestrator implements ControlApi {
     const event = old !== null && old.alive ? 'retire' : 'drain-done';
     if (old !== null && old.alive) {
       const stop = this.drainStop ?? { since: new Date(), deadline: new Date() };
-      this.retiring.add(old, stop.since, stop.deadline);
+      for (const g of old.live) this.retiring.add(g, stop.since, stop.deadline);
     }
     this.draining = null;
     this.drainStop = null;
     this.config = run?.config ?? this.config;
-    this.budget.update(this.config.service.restart);
+    for (const b of this.budgets) b.update(this.config.service.restart);
     run?.split?.promote();
     this.releaseRetiredListeners();
     this.fire(event); // Running
     this.finish('promoted', null, null);
-    const serving = this.serving!;
-    if (!serving.alive) this.handleCrash(serving, serving.exitInfo!); // died while the promotion settled
+    this.reviveDead(); // an instance that died while the promotion settled
   }
 
   /** A retiring generation exited: it is forgotten (whatever its exit, no crash of the serving one, no restart). */
@@ -928,22 +1299,26 @@ export class Orchestrator implements ControlApi {
     for (const l of this.deps.listeners.releaseRetired()) this.deps.log.info({ listener: l.name }, 'listener closed');
   }
 
-  /** Roll back: stop the new generation; the old one was never touched. */
+  /**
+   * Roll back: stop the new generation (each of its instances). The old one was never touched, except the old
+   * instances a rolling reload already replaced: those start again once the rollback is done.
+   */
   private rollBack(event: Event, reason: string, code: ErrorCode): void {
     const run = this.inFlight!;
-    run.failure = { reason, code, outcome: 'rolled_back' };
+    run.failure = { reason, code, outcome: run.failure?.outcome ?? 'rolled_back' };
     this.deps.log.warn({ reload: run.record.id, code, reason }, `rolling back: ${reason}`);
     this.fire(event); // RollingBack
     this.clearTimers(run);
-    run.readiness?.cancel();
+    for (const w of run.readiness) w.cancel();
     run.relayAbort.abort(new Error(reason));
+    for (const a of run.checkpointAborts) a.abort(new Error(reason));
     this.phase('rolling_back', reason);
     const next = this.candidate;
     if (next && next.alive) {
       void this.settleSplit(run, 'old').then(() => {
         if (next.alive) void next.stop(run.config.service.stopTimeoutMs);
       });
-      this.deps.relay?.release(next);
+      for (const g of next.live) this.deps.relay?.release(g);
     } else {
       this.finishRollback();
     }
@@ -962,8 +1337,14 @@ export class Orchestrator implements ControlApi {
       outcome: 'rolled_back' as const,
     };
     this.finish(failure.outcome, failure.reason, failure.code);
+    // The old instances a rolling reload replaced start again (no crash: no restart budget spent), once exited.
     const old = this.serving;
-    if (old && !old.alive) this.handleCrash(old, old.exitInfo!); // the old one died meanwhile
+    for (const g of run.replaced) {
+      if (old === null || !old.has(g)) continue;
+      if (g.alive) this.restartOnExit.add(g);
+      else this.restartInstance(old, old.indexOf(g), 'started again: its reload was rolled back');
+    }
+    this.reviveDead(); // an old instance died meanwhile
   }
 
   private clearTimers(run: ReloadRun): void {
@@ -1040,11 +1421,14 @@ export class Orchestrator implements ControlApi {
       this.deps.log.info({ reason, stop_timeout_ms: this.config.service.stopTimeoutMs }, `stopping: ${reason}`);
       this.fire('stop');
       if (this.restartTimer) clearTimeout(this.restartTimer);
-      this.startupWatch?.cancel();
+      for (const t of this.instanceRestarts.values()) clearTimeout(t);
+      this.instanceRestarts.clear();
+      for (const gen of [...this.startupWatches.keys()]) this.cancelStartWatch(gen);
       const run = this.inFlight;
       if (run) {
-        run.readiness?.cancel();
+        for (const w of run.readiness) w.cancel();
         run.relayAbort.abort(new Error('Aeterna is stopping'));
+        for (const a of run.checkpointAborts) a.abort(new Error('Aeterna is stopping'));
         this.finish('failed', `Aeterna was stopped during the reload (${reason})`, 'E_STOPPED');
       }
       for (const gen of this.liveGenerations()) {
@@ -1060,10 +1444,14 @@ export class Orchestrator implements ControlApi {
     this.checkStopped();
   }
 
+  /** Every live process tree Aeterna runs: the instances of the serving, new and draining generations, and the retiring ones. */
   private liveGenerations(): Generation[] {
-    return [this.serving, this.candidate, this.draining, ...this.retiring.generations()].filter(
-      (g): g is Generation => g !== null && g.alive,
-    );
+    return [
+      ...(this.serving?.live ?? []),
+      ...(this.candidate?.live ?? []),
+      ...(this.draining?.live ?? []),
+      ...this.retiring.generations().filter((g) => g.alive),
+    ];
   }
 
   private checkStopped(): void {
@@ -1074,7 +1462,7 @@ export class Orchestrator implements ControlApi {
     this.resolveStopped(code);
   }
 
-  /** Pass a signal on to the serving generation's root process (SIGUSR1 and the like). */
+  /** Pass a signal on to the serving generation's root process (of each instance) (SIGUSR1 and the like). */
   forward(signal: NodeJS.Signals): void {
     this.deps.log.debug({ signal, child: this.serving?.pid }, 'forwarding signal');
     this.serving?.signal(signal);
@@ -1103,15 +1491,42 @@ export class Orchestrator implements ControlApi {
 
   // ---- status ------------------------------------------------------------------------------
 
+  /** Each instance of `set`: its pid (of the latest process in its slot), state, readiness and restarts. */
+  private instancesOf(set: InstanceSet): InstanceInfo[] {
+    return [...Array(set.size).keys()].map((i) => {
+      const g = set.at(i);
+      const ready = g !== undefined && g.alive && this.readyInstances.has(g);
+      const state: InstanceInfo['state'] =
+        g === undefined
+          ? 'pending'
+          : !g.alive
+            ? this.instanceRestarts.has(i)
+              ? 'restarting'
+              : 'exited'
+            : ready
+              ? 'ready'
+              : 'starting';
+      return {
+        instance: i,
+        pid: g?.alive ? g.pid : null,
+        state,
+        ready,
+        restarts: set === this.serving ? (this.instanceRestartCounts[i] ?? 0) : 0,
+        started_at: g?.startedAt.toISOString() ?? null,
+      };
+    });
+  }
+
   status(): StatusReport {
-    const info = (g: Generation | null, ready: boolean): GenerationInfo | null =>
+    const info = (g: InstanceSet | null, ready: boolean): GenerationInfo | null =>
       g && g.alive
         ? {
             generation: g.number,
             pid: g.pid,
             started_at: g.startedAt.toISOString(),
             ready,
-            app_status: this.notices.statusOf(g),
+            app_status: this.notices.statusOf(g.live[0]),
+            ...(g.size > 1 ? { instances: this.instancesOf(g) } : {}),
           }
         : null;
     // While a reload runs: the generation being replaced and the new one (before and after promotion alike).
@@ -1123,7 +1538,8 @@ export class Orchestrator implements ControlApi {
       strategy: this.inFlight?.record.strategy ?? this.config.orchestration.strategy, // a reload runs with its own config's
       generation: this.serving?.number ?? 0,
       pid: this.serving?.alive ? this.serving.pid : null,
-      app_status: this.serving?.alive ? this.notices.statusOf(this.serving) : null,
+      app_status: this.serving?.alive ? this.notices.statusOf(this.serving.live[0]) : null,
+      instances: this.serving ? this.instancesOf(this.serving) : [],
       daemon_pid: process.pid,
       uptime_ms: Date.now() - this.startedAt.getTime(),
       started_at: this.startedAt.toISOString(),

@@ -67,20 +67,26 @@ export class RetiringGenerations {
    */
   makeRoom(max: number, others: number, reload: string): void {
     const counted = this.list.filter((r) => !r.killed && r.gen.alive);
-    let excess = others + counted.length + 1 - max;
-    for (const r of counted) {
+    // A generation counts once, however many instances it has (each is an entry here): its instances go together.
+    const numbers = [...new Set(counted.map((r) => r.gen.number))];
+    let excess = others + numbers.length + 1 - max;
+    for (const number of numbers) {
       if (excess-- <= 0) return;
-      const drainedMs = Date.now() - r.since.getTime();
-      this.log.warn(
-        { reload, generation: r.gen.number, child: r.gen.pid, drained_ms: drainedMs, max_generations: max },
-        `killing retiring generation ${r.gen.number} (pid ${r.gen.pid}) after ${formatDuration(drainedMs)} of draining: ` +
-          `orchestration.max_generations is ${max}, and ${reload} starts a new generation`,
-      );
-      r.killed = true;
-      r.deadline = new Date();
-      this.metrics.retiringKilled();
-      void r.gen.kill();
+      for (const r of counted.filter((x) => x.gen.number === number)) this.killToMakeRoom(r, max, reload);
     }
+  }
+
+  private killToMakeRoom(r: Retiring, max: number, reload: string): void {
+    const drainedMs = Date.now() - r.since.getTime();
+    this.log.warn(
+      { reload, generation: r.gen.number, child: r.gen.pid, drained_ms: drainedMs, max_generations: max },
+      `killing retiring generation ${r.gen.number} (pid ${r.gen.pid}) after ${formatDuration(drainedMs)} of draining: ` +
+        `orchestration.max_generations is ${max}, and ${reload} starts a new generation`,
+    );
+    r.killed = true;
+    r.deadline = new Date();
+    this.metrics.retiringKilled();
+    void r.gen.kill();
   }
 
   /** For status and the reload record: the ones alive, oldest first. */

@@ -77,6 +77,25 @@ export interface GenerationInfo {
   ready: boolean;
   /** The latest STATUS= text it sent over sd_notify, or null. */
   app_status?: string | null;
+  /** With service.instances > 1: each of its instances. */
+  instances?: InstanceInfo[];
+}
+
+/** One instance of a generation (service.instances). */
+export interface InstanceInfo {
+  /** Its AETERNA_INSTANCE, 0..instances-1. */
+  instance: number;
+  /** Its root pid while it runs, else null. */
+  pid: number | null;
+  /**
+   * `starting` (not ready yet), `ready`, `restarting` (exited, restarted alone after its backoff), `exited` (not
+   * restarted: stopping, or replaced by a reload), `pending` (a rolling reload has not started it yet).
+   */
+  state: 'pending' | 'starting' | 'ready' | 'restarting' | 'exited';
+  ready: boolean;
+  /** How many times this instance number was restarted alone since Aeterna started (serving generation only). */
+  restarts: number;
+  started_at: string | null;
 }
 
 export interface StatusReport {
@@ -90,6 +109,8 @@ export interface StatusReport {
   pid: number | null;
   /** The serving generation's latest STATUS= text (sd_notify), or null when it sent none. */
   app_status?: string | null;
+  /** The serving generation's instances (service.instances; one entry with 1). */
+  instances?: InstanceInfo[];
   /** Aeterna's own pid (inside the container: 1). */
   daemon_pid: number;
   uptime_ms: number;
@@ -169,6 +190,8 @@ export interface CarriedGeneration {
   started_at: string;
   /** Its cgroup's directory, when it has one. */
   cgroup: string | null;
+  /** Its AETERNA_INSTANCE with service.instances > 1 (absent: instance 0). */
+  instance?: number;
   /** A retiring generation: when it got SIGTERM, and when its SIGKILL is due (ISO times). */
   draining_since?: string;
   kill_deadline?: string;

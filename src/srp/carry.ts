@@ -16,6 +16,8 @@ export type CarryReason = 'upgrade' | 'exception' | 'signal';
 export interface CarriedRelayConnection {
   fd: number;
   generation: number;
+  /** Which instance of the generation (service.instances); absent: instance 0. */
+  instance?: number;
   /** False: its initial load went out whole and its ack is still due. */
   initialAcked: boolean;
   /** What its hello said (srp/session.ts: helloFlags). */
@@ -98,6 +100,7 @@ export class RelayCarrier {
     return carried.map((s) => ({
       fd: s.conn.stream.fd,
       generation: s.gen!.number,
+      ...(s.gen!.instance > 0 ? { instance: s.gen!.instance } : {}),
       initialAcked: s.initialAcked,
       ...helloFlags(s),
     }));
@@ -114,7 +117,7 @@ export class RelayCarrier {
    */
   adoptConnections(entries: CarriedRelayConnection[], generations: Generation[]): void {
     for (const entry of entries) {
-      const gen = generations.find((g) => g.number === entry.generation);
+      const gen = generations.find((g) => g.number === entry.generation && g.instance === (entry.instance ?? 0));
       if (!gen || !this.sessions.generations.has(gen)) {
         this.log.warn(
           { generation: entry.generation },

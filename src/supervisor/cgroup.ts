@@ -65,7 +65,7 @@ function sleepSync(ms: number): void {
 
 /** The names of the directories Aeterna makes: its own (Cgroups.open) and a generation's. */
 const AETERNA_DIR = /^aeterna-(\d+)-[0-9a-f]{8}$/;
-const GENERATION_DIR = /^gen-\d+$/;
+const GENERATION_DIR = /^gen-\d+(-i\d+(-\d+)?)?$/;
 
 /** Whether no process is in the cgroup at `dir` or below it (cgroup.events "populated 0"). */
 function unpopulated(dir: string): boolean {
@@ -247,15 +247,30 @@ export class Cgroups {
     return cgroup;
   }
 
-  /** A fresh cgroup for generation `number`, or null once cgroups have failed here. */
-  create(number: number): GenerationCgroup | null {
+  /**
+   * A fresh cgroup for instance `instance` of generation `number` (gen-<n> for instance 0, gen-<n>-i<i> for the
+   * others, with -<k> when an instance restarted alone finds its predecessor's not yet removed), or null once
+   * cgroups have failed here. One per instance: when an instance's root exits, what is left of it is killed
+   * with its cgroup, and its sibling instances go on serving.
+   */
+  create(number: number, instance = 0): GenerationCgroup | null {
     if (this.failure !== null) return null;
-    const name = `gen-${number}`;
-    const dir = path.join(this.dir, name);
+    const base = instance === 0 ? `gen-${number}` : `gen-${number}-i${instance}`;
+    let name = base;
+    let dir = path.join(this.dir, name);
     try {
       // This Aeterna's directory too: another Aeterna starting beside it may have taken it while it was empty.
       fs.mkdirSync(this.dir, { mode: 0o755, recursive: true });
-      fs.mkdirSync(dir, { mode: 0o755 });
+      for (let k = 1; ; k++) {
+        try {
+          fs.mkdirSync(dir, { mode: 0o755 });
+          break;
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || k > 64) throw err;
+          name = `gen-${number}-i${instance}-${k}`;
+          dir = path.join(this.dir, name);
+        }
+      }
     } catch (err) {
       this.fallBack(`cannot create ${dir} (${(err as NodeJS.ErrnoException).code})`);
       return null;

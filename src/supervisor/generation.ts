@@ -3,6 +3,10 @@
 // own session and process group, is signalled as a group, and when its root
 // process exits any stragglers are killed (its group, and orphans that left
 // it), so no worker of a dead generation keeps accepting on the shared sockets.
+// With service.instances > 1 a generation runs several such process trees, its
+// instances (orchestrator/instance-set.ts): each is a Generation object of its
+// own, with the same number and its own `instance` (AETERNA_INSTANCE), so what
+// works per process tree (relay, readiness, watchdog, cgroup) works per instance.
 import fs from 'node:fs';
 import os from 'node:os';
 import { EventEmitter } from 'node:events';
@@ -54,6 +58,8 @@ export class Generation extends EventEmitter<GenerationEvents> {
     private readonly cgroups: Cgroups | null,
     /** Its cgroup, when it has one: every process it starts is in it. */
     readonly cgroup: GenerationCgroup | null,
+    /** Which instance of its generation it is (AETERNA_INSTANCE, 0 with service.instances 1). */
+    readonly instance = 0,
   ) {
     super();
     this.exited = exit.then((info) => {
@@ -79,7 +85,9 @@ export class Generation extends EventEmitter<GenerationEvents> {
       void this.cgroups!.release(this.cgroup);
       return;
     }
-    for (const pid of descendantsWithEnv(process.pid, 'AETERNA_GENERATION', String(this.number))) {
+    // The instance too: its sibling instances share the generation's number and go on serving.
+    const instance = [`AETERNA_INSTANCE=${this.instance}`];
+    for (const pid of descendantsWithEnv(process.pid, 'AETERNA_GENERATION', String(this.number), instance)) {
       signalIfAlive(pid, os.constants.signals.SIGKILL);
     }
   }
@@ -96,6 +104,7 @@ export class Generation extends EventEmitter<GenerationEvents> {
     reaper: Reaper,
     extraEnv: Record<string, string> = {},
     cgroups: Cgroups | null = null,
+    instance = 0,
   ): Generation {
     const identity = resolveIdentity(service.user, service.group);
     const watchdogEnv: Record<string, string> =
@@ -107,6 +116,7 @@ export class Generation extends EventEmitter<GenerationEvents> {
           argv: service.command,
           env: childEnvironment(process.env, service.env, listeners, {
             AETERNA_GENERATION: String(number),
+            AETERNA_INSTANCE: String(instance),
             ...watchdogEnv,
             ...extraEnv,
           }),
@@ -124,7 +134,7 @@ export class Generation extends EventEmitter<GenerationEvents> {
         if (procs !== undefined) fs.closeSync(procs);
       }
     };
-    let cgroup = cgroups?.create(number) ?? null;
+    let cgroup = cgroups?.create(number, instance) ?? null;
     let pid: number;
     try {
       try {
@@ -142,7 +152,7 @@ export class Generation extends EventEmitter<GenerationEvents> {
       if (cgroup !== null) void cgroups!.release(cgroup);
       throw new AeternaError('E_SPAWN_FAILED', (err as Error).message, { cause: err });
     }
-    const generation = new Generation(number, pid, reaper.watch(pid), cgroups, cgroup);
+    const generation = new Generation(number, pid, reaper.watch(pid), cgroups, cgroup, instance);
     reaper.sweep(); // it may already have exited
     return generation;
   }
@@ -158,8 +168,9 @@ export class Generation extends EventEmitter<GenerationEvents> {
     reaper: Reaper,
     cgroups: Cgroups | null,
     cgroup: GenerationCgroup | null,
+    instance = 0,
   ): Generation {
-    const generation = new Generation(number, pid, reaper.watch(pid), cgroups, cgroup);
+    const generation = new Generation(number, pid, reaper.watch(pid), cgroups, cgroup, instance);
     generation.startedAt = startedAt;
     return generation;
   }

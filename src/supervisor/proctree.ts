@@ -45,8 +45,12 @@ export function belongsTo(pid: number, root: number): boolean {
   return false;
 }
 
-/** Pids of live processes below `ancestor` whose environment has NAME=value (best effort: unreadable ones are skipped). */
-export function descendantsWithEnv(ancestor: number, name: string, value: string): number[] {
+/**
+ * Pids of live processes below `ancestor` whose environment has NAME=value, and each `also` entry (NAME=value) too
+ * where it has that NAME at all (a process started by an Aeterna before it lacks it) (best effort: unreadable ones
+ * are skipped).
+ */
+export function descendantsWithEnv(ancestor: number, name: string, value: string, also: string[] = []): number[] {
   const wanted = `${name}=${value}`;
   const found: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
@@ -59,7 +63,10 @@ export function descendantsWithEnv(ancestor: number, name: string, value: string
     } catch {
       continue;
     }
-    if (environ.split('\0').includes(wanted) && belongsTo(pid, ancestor)) found.push(pid);
+    const entries = environ.split('\0');
+    const matches = (e: string): boolean =>
+      entries.includes(e) || !entries.some((x) => x.startsWith(e.slice(0, e.indexOf('=') + 1)));
+    if (entries.includes(wanted) && also.every(matches) && belongsTo(pid, ancestor)) found.push(pid);
   }
   return found;
 }

@@ -134,7 +134,7 @@ describe('errors name file:line:column, key path, expected form and what was fou
     ).message.split('\n');
     assert.deepEqual(lines, [
       'x.yaml:5:3 service.soak_time: unknown key "soak_time" here; it belongs in orchestration',
-      'x.yaml:6:3 service.frobnicate: unknown key "frobnicate"; expected one of name, command, env, cwd, user, group, listeners, stdin_listener, stop_timeout, restart, fdstore_max, watchdog, cgroups',
+      'x.yaml:6:3 service.frobnicate: unknown key "frobnicate"; expected one of name, command, env, cwd, user, group, listeners, stdin_listener, stop_timeout, restart, instances, fdstore_max, watchdog, cgroups',
     ]);
   });
 
@@ -272,11 +272,13 @@ describe('loading', () => {
         restart: { policy: 'on-failure', maxRestarts: 5, windowMs: 60_000 },
         fdstoreMax: 0,
         watchdogMs: null,
+        instances: 1,
       },
       orchestration: {
         strategy: 'immediate',
         soakTimeMs: 60_000,
         maxGenerations: 3,
+        maxSurge: null,
         readiness: { mode: 'notify', timeoutMs: 30_000, delayMs: 1_000, command: [], intervalMs: 1_000 },
         stateHandoff: {
           enabled: false,
