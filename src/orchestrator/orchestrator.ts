@@ -260,19 +260,17 @@ export class Orchestrator implements ControlApi {
       cgroup: s.cgroup?.dir ?? null,
       ...(this.serving!.size > 1 ? { instance: this.serving!.indexOf(s) } : {}),
     }));
-    const retiring = this.retiring.alive().map(
-      ({ gen, since, deadline }): CarriedGeneration => ({
-        number: gen.number,
-        pid: gen.pid,
-        pgid: gen.pid,
-        state: 'retiring',
-        started_at: gen.startedAt.toISOString(),
-        cgroup: gen.cgroup?.dir ?? null,
-        ...(gen.instance ? { instance: gen.instance } : {}),
-        draining_since: since.toISOString(),
-        kill_deadline: deadline.toISOString(),
-      }),
-    );
+    const retiring = this.retiring.alive().map(({ gen, since, deadline }): CarriedGeneration => ({
+      number: gen.number,
+      pid: gen.pid,
+      pgid: gen.pid,
+      state: 'retiring',
+      started_at: gen.startedAt.toISOString(),
+      cgroup: gen.cgroup?.dir ?? null,
+      ...(gen.instance ? { instance: gen.instance } : {}),
+      draining_since: since.toISOString(),
+      kill_deadline: deadline.toISOString(),
+    }));
     return { fds: [], part: { generations: [...generations, ...retiring], counters } };
   }
 
