@@ -10,6 +10,7 @@ import type { Config } from './config/types';
 import { loadConfigFile } from './config/load';
 import type { Logger } from './log';
 import { Metrics } from './monitor/metrics';
+import { AppOutput } from './monitor/app-output';
 import { Reaper } from './supervisor/reaper';
 import { openCgroups, type Cgroups } from './supervisor/cgroup';
 import { endLeftovers, killLeftovers } from './supervisor/leftovers';
@@ -39,6 +40,8 @@ import { OwnSockets } from './own-sockets';
 export class Daemon {
   private readonly reaper = new Reaper();
   private readonly metrics: Metrics;
+  /** observability.app_output: the app's stdout and stderr, inherited or read line by line. */
+  private readonly appOutput: AppOutput;
   private readonly listeners: ListenerSet;
   private readonly listenerWatch: ListenerWatch;
   /** Removes the signal handlers (at shutdown). */
@@ -78,6 +81,7 @@ export class Daemon {
       'Stopped' satisfies State,
       () => this.sockets.relay?.lastCheckpoint() ?? null,
     );
+    this.appOutput = new AppOutput(config.observability.appOutput ?? 'raw', config.service.name, log);
     this.listenerWatch = new ListenerWatch(
       this.listeners,
       (name, result) => this.metrics.listenerRepaired(name, result),
@@ -161,6 +165,10 @@ export class Daemon {
         g.cgroup === null ? null : (this.cgroups?.adoptGeneration(g.cgroup) ?? null),
       ),
     );
+    // The pipes the previous Aeterna read the app's output from: read on here (the app would block once one is full).
+    const outputs = h.fds.filter((f) => f.role === 'app-output');
+    for (const gen of adopted) this.appOutput.adopt(gen, outputs);
+    for (const f of outputs) if (!adopted.some((g) => f.name.startsWith(`${g.number}/`))) native.close(f.fd); // a generation not taken over
     this.installReaper();
     const failed = await this.startFails(() => this.sockets.open(h, () => this.applyListeners()));
     if (failed !== null) return failed;
@@ -244,7 +252,10 @@ export class Daemon {
       fdStore: this.fdStore!,
       loadConfig: loadConfigFile,
       relay: this.sockets.relay,
-      spawn: (number, spec, fds, env) => Generation.spawn(number, spec, fds, this.reaper, env, cgroups),
+      spawn: (number, spec, fds, env) =>
+        this.appOutput.spawn((stdio) =>
+          Generation.spawn(number, stdio ? { ...spec, ...stdio } : spec, fds, this.reaper, env, cgroups),
+        ),
       split: (listeners, canary) => WeightedSplit.open(listeners, canary),
       belongsTo,
       reloadSettled: (_record, config) => {
@@ -261,6 +272,7 @@ export class Daemon {
     const { control, notify, relay, metricsEndpoint } = this.sockets;
     const carried: Carried[] = [orchestrator, this.listeners, control!, notify!, this.fdStore!];
     for (const c of [relay, metricsEndpoint, this.cgroups]) if (c) carried.push(c);
+    carried.push(this.appOutput);
     this.carrier.carry(carried);
     return orchestrator;
   }

@@ -290,7 +290,7 @@ describe('loading', () => {
         canary: null,
       },
       control: { socketPath: '/var/run/aeterna.sock' },
-      observability: { metrics: null, logLevel: 'info' },
+      observability: { metrics: null, logLevel: 'info', appOutput: 'raw' },
     };
     assert.deepEqual(loadConfigFile(file), expected);
     // Config.file is absolute even when the caller's path is not.

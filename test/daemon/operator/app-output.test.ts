@@ -1,0 +1,154 @@
+// observability.app_output: the app's stdout and stderr read by Aeterna and written out again whole, line by line,
+// prefixed or as JSON records, beside Aeterna's own log lines on the same pipe. The app writes each line in many
+// small writes from two processes at once (one per stream), while two generations run side by side (a canary soak)
+// and Aeterna logs its own lines.
+import { describe, it, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { fixture, freePort, pidNamespaceUnavailable, runAeterna } from '../../helpers/aeterna';
+import { Daemon } from '../../helpers/daemon';
+import { MAX_LINE_BYTES } from '../../../src/monitor/app-output';
+
+const COUNT = 30;
+const daemons: Daemon[] = [];
+after(async () => {
+  for (const d of daemons) await d.run.killAll();
+});
+
+/** A daemon whose stdout and stderr are one pipe (as a container runtime's log often is), running line_writer.js. */
+async function start(mode: 'prefixed' | 'json', maxLine: number): Promise<Daemon> {
+  const d = new Daemon({
+    command: [process.execPath, fixture('apps', 'line_writer.js'), String(COUNT), String(maxLine)],
+    port: await freePort(),
+    strategy: 'canary',
+    soak: '300s',
+  });
+  fs.appendFileSync(d.configFile, `  app_output: "${mode}"\n`);
+  d.run = runAeterna(['start', '-c', d.configFile], { pid1: true, prefix: ['sh', '-c', 'exec "$@" 2>&1', 'sh'] });
+  daemons.push(d);
+  return d;
+}
+
+/** Both generations' writers are done: each wrote its DONE line on each stream. */
+async function allDone(d: Daemon, mode: 'prefixed' | 'json'): Promise<void> {
+  for (const gen of [1, 2])
+    for (const s of ['out', 'err'])
+      await d.run.waitFor(new RegExp(mode === 'json' ? `"line":"DONE ${gen} ${s}"` : `DONE ${gen} ${s}\\n`), 120000);
+}
+
+/** Generation 2 runs beside generation 1 (canary soak), both writing; Aeterna logs meanwhile (status requests). */
+async function twoGenerationsWriting(d: Daemon, mode: 'prefixed' | 'json'): Promise<void> {
+  await d.waitStatus((s) => s.state === 'Running', 60000);
+  const reload = d.cli('reload', '--no-wait');
+  assert.equal((await reload).code, 0);
+  let done = false;
+  const finished = allDone(d, mode).finally(() => (done = true));
+  while (!done) {
+    await d.status(); // a control request: Aeterna's own debug lines between the app's
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  await finished;
+}
+
+const LINE = /^L (\d+) (out|err) (\d+) x+ E(\d+)$/;
+
+/** Every line index of each generation's stream seen exactly once, whole. */
+function assertComplete(seen: Map<string, number[]>): void {
+  for (const gen of [1, 2])
+    for (const s of ['out', 'err']) {
+      const got = (seen.get(`${gen} ${s}`) ?? []).sort((a, b) => a - b);
+      assert.deepEqual(
+        got,
+        Array.from({ length: COUNT }, (_, i) => i),
+        `generation ${gen} ${s}: every line once`,
+      );
+    }
+}
+
+describe('the app output through Aeterna', { skip: pidNamespaceUnavailable() ?? false, timeout: 300000 }, () => {
+  it('prefixed: every line of two writers and two generations arrives whole, prefixed, between whole Aeterna lines', async () => {
+    const d = await start('prefixed', MAX_LINE_BYTES - 100);
+    await twoGenerationsWriting(d, 'prefixed');
+    const pids = new Map<number, number>();
+    const seen = new Map<string, number[]>();
+    const broken: string[] = [];
+    let aeternaLines = 0;
+    for (const line of d.run.stdout.split('\n')) {
+      if (line === '') continue;
+      if (line.startsWith('{')) {
+        try {
+          if ((JSON.parse(line) as { name?: string }).name === 'aeterna') aeternaLines++;
+          continue;
+        } catch {
+          broken.push(line.slice(0, 200));
+          continue;
+        }
+      }
+      const m = /^\[generation (\d+) pid (\d+)\] (.*)$/.exec(line);
+      if (m === null) {
+        broken.push(line.slice(0, 200));
+        continue;
+      }
+      const [gen, pid, text] = [Number(m[1]), Number(m[2]), m[3]];
+      if (pids.has(gen)) assert.equal(pids.get(gen), pid, `one pid per generation in the prefix`);
+      pids.set(gen, pid);
+      if (/^DONE \d+ (out|err)$/.test(text)) continue;
+      const l = LINE.exec(text);
+      if (l === null || l[3] !== l[4] || Number(l[1]) !== gen) {
+        broken.push(line.slice(0, 200));
+        continue;
+      }
+      const key = `${l[1]} ${l[2]}`;
+      seen.set(key, [...(seen.get(key) ?? []), Number(l[3])]);
+    }
+    assert.deepEqual(broken, [], 'no line cut or mixed with another');
+    assert.ok(aeternaLines > 10, `Aeterna's own lines on the same pipe (${aeternaLines})`);
+    assertComplete(seen);
+    await d.cli('promote');
+    await d.waitStatus((s) => s.state === 'Running' && s.last_reload?.outcome === 'promoted', 60000);
+  });
+
+  it('json: each line (a long one in marked pieces) is one record with generation, instance, pid and stream', async () => {
+    const d = await start('json', 3 * MAX_LINE_BYTES);
+    await twoGenerationsWriting(d, 'json');
+    const seen = new Map<string, number[]>();
+    const broken: string[] = [];
+    /** The pieces of a line cut for being longer than the cap, by generation and stream, until its last piece. */
+    const open = new Map<string, string>();
+    let pieces = 0;
+    for (const line of d.run.stdout.split('\n')) {
+      if (line === '') continue;
+      let rec: Record<string, unknown>;
+      try {
+        rec = JSON.parse(line) as Record<string, unknown>;
+      } catch {
+        broken.push(line.slice(0, 200));
+        continue;
+      }
+      if (rec.name === 'aeterna') continue;
+      assert.equal(rec.name, 'app');
+      assert.equal(rec.instance, 0);
+      assert.equal(typeof rec.pid, 'number');
+      assert.ok(rec.stream === 'stdout' || rec.stream === 'stderr');
+      const key = `${String(rec.generation)} ${rec.stream === 'stdout' ? 'out' : 'err'}`;
+      const text = (open.get(key) ?? '') + (rec.line as string);
+      if (rec.continues === true) {
+        assert.ok(Buffer.byteLength(rec.line as string) <= MAX_LINE_BYTES);
+        pieces++;
+        open.set(key, text);
+        continue;
+      }
+      open.delete(key);
+      if (/^DONE \d+ (out|err)$/.test(text)) continue;
+      const l = LINE.exec(text);
+      if (l === null || l[3] !== l[4] || `${l[1]} ${l[2]}` !== key) {
+        broken.push(text.slice(0, 200));
+        continue;
+      }
+      seen.set(key, [...(seen.get(key) ?? []), Number(l[3])]);
+    }
+    assert.deepEqual(broken, [], 'no record cut or mixed with another');
+    assert.ok(pieces > 0, 'lines longer than the cap came in pieces');
+    assertComplete(seen);
+  });
+});
