@@ -258,6 +258,7 @@ export class Daemon {
         ),
       split: (listeners, canary) => WeightedSplit.open(listeners, canary),
       belongsTo,
+      stderrTail: (number) => this.appOutput.stderrTail(number),
       reloadSettled: (_record, config) => {
         this.held.set(config);
         this.fileWatch.reloadSettled(config);

@@ -58,9 +58,20 @@ export function describeOutcome(record: ReloadRecord): { ok: boolean; text: stri
         : `ended ${record.outcome}`;
   const reason = record.reason ?? 'no reason given';
   const code = record.code ? ` (${record.code})` : '';
+  const tail = describeStderrTail(record);
   // Several lines (every issue of an invalid config): each on its own line, below the outcome.
-  if (reason.includes('\n')) return { ok: false, text: `${record.id} ${what}${took}${code}:\n${reason}` };
-  return { ok: false, text: `${record.id} ${what}${took}: ${reason}${code}` };
+  if (reason.includes('\n')) return { ok: false, text: `${record.id} ${what}${took}${code}:\n${reason}${tail}` };
+  return { ok: false, text: `${record.id} ${what}${took}: ${reason}${code}${tail}` };
+}
+
+/** A failed reload's new generation's last stderr lines, each on a line of its own below the outcome ('' for none). */
+function describeStderrTail(record: ReloadRecord): string {
+  const tail = record.stderr_tail ?? [];
+  if (record.to_generation === null || record.exit == null) return '';
+  if (record.stderr_tail === null)
+    return `\n(its stderr went straight to Aeterna's; observability.app_output: prefixed or json keeps its last lines for this report)`;
+  if (tail.length === 0) return '';
+  return `\ngeneration ${record.to_generation}'s last stderr lines:\n${tail.map((l) => `  | ${l}`).join('\n')}`;
 }
 
 /** An old generation still draining after its reload: "generation 3 (pid 1200) draining since ..., SIGKILL at ...". */

@@ -30,7 +30,7 @@ import type { ListenerWatch } from '../resources/listener-watch';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 import type { FdStore } from '../resources/fd-store';
 import type { Generation, SpawnSpec } from '../supervisor/generation';
-import { describeExit, exitCodeOf } from '../supervisor/exit';
+import { describeExit, exitCodeOf, exitRecord } from '../supervisor/exit';
 import type { Reaper } from '../supervisor/reaper';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
@@ -75,6 +75,8 @@ export interface OrchestratorDeps {
   split: (listeners: readonly Listener[], canary: CanaryConfig) => CanarySplit;
   /** Whether process `pid` is `root` or one of its descendants (proctree.belongsTo, which reads /proc). */
   belongsTo: (pid: number, root: number) => boolean;
+  /** The last lines generation `number` wrote to stderr, or null when Aeterna does not read them (monitor/app-output.ts). */
+  stderrTail?: (number: number) => string[] | null;
   /** Told when a reload's outcome is final, with the config now in effect (the file watch queues on it). */
   reloadSettled?: (record: ReloadRecord, config: Config) => void;
 }
@@ -472,6 +474,7 @@ export class Orchestrator implements ControlApi {
         this.candidate = null;
         return this.checkStopped();
       }
+      this.inFlight.record.exit = exitRecord(info);
       const when =
         state === 'Soaking'
           ? 'during soak'
@@ -998,6 +1001,8 @@ export class Orchestrator implements ControlApi {
     record.code = code;
     record.duration_ms = Math.round(performance.now() - run.startedAt);
     record.retiring = this.retiring.info();
+    if (outcome !== 'promoted' && record.to_generation !== null)
+      record.stderr_tail = this.deps.stderrTail?.(record.to_generation) ?? null;
     this.phase('done', outcome);
     this.deps.metrics.reloadFinished(record.strategy, outcome, record.duration_ms / 1000);
     const fields = {

@@ -51,6 +51,20 @@ export interface ReloadRecord {
    * has exited): this reload's old one, and those of earlier reloads.
    */
   retiring?: RetiringInfo[];
+  /** A reload not promoted: how its new generation ended (exit code, or the signal's name), once it exited; else null. */
+  exit?: ExitRecord | null;
+  /**
+   * A reload not promoted: the last lines its new generation wrote to stderr (at most 20 lines, 8 KiB), or null when
+   * Aeterna does not read the app's stderr (observability.app_output: raw).
+   */
+  stderr_tail?: string[] | null;
+}
+
+/** How a process ended: exactly one of code and signal is non-null. */
+export interface ExitRecord {
+  code: number | null;
+  /** e.g. "SIGKILL". */
+  signal: string | null;
 }
 
 /** An old generation that was replaced and drains in the background: SIGTERM sent, SIGKILL at `kill_deadline`. */
