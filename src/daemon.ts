@@ -11,6 +11,7 @@ import { loadConfigFile } from './config/load';
 import type { Logger } from './log';
 import { Metrics } from './monitor/metrics';
 import { AppOutput } from './monitor/app-output';
+import { EventHub } from './control/events';
 import { Reaper } from './supervisor/reaper';
 import { openCgroups, type Cgroups } from './supervisor/cgroup';
 import { endLeftovers, killLeftovers } from './supervisor/leftovers';
@@ -42,6 +43,8 @@ export class Daemon {
   private readonly metrics: Metrics;
   /** observability.app_output: the app's stdout and stderr, inherited or read line by line. */
   private readonly appOutput: AppOutput;
+  /** `aeterna events`: every operator event to each subscriber. */
+  private readonly events: EventHub;
   private readonly listeners: ListenerSet;
   private readonly listenerWatch: ListenerWatch;
   /** Removes the signal handlers (at shutdown). */
@@ -81,6 +84,7 @@ export class Daemon {
       'Stopped' satisfies State,
       () => this.sockets.relay?.lastCheckpoint() ?? null,
     );
+    this.events = new EventHub(log);
     this.appOutput = new AppOutput(config.observability.appOutput ?? 'raw', config.service.name, log);
     this.listenerWatch = new ListenerWatch(
       this.listeners,
@@ -259,6 +263,7 @@ export class Daemon {
       split: (listeners, canary) => WeightedSplit.open(listeners, canary),
       belongsTo,
       stderrTail: (number) => this.appOutput.stderrTail(number),
+      onEvent: (event) => this.events.publish(event),
       reloadSettled: (_record, config) => {
         this.held.set(config);
         this.fileWatch.reloadSettled(config);
@@ -330,7 +335,13 @@ export class Daemon {
           injectFault(this.testFault);
         return report;
       },
-      upgrade: (exec) => this.carrier.upgrade(exec, watch),
+      upgrade: (exec) =>
+        this.carrier.upgrade(exec, watch).then((accepted) => {
+          const at = new Date().toISOString();
+          this.events.publish({ type: 'upgrade', at, from: accepted.from, reexecs: accepted.reexecs });
+          return accepted;
+        }),
+      subscribe: (sink) => this.events.subscribe(sink),
       reload: (trigger, onEvent) => need().reload(trigger, onEvent),
       promote: () => need().promote(),
       rollback: () => need().rollback(),
@@ -353,6 +364,7 @@ export class Daemon {
   }
 
   stop(reason: string): void {
+    this.events.publish({ type: 'stopping', at: new Date().toISOString(), reason });
     this.carrier.stop(); // no upgrade execs any more, and a fatal signal no longer re-executes
     this.fileWatch.close(); // no reload starts once stopping
     if (this.orchestrator?.fsm.state === 'Stopped') this.hurry.abort();
@@ -390,6 +402,7 @@ export class Daemon {
     this.uninstallSignalHandlers();
     this.listenerWatch.stop();
     this.fileWatch.close();
+    this.events.close('Aeterna exits');
     await this.sockets.close();
     this.fdStore?.close();
     await this.sockets.closeRelay();

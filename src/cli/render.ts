@@ -1,7 +1,14 @@
 // How the CLI shows reloads and status to a person: plain lines for logs and
 // pipes, one live line on a terminal, JSON for scripts. Pure formatting plus
 // the small live-line writer; no socket I/O here.
-import type { ReloadEvent, ReloadPhase, ReloadRecord, RetiringInfo, StatusReport } from '../orchestrator/types';
+import type {
+  OperatorEvent,
+  ReloadEvent,
+  ReloadPhase,
+  ReloadRecord,
+  RetiringInfo,
+  StatusReport,
+} from '../orchestrator/types';
 
 /** 0.05s, 12.3s, 4m05s, 3h04m, 2d03h. */
 export function formatDuration(ms: number): string {
@@ -37,6 +44,37 @@ export function progressBar(done: number, total: number, width = 10): string {
 export function plainEventLine(event: ReloadEvent): string | null {
   if (event.type !== 'phase') return null;
   return `${event.reload} ${event.phase}${event.detail ? ` ${event.detail}` : ''} +${formatDuration(event.elapsed_ms)}`;
+}
+
+/**
+ * `aeterna events` for a person: one line per event (an outcome or a crash with the stderr lines below it), each
+ * starting with its time; null for the events only --json shows (the soak's and the relay's progress ticks).
+ */
+export function describeOperatorEvent(event: OperatorEvent): string | null {
+  const now = new Date().toISOString();
+  switch (event.type) {
+    case 'phase':
+      if (event.phase === 'done') return null; // the outcome follows
+      return `${event.at} ${event.reload} (${event.trigger}) ${event.phase}${event.detail ? ` ${event.detail}` : ''} +${formatDuration(event.elapsed_ms)}`;
+    case 'outcome':
+      return `${now} ${event.reload} (${event.trigger}) ${describeOutcome(event.record).text.replace(/^\S+ /, '')}`;
+    case 'soak':
+    case 'relay':
+      return null;
+    case 'crash': {
+      const how = event.exit.signal !== null ? `killed by ${event.exit.signal}` : `exited with code ${event.exit.code}`;
+      const next =
+        event.restart_in_ms === null ? 'Aeterna stops' : `restarting in ${formatDuration(event.restart_in_ms)}`;
+      const tail = (event.stderr_tail ?? []).map((l) => `\n  | ${l}`).join('');
+      return `${event.at} generation ${event.generation} (pid ${event.pid}) ${how} (${event.reason}): ${next}${tail}`;
+    }
+    case 'restart':
+      return `${event.at} generation ${event.generation} (pid ${event.pid}) started: restart ${event.attempt}`;
+    case 'upgrade':
+      return `${event.at} aeterna upgrade: re-executing in place (from ${event.from}, re-exec ${event.reexecs + 1})`;
+    case 'stopping':
+      return `${event.at} stopping: ${event.reason}`;
+  }
 }
 
 /** The outcome of a finished reload for a person, and whether it succeeded. */

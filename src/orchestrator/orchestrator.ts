@@ -43,7 +43,9 @@ import type {
   CarriedCounters,
   CarriedGeneration,
   ControlApi,
+  CrashEvent,
   GenerationInfo,
+  OperatorEvent,
   ReloadEvent,
   ReloadPhase,
   ReloadRecord,
@@ -75,6 +77,8 @@ export interface OrchestratorDeps {
   split: (listeners: readonly Listener[], canary: CanaryConfig) => CanarySplit;
   /** Whether process `pid` is `root` or one of its descendants (proctree.belongsTo, which reads /proc). */
   belongsTo: (pid: number, root: number) => boolean;
+  /** Every operator event as it happens (`aeterna events`, control/events.ts). */
+  onEvent?: (event: OperatorEvent) => void;
   /** The last lines generation `number` wrote to stderr, or null when Aeterna does not read them (monitor/app-output.ts). */
   stderrTail?: (number: number) => string[] | null;
   /** Told when a reload's outcome is final, with the config now in effect (the file watch queues on it). */
@@ -147,6 +151,7 @@ export class Orchestrator implements ControlApi {
   private readonly budget: RestartBudget;
   private startedAt = new Date();
   private lastExit: ExitInfo | null = null;
+  private lastCrash: CrashEvent | null = null;
   private exitCode: number | null = null;
   private stopRequests = 0;
   private readonly stopped: Promise<number>;
@@ -397,15 +402,26 @@ export class Orchestrator implements ControlApi {
     // Died before it was ready: the checkpoint it was offered, if any, counts one failed load.
     if (this.fsm.state === 'Starting') this.deps.relay?.startOutcome(gen, false);
     const decision = this.budget.decide(info, Date.now(), gen === this.neverReady || this.watchdogFired.has(gen));
+    const reason = this.watchdogFired.has(gen)
+      ? 'watchdog'
+      : this.fsm.state === 'Starting'
+        ? 'start_failed'
+        : info.code === 0 && info.signal === null
+          ? 'exited'
+          : 'crashed';
+    this.lastCrash = {
+      type: 'crash',
+      at: new Date().toISOString(),
+      generation: gen.number,
+      pid: gen.pid,
+      exit: exitRecord(info),
+      reason,
+      restart_in_ms: decision.restart ? decision.delayMs : null,
+      stderr_tail: this.deps.stderrTail?.(gen.number) ?? null,
+    };
+    this.deps.onEvent?.(this.lastCrash);
     if (decision.restart) {
       this.restarts++;
-      const reason = this.watchdogFired.has(gen)
-        ? 'watchdog'
-        : this.fsm.state === 'Starting'
-          ? 'start_failed'
-          : info.code === 0 && info.signal === null
-            ? 'exited'
-            : 'crashed';
       this.deps.metrics.childRestarted(reason);
       this.deps.log.warn(
         {
@@ -418,7 +434,18 @@ export class Orchestrator implements ControlApi {
         `app ${describeExit(info)}: restarting in ${formatDuration(decision.delayMs)}`,
       );
       this.fire('exited'); // Starting
-      this.restartTimer = setTimeout(() => this.startServing(), decision.delayMs);
+      this.restartTimer = setTimeout(() => {
+        this.startServing();
+        const next = this.serving;
+        if (next !== gen && next !== null)
+          this.deps.onEvent?.({
+            type: 'restart',
+            at: new Date().toISOString(),
+            generation: next.number,
+            pid: next.pid,
+            attempt: decision.attempt,
+          });
+      }, decision.delayMs);
       return;
     }
     (decision.crashLoop ? this.deps.log.error.bind(this.deps.log) : this.deps.log.info.bind(this.deps.log))(
@@ -981,6 +1008,7 @@ export class Orchestrator implements ControlApi {
   }
 
   private emit(event: ReloadEvent): void {
+    if (this.inFlight) this.deps.onEvent?.({ ...event, trigger: this.inFlight.record.trigger });
     for (const l of this.inFlight?.subscribers ?? []) {
       try {
         l(event);
@@ -1128,6 +1156,7 @@ export class Orchestrator implements ControlApi {
       checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
       canary_weight: this.inFlight?.split?.weight ?? null,
       last_reload: this.inFlight?.record ?? this.lastReload,
+      last_crash: this.lastCrash,
     };
   }
 }

@@ -84,6 +84,32 @@ export type ReloadEvent =
   | { type: 'relay'; reload: string; bytes: number; total: number; rate_bps: number }
   | { type: 'outcome'; reload: string; record: ReloadRecord };
 
+/**
+ * Streamed to `aeterna events` (control/events.ts): every reload's events with what started it, and what happens
+ * outside reloads: a crash of the serving generation, its restart, an upgrade of Aeterna, the stop.
+ */
+export type OperatorEvent =
+  | (ReloadEvent & { trigger: ReloadTrigger })
+  | CrashEvent
+  | { type: 'restart'; at: string; generation: number; pid: number; attempt: number }
+  | { type: 'upgrade'; at: string; from: string; reexecs: number }
+  | { type: 'stopping'; at: string; reason: string };
+
+/** The serving generation exited outside a reload: how, why it counts as it does, and what Aeterna does next. */
+export interface CrashEvent {
+  type: 'crash';
+  at: string;
+  generation: number;
+  pid: number;
+  exit: ExitRecord;
+  /** crashed (a signal or a non-zero code), exited (code 0), watchdog, start_failed (before it was ready). */
+  reason: 'crashed' | 'exited' | 'watchdog' | 'start_failed';
+  /** When it is restarted (after service.restart's backoff); null when Aeterna stops instead. */
+  restart_in_ms: number | null;
+  /** Its last stderr lines (null in raw mode: see ReloadRecord.stderr_tail). */
+  stderr_tail: string[] | null;
+}
+
 export interface GenerationInfo {
   generation: number;
   pid: number;
@@ -123,6 +149,10 @@ export interface StatusReport {
   /** orchestration.canary: the percentage of new connections the candidate receives now; null without a weighted split. */
   canary_weight: number | null;
   last_reload: ReloadRecord | null;
+  /** The serving generation's last exit outside a reload (a crash, or a clean exit that was restarted), or null. */
+  last_crash?: CrashEvent | null;
+  /** During a canary soak: how long until it promotes on its own (ms); null otherwise. */
+  soak_remaining_ms?: number | null;
   /** The daemon's own version, when it last exec'd (start or upgrade), and how many times it re-executed itself. */
   version?: string;
   exec_at?: string;
@@ -160,6 +190,21 @@ export interface ControlApi {
    * the daemon is about to re-execute itself; `execNow` (called once the reply is flushed) does it.
    */
   upgrade?(exec: string | undefined): Promise<{ from: string; reexecs: number; execNow: () => void }>;
+  /**
+   * `aeterna events`: `sink` gets every OperatorEvent from now on until it is closed (the returned function ends the
+   * subscription). Throws E_CONTROL_UNAVAILABLE when the subscribers are at their limit (control/events.ts).
+   */
+  subscribe?(sink: EventSink): () => void;
+}
+
+/** Where one subscriber's events go: a control connection. */
+export interface EventSink {
+  /** Queue one encoded line; never blocks. */
+  send(line: string): void;
+  /** Bytes queued and not yet taken by the subscriber. */
+  backlog(): number;
+  /** End the subscription with a last line saying why (a slow subscriber, Aeterna stopping). */
+  close(line: string): void;
 }
 
 /** What `aeterna signal` did: which generation got which signal, and whether its whole group or its root only. */
