@@ -12,6 +12,7 @@ import type { Logger } from './log';
 import { Metrics } from './monitor/metrics';
 import { AppOutput } from './monitor/app-output';
 import { EventHub } from './control/events';
+import { generationResources } from './monitor/app-resources';
 import { Reaper } from './supervisor/reaper';
 import { openCgroups, type Cgroups } from './supervisor/cgroup';
 import { endLeftovers, killLeftovers } from './supervisor/leftovers';
@@ -83,6 +84,7 @@ export class Daemon {
       STATES,
       'Stopped' satisfies State,
       () => this.sockets.relay?.lastCheckpoint() ?? null,
+      () => this.orchestrator?.status().generations ?? [],
     );
     this.events = new EventHub(log);
     this.appOutput = new AppOutput(config.observability.appOutput ?? 'raw', config.service.name, log);
@@ -264,6 +266,7 @@ export class Daemon {
       belongsTo,
       stderrTail: (number) => this.appOutput.stderrTail(number),
       onEvent: (event) => this.events.publish(event),
+      resourcesOf: (gen) => generationResources(gen.pid, gen.cgroup?.dir ?? null),
       reloadSettled: (_record, config) => {
         this.held.set(config);
         this.fileWatch.reloadSettled(config);

@@ -2,6 +2,8 @@
 // pipes, one live line on a terminal, JSON for scripts. Pure formatting plus
 // the small live-line writer; no socket I/O here.
 import type {
+  CrashEvent,
+  GenerationUsage,
   OperatorEvent,
   ReloadEvent,
   ReloadPhase,
@@ -211,7 +213,11 @@ export function formatStatus(status: StatusReport): string {
   (status.retiring ?? []).forEach((r, i) => rows.push([i === 0 ? 'retiring' : '', describeRetiring(r)]));
   if (status.canary_weight !== null)
     rows.push(['canary weight', `${status.canary_weight}% of new connections to the candidate`]);
+  if (status.soak_remaining_ms != null)
+    rows.push(['soak left', `${formatDuration(status.soak_remaining_ms)}, then the candidate is promoted`]);
+  (status.generations ?? []).forEach((g, i) => rows.push([i === 0 ? 'resources' : '', describeUsage(g)]));
   rows.push(['restarts', String(status.restarts)]);
+  if (status.last_crash) rows.push(['last crash', describeCrash(status.last_crash)]);
   if (status.checkpoint)
     rows.push([
       'checkpoint',
@@ -227,6 +233,25 @@ export function formatStatus(status: StatusReport): string {
       .map(([k, v]) => `${k ? `${k}:` : ''}`.padEnd(width) + v.replaceAll('\n', `\n${' '.repeat(width)}`))
       .join('\n') + '\n'
   );
+}
+
+/** "generation 4 (serving, pid 29): 54.3 MiB now, 60.1 MiB at most, CPU 1.25s, 3 processes (cgroup)". */
+function describeUsage(g: GenerationUsage): string {
+  const mib = (n: number | null | undefined): string => (n == null ? '?' : formatBytes(n));
+  const from = g.memory_from === g.cpu_from ? (g.cpu_from ?? '?') : `memory ${g.memory_from}, CPU ${g.cpu_from}`;
+  const cpu = g.cpu_seconds == null ? '?' : `${g.cpu_seconds.toFixed(2)}s`;
+  return (
+    `generation ${g.generation} (${g.role}, pid ${g.pid}): ${mib(g.memory_bytes)} now, ${mib(g.memory_peak_bytes)} at most, ` +
+    `CPU ${cpu}, ${g.processes ?? '?'} process(es) (from ${from})`
+  );
+}
+
+/** "generation 3 (pid 118) killed by SIGKILL (crashed) at ...: restarted after 1s", its stderr lines below. */
+function describeCrash(c: CrashEvent): string {
+  const how = c.exit.signal !== null ? `killed by ${c.exit.signal}` : `exited with code ${c.exit.code}`;
+  const next = c.restart_in_ms === null ? 'Aeterna stopped' : `restarted after ${formatDuration(c.restart_in_ms)}`;
+  const tail = (c.stderr_tail ?? []).map((l) => `\n  | ${l}`).join('');
+  return `generation ${c.generation} (pid ${c.pid}) ${how} (${c.reason}) at ${c.at}: ${next}${tail}`;
 }
 
 /** The config file, and whether what Aeterna runs with (the listeners above included) is what it says. */

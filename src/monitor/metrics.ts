@@ -16,6 +16,14 @@ const METRICS_FD_SHARE = 0.5;
 /** A probe sends its request at once: a connection without complete headers by then is cut (checked every second). */
 const HEADERS_TIMEOUT_MS = 5000;
 
+/** What each live generation uses, for the aeterna_app_* series (read at each scrape). */
+export interface AppUsage {
+  generation: number;
+  memory_bytes?: number | null;
+  memory_peak_bytes?: number | null;
+  cpu_seconds?: number | null;
+}
+
 /** The prom-client side: created only when the endpoint is on, and after the app was spawned. */
 /** What the checkpoint gauges show: the latest checkpoint's size and age. */
 export interface LatestCheckpoint {
@@ -43,7 +51,7 @@ class Exported {
   readonly checkpoints: Counter<'result'>;
 
   /** `latestCheckpoint`: the checkpoint Aeterna holds now (however it got it: stored, read from its file, handed over), read at each scrape. */
-  constructor(latestCheckpoint: () => LatestCheckpoint | null) {
+  constructor(latestCheckpoint: () => LatestCheckpoint | null, appUsage: () => AppUsage[] = () => []) {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
     // `aeterna start` should exec the app first (start-to-exec is one of Aeterna's targets).
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- the lazy load above
@@ -157,6 +165,43 @@ class Exported {
         else this.set(latest.age_ms / 1000);
       },
     });
+    // The live generations' memory and CPU, labelled by generation: a generation's series go when it has exited.
+    let usage: { at: number; list: AppUsage[] } = { at: 0, list: [] };
+    /** Read once for the three series of one scrape (they are collected one after the other). */
+    const current = (): AppUsage[] => {
+      if (performance.now() - usage.at > 100) usage = { at: performance.now(), list: appUsage() };
+      return usage.list;
+    };
+    const series = (name: string, help: string, figure: (u: AppUsage) => number | null | undefined): void => {
+      new prom.Gauge({
+        name,
+        help,
+        labelNames: ['generation'] as const,
+        registers,
+        collect() {
+          this.reset();
+          for (const u of current()) {
+            const value = figure(u);
+            if (value !== null && value !== undefined) this.set({ generation: String(u.generation) }, value);
+          }
+        },
+      });
+    };
+    series(
+      'aeterna_app_memory_bytes',
+      "Memory a live generation uses now: its cgroup's memory.current, else its processes' resident memory",
+      (u) => u.memory_bytes,
+    );
+    series(
+      'aeterna_app_memory_peak_bytes',
+      "The most memory a live generation used: its cgroup's memory.peak, else the sum of its processes' peaks",
+      (u) => u.memory_peak_bytes,
+    );
+    series(
+      'aeterna_app_cpu_seconds',
+      'CPU time (user + system) a live generation used since it started: its cgroup cpu.stat, else its processes',
+      (u) => u.cpu_seconds,
+    );
     prom.collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
   }
 }
@@ -176,6 +221,7 @@ export class Metrics {
     private readonly states: readonly string[],
     initial: string,
     private readonly latestCheckpoint: () => LatestCheckpoint | null = () => null,
+    private readonly appUsage: () => AppUsage[] = () => [],
   ) {
     if (!enabled) this.pending = null;
     this.currentState = initial;
@@ -189,7 +235,7 @@ export class Metrics {
   /** Load prom-client and start exporting (no-op when the endpoint is off or already exporting). */
   export(): Exported | null {
     if (this.exported || this.pending === null) return this.exported;
-    const e = new Exported(this.latestCheckpoint);
+    const e = new Exported(this.latestCheckpoint, this.appUsage);
     for (const s of this.states) e.state.set({ state: s }, s === this.currentState ? 1 : 0);
     for (const apply of this.pending) apply(e);
     this.pending = [];

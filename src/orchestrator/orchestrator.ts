@@ -45,6 +45,7 @@ import type {
   ControlApi,
   CrashEvent,
   GenerationInfo,
+  GenerationUsage,
   OperatorEvent,
   ReloadEvent,
   ReloadPhase,
@@ -77,6 +78,8 @@ export interface OrchestratorDeps {
   split: (listeners: readonly Listener[], canary: CanaryConfig) => CanarySplit;
   /** Whether process `pid` is `root` or one of its descendants (proctree.belongsTo, which reads /proc). */
   belongsTo: (pid: number, root: number) => boolean;
+  /** What a generation uses now: memory and CPU (monitor/app-resources.ts). */
+  resourcesOf?: (gen: Generation) => Omit<GenerationUsage, 'generation' | 'pid' | 'role'>;
   /** Every operator event as it happens (`aeterna events`, control/events.ts). */
   onEvent?: (event: OperatorEvent) => void;
   /** The last lines generation `number` wrote to stderr, or null when Aeterna does not read them (monitor/app-output.ts). */
@@ -109,6 +112,8 @@ interface ReloadRun {
   timers: NodeJS.Timeout[];
   /** orchestration.canary: the candidate's own sockets and the steering of new connections; null for a shared socket. */
   split: CanarySplit | null;
+  /** When a canary soak promotes on its own (epoch ms), once it soaks. */
+  soakEndsAt?: number;
   /** Why the reload is being rolled back or has failed, once it is. */
   failure: { reason: string; code: ErrorCode; outcome: 'rolled_back' | 'failed' } | null;
 }
@@ -758,6 +763,7 @@ export class Orchestrator implements ControlApi {
     this.phase('ready');
     if (immediate) return this.enterDraining();
     const soakMs = orchestration.soakTimeMs;
+    run.soakEndsAt = Date.now() + soakMs;
     if (run.split) this.steer(run.split, run.split.canary.weight);
     this.phase(
       'soaking',
@@ -1157,6 +1163,23 @@ export class Orchestrator implements ControlApi {
       canary_weight: this.inFlight?.split?.weight ?? null,
       last_reload: this.inFlight?.record ?? this.lastReload,
       last_crash: this.lastCrash,
+      generations: this.liveGenerations().map((g) => ({
+        generation: g.number,
+        pid: g.pid,
+        role:
+          g === this.serving
+            ? 'serving'
+            : g === this.candidate
+              ? 'candidate'
+              : g === this.draining
+                ? 'previous'
+                : 'retiring',
+        ...this.deps.resourcesOf?.(g),
+      })),
+      soak_remaining_ms:
+        this.fsm.state === 'Soaking' && this.inFlight?.soakEndsAt !== undefined
+          ? Math.max(0, this.inFlight.soakEndsAt - Date.now())
+          : null,
     };
   }
 }

@@ -4,6 +4,7 @@
 import type { ErrorCode } from '../errors';
 import type { State } from './fsm';
 import type { Strategy } from '../config/types';
+import type { GenerationResources } from '../monitor/app-resources';
 
 export type ReloadOutcome = 'in_progress' | 'promoted' | 'rolled_back' | 'failed';
 
@@ -110,6 +111,14 @@ export interface CrashEvent {
   stderr_tail: string[] | null;
 }
 
+/** A live generation's role and its memory and CPU. */
+export interface GenerationUsage extends Partial<GenerationResources> {
+  generation: number;
+  pid: number;
+  /** serving; candidate (a reload's new one); previous (the old one while its promotion settles); retiring (draining on). */
+  role: 'serving' | 'candidate' | 'previous' | 'retiring';
+}
+
 export interface GenerationInfo {
   generation: number;
   pid: number;
@@ -151,6 +160,8 @@ export interface StatusReport {
   last_reload: ReloadRecord | null;
   /** The serving generation's last exit outside a reload (a crash, or a clean exit that was restarted), or null. */
   last_crash?: CrashEvent | null;
+  /** Every live generation, what it is to the service, and what it uses (monitor/app-resources.ts). */
+  generations?: GenerationUsage[];
   /** During a canary soak: how long until it promotes on its own (ms); null otherwise. */
   soak_remaining_ms?: number | null;
   /** The daemon's own version, when it last exec'd (start or upgrade), and how many times it re-executed itself. */
