@@ -108,6 +108,35 @@ describe('the app output through Aeterna', { skip: pidNamespaceUnavailable() ?? 
     await d.waitStatus((s) => s.state === 'Running' && s.last_reload?.outcome === 'promoted', 60000);
   });
 
+  it('an upgrade carries the pipes: the same generation goes on writing, its lines read by the new Aeterna', async () => {
+    const d = new Daemon({
+      command: ['sh', '-c', 'i=0; while true; do echo "tick $i"; echo "etick $i" >&2; i=$((i+1)); sleep 0.05; done'],
+      port: await freePort(),
+    });
+    fs.appendFileSync(d.configFile, '  app_output: "prefixed"\n');
+    d.start(true);
+    daemons.push(d);
+    const before = await d.waitStatus((s) => s.state === 'Running', 60000);
+    await d.run.waitFor(/\] tick 3\n/, 60000);
+    const r = await d.cli('upgrade');
+    assert.equal(r.code, 0, r.stderr);
+    const after = await d.waitStatus((s) => (s as { reexecs?: number }).reexecs === 1, 60000);
+    const last = (): number => Math.max(...[...d.run.stdout.matchAll(/\] tick (\d+)\n/g)].map((m) => Number(m[1])));
+    const upgradedAt = last();
+    await d.run.waitFor(new RegExp(`\\] tick ${upgradedAt + 20}\\n`), 60000);
+    await d.run.waitFor(new RegExp(`\\] etick ${upgradedAt + 20}\\n`), 60000);
+    const now = await d.status();
+    assert.equal(now.generation, before.generation, 'no restart: the app never wrote into a closed pipe');
+    assert.equal(now.pid, after.pid);
+    assert.equal(now.restarts, 0);
+    // Every tick once, in order, with the generation's prefix, across the exec.
+    const ticks = [...d.run.stdout.matchAll(/^\[generation 1 pid \d+\] tick (\d+)$/gm)].map((m) => Number(m[1]));
+    assert.deepEqual(
+      ticks.slice(0, upgradedAt + 20),
+      Array.from({ length: upgradedAt + 20 }, (_, i) => i),
+    );
+  });
+
   it('json: each line (a long one in marked pieces) is one record with generation, instance, pid and stream', async () => {
     const d = await start('json', 3 * MAX_LINE_BYTES);
     await twoGenerationsWriting(d, 'json');

@@ -144,6 +144,24 @@ describe('aeterna events', { skip: pidNamespaceUnavailable() ?? false, timeout: 
     assert.match(text.out, /Aeterna exits\n$/);
   });
 
+  it('goes on across an upgrade of Aeterna: the upgrade event, then the next reload', async () => {
+    const d = new Daemon({ command: APP, port: await freePort() }).start(true);
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running', 60000);
+    const json = new Follower(d, true);
+    await subscribed(d, 1);
+    const r = await d.cli('upgrade');
+    assert.equal(r.code, 0, r.stderr);
+    await json.until(() => json.events().some((e) => e.type === 'upgrade'), 'the upgrade event');
+    await d.waitStatus((s) => (s as { reexecs?: number }).reexecs === 1, 60000);
+    // The follower connects again to the re-executed Aeterna (it logs the new subscriber), and sees the next reload.
+    await subscribed(d, 2);
+    assert.equal((await d.cli('reload')).code, 0);
+    await json.until(() => outcomes(json).length === 1, 'the reload after the upgrade');
+    assert.deepEqual(outcomes(json), [['reload-1', 'control', 'promoted']]);
+    assert.equal(json.child.exitCode, null, 'still following');
+  });
+
   it(`refuses subscriber ${MAX_SUBSCRIBERS + 1} while ${MAX_SUBSCRIBERS} follow, and still answers other requests`, async () => {
     const d = new Daemon({ command: APP, port: await freePort() }).start();
     daemons.push(d);
