@@ -211,12 +211,26 @@ export async function startControlServer(
     );
   };
 
+  /** Connections following `aeterna events` now. */
+  let subscribers = 0;
+
   /** `aeterna events`: the connection stays open and gets every event (the limits are control/events.ts's). */
   const subscribe = (socket: net.Socket, context: Record<string, unknown>): void => {
     if (!api.subscribe)
       return refuse(
         socket,
         { type: 'error', code: 'E_ILLEGAL_TRANSITION', message: 'this daemon has no event stream' },
+        context,
+      );
+    // Subscribers hold their connections for good: at most half of them, so commands always find room.
+    if (subscribers >= Math.max(1, Math.floor(pool.limit / 2)))
+      return refuse(
+        socket,
+        {
+          type: 'error',
+          code: 'E_CONTROL_UNAVAILABLE',
+          message: `too many event subscribers (limit ${Math.max(1, Math.floor(pool.limit / 2))}: half of the control socket's ${pool.limit} connections)`,
+        },
         context,
       );
     const unsubscribe = api.subscribe({
@@ -232,7 +246,9 @@ export async function startControlServer(
         socket.once('close', () => clearTimeout(timer));
       },
     });
+    subscribers++;
     socket.once('close', () => {
+      subscribers--;
       unsubscribe();
       log.debug(context, 'event subscriber gone');
     });

@@ -6,12 +6,16 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { CLI, ROOT, fixture, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
 import { Daemon, socketOf } from '../../helpers/daemon';
 import { EventHub, MAX_SUBSCRIBERS } from '../../../src/control/events';
+import { startControlServer } from '../../../src/control/server';
+import { call } from '../../../src/control/client';
+import type { ServerMessage } from '../../../src/control/protocol';
 import { createLogger } from '../../../src/log';
-import type { EventSink, OperatorEvent } from '../../../src/orchestrator/types';
+import type { ControlApi, EventSink, OperatorEvent, StatusReport } from '../../../src/orchestrator/types';
 
 const APP = [process.execPath, fixture('apps', 'reload_app.js')];
 const daemons: Daemon[] = [];
@@ -185,6 +189,43 @@ describe('aeterna events', { skip: pidNamespaceUnavailable() ?? false, timeout: 
     assert.equal((await d.cli('reload')).code, 0);
     await next.until(() => outcomes(next).length === 1, 'the reload');
     for (const s of sockets) s.destroy();
+  });
+
+  it('lets subscribers take at most half of the control connections, so a command still gets through', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-events-'));
+    const hub = new EventHub(createLogger('silent'));
+    const api = {
+      status: () => ({ state: 'Running' }) as unknown as StatusReport,
+      subscribe: (sink: EventSink) => hub.subscribe(sink),
+    } as unknown as ControlApi;
+    const server = await startControlServer(path.join(dir, 'c.sock'), api, createLogger('silent'), {
+      maxConnections: 4,
+    });
+    const open = (): Promise<ServerMessage> =>
+      new Promise((resolve) => {
+        const s = net.createConnection(server.socketPath, () => s.write('{"cmd":"events"}\n'));
+        sockets.push(s);
+        s.on('data', (d) => resolve(JSON.parse(d.toString().split('\n')[0]) as ServerMessage));
+        s.on('error', () => undefined);
+      });
+    const sockets: net.Socket[] = [];
+    try {
+      void open();
+      void open();
+      while (hub.count < 2) await new Promise((r) => setTimeout(r, 20));
+      const third = await open();
+      assert.equal(third.type, 'error');
+      assert.match(
+        (third as { message: string }).message,
+        /too many event subscribers \(limit 2: half of the control socket's 4 connections\)/,
+      );
+      const status = await call(server.socketPath, { cmd: 'status' });
+      assert.ok('status' in status, 'a command still gets through');
+      hub.publish({ type: 'stopping', at: new Date().toISOString(), reason: 'test' });
+    } finally {
+      for (const s of sockets) s.destroy();
+      await server.close();
+    }
   });
 
   it('drops a subscriber that does not read, with a last line saying why, and goes on with the others', () => {
