@@ -495,6 +495,7 @@ export class Orchestrator implements ControlApi {
     }
     if (gen === this.draining) return this.finishDrain(); // gone before the promotion settled
     if (gen === this.candidate) {
+      if (this.inFlight) this.inFlight.record.exit = exitRecord(info); // how it ended, for the reload's record
       if (state === 'RollingBack') return this.finishRollback();
       if (this.inFlight === null) {
         // A candidate outliving its reload is a bookkeeping bug (seen once, under load, when SIGTERM met a
@@ -506,7 +507,6 @@ export class Orchestrator implements ControlApi {
         this.candidate = null;
         return this.checkStopped();
       }
-      this.inFlight.record.exit = exitRecord(info);
       const when =
         state === 'Soaking'
           ? 'during soak'
