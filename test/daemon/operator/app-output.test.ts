@@ -5,7 +5,7 @@
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { fixture, freePort, pidNamespaceUnavailable, runAeterna } from '../../helpers/aeterna';
+import { fixture, freePort, pidNamespaceUnavailable, processMemory, runAeterna } from '../../helpers/aeterna';
 import { Daemon } from '../../helpers/daemon';
 import { MAX_LINE_BYTES } from '../../../src/monitor/app-output';
 
@@ -135,6 +135,38 @@ describe('the app output through Aeterna', { skip: pidNamespaceUnavailable() ?? 
       ticks.slice(0, upgradedAt + 20),
       Array.from({ length: upgradedAt + 20 }, (_, i) => i),
     );
+  });
+
+  it('a flood of output is bounded: Aeterna answers, reloads and stays within its memory while the app floods', async () => {
+    // Lines of 1,000 bytes as fast as the app can write them, and a line of 1 MiB without a newline every round.
+    const flood = `${'x'.repeat(1000)}`;
+    const d = new Daemon({
+      command: [
+        'sh',
+        '-c',
+        `while true; do yes ${flood} | head -n 20000; head -c 1048576 /dev/zero | tr '\\0' y; done`,
+      ],
+      port: await freePort(),
+    });
+    fs.appendFileSync(d.configFile, '  app_output: "prefixed"\n');
+    // Aeterna's stdout (where the app's lines go) to /dev/null: what is measured is Aeterna, not this test's buffer.
+    d.run = runAeterna(['start', '-c', d.configFile], { prefix: ['sh', '-c', 'exec "$@" >/dev/null', 'sh'] });
+    daemons.push(d);
+    await d.waitStatus((s) => s.state === 'Running', 60000);
+    const pid = await d.run.aeternaPid();
+    let peakKb = 0;
+    for (let i = 0; i < 10; i++) {
+      const r = await d.cli('status', '--json'); // answered while the app floods
+      assert.equal(r.code, 0, r.stderr);
+      peakKb = Math.max(peakKb, processMemory(pid).rss);
+    }
+    const reload = await d.cli('reload');
+    assert.equal(reload.code, 0, `a reload while both generations flood: ${reload.stderr}`);
+    for (let i = 0; i < 10; i++) {
+      assert.equal((await d.cli('status')).code, 0);
+      peakKb = Math.max(peakKb, processMemory(pid).rss);
+    }
+    assert.ok(peakKb < 250 * 1024, `Aeterna's RSS stayed bounded: ${peakKb} kB`);
   });
 
   it('json: each line (a long one in marked pieces) is one record with generation, instance, pid and stream', async () => {
