@@ -1,7 +1,7 @@
-// The chart, written by hand (no charting dependency): requests/s (2xx) and
-// failures/s over time, one line per contender, with each contender's reload
-// windows marked in its colour between the two panels. The failures panel is on
-// a log scale, so a handful of failed requests is as visible as thousands.
+// The chart, written by hand (no charting dependency), as small multiples: one row per measure (2xx responses per
+// second, failures per second), one column per contender, every panel of a row on the same scale and every panel on
+// the same time axis, each contender's reload windows shaded behind its lines. One line per panel: no contender
+// hides another. The failures row is on a log scale, so a handful of failed requests is as visible as thousands.
 import type { ContenderResult } from './sections/reloads';
 
 export const COLORS: Record<string, string> = {
@@ -47,30 +47,35 @@ export interface ChartOptions {
   subtitle?: string;
 }
 
+/** The measures, one row of panels each. */
+const MEASURES: Array<{
+  title: string;
+  values: (c: ContenderResult) => number[];
+  log: boolean;
+}> = [
+  { title: '2xx responses per second', values: (c) => c.timeline.okPerS, log: false },
+  {
+    title: 'failures per second (log scale): refused, reset, timeout, non-2xx',
+    values: (c) => c.timeline.failedPerS,
+    log: true,
+  },
+];
+
 export function renderChart(contenders: ContenderResult[], options: ChartOptions): string {
   const runs = contenders.filter((c) => c.error === null && c.timeline.okPerS.length > 0);
   const W = 1000;
-  const left = 120;
+  const left = 60;
   const right = 20;
-  const plotW = W - left - right;
-  const laneH = 10;
-  const topA = 104;
-  const hA = 240;
-  const lanesTop = topA + hA + 26;
-  const lanesH = Math.max(1, runs.length) * laneH;
-  const topB = lanesTop + lanesH + 24;
-  const hB = 150;
-  const H = topB + hB + 50;
+  const gap = 16;
+  const columns = Math.max(1, runs.length);
+  const panelW = (W - left - right - gap * (columns - 1)) / columns;
+  const panelH = 150;
+  const rowGap = 58;
+  const top = 104;
+  const H = top + MEASURES.length * (panelH + rowGap) + 10;
 
   const maxS = Math.max(1, ...runs.map((c) => c.durationMs / 1000));
-  const x = (s: number): number => left + (s / maxS) * plotW;
-  const maxRps = Math.max(1, ...runs.flatMap((c) => c.timeline.okPerS));
-  const stepA = niceStep(maxRps * 1.05, 5);
-  const topRps = Math.ceil((maxRps * 1.05) / stepA) * stepA;
-  const yA = (v: number): number => topA + hA - (v / topRps) * hA;
-  const maxFail = Math.max(1, ...runs.flatMap((c) => c.timeline.failedPerS));
-  const decades = Math.max(1, Math.ceil(Math.log10(maxFail + 1)));
-  const yB = (v: number): number => topB + hB - (Math.log10(1 + v) / decades) * hB;
+  const stepX = niceStep(maxS, Math.max(2, Math.round(8 / columns)));
 
   const out: string[] = [];
   out.push(
@@ -80,86 +85,60 @@ export function renderChart(contenders: ContenderResult[], options: ChartOptions
   out.push(`<rect x="0" y="0" width="${W}" height="${H}" fill="#ffffff"/>`);
   out.push(`<text x="${left}" y="22" font-size="16" font-weight="bold">${escapeXml(options.title)}</text>`);
   if (options.subtitle) out.push(`<text x="${left}" y="40" fill="#555555">${escapeXml(options.subtitle)}</text>`);
-
-  // Legend.
-  let lx = left;
-  let ly = 60;
-  runs.forEach((c, i) => {
-    const color = colorOf(c.id, i);
-    const text = `${c.label}: ${c.failed.toLocaleString('en-US')} failed`;
-    const w = 34 + text.length * 6.6;
-    if (lx + w > W - right && lx > left) {
-      lx = left;
-      ly += 18;
-    }
-    out.push(`<line x1="${lx}" y1="${ly - 4}" x2="${lx + 18}" y2="${ly - 4}" stroke="${color}" stroke-width="3"/>`);
-    out.push(`<text x="${lx + 24}" y="${ly}">${escapeXml(text)}</text>`);
-    lx += w;
-  });
-
-  // Panel A: requests/s.
-  out.push(`<text x="${left}" y="${topA - 8}" font-weight="bold">2xx responses per second</text>`);
-  for (let v = 0; v <= topRps + 1e-9; v += stepA) {
-    const y = f1(yA(v));
-    out.push(`<line x1="${left}" y1="${y}" x2="${W - right}" y2="${y}" stroke="#e5e5e5"/>`);
-    out.push(`<text x="${left - 6}" y="${f1(yA(v) + 4)}" text-anchor="end" fill="#555555">${siLabel(v)}</text>`);
-  }
-  // Panel B: failures/s, log scale.
   out.push(
-    `<text x="${left}" y="${topB - 8}" font-weight="bold">failures per second (log scale): refused, reset, timeout, non-2xx</text>`,
+    `<text x="${left}" y="60" fill="#555555">seconds since the load started on the x axes (each contender runs on its own, one after the other); shaded: its reloads, request to done</text>`,
   );
-  for (let d = 0; d <= decades; d++) {
-    const v = d === 0 ? 0 : 10 ** d;
-    const y = f1(yB(v));
-    out.push(`<line x1="${left}" y1="${y}" x2="${W - right}" y2="${y}" stroke="#e5e5e5"/>`);
-    out.push(`<text x="${left - 6}" y="${f1(yB(v) + 4)}" text-anchor="end" fill="#555555">${siLabel(v)}</text>`);
-  }
-  // Time axis (both panels).
-  const stepX = niceStep(maxS, 10);
-  for (let s = 0; s <= maxS + 1e-9; s += stepX) {
-    const xs = f1(x(s));
-    out.push(`<line x1="${xs}" y1="${topA}" x2="${xs}" y2="${topA + hA}" stroke="#f0f0f0"/>`);
-    out.push(`<line x1="${xs}" y1="${topB}" x2="${xs}" y2="${topB + hB}" stroke="#f0f0f0"/>`);
-    out.push(`<text x="${xs}" y="${topB + hB + 16}" text-anchor="middle" fill="#555555">${siLabel(s)}</text>`);
-  }
-  out.push(
-    `<text x="${left + plotW / 2}" y="${topB + hB + 36}" text-anchor="middle">seconds since the load started (each contender runs on its own, one after the other)</text>`,
-  );
-  out.push(`<rect x="${left}" y="${topA}" width="${plotW}" height="${hA}" fill="none" stroke="#999999"/>`);
-  out.push(`<rect x="${left}" y="${topB}" width="${plotW}" height="${hB}" fill="none" stroke="#999999"/>`);
 
-  // Reload windows, one lane per contender.
-  out.push(
-    `<text x="${left}" y="${lanesTop - 6}" fill="#555555">reloads (request to done), one lane per contender:</text>`,
-  );
-  runs.forEach((c, i) => {
-    const color = colorOf(c.id, i);
-    const y = lanesTop + i * laneH;
-    out.push(
-      `<text x="${left - 6}" y="${y + laneH - 1}" text-anchor="end" font-size="10" fill="${color}">${escapeXml(c.label)}</text>`,
-    );
-    for (const [a, b] of c.windows) {
-      const xa = x(a / 1000);
-      const w = Math.max(1.5, x(b / 1000) - xa);
-      out.push(
-        `<rect x="${f1(xa)}" y="${y + 1}" width="${f1(w)}" height="${laneH - 3}" fill="${color}" fill-opacity="0.8"/>`,
-      );
-    }
-  });
-
-  // The lines.
-  runs.forEach((c, i) => {
-    const color = colorOf(c.id, i);
-    const b = c.timeline.bucketMs / 1000;
-    const ptsA = c.timeline.okPerS.map((v, k) => `${f1(x((k + 0.5) * b))},${f1(yA(v))}`).join(' ');
-    const ptsB = c.timeline.failedPerS.map((v, k) => `${f1(x((k + 0.5) * b))},${f1(yB(v))}`).join(' ');
-    out.push(`<polyline fill="none" stroke="${color}" stroke-width="1.4" stroke-linejoin="round" points="${ptsA}"/>`);
-    out.push(`<polyline fill="none" stroke="${color}" stroke-width="1.4" stroke-linejoin="round" points="${ptsB}"/>`);
+  MEASURES.forEach((measure, row) => {
+    const y0 = top + row * (panelH + rowGap);
+    out.push(`<text x="${left}" y="${y0 - 26}" font-weight="bold">${escapeXml(measure.title)}</text>`);
+    // One scale for the row: the panels compare.
+    const max = Math.max(1, ...runs.flatMap((c) => measure.values(c)));
+    const decades = Math.max(1, Math.ceil(Math.log10(max + 1)));
+    const step = niceStep(max * 1.05, 4);
+    const topV = Math.ceil((max * 1.05) / step) * step;
+    const y = (v: number): number =>
+      measure.log ? y0 + panelH - (Math.log10(1 + v) / decades) * panelH : y0 + panelH - (v / topV) * panelH;
+    const ticks = measure.log
+      ? Array.from({ length: decades + 1 }, (_, d) => (d === 0 ? 0 : 10 ** d))
+      : Array.from({ length: Math.round(topV / step) + 1 }, (_, k) => k * step);
+    runs.forEach((c, col) => {
+      const x0 = left + col * (panelW + gap);
+      const x = (sec: number): number => x0 + (sec / maxS) * panelW;
+      const color = colorOf(c.id, col);
+      if (row === 0) {
+        const head = `${c.label}: ${c.failed.toLocaleString('en-US')} failed`;
+        out.push(`<text x="${f1(x0)}" y="${y0 - 10}" fill="${color}" font-weight="bold">${escapeXml(head)}</text>`);
+      } else {
+        out.push(`<text x="${f1(x0)}" y="${y0 - 10}" fill="${color}">${escapeXml(c.label)}</text>`);
+      }
+      for (const [a, b] of c.windows) {
+        const xa = x(a / 1000);
+        const w = Math.max(1.5, x(b / 1000) - xa);
+        out.push(
+          `<rect x="${f1(xa)}" y="${y0}" width="${f1(w)}" height="${panelH}" fill="${color}" fill-opacity="0.12"/>`,
+        );
+      }
+      for (const v of ticks) {
+        out.push(`<line x1="${f1(x0)}" y1="${f1(y(v))}" x2="${f1(x0 + panelW)}" y2="${f1(y(v))}" stroke="#e5e5e5"/>`);
+        if (col === 0)
+          out.push(`<text x="${left - 6}" y="${f1(y(v) + 4)}" text-anchor="end" fill="#555555">${siLabel(v)}</text>`);
+      }
+      for (let sec = 0; sec <= maxS + 1e-9; sec += stepX)
+        out.push(
+          `<text x="${f1(x(sec))}" y="${y0 + panelH + 14}" text-anchor="middle" font-size="10" fill="#555555">${siLabel(sec)}</text>`,
+        );
+      out.push(`<rect x="${f1(x0)}" y="${y0}" width="${f1(panelW)}" height="${panelH}" fill="none" stroke="#999999"/>`);
+      const b = c.timeline.bucketMs / 1000;
+      const pts = measure
+        .values(c)
+        .map((v, k) => `${f1(x((k + 0.5) * b))},${f1(y(v))}`)
+        .join(' ');
+      out.push(`<polyline fill="none" stroke="${color}" stroke-width="1.4" stroke-linejoin="round" points="${pts}"/>`);
+    });
   });
   if (runs.length === 0)
-    out.push(
-      `<text x="${left + plotW / 2}" y="${topA + hA / 2}" text-anchor="middle">no contender completed a run</text>`,
-    );
+    out.push(`<text x="${W / 2}" y="${top + panelH / 2}" text-anchor="middle">no contender completed a run</text>`);
   out.push('</svg>');
   return out.join('\n') + '\n';
 }

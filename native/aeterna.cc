@@ -330,6 +330,22 @@ Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   return FdArray(info.Env(), {sv[0], sv[1]});
 }
 
+// The app's stdout or stderr when Aeterna reads it (observability.app_output): both ends close-on-exec (spawn
+// places the write end at the child's fd 1 or 2, where it is open across exec); the read end, Aeterna's only,
+// non-blocking, the write end blocking as any program expects its stdout to be.
+Napi::Value OutputPipe(const Napi::CallbackInfo& info) {
+  int p[2];
+  if (pipe2(p, O_CLOEXEC) < 0) return Throw(SysError(info.Env(), errno, "pipe2", "output pipe"));
+  int flags = fcntl(p[0], F_GETFL);
+  if (flags < 0 || fcntl(p[0], F_SETFL, flags | O_NONBLOCK) < 0) {
+    int err = errno;
+    close(p[0]);
+    close(p[1]);
+    return Throw(SysError(info.Env(), err, "fcntl", "output pipe"));
+  }
+  return FdArray(info.Env(), {p[0], p[1]});
+}
+
 // The two ends of a direct relay (docs/srp.md, "Direct transport"): blocking (each app sets its own mode),
 // close-on-exec, with send and receive buffers of `bufferBytes` so the bytes flow while the receiver hashes.
 // SO_SNDBUFFORCE lifts the wmem_max cap when Aeterna may (CAP_NET_ADMIN); else the capped size stands.
@@ -1238,6 +1254,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"kill", Kill},
       {"connectUnix", ConnectUnix},
       {"relayPair", RelayPair},
+      {"outputPipe", OutputPipe},
       {"accept", Accept},
       {"sendmsg", SendMsg},
       {"recvmsgInto", RecvMsgInto},

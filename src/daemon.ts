@@ -10,6 +10,9 @@ import type { Config } from './config/types';
 import { loadConfigFile } from './config/load';
 import type { Logger } from './log';
 import { Metrics } from './monitor/metrics';
+import { AppOutput, outputKey } from './monitor/app-output';
+import { EventHub } from './control/events';
+import { generationResources } from './monitor/app-resources';
 import { Reaper } from './supervisor/reaper';
 import { openCgroups, type Cgroups } from './supervisor/cgroup';
 import { endLeftovers, killLeftovers } from './supervisor/leftovers';
@@ -39,6 +42,10 @@ import { OwnSockets } from './own-sockets';
 export class Daemon {
   private readonly reaper = new Reaper();
   private readonly metrics: Metrics;
+  /** observability.app_output: the app's stdout and stderr, inherited or read line by line. */
+  private readonly appOutput: AppOutput;
+  /** `aeterna events`: every operator event to each subscriber. */
+  private readonly events: EventHub;
   private readonly listeners: ListenerSet;
   private readonly listenerWatch: ListenerWatch;
   /** Removes the signal handlers (at shutdown). */
@@ -77,7 +84,10 @@ export class Daemon {
       STATES,
       'Stopped' satisfies State,
       () => this.sockets.relay?.lastCheckpoint() ?? null,
+      () => this.orchestrator?.status().generations ?? [],
     );
+    this.events = new EventHub(log);
+    this.appOutput = new AppOutput(config.observability.appOutput ?? 'raw', config.service.name, log);
     this.listenerWatch = new ListenerWatch(
       this.listeners,
       (name, result) => this.metrics.listenerRepaired(name, result),
@@ -162,6 +172,10 @@ export class Daemon {
         g.instance ?? 0,
       ),
     );
+    // The pipes the previous Aeterna read the app's output from: read on here (the app would block once one is full).
+    const outputs = h.fds.filter((f) => f.role === 'app-output');
+    for (const gen of adopted) this.appOutput.adopt(gen, outputs);
+    for (const f of outputs) if (!adopted.some((g) => f.name.startsWith(`${outputKey(g)}/`))) native.close(f.fd); // a generation not taken over
     this.installReaper();
     const failed = await this.startFails(() => this.sockets.open(h, () => this.applyListeners()));
     if (failed !== null) return failed;
@@ -255,9 +269,14 @@ export class Daemon {
       loadConfig: loadConfigFile,
       relay: this.sockets.relay,
       spawn: (number, spec, fds, env, instance) =>
-        Generation.spawn(number, spec, fds, this.reaper, env, cgroups, instance),
+        this.appOutput.spawn((stdio) =>
+          Generation.spawn(number, stdio ? { ...spec, ...stdio } : spec, fds, this.reaper, env, cgroups, instance),
+        ),
       split: (listeners, canary) => WeightedSplit.open(listeners, canary),
       belongsTo,
+      stderrTail: (number, instance) => this.appOutput.stderrTail(number, instance),
+      onEvent: (event) => this.events.publish(event),
+      resourcesOf: (gen) => generationResources(gen.pid, gen.cgroup?.dir ?? null),
       reloadSettled: (_record, config) => {
         this.held.set(config);
         this.fileWatch.reloadSettled(config);
@@ -272,6 +291,7 @@ export class Daemon {
     const { control, notify, relay, metricsEndpoint } = this.sockets;
     const carried: Carried[] = [orchestrator, this.listeners, control!, notify!, this.fdStore!];
     for (const c of [relay, metricsEndpoint, this.cgroups]) if (c) carried.push(c);
+    carried.push(this.appOutput);
     this.carrier.carry(carried);
     return orchestrator;
   }
@@ -333,7 +353,13 @@ export class Daemon {
           injectFault(this.testFault);
         return report;
       },
-      upgrade: (exec) => this.carrier.upgrade(exec, watch),
+      upgrade: (exec) =>
+        this.carrier.upgrade(exec, watch).then((accepted) => {
+          const at = new Date().toISOString();
+          this.events.publish({ type: 'upgrade', at, from: accepted.from, reexecs: accepted.reexecs });
+          return accepted;
+        }),
+      subscribe: (sink) => this.events.subscribe(sink),
       reload: (trigger, onEvent) => need().reload(trigger, onEvent),
       promote: () => need().promote(),
       rollback: () => need().rollback(),
@@ -356,6 +382,7 @@ export class Daemon {
   }
 
   stop(reason: string): void {
+    this.events.publish({ type: 'stopping', at: new Date().toISOString(), reason });
     this.carrier.stop(); // no upgrade execs any more, and a fatal signal no longer re-executes
     this.fileWatch.close(); // no reload starts once stopping
     if (this.orchestrator?.fsm.state === 'Stopped') this.hurry.abort();
@@ -393,6 +420,7 @@ export class Daemon {
     this.uninstallSignalHandlers();
     this.listenerWatch.stop();
     this.fileWatch.close();
+    this.events.close('Aeterna exits');
     await this.sockets.close();
     this.fdStore?.close();
     await this.sockets.closeRelay();

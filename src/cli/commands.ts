@@ -3,15 +3,22 @@
 // Each action sets process.exitCode from CliExit and never throws.
 import path from 'node:path';
 import type { Command } from 'commander';
-import { call } from '../control/client';
+import { call, request } from '../control/client';
 import { AeternaError } from '../errors';
 import type { ControlRequest } from '../control/protocol';
 import { ConfigError, loadConfigFile, loadControlSocketPath, resolveConfigPath } from '../config/load';
 import { DURATION_FORM, parseDuration } from '../config/duration';
-import type { ReloadRecord, StatusReport } from '../orchestrator/types';
+import type { OperatorEvent, ReloadRecord, StatusReport } from '../orchestrator/types';
 import { APP_SIGNALS, parseAppSignal } from '../control/app-signals';
 import { CliExit, exitCodeHelp, exitWhenFlushed } from './exit-codes';
-import { LiveLine, describeOutcome, describeRetiring, formatStatus, plainEventLine } from './render';
+import {
+  LiveLine,
+  describeOperatorEvent,
+  describeOutcome,
+  describeRetiring,
+  formatStatus,
+  plainEventLine,
+} from './render';
 
 interface DaemonOptions {
   config?: string;
@@ -38,6 +45,12 @@ export function registerControlCommands(program: Command): void {
   daemonCommand(program, 'status', 'show the state, the serving generation, the listeners and the last reload').action(
     (options: DaemonOptions) => run(options, () => status(options)),
   );
+
+  daemonCommand(
+    program,
+    'events',
+    'follow every reload (its phases and outcome, whoever started it), crash, restart and upgrade as it happens, until interrupted',
+  ).action((options: DaemonOptions) => run(options, () => followEvents(options)));
 
   daemonCommand(program, 'promote', "end a canary's soak now and promote the new generation").action(
     (options: DaemonOptions) => run(options, () => simple(options, { cmd: 'promote' }, 'promotion requested')),
@@ -112,6 +125,41 @@ async function run(options: DaemonOptions, body: () => Promise<number>): Promise
 function controlSocket(options: DaemonOptions): string {
   if (options.socket !== undefined && options.socket !== '') return options.socket;
   return loadControlSocketPath(resolveConfigPath(options.config));
+}
+
+/** After an `upgrade` event, how long the stream is taken up again on a cut (the re-executed daemon answers). */
+const FOLLOW_UPGRADE_MS = 60_000;
+
+/**
+ * `aeterna events`: one line per event (text, or --json), until Ctrl-C (exit 0) or Aeterna exits (exit 0). Across
+ * an upgrade the stream goes on: the connection the exec cuts is opened again on the same socket.
+ */
+async function followEvents(options: DaemonOptions): Promise<number> {
+  const socketPath = controlSocket(options);
+  const json = options.json === true;
+  process.once('SIGINT', () => exitWhenFlushed(CliExit.OK));
+  let reconnectUntil = 0;
+  for (;;) {
+    try {
+      for await (const message of request(socketPath, { cmd: 'events' })) {
+        if (message.type === 'event') {
+          const event = message.event as OperatorEvent;
+          if (event.type === 'upgrade') reconnectUntil = Date.now() + FOLLOW_UPGRADE_MS;
+          if (json) writeJson(event);
+          else {
+            const line = describeOperatorEvent(event);
+            if (line !== null) process.stdout.write(line + '\n');
+          }
+        } else if (message.type === 'result') {
+          if (!json && 'ended' in message) process.stdout.write(`${new Date().toISOString()} ${message.ended}\n`);
+          return CliExit.OK;
+        } else throw Object.assign(new Error(message.message), { code: message.code });
+      }
+    } catch (err) {
+      if (Date.now() > reconnectUntil || (err as { code?: string }).code !== 'E_CONTROL_UNAVAILABLE') throw err;
+      await new Promise((r) => setTimeout(r, 100)); // the daemon is re-executing: its socket answers again soon
+    }
+  }
 }
 
 async function reload(options: DaemonOptions & { wait: boolean }): Promise<number> {

@@ -3,6 +3,9 @@
 // the small live-line writer; no socket I/O here.
 import type {
   InstanceInfo,
+  CrashEvent,
+  GenerationUsage,
+  OperatorEvent,
   ReloadEvent,
   ReloadPhase,
   ReloadRecord,
@@ -46,6 +49,37 @@ export function plainEventLine(event: ReloadEvent): string | null {
   return `${event.reload} ${event.phase}${event.detail ? ` ${event.detail}` : ''} +${formatDuration(event.elapsed_ms)}`;
 }
 
+/**
+ * `aeterna events` for a person: one line per event (an outcome or a crash with the stderr lines below it), each
+ * starting with its time; null for the events only --json shows (the soak's and the relay's progress ticks).
+ */
+export function describeOperatorEvent(event: OperatorEvent): string | null {
+  const now = new Date().toISOString();
+  switch (event.type) {
+    case 'phase':
+      if (event.phase === 'done') return null; // the outcome follows
+      return `${event.at} ${event.reload} (${event.trigger}) ${event.phase}${event.detail ? ` ${event.detail}` : ''} +${formatDuration(event.elapsed_ms)}`;
+    case 'outcome':
+      return `${now} ${event.reload} (${event.trigger}) ${describeOutcome(event.record).text.replace(/^\S+ /, '')}`;
+    case 'soak':
+    case 'relay':
+      return null;
+    case 'crash': {
+      const how = event.exit.signal !== null ? `killed by ${event.exit.signal}` : `exited with code ${event.exit.code}`;
+      const next =
+        event.restart_in_ms === null ? 'Aeterna stops' : `restarting in ${formatDuration(event.restart_in_ms)}`;
+      const tail = (event.stderr_tail ?? []).map((l) => `\n  | ${l}`).join('');
+      return `${event.at} generation ${event.generation} (pid ${event.pid}) ${how} (${event.reason}): ${next}${tail}`;
+    }
+    case 'restart':
+      return `${event.at} generation ${event.generation} (pid ${event.pid}) started: restart ${event.attempt}`;
+    case 'upgrade':
+      return `${event.at} aeterna upgrade: re-executing in place (from ${event.from}, re-exec ${event.reexecs + 1})`;
+    case 'stopping':
+      return `${event.at} stopping: ${event.reason}`;
+  }
+}
+
 /** The outcome of a finished reload for a person, and whether it succeeded. */
 export function describeOutcome(record: ReloadRecord): { ok: boolean; text: string } {
   const took = record.duration_ms === null ? '' : ` in ${formatDuration(record.duration_ms)}`;
@@ -65,9 +99,20 @@ export function describeOutcome(record: ReloadRecord): { ok: boolean; text: stri
         : `ended ${record.outcome}`;
   const reason = record.reason ?? 'no reason given';
   const code = record.code ? ` (${record.code})` : '';
+  const tail = describeStderrTail(record);
   // Several lines (every issue of an invalid config): each on its own line, below the outcome.
-  if (reason.includes('\n')) return { ok: false, text: `${record.id} ${what}${took}${code}:\n${reason}` };
-  return { ok: false, text: `${record.id} ${what}${took}: ${reason}${code}` };
+  if (reason.includes('\n')) return { ok: false, text: `${record.id} ${what}${took}${code}:\n${reason}${tail}` };
+  return { ok: false, text: `${record.id} ${what}${took}: ${reason}${code}${tail}` };
+}
+
+/** A failed reload's new generation's last stderr lines, each on a line of its own below the outcome ('' for none). */
+function describeStderrTail(record: ReloadRecord): string {
+  const tail = record.stderr_tail ?? [];
+  if (record.to_generation === null || record.exit == null) return '';
+  if (record.stderr_tail === null)
+    return `\n(its stderr went straight to Aeterna's; observability.app_output: prefixed or json keeps its last lines for this report)`;
+  if (tail.length === 0) return '';
+  return `\ngeneration ${record.to_generation}'s last stderr lines:\n${tail.map((l) => `  | ${l}`).join('\n')}`;
 }
 
 /** An old generation still draining after its reload: "generation 3 (pid 1200) draining since ..., SIGKILL at ...". */
@@ -172,7 +217,11 @@ export function formatStatus(status: StatusReport): string {
   (status.retiring ?? []).forEach((r, i) => rows.push([i === 0 ? 'retiring' : '', describeRetiring(r)]));
   if (status.canary_weight !== null)
     rows.push(['canary weight', `${status.canary_weight}% of new connections to the candidate`]);
+  if (status.soak_remaining_ms != null)
+    rows.push(['soak left', `${formatDuration(status.soak_remaining_ms)}, then the candidate is promoted`]);
+  (status.generations ?? []).forEach((g, i) => rows.push([i === 0 ? 'resources' : '', describeUsage(g)]));
   rows.push(['restarts', String(status.restarts)]);
+  if (status.last_crash) rows.push(['last crash', describeCrash(status.last_crash)]);
   if (status.checkpoint)
     rows.push([
       'checkpoint',
@@ -188,6 +237,25 @@ export function formatStatus(status: StatusReport): string {
       .map(([k, v]) => `${k ? `${k}:` : ''}`.padEnd(width) + v.replaceAll('\n', `\n${' '.repeat(width)}`))
       .join('\n') + '\n'
   );
+}
+
+/** "generation 4 (serving, pid 29): 54.3 MiB now, 60.1 MiB at most, CPU 1.25s, 3 processes (cgroup)". */
+function describeUsage(g: GenerationUsage): string {
+  const mib = (n: number | null | undefined): string => (n == null ? '?' : formatBytes(n));
+  const from = g.memory_from === g.cpu_from ? (g.cpu_from ?? '?') : `memory ${g.memory_from}, CPU ${g.cpu_from}`;
+  const cpu = g.cpu_seconds == null ? '?' : `${g.cpu_seconds.toFixed(2)}s`;
+  return (
+    `generation ${g.generation} (${g.role}, pid ${g.pid}): ${mib(g.memory_bytes)} now, ${mib(g.memory_peak_bytes)} at most, ` +
+    `CPU ${cpu}, ${g.processes ?? '?'} process(es) (from ${from})`
+  );
+}
+
+/** "generation 3 (pid 118) killed by SIGKILL (crashed) at ...: restarted after 1s", its stderr lines below. */
+function describeCrash(c: CrashEvent): string {
+  const how = c.exit.signal !== null ? `killed by ${c.exit.signal}` : `exited with code ${c.exit.code}`;
+  const next = c.restart_in_ms === null ? 'Aeterna stopped' : `restarted after ${formatDuration(c.restart_in_ms)}`;
+  const tail = (c.stderr_tail ?? []).map((l) => `\n  | ${l}`).join('');
+  return `generation ${c.generation} (pid ${c.pid}) ${how} (${c.reason}) at ${c.at}: ${next}${tail}`;
 }
 
 /** The config file, and whether what Aeterna runs with (the listeners above included) is what it says. */

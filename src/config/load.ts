@@ -217,7 +217,11 @@ function toConfig(raw: ValidatedConfig, file: string, written: Set<string>): Con
     control: {
       socketPath: defaultedSocketPath(written, CONTROL_SOCKET_KEY, control.socket_path, DEFAULT_CONTROL_SOCKET),
     },
-    observability: { metrics: observability.metrics_port ?? null, logLevel: observability.log_level },
+    observability: {
+      metrics: observability.metrics_port ?? null,
+      logLevel: observability.log_level,
+      appOutput: observability.app_output,
+    },
   };
 }
 

@@ -498,6 +498,15 @@ const observability = object({
       }),
       'info',
     ),
+    app_output: withDefault(
+      oneOf({
+        description:
+          "How the app's stdout and stderr reach Aeterna's: raw (inherited, untouched), prefixed (each line " +
+          "prefixed with its generation and pid) or json (each line a JSON record beside Aeterna's own log lines).",
+        values: ['raw', 'prefixed', 'json'],
+      }),
+      'raw',
+    ),
   },
 });
 

@@ -113,5 +113,10 @@ export interface Config {
     /** null when the endpoint is disabled ("" or absent). */
     metrics: { host: string; port: number } | null;
     logLevel: LogLevel;
+    /** How the app's stdout and stderr reach Aeterna's (monitor/app-output.ts). */
+    appOutput: AppOutputMode;
   };
 }
+
+/** observability.app_output: inherited as they are, each line prefixed, or each line a JSON record. */
+export type AppOutputMode = 'raw' | 'prefixed' | 'json';

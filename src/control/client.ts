@@ -98,7 +98,8 @@ export async function call(
   options: RequestOptions = {},
 ): Promise<ResultMessage> {
   for await (const message of request(socketPath, req, options)) {
-    if (message.type === 'event') onEvent?.(message.event);
+    if (message.type === 'event')
+      onEvent?.(message.event as ReloadEvent); // a reload's stream has only these
     else if (message.type === 'result') return message;
     else if (isErrorCode(message.code)) throw new AeternaError(message.code, message.message);
     else throw Object.assign(new Error(message.message), { code: message.code });

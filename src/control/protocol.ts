@@ -24,6 +24,10 @@
 //   -> {"cmd":"promote"} | {"cmd":"rollback"} | {"cmd":"stop"}
 //   <- {"type":"result","ok":true}
 //
+//   -> {"cmd":"events"}                 (stays open: every operator event as it happens)
+//   <- {"type":"event","event":{...OperatorEvent}}   one per event, until the client goes away; then, when Aeterna
+//      stops: {"type":"result","ok":true,"ended":"..."}; a subscriber that does not read: an error line, and the end
+//
 //   -> {"cmd":"stop","wait":true}       (return when Aeterna exits)
 //   <- {"type":"result","ok":true,"exited":{"code":143}}   once the app and every leftover are gone; then the
 //      connection stays open until Aeterna's process exits, whose end closes it
@@ -31,7 +35,7 @@
 // Any failure, at any point: {"type":"error","code":"E_...","message":"..."}.
 // This module only encodes and decodes; it does no I/O.
 import { AeternaError, ErrorCodes, type ErrorCode } from '../errors';
-import type { ReloadEvent, ReloadRecord, Signalled, StatusReport } from '../orchestrator/types';
+import type { OperatorEvent, ReloadEvent, ReloadRecord, Signalled, StatusReport } from '../orchestrator/types';
 import { parseAppSignal, type AppSignal } from './app-signals';
 
 /** Longest request line the daemon buffers, newline excluded. */
@@ -39,7 +43,7 @@ export const MAX_REQUEST_BYTES = 64 * 1024;
 /** Longest reply line the client buffers (a status or record is a few KiB). */
 export const MAX_REPLY_BYTES = 4 * 1024 * 1024;
 
-export const COMMANDS = ['status', 'reload', 'promote', 'rollback', 'stop', 'upgrade', 'signal'] as const;
+export const COMMANDS = ['status', 'reload', 'promote', 'rollback', 'stop', 'upgrade', 'signal', 'events'] as const;
 export type Command = (typeof COMMANDS)[number];
 
 export type ControlRequest =
@@ -52,7 +56,9 @@ export type ControlRequest =
   /** Re-execute the daemon in place: `exec` names the program, else the aeterna entry it was started from. */
   | { cmd: 'upgrade'; exec?: string }
   /** Pass `signal` to the serving generation's process group (`main`: to its root process only). */
-  | { cmd: 'signal'; signal: AppSignal; main: boolean };
+  | { cmd: 'signal'; signal: AppSignal; main: boolean }
+  /** Subscribe to every operator event until the connection ends (`aeterna events`). */
+  | { cmd: 'events' };
 
 /** Error codes on the wire: Aeterna's stable codes (E_INTERNAL for an unexpected exception, a bug). */
 export type WireErrorCode = ErrorCode;
@@ -68,9 +74,12 @@ export type ResultMessage =
   | { type: 'result'; ok: true; exited: { code: number } }
   /** signal: which generation got it. */
   | { type: 'result'; ok: true; signalled: Signalled }
+  /** events: the stream ends because Aeterna stops (why). */
+  | { type: 'result'; ok: true; ended: string }
   | { type: 'result'; ok: true };
 
-export type EventMessage = { type: 'event'; event: ReloadEvent };
+/** A reload's progress (to `aeterna reload`), or any operator event (to `aeterna events`). */
+export type EventMessage = { type: 'event'; event: ReloadEvent | OperatorEvent };
 export type ErrorMessage = { type: 'error'; code: WireErrorCode; message: string };
 export type ServerMessage = EventMessage | ResultMessage | ErrorMessage;
 

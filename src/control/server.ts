@@ -155,6 +155,9 @@ export async function startControlServer(
         case 'upgrade':
           upgrade(socket, request.exec, context);
           return;
+        case 'events':
+          subscribe(socket, context);
+          return;
         case 'signal': {
           if (!api.signal) throw new AeternaError('E_ILLEGAL_TRANSITION', 'this daemon cannot signal the app');
           const signalled = api.signal(`SIG${request.signal}`, request.main);
@@ -206,6 +209,52 @@ export async function startControlServer(
         answer(errorMessage(err));
       },
     );
+  };
+
+  /** Connections following `aeterna events` now. */
+  let subscribers = 0;
+
+  /** `aeterna events`: the connection stays open and gets every event (the limits are control/events.ts's). */
+  const subscribe = (socket: net.Socket, context: Record<string, unknown>): void => {
+    if (!api.subscribe)
+      return refuse(
+        socket,
+        { type: 'error', code: 'E_ILLEGAL_TRANSITION', message: 'this daemon has no event stream' },
+        context,
+      );
+    // Subscribers hold their connections for good: at most half of them, so commands always find room.
+    if (subscribers >= Math.max(1, Math.floor(pool.limit / 2)))
+      return refuse(
+        socket,
+        {
+          type: 'error',
+          code: 'E_CONTROL_UNAVAILABLE',
+          message: `too many event subscribers (limit ${Math.max(1, Math.floor(pool.limit / 2))}: half of the control socket's ${pool.limit} connections)`,
+        },
+        context,
+      );
+    const unsubscribe = api.subscribe({
+      send: (line) => {
+        if (!socket.destroyed && !socket.writableEnded) socket.write(line);
+      },
+      backlog: () => socket.writableLength,
+      close: (line) => {
+        if (socket.destroyed || socket.writableEnded) return;
+        socket.end(line);
+        const timer = setTimeout(() => socket.destroy(), lingerMs); // one that does not read is cut
+        timer.unref();
+        socket.once('close', () => clearTimeout(timer));
+      },
+    });
+    subscribers++;
+    socket.once('close', () => {
+      subscribers--;
+      unsubscribe();
+      log.debug(context, 'event subscriber gone');
+    });
+    socket.once('end', () => socket.destroy()); // half-open is allowed on this socket: its end is the subscriber's
+    socket.resume(); // read (and drop) anything more, so that a client going away is seen
+    log.debug(context, 'event subscriber');
   };
 
   /** `stop --wait`: out of the connections close() ends; answered by exiting(). */

@@ -16,6 +16,14 @@ const METRICS_FD_SHARE = 0.5;
 /** A probe sends its request at once: a connection without complete headers by then is cut (checked every second). */
 const HEADERS_TIMEOUT_MS = 5000;
 
+/** What each live generation uses, for the aeterna_app_* series (read at each scrape). */
+export interface AppUsage {
+  generation: number;
+  memory_bytes?: number | null;
+  memory_peak_bytes?: number | null;
+  cpu_seconds?: number | null;
+}
+
 /** The prom-client side: created only when the endpoint is on, and after the app was spawned. */
 /** What the checkpoint gauges show: the latest checkpoint's size and age. */
 export interface LatestCheckpoint {
@@ -44,9 +52,14 @@ class Exported {
 
   /**
    * `latestCheckpoint`: the checkpoint Aeterna holds now (however it got it: stored, read from its file, handed over),
-   * `instances`: how many instances of the serving generation are in each state; both read at each scrape.
+   * `instances`: how many instances of the serving generation are in each state, `appUsage`: the live generations'
+   * memory and CPU; each read at each scrape.
    */
-  constructor(latestCheckpoint: () => LatestCheckpoint | null, instances: () => Record<string, number>) {
+  constructor(
+    latestCheckpoint: () => LatestCheckpoint | null,
+    instances: () => Record<string, number>,
+    appUsage: () => AppUsage[] = () => [],
+  ) {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
     // `aeterna start` should exec the app first (start-to-exec is one of Aeterna's targets).
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- the lazy load above
@@ -170,6 +183,46 @@ class Exported {
         for (const [state, count] of Object.entries(instances())) this.set({ state }, count);
       },
     });
+    // The live generations' memory and CPU, labelled by generation: a generation's series go when it has exited.
+    let usage: { at: number; list: AppUsage[] } = { at: 0, list: [] };
+    /** Read once for the three series of one scrape (they are collected one after the other). */
+    const current = (): AppUsage[] => {
+      if (performance.now() - usage.at > 100) usage = { at: performance.now(), list: appUsage() };
+      return usage.list;
+    };
+    const series = (name: string, help: string, figure: (u: AppUsage) => number | null | undefined): void => {
+      new prom.Gauge({
+        name,
+        help,
+        labelNames: ['generation'] as const,
+        registers,
+        collect() {
+          this.reset();
+          // A generation with several instances (service.instances): the sum of its processes' figures.
+          const sums = new Map<number, number>();
+          for (const u of current()) {
+            const value = figure(u);
+            if (value !== null && value !== undefined) sums.set(u.generation, (sums.get(u.generation) ?? 0) + value);
+          }
+          for (const [generation, value] of sums) this.set({ generation: String(generation) }, value);
+        },
+      });
+    };
+    series(
+      'aeterna_app_memory_bytes',
+      "Memory a live generation uses now: its cgroup's memory.current, else its processes' resident memory",
+      (u) => u.memory_bytes,
+    );
+    series(
+      'aeterna_app_memory_peak_bytes',
+      "The most memory a live generation used: its cgroup's memory.peak, else the sum of its processes' peaks",
+      (u) => u.memory_peak_bytes,
+    );
+    series(
+      'aeterna_app_cpu_seconds',
+      'CPU time (user + system) a live generation used since it started: its cgroup cpu.stat, else its processes',
+      (u) => u.cpu_seconds,
+    );
     prom.collectDefaultMetrics({ register: this.registry, prefix: 'aeterna_' });
   }
 }
@@ -190,6 +243,7 @@ export class Metrics {
     private readonly states: readonly string[],
     initial: string,
     private readonly latestCheckpoint: () => LatestCheckpoint | null = () => null,
+    private readonly appUsage: () => AppUsage[] = () => [],
   ) {
     if (!enabled) this.pending = null;
     this.currentState = initial;
@@ -203,7 +257,7 @@ export class Metrics {
   /** Load prom-client and start exporting (no-op when the endpoint is off or already exporting). */
   export(): Exported | null {
     if (this.exported || this.pending === null) return this.exported;
-    const e = new Exported(this.latestCheckpoint, () => this.instanceStates());
+    const e = new Exported(this.latestCheckpoint, () => this.instanceStates(), this.appUsage);
     for (const s of this.states) e.state.set({ state: s }, s === this.currentState ? 1 : 0);
     for (const apply of this.pending) apply(e);
     this.pending = [];

@@ -117,6 +117,11 @@ export interface Binding {
   connectUnix(path: string): number;
   /** socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC), blocking, both ends with send/receive buffers of bufferBytes (the direct relay's pair). */
   relayPair(bufferBytes: number): [number, number];
+  /**
+   * pipe2(O_CLOEXEC) for the app's stdout or stderr: [read end (non-blocking, Aeterna's), write end (blocking, for
+   * the child's fd 1 or 2)]; both close-on-exec.
+   */
+  outputPipe(): [number, number];
   /** Non-blocking accept4(SOCK_CLOEXEC|SOCK_NONBLOCK); -1 when no connection is waiting. */
   accept(fd: number): number;
   /** Non-blocking sendmsg of data with fds attached (SCM_RIGHTS). Returns bytes sent, or -1 on EAGAIN. */

@@ -36,7 +36,7 @@ import type { ListenerWatch } from '../resources/listener-watch';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 import type { FdStore } from '../resources/fd-store';
 import type { Generation, SpawnSpec } from '../supervisor/generation';
-import { describeExit, exitCodeOf } from '../supervisor/exit';
+import { describeExit, exitCodeOf, exitRecord } from '../supervisor/exit';
 import type { Reaper } from '../supervisor/reaper';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
@@ -50,8 +50,11 @@ import type {
   CarriedCounters,
   CarriedGeneration,
   ControlApi,
+  CrashEvent,
   GenerationInfo,
+  GenerationUsage,
   InstanceInfo,
+  OperatorEvent,
   ReloadEvent,
   ReloadPhase,
   ReloadRecord,
@@ -89,6 +92,12 @@ export interface OrchestratorDeps {
   split: (listeners: readonly Listener[], canary: CanaryConfig) => CanarySplit;
   /** Whether process `pid` is `root` or one of its descendants (proctree.belongsTo, which reads /proc). */
   belongsTo: (pid: number, root: number) => boolean;
+  /** What a generation uses now: memory and CPU (monitor/app-resources.ts). */
+  resourcesOf?: (gen: Generation) => Omit<GenerationUsage, 'generation' | 'pid' | 'role'>;
+  /** Every operator event as it happens (`aeterna events`, control/events.ts). */
+  onEvent?: (event: OperatorEvent) => void;
+  /** The last lines generation `number` wrote to stderr, or null when Aeterna does not read them (monitor/app-output.ts). */
+  stderrTail?: (number: number, instance?: number) => string[] | null;
   /** Told when a reload's outcome is final, with the config now in effect (the file watch queues on it). */
   reloadSettled?: (record: ReloadRecord, config: Config) => void;
 }
@@ -122,9 +131,13 @@ interface ReloadRun {
   pending: number[];
   /** Old instances a rolling reload already stopped, each once its successor was ready: not crashes; restarted on a rollback. */
   replaced: Set<Generation>;
+  /** The new instance whose exit failed the reload (its stderr tail goes into the record). */
+  failedInstance?: number;
   timers: NodeJS.Timeout[];
   /** orchestration.canary: the candidate's own sockets and the steering of new connections; null for a shared socket. */
   split: CanarySplit | null;
+  /** When a canary soak promotes on its own (epoch ms), once it soaks. */
+  soakEndsAt?: number;
   /** Why the reload is being rolled back or has failed, once it is. */
   failure: { reason: string; code: ErrorCode; outcome: 'rolled_back' | 'failed' } | null;
 }
@@ -177,6 +190,7 @@ export class Orchestrator implements ControlApi {
   private readonly budgets: RestartBudget[] = [];
   private startedAt = new Date();
   private lastExit: ExitInfo | null = null;
+  private lastCrash: CrashEvent | null = null;
   private exitCode: number | null = null;
   private stopRequests = 0;
   private readonly stopped: Promise<number>;
@@ -562,16 +576,28 @@ export class Orchestrator implements ControlApi {
     const failed = this.neverReady.has(gen) || this.watchdogFired.has(gen);
     const decision = this.budget(instance).decide(info, Date.now(), failed);
     const fields = { generation: gen.number, ...(set.size > 1 ? { instance } : {}) };
+    const reason = this.watchdogFired.has(gen)
+      ? 'watchdog'
+      : !wasReady
+        ? 'start_failed'
+        : info.code === 0 && info.signal === null
+          ? 'exited'
+          : 'crashed';
+    this.lastCrash = {
+      type: 'crash',
+      at: new Date().toISOString(),
+      generation: gen.number,
+      ...(set.size > 1 ? { instance } : {}),
+      pid: gen.pid,
+      exit: exitRecord(info),
+      reason,
+      restart_in_ms: decision.restart ? decision.delayMs : null,
+      stderr_tail: this.deps.stderrTail?.(gen.number, gen.instance) ?? null,
+    };
+    this.deps.onEvent?.(this.lastCrash);
     if (decision.restart) {
       this.restarts++;
       this.instanceRestartCounts[instance] = (this.instanceRestartCounts[instance] ?? 0) + 1;
-      const reason = this.watchdogFired.has(gen)
-        ? 'watchdog'
-        : !wasReady
-          ? 'start_failed'
-          : info.code === 0 && info.signal === null
-            ? 'exited'
-            : 'crashed';
       this.deps.metrics.childRestarted(reason);
       const alone = set.size > 1 ? `${this.nameOf(gen, set)} ` : 'app ';
       this.deps.log.warn(
@@ -593,7 +619,18 @@ export class Orchestrator implements ControlApi {
         return;
       }
       this.fire('exited'); // Starting
-      this.restartTimer = setTimeout(() => this.startServing(), decision.delayMs);
+      this.restartTimer = setTimeout(() => {
+        this.startServing();
+        const next = this.serving;
+        if (next !== null && !next.has(gen))
+          this.deps.onEvent?.({
+            type: 'restart',
+            at: new Date().toISOString(),
+            generation: next.number,
+            pid: next.pid,
+            attempt: decision.attempt,
+          });
+      }, decision.delayMs);
       return;
     }
     (decision.crashLoop ? this.deps.log.error.bind(this.deps.log) : this.deps.log.info.bind(this.deps.log))(
@@ -691,6 +728,11 @@ export class Orchestrator implements ControlApi {
       return;
     }
     if (set !== null && set === this.candidate) {
+      // How it ended, for the reload's record: the first instance to exit (the others may be stopped because of it).
+      if (run !== null && !run.record.exit) {
+        run.record.exit = exitRecord(info);
+        run.failedInstance = set.indexOf(gen);
+      }
       if (state === 'RollingBack') {
         if (!set.alive) this.finishRollback();
         return;
@@ -1048,6 +1090,7 @@ export class Orchestrator implements ControlApi {
     this.phase('ready');
     if (immediate) return this.enterDraining();
     const soakMs = orchestration.soakTimeMs;
+    run.soakEndsAt = Date.now() + soakMs;
     if (run.split) this.steer(run.split, run.split.canary.weight);
     this.phase(
       'soaking',
@@ -1370,6 +1413,7 @@ export class Orchestrator implements ControlApi {
   }
 
   private emit(event: ReloadEvent): void {
+    if (this.inFlight) this.deps.onEvent?.({ ...event, trigger: this.inFlight.record.trigger });
     for (const l of this.inFlight?.subscribers ?? []) {
       try {
         l(event);
@@ -1390,6 +1434,8 @@ export class Orchestrator implements ControlApi {
     record.code = code;
     record.duration_ms = Math.round(performance.now() - run.startedAt);
     record.retiring = this.retiring.info();
+    if (outcome !== 'promoted' && record.to_generation !== null)
+      record.stderr_tail = this.deps.stderrTail?.(record.to_generation, run.failedInstance ?? 0) ?? null;
     this.phase('done', outcome);
     this.deps.metrics.reloadFinished(record.strategy, outcome, record.duration_ms / 1000);
     const fields = {
@@ -1550,6 +1596,24 @@ export class Orchestrator implements ControlApi {
       checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
       canary_weight: this.inFlight?.split?.weight ?? null,
       last_reload: this.inFlight?.record ?? this.lastReload,
+      last_crash: this.lastCrash,
+      generations: this.liveGenerations().map((g) => ({
+        generation: g.number,
+        ...(g.instance > 0 ? { instance: g.instance } : {}),
+        pid: g.pid,
+        role: this.serving?.has(g)
+          ? 'serving'
+          : this.candidate?.has(g)
+            ? 'candidate'
+            : this.draining?.has(g)
+              ? 'previous'
+              : 'retiring',
+        ...this.deps.resourcesOf?.(g),
+      })),
+      soak_remaining_ms:
+        this.fsm.state === 'Soaking' && this.inFlight?.soakEndsAt !== undefined
+          ? Math.max(0, this.inFlight.soakEndsAt - Date.now())
+          : null,
     };
   }
 }

@@ -4,6 +4,7 @@
 import type { ErrorCode } from '../errors';
 import type { State } from './fsm';
 import type { Strategy } from '../config/types';
+import type { GenerationResources } from '../monitor/app-resources';
 
 export type ReloadOutcome = 'in_progress' | 'promoted' | 'rolled_back' | 'failed';
 
@@ -51,6 +52,20 @@ export interface ReloadRecord {
    * has exited): this reload's old one, and those of earlier reloads.
    */
   retiring?: RetiringInfo[];
+  /** A reload not promoted: how its new generation ended (exit code, or the signal's name), once it exited; else null. */
+  exit?: ExitRecord | null;
+  /**
+   * A reload not promoted: the last lines its new generation wrote to stderr (at most 20 lines, 8 KiB), or null when
+   * Aeterna does not read the app's stderr (observability.app_output: raw).
+   */
+  stderr_tail?: string[] | null;
+}
+
+/** How a process ended: exactly one of code and signal is non-null. */
+export interface ExitRecord {
+  code: number | null;
+  /** e.g. "SIGKILL". */
+  signal: string | null;
 }
 
 /** An old generation that was replaced and drains in the background: SIGTERM sent, SIGKILL at `kill_deadline`. */
@@ -69,6 +84,44 @@ export type ReloadEvent =
   | { type: 'soak'; reload: string; elapsed_ms: number; soak_ms: number; total_ms: number }
   | { type: 'relay'; reload: string; bytes: number; total: number; rate_bps: number }
   | { type: 'outcome'; reload: string; record: ReloadRecord };
+
+/**
+ * Streamed to `aeterna events` (control/events.ts): every reload's events with what started it, and what happens
+ * outside reloads: a crash of the serving generation, its restart, an upgrade of Aeterna, the stop.
+ */
+export type OperatorEvent =
+  | (ReloadEvent & { trigger: ReloadTrigger })
+  | CrashEvent
+  | { type: 'restart'; at: string; generation: number; pid: number; attempt: number }
+  | { type: 'upgrade'; at: string; from: string; reexecs: number }
+  | { type: 'stopping'; at: string; reason: string };
+
+/** The serving generation exited outside a reload: how, why it counts as it does, and what Aeterna does next. */
+export interface CrashEvent {
+  type: 'crash';
+  at: string;
+  generation: number;
+  /** With service.instances > 1: which instance crashed (it is restarted alone). */
+  instance?: number;
+  pid: number;
+  exit: ExitRecord;
+  /** crashed (a signal or a non-zero code), exited (code 0), watchdog, start_failed (before it was ready). */
+  reason: 'crashed' | 'exited' | 'watchdog' | 'start_failed';
+  /** When it is restarted (after service.restart's backoff); null when Aeterna stops instead. */
+  restart_in_ms: number | null;
+  /** Its last stderr lines (null in raw mode: see ReloadRecord.stderr_tail). */
+  stderr_tail: string[] | null;
+}
+
+/** A live generation's role and its memory and CPU. */
+export interface GenerationUsage extends Partial<GenerationResources> {
+  generation: number;
+  /** With service.instances > 1: which instance (absent: 0). Each instance is a process tree of its own. */
+  instance?: number;
+  pid: number;
+  /** serving; candidate (a reload's new one); previous (the old one while its promotion settles); retiring (draining on). */
+  role: 'serving' | 'candidate' | 'previous' | 'retiring';
+}
 
 export interface GenerationInfo {
   generation: number;
@@ -130,6 +183,12 @@ export interface StatusReport {
   /** orchestration.canary: the percentage of new connections the candidate receives now; null without a weighted split. */
   canary_weight: number | null;
   last_reload: ReloadRecord | null;
+  /** The serving generation's last exit outside a reload (a crash, or a clean exit that was restarted), or null. */
+  last_crash?: CrashEvent | null;
+  /** Every live generation, what it is to the service, and what it uses (monitor/app-resources.ts). */
+  generations?: GenerationUsage[];
+  /** During a canary soak: how long until it promotes on its own (ms); null otherwise. */
+  soak_remaining_ms?: number | null;
   /** The daemon's own version, when it last exec'd (start or upgrade), and how many times it re-executed itself. */
   version?: string;
   exec_at?: string;
@@ -167,6 +226,21 @@ export interface ControlApi {
    * the daemon is about to re-execute itself; `execNow` (called once the reply is flushed) does it.
    */
   upgrade?(exec: string | undefined): Promise<{ from: string; reexecs: number; execNow: () => void }>;
+  /**
+   * `aeterna events`: `sink` gets every OperatorEvent from now on until it is closed (the returned function ends the
+   * subscription). Throws E_CONTROL_UNAVAILABLE when the subscribers are at their limit (control/events.ts).
+   */
+  subscribe?(sink: EventSink): () => void;
+}
+
+/** Where one subscriber's events go: a control connection. */
+export interface EventSink {
+  /** Queue one encoded line; never blocks. */
+  send(line: string): void;
+  /** Bytes queued and not yet taken by the subscriber. */
+  backlog(): number;
+  /** End the subscription with a last line saying why (a slow subscriber, Aeterna stopping). */
+  close(line: string): void;
 }
 
 /** What `aeterna signal` did: which generation got which signal, and whether its whole group or its root only. */

@@ -19,3 +19,11 @@ export function exitCodeOf(info: ExitInfo): number {
 export function describeExit(info: ExitInfo): string {
   return info.signal !== null ? `killed by ${signalName(info.signal)}` : `exited with code ${info.code}`;
 }
+
+/** The exit as the control protocol carries it: the code, or the signal's name. */
+export function exitRecord(info: ExitInfo): { code: number | null; signal: string | null } {
+  return {
+    code: info.signal === null ? info.code : null,
+    signal: info.signal === null ? null : signalName(info.signal),
+  };
+}

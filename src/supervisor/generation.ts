@@ -35,6 +35,9 @@ export interface SpawnSpec {
   stdinListener?: string;
   /** With a watchdog the app gets WATCHDOG_USEC and WATCHDOG_PID. */
   watchdogMs: number | null;
+  /** The fds that become the app's stdout and stderr (observability.app_output's pipes); default Aeterna's own. */
+  stdout?: number;
+  stderr?: number;
 }
 
 export interface GenerationEvents {
@@ -122,7 +125,7 @@ export class Generation extends EventEmitter<GenerationEvents> {
           }),
           cwd: service.cwd,
           fds: listeners.map((l) => l.fd),
-          ...stdinFrom(service, listeners),
+          ...stdioOf(service, listeners),
           listenPid: listeners.length > 0,
           pidEnv: service.watchdogMs === null ? [] : ['WATCHDOG_PID'],
           uid: identity?.uid,
@@ -233,11 +236,18 @@ export class Generation extends EventEmitter<GenerationEvents> {
   }
 }
 
-/** service.stdin_listener: that listener also becomes the app's fd 0 (stdout and stderr stay Aeterna's). */
-function stdinFrom(service: SpawnSpec, listeners: readonly PassedFd[]): { stdio?: [number, number, number] } {
-  if (service.stdinListener === undefined) return {};
-  const listener = listeners.find((l) => l.name === service.stdinListener);
-  if (listener === undefined)
-    throw new Error(`service.stdin_listener names no open listener ("${service.stdinListener}")`);
-  return { stdio: [listener.fd, 1, 2] };
+/**
+ * The app's fds 0, 1, 2 when they are not Aeterna's own: service.stdin_listener (that listener also becomes fd 0)
+ * and the output pipes (SpawnSpec.stdout, .stderr).
+ */
+function stdioOf(service: SpawnSpec, listeners: readonly PassedFd[]): { stdio?: [number, number, number] } {
+  if (service.stdinListener === undefined && service.stdout === undefined && service.stderr === undefined) return {};
+  let stdin = 0;
+  if (service.stdinListener !== undefined) {
+    const listener = listeners.find((l) => l.name === service.stdinListener);
+    if (listener === undefined)
+      throw new Error(`service.stdin_listener names no open listener ("${service.stdinListener}")`);
+    stdin = listener.fd;
+  }
+  return { stdio: [stdin, service.stdout ?? 1, service.stderr ?? 2] };
 }

@@ -31,6 +31,7 @@ const FD_ORDER: readonly FdRole[] = [
   'relay-connection',
   'checkpoint',
   'fdstore',
+  'app-output',
 ];
 
 /** What `aeterna upgrade` answers once the target passed its check: `execNow` re-executes in place. */

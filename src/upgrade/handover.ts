@@ -32,7 +32,16 @@ export const HANDOVER_ENV = 'AETERNA_HANDOVER_FD';
 export type ReexecReason = CarryReason;
 
 export type FdRole =
-  'listener' | 'control' | 'relay' | 'relay-connection' | 'checkpoint' | 'notify' | 'metrics' | 'fdstore';
+  | 'listener'
+  | 'control'
+  | 'relay'
+  | 'relay-connection'
+  | 'checkpoint'
+  | 'notify'
+  | 'metrics'
+  | 'fdstore'
+  /** The read end of a generation's stdout or stderr pipe (observability.app_output), named "<generation>/<stream>". */
+  | 'app-output';
 
 /** One fd that survives the exec. */
 export interface KeptFd {

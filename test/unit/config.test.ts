@@ -292,7 +292,7 @@ describe('loading', () => {
         canary: null,
       },
       control: { socketPath: '/var/run/aeterna.sock' },
-      observability: { metrics: null, logLevel: 'info' },
+      observability: { metrics: null, logLevel: 'info', appOutput: 'raw' },
     };
     assert.deepEqual(loadConfigFile(file), expected);
     // Config.file is absolute even when the caller's path is not.
@@ -353,6 +353,14 @@ describe('loading', () => {
     assert.equal(
       parseConfig(minimalYaml('observability: { metrics_port: "" }\n'), 'x.yaml').observability.metrics,
       null,
+    );
+    assert.equal(
+      parseConfig(minimalYaml('observability: { app_output: json }\n'), 'x.yaml').observability.appOutput,
+      'json',
+    );
+    assert.match(
+      configError(() => parseConfig(minimalYaml('observability: { app_output: lines }\n'), 'x.yaml')).message,
+      /observability\.app_output: must be one of raw, prefixed, json \(got "lines"\)/,
     );
     // An empty section (all keys commented out) means defaults, like an absent one.
     assert.equal(parseConfig(minimalYaml('control:\n'), 'x.yaml').control.socketPath, '/var/run/aeterna.sock');

@@ -296,7 +296,17 @@ describe('docs/architecture.md', () => {
 });
 
 describe('links', () => {
-  for (const file of ['README.md', 'docs/architecture.md', 'docs/configuration.md', 'docs/operations.md']) {
+  for (const file of [
+    'README.md',
+    'docs/architecture.md',
+    'docs/configuration.md',
+    'docs/operations.md',
+    'docs/adopting.md',
+    'docs/typescript-sdk.md',
+    'clients/python/README.md',
+    'clients/java/README.md',
+    'examples/go-counter/README.md',
+  ]) {
     test(`relative links in ${file} resolve`, () => {
       const text = read(file);
       const broken: string[] = [];
