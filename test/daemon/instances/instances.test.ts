@@ -5,6 +5,7 @@
 // counts and states status reports, never how long anything took.
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { fixture, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
 import { Daemon, statusOf, upgradeTimes } from '../../helpers/daemon';
 import { getJson, getText, metricSample, requestJson } from '../../helpers/load';
@@ -32,6 +33,8 @@ interface Options {
   canary?: string;
   /** service.watchdog. */
   watchdog?: string;
+  /** observability.app_output. */
+  appOutput?: 'prefixed' | 'json';
 }
 
 function configure(d: Daemon, port: number, o: Options): void {
@@ -51,7 +54,8 @@ function configure(d: Daemon, port: number, o: Options): void {
     handoff:
       `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s"${checkpoint} }` +
       (o.orchestration ?? []).map((l) => `\n  ${l}`).join(''),
-  });
+  }); // observability is the config's last section: its key goes at the end.
+  if (o.appOutput) fs.appendFileSync(d.configFile, `  app_output: "${o.appOutput}"\n`);
 }
 
 async function started(o: Options = {}): Promise<{ d: Daemon; port: number }> {
@@ -94,7 +98,7 @@ const allReady = (s: { state: string }): boolean =>
 
 describe(
   'service.instances: three processes per generation (Aeterna as PID 1)',
-  { skip: pidNamespaceUnavailable() ?? false },
+  { skip: pidNamespaceUnavailable() ?? false, timeout: 600_000 },
   () => {
     it('starts three instances, each with its AETERNA_INSTANCE, all ready before Running; status lists each', async () => {
       const { d, port } = await started();
@@ -455,6 +459,27 @@ describe(
       await d.untilRetired();
       assert.equal(await d.stop(), 0);
     });
+
+    it(
+      "app_output json with three instances: each line is tagged with its instance, and every instance's pipes cross an aeterna upgrade (none dies writing, none restarts)",
+      { timeout: 180_000 },
+      async () => {
+        const { d, port } = await started({ env: ['PRINT_REQUESTS=1'], appOutput: 'json' });
+        const before = await statusOf(d);
+        await upgradeTimes(d, 1);
+        await d.waitStatus(allReady);
+        const replies = await byInstance(port, 3, () => true);
+        const after = await statusOf(d);
+        assert.deepEqual(pidsOf(after), pidsOf(before), 'the same three processes');
+        assert.equal(after.restarts, 0, 'no instance died writing into a pipe the upgrade closed');
+        for (const r of replies) {
+          const line = `REQ ${r.pid} instance ${r.instance}`;
+          await d.run.waitFor(new RegExp(`"instance":${r.instance},"pid":${r.pid},"stream":"stdout","line":"${line}"`));
+        }
+        await d.untilRetired();
+        assert.equal(await d.stop(), 0);
+      },
+    );
   },
 );
 
