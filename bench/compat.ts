@@ -160,9 +160,12 @@ export const SERVERS: Server[] = [
     missing: () =>
       which('javac') && which('java') ? null : 'javac is not installed (apt-get install -y default-jdk-headless)',
     command: (work) => {
-      const r = spawnSync('javac', ['-d', work, path.join(ROOT, 'examples', 'java-hello', 'Hello.java')], {
-        encoding: 'utf8',
-      });
+      // java-hello uses the Java SDK (clients/java): compiled with it, as its README's jar would provide it.
+      const sources = [
+        path.join(ROOT, 'clients', 'java', 'Aeterna.java'),
+        path.join(ROOT, 'examples', 'java-hello', 'Hello.java'),
+      ];
+      const r = spawnSync('javac', ['-d', work, ...sources], { encoding: 'utf8' });
       if (r.status !== 0) throw new Error(`javac failed:\n${r.stdout}${r.stderr}`);
       return ['java', '-cp', work, 'Hello'];
     },

@@ -9,13 +9,13 @@
 import assert from 'node:assert/strict';
 import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { validate as lintDockerfile } from 'dockerfile-utils';
 import { parseConfig } from '../../src/config/load';
 import { ROOT, freePort, tempDir } from '../helpers/aeterna';
 import { standalone } from '../helpers/standalone';
+import { getJson } from '../helpers/load';
 
 interface Instruction {
   keyword: string;
@@ -205,23 +205,9 @@ function podmanSetup(): { global: string[]; limits: string[]; base: string } | s
   return `podman cannot run a container here: ${errors.join('; ')}`;
 }
 
-function get(port: number): Promise<{ count: number; generation: string }> {
-  return new Promise((resolve, reject) => {
-    http
-      .get({ host: '127.0.0.1', port, path: '/', agent: false }, (res) => {
-        let body = '';
-        res.setEncoding('utf8').on('data', (d: string) => (body += d));
-        res.on('end', () => {
-          try {
-            resolve(JSON.parse(body) as { count: number; generation: string });
-          } catch (err) {
-            reject(err);
-          }
-        });
-      })
-      .on('error', reject);
-  });
-}
+/** The example app's JSON answer to GET /. */
+const get = (port: number): Promise<{ count: number; generation: string }> =>
+  getJson<{ count: number; generation: string }>(port);
 
 describe('an image built by podman as docs/operations.md says', { timeout: 900_000 }, () => {
   test('a Python base without Node, Aeterna copied in as one file: PID 1, a reload promoted inside the container', async (t) => {

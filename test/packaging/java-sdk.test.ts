@@ -4,11 +4,11 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ROOT, freePort, pidNamespaceUnavailable, tempDir } from '../helpers/aeterna';
 import { Daemon } from '../helpers/daemon';
+import { getJson } from '../helpers/load';
 
 const PKG = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string };
 const JAR = path.join(ROOT, 'build', 'java', 'aeterna-client.jar');
@@ -21,23 +21,9 @@ function jdkUnavailable(): string | null {
   return null;
 }
 
-function get(port: number): Promise<{ pid: number; generation: string; served: number }> {
-  return new Promise((resolve, reject) => {
-    http
-      .get({ host: '127.0.0.1', port, path: '/', agent: false }, (res) => {
-        let body = '';
-        res.setEncoding('utf8').on('data', (d: string) => (body += d));
-        res.on('end', () => {
-          try {
-            resolve(JSON.parse(body) as { pid: number; generation: string; served: number });
-          } catch (err) {
-            reject(err);
-          }
-        });
-      })
-      .on('error', reject);
-  });
-}
+/** The example app's JSON answer to GET /. */
+const get = (port: number): Promise<{ pid: number; generation: string; served: number }> =>
+  getJson<{ pid: number; generation: string; served: number }>(port);
 
 describe('the Java SDK jar (make java-sdk)', { skip: jdkUnavailable() ?? false, timeout: 300_000 }, () => {
   const dir = tempDir('aeterna-jar-');

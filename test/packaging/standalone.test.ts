@@ -5,32 +5,18 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { AeternaRun, ROOT, freePort, pidNamespaceUnavailable, tempDir } from '../helpers/aeterna';
 import { onlyOnPath, python3, standalone, which } from '../helpers/standalone';
+import { getJson } from '../helpers/load';
 
 /** The shared libraries a glibc system has in every image with a package manager (apt and dnf need libstdc++). */
 const BASE_LIBRARIES = /^(linux-vdso|libdl|libstdc\+\+|libm|libgcc_s|libpthread|libc|ld-linux-[\w-]+)\.so/;
 
-function get(port: number): Promise<{ count: number; pid: number; generation: string }> {
-  return new Promise((resolve, reject) => {
-    http
-      .get({ host: '127.0.0.1', port, path: '/', agent: false }, (res) => {
-        let body = '';
-        res.setEncoding('utf8').on('data', (d: string) => (body += d));
-        res.on('end', () => {
-          try {
-            resolve(JSON.parse(body) as { count: number; pid: number; generation: string });
-          } catch (err) {
-            reject(err);
-          }
-        });
-      })
-      .on('error', reject);
-  });
-}
+/** The example app's JSON answer to GET /. */
+const get = (port: number): Promise<{ count: number; pid: number; generation: string }> =>
+  getJson<{ count: number; pid: number; generation: string }>(port);
 
 describe('the self-contained aeterna', () => {
   let exe = '';
