@@ -203,17 +203,27 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
     const { d } = await started();
     assert.equal((await d.cli('upgrade')).code, 0);
     assert.equal((await d.cli('reload')).code, 0);
+    await d.untilRetired(); // the reload answers at promotion: the old generation may still be exiting
     const pid = await d.run.aeternaPid();
     // Every process of the app (host pids: Aeterna's descendants).
     const apps = descendantsOf(pid);
     assert.ok(apps.length > 0);
+    let read = 0;
     for (const app of apps) {
-      const environ = fs.readFileSync(`/proc/${app}/environ`, 'utf8').split('\0');
+      let environ: string[];
+      try {
+        environ = fs.readFileSync(`/proc/${app}/environ`, 'utf8').split('\0');
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue; // a short-lived process that has exited
+        throw err;
+      }
+      read++;
       assert.deepEqual(
         environ.filter((e) => e.startsWith('LD_PRELOAD=') || e.startsWith('AETERNA_HOLD_SIGNALS=')),
         [],
       );
     }
+    assert.ok(read > 0, "the serving generation's environment was read");
     const aeterna = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
     assert.equal(
       parseInt(aeterna.match(/^SigBlk:\s+(\S+)/m)![1], 16) & ((1 << 14) | (1 << 1) | (1 << 0)),
