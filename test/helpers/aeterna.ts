@@ -8,6 +8,19 @@ import path from 'node:path';
 import { procStat } from '../../src/supervisor/proctree';
 
 export const ROOT = path.resolve(__dirname, '..', '..', '..');
+
+/** Whether .dockerignore keeps `p` (a path relative to the repository) out of the image build context. */
+export function dockerIgnored(): (p: string) => boolean {
+  const patterns = fs
+    .readFileSync(path.join(ROOT, '.dockerignore'), 'utf8')
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '' && !l.startsWith('#'));
+  return (p) =>
+    patterns.some((pattern) =>
+      pattern.startsWith('*.') ? p.endsWith(pattern.slice(1)) : p === pattern || p.startsWith(pattern + '/'),
+    );
+}
 export const CLI = path.join(ROOT, 'bin', 'aeterna.js');
 
 export function fixture(...parts: string[]): string {

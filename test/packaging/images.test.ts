@@ -13,7 +13,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { validate as lintDockerfile } from 'dockerfile-utils';
 import { parseConfig } from '../../src/config/load';
-import { ROOT, freePort, tempDir } from '../helpers/aeterna';
+import { ROOT, dockerIgnored, freePort, tempDir } from '../helpers/aeterna';
 import { standalone } from '../helpers/standalone';
 import { getJson } from '../helpers/load';
 
@@ -60,14 +60,7 @@ const EXAMPLES = ['python-counter', 'go-counter', 'java-hello'];
 const DOCKERFILES = ['Dockerfile', ...EXAMPLES.map((e) => `examples/${e}/Dockerfile`)];
 const read = (p: string): string => fs.readFileSync(path.join(ROOT, p), 'utf8');
 
-const ignored = read('.dockerignore')
-  .split('\n')
-  .map((l) => l.trim())
-  .filter((l) => l !== '' && !l.startsWith('#'));
-const isIgnored = (p: string): boolean =>
-  ignored.some((pattern) =>
-    pattern.startsWith('*.') ? p.endsWith(pattern.slice(1)) : p === pattern || p.startsWith(pattern + '/'),
-  );
+const isIgnored = dockerIgnored();
 
 describe('Dockerfiles', () => {
   for (const file of DOCKERFILES) {

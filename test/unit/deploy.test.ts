@@ -14,7 +14,7 @@ import { parseAllDocuments } from 'yaml';
 import { validate as lintDockerfile } from 'dockerfile-utils';
 import { parseConfig } from '../../src/config/load';
 import type { Config } from '../../src/config/types';
-import { ROOT } from '../helpers/aeterna';
+import { ROOT, dockerIgnored } from '../helpers/aeterna';
 
 const K8S = path.join(ROOT, 'deploy', 'kubernetes');
 const FLEET_RELOAD = path.join(K8S, 'fleet-reload.sh');
@@ -208,15 +208,7 @@ describe('Dockerfile', () => {
   });
 
   test('copies only files that exist and that .dockerignore lets into the build context', () => {
-    const ignored = fs
-      .readFileSync(path.join(ROOT, '.dockerignore'), 'utf8')
-      .split('\n')
-      .map((l) => l.trim())
-      .filter((l) => l !== '' && !l.startsWith('#'));
-    const isIgnored = (p: string): boolean =>
-      ignored.some((pattern) =>
-        pattern.startsWith('*.') ? p.endsWith(pattern.slice(1)) : p === pattern || p.startsWith(pattern + '/'),
-      );
+    const isIgnored = dockerIgnored();
     let checked = 0;
     for (const copy of find(dockerfile.stages[0], 'COPY')) {
       const parts = copy.args.split(/\s+/);
