@@ -21,7 +21,8 @@ import os, signal, sys, time
 code = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 role = 'root'
 def report(sig, _frame):
-    print(f'GOT {role} {signal.Signals(sig).name}', flush=True)
+    # One write per line: root and worker share stdout, and print's separate newline write can land between the other's.
+    os.write(1, f'GOT {role} {signal.Signals(sig).name}\\n'.encode())
 for s in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
     signal.signal(s, report)
 worker = os.fork()
