@@ -51,14 +51,21 @@ class Counter:
         count = int(state.json()["count"])
         with self.lock:
             self.count = self.base = count
-        print("LOADED count=%d source=%s seq=%s" % (count, state.source, state.seq), flush=True)
+        say("LOADED count=%d source=%s seq=%s" % (count, state.source, state.seq))
 
     def final_sync(self, state):
         count = int(state.json()["count"])
         with self.lock:
             self.count += count - self.base
             self.base = count
-        print("FINAL_SYNC count=%d" % count, flush=True)
+        say("FINAL_SYNC count=%d" % count)
+
+
+def say(line):
+    """One line on stdout in one write: with PYTHONUNBUFFERED, print() writes the newline separately, and another
+    generation's line (both share Aeterna's stdout while one drains) can land between the two."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 counter = Counter()
@@ -115,7 +122,7 @@ def main():
     aeterna.drain(server, timeout=10.0)
     server.server_close()
     handed = relay.shutdown()
-    print("SHUTDOWN %d count=%d handed_over=%s" % (os.getpid(), counter.count, handed), flush=True)
+    say("SHUTDOWN %d count=%d handed_over=%s" % (os.getpid(), counter.count, handed))
 
 
 if __name__ == "__main__":
