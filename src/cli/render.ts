@@ -227,7 +227,8 @@ export function formatStatus(status: StatusReport): string {
       'checkpoint',
       `seq ${status.checkpoint.seq}, ${formatBytes(status.checkpoint.size)}, ${formatDuration(status.checkpoint.age_ms)} old`,
     ]);
-  if (status.fdstore.length > 0)
+  // With several instances each instance's line lists its own.
+  if (status.fdstore.length > 0 && (status.instances ?? []).length <= 1)
     rows.push(['fd store', `${status.fdstore.length} fd(s): ${status.fdstore.join(', ')}`]);
   rows.push(['last reload', status.last_reload === null ? 'none' : describeLastReload(status.last_reload)]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;
@@ -269,10 +270,11 @@ function describeConfigFile(file: NonNullable<StatusReport['config_file']>): str
   return `${file.path} (${what})`;
 }
 
-/** "1: pid 12, ready, 2 restarts". */
+/** "1: pid 12, ready, 2 restarts, fd store: cache, cache". */
 function describeInstance(i: InstanceInfo): string {
   const restarts = i.restarts === 1 ? '1 restart' : `${i.restarts} restarts`;
-  return `${i.instance}: ${i.pid === null ? 'no process' : `pid ${i.pid}`}, ${i.state}, ${restarts}`;
+  const stored = (i.fdstore ?? []).length > 0 ? `, fd store: ${i.fdstore.join(', ')}` : '';
+  return `${i.instance}: ${i.pid === null ? 'no process' : `pid ${i.pid}`}, ${i.state}, ${restarts}${stored}`;
 }
 
 function describeGeneration(g: {

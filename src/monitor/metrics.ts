@@ -26,6 +26,15 @@ export interface AppUsage {
 
 /** The prom-client side: created only when the endpoint is on, and after the app was spawned. */
 /** What the checkpoint gauges show: the latest checkpoint's size and age. */
+/** What the aeterna_instance* series show of one instance of the serving generation (its status entry). */
+export interface InstanceFigures {
+  instance: number;
+  pid: number | null;
+  state: string;
+  ready: boolean;
+  restarts: number;
+}
+
 export interface LatestCheckpoint {
   size: number;
   age_ms: number;
@@ -57,7 +66,7 @@ class Exported {
    */
   constructor(
     latestCheckpoint: () => LatestCheckpoint | null,
-    instances: () => Record<string, number>,
+    instances: () => readonly InstanceFigures[],
     appUsage: () => AppUsage[] = () => [],
   ) {
     // Loaded here, not at the top: prom-client takes tens of milliseconds to load, and
@@ -180,7 +189,42 @@ class Exported {
       registers,
       collect() {
         this.reset();
-        for (const [state, count] of Object.entries(instances())) this.set({ state }, count);
+        const counts = new Map<string, number>();
+        for (const i of instances()) counts.set(i.state, (counts.get(i.state) ?? 0) + 1);
+        for (const [state, count] of counts) this.set({ state }, count);
+      },
+    });
+    // Each instance of the serving generation, as pm2 lists its processes: its pid and state (an info series,
+    // always 1), whether it is ready, and how often its slot was restarted alone.
+    new prom.Gauge({
+      name: 'aeterna_instance_info',
+      help: 'Each instance of the serving generation: its pid ("" while it has no process) and state; always 1',
+      labelNames: ['instance', 'pid', 'state'] as const,
+      registers,
+      collect() {
+        this.reset();
+        for (const i of instances())
+          this.set({ instance: String(i.instance), pid: String(i.pid ?? ''), state: i.state }, 1);
+      },
+    });
+    new prom.Gauge({
+      name: 'aeterna_instance_ready',
+      help: 'Whether each instance of the serving generation is ready (1) or not (0)',
+      labelNames: ['instance'] as const,
+      registers,
+      collect() {
+        this.reset();
+        for (const i of instances()) this.set({ instance: String(i.instance) }, i.ready ? 1 : 0);
+      },
+    });
+    new prom.Counter({
+      name: 'aeterna_instance_restarts_total',
+      help: 'Restarts of each instance alone (after it exited between reloads) since Aeterna started',
+      labelNames: ['instance'] as const,
+      registers,
+      collect() {
+        this.reset();
+        for (const i of instances()) this.inc({ instance: String(i.instance) }, i.restarts);
       },
     });
     // The live generations' memory and CPU, labelled by generation: a generation's series go when it has exited.
@@ -236,7 +280,7 @@ export class Metrics {
   private exported: Exported | null = null;
   private pending: Array<(e: Exported) => void> | null = [];
   private currentState: string;
-  private instanceStates: () => Record<string, number> = () => ({});
+  private instanceStates: () => readonly InstanceFigures[] = () => [];
   /** `states`: every state of the orchestrator (each gets its series in aeterna_state), `initial` the one it starts in. */
   constructor(
     enabled: boolean,
@@ -265,8 +309,8 @@ export class Metrics {
     return e;
   }
 
-  /** Where aeterna_instances reads the serving generation's instances by state (the orchestrator's status). */
-  watchInstances(read: () => Record<string, number>): void {
+  /** Where the aeterna_instance* series read the serving generation's instances (the orchestrator's status). */
+  watchInstances(read: () => readonly InstanceFigures[]): void {
     this.instanceStates = read;
   }
 

@@ -206,11 +206,7 @@ export class Orchestrator implements ControlApi {
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     deps.notify.on('message', (m) => this.storeFds(m));
-    deps.metrics.watchInstances(() => {
-      const counts: Record<string, number> = {};
-      for (const i of this.serving ? this.instancesOf(this.serving) : []) counts[i.state] = (counts[i.state] ?? 0) + 1;
-      return counts;
-    });
+    deps.metrics.watchInstances(() => (this.serving ? this.instancesOf(this.serving) : []));
     this.notices = new AppNotices(
       deps.notify,
       deps.log,
@@ -398,11 +394,11 @@ export class Orchestrator implements ControlApi {
     const number = set.number;
     this.deps.listenerWatch.check(`spawn of generation ${number}`, true); // the new generation gets listening sockets
     this.deps.notify.grant(config.service);
-    // The fd store's fds come after the listeners, as systemd passes them.
-    const fds = [...listeners, ...this.deps.fdStore.list()];
     const started: Generation[] = [];
     try {
       for (const i of instances) {
+        // The fd store's fds (instance i's own) come after the listeners, as systemd passes them.
+        const fds = [...listeners, ...this.deps.fdStore.list(i)];
         const gen = this.deps.spawn(number, config.service, fds, this.extraEnv(number), i);
         const instance = set.size > 1 ? { instance: i } : {};
         this.deps.log.info(
@@ -457,7 +453,13 @@ export class Orchestrator implements ControlApi {
     if (m.fields.get('FDSTORE') !== '1' && m.fields.get('FDSTOREREMOVE') !== '1') return;
     const gen = this.liveGenerations().find((g) => this.deps.belongsTo(m.pid, g.pid));
     if (gen === undefined) return this.deps.fdStore.refuseStranger(m.pid);
-    this.deps.fdStore.handle(m, this.config.service.fdstoreMax, gen.number);
+    // Instance i's store goes to later processes of instance i: none beyond the instance counts still to come.
+    const count = Math.max(
+      this.instanceCount(this.config),
+      this.inFlight ? this.instanceCount(this.inFlight.config) : 0,
+    );
+    if (gen.instance >= count) return this.deps.fdStore.refuseBeyond(m.pid, gen.instance, count);
+    this.deps.fdStore.handle(m, this.config.service.fdstoreMax, gen.number, gen.instance);
   }
 
   private stopWatchdog(gen: Generation | null): void {
@@ -1316,6 +1318,12 @@ export class Orchestrator implements ControlApi {
     this.drainStop = null;
     this.config = run?.config ?? this.config;
     for (const b of this.budgets) b.update(this.config.service.restart);
+    const dropped = this.deps.fdStore.keepInstances(this.instanceCount(this.config));
+    if (dropped > 0)
+      this.deps.log.info(
+        { dropped, instances: this.instanceCount(this.config) },
+        `fd store: closed ${dropped} fd(s) stored by instances beyond service.instances ${this.instanceCount(this.config)}`,
+      );
     run?.split?.promote();
     this.releaseRetiredListeners();
     this.fire(event); // Running
@@ -1557,6 +1565,7 @@ export class Orchestrator implements ControlApi {
         ready,
         restarts: set === this.serving ? (this.instanceRestartCounts[i] ?? 0) : 0,
         started_at: g?.startedAt.toISOString() ?? null,
+        fdstore: this.deps.fdStore.names(i),
       };
     });
   }

@@ -149,6 +149,8 @@ export interface InstanceInfo {
   /** How many times this instance number was restarted alone since Aeterna started (serving generation only). */
   restarts: number;
   started_at: string | null;
+  /** The names of the fds this instance number stored (FDSTORE=1), oldest first: what its next process gets. */
+  fdstore: string[];
 }
 
 export interface StatusReport {
@@ -176,7 +178,10 @@ export interface StatusReport {
   /** Old generations of promoted reloads still draining, oldest first (none serves; each exits on its own or is killed). */
   retiring: RetiringInfo[];
   restarts: number;
-  /** The names of the fds in the fd store (FDSTORE=1), oldest first, one per fd: what LISTEN_FDNAMES gets after the listeners'. */
+  /**
+   * The names of the fds in the fd store (FDSTORE=1), oldest first, one per fd: what LISTEN_FDNAMES gets after the
+   * listeners'. With service.instances > 1, instance 0's (each of `instances` has its own).
+   */
   fdstore: string[];
   /** The latest checkpoint the app stored (state_handoff.checkpoint), or null. */
   checkpoint?: { seq: number; size: number; age_ms: number } | null;

@@ -6,6 +6,11 @@
 // processes of its generations); this module keeps the fds, enforces the limit
 // and drops a stored socket that hangs up (unless FDPOLL=0), as systemd does.
 //
+// With service.instances > 1 the store is one per instance number, as systemd's
+// is one per unit: what a process of instance i stores goes to the later
+// processes of instance i only, FDSTOREREMOVE=1 closes only instance i's, and
+// service.fdstore_max bounds each instance's.
+//
 // The store counts against Aeterna's own fds: it never keeps more than the fd
 // limit leaves after the fds Aeterna needs (fd-budget.ts), whatever
 // service.fdstore_max says. An app may send as many datagrams as it likes, so
@@ -36,6 +41,8 @@ export function validFdName(name: string): boolean {
 }
 
 interface Entry extends PassedFd {
+  /** The instance number (AETERNA_INSTANCE) whose processes get it. */
+  instance: number;
   /** Watched in the hangup set (a pollable fd stored without FDPOLL=0). */
   watched: boolean;
   /** Its inode ("dev:ino"), where the index groups by inode; null otherwise. */
@@ -107,12 +114,30 @@ class OpenFileIndex {
   }
 }
 
-export class FdStore {
+/** One instance number's stored fds. */
+class InstanceFds {
   /** Oldest first (a Set keeps insertion order and deletes in O(1)). */
+  readonly entries = new Set<Entry>();
+  readonly byName = new Map<string, Set<Entry>>();
+
+  constructor(readonly index: OpenFileIndex) {}
+}
+
+/** A stored fd as an upgrade carries it; `instance` only where it is not 0 (a handover from one instance is unchanged). */
+export interface CarriedStoredFd {
+  name: string;
+  fd: number;
+  watched: boolean;
+  instance?: number;
+}
+
+export class FdStore {
+  private readonly instances = new Map<number, InstanceFds>();
+  /** Every stored fd, oldest first, over all instances. */
   private readonly entries = new Set<Entry>();
-  private readonly byName = new Map<string, Set<Entry>>();
   private readonly byFd = new Map<number, Entry>();
-  private readonly index: OpenFileIndex;
+  /** Whether the kernel orders open files here (kcmp), for each instance's index. */
+  private readonly ordered: boolean;
   /** An epoll set of the stored sockets: it reports only their hangups and errors, and never changes their flags. */
   private readonly hangups: number;
   private readonly poller: Poller;
@@ -126,43 +151,49 @@ export class FdStore {
     private readonly log: Logger,
     /** Called with the number of stored fds whenever it changes (the aeterna_fdstore_fds gauge). */
     private readonly changed: (count: number) => void = () => undefined,
-    /** How many fds the fd limit leaves for the store (fdStoreBudget() once the daemon's servers are up). */
+    /** How many fds the fd limit leaves for the store, all instances together (fdStoreBudget()). */
     private readonly budget: number = Infinity,
   ) {
     this.throttle = new LogThrottle(log);
     this.hangups = native.hangupSetCreate();
-    this.index = new OpenFileIndex(native.openFilesOrdered(this.hangups));
+    this.ordered = native.openFilesOrdered(this.hangups);
     this.poller = new native.Poller(this.hangups, (errno) =>
       errno === 0 ? this.dropHungUp() : this.log.error({ errno }, 'fd store: poll error'),
     );
     this.poller.start(READABLE);
   }
 
-  /** The stored fds, oldest first: what a new generation gets after its listeners. */
-  list(): readonly PassedFd[] {
-    return [...this.entries].map(({ name, fd }) => ({ name, fd }));
+  /** Instance `instance`'s stored fds, oldest first: what its next process gets after its listeners. */
+  list(instance = 0): readonly PassedFd[] {
+    return [...(this.instances.get(instance)?.entries ?? [])].map(({ name, fd }) => ({ name, fd }));
   }
 
-  /** The names of the stored fds, oldest first (status). */
-  names(): string[] {
-    return [...this.entries].map((e) => e.name);
+  /** The names of instance `instance`'s stored fds, oldest first (status). */
+  names(instance = 0): string[] {
+    return [...(this.instances.get(instance)?.entries ?? [])].map((e) => e.name);
   }
 
   /** What an upgrade carries (upgrade/carried.ts): the stored fds, oldest first, with whether their hangups are watched. */
   carry(): {
     fds: Array<{ role: 'fdstore'; name: string; fd: number }>;
-    part: { fdstore: Array<{ name: string; fd: number; watched: boolean }> };
+    part: { fdstore: CarriedStoredFd[] };
   } {
-    const fdstore = [...this.entries].map(({ name, fd, watched }) => ({ name, fd, watched }));
+    const fdstore = [...this.entries].map(({ name, fd, watched, instance }) =>
+      instance === 0 ? { name, fd, watched } : { name, fd, watched, instance },
+    );
     return { fds: fdstore.map((f) => ({ role: 'fdstore', name: f.name, fd: f.fd })), part: { fdstore } };
   }
 
   /** Take over the fds a previous Aeterna stored (aeterna upgrade), in order. */
-  adopt(entries: ReadonlyArray<{ name: string; fd: number; watched: boolean }>): void {
-    for (const e of entries) this.add(e.name, e.fd, e.watched, this.index.inodeOf(e.fd));
+  adopt(entries: ReadonlyArray<CarriedStoredFd>): void {
+    for (const e of entries) {
+      const instance = this.of(e.instance ?? 0);
+      this.add(instance, e.instance ?? 0, e.name, e.fd, e.watched, instance.index.inodeOf(e.fd));
+    }
     if (entries.length > 0) this.changed(this.entries.size);
   }
 
+  /** Every stored fd, all instances together. */
   get size(): number {
     return this.entries.size;
   }
@@ -186,13 +217,19 @@ export class FdStore {
   }
 
   /**
-   * Act on a datagram's FDSTORE=1 or FDSTOREREMOVE=1 from a process allowed to use the store, with `max` the
-   * limit (service.fdstore_max). Fds it does not keep are left in the message, which closes them.
+   * Act on a datagram's FDSTORE=1 or FDSTOREREMOVE=1 from a process of instance `instanceNumber` allowed to use the
+   * store, with `max` the limit per instance (service.fdstore_max). Fds it does not keep are left in the message,
+   * which closes them.
    */
-  handle(message: NotifyMessage, max: number, generation: number): void {
+  handle(message: NotifyMessage, max: number, generation: number, instanceNumber = 0): void {
     const { fields, pid } = message;
     const named = fields.get('FDNAME');
-    const context = { generation, sender: pid, fdname: named };
+    const context = {
+      generation,
+      ...(instanceNumber > 0 ? { instance: instanceNumber } : {}),
+      sender: pid,
+      fdname: named,
+    };
     if (fields.get('FDSTOREREMOVE') === '1') {
       if (named === undefined)
         return this.throttle.warn(
@@ -200,7 +237,7 @@ export class FdStore {
           context,
           'fd store: FDSTOREREMOVE=1 without FDNAME=: nothing removed',
         );
-      const removed = this.remove(named);
+      const removed = this.remove(named, instanceNumber);
       if (removed === 0)
         this.throttle.info(
           'fdstore-remove-unknown',
@@ -251,25 +288,28 @@ export class FdStore {
         name = DEFAULT_FDNAME;
       }
       const limit = this.limit(max);
+      const instance = this.of(instanceNumber);
       const poll = fields.get('FDPOLL') !== '0';
       let stored = 0;
       let already = 0;
-      // As systemd: a full store refuses before comparing (so a flood at the limit costs no syscall per fd).
-      while (fds.length > 0 && this.entries.size < limit) {
+      // As systemd: a full store refuses before comparing (so a flood at the limit costs no syscall per fd). Each
+      // instance may keep service.fdstore_max; all instances together stay within the fd budget.
+      while (fds.length > 0 && instance.entries.size < limit && this.entries.size < this.budget) {
         const fd = fds.shift()!;
-        const inode = this.index.inodeOf(fd);
-        if (this.index.find(fd, inode) !== undefined) {
+        const inode = instance.index.inodeOf(fd);
+        if (instance.index.find(fd, inode) !== undefined) {
           already++; // the same open file description again (the app re-stores what it was passed): kept once
           native.close(fd);
           continue;
         }
-        this.add(name, fd, poll, inode);
+        this.add(instance, instanceNumber, name, fd, poll, inode);
         stored++;
       }
       if (fds.length > 0) {
         const why =
-          limit < max
-            ? `the fd limit leaves room for ${limit} stored fd(s) (service.fdstore_max ${max}, RLIMIT_NOFILE ${this.rlimit})`
+          this.entries.size >= this.budget
+            ? `the fd limit leaves room for ${this.budget} stored fd(s)${this.instances.size > 1 ? ', all instances together' : ''} ` +
+              `(service.fdstore_max ${max}, RLIMIT_NOFILE ${this.rlimit})`
             : `the store is full (service.fdstore_max ${max})`;
         this.throttle.warn(
           'fdstore-full',
@@ -299,14 +339,35 @@ export class FdStore {
     );
   }
 
-  /** Close every stored fd named `name`; returns how many. */
-  remove(name: string): number {
-    const named = this.byName.get(name);
+  /**
+   * FDSTORE=1 from a retiring process of instance `instance`, which a promoted reload left out (service.instances
+   * is now `count`): no later process would get its fds, so they are closed with the message.
+   */
+  refuseBeyond(pid: number, instance: number, count: number): void {
+    this.throttle.warn(
+      'fdstore-beyond',
+      { sender: pid, instance },
+      `fd store: ignored FDSTORE/FDSTOREREMOVE from pid ${pid} of instance ${instance}: service.instances is now ${count}, ` +
+        'so no later process of that instance gets stored fds; its fds were closed',
+    );
+  }
+
+  /** Close every fd instance `instance` stored under `name`; returns how many. */
+  remove(name: string, instance = 0): number {
+    const named = this.instances.get(instance)?.byName.get(name);
     if (named === undefined) return 0;
     const removed = named.size;
     for (const entry of [...named]) this.release(entry);
     this.changed(this.entries.size);
     return removed;
+  }
+
+  /** At a promotion to `count` instances: close what instances `count` and up stored (nothing would get it again). */
+  keepInstances(count: number): number {
+    const beyond = [...this.entries].filter((e) => e.instance >= count);
+    for (const entry of beyond) this.release(entry);
+    if (beyond.length > 0) this.changed(this.entries.size);
+    return beyond.length;
   }
 
   close(): void {
@@ -316,7 +377,24 @@ export class FdStore {
     native.close(this.hangups);
   }
 
-  private add(name: string, fd: number, poll: boolean, inode: string | null): void {
+  /** Instance `number`'s fds, made on first use. */
+  private of(number: number): InstanceFds {
+    let instance = this.instances.get(number);
+    if (instance === undefined) {
+      instance = new InstanceFds(new OpenFileIndex(this.ordered));
+      this.instances.set(number, instance);
+    }
+    return instance;
+  }
+
+  private add(
+    instance: InstanceFds,
+    instanceNumber: number,
+    name: string,
+    fd: number,
+    poll: boolean,
+    inode: string | null,
+  ): void {
     let watched = false;
     if (poll) {
       try {
@@ -326,23 +404,27 @@ export class FdStore {
         // Not pollable (a memfd, a regular file): it cannot hang up.
       }
     }
-    const entry: Entry = { name, fd, watched, inode };
+    const entry: Entry = { name, fd, watched, inode, instance: instanceNumber };
     this.entries.add(entry);
+    instance.entries.add(entry);
     this.byFd.set(fd, entry);
-    const named = this.byName.get(name);
+    const named = instance.byName.get(name);
     if (named) named.add(entry);
-    else this.byName.set(name, new Set([entry]));
-    this.index.add(entry);
+    else instance.byName.set(name, new Set([entry]));
+    instance.index.add(entry);
   }
 
   /** Forget `entry` and close its fd. */
   private release(entry: Entry): void {
-    this.index.delete(entry); // while its fd is open: the ordered index compares with it
+    const instance = this.instances.get(entry.instance)!;
+    instance.index.delete(entry); // while its fd is open: the ordered index compares with it
+    instance.entries.delete(entry);
     this.entries.delete(entry);
     this.byFd.delete(entry.fd);
-    const named = this.byName.get(entry.name)!;
+    const named = instance.byName.get(entry.name)!;
     named.delete(entry);
-    if (named.size === 0) this.byName.delete(entry.name);
+    if (named.size === 0) instance.byName.delete(entry.name);
+    if (instance.entries.size === 0) this.instances.delete(entry.instance);
     if (entry.watched) native.hangupSetRemove(this.hangups, entry.fd); // before close: the app may hold the same socket
     native.close(entry.fd);
   }

@@ -8,6 +8,7 @@ import { native } from '../native/binding';
 import { AeternaError } from '../errors';
 import type { Listener } from '../resources/listeners';
 import type { SocketFile } from '../resources/socket-file';
+import type { CarriedStoredFd } from '../resources/fd-store';
 import type { CarriedCounters, CarriedGeneration } from '../orchestrator/types';
 import type { Config } from '../config/types';
 import type { CarriedCheckpoint, CarriedRelayConnection, CarryReason } from '../srp/carry';
@@ -68,8 +69,8 @@ export interface Handover {
   control: SocketFile;
   relay: SocketFile | null;
   notify: string;
-  /** The fd store, oldest first: name, and whether its hangups are watched. */
-  fdstore: Array<{ name: string; fd: number; watched: boolean }>;
+  /** The fd store, oldest first: name, whether its hangups are watched, and the instance (absent: 0). */
+  fdstore: CarriedStoredFd[];
   generations: HandedGeneration[];
   /** Aeterna's own cgroup directory (the generations' cgroups are below it); absent or null without cgroups. */
   cgroups?: string | null;

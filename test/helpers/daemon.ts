@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CLI, ROOT, freePort, runAeterna, tempDir, type AeternaRun } from './aeterna';
+import { CLI, ROOT, descendantsOf, freePort, runAeterna, tempDir, type AeternaRun } from './aeterna';
 import { call } from '../../src/control/client';
 import type { StatusReport } from '../../src/orchestrator/types';
 import type { LoadStats } from './load';
@@ -134,6 +134,21 @@ export class Daemon {
   }
 
   /** Wait until no old generation retires any more (a reload answers at promotion; the old one drains on). */
+  /** The host pid of an app process whose pid in Aeterna's PID namespace is `nsPid` (/proc/<pid>/status NSpid). */
+  async hostPid(nsPid: number): Promise<number> {
+    for (const pid of descendantsOf(await this.run.aeternaPid())) {
+      let status: string;
+      try {
+        status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+      } catch {
+        continue; // exited meanwhile
+      }
+      const ns = /^NSpid:\s+(.*)$/m.exec(status)?.[1].trim().split(/\s+/);
+      if (ns !== undefined && Number(ns[ns.length - 1]) === nsPid) return pid;
+    }
+    throw new Error(`no app process with pid ${nsPid} in Aeterna's namespace`);
+  }
+
   async untilRetired(timeoutMs = 60000): Promise<void> {
     await this.waitStatus((s) => ((s as { retiring?: unknown[] }).retiring ?? []).length === 0, timeoutMs);
   }

@@ -233,6 +233,7 @@ function harness(config: Config, opts: { relay?: boolean; logs?: boolean } = {})
       names: () => [],
       refuseStranger: (pid: number) => fdStore.refused.push(pid),
       handle: (_m: unknown, _max: number, generation: number) => fdStore.handled.push(generation),
+      keepInstances: () => 0,
     } as unknown as FdStore,
     loadConfig: () => h.next,
     relay,

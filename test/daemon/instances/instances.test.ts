@@ -211,7 +211,7 @@ describe(
       const { d, port } = await started();
       const before = await statusOf(d);
       const victim = await byInstance(port, 3, () => true);
-      process.kill(await hostPid(d, victim[1].pid), 'SIGKILL');
+      process.kill(await d.hostPid(victim[1].pid), 'SIGKILL');
       const after = await d.waitStatus(
         (s) => allReady(s) && (s as StatusReport).instances![1].pid !== before.instances![1].pid,
         60000,
@@ -244,7 +244,7 @@ describe(
       const stored = await requestJson<{ seq?: number; instance: number; origin: string }>(port, 'POST', '/checkpoint');
       assert.ok(stored.seq !== undefined, JSON.stringify(stored));
       const victim = replies.find((r) => r.instance !== stored.instance)!;
-      process.kill(await hostPid(d, victim.pid), 'SIGKILL');
+      process.kill(await d.hostPid(victim.pid), 'SIGKILL');
       const fresh = await byInstance(port, 3, (r) => r.instance !== victim.instance || r.pid !== victim.pid);
       const restarted = fresh[victim.instance];
       assert.equal(restarted.source, 'checkpoint');
@@ -333,7 +333,7 @@ describe(
       const before = await statusOf(d);
       const done = reload(d);
       await d.waitStatus((s) => s.state === 'Soaking', 60000);
-      process.kill(await hostPid(d, before.instances![1].pid!), 'SIGKILL');
+      process.kill(await d.hostPid(before.instances![1].pid!), 'SIGKILL');
       await d.run.waitFor(/instance 1 exited during the reload/, 60000);
       assert.equal((await statusOf(d)).state, 'Soaking', 'the soak goes on with the two others');
       assert.equal((await d.cli('rollback')).code, 0);
@@ -401,7 +401,7 @@ describe(
       assert.equal(await sample('ready'), 3);
       assert.equal((await getText(metricsPort, '/readyz')).status, 200);
       const before = await statusOf(d);
-      process.kill(await hostPid(d, before.instances![2].pid!), 'SIGKILL');
+      process.kill(await d.hostPid(before.instances![2].pid!), 'SIGKILL');
       await d.waitStatus(
         (s) => (s as StatusReport).instances![2].pid !== before.instances![2].pid && allReady(s),
         60000,
@@ -424,7 +424,7 @@ describe(
       )) as StatusReport;
       assert.deepEqual(pidsOf(after), pidsOf(before), 'the same three processes, taken over');
       assert.equal(after.generation, before.generation);
-      process.kill(await hostPid(d, after.instances![0].pid!), 'SIGKILL');
+      process.kill(await d.hostPid(after.instances![0].pid!), 'SIGKILL');
       const restarted = (await d.waitStatus(
         (s) => allReady(s) && (s as StatusReport).instances![0].pid !== after.instances![0].pid,
         60000,
@@ -482,15 +482,3 @@ describe(
     );
   },
 );
-
-/** The host pid of an app process whose pid in Aeterna's namespace is `nsPid` (/proc/<pid>/status NSpid). */
-async function hostPid(d: Daemon, nsPid: number): Promise<number> {
-  const { descendantsOf } = await import('../../helpers/aeterna');
-  const fs = await import('node:fs');
-  for (const pid of descendantsOf(await d.run.aeternaPid())) {
-    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-    const ns = /^NSpid:\s+(.*)$/m.exec(status)?.[1].trim().split(/\s+/);
-    if (ns !== undefined && Number(ns[ns.length - 1]) === nsPid) return pid;
-  }
-  throw new Error(`no app process with pid ${nsPid} in Aeterna's namespace`);
-}

@@ -61,23 +61,6 @@ async function report(d: Daemon, n: number): Promise<GenReport> {
   return JSON.parse(m[1]) as GenReport;
 }
 
-/** The host pid of a process Aeterna (PID 1 of its namespace) started, from its pid inside the namespace. */
-async function hostPid(d: Daemon, nsPid: number): Promise<number> {
-  const aeterna = await d.run.aeternaPid();
-  for (const entry of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      const status = fs.readFileSync(`/proc/${entry}/status`, 'utf8');
-      const ns = /^NSpid:\s+(.*)$/m.exec(status)?.[1].split(/\s+/);
-      const ppid = Number(/^PPid:\s+(\d+)$/m.exec(status)?.[1]);
-      if (ppid === aeterna && ns !== undefined && Number(ns[ns.length - 1]) === nsPid) return Number(entry);
-    } catch {
-      // gone meanwhile
-    }
-  }
-  throw new Error(`no child of Aeterna has pid ${nsPid} in its namespace`);
-}
-
 async function aeternaFds(d: Daemon): Promise<number> {
   return fdCountAtRest(await d.run.aeternaPid());
 }
@@ -107,7 +90,7 @@ describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000
     assert.deepEqual((await statusOf(d)).fdstore, ['sessions']);
     assert.equal(metricSample((await getText(metricsPort, '/metrics')).body, 'aeterna_fdstore_fds'), 1);
 
-    process.kill(await hostPid(d, first.pid), 'SIGKILL');
+    process.kill(await d.hostPid(first.pid), 'SIGKILL');
     await d.waitStatus((s) => s.state === 'Running' && s.generation === 2);
     const second = await report(d, 2);
     assert.equal(second.listen_fds, 2);
@@ -134,7 +117,7 @@ describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000
     await waitLogged(d, /fd store: removed 2 fd\(s\) named "a"/);
     assert.deepEqual((await statusOf(d)).fdstore, ['b']);
     assert.equal(metricSample((await getText(metricsPort, '/metrics')).body, 'aeterna_fdstore_fds'), 1);
-    process.kill(await hostPid(d, (await report(d, 1)).pid), 'SIGKILL');
+    process.kill(await d.hostPid((await report(d, 1)).pid), 'SIGKILL');
     const second = await report(d, 2);
     assert.equal(second.listen_fdnames, 'http:b');
     assert.deepEqual(second.fds, { b: 'second' });
@@ -186,7 +169,7 @@ describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000
     await waitLogged(d, /dropped a stored fd named "watched": its peer hung up/);
     assert.deepEqual((await statusOf(d)).fdstore, ['kept']);
     assert.equal(metricSample((await getText(metricsPort, '/metrics')).body, 'aeterna_fdstore_fds'), 1);
-    process.kill(await hostPid(d, (await report(d, 1)).pid), 'SIGKILL');
+    process.kill(await d.hostPid((await report(d, 1)).pid), 'SIGKILL');
     const second = await report(d, 2);
     assert.equal(second.listen_fdnames, 'http:kept');
     assert.deepEqual(second.fds, { kept: 'socket' });
