@@ -68,7 +68,13 @@ async function statusWhen(d: Daemon, predicate: (s: StatusReport) => boolean): P
   for (const deadline = Date.now() + 60000; ;) {
     const s = await statusOf(d).catch(() => null);
     if (s !== null && predicate(s)) return s;
-    if (Date.now() > deadline) throw new Error(`status condition not met in time: ${JSON.stringify(s?.instances)}\n${d.run.stderr.split("\n").filter((l) => l.includes("fd store")).join("\n")}`);
+    if (Date.now() > deadline)
+      throw new Error(
+        `status condition not met in time: ${JSON.stringify(s?.instances)}\n${d.run.stderr
+          .split('\n')
+          .filter((l) => l.includes('fd store'))
+          .join('\n')}`,
+      );
     await new Promise((res) => setTimeout(res, 100));
   }
 }
