@@ -269,10 +269,12 @@ function describeConfigFile(file: NonNullable<StatusReport['config_file']>): str
   return `${file.path} (${what})`;
 }
 
-/** "1: pid 12, ready, 2 restarts". */
+/** "1: pid 12, ready, 2 restarts, checkpoint 4 (1.2 KiB, 3s old)". */
 function describeInstance(i: InstanceInfo): string {
   const restarts = i.restarts === 1 ? '1 restart' : `${i.restarts} restarts`;
-  return `${i.instance}: ${i.pid === null ? 'no process' : `pid ${i.pid}`}, ${i.state}, ${restarts}`;
+  const c = i.checkpoint;
+  const checkpoint = c ? `, checkpoint ${c.seq} (${formatBytes(c.size)}, ${formatDuration(c.age_ms)} old)` : '';
+  return `${i.instance}: ${i.pid === null ? 'no process' : `pid ${i.pid}`}, ${i.state}, ${restarts}${checkpoint}`;
 }
 
 function describeGeneration(g: {

@@ -149,6 +149,8 @@ export interface InstanceInfo {
   /** How many times this instance number was restarted alone since Aeterna started (serving generation only). */
   restarts: number;
   started_at: string | null;
+  /** service.instances > 1, serving generation: this instance number's latest checkpoint, or null (absent otherwise). */
+  checkpoint?: { seq: number; size: number; age_ms: number } | null;
 }
 
 export interface StatusReport {
@@ -178,7 +180,7 @@ export interface StatusReport {
   restarts: number;
   /** The names of the fds in the fd store (FDSTORE=1), oldest first, one per fd: what LISTEN_FDNAMES gets after the listeners'. */
   fdstore: string[];
-  /** The latest checkpoint the app stored (state_handoff.checkpoint), or null. */
+  /** The latest checkpoint the app stored (state_handoff.checkpoint; with service.instances > 1, any instance's), or null. */
   checkpoint?: { seq: number; size: number; age_ms: number } | null;
   /** orchestration.canary: the percentage of new connections the candidate receives now; null without a weighted split. */
   canary_weight: number | null;
