@@ -5,15 +5,30 @@
 // handover's `checkpoint`); instance i > 0 writes `<path>.<i>`. Each store holds
 // what one does (its latest memfd, the one being written, the one being
 // received), so the total is bounded by service.instances x max_size.
+import nodePath from 'node:path';
 import type { CheckpointConfig } from '../config/types';
 import { AeternaError } from '../errors';
 import type { Logger } from '../log';
+import { isTempOf } from './checkpoint-file';
 import { closeQuietly } from './codec';
 import { CheckpointStore, type CarriedCheckpoint, type Checkpoint } from './checkpoint-store';
 
 /** The durable file of instance `instance`'s checkpoints: `path` itself for instance 0, `<path>.<instance>` beyond. */
 export function instanceCheckpointPath(path: string, instance: number): string {
   return instance === 0 ? path : `${path}.${instance}`;
+}
+
+/**
+ * Whether `file` is the checkpoint file of an instance beyond 0 of `path` (`<path>.<i>`), or one of its temporary
+ * files: Aeterna's own, which orchestration.watch never reloads for.
+ */
+export function isInstanceCheckpointFile(path: string, file: string): boolean {
+  if (nodePath.dirname(file) !== nodePath.dirname(path)) return false;
+  const base = nodePath.basename(path);
+  const name = nodePath.basename(file);
+  if (name.startsWith(`${base}.`)) return /^[1-9]\d*$/.test(name.slice(base.length + 1));
+  const temp = /^([1-9]\d*)\.\d+\.\d+\.tmp$/.exec(name.startsWith(`.${base}.`) ? name.slice(base.length + 2) : '');
+  return temp !== null && isTempOf(instanceCheckpointPath(path, Number(temp[1])), name);
 }
 
 export class InstanceCheckpoints {
