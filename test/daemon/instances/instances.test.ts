@@ -237,13 +237,13 @@ describe(
       assert.equal(await d.stop(), 0);
     });
 
-    it('an instance restarted alone loads the latest checkpoint', async () => {
+    it('an instance restarted alone loads its own latest checkpoint', async () => {
       const { d, port } = await started({ checkpoint: true });
       const replies = await byInstance(port, 3, () => true);
-      // Checkpoint from whichever instance answers: the store keeps one, the latest.
+      // Checkpoint from whichever instance answers: that instance's (checkpoints.test.ts covers the others').
       const stored = await requestJson<{ seq?: number; instance: number; origin: string }>(port, 'POST', '/checkpoint');
       assert.ok(stored.seq !== undefined, JSON.stringify(stored));
-      const victim = replies.find((r) => r.instance !== stored.instance)!;
+      const victim = replies.find((r) => r.instance === stored.instance)!;
       process.kill(await hostPid(d, victim.pid), 'SIGKILL');
       const fresh = await byInstance(port, 3, (r) => r.instance !== victim.instance || r.pid !== victim.pid);
       const restarted = fresh[victim.instance];
