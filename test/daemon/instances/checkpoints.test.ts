@@ -25,6 +25,10 @@ interface Options {
   instances: number;
   /** state_handoff.checkpoint.path (durable checkpoints), relative to the daemon's directory. */
   file?: string;
+  /** The app's environment (see instances_app.js). */
+  env?: string[];
+  /** state_handoff.on_dump_failure: checkpoint. */
+  fallBackToCheckpoint?: boolean;
 }
 
 function configure(d: Daemon, port: number, o: Options): void {
@@ -35,8 +39,11 @@ function configure(d: Daemon, port: number, o: Options): void {
     readiness: '{ mode: "notify", timeout: "60s" }',
     stopTimeout: '10s',
     restart: '{ policy: "always", max_restarts: 5, window: "60s" }',
+    env: o.env ?? [],
     extraService: `  instances: ${o.instances}\n`,
-    handoff: `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s", checkpoint: { enabled: true${file} } }`,
+    handoff:
+      `{ enabled: true, socket_path: "${d.dir}/state.sock", timeout: "30s", ` +
+      `${o.fallBackToCheckpoint ? 'on_dump_failure: "checkpoint", ' : ''}checkpoint: { enabled: true${file} } }`,
   });
 }
 
@@ -181,6 +188,22 @@ describe(
         ],
         'the checkpoint of instance 2 was kept while it did not run, and only instance 2 gets it',
       );
+      await d.untilRetired();
+      assert.equal(await d.stop(), 0);
+    });
+
+    it("on_dump_failure checkpoint: when the old instances refuse their dump, new instance i loads instance i's checkpoint", async () => {
+      const { d, port } = await started({ instances: 3, env: ['REFUSE_DUMP=1'], fallBackToCheckpoint: true });
+      await checkpointEach(port, [0, 1, 2]);
+      const record = await reload(d);
+      assert.equal(record.outcome, 'promoted', JSON.stringify(record));
+      await d.waitStatus(allReady, 60000);
+      const replies = await byInstance(port, [0, 1, 2], (r) => r.generation === '2');
+      assert.deepEqual(replies.map(describeState), [
+        [0, 'g1-i0', 'checkpoint'],
+        [1, 'g1-i1', 'checkpoint'],
+        [2, 'g1-i2', 'checkpoint'],
+      ]);
       await d.untilRetired();
       assert.equal(await d.stop(), 0);
     });
