@@ -1,7 +1,8 @@
 // Checkpoints per instance (service.instances), end to end: Aeterna as PID 1 running a real Node app as several
 // instances, each storing its own state ("g<generation>-i<instance>") as a checkpoint. Each test asserts which
 // instance gets which checkpoint back: restarted alone after SIGKILL, started beyond the old count by a reload,
-// after a restart of Aeterna (durable files, one per instance) and after `aeterna upgrade` (memfds handed over).
+// given by on_dump_failure: checkpoint, after a restart of Aeterna (durable files, one per instance), and after
+// `aeterna upgrade` and a recovery from Aeterna's crash (memfds handed over).
 // The last checkpoint stored is always instance 0's, so that one instance given another's would show.
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -244,6 +245,21 @@ describe(
         [0, 1, 2].map((i) => stored.get(i)!.seq),
         'the new Aeterna holds every instance checkpoint',
       );
+      assert.equal(await d.stop(), 0);
+    });
+
+    it("Aeterna crashing (SIGSEGV) recovers with each instance's checkpoint: instance 1 killed afterwards loads instance 1's", async () => {
+      const { d, port } = await started({ instances: 3 });
+      await checkpointEach(port, [0, 1, 2]);
+      await d.run.signal('SIGSEGV');
+      const s = (await d.waitStatus(
+        (r) => ((r as StatusReport).reexecs ?? 0) === 1 && allReady(r),
+        60000,
+      )) as StatusReport;
+      const killed = s.instances![1].pid;
+      await killInstance(d, 1);
+      const [restarted] = await byInstance(port, [1], (r) => r.pid !== killed);
+      assert.deepEqual(describeState(restarted), [1, 'g1-i1', 'checkpoint']);
       assert.equal(await d.stop(), 0);
     });
   },
