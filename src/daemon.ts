@@ -319,7 +319,7 @@ export class Daemon {
     const relay = this.sockets.relay;
     if (relay) relay.adoptConnections(entries, serving);
     else entries.forEach((e) => native.close(e.fd));
-    if (!relay && h.checkpoint) native.close(h.checkpoint.fd);
+    if (!relay) for (const c of [h.checkpoint, ...(h.instance_checkpoints ?? [])]) if (c) native.close(c.fd);
     if (entries.length > 0)
       this.log.info(
         { generations: entries.map((e) => e.generation), relay: relay !== null },

@@ -95,10 +95,15 @@ export class OwnSockets {
     const handoff = config.orchestration.stateHandoff;
     if (!handoff.enabled) return;
     const identity = resolveIdentity(config.service.user, config.service.group);
+    // Each instance's checkpoint: instance 0's is `checkpoint`, the others' `instance_checkpoints`.
+    const instances = config.service.instances ?? 1;
+    const checkpoints = [handover?.checkpoint ?? null, ...(handover?.instance_checkpoints ?? [])].filter(
+      (c) => c !== null,
+    );
     this.relay =
       handover?.relay && adoptFd !== undefined
-        ? SrpCoordinator.adopt(handoff, handover.relay, adoptFd, log, handover.checkpoint ?? null)
-        : openStateRelay(handoff, identity, log);
+        ? SrpCoordinator.adopt(handoff, handover.relay, adoptFd, log, checkpoints, instances)
+        : openStateRelay(handoff, identity, log, instances);
     this.relay.on('checkpoint', (result) => metrics.checkpointed(result));
     log.info({ socket: handoff.socketPath }, 'state relay ready');
   }

@@ -60,9 +60,10 @@ export function openStateRelay(
   handoff: Config['orchestration']['stateHandoff'],
   identity: ReturnType<typeof resolveIdentity>,
   log: Logger,
+  instances = 1,
 ): SrpCoordinator {
   try {
-    return SrpCoordinator.open(handoff, identity, log);
+    return SrpCoordinator.open(handoff, identity, log, instances);
   } catch (err) {
     if (err instanceof AeternaError) throw err;
     throw new AeternaError(

@@ -270,11 +270,13 @@ function describeConfigFile(file: NonNullable<StatusReport['config_file']>): str
   return `${file.path} (${what})`;
 }
 
-/** "1: pid 12, ready, 2 restarts, fd store: cache, cache". */
+/** "1: pid 12, ready, 2 restarts, checkpoint 4 (1.2 KiB, 3s old), fd store: cache". */
 function describeInstance(i: InstanceInfo): string {
   const restarts = i.restarts === 1 ? '1 restart' : `${i.restarts} restarts`;
+  const c = i.checkpoint;
+  const checkpoint = c ? `, checkpoint ${c.seq} (${formatBytes(c.size)}, ${formatDuration(c.age_ms)} old)` : '';
   const stored = (i.fdstore ?? []).length > 0 ? `, fd store: ${i.fdstore.join(', ')}` : '';
-  return `${i.instance}: ${i.pid === null ? 'no process' : `pid ${i.pid}`}, ${i.state}, ${restarts}${stored}`;
+  return `${i.instance}: ${i.pid === null ? 'no process' : `pid ${i.pid}`}, ${i.state}, ${restarts}${checkpoint}${stored}`;
 }
 
 function describeGeneration(g: {

@@ -649,7 +649,7 @@ export class Orchestrator implements ControlApi {
 
   /**
    * Start instance `instance` of `set` again, alone, in its slot (the generation's number, AETERNA_INSTANCE
-   * `instance`): attached 'fresh', it is offered the latest checkpoint. Nothing when `set` no longer serves.
+   * `instance`): attached 'fresh', it is offered its instance's latest checkpoint. Nothing when `set` no longer serves.
    */
   private restartInstance(set: InstanceSet, instance: number, why = 'restarted'): void {
     this.instanceRestarts.delete(instance);
@@ -959,7 +959,8 @@ export class Orchestrator implements ControlApi {
   /**
    * 5. Relay the old generation's state to the new one (nothing to do without the relay): old instance i to new
    * instance i. A new instance with no old one of its number (service.instances grew) was offered the latest
-   * checkpoint when it was attached ('fresh'); an old one with no new one of its number (it shrank) gives nothing.
+   * checkpoint of its instance number when it was attached ('fresh'); an old one with no new one of its number
+   * (it shrank) gives nothing (its checkpoint is kept).
    */
   private relayState(run: ReloadRun, started: Generation[]): void {
     const relay = this.deps.relay;
@@ -1042,15 +1043,17 @@ export class Orchestrator implements ControlApi {
       (err: Error) => {
         const fallBack =
           err instanceof DumpFailed && run.config.orchestration.stateHandoff.onDumpFailure === 'checkpoint';
-        if (fallBack && relay.lastCheckpoint() && this.stillCurrent(run, 'Handover'))
+        if (fallBack && relay.lastCheckpoint(next.instance) && this.stillCurrent(run, 'Handover'))
           return this.relayCheckpoint(run, old, next, err.message);
-        const none = fallBack ? '; no checkpoint is stored to go on with (on_dump_failure: checkpoint)' : '';
+        const none = fallBack
+          ? `; no checkpoint${set.size > 1 ? ` of instance ${next.instance}` : ''} is stored to go on with (on_dump_failure: checkpoint)`
+          : '';
         throw new Error(`state relay failed: ${which}${err.message}${none}`);
       },
     );
   }
 
-  /** 5b. on_dump_failure: checkpoint: the old instance could not dump, so the new one loads the latest checkpoint. */
+  /** 5b. on_dump_failure: checkpoint: the old instance could not dump, so the new one loads its instance's latest checkpoint. */
   private relayCheckpoint(
     run: ReloadRun,
     old: Generation,
@@ -1058,7 +1061,7 @@ export class Orchestrator implements ControlApi {
     why: string,
   ): Promise<{ bytes: number; from: string }> {
     const relay = this.deps.relay!;
-    const c = relay.lastCheckpoint()!;
+    const c = relay.lastCheckpoint(next.instance)!;
     const what = `checkpoint ${c.seq} (${c.size} bytes, ${formatDuration(c.age_ms)} old)`;
     const name = this.nameOf(old, this.serving);
     this.deps.log.warn(
@@ -1566,6 +1569,8 @@ export class Orchestrator implements ControlApi {
         restarts: set === this.serving ? (this.instanceRestartCounts[i] ?? 0) : 0,
         started_at: g?.startedAt.toISOString() ?? null,
         fdstore: this.deps.fdStore.names(i),
+        // Checkpoints are per instance number: the serving set's entries show them (one instance: `checkpoint` does).
+        ...(set === this.serving && set.size > 1 ? { checkpoint: this.deps.relay?.lastCheckpoint(i) ?? null } : {}),
       };
     });
   }

@@ -12,7 +12,7 @@ export interface RelayProgress {
   total: number;
 }
 
-/** The latest checkpoint, for status (docs/srp.md, "Checkpoints"). */
+/** A checkpoint Aeterna holds, for status (docs/srp.md, "Checkpoints"). */
 export interface CheckpointSummary {
   seq: number;
   size: number;
@@ -38,7 +38,7 @@ export interface StateRelay extends ReadinessSource {
    * A generation was spawned: its processes may connect. A `candidate` (a
    * reload's new generation) waits for the old state; a `fresh` one (first
    * start, restart) is told at once that there is none (or given the latest
-   * checkpoint); a `stateless` one (a reload whose config turned
+   * checkpoint of its instance, gen.instance); a `stateless` one (a reload whose config turned
    * state_handoff.enabled off) gets an empty load: no state of any kind.
    */
   attach(gen: Generation, role: RelayRole): void;
@@ -47,8 +47,11 @@ export interface StateRelay extends ReadinessSource {
    * it was offered and could not load is set aside after a few tries (docs/srp.md, "Checkpoints").
    */
   startOutcome(gen: Generation, ready: boolean): void;
-  /** The latest stored checkpoint, or null. */
-  lastCheckpoint(): CheckpointSummary | null;
+  /**
+   * Instance `instance`'s latest checkpoint (service.instances), or without `instance` the most recently stored
+   * of any instance's; null when there is none.
+   */
+  lastCheckpoint(instance?: number): CheckpointSummary | null;
   /** The generation is being stopped with no one to hand its state to: close its connection. */
   release(gen: Generation): void;
   /**
@@ -66,8 +69,8 @@ export interface StateRelay extends ReadinessSource {
     timeoutMs: number,
   ): Promise<{ bytes: number }>;
   /**
-   * After a relay failed with DumpFailed: give `next` the latest checkpoint as its load instead; resolves once
-   * `next` acknowledged it. Rejects when there is none, or on any failure (as relay does).
+   * After a relay failed with DumpFailed: give `next` the latest checkpoint of its instance as its load instead;
+   * resolves once `next` acknowledged it. Rejects when there is none, or on any failure (as relay does).
    */
   restoreCheckpoint(next: Generation, signal: AbortSignal, timeoutMs: number): Promise<{ bytes: number }>;
   /**

@@ -151,6 +151,8 @@ export interface InstanceInfo {
   started_at: string | null;
   /** The names of the fds this instance number stored (FDSTORE=1), oldest first: what its next process gets. */
   fdstore: string[];
+  /** service.instances > 1, serving generation: this instance number's latest checkpoint, or null (absent otherwise). */
+  checkpoint?: { seq: number; size: number; age_ms: number } | null;
 }
 
 export interface StatusReport {
@@ -183,7 +185,7 @@ export interface StatusReport {
    * listeners'. With service.instances > 1, instance 0's (each of `instances` has its own).
    */
   fdstore: string[];
-  /** The latest checkpoint the app stored (state_handoff.checkpoint), or null. */
+  /** The latest checkpoint the app stored (state_handoff.checkpoint; with service.instances > 1, any instance's), or null. */
   checkpoint?: { seq: number; size: number; age_ms: number } | null;
   /** orchestration.canary: the percentage of new connections the candidate receives now; null without a weighted split. */
   canary_weight: number | null;

@@ -1,11 +1,12 @@
 // What an upgrade (or a recovery) carries of the relay across Aeterna's exec:
-// the idle relay connections, with what their hellos said, and the latest
-// checkpoint's memfd. The next Aeterna speaks on those connections as if
+// the idle relay connections, with what their hellos said, and each
+// instance's latest checkpoint memfd. The next Aeterna speaks on those connections as if
 // nothing happened; a connection busy with anything is not carried.
 import type { Logger } from '../log';
 import type { Generation } from '../supervisor/generation';
 import { closeQuietly } from './codec';
-import type { CarriedCheckpoint, CheckpointStore } from './checkpoint-store';
+import type { InstanceCheckpoints } from './checkpoint-instances';
+import type { CarriedCheckpoint } from './checkpoint-store';
 import { SrpConnection } from './connection';
 import { RELAY_HIGH_WATER_MARK, busyWith, helloFlags, newSession, type Session, type Sessions } from './session';
 
@@ -33,14 +34,14 @@ export interface CarriedRelayConnection {
 
 export type { CarriedCheckpoint } from './checkpoint-store';
 
-/** The relay's share of what an upgrade carries: its connections and checkpoint (the daemon's carrier, upgrade/carrier.ts, merges it with the others'). */
+/** The relay's share of what an upgrade carries: its connections and checkpoints (the daemon's carrier, upgrade/carrier.ts, merges it with the others'). */
 export class RelayCarrier {
   /** An upgrade is about to exec: nothing is accepted or read (frames wait in the kernel for the next Aeterna). */
   frozen = false;
 
   constructor(
     private readonly sessions: Sessions,
-    private readonly checkpoints: CheckpointStore,
+    private readonly checkpoints: InstanceCheckpoints,
     private readonly maxFrame: number,
     private readonly log: Logger,
     private readonly listen: (s: Session) => void,
@@ -106,8 +107,8 @@ export class RelayCarrier {
     }));
   }
 
-  /** The latest checkpoint's memfd for the next Aeterna, or null. */
-  carryCheckpoint(): CarriedCheckpoint | null {
+  /** Each instance's latest checkpoint memfd for the next Aeterna, by instance number. */
+  carryCheckpoints(): CarriedCheckpoint[] {
     return this.checkpoints.carry();
   }
 

@@ -1,11 +1,12 @@
 // Checkpoints coming in (docs/srp.md, "Checkpoints"): the app stores its latest
 // state in Aeterna at any time, as a memfd or streamed into one (nothing is
-// buffered here). Each is answered with `checkpointed`, in order, once durable;
+// buffered here), as the checkpoint of the instance its connection speaks for. Each is answered with `checkpointed`, in order, once durable;
 // an app that sends faster than they are stored, or does not read its answers,
 // is not read until they are.
 import { native } from '../native/binding';
 import type { Logger } from '../log';
 import { SrpError, closeQuietly } from './codec';
+import type { InstanceCheckpoints } from './checkpoint-instances';
 import { CheckpointRefused, type CheckpointStore } from './checkpoint-store';
 import { drained } from './fd-stream';
 import type { Message, StateHeader, TrailerDigest } from './messages';
@@ -17,6 +18,12 @@ import { carryChanged, type RelayEmitter, type Session } from './session';
  */
 export const MAX_CHECKPOINTS_IN_FLIGHT = 8;
 
+/** `{ instance }` for the log fields of an instance beyond 0 (a single-instance app logs as it always did). */
+function instanceField(s: Session): { instance?: number } {
+  const instance = (s.gen ?? s.owner).instance;
+  return instance > 0 ? { instance } : {};
+}
+
 /** An empty sealed memfd: an empty checkpoint is stored like any other. */
 function emptyMemfd(): number {
   const fd = native.memfdCreate('aeterna-checkpoint');
@@ -26,10 +33,15 @@ function emptyMemfd(): number {
 
 export class CheckpointIntake {
   constructor(
-    private readonly checkpoints: CheckpointStore,
+    private readonly checkpoints: InstanceCheckpoints,
     private readonly log: Logger,
     private readonly events: RelayEmitter,
   ) {}
+
+  /** The store of the instance `s` speaks for: a checkpoint of instance i's process is instance i's. */
+  private storeOf(s: Session): CheckpointStore {
+    return this.checkpoints.of((s.gen ?? s.owner).instance);
+  }
 
   /** A `checkpoint` header: stored at once (memfd, empty), or its data frames follow (and its trailer, if announced). */
   begin(s: Session, m: StateHeader, fds: number[]): void {
@@ -42,8 +54,8 @@ export class CheckpointIntake {
       try {
         seq =
           m.transport === 'memfd'
-            ? this.checkpoints.adopt(fds[(m.fds ?? []).indexOf('state')], m)
-            : this.checkpoints.adopt(emptyMemfd(), m);
+            ? this.storeOf(s).adopt(fds[(m.fds ?? []).indexOf('state')], m)
+            : this.storeOf(s).adopt(emptyMemfd(), m);
       } catch (err) {
         return this.refuse(s, err);
       }
@@ -51,7 +63,7 @@ export class CheckpointIntake {
     }
     s.checkpoint = { writer: null, refused: null };
     try {
-      s.checkpoint.writer = this.checkpoints.begin(m);
+      s.checkpoint.writer = this.storeOf(s).begin(m);
     } catch (err) {
       if (!(err instanceof CheckpointRefused)) throw err;
       s.checkpoint.refused = err; // its bytes are still coming: read and dropped, then refused
@@ -104,13 +116,14 @@ export class CheckpointIntake {
 
   /** Answered once it is stored (durably, with `path`). */
   private stored(s: Session, seq: number): void {
-    const c = this.checkpoints.current!;
+    const store = this.storeOf(s);
+    const c = store.current!;
     s.answering += 1;
     this.throttle(s);
     this.events.emit('carry'); // a new checkpoint memfd (the previous one is closed)
-    this.checkpoints.persist(seq).then(
+    store.persist(seq).then(
       () => {
-        this.log.info({ generation: s.gen!.number, seq, size: c.size }, 'checkpoint stored');
+        this.log.info({ generation: s.gen!.number, ...instanceField(s), seq, size: c.size }, 'checkpoint stored');
         this.events.emit('checkpoint', 'stored');
         this.answer(s, { op: 'checkpointed', seq });
       },
@@ -120,7 +133,7 @@ export class CheckpointIntake {
           s,
           new CheckpointRefused(
             'write_failed',
-            `checkpoint ${seq} could not be written to ${this.checkpoints.config.path} (the file keeps the previous one): ${err.message}`,
+            `checkpoint ${seq} could not be written to ${store.config.path} (the file keeps the previous one): ${err.message}`,
           ),
           true,
         );
@@ -132,14 +145,20 @@ export class CheckpointIntake {
   /** `now`: the answers before it are out already (otherwise it waits for the durable writes under way). */
   private refuse(s: Session, err: unknown, now = false): void {
     if (!(err instanceof CheckpointRefused)) throw err;
-    this.log.warn({ generation: s.gen!.number, code: err.code }, `checkpoint refused: ${err.message}`);
+    this.log.warn(
+      { generation: s.gen!.number, ...instanceField(s), code: err.code },
+      `checkpoint refused: ${err.message}`,
+    );
     this.events.emit('checkpoint', err.code);
     // Answers go out in the order of the checkpoints: after any durable write still under way.
     s.answering += 1;
     this.throttle(s);
     const answer = { op: 'checkpointed' as const, code: err.code, message: err.message };
     if (now) this.answer(s, answer);
-    else void this.checkpoints.afterWrites().then(() => this.answer(s, answer));
+    else
+      void this.storeOf(s)
+        .afterWrites()
+        .then(() => this.answer(s, answer));
   }
 
   private answer(s: Session, m: Message): void {

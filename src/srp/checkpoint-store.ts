@@ -28,10 +28,11 @@ import {
 import { closeQuietly, isSealedState } from './codec';
 import type { StateHeader } from './messages';
 
-/** Why a checkpoint was refused: the code the client gets in `checkpointed`. */
-/** The app's latest checkpoint, a sealed memfd (among the handover's `fds`, role 'checkpoint'). */
+/** An instance's latest checkpoint, a sealed memfd (among the handover's `fds`, role 'checkpoint'). */
 export interface CarriedCheckpoint {
   fd: number;
+  /** Which instance stored it (service.instances); absent: instance 0 (the handover's `checkpoint`). */
+  instance?: number;
   seq: number;
   size: number;
   encoding: string;
@@ -40,6 +41,7 @@ export interface CarriedCheckpoint {
   saved_at: string;
 }
 
+/** Why a checkpoint was refused: the code the client gets in `checkpointed`. */
 export type CheckpointRefusal = 'disabled' | 'too_large' | 'checksum_mismatch' | 'bad_state' | 'write_failed';
 
 export class CheckpointRefused extends Error {
@@ -113,14 +115,18 @@ export class CheckpointStore {
   /** Aborted at close(): a durable write under way removes its temporary file. */
   private readonly stopping = new AbortController();
 
-  /** `handed`: the checkpoint the previous Aeterna held (aeterna upgrade): it is the latest, the file is not read. */
+  /**
+   * `handed`: the checkpoint the previous Aeterna held (aeterna upgrade): it is the latest, the file is not read.
+   * `readFile` false: the file at `config.path` is not loaded (one Aeterna did not write: its writes are refused).
+   */
   constructor(
     readonly config: CheckpointConfig,
     private readonly log: Logger,
     handed: CarriedCheckpoint | null = null,
+    readFile = true,
   ) {
     if (handed) this.adoptHanded(handed);
-    else if (config.enabled && config.path !== null) this.loadFile(config.path);
+    else if (config.enabled && config.path !== null && readFile) this.loadFile(config.path);
     this.lastSeq = this.latest?.seq ?? 0;
     this.writtenSeq = handed ? 0 : this.lastSeq;
   }

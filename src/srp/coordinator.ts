@@ -23,7 +23,7 @@ import { endAbandoned, forgetAbandoned } from './abandoned';
 import { RelayCarrier, type CarriedCheckpoint, type CarriedRelayConnection, type CarryReason } from './carry';
 import { CheckpointIntake } from './checkpoint-intake';
 import { CheckpointOffers } from './checkpoint-offer';
-import { CheckpointStore } from './checkpoint-store';
+import { InstanceCheckpoints } from './checkpoint-instances';
 import type { Message } from './messages';
 import { ON, type Handler } from './protocol';
 import { Sessions, carryChanged, type RelayEvents, type Session } from './session';
@@ -56,8 +56,8 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
   private readonly offers: CheckpointOffers;
   private readonly carrier: RelayCarrier;
   private acceptor: Acceptor;
-  /** The app's latest checkpoint (docs/srp.md, "Checkpoints"). */
-  readonly checkpoints: CheckpointStore;
+  /** Each instance's latest checkpoint (docs/srp.md, "Checkpoints"). */
+  readonly checkpoints: InstanceCheckpoints;
   /** What each handler of the protocol table does with a message. */
   private readonly handlers: { readonly [H in Handler]: (s: Session, m: Message, fds: number[]) => void };
 
@@ -66,11 +66,12 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     private fd: number,
     config: StateHandoffConfig,
     private readonly log: Logger,
-    carriedCheckpoint: CarriedCheckpoint | null = null,
+    instances: number,
+    carriedCheckpoints: CarriedCheckpoint[] = [],
   ) {
     super();
     const maxFrame = config.maxFrameBytes;
-    this.checkpoints = new CheckpointStore(config.checkpoint, log, carriedCheckpoint);
+    this.checkpoints = new InstanceCheckpoints(config.checkpoint, log, instances, carriedCheckpoints);
     this.offers = new CheckpointOffers(this.checkpoints, maxFrame, log, this);
     this.intake = new CheckpointIntake(this.checkpoints, log, this);
     this.transfers = new Transfers(this.offers, log, this);
@@ -95,16 +96,20 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     this.acceptor = new Acceptor(fd, (conn) => this.sessions.admit(conn), log, 'state socket');
   }
 
-  /** Create the state socket (mode 0600, owned by the app's user) and start accepting. */
+  /**
+   * Create the state socket (mode 0600, owned by the app's user) and start accepting; the checkpoint files of
+   * instances 0..instances-1 (service.instances) are loaded.
+   */
   static open(
     config: StateHandoffConfig,
     owner: { uid: number; gid: number } | undefined,
     log: Logger,
+    instances = 1,
   ): SrpCoordinator {
     const { fd, file } = listenStateSocket(config.socketPath, owner);
     try {
       // Refuses a checkpoint path that names a file Aeterna did not write (docs/srp.md, "Checkpoints").
-      return new SrpCoordinator(file, fd, config, log);
+      return new SrpCoordinator(file, fd, config, log, instances);
     } catch (err) {
       closeQuietly(fd);
       removeSocketFile(file);
@@ -127,15 +132,19 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     return file;
   }
 
-  /** The state socket a re-executed Aeterna took over (aeterna upgrade), with the checkpoint it carried; connections: adoptConnections(). */
+  /**
+   * The state socket a re-executed Aeterna took over (aeterna upgrade), with the checkpoints it carried (each
+   * instance's); connections: adoptConnections().
+   */
   static adopt(
     config: StateHandoffConfig,
     file: SocketFile,
     fd: number,
     log: Logger,
-    checkpoint: CarriedCheckpoint | null,
+    checkpoints: CarriedCheckpoint[],
+    instances = 1,
   ): SrpCoordinator {
-    return new SrpCoordinator(file, fd, config, log, checkpoint);
+    return new SrpCoordinator(file, fd, config, log, instances, checkpoints);
   }
 
   // ---- re-exec (aeterna upgrade, recovery): carry.ts ---------------------------------------
@@ -166,18 +175,38 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
 
   /**
    * What an upgrade or a recovery carries (upgrade/carried.ts): the state socket, the relay connections the next
-   * Aeterna takes over (see RelayCarrier.carry: at an upgrade it throws while one is busy) and the latest checkpoint.
+   * Aeterna takes over (see RelayCarrier.carry: at an upgrade it throws while one is busy) and each instance's
+   * latest checkpoint: instance 0's as `checkpoint` (what a single-instance app always carried), the others' as
+   * `instance_checkpoints`, only when there are some.
    */
   carry(reason: CarryReason): {
     fds: CarriedFd[];
-    part: { relay: SocketFile; relay_connections: CarriedRelayConnection[]; checkpoint: CarriedCheckpoint | null };
+    part: {
+      relay: SocketFile;
+      relay_connections: CarriedRelayConnection[];
+      checkpoint: CarriedCheckpoint | null;
+      instance_checkpoints?: CarriedCheckpoint[];
+    };
   } {
     const connections = this.carrier.carry(reason);
-    const checkpoint = this.carrier.carryCheckpoint();
+    const checkpoints = this.carrier.carryCheckpoints();
     const fds: CarriedFd[] = [{ role: 'relay', name: 'state', fd: this.fd }];
     for (const c of connections) fds.push({ role: 'relay-connection', name: `generation ${c.generation}`, fd: c.fd });
-    if (checkpoint) fds.push({ role: 'checkpoint', name: `checkpoint ${checkpoint.seq}`, fd: checkpoint.fd });
-    return { fds, part: { relay: this.file, relay_connections: connections, checkpoint } };
+    for (const c of checkpoints) {
+      const name = c.instance === undefined ? `checkpoint ${c.seq}` : `instance ${c.instance} checkpoint ${c.seq}`;
+      fds.push({ role: 'checkpoint', name, fd: c.fd });
+    }
+    const checkpoint = checkpoints.find((c) => c.instance === undefined) ?? null;
+    const others = checkpoints.filter((c) => c.instance !== undefined);
+    return {
+      fds,
+      part: {
+        relay: this.file,
+        relay_connections: connections,
+        checkpoint,
+        ...(others.length > 0 ? { instance_checkpoints: others } : {}),
+      },
+    };
   }
 
   /** Calls `listener` when a connection goes idle or busy, or a checkpoint arrives: what carry() returns changed. */
@@ -304,7 +333,8 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     const to = this.sessions.liveSession(next);
     if (!to || to.phase !== 'waiting')
       return Promise.reject(new Error(`generation ${next.number} is not waiting for its initial load`));
-    if (!this.checkpoints.current) return Promise.reject(new Error('no checkpoint is stored'));
+    if (!this.checkpoints.current(next.instance))
+      return Promise.reject(new Error(`no checkpoint of instance ${next.instance} is stored`));
     return this.transfers.start(null, to, false, () => undefined, signal, timeoutMs, 'checkpoint');
   }
 
@@ -316,8 +346,9 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     return this.transfers.start(from, to, true, () => undefined, signal, timeoutMs);
   }
 
-  lastCheckpoint(): CheckpointSummary | null {
-    const c = this.checkpoints.current;
+  lastCheckpoint(instance?: number): CheckpointSummary | null {
+    const c =
+      instance === undefined ? (this.checkpoints.latest()?.checkpoint ?? null) : this.checkpoints.current(instance);
     return c && { seq: c.seq, size: c.size, age_ms: Date.now() - c.savedAt };
   }
 

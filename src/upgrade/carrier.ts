@@ -128,6 +128,7 @@ export class Carrier {
       recoveries: this.recoveries,
       relay_connections: part.relay_connections ?? [],
       checkpoint: part.checkpoint ?? null,
+      ...(part.instance_checkpoints?.length ? { instance_checkpoints: part.instance_checkpoints } : {}),
       config: this.held.current,
     };
   }

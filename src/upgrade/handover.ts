@@ -81,7 +81,13 @@ export interface Handover {
   recoveries?: string[];
   /** Version 2: the generations' idle state relay connections, and the latest checkpoint (null: none). */
   relay_connections?: CarriedRelayConnection[];
+  /** Instance 0's checkpoint (the only one with service.instances 1). */
   checkpoint?: CarriedCheckpoint | null;
+  /**
+   * The checkpoints of instances 1 and beyond (service.instances > 1), each with its `instance`; absent when there
+   * is none, so that a single-instance handover stays what an older Aeterna reads. Their fds are among `fds`.
+   */
+  instance_checkpoints?: CarriedCheckpoint[];
   /**
    * Version 3: the config the daemon runs with (the one its last start or promoted reload applied), as the Config
    * of this handover version. A later Aeterna that changes Config's shape bumps the version and converts it.

@@ -100,10 +100,17 @@ export class AeternaRun {
       this.stderr += d;
       this.notify();
     });
+    // 'exit' can come before the last of stdout and stderr has been read (a loaded machine shows it): resolve once
+    // both are closed too, or after a bound where a process that outlived Aeterna (not as PID 1) keeps them open.
     this.exited = new Promise((resolve) =>
       child.on('exit', (code, signal) => {
-        this.notify();
-        resolve({ code, signal });
+        const done = (): void => {
+          clearTimeout(bound);
+          this.notify();
+          resolve({ code, signal });
+        };
+        const bound = setTimeout(done, 10000);
+        child.once('close', done);
       }),
     );
   }
