@@ -10,7 +10,7 @@ import type { Config } from './config/types';
 import { loadConfigFile } from './config/load';
 import type { Logger } from './log';
 import { Metrics } from './monitor/metrics';
-import { AppOutput, outputKey } from './monitor/app-output';
+import { AppOutput } from './monitor/app-output';
 import { EventHub } from './control/events';
 import { generationResources } from './monitor/app-resources';
 import { Reaper } from './supervisor/reaper';
@@ -28,12 +28,12 @@ import { ownFiles } from './own-files';
 import { Generation } from './supervisor/generation';
 import { belongsTo } from './supervisor/proctree';
 import { WeightedSplit } from './resources/canary-split';
-import type { HandedGeneration, Handover } from './upgrade/handover';
+import type { Handover } from './upgrade/handover';
+import { adoptGenerations, adoptRelayConnections } from './upgrade/adopt';
 import type { Carried } from './upgrade/carried';
 import { Carrier } from './upgrade/carrier';
 import { HeldConfig } from './upgrade/held-config';
 import { TEST_FAULT_ENV, injectFault, takeTestFault, type TestFault } from './upgrade/recovery';
-import { native } from './native/binding';
 import { packageVersion } from './version';
 import { installSignalHandlers } from './signals';
 import { describeStartFailure, startFailureCode } from './start-failure';
@@ -160,22 +160,7 @@ export class Daemon {
     this.carrier.prepareFallbackOnFatalSignal();
     // The cgroups before the generation, which keeps the cgroup it runs in (the handover names both directories).
     this.cgroups = openCgroups(this.config.service.cgroups, h.cgroups ?? null, this.log);
-    // Before the reaper's first sweep: a generation that exited during the exec is reported, not reaped as an orphan.
-    const adopted = h.generations.map((g) =>
-      Generation.adopt(
-        g.number,
-        g.pid,
-        new Date(g.started_at),
-        this.reaper,
-        this.cgroups,
-        g.cgroup === null ? null : (this.cgroups?.adoptGeneration(g.cgroup) ?? null),
-        g.instance ?? 0,
-      ),
-    );
-    // The pipes the previous Aeterna read the app's output from: read on here (the app would block once one is full).
-    const outputs = h.fds.filter((f) => f.role === 'app-output');
-    for (const gen of adopted) this.appOutput.adopt(gen, outputs);
-    for (const f of outputs) if (!adopted.some((g) => f.name.startsWith(`${outputKey(g)}/`))) native.close(f.fd); // a generation not taken over
+    const { serving, retiring } = adoptGenerations(h, this.reaper, this.cgroups, this.appOutput); // before the reaper
     this.installReaper();
     const failed = await this.startFails(() => this.sockets.open(h, () => this.applyListeners()));
     if (failed !== null) return failed;
@@ -183,16 +168,11 @@ export class Daemon {
     const orchestrator = this.startOrchestrator();
     if (this.testFault === 'throw-before-takeover')
       throw new Error(`${TEST_FAULT_ENV}=${this.testFault}: a fault injected before the takeover`);
-    // The serving generation's instances (service.instances), each carried as an entry of its own; beside them the
-    // old generations of promoted reloads still draining.
-    const serving = adopted.filter((_, i) => h.generations[i].state !== 'retiring');
-    const retiring = h.generations.flatMap((g, i) =>
-      g.state === 'retiring' ? [{ gen: adopted[i], ...retiringTimes(g) }] : [],
-    );
     if (serving.length === 0 || serving.some((g) => g.number !== serving[0].number))
       return { stopped: this.serve(orchestrator.run()) };
     const stopped = orchestrator.adopt(serving, h.counters, retiring);
-    this.adoptRelayConnections(h, serving, new Set(retiring.map((r) => r.gen.number)));
+    adoptRelayConnections(h, this.sockets.relay, serving, retiring, this.log);
+    this.carrier.changed(); // the relay connections are part of what a fatal signal carries now
     this.metrics.reexecuted(this.carrier.reexecsByReason);
     this.log.info(
       {
@@ -308,26 +288,6 @@ export class Daemon {
     return stopped;
   }
 
-  /** The relay connections the previous Aeterna handed over (closed when the relay is off now: nobody would read them). */
-  private adoptRelayConnections(h: Handover, serving: Generation[], retiring: ReadonlySet<number>): void {
-    // A retiring generation's relay is over (its final sync ran before it was replaced): its connection is closed.
-    const entries = [];
-    for (const e of h.relay_connections ?? []) {
-      if (retiring.has(e.generation)) native.close(e.fd);
-      else entries.push(e);
-    }
-    const relay = this.sockets.relay;
-    if (relay) relay.adoptConnections(entries, serving);
-    else entries.forEach((e) => native.close(e.fd));
-    if (!relay) for (const c of [h.checkpoint, ...(h.instance_checkpoints ?? [])]) if (c) native.close(c.fd);
-    if (entries.length > 0)
-      this.log.info(
-        { generations: entries.map((e) => e.generation), relay: relay !== null },
-        `took over ${entries.length} state relay connection(s)`,
-      );
-    this.carrier.changed(); // they are part of what a fatal signal carries now
-  }
-
   /** The control socket's view of the daemon: the orchestrator, once it exists. */
   private api(): ControlApi {
     const need = (): Orchestrator => {
@@ -429,14 +389,4 @@ export class Daemon {
     this.reaper.sweep();
     this.reaper.uninstall();
   }
-}
-
-/** A carried retiring generation's SIGTERM and SIGKILL times; a missing or unreadable deadline is due now. */
-function retiringTimes(g: HandedGeneration): { since: Date; deadline: Date } {
-  const since = new Date(g.draining_since ?? g.started_at);
-  const deadline = new Date(g.kill_deadline ?? Date.now());
-  return {
-    since: Number.isNaN(since.getTime()) ? new Date() : since,
-    deadline: Number.isNaN(deadline.getTime()) ? new Date() : deadline,
-  };
 }

@@ -94,7 +94,8 @@ async function killApp(d: Daemon): Promise<void> {
   await d.waitStatus((s) => s.state === 'Running' && s.generation > before.generation, 60000);
 }
 
-describe('checkpoints', { timeout: 180000 }, () => {
+// A hang guard, not a timing: its 15 tests each start a daemon as PID 1, about 10 s each on a loaded machine.
+describe('checkpoints', { timeout: 600000 }, () => {
   it(
     'kill -9 of the app (Aeterna as PID 1): the restarted generation loads the latest JSON checkpoint',
     { skip: pidNamespaceUnavailable() ?? false },
