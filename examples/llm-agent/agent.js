@@ -145,6 +145,9 @@ const server = http.createServer((req, res) => {
   }
   reply(res, 404, { error: 'not found' });
 });
+// Keep idle keep-alive connections longer than the idle timeout of a load balancer in front (often 60 s), so the
+// balancer never sends a request on a connection the agent is closing; a reload's drain closes them all the same.
+server.keepAliveTimeout = 65_000;
 aeterna.trackConnections(server);
 
 async function main() {

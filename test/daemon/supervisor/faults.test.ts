@@ -400,13 +400,13 @@ describe('fault matrix: SIGTERM to Aeterna in each state', { timeout: 240000 }, 
         ['Starting', 'Running'].includes(c.state) && !c.retiring ? 1 : 2,
         `generations alive: ${JSON.stringify(s)}`,
       );
+      // Every generation has finished starting: its workers spawned and its SIGTERM handler installed (it prints READY
+      // after both). Delay readiness takes an app as ready whether or not its runtime has loaded: before READY its
+      // workers may not exist yet, and a SIGTERM would kill it with 143, the app's doing, not what this test is about.
+      for (const root of roots) await d.run.waitFor(new RegExp(`^READY ${root} generation`, 'm'), 60000);
       const processes = [...new Set(roots.flatMap((root) => generationProcesses(root)))];
       // Each generation's root and its 2 workers (a generation already told to stop may have lost its workers).
       assert.ok(processes.length > roots.length, `the generations' processes were found: ${processes.join(' ')}`);
-      // Every generation has finished starting (its SIGTERM handler installed: it prints READY after that). Delay
-      // readiness takes an app as ready whether or not its runtime has loaded, and a SIGTERM before the handler
-      // exists would kill it with 143: the app's doing, not what this test is about.
-      for (const root of roots) await d.run.waitFor(new RegExp(`^READY ${root} generation`, 'm'), 60000);
       await d.run.signal('SIGTERM');
       const exit = await d.run.exit(60000);
       assert.equal(exit.code, c.exitCode, d.run.stderr.slice(-3000));
