@@ -3,6 +3,7 @@
 // instance's latest checkpoint memfd. The next Aeterna speaks on those connections as if
 // nothing happened; a connection busy with anything is not carried.
 import type { Logger } from '../log';
+import type { SocketFile } from '../resources/socket-file';
 import type { Generation } from '../supervisor/generation';
 import { closeQuietly } from './codec';
 import type { InstanceCheckpoints } from './checkpoint-instances';
@@ -35,6 +36,17 @@ export interface CarriedRelayConnection {
 export type { CarriedCheckpoint } from './checkpoint-store';
 
 /** The relay's share of what an upgrade carries: its connections and checkpoints (the daemon's carrier, upgrade/carrier.ts, merges it with the others'). */
+/** What the relay carries across a re-exec: its fds, and its part of the handover. */
+export interface RelayCarried {
+  fds: Array<{ role: 'relay' | 'relay-connection' | 'checkpoint'; name: string; fd: number }>;
+  part: {
+    relay: SocketFile;
+    relay_connections: CarriedRelayConnection[];
+    checkpoint: CarriedCheckpoint | null;
+    instance_checkpoints?: CarriedCheckpoint[];
+  };
+}
+
 export class RelayCarrier {
   /** An upgrade is about to exec: nothing is accepted or read (frames wait in the kernel for the next Aeterna). */
   frozen = false;
@@ -107,9 +119,31 @@ export class RelayCarrier {
     }));
   }
 
-  /** Each instance's latest checkpoint memfd for the next Aeterna, by instance number. */
-  carryCheckpoints(): CarriedCheckpoint[] {
-    return this.checkpoints.carry();
+  /**
+   * Everything the relay carries (upgrade/carried.ts): the state socket `stateFd` (at `file`), the relay connections
+   * (see carry()) and each instance's latest checkpoint: instance 0's as `checkpoint` (what a single-instance app
+   * always carried), the others' as `instance_checkpoints`, only when there are some.
+   */
+  carryAll(reason: CarryReason, stateFd: number, file: SocketFile): RelayCarried {
+    const connections = this.carry(reason);
+    const checkpoints = this.checkpoints.carry();
+    const fds: RelayCarried['fds'] = [{ role: 'relay', name: 'state', fd: stateFd }];
+    for (const c of connections) fds.push({ role: 'relay-connection', name: `generation ${c.generation}`, fd: c.fd });
+    for (const c of checkpoints) {
+      const name = c.instance === undefined ? `checkpoint ${c.seq}` : `instance ${c.instance} checkpoint ${c.seq}`;
+      fds.push({ role: 'checkpoint', name, fd: c.fd });
+    }
+    const checkpoint = checkpoints.find((c) => c.instance === undefined) ?? null;
+    const others = checkpoints.filter((c) => c.instance !== undefined);
+    return {
+      fds,
+      part: {
+        relay: file,
+        relay_connections: connections,
+        checkpoint,
+        ...(others.length > 0 ? { instance_checkpoints: others } : {}),
+      },
+    };
   }
 
   /**

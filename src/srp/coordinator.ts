@@ -20,7 +20,13 @@ import { Acceptor } from '../resources/acceptor';
 import { claimSocketPath, listenSocketFile, removeSocketFile, type SocketFile } from '../resources/socket-file';
 import { SrpError, closeQuietly } from './codec';
 import { endAbandoned, forgetAbandoned } from './abandoned';
-import { RelayCarrier, type CarriedCheckpoint, type CarriedRelayConnection, type CarryReason } from './carry';
+import {
+  RelayCarrier,
+  type CarriedCheckpoint,
+  type CarriedRelayConnection,
+  type CarryReason,
+  type RelayCarried,
+} from './carry';
 import { CheckpointIntake } from './checkpoint-intake';
 import { CheckpointOffers } from './checkpoint-offer';
 import { InstanceCheckpoints } from './checkpoint-instances';
@@ -30,7 +36,6 @@ import { Sessions, carryChanged, type RelayEvents, type Session } from './sessio
 import { Transfers } from './transfer';
 
 /** An fd of the relay's that an upgrade keeps open across the exec, with its role and name in the handover. */
-type CarriedFd = { role: 'relay' | 'relay-connection' | 'checkpoint'; name: string; fd: number };
 
 /** The state socket at socketPath (mode 0600, chowned to `owner`): a stale file is taken over, a live one refused. */
 function listenStateSocket(
@@ -173,40 +178,9 @@ export class SrpCoordinator extends EventEmitter<RelayEvents> implements StateRe
     if (this.carrier.thaw()) this.acceptor.resume();
   }
 
-  /**
-   * What an upgrade or a recovery carries (upgrade/carried.ts): the state socket, the relay connections the next
-   * Aeterna takes over (see RelayCarrier.carry: at an upgrade it throws while one is busy) and each instance's
-   * latest checkpoint: instance 0's as `checkpoint` (what a single-instance app always carried), the others' as
-   * `instance_checkpoints`, only when there are some.
-   */
-  carry(reason: CarryReason): {
-    fds: CarriedFd[];
-    part: {
-      relay: SocketFile;
-      relay_connections: CarriedRelayConnection[];
-      checkpoint: CarriedCheckpoint | null;
-      instance_checkpoints?: CarriedCheckpoint[];
-    };
-  } {
-    const connections = this.carrier.carry(reason);
-    const checkpoints = this.carrier.carryCheckpoints();
-    const fds: CarriedFd[] = [{ role: 'relay', name: 'state', fd: this.fd }];
-    for (const c of connections) fds.push({ role: 'relay-connection', name: `generation ${c.generation}`, fd: c.fd });
-    for (const c of checkpoints) {
-      const name = c.instance === undefined ? `checkpoint ${c.seq}` : `instance ${c.instance} checkpoint ${c.seq}`;
-      fds.push({ role: 'checkpoint', name, fd: c.fd });
-    }
-    const checkpoint = checkpoints.find((c) => c.instance === undefined) ?? null;
-    const others = checkpoints.filter((c) => c.instance !== undefined);
-    return {
-      fds,
-      part: {
-        relay: this.file,
-        relay_connections: connections,
-        checkpoint,
-        ...(others.length > 0 ? { instance_checkpoints: others } : {}),
-      },
-    };
+  /** What an upgrade or a recovery carries (upgrade/carried.ts): RelayCarrier.carryAll. */
+  carry(reason: CarryReason): RelayCarried {
+    return this.carrier.carryAll(reason, this.fd, this.file);
   }
 
   /** Calls `listener` when a connection goes idle or busy, or a checkpoint arrives: what carry() returns changed. */
