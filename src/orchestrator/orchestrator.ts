@@ -31,7 +31,7 @@ import type { Metrics } from '../monitor/metrics';
 import type { ExitInfo } from '../native/binding';
 import type { Listener, ListenerSet } from '../resources/listeners';
 import type { PassedFd } from '../app-env';
-import type { Side, WeightedSplit } from '../resources/canary-split';
+import type { Side } from '../resources/canary-split';
 import type { ListenerWatch } from '../resources/listener-watch';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 import type { FdStore } from '../resources/fd-store';
@@ -45,6 +45,7 @@ import { RestartBudget } from './restart';
 import { RetiringGenerations } from './retiring';
 import { AppNotices } from './app-notices';
 import { InstanceSet } from './instance-set';
+import { newReloadRun, publish, recordPhase, type CanarySplit, type ReloadRun } from './reload-run';
 import { Watchdog } from './watchdog';
 import type {
   CarriedCounters,
@@ -102,45 +103,7 @@ export interface OrchestratorDeps {
   reloadSettled?: (record: ReloadRecord, config: Config) => void;
 }
 
-/** What a reload does with a weighted canary split. */
-export type CanarySplit = Pick<
-  WeightedSplit,
-  'canary' | 'noMigration' | 'weight' | 'candidateListeners' | 'steer' | 'drained' | 'promote' | 'discard'
->;
-
-/** One reload, from the request to its outcome. */
-interface ReloadRun {
-  record: ReloadRecord;
-  startedAt: number;
-  /** The config it re-read: the running one once it is promoted. */
-  config: Config;
-  previousConfig: Config;
-  subscribers: Array<(e: ReloadEvent) => void>;
-  resolve: (record: ReloadRecord) => void;
-  /** The readiness watch of each new instance started so far. */
-  readiness: ReadinessWatch[];
-  /** What the new generation must still do before it counts as ready (both, in either order). */
-  awaiting: Set<'ready' | 'relay'>;
-  relayAbort: AbortController;
-  /** The old instances that could not dump, whose successor loaded the checkpoint (on_dump_failure: checkpoint): no final sync. */
-  fromCheckpoint: Set<number>;
-  /** Each instance's checkpoint load after a failed dump gets a timeout of its own; aborted with the reload. */
-  checkpointAborts: AbortController[];
-  /** A rolling reload (max_surge): the instances of this batch, and those still to start after it. */
-  batch: number[];
-  pending: number[];
-  /** Old instances a rolling reload already stopped, each once its successor was ready: not crashes; restarted on a rollback. */
-  replaced: Set<Generation>;
-  /** The new instance whose exit failed the reload (its stderr tail goes into the record). */
-  failedInstance?: number;
-  timers: NodeJS.Timeout[];
-  /** orchestration.canary: the candidate's own sockets and the steering of new connections; null for a shared socket. */
-  split: CanarySplit | null;
-  /** When a canary soak promotes on its own (epoch ms), once it soaks. */
-  soakEndsAt?: number;
-  /** Why the reload is being rolled back or has failed, once it is. */
-  failure: { reason: string; code: ErrorCode; outcome: 'rolled_back' | 'failed' } | null;
-}
+export type { CanarySplit } from './reload-run';
 
 /** orchestration.max_generations when a config does not have it: a handover from an Aeterna before it carries none. */
 const DEFAULT_MAX_GENERATIONS = 3;
@@ -783,42 +746,13 @@ export class Orchestrator implements ControlApi {
     trigger: ReloadTrigger,
     onEvent?: (event: ReloadEvent) => void,
   ): { run: ReloadRun; done: Promise<ReloadRecord> } {
-    let resolve!: (r: ReloadRecord) => void;
-    const done = new Promise<ReloadRecord>((r) => (resolve = r));
-    const run: ReloadRun = {
-      record: {
-        id: `reload-${++this.reloads}`,
-        strategy: this.config.orchestration.strategy,
-        trigger,
-        started_at: new Date().toISOString(),
-        phases: [],
-        outcome: 'in_progress',
-        reason: null,
-        code: null,
-        duration_ms: null,
-        from_generation: this.serving?.number ?? 0,
-        to_generation: null,
-        new_pid: null,
-        serving_since: null,
-        retiring: [],
-      },
-      startedAt: performance.now(),
-      config: this.config,
-      previousConfig: this.config,
-      subscribers: onEvent ? [onEvent] : [],
-      resolve,
-      readiness: [],
-      awaiting: new Set(['ready', 'relay']),
-      relayAbort: new AbortController(),
-      fromCheckpoint: new Set(),
-      checkpointAborts: [],
-      batch: [],
-      pending: [],
-      replaced: new Set(),
-      timers: [],
-      split: null,
-      failure: null,
-    };
+    const { run, done } = newReloadRun(
+      `reload-${++this.reloads}`,
+      trigger,
+      this.config,
+      this.serving?.number ?? 0,
+      onEvent,
+    );
     this.inFlight = run;
     this.phase('accepted', `trigger ${trigger}`);
     return { run, done };
@@ -1404,34 +1338,13 @@ export class Orchestrator implements ControlApi {
     run.timers = [];
   }
 
+  /** The reload in flight reached `phase`: in its record, the log and its events. */
   private phase(phase: ReloadPhase, detail?: string): void {
-    const run = this.inFlight;
-    if (!run) return;
-    const at = new Date().toISOString();
-    run.record.phases.push(detail === undefined ? { phase, at } : { phase, at, detail });
-    this.deps.log.info(
-      { reload: run.record.id, phase, detail },
-      `${run.record.id} ${phase}${detail ? `: ${detail}` : ''}`,
-    );
-    this.emit({
-      type: 'phase',
-      reload: run.record.id,
-      phase,
-      at,
-      elapsed_ms: Math.round(performance.now() - run.startedAt),
-      ...(detail === undefined ? {} : { detail }),
-    });
+    if (this.inFlight) recordPhase(this.inFlight, phase, detail, this.deps.log, this.deps.onEvent);
   }
 
   private emit(event: ReloadEvent): void {
-    if (this.inFlight) this.deps.onEvent?.({ ...event, trigger: this.inFlight.record.trigger });
-    for (const l of this.inFlight?.subscribers ?? []) {
-      try {
-        l(event);
-      } catch (err) {
-        this.deps.log.warn({ err }, 'reload event listener failed');
-      }
-    }
+    if (this.inFlight) publish(this.inFlight, event, this.deps.log, this.deps.onEvent);
   }
 
   /** The reload's outcome is final: record it, count it, tell whoever waits. */
