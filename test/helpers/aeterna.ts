@@ -255,13 +255,9 @@ export function runAeterna(
   const pid1 = options.pid1 ?? false;
   const cmd = [...(options.prefix ?? []), process.execPath, CLI, ...args];
   const argv = pid1 ? ['unshare', '--pid', '--fork', '--mount-proc', ...cmd] : cmd;
-  // The Python fixtures print each line with flush=True: one write when stdout is buffered. PYTHONUNBUFFERED (set on
-  // some machines) makes print write the newline on its own, and two generations sharing Aeterna's stdout while one
-  // drains then interleave mid-line ('SHUTDOWN … handed_over=TrueFINAL_SYNC …'). A test that wants it says so.
-  const { PYTHONUNBUFFERED: _unbuffered, ...inherited } = process.env;
   const child = spawn(argv[0], argv.slice(1), {
     cwd: options.cwd ?? ROOT,
-    env: { ...inherited, ...options.env },
+    env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   return new AeternaRun(child, pid1);
