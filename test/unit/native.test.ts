@@ -52,21 +52,35 @@ function collect(): void {
   for (const info of native.reapAll()) exits.set(info.pid, info);
 }
 
-/** Polls `check` until it returns a value; gives up (fails) after 20 s. */
-async function waitFor<T>(what: string, check: () => T | undefined): Promise<T> {
-  for (let i = 0; i < 4000; i++) {
+/** Polls `check` until it returns a value; gives up (fails) after 60 s, a hang guard for a loaded machine. */
+async function waitFor<T>(what: string | (() => string), check: () => T | undefined): Promise<T> {
+  for (const deadline = Date.now() + 60000; Date.now() < deadline;) {
     const value = check();
     if (value !== undefined) return value;
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
-  throw new Error(`gave up waiting for ${what}`);
+  throw new Error(`gave up waiting for ${typeof what === 'string' ? what : what()}`);
+}
+
+/** What /proc says of `pid` (state and parent), for a failure message. */
+function procLine(pid: number): string {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const [state, ppid] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return `state ${state}, parent ${ppid} (this process is ${process.pid})`;
+  } catch {
+    return 'no /proc entry: reaped by someone else';
+  }
 }
 
 function waitExit(pid: number): Promise<ExitInfo> {
-  return waitFor(`exit of ${pid}`, () => {
-    collect();
-    return exits.get(pid);
-  });
+  return waitFor(
+    () => `exit of ${pid}: ${procLine(pid)}`,
+    () => {
+      collect();
+      return exits.get(pid);
+    },
+  );
 }
 
 function spawn(argv: string[], options: Partial<SpawnOptions> = {}): number {
