@@ -2,6 +2,7 @@
 // as PID 1 of a fresh PID namespace (unshare --pid --fork --mount-proc).
 // Tests may use child_process: the ban on it applies to the supervisor only.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { after } from 'node:test';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -82,6 +83,15 @@ export interface LogLine {
   [key: string]: unknown;
 }
 
+/** Every Aeterna a test file started, so that one a failed test left running is killed when the file ends. */
+const runs = new Set<AeternaRun>();
+// Under the test runner only (a bench imports this file too): a run left alive would keep the file's process, and
+// so the whole suite, waiting on its pipes forever.
+if (process.env.NODE_TEST_CONTEXT !== undefined)
+  after(async () => {
+    for (const run of runs) await run.killAll();
+  });
+
 export class AeternaRun {
   stdout = '';
   stderr = '';
@@ -92,6 +102,8 @@ export class AeternaRun {
     readonly child: ChildProcess,
     readonly pid1: boolean,
   ) {
+    runs.add(this);
+    child.once('close', () => runs.delete(this));
     child.stdout!.setEncoding('utf8').on('data', (d: string) => {
       this.stdout += d;
       this.notify();
