@@ -85,9 +85,10 @@ export interface LogLine {
 
 /** Every Aeterna a test file started, so that one a failed test left running is killed when the file ends. */
 const runs = new Set<AeternaRun>();
-// Under the test runner only (a bench imports this file too): a run left alive would keep the file's process, and
-// so the whole suite, waiting on its pipes forever.
-if (process.env.NODE_TEST_CONTEXT !== undefined)
+// In a test file's own process only: a run left alive would keep it, and so the whole suite, waiting on its pipes
+// forever. Not in a bench a test starts (it imports this file too, and inherits the runner's NODE_TEST_CONTEXT): a
+// hook there would make it a test file, writing the runner's protocol into the output the test reads.
+if (process.env.NODE_TEST_CONTEXT !== undefined && /\.test\.js$/.test(process.argv[1] ?? ''))
   after(async () => {
     for (const run of runs) await run.killAll();
   });
