@@ -235,7 +235,8 @@ export class AeternaRun {
 
   /** Wait for exit, killing everything if it takes longer than timeoutMs (a hang guard). */
   async exit(timeoutMs = 30000): Promise<Exit> {
-    const t = setTimeout(() => this.child.kill('SIGKILL'), timeoutMs);
+    // killAll, not the child alone: as PID 1 the child is unshare, and killing it leaves Aeterna and the app running.
+    const t = setTimeout(() => void this.killAll(), timeoutMs);
     try {
       return await this.exited;
     } finally {
