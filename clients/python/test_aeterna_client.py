@@ -876,8 +876,15 @@ class DrainTest(unittest.TestCase):
         raw_request(waiting, "/two")
         read_response(fw)
         # A request that has arrived (in the kernel, not yet read) on a connection idle far longer than `idle`:
-        # hold the handler between requests so it cannot read it before the drain looks.
+        # hold the handler between requests so it cannot read it before the drain looks. Both handlers must first be
+        # done with their request: a client can read the response before its handler marks the connection idle.
         tracker = server._aeterna_tracker
+
+        def both_idle():
+            with tracker.cond:
+                return len(tracker.conns) == 2 and not any(e.busy for e in tracker.conns.values())
+
+        self.wait(both_idle)
         with tracker.cond:
             raw_request(waiting, "/three")
             entry = [e for r, e in tracker.conns.items() if r.getpeername() == waiting.getsockname()][0]
