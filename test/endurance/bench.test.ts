@@ -6,10 +6,9 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { HEADINGS } from '../../bench/report';
-import { ROOT } from '../helpers/aeterna';
+import { ROOT, tempDir } from '../helpers/aeterna';
 
 const RUN = path.join(ROOT, 'dist', 'bench', 'run.js');
 
@@ -62,7 +61,7 @@ type Timed = { median?: number; error?: string };
 
 describe('benchmark, quick mode (CI)', { timeout: 180_000 }, () => {
   it('produces a complete report, the raw JSON and a well-formed SVG chart', async () => {
-    const out = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-bench-test-'));
+    const out = tempDir('aeterna-bench-test-');
     try {
       const r = await runBench(['--quick', '--out', out]);
       assert.equal(r.code, 0, `the quick benchmark failed\n${r.stderr.slice(-6000)}`);

@@ -6,10 +6,9 @@
 import assert from 'node:assert/strict';
 import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { ROOT, freePort } from '../helpers/aeterna';
+import { ROOT, freePort, tempDir } from '../helpers/aeterna';
 
 const PKG = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as {
   name: string;
@@ -146,7 +145,7 @@ describe('the packaged tarball, installed into an empty directory', { skip: skip
   let app = '';
 
   before(() => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-package-'));
+    tmp = tempDir('aeterna-package-');
     // 1. The tarball exactly as `npm pack` makes it from the repo.
     const repoTarball = path.join(tmp, pack(ROOT, tmp).filename);
     // 2. With a prebuilt addon built from the tarball's own sources by the same script as `make prebuild`

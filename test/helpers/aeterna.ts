@@ -41,8 +41,13 @@ export function pidNamespaceUnavailable(): string | null {
   return unshareChecked;
 }
 
+/** Every directory tempDir made in this process: removed when a test file ends (see `runs` below). */
+const dirs: string[] = [];
+/** A fresh directory under the system's temp directory. */
 export function tempDir(prefix = 'aeterna-test-'): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  dirs.push(dir);
+  return dir;
 }
 
 /** Write an aeterna.yaml into dir (control socket kept inside dir) and return its path. */
@@ -91,6 +96,13 @@ const runs = new Set<AeternaRun>();
 if (process.env.NODE_TEST_CONTEXT !== undefined && /\.test\.js$/.test(process.argv[1] ?? ''))
   after(async () => {
     for (const run of runs) await run.killAll();
+    // Thousands of runs of the suite must not fill /tmp. A directory a test still holds (a mount) stays.
+    for (const dir of dirs)
+      try {
+        fs.rmSync(dir, { recursive: true, force: true, maxRetries: 3 });
+      } catch {
+        // still mounted, or held: it stays, as every directory did before
+      }
   });
 
 export class AeternaRun {

@@ -23,7 +23,7 @@ import { configSchema } from '../../src/config/schema';
 import type { Spec } from '../../src/config/spec';
 import type { Config } from '../../src/config/types';
 import { AeternaError } from '../../src/errors';
-import { ROOT } from '../helpers/aeterna';
+import { ROOT, tempDir } from '../helpers/aeterna';
 
 const REPO = ROOT;
 const fixture = (name: string): string => path.resolve(REPO, 'test/fixtures/config', name);
@@ -242,7 +242,7 @@ describe('errors name file:line:column, key path, expected form and what was fou
     );
     assert.equal(error.issues[0].line, 0);
 
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-config-'));
+    const dir = tempDir('aeterna-config-');
     try {
       const big = path.join(dir, 'big.yaml');
       fs.writeFileSync(big, `# ${'x'.repeat(1024 * 1024)}\n`);
@@ -509,7 +509,7 @@ describe('addresses', () => {
 
 describe('resolveConfigPath', () => {
   test('-c, then $AETERNA_CONFIG, then ./aeterna.yaml, then /etc/aeterna/aeterna.yaml', () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-config-'));
+    const dir = tempDir('aeterna-config-');
     try {
       const env = { AETERNA_CONFIG: '/from/env.yaml' };
       assert.equal(resolveConfigPath('/explicit.yaml', env, dir), '/explicit.yaml');

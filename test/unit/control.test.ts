@@ -6,7 +6,6 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import pino from 'pino';
@@ -15,6 +14,7 @@ import { native } from '../../src/native/binding';
 import { startControlServer, type ControlServer, type ControlServerOptions } from '../../src/control/server';
 import { call, request } from '../../src/control/client';
 import { LineDecoder, parseRequest, type ServerMessage } from '../../src/control/protocol';
+import { tempDir } from '../helpers/aeterna';
 import type { ControlApi, ReloadEvent, ReloadOutcome, ReloadRecord, StatusReport } from '../../src/orchestrator/types';
 
 /** The events the fake reload emits, in order (the 'outcome' event last). */
@@ -152,10 +152,6 @@ function memoryLogger(): { log: pino.Logger; lines: Array<{ level: number; msg: 
   return { log: pino({ level: 'debug' }, sink), lines };
 }
 
-function tempDir(): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-control-'));
-}
-
 /** Write raw bytes, collect every reply line until the server closes the connection. */
 function rawExchange(
   socketPath: string,
@@ -199,7 +195,7 @@ describe('control socket', { timeout: 60000 }, () => {
   }
 
   before(async () => {
-    dir = tempDir();
+    dir = tempDir('aeterna-control-');
     socketPath = path.join(dir, 'run', 'control.sock'); // run/ does not exist yet: the server creates it
     api = new FakeApi();
     logs = memoryLogger();

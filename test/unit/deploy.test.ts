@@ -6,7 +6,6 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import ts from 'typescript';
@@ -14,7 +13,7 @@ import { parseAllDocuments } from 'yaml';
 import { validate as lintDockerfile } from 'dockerfile-utils';
 import { parseConfig } from '../../src/config/load';
 import type { Config } from '../../src/config/types';
-import { ROOT, dockerIgnored } from '../helpers/aeterna';
+import { ROOT, dockerIgnored, tempDir } from '../helpers/aeterna';
 
 const K8S = path.join(ROOT, 'deploy', 'kubernetes');
 const FLEET_RELOAD = path.join(K8S, 'fleet-reload.sh');
@@ -516,7 +515,7 @@ describe('Kubernetes example: code synced by a sidecar, reloaded by orchestratio
 
 /** A fake kubectl on PATH: records each call, lists $FAKE_PODS, and exits from exec with $FAKE_EXIT_<pod>. */
 function fakeKubectl(): { bin: string; log: string } {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-fleet-'));
+  const dir = tempDir('aeterna-fleet-');
   const bin = path.join(dir, 'bin');
   fs.mkdirSync(bin);
   const log = path.join(dir, 'calls.log');

@@ -15,7 +15,7 @@ import vm from 'node:vm';
 import { native, READABLE, WRITABLE } from '../../src/native/binding';
 import type { ExitInfo, Poller, SpawnOptions } from '../../src/native/binding';
 import { signalIfAlive } from '../../src/supervisor/signal';
-import { ROOT } from '../helpers/aeterna';
+import { ROOT, tempDir } from '../helpers/aeterna';
 
 const fixture = (name: string): string => path.join(ROOT, 'test', 'fixtures', 'native', name);
 const { errno: E, signals } = os.constants;
@@ -30,7 +30,7 @@ let tmp = '';
 let devnull = -1;
 
 before(() => {
-  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-native-'));
+  tmp = tempDir('aeterna-native-');
   fs.chmodSync(tmp, 0o777); // writable by the child that drops to nobody
   devnull = fs.openSync('/dev/null', 'r+');
   // Grandchildren whose parent dies become ours, as they do for the supervisor.

@@ -5,10 +5,9 @@
 import { describe, it, before, after, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
-import { fixture, freePort, ROOT } from '../../helpers/aeterna';
+import { fixture, freePort, ROOT, tempDir } from '../../helpers/aeterna';
 import { cli, Daemon, type CliResult } from '../../helpers/daemon';
 import { AeternaError } from '../../../src/errors';
 import { startControlServer, type ControlServer } from '../../../src/control/server';
@@ -159,7 +158,7 @@ describe('aeterna CLI', { timeout: 120000 }, () => {
   let server: ControlServer;
 
   before(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-cli-'));
+    dir = tempDir('aeterna-cli-');
     socketPath = path.join(dir, 'control.sock');
     configFile = path.join(dir, 'aeterna.yaml');
     fs.writeFileSync(

@@ -6,9 +6,8 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
-import { CLI, ROOT, fixture, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
+import { CLI, ROOT, fixture, freePort, pidNamespaceUnavailable, tempDir } from '../../helpers/aeterna';
 import { Daemon, socketOf } from '../../helpers/daemon';
 import { EventHub, MAX_SUBSCRIBERS } from '../../../src/control/events';
 import { startControlServer } from '../../../src/control/server';
@@ -192,7 +191,7 @@ describe('aeterna events', { skip: pidNamespaceUnavailable() ?? false, timeout: 
   });
 
   it('lets subscribers take at most half of the control connections, so a command still gets through', async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aeterna-events-'));
+    const dir = tempDir('aeterna-events-');
     const hub = new EventHub(createLogger('silent'));
     const api = {
       status: () => ({ state: 'Running' }) as unknown as StatusReport,

@@ -7,7 +7,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
-import { fixture, freePort, pidNamespaceUnavailable, runAeterna, type LogLine } from '../../helpers/aeterna';
+import { fixture, freePort, pidNamespaceUnavailable, runAeterna, type LogLine, tempDir } from '../../helpers/aeterna';
 import { Daemon, statusOf, type ConfigOptions } from '../../helpers/daemon';
 import { getText } from '../../helpers/load';
 import { NotifySocket } from '../../../src/resources/notify';
@@ -198,7 +198,7 @@ describe('fd store floods are bounded in log lines', { skip: skip ?? false, time
 
 describe('other notify floods are bounded in log lines', { skip: skip ?? false, timeout: 300000 }, () => {
   it('10,000 invalid WATCHDOG_USEC= from the app and 5,000 FDSTORE=1 from a stranger: fewer than 50 log lines', async () => {
-    const go = path.join(fs.mkdtempSync('/tmp/aeterna-flood-'), 'go');
+    const go = path.join(tempDir('aeterna-flood-'), 'go');
     const d = await started({
       plan: { '1': ['usecflood 10000', `waitfile ${go}`, 'status flooded', 'ready'] },
       service: '  fdstore_max: 4\n  watchdog: "1h"\n',
@@ -229,7 +229,7 @@ for i in range(5000):
 describe('readiness modes mean what they say', { skip: skip ?? false, timeout: 120000 }, () => {
   for (const mode of ['delay', 'exec'] as const) {
     it(`mode ${mode}: an app that sends READY=1 at once but serves later is not ready before it serves`, async () => {
-      const marker = path.join(fs.mkdtempSync('/tmp/aeterna-ready-'), 'serving');
+      const marker = path.join(tempDir('aeterna-ready-'), 'serving');
       const readiness =
         mode === 'delay'
           ? '{ mode: "delay", delay: "8s", timeout: "60s" }'

@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
-import { fixture, freePort, pidNamespaceUnavailable } from '../../helpers/aeterna';
+import { fixture, freePort, pidNamespaceUnavailable, tempDir } from '../../helpers/aeterna';
 import { Daemon, statusOf } from '../../helpers/daemon';
 import { getText, metricSample } from '../../helpers/load';
 import { NotifySocket } from '../../../src/resources/notify';
@@ -124,7 +124,7 @@ describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000
   });
 
   it("over fdstore_max the datagram's fds are refused, logged and closed: Aeterna's fd count is back to its baseline plus the stored ones", async () => {
-    const go = path.join(fs.mkdtempSync('/tmp/aeterna-fdstore-'), 'go');
+    const go = path.join(tempDir('aeterna-fdstore-'), 'go');
     const d = await started(
       { '1': ['ready', `waitfile ${go}`, 'storemany many 3', 'store extra x'] },
       '  fdstore_max: 2\n',
@@ -145,7 +145,7 @@ describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000
   });
 
   it('with fdstore_max 0 (the default) FDSTORE=1 is refused and its fds closed', async () => {
-    const go = path.join(fs.mkdtempSync('/tmp/aeterna-fdstore-'), 'go');
+    const go = path.join(tempDir('aeterna-fdstore-'), 'go');
     const d = await started({ '1': ['ready', `waitfile ${go}`, 'storemany many 3'] }, '');
     await d.run.waitFor(/DONE ready generation 1/);
     const baseline = await aeternaFds(d);
@@ -156,7 +156,7 @@ describe('fd store (service.fdstore_max)', { skip: skip ?? false, timeout: 60000
   });
 
   it('a stored socket whose peer hangs up is dropped; one stored with FDPOLL=0 is kept', async () => {
-    const go = path.join(fs.mkdtempSync('/tmp/aeterna-fdstore-'), 'go');
+    const go = path.join(tempDir('aeterna-fdstore-'), 'go');
     const metricsPort = await freePort();
     const d = await started(
       { '1': ['storesock watched', 'storesock kept nopoll', 'ready', `waitfile ${go}`, 'hangup'], '*': ['ready'] },
@@ -196,7 +196,7 @@ socket.send_fds(s, [b'FDSTORE=1\\nFDNAME=stranger'], [fd])`;
 
 describe('watchdog (service.watchdog)', { skip: skip ?? false, timeout: 60000 }, () => {
   it('a hung app (it stops sending WATCHDOG=1) gets SIGABRT, counts as crashed and is restarted with its stored fds', async () => {
-    const go = path.join(fs.mkdtempSync('/tmp/aeterna-watchdog-'), 'go');
+    const go = path.join(tempDir('aeterna-watchdog-'), 'go');
     const metricsPort = await freePort();
     const d = await started(
       {

@@ -4,7 +4,7 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CLI, fixture, freePort } from '../../helpers/aeterna';
+import { CLI, fixture, freePort, tempDir } from '../../helpers/aeterna';
 import { Daemon, assertServedInPlace, statusOf, upgradeTimes } from '../../helpers/daemon';
 import { getJson, startLoad } from '../../helpers/load';
 import { fdCountAtRest } from '../../../bench/soak';
@@ -158,7 +158,7 @@ describe('aeterna upgrade', { timeout: 240000 }, () => {
 
   it('an app that connects to the state relay while the upgrade target is being checked: its connection is carried over too (none is cut)', async () => {
     const port = await freePort();
-    const dir = fs.mkdtempSync(path.join(fs.realpathSync('/tmp'), 'aeterna-upgrade-race-'));
+    const dir = fs.realpathSync(tempDir('aeterna-upgrade-race-'));
     const file = (name: string): string => path.join(dir, name);
     // The app connects to the relay only once told to (the same process: sh execs the relay client).
     const app = `while [ ! -e ${file('connect')} ]; do sleep 0.02; done; exec ${JSON.stringify(process.execPath)} ${JSON.stringify(fixture('apps', 'srp_peer.js'))} hang`;
