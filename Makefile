@@ -16,7 +16,11 @@ DAEMON_TESTS := $(call tests_in,test/daemon)
 SDK_TESTS := $(call tests_in,test/sdk)
 ENDURANCE_TESTS := $(call tests_in,test/endurance)
 PACKAGING_TESTS := $(call tests_in,test/packaging)
-TESTS ?= $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS) $(PACKAGING_TESTS) $(ENDURANCE_TESTS)
+# The slowest tiers first: the runner starts files in this order, so the short unit files fill the last slots instead
+# of one long file running alone at the end.
+TESTS ?= $(ENDURANCE_TESTS) $(SDK_TESTS) $(DAEMON_TESTS) $(PACKAGING_TESTS) $(UNIT_TESTS)
+# Files run at once. Most daemon tests wait on processes, not on the CPU: 3 keep both cores busy.
+TEST_CONCURRENCY ?= 3
 
 .PHONY: all build demo lint format test test-unit test-fast test-packaging bench soak streams clean prebuild standalone java-sdk
 
@@ -54,17 +58,17 @@ format: $(NODE_MODULES)
 # `make test` lints, then runs every tier, and is what CI runs (.ci/run); `make test-unit` and `make test-fast` are
 # the shorter loops while working.
 test: lint build
-	node --test --test-concurrency=2 $(TESTS)
+	node --test --test-concurrency=$(TEST_CONCURRENCY) $(TESTS)
 
 test-unit: build
-	node --test --test-concurrency=2 $(UNIT_TESTS)
+	node --test --test-concurrency=$(TEST_CONCURRENCY) $(UNIT_TESTS)
 
 test-fast: build
-	node --test --test-concurrency=2 $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS)
+	node --test --test-concurrency=$(TEST_CONCURRENCY) $(UNIT_TESTS) $(DAEMON_TESTS) $(SDK_TESTS)
 
 # What users install: the self-contained build, the SDK packages, the images, an install without the addon.
 test-packaging: build
-	node --test --test-concurrency=2 $(PACKAGING_TESTS)
+	node --test --test-concurrency=$(TEST_CONCURRENCY) $(PACKAGING_TESTS)
 
 # Benchmarks against the alternatives (bench/README.md), then long-lived streams and WebSocket sessions across
 # reloads (make streams), then several instances per generation against pm2 -i (bench/instances.ts); `make test`

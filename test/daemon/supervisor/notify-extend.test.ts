@@ -86,7 +86,8 @@ describe('sd_notify EXTEND_TIMEOUT_USEC= and STATUS= (as PID 1)', { skip: skip ?
     // readiness.timeout is 5s; the new generation keeps extending for 8s by its own clock before READY=1.
     reconfigure(['extend', '8']);
     const r = await d.cli('reload', '--json');
-    assert.equal(r.code, 0, r.stdout + r.stderr);
+    // Aeterna's output ends the message: the app's stderr (a traceback) goes there.
+    assert.equal(r.code, 0, `${r.stdout}${r.stderr}\nAeterna's output:\n${d.run.stdout}${d.run.stderr.slice(-6000)}`);
     const record = JSON.parse(r.stdout.trim().split('\n').pop()!) as { outcome: string };
     assert.equal(record.outcome, 'promoted');
     const extended = /EXTENDED (\d+) times over ([\d.]+)s/.exec(d.run.stdout);
