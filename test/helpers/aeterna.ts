@@ -1,7 +1,7 @@
 // Test harness: runs the real `aeterna` CLI as a child of the test, optionally
 // as PID 1 of a fresh PID namespace (unshare --pid --fork --mount-proc).
 // Tests may use child_process: the ban on it applies to the supervisor only.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { after } from 'node:test';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -28,18 +28,8 @@ export function fixture(...parts: string[]): string {
   return path.join(ROOT, 'test', 'fixtures', ...parts);
 }
 
-let unshareChecked: string | null | undefined;
-/** Why PID-namespace tests cannot run here, or null when they can. */
-export function pidNamespaceUnavailable(): string | null {
-  if (unshareChecked === undefined) {
-    const r = spawnSync('unshare', ['--pid', '--fork', '--mount-proc', 'true'], { stdio: 'ignore' });
-    unshareChecked =
-      r.status === 0
-        ? null
-        : `unshare --pid --fork --mount-proc is not possible here (${r.error?.message ?? `exit ${r.status}`}); needs root`;
-  }
-  return unshareChecked;
-}
+// Why PID-namespace tests cannot run here, or null when they can: the benches ask the same.
+export { pidNamespaceUnavailable } from '../../bench/common';
 
 /** Every directory tempDir made in this process: removed when a test file ends (see `runs` below). */
 const dirs: string[] = [];
