@@ -40,11 +40,12 @@ import { describeExit, exitCodeOf, exitRecord } from '../supervisor/exit';
 import type { Reaper } from '../supervisor/reaper';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
-import { DumpFailed, type RelayRole, type StateRelay } from './relay';
+import type { RelayRole, StateRelay } from './relay';
+import { ReloadRelay } from './reload-relay';
 import { RestartBudget } from './restart';
 import { RetiringGenerations } from './retiring';
 import { AppNotices } from './app-notices';
-import { InstanceSet } from './instance-set';
+import { InstanceSet, instanceName } from './instance-set';
 import { newReloadRun, publish, recordPhase, type CanarySplit, type ReloadRun } from './reload-run';
 import { Watchdog } from './watchdog';
 import type {
@@ -125,6 +126,8 @@ export class Orchestrator implements ControlApi {
   private readonly carryListeners: Array<() => void> = [];
   /** The reload in flight, from its request to its outcome. */
   private inFlight: ReloadRun | null = null;
+  /** The state relay's part of each reload: the relay at Handover, the final sync at promotion. */
+  private readonly reloadRelay: ReloadRelay;
   private readonly readinessSources: ReadinessSource[];
   /** The readiness watch of each serving instance not yet ready (at start, or restarted alone). */
   private readonly startupWatches = new Map<Generation, ReadinessWatch>();
@@ -166,6 +169,20 @@ export class Orchestrator implements ControlApi {
     this.config = config;
     this.stopped = new Promise((resolve) => (this.resolveStopped = resolve));
     this.retiring = new RetiringGenerations(deps.log, deps.metrics);
+    this.reloadRelay = new ReloadRelay({
+      relay: deps.relay,
+      log: deps.log,
+      metrics: deps.metrics,
+      serving: () => this.serving,
+      candidate: () => this.candidate,
+      draining: () => this.draining,
+      stillCurrent: (run, state) => this.stillCurrent(run, state),
+      fire: (event) => this.fire(event),
+      phase: (phase, detail) => this.phase(phase, detail),
+      emit: (event) => this.emit(event),
+      rollBack: (event, reason, code) => this.rollBack(event, reason, code),
+      promoteWhenDone: (run) => this.promoteWhenDone(run),
+    });
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     deps.notify.on('message', (m) => this.storeFds(m));
@@ -389,9 +406,7 @@ export class Orchestrator implements ControlApi {
 
   /** "generation 3" with one instance, "generation 3 instance 1" with more: how logs and reasons name an instance. */
   private nameOf(gen: Generation, set: InstanceSet | null = this.setOf(gen)): string {
-    return set !== null && set.size > 1
-      ? `generation ${gen.number} instance ${set.indexOf(gen)}`
-      : `generation ${gen.number}`;
+    return instanceName(gen, set);
   }
 
   /** The set `gen` is a current instance of (serving, candidate or draining), or null. */
@@ -821,7 +836,7 @@ export class Orchestrator implements ControlApi {
 
   /** What the relay gives new instance `instance`: the state of old instance `instance`, the latest checkpoint where there is none, or nothing. */
   private roleOf(run: ReloadRun, instance: number): RelayRole {
-    if (!this.relays(run)) return 'stateless';
+    if (!this.reloadRelay.relays(run)) return 'stateless';
     return this.serving?.at(instance) !== undefined ? 'candidate' : 'fresh';
   }
 
@@ -855,7 +870,7 @@ export class Orchestrator implements ControlApi {
     );
     run.awaiting = new Set(['ready', 'relay']);
     this.awaitReadiness(run, started);
-    this.relayState(run, started);
+    this.reloadRelay.relayState(run, started);
   }
 
   /** 4. Wait until the new instances say they are ready (or one's readiness times out: a rollback). */
@@ -880,143 +895,6 @@ export class Orchestrator implements ControlApi {
         },
       );
     }
-  }
-
-  /**
-   * Whether `run` relays the state: the relay runs (state_handoff.enabled at start) and the config this reload
-   * read still enables it (docs/configuration.md: turning it off takes effect at the next reload).
-   */
-  private relays(run: ReloadRun): boolean {
-    return this.deps.relay !== null && run.config.orchestration.stateHandoff.enabled;
-  }
-
-  /**
-   * 5. Relay the old generation's state to the new one (nothing to do without the relay): old instance i to new
-   * instance i. A new instance with no old one of its number (service.instances grew) was offered the latest
-   * checkpoint of its instance number when it was attached ('fresh'); an old one with no new one of its number
-   * (it shrank) gives nothing (its checkpoint is kept).
-   */
-  private relayState(run: ReloadRun, started: Generation[]): void {
-    const relay = this.deps.relay;
-    const old = this.serving;
-    const next = this.candidate!;
-    if (relay && !this.relays(run) && started.includes(next.at(0)!)) {
-      this.deps.log.warn(
-        { reload: run.record.id, generation: next.number },
-        `orchestration.state_handoff.enabled is off in ${run.config.file}: no state is relayed; generation ${next.number} starts without state`,
-      );
-    }
-    const pairs = started.flatMap((n) => {
-      const o = old?.at(next.indexOf(n));
-      return o === undefined ? [] : [[o, n] as const];
-    });
-    if (!relay || !old || !this.relays(run) || pairs.length === 0) {
-      run.awaiting.delete('relay');
-      return;
-    }
-    this.phase(
-      'relaying',
-      next.size > 1
-        ? `instance${pairs.length > 1 ? 's' : ''} ${pairs.map(([, n]) => next.indexOf(n)).join(', ')}`
-        : undefined,
-    );
-    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    const abort = new AbortController(); // this batch's: the reload's relayAbort ends every batch's
-    run.checkpointAborts.push(abort);
-    run.timers.push(
-      setTimeout(() => abort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
-    );
-    const began = performance.now();
-    const progress = (p: { bytes: number; total: number }): void =>
-      this.emit({
-        type: 'relay',
-        reload: run.record.id,
-        bytes: p.bytes,
-        total: p.total,
-        rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)),
-      });
-    void Promise.all(pairs.map(([o, n]) => this.relayInstance(run, relay, o, n, progress, abort.signal))).then(
-      (results) => {
-        if (!this.stillCurrent(run, 'Handover')) return;
-        const bytes = results.reduce((sum, r) => sum + r.bytes, 0);
-        const checkpoint = results.find((r) => r.from !== null)?.from;
-        if (checkpoint === undefined) this.deps.metrics.stateRelayed(bytes, (performance.now() - began) / 1000);
-        else this.deps.metrics.stateRelayed(bytes);
-        this.fire('state-relayed');
-        this.phase(
-          'relayed',
-          `${bytes} bytes${checkpoint !== undefined && results.length === 1 ? ` from ${checkpoint}` : ''}`,
-        );
-        run.awaiting.delete('relay');
-        this.promoteWhenDone(run);
-      },
-      (err: Error) => {
-        if (this.stillCurrent(run, 'Handover')) this.rollBack('relay-failed', err.message, 'E_RELAY_FAILED');
-      },
-    );
-  }
-
-  /**
-   * One instance's relay: the state of `old` to `next`, or the latest checkpoint when `old` could not dump and
-   * on_dump_failure is checkpoint. Rejects with the rollback's reason.
-   */
-  private relayInstance(
-    run: ReloadRun,
-    relay: StateRelay,
-    old: Generation,
-    next: Generation,
-    progress: (p: { bytes: number; total: number }) => void,
-    signal: AbortSignal,
-  ): Promise<{ bytes: number; from: string | null }> {
-    const set = this.candidate!;
-    const which = set.size > 1 ? `instance ${set.indexOf(next)}: ` : '';
-    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    const both = AbortSignal.any([signal, run.relayAbort.signal]);
-    return relay.relay(old, next, progress, both, timeoutMs).then(
-      ({ bytes }) => ({ bytes, from: null }),
-      (err: Error) => {
-        const fallBack =
-          err instanceof DumpFailed && run.config.orchestration.stateHandoff.onDumpFailure === 'checkpoint';
-        if (fallBack && relay.lastCheckpoint(next.instance) && this.stillCurrent(run, 'Handover'))
-          return this.relayCheckpoint(run, old, next, err.message);
-        const none = fallBack
-          ? `; no checkpoint${set.size > 1 ? ` of instance ${next.instance}` : ''} is stored to go on with (on_dump_failure: checkpoint)`
-          : '';
-        throw new Error(`state relay failed: ${which}${err.message}${none}`);
-      },
-    );
-  }
-
-  /** 5b. on_dump_failure: checkpoint: the old instance could not dump, so the new one loads its instance's latest checkpoint. */
-  private relayCheckpoint(
-    run: ReloadRun,
-    old: Generation,
-    next: Generation,
-    why: string,
-  ): Promise<{ bytes: number; from: string }> {
-    const relay = this.deps.relay!;
-    const c = relay.lastCheckpoint(next.instance)!;
-    const what = `checkpoint ${c.seq} (${c.size} bytes, ${formatDuration(c.age_ms)} old)`;
-    const name = this.nameOf(old, this.serving);
-    this.deps.log.warn(
-      { reload: run.record.id, generation: old.number, seq: c.seq, age_ms: c.age_ms, reason: why },
-      `${name} could not dump its state (${why}): going on with ${what} (on_dump_failure: checkpoint)`,
-    );
-    this.phase('relaying', `${what}: ${name} could not dump (${why})`);
-    run.fromCheckpoint.add(Math.max(0, this.candidate!.indexOf(next)));
-    // The first signal may be spent on the failed dump (its timeout): the checkpoint's load gets one of its own.
-    const abort = new AbortController();
-    run.checkpointAborts.push(abort);
-    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    run.timers.push(
-      setTimeout(() => abort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
-    );
-    return relay.restoreCheckpoint(next, abort.signal, timeoutMs).then(
-      ({ bytes }) => ({ bytes, from: what }),
-      (err: Error) => {
-        throw new Error(`state relay failed: ${why}; loading ${what} instead failed too: ${err.message}`);
-      },
-    );
   }
 
   /** 6. Ready and relayed: the next batch of a rolling reload, or promote at once (immediate) or soak first (canary). */
@@ -1075,8 +953,10 @@ export class Orchestrator implements ControlApi {
       this.stopWatchdog(o);
       void o.stop(stopMs);
       const sync =
-        this.relays(run) && !run.fromCheckpoint.has(i) ? this.finalSyncOne(run, o, next.at(i)!) : Promise.resolve();
-      if (!this.relays(run) || run.fromCheckpoint.has(i)) this.deps.relay?.release(o);
+        this.reloadRelay.relays(run) && !run.fromCheckpoint.has(i)
+          ? this.reloadRelay.finalSyncOne(run, o, next.at(i)!)
+          : Promise.resolve();
+      if (!this.reloadRelay.relays(run) || run.fromCheckpoint.has(i)) this.deps.relay?.release(o);
       await Promise.all([o.exited, sync]);
     });
     void Promise.all(steps).then(() => {
@@ -1153,7 +1033,7 @@ export class Orchestrator implements ControlApi {
     if (!old || !old.alive) return this.finishDrain();
     // An old one that could not dump is not asked again; with the relay off in this reload's config, none is; an
     // old instance with no new one of its number (service.instances shrank) has no one to give its changes to.
-    const syncs = !this.relays(run)
+    const syncs = !this.reloadRelay.relays(run)
       ? []
       : live.flatMap((o) => {
           const i = old.indexOf(o);
@@ -1170,7 +1050,7 @@ export class Orchestrator implements ControlApi {
       // End of file: no final dump will be asked of these (docs/srp.md, step 5).
       for (const o of live) if (!syncs.some(([x]) => x === o)) this.deps.relay?.release(o);
     });
-    const synced = syncs.length > 0 ? this.finalSync(run, syncs) : null;
+    const synced = syncs.length > 0 ? this.reloadRelay.finalSync(run, syncs) : null;
     void Promise.all([stopped, synced]).then(() => {
       if (this.stillCurrent(run, 'Draining')) this.finishDrain();
     });
@@ -1200,43 +1080,6 @@ export class Orchestrator implements ControlApi {
     } catch (err) {
       this.deps.log.error({ err }, 'restoring the listener set after a rollback failed');
     }
-  }
-
-  /**
-   * At promotion: carry what each old instance changed since its first dump to the new instance of its number.
-   * Best effort: the promotion stands. Resolves once all settled, relayed or lost (within state_handoff.timeout).
-   */
-  private finalSync(run: ReloadRun, pairs: ReadonlyArray<readonly [Generation, Generation]>): Promise<void> {
-    return Promise.all(pairs.map(([o, n]) => this.finalSyncOne(run, o, n))).then((ok) => {
-      if (this.stillCurrent(run, 'Draining')) this.fire(ok.every(Boolean) ? 'state-relayed' : 'relay-failed');
-    });
-  }
-
-  /** One old instance's final sync to its successor; resolves with whether it arrived (a loss is logged). */
-  private finalSyncOne(run: ReloadRun, old: Generation, next: Generation): Promise<boolean> {
-    const relay = this.deps.relay;
-    if (!relay || !this.relays(run)) return Promise.resolve(true);
-    const abort = new AbortController();
-    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), timeoutMs);
-    const set = this.draining?.has(old) === true ? this.draining : this.serving;
-    const name = set !== null && set.size > 1 ? `old instance ${set.indexOf(old)}` : 'old generation';
-    return relay.finalSync(old, next, abort.signal, timeoutMs).then(
-      ({ bytes }) => {
-        clearTimeout(timer);
-        this.deps.metrics.stateRelayed(bytes);
-        this.deps.log.info({ reload: run.record.id, bytes }, 'final state sync relayed');
-        return true;
-      },
-      (err: Error) => {
-        clearTimeout(timer);
-        this.deps.log.warn(
-          { reload: run.record.id, err: err.message },
-          `final state sync lost: changes made by the ${name} after the first dump did not reach the new one (${err.message})`,
-        );
-        return false;
-      },
-    );
   }
 
   /**
