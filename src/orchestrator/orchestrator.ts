@@ -18,6 +18,9 @@
 // back as a whole. Between reloads, an instance that exits is restarted alone (service.restart counts per instance)
 // while the others serve; with one instance that is the restart of the generation, as it always was.
 //
+// Beside this file: the state relay's part of a reload (reload-relay.ts), instance crashes and restarts between
+// reloads (instance-restarts.ts), and the run of one reload, its record and events (reload-run.ts).
+//
 // Invariants:
 // - A failed reload never touches `serving`: its process, its memory and the
 //   listeners it uses are left as they were.
@@ -42,7 +45,7 @@ import { IllegalTransitionError, StateMachine, type Event, type State } from './
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
 import type { RelayRole, StateRelay } from './relay';
 import { ReloadRelay } from './reload-relay';
-import { RestartBudget } from './restart';
+import { InstanceRestarts, type StartRecord } from './instance-restarts';
 import { RetiringGenerations } from './retiring';
 import { AppNotices } from './app-notices';
 import { InstanceSet, instanceName } from './instance-set';
@@ -52,7 +55,6 @@ import type {
   CarriedCounters,
   CarriedGeneration,
   ControlApi,
-  CrashEvent,
   GenerationInfo,
   GenerationUsage,
   InstanceInfo,
@@ -128,6 +130,8 @@ export class Orchestrator implements ControlApi {
   private inFlight: ReloadRun | null = null;
   /** The state relay's part of each reload: the relay at Handover, the final sync at promotion. */
   private readonly reloadRelay: ReloadRelay;
+  /** Serving instances that exit between reloads: restarted after their backoff (service.restart), or Aeterna stops. */
+  private readonly restarts: InstanceRestarts;
   private readonly readinessSources: ReadinessSource[];
   /** The readiness watch of each serving instance not yet ready (at start, or restarted alone). */
   private readonly startupWatches = new Map<Generation, ReadinessWatch>();
@@ -141,22 +145,13 @@ export class Orchestrator implements ControlApi {
   private readonly watchdogs = new Map<Generation, Watchdog>();
   /** Generations the watchdog fired on: their exit is a failure, whatever its code. */
   private readonly watchdogFired = new WeakSet<Generation>();
-  private restartTimer: NodeJS.Timeout | null = null;
   /** Old instances a rolled back rolling reload had stopped: started again when they have exited. */
   private readonly restartOnExit = new WeakSet<Generation>();
-  /** How many times each instance number of the serving generation was restarted alone since Aeterna started. */
-  private readonly instanceRestartCounts: number[] = [];
-  /** Serving instances waiting for their restart alone, by instance number. */
-  private readonly instanceRestarts = new Map<number, NodeJS.Timeout>();
   private generations = 0;
   private reloads = 0;
-  private restarts = 0;
   private lastReload: ReloadRecord | null = null;
-  /** service.restart's budget, per instance number (the crash loop limit counts per instance). */
-  private readonly budgets: RestartBudget[] = [];
   private startedAt = new Date();
   private lastExit: ExitInfo | null = null;
-  private lastCrash: CrashEvent | null = null;
   private exitCode: number | null = null;
   private stopRequests = 0;
   private readonly stopped: Promise<number>;
@@ -182,6 +177,25 @@ export class Orchestrator implements ControlApi {
       emit: (event) => this.emit(event),
       rollBack: (event, reason, code) => this.rollBack(event, reason, code),
       promoteWhenDone: (run) => this.promoteWhenDone(run),
+    });
+    this.restarts = new InstanceRestarts({
+      log: deps.log,
+      metrics: deps.metrics,
+      onEvent: deps.onEvent,
+      stderrTail: deps.stderrTail,
+      serving: () => this.serving,
+      state: () => this.fsm.state,
+      policy: () => this.config.service.restart,
+      fire: (event) => this.fire(event),
+      exited: (gen, info) => this.endStart(gen, info),
+      startServing: () => this.startServing(),
+      spawnAlone: (set, instance) =>
+        this.spawnInstances(set, this.config, () => 'fresh', this.deps.listeners.list(), [instance])[0],
+      watchStart: (gen) => this.watchStart(gen),
+      exit: (code, reason) => {
+        this.exitCode = code;
+        this.stop(reason);
+      },
     });
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
@@ -218,7 +232,7 @@ export class Orchestrator implements ControlApi {
    * Running (no reload, no restart pending): otherwise it throws E_RELOAD_BUSY or E_ILLEGAL_TRANSITION.
    */
   carry(): { fds: never[]; part: { generations: CarriedGeneration[]; counters: CarriedCounters } } {
-    const restarting = this.instanceRestarts.size + this.startupWatches.size;
+    const restarting = this.restarts.pending + this.startupWatches.size;
     if (this.inFlight === null && this.fsm.state === 'Running' && restarting > 0) {
       throw new AeternaError(
         'E_RELOAD_BUSY',
@@ -235,7 +249,7 @@ export class Orchestrator implements ControlApi {
     }
     const counters = {
       reloads: this.reloads,
-      restarts: this.restarts,
+      restarts: this.restarts.total,
       generations: this.generations,
       last_reload: this.lastReload,
       started_at: this.startedAt.toISOString(),
@@ -281,7 +295,7 @@ export class Orchestrator implements ControlApi {
   ): Promise<number> {
     const instances = Array.isArray(serving) ? serving : [serving];
     this.reloads = counters.reloads;
-    this.restarts = counters.restarts;
+    this.restarts.total = counters.restarts;
     this.generations = counters.generations;
     this.lastReload = counters.last_reload;
     this.startedAt = new Date(counters.started_at);
@@ -348,10 +362,6 @@ export class Orchestrator implements ControlApi {
   /** service.instances of `config`. */
   private instanceCount(config: Config): number {
     return config.service.instances ?? 1;
-  }
-
-  private budget(instance: number): RestartBudget {
-    return (this.budgets[instance] ??= new RestartBudget(this.config.service.restart));
   }
 
   private extraEnv(gen: number): Record<string, string> {
@@ -467,7 +477,6 @@ export class Orchestrator implements ControlApi {
 
   /** Starting: spawn the serving generation (each of its instances) and wait for every one to be ready. */
   private startServing(): void {
-    this.restartTimer = null;
     // A generation started here has no live predecessor to dump: attached 'fresh', the relay offers each instance
     // the latest checkpoint as its initial load (SrpCoordinator.sendCheckpoint, docs/srp.md "Checkpoints").
     const set = this.newSet(this.config);
@@ -541,125 +550,17 @@ export class Orchestrator implements ControlApi {
   }
 
   /**
-   * A serving instance exited outside a reload (or its drain): restart it, or stop. With one instance that is the
-   * restart of the generation (Starting again, a new generation number); with more, the instance is restarted alone
-   * in its slot, with its own backoff and crash loop count, and the others serve on (the state does not change).
+   * Serving instance `gen` exited and goes through service.restart (InstanceRestarts.handleCrash): Aeterna exits
+   * with its exit from now on, and its start is over. How its start went decides what its exit counts as.
    */
-  private handleCrash(gen: Generation, info: ExitInfo): void {
-    const set = this.serving!;
-    const instance = Math.max(0, set.indexOf(gen));
+  private endStart(gen: Generation, info: ExitInfo): StartRecord {
     this.lastExit = info;
     this.cancelStartWatch(gen);
-    const wasReady = this.readyInstances.has(gen);
+    const ready = this.readyInstances.has(gen);
     // Died before it was ready: the checkpoint it was offered, if any, counts one failed load.
-    if (!wasReady) this.deps.relay?.startOutcome(gen, false);
-    const failed = this.neverReady.has(gen) || this.watchdogFired.has(gen);
-    const decision = this.budget(instance).decide(info, Date.now(), failed);
-    const fields = { generation: gen.number, ...(set.size > 1 ? { instance } : {}) };
-    const reason = this.watchdogFired.has(gen)
-      ? 'watchdog'
-      : !wasReady
-        ? 'start_failed'
-        : info.code === 0 && info.signal === null
-          ? 'exited'
-          : 'crashed';
-    this.lastCrash = {
-      type: 'crash',
-      at: new Date().toISOString(),
-      generation: gen.number,
-      ...(set.size > 1 ? { instance } : {}),
-      pid: gen.pid,
-      exit: exitRecord(info),
-      reason,
-      restart_in_ms: decision.restart ? decision.delayMs : null,
-      stderr_tail: this.deps.stderrTail?.(gen.number, gen.instance) ?? null,
-    };
-    this.deps.onEvent?.(this.lastCrash);
-    if (decision.restart) {
-      this.restarts++;
-      this.instanceRestartCounts[instance] = (this.instanceRestartCounts[instance] ?? 0) + 1;
-      this.deps.metrics.childRestarted(reason);
-      const alone = set.size > 1 ? `${this.nameOf(gen, set)} ` : 'app ';
-      this.deps.log.warn(
-        {
-          ...fields,
-          child: gen.pid,
-          exit_code: exitCodeOf(info),
-          attempt: decision.attempt,
-          backoff_ms: decision.delayMs,
-        },
-        `${alone}${describeExit(info)}: restarting ${set.size > 1 ? 'it alone ' : ''}in ${formatDuration(decision.delayMs)}`,
-      );
-      if (set.size > 1) {
-        clearTimeout(this.instanceRestarts.get(instance));
-        this.instanceRestarts.set(
-          instance,
-          setTimeout(() => this.restartInstance(set, instance), decision.delayMs),
-        );
-        return;
-      }
-      this.fire('exited'); // Starting
-      this.restartTimer = setTimeout(() => {
-        this.startServing();
-        const next = this.serving;
-        if (next !== null && !next.has(gen))
-          this.deps.onEvent?.({
-            type: 'restart',
-            at: new Date().toISOString(),
-            generation: next.number,
-            pid: next.pid,
-            attempt: decision.attempt,
-          });
-      }, decision.delayMs);
-      return;
-    }
-    (decision.crashLoop ? this.deps.log.error.bind(this.deps.log) : this.deps.log.info.bind(this.deps.log))(
-      {
-        ...fields,
-        exit_code: decision.exitCode,
-        code: decision.crashLoop ? 'E_CRASH_LOOP' : 'E_CHILD_EXITED',
-      },
-      set.size > 1 ? `${this.nameOf(gen, set)}: ${decision.reason}` : decision.reason,
-    );
-    this.exitCode = decision.exitCode;
-    this.stop(decision.reason);
-  }
-
-  /**
-   * Start instance `instance` of `set` again, alone, in its slot (the generation's number, AETERNA_INSTANCE
-   * `instance`): attached 'fresh', it is offered its instance's latest checkpoint. Nothing when `set` no longer serves.
-   */
-  private restartInstance(set: InstanceSet, instance: number, why = 'restarted'): void {
-    this.instanceRestarts.delete(instance);
-    const state = this.fsm.state;
-    if (this.serving !== set || set.at(instance)?.alive === true || state === 'Stopping' || state === 'Stopped') return;
-    let gen: Generation;
-    try {
-      [gen] = this.spawnInstances(set, this.config, () => 'fresh', this.deps.listeners.list(), [instance]);
-    } catch (err) {
-      const e = err as AeternaError;
-      this.deps.log.error({ err, code: e.code, generation: set.number, instance }, e.message);
-      this.exitCode = 127;
-      this.stop(`generation ${set.number} instance ${instance} could not be started again`);
-      return;
-    }
-    this.deps.log.info(
-      { generation: set.number, instance, child: gen.pid },
-      `generation ${set.number} instance ${instance} ${why}`,
-    );
-    this.watchStart(gen);
-  }
-
-  /** Every instance of the serving generation that is gone goes through handleCrash (after a drain or a rollback). */
-  private reviveDead(): void {
-    const set = this.serving;
-    if (set === null) return;
-    for (let i = 0; i < set.size; i++) {
-      const gen = set.at(i);
-      if (gen !== undefined && !gen.alive && !this.instanceRestarts.has(i) && this.fsm.state !== 'Stopping')
-        this.handleCrash(gen, gen.exitInfo!);
-      if (set.size === 1) return; // the generation restarts as a whole
-    }
+    if (!ready) this.deps.relay?.startOutcome(gen, false);
+    const watchdog = this.watchdogFired.has(gen);
+    return { ready, failed: this.neverReady.has(gen) || watchdog, watchdog };
   }
 
   private onExit(gen: Generation, info: ExitInfo): void {
@@ -683,10 +584,10 @@ export class Orchestrator implements ControlApi {
     const run = this.inFlight;
     if (run !== null && run.replaced.has(gen)) return; // a rolling reload stopped it: awaited in rollOn
     if (this.restartOnExit.has(gen) && set !== null && set === this.serving)
-      return this.restartInstance(set, set.indexOf(gen), 'started again: its reload was rolled back');
+      return this.restarts.restartInstance(set, set.indexOf(gen), 'started again: its reload was rolled back');
     if (set !== null && set === this.serving) {
       this.lastExit = info;
-      if (state === 'Starting' || state === 'Running') return this.handleCrash(gen, info);
+      if (state === 'Starting' || state === 'Running') return this.restarts.handleCrash(gen, info);
       if (state === 'Draining') {
         this.fire('exited'); // the new generation died while the old one drains: restarted once the drain is done
         return;
@@ -1018,8 +919,7 @@ export class Orchestrator implements ControlApi {
     this.candidate = null;
     this.draining = old;
     // Restarts of old instances still pending are void: the new generation serves.
-    for (const t of this.instanceRestarts.values()) clearTimeout(t);
-    this.instanceRestarts.clear();
+    this.restarts.cancelAlone();
     run.record.serving_since = new Date().toISOString();
     const live = old?.live ?? [];
     this.phase(
@@ -1097,7 +997,7 @@ export class Orchestrator implements ControlApi {
     this.draining = null;
     this.drainStop = null;
     this.config = run?.config ?? this.config;
-    for (const b of this.budgets) b.update(this.config.service.restart);
+    this.restarts.updatePolicy(this.config.service.restart);
     const dropped = this.deps.fdStore.keepInstances(this.instanceCount(this.config));
     if (dropped > 0)
       this.deps.log.info(
@@ -1108,7 +1008,7 @@ export class Orchestrator implements ControlApi {
     this.releaseRetiredListeners();
     this.fire(event); // Running
     this.finish('promoted', null, null);
-    this.reviveDead(); // an instance that died while the promotion settled
+    this.restarts.reviveDead(); // an instance that died while the promotion settled
   }
 
   /** A retiring generation exited: it is forgotten (whatever its exit, no crash of the serving one, no restart). */
@@ -1171,9 +1071,9 @@ export class Orchestrator implements ControlApi {
     for (const g of run.replaced) {
       if (old === null || !old.has(g)) continue;
       if (g.alive) this.restartOnExit.add(g);
-      else this.restartInstance(old, old.indexOf(g), 'started again: its reload was rolled back');
+      else this.restarts.restartInstance(old, old.indexOf(g), 'started again: its reload was rolled back');
     }
-    this.reviveDead(); // an old instance died meanwhile
+    this.restarts.reviveDead(); // an old instance died meanwhile
   }
 
   private clearTimers(run: ReloadRun): void {
@@ -1231,9 +1131,7 @@ export class Orchestrator implements ControlApi {
     if (this.fsm.state !== 'Stopping') {
       this.deps.log.info({ reason, stop_timeout_ms: this.config.service.stopTimeoutMs }, `stopping: ${reason}`);
       this.fire('stop');
-      if (this.restartTimer) clearTimeout(this.restartTimer);
-      for (const t of this.instanceRestarts.values()) clearTimeout(t);
-      this.instanceRestarts.clear();
+      this.restarts.clear();
       for (const gen of [...this.startupWatches.keys()]) this.cancelStartWatch(gen);
       const run = this.inFlight;
       if (run) {
@@ -1311,7 +1209,7 @@ export class Orchestrator implements ControlApi {
         g === undefined
           ? 'pending'
           : !g.alive
-            ? this.instanceRestarts.has(i)
+            ? this.restarts.isPending(i)
               ? 'restarting'
               : 'exited'
             : ready
@@ -1322,7 +1220,7 @@ export class Orchestrator implements ControlApi {
         pid: g?.alive ? g.pid : null,
         state,
         ready,
-        restarts: set === this.serving ? (this.instanceRestartCounts[i] ?? 0) : 0,
+        restarts: set === this.serving ? this.restarts.countOf(i) : 0,
         started_at: g?.startedAt.toISOString() ?? null,
         fdstore: this.deps.fdStore.names(i),
         // Checkpoints are per instance number: the serving set's entries show them (one instance: `checkpoint` does).
@@ -1361,12 +1259,12 @@ export class Orchestrator implements ControlApi {
       previous: info(previous, previous !== null && previous === this.serving),
       candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
       retiring: this.retiring.info(),
-      restarts: this.restarts,
+      restarts: this.restarts.total,
       fdstore: this.deps.fdStore.names(),
       checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
       canary_weight: this.inFlight?.split?.weight ?? null,
       last_reload: this.inFlight?.record ?? this.lastReload,
-      last_crash: this.lastCrash,
+      last_crash: this.restarts.lastCrash,
       generations: this.liveGenerations().map((g) => ({
         generation: g.number,
         ...(g.instance > 0 ? { instance: g.instance } : {}),
