@@ -51,13 +51,12 @@ import { AppNotices } from './app-notices';
 import { InstanceSet, instanceName } from './instance-set';
 import { newReloadRun, publish, recordPhase, type CanarySplit, type ReloadRun } from './reload-run';
 import { Watchdog } from './watchdog';
+import { instancesOf, statusReport, type StatusView } from './status-report';
 import type {
   CarriedCounters,
   CarriedGeneration,
   ControlApi,
-  GenerationInfo,
   GenerationUsage,
-  InstanceInfo,
   OperatorEvent,
   ReloadEvent,
   ReloadPhase,
@@ -200,7 +199,7 @@ export class Orchestrator implements ControlApi {
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     deps.notify.on('message', (m) => this.storeFds(m));
-    deps.metrics.watchInstances(() => (this.serving ? this.instancesOf(this.serving) : []));
+    deps.metrics.watchInstances(() => (this.serving ? instancesOf(this.statusView(), this.serving) : []));
     this.notices = new AppNotices(
       deps.notify,
       deps.log,
@@ -1200,88 +1199,30 @@ export class Orchestrator implements ControlApi {
 
   // ---- status ------------------------------------------------------------------------------
 
-  /** Each instance of `set`: its pid (of the latest process in its slot), state, readiness and restarts. */
-  private instancesOf(set: InstanceSet): InstanceInfo[] {
-    return [...Array(set.size).keys()].map((i) => {
-      const g = set.at(i);
-      const ready = g !== undefined && g.alive && this.readyInstances.has(g);
-      const state: InstanceInfo['state'] =
-        g === undefined
-          ? 'pending'
-          : !g.alive
-            ? this.restarts.isPending(i)
-              ? 'restarting'
-              : 'exited'
-            : ready
-              ? 'ready'
-              : 'starting';
-      return {
-        instance: i,
-        pid: g?.alive ? g.pid : null,
-        state,
-        ready,
-        restarts: set === this.serving ? this.restarts.countOf(i) : 0,
-        started_at: g?.startedAt.toISOString() ?? null,
-        fdstore: this.deps.fdStore.names(i),
-        // Checkpoints are per instance number: the serving set's entries show them (one instance: `checkpoint` does).
-        ...(set === this.serving && set.size > 1 ? { checkpoint: this.deps.relay?.lastCheckpoint(i) ?? null } : {}),
-      };
-    });
+  status(): StatusReport {
+    return statusReport(this.statusView());
   }
 
-  status(): StatusReport {
-    const info = (g: InstanceSet | null, ready: boolean): GenerationInfo | null =>
-      g && g.alive
-        ? {
-            generation: g.number,
-            pid: g.pid,
-            started_at: g.startedAt.toISOString(),
-            ready,
-            app_status: this.notices.statusOf(g.live[0]),
-            ...(g.size > 1 ? { instances: this.instancesOf(g) } : {}),
-          }
-        : null;
-    // While a reload runs: the generation being replaced and the new one (before and after promotion alike).
-    const previous = this.draining ?? (this.candidate ? this.serving : null);
-    const next = this.draining ? this.serving : this.candidate;
+  /** What the status report reads, as it is now. */
+  private statusView(): StatusView {
     return {
       state: this.fsm.state,
-      service: this.config.service.name,
-      strategy: this.inFlight?.record.strategy ?? this.config.orchestration.strategy, // a reload runs with its own config's
-      generation: this.serving?.number ?? 0,
-      pid: this.serving?.alive ? this.serving.pid : null,
-      app_status: this.serving?.alive ? this.notices.statusOf(this.serving.live[0]) : null,
-      instances: this.serving ? this.instancesOf(this.serving) : [],
-      daemon_pid: process.pid,
-      uptime_ms: Date.now() - this.startedAt.getTime(),
-      started_at: this.startedAt.toISOString(),
-      listeners: this.deps.listeners.list().map((l) => ({ name: l.name, address: l.address, fd: l.fd })),
-      previous: info(previous, previous !== null && previous === this.serving),
-      candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
-      retiring: this.retiring.info(),
-      restarts: this.restarts.total,
-      fdstore: this.deps.fdStore.names(),
-      checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
-      canary_weight: this.inFlight?.split?.weight ?? null,
-      last_reload: this.inFlight?.record ?? this.lastReload,
-      last_crash: this.restarts.lastCrash,
-      generations: this.liveGenerations().map((g) => ({
-        generation: g.number,
-        ...(g.instance > 0 ? { instance: g.instance } : {}),
-        pid: g.pid,
-        role: this.serving?.has(g)
-          ? 'serving'
-          : this.candidate?.has(g)
-            ? 'candidate'
-            : this.draining?.has(g)
-              ? 'previous'
-              : 'retiring',
-        ...this.deps.resourcesOf?.(g),
-      })),
-      soak_remaining_ms:
-        this.fsm.state === 'Soaking' && this.inFlight?.soakEndsAt !== undefined
-          ? Math.max(0, this.inFlight.soakEndsAt - Date.now())
-          : null,
+      config: this.config,
+      serving: this.serving,
+      candidate: this.candidate,
+      draining: this.draining,
+      inFlight: this.inFlight,
+      startedAt: this.startedAt,
+      lastReload: this.lastReload,
+      restarts: this.restarts,
+      retiring: this.retiring,
+      notices: this.notices,
+      listeners: this.deps.listeners,
+      fdStore: this.deps.fdStore,
+      relay: this.deps.relay,
+      resourcesOf: this.deps.resourcesOf,
+      isReady: (gen) => this.readyInstances.has(gen),
+      liveGenerations: () => this.liveGenerations(),
     };
   }
 }
