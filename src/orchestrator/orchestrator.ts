@@ -18,8 +18,9 @@
 // back as a whole. Between reloads, an instance that exits is restarted alone (service.restart counts per instance)
 // while the others serve; with one instance that is the restart of the generation, as it always was.
 //
-// Beside this file: the state relay's part of a reload (reload-relay.ts), instance crashes and restarts between
-// reloads (instance-restarts.ts), and the run of one reload, its record and events (reload-run.ts).
+// Beside this file: the state relay's part of a reload (reload-relay.ts), the listeners and canary split of a reload
+// (reload-sockets.ts), instance crashes and restarts between reloads (instance-restarts.ts), the run of one reload, its
+// record and events (reload-run.ts), and the status report (status-report.ts).
 //
 // Invariants:
 // - A failed reload never touches `serving`: its process, its memory and the
@@ -34,7 +35,6 @@ import type { Metrics } from '../monitor/metrics';
 import type { ExitInfo } from '../native/binding';
 import type { Listener, ListenerSet } from '../resources/listeners';
 import type { PassedFd } from '../app-env';
-import type { Side } from '../resources/canary-split';
 import type { ListenerWatch } from '../resources/listener-watch';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 import type { FdStore } from '../resources/fd-store';
@@ -45,6 +45,7 @@ import { IllegalTransitionError, StateMachine, type Event, type State } from './
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
 import type { RelayRole, StateRelay } from './relay';
 import { ReloadRelay } from './reload-relay';
+import { ReloadSockets } from './reload-sockets';
 import { InstanceRestarts, type StartRecord } from './instance-restarts';
 import { RetiringGenerations } from './retiring';
 import { AppNotices } from './app-notices';
@@ -131,6 +132,8 @@ export class Orchestrator implements ControlApi {
   private readonly reloadRelay: ReloadRelay;
   /** Serving instances that exit between reloads: restarted after their backoff (service.restart), or Aeterna stops. */
   private readonly restarts: InstanceRestarts;
+  /** The listeners a reload binds, restores or releases, and its canary split. */
+  private readonly sockets: ReloadSockets;
   private readonly readinessSources: ReadinessSource[];
   /** The readiness watch of each serving instance not yet ready (at start, or restarted alone). */
   private readonly startupWatches = new Map<Generation, ReadinessWatch>();
@@ -176,6 +179,14 @@ export class Orchestrator implements ControlApi {
       emit: (event) => this.emit(event),
       rollBack: (event, reason, code) => this.rollBack(event, reason, code),
       promoteWhenDone: (run) => this.promoteWhenDone(run),
+    });
+    this.sockets = new ReloadSockets({
+      listeners: deps.listeners,
+      split: deps.split,
+      log: deps.log,
+      metrics: deps.metrics,
+      retiringCount: () => this.retiring.count,
+      current: (run) => this.inFlight === run,
     });
     this.restarts = new InstanceRestarts({
       log: deps.log,
@@ -689,30 +700,10 @@ export class Orchestrator implements ControlApi {
   /** 2. Bind the listeners that are new in the config (all or nothing). */
   private bindNewListeners(run: ReloadRun): boolean {
     try {
-      const { added, dropped } = this.deps.listeners.apply(
-        run.config.service.listeners,
-        run.config.orchestration.canary !== null,
-      );
-      const canary = run.config.orchestration.canary;
-      if (canary && run.config.orchestration.strategy === 'canary')
-        run.split = this.deps.split(this.deps.listeners.list(), canary);
-      if (run.split?.noMigration) {
-        this.deps.log.warn(
-          { reload: run.record.id },
-          `orchestration.canary: ${run.split.noMigration}; ` +
-            `if the new generation dies during the soak, the connections waiting in its socket's accept queue are reset`,
-        );
-      }
-      for (const l of added)
-        this.deps.log.info({ listener: l.name, address: l.address, fd: l.fd, reload: run.record.id }, 'listener added');
-      for (const l of dropped)
-        this.deps.log.info(
-          { listener: l.name, reload: run.record.id },
-          'listener dropped from config: closed once the old generation is gone',
-        );
+      this.sockets.bindNew(run);
       return true;
     } catch (err) {
-      this.restoreListeners(run.previousConfig);
+      this.sockets.restore(run.previousConfig, run.split);
       this.finish('failed', (err as Error).message, (err as AeternaError).code);
       return false;
     }
@@ -808,7 +799,7 @@ export class Orchestrator implements ControlApi {
     if (immediate) return this.enterDraining();
     const soakMs = orchestration.soakTimeMs;
     run.soakEndsAt = Date.now() + soakMs;
-    if (run.split) this.steer(run.split, run.split.canary.weight);
+    if (run.split) this.sockets.steer(run.split, run.split.canary.weight);
     this.phase(
       'soaking',
       formatDuration(soakMs) +
@@ -940,7 +931,7 @@ export class Orchestrator implements ControlApi {
           return n !== undefined && n.alive && !run.fromCheckpoint.has(i) ? [[o, n] as const] : [];
         });
     const stopMs = run.previousConfig.service.stopTimeoutMs;
-    const stopped = this.settleSplit(run, 'new').then(() => {
+    const stopped = this.sockets.settleSplit(run, 'new').then(() => {
       if (old.alive && this.draining === old) {
         const since = new Date();
         this.drainStop = { since, deadline: new Date(since.getTime() + stopMs) };
@@ -953,32 +944,6 @@ export class Orchestrator implements ControlApi {
     void Promise.all([stopped, synced]).then(() => {
       if (this.stillCurrent(run, 'Draining')) this.finishDrain();
     });
-  }
-
-  /**
-   * A weighted split ends: every new connection to `winner`, then wait until the loser's accept queue is empty
-   * (its process keeps accepting meanwhile), so stopping it refuses nothing. No split: nothing to wait for.
-   */
-  private async settleSplit(run: ReloadRun, winner: Side): Promise<void> {
-    if (!run.split) return;
-    this.steer(run.split, winner === 'new' ? 100 : 0);
-    await run.split.drained(winner === 'new' ? 'old' : 'new', 20, () => this.inFlight === run);
-  }
-
-  private steer(split: CanarySplit, percent: number): void {
-    split.steer(percent);
-    this.deps.metrics.setCanaryWeight(percent > 0 && percent < 100 ? percent : 0);
-  }
-
-  /** After a failed or rolled back reload: the listener set of `config`; those bound for the failed one are closed. */
-  private restoreListeners(config: Config): void {
-    this.inFlight?.split?.discard();
-    try {
-      this.deps.listeners.apply(config.service.listeners, config.orchestration.canary !== null);
-      this.releaseRetiredListeners();
-    } catch (err) {
-      this.deps.log.error({ err }, 'restoring the listener set after a rollback failed');
-    }
   }
 
   /**
@@ -1004,7 +969,7 @@ export class Orchestrator implements ControlApi {
         `fd store: closed ${dropped} fd(s) stored by instances beyond service.instances ${this.instanceCount(this.config)}`,
       );
     run?.split?.promote();
-    this.releaseRetiredListeners();
+    this.sockets.releaseRetired();
     this.fire(event); // Running
     this.finish('promoted', null, null);
     this.restarts.reviveDead(); // an instance that died while the promotion settled
@@ -1013,18 +978,9 @@ export class Orchestrator implements ControlApi {
   /** A retiring generation exited: it is forgotten (whatever its exit, no crash of the serving one, no restart). */
   private retired(gen: Generation): void {
     this.retiring.exited(gen);
-    if (this.inFlight === null) this.releaseRetiredListeners(); // else when that reload ends
+    if (this.inFlight === null) this.sockets.releaseRetired(); // else when that reload ends
     for (const l of this.carryListeners) l();
     this.checkStopped();
-  }
-
-  /**
-   * Close the listeners dropped from the config, once no old generation that may use them still drains (called as
-   * a reload ends, and when the last retiring generation exits between reloads).
-   */
-  private releaseRetiredListeners(): void {
-    if (this.retiring.count > 0) return;
-    for (const l of this.deps.listeners.releaseRetired()) this.deps.log.info({ listener: l.name }, 'listener closed');
   }
 
   /**
@@ -1043,7 +999,7 @@ export class Orchestrator implements ControlApi {
     this.phase('rolling_back', reason);
     const next = this.candidate;
     if (next && next.alive) {
-      void this.settleSplit(run, 'old').then(() => {
+      void this.sockets.settleSplit(run, 'old').then(() => {
         if (next.alive) void next.stop(run.config.service.stopTimeoutMs);
       });
       for (const g of next.live) this.deps.relay?.release(g);
@@ -1056,8 +1012,8 @@ export class Orchestrator implements ControlApi {
     const run = this.inFlight!;
     this.candidate = null;
     this.config = run.previousConfig;
-    if (run.split) this.steer(run.split, 0);
-    this.restoreListeners(this.config); // the old listeners were never touched
+    if (run.split) this.sockets.steer(run.split, 0);
+    this.sockets.restore(this.config, run.split); // the old listeners were never touched
     this.fire('drain-done'); // Running
     const failure = run.failure ?? {
       reason: 'rolled back',
