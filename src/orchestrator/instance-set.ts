@@ -84,3 +84,10 @@ export class InstanceSet {
     for (const g of this.live) g.signalGroup?.(signal);
   }
 }
+
+/** "generation 3" with one instance, "generation 3 instance 1" with more: how logs and reasons name an instance of `set`. */
+export function instanceName(gen: Generation, set: InstanceSet | null): string {
+  return set !== null && set.size > 1
+    ? `generation ${gen.number} instance ${set.indexOf(gen)}`
+    : `generation ${gen.number}`;
+}

@@ -18,6 +18,10 @@
 // back as a whole. Between reloads, an instance that exits is restarted alone (service.restart counts per instance)
 // while the others serve; with one instance that is the restart of the generation, as it always was.
 //
+// Beside this file: the state relay's part of a reload (reload-relay.ts), the listeners and canary split of a reload
+// (reload-sockets.ts), instance crashes and restarts between reloads (instance-restarts.ts), the run of one reload, its
+// record and events (reload-run.ts), and the status report (status-report.ts).
+//
 // Invariants:
 // - A failed reload never touches `serving`: its process, its memory and the
 //   listeners it uses are left as they were.
@@ -31,7 +35,6 @@ import type { Metrics } from '../monitor/metrics';
 import type { ExitInfo } from '../native/binding';
 import type { Listener, ListenerSet } from '../resources/listeners';
 import type { PassedFd } from '../app-env';
-import type { Side } from '../resources/canary-split';
 import type { ListenerWatch } from '../resources/listener-watch';
 import type { NotifyMessage, NotifySocket } from '../resources/notify';
 import type { FdStore } from '../resources/fd-store';
@@ -40,21 +43,21 @@ import { describeExit, exitCodeOf, exitRecord } from '../supervisor/exit';
 import type { Reaper } from '../supervisor/reaper';
 import { IllegalTransitionError, StateMachine, type Event, type State } from './fsm';
 import { NotifyReadiness, ReadinessWatch, probeOnce, type ReadinessSource } from './readiness';
-import { DumpFailed, type RelayRole, type StateRelay } from './relay';
-import { RestartBudget } from './restart';
+import type { RelayRole, StateRelay } from './relay';
+import { ReloadRelay } from './reload-relay';
+import { ReloadSockets } from './reload-sockets';
+import { InstanceRestarts, type StartRecord } from './instance-restarts';
 import { RetiringGenerations } from './retiring';
 import { AppNotices } from './app-notices';
-import { InstanceSet } from './instance-set';
+import { InstanceSet, instanceName } from './instance-set';
 import { newReloadRun, publish, recordPhase, type CanarySplit, type ReloadRun } from './reload-run';
 import { Watchdog } from './watchdog';
+import { instancesOf, statusReport, type StatusView } from './status-report';
 import type {
   CarriedCounters,
   CarriedGeneration,
   ControlApi,
-  CrashEvent,
-  GenerationInfo,
   GenerationUsage,
-  InstanceInfo,
   OperatorEvent,
   ReloadEvent,
   ReloadPhase,
@@ -125,6 +128,12 @@ export class Orchestrator implements ControlApi {
   private readonly carryListeners: Array<() => void> = [];
   /** The reload in flight, from its request to its outcome. */
   private inFlight: ReloadRun | null = null;
+  /** The state relay's part of each reload: the relay at Handover, the final sync at promotion. */
+  private readonly reloadRelay: ReloadRelay;
+  /** Serving instances that exit between reloads: restarted after their backoff (service.restart), or Aeterna stops. */
+  private readonly restarts: InstanceRestarts;
+  /** The listeners a reload binds, restores or releases, and its canary split. */
+  private readonly sockets: ReloadSockets;
   private readonly readinessSources: ReadinessSource[];
   /** The readiness watch of each serving instance not yet ready (at start, or restarted alone). */
   private readonly startupWatches = new Map<Generation, ReadinessWatch>();
@@ -138,22 +147,13 @@ export class Orchestrator implements ControlApi {
   private readonly watchdogs = new Map<Generation, Watchdog>();
   /** Generations the watchdog fired on: their exit is a failure, whatever its code. */
   private readonly watchdogFired = new WeakSet<Generation>();
-  private restartTimer: NodeJS.Timeout | null = null;
   /** Old instances a rolled back rolling reload had stopped: started again when they have exited. */
   private readonly restartOnExit = new WeakSet<Generation>();
-  /** How many times each instance number of the serving generation was restarted alone since Aeterna started. */
-  private readonly instanceRestartCounts: number[] = [];
-  /** Serving instances waiting for their restart alone, by instance number. */
-  private readonly instanceRestarts = new Map<number, NodeJS.Timeout>();
   private generations = 0;
   private reloads = 0;
-  private restarts = 0;
   private lastReload: ReloadRecord | null = null;
-  /** service.restart's budget, per instance number (the crash loop limit counts per instance). */
-  private readonly budgets: RestartBudget[] = [];
   private startedAt = new Date();
   private lastExit: ExitInfo | null = null;
-  private lastCrash: CrashEvent | null = null;
   private exitCode: number | null = null;
   private stopRequests = 0;
   private readonly stopped: Promise<number>;
@@ -166,10 +166,51 @@ export class Orchestrator implements ControlApi {
     this.config = config;
     this.stopped = new Promise((resolve) => (this.resolveStopped = resolve));
     this.retiring = new RetiringGenerations(deps.log, deps.metrics);
+    this.reloadRelay = new ReloadRelay({
+      relay: deps.relay,
+      log: deps.log,
+      metrics: deps.metrics,
+      serving: () => this.serving,
+      candidate: () => this.candidate,
+      draining: () => this.draining,
+      stillCurrent: (run, state) => this.stillCurrent(run, state),
+      fire: (event) => this.fire(event),
+      phase: (phase, detail) => this.phase(phase, detail),
+      emit: (event) => this.emit(event),
+      rollBack: (event, reason, code) => this.rollBack(event, reason, code),
+      promoteWhenDone: (run) => this.promoteWhenDone(run),
+    });
+    this.sockets = new ReloadSockets({
+      listeners: deps.listeners,
+      split: deps.split,
+      log: deps.log,
+      metrics: deps.metrics,
+      retiringCount: () => this.retiring.count,
+      current: (run) => this.inFlight === run,
+    });
+    this.restarts = new InstanceRestarts({
+      log: deps.log,
+      metrics: deps.metrics,
+      onEvent: deps.onEvent,
+      stderrTail: deps.stderrTail,
+      serving: () => this.serving,
+      state: () => this.fsm.state,
+      policy: () => this.config.service.restart,
+      fire: (event) => this.fire(event),
+      exited: (gen, info) => this.endStart(gen, info),
+      startServing: () => this.startServing(),
+      spawnAlone: (set, instance) =>
+        this.spawnInstances(set, this.config, () => 'fresh', this.deps.listeners.list(), [instance])[0],
+      watchStart: (gen) => this.watchStart(gen),
+      exit: (code, reason) => {
+        this.exitCode = code;
+        this.stop(reason);
+      },
+    });
     // Every channel on which a generation can say it is ready, each watched the same way.
     this.readinessSources = [new NotifyReadiness(deps.notify, deps.log), ...(deps.relay ? [deps.relay] : [])];
     deps.notify.on('message', (m) => this.storeFds(m));
-    deps.metrics.watchInstances(() => (this.serving ? this.instancesOf(this.serving) : []));
+    deps.metrics.watchInstances(() => (this.serving ? instancesOf(this.statusView(), this.serving) : []));
     this.notices = new AppNotices(
       deps.notify,
       deps.log,
@@ -201,7 +242,7 @@ export class Orchestrator implements ControlApi {
    * Running (no reload, no restart pending): otherwise it throws E_RELOAD_BUSY or E_ILLEGAL_TRANSITION.
    */
   carry(): { fds: never[]; part: { generations: CarriedGeneration[]; counters: CarriedCounters } } {
-    const restarting = this.instanceRestarts.size + this.startupWatches.size;
+    const restarting = this.restarts.pending + this.startupWatches.size;
     if (this.inFlight === null && this.fsm.state === 'Running' && restarting > 0) {
       throw new AeternaError(
         'E_RELOAD_BUSY',
@@ -218,7 +259,7 @@ export class Orchestrator implements ControlApi {
     }
     const counters = {
       reloads: this.reloads,
-      restarts: this.restarts,
+      restarts: this.restarts.total,
       generations: this.generations,
       last_reload: this.lastReload,
       started_at: this.startedAt.toISOString(),
@@ -264,7 +305,7 @@ export class Orchestrator implements ControlApi {
   ): Promise<number> {
     const instances = Array.isArray(serving) ? serving : [serving];
     this.reloads = counters.reloads;
-    this.restarts = counters.restarts;
+    this.restarts.total = counters.restarts;
     this.generations = counters.generations;
     this.lastReload = counters.last_reload;
     this.startedAt = new Date(counters.started_at);
@@ -333,10 +374,6 @@ export class Orchestrator implements ControlApi {
     return config.service.instances ?? 1;
   }
 
-  private budget(instance: number): RestartBudget {
-    return (this.budgets[instance] ??= new RestartBudget(this.config.service.restart));
-  }
-
   private extraEnv(gen: number): Record<string, string> {
     const env: Record<string, string> = { NOTIFY_SOCKET: this.deps.notify.address, AETERNA_GENERATION: String(gen) };
     if (this.deps.relay) env.LIVERELAY_STATE_SOCK = this.deps.relay.socketPath;
@@ -389,9 +426,7 @@ export class Orchestrator implements ControlApi {
 
   /** "generation 3" with one instance, "generation 3 instance 1" with more: how logs and reasons name an instance. */
   private nameOf(gen: Generation, set: InstanceSet | null = this.setOf(gen)): string {
-    return set !== null && set.size > 1
-      ? `generation ${gen.number} instance ${set.indexOf(gen)}`
-      : `generation ${gen.number}`;
+    return instanceName(gen, set);
   }
 
   /** The set `gen` is a current instance of (serving, candidate or draining), or null. */
@@ -452,7 +487,6 @@ export class Orchestrator implements ControlApi {
 
   /** Starting: spawn the serving generation (each of its instances) and wait for every one to be ready. */
   private startServing(): void {
-    this.restartTimer = null;
     // A generation started here has no live predecessor to dump: attached 'fresh', the relay offers each instance
     // the latest checkpoint as its initial load (SrpCoordinator.sendCheckpoint, docs/srp.md "Checkpoints").
     const set = this.newSet(this.config);
@@ -526,125 +560,17 @@ export class Orchestrator implements ControlApi {
   }
 
   /**
-   * A serving instance exited outside a reload (or its drain): restart it, or stop. With one instance that is the
-   * restart of the generation (Starting again, a new generation number); with more, the instance is restarted alone
-   * in its slot, with its own backoff and crash loop count, and the others serve on (the state does not change).
+   * Serving instance `gen` exited and goes through service.restart (InstanceRestarts.handleCrash): Aeterna exits
+   * with its exit from now on, and its start is over. How its start went decides what its exit counts as.
    */
-  private handleCrash(gen: Generation, info: ExitInfo): void {
-    const set = this.serving!;
-    const instance = Math.max(0, set.indexOf(gen));
+  private endStart(gen: Generation, info: ExitInfo): StartRecord {
     this.lastExit = info;
     this.cancelStartWatch(gen);
-    const wasReady = this.readyInstances.has(gen);
+    const ready = this.readyInstances.has(gen);
     // Died before it was ready: the checkpoint it was offered, if any, counts one failed load.
-    if (!wasReady) this.deps.relay?.startOutcome(gen, false);
-    const failed = this.neverReady.has(gen) || this.watchdogFired.has(gen);
-    const decision = this.budget(instance).decide(info, Date.now(), failed);
-    const fields = { generation: gen.number, ...(set.size > 1 ? { instance } : {}) };
-    const reason = this.watchdogFired.has(gen)
-      ? 'watchdog'
-      : !wasReady
-        ? 'start_failed'
-        : info.code === 0 && info.signal === null
-          ? 'exited'
-          : 'crashed';
-    this.lastCrash = {
-      type: 'crash',
-      at: new Date().toISOString(),
-      generation: gen.number,
-      ...(set.size > 1 ? { instance } : {}),
-      pid: gen.pid,
-      exit: exitRecord(info),
-      reason,
-      restart_in_ms: decision.restart ? decision.delayMs : null,
-      stderr_tail: this.deps.stderrTail?.(gen.number, gen.instance) ?? null,
-    };
-    this.deps.onEvent?.(this.lastCrash);
-    if (decision.restart) {
-      this.restarts++;
-      this.instanceRestartCounts[instance] = (this.instanceRestartCounts[instance] ?? 0) + 1;
-      this.deps.metrics.childRestarted(reason);
-      const alone = set.size > 1 ? `${this.nameOf(gen, set)} ` : 'app ';
-      this.deps.log.warn(
-        {
-          ...fields,
-          child: gen.pid,
-          exit_code: exitCodeOf(info),
-          attempt: decision.attempt,
-          backoff_ms: decision.delayMs,
-        },
-        `${alone}${describeExit(info)}: restarting ${set.size > 1 ? 'it alone ' : ''}in ${formatDuration(decision.delayMs)}`,
-      );
-      if (set.size > 1) {
-        clearTimeout(this.instanceRestarts.get(instance));
-        this.instanceRestarts.set(
-          instance,
-          setTimeout(() => this.restartInstance(set, instance), decision.delayMs),
-        );
-        return;
-      }
-      this.fire('exited'); // Starting
-      this.restartTimer = setTimeout(() => {
-        this.startServing();
-        const next = this.serving;
-        if (next !== null && !next.has(gen))
-          this.deps.onEvent?.({
-            type: 'restart',
-            at: new Date().toISOString(),
-            generation: next.number,
-            pid: next.pid,
-            attempt: decision.attempt,
-          });
-      }, decision.delayMs);
-      return;
-    }
-    (decision.crashLoop ? this.deps.log.error.bind(this.deps.log) : this.deps.log.info.bind(this.deps.log))(
-      {
-        ...fields,
-        exit_code: decision.exitCode,
-        code: decision.crashLoop ? 'E_CRASH_LOOP' : 'E_CHILD_EXITED',
-      },
-      set.size > 1 ? `${this.nameOf(gen, set)}: ${decision.reason}` : decision.reason,
-    );
-    this.exitCode = decision.exitCode;
-    this.stop(decision.reason);
-  }
-
-  /**
-   * Start instance `instance` of `set` again, alone, in its slot (the generation's number, AETERNA_INSTANCE
-   * `instance`): attached 'fresh', it is offered its instance's latest checkpoint. Nothing when `set` no longer serves.
-   */
-  private restartInstance(set: InstanceSet, instance: number, why = 'restarted'): void {
-    this.instanceRestarts.delete(instance);
-    const state = this.fsm.state;
-    if (this.serving !== set || set.at(instance)?.alive === true || state === 'Stopping' || state === 'Stopped') return;
-    let gen: Generation;
-    try {
-      [gen] = this.spawnInstances(set, this.config, () => 'fresh', this.deps.listeners.list(), [instance]);
-    } catch (err) {
-      const e = err as AeternaError;
-      this.deps.log.error({ err, code: e.code, generation: set.number, instance }, e.message);
-      this.exitCode = 127;
-      this.stop(`generation ${set.number} instance ${instance} could not be started again`);
-      return;
-    }
-    this.deps.log.info(
-      { generation: set.number, instance, child: gen.pid },
-      `generation ${set.number} instance ${instance} ${why}`,
-    );
-    this.watchStart(gen);
-  }
-
-  /** Every instance of the serving generation that is gone goes through handleCrash (after a drain or a rollback). */
-  private reviveDead(): void {
-    const set = this.serving;
-    if (set === null) return;
-    for (let i = 0; i < set.size; i++) {
-      const gen = set.at(i);
-      if (gen !== undefined && !gen.alive && !this.instanceRestarts.has(i) && this.fsm.state !== 'Stopping')
-        this.handleCrash(gen, gen.exitInfo!);
-      if (set.size === 1) return; // the generation restarts as a whole
-    }
+    if (!ready) this.deps.relay?.startOutcome(gen, false);
+    const watchdog = this.watchdogFired.has(gen);
+    return { ready, failed: this.neverReady.has(gen) || watchdog, watchdog };
   }
 
   private onExit(gen: Generation, info: ExitInfo): void {
@@ -668,10 +594,10 @@ export class Orchestrator implements ControlApi {
     const run = this.inFlight;
     if (run !== null && run.replaced.has(gen)) return; // a rolling reload stopped it: awaited in rollOn
     if (this.restartOnExit.has(gen) && set !== null && set === this.serving)
-      return this.restartInstance(set, set.indexOf(gen), 'started again: its reload was rolled back');
+      return this.restarts.restartInstance(set, set.indexOf(gen), 'started again: its reload was rolled back');
     if (set !== null && set === this.serving) {
       this.lastExit = info;
-      if (state === 'Starting' || state === 'Running') return this.handleCrash(gen, info);
+      if (state === 'Starting' || state === 'Running') return this.restarts.handleCrash(gen, info);
       if (state === 'Draining') {
         this.fire('exited'); // the new generation died while the old one drains: restarted once the drain is done
         return;
@@ -774,30 +700,10 @@ export class Orchestrator implements ControlApi {
   /** 2. Bind the listeners that are new in the config (all or nothing). */
   private bindNewListeners(run: ReloadRun): boolean {
     try {
-      const { added, dropped } = this.deps.listeners.apply(
-        run.config.service.listeners,
-        run.config.orchestration.canary !== null,
-      );
-      const canary = run.config.orchestration.canary;
-      if (canary && run.config.orchestration.strategy === 'canary')
-        run.split = this.deps.split(this.deps.listeners.list(), canary);
-      if (run.split?.noMigration) {
-        this.deps.log.warn(
-          { reload: run.record.id },
-          `orchestration.canary: ${run.split.noMigration}; ` +
-            `if the new generation dies during the soak, the connections waiting in its socket's accept queue are reset`,
-        );
-      }
-      for (const l of added)
-        this.deps.log.info({ listener: l.name, address: l.address, fd: l.fd, reload: run.record.id }, 'listener added');
-      for (const l of dropped)
-        this.deps.log.info(
-          { listener: l.name, reload: run.record.id },
-          'listener dropped from config: closed once the old generation is gone',
-        );
+      this.sockets.bindNew(run);
       return true;
     } catch (err) {
-      this.restoreListeners(run.previousConfig);
+      this.sockets.restore(run.previousConfig, run.split);
       this.finish('failed', (err as Error).message, (err as AeternaError).code);
       return false;
     }
@@ -821,7 +727,7 @@ export class Orchestrator implements ControlApi {
 
   /** What the relay gives new instance `instance`: the state of old instance `instance`, the latest checkpoint where there is none, or nothing. */
   private roleOf(run: ReloadRun, instance: number): RelayRole {
-    if (!this.relays(run)) return 'stateless';
+    if (!this.reloadRelay.relays(run)) return 'stateless';
     return this.serving?.at(instance) !== undefined ? 'candidate' : 'fresh';
   }
 
@@ -855,7 +761,7 @@ export class Orchestrator implements ControlApi {
     );
     run.awaiting = new Set(['ready', 'relay']);
     this.awaitReadiness(run, started);
-    this.relayState(run, started);
+    this.reloadRelay.relayState(run, started);
   }
 
   /** 4. Wait until the new instances say they are ready (or one's readiness times out: a rollback). */
@@ -882,143 +788,6 @@ export class Orchestrator implements ControlApi {
     }
   }
 
-  /**
-   * Whether `run` relays the state: the relay runs (state_handoff.enabled at start) and the config this reload
-   * read still enables it (docs/configuration.md: turning it off takes effect at the next reload).
-   */
-  private relays(run: ReloadRun): boolean {
-    return this.deps.relay !== null && run.config.orchestration.stateHandoff.enabled;
-  }
-
-  /**
-   * 5. Relay the old generation's state to the new one (nothing to do without the relay): old instance i to new
-   * instance i. A new instance with no old one of its number (service.instances grew) was offered the latest
-   * checkpoint of its instance number when it was attached ('fresh'); an old one with no new one of its number
-   * (it shrank) gives nothing (its checkpoint is kept).
-   */
-  private relayState(run: ReloadRun, started: Generation[]): void {
-    const relay = this.deps.relay;
-    const old = this.serving;
-    const next = this.candidate!;
-    if (relay && !this.relays(run) && started.includes(next.at(0)!)) {
-      this.deps.log.warn(
-        { reload: run.record.id, generation: next.number },
-        `orchestration.state_handoff.enabled is off in ${run.config.file}: no state is relayed; generation ${next.number} starts without state`,
-      );
-    }
-    const pairs = started.flatMap((n) => {
-      const o = old?.at(next.indexOf(n));
-      return o === undefined ? [] : [[o, n] as const];
-    });
-    if (!relay || !old || !this.relays(run) || pairs.length === 0) {
-      run.awaiting.delete('relay');
-      return;
-    }
-    this.phase(
-      'relaying',
-      next.size > 1
-        ? `instance${pairs.length > 1 ? 's' : ''} ${pairs.map(([, n]) => next.indexOf(n)).join(', ')}`
-        : undefined,
-    );
-    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    const abort = new AbortController(); // this batch's: the reload's relayAbort ends every batch's
-    run.checkpointAborts.push(abort);
-    run.timers.push(
-      setTimeout(() => abort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
-    );
-    const began = performance.now();
-    const progress = (p: { bytes: number; total: number }): void =>
-      this.emit({
-        type: 'relay',
-        reload: run.record.id,
-        bytes: p.bytes,
-        total: p.total,
-        rate_bps: Math.round(p.bytes / Math.max(0.001, (performance.now() - began) / 1000)),
-      });
-    void Promise.all(pairs.map(([o, n]) => this.relayInstance(run, relay, o, n, progress, abort.signal))).then(
-      (results) => {
-        if (!this.stillCurrent(run, 'Handover')) return;
-        const bytes = results.reduce((sum, r) => sum + r.bytes, 0);
-        const checkpoint = results.find((r) => r.from !== null)?.from;
-        if (checkpoint === undefined) this.deps.metrics.stateRelayed(bytes, (performance.now() - began) / 1000);
-        else this.deps.metrics.stateRelayed(bytes);
-        this.fire('state-relayed');
-        this.phase(
-          'relayed',
-          `${bytes} bytes${checkpoint !== undefined && results.length === 1 ? ` from ${checkpoint}` : ''}`,
-        );
-        run.awaiting.delete('relay');
-        this.promoteWhenDone(run);
-      },
-      (err: Error) => {
-        if (this.stillCurrent(run, 'Handover')) this.rollBack('relay-failed', err.message, 'E_RELAY_FAILED');
-      },
-    );
-  }
-
-  /**
-   * One instance's relay: the state of `old` to `next`, or the latest checkpoint when `old` could not dump and
-   * on_dump_failure is checkpoint. Rejects with the rollback's reason.
-   */
-  private relayInstance(
-    run: ReloadRun,
-    relay: StateRelay,
-    old: Generation,
-    next: Generation,
-    progress: (p: { bytes: number; total: number }) => void,
-    signal: AbortSignal,
-  ): Promise<{ bytes: number; from: string | null }> {
-    const set = this.candidate!;
-    const which = set.size > 1 ? `instance ${set.indexOf(next)}: ` : '';
-    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    const both = AbortSignal.any([signal, run.relayAbort.signal]);
-    return relay.relay(old, next, progress, both, timeoutMs).then(
-      ({ bytes }) => ({ bytes, from: null }),
-      (err: Error) => {
-        const fallBack =
-          err instanceof DumpFailed && run.config.orchestration.stateHandoff.onDumpFailure === 'checkpoint';
-        if (fallBack && relay.lastCheckpoint(next.instance) && this.stillCurrent(run, 'Handover'))
-          return this.relayCheckpoint(run, old, next, err.message);
-        const none = fallBack
-          ? `; no checkpoint${set.size > 1 ? ` of instance ${next.instance}` : ''} is stored to go on with (on_dump_failure: checkpoint)`
-          : '';
-        throw new Error(`state relay failed: ${which}${err.message}${none}`);
-      },
-    );
-  }
-
-  /** 5b. on_dump_failure: checkpoint: the old instance could not dump, so the new one loads its instance's latest checkpoint. */
-  private relayCheckpoint(
-    run: ReloadRun,
-    old: Generation,
-    next: Generation,
-    why: string,
-  ): Promise<{ bytes: number; from: string }> {
-    const relay = this.deps.relay!;
-    const c = relay.lastCheckpoint(next.instance)!;
-    const what = `checkpoint ${c.seq} (${c.size} bytes, ${formatDuration(c.age_ms)} old)`;
-    const name = this.nameOf(old, this.serving);
-    this.deps.log.warn(
-      { reload: run.record.id, generation: old.number, seq: c.seq, age_ms: c.age_ms, reason: why },
-      `${name} could not dump its state (${why}): going on with ${what} (on_dump_failure: checkpoint)`,
-    );
-    this.phase('relaying', `${what}: ${name} could not dump (${why})`);
-    run.fromCheckpoint.add(Math.max(0, this.candidate!.indexOf(next)));
-    // The first signal may be spent on the failed dump (its timeout): the checkpoint's load gets one of its own.
-    const abort = new AbortController();
-    run.checkpointAborts.push(abort);
-    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    run.timers.push(
-      setTimeout(() => abort.abort(new Error(`timed out after ${formatDuration(timeoutMs)}`)), timeoutMs),
-    );
-    return relay.restoreCheckpoint(next, abort.signal, timeoutMs).then(
-      ({ bytes }) => ({ bytes, from: what }),
-      (err: Error) => {
-        throw new Error(`state relay failed: ${why}; loading ${what} instead failed too: ${err.message}`);
-      },
-    );
-  }
-
   /** 6. Ready and relayed: the next batch of a rolling reload, or promote at once (immediate) or soak first (canary). */
   private promoteWhenDone(run: ReloadRun): void {
     if (run.awaiting.size > 0) return;
@@ -1030,7 +799,7 @@ export class Orchestrator implements ControlApi {
     if (immediate) return this.enterDraining();
     const soakMs = orchestration.soakTimeMs;
     run.soakEndsAt = Date.now() + soakMs;
-    if (run.split) this.steer(run.split, run.split.canary.weight);
+    if (run.split) this.sockets.steer(run.split, run.split.canary.weight);
     this.phase(
       'soaking',
       formatDuration(soakMs) +
@@ -1075,8 +844,10 @@ export class Orchestrator implements ControlApi {
       this.stopWatchdog(o);
       void o.stop(stopMs);
       const sync =
-        this.relays(run) && !run.fromCheckpoint.has(i) ? this.finalSyncOne(run, o, next.at(i)!) : Promise.resolve();
-      if (!this.relays(run) || run.fromCheckpoint.has(i)) this.deps.relay?.release(o);
+        this.reloadRelay.relays(run) && !run.fromCheckpoint.has(i)
+          ? this.reloadRelay.finalSyncOne(run, o, next.at(i)!)
+          : Promise.resolve();
+      if (!this.reloadRelay.relays(run) || run.fromCheckpoint.has(i)) this.deps.relay?.release(o);
       await Promise.all([o.exited, sync]);
     });
     void Promise.all(steps).then(() => {
@@ -1138,8 +909,7 @@ export class Orchestrator implements ControlApi {
     this.candidate = null;
     this.draining = old;
     // Restarts of old instances still pending are void: the new generation serves.
-    for (const t of this.instanceRestarts.values()) clearTimeout(t);
-    this.instanceRestarts.clear();
+    this.restarts.cancelAlone();
     run.record.serving_since = new Date().toISOString();
     const live = old?.live ?? [];
     this.phase(
@@ -1153,7 +923,7 @@ export class Orchestrator implements ControlApi {
     if (!old || !old.alive) return this.finishDrain();
     // An old one that could not dump is not asked again; with the relay off in this reload's config, none is; an
     // old instance with no new one of its number (service.instances shrank) has no one to give its changes to.
-    const syncs = !this.relays(run)
+    const syncs = !this.reloadRelay.relays(run)
       ? []
       : live.flatMap((o) => {
           const i = old.indexOf(o);
@@ -1161,7 +931,7 @@ export class Orchestrator implements ControlApi {
           return n !== undefined && n.alive && !run.fromCheckpoint.has(i) ? [[o, n] as const] : [];
         });
     const stopMs = run.previousConfig.service.stopTimeoutMs;
-    const stopped = this.settleSplit(run, 'new').then(() => {
+    const stopped = this.sockets.settleSplit(run, 'new').then(() => {
       if (old.alive && this.draining === old) {
         const since = new Date();
         this.drainStop = { since, deadline: new Date(since.getTime() + stopMs) };
@@ -1170,73 +940,10 @@ export class Orchestrator implements ControlApi {
       // End of file: no final dump will be asked of these (docs/srp.md, step 5).
       for (const o of live) if (!syncs.some(([x]) => x === o)) this.deps.relay?.release(o);
     });
-    const synced = syncs.length > 0 ? this.finalSync(run, syncs) : null;
+    const synced = syncs.length > 0 ? this.reloadRelay.finalSync(run, syncs) : null;
     void Promise.all([stopped, synced]).then(() => {
       if (this.stillCurrent(run, 'Draining')) this.finishDrain();
     });
-  }
-
-  /**
-   * A weighted split ends: every new connection to `winner`, then wait until the loser's accept queue is empty
-   * (its process keeps accepting meanwhile), so stopping it refuses nothing. No split: nothing to wait for.
-   */
-  private async settleSplit(run: ReloadRun, winner: Side): Promise<void> {
-    if (!run.split) return;
-    this.steer(run.split, winner === 'new' ? 100 : 0);
-    await run.split.drained(winner === 'new' ? 'old' : 'new', 20, () => this.inFlight === run);
-  }
-
-  private steer(split: CanarySplit, percent: number): void {
-    split.steer(percent);
-    this.deps.metrics.setCanaryWeight(percent > 0 && percent < 100 ? percent : 0);
-  }
-
-  /** After a failed or rolled back reload: the listener set of `config`; those bound for the failed one are closed. */
-  private restoreListeners(config: Config): void {
-    this.inFlight?.split?.discard();
-    try {
-      this.deps.listeners.apply(config.service.listeners, config.orchestration.canary !== null);
-      this.releaseRetiredListeners();
-    } catch (err) {
-      this.deps.log.error({ err }, 'restoring the listener set after a rollback failed');
-    }
-  }
-
-  /**
-   * At promotion: carry what each old instance changed since its first dump to the new instance of its number.
-   * Best effort: the promotion stands. Resolves once all settled, relayed or lost (within state_handoff.timeout).
-   */
-  private finalSync(run: ReloadRun, pairs: ReadonlyArray<readonly [Generation, Generation]>): Promise<void> {
-    return Promise.all(pairs.map(([o, n]) => this.finalSyncOne(run, o, n))).then((ok) => {
-      if (this.stillCurrent(run, 'Draining')) this.fire(ok.every(Boolean) ? 'state-relayed' : 'relay-failed');
-    });
-  }
-
-  /** One old instance's final sync to its successor; resolves with whether it arrived (a loss is logged). */
-  private finalSyncOne(run: ReloadRun, old: Generation, next: Generation): Promise<boolean> {
-    const relay = this.deps.relay;
-    if (!relay || !this.relays(run)) return Promise.resolve(true);
-    const abort = new AbortController();
-    const timeoutMs = run.config.orchestration.stateHandoff.timeoutMs;
-    const timer = setTimeout(() => abort.abort(new Error('final sync timed out')), timeoutMs);
-    const set = this.draining?.has(old) === true ? this.draining : this.serving;
-    const name = set !== null && set.size > 1 ? `old instance ${set.indexOf(old)}` : 'old generation';
-    return relay.finalSync(old, next, abort.signal, timeoutMs).then(
-      ({ bytes }) => {
-        clearTimeout(timer);
-        this.deps.metrics.stateRelayed(bytes);
-        this.deps.log.info({ reload: run.record.id, bytes }, 'final state sync relayed');
-        return true;
-      },
-      (err: Error) => {
-        clearTimeout(timer);
-        this.deps.log.warn(
-          { reload: run.record.id, err: err.message },
-          `final state sync lost: changes made by the ${name} after the first dump did not reach the new one (${err.message})`,
-        );
-        return false;
-      },
-    );
   }
 
   /**
@@ -1254,7 +961,7 @@ export class Orchestrator implements ControlApi {
     this.draining = null;
     this.drainStop = null;
     this.config = run?.config ?? this.config;
-    for (const b of this.budgets) b.update(this.config.service.restart);
+    this.restarts.updatePolicy(this.config.service.restart);
     const dropped = this.deps.fdStore.keepInstances(this.instanceCount(this.config));
     if (dropped > 0)
       this.deps.log.info(
@@ -1262,27 +969,18 @@ export class Orchestrator implements ControlApi {
         `fd store: closed ${dropped} fd(s) stored by instances beyond service.instances ${this.instanceCount(this.config)}`,
       );
     run?.split?.promote();
-    this.releaseRetiredListeners();
+    this.sockets.releaseRetired();
     this.fire(event); // Running
     this.finish('promoted', null, null);
-    this.reviveDead(); // an instance that died while the promotion settled
+    this.restarts.reviveDead(); // an instance that died while the promotion settled
   }
 
   /** A retiring generation exited: it is forgotten (whatever its exit, no crash of the serving one, no restart). */
   private retired(gen: Generation): void {
     this.retiring.exited(gen);
-    if (this.inFlight === null) this.releaseRetiredListeners(); // else when that reload ends
+    if (this.inFlight === null) this.sockets.releaseRetired(); // else when that reload ends
     for (const l of this.carryListeners) l();
     this.checkStopped();
-  }
-
-  /**
-   * Close the listeners dropped from the config, once no old generation that may use them still drains (called as
-   * a reload ends, and when the last retiring generation exits between reloads).
-   */
-  private releaseRetiredListeners(): void {
-    if (this.retiring.count > 0) return;
-    for (const l of this.deps.listeners.releaseRetired()) this.deps.log.info({ listener: l.name }, 'listener closed');
   }
 
   /**
@@ -1301,7 +999,7 @@ export class Orchestrator implements ControlApi {
     this.phase('rolling_back', reason);
     const next = this.candidate;
     if (next && next.alive) {
-      void this.settleSplit(run, 'old').then(() => {
+      void this.sockets.settleSplit(run, 'old').then(() => {
         if (next.alive) void next.stop(run.config.service.stopTimeoutMs);
       });
       for (const g of next.live) this.deps.relay?.release(g);
@@ -1314,8 +1012,8 @@ export class Orchestrator implements ControlApi {
     const run = this.inFlight!;
     this.candidate = null;
     this.config = run.previousConfig;
-    if (run.split) this.steer(run.split, 0);
-    this.restoreListeners(this.config); // the old listeners were never touched
+    if (run.split) this.sockets.steer(run.split, 0);
+    this.sockets.restore(this.config, run.split); // the old listeners were never touched
     this.fire('drain-done'); // Running
     const failure = run.failure ?? {
       reason: 'rolled back',
@@ -1328,9 +1026,9 @@ export class Orchestrator implements ControlApi {
     for (const g of run.replaced) {
       if (old === null || !old.has(g)) continue;
       if (g.alive) this.restartOnExit.add(g);
-      else this.restartInstance(old, old.indexOf(g), 'started again: its reload was rolled back');
+      else this.restarts.restartInstance(old, old.indexOf(g), 'started again: its reload was rolled back');
     }
-    this.reviveDead(); // an old instance died meanwhile
+    this.restarts.reviveDead(); // an old instance died meanwhile
   }
 
   private clearTimers(run: ReloadRun): void {
@@ -1388,9 +1086,7 @@ export class Orchestrator implements ControlApi {
     if (this.fsm.state !== 'Stopping') {
       this.deps.log.info({ reason, stop_timeout_ms: this.config.service.stopTimeoutMs }, `stopping: ${reason}`);
       this.fire('stop');
-      if (this.restartTimer) clearTimeout(this.restartTimer);
-      for (const t of this.instanceRestarts.values()) clearTimeout(t);
-      this.instanceRestarts.clear();
+      this.restarts.clear();
       for (const gen of [...this.startupWatches.keys()]) this.cancelStartWatch(gen);
       const run = this.inFlight;
       if (run) {
@@ -1459,88 +1155,30 @@ export class Orchestrator implements ControlApi {
 
   // ---- status ------------------------------------------------------------------------------
 
-  /** Each instance of `set`: its pid (of the latest process in its slot), state, readiness and restarts. */
-  private instancesOf(set: InstanceSet): InstanceInfo[] {
-    return [...Array(set.size).keys()].map((i) => {
-      const g = set.at(i);
-      const ready = g !== undefined && g.alive && this.readyInstances.has(g);
-      const state: InstanceInfo['state'] =
-        g === undefined
-          ? 'pending'
-          : !g.alive
-            ? this.instanceRestarts.has(i)
-              ? 'restarting'
-              : 'exited'
-            : ready
-              ? 'ready'
-              : 'starting';
-      return {
-        instance: i,
-        pid: g?.alive ? g.pid : null,
-        state,
-        ready,
-        restarts: set === this.serving ? (this.instanceRestartCounts[i] ?? 0) : 0,
-        started_at: g?.startedAt.toISOString() ?? null,
-        fdstore: this.deps.fdStore.names(i),
-        // Checkpoints are per instance number: the serving set's entries show them (one instance: `checkpoint` does).
-        ...(set === this.serving && set.size > 1 ? { checkpoint: this.deps.relay?.lastCheckpoint(i) ?? null } : {}),
-      };
-    });
+  status(): StatusReport {
+    return statusReport(this.statusView());
   }
 
-  status(): StatusReport {
-    const info = (g: InstanceSet | null, ready: boolean): GenerationInfo | null =>
-      g && g.alive
-        ? {
-            generation: g.number,
-            pid: g.pid,
-            started_at: g.startedAt.toISOString(),
-            ready,
-            app_status: this.notices.statusOf(g.live[0]),
-            ...(g.size > 1 ? { instances: this.instancesOf(g) } : {}),
-          }
-        : null;
-    // While a reload runs: the generation being replaced and the new one (before and after promotion alike).
-    const previous = this.draining ?? (this.candidate ? this.serving : null);
-    const next = this.draining ? this.serving : this.candidate;
+  /** What the status report reads, as it is now. */
+  private statusView(): StatusView {
     return {
       state: this.fsm.state,
-      service: this.config.service.name,
-      strategy: this.inFlight?.record.strategy ?? this.config.orchestration.strategy, // a reload runs with its own config's
-      generation: this.serving?.number ?? 0,
-      pid: this.serving?.alive ? this.serving.pid : null,
-      app_status: this.serving?.alive ? this.notices.statusOf(this.serving.live[0]) : null,
-      instances: this.serving ? this.instancesOf(this.serving) : [],
-      daemon_pid: process.pid,
-      uptime_ms: Date.now() - this.startedAt.getTime(),
-      started_at: this.startedAt.toISOString(),
-      listeners: this.deps.listeners.list().map((l) => ({ name: l.name, address: l.address, fd: l.fd })),
-      previous: info(previous, previous !== null && previous === this.serving),
-      candidate: info(next, next !== null && (next === this.serving || this.inFlight?.awaiting.has('ready') === false)),
-      retiring: this.retiring.info(),
+      config: this.config,
+      serving: this.serving,
+      candidate: this.candidate,
+      draining: this.draining,
+      inFlight: this.inFlight,
+      startedAt: this.startedAt,
+      lastReload: this.lastReload,
       restarts: this.restarts,
-      fdstore: this.deps.fdStore.names(),
-      checkpoint: this.deps.relay?.lastCheckpoint() ?? null,
-      canary_weight: this.inFlight?.split?.weight ?? null,
-      last_reload: this.inFlight?.record ?? this.lastReload,
-      last_crash: this.lastCrash,
-      generations: this.liveGenerations().map((g) => ({
-        generation: g.number,
-        ...(g.instance > 0 ? { instance: g.instance } : {}),
-        pid: g.pid,
-        role: this.serving?.has(g)
-          ? 'serving'
-          : this.candidate?.has(g)
-            ? 'candidate'
-            : this.draining?.has(g)
-              ? 'previous'
-              : 'retiring',
-        ...this.deps.resourcesOf?.(g),
-      })),
-      soak_remaining_ms:
-        this.fsm.state === 'Soaking' && this.inFlight?.soakEndsAt !== undefined
-          ? Math.max(0, this.inFlight.soakEndsAt - Date.now())
-          : null,
+      retiring: this.retiring,
+      notices: this.notices,
+      listeners: this.deps.listeners,
+      fdStore: this.deps.fdStore,
+      relay: this.deps.relay,
+      resourcesOf: this.deps.resourcesOf,
+      isReady: (gen) => this.readyInstances.has(gen),
+      liveGenerations: () => this.liveGenerations(),
     };
   }
 }
