@@ -3,7 +3,6 @@
 import '../upgrade/early-signals';
 import { packageVersion } from '../version';
 import { Command, CommanderError } from 'commander';
-import { runStart } from './start';
 import { registerControlCommands } from './commands';
 import { CliExit, exitWhenFlushed, tolerateClosedOutput } from './exit-codes';
 import { AeternaError, ExitCodes } from '../errors';
@@ -23,6 +22,8 @@ export function buildProgram(): Command {
       'only say whether this Aeterna can take over that handover version (aeterna upgrade asks), and exit',
     )
     .action(async (options: { config?: string; checkHandover?: string }) => {
+      // Loaded only here: the daemon is most of Aeterna's code, and `aeterna status` or `reload` runs without it.
+      const { runStart } = await import('./start');
       process.exitCode = await runStart(options);
     });
   registerControlCommands(program);

@@ -191,8 +191,11 @@ describe('upgrade and recovery reliability', { skip: skip ?? false, timeout: 300
         process.kill(pid, 'SIGTERM');
         // A lost SIGTERM leaves Aeterna running: killed after the wait (not code 0).
         const exit = await d.run.exit(30000);
+        // With Aeterna's last log lines: how far the re-executed one got before the wait ended.
         if (exit.code !== 0 || exit.signal !== null)
-          lost.push(`${moment === 'exec' ? 'at the exec' : `${moment} ms`}: ${JSON.stringify(exit)}`);
+          lost.push(
+            `${moment === 'exec' ? 'at the exec' : `${moment} ms`}: ${JSON.stringify(exit)}\n${d.run.stderr.split('\n').slice(-12).join('\n')}`,
+          );
         await d.run.killAll();
       }
       assert.deepEqual(lost, [], `SIGTERMs lost (of ${MOMENTS.length})`);
