@@ -428,7 +428,11 @@ describe('reaping and signals', () => {
 
   test('kill(-pid) signals the whole process group', async () => {
     const pids = path.join(tmp, 'group-pids');
-    const script = 'sleep 100 & a=$!; sleep 100 & b=$!; echo "$a $b" > "$OUT.tmp"; mv "$OUT.tmp" "$OUT"; wait';
+    // The shell execs a third sleep instead of waiting: a shell in wait() can reap a sleeper killed by the same
+    // signal before its own death (the kernel looks for a zombie child before a pending signal), and this process
+    // would never see that exit. A sleep never waits, so all three exits come here.
+    const script =
+      'sleep 100 & a=$!; sleep 100 & b=$!; echo "$a $b" > "$OUT.tmp"; mv "$OUT.tmp" "$OUT"; exec sleep 100';
     const pid = spawn(['sh', '-c', script], { env: [...BASE_ENV, `OUT=${pids}`] });
     const sleepers = await waitFor('the sleepers to start', () =>
       fs.existsSync(pids) ? fs.readFileSync(pids, 'utf8').trim().split(' ').map(Number) : undefined,
