@@ -207,7 +207,12 @@ export async function statusOf(d: Daemon): Promise<StatusReport> {
 export async function upgradeTimes(d: Daemon, count: number): Promise<void> {
   const first = (await statusOf(d)).reexecs ?? 0;
   for (let i = first + 1; i <= first + count; i++) {
-    const r = await call(socketOf(d), { cmd: 'upgrade' });
+    // A failure names the upgrade and ends with Aeterna's last log lines: which of the two programs cut the request.
+    const r = await call(socketOf(d), { cmd: 'upgrade' }).catch((err: unknown) => {
+      throw new Error(`upgrade ${i}: ${String(err)}\n${d.run.stderr.split('\n').slice(-12).join('\n')}`, {
+        cause: err,
+      });
+    });
     if (!('upgrade' in r)) throw new Error(`upgrade ${i} not accepted`);
     // The control socket is handed over: this waits in its backlog until the re-executed Aeterna answers.
     // A status the old Aeterna accepted just before its exec is cut: ask again.
